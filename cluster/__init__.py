@@ -1,0 +1,1 @@
+"""Cluster measurement (``distattn.cluster``): nccl-tests, torch.distributed microbenchmarks, network profiles."""

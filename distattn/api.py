@@ -1,0 +1,86 @@
+"""The public entry points: :func:`plan` and :func:`attention`."""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import available_backends
+from .masks import as_doc_lens, check_window
+from .parallel.mesh import resolve_mesh
+from .plans import Plan
+from .schedulers import KNOWN, PLANNERS, implemented
+
+
+def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window: int | None = None,
+         backend: str = "auto", **options) -> Plan:
+    """Plan context-parallel attention for one packed sequence.
+
+    Args:
+        doc_lens: document lengths of the packed sequence (list of ints or 1-D int
+            tensor), summing to the full sequence length ``S``.
+        mesh: a ``DeviceMesh`` (1-D; 2-D with axes ``("ulysses", "ring")`` for ``usp``),
+            a ``ProcessGroup``, or an int world size for a *dry* plan (stats only).
+        scheduler: ``"ring" | "zigzag" | "allgather" | "ulysses" | "usp" | "cad"``
+            (``"local"``: world size 1). On a single rank every scheduler is plain
+            local attention and the plan runs as ``local``.
+        causal: causal within each document, bottom-right aligned.
+        window: sliding window in tokens (query at ``i`` sees keys ``j`` with
+            ``|i - j| < window`` of its own document), or None.
+        backend: local kernel: ``"auto" | "triton" | "torch" | "reference"``.
+        options: scheduler-specific options (see each scheduler's module).
+
+    Returns:
+        A frozen :class:`~distattn.plans.Plan`; use ``plan.shard``, ``plan.position_ids``,
+        :func:`attention`, ``plan.unshard`` and ``plan.stats``.
+    """
+    lens = as_doc_lens(doc_lens)
+    window = check_window(window)
+    if scheduler not in KNOWN:
+        raise ValueError(f"scheduler={scheduler!r} is unknown; choose one of {list(KNOWN)}")
+    if backend != "auto" and backend not in available_backends():
+        raise ValueError(f"backend={backend!r} is unknown; choose 'auto' or one of {available_backends()}")
+    info = resolve_mesh(mesh)
+    common = dict(causal=bool(causal), window=window, backend=backend)
+    if scheduler in PLANNERS:
+        return PLANNERS[scheduler](lens, info, **common, **options)
+    if info.world_size > 1:
+        raise ValueError(f"scheduler={scheduler!r} is not implemented for world size > 1 yet; "
+                         f"available: {implemented()}")
+    if options:
+        raise ValueError(f"unexpected options {sorted(options)} for scheduler={scheduler!r}")
+    return PLANNERS["local"](lens, info, scheduler=scheduler, **common)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: Plan, scale: float):
+        out, saved = plan.forward(q, k, v, scale)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        dq, dk, dv = ctx.plan.backward(dout.contiguous(), ctx.saved_tensors, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, scale: float | None = None
+              ) -> torch.Tensor:
+    """Exact attention of this rank's tokens under ``plan``; differentiable.
+
+    Args:
+        q: ``[S_local, Hq, D]``; k, v: ``[S_local, Hkv, D]``, this rank's shards
+            (``plan.shard(x)``), ``Hq`` a multiple of ``Hkv``.
+        plan: from :func:`plan`; every rank of its group must call with the same plan.
+        scale: softmax scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``[S_local, Hq, D]`` in q's dtype, in the same local token order as q.
+    """
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must come from distattn.plan(...), got {type(plan).__name__}")
+    plan.check_local_qkv(q, k, v)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _Attention.apply(q, k, v, plan, float(scale))

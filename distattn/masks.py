@@ -1,0 +1,198 @@
+"""Document masks as lists of slices, their area and FLOPs.
+
+A mask over one packed sequence is a list of :class:`MaskSlice`: a block of
+query rows ``[q_start, q_end)`` against a block of key columns
+``[k_start, k_end)`` (global token indices) with a kind:
+
+* ``full``   -- every query sees every key of the block;
+* ``causal`` -- bottom-right aligned: with ``m`` queries and ``n`` keys, query
+  ``i`` sits at key position ``p = i + n - m`` and sees keys ``j <= p``;
+* ``window`` -- additionally ``|p - j| < window`` (and ``j <= p`` if causal).
+
+Bottom-right alignment is what lets a shard of queries at the end of a
+document attend to the document's whole key prefix (ring and CAD tasks).
+
+FLOPs follow the FlashAttention convention: forward = 4 * area * Hq * D,
+backward = 2.5 * forward, where area counts the unmasked (query, key) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+BWD_FLOPS_FACTOR = 2.5
+
+
+def check_window(window: int | None) -> int | None:
+    """Validate a sliding-window size (tokens) and return it as int or None."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window must be a positive int (tokens) or None, got {window!r}")
+    return int(window)
+
+
+def as_doc_lens(doc_lens, *, name: str = "doc_lens") -> tuple[int, ...]:
+    """Validate document lengths (list of ints or 1-D int tensor/array) into a tuple.
+
+    Every length must be a positive integer; there must be at least one.
+    """
+    if isinstance(doc_lens, torch.Tensor):
+        if doc_lens.dim() != 1 or doc_lens.dtype.is_floating_point or doc_lens.is_complex():
+            raise ValueError(f"{name} must be a 1-D integer tensor, got shape {tuple(doc_lens.shape)} "
+                             f"dtype {doc_lens.dtype}")
+        values = doc_lens.tolist()
+    elif isinstance(doc_lens, np.ndarray):
+        if doc_lens.ndim != 1 or not np.issubdtype(doc_lens.dtype, np.integer):
+            raise ValueError(f"{name} must be a 1-D integer array, got shape {doc_lens.shape} dtype {doc_lens.dtype}")
+        values = doc_lens.tolist()
+    elif isinstance(doc_lens, (list, tuple)):
+        values = list(doc_lens)
+    else:
+        raise ValueError(f"{name} must be a list of ints or a 1-D int tensor, got {type(doc_lens).__name__}")
+    if not values:
+        raise ValueError(f"{name} is empty: pass at least one document length")
+    for i, n in enumerate(values):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise ValueError(f"{name}[{i}] = {n!r} is not an int: document lengths are token counts")
+        if n <= 0:
+            raise ValueError(f"{name}[{i}] = {n}: document lengths must be positive; drop empty documents")
+    return tuple(int(n) for n in values)
+
+
+def cu_seqlens(lens: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Cumulative offsets ``[0, l0, l0+l1, ...]`` as int32, the varlen kernels' format."""
+    out = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    if len(lens):
+        out[1:] = torch.tensor(list(lens), dtype=torch.int64).cumsum(0)
+    return out.to(device) if device is not None else out
+
+
+def visible_keys(q_len: int, k_len: int, causal: bool, window: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per query row of one segment, the inclusive key range ``[lo, hi]`` it sees.
+
+    Rows with ``lo > hi`` see no key. Both ranges are non-decreasing in the row
+    index, so the rows that see something are contiguous.
+    """
+    p = np.arange(q_len, dtype=np.int64) + (k_len - q_len)
+    lo = np.zeros(q_len, dtype=np.int64)
+    hi = np.full(q_len, k_len - 1, dtype=np.int64)
+    if causal:
+        hi = np.minimum(hi, p)
+    if window is not None:
+        lo = np.maximum(lo, p - window + 1)
+        if not causal:
+            hi = np.minimum(hi, p + window - 1)
+    return lo, hi
+
+
+def dense_mask(q_len: int, k_len: int, causal: bool, window: int | None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean ``[q_len, k_len]`` visibility of one segment (True = attend)."""
+    p = torch.arange(q_len, device=device).unsqueeze(1) + (k_len - q_len)
+    j = torch.arange(k_len, device=device).unsqueeze(0)
+    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        keep &= j <= p
+    if window is not None:
+        keep &= (p - j).abs() < window
+    return keep
+
+
+def _sum_min(a: np.ndarray, b: np.ndarray, shift: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """sum_{p=a}^{b} min(p + shift, cap), elementwise over arrays; 0 where b < a."""
+    t = np.minimum(b, cap - shift)  # last p where p + shift <= cap
+    n_lin = np.maximum(t - a + 1, 0)
+    lin = n_lin * (a + shift) + n_lin * (n_lin - 1) // 2
+    n_cap = np.maximum(b - np.maximum(a, t + 1) + 1, 0)
+    return lin + n_cap * cap
+
+
+def mask_area(q_lens, k_lens, causal: bool, window: int | None) -> np.ndarray:
+    """Number of visible (query, key) pairs per segment, in closed form (vectorised).
+
+    ``q_lens``/``k_lens`` are arrays of segment lengths; semantics as in
+    :func:`visible_keys` (bottom-right alignment, any ``q_len`` vs ``k_len``).
+    """
+    m = np.asarray(q_lens, dtype=np.int64)
+    n = np.asarray(k_lens, dtype=np.int64)
+    if not causal and window is None:
+        return m * n
+    # Row i sits at p = i + n - m; it sees hi(p) - lo(p) + 1 keys, where
+    # hi = min(n-1, p + u), lo = max(0, p - W + 1); rows see something iff p + u >= 0.
+    u = np.zeros_like(n) if causal else np.full_like(n, window - 1)
+    a = np.maximum(n - m, -u)
+    b = n - 1
+    rows = np.maximum(b - a + 1, 0)
+    area = _sum_min(a, b, u, n - 1) + rows
+    if window is not None:
+        # sum max(0, p - W + 1) = sum (p - W + 1) - sum min(p - W + 1, 0)
+        s = 1 - window
+        lin = rows * (a + s) + rows * (rows - 1) // 2
+        area -= lin - _sum_min(a, b, np.full_like(n, s), np.zeros_like(n))
+    return np.where(rows > 0, area, 0)
+
+
+@dataclass(frozen=True)
+class MaskSlice:
+    """Queries ``[q_start, q_end)`` against keys ``[k_start, k_end)`` with one kind of mask."""
+
+    q_start: int
+    q_end: int
+    k_start: int
+    k_end: int
+    causal: bool
+    window: int | None = None
+
+    def __post_init__(self):
+        if not (0 <= self.q_start <= self.q_end and 0 <= self.k_start <= self.k_end):
+            raise ValueError(f"MaskSlice ranges need 0 <= start <= end, got {self}")
+        check_window(self.window)
+
+    @property
+    def kind(self) -> str:
+        if self.window is not None:
+            return "window"
+        return "causal" if self.causal else "full"
+
+    @property
+    def q_len(self) -> int:
+        return self.q_end - self.q_start
+
+    @property
+    def k_len(self) -> int:
+        return self.k_end - self.k_start
+
+    def area(self) -> int:
+        return int(mask_area([self.q_len], [self.k_len], self.causal, self.window)[0])
+
+
+def document_mask(doc_lens, causal: bool = True, window: int | None = None) -> list[MaskSlice]:
+    """The mask of a packed sequence: one square slice per document, nothing across."""
+    lens = as_doc_lens(doc_lens)
+    window = check_window(window)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    return [MaskSlice(int(s), int(s + n), int(s), int(s + n), causal, window) for s, n in zip(starts, lens)]
+
+
+def slices_area(slices: Sequence[MaskSlice]) -> int:
+    """Total visible pairs of a list of slices (vectorised per (causal, window) group)."""
+    total = 0
+    groups: dict[tuple[bool, int | None], list[MaskSlice]] = {}
+    for s in slices:
+        groups.setdefault((s.causal, s.window), []).append(s)
+    for (causal, window), group in groups.items():
+        q = np.fromiter((s.q_len for s in group), dtype=np.int64, count=len(group))
+        k = np.fromiter((s.k_len for s in group), dtype=np.int64, count=len(group))
+        total += int(mask_area(q, k, causal, window).sum())
+    return total
+
+
+def attention_flops(area: int | np.ndarray, num_heads: int, head_dim: int, backward: bool = False):
+    """Forward (or backward, 2.5x) FLOPs of attention over ``area`` visible pairs."""
+    fwd = 4 * area * num_heads * head_dim
+    return fwd * BWD_FLOPS_FACTOR if backward else fwd

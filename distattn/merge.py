@@ -1,0 +1,50 @@
+"""Exact combination of partial attention results by log-sum-exp.
+
+Two partial results over disjoint key sets, ``(out_a, lse_a)`` and
+``(out_b, lse_b)`` with ``out [T, H, D]`` and ``lse [T, H]`` (natural log),
+combine exactly::
+
+    lse = logaddexp(lse_a, lse_b)
+    out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+Rows that have seen no key yet carry ``lse = -inf`` and ``out = 0``; a row
+with ``-inf`` on both sides stays ``(0, -inf)`` instead of becoming NaN.
+Accumulate in fp32 (fp64 for fp64 inputs) whatever the input dtype: rounding
+the running lse or out to bf16 between steps is what makes other ring
+implementations' error grow with the ring size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator / lse dtype for inputs of ``dtype``: fp64 stays fp64, the rest use fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two partial results; returns ``(out, lse)`` in the accumulator dtype.
+
+    Shapes: ``out_* [..., D]``, ``lse_* [...]`` (lse has out's shape without the last dim).
+    """
+    dtype = acc_dtype(torch.promote_types(out_a.dtype, out_b.dtype))
+    lse_a = lse_a.to(dtype)
+    lse_b = lse_b.to(dtype)
+    lse = torch.logaddexp(lse_a, lse_b)
+    # Where both sides are -inf the merged lse is -inf too; subtracting it would
+    # give NaN, so weigh against 0 there (both weights then come out 0).
+    ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    w_a = torch.exp(lse_a - ref).unsqueeze(-1)
+    w_b = torch.exp(lse_b - ref).unsqueeze(-1)
+    out = w_a * out_a.to(dtype) + w_b * out_b.to(dtype)
+    return out, lse
+
+
+def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """In-place :func:`merge` into accumulators ``out_acc``/``lse_acc`` (views allowed)."""
+    out, lse = merge(out_acc, lse_acc, out_b, lse_b)
+    out_acc.copy_(out)
+    lse_acc.copy_(lse)

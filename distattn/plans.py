@@ -1,0 +1,173 @@
+"""The ``Plan`` base class: token ownership, shard/unshard, positions and stats.
+
+A plan is built once per packed batch by a scheduler's *planner* (a pure
+function of the document lengths, the mesh shape and options) and is a frozen
+dataclass holding everything precomputed. Its type selects the *executor*:
+each scheduler subclasses :class:`Plan` in its own file and implements
+
+* ``compute_slices(rank)`` -- the mask slices (global coordinates) that rank computes,
+* ``send_bytes(rank, ...)`` -- the bytes that rank sends in one forward pass,
+* ``forward(q, k, v, scale)`` / ``backward(dout, saved, scale)`` -- the executor.
+
+Token ownership is stored as ranges: ``owned[r]`` is a tuple of global
+``(start, end)`` token ranges; rank ``r``'s local tensor is their
+concatenation in that order. Ranks may own different numbers of tokens (any
+total length works); collectives pad internally.
+
+A *dry* plan (``world_size`` given as an int) has ``rank = None`` and no group:
+``stats()`` works, ``shard``/``unshard``/``attention`` raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from .comm import all_gather_single
+from .masks import MaskSlice, attention_flops, slices_area
+
+Ranges = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Plan:
+    """Metadata of one packed batch on one context-parallel group (see module docstring)."""
+
+    scheduler: str
+    doc_lens: tuple[int, ...]
+    causal: bool
+    window: int | None
+    backend: str
+    world_size: int
+    rank: int | None
+    group: Any = field(default=None, repr=False)  # ProcessGroup, or None for dry plans
+    owned: tuple[Ranges, ...] = field(repr=False)
+
+    # ---- executor interface (subclasses) -------------------------------------------------
+    def compute_slices(self, rank: int) -> list[MaskSlice]:
+        raise NotImplementedError
+
+    def send_bytes(self, rank: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+        raise NotImplementedError
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Returns ``(out, saved)``; ``saved`` is handed back to :meth:`backward`."""
+        raise NotImplementedError
+
+    def backward(self, dout: torch.Tensor, saved: tuple[torch.Tensor, ...], scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # ---- derived metadata ----------------------------------------------------------------
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.doc_lens)
+
+    @property
+    def is_dry(self) -> bool:
+        return self.rank is None
+
+    def num_tokens(self, rank: int) -> int:
+        return sum(e - s for s, e in self.owned[rank])
+
+    @property
+    def num_local_tokens(self) -> int:
+        return self.num_tokens(self._require_rank("num_local_tokens"))
+
+    @cached_property
+    def doc_starts(self) -> np.ndarray:
+        """Global start offset of each document."""
+        return np.concatenate([[0], np.cumsum(self.doc_lens[:-1], dtype=np.int64)]).astype(np.int64)
+
+    def _require_rank(self, what: str) -> int:
+        if self.rank is None:
+            raise ValueError(f"{what} needs a process group: this plan is dry (mesh was an int world size); "
+                             f"build it with a DeviceMesh or ProcessGroup")
+        return self.rank
+
+    # ---- public API ----------------------------------------------------------------------
+    def shard(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """``x`` with the full packed sequence along ``dim`` (``[S, ...]``) -> this rank's tokens
+        ``[S_local, ...]`` in local order. Differentiable (a concatenation of slices)."""
+        rank = self._require_rank("shard")
+        if x.shape[dim] != self.total_tokens:
+            raise ValueError(f"x has {x.shape[dim]} tokens along dim {dim} but doc_lens sum to "
+                             f"{self.total_tokens}: pass the full packed sequence")
+        return torch.cat([x.narrow(dim, s, e - s) for s, e in self.owned[rank]], dim=dim)
+
+    def unshard(self, x_local: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Inverse of :meth:`shard`: every rank gets the full ``[S, ...]`` in original order.
+
+        A collective over the plan's group: every rank must call it.
+        """
+        rank = self._require_rank("unshard")
+        if x_local.shape[dim] != self.num_tokens(rank):
+            raise ValueError(f"x_local has {x_local.shape[dim]} tokens along dim {dim} but rank {rank} owns "
+                             f"{self.num_tokens(rank)}: pass this rank's shard")
+        x = x_local.movedim(dim, 0)
+        width = max(self.num_tokens(r) for r in range(self.world_size))
+        padded = x.new_zeros((width, *x.shape[1:]))  # gloo's all-gather needs equal sizes
+        padded[: x.shape[0]] = x
+        gathered = padded.new_empty((self.world_size * width, *x.shape[1:]))
+        all_gather_single(gathered, padded.contiguous(), group=self.group)
+        full = x.new_empty((self.total_tokens, *x.shape[1:]))
+        for r in range(self.world_size):
+            offset = r * width
+            for s, e in self.owned[r]:
+                full[s:e] = gathered[offset:offset + e - s]
+                offset += e - s
+        return full.movedim(0, dim)
+
+    def position_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[S_local]`` int64: each local token's position inside its document (for RoPE)."""
+        rank = self._require_rank("position_ids")
+        pieces = []
+        for s, e in self.owned[rank]:
+            tok = np.arange(s, e, dtype=np.int64)
+            doc = np.searchsorted(self.doc_starts, tok, side="right") - 1
+            pieces.append(tok - self.doc_starts[doc])
+        return torch.from_numpy(np.concatenate(pieces) if pieces else np.zeros(0, np.int64)).to(device)
+
+    def stats(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> dict:
+        """Per-rank forward attention ``flops``, ``tokens`` and ``send_bytes`` (lists indexed by
+        rank) plus ``flops_imbalance`` and ``token_imbalance`` (max / mean)."""
+        for name, val in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                          ("dtype_bytes", dtype_bytes)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        ranks = range(self.world_size)
+        flops = [int(attention_flops(slices_area(self.compute_slices(r)), num_heads, head_dim)) for r in ranks]
+        tokens = [self.num_tokens(r) for r in ranks]
+        send = [int(self.send_bytes(r, num_heads, num_kv_heads, head_dim, dtype_bytes)) for r in ranks]
+        return {
+            "scheduler": self.scheduler,
+            "world_size": self.world_size,
+            "flops": flops,
+            "tokens": tokens,
+            "send_bytes": send,
+            "flops_imbalance": _imbalance(flops),
+            "token_imbalance": _imbalance(tokens),
+        }
+
+    def check_local_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``ValueError`` unless q/k/v are this rank's ``[S_local, H, D]`` shards."""
+        rank = self._require_rank("attention")
+        n = self.num_tokens(rank)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                raise ValueError(f"{name} must be a 3-D tensor [S_local, heads, head_dim]")
+            if t.shape[0] != n:
+                raise ValueError(f"{name} has {t.shape[0]} tokens but rank {rank} owns {n} under this plan: "
+                                 f"pass plan.shard(x) of the full sequence")
+
+
+def _imbalance(values: list[int]) -> float:
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean > 0 else 1.0

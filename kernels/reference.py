@@ -1,0 +1,72 @@
+"""The ``reference`` backend: dense math per segment, exact in fp64.
+
+Readable rather than fast: each segment builds its full score matrix. It
+computes in fp64 for fp64 inputs and in fp32 otherwise, and is the oracle the
+other backends and the schedulers are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distattn.masks import dense_mask
+from distattn.merge import acc_dtype
+
+from .registry import Backend, segments
+
+
+def _scores(q, k, causal, window, scale, group):
+    """``[Hq, m, n]`` masked scores (masked = -inf) and the keep mask."""
+    k_rep = k.repeat_interleave(group, dim=1)  # [n, Hq, D]
+    s = torch.einsum("mhd,nhd->hmn", q, k_rep) * scale
+    keep = dense_mask(q.shape[0], k.shape[0], causal, window, device=q.device)
+    return s.masked_fill(~keep, float("-inf")), keep
+
+
+def _finite(lse):
+    # Rows with no visible key have lse = -inf; exp(s - lse) would be NaN there.
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+
+
+def reference_fwd(q, k, v, cu_q, cu_k, causal, window, scale):
+    dtype = acc_dtype(q.dtype)
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
+    for q0, q1, k0, k1 in segments(cu_q, cu_k):
+        if q1 == q0 or k1 == k0:
+            continue
+        qs, ks, vs = (t.to(dtype) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        s, _ = _scores(qs, ks, causal, window, scale, group)
+        l = torch.logsumexp(s, dim=-1)  # [Hq, m]
+        p = torch.exp(s - _finite(l).unsqueeze(-1))
+        out[q0:q1] = torch.einsum("hmn,nhd->mhd", p, vs.repeat_interleave(group, dim=1))
+        lse[q0:q1] = l.transpose(0, 1)
+    return out.to(q.dtype), lse
+
+
+def reference_bwd(dout, q, k, v, out, lse, cu_q, cu_k, causal, window, scale):
+    dtype = acc_dtype(q.dtype)
+    hq, hkv = q.shape[1], k.shape[1]
+    group = hq // hkv
+    dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
+    delta = (dout.to(dtype) * out.to(dtype)).sum(-1)  # [Tq, Hq]
+    for q0, q1, k0, k1 in segments(cu_q, cu_k):
+        if q1 == q0 or k1 == k0:
+            continue
+        qs, ks, vs, dos = (t.to(dtype) for t in (q[q0:q1], k[k0:k1], v[k0:k1], dout[q0:q1]))
+        s, _ = _scores(qs, ks, causal, window, scale, group)
+        p = torch.exp(s - _finite(lse[q0:q1].to(dtype)).transpose(0, 1).unsqueeze(-1))  # [Hq, m, n]
+        v_rep = vs.repeat_interleave(group, dim=1)
+        dp = torch.einsum("mhd,nhd->hmn", dos, v_rep)
+        ds = p * (dp - delta[q0:q1].transpose(0, 1).unsqueeze(-1))
+        dq[q0:q1] = torch.einsum("hmn,nhd->mhd", ds, ks.repeat_interleave(group, dim=1)) * scale
+        n = k1 - k0
+        dk[k0:k1] = (torch.einsum("hmn,mhd->nhd", ds, qs) * scale).view(n, hkv, group, -1).sum(2)
+        dv[k0:k1] = torch.einsum("hmn,mhd->nhd", p, dos).view(n, hkv, group, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+BACKEND = Backend("reference", reference_fwd, reference_bwd)

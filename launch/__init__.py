@@ -1,0 +1,1 @@
+"""Launchers (``distattn.launch``): local, torchrun, Slurm and Ray runs of one config."""

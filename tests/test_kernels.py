@@ -1,0 +1,125 @@
+"""Local kernels (reference, torch) vs the fp64 autograd oracle: fwd and bwd."""
+
+import pytest
+import torch
+
+from conftest import max_err, rand_qkv
+from distattn.kernels import attn_bwd, attn_fwd
+from distattn.masks import cu_seqlens
+from distattn.oracle import dense_attention
+
+LAYOUTS = {
+    "single-token": [(1, 1)],
+    "mixed": [(37, 37), (1, 1), (100, 100), (2, 2)],
+    "q-shorter": [(5, 17), (16, 16), (1, 9), (8, 40)],
+    "q-longer": [(9, 3), (4, 4)],            # causal: first rows see no key
+    "empty-segments": [(0, 5), (3, 3), (4, 0), (0, 0)],
+    "multi-block": [(300, 300), (200, 520)],  # > one 256-row tile of the torch backend
+}
+HEADS = {"mha": (4, 4), "gqa-4:2": (4, 2), "mqa": (4, 1)}
+MASKS = {"causal": (True, None), "full": (False, None), "window-causal": (True, 7), "window-full": (False, 5)}
+BACKENDS = ["reference", "torch"]
+
+
+def _case(layout, heads, d=16, dtype=torch.float64, seed=0):
+    lq, lk = zip(*LAYOUTS[layout])
+    hq, hkv = HEADS[heads]
+    q, k, v = rand_qkv(sum(lq), sum(lk), hq, hkv, d, dtype, seed)
+    return q, k, v, cu_seqlens(lq), cu_seqlens(lk)
+
+
+def _oracle(q, k, v, cu_q, cu_k, causal, window, dout, dtype=torch.float64):
+    """out, lse, dq, dk, dv of the autograd oracle computed in ``dtype``."""
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = dense_attention(qq, kk, vv, cu_q, cu_k, causal, window)
+    out.backward(dout.to(dtype))
+    return out.detach(), lse.detach(), qq.grad, kk.grad, vv.grad
+
+
+def _run(backend, q, k, v, cu_q, cu_k, causal, window, dout):
+    out, lse = attn_fwd(q, k, v, cu_q, cu_k, causal=causal, window=window, backend=backend)
+    # Like a scheduler, differentiate with the final out/lse.
+    dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal, window=window, backend=backend)
+    return out, lse, dq, dk, dv
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fp64_matches_oracle(backend, layout, heads, mask):
+    causal, window = MASKS[mask]
+    q, k, v, cu_q, cu_k = _case(layout, heads)
+    dout = torch.randn_like(q)
+    got = _run(backend, q, k, v, cu_q, cu_k, causal, window, dout)
+    want = _oracle(q, k, v, cu_q, cu_k, causal, window, dout)
+    assert got[1].dtype == torch.float64
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert a.shape == b.shape, name
+        assert max_err(a, b) < 1e-10, (name, max_err(a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask", ["causal", "window-causal", "full"])
+@pytest.mark.parametrize("layout,heads", [("mixed", "gqa-4:2"), ("q-shorter", "mqa"), ("multi-block", "mha")])
+def test_low_precision_within_twice_torch_error(backend, dtype, mask, layout, heads):
+    """Error vs fp64 <= 2x the error of PyTorch's own attention math in the same dtype (+ small atol)."""
+    causal, window = MASKS[mask]
+    q64, k64, v64, cu_q, cu_k = _case(layout, heads, d=32, seed=3)
+    dout64 = torch.randn_like(q64)
+    want = _oracle(q64, k64, v64, cu_q, cu_k, causal, window, dout64)
+    q, k, v, dout = (t.to(dtype) for t in (q64, k64, v64, dout64))
+    base = _oracle(q, k, v, cu_q, cu_k, causal, window, dout, dtype=dtype)
+    got = _run(backend, q, k, v, cu_q, cu_k, causal, window, dout)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32 and got[2].dtype == dtype
+    atol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    for name, a, b, w in zip(("out", "lse", "dq", "dk", "dv"), got, base, want):
+        assert max_err(a, w) <= 2 * max_err(b, w) + atol, (name, max_err(a, w), max_err(b, w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocks_merge_to_full_result(backend):
+    """Splitting keys into blocks and merging by lse, then differentiating each block with the
+    final out/lse, reproduces the unsplit result (what every scheduler relies on)."""
+    from distattn.merge import merge
+
+    n = 40
+    q, k, v = rand_qkv(n, n, 2, 1, 8)
+    cu = cu_seqlens([n])
+    dout = torch.randn_like(q)
+    full = _run(backend, q, k, v, cu, cu, True, None, dout)
+    # block 1: keys [0, 25) seen fully by queries at positions >= 25 ... express as two varlen calls
+    # with bottom-right alignment: queries [25, 40) against keys [0, 25) (full) and [0, 40) prefix.
+    q2 = q[25:]
+    o_a, l_a = attn_fwd(q2, k[:25], v[:25], cu_seqlens([15]), cu_seqlens([25]), causal=False, backend=backend)
+    o_b, l_b = attn_fwd(q2, k[25:], v[25:], cu_seqlens([15]), cu_seqlens([15]), causal=True, backend=backend)
+    o, l = merge(o_a, l_a, o_b, l_b)
+    assert max_err(o, full[0][25:]) < 1e-12 and max_err(l, full[1][25:]) < 1e-12
+    ga = attn_bwd(dout[25:], q2, k[:25], v[:25], o, l, cu_seqlens([15]), cu_seqlens([25]), causal=False,
+                  backend=backend)
+    gb = attn_bwd(dout[25:], q2, k[25:], v[25:], o, l, cu_seqlens([15]), cu_seqlens([15]), causal=True,
+                  backend=backend)
+    gfull = attn_bwd(dout[25:], q2, k, v, o, l, cu_seqlens([15]), cu_seqlens([40]), causal=True, backend=backend)
+    assert max_err(ga[0] + gb[0], gfull[0]) < 1e-12
+    assert max_err(torch.cat([ga[1], gb[1]]), gfull[1]) < 1e-12
+    assert max_err(torch.cat([ga[2], gb[2]]), gfull[2]) < 1e-12
+
+
+def test_empty_rows_are_zero_and_neg_inf():
+    q, k, v = rand_qkv(6, 2, 2, 2, 4)
+    for backend in BACKENDS:
+        out, lse = attn_fwd(q, k, v, cu_seqlens([6]), cu_seqlens([2]), causal=True, backend=backend)
+        assert torch.isneginf(lse[:4]).all() and (out[:4] == 0).all()
+        assert torch.isfinite(lse[4:]).all()
+        dq, dk, dv = attn_bwd(torch.ones_like(q), q, k, v, out, lse, cu_seqlens([6]), cu_seqlens([2]),
+                              causal=True, backend=backend)
+        assert (dq[:4] == 0).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
+
+
+def test_auto_picks_torch_on_cpu():
+    from distattn.kernels import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")).name == "torch"
+    with pytest.raises(ValueError, match="backend='torch' runs on"):
+        resolve_backend("torch", torch.device("meta"))

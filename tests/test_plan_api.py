@@ -1,0 +1,121 @@
+"""The public API end to end at world size 1, dry plans, and the Plan base on several gloo ranks."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import distattn
+from conftest import max_err, rand_qkv
+from distattn.plans import Plan
+from distattn.spawn import run_distributed
+
+DOCS = [5, 1, 17, 9]
+
+
+SCHEDULERS = ["zigzag", "ring", "allgather", "ulysses", "usp", "cad", "local"]
+MASKS = [(True, None), (False, None), (True, 4)]
+
+
+def _world_one_worker():
+    """Every scheduler name at world size 1, on the WORLD group and on a 1-D DeviceMesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    meshes = {"group": dist.group.WORLD, "device_mesh": init_device_mesh("cpu", (1,))}
+    q, k, v = rand_qkv(32, 32, 4, 2, 8)
+    rows = []
+    for (causal, window), scheduler, (mesh_name, mesh) in itertools.product(MASKS, SCHEDULERS, meshes.items()):
+        ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = distattn.reference_attention(*ref_in, DOCS, causal=causal, window=window)
+        dout = torch.randn_like(ref)
+        ref.backward(dout)
+        plan = distattn.plan(DOCS, mesh, scheduler=scheduler, causal=causal, window=window)
+        mine = [plan.shard(t).clone().requires_grad_() for t in (q, k, v)]
+        out = distattn.attention(*mine, plan)
+        out.backward(plan.shard(dout))
+        errs = [max_err(plan.unshard(out.detach()), ref)] + [max_err(a.grad, b.grad) for a, b in zip(mine, ref_in)]
+        rows.append((scheduler, mesh_name, causal, window, plan.scheduler, max(errs), plan.position_ids().tolist()))
+    return rows
+
+
+def test_world_size_one_end_to_end():
+    (rows,) = run_distributed(_world_one_worker, 1, timeout=120)
+    assert len(rows) == len(SCHEDULERS) * len(MASKS) * 2
+    for scheduler, mesh_name, causal, window, planned, err, pos in rows:
+        assert planned == scheduler
+        assert err < 1e-12, (scheduler, mesh_name, causal, window, err)
+        assert pos == [*range(5), 0, *range(17), *range(9)]
+
+
+def test_dry_plan_refuses_execution():
+    plan = distattn.plan(DOCS, 1)
+    q, k, v = rand_qkv(32, 32, 4, 2, 8)
+    for call in (lambda: plan.shard(q), lambda: plan.position_ids(), lambda: distattn.attention(q, k, v, plan)):
+        with pytest.raises(ValueError, match="plan is dry"):
+            call()
+
+
+def test_dry_plan_stats():
+    plan = distattn.plan([6, 10], 1, causal=True)
+    st = plan.stats(num_heads=8, num_kv_heads=2, head_dim=64)
+    area = 6 * 7 // 2 + 10 * 11 // 2
+    assert st["flops"] == [4 * area * 8 * 64]
+    assert st["tokens"] == [16] and st["send_bytes"] == [0]
+    assert st["flops_imbalance"] == 1.0 and st["token_imbalance"] == 1.0
+    with pytest.raises(ValueError, match="num_heads \\(6\\) must be a multiple of num_kv_heads \\(4\\)"):
+        plan.stats(6, 4, 64)
+    with pytest.raises(ValueError, match="head_dim must be a positive int"):
+        plan.stats(8, 2, 0)
+
+
+def test_multi_rank_not_implemented_is_clear():
+    with pytest.raises(ValueError, match="not implemented for world size > 1"):
+        distattn.plan([8], 4, scheduler="cad")
+
+
+# --- the Plan base over real gloo ranks, with hand-made ownership ----------------------------
+
+class _RangesPlan(Plan):
+    """Ownership only: enough to exercise shard/unshard/position_ids of the base class."""
+
+
+def _ranges_plan(rank, world_size, group):
+    # uneven and non-contiguous ownership over 23 tokens, like zigzag chunks
+    owned = (((0, 3), (20, 23)), ((3, 10),), ((10, 20),))
+    return _RangesPlan(scheduler="test", doc_lens=(4, 1, 11, 7), causal=True, window=None, backend="auto",
+                       world_size=world_size, rank=rank, group=group, owned=owned)
+
+
+def _shard_unshard_worker():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    plan = _ranges_plan(rank, world, dist.group.WORLD)
+    x = torch.arange(23 * 2, dtype=torch.float32).view(23, 2)
+    local = plan.shard(x)
+    back = plan.unshard(local * 10)
+    back_dim1 = plan.unshard(plan.shard(x.t(), dim=1), dim=1)
+    return local, back, back_dim1, plan.position_ids()
+
+
+def test_shard_unshard_position_ids_on_three_ranks():
+    results = run_distributed(_shard_unshard_worker, 3, timeout=120)
+    x = torch.arange(23 * 2, dtype=torch.float32).view(23, 2)
+    pos = np.concatenate([np.arange(n) for n in (4, 1, 11, 7)])
+    owned = (((0, 3), (20, 23)), ((3, 10),), ((10, 20),))
+    for rank, (local, back, back_dim1, position_ids) in enumerate(results):
+        idx = np.concatenate([np.arange(s, e) for s, e in owned[rank]])
+        assert torch.equal(local, x[idx])
+        assert torch.equal(back, x * 10)
+        assert torch.equal(back_dim1, x.t())
+        assert position_ids.tolist() == pos[idx].tolist()
+
+
+def _wrong_length_worker():
+    plan = _ranges_plan(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    plan.unshard(torch.zeros(99, 2))
+
+
+def test_unshard_wrong_length_raises_with_rank_traceback():
+    with pytest.raises(Exception, match="x_local has 99 tokens along dim 0 but rank"):
+        run_distributed(_wrong_length_worker, 3, timeout=120)
