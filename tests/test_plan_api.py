@@ -37,11 +37,22 @@ def _world_one_worker():
         out.backward(plan.shard(dout))
         errs = [max_err(plan.unshard(out.detach()), ref)] + [max_err(a.grad, b.grad) for a, b in zip(mine, ref_in)]
         rows.append((scheduler, mesh_name, causal, window, plan.scheduler, max(errs), plan.position_ids().tolist()))
-    return rows
+    errors = []
+    for call in (lambda: plan.shard(q[:20]), lambda: distattn.attention(q[:20], k, v, plan),
+                 lambda: plan.unshard(q[:3])):
+        try:
+            call()
+        except ValueError as exc:
+            errors.append(str(exc))
+    return rows, errors
 
 
 def test_world_size_one_end_to_end():
-    (rows,) = run_distributed(_world_one_worker, 1, timeout=120)
+    ((rows, errors),) = run_distributed(_world_one_worker, 1, timeout=120)
+    assert len(errors) == 3
+    assert "x has 20 tokens along dim 0 but doc_lens sum to 32" in errors[0]
+    assert "q has 20 tokens but rank 0 owns 32" in errors[1]
+    assert "x_local has 3 tokens along dim 0 but rank 0 owns 32" in errors[2]
     assert len(rows) == len(SCHEDULERS) * len(MASKS) * 2
     for scheduler, mesh_name, causal, window, planned, err, pos in rows:
         assert planned == scheduler
