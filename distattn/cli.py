@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run every implemented scheduler on local gloo ranks vs fp64 reference")
-    demo.add_argument("--world-size", type=int, default=1, help="number of gloo processes (default 1)")
+    demo.add_argument("--world-size", type=int, default=4, help="number of gloo processes (default 4)")
     demo.add_argument("--schedulers", nargs="+", default=None, help="default: every one that runs at this size")
     demo.add_argument("--seq-len", type=int, default=4096, help="tokens of the packed sequence (default 4096)")
     demo.add_argument("--doc-lens", type=_int_list, default=None,

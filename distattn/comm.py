@@ -1,18 +1,86 @@
-"""Thin, version-tolerant wrappers over torch.distributed collectives.
+"""A small communicator over one process group: the only place schedulers touch torch.distributed.
 
-torch 2.13 renamed ``all_gather_into_tensor`` to ``all_gather_single`` (the old
-name warns); we accept torch >= 2.5, so pick whichever exists.
+:class:`Comm` wraps point-to-point batches and the few collectives the
+schedulers use, counts the bytes this rank sends (``bytes_sent``, what
+``plan.stats()["send_bytes"]`` predicts) and turns a timed-out wait into an
+error that says which step of which scheduler was waiting and for whom.
+
+Bytes are counted the way the algorithm moves them: a P2P send counts its
+tensor; an all-gather counts ``(P - 1)`` times the input (each rank's shard
+reaches every other rank); a reduce-scatter counts ``(P - 1) / P`` of the input.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single
+# (the old names warn); we accept torch >= 2.5, so pick whichever exists.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def all_gather_single(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
-    """Gather equal-sized ``input`` from every rank into ``output`` (concatenated along dim 0)."""
-    return _all_gather_single(output, input, group=group, async_op=async_op)
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
+
+class Pending:
+    """Outstanding requests of one batch; :meth:`wait` raises a clear error on timeout."""
+
+    def __init__(self, works: list, what: str):
+        self.works = works
+        self.what = what
+
+    def wait(self) -> None:
+        for w in self.works:
+            try:
+                w.wait()
+            except RuntimeError as exc:
+                raise RuntimeError(f"distattn: {self.what} failed or timed out ({exc}). Every rank of the "
+                                   f"group must call attention with the same plan.") from exc
+        self.works = []
+
+
+@dataclass(eq=False)
+class Comm:
+    """Communication over ``group`` for one plan (mutable: it counts ``bytes_sent``)."""
+
+    group: Any
+    bytes_sent: int = field(default=0)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def global_rank(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank) if self.group is not dist.group.WORLD else rank
+
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+                 what: str) -> Pending:
+        """Start sends ``(tensor, peer)`` and receives ``(buffer, peer)`` (group ranks) as one batch.
+
+        Both sides must list the operations between the same two ranks in the same order.
+        """
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.global_rank(p), self.group) for t, p in sends]
+        ops += [dist.P2POp(dist.irecv, t, self.global_rank(p), self.group) for t, p in recvs]
+        self.bytes_sent += sum(nbytes(t) for t, _ in sends)
+        return Pending(dist.batch_isend_irecv(ops) if ops else [], what)
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, what: str) -> Pending:
+        """Start gathering equal-sized ``input`` from every rank into ``output`` (concatenated on dim 0)."""
+        self.bytes_sent += (self.size - 1) * nbytes(input)
+        return Pending([_all_gather_single(output, input.contiguous(), group=self.group, async_op=True)], what)
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, what: str) -> Pending:
+        """Start summing ``input`` over ranks; this rank gets its equal dim-0 chunk in ``output``."""
+        self.bytes_sent += nbytes(input) * (self.size - 1) // self.size
+        return Pending([_reduce_scatter_single(output, input.contiguous(), group=self.group, async_op=True)],
+                       what)

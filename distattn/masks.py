@@ -2,15 +2,18 @@
 
 A mask over one packed sequence is a list of :class:`MaskSlice`: a block of
 query rows ``[q_start, q_end)`` against a block of key columns
-``[k_start, k_end)`` (global token indices) with a kind:
+``[k_start, k_end)`` of one document, in global token positions, with a kind:
 
 * ``full``   -- every query sees every key of the block;
-* ``causal`` -- bottom-right aligned: with ``m`` queries and ``n`` keys, query
-  ``i`` sits at key position ``p = i + n - m`` and sees keys ``j <= p``;
-* ``window`` -- additionally ``|p - j| < window`` (and ``j <= p`` if causal).
+* ``causal`` -- query at position ``g`` sees keys ``j <= g``;
+* ``window`` -- additionally ``|g - j| < window`` (and ``j <= g`` if causal).
 
-Bottom-right alignment is what lets a shard of queries at the end of a
-document attend to the document's whole key prefix (ring and CAD tasks).
+Inside one segment the same geometry is written relative to the keys: with
+``m`` queries and ``n`` keys, query ``i`` sits at key position
+``p = i + n - m + offset``. ``offset = 0`` is bottom-right alignment (the
+queries are the last ``m`` positions of the keys: a shard of queries against
+its document's key prefix); ``offset > 0`` puts the queries after the keys'
+end (a block of earlier keys in a ring), ``offset < 0`` before it.
 
 FLOPs follow the FlashAttention convention: forward = 4 * area * Hq * D,
 backward = 2.5 * forward, where area counts the unmasked (query, key) pairs.
@@ -72,13 +75,14 @@ def cu_seqlens(lens: Sequence[int], device: torch.device | str | None = None) ->
     return out.to(device) if device is not None else out
 
 
-def visible_keys(q_len: int, k_len: int, causal: bool, window: int | None) -> tuple[np.ndarray, np.ndarray]:
+def visible_keys(q_len: int, k_len: int, causal: bool, window: int | None, offset: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Per query row of one segment, the inclusive key range ``[lo, hi]`` it sees.
 
     Rows with ``lo > hi`` see no key. Both ranges are non-decreasing in the row
     index, so the rows that see something are contiguous.
     """
-    p = np.arange(q_len, dtype=np.int64) + (k_len - q_len)
+    p = np.arange(q_len, dtype=np.int64) + (k_len - q_len + offset)
     lo = np.zeros(q_len, dtype=np.int64)
     hi = np.full(q_len, k_len - 1, dtype=np.int64)
     if causal:
@@ -90,10 +94,10 @@ def visible_keys(q_len: int, k_len: int, causal: bool, window: int | None) -> tu
     return lo, hi
 
 
-def dense_mask(q_len: int, k_len: int, causal: bool, window: int | None,
+def dense_mask(q_len: int, k_len: int, causal: bool, window: int | None, offset: int = 0,
                device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean ``[q_len, k_len]`` visibility of one segment (True = attend)."""
-    p = torch.arange(q_len, device=device).unsqueeze(1) + (k_len - q_len)
+    p = torch.arange(q_len, device=device).unsqueeze(1) + (k_len - q_len + offset)
     j = torch.arange(k_len, device=device).unsqueeze(0)
     keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
     if causal:
@@ -112,21 +116,25 @@ def _sum_min(a: np.ndarray, b: np.ndarray, shift: np.ndarray, cap: np.ndarray) -
     return lin + n_cap * cap
 
 
-def mask_area(q_lens, k_lens, causal: bool, window: int | None) -> np.ndarray:
+def mask_area(q_lens, k_lens, causal: bool, window: int | None, offsets=0) -> np.ndarray:
     """Number of visible (query, key) pairs per segment, in closed form (vectorised).
 
-    ``q_lens``/``k_lens`` are arrays of segment lengths; semantics as in
-    :func:`visible_keys` (bottom-right alignment, any ``q_len`` vs ``k_len``).
+    ``q_lens``/``k_lens``/``offsets`` are arrays (or scalars) per segment; semantics
+    as in :func:`visible_keys`.
     """
     m = np.asarray(q_lens, dtype=np.int64)
     n = np.asarray(k_lens, dtype=np.int64)
     if not causal and window is None:
         return m * n
-    # Row i sits at p = i + n - m; it sees hi(p) - lo(p) + 1 keys, where
-    # hi = min(n-1, p + u), lo = max(0, p - W + 1); rows see something iff p + u >= 0.
+    off = np.broadcast_to(np.asarray(offsets, dtype=np.int64), m.shape)
+    # Row i sits at p = i + n - m + off and sees hi(p) - lo(p) + 1 keys, where
+    # hi = min(n-1, p + u), lo = max(0, p - W + 1). It sees something iff
+    # p + u >= 0 and (with a window) p - W + 1 <= n - 1.
     u = np.zeros_like(n) if causal else np.full_like(n, window - 1)
-    a = np.maximum(n - m, -u)
-    b = n - 1
+    a = np.maximum(n - m + off, -u)
+    b = n - 1 + off
+    if window is not None:
+        b = np.minimum(b, n - 2 + window)
     rows = np.maximum(b - a + 1, 0)
     area = _sum_min(a, b, u, n - 1) + rows
     if window is not None:
@@ -134,12 +142,13 @@ def mask_area(q_lens, k_lens, causal: bool, window: int | None) -> np.ndarray:
         s = 1 - window
         lin = rows * (a + s) + rows * (rows - 1) // 2
         area -= lin - _sum_min(a, b, np.full_like(n, s), np.zeros_like(n))
-    return np.where(rows > 0, area, 0)
+    return np.where((rows > 0) & (n > 0), area, 0)
 
 
 @dataclass(frozen=True)
 class MaskSlice:
-    """Queries ``[q_start, q_end)`` against keys ``[k_start, k_end)`` with one kind of mask."""
+    """Queries ``[q_start, q_end)`` against keys ``[k_start, k_end)`` of one document with one
+    kind of mask; positions are global, so the geometry's offset is ``q_end - k_end``."""
 
     q_start: int
     q_end: int
@@ -167,8 +176,12 @@ class MaskSlice:
     def k_len(self) -> int:
         return self.k_end - self.k_start
 
+    @property
+    def offset(self) -> int:
+        return self.q_end - self.k_end
+
     def area(self) -> int:
-        return int(mask_area([self.q_len], [self.k_len], self.causal, self.window)[0])
+        return int(mask_area([self.q_len], [self.k_len], self.causal, self.window, [self.offset])[0])
 
 
 def document_mask(doc_lens, causal: bool = True, window: int | None = None) -> list[MaskSlice]:
@@ -188,7 +201,8 @@ def slices_area(slices: Sequence[MaskSlice]) -> int:
     for (causal, window), group in groups.items():
         q = np.fromiter((s.q_len for s in group), dtype=np.int64, count=len(group))
         k = np.fromiter((s.k_len for s in group), dtype=np.int64, count=len(group))
-        total += int(mask_area(q, k, causal, window).sum())
+        off = np.fromiter((s.offset for s in group), dtype=np.int64, count=len(group))
+        total += int(mask_area(q, k, causal, window, off).sum())
     return total
 
 

@@ -14,8 +14,10 @@ from .masks import as_doc_lens, check_window, cu_seqlens, dense_mask
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     cu_seqlens_k: torch.Tensor, causal: bool = True, window: int | None = None,
-                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable varlen attention with the kernels' semantics (bottom-right causal).
+                    scale: float | None = None, q_offset: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable varlen attention with the kernels' semantics (bottom-right causal,
+    ``q_offset`` as in :func:`distattn.kernels.attn_fwd`).
 
     Returns ``out [Tq, Hq, D]`` (q's dtype) and ``lse [Tq, Hq]`` (q's dtype);
     rows that see no key give ``out = 0``, ``lse = -inf``.
@@ -24,10 +26,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     group = q.shape[1] // k.shape[1]
     outs, lses = [], []
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    offsets = q_offset.tolist() if q_offset is not None else [0] * (len(bq) - 1)
     for i in range(len(bq) - 1):
         qs, ks, vs = q[bq[i]:bq[i + 1]], k[bk[i]:bk[i + 1]], v[bk[i]:bk[i + 1]]
         s = torch.einsum("mhd,nhd->hmn", qs, ks.repeat_interleave(group, 1)) * scale
-        keep = dense_mask(qs.shape[0], ks.shape[0], causal, window, device=q.device)
+        keep = dense_mask(qs.shape[0], ks.shape[0], causal, window, offsets[i], device=q.device)
         s = s.masked_fill(~keep, float("-inf"))
         lse = torch.logsumexp(s, -1)
         # softmax of an all -inf row is NaN: zero those rows (where(), not nan_to_num, keeps grads clean)

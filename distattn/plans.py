@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .comm import all_gather_single
+from .comm import Comm
+from .kernels.registry import check_qkv
 from .masks import MaskSlice, attention_flops, slices_area
 
 Ranges = tuple[tuple[int, int], ...]
@@ -46,6 +47,10 @@ class Plan:
     rank: int | None
     group: Any = field(default=None, repr=False)  # ProcessGroup, or None for dry plans
     owned: tuple[Ranges, ...] = field(repr=False)
+    comm: Comm | None = field(init=False, repr=False)  # counts the bytes this rank sends
+
+    def __post_init__(self):
+        object.__setattr__(self, "comm", Comm(self.group) if self.group is not None else None)
 
     # ---- executor interface (subclasses) -------------------------------------------------
     def compute_slices(self, rank: int) -> list[MaskSlice]:
@@ -53,6 +58,14 @@ class Plan:
 
     def send_bytes(self, rank: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
         raise NotImplementedError
+
+    def visible_pairs(self, rank: int) -> int:
+        """Visible (query, key) pairs that rank computes; subclasses may answer faster."""
+        return slices_area(self.compute_slices(rank))
+
+    def extra_stats(self) -> dict:
+        """Scheduler-specific per-rank lists added to :meth:`stats`."""
+        return {}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -114,7 +127,7 @@ class Plan:
         padded = x.new_zeros((width, *x.shape[1:]))  # gloo's all-gather needs equal sizes
         padded[: x.shape[0]] = x
         gathered = padded.new_empty((self.world_size * width, *x.shape[1:]))
-        all_gather_single(gathered, padded.contiguous(), group=self.group)
+        self.comm.all_gather(gathered, padded, "unshard").wait()
         full = x.new_empty((self.total_tokens, *x.shape[1:]))
         for r in range(self.world_size):
             offset = r * width
@@ -125,13 +138,9 @@ class Plan:
 
     def position_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``[S_local]`` int64: each local token's position inside its document (for RoPE)."""
-        rank = self._require_rank("position_ids")
-        pieces = []
-        for s, e in self.owned[rank]:
-            tok = np.arange(s, e, dtype=np.int64)
-            doc = np.searchsorted(self.doc_starts, tok, side="right") - 1
-            pieces.append(tok - self.doc_starts[doc])
-        return torch.from_numpy(np.concatenate(pieces) if pieces else np.zeros(0, np.int64)).to(device)
+        tokens = token_index(self.owned[self._require_rank("position_ids")])
+        doc = np.searchsorted(self.doc_starts, tokens, side="right") - 1
+        return torch.from_numpy(tokens - self.doc_starts[doc]).to(device)
 
     def stats(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> dict:
         """Per-rank forward attention ``flops``, ``tokens`` and ``send_bytes`` (lists indexed by
@@ -143,7 +152,7 @@ class Plan:
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         ranks = range(self.world_size)
-        flops = [int(attention_flops(slices_area(self.compute_slices(r)), num_heads, head_dim)) for r in ranks]
+        flops = [int(attention_flops(self.visible_pairs(r), num_heads, head_dim)) for r in ranks]
         tokens = [self.num_tokens(r) for r in ranks]
         send = [int(self.send_bytes(r, num_heads, num_kv_heads, head_dim, dtype_bytes)) for r in ranks]
         return {
@@ -154,18 +163,24 @@ class Plan:
             "send_bytes": send,
             "flops_imbalance": _imbalance(flops),
             "token_imbalance": _imbalance(tokens),
+            **self.extra_stats(),
         }
 
     def check_local_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """``ValueError`` unless q/k/v are this rank's ``[S_local, H, D]`` shards."""
+        """``ValueError`` unless q/k/v are this rank's ``[S_local, H, D]`` shards. Checked before any
+        communication, so a bad input fails on its rank instead of stalling the others."""
         rank = self._require_rank("attention")
+        check_qkv(q, k, v)
         n = self.num_tokens(rank)
         for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3:
-                raise ValueError(f"{name} must be a 3-D tensor [S_local, heads, head_dim]")
             if t.shape[0] != n:
                 raise ValueError(f"{name} has {t.shape[0]} tokens but rank {rank} owns {n} under this plan: "
                                  f"pass plan.shard(x) of the full sequence")
+
+
+def token_index(ranges: Ranges) -> np.ndarray:
+    """Global token indices of ``ranges``, in local order."""
+    return np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in ranges] or [np.zeros(0, np.int64)])
 
 
 def _imbalance(values: list[int]) -> float:

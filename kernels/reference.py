@@ -16,12 +16,12 @@ from distattn.merge import acc_dtype
 from .registry import Backend, segments
 
 
-def _scores(q, k, causal, window, scale, group):
-    """``[Hq, m, n]`` masked scores (masked = -inf) and the keep mask."""
+def _scores(q, k, causal, window, offset, scale, group):
+    """``[Hq, m, n]`` scores with masked entries at -inf."""
     k_rep = k.repeat_interleave(group, dim=1)  # [n, Hq, D]
     s = torch.einsum("mhd,nhd->hmn", q, k_rep) * scale
-    keep = dense_mask(q.shape[0], k.shape[0], causal, window, device=q.device)
-    return s.masked_fill(~keep, float("-inf")), keep
+    keep = dense_mask(q.shape[0], k.shape[0], causal, window, offset, device=q.device)
+    return s.masked_fill(~keep, float("-inf"))
 
 
 def _finite(lse):
@@ -29,16 +29,16 @@ def _finite(lse):
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
 
 
-def reference_fwd(q, k, v, cu_q, cu_k, causal, window, scale):
+def reference_fwd(q, k, v, cu_q, cu_k, q_offset, causal, window, scale):
     dtype = torch.float64
     group = q.shape[1] // k.shape[1]
     out = torch.zeros(q.shape, dtype=dtype, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
-    for q0, q1, k0, k1 in segments(cu_q, cu_k):
+    for q0, q1, k0, k1, offset in segments(cu_q, cu_k, q_offset):
         if q1 == q0 or k1 == k0:
             continue
         qs, ks, vs = (t.to(dtype) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        s, _ = _scores(qs, ks, causal, window, scale, group)
+        s = _scores(qs, ks, causal, window, offset, scale, group)
         l = torch.logsumexp(s, dim=-1)  # [Hq, m]
         p = torch.exp(s - _finite(l).unsqueeze(-1))
         out[q0:q1] = torch.einsum("hmn,nhd->mhd", p, vs.repeat_interleave(group, dim=1))
@@ -46,7 +46,7 @@ def reference_fwd(q, k, v, cu_q, cu_k, causal, window, scale):
     return out.to(q.dtype), lse.to(acc_dtype(q.dtype))
 
 
-def reference_bwd(dout, q, k, v, out, lse, cu_q, cu_k, causal, window, scale):
+def reference_bwd(dout, q, k, v, out, lse, cu_q, cu_k, q_offset, causal, window, scale):
     dtype = torch.float64
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
@@ -54,11 +54,11 @@ def reference_bwd(dout, q, k, v, out, lse, cu_q, cu_k, causal, window, scale):
     dk = torch.zeros(k.shape, dtype=dtype, device=q.device)
     dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
     delta = (dout.to(dtype) * out.to(dtype)).sum(-1)  # [Tq, Hq]
-    for q0, q1, k0, k1 in segments(cu_q, cu_k):
+    for q0, q1, k0, k1, offset in segments(cu_q, cu_k, q_offset):
         if q1 == q0 or k1 == k0:
             continue
         qs, ks, vs, dos = (t.to(dtype) for t in (q[q0:q1], k[k0:k1], v[k0:k1], dout[q0:q1]))
-        s, _ = _scores(qs, ks, causal, window, scale, group)
+        s = _scores(qs, ks, causal, window, offset, scale, group)
         p = torch.exp(s - _finite(lse[q0:q1].to(dtype)).transpose(0, 1).unsqueeze(-1))  # [Hq, m, n]
         v_rep = vs.repeat_interleave(group, dim=1)
         dp = torch.einsum("mhd,nhd->hmn", dos, v_rep)

@@ -11,9 +11,10 @@ import torch
 from distattn.masks import check_window
 from distattn.merge import acc_dtype
 
-# fwd(q, k, v, cu_q, cu_k, causal, window, scale) -> (out, lse)
+# fwd(q, k, v, cu_q, cu_k, q_offset, causal, window, scale) -> (out, lse)
 FwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-# bwd(dout, q, k, v, out, lse, cu_q, cu_k, causal, window, scale) -> (dq, dk, dv)
+# bwd(dout, q, k, v, out, lse, cu_q, cu_k, q_offset, causal, window, scale) -> (dq, dk, dv)
+# q_offset is None or an int tensor [n_seg] (validated) on the inputs' device.
 BwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -71,9 +72,8 @@ def _check_cu(cu: torch.Tensor, total: int, name: str, tensor: str) -> list[int]
     return bounds
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                 cu_seqlens_k: torch.Tensor, window: int | None, scale: float | None) -> float:
-    """Validate the pinned kernel inputs; returns the scale to use."""
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """``ValueError`` unless q ``[T, Hq, D]`` and k, v ``[T', Hkv, D]`` agree (dtype, device, GQA)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor [tokens, heads, head_dim], got "
@@ -91,11 +91,22 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q
     hq, hkv = q.shape[1], k.shape[1]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA/MQA")
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 cu_seqlens_k: torch.Tensor, q_offset: torch.Tensor | None, window: int | None,
+                 scale: float | None) -> float:
+    """Validate the pinned kernel inputs; returns the scale to use."""
+    check_qkv(q, k, v)
     bq = _check_cu(cu_seqlens_q, q.shape[0], "cu_seqlens_q", "q")
     bk = _check_cu(cu_seqlens_k, k.shape[0], "cu_seqlens_k", "k")
     if len(bq) != len(bk):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe different segment counts "
                          f"({len(bq) - 1} vs {len(bk) - 1})")
+    if q_offset is not None and (not isinstance(q_offset, torch.Tensor) or q_offset.dtype.is_floating_point
+                                 or tuple(q_offset.shape) != (len(bq) - 1,)):
+        raise ValueError(f"q_offset must be None or a 1-D integer tensor with one entry per segment "
+                         f"({len(bq) - 1})")
     check_window(window)
     if scale is None:
         return 1.0 / math.sqrt(q.shape[2])
@@ -106,7 +117,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q
 
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
              cu_seqlens_k: torch.Tensor, *, causal: bool = True, window: int | None = None,
-             scale: float | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+             scale: float | None = None, backend: str = "auto", q_offset: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention forward over a packed batch of segments.
 
     Args:
@@ -118,21 +130,24 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: to
         window: if set, a query at position ``p`` sees only keys ``j`` with ``|p - j| < window``.
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"auto"`` (torch on CPU, triton/reference on CUDA), ``"torch"``, ``"reference"``, ...
+        q_offset: extension, int ``[n_seg]`` or None: shifts segment ``i``'s queries to key
+            position ``r + n - m + q_offset[i]`` (positive: queries after the keys' end, as for
+            a block of earlier keys in a ring). None means 0: bottom-right alignment.
 
     Returns:
         ``out [Tq, Hq, D]`` in q's dtype and ``lse [Tq, Hq]`` (natural log; fp32, or fp64
         for fp64 inputs). Rows that see no key give ``out = 0`` and ``lse = -inf``.
     """
-    scale = check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window, scale)
+    scale = check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, window, scale)
     impl = resolve_backend(backend, q.device)
     with torch.no_grad():
-        return impl.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), window, scale)
+        return impl.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, bool(causal), window, scale)
 
 
 def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, causal: bool = True,
-             window: int | None = None, scale: float | None = None, backend: str = "auto"
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             window: int | None = None, scale: float | None = None, backend: str = "auto",
+             q_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Varlen attention backward; arguments as :func:`attn_fwd`.
 
     ``out``/``lse`` are the row's *final* output and log-sum-exp, which may come from
@@ -142,7 +157,7 @@ def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
     Returns ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in the inputs' dtype.
     """
-    scale = check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window, scale)
+    scale = check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, window, scale)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"dout and out must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)} "
                          f"and {tuple(out.shape)}")
@@ -152,11 +167,13 @@ def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         lse = lse.to(acc_dtype(q.dtype))
     impl = resolve_backend(backend, q.device)
     with torch.no_grad():
-        return impl.bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, bool(causal), window, scale)
+        return impl.bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q_offset, bool(causal), window,
+                        scale)
 
 
-def segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
-    """Yield ``(q0, q1, k0, k1)`` per segment; helper for the CPU backends."""
+def segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, q_offset: torch.Tensor | None):
+    """Yield ``(q0, q1, k0, k1, offset)`` per segment; helper for the CPU backends."""
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    offsets = q_offset.tolist() if q_offset is not None else [0] * (len(bq) - 1)
     for i in range(len(bq) - 1):
-        yield bq[i], bq[i + 1], bk[i], bk[i + 1]
+        yield bq[i], bq[i + 1], bk[i], bk[i + 1], offsets[i]

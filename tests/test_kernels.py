@@ -16,6 +16,8 @@ LAYOUTS = {
     "q-longer": [(9, 3), (4, 4)],            # causal: first rows see no key
     "empty-segments": [(0, 5), (3, 3), (4, 0), (0, 0)],
     "multi-block": [(300, 300), (200, 520)],  # > one 256-row tile of the torch backend
+    # q_offset extension: queries after the keys' end (ring blocks), before it, far away
+    "offsets": [(5, 7, 3), (6, 4, 10), (4, 9, -2), (3, 3, 0), (7, 2, -5), (4, 6, 40)],
 }
 HEADS = {"mha": (4, 4), "gqa-4:2": (4, 2), "mqa": (4, 1)}
 MASKS = {"causal": (True, None), "full": (False, None), "window-causal": (True, 7), "window-full": (False, 5)}
@@ -23,28 +25,30 @@ BACKENDS = ["reference", "torch"]
 
 
 def _case(layout, heads, d=16, dtype=torch.float64, seed=0):
-    lq, lk = zip(*LAYOUTS[layout])
+    segs = [(*s, 0)[:3] for s in LAYOUTS[layout]]
+    lq, lk, off = zip(*segs)
     hq, hkv = HEADS[heads]
     q, k, v = rand_qkv(sum(lq), sum(lk), hq, hkv, d, dtype, seed)
-    return q, k, v, cu_seqlens(lq), cu_seqlens(lk)
+    return q, k, v, cu_seqlens(lq), cu_seqlens(lk), (torch.tensor(off) if any(off) else None)
 
 
 def _dout(q, seed=7):
     return torch.randn(q.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(q.dtype)
 
 
-def _oracle(q, k, v, cu_q, cu_k, causal, window, dout, dtype=torch.float64):
+def _oracle(q, k, v, cu_q, cu_k, off, causal, window, dout, dtype=torch.float64):
     """out, lse, dq, dk, dv of the autograd oracle computed in ``dtype``."""
     qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    out, lse = dense_attention(qq, kk, vv, cu_q, cu_k, causal, window)
+    out, lse = dense_attention(qq, kk, vv, cu_q, cu_k, causal, window, q_offset=off)
     out.backward(dout.to(dtype))
     return out.detach(), lse.detach(), qq.grad, kk.grad, vv.grad
 
 
-def _run(backend, q, k, v, cu_q, cu_k, causal, window, dout):
-    out, lse = attn_fwd(q, k, v, cu_q, cu_k, causal=causal, window=window, backend=backend)
+def _run(backend, q, k, v, cu_q, cu_k, off, causal, window, dout):
+    out, lse = attn_fwd(q, k, v, cu_q, cu_k, causal=causal, window=window, backend=backend, q_offset=off)
     # Like a scheduler, differentiate with the final out/lse.
-    dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal, window=window, backend=backend)
+    dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal, window=window, backend=backend,
+                          q_offset=off)
     return out, lse, dq, dk, dv
 
 
@@ -54,25 +58,26 @@ def _run(backend, q, k, v, cu_q, cu_k, causal, window, dout):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_fp64_matches_oracle(backend, layout, heads, mask):
     causal, window = MASKS[mask]
-    q, k, v, cu_q, cu_k = _case(layout, heads)
+    q, k, v, cu_q, cu_k, off = _case(layout, heads)
     dout = _dout(q)
-    got = _run(backend, q, k, v, cu_q, cu_k, causal, window, dout)
-    want = _oracle(q, k, v, cu_q, cu_k, causal, window, dout)
+    got = _run(backend, q, k, v, cu_q, cu_k, off, causal, window, dout)
+    want = _oracle(q, k, v, cu_q, cu_k, off, causal, window, dout)
     assert got[1].dtype == torch.float64
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         assert a.shape == b.shape, name
         assert max_err(a, b) < 1e-10, (name, max_err(a, b))
 
 
-def _sdpa(q, k, v, cu_q, cu_k, causal, window, dout):
+def _sdpa(q, k, v, cu_q, cu_k, off, causal, window, dout):
     """out, dq, dk, dv of PyTorch's own attention (SDPA per segment, dense bool mask) in q's dtype."""
     qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
     outs = []
     bq, bk = cu_q.tolist(), cu_k.tolist()
+    offsets = off.tolist() if off is not None else [0] * (len(bq) - 1)
     for i in range(len(bq) - 1):
         qs = qq[bq[i]:bq[i + 1]].transpose(0, 1).unsqueeze(0)
         ks, vs = (t[bk[i]:bk[i + 1]].transpose(0, 1).unsqueeze(0) for t in (kk, vv))
-        keep = dense_mask(qs.shape[2], ks.shape[2], causal, window)
+        keep = dense_mask(qs.shape[2], ks.shape[2], causal, window, offsets[i])
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep, enable_gqa=True)
         outs.append(torch.where(keep.any(-1)[None, None, :, None], o, 0)[0].transpose(0, 1))
     out = torch.cat(outs)
@@ -83,23 +88,24 @@ def _sdpa(q, k, v, cu_q, cu_k, causal, window, dout):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mask", ["causal", "window-causal", "full"])
-@pytest.mark.parametrize("layout,heads", [("mixed", "gqa-4:2"), ("q-shorter", "mqa"), ("multi-block", "mha")])
+@pytest.mark.parametrize("layout,heads", [("mixed", "gqa-4:2"), ("q-shorter", "mqa"), ("multi-block", "mha"),
+                                          ("offsets", "gqa-4:2")])
 def test_low_precision_within_twice_torch_error(backend, dtype, mask, layout, heads):
     """DESIGN's rule: error vs fp64 <= 2x the error PyTorch's own attention (SDPA) makes in the
     same dtype, plus the rounding error of the fp64 result in that dtype as atol."""
     causal, window = MASKS[mask]
-    q64, k64, v64, cu_q, cu_k = _case(layout, heads, d=32, seed=3)
+    q64, k64, v64, cu_q, cu_k, off = _case(layout, heads, d=32, seed=3)
     dout64 = _dout(q64)
-    want = _oracle(q64, k64, v64, cu_q, cu_k, causal, window, dout64)
+    want = _oracle(q64, k64, v64, cu_q, cu_k, off, causal, window, dout64)
     q, k, v, dout = (t.to(dtype) for t in (q64, k64, v64, dout64))
-    base = _sdpa(q, k, v, cu_q, cu_k, causal, window, dout)
-    got = _run(backend, q, k, v, cu_q, cu_k, causal, window, dout)
+    base = _sdpa(q, k, v, cu_q, cu_k, off, causal, window, dout)
+    got = _run(backend, q, k, v, cu_q, cu_k, off, causal, window, dout)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32 and got[2].dtype == dtype
     for name, a, b, w in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], base, want[:1] + want[2:]):
         atol = max_err(w.to(dtype), w)
         assert max_err(a, w) <= 2 * max_err(b, w) + atol, (name, max_err(a, w), max_err(b, w))
     # SDPA has no lse: hold ours to the plain math in the same dtype
-    lse_base = _oracle(q, k, v, cu_q, cu_k, causal, window, dout, dtype=dtype)[1]
+    lse_base = _oracle(q, k, v, cu_q, cu_k, off, causal, window, dout, dtype=dtype)[1]
     assert max_err(got[1], want[1]) <= 2 * max_err(lse_base, want[1]) + 1e-6
 
 
@@ -113,7 +119,7 @@ def test_blocks_merge_to_full_result(backend):
     q, k, v = rand_qkv(n, n, 2, 1, 8)
     cu = cu_seqlens([n])
     dout = _dout(q)
-    full = _run(backend, q, k, v, cu, cu, True, None, dout)
+    full = _run(backend, q, k, v, cu, cu, None, True, None, dout)
     # block 1: keys [0, 25) seen fully by queries at positions >= 25 ... express as two varlen calls
     # with bottom-right alignment: queries [25, 40) against keys [0, 25) (full) and [0, 40) prefix.
     q2 = q[25:]

@@ -11,11 +11,11 @@ from distattn.masks import (MaskSlice, as_doc_lens, attention_flops, dense_mask,
 from distattn.merge import merge
 
 
-def _explicit_mask(m, n, causal, window):
+def _explicit_mask(m, n, causal, window, offset=0):
     """The definition, written out pair by pair."""
     keep = np.zeros((m, n), dtype=bool)
     for i in range(m):
-        p = i + n - m
+        p = i + n - m + offset
         for j in range(n):
             ok = True
             if causal and j > p:
@@ -28,16 +28,24 @@ def _explicit_mask(m, n, causal, window):
 
 @pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 1), (True, 4), (False, 1), (False, 3)])
 def test_area_and_visible_keys_match_definition(causal, window):
-    shapes = [(m, n) for m, n in itertools.product(range(0, 9), range(0, 9))]
-    areas = mask_area([m for m, _ in shapes], [n for _, n in shapes], causal, window)
-    for (m, n), area in zip(shapes, areas):
-        want = _explicit_mask(m, n, causal, window)
-        assert dense_mask(m, n, causal, window).numpy().tolist() == want.tolist()
-        assert area == want.sum(), (m, n)
-        lo, hi = visible_keys(m, n, causal, window)
+    shapes = list(itertools.product(range(0, 9), range(0, 9), range(-10, 11, 3)))
+    m_, n_, o_ = (np.array(x) for x in zip(*shapes))
+    areas = mask_area(m_, n_, causal, window, o_)
+    for (m, n, off), area in zip(shapes, areas):
+        want = _explicit_mask(m, n, causal, window, off)
+        assert dense_mask(m, n, causal, window, off).numpy().tolist() == want.tolist()
+        assert area == want.sum(), (m, n, off)
+        lo, hi = visible_keys(m, n, causal, window, off)
         for i in range(m):
             cols = np.nonzero(want[i])[0]
             assert (lo[i] > hi[i]) if cols.size == 0 else (lo[i], hi[i]) == (cols[0], cols[-1])
+
+
+def test_slice_geometry_is_global():
+    # queries [10, 14) against earlier keys [2, 6) of the same document: offset 8
+    s = MaskSlice(10, 14, 2, 6, causal=True, window=10)
+    assert s.offset == 8
+    assert s.area() == sum(1 for g in range(10, 14) for j in range(2, 6) if j <= g and g - j < 10)
 
 
 def test_area_large_values_closed_form():

@@ -30,11 +30,11 @@ def test_wheel_contains_every_module(tmp_path):
 
 def test_console_script_demo_json():
     exe = Path(sys.executable).with_name("distattn")
-    out = subprocess.run([str(exe), "demo", "--doc-lens", "7,1,40,12", "--heads", "4", "--kv-heads", "1",
-                          "--head-dim", "16", "--repeats", "1", "--json"], check=True, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([str(exe), "demo", "--world-size", "3", "--doc-lens", "7,1,40,12", "--heads", "4",
+                          "--kv-heads", "1", "--head-dim", "16", "--repeats", "1", "--json"], check=True,
+                         capture_output=True, text=True, timeout=300)
     rows = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
-    assert [r["scheduler"] for r in rows] == ["local"]
+    assert [r["scheduler"] for r in rows] == ["ring", "zigzag", "allgather"]
     assert max(rows[0][f"err_{x}"] for x in ("out", "dq", "dk", "dv")) < 1e-4
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..plans import Plan
-from . import local
+from . import allgather, local, ring, zigzag
 
 # Every name the public contract accepts; those without a planner yet are
 # refused at world size > 1 (at world size 1 every scheduler is local attention).
@@ -17,6 +17,9 @@ KNOWN = ("ring", "zigzag", "allgather", "ulysses", "usp", "cad", "local")
 
 PLANNERS: dict[str, Callable[..., Plan]] = {
     "local": local.build,
+    "ring": ring.build,
+    "zigzag": zigzag.build,
+    "allgather": allgather.build,
 }
 
 

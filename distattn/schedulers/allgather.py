@@ -1,0 +1,154 @@
+"""``allgather``: all-gather K/V, then one varlen call per local chunk (Llama 3's context parallelism).
+
+Ownership is zigzag's (chunks ``r`` and ``2P-1-r``) so causal work is balanced.
+Every rank gathers the whole K/V (padded to the largest shard: gloo's
+all-gather needs equal sizes), then runs each local chunk's queries against
+the key prefix of their documents that the mask lets them see: exact
+bottom-right alignment, so any mask -- document, causal, full, window -- is one
+kernel call per chunk. Backward computes dK/dV for the whole sequence in fp32
+and reduce-scatters them back to their owners.
+
+``heads_per_step=h`` (plan option) gathers ``h`` KV heads at a time and
+prefetches the next group while computing the current one; it bounds the
+gathered KV to ``S * 2h * D`` elements instead of ``S * 2 * Hkv * D``.
+Memory otherwise is O(S) K/V per rank; traffic per rank is ``(P-1)`` times its
+padded shard of K and V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..masks import MaskSlice
+from ..merge import acc_dtype
+from ..plans import Plan, token_index
+from .blocks import Block, block_bwd, block_fwd, even_bounds, pair_block, range_area_matrix
+from .ring import _block_slices
+from .zigzag import zigzag_owner
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class AllGatherPlan(Plan):
+    range_area: np.ndarray = field(repr=False)    # [2P, 2P] visible pairs between chunks
+    range_owner: np.ndarray = field(repr=False)
+    bounds: np.ndarray = field(repr=False)
+    heads_per_step: int | None = None
+    blocks: tuple[Block, ...] = field(default=(), repr=False)       # this rank's chunks vs global K/V
+    gather_index: np.ndarray | None = field(default=None, repr=False)  # global token -> row of gathered buffer
+
+    @property
+    def width(self) -> int:
+        """Rows each rank contributes to the all-gather (the largest shard)."""
+        return max(self.num_tokens(r) for r in range(self.world_size))
+
+    def compute_slices(self, rank: int) -> list[MaskSlice]:
+        out = []
+        for i in np.nonzero(self.range_owner == rank)[0]:
+            block = pair_block((self.bounds[i], self.bounds[i + 1]), 0, (0, self.total_tokens), 0, self.doc_lens,
+                               self.causal, self.window)
+            out += _block_slices(block, self.bounds[i], 0, self.causal, self.window)
+        return out
+
+    def visible_pairs(self, rank: int) -> int:
+        return int(self.range_area[self.range_owner == rank].sum())
+
+    def send_bytes(self, rank, num_heads, num_kv_heads, head_dim, dtype_bytes) -> int:
+        return (self.world_size - 1) * self.width * 2 * num_kv_heads * head_dim * dtype_bytes
+
+    def _head_groups(self, num_kv_heads: int) -> list[tuple[int, int]]:
+        step = self.heads_per_step or num_kv_heads
+        return [(h, min(h + step, num_kv_heads)) for h in range(0, num_kv_heads, step)]
+
+    def _start_gather(self, kv_local: torch.Tensor, heads: tuple[int, int], what: str):
+        """Start gathering heads of ``kv_local [n, 2, Hkv, D]``; returns (buffer, pending)."""
+        part = kv_local[:, :, heads[0]:heads[1]]
+        padded = part.new_zeros((self.width, *part.shape[1:]))
+        padded[: part.shape[0]] = part
+        gathered = padded.new_empty((self.world_size * self.width, *part.shape[1:]))
+        return gathered, self.comm.all_gather(gathered, padded, what)
+
+    def _gathered_kv(self, gathered: torch.Tensor) -> torch.Tensor:
+        """Gathered rows in global token order, as ``[2, S, h, D]``."""
+        index = torch.from_numpy(self.gather_index).to(gathered.device)
+        return gathered.index_select(0, index).transpose(0, 1)
+
+    def forward(self, q, k, v, scale):
+        kw = dict(causal=self.causal, window=self.window, scale=scale, backend=self.backend)
+        dtype = acc_dtype(q.dtype)
+        out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
+        kv_local = torch.stack([k, v], dim=1)
+        group = q.shape[1] // k.shape[1]
+        heads = self._head_groups(k.shape[1])
+        nxt = self._start_gather(kv_local, heads[0], "allgather forward")
+        for n, (h0, h1) in enumerate(heads):
+            gathered, pending = nxt
+            pending.wait()
+            if n + 1 < len(heads):  # prefetch the next head group while computing this one
+                nxt = self._start_gather(kv_local, heads[n + 1], "allgather forward")
+            kv = self._gathered_kv(gathered)
+            qh = slice(h0 * group, h1 * group)
+            for block in self.blocks:
+                block_fwd(block, q[:, qh], kv, out[:, qh], lse[:, qh], **kw)
+        out = out.to(q.dtype)
+        return out, (q, k, v, out, lse)
+
+    def backward(self, dout, saved, scale):
+        q, k, v, out, lse = saved
+        kw = dict(causal=self.causal, window=self.window, scale=scale, backend=self.backend)
+        dtype = acc_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        dkv = torch.zeros((k.shape[0], 2, *k.shape[1:]), dtype=dtype, device=q.device)
+        kv_local = torch.stack([k, v], dim=1)
+        group = q.shape[1] // k.shape[1]
+        heads = self._head_groups(k.shape[1])
+        index = torch.from_numpy(self.gather_index).to(q.device)
+        scatters = []
+        for h0, h1 in heads:
+            gathered, pending = self._start_gather(kv_local, (h0, h1), "allgather backward")
+            pending.wait()
+            kv = self._gathered_kv(gathered)
+            qh = slice(h0 * group, h1 * group)
+            dkv_full = torch.zeros(kv.shape, dtype=dtype, device=q.device)
+            for block in self.blocks:
+                block_bwd(block, dout[:, qh], q[:, qh], kv, out[:, qh], lse[:, qh], dq[:, qh], dkv_full, **kw)
+            padded = dkv_full.new_zeros((self.world_size * self.width, 2, h1 - h0, k.shape[2]))
+            padded[index] = dkv_full.transpose(0, 1)
+            mine = padded.new_empty((self.width, 2, h1 - h0, k.shape[2]))
+            scatters.append((mine, (h0, h1), self.comm.reduce_scatter(mine, padded, "allgather backward")))
+        for mine, (h0, h1), pending in scatters:
+            pending.wait()
+            dkv[:, :, h0:h1] = mine[: k.shape[0]]
+        return dq.to(q.dtype), dkv[:, 0].to(k.dtype), dkv[:, 1].to(v.dtype)
+
+
+def build(doc_lens, mesh, *, causal, window, backend, heads_per_step: int | None = None) -> AllGatherPlan:
+    if heads_per_step is not None and (isinstance(heads_per_step, bool) or not isinstance(heads_per_step, int)
+                                       or heads_per_step < 1):
+        raise ValueError(f"heads_per_step must be a positive int (KV heads per all-gather) or None, "
+                         f"got {heads_per_step!r}")
+    p = mesh.world_size
+    total = sum(doc_lens)
+    bounds, owner = even_bounds(total, 2 * p), zigzag_owner(p)
+    owned = tuple(tuple((int(bounds[i]), int(bounds[i + 1])) for i in np.nonzero(owner == r)[0]) for r in range(p))
+    blocks, gather_index = (), None
+    if not mesh.is_dry:
+        q_local, found = 0, []
+        for i in np.nonzero(owner == mesh.rank)[0]:
+            block = pair_block((bounds[i], bounds[i + 1]), q_local, (0, total), 0, doc_lens, causal, window)
+            if block is not None:
+                found.append(block)
+            q_local += bounds[i + 1] - bounds[i]
+        blocks = tuple(found)
+        width = max(sum(e - s for s, e in ranges) for ranges in owned)
+        gather_index = np.empty(total, dtype=np.int64)
+        for r, ranges in enumerate(owned):
+            tokens = token_index(ranges)
+            gather_index[tokens] = r * width + np.arange(len(tokens))
+    return AllGatherPlan(scheduler="allgather", doc_lens=doc_lens, causal=causal, window=window, backend=backend,
+                         world_size=p, rank=mesh.rank, group=mesh.group, owned=owned,
+                         range_area=range_area_matrix(bounds, doc_lens, causal, window), range_owner=owner,
+                         bounds=bounds, heads_per_step=heads_per_step, blocks=blocks, gather_index=gather_index)

@@ -1,0 +1,147 @@
+"""Planning helpers shared by the block schedulers: token ranges, their mask areas, kernel blocks.
+
+Ownership is described by ``bounds``: consecutive token ranges
+``[bounds[i], bounds[i+1])`` partitioning the packed sequence, each owned by one
+rank (ring: one range per rank; zigzag and allgather: two). Everything a
+planner needs follows from the document boundaries:
+
+* :func:`range_area_matrix` -- visible (query, key) pairs between every two
+  ranges, vectorised over documents (dry plans of thousands of ranks use it);
+* :func:`pair_block` -- the varlen kernel call for one range of queries against
+  one range of keys: one segment per shared document, trimmed to what the
+  causal mask and window can see, with the ``q_offset`` that places the queries
+  where they really are relative to the keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..kernels import attn_bwd, attn_fwd
+from ..masks import mask_area
+from ..merge import merge_
+
+
+def even_bounds(total: int, parts: int) -> np.ndarray:
+    """``parts + 1`` boundaries cutting ``total`` tokens into parts that differ by at most one."""
+    return (np.arange(parts + 1, dtype=np.int64) * total) // parts
+
+
+def doc_bounds(doc_lens) -> tuple[np.ndarray, np.ndarray]:
+    ends = np.cumsum(np.asarray(doc_lens, dtype=np.int64))
+    return ends - np.asarray(doc_lens, dtype=np.int64), ends
+
+
+def range_area_matrix(bounds: np.ndarray, doc_lens, causal: bool, window: int | None) -> np.ndarray:
+    """``A[i, j]``: visible pairs between queries in range ``i`` and keys in range ``j``."""
+    starts, ends = doc_bounds(doc_lens)
+    n = len(bounds) - 1
+    first = np.searchsorted(bounds, starts, side="right") - 1
+    last = np.searchsorted(bounds, ends - 1, side="right") - 1
+    width = last - first + 1                      # ranges each document touches
+    per_doc = width * width
+    doc = np.repeat(np.arange(len(starts)), per_doc)
+    idx = np.arange(per_doc.sum()) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+    w = width[doc]
+    i = first[doc] + idx // w
+    j = first[doc] + idx % w
+    s, e = starts[doc], ends[doc]
+    qs, qe = np.maximum(bounds[i], s), np.minimum(bounds[i + 1], e)
+    ks, ke = np.maximum(bounds[j], s), np.minimum(bounds[j + 1], e)
+    area = mask_area(np.maximum(qe - qs, 0), np.maximum(ke - ks, 0), causal, window, qe - ke)
+    out = np.zeros((n, n), dtype=np.int64)
+    np.add.at(out, (i, j), area)
+    return out
+
+
+@dataclass(frozen=True)
+class Block:
+    """Local query rows ``[q_lo, q_hi)`` against rows ``[k_lo, k_hi)`` of a KV buffer, as varlen
+    segments (``cu_q``, ``cu_k``, ``offsets`` relative to those views)."""
+
+    q_lo: int
+    q_hi: int
+    k_lo: int
+    k_hi: int
+    cu_q: np.ndarray
+    cu_k: np.ndarray
+    offsets: np.ndarray
+    area: int
+
+    def kernel_args(self, device) -> dict:
+        return {"cu_seqlens_q": torch.from_numpy(self.cu_q).to(device),
+                "cu_seqlens_k": torch.from_numpy(self.cu_k).to(device),
+                "q_offset": torch.from_numpy(self.offsets).to(device)}
+
+
+def pair_block(q_range: tuple[int, int], q_local: int, k_range: tuple[int, int], k_local: int, doc_lens,
+               causal: bool, window: int | None) -> Block | None:
+    """The kernel call for global queries ``q_range`` (at local row ``q_local``) against global
+    keys ``k_range`` (at buffer row ``k_local``); None when no pair is visible."""
+    (qa, qb), (ka, kb) = q_range, k_range
+    if qb <= qa or kb <= ka:
+        return None
+    starts, ends = doc_bounds(doc_lens)
+    d0 = max(np.searchsorted(ends, qa, side="right"), np.searchsorted(ends, ka, side="right"))
+    d1 = min(np.searchsorted(starts, qb, side="left"), np.searchsorted(starts, kb, side="left"))
+    if d1 <= d0:
+        return None
+    s, e = starts[d0:d1], ends[d0:d1]
+    qs, qe = np.maximum(qa, s), np.minimum(qb, e)
+    ks, ke = np.maximum(ka, s), np.minimum(kb, e)
+    # Trim what the mask hides: later keys (causal), far keys and queries (window).
+    if causal:
+        ke = np.minimum(ke, qe)
+        qs = np.maximum(qs, ks)
+    if window is not None:
+        ks = np.maximum(ks, qs - window + 1)
+        qe = np.minimum(qe, ke + window - 1)
+        if not causal:
+            ke = np.minimum(ke, qe + window - 1)
+            qs = np.maximum(qs, ks - window + 1)
+    keep = (qe > qs) & (ke > ks)
+    area = np.where(keep, mask_area(np.maximum(qe - qs, 0), np.maximum(ke - ks, 0), causal, window, qe - ke), 0)
+    keep &= area > 0
+    if not keep.any():
+        return None
+    qs, qe, ks, ke = qs[keep], qe[keep], ks[keep], ke[keep]
+    # cu_seqlens cannot skip rows: fill gaps between documents with segments that
+    # have queries but no keys (rows stay out=0, lse=-inf) or keys but no queries.
+    q_gap = qs - np.concatenate([[qs[0]], qe[:-1]])
+    k_gap = ks - np.concatenate([[ks[0]], ke[:-1]])
+    zeros = np.zeros_like(qs)
+    lens_q = np.stack([q_gap, zeros, qe - qs], axis=1).ravel()
+    lens_k = np.stack([zeros, k_gap, ke - ks], axis=1).ravel()
+    offs = np.stack([zeros, zeros, qe - ke], axis=1).ravel()
+    used = (lens_q > 0) | (lens_k > 0)
+    lens_q, lens_k, offs = lens_q[used], lens_k[used], offs[used]
+    return Block(q_lo=int(q_local + qs[0] - qa), q_hi=int(q_local + qe[-1] - qa),
+                 k_lo=int(k_local + ks[0] - ka), k_hi=int(k_local + ke[-1] - ka),
+                 cu_q=np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32),
+                 cu_k=np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32),
+                 offsets=offs.astype(np.int64), area=int(area.sum()))
+
+
+def block_fwd(block: Block, q, kv, out_acc, lse_acc, *, causal, window, scale, backend) -> None:
+    """Attention of ``block`` (``kv`` = stacked ``[2, T, Hkv, D]`` buffer), merged into the fp32
+    accumulators ``out_acc [S_local, Hq, D]`` / ``lse_acc [S_local, Hq]``."""
+    rows = slice(block.q_lo, block.q_hi)
+    keys = slice(block.k_lo, block.k_hi)
+    out, lse = attn_fwd(q[rows], kv[0, keys], kv[1, keys], causal=causal, window=window, scale=scale,
+                        backend=backend, **block.kernel_args(q.device))
+    merge_(out_acc[rows], lse_acc[rows], out, lse)
+
+
+def block_bwd(block: Block, dout, q, kv, out, lse, dq_acc, dkv_acc, *, causal, window, scale, backend) -> None:
+    """Gradients of ``block`` given the final ``out``/``lse``, added to fp32 ``dq_acc`` and
+    ``dkv_acc [2, T, Hkv, D]`` (same layout as ``kv``)."""
+    rows = slice(block.q_lo, block.q_hi)
+    keys = slice(block.k_lo, block.k_hi)
+    dq, dk, dv = attn_bwd(dout[rows], q[rows], kv[0, keys], kv[1, keys], out[rows], lse[rows], causal=causal,
+                          window=window, scale=scale, backend=backend, **block.kernel_args(q.device))
+    dq_acc[rows] += dq
+    dkv_acc[0, keys] += dk
+    dkv_acc[1, keys] += dv
