@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .kernels import available_backends
@@ -42,7 +44,12 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     info = resolve_mesh(mesh)
     common = dict(causal=bool(causal), window=window, backend=backend)
     if scheduler in PLANNERS:
-        return PLANNERS[scheduler](lens, info, **common, **options)
+        planner = PLANNERS[scheduler]
+        accepted = sorted(set(inspect.signature(planner).parameters) - {"doc_lens", "mesh", *common})
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(f"unexpected option(s) {unknown} for scheduler={scheduler!r}; it accepts {accepted}")
+        return planner(lens, info, **common, **options)
     if info.world_size > 1:
         raise ValueError(f"scheduler={scheduler!r} is not implemented for world size > 1 yet; "
                          f"available: {implemented()}")

@@ -31,7 +31,7 @@ def _cmd_demo(args) -> int:
     for r in rows:
         print(f"{r['scheduler']:<10} {r['ms']:>11.1f} {r['err_out']:>9.1e} {r['err_dq']:>9.1e} "
               f"{r['err_dk']:>9.1e} {r['err_dv']:>9.1e}")
-    print("errors: max |x - x_fp64| against attention of the whole sequence on one device in fp64")
+    print("errors: max |x - x_ref|, x_ref = fp64 attention of the same (rounded) inputs on one device")
     return 0
 
 

@@ -15,24 +15,13 @@ import torch
 import torch.distributed as dist
 
 from .api import attention, plan
+from .doclens import pack
 from .kernels import attn_bwd, attn_fwd
 from .masks import as_doc_lens, cu_seqlens
 from .schedulers import implemented
 from .spawn import run_distributed
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def synthetic_doc_lens(total: int, median: int, sigma: float = 1.0, seed: int = 0) -> list[int]:
-    """Log-normally distributed document lengths packed into ``total`` tokens (the last one cut)."""
-    if total < 1 or median < 1:
-        raise ValueError(f"total ({total}) and median ({median}) must be >= 1")
-    rng = np.random.default_rng(seed)
-    lens: list[int] = []
-    while sum(lens) < total:
-        lens.append(max(1, int(rng.lognormal(np.log(median), sigma))))
-    lens[-1] -= sum(lens) - total
-    return [n for n in lens if n > 0]
 
 
 def _inputs(seq_len, heads, kv_heads, head_dim, seed):
@@ -48,7 +37,8 @@ def _rank_main(schedulers, doc_lens, heads, kv_heads, head_dim, dtype_name, caus
                seed):
     group = dist.group.WORLD
     dtype = DTYPES[dtype_name]
-    q64, k64, v64, dout64 = _inputs(sum(doc_lens), heads, kv_heads, head_dim, seed)
+    # the reference sees the same (rounded) inputs: errors measure the computation alone
+    q64, k64, v64, dout64 = (t.to(dtype).double() for t in _inputs(sum(doc_lens), heads, kv_heads, head_dim, seed))
     cu = cu_seqlens(doc_lens)
     ref_out, ref_lse = attn_fwd(q64, k64, v64, cu, cu, causal=causal, window=window, backend="torch")
     ref = (ref_out, *attn_bwd(dout64, q64, k64, v64, ref_out, ref_lse, cu, cu, causal=causal, window=window,
@@ -69,9 +59,13 @@ def _rank_main(schedulers, doc_lens, heads, kv_heads, head_dim, dtype_name, caus
         slowest = torch.tensor([float(np.median(times))])
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
         got = [p.unshard(t.detach()) for t in (out, q_.grad, k_.grad, v_.grad)]
-        errs = [(g.double() - r).abs().max().item() for g, r in zip(got, ref)]
-        rows.append({"scheduler": name, "ms": 1e3 * slowest.item(), "err_out": errs[0], "err_dq": errs[1],
-                     "err_dk": errs[2], "err_dv": errs[3]})
+        row = {"scheduler": name, "world_size": dist.get_world_size(group), "dtype": dtype_name,
+               "ms": 1e3 * slowest.item()}
+        for key, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+            diff = g.double() - r
+            row[f"err_{key}"] = diff.abs().max().item()                        # max |error|
+            row[f"rms_{key}"] = (diff.norm() / r.norm().clamp_min(1e-300)).item()  # relative RMS error
+        rows.append(row)
     return rows
 
 
@@ -80,6 +74,8 @@ def run_demo(world_size: int = 4, schedulers: list[str] | None = None, seq_len: 
              dtype: str = "fp32", causal: bool = True, window: int | None = None, backend: str = "auto",
              repeats: int = 3, seed: int = 0, timeout: float = 600.0) -> list[dict]:
     """Run the demo and return one row per scheduler (see module docstring)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     # on one rank every scheduler is the local one
@@ -93,7 +89,7 @@ def run_demo(world_size: int = 4, schedulers: list[str] | None = None, seq_len: 
     if doc_lens is not None:
         doc_lens = list(as_doc_lens(doc_lens))
     else:
-        doc_lens = synthetic_doc_lens(seq_len, median=max(1, seq_len // 8), seed=seed)
+        doc_lens = pack(seq_len, median=max(1, seq_len // 8), seed=seed)
     return run_distributed(_rank_main, world_size, schedulers, doc_lens, heads, kv_heads, head_dim, dtype, causal,
                            window, backend, repeats, seed, timeout=timeout,
                            threads_per_rank=max(1, torch.get_num_threads() // world_size))[0]

@@ -56,31 +56,44 @@ class AllGatherPlan(Plan):
         return int(self.range_area[self.range_owner == rank].sum())
 
     def send_bytes(self, rank, num_heads, num_kv_heads, head_dim, dtype_bytes) -> int:
-        return (self.world_size - 1) * self.width * 2 * num_kv_heads * head_dim * dtype_bytes
+        return (self.world_size - 1) * 2 * self.width * num_kv_heads * head_dim * dtype_bytes
 
     def _head_groups(self, num_kv_heads: int) -> list[tuple[int, int]]:
         step = self.heads_per_step or num_kv_heads
         return [(h, min(h + step, num_kv_heads)) for h in range(0, num_kv_heads, step)]
 
     def _start_gather(self, kv_local: torch.Tensor, heads: tuple[int, int], what: str):
-        """Start gathering heads of ``kv_local [n, 2, Hkv, D]``; returns (buffer, pending)."""
+        """Start gathering heads of ``kv_local [2, n, Hkv, D]``; returns (buffer, pending)."""
         part = kv_local[:, :, heads[0]:heads[1]]
-        padded = part.new_zeros((self.width, *part.shape[1:]))
-        padded[: part.shape[0]] = part
-        gathered = padded.new_empty((self.world_size * self.width, *part.shape[1:]))
+        padded = part.new_zeros((2, self.width, *part.shape[2:]))
+        padded[:, : part.shape[1]] = part
+        gathered = padded.new_empty((self.world_size * 2, *padded.shape[1:]))
         return gathered, self.comm.all_gather(gathered, padded, what)
 
+    def _index(self, device) -> torch.Tensor:
+        return torch.from_numpy(self.gather_index).to(device)
+
     def _gathered_kv(self, gathered: torch.Tensor) -> torch.Tensor:
-        """Gathered rows in global token order, as ``[2, S, h, D]``."""
-        index = torch.from_numpy(self.gather_index).to(gathered.device)
-        return gathered.index_select(0, index).transpose(0, 1)
+        """``[P * 2, W, h, D]`` as gathered -> contiguous ``[2, S, h, D]`` in global token order."""
+        p, w = self.world_size, self.width
+        by_rank = gathered.view(p, 2, w, *gathered.shape[2:]).transpose(0, 1).reshape(2, p * w, *gathered.shape[2:])
+        return by_rank[:, self._index(gathered.device)]
+
+    def _start_scatter(self, dkv: torch.Tensor, what: str):
+        """Start summing ``dkv [2, S, h, D]`` (global order) into each owner's ``[2, W, h, D]``."""
+        p, w = self.world_size, self.width
+        by_rank = dkv.new_zeros((2, p * w, *dkv.shape[2:]))
+        by_rank[:, self._index(dkv.device)] = dkv
+        padded = by_rank.view(2, p, w, *dkv.shape[2:]).transpose(0, 1).reshape(p * 2, w, *dkv.shape[2:])
+        mine = padded.new_empty((2, w, *dkv.shape[2:]))
+        return mine, self.comm.reduce_scatter(mine, padded, what)
 
     def forward(self, q, k, v, scale):
         kw = dict(causal=self.causal, window=self.window, scale=scale, backend=self.backend)
         dtype = acc_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=dtype, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
-        kv_local = torch.stack([k, v], dim=1)
+        kv_local = torch.stack([k, v])
         group = q.shape[1] // k.shape[1]
         heads = self._head_groups(k.shape[1])
         nxt = self._start_gather(kv_local, heads[0], "allgather forward")
@@ -101,13 +114,11 @@ class AllGatherPlan(Plan):
         kw = dict(causal=self.causal, window=self.window, scale=scale, backend=self.backend)
         dtype = acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
-        dkv = torch.zeros((k.shape[0], 2, *k.shape[1:]), dtype=dtype, device=q.device)
-        kv_local = torch.stack([k, v], dim=1)
+        dkv = torch.zeros((2, *k.shape), dtype=dtype, device=q.device)
+        kv_local = torch.stack([k, v])
         group = q.shape[1] // k.shape[1]
-        heads = self._head_groups(k.shape[1])
-        index = torch.from_numpy(self.gather_index).to(q.device)
         scatters = []
-        for h0, h1 in heads:
+        for h0, h1 in self._head_groups(k.shape[1]):
             gathered, pending = self._start_gather(kv_local, (h0, h1), "allgather backward")
             pending.wait()
             kv = self._gathered_kv(gathered)
@@ -115,14 +126,12 @@ class AllGatherPlan(Plan):
             dkv_full = torch.zeros(kv.shape, dtype=dtype, device=q.device)
             for block in self.blocks:
                 block_bwd(block, dout[:, qh], q[:, qh], kv, out[:, qh], lse[:, qh], dq[:, qh], dkv_full, **kw)
-            padded = dkv_full.new_zeros((self.world_size * self.width, 2, h1 - h0, k.shape[2]))
-            padded[index] = dkv_full.transpose(0, 1)
-            mine = padded.new_empty((self.width, 2, h1 - h0, k.shape[2]))
-            scatters.append((mine, (h0, h1), self.comm.reduce_scatter(mine, padded, "allgather backward")))
-        for mine, (h0, h1), pending in scatters:
+            # the reduce-scatter of this head group overlaps the next group's compute
+            scatters.append(((h0, h1), *self._start_scatter(dkv_full, "allgather backward")))
+        for (h0, h1), mine, pending in scatters:
             pending.wait()
-            dkv[:, :, h0:h1] = mine[: k.shape[0]]
-        return dq.to(q.dtype), dkv[:, 0].to(k.dtype), dkv[:, 1].to(v.dtype)
+            dkv[:, :, h0:h1] = mine[:, : k.shape[0]]
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 def build(doc_lens, mesh, *, causal, window, backend, heads_per_step: int | None = None) -> AllGatherPlan:
