@@ -26,7 +26,6 @@ from ..masks import MaskSlice
 from ..merge import acc_dtype
 from ..plans import Plan, token_index
 from .blocks import Block, block_bwd, block_fwd, even_bounds, pair_block, range_area_matrix
-from .ring import _block_slices
 from .zigzag import zigzag_owner
 
 
@@ -49,7 +48,7 @@ class AllGatherPlan(Plan):
         for i in np.nonzero(self.range_owner == rank)[0]:
             block = pair_block((self.bounds[i], self.bounds[i + 1]), 0, (0, self.total_tokens), 0, self.doc_lens,
                                self.causal, self.window)
-            out += _block_slices(block, self.bounds[i], 0, self.causal, self.window)
+            out += block.slices(self.bounds[i], 0, self.causal, self.window) if block else []
         return out
 
     def visible_pairs(self, rank: int) -> int:

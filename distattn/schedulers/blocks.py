@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..kernels import attn_bwd, attn_fwd
-from ..masks import mask_area
+from ..masks import MaskSlice, mask_area
 from ..merge import merge_
 
 
@@ -70,6 +70,14 @@ class Block:
     cu_k: np.ndarray
     offsets: np.ndarray
     area: int
+
+    def slices(self, q_global: int, k_global: int, causal: bool, window: int | None) -> list[MaskSlice]:
+        """The real segments as global mask slices, given the global token at local row 0 of the
+        query view and of the KV buffer."""
+        q0, k0 = q_global + self.q_lo, k_global + self.k_lo
+        return [MaskSlice(int(q0 + a), int(q0 + a + m), int(k0 + b), int(k0 + b + n), causal, window)
+                for m, n, a, b in zip(np.diff(self.cu_q), np.diff(self.cu_k), self.cu_q[:-1], self.cu_k[:-1])
+                if m and n]
 
     def kernel_args(self, device) -> dict:
         return {"cu_seqlens_q": torch.from_numpy(self.cu_q).to(device),

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..kernels import attn_bwd, attn_fwd
 from ..masks import MaskSlice, cu_seqlens, document_mask
 from ..plans import Plan

@@ -29,7 +29,7 @@ import torch
 from ..masks import MaskSlice
 from ..merge import acc_dtype
 from ..plans import Plan
-from .blocks import Block, block_bwd, block_fwd, doc_bounds, even_bounds, pair_block, range_area_matrix
+from .blocks import Block, block_bwd, block_fwd, even_bounds, pair_block, range_area_matrix
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -53,13 +53,12 @@ class RingPlan(Plan):
         return t + 1 <= self.hops[(rank - t) % self.world_size]
 
     def compute_slices(self, rank: int) -> list[MaskSlice]:
-        starts, ends = doc_bounds(self.doc_lens)
         out = []
         for i in np.nonzero(self.range_owner == rank)[0]:
             for j in np.nonzero(self.range_area[i])[0]:
                 block = pair_block((self.bounds[i], self.bounds[i + 1]), 0, (self.bounds[j], self.bounds[j + 1]), 0,
                                    self.doc_lens, self.causal, self.window)
-                out += _block_slices(block, self.bounds[i], self.bounds[j], self.causal, self.window)
+                out += block.slices(self.bounds[i], self.bounds[j], self.causal, self.window) if block else []
         return out
 
     def visible_pairs(self, rank: int) -> int:
@@ -137,19 +136,6 @@ class RingPlan(Plan):
                 dkv += incoming
             cur = nxt
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
-
-
-def _block_slices(block: Block | None, q_global: int, k_global: int, causal, window) -> list[MaskSlice]:
-    """The block's real segments as global mask slices (for introspection and tests)."""
-    if block is None:
-        return []
-    out = []
-    lq, lk = np.diff(block.cu_q), np.diff(block.cu_k)
-    q0, k0 = q_global + block.q_lo, k_global + block.k_lo
-    for m, n, a, b in zip(lq, lk, block.cu_q[:-1], block.cu_k[:-1]):
-        if m and n:
-            out.append(MaskSlice(int(q0 + a), int(q0 + a + m), int(k0 + b), int(k0 + b + n), causal, window))
-    return out
 
 
 def build_ring_plan(scheduler: str, bounds: np.ndarray, range_owner: np.ndarray, doc_lens, mesh, *, causal,
