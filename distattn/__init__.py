@@ -9,11 +9,11 @@ Public contract (see DESIGN.md)::
     ref = distattn.reference_attention(q, k, v, doc_lens, causal=True, window=None)
 """
 
-from .api import attention, plan
+from .api import attention, local_attention, plan
 from .masks import MaskSlice, document_mask
 from .oracle import reference_attention
 from .plans import Plan
 
 __version__ = "0.1.0"
 
-__all__ = ["plan", "attention", "reference_attention", "Plan", "MaskSlice", "document_mask", "__version__"]
+__all__ = ["plan", "attention", "local_attention", "reference_attention", "Plan", "MaskSlice", "document_mask", "__version__"]

@@ -43,19 +43,17 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         raise ValueError(f"backend={backend!r} is unknown; choose 'auto' or one of {available_backends()}")
     info = resolve_mesh(mesh)
     common = dict(causal=bool(causal), window=window, backend=backend)
-    if scheduler in PLANNERS:
-        planner = PLANNERS[scheduler]
-        accepted = sorted(set(inspect.signature(planner).parameters) - {"doc_lens", "mesh", *common})
-        unknown = sorted(set(options) - set(accepted))
-        if unknown:
-            raise ValueError(f"unexpected option(s) {unknown} for scheduler={scheduler!r}; it accepts {accepted}")
-        return planner(lens, info, **common, **options)
-    if info.world_size > 1:
+    if info.world_size == 1 and not options:
+        return PLANNERS["local"](lens, info, scheduler=scheduler, **common)
+    if scheduler not in PLANNERS:
         raise ValueError(f"scheduler={scheduler!r} is not implemented for world size > 1 yet; "
                          f"available: {implemented()}")
-    if options:
-        raise ValueError(f"unexpected options {sorted(options)} for scheduler={scheduler!r}")
-    return PLANNERS["local"](lens, info, scheduler=scheduler, **common)
+    planner = PLANNERS[scheduler]
+    accepted = sorted(set(inspect.signature(planner).parameters) - {"doc_lens", "mesh", *common})
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"unexpected option(s) {unknown} for scheduler={scheduler!r}; it accepts {accepted}")
+    return planner(lens, info, **common, **options)
 
 
 class _Attention(torch.autograd.Function):
@@ -63,12 +61,19 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: Plan, scale: float):
         out, saved = plan.forward(q, k, v, scale)
         ctx.plan, ctx.scale = plan, scale
-        ctx.save_for_backward(*saved)
+        # tensors go through save_for_backward (no reference cycle through `out`); the
+        # few plain values a plan saves (e.g. head counts) ride on ctx
+        is_tensor = [isinstance(x, torch.Tensor) for x in saved]
+        ctx.is_tensor = is_tensor
+        ctx.values = [None if t else x for x, t in zip(saved, is_tensor)]
+        ctx.save_for_backward(*(x for x, t in zip(saved, is_tensor) if t))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        dq, dk, dv = ctx.plan.backward(dout.contiguous(), ctx.saved_tensors, ctx.scale)
+        tensors = iter(ctx.saved_tensors)
+        saved = tuple(next(tensors) if t else x for x, t in zip(ctx.values, ctx.is_tensor))
+        dq, dk, dv = ctx.plan.backward(dout.contiguous(), saved, ctx.scale)
         return dq, dk, dv, None, None
 
 
@@ -91,3 +96,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return _Attention.apply(q, k, v, plan, float(scale))
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lens, *, causal: bool = True,
+                    window: int | None = None, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Attention of a whole packed sequence on this device alone, through the local kernels;
+    differentiable. Shapes as :func:`distattn.reference_attention` (``[S, H, D]``).
+
+    The building block for plugging our kernels under another system's sequence
+    parallelism (e.g. DeepSpeed's ``DistributedAttention``).
+    """
+    from .parallel.mesh import MeshInfo
+    from .schedulers import local
+
+    lens = as_doc_lens(doc_lens)
+    plan_ = local.build(lens, MeshInfo(world_size=1, rank=0), causal=bool(causal), window=check_window(window),
+                        backend=backend)
+    return attention(q, k, v, plan_, scale=scale)

@@ -23,7 +23,7 @@ def _cmd_demo(args) -> int:
     rows = run_demo(world_size=args.world_size, schedulers=args.schedulers, seq_len=args.seq_len,
                     doc_lens=args.doc_lens, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                     dtype=args.dtype, causal=args.causal, window=args.window, backend=args.backend,
-                    repeats=args.repeats, seed=args.seed)
+                    repeats=args.repeats, seed=args.seed, ulysses_degree=args.ulysses_degree)
     if args.json:
         print(json.dumps({"rows": rows}))
         return 0
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="auto")
     demo.add_argument("--repeats", type=int, default=3)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--ulysses-degree", type=int, default=None,
+                      help="usp's Ulysses group size (default: largest divisor of the world size <= its sqrt)")
     demo.add_argument("--json", action="store_true", help="print the rows as JSON")
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -7,7 +7,8 @@ error that says which step of which scheduler was waiting and for whom.
 
 Bytes are counted the way the algorithm moves them: a P2P send counts its
 tensor; an all-gather counts ``(P - 1)`` times the input (each rank's shard
-reaches every other rank); a reduce-scatter counts ``(P - 1) / P`` of the input.
+reaches every other rank); a reduce-scatter counts ``(P - 1) / P`` of the input;
+an all-to-all counts what goes to other ranks.
 """
 
 from __future__ import annotations
@@ -84,3 +85,11 @@ class Comm:
         self.bytes_sent += nbytes(input) * (self.size - 1) // self.size
         return Pending([_reduce_scatter_single(output, input.contiguous(), group=self.group, async_op=True)],
                        what)
+
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: list[int],
+                   input_splits: list[int], what: str) -> Pending:
+        """Start an all-to-all of 1-D buffers: ``input_splits[j]`` elements go to rank ``j``,
+        ``output_splits[i]`` arrive from rank ``i``."""
+        self.bytes_sent += (sum(input_splits) - input_splits[self.rank]) * input.element_size()
+        return Pending([dist.all_to_all_single(output, input.contiguous(), output_splits, input_splits,
+                                               group=self.group, async_op=True)], what)

@@ -34,7 +34,7 @@ def _inputs(seq_len, heads, kv_heads, head_dim, seed):
 
 
 def _rank_main(schedulers, doc_lens, heads, kv_heads, head_dim, dtype_name, causal, window, backend, repeats,
-               seed):
+               seed, ulysses_degree):
     group = dist.group.WORLD
     dtype = DTYPES[dtype_name]
     # the reference sees the same (rounded) inputs: errors measure the computation alone
@@ -45,7 +45,8 @@ def _rank_main(schedulers, doc_lens, heads, kv_heads, head_dim, dtype_name, caus
                               backend="torch"))
     rows = []
     for name in schedulers:
-        p = plan(doc_lens, group, scheduler=name, causal=causal, window=window, backend=backend)
+        options = {"ulysses_degree": ulysses_degree} if name == "usp" and dist.get_world_size(group) > 1 else {}
+        p = plan(doc_lens, group, scheduler=name, causal=causal, window=window, backend=backend, **options)
         q, k, v, dout = (p.shard(t).to(dtype) for t in (q64, k64, v64, dout64))
         times = []
         for _ in range(repeats + 1):  # the first call sets up connections: not timed
@@ -72,24 +73,26 @@ def _rank_main(schedulers, doc_lens, heads, kv_heads, head_dim, dtype_name, caus
 def run_demo(world_size: int = 4, schedulers: list[str] | None = None, seq_len: int = 4096,
              doc_lens: list[int] | None = None, heads: int = 8, kv_heads: int = 2, head_dim: int = 64,
              dtype: str = "fp32", causal: bool = True, window: int | None = None, backend: str = "auto",
-             repeats: int = 3, seed: int = 0, timeout: float = 600.0) -> list[dict]:
+             repeats: int = 3, seed: int = 0, ulysses_degree: int | None = None, timeout: float = 600.0
+             ) -> list[dict]:
     """Run the demo and return one row per scheduler (see module docstring)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     # on one rank every scheduler is the local one
-    available = ["local"] if world_size == 1 else [s for s in implemented() if s != "local"]
-    schedulers = schedulers or available
+    # on one rank every scheduler is the local one
+    available = implemented() if world_size == 1 else [s for s in implemented() if s != "local"]
+    schedulers = schedulers or (["local"] if world_size == 1 else available)
     unknown = [s for s in schedulers if s not in available]
     if unknown:
         raise ValueError(f"schedulers {unknown} cannot run at world size {world_size}; available: {available}")
-    if not available:
-        raise ValueError(f"no scheduler runs at world size {world_size} yet; use --world-size 1")
+    if ulysses_degree is None:  # usp: the largest divisor of the world size up to its square root
+        ulysses_degree = max(d for d in range(1, int(world_size ** 0.5) + 1) if world_size % d == 0)
     if doc_lens is not None:
         doc_lens = list(as_doc_lens(doc_lens))
     else:
         doc_lens = pack(seq_len, median=max(1, seq_len // 8), seed=seed)
     return run_distributed(_rank_main, world_size, schedulers, doc_lens, heads, kv_heads, head_dim, dtype, causal,
-                           window, backend, repeats, seed, timeout=timeout,
+                           window, backend, repeats, seed, ulysses_degree, timeout=timeout,
                            threads_per_rank=max(1, torch.get_num_threads() // world_size))[0]

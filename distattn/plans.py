@@ -63,6 +63,14 @@ class Plan:
         """Visible (query, key) pairs that rank computes; subclasses may answer faster."""
         return slices_area(self.compute_slices(rank))
 
+    def rank_flops(self, rank: int, num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+        """Forward attention FLOPs of rank (all heads over its pairs, unless a scheduler splits heads)."""
+        return int(attention_flops(self.visible_pairs(rank), num_heads, head_dim))
+
+    def bytes_sent(self) -> int:
+        """Bytes this rank has sent through the plan's communicators so far."""
+        return self.comm.bytes_sent if self.comm is not None else 0
+
     def extra_stats(self) -> dict:
         """Scheduler-specific per-rank lists added to :meth:`stats`."""
         return {}
@@ -152,7 +160,7 @@ class Plan:
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         ranks = range(self.world_size)
-        flops = [int(attention_flops(self.visible_pairs(r), num_heads, head_dim)) for r in ranks]
+        flops = [self.rank_flops(r, num_heads, num_kv_heads, head_dim) for r in ranks]
         tokens = [self.num_tokens(r) for r in ranks]
         send = [int(self.send_bytes(r, num_heads, num_kv_heads, head_dim, dtype_bytes)) for r in ranks]
         return {

@@ -53,3 +53,20 @@ def resolve_mesh(mesh) -> MeshInfo:
         raise ValueError("mesh is None: pass a DeviceMesh, a ProcessGroup (e.g. torch.distributed.group.WORLD) "
                          "or an int world size for a dry plan")
     raise ValueError(f"mesh must be a DeviceMesh, a ProcessGroup or an int world size, got {type(mesh).__name__}")
+
+
+def usp_mesh(device_type: str, ulysses_degree: int, world_size: int | None = None):
+    """A 2-D ``DeviceMesh`` for ``scheduler="usp"``: axes ``("ring", "ulysses")`` with Ulysses on
+    consecutive ranks (the fast links inside a node when ranks are numbered by node).
+
+    Collective over the default process group; build it once and reuse it for every plan.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world_size = world_size or dist.get_world_size()
+    if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1 \
+            or world_size % ulysses_degree:
+        raise ValueError(f"ulysses_degree must be a positive divisor of the world size {world_size}, "
+                         f"got {ulysses_degree!r}")
+    return init_device_mesh(device_type, (world_size // ulysses_degree, ulysses_degree),
+                            mesh_dim_names=("ring", "ulysses"))

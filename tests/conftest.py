@@ -1,5 +1,8 @@
 import pytest
 import torch
+import torch.distributed as dist
+
+import distattn
 
 
 def rand_qkv(tq, tk, hq, hkv, d, dtype=torch.float64, seed=0):
@@ -22,3 +25,21 @@ def max_err(a, b):
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+def case_error(scheduler, docs, causal, window, hq, hkv, backend="reference", options=None, mesh=None, seed=0):
+    """Inside a gloo rank: max error of out/dq/dk/dv of this rank's shard vs the fp64 oracle."""
+    total = sum(docs)
+    q, k, v = rand_qkv(total, total, hq, hkv, 8, seed=seed)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = distattn.reference_attention(*ref_in, docs, causal=causal, window=window)
+    ref.backward(dout)
+    plan = distattn.plan(docs, mesh if mesh is not None else dist.group.WORLD, scheduler=scheduler, causal=causal,
+                         window=window, backend=backend, **(options or {}))
+    mine = [plan.shard(t).clone().requires_grad_() for t in (q, k, v)]
+    out = distattn.attention(*mine, plan)
+    out.backward(plan.shard(dout))
+    errs = [max_err(out.detach(), plan.shard(ref.detach()))]
+    errs += [max_err(a.grad, plan.shard(b.grad)) for a, b in zip(mine, ref_in)]
+    return max(errs)

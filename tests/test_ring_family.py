@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from conftest import max_err, rand_qkv
+from conftest import case_error, rand_qkv
 from distattn.spawn import RankError, run_distributed
 
 SCHEDULERS = ["ring", "zigzag", "allgather"]
@@ -23,26 +23,8 @@ MASKS = [(True, None), (False, None), (True, 5), (False, 4)]
 HEADS = [(4, 2), (2, 1)]  # GQA 4:2 and MQA
 
 
-def _case_error(scheduler, docs, causal, window, hq, hkv, backend, options, seed=0):
-    """Max error of out/dq/dk/dv of one case on this rank vs the fp64 oracle of the full sequence."""
-    total = sum(docs)
-    q, k, v = rand_qkv(total, total, hq, hkv, 8, seed=seed)
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = distattn.reference_attention(*ref_in, docs, causal=causal, window=window)
-    ref.backward(dout)
-    plan = distattn.plan(docs, dist.group.WORLD, scheduler=scheduler, causal=causal, window=window, backend=backend,
-                         **options)
-    mine = [plan.shard(t).clone().requires_grad_() for t in (q, k, v)]
-    out = distattn.attention(*mine, plan)
-    out.backward(plan.shard(dout))
-    errs = [max_err(out.detach(), plan.shard(ref.detach()))]
-    errs += [max_err(a.grad, plan.shard(b.grad)) for a, b in zip(mine, ref_in)]
-    return max(errs)
-
-
 def _exactness_worker(cases):
-    return [(case, _case_error(*case)) for case in cases]
+    return [(case, case_error(*case)) for case in cases]
 
 
 def _cases(world_size):
@@ -71,10 +53,10 @@ def _bytes_worker(scheduler, docs, causal, window, options):
     total = sum(docs)
     q, k, v = rand_qkv(total, total, 4, 2, 8, dtype=torch.float32)
     plan = distattn.plan(docs, dist.group.WORLD, scheduler=scheduler, causal=causal, window=window, **options)
-    before = plan.comm.bytes_sent
+    before = plan.bytes_sent()
     with torch.no_grad():
         distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
-    sent = plan.comm.bytes_sent - before
+    sent = plan.bytes_sent() - before
     stats = plan.stats(num_heads=4, num_kv_heads=2, head_dim=8, dtype_bytes=4)
     return sent, stats["send_bytes"][dist.get_rank()], stats
 

@@ -18,14 +18,16 @@ import argparse
 from ..demo import run_demo
 from ..doclens import load_doc_lens, pack
 
+SCHEDULERS = ["ring", "zigzag", "allgather"]
+
 
 def timing(world_size: int, seq_len: int, heads: int, head_dim: int, repeats: int, pool=None) -> list[dict]:
     mixes = {"one-doc": [seq_len], "prolong-mix": pack(seq_len, pool, seed=0)}
     rows = []
     for mix, docs in mixes.items():
         print(f"  timing {mix}: {len(docs)} documents ...", flush=True)
-        for row in run_demo(world_size=world_size, doc_lens=docs, heads=heads, kv_heads=heads, head_dim=head_dim,
-                            dtype="fp32", repeats=repeats):
+        for row in run_demo(world_size=world_size, schedulers=SCHEDULERS, doc_lens=docs, heads=heads,
+                            kv_heads=heads, head_dim=head_dim, dtype="fp32", repeats=repeats):
             rows.append({"mix": mix, **row})
     return rows
 
@@ -36,8 +38,8 @@ def numerics(world_sizes, dtypes, seq_len: int, heads: int, kv_heads: int, head_
     for dtype in dtypes:
         for w in world_sizes:
             print(f"  numerics {dtype} world {w} ...", flush=True)
-            rows += run_demo(world_size=w, doc_lens=docs, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                             dtype=dtype, repeats=1)
+            rows += run_demo(world_size=w, schedulers=["local"] if w == 1 else SCHEDULERS, doc_lens=docs,
+                             heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, repeats=1)
     base = {(r["dtype"]): r for r in rows if r["world_size"] == 1}
     for r in rows:
         r["ratio"] = max(r[f"rms_{k}"] / base[r["dtype"]][f"rms_{k}"] for k in ("out", "dq", "dk", "dv"))

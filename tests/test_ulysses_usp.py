@@ -1,0 +1,150 @@
+"""ulysses and usp on gloo ranks vs the fp64 oracle; uneven heads, GQA/MQA; meshes; stats; DeepSpeed."""
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distattn
+from conftest import case_error, rand_qkv
+from distattn.parallel import usp_mesh
+from distattn.spawn import RankError, run_distributed
+
+DOCS = [[3, 50, 2, 1, 4, 17], [1, 2, 1, 3, 1, 1, 2, 5, 1, 4], [29]]
+MASKS = [(True, None), (False, None), (True, 6), (False, 5)]
+
+
+def _worker(cases, mesh_spec=None):
+    mesh = None
+    if mesh_spec is not None:  # build the DeviceMesh inside the rank
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh("cpu", mesh_spec[0], mesh_dim_names=mesh_spec[1])
+    return [(case, case_error(*case, mesh=mesh)) for case in cases]
+
+
+def _ulysses_cases(p):
+    heads = [(6, 2), (6, 1), (8, 8), (p, 1), (7, 7)]  # uneven, MQA, Hkv == Hq, one head each, odd
+    cases = []
+    for (hq, hkv), docs, (causal, window) in itertools.product(heads, DOCS, MASKS):
+        if hq >= p:
+            cases.append(("ulysses", docs, causal, window, hq, hkv))
+    return cases
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 5, 6])
+def test_ulysses_exact(world_size):
+    for rank_results in run_distributed(_worker, world_size, _ulysses_cases(world_size), timeout=600):
+        for case, err in rank_results:
+            assert err < 1e-12, (world_size, case, err)
+
+
+def _usp_cases(u, with_degree):
+    options = {"ulysses_degree": u} if with_degree else {}
+    return [("usp", docs, causal, window, hq, hkv, "reference", options)
+            for docs, (causal, window), (hq, hkv) in itertools.product(DOCS, MASKS, [(4, 2), (6, 1), (9, 3)])
+            if hq >= u]
+
+
+@pytest.mark.parametrize("u,r", [(2, 2), (2, 3), (3, 2)])
+def test_usp_exact_on_2d_mesh_and_with_ulysses_degree(u, r):
+    # DeviceMesh with axes in either order, and a 1-D group plus ulysses_degree
+    for spec in [((u, r), ("ulysses", "ring")), ((r, u), ("ring", "ulysses"))]:
+        for rank_results in run_distributed(_worker, u * r, _usp_cases(u, False), spec, timeout=600):
+            for case, err in rank_results:
+                assert err < 1e-12, (spec, case, err)
+    for rank_results in run_distributed(_worker, u * r, _usp_cases(u, True)[:8], timeout=600):
+        for case, err in rank_results:
+            assert err < 1e-12, ("ulysses_degree", case, err)
+
+
+def _bytes_worker(scheduler, docs, hq, hkv, options):
+    total = sum(docs)
+    q, k, v = rand_qkv(total, total, hq, hkv, 8, dtype=torch.float32)
+    plan = distattn.plan(docs, dist.group.WORLD, scheduler=scheduler, **options)
+    before = plan.bytes_sent()
+    with torch.no_grad():
+        distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
+    stats = plan.stats(num_heads=hq, num_kv_heads=hkv, head_dim=8, dtype_bytes=4)
+    return plan.bytes_sent() - before, stats["send_bytes"][dist.get_rank()]
+
+
+@pytest.mark.parametrize("scheduler,hq,hkv,options", [
+    ("ulysses", 8, 2, {}), ("ulysses", 6, 1, {}), ("ulysses", 7, 7, {}),
+    ("usp", 4, 2, {"ulysses_degree": 2}), ("usp", 6, 3, {"ulysses_degree": 2}),
+])
+def test_send_bytes_match_stats(scheduler, hq, hkv, options):
+    for sent, predicted in run_distributed(_bytes_worker, 4, scheduler, [7, 30, 1, 22], hq, hkv, options):
+        assert sent == predicted
+
+
+def test_dry_stats():
+    # uneven heads: 6 heads on 4 ranks is 2, 2, 1, 1 -> FLOPs imbalance 2 / 1.5
+    st = distattn.plan([4096], 4, scheduler="ulysses").stats(6, 2, 64)
+    assert st["flops_imbalance"] == pytest.approx(4 / 3)
+    assert sum(st["flops"]) == 4 * (4096 * 4097 // 2) * 6 * 64
+    st = distattn.plan([4096], 8, scheduler="usp", ulysses_degree=2).stats(8, 8, 64)
+    assert st["flops_imbalance"] < 1.001 and st["token_imbalance"] == 1.0
+    with pytest.raises(ValueError, match="8 heads cannot cover 16 ranks"):
+        distattn.plan([4096], 16, scheduler="ulysses").stats(8, 8, 64)
+
+
+def test_bad_layouts():
+    with pytest.raises(ValueError, match="ulysses_degree must divide the world size 6: one of \\[1, 2, 3, 6\\]"):
+        distattn.plan([64], 6, scheduler="usp", ulysses_degree=4)
+    with pytest.raises(ValueError, match="needs a 2-D DeviceMesh with axes \\('ulysses', 'ring'\\)"):
+        distattn.plan([64], 4, scheduler="usp")
+    with pytest.raises(ValueError, match="unexpected option"):
+        distattn.plan([64], 4, scheduler="ulysses", ulysses_degree=2)
+
+
+def _mesh_errors_worker():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    errors = []
+    for call in (
+        lambda: distattn.plan([64], init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp")), scheduler="usp"),
+        lambda: distattn.plan([64], usp_mesh("cpu", 2), scheduler="usp", ulysses_degree=4),
+        lambda: usp_mesh("cpu", 3),
+    ):
+        try:
+            call()
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
+    # a head count the Ulysses group cannot split fails before any communication
+    plan = distattn.plan([64], usp_mesh("cpu", 4), scheduler="usp")
+    q, k, v = rand_qkv(64, 64, 3, 1, 8)
+    try:
+        distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
+    except ValueError as exc:
+        errors.append(str(exc))
+    return errors
+
+
+def test_mesh_errors():
+    errors = run_distributed(_mesh_errors_worker, 4, timeout=120, collective_timeout=20)[0]
+    assert "mesh_dim_names ('ulysses', 'ring'), got ('dp', 'cp')" in errors[0]
+    assert "ulysses_degree=4 disagrees with the mesh's 'ulysses' axis (2)" in errors[1]
+    assert "positive divisor of the world size 4" in errors[2]
+    assert "3 heads cannot cover 4 ranks" in errors[3]
+
+
+def test_same_result_as_deepspeed_ulysses():
+    pytest.importorskip("deepspeed")
+    from distattn.bench.ulysses_vs_deepspeed import compare
+
+    for rank in compare(world_size=4, seq_len=512, heads=8, head_dim=16, repeats=1, doc_lens=[100, 3, 250, 159]):
+        assert rank["max_diff"] < 1e-6
+
+
+def _hang_worker():
+    plan = distattn.plan([40], dist.group.WORLD, scheduler="ulysses")
+    q, k, v = rand_qkv(40, 40, 4, 2, 8)
+    if dist.get_rank() != 0:
+        distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
+
+
+def test_missing_rank_times_out():
+    with pytest.raises(RankError, match="ulysses forward failed or timed out"):
+        run_distributed(_hang_worker, 2, timeout=120, collective_timeout=3)
