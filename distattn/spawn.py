@@ -105,19 +105,36 @@ def _collect(procs, results, world_size: int, timeout: float) -> list[Any]:
     deadline = time.monotonic() + timeout
     while len(done) < world_size:
         msg = _get(results, 0.2)
-        if msg is None:
-            dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode is not None]
-            if dead:
-                msg = _get(results, 1.0)  # it may have reported just before exiting
-                if msg is None:
-                    raise RankError(dead[0], f"process exited with code {procs[dead[0]].exitcode} "
-                                             f"without a result")
-        if msg is not None:
-            rank, status = msg[0], msg[1]
-            if status != "ok":
-                raise RankError(rank, msg[2], msg[3])
-            done[rank] = pickle.loads(msg[2])
-        elif time.monotonic() > deadline:
+        if msg is not None and msg[1] == "ok":
+            done[msg[0]] = pickle.loads(msg[2])
+            continue
+        crashed = [r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)]
+        if msg is not None or crashed:
+            raise _first_failure(procs, results, done, msg)
+        if time.monotonic() > deadline:
             missing = sorted(set(range(world_size)) - set(done))
             raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f} s (killed)")
     return [done[r] for r in range(world_size)]
+
+
+def _first_failure(procs, results, done, msg, grace: float = 2.0) -> RankError:
+    """Pick the root cause once something failed: a rank that died without reporting
+    (a crash) explains the errors its peers then raise, so it wins over them."""
+    errors = [msg] if msg is not None else []
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        extra = _get(results, 0.1)
+        if extra is not None and extra[1] != "ok":
+            errors.append(extra)
+        elif extra is not None:
+            done[extra[0]] = None
+        reported = {e[0] for e in errors} | set(done)
+        crashed = [r for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
+        if crashed:
+            others = "; ".join(f"rank {e[0]}: {e[2]}" for e in errors)
+            note = f" (then {others})" if others else ""
+            return RankError(crashed[0], f"process exited with code {procs[crashed[0]].exitcode} without a "
+                                         f"result{note}")
+        if errors and all(p.exitcode is not None for p in procs):
+            break
+    return RankError(errors[0][0], errors[0][2], errors[0][3])
