@@ -1,0 +1,109 @@
+"""The triton backend under Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest) vs the
+fp64 oracle: lengths that are not block multiples, several segments, q shorter than k, q_offset,
+GQA 4:2 and MQA, windows, fwd and bwd, fp32 / fp16 / bf16 (upcast). Larger shapes are `slow`."""
+
+import pytest
+import torch
+
+from conftest import max_err
+from distattn.kernels import attn_bwd, attn_fwd, available_backends
+from test_kernels import HEADS, MASKS, _dout, _oracle, _run, _sdpa
+
+pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="triton is not installed")
+
+LAYOUTS = {
+    "mixed": [(37, 37), (1, 1), (20, 45), (5, 9, 3), (3, 2)],  # q < k, an offset, q > k (empty rows)
+    "long-short": [(100, 100), (1, 1)],
+}
+
+
+def _case(layout, heads, d, dtype, seed=0):
+    from distattn.masks import cu_seqlens
+    from conftest import rand_qkv
+
+    segs = [(*s, 0)[:3] for s in (LAYOUTS[layout] if isinstance(layout, str) else layout)]
+    lq, lk, off = zip(*segs)
+    hq, hkv = HEADS[heads]
+    q, k, v = rand_qkv(sum(lq), sum(lk), hq, hkv, d, torch.float64, seed)
+    return q, k, v, cu_seqlens(lq), cu_seqlens(lk), (torch.tensor(off) if any(off) else None)
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_matches_oracle_within_twice_torch_error(mask, dtype):
+    causal, window = MASKS[mask]
+    q64, k64, v64, cu_q, cu_k, off = _case("mixed", "gqa-4:2", 32, torch.float64)
+    dout64 = _dout(q64)
+    want = _oracle(q64, k64, v64, cu_q, cu_k, off, causal, window, dout64)
+    q, k, v, dout = (t.to(dtype) for t in (q64, k64, v64, dout64))
+    base = _sdpa(q, k, v, cu_q, cu_k, off, causal, window, dout)
+    got = _run("triton", q, k, v, cu_q, cu_k, off, causal, window, dout)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    for name, a, b, w in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], base, want[:1] + want[2:]):
+        atol = max_err(w.to(dtype), w)
+        assert max_err(a, w) <= 2 * max_err(b, w) + atol, (name, max_err(a, w), max_err(b, w))
+    assert max_err(got[1], want[1]) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # the last segment has 3 queries and 2 keys: its first query sits before every key
+    if causal:
+        assert torch.isneginf(got[1][-3]).all() and (got[0][-3] == 0).all()
+
+
+def test_triton_mqa_and_bf16_upcast():
+    q64, k64, v64, cu_q, cu_k, off = _case("long-short", "mqa", 16, torch.float64)
+    dout64 = _dout(q64)
+    want = _oracle(q64, k64, v64, cu_q, cu_k, off, True, None, dout64)
+    q, k, v, dout = (t.to(torch.bfloat16) for t in (q64, k64, v64, dout64))
+    base = _sdpa(q, k, v, cu_q, cu_k, off, True, None, dout)
+    got = _run("triton", q, k, v, cu_q, cu_k, off, True, None, dout)
+    assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
+    for name, a, b, w in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], base, want[:1] + want[2:]):
+        assert max_err(a, w) <= 2 * max_err(b, w) + max_err(w.to(torch.bfloat16), w), name
+
+
+def test_triton_refuses_fp64():
+    q64, k64, v64, cu_q, cu_k, _ = _case("long-short", "mha", 16, torch.float64)
+    with pytest.raises(ValueError, match="backend='triton' computes fp16, bf16 or fp32"):
+        attn_fwd(q64, k64, v64, cu_q, cu_k, backend="triton")
+
+
+def test_triton_blocks_merge_with_final_lse():
+    """Key blocks differentiated with the merged lse sum to the whole (what schedulers rely on)."""
+    from distattn.masks import cu_seqlens
+    from distattn.merge import merge
+
+    q64, k64, v64, _, _, _ = _case([(24, 40)], "gqa-4:2", 16, torch.float64)
+    q, k, v = (t.float() for t in (q64, k64, v64))
+    dout = _dout(q)
+    kw = dict(causal=True, backend="triton")
+    o_a, l_a = attn_fwd(q, k[:16], v[:16], cu_seqlens([24]), cu_seqlens([16]), q_offset=torch.tensor([24]), **kw)
+    o_b, l_b = attn_fwd(q, k[16:], v[16:], cu_seqlens([24]), cu_seqlens([24]), **kw)
+    o, l = merge(o_a, l_a, o_b, l_b)
+    o_full, l_full = attn_fwd(q, k, v, cu_seqlens([24]), cu_seqlens([40]), **kw)
+    assert max_err(o, o_full) < 1e-5 and max_err(l, l_full) < 1e-5
+    ga = attn_bwd(dout, q, k[:16], v[:16], o, l, cu_seqlens([24]), cu_seqlens([16]), q_offset=torch.tensor([24]),
+                  **kw)
+    gb = attn_bwd(dout, q, k[16:], v[16:], o, l, cu_seqlens([24]), cu_seqlens([24]), **kw)
+    gf = attn_bwd(dout, q, k, v, o_full, l_full, cu_seqlens([24]), cu_seqlens([40]), **kw)
+    assert max_err(ga[0] + gb[0], gf[0]) < 1e-5
+    assert max_err(torch.cat([ga[1], gb[1]]), gf[1]) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_triton_long_segments(mask):
+    causal, window = MASKS[mask]
+    q64, k64, v64, cu_q, cu_k, off = _case([(257, 257), (100, 257), (1, 1)], "gqa-4:2", 64, torch.float64)
+    dout64 = _dout(q64)
+    want = _oracle(q64, k64, v64, cu_q, cu_k, off, causal, window, dout64)
+    got = _run("triton", *(t.float() for t in (q64, k64, v64)), cu_q, cu_k, off, causal, window, dout64.float())
+    for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert max_err(a, w) < 1e-4, name
+
+
+def test_kernel_benchmark_without_gpu_exits_cleanly(capsys):
+    from distattn.kernels.bench import main
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: the benchmark would run for real")
+    assert main([]) == 0
+    assert "no GPU" in capsys.readouterr().out
