@@ -153,12 +153,7 @@ class Plan:
     def stats(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> dict:
         """Per-rank forward attention ``flops``, ``tokens`` and ``send_bytes`` (lists indexed by
         rank) plus ``flops_imbalance`` and ``token_imbalance`` (max / mean)."""
-        for name, val in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                          ("dtype_bytes", dtype_bytes)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        check_stats_args(num_heads, num_kv_heads, head_dim, dtype_bytes)
         ranks = range(self.world_size)
         flops = [self.rank_flops(r, num_heads, num_kv_heads, head_dim) for r in ranks]
         tokens = [self.num_tokens(r) for r in ranks]
@@ -169,8 +164,8 @@ class Plan:
             "flops": flops,
             "tokens": tokens,
             "send_bytes": send,
-            "flops_imbalance": _imbalance(flops),
-            "token_imbalance": _imbalance(tokens),
+            "flops_imbalance": imbalance(flops),
+            "token_imbalance": imbalance(tokens),
             **self.extra_stats(),
         }
 
@@ -186,11 +181,21 @@ class Plan:
                                  f"pass plan.shard(x) of the full sequence")
 
 
+def check_stats_args(num_heads, num_kv_heads, head_dim, dtype_bytes) -> None:
+    for name, val in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                      ("dtype_bytes", dtype_bytes)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+
+
+def imbalance(values) -> float:
+    """max / mean (1.0 when everything is zero)."""
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean > 0 else 1.0
+
+
 def token_index(ranges: Ranges) -> np.ndarray:
     """Global token indices of ``ranges``, in local order."""
     return np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in ranges] or [np.zeros(0, np.int64)])
-
-
-def _imbalance(values: list[int]) -> float:
-    mean = sum(values) / len(values)
-    return max(values) / mean if mean > 0 else 1.0

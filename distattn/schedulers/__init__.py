@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..plans import Plan
-from . import allgather, local, ring, ulysses, usp, zigzag
+from . import allgather, cad, local, ring, ulysses, usp, zigzag
 
 # Every name the public contract accepts; those without a planner yet are
 # refused at world size > 1 (at world size 1 every scheduler is local attention).
@@ -22,6 +22,7 @@ PLANNERS: dict[str, Callable[..., Plan]] = {
     "allgather": allgather.build,
     "ulysses": ulysses.build,
     "usp": usp.build,
+    "cad": cad.build,
 }
 
 

@@ -1,0 +1,146 @@
+"""cad: exactness on gloo ranks, pools of CP groups, bytes vs stats, balance on real lengths, cost models."""
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import distattn
+from conftest import case_error, max_err, rand_qkv
+from distattn.doclens import load_doc_lens, pack
+from distattn.spawn import run_distributed
+
+DOCS = [[3, 50, 2, 1, 4, 17], [1, 2, 1, 3, 1, 1, 2, 5, 1, 4], [29], [300, 12, 5]]
+MASKS = [(True, None), (False, None), (True, 6), (False, 5)]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _worker(cases):
+    return [(case, case_error(*case)) for case in cases]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 5, 6])
+def test_cad_exact(world_size):
+    cases = [("cad", docs, causal, window, hq, hkv)
+             for docs, (causal, window), (hq, hkv) in itertools.product(DOCS, MASKS, [(4, 2), (2, 1)])
+             if (hq, hkv) == (4, 2) or docs is DOCS[0]]
+    for rank_results in run_distributed(_worker, world_size, cases, timeout=600):
+        for case, err in rank_results:
+            assert err < 1e-12, (world_size, case, err)
+
+
+def test_tasks_move_and_pairs_split():
+    """A dominant causal document is cut into head/tail pairs and spread over the ranks."""
+    plan = distattn.plan([3000, 100, 100, 100, 100], 4, scheduler="cad")
+    seg = plan.segments
+    owner = np.searchsorted(plan.bounds, seg.q0, side="right") - 1
+    assert (seg.rank != owner).any()
+    assert plan.stats(8, 8, 64)["flops_imbalance"] <= 1.1
+    zig = distattn.plan([3000, 100, 100, 100, 100], 4, scheduler="ring").stats(8, 8, 64)
+    assert zig["flops_imbalance"] > 1.5
+
+
+def _pool_worker(layout, docs_per_group):
+    """CP groups from `layout` (lists of ranks) inside a pool of every rank."""
+    groups = [dist.new_group(ranks) for ranks in layout]
+    me = dist.get_rank()
+    g = next(i for i, ranks in enumerate(layout) if me in ranks)
+    docs = docs_per_group[g]
+    total = sum(docs)
+    q, k, v = rand_qkv(total, total, 4, 2, 8, seed=g)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(10 + g), dtype=torch.float64)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = distattn.reference_attention(*ref_in, docs)
+    ref.backward(dout)
+    plan = distattn.plan(docs, groups[g], scheduler="cad", pool=dist.group.WORLD, backend="reference")
+    mine = [plan.shard(t).clone().requires_grad_() for t in (q, k, v)]
+    before = plan.bytes_sent()
+    out = distattn.attention(*mine, plan)
+    sent = plan.bytes_sent() - before
+    out.backward(plan.shard(dout))
+    errs = [max_err(out.detach(), plan.shard(ref.detach()))] + [max_err(a.grad, plan.shard(b.grad))
+                                                                for a, b in zip(mine, ref_in)]
+    stats = plan.stats(4, 2, 8, 8)
+    return max(errs), sent, stats["send_bytes"][plan.slot], stats
+
+
+@pytest.mark.parametrize("layout", [[[0, 1], [2, 3]], [[0, 2], [1, 3]]])
+def test_pool_of_two_cp_groups(layout):
+    docs = [[90, 3, 7], [4, 5, 6, 7, 8]]  # group 0 has a long document, group 1 only short ones
+    results = run_distributed(_pool_worker, 4, layout, docs, timeout=300)
+    for err, sent, predicted, stats in results:
+        assert err < 1e-12
+        assert sent == predicted
+    stats = results[0][3]
+    assert stats["world_size"] == 4 and len(stats["flops"]) == 4
+    # group 1's ranks take over part of group 0's long document
+    alone = distattn.plan(docs[0], 2, scheduler="cad").stats(4, 2, 8)
+    assert max(stats["flops"]) < max(alone["flops"])
+
+
+def _bytes_worker(docs, causal, window):
+    total = sum(docs)
+    q, k, v = rand_qkv(total, total, 4, 2, 8, dtype=torch.float32)
+    plan = distattn.plan(docs, dist.group.WORLD, scheduler="cad", causal=causal, window=window)
+    before = plan.bytes_sent()
+    with torch.no_grad():
+        distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
+    return plan.bytes_sent() - before, plan.stats(4, 2, 8, 4)["send_bytes"][dist.get_rank()]
+
+
+@pytest.mark.parametrize("docs,causal,window", [([300, 12, 5], True, None), ([7, 1, 22, 30], False, 9)])
+def test_send_bytes_match_stats(docs, causal, window):
+    for sent, predicted in run_distributed(_bytes_worker, 4, docs, causal, window, timeout=300):
+        assert sent == predicted
+
+
+def _real_doc_pool():
+    path = SHARED / "doclens" / "prolong.json"
+    if not path.exists():  # the project works without ../shared: a synthetic skew stands in
+        return None
+    pool = load_doc_lens(path)
+    return np.concatenate([pool, np.repeat(pool[pool > 65536], 3)])  # long documents x4, as in the paper
+
+
+@pytest.mark.parametrize("ranks", [8, 64, 512])
+def test_balance_on_real_document_lengths(ranks):
+    docs = pack(ranks * 65536, _real_doc_pool(), seed=0)
+    cad = distattn.plan(docs, ranks, scheduler="cad").stats(32, 8, 128)
+    tight = distattn.plan(docs, ranks, scheduler="cad", epsilon=0.04).stats(32, 8, 128)
+    zig = distattn.plan(docs, ranks, scheduler="zigzag").stats(32, 8, 128)
+    assert cad["flops_imbalance"] <= 1.1 and tight["flops_imbalance"] <= 1.05
+    assert cad["token_imbalance"] <= 1.05
+    assert tight["flops_imbalance"] < zig["flops_imbalance"]
+
+
+def test_dry_plan_of_1024_ranks():
+    st = distattn.plan(pack(1024 * 8192, seed=3), 1024, scheduler="cad").stats(32, 8, 128)
+    assert len(st["flops"]) == 1024 and st["flops_imbalance"] <= 1.1
+
+
+def test_profile_cost_reproduces_its_table():
+    from distattn.sim import ProfileCost, Roofline, causal_area
+
+    path = SHARED / "profiles" / "attn_latency_h100.csv"
+    if not path.exists():
+        pytest.skip("shared profiles not present")
+    cost = ProfileCost.from_csv(path)
+    lengths = np.array(cost.lengths)
+    rows = [line.split(",") for line in path.read_text().splitlines()[1:]]
+    want = {float(r[0]): float(r[3]) * 1e-3 for r in rows if r[1] == "1" and r[2] == "1"}
+    got = cost.task_time(lengths, lengths, causal_area(lengths))
+    assert np.allclose(got, [want[x] for x in lengths], rtol=1e-9)
+    # the roofline grows like L^2 for long documents, like L for short ones
+    roof = Roofline()
+    t = roof.task_time([64, 128, 32768, 65536], [64, 128, 32768, 65536], causal_area([64, 128, 32768, 65536]))
+    assert t[1] / t[0] == pytest.approx(2, rel=0.05) and t[3] / t[2] == pytest.approx(4, rel=0.05)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="epsilon must be in"):
+        distattn.plan([64], 4, scheduler="cad", epsilon=1.5)
+    with pytest.raises(ValueError, match="pool= needs a live plan"):
+        distattn.plan([64], 4, scheduler="cad", pool=object())
