@@ -29,20 +29,29 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _failed(what: str, exc: Exception) -> RuntimeError:
+    return RuntimeError(f"distattn: {what} failed or timed out ({exc}). Every rank of the group must call "
+                        f"attention with the same plan.")
+
+
 class Pending:
     """Outstanding requests of one batch; :meth:`wait` raises a clear error on timeout."""
 
-    def __init__(self, works: list, what: str):
-        self.works = works
+    def __init__(self, start, what: str):
+        """``start()`` issues the requests and returns their works (a peer that is gone can make
+        issuing fail already, so it is wrapped like the wait)."""
         self.what = what
+        try:
+            self.works = start()
+        except RuntimeError as exc:
+            raise _failed(what, exc) from exc
 
     def wait(self) -> None:
         for w in self.works:
             try:
                 w.wait()
             except RuntimeError as exc:
-                raise RuntimeError(f"distattn: {self.what} failed or timed out ({exc}). Every rank of the "
-                                   f"group must call attention with the same plan.") from exc
+                raise _failed(self.what, exc) from exc
         self.works = []
 
 
@@ -73,23 +82,24 @@ class Comm:
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.global_rank(p), self.group) for t, p in sends]
         ops += [dist.P2POp(dist.irecv, t, self.global_rank(p), self.group) for t, p in recvs]
         self.bytes_sent += sum(nbytes(t) for t, _ in sends)
-        return Pending(dist.batch_isend_irecv(ops) if ops else [], what)
+        return Pending(lambda: dist.batch_isend_irecv(ops) if ops else [], what)
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, what: str) -> Pending:
         """Start gathering equal-sized ``input`` from every rank into ``output`` (concatenated on dim 0)."""
         self.bytes_sent += (self.size - 1) * nbytes(input)
-        return Pending([_all_gather_single(output, input.contiguous(), group=self.group, async_op=True)], what)
+        return Pending(lambda: [_all_gather_single(output, input.contiguous(), group=self.group, async_op=True)],
+                       what)
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, what: str) -> Pending:
         """Start summing ``input`` over ranks; this rank gets its equal dim-0 chunk in ``output``."""
         self.bytes_sent += nbytes(input) * (self.size - 1) // self.size
-        return Pending([_reduce_scatter_single(output, input.contiguous(), group=self.group, async_op=True)],
-                       what)
+        return Pending(lambda: [_reduce_scatter_single(output, input.contiguous(), group=self.group,
+                                                       async_op=True)], what)
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: list[int],
                    input_splits: list[int], what: str) -> Pending:
         """Start an all-to-all of 1-D buffers: ``input_splits[j]`` elements go to rank ``j``,
         ``output_splits[i]`` arrive from rank ``i``."""
         self.bytes_sent += (sum(input_splits) - input_splits[self.rank]) * input.element_size()
-        return Pending([dist.all_to_all_single(output, input.contiguous(), output_splits, input_splits,
-                                               group=self.group, async_op=True)], what)
+        return Pending(lambda: [dist.all_to_all_single(output, input.contiguous(), output_splits, input_splits,
+                                                       group=self.group, async_op=True)], what)
