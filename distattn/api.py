@@ -58,8 +58,8 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: Plan, scale: float):
-        out, saved = plan.forward(q, k, v, scale)
+    def forward(ctx, q, k, v, plan: Plan, scale: float, prefetch):
+        out, saved = plan.forward(q, k, v, scale) if prefetch is None else plan.forward(q, k, v, scale, prefetch)
         ctx.plan, ctx.scale = plan, scale
         # tensors go through save_for_backward (no reference cycle through `out`); the
         # few plain values a plan saves (e.g. head counts) ride on ctx
@@ -74,11 +74,11 @@ class _Attention(torch.autograd.Function):
         tensors = iter(ctx.saved_tensors)
         saved = tuple(next(tensors) if t else x for x, t in zip(ctx.values, ctx.is_tensor))
         dq, dk, dv = ctx.plan.backward(dout.contiguous(), saved, ctx.scale)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, scale: float | None = None
-              ) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, scale: float | None = None,
+              prefetch=None) -> torch.Tensor:
     """Exact attention of this rank's tokens under ``plan``; differentiable.
 
     Args:
@@ -86,6 +86,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
             (``plan.shard(x)``), ``Hq`` a multiple of ``Hkv``.
         plan: from :func:`plan`; every rank of its group must call with the same plan.
         scale: softmax scale, default ``1/sqrt(D)``.
+        prefetch: ``plan.prefetch(q, k, v)``, transfers started earlier (``cad`` only; see
+            :func:`distattn.pingpong.ping_pong`).
 
     Returns:
         ``[S_local, Hq, D]`` in q's dtype, in the same local token order as q.
@@ -93,9 +95,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must come from distattn.plan(...), got {type(plan).__name__}")
     plan.check_local_qkv(q, k, v)
+    if prefetch is not None and not hasattr(plan, "prefetch"):
+        raise ValueError(f"prefetch= works with scheduler='cad', not {plan.scheduler!r}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return _Attention.apply(q, k, v, plan, float(scale))
+    return _Attention.apply(q, k, v, plan, float(scale), prefetch)
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lens, *, causal: bool = True,

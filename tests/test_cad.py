@@ -144,3 +144,37 @@ def test_bad_options():
         distattn.plan([64], 4, scheduler="cad", epsilon=1.5)
     with pytest.raises(ValueError, match="pool= needs a live plan"):
         distattn.plan([64], 4, scheduler="cad", pool=object())
+
+
+def _pingpong_worker():
+    from distattn.pingpong import ping_pong, split_nano_batches
+
+    docs = [40, 7, 90, 3, 60]
+    docs_a, docs_b, cut = split_nano_batches(docs)
+    plans = [distattn.plan(d, dist.group.WORLD, scheduler="cad", backend="reference") for d in (docs_a, docs_b)]
+    x = torch.randn(sum(docs), 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w = torch.randn(32, 96, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def pre_double(t):
+        q, k, v = (t @ w).chunk(3, dim=-1)
+        return tuple(y.reshape(y.shape[0], 4, 8).contiguous() for y in (q, k, v))
+
+    def post(o, t):
+        return t + o.reshape(o.shape[0], -1)
+
+    grads = []
+    for mode in ("sequential", "ping_pong"):
+        xs = [plans[0].shard(x[:cut]).clone().requires_grad_(), plans[1].shard(x[cut:]).clone().requires_grad_()]
+        if mode == "sequential":
+            ys = [post(distattn.attention(*pre_double(xi), p), xi) for xi, p in zip(xs, plans)]
+        else:
+            ys = ping_pong(pre_double, post, xs, plans)
+        sum((y ** 2).sum() for y in ys).backward()
+        grads.append(([y.detach() for y in ys], [xi.grad for xi in xs]))
+    (ys_a, gx_a), (ys_b, gx_b) = grads
+    return max(max_err(a, b) for a, b in zip(ys_a + gx_a, ys_b + gx_b))
+
+
+def test_ping_pong_matches_sequential():
+    for err in run_distributed(_pingpong_worker, 2, timeout=300):
+        assert err == 0.0

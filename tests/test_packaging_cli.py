@@ -34,7 +34,7 @@ def test_console_script_demo_json():
                           "--kv-heads", "1", "--head-dim", "16", "--repeats", "1", "--json"], check=True,
                          capture_output=True, text=True, timeout=300)
     rows = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
-    assert [r["scheduler"] for r in rows] == ["ring", "zigzag", "allgather", "ulysses", "usp"]
+    assert [r["scheduler"] for r in rows] == ["ring", "zigzag", "allgather", "ulysses", "usp", "cad"]
     assert max(rows[0][f"err_{x}"] for x in ("out", "dq", "dk", "dv")) < 1e-4
 
 

@@ -81,9 +81,12 @@ def test_dry_plan_stats():
         plan.stats(8, 2, 0)
 
 
-def test_multi_rank_not_implemented_is_clear():
-    with pytest.raises(ValueError, match="not implemented for world size > 1"):
-        distattn.plan([8], 4, scheduler="cad")
+def test_every_scheduler_plans_dry():
+    for scheduler in ["ring", "zigzag", "allgather", "ulysses", "cad"]:
+        assert distattn.plan([8, 9], 4, scheduler=scheduler).stats(4, 4, 8)["world_size"] == 4
+    assert distattn.plan([8, 9], 4, scheduler="usp", ulysses_degree=2).stats(4, 4, 8)["world_size"] == 4
+    with pytest.raises(ValueError, match="scheduler='local' needs world size 1"):
+        distattn.plan([8], 4, scheduler="local")
 
 
 # --- the Plan base over real gloo ranks, with hand-made ownership ----------------------------

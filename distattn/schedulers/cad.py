@@ -208,12 +208,28 @@ class CADPlan(Plan):
             offset += n
         return torch.cat([chunks[c] for c in range(self.pool_size)])
 
-    def _to_workers(self, jobs, what):
+    def _to_workers(self, jobs, what, started=None):
         """``jobs``: (tensor, rows per slot, rows received per slot). Rows of each tensor go to the
-        slots computing them; returns what this rank receives, in slot order."""
-        started = [self._start([t.index_select(0, torch.from_numpy(r).to(t.device)) for r in rows], recv, t, what)
-                   for t, rows, recv in jobs]
+        slots computing them; returns what this rank receives, in slot order. ``started``: the
+        transfers :meth:`prefetch` already began for these jobs."""
+        if started is None:
+            started = [self._start([t.index_select(0, torch.from_numpy(r).to(t.device)) for r in rows], recv, t,
+                                   what) for t, rows, recv in jobs]
         return [self._finish(s, recv, t) for s, (t, _, recv) in zip(started, jobs)]
+
+    def _forward_jobs(self, q, k, v):
+        ex = self.exchange
+        return [(q, ex.q_send, ex.q_recv), (torch.stack([k, v], dim=1), ex.kv_send, ex.kv_recv)]
+
+    def prefetch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> "Prefetch":
+        """Start the forward all-to-all of Q, K, V now; pass the result to
+        ``distattn.attention(q, k, v, plan, prefetch=...)`` with the same tensors. Work done in
+        between (another nano-batch's pre-attention layers) overlaps the transfer."""
+        self.check_local_qkv(q, k, v)
+        jobs = self._forward_jobs(q.detach(), k.detach(), v.detach())
+        started = [self._start([t.index_select(0, torch.from_numpy(r).to(t.device)) for r in rows], recv, t,
+                               "cad forward") for t, rows, recv in jobs]
+        return Prefetch(self, (id(q), id(k), id(v)), jobs, started)
 
     def _to_owners(self, jobs, what):
         """``jobs``: (computed rows in slot order, rows per slot, rows received per slot, local rows,
@@ -241,10 +257,14 @@ class CADPlan(Plan):
                     q_offset=torch.from_numpy(ex.q_offset).to(device),
                     causal=self.causal, window=self.window, backend=self.backend)
 
-    def forward(self, q, k, v, scale):
+    def forward(self, q, k, v, scale, prefetch: "Prefetch | None" = None):
         ex = self.exchange
-        q_buf, kv_buf = self._to_workers([(q, ex.q_send, ex.q_recv),
-                                          (torch.stack([k, v], dim=1), ex.kv_send, ex.kv_recv)], "cad forward")
+        if prefetch is not None:
+            if prefetch.plan is not self or prefetch.ids != (id(q), id(k), id(v)):
+                raise ValueError("prefetch was started by another plan or for other q, k, v tensors")
+            q_buf, kv_buf = self._to_workers(prefetch.jobs, "cad forward", prefetch.started)
+        else:
+            q_buf, kv_buf = self._to_workers(self._forward_jobs(q, k, v), "cad forward")
         kv_seg = kv_buf.index_select(0, torch.from_numpy(ex.kv_index).to(q.device))
         out_buf, lse_buf = attn_fwd(q_buf, kv_seg[:, 0], kv_seg[:, 1], scale=scale, **self._kernel_args(q.device))
         out, lse = self._to_owners([(out_buf, ex.q_send, ex.q_recv, q.shape[0], False),
@@ -266,6 +286,16 @@ class CADPlan(Plan):
         dq, dkv = self._to_owners([(dq_buf, ex.q_send, ex.q_recv, q.shape[0], False),
                                    (dkv_buf, ex.kv_send, ex.kv_recv, k.shape[0], True)], "cad backward")
         return dq, dkv[:, 0].to(k.dtype), dkv[:, 1].to(v.dtype)
+
+
+@dataclass(eq=False)
+class Prefetch:
+    """Forward transfers :meth:`CADPlan.prefetch` started (consumed by ``attention``)."""
+
+    plan: CADPlan
+    ids: tuple[int, int, int]
+    jobs: list
+    started: list
 
 
 def _pool_layout(doc_lens, mesh, pool):

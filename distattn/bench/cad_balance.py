@@ -1,0 +1,60 @@
+"""CAD balance on real document lengths, beside zigzag and ring (dry plans, no processes).
+
+    python -m distattn.bench.cad_balance --doclens ../shared/data/doclens/prolong.json
+
+Packs ``ranks x tokens-per-rank`` tokens from the document-length sample (documents
+longer than 64K upsampled x4, as in the DistCA evaluation; a log-normal stand-in
+without a sample) and prints per scheduler: FLOPs and token imbalance (max/mean),
+mean and max forward bytes sent per rank (Llama-3-8B attention: 32 query / 8 KV
+heads of 128, bf16) and the planning time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from ..api import plan
+from ..doclens import load_doc_lens, pack
+
+
+def table(ranks_list, tokens_per_rank: int, pool) -> list[dict]:
+    rows = []
+    for ranks in ranks_list:
+        docs = pack(ranks * tokens_per_rank, pool, seed=0)
+        for name, options in (("cad", {}), ("cad", {"epsilon": 0.04}), ("zigzag", {}), ("ring", {})):
+            t0 = time.perf_counter()
+            p = plan(docs, ranks, scheduler=name, **options)
+            planned = time.perf_counter() - t0
+            st = p.stats(32, 8, 128, 2)
+            rows.append({"ranks": ranks, "docs": len(docs), "scheduler": name + (f" eps={options['epsilon']}"
+                                                                               if options else ""),
+                         "flops_imbalance": st["flops_imbalance"], "token_imbalance": st["token_imbalance"],
+                         "mean_send_mb": float(np.mean(st["send_bytes"])) / 2**20,
+                         "max_send_mb": max(st["send_bytes"]) / 2**20, "plan_ms": planned * 1e3})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--doclens", default=None, help="JSON list of document lengths")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128, 512])
+    parser.add_argument("--tokens-per-rank", type=int, default=65536)
+    args = parser.parse_args(argv)
+    pool = None
+    if args.doclens:
+        pool = load_doc_lens(args.doclens)
+        pool = np.concatenate([pool, np.repeat(pool[pool > 65536], 3)])
+    print(f"{'ranks':>5} {'docs':>6} {'scheduler':<14} {'FLOPs imb':>9} {'tok imb':>7} {'mean MiB':>9} "
+          f"{'max MiB':>9} {'plan ms':>8}")
+    for r in table(args.ranks, args.tokens_per_rank, pool):
+        print(f"{r['ranks']:>5} {r['docs']:>6} {r['scheduler']:<14} {r['flops_imbalance']:>9.3f} "
+              f"{r['token_imbalance']:>7.3f} {r['mean_send_mb']:>9.1f} {r['max_send_mb']:>9.1f} {r['plan_ms']:>8.0f}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
