@@ -45,6 +45,19 @@ def _configs():
 
 
 @triton.jit
+def _segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET: tl.constexpr):
+    """Start rows, lengths and the position shift (``row + shift`` = key position) of a segment."""
+    q0 = tl.load(CU_Q + seg)
+    k0 = tl.load(CU_K + seg)
+    m = tl.load(CU_Q + seg + 1) - q0
+    n = tl.load(CU_K + seg + 1) - k0
+    shift = n - m
+    if HAS_OFFSET:
+        shift += tl.load(OFFSET + seg)
+    return q0, k0, m, n, shift
+
+
+@triton.jit
 def _key_range(start_m, end_m, shift, n, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """Keys ``[lo, hi)`` that query rows ``[start_m, end_m)`` can see (positions ``row + shift``)."""
     lo = 0
@@ -79,19 +92,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, OFFSET,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    seg = tl.program_id(1)
     head = tl.program_id(2)
-    q0 = tl.load(CU_Q + seg)
-    k0 = tl.load(CU_K + seg)
-    m = tl.load(CU_Q + seg + 1) - q0
-    n = tl.load(CU_K + seg + 1) - k0
-    start_m = pid_m * BLOCK_M
+    q0, k0, m, n, shift = _segment(CU_Q, CU_K, OFFSET, tl.program_id(1), HAS_OFFSET)
+    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= m:
         return
-    shift = n - m
-    if HAS_OFFSET:
-        shift += tl.load(OFFSET + seg)
     kv_head = head // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -155,19 +160,11 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, OFFSET,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                     WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
-    seg = tl.program_id(1)
     kv_head = tl.program_id(2)
-    q0 = tl.load(CU_Q + seg)
-    k0 = tl.load(CU_K + seg)
-    m = tl.load(CU_Q + seg + 1) - q0
-    n = tl.load(CU_K + seg + 1) - k0
-    start_n = pid_n * BLOCK_N
+    q0, k0, m, n, shift = _segment(CU_Q, CU_K, OFFSET, tl.program_id(1), HAS_OFFSET)
+    start_n = tl.program_id(0) * BLOCK_N
     if start_n >= n:
         return
-    shift = n - m
-    if HAS_OFFSET:
-        shift += tl.load(OFFSET + seg)
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     kv_mask = (cols[:, None] < n) & (dims[None, :] < HEAD_DIM)
@@ -219,19 +216,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, OFFSET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                    WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    seg = tl.program_id(1)
     head = tl.program_id(2)
-    q0 = tl.load(CU_Q + seg)
-    k0 = tl.load(CU_K + seg)
-    m = tl.load(CU_Q + seg + 1) - q0
-    n = tl.load(CU_K + seg + 1) - k0
-    start_m = pid_m * BLOCK_M
+    q0, k0, m, n, shift = _segment(CU_Q, CU_K, OFFSET, tl.program_id(1), HAS_OFFSET)
+    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= m:
         return
-    shift = n - m
-    if HAS_OFFSET:
-        shift += tl.load(OFFSET + seg)
     kv_head = head // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
