@@ -35,6 +35,37 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .spawn import RankError
+    from .train.config import load_config, validate
+    from .train.trainer import run
+
+    cfg = load_config(args.config)
+    overrides = {}
+    if args.steps is not None:
+        overrides["train"] = {"steps": args.steps}
+    if args.out is not None:
+        overrides.setdefault("train", {})["out"] = args.out
+    if args.scheduler is not None:
+        overrides["parallel"] = {"scheduler": args.scheduler}
+    cfg = validate(cfg.replace(**overrides))
+    p = cfg.parallel
+    print(f"distattn train {args.config}: {cfg.world_size} rank(s) (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}, "
+          f"{cfg.data.seq_len} tokens per sequence, {cfg.train.steps} steps -> {cfg.train.out}", flush=True)
+    try:
+        history = run(cfg, resume=args.resume)
+    except RankError as exc:
+        print(f"distattn train: a rank failed, stopping the job: {str(exc).splitlines()[0]}\n"
+              f"rerun with --resume to continue from the last checkpoint under {cfg.train.out}/ckpt", file=sys.stderr)
+        return 1
+    if history:
+        last = history[-1]
+        mean_tps = sum(m["tokens_per_s"] for m in history) / len(history)
+        print(f"done: step {last['step'] + 1}, loss {last['loss']:.4f}, mean {mean_tps:,.0f} tokens/s; "
+              f"metrics in {cfg.train.out}/metrics.jsonl")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distattn", description="Exact context-parallel attention.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="usp's Ulysses group size (default: largest divisor of the world size <= its sqrt)")
     demo.add_argument("--json", action="store_true", help="print the rows as JSON")
     demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="train the reference model on packed documents (the main job)")
+    train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
+    train.add_argument("--steps", type=int, default=None, help="override train.steps")
+    train.add_argument("--scheduler", default=None, help="override parallel.scheduler")
+    train.add_argument("--out", default=None, help="override train.out (metrics.jsonl, tb/, ckpt/)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/ckpt")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Training: the reference model, packed-document data, the trainer (``distattn train CONFIG``)."""

@@ -1,0 +1,127 @@
+"""Run configs: YAML validated into frozen dataclasses (unknown keys are errors that name the key).
+
+A config has four sections::
+
+    model:    {dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, tie_embeddings, rope_theta}
+    data:     {source: stdlib | tokens, path, seq_len, seed}
+    parallel: {dp, cp, scheduler, ulysses_degree, dp_mode: ddp | fsdp, backend, timeout_s}
+    train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_dim: int = 688
+    vocab_size: int = 256          # byte-level by default
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"         # "stdlib": Python's standard library sources, one document per file
+    path: str | None = None        # "tokens": prefix of PATH.bin (flat tokens) + PATH.idx.npy (document offsets)
+    seq_len: int = 8192            # tokens per packed sequence (one per data-parallel rank and step)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    dp: int = 1
+    cp: int = 4
+    scheduler: str = "zigzag"
+    ulysses_degree: int | None = None   # for scheduler: usp
+    dp_mode: str = "ddp"                # "ddp" or "fsdp" (FSDP2 fully_shard)
+    backend: str = "auto"               # attention kernel backend
+    timeout_s: float = 120.0            # collectives fail after this instead of hanging
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 50
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 1
+    ckpt_every: int = 25
+    seed: int = 0
+    out: str = "runs/tiny"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.dp * self.parallel.cp
+
+    def replace(self, **sections) -> "RunConfig":
+        """Copy with fields of sections changed: ``cfg.replace(train={"steps": 5})``."""
+        return dataclasses.replace(self, **{name: dataclasses.replace(getattr(self, name), **values)
+                                            for name, values in sections.items()})
+
+
+def _section(cls, values, name):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ValueError(f"config section '{name}' must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ValueError(f"unknown config key '{name}.{key}'; known keys: {sorted(known)}")
+    return cls(**values)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.train
+    positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+                "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "model.vocab_size": m.vocab_size,
+                "data.seq_len": d.seq_len, "parallel.dp": p.dp, "parallel.cp": p.cp, "train.steps": t.steps,
+                "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every}
+    for key, val in positive.items():
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{key} must be a positive int, got {val!r}")
+    if m.dim % m.n_heads or m.n_heads % m.n_kv_heads or (m.dim // m.n_heads) % 2:
+        raise ValueError(f"model.dim ({m.dim}) must split into n_heads ({m.n_heads}) heads of even size, and "
+                         f"n_heads must be a multiple of n_kv_heads ({m.n_kv_heads})")
+    if d.source not in ("stdlib", "tokens"):
+        raise ValueError(f"data.source must be 'stdlib' or 'tokens', got {d.source!r}")
+    if d.source == "tokens" and not d.path:
+        raise ValueError("data.path is required with data.source: tokens (prefix of PATH.bin and PATH.idx.npy)")
+    if p.dp_mode not in ("ddp", "fsdp"):
+        raise ValueError(f"parallel.dp_mode must be 'ddp' or 'fsdp', got {p.dp_mode!r}")
+    if not (0 < t.min_lr <= t.lr):
+        raise ValueError(f"train.min_lr ({t.min_lr}) must be in (0, train.lr = {t.lr}]")
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config."""
+    text = Path(path).read_text()
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config is a mapping of sections (model, data, parallel, train)")
+    sections = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "train": TrainSection}
+    for key in raw:
+        if key not in sections:
+            raise ValueError(f"{path}: unknown config section '{key}'; known: {sorted(sections)}")
+    return validate(RunConfig(**{name: _section(cls, raw.get(name), name) for name, cls in sections.items()}))

@@ -1,0 +1,175 @@
+"""The training loop: DP x CP over a DeviceMesh, packed documents, metrics, checkpoints.
+
+``distattn train CONFIG`` runs :func:`train` on every rank. Without a launcher
+it starts ``dp * cp`` local gloo processes itself; under torchrun (``RANK`` in
+the environment) it joins the launcher's process group (nccl on GPUs).
+
+The loss is next-token cross-entropy that never crosses a document boundary,
+summed over this rank's tokens and divided by the number of labelled tokens
+of the whole global batch (all DP and CP ranks). DDP and FSDP2 average
+gradients over the world, so the local loss is scaled by the world size: the
+averaged gradient is then exactly the gradient of the global mean loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..api import plan as make_plan
+from . import checkpoint
+from .config import RunConfig
+from .data import Packer, make_corpus
+from .model import Transformer, next_token_labels
+
+
+def lr_at(cfg: RunConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to ``min_lr`` at the last step."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _wrap(model, cfg: RunConfig, mesh):
+    if cfg.world_size == 1:
+        return model
+    if cfg.parallel.dp_mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        flat = mesh._flatten("dp_cp")
+        for layer in model.layers:
+            fully_shard(layer, mesh=flat)
+        return fully_shard(model, mesh=flat)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
+
+
+class _Logger:
+    """Rank 0's progress line, ``metrics.jsonl`` and TensorBoard scalars."""
+
+    def __init__(self, out: Path, steps: int, resume: bool):
+        out.mkdir(parents=True, exist_ok=True)
+        self.steps, self.start = steps, time.perf_counter()
+        self.jsonl = open(out / "metrics.jsonl", "a" if resume else "w")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        except ImportError:  # tensorboard is optional outside the dev extra
+            self.tb = None
+        self.first_step = None
+
+    def log(self, m: dict) -> None:
+        self.jsonl.write(json.dumps(m) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, val in m.items():
+                if key != "step":
+                    self.tb.add_scalar(f"train/{key}", val, m["step"])
+        if self.first_step is None:
+            self.first_step, self.start = m["step"], time.perf_counter() - m["step_time_s"]
+        done = m["step"] - self.first_step + 1
+        eta = (time.perf_counter() - self.start) / done * (self.steps - m["step"] - 1)
+        print(f"step {m['step'] + 1:>5}/{self.steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
+              f"grad {m['grad_norm']:.2f}  {m['tokens_per_s']:,.0f} tok/s  attn-imb {m['flops_imbalance']:.2f}  "
+              f"eta {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
+
+    def close(self):
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: RunConfig, resume: bool = False) -> list[dict]:
+    """Run on every rank of an initialised process group of ``cfg.world_size`` ranks; returns the metrics."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    p, t = cfg.parallel, cfg.train
+    if dist.get_world_size() != cfg.world_size:
+        raise ValueError(f"parallel.dp * parallel.cp = {cfg.world_size} but the job has {dist.get_world_size()} ranks")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    mesh = init_device_mesh(device.type, (p.dp, p.cp), mesh_dim_names=("dp", "cp"))
+    cp_group, dp_rank = mesh["cp"].get_group(), mesh.get_local_rank("dp")
+    torch.manual_seed(t.seed)  # same initial weights everywhere
+    model = _wrap(Transformer(cfg.model).to(device), cfg, mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    packer = Packer(make_corpus(cfg.data.source, cfg.data.path), cfg.data.seq_len, cfg.data.seed)
+    out = Path(t.out)
+    start = 0
+    if resume:
+        last = checkpoint.latest(out / "ckpt")
+        if last is None:
+            raise ValueError(f"--resume: no checkpoint under {out / 'ckpt'}")
+        start, data_state = checkpoint.load(last, model, optimizer)
+        packer.load_state(data_state)
+    logger = _Logger(out, t.steps, resume) if dist.get_rank() == 0 else None
+    options = {"ulysses_degree": p.ulysses_degree} if p.scheduler == "usp" and p.cp > 1 else {}
+    history = []
+    for step in range(start, t.steps):
+        t0 = time.perf_counter()
+        tokens_np, doc_lens = packer.next_batch(p.dp, dp_rank)
+        tokens = torch.from_numpy(tokens_np).to(device)
+        labels = next_token_labels(tokens, doc_lens)
+        plan = make_plan(doc_lens, cp_group, scheduler=p.scheduler, backend=p.backend, **options)
+        logits = model(plan.shard(tokens), plan.position_ids(device), plan)
+        local_labels = plan.shard(labels)
+        loss_sum = F.cross_entropy(logits.float(), local_labels, ignore_index=-100, reduction="sum")
+        count = (local_labels != -100).sum().to(torch.float64)
+        dist.all_reduce(count)
+        (loss_sum / count * cfg.world_size).backward()
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total = loss_sum.detach().to(torch.float64)
+        dist.all_reduce(total)
+        step_time = time.perf_counter() - t0
+        stats = plan.stats(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.dim // cfg.model.n_heads)
+        m = {"step": step, "loss": (total / count).item(), "lr": lr_at(cfg, step),
+             "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+             "tokens_per_s": p.dp * cfg.data.seq_len / step_time, "step_time_s": step_time,
+             "flops_imbalance": stats["flops_imbalance"]}
+        history.append(m)
+        if logger is not None and (step % t.log_every == 0 or step + 1 == t.steps):
+            logger.log(m)
+        if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps:
+            checkpoint.save(out / "ckpt" / f"step_{step + 1}", model, optimizer, step + 1, packer.state())
+    if logger is not None:
+        logger.close()
+    return history
+
+
+def _rank_entry(cfg: RunConfig, resume: bool) -> list[dict]:
+    return train(cfg, resume)
+
+
+def run(cfg: RunConfig, resume: bool = False) -> list[dict]:
+    """Train under torchrun (``RANK`` set) or on ``dp * cp`` local gloo processes; returns rank 0's metrics."""
+    if "RANK" in os.environ:
+        # torchrun --max-restarts restarts the workers with the same arguments: pick up the last checkpoint
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume = resume or checkpoint.latest(Path(cfg.train.out) / "ckpt") is not None
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+        try:
+            return train(cfg, resume)
+        finally:
+            dist.destroy_process_group()
+    from ..spawn import run_distributed
+
+    threads = max(1, (os.cpu_count() or 1) // cfg.world_size)
+    return run_distributed(_rank_entry, cfg.world_size, cfg, resume, timeout=7 * 24 * 3600.0,
+                           collective_timeout=cfg.parallel.timeout_s, threads_per_rank=threads)[0]
