@@ -1,0 +1,75 @@
+"""HF transformers: a tiny LlamaForCausalLM from config at CP=2 gives the loss and grads of one process."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distattn
+from distattn.spawn import run_distributed
+
+pytest.importorskip("transformers")
+
+DOCS = [13, 20, 1, 6]
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distattn.parallel import hf
+
+    hf.register()
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation="distattn", torch_dtype=torch.float64)
+
+
+def _loss_and_grads(model, plan, ids, group):
+    from distattn.parallel import hf
+
+    model.zero_grad()
+    loss = hf.causal_lm_loss(model(**hf.shard_inputs(plan, ids)).logits, plan, ids, group=group)
+    loss.backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    if group is not None:
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, group=group)
+        dist.all_reduce(grads, group=group)
+    return loss.item(), grads
+
+
+def _worker(scheduler):
+    model = _model()
+    ids = torch.randint(0, 97, (1, sum(DOCS)), generator=torch.Generator().manual_seed(1))
+    alone = dist.new_group([dist.get_rank()])  # a one-rank group: the single-process reference
+    ref_loss, ref_grads = _loss_and_grads(model, distattn.plan(DOCS, alone), ids, None)
+    loss, grads = _loss_and_grads(model, distattn.plan(DOCS, dist.group.WORLD, scheduler=scheduler), ids,
+                                  dist.group.WORLD)
+    return abs(loss - ref_loss) / ref_loss, (grads - ref_grads).abs().max().item() / ref_grads.abs().max().item()
+
+
+@pytest.mark.parametrize("scheduler", ["zigzag", "ulysses"])
+def test_llama_cp2_matches_one_process(scheduler):
+    for loss_err, grad_err in run_distributed(_worker, 2, scheduler, timeout=300):
+        assert loss_err < 1e-12 and grad_err < 1e-10
+
+
+def test_same_logits_as_hf_sdpa_on_one_document():
+    """On a single document our attention is HF's causal attention."""
+    model = _model()
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(2))
+    model.config._attn_implementation = "sdpa"
+    want = model(ids).logits
+    model.config._attn_implementation = "distattn"
+    results = run_distributed(_one_rank_logits, 1, ids, timeout=120)
+    assert (results[0] - want.detach()).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="needs distattn_plan=plan"):
+        model(ids)
+
+
+def _one_rank_logits(ids):
+    from distattn.parallel import hf
+
+    model = _model()
+    plan = distattn.plan([ids.shape[1]], dist.group.WORLD)
+    return model(**hf.shard_inputs(plan, ids)).logits.detach()
