@@ -13,7 +13,7 @@ DOCS = [13, 20, 1, 6]
 
 
 def _model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from distattn.parallel import hf
 
@@ -21,7 +21,7 @@ def _model():
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     torch.manual_seed(0)
-    return LlamaForCausalLM._from_config(cfg, attn_implementation="distattn", torch_dtype=torch.float64)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="distattn", dtype=torch.float64)
 
 
 def _loss_and_grads(model, plan, ids, group):
