@@ -66,6 +66,13 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_nccl_parse(args) -> int:
+    from .cluster.nccl import parse_nccl_tests_file
+
+    print(json.dumps(parse_nccl_tests_file(args.file), indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distattn", description="Exact context-parallel attention.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="override train.out (metrics.jsonl, tb/, ckpt/)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/ckpt")
     train.set_defaults(func=_cmd_train)
+
+    cluster = sub.add_parser("cluster", help="measure and describe the cluster's network")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    nccl = cluster_sub.add_parser("nccl-parse", help="nccl-tests output -> JSON rows and average bus bandwidth")
+    nccl.add_argument("file", help="a saved nccl-tests log (stdout of e.g. all_gather_perf)")
+    nccl.set_defaults(func=_cmd_nccl_parse)
     return parser
 
 
