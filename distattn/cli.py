@@ -66,6 +66,46 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_launch(args) -> int:
+    import shlex
+    import subprocess
+
+    from .launch import LaunchOptions, sbatch_script, torchrun_command
+    from .train.config import load_config
+
+    cfg = load_config(args.config)
+    opts = LaunchOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, port=args.port, time=args.time,
+                         partition=args.partition, account=args.account, max_restarts=args.max_restarts,
+                         log_dir=args.log_dir)
+    if args.backend == "local":
+        cmd = [sys.executable, "-m", "distattn.cli", "train", args.config] + (["--out", args.out] if args.out else []) \
+            + (["--resume"] if args.resume else [])
+    elif args.backend == "torchrun":
+        cmd = torchrun_command(args.config, cfg, opts, args.out, args.resume, args.rdzv_host)
+    else:
+        script = sbatch_script(args.config, cfg, opts, args.out, args.resume)
+        if args.dry_run:
+            print(script)
+            return 0
+        from pathlib import Path
+
+        Path(opts.log_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(opts.log_dir) / f"distattn-{Path(args.config).stem}.sbatch"
+        path.write_text(script)
+        job = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+        if job.returncode != 0:
+            print(f"distattn launch: sbatch failed: {job.stderr.strip()}", file=sys.stderr)
+            return 1
+        job_id = job.stdout.strip().split(";")[0]
+        print(f"submitted job {job_id}: script {path}, logs {opts.log_dir}/distattn-{Path(args.config).stem}-"
+              f"{job_id}.out (squeue -j {job_id} for its state)")
+        return 0
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    return subprocess.run(cmd).returncode
+
+
 def _cmd_nccl_parse(args) -> int:
     from .cluster.nccl import parse_nccl_tests_file
 
@@ -104,6 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="override train.out (metrics.jsonl, tb/, ckpt/)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/ckpt")
     train.set_defaults(func=_cmd_train)
+
+    launch = sub.add_parser("launch", help="run or submit a config: local processes, torchrun, or a Slurm job")
+    launch.add_argument("config")
+    launch.add_argument("--backend", choices=["local", "torchrun", "slurm"], default="local")
+    launch.add_argument("--nodes", type=int, default=1)
+    launch.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU processes with gloo")
+    launch.add_argument("--dry-run", action="store_true", help="print the command or sbatch script, run nothing")
+    launch.add_argument("--out", default=None, help="override train.out")
+    launch.add_argument("--resume", action="store_true")
+    launch.add_argument("--port", type=int, default=29500, help="c10d rendezvous port")
+    launch.add_argument("--rdzv-host", default="localhost", help="torchrun: rendezvous host (the first node)")
+    launch.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts; training resumes itself")
+    launch.add_argument("--time", default="01:00:00", help="slurm: time limit")
+    launch.add_argument("--partition", default=None, help="slurm: partition")
+    launch.add_argument("--account", default=None, help="slurm: account")
+    launch.add_argument("--log-dir", default="logs", help="slurm: where the script and job logs go")
+    launch.set_defaults(func=_cmd_launch)
 
     cluster = sub.add_parser("cluster", help="measure and describe the cluster's network")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)

@@ -1,1 +1,5 @@
-"""Launchers (``distattn.launch``): local, torchrun, Slurm and Ray runs of one config."""
+"""Launchers (``distattn.launch``): local, torchrun and Slurm runs of one config (Ray: to come)."""
+
+from .launchers import LaunchOptions, sbatch_script, torchrun_command
+
+__all__ = ["LaunchOptions", "sbatch_script", "torchrun_command"]

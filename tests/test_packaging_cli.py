@@ -23,6 +23,7 @@ def test_wheel_contains_every_module(tmp_path):
     expected = {f"{dest}/{path.relative_to(ROOT / folder).as_posix()}"
                 for folder, dest in MAPPING.items() for path in (ROOT / folder).rglob("*.py")}
     assert expected and expected <= names, sorted(expected - names)
+    assert "distattn/cluster/templates/sbatch.sh.tmpl" in names
     # nothing generic at the top level of site-packages
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"distattn", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}, tops
