@@ -50,3 +50,16 @@ def case_error(scheduler, docs, causal, window, hq, hkv, backend="reference", op
     errs = [max_err(out.detach(), plan.shard(ref.detach()))]
     errs += [max_err(a.grad, plan.shard(b.grad)) for a, b in zip(mine, ref_in)]
     return max(errs)
+
+
+def sent_vs_stats(scheduler, docs, hq=4, hkv=2, causal=True, window=None, options=None):
+    """Inside a gloo rank: (bytes the forward pass actually sent, bytes ``stats()`` predicts, stats), fp32."""
+    total = sum(docs)
+    q, k, v = rand_qkv(total, total, hq, hkv, 8, dtype=torch.float32)
+    plan = distattn.plan(docs, dist.group.WORLD, scheduler=scheduler, causal=causal, window=window,
+                         **(options or {}))
+    before = plan.bytes_sent()
+    with torch.no_grad():
+        distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
+    stats = plan.stats(num_heads=hq, num_kv_heads=hkv, head_dim=8, dtype_bytes=4)
+    return plan.bytes_sent() - before, stats["send_bytes"][plan.rank], stats

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from conftest import case_error, max_err, rand_qkv
+from conftest import case_error, max_err, rand_qkv, sent_vs_stats
 from distattn.doclens import load_doc_lens, pack
 from distattn.spawn import run_distributed
 
@@ -81,19 +81,9 @@ def test_pool_of_two_cp_groups(layout):
     assert max(stats["flops"]) < max(alone["flops"])
 
 
-def _bytes_worker(docs, causal, window):
-    total = sum(docs)
-    q, k, v = rand_qkv(total, total, 4, 2, 8, dtype=torch.float32)
-    plan = distattn.plan(docs, dist.group.WORLD, scheduler="cad", causal=causal, window=window)
-    before = plan.bytes_sent()
-    with torch.no_grad():
-        distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
-    return plan.bytes_sent() - before, plan.stats(4, 2, 8, 4)["send_bytes"][dist.get_rank()]
-
-
 @pytest.mark.parametrize("docs,causal,window", [([300, 12, 5], True, None), ([7, 1, 22, 30], False, 9)])
 def test_send_bytes_match_stats(docs, causal, window):
-    for sent, predicted in run_distributed(_bytes_worker, 4, docs, causal, window, timeout=300):
+    for sent, predicted, _ in run_distributed(sent_vs_stats, 4, "cad", docs, 4, 2, causal, window, timeout=300):
         assert sent == predicted
 
 

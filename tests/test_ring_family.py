@@ -5,11 +5,10 @@ import time
 
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 
 import distattn
-from conftest import case_error, rand_qkv
+from conftest import case_error, rand_qkv, sent_vs_stats
 from distattn.spawn import RankError, run_distributed
 
 SCHEDULERS = ["ring", "zigzag", "allgather"]
@@ -49,18 +48,6 @@ def test_exact_vs_fp64_reference(world_size):
 
 # ---- stats match what the code sends ------------------------------------------------------------
 
-def _bytes_worker(scheduler, docs, causal, window, options):
-    total = sum(docs)
-    q, k, v = rand_qkv(total, total, 4, 2, 8, dtype=torch.float32)
-    plan = distattn.plan(docs, dist.group.WORLD, scheduler=scheduler, causal=causal, window=window, **options)
-    before = plan.bytes_sent()
-    with torch.no_grad():
-        distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
-    sent = plan.bytes_sent() - before
-    stats = plan.stats(num_heads=4, num_kv_heads=2, head_dim=8, dtype_bytes=4)
-    return sent, stats["send_bytes"][dist.get_rank()], stats
-
-
 @pytest.mark.parametrize("scheduler,docs,causal,window,options", [
     ("ring", [60], True, None, {}),
     ("ring", [5] * 12, True, None, {}),      # documents inside shards: nothing to send
@@ -72,7 +59,7 @@ def _bytes_worker(scheduler, docs, causal, window, options):
     ("allgather", [7, 1, 22, 31], True, None, {"heads_per_step": 1}),
 ])
 def test_send_bytes_match_stats(scheduler, docs, causal, window, options):
-    results = run_distributed(_bytes_worker, 4, scheduler, docs, causal, window, options, timeout=300)
+    results = run_distributed(sent_vs_stats, 4, scheduler, docs, 4, 2, causal, window, options, timeout=300)
     for sent, predicted, _ in results:
         assert sent == predicted
     stats = results[0][2]

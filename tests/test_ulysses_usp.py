@@ -3,11 +3,10 @@
 import itertools
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import distattn
-from conftest import case_error, rand_qkv
+from conftest import case_error, rand_qkv, sent_vs_stats
 from distattn.parallel import usp_mesh
 from distattn.spawn import RankError, run_distributed
 
@@ -58,23 +57,13 @@ def test_usp_exact_on_2d_mesh_and_with_ulysses_degree(u, r):
             assert err < 1e-12, ("ulysses_degree", case, err)
 
 
-def _bytes_worker(scheduler, docs, hq, hkv, options):
-    total = sum(docs)
-    q, k, v = rand_qkv(total, total, hq, hkv, 8, dtype=torch.float32)
-    plan = distattn.plan(docs, dist.group.WORLD, scheduler=scheduler, **options)
-    before = plan.bytes_sent()
-    with torch.no_grad():
-        distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
-    stats = plan.stats(num_heads=hq, num_kv_heads=hkv, head_dim=8, dtype_bytes=4)
-    return plan.bytes_sent() - before, stats["send_bytes"][dist.get_rank()]
-
-
 @pytest.mark.parametrize("scheduler,hq,hkv,options", [
     ("ulysses", 8, 2, {}), ("ulysses", 6, 1, {}), ("ulysses", 7, 7, {}),
     ("usp", 4, 2, {"ulysses_degree": 2}), ("usp", 6, 3, {"ulysses_degree": 2}),
 ])
 def test_send_bytes_match_stats(scheduler, hq, hkv, options):
-    for sent, predicted in run_distributed(_bytes_worker, 4, scheduler, [7, 30, 1, 22], hq, hkv, options):
+    for sent, predicted, _ in run_distributed(sent_vs_stats, 4, scheduler, [7, 30, 1, 22], hq, hkv, True, None,
+                                              options):
         assert sent == predicted
 
 
