@@ -22,7 +22,7 @@ _PREFIX = re.compile(r"^\[\d+,\d+\]<\w+>:\s?")
 _GROUP_COLUMNS = ("time", "algbw", "busbw", "#wrong", "error")
 
 
-def _clean(line: str) -> str:
+def strip_launcher_prefix(line: str) -> str:
     return _PREFIX.sub("", line.rstrip("\n"))
 
 
@@ -44,7 +44,7 @@ def parse_nccl_tests(text: str) -> dict:
     """Parse one nccl-tests run (see module docstring); ``ValueError`` names the offending line."""
     columns, rows, avg = None, [], None
     for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = _clean(raw)
+        line = strip_launcher_prefix(raw)
         stripped = line.strip()
         if not stripped or "NCCL INFO" in line or "NCCL WARN" in line:
             continue

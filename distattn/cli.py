@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -50,7 +51,9 @@ def _cmd_train(args) -> int:
         overrides["parallel"] = {"scheduler": args.scheduler}
     cfg = validate(cfg.replace(**overrides))
     p = cfg.parallel
-    print(f"distattn train {args.config}: {cfg.world_size} rank(s) (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}, "
+    # under a launcher every rank runs this command: only rank 0 talks
+    talk = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    talk(f"distattn train {args.config}: {cfg.world_size} rank(s) (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}, "
           f"{cfg.data.seq_len} tokens per sequence, {cfg.train.steps} steps -> {cfg.train.out}", flush=True)
     try:
         history = run(cfg, resume=args.resume)
@@ -61,7 +64,7 @@ def _cmd_train(args) -> int:
     if history:
         last = history[-1]
         mean_tps = sum(m["tokens_per_s"] for m in history) / len(history)
-        print(f"done: step {last['step'] + 1}, loss {last['loss']:.4f}, mean {mean_tps:,.0f} tokens/s; "
+        talk(f"done: step {last['step'] + 1}, loss {last['loss']:.4f}, mean {mean_tps:,.0f} tokens/s; "
               f"metrics in {cfg.train.out}/metrics.jsonl")
     return 0
 
@@ -77,6 +80,20 @@ def _cmd_launch(args) -> int:
     opts = LaunchOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, port=args.port, time=args.time,
                          partition=args.partition, account=args.account, max_restarts=args.max_restarts,
                          log_dir=args.log_dir)
+    if args.backend == "ray":
+        from .launch import RayOptions, ray_train
+
+        ray_opts = RayOptions(address=args.ray_address, num_cpus=args.ray_num_cpus,
+                              gpus_per_worker=1 if args.gpus_per_node else 0)
+        if args.dry_run:
+            print(f"Ray TorchTrainer: {cfg.world_size} workers, {ray_opts}")
+            return 0
+        if args.out is not None:
+            cfg = cfg.replace(train={"out": args.out})
+        metrics = ray_train(cfg, ray_opts, resume=args.resume)
+        print(f"ray job done: step {metrics.get('step', -1) + 1}, loss {metrics.get('loss', float('nan')):.4f}; "
+              f"metrics in {cfg.train.out}/metrics.jsonl")
+        return 0
     if args.backend == "local":
         cmd = [sys.executable, "-m", "distattn.cli", "train", args.config] + (["--out", args.out] if args.out else []) \
             + (["--resume"] if args.resume else [])
@@ -89,17 +106,21 @@ def _cmd_launch(args) -> int:
             return 0
         from pathlib import Path
 
+        from .launch import submit_sbatch, wait_slurm_job
+
         Path(opts.log_dir).mkdir(parents=True, exist_ok=True)
         path = Path(opts.log_dir) / f"distattn-{Path(args.config).stem}.sbatch"
         path.write_text(script)
-        job = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
-        if job.returncode != 0:
-            print(f"distattn launch: sbatch failed: {job.stderr.strip()}", file=sys.stderr)
-            return 1
-        job_id = job.stdout.strip().split(";")[0]
-        print(f"submitted job {job_id}: script {path}, logs {opts.log_dir}/distattn-{Path(args.config).stem}-"
-              f"{job_id}.out (squeue -j {job_id} for its state)")
-        return 0
+        job_id = submit_sbatch(path)
+        log = Path(opts.log_dir).resolve() / f"distattn-{Path(args.config).stem}-{job_id}.out"
+        print(f"submitted job {job_id}: script {path}, log {log}", flush=True)
+        if not args.wait:
+            print(f"state: {wait_slurm_job(job_id, 0)} (squeue -j {job_id}; --wait follows it to the end)")
+            return 0
+        state = wait_slurm_job(job_id, args.wait_timeout,
+                               on_change=lambda st: print(f"job {job_id}: {st}", flush=True))
+        print(f"job {job_id} {state}; log {log}")
+        return 0 if state == "COMPLETED" else 1
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
@@ -110,6 +131,81 @@ def _cmd_nccl_parse(args) -> int:
     from .cluster.nccl import parse_nccl_tests_file
 
     print(json.dumps(parse_nccl_tests_file(args.file), indent=1))
+    return 0
+
+
+def _print_measurement(m) -> None:
+    r = m.row()
+    print(f"{r['op']:<15} {r['world_size']:>5} {r['size_bytes']:>12,} {r['time_us']:>12.1f} {r['algbw_gbs']:>9.3f} "
+          f"{r['busbw_gbs']:>9.3f}", flush=True)
+
+
+def _print_fits(profile) -> None:
+    print(f"alpha-beta fits (t = alpha + factor * size / busbw), {profile.source}:")
+    for (op, n), f in sorted(profile.fits.items()):
+        print(f"  {op:<15} {n:>5} ranks  alpha {f.alpha_us:9.1f} us  busbw {f.busbw_gbs:9.3f} GB/s  ({f.points} sizes)")
+
+
+def _probe_rank(sizes, ops, iters, warmup):
+    from .cluster.probe import probe_profile
+
+    return probe_profile(sizes, ops, iters, warmup, progress=_print_measurement).to_json()
+
+
+def _cmd_probe(args) -> int:
+    from .cluster.probe import parse_sizes
+    from .cluster.profile import NetworkProfile
+
+    sizes = parse_sizes(args.sizes)
+    header = f"{'op':<15} {'ranks':>5} {'size_bytes':>12} {'time_us':>12} {'algbw':>9} {'busbw':>9}"
+    if "RANK" in os.environ:  # under torchrun/srun: measure this job's process group
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        try:
+            if dist.get_rank() == 0:
+                print(header, flush=True)
+            data = _probe_rank(sizes, args.ops, args.iters, args.warmup)
+        finally:
+            dist.destroy_process_group()
+        if os.environ["RANK"] != "0":
+            return 0
+    else:
+        from .spawn import run_distributed
+
+        print(f"distattn cluster probe: {args.world_size} local gloo ranks, {len(sizes)} sizes x {len(args.ops)} ops",
+              flush=True)
+        print(header, flush=True)
+        data = run_distributed(_probe_rank, args.world_size, sizes, args.ops, args.iters, args.warmup,
+                               timeout=args.timeout)[0]
+    profile = NetworkProfile.from_json(data)
+    profile.save(args.out)
+    _print_fits(profile)
+    print(f"profile written to {args.out}")
+    return 0
+
+
+def _cmd_nccl_tests(args) -> int:
+    from .cluster.nccl_tests import run_nccl_tests
+    from .cluster.probe import parse_sizes
+
+    sizes = parse_sizes(args.sizes)
+    profile = run_nccl_tests(args.bin_dir, args.gpus, min(sizes), max(sizes), ops=args.ops,
+                             launcher=args.launcher, nodes=args.nodes, log_dir=args.log_dir,
+                             progress=lambda line: print(line, flush=True))
+    profile.save(args.out)
+    _print_fits(profile)
+    print(f"profile written to {args.out}")
+    return 0
+
+
+def _cmd_profile_fit(args) -> int:
+    from .cluster.profile import NetworkProfile
+
+    _print_fits(NetworkProfile.load(args.file))
     return 0
 
 
@@ -145,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/ckpt")
     train.set_defaults(func=_cmd_train)
 
-    launch = sub.add_parser("launch", help="run or submit a config: local processes, torchrun, or a Slurm job")
+    launch = sub.add_parser("launch", help="run or submit a config: local processes, torchrun, a Slurm job or Ray Train")
     launch.add_argument("config")
-    launch.add_argument("--backend", choices=["local", "torchrun", "slurm"], default="local")
+    launch.add_argument("--backend", choices=["local", "torchrun", "slurm", "ray"], default="local")
     launch.add_argument("--nodes", type=int, default=1)
     launch.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU processes with gloo")
     launch.add_argument("--dry-run", action="store_true", help="print the command or sbatch script, run nothing")
@@ -160,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--partition", default=None, help="slurm: partition")
     launch.add_argument("--account", default=None, help="slurm: account")
     launch.add_argument("--log-dir", default="logs", help="slurm: where the script and job logs go")
+    launch.add_argument("--wait", action="store_true", help="slurm: follow the job until it ends; exit 1 unless "
+                        "it COMPLETED")
+    launch.add_argument("--wait-timeout", type=float, default=24 * 3600.0, help="slurm: seconds --wait gives up after")
+    launch.add_argument("--ray-address", default=None,
+                        help="ray: cluster address (default: RAY_ADDRESS, a cluster started here, else a local one)")
+    launch.add_argument("--ray-num-cpus", type=int, default=None, help="ray: CPUs of a new local cluster")
     launch.set_defaults(func=_cmd_launch)
 
     cluster = sub.add_parser("cluster", help="measure and describe the cluster's network")
@@ -167,6 +269,34 @@ def build_parser() -> argparse.ArgumentParser:
     nccl = cluster_sub.add_parser("nccl-parse", help="nccl-tests output -> JSON rows and average bus bandwidth")
     nccl.add_argument("file", help="a saved nccl-tests log (stdout of e.g. all_gather_perf)")
     nccl.set_defaults(func=_cmd_nccl_parse)
+    from .cluster.probe import PROBED
+
+    probe = cluster_sub.add_parser("probe", help="time all_gather/reduce_scatter/all_to_all/send_recv through "
+                                   "torch.distributed -> network profile JSON (local gloo ranks, or the job's "
+                                   "process group under torchrun)")
+    probe.add_argument("--world-size", type=int, default=4, help="local gloo ranks when not under a launcher")
+    probe.add_argument("--sizes", default="4K:16M", help="LO:HI (powers of two) or a comma list (default 4K:16M)")
+    probe.add_argument("--ops", nargs="+", default=list(PROBED), choices=PROBED)
+    probe.add_argument("--iters", type=int, default=5)
+    probe.add_argument("--warmup", type=int, default=2)
+    probe.add_argument("--timeout", type=float, default=600.0, help="seconds before the local ranks are stopped")
+    probe.add_argument("--out", default="network_profile.json")
+    probe.set_defaults(func=_cmd_probe)
+    tests = cluster_sub.add_parser("nccl-tests", help="run nccl-tests binaries (build: cluster/build_nccl_tests.sh) "
+                                   "-> network profile JSON")
+    tests.add_argument("--bin-dir", required=True, help="nccl-tests build/ folder with all_gather_perf etc.")
+    tests.add_argument("--gpus", type=int, default=8, help="GPUs per process (-g), default 8")
+    tests.add_argument("--nodes", type=int, default=1, help="nodes the launcher spans (for the profile)")
+    tests.add_argument("--launcher", default="", help="prefix for multi-node runs, e.g. 'srun -N4 --ntasks-per-node=1'"
+                       " or 'mpirun -np 4'")
+    tests.add_argument("--sizes", default="1M:1G", help="LO:HI in bytes (default 1M:1G)")
+    tests.add_argument("--ops", nargs="+", default=list(PROBED), choices=PROBED)
+    tests.add_argument("--log-dir", default=None, help="keep each binary's raw output here")
+    tests.add_argument("--out", default="network_profile.json")
+    tests.set_defaults(func=_cmd_nccl_tests)
+    fit = cluster_sub.add_parser("fit", help="print the alpha-beta fits of a profile (JSON or nccl_perf CSV)")
+    fit.add_argument("file")
+    fit.set_defaults(func=_cmd_profile_fit)
     return parser
 
 

@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 # torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single
 # (the old names warn); we accept torch >= 2.5, so pick whichever exists.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -87,13 +87,13 @@ class Comm:
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, what: str) -> Pending:
         """Start gathering equal-sized ``input`` from every rank into ``output`` (concatenated on dim 0)."""
         self.bytes_sent += (self.size - 1) * nbytes(input)
-        return Pending(lambda: [_all_gather_single(output, input.contiguous(), group=self.group, async_op=True)],
+        return Pending(lambda: [all_gather_single(output, input.contiguous(), group=self.group, async_op=True)],
                        what)
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, what: str) -> Pending:
         """Start summing ``input`` over ranks; this rank gets its equal dim-0 chunk in ``output``."""
         self.bytes_sent += nbytes(input) * (self.size - 1) // self.size
-        return Pending(lambda: [_reduce_scatter_single(output, input.contiguous(), group=self.group,
+        return Pending(lambda: [reduce_scatter_single(output, input.contiguous(), group=self.group,
                                                        async_op=True)], what)
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: list[int],

@@ -1,5 +1,8 @@
-"""Launchers (``distattn.launch``): local, torchrun and Slurm runs of one config (Ray: to come)."""
+"""Launchers (``distattn.launch``): local, torchrun, Slurm and Ray runs of one config."""
 
-from .launchers import LaunchOptions, sbatch_script, torchrun_command
+from .launchers import (LaunchOptions, sbatch_script, slurm_job_state, submit_sbatch, torchrun_command,
+                        wait_slurm_job)
+from .ray_launch import RayOptions, ray_train
 
-__all__ = ["LaunchOptions", "sbatch_script", "torchrun_command"]
+__all__ = ["LaunchOptions", "RayOptions", "ray_train", "sbatch_script", "slurm_job_state", "submit_sbatch",
+           "torchrun_command", "wait_slurm_job"]
