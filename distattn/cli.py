@@ -209,6 +209,132 @@ def _cmd_profile_fit(args) -> int:
     return 0
 
 
+def _tokens(text: str) -> int:
+    """``524288``, ``512K`` or ``1M`` tokens (K = 1024)."""
+    t = text.strip().upper()
+    mult = {"K": 1024, "M": 1024**2}.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count like 131072, 128K or 1M, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive token count, got {text!r}")
+    return value
+
+
+def _doc_pool(path):
+    """A document-length sample; documents over 64K repeated 4x as in DistCA's evaluation."""
+    if path is None:
+        return None
+    import numpy as np
+
+    from .doclens import load_doc_lens
+
+    pool = load_doc_lens(path)
+    return np.concatenate([pool, np.repeat(pool[pool > 65536], 3)])
+
+
+def _cmd_bench(args) -> int:
+    from .bench.suite import BenchConfig, run_bench
+
+    pool = _doc_pool(args.doclens)
+    kw = dict(doc_pool=None if pool is None else tuple(int(x) for x in pool), peers=not args.no_peers)
+    for name in ("world_sizes", "seq_lens", "masks", "schedulers", "repeats"):
+        if getattr(args, name) is not None:
+            kw[name] = tuple(getattr(args, name)) if name != "repeats" else args.repeats
+    cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
+    print(f"distattn bench{' --quick' if args.quick else ''}: world sizes {list(cfg.world_sizes)}, lengths "
+          f"{list(cfg.seq_lens)}, masks {list(cfg.masks)}, {cfg.heads}/{cfg.kv_heads} heads x {cfg.head_dim}, "
+          f"{cfg.dtype}, warm-up {cfg.warmup} + median of {cfg.repeats}", flush=True)
+    rows = run_bench(cfg, args.out)
+    print(f"\n{'scheduler':<18} {'world':>5} {'seq':>6} {'mask':<10} {'fwd+bwd ms':>10} {'GFLOP/s':>8} {'imb':>5} "
+          f"{'send MB':>8} {'peak MB':>8}")
+    for r in rows:
+        print(f"{r['scheduler']:<18} {r['world_size']:>5} {r['seq_len']:>6} {r['mask']:<10} {r['fwd_bwd_ms']:>10.1f} "
+              f"{r['tflops'] * 1e3:>8.1f} {r['flops_imbalance']:>5.2f} {r['send_bytes'] / 2**20:>8.1f} "
+              f"{r['peak_mem_mb']:>8.0f}")
+    print(f"results: {args.out}/results.csv, results.json, *.png, tb/")
+    return 0
+
+
+def _network(path):
+    from .cluster.profile import NetworkProfile, default_profile
+
+    return NetworkProfile.load(path) if path else default_profile()
+
+
+def _cmd_simulate(args) -> int:
+    from .sim.simulate import GPUS, MODELS, SimConfig, default_cp, mesh_description, recommend, simulate
+
+    if args.calibrate:
+        return _calibrate(args)
+    if args.model not in MODELS:
+        raise ValueError(f"--model {args.model!r} is unknown; presets: {', '.join(MODELS)}")
+    if args.gpus is None or args.seq_len is None:
+        raise ValueError("--gpus and --seq-len are required (or --calibrate RESULTS_CSV)")
+    model, gpu, net, pool = MODELS[args.model], GPUS[args.gpu], _network(args.network), _doc_pool(args.doclens)
+    say = (lambda *a, **k: None) if args.json else print
+    say(f"distattn simulate: {model.name} on {args.gpus} {gpu.name.upper()} ({args.gpus_per_node}/node), "
+        f"{args.seq_len:,} tokens per sequence, network: {net.source}, documents: "
+        f"{args.doclens or 'log-normal stand-in'}", flush=True)
+    if args.auto:
+        best, rows = recommend(model, args.gpus, args.seq_len, net, pool, gpu, args.gpus_per_node,
+                               progress=lambda cp, got: say(f"  cp {cp}: {len(got)} schedulers simulated", flush=True))
+    else:
+        cp = args.cp or default_cp(model, args.gpus, args.seq_len)
+        cfg = SimConfig(model, args.gpus, args.seq_len, cp, gpu=gpu, gpus_per_node=args.gpus_per_node,
+                        ulysses_degree=args.ulysses_degree)
+        rows = simulate(cfg, net, args.schedulers, pool)
+        best = None
+    if args.json:
+        out = {"results": rows}
+        if best is not None:
+            out["recommended"] = dict(best, mesh=mesh_description(best, args.gpus_per_node))
+        print(json.dumps(out))
+        return 0
+    print(f"{'scheduler':<10} {'cp':>5} {'dp':>5} {'step s':>8} {'tok/s/GPU':>10} {'MFU':>5} {'exposed s':>9} "
+          f"{'imb':>5} {'DP idle':>7} {'mem GB':>7}")
+    for r in sorted(rows, key=lambda r: (r["cp"], r["step_time_s"])):
+        print(f"{r['scheduler']:<10} {r['cp']:>5} {r['dp']:>5} {r['step_time_s']:>8.2f} "
+              f"{r['tokens_per_s_per_gpu']:>10,.0f} {r['mfu']:>5.2f} {r['exposed_comm_s']:>9.2f} "
+              f"{r['compute_imbalance']:>5.2f} {r['dp_idle']:>7.0%} {r['memory_gb']:>6.0f}{'' if r['fits_memory'] else '!'}")
+    print("imb: max/mean compute over all GPUs; DP idle: mean share of the step replicas wait; ! exceeds GPU memory")
+    if best is not None:
+        print(f"recommended: {best['scheduler']}, {mesh_description(best, args.gpus_per_node)}: "
+              f"{best['step_time_s']:.2f} s/step")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from .bench.suite import read_results
+    from .cluster.probe import PROBED
+    from .sim.calibrate import calibrate
+
+    rows = [r for r in read_results(args.calibrate) if r["world_size"] > 1]
+    if not rows:
+        raise ValueError(f"--calibrate {args.calibrate}: no multi-rank rows; run `distattn bench` first")
+    if args.network:
+        net = _network(args.network)
+    else:  # measure gloo here at the bench's world sizes
+        from .cluster.profile import NetworkProfile
+        from .spawn import run_distributed
+
+        measured = []
+        for w in sorted({r["world_size"] for r in rows}):
+            print(f"probing gloo collectives on {w} ranks", flush=True)
+            data = run_distributed(_probe_rank, w, [2**k for k in range(12, 25, 2)], list(PROBED), 3, 1)[0]
+            measured += NetworkProfile.from_json(data).rows
+        net = NetworkProfile(tuple(measured), source="gloo probe", backend="gloo", gpus_per_node=64)
+    out, per, rate = calibrate(rows, net, pool=_doc_pool(args.doclens))
+    print(f"attention: {rate / 1e9:.1f} GFLOP/s per process with all cores; network: {net.source}")
+    print(f"{'scheduler':<18} {'world':>5} {'seq':>6} {'mask':<10} {'measured ms':>11} {'predicted ms':>12} {'error':>7}")
+    for r in out:
+        print(f"{r['scheduler']:<18} {r['world_size']:>5} {r['seq_len']:>6} {r['mask']:<10} {r['fwd_bwd_ms']:>11.1f} "
+              f"{r['predicted_ms']:>12.1f} {r['error']:>+7.0%}")
+    print("median |error| per scheduler: " + ", ".join(f"{k} {v:.0%}" for k, v in per.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distattn", description="Exact context-parallel attention.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -294,6 +420,40 @@ def build_parser() -> argparse.ArgumentParser:
     tests.add_argument("--log-dir", default=None, help="keep each binary's raw output here")
     tests.add_argument("--out", default="network_profile.json")
     tests.set_defaults(func=_cmd_nccl_tests)
+    bench = sub.add_parser("bench", help="real fwd+bwd runs of every scheduler across masks, lengths and world "
+                           "sizes -> results.csv/json, PNG plots, TensorBoard")
+    bench.add_argument("--quick", action="store_true", help="world sizes 2 and 4, 2K/4K tokens (a few minutes on CPU)")
+    bench.add_argument("--out", required=True, help="folder for results.csv, results.json, *.png, tb/")
+    bench.add_argument("--world-sizes", type=_int_list, default=None)
+    bench.add_argument("--seq-lens", type=_int_list, default=None)
+    bench.add_argument("--masks", nargs="+", default=None, help="causal full causal-doc full-doc window")
+    bench.add_argument("--schedulers", nargs="+", default=None)
+    bench.add_argument("--repeats", type=int, default=None, help="timed rounds (median kept)")
+    bench.add_argument("--doclens", default=None, help="JSON document-length sample for the -doc masks")
+    bench.add_argument("--no-peers", action="store_true", help="skip DeepSpeed's DistributedAttention")
+    bench.set_defaults(func=_cmd_bench)
+
+    from .sim.simulate import GPUS, MODELS, SCHEDULERS
+
+    sim = sub.add_parser("simulate", help="predict step time per scheduler on a modelled cluster (dry plans on a "
+                         "cost model); --auto recommends a scheduler and mesh; --calibrate checks it against bench")
+    sim.add_argument("--gpus", type=int, default=None)
+    sim.add_argument("--seq-len", type=_tokens, default=None, help="tokens per packed sequence, e.g. 512K")
+    sim.add_argument("--model", default="llama3-8b", help=f"preset: {', '.join(MODELS)}")
+    sim.add_argument("--cp", type=int, default=None, help="context-parallel degree (default: <= 16K tokens per GPU)")
+    sim.add_argument("--ulysses-degree", type=int, default=None, help="usp: Ulysses group (default: a node)")
+    sim.add_argument("--gpu", default="h100", choices=sorted(GPUS))
+    sim.add_argument("--gpus-per-node", type=int, default=8)
+    sim.add_argument("--network", default=None, help="profile JSON (distattn cluster probe/nccl-tests) or "
+                     "nccl_perf CSV (default: NVLink 360 GB/s + IB 45 GB/s assumed)")
+    sim.add_argument("--doclens", default=None, help="JSON document-length sample (default: log-normal stand-in)")
+    sim.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=SCHEDULERS)
+    sim.add_argument("--auto", action="store_true", help="try every CP degree and recommend the fastest that fits")
+    sim.add_argument("--calibrate", default=None, metavar="RESULTS_CSV",
+                     help="compare predictions with a `distattn bench` results.csv from this machine")
+    sim.add_argument("--json", action="store_true")
+    sim.set_defaults(func=_cmd_simulate)
+
     fit = cluster_sub.add_parser("fit", help="print the alpha-beta fits of a profile (JSON or nccl_perf CSV)")
     fit.add_argument("file")
     fit.set_defaults(func=_cmd_profile_fit)

@@ -19,6 +19,7 @@ from .doclens import pack
 from .kernels import attn_bwd, attn_fwd
 from .masks import as_doc_lens, cu_seqlens
 from .schedulers import implemented
+from .schedulers.usp import default_ulysses_degree
 from .spawn import run_distributed
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,8 +88,8 @@ def run_demo(world_size: int = 4, schedulers: list[str] | None = None, seq_len: 
     unknown = [s for s in schedulers if s not in available]
     if unknown:
         raise ValueError(f"schedulers {unknown} cannot run at world size {world_size}; available: {available}")
-    if ulysses_degree is None:  # usp: the largest divisor of the world size up to its square root
-        ulysses_degree = max(d for d in range(1, int(world_size ** 0.5) + 1) if world_size % d == 0)
+    if ulysses_degree is None:
+        ulysses_degree = default_ulysses_degree(world_size)
     if doc_lens is not None:
         doc_lens = list(as_doc_lens(doc_lens))
     else:

@@ -96,6 +96,11 @@ class USPPlan(Plan):
                                   "usp backward")
 
 
+def default_ulysses_degree(world_size: int) -> int:
+    """The largest divisor of the world size up to its square root (a near-square mesh)."""
+    return max(d for d in range(1, int(world_size ** 0.5) + 1) if world_size % d == 0)
+
+
 def _layout(mesh: MeshInfo, ulysses_degree):
     """(U, R, coords per flat rank, this rank's ulysses group, ring group) from the mesh argument."""
     dm = mesh.device_mesh

@@ -1,0 +1,235 @@
+"""``distattn bench``: real fwd+bwd runs of every scheduler across masks, lengths and world sizes.
+
+For each world size one set of processes (gloo on CPU, nccl on GPUs) runs every
+``(seq_len, mask, scheduler)`` case: ``warmup`` untimed rounds, then ``repeats``
+timed ones; a round's time is the slowest rank's and the median round is kept.
+Masks (document lengths from a real sample when given, else a log-normal stand-in):
+
+* ``causal`` / ``full``: one document;
+* ``causal-doc`` / ``full-doc``: packed documents;
+* ``window``: one causal document with a sliding window of ``seq_len / 8``.
+
+FLOPs follow the mask area: forward ``4 * area * Hq * D``, backward 2.5x that, so
+``tflops = 3.5 * 4 * area * Hq * D / time``. ``flops_imbalance`` and ``send_bytes`` (forward,
+per rank, max) come from the plan's ``stats()``. ``peak_mem_mb`` is the largest rank's peak:
+CUDA allocated memory on GPUs, the process's peak resident set on CPU (which includes the
+~300 MB of the PyTorch runtime). When DeepSpeed is installed its ``DistributedAttention``
+(Ulysses, with our local kernel inside) runs as ``deepspeed-ulysses`` on the same inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..api import attention, local_attention, plan
+from ..doclens import pack
+from ..masks import attention_flops, mask_area
+
+SCHEDULERS = ("ring", "zigzag", "allgather", "ulysses", "usp", "cad")
+MASKS = ("causal", "full", "causal-doc", "full-doc", "window")
+COLUMNS = ("scheduler", "world_size", "seq_len", "mask", "fwd_bwd_ms", "tflops", "flops_imbalance", "send_bytes",
+           "peak_mem_mb", "num_docs", "heads", "kv_heads", "head_dim", "dtype", "device")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    world_sizes: tuple[int, ...] = (1, 2, 4)
+    seq_lens: tuple[int, ...] = (2048, 4096, 8192)
+    masks: tuple[str, ...] = MASKS
+    schedulers: tuple[str, ...] = SCHEDULERS
+    heads: int = 8
+    kv_heads: int = 4
+    head_dim: int = 64
+    dtype: str = "fp32"
+    warmup: int = 1
+    repeats: int = 3
+    peers: bool = True
+    doc_pool: tuple[int, ...] | None = field(default=None, repr=False)
+    seed: int = 0
+
+    @staticmethod
+    def quick(**kw) -> "BenchConfig":
+        return BenchConfig(world_sizes=(2, 4), seq_lens=(2048, 4096), repeats=2, **kw)
+
+    def check(self) -> None:
+        for name in self.masks:
+            if name not in MASKS:
+                raise ValueError(f"mask {name!r} is unknown; choose from {', '.join(MASKS)}")
+        for name in self.schedulers:
+            if name not in SCHEDULERS:
+                raise ValueError(f"scheduler {name!r} is unknown; choose from {', '.join(SCHEDULERS)}")
+        if min(self.world_sizes) < 1 or min(self.seq_lens) < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError("world sizes, sequence lengths and --repeats must be >= 1, --warmup >= 0")
+
+
+def mask_case(mask: str, seq_len: int, pool, seed: int) -> tuple[list[int], bool, int | None]:
+    """(doc_lens, causal, window) of a named mask pattern."""
+    if mask in ("causal", "full", "window"):
+        return [seq_len], mask != "full", (max(1, seq_len // 8) if mask == "window" else None)
+    docs = pack(seq_len, None if pool is None else np.asarray(pool), seed=seed, median=max(1, seq_len // 16))
+    return docs, mask == "causal-doc", None
+
+
+def case_flops(docs, causal, window, heads, head_dim) -> float:
+    """Forward plus backward FLOPs of the whole sequence (backward = 2.5x forward)."""
+    area = int(mask_area(np.asarray(docs), np.asarray(docs), causal, window).sum())
+    return 3.5 * float(attention_flops(area, heads, head_dim))
+
+
+def _peak_mem_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _timed(fn, warmup: int, repeats: int, device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(warmup + repeats):
+        sync()
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return slowest.item() * 1e3
+
+
+def _deepspeed_attention(group, docs, causal, window):
+    try:
+        import deepspeed.comm
+        from deepspeed.sequence.layer import DistributedAttention
+    except ImportError:
+        return None
+    deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+
+    def local(q, k, v):  # DeepSpeed's layout is [s, b, h, d]
+        return local_attention(q[:, 0], k[:, 0], v[:, 0], docs, causal=causal, window=window)[:, None]
+    return DistributedAttention(local, group, scatter_idx=2, gather_idx=0)
+
+
+def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+    group, rank = dist.group.WORLD, dist.get_rank()
+    if cfg.peers and world > 1:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".venv" /
+                                                           "torch_extensions"))
+    meshes = {name: group for name in cfg.schedulers}
+    if "usp" in cfg.schedulers and world > 1:  # built once: a mesh per plan would create process groups each time
+        from ..parallel.mesh import usp_mesh
+        from ..schedulers.usp import default_ulysses_degree
+
+        meshes["usp"] = usp_mesh(device.type, default_ulysses_degree(world))
+    rows = []
+    for seq_len in cfg.seq_lens:
+        for mask in cfg.masks:
+            docs, causal, window = mask_case(mask, seq_len, cfg.doc_pool, cfg.seed)
+            g = torch.Generator().manual_seed(cfg.seed)
+            q, dout = (torch.randn(seq_len, cfg.heads, cfg.head_dim, generator=g).to(device, dtype) for _ in "qd")
+            k, v = (torch.randn(seq_len, cfg.kv_heads, cfg.head_dim, generator=g).to(device, dtype) for _ in "kv")
+            flops = case_flops(docs, causal, window, cfg.heads, cfg.head_dim)
+            names = list(cfg.schedulers) if world > 1 else ["local"]
+            if cfg.peers and world > 1 and seq_len % world == 0 and cfg.kv_heads % world == 0:
+                names.append("deepspeed-ulysses")
+            for name in names:
+                if name in ("ulysses", "deepspeed-ulysses") and cfg.heads < world:
+                    continue
+                p = plan(docs, meshes.get(name, group), scheduler="ulysses" if name == "deepspeed-ulysses" else name,
+                         causal=causal, window=window)
+                q_l, k_l, v_l, d_l = (p.shard(t) for t in (q, k, v, dout))
+                if name == "deepspeed-ulysses":
+                    ds = _deepspeed_attention(group, docs, causal, window)
+                    if ds is None:
+                        continue
+
+                    def step():
+                        x = [t.detach()[:, None].requires_grad_() for t in (q_l, k_l, v_l)]
+                        ds(*x, 1).backward(d_l[:, None])
+                else:
+                    def step():
+                        x = [t.detach().requires_grad_() for t in (q_l, k_l, v_l)]
+                        attention(*x, p).backward(d_l)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                ms = _timed(step, cfg.warmup, cfg.repeats, device)
+                mem = torch.tensor([_peak_mem_mb(device)], dtype=torch.float64, device=device)
+                dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+                st = p.stats(cfg.heads, cfg.kv_heads, cfg.head_dim, q.element_size())
+                row = {"scheduler": name, "world_size": world, "seq_len": seq_len, "mask": mask, "fwd_bwd_ms": ms,
+                       "tflops": flops / (ms * 1e-3) / 1e12, "flops_imbalance": st["flops_imbalance"],
+                       "send_bytes": max(st["send_bytes"]), "peak_mem_mb": mem.item(), "num_docs": len(docs),
+                       "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
+                       "device": device.type}
+                rows.append(row)
+                if progress and rank == 0:
+                    print(f"  world {world} seq {seq_len:>6} {mask:<10} {name:<17} {ms:>9.1f} ms "
+                          f"{row['tflops'] * 1e3:>8.2f} GFLOP/s  imb {row['flops_imbalance']:.2f}", flush=True)
+    return rows
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> list[dict]:
+    """Run every case and write ``out/results.csv``, ``results.json``, plots and TensorBoard events."""
+    from ..spawn import run_distributed
+
+    cfg.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, t0 = [], time.perf_counter()
+    for world in cfg.world_sizes:
+        if progress:
+            print(f"world size {world}: {len(cfg.seq_lens)} lengths x {len(cfg.masks)} masks "
+                  f"({time.perf_counter() - t0:.0f} s so far)", flush=True)
+        threads = max(1, (os.cpu_count() or 1) // world)
+        rows += run_distributed(_rank_main, world, cfg, world, progress, timeout=3600.0, collective_timeout=600.0,
+                                threads_per_rank=threads)[0]
+    write_results(rows, out, cfg)
+    if progress:
+        print(f"{len(rows)} runs in {time.perf_counter() - t0:.0f} s -> {out}/results.csv", flush=True)
+    return rows
+
+
+def write_results(rows: list[dict], out: Path, cfg: BenchConfig) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    config = {k: v for k, v in asdict(cfg).items() if k != "doc_pool"}
+    (out / "results.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1))
+    from .plots import plot_results
+
+    plot_results(rows, out)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return
+    with SummaryWriter(str(out / "tb")) as tb:
+        for r in rows:
+            tag = f"{r['mask']}/w{r['world_size']}/{r['scheduler']}"
+            tb.add_scalar(f"fwd_bwd_ms/{tag}", r["fwd_bwd_ms"], r["seq_len"])
+            tb.add_scalar(f"tflops/{tag}", r["tflops"], r["seq_len"])
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """Rows of a ``results.csv`` with numbers parsed."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    ints, floats = ("world_size", "seq_len", "send_bytes", "num_docs", "heads", "kv_heads", "head_dim"), \
+        ("fwd_bwd_ms", "tflops", "flops_imbalance", "peak_mem_mb")
+    for r in rows:
+        r.update({k: int(r[k]) for k in ints}, **{k: float(r[k]) for k in floats})
+    return rows
