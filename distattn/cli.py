@@ -292,13 +292,14 @@ def _cmd_simulate(args) -> int:
             out["recommended"] = dict(best, mesh=mesh_description(best, args.gpus_per_node))
         print(json.dumps(out))
         return 0
-    print(f"{'scheduler':<10} {'cp':>5} {'dp':>5} {'step s':>8} {'tok/s/GPU':>10} {'MFU':>5} {'exposed s':>9} "
-          f"{'imb':>5} {'DP idle':>7} {'mem GB':>7}")
+    print(f"{'scheduler':<10} {'cp':>5} {'dp':>5} {'step s':>8} {'tok/s/GPU':>10} {'MFU':>5} {'compute s':>9} "
+          f"{'exposed s':>9} {'imb':>5} {'DP idle':>7} {'mem GB':>7}")
     for r in sorted(rows, key=lambda r: (r["cp"], r["step_time_s"])):
         print(f"{r['scheduler']:<10} {r['cp']:>5} {r['dp']:>5} {r['step_time_s']:>8.2f} "
-              f"{r['tokens_per_s_per_gpu']:>10,.0f} {r['mfu']:>5.2f} {r['exposed_comm_s']:>9.2f} "
+              f"{r['tokens_per_s_per_gpu']:>10,.0f} {r['mfu']:>5.2f} {r['compute_s']:>9.2f} {r['exposed_comm_s']:>9.2f} "
               f"{r['compute_imbalance']:>5.2f} {r['dp_idle']:>7.0%} {r['memory_gb']:>6.0f}{'' if r['fits_memory'] else '!'}")
-    print("imb: max/mean compute over all GPUs; DP idle: mean share of the step replicas wait; ! exceeds GPU memory")
+    print("compute s: the busiest GPU's compute; exposed s: the slowest GPU's communication not hidden; imb: max/mean "
+          "compute over all GPUs; DP idle: mean share of the step replicas wait; ! exceeds GPU memory")
     if best is not None:
         print(f"recommended: {best['scheduler']}, {mesh_description(best, args.gpus_per_node)}: "
               f"{best['step_time_s']:.2f} s/step")

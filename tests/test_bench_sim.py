@@ -64,6 +64,7 @@ def test_simulate_512_gpus_json():
     for r in results.values():
         assert r["gpus"] == 512 and r["cp"] * r["dp"] == 512
         assert r["step_time_s"] > 0 and 0 <= r["exposed_comm_s"] <= r["step_time_s"]
+        assert 0 < r["compute_s"] <= r["step_time_s"] * (1 + 1e-9)
         assert r["compute_imbalance"] >= 1 and 0 <= r["dp_idle"] < 1 and 0 < r["mfu"] < 1 and r["memory_gb"] > 0
     assert results["wlb-ideal"]["step_time_s"] <= results["zigzag"]["step_time_s"]
     assert results["wlb-ideal"]["compute_imbalance"] <= results["zigzag"]["compute_imbalance"]

@@ -11,9 +11,9 @@ Masks (document lengths from a real sample when given, else a log-normal stand-i
 
 FLOPs follow the mask area: forward ``4 * area * Hq * D``, backward 2.5x that, so
 ``tflops = 3.5 * 4 * area * Hq * D / time``. ``flops_imbalance`` and ``send_bytes`` (forward,
-per rank, max) come from the plan's ``stats()``. ``peak_mem_mb`` is the largest rank's peak:
-CUDA allocated memory on GPUs, the process's peak resident set on CPU (which includes the
-~300 MB of the PyTorch runtime). When DeepSpeed is installed its ``DistributedAttention``
+per rank, max) come from the plan's ``stats()``. ``peak_mem_mb`` is the largest rank's peak during
+the case: CUDA allocated memory on GPUs; on CPU the process's peak resident set (reset before each
+case on Linux), which includes the ~250 MB of the PyTorch runtime. When DeepSpeed is installed its ``DistributedAttention``
 (Ulysses, with our local kernel inside) runs as ``deepspeed-ulysses`` on the same inputs.
 """
 
@@ -87,10 +87,28 @@ def case_flops(docs, causal, window, heads, head_dim) -> float:
     return 3.5 * float(attention_flops(area, heads, head_dim))
 
 
+def _reset_peak_mem(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's peak resident set (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_mem_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak since start, KiB on Linux
 
 
 def _timed(fn, warmup: int, repeats: int, device) -> float:
@@ -164,8 +182,7 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
                     def step():
                         x = [t.detach().requires_grad_() for t in (q_l, k_l, v_l)]
                         attention(*x, p).backward(d_l)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
+                _reset_peak_mem(device)
                 ms = _timed(step, cfg.warmup, cfg.repeats, device)
                 mem = torch.tensor([_peak_mem_mb(device)], dtype=torch.float64, device=device)
                 dist.all_reduce(mem, op=dist.ReduceOp.MAX)

@@ -231,7 +231,7 @@ def simulate(cfg: SimConfig, network, schedulers=SCHEDULERS, pool=None, replica_
             "model": m.name, "ulysses_degree": u if name == "usp" else None,
             "step_time_s": float(step), "tokens_per_s_per_gpu": float(cfg.seq_len * cfg.dp / step / cfg.gpus),
             "mfu": float(flops_model / step / (peak * cfg.gpus)),
-            "exposed_comm_s": float(rank_exposed[slowest]), "comm_s": float(rank_comm[slowest]),
+            "compute_s": float(np.max(ranks_compute)), "exposed_comm_s": float(rank_exposed[slowest]), "comm_s": float(rank_comm[slowest]),
             "compute_imbalance": float(np.max(ranks_compute) / np.mean(ranks_compute)),
             "dp_idle": float(np.mean([(step - t) / step for t in rep_times])),
             "memory_gb": float(mem), "fits_memory": bool(mem <= cfg.gpu.memory_gb),
