@@ -320,12 +320,12 @@ def _calibrate(args) -> int:
         from .cluster.profile import NetworkProfile
         from .spawn import run_distributed
 
-        measured = []
-        for w in sorted({r["world_size"] for r in rows}):
+        measured, worlds = [], sorted({r["world_size"] for r in rows})
+        for w in worlds:
             print(f"probing gloo collectives on {w} ranks", flush=True)
             data = run_distributed(_probe_rank, w, [2**k for k in range(12, 25, 2)], list(PROBED), 3, 1)[0]
             measured += NetworkProfile.from_json(data).rows
-        net = NetworkProfile(tuple(measured), source="gloo probe", backend="gloo", gpus_per_node=64)
+        net = NetworkProfile(tuple(measured), source="gloo probe", backend="gloo", gpus_per_node=max(worlds))
     out, per, rate = calibrate(rows, net, pool=_doc_pool(args.doclens))
     print(f"attention: {rate / 1e9:.1f} GFLOP/s per process with all cores; network: {net.source}")
     print(f"{'scheduler':<18} {'world':>5} {'seq':>6} {'mask':<10} {'measured ms':>11} {'predicted ms':>12} {'error':>7}")
