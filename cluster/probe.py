@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import all_gather_single, reduce_scatter_single
-from .profile import Measurement, NetworkProfile
+from .profile import Measurement, NetworkProfile, parse_size
 
 PROBED = ("all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
@@ -23,12 +23,7 @@ PROBED = ("all_gather", "reduce_scatter", "all_to_all", "send_recv")
 def parse_sizes(text: str) -> list[int]:
     """``"4K:16M"`` (powers of two from 4 KiB to 16 MiB) or ``"1024,65536"``."""
     def one(tok: str) -> int:
-        tok = tok.strip().upper()
-        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(tok[-1:], 1)
-        try:
-            return int(float(tok[:-1] if mult > 1 else tok) * mult)
-        except ValueError:
-            raise ValueError(f"--sizes: {tok!r} is not a size like 4K, 16M or 1048576") from None
+        return parse_size(tok, "--sizes")
 
     if ":" in text:
         lo, hi = (one(t) for t in text.split(":", 1))

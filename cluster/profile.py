@@ -37,6 +37,16 @@ _ALIASES = {"alltoall": "all_to_all", "sendrecv": "send_recv", "allgather": "all
             "reducescatter": "reduce_scatter", "allreduce": "all_reduce"}
 
 
+def parse_size(token: str, what: str) -> int:
+    """``4K``, ``16M``, ``1G`` (powers of 1024) or a plain number; ``ValueError`` names ``what``."""
+    tok = token.strip().upper()
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(tok[-1:], 1)
+    try:
+        return int(float(tok[:-1] if mult > 1 else tok) * mult)
+    except ValueError:
+        raise ValueError(f"{what}: {token.strip()!r} is not a size like 4K, 16M or 1048576") from None
+
+
 def bus_factor(op: str, n: int) -> float:
     if op == "send_recv" or n <= 1:
         return 1.0

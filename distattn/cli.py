@@ -211,10 +211,10 @@ def _cmd_profile_fit(args) -> int:
 
 def _tokens(text: str) -> int:
     """``524288``, ``512K`` or ``1M`` tokens (K = 1024)."""
-    t = text.strip().upper()
-    mult = {"K": 1024, "M": 1024**2}.get(t[-1:], 1)
+    from .cluster.profile import parse_size
+
     try:
-        value = int(float(t[:-1] if mult > 1 else t) * mult)
+        value = parse_size(text, "--seq-len")
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a token count like 131072, 128K or 1M, got {text!r}") from None
     if value < 1:
@@ -226,12 +226,9 @@ def _doc_pool(path):
     """A document-length sample; documents over 64K repeated 4x as in DistCA's evaluation."""
     if path is None:
         return None
-    import numpy as np
+    from .doclens import load_doc_lens, upsample_long
 
-    from .doclens import load_doc_lens
-
-    pool = load_doc_lens(path)
-    return np.concatenate([pool, np.repeat(pool[pool > 65536], 3)])
+    return upsample_long(load_doc_lens(path))
 
 
 def _cmd_bench(args) -> int:

@@ -23,6 +23,13 @@ def load_doc_lens(path: str | Path) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
+def upsample_long(pool: np.ndarray, threshold: int = 65536, factor: int = 4) -> np.ndarray:
+    """``pool`` with every document longer than ``threshold`` repeated ``factor`` times in all
+    (how the DistCA evaluation skews a sample toward long documents)."""
+    pool = np.asarray(pool)
+    return np.concatenate([pool, np.repeat(pool[pool > threshold], factor - 1)])
+
+
 def pack(total: int, pool: np.ndarray | None = None, *, median: int = 1900, sigma: float = 1.0,
          seed: int = 0) -> list[int]:
     """Document lengths summing to ``total``: drawn from ``pool`` (uniformly) or, without one,

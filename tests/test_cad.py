@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import distattn
 from conftest import case_error, max_err, rand_qkv, sent_vs_stats
-from distattn.doclens import load_doc_lens, pack
+from distattn.doclens import load_doc_lens, pack, upsample_long
 from distattn.spawn import run_distributed
 
 DOCS = [[3, 50, 2, 1, 4, 17], [1, 2, 1, 3, 1, 1, 2, 5, 1, 4], [29], [300, 12, 5]]
@@ -91,8 +91,7 @@ def _real_doc_pool():
     path = SHARED / "doclens" / "prolong.json"
     if not path.exists():  # the project works without ../shared: a synthetic skew stands in
         return None
-    pool = load_doc_lens(path)
-    return np.concatenate([pool, np.repeat(pool[pool > 65536], 3)])  # long documents x4, as in the paper
+    return upsample_long(load_doc_lens(path))  # long documents x4, as in the paper
 
 
 @pytest.mark.parametrize("ranks", [8, 64, 512])

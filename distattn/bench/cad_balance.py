@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from ..api import plan
-from ..doclens import load_doc_lens, pack
+from ..doclens import load_doc_lens, pack, upsample_long
 
 
 def table(ranks_list, tokens_per_rank: int, pool) -> list[dict]:
@@ -45,8 +45,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     pool = None
     if args.doclens:
-        pool = load_doc_lens(args.doclens)
-        pool = np.concatenate([pool, np.repeat(pool[pool > 65536], 3)])
+        pool = upsample_long(load_doc_lens(args.doclens))
     print(f"{'ranks':>5} {'docs':>6} {'scheduler':<14} {'FLOPs imb':>9} {'tok imb':>7} {'mean MiB':>9} "
           f"{'max MiB':>9} {'plan ms':>8}")
     for r in table(args.ranks, args.tokens_per_rank, pool):

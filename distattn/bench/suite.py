@@ -35,6 +35,7 @@ import torch.distributed as dist
 from ..api import attention, local_attention, plan
 from ..doclens import pack
 from ..masks import attention_flops, mask_area
+from .ulysses_vs_deepspeed import DEFAULT_EXTENSIONS_DIR
 
 SCHEDULERS = ("ring", "zigzag", "allgather", "ulysses", "usp", "cad")
 MASKS = ("causal", "full", "causal-doc", "full-doc", "window")
@@ -145,8 +146,7 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
     group, rank = dist.group.WORLD, dist.get_rank()
     if cfg.peers and world > 1:
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".venv" /
-                                                           "torch_extensions"))
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)
     meshes = {name: group for name in cfg.schedulers}
     if "usp" in cfg.schedulers and world > 1:  # built once: a mesh per plan would create process groups each time
         from ..parallel.mesh import usp_mesh
