@@ -14,7 +14,7 @@ from .schedulers import KNOWN, PLANNERS, implemented
 
 
 def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window: int | None = None,
-         backend: str = "auto", **options) -> Plan:
+         backend: str = "auto", *, device: torch.device | str | None = None, **options) -> Plan:
     """Plan context-parallel attention for one packed sequence.
 
     Args:
@@ -29,6 +29,9 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         window: sliding window in tokens (query at ``i`` sees keys ``j`` with
             ``|i - j| < window`` of its own document), or None.
         backend: local kernel: ``"auto" | "triton" | "torch" | "reference"``.
+        device: where this rank's q/k/v will live; default: the mesh's (the current CUDA
+            device under NCCL or a CUDA ``DeviceMesh``, else CPU). The plan copies its kernel
+            layouts and indices there once, so attention makes no host synchronisation.
         options: scheduler-specific options (see each scheduler's module).
 
     Returns:
@@ -44,7 +47,7 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     info = resolve_mesh(mesh)
     common = dict(causal=bool(causal), window=window, backend=backend)
     if info.world_size == 1 and not options:
-        return PLANNERS["local"](lens, info, scheduler=scheduler, **common)
+        return _prepared(PLANNERS["local"](lens, info, scheduler=scheduler, **common), info, device)
     if scheduler not in PLANNERS:
         raise ValueError(f"scheduler={scheduler!r} is not implemented for world size > 1 yet; "
                          f"available: {implemented()}")
@@ -53,7 +56,13 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"unexpected option(s) {unknown} for scheduler={scheduler!r}; it accepts {accepted}")
-    return planner(lens, info, **common, **options)
+    return _prepared(planner(lens, info, **common, **options), info, device)
+
+
+def _prepared(plan_: Plan, info, device) -> Plan:
+    if not plan_.is_dry:
+        plan_.prepare(device if device is not None else info.device)
+    return plan_
 
 
 class _Attention(torch.autograd.Function):

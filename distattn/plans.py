@@ -7,7 +7,11 @@ each scheduler subclasses :class:`Plan` in its own file and implements
 
 * ``compute_slices(rank)`` -- the mask slices (global coordinates) that rank computes,
 * ``send_bytes(rank, ...)`` -- the bytes that rank sends in one forward pass,
-* ``forward(q, k, v, scale)`` / ``backward(dout, saved, scale)`` -- the executor.
+* ``forward(q, k, v, scale)`` / ``backward(dout, saved, scale)`` -- the executor;
+* ``device_data()`` -- the kernel layouts (:class:`~distattn.kernels.Varlen`) and index
+  arrays (:class:`DeviceIndex`) the executor uses, which :meth:`Plan.prepare` copies to
+  the device once, when the plan is made: the executor then launches kernels and
+  collectives without a host synchronisation.
 
 Token ownership is stored as ranges: ``owned[r]`` is a tuple of global
 ``(start, end)`` token ranges; rank ``r``'s local tensor is their
@@ -22,16 +26,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
 from .comm import Comm
+from .kernels import Varlen, prepare
 from .kernels.registry import check_qkv
 from .masks import MaskSlice, attention_flops, slices_area
 
 Ranges = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceIndex:
+    """A host index array and its copies on devices, each made once."""
+
+    array: np.ndarray
+    _copies: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        device = torch.device(device)
+        if device not in self._copies:
+            self._copies[device] = torch.from_numpy(np.ascontiguousarray(self.array)).to(device)
+        return self._copies[device]
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -74,6 +93,24 @@ class Plan:
     def extra_stats(self) -> dict:
         """Scheduler-specific per-rank lists added to :meth:`stats`."""
         return {}
+
+    def device_data(self) -> Iterable[Varlen | DeviceIndex]:
+        """Kernel layouts and index arrays the executor uses on this rank (see module docstring)."""
+        return ()
+
+    def prepare(self, device: torch.device | str) -> None:
+        """Copy this rank's kernel layouts and indices to ``device`` and let the kernel backend
+        precompute from them, once. ``distattn.plan`` does it for the mesh's device; attention on
+        tensors of another device prepares them there on first use."""
+        device = torch.device(device)
+        for item in self.device_data():
+            if isinstance(item, Varlen):
+                try:
+                    prepare(item, device, causal=self.causal, window=self.window, backend=self.backend)
+                except ValueError:  # no backend for this device: attention will say so
+                    continue
+            else:
+                item.on(device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

@@ -45,13 +45,15 @@ def _context():
     return ctx
 
 
-def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, threads, results):
+def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, threads, backend, results):
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout))
         out = fn(*args, **kwargs)
         results.put((rank, "ok", pickle.dumps(out)))
@@ -63,8 +65,10 @@ def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, t
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 300.0,
-                    collective_timeout: float = 60.0, threads_per_rank: int = 1, **kwargs) -> list[Any]:
+                    collective_timeout: float = 60.0, threads_per_rank: int = 1, backend: str = "gloo",
+                    **kwargs) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return each rank's result.
+    ``backend="nccl"`` runs one rank per GPU instead (rank ``i`` on ``cuda:i``).
 
     Raises :class:`RankError` if a rank raises or dies, :class:`TimeoutError` if not all
     ranks finish within ``timeout`` seconds. Every process is gone when this returns.
@@ -73,13 +77,15 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if timeout <= 0 or collective_timeout <= 0:
         raise ValueError("timeout and collective_timeout must be positive seconds")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     ctx = _context()
     results = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="distattn-spawn-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [ctx.Process(target=_worker, daemon=True,
                              args=(fn, args, kwargs, rank, world_size, init_file, collective_timeout,
-                                   threads_per_rank, results))
+                                   threads_per_rank, backend, results))
                  for rank in range(world_size)]
         for p in procs:
             p.start()

@@ -1,19 +1,34 @@
 """Local attention kernels behind one registry (``distattn.kernels``).
 
-``attn_fwd``/``attn_bwd`` are the pinned entry points every scheduler calls.
-Backends: ``triton`` (FlashAttention-2 style kernels for CUDA tensors; CPU
-tensors only under Triton's interpreter, ``TRITON_INTERPRET=1``), ``torch``
-(PyTorch's fused CPU flash attention), ``reference`` (dense math, exact in
-fp64). ``backend="auto"`` picks ``triton`` for CUDA tensors and ``torch`` for
-CPU tensors.
+``attn_fwd``/``attn_bwd`` are the pinned entry points; schedulers call
+``varlen_fwd``/``varlen_bwd`` with a :class:`Varlen` layout their plan
+validated and prepared once (no host synchronisation per call). Backends:
+
+* ``triton``: FlashAttention-2 style kernels for CUDA tensors (CPU tensors only
+  under Triton's interpreter, ``TRITON_INTERPRET=1``);
+* ``torch``: PyTorch's own fused kernels, the CPU flash attention on CPU and the
+  FlashAttention-2 varlen kernels on CUDA;
+* ``reference``: dense math, exact in fp64.
+
+``backend="auto"`` picks ``triton`` for CUDA tensors and ``torch`` for CPU tensors.
 """
 
-from . import reference, torch_cpu
-from .registry import (Backend, attn_bwd, attn_fwd, available_backends, register_backend,
-                       resolve_backend)
+from . import reference, torch_cpu, torch_cuda
+from .registry import (Backend, attn_bwd, attn_fwd, available_backends, prepare, register_backend,
+                       resolve_backend, varlen_bwd, varlen_fwd)
+from .varlen import Varlen
+
+
+def _by_device(cpu, cuda):
+    def run(q, *args):
+        return (cuda if q.device.type == "cuda" else cpu)(q, *args)
+    return run
+
 
 register_backend(reference.BACKEND)
-register_backend(torch_cpu.BACKEND)
+register_backend(Backend("torch", _by_device(torch_cpu.torch_fwd, torch_cuda.flash_fwd),
+                         _by_device(torch_cpu.torch_bwd, torch_cuda.flash_bwd), devices=frozenset({"cpu", "cuda"}),
+                         prepare=torch_cuda.prepare))
 
 try:  # triton is optional: without it the other backends still work
     from . import triton_attn
@@ -21,6 +36,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton_attn = None
 if triton_attn is not None:
     register_backend(Backend("triton", triton_attn.triton_fwd, triton_attn.triton_bwd,
-                             devices=frozenset({"cuda", "cpu"} if triton_attn.INTERPRET else {"cuda"})))
+                             devices=frozenset({"cuda", "cpu"} if triton_attn.INTERPRET else {"cuda"}),
+                             prepare=triton_attn.prepare))
 
-__all__ = ["Backend", "attn_fwd", "attn_bwd", "available_backends", "register_backend", "resolve_backend"]
+__all__ = ["Backend", "Varlen", "attn_fwd", "attn_bwd", "available_backends", "prepare", "register_backend",
+           "resolve_backend", "varlen_fwd", "varlen_bwd"]

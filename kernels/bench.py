@@ -1,70 +1,105 @@
-"""Kernel benchmark: our triton backend beside PyTorch SDPA (and flash-attn when installed).
+"""Kernel benchmark on a GPU: our ``triton`` backend beside PyTorch's FlashAttention (``torch``
+backend) and SDPA, measured side by side in one run.
 
-    python -m distattn.kernels.bench [--seq-lens 1024 2048 ...] [--head-dims 64 128] [--dtype bf16]
+    python -m distattn.kernels.bench [--seq-lens 1024 2048 ...] [--head-dims 64 128] [--dtype bf16] [--json F]
 
-For each sequence length, a batch of equal sequences totalling ``--tokens``
-(default 32K) tokens, ``hidden / head_dim`` heads: TFLOP/s of forward,
-backward and forward+backward (FLOPs: 4 * visible pairs * heads * head_dim
-forward, 2.5x that backward), causal and not, measured in one run. SDPA runs
-on the padded ``[b, h, s, d]`` layout with its flash backend; our kernel on
-the packed varlen layout. On a machine without a GPU it says so and exits 0.
+For each sequence length ``s``: a packed batch of ``--tokens`` tokens (default 32K), ``hidden /
+head_dim`` heads (GQA off), three masks:
+
+* ``causal`` / ``full``: ``tokens / s`` sequences of ``s`` tokens each;
+* ``doc``: causal document masks, each length-``s`` sequence cut into documents of seeded
+  log-uniform lengths between 64 and ``s`` (what packed pretraining batches look like).
+
+TFLOP/s of the forward and of forward+backward (FLOPs: 4 * visible pairs * heads * head_dim
+forward, 2.5x that backward; median of ``triton.testing.do_bench``). Our two backends run through
+the plan path (a :class:`~distattn.kernels.Varlen` prepared once); SDPA (flash backend) runs on
+the padded ``[b, h, s, d]`` layout and only for ``causal``/``full``. The last column is triton's
+fwd+bwd over the torch backend's. On a machine without a GPU it says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
+import numpy as np
 import torch
+
+from distattn.masks import mask_area
+
+from . import prepare, varlen_bwd, varlen_fwd
+from .varlen import Varlen
+
+COLUMNS = ["head_dim", "seq_len", "mask", "triton_fwd", "torch_fwd", "sdpa_fwd", "triton_fwd_bwd", "torch_fwd_bwd",
+           "sdpa_fwd_bwd", "triton_vs_torch"]
 
 
 def _tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 
 
-def run(seq_lens, head_dims, dtype, tokens: int, hidden: int) -> list[dict]:
+def doc_lens(seq_len: int, seed: int) -> list[int]:
+    """Documents of log-uniform lengths in [64, seq_len] filling ``seq_len`` tokens."""
+    rng = np.random.default_rng(seed)
+    lens, left = [], seq_len
+    while left > 0:
+        n = int(min(left, np.exp(rng.uniform(np.log(64), np.log(seq_len)))))
+        lens.append(n)
+        left -= n
+    return lens
+
+
+def _time(fn) -> float:
     import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
-    from distattn.kernels import attn_bwd, attn_fwd
-    from distattn.masks import cu_seqlens
 
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        flash_attn_varlen_func = None
+def _ours(backend, q, k, v, dout, seg, causal, flops):
+    scale = q.shape[-1] ** -0.5
+    prepare(seg, q.device, causal=causal, window=None, backend=backend)
+    kw = dict(causal=causal, window=None, scale=scale, backend=backend)
+    out, lse = varlen_fwd(q, k, v, seg, **kw)
+
+    def both():
+        o, l = varlen_fwd(q, k, v, seg, **kw)
+        varlen_bwd(dout, q, k, v, o, l, seg, **kw)
+    return _tflops(flops, _time(lambda: varlen_fwd(q, k, v, seg, **kw))), _tflops(3.5 * flops, _time(both))
+
+
+def _sdpa(q, k, v, dout, batch, s, causal, flops):
+    heads, d = q.shape[1:]
+    qb, kb, vb = (t.view(batch, s, heads, d).transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    do_b = dout.view(batch, s, heads, d).transpose(1, 2)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        run = lambda: torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=causal)  # noqa: E731
+        return _tflops(flops, _time(run)), _tflops(3.5 * flops, _time(lambda: run().backward(do_b)))
+
+
+def run(seq_lens, head_dims, dtype, tokens: int, hidden: int) -> list[dict]:
     rows = []
     for d in head_dims:
         heads = hidden // d
         for s in seq_lens:
             batch = max(1, tokens // s)
-            for causal in (False, True):
-                area = batch * (s * (s + 1) // 2 if causal else s * s)
-                fwd_flops = 4 * area * heads * d
-                q, k, v, dout = (torch.randn(batch * s, heads, d, device="cuda", dtype=dtype) for _ in range(4))
-                cu = cu_seqlens([s] * batch, "cuda")
-                out, lse = attn_fwd(q, k, v, cu, cu, causal=causal, backend="triton")
-                ours_fwd = triton.testing.do_bench(lambda: attn_fwd(q, k, v, cu, cu, causal=causal, backend="triton"))
-                ours_bwd = triton.testing.do_bench(
-                    lambda: attn_bwd(dout, q, k, v, out, lse, cu, cu, causal=causal, backend="triton"))
-                row = {"head_dim": d, "seq_len": s, "causal": causal,
-                       "ours_fwd": _tflops(fwd_flops, ours_fwd), "ours_bwd": _tflops(2.5 * fwd_flops, ours_bwd),
-                       "ours_fwd_bwd": _tflops(3.5 * fwd_flops, ours_fwd + ours_bwd)}
-                qb, kb, vb = (t.view(batch, s, heads, d).transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
-                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-                    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=causal)  # noqa
-                    o = sdpa()
-                    do_b = dout.view(batch, s, heads, d).transpose(1, 2)
-                    sdpa_fwd = triton.testing.do_bench(sdpa)
-                    sdpa_total = triton.testing.do_bench(lambda: sdpa().backward(do_b))
-                del o
-                row.update(sdpa_fwd=_tflops(fwd_flops, sdpa_fwd), sdpa_fwd_bwd=_tflops(3.5 * fwd_flops, sdpa_total))
-                if flash_attn_varlen_func is not None:
-                    qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
-                    fa = lambda: flash_attn_varlen_func(qf, kf, vf, cu, cu, s, s, causal=causal)  # noqa: E731
-                    row["fa_fwd"] = _tflops(fwd_flops, triton.testing.do_bench(fa))
-                    row["fa_fwd_bwd"] = _tflops(3.5 * fwd_flops, triton.testing.do_bench(lambda: fa().backward(dout)))
+            for mask in ("causal", "full", "doc"):
+                lens = [s] * batch if mask != "doc" else [n for b in range(batch) for n in doc_lens(s, b)]
+                causal = mask != "full"
+                area = int(mask_area(np.array(lens), np.array(lens), causal, None).sum())
+                flops = 4 * area * heads * d
+                g = torch.Generator(device="cuda").manual_seed(0)
+                q, k, v, dout = (torch.randn(batch * s, heads, d, device="cuda", dtype=dtype, generator=g)
+                                 for _ in range(4))
+                cu = np.concatenate([[0], np.cumsum(lens)])
+                seg = Varlen.build(cu, cu)
+                row = {"head_dim": d, "seq_len": s, "mask": mask}
+                row["triton_fwd"], row["triton_fwd_bwd"] = _ours("triton", q, k, v, dout, seg, causal, flops)
+                row["torch_fwd"], row["torch_fwd_bwd"] = _ours("torch", q, k, v, dout, seg, causal, flops)
+                row["sdpa_fwd"], row["sdpa_fwd_bwd"] = (_sdpa(q, k, v, dout, batch, s, causal, flops)
+                                                        if mask != "doc" else (float("nan"), float("nan")))
+                row["triton_vs_torch"] = row["triton_fwd_bwd"] / row["torch_fwd_bwd"]
                 rows.append(row)
-                print("  ".join(f"{key}={val:.1f}" if isinstance(val, float) else f"{key}={val}"
-                                for key, val in row.items()), flush=True)
+                print("  ".join(f"{row[c]:>{len(c)}.2f}" if isinstance(row[c], float) else f"{row[c]!s:>{len(c)}}"
+                                for c in COLUMNS), flush=True)
     return rows
 
 
@@ -75,14 +110,19 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens / seq_len)")
     parser.add_argument("--hidden", type=int, default=2048, help="heads = hidden / head_dim")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("distattn kernel benchmark: no GPU on this machine, nothing to measure")
         return 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    print(f"distattn kernel benchmark on {torch.cuda.get_device_name()}: {args.dtype}, {args.tokens} tokens per batch, "
-          f"TFLOP/s", flush=True)
-    run(args.seq_lens, args.head_dims, dtype, args.tokens, args.hidden)
+    print(f"distattn kernel benchmark on {torch.cuda.get_device_name()}: {args.dtype}, {args.tokens} tokens per "
+          f"batch, {args.hidden} hidden, TFLOP/s (triton_vs_torch: fwd+bwd ratio)", flush=True)
+    print("  ".join(COLUMNS), flush=True)
+    rows = run(args.seq_lens, args.head_dims, dtype, args.tokens, args.hidden)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     return 0
 
 

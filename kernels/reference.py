@@ -13,7 +13,7 @@ import torch
 from distattn.masks import dense_mask
 from distattn.merge import acc_dtype
 
-from .registry import Backend, segments
+from .registry import Backend
 
 
 def _scores(q, k, causal, window, offset, scale, group):
@@ -29,12 +29,12 @@ def _finite(lse):
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
 
 
-def reference_fwd(q, k, v, cu_q, cu_k, q_offset, causal, window, scale):
+def reference_fwd(q, k, v, seg, causal, window, scale):
     dtype = torch.float64
     group = q.shape[1] // k.shape[1]
     out = torch.zeros(q.shape, dtype=dtype, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
-    for q0, q1, k0, k1, offset in segments(cu_q, cu_k, q_offset):
+    for q0, q1, k0, k1, offset in seg.segments():
         if q1 == q0 or k1 == k0:
             continue
         qs, ks, vs = (t.to(dtype) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
@@ -46,7 +46,7 @@ def reference_fwd(q, k, v, cu_q, cu_k, q_offset, causal, window, scale):
     return out.to(q.dtype), lse.to(acc_dtype(q.dtype))
 
 
-def reference_bwd(dout, q, k, v, out, lse, cu_q, cu_k, q_offset, causal, window, scale):
+def reference_bwd(dout, q, k, v, out, lse, seg, causal, window, scale, delta=None):
     dtype = torch.float64
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
@@ -54,7 +54,7 @@ def reference_bwd(dout, q, k, v, out, lse, cu_q, cu_k, q_offset, causal, window,
     dk = torch.zeros(k.shape, dtype=dtype, device=q.device)
     dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
     delta = (dout.to(dtype) * out.to(dtype)).sum(-1)  # [Tq, Hq]
-    for q0, q1, k0, k1, offset in segments(cu_q, cu_k, q_offset):
+    for q0, q1, k0, k1, offset in seg.segments():
         if q1 == q0 or k1 == k0:
             continue
         qs, ks, vs, dos = (t.to(dtype) for t in (q[q0:q1], k[k0:k1], v[k0:k1], dout[q0:q1]))

@@ -1,4 +1,11 @@
-"""Backend registry, input validation and the pinned ``attn_fwd``/``attn_bwd`` entry points."""
+"""Backend registry, input validation and the kernel entry points.
+
+``attn_fwd``/``attn_bwd`` are the pinned, self-contained calls: they validate
+their offsets (reading them back to the host) on every call. Schedulers call
+``varlen_fwd``/``varlen_bwd`` with a :class:`~distattn.kernels.varlen.Varlen`
+their plan validated and :func:`prepare`-d once, which launch without a host
+synchronisation.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +18,15 @@ import torch
 from distattn.masks import check_window
 from distattn.merge import acc_dtype
 
-# fwd(q, k, v, cu_q, cu_k, q_offset, causal, window, scale) -> (out, lse)
+from .varlen import Varlen
+
+# fwd(q, k, v, seg: Varlen, causal, window, scale) -> (out, lse)
 FwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-# bwd(dout, q, k, v, out, lse, cu_q, cu_k, q_offset, causal, window, scale) -> (dq, dk, dv)
-# q_offset is None or an int tensor [n_seg] (validated) on the inputs' device.
+# bwd(dout, q, k, v, out, lse, seg: Varlen, causal, window, scale, delta) -> (dq, dk, dv);
+# delta is None or rowsum(dout * out) [Tq, Hq] fp32, which a backend may use instead of computing it.
 BwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# prepare(seg, device, causal, window): precompute what the backend derives from a layout, once.
+PrepareFn = Callable[[Varlen, torch.device, bool, "int | None"], object]
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,7 @@ class Backend:
     fwd: FwdFn
     bwd: BwdFn
     devices: frozenset[str] | None = None
+    prepare: PrepareFn | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -60,18 +72,6 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     return backend
 
 
-def _check_cu(cu: torch.Tensor, total: int, name: str, tensor: str) -> list[int]:
-    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a 1-D integer tensor of segment offsets [0, ..., {total}]")
-    bounds = cu.tolist()
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
-        shown = bounds if len(bounds) <= 6 else [*bounds[:3], "...", *bounds[-2:]]
-        raise ValueError(f"{name} must start at 0 and end at {tensor}.shape[0] = {total}, got {shown}")
-    if any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"{name} must be non-decreasing (segment lengths >= 0)")
-    return bounds
-
-
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """``ValueError`` unless q ``[T, Hq, D]`` and k, v ``[T', Hkv, D]`` agree (dtype, device, GQA)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -93,26 +93,69 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA/MQA")
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                 cu_seqlens_k: torch.Tensor, q_offset: torch.Tensor | None, window: int | None,
-                 scale: float | None) -> float:
-    """Validate the pinned kernel inputs; returns the scale to use."""
-    check_qkv(q, k, v)
-    bq = _check_cu(cu_seqlens_q, q.shape[0], "cu_seqlens_q", "q")
-    bk = _check_cu(cu_seqlens_k, k.shape[0], "cu_seqlens_k", "k")
-    if len(bq) != len(bk):
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe different segment counts "
-                         f"({len(bq) - 1} vs {len(bk) - 1})")
-    if q_offset is not None and (not isinstance(q_offset, torch.Tensor) or q_offset.dtype.is_floating_point
-                                 or tuple(q_offset.shape) != (len(bq) - 1,)):
-        raise ValueError(f"q_offset must be None or a 1-D integer tensor with one entry per segment "
-                         f"({len(bq) - 1})")
-    check_window(window)
+def check_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
-        return 1.0 / math.sqrt(q.shape[2])
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     return float(scale)
+
+
+def _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, window) -> Varlen:
+    """Validate the pinned kernel inputs into a layout (reads the offsets back: one sync)."""
+    check_qkv(q, k, v)
+    check_window(window)
+    return Varlen.from_tensors(cu_seqlens_q, cu_seqlens_k, q_offset, q.shape[0], k.shape[0])
+
+
+def _check_layout(q, k, seg: Varlen) -> None:
+    if not isinstance(seg, Varlen):
+        raise ValueError(f"seg must be a distattn.kernels.Varlen, got {type(seg).__name__}")
+    if q.shape[0] != seg.total_q or k.shape[0] != seg.total_k:
+        raise ValueError(f"q/k have {q.shape[0]}/{k.shape[0]} rows but the layout covers "
+                         f"{seg.total_q}/{seg.total_k}")
+
+
+def prepare(seg: Varlen, device: torch.device | str, *, causal: bool, window: int | None, backend: str = "auto"
+            ) -> None:
+    """Copy ``seg`` to ``device`` and let the backend precompute from it, so that later
+    :func:`varlen_fwd`/:func:`varlen_bwd` calls with the same mask make no host synchronisation."""
+    device = torch.device(device)
+    seg.tensors(device)
+    impl = resolve_backend(backend, device)
+    if impl.prepare is not None:
+        impl.prepare(seg, device, bool(causal), window)
+
+
+def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Varlen, *, causal: bool,
+               window: int | None, scale: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attn_fwd` over a layout validated in advance (shape checks only, no sync)."""
+    check_qkv(q, k, v)
+    _check_layout(q, k, seg)
+    impl = resolve_backend(backend, q.device)
+    with torch.no_grad():
+        return impl.fwd(q, k, v, seg, bool(causal), window, scale)
+
+
+def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, seg: Varlen, *, causal: bool, window: int | None, scale: float,
+               backend: str = "auto", delta: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`attn_bwd` over a layout validated in advance. ``delta``: ``rowsum(dout * out)``
+    ``[Tq, Hq]`` fp32 if the caller already has it (computed once per backward, not per block)."""
+    check_qkv(q, k, v)
+    _check_layout(q, k, seg)
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"dout and out must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)} "
+                         f"and {tuple(out.shape)}")
+    for name, t in (("lse", lse), ("delta", delta)):
+        if t is not None and t.shape != q.shape[:2]:
+            raise ValueError(f"{name} must have shape [Tq, Hq] = {tuple(q.shape[:2])}, got {tuple(t.shape)}")
+    if lse.dtype != acc_dtype(q.dtype):
+        lse = lse.to(acc_dtype(q.dtype))
+    impl = resolve_backend(backend, q.device)
+    with torch.no_grad():
+        return impl.bwd(dout, q, k, v, out, lse, seg, bool(causal), window, scale, delta)
 
 
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -129,7 +172,8 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: to
             sits at key position ``i + n - m`` and sees keys at or before it.
         window: if set, a query at position ``p`` sees only keys ``j`` with ``|p - j| < window``.
         scale: softmax scale, default ``1/sqrt(D)``.
-        backend: ``"auto"`` (torch on CPU, triton/reference on CUDA), ``"torch"``, ``"reference"``, ...
+        backend: ``"auto"`` (torch on CPU, triton on CUDA), ``"triton"``, ``"torch"`` (PyTorch's own
+            kernels: CPU flash attention, or FlashAttention-2 varlen on CUDA), ``"reference"``.
         q_offset: extension, int ``[n_seg]`` or None: shifts segment ``i``'s queries to key
             position ``r + n - m + q_offset[i]`` (positive: queries after the keys' end, as for
             a block of earlier keys in a ring). None means 0: bottom-right alignment.
@@ -138,10 +182,9 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: to
         ``out [Tq, Hq, D]`` in q's dtype and ``lse [Tq, Hq]`` (natural log; fp32, or fp64
         for fp64 inputs). Rows that see no key give ``out = 0`` and ``lse = -inf``.
     """
-    scale = check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, window, scale)
-    impl = resolve_backend(backend, q.device)
-    with torch.no_grad():
-        return impl.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, bool(causal), window, scale)
+    seg = _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, window)
+    return varlen_fwd(q, k, v, seg, causal=causal, window=window, scale=check_scale(scale, q.shape[2]),
+                      backend=backend)
 
 
 def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -157,23 +200,6 @@ def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
     Returns ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in the inputs' dtype.
     """
-    scale = check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, window, scale)
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout and out must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)} "
-                         f"and {tuple(out.shape)}")
-    if lse.shape != q.shape[:2]:
-        raise ValueError(f"lse must have shape [Tq, Hq] = {tuple(q.shape[:2])}, got {tuple(lse.shape)}")
-    if lse.dtype != acc_dtype(q.dtype):
-        lse = lse.to(acc_dtype(q.dtype))
-    impl = resolve_backend(backend, q.device)
-    with torch.no_grad():
-        return impl.bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q_offset, bool(causal), window,
-                        scale)
-
-
-def segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, q_offset: torch.Tensor | None):
-    """Yield ``(q0, q1, k0, k1, offset)`` per segment; helper for the CPU backends."""
-    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    offsets = q_offset.tolist() if q_offset is not None else [0] * (len(bq) - 1)
-    for i in range(len(bq) - 1):
-        yield bq[i], bq[i + 1], bk[i], bk[i + 1], offsets[i]
+    seg = _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, window)
+    return varlen_bwd(dout, q, k, v, out, lse, seg, causal=causal, window=window,
+                      scale=check_scale(scale, q.shape[2]), backend=backend)

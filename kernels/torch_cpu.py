@@ -1,4 +1,4 @@
-"""The ``torch`` backend: PyTorch's fused CPU flash attention, per segment.
+"""``backend="torch"`` on CPU: PyTorch's fused CPU flash attention, per segment.
 
 ``aten._scaled_dot_product_flash_attention_for_cpu`` returns the log-sum-exp and
 has a matching backward that takes the final ``out``/``lse``, which is what a
@@ -26,7 +26,6 @@ import torch
 from distattn.masks import visible_keys
 from distattn.merge import acc_dtype, merge_
 
-from .registry import Backend, segments
 
 _BLOCK = 256
 _fwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -73,11 +72,11 @@ def _bhld(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).unsqueeze(0)
 
 
-def torch_fwd(q, k, v, cu_q, cu_k, q_offset, causal, window, scale):
+def torch_fwd(q, k, v, seg, causal, window, scale):
     dtype = acc_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=dtype)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype)
-    for q0, q1, k0, k1, offset in segments(cu_q, cu_k, q_offset):
+    for q0, q1, k0, k1, offset in seg.segments():
         for a, b, c, d, is_causal, mask in _tiles(q1 - q0, k1 - k0, causal, window, offset, q.dtype):
             o, l = _fwd_op(_bhld(q[q0 + a:q0 + b]), _bhld(k[k0 + c:k0 + d]), _bhld(v[k0 + c:k0 + d]),
                            0.0, is_causal, attn_mask=mask, scale=scale)
@@ -85,12 +84,12 @@ def torch_fwd(q, k, v, cu_q, cu_k, q_offset, causal, window, scale):
     return out.to(q.dtype), lse
 
 
-def torch_bwd(dout, q, k, v, out, lse, cu_q, cu_k, q_offset, causal, window, scale):
+def torch_bwd(dout, q, k, v, out, lse, seg, causal, window, scale, delta=None):
     dtype = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dtype)
     dk = torch.zeros(k.shape, dtype=dtype)
     dv = torch.zeros(v.shape, dtype=dtype)
-    for q0, q1, k0, k1, offset in segments(cu_q, cu_k, q_offset):
+    for q0, q1, k0, k1, offset in seg.segments():
         for a, b, c, d, is_causal, mask in _tiles(q1 - q0, k1 - k0, causal, window, offset, q.dtype):
             rq, rk = slice(q0 + a, q0 + b), slice(k0 + c, k0 + d)
             g = _bwd_op(_bhld(dout[rq]), _bhld(q[rq]), _bhld(k[rk]), _bhld(v[rk]), _bhld(out[rq]),
@@ -99,6 +98,3 @@ def torch_bwd(dout, q, k, v, out, lse, cu_q, cu_k, q_offset, causal, window, sca
             dk[rk] += g[1][0].transpose(0, 1)
             dv[rk] += g[2][0].transpose(0, 1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-BACKEND = Backend("torch", torch_fwd, torch_bwd, devices=frozenset({"cpu"}))

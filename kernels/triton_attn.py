@@ -1,18 +1,26 @@
 """The ``triton`` backend: FlashAttention-2 style varlen attention, forward and backward.
 
-One program per (query block, segment, head). The forward streams key blocks
-through an online softmax in fp32 (base-2 exponentials, the scale folded into
-``log2 e``) and writes ``out`` and the natural-log ``lse``. Only key blocks that
-the mask can reach are visited: the segment's bounds, the causal diagonal and
-the sliding window give each query block a ``[lo, hi)`` key range, so fully
-masked tiles are never loaded (FlashAttention-2, Dao 2023; Triton's
-fused-attention tutorial).
+Programs are *tiles*: ``BLOCK_M`` query rows of one segment (forward, dQ) or
+``BLOCK_N`` keys of one segment (dK/dV), times a head. A per-layout tile table,
+built once on the host when a plan is made (:func:`prepare`), lists only the
+tiles that see at least one key, heaviest first (the longest key range of a
+causal segment starts first, so the last wave is short; FlashAttention-3's
+varlen scheduler does the same), and a program reads its ``(segment, first
+row)`` from it. There is one table per block size the autotuner may pick.
 
-Backward, given the final ``out``/``lse``: ``Delta = rowsum(dO * O)``, then one
-kernel per key block accumulating dK and dV over every query block and every
-query head of its GQA group (no atomics: deterministic), and one kernel per
-query block for dQ. KV heads are shared by ``Hq / Hkv`` query heads without
-copying them.
+Each program streams the other side in blocks. The blocks it visits are cut
+into three runs: masked blocks at the window's left edge, *full* blocks that
+every row of the tile sees whole, and masked blocks at the causal diagonal,
+the window's right edge or the segment's end. Full blocks load without masks
+and compute the online softmax with the scale folded into one FMA
+(``exp2(s * scale_log2 - m)``); only the few boundary blocks pay for the mask.
+Fully masked blocks are never visited.
+
+Backward, given the final ``out``/``lse`` and ``Delta = rowsum(dO * O)``
+(computed once per backward by the caller, or here): one kernel per key tile
+accumulating dK and dV over every query block and every query head of its GQA
+group (no atomics: deterministic), one kernel per query tile for dQ. KV heads
+are shared by ``Hq / Hkv`` query heads without copying them.
 
 Positions follow the pinned semantics: query ``i`` of a segment with ``m``
 queries and ``n`` keys sits at key position ``i + n - m + q_offset``.
@@ -20,6 +28,9 @@ queries and ``n`` keys sits at key position ``i + n - m + q_offset``.
 Under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests) the
 kernels run on CPU tensors with one small block configuration, and bf16 is
 computed through an fp32 upcast because the interpreter mishandles bf16.
+``python -m distattn.kernels.aot`` compiles every kernel and configuration for
+sm_80 and sm_90a without a GPU; the interpreter alone accepts code the
+compiler rejects.
 """
 
 from __future__ import annotations
@@ -30,19 +41,39 @@ import triton.language as tl
 
 from distattn.merge import acc_dtype
 
+from .triton_plan import (SHARED_LIMIT, TILE_BLOCKS, all_configs, keep_config,  # noqa: F401 (aot's interface)
+                          prepare)
+from .varlen import Varlen
+
 INTERPRET = bool(triton.knobs.runtime.interpret)
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
 
-
-def _configs():
+def _configs(kernel: str) -> list:
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # Hopper and Ampere: large query blocks for the forward, smaller ones for the backward's
-    # register-heavy tiles; the autotuner picks per head dim and mask.
-    shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in all_configs(kernel)]
 
+
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET:
+            return configs
+        q = named_args["Q"]
+        major, minor = torch.cuda.get_device_capability(q.device)
+        kept = [c for c in configs
+                if keep_config(kernel, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages),
+                               named_args["HEAD_DIM"], q.element_size(), 10 * major + minor)]
+        assert kept, "keep_config keeps a config for every head dim and dtype"
+        return kept
+    return {"early_config_prune": prune}
+
+
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "GROUP"]
+
+
+# ---- device code -------------------------------------------------------------------------------
 
 @triton.jit
 def _segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET: tl.constexpr):
@@ -58,17 +89,24 @@ def _segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET: tl.constexpr):
 
 
 @triton.jit
-def _key_range(start_m, end_m, shift, n, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """Keys ``[lo, hi)`` that query rows ``[start_m, end_m)`` can see (positions ``row + shift``)."""
-    lo = 0
-    hi = n
-    if CAUSAL:
-        hi = tl.minimum(hi, end_m - 1 + shift + 1)
-    if WINDOW:
-        lo = tl.maximum(lo, start_m + shift - window + 1)
-        if not CAUSAL:
-            hi = tl.minimum(hi, end_m - 1 + shift + window)
-    return lo, hi
+def _tile(TILES, BLOCK: tl.constexpr):
+    """(segment, first row) of this program's tile; the table's header gives where the table of
+    ``BLOCK``-sized tiles starts."""
+    entry = tl.load(TILES + BLOCK // 16) + 2 * tl.program_id(0)
+    return tl.load(TILES + entry), tl.load(TILES + entry + 1)
+
+
+@triton.jit
+def _runs(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Cut the blocks covering ``[lo, hi)`` (aligned at ``lo``, which is a multiple of BLOCK) into
+    masked ``[lo, a)``, full ``[a, b)`` and masked ``[b, end)``: full blocks lie inside
+    ``[full_lo, full_hi)``."""
+    end = lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK) * BLOCK
+    a = lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK) * BLOCK
+    a = tl.minimum(a, end)
+    b = lo + (tl.maximum(full_hi - lo, 0) // BLOCK) * BLOCK
+    b = tl.minimum(tl.maximum(b, a), end)
+    return a, b, end
 
 
 @triton.jit
@@ -84,87 +122,168 @@ def _visible(rows, cols, shift, m, n, window, CAUSAL: tl.constexpr, WINDOW: tl.c
     return ok
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "CAUSAL", "WINDOW", "GROUP"])
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, OFFSET,
+def _key_runs(start_m, m, shift, n, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Key blocks a query tile visits: ``(lo, a, b, end)``, masked ``[lo, a)``, full ``[a, b)``,
+    masked ``[b, end)`` (see :func:`_runs`)."""
+    last = tl.minimum(start_m + BLOCK_M, m) - 1
+    lo = 0
+    hi = n
+    full_lo = 0
+    full_hi = n
+    if CAUSAL:
+        hi = tl.minimum(hi, last + shift + 1)
+        full_hi = tl.minimum(full_hi, start_m + shift + 1)
+    if WINDOW:
+        lo = tl.maximum(lo, start_m + shift - window + 1)
+        full_lo = last + shift - window + 1
+        if not CAUSAL:
+            hi = tl.minimum(hi, last + shift + window)
+            full_hi = tl.minimum(full_hi, start_m + shift + window)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    a, b, end = _runs(lo, hi, full_lo, full_hi, BLOCK_N)
+    return lo, a, b, end
+
+
+@triton.jit
+def _block_count(lo, a, b, end, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    """Blocks of a run: masked ``[lo, a)`` then ``[b, end)`` (one loop: one copy of the code), or
+    the full ``[a, b)``."""
+    if MASKED:
+        return (a - lo) // BLOCK + (end - b) // BLOCK
+    else:
+        return (b - a) // BLOCK
+
+
+@triton.jit
+def _block_start(i, lo, a, b, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.where(i < (a - lo) // BLOCK, lo + i * BLOCK, b + (i - (a - lo) // BLOCK) * BLOCK)
+    else:
+        return a + i * BLOCK
+
+
+@triton.jit
+def _load_rows(ptrs, rows, dims, count, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A ``[rows, BLOCK_D]`` tile; masked blocks check ``rows < count``, full ones only a padded head dim."""
+    if MASKED:
+        return tl.load(ptrs, mask=(rows[:, None] < count) & (dims[None, :] < HEAD_DIM), other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=dims[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b, end, shift, m, n,
+                window, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the key blocks of a run (see :func:`_block_count`); ``k_ptrs``/``v_ptrs``
+    point at key row 0."""
+    for i in range(0, _block_count(lo, a, b, end, BLOCK_N, MASKED)):
+        start_n = _block_start(i, lo, a, b, BLOCK_N, MASKED)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_ptrs + start_n * stride_kt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_ptrs + start_n * stride_vt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED:
+            s = tl.where(_visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at 0
+            p = tl.math.exp2(s - m_ref[:, None])
+            alpha = tl.math.exp2(m_i - m_ref)
+        else:
+            # every score is finite: the running max is too, and the scale folds into one FMA
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))
+            alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, prune_configs_by=_pruner("fwd"))
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, OFFSET, TILES,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 stride_lt, stride_lh, scale_log2, window,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-                WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr,
+                WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    head = tl.program_id(2)
-    q0, k0, m, n, shift = _segment(CU_Q, CU_K, OFFSET, tl.program_id(1), HAS_OFFSET)
-    start_m = tl.program_id(0) * BLOCK_M
-    if start_m >= m:
-        return
+    seg, start_m = _tile(TILES, BLOCK_M)
+    head = tl.program_id(1)
+    q0, k0, m, n, shift = _segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET)
     kv_head = head // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + (q0 + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
-                mask=(rows[:, None] < m) & (dims[None, :] < HEAD_DIM), other=0.0)
+    q_mask = (rows[:, None] < m) & (dims[None, :] < HEAD_DIM)
+    q = tl.load(Q + (q0 + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=q_mask, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, m), shift, n, window, CAUSAL, WINDOW)
-    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (cols[:, None] < n) & (dims[None, :] < HEAD_DIM)
-        k = tl.load(K + (k0 + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=kv_mask,
-                    other=0.0)
-        v = tl.load(V + (k0 + cols)[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask,
-                    other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-        s = tl.where(_visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at 0
-        p = tl.math.exp2(s - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    lo, a, b, end = _key_runs(start_m, m, shift, n, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    if PRECISION == "ieee":  # fp32, a correctness path: every block masked keeps the code small
+        a = end
+        b = end
+    k_ptrs = K + (k0 + tl.arange(0, BLOCK_N))[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+    v_ptrs = V + (k0 + tl.arange(0, BLOCK_N))[:, None] * stride_vt + kv_head * stride_vh + dims[None, :]
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b, end,
+                                shift, m, n, window, scale_log2, True, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                PRECISION)
+    if PRECISION != "ieee":
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b,
+                                    end, shift, m, n, window, scale_log2, False, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D,
+                                    BLOCK_N, PRECISION)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
     tl.store(O + (q0 + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :], out.to(O.dtype.element_ty),
-             mask=(rows[:, None] < m) & (dims[None, :] < HEAD_DIM))
+             mask=q_mask)
     tl.store(LSE + (q0 + rows) * stride_lt + head * stride_lh, lse, mask=rows < m)
 
 
 @triton.jit
-def _block_grads(q, k, v, do, lse_log2, delta, rows, cols, shift, m, n, window, scale_log2,
-                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, IEEE: tl.constexpr):
-    """P and dS of one (query block, key block) tile, given the final lse."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        dp = tl.dot(do, tl.trans(v))
-    ok = _visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW)
-    p = tl.where(ok, tl.math.exp2(tl.where(ok, s - lse_log2[:, None], 0.0)), 0.0)
-    ds = p * (dp - delta[:, None])
-    return p, ds
+def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot, stride_lt, stride_dt,
+                rows0, cols, dims, lo, a, b, end, shift, m, n, window, qk_scale, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """dK/dV of one key tile over the query blocks of a run; pointers point at query row 0."""
+    for i in range(0, _block_count(lo, a, b, end, BLOCK_M, MASKED)):
+        start_m = _block_start(i, lo, a, b, BLOCK_M, MASKED)
+        rows = start_m + rows0
+        q = _load_rows(q_ptrs + start_m * stride_qt, rows, dims, m, MASKED, HEAD_DIM, BLOCK_D)
+        do = _load_rows(do_ptrs + start_m * stride_dot, rows, dims, m, MASKED, HEAD_DIM, BLOCK_D)
+        if MASKED:
+            lse = tl.load(lse_ptrs + start_m * stride_lt, mask=rows < m, other=0.0)
+            delta = tl.load(delta_ptrs + start_m * stride_dt, mask=rows < m, other=0.0)
+        else:
+            lse = tl.load(lse_ptrs + start_m * stride_lt)
+            delta = tl.load(delta_ptrs + start_m * stride_dt)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.math.exp2(tl.fma(qk, qk_scale, -(lse * _LOG2E)[:, None]))
+        if MASKED:
+            p = tl.where(_visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "CAUSAL", "WINDOW", "GROUP"])
+@triton.autotune(configs=_configs("bwd_dkv"), key=_TUNE_KEY, prune_configs_by=_pruner("bwd_dkv"))
 @triton.jit
-def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, OFFSET,
+def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, OFFSET, TILES,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                    stride_lt, stride_lh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, scale, scale_log2, window,
+                    stride_lt, stride_lh, stride_dt, stride_dh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                    scale, scale_log2, window,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-                    WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr,
+                    WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    kv_head = tl.program_id(2)
-    q0, k0, m, n, shift = _segment(CU_Q, CU_K, OFFSET, tl.program_id(1), HAS_OFFSET)
-    start_n = tl.program_id(0) * BLOCK_N
-    if start_n >= n:
-        return
+    seg, start_n = _tile(TILES, BLOCK_N)
+    kv_head = tl.program_id(1)
+    q0, k0, m, n, shift = _segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET)
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     kv_mask = (cols[:, None] < n) & (dims[None, :] < HEAD_DIM)
@@ -172,55 +291,78 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, OFFSET,
     v = tl.load(V + (k0 + cols)[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # query rows that can see a key of this block (positions row + shift)
-    end_n = tl.minimum(start_n + BLOCK_N, n)
+    # Query rows (positions row + shift) that see a key of this tile, and those that see all of
+    # it and are real rows (keys past the segment's end only feed outputs that are not stored).
+    last = tl.minimum(start_n + BLOCK_N, n) - 1
     row_lo = 0
     row_hi = m
+    full_lo = 0
+    full_hi = m
     if CAUSAL:
         row_lo = tl.maximum(row_lo, start_n - shift)
+        full_lo = tl.maximum(full_lo, last - shift)
     if WINDOW:
-        row_hi = tl.minimum(row_hi, end_n - 1 + window - 1 - shift + 1)
+        row_hi = tl.minimum(row_hi, last + window - shift)
+        full_hi = tl.minimum(full_hi, start_n + window - shift)  # the last row sees the first key
         if not CAUSAL:
             row_lo = tl.maximum(row_lo, start_n - window + 1 - shift)
+            full_lo = tl.maximum(full_lo, last - window + 1 - shift)
+    lo = (row_lo // BLOCK_M) * BLOCK_M
+    a, b, end = _runs(lo, row_hi, full_lo, full_hi, BLOCK_M)
+    if PRECISION == "ieee":  # fp32: every block masked (see the forward)
+        a = end
+        b = end
+    rows0 = tl.arange(0, BLOCK_M)
     for g in range(GROUP):
         head = kv_head * GROUP + g
-        for start_m in range((row_lo // BLOCK_M) * BLOCK_M, row_hi, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            row_mask = rows < m
-            q_mask = row_mask[:, None] & (dims[None, :] < HEAD_DIM)
-            q = tl.load(Q + (q0 + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=q_mask,
-                        other=0.0)
-            do = tl.load(DO + (q0 + rows)[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=q_mask,
-                         other=0.0)
-            lse = tl.load(LSE + (q0 + rows) * stride_lt + head * stride_lh, mask=row_mask, other=0.0)
-            delta = tl.load(DELTA + (q0 + rows) * stride_lt + head * stride_lh, mask=row_mask, other=0.0)
-            p, ds = _block_grads(q, k, v, do, lse * 1.4426950408889634, delta, rows, cols, shift, m, n, window,
-                                 scale_log2, CAUSAL, WINDOW, IEEE)
-            if IEEE:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        q_ptrs = Q + (q0 + rows0)[:, None] * stride_qt + head * stride_qh + dims[None, :]
+        do_ptrs = DO + (q0 + rows0)[:, None] * stride_dot + head * stride_doh + dims[None, :]
+        lse_ptrs = LSE + (q0 + rows0) * stride_lt + head * stride_lh
+        delta_ptrs = DELTA + (q0 + rows0) * stride_dt + head * stride_dh
+        dk, dv = _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot, stride_lt,
+                             stride_dt, rows0, cols, dims, lo, a, b, end, shift, m, n, window, scale_log2, True,
+                             CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+        if PRECISION != "ieee":
+            dk, dv = _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
+                                 stride_lt, stride_dt, rows0, cols, dims, lo, a, b, end, shift, m, n, window,
+                                 scale_log2, False, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
     tl.store(DK + (k0 + cols)[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + (k0 + cols)[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "CAUSAL", "WINDOW", "GROUP"])
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, OFFSET,
+def _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b, end, shift,
+               m, n, window, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of one query tile over the key blocks of a run; pointers point at key row 0."""
+    for i in range(0, _block_count(lo, a, b, end, BLOCK_N, MASKED)):
+        start_n = _block_start(i, lo, a, b, BLOCK_N, MASKED)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_ptrs + start_n * stride_kt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_ptrs + start_n * stride_vt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.math.exp2(tl.fma(qk, qk_scale, -lse_log2[:, None]))
+        if MASKED:
+            p = tl.where(_visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_configs("bwd_dq"), key=_TUNE_KEY, prune_configs_by=_pruner("bwd_dq"))
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, OFFSET, TILES,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                   stride_lt, stride_lh, stride_dqt, stride_dqh, scale, scale_log2, window,
+                   stride_lt, stride_lh, stride_dt, stride_dh, stride_dqt, stride_dqh, scale, scale_log2, window,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-                   WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr,
+                   WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    head = tl.program_id(2)
-    q0, k0, m, n, shift = _segment(CU_Q, CU_K, OFFSET, tl.program_id(1), HAS_OFFSET)
-    start_m = tl.program_id(0) * BLOCK_M
-    if start_m >= m:
-        return
+    seg, start_m = _tile(TILES, BLOCK_M)
+    head = tl.program_id(1)
+    q0, k0, m, n, shift = _segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET)
     kv_head = head // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -228,77 +370,123 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, OFFSET,
     q_mask = row_mask[:, None] & (dims[None, :] < HEAD_DIM)
     q = tl.load(Q + (q0 + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + (q0 + rows)[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=q_mask, other=0.0)
-    lse_log2 = tl.load(LSE + (q0 + rows) * stride_lt + head * stride_lh, mask=row_mask, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + (q0 + rows) * stride_lt + head * stride_lh, mask=row_mask, other=0.0)
+    lse_log2 = tl.load(LSE + (q0 + rows) * stride_lt + head * stride_lh, mask=row_mask, other=0.0) * _LOG2E
+    delta = tl.load(DELTA + (q0 + rows) * stride_dt + head * stride_dh, mask=row_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, m), shift, n, window, CAUSAL, WINDOW)
-    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (cols[:, None] < n) & (dims[None, :] < HEAD_DIM)
-        k = tl.load(K + (k0 + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=kv_mask,
-                    other=0.0)
-        v = tl.load(V + (k0 + cols)[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask,
-                    other=0.0)
-        p, ds = _block_grads(q, k, v, do, lse_log2, delta, rows, cols, shift, m, n, window, scale_log2,
-                             CAUSAL, WINDOW, IEEE)
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+    lo, a, b, end = _key_runs(start_m, m, shift, n, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    if PRECISION == "ieee":  # fp32: every block masked (see the forward)
+        a = end
+        b = end
+    k_ptrs = K + (k0 + tl.arange(0, BLOCK_N))[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+    v_ptrs = V + (k0 + tl.arange(0, BLOCK_N))[:, None] * stride_vt + kv_head * stride_vh + dims[None, :]
+    dq = _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b, end,
+                    shift, m, n, window, scale_log2, True, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    if PRECISION != "ieee":
+        dq = _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b, end,
+                        shift, m, n, window, scale_log2, False, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_N,
+                        PRECISION)
     tl.store(DQ + (q0 + rows)[:, None] * stride_dqt + head * stride_dqh + dims[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ---- host side ---------------------------------------------------------------------------------
 
-def _prepare(q, k, v, cu_q, cu_k, q_offset):
+def _check_dtype(q):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"backend='triton' computes fp16, bf16 or fp32, got {q.dtype}; use backend='reference' "
                          f"for fp64")
     if q.shape[2] > 256:
         raise ValueError(f"backend='triton' supports head_dim up to 256, got {q.shape[2]}")
+
+
+def _meta(q, k, seg):
+    return dict(HEAD_DIM=q.shape[2], BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
+                GROUP=q.shape[1] // k.shape[1], HAS_OFFSET=seg.q_offset is not None,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _work(*tensors):
     # The interpreter mishandles bf16: compute through fp32 there.
-    work = torch.float32 if INTERPRET and q.dtype == torch.bfloat16 else q.dtype
-    q, k, v = (t.to(work).contiguous() for t in (q, k, v))
-    cu_q, cu_k = cu_q.to(q.device, torch.int32), cu_k.to(q.device, torch.int32)
-    offset = q_offset.to(q.device, torch.int32) if q_offset is not None else cu_q  # dummy pointer when absent
-    max_m = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0
-    max_n = int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.numel() > 1 else 0
-    meta = dict(HEAD_DIM=q.shape[2], BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
-                GROUP=q.shape[1] // k.shape[1], HAS_OFFSET=q_offset is not None, IEEE=q.dtype == torch.float32)
-    return q, k, v, cu_q, cu_k, offset, max_m, max_n, meta
+    if INTERPRET and tensors[0].dtype == torch.bfloat16:
+        return [t.float().contiguous() for t in tensors]
+    return [t.contiguous() for t in tensors]
 
 
-def triton_fwd(q, k, v, cu_q, cu_k, q_offset, causal, window, scale):
+def triton_fwd(q, k, v, seg: Varlen, causal, window, scale):
+    _check_dtype(q)
     dtype = q.dtype
-    q, k, v, cu_q, cu_k, offset, max_m, _, meta = _prepare(q, k, v, cu_q, cu_k, q_offset)
+    q, k, v = _work(q, k, v)
+    cu_q, cu_k, offset = seg.tensors(q.device)
+    q_tiles, q_counts, _, _ = prepare(seg, q.device, causal, window)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-    n_seg = cu_q.numel() - 1
-    if max_m > 0 and n_seg > 0:
-        grid = lambda cfg: (triton.cdiv(max_m, cfg["BLOCK_M"]), n_seg, q.shape[1])  # noqa: E731
-        _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, offset, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-                          scale * LOG2E, window or 0, CAUSAL=causal, WINDOW=window is not None, **meta)
+    if q_counts[TILE_BLOCKS[0]]:
+        grid = lambda meta: (q_counts[meta["BLOCK_M"]], q.shape[1])  # noqa: E731
+        _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, offset if offset is not None else cu_q, q_tiles,
+                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                          out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), scale * LOG2E, window or 0,
+                          CAUSAL=causal, WINDOW=window is not None, **_meta(q, k, seg))
     return out.to(dtype), lse
 
 
-def triton_bwd(dout, q, k, v, out, lse, cu_q, cu_k, q_offset, causal, window, scale):
+def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, causal, window, scale, delta=None):
+    _check_dtype(q)
     dtype = q.dtype
-    delta = (dout.to(acc_dtype(dtype)) * out.to(acc_dtype(dtype))).sum(-1).float().contiguous()
-    q, k, v, cu_q, cu_k, offset, max_m, max_n, meta = _prepare(q, k, v, cu_q, cu_k, q_offset)
-    dout = dout.to(q.dtype).contiguous()
-    lse = lse.float().contiguous()
+    if delta is None:
+        delta = (dout.to(acc_dtype(dtype)) * out.to(acc_dtype(dtype))).sum(-1)
+    q, k, v, dout = _work(q, k, v, dout)
+    lse, delta = lse.float().contiguous(), delta.float().contiguous()
+    cu_q, cu_k, offset = seg.tensors(q.device)
+    q_tiles, q_counts, k_tiles, k_counts = prepare(seg, q.device, causal, window)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    n_seg = cu_q.numel() - 1
-    common = (cu_q, cu_k, offset, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-              dout.stride(0), dout.stride(1), lse.stride(0), lse.stride(1))
-    if max_n > 0 and max_m > 0 and n_seg > 0:
-        grid = lambda cfg: (triton.cdiv(max_n, cfg["BLOCK_N"]), n_seg, k.shape[1])  # noqa: E731
-        _bwd_dkv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, *common, dk.stride(0), dk.stride(1), dv.stride(0),
-                              dv.stride(1), scale, scale * LOG2E, window or 0, CAUSAL=causal,
-                              WINDOW=window is not None, **meta)
-        grid = lambda cfg: (triton.cdiv(max_m, cfg["BLOCK_M"]), n_seg, q.shape[1])  # noqa: E731
-        _bwd_dq_kernel[grid](q, k, v, dout, lse, delta, dq, *common, dq.stride(0), dq.stride(1), scale,
-                             scale * LOG2E, window or 0, CAUSAL=causal, WINDOW=window is not None, **meta)
+    if q_counts[TILE_BLOCKS[0]]:
+        common = (cu_q, cu_k, offset if offset is not None else cu_q)
+        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
+                   dout.stride(1), lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1))
+        meta = dict(CAUSAL=causal, WINDOW=window is not None, **_meta(q, k, seg))
+        grid = lambda meta: (k_counts[meta["BLOCK_N"]], k.shape[1])  # noqa: E731
+        _bwd_dkv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, *common, k_tiles, *strides, dk.stride(0),
+                              dk.stride(1), dv.stride(0), dv.stride(1), scale, scale * LOG2E, window or 0, **meta)
+        grid = lambda meta: (q_counts[meta["BLOCK_M"]], q.shape[1])  # noqa: E731
+        _bwd_dq_kernel[grid](q, k, v, dout, lse, delta, dq, *common, q_tiles, *strides, dq.stride(0), dq.stride(1),
+                             scale, scale * LOG2E, window or 0, **meta)
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+
+
+# ---- ahead-of-time compilation (python -m distattn.kernels.aot) ---------------------------------
+
+KERNELS = {"fwd": _fwd_kernel, "bwd_dkv": _bwd_dkv_kernel, "bwd_dq": _bwd_dq_kernel}
+VARIANTS = {  # constexprs of each mask variant the AOT check compiles
+    "causal": dict(CAUSAL=True, WINDOW=False, GROUP=1, HAS_OFFSET=False),
+    "full": dict(CAUSAL=False, WINDOW=False, GROUP=1, HAS_OFFSET=False),
+    "window": dict(CAUSAL=True, WINDOW=True, GROUP=1, HAS_OFFSET=False),
+    "gqa": dict(CAUSAL=True, WINDOW=False, GROUP=4, HAS_OFFSET=False),
+    "q_offset": dict(CAUSAL=True, WINDOW=False, GROUP=1, HAS_OFFSET=True),
+}
+
+
+def aot_spec(kernel: str, dtype: str, head_dim: int, variant: str):
+    """``(jit function, signature, constexprs without BLOCK_M/BLOCK_N)`` of one kernel for Triton's
+    ``ASTSource``; ``dtype`` is ``"bf16" | "fp16" | "fp32"``. Pointer and stride arguments are the
+    ones a contiguous ``[T, H, D]`` tensor gives (divisible by 16 where the launcher sees it)."""
+    fn = KERNELS[kernel].fn
+    floats = {"scale", "scale_log2"}
+    fp32_ptrs = {"LSE", "DELTA"}
+    int_ptrs = {"CU_Q", "CU_K", "OFFSET", "TILES"}
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                      PRECISION="ieee" if dtype == "fp32" else "tf32", **VARIANTS[variant])
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs or name in ("BLOCK_M", "BLOCK_N"):
+            signature[name] = "constexpr"
+        elif name in fp32_ptrs:
+            signature[name] = "*fp32"
+        elif name in int_ptrs:
+            signature[name] = "*i32"
+        elif name in floats:
+            signature[name] = "fp32"
+        elif name.startswith("stride") or name == "window":
+            signature[name] = "i32"
+        else:
+            signature[name] = "*" + dtype
+    return fn, signature, constexprs

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 
@@ -19,10 +20,26 @@ class MeshInfo:
     rank: int | None                      # None: dry plan
     group: Any = field(default=None, repr=False)        # ProcessGroup over all ranks of the mesh
     device_mesh: Any = field(default=None, repr=False)  # the DeviceMesh when one was given
+    device: torch.device | None = None    # where this rank's tensors live (None: dry)
 
     @property
     def is_dry(self) -> bool:
         return self.rank is None
+
+
+def _device_of(device_type: str) -> torch.device:
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_type if device_type != "cuda" else "cpu")
+
+
+def group_device(group) -> torch.device:
+    """The device a process group's tensors live on: the current CUDA device under NCCL, else CPU."""
+    try:
+        backend = dist.get_backend(group)
+    except (RuntimeError, ValueError):
+        backend = "gloo"
+    return _device_of("cuda" if "nccl" in str(backend) else "cpu")
 
 
 def resolve_mesh(mesh) -> MeshInfo:
@@ -34,7 +51,7 @@ def resolve_mesh(mesh) -> MeshInfo:
             raise ValueError(f"mesh as an int is a dry world size and must be >= 1, got {mesh}")
         return MeshInfo(world_size=mesh, rank=None)
     if isinstance(mesh, dist.ProcessGroup):
-        return MeshInfo(world_size=mesh.size(), rank=dist.get_rank(mesh), group=mesh)
+        return MeshInfo(world_size=mesh.size(), rank=dist.get_rank(mesh), group=mesh, device=group_device(mesh))
     try:
         from torch.distributed.device_mesh import DeviceMesh
     except ImportError:  # pragma: no cover - torch without distributed
@@ -42,13 +59,14 @@ def resolve_mesh(mesh) -> MeshInfo:
     if DeviceMesh and isinstance(mesh, DeviceMesh):
         if mesh.ndim == 1:
             return MeshInfo(world_size=mesh.size(), rank=mesh.get_local_rank(), group=mesh.get_group(),
-                            device_mesh=mesh)
+                            device_mesh=mesh, device=_device_of(mesh.device_type))
         # Multi-axis meshes are flattened to one group; schedulers that use the axes
         # (usp) read them from device_mesh.
         group = mesh._flatten().get_group() if hasattr(mesh, "_flatten") else None
         if group is None:
             raise ValueError("this torch cannot flatten a multi-axis DeviceMesh; pass a ProcessGroup")
-        return MeshInfo(world_size=mesh.size(), rank=dist.get_rank(group), group=group, device_mesh=mesh)
+        return MeshInfo(world_size=mesh.size(), rank=dist.get_rank(group), group=group, device_mesh=mesh,
+                        device=_device_of(mesh.device_type))
     if mesh is None:
         raise ValueError("mesh is None: pass a DeviceMesh, a ProcessGroup (e.g. torch.distributed.group.WORLD) "
                          "or an int world size for a dry plan")

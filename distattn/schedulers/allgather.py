@@ -24,8 +24,8 @@ import torch
 
 from ..masks import MaskSlice
 from ..merge import acc_dtype
-from ..plans import Plan, token_index
-from .blocks import Block, block_bwd, block_fwd, even_bounds, pair_block, range_area_matrix
+from ..plans import DeviceIndex, Plan, token_index
+from .blocks import Block, block_bwd, block_fwd, even_bounds, pair_block, range_area_matrix, row_delta
 from .zigzag import zigzag_owner
 
 
@@ -36,7 +36,7 @@ class AllGatherPlan(Plan):
     bounds: np.ndarray = field(repr=False)
     heads_per_step: int | None = None
     blocks: tuple[Block, ...] = field(default=(), repr=False)       # this rank's chunks vs global K/V
-    gather_index: np.ndarray | None = field(default=None, repr=False)  # global token -> row of gathered buffer
+    gather_index: DeviceIndex | None = field(default=None, repr=False)  # global token -> row of gathered buffer
 
     @property
     def width(self) -> int:
@@ -69,8 +69,11 @@ class AllGatherPlan(Plan):
         gathered = padded.new_empty((self.world_size * 2, *padded.shape[1:]))
         return gathered, self.comm.all_gather(gathered, padded, what)
 
+    def device_data(self):
+        return [block.varlen for block in self.blocks] + [self.gather_index]
+
     def _index(self, device) -> torch.Tensor:
-        return torch.from_numpy(self.gather_index).to(device)
+        return self.gather_index.on(device)
 
     def _gathered_kv(self, gathered: torch.Tensor) -> torch.Tensor:
         """``[P * 2, W, h, D]`` as gathered -> contiguous ``[2, S, h, D]`` in global token order."""
@@ -114,6 +117,7 @@ class AllGatherPlan(Plan):
         dtype = acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
         dkv = torch.zeros((2, *k.shape), dtype=dtype, device=q.device)
+        delta = row_delta(dout, out)
         kv_local = torch.stack([k, v])
         group = q.shape[1] // k.shape[1]
         scatters = []
@@ -124,7 +128,8 @@ class AllGatherPlan(Plan):
             qh = slice(h0 * group, h1 * group)
             dkv_full = torch.zeros(kv.shape, dtype=dtype, device=q.device)
             for block in self.blocks:
-                block_bwd(block, dout[:, qh], q[:, qh], kv, out[:, qh], lse[:, qh], dq[:, qh], dkv_full, **kw)
+                block_bwd(block, dout[:, qh], q[:, qh], kv, out[:, qh], lse[:, qh], delta[:, qh], dq[:, qh], dkv_full,
+                          **kw)
             # the reduce-scatter of this head group overlaps the next group's compute
             scatters.append(((h0, h1), *self._start_scatter(dkv_full, "allgather backward")))
         for (h0, h1), mine, pending in scatters:
@@ -156,6 +161,7 @@ def build(doc_lens, mesh, *, causal, window, backend, heads_per_step: int | None
         for r, ranges in enumerate(owned):
             tokens = token_index(ranges)
             gather_index[tokens] = r * width + np.arange(len(tokens))
+        gather_index = DeviceIndex(gather_index)
     return AllGatherPlan(scheduler="allgather", doc_lens=doc_lens, causal=causal, window=window, backend=backend,
                          world_size=p, rank=mesh.rank, group=mesh.group, owned=owned,
                          range_area=range_area_matrix(bounds, doc_lens, causal, window), range_owner=owner,

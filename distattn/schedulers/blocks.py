@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..kernels import attn_bwd, attn_fwd
+from ..kernels import Varlen, varlen_bwd, varlen_fwd
 from ..masks import MaskSlice, mask_area
-from ..merge import merge_
+from ..merge import acc_dtype, merge_
 
 
 def even_bounds(total: int, parts: int) -> np.ndarray:
@@ -59,30 +59,22 @@ def range_area_matrix(bounds: np.ndarray, doc_lens, causal: bool, window: int | 
 
 @dataclass(frozen=True)
 class Block:
-    """Local query rows ``[q_lo, q_hi)`` against rows ``[k_lo, k_hi)`` of a KV buffer, as varlen
-    segments (``cu_q``, ``cu_k``, ``offsets`` relative to those views)."""
+    """Local query rows ``[q_lo, q_hi)`` against rows ``[k_lo, k_hi)`` of a KV buffer, as a varlen
+    layout relative to those views (validated once, when planned)."""
 
     q_lo: int
     q_hi: int
     k_lo: int
     k_hi: int
-    cu_q: np.ndarray
-    cu_k: np.ndarray
-    offsets: np.ndarray
+    varlen: Varlen
     area: int
 
     def slices(self, q_global: int, k_global: int, causal: bool, window: int | None) -> list[MaskSlice]:
         """The real segments as global mask slices, given the global token at local row 0 of the
         query view and of the KV buffer."""
         q0, k0 = q_global + self.q_lo, k_global + self.k_lo
-        return [MaskSlice(int(q0 + a), int(q0 + a + m), int(k0 + b), int(k0 + b + n), causal, window)
-                for m, n, a, b in zip(np.diff(self.cu_q), np.diff(self.cu_k), self.cu_q[:-1], self.cu_k[:-1])
-                if m and n]
-
-    def kernel_args(self, device) -> dict:
-        return {"cu_seqlens_q": torch.from_numpy(self.cu_q).to(device),
-                "cu_seqlens_k": torch.from_numpy(self.cu_k).to(device),
-                "q_offset": torch.from_numpy(self.offsets).to(device)}
+        return [MaskSlice(q0 + a, q0 + b, k0 + c, k0 + d, causal, window)
+                for a, b, c, d, _ in self.varlen.segments() if b > a and d > c]
 
 
 def pair_block(q_range: tuple[int, int], q_local: int, k_range: tuple[int, int], k_local: int, doc_lens,
@@ -128,9 +120,9 @@ def pair_block(q_range: tuple[int, int], q_local: int, k_range: tuple[int, int],
     lens_q, lens_k, offs = lens_q[used], lens_k[used], offs[used]
     return Block(q_lo=int(q_local + qs[0] - qa), q_hi=int(q_local + qe[-1] - qa),
                  k_lo=int(k_local + ks[0] - ka), k_hi=int(k_local + ke[-1] - ka),
-                 cu_q=np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32),
-                 cu_k=np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32),
-                 offsets=offs.astype(np.int64), area=int(area.sum()))
+                 varlen=Varlen.build(np.concatenate([[0], np.cumsum(lens_q)]), np.concatenate([[0], np.cumsum(lens_k)]),
+                                     offs),
+                 area=int(area.sum()))
 
 
 def block_fwd(block: Block, q, kv, out_acc, lse_acc, *, causal, window, scale, backend) -> None:
@@ -138,18 +130,26 @@ def block_fwd(block: Block, q, kv, out_acc, lse_acc, *, causal, window, scale, b
     accumulators ``out_acc [S_local, Hq, D]`` / ``lse_acc [S_local, Hq]``."""
     rows = slice(block.q_lo, block.q_hi)
     keys = slice(block.k_lo, block.k_hi)
-    out, lse = attn_fwd(q[rows], kv[0, keys], kv[1, keys], causal=causal, window=window, scale=scale,
-                        backend=backend, **block.kernel_args(q.device))
+    out, lse = varlen_fwd(q[rows], kv[0, keys], kv[1, keys], block.varlen, causal=causal, window=window,
+                          scale=scale, backend=backend)
     merge_(out_acc[rows], lse_acc[rows], out, lse)
 
 
-def block_bwd(block: Block, dout, q, kv, out, lse, dq_acc, dkv_acc, *, causal, window, scale, backend) -> None:
-    """Gradients of ``block`` given the final ``out``/``lse``, added to fp32 ``dq_acc`` and
-    ``dkv_acc [2, T, Hkv, D]`` (same layout as ``kv``)."""
+def block_bwd(block: Block, dout, q, kv, out, lse, delta, dq_acc, dkv_acc, *, causal, window, scale,
+              backend) -> None:
+    """Gradients of ``block`` given the final ``out``/``lse`` and ``delta = rowsum(dout * out)``
+    (computed once per backward), added to fp32 ``dq_acc`` and ``dkv_acc [2, T, Hkv, D]`` (same
+    layout as ``kv``)."""
     rows = slice(block.q_lo, block.q_hi)
     keys = slice(block.k_lo, block.k_hi)
-    dq, dk, dv = attn_bwd(dout[rows], q[rows], kv[0, keys], kv[1, keys], out[rows], lse[rows], causal=causal,
-                          window=window, scale=scale, backend=backend, **block.kernel_args(q.device))
+    dq, dk, dv = varlen_bwd(dout[rows], q[rows], kv[0, keys], kv[1, keys], out[rows], lse[rows], block.varlen,
+                            causal=causal, window=window, scale=scale, backend=backend, delta=delta[rows])
     dq_acc[rows] += dq
     dkv_acc[0, keys] += dk
     dkv_acc[1, keys] += dv
+
+
+def row_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``Delta = rowsum(dout * out)`` ``[T, H]`` in fp32 (fp64 for fp64 inputs), once per backward."""
+    dtype = acc_dtype(out.dtype)
+    return (dout.to(dtype) * out.to(dtype)).sum(-1)

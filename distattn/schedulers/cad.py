@@ -51,10 +51,10 @@ import torch
 import torch.distributed as dist
 
 from ..comm import Comm
-from ..kernels import attn_bwd, attn_fwd
+from ..kernels import Varlen, varlen_bwd, varlen_fwd
 from ..masks import MaskSlice, attention_flops
 from ..merge import acc_dtype
-from ..plans import Plan, check_stats_args, imbalance
+from ..plans import DeviceIndex, Plan, check_stats_args, imbalance
 from ..sim.cost import Roofline
 from .blocks import even_bounds
 from .cad_planner import Segments, place_tasks
@@ -89,17 +89,33 @@ def _rows(i0, i1, lo, hi) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Exchange:
-    """This rank's part of the task table, as row lists for the all-to-alls and kernel arguments."""
+class Route:
+    """Rows of one kind (Q, or K/V) between this rank and every slot."""
 
-    q_send: tuple[np.ndarray, ...]      # per slot: my local rows of Q that slot computes
-    kv_send: tuple[np.ndarray, ...]     # per slot: my local rows of K/V that slot needs
-    q_recv: tuple[int, ...]             # per slot: Q rows I receive from it
-    kv_recv: tuple[int, ...]            # per slot: K/V rows I receive from it
-    cu_q: np.ndarray
-    cu_k: np.ndarray
-    q_offset: np.ndarray
-    kv_index: np.ndarray                # per segment key row -> row of my received K/V buffer
+    send: tuple[DeviceIndex, ...]   # per slot: my local rows that slot needs
+    recv: tuple[int, ...]           # per slot: rows I receive from it (in slot order)
+    back: DeviceIndex               # the sent rows in slot order: where results for them come back
+
+    @staticmethod
+    def build(send: list[np.ndarray], recv) -> "Route":
+        return Route(tuple(DeviceIndex(r) for r in send), tuple(int(x) for x in recv),
+                     DeviceIndex(np.concatenate(send).astype(np.int64)))
+
+    def sent(self) -> tuple[int, ...]:
+        return tuple(len(r.array) for r in self.send)
+
+    def indices(self):
+        return [*self.send, self.back]
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """This rank's part of the task table: the routes of the all-to-alls and the kernel layout."""
+
+    q: Route
+    kv: Route
+    varlen: Varlen                      # my tasks: queries as received, keys as gathered by kv_index
+    kv_index: DeviceIndex               # per segment key row -> row of my received K/V buffer
 
 
 def _exchange(seg: Segments, bounds: np.ndarray, me: int) -> Exchange:
@@ -116,14 +132,13 @@ def _exchange(seg: Segments, bounds: np.ndarray, me: int) -> Exchange:
     mine = mine[np.argsort(seg.q0[mine], kind="stable")]
     q0, q1, k0, k1 = seg.q0[mine], seg.q1[mine], seg.k0[mine], seg.k1[mine]
     u0, u1 = _merge_intervals(k0, k1)
-    q_recv = tuple(int(x) for x in np.diff(_covered_before(q0, q1, bounds)))
-    kv_recv = tuple(int(x) for x in np.diff(_covered_before(u0, u1, bounds)))
     start = _covered_before(u0, u1, k0)
     kv_index = np.concatenate([np.arange(s, s + n) for s, n in zip(start, k1 - k0)] or [np.zeros(0, np.int64)])
-    return Exchange(tuple(q_send), tuple(kv_send), q_recv, kv_recv,
-                    np.concatenate([[0], np.cumsum(q1 - q0)]).astype(np.int32),
-                    np.concatenate([[0], np.cumsum(k1 - k0)]).astype(np.int32),
-                    (q1 - k1).astype(np.int64), kv_index.astype(np.int64))
+    varlen = Varlen.build(np.concatenate([[0], np.cumsum(q1 - q0)]), np.concatenate([[0], np.cumsum(k1 - k0)]),
+                          q1 - k1)
+    return Exchange(Route.build(q_send, np.diff(_covered_before(q0, q1, bounds))),
+                    Route.build(kv_send, np.diff(_covered_before(u0, u1, bounds))), varlen,
+                    DeviceIndex(kv_index.astype(np.int64)))
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -208,18 +223,24 @@ class CADPlan(Plan):
             offset += n
         return torch.cat([chunks[c] for c in range(self.pool_size)])
 
+    def device_data(self):
+        ex = self.exchange
+        return [ex.varlen, ex.kv_index, *ex.q.indices(), *ex.kv.indices()]
+
+    def _send(self, t: torch.Tensor, route: Route, what: str):
+        return self._start([t.index_select(0, rows.on(t.device)) for rows in route.send], route.recv, t, what)
+
     def _to_workers(self, jobs, what, started=None):
-        """``jobs``: (tensor, rows per slot, rows received per slot). Rows of each tensor go to the
-        slots computing them; returns what this rank receives, in slot order. ``started``: the
-        transfers :meth:`prefetch` already began for these jobs."""
+        """``jobs``: (tensor, route). Rows of each tensor go to the slots computing them; returns
+        what this rank receives, in slot order. ``started``: the transfers :meth:`prefetch` already
+        began for these jobs."""
         if started is None:
-            started = [self._start([t.index_select(0, torch.from_numpy(r).to(t.device)) for r in rows], recv, t,
-                                   what) for t, rows, recv in jobs]
-        return [self._finish(s, recv, t) for s, (t, _, recv) in zip(started, jobs)]
+            started = [self._send(t, route, what) for t, route in jobs]
+        return [self._finish(s, route.recv, t) for s, (t, route) in zip(started, jobs)]
 
     def _forward_jobs(self, q, k, v):
         ex = self.exchange
-        return [(q, ex.q_send, ex.q_recv), (torch.stack([k, v], dim=1), ex.kv_send, ex.kv_recv)]
+        return [(q, ex.q), (torch.stack([k, v], dim=1), ex.kv)]
 
     def prefetch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> "Prefetch":
         """Start the forward all-to-all of Q, K, V now; pass the result to
@@ -227,35 +248,28 @@ class CADPlan(Plan):
         between (another nano-batch's pre-attention layers) overlaps the transfer."""
         self.check_local_qkv(q, k, v)
         jobs = self._forward_jobs(q.detach(), k.detach(), v.detach())
-        started = [self._start([t.index_select(0, torch.from_numpy(r).to(t.device)) for r in rows], recv, t,
-                               "cad forward") for t, rows, recv in jobs]
-        return Prefetch(self, (id(q), id(k), id(v)), jobs, started)
+        return Prefetch(self, (id(q), id(k), id(v)), jobs, [self._send(t, route, "cad forward") for t, route in jobs])
 
     def _to_owners(self, jobs, what):
-        """``jobs``: (computed rows in slot order, rows per slot, rows received per slot, local rows,
-        sum?). Inverse of :meth:`_to_workers`; summed jobs add up rows that come from several slots
-        (in fp32), the others place them."""
+        """``jobs``: (computed rows in slot order, route, local rows, sum?). Inverse of
+        :meth:`_to_workers`; summed jobs add up rows that come from several slots (in fp32), the
+        others place them."""
         started = []
-        for t, rows, recv, _, _ in jobs:
-            starts = np.concatenate([[0], np.cumsum(recv)])
-            back = tuple(len(r) for r in rows)
-            started.append((self._start([t[starts[c]:starts[c + 1]] for c in range(self.pool_size)], back, t, what),
-                            back))
+        for t, route, _, _ in jobs:
+            starts = np.concatenate([[0], np.cumsum(route.recv)])
+            started.append(self._start([t[starts[c]:starts[c + 1]] for c in range(self.pool_size)], route.sent(), t,
+                                       what))
         out = []
-        for (s, back), (t, rows, _, n_local, add) in zip(started, jobs):
-            got = self._finish(s, back, t)
-            index = torch.from_numpy(np.concatenate(rows)).to(t.device)
+        for s, (t, route, n_local, add) in zip(started, jobs):
+            got = self._finish(s, route.sent(), t)
+            index = route.back.on(t.device)
             local = torch.zeros((n_local, *t.shape[1:]), dtype=acc_dtype(t.dtype) if add else t.dtype,
                                 device=t.device)
             out.append(local.index_add_(0, index, got.to(local.dtype)) if add else local.index_copy_(0, index, got))
         return out
 
-    def _kernel_args(self, device):
-        ex = self.exchange
-        return dict(cu_seqlens_q=torch.from_numpy(ex.cu_q).to(device),
-                    cu_seqlens_k=torch.from_numpy(ex.cu_k).to(device),
-                    q_offset=torch.from_numpy(ex.q_offset).to(device),
-                    causal=self.causal, window=self.window, backend=self.backend)
+    def _kernel_args(self):
+        return dict(causal=self.causal, window=self.window, backend=self.backend)
 
     def forward(self, q, k, v, scale, prefetch: "Prefetch | None" = None):
         ex = self.exchange
@@ -265,26 +279,25 @@ class CADPlan(Plan):
             q_buf, kv_buf = self._to_workers(prefetch.jobs, "cad forward", prefetch.started)
         else:
             q_buf, kv_buf = self._to_workers(self._forward_jobs(q, k, v), "cad forward")
-        kv_seg = kv_buf.index_select(0, torch.from_numpy(ex.kv_index).to(q.device))
-        out_buf, lse_buf = attn_fwd(q_buf, kv_seg[:, 0], kv_seg[:, 1], scale=scale, **self._kernel_args(q.device))
-        out, lse = self._to_owners([(out_buf, ex.q_send, ex.q_recv, q.shape[0], False),
-                                    (lse_buf, ex.q_send, ex.q_recv, q.shape[0], False)], "cad forward")
+        kv_seg = kv_buf.index_select(0, ex.kv_index.on(q.device))
+        out_buf, lse_buf = varlen_fwd(q_buf, kv_seg[:, 0], kv_seg[:, 1], ex.varlen, scale=scale, **self._kernel_args())
+        out, lse = self._to_owners([(out_buf, ex.q, q.shape[0], False), (lse_buf, ex.q, q.shape[0], False)],
+                                   "cad forward")
         return out, (q, k, v, out, lse)
 
     def backward(self, dout, saved, scale):
         q, k, v, out, lse = saved
         ex = self.exchange
         q_buf, out_buf, dout_buf, lse_buf, kv_buf = self._to_workers(
-            [(t, ex.q_send, ex.q_recv) for t in (q, out, dout, lse)]
-            + [(torch.stack([k, v], dim=1), ex.kv_send, ex.kv_recv)], "cad backward")
-        index = torch.from_numpy(ex.kv_index).to(q.device)
+            [(t, ex.q) for t in (q, out, dout, lse)] + [(torch.stack([k, v], dim=1), ex.kv)], "cad backward")
+        index = ex.kv_index.on(q.device)
         kv_seg = kv_buf.index_select(0, index)
-        dq_buf, dk_seg, dv_seg = attn_bwd(dout_buf, q_buf, kv_seg[:, 0], kv_seg[:, 1], out_buf, lse_buf, scale=scale,
-                                          **self._kernel_args(q.device))
+        dq_buf, dk_seg, dv_seg = varlen_bwd(dout_buf, q_buf, kv_seg[:, 0], kv_seg[:, 1], out_buf, lse_buf, ex.varlen,
+                                            scale=scale, **self._kernel_args())
         dkv_buf = torch.zeros(kv_buf.shape, dtype=acc_dtype(q.dtype), device=q.device)
         dkv_buf.index_add_(0, index, torch.stack([dk_seg, dv_seg], dim=1).to(dkv_buf.dtype))
-        dq, dkv = self._to_owners([(dq_buf, ex.q_send, ex.q_recv, q.shape[0], False),
-                                   (dkv_buf, ex.kv_send, ex.kv_recv, k.shape[0], True)], "cad backward")
+        dq, dkv = self._to_owners([(dq_buf, ex.q, q.shape[0], False), (dkv_buf, ex.kv, k.shape[0], True)],
+                                  "cad backward")
         return dq, dkv[:, 0].to(k.dtype), dkv[:, 1].to(v.dtype)
 
 

@@ -29,7 +29,7 @@ import torch
 from ..masks import MaskSlice
 from ..merge import acc_dtype
 from ..plans import Plan
-from .blocks import Block, block_bwd, block_fwd, even_bounds, pair_block, range_area_matrix
+from .blocks import Block, block_bwd, block_fwd, even_bounds, pair_block, range_area_matrix, row_delta
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -68,6 +68,9 @@ class RingPlan(Plan):
         per_token = 2 * num_kv_heads * head_dim * dtype_bytes
         return sum(self.num_tokens((rank - t) % self.world_size) * per_token
                    for t in range(self.world_size - 1) if self._sends(rank, t))
+
+    def device_data(self):
+        return [block.varlen for blocks in self.steps for block in blocks]
 
     def extra_stats(self) -> dict:
         p = self.world_size
@@ -111,6 +114,7 @@ class RingPlan(Plan):
         kw = dict(causal=self.causal, window=self.window, scale=scale, backend=self.backend)
         dtype = acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        delta = row_delta(dout, out)
         kv = torch.stack([k, v])
         dkv = torch.zeros(kv.shape, dtype=dtype, device=q.device)  # own block, summed in fp32
         cur, prev = kv, None  # prev: dK/dV computed at the previous step for a foreign block
@@ -129,7 +133,7 @@ class RingPlan(Plan):
             if t < p and self.steps[t]:
                 acc = dkv if t == 0 else torch.zeros((2, *cur.shape[1:]), dtype=dtype, device=q.device)
                 for block in self.steps[t]:
-                    block_bwd(block, dout, q, cur, out, lse, dq, acc, **kw)
+                    block_bwd(block, dout, q, cur, out, lse, delta, dq, acc, **kw)
                 prev = acc if t > 0 else None
             pending.wait()
             if incoming is not None:

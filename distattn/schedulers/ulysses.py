@@ -22,14 +22,14 @@ all-to-all machinery; ``usp`` reuses them inside its Ulysses groups.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..comm import Comm
-from ..kernels import attn_bwd, attn_fwd
-from ..masks import MaskSlice, attention_flops, cu_seqlens, document_mask
+from ..kernels import Varlen, varlen_bwd, varlen_fwd
+from ..masks import MaskSlice, attention_flops, document_mask
 from ..merge import acc_dtype
 from ..plans import Plan
 from .blocks import even_bounds
@@ -66,15 +66,26 @@ class HeadLayout:
     def share(self, rank: int) -> int:
         return self.q[rank][1] - self.q[rank][0]
 
-    def expansion(self, rank: int, group: int) -> torch.Tensor | None:
-        """Index of the local KV head each local query head uses, when the kernel's native GQA
-        grouping (``i // (hq / hkv)``) does not already give it; None when it does."""
+    def expansion(self, rank: int, group: int) -> tuple[int, ...] | None:
+        """How many local query heads use each local KV head, in order, when the kernel's native
+        GQA grouping (``i // (hq / hkv)``) does not already pair them; None when it does."""
         (a, b), (lo, hi) = self.q[rank], self.kv[rank]
         want = np.arange(a, b) // group - lo
         hq, hkv = b - a, hi - lo
         if hq % hkv == 0 and (want == np.arange(hq) // (hq // hkv)).all():
             return None
-        return torch.from_numpy(want)
+        return tuple(int(c) for c in np.bincount(want, minlength=hkv))
+
+
+def expand_heads(x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+    """``[T, Hkv, D]`` -> ``[T, sum(counts), D]``, KV head ``i`` repeated ``counts[i]`` times."""
+    return torch.cat([x[:, i:i + 1].expand(-1, c, -1) for i, c in enumerate(counts)], dim=1)
+
+
+def sum_expanded(g: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`expand_heads` for gradients: the copies of each KV head summed in fp32."""
+    dtype = acc_dtype(g.dtype)
+    return torch.stack([part.to(dtype).sum(1) for part in g.split(list(counts), dim=1)], dim=1).to(g.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,7 +162,7 @@ def head_attention_fwd(exchange: HeadExchange, q, k, v, attend, what: str):
     qh, kh, vh = exchange.to_heads([q, k, v], [layout.q, layout.kv, layout.kv], what)
     expand = layout.expansion(exchange.member, q.shape[1] // k.shape[1])
     if expand is not None:
-        kh, vh = kh[:, expand], vh[:, expand]
+        kh, vh = expand_heads(kh, expand), expand_heads(vh, expand)
     out_h, inner = attend(qh, kh, vh)
     (out,) = exchange.to_tokens([out_h], [layout.q], what)
     return out, (q.shape[1], k.shape[1], expand, inner)
@@ -164,10 +175,7 @@ def head_attention_bwd(exchange: HeadExchange, dout, meta, attend_bwd, what: str
     (dout_h,) = exchange.to_heads([dout], [layout.q], what)
     dq_h, dk_h, dv_h = attend_bwd(dout_h, inner)
     if expand is not None:  # sum the expanded copies back onto the received KV heads
-        lo, hi = layout.kv[exchange.member]
-        dtype = acc_dtype(dout.dtype)
-        dk_h, dv_h = (torch.zeros((g.shape[0], hi - lo, g.shape[2]), dtype=dtype, device=g.device)
-                      .index_add_(1, expand.to(g.device), g.to(dtype)).to(g.dtype) for g in (dk_h, dv_h))
+        dk_h, dv_h = sum_expanded(dk_h, expand), sum_expanded(dv_h, expand)
     dq, dk, dv = exchange.to_tokens([dq_h, dk_h, dv_h], [layout.q, layout.kv, layout.kv], what)
     return dq, dk, dv
 
@@ -184,8 +192,19 @@ def head_a2a_bytes(tokens: tuple[int, ...], member: int, num_heads: int, num_kv_
     return qkv + (total - n) * layout.share(member) * per_head
 
 
+def document_varlen(doc_lens) -> Varlen:
+    """The layout of one kernel call over whole documents."""
+    cu = np.concatenate([[0], np.cumsum(doc_lens)])
+    return Varlen.build(cu, cu)
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class UlyssesPlan(Plan):
+    varlen: Varlen = field(repr=False)  # every document, for the local kernel on this rank's heads
+
+    def device_data(self):
+        return [self.varlen]
+
     @property
     def exchange(self) -> HeadExchange:
         return HeadExchange(self.comm, self.rank, tuple(self.num_tokens(r) for r in range(self.world_size)))
@@ -203,9 +222,8 @@ class UlyssesPlan(Plan):
 
     def forward(self, q, k, v, scale):
         def attend(qh, kh, vh):
-            cu = cu_seqlens(self.doc_lens, qh.device)
-            out_h, lse = attn_fwd(qh, kh, vh, cu, cu, causal=self.causal, window=self.window, scale=scale,
-                                  backend=self.backend)
+            out_h, lse = varlen_fwd(qh, kh, vh, self.varlen, causal=self.causal, window=self.window, scale=scale,
+                                    backend=self.backend)
             return out_h, (qh, kh, vh, out_h, lse)
 
         out, (num_heads, num_kv_heads, expand, inner) = head_attention_fwd(self.exchange, q, k, v, attend,
@@ -216,9 +234,8 @@ class UlyssesPlan(Plan):
         num_heads, num_kv_heads, expand, qh, kh, vh, out_h, lse = saved
 
         def attend_bwd(dout_h, _):
-            cu = cu_seqlens(self.doc_lens, dout_h.device)
-            return attn_bwd(dout_h, qh, kh, vh, out_h, lse, cu, cu, causal=self.causal, window=self.window,
-                            scale=scale, backend=self.backend)
+            return varlen_bwd(dout_h, qh, kh, vh, out_h, lse, self.varlen, causal=self.causal, window=self.window,
+                              scale=scale, backend=self.backend)
 
         return head_attention_bwd(self.exchange, dout, (num_heads, num_kv_heads, expand, None), attend_bwd,
                                   "ulysses backward")
@@ -229,4 +246,4 @@ def build(doc_lens, mesh, *, causal, window, backend) -> UlyssesPlan:
     bounds = even_bounds(sum(doc_lens), p)
     owned = tuple(((int(bounds[r]), int(bounds[r + 1])),) for r in range(p))
     return UlyssesPlan(scheduler="ulysses", doc_lens=doc_lens, causal=causal, window=window, backend=backend,
-                       world_size=p, rank=mesh.rank, group=mesh.group, owned=owned)
+                       world_size=p, rank=mesh.rank, group=mesh.group, owned=owned, varlen=document_varlen(doc_lens))

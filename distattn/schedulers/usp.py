@@ -56,6 +56,9 @@ class USPPlan(Plan):
         return tuple(int(b - a) for a, b in zip(even_bounds(n, self.ulysses_degree),
                                                 even_bounds(n, self.ulysses_degree)[1:]))
 
+    def device_data(self):
+        return self.ring.device_data()
+
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         return self.ring.compute_slices(self.coords[rank][1])  # the ring rank's pairs, a share of the heads
 

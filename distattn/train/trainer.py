@@ -98,8 +98,11 @@ def train(cfg: RunConfig, resume: bool = False) -> list[dict]:
     p, t = cfg.parallel, cfg.train
     if dist.get_world_size() != cfg.world_size:
         raise ValueError(f"parallel.dp * parallel.cp = {cfg.world_size} but the job has {dist.get_world_size()} ranks")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    # the launcher's group says where tensors live: nccl under torchrun, gloo for local processes
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     mesh = init_device_mesh(device.type, (p.dp, p.cp), mesh_dim_names=("dp", "cp"))
     cp_group, dp_rank = mesh["cp"].get_group(), mesh.get_local_rank("dp")
     torch.manual_seed(t.seed)  # same initial weights everywhere

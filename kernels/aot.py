@@ -1,0 +1,253 @@
+"""Compile every Triton kernel of the ``triton`` backend for real NVIDIA GPUs, without a GPU.
+
+Each case (kernel x config of ``all_configs``: ``CONFIGS``, the fallback and the fp32 config; x
+arch x dtype x head dim x mask variant) goes through Triton's ahead-of-time path,
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, with the divisibility the
+runtime launcher would specialize on, in a spawned worker whose environment has no ``TRITON_*``
+overrides and a fresh cache. The wheel's ``cuobjdump`` then reads registers, stack and shared
+memory from the cubin. Configs the autotuner prunes on a target (``keep_config``) are never
+launched: they are listed as ``pruned`` and only compiled with ``--all`` (then never a failure).
+
+Usage::
+
+    python -m distattn.kernels.aot                     # the whole matrix, one table row per case
+    python -m distattn.kernels.aot --json --jobs 8     # {"rows": [...], "summary": {...}}
+    python -m distattn.kernels.aot --kernels fwd --arch 90 --dtypes bf16 --head-dims 128 --variants causal
+    python -m distattn.kernels.aot --all               # compile the pruned configs too
+
+Exit status 1 when a kept config fails to compile or needs more shared memory per block than its
+target has, 0 otherwise. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator, TextIO
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .triton_attn import KERNELS, SHARED_LIMIT, VARIANTS, all_configs, aot_spec, keep_config
+
+ARCHS = {80: "sm_80", 90: "sm_90a"}  # Triton compiles capability 90 for sm_90a (wgmma, TMA)
+DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # element bytes
+HEAD_DIMS = (64, 128, 256)
+# LSE/DELTA are [T, H] fp32: their strides (H and 1) need not be multiples of 16.
+SMALL_STRIDES = frozenset({"stride_lt", "stride_lh", "stride_dt", "stride_dh"})
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: str
+    config: tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    arch: int
+    dtype: str
+    head_dim: int
+    variant: str
+    kept: bool  # whether the runtime autotuner tries this config there
+
+    @property
+    def config_name(self) -> str:
+        m, n, w, s = self.config
+        return f"{m}x{n} w{w} s{s}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.kernel} {self.config_name} {ARCHS[self.arch]} {self.dtype} d{self.head_dim} {self.variant}"
+
+    def row(self, status: str, **fields) -> dict:
+        base = dict(kernel=self.kernel, config=self.config_name, arch=ARCHS[self.arch], dtype=self.dtype,
+                    head_dim=self.head_dim, variant=self.variant, status=status, registers=None, stack=None,
+                    shared=None, shared_dynamic=None, shared_static=None, seconds=None, over_limit=False)
+        return {**base, **fields}
+
+
+def matrix(kernels: list[str], archs: list[int], dtypes: list[str], head_dims: list[int],
+           variants: list[str]) -> list[Case]:
+    """Every case, in table order; a kernel's configs are all those its autotuner lists."""
+    return [Case(k, tuple(c), a, d, h, v, keep_config(k, tuple(c), h, DTYPES[d], a))
+            for k in kernels for c in all_configs(k) for a in archs for d in dtypes
+            for h in head_dims for v in variants]
+
+
+def divisibility_attrs(fn, signature: dict[str, str]) -> dict[tuple[int], list[list]]:
+    """``ASTSource`` attrs marking what the launcher specializes as divisible by 16: every pointer
+    and every stride but LSE/DELTA's. Triton 3.9 keys them by argument path (a 1-tuple of the
+    position among all parameters, constexprs included); ``BaseBackend.parse_attr`` turns the
+    launcher's ``"D"`` into this same ``[["tt.divisibility", 16]]``."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if signature[name].startswith("*") or (name.startswith("stride_") and name not in SMALL_STRIDES)}
+
+
+def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
+    """``cuobjdump --dump-resource-usage`` output -> {function: {"REG": .., "STACK": .., "SHARED": ..}}."""
+    usage, name = {}, None
+    for line in text.splitlines():
+        if match := re.match(r"\s*Function\s+(\S+?):?\s*$", line):
+            name = match.group(1)
+        elif name is not None and "REG:" in line:
+            usage[name] = {k: int(v) for k, v in re.findall(r"([A-Z_]+(?:\[\d+\])?):(\d+)", line)}
+            name = None
+    return usage
+
+
+def resource_usage(cubin: Path) -> dict[str, dict[str, int]]:
+    tool = triton.knobs.nvidia.cuobjdump.path  # the wheel's own (no TRITON_* overrides here)
+    out = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True)
+    return parse_resource_usage(out.stdout)
+
+
+def compile_case(case: Case, keep_cubin: bool = False) -> dict:
+    """Compile one case in this process (whose environment must hold no TRITON_* overrides: use
+    :func:`compile_cases`) and return its row; ``keep_cubin`` adds the cubin bytes as ``"cubin"``."""
+    fn, signature, constexprs = aot_spec(case.kernel, case.dtype, case.head_dim, case.variant)
+    block_m, block_n, warps, stages = case.config
+    status = "ok" if case.kept else "pruned-compiled"
+    with tempfile.TemporaryDirectory(prefix="distattn-aot-") as tmp:
+        os.environ["TRITON_CACHE_DIR"] = tmp  # a fresh cache: every case really compiles
+        start = time.perf_counter()
+        try:
+            source = ASTSource(fn, signature, dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n),
+                               divisibility_attrs(fn, signature))
+            kernel = triton.compile(source, target=GPUTarget("cuda", case.arch, 32),
+                                    options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True))
+            seconds = time.perf_counter() - start
+            Path(tmp, "kernel.cubin").write_bytes(kernel.asm["cubin"])
+            usage = resource_usage(Path(tmp, "kernel.cubin"))[kernel.metadata.name]
+        except Exception as exc:  # noqa: BLE001 - a failed compile is a row, not a crash
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())
+            return case.row("error" if case.kept else "pruned-error", error=message[-1500:],
+                            seconds=round(time.perf_counter() - start, 2))
+    # Triton's buffers are *dynamic* shared memory (metadata.shared, the launch's smem argument);
+    # cuobjdump's SHARED is the *static* part ptxas adds on its own (1 KiB with wgmma on sm_90a).
+    # A block needs both: Triton's launcher opts into `optin - static` dynamic bytes, so the
+    # launch requirement checked against the limit is their sum (>= either figure).
+    dynamic, static = int(kernel.metadata.shared), usage.get("SHARED", 0)
+    row = case.row(status, registers=usage.get("REG"), stack=usage.get("STACK"), shared=dynamic + static,
+                   shared_dynamic=dynamic, shared_static=static, seconds=round(seconds, 2),
+                   over_limit=dynamic + static > SHARED_LIMIT[case.arch])
+    return {**row, "cubin": kernel.asm["cubin"]} if keep_cubin else row
+
+
+def _check_worker() -> None:
+    """Pool initializer: the kernels module must have been imported without the interpreter."""
+    from . import triton_attn
+    if triton_attn.INTERPRET or os.environ.get("TRITON_INTERPRET"):
+        raise RuntimeError("an AOT worker imported the kernels under TRITON_INTERPRET")
+
+
+@contextlib.contextmanager
+def _without_triton_env() -> Iterator[None]:
+    """Drop TRITON_* from this process's environment while the pool's workers are spawned: a
+    spawned worker re-imports the main module (and with it triton_attn, which reads
+    TRITON_INTERPRET) before any initializer runs, so the parent's environment must be clean."""
+    saved = {key: os.environ.pop(key) for key in list(os.environ) if key.startswith("TRITON_")}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def compile_cases(cases: list[Case], jobs: int | None = None, compile_pruned: bool = False,
+                  keep_cubin: bool = False, log: TextIO | None = sys.stderr) -> list[dict]:
+    """Rows of ``cases`` in order, compiling kept cases (and pruned ones with ``compile_pruned``)
+    on ``jobs`` spawned workers; progress lines go to ``log``."""
+    todo = [c for c in cases if c.kept or compile_pruned]
+    todo.sort(key=lambda c: (-c.head_dim, c.kernel == "fwd", c.dtype == "fp32"))  # the slowest first
+    done: dict[Case, dict] = {}
+    start, step = time.perf_counter(), max(1, min(25, len(todo) // 50))
+    with _without_triton_env(), ProcessPoolExecutor(max_workers=jobs or os.cpu_count(), mp_context=get_context("spawn"),
+                                                    initializer=_check_worker) as pool:
+        futures = {pool.submit(compile_case, case, keep_cubin): case for case in todo}
+        for i, future in enumerate(as_completed(futures), 1):
+            case = futures[future]
+            try:
+                done[case] = future.result()
+            except Exception as exc:  # noqa: BLE001 - a crashed worker (BrokenProcessPool)
+                done[case] = case.row("error" if case.kept else "pruned-error", error=f"{type(exc).__name__}: {exc}")
+            if log is not None and (i % step == 0 or i == len(todo) or done[case]["status"].endswith("error")):
+                print(f"[{i}/{len(todo)}] {time.perf_counter() - start:.0f}s {case.label}: {done[case]['status']}",
+                      file=log, flush=True)
+    return [done.get(case) or case.row("pruned") for case in cases]
+
+
+def _name(row: dict) -> str:  # as Case.label
+    return f"{row['kernel']} {row['config']} {row['arch']} {row['dtype']} d{row['head_dim']} {row['variant']}"
+
+
+def summarize(rows: list[dict], wall_seconds: float) -> dict:
+    """Compiles, failures (kept cases), kept cases over the shared limit, worst stack, times."""
+    compiled = [r for r in rows if r["registers"] is not None]
+    kept = [r for r in compiled if r["status"] == "ok"]
+    worst = max(kept, key=lambda r: r["stack"], default=None)
+    return dict(cases=len(rows), compiles=sum(r["status"] != "pruned" for r in rows),
+                failures=sum(r["status"] == "error" for r in rows),
+                failed=[_name(r) for r in rows if r["status"] == "error"],
+                pruned=sum(r["status"].startswith("pruned") for r in rows),
+                over_limit=[_name(r) for r in kept if r["over_limit"]],
+                pruned_over_limit=sum(r["over_limit"] for r in compiled if r["status"] != "ok"),
+                worst_stack=worst["stack"] if worst else None, worst_stack_case=_name(worst) if worst else None,
+                max_shared={arch: max((r["shared"] for r in kept if r["arch"] == arch), default=None)
+                            for arch in sorted({r["arch"] for r in kept})},
+                compile_seconds=round(sum(r["seconds"] or 0 for r in rows), 1), wall_seconds=round(wall_seconds, 1))
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ("kernel", "config", "arch", "dtype", "head_dim", "variant", "status", "registers", "stack",
+               "shared", "seconds")
+    cells = [[("-" if r[c] is None else str(r[c])) + ("!" if c == "shared" and r["over_limit"] else "")
+              for c in columns] for r in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in cells]
+    lines += [f"error {_name(r)}: {r['error']}" for r in rows if r.get("error")]
+    return "\n".join(lines)
+
+
+def _list(kind, choices):
+    def parse(text: str) -> list:
+        values = [kind(v) for v in text.split(",") if v]
+        if bad := [v for v in values if v not in choices]:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(choices)}")
+        return values
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distattn.kernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=_list(int, ARCHS), default=list(ARCHS), help="e.g. 80,90")
+    parser.add_argument("--dtypes", type=_list(str, DTYPES), default=list(DTYPES))
+    parser.add_argument("--head-dims", type=_list(int, HEAD_DIMS), default=list(HEAD_DIMS))
+    parser.add_argument("--kernels", type=_list(str, KERNELS), default=list(KERNELS))
+    parser.add_argument("--variants", type=_list(str, VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiles (default: all cores)")
+    parser.add_argument("--all", action="store_true", help="compile pruned configs too (never a failure)")
+    parser.add_argument("--json", action="store_true", help='print {"rows": [...], "summary": {...}}')
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    cases = matrix(args.kernels, args.arch, args.dtypes, args.head_dims, args.variants)
+    rows = compile_cases(cases, args.jobs, compile_pruned=args.all)
+    summary = summarize(rows, time.perf_counter() - start)
+    if args.json:
+        print(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    else:
+        print(format_table(rows))
+        print(json.dumps(summary, indent=1))
+    return 1 if summary["failures"] or summary["over_limit"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Read a kernel's machine code (SASS) without a GPU: disassemble a cubin, find its loops and count
+what each loop body does (MMAs, loads, exp, FMA/FMUL/FADD, mask selects, ...).
+
+A loop is closed by a backward branch (``BRA`` to an earlier address); its body is every
+instruction from the target to the branch, inclusive. The forward kernel streams key blocks in loops
+over masked and over *full* blocks; the full one has the MMAs and no mask selects (FSEL): its
+instruction count is the cost of one steady-state key tile.
+
+Usage::
+
+    python -m distattn.kernels.sass --kernel fwd --config 128,64,8,3 --dtype bf16 --head-dim 128 \\
+        --variant causal --arch 90
+    python -m distattn.kernels.sass --cubin kernel.cubin          # any cubin, e.g. another kernel's
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import triton
+
+# Instruction classes counted per loop, by opcode (MUFU.EX2 by opcode and modifier).
+CLASSES = {
+    "mma": {"HMMA", "HGMMA", "IMMA", "DMMA", "QGMMA", "IGMMA"},
+    "load": {"LDG", "LDGSTS", "LDS", "LDSM", "UTMALDG", "LD"},
+    "store": {"STG", "STS", "ST", "STSM"},
+    "local": {"LDL", "STL"},  # register spills
+    "ffma": {"FFMA"}, "fmul": {"FMUL"}, "fadd": {"FADD"}, "fmnmx": {"FMNMX"},
+    "select": {"FSEL"},  # float selects: where a mask is applied to scores / probabilities
+    "int_select": {"SEL", "USEL"},  # e.g. the pipeline's stage index wrapping around
+    "compare": {"FSETP", "ISETP", "PLOP3", "P2R", "R2P"},
+    "convert": {"F2FP", "F2F", "I2F", "F2I"},
+    "shuffle": {"SHFL"},
+    "sync": {"BAR", "WARPGROUP", "DEPBAR", "LDGDEPBAR", "WARPSYNC", "ARRIVES", "SYNCS", "MEMBAR", "FENCE"},
+}
+_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+@dataclass
+class Instruction:
+    address: int
+    opcode: str  # with modifiers, e.g. "MUFU.EX2", "HGMMA.64x64x16.F32.BF16"
+    text: str
+
+
+@dataclass
+class Loop:
+    start: int  # address of the branch target (first instruction of the body)
+    end: int  # address of the backward branch
+    instructions: list[Instruction] = field(default_factory=list)
+    depth: int = 0  # how many other loops contain this one
+
+    @property
+    def size(self) -> int:
+        return len(self.instructions)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Instructions per class (see ``CLASSES``), plus ``exp`` (MUFU.EX2) and ``other``."""
+        counts = Counter()
+        for ins in self.instructions:
+            base = ins.opcode.split(".")[0]
+            kind = next((k for k, ops in CLASSES.items() if base in ops), "other")
+            if ins.opcode.startswith("MUFU.EX2"):
+                kind = "exp"
+            counts[kind] += 1
+        return dict(counts)
+
+    def describe(self) -> str:
+        counts = self.counts
+        parts = ", ".join(f"{k} {counts[k]}" for k in ("mma", "load", "exp", "ffma", "fmul", "fadd", "fmnmx",
+                                                          "select", "int_select", "compare", "convert", "shuffle",
+                                                          "store", "local", "sync", "other") if counts.get(k))
+        return f"loop {self.start:#06x}-{self.end:#06x} depth {self.depth}: {self.size} instructions ({parts})"
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS text of a cubin, from the Triton wheel's ``cuobjdump -sass``."""
+    with tempfile.TemporaryDirectory(prefix="distattn-sass-") as tmp:
+        path = Path(tmp, "kernel.cubin")
+        path.write_bytes(cubin)
+        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", str(path)], capture_output=True,
+                             text=True, check=True)
+    return out.stdout
+
+
+def instructions(sass: str) -> list[Instruction]:
+    """The instructions of ``cuobjdump -sass`` text (one kernel), in address order."""
+    found = []
+    for line in sass.splitlines():
+        if match := _LINE.match(line):
+            text = match.group(2)
+            op = re.sub(r"^@!?U?P[0-9T]+\s+", "", text).split()[0]
+            found.append(Instruction(int(match.group(1), 16), op, text))
+    return found
+
+
+def _target(ins: Instruction, ops: tuple[str, ...] = ("BRA",)) -> int | None:
+    found = re.findall(r"0x([0-9a-f]+)", ins.text) if ins.opcode.split(".")[0] in ops else []
+    return int(found[-1], 16) if found else None
+
+
+def _reachable(code: list[Instruction], blocked: int) -> set[int]:
+    """Instruction indices reachable from the entry without passing through index ``blocked``."""
+    index = {ins.address: i for i, ins in enumerate(code)}
+    seen, todo = set(), [0]
+    while todo:
+        i = todo.pop()
+        if i in seen or i == blocked or i >= len(code):
+            continue
+        seen.add(i)
+        ins, base = code[i], code[i].opcode.split(".")[0]
+        conditional = ins.text.startswith("@") or base == "CALL"  # ptxas also leaves loops by CALL.REL.NOINC
+        if (target := _target(ins, ("BRA", "CALL"))) is not None and target in index:
+            todo.append(index[target])
+            if conditional:
+                todo.append(i + 1)
+        elif base not in ("EXIT", "RET", "KILL") or conditional:
+            todo.append(i + 1)
+    return seen
+
+
+def loops(sass: str) -> list[Loop]:
+    """Loops closed by backward branches, innermost first (then by address). A backward branch
+    closes a loop when its target dominates it: that leaves out the jumps back from out-of-line
+    blocks after the EXIT (mbarrier waits) to the instruction after their call site. Branches back
+    to the same target make one loop ending at the last of them."""
+    code = instructions(sass)
+    index = {ins.address: i for i, ins in enumerate(code)}
+    ends: dict[int, int] = {}
+    for i, ins in enumerate(code):
+        target = _target(ins)
+        if target is None or target >= ins.address or target not in index:  # forward, or the `BRA self` trap
+            continue
+        if i not in _reachable(code, blocked=index[target]):  # every path to the branch passes the target
+            ends[target] = max(ends.get(target, 0), ins.address)
+    found = [Loop(s, e, [i for i in code if s <= i.address <= e]) for s, e in ends.items()]
+    for loop in found:
+        loop.depth = sum(o is not loop and o.start <= loop.start and loop.end <= o.end for o in found)
+    return sorted(found, key=lambda loop: (-loop.depth, loop.start))
+
+
+def full_tile_loop(found: list[Loop]) -> Loop | None:
+    """The steady-state loop: one with MMAs and no mask selects (FSEL; the fewest, then the fewest
+    instructions, if every MMA loop has some)."""
+    with_mma = [loop for loop in found if loop.counts.get("mma")]
+    return min(with_mma, key=lambda loop: (loop.counts.get("select", 0), loop.size), default=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distattn.kernels.sass", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernel", default="fwd")
+    parser.add_argument("--config", default="128,64,8,3", help="BLOCK_M,BLOCK_N,num_warps,num_stages")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--variant", default="causal")
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--cubin", type=Path, help="read this cubin instead of compiling a case")
+    parser.add_argument("--dump", type=Path, help="also write the SASS text here")
+    args = parser.parse_args(argv)
+    if args.cubin is not None:
+        cubin, title = args.cubin.read_bytes(), str(args.cubin)
+    else:
+        from .aot import DTYPES, Case, compile_cases
+        from .triton_attn import keep_config
+
+        config = tuple(int(v) for v in args.config.split(","))
+        case = Case(args.kernel, config, args.arch, args.dtype, args.head_dim, args.variant,
+                    keep_config(args.kernel, config, args.head_dim, DTYPES[args.dtype], args.arch))
+        row = compile_cases([case], jobs=1, compile_pruned=True, keep_cubin=True, log=None)[0]
+        if "cubin" not in row:
+            print(f"{case.label}: {row['status']}: {row.get('error')}", file=sys.stderr)
+            return 1
+        cubin = row["cubin"]
+        title = (f"{case.label}{'' if case.kept else ' (pruned there)'}: {row['registers']} registers, "
+                 f"{row['stack']} B stack, {row['shared']} B shared")
+    text = disassemble(cubin)
+    if args.dump is not None:
+        args.dump.write_text(text)
+    found = loops(text)
+    full = full_tile_loop(found)
+    print(f"{title}: {len(instructions(text))} instructions, {len(found)} loops (innermost first)")
+    for loop in found:
+        print(loop.describe() + ("  <- steady state (MMA, fewest mask selects)" if loop is full else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

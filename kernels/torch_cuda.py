@@ -1,0 +1,182 @@
+"""``backend="torch"`` on CUDA: PyTorch's own FlashAttention-2 varlen kernels.
+
+``aten._flash_attention_forward``/``_backward`` (what
+``torch.nn.attention.varlen.varlen_attn`` runs) take packed ``[T, H, D]``
+tensors with ``cu_seqlens``, GQA without copies, a sliding window
+``(left, right)`` around each query's bottom-right aligned position, and return
+the log-sum-exp, ``[Hq, Tq]`` in natural log. The backward takes ``out`` and
+``lse`` as arguments, so it accepts the *global* ones a context-parallel step
+has merged (as ring-flash-attention does with flash-attn's varlen backward).
+
+Our geometry maps onto the window: a segment with ``m`` queries, ``n`` keys and
+``q_offset = o`` puts query ``i`` at key position ``i + n - m + o``, i.e. ``o``
+positions right of FlashAttention's alignment, so
+
+* causal: ``(left, right) = (-1, o)``; causal with window ``W``: ``(W - 1 - o, o)``;
+* full: ``(-1, -1)``; full with window ``W``: ``(W - 1 - o, W - 1 + o)``;
+
+(``-1`` = unbounded; bounds that cover the whole segment become ``-1``). The
+window is one per kernel call, so segments are grouped by it when a plan is
+prepared; one group (the usual case: every segment bottom-right aligned, or
+ring blocks whose keys all precede the queries) is one call on the tensors as
+they are, several groups gather their rows. FlashAttention marks rows that see
+no key with ``lse = +inf``; ours is ``-inf`` both ways.
+
+FlashAttention computes fp16/bf16 with ``head_dim`` a multiple of 8 up to 256;
+use ``backend="triton"`` for fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from distattn.masks import mask_area
+from distattn.merge import acc_dtype
+
+from .varlen import Varlen
+
+_fwd_op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+_bwd_op = getattr(torch.ops.aten, "_flash_attention_backward", None)
+
+
+@dataclass(frozen=True)
+class _Group:
+    left: int
+    right: int
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    q_index: torch.Tensor | None  # rows to gather (None: the whole tensors, as they are)
+    k_index: torch.Tensor | None
+
+
+def windows(seg: Varlen, causal: bool, window: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per segment: FlashAttention's ``(left, right)`` (-1: unbounded) and whether any pair is visible."""
+    m, n = np.diff(seg.cu_q).astype(np.int64), np.diff(seg.cu_k).astype(np.int64)
+    o = seg.q_offset.astype(np.int64) if seg.q_offset is not None else np.zeros_like(m)
+    unbounded = np.full_like(m, -1)
+    left = unbounded if window is None else window - 1 - o
+    right = (o if causal else unbounded) if window is None else (o if causal else window - 1 + o)
+    visible = mask_area(m, n, causal, window, o) > 0
+    # -1 means unbounded to FlashAttention: a bound that is really negative cannot be expressed
+    bad = ((window is not None) & (left < 0)) | ((causal or window is not None) & (right < 0))
+    if (bad & visible).any():
+        raise ValueError("backend='torch' on CUDA cannot express a segment whose queries sit before its keys' "
+                         "end (q_offset < 0) or a window past its keys; use backend='triton'")
+    return left, right, visible
+
+
+def _same(bound: np.ndarray, candidate: int, cover: np.ndarray) -> np.ndarray:
+    """Whether ``candidate`` cuts a segment's keys where ``bound`` does (both reaching ``cover`` or
+    beyond, or unbounded, cut nothing)."""
+    def cut(x):
+        return np.where((x < 0) | (x >= cover), cover, x)
+    return cut(bound) == cut(np.full_like(bound, candidate))
+
+
+def _assign(seg: Varlen, causal: bool, window: int | None) -> list[tuple[tuple[int, int], np.ndarray]]:
+    """Segments grouped by the window they can share, the window most rows use first."""
+    left, right, visible = windows(seg, causal, window)
+    m, n = np.diff(seg.cu_q).astype(np.int64), np.diff(seg.cu_k).astype(np.int64)
+    todo, out = visible.copy(), []
+    while todo.any():
+        pairs, inverse = np.unique(np.stack([left[todo], right[todo]], 1), axis=0, return_inverse=True)
+        l, r = (int(x) for x in pairs[np.argmax(np.bincount(inverse.ravel(), weights=m[todo]))])
+        hit = todo & _same(left, l, n - 1) & _same(right, r, m - 1)
+        out.append(((l, r), np.nonzero(hit)[0]))
+        todo &= ~hit
+    return out
+
+
+def _groups(seg: Varlen, device: torch.device, causal: bool, window: int | None) -> list[_Group]:
+    assigned = _assign(seg, causal, window)
+    m, n = np.diff(seg.cu_q), np.diff(seg.cu_k)
+    if len(assigned) == 1 and len(assigned[0][1]) == int(((m > 0) & (n > 0)).sum()):
+        # one call on the tensors as they are: the other segments have no rows or no keys
+        cu_q, cu_k, _ = seg.tensors(device)
+        (l, r), _ = assigned[0]
+        return [_Group(l, r, cu_q, cu_k, seg.max_q, seg.max_k, None, None)]
+    calls = []
+    for (l, r), idx in assigned:
+        lens_q, lens_k = m[idx], n[idx]
+        rows = lambda cu, lens: np.concatenate([np.arange(a, a + c) for a, c in zip(cu[idx], lens)])  # noqa: E731
+        as_cu = lambda lens: torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)).to(device)  # noqa
+        calls.append(_Group(l, r, as_cu(lens_q), as_cu(lens_k), int(lens_q.max()), int(lens_k.max()),
+                            torch.from_numpy(rows(seg.cu_q, lens_q)).to(device),
+                            torch.from_numpy(rows(seg.cu_k, lens_k)).to(device)))
+    return calls
+
+
+def groups(seg: Varlen, device: torch.device, causal: bool, window: int | None) -> list[_Group]:
+    """The kernel calls of ``seg`` under this mask (built and copied to ``device`` once)."""
+    return seg.cached(("flash", device, causal, window), lambda: _groups(seg, device, causal, window))
+
+
+def prepare(seg: Varlen, device: torch.device, causal: bool, window: int | None) -> None:
+    if device.type == "cuda":  # the CPU kernel needs nothing prepared
+        groups(seg, device, causal, window)
+
+
+def _check(q: torch.Tensor) -> None:
+    if _fwd_op is None or "window_size_left" not in str(_fwd_op.default._schema):
+        raise ValueError(f"backend='torch' on CUDA needs PyTorch's FlashAttention varlen ops with windows "
+                         f"(torch >= 2.5); this torch is {torch.__version__}: use backend='triton'")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"backend='torch' on CUDA runs FlashAttention, which computes fp16 or bf16, got {q.dtype}; "
+                         f"use backend='triton' for fp32")
+    if q.shape[2] % 8 or q.shape[2] > 256:
+        raise ValueError(f"backend='torch' on CUDA needs head_dim a multiple of 8 up to 256, got {q.shape[2]}; "
+                         f"use backend='triton'")
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return x if index is None else x.index_select(0, index)
+
+
+def flash_fwd(q, k, v, seg: Varlen, causal, window, scale):
+    _check(q)
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
+    for g in groups(seg, q.device, causal, window):
+        o, l, *_ = _fwd_op(_rows(q, g.q_index), _rows(k, g.k_index), _rows(v, g.k_index), g.cu_q, g.cu_k,
+                           g.max_q, g.max_k, 0.0, False, False, scale=scale, window_size_left=g.left,
+                           window_size_right=g.right)
+        l = l.t().masked_fill(torch.isposinf(l.t()), float("-inf"))  # [Hq, Tq] -> [Tq, Hq]; empty rows -inf
+        if g.q_index is None:
+            out.copy_(o)
+            lse.copy_(l)
+        else:
+            out.index_copy_(0, g.q_index, o)
+            lse.index_copy_(0, g.q_index, l)
+    return out, lse
+
+
+def _dummies(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dropout RNG state and the unused tensor the backward op takes (dropout is 0)."""
+    return torch.zeros(2, dtype=torch.int64, device=device).view(torch.uint64), torch.empty(0, device=device)
+
+
+def flash_bwd(dout, q, k, v, out, lse, seg: Varlen, causal, window, scale, delta=None):
+    _check(q)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    calls = groups(seg, q.device, causal, window)
+    if not calls:
+        return dq, dk, dv
+    lse_ht = lse.t().masked_fill(torch.isneginf(lse.t()), float("inf"))  # FlashAttention's convention
+    rng, unused = seg.cached(("flash-dummies", q.device), lambda: _dummies(q.device))
+    for g in calls:
+        lse_g = (lse_ht if g.q_index is None else lse_ht.index_select(1, g.q_index)).contiguous()
+        grads = _bwd_op(_rows(dout, g.q_index), _rows(q, g.q_index), _rows(k, g.k_index), _rows(v, g.k_index),
+                        _rows(out, g.q_index), lse_g, g.cu_q, g.cu_k, g.max_q, g.max_k, 0.0, False, rng, unused,
+                        scale=scale, window_size_left=g.left, window_size_right=g.right)
+        for acc, grad, index in zip((dq, dk, dv), grads, (g.q_index, g.k_index, g.k_index)):
+            if index is None:
+                acc.copy_(grad)
+            else:
+                acc.index_copy_(0, index, grad)
+    return dq, dk, dv

@@ -1,0 +1,135 @@
+"""What the host decides for the Triton kernels: autotune configurations, their pruning by shared
+memory, and the per-layout tile tables that say which programs to launch.
+
+Tile tables: for each block size the autotuner may pick, the ``(segment, first row)`` of every
+``block``-row query tile (forward, dQ) or key tile (dK/dV) that sees at least one key, heaviest
+first. One flat int32 array per side; its header (index ``block // 16``) says where that block
+size's pairs start. The spans computed here mirror the kernels' own key and row ranges
+(``_key_runs`` and the dK/dV prologue in :mod:`.triton_attn`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+
+from .varlen import Varlen
+
+# Block sizes a tile table is built for (the autotuner picks among configs using them).
+TILE_BLOCKS = (16, 32, 64, 128)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for Hopper and Ampere. The forward and dQ
+# tile queries (BLOCK_M) and stream keys (BLOCK_N); dK/dV tiles keys and streams queries. Configs
+# over the device's shared memory are pruned (`keep_config`); the small FALLBACK config runs only
+# where no regular one fits (head_dim 256). fp32 inputs (exact "ieee" dots without tensor cores:
+# a correctness path, not a fast one) get small tiles of their own.
+CONFIGS = {
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    "bwd_dkv": [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
+    "bwd_dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+}
+FALLBACK = {"fwd": (64, 32, 4, 2), "bwd_dkv": (32, 64, 4, 2), "bwd_dq": (64, 32, 4, 2)}
+FP32_CONFIGS = {"fwd": (32, 32, 4, 2), "bwd_dkv": (32, 32, 4, 2), "bwd_dq": (32, 32, 4, 2)}
+# Shared memory per block the target allows (bytes): sm_80 (A100) and sm_90 (H100/H200).
+SHARED_LIMIT = {80: 166912, 90: 232448}
+
+
+def all_configs(kernel: str) -> list[tuple[int, int, int, int]]:
+    return [*CONFIGS[kernel], FALLBACK[kernel], FP32_CONFIGS[kernel]]
+
+
+def shared_estimate(kernel: str, config: tuple, head_dim: int, elem: int) -> int:
+    """Upper estimate of a config's shared memory (bytes): the streamed tiles (K and V, or Q, dO,
+    lse and Delta) times the pipeline depth, the resident tiles and a staged P/dS tile. The
+    compiler's real figure is checked by `python -m distattn.kernels.aot` (tests/test_aot.py): no
+    config kept by this estimate may exceed the target's limit."""
+    block_m, block_n, _, stages = config
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if kernel == "bwd_dkv":
+        streamed, resident = 2 * block_m * (block_d * elem + 4), 2 * block_n * block_d * elem
+    else:
+        streamed = 2 * block_n * block_d * elem
+        resident = (2 if kernel == "bwd_dq" else 1) * block_m * block_d * elem
+    return stages * streamed + resident + block_m * block_n * elem
+
+
+def keep_config(kernel: str, config: tuple, head_dim: int, elem: int, arch: int) -> bool:
+    """Whether the autotuner tries ``config`` on ``arch`` (80, 90, ...) for this head dim and
+    element size (see CONFIGS)."""
+    limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80] if arch >= 80 else 101376)
+    fits = lambda c: shared_estimate(kernel, c, head_dim, elem) <= limit  # noqa: E731
+    if elem == 4:
+        return config == FP32_CONFIGS[kernel]
+    if config == FALLBACK[kernel]:
+        return not any(fits(c) for c in CONFIGS[kernel])
+    return config in CONFIGS[kernel] and fits(config)
+
+
+def _tile_table(lengths: np.ndarray, block: int, span) -> np.ndarray:
+    """``[(segment, first row), ...]`` of the ``block``-row tiles of every segment that ``span``
+    (``(segment, first row, rows) -> work``) gives work, heaviest first."""
+    count = -(-lengths // block)
+    seg = np.repeat(np.arange(lengths.size), count)
+    first = (np.arange(seg.size) - np.repeat(np.cumsum(count) - count, count)) * block
+    work = span(seg, first, np.minimum(first + block, lengths[seg]) - first) if seg.size else np.zeros(0)
+    keep = np.nonzero(work > 0)[0]
+    order = keep[np.argsort(-work[keep], kind="stable")]
+    return np.stack([seg[order], first[order]], axis=1).astype(np.int32)
+
+
+def _spans(seg: Varlen, causal: bool, window: int | None):
+    """Work of a query tile (keys it sees) and of a key tile (rows that see it), as in the kernels."""
+    m, n = np.diff(seg.cu_q).astype(np.int64), np.diff(seg.cu_k).astype(np.int64)
+    shift = n - m + (seg.q_offset if seg.q_offset is not None else 0)
+    w = window or 0
+
+    def keys(s, first, rows):
+        last = first + rows - 1
+        lo, hi = np.zeros_like(first), n[s].copy()
+        if causal:
+            hi = np.minimum(hi, last + shift[s] + 1)
+        if window is not None:
+            lo = np.maximum(lo, first + shift[s] - w + 1)
+            if not causal:
+                hi = np.minimum(hi, last + shift[s] + w)
+        return np.maximum(hi - lo, 0)
+
+    def rows_seeing(s, first, cols):
+        last = first + cols - 1
+        lo, hi = np.zeros_like(first), m[s].copy()
+        if causal:
+            lo = np.maximum(lo, first - shift[s])
+        if window is not None:
+            hi = np.minimum(hi, last + w - shift[s])
+            if not causal:
+                lo = np.maximum(lo, first - w + 1 - shift[s])
+        return np.maximum(hi - lo, 0)
+
+    return m, n, keys, rows_seeing
+
+
+def _tables(seg: Varlen, causal: bool, window: int | None) -> tuple[np.ndarray, dict, np.ndarray, dict]:
+    """Query-tile and key-tile tables for every block size: each a flat int32 array whose header
+    (index ``block // 16``) gives where that block size's pairs start; plus tile counts."""
+    m, n, keys, rows_seeing = _spans(seg, causal, window)
+    out = []
+    for lengths, span in ((m, keys), (n, rows_seeing)):
+        header = np.zeros(TILE_BLOCKS[-1] // 16 + 1, dtype=np.int32)
+        parts, counts, offset = [], {}, header.size
+        for block in TILE_BLOCKS:
+            table = _tile_table(lengths, block, span)
+            header[block // 16] = offset
+            parts.append(table.ravel())
+            counts[block] = len(table)
+            offset += table.size
+        out += [np.concatenate([header, *parts]), counts]
+    return tuple(out)
+
+
+def prepare(seg: Varlen, device: torch.device, causal: bool, window: int | None):
+    """Tile tables of ``seg`` for this mask, on ``device`` (built and copied once per layout)."""
+    def build():
+        q_table, q_counts, k_table, k_counts = _tables(seg, causal, window)
+        return torch.from_numpy(q_table).to(device), q_counts, torch.from_numpy(k_table).to(device), k_counts
+    return seg.cached(("triton", torch.device(device), causal, window), build)

@@ -1,0 +1,129 @@
+"""Ahead-of-time compilation of the triton backend for sm_80 / sm_90a without a GPU
+(`python -m distattn.kernels.aot`), and the SASS loop finder (`distattn.kernels.sass`).
+
+conftest sets TRITON_INTERPRET=1 in this process; the compiles run in subprocesses (or in the AOT
+pool's spawned workers) whose environment has no TRITON_* variables."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distattn.kernels import aot, sass
+from distattn.kernels.triton_attn import KERNELS, VARIANTS, all_configs, keep_config
+
+TINY = ["--kernels", "fwd", "--arch", "90", "--dtypes", "bf16", "--head-dims", "64", "--variants", "causal"]
+
+
+def _aot(*args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
+    return subprocess.run([sys.executable, "-m", "distattn.kernels.aot", *args], env=env, stdout=subprocess.PIPE,
+                          text=True)
+
+
+@pytest.mark.timeout(3600)
+def test_full_matrix_compiles_for_sm80_and_sm90a():
+    """Every kernel x config x arch x dtype x head dim x variant: no compile error, no kept config
+    over its target's shared memory, and every combination has a kept config that compiled."""
+    proc = _aot("--json")
+    report = json.loads(proc.stdout)
+    rows, summary = report["rows"], report["summary"]
+    assert summary["failures"] == 0, summary["failed"]
+    assert summary["over_limit"] == []
+    assert proc.returncode == 0
+    compiled = {(r["kernel"], r["arch"], r["dtype"], r["head_dim"], r["variant"]) for r in rows if r["status"] == "ok"}
+    wanted = {(k, a, d, h, v) for k in KERNELS for a in aot.ARCHS.values() for d in aot.DTYPES for h in aot.HEAD_DIMS
+              for v in VARIANTS}
+    assert wanted - compiled == set()
+    assert summary["compiles"] == sum(r["status"] == "ok" for r in rows)
+
+
+def test_json_shape_on_a_tiny_subset():
+    proc = _aot(*TINY, "--json")
+    assert proc.returncode == 0
+    report = json.loads(proc.stdout)
+    rows, summary = report["rows"], report["summary"]
+    configs = all_configs("fwd")
+    kept = [keep_config("fwd", c, 64, 2, 90) for c in configs]
+    assert len(rows) == len(configs) and any(kept) and not all(kept)  # the fp32 config is not for bf16
+    assert [r["status"] for r in rows] == ["ok" if k else "pruned" for k in kept]
+    assert all(r["registers"] is None for r in rows if r["status"] == "pruned")
+    for row in (r for r in rows if r["status"] == "ok"):
+        assert (row["kernel"], row["arch"], row["dtype"], row["head_dim"], row["variant"]) == (
+            "fwd", "sm_90a", "bf16", 64, "causal")
+        assert 0 < row["registers"] <= 255 and row["stack"] >= 0 and row["seconds"] > 0
+        # Triton's dynamic shared memory plus the 1 KiB ptxas reserves with wgmma on sm_90a
+        assert row["shared"] == row["shared_dynamic"] + row["shared_static"] and row["shared_static"] == 1024
+        assert not row["over_limit"]
+    m, n, w, s = configs[0]
+    assert rows[0]["config"] == f"{m}x{n} w{w} s{s}"
+    assert summary["compiles"] == sum(kept) and summary["failures"] == 0 and summary["over_limit"] == []
+    assert summary["pruned"] == len(configs) - sum(kept) and summary["worst_stack"] is not None
+    assert set(summary) >= {"compile_seconds", "wall_seconds", "max_shared"}
+
+
+def test_resource_usage_line_parsing():
+    text = """
+Resource usage:
+ Common:
+  GLOBAL:11 CONSTANT[4]:8
+ Function _fwd_kernel:
+  REG:245 STACK:16 SHARED:1024 LOCAL:0 CONSTANT[0]:664 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function other:
+  REG:32 STACK:0 SHARED:0 LOCAL:8 CONSTANT[0]:400 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    usage = aot.parse_resource_usage(text)
+    assert usage["_fwd_kernel"]["REG"] == 245 and usage["_fwd_kernel"]["STACK"] == 16
+    assert usage["_fwd_kernel"]["SHARED"] == 1024 and usage["_fwd_kernel"]["CONSTANT[0]"] == 664
+    assert usage["other"] == {"REG": 32, "STACK": 0, "SHARED": 0, "LOCAL": 8, "CONSTANT[0]": 400, "TEXTURE": 0,
+                              "SURFACE": 0, "SAMPLER": 0}
+
+
+def test_divisibility_attrs_mark_pointers_and_strides_but_not_lse_delta():
+    fn, signature, _ = aot.aot_spec("bwd_dq", "bf16", 128, "gqa")
+    marked = {fn.arg_names[i] for (i,) in aot.divisibility_attrs(fn, signature)}
+    assert {"Q", "LSE", "DELTA", "CU_Q", "TILES", "stride_qt", "stride_kh", "stride_dqh"} <= marked
+    assert not marked & {"stride_lt", "stride_lh", "stride_dt", "stride_dh", "window", "scale", "HEAD_DIM"}
+
+
+CANNED_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/              @!P0 BRA 0x70 ;
+        /*0030*/                   MUFU.EX2 R2, R3 ;
+        /*0040*/                   FFMA R2, R2, R3, R4 ;
+        /*0050*/               @P1 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R5 ;
+        /*0080*/              @!P0 BRA 0x70 ;
+        /*0090*/                   BRA 0x30 ;
+        /*00a0*/                   BRA 0xa0;
+"""
+
+
+def test_loop_finder_on_canned_sass():
+    """The loop 0x10-0x50, and the spin wait after the EXIT; not the out-of-line block's jump back."""
+    found = sass.loops(CANNED_SASS)
+    assert [(loop.start, loop.end) for loop in found] == [(0x10, 0x50), (0x70, 0x80)]
+    body = found[0]
+    assert body.size == 5 and body.counts["mma"] == 1 and body.counts["exp"] == 1 and body.counts["ffma"] == 1
+    assert sass.full_tile_loop(found) is body
+
+
+@pytest.mark.parametrize("arch, mma", [(80, "HMMA"), (90, "HGMMA")])
+def test_loop_finder_finds_the_full_key_tile_loop(arch, mma):
+    """A small forward kernel: its full-tile loop has the MMAs and no mask selects; the masked loop
+    at the diagonal has selects."""
+    case = aot.Case("fwd", (64, 64, 4, 3), arch, "bf16", 64, "causal", True)
+    row = aot.compile_cases([case], jobs=1, keep_cubin=True, log=None)[0]
+    assert row["status"] == "ok", row.get("error")
+    text = sass.disassemble(row["cubin"])
+    found = sass.loops(text)
+    with_mma = [loop for loop in found if loop.counts.get("mma")]
+    assert len(with_mma) >= 2
+    full = sass.full_tile_loop(found)
+    assert full is not None and full.counts.get("select", 0) == 0 and full.counts["exp"] > 0
+    assert any(ins.opcode.startswith(mma) for ins in full.instructions)
+    assert max(loop.counts.get("select", 0) for loop in with_mma) > 0
