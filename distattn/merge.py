@@ -43,6 +43,13 @@ def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: 
     return out, lse
 
 
+def row_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``Delta = rowsum(dout * out)`` ``[T, H]`` in the accumulator dtype: the backward's
+    correction term, computed once per backward from the final ``out``."""
+    dtype = acc_dtype(out.dtype)
+    return (dout.to(dtype) * out.to(dtype)).sum(-1)
+
+
 def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
     """In-place :func:`merge` into accumulators ``out_acc``/``lse_acc`` (views allowed)."""
     out, lse = merge(out_acc, lse_acc, out_b, lse_b)

@@ -40,7 +40,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .triton_attn import KERNELS, SHARED_LIMIT, VARIANTS, all_configs, aot_spec, keep_config
+from .triton_attn import KERNELS, VARIANTS, aot_spec
+from .triton_plan import SHARED_LIMIT, all_configs, keep_config
 
 ARCHS = {80: "sm_80", 90: "sm_90a"}  # Triton compiles capability 90 for sm_90a (wgmma, TMA)
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # element bytes

@@ -89,8 +89,7 @@ def run(seq_lens, head_dims, dtype, tokens: int, hidden: int) -> list[dict]:
                 g = torch.Generator(device="cuda").manual_seed(0)
                 q, k, v, dout = (torch.randn(batch * s, heads, d, device="cuda", dtype=dtype, generator=g)
                                  for _ in range(4))
-                cu = np.concatenate([[0], np.cumsum(lens)])
-                seg = Varlen.build(cu, cu)
+                seg = Varlen.from_lengths(lens, lens)
                 row = {"head_dim": d, "seq_len": s, "mask": mask}
                 row["triton_fwd"], row["triton_fwd_bwd"] = _ours("triton", q, k, v, dout, seg, causal, flops)
                 row["torch_fwd"], row["torch_fwd_bwd"] = _ours("torch", q, k, v, dout, seg, causal, flops)

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         cubin, title = args.cubin.read_bytes(), str(args.cubin)
     else:
         from .aot import DTYPES, Case, compile_cases
-        from .triton_attn import keep_config
+        from .triton_plan import keep_config
 
         config = tuple(int(v) for v in args.config.split(","))
         case = Case(args.kernel, config, args.arch, args.dtype, args.head_dim, args.variant,

@@ -104,9 +104,9 @@ def _groups(seg: Varlen, device: torch.device, causal: bool, window: int | None)
     for (l, r), idx in assigned:
         lens_q, lens_k = m[idx], n[idx]
         rows = lambda cu, lens: np.concatenate([np.arange(a, a + c) for a, c in zip(cu[idx], lens)])  # noqa: E731
-        as_cu = lambda lens: torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)).to(device)  # noqa
-        calls.append(_Group(l, r, as_cu(lens_q), as_cu(lens_k), int(lens_q.max()), int(lens_k.max()),
-                            torch.from_numpy(rows(seg.cu_q, lens_q)).to(device),
+        sub = Varlen.from_lengths(lens_q, lens_k)
+        cu_q, cu_k, _ = sub.tensors(device)
+        calls.append(_Group(l, r, cu_q, cu_k, sub.max_q, sub.max_k, torch.from_numpy(rows(seg.cu_q, lens_q)).to(device),
                             torch.from_numpy(rows(seg.cu_k, lens_k)).to(device)))
     return calls
 

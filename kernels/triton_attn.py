@@ -39,10 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from distattn.merge import acc_dtype
+from distattn.merge import row_delta
 
-from .triton_plan import (SHARED_LIMIT, TILE_BLOCKS, all_configs, keep_config,  # noqa: F401 (aot's interface)
-                          prepare)
+from .triton_plan import TILE_BLOCKS, all_configs, keep_config, prepare
 from .varlen import Varlen
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -433,7 +432,7 @@ def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, causal, window, scale, delt
     _check_dtype(q)
     dtype = q.dtype
     if delta is None:
-        delta = (dout.to(acc_dtype(dtype)) * out.to(acc_dtype(dtype))).sum(-1)
+        delta = row_delta(dout, out)
     q, k, v, dout = _work(q, k, v, dout)
     lse, delta = lse.float().contiguous(), delta.float().contiguous()
     cu_q, cu_k, offset = seg.tensors(q.device)

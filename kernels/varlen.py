@@ -68,6 +68,12 @@ class Varlen:
         return cls(cu_q, cu_k, q_offset, int(np.diff(cu_q).max(initial=0)), int(np.diff(cu_k).max(initial=0)))
 
     @classmethod
+    def from_lengths(cls, q_lens, k_lens, q_offset=None) -> "Varlen":
+        """A layout from per-segment query and key counts (the usual way a planner has them)."""
+        return cls.build(np.concatenate([[0], np.cumsum(q_lens, dtype=np.int64)]),
+                         np.concatenate([[0], np.cumsum(k_lens, dtype=np.int64)]), q_offset)
+
+    @classmethod
     def from_tensors(cls, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, q_offset: torch.Tensor | None,
                      total_q: int, total_k: int) -> "Varlen":
         """The pinned ``attn_fwd``/``attn_bwd`` arguments as a layout. Reading device tensors back

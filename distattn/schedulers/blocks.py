@@ -18,11 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..kernels import Varlen, varlen_bwd, varlen_fwd
 from ..masks import MaskSlice, mask_area
-from ..merge import acc_dtype, merge_
+from ..merge import merge_
 
 
 def even_bounds(total: int, parts: int) -> np.ndarray:
@@ -120,9 +119,7 @@ def pair_block(q_range: tuple[int, int], q_local: int, k_range: tuple[int, int],
     lens_q, lens_k, offs = lens_q[used], lens_k[used], offs[used]
     return Block(q_lo=int(q_local + qs[0] - qa), q_hi=int(q_local + qe[-1] - qa),
                  k_lo=int(k_local + ks[0] - ka), k_hi=int(k_local + ke[-1] - ka),
-                 varlen=Varlen.build(np.concatenate([[0], np.cumsum(lens_q)]), np.concatenate([[0], np.cumsum(lens_k)]),
-                                     offs),
-                 area=int(area.sum()))
+                 varlen=Varlen.from_lengths(lens_q, lens_k, offs), area=int(area.sum()))
 
 
 def block_fwd(block: Block, q, kv, out_acc, lse_acc, *, causal, window, scale, backend) -> None:
@@ -147,9 +144,3 @@ def block_bwd(block: Block, dout, q, kv, out, lse, delta, dq_acc, dkv_acc, *, ca
     dq_acc[rows] += dq
     dkv_acc[0, keys] += dk
     dkv_acc[1, keys] += dv
-
-
-def row_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``Delta = rowsum(dout * out)`` ``[T, H]`` in fp32 (fp64 for fp64 inputs), once per backward."""
-    dtype = acc_dtype(out.dtype)
-    return (dout.to(dtype) * out.to(dtype)).sum(-1)

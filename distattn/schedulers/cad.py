@@ -134,8 +134,7 @@ def _exchange(seg: Segments, bounds: np.ndarray, me: int) -> Exchange:
     u0, u1 = _merge_intervals(k0, k1)
     start = _covered_before(u0, u1, k0)
     kv_index = np.concatenate([np.arange(s, s + n) for s, n in zip(start, k1 - k0)] or [np.zeros(0, np.int64)])
-    varlen = Varlen.build(np.concatenate([[0], np.cumsum(q1 - q0)]), np.concatenate([[0], np.cumsum(k1 - k0)]),
-                          q1 - k1)
+    varlen = Varlen.from_lengths(q1 - q0, k1 - k0, q1 - k1)
     return Exchange(Route.build(q_send, np.diff(_covered_before(q0, q1, bounds))),
                     Route.build(kv_send, np.diff(_covered_before(u0, u1, bounds))), varlen,
                     DeviceIndex(kv_index.astype(np.int64)))

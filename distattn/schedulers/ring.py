@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from ..masks import MaskSlice
-from ..merge import acc_dtype
+from ..merge import acc_dtype, row_delta
 from ..plans import Plan
-from .blocks import Block, block_bwd, block_fwd, even_bounds, pair_block, range_area_matrix, row_delta
+from .blocks import Block, block_bwd, block_fwd, even_bounds, pair_block, range_area_matrix
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
