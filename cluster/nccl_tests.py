@@ -27,7 +27,8 @@ def ranks_in_output(text: str) -> int:
 
 
 def measurements_from_output(op: str, text: str, world_size: int | None = None) -> list[Measurement]:
-    """Rows of one nccl-tests run; ``world_size`` defaults to the ranks it lists."""
+    """Rows of one nccl-tests run; ``world_size`` defaults to the ranks it lists. ``N/A`` rows are left
+    out; negative or non-finite figures and zero times raise ``ValueError`` (parser and Measurement)."""
     n = world_size or ranks_in_output(text)
     if n < 1:
         raise ValueError(f"{op}: no '# Rank N ... device' lines in the nccl-tests output; pass the world size")
@@ -59,6 +60,8 @@ def run_nccl_tests(bin_dir: str | Path, gpus: int, min_bytes: int, max_bytes: in
             raise RuntimeError(f"distattn: {BINARIES[op]} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
         try:
             got = measurements_from_output(op, done.stdout)
+            if not got:  # every row N/A: nothing to fit, and the summary below would fail on max([])
+                raise ValueError("no row has both a size and a time")
         except ValueError as exc:
             raise ValueError(f"{BINARIES[op]} output: {exc}") from None
         rows += got

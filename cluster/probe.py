@@ -15,9 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ..comm import all_gather_single, reduce_scatter_single
+from . import PROBED
 from .profile import Measurement, NetworkProfile, parse_size
-
-PROBED = ("all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
 
 def parse_sizes(text: str) -> list[int]:

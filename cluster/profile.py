@@ -8,7 +8,12 @@ sends ``size`` to the next and receives from the previous one). Sources: ``dista
 
 Per ``(op, world_size)`` the fit is ``t = alpha + factor(op, n) * size / busbw`` (least squares),
 ``factor`` being nccl-tests' bus-bandwidth factor: ``(n-1)/n`` for all_gather, reduce_scatter and
-all_to_all, ``2(n-1)/n`` for all_reduce, 1 for send_recv. :meth:`NetworkProfile.time` answers for
+all_to_all, ``2(n-1)/n`` for all_reduce, 1 for send_recv. A line fitted to latency-bound sizes
+can have a slope far steeper than any measured bandwidth, so the fit never predicts more than
+was measured: its ``busbw`` is capped at the largest measured bus bandwidth (``capped`` says so,
+``fit_busbw_gbs`` keeps the least-squares figure), no size is predicted faster than that bandwidth,
+and sizes beyond the largest measured one add time at ``busbw``. ``max_rel_err``/``rms_rel_err``
+are the prediction's relative error over the measured points. :meth:`NetworkProfile.time` answers for
 any size and world size: the fit of that world size, else the nearest measured one, with ``alpha``
 scaled by the number of ring steps; an op the profile lacks borrows another's fit (all_gather
 first: all_to_all and send_recv move as many bytes per link); a collective spanning more than ``gpus_per_node`` ranks is
@@ -19,14 +24,16 @@ JSON form (what ``probe`` and ``nccl-tests`` write)::
     {"source": str, "backend": str, "gpus_per_node": int,
      "inter_node": {"alpha_us": float, "busbw_gbs": float},
      "rows": [{"op", "world_size", "size_bytes", "time_us", "algbw_gbs", "busbw_gbs"}, ...],
-     "fits": [{"op", "world_size", "alpha_us", "busbw_gbs", "points"}, ...]}
+     "fits": [{"op", "world_size", "alpha_us", "busbw_gbs", "points", "fit_busbw_gbs", "capped",
+               "max_bus_bytes", "max_rel_err", "rms_rel_err"}, ...]}
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +74,14 @@ class Measurement:
     size_bytes: int
     time_us: float
 
+    def __post_init__(self):
+        # every source (probe, nccl-tests, JSON, CSV) comes through here: a corrupt figure stops at the door
+        where = f"{self.op} on {self.world_size} ranks, {self.size_bytes} B"
+        if self.world_size < 1 or self.size_bytes < 0:
+            raise ValueError(f"{where}: world_size must be >= 1 and size_bytes >= 0")
+        if not (math.isfinite(self.time_us) and self.time_us > 0):
+            raise ValueError(f"{where}: time_us is {self.time_us}; a measured time must be positive and finite")
+
     def row(self) -> dict:
         algbw = self.size_bytes / (self.time_us * 1e3)  # GB/s
         return {"op": self.op, "world_size": self.world_size, "size_bytes": self.size_bytes,
@@ -76,30 +91,67 @@ class Measurement:
 
 @dataclass(frozen=True)
 class Fit:
+    """``t = alpha + x / fit_busbw`` for bus bytes ``x = factor * size`` up to ``max_bus_bytes``, never
+    faster than ``busbw``; beyond ``max_bus_bytes`` the extra bytes move at ``busbw``. A fit made by
+    hand (``Fit(alpha, busbw, points)``) is the plain line."""
+
     alpha_us: float
-    busbw_gbs: float
+    busbw_gbs: float                      # the bandwidth predictions use: <= the largest measured
     points: int
+    fit_busbw_gbs: float | None = None    # least-squares slope, when above busbw_gbs
+    max_bus_bytes: float = math.inf       # the largest measured factor * size
+    max_rel_err: float | None = None      # |predicted / measured - 1| over the measured points
+    rms_rel_err: float | None = None
+
+    @property
+    def capped(self) -> bool:
+        return self.fit_busbw_gbs is not None and self.fit_busbw_gbs > self.busbw_gbs
+
+    def _bus_time(self, x: np.ndarray) -> np.ndarray:
+        cap = self.busbw_gbs * 1e9
+        slope = (self.fit_busbw_gbs or self.busbw_gbs) * 1e9
+        line = np.maximum(self.alpha_us * 1e-6 + np.minimum(x, self.max_bus_bytes) / slope,
+                          np.minimum(x, self.max_bus_bytes) / cap)
+        return line + np.maximum(x - self.max_bus_bytes, 0) / cap
 
     def time_s(self, op: str, n: int, size_bytes) -> np.ndarray:
         size = np.asarray(size_bytes, dtype=np.float64)
-        return (self.alpha_us * 1e-6 + bus_factor(op, n) * size / (self.busbw_gbs * 1e9)) * (size > 0)
+        return self._bus_time(bus_factor(op, n) * size) * (size > 0)
+
+    def describe(self) -> str:
+        """``alpha ... us  busbw ... GB/s  (N sizes, fit error ...)``, and the cap when there is one."""
+        notes = [f"{self.points} sizes"]
+        if self.max_rel_err is not None:
+            notes.append(f"fit error max {self.max_rel_err:.1%} rms {self.rms_rel_err:.1%}")
+        if self.capped:
+            notes.append(f"capped at the best measured; least squares gave {self.fit_busbw_gbs:.3f} GB/s")
+        return f"alpha {self.alpha_us:9.1f} us  busbw {self.busbw_gbs:9.3f} GB/s  ({', '.join(notes)})"
 
 
 def fit_alpha_beta(op: str, n: int, sizes, times_us) -> Fit:
     """Least squares ``t = alpha + factor * size / busbw``; alpha >= 0, weighted by 1/t so small
-    and large messages count alike (relative error)."""
+    and large messages count alike (relative error). The bandwidth is then capped at the largest
+    measured one (see :class:`Fit`) and the fit's error over the points reported."""
     x = np.asarray(sizes, dtype=np.float64) * bus_factor(op, n)
     t = np.asarray(times_us, dtype=np.float64) * 1e-6
     if len(x) == 0:
         raise ValueError(f"no measurements of {op} on {n} ranks to fit")
+    measured_bw = float(np.max(x / t))
+    if measured_bw <= 0:  # only empty messages: nothing says how fast bytes move
+        raise ValueError(f"the measurements of {op} on {n} ranks are all of size 0; measure non-empty messages")
     if len(x) == 1 or np.ptp(x) == 0:
-        return Fit(0.0, float(x.max() / t.max() / 1e9), len(x))
-    w = 1.0 / t
-    a = np.stack([np.ones_like(x), x], axis=1) * w[:, None]
-    (alpha, inv_bw), *_ = np.linalg.lstsq(a, t * w, rcond=None)
-    if alpha < 0 or inv_bw <= 0:  # latency negligible at these sizes: bandwidth alone
-        alpha, inv_bw = 0.0, float(np.sum(w * w * x * t) / np.sum(w * w * x * x))
-    return Fit(float(alpha) * 1e6, float(1.0 / inv_bw / 1e9), len(x))
+        alpha, bw = 0.0, float(x.max() / t.max())
+    else:
+        w = 1.0 / t
+        a = np.stack([np.ones_like(x), x], axis=1) * w[:, None]
+        (alpha, inv_bw), *_ = np.linalg.lstsq(a, t * w, rcond=None)
+        if alpha < 0 or inv_bw <= 0:  # latency negligible at these sizes: bandwidth alone
+            alpha, inv_bw = 0.0, float(np.sum(w * w * x * t) / np.sum(w * w * x * x))
+        alpha, bw = float(alpha), float(1.0 / inv_bw)
+    fit = Fit(alpha * 1e6, min(bw, measured_bw) / 1e9, len(x), fit_busbw_gbs=bw / 1e9 if bw > measured_bw else None,
+              max_bus_bytes=float(x.max()))
+    err = fit._bus_time(x) / t - 1
+    return replace(fit, max_rel_err=float(np.max(np.abs(err))), rms_rel_err=float(np.sqrt(np.mean(err * err))))
 
 
 @dataclass(frozen=True)
@@ -138,10 +190,18 @@ class NetworkProfile:
         base = self.fits[src, near]
         steps = (lambda w: 1 if op == "send_recv" else max(1, w - 1))
         alpha, busbw = base.alpha_us * steps(n) / steps(near), base.busbw_gbs
+        slope = base.fit_busbw_gbs or busbw
         if n > self.gpus_per_node and near <= self.gpus_per_node:
             alpha += self.inter_alpha_us * (1 if op == "send_recv" else np.log2(n / self.gpus_per_node))
-            busbw = min(busbw, self.inter_busbw_gbs)
-        return Fit(float(alpha), float(busbw), 0)
+            busbw, slope = min(busbw, self.inter_busbw_gbs), min(slope, self.inter_busbw_gbs)
+        # the measured range (in bus bytes) and the cap carry over: no extrapolation past what was measured
+        return Fit(float(alpha), float(busbw), 0, fit_busbw_gbs=float(slope) if slope > busbw else None,
+                   max_bus_bytes=base.max_bus_bytes)
+
+    def describe_fits(self) -> list[str]:
+        """What ``distattn cluster fit`` prints: a title, then one line per measured (op, world size)."""
+        return [f"alpha-beta fits (t = alpha + factor * size / busbw), {self.source}:"] + \
+            [f"  {op:<15} {n:>5} ranks  {f.describe()}" for (op, n), f in sorted(self.fits.items())]
 
     def time(self, op: str, n: int, size_bytes) -> np.ndarray:
         """Seconds for ``op`` on ``n`` ranks moving ``size_bytes`` (nccl-tests' size; vectorised)."""
@@ -155,18 +215,30 @@ class NetworkProfile:
                 "inter_node": {"alpha_us": self.inter_alpha_us, "busbw_gbs": self.inter_busbw_gbs},
                 "rows": [m.row() for m in self.rows],
                 "fits": [{"op": op, "world_size": n, "alpha_us": f.alpha_us, "busbw_gbs": f.busbw_gbs,
-                          "points": f.points} for (op, n), f in sorted(self.fits.items())]}
+                          "points": f.points, "fit_busbw_gbs": f.fit_busbw_gbs, "capped": f.capped,
+                          "max_bus_bytes": f.max_bus_bytes, "max_rel_err": f.max_rel_err,
+                          "rms_rel_err": f.rms_rel_err} for (op, n), f in sorted(self.fits.items())]}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+        Path(path).write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
 
     @staticmethod
     def from_json(data: dict) -> "NetworkProfile":
         try:
-            rows = tuple(Measurement(canonical_op(r["op"]), int(r["world_size"]), int(r["size_bytes"]),
-                                     float(r["time_us"])) for r in data["rows"])
+            records = list(data["rows"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a network profile (rows need op, world_size, size_bytes, time_us): {exc}") from None
+        rows = []
+        for i, r in enumerate(records):
+            try:
+                rows.append(Measurement(canonical_op(r["op"]), int(r["world_size"]), int(r["size_bytes"]),
+                                        float(r["time_us"])))
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"not a network profile (rows need op, world_size, size_bytes, time_us): "
+                                 f"{exc}") from None
+            except ValueError as exc:  # json.loads reads Infinity and NaN: they stop here
+                raise ValueError(f"rows[{i}]: {exc}") from None
+        rows = tuple(rows)
         inter = data.get("inter_node", {})
         return NetworkProfile(rows, source=data.get("source", "json"), backend=data.get("backend", "nccl"),
                               gpus_per_node=int(data.get("gpus_per_node", 8)),
@@ -181,9 +253,14 @@ class NetworkProfile:
             missing = {"op", "ngpu", "size_bytes", "t_us_out"} - set(reader.fieldnames or ())
             if missing:
                 raise ValueError(f"{path}: missing columns {sorted(missing)}")
-            rows = tuple(Measurement(canonical_op(r["op"]), int(r["ngpu"]), int(r["size_bytes"]),
-                                     float(r["t_us_out"])) for r in reader)
-        return NetworkProfile(rows, source=str(path))
+            rows = []
+            for r in reader:
+                try:
+                    rows.append(Measurement(canonical_op(r["op"]), int(r["ngpu"]), int(r["size_bytes"]),
+                                            float(r["t_us_out"])))
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"{path}: line {reader.line_num}: {exc}") from None
+        return NetworkProfile(tuple(rows), source=str(path))
 
     @staticmethod
     def load(path: str | Path) -> "NetworkProfile":

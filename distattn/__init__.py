@@ -9,11 +9,24 @@ Public contract (see DESIGN.md)::
     ref = distattn.reference_attention(q, k, v, doc_lens, causal=True, window=None)
 """
 
-from .api import attention, local_attention, plan
-from .masks import MaskSlice, document_mask
-from .oracle import reference_attention
-from .plans import Plan
-
 __version__ = "0.1.0"
+
+# Resolved on first use (PEP 562), so `import distattn.cli` and `distattn --help` do not import torch.
+_LAZY = {"plan": "api", "attention": "api", "local_attention": "api", "reference_attention": "oracle",
+         "Plan": "plans", "MaskSlice": "masks", "document_mask": "masks"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'distattn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
 
 __all__ = ["plan", "attention", "local_attention", "reference_attention", "Plan", "MaskSlice", "document_mask", "__version__"]

@@ -103,7 +103,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
     """
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must come from distattn.plan(...), got {type(plan).__name__}")
-    plan.check_local_qkv(q, k, v)
+    plan.check_inputs(q, k, v)
     if prefetch is not None and not hasattr(plan, "prefetch"):
         raise ValueError(f"prefetch= works with scheduler='cad', not {plan.scheduler!r}")
     if scale is None:

@@ -3,7 +3,13 @@
 :class:`Comm` wraps point-to-point batches and the few collectives the
 schedulers use, counts the bytes this rank sends (``bytes_sent``, what
 ``plan.stats()["send_bytes"]`` predicts) and turns a timed-out wait into an
-error that says which step of which scheduler was waiting and for whom.
+error that says which step of which scheduler was waiting and for which ranks.
+
+Setup that must not hang either lives here too: :func:`meet` (a rendezvous over
+the group's key-value store that waits at most the group's timeout and names
+the ranks that never came), :func:`subgroups` (process groups made from a
+parent group once, with the parent's timeout, found again by later plans) and
+:func:`group_timeout`.
 
 Bytes are counted the way the algorithm moves them: a P2P send counts its
 tensor; an all-gather counts ``(P - 1)`` times the input (each rank's shard
@@ -13,11 +19,15 @@ an all-to-all counts what goes to other ranks.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import timedelta
+from functools import cached_property
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 # torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single
 # (the old names warn); we accept torch >= 2.5, so pick whichever exists.
@@ -29,29 +39,31 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _failed(what: str, exc: Exception) -> RuntimeError:
-    return RuntimeError(f"distattn: {what} failed or timed out ({exc}). Every rank of the group must call "
-                        f"attention with the same plan.")
+def _failed(what: str, exc: Exception, peers: Sequence[int]) -> RuntimeError:
+    waited = f" waiting for rank(s) {sorted(set(peers))}" if peers else ""
+    return RuntimeError(f"distattn: {what} failed or timed out{waited} ({exc}). Every rank of the group must "
+                        f"call attention with the same plan.")
 
 
 class Pending:
     """Outstanding requests of one batch; :meth:`wait` raises a clear error on timeout."""
 
-    def __init__(self, start, what: str):
+    def __init__(self, start, what: str, peers: Sequence[int] = ()):
         """``start()`` issues the requests and returns their works (a peer that is gone can make
-        issuing fail already, so it is wrapped like the wait)."""
-        self.what = what
+        issuing fail already, so it is wrapped like the wait). ``peers``: the (global) ranks the
+        requests wait for, named in the error."""
+        self.what, self.peers = what, tuple(peers)
         try:
             self.works = start()
         except RuntimeError as exc:
-            raise _failed(what, exc) from exc
+            raise _failed(what, exc, self.peers) from exc
 
     def wait(self) -> None:
         for w in self.works:
             try:
                 w.wait()
             except RuntimeError as exc:
-                raise _failed(self.what, exc) from exc
+                raise _failed(self.what, exc, self.peers) from exc
         self.works = []
 
 
@@ -73,6 +85,11 @@ class Comm:
     def global_rank(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not dist.group.WORLD else rank
 
+    @cached_property
+    def others(self) -> tuple[int, ...]:
+        """Global ranks of the rest of the group: whom a collective waits for."""
+        return tuple(self.global_rank(r) for r in range(self.size) if r != self.rank)
+
     def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
                  what: str) -> Pending:
         """Start sends ``(tensor, peer)`` and receives ``(buffer, peer)`` (group ranks) as one batch.
@@ -82,19 +99,20 @@ class Comm:
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.global_rank(p), self.group) for t, p in sends]
         ops += [dist.P2POp(dist.irecv, t, self.global_rank(p), self.group) for t, p in recvs]
         self.bytes_sent += sum(nbytes(t) for t, _ in sends)
-        return Pending(lambda: dist.batch_isend_irecv(ops) if ops else [], what)
+        peers = [self.global_rank(p) for _, p in [*sends, *recvs]]
+        return Pending(lambda: dist.batch_isend_irecv(ops) if ops else [], what, peers)
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, what: str) -> Pending:
         """Start gathering equal-sized ``input`` from every rank into ``output`` (concatenated on dim 0)."""
         self.bytes_sent += (self.size - 1) * nbytes(input)
         return Pending(lambda: [all_gather_single(output, input.contiguous(), group=self.group, async_op=True)],
-                       what)
+                       what, self.others)
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, what: str) -> Pending:
         """Start summing ``input`` over ranks; this rank gets its equal dim-0 chunk in ``output``."""
         self.bytes_sent += nbytes(input) * (self.size - 1) // self.size
         return Pending(lambda: [reduce_scatter_single(output, input.contiguous(), group=self.group,
-                                                       async_op=True)], what)
+                                                       async_op=True)], what, self.others)
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: list[int],
                    input_splits: list[int], what: str) -> Pending:
@@ -102,4 +120,120 @@ class Comm:
         ``output_splits[i]`` arrive from rank ``i``."""
         self.bytes_sent += (sum(input_splits) - input_splits[self.rank]) * input.element_size()
         return Pending(lambda: [dist.all_to_all_single(output, input.contiguous(), output_splits, input_splits,
-                                                       group=self.group, async_op=True)], what)
+                                                       group=self.group, async_op=True)], what,
+                       self.others)
+
+
+# ---- setup that waits at most the group's timeout ----------------------------------------------
+
+def group_timeout(group) -> timedelta:
+    """How long collectives on ``group`` wait: what ``init_process_group(timeout=)`` (or
+    ``new_group(timeout=)``) set, which ``run_distributed(collective_timeout=)`` passes on."""
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except (RuntimeError, AttributeError, ValueError):
+            continue
+    return c10d.default_pg_timeout
+
+
+def _store(group):
+    try:
+        return c10d._get_process_group_store(group)
+    except (KeyError, AttributeError):  # a group torch's registry does not know: namespace the default store
+        return dist.PrefixStore(f"distattn/{group.group_name}/", c10d._get_default_store())
+
+
+def _wait(store, keys: list[str], timeout: timedelta) -> list[int]:
+    """Wait until every key exists or ``timeout`` passed; the indices of the keys still missing.
+
+    The store waits server-side for most of the time; the last second is polled, because
+    ``FileStore`` counts its timeout in whole seconds and would overshoot by up to one."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    if timeout > timedelta(seconds=2):
+        try:
+            store.wait(keys, timeout - timedelta(seconds=1))
+            return []
+        except RuntimeError:
+            pass
+    while True:
+        missing = [i for i, key in enumerate(keys) if not store.check([key])]
+        left = deadline - time.monotonic()
+        if not missing or left <= 0:
+            return missing
+        time.sleep(min(0.02, left))
+
+
+def meet(group, topic: str, payload: str, what: str) -> list[str]:
+    """Every rank of ``group`` posts ``payload`` under ``topic``; returns all payloads in group-rank order.
+
+    It talks to the group's key-value store only: no device synchronisation, no connection
+    between the ranks needed (so it works before a group exists). The n-th call of a rank for a
+    topic meets the n-th call of the others; a rank that has not come within the group's
+    timeout is named in the ``RuntimeError``.
+    """
+    store, size, me = _store(group), dist.get_world_size(group), dist.get_rank(group)
+    seq = store.add(f"distattn/{topic}/calls/{me}", 1)
+    keys = [f"distattn/{topic}/{seq}/{r}" for r in range(size)]
+    store.set(keys[me], payload)
+    timeout, start = group_timeout(group), time.monotonic()
+    missing = _wait(store, keys, timeout)
+    if missing:
+        names = [dist.get_global_rank(group, r) if group is not dist.group.WORLD else r for r in missing]
+        raise RuntimeError(f"distattn: {what} failed or timed out: rank {dist.get_rank()} waited "
+                           f"{time.monotonic() - start:.1f} s (the process group's timeout, "
+                           f"{timeout.total_seconds():g} s) for rank(s) {names}, which never got there. Every rank "
+                           f"of the group must make the same meshes and plans and call attention with them in the "
+                           f"same order.")
+    values = [v.decode() for v in store.multi_get(keys)]
+    if seq > 1:  # everyone posted call seq, so everyone has read call seq - 1: drop ours
+        store.delete_key(f"distattn/{topic}/{seq - 1}/{me}")
+    return values
+
+
+def meet_once(group, topic: str, payload: str, what: str) -> list[str] | None:
+    """:func:`meet`, unless this rank already met the whole group on this very ``payload`` under
+    ``topic`` (then None, for the price of one store read). The memo lives in the group's store,
+    so it outlives plans: a plan per training step meets once, on the first step."""
+    store, me = _store(group), dist.get_rank(group)
+    memo = f"distattn/{topic}/agreed/{me}"
+    seen = store.get(memo).decode().split("\n") if store.check([memo]) else []
+    if payload in seen:
+        return None
+    values = meet(group, topic, payload, what)
+    if all(v == payload for v in values):
+        store.set(memo, "\n".join([*seen[-7:], payload]))  # a few shapes (e.g. layers that differ)
+    return values
+
+
+def subgroups(parent, rank_sets: Sequence[Sequence[int]], agree_on: str, what: str) -> list:
+    """Process groups over ``rank_sets`` (lists of ``parent`` group ranks), each holding this rank.
+
+    Made once per parent: torch's registry keeps them under a tag naming the parent, and later
+    calls find them there (a plan per training step creates nothing). When one must be made, the
+    parent's ranks first :func:`meet` (so a rank that never comes is named within the parent's
+    timeout instead of stalling group creation, whose own default is 30 minutes) and compare
+    ``agree_on`` (e.g. the layout): a ``ValueError`` names both sides when they differ. The
+    groups get the parent's timeout and backend.
+    """
+    to_global = (lambda r: r) if parent is dist.group.WORLD else (lambda r: dist.get_global_rank(parent, r))
+    tag = f"distattn:{parent.group_name}"
+    members = [sorted(to_global(r) for r in ranks) for ranks in rank_sets]
+    found = [c10d._find_pg_by_ranks_and_tag(tag, m) for m in members]
+    if all(g is not None for g in found):
+        return found
+    layouts = meet(parent, "subgroups", agree_on, what)
+    me = dist.get_rank(parent)
+    for r, theirs in enumerate(layouts):
+        if theirs != agree_on:
+            raise ValueError(f"{what}: rank {to_global(me)} asked for {agree_on} but rank {to_global(r)} for "
+                             f"{theirs}: every rank must pass the same options to distattn.plan")
+    timeout, out = group_timeout(parent), []
+    for m in members:
+        try:
+            out.append(c10d._new_group_with_tag(m, timeout=timeout, backend=dist.get_backend(parent), pg_tag=tag,
+                                                use_local_synchronization=True))
+        except RuntimeError as exc:
+            raise RuntimeError(f"distattn: {what}: creating the process group of ranks {m} failed or timed out "
+                               f"after {timeout.total_seconds():g} s ({exc})") from exc
+    return out

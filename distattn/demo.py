@@ -82,14 +82,13 @@ def run_demo(world_size: int = 4, schedulers: list[str] | None = None, seq_len: 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     # on one rank every scheduler is the local one
-    # on one rank every scheduler is the local one
     available = implemented() if world_size == 1 else [s for s in implemented() if s != "local"]
     schedulers = schedulers or (["local"] if world_size == 1 else available)
     unknown = [s for s in schedulers if s not in available]
     if unknown:
         raise ValueError(f"schedulers {unknown} cannot run at world size {world_size}; available: {available}")
-    if ulysses_degree is None:
-        ulysses_degree = default_ulysses_degree(world_size)
+    if ulysses_degree is None:  # usp's own default: Ulysses splits whole KV heads
+        ulysses_degree = default_ulysses_degree(world_size, kv_heads)
     if doc_lens is not None:
         doc_lens = list(as_doc_lens(doc_lens))
     else:

@@ -20,6 +20,16 @@ total length works); collectives pad internally.
 
 A *dry* plan (``world_size`` given as an int) has ``rank = None`` and no group:
 ``stats()`` works, ``shard``/``unshard``/``attention`` raise ``ValueError``.
+
+Ranks can own nothing (fewer tokens than ranks): their shards are ``[0, ...]``
+tensors and they still take part in every collective.
+
+Before attention on inputs of a shape new to this rank, the ranks of the plan's
+group compare heads, head_dim and dtype through the group's key-value store
+(:func:`distattn.comm.meet_once`: host only, so no device synchronisation; the
+group's store remembers agreed shapes, so a plan per training step checks on the
+first step only): a mismatch is a ``ValueError`` on every rank naming both
+sides, not a gloo abort, a hang or a silently wrong result.
 """
 
 from __future__ import annotations
@@ -30,8 +40,9 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from .comm import Comm
+from .comm import Comm, meet_once
 from .kernels import Varlen, prepare
 from .kernels.registry import check_qkv
 from .masks import MaskSlice, attention_flops, slices_area
@@ -67,6 +78,7 @@ class Plan:
     group: Any = field(default=None, repr=False)  # ProcessGroup, or None for dry plans
     owned: tuple[Ranges, ...] = field(repr=False)
     comm: Comm | None = field(init=False, repr=False)  # counts the bytes this rank sends
+    _agreed: set = field(init=False, repr=False, default_factory=set)  # input signatures all ranks share
 
     def __post_init__(self):
         object.__setattr__(self, "comm", Comm(self.group) if self.group is not None else None)
@@ -156,6 +168,8 @@ class Plan:
         if x.shape[dim] != self.total_tokens:
             raise ValueError(f"x has {x.shape[dim]} tokens along dim {dim} but doc_lens sum to "
                              f"{self.total_tokens}: pass the full packed sequence")
+        if not self.owned[rank]:  # fewer tokens than ranks: this one owns none
+            return x.narrow(dim, 0, 0)
         return torch.cat([x.narrow(dim, s, e - s) for s, e in self.owned[rank]], dim=dim)
 
     def unshard(self, x_local: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -216,6 +230,35 @@ class Plan:
             if t.shape[0] != n:
                 raise ValueError(f"{name} has {t.shape[0]} tokens but rank {rank} owns {n} under this plan: "
                                  f"pass plan.shard(x) of the full sequence")
+
+    # ---- agreement between the ranks ---------------------------------------------------------
+    @property
+    def agreement_group(self):
+        """The group whose ranks exchange data in attention (and so must agree on shapes)."""
+        return self.group
+
+    def check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`check_local_qkv`, then a ``ValueError`` on every rank unless all ranks of the group
+        pass the same heads, head_dim and dtype (see module docstring)."""
+        self.check_local_qkv(q, k, v)
+        dtype = str(q.dtype).removeprefix("torch.")
+        shapes = f"Hq={q.shape[1]}, Hkv={k.shape[1]}, head_dim={q.shape[2]}, dtype={dtype}"
+        group = self.agreement_group
+        if group is None or self.world_size == 1 or shapes in self._agreed:
+            return
+        theirs = meet_once(group, "attention", shapes, "the check that all ranks pass the same shapes")
+        for r, their_shapes in enumerate(theirs or ()):
+            if their_shapes != shapes:
+                raise ValueError(f"ranks pass different q/k/v to attention: rank {_global_rank(group)} has "
+                                 f"({shapes}) but rank {_global_rank(group, r)} has ({their_shapes}); every rank "
+                                 f"of the plan's group must pass the same heads, head_dim and dtype")
+        self._agreed.add(shapes)
+
+
+def _global_rank(group, rank: int | None = None) -> int:
+    if rank is None:
+        return dist.get_rank()
+    return rank if group is dist.group.WORLD else dist.get_global_rank(group, rank)
 
 
 def check_stats_args(num_heads, num_kv_heads, head_dim, dtype_bytes) -> None:

@@ -11,6 +11,14 @@ importable by name (a module-level function). A rank that raises makes
 rank that dies or does not finish within ``timeout`` seconds ends every rank
 and raises too. Collectives time out after ``collective_timeout`` seconds, so
 a rank stuck in a collective fails instead of hanging.
+
+Signals: no rank outlives the caller (each rank watches a pipe whose only writer is the caller
+and kills itself when the pipe closes -- the caller's death closes it, whatever the signal --
+and the caller kills what is left on every way out). Ctrl-C (SIGINT) stops every rank
+at once and raises ``KeyboardInterrupt`` in the caller. SIGTERM -- how Slurm and most schedulers
+preempt -- is passed on to every rank, which may handle it (the trainer saves a checkpoint at
+the next step boundary); the caller then waits up to ``term_grace`` seconds for the ranks to
+finish and raises :class:`Terminated`.
 """
 
 from __future__ import annotations
@@ -18,13 +26,26 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
 import tempfile
+import threading
 import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
+
+
+class Terminated(RuntimeError):
+    """The caller got SIGTERM; the ranks were told and have finished or been killed.
+    ``results`` holds each rank's return value when every rank finished in time, else None."""
+
+    exit_code = 128 + signal.SIGTERM
+
+    def __init__(self, message: str, results: list | None = None):
+        super().__init__(message)
+        self.results = results
 
 
 class RankError(RuntimeError):
@@ -45,10 +66,28 @@ def _context():
     return ctx
 
 
-def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, threads, backend, results):
+def _die_with_caller(lifeline) -> None:
+    """Kill this rank when the caller is gone. A rank's parent is the forkserver, not the caller,
+    and the forkserver lives as long as any of its children: only the caller's own pipe end tells."""
+
+    def watch():
+        try:
+            lifeline.recv()
+        except (EOFError, OSError):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="distattn-lifeline").start()
+
+
+def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, threads, backend, results, lifeline):
     import torch
     import torch.distributed as dist
 
+    _die_with_caller(lifeline)
+    # Ctrl-C reaches the whole terminal process group: the caller alone decides, ranks do not
+    # print a traceback each
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         if backend == "nccl":
@@ -66,12 +105,14 @@ def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, t
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 300.0,
                     collective_timeout: float = 60.0, threads_per_rank: int = 1, backend: str = "gloo",
-                    **kwargs) -> list[Any]:
+                    term_grace: float = 120.0, **kwargs) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return each rank's result.
     ``backend="nccl"`` runs one rank per GPU instead (rank ``i`` on ``cuda:i``).
 
     Raises :class:`RankError` if a rank raises or dies, :class:`TimeoutError` if not all
-    ranks finish within ``timeout`` seconds. Every process is gone when this returns.
+    ranks finish within ``timeout`` seconds, :class:`Terminated` after a SIGTERM (see the module
+    docstring; ``term_grace`` seconds for the ranks to finish). Every process is gone when this
+    returns.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
@@ -81,22 +122,50 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     ctx = _context()
     results = ctx.Queue()
+    lifeline, keep_alive = ctx.Pipe(duplex=False)   # this process holds the only writing end
     with tempfile.TemporaryDirectory(prefix="distattn-spawn-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [ctx.Process(target=_worker, daemon=True,
                              args=(fn, args, kwargs, rank, world_size, init_file, collective_timeout,
-                                   threads_per_rank, backend, results))
+                                   threads_per_rank, backend, results, lifeline))
                  for rank in range(world_size)]
         for p in procs:
             p.start()
+        lifeline.close()
+        term = _TermForwarder(procs)
         try:
-            return _collect(procs, results, world_size, timeout)
+            collected = _collect(procs, results, world_size, timeout, term, term_grace)
+            if term.received:
+                raise Terminated("stopped by SIGTERM", collected)
+            return collected
         finally:
+            term.restore()
             for p in procs:
                 if p.is_alive():
                     p.kill()
             for p in procs:
                 p.join(timeout=10)
+            keep_alive.close()
+
+
+class _TermForwarder:
+    """While installed (main thread only), SIGTERM to the caller is passed on to every rank."""
+
+    def __init__(self, procs):
+        self.procs, self.received = procs, None
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._forward)
+
+    def _forward(self, signum, frame):
+        self.received = self.received or time.monotonic()
+        for p in self.procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def _get(results, timeout: float):
@@ -106,7 +175,8 @@ def _get(results, timeout: float):
         return None
 
 
-def _collect(procs, results, world_size: int, timeout: float) -> list[Any]:
+def _collect(procs, results, world_size: int, timeout: float, term: _TermForwarder,
+             term_grace: float) -> list[Any]:
     done: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
     while len(done) < world_size:
@@ -115,6 +185,10 @@ def _collect(procs, results, world_size: int, timeout: float) -> list[Any]:
             done[msg[0]] = pickle.loads(msg[2])
             continue
         crashed = [r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)]
+        if term.received and (msg is not None or crashed or time.monotonic() > term.received + term_grace):
+            # ranks that let SIGTERM end them are not failures: the caller asked for it
+            missing = sorted(set(range(world_size)) - set(done))
+            raise Terminated(f"stopped by SIGTERM; ranks {missing} did not finish within {term_grace:.0f} s")
         if msg is not None or crashed:
             raise _first_failure(procs, results, done, msg)
         if time.monotonic() > deadline:

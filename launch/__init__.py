@@ -1,8 +1,13 @@
-"""Launchers (``distattn.launch``): local, torchrun, Slurm and Ray runs of one config."""
+"""Launchers (``distattn.launch``): local, torchrun, Slurm and Ray runs of one config.
 
-from .launchers import (LaunchOptions, sbatch_script, slurm_job_state, submit_sbatch, torchrun_command,
-                        wait_slurm_job)
+torchrun runs through ``python -m distattn.launch.torchrun`` (:mod:`.torchrun`), whose rendezvous
+stores listen on the rendezvous host only, not on every interface.
+"""
+
+from .launchers import (LaunchOptions, check_text, rdzv_address, sbatch_quote, sbatch_script, slurm_job_state,
+                        submit_sbatch, torchrun_command, wait_slurm_job)
 from .ray_launch import RayOptions, ray_train
+from .torchrun import BACKEND as RDZV_BACKEND
 
-__all__ = ["LaunchOptions", "RayOptions", "ray_train", "sbatch_script", "slurm_job_state", "submit_sbatch",
-           "torchrun_command", "wait_slurm_job"]
+__all__ = ["LaunchOptions", "RDZV_BACKEND", "RayOptions", "check_text", "ray_train", "rdzv_address", "sbatch_quote",
+           "sbatch_script", "slurm_job_state", "submit_sbatch", "torchrun_command", "wait_slurm_job"]

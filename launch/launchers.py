@@ -6,6 +6,9 @@ The training entry point is always ``distattn train CONFIG`` (``python -m distat
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -16,6 +19,48 @@ from importlib.resources import files
 from pathlib import Path
 
 from ..train.config import RunConfig
+from .torchrun import BACKEND as RDZV_BACKEND
+
+# Slurm's --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit
+_SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|unlimited|infinite", re.IGNORECASE)
+# #SBATCH values that need no quotes (no blank, quote, backslash or '#', which starts a comment there)
+_SBATCH_PLAIN = re.compile(r"[\w.,:%/@+=-]+")
+# what torchrun's endpoint parser accepts as a host
+_HOST = re.compile(r"[\w.:-]+")
+
+
+def check_text(option: str, value: str) -> str:
+    """``value`` unchanged, or ``ValueError`` naming ``option`` when it holds a control character: in a
+    script a newline ends the ``#SBATCH`` comment or the command, and what follows runs as shell."""
+    if not isinstance(value, str):
+        raise ValueError(f"{option} must be a string, got {value!r}")
+    bad = next((c for c in value if ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029"), None)
+    if bad is not None:
+        raise ValueError(f"{option} {value!r} contains the control character {bad!r}; remove it (a newline in a "
+                         f"script value would start a new shell line)")
+    return value
+
+
+def sbatch_quote(value: str) -> str:
+    """``value`` as one argument of an ``#SBATCH`` line: sbatch splits those lines itself, with double quotes
+    grouping and a backslash escaping the next character (not the shell's rules: this is a comment to bash)."""
+    if _SBATCH_PLAIN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -29,45 +74,106 @@ class LaunchOptions:
     max_restarts: int = 0
     log_dir: str = "logs"
 
+    def per_node(self, cfg: RunConfig) -> int:
+        return self.gpus_per_node or cfg.world_size // self.nodes
+
     def check(self, cfg: RunConfig) -> None:
+        for option, value in (("--nodes", self.nodes), ("--gpus-per-node", self.gpus_per_node),
+                              ("--port", self.port), ("--max-restarts", self.max_restarts)):
+            if type(value) is not int:
+                raise ValueError(f"{option} must be an integer, got {value!r}")
         if self.nodes < 1 or self.gpus_per_node < 0:
             raise ValueError(f"--nodes must be >= 1 and --gpus-per-node >= 0, got {self.nodes}, {self.gpus_per_node}")
-        per_node = self.gpus_per_node or cfg.world_size // self.nodes
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port must be a TCP port, 1-65535, got {self.port}")
+        if self.max_restarts < 0:
+            raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        if not _SLURM_TIME.fullmatch(check_text("--time", self.time)):
+            raise ValueError(f"--time {self.time!r} is not a Slurm time limit; use MINUTES, HH:MM:SS or "
+                             f"DAYS-HH:MM:SS, e.g. --time 02:00:00")
+        for option, value in (("--partition", self.partition), ("--account", self.account)):
+            if value is not None and not check_text(option, value).strip():
+                raise ValueError(f"{option} is empty; leave it out to use the cluster's default")
+        check_text("--log-dir", self.log_dir)
+        per_node = self.per_node(cfg)
         if per_node * self.nodes != cfg.world_size:
             raise ValueError(f"the config needs dp * cp = {cfg.world_size} ranks but --nodes {self.nodes} x "
                              f"{per_node} per node = {per_node * self.nodes}; change --nodes/--gpus-per-node or "
                              f"parallel.dp/cp")
+        if not self.gpus_per_node:
+            self._check_cpu_ranks(cfg, per_node)
+
+    def _check_cpu_ranks(self, cfg: RunConfig, per_node: int) -> None:
+        """Without --gpus-per-node every rank is a CPU process: refuse a node of them that cannot fit in
+        memory -- a GPU config (64 ranks of an 8B model) launched without --nodes/--gpus-per-node."""
+        from ..train.preflight import rank_memory_bytes
+
+        need, total = per_node * rank_memory_bytes(cfg), _physical_memory()
+        if total is not None and need > total:
+            raise ValueError(f"without --gpus-per-node each of the {cfg.world_size} ranks is a CPU process: "
+                             f"--nodes {self.nodes} puts {per_node} on a node, which needs about "
+                             f"{need / 2**30:,.0f} GiB (this machine has {total / 2**30:,.0f} GiB). For GPUs pass "
+                             f"--nodes N --gpus-per-node G with N x G = {cfg.world_size}"
+                             + (" (e.g. --nodes 8 --gpus-per-node 8)" if cfg.world_size == 64 else "")
+                             + "; for CPU ranks spread them over more --nodes")
 
 
 def _train_args(out: str | None, resume: bool) -> list[str]:
-    return (["--out", out] if out else []) + (["--resume"] if resume else [])
+    return (["--out", check_text("--out", out)] if out else []) + (["--resume"] if resume else [])
+
+
+def rdzv_address(opts: LaunchOptions, rdzv_host: str | None) -> str:
+    """The rendezvous host for torchrun: ``rdzv_host``, or 127.0.0.1 for one node; ``ValueError`` when a
+    multi-node job has none or names this machine's loopback, which the other nodes cannot reach."""
+    if rdzv_host is None:
+        if opts.nodes > 1:
+            raise ValueError(f"--rdzv-host is required with --nodes {opts.nodes}: pass the first node's hostname "
+                             f"or IP (e.g. --rdzv-host node001) and run the same command on every node")
+        return "127.0.0.1"
+    host = check_text("--rdzv-host", rdzv_host).strip()
+    if not _HOST.fullmatch(host.strip("[]")):
+        raise ValueError(f"--rdzv-host {rdzv_host!r} is not a hostname or IP address")
+    if opts.nodes > 1 and _is_loopback(host.strip("[]")):
+        raise ValueError(f"--rdzv-host {host} is a loopback address, which the other {opts.nodes - 1} node(s) "
+                         f"cannot reach; pass the first node's hostname or IP")
+    # one name, one address: "localhost" may resolve to ::1 first on one side and 127.0.0.1 on the other
+    return "127.0.0.1" if host.lower() == "localhost" else host.strip("[]")
 
 
 def torchrun_command(config: str, cfg: RunConfig, opts: LaunchOptions, out: str | None = None,
-                     resume: bool = False, rdzv_host: str = "localhost") -> list[str]:
-    """``torchrun`` for one node of a multi-node job (run it on every node)."""
+                     resume: bool = False, rdzv_host: str | None = None) -> list[str]:
+    """The torchrun command for one node of the job (run it on every node). Its stores listen only on the
+    rendezvous host (``distattn.launch.torchrun``); ``rdzv_host`` None means one node on 127.0.0.1."""
     opts.check(cfg)
-    per_node = opts.gpus_per_node or cfg.world_size // opts.nodes
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={opts.nodes}", f"--nproc-per-node={per_node}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_host}:{opts.port}", f"--max-restarts={opts.max_restarts}",
-            "-m", "distattn.cli", "train", config, *_train_args(out, resume)]
+    host = rdzv_address(opts, rdzv_host)
+    endpoint = f"[{host}]:{opts.port}" if ":" in host else f"{host}:{opts.port}"
+    # one node: the workers' bootstrap store listens on the rendezvous host too
+    local = [f"--local-addr={host}"] if opts.nodes == 1 else []
+    return [sys.executable, "-m", "distattn.launch.torchrun", f"--nnodes={opts.nodes}",
+            f"--nproc-per-node={opts.per_node(cfg)}", f"--rdzv-backend={RDZV_BACKEND}", f"--rdzv-endpoint={endpoint}",
+            *local, f"--max-restarts={opts.max_restarts}",
+            "-m", "distattn.cli", "train", check_text("config", config), *_train_args(out, resume)]
 
 
 def sbatch_script(config: str, cfg: RunConfig, opts: LaunchOptions, out: str | None = None,
                   resume: bool = False) -> str:
-    """The sbatch script (from ``cluster/templates/sbatch.sh.tmpl``)."""
+    """The sbatch script (from ``cluster/templates/sbatch.sh.tmpl``). Every value is checked for control
+    characters and quoted: ``#SBATCH`` values for sbatch's parser, command arguments for bash."""
     opts.check(cfg)
+    config_path = str(Path(check_text("config", config)).resolve())
     extra = [f"#SBATCH --gpus-per-node={opts.gpus_per_node}"] if opts.gpus_per_node else []
-    extra += [f"#SBATCH --partition={opts.partition}"] if opts.partition else []
-    extra += [f"#SBATCH --account={opts.account}"] if opts.account else []
-    per_node = opts.gpus_per_node or cfg.world_size // opts.nodes
+    extra += [f"#SBATCH --partition={sbatch_quote(opts.partition)}"] if opts.partition else []
+    extra += [f"#SBATCH --account={sbatch_quote(opts.account)}"] if opts.account else []
+    per_node = opts.per_node(cfg)
+    log_dir = opts.log_dir.replace("%", "%%")  # Slurm expands %x, %j... in --output; %% is a literal %
     template = files("distattn.cluster").joinpath("templates", "sbatch.sh.tmpl").read_text()
     return template.format(
-        job_name=f"distattn-{Path(config).stem}", nodes=opts.nodes,
-        cpus_per_task=max(1, per_node), time=opts.time, log_dir=opts.log_dir, extra_sbatch="\n".join(extra),
-        port=opts.port, python=shlex.quote(sys.executable), nproc_per_node=per_node,
-        max_restarts=opts.max_restarts, config=shlex.quote(str(Path(config).resolve())),
-        train_args=" ".join(shlex.quote(a) for a in _train_args(out, resume)))
+        job_name=sbatch_quote(f"distattn-{Path(config).stem}"), nodes=opts.nodes,
+        cpus_per_task=max(1, per_node), time=sbatch_quote(opts.time),
+        output=sbatch_quote(f"{log_dir}/%x-%j.out"), error=sbatch_quote(f"{log_dir}/%x-%j.err"),
+        extra_sbatch="\n".join(extra), port=opts.port, python=shlex.quote(check_text("python", sys.executable)),
+        rdzv_backend=RDZV_BACKEND, nproc_per_node=per_node, max_restarts=opts.max_restarts,
+        config=shlex.quote(config_path), train_args=" ".join(shlex.quote(a) for a in _train_args(out, resume)))
 
 
 _ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",

@@ -80,3 +80,89 @@ def test_simulate_auto_recommends_a_mesh_and_bad_input():
     assert bad.returncode == 2 and "--model" in bad.stderr
     bad = _run("simulate", "--gpus", "64", "--seq-len", "128K", "--cp", "3")
     assert bad.returncode == 2 and "--cp 3 must divide --gpus 64" in bad.stderr
+
+
+def test_auto_ranks_by_tokens_per_gpu_not_step_time(monkeypatch):
+    import distattn.sim.simulate as sim
+    from distattn.cluster.profile import default_profile
+
+    # 16 GPUs, 64K tokens: cp 16 has the shortest step, cp 8 (two replicas) trains more tokens per GPU
+    best, rows = sim.recommend(sim.MODELS["llama3-8b"], 16, 65536, default_profile())
+    feasible = [r for r in rows if r["fits_memory"]]
+    fastest = min(feasible, key=lambda r: r["step_time_s"])
+    assert fastest["cp"] == 16 and best["cp"] == 8 and best["step_time_s"] > fastest["step_time_s"]
+    assert best["tokens_per_s_per_gpu"] == max(r["tokens_per_s_per_gpu"] for r in feasible)
+
+    # the rule alone, on figures where the two rankings are far apart
+    def fake(cfg, network, schedulers, pool):
+        step = {1: 4.0, 2: 1.5, 4: 1.0, 8: 0.9}[cfg.cp]
+        return [{"scheduler": "zigzag", "cp": cfg.cp, "dp": cfg.dp, "step_time_s": step, "fits_memory": True,
+                 "tokens_per_s_per_gpu": cfg.seq_len * cfg.dp / step / cfg.gpus}]
+
+    monkeypatch.setattr(sim, "simulate", fake)
+    best, rows = sim.recommend(sim.MODELS["llama3-8b"], 8, 4096, None)
+    assert [r["cp"] for r in rows] == [1, 2, 4, 8] and best["cp"] == 2  # not cp 8, the shortest step
+
+
+def test_simulate_per_rank_timelines(tmp_path):
+    from distattn.cluster.profile import default_profile
+    from distattn.sim.simulate import (MODELS, PHASES, TIMELINE_COLUMNS, SimConfig, simulate,
+                                       simulate_with_timelines, write_timeline)
+
+    cfg = SimConfig(MODELS["llama3-8b"], 32, 65536, 8)  # 4 replicas of 8 ranks, 4 nodes
+    results, timeline = simulate_with_timelines(cfg, default_profile())
+    assert results == simulate(cfg, default_profile()) and len(results) == 7
+    assert len(timeline) == 7 * 32 * len(PHASES) and all(set(t) == set(TIMELINE_COLUMNS) for t in timeline)
+    for r in results:
+        step = r["step_time_s"]
+        ranks = {}
+        for t in timeline:
+            if t["scheduler"] == r["scheduler"]:
+                ranks.setdefault(t["rank"], {})[t["phase"]] = t
+        assert sorted(ranks) == list(range(32))
+        busy = []
+        for rank, ph in ranks.items():
+            assert (ph["compute"]["replica"], ph["compute"]["cp_rank"], ph["compute"]["node"]) == \
+                (rank // 8, rank % 8, rank // 8)
+            assert all(t["seconds"] >= 0 and t["end_s"] - t["start_s"] == t["seconds"] for t in ph.values())
+            # compute, exposed communication and idle tile the step; overlapped communication hides in compute
+            assert ph["compute"]["start_s"] == 0 and ph["compute"]["end_s"] == ph["exposed_comm"]["start_s"]
+            assert ph["exposed_comm"]["end_s"] == ph["idle"]["start_s"]
+            assert sum(ph[p]["seconds"] for p in ("compute", "exposed_comm", "idle")) == pytest.approx(step, rel=1e-12)
+            assert ph["idle"]["end_s"] == pytest.approx(step, rel=1e-12)
+            assert ph["overlapped_comm"]["seconds"] <= ph["compute"]["seconds"]
+            busy.append(ph["compute"]["seconds"] + ph["exposed_comm"]["seconds"])
+        assert max(busy) == pytest.approx(step) and min(ranks[i]["idle"]["seconds"] for i in ranks) == 0
+        assert max(ph["compute"]["seconds"] for ph in ranks.values()) == pytest.approx(r["compute_s"])
+        slowest = ranks[max(ranks, key=lambda i: busy[i])]
+        assert slowest["exposed_comm"]["seconds"] == pytest.approx(r["exposed_comm_s"])
+        assert slowest["exposed_comm"]["seconds"] + slowest["overlapped_comm"]["seconds"] == pytest.approx(r["comm_s"])
+        replica_busy = [max(busy[i * 8:(i + 1) * 8]) for i in range(4)]
+        assert r["dp_idle"] == pytest.approx(sum((step - b) / step for b in replica_busy) / 4)
+    assert sum(t["seconds"] for t in timeline if t["scheduler"] == "wlb-ideal" and t["phase"].endswith("comm")) == 0
+
+    write_timeline(timeline, tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == TIMELINE_COLUMNS and len(rows) == len(timeline)
+    write_timeline(timeline, tmp_path / "t.json")
+    assert json.loads((tmp_path / "t.json").read_text())["rows"] == timeline
+    with pytest.raises(ValueError, match="--timeline .*t.txt: name a .csv or .json file"):
+        write_timeline(timeline, tmp_path / "t.txt")
+
+
+def test_simulate_cli_timeline_and_auto(tmp_path):
+    out = _run("simulate", "--gpus", "16", "--seq-len", "64K", "--auto", "--timeline", str(tmp_path / "a.json"),
+               timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("recommended: cad, dp 2 x cp 8") and "tokens/s per GPU" in last
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert len(rows) == 16 * 4 and {r["scheduler"] for r in rows} == {"cad"}
+    out = _run("simulate", "--gpus", "16", "--seq-len", "64K", "--cp", "8", "--timeline", str(tmp_path / "t.csv"),
+               "--schedulers", "ring", "zigzag", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "t.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2 * 16 * 4
+    bad = _run("simulate", "--gpus", "16", "--seq-len", "64K", "--timeline", str(tmp_path / "t.txt"))
+    assert bad.returncode == 2 and "--timeline" in bad.stderr and not (tmp_path / "t.txt").exists()

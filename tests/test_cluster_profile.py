@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distattn.cluster.nccl_tests import run_nccl_tests
+from distattn.cluster.nccl_tests import measurements_from_output, run_nccl_tests
 from distattn.cluster.profile import Measurement, NetworkProfile, bus_factor, default_profile, fit_alpha_beta
 
 EXE = str(Path(sys.executable).with_name("distattn"))
@@ -21,7 +21,11 @@ def test_fit_recovers_alpha_and_bus_bandwidth():
     for op, n in (("all_gather", 8), ("send_recv", 2), ("all_reduce", 4)):
         times = [30.0 + bus_factor(op, n) * s / 200e3 for s in sizes]  # 30 us + 200 GB/s
         f = fit_alpha_beta(op, n, sizes, times)
-        assert f.alpha_us == pytest.approx(30.0, rel=1e-6) and f.busbw_gbs == pytest.approx(200.0, rel=1e-6)
+        assert f.alpha_us == pytest.approx(30.0, rel=1e-6) and f.fit_busbw_gbs == pytest.approx(200.0, rel=1e-6)
+        # the line's asymptote is never reached: predictions use at most the best measured bandwidth
+        best = max(bus_factor(op, n) * s / (t * 1e3) for s, t in zip(sizes, times))
+        assert f.capped and f.busbw_gbs == pytest.approx(best) and f.max_rel_err < 1e-9
+        assert float(f.time_s(op, n, sizes[5])) * 1e6 == pytest.approx(times[5])
 
 
 def test_extrapolation_and_inter_node_cap():
@@ -41,6 +45,57 @@ def test_extrapolation_and_inter_node_cap():
     with pytest.raises(ValueError, match="unknown collective"):
         NetworkProfile((Measurement("broadcast", 2, 1, 1.0),)).fit("broadcast", 2)
     assert default_profile().fit("send_recv", 16).busbw_gbs == 45.0
+
+
+def _latency_bound():
+    """A gloo-like probe: ~1 ms per message up to 1 MiB, so the line through those points is steep
+    (15.8 GB/s), and the best bus bandwidth ever measured, 1.09 GB/s, at 2 MiB."""
+    sizes = [2**k for k in range(22)]
+    return sizes, [1000.0 + s / 15.8e3 for s in sizes[:-1]] + [sizes[-1] / 1.09e3]
+
+
+def test_fit_never_predicts_more_than_was_measured(tmp_path):
+    sizes, times = _latency_bound()
+    f = fit_alpha_beta("send_recv", 2, sizes, times)
+    assert f.fit_busbw_gbs > 3.5  # what least squares says (it used to be the reported bandwidth)
+    assert f.capped and f.busbw_gbs <= 1.09 and f.busbw_gbs == pytest.approx(1.09, rel=1e-4)
+    assert 0 < f.rms_rel_err <= f.max_rel_err < 0.25
+    # past the largest measured size the extra bytes move at the best measured bandwidth
+    assert float(f.time_s("send_recv", 2, 2**26)) == pytest.approx(times[-1] * 1e-6 + (2**26 - 2**21) / 1.09e9)
+    grid = np.logspace(0, 36, 300, base=2)
+    assert np.all(grid / f.time_s("send_recv", 2, grid) <= f.busbw_gbs * 1e9 * (1 + 1e-12))
+    assert np.all(np.diff(f.time_s("send_recv", 2, grid)) > 0)
+    # other world sizes borrow the cap and the measured range
+    p = NetworkProfile(tuple(Measurement("send_recv", 2, s, t) for s, t in zip(sizes, times)), source="gloo probe")
+    assert p.fit("send_recv", 4).busbw_gbs <= 1.09 and p.fit("all_gather", 8).max_bus_bytes == 2**21
+    p.save(tmp_path / "lat.json")
+    saved = json.loads((tmp_path / "lat.json").read_text())["fits"][0]
+    assert saved["capped"] and saved["busbw_gbs"] <= 1.09 and saved["max_rel_err"] == pytest.approx(f.max_rel_err)
+    out = subprocess.run([EXE, "cluster", "fit", str(tmp_path / "lat.json")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "busbw     1.090 GB/s" in out.stdout and f"fit error max {f.max_rel_err:.1%}" in out.stdout
+    assert "capped at the best measured" in out.stdout
+
+
+def test_measurements_that_are_not_data_are_refused(tmp_path):
+    for bad in (-5.0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="all_gather on 2 ranks, 1024 B: time_us is"):
+            Measurement("all_gather", 2, 1024, bad)
+    with pytest.raises(ValueError, match="size_bytes >= 0"):
+        Measurement("all_gather", 2, -1024, 5.0)
+    # json.loads reads Infinity; CSV float() reads nan and negatives: each names its row
+    path = tmp_path / "inf.json"
+    path.write_text('{"rows": [{"op": "all_gather", "world_size": 2, "size_bytes": 1024, "time_us": 5.0},'
+                    ' {"op": "all_gather", "world_size": 2, "size_bytes": 2048, "time_us": Infinity}]}')
+    with pytest.raises(ValueError, match=r"rows\[1\]: all_gather on 2 ranks, 2048 B: time_us is inf"):
+        NetworkProfile.load(path)
+    path = tmp_path / "neg.csv"
+    path.write_text("op,ngpu,size_bytes,t_us_out\nall_gather,2,1024,5.0\nall_gather,2,2048,-3\n")
+    with pytest.raises(ValueError, match="neg.csv: line 3: .*time_us is -3.0"):
+        NetworkProfile.load(path)
+    zero = FAKE_LOG.format(lo=1, hi=2).replace("27.80", " 0.00")
+    with pytest.raises(ValueError, match="2097152 B: time_us is 0.0"):
+        measurements_from_output("all_gather", zero)
 
 
 @pytest.mark.skipif(not H100.exists(), reason="../shared/data not present")

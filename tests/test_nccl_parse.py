@@ -1,6 +1,8 @@
 """nccl-tests output parsing: both column layouts, mpirun prefixes, interleaved NCCL lines, a missing
-in-place group, N/A counts; bad files name the line."""
+in-place group, N/A figures; bad files (negative or non-finite figures included) name the line; logs
+of any size are streamed without torch."""
 
+import io
 import json
 import subprocess
 import sys
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from distattn.cluster.nccl import parse_nccl_tests, parse_nccl_tests_file
+from distattn.cluster.nccl import parse_nccl_tests, parse_nccl_tests_file, write_nccl_json
 
 NEW = """# nThread 1 nGpus 8 minBytes 1048576 maxBytes 4194304 step: 2(factor) warmup iters: 5 iters: 20 agg iters: 1 validation: 1 graph: 0
 #
@@ -100,3 +102,103 @@ def test_cli_prints_json(tmp_path):
     bad.write_text("# size count type time algbw busbw\n 8 2 float x 1 1\n")
     out = subprocess.run([str(exe), "cluster", "nccl-parse", str(bad)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "line 2: time is 'x'" in out.stderr
+
+
+def _strict(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _head(text: str, lines: int) -> str:
+    return "".join(text.splitlines(keepends=True)[:lines])
+
+
+def test_na_bus_bandwidth_without_trailer():
+    # the mean is over the rows that have a bus bandwidth; none at all gives null, not a TypeError
+    out = parse_nccl_tests(OUT_OF_PLACE_ONLY.replace("118.03", "   N/A"))
+    assert out["rows"][0]["busbw"] is None and out["avg_busbw"] == pytest.approx(173.37)
+    all_na = _head(OUT_OF_PLACE_ONLY, 4) + "  8388608  2097152  half  none  -1  N/A  N/A  N/A  N/A\n"
+    out = parse_nccl_tests(all_na)
+    assert out["avg_busbw"] is None and out["rows"][0]["time_us"] is None and out["rows"][0]["wrong"] is None
+    assert json.loads(json.dumps(out, allow_nan=False))["avg_busbw"] is None
+
+
+@pytest.mark.parametrize("old, new, what", [("20.51", "-20.51", "time"), ("51.12", "-51.12", "algbw"),
+                                            ("44.73", "-44.73", "busbw"), ("45.58", "-45.58", "busbw"),
+                                            ("     1048576", "    -1048576", "size"),
+                                            ("262144", "-262144", "count")])
+def test_negative_figures_name_the_line(old, new, what):
+    with pytest.raises(ValueError, match=f"line 11: {what} is '{new.strip()}'; it cannot be negative"):
+        parse_nccl_tests(NEW.replace(old, new, 1))
+    with pytest.raises(ValueError, match="line 16: Avg bus bandwidth is '-67.5893'"):
+        parse_nccl_tests(NEW.replace(": 67.5893", ": -67.5893"))
+    assert parse_nccl_tests(NEW)["rows"][0]["root"] == -1  # root -1 is nccl-tests' "no root", not an error
+
+
+@pytest.mark.parametrize("token, why", [("1e999", "not a finite number"), ("-1e999", "not a finite number"),
+                                        ("inf", "not a number"), ("nan", "not a number"),
+                                        ("Infinity", "not a number")])
+def test_non_finite_figures_name_the_line(token, why):
+    with pytest.raises(ValueError, match=f"line 11: busbw is '{token}', {why}"):
+        parse_nccl_tests(NEW.replace("44.73", token))
+    with pytest.raises(ValueError, match=f"line 16: Avg bus bandwidth is '{token}', {why}"):
+        parse_nccl_tests(NEW.replace("67.5893", token))
+
+
+def test_output_is_strict_json(tmp_path):
+    # two huge but finite bus bandwidths: their sum overflows to inf, their mean does not
+    huge = OUT_OF_PLACE_ONLY.replace("118.03", "1.7e308").replace("173.37", "1.7e308")
+    assert parse_nccl_tests(huge)["avg_busbw"] == pytest.approx(1.7e308)
+    path = tmp_path / "huge.log"
+    path.write_text(huge)
+    buf = io.StringIO()
+    write_nccl_json(path, buf)
+    assert json.loads(buf.getvalue(), parse_constant=_strict) == parse_nccl_tests_file(path)
+    exe = Path(sys.executable).with_name("distattn")
+    out = subprocess.run([str(exe), "cluster", "nccl-parse", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout, parse_constant=_strict)["avg_busbw"] == pytest.approx(1.7e308)
+
+
+def test_parser_imports_neither_torch_nor_numpy():
+    code = ("import sys, distattn.cluster.nccl\nprint(sorted(m for m in ('torch', 'numpy') if m in sys.modules))\n"
+            "import distattn.cluster.profile\nprint(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "['numpy']"]  # profiles need numpy, never torch
+
+
+ROW = "     1048576        262144     float    none      -1    20.51   51.12   44.73      0    20.13   52.09   45.58" \
+      "      0\n"
+INFO = "node01:41234:41250 [3] NCCL INFO Channel 02/0 : 3[3] -> 4[4] via P2P/IPC/read\n"
+# VmHWM, not getrusage: ru_maxrss survives exec, so a child forked from a large pytest reports pytest's peak
+PEAK = ("print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0], "
+        "'torch' in sys.modules)")
+RUNNERS = {
+    "library": "import sys\nfrom distattn.cluster.nccl import write_nccl_json\n"
+               "with open(sys.argv[2], 'w') as out:\n    write_nccl_json(sys.argv[1], out)\n",
+    "cli": "import sys, contextlib\nfrom distattn.cli import main\n"
+           "with open(sys.argv[2], 'w') as out, contextlib.redirect_stdout(out):\n"
+           "    assert main(['cluster', 'nccl-parse', sys.argv[1]]) == 0\n",
+}
+
+
+@pytest.fixture(scope="module")
+def big_log(tmp_path_factory):
+    """~12 MB: 60,000 result rows between NCCL INFO lines (the unstreamed parser peaked at ~235 MB)."""
+    path = tmp_path_factory.mktemp("big") / "big.log"
+    path.write_text(NEW.split("\n     1048576")[0] + "\n" + (ROW + INFO) * 60000 + "# Avg bus bandwidth    : 44.73\n")
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS read from /proc")
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+def test_large_logs_are_streamed(big_log, runner, tmp_path):
+    out_path = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, "-c", RUNNERS[runner] + PEAK, str(big_log), str(out_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak_kb, torch_loaded = done.stdout.split()
+    assert int(peak_kb) < 100 * 1024, f"peak RSS {int(peak_kb) / 1024:.0f} MB parsing a 12 MB log"
+    assert torch_loaded == "False"
+    data = json.loads(out_path.read_text(), parse_constant=_strict)
+    assert len(data["rows"]) == 60000 and data["avg_busbw"] == 44.73 and data["rows"][-1]["in_place"]["busbw"] == 45.58

@@ -35,7 +35,9 @@ def _cfg(tmp_path, **changes) -> RunConfig:
 
 def _losses(out: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}  # a resumed run appends: the last entry per step wins
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
 
 
 def test_config_validation(tmp_path):
@@ -46,7 +48,7 @@ def test_config_validation(tmp_path):
     path.write_text("optimizer: {}\n")
     with pytest.raises(ValueError, match="unknown config section 'optimizer'"):
         load_config(path)
-    with pytest.raises(ValueError, match="parallel.cp must be a positive int"):
+    with pytest.raises(ValueError, match="parallel.cp must be > 0"):
         validate(RunConfig().replace(parallel={"cp": 0}))
     with pytest.raises(ValueError, match="data.path is required"):
         validate(RunConfig().replace(data={"source": "tokens"}))
@@ -99,6 +101,18 @@ def test_every_scheduler_gives_the_same_losses(tmp_path):
         assert np.max(np.abs(np.array(values) - base) / base) < 1e-3, (name, values, base)
 
 
+def test_fewer_tokens_than_ranks(tmp_path):
+    """seq_len 3 on cp=4 leaves a rank without tokens: every scheduler still trains, as CP=1 does
+    (usp with its default Ulysses degree, gcd(cp, kv heads))."""
+    base = [m["loss"] for m in run(_cfg(tmp_path, data={"seq_len": 3}, parallel={"cp": 1},
+                                        train={"steps": 2, "out": str(tmp_path / "cp1")}))]
+    for scheduler in ["ring", "zigzag", "allgather", "ulysses", "usp", "cad"]:
+        cfg = _cfg(tmp_path, data={"seq_len": 3}, parallel={"scheduler": scheduler},
+                   train={"steps": 2, "out": str(tmp_path / scheduler)})
+        losses = [m["loss"] for m in run(cfg)]
+        assert np.allclose(losses, base, rtol=1e-4), (scheduler, losses, base)
+
+
 def test_dp_and_fsdp(tmp_path):
     """dp 2 x cp 2 with DDP and with FSDP2 give the same losses."""
     ddp = [m["loss"] for m in run(_cfg(tmp_path, parallel={"dp": 2, "cp": 2}, train={"out": str(tmp_path / "a")}))]
@@ -139,8 +153,8 @@ def test_kill_a_rank_then_resume_exactly(tmp_path):
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     got = _losses(tmp_path / "killed")
-    assert sorted(got) == list(range(steps))
-    for step in range(steps):
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-6), step
 
 

@@ -1,14 +1,19 @@
 """ulysses and usp on gloo ranks vs the fp64 oracle; uneven heads, GQA/MQA; meshes; stats; DeepSpeed."""
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+import yaml
 
 import distattn
 from conftest import case_error, rand_qkv, sent_vs_stats
 from distattn.parallel import usp_mesh
+from distattn.schedulers.usp import default_ulysses_degree
 from distattn.spawn import RankError, run_distributed
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 DOCS = [[3, 50, 2, 1, 4, 17], [1, 2, 1, 3, 1, 1, 2, 5, 1, 4], [29]]
 MASKS = [(True, None), (False, None), (True, 6), (False, 5)]
@@ -78,6 +83,52 @@ def test_dry_stats():
         distattn.plan([4096], 16, scheduler="ulysses").stats(8, 8, 64)
 
 
+def test_default_degree_divides_the_kv_heads():
+    # the largest divisor of the CP size that divides the KV heads: Ulysses never splits a KV head
+    assert [default_ulysses_degree(p, h) for p, h in [(16, 8), (8, 8), (4, 4), (6, 4), (12, 8), (5, 2), (4, 1)]] \
+        == [8, 8, 4, 2, 4, 1, 1]
+    assert distattn.plan([64], 6, scheduler="usp", num_kv_heads=4).ulysses_degree == 2
+    assert distattn.plan([64], 6, scheduler="usp", num_kv_heads=4, ulysses_degree=3).ulysses_degree == 3
+    with pytest.raises(ValueError, match="ulysses_degree=U or num_kv_heads=H"):
+        distattn.plan([64], 4, scheduler="usp")
+    with pytest.raises(ValueError, match="num_kv_heads must be a positive int"):
+        distattn.plan([64], 4, scheduler="usp", num_kv_heads=0)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_usp_is_valid_for_every_shipped_config(path):
+    cfg = yaml.safe_load(path.read_text())
+    model, cp = cfg["model"], cfg["parallel"]["cp"]
+    degree = cfg["parallel"].get("ulysses_degree")
+    plan = distattn.plan([cfg["data"]["seq_len"]], cp, scheduler="usp", ulysses_degree=degree,
+                         num_kv_heads=model["n_kv_heads"])
+    u = plan.ulysses_degree
+    assert cp % u == 0 and model["n_kv_heads"] % u == 0 and model["n_heads"] >= u, (path.name, u)
+    assert u == (degree or default_ulysses_degree(cp, model["n_kv_heads"]))
+    st = plan.stats(model["n_heads"], model["n_kv_heads"], model["dim"] // model["n_heads"])
+    assert st["world_size"] == cp and st["token_imbalance"] < 1.01
+
+
+def _tiny_config_worker():
+    """configs/tiny.yaml's attention shapes (cp 4, 8 heads, 4 KV heads) under usp's default degree."""
+    errors = [case_error("usp", docs, causal, window, 8, 4, options={"num_kv_heads": 4})
+              for docs, (causal, window) in zip(DOCS, MASKS)]
+    plan = distattn.plan([64], dist.group.WORLD, scheduler="usp", num_kv_heads=4)
+    q, k, v = rand_qkv(64, 64, 8, 2, 8)
+    try:
+        distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
+        refused = None
+    except ValueError as exc:
+        refused = str(exc)
+    return plan.ulysses_degree, errors, refused
+
+
+def test_tiny_config_shapes_run_usp_with_the_default_degree():
+    for degree, errors, refused in run_distributed(_tiny_config_worker, 4, timeout=120):
+        assert degree == 4 and max(errors) < 1e-12, (degree, errors)
+        assert "k and v have 2 heads but this usp plan was made with num_kv_heads=4" in refused
+
+
 def test_bad_layouts():
     with pytest.raises(ValueError, match="ulysses_degree must divide the world size 6: one of \\[1, 2, 3, 6\\]"):
         distattn.plan([64], 6, scheduler="usp", ulysses_degree=4)
@@ -101,6 +152,12 @@ def _mesh_errors_worker():
             errors.append(None)
         except ValueError as exc:
             errors.append(str(exc))
+    # init_mesh's groups wait as long as the default group (torch's own: 30 minutes)
+    from distattn.comm import group_timeout
+    from distattn.parallel.mesh import init_mesh
+
+    mesh = init_mesh("cpu", (2, 2), ("dp", "cp"))
+    errors.append([group_timeout(mesh[name].get_group()).total_seconds() for name in ("dp", "cp")])
     # a head count the Ulysses group cannot split fails before any communication
     plan = distattn.plan([64], usp_mesh("cpu", 4), scheduler="usp")
     q, k, v = rand_qkv(64, 64, 3, 1, 8)
@@ -116,7 +173,8 @@ def test_mesh_errors():
     assert "mesh_dim_names ('ulysses', 'ring'), got ('dp', 'cp')" in errors[0]
     assert "ulysses_degree=4 disagrees with the mesh's 'ulysses' axis (2)" in errors[1]
     assert "positive divisor of the world size 4" in errors[2]
-    assert "3 heads cannot cover 4 ranks" in errors[3]
+    assert errors[3] == [20.0, 20.0]
+    assert "3 heads cannot cover 4 ranks" in errors[4]
 
 
 def test_same_result_as_deepspeed_ulysses():
@@ -130,10 +188,11 @@ def test_same_result_as_deepspeed_ulysses():
 def _hang_worker():
     plan = distattn.plan([40], dist.group.WORLD, scheduler="ulysses")
     q, k, v = rand_qkv(40, 40, 4, 2, 8)
-    if dist.get_rank() != 0:
+    distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
+    if dist.get_rank() != 0:  # a second call: the all-to-all waits for rank 0, which has left
         distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
 
 
 def test_missing_rank_times_out():
-    with pytest.raises(RankError, match="ulysses forward failed or timed out"):
+    with pytest.raises(RankError, match=r"ulysses forward failed or timed out waiting for rank\(s\) \[0\]"):
         run_distributed(_hang_worker, 2, timeout=120, collective_timeout=3)

@@ -152,7 +152,7 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
         from ..parallel.mesh import usp_mesh
         from ..schedulers.usp import default_ulysses_degree
 
-        meshes["usp"] = usp_mesh(device.type, default_ulysses_degree(world))
+        meshes["usp"] = usp_mesh(device.type, default_ulysses_degree(world, cfg.kv_heads))
     rows = []
     for seq_len in cfg.seq_lens:
         for mask in cfg.masks:

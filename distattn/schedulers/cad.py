@@ -75,6 +75,8 @@ def _merge_intervals(a0: np.ndarray, a1: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def _covered_before(i0: np.ndarray, i1: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Tokens of the disjoint sorted intervals ``[i0, i1)`` below each ``x``."""
+    if i0.size == 0:  # a slot with no task: nothing below anything
+        return np.zeros(np.shape(x), dtype=np.int64)
     cum = np.concatenate([[0], np.cumsum(i1 - i0)])
     j = np.searchsorted(i0, x, side="right")  # intervals starting at or before x
     inside = np.where(j > 0, np.minimum(x, i1[np.maximum(j - 1, 0)]) - i0[np.maximum(j - 1, 0)], 0)
@@ -134,7 +136,8 @@ def _exchange(seg: Segments, bounds: np.ndarray, me: int) -> Exchange:
     u0, u1 = _merge_intervals(k0, k1)
     start = _covered_before(u0, u1, k0)
     kv_index = np.concatenate([np.arange(s, s + n) for s, n in zip(start, k1 - k0)] or [np.zeros(0, np.int64)])
-    varlen = Varlen.from_lengths(q1 - q0, k1 - k0, q1 - k1)
+    # a slot with no task (fewer tokens than ranks) still runs one empty kernel call: no special path
+    varlen = Varlen.from_lengths(q1 - q0, k1 - k0, q1 - k1) if mine.size else Varlen.from_lengths([0], [0])
     return Exchange(Route.build(q_send, np.diff(_covered_before(q0, q1, bounds))),
                     Route.build(kv_send, np.diff(_covered_before(u0, u1, bounds))), varlen,
                     DeviceIndex(kv_index.astype(np.int64)))
@@ -148,6 +151,10 @@ class CADPlan(Plan):
     slot: int | None = None                         # this rank's slot (None: dry)
     pool_comm: Comm | None = field(default=None, repr=False)
     exchange: Exchange | None = field(default=None, repr=False)
+
+    @property
+    def agreement_group(self):
+        return self.pool_comm.group if self.pool_comm is not None else self.group  # tasks cross the pool
 
     @property
     def pool_size(self) -> int:
@@ -245,7 +252,7 @@ class CADPlan(Plan):
         """Start the forward all-to-all of Q, K, V now; pass the result to
         ``distattn.attention(q, k, v, plan, prefetch=...)`` with the same tensors. Work done in
         between (another nano-batch's pre-attention layers) overlaps the transfer."""
-        self.check_local_qkv(q, k, v)
+        self.check_inputs(q, k, v)
         jobs = self._forward_jobs(q.detach(), k.detach(), v.detach())
         return Prefetch(self, (id(q), id(k), id(v)), jobs, [self._send(t, route, "cad forward") for t, route in jobs])
 
@@ -324,7 +331,12 @@ def _pool_layout(doc_lens, mesh, pool):
     key = dist.get_global_rank(mesh.group, 0) if mesh.group is not dist.group.WORLD else 0
     mine = (key, mesh.rank, mesh.world_size, list(doc_lens))
     entries: list[Any] = [None] * pool.size()
-    dist.all_gather_object(entries, mine, group=pool)
+    try:
+        dist.all_gather_object(entries, mine, group=pool)
+    except RuntimeError as exc:
+        others = [r for r in dist.get_process_group_ranks(pool) if r != dist.get_rank()]
+        raise RuntimeError(f"distattn: cad's pool plan failed or timed out waiting for rank(s) {others} ({exc}); "
+                           f"every rank of the pool must call distattn.plan with pool=") from exc
     order = sorted(range(pool.size()), key=lambda i: (entries[i][0], entries[i][1]))
     docs, sizes, seen = [], [], {}
     for i in order:

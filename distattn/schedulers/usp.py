@@ -19,21 +19,31 @@ all-to-all returns ``[S/(UR), Hq, D]``. Uneven heads and ``Hkv < U`` work as in
 
 The mesh: a 2-D ``DeviceMesh`` whose axes are named ``"ulysses"`` and
 ``"ring"`` (in either order; ``distattn.parallel.usp_mesh`` builds one with
-Ulysses on consecutive ranks), or a 1-D group/mesh plus ``ulysses_degree=U``:
-then group rank ``i`` is ``(u, r) = (i % U, i // U)`` and the plan creates the
-two sub-groups it needs -- cheap enough for a test, not for every training
-step, so build the mesh once for training. A dry plan takes
-``mesh=<world size>`` and ``ulysses_degree``.
+Ulysses on consecutive ranks), or a 1-D group/mesh (or a dry world size) plus
+the degree. Then group rank ``i`` is ``(u, r) = (i % U, i // U)``, and the
+first plan on a group creates the two sub-groups it needs; later plans on the
+same group find them again (:func:`distattn.comm.subgroups`), so a plan per
+training step creates nothing. Creating them waits at most the group's
+timeout and names a rank that never came.
+
+The degree, with a 1-D mesh: ``ulysses_degree=U`` (a divisor of the world
+size), or ``num_kv_heads=H`` and the default :func:`default_ulysses_degree`,
+the largest divisor of the world size that divides ``H`` (``gcd(P, H)``), so
+that Ulysses splits whole KV heads and never replicates one. The plan fixes
+token ownership, which depends on ``U``, before it sees a tensor: that is why
+the head count is a plan option and not read at the first attention. Given
+both, ``ulysses_degree`` wins; attention then refuses K/V with another head
+count than ``num_kv_heads``. Given neither, ``ValueError``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch.distributed as dist
 
-from ..comm import Comm
+from ..comm import Comm, subgroups
 from ..masks import MaskSlice, attention_flops
 from ..parallel.mesh import MeshInfo
 from ..plans import Plan
@@ -49,6 +59,13 @@ class USPPlan(Plan):
     coords: tuple[tuple[int, int], ...]          # flat group rank -> (u, r)
     ring: RingPlan = field(repr=False)           # zigzag over the R ring ranks (this rank's ring coordinate)
     ulysses_comm: Comm | None = field(default=None, repr=False)
+    num_kv_heads: int | None = None              # the head count the plan was made for, if given
+
+    def check_local_qkv(self, q, k, v) -> None:
+        super().check_local_qkv(q, k, v)
+        if self.num_kv_heads is not None and k.shape[1] != self.num_kv_heads:
+            raise ValueError(f"k and v have {k.shape[1]} heads but this usp plan was made with "
+                             f"num_kv_heads={self.num_kv_heads}: pass the model's KV head count to distattn.plan")
 
     def _members(self, ring_rank: int) -> tuple[int, ...]:
         """Token counts of the Ulysses ranks u = 0..U-1 holding ring rank ``ring_rank``'s tokens."""
@@ -99,12 +116,37 @@ class USPPlan(Plan):
                                   "usp backward")
 
 
-def default_ulysses_degree(world_size: int) -> int:
-    """The largest divisor of the world size up to its square root (a near-square mesh)."""
+def default_ulysses_degree(world_size: int, num_kv_heads: int | None = None) -> int:
+    """usp's Ulysses degree when none is given: the largest divisor of the CP size ``world_size``
+    that divides ``num_kv_heads`` (``gcd``), so Ulysses splits whole KV heads.
+
+    Without ``num_kv_heads`` (callers that do not know the model): the largest divisor up to the
+    square root, a near-square mesh, which may not divide the KV heads -- pass them.
+    """
+    for name, val in (("world_size", world_size), ("num_kv_heads", num_kv_heads)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if num_kv_heads is not None:
+        return math.gcd(world_size, num_kv_heads)
     return max(d for d in range(1, int(world_size ** 0.5) + 1) if world_size % d == 0)
 
 
-def _layout(mesh: MeshInfo, ulysses_degree):
+def _degree(p: int, ulysses_degree, num_kv_heads) -> int:
+    """U for a 1-D group of ``p`` ranks (see module docstring)."""
+    if ulysses_degree is None:
+        if num_kv_heads is None:
+            raise ValueError("scheduler='usp' needs a 2-D DeviceMesh with axes ('ulysses', 'ring'), or a 1-D "
+                             "group/mesh (or a dry world size) plus ulysses_degree=U or num_kv_heads=H (then "
+                             "ulysses_degree defaults to the largest divisor of the world size that divides H)")
+        return default_ulysses_degree(p, num_kv_heads)
+    if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1 \
+            or p % ulysses_degree:
+        divisors = [d for d in range(1, p + 1) if p % d == 0]
+        raise ValueError(f"ulysses_degree must divide the world size {p}: one of {divisors}, got {ulysses_degree!r}")
+    return ulysses_degree
+
+
+def _layout(mesh: MeshInfo, ulysses_degree, num_kv_heads):
     """(U, R, coords per flat rank, this rank's ulysses group, ring group) from the mesh argument."""
     dm = mesh.device_mesh
     if dm is not None and dm.ndim == 2:
@@ -122,22 +164,16 @@ def _layout(mesh: MeshInfo, ulysses_degree):
     if dm is not None and dm.ndim > 2:
         raise ValueError(f"scheduler='usp' takes a 1-D or 2-D mesh, got {dm.ndim} axes")
     p = mesh.world_size
-    if ulysses_degree is None:
-        raise ValueError("scheduler='usp' needs a 2-D DeviceMesh with axes ('ulysses', 'ring'), or a 1-D "
-                         "group/mesh (or a dry world size) plus ulysses_degree=U")
-    if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1 \
-            or p % ulysses_degree:
-        divisors = [d for d in range(1, p + 1) if p % d == 0]
-        raise ValueError(f"ulysses_degree must divide the world size {p}: one of {divisors}, got {ulysses_degree!r}")
-    u_deg, r_deg = ulysses_degree, p // ulysses_degree
+    u_deg = _degree(p, ulysses_degree, num_kv_heads)
+    r_deg = p // u_deg
     coords = tuple((i % u_deg, i // u_deg) for i in range(p))
     if mesh.is_dry:
         return u_deg, r_deg, coords, None, None
     u, r = coords[mesh.rank]
-    members = [dist.get_global_rank(mesh.group, i) for i in range(p)]
-    # only the members of each sub-group create it (no collective over the whole world)
-    ulysses = dist.new_group([members[r * u_deg + j] for j in range(u_deg)], use_local_synchronization=True)
-    ring = dist.new_group([members[j * u_deg + u] for j in range(r_deg)], use_local_synchronization=True)
+    ulysses_ranks = [r * u_deg + j for j in range(u_deg)]
+    ring_ranks = [j * u_deg + u for j in range(r_deg)]
+    ulysses, ring = subgroups(mesh.group, [ulysses_ranks, ring_ranks], f"ulysses_degree={u_deg}",
+                              "usp's process groups")
     return u_deg, r_deg, coords, ulysses, ring
 
 
@@ -152,8 +188,12 @@ def _cut(ranges, lo: int, hi: int):
     return tuple(out)
 
 
-def build(doc_lens, mesh, *, causal, window, backend, ulysses_degree: int | None = None) -> USPPlan:
-    u_deg, r_deg, coords, ulysses_group, ring_group = _layout(mesh, ulysses_degree)
+def build(doc_lens, mesh, *, causal, window, backend, ulysses_degree: int | None = None,
+          num_kv_heads: int | None = None) -> USPPlan:
+    if num_kv_heads is not None and (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int)
+                                     or num_kv_heads < 1):
+        raise ValueError(f"num_kv_heads must be a positive int (the model's KV heads), got {num_kv_heads!r}")
+    u_deg, r_deg, coords, ulysses_group, ring_group = _layout(mesh, ulysses_degree, num_kv_heads)
     total = sum(doc_lens)
     ring_rank = None if mesh.is_dry else coords[mesh.rank][1]
     ring = build_ring_plan("zigzag", even_bounds(total, 2 * r_deg), zigzag_owner(r_deg), doc_lens,
@@ -165,5 +205,5 @@ def build(doc_lens, mesh, *, causal, window, backend, ulysses_degree: int | None
         owned.append(_cut(ring.owned[r], int(cuts[u]), int(cuts[u + 1])))
     return USPPlan(scheduler="usp", doc_lens=doc_lens, causal=causal, window=window, backend=backend,
                    world_size=mesh.world_size, rank=mesh.rank, group=mesh.group, owned=tuple(owned),
-                   ulysses_degree=u_deg, coords=coords, ring=ring,
+                   ulysses_degree=u_deg, coords=coords, ring=ring, num_kv_heads=num_kv_heads,
                    ulysses_comm=Comm(ulysses_group) if ulysses_group is not None else None)

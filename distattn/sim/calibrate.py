@@ -44,7 +44,7 @@ def predict_row(row: dict, rate: float, network, cores: int, pool=None, seed: in
     docs, causal, window = mask_case(row["mask"], row["seq_len"], pool, seed)
     model = ModelPreset("bench", 1, row["heads"] * row["head_dim"], row["heads"], row["kv_heads"], 0, 0)
     name = {"deepspeed-ulysses": "ulysses", "local": "ring"}.get(row["scheduler"], row["scheduler"])
-    u = default_ulysses_degree(p)
+    u = default_ulysses_degree(p, row["kv_heads"])
     elem = 4 if row["dtype"] == "fp32" else 2
     st = dry_stats(name, docs, p, model, u, elem, causal, window)
     attn_fwd = np.asarray(st["flops"], dtype=np.float64) / (rate * min(1.0, cores / p))

@@ -18,7 +18,12 @@ rank's attention FLOPs, tokens and bytes sent. Per layer and rank:
   and no exposed communication -- the upper bound of WLB-LLM-style per-document sharding.
 
 A replica's time is its slowest rank's; the step waits for the slowest replica (``dp_idle`` is
-the mean fraction of the step replicas spend waiting). Memory per GPU: bf16 weights with fp32
+the mean fraction of the step replicas spend waiting). :func:`simulate_with_timelines` also gives
+every rank's timeline of the step: ``compute``, ``exposed_comm`` and ``idle`` laid end to end
+(they sum to the step time; their order within the step is a convention, the per-layer interleaving
+is not modelled), and ``overlapped_comm``, the communication hidden behind compute. ``--auto``
+(:func:`recommend`) ranks candidates by tokens/s per GPU, not step time: a larger CP degree has
+fewer replicas, so a shorter step can still train fewer tokens per GPU. Memory per GPU: bf16 weights with fp32
 master weights, gradients and Adam sharded over all GPUs (FSDP), checkpointed layer inputs, one
 layer's working set, bf16 logits, and the scheduler's buffers. Not modelled: tensor parallelism,
 the data-parallel gradient traffic (assumed hidden behind backward), kernel launch overheads.
@@ -26,56 +31,22 @@ the data-parallel gradient traffic (assumed hidden behind backward), kernel laun
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..api import plan as make_plan
 from ..doclens import pack
 from ..schedulers.usp import default_ulysses_degree
+from .presets import GPUS, MODELS, SCHEDULERS, GPUPreset, ModelPreset
 
-SCHEDULERS = ("ring", "zigzag", "allgather", "ulysses", "usp", "cad", "wlb-ideal")
-
-
-@dataclass(frozen=True)
-class ModelPreset:
-    name: str
-    n_layers: int
-    dim: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_dim: int
-    vocab: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def layer_params(self) -> int:
-        kv = 2 * self.dim * self.n_kv_heads * self.head_dim
-        return 2 * self.dim * self.dim + kv + 3 * self.dim * self.ffn_dim
-
-    @property
-    def params(self) -> int:
-        return self.n_layers * self.layer_params + 2 * self.vocab * self.dim
-
-
-MODELS = {m.name: m for m in (
-    ModelPreset("llama3-8b", 32, 4096, 32, 8, 14336, 128256),
-    ModelPreset("llama-34b", 48, 8192, 64, 8, 22016, 32000),
-    ModelPreset("llama3-70b", 80, 8192, 64, 8, 28672, 128256),
-)}
-
-
-@dataclass(frozen=True)
-class GPUPreset:
-    name: str
-    peak_tflops: float     # dense bf16
-    memory_gb: float
-
-
-GPUS = {g.name: g for g in (GPUPreset("h100", 989.0, 80.0), GPUPreset("h200", 989.0, 141.0))}
+# a rank's step, laid end to end: compute, then communication not hidden, then waiting for the slowest
+# rank of its replica and the slowest replica. overlapped_comm runs during compute, not after it.
+PHASES = ("compute", "exposed_comm", "idle", "overlapped_comm")
+TIMELINE_COLUMNS = ("scheduler", "rank", "node", "replica", "cp_rank", "phase", "start_s", "end_s", "seconds")
 
 
 @dataclass(frozen=True)
@@ -122,7 +93,7 @@ def _usp_degree(cfg: SimConfig) -> int:
     for u in (cfg.gpus_per_node, 4, 2):
         if u <= cfg.cp and cfg.cp % u == 0 and cfg.model.n_kv_heads % u == 0:
             return u
-    return default_ulysses_degree(cfg.cp)
+    return default_ulysses_degree(cfg.cp, cfg.model.n_kv_heads)
 
 
 def comm_time(name: str, cfg: SimConfig, net, st: dict, attn_fwd_s: np.ndarray, lin_s: np.ndarray,
@@ -190,12 +161,20 @@ def dry_stats(name: str, docs, world: int, model: ModelPreset, ulysses_degree: i
 
 def simulate(cfg: SimConfig, network, schedulers=SCHEDULERS, pool=None, replica_docs=None) -> list[dict]:
     """One result dict per scheduler (see module docstring); sorted as ``schedulers``."""
+    return simulate_with_timelines(cfg, network, schedulers, pool, replica_docs)[0]
+
+
+def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool=None,
+                            replica_docs=None) -> tuple[list[dict], list[dict]]:
+    """(:func:`simulate`'s results, the per-rank timeline): one timeline row per scheduler, rank and
+    phase (``TIMELINE_COLUMNS``, phases as ``PHASES``); ranks are numbered replica-major
+    (``rank = replica * cp + cp_rank``), as the DP x CP mesh lays them out."""
     cfg.check()
     m = cfg.model
     docs = replica_docs or _replica_docs(cfg, pool)
     peak = cfg.gpu.peak_tflops * 1e12
     u = _usp_degree(cfg)
-    results = []
+    results, timeline = [], []
     for name in schedulers:
         if name not in SCHEDULERS:
             raise ValueError(f"scheduler {name!r} is unknown; choose from {', '.join(SCHEDULERS)}")
@@ -231,18 +210,50 @@ def simulate(cfg: SimConfig, network, schedulers=SCHEDULERS, pool=None, replica_
             "model": m.name, "ulysses_degree": u if name == "usp" else None,
             "step_time_s": float(step), "tokens_per_s_per_gpu": float(cfg.seq_len * cfg.dp / step / cfg.gpus),
             "mfu": float(flops_model / step / (peak * cfg.gpus)),
-            "compute_s": float(np.max(ranks_compute)), "exposed_comm_s": float(rank_exposed[slowest]), "comm_s": float(rank_comm[slowest]),
+            "compute_s": float(np.max(ranks_compute)), "exposed_comm_s": float(rank_exposed[slowest]),
+            "comm_s": float(rank_comm[slowest]),
             "compute_imbalance": float(np.max(ranks_compute) / np.mean(ranks_compute)),
             "dp_idle": float(np.mean([(step - t) / step for t in rep_times])),
             "memory_gb": float(mem), "fits_memory": bool(mem <= cfg.gpu.memory_gb),
         })
-    return results
+        timeline += _timeline(name, cfg, step, ranks_compute, rank_exposed, rank_comm)
+    return results, timeline
+
+
+def _timeline(name: str, cfg: SimConfig, step: float, compute, exposed, comm) -> list[dict]:
+    rows = []
+    for rank, (c, e, total) in enumerate(zip(compute, exposed, comm)):
+        c, e, hidden = float(c), float(e), float(total - e)
+        # overlap is bounded by the compute it hides behind (comm_time's min/max guarantee it)
+        assert -1e-9 * step <= hidden <= c * (1 + 1e-9) and c + e <= step * (1 + 1e-12), (name, rank)
+        spans = (("compute", 0.0, c), ("exposed_comm", c, c + e), ("idle", c + e, max(step, c + e)),
+                 ("overlapped_comm", 0.0, max(hidden, 0.0)))
+        for phase, start, end in spans:
+            rows.append({"scheduler": name, "rank": rank, "node": rank // cfg.gpus_per_node,
+                         "replica": rank // cfg.cp, "cp_rank": rank % cfg.cp, "phase": phase,
+                         "start_s": start, "end_s": end, "seconds": end - start})
+    return rows
+
+
+def write_timeline(rows: list[dict], path: str | Path) -> None:
+    """Write :func:`simulate_with_timelines`' timeline to ``path``: CSV (``.csv``) or JSON (``.json``)."""
+    path = Path(path)
+    if path.suffix not in (".csv", ".json"):
+        raise ValueError(f"--timeline {path}: name a .csv or .json file")
+    if path.suffix == ".json":
+        path.write_text(json.dumps({"phases": list(PHASES), "rows": rows}, allow_nan=False))
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TIMELINE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def recommend(model: ModelPreset, gpus: int, seq_len: int, network, pool=None, gpu: GPUPreset = GPUS["h100"],
               gpus_per_node: int = 8, schedulers=SCHEDULERS[:-1], progress=None) -> tuple[dict, list[dict]]:
     """Try every power-of-two CP degree that fits memory with every real scheduler; return the
-    fastest result and all of them (``wlb-ideal`` is a bound, not a choice)."""
+    result with the most tokens/s per GPU and all of them (``wlb-ideal`` is a bound, not a choice).
+    Candidates differ in DP size, so step time alone would favour the largest CP degree."""
     rows, cp = [], 1
     while cp <= gpus:
         if gpus % cp == 0 and seq_len // cp >= 256:
@@ -256,7 +267,7 @@ def recommend(model: ModelPreset, gpus: int, seq_len: int, network, pool=None, g
     if not feasible:
         raise ValueError(f"nothing fits {gpu.memory_gb:.0f} GB per GPU for {model.name} at {seq_len} tokens on {gpus} "
                          f"GPUs; add GPUs or shorten --seq-len")
-    return min(feasible, key=lambda r: r["step_time_s"]), rows
+    return max(feasible, key=lambda r: (r["tokens_per_s_per_gpu"], -r["step_time_s"])), rows
 
 
 def mesh_description(r: dict, gpus_per_node: int) -> str:
@@ -270,5 +281,5 @@ def mesh_description(r: dict, gpus_per_node: int) -> str:
     return f"dp {dp} x cp {cp} ({where})"
 
 
-__all__ = ["MODELS", "GPUS", "SCHEDULERS", "ModelPreset", "GPUPreset", "SimConfig", "default_cp", "simulate",
-           "recommend", "mesh_description"]
+__all__ = ["MODELS", "GPUS", "SCHEDULERS", "PHASES", "TIMELINE_COLUMNS", "ModelPreset", "GPUPreset", "SimConfig",
+           "default_cp", "simulate", "simulate_with_timelines", "write_timeline", "recommend", "mesh_description"]

@@ -11,6 +11,8 @@ A config has four sections::
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,27 +81,84 @@ class RunConfig:
                                             for name, values in sections.items()})
 
 
+def _type_error(key: str, want: str, val) -> ValueError:
+    return ValueError(f"{key} must be {want}, got {val!r} ({type(val).__name__}){_number_hint(val)}")
+
+
+def _check_type(key: str, hint, val):
+    """``val`` checked against a field's annotation (YAML gives ints where floats are meant:
+    those are converted; strings, and bools for numbers, are refused)."""
+    allowed = set(getattr(hint, "__args__", ())) or {hint}
+    if val is None:
+        if type(None) in allowed:
+            return None
+        raise _type_error(key, "set", val)
+    if bool in allowed:
+        if not isinstance(val, bool):
+            raise _type_error(key, "true or false", val)
+        return val
+    if int in allowed:
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise _type_error(key, "an int", val)
+        return val
+    if float in allowed:
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+            raise _type_error(key, "a finite number", val)
+        return float(val)
+    if not isinstance(val, str):
+        raise _type_error(key, "a string", val)
+    return val
+
+
+def _number_hint(val) -> str:
+    if not isinstance(val, str):
+        return ""
+    try:
+        float(val)
+    except (TypeError, ValueError):
+        return ""
+    return "; YAML reads numbers like 1e11 as text: write 1.0e+11 or the digits"
+
+
 def _section(cls, values, name):
     if values is None:
-        return cls()
+        values = {}
     if not isinstance(values, dict):
         raise ValueError(f"config section '{name}' must be a mapping, got {type(values).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
             raise ValueError(f"unknown config key '{name}.{key}'; known keys: {sorted(known)}")
     return cls(**values)
 
 
+def _checked_types(cfg: RunConfig) -> RunConfig:
+    sections = {}
+    for name in ("model", "data", "parallel", "train"):
+        section = getattr(cfg, name)
+        hints = typing.get_type_hints(type(section))
+        sections[name] = {f.name: _check_type(f"{name}.{f.name}", hints[f.name], getattr(section, f.name))
+                          for f in dataclasses.fields(section)}
+    return cfg.replace(**sections)
+
+
 def validate(cfg: RunConfig) -> RunConfig:
+    """Types, ranges and combinations of every value; returns ``cfg`` with ints made floats where
+    floats are meant. ``ValueError`` names the key and the fix."""
+    cfg = _checked_types(cfg)
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.train
     positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                 "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "model.vocab_size": m.vocab_size,
                 "data.seq_len": d.seq_len, "parallel.dp": p.dp, "parallel.cp": p.cp, "train.steps": t.steps,
-                "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every}
+                "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "model.rope_theta": m.rope_theta,
+                "parallel.timeout_s": p.timeout_s, "train.lr": t.lr, "train.min_lr": t.min_lr, "train.grad_clip": t.grad_clip}
     for key, val in positive.items():
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{key} must be a positive int, got {val!r}")
+        if val <= 0:
+            raise ValueError(f"{key} must be > 0, got {val!r}")
+    for key, val in {"data.seed": d.seed, "train.seed": t.seed, "train.warmup_steps": t.warmup_steps,
+                     "train.weight_decay": t.weight_decay}.items():
+        if val < 0:
+            raise ValueError(f"{key} must be >= 0, got {val!r}")
     if m.dim % m.n_heads or m.n_heads % m.n_kv_heads or (m.dim // m.n_heads) % 2:
         raise ValueError(f"model.dim ({m.dim}) must split into n_heads ({m.n_heads}) heads of even size, and "
                          f"n_heads must be a multiple of n_kv_heads ({m.n_kv_heads})")
@@ -109,19 +168,40 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError("data.path is required with data.source: tokens (prefix of PATH.bin and PATH.idx.npy)")
     if p.dp_mode not in ("ddp", "fsdp"):
         raise ValueError(f"parallel.dp_mode must be 'ddp' or 'fsdp', got {p.dp_mode!r}")
-    if not (0 < t.min_lr <= t.lr):
-        raise ValueError(f"train.min_lr ({t.min_lr}) must be in (0, train.lr = {t.lr}]")
+    from ..schedulers import PLANNERS
+
+    if p.scheduler not in PLANNERS:
+        raise ValueError(f"parallel.scheduler {p.scheduler!r} is unknown; choose one of {', '.join(PLANNERS)}")
+    if p.ulysses_degree is not None and (p.ulysses_degree < 1 or p.cp % p.ulysses_degree
+                                         or p.ulysses_degree > m.n_heads):
+        raise ValueError(f"parallel.ulysses_degree ({p.ulysses_degree}) must divide parallel.cp ({p.cp}) and be at "
+                         f"most model.n_heads ({m.n_heads}); leave it unset for the default")
+    if not t.min_lr <= t.lr:
+        raise ValueError(f"train.min_lr ({t.min_lr}) must be at most train.lr ({t.lr})")
     return cfg
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run config."""
-    text = Path(path).read_text()
-    raw = yaml.safe_load(text) or {}
+    """Read and validate a YAML run config; ``ValueError`` (one line) for a missing file, bad YAML or values."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"config {path} does not exist (the shipped ones are under configs/)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config {path} cannot be read: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # includes tags that would build Python objects
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"config {path}{where}: not valid YAML: {problem}") from None
+    raw = raw or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a config is a mapping of sections (model, data, parallel, train)")
+        raise ValueError(f"config {path}: a config is a mapping of sections (model, data, parallel, train)")
     sections = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "train": TrainSection}
     for key in raw:
         if key not in sections:
-            raise ValueError(f"{path}: unknown config section '{key}'; known: {sorted(sections)}")
+            raise ValueError(f"config {path}: unknown config section '{key}'; known: {sorted(sections)}")
     return validate(RunConfig(**{name: _section(cls, raw.get(name), name) for name, cls in sections.items()}))

@@ -60,7 +60,7 @@ class Block(nn.Module):
         q = rotary(self.wq(h).view(s, cfg.n_heads, hd), pos, cfg.rope_theta)
         k = rotary(self.wk(h).view(s, cfg.n_kv_heads, hd), pos, cfg.rope_theta)
         v = self.wv(h).view(s, cfg.n_kv_heads, hd)
-        x = x + self.wo(attention(q.contiguous(), k.contiguous(), v.contiguous(), plan).reshape(s, -1))
+        x = x + self.wo(attention(q.contiguous(), k.contiguous(), v.contiguous(), plan).reshape(s, cfg.n_heads * hd))
         h = self.mlp_norm(x)
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
 

@@ -9,6 +9,12 @@ summed over this rank's tokens and divided by the number of labelled tokens
 of the whole global batch (all DP and CP ranks). DDP and FSDP2 average
 gradients over the world, so the local loss is scaled by the world size: the
 averaged gradient is then exactly the gradient of the global mean loss.
+
+Steps are counted from 1 everywhere: step ``n`` is the ``n``-th optimizer update, and the
+console, ``metrics.jsonl``, TensorBoard and the checkpoint ``ckpt/step_n`` all call it ``n``.
+
+SIGTERM (how Slurm preempts) makes every rank finish its step, save a checkpoint and stop;
+the ranks agree on the step through the loss all-reduce every step makes anyway.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..api import plan as make_plan
+from ..spawn import Terminated
 from . import checkpoint
 from .config import RunConfig
 from .data import Packer, make_corpus
@@ -58,14 +67,20 @@ def _wrap(model, cfg: RunConfig, mesh):
 class _Logger:
     """Rank 0's progress line, ``metrics.jsonl`` and TensorBoard scalars."""
 
-    def __init__(self, out: Path, steps: int, resume: bool):
+    def __init__(self, out: Path, steps: int, done: int):
+        """``done``: steps already taken (a resume); rows logged after them by the run that
+        stopped are dropped, so each step appears once."""
         out.mkdir(parents=True, exist_ok=True)
         self.steps, self.start = steps, time.perf_counter()
-        self.jsonl = open(out / "metrics.jsonl", "a" if resume else "w")
+        path = out / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= done] \
+            if done and path.exists() else []
+        self.jsonl = open(path, "w")
+        self.jsonl.writelines(line + "\n" for line in kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tb"))
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=done + 1 if done else None)
         except ImportError:  # tensorboard is optional outside the dev extra
             self.tb = None
         self.first_step = None
@@ -80,8 +95,8 @@ class _Logger:
         if self.first_step is None:
             self.first_step, self.start = m["step"], time.perf_counter() - m["step_time_s"]
         done = m["step"] - self.first_step + 1
-        eta = (time.perf_counter() - self.start) / done * (self.steps - m["step"] - 1)
-        print(f"step {m['step'] + 1:>5}/{self.steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
+        eta = (time.perf_counter() - self.start) / done * (self.steps - m["step"])
+        print(f"step {m['step']:>5}/{self.steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
               f"grad {m['grad_norm']:.2f}  {m['tokens_per_s']:,.0f} tok/s  attn-imb {m['flops_imbalance']:.2f}  "
               f"eta {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
 
@@ -91,9 +106,29 @@ class _Logger:
             self.tb.close()
 
 
-def train(cfg: RunConfig, resume: bool = False) -> list[dict]:
-    """Run on every rank of an initialised process group of ``cfg.world_size`` ranks; returns the metrics."""
-    from torch.distributed.device_mesh import init_device_mesh
+class StopSignal:
+    """Remembers a SIGTERM (handler installed from the main thread only) until the step ends."""
+
+    def __init__(self):
+        self.received, self.stopped_at, self._previous = False, None, None
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None) -> list[dict]:
+    """Run on every rank of an initialised process group of ``cfg.world_size`` ranks; returns the metrics.
+    With ``stop``, a SIGTERM it received ends the run after the current step and its checkpoint."""
+    from ..parallel.mesh import init_mesh
 
     p, t = cfg.parallel, cfg.train
     if dist.get_world_size() != cfg.world_size:
@@ -103,7 +138,7 @@ def train(cfg: RunConfig, resume: bool = False) -> list[dict]:
         if dist.get_backend() == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    mesh = init_device_mesh(device.type, (p.dp, p.cp), mesh_dim_names=("dp", "cp"))
+    mesh = init_mesh(device.type, (p.dp, p.cp), ("dp", "cp"))
     cp_group, dp_rank = mesh["cp"].get_group(), mesh.get_local_rank("dp")
     torch.manual_seed(t.seed)  # same initial weights everywhere
     model = _wrap(Transformer(cfg.model).to(device), cfg, mesh)
@@ -112,13 +147,14 @@ def train(cfg: RunConfig, resume: bool = False) -> list[dict]:
     out = Path(t.out)
     start = 0
     if resume:
-        last = checkpoint.latest(out / "ckpt")
+        last = checkpoint.newest_usable(out / "ckpt")
         if last is None:
             raise ValueError(f"--resume: no checkpoint under {out / 'ckpt'}")
         start, data_state = checkpoint.load(last, model, optimizer)
         packer.load_state(data_state)
-    logger = _Logger(out, t.steps, resume) if dist.get_rank() == 0 else None
-    options = {"ulysses_degree": p.ulysses_degree} if p.scheduler == "usp" and p.cp > 1 else {}
+    logger = _Logger(out, t.steps, start) if dist.get_rank() == 0 else None
+    options = {"ulysses_degree": p.ulysses_degree, "num_kv_heads": cfg.model.n_kv_heads} \
+        if p.scheduler == "usp" and p.cp > 1 else {}
     history = []
     for step in range(start, t.steps):
         t0 = time.perf_counter()
@@ -137,26 +173,34 @@ def train(cfg: RunConfig, resume: bool = False) -> list[dict]:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        total = loss_sum.detach().to(torch.float64)
+        # one all-reduce gives the loss and whether any rank got SIGTERM (so all stop at this step)
+        total = torch.stack([loss_sum.detach().to(torch.float64),
+                             torch.tensor(float(stop is not None and stop.received), dtype=torch.float64,
+                                          device=device)])
         dist.all_reduce(total)
+        total_loss, stopping = total.tolist()
         step_time = time.perf_counter() - t0
         stats = plan.stats(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.dim // cfg.model.n_heads)
-        m = {"step": step, "loss": (total / count).item(), "lr": lr_at(cfg, step),
+        m = {"step": step + 1, "loss": total_loss / count.item(), "lr": lr_at(cfg, step),
              "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
              "tokens_per_s": p.dp * cfg.data.seq_len / step_time, "step_time_s": step_time,
              "flops_imbalance": stats["flops_imbalance"]}
         history.append(m)
-        if logger is not None and (step % t.log_every == 0 or step + 1 == t.steps):
+        if logger is not None and (step % t.log_every == 0 or step + 1 == t.steps or stopping):
             logger.log(m)
-        if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps:
+        if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps or stopping:
             checkpoint.save(out / "ckpt" / f"step_{step + 1}", model, optimizer, step + 1, packer.state())
+        if stopping:
+            stop.stopped_at = step + 1
+            break
     if logger is not None:
         logger.close()
     return history
 
 
 def _rank_entry(cfg: RunConfig, resume: bool) -> list[dict]:
-    return train(cfg, resume)
+    with StopSignal() as stop:
+        return train(cfg, resume, stop)
 
 
 def run(cfg: RunConfig, resume: bool = False) -> list[dict]:
@@ -164,13 +208,17 @@ def run(cfg: RunConfig, resume: bool = False) -> list[dict]:
     if "RANK" in os.environ:
         # torchrun --max-restarts restarts the workers with the same arguments: pick up the last checkpoint
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            resume = resume or checkpoint.latest(Path(cfg.train.out) / "ckpt") is not None
+            resume = resume or checkpoint.newest_usable(Path(cfg.train.out) / "ckpt") is not None
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
-        try:
-            return train(cfg, resume)
-        finally:
-            dist.destroy_process_group()
+        with StopSignal() as stop:
+            dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+            try:
+                history = train(cfg, resume, stop)
+            finally:
+                dist.destroy_process_group()
+        if stop.stopped_at is not None:
+            raise Terminated(f"stopped by SIGTERM after step {stop.stopped_at}", [history])
+        return history
     from ..spawn import run_distributed
 
     threads = max(1, (os.cpu_count() or 1) // cfg.world_size)

@@ -1,0 +1,148 @@
+"""``distattn cluster ...``: measure and describe the network (nccl-tests logs, probes, fits)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..cluster import PROBED
+from ._args import examples, existing_file, positive_int
+
+
+def _cmd_nccl_parse(args) -> int:
+    from ..cluster.nccl import write_nccl_json
+
+    write_nccl_json(args.file, sys.stdout)
+    return 0
+
+
+def _print_measurement(m) -> None:
+    r = m.row()
+    print(f"{r['op']:<15} {r['world_size']:>5} {r['size_bytes']:>12,} {r['time_us']:>12.1f} {r['algbw_gbs']:>9.3f} "
+          f"{r['busbw_gbs']:>9.3f}", flush=True)
+
+
+def print_fits(profile) -> None:
+    print("\n".join(profile.describe_fits()))
+
+
+def probe_rank(sizes, ops, iters, warmup):
+    """One rank of a probe (module level: ``run_distributed`` pickles it by name)."""
+    from ..cluster.probe import probe_profile
+
+    return probe_profile(sizes, ops, iters, warmup, progress=_print_measurement).to_json()
+
+
+def _cmd_probe(args) -> int:
+    from ..cluster.probe import parse_sizes
+    from ..cluster.profile import NetworkProfile
+
+    sizes = parse_sizes(args.sizes)
+    header = f"{'op':<15} {'ranks':>5} {'size_bytes':>12} {'time_us':>12} {'algbw':>9} {'busbw':>9}"
+    if "RANK" in os.environ:  # under torchrun/srun: measure this job's process group
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        try:
+            if dist.get_rank() == 0:
+                print(header, flush=True)
+            data = probe_rank(sizes, args.ops, args.iters, args.warmup)
+        finally:
+            dist.destroy_process_group()
+        if os.environ["RANK"] != "0":
+            return 0
+    else:
+        from ..spawn import run_distributed
+
+        print(f"distattn cluster probe: {args.world_size} local gloo ranks, {len(sizes)} sizes x {len(args.ops)} ops",
+              flush=True)
+        print(header, flush=True)
+        data = run_distributed(probe_rank, args.world_size, sizes, args.ops, args.iters, args.warmup,
+                               timeout=args.timeout)[0]
+    profile = NetworkProfile.from_json(data)
+    profile.save(args.out)
+    print_fits(profile)
+    print(f"profile written to {args.out}")
+    return 0
+
+
+def _cmd_nccl_tests(args) -> int:
+    from ..cluster.nccl_tests import run_nccl_tests
+    from ..cluster.probe import parse_sizes
+
+    sizes = parse_sizes(args.sizes)
+    profile = run_nccl_tests(args.bin_dir, args.gpus, min(sizes), max(sizes), ops=args.ops,
+                             launcher=args.launcher, nodes=args.nodes, log_dir=args.log_dir,
+                             progress=lambda line: print(line, flush=True))
+    profile.save(args.out)
+    print_fits(profile)
+    print(f"profile written to {args.out}")
+    return 0
+
+
+def _cmd_profile_fit(args) -> int:
+    from ..cluster.profile import NetworkProfile
+
+    print_fits(NetworkProfile.load(args.file))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    cluster = sub.add_parser(
+        "cluster", help="measure and describe the cluster's network",
+        description="Measure the network (nccl-tests binaries, or collectives through torch.distributed) into a "
+                    "profile JSON that `distattn simulate --network` reads, and inspect profiles and logs.",
+        epilog=examples("distattn cluster probe --world-size 4 --out net.json",
+                        "distattn cluster nccl-tests --bin-dir nccl-tests/build --gpus 8 --out h100.json",
+                        "distattn cluster nccl-parse all_gather_perf.log", "distattn cluster fit h100.json"))
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="SUBCOMMAND")
+
+    nccl = cluster_sub.add_parser(
+        "nccl-parse", help="nccl-tests output -> JSON rows and average bus bandwidth",
+        description="Parse a saved nccl-tests log (streamed: any size) into JSON rows and the average bus "
+                    "bandwidth.",
+        epilog=examples("distattn cluster nccl-parse all_gather_perf.log > all_gather.json"))
+    nccl.add_argument("file", type=existing_file, help="a saved nccl-tests log (stdout of e.g. all_gather_perf)")
+    nccl.set_defaults(func=_cmd_nccl_parse)
+
+    probe = cluster_sub.add_parser(
+        "probe", help="time collectives through torch.distributed -> network profile JSON",
+        description="Time all_gather/reduce_scatter/all_to_all/send_recv through torch.distributed: on local "
+                    "gloo ranks, or on the job's process group under torchrun/srun.",
+        epilog=examples("distattn cluster probe --world-size 4 --sizes 4K:16M --out net.json",
+                        "torchrun --nproc-per-node 8 -m distattn.cli cluster probe --sizes 1M:1G --out h100.json"))
+    probe.add_argument("--world-size", type=positive_int, default=4, help="local gloo ranks when not under a launcher")
+    probe.add_argument("--sizes", default="4K:16M", help="LO:HI (powers of two) or a comma list of byte sizes")
+    probe.add_argument("--ops", nargs="+", default=list(PROBED), choices=PROBED, help="collectives to time")
+    probe.add_argument("--iters", type=positive_int, default=5, help="timed iterations per size")
+    probe.add_argument("--warmup", type=int, default=2, help="untimed iterations per size")
+    probe.add_argument("--timeout", type=float, default=600.0, help="seconds before the local ranks are stopped")
+    probe.add_argument("--out", default="network_profile.json", help="profile JSON to write")
+    probe.set_defaults(func=_cmd_probe)
+
+    tests = cluster_sub.add_parser(
+        "nccl-tests", help="run nccl-tests binaries -> network profile JSON",
+        description="Run nccl-tests binaries (build them with cluster/build_nccl_tests.sh) and fit a profile.",
+        epilog=examples("distattn cluster nccl-tests --bin-dir nccl-tests/build --gpus 8 --out node.json",
+                        "distattn cluster nccl-tests --bin-dir nccl-tests/build --gpus 8 --nodes 4 "
+                        "--launcher 'srun -N4 --ntasks-per-node=1' --out 4nodes.json"))
+    tests.add_argument("--bin-dir", required=True, help="nccl-tests build/ folder with all_gather_perf etc.")
+    tests.add_argument("--gpus", type=positive_int, default=8, help="GPUs per process (-g)")
+    tests.add_argument("--nodes", type=positive_int, default=1, help="nodes the launcher spans (for the profile)")
+    tests.add_argument("--launcher", default="", help="prefix for multi-node runs, e.g. 'srun -N4 --ntasks-per-node=1'"
+                       " or 'mpirun -np 4'")
+    tests.add_argument("--sizes", default="1M:1G", help="LO:HI in bytes")
+    tests.add_argument("--ops", nargs="+", default=list(PROBED), choices=PROBED, help="collectives to run")
+    tests.add_argument("--log-dir", default=None, help="keep each binary's raw output here")
+    tests.add_argument("--out", default="network_profile.json", help="profile JSON to write")
+    tests.set_defaults(func=_cmd_nccl_tests)
+
+    fit = cluster_sub.add_parser(
+        "fit", help="print the alpha-beta fits of a profile (JSON or nccl_perf CSV)",
+        description="Print each collective's alpha-beta fit (latency and bus bandwidth) of a profile.",
+        epilog=examples("distattn cluster fit network_profile.json"))
+    fit.add_argument("file", type=existing_file, help="profile JSON or nccl_perf CSV")
+    fit.set_defaults(func=_cmd_profile_fit)

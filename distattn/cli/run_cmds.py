@@ -1,0 +1,262 @@
+"""``distattn demo``, ``distattn train`` and ``distattn launch``: run schedulers and the main job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ._args import examples, int_list, positive_int
+
+
+def _cmd_demo(args) -> int:
+    from ..demo import run_demo
+
+    doc_info = f"docs {args.doc_lens}" if args.doc_lens else f"synthetic documents, {args.seq_len} tokens"
+    print(f"distattn demo: {args.world_size} gloo rank(s), {doc_info}, heads {args.heads}/{args.kv_heads} x "
+          f"{args.head_dim}, {args.dtype}, causal={args.causal}, window={args.window}", flush=True)
+    rows = run_demo(world_size=args.world_size, schedulers=args.schedulers, seq_len=args.seq_len,
+                    doc_lens=args.doc_lens, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                    dtype=args.dtype, causal=args.causal, window=args.window, backend=args.backend,
+                    repeats=args.repeats, seed=args.seed, ulysses_degree=args.ulysses_degree)
+    if args.json:
+        print(json.dumps({"rows": rows}))
+        return 0
+    print(f"{'scheduler':<10} {'fwd+bwd ms':>11} {'err out':>9} {'err dq':>9} {'err dk':>9} {'err dv':>9}")
+    for r in rows:
+        print(f"{r['scheduler']:<10} {r['ms']:>11.1f} {r['err_out']:>9.1e} {r['err_dq']:>9.1e} "
+              f"{r['err_dk']:>9.1e} {r['err_dv']:>9.1e}")
+    print("errors: max |x - x_ref|, x_ref = fp64 attention of the same (rounded) inputs on one device")
+    return 0
+
+
+def _train_config(args):
+    from ..train.config import load_config, validate
+
+    cfg = load_config(args.config)
+    overrides = {}
+    if args.steps is not None:
+        overrides["train"] = {"steps": args.steps}
+    if args.out is not None:
+        overrides.setdefault("train", {})["out"] = args.out
+    if args.scheduler is not None:
+        overrides["parallel"] = {"scheduler": args.scheduler}
+    return validate(cfg.replace(**overrides))
+
+
+def _usable_checkpoint(out):
+    """The checkpoint a --resume would use, or None (also when none verifies)."""
+    from ..train import checkpoint
+
+    try:
+        return checkpoint.newest_usable(out / "ckpt")
+    except ValueError:
+        return None
+
+
+def _cmd_train(args) -> int:
+    from pathlib import Path
+
+    from ..spawn import RankError, Terminated
+    from ..train import preflight
+    from ..train.trainer import run
+
+    cfg = _train_config(args)
+    p, out = cfg.parallel, Path(cfg.train.out)
+    launched = "RANK" in os.environ
+    # under a launcher every rank runs this command: rank 0 talks and owns the output folder
+    rank0 = os.environ.get("RANK", "0") == "0"
+    talk = print if rank0 else (lambda *a, **k: None)
+    preflight.check_data(cfg)
+    if not launched:
+        preflight.check_memory(cfg, cfg.world_size)
+    # torchrun --max-restarts restarts the workers with the same arguments: they pick up the last checkpoint
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = args.resume or (restarted and _usable_checkpoint(out) is not None)
+    overwrite = args.overwrite and not restarted or (restarted and not resume)
+    lock = None
+    if rank0:
+        lock = preflight.lock_out(out)
+        start_from = preflight.prepare_out(cfg, resume, overwrite, say=talk)
+        if start_from is not None:
+            done = int(start_from.name.split("_")[1])
+            if done >= cfg.train.steps:
+                talk(f"distattn train: {out} already finished: checkpoint {start_from.name} is step {done} of "
+                     f"{cfg.train.steps}; raise --steps to train further")
+                return 0
+            talk(f"resuming from {start_from} (step {done} of {cfg.train.steps})")
+    talk(f"distattn train {args.config}: {cfg.world_size} rank(s) (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}, "
+         f"{cfg.data.seq_len} tokens per sequence, {cfg.train.steps} steps -> {out}", flush=True)
+    try:
+        history = run(cfg, resume=resume)
+    except Terminated as exc:
+        saved = _usable_checkpoint(out)
+        where = f"; newest checkpoint {saved}, continue with --resume" if saved else "; no checkpoint was saved"
+        print(f"distattn train: {exc}{where}", file=sys.stderr)
+        return exc.exit_code
+    except RankError as exc:
+        saved = _usable_checkpoint(out)
+        advice = f"; rerun with --resume to continue from {saved}" if saved else ""
+        print(f"distattn train: a rank failed, stopping the job: {str(exc).splitlines()[0]}{advice}",
+              file=sys.stderr)
+        return 1
+    finally:
+        if lock is not None:
+            lock.close()
+    if history:
+        last = history[-1]
+        mean_tps = sum(m["tokens_per_s"] for m in history) / len(history)
+        talk(f"done: step {last['step']}, loss {last['loss']:.4f}, mean {mean_tps:,.0f} tokens/s; "
+             f"metrics in {out}/metrics.jsonl")
+    return 0
+
+
+def _cmd_launch(args) -> int:
+    import shlex
+    import subprocess
+
+    from ..launch import LaunchOptions, sbatch_script, torchrun_command
+    from ..train.config import load_config
+
+    if args.rdzv_host is not None and args.backend != "torchrun":
+        raise ValueError(f"--rdzv-host is for --backend torchrun; {args.backend} finds its peers itself")
+    if args.backend == "local" and (args.nodes != 1 or args.gpus_per_node):
+        raise ValueError("--backend local runs CPU processes on this machine; drop --nodes/--gpus-per-node or "
+                         "choose --backend torchrun, slurm or ray")
+    cfg = load_config(args.config)
+    opts = LaunchOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, port=args.port, time=args.time,
+                         partition=args.partition, account=args.account, max_restarts=args.max_restarts,
+                         log_dir=args.log_dir)
+    if args.backend == "ray":
+        from ..launch import RayOptions, ray_train
+
+        ray_opts = RayOptions(address=args.ray_address, num_cpus=args.ray_num_cpus,
+                              gpus_per_worker=1 if args.gpus_per_node else 0)
+        if args.dry_run:
+            print(f"Ray TorchTrainer: {cfg.world_size} workers, {ray_opts}")
+            return 0
+        if args.out is not None:
+            cfg = cfg.replace(train={"out": args.out})
+        metrics = ray_train(cfg, ray_opts, resume=args.resume)
+        print(f"ray job done: step {metrics.get('step', 0)}, loss {metrics.get('loss', float('nan')):.4f}; "
+              f"metrics in {cfg.train.out}/metrics.jsonl")
+        return 0
+    if args.backend == "local":
+        cmd = [sys.executable, "-m", "distattn.cli", "train", args.config] + (["--out", args.out] if args.out else []) \
+            + (["--resume"] if args.resume else [])
+    elif args.backend == "torchrun":
+        cmd = torchrun_command(args.config, cfg, opts, args.out, args.resume, args.rdzv_host)
+    else:
+        script = sbatch_script(args.config, cfg, opts, args.out, args.resume)
+        if args.dry_run:
+            print(script)
+            return 0
+        from pathlib import Path
+
+        from ..launch import submit_sbatch, wait_slurm_job
+
+        Path(opts.log_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(opts.log_dir) / f"distattn-{Path(args.config).stem}.sbatch"
+        path.write_text(script)
+        job_id = submit_sbatch(path)
+        log = Path(opts.log_dir).resolve() / f"distattn-{Path(args.config).stem}-{job_id}.out"
+        print(f"submitted job {job_id}: script {path}, log {log}", flush=True)
+        if not args.wait:
+            print(f"state: {wait_slurm_job(job_id, 0)} (squeue -j {job_id}; --wait follows it to the end)")
+            return 0
+        state = wait_slurm_job(job_id, args.wait_timeout,
+                               on_change=lambda st: print(f"job {job_id}: {st}", flush=True))
+        print(f"job {job_id} {state}; log {log}")
+        return 0 if state == "COMPLETED" else 1
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    return subprocess.run(cmd).returncode
+
+
+def add_parsers(sub) -> None:
+    demo = sub.add_parser(
+        "demo", help="run every scheduler on local gloo ranks and compare with fp64 attention",
+        description="Run each scheduler's forward and backward on N local gloo processes and print its time and "
+                    "its error against fp64 attention of the same inputs on one device.",
+        epilog=examples("distattn demo", "distattn demo --world-size 8 --schedulers zigzag cad --seq-len 16384",
+                        "distattn demo --doc-lens 3000,120,1,12263 --window 512 --json"))
+    demo.add_argument("--world-size", type=positive_int, default=4, help="number of gloo processes")
+    demo.add_argument("--schedulers", nargs="+", default=None,
+                      help="schedulers to run (default: every one that runs at this world size)")
+    demo.add_argument("--seq-len", type=positive_int, default=4096,
+                      help="tokens of the packed sequence of synthetic documents")
+    demo.add_argument("--doc-lens", type=int_list, default=None,
+                      help="comma-separated document lengths (overrides --seq-len)")
+    demo.add_argument("--heads", type=positive_int, default=8, help="query heads")
+    demo.add_argument("--kv-heads", type=positive_int, default=2, help="key/value heads (divides --heads)")
+    demo.add_argument("--head-dim", type=positive_int, default=64, help="head dimension")
+    demo.add_argument("--dtype", default="fp32", choices=["fp32", "fp64", "bf16", "fp16"], help="q/k/v dtype")
+    demo.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
+                      help="causal attention within each document")
+    demo.add_argument("--window", type=positive_int, default=None, help="sliding window in tokens (none: off)")
+    demo.add_argument("--backend", default="auto", help="local kernel: auto, triton, torch or reference")
+    demo.add_argument("--repeats", type=positive_int, default=3, help="timed rounds (the median is printed)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the inputs and synthetic documents")
+    demo.add_argument("--ulysses-degree", type=positive_int, default=None,
+                      help="usp's Ulysses group size (default: the scheduler's)")
+    demo.add_argument("--json", action="store_true", help="print the rows as JSON")
+    demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser(
+        "train", help="train the reference model on packed documents (the main job)",
+        description="Train the Llama-style reference model with context parallelism. Without a launcher this "
+                    "starts dp * cp local gloo processes; under torchrun/srun it joins the job's process group. "
+                    "Writes OUT/metrics.jsonl, OUT/tb/ and checkpoints OUT/ckpt/step_N. SIGTERM saves a "
+                    "checkpoint at the next step boundary and exits 143; Ctrl-C exits 130.",
+        epilog=examples("distattn train configs/tiny.yaml",
+                        "distattn train configs/tiny.yaml --scheduler cad --steps 100 --out runs/cad",
+                        "distattn train configs/tiny.yaml --steps 200 --out runs/cad --resume",
+                        "torchrun --nproc-per-node 8 -m distattn.cli train configs/llama3-8b-128k-64gpu.yaml"))
+    train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
+    train.add_argument("--steps", type=positive_int, default=None, help="override train.steps")
+    train.add_argument("--scheduler", default=None,
+                       help="override parallel.scheduler (ring, zigzag, allgather, ulysses, usp, cad)")
+    train.add_argument("--out", default=None, help="override train.out (metrics.jsonl, tb/, ckpt/)")
+    run_mode = train.add_mutually_exclusive_group()
+    run_mode.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/ckpt")
+    run_mode.add_argument("--overwrite", action="store_true",
+                          help="delete OUT's metrics, TensorBoard events and checkpoints first")
+    train.set_defaults(func=_cmd_train)
+
+    launch = sub.add_parser(
+        "launch", help="run or submit a config: local processes, torchrun, a Slurm job or Ray Train",
+        description="Run a config as local processes, print/run the torchrun command for one node, write and "
+                    "submit a Slurm batch script, or run it on Ray Train. --dry-run prints what would run.",
+        epilog=examples("distattn launch configs/tiny.yaml --dry-run",
+                        "distattn launch configs/llama3-8b-128k-64gpu.yaml --backend slurm --nodes 8 "
+                        "--gpus-per-node 8 --partition gpu --dry-run",
+                        "distattn launch configs/llama3-8b-128k-64gpu.yaml --backend torchrun --nodes 8 "
+                        "--gpus-per-node 8 --rdzv-host node001 --dry-run",
+                        "distattn launch configs/tiny.yaml --backend ray --ray-num-cpus 4"))
+    launch.add_argument("config", help="YAML run config")
+    launch.add_argument("--backend", choices=["local", "torchrun", "slurm", "ray"], default="local",
+                        help="how to start the ranks")
+    launch.add_argument("--nodes", type=positive_int, default=1, help="nodes the job spans")
+    launch.add_argument("--gpus-per-node", type=int, default=0, help="GPUs (ranks) per node; 0: CPU processes "
+                        "with gloo, dp * cp / --nodes per node")
+    launch.add_argument("--dry-run", action="store_true", help="print the command or sbatch script, run nothing")
+    launch.add_argument("--out", default=None, help="override train.out")
+    launch.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    launch.add_argument("--port", type=int, default=29500, help="rendezvous port")
+    launch.add_argument("--rdzv-host", default=None,
+                        help="torchrun: rendezvous host, the first node (required with --nodes > 1; one node: "
+                             "127.0.0.1)")
+    launch.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts; training resumes itself")
+    launch.add_argument("--time", default="01:00:00", help="slurm: time limit")
+    launch.add_argument("--partition", default=None, help="slurm: partition (default: the cluster's)")
+    launch.add_argument("--account", default=None, help="slurm: account (default: yours)")
+    launch.add_argument("--log-dir", default="logs", help="slurm: where the script and job logs go")
+    launch.add_argument("--wait", action="store_true", help="slurm: follow the job until it ends; exit 1 unless "
+                        "it COMPLETED")
+    launch.add_argument("--wait-timeout", type=float, default=24 * 3600.0, help="slurm: seconds --wait gives up after")
+    launch.add_argument("--ray-address", default=None,
+                        help="ray: cluster address (default: RAY_ADDRESS, a cluster started here, else a local one)")
+    launch.add_argument("--ray-num-cpus", type=int, default=None, help="ray: CPUs of a new local cluster (default: all)")
+    launch.set_defaults(func=_cmd_launch)

@@ -1,0 +1,113 @@
+"""Checks the launching process makes before any rank starts: data, memory, the output folder.
+
+Everything here fails with a one-line ``ValueError`` in seconds, where the same mistake found
+by the ranks would cost a start-up, a traceback per rank or an out-of-memory kill.
+
+The output folder belongs to one run. A folder that already holds metrics or checkpoints is
+refused unless the run continues it (``resume``) or replaces it (``overwrite``), so two runs
+never mix; a lock file keeps a second process from training into it at the same time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import shutil
+from pathlib import Path
+
+from . import checkpoint
+from .config import RunConfig
+
+# what a run writes under train.out (overwrite removes these and nothing else)
+RUN_FILES = ("metrics.jsonl", "tb", "ckpt")
+# a rank's Python, torch and gloo before any tensor (measured: ~300 MB RSS on CPU)
+RUNTIME_BYTES = 300 * 2**20
+
+
+def check_data(cfg: RunConfig) -> None:
+    if cfg.data.source == "tokens":
+        prefix = Path(cfg.data.path)
+        for p in (prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx.npy")):
+            if not p.exists():
+                raise ValueError(f"data.path: {p} does not exist (data.path is the prefix of PATH.bin and "
+                                 f"PATH.idx.npy; write them with distattn.train.data.write_token_file)")
+
+
+def rank_memory_bytes(cfg: RunConfig) -> int:
+    """An estimate of one rank's peak memory in fp32 training (weights, gradients, AdamW state, the
+    activations autograd keeps, the logits and the packed sequence every rank reads)."""
+    m = cfg.model
+    kv_dim = m.dim // m.n_heads * m.n_kv_heads
+    params = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) \
+        + m.n_layers * (2 * m.dim * m.dim + 2 * m.dim * kv_dim + 3 * m.dim * m.ffn_dim + 2 * m.dim)
+    tokens = math.ceil(cfg.data.seq_len / cfg.parallel.cp)
+    per_token = m.n_layers * (12 * m.dim + 4 * kv_dim + 5 * m.ffn_dim) + 3 * m.vocab_size
+    return RUNTIME_BYTES + 4 * (5 * params + tokens * per_token) + 32 * cfg.data.seq_len
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg: RunConfig, ranks_here: int) -> None:
+    """Refuse a run whose ``ranks_here`` CPU ranks cannot fit in this machine's memory."""
+    total = _physical_memory()
+    need = rank_memory_bytes(cfg) * ranks_here
+    if total is not None and need > total:
+        raise ValueError(f"data.seq_len {cfg.data.seq_len:,} with this model needs about {need / 2**30:,.1f} GiB "
+                         f"for {ranks_here} rank(s) but this machine has {total / 2**30:,.1f} GiB; lower "
+                         f"data.seq_len or the model size, or raise parallel.cp on more machines")
+
+
+def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=print) -> Path | None:
+    """Make ``train.out`` ready for this run; returns the checkpoint a resume loads (None: start fresh).
+
+    ``ValueError`` when the folder holds another run and neither ``resume`` nor ``overwrite`` is set,
+    when a resume finds nothing to load, or when the newest checkpoint cannot be read.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in train.out and --overwrite deletes it: pass one of them")
+    out = Path(cfg.train.out)
+    used = [name for name in RUN_FILES if (out / name).exists()]
+    if overwrite:
+        for name in used:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if used:
+            say(f"--overwrite: removed {', '.join(used)} from {out}")
+        return None
+    if not resume:
+        if used:
+            ckpts = sorted(p.name for p in (out / "ckpt").glob("step_*")) if (out / "ckpt").is_dir() else []
+            held = ", ".join(used) + (f" (checkpoints {', '.join(ckpts)})" if ckpts else "")
+            raise ValueError(f"train.out {out} already holds a run ({held}); pass --resume to continue it, "
+                             f"--overwrite to replace it, or --out NEW_FOLDER")
+        return None
+    last = checkpoint.newest_usable(out / "ckpt", say=say)
+    if last is None:
+        raise ValueError(f"--resume: no checkpoint under {out / 'ckpt'}; drop --resume to start a new run")
+    return last
+
+
+def lock_out(out: Path):
+    """Hold an exclusive lock on ``out/.lock`` for this process's lifetime (the returned file);
+    ``ValueError`` if another live process holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"train.out {out} is in use by {owner}; wait for it, stop it, or pass --out NEW_FOLDER") \
+            from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle

@@ -1,0 +1,109 @@
+"""``python -m distattn.launch.torchrun``: torchrun whose rendezvous stores listen only where they are told.
+
+torchrun's ``c10d`` rendezvous hosts its ``TCPStore`` on every interface (``*:PORT``) whatever
+``--rdzv-endpoint`` names, and so does the store the workers bootstrap from (``MASTER_PORT``): a
+``localhost`` job is reachable from the network. ``TCPStore`` has no bind address, but it documents
+``master_listen_fd``, a socket the caller has already bound. This entry point registers the
+rendezvous backend :data:`BACKEND` through torchrun's documented handler registry -- ``c10d``
+with the store on a socket bound to the endpoint's address -- and then runs torchrun unchanged::
+
+    python -m distattn.launch.torchrun --rdzv-backend=distattn-c10d --rdzv-endpoint=127.0.0.1:29500 \\
+        --local-addr=127.0.0.1 --nnodes=1 --nproc-per-node=4 -m distattn.cli train CONFIG
+
+With ``--local-addr`` the workers' bootstrap store listens on that address too (one node: the
+launcher passes the rendezvous host); without it, on every interface as torchrun does, because each
+node of a multi-node job has its own address and the command line is the same on all of them.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from datetime import timedelta
+
+BACKEND = "distattn-c10d"
+DEFAULT_PORT = 29400  # torchrun's default for c10d endpoints without a port
+_AGENT_STORE_TIMEOUT = timedelta(seconds=300)  # what torchrun gives the same store
+
+
+def listening_socket(host: str, port: int) -> socket.socket | None:
+    """A socket listening on ``host:port`` only (``port`` 0: any free port), or None when ``host`` is not
+    an address of this machine or the port is taken -- then another process hosts the store."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"the rendezvous host {host!r} does not resolve on this machine ({exc}); check "
+                         f"--rdzv-host / --rdzv-endpoint") from None
+    # IPv4 first: "localhost" often lists ::1 first, while the launcher and most clusters use IPv4
+    family, _, _, _, sockaddr = sorted(infos, key=lambda info: info[0] != socket.AF_INET)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart within TIME_WAIT rebinds
+        sock.bind(sockaddr)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+            return None
+        raise
+    return sock
+
+
+def server_store(sock: socket.socket, timeout: timedelta):
+    """A server ``TCPStore`` on ``sock``, which it takes over (and closes when it goes)."""
+    from torch.distributed import TCPStore
+
+    host, port = sock.getsockname()[:2]
+    return TCPStore(host, port, is_master=True, multi_tenant=True, timeout=timeout, master_listen_fd=sock.detach())
+
+
+def _agent_store_server(master_addr: str, master_port: int):
+    """Stands in for ``DynamicRendezvousHandler._create_tcp_store_server`` (the workers' MASTER_ADDR store)."""
+    sock = listening_socket(master_addr, master_port)
+    if sock is None:
+        raise ValueError(f"--local-addr {master_addr}: cannot listen there (not an address of this machine, or "
+                         f"port {master_port} is taken); pass this node's own address")
+    return server_store(sock, _AGENT_STORE_TIMEOUT)
+
+
+def _create_handler(params):
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+    class Backend(C10dRendezvousBackend):
+        @property
+        def name(self) -> str:  # torchrun checks that the handler's backend is the one asked for
+            return BACKEND
+
+    host, port = parse_rendezvous_endpoint(params.endpoint, default_port=DEFAULT_PORT)
+    timeout = timedelta(seconds=params.get_as_int("read_timeout", 60))
+    # whoever can bind the endpoint hosts the store, as c10d's own host check would decide
+    sock = listening_socket(host, port)
+    store = server_store(sock, timeout) if sock is not None else \
+        TCPStore(host, port, is_master=False, multi_tenant=True, timeout=timeout)
+    handler = create_handler(store, Backend(store, params.run_id), params)
+    if params.local_addr:
+        assert hasattr(handler, "_create_tcp_store_server"), "torch renamed the bootstrap store factory"
+        handler._create_tcp_store_server = _agent_store_server
+    return handler
+
+
+def register() -> None:
+    """Make ``--rdzv-backend=distattn-c10d`` known to torchrun in this process (idempotent)."""
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
+
+    rendezvous_handler_registry.register(BACKEND, _create_handler)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """torchrun's command line (``argv``, default ``sys.argv[1:]``) with :data:`BACKEND` available."""
+    from torch.distributed.run import main as torchrun_main
+
+    register()
+    torchrun_main(argv)
+
+
+if __name__ == "__main__":
+    main()
