@@ -11,10 +11,14 @@ from .masks import as_doc_lens, check_window
 from .parallel.mesh import resolve_mesh
 from .plans import Plan
 from .schedulers import KNOWN, PLANNERS, implemented
+from .schedulers.zigzag import LAYOUTS
+
+DOCUMENT_LAYOUT = ("zigzag", "allgather")  # the schedulers with a per-document layout
 
 
 def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window: int | None = None,
-         backend: str = "auto", *, device: torch.device | str | None = None, **options) -> Plan:
+         backend: str = "auto", *, layout: str = "sequence", device: torch.device | str | None = None,
+         **options) -> Plan:
     """Plan context-parallel attention for one packed sequence.
 
     Args:
@@ -29,6 +33,12 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         window: sliding window in tokens (query at ``i`` sees keys ``j`` with
             ``|i - j| < window`` of its own document), or None.
         backend: local kernel: ``"auto" | "triton" | "torch" | "reference"``.
+        layout: which tokens each rank holds (``plan.shard``). ``"sequence"``: the
+            scheduler's split of the packed sequence. ``"document"`` (``zigzag`` and
+            ``allgather``): every document cut into ``2P`` equal chunks, rank ``r``
+            holding chunks ``r`` and ``2P-1-r`` of each -- TransformerEngine's and
+            Megatron's THD split under context parallelism; every document length
+            must be a multiple of ``2P``.
         device: where this rank's q/k/v will live; default: the mesh's (the current CUDA
             device under NCCL or a CUDA ``DeviceMesh``, else CPU). The plan copies its kernel
             layouts and indices there once, so attention makes no host synchronisation.
@@ -44,8 +54,15 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         raise ValueError(f"scheduler={scheduler!r} is unknown; choose one of {list(KNOWN)}")
     if backend != "auto" and backend not in available_backends():
         raise ValueError(f"backend={backend!r} is unknown; choose 'auto' or one of {available_backends()}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown; choose one of {list(LAYOUTS)}")
+    if layout == "document" and scheduler not in DOCUMENT_LAYOUT:
+        raise ValueError(f"layout='document' (each document split zigzag over the ranks) works with scheduler "
+                         f"{' or '.join(map(repr, DOCUMENT_LAYOUT))}, not {scheduler!r}; use layout='sequence'")
     info = resolve_mesh(mesh)
     common = dict(causal=bool(causal), window=window, backend=backend)
+    if layout == "document" and info.world_size > 1:  # on one rank both layouts are the sequence itself
+        options["layout"] = layout
     if info.world_size == 1 and not options:
         return _prepared(PLANNERS["local"](lens, info, scheduler=scheduler, **common), info, device)
     if scheduler not in PLANNERS:

@@ -41,7 +41,8 @@ def main_rank(steps: int = 5, sp_size: int = 2):
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     mpu = SequenceParallelMPU.from_world(sp_size)
     torch.manual_seed(0)
-    model = Model(DistAttnDistributedAttention(None, mpu.get_sequence_parallel_group(), scheduler="ulysses"))
+    model = Model(DistAttnDistributedAttention(None, mpu.get_sequence_parallel_group(), scheduler="ulysses",
+                                                causal=True))  # the mask: causal within each document
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3),
                                       config={"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
                                               "zero_optimization": {"stage": 2}}, mpu=mpu)

@@ -8,15 +8,18 @@
 
 Same call signature as DeepSpeed's class; the sequence shards are DeepSpeed's
 (contiguous, ``s/P`` tokens per rank), so the schedulers whose layout is
-contiguous apply: ``ulysses`` (default), ``ring`` and ``cad``. The
-``local_attention`` argument is accepted for compatibility but our kernels
-compute attention (causal by default) -- with document masks, windows and GQA,
-and with any head count. ``doc_lens=`` (one list for every batch element, or a
+contiguous apply: ``ulysses`` (default), ``ring`` and ``cad``. Our kernels
+compute attention -- with document masks, windows and GQA, and with any head
+count -- so the mask is what ``causal=`` (default True) and ``window=`` say, not
+what a ``local_attention`` module would have done: passing one warns once,
+naming what replaces it. ``doc_lens=`` (one list for every batch element, or a
 list per element) describes packed documents; by default each sequence is one
 document.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -27,7 +30,13 @@ CONTIGUOUS = ("ulysses", "ring", "cad")
 
 
 class DistAttnDistributedAttention(torch.nn.Module):
-    """Drop-in for ``deepspeed.sequence.layer.DistributedAttention`` (see module docstring)."""
+    """Drop-in for ``deepspeed.sequence.layer.DistributedAttention`` (see module docstring).
+
+    The mask is ``causal`` (causal within each document, the default, for decoder LMs; ``False``:
+    bidirectional within each document) and ``window``; ``local_attention`` is not called -- it is
+    accepted for DeepSpeed's signature, and passing one warns once, at construction, naming what
+    replaces it, since a bidirectional one would otherwise silently become causal.
+    """
 
     def __init__(self, local_attention=None, sequence_process_group=None, scatter_idx: int = 2, gather_idx: int = 0,
                  sp_stream=None, num_kv_heads: int | None = None, *, scheduler: str = "ulysses", causal: bool = True,
@@ -40,7 +49,16 @@ class DistAttnDistributedAttention(torch.nn.Module):
                              f"are contiguous: use one of {CONTIGUOUS}")
         if (scatter_idx, gather_idx) != (2, 0):
             raise ValueError("only DeepSpeed's default head/sequence layout (scatter_idx=2, gather_idx=0) is supported")
+        if not isinstance(causal, bool):
+            raise ValueError(f"causal must be True (causal within each document) or False (bidirectional), "
+                             f"got {causal!r}")
         self.local_attn = local_attention  # kept for signature compatibility; our kernels compute attention
+        if local_attention is not None:
+            # DeepSpeed users pass their own (often bidirectional) attention here: say what runs instead
+            name = getattr(local_attention, "__qualname__", None) or type(local_attention).__name__
+            warnings.warn(f"distattn's {scheduler} attention (causal={causal}, window={window}) replaces "
+                          f"local_attention={name}, which is not called; pass causal=False for bidirectional "
+                          f"attention, and local_attention=None to silence this", UserWarning, stacklevel=2)
         self.spg = sequence_process_group
         self.scheduler, self.causal, self.window, self.backend = scheduler, causal, window, backend
         self._plans: dict = {}
@@ -83,22 +101,21 @@ class SequenceParallelMPU:
 
     @staticmethod
     def from_world(sp_size: int) -> "SequenceParallelMPU":
-        """Sequence-parallel groups of ``sp_size`` consecutive ranks, data parallel across them.
-        Collective over the default group: every rank must call it."""
+        """Sequence-parallel groups of ``sp_size`` consecutive ranks, data parallel across them:
+        the ``("dp", "cp")`` mesh of :class:`distattn.parallel.ParallelDims`. Collective over the
+        default group: every rank must call it; calling it again makes no new process group."""
         world, rank = dist.get_world_size(), dist.get_rank()
         if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1 or world % sp_size:
             raise ValueError(f"sp_size must divide the world size {world}, got {sp_size!r}")
-        sp = dp = mp = None
-        for start in range(0, world, sp_size):
-            g = dist.new_group(list(range(start, start + sp_size)))
-            sp = g if start <= rank < start + sp_size else sp
-        for offset in range(sp_size):
-            g = dist.new_group(list(range(offset, world, sp_size)))
-            dp = g if rank % sp_size == offset else dp
-        for r in range(world):
-            g = dist.new_group([r])
-            mp = g if r == rank else mp
-        return SequenceParallelMPU(sp, dp, dist.group.WORLD, mp)
+        from ..comm import subgroups
+        from .mesh import ParallelDims, group_device
+
+        # the job's one mesh (a second call, or the trainer's mesh of the same shape, finds its groups)
+        mesh = ParallelDims(dp=world // sp_size, cp=sp_size).build(group_device(dist.group.WORLD).type)
+        # no tensor parallelism: each rank is its own model-parallel group (found again the same way)
+        (mp,) = subgroups(dist.group.WORLD, [[rank]], "model-parallel groups of one rank",
+                          "SequenceParallelMPU.from_world") if world > 1 else (dist.group.WORLD,)
+        return SequenceParallelMPU(mesh["cp"].get_group(), mesh["dp"].get_group(), dist.group.WORLD, mp)
 
     def get_sequence_parallel_group(self):
         return self._sp

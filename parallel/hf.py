@@ -14,11 +14,14 @@ One packed sequence per call (batch size 1): the plan carries its document
 boundaries, so documents never attend to each other and RoPE restarts at
 every document (position ids from ``plan.position_ids()``). The loss helper
 computes next-token cross-entropy on the full sequence's labels (never across
-a document boundary) and averages over every rank's tokens; HF's own
-``labels=`` shifting would be wrong across shard boundaries.
+a document boundary) and averages over every rank's tokens. HF's own
+``labels=`` would shift labels across shard and document boundaries and give a
+wrong loss: under a distattn plan it is a ``ValueError`` pointing here.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -49,12 +52,34 @@ def _no_mask(*args, **kwargs):
     return None
 
 
+def _refusing_labels(loss_fn):
+    """``loss_fn`` (one of transformers' ``LOSS_MAPPING``), refusing calls made under a distattn plan."""
+    if getattr(loss_fn, "_distattn_guard", False):
+        return loss_fn
+
+    @functools.wraps(loss_fn)
+    def guarded(*args, **kwargs):
+        # the models pass their forward's kwargs (shard_inputs' distattn_plan among them) on to the loss
+        if kwargs.get("distattn_plan") is not None:
+            raise ValueError("labels= with a distattn plan gives a wrong loss: HF shifts labels inside this rank's "
+                             "shard, across shard and document boundaries. Call the model without labels and use "
+                             "distattn.parallel.hf.causal_lm_loss(logits, plan, input_ids, group=cp_group)")
+        return loss_fn(*args, **kwargs)
+
+    guarded._distattn_guard = True
+    return guarded
+
+
 def register() -> None:
-    """Register ``"distattn"`` with transformers' attention (and mask) interfaces."""
+    """Register ``"distattn"`` with transformers' attention (and mask) interfaces, and make the
+    models' own losses refuse ``labels=`` under a distattn plan (see module docstring)."""
     from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.loss.loss_utils import LOSS_MAPPING
 
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, _no_mask)
+    for name, fn in LOSS_MAPPING.items():  # the models look their loss up here on every call
+        LOSS_MAPPING[name] = _refusing_labels(fn)
 
 
 def shard_inputs(plan, input_ids: torch.Tensor) -> dict:

@@ -63,3 +63,19 @@ def sent_vs_stats(scheduler, docs, hq=4, hkv=2, causal=True, window=None, option
         distattn.attention(plan.shard(q), plan.shard(k), plan.shard(v), plan)
     stats = plan.stats(num_heads=hq, num_kv_heads=hkv, head_dim=8, dtype_bytes=4)
     return plan.bytes_sent() - before, stats["send_bytes"][plan.rank], stats
+
+
+def covers_the_mask(plan, docs, causal, window) -> bool:
+    """The slices every rank of ``plan`` computes add up to the document mask, nothing computed twice."""
+    import numpy as np
+
+    dense = distattn.masks.dense_mask
+    seen = np.zeros((sum(docs), sum(docs)), dtype=int)
+    for r in range(plan.world_size):
+        for sl in plan.compute_slices(r):
+            seen[sl.q_start:sl.q_end, sl.k_start:sl.k_end] += dense(sl.q_len, sl.k_len, causal, window,
+                                                                     sl.offset).numpy()
+    want = np.zeros_like(seen)
+    for sl in distattn.document_mask(docs, causal, window):
+        want[sl.q_start:sl.q_end, sl.k_start:sl.k_end] = dense(sl.q_len, sl.k_len, causal, window).numpy()
+    return bool((seen == want).all())

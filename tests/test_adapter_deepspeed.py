@@ -2,10 +2,12 @@
 equals DeepSpeed's own DistributedAttention on the same inputs."""
 
 import os
+import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from distattn.spawn import run_distributed
 
@@ -37,6 +39,13 @@ def _train(sp_size, steps=3):
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     mpu = SequenceParallelMPU.from_world(sp_size)
+    made = []  # a second MPU (e.g. one per engine) finds the first one's groups
+    real_new_group = c10d._new_group_with_tag  # what dist.new_group and DeviceMesh call
+    c10d._new_group_with_tag = lambda *a, **k: made.append(a) or real_new_group(*a, **k)
+    again = SequenceParallelMPU.from_world(sp_size)
+    c10d._new_group_with_tag = real_new_group
+    assert not made and again.get_sequence_parallel_group() is mpu.get_sequence_parallel_group(), made
+    assert again.get_model_parallel_group() is mpu.get_model_parallel_group()
     torch.manual_seed(0)
     model = TinyModel(DistAttnDistributedAttention(None, mpu.get_sequence_parallel_group()))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -85,11 +94,48 @@ def _same_as_deepspeed():
     def theirs_local(a, b, c):  # [S, b, h/P, d]: DeepSpeed's local attention, here our single-device kernel
         return torch.stack([local_attention(a[:, i], b[:, i], c[:, i], docs) for i in range(a.shape[1])], dim=1)
 
+    def bidirectional(a, b, c):  # a non-causal local attention: replaced, with a warning, never silently
+        return torch.stack([local_attention(a[:, i], b[:, i], c[:, i], docs, causal=False)
+                            for i in range(a.shape[1])], dim=1)
+
     theirs = DistributedAttention(theirs_local, group)(q[rows], k[rows], v[rows], 1)
     ours = DistAttnDistributedAttention(None, group)(q[rows], k[rows], v[rows], 1, doc_lens=docs)
-    return (ours - theirs).abs().max().item()
+    theirs_bi = DistributedAttention(bidirectional, group)(q[rows], k[rows], v[rows], 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        drop_in = DistAttnDistributedAttention(bidirectional, group, causal=False)
+        ours_bi = [drop_in(q[rows], k[rows], v[rows], 1, doc_lens=docs) for _ in range(2)]
+    return ((ours - theirs).abs().max().item(), max((o - theirs_bi).abs().max().item() for o in ours_bi),
+            [str(w.message) for w in caught])
 
 
 def test_drop_in_equals_deepspeed_distributed_attention():
-    for diff in run_distributed(_same_as_deepspeed, 4, timeout=600):
-        assert diff < 1e-12
+    """Causal, and bidirectional when the user says causal=False: one warning for the replaced
+    local attention (at construction, not per call)."""
+    for diff, diff_bi, caught in run_distributed(_same_as_deepspeed, 4, timeout=600):
+        assert diff < 1e-12 and diff_bi < 1e-12
+        assert len(caught) == 1, caught
+        assert "distattn's ulysses attention (causal=False, window=None) replaces local_attention=" in caught[0]
+        assert "bidirectional" in caught[0] and "which is not called" in caught[0]
+
+
+def test_a_local_attention_is_replaced_with_a_warning():
+    """A bidirectional local attention would silently become causal: the drop-in says what runs."""
+    def bidirectional(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=False)
+
+    from distattn.parallel.deepspeed import DistAttnDistributedAttention
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DistAttnDistributedAttention(bidirectional, object())
+    assert len(caught) == 1 and caught[0].category is UserWarning
+    assert str(caught[0].message) == (
+        "distattn's ulysses attention (causal=True, window=None) replaces local_attention=test_a_local_attention_"
+        "is_replaced_with_a_warning.<locals>.bidirectional, which is not called; pass causal=False for "
+        "bidirectional attention, and local_attention=None to silence this")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DistAttnDistributedAttention(None, object(), causal=False)  # nothing to replace: silent
+    with pytest.raises(ValueError, match="causal must be True .* or False"):
+        DistAttnDistributedAttention(None, object(), causal="bidirectional")

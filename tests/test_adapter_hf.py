@@ -73,3 +73,28 @@ def _one_rank_logits(ids):
     model = _model()
     plan = distattn.plan([ids.shape[1]], dist.group.WORLD)
     return model(**hf.shard_inputs(plan, ids)).logits.detach()
+
+
+def _labels_worker():
+    from distattn.parallel import hf
+
+    model = _model()
+    ids = torch.randint(0, 97, (1, sum(DOCS)), generator=torch.Generator().manual_seed(3))
+    plan = distattn.plan(DOCS, dist.group.WORLD, scheduler="zigzag")
+    inputs = hf.shard_inputs(plan, ids)
+    try:  # what a user of HF's own loss writes: this rank's tokens as its labels
+        model(**inputs, labels=inputs["input_ids"])
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    model.config._attn_implementation = "sdpa"
+    return error, model(input_ids=ids, labels=ids).loss.item()
+
+
+def test_labels_under_a_plan_are_refused():
+    """HF's labels= would shift labels within this rank's shard (across shard and document
+    edges): a wrong loss, so a ValueError on every rank; without a plan HF's loss is untouched."""
+    for error, plain_loss in run_distributed(_labels_worker, 2, timeout=120):
+        assert error is not None and "labels= with a distattn plan gives a wrong loss" in error
+        assert "distattn.parallel.hf.causal_lm_loss(logits, plan, input_ids, group=cp_group)" in error
+        assert plain_loss > 0

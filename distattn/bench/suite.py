@@ -148,7 +148,9 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
     if cfg.peers and world > 1:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)
     meshes = {name: group for name in cfg.schedulers}
-    if "usp" in cfg.schedulers and world > 1:  # built once: a mesh per plan would create process groups each time
+    if "usp" in cfg.schedulers and world > 1:
+        # the one usp mesh (ParallelDims, through usp_mesh), made before any timed step: every
+        # plan below finds its process groups instead of making them inside a measurement
         from ..parallel.mesh import usp_mesh
         from ..schedulers.usp import default_ulysses_degree
 

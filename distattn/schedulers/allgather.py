@@ -1,6 +1,7 @@
 """``allgather``: all-gather K/V, then one varlen call per local chunk (Llama 3's context parallelism).
 
-Ownership is zigzag's (chunks ``r`` and ``2P-1-r``) so causal work is balanced.
+Ownership is zigzag's (chunks ``r`` and ``2P-1-r`` of the sequence, or of every
+document with ``layout="document"``) so causal work is balanced.
 Every rank gathers the whole K/V (padded to the largest shard: gloo's
 all-gather needs equal sizes), then runs each local chunk's queries against
 the key prefix of their documents that the mask lets them see: exact
@@ -25,14 +26,16 @@ import torch
 from ..masks import MaskSlice
 from ..merge import acc_dtype, row_delta
 from ..plans import DeviceIndex, Plan, token_index
-from .blocks import Block, block_bwd, block_fwd, even_bounds, pair_block, range_area_matrix
-from .zigzag import zigzag_owner
+from .blocks import Block, block_bwd, block_fwd, pieces_block, range_pairs
+from .ring import local_rows, owned_ranges
+from .zigzag import zigzag_ranges
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class AllGatherPlan(Plan):
-    range_area: np.ndarray = field(repr=False)    # [2P, 2P] visible pairs between chunks
+    rank_pairs: np.ndarray = field(repr=False)    # [P] visible pairs each rank computes
     range_owner: np.ndarray = field(repr=False)
+    range_slot: np.ndarray = field(repr=False)
     bounds: np.ndarray = field(repr=False)
     heads_per_step: int | None = None
     blocks: tuple[Block, ...] = field(default=(), repr=False)       # this rank's chunks vs global K/V
@@ -44,15 +47,13 @@ class AllGatherPlan(Plan):
         return max(self.num_tokens(r) for r in range(self.world_size))
 
     def compute_slices(self, rank: int) -> list[MaskSlice]:
-        out = []
-        for i in np.nonzero(self.range_owner == rank)[0]:
-            block = pair_block((self.bounds[i], self.bounds[i + 1]), 0, (0, self.total_tokens), 0, self.doc_lens,
-                               self.causal, self.window)
-            out += block.slices(self.bounds[i], 0, self.causal, self.window) if block else []
-        return out
+        # blocks placed at global rows: their slices are global
+        blocks = _blocks(rank, self.bounds, self.range_owner, self.range_slot, self.bounds[:-1], self.doc_lens,
+                         self.causal, self.window)
+        return [sl for block in blocks for sl in block.slices(0, 0, self.causal, self.window)]
 
     def visible_pairs(self, rank: int) -> int:
-        return int(self.range_area[self.range_owner == rank].sum())
+        return int(self.rank_pairs[rank])
 
     def send_bytes(self, rank, num_heads, num_kv_heads, head_dim, dtype_bytes) -> int:
         return (self.world_size - 1) * 2 * self.width * num_kv_heads * head_dim * dtype_bytes
@@ -138,24 +139,36 @@ class AllGatherPlan(Plan):
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-def build(doc_lens, mesh, *, causal, window, backend, heads_per_step: int | None = None) -> AllGatherPlan:
+def _blocks(rank, bounds, range_owner, range_slot, rows, doc_lens, causal, window) -> tuple[Block, ...]:
+    """One block per slot: rank's ranges of that slot (at ``rows``) against the gathered K/V in
+    global order (each range sees its own documents' keys)."""
+    blocks = []
+    for slot in np.unique(range_slot):
+        mine = np.nonzero((range_owner == rank) & (range_slot == slot))[0]
+        zeros, total = np.zeros(len(mine), dtype=np.int64), np.full(len(mine), bounds[-1], dtype=np.int64)
+        block = pieces_block(bounds[mine], bounds[mine + 1], rows[mine], zeros, total, zeros, doc_lens, causal,
+                             window)
+        if block is not None:
+            blocks.append(block)
+    return tuple(blocks)
+
+
+def build(doc_lens, mesh, *, causal, window, backend, heads_per_step: int | None = None,
+          layout: str = "sequence") -> AllGatherPlan:
     if heads_per_step is not None and (isinstance(heads_per_step, bool) or not isinstance(heads_per_step, int)
                                        or heads_per_step < 1):
         raise ValueError(f"heads_per_step must be a positive int (KV heads per all-gather) or None, "
                          f"got {heads_per_step!r}")
     p = mesh.world_size
     total = sum(doc_lens)
-    bounds, owner = even_bounds(total, 2 * p), zigzag_owner(p)
-    owned = tuple(tuple((int(bounds[i]), int(bounds[i + 1])) for i in np.nonzero(owner == r)[0]) for r in range(p))
+    bounds, owner, slot = zigzag_ranges(doc_lens, p, layout)
+    owned = owned_ranges(bounds, owner, p)
+    i, _, area = range_pairs(bounds, doc_lens, causal, window)
+    rank_pairs = np.zeros(p, dtype=np.int64)
+    np.add.at(rank_pairs, owner[i], area)
     blocks, gather_index = (), None
     if not mesh.is_dry:
-        q_local, found = 0, []
-        for i in np.nonzero(owner == mesh.rank)[0]:
-            block = pair_block((bounds[i], bounds[i + 1]), q_local, (0, total), 0, doc_lens, causal, window)
-            if block is not None:
-                found.append(block)
-            q_local += bounds[i + 1] - bounds[i]
-        blocks = tuple(found)
+        blocks = _blocks(mesh.rank, bounds, owner, slot, local_rows(bounds, owner), doc_lens, causal, window)
         width = max(sum(e - s for s, e in ranges) for ranges in owned)
         gather_index = np.empty(total, dtype=np.int64)
         for r, ranges in enumerate(owned):
@@ -163,6 +176,6 @@ def build(doc_lens, mesh, *, causal, window, backend, heads_per_step: int | None
             gather_index[tokens] = r * width + np.arange(len(tokens))
         gather_index = DeviceIndex(gather_index)
     return AllGatherPlan(scheduler="allgather", doc_lens=doc_lens, causal=causal, window=window, backend=backend,
-                         world_size=p, rank=mesh.rank, group=mesh.group, owned=owned,
-                         range_area=range_area_matrix(bounds, doc_lens, causal, window), range_owner=owner,
-                         bounds=bounds, heads_per_step=heads_per_step, blocks=blocks, gather_index=gather_index)
+                         world_size=p, rank=mesh.rank, group=mesh.group, owned=owned, rank_pairs=rank_pairs,
+                         range_owner=owner, range_slot=slot, bounds=bounds, heads_per_step=heads_per_step,
+                         blocks=blocks, gather_index=gather_index)

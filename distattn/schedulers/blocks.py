@@ -2,15 +2,16 @@
 
 Ownership is described by ``bounds``: consecutive token ranges
 ``[bounds[i], bounds[i+1])`` partitioning the packed sequence, each owned by one
-rank (ring: one range per rank; zigzag and allgather: two). Everything a
-planner needs follows from the document boundaries:
+rank (ring: one range per rank; zigzag and allgather: two, or two per
+document). Everything a planner needs follows from the document boundaries:
 
-* :func:`range_area_matrix` -- visible (query, key) pairs between every two
-  ranges, vectorised over documents (dry plans of thousands of ranks use it);
-* :func:`pair_block` -- the varlen kernel call for one range of queries against
-  one range of keys: one segment per shared document, trimmed to what the
-  causal mask and window can see, with the ``q_offset`` that places the queries
-  where they really are relative to the keys.
+* :func:`range_pairs` -- visible (query, key) pairs between every two ranges
+  that have any, vectorised over documents (dry plans of thousands of ranks
+  and layouts with ranges per document use it);
+* :func:`pieces_block` -- the varlen kernel call for ranges of queries against
+  ranges of keys: one segment per shared document, trimmed to what the causal
+  mask and window can see, with the ``q_offset`` that places the queries where
+  they really are relative to the keys (:func:`pair_block`: one pair).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ def doc_bounds(doc_lens) -> tuple[np.ndarray, np.ndarray]:
     return ends - np.asarray(doc_lens, dtype=np.int64), ends
 
 
-def range_area_matrix(bounds: np.ndarray, doc_lens, causal: bool, window: int | None) -> np.ndarray:
-    """``A[i, j]``: visible pairs between queries in range ``i`` and keys in range ``j``."""
+def range_pairs(bounds: np.ndarray, doc_lens, causal: bool, window: int | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Range pairs with visible (query, key) pairs: ``(i, j, area)``, sorted by ``(i, j)``; sparse,
+    so a layout with ranges per document (thousands of ranges) costs what its documents do."""
     starts, ends = doc_bounds(doc_lens)
-    n = len(bounds) - 1
     first = np.searchsorted(bounds, starts, side="right") - 1
     last = np.searchsorted(bounds, ends - 1, side="right") - 1
     width = last - first + 1                      # ranges each document touches
@@ -51,9 +53,13 @@ def range_area_matrix(bounds: np.ndarray, doc_lens, causal: bool, window: int | 
     qs, qe = np.maximum(bounds[i], s), np.minimum(bounds[i + 1], e)
     ks, ke = np.maximum(bounds[j], s), np.minimum(bounds[j + 1], e)
     area = mask_area(np.maximum(qe - qs, 0), np.maximum(ke - ks, 0), causal, window, qe - ke)
-    out = np.zeros((n, n), dtype=np.int64)
-    np.add.at(out, (i, j), area)
-    return out
+    # a range pair shared by several documents (short documents inside one range) sums them
+    n = len(bounds) - 1
+    key, inverse = np.unique(i * n + j, return_inverse=True)
+    total = np.zeros(len(key), dtype=np.int64)
+    np.add.at(total, inverse, area)
+    keep = total > 0
+    return key[keep] // n, key[keep] % n, total[keep]
 
 
 @dataclass(frozen=True)
@@ -80,17 +86,29 @@ def pair_block(q_range: tuple[int, int], q_local: int, k_range: tuple[int, int],
                causal: bool, window: int | None) -> Block | None:
     """The kernel call for global queries ``q_range`` (at local row ``q_local``) against global
     keys ``k_range`` (at buffer row ``k_local``); None when no pair is visible."""
-    (qa, qb), (ka, kb) = q_range, k_range
-    if qb <= qa or kb <= ka:
-        return None
+    return pieces_block(*(np.asarray([x], dtype=np.int64) for x in (*q_range, q_local, *k_range, k_local)),
+                        doc_lens, causal, window)
+
+
+def pieces_block(qa: np.ndarray, qb: np.ndarray, q_local: np.ndarray, ka: np.ndarray, kb: np.ndarray,
+                 k_local: np.ndarray, doc_lens, causal: bool, window: int | None) -> Block | None:
+    """One kernel call for several pairs ``n``: global queries ``[qa[n], qb[n])`` (at local row
+    ``q_local[n]``) against global keys ``[ka[n], kb[n])`` (at buffer row ``k_local[n]``). The
+    pairs must follow each other in local rows on both sides (a per-document layout: one pair
+    per document); None when no pair is visible."""
     starts, ends = doc_bounds(doc_lens)
-    d0 = max(np.searchsorted(ends, qa, side="right"), np.searchsorted(ends, ka, side="right"))
-    d1 = min(np.searchsorted(starts, qb, side="left"), np.searchsorted(starts, kb, side="left"))
-    if d1 <= d0:
+    # split every pair into the documents both of its ranges touch
+    d0 = np.maximum(np.searchsorted(ends, qa, side="right"), np.searchsorted(ends, ka, side="right"))
+    d1 = np.minimum(np.searchsorted(starts, qb, side="left"), np.searchsorted(starts, kb, side="left"))
+    count = np.where((qb > qa) & (kb > ka), np.maximum(d1 - d0, 0), 0)
+    pair = np.repeat(np.arange(len(qa)), count)
+    doc = d0[pair] + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    if not len(doc):
         return None
-    s, e = starts[d0:d1], ends[d0:d1]
-    qs, qe = np.maximum(qa, s), np.minimum(qb, e)
-    ks, ke = np.maximum(ka, s), np.minimum(kb, e)
+    s, e = starts[doc], ends[doc]
+    qs, qe = np.maximum(qa[pair], s), np.minimum(qb[pair], e)
+    ks, ke = np.maximum(ka[pair], s), np.minimum(kb[pair], e)
+    q_shift, k_shift = q_local[pair] - qa[pair], k_local[pair] - ka[pair]  # local row = global + shift
     # Trim what the mask hides: later keys (causal), far keys and queries (window).
     if causal:
         ke = np.minimum(ke, qe)
@@ -106,19 +124,21 @@ def pair_block(q_range: tuple[int, int], q_local: int, k_range: tuple[int, int],
     keep &= area > 0
     if not keep.any():
         return None
-    qs, qe, ks, ke = qs[keep], qe[keep], ks[keep], ke[keep]
+    offs = (qe - ke)[keep]  # the geometry's offset: global positions, whatever the local rows
+    qs, qe, ks, ke = qs[keep] + q_shift[keep], qe[keep] + q_shift[keep], ks[keep] + k_shift[keep], \
+        ke[keep] + k_shift[keep]
     # cu_seqlens cannot skip rows: fill gaps between documents with segments that
     # have queries but no keys (rows stay out=0, lse=-inf) or keys but no queries.
     q_gap = qs - np.concatenate([[qs[0]], qe[:-1]])
     k_gap = ks - np.concatenate([[ks[0]], ke[:-1]])
+    assert (q_gap >= 0).all() and (k_gap >= 0).all(), "pieces must follow each other in local rows"
     zeros = np.zeros_like(qs)
     lens_q = np.stack([q_gap, zeros, qe - qs], axis=1).ravel()
     lens_k = np.stack([zeros, k_gap, ke - ks], axis=1).ravel()
-    offs = np.stack([zeros, zeros, qe - ke], axis=1).ravel()
+    offs = np.stack([zeros, zeros, offs], axis=1).ravel()
     used = (lens_q > 0) | (lens_k > 0)
     lens_q, lens_k, offs = lens_q[used], lens_k[used], offs[used]
-    return Block(q_lo=int(q_local + qs[0] - qa), q_hi=int(q_local + qe[-1] - qa),
-                 k_lo=int(k_local + ks[0] - ka), k_hi=int(k_local + ke[-1] - ka),
+    return Block(q_lo=int(qs[0]), q_hi=int(qe[-1]), k_lo=int(ks[0]), k_hi=int(ke[-1]),
                  varlen=Varlen.from_lengths(lens_q, lens_k, offs), area=int(area.sum()))
 
 

@@ -16,7 +16,10 @@ the next step's compute; the owner sums the contributions in fp32, so neither
 dq nor dK/dV is rounded between steps and error does not grow with ring size.
 
 :class:`RingPlan` executes any ownership by ranges; ``zigzag`` reuses it with
-``2P`` chunks.
+``2P`` chunks of the sequence or of every document. A rank's ranges fall in
+*slots* (zigzag: its early and its late chunk): the ranges of one slot follow
+each other in global and in local order, so each step runs one kernel call per
+(query slot, key slot) whatever the number of documents.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from ..masks import MaskSlice
 from ..merge import acc_dtype, row_delta
 from ..plans import Plan
-from .blocks import Block, block_bwd, block_fwd, even_bounds, pair_block, range_area_matrix
+from .blocks import Block, block_bwd, block_fwd, even_bounds, pieces_block, range_pairs
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -38,7 +41,8 @@ class RingPlan(Plan):
 
     bounds: np.ndarray = field(repr=False)        # [C + 1] token boundaries of the ownership ranges
     range_owner: np.ndarray = field(repr=False)   # [C] rank owning each range
-    range_area: np.ndarray = field(repr=False)    # [C, C] visible pairs, query range x key range
+    range_slot: np.ndarray = field(repr=False)    # [C] slot of each range (see module docstring)
+    pairs: tuple[np.ndarray, ...] = field(repr=False)  # (i, j, area): range pairs with visible pairs
     rank_area: np.ndarray = field(repr=False)     # [P, P] visible pairs, query rank x key rank
     hops: tuple[int, ...]                         # per source rank: how far along the ring its KV travels
     steps: tuple[tuple[Block, ...], ...] = field(repr=False)  # this rank's blocks at each step (live plans)
@@ -54,11 +58,10 @@ class RingPlan(Plan):
 
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         out = []
-        for i in np.nonzero(self.range_owner == rank)[0]:
-            for j in np.nonzero(self.range_area[i])[0]:
-                block = pair_block((self.bounds[i], self.bounds[i + 1]), 0, (self.bounds[j], self.bounds[j + 1]), 0,
-                                   self.doc_lens, self.causal, self.window)
-                out += block.slices(self.bounds[i], self.bounds[j], self.causal, self.window) if block else []
+        for src in range(self.world_size):  # blocks placed at global rows: their slices are global
+            for block in _rank_blocks(rank, src, self.bounds, self.range_owner, self.range_slot, self.pairs,
+                                      self.bounds[:-1], self.doc_lens, self.causal, self.window):
+                out += block.slices(0, 0, self.causal, self.window)
         return out
 
     def visible_pairs(self, rank: int) -> int:
@@ -143,43 +146,62 @@ class RingPlan(Plan):
 
 
 def build_ring_plan(scheduler: str, bounds: np.ndarray, range_owner: np.ndarray, doc_lens, mesh, *, causal,
-                    window, backend) -> RingPlan:
-    """Plan ring execution for any ownership by ranges (ring: one per rank; zigzag: two)."""
+                    window, backend, range_slot: np.ndarray | None = None) -> RingPlan:
+    """Plan ring execution for any ownership by ranges (ring: one per rank; zigzag: two per rank,
+    or two per rank and document), ``range_slot`` as in the module docstring (default: one slot)."""
     p = mesh.world_size
-    range_area = range_area_matrix(bounds, doc_lens, causal, window)
-    onehot = np.zeros((len(range_owner), p), dtype=np.int64)
-    onehot[np.arange(len(range_owner)), range_owner] = 1
-    rank_area = onehot.T @ range_area @ onehot
+    range_slot = np.zeros(len(range_owner), dtype=np.int64) if range_slot is None else range_slot
+    pairs = range_pairs(bounds, doc_lens, causal, window)
+    i, j, area = pairs
+    rank_area = np.zeros((p, p), dtype=np.int64)
+    np.add.at(rank_area, (range_owner[i], range_owner[j]), area)
     # how far each source's KV must travel: the farthest rank (ring distance) that needs it
     dist = (np.arange(p)[:, None] - np.arange(p)[None, :]) % p  # [dst, src]
     hops = tuple(int(x) for x in np.where(rank_area > 0, dist, 0).max(axis=0))
-    owned = tuple(tuple((int(bounds[i]), int(bounds[i + 1])) for i in np.nonzero(range_owner == r)[0])
-                  for r in range(p))
+    owned = owned_ranges(bounds, range_owner, p)
     steps: tuple = ()
     if not mesh.is_dry:
-        steps = tuple(_rank_blocks(mesh.rank, (mesh.rank - t) % p, owned, bounds, range_owner, range_area,
-                                   doc_lens, causal, window) for t in range(p))
+        local_start = local_rows(bounds, range_owner)
+        steps = tuple(_rank_blocks(mesh.rank, (mesh.rank - t) % p, bounds, range_owner, range_slot, pairs,
+                                   local_start, doc_lens, causal, window) for t in range(p))
     return RingPlan(scheduler=scheduler, doc_lens=doc_lens, causal=causal, window=window, backend=backend,
                     world_size=p, rank=mesh.rank, group=mesh.group, owned=owned, bounds=bounds,
-                    range_owner=range_owner, range_area=range_area, rank_area=rank_area, hops=hops, steps=steps)
+                    range_owner=range_owner, range_slot=range_slot, pairs=pairs, rank_area=rank_area, hops=hops,
+                    steps=steps)
 
 
-def _rank_blocks(rank, src, owned, bounds, range_owner, range_area, doc_lens, causal, window) -> tuple[Block, ...]:
-    """Blocks of rank's queries against src's KV buffer (local coordinates on both sides)."""
-    q_ranges = np.nonzero(range_owner == rank)[0]
-    k_ranges = np.nonzero(range_owner == src)[0]
+def owned_ranges(bounds: np.ndarray, range_owner: np.ndarray, p: int) -> tuple:
+    """Each rank's ranges ``(start, end)`` in local order (increasing global position)."""
+    return tuple(tuple(zip(bounds[:-1][range_owner == r].tolist(), bounds[1:][range_owner == r].tolist()))
+                 for r in range(p))
+
+
+def local_rows(bounds: np.ndarray, range_owner: np.ndarray) -> np.ndarray:
+    """Row of each range's first token in its owner's local buffer."""
+    sizes = np.diff(bounds)
+    out = np.zeros(len(sizes), dtype=np.int64)
+    for r in np.unique(range_owner):
+        mine = np.nonzero(range_owner == r)[0]
+        out[mine] = np.cumsum(sizes[mine]) - sizes[mine]
+    return out
+
+
+def _rank_blocks(rank, src, bounds, range_owner, range_slot, pairs, rows, doc_lens, causal, window
+                 ) -> tuple[Block, ...]:
+    """Blocks of rank's queries against src's KV buffer, ``rows[i]`` placing range ``i`` (local
+    rows; ``bounds[:-1]`` gives global ones): one per (query slot, key slot)."""
+    i, j, _ = pairs
+    mine = (range_owner[i] == rank) & (range_owner[j] == src)
+    i, j = i[mine], j[mine]
     blocks = []
-    q_local = 0
-    for i in q_ranges:
-        k_local = 0
-        for j in k_ranges:
-            if range_area[i, j] > 0:
-                block = pair_block((bounds[i], bounds[i + 1]), q_local, (bounds[j], bounds[j + 1]), k_local,
-                                   doc_lens, causal, window)
-                if block is not None:
-                    blocks.append(block)
-            k_local += bounds[j + 1] - bounds[j]
-        q_local += bounds[i + 1] - bounds[i]
+    for a in np.unique(range_slot[i]):
+        for b in np.unique(range_slot[j]):
+            sel = (range_slot[i] == a) & (range_slot[j] == b)
+            qi, kj = i[sel], j[sel]
+            block = pieces_block(bounds[qi], bounds[qi + 1], rows[qi], bounds[kj], bounds[kj + 1], rows[kj],
+                                 doc_lens, causal, window)
+            if block is not None:
+                blocks.append(block)
     return tuple(blocks)
 
 

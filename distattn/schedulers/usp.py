@@ -50,7 +50,7 @@ from ..plans import Plan
 from .blocks import even_bounds
 from .ring import RingPlan, build_ring_plan
 from .ulysses import HeadExchange, HeadLayout, head_a2a_bytes, head_attention_bwd, head_attention_fwd
-from .zigzag import zigzag_owner
+from .zigzag import zigzag_ranges
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -194,11 +194,11 @@ def build(doc_lens, mesh, *, causal, window, backend, ulysses_degree: int | None
                                      or num_kv_heads < 1):
         raise ValueError(f"num_kv_heads must be a positive int (the model's KV heads), got {num_kv_heads!r}")
     u_deg, r_deg, coords, ulysses_group, ring_group = _layout(mesh, ulysses_degree, num_kv_heads)
-    total = sum(doc_lens)
     ring_rank = None if mesh.is_dry else coords[mesh.rank][1]
-    ring = build_ring_plan("zigzag", even_bounds(total, 2 * r_deg), zigzag_owner(r_deg), doc_lens,
-                           MeshInfo(world_size=r_deg, rank=ring_rank, group=ring_group),
-                           causal=causal, window=window, backend=backend)
+    bounds, owner, slot = zigzag_ranges(doc_lens, r_deg)
+    ring = build_ring_plan("zigzag", bounds, owner, doc_lens, MeshInfo(world_size=r_deg, rank=ring_rank,
+                                                                        group=ring_group),
+                           causal=causal, window=window, backend=backend, range_slot=slot)
     owned = []
     for u, r in coords:
         cuts = even_bounds(ring.num_tokens(r), u_deg)

@@ -27,6 +27,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -125,10 +126,13 @@ class StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None) -> list[dict]:
+def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
+          on_step: Callable[[dict], Any] | None = None) -> list[dict]:
     """Run on every rank of an initialised process group of ``cfg.world_size`` ranks; returns the metrics.
-    With ``stop``, a SIGTERM it received ends the run after the current step and its checkpoint."""
-    from ..parallel.mesh import init_mesh
+    With ``stop``, a SIGTERM it received ends the run after the current step and its checkpoint;
+    ``on_step(metrics)`` is called on every rank after each step (progress, profiling)."""
+    from ..parallel.mesh import ParallelDims
+    from ..schedulers.usp import default_ulysses_degree
 
     p, t = cfg.parallel, cfg.train
     if dist.get_world_size() != cfg.world_size:
@@ -138,8 +142,11 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None) 
         if dist.get_backend() == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    mesh = init_mesh(device.type, (p.dp, p.cp), ("dp", "cp"))
-    cp_group, dp_rank = mesh["cp"].get_group(), mesh.get_local_rank("dp")
+    ulysses = (p.ulysses_degree or default_ulysses_degree(p.cp, cfg.model.n_kv_heads)) \
+        if p.scheduler == "usp" and p.cp > 1 else 1
+    dims = ParallelDims(p.dp, p.cp, ulysses)
+    mesh = dims.build(device.type)  # every process group of the run, made once here
+    cp_mesh, dp_rank = dims.cp_mesh(mesh), mesh.get_local_rank("dp")
     torch.manual_seed(t.seed)  # same initial weights everywhere
     model = _wrap(Transformer(cfg.model).to(device), cfg, mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
@@ -153,15 +160,14 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None) 
         start, data_state = checkpoint.load(last, model, optimizer)
         packer.load_state(data_state)
     logger = _Logger(out, t.steps, start) if dist.get_rank() == 0 else None
-    options = {"ulysses_degree": p.ulysses_degree, "num_kv_heads": cfg.model.n_kv_heads} \
-        if p.scheduler == "usp" and p.cp > 1 else {}
+    options = {"num_kv_heads": cfg.model.n_kv_heads} if p.scheduler == "usp" and p.cp > 1 else {}
     history = []
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         tokens_np, doc_lens = packer.next_batch(p.dp, dp_rank)
         tokens = torch.from_numpy(tokens_np).to(device)
         labels = next_token_labels(tokens, doc_lens)
-        plan = make_plan(doc_lens, cp_group, scheduler=p.scheduler, backend=p.backend, **options)
+        plan = make_plan(doc_lens, cp_mesh, scheduler=p.scheduler, backend=p.backend, **options)
         logits = model(plan.shard(tokens), plan.position_ids(device), plan)
         local_labels = plan.shard(labels)
         loss_sum = F.cross_entropy(logits.float(), local_labels, ignore_index=-100, reduction="sum")
@@ -186,6 +192,8 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None) 
              "tokens_per_s": p.dp * cfg.data.seq_len / step_time, "step_time_s": step_time,
              "flops_imbalance": stats["flops_imbalance"]}
         history.append(m)
+        if on_step is not None:
+            on_step(m)
         if logger is not None and (step % t.log_every == 0 or step + 1 == t.steps or stopping):
             logger.log(m)
         if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps or stopping:
