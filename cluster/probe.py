@@ -9,12 +9,12 @@ nccl-tests (see :mod:`distattn.cluster.profile`), so both feed the same :class:`
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
 
 from ..comm import all_gather_single, reduce_scatter_single
+from ..timing import slowest_rank, time_calls
 from . import PROBED
 from .profile import Measurement, NetworkProfile, parse_size
 
@@ -72,23 +72,13 @@ def probe(sizes: list[int], ops=PROBED, iters: int = 5, warmup: int = 2, group=N
         raise ValueError("probe needs at least 2 ranks: a collective on one rank moves nothing")
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
         else torch.device("cpu")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for op in ops:
         for size in sizes:
             run, nbytes = _op_runner(op, size, group, device)
-            for _ in range(warmup):
-                run()
-            times = []
-            for _ in range(iters):
-                sync()
-                dist.barrier(group)
-                t0 = time.perf_counter()
-                run()
-                sync()
-                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
-                times.append(elapsed.item())
+            timing = time_calls(run, iters, warmup, barrier=True, group=group, device=device)
+            # an iteration lasts as long as its slowest rank; the median of those is kept
+            times = slowest_rank(timing.seconds, group, device)
             rows.append(Measurement(op, n, nbytes, statistics.median(times) * 1e6))
             if progress is not None:
                 progress(rows[-1])

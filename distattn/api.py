@@ -1,19 +1,25 @@
-"""The public entry points: :func:`plan` and :func:`attention`."""
+"""The public entry points: :func:`plan` and :func:`attention`.
+
+A token's way through them, one file a hop: :func:`plan` asks the scheduler's planner
+(``schedulers/<name>.py``) for a :class:`~distattn.schedule.Schedule` and
+:func:`~distattn.executors.executor_for` for this rank's executor (``executors/<pattern>.py``);
+:func:`attention` hands q, k, v to the executor, which moves them (``comm.py``), runs the local
+kernels (``kernels/``) and merges partial results (``merge.py``); backward retraces the same way.
+"""
 
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import torch
 
+from .executors import executor_for, resolve_options
 from .kernels import available_backends
 from .masks import as_doc_lens, check_window
-from .parallel.mesh import resolve_mesh
+from .mesh import MeshInfo, resolve_mesh
 from .plans import Plan
-from .schedulers import KNOWN, PLANNERS, implemented
-from .schedulers.zigzag import LAYOUTS
-
-DOCUMENT_LAYOUT = ("zigzag", "allgather")  # the schedulers with a per-document layout
+from .schedulers import LAYOUTS, LOCAL, spec, supporting
 
 
 def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window: int | None = None,
@@ -50,56 +56,77 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     """
     lens = as_doc_lens(doc_lens)
     window = check_window(window)
-    if scheduler not in KNOWN:
-        raise ValueError(f"scheduler={scheduler!r} is unknown; choose one of {list(KNOWN)}")
+    entry = spec(scheduler)
     if backend != "auto" and backend not in available_backends():
         raise ValueError(f"backend={backend!r} is unknown; choose 'auto' or one of {available_backends()}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is unknown; choose one of {list(LAYOUTS)}")
-    if layout == "document" and scheduler not in DOCUMENT_LAYOUT:
-        raise ValueError(f"layout='document' (each document split zigzag over the ranks) works with scheduler "
-                         f"{' or '.join(map(repr, DOCUMENT_LAYOUT))}, not {scheduler!r}; use layout='sequence'")
+    if layout not in entry.layouts:
+        raise ValueError(f"layout={layout!r} (each document split zigzag over the ranks) works with scheduler "
+                         f"{' or '.join(map(repr, supporting(layout)))}, not {scheduler!r}; use layout='sequence'")
     info = resolve_mesh(mesh)
-    common = dict(causal=bool(causal), window=window, backend=backend)
+    common = dict(causal=bool(causal), window=window)
     if layout == "document" and info.world_size > 1:  # on one rank both layouts are the sequence itself
         options["layout"] = layout
     if info.world_size == 1 and not options:
-        return _prepared(PLANNERS["local"](lens, info, scheduler=scheduler, **common), info, device)
-    if scheduler not in PLANNERS:
-        raise ValueError(f"scheduler={scheduler!r} is not implemented for world size > 1 yet; "
-                         f"available: {implemented()}")
-    planner = PLANNERS[scheduler]
+        return _made(LOCAL.planner()(lens, info, scheduler=scheduler, **common), info, backend, device, {})
+    planner = entry.planner()
     accepted = sorted(set(inspect.signature(planner).parameters) - {"doc_lens", "mesh", *common})
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"unexpected option(s) {unknown} for scheduler={scheduler!r}; it accepts {accepted}")
-    return _prepared(planner(lens, info, **common, **options), info, device)
+    options, live = resolve_options(scheduler, lens, info, options)
+    return _made(planner(lens, info, **common, **options), info, backend, device, live)
 
 
-def _prepared(plan_: Plan, info, device) -> Plan:
-    if not plan_.is_dry:
-        plan_.prepare(device if device is not None else info.device)
+def _made(schedule, info: MeshInfo, backend: str, device, live: dict) -> Plan:
+    """The plan of ``schedule``: with this rank's executor, prepared on its device, unless dry."""
+    if info.is_dry:
+        return Plan(schedule, backend)
+    plan_ = Plan(schedule, backend, info.rank, executor_for(schedule, info, backend, **live))
+    plan_.prepare(device if device is not None else info.device)
     return plan_
+
+
+def _split(saved, tensors: list) -> object:
+    """``saved`` (nested named tuples) with its tensors moved to ``tensors`` and replaced by their index."""
+    if isinstance(saved, torch.Tensor):
+        tensors.append(saved)
+        return _Slot(len(tensors) - 1)
+    if isinstance(saved, tuple) and hasattr(saved, "_fields"):
+        return type(saved)(*(_split(x, tensors) for x in saved))
+    return saved
+
+
+def _join(skeleton, tensors) -> object:
+    if isinstance(skeleton, _Slot):
+        return tensors[skeleton.index]
+    if isinstance(skeleton, tuple) and hasattr(skeleton, "_fields"):
+        return type(skeleton)(*(_join(x, tensors) for x in skeleton))
+    return skeleton
+
+
+class _Slot(NamedTuple):
+    index: int
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: Plan, scale: float, prefetch):
-        out, saved = plan.forward(q, k, v, scale) if prefetch is None else plan.forward(q, k, v, scale, prefetch)
+        ex = plan.executor
+        out, saved = ex.forward(q, k, v, scale) if prefetch is None else ex.forward(q, k, v, scale, prefetch)
         ctx.plan, ctx.scale = plan, scale
         # tensors go through save_for_backward (no reference cycle through `out`); the
-        # few plain values a plan saves (e.g. head counts) ride on ctx
-        is_tensor = [isinstance(x, torch.Tensor) for x in saved]
-        ctx.is_tensor = is_tensor
-        ctx.values = [None if t else x for x, t in zip(saved, is_tensor)]
-        ctx.save_for_backward(*(x for x, t in zip(saved, is_tensor) if t))
+        # few plain values an executor saves (e.g. head counts) ride on ctx
+        tensors: list = []
+        ctx.skeleton = _split(saved, tensors)
+        ctx.save_for_backward(*tensors)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        tensors = iter(ctx.saved_tensors)
-        saved = tuple(next(tensors) if t else x for x, t in zip(ctx.values, ctx.is_tensor))
-        dq, dk, dv = ctx.plan.backward(dout.contiguous(), saved, ctx.scale)
+        saved = _join(ctx.skeleton, ctx.saved_tensors)
+        dq, dk, dv = ctx.plan.executor.backward(dout.contiguous(), saved, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
@@ -121,7 +148,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must come from distattn.plan(...), got {type(plan).__name__}")
     plan.check_inputs(q, k, v)
-    if prefetch is not None and not hasattr(plan, "prefetch"):
+    if prefetch is not None and not plan.executor.supports_prefetch:
         raise ValueError(f"prefetch= works with scheduler='cad', not {plan.scheduler!r}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -136,10 +163,6 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lens,
     The building block for plugging our kernels under another system's sequence
     parallelism (e.g. DeepSpeed's ``DistributedAttention``).
     """
-    from .parallel.mesh import MeshInfo
-    from .schedulers import local
-
-    lens = as_doc_lens(doc_lens)
-    plan_ = local.build(lens, MeshInfo(world_size=1, rank=0), causal=bool(causal), window=check_window(window),
-                        backend=backend)
-    return attention(q, k, v, plan_, scale=scale)
+    info = MeshInfo(world_size=1, rank=0)
+    schedule = LOCAL.planner()(as_doc_lens(doc_lens), info, causal=bool(causal), window=check_window(window))
+    return attention(q, k, v, Plan(schedule, backend, 0, executor_for(schedule, info, backend)), scale=scale)

@@ -1,4 +1,4 @@
-"""``distattn demo``: every implemented scheduler on N local gloo processes vs single-device fp64.
+"""``distattn demo``: every scheduler on N local gloo processes vs single-device fp64.
 
 Each rank builds the same seeded packed batch, runs ``distattn.attention``
 forward and backward on its shard, and compares the gathered result with
@@ -8,9 +8,6 @@ reports the max errors and the fwd+bwd time (slowest rank, median of repeats).
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -18,9 +15,10 @@ from .api import attention, plan
 from .doclens import pack
 from .kernels import attn_bwd, attn_fwd
 from .masks import as_doc_lens, cu_seqlens
-from .schedulers import implemented
+from .schedulers import LOCAL, NAMES
 from .schedulers.usp import default_ulysses_degree
 from .spawn import run_distributed
+from .timing import slowest_median, time_calls
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,20 +47,19 @@ def _rank_main(schedulers, doc_lens, heads, kv_heads, head_dim, dtype_name, caus
         options = {"ulysses_degree": ulysses_degree} if name == "usp" and dist.get_world_size(group) > 1 else {}
         p = plan(doc_lens, group, scheduler=name, causal=causal, window=window, backend=backend, **options)
         q, k, v, dout = (p.shard(t).to(dtype) for t in (q64, k64, v64, dout64))
-        times = []
-        for _ in range(repeats + 1):  # the first call sets up connections: not timed
-            q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
-            dist.barrier(group)
-            t0 = time.perf_counter()
-            out = attention(q_, k_, v_, p)
+
+        def step(x):
+            out = attention(*x, p)
             out.backward(dout)
-            times.append(time.perf_counter() - t0)
-        times = times[1:]
-        slowest = torch.tensor([float(np.median(times))])
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+            return out, x
+
+        # fresh leaves every call, made outside the timed span; the first call sets up connections: not timed
+        timing = time_calls(step, repeats, warmup=1, barrier=True, group=group,
+                            setup=lambda: tuple(t.detach().requires_grad_() for t in (q, k, v)))
+        out, (q_, k_, v_) = timing.result
         got = [p.unshard(t.detach()) for t in (out, q_.grad, k_.grad, v_.grad)]
         row = {"scheduler": name, "world_size": dist.get_world_size(group), "dtype": dtype_name,
-               "ms": 1e3 * slowest.item()}
+               "ms": 1e3 * slowest_median(timing.seconds, group)}
         for key, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
             diff = g.double() - r
             row[f"err_{key}"] = diff.abs().max().item()                        # max |error|
@@ -82,7 +79,7 @@ def run_demo(world_size: int = 4, schedulers: list[str] | None = None, seq_len: 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     # on one rank every scheduler is the local one
-    available = implemented() if world_size == 1 else [s for s in implemented() if s != "local"]
+    available = [*NAMES, LOCAL.name] if world_size == 1 else list(NAMES)
     schedulers = schedulers or (["local"] if world_size == 1 else available)
     unknown = [s for s in schedulers if s not in available]
     if unknown:

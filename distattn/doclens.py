@@ -46,3 +46,19 @@ def pack(total: int, pool: np.ndarray | None = None, *, median: int = 1900, sigm
         lens.append(n)
         filled += n
     return lens
+
+
+# the named workloads of `distattn bench` (and of the simulator's calibration against it)
+MASK_CASES = ("causal", "full", "causal-doc", "full-doc", "window")
+
+
+def mask_case(mask: str, seq_len: int, pool, seed: int) -> tuple[list[int], bool, int | None]:
+    """``(doc_lens, causal, window)`` of a named workload: ``causal``/``full`` one document,
+    ``causal-doc``/``full-doc`` packed documents (from ``pool`` or the log-normal stand-in),
+    ``window`` one causal document with a window of ``seq_len / 8``."""
+    if mask not in MASK_CASES:
+        raise ValueError(f"mask {mask!r} is unknown; choose from {', '.join(MASK_CASES)}")
+    if mask in ("causal", "full", "window"):
+        return [seq_len], mask != "full", (max(1, seq_len // 8) if mask == "window" else None)
+    docs = pack(seq_len, None if pool is None else np.asarray(pool), seed=seed, median=max(1, seq_len // 16))
+    return docs, mask == "causal-doc", None

@@ -210,3 +210,20 @@ def attention_flops(area: int | np.ndarray, num_heads: int, head_dim: int, backw
     """Forward (or backward, 2.5x) FLOPs of attention over ``area`` visible pairs."""
     fwd = 4 * area * num_heads * head_dim
     return fwd * BWD_FLOPS_FACTOR if backward else fwd
+
+
+def document_flops(doc_lens, causal: bool, window: int | None, num_heads: int, head_dim: int) -> float:
+    """Forward plus backward attention FLOPs of a packed sequence (backward = 2.5x forward)."""
+    lens = np.asarray(doc_lens, dtype=np.int64)
+    area = int(mask_area(lens, lens, causal, window).sum())
+    return (1 + BWD_FLOPS_FACTOR) * float(attention_flops(area, num_heads, head_dim))
+
+
+def next_token_labels(tokens: torch.Tensor, doc_lens) -> torch.Tensor:
+    """``[S]`` labels: the next token of the same document, -100 on each document's last token
+    (the loss never crosses a document boundary)."""
+    labels = torch.full_like(tokens, -100)
+    labels[:-1] = tokens[1:]
+    ends = torch.tensor(doc_lens, device=tokens.device).cumsum(0) - 1
+    labels[ends] = -100
+    return labels

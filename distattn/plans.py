@@ -1,166 +1,147 @@
-"""The ``Plan`` base class: token ownership, shard/unshard, positions and stats.
+"""The ``Plan``: a schedule (what every rank does, as data) and this rank's executor (how it runs).
 
-A plan is built once per packed batch by a scheduler's *planner* (a pure
-function of the document lengths, the mesh shape and options) and is a frozen
-dataclass holding everything precomputed. Its type selects the *executor*:
-each scheduler subclasses :class:`Plan` in its own file and implements
+``distattn.plan`` builds one per packed batch: the scheduler's planner makes the
+:class:`~distattn.schedule.Schedule` (frozen, no process group), and for a live plan
+:func:`~distattn.executors.executor_for` makes the executor that runs this rank's part on the
+mesh's groups, with its kernel layouts and indices copied to the device once. A *dry* plan
+(``mesh`` an int world size) has a schedule and no executor: ``stats()`` works,
+``shard``/``unshard``/``attention`` raise ``ValueError``.
 
-* ``compute_slices(rank)`` -- the mask slices (global coordinates) that rank computes,
-* ``send_bytes(rank, ...)`` -- the bytes that rank sends in one forward pass,
-* ``forward(q, k, v, scale)`` / ``backward(dout, saved, scale)`` -- the executor;
-* ``device_data()`` -- the kernel layouts (:class:`~distattn.kernels.Varlen`) and index
-  arrays (:class:`DeviceIndex`) the executor uses, which :meth:`Plan.prepare` copies to
-  the device once, when the plan is made: the executor then launches kernels and
-  collectives without a host synchronisation.
+Token ownership is the schedule's ``owned[r]``: global ``(start, end)`` token ranges whose
+concatenation, in that order, is rank ``r``'s local tensor. Ranks may own different numbers of
+tokens (any total length works; collectives pad internally), or none (fewer tokens than ranks:
+their shards are ``[0, ...]`` tensors and they still take part in every collective).
 
-Token ownership is stored as ranges: ``owned[r]`` is a tuple of global
-``(start, end)`` token ranges; rank ``r``'s local tensor is their
-concatenation in that order. Ranks may own different numbers of tokens (any
-total length works); collectives pad internally.
-
-A *dry* plan (``world_size`` given as an int) has ``rank = None`` and no group:
-``stats()`` works, ``shard``/``unshard``/``attention`` raise ``ValueError``.
-
-Ranks can own nothing (fewer tokens than ranks): their shards are ``[0, ...]``
-tensors and they still take part in every collective.
-
-Before attention on inputs of a shape new to this rank, the ranks of the plan's
-group compare heads, head_dim and dtype through the group's key-value store
-(:func:`distattn.comm.meet_once`: host only, so no device synchronisation; the
-group's store remembers agreed shapes, so a plan per training step checks on the
-first step only): a mismatch is a ``ValueError`` on every rank naming both
-sides, not a gloo abort, a hang or a silently wrong result.
+Before attention on inputs of a shape new to this rank, the ranks of the plan's group compare
+heads, head_dim and dtype (:meth:`distattn.executors.base.Executor.check_agreement`): a mismatch
+is a ``ValueError`` on every rank naming both sides, not a gloo abort, a hang or a silently
+wrong result.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from .comm import Comm, meet_once
-from .kernels import Varlen, prepare
-from .kernels.registry import check_qkv
-from .masks import MaskSlice, attention_flops, slices_area
+from .comm import Comm
+from .executors.base import Executor
+from .kernels import check_qkv
+from .masks import MaskSlice
+from .schedule import AttnShape, Phase, Schedule, imbalance, token_index
 
-Ranges = tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True, eq=False)
-class DeviceIndex:
-    """A host index array and its copies on devices, each made once."""
-
-    array: np.ndarray
-    _copies: dict = field(default_factory=dict, repr=False)
-
-    def on(self, device: torch.device) -> torch.Tensor:
-        device = torch.device(device)
-        if device not in self._copies:
-            self._copies[device] = torch.from_numpy(np.ascontiguousarray(self.array)).to(device)
-        return self._copies[device]
+__all__ = ["Plan", "imbalance", "token_index"]
 
 
-@dataclass(frozen=True, eq=False, kw_only=True)
+@dataclass(frozen=True, eq=False, init=False)
 class Plan:
-    """Metadata of one packed batch on one context-parallel group (see module docstring)."""
+    """A schedule and, on a live plan, this rank's executor (see module docstring).
 
-    scheduler: str
-    doc_lens: tuple[int, ...]
-    causal: bool
-    window: int | None
+    Scheduler-specific facts of the schedule (``ulysses_degree`` of ``usp``, ``segments`` of
+    ``cad``, ...) and of the executor (``slot`` of ``cad``) read as attributes of the plan.
+    """
+
+    schedule: Schedule
     backend: str
-    world_size: int
-    rank: int | None
-    group: Any = field(default=None, repr=False)  # ProcessGroup, or None for dry plans
-    owned: tuple[Ranges, ...] = field(repr=False)
-    comm: Comm | None = field(init=False, repr=False)  # counts the bytes this rank sends
-    _agreed: set = field(init=False, repr=False, default_factory=set)  # input signatures all ranks share
+    rank: int | None                                   # None: dry
+    executor: Executor | None = field(repr=False)      # None when dry
 
-    def __post_init__(self):
-        object.__setattr__(self, "comm", Comm(self.group) if self.group is not None else None)
+    def __init__(self, schedule: Schedule | None = None, backend: str = "auto", rank: int | None = None,
+                 executor=None, *, group=None, **layout):
+        """``Plan(schedule, backend, rank, executor)`` (what ``distattn.plan`` builds), or a plan of
+        token ownership alone, as plans were made before schedules were data:
+        ``Plan(scheduler=, doc_lens=, causal=, window=, backend=, world_size=, rank=, group=, owned=)``
+        (``shard``, ``unshard``, ``position_ids``; no attention)."""
+        if schedule is None:
+            schedule = Schedule(**layout)
+            executor = None if rank is None else Executor(schedule, rank, Comm(group), backend)
+        for name, value in (("schedule", schedule), ("backend", backend), ("rank", rank), ("executor", executor)):
+            object.__setattr__(self, name, value)
 
-    # ---- executor interface (subclasses) -------------------------------------------------
-    def compute_slices(self, rank: int) -> list[MaskSlice]:
-        raise NotImplementedError
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("schedule", "executor"):
+            raise AttributeError(name)
+        for source in (self.schedule, self.executor):
+            if source is not None and hasattr(source, name):
+                return getattr(source, name)
+        raise AttributeError(f"{type(self).__name__} of scheduler {self.schedule.scheduler!r} has no attribute "
+                             f"{name!r}")
 
-    def send_bytes(self, rank: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
-        raise NotImplementedError
-
-    def visible_pairs(self, rank: int) -> int:
-        """Visible (query, key) pairs that rank computes; subclasses may answer faster."""
-        return slices_area(self.compute_slices(rank))
-
-    def rank_flops(self, rank: int, num_heads: int, num_kv_heads: int, head_dim: int) -> int:
-        """Forward attention FLOPs of rank (all heads over its pairs, unless a scheduler splits heads)."""
-        return int(attention_flops(self.visible_pairs(rank), num_heads, head_dim))
-
-    def bytes_sent(self) -> int:
-        """Bytes this rank has sent through the plan's communicators so far."""
-        return self.comm.bytes_sent if self.comm is not None else 0
-
-    def extra_stats(self) -> dict:
-        """Scheduler-specific per-rank lists added to :meth:`stats`."""
-        return {}
-
-    def device_data(self) -> Iterable[Varlen | DeviceIndex]:
-        """Kernel layouts and index arrays the executor uses on this rank (see module docstring)."""
-        return ()
-
-    def prepare(self, device: torch.device | str) -> None:
-        """Copy this rank's kernel layouts and indices to ``device`` and let the kernel backend
-        precompute from them, once. ``distattn.plan`` does it for the mesh's device; attention on
-        tensors of another device prepares them there on first use."""
-        device = torch.device(device)
-        for item in self.device_data():
-            if isinstance(item, Varlen):
-                try:
-                    prepare(item, device, causal=self.causal, window=self.window, backend=self.backend)
-                except ValueError:  # no backend for this device: attention will say so
-                    continue
-            else:
-                item.on(device)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Returns ``(out, saved)``; ``saved`` is handed back to :meth:`backward`."""
-        raise NotImplementedError
-
-    def backward(self, dout: torch.Tensor, saved: tuple[torch.Tensor, ...], scale: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    # ---- derived metadata ----------------------------------------------------------------
+    # ---- the schedule's facts ------------------------------------------------------------------
     @property
-    def total_tokens(self) -> int:
-        return sum(self.doc_lens)
+    def scheduler(self) -> str:
+        return self.schedule.scheduler
+
+    @property
+    def doc_lens(self) -> tuple[int, ...]:
+        return self.schedule.doc_lens
+
+    @property
+    def causal(self) -> bool:
+        return self.schedule.causal
+
+    @property
+    def window(self) -> int | None:
+        return self.schedule.window
+
+    @property
+    def world_size(self) -> int:
+        return self.schedule.world_size
+
+    @property
+    def owned(self):
+        return self.schedule.owned
 
     @property
     def is_dry(self) -> bool:
         return self.rank is None
 
+    @property
+    def total_tokens(self) -> int:
+        return self.schedule.total_tokens
+
     def num_tokens(self, rank: int) -> int:
-        return sum(e - s for s, e in self.owned[rank])
+        return self.schedule.num_tokens(rank)
 
     @property
     def num_local_tokens(self) -> int:
         return self.num_tokens(self._require_rank("num_local_tokens"))
 
-    @cached_property
-    def doc_starts(self) -> np.ndarray:
-        """Global start offset of each document."""
-        return np.concatenate([[0], np.cumsum(self.doc_lens[:-1], dtype=np.int64)]).astype(np.int64)
+    def compute_slices(self, rank: int) -> list[MaskSlice]:
+        return self.schedule.compute_slices(rank)
 
+    def phases(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> list[Phase]:
+        """The schedule's forward and backward phases for this attention shape."""
+        return self.schedule.phases(AttnShape(num_heads, num_kv_heads, head_dim, dtype_bytes))
+
+    def stats(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> dict:
+        """Per-rank forward attention ``flops``, ``tokens`` and ``send_bytes`` (lists indexed by
+        rank) plus ``flops_imbalance`` and ``token_imbalance`` (max / mean)."""
+        return self.schedule.stats(num_heads, num_kv_heads, head_dim, dtype_bytes)
+
+    # ---- this rank -------------------------------------------------------------------------------
     def _require_rank(self, what: str) -> int:
         if self.rank is None:
             raise ValueError(f"{what} needs a process group: this plan is dry (mesh was an int world size); "
                              f"build it with a DeviceMesh or ProcessGroup")
         return self.rank
 
-    # ---- public API ----------------------------------------------------------------------
+    @property
+    def group(self):
+        """The CP group (None when dry)."""
+        return None if self.executor is None else self.executor.comm.group
+
+    def bytes_sent(self) -> int:
+        """Bytes this rank has sent through the plan's communicators so far."""
+        return 0 if self.executor is None else self.executor.bytes_sent
+
+    def prepare(self, device: torch.device | str) -> None:
+        """Copy this rank's kernel layouts and indices to ``device``, once (``distattn.plan`` does it
+        for the mesh's device; attention on tensors of another device prepares them there)."""
+        if self.executor is not None:
+            self.executor.prepare(device)
+
     def shard(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """``x`` with the full packed sequence along ``dim`` (``[S, ...]``) -> this rank's tokens
         ``[S_local, ...]`` in local order. Differentiable (a concatenation of slices)."""
@@ -186,7 +167,7 @@ class Plan:
         padded = x.new_zeros((width, *x.shape[1:]))  # gloo's all-gather needs equal sizes
         padded[: x.shape[0]] = x
         gathered = padded.new_empty((self.world_size * width, *x.shape[1:]))
-        self.comm.all_gather(gathered, padded, "unshard").wait()
+        self.executor.comm.all_gather(gathered, padded, "unshard").wait()
         full = x.new_empty((self.total_tokens, *x.shape[1:]))
         for r in range(self.world_size):
             offset = r * width
@@ -198,27 +179,9 @@ class Plan:
     def position_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``[S_local]`` int64: each local token's position inside its document (for RoPE)."""
         tokens = token_index(self.owned[self._require_rank("position_ids")])
-        doc = np.searchsorted(self.doc_starts, tokens, side="right") - 1
-        return torch.from_numpy(tokens - self.doc_starts[doc]).to(device)
-
-    def stats(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> dict:
-        """Per-rank forward attention ``flops``, ``tokens`` and ``send_bytes`` (lists indexed by
-        rank) plus ``flops_imbalance`` and ``token_imbalance`` (max / mean)."""
-        check_stats_args(num_heads, num_kv_heads, head_dim, dtype_bytes)
-        ranks = range(self.world_size)
-        flops = [self.rank_flops(r, num_heads, num_kv_heads, head_dim) for r in ranks]
-        tokens = [self.num_tokens(r) for r in ranks]
-        send = [int(self.send_bytes(r, num_heads, num_kv_heads, head_dim, dtype_bytes)) for r in ranks]
-        return {
-            "scheduler": self.scheduler,
-            "world_size": self.world_size,
-            "flops": flops,
-            "tokens": tokens,
-            "send_bytes": send,
-            "flops_imbalance": imbalance(flops),
-            "token_imbalance": imbalance(tokens),
-            **self.extra_stats(),
-        }
+        starts = self.schedule.doc_starts
+        doc = np.searchsorted(starts, tokens, side="right") - 1
+        return torch.from_numpy(tokens - starts[doc]).to(device)
 
     def check_local_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """``ValueError`` unless q/k/v are this rank's ``[S_local, H, D]`` shards. Checked before any
@@ -230,52 +193,19 @@ class Plan:
             if t.shape[0] != n:
                 raise ValueError(f"{name} has {t.shape[0]} tokens but rank {rank} owns {n} under this plan: "
                                  f"pass plan.shard(x) of the full sequence")
-
-    # ---- agreement between the ranks ---------------------------------------------------------
-    @property
-    def agreement_group(self):
-        """The group whose ranks exchange data in attention (and so must agree on shapes)."""
-        return self.group
+        self.schedule.check_heads(q.shape[1], k.shape[1])
 
     def check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """:meth:`check_local_qkv`, then a ``ValueError`` on every rank unless all ranks of the group
         pass the same heads, head_dim and dtype (see module docstring)."""
         self.check_local_qkv(q, k, v)
-        dtype = str(q.dtype).removeprefix("torch.")
-        shapes = f"Hq={q.shape[1]}, Hkv={k.shape[1]}, head_dim={q.shape[2]}, dtype={dtype}"
-        group = self.agreement_group
-        if group is None or self.world_size == 1 or shapes in self._agreed:
-            return
-        theirs = meet_once(group, "attention", shapes, "the check that all ranks pass the same shapes")
-        for r, their_shapes in enumerate(theirs or ()):
-            if their_shapes != shapes:
-                raise ValueError(f"ranks pass different q/k/v to attention: rank {_global_rank(group)} has "
-                                 f"({shapes}) but rank {_global_rank(group, r)} has ({their_shapes}); every rank "
-                                 f"of the plan's group must pass the same heads, head_dim and dtype")
-        self._agreed.add(shapes)
+        self.executor.check_agreement(q, k)
 
-
-def _global_rank(group, rank: int | None = None) -> int:
-    if rank is None:
-        return dist.get_rank()
-    return rank if group is dist.group.WORLD else dist.get_global_rank(group, rank)
-
-
-def check_stats_args(num_heads, num_kv_heads, head_dim, dtype_bytes) -> None:
-    for name, val in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                      ("dtype_bytes", dtype_bytes)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-
-
-def imbalance(values) -> float:
-    """max / mean (1.0 when everything is zero)."""
-    mean = sum(values) / len(values)
-    return max(values) / mean if mean > 0 else 1.0
-
-
-def token_index(ranges: Ranges) -> np.ndarray:
-    """Global token indices of ``ranges``, in local order."""
-    return np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in ranges] or [np.zeros(0, np.int64)])
+    def prefetch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Start the forward transfers of Q, K, V now (``cad``); pass the result to
+        ``distattn.attention(q, k, v, plan, prefetch=...)`` with the same tensors. Work done in
+        between (another nano-batch's pre-attention layers) overlaps the transfer."""
+        self.check_inputs(q, k, v)
+        if not self.executor.supports_prefetch:
+            raise ValueError(f"prefetch works with scheduler='cad', not {self.scheduler!r}")
+        return self.executor.prefetch(q, k, v)

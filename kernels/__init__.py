@@ -14,7 +14,7 @@ validated and prepared once (no host synchronisation per call). Backends:
 """
 
 from . import reference, torch_cpu, torch_cuda
-from .registry import (Backend, attn_bwd, attn_fwd, available_backends, prepare, register_backend,
+from .registry import (Backend, attn_bwd, attn_fwd, available_backends, check_qkv, prepare, register_backend,
                        resolve_backend, varlen_bwd, varlen_fwd)
 from .varlen import Varlen
 
@@ -39,5 +39,5 @@ if triton_attn is not None:
                              devices=frozenset({"cuda", "cpu"} if triton_attn.INTERPRET else {"cuda"}),
                              prepare=triton_attn.prepare))
 
-__all__ = ["Backend", "Varlen", "attn_fwd", "attn_bwd", "available_backends", "prepare", "register_backend",
-           "resolve_backend", "varlen_fwd", "varlen_bwd"]
+__all__ = ["Backend", "Varlen", "attn_fwd", "attn_bwd", "available_backends", "check_qkv", "prepare",
+           "register_backend", "resolve_backend", "varlen_fwd", "varlen_bwd"]

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from distattn.merge import row_delta
 
+from .triton_blocks import block_count, block_start, key_runs, load_rows, runs, segment, tile, visible
 from .triton_plan import TILE_BLOCKS, all_configs, keep_config, prepare
 from .varlen import Varlen
 
@@ -72,122 +73,22 @@ def _pruner(kernel: str):
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "GROUP"]
 
 
-# ---- device code -------------------------------------------------------------------------------
-
-@triton.jit
-def _segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET: tl.constexpr):
-    """Start rows, lengths and the position shift (``row + shift`` = key position) of a segment."""
-    q0 = tl.load(CU_Q + seg)
-    k0 = tl.load(CU_K + seg)
-    m = tl.load(CU_Q + seg + 1) - q0
-    n = tl.load(CU_K + seg + 1) - k0
-    shift = n - m
-    if HAS_OFFSET:
-        shift += tl.load(OFFSET + seg)
-    return q0, k0, m, n, shift
-
-
-@triton.jit
-def _tile(TILES, BLOCK: tl.constexpr):
-    """(segment, first row) of this program's tile; the table's header gives where the table of
-    ``BLOCK``-sized tiles starts."""
-    entry = tl.load(TILES + BLOCK // 16) + 2 * tl.program_id(0)
-    return tl.load(TILES + entry), tl.load(TILES + entry + 1)
-
-
-@triton.jit
-def _runs(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
-    """Cut the blocks covering ``[lo, hi)`` (aligned at ``lo``, which is a multiple of BLOCK) into
-    masked ``[lo, a)``, full ``[a, b)`` and masked ``[b, end)``: full blocks lie inside
-    ``[full_lo, full_hi)``."""
-    end = lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK) * BLOCK
-    a = lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK) * BLOCK
-    a = tl.minimum(a, end)
-    b = lo + (tl.maximum(full_hi - lo, 0) // BLOCK) * BLOCK
-    b = tl.minimum(tl.maximum(b, a), end)
-    return a, b, end
-
-
-@triton.jit
-def _visible(rows, cols, shift, m, n, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    pos = rows[:, None] + shift
-    ok = (rows[:, None] < m) & (cols[None, :] < n) & (cols[None, :] >= 0)
-    if CAUSAL:
-        ok = ok & (cols[None, :] <= pos)
-    if WINDOW:
-        ok = ok & (pos - cols[None, :] < window)
-        if not CAUSAL:
-            ok = ok & (cols[None, :] - pos < window)
-    return ok
-
-
-@triton.jit
-def _key_runs(start_m, m, shift, n, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
-    """Key blocks a query tile visits: ``(lo, a, b, end)``, masked ``[lo, a)``, full ``[a, b)``,
-    masked ``[b, end)`` (see :func:`_runs`)."""
-    last = tl.minimum(start_m + BLOCK_M, m) - 1
-    lo = 0
-    hi = n
-    full_lo = 0
-    full_hi = n
-    if CAUSAL:
-        hi = tl.minimum(hi, last + shift + 1)
-        full_hi = tl.minimum(full_hi, start_m + shift + 1)
-    if WINDOW:
-        lo = tl.maximum(lo, start_m + shift - window + 1)
-        full_lo = last + shift - window + 1
-        if not CAUSAL:
-            hi = tl.minimum(hi, last + shift + window)
-            full_hi = tl.minimum(full_hi, start_m + shift + window)
-    lo = (lo // BLOCK_N) * BLOCK_N
-    a, b, end = _runs(lo, hi, full_lo, full_hi, BLOCK_N)
-    return lo, a, b, end
-
-
-@triton.jit
-def _block_count(lo, a, b, end, BLOCK: tl.constexpr, MASKED: tl.constexpr):
-    """Blocks of a run: masked ``[lo, a)`` then ``[b, end)`` (one loop: one copy of the code), or
-    the full ``[a, b)``."""
-    if MASKED:
-        return (a - lo) // BLOCK + (end - b) // BLOCK
-    else:
-        return (b - a) // BLOCK
-
-
-@triton.jit
-def _block_start(i, lo, a, b, BLOCK: tl.constexpr, MASKED: tl.constexpr):
-    if MASKED:
-        return tl.where(i < (a - lo) // BLOCK, lo + i * BLOCK, b + (i - (a - lo) // BLOCK) * BLOCK)
-    else:
-        return a + i * BLOCK
-
-
-@triton.jit
-def _load_rows(ptrs, rows, dims, count, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A ``[rows, BLOCK_D]`` tile; masked blocks check ``rows < count``, full ones only a padded head dim."""
-    if MASKED:
-        return tl.load(ptrs, mask=(rows[:, None] < count) & (dims[None, :] < HEAD_DIM), other=0.0)
-    elif HEAD_DIM == BLOCK_D:
-        return tl.load(ptrs)
-    else:
-        return tl.load(ptrs, mask=dims[None, :] < HEAD_DIM, other=0.0)
-
+# ---- device code (the building blocks: .triton_blocks) ------------------------------------------
 
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b, end, shift, m, n,
                 window, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over the key blocks of a run (see :func:`_block_count`); ``k_ptrs``/``v_ptrs``
+    """Online softmax over the key blocks of a run (see :func:`block_count`); ``k_ptrs``/``v_ptrs``
     point at key row 0."""
-    for i in range(0, _block_count(lo, a, b, end, BLOCK_N, MASKED)):
-        start_n = _block_start(i, lo, a, b, BLOCK_N, MASKED)
+    for i in range(0, block_count(lo, a, b, end, BLOCK_N, MASKED)):
+        start_n = block_start(i, lo, a, b, BLOCK_N, MASKED)
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_ptrs + start_n * stride_kt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
-        v = _load_rows(v_ptrs + start_n * stride_vt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        k = load_rows(k_ptrs + start_n * stride_kt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        v = load_rows(v_ptrs + start_n * stride_vt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
-            s = tl.where(_visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), qk * qk_scale, float("-inf"))
+            s = tl.where(visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at 0
             p = tl.math.exp2(s - m_ref[:, None])
@@ -211,9 +112,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, OFFSET, TILES,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    seg, start_m = _tile(TILES, BLOCK_M)
+    seg, start_m = tile(TILES, BLOCK_M)
     head = tl.program_id(1)
-    q0, k0, m, n, shift = _segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET)
+    q0, k0, m, n, shift = segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET)
     kv_head = head // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -222,7 +123,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, OFFSET, TILES,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, a, b, end = _key_runs(start_m, m, shift, n, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    lo, a, b, end = key_runs(start_m, m, shift, n, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
     if PRECISION == "ieee":  # fp32, a correctness path: every block masked keeps the code small
         a = end
         b = end
@@ -249,11 +150,11 @@ def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, 
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """dK/dV of one key tile over the query blocks of a run; pointers point at query row 0."""
-    for i in range(0, _block_count(lo, a, b, end, BLOCK_M, MASKED)):
-        start_m = _block_start(i, lo, a, b, BLOCK_M, MASKED)
+    for i in range(0, block_count(lo, a, b, end, BLOCK_M, MASKED)):
+        start_m = block_start(i, lo, a, b, BLOCK_M, MASKED)
         rows = start_m + rows0
-        q = _load_rows(q_ptrs + start_m * stride_qt, rows, dims, m, MASKED, HEAD_DIM, BLOCK_D)
-        do = _load_rows(do_ptrs + start_m * stride_dot, rows, dims, m, MASKED, HEAD_DIM, BLOCK_D)
+        q = load_rows(q_ptrs + start_m * stride_qt, rows, dims, m, MASKED, HEAD_DIM, BLOCK_D)
+        do = load_rows(do_ptrs + start_m * stride_dot, rows, dims, m, MASKED, HEAD_DIM, BLOCK_D)
         if MASKED:
             lse = tl.load(lse_ptrs + start_m * stride_lt, mask=rows < m, other=0.0)
             delta = tl.load(delta_ptrs + start_m * stride_dt, mask=rows < m, other=0.0)
@@ -263,7 +164,7 @@ def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, 
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.math.exp2(tl.fma(qk, qk_scale, -(lse * _LOG2E)[:, None]))
         if MASKED:
-            p = tl.where(_visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), p, 0.0)
+            p = tl.where(visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
@@ -280,9 +181,9 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, OFFSET, TILES,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                     WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    seg, start_n = _tile(TILES, BLOCK_N)
+    seg, start_n = tile(TILES, BLOCK_N)
     kv_head = tl.program_id(1)
-    q0, k0, m, n, shift = _segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET)
+    q0, k0, m, n, shift = segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET)
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     kv_mask = (cols[:, None] < n) & (dims[None, :] < HEAD_DIM)
@@ -307,7 +208,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, OFFSET, TILES,
             row_lo = tl.maximum(row_lo, start_n - window + 1 - shift)
             full_lo = tl.maximum(full_lo, last - window + 1 - shift)
     lo = (row_lo // BLOCK_M) * BLOCK_M
-    a, b, end = _runs(lo, row_hi, full_lo, full_hi, BLOCK_M)
+    a, b, end = runs(lo, row_hi, full_lo, full_hi, BLOCK_M)
     if PRECISION == "ieee":  # fp32: every block masked (see the forward)
         a = end
         b = end
@@ -336,15 +237,15 @@ def _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
                m, n, window, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dQ of one query tile over the key blocks of a run; pointers point at key row 0."""
-    for i in range(0, _block_count(lo, a, b, end, BLOCK_N, MASKED)):
-        start_n = _block_start(i, lo, a, b, BLOCK_N, MASKED)
+    for i in range(0, block_count(lo, a, b, end, BLOCK_N, MASKED)):
+        start_n = block_start(i, lo, a, b, BLOCK_N, MASKED)
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_ptrs + start_n * stride_kt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
-        v = _load_rows(v_ptrs + start_n * stride_vt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        k = load_rows(k_ptrs + start_n * stride_kt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        v = load_rows(v_ptrs + start_n * stride_vt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.math.exp2(tl.fma(qk, qk_scale, -lse_log2[:, None]))
         if MASKED:
-            p = tl.where(_visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), p, 0.0)
+            p = tl.where(visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -359,9 +260,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, OFFSET, TILES,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                    WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    seg, start_m = _tile(TILES, BLOCK_M)
+    seg, start_m = tile(TILES, BLOCK_M)
     head = tl.program_id(1)
-    q0, k0, m, n, shift = _segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET)
+    q0, k0, m, n, shift = segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET)
     kv_head = head // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -372,7 +273,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, OFFSET, TILES,
     lse_log2 = tl.load(LSE + (q0 + rows) * stride_lt + head * stride_lh, mask=row_mask, other=0.0) * _LOG2E
     delta = tl.load(DELTA + (q0 + rows) * stride_dt + head * stride_dh, mask=row_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, a, b, end = _key_runs(start_m, m, shift, n, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    lo, a, b, end = key_runs(start_m, m, shift, n, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
     if PRECISION == "ieee":  # fp32: every block masked (see the forward)
         a = end
         b = end

@@ -25,8 +25,10 @@ import torch
 import torch.distributed as dist
 
 from ..api import attention, plan as make_plan
+from ..schedulers import REGISTRY
 
-CONTIGUOUS = ("ulysses", "ring", "cad")
+# DeepSpeed's sequence shards are contiguous runs of s/P tokens: the schedulers whose layout that is
+CONTIGUOUS = tuple(name for name, s in REGISTRY.items() if s.contiguous)
 
 
 class DistAttnDistributedAttention(torch.nn.Module):
@@ -108,7 +110,7 @@ class SequenceParallelMPU:
         if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1 or world % sp_size:
             raise ValueError(f"sp_size must divide the world size {world}, got {sp_size!r}")
         from ..comm import subgroups
-        from .mesh import ParallelDims, group_device
+        from ..mesh import ParallelDims, group_device
 
         # the job's one mesh (a second call, or the trainer's mesh of the same shape, finds its groups)
         mesh = ParallelDims(dp=world // sp_size, cp=sp_size).build(group_device(dist.group.WORLD).type)

@@ -93,7 +93,7 @@ def shard_inputs(plan, input_ids: torch.Tensor) -> dict:
 def causal_lm_loss(logits: torch.Tensor, plan, input_ids: torch.Tensor, group=None) -> torch.Tensor:
     """Mean next-token cross-entropy over the whole packed sequence, from this rank's ``logits
     [1, S_local, V]``. Summing the gradients over the CP group gives the full gradient."""
-    from ..train.model import next_token_labels
+    from ..masks import next_token_labels
 
     labels = plan.shard(next_token_labels(input_ids.reshape(-1), plan.doc_lens))
     loss_sum = F.cross_entropy(logits[0].float(), labels, ignore_index=-100, reduction="sum")

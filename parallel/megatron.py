@@ -42,7 +42,10 @@ import weakref
 
 import torch
 
-from ..api import DOCUMENT_LAYOUT as THD_SCHEDULERS, attention, plan as make_plan
+from ..api import attention, plan as make_plan
+from ..schedulers import supporting
+
+THD_SCHEDULERS = supporting("document")  # the schedulers with a per-document layout
 
 try:  # Megatron is optional: the module imports without it, the class needs it
     from megatron.core.transformer.module import MegatronModule

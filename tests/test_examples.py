@@ -16,3 +16,13 @@ def test_example_runs(script):
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"^step \d+: loss ([0-9.]+)$", out.stdout, flags=re.M)]
     assert len(losses) == 5 and losses[-1] < losses[0], out.stdout
+
+
+def test_cad_pingpong_benchmark_runs_as_a_module():
+    """The ping-pong benchmark runs under its own name (not ``distattn.pingpong``, the API it measures)."""
+    out = subprocess.run([sys.executable, "-m", "distattn.bench.cad_pingpong", "--world-size", "2", "--seq-len",
+                          "1024", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    header, row = out.stdout.strip().splitlines()[-2:]
+    assert header.split()[:2] == ["sequential", "ms"], out.stdout
+    assert float(row.split()[-1]) < 1e-4, out.stdout  # the overlapped layer computes what the sequential one does

@@ -12,12 +12,12 @@ heads of 128, bf16) and the planning time.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 from ..api import plan
 from ..doclens import load_doc_lens, pack, upsample_long
+from ..timing import time_calls
 
 
 def table(ranks_list, tokens_per_rank: int, pool) -> list[dict]:
@@ -25,9 +25,8 @@ def table(ranks_list, tokens_per_rank: int, pool) -> list[dict]:
     for ranks in ranks_list:
         docs = pack(ranks * tokens_per_rank, pool, seed=0)
         for name, options in (("cad", {}), ("cad", {"epsilon": 0.04}), ("zigzag", {}), ("ring", {})):
-            t0 = time.perf_counter()
-            p = plan(docs, ranks, scheduler=name, **options)
-            planned = time.perf_counter() - t0
+            timing = time_calls(lambda: plan(docs, ranks, scheduler=name, **options), repeats=1)
+            p, planned = timing.result, timing.seconds[0]
             st = p.stats(32, 8, 128, 2)
             rows.append({"ranks": ranks, "docs": len(docs), "scheduler": name + (f" eps={options['epsilon']}"
                                                                                if options else ""),

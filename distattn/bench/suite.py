@@ -23,22 +23,22 @@ import csv
 import json
 import os
 import resource
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..api import attention, local_attention, plan
-from ..doclens import pack
-from ..masks import attention_flops, mask_area
+from ..doclens import MASK_CASES, mask_case
+from ..masks import document_flops
+from ..schedulers import NAMES
+from ..timing import slowest_median, time_calls
 from .ulysses_vs_deepspeed import DEFAULT_EXTENSIONS_DIR
 
-SCHEDULERS = ("ring", "zigzag", "allgather", "ulysses", "usp", "cad")
-MASKS = ("causal", "full", "causal-doc", "full-doc", "window")
+SCHEDULERS = NAMES
+MASKS = MASK_CASES
 COLUMNS = ("scheduler", "world_size", "seq_len", "mask", "fwd_bwd_ms", "tflops", "flops_imbalance", "send_bytes",
            "peak_mem_mb", "num_docs", "heads", "kv_heads", "head_dim", "dtype", "device")
 
@@ -74,20 +74,6 @@ class BenchConfig:
             raise ValueError("world sizes, sequence lengths and --repeats must be >= 1, --warmup >= 0")
 
 
-def mask_case(mask: str, seq_len: int, pool, seed: int) -> tuple[list[int], bool, int | None]:
-    """(doc_lens, causal, window) of a named mask pattern."""
-    if mask in ("causal", "full", "window"):
-        return [seq_len], mask != "full", (max(1, seq_len // 8) if mask == "window" else None)
-    docs = pack(seq_len, None if pool is None else np.asarray(pool), seed=seed, median=max(1, seq_len // 16))
-    return docs, mask == "causal-doc", None
-
-
-def case_flops(docs, causal, window, heads, head_dim) -> float:
-    """Forward plus backward FLOPs of the whole sequence (backward = 2.5x forward)."""
-    area = int(mask_area(np.asarray(docs), np.asarray(docs), causal, window).sum())
-    return 3.5 * float(attention_flops(area, heads, head_dim))
-
-
 def _reset_peak_mem(device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -110,22 +96,6 @@ def _peak_mem_mb(device) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak since start, KiB on Linux
-
-
-def _timed(fn, warmup: int, repeats: int, device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(warmup + repeats):
-        sync()
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return slowest.item() * 1e3
 
 
 def _deepspeed_attention(group, docs, causal, window):
@@ -151,7 +121,7 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
     if "usp" in cfg.schedulers and world > 1:
         # the one usp mesh (ParallelDims, through usp_mesh), made before any timed step: every
         # plan below finds its process groups instead of making them inside a measurement
-        from ..parallel.mesh import usp_mesh
+        from ..mesh import usp_mesh
         from ..schedulers.usp import default_ulysses_degree
 
         meshes["usp"] = usp_mesh(device.type, default_ulysses_degree(world, cfg.kv_heads))
@@ -162,7 +132,7 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
             g = torch.Generator().manual_seed(cfg.seed)
             q, dout = (torch.randn(seq_len, cfg.heads, cfg.head_dim, generator=g).to(device, dtype) for _ in "qd")
             k, v = (torch.randn(seq_len, cfg.kv_heads, cfg.head_dim, generator=g).to(device, dtype) for _ in "kv")
-            flops = case_flops(docs, causal, window, cfg.heads, cfg.head_dim)
+            flops = document_flops(docs, causal, window, cfg.heads, cfg.head_dim)
             names = list(cfg.schedulers) if world > 1 else ["local"]
             if cfg.peers and world > 1 and seq_len % world == 0 and cfg.kv_heads % world == 0:
                 names.append("deepspeed-ulysses")
@@ -185,7 +155,8 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
                         x = [t.detach().requires_grad_() for t in (q_l, k_l, v_l)]
                         attention(*x, p).backward(d_l)
                 _reset_peak_mem(device)
-                ms = _timed(step, cfg.warmup, cfg.repeats, device)
+                timing = time_calls(step, cfg.repeats, cfg.warmup, barrier=True, device=device)
+                ms = slowest_median(timing.seconds, device=device) * 1e3
                 mem = torch.tensor([_peak_mem_mb(device)], dtype=torch.float64, device=device)
                 dist.all_reduce(mem, op=dist.ReduceOp.MAX)
                 st = p.stats(cfg.heads, cfg.kv_heads, cfg.head_dim, q.element_size())

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -28,22 +26,9 @@ import torch.distributed as dist
 from ..api import attention, local_attention, plan
 from ..doclens import pack
 from ..spawn import run_distributed
+from ..timing import slowest_rank, time_interleaved
 
 DEFAULT_EXTENSIONS_DIR = str(Path(__file__).resolve().parents[2] / ".venv" / "torch_extensions")
-
-
-def _timed(fns, repeats: int) -> tuple[list[float], list]:
-    """Median ms (slowest rank) of each function, alternating them so drift hits both alike."""
-    times, results = [[] for _ in fns], [None] * len(fns)
-    for _ in range(repeats + 1):  # the first round warms up connections and caches
-        for i, fn in enumerate(fns):
-            dist.barrier()
-            t0 = time.perf_counter()
-            results[i] = fn()
-            times[i].append(time.perf_counter() - t0)
-    slowest = torch.tensor([statistics.median(t[1:]) for t in times])
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return (1e3 * slowest).tolist(), results
 
 
 def _rank_main(doc_lens, heads, head_dim, dtype, repeats, extensions_dir):
@@ -74,7 +59,10 @@ def _rank_main(doc_lens, heads, head_dim, dtype, repeats, extensions_dir):
         out.backward(dout_l[:, None])
         return out.detach()[:, 0], *(t.grad[:, 0] for t in x)
 
-    (ms_ours, ms_theirs), (res_ours, res_theirs) = _timed([ours, theirs], repeats)
+    # alternating the two so drift hits both alike; the first round warms up connections and caches
+    timings = time_interleaved([ours, theirs], repeats, warmup=1, barrier=True)
+    ms_ours, ms_theirs = (1e3 * s for s in slowest_rank([t.median for t in timings]))
+    res_ours, res_theirs = (t.result for t in timings)
     diff = max((a.double() - b.double()).abs().max().item() for a, b in zip(res_ours, res_theirs))
     return {"ours_ms": ms_ours, "deepspeed_ms": ms_theirs, "ratio": ms_theirs / ms_ours, "max_diff": diff}
 

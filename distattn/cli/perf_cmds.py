@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..schedulers import NAMES
 from ._args import doc_pool, examples, existing_file, int_list, positive_int, tokens
 from .cluster_cmds import probe_rank
 
@@ -135,7 +136,7 @@ def add_parsers(sub) -> None:
     bench.add_argument("--seq-lens", type=int_list, default=None, help="comma-separated tokens (default: the suite's)")
     bench.add_argument("--masks", nargs="+", default=None,
                        help="any of causal, full, causal-doc, full-doc, window (default: all)")
-    bench.add_argument("--schedulers", nargs="+", default=None, help="default: all")
+    bench.add_argument("--schedulers", nargs="+", default=None, choices=NAMES, help="default: all")
     bench.add_argument("--repeats", type=positive_int, default=None, help="timed rounds, the median kept "
                        "(default: the suite's)")
     bench.add_argument("--doclens", type=existing_file, default=None,

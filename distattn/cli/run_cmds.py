@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from ..schedulers import NAMES
 from ._args import examples, int_list, positive_int
 
 
@@ -175,7 +176,7 @@ def _cmd_launch(args) -> int:
     return subprocess.run(cmd).returncode
 
 
-def add_parsers(sub) -> None:
+def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo", help="run every scheduler on local gloo ranks and compare with fp64 attention",
         description="Run each scheduler's forward and backward on N local gloo processes and print its time and "
@@ -204,6 +205,8 @@ def add_parsers(sub) -> None:
     demo.add_argument("--json", action="store_true", help="print the rows as JSON")
     demo.set_defaults(func=_cmd_demo)
 
+
+def _add_train(sub) -> None:
     train = sub.add_parser(
         "train", help="train the reference model on packed documents (the main job)",
         description="Train the Llama-style reference model with context parallelism. Without a launcher this "
@@ -217,7 +220,7 @@ def add_parsers(sub) -> None:
     train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     train.add_argument("--steps", type=positive_int, default=None, help="override train.steps")
     train.add_argument("--scheduler", default=None,
-                       help="override parallel.scheduler (ring, zigzag, allgather, ulysses, usp, cad)")
+                       help=f"override parallel.scheduler ({', '.join(NAMES)})")
     train.add_argument("--out", default=None, help="override train.out (metrics.jsonl, tb/, ckpt/)")
     run_mode = train.add_mutually_exclusive_group()
     run_mode.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/ckpt")
@@ -225,6 +228,8 @@ def add_parsers(sub) -> None:
                           help="delete OUT's metrics, TensorBoard events and checkpoints first")
     train.set_defaults(func=_cmd_train)
 
+
+def _add_launch(sub) -> None:
     launch = sub.add_parser(
         "launch", help="run or submit a config: local processes, torchrun, a Slurm job or Ray Train",
         description="Run a config as local processes, print/run the torchrun command for one node, write and "
@@ -258,5 +263,13 @@ def add_parsers(sub) -> None:
     launch.add_argument("--wait-timeout", type=float, default=24 * 3600.0, help="slurm: seconds --wait gives up after")
     launch.add_argument("--ray-address", default=None,
                         help="ray: cluster address (default: RAY_ADDRESS, a cluster started here, else a local one)")
-    launch.add_argument("--ray-num-cpus", type=int, default=None, help="ray: CPUs of a new local cluster (default: all)")
+    launch.add_argument("--ray-num-cpus", type=int, default=None,
+                        help="ray: CPUs of a new local cluster (default: all)")
     launch.set_defaults(func=_cmd_launch)
+
+
+def add_parsers(sub) -> None:
+    """The ``demo``, ``train`` and ``launch`` sub-commands, in the order ``distattn --help`` lists them."""
+    _add_demo(sub)
+    _add_train(sub)
+    _add_launch(sub)

@@ -1,4 +1,4 @@
-"""Planning helpers shared by the block schedulers: token ranges, their mask areas, kernel blocks.
+"""Planning helpers shared by the range schedulers: token ranges, their mask areas, kernel calls.
 
 Ownership is described by ``bounds``: consecutive token ranges
 ``[bounds[i], bounds[i+1])`` partitioning the packed sequence, each owned by one
@@ -8,10 +8,14 @@ document). Everything a planner needs follows from the document boundaries:
 * :func:`range_pairs` -- visible (query, key) pairs between every two ranges
   that have any, vectorised over documents (dry plans of thousands of ranks
   and layouts with ranges per document use it);
-* :func:`pieces_block` -- the varlen kernel call for ranges of queries against
-  ranges of keys: one segment per shared document, trimmed to what the causal
-  mask and window can see, with the ``q_offset`` that places the queries where
-  they really are relative to the keys (:func:`pair_block`: one pair).
+* :func:`kernel_call` -- the varlen kernel call (:class:`KernelCall`) for ranges
+  of queries against ranges of keys: one segment per shared document, trimmed to
+  what the causal mask and window can see, with the ``q_offset`` that places the
+  queries where they really are relative to the keys.
+
+All of it is pure numpy: schedules use it to describe work, executors to get
+their rank's kernel calls (:func:`distattn.executors.base.call_fwd`/``call_bwd``
+run them).
 """
 
 from __future__ import annotations
@@ -20,9 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels import Varlen, varlen_bwd, varlen_fwd
+from ..kernels import Varlen
 from ..masks import MaskSlice, mask_area
-from ..merge import merge_
 
 
 def even_bounds(total: int, parts: int) -> np.ndarray:
@@ -33,6 +36,22 @@ def even_bounds(total: int, parts: int) -> np.ndarray:
 def doc_bounds(doc_lens) -> tuple[np.ndarray, np.ndarray]:
     ends = np.cumsum(np.asarray(doc_lens, dtype=np.int64))
     return ends - np.asarray(doc_lens, dtype=np.int64), ends
+
+
+def owned_ranges(bounds: np.ndarray, range_owner: np.ndarray, p: int) -> tuple:
+    """Each rank's ranges ``(start, end)`` in local order (increasing global position)."""
+    return tuple(tuple(zip(bounds[:-1][range_owner == r].tolist(), bounds[1:][range_owner == r].tolist()))
+                 for r in range(p))
+
+
+def local_rows(bounds: np.ndarray, range_owner: np.ndarray) -> np.ndarray:
+    """Row of each range's first token in its owner's local buffer."""
+    sizes = np.diff(bounds)
+    out = np.zeros(len(sizes), dtype=np.int64)
+    for r in np.unique(range_owner):
+        mine = np.nonzero(range_owner == r)[0]
+        out[mine] = np.cumsum(sizes[mine]) - sizes[mine]
+    return out
 
 
 def range_pairs(bounds: np.ndarray, doc_lens, causal: bool, window: int | None
@@ -63,7 +82,7 @@ def range_pairs(bounds: np.ndarray, doc_lens, causal: bool, window: int | None
 
 
 @dataclass(frozen=True)
-class Block:
+class KernelCall:
     """Local query rows ``[q_lo, q_hi)`` against rows ``[k_lo, k_hi)`` of a KV buffer, as a varlen
     layout relative to those views (validated once, when planned)."""
 
@@ -82,16 +101,8 @@ class Block:
                 for a, b, c, d, _ in self.varlen.segments() if b > a and d > c]
 
 
-def pair_block(q_range: tuple[int, int], q_local: int, k_range: tuple[int, int], k_local: int, doc_lens,
-               causal: bool, window: int | None) -> Block | None:
-    """The kernel call for global queries ``q_range`` (at local row ``q_local``) against global
-    keys ``k_range`` (at buffer row ``k_local``); None when no pair is visible."""
-    return pieces_block(*(np.asarray([x], dtype=np.int64) for x in (*q_range, q_local, *k_range, k_local)),
-                        doc_lens, causal, window)
-
-
-def pieces_block(qa: np.ndarray, qb: np.ndarray, q_local: np.ndarray, ka: np.ndarray, kb: np.ndarray,
-                 k_local: np.ndarray, doc_lens, causal: bool, window: int | None) -> Block | None:
+def kernel_call(qa: np.ndarray, qb: np.ndarray, q_local: np.ndarray, ka: np.ndarray, kb: np.ndarray,
+                k_local: np.ndarray, doc_lens, causal: bool, window: int | None) -> KernelCall | None:
     """One kernel call for several pairs ``n``: global queries ``[qa[n], qb[n])`` (at local row
     ``q_local[n]``) against global keys ``[ka[n], kb[n])`` (at buffer row ``k_local[n]``). The
     pairs must follow each other in local rows on both sides (a per-document layout: one pair
@@ -138,29 +149,5 @@ def pieces_block(qa: np.ndarray, qb: np.ndarray, q_local: np.ndarray, ka: np.nda
     offs = np.stack([zeros, zeros, offs], axis=1).ravel()
     used = (lens_q > 0) | (lens_k > 0)
     lens_q, lens_k, offs = lens_q[used], lens_k[used], offs[used]
-    return Block(q_lo=int(qs[0]), q_hi=int(qe[-1]), k_lo=int(ks[0]), k_hi=int(ke[-1]),
-                 varlen=Varlen.from_lengths(lens_q, lens_k, offs), area=int(area.sum()))
-
-
-def block_fwd(block: Block, q, kv, out_acc, lse_acc, *, causal, window, scale, backend) -> None:
-    """Attention of ``block`` (``kv`` = stacked ``[2, T, Hkv, D]`` buffer), merged into the fp32
-    accumulators ``out_acc [S_local, Hq, D]`` / ``lse_acc [S_local, Hq]``."""
-    rows = slice(block.q_lo, block.q_hi)
-    keys = slice(block.k_lo, block.k_hi)
-    out, lse = varlen_fwd(q[rows], kv[0, keys], kv[1, keys], block.varlen, causal=causal, window=window,
-                          scale=scale, backend=backend)
-    merge_(out_acc[rows], lse_acc[rows], out, lse)
-
-
-def block_bwd(block: Block, dout, q, kv, out, lse, delta, dq_acc, dkv_acc, *, causal, window, scale,
-              backend) -> None:
-    """Gradients of ``block`` given the final ``out``/``lse`` and ``delta = rowsum(dout * out)``
-    (computed once per backward), added to fp32 ``dq_acc`` and ``dkv_acc [2, T, Hkv, D]`` (same
-    layout as ``kv``)."""
-    rows = slice(block.q_lo, block.q_hi)
-    keys = slice(block.k_lo, block.k_hi)
-    dq, dk, dv = varlen_bwd(dout[rows], q[rows], kv[0, keys], kv[1, keys], out[rows], lse[rows], block.varlen,
-                            causal=causal, window=window, scale=scale, backend=backend, delta=delta[rows])
-    dq_acc[rows] += dq
-    dkv_acc[0, keys] += dk
-    dkv_acc[1, keys] += dv
+    return KernelCall(q_lo=int(qs[0]), q_hi=int(qe[-1]), k_lo=int(ks[0]), k_hi=int(ke[-1]),
+                      varlen=Varlen.from_lengths(lens_q, lens_k, offs), area=int(area.sum()))

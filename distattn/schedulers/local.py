@@ -1,46 +1,32 @@
 """``local``: world size 1 -- one varlen kernel call over the whole packed sequence.
 
 Every scheduler degenerates to this on a single rank, so :func:`distattn.plan`
-uses it whenever the group has one rank, whatever scheduler was asked for.
+uses it whenever the group has one rank, whatever scheduler was asked for
+(the schedule keeps the name that was asked for). The executor is
+:class:`distattn.executors.local.LocalExecutor`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..kernels import Varlen, varlen_bwd, varlen_fwd
 from ..masks import MaskSlice, document_mask
-from ..plans import Plan
-from .ulysses import document_varlen
+from ..schedule import AttnShape, Phase, Schedule
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
-class LocalPlan(Plan):
-    varlen: Varlen = field(repr=False)
-
-    def device_data(self):
-        return [self.varlen]
-
+class LocalSchedule(Schedule):
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         return document_mask(self.doc_lens, self.causal, self.window)
 
-    def send_bytes(self, rank, num_heads, num_kv_heads, head_dim, dtype_bytes) -> int:
-        return 0
-
-    def forward(self, q, k, v, scale):
-        out, lse = varlen_fwd(q, k, v, self.varlen, causal=self.causal, window=self.window, scale=scale,
-                              backend=self.backend)
-        return out, (q, k, v, out, lse)
-
-    def backward(self, dout, saved, scale):
-        q, k, v, out, lse = saved
-        return varlen_bwd(dout, q, k, v, out, lse, self.varlen, causal=self.causal, window=self.window,
-                          scale=scale, backend=self.backend)
+    def phases(self, shape: AttnShape) -> list[Phase]:
+        flops = shape.flops([self.visible_pairs(0)])
+        return [Phase.per_rank("forward", "attention", "attention", 1, flops),
+                Phase.per_rank("backward", "attention", "attention", 1, flops * 2.5)]
 
 
-def build(doc_lens, mesh, *, causal, window, backend, scheduler="local") -> LocalPlan:
+def build(doc_lens, mesh, *, causal, window, scheduler: str = "local") -> LocalSchedule:
     if mesh.world_size != 1:
         raise ValueError(f"scheduler='local' needs world size 1, got {mesh.world_size}")
-    return LocalPlan(scheduler=scheduler, doc_lens=doc_lens, causal=causal, window=window, backend=backend,
-                     world_size=1, rank=mesh.rank, group=mesh.group, owned=(((0, sum(doc_lens)),),),
-                     varlen=document_varlen(doc_lens))
+    return LocalSchedule(scheduler=scheduler, doc_lens=doc_lens, causal=causal, window=window, world_size=1,
+                         owned=(((0, sum(doc_lens)),),))

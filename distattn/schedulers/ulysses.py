@@ -16,22 +16,19 @@ heads use; with ``Hkv < P`` (GQA/MQA) a KV head therefore goes to several
 ranks, and its dK/dV are summed over those replicas (in fp32) on the way back.
 Only ``Hq < P`` is refused: some ranks would have no head at all.
 
-:class:`HeadExchange` and :func:`head_attention_fwd`/``_bwd`` are the
-all-to-all machinery; ``usp`` reuses them inside its Ulysses groups.
+:class:`HeadLayout` and :func:`head_exchange_phases` describe the all-to-all
+for any group of ranks; ``usp`` reuses them inside its Ulysses groups. The
+executor is :class:`distattn.executors.head_a2a.HeadExecutor`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ..comm import Comm
-from ..kernels import Varlen, varlen_bwd, varlen_fwd
-from ..masks import MaskSlice, attention_flops, document_mask
-from ..merge import acc_dtype
-from ..plans import Plan
+from ..masks import MaskSlice, document_mask
+from ..schedule import AttnShape, Phase, Schedule
 from .blocks import even_bounds
 
 HeadRanges = tuple[tuple[int, int], ...]
@@ -66,6 +63,9 @@ class HeadLayout:
     def share(self, rank: int) -> int:
         return self.q[rank][1] - self.q[rank][0]
 
+    def kv_share(self, rank: int) -> int:
+        return self.kv[rank][1] - self.kv[rank][0]
+
     def expansion(self, rank: int, group: int) -> tuple[int, ...] | None:
         """How many local query heads use each local KV head, in order, when the kernel's native
         GQA grouping (``i // (hq / hkv)``) does not already pair them; None when it does."""
@@ -76,173 +76,61 @@ class HeadLayout:
             return None
         return tuple(int(c) for c in np.bincount(want, minlength=hkv))
 
-
-def expand_heads(x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    """``[T, Hkv, D]`` -> ``[T, sum(counts), D]``, KV head ``i`` repeated ``counts[i]`` times."""
-    return torch.cat([x[:, i:i + 1].expand(-1, c, -1) for i, c in enumerate(counts)], dim=1)
-
-
-def sum_expanded(g: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`expand_heads` for gradients: the copies of each KV head summed in fp32."""
-    dtype = acc_dtype(g.dtype)
-    return torch.stack([part.to(dtype).sum(1) for part in g.split(list(counts), dim=1)], dim=1).to(g.dtype)
+    def computed_kv_heads(self, rank: int, group: int) -> int:
+        """KV heads the rank's attention runs on: one per query head when they had to be expanded."""
+        return self.share(rank) if self.expansion(rank, group) is not None else self.kv_share(rank)
 
 
-@dataclass(frozen=True, eq=False)
-class HeadExchange:
-    """All-to-all between token shards and head shards inside one group.
+def head_exchange_phases(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarray, span: int,
+                         inner: tuple[list[Phase], list[Phase]], what: str) -> list[Phase]:
+    """The phases of attention wrapped in head all-to-alls: groups ``g`` of ``U`` members, member
+    ``u`` of group ``g`` holding ``tokens[g, u]`` tokens and being rank ``ranks[g, u]``; ``inner``:
+    the forward and backward phases computed on the head shards."""
+    layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, tokens.shape[1])
+    q = np.asarray([layout.share(u) for u in range(tokens.shape[1])], dtype=np.int64)
+    kv = np.asarray([layout.kv_share(u) for u in range(tokens.shape[1])], dtype=np.int64)
+    row = shape.row_bytes(1)
+    others = tokens.sum(1, keepdims=True) - tokens         # tokens of the other members, per member
+    # each member sends its tokens of the others' heads, then the others' tokens of its own heads
+    to_heads_qkv = tokens * ((q + 2 * kv).sum() - (q + 2 * kv))[None] * row
+    to_heads_dout = tokens * (q.sum() - q)[None] * row
+    to_tokens_out, to_tokens_grads = others * q[None] * row, others * (q + 2 * kv)[None] * row
+    flat = ranks.ravel()
 
-    ``tokens[i]`` is member ``i``'s token count; gathering concatenates the
-    members' tokens in member order.
-    """
+    def a2a(direction, label, amount):
+        return Phase(direction, "all_to_all", f"{what}: {label}", span, flat, amount.ravel())
 
-    comm: Comm
-    member: int
-    tokens: tuple[int, ...]
-
-    def to_heads(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str) -> list[torch.Tensor]:
-        """Token shards ``x [n_member, H, D]`` -> ``[sum(tokens), h, D]`` for this member's heads.
-
-        One all-to-all per tensor, all in flight together; the result is the receive
-        buffer itself (members' tokens arrive in order).
-        """
-        outs, pending = [], []
-        for x, rng in zip(xs, heads):
-            pieces = [x[:, a:b] for a, b in rng]
-            flat = x.new_empty(sum(p.numel() for p in pieces))
-            offset = 0
-            for piece in pieces:  # pack each member's heads contiguously: the only copy
-                flat[offset:offset + piece.numel()].view(piece.shape).copy_(piece)
-                offset += piece.numel()
-            h = rng[self.member][1] - rng[self.member][0]
-            out = x.new_empty((sum(self.tokens), h, x.shape[2]))
-            pending.append(self.comm.all_to_all(out.view(-1), flat, [n * h * x.shape[2] for n in self.tokens],
-                                                [p.numel() for p in pieces], what))
-            outs.append(out)
-        for p in pending:
-            p.wait()
-        return outs
-
-    def to_tokens(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str) -> list[torch.Tensor]:
-        """Inverse of :meth:`to_heads`: ``[sum(tokens), h, D]`` -> ``[n_member, H, D]``.
-        Heads that several members computed (replicated KV heads) are summed in fp32."""
-        n, received, pending = self.tokens[self.member], [], []
-        for x, rng in zip(xs, heads):
-            x = x.contiguous()  # members' token ranges are contiguous rows: sent as they are
-            sizes = [b - a for a, b in rng]
-            flat = x.new_empty(n * sum(sizes) * x.shape[2])
-            pending.append(self.comm.all_to_all(flat, x.view(-1), [n * h * x.shape[2] for h in sizes],
-                                                [t * x.shape[1] * x.shape[2] for t in self.tokens], what))
-            received.append(flat)
-        for p in pending:
-            p.wait()
-        out = []
-        for x, rng, flat in zip(xs, heads, received):
-            parts, offset = [], 0
-            for a, b in rng:
-                parts.append(flat[offset:offset + n * (b - a) * x.shape[2]].view(n, b - a, x.shape[2]))
-                offset += parts[-1].numel()
-            if all(b == a for (_, b), (a, _) in zip(rng, rng[1:])):  # heads tile [0, H): place them
-                out.append(torch.cat(parts, dim=1))
-                continue
-            full = torch.zeros((n, rng[-1][1], x.shape[2]), dtype=acc_dtype(x.dtype), device=x.device)
-            for (a, b), part in zip(rng, parts):
-                full[:, a:b] += part
-            out.append(full.to(x.dtype))
-        return out
-
-
-def head_attention_fwd(exchange: HeadExchange, q, k, v, attend, what: str):
-    """Scatter heads, run ``attend(qh, kh, vh) -> (out_h, inner)``, gather tokens back.
-
-    Returns ``out`` and ``meta`` for :func:`head_attention_bwd` (``inner`` is what
-    ``attend`` saved for its backward).
-    """
-    layout = HeadLayout.build(q.shape[1], k.shape[1], len(exchange.tokens))
-    qh, kh, vh = exchange.to_heads([q, k, v], [layout.q, layout.kv, layout.kv], what)
-    expand = layout.expansion(exchange.member, q.shape[1] // k.shape[1])
-    if expand is not None:
-        kh, vh = expand_heads(kh, expand), expand_heads(vh, expand)
-    out_h, inner = attend(qh, kh, vh)
-    (out,) = exchange.to_tokens([out_h], [layout.q], what)
-    return out, (q.shape[1], k.shape[1], expand, inner)
-
-
-def head_attention_bwd(exchange: HeadExchange, dout, meta, attend_bwd, what: str):
-    """Backward of :func:`head_attention_fwd`; ``attend_bwd(dout_h, inner) -> (dq_h, dk_h, dv_h)``."""
-    num_heads, num_kv_heads, expand, inner = meta
-    layout = HeadLayout.build(num_heads, num_kv_heads, len(exchange.tokens))
-    (dout_h,) = exchange.to_heads([dout], [layout.q], what)
-    dq_h, dk_h, dv_h = attend_bwd(dout_h, inner)
-    if expand is not None:  # sum the expanded copies back onto the received KV heads
-        dk_h, dv_h = sum_expanded(dk_h, expand), sum_expanded(dv_h, expand)
-    dq, dk, dv = exchange.to_tokens([dq_h, dk_h, dv_h], [layout.q, layout.kv, layout.kv], what)
-    return dq, dk, dv
-
-
-def head_a2a_bytes(tokens: tuple[int, ...], member: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                   dtype_bytes: int) -> int:
-    """Forward bytes ``member`` sends: its tokens of the others' Q/K/V heads, then the others'
-    tokens of its output heads."""
-    layout = HeadLayout.build(num_heads, num_kv_heads, len(tokens))
-    n, total = tokens[member], sum(tokens)
-    per_head = head_dim * dtype_bytes
-    qkv = sum(n * ((b - a) + 2 * (hi - lo)) * per_head
-              for j, ((a, b), (lo, hi)) in enumerate(zip(layout.q, layout.kv)) if j != member)
-    return qkv + (total - n) * layout.share(member) * per_head
-
-
-def document_varlen(doc_lens) -> Varlen:
-    """The layout of one kernel call over whole documents."""
-    return Varlen.from_lengths(doc_lens, doc_lens)
+    fwd, bwd = inner
+    return [a2a("forward", "Q/K/V to heads", to_heads_qkv), *fwd, a2a("forward", "out to tokens", to_tokens_out),
+            a2a("backward", "dout to heads", to_heads_dout), *bwd,
+            a2a("backward", "dQ/dK/dV to tokens", to_tokens_grads)]
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
-class UlyssesPlan(Plan):
-    varlen: Varlen = field(repr=False)  # every document, for the local kernel on this rank's heads
-
-    def device_data(self):
-        return [self.varlen]
-
-    @property
-    def exchange(self) -> HeadExchange:
-        return HeadExchange(self.comm, self.rank, tuple(self.num_tokens(r) for r in range(self.world_size)))
-
+class UlyssesSchedule(Schedule):
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         return document_mask(self.doc_lens, self.causal, self.window)  # every document, a share of the heads
 
-    def rank_flops(self, rank, num_heads, num_kv_heads, head_dim) -> int:
-        share = HeadLayout.build(num_heads, num_kv_heads, self.world_size).share(rank)
-        return int(attention_flops(self.visible_pairs(rank), share, head_dim))
+    def phases(self, shape: AttnShape) -> list[Phase]:
+        p = self.world_size
+        layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, p)
+        pairs = self.visible_pairs(0)
+        flops = np.asarray([shape.flops(pairs, layout.share(r)) for r in range(p)], dtype=np.int64)
+        inner = ([Phase.per_rank("forward", "attention", "attention", p, flops)],
+                 [Phase.per_rank("backward", "attention", "attention", p, flops * 2.5)])
+        tokens = np.asarray([[self.num_tokens(r) for r in range(p)]], dtype=np.int64)
+        return head_exchange_phases(shape, tokens, np.arange(p)[None], p, inner, "ulysses")
 
-    def send_bytes(self, rank, num_heads, num_kv_heads, head_dim, dtype_bytes) -> int:
-        tokens = tuple(self.num_tokens(r) for r in range(self.world_size))
-        return head_a2a_bytes(tokens, rank, num_heads, num_kv_heads, head_dim, dtype_bytes)
-
-    def forward(self, q, k, v, scale):
-        def attend(qh, kh, vh):
-            out_h, lse = varlen_fwd(qh, kh, vh, self.varlen, causal=self.causal, window=self.window, scale=scale,
-                                    backend=self.backend)
-            return out_h, (qh, kh, vh, out_h, lse)
-
-        out, (num_heads, num_kv_heads, expand, inner) = head_attention_fwd(self.exchange, q, k, v, attend,
-                                                                          "ulysses forward")
-        return out, (num_heads, num_kv_heads, expand, *inner)
-
-    def backward(self, dout, saved, scale):
-        num_heads, num_kv_heads, expand, qh, kh, vh, out_h, lse = saved
-
-        def attend_bwd(dout_h, _):
-            return varlen_bwd(dout_h, qh, kh, vh, out_h, lse, self.varlen, causal=self.causal, window=self.window,
-                              scale=scale, backend=self.backend)
-
-        return head_attention_bwd(self.exchange, dout, (num_heads, num_kv_heads, expand, None), attend_bwd,
-                                  "ulysses backward")
+    def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
+        """Q, K, V and out of every token for this rank's heads."""
+        layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, self.world_size)
+        return np.asarray([self.total_tokens * shape.row_bytes(2 * layout.share(r) + 2 * layout.kv_share(r))
+                           for r in range(self.world_size)])
 
 
-def build(doc_lens, mesh, *, causal, window, backend) -> UlyssesPlan:
+def build(doc_lens, mesh, *, causal, window) -> UlyssesSchedule:
     p = mesh.world_size
     bounds = even_bounds(sum(doc_lens), p)
     owned = tuple(((int(bounds[r]), int(bounds[r + 1])),) for r in range(p))
-    return UlyssesPlan(scheduler="ulysses", doc_lens=doc_lens, causal=causal, window=window, backend=backend,
-                       world_size=p, rank=mesh.rank, group=mesh.group, owned=owned, varlen=document_varlen(doc_lens))
+    return UlyssesSchedule(scheduler="ulysses", doc_lens=doc_lens, causal=causal, window=window, world_size=p,
+                           owned=owned)

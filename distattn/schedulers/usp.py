@@ -18,11 +18,13 @@ all-to-all returns ``[S/(UR), Hq, D]``. Uneven heads and ``Hkv < U`` work as in
 ``ulysses``, uneven lengths as in ``zigzag``.
 
 The mesh: a 2-D ``DeviceMesh`` whose axes are named ``"ulysses"`` and
-``"ring"`` (in either order; ``distattn.parallel.usp_mesh`` builds one with
+``"ring"`` (in either order; :func:`distattn.mesh.usp_mesh` builds one with
 Ulysses on consecutive ranks), or a 1-D group/mesh (or a dry world size) plus
 the degree. Then group rank ``i`` is ``(u, r) = (i % U, i // U)``, and the
-first plan on a group creates the two sub-groups it needs; later plans on the
-same group find them again (:func:`distattn.comm.subgroups`), so a plan per
+first plan on a group creates the two sub-groups it needs (the executor,
+:class:`distattn.executors.head_a2a.HeadExecutor` around a
+:class:`~distattn.executors.ring_p2p.RingExecutor`); later plans on the same
+group find them again (:func:`distattn.comm.subgroups`), so a plan per
 training step creates nothing. Creating them waits at most the group's
 timeout and names a rank that never came.
 
@@ -43,38 +45,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..comm import Comm, subgroups
-from ..masks import MaskSlice, attention_flops
-from ..parallel.mesh import MeshInfo
-from ..plans import Plan
+from ..masks import MaskSlice
+from ..schedule import AttnShape, Phase, Schedule
 from .blocks import even_bounds
-from .ring import RingPlan, build_ring_plan
-from .ulysses import HeadExchange, HeadLayout, head_a2a_bytes, head_attention_bwd, head_attention_fwd
+from .ring import RingSchedule, ring_schedule
+from .ulysses import HeadLayout, head_exchange_phases
 from .zigzag import zigzag_ranges
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
-class USPPlan(Plan):
+class USPSchedule(Schedule):
     ulysses_degree: int
     coords: tuple[tuple[int, int], ...]          # flat group rank -> (u, r)
-    ring: RingPlan = field(repr=False)           # zigzag over the R ring ranks (this rank's ring coordinate)
-    ulysses_comm: Comm | None = field(default=None, repr=False)
+    ring: RingSchedule = field(repr=False)       # zigzag over the R ring ranks
     num_kv_heads: int | None = None              # the head count the plan was made for, if given
 
-    def check_local_qkv(self, q, k, v) -> None:
-        super().check_local_qkv(q, k, v)
-        if self.num_kv_heads is not None and k.shape[1] != self.num_kv_heads:
-            raise ValueError(f"k and v have {k.shape[1]} heads but this usp plan was made with "
+    def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
+        if self.num_kv_heads is not None and num_kv_heads != self.num_kv_heads:
+            raise ValueError(f"k and v have {num_kv_heads} heads but this usp plan was made with "
                              f"num_kv_heads={self.num_kv_heads}: pass the model's KV head count to distattn.plan")
 
-    def _members(self, ring_rank: int) -> tuple[int, ...]:
+    def members(self, ring_rank: int) -> tuple[int, ...]:
         """Token counts of the Ulysses ranks u = 0..U-1 holding ring rank ``ring_rank``'s tokens."""
-        n = self.ring.num_tokens(ring_rank)
-        return tuple(int(b - a) for a, b in zip(even_bounds(n, self.ulysses_degree),
-                                                even_bounds(n, self.ulysses_degree)[1:]))
-
-    def device_data(self):
-        return self.ring.device_data()
+        cuts = even_bounds(self.ring.num_tokens(ring_rank), self.ulysses_degree)
+        return tuple(int(b - a) for a, b in zip(cuts, cuts[1:]))
 
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         return self.ring.compute_slices(self.coords[rank][1])  # the ring rank's pairs, a share of the heads
@@ -82,38 +76,42 @@ class USPPlan(Plan):
     def visible_pairs(self, rank: int) -> int:
         return self.ring.visible_pairs(self.coords[rank][1])
 
-    def rank_flops(self, rank, num_heads, num_kv_heads, head_dim) -> int:
-        u, _ = self.coords[rank]
-        share = HeadLayout.build(num_heads, num_kv_heads, self.ulysses_degree).share(u)
-        return int(attention_flops(self.visible_pairs(rank), share, head_dim))
+    def _flat(self) -> np.ndarray:
+        """``[R, U]``: the flat rank of ``(u, r)``."""
+        flat = np.zeros((self.ring.world_size, self.ulysses_degree), dtype=np.int64)
+        for i, (u, r) in enumerate(self.coords):
+            flat[r, u] = i
+        return flat
 
-    def send_bytes(self, rank, num_heads, num_kv_heads, head_dim, dtype_bytes) -> int:
-        u, r = self.coords[rank]
-        layout = HeadLayout.build(num_heads, num_kv_heads, self.ulysses_degree)
-        # the ring moves this rank's KV heads (one per query head where grouping had to be expanded)
-        kv_heads = layout.share(u) if layout.expansion(u, num_heads // num_kv_heads) is not None else \
-            layout.kv[u][1] - layout.kv[u][0]
-        return (head_a2a_bytes(self._members(r), u, num_heads, num_kv_heads, head_dim, dtype_bytes)
-                + self.ring.send_bytes(r, layout.share(u), kv_heads, head_dim, dtype_bytes))
+    def phases(self, shape: AttnShape) -> list[Phase]:
+        """Ulysses all-to-alls around the zigzag ring; each Ulysses rank ``u`` runs the ring on its
+        share of the heads (its KV heads expanded to one per query head where GQA grouping needs it)."""
+        u_deg, flat = self.ulysses_degree, self._flat()
+        layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, u_deg)
+        group = shape.num_heads // shape.num_kv_heads
+        per_u = [self.ring.phases(shape, layout.share(u), layout.computed_kv_heads(u, group)) for u in range(u_deg)]
+        rings = []
+        for i, first in enumerate(per_u[0]):  # the same ring phase of every u, on its flat ranks
+            parts = [ph[i] for ph in per_u]
+            rings.append(Phase(first.direction, first.op, f"usp ring: {first.what}", first.span,
+                               np.concatenate([flat[p.rank, u] for u, p in enumerate(parts)]),
+                               np.concatenate([p.amount for p in parts]),
+                               np.concatenate([p.steps for p in parts]), first.overlaps))
+        tokens = np.asarray([self.members(r) for r in range(self.ring.world_size)], dtype=np.int64)
+        inner = ([ph for ph in rings if ph.direction == "forward"], [ph for ph in rings if ph.direction == "backward"])
+        return head_exchange_phases(shape, tokens, flat, u_deg, inner, "usp ulysses")
 
-    def bytes_sent(self) -> int:
-        return self.ulysses_comm.bytes_sent + self.ring.bytes_sent() if self.ulysses_comm else 0
-
-    @property
-    def exchange(self) -> HeadExchange:
-        u, r = self.coords[self.rank]
-        return HeadExchange(self.ulysses_comm, u, self._members(r))
-
-    def forward(self, q, k, v, scale):
-        out, (num_heads, num_kv_heads, expand, inner) = head_attention_fwd(
-            self.exchange, q, k, v, lambda qh, kh, vh: self.ring.forward(qh, kh, vh, scale), "usp forward")
-        return out, (num_heads, num_kv_heads, expand, *inner)
-
-    def backward(self, dout, saved, scale):
-        num_heads, num_kv_heads, expand, *inner = saved
-        return head_attention_bwd(self.exchange, dout, (num_heads, num_kv_heads, expand, tuple(inner)),
-                                  lambda dout_h, ring_saved: self.ring.backward(dout_h, ring_saved, scale),
-                                  "usp backward")
+    def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
+        """The ring's K/V blocks for this rank's heads, and the head shards of Q and out."""
+        layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, self.ulysses_degree)
+        group = shape.num_heads // shape.num_kv_heads
+        ring = self.ring.buffer_bytes(shape)
+        out = np.zeros(self.world_size)
+        for i, (u, r) in enumerate(self.coords):
+            heads = layout.computed_kv_heads(u, group)
+            out[i] = ring[r] * heads / shape.num_kv_heads + \
+                self.ring.num_tokens(r) * shape.row_bytes(2 * layout.share(u))
+        return out
 
 
 def default_ulysses_degree(world_size: int, num_kv_heads: int | None = None) -> int:
@@ -146,37 +144,6 @@ def _degree(p: int, ulysses_degree, num_kv_heads) -> int:
     return ulysses_degree
 
 
-def _layout(mesh: MeshInfo, ulysses_degree, num_kv_heads):
-    """(U, R, coords per flat rank, this rank's ulysses group, ring group) from the mesh argument."""
-    dm = mesh.device_mesh
-    if dm is not None and dm.ndim == 2:
-        names = tuple(dm.mesh_dim_names or ())
-        if set(names) != {"ulysses", "ring"}:
-            raise ValueError(f"scheduler='usp' needs a 2-D DeviceMesh with mesh_dim_names ('ulysses', 'ring'), "
-                             f"got {names or 'unnamed axes'}; build one with distattn.parallel.usp_mesh")
-        size_u = dm.size(names.index("ulysses"))
-        if ulysses_degree is not None and ulysses_degree != size_u:
-            raise ValueError(f"ulysses_degree={ulysses_degree} disagrees with the mesh's 'ulysses' axis "
-                             f"({size_u}); leave it out with a 2-D mesh")
-        index = np.unravel_index(np.arange(dm.size()), tuple(dm.mesh.shape))
-        coords = tuple(zip(index[names.index("ulysses")].tolist(), index[names.index("ring")].tolist()))
-        return size_u, dm.size() // size_u, coords, dm["ulysses"].get_group(), dm["ring"].get_group()
-    if dm is not None and dm.ndim > 2:
-        raise ValueError(f"scheduler='usp' takes a 1-D or 2-D mesh, got {dm.ndim} axes")
-    p = mesh.world_size
-    u_deg = _degree(p, ulysses_degree, num_kv_heads)
-    r_deg = p // u_deg
-    coords = tuple((i % u_deg, i // u_deg) for i in range(p))
-    if mesh.is_dry:
-        return u_deg, r_deg, coords, None, None
-    u, r = coords[mesh.rank]
-    ulysses_ranks = [r * u_deg + j for j in range(u_deg)]
-    ring_ranks = [j * u_deg + u for j in range(r_deg)]
-    ulysses, ring = subgroups(mesh.group, [ulysses_ranks, ring_ranks], f"ulysses_degree={u_deg}",
-                              "usp's process groups")
-    return u_deg, r_deg, coords, ulysses, ring
-
-
 def _cut(ranges, lo: int, hi: int):
     """Global ranges of local positions ``[lo, hi)`` of a token list made of ``ranges``."""
     out, offset = [], 0
@@ -188,22 +155,39 @@ def _cut(ranges, lo: int, hi: int):
     return tuple(out)
 
 
-def build(doc_lens, mesh, *, causal, window, backend, ulysses_degree: int | None = None,
-          num_kv_heads: int | None = None) -> USPPlan:
+def _coords(mesh, ulysses_degree, num_kv_heads) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """(U, (u, r) per flat rank) from the mesh argument (its axes only: no process group is made)."""
+    dm = mesh.device_mesh
+    if dm is not None and dm.ndim == 2:
+        names = tuple(dm.mesh_dim_names or ())
+        if set(names) != {"ulysses", "ring"}:
+            raise ValueError(f"scheduler='usp' needs a 2-D DeviceMesh with mesh_dim_names ('ulysses', 'ring'), "
+                             f"got {names or 'unnamed axes'}; build one with distattn.parallel.usp_mesh")
+        size_u = dm.size(names.index("ulysses"))
+        if ulysses_degree is not None and ulysses_degree != size_u:
+            raise ValueError(f"ulysses_degree={ulysses_degree} disagrees with the mesh's 'ulysses' axis "
+                             f"({size_u}); leave it out with a 2-D mesh")
+        index = np.unravel_index(np.arange(dm.size()), tuple(dm.mesh.shape))
+        return size_u, tuple(zip(index[names.index("ulysses")].tolist(), index[names.index("ring")].tolist()))
+    if dm is not None and dm.ndim > 2:
+        raise ValueError(f"scheduler='usp' takes a 1-D or 2-D mesh, got {dm.ndim} axes")
+    u_deg = _degree(mesh.world_size, ulysses_degree, num_kv_heads)
+    return u_deg, tuple((i % u_deg, i // u_deg) for i in range(mesh.world_size))
+
+
+def build(doc_lens, mesh, *, causal, window, ulysses_degree: int | None = None,
+          num_kv_heads: int | None = None) -> USPSchedule:
     if num_kv_heads is not None and (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int)
                                      or num_kv_heads < 1):
         raise ValueError(f"num_kv_heads must be a positive int (the model's KV heads), got {num_kv_heads!r}")
-    u_deg, r_deg, coords, ulysses_group, ring_group = _layout(mesh, ulysses_degree, num_kv_heads)
-    ring_rank = None if mesh.is_dry else coords[mesh.rank][1]
+    u_deg, coords = _coords(mesh, ulysses_degree, num_kv_heads)
+    r_deg = mesh.world_size // u_deg
     bounds, owner, slot = zigzag_ranges(doc_lens, r_deg)
-    ring = build_ring_plan("zigzag", bounds, owner, doc_lens, MeshInfo(world_size=r_deg, rank=ring_rank,
-                                                                        group=ring_group),
-                           causal=causal, window=window, backend=backend, range_slot=slot)
+    ring = ring_schedule("zigzag", bounds, owner, doc_lens, r_deg, causal=causal, window=window, range_slot=slot,
+                         span=mesh.world_size)
     owned = []
     for u, r in coords:
         cuts = even_bounds(ring.num_tokens(r), u_deg)
         owned.append(_cut(ring.owned[r], int(cuts[u]), int(cuts[u + 1])))
-    return USPPlan(scheduler="usp", doc_lens=doc_lens, causal=causal, window=window, backend=backend,
-                   world_size=mesh.world_size, rank=mesh.rank, group=mesh.group, owned=tuple(owned),
-                   ulysses_degree=u_deg, coords=coords, ring=ring, num_kv_heads=num_kv_heads,
-                   ulysses_comm=Comm(ulysses_group) if ulysses_group is not None else None)
+    return USPSchedule(scheduler="usp", doc_lens=doc_lens, causal=causal, window=window, world_size=mesh.world_size,
+                       owned=tuple(owned), ulysses_degree=u_deg, coords=coords, ring=ring, num_kv_heads=num_kv_heads)

@@ -2,8 +2,9 @@
 
 Under a causal mask every rank then does the same work at every step (one
 early and one late chunk each), which removes the ring's causal imbalance.
-Execution is :class:`~distattn.schedulers.ring.RingPlan`'s: blocks that the
-document mask leaves empty are neither computed nor forwarded.
+The schedule is :class:`~distattn.schedulers.ring.RingSchedule` (and so is the
+execution): blocks that the document mask leaves empty are neither computed nor
+forwarded.
 
 ``layout="sequence"`` (default) cuts the packed sequence into ``2P`` chunks
 that differ by at most one token, so any length works without padding; a
@@ -34,9 +35,9 @@ from __future__ import annotations
 import numpy as np
 
 from .blocks import doc_bounds, even_bounds
-from .ring import RingPlan, build_ring_plan
+from .ring import RingSchedule, ring_schedule
 
-LAYOUTS = ("sequence", "document")
+from . import LAYOUTS
 
 
 def zigzag_owner(world_size: int) -> np.ndarray:
@@ -69,7 +70,7 @@ def zigzag_ranges(doc_lens, p: int, layout: str = "sequence") -> tuple[np.ndarra
     return bounds, owner, slot
 
 
-def build(doc_lens, mesh, *, causal, window, backend, layout: str = "sequence") -> RingPlan:
+def build(doc_lens, mesh, *, causal, window, layout: str = "sequence") -> RingSchedule:
     bounds, owner, slot = zigzag_ranges(doc_lens, mesh.world_size, layout)
-    return build_ring_plan("zigzag", bounds, owner, doc_lens, mesh, causal=causal, window=window, backend=backend,
-                           range_slot=slot)
+    return ring_schedule("zigzag", bounds, owner, doc_lens, mesh.world_size, causal=causal, window=window,
+                         range_slot=slot)

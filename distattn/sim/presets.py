@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..schedulers import NAMES
+
 # the schedulers the simulator models: distattn's plus the ideal of per-document CP (WLB-LLM)
-SCHEDULERS = ("ring", "zigzag", "allgather", "ulysses", "usp", "cad", "wlb-ideal")
+SCHEDULERS = (*NAMES, "wlb-ideal")
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,18 @@
-"""``distattn simulate``: replay the real plans of every scheduler on a cost model of a cluster.
+"""``distattn simulate``: replay the real schedules of every scheduler on a cost model of a cluster.
 
 The cluster: ``gpus`` GPUs, ``gpus_per_node`` per node, split into ``dp`` data-parallel replicas of
 ``cp`` context-parallel ranks; each replica trains one packed sequence of ``seq_len`` tokens drawn
 from a document-length distribution. For every scheduler the same planner code that runs in
-training builds dry plans (``cad`` pools all replicas, as DistCA does); their ``stats()`` give each
-rank's attention FLOPs, tokens and bytes sent. Per layer and rank:
+training builds dry schedules (``cad`` pools all replicas, as DistCA does), and the simulator
+replays their phases (:meth:`distattn.schedule.Schedule.phases`). Per layer and rank:
 
-* compute: linear layers ``6 * params_per_layer * tokens`` at ``mfu`` of peak, attention
-  forward FLOPs x 3.5 (backward 2.5x) at ``attn_efficiency`` of peak;
-* communication, timed on a :class:`~distattn.cluster.profile.NetworkProfile` and overlapped as the
-  scheduler overlaps it: ``ring``/``zigzag`` one send/recv per step hidden behind that step's
-  attention (backward moves KV and fp32 dK/dV); ``allgather`` and ``ulysses`` collectives exposed;
-  ``usp`` Ulysses all-to-all inside groups of ``U`` exposed, its ring over ``R`` overlapped;
-  ``cad`` all-to-alls over the pool hidden behind the other nano-batch's compute (ping-pong,
-  :mod:`distattn.pingpong`), the rest exposed;
+* compute: linear layers ``6 * params_per_layer * tokens`` at ``mfu`` of peak (a third forward,
+  two thirds backward), each attention phase's FLOPs at ``attn_efficiency`` of peak;
+* communication: each transfer's bytes timed on a :class:`~distattn.cluster.profile.NetworkProfile`
+  (the group's span of ranks decides intra- or inter-node) and hidden exactly as the phase says
+  it runs: behind the same step's attention (``overlaps="attention"``: ring steps, the next head
+  group's all-gather), behind the layer's other computation (``"layers"``: ``cad``'s ping-pong of
+  nano-batches, :mod:`distattn.pingpong`), or not at all;
 * ``wlb-ideal``: per-document CP with every replica's attention perfectly balanced over its ranks
   and no exposed communication -- the upper bound of WLB-LLM-style per-document sharding.
 
@@ -25,8 +24,9 @@ is not modelled), and ``overlapped_comm``, the communication hidden behind compu
 (:func:`recommend`) ranks candidates by tokens/s per GPU, not step time: a larger CP degree has
 fewer replicas, so a shorter step can still train fewer tokens per GPU. Memory per GPU: bf16 weights with fp32
 master weights, gradients and Adam sharded over all GPUs (FSDP), checkpointed layer inputs, one
-layer's working set, bf16 logits, and the scheduler's buffers. Not modelled: tensor parallelism,
-the data-parallel gradient traffic (assumed hidden behind backward), kernel launch overheads.
+layer's working set, bf16 logits, and the schedule's receive buffers
+(:meth:`~distattn.schedule.Schedule.buffer_bytes`). Not modelled: tensor parallelism, the
+data-parallel gradient traffic (assumed hidden behind backward), kernel launch overheads.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 
 from ..api import plan as make_plan
 from ..doclens import pack
+from ..schedule import AttnShape, Phase
 from ..schedulers.usp import default_ulysses_degree
 from .presets import GPUS, MODELS, SCHEDULERS, GPUPreset, ModelPreset
 
@@ -96,67 +97,79 @@ def _usp_degree(cfg: SimConfig) -> int:
     return default_ulysses_degree(cfg.cp, cfg.model.n_kv_heads)
 
 
-def comm_time(name: str, cfg: SimConfig, net, st: dict, attn_fwd_s: np.ndarray, lin_s: np.ndarray,
-                  tokens: np.ndarray, u: int) -> tuple[np.ndarray, np.ndarray]:
-    """(total communication seconds, exposed seconds) per rank and layer."""
-    m, p = cfg.model, cfg.cp
-    b = np.asarray(st["send_bytes"], dtype=np.float64)
-    if name in ("ring", "zigzag"):
-        step_b = b / max(1, p - 1)
-        fwd = net.time("send_recv", p, step_b)
-        bwd = net.time("send_recv", p, 3 * step_b)  # KV forward again plus fp32 dK/dV
-        comm = (p - 1) * (fwd + bwd)
-        exposed = (p - 1) * (np.maximum(0, fwd - attn_fwd_s / p) + np.maximum(0, bwd - 2.5 * attn_fwd_s / p))
-        return comm, exposed
-    if name == "allgather":
-        size = b * p / max(1, p - 1)
-        comm = 2 * net.time("all_gather", p, size) + net.time("reduce_scatter", p, 2 * size)
-        return comm, comm
-    if name == "ulysses":
-        comm = 2 * net.time("all_to_all", p, b * p / max(1, p - 1))
-        return comm, comm
-    if name == "usp":
-        r = p // u
-        a2a_b = (u - 1) / u * tokens * (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim * cfg.elem_bytes
-        ring_b = np.maximum(b - a2a_b, 0) / max(1, r - 1)
-        a2a = 2 * net.time("all_to_all", u, a2a_b * u / max(1, u - 1))
-        fwd, bwd = net.time("send_recv", p, ring_b), net.time("send_recv", p, 3 * ring_b)
-        ring = (r - 1) * (fwd + bwd)
-        hidden = (r - 1) * (np.maximum(0, fwd - attn_fwd_s / r) + np.maximum(0, bwd - 2.5 * attn_fwd_s / r))
-        return a2a + ring, a2a + hidden
-    if name == "cad":
-        n = cfg.gpus
-        comm = 3.5 * net.time("all_to_all", n, b * n / max(1, n - 1))  # forward, backward 2.5x
-        # ping-pong: one nano-batch's all-to-alls run under the other's compute, attention included
-        return comm, np.maximum(0, comm - lin_s - 3.5 * attn_fwd_s)
-    assert name == "wlb-ideal"
-    zero = np.zeros_like(b)
-    return zero, zero
+def nccl_size(op: str, n: int, sent):
+    """nccl-tests' size of a collective (:mod:`distattn.cluster.profile`) from the bytes a rank sends."""
+    sent = np.asarray(sent, dtype=np.float64)
+    return sent if op == "send_recv" else sent * n / max(1, n - 1)
 
 
-def _memory_gb(name: str, cfg: SimConfig, tokens: float, send_b: float, u: int) -> float:
+def _by_key(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique ``keys`` and the sum of ``values`` of each."""
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    return uniq, np.bincount(inverse, values, minlength=len(uniq))
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """``values`` of sorted ``keys`` at ``want`` (0 where absent)."""
+    pos = np.minimum(np.searchsorted(keys, want), max(len(keys) - 1, 0))
+    return np.where((len(keys) > 0) & (keys[pos] == want), values[pos], 0.0) if len(keys) else np.zeros(len(want))
+
+
+def layer_times(phases, ranks: int, net, flop_rate: float, lin_s: np.ndarray) -> dict[str, np.ndarray]:
+    """Seconds per rank of one layer's forward and backward attention: ``attention`` (its phases'
+    FLOPs at ``flop_rate``), ``comm`` (every transfer) and ``exposed`` (what no computation hides,
+    see module docstring); ``lin_s`` is the layer's linear time per rank."""
+    out = {k: np.zeros(ranks) for k in ("attention", "comm", "exposed")}
+    for direction, lin in (("forward", lin_s / 3), ("backward", 2 * lin_s / 3)):
+        mine = [ph for ph in phases if ph.direction == direction]
+        # (step, rank) -> seconds of attention, and of transfers issued ahead of it
+        slots = {"attention": ([], []), "under attention": ([], [])}
+        under_layers = np.zeros(ranks)
+        for ph in mine:
+            t = np.asarray(ph.amount, np.float64) / flop_rate if not ph.is_comm else \
+                net.time(ph.op, ph.span, nccl_size(ph.op, ph.span, ph.amount))
+            per_rank = np.bincount(ph.rank, t, minlength=ranks)
+            if not ph.is_comm or ph.overlaps == "attention":
+                keys, times = slots["attention" if not ph.is_comm else "under attention"]
+                keys.append(ph.steps * ranks + ph.rank)
+                times.append(t)
+            if not ph.is_comm:
+                out["attention"] += per_rank
+                continue
+            out["comm"] += per_rank
+            if ph.overlaps is None:
+                out["exposed"] += per_rank
+            elif ph.overlaps == "layers":
+                under_layers += per_rank
+        a_keys, a_time = _by_key(*(np.concatenate(x or [np.zeros(0)]) for x in slots["attention"]))
+        c_keys, c_time = _by_key(*(np.concatenate(x or [np.zeros(0)]) for x in slots["under attention"]))
+        hidden_by = _lookup(a_keys, a_time, c_keys)
+        out["exposed"] += np.bincount(c_keys.astype(np.int64) % ranks, np.maximum(c_time - hidden_by, 0),
+                                      minlength=ranks)
+        attention = np.bincount(a_keys.astype(np.int64) % ranks, a_time, minlength=ranks)
+        out["exposed"] += np.maximum(under_layers - lin - attention, 0)  # the other nano-batch's layer
+    return out
+
+
+def dry_schedule(name: str, docs, world: int, ulysses_degree: int, causal: bool = True,
+                 window: int | None = None):
+    """The scheduler's dry schedule (``wlb-ideal``: zigzag's; see :func:`ideal_phases`)."""
+    sched = "zigzag" if name == "wlb-ideal" else name
+    opts = {"ulysses_degree": ulysses_degree} if name == "usp" and world > 1 else {}
+    return make_plan(docs, world, scheduler=sched, causal=causal, window=window, **opts).schedule
+
+
+def ideal_phases(phases, ranks: int) -> list[Phase]:
+    """``wlb-ideal``: the attention of ``phases`` evened out over the ranks, no communication."""
+    return [Phase.per_rank(ph.direction, "attention", ph.what, ranks, np.full(ranks, ph.total(ranks).mean()))
+            for ph in phases if not ph.is_comm]
+
+
+def _memory_gb(cfg: SimConfig, tokens: float, buffers: float) -> float:
     m = cfg.model
     states = 16.0 * m.params / cfg.gpus
     acts = tokens * m.dim * 2 * m.n_layers + tokens * (16 * m.dim + 3 * m.ffn_dim) * 2 + tokens * m.vocab * 2
-    kv_tok = 2 * m.n_kv_heads * m.head_dim * 2
-    buffers = {"ring": 2 * tokens * kv_tok, "zigzag": 2 * tokens * kv_tok, "allgather": 3 * cfg.seq_len * kv_tok,
-               "ulysses": tokens * (2 * m.n_heads * m.head_dim * 2 + kv_tok), "cad": 2 * send_b,
-               "usp": 2 * tokens * kv_tok * u + tokens * 2 * m.n_heads * m.head_dim * 2, "wlb-ideal": cfg.seq_len * kv_tok}
-    return (states + acts + buffers[name]) / 1e9
-
-
-def dry_stats(name: str, docs, world: int, model: ModelPreset, ulysses_degree: int, elem_bytes: int = 2,
-              causal: bool = True, window: int | None = None) -> dict:
-    """``stats()`` of the scheduler's dry plan (``wlb-ideal``: zigzag's, attention evened out)."""
-    if world == 1:
-        name = "ring"
-    sched = "zigzag" if name == "wlb-ideal" else name
-    opts = {"ulysses_degree": ulysses_degree} if name == "usp" else {}
-    st = make_plan(docs, world, scheduler=sched, causal=causal, window=window, **opts).stats(
-        model.n_heads, model.n_kv_heads, model.head_dim, elem_bytes)
-    if name == "wlb-ideal":
-        st = dict(st, flops=[float(np.mean(st["flops"]))] * world)
-    return st
+    return (states + acts + buffers) / 1e9
 
 
 def simulate(cfg: SimConfig, network, schedulers=SCHEDULERS, pool=None, replica_docs=None) -> list[dict]:
@@ -174,37 +187,38 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
     docs = replica_docs or _replica_docs(cfg, pool)
     peak = cfg.gpu.peak_tflops * 1e12
     u = _usp_degree(cfg)
+    shape = AttnShape(m.n_heads, m.n_kv_heads, m.head_dim, cfg.elem_bytes)
+    rate = peak * cfg.attn_efficiency
     results, timeline = [], []
     for name in schedulers:
         if name not in SCHEDULERS:
             raise ValueError(f"scheduler {name!r} is unknown; choose from {', '.join(SCHEDULERS)}")
         if name == "ulysses" and m.n_heads < cfg.cp:
             continue
-        if name == "cad":  # one plan over the pool: every replica's sequence, balanced over all GPUs
-            st = dry_stats("cad", [d for rep in docs for d in rep], cfg.gpus, m, u, cfg.elem_bytes)
-            per = [{k: st[k][i * cfg.cp:(i + 1) * cfg.cp] for k in ("flops", "tokens", "send_bytes")}
-                   for i in range(cfg.dp)]
+        if name == "cad":  # one schedule over the pool: every replica's sequence, balanced over all GPUs
+            groups = [(dry_schedule("cad", [d for rep in docs for d in rep], cfg.gpus, u), cfg.gpus)]
         else:
-            per = [dry_stats(name, rep, cfg.cp, m, u, cfg.elem_bytes) for rep in docs]
-        rep_times, ranks_compute, rank_exposed, rank_comm, mem = [], [], [], [], 0.0
-        for st in per:
-            tokens = np.asarray(st["tokens"], dtype=np.float64)
-            attn_fwd = np.asarray(st["flops"], dtype=np.float64) / (peak * cfg.attn_efficiency)
+            groups = [(dry_schedule(name, rep, cfg.cp, u), cfg.cp) for rep in docs]
+        ranks_compute, rank_exposed, rank_comm, flops_attn, mem = [], [], [], 0.0, 0.0
+        for schedule, n in groups:
+            tokens = np.asarray(schedule.rank_tokens(), dtype=np.float64)
+            phases = schedule.phases(shape)
+            if name == "wlb-ideal":
+                phases = ideal_phases(phases, n)
             lin = 6 * m.layer_params * tokens / (peak * cfg.mfu)
-            comm, exposed = comm_time(name, cfg, network, st, attn_fwd, lin, tokens, u) if cfg.cp > 1 or \
-                name == "cad" else (np.zeros_like(tokens), np.zeros_like(tokens))
+            t = layer_times(phases, n, network, rate, lin)
             head = 6 * m.vocab * m.dim * tokens / (peak * cfg.mfu)
-            compute = m.n_layers * (lin + 3.5 * attn_fwd) + head
-            total = compute + m.n_layers * exposed
-            rep_times.append(float(total.max()))
-            ranks_compute += list(compute)
-            rank_exposed += list(m.n_layers * exposed)
-            rank_comm += list(m.n_layers * comm)
-            mem = max(mem, max(_memory_gb(name, cfg, t, b, u) for t, b in zip(tokens, st["send_bytes"])))
+            ranks_compute += list(m.n_layers * (lin + t["attention"]) + head)
+            rank_exposed += list(m.n_layers * t["exposed"])
+            rank_comm += list(m.n_layers * t["comm"])
+            flops_attn += sum(float(ph.total(n).sum()) for ph in phases if not ph.is_comm)
+            buffers = schedule.buffer_bytes(shape)
+            mem = max(mem, max(_memory_gb(cfg, tok, b) for tok, b in zip(tokens, buffers)))
+        busy = np.asarray(ranks_compute) + np.asarray(rank_exposed)
+        rep_times = [float(busy[i * cfg.cp:(i + 1) * cfg.cp].max()) for i in range(cfg.dp)]
         step = max(rep_times)
-        slowest = int(np.argmax([c + e for c, e in zip(ranks_compute, rank_exposed)]))
-        flops_model = 6 * m.params * cfg.seq_len * cfg.dp + 3.5 * sum(float(np.sum(s["flops"])) for s in per) \
-            * m.n_layers
+        slowest = int(np.argmax(busy))
+        flops_model = 6 * m.params * cfg.seq_len * cfg.dp + flops_attn * m.n_layers
         results.append({
             "scheduler": name, "gpus": cfg.gpus, "cp": cfg.cp, "dp": cfg.dp, "seq_len": cfg.seq_len,
             "model": m.name, "ulysses_degree": u if name == "usp" else None,

@@ -168,10 +168,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError("data.path is required with data.source: tokens (prefix of PATH.bin and PATH.idx.npy)")
     if p.dp_mode not in ("ddp", "fsdp"):
         raise ValueError(f"parallel.dp_mode must be 'ddp' or 'fsdp', got {p.dp_mode!r}")
-    from ..schedulers import PLANNERS
+    from ..schedulers import LOCAL, NAMES
 
-    if p.scheduler not in PLANNERS:
-        raise ValueError(f"parallel.scheduler {p.scheduler!r} is unknown; choose one of {', '.join(PLANNERS)}")
+    choices = (*NAMES, LOCAL.name)
+    if p.scheduler not in choices:
+        raise ValueError(f"parallel.scheduler {p.scheduler!r} is unknown; choose one of {', '.join(choices)}")
     if p.ulysses_degree is not None and (p.ulysses_degree < 1 or p.cp % p.ulysses_degree
                                          or p.ulysses_degree > m.n_heads):
         raise ValueError(f"parallel.ulysses_degree ({p.ulysses_degree}) must divide parallel.cp ({p.cp}) and be at "

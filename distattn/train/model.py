@@ -90,13 +90,3 @@ class Transformer(nn.Module):
             x = layer(x, pos, plan)
         x = self.norm(x)
         return x @ self.embed.weight.t() if self.head is None else self.head(x)
-
-
-def next_token_labels(tokens: torch.Tensor, doc_lens) -> torch.Tensor:
-    """``[S]`` labels: the next token of the same document, -100 on each document's last token
-    (the loss never crosses a document boundary)."""
-    labels = torch.full_like(tokens, -100)
-    labels[:-1] = tokens[1:]
-    ends = torch.tensor(doc_lens, device=tokens.device).cumsum(0) - 1
-    labels[ends] = -100
-    return labels

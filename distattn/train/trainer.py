@@ -34,11 +34,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..api import plan as make_plan
+from ..masks import next_token_labels
 from ..spawn import Terminated
 from . import checkpoint
 from .config import RunConfig
 from .data import Packer, make_corpus
-from .model import Transformer, next_token_labels
+from .model import Transformer
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -131,7 +132,7 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
     """Run on every rank of an initialised process group of ``cfg.world_size`` ranks; returns the metrics.
     With ``stop``, a SIGTERM it received ends the run after the current step and its checkpoint;
     ``on_step(metrics)`` is called on every rank after each step (progress, profiling)."""
-    from ..parallel.mesh import ParallelDims
+    from ..mesh import ParallelDims
     from ..schedulers.usp import default_ulysses_degree
 
     p, t = cfg.parallel, cfg.train

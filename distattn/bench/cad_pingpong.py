@@ -1,7 +1,7 @@
 """Ping-pong overlap on CPU: a toy layer (QKV and output projections around ``cad`` attention) run on
 two nano-batches one after the other, and with :func:`distattn.pingpong.ping_pong`, in one run.
 
-    python -m distattn.bench.pingpong [--world-size 4] [--seq-len 16384] [--repeats 5]
+    python -m distattn.bench.cad_pingpong [--world-size 4] [--seq-len 16384] [--repeats 5]
 
 Prints forward ms (slowest rank, median) of both and the share saved. Only the
 forward overlaps; gloo runs the all-to-all on its own thread beside the compute.
@@ -10,8 +10,6 @@ forward overlaps; gloo runs the all-to-all on its own thread beside the compute.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -20,6 +18,7 @@ from ..api import attention, plan
 from ..doclens import pack
 from ..pingpong import ping_pong, split_nano_batches
 from ..spawn import run_distributed
+from ..timing import slowest_rank, time_interleaved
 
 
 def _layer(hidden: int, heads: int, seed: int):
@@ -51,21 +50,12 @@ def _rank_main(doc_lens, hidden, heads, repeats):
     def overlapped():
         return ping_pong(pre, post, xs, plans)
 
-    times = {"sequential": [], "ping_pong": []}
     with torch.no_grad():
-        for _ in range(repeats + 1):
-            for name, fn in (("sequential", sequential), ("ping_pong", overlapped)):
-                dist.barrier(group)
-                t0 = time.perf_counter()
-                ys = fn()
-                times[name].append(time.perf_counter() - t0)
-                if name == "sequential":
-                    ref = ys
-                else:
-                    diff = max((a - b).abs().max().item() for a, b in zip(ys, ref))
-    ms = torch.tensor([1e3 * statistics.median(times[n][1:]) for n in ("sequential", "ping_pong")])
-    dist.all_reduce(ms, op=dist.ReduceOp.MAX, group=group)
-    return {"sequential_ms": ms[0].item(), "ping_pong_ms": ms[1].item(), "max_diff": diff}
+        # alternating the two so drift hits both alike; the first round warms up connections and caches
+        seq, pp = time_interleaved([sequential, overlapped], repeats, warmup=1, barrier=True, group=group)
+    diff = max((a - b).abs().max().item() for a, b in zip(pp.result, seq.result))
+    seq_ms, pp_ms = (1e3 * s for s in slowest_rank([seq.median, pp.median], group))
+    return {"sequential_ms": seq_ms, "ping_pong_ms": pp_ms, "max_diff": diff}
 
 
 def run(world_size=4, seq_len=16384, hidden=512, heads=8, repeats=5) -> dict:

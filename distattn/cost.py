@@ -1,0 +1,83 @@
+"""Attention cost models: how long a task of ``q_len`` queries over ``kv_len`` keys takes.
+
+Both models answer ``task_time(q_lens, kv_lens, areas) -> seconds`` vectorised
+over tasks, where ``areas`` are the visible (query, key) pairs; the CAD planner
+balances with it and the simulator replays plans on it.
+
+* :class:`Roofline` (default): the larger of compute time (``4 * area * Hq * D``
+  FLOPs at an achieved fraction of peak) and memory time (reading Q, K, V and
+  writing O). Short shards are memory-bound, long ones compute-bound. Kernel
+  launches are per call, not per task, so they are not part of a task's time.
+* :class:`ProfileCost`: measured latency of causal documents of length ``L``
+  (a table like ``attn_latency_h100.csv``: ``L, cp, tp, duration_per_doc`` in
+  ms) turned into achieved pairs/second as a function of the query length,
+  interpolated in log space; a task costs ``area / throughput(q_len)``.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def causal_area(n) -> np.ndarray:
+    n = np.asarray(n, dtype=np.float64)
+    return n * (n + 1) / 2
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """H100 SXM bf16 defaults with a Llama-3-8B attention shape (32 query, 8 KV heads of 128)."""
+
+    peak_tflops: float = 989.0
+    efficiency: float = 0.5          # achieved fraction of peak in the attention kernel
+    bandwidth_gbs: float = 3350.0
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    dtype_bytes: int = 2
+
+    def task_time(self, q_lens, kv_lens, areas) -> np.ndarray:
+        q, kv, area = (np.asarray(x, dtype=np.float64) for x in (q_lens, kv_lens, areas))
+        flops = 4 * area * self.num_heads * self.head_dim
+        compute = flops / (self.peak_tflops * 1e12 * self.efficiency)
+        io = (2 * q * self.num_heads + 2 * kv * self.num_kv_heads) * self.head_dim * self.dtype_bytes
+        memory = io / (self.bandwidth_gbs * 1e9)
+        return np.maximum(compute, memory)
+
+
+@dataclass(frozen=True)
+class ProfileCost:
+    """Achieved throughput by query length, from measured causal-document latencies."""
+
+    lengths: tuple[float, ...]
+    pairs_per_s: tuple[float, ...]
+
+    @staticmethod
+    def from_latencies(lengths, seconds) -> "ProfileCost":
+        lengths = np.asarray(lengths, dtype=np.float64)
+        seconds = np.asarray(seconds, dtype=np.float64)
+        if lengths.ndim != 1 or lengths.shape != seconds.shape or len(lengths) < 2 or (seconds <= 0).any():
+            raise ValueError("a latency profile needs >= 2 (length, positive seconds) points")
+        order = np.argsort(lengths)
+        return ProfileCost(tuple(lengths[order]), tuple(causal_area(lengths[order]) / seconds[order]))
+
+    @staticmethod
+    def from_csv(path: str | Path, cp: int = 1, tp: int = 1) -> "ProfileCost":
+        """Rows ``L, cp, tp, duration_per_doc`` (ms per causal document of length L)."""
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["cp"]) == cp and int(r["tp"]) == tp]
+        if not rows:
+            raise ValueError(f"{path}: no rows with cp={cp}, tp={tp}")
+        return ProfileCost.from_latencies([float(r["L"]) for r in rows],
+                                          [float(r["duration_per_doc"]) * 1e-3 for r in rows])
+
+    def throughput(self, q_lens) -> np.ndarray:
+        x = np.log(np.clip(np.asarray(q_lens, dtype=np.float64), 1.0, None))
+        return np.exp(np.interp(x, np.log(self.lengths), np.log(self.pairs_per_s)))
+
+    def task_time(self, q_lens, kv_lens, areas) -> np.ndarray:
+        return np.asarray(areas, dtype=np.float64) / self.throughput(q_lens)

@@ -1,0 +1,85 @@
+"""Executors: one per communication pattern, each running one rank's part of a schedule.
+
+==============================  ===============================================  =====================
+executor                        pattern                                          runs
+==============================  ===============================================  =====================
+``ring_p2p.RingExecutor``       K/V passed around a ring of P2P transfers        ring, zigzag
+``gather.GatherExecutor``       K/V all-gathered, dK/dV reduce-scattered         allgather
+``head_a2a.HeadExecutor``       heads all-to-all around an inner executor        ulysses, usp
+``task_a2a.TaskExecutor``       rows all-to-all to the ranks computing tasks     cad
+``local.LocalExecutor``         none: one kernel call                            world size 1
+==============================  ===============================================  =====================
+
+The schedule's type selects the executor (:func:`executor_for`). Executors take their groups from
+the mesh the plan was given; the only groups they make are ``usp``'s Ulysses and ring groups of a
+1-D mesh, once per parent group (:func:`distattn.comm.subgroups`).
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from ..comm import Comm, subgroups
+from ..mesh import MeshInfo
+from ..schedule import Schedule
+from ..schedulers.allgather import GatherSchedule
+from ..schedulers.cad import TaskSchedule
+from ..schedulers.local import LocalSchedule
+from ..schedulers.ring import RingSchedule
+from ..schedulers.ulysses import UlyssesSchedule
+from ..schedulers.usp import USPSchedule
+from .base import Executor
+from .gather import GatherExecutor
+from .head_a2a import HeadAllToAll, HeadExecutor
+from .local import LocalExecutor
+from .ring_p2p import RingExecutor
+from .task_a2a import TaskExecutor, gather_pool
+
+
+def resolve_options(scheduler: str, doc_lens, mesh: MeshInfo, options: dict) -> tuple[dict, dict]:
+    """``(planner options, executor options)`` of a live plan: live objects among the options become
+    data for the planner and go to the executor as they are. ``cad``'s ``pool=group``: the pool's
+    layout (a collective over the pool: every pool rank sends its documents) and the group."""
+    if scheduler == "cad" and options.get("pool") is not None:
+        return dict(options, pool=gather_pool(doc_lens, mesh, options["pool"])), {"pool_group": options["pool"]}
+    return options, {}
+
+
+def _usp_groups(schedule: USPSchedule, mesh: MeshInfo):
+    """(Ulysses group, ring group) of this rank: the 2-D mesh's axes, or sub-groups of a 1-D group."""
+    dm = mesh.device_mesh
+    if dm is not None and dm.ndim == 2:
+        return dm["ulysses"].get_group(), dm["ring"].get_group()
+    u_deg, (u, r) = schedule.ulysses_degree, schedule.coords[mesh.rank]
+    ulysses_ranks = [r * u_deg + j for j in range(u_deg)]
+    ring_ranks = [j * u_deg + u for j in range(schedule.ring.world_size)]
+    return tuple(subgroups(mesh.group, [ulysses_ranks, ring_ranks], f"ulysses_degree={u_deg}",
+                           "usp's process groups"))
+
+
+def executor_for(schedule: Schedule, mesh: MeshInfo, backend: str, pool_group=None) -> Executor:
+    """This rank's executor of ``schedule`` on ``mesh``'s groups."""
+    comm, rank = Comm(mesh.group), mesh.rank
+    if isinstance(schedule, RingSchedule):
+        return RingExecutor(schedule, rank, comm, backend)
+    if isinstance(schedule, GatherSchedule):
+        return GatherExecutor(schedule, rank, comm, backend)
+    if isinstance(schedule, UlyssesSchedule):
+        tokens = tuple(schedule.num_tokens(r) for r in range(schedule.world_size))
+        return HeadExecutor(schedule, rank, comm, backend, HeadAllToAll(comm, rank, tokens),
+                            LocalExecutor(schedule, rank, comm, backend))
+    if isinstance(schedule, USPSchedule):
+        ulysses, ring = _usp_groups(schedule, mesh)
+        u, r = schedule.coords[rank]
+        inner = RingExecutor(schedule.ring, r, Comm(ring), backend)
+        return HeadExecutor(schedule, rank, comm, backend, HeadAllToAll(Comm(ulysses), u, schedule.members(r)), inner)
+    if isinstance(schedule, TaskSchedule):
+        if pool_group is None:
+            return TaskExecutor(schedule, rank, comm, backend, comm)
+        return TaskExecutor(schedule, schedule.slot_ranks.index(dist.get_rank(pool_group)), comm, backend,
+                            Comm(pool_group))
+    assert isinstance(schedule, LocalSchedule), type(schedule)
+    return LocalExecutor(schedule, rank, comm, backend)
+
+
+__all__ = ["Executor", "executor_for", "resolve_options"]

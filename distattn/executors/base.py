@@ -1,0 +1,144 @@
+"""What every executor shares: the saved state, device indices, kernel calls and input agreement.
+
+An executor runs one rank's part of a schedule on process groups. It is the live, mutable half of
+a plan (the schedule is the frozen half): it holds the rank's communicators (which count the bytes
+sent), its kernel layouts and indices copied to the device once (:meth:`Executor.prepare`), and
+the input shapes its group already agreed on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..comm import Comm, meet_once
+from ..kernels import Varlen, prepare, varlen_bwd, varlen_fwd
+from ..merge import merge_
+from ..schedulers.blocks import KernelCall
+
+
+class Saved(NamedTuple):
+    """What a forward keeps for its backward (this rank's tensors)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceIndex:
+    """A host index array and its copies on devices, each made once."""
+
+    array: np.ndarray
+    _copies: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        device = torch.device(device)
+        if device not in self._copies:
+            self._copies[device] = torch.from_numpy(np.ascontiguousarray(self.array)).to(device)
+        return self._copies[device]
+
+
+class Executor:
+    """One rank's runner of a schedule (subclassed per communication pattern).
+
+    ``forward(q, k, v, scale) -> (out, saved)`` and ``backward(dout, saved, scale) -> (dq, dk, dv)``;
+    ``device_data()`` lists the kernel layouts and indices they use.
+    """
+
+    supports_prefetch = False
+
+    def __init__(self, schedule, rank: int, comm: Comm, backend: str):
+        self.schedule, self.rank, self.comm, self.backend = schedule, rank, comm, backend
+        self._agreed: set[str] = set()  # input signatures every rank of the group shares
+
+    @property
+    def comms(self) -> tuple[Comm, ...]:
+        """The communicators attention sends through (their bytes are :attr:`bytes_sent`)."""
+        return (self.comm,)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(c.bytes_sent for c in self.comms)
+
+    @property
+    def agreement_group(self):
+        """The group whose ranks exchange data in attention (and so must agree on shapes)."""
+        return self.comm.group
+
+    def kernel_args(self, scale: float) -> dict:
+        s = self.schedule
+        return dict(causal=s.causal, window=s.window, scale=scale, backend=self.backend)
+
+    def device_data(self) -> Iterable[Varlen | DeviceIndex]:
+        return ()
+
+    def prepare(self, device: torch.device | str) -> None:
+        """Copy the kernel layouts and indices to ``device`` and let the kernel backend precompute
+        from them, once: attention then makes no host synchronisation."""
+        device = torch.device(device)
+        for item in self.device_data():
+            if isinstance(item, Varlen):
+                try:
+                    prepare(item, device, causal=self.schedule.causal, window=self.schedule.window,
+                            backend=self.backend)
+                except ValueError:  # no backend for this device: attention will say so
+                    continue
+            else:
+                item.on(device)
+
+    def forward(self, q, k, v, scale: float):
+        raise NotImplementedError
+
+    def backward(self, dout, saved, scale: float):
+        raise NotImplementedError
+
+    def check_agreement(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """A ``ValueError`` on every rank unless all ranks of the group pass the same heads,
+        head_dim and dtype. The ranks compare through the group's key-value store
+        (:func:`distattn.comm.meet_once`: host only, no device synchronisation; agreed shapes are
+        remembered, so a plan per training step checks on the first step only)."""
+        dtype = str(q.dtype).removeprefix("torch.")
+        shapes = f"Hq={q.shape[1]}, Hkv={k.shape[1]}, head_dim={q.shape[2]}, dtype={dtype}"
+        group = self.agreement_group
+        if group is None or dist.get_world_size(group) == 1 or shapes in self._agreed:
+            return
+        theirs = meet_once(group, "attention", shapes, "the check that all ranks pass the same shapes")
+        for r, their_shapes in enumerate(theirs or ()):
+            if their_shapes != shapes:
+                raise ValueError(f"ranks pass different q/k/v to attention: rank {dist.get_rank()} has ({shapes}) "
+                                 f"but rank {_global_rank(group, r)} has ({their_shapes}); every rank of the plan's "
+                                 f"group must pass the same heads, head_dim and dtype")
+        self._agreed.add(shapes)
+
+
+def _global_rank(group, rank: int) -> int:
+    return rank if group is dist.group.WORLD else dist.get_global_rank(group, rank)
+
+
+def call_fwd(call: KernelCall, q, kv, out_acc, lse_acc, *, causal, window, scale, backend) -> None:
+    """Attention of one kernel call (``kv`` = stacked ``[2, T, Hkv, D]`` buffer), merged into the fp32
+    accumulators ``out_acc [S_local, Hq, D]`` / ``lse_acc [S_local, Hq]``."""
+    rows, keys = slice(call.q_lo, call.q_hi), slice(call.k_lo, call.k_hi)
+    out, lse = varlen_fwd(q[rows], kv[0, keys], kv[1, keys], call.varlen, causal=causal, window=window,
+                          scale=scale, backend=backend)
+    merge_(out_acc[rows], lse_acc[rows], out, lse)
+
+
+def call_bwd(call: KernelCall, dout, q, kv, out, lse, delta, dq_acc, dkv_acc, *, causal, window, scale,
+             backend) -> None:
+    """Gradients of one kernel call given the final ``out``/``lse`` and ``delta = rowsum(dout * out)``
+    (computed once per backward), added to fp32 ``dq_acc`` and ``dkv_acc [2, T, Hkv, D]`` (same
+    layout as ``kv``)."""
+    rows, keys = slice(call.q_lo, call.q_hi), slice(call.k_lo, call.k_hi)
+    dq, dk, dv = varlen_bwd(dout[rows], q[rows], kv[0, keys], kv[1, keys], out[rows], lse[rows], call.varlen,
+                            causal=causal, window=window, scale=scale, backend=backend, delta=delta[rows])
+    dq_acc[rows] += dq
+    dkv_acc[0, keys] += dk
+    dkv_acc[1, keys] += dv

@@ -1,0 +1,105 @@
+"""K/V all-gathered, dK/dV reduce-scattered: the executor of ``allgather`` (the schedule:
+:class:`distattn.schedulers.allgather.GatherSchedule`).
+
+Per group of KV heads: gather every rank's K/V (padded to the largest shard), reorder it to global
+token order, run this rank's kernel calls against it. Forward prefetches the next head group
+while computing the current one; backward reduce-scatters a head group's fp32 dK/dV while
+computing the next.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..merge import acc_dtype, row_delta
+from ..schedule import token_index
+from ..schedulers.allgather import GatherSchedule
+from ..schedulers.blocks import local_rows
+from .base import DeviceIndex, Executor, Saved, call_bwd, call_fwd
+
+
+class GatherExecutor(Executor):
+    def __init__(self, schedule: GatherSchedule, rank: int, comm, backend: str):
+        super().__init__(schedule, rank, comm, backend)
+        self.calls = schedule.kernel_calls(rank, local_rows(schedule.bounds, schedule.range_owner))
+        self.width = schedule.width
+        # where each global token sits in the gathered buffer (rank-major, padded to width)
+        index = np.empty(schedule.total_tokens, dtype=np.int64)
+        for r, ranges in enumerate(schedule.owned):
+            tokens = token_index(ranges)
+            index[tokens] = r * self.width + np.arange(len(tokens))
+        self.gather_index = DeviceIndex(index)
+
+    def device_data(self):
+        return [call.varlen for call in self.calls] + [self.gather_index]
+
+    def _start_gather(self, kv_local: torch.Tensor, heads: tuple[int, int], what: str):
+        """Start gathering heads of ``kv_local [2, n, Hkv, D]``; returns (buffer, pending)."""
+        part = kv_local[:, :, heads[0]:heads[1]]
+        padded = part.new_zeros((2, self.width, *part.shape[2:]))
+        padded[:, : part.shape[1]] = part
+        gathered = padded.new_empty((self.schedule.world_size * 2, *padded.shape[1:]))
+        return gathered, self.comm.all_gather(gathered, padded, what)
+
+    def _gathered_kv(self, gathered: torch.Tensor) -> torch.Tensor:
+        """``[P * 2, W, h, D]`` as gathered -> contiguous ``[2, S, h, D]`` in global token order."""
+        p, w = self.schedule.world_size, self.width
+        by_rank = gathered.view(p, 2, w, *gathered.shape[2:]).transpose(0, 1).reshape(2, p * w, *gathered.shape[2:])
+        return by_rank[:, self.gather_index.on(gathered.device)]
+
+    def _start_scatter(self, dkv: torch.Tensor, what: str):
+        """Start summing ``dkv [2, S, h, D]`` (global order) into each owner's ``[2, W, h, D]``."""
+        p, w = self.schedule.world_size, self.width
+        by_rank = dkv.new_zeros((2, p * w, *dkv.shape[2:]))
+        by_rank[:, self.gather_index.on(dkv.device)] = dkv
+        padded = by_rank.view(2, p, w, *dkv.shape[2:]).transpose(0, 1).reshape(p * 2, w, *dkv.shape[2:])
+        mine = padded.new_empty((2, w, *dkv.shape[2:]))
+        return mine, self.comm.reduce_scatter(mine, padded, what)
+
+    def forward(self, q, k, v, scale):
+        kw = self.kernel_args(scale)
+        dtype = acc_dtype(q.dtype)
+        out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
+        kv_local = torch.stack([k, v])
+        group = q.shape[1] // k.shape[1]
+        heads = self.schedule.head_groups(k.shape[1])
+        nxt = self._start_gather(kv_local, heads[0], "allgather forward")
+        for n, (h0, h1) in enumerate(heads):
+            gathered, pending = nxt
+            pending.wait()
+            if n + 1 < len(heads):  # prefetch the next head group while computing this one
+                nxt = self._start_gather(kv_local, heads[n + 1], "allgather forward")
+            kv = self._gathered_kv(gathered)
+            qh = slice(h0 * group, h1 * group)
+            for call in self.calls:
+                call_fwd(call, q[:, qh], kv, out[:, qh], lse[:, qh], **kw)
+        out = out.to(q.dtype)
+        return out, Saved(q, k, v, out, lse)
+
+    def backward(self, dout, saved: Saved, scale):
+        q, k, v, out, lse = saved
+        kw = self.kernel_args(scale)
+        dtype = acc_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        dkv = torch.zeros((2, *k.shape), dtype=dtype, device=q.device)
+        delta = row_delta(dout, out)
+        kv_local = torch.stack([k, v])
+        group = q.shape[1] // k.shape[1]
+        scatters = []
+        for h0, h1 in self.schedule.head_groups(k.shape[1]):
+            gathered, pending = self._start_gather(kv_local, (h0, h1), "allgather backward")
+            pending.wait()
+            kv = self._gathered_kv(gathered)
+            qh = slice(h0 * group, h1 * group)
+            dkv_full = torch.zeros(kv.shape, dtype=dtype, device=q.device)
+            for call in self.calls:
+                call_bwd(call, dout[:, qh], q[:, qh], kv, out[:, qh], lse[:, qh], delta[:, qh], dq[:, qh], dkv_full,
+                         **kw)
+            # the reduce-scatter of this head group overlaps the next group's compute
+            scatters.append(((h0, h1), *self._start_scatter(dkv_full, "allgather backward")))
+        for (h0, h1), mine, pending in scatters:
+            pending.wait()
+            dkv[:, :, h0:h1] = mine[:, : k.shape[0]]
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)

@@ -1,0 +1,93 @@
+"""K/V passed around a ring of point-to-point transfers: the executor of ``ring``, ``zigzag`` and
+of ``usp``'s rings (the schedule: :class:`distattn.schedulers.ring.RingSchedule`).
+
+Forward, step ``t``: start sending the held K/V block on to ``rank + 1`` (if someone further
+needs it) and receiving the next one, compute this step's kernel calls against the held block,
+wait. Backward, step ``t``: the same K/V ring, plus the fp32 dK/dV of the previous step's
+foreign block straight back to its owner; one extra step returns the last of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..merge import acc_dtype, row_delta
+from ..schedulers.blocks import local_rows
+from ..schedulers.ring import RingSchedule
+from .base import Executor, Saved, call_bwd, call_fwd
+
+
+class RingExecutor(Executor):
+    def __init__(self, schedule: RingSchedule, rank: int, comm, backend: str):
+        super().__init__(schedule, rank, comm, backend)
+        p, rows = schedule.world_size, local_rows(schedule.bounds, schedule.range_owner)
+        sources = schedule.sources(rank)
+        self.calls = tuple(schedule.kernel_calls(rank, sources[t], rows) if t in sources else () for t in range(p))
+        qr, kr, _ = schedule.rank_pairs
+        self.dkv_from = frozenset(qr[kr == rank].tolist())  # ranks that compute on this rank's K/V
+
+    def device_data(self):
+        return [call.varlen for calls in self.calls for call in calls]
+
+    def _kv_ring_step(self, t: int, cur: torch.Tensor | None, like: torch.Tensor):
+        """Sends/receives that move the K/V ring from step t to t + 1."""
+        s, r, p = self.schedule, self.rank, self.schedule.world_size
+        sends, recvs, nxt = [], [], None
+        if t + 1 < p and s.sends(r, t):
+            sends.append((cur, (r + 1) % p))
+        if t + 1 < p and s.holds(r, t + 1):
+            src = (r - t - 1) % p
+            nxt = like.new_empty((2, s.num_tokens(src), *like.shape[2:]))
+            recvs.append((nxt, (r - 1) % p))
+        return sends, recvs, nxt
+
+    def forward(self, q, k, v, scale):
+        r, name = self.rank, self.schedule.scheduler
+        kw = self.kernel_args(scale)
+        dtype = acc_dtype(q.dtype)
+        out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
+        kv = torch.stack([k, v])
+        cur = kv
+        for t in range(self.schedule.world_size):
+            sends, recvs, nxt = self._kv_ring_step(t, cur, kv)
+            pending = self.comm.exchange(sends, recvs, f"{name} forward step {t} (rank {r})")
+            for call in self.calls[t]:
+                call_fwd(call, q, cur, out, lse, **kw)
+            pending.wait()
+            cur = nxt
+        out = out.to(q.dtype)
+        return out, Saved(q, k, v, out, lse)
+
+    def backward(self, dout, saved: Saved, scale):
+        q, k, v, out, lse = saved
+        r, p, name = self.rank, self.schedule.world_size, self.schedule.scheduler
+        kw = self.kernel_args(scale)
+        dtype = acc_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        delta = row_delta(dout, out)
+        kv = torch.stack([k, v])
+        dkv = torch.zeros(kv.shape, dtype=dtype, device=q.device)  # own block, summed in fp32
+        cur, prev = kv, None  # prev: dK/dV computed at the previous step for a foreign block
+        for t in range(p + 1):
+            sends, recvs, nxt = self._kv_ring_step(t, cur, kv)
+            incoming = None
+            if t >= 2:  # dK/dV of step t - 1 go to their owner; ours arrive from rank r + t - 1
+                owner, helper = (r - t + 1) % p, (r + t - 1) % p
+                if prev is not None:
+                    sends.append((prev, owner))
+                if helper in self.dkv_from:
+                    incoming = torch.empty_like(dkv)
+                    recvs.append((incoming, helper))
+            pending = self.comm.exchange(sends, recvs, f"{name} backward step {t} (rank {r})")
+            prev = None
+            if t < p and self.calls[t]:
+                acc = dkv if t == 0 else torch.zeros((2, *cur.shape[1:]), dtype=dtype, device=q.device)
+                for call in self.calls[t]:
+                    call_bwd(call, dout, q, cur, out, lse, delta, dq, acc, **kw)
+                prev = acc if t > 0 else None
+            pending.wait()
+            if incoming is not None:
+                dkv += incoming
+            cur = nxt
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)

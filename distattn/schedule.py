@@ -1,0 +1,204 @@
+"""Schedules: what one attention call does on every rank, as data.
+
+A scheduler's planner (``distattn/schedulers/<name>.py``) returns a :class:`Schedule`: a frozen,
+process-free description of one packed batch on ``P`` ranks. It holds the token layout
+(``owned[r]``: rank ``r``'s global token ranges, in local order) and whatever the scheduler
+decided (ranges and their owners, a head split, a task table). From it follow:
+
+* :meth:`Schedule.phases` -- for an attention shape, the ordered phases of one forward and one
+  backward: which ranks run how many attention FLOPs, which send how many bytes over which
+  collective, and which transfer runs under which computation (``overlaps``);
+* :meth:`Schedule.stats` -- per-rank FLOPs and bytes, summed from those phases;
+* what an executor (:mod:`distattn.executors`) needs to run one rank's part (each schedule
+  derives its kernel calls and routes for a rank on request).
+
+The same object serves a dry plan of thousands of ranks (``plan.stats()``, the simulator) and a
+live run: nothing here touches a process group, so no scheduler is described twice.
+
+Phases list entries ``(rank, step, amount)`` (sparse: a rank with nothing to do in a step has no
+entry). ``amount`` is forward or backward FLOPs for ``op == "attention"`` and the bytes the rank
+sends for a collective (``send_recv``, ``all_gather``, ``reduce_scatter``, ``all_to_all``;
+counted as :class:`distattn.comm.Comm` counts them). ``overlaps`` says what a transfer hides
+behind when the schedule runs as designed:
+
+* ``None``: nothing; the executor waits for it before computing again (exposed);
+* ``"attention"``: the attention phase of the same direction, rank and step: the executor issues
+  the transfer asynchronously before that computation and waits after it;
+* ``"layers"``: the rest of the model's computation (the other nano-batch's layers under
+  :func:`distattn.pingpong.ping_pong`; ``cad``'s executor so far overlaps its forward dispatch
+  only, see :meth:`distattn.schedulers.cad.TaskSchedule.phases`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .masks import MaskSlice, attention_flops, slices_area
+
+Ranges = tuple[tuple[int, int], ...]
+COLLECTIVES = ("send_recv", "all_gather", "reduce_scatter", "all_to_all")
+OVERLAPS = (None, "attention", "layers")
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    """The attention shape bytes and FLOPs depend on: heads, head size and bytes per element."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+
+    def __post_init__(self):
+        for name in ("num_heads", "num_kv_heads", "head_dim", "dtype_bytes"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+    @property
+    def acc_bytes(self) -> int:
+        """Bytes of an accumulator element: fp32, fp64 for fp64 inputs (:func:`distattn.merge.acc_dtype`)."""
+        return max(4, self.dtype_bytes)
+
+    def row_bytes(self, heads: int, acc: bool = False) -> int:
+        """Bytes of one token of ``heads`` heads (input dtype, or the accumulator's)."""
+        return heads * self.head_dim * (self.acc_bytes if acc else self.dtype_bytes)
+
+    @property
+    def kv_row(self) -> int:
+        """Bytes of one token of K and V."""
+        return 2 * self.row_bytes(self.num_kv_heads)
+
+    def flops(self, pairs, heads: int | None = None, backward: bool = False):
+        """Attention FLOPs of ``pairs`` visible (query, key) pairs over ``heads`` (default: all)."""
+        return attention_flops(np.asarray(pairs, dtype=np.int64), self.num_heads if heads is None else heads,
+                               self.head_dim, backward)
+
+
+@dataclass(frozen=True, eq=False)
+class Phase:
+    """One step of a schedule on every rank at once (see module docstring)."""
+
+    direction: str            # "forward" | "backward"
+    op: str                   # "attention" or a collective
+    what: str                 # e.g. "K/V ring", "Q/K/V to heads"
+    span: int                 # consecutive ranks the group covers (intra- or inter-node for the network)
+    rank: np.ndarray          # [N] rank of each entry
+    amount: np.ndarray        # [N] FLOPs (attention) or bytes the rank sends
+    step: np.ndarray | None = None   # [N] step of each entry (None: all in step 0)
+    overlaps: str | None = None
+
+    def __post_init__(self):
+        assert self.direction in ("forward", "backward") and self.overlaps in OVERLAPS, self
+        assert self.op == "attention" or self.op in COLLECTIVES, self.op
+        assert self.op != "attention" or self.overlaps is None, "attention hides nothing behind itself"
+
+    @staticmethod
+    def per_rank(direction: str, op: str, what: str, span: int, amount, step: int = 0,
+                 overlaps: str | None = None) -> "Phase":
+        """A phase with one entry per rank ``0..len(amount)-1``, all in ``step``."""
+        amount = np.asarray(amount)
+        return Phase(direction, op, what, span, np.arange(len(amount)), amount,
+                     np.full(len(amount), step, dtype=np.int64), overlaps)
+
+    @property
+    def steps(self) -> np.ndarray:
+        return np.zeros(len(self.rank), dtype=np.int64) if self.step is None else self.step
+
+    @property
+    def is_comm(self) -> bool:
+        return self.op != "attention"
+
+    def total(self, ranks: int) -> np.ndarray:
+        """``[ranks]``: the phase's amount summed per rank (int64 stays exact)."""
+        amount = np.asarray(self.amount)
+        out = np.zeros(ranks, dtype=amount.dtype)
+        np.add.at(out, self.rank, amount)
+        return out
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Schedule:
+    """One packed batch on ``world_size`` ranks (see module docstring); subclassed per scheduler."""
+
+    scheduler: str
+    doc_lens: tuple[int, ...]
+    causal: bool
+    window: int | None
+    world_size: int
+    owned: tuple[Ranges, ...]
+
+    # ---- what each scheduler says ------------------------------------------------------------
+    def phases(self, shape: AttnShape) -> list[Phase]:
+        """Forward then backward phases, in the order the executor runs them."""
+        raise NotImplementedError
+
+    def compute_slices(self, rank: int) -> list[MaskSlice]:
+        """The mask slices (global coordinates) rank computes."""
+        raise NotImplementedError
+
+    def visible_pairs(self, rank: int) -> int:
+        """Visible (query, key) pairs rank computes (all its heads)."""
+        return slices_area(self.compute_slices(rank))
+
+    def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
+        """``ValueError`` when the schedule was made for other head counts (``usp``'s ``num_kv_heads``)."""
+
+    def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
+        """``[ranks]``: peak bytes of the receive buffers the executor holds at once, per rank."""
+        return np.zeros(self.stat_ranks)
+
+    def extra_stats(self) -> dict:
+        """Scheduler-specific per-rank lists added to :meth:`stats`."""
+        return {}
+
+    @property
+    def stat_ranks(self) -> int:
+        """Ranks the phases and stats list (``cad`` with a pool: every rank of the pool)."""
+        return self.world_size
+
+    def rank_tokens(self) -> list[int]:
+        return [self.num_tokens(r) for r in range(self.stat_ranks)]
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.doc_lens)
+
+    def num_tokens(self, rank: int) -> int:
+        return sum(e - s for s, e in self.owned[rank])
+
+    @cached_property
+    def doc_starts(self) -> np.ndarray:
+        """Global start offset of each document."""
+        return np.concatenate([[0], np.cumsum(self.doc_lens[:-1], dtype=np.int64)]).astype(np.int64)
+
+    def stats(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> dict:
+        """Per-rank forward attention ``flops``, ``tokens`` and forward ``send_bytes`` (lists indexed by
+        rank), summed from :meth:`phases`, plus ``flops_imbalance`` and ``token_imbalance`` (max / mean)."""
+        shape = AttnShape(num_heads, num_kv_heads, head_dim, dtype_bytes)
+        p = self.stat_ranks
+        flops, send = [0] * p, [0] * p
+        for ph in self.phases(shape):
+            if ph.direction == "forward":
+                for r, x in enumerate(ph.total(p).tolist()):
+                    (send if ph.is_comm else flops)[r] += int(x)
+        tokens = self.rank_tokens()
+        return {"scheduler": self.scheduler, "world_size": p, "flops": flops, "tokens": tokens, "send_bytes": send,
+                "flops_imbalance": imbalance(flops), "token_imbalance": imbalance(tokens), **self.extra_stats()}
+
+
+def imbalance(values) -> float:
+    """max / mean (1.0 when everything is zero)."""
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean > 0 else 1.0
+
+
+def token_index(ranges: Ranges) -> np.ndarray:
+    """Global token indices of ``ranges``, in local order."""
+    return np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in ranges] or [np.zeros(0, np.int64)])

@@ -1,0 +1,107 @@
+"""Dependencies point down: kernels <- masks/merge <- schedules <- executors <- api <- (train, adapters,
+bench, simulator) <- (launch, cli). Checked twice: statically, every import statement of every module
+(function-level imports included), and by importing each layer alone in a fresh interpreter."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# the folders that import as distattn.<name> (pyproject.toml's package-dir)
+FOLDERS = {"distattn": "distattn", "kernels": "distattn.kernels", "parallel": "distattn.parallel",
+           "launch": "distattn.launch", "cluster": "distattn.cluster"}
+
+# lowest first; a module belongs to the first prefix that matches it (longest prefixes listed first)
+LAYERS = [
+    ("foundation", ["distattn.masks", "distattn.merge", "distattn.comm", "distattn.doclens", "distattn.cost",
+                    "distattn.timing", "distattn.spawn", "distattn.cluster.profile"]),
+    ("kernels", ["distattn.kernels"]),
+    ("schedules", ["distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
+    ("executors", ["distattn.executors"]),
+    ("api", ["distattn.plans", "distattn.api", "distattn.oracle", "distattn.pingpong"]),
+    # the integrations: each imports the layers below, none imports another
+    ("train", ["distattn.train"]),
+    ("adapters", ["distattn.parallel"]),
+    ("bench", ["distattn.bench", "distattn.demo"]),
+    ("sim", ["distattn.sim"]),
+    ("cluster", ["distattn.cluster"]),
+    ("entry points", ["distattn.launch", "distattn.cli"]),
+]
+INTEGRATIONS = ("train", "adapters", "bench", "sim", "cluster")
+RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
+
+
+def layer_of(module: str) -> str | None:
+    if module == "distattn":
+        return "foundation"  # the package itself resolves its names lazily
+    best = None
+    for name, prefixes in LAYERS:
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+                best = (name, len(prefix))
+    return best[0] if best else None
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for folder, package in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            out[".".join((package, *parts))] = path
+    return out
+
+
+def imports_of(module: str, path: Path) -> set[str]:
+    """Every distattn module ``module`` imports, at any depth of its code."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}  # `from . import x` may name a module
+    known = modules()
+    return {m for m in found if m in known and m != module}
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in modules() if layer_of(m) is None] == []
+
+
+def test_no_import_points_up_or_across_integrations():
+    bad = []
+    for module, path in modules().items():
+        mine = layer_of(module)
+        for target in imports_of(module, path):
+            theirs = layer_of(target)
+            up = RANK[theirs] > RANK[mine]
+            across = mine in INTEGRATIONS and theirs in INTEGRATIONS and theirs != mine
+            if up or across:
+                bad.append(f"{module} ({mine}) imports {target} ({theirs})")
+    assert bad == [], "\n".join(bad)
+
+
+def _loaded_after_import(module: str) -> list[str]:
+    code = f"import json, sys, {module}; print(json.dumps(sorted(m for m in sys.modules if m.startswith('distattn'))))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", ["distattn.masks", "distattn.merge", "distattn.kernels", "distattn.schedulers.ring",
+                                    "distattn.schedulers.cad", "distattn.executors", "distattn.api"])
+def test_a_layer_imports_alone(module):
+    """Importing the core loads nothing above it: no trainer, adapter, bench, simulator or CLI."""
+    mine = RANK[layer_of(module)]
+    above = [m for m in _loaded_after_import(module) if RANK[layer_of(m)] > mine]
+    assert above == [], above
