@@ -1,4 +1,4 @@
-"""Ping-pong: two nano-batches through one layer, one's attention transfers hidden behind the other's compute.
+"""Ping-pong: nano-batches through one layer, each one's attention transfers hidden behind the others' compute.
 
 DistCA splits a rank's micro-batch into two nano-batches: while nano-batch 0's
 Q/K/V are in flight to the ranks that compute its attention, nano-batch 1 runs
@@ -10,15 +10,42 @@ it). Each nano-batch is its own packed sequence with its own ``cad`` plan::
     ys = ping_pong(pre, post, [plans[0].shard(x[:cut]), plans[1].shard(x[cut:])], plans)
 
 ``pre(x) -> (q, k, v)`` and ``post(attn_out, x) -> y`` are the layer's parts
-before and after core attention; everything stays differentiable (the
-backward runs as usual, without overlap).
+before and after core attention. Every transfer of ``cad``'s executor
+(:mod:`distattn.executors.task_a2a`) is issued asynchronously before the other
+nano-batch's computation and waited for after it. With two nano-batches::
+
+    forward:  pre0; start Q,K/V 0; pre1; start Q,K/V 1;
+              wait Q,K/V 0, attention 0, start out 0; wait Q,K/V 1, attention 1, start out 1;
+              wait out 0, post0; wait out 1, post1
+    backward: post1'; start dout 1; post0'; start dout 0;
+              wait dout 1, attention 1', start dQ,dK/dV 1; wait dout 0, attention 0', start dQ,dK/dV 0;
+              wait dQ,dK/dV 1, pre1'; wait dQ,dK/dV 0, pre0'
+
+(``'``: backward). So each transfer hides behind the other nano-batch's
+pre/post layers or attention; more nano-batches follow the same pattern (all
+``pre``, all attention, all ``post``).
+
+How the backward gets that order: each nano-batch's attention is three autograd
+nodes, one per stage (:class:`_Dispatch`, :class:`_Compute`, :class:`_Finish`,
+chained by empty token tensors), whose backwards are the backward stages in
+reverse (finish -> start dout, compute -> attention backward, dispatch -> wait
+for the gradients). PyTorch's engine runs the ready node created last first
+(it orders its ready queue by creation sequence number), so over a graph built
+in the forward order above it runs exactly the reverse order: the backward
+order above. ``pre`` and ``post`` stay ordinary autograd graphs: their parameters
+get ``.grad`` (or ``torch.autograd.grad`` results) exactly as without
+ping-pong, and hooks, DDP and checkpointing see nothing special.
+``tests/test_cad_overlap.py`` checks the order.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .api import attention
+import torch
+from torch.autograd.function import once_differentiable
+
+from .executors.task_a2a import WorkerSaved
 from .masks import as_doc_lens
 
 
@@ -46,17 +73,99 @@ def split_nano_batches(doc_lens) -> tuple[list[int], list[int], int]:
     return head, tail, cut
 
 
+class _Flight:
+    """One nano-batch's attention between its stages: the executor and the transfer in flight."""
+
+    __slots__ = ("executor", "scale", "pending")
+
+    def __init__(self, executor, scale: float):
+        self.executor, self.scale, self.pending = executor, scale, None
+
+    def take(self):
+        pending, self.pending = self.pending, None
+        return pending
+
+
+class _Dispatch(torch.autograd.Function):
+    """Forward: start Q, K/V to the workers. Backward: wait for dQ, dK/dV."""
+
+    @staticmethod
+    def forward(ctx, flight: _Flight, plan, q, k, v):
+        flight.pending = plan.prefetch(q, k, v)
+        ctx.flight = flight
+        return q.new_empty(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _token):
+        dq, dk, dv = ctx.flight.executor.finish_backward(ctx.flight.take())
+        return None, None, dq, dk, dv
+
+
+class _Compute(torch.autograd.Function):
+    """Forward: wait for Q, K/V, attention, start out back. Backward: wait for dout, attention
+    backward, start dQ, dK/dV back."""
+
+    @staticmethod
+    def forward(ctx, flight: _Flight, token):
+        returning = flight.executor.compute_forward(flight.take(), flight.scale)
+        flight.pending = returning
+        saved = returning.saved
+        ctx.flight, ctx.meta = flight, saved._replace(worker=None)
+        ctx.save_for_backward(*saved.worker)
+        return token.new_empty(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, token):
+        flight = ctx.flight
+        worker = WorkerSaved(*ctx.saved_tensors)
+        flight.pending = flight.executor.compute_backward(flight.take(), ctx.meta._replace(worker=worker),
+                                                          flight.scale)
+        return None, token
+
+
+class _Finish(torch.autograd.Function):
+    """Forward: wait for out. Backward: start dout to the workers."""
+
+    @staticmethod
+    def forward(ctx, flight: _Flight, token):
+        out, _ = flight.executor.finish_forward(flight.take())
+        ctx.flight = flight
+        ctx.token = (token.shape, token.dtype, token.device)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        ctx.flight.pending = ctx.flight.executor.start_backward(dout.contiguous())
+        shape, dtype, device = ctx.token
+        return None, torch.empty(shape, dtype=dtype, device=device)
+
+
 def ping_pong(pre: Callable, post: Callable, xs: Sequence, plans: Sequence, scale: float | None = None) -> list:
-    """Run nano-batches ``xs`` (this rank's shards) through ``pre`` -> attention -> ``post`` so that
-    nano-batch ``i+1``'s ``pre`` overlaps nano-batch ``i``'s attention all-to-all."""
+    """Run nano-batches ``xs`` (this rank's shards, ``plans[i].shard(...)``) through ``pre`` ->
+    attention -> ``post``, differentiably, each nano-batch's attention transfers hidden behind the
+    other nano-batches' compute in forward and backward (module docstring).
+
+    Args:
+        pre: ``pre(x) -> (q, k, v)``, ``q`` ``[S_local, Hq, D]``, ``k``/``v`` ``[S_local, Hkv, D]``.
+        post: ``post(attn_out, x) -> y``, ``attn_out`` ``[S_local, Hq, D]`` in q's dtype.
+        xs: one input per nano-batch.
+        plans: one ``cad`` plan per nano-batch (its own packed sequence), made on every rank alike.
+        scale: softmax scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``[post(attention(*pre(x), plan), x) for x, plan in zip(xs, plans)]``, the same values and
+        gradients as that sequential loop.
+    """
     if len(xs) != len(plans) or not xs:
         raise ValueError(f"ping_pong needs one plan per nano-batch, got {len(xs)} inputs and {len(plans)} plans")
-    qkv = [pre(xs[0])]
-    started = [plans[0].prefetch(*qkv[0])]
-    outs = []
-    for i in range(len(xs)):
-        if i + 1 < len(xs):
-            qkv.append(pre(xs[i + 1]))
-            started.append(plans[i + 1].prefetch(*qkv[i + 1]))
-        outs.append(post(attention(*qkv[i], plans[i], scale=scale, prefetch=started[i]), xs[i]))
-    return outs
+    flights, tokens = [], []
+    for x, plan in zip(xs, plans):
+        q, k, v = pre(x)
+        flight = _Flight(plan.executor, float(q.shape[-1] ** -0.5 if scale is None else scale))
+        flights.append(flight)
+        tokens.append(_Dispatch.apply(flight, plan, q, k, v))   # hidden behind the next pre / attention
+    tokens = [_Compute.apply(f, t) for f, t in zip(flights, tokens)]  # out hidden behind the next attention / post
+    return [post(_Finish.apply(f, t), x) for f, t, x in zip(flights, tokens, xs)]

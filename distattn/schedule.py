@@ -24,9 +24,13 @@ behind when the schedule runs as designed:
 * ``None``: nothing; the executor waits for it before computing again (exposed);
 * ``"attention"``: the attention phase of the same direction, rank and step: the executor issues
   the transfer asynchronously before that computation and waits after it;
-* ``"layers"``: the rest of the model's computation (the other nano-batch's layers under
-  :func:`distattn.pingpong.ping_pong`; ``cad``'s executor so far overlaps its forward dispatch
-  only, see :meth:`distattn.schedulers.cad.TaskSchedule.phases`).
+* ``"layers"``: the rest of the model's computation (the other nano-batch's layers and attention
+  under :func:`distattn.pingpong.ping_pong`, which issues every ``cad`` all-to-all ahead of them;
+  a plain ``attention`` call waits for each).
+
+A collective over several nodes may give, per entry, the larger of the bytes the rank sends and
+receives inside its node (``intra``) and across nodes (``inter``): the simulator then times the
+two kinds of link apart and waits for the slower.
 """
 
 from __future__ import annotations
@@ -92,6 +96,10 @@ class Phase:
     amount: np.ndarray        # [N] FLOPs (attention) or bytes the rank sends
     step: np.ndarray | None = None   # [N] step of each entry (None: all in step 0)
     overlaps: str | None = None
+    # a collective spanning nodes (cad's all-to-all): per entry, the larger of the bytes the rank sends
+    # and receives inside its node, and across nodes; None: all bytes move as ``span`` ranks' collective
+    intra: np.ndarray | None = None
+    inter: np.ndarray | None = None
 
     def __post_init__(self):
         assert self.direction in ("forward", "backward") and self.overlaps in OVERLAPS, self

@@ -36,8 +36,10 @@ RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
 
 
 def layer_of(module: str) -> str | None:
-    if module == "distattn":
-        return "foundation"  # the package itself resolves its names lazily
+    if module in ("distattn", "distattn.cluster"):
+        # the package resolves its names lazily; cluster's __init__ holds one constant, so the core may
+        # import distattn.cluster.profile (the network profile CAD prices its moves on)
+        return "foundation"
     best = None
     for name, prefixes in LAYERS:
         for prefix in prefixes:

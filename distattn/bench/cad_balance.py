@@ -5,8 +5,8 @@
 Packs ``ranks x tokens-per-rank`` tokens from the document-length sample (documents
 longer than 64K upsampled x4, as in the DistCA evaluation; a log-normal stand-in
 without a sample) and prints per scheduler: FLOPs and token imbalance (max/mean),
-mean and max forward bytes sent per rank (Llama-3-8B attention: 32 query / 8 KV
-heads of 128, bf16) and the planning time.
+mean and max forward bytes sent per rank, max/mean of the bytes a rank sends over forward and
+backward (Llama-3-8B attention: 32 query / 8 KV heads of 128, bf16) and the planning time.
 """
 
 from __future__ import annotations
@@ -17,39 +17,46 @@ import numpy as np
 
 from ..api import plan
 from ..doclens import load_doc_lens, pack, upsample_long
+from ..schedule import AttnShape
 from ..timing import time_calls
+
+
+SHAPE = AttnShape(32, 8, 128, 2)
 
 
 def table(ranks_list, tokens_per_rank: int, pool) -> list[dict]:
     rows = []
     for ranks in ranks_list:
         docs = pack(ranks * tokens_per_rank, pool, seed=0)
-        for name, options in (("cad", {}), ("cad", {"epsilon": 0.04}), ("zigzag", {}), ("ring", {})):
+        for name, options in (("cad", {}), ("cad", {"epsilon": 0.02}), ("zigzag", {}), ("ring", {})):
             timing = time_calls(lambda: plan(docs, ranks, scheduler=name, **options), repeats=1)
             p, planned = timing.result, timing.seconds[0]
             st = p.stats(32, 8, 128, 2)
+            sent = sum(ph.total(st["world_size"]) for ph in p.schedule.phases(SHAPE) if ph.is_comm)
             rows.append({"ranks": ranks, "docs": len(docs), "scheduler": name + (f" eps={options['epsilon']}"
                                                                                if options else ""),
                          "flops_imbalance": st["flops_imbalance"], "token_imbalance": st["token_imbalance"],
                          "mean_send_mb": float(np.mean(st["send_bytes"])) / 2**20,
-                         "max_send_mb": max(st["send_bytes"]) / 2**20, "plan_ms": planned * 1e3})
+                         "max_send_mb": max(st["send_bytes"]) / 2**20,
+                         "bytes_max_mean": float(np.max(sent) / max(np.mean(sent), 1)), "plan_ms": planned * 1e3})
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doclens", default=None, help="JSON list of document lengths")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128, 512])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[64, 256, 1024, 4096])
     parser.add_argument("--tokens-per-rank", type=int, default=65536)
     args = parser.parse_args(argv)
     pool = None
     if args.doclens:
         pool = upsample_long(load_doc_lens(args.doclens))
     print(f"{'ranks':>5} {'docs':>6} {'scheduler':<14} {'FLOPs imb':>9} {'tok imb':>7} {'mean MiB':>9} "
-          f"{'max MiB':>9} {'plan ms':>8}")
+          f"{'max MiB':>9} {'max/mean':>8} {'plan ms':>8}")
     for r in table(args.ranks, args.tokens_per_rank, pool):
         print(f"{r['ranks']:>5} {r['docs']:>6} {r['scheduler']:<14} {r['flops_imbalance']:>9.3f} "
-              f"{r['token_imbalance']:>7.3f} {r['mean_send_mb']:>9.1f} {r['max_send_mb']:>9.1f} {r['plan_ms']:>8.0f}",
+              f"{r['token_imbalance']:>7.3f} {r['mean_send_mb']:>9.1f} {r['max_send_mb']:>9.1f} {r['bytes_max_mean']:>8.2f} "
+              f"{r['plan_ms']:>8.0f}",
               flush=True)
     return 0
 

@@ -2,56 +2,147 @@
 (the schedule, a task table: :class:`distattn.schedulers.cad.TaskSchedule`).
 
 Forward: all-to-alls send each task's Q rows and, per destination, the union of the K/V rows its
-tasks need to the slot computing them (one gather per tensor, then one all-to-all); the slot runs
-all its tasks in one varlen call; out and lse come back by all-to-all. Backward sends Q, out,
-dout, lse and K/V again and returns dQ and fp32 dK/dV, summed by their owner. With a pool the
-all-to-alls run over the pool's group. :meth:`TaskExecutor.prefetch` starts the forward
-all-to-alls early (:func:`distattn.pingpong.ping_pong`).
+tasks need to the slot computing them; the slot runs all its tasks in one varlen call; out comes
+back by all-to-all. The computing slot keeps what it received and computed (its Q rows, its K/V
+union, out and lse: :class:`WorkerSaved`), so lse never travels and the backward sends only dout
+to it and returns dQ and dK/dV (accumulator dtype: fp32, fp64 for fp64), which their owner
+sums. With a pool the all-to-alls run over the pool's group.
+
+Each all-to-all sends one buffer per tensor, gathered by one ``index_select`` whose index (the
+rows for every destination, concatenated in pool-rank order, the all-to-all's order) is made
+once per plan; results come back in the same order and are placed with the same index. The
+computing slot's buffers stay in pool-rank order too (its K/V index points into them directly;
+only Q rows are reordered for the kernel when the pool's rank order is not the slot order).
+
+Stages, so that a caller can hide every transfer behind other work
+(:func:`distattn.pingpong.ping_pong`; ``forward``/``backward`` run them back to back):
+
+==========  ==============================  ==================================================
+direction   call                            does
+==========  ==============================  ==================================================
+forward     :meth:`~TaskExecutor.prefetch`  start Q, K/V to the workers (:class:`Dispatch`)
+forward     ``compute_forward``             wait for them, attention, start out back
+forward     ``finish_forward``              wait for out: ``(out, saved)``
+backward    ``start_backward``              start dout to the workers
+backward    ``compute_backward``            wait for it, attention backward, start dQ, dK/dV back
+backward    ``finish_backward``             wait for them: ``(dq, dk, dv)``
+==========  ==============================  ==================================================
+
+Every transfer is issued asynchronously (:meth:`distattn.comm.Comm.all_to_all` returns a pending
+handle) and waited for only by the next stage.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..comm import Comm
+from ..comm import Comm, Pending
 from ..kernels import varlen_bwd, varlen_fwd
 from ..merge import acc_dtype
 from ..schedulers.blocks import even_bounds
 from ..schedulers.cad import Pool, Route, TaskSchedule
-from .base import DeviceIndex, Executor, Saved
+from .base import DeviceIndex, Executor
+
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
 class DeviceRoute:
-    """A :class:`~distattn.schedulers.cad.Route` with its index arrays for the device."""
+    """A :class:`~distattn.schedulers.cad.Route` in the all-to-all's (pool-rank) order, its index
+    arrays for the device."""
 
-    send: tuple[DeviceIndex, ...]
-    recv: tuple[int, ...]
-    back: DeviceIndex
-    sent: tuple[int, ...]
+    gather: DeviceIndex        # my local rows for every destination, concatenated in pool-rank order
+    send: tuple[int, ...]      # rows to each pool rank
+    recv: tuple[int, ...]      # rows from each pool rank
+    place: DeviceIndex | None  # where each local row comes back in a returned buffer (None: rows not all sent once)
 
     @staticmethod
-    def of(route: Route) -> "DeviceRoute":
-        return DeviceRoute(tuple(DeviceIndex(r) for r in route.send), route.recv, DeviceIndex(route.back),
-                           route.sent())
+    def of(route: Route, by_rank, tokens: int) -> "DeviceRoute":
+        gather = np.concatenate([np.asarray(route.send[c], dtype=np.int64) for c in by_rank] or [_EMPTY])
+        place = None
+        if len(gather) == tokens and np.array_equal(np.sort(gather), np.arange(tokens)):
+            place = DeviceIndex(np.argsort(gather).astype(np.int64))
+        return DeviceRoute(DeviceIndex(gather), tuple(len(route.send[c]) for c in by_rank),
+                           tuple(int(route.recv[c]) for c in by_rank), place)
 
     def indices(self) -> list[DeviceIndex]:
-        return [*self.send, self.back]
+        return [self.gather] + ([self.place] if self.place is not None else [])
 
 
-@dataclass(eq=False)
-class Prefetch:
-    """Forward transfers :meth:`TaskExecutor.prefetch` started (consumed by ``attention``)."""
+def _slot_to_rank_rows(recv: tuple[int, ...], by_rank) -> np.ndarray:
+    """For each received row in slot order, its row in the all-to-all's (pool-rank ordered) buffer."""
+    sizes = np.asarray(recv, dtype=np.int64)
+    slot_start = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+    rank_start = np.zeros(len(sizes), dtype=np.int64)
+    rank_start[list(by_rank)] = np.concatenate([[0], np.cumsum(sizes[list(by_rank)])])[:-1]
+    return np.repeat(rank_start - slot_start, sizes) + np.arange(int(sizes.sum()), dtype=np.int64)
 
-    executor: "TaskExecutor"
-    ids: tuple[int, int, int]
-    jobs: list
-    started: list
+
+class Transfer(NamedTuple):
+    """One all-to-all in flight: its receive buffer (rows) and its pending handle."""
+
+    buffer: torch.Tensor
+    pending: Pending
+
+    def wait(self) -> torch.Tensor:
+        self.pending.wait()
+        return self.buffer
+
+
+class WorkerSaved(NamedTuple):
+    """What the computing slot keeps from its forward for its backward (its tasks' rows)."""
+
+    q: torch.Tensor      # [Rq, Hq, D] Q rows received, kernel (slot) order
+    kv: torch.Tensor     # [Rkv, 2, Hkv, D] K/V union received, pool-rank order
+    out: torch.Tensor    # [Rq, Hq, D] its attention output, kernel order
+    lse: torch.Tensor    # [Rq, Hq] accumulator dtype
+
+
+class TaskSaved(NamedTuple):
+    """A forward's saved state: the worker's buffers and what the owner needs to place gradients."""
+
+    worker: WorkerSaved
+    tokens: int              # this slot's local tokens
+    kv_dtype: torch.dtype    # dtype of dK/dV handed back
+
+
+class Dispatch(NamedTuple):
+    """Forward: Q and K/V on their way to the workers (:meth:`TaskExecutor.prefetch`)."""
+
+    executor: Any
+    ids: tuple[int, int, int]   # the q, k, v it was started for
+    tokens: int
+    kv_dtype: torch.dtype
+    q: Transfer
+    kv: Transfer
+
+
+class Returning(NamedTuple):
+    """Forward: out on its way back to its owners; the saved state (the worker keeps its lse)."""
+
+    out: Transfer
+    saved: TaskSaved
+
+
+class DoutDispatch(NamedTuple):
+    """Backward: dout on its way to the workers."""
+
+    dout: Transfer
+
+
+class GradsReturning(NamedTuple):
+    """Backward: dQ and dK/dV (accumulator dtype) on their way back to their owners."""
+
+    dq: Transfer
+    dkv: Transfer
+    tokens: int
+    kv_dtype: torch.dtype
 
 
 class TaskExecutor(Executor):
@@ -61,10 +152,19 @@ class TaskExecutor(Executor):
         super().__init__(schedule, slot, comm, backend)
         self.slot, self.pool_comm = slot, pool_comm
         routes = schedule.routes(slot)
-        self.q_route, self.kv_route = DeviceRoute.of(routes.q), DeviceRoute.of(routes.kv)
-        self.varlen, self.kv_index = routes.varlen, DeviceIndex(routes.kv_index)
         # the all-to-all orders peers by pool rank, the schedule by slot
         self.by_rank = sorted(range(schedule.pool_size), key=lambda c: schedule.slot_ranks[c])
+        tokens = int(schedule.bounds[slot + 1] - schedule.bounds[slot])
+        self.q_route = DeviceRoute.of(routes.q, self.by_rank, tokens)
+        self.kv_route = DeviceRoute.of(routes.kv, self.by_rank, tokens)
+        self.varlen = routes.varlen
+        # K/V segments index the received buffer as it arrives (pool-rank order)
+        self.kv_index = DeviceIndex(_slot_to_rank_rows(routes.kv.recv, self.by_rank)[routes.kv_index])
+        # Q rows: the kernel wants slot order; the buffer arrives in pool-rank order
+        q_rows = _slot_to_rank_rows(routes.q.recv, self.by_rank)
+        identity = np.array_equal(q_rows, np.arange(len(q_rows)))
+        self.q_to_kernel = None if identity else DeviceIndex(q_rows)
+        self.q_to_ranks = None if identity else DeviceIndex(np.argsort(q_rows).astype(np.int64))
 
     @property
     def comms(self) -> tuple[Comm, ...]:
@@ -75,92 +175,101 @@ class TaskExecutor(Executor):
         return self.pool_comm.group  # tasks cross the pool
 
     def device_data(self):
-        return [self.varlen, self.kv_index, *self.q_route.indices(), *self.kv_route.indices()]
+        extra = [self.q_to_kernel, self.q_to_ranks] if self.q_to_kernel is not None else []
+        return [self.varlen, self.kv_index, *self.q_route.indices(), *self.kv_route.indices(), *extra]
 
-    def _start(self, parts: list[torch.Tensor], recv_rows, like: torch.Tensor, what: str):
-        """Start sending ``parts[slot]`` to each slot (rows of ``like``'s shape)."""
-        width = int(np.prod(like.shape[1:]))
-        flat_in = torch.cat([parts[c].reshape(-1) for c in self.by_rank])
-        flat_out = like.new_empty(sum(recv_rows) * width)
-        pending = self.pool_comm.all_to_all(flat_out, flat_in, [recv_rows[c] * width for c in self.by_rank],
-                                            [parts[c].numel() for c in self.by_rank], what)
-        return flat_out, pending
+    # ---- moving rows -----------------------------------------------------------------------------
+    def _all_to_all(self, send: torch.Tensor, send_rows, recv_rows, what: str) -> Transfer:
+        """Start sending ``send`` (rows for each pool rank, in pool-rank order) to every rank."""
+        width = math.prod(send.shape[1:])
+        buffer = send.new_empty((sum(recv_rows), *send.shape[1:]))
+        pending = self.pool_comm.all_to_all(buffer.view(-1), send.reshape(-1), [n * width for n in recv_rows],
+                                            [n * width for n in send_rows], what)
+        return Transfer(buffer, pending)
 
-    def _finish(self, started, recv_rows, like):
-        flat, pending = started
-        pending.wait()
-        chunks, offset = {}, 0
-        for c in self.by_rank:
-            n = recv_rows[c] * int(np.prod(like.shape[1:]))
-            chunks[c] = flat[offset:offset + n].view(recv_rows[c], *like.shape[1:])
-            offset += n
-        return torch.cat([chunks[c] for c in range(len(self.by_rank))])
+    def _to_workers(self, t: torch.Tensor, route: DeviceRoute, what: str) -> Transfer:
+        """Start sending my rows of ``t`` to the slots computing them (one gather, one all-to-all)."""
+        return self._all_to_all(t.index_select(0, route.gather.on(t.device)), route.send, route.recv, what)
 
-    def _send(self, t: torch.Tensor, route: DeviceRoute, what: str):
-        return self._start([t.index_select(0, rows.on(t.device)) for rows in route.send], route.recv, t, what)
+    def _to_owners(self, t: torch.Tensor, route: DeviceRoute, what: str) -> Transfer:
+        """Start returning computed rows ``t`` (pool-rank order, as received) to their owners."""
+        return self._all_to_all(t, route.recv, route.send, what)
 
-    def _to_workers(self, jobs, what, started=None):
-        """``jobs``: (tensor, route). Rows of each tensor go to the slots computing them; returns
-        what this rank receives, in slot order. ``started``: the transfers :meth:`prefetch` already
-        began for these jobs."""
-        if started is None:
-            started = [self._send(t, route, what) for t, route in jobs]
-        return [self._finish(s, route.recv, t) for s, (t, route) in zip(started, jobs)]
+    @staticmethod
+    def _placed(got: torch.Tensor, route: DeviceRoute, tokens: int) -> torch.Tensor:
+        """Returned rows at their local positions (each local row comes back exactly once)."""
+        if route.place is not None:
+            return got.index_select(0, route.place.on(got.device))
+        local = got.new_zeros((tokens, *got.shape[1:]))
+        return local.index_copy_(0, route.gather.on(got.device), got)
 
-    def _to_owners(self, jobs, what):
-        """``jobs``: (computed rows in slot order, route, local rows, sum?). Inverse of
-        :meth:`_to_workers`; summed jobs add up rows that come from several slots (in fp32), the
-        others place them."""
-        started = []
-        for t, route, _, _ in jobs:
-            starts = np.concatenate([[0], np.cumsum(route.recv)])
-            started.append(self._start([t[starts[c]:starts[c + 1]] for c in range(len(self.by_rank))], route.sent, t,
-                                       what))
-        out = []
-        for s, (t, route, n_local, add) in zip(started, jobs):
-            got = self._finish(s, route.sent, t)
-            index = route.back.on(t.device)
-            local = torch.zeros((n_local, *t.shape[1:]), dtype=acc_dtype(t.dtype) if add else t.dtype,
-                                device=t.device)
-            out.append(local.index_add_(0, index, got.to(local.dtype)) if add else local.index_copy_(0, index, got))
-        return out
+    def _kernel_order(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.q_to_kernel is None else rows.index_select(0, self.q_to_kernel.on(rows.device))
 
-    def _forward_jobs(self, q, k, v):
-        return [(q, self.q_route), (torch.stack([k, v], dim=1), self.kv_route)]
+    def _rank_order(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.q_to_ranks is None else rows.index_select(0, self.q_to_ranks.on(rows.device))
 
-    def prefetch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Prefetch:
-        """Start the forward all-to-all of Q, K, V now (see ``Plan.prefetch``)."""
-        jobs = self._forward_jobs(q.detach(), k.detach(), v.detach())
-        return Prefetch(self, (id(q), id(k), id(v)), jobs, [self._send(t, route, "cad forward") for t, route in jobs])
+    # ---- forward stages --------------------------------------------------------------------------
+    def prefetch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Dispatch:
+        """Start the forward all-to-alls of Q and K/V now (``Plan.prefetch``; forward stage 1)."""
+        ids = (id(q), id(k), id(v))
+        q, k, v = q.detach(), k.detach(), v.detach()
+        qt = self._to_workers(q, self.q_route, "cad forward: Q to workers")
+        kvt = self._to_workers(torch.stack([k, v], dim=1), self.kv_route, "cad forward: K/V to workers")
+        return Dispatch(self, ids, q.shape[0], k.dtype, qt, kvt)
 
-    def forward(self, q, k, v, scale, prefetch: Prefetch | None = None):
-        kw = self.kernel_args(scale)
+    def compute_forward(self, dispatch: Dispatch, scale: float) -> Returning:
+        """Forward stage 2: wait for Q and K/V, run the tasks, start out back to the owners."""
+        q_buf = self._kernel_order(dispatch.q.wait())
+        kv_buf = dispatch.kv.wait()
+        kv_seg = kv_buf.index_select(0, self.kv_index.on(kv_buf.device))
+        out_buf, lse_buf = varlen_fwd(q_buf, kv_seg[:, 0], kv_seg[:, 1], self.varlen, **self.kernel_args(scale))
+        out_t = self._to_owners(self._rank_order(out_buf), self.q_route, "cad forward: out to owners")
+        return Returning(out_t, TaskSaved(WorkerSaved(q_buf, kv_buf, out_buf, lse_buf), dispatch.tokens,
+                                          dispatch.kv_dtype))
+
+    def finish_forward(self, returning: Returning) -> tuple[torch.Tensor, TaskSaved]:
+        """Forward stage 3: wait for out; ``(out, saved)``. (lse stays with the worker: only its
+        backward needs it.)"""
+        return self._placed(returning.out.wait(), self.q_route, returning.saved.tokens), returning.saved
+
+    def forward(self, q, k, v, scale, prefetch: Dispatch | None = None):
         if prefetch is not None:
             if prefetch.executor is not self or prefetch.ids != (id(q), id(k), id(v)):
                 raise ValueError("prefetch was started by another plan or for other q, k, v tensors")
-            q_buf, kv_buf = self._to_workers(prefetch.jobs, "cad forward", prefetch.started)
         else:
-            q_buf, kv_buf = self._to_workers(self._forward_jobs(q, k, v), "cad forward")
-        kv_seg = kv_buf.index_select(0, self.kv_index.on(q.device))
-        out_buf, lse_buf = varlen_fwd(q_buf, kv_seg[:, 0], kv_seg[:, 1], self.varlen, **kw)
-        out, lse = self._to_owners([(out_buf, self.q_route, q.shape[0], False),
-                                    (lse_buf, self.q_route, q.shape[0], False)], "cad forward")
-        return out, Saved(q, k, v, out, lse)
+            prefetch = self.prefetch(q, k, v)
+        return self.finish_forward(self.compute_forward(prefetch, scale))
 
-    def backward(self, dout, saved: Saved, scale):
-        q, k, v, out, lse = saved
-        q_buf, out_buf, dout_buf, lse_buf, kv_buf = self._to_workers(
-            [(t, self.q_route) for t in (q, out, dout, lse)] + [(torch.stack([k, v], dim=1), self.kv_route)],
-            "cad backward")
-        index = self.kv_index.on(q.device)
-        kv_seg = kv_buf.index_select(0, index)
-        dq_buf, dk_seg, dv_seg = varlen_bwd(dout_buf, q_buf, kv_seg[:, 0], kv_seg[:, 1], out_buf, lse_buf,
-                                            self.varlen, **self.kernel_args(scale))
-        dkv_buf = torch.zeros(kv_buf.shape, dtype=acc_dtype(q.dtype), device=q.device)
+    # ---- backward stages -------------------------------------------------------------------------
+    def start_backward(self, dout: torch.Tensor) -> DoutDispatch:
+        """Backward stage 1: start dout to the workers (all they lack: they kept Q, K/V, out, lse)."""
+        return DoutDispatch(self._to_workers(dout, self.q_route, "cad backward: dout to workers"))
+
+    def compute_backward(self, dispatch: DoutDispatch, saved: TaskSaved, scale: float) -> GradsReturning:
+        """Backward stage 2: wait for dout, run the tasks' backward, start dQ and dK/dV back."""
+        w = saved.worker
+        dout_buf = self._kernel_order(dispatch.dout.wait())
+        index = self.kv_index.on(w.kv.device)
+        kv_seg = w.kv.index_select(0, index)
+        dq_buf, dk_seg, dv_seg = varlen_bwd(dout_buf, w.q, kv_seg[:, 0], kv_seg[:, 1], w.out, w.lse, self.varlen,
+                                            **self.kernel_args(scale))
+        dkv_buf = torch.zeros(w.kv.shape, dtype=acc_dtype(w.kv.dtype), device=w.kv.device)
         dkv_buf.index_add_(0, index, torch.stack([dk_seg, dv_seg], dim=1).to(dkv_buf.dtype))
-        dq, dkv = self._to_owners([(dq_buf, self.q_route, q.shape[0], False),
-                                   (dkv_buf, self.kv_route, k.shape[0], True)], "cad backward")
-        return dq, dkv[:, 0].to(k.dtype), dkv[:, 1].to(v.dtype)
+        dq_t = self._to_owners(self._rank_order(dq_buf), self.q_route, "cad backward: dQ to owners")
+        dkv_t = self._to_owners(dkv_buf, self.kv_route, "cad backward: dK/dV to owners")
+        return GradsReturning(dq_t, dkv_t, saved.tokens, saved.kv_dtype)
+
+    def finish_backward(self, returning: GradsReturning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backward stage 3: wait for dQ and dK/dV; dK/dV of a key sent to several slots are summed."""
+        dq = self._placed(returning.dq.wait(), self.q_route, returning.tokens)
+        got = returning.dkv.wait()
+        dkv = got.new_zeros((returning.tokens, *got.shape[1:]))
+        dkv.index_add_(0, self.kv_route.gather.on(got.device), got)
+        return dq, dkv[:, 0].to(returning.kv_dtype), dkv[:, 1].to(returning.kv_dtype)
+
+    def backward(self, dout, saved: TaskSaved, scale):
+        return self.finish_backward(self.compute_backward(self.start_backward(dout), saved, scale))
 
 
 def gather_pool(doc_lens, mesh, pool) -> Pool:

@@ -17,20 +17,23 @@ table planned once per batch:
    carries the same causal work.
 2. *Cost.* Each task's time comes from the cost model
    (:mod:`distattn.cost`: a roofline by default, or a measured profile).
-3. *Greedy migration.* While some rank is more than ``epsilon`` from the mean
-   load: take the most and the least loaded ranks; among the former's tasks
-   pick the one with the fewest bytes moved per unit of work gained (query
-   tokens, plus key tokens the receiver does not own) and move it; if it would
-   overshoot, split a pair into its halves, or cut a single task's queries so
-   that the head moves (the head needs the shorter key prefix).
+3. *Placement* (:mod:`distattn.schedulers.cad_placement`, the algorithm in its
+   docstring). While the most loaded rank is more than ``epsilon`` (default
+   0.04) above the mean: price every move of one of its tasks to an
+   under-loaded rank as network seconds of the bytes it adds (queries, plus
+   keys the destination neither owns nor already receives; intra- vs
+   inter-node bandwidth of a ``network`` profile) per second of attention it
+   takes off, within per-rank egress/ingress caps, and make the cheapest;
+   a move that would overshoot splits a pair or cuts a task's queries so that
+   the head moves (the head needs the shorter key prefix).
 
 Execution, forward: one all-to-all sends every task's Q rows to the rank that
 computes it and, per destination, the union of the key rows its tasks need
 (each K/V row once per destination, however many tasks use it); the
-destination runs all its tasks in one varlen kernel call; out and lse return
-by all-to-all. Backward keeps no state on the computing rank: Q, K, V, out,
-dout and lse are sent again, dq/dk/dv computed there and returned, and dK/dV
-of keys that went to several ranks are summed (fp32) by their owner.
+destination runs all its tasks in one varlen kernel call and keeps Q, K/V,
+out and lse; out returns by all-to-all. Backward sends only dout to the
+workers; dq/dk/dv are computed there and returned, and dK/dV of keys that
+went to several ranks are summed (fp32) by their owner.
 
 The schedule is the task table (:class:`TaskSchedule`); :meth:`TaskSchedule.routes`
 gives one slot's rows to send and receive and its kernel layout, which the
@@ -51,12 +54,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..cluster.profile import NetworkProfile
 from ..cost import Roofline
 from ..kernels import Varlen
 from ..masks import MaskSlice
 from ..schedule import AttnShape, Phase, Schedule
 from .blocks import even_bounds
-from .cad_planner import Segments, place_tasks
+from .cad_placement import LinkCost, RowBytes, place_tasks
+from .cad_planner import Segments
 
 
 def _merge_intervals(a0: np.ndarray, a1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,6 +92,55 @@ def _rows(i0, i1, lo, hi) -> np.ndarray:
     a, b = np.maximum(i0, lo), np.minimum(i1, hi)
     keep = b > a
     return np.concatenate([np.arange(x, y) for x, y in zip(a[keep], b[keep])] or [np.zeros(0, np.int64)]) - lo
+
+
+def _split_over(bounds: np.ndarray, a: np.ndarray, b: np.ndarray, tag: np.ndarray):
+    """Intervals ``[a, b)`` (with a ``tag`` each) cut at ``bounds``: ``(owner slot, tag, length)`` per piece."""
+    keep = b > a
+    a, b, tag = a[keep], b[keep], tag[keep]
+    first = np.searchsorted(bounds, a, side="right") - 1
+    n = np.searchsorted(bounds, b - 1, side="right") - first   # slots each interval touches
+    which = np.repeat(np.arange(len(a)), n)
+    owner = first[which] + np.arange(len(which)) - np.repeat(np.cumsum(n) - n, n)
+    length = np.minimum(b[which], bounds[owner + 1]) - np.maximum(a[which], bounds[owner])
+    return owner, tag[which], length
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Rows moved from owner slots to computing slots (``q`` query rows, ``kv`` key rows), one entry
+    per pair that moves any; the diagonal (rows a slot keeps) is included."""
+
+    owner: np.ndarray
+    comp: np.ndarray
+    q: np.ndarray
+    kv: np.ndarray
+    slots: int
+    gpus_per_node: int
+
+    def phase(self, direction: str, what: str, rows_bytes: np.ndarray, to_workers: bool) -> Phase:
+        """An all-to-all moving ``rows_bytes`` per pair, owners to workers or back. ``amount``: bytes a
+        slot sends; ``intra``/``inter``: the larger of its sent and received bytes inside its node
+        and across nodes (what an all-to-all waits for on each kind of link)."""
+        src, dst = (self.owner, self.comp) if to_workers else (self.comp, self.owner)
+        moved = np.where(src != dst, rows_bytes, 0)
+        local = (src // self.gpus_per_node) == (dst // self.gpus_per_node)
+        p = self.slots
+
+        def per_slot(who, mask):
+            return np.bincount(who, np.where(mask, moved, 0), minlength=p)
+        sent = per_slot(src, np.ones_like(local))
+        intra = np.maximum(per_slot(src, local), per_slot(dst, local))
+        inter = np.maximum(per_slot(src, ~local), per_slot(dst, ~local))
+        return Phase(direction, "all_to_all", what, p, np.arange(p), sent.astype(np.int64),
+                     np.zeros(p, dtype=np.int64), overlaps="layers", intra=intra, inter=inter)
+
+    def matrices(self) -> tuple[np.ndarray, np.ndarray]:
+        """Dense ``[owner, computing slot]`` matrices of Q rows and K/V rows (small pools: tests, tables)."""
+        q, kv = (np.zeros((self.slots, self.slots), dtype=np.int64) for _ in range(2))
+        np.add.at(q, (self.owner, self.comp), self.q)
+        np.add.at(kv, (self.owner, self.comp), self.kv)
+        return q, kv
 
 
 @dataclass(frozen=True)
@@ -130,6 +184,7 @@ class TaskSchedule(Schedule):
     segments: Segments = field(repr=False)
     bounds: np.ndarray = field(repr=False)          # token ranges of the pool's slots
     slot_ranks: tuple[int, ...]                     # pool-group rank of each slot
+    gpus_per_node: int = 8                          # slots ``i`` and ``j`` share a node if ``i // g == j // g``
 
     @property
     def pool_size(self) -> int:
@@ -151,52 +206,50 @@ class TaskSchedule(Schedule):
     def visible_pairs(self, rank: int) -> int:
         return int(self.segments.area[self.segments.rank == rank].sum())
 
-    def traffic(self) -> tuple[np.ndarray, np.ndarray]:
-        """``[owner slot, computing slot]`` matrices of Q rows and K/V rows moved (diagonal: kept)."""
-        p, s = self.pool_size, self.segments
-        q_rows = np.zeros((p, p), dtype=np.int64)
-        kv_rows = np.zeros((p, p), dtype=np.int64)
-        for c in range(p):
-            mine = s.rank == c
-            order = np.argsort(s.q0[mine], kind="stable")
-            q_rows[:, c] = np.diff(_covered_before(s.q0[mine][order], s.q1[mine][order], self.bounds))
-            u0, u1 = _merge_intervals(s.k0[mine], s.k1[mine])
-            kv_rows[:, c] = np.diff(_covered_before(u0, u1, self.bounds))
-        return q_rows, kv_rows
+    def traffic(self) -> "Traffic":
+        """Rows moved between every (owner slot, computing slot) pair that moves any (sparse)."""
+        s, bounds, p = self.segments, self.bounds, self.pool_size
+        # Q: each segment's queries, split over the slots owning them (queries of one slot's segments are disjoint)
+        q_owner, q_comp, q_rows = _split_over(bounds, s.q0, s.q1, s.rank)
+        # K/V: the union of each computing slot's key ranges; offsetting slot c by c * (T + 1) keeps
+        # the slots' intervals apart, so one merge does every slot at once
+        span = int(bounds[-1]) + 1
+        u0, u1 = _merge_intervals(s.k0 + s.rank * span, s.k1 + s.rank * span)
+        comp = u0 // span
+        kv_owner, kv_comp, kv_rows = _split_over(bounds, u0 - comp * span, u1 - comp * span, comp)
+        keys, inverse = np.unique(np.concatenate([q_owner * p + q_comp, kv_owner * p + kv_comp]), return_inverse=True)
+        q = np.bincount(inverse[:len(q_rows)], q_rows, minlength=len(keys)).astype(np.int64)
+        kv = np.bincount(inverse[len(q_rows):], kv_rows, minlength=len(keys)).astype(np.int64)
+        return Traffic(keys // p, keys % p, q, kv, p, self.gpus_per_node)
 
     def phases(self, shape: AttnShape) -> list[Phase]:
-        """Forward: Q and K/V to the workers, attention, out and lse back; backward: Q, out, dout, lse
-        and K/V out again, attention, dQ and fp32 dK/dV back. Every all-to-all runs under the other
-        nano-batch's layer (``overlaps="layers"``), DistCA's ping-pong. The executor does so for the
-        forward dispatch (``prefetch``, :func:`distattn.pingpong.ping_pong`); the other transfers it
-        still waits for (issue 18)."""
-        p = self.pool_size
-        q_rows, kv_rows = self.traffic()
-        np.fill_diagonal(q_rows, 0)
-        np.fill_diagonal(kv_rows, 0)
-        q_out, kv_out, q_back = q_rows.sum(1), kv_rows.sum(1), q_rows.sum(0)
-        q_b, lse_b = shape.row_bytes(shape.num_heads), shape.num_heads * shape.acc_bytes
+        """Forward: Q and K/V to the workers, attention, out back (lse stays with the worker); backward: dout to the
+        workers (they kept Q, K/V, out and lse), attention, dQ and fp32 dK/dV back. Each all-to-all
+        is issued ahead of the other nano-batch's computation under
+        :func:`distattn.pingpong.ping_pong` (``overlaps="layers"``); a plain ``attention`` call waits
+        for each. Every transfer's bytes are split into what stays inside a node and what crosses."""
+        p, tr = self.pool_size, self.traffic()
+        q_b = shape.row_bytes(shape.num_heads)
         dkv_b = 2 * shape.row_bytes(shape.num_kv_heads, acc=True)
         area = np.bincount(self.segments.rank, self.segments.area, minlength=p).astype(np.int64)
         flops = shape.flops(area)
-
-        def a2a(direction, what, amount):
-            return Phase.per_rank(direction, "all_to_all", what, p, amount, overlaps="layers")
-
         return [
-            a2a("forward", "Q, K/V to workers", q_out * q_b + kv_out * shape.kv_row),
+            tr.phase("forward", "Q, K/V to workers", tr.q * q_b + tr.kv * shape.kv_row, to_workers=True),
             Phase.per_rank("forward", "attention", "attention", p, flops),
-            a2a("forward", "out, lse to owners", q_back * (q_b + lse_b)),
-            a2a("backward", "Q, out, dout, lse, K/V to workers", q_out * (3 * q_b + lse_b) + kv_out * shape.kv_row),
+            tr.phase("forward", "out to owners", tr.q * q_b, to_workers=False),
+            tr.phase("backward", "dout to workers", tr.q * q_b, to_workers=True),
             Phase.per_rank("backward", "attention", "attention", p, flops * 2.5),
-            a2a("backward", "dQ, dK/dV to owners", q_back * q_b + kv_rows.sum(0) * dkv_b),
+            tr.phase("backward", "dQ, dK/dV to owners", tr.q * q_b + tr.kv * dkv_b, to_workers=False),
         ]
 
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
-        """What a worker receives: its tasks' Q (and out), K and V."""
-        q_rows, kv_rows = self.traffic()
-        q_b = shape.row_bytes(shape.num_heads)
-        return q_rows.sum(0) * 2 * q_b + kv_rows.sum(0) * shape.kv_row
+        """What a worker keeps from forward to backward: its tasks' Q, out, lse, K and V, and the
+        dout that arrives in backward."""
+        tr = self.traffic()
+        q_rows = np.bincount(tr.comp, tr.q, minlength=self.pool_size)
+        kv_rows = np.bincount(tr.comp, tr.kv, minlength=self.pool_size)
+        lse_b = shape.num_heads * shape.acc_bytes
+        return q_rows * (3 * shape.row_bytes(shape.num_heads) + lse_b) + kv_rows * shape.kv_row
 
     def routes(self, slot: int) -> TaskRoutes:
         """What ``slot`` sends where and receives from whom, and its kernel layout."""
@@ -222,16 +275,36 @@ class TaskSchedule(Schedule):
                           varlen, kv_index.astype(np.int64))
 
 
-def build(doc_lens, mesh, *, causal, window, pool: Pool | None = None, epsilon: float = 0.1,
-          cost=None) -> TaskSchedule:
+def build(doc_lens, mesh, *, causal, window, pool: Pool | None = None, epsilon: float = 0.04,
+          cost=None, network=None, overlap_s: float | None = None) -> TaskSchedule:
     """``pool``: the pool's layout (:func:`distattn.executors.task_a2a.gather_pool` makes it from
-    a process group when ``distattn.plan`` is given ``pool=group``)."""
+    a process group when ``distattn.plan`` is given ``pool=group``). ``cost``: the attention cost
+    model (:mod:`distattn.cost`, default :class:`~distattn.cost.Roofline`; a roofline's head shape
+    also sizes the rows moves send); ``network``: the
+    :class:`~distattn.cluster.profile.NetworkProfile` moves are priced on (default: NVLink in a node
+    of 8, InfiniBand between nodes). ``overlap_s``: seconds per layer (forward + backward) each rank
+    computes besides attention -- what :func:`distattn.pingpong.ping_pong` hides transfers behind;
+    given, a move is made only if it saves more attention time than the communication it adds
+    beyond what that and the rank's attention hide. None (default): moves balance FLOPs within
+    the byte caps, whatever their communication costs."""
     if not isinstance(epsilon, (int, float)) or not 0 <= epsilon < 1:
         raise ValueError(f"epsilon must be in [0, 1) (allowed load above/below the mean), got {epsilon!r}")
+    if network is not None and not isinstance(network, NetworkProfile):
+        raise ValueError(f"network must be a distattn.cluster.profile.NetworkProfile, got {type(network).__name__}")
+    if overlap_s is not None and (isinstance(overlap_s, bool) or not isinstance(overlap_s, (int, float))
+                                  or not overlap_s >= 0):
+        raise ValueError(f"overlap_s must be None or seconds >= 0 (computation per layer that hides transfers), "
+                         f"got {overlap_s!r}")
     if pool is None:
         pool = Pool(tuple(doc_lens), even_bounds(sum(doc_lens), mesh.world_size), tuple(range(mesh.world_size)))
-    segments = place_tasks(list(pool.docs), pool.bounds, causal, window, cost or Roofline(), epsilon)
+    cost = cost or Roofline()
+    links = LinkCost.of(network, len(pool.bounds) - 1)
+    rows = RowBytes.of(cost.num_heads, cost.num_kv_heads, cost.head_dim, cost.dtype_bytes) \
+        if isinstance(cost, Roofline) else RowBytes.of()
+    segments = place_tasks(list(pool.docs), pool.bounds, causal, window, cost, epsilon, links=links, rows=rows,
+                           overlap_s=overlap_s)
     own = even_bounds(sum(doc_lens), mesh.world_size)
     return TaskSchedule(scheduler="cad", doc_lens=doc_lens, causal=causal, window=window,
                         world_size=mesh.world_size, owned=tuple(((int(a), int(b)),) for a, b in zip(own, own[1:])),
-                        segments=segments, bounds=pool.bounds, slot_ranks=pool.slot_ranks)
+                        segments=segments, bounds=pool.bounds, slot_ranks=pool.slot_ranks,
+                        gpus_per_node=links.gpus_per_node)

@@ -5,7 +5,7 @@ Token space: the packed sequences of every CP group of the pool, concatenated
 is a query range of one document with the key range it sees; a *task* is one
 segment, or a head/tail pair of segments of a long causal document; every
 segment of a task is computed on the same rank. :class:`TaskTable` holds both
-and the edits the greedy migration of :func:`place_tasks` makes to them.
+and the edits placement (:mod:`distattn.schedulers.cad_placement`) makes to them.
 """
 
 from __future__ import annotations
@@ -40,39 +40,50 @@ def key_span(q0, q1, ds, de, causal: bool, window: int | None):
     return k0, k1
 
 
+def _ranges(first: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(which, value)``: for each ``i``, ``first[i] .. first[i] + count[i] - 1`` tagged ``i``."""
+    which = np.repeat(np.arange(len(first)), count)
+    return which, first[which] + np.arange(len(which)) - np.repeat(np.cumsum(count) - count, count)
+
+
 def _initial_tasks(doc_lens, bounds, causal, window, chunk):
     """Segments per document: one per owning slot, or head/tail pairs of ``chunk``-sized pieces
-    for long causal documents (chunk i with its mirror: equal causal work per pair)."""
+    for long causal documents (chunk i with its mirror: equal causal work per pair). Tasks are
+    numbered in document order, a pair's head segment listed just before its tail."""
     ds_all, de_all = doc_bounds(doc_lens)
-    q0, q1, task, home = [], [], [], []
-    n_task = 0
-    for ds, de in zip(ds_all.tolist(), de_all.tolist()):
-        n = de - ds
-        if causal and n > 2 * chunk:
-            k = -(-n // (2 * chunk))
-            cuts = ds + (np.arange(2 * k + 1) * n) // (2 * k)
-            for j in range(k):
-                for c in (j, 2 * k - 1 - j):
-                    q0.append(cuts[c])
-                    q1.append(cuts[c + 1])
-                    task.append(n_task)
-                home.append(int(np.searchsorted(bounds, cuts[j], side="right") - 1))
-                n_task += 1
-            continue
-        first = int(np.searchsorted(bounds, ds, side="right") - 1)
-        last = int(np.searchsorted(bounds, de - 1, side="right") - 1)
-        for r in range(first, last + 1):
-            a, b = max(ds, bounds[r]), min(de, bounds[r + 1])
-            if a < b:
-                q0.append(a)
-                q1.append(b)
-                task.append(n_task)
-                home.append(r)
-                n_task += 1
-    q0, q1 = np.asarray(q0, dtype=np.int64), np.asarray(q1, dtype=np.int64)
+    n = de_all - ds_all
+    long = (n > 2 * chunk) if causal else np.zeros(len(n), dtype=bool)
+    # short documents: one task per slot they touch
+    short = np.nonzero(~long)[0]
+    first = np.searchsorted(bounds, ds_all[short], side="right") - 1
+    last = np.searchsorted(bounds, de_all[short] - 1, side="right") - 1
+    which, slot = _ranges(first, last - first + 1)
+    d_s = short[which]
+    s0, s1 = np.maximum(ds_all[d_s], bounds[slot]), np.minimum(de_all[d_s], bounds[slot + 1])
+    keep = s1 > s0
+    d_s, s0, s1, slot = d_s[keep], s0[keep], s1[keep], slot[keep]
+    # long causal documents: pair j holds chunks j and 2k-1-j of 2k
+    lng = np.nonzero(long)[0]
+    k = -(-n[lng] // (2 * chunk))
+    which, j = _ranges(np.zeros(len(lng), dtype=np.int64), k)
+    d_l, kk, nn, base = lng[which], 2 * k[which], n[lng][which], ds_all[lng][which]
+    h0, h1 = base + (j * nn) // kk, base + ((j + 1) * nn) // kk
+    t0, t1 = base + ((kk - 1 - j) * nn) // kk, base + ((kk - j) * nn) // kk
+    # tasks in document order (within a document: by slot, or by pair)
+    t_doc = np.concatenate([d_s, d_l])
+    order = np.lexsort((np.concatenate([slot, j]), t_doc))
+    pair = np.concatenate([np.zeros(len(d_s), dtype=bool), np.ones(len(d_l), dtype=bool)])[order]
+    head0, head1 = np.concatenate([s0, h0])[order], np.concatenate([s1, h1])[order]
+    tail0, tail1 = np.concatenate([s0, t0])[order], np.concatenate([s1, t1])[order]
+    count = 1 + pair
+    task = np.repeat(np.arange(len(order)), count)
+    second = np.arange(len(task)) - np.repeat(np.cumsum(count) - count, count) == 1
+    q0 = np.where(second, tail0[task], head0[task]).astype(np.int64)
+    q1 = np.where(second, tail1[task], head1[task]).astype(np.int64)
+    home = (np.searchsorted(bounds, head0, side="right") - 1).astype(np.int64)
     doc = np.searchsorted(de_all, q0, side="right")
     k0, k1 = key_span(q0, q1, ds_all[doc], de_all[doc], causal, window)
-    return q0, q1, k0, k1, doc, np.asarray(task), np.asarray(home, dtype=np.int64)
+    return q0, q1, k0, k1, doc, task, home
 
 
 class TaskTable:
@@ -108,6 +119,9 @@ class TaskTable:
         # _initial_tasks lists a task's segments consecutively, head first
         first, count = np.unique(task, return_index=True, return_counts=True)[1:]
         self.t_seg = np.stack([first, np.where(count > 1, first + 1, -1)], axis=1)
+        self._on: dict[int, set[int]] = {}   # rank -> its tasks (the planner asks every round)
+        for t, r in enumerate(home.tolist()):
+            self._on.setdefault(r, set()).add(t)
 
     def _push(self, names: tuple[str, ...], count: str, values) -> int:
         row = getattr(self, count)
@@ -127,23 +141,20 @@ class TaskTable:
 
     def add_task(self, rank, time, q, k0, k1, seg) -> int:
         """A single-segment task; ``q`` (its query tokens) is stored as a float, like the sums."""
-        return self._push(self._TASK, "n_task", (rank, time, q, k0, k1, (seg, -1)))
+        row = self._push(self._TASK, "n_task", (rank, time, q, k0, k1, (seg, -1)))
+        self._on.setdefault(int(rank), set()).add(row)
+        return row
 
     def load(self, p: int) -> np.ndarray:
         n = self.n_task
         return np.bincount(self.t_rank[:n], self.t_time[:n], minlength=p)
 
-    def cheapest(self, src: int, lo: int, hi: int, want: float, q_bytes: float, kv_bytes: float) -> int:
-        """The task of ``src`` with the fewest bytes sent per unit of ``want`` it would take off,
-        moving to a slot that owns the keys ``[lo, hi)``; ties go to the lowest task id."""
-        cand = np.nonzero(self.t_rank[:self.n_task] == src)[0]
-        k0, k1 = self.t_k0[cand], self.t_k1[cand]
-        gain = np.minimum(self.t_time[cand], want)
-        moved_kv = (k1 - k0) - np.maximum(np.minimum(k1, hi) - np.maximum(k0, lo), 0)
-        score = (q_bytes * self.t_q[cand] + kv_bytes * moved_kv) / np.maximum(gain, 1e-30)
-        return int(cand[np.argmin(score)])
+    def tasks_on(self, rank: int) -> np.ndarray:
+        return np.asarray(sorted(self._on.get(rank, ())), dtype=np.int64)
 
     def move(self, t: int, rank: int) -> None:
+        self._on[int(self.t_rank[t])].discard(t)
+        self._on.setdefault(rank, set()).add(t)
         self.t_rank[t] = rank
 
     def is_pair(self, t: int) -> bool:
@@ -190,41 +201,6 @@ class TaskTable:
         return Segments(q0, q1, k0, k1, self.t_rank[self.task[:n]], area)
 
 
-def place_tasks(doc_lens, bounds: np.ndarray, causal: bool, window: int | None, cost, epsilon: float = 0.1,
-                chunk: int | None = None, q_bytes: float = 2.0, kv_bytes: float = 1.0) -> Segments:
-    """Build the task table and move tasks from the most to the least loaded slot (see ``cad``).
-
-    ``q_bytes``/``kv_bytes`` weigh a query token (Q out, O back) against a key token (K and V)
-    when choosing the move with the fewest bytes per unit of work gained.
-    """
-    p = len(bounds) - 1
-    chunk = chunk or max(128, int(bounds[-1] // p) // 4)
-    table = TaskTable(doc_lens, bounds, causal, window, chunk, cost)
-    load = table.load(p)
-    mean = load.sum() / p
-    for _ in range(50 * p + 100):
-        src, u = int(np.argmax(load)), int(np.argmin(load))
-        if load[src] <= (1 + epsilon) * mean and load[u] >= (1 - epsilon) * mean:
-            break
-        want = min(load[src] - mean, mean - load[u])
-        best = table.cheapest(src, bounds[u], bounds[u + 1], want, q_bytes, kv_bytes)
-        work = table.t_time[best]
-        if work <= want + epsilon * mean:  # fits: move it whole
-            table.move(best, u)
-            load[src] -= work
-            load[u] += work
-        elif table.is_pair(best):  # overshoots: its halves may fit
-            table.split_pair(best)
-        else:  # the head moves: it needs fewer keys than the tail
-            x = table.split_point(best, want)
-            if x is None:
-                break
-            tail_change, head_time = table.cut(best, x, u)
-            load[src] += tail_change
-            load[u] += head_time
-    return table.segments()
-
-
 def _split_point(q0, q1, ds, de, causal, window, cost, want):
     """Query position x such that the head ``[q0, x)`` costs about ``want``; None if too small.
     The head's cost grows with x: narrow the bracket on a coarse grid, then finish exactly."""
@@ -235,8 +211,10 @@ def _split_point(q0, q1, ds, de, causal, window, cost, want):
 
     lo, hi = int(q0) + 1, int(q1) - 1
     while hi - lo > 64:
-        xs = np.unique(np.linspace(lo, hi, 33).astype(np.int64))
+        xs = np.unique(np.linspace(lo, hi, 513).astype(np.int64))
         i = int(np.searchsorted(head_times(xs), want))
+        if i == 0 and xs[0] == q0 + 1:  # even one query costs more than want
+            return None
         lo, hi = (int(xs[i - 1]) if i > 0 else lo), (int(xs[i]) if i < len(xs) else hi)
     xs = np.arange(lo, hi + 1, dtype=np.int64)
     if xs.size == 0:

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..api import plan as make_plan
+from ..cost import Roofline
 from ..doclens import pack
 from ..schedule import AttnShape, Phase
 from ..schedulers.usp import default_ulysses_degree
@@ -103,6 +104,16 @@ def nccl_size(op: str, n: int, sent):
     return sent if op == "send_recv" else sent * n / max(1, n - 1)
 
 
+def comm_time(net, ph: Phase) -> np.ndarray:
+    """Seconds of each entry of a transfer phase; one with ``intra``/``inter`` bytes waits for the
+    slower of its two kinds of link (both move at once)."""
+    if ph.inter is None:
+        return net.time(ph.op, ph.span, nccl_size(ph.op, ph.span, ph.amount))
+    node = min(ph.span, net.gpus_per_node)
+    return np.maximum(net.time(ph.op, node, nccl_size(ph.op, node, ph.intra)),
+                      net.time(ph.op, ph.span, nccl_size(ph.op, ph.span, ph.inter)))
+
+
 def _by_key(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique ``keys`` and the sum of ``values`` of each."""
     uniq, inverse = np.unique(keys, return_inverse=True)
@@ -126,8 +137,7 @@ def layer_times(phases, ranks: int, net, flop_rate: float, lin_s: np.ndarray) ->
         slots = {"attention": ([], []), "under attention": ([], [])}
         under_layers = np.zeros(ranks)
         for ph in mine:
-            t = np.asarray(ph.amount, np.float64) / flop_rate if not ph.is_comm else \
-                net.time(ph.op, ph.span, nccl_size(ph.op, ph.span, ph.amount))
+            t = np.asarray(ph.amount, np.float64) / flop_rate if not ph.is_comm else comm_time(net, ph)
             per_rank = np.bincount(ph.rank, t, minlength=ranks)
             if not ph.is_comm or ph.overlaps == "attention":
                 keys, times = slots["attention" if not ph.is_comm else "under attention"]
@@ -152,11 +162,25 @@ def layer_times(phases, ranks: int, net, flop_rate: float, lin_s: np.ndarray) ->
 
 
 def dry_schedule(name: str, docs, world: int, ulysses_degree: int, causal: bool = True,
-                 window: int | None = None):
-    """The scheduler's dry schedule (``wlb-ideal``: zigzag's; see :func:`ideal_phases`)."""
+                 window: int | None = None, **cad_options):
+    """The scheduler's dry schedule (``wlb-ideal``: zigzag's; see :func:`ideal_phases`); ``cad``
+    takes ``cad_options`` (its cost model, network and ``overlap_s``)."""
     sched = "zigzag" if name == "wlb-ideal" else name
     opts = {"ulysses_degree": ulysses_degree} if name == "usp" and world > 1 else {}
+    if name == "cad":
+        opts.update(cad_options)
     return make_plan(docs, world, scheduler=sched, causal=causal, window=window, **opts).schedule
+
+
+def _cad_options(cfg: SimConfig, network) -> dict:
+    """What CAD plans with in the simulated cluster: its attention and network, and the linear layers'
+    time per layer of a rank's share of tokens (ping-pong hides transfers behind it)."""
+    m = cfg.model
+    peak = cfg.gpu.peak_tflops * 1e12
+    cost = Roofline(cfg.gpu.peak_tflops, cfg.attn_efficiency, num_heads=m.n_heads, num_kv_heads=m.n_kv_heads,
+                    head_dim=m.head_dim, dtype_bytes=cfg.elem_bytes)
+    tokens = cfg.seq_len / cfg.cp
+    return {"cost": cost, "network": network, "overlap_s": 6 * m.layer_params * tokens / (peak * cfg.mfu)}
 
 
 def ideal_phases(phases, ranks: int) -> list[Phase]:
@@ -183,6 +207,8 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
     phase (``TIMELINE_COLUMNS``, phases as ``PHASES``); ranks are numbered replica-major
     (``rank = replica * cp + cp_rank``), as the DP x CP mesh lays them out."""
     cfg.check()
+    if network.gpus_per_node != cfg.gpus_per_node:
+        network = replace(network, gpus_per_node=cfg.gpus_per_node)
     m = cfg.model
     docs = replica_docs or _replica_docs(cfg, pool)
     peak = cfg.gpu.peak_tflops * 1e12
@@ -196,7 +222,8 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
         if name == "ulysses" and m.n_heads < cfg.cp:
             continue
         if name == "cad":  # one schedule over the pool: every replica's sequence, balanced over all GPUs
-            groups = [(dry_schedule("cad", [d for rep in docs for d in rep], cfg.gpus, u), cfg.gpus)]
+            groups = [(dry_schedule("cad", [d for rep in docs for d in rep], cfg.gpus, u, **_cad_options(cfg, network)),
+                       cfg.gpus)]
         else:
             groups = [(dry_schedule(name, rep, cfg.cp, u), cfg.cp) for rep in docs]
         ranks_compute, rank_exposed, rank_comm, flops_attn, mem = [], [], [], 0.0, 0.0

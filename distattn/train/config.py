@@ -4,7 +4,7 @@ A config has four sections::
 
     model:    {dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, tie_embeddings, rope_theta}
     data:     {source: stdlib | tokens, path, seq_len, seed}
-    parallel: {dp, cp, scheduler, ulysses_degree, dp_mode: ddp | fsdp, backend, timeout_s}
+    parallel: {dp, cp, scheduler, ulysses_degree, cad_pool, dp_mode: ddp | fsdp, backend, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out}
 """
 
@@ -45,9 +45,21 @@ class ParallelConfig:
     cp: int = 4
     scheduler: str = "zigzag"
     ulysses_degree: int | None = None   # for scheduler: usp
+    # For scheduler: cad with dp > 1: balance attention over all dp x cp ranks (one plan over the
+    # pool of every replica's CP group, DistCA's "no DP stragglers") instead of inside each CP
+    # group. Ignored otherwise -- like ulysses_degree for schedulers other than usp -- because it
+    # defaults to on: refusing it elsewhere would make every non-cad config say false, and
+    # `--scheduler zigzag` on a cad config would stop working. With dp == 1 the pool is the CP
+    # group itself, so the plan would be the same but cost an extra exchange of document lengths.
+    cad_pool: bool = True
     dp_mode: str = "ddp"                # "ddp" or "fsdp" (FSDP2 fully_shard)
     backend: str = "auto"               # attention kernel backend
     timeout_s: float = 120.0            # collectives fail after this instead of hanging
+
+    @property
+    def pools_replicas(self) -> bool:
+        """Whether the trainer plans CAD over the pool of all dp x cp ranks (see ``cad_pool``)."""
+        return self.cad_pool and self.scheduler == "cad" and self.dp > 1
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,13 @@ of the whole global batch (all DP and CP ranks). DDP and FSDP2 average
 gradients over the world, so the local loss is scaled by the world size: the
 averaged gradient is then exactly the gradient of the global mean loss.
 
+With ``parallel.scheduler: cad`` and dp > 1, each step plans CAD over the pool of all dp x cp
+ranks (``parallel.cad_pool``, default on): every replica's attention is balanced against every
+other's, so no replica straggles at the gradient all-reduce. The pool is the world group (made at
+start-up), the plan exchanges the replicas' document lengths, and shard/unshard stay inside each
+replica's CP group. ``flops_imbalance`` in the metrics is over the ranks the plan balanced (the
+pool, or rank 0's CP group); ``flops_imbalance_all`` is over all dp x cp ranks either way.
+
 Steps are counted from 1 everywhere: step ``n`` is the ``n``-th optimizer update, and the
 console, ``metrics.jsonl``, TensorBoard and the checkpoint ``ckpt/step_n`` all call it ``n``.
 
@@ -35,6 +42,7 @@ import torch.nn.functional as F
 
 from ..api import plan as make_plan
 from ..masks import next_token_labels
+from ..schedule import imbalance
 from ..spawn import Terminated
 from . import checkpoint
 from .config import RunConfig
@@ -99,7 +107,7 @@ class _Logger:
         done = m["step"] - self.first_step + 1
         eta = (time.perf_counter() - self.start) / done * (self.steps - m["step"])
         print(f"step {m['step']:>5}/{self.steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
-              f"grad {m['grad_norm']:.2f}  {m['tokens_per_s']:,.0f} tok/s  attn-imb {m['flops_imbalance']:.2f}  "
+              f"grad {m['grad_norm']:.2f}  {m['tokens_per_s']:,.0f} tok/s  attn-imb {m['flops_imbalance_all']:.2f}  "
               f"eta {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
 
     def close(self):
@@ -162,6 +170,12 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         packer.load_state(data_state)
     logger = _Logger(out, t.steps, start) if dist.get_rank() == 0 else None
     options = {"num_kv_heads": cfg.model.n_kv_heads} if p.scheduler == "usp" and p.cp > 1 else {}
+    pooled = p.pools_replicas
+    if pooled:
+        # the pool is every dp x cp rank: the world group, which exists already (train() runs on
+        # exactly dp * cp ranks, checked above), so steps make no group; each plan exchanges the
+        # replicas' document lengths over it and CAD's all-to-alls cross replicas
+        options["pool"] = dist.group.WORLD
     history = []
     for step in range(start, t.steps):
         t0 = time.perf_counter()
@@ -180,18 +194,26 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        # one all-reduce gives the loss and whether any rank got SIGTERM (so all stop at this step)
-        total = torch.stack([loss_sum.detach().to(torch.float64),
-                             torch.tensor(float(stop is not None and stop.received), dtype=torch.float64,
-                                          device=device)])
-        dist.all_reduce(total)
-        total_loss, stopping = total.tolist()
-        step_time = time.perf_counter() - t0
+        s0 = time.perf_counter()
         stats = plan.stats(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.dim // cfg.model.n_heads)
+        bookkeeping = time.perf_counter() - s0  # metrics, not training: left out of the step time
+        # one all-reduce gives the loss, whether any rank got SIGTERM (so all stop at this step) and,
+        # when replicas are planned apart, every rank's attention FLOPs (its own slot, the others
+        # zero) for the imbalance over all dp x cp ranks; a pooled plan's stats list them all already
+        gather_flops = p.dp > 1 and not pooled
+        total = torch.zeros(2 + (cfg.world_size if gather_flops else 0), dtype=torch.float64, device=device)
+        total[0] = loss_sum.detach()
+        total[1] = float(stop is not None and stop.received)
+        if gather_flops:
+            total[2 + dist.get_rank()] = float(stats["flops"][plan.rank])
+        dist.all_reduce(total)
+        total_loss, stopping, *world_flops = total.tolist()
+        step_time = time.perf_counter() - t0 - bookkeeping
         m = {"step": step + 1, "loss": total_loss / count.item(), "lr": lr_at(cfg, step),
              "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
              "tokens_per_s": p.dp * cfg.data.seq_len / step_time, "step_time_s": step_time,
-             "flops_imbalance": stats["flops_imbalance"]}
+             "flops_imbalance": stats["flops_imbalance"],
+             "flops_imbalance_all": imbalance(world_flops) if world_flops else stats["flops_imbalance"]}
         history.append(m)
         if on_step is not None:
             on_step(m)

@@ -1,0 +1,151 @@
+"""CAD's communication-aware placement and what the simulator charges for it (dry plans, no processes)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import distattn
+from distattn.cluster.profile import default_profile
+from distattn.doclens import pack
+from distattn.schedule import AttnShape
+from distattn.schedulers.blocks import even_bounds
+from distattn.schedulers.cad import Traffic
+from distattn.schedulers.cad_placement import LinkCost, RowBytes
+from distattn.sim.simulate import comm_time
+
+SHAPE = AttnShape(32, 8, 128, 2)
+
+
+def _docs(ranks, tokens_per_rank=16384, seed=0):
+    """Packed documents with a few long ones (a log-normal body and a 6-rank document)."""
+    return pack(ranks * tokens_per_rank - 6 * tokens_per_rank, seed=seed, median=2000) + [6 * tokens_per_rank]
+
+
+def _moved(schedule) -> tuple[np.ndarray, np.ndarray]:
+    """Per slot: bytes sent and received over forward and backward (the phases' transfers)."""
+    tr = schedule.traffic()
+    sent = sum(ph.total(schedule.pool_size) for ph in schedule.phases(SHAPE) if ph.is_comm)
+    q_b, dkv_b = SHAPE.row_bytes(32), 2 * SHAPE.row_bytes(8, acc=True)
+    off = tr.owner != tr.comp
+    to_w = tr.q * 2 * q_b + tr.kv * SHAPE.kv_row   # Q, dout; K/V
+    back = tr.q * 2 * q_b + tr.kv * dkv_b           # out, dQ; dK/dV
+    recv = np.bincount(tr.comp[off], to_w[off], schedule.pool_size) + np.bincount(tr.owner[off], back[off],
+                                                                                   schedule.pool_size)
+    return np.asarray(sent), recv
+
+
+def test_link_cost_and_row_bytes():
+    links = LinkCost.of(default_profile(), 64)
+    assert links.gpus_per_node == 8 and links.inter_s_per_byte > 4 * links.intra_s_per_byte
+    assert LinkCost.of(default_profile(), 8).intra_s_per_byte == links.intra_s_per_byte
+    rows = RowBytes.of(32, 8, 128, 2)   # Q, dout out and out, dQ back (bf16), lse (fp32); K/V bf16 out, fp32 back
+    assert rows.q == 4 * 32 * 128 * 2 + 32 * 4 and rows.kv == 2 * 8 * 128 * (2 + 4)
+
+
+@pytest.mark.parametrize("ranks", [16, 64])
+def test_balance_at_the_defaults(ranks):
+    plan = distattn.plan(_docs(ranks), ranks, scheduler="cad")
+    st = plan.stats(32, 8, 128)
+    assert st["flops_imbalance"] <= 1.05
+    zig = distattn.plan(_docs(ranks), ranks, scheduler="zigzag").stats(32, 8, 128)
+    assert zig["flops_imbalance"] > st["flops_imbalance"]
+
+
+def test_keys_go_once_per_destination_and_moves_stay_in_the_node():
+    """Rank 0 holds one long document, ranks 1-7 (its node) tiny documents, ranks 8-15 documents
+    that load them to about the mean: most of rank 0's work goes to its own node (7 of the 15
+    other ranks), and each (owner, destination) pair moves its keys once."""
+    ranks, tokens = 16, 8192
+    docs = [tokens] + [64] * (7 * tokens // 64) + [1024] * (8 * tokens // 1024)
+    schedule = distattn.plan(docs, ranks, scheduler="cad").schedule
+    seg = schedule.segments
+    moved = (seg.q0 < tokens) & (seg.rank != 0)
+    area = np.bincount(seg.rank[moved], seg.area[moved], ranks)
+    assert area[:8].sum() >= 0.75 * area.sum()
+    tr = schedule.traffic()
+    pairs = tr.owner * ranks + tr.comp
+    assert len(np.unique(pairs)) == len(pairs)
+
+
+def test_a_slow_network_moves_less_than_a_fast_one_when_overlap_is_priced():
+    """With ``overlap_s`` given, a move must save more attention than the communication it exposes:
+    the slower the network, the fewer the moves (and the more imbalance is left)."""
+    ranks, docs = 32, _docs(32)
+    fast = distattn.plan(docs, ranks, scheduler="cad", network=default_profile(), overlap_s=0.05).schedule
+    slow_net = default_profile()
+    slow_net = dataclasses.replace(slow_net, inter_busbw_gbs=0.5, rows=tuple(
+        dataclasses.replace(m, time_us=m.time_us * 100) for m in slow_net.rows))
+    slow = distattn.plan(docs, ranks, scheduler="cad", network=slow_net, overlap_s=0.0).schedule
+    moved_fast = int(_moved(fast)[0].sum())
+    moved_slow = int(_moved(slow)[0].sum())
+    assert moved_slow < moved_fast
+    assert slow.stats(32, 8, 128)["flops_imbalance"] > fast.stats(32, 8, 128)["flops_imbalance"]
+
+
+def test_traffic_is_sparse_and_matches_the_dense_matrices():
+    docs = [5000, 300, 40, 1200, 7000, 90, 2000]
+    schedule = distattn.plan(docs, 6, scheduler="cad", epsilon=0.01).schedule
+    tr = schedule.traffic()
+    q, kv = tr.matrices()
+    seg = schedule.segments
+    for c in range(6):  # query rows per computing slot are the rows of its segments
+        assert q[:, c].sum() == (seg.q1 - seg.q0)[seg.rank == c].sum()
+    assert isinstance(tr, Traffic) and q.sum() == sum(docs)
+    # K/V rows to a slot: the union of its segments' key ranges
+    for c in range(6):
+        mine = seg.rank == c
+        keys = set()
+        for a, b in zip(seg.k0[mine], seg.k1[mine]):
+            keys |= set(range(int(a), int(b)))
+        assert kv[:, c].sum() == len(keys)
+
+
+def test_phases_split_intra_and_inter_node_bytes_and_the_simulator_waits_for_the_slower():
+    ranks = 32
+    schedule = distattn.plan(_docs(ranks), ranks, scheduler="cad").schedule
+    net = default_profile()
+    for ph in schedule.phases(SHAPE):
+        if not ph.is_comm:
+            continue
+        assert ph.overlaps == "layers" and ph.intra is not None and ph.inter is not None
+        assert (ph.intra + ph.inter >= ph.amount).all()   # max(sent, recv) per kind covers what is sent
+        t = comm_time(net, ph)
+        assert (t >= net.time("all_to_all", ranks, ph.inter * ranks / (ranks - 1)) - 1e-12).all()
+        assert (t >= net.time("all_to_all", 8, ph.intra * 8 / 7) - 1e-12).all()
+    fwd = [ph.what for ph in schedule.phases(SHAPE) if ph.is_comm]
+    assert fwd == ["Q, K/V to workers", "out to owners", "dout to workers", "dQ, dK/dV to owners"]
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="overlap_s"):
+        distattn.plan([100, 200], 2, scheduler="cad", overlap_s=-1)
+    with pytest.raises(ValueError, match="network"):
+        distattn.plan([100, 200], 2, scheduler="cad", network="fast")
+
+
+def test_even_bounds_pool_matches_simulated_pool():
+    """The simulator pools replicas as one token space: replica boundaries are slot boundaries."""
+    b = even_bounds(4 * 1000, 8)
+    assert set(range(0, 4001, 1000)) <= set(b.tolist())
+
+
+def test_balance_and_planning_tables_run(capsys):
+    from distattn.bench import cad_balance, planning
+
+    assert cad_balance.main(["--ranks", "8", "--tokens-per-rank", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "max/mean" in out and out.count("\n") == 5   # header + cad, cad eps, zigzag, ring
+    assert planning.main(["--ranks", "16", "--tokens-per-rank", "1024"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[2:8] == ["ring", "zigzag", "allgather", "ulysses", "usp", "cad"] and len(lines) == 2
+
+
+def test_simulated_cad_table_quick(capsys):
+    from distattn.sim import cad_table
+
+    assert cad_table.main(["--quick"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = lines[2].split()
+    assert row[:3] == ["lognormal", "llama3-8b", "h100"] and "1 configurations" in lines[-1]
+    assert float(row[7]) > 0 and float(row[8]) > 0     # wlb/cad and zigzag/cad ratios
