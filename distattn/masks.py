@@ -30,6 +30,13 @@ import torch
 BWD_FLOPS_FACTOR = 2.5
 
 
+def check_positive_ints(**values) -> None:
+    """``ValueError`` naming the first of ``values`` that is not a positive int (a bool is not one)."""
+    for name, val in values.items():
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+
+
 def check_window(window: int | None) -> int | None:
     """Validate a sliding-window size (tokens) and return it as int or None."""
     if window is None:

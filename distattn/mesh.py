@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import meet, subgroups
+from .masks import check_positive_ints
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -159,10 +160,7 @@ class ParallelDims:
     ulysses: int = 1
 
     def __post_init__(self):
-        for name in ("dp", "cp", "ulysses"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        check_positive_ints(dp=self.dp, cp=self.cp, ulysses=self.ulysses)
         if self.cp % self.ulysses:
             raise ValueError(f"ulysses={self.ulysses} must divide cp={self.cp}")
 

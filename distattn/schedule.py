@@ -40,7 +40,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .masks import MaskSlice, attention_flops, slices_area
+from .masks import MaskSlice, attention_flops, check_positive_ints, slices_area
 
 Ranges = tuple[tuple[int, int], ...]
 COLLECTIVES = ("send_recv", "all_gather", "reduce_scatter", "all_to_all")
@@ -57,10 +57,8 @@ class AttnShape:
     dtype_bytes: int = 2
 
     def __post_init__(self):
-        for name in ("num_heads", "num_kv_heads", "head_dim", "dtype_bytes"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        check_positive_ints(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                            dtype_bytes=self.dtype_bytes)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 

@@ -51,6 +51,7 @@ rank's own CP group and sequence; ``stats()`` lists every pool rank.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -208,6 +209,10 @@ class TaskSchedule(Schedule):
 
     def traffic(self) -> "Traffic":
         """Rows moved between every (owner slot, computing slot) pair that moves any (sparse)."""
+        return self._traffic
+
+    @cached_property
+    def _traffic(self) -> "Traffic":   # phases() and buffer_bytes() both read it
         s, bounds, p = self.segments, self.bounds, self.pool_size
         # Q: each segment's queries, split over the slots owning them (queries of one slot's segments are disjoint)
         q_owner, q_comp, q_rows = _split_over(bounds, s.q0, s.q1, s.rank)

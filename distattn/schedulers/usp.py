@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..masks import MaskSlice
+from ..masks import MaskSlice, check_positive_ints
 from ..schedule import AttnShape, Phase, Schedule
 from .blocks import even_bounds
 from .ring import RingSchedule, ring_schedule
@@ -121,9 +121,7 @@ def default_ulysses_degree(world_size: int, num_kv_heads: int | None = None) -> 
     Without ``num_kv_heads`` (callers that do not know the model): the largest divisor up to the
     square root, a near-square mesh, which may not divide the KV heads -- pass them.
     """
-    for name, val in (("world_size", world_size), ("num_kv_heads", num_kv_heads)):
-        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    check_positive_ints(world_size=world_size, **({} if num_kv_heads is None else {"num_kv_heads": num_kv_heads}))
     if num_kv_heads is not None:
         return math.gcd(world_size, num_kv_heads)
     return max(d for d in range(1, int(world_size ** 0.5) + 1) if world_size % d == 0)
