@@ -11,6 +11,11 @@ the ranks that never came), :func:`subgroups` (process groups made from a
 parent group once, with the parent's timeout, found again by later plans) and
 :func:`group_timeout`.
 
+It also clocks how long this rank is held up by its transfers (``wait_seconds``):
+host seconds inside waits when the host blocks (gloo), and on CUDA the stall of
+the compute stream, timed by events recorded around each wait (nccl's wait
+does not block the host; the stream's gap is the exposed communication).
+
 Bytes are counted the way the algorithm moves them: a P2P send counts its
 tensor; an all-gather counts ``(P - 1)`` times the input (each rank's shard
 reaches every other rank); a reduce-scatter counts ``(P - 1) / P`` of the input;
@@ -45,26 +50,59 @@ def _failed(what: str, exc: Exception, peers: Sequence[int]) -> RuntimeError:
                         f"call attention with the same plan.")
 
 
+class WaitClock:
+    """Seconds a rank spent held up by communication waits (see the module docstring)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.seconds, self._events = cuda, 0.0, []
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, started) -> None:
+        if not self.cuda:
+            self.seconds += time.perf_counter() - started
+            return
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self._events.append((started, event))
+
+    def total(self) -> float:
+        """Seconds so far (on CUDA this waits for the recorded events)."""
+        for begin, end in self._events:
+            end.synchronize()
+            self.seconds += begin.elapsed_time(end) / 1e3
+        self._events = []
+        return self.seconds
+
+
 class Pending:
     """Outstanding requests of one batch; :meth:`wait` raises a clear error on timeout."""
 
-    def __init__(self, start, what: str, peers: Sequence[int] = ()):
+    def __init__(self, start, what: str, peers: Sequence[int] = (), clock: WaitClock | None = None):
         """``start()`` issues the requests and returns their works (a peer that is gone can make
         issuing fail already, so it is wrapped like the wait). ``peers``: the (global) ranks the
-        requests wait for, named in the error."""
-        self.what, self.peers = what, tuple(peers)
+        requests wait for, named in the error; ``clock`` times the wait."""
+        self.what, self.peers, self.clock = what, tuple(peers), clock
         try:
             self.works = start()
         except RuntimeError as exc:
             raise _failed(what, exc, self.peers) from exc
 
     def wait(self) -> None:
+        started = self.clock.start() if self.clock is not None and self.works else None
         for w in self.works:
             try:
                 w.wait()
             except RuntimeError as exc:
                 raise _failed(self.what, exc, self.peers) from exc
         self.works = []
+        if started is not None:
+            self.clock.stop(started)
 
 
 @dataclass(eq=False)
@@ -73,6 +111,14 @@ class Comm:
 
     group: Any
     bytes_sent: int = field(default=0)
+
+    @cached_property
+    def clock(self) -> WaitClock:
+        return WaitClock(cuda=dist.get_backend(self.group) == "nccl")
+
+    def wait_seconds(self) -> float:
+        """Seconds this rank has been held up waiting for this communicator's transfers."""
+        return self.clock.total()
 
     @property
     def rank(self) -> int:
@@ -100,19 +146,19 @@ class Comm:
         ops += [dist.P2POp(dist.irecv, t, self.global_rank(p), self.group) for t, p in recvs]
         self.bytes_sent += sum(nbytes(t) for t, _ in sends)
         peers = [self.global_rank(p) for _, p in [*sends, *recvs]]
-        return Pending(lambda: dist.batch_isend_irecv(ops) if ops else [], what, peers)
+        return Pending(lambda: dist.batch_isend_irecv(ops) if ops else [], what, peers, self.clock)
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, what: str) -> Pending:
         """Start gathering equal-sized ``input`` from every rank into ``output`` (concatenated on dim 0)."""
         self.bytes_sent += (self.size - 1) * nbytes(input)
         return Pending(lambda: [all_gather_single(output, input.contiguous(), group=self.group, async_op=True)],
-                       what, self.others)
+                       what, self.others, self.clock)
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, what: str) -> Pending:
         """Start summing ``input`` over ranks; this rank gets its equal dim-0 chunk in ``output``."""
         self.bytes_sent += nbytes(input) * (self.size - 1) // self.size
         return Pending(lambda: [reduce_scatter_single(output, input.contiguous(), group=self.group,
-                                                       async_op=True)], what, self.others)
+                                                       async_op=True)], what, self.others, self.clock)
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: list[int],
                    input_splits: list[int], what: str) -> Pending:
@@ -121,7 +167,7 @@ class Comm:
         self.bytes_sent += (sum(input_splits) - input_splits[self.rank]) * input.element_size()
         return Pending(lambda: [dist.all_to_all_single(output, input.contiguous(), output_splits, input_splits,
                                                        group=self.group, async_op=True)], what,
-                       self.others)
+                       self.others, self.clock)
 
 
 # ---- setup that waits at most the group's timeout ----------------------------------------------

@@ -136,6 +136,11 @@ class Plan:
         """Bytes this rank has sent through the plan's communicators so far."""
         return 0 if self.executor is None else self.executor.bytes_sent
 
+    def comm_wait_seconds(self) -> float:
+        """Seconds this rank was held up waiting for the plan's transfers so far: the communication
+        that computation did not hide (host time under gloo; the compute stream's stall on CUDA)."""
+        return 0.0 if self.executor is None else self.executor.wait_seconds()
+
     def prepare(self, device: torch.device | str) -> None:
         """Copy this rank's kernel layouts and indices to ``device``, once (``distattn.plan`` does it
         for the mesh's device; attention on tensors of another device prepares them there)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cluster_cmds, perf_cmds, run_cmds
+from . import cluster_cmds, data_cmds, perf_cmds, run_cmds
 from ._args import Parser, examples
 
 
@@ -22,18 +22,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="distattn", description="Exact context-parallel attention for long-context training: "
                     "run the schedulers, train, launch jobs, measure networks, benchmark and simulate.",
                     epilog=examples("distattn train configs/tiny.yaml", "distattn demo --world-size 4",
+                                    "distattn data prepare corpus.jsonl --out data/corpus",
                                     "distattn SUBCOMMAND --help"))
     parser.add_argument("--version", action="version", version=f"distattn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND", parser_class=Parser)
     run_cmds.add_parsers(sub)
     cluster_cmds.add_parsers(sub)
+    data_cmds.add_parsers(sub)
     perf_cmds.add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    name = " ".join(filter(None, [args.command, getattr(args, "cluster_command", None)]))
+    name = " ".join(filter(None, [args.command, getattr(args, "cluster_command", None),
+                                  getattr(args, "data_command", None)]))
     try:
         return args.func(args)
     except ValueError as exc:

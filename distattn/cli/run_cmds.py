@@ -56,6 +56,28 @@ def _usable_checkpoint(out):
         return None
 
 
+def _dry_run(cfg, args, talk) -> int:
+    """``--dry-run``: the config checked and its per-rank memory estimated; 0 when it fits, 1 when not."""
+    from ..train import memory
+
+    if args.gpu_memory_gib <= 0:
+        raise ValueError(f"--gpu-memory-gib must be > 0, got {args.gpu_memory_gib:g}")
+    physical = memory.physical_memory_bytes()
+    device = {"cpu": "cpu", "gpu": "cuda"}.get(args.estimate_for) or memory.local_device(cfg, physical)
+    lines, fits = memory.report(cfg, device, int(args.gpu_memory_gib * memory.GIB), physical)
+    talk(f"distattn train {args.config} --dry-run: the config is valid; no rank started, no data read, "
+         f"{cfg.train.out} untouched")
+    if args.estimate_for == "auto":
+        lines.insert(0, "memory for " + ("GPU ranks (as CPU processes these ranks would not fit this machine; "
+                                         "--estimate-for cpu to see them)" if device == "cuda" else
+                                         "CPU ranks (local processes, as `distattn train` runs them without a "
+                                         "launcher; --estimate-for gpu for GPUs)"))
+    for line in lines:
+        talk(line)
+    talk(f"exit code {0 if fits else 1}: {'fits' if fits else 'does not fit'}")
+    return 0 if fits else 1
+
+
 def _cmd_train(args) -> int:
     from pathlib import Path
 
@@ -69,6 +91,8 @@ def _cmd_train(args) -> int:
     # under a launcher every rank runs this command: rank 0 talks and owns the output folder
     rank0 = os.environ.get("RANK", "0") == "0"
     talk = print if rank0 else (lambda *a, **k: None)
+    if args.dry_run:
+        return _dry_run(cfg, args, talk)
     preflight.check_data(cfg)
     if not launched:
         preflight.check_memory(cfg, cfg.world_size)
@@ -216,6 +240,7 @@ def _add_train(sub) -> None:
         epilog=examples("distattn train configs/tiny.yaml",
                         "distattn train configs/tiny.yaml --scheduler cad --steps 100 --out runs/cad",
                         "distattn train configs/tiny.yaml --steps 200 --out runs/cad --resume",
+                        "distattn train configs/llama3-8b-128k-64gpu.yaml --dry-run",
                         "torchrun --nproc-per-node 8 -m distattn.cli train configs/llama3-8b-128k-64gpu.yaml"))
     train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     train.add_argument("--steps", type=positive_int, default=None, help="override train.steps")
@@ -226,6 +251,14 @@ def _add_train(sub) -> None:
     run_mode.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/ckpt")
     run_mode.add_argument("--overwrite", action="store_true",
                           help="delete OUT's metrics, TensorBoard events and checkpoints first")
+    train.add_argument("--dry-run", action="store_true",
+                       help="validate the config and print parameters, tokens per rank and the per-rank memory "
+                            "estimate (with every activation-checkpointing setting); start no rank, read no data, "
+                            "touch no output folder. Exit 0 when it fits, 1 when it does not")
+    train.add_argument("--gpu-memory-gib", type=float, default=80.0, help="--dry-run: memory of one GPU")
+    train.add_argument("--estimate-for", choices=["auto", "cpu", "gpu"], default="auto",
+                       help="--dry-run: GPU ranks, or CPU processes on this machine; auto: cpu when the ranks fit "
+                            "this machine as local processes (how `distattn train` runs without a launcher), else gpu")
     train.set_defaults(func=_cmd_train)
 
 

@@ -67,6 +67,9 @@ class Executor:
     def bytes_sent(self) -> int:
         return sum(c.bytes_sent for c in self.comms)
 
+    def wait_seconds(self) -> float:
+        return sum(c.wait_seconds() for c in self.comms)
+
     @property
     def agreement_group(self):
         """The group whose ranks exchange data in attention (and so must agree on shapes)."""

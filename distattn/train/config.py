@@ -5,7 +5,9 @@ A config has four sections::
     model:    {dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, tie_embeddings, rope_theta}
     data:     {source: stdlib | tokens, path, seq_len, seed}
     parallel: {dp, cp, scheduler, ulysses_degree, cad_pool, dp_mode: ddp | fsdp, backend, timeout_s}
-    train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out}
+    train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
+               dtype: fp32 | bf16, activation_checkpointing: none | full | selective, loss_chunk,
+               peak_tflops}
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+DTYPES = ("fp32", "bf16")
+CHECKPOINTING = ("none", "full", "selective")
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "stdlib"         # "stdlib": Python's standard library sources, one document per file
-    path: str | None = None        # "tokens": prefix of PATH.bin (flat tokens) + PATH.idx.npy (document offsets)
+    # "tokens": a directory written by `distattn data prepare` (shards + index.json), or the prefix
+    # of PATH.bin (flat tokens) + PATH.idx.npy (document offsets) of one token file
+    path: str | None = None
     seq_len: int = 8192            # tokens per packed sequence (one per data-parallel rank and step)
     seed: int = 0
 
@@ -74,6 +81,16 @@ class TrainSection:
     ckpt_every: int = 25
     seed: int = 0
     out: str = "runs/tiny"
+    # bf16: parameters are cast to bf16 for compute (FSDP2 MixedPrecisionPolicy; the DDP path
+    # autocasts); master weights, gradient reduction and AdamW state stay fp32
+    dtype: str = "fp32"
+    # none | full (recompute each block in backward, attention included) | selective (recompute
+    # the projections and MLP, keep what the distributed attention saved: no second attention)
+    activation_checkpointing: str = "none"
+    # tokens per chunk of the fused output projection + cross-entropy (full logits never exist)
+    loss_chunk: int = 2048
+    # the device's dense bf16 peak for MFU; unset: looked up from the GPU's name (CPU: n/a)
+    peak_tflops: float | None = None
 
 
 @dataclass(frozen=True)
@@ -163,7 +180,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                 "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "model.vocab_size": m.vocab_size,
                 "data.seq_len": d.seq_len, "parallel.dp": p.dp, "parallel.cp": p.cp, "train.steps": t.steps,
                 "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "model.rope_theta": m.rope_theta,
-                "parallel.timeout_s": p.timeout_s, "train.lr": t.lr, "train.min_lr": t.min_lr, "train.grad_clip": t.grad_clip}
+                "parallel.timeout_s": p.timeout_s, "train.lr": t.lr, "train.loss_chunk": t.loss_chunk, "train.min_lr": t.min_lr, "train.grad_clip": t.grad_clip}
     for key, val in positive.items():
         if val <= 0:
             raise ValueError(f"{key} must be > 0, got {val!r}")
@@ -177,7 +194,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     if d.source not in ("stdlib", "tokens"):
         raise ValueError(f"data.source must be 'stdlib' or 'tokens', got {d.source!r}")
     if d.source == "tokens" and not d.path:
-        raise ValueError("data.path is required with data.source: tokens (prefix of PATH.bin and PATH.idx.npy)")
+        raise ValueError("data.path is required with data.source: tokens (a directory from `distattn data prepare`, "
+                         "or the prefix of PATH.bin and PATH.idx.npy)")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ValueError(f"train.peak_tflops must be > 0, got {t.peak_tflops!r}; leave it unset to look it up")
+    for key, val, choices in (("train.dtype", t.dtype, DTYPES),
+                              ("train.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING)):
+        if val not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(choices)}, got {val!r}")
     if p.dp_mode not in ("ddp", "fsdp"):
         raise ValueError(f"parallel.dp_mode must be 'ddp' or 'fsdp', got {p.dp_mode!r}")
     from ..schedulers import LOCAL, NAMES

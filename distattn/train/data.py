@@ -5,9 +5,15 @@ Sources:
 * ``stdlib`` (the embedded default, offline anywhere): the Python standard
   library's ``.py`` files, one document per file, byte-level (vocab 256) --
   real text with a real length skew.
-* ``tokens``: your own pre-tokenised corpus, ``PATH.bin`` (flat uint16 or
-  uint32 tokens, memory-mapped) plus ``PATH.idx.npy`` (int64 document offsets,
-  ``n_docs + 1`` entries); :func:`write_token_file` writes one.
+* ``tokens``: your own pre-tokenised corpus, either
+
+  - a directory written by ``distattn data prepare`` (:class:`ShardedCorpus`):
+    ``index.json`` plus shards ``shard_00000.bin`` / ``shard_00000.idx.npy``, ...
+    (the format is spelled out in :mod:`distattn.train.prepare`), or
+  - one token file: ``PATH.bin`` (flat uint16 or uint32 tokens, memory-mapped)
+    plus ``PATH.idx.npy`` (int64 document offsets, ``n_docs + 1`` entries);
+    :func:`write_token_file` writes one. Each shard of a prepared directory is
+    such a file.
 
 :class:`Packer` walks the documents in a seeded order per epoch and fills
 sequences of ``seq_len`` tokens greedily; a document cut at the end of a
@@ -19,7 +25,9 @@ reads only its own (the others are skipped by arithmetic on lengths).
 
 from __future__ import annotations
 
+import json
 import sysconfig
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -120,5 +128,125 @@ class Packer:
         return mine
 
 
+INDEX_NAME = "index.json"
+FORMAT = "distattn-tokens"
+FORMAT_VERSION = 1
+_PREPARE_HINT = "rerun `distattn data prepare` with --overwrite, or prepare into a new --out"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest token dtype of a vocabulary: little-endian uint16 when every id fits
+    (``vocab_size <= 65536``), else uint32."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if vocab_size <= 2**16:
+        return np.dtype("<u2")
+    if vocab_size <= 2**32:
+        return np.dtype("<u4")
+    raise ValueError(f"vocab_size {vocab_size:,} does not fit in uint32 token ids")
+
+
+def is_prepared(path: str | Path | None) -> bool:
+    """Whether ``path`` is a directory written by ``distattn data prepare`` (holds ``index.json``)."""
+    return path is not None and (Path(path) / INDEX_NAME).is_file()
+
+
+def read_index(directory: str | Path) -> dict:
+    """``DIR/index.json`` of a prepared directory, checked against the shards on disk: every shard's
+    ``.bin`` holds the token count the index says and its ``.idx.npy`` the document count (read
+    through a memory map: nothing is loaded). ``ValueError`` names the file and the fix."""
+    directory = Path(directory)
+    path = directory / INDEX_NAME
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"data.path: {path} does not exist (write the directory with `distattn data prepare`)") \
+            from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"data.path: {path} cannot be read ({exc}); {_PREPARE_HINT}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
+        raise ValueError(f"data.path: {path} is not a version-{FORMAT_VERSION} {FORMAT} index; {_PREPARE_HINT}")
+    if index.get("dtype") not in ("uint16", "uint32") or not index.get("shards"):
+        raise ValueError(f"data.path: {path} names no shards or an unknown dtype; {_PREPARE_HINT}")
+    width = np.dtype(index["dtype"]).itemsize
+    for shard in index["shards"]:
+        _check_shard(directory, shard, width)
+    return index
+
+
+def _check_shard(directory: Path, shard: dict, width: int) -> None:
+    bin_path, idx_path = directory / f"{shard['name']}.bin", directory / f"{shard['name']}.idx.npy"
+    for p in (bin_path, idx_path):
+        if not p.is_file():
+            raise ValueError(f"data.path: {p} is missing ({INDEX_NAME} lists it); {_PREPARE_HINT}")
+    want = shard["tokens"] * width
+    if bin_path.stat().st_size != want:
+        raise ValueError(f"data.path: {bin_path} holds {bin_path.stat().st_size:,} bytes but {INDEX_NAME} says "
+                         f"{shard['tokens']:,} tokens ({want:,} bytes); the directory is incomplete or damaged: "
+                         f"{_PREPARE_HINT}")
+    try:
+        offsets = np.load(idx_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"data.path: {idx_path} cannot be read ({exc}); {_PREPARE_HINT}") from None
+    if offsets.shape != (shard["documents"] + 1,) or offsets.dtype != np.int64 or offsets[0] != 0 \
+            or offsets[-1] != shard["tokens"]:
+        raise ValueError(f"data.path: {idx_path} is not {shard['documents']:,} + 1 int64 offsets from 0 to "
+                         f"{shard['tokens']:,} as {INDEX_NAME} says; {_PREPARE_HINT}")
+
+
+class ShardedCorpus:
+    """A directory written by ``distattn data prepare``: documents numbered across the shards in
+    order (documents never straddle shards). The offsets of every shard are loaded (8 bytes a
+    document); tokens are read through memory maps, opened on first use, at most
+    ``OPEN_SHARDS`` at a time."""
+
+    OPEN_SHARDS = 64
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.index = read_index(self.directory)
+        self.dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
+        self.names = [shard["name"] for shard in self.index["shards"]]
+        self.offsets = [np.load(self.directory / f"{name}.idx.npy", allow_pickle=False) for name in self.names]
+        lengths = [np.diff(o) for o in self.offsets]
+        for name, lens in zip(self.names, lengths):
+            if (lens <= 0).any():
+                raise ValueError(f"data.path: {self.directory / name}.idx.npy has empty or decreasing documents; "
+                                 f"{_PREPARE_HINT}")
+        self.lengths = np.concatenate(lengths).astype(np.int64)
+        # document numbers where each shard starts, and one past the last document
+        self.first_doc = np.concatenate([[0], np.cumsum([len(x) for x in lengths])]).astype(np.int64)
+        self._open: OrderedDict[int, np.memmap] = OrderedDict()
+
+    def _tokens(self, shard: int) -> np.memmap:
+        tokens = self._open.pop(shard, None)
+        if tokens is None:
+            tokens = np.memmap(self.directory / f"{self.names[shard]}.bin", dtype=self.dtype, mode="r")
+            if len(self._open) >= self.OPEN_SHARDS:
+                self._open.popitem(last=False)
+        self._open[shard] = tokens
+        return tokens
+
+    def locate(self, doc: int) -> tuple[int, int]:
+        """(shard, document number inside that shard) of document ``doc``."""
+        shard = int(np.searchsorted(self.first_doc, doc, side="right")) - 1
+        return shard, doc - int(self.first_doc[shard])
+
+    def read(self, doc: int, start: int, end: int) -> np.ndarray:
+        shard, local = self.locate(doc)
+        base = int(self.offsets[shard][local])
+        assert 0 <= start <= end <= int(self.offsets[shard][local + 1]) - base, (doc, start, end)
+        return np.asarray(self._tokens(shard)[base + start:base + end], dtype=np.int64)
+
+
 def make_corpus(source: str, path: str | None):
-    return StdlibCorpus() if source == "stdlib" else TokenFileCorpus(path)
+    """The corpus of ``data.source`` / ``data.path``: a prepared directory when ``path`` holds
+    ``index.json``, else the ``PATH.bin`` + ``PATH.idx.npy`` prefix."""
+    if source == "stdlib":
+        return StdlibCorpus()
+    if is_prepared(path):
+        return ShardedCorpus(path)
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"data.path: {path} is a directory without {INDEX_NAME}; write one with "
+                         f"`distattn data prepare INPUT... --out {path}`")
+    return TokenFileCorpus(path)

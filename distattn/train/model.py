@@ -4,6 +4,22 @@ RMSNorm, rotary embeddings at each token's position *inside its document*
 (``plan.position_ids()``), grouped-query attention, SwiGLU, tied or untied
 embeddings. Inputs are this rank's token shard ``[S_local]``; the plan says
 which tokens those are, so every scheduler is a config choice.
+
+Activation checkpointing (``checkpointing=``, per block, non-reentrant
+``torch.utils.checkpoint``):
+
+* ``"full"``: a block keeps only its input; backward reruns the whole block,
+  distributed attention (and its communication) included.
+* ``"selective"``: a block keeps its input and what attention itself saves
+  (q, k, v, out, lse); backward reruns the norms, projections, RoPE and MLP but
+  not attention. Megatron's "selective" does the opposite (recomputes
+  attention, whose softmax is the big activation without flash attention);
+  here attention already saves only O(tokens) and is the one part of the block
+  that communicates, so it is the part worth keeping.
+
+Precision: RMSNorm and the loss's softmax run in fp32 whatever the compute
+dtype; attention runs with autocast off (its kernels accumulate in fp32 and
+merge in fp32 on their own; autocast would push their fp32 steps to bf16).
 """
 
 from __future__ import annotations
@@ -13,9 +29,11 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..api import attention
 from .config import ModelConfig
+from .loss import chunked_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +43,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        x32 = x.float()  # bf16 has too few mantissa bits for a mean of squares over thousands of features
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
 def rotary(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
@@ -53,16 +72,36 @@ class Block(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
-    def forward(self, x, pos, plan):
+    def qkv(self, x, pos):
+        """``x [S, dim]`` -> q ``[S, H, hd]``, k, v ``[S, H_kv, hd]`` (RoPE applied to q and k)."""
         cfg = self.cfg
         s, hd = x.shape[0], cfg.dim // cfg.n_heads
         h = self.attn_norm(x)
         q = rotary(self.wq(h).view(s, cfg.n_heads, hd), pos, cfg.rope_theta)
         k = rotary(self.wk(h).view(s, cfg.n_kv_heads, hd), pos, cfg.rope_theta)
         v = self.wv(h).view(s, cfg.n_kv_heads, hd)
-        x = x + self.wo(attention(q.contiguous(), k.contiguous(), v.contiguous(), plan).reshape(s, cfg.n_heads * hd))
+        return q.contiguous(), k.contiguous(), v.contiguous()
+
+    def attend(self, q, k, v, plan):
+        with torch.autocast(q.device.type, enabled=False):
+            return attention(q, k, v, plan)
+
+    def out_and_mlp(self, x, a):
+        """Residual stream after attention output ``a [S, H, hd]`` and the MLP."""
+        x = x + self.wo(a.flatten(1))
         h = self.mlp_norm(x)
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+    def plain(self, x, pos, plan):
+        return self.out_and_mlp(x, self.attend(*self.qkv(x, pos), plan))
+
+    def forward(self, x, pos, plan, checkpointing: str = "none"):
+        if checkpointing == "full":
+            return checkpoint(self.plain, x, pos, plan, use_reentrant=False)
+        if checkpointing == "selective":
+            q, k, v = checkpoint(self.qkv, x, pos, use_reentrant=False)
+            return checkpoint(self.out_and_mlp, x, self.attend(q, k, v, plan), use_reentrant=False)
+        return self.plain(x, pos, plan)
 
 
 class Transformer(nn.Module):
@@ -83,10 +122,23 @@ class Transformer(nn.Module):
                 scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
                 nn.init.normal_(p, std=std * scale)
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, plan) -> torch.Tensor:
-        """``tokens``, ``pos``: ``[S_local]`` -> logits ``[S_local, vocab]``."""
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """``[vocab, dim]``: the tied embedding or the untied head."""
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, plan, labels: torch.Tensor | None = None, *,
+                checkpointing: str = "none", loss_chunk: int = 2048,
+                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``tokens``, ``pos``: ``[S_local]`` -> logits ``[S_local, vocab]``; with ``labels [S_local]``
+        (-100: no label) the summed cross-entropy instead (an fp32 scalar), computed ``loss_chunk``
+        tokens at a time so the full logits never exist (``compute_dtype``: the projection's dtype)."""
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, pos, plan)
+            x = layer(x, pos, plan, checkpointing)
         x = self.norm(x)
-        return x @ self.embed.weight.t() if self.head is None else self.head(x)
+        if labels is None:
+            return x @ self.output_weight.t()
+        with torch.autocast(x.device.type, enabled=False):  # the loss casts explicitly (compute_dtype)
+            return chunked_cross_entropy(x, self.output_weight, labels, chunk=loss_chunk,
+                                         compute_dtype=compute_dtype)

@@ -11,7 +11,6 @@ never mix; a lock file keeps a second process from training into it at the same 
 from __future__ import annotations
 
 import fcntl
-import math
 import os
 import shutil
 from pathlib import Path
@@ -21,46 +20,51 @@ from .config import RunConfig
 
 # what a run writes under train.out (overwrite removes these and nothing else)
 RUN_FILES = ("metrics.jsonl", "tb", "ckpt")
-# a rank's Python, torch and gloo before any tensor (measured: ~300 MB RSS on CPU)
-RUNTIME_BYTES = 300 * 2**20
 
 
 def check_data(cfg: RunConfig) -> None:
-    if cfg.data.source == "tokens":
-        prefix = Path(cfg.data.path)
-        for p in (prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx.npy")):
-            if not p.exists():
-                raise ValueError(f"data.path: {p} does not exist (data.path is the prefix of PATH.bin and "
-                                 f"PATH.idx.npy; write them with distattn.train.data.write_token_file)")
+    """``data.path`` of ``source: tokens`` exists: a directory from ``distattn data prepare`` whose
+    shards have the sizes its index.json says and whose vocabulary fits ``model.vocab_size``, or
+    the prefix of ``PATH.bin`` + ``PATH.idx.npy``."""
+    if cfg.data.source != "tokens":
+        return
+    from .data import INDEX_NAME, is_prepared, read_index
+
+    path = Path(cfg.data.path)
+    if is_prepared(path):
+        vocab = read_index(path)["vocab_size"]
+        if vocab > cfg.model.vocab_size:
+            raise ValueError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                             f"{vocab} from {path / INDEX_NAME}; set model.vocab_size >= {vocab}")
+        return
+    if path.is_dir():
+        raise ValueError(f"data.path: {path} is a directory without {INDEX_NAME}; write one with "
+                         f"`distattn data prepare INPUT... --out {path}`")
+    for p in (path.with_name(path.name + ".bin"), path.with_name(path.name + ".idx.npy")):
+        if not p.exists():
+            raise ValueError(f"data.path: {p} does not exist (data.path is a directory from `distattn data "
+                             f"prepare`, or the prefix of PATH.bin and PATH.idx.npy written by "
+                             f"distattn.train.data.write_token_file)")
 
 
 def rank_memory_bytes(cfg: RunConfig) -> int:
-    """An estimate of one rank's peak memory in fp32 training (weights, gradients, AdamW state, the
-    activations autograd keeps, the logits and the packed sequence every rank reads)."""
-    m = cfg.model
-    kv_dim = m.dim // m.n_heads * m.n_kv_heads
-    params = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) \
-        + m.n_layers * (2 * m.dim * m.dim + 2 * m.dim * kv_dim + 3 * m.dim * m.ffn_dim + 2 * m.dim)
-    tokens = math.ceil(cfg.data.seq_len / cfg.parallel.cp)
-    per_token = m.n_layers * (12 * m.dim + 4 * kv_dim + 5 * m.ffn_dim) + 3 * m.vocab_size
-    return RUNTIME_BYTES + 4 * (5 * params + tokens * per_token) + 32 * cfg.data.seq_len
+    """One CPU rank's peak memory training ``cfg`` (:func:`distattn.train.memory.estimate`)."""
+    from .memory import estimate
 
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    return estimate(cfg, device="cpu").total
 
 
 def check_memory(cfg: RunConfig, ranks_here: int) -> None:
     """Refuse a run whose ``ranks_here`` CPU ranks cannot fit in this machine's memory."""
-    total = _physical_memory()
+    from .memory import physical_memory_bytes
+
+    total = physical_memory_bytes()
     need = rank_memory_bytes(cfg) * ranks_here
     if total is not None and need > total:
         raise ValueError(f"data.seq_len {cfg.data.seq_len:,} with this model needs about {need / 2**30:,.1f} GiB "
                          f"for {ranks_here} rank(s) but this machine has {total / 2**30:,.1f} GiB; lower "
-                         f"data.seq_len or the model size, or raise parallel.cp on more machines")
+                         f"data.seq_len or the model size, set train.activation_checkpointing: full, or raise "
+                         f"parallel.cp on more machines (`distattn train CONFIG --dry-run` shows the estimate)")
 
 
 def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=print) -> Path | None:

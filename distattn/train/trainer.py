@@ -17,6 +17,14 @@ start-up), the plan exchanges the replicas' document lengths, and shard/unshard 
 replica's CP group. ``flops_imbalance`` in the metrics is over the ranks the plan balanced (the
 pool, or rank 0's CP group); ``flops_imbalance_all`` is over all dp x cp ranks either way.
 
+Precision (``train.dtype``): ``bf16`` computes in bf16 and keeps fp32 master weights, fp32
+gradient reduction and fp32 AdamW state -- FSDP2 through its ``MixedPrecisionPolicy``, DDP (and a
+single rank) by autocasting the forward. Attention accumulates in fp32 either way. Activation
+checkpointing (``train.activation_checkpointing``) and the chunked output projection + loss
+(``train.loss_chunk``) are the model's (``model.py``, ``loss.py``). Per step, ``metrics.jsonl`` gets
+MFU (``metrics.py``), tokens/s per device, peak memory and the communication wait (max over ranks)
+besides loss, learning rate and gradient norm.
+
 Steps are counted from 1 everywhere: step ``n`` is the ``n``-th optimizer update, and the
 console, ``metrics.jsonl``, TensorBoard and the checkpoint ``ckpt/step_n`` all call it ``n``.
 
@@ -26,19 +34,18 @@ the ranks agree on the step through the loss all-reduce every step makes anyway.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..api import plan as make_plan
 from ..masks import next_token_labels
@@ -47,6 +54,7 @@ from ..spawn import Terminated
 from . import checkpoint
 from .config import RunConfig
 from .data import Packer, make_corpus
+from .metrics import RunLog, device_peak_flops, model_flops, peak_memory_bytes
 from .model import Transformer
 
 
@@ -59,61 +67,35 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _uses_fsdp(cfg: RunConfig) -> bool:
+    return cfg.world_size > 1 and cfg.parallel.dp_mode == "fsdp"
+
+
 def _wrap(model, cfg: RunConfig, mesh):
+    """FSDP2 (bf16: ``MixedPrecisionPolicy``, bf16 compute copies of fp32 shards, fp32 gradient
+    reduction), DDP (bf16: the step autocasts; see :func:`_autocast`) or the bare model on one rank."""
     if cfg.world_size == 1:
         return model
-    if cfg.parallel.dp_mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+    if _uses_fsdp(cfg):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         flat = mesh._flatten("dp_cp")
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if cfg.train.dtype == "bf16" else MixedPrecisionPolicy()
         for layer in model.layers:
-            fully_shard(layer, mesh=flat)
-        return fully_shard(model, mesh=flat)
+            fully_shard(layer, mesh=flat, mp_policy=mp)
+        return fully_shard(model, mesh=flat, mp_policy=mp)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model)
 
 
-class _Logger:
-    """Rank 0's progress line, ``metrics.jsonl`` and TensorBoard scalars."""
-
-    def __init__(self, out: Path, steps: int, done: int):
-        """``done``: steps already taken (a resume); rows logged after them by the run that
-        stopped are dropped, so each step appears once."""
-        out.mkdir(parents=True, exist_ok=True)
-        self.steps, self.start = steps, time.perf_counter()
-        path = out / "metrics.jsonl"
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= done] \
-            if done and path.exists() else []
-        self.jsonl = open(path, "w")
-        self.jsonl.writelines(line + "\n" for line in kept)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"), purge_step=done + 1 if done else None)
-        except ImportError:  # tensorboard is optional outside the dev extra
-            self.tb = None
-        self.first_step = None
-
-    def log(self, m: dict) -> None:
-        self.jsonl.write(json.dumps(m) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for key, val in m.items():
-                if key != "step":
-                    self.tb.add_scalar(f"train/{key}", val, m["step"])
-        if self.first_step is None:
-            self.first_step, self.start = m["step"], time.perf_counter() - m["step_time_s"]
-        done = m["step"] - self.first_step + 1
-        eta = (time.perf_counter() - self.start) / done * (self.steps - m["step"])
-        print(f"step {m['step']:>5}/{self.steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
-              f"grad {m['grad_norm']:.2f}  {m['tokens_per_s']:,.0f} tok/s  attn-imb {m['flops_imbalance_all']:.2f}  "
-              f"eta {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
-
-    def close(self):
-        self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
+def _autocast(cfg: RunConfig, device: torch.device):
+    """bf16 without FSDP: autocast runs the matmuls in bf16 on fp32 parameters (DDP then reduces fp32
+    gradients); FSDP's policy casts the parameters itself, and fp32 runs as written."""
+    if cfg.train.dtype == "bf16" and not _uses_fsdp(cfg):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 class StopSignal:
@@ -168,14 +150,17 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
             raise ValueError(f"--resume: no checkpoint under {out / 'ckpt'}")
         start, data_state = checkpoint.load(last, model, optimizer)
         packer.load_state(data_state)
-    logger = _Logger(out, t.steps, start) if dist.get_rank() == 0 else None
+    logger = RunLog(out, t.steps, start) if dist.get_rank() == 0 else None
     options = {"num_kv_heads": cfg.model.n_kv_heads} if p.scheduler == "usp" and p.cp > 1 else {}
-    pooled = p.pools_replicas
-    if pooled:
+    if p.pools_replicas:
         # the pool is every dp x cp rank: the world group, which exists already (train() runs on
         # exactly dp * cp ranks, checked above), so steps make no group; each plan exchanges the
         # replicas' document lengths over it and CAD's all-to-alls cross replicas
         options["pool"] = dist.group.WORLD
+    m_cfg, hd = cfg.model, cfg.model.dim // cfg.model.n_heads
+    peak_flops = device_peak_flops(device, t.peak_tflops)
+    forward = {"checkpointing": t.activation_checkpointing, "loss_chunk": t.loss_chunk,
+               "compute_dtype": torch.bfloat16 if t.dtype == "bf16" else None}
     history = []
     for step in range(start, t.steps):
         t0 = time.perf_counter()
@@ -183,9 +168,9 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         tokens = torch.from_numpy(tokens_np).to(device)
         labels = next_token_labels(tokens, doc_lens)
         plan = make_plan(doc_lens, cp_mesh, scheduler=p.scheduler, backend=p.backend, **options)
-        logits = model(plan.shard(tokens), plan.position_ids(device), plan)
         local_labels = plan.shard(labels)
-        loss_sum = F.cross_entropy(logits.float(), local_labels, ignore_index=-100, reduction="sum")
+        with _autocast(cfg, device):
+            loss_sum = model(plan.shard(tokens), plan.position_ids(device), plan, local_labels, **forward)
         count = (local_labels != -100).sum().to(torch.float64)
         dist.all_reduce(count)
         (loss_sum / count * cfg.world_size).backward()
@@ -195,30 +180,36 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         s0 = time.perf_counter()
-        stats = plan.stats(cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.dim // cfg.model.n_heads)
-        bookkeeping = time.perf_counter() - s0  # metrics, not training: left out of the step time
-        # one all-reduce gives the loss, whether any rank got SIGTERM (so all stop at this step) and,
-        # when replicas are planned apart, every rank's attention FLOPs (its own slot, the others
-        # zero) for the imbalance over all dp x cp ranks; a pooled plan's stats list them all already
-        gather_flops = p.dp > 1 and not pooled
-        total = torch.zeros(2 + (cfg.world_size if gather_flops else 0), dtype=torch.float64, device=device)
+        stats = plan.stats(m_cfg.n_heads, m_cfg.n_kv_heads, hd)
+        # one sum gives the loss, whether any rank got SIGTERM (so all stop at this step) and every
+        # rank's attention FLOPs (its own slot, the others zero: the imbalance over all dp x cp
+        # ranks, and the model FLOPs of MFU); one max gives the peak memory and the comm wait
+        total = torch.zeros(2 + cfg.world_size, dtype=torch.float64, device=device)
         total[0] = loss_sum.detach()
         total[1] = float(stop is not None and stop.received)
-        if gather_flops:
-            total[2 + dist.get_rank()] = float(stats["flops"][plan.rank])
+        total[2 + dist.get_rank()] = float(stats["flops"][plan.rank])
+        worst = torch.tensor([peak_memory_bytes(device), plan.comm_wait_seconds()], dtype=torch.float64,
+                             device=device)
+        bookkeeping = time.perf_counter() - s0  # metrics, not training: left out of the step time
         dist.all_reduce(total)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         total_loss, stopping, *world_flops = total.tolist()
+        peak_mem, comm_wait = worst.tolist()
         step_time = time.perf_counter() - t0 - bookkeeping
+        flops = model_flops(m_cfg, p.dp * cfg.data.seq_len, sum(world_flops))
         m = {"step": step + 1, "loss": total_loss / count.item(), "lr": lr_at(cfg, step),
              "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-             "tokens_per_s": p.dp * cfg.data.seq_len / step_time, "step_time_s": step_time,
-             "flops_imbalance": stats["flops_imbalance"],
-             "flops_imbalance_all": imbalance(world_flops) if world_flops else stats["flops_imbalance"]}
+             "tokens_per_s": p.dp * cfg.data.seq_len / step_time,
+             "tokens_per_s_per_device": p.dp * cfg.data.seq_len / step_time / cfg.world_size,
+             "step_time_s": step_time,
+             "mfu": None if peak_flops is None else flops / (step_time * cfg.world_size * peak_flops),
+             "model_tflops": flops / 1e12, "peak_memory_gib": peak_mem / 2**30, "comm_wait_s": comm_wait,
+             "flops_imbalance": stats["flops_imbalance"], "flops_imbalance_all": imbalance(world_flops)}
         history.append(m)
         if on_step is not None:
             on_step(m)
-        if logger is not None and (step % t.log_every == 0 or step + 1 == t.steps or stopping):
-            logger.log(m)
+        if logger is not None:
+            logger.step(m, record=step % t.log_every == 0 or step + 1 == t.steps or bool(stopping))
         if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps or stopping:
             checkpoint.save(out / "ckpt" / f"step_{step + 1}", model, optimizer, step + 1, packer.state())
         if stopping:

@@ -1,0 +1,399 @@
+"""One rank's peak memory in training, estimated from the config: ``estimate(cfg) -> MemoryEstimate``.
+
+Components (bytes, per rank; ``N = dp * cp`` ranks, ``P`` parameters, ``T = ceil(seq_len / cp)``
+tokens per rank, ``b`` the compute dtype's bytes -- 2 for bf16, 4 for fp32):
+
+* ``weights``, ``grads``, ``optimizer``: fp32 master weights, fp32 gradients and AdamW's two fp32
+  moments. ``parallel.dp_mode: fsdp`` shards all three over the N ranks (FSDP2 over the
+  flattened dp x cp mesh, as the trainer wraps it) and adds the unsharded copies a rank
+  computes with, in the compute dtype: the root module's parameters (embedding, final norm,
+  head: FSDP2 keeps the root unsharded from forward to the end of backward) and two blocks
+  (the one computing and the one prefetched); gradients add the root's unsharded gradients
+  and one block's (bf16: also its fp32 copy for the reduce-scatter). ``ddp`` replicates
+  everything and adds DDP's gradient buckets (a second fp32 copy of the gradients); bf16 under
+  autocast adds the bf16 copies of the block weights autocast caches during the forward. One
+  rank (no wrapper): as DDP without buckets.
+* ``activations``: what autograd keeps, counted tensor by tensor from ``model.py`` per block and
+  token -- RMSNorm's fp32 input and normalised output, the norm outputs the projections read
+  (one bf16 copy per projection under autocast), the q/k projections RoPE keeps, RoPE's
+  cos/sin, the attention output (wo's input), the SwiGLU w1/w3 outputs, silu and the product,
+  plus what attention keeps (below). Residuals are fp32 under DDP's autocast and fp32 runs,
+  bf16 under FSDP's bf16 parameters. ``activation_checkpointing``: ``none`` keeps all of it per
+  layer; ``full`` keeps each block's input per layer and one block's everything while it is
+  recomputed; ``selective`` keeps per layer the block input and what attention saves, and one
+  block's recomputation. All three add one block's backward working set (the larger of the
+  SwiGLU gradients, ``3 * T * ffn_dim``, and attention's fp32 dQ/dK/dV, plus two residual
+  gradients).
+* what attention keeps per layer, from a *dry plan* of the config (``distattn.plan(docs, N)``):
+  ring, zigzag, allgather and one rank keep their local q, k, v, out and fp32 lse; ulysses and
+  usp keep the head-sharded q, k, v (KV heads expanded where the schedule must), out and lse of
+  their Ulysses group's tokens; cad keeps the worker's received task rows,
+  ``Schedule.buffer_bytes`` (Q, out, lse, the K/V union, and the dout arriving in backward).
+* ``attention_buffers``: the schedule's own ``buffer_bytes`` of the busiest rank, one layer's
+  worth (ring/zigzag: the K/V block computed on and the one arriving; allgather: a head group's
+  gathered K/V and its copy in global order; ulysses/usp: the head-sharded Q/K/V/out (usp: plus
+  its ring's K/V blocks); cad: the received Q/K/V task rows, out, lse and dout).
+* ``loss``: the final norm (fp32 input, normalised output, the hidden state the loss reads), the
+  log-sum-exps ``loss.chunked_cross_entropy`` saves, and the larger of its forward (one chunk's
+  logits in the compute dtype and in fp32) and its backward (the hidden state's gradient, the fp32
+  ``[vocab, dim]`` weight-gradient accumulator, the weight's bf16 copy when the parameter is fp32,
+  one chunk's logit gradient).
+* ``inputs``: the packed sequence every rank reads (tokens, labels: int64 of the whole sequence,
+  plus the numpy copy) and the local positions.
+* ``runtime``: what the framework takes before any tensor. CUDA: :data:`CUDA_RUNTIME_BYTES`, 4 GiB
+  (CUDA context and kernels ~0.5-1 GiB, NCCL communicators of the dp, cp and dp x cp groups
+  ~1 GiB, caching-allocator fragmentation at these tensor sizes ~2 GiB). CPU:
+  :data:`CPU_RUNTIME_BYTES`, a rank's Python, torch and gloo (~300 MiB resident).
+  A GPU's ``torch.cuda.max_memory_allocated`` does not see the
+  CUDA runtime: compare it with ``total - runtime``.
+* ``allocator`` (CPU; a GPU's is in ``runtime``): :data:`CPU_ALLOCATOR_OVERHEAD` of the
+  token-proportional parts. glibc keeps much of what a step frees, so from step 2 on a CPU rank's
+  resident peak exceeds its live tensors: ``python -m distattn.bench.memory`` measured +20-45% per
+  token for the tiny model (step 1's peak is within ~7% of the tensors counted here).
+
+Documents: by default each sequence is one document of ``seq_len`` tokens -- the worst case of
+the ring schedulers' buffers (every K/V block is needed by some rank) and a hard one for CAD,
+whose busiest worker then holds several times a rank's share of K/V; pass ``doc_lens`` for a
+real packing.
+
+The total is the sum, an upper bound: gradients fill in as activations are freed, and AdamW's
+temporaries at the step (one state-sized copy with the foreach kernels) come when activations
+are gone, so they are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
+
+from .config import CHECKPOINTING, ModelConfig, ParallelConfig, RunConfig
+
+GIB = 2**30
+# CUDA context + NCCL communicators + caching-allocator fragmentation (see module docstring)
+CUDA_RUNTIME_BYTES = 4 * GIB
+# a CPU rank's Python, torch and gloo before any tensor
+CPU_RUNTIME_BYTES = 300 * 2**20
+DEVICES = ("cpu", "cuda")
+TOKEN_LAYOUT = ("ring", "zigzag", "allgather", "local")   # attention keeps the rank's own q/k/v/out
+# a CPU rank's resident peak over the tensors' bytes, per token (see module docstring: measured)
+CPU_ALLOCATOR_OVERHEAD = 0.35
+COMPONENTS = ("weights", "grads", "optimizer", "activations", "loss", "attention_buffers", "inputs", "allocator",
+              "runtime")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """One rank's estimated peak (see module docstring); every component in bytes."""
+
+    device: str
+    dtype: str
+    checkpointing: str
+    dp_mode: str                 # "fsdp", "ddp" or "single" (one rank: no wrapper)
+    params: int
+    tokens_per_rank: int
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    loss: int
+    attention_buffers: int
+    inputs: int
+    allocator: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, name) for name in COMPONENTS)
+
+    def components(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in COMPONENTS}
+
+
+def block_params(m: ModelConfig) -> int:
+    """Parameters of one transformer block (projections and its two norms)."""
+    hd = m.dim // m.n_heads
+    return 2 * m.dim * m.n_heads * hd + 2 * m.dim * m.n_kv_heads * hd + 3 * m.dim * m.ffn_dim + 2 * m.dim
+
+
+def root_params(m: ModelConfig) -> int:
+    """Parameters outside the blocks: the embedding, the final norm and an untied head."""
+    return m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) + m.dim
+
+
+def param_count(m: ModelConfig) -> int:
+    """The model's parameters (a tied embedding counted once)."""
+    return root_params(m) + m.n_layers * block_params(m)
+
+
+def dp_mode(cfg: RunConfig) -> str:
+    """How the trainer wraps the model: ``"single"`` on one rank, else ``parallel.dp_mode``."""
+    return "single" if cfg.world_size == 1 else cfg.parallel.dp_mode
+
+
+def _states(cfg: RunConfig) -> tuple[int, int, int]:
+    """(weights, grads, optimizer) bytes of one rank."""
+    m, mode, bf16 = cfg.model, dp_mode(cfg), cfg.train.dtype == "bf16"
+    p = param_count(m)
+    compute = 2 if bf16 else 4
+    if mode == "fsdp":
+        shard = math.ceil(p / cfg.world_size)
+        working = (root_params(m) + 2 * block_params(m)) * compute
+        grad_working = root_params(m) * compute + block_params(m) * (compute + (4 if bf16 else 0))
+        return 4 * shard + working, 4 * shard + grad_working, 8 * shard
+    # autocast caches a bf16 copy of every block weight it casts, until the forward leaves autocast
+    autocast_cache = 2 * m.n_layers * block_params(m) if bf16 else 0
+    buckets = 4 * p if mode == "ddp" else 0   # DDP's gradient buckets (gradient_as_bucket_view off)
+    return 4 * p + autocast_cache, 4 * p + buckets, 8 * p
+
+
+def _dtypes(cfg: RunConfig) -> tuple[int, int, bool]:
+    """(compute bytes, residual bytes, autocast): FSDP's bf16 parameters make a bf16 residual
+    stream; DDP and one rank autocast, keeping the residual stream fp32."""
+    if cfg.train.dtype == "fp32":
+        return 4, 4, False
+    fsdp = dp_mode(cfg) == "fsdp"
+    return 2, 2 if fsdp else 4, not fsdp
+
+
+def _norm_bytes(d: int, resid: int, autocast: bool, readers: int) -> int:
+    """Per token, what an RMSNorm keeps with the projections reading its output: the fp32 input
+    (the residual itself when fp32), the normalised input before the weight, and the output (one
+    bf16 copy per reading projection under autocast), plus the fp32 rsqrt."""
+    return d * (4 + resid + (2 * readers if autocast else resid)) + 4
+
+
+def block_bytes_per_token(m: ModelConfig, compute: int, resid: int, autocast: bool) -> int:
+    """Per token, what one block keeps for backward apart from attention's own saved tensors."""
+    hd, kv = m.dim // m.n_heads, m.n_kv_heads * m.dim // m.n_heads
+    q = m.n_heads * hd
+    rope = compute * (q + kv) + 2 * compute * hd          # wq/wk outputs RoPE multiplies, cos and sin
+    wo_input = compute * q                                 # the attention output
+    mlp = 4 * compute * m.ffn_dim                          # w1 and w3 outputs, silu, their product
+    return _norm_bytes(m.dim, resid, autocast, 3) + rope + wo_input + _norm_bytes(m.dim, resid, autocast, 2) + mlp
+
+
+@lru_cache(maxsize=64)
+def _dry_schedule(m: ModelConfig, p: ParallelConfig, doc_lens: tuple[int, ...]):
+    """The dry schedule of one step, planned like the trainer plans it (cad: over the pool of every
+    replica when ``parallel.cad_pool`` and dp > 1)."""
+    from ..api import plan
+
+    pooled = p.pools_replicas
+    docs = doc_lens * p.dp if pooled else doc_lens
+    world = p.dp * p.cp if pooled else p.cp
+    options = {}
+    if p.scheduler == "usp" and world > 1:
+        options = {"num_kv_heads": m.n_kv_heads} if p.ulysses_degree is None else {"ulysses_degree": p.ulysses_degree}
+    return plan(list(docs), world, scheduler=p.scheduler, **options).schedule
+
+
+def _head_saved(schedule, m: ModelConfig, compute: int) -> int:
+    """ulysses/usp: the busiest rank's head-sharded q, k, v, out and lse (its group's tokens)."""
+    from ..schedulers.ulysses import HeadLayout
+
+    if schedule.scheduler == "usp":
+        degree, coords = schedule.ulysses_degree, schedule.coords
+        tokens = [schedule.ring.num_tokens(r) for _, r in coords]
+        members = [u for u, _ in coords]
+    else:
+        degree = schedule.world_size
+        tokens, members = [schedule.total_tokens] * degree, list(range(degree))
+    layout = HeadLayout.build(m.n_heads, m.n_kv_heads, degree)
+    hd, group = m.dim // m.n_heads, m.n_heads // m.n_kv_heads
+    return max(n * (2 * compute * hd * (layout.share(u) + layout.computed_kv_heads(u, group)) + 4 * layout.share(u))
+               for n, u in zip(tokens, members))
+
+
+class AttentionMemory(NamedTuple):
+    """The busiest rank's attention memory of one layer, from a dry plan."""
+
+    saved: int            # kept from forward to backward (q, k, v, out, lse in the executor's layout)
+    buffers: int          # the schedule's transient buffers (``Schedule.buffer_bytes``)
+    token_layout: bool    # saved holds the rank's own out, the tensor wo reads (counted once)
+
+
+def attention_bytes(cfg: RunConfig, doc_lens=None) -> AttentionMemory:
+    """What attention keeps per layer and its transient buffers on the busiest rank, from a dry
+    plan of ``doc_lens`` (default: one document of ``data.seq_len``)."""
+    from ..schedule import AttnShape
+
+    m, p = cfg.model, cfg.parallel
+    compute = _dtypes(cfg)[0]
+    docs = tuple(int(n) for n in (doc_lens if doc_lens is not None else [cfg.data.seq_len]))
+    if sum(docs) != cfg.data.seq_len:
+        raise ValueError(f"doc_lens must sum to data.seq_len ({cfg.data.seq_len}), got {sum(docs)}")
+    hd = m.dim // m.n_heads
+    shape = AttnShape(m.n_heads, m.n_kv_heads, hd, compute)
+    if p.cp == 1 and not p.pools_replicas:
+        schedule, buffers = None, 0
+    else:
+        schedule = _dry_schedule(m, p, docs)
+        buffers = int(max(schedule.buffer_bytes(shape)))
+    name = "local" if schedule is None else schedule.scheduler
+    if name in TOKEN_LAYOUT:
+        tokens = max(schedule.rank_tokens()) if schedule is not None else cfg.data.seq_len
+        saved = tokens * (compute * hd * (2 * m.n_heads + 2 * m.n_kv_heads) + 4 * m.n_heads)
+    elif name in ("ulysses", "usp"):
+        saved = _head_saved(schedule, m, compute)
+    else:  # cad: what the worker keeps is its buffers (dout included, which arrives in backward)
+        saved = buffers
+    return AttentionMemory(saved, buffers, name in TOKEN_LAYOUT)
+
+
+def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> int:
+    m = cfg.model
+    compute, resid, autocast = _dtypes(cfg)
+    block = tokens * block_bytes_per_token(m, compute, resid, autocast)
+    hd, kv = m.dim // m.n_heads, m.n_kv_heads * m.dim // m.n_heads
+    saved = attn.saved
+    # token-layout attention's out is the tensor wo reads: counted once
+    layer_none = block + saved - (tokens * compute * m.n_heads * hd if attn.token_layout else 0)
+    backward = tokens * (max(3 * compute * m.ffn_dim, 4 * (m.dim + 2 * kv)) + 2 * resid * m.dim)
+    mode = cfg.train.activation_checkpointing
+    if mode == "none":
+        return m.n_layers * layer_none + backward
+    block_input = tokens * resid * m.dim
+    if mode == "full":
+        return m.n_layers * block_input + layer_none + backward
+    return m.n_layers * (block_input + saved) + block + backward   # selective
+
+
+def _loss(cfg: RunConfig, tokens: int) -> int:
+    """The final norm and ``loss.chunked_cross_entropy``: its saved log-sum-exps, and the larger of
+    its forward (one chunk's logits in the compute dtype and fp32) and its backward (the hidden
+    state's gradient, the fp32 ``[V, D]`` weight-gradient accumulator, the weight's compute-dtype
+    copy when the parameter is fp32 and the compute bf16, and one chunk's logit gradient)."""
+    m = cfg.model
+    compute, resid, _ = _dtypes(cfg)
+    chunk = min(cfg.train.loss_chunk, tokens)
+    weight = m.vocab_size * m.dim
+    cast = 2 * weight if cfg.train.dtype == "bf16" and dp_mode(cfg) != "fsdp" else 0
+    logits = chunk * m.vocab_size * (4 + (compute if compute != 4 else 0))
+    backward = tokens * m.dim * resid + 4 * weight + cast + logits
+    return _norm_bytes(m.dim, resid, False, 1) * tokens + 4 * tokens + max(cast + logits, backward)
+
+
+def estimate(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> MemoryEstimate:
+    """One rank's peak memory training ``cfg`` on ``device`` (``"cuda"`` or ``"cpu"``: only the runtime
+    and the allocator differ), the sequence packed as ``doc_lens`` (default: one document; see module docstring)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if cfg.train.activation_checkpointing not in CHECKPOINTING:
+        raise ValueError(f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
+                         f"got {cfg.train.activation_checkpointing!r}")
+    tokens = math.ceil(cfg.data.seq_len / cfg.parallel.cp)
+    weights, grads, optimizer = _states(cfg)
+    attn = attention_bytes(cfg, doc_lens)
+    per_token = {"activations": _activations(cfg, tokens, attn), "loss": _loss(cfg, tokens),
+                 "attention_buffers": attn.buffers, "inputs": 32 * cfg.data.seq_len + 16 * tokens}
+    allocator = int(CPU_ALLOCATOR_OVERHEAD * sum(per_token.values())) if device == "cpu" else 0
+    return MemoryEstimate(
+        device=device, dtype=cfg.train.dtype, checkpointing=cfg.train.activation_checkpointing, dp_mode=dp_mode(cfg),
+        params=param_count(cfg.model), tokens_per_rank=tokens, weights=weights, grads=grads, optimizer=optimizer,
+        **per_token, allocator=allocator, runtime=CUDA_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES)
+
+
+def alternatives(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> dict[str, MemoryEstimate]:
+    """The estimate under every ``activation_checkpointing`` setting (same dtype and parallelism)."""
+    return {mode: estimate(cfg.replace(train={"activation_checkpointing": mode}), device, doc_lens)
+            for mode in CHECKPOINTING}
+
+
+LABELS = {"weights": "weights", "grads": "gradients", "optimizer": "optimizer (AdamW)",
+          "activations": "activations", "loss": "loss (chunked CE)", "attention_buffers": "attention buffers",
+          "inputs": "inputs", "allocator": "allocator", "runtime": "runtime"}
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def local_device(cfg: RunConfig, physical: int | None) -> str:
+    """``"cpu"`` when the config's ranks fit this machine as local processes (what ``distattn train``
+    does without a launcher), else ``"cuda"`` (a config for GPUs, under a launcher)."""
+    need = cfg.world_size * estimate(cfg, "cpu").total
+    return "cpu" if physical is None or need <= physical else "cuda"
+
+
+def _notes(cfg: RunConfig, est: MemoryEstimate) -> dict[str, str]:
+    n, bf16 = cfg.world_size, est.dtype == "bf16"
+    low = "bf16" if bf16 else "fp32"
+    if est.dp_mode == "fsdp":
+        states = {"weights": f"fp32 shard (1/{n}) + {low} unsharded root and 2 blocks",
+                  "grads": f"fp32 shard + {low} unsharded root and 1 block", "optimizer": f"2 fp32 moments, 1/{n}"}
+    else:
+        replica = "DDP replica" if est.dp_mode == "ddp" else "one rank"
+        states = {"weights": f"fp32, {replica}" + (" + autocast's bf16 copies" if bf16 else ""),
+                  "grads": "fp32" + (" + DDP buckets" if est.dp_mode == "ddp" else ""), "optimizer": "2 fp32 moments"}
+    kept = {"none": "every block's tensors", "full": "each block's input + one block recomputed",
+            "selective": "block inputs + attention's saved tensors + one block recomputed"}[est.checkpointing]
+    scheduler = "local" if cfg.parallel.cp == 1 and not cfg.parallel.pools_replicas else cfg.parallel.scheduler
+    return {**states, "activations": f"{est.tokens_per_rank:,} tokens, {est.checkpointing}: {kept}",
+            "loss": f"chunks of {min(cfg.train.loss_chunk, est.tokens_per_rank):,} tokens x {cfg.model.vocab_size:,} "
+                    f"vocab", "attention_buffers": f"{scheduler}: the schedule's buffer_bytes, busiest rank",
+            "inputs": "packed sequence + labels",
+            "allocator": f"glibc: {CPU_ALLOCATOR_OVERHEAD:.0%} of the token-proportional parts" if est.device == "cpu"
+            else "in runtime", "runtime": "CUDA context, NCCL, allocator" if est.device == "cuda"
+            else "Python, torch, gloo"}
+
+
+def _fits(cfg: RunConfig, est: MemoryEstimate, limit: int) -> bool:
+    return est.total * (cfg.world_size if est.device == "cpu" else 1) <= limit
+
+
+def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | None = None) -> tuple[list[str], bool]:
+    """What ``distattn train CONFIG --dry-run`` prints for ``device``, and whether the run fits: one
+    rank in ``gpu_memory_bytes`` on a GPU; every rank together in this machine's memory on CPU."""
+    if gpu_memory_bytes <= 0:
+        raise ValueError(f"gpu_memory_bytes must be > 0, got {gpu_memory_bytes}")
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    est = estimate(cfg, device)
+    hd = m.dim // m.n_heads
+    embed = m.vocab_size * m.dim
+    ties = "tied embedding" if m.tie_embeddings else f"untied embeddings: 2 x {embed / 1e6:,.1f} M"
+    pooled = f" (pooled over {p.dp * p.cp} ranks)" if p.pools_replicas else ""
+    count = f"{est.params / 1e9:,.2f} B" if est.params >= 1e9 else f"{est.params / 1e6:,.2f} M"
+    lines = [f"model: {count} parameters ({ties}), {m.n_layers} layers, dim {m.dim}, "
+             f"heads {m.n_heads}/{m.n_kv_heads} x {hd}, ffn {m.ffn_dim}, vocab {m.vocab_size:,}",
+             f"parallel: {cfg.world_size} ranks (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}{pooled}, "
+             f"{est.dp_mode}",
+             f"tokens per rank: {est.tokens_per_rank:,} (seq_len {cfg.data.seq_len:,} / cp {p.cp})",
+             f"train: {t.dtype}, activation checkpointing {t.activation_checkpointing}, loss chunk {t.loss_chunk:,}"]
+    if device == "cuda":
+        limit, where = gpu_memory_bytes, f"{gpu_memory_bytes / GIB:g} GiB (--gpu-memory-gib)"
+        lines.append("per-GPU memory estimate (documents: one of seq_len tokens per sequence, the worst case "
+                     "of the attention buffers):")
+    else:
+        limit = physical if physical is not None else 2**62
+        where = f"this machine's {limit / GIB:,.1f} GiB" if physical is not None else "this machine (size unknown)"
+        lines.append(f"per-rank memory estimate, CPU ranks ({cfg.world_size} local processes; documents: one "
+                     f"of seq_len tokens per sequence):")
+    lines += format_table(est, _notes(cfg, est))
+    fits = _fits(cfg, est, limit)
+    need = est.total if device == "cuda" else est.total * cfg.world_size
+    lines.append(f"{'fits' if fits else 'does NOT fit'}: {need / GIB:,.2f} GiB "
+                 f"{'per GPU' if device == 'cuda' else f'for {cfg.world_size} ranks'} of {where}")
+    lines.append(f"activation checkpointing settings (total per {'GPU' if device == 'cuda' else 'rank'}):")
+    for mode, alt in alternatives(cfg, device).items():
+        mark = "  <- this config" if mode == t.activation_checkpointing else ""
+        lines.append(f"  {mode:<10} {alt.total / GIB:>9.2f} GiB  {'fits' if _fits(cfg, alt, limit) else 'does not fit'}"
+                     f"{mark}")
+    return lines, fits
+
+
+def format_table(est: MemoryEstimate, notes: dict[str, str] | None = None) -> list[str]:
+    """The estimate as lines of a table: component, GiB, and a note per component."""
+    notes = notes or {}
+    lines = [f"  {'component':<20} {'GiB':>9}"]
+    for name, val in est.components().items():
+        note = notes.get(name, "")
+        lines.append(f"  {LABELS[name]:<20} {val / GIB:>9.2f}" + (f"  {note}" if note else ""))
+    lines.append(f"  {'total':<20} {est.total / GIB:>9.2f}")
+    return lines

@@ -1,0 +1,131 @@
+"""What a pretraining team reads per step: MFU, throughput, memory, balance, communication.
+
+:func:`model_flops` counts the FLOPs the model needs per step, not what the
+hardware executes: ``6 * N`` per token for the matmul parameters (the output
+projection included, the embedding lookup not) plus three times the forward
+attention FLOPs over the documents' real mask area (causal, per document:
+``4 * visible pairs * heads * head_dim`` per layer). Recomputation by
+activation checkpointing is not counted, as in PaLM's definition of MFU.
+MFU divides that by the step time and the devices' dense bf16 peak
+(:func:`device_peak_flops`); on CPU there is no meaningful peak: ``None``,
+printed ``n/a``.
+
+:class:`RunLog` is rank 0's output: ``metrics.jsonl`` (one JSON object per
+logged step), TensorBoard scalars under ``tb/`` and the console -- a tqdm bar
+on an interactive terminal, one plain line per logged step otherwise (a log
+file, Slurm's output).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+
+# dense bf16 peak of one device, TFLOP/s (vendor data sheets, no sparsity), by a name fragment of
+# torch.cuda.get_device_name(); the first fragment found wins, so more specific names come first
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("GH200", 989.0),
+                    ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+                    ("A10G", 70.0), ("MI300X", 1307.0), ("MI250X", 383.0))
+
+
+def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Dense bf16 FLOP/s of ``device``: ``override_tflops`` (``train.peak_tflops``) if given, else
+    looked up by the GPU's name; None on CPU or for a GPU the table does not know."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for fragment, tflops in PEAK_BF16_TFLOPS if fragment in name), None)
+
+
+def matmul_params(m: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: the blocks' projections and the output
+    projection (not the embedding lookup, the norms or RoPE)."""
+    hd = m.dim // m.n_heads
+    attn = m.dim * m.n_heads * hd * 2 + m.dim * m.n_kv_heads * hd * 2
+    return m.n_layers * (attn + 3 * m.dim * m.ffn_dim) + m.vocab_size * m.dim
+
+
+def model_flops(m: ModelConfig, tokens: int, attention_forward_flops: float) -> float:
+    """Forward + backward model FLOPs of a step over ``tokens`` tokens whose attention (one layer,
+    forward, all ranks) costs ``attention_forward_flops``."""
+    return 6.0 * matmul_params(m) * tokens + 3.0 * m.n_layers * attention_forward_flops
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this rank since it started: the CUDA caching allocator's peak on a GPU, the
+    process's peak resident set on CPU (Linux reports kilobytes)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _fmt_mfu(mfu: float | None) -> str:
+    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+
+
+class RunLog:
+    """Rank 0's progress display, ``metrics.jsonl`` and TensorBoard scalars."""
+
+    def __init__(self, out: Path, steps: int, done: int, bar: bool | None = None):
+        """``done``: steps already taken (a resume); rows logged after them by the run that stopped are
+        dropped, so each step appears once. ``bar``: a tqdm bar (default: when stdout is a terminal)."""
+        out.mkdir(parents=True, exist_ok=True)
+        self.steps, self.start, self.first_step = steps, time.perf_counter(), None
+        path = out / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= done] \
+            if done and path.exists() else []
+        self.jsonl = open(path, "w")
+        self.jsonl.writelines(line + "\n" for line in kept)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=done + 1 if done else None)
+        except ImportError:  # tensorboard is optional outside the dev extra
+            self.tb = None
+        self.bar = None
+        if bar if bar is not None else sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, initial=done, unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def step(self, m: dict, record: bool) -> None:
+        """Step ``m`` is done: the bar moves; ``record`` (every ``train.log_every`` steps, the last and
+        a stopping one) writes it to ``metrics.jsonl``, TensorBoard and, without a bar, the console."""
+        summary = (f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  grad {m['grad_norm']:.2f}  "
+                   f"{m['tokens_per_s_per_device']:,.0f} tok/s/dev  mfu {_fmt_mfu(m['mfu'])}  "
+                   f"mem {m['peak_memory_gib']:.2f} GiB  comm {m['comm_wait_s']:.3f} s  "
+                   f"attn-imb {m['flops_imbalance_all']:.2f}")
+        if self.bar is not None:
+            self.bar.set_postfix_str(summary, refresh=False)
+            self.bar.update(1)
+        if not record:
+            return
+        self.jsonl.write(json.dumps(m) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, val in m.items():
+                if key != "step" and val is not None:
+                    self.tb.add_scalar(f"train/{key}", val, m["step"])
+        if self.bar is not None:
+            return
+        if self.first_step is None:
+            self.first_step, self.start = m["step"], time.perf_counter() - m["step_time_s"]
+        done = m["step"] - self.first_step + 1
+        eta = (time.perf_counter() - self.start) / done * (self.steps - m["step"])
+        print(f"step {m['step']:>5}/{self.steps}  {summary}  eta {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
