@@ -24,7 +24,8 @@ estimate is given the same document lengths.
 
 On a CPU without bf16 matrix units (no AVX512-BF16/AMX), bf16 matmuls run ~25x slower than fp32:
 the default settings on CPU are fp32 only (ask for ``bf16:none bf16:full`` with ``--settings``);
-with a GPU all four. With defaults on two CPU cores: about 2-4 minutes per scheduler.
+with a GPU all four. With defaults on two CPU cores: about 1.5-3 minutes per scheduler (up to 4
+runs of 2 steps per setting).
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fit-lens", type=int, nargs=2, default=[1024, 4096], metavar=("SHORT", "LONG"),
                         help="the two lengths the line is fitted through")
     parser.add_argument("--max-seq-len", type=int, default=262144, help="longest length tried")
-    parser.add_argument("--tries", type=int, default=3, help="verification runs at most per scheduler and setting")
+    parser.add_argument("--tries", type=int, default=2, help="verification runs at most per scheduler and setting")
     parser.add_argument("--steps", type=int, default=2, help="training steps per run (the peak of the last counts "
                         "AdamW's state)")
     parser.add_argument("--doc-len", type=int, default=2048, help="tokens per synthetic document")
