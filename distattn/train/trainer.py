@@ -187,7 +187,9 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         total = torch.zeros(2 + cfg.world_size, dtype=torch.float64, device=device)
         total[0] = loss_sum.detach()
         total[1] = float(stop is not None and stop.received)
-        total[2 + dist.get_rank()] = float(stats["flops"][plan.rank])
+        # a pooled plan's stats list every rank of the pool (the world, slot = global rank); plan.rank
+        # is this rank's place in its CP group, which indexes an unpooled plan's stats
+        total[2 + dist.get_rank()] = float(stats["flops"][dist.get_rank() if p.pools_replicas else plan.rank])
         worst = torch.tensor([peak_memory_bytes(device), plan.comm_wait_seconds()], dtype=torch.float64,
                              device=device)
         bookkeeping = time.perf_counter() - s0  # metrics, not training: left out of the step time
