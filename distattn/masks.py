@@ -114,13 +114,44 @@ def dense_mask(q_len: int, k_len: int, causal: bool, window: int | None, offset:
     return keep
 
 
-def _sum_min(a: np.ndarray, b: np.ndarray, shift: np.ndarray, cap: np.ndarray) -> np.ndarray:
-    """sum_{p=a}^{b} min(p + shift, cap), elementwise over arrays; 0 where b < a."""
-    t = np.minimum(b, cap - shift)  # last p where p + shift <= cap
-    n_lin = np.maximum(t - a + 1, 0)
-    lin = n_lin * (a + shift) + n_lin * (n_lin - 1) // 2
-    n_cap = np.maximum(b - np.maximum(a, t + 1) + 1, 0)
-    return lin + n_cap * cap
+# A bound that never cuts: |j - i| of any segment stays far below it (int32 in the kernels).
+UNBOUNDED = 1 << 30
+
+
+def band(q_len, k_len, causal: bool, window: int | None, offset=0) -> tuple[np.ndarray, np.ndarray]:
+    """The (causal, window, offset) geometry as a *band* per segment: query row ``i`` sees key
+    ``j`` iff ``lo <= j - i <= hi`` (``-UNBOUNDED``/``UNBOUNDED``: no bound). Vectorised."""
+    m = np.asarray(q_len, dtype=np.int64)
+    shift = np.asarray(k_len, dtype=np.int64) - m + np.asarray(offset, dtype=np.int64)
+    shift = np.broadcast_to(shift, np.broadcast_shapes(shift.shape, m.shape))
+    lo = np.full(shift.shape, -UNBOUNDED, dtype=np.int64) if window is None else shift - window + 1
+    if causal:
+        hi = shift.copy()
+    else:
+        hi = np.full(shift.shape, UNBOUNDED, dtype=np.int64) if window is None else shift + window - 1
+    return lo, hi
+
+
+def _tri(t: np.ndarray) -> np.ndarray:
+    """sum_{x <= t} max(x, 0) = t (t + 1) / 2 for t >= 0, else 0."""
+    t = np.maximum(t, 0)
+    return t * (t + 1) // 2
+
+
+def _pairs_below(m: np.ndarray, n: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """#{(i, j): 0 <= i < m, 0 <= j < n, j - i <= c}: sum over i of clip(i + c + 1, 0, n)."""
+    c = np.clip(c, -m - 1, n + 1)  # beyond these the count no longer changes (and stays small)
+    return _tri(c + m) - _tri(c) - _tri(c + m - n) + _tri(c - n)
+
+
+def band_area(q_len, k_len, lo, hi) -> np.ndarray:
+    """Visible pairs per segment of ``m`` queries and ``n`` keys with band ``lo <= j - i <= hi``
+    (closed form, vectorised)."""
+    m = np.asarray(q_len, dtype=np.int64)
+    n = np.asarray(k_len, dtype=np.int64)
+    lo, hi = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
+    area = _pairs_below(m, n, hi) - _pairs_below(m, n, lo - 1)
+    return np.where((m > 0) & (n > 0), np.maximum(area, 0), 0)
 
 
 def mask_area(q_lens, k_lens, causal: bool, window: int | None, offsets=0) -> np.ndarray:
@@ -129,27 +160,7 @@ def mask_area(q_lens, k_lens, causal: bool, window: int | None, offsets=0) -> np
     ``q_lens``/``k_lens``/``offsets`` are arrays (or scalars) per segment; semantics
     as in :func:`visible_keys`.
     """
-    m = np.asarray(q_lens, dtype=np.int64)
-    n = np.asarray(k_lens, dtype=np.int64)
-    if not causal and window is None:
-        return m * n
-    off = np.broadcast_to(np.asarray(offsets, dtype=np.int64), m.shape)
-    # Row i sits at p = i + n - m + off and sees hi(p) - lo(p) + 1 keys, where
-    # hi = min(n-1, p + u), lo = max(0, p - W + 1). It sees something iff
-    # p + u >= 0 and (with a window) p - W + 1 <= n - 1.
-    u = np.zeros_like(n) if causal else np.full_like(n, window - 1)
-    a = np.maximum(n - m + off, -u)
-    b = n - 1 + off
-    if window is not None:
-        b = np.minimum(b, n - 2 + window)
-    rows = np.maximum(b - a + 1, 0)
-    area = _sum_min(a, b, u, n - 1) + rows
-    if window is not None:
-        # sum max(0, p - W + 1) = sum (p - W + 1) - sum min(p - W + 1, 0)
-        s = 1 - window
-        lin = rows * (a + s) + rows * (rows - 1) // 2
-        area -= lin - _sum_min(a, b, np.full_like(n, s), np.zeros_like(n))
-    return np.where((rows > 0) & (n > 0), area, 0)
+    return band_area(q_lens, k_lens, *band(q_lens, k_lens, causal, window, offsets))
 
 
 @dataclass(frozen=True)

@@ -55,3 +55,26 @@ def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor, ls
     out, lse = merge(out_acc, lse_acc, out_b, lse_b)
     out_acc.copy_(out)
     lse_acc.copy_(lse)
+
+
+def add_sink(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Count learnable attention sinks once in a *final* result: ``sinks [H]`` are logits of an
+    extra key with value 0 in every row's softmax (gpt-oss), so ``lse' = logaddexp(lse, s_h)`` and
+    ``out' = out * exp(lse - lse')``. Shapes: ``out [T, H, D]``, ``lse [T, H]``; returns ``(out'``
+    in out's dtype, ``lse'`` in the accumulator dtype). Rows that saw no key keep ``out = 0`` and
+    get ``lse' = s_h``. Apply it after every partial result is merged, never per block."""
+    dtype = acc_dtype(out.dtype)
+    sink = sinks.detach().to(dtype=dtype, device=lse.device).unsqueeze(0)
+    lse = lse.to(dtype)
+    new = torch.logaddexp(lse, sink)
+    return (out.to(dtype) * torch.exp(lse - new).unsqueeze(-1)).to(out.dtype), new
+
+
+def sink_grad(delta: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """``d sinks [H]`` (accumulator dtype) from rows' ``delta = rowsum(dout * out') [T, H]`` and the
+    final ``lse' [T, H]`` (sink included): the sink's probability is ``exp(s_h - lse')`` and its
+    score gradient ``-exp(s_h - lse') * delta``, summed over the rows given. With these ``out'``
+    and ``lse'``, the kernels' backward already gives the right dq, dk, dv."""
+    dtype = acc_dtype(delta.dtype)
+    sink = sinks.detach().to(dtype=dtype, device=lse.device).unsqueeze(0)
+    return -(torch.exp(sink - lse.to(dtype)) * delta.to(dtype)).sum(0)
