@@ -6,6 +6,9 @@ Public contract (see DESIGN.md)::
     q_local = plan.shard(q)                 # [S, H, D] -> [S_local, H, D]
     out = distattn.attention(q_local, k_local, v_local, plan)
     out_full = plan.unshard(out)
+    mask = distattn.SliceMask([(q_start, q_end, k_start, k_end, kind), ...])   # or distattn.masks.prefix_lm(...)
+    plan = distattn.plan(doc_lens, mesh, scheduler="zigzag", mask=mask)
+    out = distattn.attention(q_local, k_local, v_local, plan, sinks=s, softcap=c)
     ref = distattn.reference_attention(q, k, v, doc_lens, causal=True, window=None)
 """
 
@@ -13,7 +16,7 @@ __version__ = "0.1.0"
 
 # Resolved on first use (PEP 562), so `import distattn.cli` and `distattn --help` do not import torch.
 _LAZY = {"plan": "api", "attention": "api", "local_attention": "api", "reference_attention": "oracle",
-         "Plan": "plans", "MaskSlice": "masks", "document_mask": "masks"}
+         "Plan": "plans", "MaskSlice": "masks", "SliceMask": "masks", "document_mask": "masks"}
 
 
 def __getattr__(name: str):
@@ -29,4 +32,5 @@ def __getattr__(name: str):
 def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
-__all__ = ["plan", "attention", "local_attention", "reference_attention", "Plan", "MaskSlice", "document_mask", "__version__"]
+__all__ = ["plan", "attention", "local_attention", "reference_attention", "Plan", "MaskSlice", "SliceMask",
+           "document_mask", "__version__"]

@@ -16,15 +16,16 @@ import torch
 
 from .executors import executor_for, resolve_options
 from .kernels import available_backends
-from .masks import as_doc_lens, check_window
+from .kernels.registry import check_sinks, check_softcap
+from .masks import SliceMask, as_doc_lens, check_window
 from .mesh import MeshInfo, resolve_mesh
 from .plans import Plan
 from .schedulers import LAYOUTS, LOCAL, spec, supporting
 
 
 def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window: int | None = None,
-         backend: str = "auto", *, layout: str = "sequence", device: torch.device | str | None = None,
-         **options) -> Plan:
+         backend: str = "auto", *, mask: SliceMask | None = None, layout: str = "sequence",
+         device: torch.device | str | None = None, **options) -> Plan:
     """Plan context-parallel attention for one packed sequence.
 
     Args:
@@ -39,6 +40,11 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         window: sliding window in tokens (query at ``i`` sees keys ``j`` with
             ``|i - j| < window`` of its own document), or None.
         backend: local kernel: ``"auto" | "triton" | "torch" | "reference"``.
+        mask: a :class:`~distattn.masks.SliceMask` (``distattn.SliceMask([(q_start, q_end, k_start,
+            k_end, kind), ...])`` or ``distattn.masks.shared_question / prefix_lm /
+            causal_blockwise``) over the packed sequence, replacing the document mask that
+            ``causal``/``window`` describe; ``doc_lens`` still give the length and the RoPE
+            positions.
         layout: which tokens each rank holds (``plan.shard``). ``"sequence"``: the
             scheduler's split of the packed sequence. ``"document"`` (``zigzag`` and
             ``allgather``): every document cut into ``2P`` equal chunks, rank ``r``
@@ -56,6 +62,16 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     """
     lens = as_doc_lens(doc_lens)
     window = check_window(window)
+    if mask is None:
+        mask = SliceMask.documents(lens, bool(causal), window)
+    else:
+        if not isinstance(mask, SliceMask):
+            raise ValueError(f"mask must be a distattn.SliceMask, got {type(mask).__name__}")
+        if window is not None:
+            raise ValueError("pass window= or mask=, not both: a SliceMask carries its own geometry")
+        if options.get("pool") is not None:
+            raise ValueError("cad's pool= balances document masks; plan a slice mask without pool=")
+        mask.check_length(sum(lens))
     entry = spec(scheduler)
     if backend != "auto" and backend not in available_backends():
         raise ValueError(f"backend={backend!r} is unknown; choose 'auto' or one of {available_backends()}")
@@ -65,7 +81,7 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         raise ValueError(f"layout={layout!r} (each document split zigzag over the ranks) works with scheduler "
                          f"{' or '.join(map(repr, supporting(layout)))}, not {scheduler!r}; use layout='sequence'")
     info = resolve_mesh(mesh)
-    common = dict(causal=bool(causal), window=window)
+    common = dict(causal=bool(causal), window=window, mask=mask)
     if layout == "document" and info.world_size > 1:  # on one rank both layouts are the sequence itself
         options["layout"] = layout
     if info.world_size == 1 and not options:
@@ -112,26 +128,33 @@ class _Slot(NamedTuple):
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: Plan, scale: float, prefetch):
+    def forward(ctx, q, k, v, sinks, plan: Plan, scale: float, softcap, prefetch):
         ex = plan.executor
-        out, saved = ex.forward(q, k, v, scale) if prefetch is None else ex.forward(q, k, v, scale, prefetch)
-        ctx.plan, ctx.scale = plan, scale
+        extra = {} if prefetch is None else {"prefetch": prefetch}
+        detached = None if sinks is None else sinks.detach()
+        out, saved = ex.forward(q, k, v, scale, softcap, detached, **extra)
+        ctx.plan, ctx.scale, ctx.softcap = plan, scale, softcap
         # tensors go through save_for_backward (no reference cycle through `out`); the
         # few plain values an executor saves (e.g. head counts) ride on ctx
         tensors: list = []
         ctx.skeleton = _split(saved, tensors)
-        ctx.save_for_backward(*tensors)
+        ctx.has_sinks = sinks is not None
+        ctx.save_for_backward(*tensors, *([detached] if sinks is not None else []))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        saved = _join(ctx.skeleton, ctx.saved_tensors)
-        dq, dk, dv = ctx.plan.executor.backward(dout.contiguous(), saved, ctx.scale)
-        return dq, dk, dv, None, None, None
+        tensors = ctx.saved_tensors
+        sinks, tensors = (tensors[-1], tensors[:-1]) if ctx.has_sinks else (None, tensors)
+        saved = _join(ctx.skeleton, tensors)
+        dq, dk, dv, dsinks = ctx.plan.executor.backward(dout.contiguous(), saved, ctx.scale, ctx.softcap, sinks)
+        if dsinks is not None:
+            dsinks = dsinks.to(sinks.dtype)
+        return dq, dk, dv, dsinks, None, None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, scale: float | None = None,
-              prefetch=None) -> torch.Tensor:
+              sinks: torch.Tensor | None = None, softcap: float | None = None, prefetch=None) -> torch.Tensor:
     """Exact attention of this rank's tokens under ``plan``; differentiable.
 
     Args:
@@ -139,6 +162,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
             (``plan.shard(x)``), ``Hq`` a multiple of ``Hkv``.
         plan: from :func:`plan`; every rank of its group must call with the same plan.
         scale: softmax scale, default ``1/sqrt(D)``.
+        sinks: None, or learnable attention-sink logits ``[Hq]`` (gpt-oss), floating, on q's
+            device, the same values on every rank: every softmax row of head ``h`` gets one extra
+            column of logit ``sinks[h]`` whose value is 0 (it takes probability mass and adds
+            nothing to the output). Counted exactly once per row under every scheduler, after the
+            partial results are merged. Differentiable. **Its gradient on a rank is that rank's
+            share**: the sum over the rows this rank computed (under ``ulysses``/``usp``, for the
+            heads it computed; under ``cad``, for the rows its tasks computed, which may be other
+            ranks' -- or, with ``pool=``, other replicas' -- tokens). Summed over the ranks of the
+            attention group (the pool for ``cad`` with ``pool=``) it is the full gradient: what the
+            gradient reduction of DDP/FSDP over the dp x cp mesh does for a replicated parameter
+            (as for any other parameter, a loss scaled for averaging over the world gives the exact
+            gradient). Do not reduce it separately over the CP group as well.
+        softcap: None, or a positive float ``c``: scores (after ``scale``) become
+            ``c * tanh(score / c)`` (Gemma 2); applied in every local kernel call.
         prefetch: ``plan.prefetch(q, k, v)``, transfers started earlier (``cad`` only; see
             :func:`distattn.pingpong.ping_pong`).
 
@@ -147,22 +184,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
     """
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must come from distattn.plan(...), got {type(plan).__name__}")
-    plan.check_inputs(q, k, v)
+    sinks, softcap = check_sinks(sinks, q), check_softcap(softcap)
+    plan.check_inputs(q, k, v, sinks=sinks, softcap=softcap)
     if prefetch is not None and not plan.executor.supports_prefetch:
         raise ValueError(f"prefetch= works with scheduler='cad', not {plan.scheduler!r}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return _Attention.apply(q, k, v, plan, float(scale), prefetch)
+    return _Attention.apply(q, k, v, sinks, plan, float(scale), softcap, prefetch)
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lens, *, causal: bool = True,
-                    window: int | None = None, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                    window: int | None = None, scale: float | None = None, backend: str = "auto",
+                    sinks: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of a whole packed sequence on this device alone, through the local kernels;
-    differentiable. Shapes as :func:`distattn.reference_attention` (``[S, H, D]``).
+    differentiable. Shapes as :func:`distattn.reference_attention` (``[S, H, D]``); ``sinks`` and
+    ``softcap`` as in :func:`attention` (the sinks' gradient is then the whole gradient).
 
     The building block for plugging our kernels under another system's sequence
     parallelism (e.g. DeepSpeed's ``DistributedAttention``).
     """
     info = MeshInfo(world_size=1, rank=0)
-    schedule = LOCAL.planner()(as_doc_lens(doc_lens), info, causal=bool(causal), window=check_window(window))
-    return attention(q, k, v, Plan(schedule, backend, 0, executor_for(schedule, info, backend)), scale=scale)
+    lens, window = as_doc_lens(doc_lens), check_window(window)
+    schedule = LOCAL.planner()(lens, info, causal=bool(causal), window=window,
+                               mask=SliceMask.documents(lens, bool(causal), window))
+    return attention(q, k, v, Plan(schedule, backend, 0, executor_for(schedule, info, backend)), scale=scale,
+                     sinks=sinks, softcap=softcap)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,17 +49,56 @@ def pack(total: int, pool: np.ndarray | None = None, *, median: int = 1900, sigm
     return lens
 
 
-# the named workloads of `distattn bench` (and of the simulator's calibration against it)
-MASK_CASES = ("causal", "full", "causal-doc", "full-doc", "window")
+# the named workloads of `distattn bench` (and of the simulator's calibration against it); the
+# last three are LongCA-bench's slice masks
+MASK_CASES = ("causal", "full", "causal-doc", "full-doc", "window", "shared-question", "prefix-lm",
+              "causal-blockwise")
+SLICE_CASES = ("shared-question", "prefix-lm", "causal-blockwise")
 
 
-def mask_case(mask: str, seq_len: int, pool, seed: int) -> tuple[list[int], bool, int | None]:
-    """``(doc_lens, causal, window)`` of a named workload: ``causal``/``full`` one document,
-    ``causal-doc``/``full-doc`` packed documents (from ``pool`` or the log-normal stand-in),
-    ``window`` one causal document with a window of ``seq_len / 8``."""
+class MaskCase(NamedTuple):
+    """A named workload: its documents (RoPE positions, the length) and mask; ``slices`` is the
+    :class:`~distattn.masks.SliceMask` of slice-mask workloads (None: the document mask of
+    ``causal``/``window``). ``distattn.plan(docs, mesh, causal=..., window=..., mask=slices)``."""
+
+    docs: list[int]
+    causal: bool
+    window: int | None
+    slices: object = None
+
+    def plan_kwargs(self) -> dict:
+        return {"mask": self.slices} if self.slices is not None else {"causal": self.causal, "window": self.window}
+
+    def area(self) -> int:
+        from .masks import SliceMask
+
+        return (self.slices or SliceMask.documents(self.docs, self.causal, self.window)).area()
+
+
+def mask_case(mask: str, seq_len: int, pool, seed: int) -> MaskCase:
+    """A named workload of ``seq_len`` tokens: ``causal``/``full`` one document, ``causal-doc``/
+    ``full-doc`` packed documents (from ``pool`` or the log-normal stand-in), ``window`` one causal
+    document with a window of ``seq_len / 8``; and slice masks: ``shared-question`` (a question of
+    ``seq_len / 4`` tokens, then packed answers that see it and themselves), ``prefix-lm`` (packed
+    documents, each with a bidirectional prefix of 20-80% of it) and ``causal-blockwise`` (packed
+    blocks, each seeing itself and every earlier block)."""
+    from .masks import causal_blockwise, prefix_lm, shared_question
+
     if mask not in MASK_CASES:
         raise ValueError(f"mask {mask!r} is unknown; choose from {', '.join(MASK_CASES)}")
     if mask in ("causal", "full", "window"):
-        return [seq_len], mask != "full", (max(1, seq_len // 8) if mask == "window" else None)
-    docs = pack(seq_len, None if pool is None else np.asarray(pool), seed=seed, median=max(1, seq_len // 16))
-    return docs, mask == "causal-doc", None
+        return MaskCase([seq_len], mask != "full", (max(1, seq_len // 8) if mask == "window" else None))
+    pool = None if pool is None else np.asarray(pool)
+    if mask == "shared-question":
+        question = max(1, seq_len // 4)
+        if seq_len - question < 1:
+            return MaskCase([seq_len], True, None)
+        answers = pack(seq_len - question, pool, seed=seed, median=max(1, seq_len // 16))
+        return MaskCase([seq_len], True, None, shared_question(question, answers))
+    docs = pack(seq_len, pool, seed=seed, median=max(1, seq_len // 16))
+    if mask == "prefix-lm":
+        frac = np.random.default_rng(seed).uniform(0.2, 0.8, len(docs))
+        return MaskCase(docs, True, None, prefix_lm(docs, [int(f * n) for f, n in zip(frac, docs)]))
+    if mask == "causal-blockwise":
+        return MaskCase([seq_len], True, None, causal_blockwise(docs))
+    return MaskCase(docs, mask == "causal-doc", None)

@@ -46,6 +46,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .executors.task_a2a import WorkerSaved
+from .kernels.registry import check_sinks, check_softcap
 from .masks import as_doc_lens
 
 
@@ -74,12 +75,13 @@ def split_nano_batches(doc_lens) -> tuple[list[int], list[int], int]:
 
 
 class _Flight:
-    """One nano-batch's attention between its stages: the executor and the transfer in flight."""
+    """One nano-batch's attention between its stages: the executor, its kernel options and the
+    transfer in flight."""
 
-    __slots__ = ("executor", "scale", "pending")
+    __slots__ = ("executor", "scale", "softcap", "pending")
 
-    def __init__(self, executor, scale: float):
-        self.executor, self.scale, self.pending = executor, scale, None
+    def __init__(self, executor, scale: float, softcap: float | None = None):
+        self.executor, self.scale, self.softcap, self.pending = executor, scale, softcap, None
 
     def take(self):
         pending, self.pending = self.pending, None
@@ -103,26 +105,31 @@ class _Dispatch(torch.autograd.Function):
 
 
 class _Compute(torch.autograd.Function):
-    """Forward: wait for Q, K/V, attention, start out back. Backward: wait for dout, attention
-    backward, start dQ, dK/dV back."""
+    """Forward: wait for Q, K/V, attention (the sinks counted in the rows this slot computes), start
+    out back. Backward: wait for dout, attention backward, start dQ, dK/dV back; the sinks' gradient
+    over this slot's rows (see :func:`distattn.attention`)."""
 
     @staticmethod
-    def forward(ctx, flight: _Flight, token):
-        returning = flight.executor.compute_forward(flight.take(), flight.scale)
+    def forward(ctx, flight: _Flight, token, sinks):
+        sinks = None if sinks is None else sinks.detach()
+        returning = flight.executor.compute_forward(flight.take(), flight.scale, flight.softcap, sinks)
         flight.pending = returning
         saved = returning.saved
-        ctx.flight, ctx.meta = flight, saved._replace(worker=None)
-        ctx.save_for_backward(*saved.worker)
+        ctx.flight, ctx.meta, ctx.has_sinks = flight, saved._replace(worker=None), sinks is not None
+        ctx.save_for_backward(*saved.worker, *([sinks] if sinks is not None else []))
         return token.new_empty(0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, token):
-        flight = ctx.flight
-        worker = WorkerSaved(*ctx.saved_tensors)
-        flight.pending = flight.executor.compute_backward(flight.take(), ctx.meta._replace(worker=worker),
-                                                          flight.scale)
-        return None, token
+        flight, n = ctx.flight, len(WorkerSaved._fields)
+        worker, rest = WorkerSaved(*ctx.saved_tensors[:n]), ctx.saved_tensors[n:]
+        sinks = rest[0] if ctx.has_sinks else None
+        returning = flight.executor.compute_backward(flight.take(), ctx.meta._replace(worker=worker),
+                                                     flight.scale, flight.softcap, sinks)
+        flight.pending = returning
+        dsinks = None if returning.dsinks is None else returning.dsinks.to(sinks.dtype)
+        return None, token, dsinks
 
 
 class _Finish(torch.autograd.Function):
@@ -143,7 +150,8 @@ class _Finish(torch.autograd.Function):
         return None, torch.empty(shape, dtype=dtype, device=device)
 
 
-def ping_pong(pre: Callable, post: Callable, xs: Sequence, plans: Sequence, scale: float | None = None) -> list:
+def ping_pong(pre: Callable, post: Callable, xs: Sequence, plans: Sequence, scale: float | None = None, *,
+              sinks: torch.Tensor | None = None, softcap: float | None = None) -> list:
     """Run nano-batches ``xs`` (this rank's shards, ``plans[i].shard(...)``) through ``pre`` ->
     attention -> ``post``, differentiably, each nano-batch's attention transfers hidden behind the
     other nano-batches' compute in forward and backward (module docstring).
@@ -154,18 +162,24 @@ def ping_pong(pre: Callable, post: Callable, xs: Sequence, plans: Sequence, scal
         xs: one input per nano-batch.
         plans: one ``cad`` plan per nano-batch (its own packed sequence), made on every rank alike.
         scale: softmax scale, default ``1/sqrt(D)``.
+        sinks, softcap: as in :func:`distattn.attention` (the layer's, the same for every
+            nano-batch); the sinks' gradient on a rank is its share, as there.
 
     Returns:
-        ``[post(attention(*pre(x), plan), x) for x, plan in zip(xs, plans)]``, the same values and
-        gradients as that sequential loop.
+        ``[post(attention(*pre(x), plan, sinks=sinks, softcap=softcap), x) for x, plan in zip(xs, plans)]``,
+        the same values and gradients as that sequential loop.
     """
     if len(xs) != len(plans) or not xs:
         raise ValueError(f"ping_pong needs one plan per nano-batch, got {len(xs)} inputs and {len(plans)} plans")
+    softcap = check_softcap(softcap)
     flights, tokens = [], []
     for x, plan in zip(xs, plans):
         q, k, v = pre(x)
-        flight = _Flight(plan.executor, float(q.shape[-1] ** -0.5 if scale is None else scale))
+        check_sinks(sinks, q)
+        plan.check_inputs(q, k, v, sinks=sinks, softcap=softcap)
+        flight = _Flight(plan.executor, float(q.shape[-1] ** -0.5 if scale is None else scale), softcap)
         flights.append(flight)
         tokens.append(_Dispatch.apply(flight, plan, q, k, v))   # hidden behind the next pre / attention
-    tokens = [_Compute.apply(f, t) for f, t in zip(flights, tokens)]  # out hidden behind the next attention / post
+    # out hidden behind the next attention / post
+    tokens = [_Compute.apply(f, t, sinks) for f, t in zip(flights, tokens)]
     return [post(_Finish.apply(f, t), x) for f, t, x in zip(flights, tokens, xs)]

@@ -13,7 +13,8 @@ tokens (any total length works; collectives pad internally), or none (fewer toke
 their shards are ``[0, ...]`` tensors and they still take part in every collective).
 
 Before attention on inputs of a shape new to this rank, the ranks of the plan's group compare
-heads, head_dim and dtype (:meth:`distattn.executors.base.Executor.check_agreement`): a mismatch
+heads, head_dim and dtype, and whether they pass attention sinks and which softcap
+(:meth:`distattn.executors.base.Executor.check_agreement`): a mismatch
 is a ``ValueError`` on every rank naming both sides, not a gloo abort, a hang or a silently
 wrong result.
 """
@@ -28,7 +29,7 @@ import torch
 from .comm import Comm
 from .executors.base import Executor
 from .kernels import check_qkv
-from .masks import MaskSlice
+from .masks import MaskSlice, SliceMask
 from .schedule import AttnShape, Phase, Schedule, imbalance, token_index
 
 __all__ = ["Plan", "imbalance", "token_index"]
@@ -54,6 +55,8 @@ class Plan:
         ``Plan(scheduler=, doc_lens=, causal=, window=, backend=, world_size=, rank=, group=, owned=)``
         (``shard``, ``unshard``, ``position_ids``; no attention)."""
         if schedule is None:
+            if "mask" not in layout:  # the document mask of doc_lens, causal, window
+                layout["mask"] = SliceMask.documents(layout["doc_lens"], layout["causal"], layout["window"])
             schedule = Schedule(**layout)
             executor = None if rank is None else Executor(schedule, rank, Comm(group), backend)
         for name, value in (("schedule", schedule), ("backend", backend), ("rank", rank), ("executor", executor)):
@@ -200,11 +203,13 @@ class Plan:
                                  f"pass plan.shard(x) of the full sequence")
         self.schedule.check_heads(q.shape[1], k.shape[1])
 
-    def check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sinks: torch.Tensor | None = None,
+                     softcap: float | None = None) -> None:
         """:meth:`check_local_qkv`, then a ``ValueError`` on every rank unless all ranks of the group
-        pass the same heads, head_dim and dtype (see module docstring)."""
+        pass the same heads, head_dim and dtype, and all or none pass ``sinks``, with one ``softcap``
+        (see module docstring)."""
         self.check_local_qkv(q, k, v)
-        self.executor.check_agreement(q, k)
+        self.executor.check_agreement(q, k, sinks=sinks is not None, softcap=softcap)
 
     def prefetch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Start the forward transfers of Q, K, V now (``cad``); pass the result to

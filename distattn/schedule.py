@@ -35,12 +35,12 @@ two kinds of link apart and waits for the slower.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
-from .masks import MaskSlice, attention_flops, check_positive_ints, slices_area
+from .masks import MaskSlice, SliceMask, attention_flops, check_positive_ints, slices_area
 
 Ranges = tuple[tuple[int, int], ...]
 COLLECTIVES = ("send_recv", "all_gather", "reduce_scatter", "all_to_all")
@@ -138,6 +138,7 @@ class Schedule:
     window: int | None
     world_size: int
     owned: tuple[Ranges, ...]
+    mask: SliceMask = field(repr=False)   # who attends to whom: the document mask, or the plan's mask=
 
     # ---- what each scheduler says ------------------------------------------------------------
     def phases(self, shape: AttnShape) -> list[Phase]:

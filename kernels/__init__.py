@@ -2,7 +2,10 @@
 
 ``attn_fwd``/``attn_bwd`` are the pinned entry points; schedulers call
 ``varlen_fwd``/``varlen_bwd`` with a :class:`Varlen` layout their plan
-validated and prepared once (no host synchronisation per call). Backends:
+validated and prepared once (no host synchronisation per call). A layout
+carries its mask as a *band* per segment (query ``i`` sees key ``j`` iff
+``lo <= j - i <= hi``); every call takes the softmax ``scale`` and an optional
+logit ``softcap``, and ``attn_fwd``/``attn_bwd`` also attention ``sinks``. Backends:
 
 * ``triton``: FlashAttention-2 style kernels for CUDA tensors (CPU tensors only
   under Triton's interpreter, ``TRITON_INTERPRET=1``);
@@ -13,9 +16,9 @@ validated and prepared once (no host synchronisation per call). Backends:
 ``backend="auto"`` picks ``triton`` for CUDA tensors and ``torch`` for CPU tensors.
 """
 
-from . import reference, torch_cpu, torch_cuda
-from .registry import (Backend, attn_bwd, attn_fwd, available_backends, check_qkv, prepare, register_backend,
-                       resolve_backend, varlen_bwd, varlen_fwd)
+from . import reference, torch_cpu, torch_cuda, torch_math  # noqa: F401 (torch_math: the softcap path)
+from .registry import (Backend, attn_bwd, attn_fwd, available_backends, check_qkv, check_sinks, check_softcap,
+                       prepare, register_backend, resolve_backend, varlen_bwd, varlen_fwd)
 from .varlen import Varlen
 
 
@@ -39,5 +42,5 @@ if triton_attn is not None:
                              devices=frozenset({"cuda", "cpu"} if triton_attn.INTERPRET else {"cuda"}),
                              prepare=triton_attn.prepare))
 
-__all__ = ["Backend", "Varlen", "attn_fwd", "attn_bwd", "available_backends", "check_qkv", "prepare",
-           "register_backend", "resolve_backend", "varlen_fwd", "varlen_bwd"]
+__all__ = ["Backend", "Varlen", "attn_fwd", "attn_bwd", "available_backends", "check_qkv", "check_sinks",
+           "check_softcap", "prepare", "register_backend", "resolve_backend", "varlen_fwd", "varlen_bwd"]

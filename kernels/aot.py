@@ -1,18 +1,21 @@
 """Compile every Triton kernel of the ``triton`` backend for real NVIDIA GPUs, without a GPU.
 
 Each case (kernel x config of ``all_configs``: ``CONFIGS``, the fallback and the fp32 config; x
-arch x dtype x head dim x mask variant) goes through Triton's ahead-of-time path,
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, with the divisibility the
-runtime launcher would specialize on, in a spawned worker whose environment has no ``TRITON_*``
-overrides and a fresh cache. The wheel's ``cuobjdump`` then reads registers, stack and shared
-memory from the cubin. Configs the autotuner prunes on a target (``keep_config``) are never
-launched: they are listed as ``pruned`` and only compiled with ``--all`` (then never a failure).
+arch x dtype x head dim x variant of ``triton_attn.VARIANTS``: every combination of the band's
+``HAS_LO``/``HAS_HI`` and ``SOFTCAP`` a call can take, and GQA) goes through Triton's
+ahead-of-time path, ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, with
+the divisibility the runtime launcher would specialize on, in a spawned worker whose environment
+has no ``TRITON_*`` overrides and a fresh cache. The wheel's ``cuobjdump`` then reads registers,
+stack and shared memory from the cubin. Configs the autotuner prunes on a target (``keep_config``)
+are never launched: they are listed as ``pruned`` and only compiled with ``--all`` (then never a
+failure).
 
 Usage::
 
     python -m distattn.kernels.aot                     # the whole matrix, one table row per case
     python -m distattn.kernels.aot --json --jobs 8     # {"rows": [...], "summary": {...}}
-    python -m distattn.kernels.aot --kernels fwd --arch 90 --dtypes bf16 --head-dims 128 --variants causal
+    python -m distattn.kernels.aot --kernels fwd --arch 90 --dtypes bf16 --head-dims 128 \\
+        --variants causal,band_softcap
     python -m distattn.kernels.aot --all               # compile the pruned configs too
 
 Exit status 1 when a kept config fails to compile or needs more shared memory per block than its

@@ -54,10 +54,10 @@ def _time(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _ours(backend, q, k, v, dout, seg, causal, flops):
+def _ours(backend, q, k, v, dout, seg, flops):
     scale = q.shape[-1] ** -0.5
-    prepare(seg, q.device, causal=causal, window=None, backend=backend)
-    kw = dict(causal=causal, window=None, scale=scale, backend=backend)
+    prepare(seg, q.device, backend=backend)
+    kw = dict(scale=scale, backend=backend)
     out, lse = varlen_fwd(q, k, v, seg, **kw)
 
     def both():
@@ -89,10 +89,10 @@ def run(seq_lens, head_dims, dtype, tokens: int, hidden: int) -> list[dict]:
                 g = torch.Generator(device="cuda").manual_seed(0)
                 q, k, v, dout = (torch.randn(batch * s, heads, d, device="cuda", dtype=dtype, generator=g)
                                  for _ in range(4))
-                seg = Varlen.from_lengths(lens, lens)
+                seg = Varlen.from_geometry(lens, lens, causal, None)
                 row = {"head_dim": d, "seq_len": s, "mask": mask}
-                row["triton_fwd"], row["triton_fwd_bwd"] = _ours("triton", q, k, v, dout, seg, causal, flops)
-                row["torch_fwd"], row["torch_fwd_bwd"] = _ours("torch", q, k, v, dout, seg, causal, flops)
+                row["triton_fwd"], row["triton_fwd_bwd"] = _ours("triton", q, k, v, dout, seg, flops)
+                row["torch_fwd"], row["torch_fwd_bwd"] = _ours("torch", q, k, v, dout, seg, flops)
                 row["sdpa_fwd"], row["sdpa_fwd_bwd"] = (_sdpa(q, k, v, dout, batch, s, causal, flops)
                                                         if mask != "doc" else (float("nan"), float("nan")))
                 row["triton_vs_torch"] = row["triton_fwd_bwd"] / row["torch_fwd_bwd"]

@@ -4,7 +4,8 @@
 their offsets (reading them back to the host) on every call. Schedulers call
 ``varlen_fwd``/``varlen_bwd`` with a :class:`~distattn.kernels.varlen.Varlen`
 their plan validated and :func:`prepare`-d once, which launch without a host
-synchronisation.
+synchronisation. The mask lives in the layout (a band per segment); the calls
+add the softmax ``scale`` and the optional logit ``softcap``.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ from typing import Callable
 import torch
 
 from distattn.masks import check_window
-from distattn.merge import acc_dtype
+from distattn.merge import acc_dtype, add_sink, row_delta, sink_grad
 
 from .varlen import Varlen
 
-# fwd(q, k, v, seg: Varlen, causal, window, scale) -> (out, lse)
+# fwd(q, k, v, seg: Varlen, scale, softcap) -> (out, lse); softcap is None or a positive float.
 FwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-# bwd(dout, q, k, v, out, lse, seg: Varlen, causal, window, scale, delta) -> (dq, dk, dv);
+# bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap, delta) -> (dq, dk, dv);
 # delta is None or rowsum(dout * out) [Tq, Hq] fp32, which a backend may use instead of computing it.
 BwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-# prepare(seg, device, causal, window): precompute what the backend derives from a layout, once.
-PrepareFn = Callable[[Varlen, torch.device, bool, "int | None"], object]
+# prepare(seg, device): precompute what the backend derives from a layout (mask included), once.
+PrepareFn = Callable[[Varlen, torch.device], object]
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,35 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     return float(scale)
 
 
-def _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, window) -> Varlen:
+def check_softcap(softcap: float | None) -> float | None:
+    """``ValueError`` unless ``softcap`` is None or a positive finite float; returns it as float."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not (isinstance(softcap, (int, float)) and math.isfinite(softcap)
+                                         and softcap > 0):
+        raise ValueError(f"softcap must be a positive finite float (scores become softcap * tanh(score / "
+                         f"softcap)) or None, got {softcap!r}")
+    return float(softcap)
+
+
+def check_sinks(sinks: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """``ValueError`` unless ``sinks`` is None or a floating-point ``[Hq]`` tensor on q's device."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or sinks.shape != (q.shape[1],) or not sinks.dtype.is_floating_point:
+        shown = f"{tuple(sinks.shape)} {sinks.dtype}" if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise ValueError(f"sinks must be a floating-point tensor [Hq] = [{q.shape[1]}] of logits, one per query "
+                         f"head, got {shown}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks are on {sinks.device} but q is on {q.device}: move them to q's device")
+    return sinks
+
+
+def _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, causal, window) -> Varlen:
     """Validate the pinned kernel inputs into a layout (reads the offsets back: one sync)."""
     check_qkv(q, k, v)
-    check_window(window)
-    return Varlen.from_tensors(cu_seqlens_q, cu_seqlens_k, q_offset, q.shape[0], k.shape[0])
+    window = check_window(window)
+    return Varlen.from_tensors(cu_seqlens_q, cu_seqlens_k, q_offset, q.shape[0], k.shape[0], bool(causal), window)
 
 
 def _check_layout(q, k, seg: Varlen) -> None:
@@ -116,35 +141,50 @@ def _check_layout(q, k, seg: Varlen) -> None:
                          f"{seg.total_q}/{seg.total_k}")
 
 
-def prepare(seg: Varlen, device: torch.device | str, *, causal: bool, window: int | None, backend: str = "auto"
-            ) -> None:
-    """Copy ``seg`` to ``device`` and let the backend precompute from it, so that later
-    :func:`varlen_fwd`/:func:`varlen_bwd` calls with the same mask make no host synchronisation."""
+def prepare(seg: Varlen, device: torch.device | str, *, backend: str = "auto") -> None:
+    """Copy ``seg`` (offsets and bands) to ``device`` and let the backend precompute from it, so
+    that later :func:`varlen_fwd`/:func:`varlen_bwd` calls with it make no host synchronisation."""
     device = torch.device(device)
     seg.tensors(device)
     impl = resolve_backend(backend, device)
     if impl.prepare is not None:
-        impl.prepare(seg, device, bool(causal), window)
+        impl.prepare(seg, device)
 
 
-def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Varlen, *, causal: bool,
-               window: int | None, scale: float, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`attn_fwd` over a layout validated in advance (shape checks only, no sync)."""
+def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Varlen, *, scale: float,
+               softcap: float | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward over a layout validated in advance (shape checks only, no sync).
+
+    Args:
+        q: ``[Tq, Hq, D]``; k, v: ``[Tk, Hkv, D]`` with ``Hq % Hkv == 0``; ``Tq``/``Tk`` = ``seg``'s totals.
+        seg: the segments and their band mask (:class:`~distattn.kernels.Varlen`).
+        scale: softmax scale (a positive float; :func:`attn_fwd` defaults it).
+        softcap: None or ``c > 0``: scores ``s = scale * q.k`` become ``c * tanh(s / c)`` before masking.
+        backend: as in :func:`attn_fwd`.
+
+    Returns ``out [Tq, Hq, D]`` (q's dtype), ``lse [Tq, Hq]`` (fp32; fp64 for fp64 inputs).
+    """
     check_qkv(q, k, v)
     _check_layout(q, k, seg)
+    softcap = check_softcap(softcap)
     impl = resolve_backend(backend, q.device)
     with torch.no_grad():
-        return impl.fwd(q, k, v, seg, bool(causal), window, scale)
+        return impl.fwd(q, k, v, seg, scale, softcap)
 
 
 def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-               lse: torch.Tensor, seg: Varlen, *, causal: bool, window: int | None, scale: float,
+               lse: torch.Tensor, seg: Varlen, *, scale: float, softcap: float | None = None,
                backend: str = "auto", delta: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`attn_bwd` over a layout validated in advance. ``delta``: ``rowsum(dout * out)``
-    ``[Tq, Hq]`` fp32 if the caller already has it (computed once per backward, not per block)."""
+    """Backward over a layout validated in advance; arguments as :func:`varlen_fwd`.
+
+    ``out``/``lse`` are the rows' *final* ones (see :func:`attn_bwd`). ``delta``:
+    ``rowsum(dout * out)`` ``[Tq, Hq]`` fp32 if the caller already has it (computed once per
+    backward, not per block). Returns ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in the inputs' dtype.
+    """
     check_qkv(q, k, v)
     _check_layout(q, k, seg)
+    softcap = check_softcap(softcap)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"dout and out must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)} "
                          f"and {tuple(out.shape)}")
@@ -155,12 +195,13 @@ def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         lse = lse.to(acc_dtype(q.dtype))
     impl = resolve_backend(backend, q.device)
     with torch.no_grad():
-        return impl.bwd(dout, q, k, v, out, lse, seg, bool(causal), window, scale, delta)
+        return impl.bwd(dout, q, k, v, out, lse, seg, scale, softcap, delta)
 
 
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
              cu_seqlens_k: torch.Tensor, *, causal: bool = True, window: int | None = None,
-             scale: float | None = None, backend: str = "auto", q_offset: torch.Tensor | None = None
+             scale: float | None = None, backend: str = "auto", q_offset: torch.Tensor | None = None,
+             softcap: float | None = None, sinks: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention forward over a packed batch of segments.
 
@@ -177,29 +218,52 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: to
         q_offset: extension, int ``[n_seg]`` or None: shifts segment ``i``'s queries to key
             position ``r + n - m + q_offset[i]`` (positive: queries after the keys' end, as for
             a block of earlier keys in a ring). None means 0: bottom-right alignment.
+        softcap: None or ``c > 0``: logit soft-capping (Gemma 2): scores ``s = scale * q.k``
+            become ``c * tanh(s / c)`` before masking and softmax.
+        sinks: None or ``[Hq]`` float logits (gpt-oss attention sinks): one extra key per head
+            with score ``sinks[h]`` and value 0 in every row's softmax.
 
     Returns:
         ``out [Tq, Hq, D]`` in q's dtype and ``lse [Tq, Hq]`` (natural log; fp32, or fp64
-        for fp64 inputs). Rows that see no key give ``out = 0`` and ``lse = -inf``.
+        for fp64 inputs; with sinks, the sink is counted in it). Rows that see no key give
+        ``out = 0`` and ``lse = -inf`` (``lse = sinks[h]`` with sinks).
+
+    The geometry is a band per segment (:class:`~distattn.kernels.Varlen`); :func:`varlen_fwd`
+    takes any band directly.
     """
-    seg = _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, window)
-    return varlen_fwd(q, k, v, seg, causal=causal, window=window, scale=check_scale(scale, q.shape[2]),
-                      backend=backend)
+    seg = _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, causal, window)
+    sinks = check_sinks(sinks, q)
+    out, lse = varlen_fwd(q, k, v, seg, scale=check_scale(scale, q.shape[2]), softcap=softcap, backend=backend)
+    if sinks is not None:
+        out, lse = add_sink(out, lse, sinks)
+    return out, lse
 
 
 def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, causal: bool = True,
              window: int | None = None, scale: float | None = None, backend: str = "auto",
-             q_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             q_offset: torch.Tensor | None = None, softcap: float | None = None,
+             sinks: torch.Tensor | None = None):
     """Varlen attention backward; arguments as :func:`attn_fwd`.
 
     ``out``/``lse`` are the row's *final* output and log-sum-exp, which may come from
     merging several key blocks: the gradient returned is then this block's share
     (``P = exp(s - lse)``, ``Delta = rowsum(dout * out)``), so blocks can be
-    differentiated independently and their dq summed.
+    differentiated independently and their dq summed. With ``sinks``, pass the ``out``/``lse``
+    that :func:`attn_fwd` returned (sink included).
 
-    Returns ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in the inputs' dtype.
+    Returns ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in the inputs' dtype; with ``sinks``
+    also ``dsinks [Hq]`` in the sinks' dtype: ``(dq, dk, dv, dsinks)``.
     """
-    seg = _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, window)
-    return varlen_bwd(dout, q, k, v, out, lse, seg, causal=causal, window=window,
-                      scale=check_scale(scale, q.shape[2]), backend=backend)
+    seg = _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, causal, window)
+    sinks = check_sinks(sinks, q)
+    scale = check_scale(scale, q.shape[2])
+    if sinks is None:
+        return varlen_bwd(dout, q, k, v, out, lse, seg, scale=scale, softcap=softcap, backend=backend)
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != q.shape[:2]:
+        raise ValueError(f"dout/out must have q's shape {tuple(q.shape)} and lse [Tq, Hq], got "
+                         f"{tuple(dout.shape)}, {tuple(out.shape)}, {tuple(lse.shape)}")
+    delta = row_delta(dout, out)
+    dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, seg, scale=scale, softcap=softcap, backend=backend,
+                            delta=delta)
+    return dq, dk, dv, sink_grad(delta, lse, sinks).to(sinks.dtype)

@@ -3,29 +3,40 @@
 ``aten._scaled_dot_product_flash_attention_for_cpu`` returns the log-sum-exp and
 has a matching backward that takes the final ``out``/``lse``, which is what a
 context-parallel block needs. It handles GQA natively but aligns ``is_causal``
-top-left and takes masks only as dense additive tensors, so each segment is cut
-into *tiles* that need at most a small mask:
+top-left and takes masks only as dense additive tensors, so each segment's band
+(query ``i`` sees key ``j`` iff ``lo <= j - i <= hi``) is cut into *tiles* that
+need at most a small mask:
 
-* full attention: one tile, no mask;
-* causal: the key prefix every query sees (no mask) plus the diagonal block
-  (``is_causal``, aligned so that top-left equals the true geometry) and, for
-  queries past the keys' end, the rest as a full tile; results merge by
-  log-sum-exp;
-* sliding window: query blocks of ``_BLOCK`` rows against only the keys the block
-  can see, with an additive mask of ``_BLOCK x (_BLOCK + window)`` entries.
+* no bound: one tile, no mask;
+* only ``hi`` bounded (bottom-right causal, or causal shifted anyhow): the key
+  prefix every live query sees (no mask), the diagonal block (``is_causal``,
+  aligned so that top-left equals the true geometry) and, for queries past the
+  keys' end, the rest as a full tile;
+* ``lo`` bounded (windows, "inverse causal" ``j >= i``, two-sided bands): query
+  blocks of ``_BLOCK`` rows; the keys all rows of a block see form one unmasked
+  tile, the ragged key ranges left and right of it (at most a block wide) tiles
+  with an additive mask over just the rows that see something there; a block
+  whose common keys are few is one masked tile.
 
-Rows that see no key are left out of every tile and keep ``out = 0``, ``lse = -inf``.
+Partial results merge by log-sum-exp. Rows that see no key are left out of
+every tile and keep ``out = 0``, ``lse = -inf``.
+
+Logit soft-capping (``softcap``) goes through :mod:`.torch_math` instead (plain
+PyTorch ops, block by block, forward and a hand-written backward): the fused op
+has no soft-cap.
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 
-from distattn.masks import visible_keys
+from distattn.masks import UNBOUNDED
 from distattn.merge import acc_dtype, merge_
 
+from .torch_math import live_rows, math_bwd, math_fwd, row_ranges
 
 _BLOCK = 256
 _fwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -35,22 +46,25 @@ _bwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 Tile = tuple[int, int, int, int, bool, "torch.Tensor | None"]
 
 
-def _tiles(m: int, n: int, causal: bool, window: int | None, offset: int, dtype: torch.dtype) -> Iterator[Tile]:
-    if m == 0 or n == 0:
+def _masked(first: np.ndarray, last: np.ndarray, b0: int, b1: int, k0: int, k1: int, dtype) -> Tile:
+    j = torch.arange(k0, k1)
+    keep = (j >= torch.from_numpy(first[b0:b1]).unsqueeze(1)) & (j <= torch.from_numpy(last[b0:b1]).unsqueeze(1))
+    return b0, b1, k0, k1, False, torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
+
+
+def _tiles(m: int, n: int, lo: int, hi: int, dtype: torch.dtype) -> Iterator[Tile]:
+    r0, r1 = live_rows(m, n, lo, hi)
+    if r0 == r1:
         return
-    if not causal and window is None:
+    if lo <= -UNBOUNDED and hi >= UNBOUNDED:
         yield 0, m, 0, n, False, None
         return
-    lo, hi = visible_keys(m, n, causal, window, offset)
-    rows = (lo <= hi).nonzero()[0]
-    if rows.size == 0:
-        return
-    r0, r1 = int(rows[0]), int(rows[-1]) + 1
-    if window is None:
-        # causal: every row sees keys [0, p0) (p0: first row's position); rows whose
-        # position is still inside the keys form a top-left-aligned causal tile on
-        # keys [p0, n); rows past the keys' end see [p0, n) entirely.
-        p0 = int(hi[r0])
+    first, last = row_ranges(m, n, lo, hi)
+    if lo <= -UNBOUNDED:
+        # every live row sees keys [0, p0) (p0: the first live row's last key); rows whose last
+        # key is still inside the keys form a top-left-aligned causal tile on keys [p0, n); rows
+        # past the keys' end see [p0, n) entirely.
+        p0 = int(last[r0])
         if p0 > 0:
             yield r0, r1, 0, p0, False, None
         rc = min(r1, r0 + n - p0)
@@ -60,11 +74,18 @@ def _tiles(m: int, n: int, causal: bool, window: int | None, offset: int, dtype:
         return
     for b0 in range(r0, r1, _BLOCK):
         b1 = min(b0 + _BLOCK, r1)
-        k0, k1 = int(lo[b0]), int(hi[b1 - 1]) + 1
-        j = torch.arange(k0, k1)
-        keep = (j >= torch.from_numpy(lo[b0:b1]).unsqueeze(1)) & (j <= torch.from_numpy(hi[b0:b1]).unsqueeze(1))
-        mask = torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
-        yield b0, b1, k0, k1, False, mask
+        k0, k1 = int(first[b0]), int(last[b1 - 1]) + 1
+        common0, common1 = int(first[b1 - 1]), int(last[b0]) + 1  # keys every row of the block sees
+        if common1 - common0 < _BLOCK // 2:
+            yield _masked(first, last, b0, b1, k0, k1, dtype)
+            continue
+        if k0 < common0:  # rows whose first key lies left of the common keys
+            e = b0 + int(np.searchsorted(first[b0:b1], common0, side="left"))
+            yield _masked(first, last, b0, e, k0, common0, dtype)
+        yield b0, b1, common0, common1, False, None
+        if common1 < k1:  # rows whose last key lies right of them
+            s = b0 + int(np.searchsorted(last[b0:b1], common1 - 1, side="right"))
+            yield _masked(first, last, s, b1, common1, k1, dtype)
 
 
 def _bhld(x: torch.Tensor) -> torch.Tensor:
@@ -72,25 +93,29 @@ def _bhld(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).unsqueeze(0)
 
 
-def torch_fwd(q, k, v, seg, causal, window, scale):
+def torch_fwd(q, k, v, seg, scale, softcap=None):
+    if softcap is not None:
+        return math_fwd(q, k, v, seg, scale, softcap)
     dtype = acc_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=dtype)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype)
-    for q0, q1, k0, k1, offset in seg.segments():
-        for a, b, c, d, is_causal, mask in _tiles(q1 - q0, k1 - k0, causal, window, offset, q.dtype):
+    for q0, q1, k0, k1, lo, hi in seg.segments():
+        for a, b, c, d, is_causal, mask in _tiles(q1 - q0, k1 - k0, lo, hi, q.dtype):
             o, l = _fwd_op(_bhld(q[q0 + a:q0 + b]), _bhld(k[k0 + c:k0 + d]), _bhld(v[k0 + c:k0 + d]),
                            0.0, is_causal, attn_mask=mask, scale=scale)
             merge_(out[q0 + a:q0 + b], lse[q0 + a:q0 + b], o[0].transpose(0, 1), l[0].transpose(0, 1))
     return out.to(q.dtype), lse
 
 
-def torch_bwd(dout, q, k, v, out, lse, seg, causal, window, scale, delta=None):
+def torch_bwd(dout, q, k, v, out, lse, seg, scale, softcap=None, delta=None):
+    if softcap is not None:
+        return math_bwd(dout, q, k, v, out, lse, seg, scale, softcap, delta)
     dtype = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dtype)
     dk = torch.zeros(k.shape, dtype=dtype)
     dv = torch.zeros(v.shape, dtype=dtype)
-    for q0, q1, k0, k1, offset in seg.segments():
-        for a, b, c, d, is_causal, mask in _tiles(q1 - q0, k1 - k0, causal, window, offset, q.dtype):
+    for q0, q1, k0, k1, lo, hi in seg.segments():
+        for a, b, c, d, is_causal, mask in _tiles(q1 - q0, k1 - k0, lo, hi, q.dtype):
             rq, rk = slice(q0 + a, q0 + b), slice(k0 + c, k0 + d)
             g = _bwd_op(_bhld(dout[rq]), _bhld(q[rq]), _bhld(k[rk]), _bhld(v[rk]), _bhld(out[rq]),
                         lse[rq].transpose(0, 1).unsqueeze(0), 0.0, is_causal, attn_mask=mask, scale=scale)

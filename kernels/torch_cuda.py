@@ -8,19 +8,24 @@ the log-sum-exp, ``[Hq, Tq]`` in natural log. The backward takes ``out`` and
 ``lse`` as arguments, so it accepts the *global* ones a context-parallel step
 has merged (as ring-flash-attention does with flash-attn's varlen backward).
 
-Our geometry maps onto the window: a segment with ``m`` queries, ``n`` keys and
-``q_offset = o`` puts query ``i`` at key position ``i + n - m + o``, i.e. ``o``
-positions right of FlashAttention's alignment, so
+Our band maps onto the window: in a segment with ``m`` queries and ``n`` keys,
+query ``i`` sees key ``j`` iff ``lo <= j - i <= hi``; FlashAttention puts query
+``i`` at key position ``i + n - m`` and lets it see ``[i + n - m - left, i + n - m + right]``, so
 
-* causal: ``(left, right) = (-1, o)``; causal with window ``W``: ``(W - 1 - o, o)``;
-* full: ``(-1, -1)``; full with window ``W``: ``(W - 1 - o, W - 1 + o)``;
+* ``left = (n - m) - lo``, ``right = hi - (n - m)`` (``-1`` = unbounded, and bounds that
+  cut nothing in the segment become ``-1``);
+* a bound that cuts but comes out negative (queries sitting before their keys' end,
+  ``q_offset < 0``, or a window past the keys) cannot be said: ``ValueError``, use
+  ``backend="triton"``.
 
-(``-1`` = unbounded; bounds that cover the whole segment become ``-1``). The
-window is one per kernel call, so segments are grouped by it when a plan is
+The window is one per kernel call, so segments are grouped by it when a plan is
 prepared; one group (the usual case: every segment bottom-right aligned, or
 ring blocks whose keys all precede the queries) is one call on the tensors as
 they are, several groups gather their rows. FlashAttention marks rows that see
 no key with ``lse = +inf``; ours is ``-inf`` both ways.
+
+Logit soft-capping (``softcap``) runs :mod:`.torch_math` (plain PyTorch ops, any
+band, any float dtype): PyTorch's FlashAttention ops take no soft-cap.
 
 FlashAttention computes fp16/bf16 with ``head_dim`` a multiple of 8 up to 256;
 use ``backend="triton"`` for fp32.
@@ -33,9 +38,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distattn.masks import mask_area
+from distattn.masks import UNBOUNDED, band_area
 from distattn.merge import acc_dtype
 
+from .torch_math import math_bwd, math_fwd
 from .varlen import Varlen
 
 _fwd_op = getattr(torch.ops.aten, "_flash_attention_forward", None)
@@ -54,19 +60,23 @@ class _Group:
     k_index: torch.Tensor | None
 
 
-def windows(seg: Varlen, causal: bool, window: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def windows(seg: Varlen) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per segment: FlashAttention's ``(left, right)`` (-1: unbounded) and whether any pair is visible."""
     m, n = np.diff(seg.cu_q).astype(np.int64), np.diff(seg.cu_k).astype(np.int64)
-    o = seg.q_offset.astype(np.int64) if seg.q_offset is not None else np.zeros_like(m)
-    unbounded = np.full_like(m, -1)
-    left = unbounded if window is None else window - 1 - o
-    right = (o if causal else unbounded) if window is None else (o if causal else window - 1 + o)
-    visible = mask_area(m, n, causal, window, o) > 0
+    lo, hi = seg.bands()
+    visible = band_area(m, n, lo, hi) > 0
+    free_lo, free_hi = lo <= -UNBOUNDED, hi >= UNBOUNDED
+    left = np.where(free_lo, -1, (n - m) - lo)
+    right = np.where(free_hi, -1, hi - (n - m))
     # -1 means unbounded to FlashAttention: a bound that is really negative cannot be expressed
-    bad = ((window is not None) & (left < 0)) | ((causal or window is not None) & (right < 0))
-    if (bad & visible).any():
-        raise ValueError("backend='torch' on CUDA cannot express a segment whose queries sit before its keys' "
-                         "end (q_offset < 0) or a window past its keys; use backend='triton'")
+    bad = visible & ((~free_lo & (left < 0)) | (~free_hi & (right < 0)))
+    if bad.any():
+        s = int(np.nonzero(bad)[0][0])
+        raise ValueError(f"backend='torch' on CUDA cannot express segment {s}'s band (lo={int(lo[s])}, hi="
+                         f"{int(hi[s])} with {int(m[s])} queries, {int(n[s])} keys): FlashAttention's window "
+                         f"cannot cut keys right of a query's bottom-right position or left of the one before it "
+                         f"(queries before their keys' end, q_offset < 0, or a window past the keys); "
+                         f"use backend='triton'")
     return left, right, visible
 
 
@@ -78,9 +88,9 @@ def _same(bound: np.ndarray, candidate: int, cover: np.ndarray) -> np.ndarray:
     return cut(bound) == cut(np.full_like(bound, candidate))
 
 
-def _assign(seg: Varlen, causal: bool, window: int | None) -> list[tuple[tuple[int, int], np.ndarray]]:
+def _assign(seg: Varlen) -> list[tuple[tuple[int, int], np.ndarray]]:
     """Segments grouped by the window they can share, the window most rows use first."""
-    left, right, visible = windows(seg, causal, window)
+    left, right, visible = windows(seg)
     m, n = np.diff(seg.cu_q).astype(np.int64), np.diff(seg.cu_k).astype(np.int64)
     todo, out = visible.copy(), []
     while todo.any():
@@ -92,12 +102,12 @@ def _assign(seg: Varlen, causal: bool, window: int | None) -> list[tuple[tuple[i
     return out
 
 
-def _groups(seg: Varlen, device: torch.device, causal: bool, window: int | None) -> list[_Group]:
-    assigned = _assign(seg, causal, window)
+def _groups(seg: Varlen, device: torch.device) -> list[_Group]:
+    assigned = _assign(seg)
     m, n = np.diff(seg.cu_q), np.diff(seg.cu_k)
     if len(assigned) == 1 and len(assigned[0][1]) == int(((m > 0) & (n > 0)).sum()):
         # one call on the tensors as they are: the other segments have no rows or no keys
-        cu_q, cu_k, _ = seg.tensors(device)
+        cu_q, cu_k, *_ = seg.tensors(device)
         (l, r), _ = assigned[0]
         return [_Group(l, r, cu_q, cu_k, seg.max_q, seg.max_k, None, None)]
     calls = []
@@ -105,20 +115,22 @@ def _groups(seg: Varlen, device: torch.device, causal: bool, window: int | None)
         lens_q, lens_k = m[idx], n[idx]
         rows = lambda cu, lens: np.concatenate([np.arange(a, a + c) for a, c in zip(cu[idx], lens)])  # noqa: E731
         sub = Varlen.from_lengths(lens_q, lens_k)
-        cu_q, cu_k, _ = sub.tensors(device)
+        cu_q, cu_k, *_ = sub.tensors(device)
         calls.append(_Group(l, r, cu_q, cu_k, sub.max_q, sub.max_k, torch.from_numpy(rows(seg.cu_q, lens_q)).to(device),
                             torch.from_numpy(rows(seg.cu_k, lens_k)).to(device)))
     return calls
 
 
-def groups(seg: Varlen, device: torch.device, causal: bool, window: int | None) -> list[_Group]:
-    """The kernel calls of ``seg`` under this mask (built and copied to ``device`` once)."""
-    return seg.cached(("flash", device, causal, window), lambda: _groups(seg, device, causal, window))
+def groups(seg: Varlen, device: torch.device) -> list[_Group]:
+    """The kernel calls of ``seg`` (built and copied to ``device`` once)."""
+    return seg.cached(("flash", torch.device(device)), lambda: _groups(seg, torch.device(device)))
 
 
-def prepare(seg: Varlen, device: torch.device, causal: bool, window: int | None) -> None:
-    if device.type == "cuda":  # the CPU kernel needs nothing prepared
-        groups(seg, device, causal, window)
+def prepare(seg: Varlen, device: torch.device) -> None:
+    """Build the window groups (CUDA only: the CPU kernel needs nothing prepared). A band
+    FlashAttention cannot express raises here, at plan time."""
+    if device.type == "cuda":
+        groups(seg, device)
 
 
 def _check(q: torch.Tensor) -> None:
@@ -138,11 +150,13 @@ def _rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return x if index is None else x.index_select(0, index)
 
 
-def flash_fwd(q, k, v, seg: Varlen, causal, window, scale):
+def flash_fwd(q, k, v, seg: Varlen, scale, softcap=None):
+    if softcap is not None:
+        return math_fwd(q, k, v, seg, scale, softcap)
     _check(q)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
-    for g in groups(seg, q.device, causal, window):
+    for g in groups(seg, q.device):
         o, l, *_ = _fwd_op(_rows(q, g.q_index), _rows(k, g.k_index), _rows(v, g.k_index), g.cu_q, g.cu_k,
                            g.max_q, g.max_k, 0.0, False, False, scale=scale, window_size_left=g.left,
                            window_size_right=g.right)
@@ -161,10 +175,12 @@ def _dummies(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(2, dtype=torch.int64, device=device).view(torch.uint64), torch.empty(0, device=device)
 
 
-def flash_bwd(dout, q, k, v, out, lse, seg: Varlen, causal, window, scale, delta=None):
+def flash_bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=None):
+    if softcap is not None:
+        return math_bwd(dout, q, k, v, out, lse, seg, scale, softcap, delta)
     _check(q)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    calls = groups(seg, q.device, causal, window)
+    calls = groups(seg, q.device)
     if not calls:
         return dq, dk, dv
     lse_ht = lse.t().masked_fill(torch.isneginf(lse.t()), float("inf"))  # FlashAttention's convention

@@ -8,22 +8,34 @@ causal segment starts first, so the last wave is short; FlashAttention-3's
 varlen scheduler does the same), and a program reads its ``(segment, first
 row)`` from it. There is one table per block size the autotuner may pick.
 
+The mask is a per-segment *band* (``Varlen.lo``/``Varlen.hi``): in a segment
+with ``m`` queries and ``n`` keys, local query ``i`` sees local key ``j`` iff
+``lo <= j - i <= hi``; either bound may be absent for the whole call
+(``HAS_LO``/``HAS_HI`` constexprs: its array is then never read). Causal is
+``hi = n - m``, a sliding window adds ``lo``, full attention has neither.
+
 Each program streams the other side in blocks. The blocks it visits are cut
-into three runs: masked blocks at the window's left edge, *full* blocks that
-every row of the tile sees whole, and masked blocks at the causal diagonal,
-the window's right edge or the segment's end. Full blocks load without masks
+into three runs: masked blocks at the band's left edge, *full* blocks that
+every row of the tile sees whole, and masked blocks at the band's right edge
+or the segment's end. A query tile ``[r0, r1)`` sees keys
+``[max(0, r0 + lo), min(n - 1, r1 - 1 + hi)]``; a key tile, by symmetry, rows
+``[max(0, c0 - hi), min(m - 1, c1 - 1 - lo)]``. Full blocks load without masks
 and compute the online softmax with the scale folded into one FMA
-(``exp2(s * scale_log2 - m)``); only the few boundary blocks pay for the mask.
+(``exp2(qk * qk_mult - m)``); only the few boundary blocks pay for the mask.
 Fully masked blocks are never visited.
+
+Logit soft-capping (``softcap = c``): the score ``s = scale * q.k`` becomes
+``c * tanh(s / c)`` before masking and softmax; the kernels compute
+``tanh(q.k * scale / c)`` (``tanh.approx.f32`` in compiled fp16/bf16 kernels, see
+:func:`.triton_blocks.logits`) and fold ``c * log2 e`` into the same FMA, and
+the backward multiplies dS by ``1 - tanh^2`` (recomputed).
 
 Backward, given the final ``out``/``lse`` and ``Delta = rowsum(dO * O)``
 (computed once per backward by the caller, or here): one kernel per key tile
 accumulating dK and dV over every query block and every query head of its GQA
 group (no atomics: deterministic), one kernel per query tile for dQ. KV heads
-are shared by ``Hq / Hkv`` query heads without copying them.
-
-Positions follow the pinned semantics: query ``i`` of a segment with ``m``
-queries and ``n`` keys sits at key position ``i + n - m + q_offset``.
+are shared by ``Hq / Hkv`` query heads without copying them. Rows that see no
+key give ``out = 0`` and ``lse = -inf``.
 
 Under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests) the
 kernels run on CPU tensors with one small block configuration, and bf16 is
@@ -41,7 +53,8 @@ import triton.language as tl
 
 from distattn.merge import row_delta
 
-from .triton_blocks import block_count, block_start, key_runs, load_rows, runs, segment, tile, visible
+from .triton_blocks import (block_count, block_start, key_runs, load_rows, logits, row_runs, segment, tile,
+                            visible)
 from .triton_plan import TILE_BLOCKS, all_configs, keep_config, prepare
 from .varlen import Varlen
 
@@ -70,33 +83,34 @@ def _pruner(kernel: str):
     return {"early_config_prune": prune}
 
 
-_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "GROUP"]
+_TUNE_KEY = ["HEAD_DIM", "HAS_LO", "HAS_HI", "SOFTCAP", "GROUP"]
 
 
 # ---- device code (the building blocks: .triton_blocks) ------------------------------------------
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b, end, shift, m, n,
-                window, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, first, a, b, end, m, n, lo, hi,
+                qk_mult, cap_in, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+                SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Online softmax over the key blocks of a run (see :func:`block_count`); ``k_ptrs``/``v_ptrs``
-    point at key row 0."""
-    for i in range(0, block_count(lo, a, b, end, BLOCK_N, MASKED)):
-        start_n = block_start(i, lo, a, b, BLOCK_N, MASKED)
+    point at key row 0. The log2-domain score is ``logits(qk) * qk_mult``."""
+    for i in range(0, block_count(first, a, b, end, BLOCK_N, MASKED)):
+        start_n = block_start(i, first, a, b, BLOCK_N, MASKED)
         cols = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_ptrs + start_n * stride_kt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
         v = load_rows(v_ptrs + start_n * stride_vt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        x = logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), cap_in, SOFTCAP, PRECISION)
         if MASKED:
-            s = tl.where(visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), qk * qk_scale, float("-inf"))
+            s = tl.where(visible(rows, cols, m, n, lo, hi, HAS_LO, HAS_HI), x * qk_mult, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at 0
             p = tl.math.exp2(s - m_ref[:, None])
             alpha = tl.math.exp2(m_i - m_ref)
         else:
-            # every score is finite: the running max is too, and the scale folds into one FMA
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))
+            # every score is finite: the running max is too, and the multiplier folds into one FMA
+            m_new = tl.maximum(m_i, tl.max(x, 1) * qk_mult)
+            p = tl.math.exp2(tl.fma(x, qk_mult, -m_new[:, None]))
             alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -106,15 +120,15 @@ def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, di
 
 @triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, OFFSET, TILES,
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, LO, HI, TILES,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                stride_lt, stride_lh, scale_log2, window,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-                WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, PRECISION: tl.constexpr,
+                stride_lt, stride_lh, qk_mult, cap_in,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, HAS_LO: tl.constexpr,
+                HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     seg, start_m = tile(TILES, BLOCK_M)
     head = tl.program_id(1)
-    q0, k0, m, n, shift = segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET)
+    q0, k0, m, n, lo, hi = segment(CU_Q, CU_K, LO, HI, seg, HAS_LO, HAS_HI)
     kv_head = head // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -123,19 +137,19 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, OFFSET, TILES,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, a, b, end = key_runs(start_m, m, shift, n, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    first, a, b, end = key_runs(start_m, m, n, lo, hi, BLOCK_M, BLOCK_N)
     if PRECISION == "ieee":  # fp32, a correctness path: every block masked keeps the code small
         a = end
         b = end
     k_ptrs = K + (k0 + tl.arange(0, BLOCK_N))[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
     v_ptrs = V + (k0 + tl.arange(0, BLOCK_N))[:, None] * stride_vt + kv_head * stride_vh + dims[None, :]
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b, end,
-                                shift, m, n, window, scale_log2, True, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, first, a, b,
+                                end, m, n, lo, hi, qk_mult, cap_in, True, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D,
+                                BLOCK_N, PRECISION)
     if PRECISION != "ieee":
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b,
-                                    end, shift, m, n, window, scale_log2, False, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D,
-                                    BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, first, a, b,
+                                    end, m, n, lo, hi, qk_mult, cap_in, False, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM,
+                                    BLOCK_D, BLOCK_N, PRECISION)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
@@ -146,12 +160,12 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, OFFSET, TILES,
 
 @triton.jit
 def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot, stride_lt, stride_dt,
-                rows0, cols, dims, lo, a, b, end, shift, m, n, window, qk_scale, MASKED: tl.constexpr,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+                rows0, cols, dims, first, a, b, end, m, n, lo, hi, qk_mult, cap_in, MASKED: tl.constexpr,
+                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """dK/dV of one key tile over the query blocks of a run; pointers point at query row 0."""
-    for i in range(0, block_count(lo, a, b, end, BLOCK_M, MASKED)):
-        start_m = block_start(i, lo, a, b, BLOCK_M, MASKED)
+    for i in range(0, block_count(first, a, b, end, BLOCK_M, MASKED)):
+        start_m = block_start(i, first, a, b, BLOCK_M, MASKED)
         rows = start_m + rows0
         q = load_rows(q_ptrs + start_m * stride_qt, rows, dims, m, MASKED, HEAD_DIM, BLOCK_D)
         do = load_rows(do_ptrs + start_m * stride_dot, rows, dims, m, MASKED, HEAD_DIM, BLOCK_D)
@@ -161,12 +175,14 @@ def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, 
         else:
             lse = tl.load(lse_ptrs + start_m * stride_lt)
             delta = tl.load(delta_ptrs + start_m * stride_dt)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        p = tl.math.exp2(tl.fma(qk, qk_scale, -(lse * _LOG2E)[:, None]))
+        x = logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), cap_in, SOFTCAP, PRECISION)
+        p = tl.math.exp2(tl.fma(x, qk_mult, -(lse * _LOG2E)[:, None]))
         if MASKED:
-            p = tl.where(visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), p, 0.0)
+            p = tl.where(visible(rows, cols, m, n, lo, hi, HAS_LO, HAS_HI), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # d(cap * tanh(s / cap)) / ds
+            ds = ds * (1.0 - x * x)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     return dk, dv
@@ -174,16 +190,16 @@ def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, 
 
 @triton.autotune(configs=_configs("bwd_dkv"), key=_TUNE_KEY, prune_configs_by=_pruner("bwd_dkv"))
 @triton.jit
-def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, OFFSET, TILES,
+def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, LO, HI, TILES,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                     stride_lt, stride_lh, stride_dt, stride_dh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                    scale, scale_log2, window,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-                    WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, PRECISION: tl.constexpr,
+                    scale, qk_mult, cap_in,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, HAS_LO: tl.constexpr,
+                    HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     seg, start_n = tile(TILES, BLOCK_N)
     kv_head = tl.program_id(1)
-    q0, k0, m, n, shift = segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET)
+    q0, k0, m, n, lo, hi = segment(CU_Q, CU_K, LO, HI, seg, HAS_LO, HAS_HI)
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     kv_mask = (cols[:, None] < n) & (dims[None, :] < HEAD_DIM)
@@ -191,24 +207,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, OFFSET, TILES,
     v = tl.load(V + (k0 + cols)[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # Query rows (positions row + shift) that see a key of this tile, and those that see all of
-    # it and are real rows (keys past the segment's end only feed outputs that are not stored).
-    last = tl.minimum(start_n + BLOCK_N, n) - 1
-    row_lo = 0
-    row_hi = m
-    full_lo = 0
-    full_hi = m
-    if CAUSAL:
-        row_lo = tl.maximum(row_lo, start_n - shift)
-        full_lo = tl.maximum(full_lo, last - shift)
-    if WINDOW:
-        row_hi = tl.minimum(row_hi, last + window - shift)
-        full_hi = tl.minimum(full_hi, start_n + window - shift)  # the last row sees the first key
-        if not CAUSAL:
-            row_lo = tl.maximum(row_lo, start_n - window + 1 - shift)
-            full_lo = tl.maximum(full_lo, last - window + 1 - shift)
-    lo = (row_lo // BLOCK_M) * BLOCK_M
-    a, b, end = runs(lo, row_hi, full_lo, full_hi, BLOCK_M)
+    first, a, b, end = row_runs(start_n, m, n, lo, hi, BLOCK_M, BLOCK_N)
     if PRECISION == "ieee":  # fp32: every block masked (see the forward)
         a = end
         b = end
@@ -220,12 +219,12 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, OFFSET, TILES,
         lse_ptrs = LSE + (q0 + rows0) * stride_lt + head * stride_lh
         delta_ptrs = DELTA + (q0 + rows0) * stride_dt + head * stride_dh
         dk, dv = _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot, stride_lt,
-                             stride_dt, rows0, cols, dims, lo, a, b, end, shift, m, n, window, scale_log2, True,
-                             CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+                             stride_dt, rows0, cols, dims, first, a, b, end, m, n, lo, hi, qk_mult, cap_in, True,
+                             HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
         if PRECISION != "ieee":
             dk, dv = _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
-                                 stride_lt, stride_dt, rows0, cols, dims, lo, a, b, end, shift, m, n, window,
-                                 scale_log2, False, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+                                 stride_lt, stride_dt, rows0, cols, dims, first, a, b, end, m, n, lo, hi, qk_mult,
+                                 cap_in, False, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
     tl.store(DK + (k0 + cols)[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + (k0 + cols)[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :],
@@ -233,36 +232,39 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, OFFSET, TILES,
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b, end, shift,
-               m, n, window, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, first, a, b, end, m, n,
+               lo, hi, qk_mult, cap_in, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+               SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr):
     """dQ of one query tile over the key blocks of a run; pointers point at key row 0."""
-    for i in range(0, block_count(lo, a, b, end, BLOCK_N, MASKED)):
-        start_n = block_start(i, lo, a, b, BLOCK_N, MASKED)
+    for i in range(0, block_count(first, a, b, end, BLOCK_N, MASKED)):
+        start_n = block_start(i, first, a, b, BLOCK_N, MASKED)
         cols = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_ptrs + start_n * stride_kt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
         v = load_rows(v_ptrs + start_n * stride_vt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        p = tl.math.exp2(tl.fma(qk, qk_scale, -lse_log2[:, None]))
+        x = logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), cap_in, SOFTCAP, PRECISION)
+        p = tl.math.exp2(tl.fma(x, qk_mult, -lse_log2[:, None]))
         if MASKED:
-            p = tl.where(visible(rows, cols, shift, m, n, window, CAUSAL, WINDOW), p, 0.0)
+            p = tl.where(visible(rows, cols, m, n, lo, hi, HAS_LO, HAS_HI), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - x * x)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
 
 @triton.autotune(configs=_configs("bwd_dq"), key=_TUNE_KEY, prune_configs_by=_pruner("bwd_dq"))
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, OFFSET, TILES,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, LO, HI, TILES,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                   stride_lt, stride_lh, stride_dt, stride_dh, stride_dqt, stride_dqh, scale, scale_log2, window,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-                   WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr, PRECISION: tl.constexpr,
+                   stride_lt, stride_lh, stride_dt, stride_dh, stride_dqt, stride_dqh, scale, qk_mult, cap_in,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, HAS_LO: tl.constexpr,
+                   HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     seg, start_m = tile(TILES, BLOCK_M)
     head = tl.program_id(1)
-    q0, k0, m, n, shift = segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET)
+    q0, k0, m, n, lo, hi = segment(CU_Q, CU_K, LO, HI, seg, HAS_LO, HAS_HI)
     kv_head = head // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -273,18 +275,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, OFFSET, TILES,
     lse_log2 = tl.load(LSE + (q0 + rows) * stride_lt + head * stride_lh, mask=row_mask, other=0.0) * _LOG2E
     delta = tl.load(DELTA + (q0 + rows) * stride_dt + head * stride_dh, mask=row_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, a, b, end = key_runs(start_m, m, shift, n, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    first, a, b, end = key_runs(start_m, m, n, lo, hi, BLOCK_M, BLOCK_N)
     if PRECISION == "ieee":  # fp32: every block masked (see the forward)
         a = end
         b = end
     k_ptrs = K + (k0 + tl.arange(0, BLOCK_N))[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
     v_ptrs = V + (k0 + tl.arange(0, BLOCK_N))[:, None] * stride_vt + kv_head * stride_vh + dims[None, :]
-    dq = _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b, end,
-                    shift, m, n, window, scale_log2, True, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, first, a, b, end,
+                    m, n, lo, hi, qk_mult, cap_in, True, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N,
+                    PRECISION)
     if PRECISION != "ieee":
-        dq = _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, lo, a, b, end,
-                        shift, m, n, window, scale_log2, False, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_N,
-                        PRECISION)
+        dq = _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, first, a, b,
+                        end, m, n, lo, hi, qk_mult, cap_in, False, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D,
+                        BLOCK_N, PRECISION)
     tl.store(DQ + (q0 + rows)[:, None] * stride_dqt + head * stride_dqh + dims[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -299,10 +302,18 @@ def _check_dtype(q):
         raise ValueError(f"backend='triton' supports head_dim up to 256, got {q.shape[2]}")
 
 
-def _meta(q, k, seg):
+def _meta(q, k, seg, softcap):
     return dict(HEAD_DIM=q.shape[2], BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
-                GROUP=q.shape[1] // k.shape[1], HAS_OFFSET=seg.q_offset is not None,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                GROUP=q.shape[1] // k.shape[1], HAS_LO=seg.lo is not None, HAS_HI=seg.hi is not None,
+                SOFTCAP=softcap is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _multipliers(scale, softcap):
+    """``(qk_mult, cap_in)``: the log2-domain score is ``qk * qk_mult``, or with the soft-cap
+    ``tanh(qk * cap_in) * qk_mult`` (``cap * tanh(scale * qk / cap)`` in natural units)."""
+    if softcap is None:
+        return scale * LOG2E, 0.0
+    return float(softcap) * LOG2E, scale / float(softcap)
 
 
 def _work(*tensors):
@@ -312,56 +323,61 @@ def _work(*tensors):
     return [t.contiguous() for t in tensors]
 
 
-def triton_fwd(q, k, v, seg: Varlen, causal, window, scale):
+def triton_fwd(q, k, v, seg: Varlen, scale, softcap=None):
     _check_dtype(q)
     dtype = q.dtype
     q, k, v = _work(q, k, v)
-    cu_q, cu_k, offset = seg.tensors(q.device)
-    q_tiles, q_counts, _, _ = prepare(seg, q.device, causal, window)
+    cu_q, cu_k, lo, hi = seg.tensors(q.device)
+    q_tiles, q_counts, _, _ = prepare(seg, q.device)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     if q_counts[TILE_BLOCKS[0]]:
         grid = lambda meta: (q_counts[meta["BLOCK_M"]], q.shape[1])  # noqa: E731
-        _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, offset if offset is not None else cu_q, q_tiles,
-                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                          out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), scale * LOG2E, window or 0,
-                          CAUSAL=causal, WINDOW=window is not None, **_meta(q, k, seg))
+        _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, cu_q if lo is None else lo, cu_q if hi is None else hi,
+                          q_tiles, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                          out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), *_multipliers(scale, softcap),
+                          **_meta(q, k, seg, softcap))
     return out.to(dtype), lse
 
 
-def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, causal, window, scale, delta=None):
+def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=None):
     _check_dtype(q)
     dtype = q.dtype
     if delta is None:
         delta = row_delta(dout, out)
     q, k, v, dout = _work(q, k, v, dout)
     lse, delta = lse.float().contiguous(), delta.float().contiguous()
-    cu_q, cu_k, offset = seg.tensors(q.device)
-    q_tiles, q_counts, k_tiles, k_counts = prepare(seg, q.device, causal, window)
+    cu_q, cu_k, lo, hi = seg.tensors(q.device)
+    q_tiles, q_counts, k_tiles, k_counts = prepare(seg, q.device)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if q_counts[TILE_BLOCKS[0]]:
-        common = (cu_q, cu_k, offset if offset is not None else cu_q)
+        common = (cu_q, cu_k, cu_q if lo is None else lo, cu_q if hi is None else hi)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
                    dout.stride(1), lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1))
-        meta = dict(CAUSAL=causal, WINDOW=window is not None, **_meta(q, k, seg))
+        floats = (scale, *_multipliers(scale, softcap))
+        meta = _meta(q, k, seg, softcap)
         grid = lambda meta: (k_counts[meta["BLOCK_N"]], k.shape[1])  # noqa: E731
         _bwd_dkv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, *common, k_tiles, *strides, dk.stride(0),
-                              dk.stride(1), dv.stride(0), dv.stride(1), scale, scale * LOG2E, window or 0, **meta)
+                              dk.stride(1), dv.stride(0), dv.stride(1), *floats, **meta)
         grid = lambda meta: (q_counts[meta["BLOCK_M"]], q.shape[1])  # noqa: E731
         _bwd_dq_kernel[grid](q, k, v, dout, lse, delta, dq, *common, q_tiles, *strides, dq.stride(0), dq.stride(1),
-                             scale, scale * LOG2E, window or 0, **meta)
+                             *floats, **meta)
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
 # ---- ahead-of-time compilation (python -m distattn.kernels.aot) ---------------------------------
 
 KERNELS = {"fwd": _fwd_kernel, "bwd_dkv": _bwd_dkv_kernel, "bwd_dq": _bwd_dq_kernel}
-VARIANTS = {  # constexprs of each mask variant the AOT check compiles
-    "causal": dict(CAUSAL=True, WINDOW=False, GROUP=1, HAS_OFFSET=False),
-    "full": dict(CAUSAL=False, WINDOW=False, GROUP=1, HAS_OFFSET=False),
-    "window": dict(CAUSAL=True, WINDOW=True, GROUP=1, HAS_OFFSET=False),
-    "gqa": dict(CAUSAL=True, WINDOW=False, GROUP=4, HAS_OFFSET=False),
-    "q_offset": dict(CAUSAL=True, WINDOW=False, GROUP=1, HAS_OFFSET=True),
+VARIANTS = {  # constexprs of each variant the AOT check compiles: every (HAS_LO, HAS_HI, SOFTCAP), and GQA
+    "full": dict(HAS_LO=False, HAS_HI=False, SOFTCAP=False, GROUP=1),
+    "causal": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=1),
+    "lo_only": dict(HAS_LO=True, HAS_HI=False, SOFTCAP=False, GROUP=1),
+    "band": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=False, GROUP=1),
+    "gqa": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=4),
+    "full_softcap": dict(HAS_LO=False, HAS_HI=False, SOFTCAP=True, GROUP=1),
+    "softcap": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=True, GROUP=1),
+    "lo_only_softcap": dict(HAS_LO=True, HAS_HI=False, SOFTCAP=True, GROUP=1),
+    "band_softcap": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=True, GROUP=4),
 }
 
 
@@ -370,9 +386,9 @@ def aot_spec(kernel: str, dtype: str, head_dim: int, variant: str):
     ``ASTSource``; ``dtype`` is ``"bf16" | "fp16" | "fp32"``. Pointer and stride arguments are the
     ones a contiguous ``[T, H, D]`` tensor gives (divisible by 16 where the launcher sees it)."""
     fn = KERNELS[kernel].fn
-    floats = {"scale", "scale_log2"}
+    floats = {"scale", "qk_mult", "cap_in"}
     fp32_ptrs = {"LSE", "DELTA"}
-    int_ptrs = {"CU_Q", "CU_K", "OFFSET", "TILES"}
+    int_ptrs = {"CU_Q", "CU_K", "LO", "HI", "TILES"}
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                       PRECISION="ieee" if dtype == "fp32" else "tf32", **VARIANTS[variant])
     signature = {}
@@ -385,7 +401,7 @@ def aot_spec(kernel: str, dtype: str, head_dim: int, variant: str):
             signature[name] = "*i32"
         elif name in floats:
             signature[name] = "fp32"
-        elif name.startswith("stride") or name == "window":
+        elif name.startswith("stride"):
             signature[name] = "i32"
         else:
             signature[name] = "*" + dtype

@@ -1,24 +1,36 @@
 """Device-side building blocks of the Triton kernels (:mod:`.triton_attn`): where a program's
-segment and tile are, which key blocks its rows see (masked runs at the edges, full blocks in
-between) and how rows load with or without masks. ``@triton.jit`` functions, inlined into the
-kernels that call them.
+segment and tile are, which blocks of the other side its rows see under the segment's *band*
+(masked runs at the edges, full blocks in between), the mask, the logit soft-cap and how rows load
+with or without masks. ``@triton.jit`` functions, inlined into the kernels that call them.
+
+The band of a segment with ``m`` queries and ``n`` keys: local query row ``i`` sees local key ``j``
+iff ``lo <= j - i <= hi``. :func:`segment` clamps both bounds into ``[-m, n]`` (every ``j - i`` lies
+in ``[1 - m, n - 1]``), so a missing bound (``HAS_LO``/``HAS_HI`` False, or
+``distattn.masks.UNBOUNDED`` in the array) is just ``-m`` / ``n`` and the arithmetic below stays far
+inside int32.
 """
 
 import triton
 import triton.language as tl
 
+_LOG2E = tl.constexpr(1.4426950408889634)
+_COMPILED = tl.constexpr(not triton.knobs.runtime.interpret)  # False under TRITON_INTERPRET=1
+
 
 @triton.jit
-def segment(CU_Q, CU_K, OFFSET, seg, HAS_OFFSET: tl.constexpr):
-    """Start rows, lengths and the position shift (``row + shift`` = key position) of a segment."""
+def segment(CU_Q, CU_K, LO, HI, seg, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """Start rows, lengths and the clamped band ``(lo, hi)`` of a segment."""
     q0 = tl.load(CU_Q + seg)
     k0 = tl.load(CU_K + seg)
     m = tl.load(CU_Q + seg + 1) - q0
     n = tl.load(CU_K + seg + 1) - k0
-    shift = n - m
-    if HAS_OFFSET:
-        shift += tl.load(OFFSET + seg)
-    return q0, k0, m, n, shift
+    lo = -m
+    hi = n
+    if HAS_LO:
+        lo = tl.minimum(tl.maximum(tl.load(LO + seg), -m), n)
+    if HAS_HI:
+        hi = tl.maximum(tl.minimum(tl.load(HI + seg), n), -m)
+    return q0, k0, m, n, lo, hi
 
 
 @triton.jit
@@ -43,40 +55,60 @@ def runs(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def visible(rows, cols, shift, m, n, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    pos = rows[:, None] + shift
-    ok = (rows[:, None] < m) & (cols[None, :] < n) & (cols[None, :] >= 0)
-    if CAUSAL:
-        ok = ok & (cols[None, :] <= pos)
-    if WINDOW:
-        ok = ok & (pos - cols[None, :] < window)
-        if not CAUSAL:
-            ok = ok & (cols[None, :] - pos < window)
+def visible(rows, cols, m, n, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """``[rows, cols]`` mask: real rows and keys inside the band."""
+    ok = (rows[:, None] < m) & (cols[None, :] < n)
+    if HAS_LO:
+        ok = ok & (cols[None, :] - rows[:, None] >= lo)
+    if HAS_HI:
+        ok = ok & (cols[None, :] - rows[:, None] <= hi)
     return ok
 
 
 @triton.jit
-def key_runs(start_m, m, shift, n, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
-    """Key blocks a query tile visits: ``(lo, a, b, end)``, masked ``[lo, a)``, full ``[a, b)``,
-    masked ``[b, end)`` (see :func:`runs`)."""
+def key_runs(start_m, m, n, lo, hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks a query tile ``[start_m, start_m + BLOCK_M)`` visits: ``(first, a, b, end)``,
+    masked ``[first, a)``, full ``[a, b)``, masked ``[b, end)`` (see :func:`runs`). Its rows see
+    keys ``[start_m + lo, last + hi]``; a block is full when the last row's first key and the first
+    row's last key enclose it (and it lies before ``n``)."""
     last = tl.minimum(start_m + BLOCK_M, m) - 1
-    lo = 0
-    hi = n
-    full_lo = 0
-    full_hi = n
-    if CAUSAL:
-        hi = tl.minimum(hi, last + shift + 1)
-        full_hi = tl.minimum(full_hi, start_m + shift + 1)
-    if WINDOW:
-        lo = tl.maximum(lo, start_m + shift - window + 1)
-        full_lo = last + shift - window + 1
-        if not CAUSAL:
-            hi = tl.minimum(hi, last + shift + window)
-            full_hi = tl.minimum(full_hi, start_m + shift + window)
-    lo = (lo // BLOCK_N) * BLOCK_N
-    a, b, end = runs(lo, hi, full_lo, full_hi, BLOCK_N)
-    return lo, a, b, end
+    first = tl.maximum(start_m + lo, 0)
+    first = (first // BLOCK_N) * BLOCK_N
+    a, b, end = runs(first, tl.minimum(last + hi + 1, n), last + lo, tl.minimum(start_m + hi + 1, n), BLOCK_N)
+    return first, a, b, end
+
+
+@triton.jit
+def row_runs(start_n, m, n, lo, hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query blocks a key tile ``[start_n, start_n + BLOCK_N)`` visits (dK/dV), as
+    :func:`key_runs`: rows ``[start_n - hi, last - lo]`` see one of its keys; a block is full when
+    every row of it sees the whole tile and is a real row (keys past the segment's end only feed
+    outputs that are never stored)."""
+    last = tl.minimum(start_n + BLOCK_N, n) - 1
+    first = tl.maximum(start_n - hi, 0)
+    first = (first // BLOCK_M) * BLOCK_M
+    a, b, end = runs(first, tl.minimum(last - lo + 1, m), last - hi, tl.minimum(start_n - lo + 1, m), BLOCK_M)
+    return first, a, b, end
+
+
+@triton.jit
+def logits(qk, cap_in, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """What the log2-domain score is a multiple of: ``qk``, or with the soft-cap
+    ``tanh(qk * scale / cap)`` (the caller multiplies by ``scale * log2 e`` or ``cap * log2 e``).
+
+    Compiled fp16/bf16 kernels take ``tanh.approx.f32`` (one MUFU op, relative error 2^-11, as
+    FlashAttention's soft-cap does: below the inputs' own rounding); fp32 kernels and the
+    interpreter (which has neither inline asm nor libdevice) use ``1 - 2 / (2^(2x log2 e) + 1)``,
+    exact at both ends (the exponent is clamped: 2^126 is finite, and its reciprocal rounds to 0)."""
+    if SOFTCAP:
+        x = qk * cap_in
+        if PRECISION != "ieee":
+            if _COMPILED:
+                return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                                 is_pure=True, pack=1)
+        return 1.0 - 2.0 / (tl.math.exp2(tl.minimum(x * (2.0 * _LOG2E), 126.0)) + 1.0)
+    else:
+        return qk
 
 
 @triton.jit

@@ -5,7 +5,7 @@ Tile tables: for each block size the autotuner may pick, the ``(segment, first r
 ``block``-row query tile (forward, dQ) or key tile (dK/dV) that sees at least one key, heaviest
 first. One flat int32 array per side; its header (index ``block // 16``) says where that block
 size's pairs start. The spans computed here mirror the kernels' own key and row ranges
-(``_key_runs`` and the dK/dV prologue in :mod:`.triton_attn`).
+(``key_runs`` and ``row_runs`` in :mod:`.triton_blocks`) under each segment's band.
 """
 
 from __future__ import annotations
@@ -78,41 +78,39 @@ def _tile_table(lengths: np.ndarray, block: int, span) -> np.ndarray:
     return np.stack([seg[order], first[order]], axis=1).astype(np.int32)
 
 
-def _spans(seg: Varlen, causal: bool, window: int | None):
-    """Work of a query tile (keys it sees) and of a key tile (rows that see it), as in the kernels."""
+def _band(seg: Varlen):
+    """Per-segment ``(m, n, lo, hi)`` as int64 with the bounds clamped into ``[-m, n]``, as
+    :func:`.triton_blocks.segment` does (a missing bound is ``-m`` / ``n``)."""
     m, n = np.diff(seg.cu_q).astype(np.int64), np.diff(seg.cu_k).astype(np.int64)
-    shift = n - m + (seg.q_offset if seg.q_offset is not None else 0)
-    w = window or 0
+    lo = -m if seg.lo is None else np.clip(np.asarray(seg.lo, dtype=np.int64), -m, n)
+    hi = n.copy() if seg.hi is None else np.clip(np.asarray(seg.hi, dtype=np.int64), -m, n)
+    return m, n, lo, hi
+
+
+def _spans(seg: Varlen):
+    """Work of a query tile (keys it sees) and of a key tile (rows that see it), as in the kernels
+    (:func:`.triton_blocks.key_runs` / :func:`.triton_blocks.row_runs`). Segments whose band is
+    empty (``lo > hi``) have no work."""
+    m, n, lo, hi = _band(seg)
+    some = lo <= hi
 
     def keys(s, first, rows):
         last = first + rows - 1
-        lo, hi = np.zeros_like(first), n[s].copy()
-        if causal:
-            hi = np.minimum(hi, last + shift[s] + 1)
-        if window is not None:
-            lo = np.maximum(lo, first + shift[s] - w + 1)
-            if not causal:
-                hi = np.minimum(hi, last + shift[s] + w)
-        return np.maximum(hi - lo, 0)
+        span = np.minimum(n[s], last + hi[s] + 1) - np.maximum(0, first + lo[s])
+        return np.where(some[s], np.maximum(span, 0), 0)
 
     def rows_seeing(s, first, cols):
         last = first + cols - 1
-        lo, hi = np.zeros_like(first), m[s].copy()
-        if causal:
-            lo = np.maximum(lo, first - shift[s])
-        if window is not None:
-            hi = np.minimum(hi, last + w - shift[s])
-            if not causal:
-                lo = np.maximum(lo, first - w + 1 - shift[s])
-        return np.maximum(hi - lo, 0)
+        span = np.minimum(m[s], last - lo[s] + 1) - np.maximum(0, first - hi[s])
+        return np.where(some[s], np.maximum(span, 0), 0)
 
     return m, n, keys, rows_seeing
 
 
-def _tables(seg: Varlen, causal: bool, window: int | None) -> tuple[np.ndarray, dict, np.ndarray, dict]:
+def _tables(seg: Varlen) -> tuple[np.ndarray, dict, np.ndarray, dict]:
     """Query-tile and key-tile tables for every block size: each a flat int32 array whose header
     (index ``block // 16``) gives where that block size's pairs start; plus tile counts."""
-    m, n, keys, rows_seeing = _spans(seg, causal, window)
+    m, n, keys, rows_seeing = _spans(seg)
     out = []
     for lengths, span in ((m, keys), (n, rows_seeing)):
         header = np.zeros(TILE_BLOCKS[-1] // 16 + 1, dtype=np.int32)
@@ -127,9 +125,9 @@ def _tables(seg: Varlen, causal: bool, window: int | None) -> tuple[np.ndarray, 
     return tuple(out)
 
 
-def prepare(seg: Varlen, device: torch.device, causal: bool, window: int | None):
-    """Tile tables of ``seg`` for this mask, on ``device`` (built and copied once per layout)."""
+def prepare(seg: Varlen, device: torch.device):
+    """Tile tables of ``seg`` (its band included) on ``device``, built and copied once per layout."""
     def build():
-        q_table, q_counts, k_table, k_counts = _tables(seg, causal, window)
+        q_table, q_counts, k_table, k_counts = _tables(seg)
         return torch.from_numpy(q_table).to(device), q_counts, torch.from_numpy(k_table).to(device), k_counts
-    return seg.cached(("triton", torch.device(device), causal, window), build)
+    return seg.cached(("triton", torch.device(device)), build)

@@ -65,17 +65,17 @@ def sent_vs_stats(scheduler, docs, hq=4, hkv=2, causal=True, window=None, option
     return plan.bytes_sent() - before, stats["send_bytes"][plan.rank], stats
 
 
-def covers_the_mask(plan, docs, causal, window) -> bool:
-    """The slices every rank of ``plan`` computes add up to the document mask, nothing computed twice."""
+def covers_the_mask(plan, docs, causal, window, mask=None) -> bool:
+    """The slices every rank of ``plan`` computes add up to the mask (default: the document mask),
+    nothing computed twice."""
     import numpy as np
 
-    dense = distattn.masks.dense_mask
-    seen = np.zeros((sum(docs), sum(docs)), dtype=int)
+    total = sum(docs)
+    seen = np.zeros((total, total), dtype=int)
     for r in range(plan.world_size):
         for sl in plan.compute_slices(r):
-            seen[sl.q_start:sl.q_end, sl.k_start:sl.k_end] += dense(sl.q_len, sl.k_len, causal, window,
-                                                                     sl.offset).numpy()
-    want = np.zeros_like(seen)
-    for sl in distattn.document_mask(docs, causal, window):
-        want[sl.q_start:sl.q_end, sl.k_start:sl.k_end] = dense(sl.q_len, sl.k_len, causal, window).numpy()
-    return bool((seen == want).all())
+            lo, hi = sl.local_band()
+            diag = np.arange(sl.k_len)[None, :] - np.arange(sl.q_len)[:, None]
+            seen[sl.q_start:sl.q_end, sl.k_start:sl.k_end] += (diag >= lo) & (diag <= hi)
+    mask = mask if mask is not None else distattn.SliceMask.documents(docs, causal, window)
+    return bool((seen == mask.dense(total).numpy()).all())

@@ -85,8 +85,20 @@ Resource usage:
 def test_divisibility_attrs_mark_pointers_and_strides_but_not_lse_delta():
     fn, signature, _ = aot.aot_spec("bwd_dq", "bf16", 128, "gqa")
     marked = {fn.arg_names[i] for (i,) in aot.divisibility_attrs(fn, signature)}
-    assert {"Q", "LSE", "DELTA", "CU_Q", "TILES", "stride_qt", "stride_kh", "stride_dqh"} <= marked
-    assert not marked & {"stride_lt", "stride_lh", "stride_dt", "stride_dh", "window", "scale", "HEAD_DIM"}
+    assert {"Q", "LSE", "DELTA", "CU_Q", "LO", "HI", "TILES", "stride_qt", "stride_kh", "stride_dqh"} <= marked
+    assert not marked & {"stride_lt", "stride_lh", "stride_dt", "stride_dh", "scale", "qk_mult", "cap_in",
+                         "HEAD_DIM", "HAS_LO", "SOFTCAP"}
+    assert signature["LO"] == signature["HI"] == "*i32" and signature["cap_in"] == "fp32"
+
+
+def test_variants_cover_every_mask_and_softcap_constexpr():
+    """Every (HAS_LO, HAS_HI, SOFTCAP) a call can take is an AOT variant, with GQA (GROUP > 1) too."""
+    combos = {(v["HAS_LO"], v["HAS_HI"], v["SOFTCAP"]) for v in VARIANTS.values()}
+    assert combos == {(lo, hi, cap) for lo in (False, True) for hi in (False, True) for cap in (False, True)}
+    assert any(v["GROUP"] > 1 for v in VARIANTS.values())
+    for kernel in KERNELS:
+        _, signature, constexprs = aot.aot_spec(kernel, "fp16", 64, "band_softcap")
+        assert set(constexprs) | {"BLOCK_M", "BLOCK_N"} == {k for k, t in signature.items() if t == "constexpr"}
 
 
 CANNED_SASS = """
@@ -113,11 +125,13 @@ def test_loop_finder_on_canned_sass():
     assert sass.full_tile_loop(found) is body
 
 
-@pytest.mark.parametrize("arch, mma", [(80, "HMMA"), (90, "HGMMA")])
-def test_loop_finder_finds_the_full_key_tile_loop(arch, mma):
-    """A small forward kernel: its full-tile loop has the MMAs and no mask selects; the masked loop
-    at the diagonal has selects."""
-    case = aot.Case("fwd", (64, 64, 4, 3), arch, "bf16", 64, "causal", True)
+@pytest.mark.parametrize("arch, mma, variant", [(80, "HMMA", "causal"), (90, "HGMMA", "causal"),
+                                               (90, "HGMMA", "band_softcap")])
+def test_loop_finder_finds_the_full_key_tile_loop(arch, mma, variant):
+    """A small forward kernel: its full-tile loop has the MMAs and no mask selects (also with a
+    two-sided band and the soft-cap, whose tanh is one MUFU op); the masked loop at the band's
+    edges has selects."""
+    case = aot.Case("fwd", (64, 64, 4, 3), arch, "bf16", 64, variant, True)
     row = aot.compile_cases([case], jobs=1, keep_cubin=True, log=None)[0]
     assert row["status"] == "ok", row.get("error")
     text = sass.disassemble(row["cubin"])
@@ -127,4 +141,6 @@ def test_loop_finder_finds_the_full_key_tile_loop(arch, mma):
     full = sass.full_tile_loop(found)
     assert full is not None and full.counts.get("select", 0) == 0 and full.counts["exp"] > 0
     assert any(ins.opcode.startswith(mma) for ins in full.instructions)
+    if variant.endswith("softcap"):
+        assert any(ins.opcode.startswith("MUFU.TANH") for ins in full.instructions)
     assert max(loop.counts.get("select", 0) for loop in with_mma) > 0

@@ -32,7 +32,7 @@ def test_quick_bench_writes_results_plots_and_tensorboard(bench_dir):
                 "send_bytes", "peak_mem_mb"):
         assert col in rows[0]
     cases = {(r["world_size"], r["seq_len"], r["mask"]) for r in rows}
-    assert len(cases) == 2 * 2 * 5
+    assert len(cases) == 2 * 2 * 5 and {"prefix-lm", "causal-blockwise"} <= {r["mask"] for r in rows}
     for case in cases:
         assert SCHEDS <= {r["scheduler"] for r in rows if (r["world_size"], r["seq_len"], r["mask"]) == case}
     for r in rows:

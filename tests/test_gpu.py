@@ -1,7 +1,8 @@
 """GPU suite: runs wherever CUDA is present, skipped cleanly elsewhere.
 
 * every backend (triton, torch = PyTorch's FlashAttention, reference) vs fp64 in bf16/fp16 under
-  the tolerance rule (error <= 2x PyTorch's own SDPA error in the same dtype, plus rounding);
+  the tolerance rule (error <= 2x PyTorch's own SDPA error in the same dtype, plus rounding), on
+  (causal, window, q_offset) masks and on per-segment bands, with logit soft-capping and sinks;
 * every scheduler's plan at world size 1 on the GPU, and no host synchronisation in a warm step
   (``torch.cuda.set_sync_debug_mode("error")``);
 * every scheduler over NCCL when >= 2 GPUs exist;
@@ -20,9 +21,11 @@ import torch.distributed as dist
 
 import distattn
 from conftest import max_err, rand_qkv
-from distattn.kernels import attn_bwd, attn_fwd
+from distattn.kernels import Varlen, attn_bwd, attn_fwd, varlen_bwd, varlen_fwd
 from distattn.masks import cu_seqlens
+from distattn.oracle import dense_attention
 from distattn.spawn import run_distributed
+from test_kernel_bands import _bounds, _sdpa_band
 from test_kernels import _oracle, _sdpa
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -86,6 +89,77 @@ def test_torch_backend_refuses_what_flash_cannot_express():
     qh, kh, vh = (t.half() for t in (q, k, v))
     with pytest.raises(ValueError, match="q_offset < 0"):
         attn_fwd(qh, kh, vh, cu, cu, backend="torch", q_offset=torch.tensor([-3], device="cuda"))
+
+
+# (m, n, lo, hi) segments, None = unbounded; all of them FlashAttention's window can say (so the
+# torch backend runs them too): long inverse-causal, bi-causal and two-sided bands, shifted causal
+GPU_BANDS = [(1500, 1500, 0, None), (700, 1300, 0, 600), (129, 500, -60, 400), (1, 1, 0, 0), (512, 512, None, 0),
+             (300, 900, None, 650), (5, 0, None, None), (800, 800, -200, 100)]
+
+
+def _band_case(hq, hkv, d, seed=0):
+    lq, lk = [s[0] for s in GPU_BANDS], [s[1] for s in GPU_BANDS]
+    q, k, v = (t.cuda() for t in rand_qkv(sum(lq), sum(lk), hq, hkv, d, torch.float64, seed))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).cuda()
+    keep = torch.zeros(sum(lq), sum(lk), dtype=torch.bool, device="cuda")
+    q0 = k0 = 0
+    for m, n, lo, hi in GPU_BANDS:
+        dd = torch.arange(n, device="cuda").unsqueeze(0) - torch.arange(m, device="cuda").unsqueeze(1)
+        keep[q0:q0 + m, k0:k0 + n] = (dd >= (lo if lo is not None else -m - n)) & (dd <= (hi if hi is not None
+                                                                                          else m + n))
+        q0, k0 = q0 + m, k0 + n
+    return q, k, v, dout, Varlen.from_lengths(lq, lk, *_bounds(GPU_BANDS)), keep
+
+
+def _band_oracle(q, k, v, dout, seg, keep, softcap=None, dtype=torch.float64):
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = dense_attention(qq, kk, vv, torch.from_numpy(seg.cu_q), torch.from_numpy(seg.cu_k), softcap=softcap,
+                               mask=keep)
+    out.backward(dout.to(dtype))
+    return out.detach(), lse.detach(), qq.grad, kk.grad, vv.grad
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_bands_within_twice_torch_error(backend, softcap):
+    """Per-segment bands (and softcap) in bf16 vs fp64: SDPA's error as the bound without softcap,
+    the plain math in bf16 with it (SDPA has no softcap)."""
+    dtype = torch.bfloat16
+    q64, k64, v64, dout64, seg, keep = _band_case(8, 2, 128)
+    want = _band_oracle(q64, k64, v64, dout64, seg, keep, softcap)
+    q, k, v, dout = (t.to(dtype) for t in (q64, k64, v64, dout64))
+    if softcap is None:
+        base = _sdpa_band(q, k, v, seg, keep, dout)
+    else:
+        plain = _band_oracle(q, k, v, dout, seg, keep, softcap, dtype=dtype)
+        base = plain[:1] + plain[2:]
+    kw = dict(scale=q.shape[2] ** -0.5, softcap=softcap, backend=backend)
+    out, lse = varlen_fwd(q, k, v, seg, **kw)
+    grads = varlen_bwd(dout, q, k, v, out, lse, seg, **kw)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.is_cuda
+    for name, a, b, w in zip(("out", "dq", "dk", "dv"), (out, *grads), base, want[:1] + want[2:]):
+        atol = max_err(w.to(dtype), w)
+        assert max_err(a, w) <= 2 * max_err(b, w) + atol, (name, max_err(a, w), max_err(b, w))
+    assert max_err(lse, want[1]) < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_sinks_and_softcap_through_attn_fwd_bwd(backend):
+    dtype = torch.bfloat16
+    q64, k64, v64, dout64, cu_q, cu_k, off = _case("ragged", 4, 4, 64)
+    sinks64 = torch.randn(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64).cuda()
+    ins = [t.detach().clone().requires_grad_() for t in (q64, k64, v64, sinks64)]
+    w_out, w_lse = dense_attention(*ins[:3], cu_q, cu_k, True, None, softcap=30.0, sinks=ins[3])
+    w_out.backward(dout64)
+    q, k, v, dout, sinks = (t.to(dtype) for t in (q64, k64, v64, dout64, sinks64))
+    kw = dict(causal=True, backend=backend, softcap=30.0, sinks=sinks)
+    out, lse = attn_fwd(q, k, v, cu_q, cu_k, **kw)
+    dq, dk, dv, dsinks = attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, **kw)
+    assert dsinks.shape == (4,) and dsinks.dtype == dtype
+    rel = lambda a, b: max_err(a, b) / b.abs().max().item()  # noqa: E731
+    assert rel(out, w_out.detach()) < 2e-2 and max_err(lse, w_lse.detach()) < 2e-2
+    for a, b in zip((dq, dk, dv, dsinks), (t.grad for t in ins)):
+        assert rel(a, b) < 3e-2
 
 
 def _scheduler_case(scheduler, world, dtype_name, backend):

@@ -43,8 +43,8 @@ def test_area_and_visible_keys_match_definition(causal, window):
 
 def test_slice_geometry_is_global():
     # queries [10, 14) against earlier keys [2, 6) of the same document: offset 8
-    s = MaskSlice(10, 14, 2, 6, causal=True, window=10)
-    assert s.offset == 8
+    s = MaskSlice.document(10, 14, 2, 6, causal=True, window=10)
+    assert (s.lo, s.hi) == (-9, 0) and s.local_band() == (-9 + 8, 0 + 8)
     assert s.area() == sum(1 for g in range(10, 14) for j in range(2, 6) if j <= g and g - j < 10)
 
 
@@ -62,10 +62,10 @@ def test_flops_convention():
     assert attention_flops(10, 8, 64) == 4 * 10 * 8 * 64
     assert attention_flops(10, 8, 64, backward=True) == 2.5 * 4 * 10 * 8 * 64
     slices = document_mask([3, 5], causal=True)
-    assert [s.kind for s in slices] == ["causal", "causal"]
+    assert [(s.lo, s.hi) for s in slices] == [(None, 0), (None, 0)]
     assert slices_area(slices) == 6 + 15
-    assert MaskSlice(0, 4, 0, 4, causal=True, window=2).kind == "window"
-    assert MaskSlice(0, 4, 0, 8, causal=False).area() == 32
+    assert MaskSlice.document(0, 4, 0, 4, causal=True, window=2).area() == 4 + 3
+    assert MaskSlice.document(0, 4, 0, 8, causal=False).area() == 32
 
 
 @pytest.mark.parametrize("bad,match", [

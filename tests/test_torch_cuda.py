@@ -1,6 +1,6 @@
-"""``backend="torch"`` on CUDA maps our segment geometry (bottom-right causal, windows, q_offset)
-onto FlashAttention's ``(left, right)`` window and its lse conventions. No GPU here: the aten ops
-are replaced by an fp64 emulation written from FlashAttention's documented semantics -- query ``i``
+"""``backend="torch"`` on CUDA maps our per-segment bands (bottom-right causal, windows, q_offset,
+inverse- and bi-causal, any band) onto FlashAttention's ``(left, right)`` window and its lse
+conventions. No GPU here: the aten ops are replaced by an fp64 emulation written from FlashAttention's documented semantics -- query ``i``
 of a segment with ``m`` queries and ``n`` keys attends to keys ``[i + n - m - left, i + n - m + right]``
 (-1: unbounded; ``is_causal`` means right = 0), lse ``[H, T]`` natural log, ``+inf`` on rows that see
 no key -- and the backend's grouping, gathers and conversions are checked against the fp64 oracle.
@@ -11,6 +11,8 @@ import torch
 
 from conftest import max_err
 from distattn.kernels import Varlen, torch_cuda
+from distattn.masks import UNBOUNDED
+from test_kernel_bands import BANDS, band_case, band_oracle
 from test_kernels import HEADS, MASKS, _case, _dout, _oracle
 
 
@@ -100,23 +102,82 @@ def test_flash_mapping_matches_oracle(emulated, layout, heads, mask):
     if window is not None and off is not None:  # a ring block trimmed to the window, as pair_block does
         off = torch.clamp(off, max=window - 1)
     dout = _dout(q)
-    seg = Varlen.build(cu_q, cu_k, off)
+    seg = Varlen.from_tensors(cu_q, cu_k, off, q.shape[0], k.shape[0], causal, window)
     scale = q.shape[2] ** -0.5
-    out, lse = torch_cuda.flash_fwd(q, k, v, seg, causal, window, scale)
-    grads = torch_cuda.flash_bwd(dout, q, k, v, out, lse, seg, causal, window, scale)
+    out, lse = torch_cuda.flash_fwd(q, k, v, seg, scale)
+    grads = torch_cuda.flash_bwd(dout, q, k, v, out, lse, seg, scale)
     want = _oracle(q, k, v, cu_q, cu_k, off, causal, window, dout)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
         assert max_err(a, b) < 1e-12, (name, max_err(a, b))
-    calls = torch_cuda.groups(seg, q.device, causal, window)
+    calls = torch_cuda.groups(seg, q.device)
     if layout == "mixed":  # every segment bottom-right aligned: one call on the tensors as they are
         assert len(calls) == 1 and calls[0].q_index is None
 
 
+# bands FlashAttention's window can say: m <= n for lo-bounded ("inverse causal" j >= i is left = n - m),
+# hi >= n - m where hi cuts (right = hi - (n - m) >= 0)
+FLASH_BANDS = {
+    "inv-causal": [(9, 9, 0, None), (5, 12, 0, None), (6, 10, 4, None), (12, 5, -8, None)],
+    "bi-causal": [(9, 9, 0, 0), (5, 12, 0, 7), (6, 11, 1, 7), (3, 3, 0, 0)],
+    "mixed-bands": [(7, 7, None, 0), (6, 9, None, 5), (6, 10, -3, 6), (4, 0, None, None), (5, 5, 3, 1)],
+}
+
+
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("layout", list(FLASH_BANDS))
+def test_flash_mapping_of_bands_matches_oracle(emulated, layout, heads):
+    q, k, v, seg, keep = band_case(FLASH_BANDS[layout], heads)
+    dout = _dout(q)
+    scale = q.shape[2] ** -0.5
+    out, lse = torch_cuda.flash_fwd(q, k, v, seg, scale)
+    grads = torch_cuda.flash_bwd(dout, q, k, v, out, lse, seg, scale)
+    want = band_oracle(q, k, v, keep, dout)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
+        assert max_err(a, b) < 1e-12, (name, max_err(a, b))
+
+
+def test_band_to_window_values():
+    U = UNBOUNDED
+    #                 (m, n): (lo, hi)  -> (left, right)
+    cases = [((4, 4), (-U, U), (-1, -1)), ((4, 4), (-U, 0), (-1, 0)), ((4, 9), (-U, 5), (-1, 0)),
+             ((4, 4), (0, U), (0, -1)), ((4, 9), (0, 5), (5, 0)), ((6, 6), (-2, 2), (2, 2)),
+             ((3, 8), (-U, 6), (-1, 1)), ((3, 8), (-U, 7), (-1, -1)), ((5, 5), (-1, U), (1, -1))]
+    for (m, n), (lo, hi), want in cases:
+        left, right, visible = torch_cuda.windows(Varlen.from_lengths([m], [n], [lo], [hi]))
+        assert (int(left[0]), int(right[0])) == want and visible[0], ((m, n), (lo, hi))
+
+
+def test_softcap_runs_the_math_path(monkeypatch):
+    """FlashAttention has no softcap: flash_fwd/flash_bwd with one run torch_math, any band."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the FlashAttention op must not run with softcap")
+    monkeypatch.setattr(torch_cuda, "_fwd_op", refuse)
+    monkeypatch.setattr(torch_cuda, "_bwd_op", refuse)
+    q, k, v, seg, keep = band_case(BANDS["random-a"], "gqa-4:2")
+    dout = _dout(q)
+    out, lse = torch_cuda.flash_fwd(q, k, v, seg, 0.25, 2.0)
+    grads = torch_cuda.flash_bwd(dout, q, k, v, out, lse, seg, 0.25, 2.0)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    from distattn.oracle import dense_attention
+    from distattn.masks import cu_seqlens
+    w_out, w_lse = dense_attention(qq, kk, vv, cu_seqlens([q.shape[0]]), cu_seqlens([k.shape[0]]), scale=0.25,
+                                   softcap=2.0, mask=keep)
+    w_out.backward(dout)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (w_out, w_lse, qq.grad, kk.grad,
+                                                                                  vv.grad)):
+        assert max_err(a, b.detach()) < 1e-12, (name, max_err(a, b.detach()))
+
+
 def test_flash_refuses_what_its_window_cannot_say():
-    seg = Varlen.build([0, 4], [0, 4], [-2])
+    seg = Varlen.from_geometry([4], [4], True, None, [-2])
     with pytest.raises(ValueError, match="q_offset < 0"):
-        torch_cuda.windows(seg, True, None)
-    seg = Varlen.build([0, 4], [0, 4], [6])  # queries 6 past the keys, window 3: they see nothing
-    assert not torch_cuda.windows(seg, True, 3)[2].any()
+        torch_cuda.windows(seg)
+    seg = Varlen.from_geometry([4], [4], True, 3, [6])  # queries 6 past the keys, window 3: they see nothing
+    assert not torch_cuda.windows(seg)[2].any()
     with pytest.raises(ValueError, match="backend='triton'"):
-        torch_cuda.windows(Varlen.build([0, 8], [0, 4], [3]), True, 3)
+        torch_cuda.windows(Varlen.from_geometry([8], [4], True, 3, [3]))
+    # inverse causal with more queries than keys, a diagonal below bottom-right: no window says them
+    for lo, hi in ((0, None), (None, -3), (-1, 0)):
+        with pytest.raises(ValueError, match="backend='triton'"):
+            torch_cuda.windows(Varlen.from_lengths([6], [4], None if lo is None else [lo],
+                                                   None if hi is None else [hi]))

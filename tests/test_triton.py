@@ -1,6 +1,8 @@
 """The triton backend under Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest) vs the
-fp64 oracle: lengths that are not block multiples, several segments, q shorter than k, q_offset,
-GQA 4:2 and MQA, windows, fwd and bwd, fp32 / fp16 / bf16 (upcast). Larger shapes are `slow`."""
+fp64 oracle through the pinned ``attn_fwd``/``attn_bwd`` (causal, window, q_offset become a band
+per segment): lengths that are not block multiples, several segments, q shorter than k, q_offset,
+GQA 4:2 and MQA, windows, soft-capping, fwd and bwd, fp32 / fp16 / bf16 (upcast). Larger shapes are
+`slow`; arbitrary bands are in test_triton_bands.py."""
 
 import pytest
 import torch
@@ -58,6 +60,24 @@ def test_triton_mqa_and_bf16_upcast():
     assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
     for name, a, b, w in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], base, want[:1] + want[2:]):
         assert max_err(a, w) <= 2 * max_err(b, w) + max_err(w.to(torch.bfloat16), w), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_softcap_through_the_pinned_api_matches_reference(dtype):
+    """softcap with a causal window and q_offset (HAS_LO and HAS_HI), fp16 with full blocks."""
+    q64, k64, v64, cu_q, cu_k, off = _case("mixed", "gqa-4:2", 32, torch.float64)
+    dout64 = _dout(q64)
+    kw = dict(causal=True, window=9, q_offset=off, softcap=3.0)
+    want = attn_fwd(q64, k64, v64, cu_q, cu_k, backend="reference", **kw)
+    want_grads = attn_bwd(dout64, q64, k64, v64, *want, cu_q, cu_k, backend="reference", **kw)
+    q, k, v, dout = (t.to(dtype) for t in (q64, k64, v64, dout64))
+    out, lse = attn_fwd(q, k, v, cu_q, cu_k, backend="triton", **kw)
+    grads = attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, backend="triton", **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (*want, *want_grads)):
+        assert max_err(a, w) < tol * max(1.0, w[torch.isfinite(w)].abs().max().item()), name
+    plain = attn_fwd(q, k, v, cu_q, cu_k, backend="triton", causal=True, window=9, q_offset=off)[0]
+    assert max_err(plain, out) > 10 * tol  # the cap changed something
 
 
 def test_triton_refuses_fp64():

@@ -1,6 +1,7 @@
 """CAD balance on real document lengths, beside zigzag and ring (dry plans, no processes).
 
     python -m distattn.bench.cad_balance --doclens ../shared/data/doclens/prolong.json
+    python -m distattn.bench.cad_balance --masks --ranks 8 64 256   # CAD vs zigzag on slice masks
 
 Packs ``ranks x tokens-per-rank`` tokens from the document-length sample (documents
 longer than 64K upsampled x4, as in the DistCA evaluation; a log-normal stand-in
@@ -12,11 +13,12 @@ backward (Llama-3-8B attention: 32 query / 8 KV heads of 128, bf16) and the plan
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import numpy as np
 
 from ..api import plan
-from ..doclens import load_doc_lens, pack, upsample_long
+from ..doclens import SLICE_CASES, load_doc_lens, mask_case, pack, upsample_long
 from ..schedule import AttnShape
 from ..timing import time_calls
 
@@ -42,15 +44,35 @@ def table(ranks_list, tokens_per_rank: int, pool) -> list[dict]:
     return rows
 
 
+def mask_table(ranks_list, tokens_per_rank: int, pool, masks=SLICE_CASES) -> list[dict]:
+    """CAD vs zigzag on slice masks (dry plans): FLOPs imbalance and bytes per rank."""
+    rows = []
+    for ranks, mask in itertools.product(ranks_list, masks):
+        case = mask_case(mask, ranks * tokens_per_rank, pool, seed=0)
+        for name in ("cad", "zigzag"):
+            p = plan(case.docs, ranks, scheduler=name, **case.plan_kwargs())
+            st = p.stats(32, 8, 128, 2)
+            rows.append({"ranks": ranks, "mask": mask, "scheduler": name, "flops_imbalance": st["flops_imbalance"],
+                         "max_send_mb": max(st["send_bytes"]) / 2**20})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doclens", default=None, help="JSON list of document lengths")
     parser.add_argument("--ranks", type=int, nargs="+", default=[64, 256, 1024, 4096])
     parser.add_argument("--tokens-per-rank", type=int, default=65536)
+    parser.add_argument("--masks", action="store_true", help="CAD vs zigzag on LongCA-bench's slice masks instead")
     args = parser.parse_args(argv)
     pool = None
     if args.doclens:
         pool = upsample_long(load_doc_lens(args.doclens))
+    if args.masks:
+        print(f"{'ranks':>5} {'mask':<17} {'scheduler':<9} {'FLOPs imb':>9} {'max MiB':>9}")
+        for r in mask_table(args.ranks, args.tokens_per_rank, pool):
+            print(f"{r['ranks']:>5} {r['mask']:<17} {r['scheduler']:<9} {r['flops_imbalance']:>9.3f} "
+                  f"{r['max_send_mb']:>9.1f}", flush=True)
+        return 0
     print(f"{'ranks':>5} {'docs':>6} {'scheduler':<14} {'FLOPs imb':>9} {'tok imb':>7} {'mean MiB':>9} "
           f"{'max MiB':>9} {'max/mean':>8} {'plan ms':>8}")
     for r in table(args.ranks, args.tokens_per_rank, pool):

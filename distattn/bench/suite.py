@@ -7,7 +7,9 @@ Masks (document lengths from a real sample when given, else a log-normal stand-i
 
 * ``causal`` / ``full``: one document;
 * ``causal-doc`` / ``full-doc``: packed documents;
-* ``window``: one causal document with a sliding window of ``seq_len / 8``.
+* ``window``: one causal document with a sliding window of ``seq_len / 8``;
+* ``shared-question`` / ``prefix-lm`` / ``causal-blockwise``: LongCA-bench's slice masks
+  (:func:`distattn.doclens.mask_case`).
 
 FLOPs follow the mask area: forward ``4 * area * Hq * D``, backward 2.5x that, so
 ``tflops = 3.5 * 4 * area * Hq * D / time``. ``flops_imbalance`` and ``send_bytes`` (forward,
@@ -32,13 +34,14 @@ import torch.distributed as dist
 
 from ..api import attention, local_attention, plan
 from ..doclens import MASK_CASES, mask_case
-from ..masks import document_flops
+from ..masks import BWD_FLOPS_FACTOR, attention_flops
 from ..schedulers import NAMES
 from ..timing import slowest_median, time_calls
 from .ulysses_vs_deepspeed import DEFAULT_EXTENSIONS_DIR
 
 SCHEDULERS = NAMES
 MASKS = MASK_CASES
+QUICK_MASKS = ("causal", "causal-doc", "window", "prefix-lm", "causal-blockwise")
 COLUMNS = ("scheduler", "world_size", "seq_len", "mask", "fwd_bwd_ms", "tflops", "flops_imbalance", "send_bytes",
            "peak_mem_mb", "num_docs", "heads", "kv_heads", "head_dim", "dtype", "device")
 
@@ -61,6 +64,7 @@ class BenchConfig:
 
     @staticmethod
     def quick(**kw) -> "BenchConfig":
+        kw.setdefault("masks", QUICK_MASKS)
         return BenchConfig(world_sizes=(2, 4), seq_lens=(2048, 4096), repeats=2, **kw)
 
     def check(self) -> None:
@@ -128,19 +132,21 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
     rows = []
     for seq_len in cfg.seq_lens:
         for mask in cfg.masks:
-            docs, causal, window = mask_case(mask, seq_len, cfg.doc_pool, cfg.seed)
+            case = mask_case(mask, seq_len, cfg.doc_pool, cfg.seed)
+            docs, causal, window = case.docs, case.causal, case.window
             g = torch.Generator().manual_seed(cfg.seed)
             q, dout = (torch.randn(seq_len, cfg.heads, cfg.head_dim, generator=g).to(device, dtype) for _ in "qd")
             k, v = (torch.randn(seq_len, cfg.kv_heads, cfg.head_dim, generator=g).to(device, dtype) for _ in "kv")
-            flops = document_flops(docs, causal, window, cfg.heads, cfg.head_dim)
+            flops = (1 + BWD_FLOPS_FACTOR) * float(attention_flops(case.area(), cfg.heads, cfg.head_dim))
             names = list(cfg.schedulers) if world > 1 else ["local"]
-            if cfg.peers and world > 1 and seq_len % world == 0 and cfg.kv_heads % world == 0:
+            if cfg.peers and world > 1 and seq_len % world == 0 and cfg.kv_heads % world == 0 \
+                    and case.slices is None:  # DeepSpeed's attention takes documents only
                 names.append("deepspeed-ulysses")
             for name in names:
                 if name in ("ulysses", "deepspeed-ulysses") and cfg.heads < world:
                     continue
                 p = plan(docs, meshes.get(name, group), scheduler="ulysses" if name == "deepspeed-ulysses" else name,
-                         causal=causal, window=window)
+                         **case.plan_kwargs())
                 q_l, k_l, v_l, d_l = (p.shard(t) for t in (q, k, v, dout))
                 if name == "deepspeed-ulysses":
                     ds = _deepspeed_attention(group, docs, causal, window)

@@ -130,12 +130,14 @@ def add_parsers(sub) -> None:
         epilog=examples("distattn bench --quick --out bench/quick",
                         "distattn bench --out bench/doc --world-sizes 2,4,8 --seq-lens 8192,16384 "
                         "--masks causal-doc --doclens lengths.json"))
-    bench.add_argument("--quick", action="store_true", help="world sizes 2 and 4, 2K/4K tokens (a few minutes on CPU)")
+    bench.add_argument("--quick", action="store_true", help="world sizes 2 and 4, 2K/4K tokens, masks causal, "
+                       "causal-doc, window, prefix-lm, causal-blockwise (a few minutes on CPU)")
     bench.add_argument("--out", required=True, help="folder for results.csv, results.json, *.png, tb/")
     bench.add_argument("--world-sizes", type=int_list, default=None, help="comma-separated (default: the suite's)")
     bench.add_argument("--seq-lens", type=int_list, default=None, help="comma-separated tokens (default: the suite's)")
     bench.add_argument("--masks", nargs="+", default=None,
-                       help="any of causal, full, causal-doc, full-doc, window (default: all)")
+                       help="any of causal, full, causal-doc, full-doc, window, shared-question, prefix-lm, "
+                       "causal-blockwise (default: all)")
     bench.add_argument("--schedulers", nargs="+", default=None, choices=NAMES, help="default: all")
     bench.add_argument("--repeats", type=positive_int, default=None, help="timed rounds, the median kept "
                        "(default: the suite's)")

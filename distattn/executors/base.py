@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..comm import Comm, meet_once
 from ..kernels import Varlen, prepare, varlen_bwd, varlen_fwd
-from ..merge import merge_
+from ..merge import add_sink, merge_, sink_grad
 from ..schedulers.blocks import KernelCall
 
 
@@ -48,8 +48,14 @@ class DeviceIndex:
 class Executor:
     """One rank's runner of a schedule (subclassed per communication pattern).
 
-    ``forward(q, k, v, scale) -> (out, saved)`` and ``backward(dout, saved, scale) -> (dq, dk, dv)``;
+    ``forward(q, k, v, scale, softcap=None, sinks=None) -> (out, saved)`` and
+    ``backward(dout, saved, scale, softcap=None, sinks=None) -> (dq, dk, dv, dsinks)``;
     ``device_data()`` lists the kernel layouts and indices they use.
+
+    ``softcap`` goes to every local kernel call. ``sinks`` (``[H]`` logits, H the query heads the
+    executor computes) are counted once per row, where the row's *final* out/lse lives
+    (:func:`finish_rows`), and ``dsinks`` (accumulator dtype; None without sinks) is the gradient
+    over the rows this rank computed (:func:`rows_sink_grad`): summed over the ranks, the full one.
     """
 
     supports_prefetch = False
@@ -75,9 +81,9 @@ class Executor:
         """The group whose ranks exchange data in attention (and so must agree on shapes)."""
         return self.comm.group
 
-    def kernel_args(self, scale: float) -> dict:
-        s = self.schedule
-        return dict(causal=s.causal, window=s.window, scale=scale, backend=self.backend)
+    def kernel_args(self, scale: float, softcap: float | None = None) -> dict:
+        """Keyword arguments of every ``varlen_fwd``/``varlen_bwd`` call (the mask is in the layouts)."""
+        return dict(scale=scale, softcap=softcap, backend=self.backend)
 
     def device_data(self) -> Iterable[Varlen | DeviceIndex]:
         return ()
@@ -89,26 +95,31 @@ class Executor:
         for item in self.device_data():
             if isinstance(item, Varlen):
                 try:
-                    prepare(item, device, causal=self.schedule.causal, window=self.schedule.window,
-                            backend=self.backend)
+                    prepare(item, device, backend=self.backend)
                 except ValueError:  # no backend for this device: attention will say so
                     continue
             else:
                 item.on(device)
 
-    def forward(self, q, k, v, scale: float):
+    def forward(self, q, k, v, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None):
         raise NotImplementedError
 
-    def backward(self, dout, saved, scale: float):
+    def backward(self, dout, saved, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None):
         raise NotImplementedError
 
-    def check_agreement(self, q: torch.Tensor, k: torch.Tensor) -> None:
+    def check_agreement(self, q: torch.Tensor, k: torch.Tensor, *, sinks: bool = False,
+                        softcap: float | None = None) -> None:
         """A ``ValueError`` on every rank unless all ranks of the group pass the same heads,
-        head_dim and dtype. The ranks compare through the group's key-value store
-        (:func:`distattn.comm.meet_once`: host only, no device synchronisation; agreed shapes are
-        remembered, so a plan per training step checks on the first step only)."""
+        head_dim and dtype (and all or none pass sinks, with the same softcap). The ranks compare
+        through the group's key-value store (:func:`distattn.comm.meet_once`: host only, no device
+        synchronisation; agreed shapes are remembered, so a plan per training step checks on the
+        first step only)."""
         dtype = str(q.dtype).removeprefix("torch.")
         shapes = f"Hq={q.shape[1]}, Hkv={k.shape[1]}, head_dim={q.shape[2]}, dtype={dtype}"
+        if sinks:
+            shapes += ", sinks"
+        if softcap is not None:
+            shapes += f", softcap={softcap!r}"
         group = self.agreement_group
         if group is None or dist.get_world_size(group) == 1 or shapes in self._agreed:
             return
@@ -117,7 +128,7 @@ class Executor:
             if their_shapes != shapes:
                 raise ValueError(f"ranks pass different q/k/v to attention: rank {dist.get_rank()} has ({shapes}) "
                                  f"but rank {_global_rank(group, r)} has ({their_shapes}); every rank of the plan's "
-                                 f"group must pass the same heads, head_dim and dtype")
+                                 f"group must pass the same heads, head_dim and dtype (and sinks, softcap)")
         self._agreed.add(shapes)
 
 
@@ -125,23 +136,37 @@ def _global_rank(group, rank: int) -> int:
     return rank if group is dist.group.WORLD else dist.get_global_rank(group, rank)
 
 
-def call_fwd(call: KernelCall, q, kv, out_acc, lse_acc, *, causal, window, scale, backend) -> None:
+def finish_rows(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None, dtype: torch.dtype):
+    """Rows' *final* ``(out, lse)`` (every partial result merged): the sinks counted once
+    (:func:`distattn.merge.add_sink`), out cast to ``dtype``. The saved ``lse`` includes the sinks, so
+    the kernels' backward, given these out and lse, yields the exact dq, dk, dv."""
+    if sinks is not None:
+        out, lse = add_sink(out, lse, sinks)
+    return out.to(dtype), lse
+
+
+def rows_sink_grad(delta: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor | None:
+    """``dsinks [H]`` over the rows given (``delta = rowsum(dout * out)``, ``lse`` with the sinks), or
+    None without sinks."""
+    return None if sinks is None else sink_grad(delta, lse, sinks)
+
+
+def call_fwd(call: KernelCall, q, kv, out_acc, lse_acc, **kernel_args) -> None:
     """Attention of one kernel call (``kv`` = stacked ``[2, T, Hkv, D]`` buffer), merged into the fp32
-    accumulators ``out_acc [S_local, Hq, D]`` / ``lse_acc [S_local, Hq]``."""
+    accumulators ``out_acc [S_local, Hq, D]`` / ``lse_acc [S_local, Hq]``. ``kernel_args``:
+    :meth:`Executor.kernel_args`."""
     rows, keys = slice(call.q_lo, call.q_hi), slice(call.k_lo, call.k_hi)
-    out, lse = varlen_fwd(q[rows], kv[0, keys], kv[1, keys], call.varlen, causal=causal, window=window,
-                          scale=scale, backend=backend)
+    out, lse = varlen_fwd(q[rows], kv[0, keys], kv[1, keys], call.varlen, **kernel_args)
     merge_(out_acc[rows], lse_acc[rows], out, lse)
 
 
-def call_bwd(call: KernelCall, dout, q, kv, out, lse, delta, dq_acc, dkv_acc, *, causal, window, scale,
-             backend) -> None:
+def call_bwd(call: KernelCall, dout, q, kv, out, lse, delta, dq_acc, dkv_acc, **kernel_args) -> None:
     """Gradients of one kernel call given the final ``out``/``lse`` and ``delta = rowsum(dout * out)``
     (computed once per backward), added to fp32 ``dq_acc`` and ``dkv_acc [2, T, Hkv, D]`` (same
     layout as ``kv``)."""
     rows, keys = slice(call.q_lo, call.q_hi), slice(call.k_lo, call.k_hi)
     dq, dk, dv = varlen_bwd(dout[rows], q[rows], kv[0, keys], kv[1, keys], out[rows], lse[rows], call.varlen,
-                            causal=causal, window=window, scale=scale, backend=backend, delta=delta[rows])
+                            delta=delta[rows], **kernel_args)
     dq_acc[rows] += dq
     dkv_acc[0, keys] += dk
     dkv_acc[1, keys] += dv

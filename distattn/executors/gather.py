@@ -16,7 +16,7 @@ from ..merge import acc_dtype, row_delta
 from ..schedule import token_index
 from ..schedulers.allgather import GatherSchedule
 from ..schedulers.blocks import local_rows
-from .base import DeviceIndex, Executor, Saved, call_bwd, call_fwd
+from .base import DeviceIndex, Executor, Saved, call_bwd, call_fwd, finish_rows, rows_sink_grad
 
 
 class GatherExecutor(Executor):
@@ -57,8 +57,8 @@ class GatherExecutor(Executor):
         mine = padded.new_empty((2, w, *dkv.shape[2:]))
         return mine, self.comm.reduce_scatter(mine, padded, what)
 
-    def forward(self, q, k, v, scale):
-        kw = self.kernel_args(scale)
+    def forward(self, q, k, v, scale, softcap=None, sinks=None):
+        kw = self.kernel_args(scale, softcap)
         dtype = acc_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=dtype, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
@@ -75,12 +75,12 @@ class GatherExecutor(Executor):
             qh = slice(h0 * group, h1 * group)
             for call in self.calls:
                 call_fwd(call, q[:, qh], kv, out[:, qh], lse[:, qh], **kw)
-        out = out.to(q.dtype)
+        out, lse = finish_rows(out, lse, sinks, q.dtype)  # every key merged: count the sinks once
         return out, Saved(q, k, v, out, lse)
 
-    def backward(self, dout, saved: Saved, scale):
+    def backward(self, dout, saved: Saved, scale, softcap=None, sinks=None):
         q, k, v, out, lse = saved
-        kw = self.kernel_args(scale)
+        kw = self.kernel_args(scale, softcap)
         dtype = acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
         dkv = torch.zeros((2, *k.shape), dtype=dtype, device=q.device)
@@ -102,4 +102,4 @@ class GatherExecutor(Executor):
         for (h0, h1), mine, pending in scatters:
             pending.wait()
             dkv[:, :, h0:h1] = mine[:, : k.shape[0]]
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), rows_sink_grad(delta, lse, sinks)

@@ -118,23 +118,34 @@ class HeadExecutor(Executor):
     def _layout(self, num_heads: int, num_kv_heads: int) -> HeadLayout:
         return HeadLayout.build(num_heads, num_kv_heads, len(self.exchange.tokens))
 
-    def forward(self, q, k, v, scale):
+    def _my_heads(self, layout: HeadLayout) -> slice:
+        """This member's query heads (its share of ``sinks``; KV heads may be replicated, Q never)."""
+        return slice(*layout.q[self.exchange.member])
+
+    def forward(self, q, k, v, scale, softcap=None, sinks=None):
         what = f"{self.schedule.scheduler} forward"
         layout = self._layout(q.shape[1], k.shape[1])
         qh, kh, vh = self.exchange.to_heads([q, k, v], [layout.q, layout.kv, layout.kv], what)
         expand = layout.expansion(self.exchange.member, q.shape[1] // k.shape[1])
         if expand is not None:
             kh, vh = expand_heads(kh, expand), expand_heads(vh, expand)
-        out_h, inner = self.inner.forward(qh, kh, vh, scale)
+        mine = None if sinks is None else sinks[self._my_heads(layout)]
+        out_h, inner = self.inner.forward(qh, kh, vh, scale, softcap, mine)
         (out,) = self.exchange.to_tokens([out_h], [layout.q], what)
         return out, HeadSaved(q.shape[1], k.shape[1], expand, inner)
 
-    def backward(self, dout, saved: HeadSaved, scale):
+    def backward(self, dout, saved: HeadSaved, scale, softcap=None, sinks=None):
         what = f"{self.schedule.scheduler} backward"
         layout = self._layout(saved.num_heads, saved.num_kv_heads)
+        heads = self._my_heads(layout)
         (dout_h,) = self.exchange.to_heads([dout], [layout.q], what)
-        dq_h, dk_h, dv_h = self.inner.backward(dout_h, saved.inner, scale)
+        dq_h, dk_h, dv_h, ds_h = self.inner.backward(dout_h, saved.inner, scale, softcap,
+                                                     None if sinks is None else sinks[heads])
         if saved.expand is not None:  # sum the expanded copies back onto the received KV heads
             dk_h, dv_h = sum_expanded(dk_h, saved.expand), sum_expanded(dv_h, saved.expand)
         dq, dk, dv = self.exchange.to_tokens([dq_h, dk_h, dv_h], [layout.q, layout.kv, layout.kv], what)
-        return dq, dk, dv
+        dsinks = None
+        if ds_h is not None:  # this member's heads over the rows it computed; the other heads: 0
+            dsinks = ds_h.new_zeros(saved.num_heads)
+            dsinks[heads] = ds_h
+        return dq, dk, dv, dsinks

@@ -1,23 +1,54 @@
-"""One kernel call over every document of the sequence, no communication: the executor of
-``local`` (world size 1) and the inner attention of ``ulysses`` (on its head shard)."""
+"""Attention of the whole sequence against itself, no communication: the executor of ``local``
+(world size 1) and the inner attention of ``ulysses`` (on its head shard). One kernel call for
+a document mask; a mask whose slices share query rows takes one call per group of slices, merged
+by log-sum-exp as a ring merges its blocks."""
 
 from __future__ import annotations
 
-from ..kernels import Varlen, varlen_bwd, varlen_fwd
-from .base import Executor, Saved
+import torch
+
+from ..kernels import varlen_bwd, varlen_fwd
+from ..merge import acc_dtype, row_delta
+from .base import Executor, Saved, call_bwd, call_fwd, finish_rows, rows_sink_grad
 
 
 class LocalExecutor(Executor):
     def __init__(self, schedule, rank: int, comm, backend: str):
         super().__init__(schedule, rank, comm, backend)
-        self.varlen = Varlen.from_lengths(schedule.doc_lens, schedule.doc_lens)
+        self.calls = schedule.local_calls
+        total = schedule.total_tokens
+        whole = len(self.calls) == 1 and (self.calls[0].q_lo, self.calls[0].q_hi, self.calls[0].k_lo,
+                                          self.calls[0].k_hi) == (0, total, 0, total)
+        self.varlen = self.calls[0].varlen if whole else None  # one call over all rows: no merging
 
     def device_data(self):
-        return [self.varlen]
+        return [call.varlen for call in self.calls]
 
-    def forward(self, q, k, v, scale):
-        out, lse = varlen_fwd(q, k, v, self.varlen, **self.kernel_args(scale))
+    def forward(self, q, k, v, scale, softcap=None, sinks=None):
+        kw = self.kernel_args(scale, softcap)
+        if self.varlen is not None:
+            out, lse = varlen_fwd(q, k, v, self.varlen, **kw)
+        else:
+            out = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
+            lse = torch.full(q.shape[:2], float("-inf"), dtype=out.dtype, device=q.device)
+            kv = torch.stack([k, v])
+            for call in self.calls:
+                call_fwd(call, q, kv, out, lse, **kw)
+        out, lse = finish_rows(out, lse, sinks, q.dtype)  # a row's whole result: count the sinks here
         return out, Saved(q, k, v, out, lse)
 
-    def backward(self, dout, saved: Saved, scale):
-        return varlen_bwd(dout, *saved, self.varlen, **self.kernel_args(scale))
+    def backward(self, dout, saved: Saved, scale, softcap=None, sinks=None):
+        q, k, v, out, lse = saved
+        kw = self.kernel_args(scale, softcap)
+        if self.varlen is not None:
+            delta = None if sinks is None else row_delta(dout, out)
+            dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, self.varlen, delta=delta, **kw)
+            return dq, dk, dv, rows_sink_grad(delta, lse, sinks)
+        dtype = acc_dtype(q.dtype)
+        delta = row_delta(dout, out)
+        dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        dkv = torch.zeros((2, *k.shape), dtype=dtype, device=q.device)
+        kv = torch.stack([k, v])
+        for call in self.calls:
+            call_bwd(call, dout, q, kv, out, lse, delta, dq, dkv, **kw)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), rows_sink_grad(delta, lse, sinks)

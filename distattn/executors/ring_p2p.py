@@ -14,7 +14,7 @@ import torch
 from ..merge import acc_dtype, row_delta
 from ..schedulers.blocks import local_rows
 from ..schedulers.ring import RingSchedule
-from .base import Executor, Saved, call_bwd, call_fwd
+from .base import Executor, Saved, call_bwd, call_fwd, finish_rows, rows_sink_grad
 
 
 class RingExecutor(Executor):
@@ -41,9 +41,9 @@ class RingExecutor(Executor):
             recvs.append((nxt, (r - 1) % p))
         return sends, recvs, nxt
 
-    def forward(self, q, k, v, scale):
+    def forward(self, q, k, v, scale, softcap=None, sinks=None):
         r, name = self.rank, self.schedule.scheduler
-        kw = self.kernel_args(scale)
+        kw = self.kernel_args(scale, softcap)
         dtype = acc_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=dtype, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
@@ -56,13 +56,13 @@ class RingExecutor(Executor):
                 call_fwd(call, q, cur, out, lse, **kw)
             pending.wait()
             cur = nxt
-        out = out.to(q.dtype)
+        out, lse = finish_rows(out, lse, sinks, q.dtype)  # every block merged: count the sinks once
         return out, Saved(q, k, v, out, lse)
 
-    def backward(self, dout, saved: Saved, scale):
+    def backward(self, dout, saved: Saved, scale, softcap=None, sinks=None):
         q, k, v, out, lse = saved
         r, p, name = self.rank, self.schedule.world_size, self.schedule.scheduler
-        kw = self.kernel_args(scale)
+        kw = self.kernel_args(scale, softcap)
         dtype = acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
         delta = row_delta(dout, out)
@@ -90,4 +90,4 @@ class RingExecutor(Executor):
             if incoming is not None:
                 dkv += incoming
             cur = nxt
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), rows_sink_grad(delta, lse, sinks)

@@ -6,7 +6,9 @@ tasks need to the slot computing them; the slot runs all its tasks in one varlen
 back by all-to-all. The computing slot keeps what it received and computed (its Q rows, its K/V
 union, out and lse: :class:`WorkerSaved`), so lse never travels and the backward sends only dout
 to it and returns dQ and dK/dV (accumulator dtype: fp32, fp64 for fp64), which their owner
-sums. With a pool the all-to-alls run over the pool's group.
+sums. With a pool the all-to-alls run over the pool's group. Every query row is computed whole by
+one slot, so attention sinks are counted there, and their gradient over the slot's rows is the
+slot's share (see :func:`distattn.attention`).
 
 Each all-to-all sends one buffer per tensor, gathered by one ``index_select`` whose index (the
 rows for every destination, concatenated in pool-rank order, the all-to-all's order) is made
@@ -44,10 +46,10 @@ import torch.distributed as dist
 
 from ..comm import Comm, Pending
 from ..kernels import varlen_bwd, varlen_fwd
-from ..merge import acc_dtype
+from ..merge import acc_dtype, merge, row_delta
 from ..schedulers.blocks import even_bounds
 from ..schedulers.cad import Pool, Route, TaskSchedule
-from .base import DeviceIndex, Executor
+from .base import DeviceIndex, Executor, finish_rows, rows_sink_grad
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -143,6 +145,7 @@ class GradsReturning(NamedTuple):
     dkv: Transfer
     tokens: int
     kv_dtype: torch.dtype
+    dsinks: torch.Tensor | None = None   # over the rows this slot computed (not sent: see compute_backward)
 
 
 class TaskExecutor(Executor):
@@ -157,9 +160,11 @@ class TaskExecutor(Executor):
         tokens = int(schedule.bounds[slot + 1] - schedule.bounds[slot])
         self.q_route = DeviceRoute.of(routes.q, self.by_rank, tokens)
         self.kv_route = DeviceRoute.of(routes.kv, self.by_rank, tokens)
-        self.varlen = routes.varlen
-        # K/V segments index the received buffer as it arrives (pool-rank order)
-        self.kv_index = DeviceIndex(_slot_to_rank_rows(routes.kv.recv, self.by_rank)[routes.kv_index])
+        # K/V segments index the received buffer as it arrives (pool-rank order); Q segments index
+        # the slot-ordered Q rows (None: one call over all of them, in order)
+        kv_rows = _slot_to_rank_rows(routes.kv.recv, self.by_rank)
+        self.calls = tuple((c.varlen, None if c.q_index is None else DeviceIndex(c.q_index),
+                            DeviceIndex(kv_rows[c.kv_index])) for c in routes.calls)
         # Q rows: the kernel wants slot order; the buffer arrives in pool-rank order
         q_rows = _slot_to_rank_rows(routes.q.recv, self.by_rank)
         identity = np.array_equal(q_rows, np.arange(len(q_rows)))
@@ -176,7 +181,8 @@ class TaskExecutor(Executor):
 
     def device_data(self):
         extra = [self.q_to_kernel, self.q_to_ranks] if self.q_to_kernel is not None else []
-        return [self.varlen, self.kv_index, *self.q_route.indices(), *self.kv_route.indices(), *extra]
+        calls = [x for call in self.calls for x in call if x is not None]
+        return [*calls, *self.q_route.indices(), *self.kv_route.indices(), *extra]
 
     # ---- moving rows -----------------------------------------------------------------------------
     def _all_to_all(self, send: torch.Tensor, send_rows, recv_rows, what: str) -> Transfer:
@@ -218,12 +224,28 @@ class TaskExecutor(Executor):
         kvt = self._to_workers(torch.stack([k, v], dim=1), self.kv_route, "cad forward: K/V to workers")
         return Dispatch(self, ids, q.shape[0], k.dtype, qt, kvt)
 
-    def compute_forward(self, dispatch: Dispatch, scale: float) -> Returning:
-        """Forward stage 2: wait for Q and K/V, run the tasks, start out back to the owners."""
+    def compute_forward(self, dispatch: Dispatch, scale: float, softcap: float | None = None,
+                        sinks: torch.Tensor | None = None) -> Returning:
+        """Forward stage 2: wait for Q and K/V, run the tasks, start out back to the owners. Each
+        query row is computed whole by one slot, so the slot counts ``sinks`` in its rows here."""
         q_buf = self._kernel_order(dispatch.q.wait())
         kv_buf = dispatch.kv.wait()
-        kv_seg = kv_buf.index_select(0, self.kv_index.on(kv_buf.device))
-        out_buf, lse_buf = varlen_fwd(q_buf, kv_seg[:, 0], kv_seg[:, 1], self.varlen, **self.kernel_args(scale))
+        kw = self.kernel_args(scale, softcap)
+        (varlen, q_index, kv_index), *more = self.calls
+        if q_index is None:
+            kv_seg = kv_buf.index_select(0, kv_index.on(kv_buf.device))
+            out_buf, lse_buf = varlen_fwd(q_buf, kv_seg[:, 0], kv_seg[:, 1], varlen, **kw)
+        else:  # slices sharing query rows: one call per layer, merged here (each row is computed on this slot)
+            out_buf = torch.zeros(q_buf.shape, dtype=acc_dtype(q_buf.dtype), device=q_buf.device)
+            lse_buf = torch.full(q_buf.shape[:2], float("-inf"), dtype=out_buf.dtype, device=q_buf.device)
+            for varlen, q_index, kv_index in self.calls:
+                rows = q_index.on(q_buf.device)
+                kv_seg = kv_buf.index_select(0, kv_index.on(kv_buf.device))
+                o, l = varlen_fwd(q_buf.index_select(0, rows), kv_seg[:, 0], kv_seg[:, 1], varlen, **kw)
+                o, l = merge(out_buf.index_select(0, rows), lse_buf.index_select(0, rows), o, l)
+                out_buf.index_copy_(0, rows, o)
+                lse_buf.index_copy_(0, rows, l)
+        out_buf, lse_buf = finish_rows(out_buf, lse_buf, sinks, q_buf.dtype)
         out_t = self._to_owners(self._rank_order(out_buf), self.q_route, "cad forward: out to owners")
         return Returning(out_t, TaskSaved(WorkerSaved(q_buf, kv_buf, out_buf, lse_buf), dispatch.tokens,
                                           dispatch.kv_dtype))
@@ -233,43 +255,61 @@ class TaskExecutor(Executor):
         backward needs it.)"""
         return self._placed(returning.out.wait(), self.q_route, returning.saved.tokens), returning.saved
 
-    def forward(self, q, k, v, scale, prefetch: Dispatch | None = None):
+    def forward(self, q, k, v, scale, softcap=None, sinks=None, prefetch: Dispatch | None = None):
         if prefetch is not None:
             if prefetch.executor is not self or prefetch.ids != (id(q), id(k), id(v)):
                 raise ValueError("prefetch was started by another plan or for other q, k, v tensors")
         else:
             prefetch = self.prefetch(q, k, v)
-        return self.finish_forward(self.compute_forward(prefetch, scale))
+        return self.finish_forward(self.compute_forward(prefetch, scale, softcap, sinks))
 
     # ---- backward stages -------------------------------------------------------------------------
     def start_backward(self, dout: torch.Tensor) -> DoutDispatch:
         """Backward stage 1: start dout to the workers (all they lack: they kept Q, K/V, out, lse)."""
         return DoutDispatch(self._to_workers(dout, self.q_route, "cad backward: dout to workers"))
 
-    def compute_backward(self, dispatch: DoutDispatch, saved: TaskSaved, scale: float) -> GradsReturning:
-        """Backward stage 2: wait for dout, run the tasks' backward, start dQ and dK/dV back."""
+    def compute_backward(self, dispatch: DoutDispatch, saved: TaskSaved, scale: float, softcap: float | None = None,
+                         sinks: torch.Tensor | None = None) -> GradsReturning:
+        """Backward stage 2: wait for dout, run the tasks' backward, start dQ and dK/dV back. With
+        ``sinks``, their gradient over this slot's rows stays here (``GradsReturning.dsinks``): a
+        replicated parameter's gradient is summed over the ranks by the data-parallel reduction."""
         w = saved.worker
         dout_buf = self._kernel_order(dispatch.dout.wait())
-        index = self.kv_index.on(w.kv.device)
-        kv_seg = w.kv.index_select(0, index)
-        dq_buf, dk_seg, dv_seg = varlen_bwd(dout_buf, w.q, kv_seg[:, 0], kv_seg[:, 1], w.out, w.lse, self.varlen,
-                                            **self.kernel_args(scale))
+        kw = self.kernel_args(scale, softcap)
+        whole = self.calls[0][1] is None
+        delta = None if sinks is None and whole else row_delta(dout_buf, w.out)
         dkv_buf = torch.zeros(w.kv.shape, dtype=acc_dtype(w.kv.dtype), device=w.kv.device)
-        dkv_buf.index_add_(0, index, torch.stack([dk_seg, dv_seg], dim=1).to(dkv_buf.dtype))
+        dq_buf = None if whole else torch.zeros(w.q.shape, dtype=dkv_buf.dtype, device=w.q.device)
+        for varlen, q_index, kv_index in self.calls:
+            index = kv_index.on(w.kv.device)
+            kv_seg = w.kv.index_select(0, index)
+            if whole:
+                dq_buf, dk_seg, dv_seg = varlen_bwd(dout_buf, w.q, kv_seg[:, 0], kv_seg[:, 1], w.out, w.lse, varlen,
+                                                    delta=delta, **kw)
+            else:
+                rows = q_index.on(w.q.device)
+                dq_l, dk_seg, dv_seg = varlen_bwd(*(t.index_select(0, rows) for t in (dout_buf, w.q)), kv_seg[:, 0],
+                                                  kv_seg[:, 1], *(t.index_select(0, rows) for t in (w.out, w.lse)),
+                                                  varlen, delta=delta.index_select(0, rows), **kw)
+                dq_buf.index_add_(0, rows, dq_l.to(dq_buf.dtype))
+            dkv_buf.index_add_(0, index, torch.stack([dk_seg, dv_seg], dim=1).to(dkv_buf.dtype))
+        dq_buf = dq_buf.to(w.q.dtype)
         dq_t = self._to_owners(self._rank_order(dq_buf), self.q_route, "cad backward: dQ to owners")
         dkv_t = self._to_owners(dkv_buf, self.kv_route, "cad backward: dK/dV to owners")
-        return GradsReturning(dq_t, dkv_t, saved.tokens, saved.kv_dtype)
+        return GradsReturning(dq_t, dkv_t, saved.tokens, saved.kv_dtype, rows_sink_grad(delta, w.lse, sinks))
 
     def finish_backward(self, returning: GradsReturning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Backward stage 3: wait for dQ and dK/dV; dK/dV of a key sent to several slots are summed."""
+        """Backward stage 3: wait for dQ and dK/dV; dK/dV of a key sent to several slots are summed.
+        (``returning.dsinks`` is ready since stage 2.)"""
         dq = self._placed(returning.dq.wait(), self.q_route, returning.tokens)
         got = returning.dkv.wait()
         dkv = got.new_zeros((returning.tokens, *got.shape[1:]))
         dkv.index_add_(0, self.kv_route.gather.on(got.device), got)
         return dq, dkv[:, 0].to(returning.kv_dtype), dkv[:, 1].to(returning.kv_dtype)
 
-    def backward(self, dout, saved: TaskSaved, scale):
-        return self.finish_backward(self.compute_backward(self.start_backward(dout), saved, scale))
+    def backward(self, dout, saved: TaskSaved, scale, softcap=None, sinks=None):
+        returning = self.compute_backward(self.start_backward(dout), saved, scale, softcap, sinks)
+        return (*self.finish_backward(returning), returning.dsinks)
 
 
 def gather_pool(doc_lens, mesh, pool) -> Pool:

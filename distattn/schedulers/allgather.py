@@ -25,7 +25,7 @@ import numpy as np
 
 from ..masks import MaskSlice
 from ..schedule import AttnShape, Phase, Schedule
-from .blocks import KernelCall, kernel_call, owned_ranges, range_pairs
+from .blocks import KernelCall, kernel_calls, owned_ranges, range_pairs
 from .zigzag import zigzag_ranges
 
 
@@ -55,15 +55,11 @@ class GatherSchedule(Schedule):
             mine = np.nonzero((self.range_owner == rank) & (self.range_slot == slot))[0]
             zeros = np.zeros(len(mine), dtype=np.int64)
             total = np.full(len(mine), self.bounds[-1], dtype=np.int64)
-            call = kernel_call(self.bounds[mine], self.bounds[mine + 1], rows[mine], zeros, total, zeros,
-                               self.doc_lens, self.causal, self.window)
-            if call is not None:
-                calls.append(call)
+            calls += kernel_calls(self.bounds[mine], self.bounds[mine + 1], rows[mine], zeros, total, zeros, self.mask)
         return tuple(calls)
 
     def compute_slices(self, rank: int) -> list[MaskSlice]:
-        return [sl for call in self.kernel_calls(rank, self.bounds[:-1]) for sl in call.slices(0, 0, self.causal,
-                                                                                               self.window)]
+        return [sl for call in self.kernel_calls(rank, self.bounds[:-1]) for sl in call.slices(0, 0)]
 
     def visible_pairs(self, rank: int) -> int:
         return int(self.rank_pairs[rank])
@@ -92,7 +88,7 @@ class GatherSchedule(Schedule):
         return np.full(self.world_size, 2 * self.world_size * self.width * 2 * shape.row_bytes(h1 - h0))
 
 
-def build(doc_lens, mesh, *, causal, window, heads_per_step: int | None = None,
+def build(doc_lens, mesh, *, causal, window, mask, heads_per_step: int | None = None,
           layout: str = "sequence") -> GatherSchedule:
     if heads_per_step is not None and (isinstance(heads_per_step, bool) or not isinstance(heads_per_step, int)
                                        or heads_per_step < 1):
@@ -101,9 +97,9 @@ def build(doc_lens, mesh, *, causal, window, heads_per_step: int | None = None,
     p = mesh.world_size
     bounds, owner, slot = zigzag_ranges(doc_lens, p, layout)
     owned = owned_ranges(bounds, owner, p)
-    i, _, area = range_pairs(bounds, doc_lens, causal, window)
+    i, _, area = range_pairs(bounds, mask)
     rank_pairs = np.zeros(p, dtype=np.int64)
     np.add.at(rank_pairs, owner[i], area)
     return GatherSchedule(scheduler="allgather", doc_lens=doc_lens, causal=causal, window=window, world_size=p,
-                          owned=owned, rank_pairs=rank_pairs, range_owner=owner, range_slot=slot, bounds=bounds,
+                          owned=owned, mask=mask, rank_pairs=rank_pairs, range_owner=owner, range_slot=slot, bounds=bounds,
                           heads_per_step=heads_per_step)

@@ -58,9 +58,9 @@ import numpy as np
 from ..cluster.profile import NetworkProfile
 from ..cost import Roofline
 from ..kernels import Varlen
-from ..masks import MaskSlice
+from ..masks import UNBOUNDED, MaskSlice, SliceMask
 from ..schedule import AttnShape, Phase, Schedule
-from .blocks import even_bounds
+from .blocks import layers, even_bounds
 from .cad_placement import LinkCost, RowBytes, place_tasks
 from .cad_planner import Segments
 
@@ -161,13 +161,22 @@ class Route:
 
 
 @dataclass(frozen=True)
+class WorkerCall:
+    """One varlen call of a slot's tasks: segments whose query rows do not overlap."""
+
+    varlen: Varlen
+    q_index: np.ndarray | None          # per segment query row -> row of my Q buffer (None: all rows, in order)
+    kv_index: np.ndarray                # per segment key row -> row of my received K/V buffer
+
+
+@dataclass(frozen=True)
 class TaskRoutes:
-    """One slot's part of the task table: the routes of the all-to-alls and the kernel layout."""
+    """One slot's part of the task table: the routes of the all-to-alls and the kernel calls (one,
+    unless slices of a group share query rows: their partial results merge on the slot)."""
 
     q: Route
     kv: Route
-    varlen: Varlen                      # my tasks: queries as received, keys as gathered by kv_index
-    kv_index: np.ndarray                # per segment key row -> row of my received K/V buffer
+    calls: tuple[WorkerCall, ...]
 
 
 @dataclass(frozen=True)
@@ -201,8 +210,10 @@ class TaskSchedule(Schedule):
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         s = self.segments
         mine = s.rank == rank
-        return [MaskSlice(int(a), int(b), int(c), int(d), self.causal, self.window)
-                for a, b, c, d in zip(s.q0[mine], s.q1[mine], s.k0[mine], s.k1[mine])]
+        def opt(x):
+            return None if abs(int(x)) >= UNBOUNDED else int(x)
+        return [MaskSlice(int(a), int(b), int(c), int(d), opt(e), opt(f))
+                for a, b, c, d, e, f in zip(s.q0[mine], s.q1[mine], s.k0[mine], s.k1[mine], s.lo[mine], s.hi[mine])]
 
     def visible_pairs(self, rank: int) -> int:
         return int(self.segments.area[self.segments.rank == rank].sum())
@@ -214,11 +225,13 @@ class TaskSchedule(Schedule):
     @cached_property
     def _traffic(self) -> "Traffic":   # phases() and buffer_bytes() both read it
         s, bounds, p = self.segments, self.bounds, self.pool_size
-        # Q: each segment's queries, split over the slots owning them (queries of one slot's segments are disjoint)
-        q_owner, q_comp, q_rows = _split_over(bounds, s.q0, s.q1, s.rank)
-        # K/V: the union of each computing slot's key ranges; offsetting slot c by c * (T + 1) keeps
-        # the slots' intervals apart, so one merge does every slot at once
+        # Q and K/V: the union of each computing slot's query (key) ranges, split over the slots
+        # owning them; offsetting slot c by c * (T + 1) keeps the slots' intervals apart, so one
+        # merge does every slot at once
         span = int(bounds[-1]) + 1
+        u0, u1 = _merge_intervals(s.q0 + s.rank * span, s.q1 + s.rank * span)
+        comp = u0 // span
+        q_owner, q_comp, q_rows = _split_over(bounds, u0 - comp * span, u1 - comp * span, comp)
         u0, u1 = _merge_intervals(s.k0 + s.rank * span, s.k1 + s.rank * span)
         comp = u0 // span
         kv_owner, kv_comp, kv_rows = _split_over(bounds, u0 - comp * span, u1 - comp * span, comp)
@@ -257,30 +270,44 @@ class TaskSchedule(Schedule):
         return q_rows * (3 * shape.row_bytes(shape.num_heads) + lse_b) + kv_rows * shape.kv_row
 
     def routes(self, slot: int) -> TaskRoutes:
-        """What ``slot`` sends where and receives from whom, and its kernel layout."""
+        """What ``slot`` sends where and receives from whom, and its kernel calls."""
         seg, bounds = self.segments, self.bounds
         lo, hi = bounds[slot], bounds[slot + 1]
         q_send, kv_send = [], []
         for c in range(self.pool_size):
             mine = seg.rank == c
-            order = np.argsort(seg.q0[mine], kind="stable")
-            q_send.append(_rows(seg.q0[mine][order], seg.q1[mine][order], lo, hi))
-            u0, u1 = _merge_intervals(seg.k0[mine], seg.k1[mine])
-            kv_send.append(_rows(u0, u1, lo, hi))
+            q_send.append(_rows(*_merge_intervals(seg.q0[mine], seg.q1[mine]), lo, hi))
+            kv_send.append(_rows(*_merge_intervals(seg.k0[mine], seg.k1[mine]), lo, hi))
         mine = np.nonzero(seg.rank == slot)[0]
-        mine = mine[np.argsort(seg.q0[mine], kind="stable")]
-        q0, q1, k0, k1 = seg.q0[mine], seg.q1[mine], seg.k0[mine], seg.k1[mine]
-        u0, u1 = _merge_intervals(k0, k1)
-        start = _covered_before(u0, u1, k0)
-        kv_index = np.concatenate([np.arange(s, s + n) for s, n in zip(start, k1 - k0)] or [np.zeros(0, np.int64)])
-        # a slot with no task (fewer tokens than ranks) still runs one empty kernel call: no special path
-        varlen = Varlen.from_lengths(q1 - q0, k1 - k0, q1 - k1) if mine.size else Varlen.from_lengths([0], [0])
-        return TaskRoutes(Route(tuple(q_send), tuple(int(x) for x in np.diff(_covered_before(q0, q1, bounds)))),
-                          Route(tuple(kv_send), tuple(int(x) for x in np.diff(_covered_before(u0, u1, bounds)))),
-                          varlen, kv_index.astype(np.int64))
+        mine = mine[np.lexsort((seg.k0[mine], seg.q0[mine]))]
+        q0, q1, k0, k1, b_lo, b_hi = (x[mine] for x in (seg.q0, seg.q1, seg.k0, seg.k1, seg.lo, seg.hi))
+        qu0, qu1 = _merge_intervals(q0, q1)
+        ku0, ku1 = _merge_intervals(k0, k1)
+        q_start, k_start = _covered_before(qu0, qu1, q0), _covered_before(ku0, ku1, k0)
+        shift = k0 - q0  # the bands, relative to each segment's first query and key
+        b_lo, b_hi = np.where(b_lo <= -UNBOUNDED, b_lo, b_lo - shift), np.where(b_hi >= UNBOUNDED, b_hi, b_hi - shift)
+        layer = layers(q0, q1, np.zeros_like(q0), np.zeros_like(q0)) if mine.size else np.zeros(0, np.int64)
+        calls = []
+        for n in range(int(layer.max(initial=0)) + 1):
+            at = layer == n
+            q_index = _index(q_start[at], (q1 - q0)[at])
+            whole = n == 0 and layer.max(initial=0) == 0 and np.array_equal(q_index, np.arange(len(q_index)))
+            # a slot with no task (fewer tokens than ranks) still runs one empty kernel call: no special path
+            varlen = Varlen.from_lengths((q1 - q0)[at], (k1 - k0)[at], b_lo[at], b_hi[at]) if at.any() \
+                else Varlen.from_lengths([0], [0])
+            calls.append(WorkerCall(varlen, None if whole else q_index, _index(k_start[at], (k1 - k0)[at])))
+        return TaskRoutes(Route(tuple(q_send), tuple(int(x) for x in np.diff(_covered_before(qu0, qu1, bounds)))),
+                          Route(tuple(kv_send), tuple(int(x) for x in np.diff(_covered_before(ku0, ku1, bounds)))),
+                          tuple(calls))
 
 
-def build(doc_lens, mesh, *, causal, window, pool: Pool | None = None, epsilon: float = 0.04,
+def _index(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Rows ``starts[i] .. starts[i] + lens[i] - 1``, concatenated."""
+    return np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)] or [np.zeros(0, np.int64)]).astype(
+        np.int64)
+
+
+def build(doc_lens, mesh, *, causal, window, mask: SliceMask, pool: Pool | None = None, epsilon: float = 0.04,
           cost=None, network=None, overlap_s: float | None = None) -> TaskSchedule:
     """``pool``: the pool's layout (:func:`distattn.executors.task_a2a.gather_pool` makes it from
     a process group when ``distattn.plan`` is given ``pool=group``). ``cost``: the attention cost
@@ -302,14 +329,17 @@ def build(doc_lens, mesh, *, causal, window, pool: Pool | None = None, epsilon: 
                          f"got {overlap_s!r}")
     if pool is None:
         pool = Pool(tuple(doc_lens), even_bounds(sum(doc_lens), mesh.world_size), tuple(range(mesh.world_size)))
+    else:  # the pool's token space: every CP group's documents (distattn.plan refuses mask= with pool=)
+        mask = SliceMask.documents(pool.docs, causal, window)
     cost = cost or Roofline()
     links = LinkCost.of(network, len(pool.bounds) - 1)
     rows = RowBytes.of(cost.num_heads, cost.num_kv_heads, cost.head_dim, cost.dtype_bytes) \
         if isinstance(cost, Roofline) else RowBytes.of()
-    segments = place_tasks(list(pool.docs), pool.bounds, causal, window, cost, epsilon, links=links, rows=rows,
+    segments = place_tasks(mask, pool.bounds, cost, epsilon, links=links, rows=rows,
                            overlap_s=overlap_s)
     own = even_bounds(sum(doc_lens), mesh.world_size)
     return TaskSchedule(scheduler="cad", doc_lens=doc_lens, causal=causal, window=window,
-                        world_size=mesh.world_size, owned=tuple(((int(a), int(b)),) for a, b in zip(own, own[1:])),
+                        world_size=mesh.world_size, mask=mask,
+                        owned=tuple(((int(a), int(b)),) for a, b in zip(own, own[1:])),
                         segments=segments, bounds=pool.bounds, slot_ranks=pool.slot_ranks,
                         gpus_per_node=links.gpus_per_node)

@@ -224,7 +224,7 @@ class _Ledger:
         self.in_s[u] += seconds
 
 
-def place_tasks(doc_lens, bounds: np.ndarray, causal: bool, window: int | None, cost, epsilon: float = 0.04,
+def place_tasks(mask, bounds: np.ndarray, cost, epsilon: float = 0.04,
                 chunk: int | None = None, links: LinkCost | None = None, rows: RowBytes | None = None,
                 cap: float = 2.0, overlap_s: float | None = None) -> Segments:
     """Build the task table and place its tasks (module docstring). ``cap``: bytes a rank may send
@@ -232,7 +232,7 @@ def place_tasks(doc_lens, bounds: np.ndarray, causal: bool, window: int | None, 
     ``overlap_s``: see :func:`distattn.schedulers.cad.build`."""
     p = len(bounds) - 1
     chunk = chunk or max(128, int(bounds[-1] // p) // 4)
-    table = TaskTable(doc_lens, bounds, causal, window, chunk, cost)
+    table = TaskTable(mask, bounds, chunk, cost)
     ledger = _Ledger(table, bounds, links or LinkCost.of(None, p), rows or RowBytes.of(), cap, overlap_s)
     load, mean = ledger.load, ledger.mean
     for _ in range(50 * p + 100):

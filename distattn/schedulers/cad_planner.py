@@ -1,10 +1,13 @@
 """CAD planning: the task table and its FLOPs-balanced placement (pure numpy, no processes).
 
 Token space: the packed sequences of every CP group of the pool, concatenated
-(group after group); slot ``i`` owns ``[bounds[i], bounds[i+1])``. A *segment*
-is a query range of one document with the key range it sees; a *task* is one
-segment, or a head/tail pair of segments of a long causal document; every
-segment of a task is computed on the same rank. :class:`TaskTable` holds both
+(group after group); slot ``i`` owns ``[bounds[i], bounds[i+1])``. The mask's slices
+(:class:`~distattn.masks.SliceMask`) form *groups* that share no query row
+(:class:`RowGroups`: a document is one; a shared question's answers and the question's
+keys they see are another), so every query row's attention is computed on one rank.
+A *segment* is a query range of one group with the keys its slices let it see; a
+*task* is one segment, or a head/tail pair of segments of a long causal document;
+every segment of a task is computed on the same rank. :class:`TaskTable` holds both
 and the edits placement (:mod:`distattn.schedulers.cad_placement`) makes to them.
 """
 
@@ -14,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..masks import mask_area
-from .blocks import doc_bounds
+from ..masks import SliceMask
+from .blocks import rect_area
 
 
 @dataclass(frozen=True)
@@ -28,16 +31,8 @@ class Segments:
     k1: np.ndarray
     rank: np.ndarray   # computing slot
     area: np.ndarray
-
-
-def key_span(q0, q1, ds, de, causal: bool, window: int | None):
-    """Keys a query range ``[q0, q1)`` of document ``[ds, de)`` can see."""
-    k0 = ds if window is None else np.maximum(ds, q0 - window + 1)
-    if causal:
-        k1 = q1
-    else:
-        k1 = de if window is None else np.minimum(de, q1 + window - 1)
-    return k0, k1
+    lo: np.ndarray     # the slice's band, global (lo <= k - q <= hi)
+    hi: np.ndarray
 
 
 def _ranges(first: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,13 +41,60 @@ def _ranges(first: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return which, first[which] + np.arange(len(which)) - np.repeat(np.cumsum(count) - count, count)
 
 
-def _initial_tasks(doc_lens, bounds, causal, window, chunk):
-    """Segments per document: one per owning slot, or head/tail pairs of ``chunk``-sized pieces
-    for long causal documents (chunk i with its mirror: equal causal work per pair). Tasks are
-    numbered in document order, a pair's head segment listed just before its tail."""
-    ds_all, de_all = doc_bounds(doc_lens)
+class RowGroups:
+    """The mask's slices in groups sharing no query row: CAD's unit of work (module docstring).
+    Arrays per group: query range ``q0, q1``, key hull ``k0, k1``, its slices ``first .. first +
+    count - 1`` (the mask is sorted by query start, so a group's slices are consecutive)."""
+
+    def __init__(self, mask: SliceMask):
+        self.slices = mask.arrays
+        q0, q1, k0, k1, _, hi = mask.arrays
+        reach = np.maximum.accumulate(q1)
+        self.first = np.nonzero(np.concatenate([[True], q0[1:] >= reach[:-1]]))[0]
+        self.count = np.diff(np.append(self.first, len(q0)))
+        self.q0, self.q1 = q0[self.first], np.maximum.reduceat(q1, self.first)
+        self.k0, self.k1 = np.minimum.reduceat(k0, self.first), np.maximum.reduceat(k1, self.first)
+        f = self.first
+        self.square_causal = (self.count == 1) & (q0[f] == k0[f]) & (q1[f] == k1[f]) & (hi[f] == 0)
+
+    def pieces(self, g, a, b):
+        """The kernel segments of query ranges ``[a[i], b[i])`` of groups ``g[i]``: one per slice
+        with visible pairs, ``(i, q0, q1, k0, k1, lo, hi, area)`` (global positions and bands)."""
+        g, a, b = (np.asarray(x, dtype=np.int64) for x in (g, a, b))
+        which, m = _ranges(self.first[g], self.count[g])
+        sq0, sq1, sk0, sk1, lo, hi = (x[m] for x in self.slices)
+        qs, qe = np.maximum(a[which], sq0), np.minimum(b[which], sq1)
+        ks, ke = key_span(qs, qe, sk0, sk1, lo, hi)
+        area = rect_area(qs, qe, ks, ke, lo, hi)
+        keep = area > 0
+        return tuple(x[keep] for x in (which, qs, qe, ks, ke, lo, hi, area))
+
+    def spans(self, g, a, b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(k0, k1, area)`` per query range: the hull of the keys it sees and its visible pairs."""
+        which, _, _, ks, ke, _, _, area = self.pieces(g, a, b)
+        n = len(np.atleast_1d(a))
+        k0 = np.full(n, np.iinfo(np.int64).max)
+        k1 = np.full(n, np.iinfo(np.int64).min)
+        np.minimum.at(k0, which, ks)
+        np.maximum.at(k1, which, ke)
+        empty = k1 < k0
+        start = np.asarray(self.k0)[np.asarray(g, dtype=np.int64)] if n else k0
+        return np.where(empty, start, k0), np.where(empty, start, k1), np.bincount(which, area, minlength=n).astype(
+            np.int64)
+
+
+def key_span(q0, q1, k0, k1, lo, hi):
+    """Keys of a slice (keys ``[k0, k1)``, band ``lo <= k - q <= hi``) that queries ``[q0, q1)`` see."""
+    return np.maximum(k0, q0 + lo), np.maximum(np.minimum(k1, q1 + hi), np.maximum(k0, q0 + lo))
+
+
+def _initial_tasks(groups: RowGroups, bounds, chunk):
+    """Segments per group: one per slot owning its queries, or head/tail pairs of ``chunk``-sized
+    pieces for long causal documents (chunk i with its mirror: equal causal work per pair). Tasks
+    are numbered in group order, a pair's head segment listed just before its tail."""
+    ds_all, de_all = groups.q0, groups.q1
     n = de_all - ds_all
-    long = (n > 2 * chunk) if causal else np.zeros(len(n), dtype=bool)
+    long = groups.square_causal & (n > 2 * chunk)
     # short documents: one task per slot they touch
     short = np.nonzero(~long)[0]
     first = np.searchsorted(bounds, ds_all[short], side="right") - 1
@@ -81,15 +123,14 @@ def _initial_tasks(doc_lens, bounds, causal, window, chunk):
     q0 = np.where(second, tail0[task], head0[task]).astype(np.int64)
     q1 = np.where(second, tail1[task], head1[task]).astype(np.int64)
     home = (np.searchsorted(bounds, head0, side="right") - 1).astype(np.int64)
-    doc = np.searchsorted(de_all, q0, side="right")
-    k0, k1 = key_span(q0, q1, ds_all[doc], de_all[doc], causal, window)
-    return q0, q1, k0, k1, doc, task, home
+    doc = t_doc[order][task]
+    return q0, q1, doc, task, home
 
 
 class TaskTable:
     """The segments and tasks of a plan, edited in place by the greedy migration.
 
-    Segment columns: ``q0, q1, k0, k1, doc, area, seg_time, task``; task columns:
+    Segment columns: ``q0, q1, k0, k1`` (key hull), ``doc`` (its group), ``area, seg_time, task``; task columns:
     ``t_rank, t_time, t_q`` (query tokens, float), ``t_k0, t_k1`` (key span) and
     ``t_seg`` (its segments: one, or head and tail with the tail ``-1`` once split).
     Migration keeps adding rows (a pair's tail, a cut's head), so columns hold spare
@@ -99,11 +140,13 @@ class TaskTable:
     _SEG = ("q0", "q1", "k0", "k1", "doc", "area", "seg_time", "task")
     _TASK = ("t_rank", "t_time", "t_q", "t_k0", "t_k1", "t_seg")
 
-    def __init__(self, doc_lens, bounds: np.ndarray, causal: bool, window: int | None, chunk: int, cost):
-        self.causal, self.window, self.cost = causal, window, cost
-        self.ds, self.de = doc_bounds(doc_lens)
-        q0, q1, k0, k1, doc, task, home = _initial_tasks(doc_lens, bounds, causal, window, chunk)
-        area = mask_area(q1 - q0, k1 - k0, causal, window, q1 - k1)
+    def __init__(self, mask: SliceMask, bounds: np.ndarray, chunk: int, cost):
+        self.cost = cost
+        self.groups = g = RowGroups(mask)
+        # each group's tokens (queries and keys): the ranks owning them are natural destinations
+        self.ds, self.de = np.minimum(g.q0, g.k0), np.maximum(g.q1, g.k1)
+        q0, q1, doc, task, home = _initial_tasks(g, bounds, chunk)
+        k0, k1, area = g.spans(doc, q0, q1)
         seg_time = cost.task_time(q1 - q0, k1 - k0, area)
         self.q0, self.q1, self.k0, self.k1, self.doc, self.task = q0, q1, k0, k1, doc, task
         self.area, self.seg_time = area, seg_time
@@ -174,12 +217,11 @@ class TaskTable:
     def split_point(self, t: int, want: float) -> int | None:
         s = self.t_seg[t, 0]
         d = self.doc[s]
-        return _split_point(self.q0[s], self.q1[s], self.ds[d], self.de[d], self.causal, self.window, self.cost, want)
+        return _split_point(self.q0[s], self.q1[s], self.groups, d, self.cost, want)
 
     def _piece(self, a, b, d):
-        k0, k1 = key_span(a, b, self.ds[d], self.de[d], self.causal, self.window)
-        area = int(mask_area(b - a, k1 - k0, self.causal, self.window, b - k1))
-        return k0, k1, area, float(self.cost.task_time([b - a], [k1 - k0], [area])[0])
+        (k0,), (k1,), (area,) = self.groups.spans([d], [a], [b])
+        return k0, k1, int(area), float(self.cost.task_time([b - a], [k1 - k0], [area])[0])
 
     def cut(self, t: int, x: int, rank: int) -> tuple[float, float]:
         """Queries ``[q0, x)`` of single-segment task ``t`` become a new task on ``rank``; ``t``
@@ -196,18 +238,21 @@ class TaskTable:
         return delta, h_time
 
     def segments(self) -> Segments:
+        """The kernel segments: every table segment cut into its group's slices."""
         n = self.n_seg
-        q0, q1, k0, k1, area = (a[:n].copy() for a in (self.q0, self.q1, self.k0, self.k1, self.area))
-        return Segments(q0, q1, k0, k1, self.t_rank[self.task[:n]], area)
+        which, q0, q1, k0, k1, lo, hi, area = self.groups.pieces(self.doc[:n], self.q0[:n], self.q1[:n])
+        return Segments(q0, q1, k0, k1, self.t_rank[self.task[:n]][which], area, lo, hi)
 
 
-def _split_point(q0, q1, ds, de, causal, window, cost, want):
-    """Query position x such that the head ``[q0, x)`` costs about ``want``; None if too small.
-    The head's cost grows with x: narrow the bracket on a coarse grid, then finish exactly."""
+def _split_point(q0, q1, groups: RowGroups, d: int, cost, want):
+    """Query position x such that the head ``[q0, x)`` of a segment of group ``d`` costs about
+    ``want``; None if too small. The head's cost grows with x: narrow the bracket on a coarse grid,
+    then finish exactly."""
 
     def head_times(xs):
-        hk0, hk1 = key_span(np.full_like(xs, q0), xs, ds, de, causal, window)
-        return cost.task_time(xs - q0, hk1 - hk0, mask_area(xs - q0, hk1 - hk0, causal, window, xs - hk1))
+        starts = np.full_like(xs, q0)
+        hk0, hk1, area = groups.spans(np.full_like(xs, d), starts, xs)
+        return cost.task_time(xs - q0, hk1 - hk0, area)
 
     lo, hi = int(q0) + 1, int(q1) - 1
     while hi - lo > 64:

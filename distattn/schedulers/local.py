@@ -9,15 +9,25 @@ uses it whenever the group has one rank, whatever scheduler was asked for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-from ..masks import MaskSlice, document_mask
+from ..masks import MaskSlice
 from ..schedule import AttnShape, Phase, Schedule
+from .blocks import KernelCall, sequence_calls
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class LocalSchedule(Schedule):
     def compute_slices(self, rank: int) -> list[MaskSlice]:
-        return document_mask(self.doc_lens, self.causal, self.window)
+        return self.mask.slices()
+
+    @cached_property
+    def local_calls(self) -> tuple[KernelCall, ...]:
+        """The kernel calls of the whole sequence (one, unless slices share query rows or keys)."""
+        return sequence_calls(self.mask, self.total_tokens)
+
+    def visible_pairs(self, rank: int) -> int:
+        return self.mask.area()
 
     def phases(self, shape: AttnShape) -> list[Phase]:
         flops = shape.flops([self.visible_pairs(0)])
@@ -25,8 +35,8 @@ class LocalSchedule(Schedule):
                 Phase.per_rank("backward", "attention", "attention", 1, flops * 2.5)]
 
 
-def build(doc_lens, mesh, *, causal, window, scheduler: str = "local") -> LocalSchedule:
+def build(doc_lens, mesh, *, causal, window, mask, scheduler: str = "local") -> LocalSchedule:
     if mesh.world_size != 1:
         raise ValueError(f"scheduler='local' needs world size 1, got {mesh.world_size}")
-    return LocalSchedule(scheduler=scheduler, doc_lens=doc_lens, causal=causal, window=window, world_size=1,
+    return LocalSchedule(scheduler=scheduler, doc_lens=doc_lens, causal=causal, window=window, world_size=1, mask=mask,
                          owned=(((0, sum(doc_lens)),),))

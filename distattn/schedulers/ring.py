@@ -31,7 +31,7 @@ import numpy as np
 
 from ..masks import MaskSlice
 from ..schedule import AttnShape, Phase, Schedule
-from .blocks import KernelCall, even_bounds, kernel_call, owned_ranges, range_pairs
+from .blocks import KernelCall, even_bounds, kernel_calls, owned_ranges, range_pairs
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -77,10 +77,8 @@ class RingSchedule(Schedule):
             for b in np.unique(self.range_slot[j]):
                 sel = (self.range_slot[i] == a) & (self.range_slot[j] == b)
                 qi, kj = i[sel], j[sel]
-                call = kernel_call(self.bounds[qi], self.bounds[qi + 1], rows[qi], self.bounds[kj], self.bounds[kj + 1],
-                                   rows[kj], self.doc_lens, self.causal, self.window)
-                if call is not None:
-                    calls.append(call)
+                calls += kernel_calls(self.bounds[qi], self.bounds[qi + 1], rows[qi], self.bounds[kj],
+                                      self.bounds[kj + 1], rows[kj], self.mask)
         return tuple(calls)
 
     # ---- the schedule --------------------------------------------------------------------------
@@ -89,7 +87,7 @@ class RingSchedule(Schedule):
         out = []
         for src in kr[qr == rank].tolist():  # calls placed at global rows: their slices are global
             for call in self.kernel_calls(rank, src, self.bounds[:-1]):
-                out += call.slices(0, 0, self.causal, self.window)
+                out += call.slices(0, 0)
         return out
 
     def visible_pairs(self, rank: int) -> int:
@@ -141,13 +139,13 @@ class RingSchedule(Schedule):
 
 
 def ring_schedule(scheduler: str, bounds: np.ndarray, range_owner: np.ndarray, doc_lens, world_size: int, *,
-                  causal: bool, window: int | None, range_slot: np.ndarray | None = None, span: int | None = None
+                  causal: bool, window: int | None, mask, range_slot: np.ndarray | None = None, span: int | None = None
                   ) -> RingSchedule:
     """The ring schedule of any ownership by ranges (ring: one per rank; zigzag: two per rank, or
     two per rank and document), ``range_slot`` as in the module docstring (default: one slot)."""
     p = world_size
     range_slot = np.zeros(len(range_owner), dtype=np.int64) if range_slot is None else range_slot
-    pairs = range_pairs(bounds, doc_lens, causal, window)
+    pairs = range_pairs(bounds, mask)
     i, j, area = pairs
     # rank pairs, sparse: a document mask leaves most of them empty at thousands of ranks
     key, inverse = np.unique(range_owner[i] * p + range_owner[j], return_inverse=True)
@@ -159,11 +157,11 @@ def ring_schedule(scheduler: str, bounds: np.ndarray, range_owner: np.ndarray, d
     np.maximum.at(hops, kr, (qr - kr) % p)
     owned = owned_ranges(bounds, range_owner, p)
     return RingSchedule(scheduler=scheduler, doc_lens=doc_lens, causal=causal, window=window, world_size=p,
-                        owned=owned, bounds=bounds, range_owner=range_owner, range_slot=range_slot, pairs=pairs,
+                        owned=owned, mask=mask, bounds=bounds, range_owner=range_owner, range_slot=range_slot, pairs=pairs,
                         rank_pairs=(qr, kr, rank_area), hops=hops, span=span)
 
 
-def build(doc_lens, mesh, *, causal, window) -> RingSchedule:
+def build(doc_lens, mesh, *, causal, window, mask) -> RingSchedule:
     p = mesh.world_size
     return ring_schedule("ring", even_bounds(sum(doc_lens), p), np.arange(p), doc_lens, p, causal=causal,
-                         window=window)
+                         window=window, mask=mask)

@@ -24,12 +24,13 @@ executor is :class:`distattn.executors.head_a2a.HeadExecutor`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-from ..masks import MaskSlice, document_mask
+from ..masks import MaskSlice
 from ..schedule import AttnShape, Phase, Schedule
-from .blocks import even_bounds
+from .blocks import KernelCall, even_bounds, sequence_calls
 
 HeadRanges = tuple[tuple[int, int], ...]
 
@@ -109,7 +110,15 @@ def head_exchange_phases(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarray
 @dataclass(frozen=True, eq=False, kw_only=True)
 class UlyssesSchedule(Schedule):
     def compute_slices(self, rank: int) -> list[MaskSlice]:
-        return document_mask(self.doc_lens, self.causal, self.window)  # every document, a share of the heads
+        return self.mask.slices()  # the whole mask, a share of the heads
+
+    @cached_property
+    def local_calls(self) -> tuple[KernelCall, ...]:
+        """The kernel calls of the whole sequence on a head shard."""
+        return sequence_calls(self.mask, self.total_tokens)
+
+    def visible_pairs(self, rank: int) -> int:
+        return self.mask.area()
 
     def phases(self, shape: AttnShape) -> list[Phase]:
         p = self.world_size
@@ -128,9 +137,9 @@ class UlyssesSchedule(Schedule):
                            for r in range(self.world_size)])
 
 
-def build(doc_lens, mesh, *, causal, window) -> UlyssesSchedule:
+def build(doc_lens, mesh, *, causal, window, mask) -> UlyssesSchedule:
     p = mesh.world_size
     bounds = even_bounds(sum(doc_lens), p)
     owned = tuple(((int(bounds[r]), int(bounds[r + 1])),) for r in range(p))
     return UlyssesSchedule(scheduler="ulysses", doc_lens=doc_lens, causal=causal, window=window, world_size=p,
-                           owned=owned)
+                           owned=owned, mask=mask)

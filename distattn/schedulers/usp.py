@@ -173,7 +173,7 @@ def _coords(mesh, ulysses_degree, num_kv_heads) -> tuple[int, tuple[tuple[int, i
     return u_deg, tuple((i % u_deg, i // u_deg) for i in range(mesh.world_size))
 
 
-def build(doc_lens, mesh, *, causal, window, ulysses_degree: int | None = None,
+def build(doc_lens, mesh, *, causal, window, mask, ulysses_degree: int | None = None,
           num_kv_heads: int | None = None) -> USPSchedule:
     if num_kv_heads is not None and (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int)
                                      or num_kv_heads < 1):
@@ -181,11 +181,11 @@ def build(doc_lens, mesh, *, causal, window, ulysses_degree: int | None = None,
     u_deg, coords = _coords(mesh, ulysses_degree, num_kv_heads)
     r_deg = mesh.world_size // u_deg
     bounds, owner, slot = zigzag_ranges(doc_lens, r_deg)
-    ring = ring_schedule("zigzag", bounds, owner, doc_lens, r_deg, causal=causal, window=window, range_slot=slot,
-                         span=mesh.world_size)
+    ring = ring_schedule("zigzag", bounds, owner, doc_lens, r_deg, causal=causal, window=window, mask=mask,
+                         range_slot=slot, span=mesh.world_size)
     owned = []
     for u, r in coords:
         cuts = even_bounds(ring.num_tokens(r), u_deg)
         owned.append(_cut(ring.owned[r], int(cuts[u]), int(cuts[u + 1])))
     return USPSchedule(scheduler="usp", doc_lens=doc_lens, causal=causal, window=window, world_size=mesh.world_size,
-                       owned=tuple(owned), ulysses_degree=u_deg, coords=coords, ring=ring, num_kv_heads=num_kv_heads)
+                       owned=tuple(owned), mask=mask, ulysses_degree=u_deg, coords=coords, ring=ring, num_kv_heads=num_kv_heads)

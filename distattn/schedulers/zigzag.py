@@ -70,7 +70,7 @@ def zigzag_ranges(doc_lens, p: int, layout: str = "sequence") -> tuple[np.ndarra
     return bounds, owner, slot
 
 
-def build(doc_lens, mesh, *, causal, window, layout: str = "sequence") -> RingSchedule:
+def build(doc_lens, mesh, *, causal, window, mask, layout: str = "sequence") -> RingSchedule:
     bounds, owner, slot = zigzag_ranges(doc_lens, mesh.world_size, layout)
     return ring_schedule("zigzag", bounds, owner, doc_lens, mesh.world_size, causal=causal, window=window,
-                         range_slot=slot)
+                         mask=mask, range_slot=slot)

@@ -40,9 +40,9 @@ def attention_rate(seq_len: int = 2048, heads: int = 8, kv_heads: int = 4, head_
 def predict_row(row: dict, rate: float, network, cores: int, pool=None, seed: int = 0) -> float:
     """Predicted fwd+bwd ms of one bench row."""
     p = row["world_size"]
-    docs, causal, window = mask_case(row["mask"], row["seq_len"], pool, seed)
+    case = mask_case(row["mask"], row["seq_len"], pool, seed)
     name = {"deepspeed-ulysses": "ulysses", "local": "ring"}.get(row["scheduler"], row["scheduler"])
-    schedule = dry_schedule(name, docs, p, default_ulysses_degree(p, row["kv_heads"]), causal, window)
+    schedule = dry_schedule(name, case.docs, p, default_ulysses_degree(p, row["kv_heads"]), **case.plan_kwargs())
     shape = AttnShape(row["heads"], row["kv_heads"], row["head_dim"], 4 if row["dtype"] == "fp32" else 2)
     # every rank on its own node share of the machine's cores; the bench's world is one node
     t = layer_times(schedule.phases(shape), p, network, rate * min(1.0, cores / p), np.zeros(p))

@@ -162,14 +162,14 @@ def layer_times(phases, ranks: int, net, flop_rate: float, lin_s: np.ndarray) ->
 
 
 def dry_schedule(name: str, docs, world: int, ulysses_degree: int, causal: bool = True,
-                 window: int | None = None, **cad_options):
+                 window: int | None = None, mask=None, **cad_options):
     """The scheduler's dry schedule (``wlb-ideal``: zigzag's; see :func:`ideal_phases`); ``cad``
-    takes ``cad_options`` (its cost model, network and ``overlap_s``)."""
+    takes ``cad_options`` (its cost model, network and ``overlap_s``); ``mask``: a SliceMask."""
     sched = "zigzag" if name == "wlb-ideal" else name
     opts = {"ulysses_degree": ulysses_degree} if name == "usp" and world > 1 else {}
     if name == "cad":
         opts.update(cad_options)
-    return make_plan(docs, world, scheduler=sched, causal=causal, window=window, **opts).schedule
+    return make_plan(docs, world, scheduler=sched, causal=causal, window=window, mask=mask, **opts).schedule
 
 
 def _cad_options(cfg: SimConfig, network) -> dict:

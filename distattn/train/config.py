@@ -2,7 +2,8 @@
 
 A config has four sections::
 
-    model:    {dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, tie_embeddings, rope_theta}
+    model:    {dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, tie_embeddings, rope_theta,
+               attention_sinks, softcap}
     data:     {source: stdlib | tokens, path, seq_len, seed}
     parallel: {dp, cp, scheduler, ulysses_degree, cad_pool, dp_mode: ddp | fsdp, backend, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
@@ -34,6 +35,11 @@ class ModelConfig:
     vocab_size: int = 256          # byte-level by default
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    # a learnable attention-sink logit per head and layer (gpt-oss; initialised to 0): every
+    # softmax row gets an extra key of value 0 (distattn.attention's sinks=)
+    attention_sinks: bool = False
+    # attention logit soft-capping c: scores become c * tanh(score / c) (Gemma 2); unset: none
+    softcap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if d.source == "tokens" and not d.path:
         raise ValueError("data.path is required with data.source: tokens (a directory from `distattn data prepare`, "
                          "or the prefix of PATH.bin and PATH.idx.npy)")
+    if m.softcap is not None and m.softcap <= 0:
+        raise ValueError(f"model.softcap must be > 0 (Gemma 2 uses 50.0), got {m.softcap!r}; leave it unset for none")
     if t.peak_tflops is not None and t.peak_tflops <= 0:
         raise ValueError(f"train.peak_tflops must be > 0, got {t.peak_tflops!r}; leave it unset to look it up")
     for key, val, choices in (("train.dtype", t.dtype, DTYPES),

@@ -5,6 +5,13 @@ RMSNorm, rotary embeddings at each token's position *inside its document*
 embeddings. Inputs are this rank's token shard ``[S_local]``; the plan says
 which tokens those are, so every scheduler is a config choice.
 
+Optional: learnable attention sinks (``model.attention_sinks``: one ``[n_heads]`` logit
+vector per layer, ``Block.sinks``, initialised to 0 as in gpt-oss) and attention logit
+soft-capping (``model.softcap``, Gemma 2). The sinks are an ordinary replicated parameter:
+DDP and FSDP2 reduce their gradient over the dp x cp mesh like every other one, which is what
+makes it exact (each rank's ``distattn.attention`` returns its share: see its docstring), and
+checkpoints save them with the rest of the model.
+
 Activation checkpointing (``checkpointing=``, per block, non-reentrant
 ``torch.utils.checkpoint``):
 
@@ -71,6 +78,7 @@ class Block(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attention_sinks else None
 
     def qkv(self, x, pos):
         """``x [S, dim]`` -> q ``[S, H, hd]``, k, v ``[S, H_kv, hd]`` (RoPE applied to q and k)."""
@@ -84,7 +92,7 @@ class Block(nn.Module):
 
     def attend(self, q, k, v, plan):
         with torch.autocast(q.device.type, enabled=False):
-            return attention(q, k, v, plan)
+            return attention(q, k, v, plan, sinks=self.sinks, softcap=self.cfg.softcap)
 
     def out_and_mlp(self, x, a):
         """Residual stream after attention output ``a [S, H, hd]`` and the MLP."""
