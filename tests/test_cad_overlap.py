@@ -140,7 +140,7 @@ def _order_worker():
 
     for i, p in enumerate(plans):
         logged_comm(p, i)
-    varlens = {id(p.executor.varlen): i for i, p in enumerate(plans)}
+    varlens = {id(call[0]): i for i, p in enumerate(plans) for call in p.executor.calls}
     fwd, bwd = task_a2a.varlen_fwd, task_a2a.varlen_bwd
 
     def logged_fwd(q, k, v, seg, **kw):

@@ -31,11 +31,12 @@ def _states(est) -> int:
     return sum(getattr(est, name) for name in STATES)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_param_count_is_the_models(tied):
+@pytest.mark.parametrize("tied,sinks", [(True, False), (False, False), (False, True)])
+def test_param_count_is_the_models(tied, sinks):
     from distattn.train.model import Transformer
 
-    m = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=100, tie_embeddings=tied)
+    m = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=100, tie_embeddings=tied,
+                    attention_sinks=sinks)
     assert param_count(m) == sum(p.numel() for p in Transformer(m).parameters())
 
 

@@ -172,7 +172,7 @@ def _cases(world_size):
     return cases
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5, 6])
 def test_slice_masks_exact_under_every_scheduler(world_size):
     results = run_distributed(_worker, world_size, _cases(world_size), timeout=600)
     for rank_results in results:

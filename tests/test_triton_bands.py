@@ -17,13 +17,15 @@ from distattn.kernels.varlen import Varlen
 from distattn.masks import UNBOUNDED
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="triton is not installed")
+# the interpreter runs on CPU tensors; with a GPU the same checks run the compiled kernels
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 U = UNBOUNDED
 # (m, n, lo, hi) per segment; None stands for the call's missing bound
 BANDS = {
     # every segment bounded on both sides (HAS_LO and HAS_HI), UNBOUNDED where a side is open
     "band": [
-        (40, 40, 40 - 40 - 9 + 1, 0),      # causal window 9
+        (72, 72, -39, 0),                  # causal window 40: masked, full and masked blocks
         (37, 37, -U, 0),                   # causal, not a block multiple
         (20, 45, -U, U),                   # full, q shorter than k
         (33, 33, 0, U),                    # only-lo: inverse causal j >= i
@@ -55,9 +57,11 @@ def _dout(q, seed=7):
 
 def _run(backend, q, k, v, dout, seg, softcap):
     scale = q.shape[2] ** -0.5
+    device = DEVICE if backend == "triton" else "cpu"
+    q, k, v, dout = (t.to(device) for t in (q, k, v, dout))
     out, lse = varlen_fwd(q, k, v, seg, scale=scale, softcap=softcap, backend=backend)
     dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, seg, scale=scale, softcap=softcap, backend=backend)
-    return out, lse, dq, dk, dv
+    return tuple(t.cpu() for t in (out, lse, dq, dk, dv))
 
 
 def _dense(q, k, v, dout, seg, softcap, dtype):
@@ -122,8 +126,9 @@ def test_softcap_actually_caps():
     """Large logits: a soft-capped call differs from an uncapped one and matches the reference."""
     seg = _layout([(20, 20, -U, 0)])
     q, k, v = (t.float() * 4 for t in rand_qkv(20, 20, 2, 2, 16, torch.float64, 3))
-    uncapped = varlen_fwd(q, k, v, seg, scale=1.0, backend="triton")[0]
-    capped = varlen_fwd(q, k, v, seg, scale=1.0, softcap=1.0, backend="triton")[0]
+    gq, gk, gv = (t.to(DEVICE) for t in (q, k, v))
+    uncapped = varlen_fwd(gq, gk, gv, seg, scale=1.0, backend="triton")[0].cpu()
+    capped = varlen_fwd(gq, gk, gv, seg, scale=1.0, softcap=1.0, backend="triton")[0].cpu()
     want = varlen_fwd(q.double(), k.double(), v.double(), seg, scale=1.0, softcap=1.0, backend="reference")[0]
     assert max_err(capped, want) < 1e-5 and max_err(capped, uncapped) > 0.1
 

@@ -113,9 +113,10 @@ class MemoryEstimate:
 
 
 def block_params(m: ModelConfig) -> int:
-    """Parameters of one transformer block (projections and its two norms)."""
+    """Parameters of one transformer block (projections, its two norms and any attention sinks)."""
     hd = m.dim // m.n_heads
-    return 2 * m.dim * m.n_heads * hd + 2 * m.dim * m.n_kv_heads * hd + 3 * m.dim * m.ffn_dim + 2 * m.dim
+    sinks = m.n_heads if m.attention_sinks else 0
+    return 2 * m.dim * m.n_heads * hd + 2 * m.dim * m.n_kv_heads * hd + 3 * m.dim * m.ffn_dim + 2 * m.dim + sinks
 
 
 def root_params(m: ModelConfig) -> int:
