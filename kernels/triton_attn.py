@@ -175,14 +175,17 @@ def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, 
         else:
             lse = tl.load(lse_ptrs + start_m * stride_lt)
             delta = tl.load(delta_ptrs + start_m * stride_dt)
+        if SOFTCAP:  # dP first: the tanh tile then lives beside P, not across a dot
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         x = logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), cap_in, SOFTCAP, PRECISION)
         p = tl.math.exp2(tl.fma(x, qk_mult, -(lse * _LOG2E)[:, None]))
         if MASKED:
             p = tl.where(visible(rows, cols, m, n, lo, hi, HAS_LO, HAS_HI), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
         if SOFTCAP:  # d(cap * tanh(s / cap)) / ds
-            ds = ds * (1.0 - x * x)
+            ds = p * (dp - delta[:, None]) * (1.0 - x * x)
+        else:
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     return dk, dv
@@ -242,14 +245,17 @@ def _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
         cols = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_ptrs + start_n * stride_kt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
         v = load_rows(v_ptrs + start_n * stride_vt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        if SOFTCAP:  # as in _dkv_blocks
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         x = logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), cap_in, SOFTCAP, PRECISION)
         p = tl.math.exp2(tl.fma(x, qk_mult, -lse_log2[:, None]))
         if MASKED:
             p = tl.where(visible(rows, cols, m, n, lo, hi, HAS_LO, HAS_HI), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
         if SOFTCAP:
-            ds = ds * (1.0 - x * x)
+            ds = p * (dp - delta[:, None]) * (1.0 - x * x)
+        else:
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
