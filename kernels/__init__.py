@@ -16,7 +16,7 @@ logit ``softcap``, and ``attn_fwd``/``attn_bwd`` also attention ``sinks``. Backe
 ``backend="auto"`` picks ``triton`` for CUDA tensors and ``torch`` for CPU tensors.
 """
 
-from . import reference, torch_cpu, torch_cuda, torch_math  # noqa: F401 (torch_math: the softcap path)
+from . import reference, torch_cpu, torch_cuda
 from .registry import (Backend, attn_bwd, attn_fwd, available_backends, check_qkv, check_sinks, check_softcap,
                        prepare, register_backend, resolve_backend, varlen_bwd, varlen_fwd)
 from .varlen import Varlen
