@@ -163,6 +163,17 @@ def mask_area(q_lens, k_lens, causal: bool, window: int | None, offsets=0) -> np
     return band_area(q_lens, k_lens, *band(q_lens, k_lens, causal, window, offsets))
 
 
+def bound_or_none(x) -> int | None:
+    """A stored bound as :class:`MaskSlice` takes it: None where it is ``±UNBOUNDED``."""
+    return None if abs(int(x)) >= UNBOUNDED else int(x)
+
+
+def shift_band(lo: np.ndarray, hi: np.ndarray, shift) -> tuple[np.ndarray, np.ndarray]:
+    """Bands moved by ``shift`` (global -> relative to a segment's corner: ``shift = k0 - q0``),
+    the unbounded sides left unbounded."""
+    return np.where(lo <= -UNBOUNDED, lo, lo - shift), np.where(hi >= UNBOUNDED, hi, hi - shift)
+
+
 def _bound(x: int | None, sign: int) -> int:
     return sign * UNBOUNDED if x is None else int(np.clip(x, -UNBOUNDED, UNBOUNDED))
 
@@ -323,9 +334,7 @@ class SliceMask:
         return int(max(self.q1.max(initial=0), self.k1.max(initial=0)))
 
     def slices(self) -> list[MaskSlice]:
-        def opt(x, sign):
-            return None if abs(int(x)) >= UNBOUNDED else int(x)
-        return [MaskSlice(int(a), int(b), int(c), int(d), opt(e, -1), opt(f, 1)) for a, b, c, d, e, f in
+        return [MaskSlice(int(a), int(b), int(c), int(d), bound_or_none(e), bound_or_none(f)) for a, b, c, d, e, f in
                 zip(*self.arrays)]
 
     def area(self) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernels import Varlen
-from ..masks import UNBOUNDED, MaskSlice, SliceMask, band_area
+from ..masks import UNBOUNDED, MaskSlice, SliceMask, band_area, bound_or_none, shift_band
 
 
 def even_bounds(total: int, parts: int) -> np.ndarray:
@@ -103,8 +103,8 @@ class KernelCall:
         for a, b, c, d, lo, hi in self.varlen.segments():
             if b > a and d > c:
                 shift = (k0 + c) - (q0 + a)  # global band = local band + (first key - first query)
-                out.append(MaskSlice(q0 + a, q0 + b, k0 + c, k0 + d, None if lo <= -UNBOUNDED else lo + shift,
-                                     None if hi >= UNBOUNDED else hi + shift))
+                glo, ghi = shift_band(np.asarray(lo), np.asarray(hi), -shift)
+                out.append(MaskSlice(q0 + a, q0 + b, k0 + c, k0 + d, bound_or_none(glo), bound_or_none(ghi)))
         return out
 
 
@@ -162,7 +162,7 @@ def kernel_calls(qa: np.ndarray, qb: np.ndarray, q_local: np.ndarray, ka: np.nda
     shift = ks - qs                                      # the bands, relative to each piece's corner
     qs, qe = qs + (q_local - qa)[pair], qe + (q_local - qa)[pair]
     ks, ke = ks + (k_local - ka)[pair], ke + (k_local - ka)[pair]
-    lo, hi = np.where(lo <= -UNBOUNDED, -UNBOUNDED, lo - shift), np.where(hi >= UNBOUNDED, UNBOUNDED, hi - shift)
+    lo, hi = shift_band(lo, hi, shift)
     order = np.lexsort((ks, qs))
     qs, qe, ks, ke, lo, hi, area = (x[order] for x in (qs, qe, ks, ke, lo, hi, area))
     layer = layers(qs, qe, ks, ke)

@@ -58,7 +58,7 @@ import numpy as np
 from ..cluster.profile import NetworkProfile
 from ..cost import Roofline
 from ..kernels import Varlen
-from ..masks import UNBOUNDED, MaskSlice, SliceMask
+from ..masks import MaskSlice, SliceMask, bound_or_none, shift_band
 from ..schedule import AttnShape, Phase, Schedule
 from .blocks import layers, even_bounds
 from .cad_placement import LinkCost, RowBytes, place_tasks
@@ -210,9 +210,7 @@ class TaskSchedule(Schedule):
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         s = self.segments
         mine = s.rank == rank
-        def opt(x):
-            return None if abs(int(x)) >= UNBOUNDED else int(x)
-        return [MaskSlice(int(a), int(b), int(c), int(d), opt(e), opt(f))
+        return [MaskSlice(int(a), int(b), int(c), int(d), bound_or_none(e), bound_or_none(f))
                 for a, b, c, d, e, f in zip(s.q0[mine], s.q1[mine], s.k0[mine], s.k1[mine], s.lo[mine], s.hi[mine])]
 
     def visible_pairs(self, rank: int) -> int:
@@ -285,7 +283,7 @@ class TaskSchedule(Schedule):
         ku0, ku1 = _merge_intervals(k0, k1)
         q_start, k_start = _covered_before(qu0, qu1, q0), _covered_before(ku0, ku1, k0)
         shift = k0 - q0  # the bands, relative to each segment's first query and key
-        b_lo, b_hi = np.where(b_lo <= -UNBOUNDED, b_lo, b_lo - shift), np.where(b_hi >= UNBOUNDED, b_hi, b_hi - shift)
+        b_lo, b_hi = shift_band(b_lo, b_hi, shift)
         layer = layers(q0, q1, np.zeros_like(q0), np.zeros_like(q0)) if mine.size else np.zeros(0, np.int64)
         calls = []
         for n in range(int(layer.max(initial=0)) + 1):
