@@ -52,6 +52,19 @@ def case_error(scheduler, docs, causal, window, hq, hkv, backend="reference", op
     return max(errs)
 
 
+def shard_errors(plan, out, mine, ref, ref_in, my_sinks=None, ref_sinks=None) -> float:
+    """Inside a gloo rank, after both backwards: max error of this rank's out/dq/dk/dv vs the oracle's
+    shard, and of the sinks' gradient summed over the ranks (as the data-parallel reduction sums a
+    replicated parameter's gradient)."""
+    errs = [max_err(out.detach(), plan.shard(ref.detach()))]
+    errs += [max_err(a.grad, plan.shard(b.grad)) for a, b in zip(mine, ref_in)]
+    if my_sinks is not None:
+        dsinks = my_sinks.grad.clone()
+        dist.all_reduce(dsinks)
+        errs.append(max_err(dsinks, ref_sinks.grad))
+    return max(errs)
+
+
 def sent_vs_stats(scheduler, docs, hq=4, hkv=2, causal=True, window=None, options=None):
     """Inside a gloo rank: (bytes the forward pass actually sent, bytes ``stats()`` predicts, stats), fp32."""
     total = sum(docs)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from conftest import max_err, rand_qkv
+from conftest import max_err, rand_qkv, shard_errors
 from distattn.pingpong import ping_pong
 from distattn.spawn import RankError, run_distributed
 
@@ -38,13 +38,7 @@ def _sinks_case(scheduler, docs, causal, window, hq, hkv, with_sinks, softcap, o
     my_sinks = sinks.clone().requires_grad_() if with_sinks else None
     out = distattn.attention(*mine, plan, sinks=my_sinks, softcap=softcap)
     out.backward(plan.shard(dout))
-    errs = [max_err(out.detach(), plan.shard(ref.detach()))]
-    errs += [max_err(a.grad, plan.shard(b.grad)) for a, b in zip(mine, ref_in)]
-    if with_sinks:
-        dsinks = my_sinks.grad.clone()
-        dist.all_reduce(dsinks)  # as DDP / FSDP reduce a replicated parameter's gradient
-        errs.append(max_err(dsinks, ref_sinks.grad))
-    return max(errs)
+    return shard_errors(plan, out, mine, ref, ref_in, my_sinks, ref_sinks)
 
 
 def _worker(cases):

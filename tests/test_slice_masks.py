@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from conftest import covers_the_mask, max_err, rand_qkv
+from conftest import covers_the_mask, rand_qkv, shard_errors
 from distattn.masks import SliceMask, causal_blockwise, prefix_lm, shared_question
 from distattn.spawn import run_distributed
 
@@ -143,13 +143,7 @@ def _slice_case(scheduler, name, hq, hkv, backend="reference", options=None, wit
     my_sinks = sinks.clone().requires_grad_() if with_sinks else None
     out = distattn.attention(*mine, plan, sinks=my_sinks, softcap=softcap)
     out.backward(plan.shard(dout))
-    errs = [max_err(out.detach(), plan.shard(ref.detach()))]
-    errs += [max_err(a.grad, plan.shard(b.grad)) for a, b in zip(mine, ref_in)]
-    if with_sinks:
-        dsinks = my_sinks.grad.clone()
-        dist.all_reduce(dsinks)  # each rank's share, summed as the data-parallel reduction does
-        errs.append(max_err(dsinks, ref_sinks.grad))
-    return max(errs)
+    return shard_errors(plan, out, mine, ref, ref_in, my_sinks, ref_sinks)
 
 
 def _worker(cases):
