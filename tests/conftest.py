@@ -65,6 +65,15 @@ def shard_errors(plan, out, mine, ref, ref_in, my_sinks=None, ref_sinks=None) ->
     return max(errs)
 
 
+def small_run(base: dict, out, **changes):
+    """A validated RunConfig: ``base``'s sections (dicts) updated by ``changes``, written to ``out``."""
+    from distattn.train.config import RunConfig, validate
+
+    sections = {k: {**v, **changes.get(k, {})} for k, v in base.items()}
+    sections["train"]["out"] = str(out)
+    return validate(RunConfig().replace(**sections))
+
+
 def sent_vs_stats(scheduler, docs, hq=4, hkv=2, causal=True, window=None, options=None):
     """Inside a gloo rank: (bytes the forward pass actually sent, bytes ``stats()`` predicts, stats), fp32."""
     total = sum(docs)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from distattn.spawn import run_distributed
-from distattn.train.config import ModelConfig, RunConfig, validate
+from conftest import small_run
+from distattn.train.config import ModelConfig, RunConfig
 from distattn.train.metrics import RunLog, matmul_params, model_flops
 from distattn.train.trainer import run
 
@@ -20,9 +21,7 @@ SMALL = {"model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn
 
 
 def _cfg(tmp_path, name: str, **changes) -> RunConfig:
-    sections = {k: {**v, **changes.get(k, {})} for k, v in SMALL.items()}
-    sections["train"]["out"] = str(tmp_path / name)
-    return validate(RunConfig().replace(**sections))
+    return small_run(SMALL, tmp_path / name, **changes)
 
 
 def _grads_by_checkpointing(scheduler: str, doc_lens: list[int]) -> dict:

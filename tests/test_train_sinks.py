@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from distattn.spawn import run_distributed
+from conftest import small_run
 from distattn.train.config import ModelConfig, RunConfig, validate
 from distattn.train.trainer import run
 
@@ -21,9 +22,7 @@ SMALL = {"model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn
 
 
 def _cfg(tmp_path, name: str, **changes) -> RunConfig:
-    sections = {k: {**v, **changes.get(k, {})} for k, v in SMALL.items()}
-    sections["train"]["out"] = str(tmp_path / name)
-    return validate(RunConfig().replace(**sections))
+    return small_run(SMALL, tmp_path / name, **changes)
 
 
 def _model_vs_single_rank(scheduler: str, doc_lens: list[int], softcap) -> dict[str, float]:
