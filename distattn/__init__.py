@@ -10,13 +10,15 @@ Public contract (see DESIGN.md)::
     plan = distattn.plan(doc_lens, mesh, scheduler="zigzag", mask=mask)
     out = distattn.attention(q_local, k_local, v_local, plan, sinks=s, softcap=c)
     ref = distattn.reference_attention(q, k, v, doc_lens, causal=True, window=None)
+    plan = distattn.plan(doc_lens, mesh, scheduler="cad", layout="zigzag")   # any scheduler on any layout
+    plan = distattn.plan(doc_lens, mesh, scheduler="ring", layout=distattn.Layout.from_indices([[...], ...]))
 """
 
 __version__ = "0.1.0"
 
 # Resolved on first use (PEP 562), so `import distattn.cli` and `distattn --help` do not import torch.
 _LAZY = {"plan": "api", "attention": "api", "local_attention": "api", "reference_attention": "oracle",
-         "Plan": "plans", "MaskSlice": "masks", "SliceMask": "masks", "document_mask": "masks"}
+         "Plan": "plans", "MaskSlice": "masks", "SliceMask": "masks", "document_mask": "masks", "Layout": "layout"}
 
 
 def __getattr__(name: str):
@@ -33,4 +35,4 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 __all__ = ["plan", "attention", "local_attention", "reference_attention", "Plan", "MaskSlice", "SliceMask",
-           "document_mask", "__version__"]
+           "document_mask", "Layout", "__version__"]

@@ -17,14 +17,17 @@ import torch
 from .executors import executor_for, resolve_options
 from .kernels import available_backends
 from .kernels.registry import check_sinks, check_softcap
+from .layout import Layout
 from .masks import SliceMask, as_doc_lens, check_window
 from .mesh import MeshInfo, resolve_mesh
 from .plans import Plan
-from .schedulers import LAYOUTS, LOCAL, spec, supporting
+from .schedulers import LOCAL, spec
+
+CONTIGUOUS = Layout("contiguous")
 
 
 def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window: int | None = None,
-         backend: str = "auto", *, mask: SliceMask | None = None, layout: str = "sequence",
+         backend: str = "auto", *, mask: SliceMask | None = None, layout: str | Layout | None = None,
          device: torch.device | str | None = None, **options) -> Plan:
     """Plan context-parallel attention for one packed sequence.
 
@@ -45,12 +48,15 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
             causal_blockwise``) over the packed sequence, replacing the document mask that
             ``causal``/``window`` describe; ``doc_lens`` still give the length and the RoPE
             positions.
-        layout: which tokens each rank holds (``plan.shard``). ``"sequence"``: the
-            scheduler's split of the packed sequence. ``"document"`` (``zigzag`` and
-            ``allgather``): every document cut into ``2P`` equal chunks, rank ``r``
-            holding chunks ``r`` and ``2P-1-r`` of each -- TransformerEngine's and
-            Megatron's THD split under context parallelism; every document length
-            must be a multiple of ``2P``.
+        layout: which tokens each rank holds (``plan.shard``), separate from how attention is
+            scheduled: every scheduler is exact on every layout (:mod:`distattn.layout`). None
+            (or ``"sequence"``): the scheduler's own (contiguous for ``ring``, ``ulysses``,
+            ``cad``; zigzag for ``zigzag``, ``allgather``; usp's 2-D split). ``"contiguous"``;
+            ``"zigzag"`` (the sequence in ``2P`` chunks, rank ``r`` holding ``r`` and ``2P-1-r``);
+            ``"document"`` (every document so -- TransformerEngine's and Megatron's THD split
+            under context parallelism; every document length must be a multiple of ``2P``); or
+            ``distattn.Layout.from_indices([[tokens of rank 0], [rank 1], ...])`` (any order,
+            any sizes; ``shard`` returns them in that order).
         device: where this rank's q/k/v will live; default: the mesh's (the current CUDA
             device under NCCL or a CUDA ``DeviceMesh``, else CPU). The plan copies its kernel
             layouts and indices there once, so attention makes no host synchronisation.
@@ -75,24 +81,26 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     entry = spec(scheduler)
     if backend != "auto" and backend not in available_backends():
         raise ValueError(f"backend={backend!r} is unknown; choose 'auto' or one of {available_backends()}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is unknown; choose one of {list(LAYOUTS)}")
-    if layout not in entry.layouts:
-        raise ValueError(f"layout={layout!r} (each document split zigzag over the ranks) works with scheduler "
-                         f"{' or '.join(map(repr, supporting(layout)))}, not {scheduler!r}; use layout='sequence'")
+    chosen = Layout.of(layout)
     info = resolve_mesh(mesh)
+    if chosen is None and entry.layout is not None:
+        chosen = Layout(entry.layout)
+    shards = None if chosen is None else chosen.shards(lens, info.world_size)
     common = dict(causal=bool(causal), window=window, mask=mask)
-    if layout == "document" and info.world_size > 1:  # on one rank both layouts are the sequence itself
-        options["layout"] = layout
     if info.world_size == 1 and not options:
-        return _made(LOCAL.planner()(lens, info, scheduler=scheduler, **common), info, backend, device, {})
+        shards = shards or CONTIGUOUS.shards(lens, 1)
+        return _made(LOCAL.planner()(lens, info, scheduler=scheduler, shards=shards, **common), info, backend,
+                     device, {})
     planner = entry.planner()
-    accepted = sorted(set(inspect.signature(planner).parameters) - {"doc_lens", "mesh", *common})
+    params = set(inspect.signature(planner).parameters)
+    accepted = sorted(params - {"doc_lens", "mesh", "shards", "scheduler", *common})
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"unexpected option(s) {unknown} for scheduler={scheduler!r}; it accepts {accepted}")
-    options, live = resolve_options(scheduler, lens, info, options)
-    return _made(planner(lens, info, **common, **options), info, backend, device, live)
+    if "scheduler" in params:  # a planner serving several names (ring: ring and zigzag)
+        common["scheduler"] = scheduler
+    options, live = resolve_options(lens, shards, info, options)
+    return _made(planner(lens, info, shards=shards, **common, **options), info, backend, device, live)
 
 
 def _made(schedule, info: MeshInfo, backend: str, device, live: dict) -> Plan:
@@ -186,11 +194,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
         raise ValueError(f"plan must come from distattn.plan(...), got {type(plan).__name__}")
     sinks, softcap = check_sinks(sinks, q), check_softcap(softcap)
     plan.check_inputs(q, k, v, sinks=sinks, softcap=softcap)
-    if prefetch is not None and not plan.executor.supports_prefetch:
-        raise ValueError(f"prefetch= works with scheduler='cad', not {plan.scheduler!r}")
+    if prefetch is not None:
+        if not plan.executor.supports_prefetch:
+            raise ValueError(f"prefetch= works with scheduler='cad', not {plan.scheduler!r}")
+        if prefetch.executor is not plan.executor or prefetch.ids != (id(q), id(k), id(v)):
+            raise ValueError("prefetch was started by another plan or for other q, k, v tensors")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return _Attention.apply(q, k, v, sinks, plan, float(scale), softcap, prefetch)
+    q, k, v = plan.to_compute_order(q, k, v)
+    (out,) = plan.to_compute_order(_Attention.apply(q, k, v, sinks, plan, float(scale), softcap, prefetch), back=True)
+    return out
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lens, *, causal: bool = True,
@@ -205,7 +218,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lens,
     """
     info = MeshInfo(world_size=1, rank=0)
     lens, window = as_doc_lens(doc_lens), check_window(window)
-    schedule = LOCAL.planner()(lens, info, causal=bool(causal), window=window,
+    schedule = LOCAL.planner()(lens, info, causal=bool(causal), window=window, shards=CONTIGUOUS.shards(lens, 1),
                                mask=SliceMask.documents(lens, bool(causal), window))
     return attention(q, k, v, Plan(schedule, backend, 0, executor_for(schedule, info, backend)), scale=scale,
                      sinks=sinks, softcap=softcap)

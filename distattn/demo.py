@@ -15,8 +15,7 @@ from .api import attention, plan
 from .doclens import pack
 from .kernels import attn_bwd, attn_fwd
 from .masks import as_doc_lens, cu_seqlens
-from .schedulers import LOCAL, NAMES
-from .schedulers.usp import default_ulysses_degree
+from .schedulers import LOCAL, NAMES, spec
 from .spawn import run_distributed
 from .timing import slowest_median, time_calls
 
@@ -44,7 +43,7 @@ def _rank_main(schedulers, doc_lens, heads, kv_heads, head_dim, dtype_name, caus
                               backend="torch"))
     rows = []
     for name in schedulers:
-        options = {"ulysses_degree": ulysses_degree} if name == "usp" and dist.get_world_size(group) > 1 else {}
+        options = spec(name).plan_options(dist.get_world_size(group), kv_heads, ulysses_degree)
         p = plan(doc_lens, group, scheduler=name, causal=causal, window=window, backend=backend, **options)
         q, k, v, dout = (p.shard(t).to(dtype) for t in (q64, k64, v64, dout64))
 
@@ -84,8 +83,6 @@ def run_demo(world_size: int = 4, schedulers: list[str] | None = None, seq_len: 
     unknown = [s for s in schedulers if s not in available]
     if unknown:
         raise ValueError(f"schedulers {unknown} cannot run at world size {world_size}; available: {available}")
-    if ulysses_degree is None:  # usp's own default: Ulysses splits whole KV heads
-        ulysses_degree = default_ulysses_degree(world_size, kv_heads)
     if doc_lens is not None:
         doc_lens = list(as_doc_lens(doc_lens))
     else:

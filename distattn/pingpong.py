@@ -92,8 +92,8 @@ class _Dispatch(torch.autograd.Function):
     """Forward: start Q, K/V to the workers. Backward: wait for dQ, dK/dV."""
 
     @staticmethod
-    def forward(ctx, flight: _Flight, plan, q, k, v):
-        flight.pending = plan.prefetch(q, k, v)
+    def forward(ctx, flight: _Flight, q, k, v):
+        flight.pending = flight.executor.prefetch(q, k, v)
         ctx.flight = flight
         return q.new_empty(0)
 
@@ -101,7 +101,7 @@ class _Dispatch(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, _token):
         dq, dk, dv = ctx.flight.executor.finish_backward(ctx.flight.take())
-        return None, None, dq, dk, dv
+        return None, dq, dk, dv
 
 
 class _Compute(torch.autograd.Function):
@@ -179,7 +179,9 @@ def ping_pong(pre: Callable, post: Callable, xs: Sequence, plans: Sequence, scal
         plan.check_inputs(q, k, v, sinks=sinks, softcap=softcap)
         flight = _Flight(plan.executor, float(q.shape[-1] ** -0.5 if scale is None else scale), softcap)
         flights.append(flight)
-        tokens.append(_Dispatch.apply(flight, plan, q, k, v))   # hidden behind the next pre / attention
+        # hidden behind the next pre / attention (in the executors' token order: see distattn.layout)
+        tokens.append(_Dispatch.apply(flight, *plan.to_compute_order(q, k, v)))
     # out hidden behind the next attention / post
     tokens = [_Compute.apply(f, t, sinks) for f, t in zip(flights, tokens)]
-    return [post(_Finish.apply(f, t), x) for f, t, x in zip(flights, tokens, xs)]
+    return [post(plan.to_compute_order(_Finish.apply(f, t), back=True)[0], x)
+            for f, t, x, plan in zip(flights, tokens, xs, plans)]

@@ -7,10 +7,13 @@ mesh's groups, with its kernel layouts and indices copied to the device once. A 
 (``mesh`` an int world size) has a schedule and no executor: ``stats()`` works,
 ``shard``/``unshard``/``attention`` raise ``ValueError``.
 
-Token ownership is the schedule's ``owned[r]``: global ``(start, end)`` token ranges whose
-concatenation, in that order, is rank ``r``'s local tensor. Ranks may own different numbers of
-tokens (any total length works; collectives pad internally), or none (fewer tokens than ranks:
-their shards are ``[0, ...]`` tensors and they still take part in every collective).
+Token ownership is the schedule's layout (:class:`~distattn.layout.Shards`): ``owned[r]`` lists
+global ``(start, end)`` token ranges whose concatenation, in that order, is rank ``r``'s local
+tensor. Ranks may own different numbers of tokens (any total length works; collectives pad
+internally), or none (fewer tokens than ranks: their shards are ``[0, ...]`` tensors and they still
+take part in every collective). Executors compute on a rank's tokens in increasing global order;
+when the local order differs (``distattn.Layout.from_indices`` in another order),
+:func:`distattn.attention` gathers q, k, v into that order and out back (:attr:`Plan.local_order`).
 
 Before attention on inputs of a shape new to this rank, the ranks of the plan's group compare
 heads, head_dim and dtype, and whether they pass attention sinks and which softcap
@@ -27,26 +30,25 @@ import numpy as np
 import torch
 
 from .comm import Comm
-from .executors.base import Executor
+from .executors.base import DeviceIndex, Executor
 from .kernels import check_qkv
+from .layout import Shards, token_index
 from .masks import MaskSlice, SliceMask
-from .schedule import AttnShape, Phase, Schedule, imbalance, token_index
+from .schedule import AttnShape, Phase, Schedule, imbalance
 
 __all__ = ["Plan", "imbalance", "token_index"]
 
 
 @dataclass(frozen=True, eq=False, init=False)
 class Plan:
-    """A schedule and, on a live plan, this rank's executor (see module docstring).
-
-    Scheduler-specific facts of the schedule (``ulysses_degree`` of ``usp``, ``segments`` of
-    ``cad``, ...) and of the executor (``slot`` of ``cad``) read as attributes of the plan.
-    """
+    """A schedule and, on a live plan, this rank's executor (see module docstring). What else a
+    scheduler decided is in ``plan.schedule`` (e.g. ``plan.schedule.segments`` of ``cad``)."""
 
     schedule: Schedule
     backend: str
     rank: int | None                                   # None: dry
     executor: Executor | None = field(repr=False)      # None when dry
+    local_order: tuple[DeviceIndex, DeviceIndex] | None = field(repr=False)  # (to compute order, back)
 
     def __init__(self, schedule: Schedule | None = None, backend: str = "auto", rank: int | None = None,
                  executor=None, *, group=None, **layout):
@@ -57,19 +59,15 @@ class Plan:
         if schedule is None:
             if "mask" not in layout:  # the document mask of doc_lens, causal, window
                 layout["mask"] = SliceMask.documents(layout["doc_lens"], layout["causal"], layout["window"])
+            layout["shards"] = Shards.from_owned(layout.pop("owned"), sum(layout["doc_lens"]))
             schedule = Schedule(**layout)
             executor = None if rank is None else Executor(schedule, rank, Comm(group), backend)
-        for name, value in (("schedule", schedule), ("backend", backend), ("rank", rank), ("executor", executor)):
+        order = None if rank is None else schedule.shards.order[rank]
+        if order is not None:
+            order = (DeviceIndex(order), DeviceIndex(np.argsort(order).astype(np.int64)))
+        for name, value in (("schedule", schedule), ("backend", backend), ("rank", rank), ("executor", executor),
+                            ("local_order", order)):
             object.__setattr__(self, name, value)
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("schedule", "executor"):
-            raise AttributeError(name)
-        for source in (self.schedule, self.executor):
-            if source is not None and hasattr(source, name):
-                return getattr(source, name)
-        raise AttributeError(f"{type(self).__name__} of scheduler {self.schedule.scheduler!r} has no attribute "
-                             f"{name!r}")
 
     # ---- the schedule's facts ------------------------------------------------------------------
     @property
@@ -95,6 +93,22 @@ class Plan:
     @property
     def owned(self):
         return self.schedule.owned
+
+    @property
+    def shards(self) -> Shards:
+        """The layout: which tokens each rank holds (:class:`~distattn.layout.Shards`)."""
+        return self.schedule.shards
+
+    @property
+    def ulysses_degree(self) -> int | None:
+        """Ranks each Ulysses group splits heads over (``usp``); None for other schedulers."""
+        return self.schedule.ulysses_degree
+
+    @property
+    def slot(self) -> int | None:
+        """This rank's index in :meth:`stats`' per-rank lists: its rank, or under ``cad`` with
+        ``pool=`` its slot in the pool (None when dry)."""
+        return None if self.executor is None else self.executor.rank
 
     @property
     def is_dry(self) -> bool:
@@ -149,6 +163,8 @@ class Plan:
         for the mesh's device; attention on tensors of another device prepares them there)."""
         if self.executor is not None:
             self.executor.prepare(device)
+            for index in self.local_order or ():
+                index.on(device)
 
     def shard(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """``x`` with the full packed sequence along ``dim`` (``[S, ...]``) -> this rank's tokens
@@ -157,9 +173,12 @@ class Plan:
         if x.shape[dim] != self.total_tokens:
             raise ValueError(f"x has {x.shape[dim]} tokens along dim {dim} but doc_lens sum to "
                              f"{self.total_tokens}: pass the full packed sequence")
-        if not self.owned[rank]:  # fewer tokens than ranks: this one owns none
+        ranges = self.owned[rank]
+        if not ranges:  # fewer tokens than ranks: this one owns none
             return x.narrow(dim, 0, 0)
-        return torch.cat([x.narrow(dim, s, e - s) for s, e in self.owned[rank]], dim=dim)
+        if len(ranges) > 64:  # an explicit layout of scattered tokens: one gather
+            return x.index_select(dim, torch.from_numpy(token_index(ranges)).to(x.device))
+        return torch.cat([x.narrow(dim, s, e - s) for s, e in ranges], dim=dim)
 
     def unshard(self, x_local: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Inverse of :meth:`shard`: every rank gets the full ``[S, ...]`` in original order.
@@ -178,10 +197,8 @@ class Plan:
         self.executor.comm.all_gather(gathered, padded, "unshard").wait()
         full = x.new_empty((self.total_tokens, *x.shape[1:]))
         for r in range(self.world_size):
-            offset = r * width
-            for s, e in self.owned[r]:
-                full[s:e] = gathered[offset:offset + e - s]
-                offset += e - s
+            tokens = torch.from_numpy(token_index(self.owned[r])).to(x.device)
+            full[tokens] = gathered[r * width:r * width + len(tokens)]
         return full.movedim(0, dim)
 
     def position_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
@@ -211,6 +228,15 @@ class Plan:
         self.check_local_qkv(q, k, v)
         self.executor.check_agreement(q, k, sinks=sinks is not None, softcap=softcap)
 
+    def to_compute_order(self, *xs: torch.Tensor, back: bool = False) -> list[torch.Tensor]:
+        """This rank's tensors (token dim 0) from their local order to the executors' compute order
+        (increasing global position), or ``back``; the identity unless the layout lists the rank's
+        tokens in another order. Differentiable."""
+        if self.local_order is None:
+            return list(xs)
+        index = self.local_order[1 if back else 0]
+        return [x.index_select(0, index.on(x.device)) for x in xs]
+
     def prefetch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Start the forward transfers of Q, K, V now (``cad``); pass the result to
         ``distattn.attention(q, k, v, plan, prefetch=...)`` with the same tensors. Work done in
@@ -218,4 +244,4 @@ class Plan:
         self.check_inputs(q, k, v)
         if not self.executor.supports_prefetch:
             raise ValueError(f"prefetch works with scheduler='cad', not {self.scheduler!r}")
-        return self.executor.prefetch(q, k, v)
+        return self.executor.prefetch(*self.to_compute_order(q, k, v))._replace(ids=(id(q), id(k), id(v)))

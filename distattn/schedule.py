@@ -2,13 +2,15 @@
 
 A scheduler's planner (``distattn/schedulers/<name>.py``) returns a :class:`Schedule`: a frozen,
 process-free description of one packed batch on ``P`` ranks. It holds the token layout
-(``owned[r]``: rank ``r``'s global token ranges, in local order) and whatever the scheduler
-decided (ranges and their owners, a head split, a task table). From it follow:
+(``shards``, :class:`~distattn.layout.Shards`: ``owned[r]`` is rank ``r``'s global token ranges, in
+local order) and whatever the scheduler decided (ranges and their owners, a head split, a task
+table). From it follow:
 
 * :meth:`Schedule.phases` -- for an attention shape, the ordered phases of one forward and one
   backward: which ranks run how many attention FLOPs, which send how many bytes over which
   collective, and which transfer runs under which computation (``overlaps``);
 * :meth:`Schedule.stats` -- per-rank FLOPs and bytes, summed from those phases;
+* :meth:`Schedule.saved_bytes` and :meth:`Schedule.buffer_bytes` -- the memory attention holds;
 * what an executor (:mod:`distattn.executors`) needs to run one rank's part (each schedule
   derives its kernel calls and routes for a rank on request).
 
@@ -40,9 +42,9 @@ from functools import cached_property
 
 import numpy as np
 
+from .layout import Ranges, Shards
 from .masks import MaskSlice, SliceMask, attention_flops, check_positive_ints, slices_area
 
-Ranges = tuple[tuple[int, int], ...]
 COLLECTIVES = ("send_recv", "all_gather", "reduce_scatter", "all_to_all")
 OVERLAPS = (None, "attention", "layers")
 
@@ -137,8 +139,13 @@ class Schedule:
     causal: bool
     window: int | None
     world_size: int
-    owned: tuple[Ranges, ...]
+    shards: Shards = field(repr=False)    # who holds which tokens (the plan's layout)
     mask: SliceMask = field(repr=False)   # who attends to whom: the document mask, or the plan's mask=
+
+    # the rank's own q, k, v, out and lse are what attention keeps for backward (the ring family,
+    # local): ``out`` is then the very tensor the output projection reads (a memory estimate counts it once)
+    keeps_local_out = True
+    ulysses_degree = None   # ranks each Ulysses group splits heads over (usp's field)
 
     # ---- what each scheduler says ------------------------------------------------------------
     def phases(self, shape: AttnShape) -> list[Phase]:
@@ -160,6 +167,12 @@ class Schedule:
         """``[ranks]``: peak bytes of the receive buffers the executor holds at once, per rank."""
         return np.zeros(self.stat_ranks)
 
+    def saved_bytes(self, shape: AttnShape) -> np.ndarray:
+        """``[ranks]``: bytes attention keeps from forward to backward per rank (by default the rank's
+        own q, k, v, out and the fp32 lse; schedulers that compute elsewhere override it)."""
+        per_token = shape.row_bytes(2 * shape.num_heads + 2 * shape.num_kv_heads) + shape.num_heads * 4
+        return np.asarray(self.rank_tokens(), dtype=np.int64) * per_token
+
     def extra_stats(self) -> dict:
         """Scheduler-specific per-rank lists added to :meth:`stats`."""
         return {}
@@ -174,11 +187,16 @@ class Schedule:
 
     # ---- derived -------------------------------------------------------------------------------
     @property
+    def owned(self) -> tuple[Ranges, ...]:
+        """Rank ``r``'s global token ranges, in its local order."""
+        return self.shards.owned
+
+    @property
     def total_tokens(self) -> int:
         return sum(self.doc_lens)
 
     def num_tokens(self, rank: int) -> int:
-        return sum(e - s for s, e in self.owned[rank])
+        return self.shards.num_tokens(rank)
 
     @cached_property
     def doc_starts(self) -> np.ndarray:
@@ -205,7 +223,3 @@ def imbalance(values) -> float:
     mean = sum(values) / len(values)
     return max(values) / mean if mean > 0 else 1.0
 
-
-def token_index(ranges: Ranges) -> np.ndarray:
-    """Global token indices of ``ranges``, in local order."""
-    return np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in ranges] or [np.zeros(0, np.int64)])

@@ -7,8 +7,9 @@
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, mpu=mpu)
 
 Same call signature as DeepSpeed's class; the sequence shards are DeepSpeed's
-(contiguous, ``s/P`` tokens per rank), so the schedulers whose layout is
-contiguous apply: ``ulysses`` (default), ``ring`` and ``cad``. Our kernels
+(contiguous, ``s/P`` tokens per rank), and every scheduler runs on them
+(``layout="contiguous"``: ``ulysses`` by default, ``ring``, ``zigzag``,
+``allgather``, ``usp`` with the KV heads of the first call, ``cad``). Our kernels
 compute attention -- with document masks, windows and GQA, and with any head
 count -- so the mask is what ``causal=`` (default True) and ``window=`` say, not
 what a ``local_attention`` module would have done: passing one warns once,
@@ -25,10 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..api import attention, plan as make_plan
-from ..schedulers import REGISTRY
-
-# DeepSpeed's sequence shards are contiguous runs of s/P tokens: the schedulers whose layout that is
-CONTIGUOUS = tuple(name for name, s in REGISTRY.items() if s.contiguous)
+from ..schedulers import NAMES, spec
 
 
 class DistAttnDistributedAttention(torch.nn.Module):
@@ -46,9 +44,8 @@ class DistAttnDistributedAttention(torch.nn.Module):
         super().__init__()
         if sequence_process_group is None:
             raise ValueError("sequence_process_group is required (e.g. mpu.get_sequence_parallel_group())")
-        if scheduler not in CONTIGUOUS:
-            raise ValueError(f"scheduler={scheduler!r} shards tokens non-contiguously; DeepSpeed's sequence shards "
-                             f"are contiguous: use one of {CONTIGUOUS}")
+        if scheduler not in NAMES:
+            raise ValueError(f"scheduler={scheduler!r} is unknown; choose one of {list(NAMES)}")
         if (scatter_idx, gather_idx) != (2, 0):
             raise ValueError("only DeepSpeed's default head/sequence layout (scatter_idx=2, gather_idx=0) is supported")
         if not isinstance(causal, bool):
@@ -65,11 +62,14 @@ class DistAttnDistributedAttention(torch.nn.Module):
         self.scheduler, self.causal, self.window, self.backend = scheduler, causal, window, backend
         self._plans: dict = {}
 
-    def _plan(self, doc_lens: tuple[int, ...]):
-        if doc_lens not in self._plans:  # plans are per batch in general; reuse them for a repeated layout
-            self._plans = {doc_lens: make_plan(list(doc_lens), self.spg, scheduler=self.scheduler, causal=self.causal,
-                                               window=self.window, backend=self.backend)}
-        return self._plans[doc_lens]
+    def _plan(self, doc_lens: tuple[int, ...], kv_heads: int):
+        key = (doc_lens, kv_heads)
+        if key not in self._plans:  # plans are per batch in general; reuse them for a repeated layout
+            options = spec(self.scheduler).plan_options(dist.get_world_size(self.spg), kv_heads)
+            # DeepSpeed's shards: contiguous, whatever the scheduler's own layout
+            self._plans = {key: make_plan(list(doc_lens), self.spg, scheduler=self.scheduler, causal=self.causal,
+                                          window=self.window, backend=self.backend, layout="contiguous", **options)}
+        return self._plans[key]
 
     def forward(self, query, key, value, batch_dim_idx: int, rotary_pos_emb=None, *args, doc_lens=None, **kwargs):
         if rotary_pos_emb is not None:
@@ -85,7 +85,7 @@ class DistAttnDistributedAttention(torch.nn.Module):
             raise ValueError(f"doc_lens has {len(per_row)} lists for a batch of {batch}")
         outs = []
         for i in range(batch):
-            plan = self._plan(tuple(per_row[i]))
+            plan = self._plan(tuple(per_row[i]), key.shape[2])
             if plan.num_local_tokens != s_local:
                 raise ValueError(f"doc_lens sum to {sum(per_row[i])}, but {s_local} local tokens x "
                                  f"{dist.get_world_size(self.spg)} ranks = {total}")

@@ -1,24 +1,39 @@
 """Megatron-core: ``DistAttnCoreAttention`` for the ``core_attention`` slot of a layer spec.
 
     from distattn.parallel.megatron import get_gpt_layer_spec
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_spec(), ...)
+    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_spec(scheduler="cad", cad_pool="dp"), ...)
 
 Megatron's own local attention refuses context parallelism without
-TransformerEngine; this module runs it with any of our schedulers. The adapter
-uses the layout Megatron split the batch with:
+TransformerEngine; this module runs it with any of our schedulers
+(``zigzag`` by default; ``ring``, ``allgather``, ``ulysses``, ``usp``, ``cad``),
+always on the layout Megatron split the batch with (:mod:`distattn.layout`), so
+the tokens never move before attention and RoPE keeps Megatron's positions:
 
 * ``sbhd``/``bshd`` (no ``packed_seq_params``, or ``qkv_format`` "sbhd"/"bshd"):
   the sequence cut into ``2 * cp`` chunks, rank ``r`` holding chunks ``r`` and
-  ``2*cp - 1 - r`` (``get_batch_on_this_cp_rank``) -- ``scheduler="zigzag"``'s
-  shard, ``layout="sequence"``. Each batch row is one sequence; with
-  ``packed_seq_params`` (batch 1) its ``cu_seqlens_q`` marks documents that
-  never see each other.
+  ``2*cp - 1 - r`` (``get_batch_on_this_cp_rank``) -- ``layout="zigzag"``. Each
+  batch row is one sequence; with ``packed_seq_params`` (batch 1) its
+  ``cu_seqlens_q`` marks documents that never see each other.
 * ``thd`` (``packed_seq_params.qkv_format == "thd"``): *every document* cut into
   ``2 * cp`` chunks, rank ``r`` holding chunks ``r`` and ``2*cp - 1 - r`` of each
   (TransformerEngine's ``thd_get_partitioned_indices``, and what Megatron's THD
-  RoPE assumes) -- ``layout="document"`` with ``zigzag`` (or ``allgather``).
-  Documents are ``cu_seqlens_q_padded`` when given (each a multiple of
-  ``2 * cp``, as Megatron pads them), else ``cu_seqlens_q``.
+  RoPE assumes) -- ``layout="document"``. Documents are ``cu_seqlens_q_padded``
+  when given (each a multiple of ``2 * cp``, as Megatron pads them), else
+  ``cu_seqlens_q``.
+
+Tensor parallelism needs nothing: each TP rank attends over its own heads (``usp``
+plans for the KV heads it holds). **CAD pooled over data parallelism** (DistCA):
+``cad_pool="dp"`` balances the attention of every data-parallel replica of this
+pipeline stage over all their ``dp x cp`` ranks -- Megatron's data-parallel group
+with context parallelism (``pg_collection.dp_cp``, else ``parallel_state``), which
+holds one TP rank and one pipeline stage, so each TP rank pools its own heads and
+each stage pools with the same stage of the other replicas. Tokens stay where
+Megatron put them; attention tasks cross replicas. Document lengths are exchanged
+over that group once per batch (the first layer of the stage to see a new
+``packed_seq_params``; without one, once per sequence length): every replica must
+run the same number of microbatches with the same batch size, as Megatron's
+schedules do. The layers of one spec share their plans (one per batch, not per
+layer).
 
 ``attention_mask``: None (Megatron-core's default, and Megatron-LM's with
 ``--no-create-attention-mask-in-dataloader``), or a boolean mask (True = masked
@@ -42,10 +57,12 @@ import weakref
 
 import torch
 
-from ..api import attention, plan as make_plan
-from ..schedulers import supporting
+from collections import OrderedDict
 
-THD_SCHEDULERS = supporting("document")  # the schedulers with a per-document layout
+from ..api import attention, plan as make_plan
+from ..schedulers import NAMES, spec as scheduler_spec
+
+POOLS = (None, "dp")   # cad_pool: no pool, or Megatron's data-parallel group with context parallelism
 
 try:  # Megatron is optional: the module imports without it, the class needs it
     from megatron.core.transformer.module import MegatronModule
@@ -53,39 +70,77 @@ except ImportError:  # pragma: no cover - depends on the environment
     MegatronModule = torch.nn.Module
 
 
+class PlanCache:
+    """The plans of the layers built from one spec: one plan per batch, not per layer.
+
+    A plan depends on the batch's documents and layout (the key). A pooled plan (``cad_pool``)
+    also depends on the other replicas' documents, so it is made anew for every new batch -- a new
+    ``packed_seq_params`` object, which every replica's schedule hands its layers at the same step
+    -- and reused by the other layers and by recomputation. The last ``size`` plans are kept
+    (interleaved pipeline chunks alternate batches)."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._plans: OrderedDict = OrderedDict()
+
+    def get(self, key, batch, make):
+        """The plan of ``key`` made for ``batch`` (None: any batch), or ``make()``'s."""
+        held = self._plans.get(key)
+        if held is not None and (batch is None or (held[0] is not None and held[0]() is batch)):
+            self._plans.move_to_end(key)
+            return held[1]
+        plan = make()
+        self._plans[key] = (None if batch is None else weakref.ref(batch), plan)
+        self._plans.move_to_end(key)
+        while len(self._plans) > self.size:
+            self._plans.popitem(last=False)
+        return plan
+
+
 class DistAttnCoreAttention(MegatronModule):
-    """Megatron ``core_attention`` running distattn (see module docstring)."""
+    """Megatron ``core_attention`` running distattn (see module docstring): ``scheduler`` any of
+    ``distattn.schedulers.NAMES``; ``cad_pool`` None, or ``"dp"`` with ``scheduler="cad"``;
+    ``plans`` a :class:`PlanCache` shared by the layers of one spec (default: the layer's own)."""
 
     _checked_mask = None  # (weakref to the last attention_mask found valid, what it was checked against)
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str = "self",
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None, scheduler: str = "zigzag"):
+                 cp_comm_type: str | None = None, pg_collection=None, scheduler: str = "zigzag",
+                 cad_pool: str | None = None, plans: PlanCache | None = None):
         super().__init__(config=config)
+        check_scheduler(scheduler, cad_pool)
         if attention_type != "self":
             raise ValueError(f"DistAttnCoreAttention runs self-attention, got attention_type={attention_type!r}")
         if (attention_dropout if attention_dropout is not None else config.attention_dropout):
             raise ValueError("DistAttnCoreAttention has no attention dropout; set attention_dropout=0.0")
+        from megatron.core import parallel_state
+
         if pg_collection is not None and getattr(pg_collection, "cp", None) is not None:
             self.cp_group = pg_collection.cp
         else:
-            from megatron.core import parallel_state
-
             self.cp_group = parallel_state.get_context_parallel_group()
+        self.pool = None
+        if cad_pool == "dp":
+            self.pool = getattr(pg_collection, "dp_cp", None) if pg_collection is not None else None
+            if self.pool is None:
+                self.pool = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.causal = "causal" in str(attn_mask_type)
         self.scale = softmax_scale
         self.scheduler = scheduler
-        self._plan_cache: dict = {}
+        self.plans = plans if plans is not None else PlanCache()
 
-    def _plan(self, doc_lens: tuple[int, ...], layout: str):
-        key = (doc_lens, layout)
-        if key not in self._plan_cache:  # the same layout every layer and, usually, every step
-            if layout == "document" and self.scheduler not in THD_SCHEDULERS:
-                raise ValueError(f"qkv_format='thd' splits every document over the CP ranks, which scheduler="
-                                 f"{self.scheduler!r} does not run; use one of {THD_SCHEDULERS}")
-            self._plan_cache = {key: make_plan(list(doc_lens), self.cp_group, scheduler=self.scheduler,
-                                               causal=self.causal, layout=layout)}
-        return self._plan_cache[key]
+    def _plan(self, doc_lens: tuple[int, ...], layout: str, kv_heads: int, batch):
+        cp = torch.distributed.get_world_size(self.cp_group)
+        options = scheduler_spec(self.scheduler).plan_options(cp, kv_heads)   # usp: its degree, this TP rank's heads
+        if self.pool is not None:
+            options["pool"] = self.pool
+
+        def make():
+            return make_plan(list(doc_lens), self.cp_group, scheduler=self.scheduler, causal=self.causal,
+                             layout=layout, **options)
+        key = (doc_lens, layout, self.causal, kv_heads, id(self.cp_group), id(self.pool))
+        return self.plans.get(key, batch if self.pool is not None else None, make)
 
     def _check_mask(self, mask: torch.Tensor, plan, layout: str, s_local: int) -> None:
         """Accept ``mask`` only if it is what this layer computes anyway (see module docstring)."""
@@ -134,12 +189,12 @@ class DistAttnCoreAttention(MegatronModule):
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         s_local, batch = query.shape[0], query.shape[1]
         cp = torch.distributed.get_world_size(self.cp_group)
-        layout = "sequence"
+        layout = "zigzag"   # get_batch_on_this_cp_rank's split of the whole sequence
         if packed_seq_params is not None:
             if batch != 1:
                 raise ValueError("packed sequences (packed_seq_params) need batch size 1")
             thd = packed_seq_params.qkv_format == "thd"
-            layout = "document" if thd else "sequence"
+            layout = "document" if thd else "zigzag"
             cu = packed_seq_params.cu_seqlens_q_padded if thd and packed_seq_params.cu_seqlens_q_padded is not None \
                 else packed_seq_params.cu_seqlens_q
             if thd and not self.causal and not torch.equal(cu.cpu(), packed_seq_params.cu_seqlens_q.cpu()):
@@ -153,7 +208,8 @@ class DistAttnCoreAttention(MegatronModule):
             doc_lens = tuple(int(x) for x in torch.diff(cu.cpu()).tolist() if x > 0)
         else:
             doc_lens = (s_local * cp,)
-        plan = self._plan(doc_lens, layout)  # thd: the core's ValueError names a document not a multiple of 2*cp
+        # thd: the core's ValueError names a document not a multiple of 2*cp
+        plan = self._plan(doc_lens, layout, key.shape[-2], packed_seq_params)
         if plan.num_local_tokens != s_local:
             how = ("each document split into 2*cp chunks as get_thd_batch_on_this_cp_rank does, with cu_seqlens "
                    "of the whole batch" if layout == "document" else "split batches with get_batch_on_this_cp_rank")
@@ -166,10 +222,28 @@ class DistAttnCoreAttention(MegatronModule):
         return torch.stack(outs, dim=1).reshape(s_local, batch, -1)
 
 
-def get_gpt_layer_spec(**kwargs):
-    """``get_gpt_layer_local_spec(**kwargs)`` with ``DistAttnCoreAttention`` as core attention."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def check_scheduler(scheduler: str, cad_pool) -> None:
+    """``ValueError`` unless ``scheduler`` is a distattn scheduler and ``cad_pool`` one it can take."""
+    if scheduler not in NAMES:
+        raise ValueError(f"scheduler={scheduler!r} is unknown; choose one of {list(NAMES)}")
+    if cad_pool not in POOLS:
+        raise ValueError(f"cad_pool={cad_pool!r} is unknown; choose None or 'dp' (Megatron's data-parallel group "
+                         f"with context parallelism)")
+    if cad_pool is not None and not scheduler_spec(scheduler).pools:
+        pooling = [n for n in NAMES if scheduler_spec(n).pools]
+        raise ValueError(f"cad_pool={cad_pool!r} balances attention over data-parallel replicas, which scheduler="
+                         f"{scheduler!r} does not do; use scheduler={pooling[0]!r} or cad_pool=None")
 
+
+def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, **kwargs):
+    """``get_gpt_layer_local_spec(**kwargs)`` with ``DistAttnCoreAttention`` running ``scheduler`` as
+    core attention (``cad_pool="dp"``: CAD balanced over every data-parallel replica of a stage; see
+    module docstring). The spec's layers share one :class:`PlanCache`."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    check_scheduler(scheduler, cad_pool)
     spec = get_gpt_layer_local_spec(**kwargs)
-    spec.submodules.self_attention.submodules.core_attention = DistAttnCoreAttention
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=DistAttnCoreAttention, params={"scheduler": scheduler, "cad_pool": cad_pool, "plans": PlanCache()})
     return spec

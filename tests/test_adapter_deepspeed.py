@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+import distattn.schedulers
 from distattn.spawn import run_distributed
 
 pytest.importorskip("deepspeed")
@@ -100,20 +101,24 @@ def _same_as_deepspeed():
 
     theirs = DistributedAttention(theirs_local, group)(q[rows], k[rows], v[rows], 1)
     ours = DistAttnDistributedAttention(None, group)(q[rows], k[rows], v[rows], 1, doc_lens=docs)
+    # every scheduler on DeepSpeed's contiguous shards (issue 29)
+    every = {s: (DistAttnDistributedAttention(None, group, scheduler=s)(q[rows], k[rows], v[rows], 1, doc_lens=docs)
+                 - theirs).abs().max().item() for s in distattn.schedulers.NAMES}
     theirs_bi = DistributedAttention(bidirectional, group)(q[rows], k[rows], v[rows], 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         drop_in = DistAttnDistributedAttention(bidirectional, group, causal=False)
         ours_bi = [drop_in(q[rows], k[rows], v[rows], 1, doc_lens=docs) for _ in range(2)]
     return ((ours - theirs).abs().max().item(), max((o - theirs_bi).abs().max().item() for o in ours_bi),
-            [str(w.message) for w in caught])
+            [str(w.message) for w in caught], every)
 
 
 def test_drop_in_equals_deepspeed_distributed_attention():
     """Causal, and bidirectional when the user says causal=False: one warning for the replaced
     local attention (at construction, not per call)."""
-    for diff, diff_bi, caught in run_distributed(_same_as_deepspeed, 4, timeout=600):
+    for diff, diff_bi, caught, every in run_distributed(_same_as_deepspeed, 4, timeout=600):
         assert diff < 1e-12 and diff_bi < 1e-12
+        assert max(every.values()) < 1e-12 and len(every) == 6, every
         assert len(caught) == 1, caught
         assert "distattn's ulysses attention (causal=False, window=None) replaces local_attention=" in caught[0]
         assert "bidirectional" in caught[0] and "which is not called" in caught[0]

@@ -38,19 +38,19 @@ def _loss_and_grads(model, plan, ids, group):
     return loss.item(), grads
 
 
-def _worker(scheduler):
+def _worker(scheduler, layout=None):
     model = _model()
     ids = torch.randint(0, 97, (1, sum(DOCS)), generator=torch.Generator().manual_seed(1))
     alone = dist.new_group([dist.get_rank()])  # a one-rank group: the single-process reference
     ref_loss, ref_grads = _loss_and_grads(model, distattn.plan(DOCS, alone), ids, None)
-    loss, grads = _loss_and_grads(model, distattn.plan(DOCS, dist.group.WORLD, scheduler=scheduler), ids,
-                                  dist.group.WORLD)
+    loss, grads = _loss_and_grads(model, distattn.plan(DOCS, dist.group.WORLD, scheduler=scheduler, layout=layout),
+                                  ids, dist.group.WORLD)
     return abs(loss - ref_loss) / ref_loss, (grads - ref_grads).abs().max().item() / ref_grads.abs().max().item()
 
 
-@pytest.mark.parametrize("scheduler", ["zigzag", "ulysses"])
-def test_llama_cp2_matches_one_process(scheduler):
-    for loss_err, grad_err in run_distributed(_worker, 2, scheduler, timeout=300):
+@pytest.mark.parametrize("scheduler,layout", [("zigzag", None), ("ulysses", None), ("cad", "zigzag")])
+def test_llama_cp2_matches_one_process(scheduler, layout):
+    for loss_err, grad_err in run_distributed(_worker, 2, scheduler, layout, timeout=300):
         assert loss_err < 1e-12 and grad_err < 1e-10
 
 

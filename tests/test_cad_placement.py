@@ -9,7 +9,7 @@ import distattn
 from distattn.cluster.profile import default_profile
 from distattn.doclens import pack
 from distattn.schedule import AttnShape
-from distattn.schedulers.blocks import even_bounds
+from distattn.layout import even_bounds
 from distattn.schedulers.cad import Traffic
 from distattn.schedulers.cad_placement import LinkCost, RowBytes
 from distattn.sim.simulate import comm_time

@@ -20,7 +20,7 @@ LAYERS = [
     ("foundation", ["distattn.masks", "distattn.merge", "distattn.comm", "distattn.doclens", "distattn.cost",
                     "distattn.timing", "distattn.spawn", "distattn.cluster.profile"]),
     ("kernels", ["distattn.kernels"]),
-    ("schedules", ["distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
+    ("schedules", ["distattn.layout", "distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
     ("executors", ["distattn.executors"]),
     ("api", ["distattn.plans", "distattn.api", "distattn.oracle", "distattn.pingpong"]),
     # the integrations: each imports the layers below, none imports another
@@ -109,3 +109,40 @@ def test_a_layer_imports_alone(module):
     mine = RANK[layer_of(module)]
     above = [m for m in _loaded_after_import(module) if RANK[layer_of(m)] > mine]
     assert above == [], above
+
+
+# other things that share a scheduler's name: the "zigzag" layout, the launcher's "local" backend
+OTHER_NAMESAKES = ("backend", "kind", "layout")
+
+
+def _scheduler_name_branches(source: str, names: set[str]) -> list[int]:
+    """``x == "usp"``, ``name in ("ulysses", ...)``, ``"cad" != y``: comparisons with a scheduler's name
+    (unless what is compared is a namesake: a layout's kind, a launcher backend)."""
+    def named(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(named(e) for e in node.elts)
+
+    hits = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = (node.left, *node.comparators)
+        others = " ".join(ast.unparse(x) for x in operands if not named(x))
+        if any(named(x) for x in operands) and not any(word in others for word in OTHER_NAMESAKES):
+            hits.append(node.lineno)
+    return hits
+
+
+def test_no_scheduler_name_branches_outside_the_registry():
+    """What a scheduler needs known lives in its registry entry or its schedule (DESIGN.md): no code
+    outside ``distattn/schedulers/`` branches on a scheduler's name."""
+    from distattn.schedulers import LOCAL, NAMES
+
+    names = {*NAMES, LOCAL.name}
+    found = [f"{path.relative_to(ROOT)}:{line}" for module, path in modules().items()
+             if not module.startswith("distattn.schedulers") for line in _scheduler_name_branches(path.read_text(), names)]
+    assert found == [], found
+    # the check itself sees such branches, and not their namesakes
+    probe = 'a = p.scheduler == "usp"\nif name in ("ring", "x"):\n    b = args.backend == "local"\nc = kind != "zigzag"\n'
+    assert _scheduler_name_branches(probe, names) == [1, 2]

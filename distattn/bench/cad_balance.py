@@ -2,12 +2,19 @@
 
     python -m distattn.bench.cad_balance --doclens ../shared/data/doclens/prolong.json
     python -m distattn.bench.cad_balance --masks --ranks 8 64 256   # CAD vs zigzag on slice masks
+    python -m distattn.bench.cad_balance --pool 4x8 16x8 --layout zigzag   # pooled over DP vs per replica
 
 Packs ``ranks x tokens-per-rank`` tokens from the document-length sample (documents
 longer than 64K upsampled x4, as in the DistCA evaluation; a log-normal stand-in
 without a sample) and prints per scheduler: FLOPs and token imbalance (max/mean),
 mean and max forward bytes sent per rank, max/mean of the bytes a rank sends over forward and
 backward (Llama-3-8B attention: 32 query / 8 KV heads of 128, bf16) and the planning time.
+
+``--pool DPxCP``: ``dp`` replicas, each with its own packed sequence of ``cp x tokens-per-rank``
+tokens split over its ``cp`` ranks on ``--layout`` (Megatron's: ``zigzag`` for sbhd, ``document``
+for thd; documents padded to a multiple of ``2 cp``), and the attention FLOPs imbalance over all
+``dp x cp`` ranks of: zigzag per replica, CAD inside each replica, and CAD pooled over the replicas
+(``cad_pool``, DistCA) -- the step waits for the slowest rank of any replica.
 """
 
 from __future__ import annotations
@@ -19,7 +26,11 @@ import numpy as np
 
 from ..api import plan
 from ..doclens import SLICE_CASES, load_doc_lens, mask_case, pack, upsample_long
-from ..schedule import AttnShape
+from ..layout import Layout
+from ..masks import SliceMask
+from ..mesh import MeshInfo
+from ..schedule import AttnShape, imbalance
+from ..schedulers import cad
 from ..timing import time_calls
 
 
@@ -57,16 +68,53 @@ def mask_table(ranks_list, tokens_per_rank: int, pool, masks=SLICE_CASES) -> lis
     return rows
 
 
+def pool_table(shapes, tokens_per_rank: int, pool, layout: str = "zigzag") -> list[dict]:
+    """FLOPs imbalance over all dp x cp ranks (dry plans): zigzag and CAD per replica, CAD pooled."""
+    rows = []
+    for dp, cp in shapes:
+        replicas = [pack(cp * tokens_per_rank, pool, seed=i) for i in range(dp)]
+        if layout == "document":  # Megatron pads thd documents to a multiple of 2 cp
+            replicas = [[-(-n // (2 * cp)) * 2 * cp for n in docs] for docs in replicas]
+        flops = {}
+        for name in ("zigzag", "cad"):
+            flops[name] = [f for docs in replicas
+                           for f in plan(docs, cp, scheduler=name, layout=layout).stats(32, 8, 128)["flops"]]
+        groups = [(docs, Layout(layout).shards(docs, cp)) for docs in replicas]
+        docs0 = replicas[0]
+        timing = time_calls(lambda: cad.build(docs0, MeshInfo(cp, None), causal=True, window=None,
+                                              mask=SliceMask.documents(docs0, True, None), shards=groups[0][1],
+                                              pool=cad.Pool.of(groups)), repeats=1)
+        flops["cad pooled"] = timing.result.stats(32, 8, 128)["flops"]
+        for name, values in flops.items():
+            rows.append({"dp": dp, "cp": cp, "scheduler": name, "flops_imbalance": imbalance(values),
+                         "plan_ms": timing.seconds[0] * 1e3 if name == "cad pooled" else None})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doclens", default=None, help="JSON list of document lengths")
     parser.add_argument("--ranks", type=int, nargs="+", default=[64, 256, 1024, 4096])
     parser.add_argument("--tokens-per-rank", type=int, default=65536)
     parser.add_argument("--masks", action="store_true", help="CAD vs zigzag on LongCA-bench's slice masks instead")
+    parser.add_argument("--pool", nargs="+", metavar="DPxCP", default=None,
+                        help="CAD pooled over dp replicas vs per replica (e.g. 4x8)")
+    parser.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag", "document"],
+                        help="each replica's token layout with --pool (Megatron: zigzag for sbhd, document for thd)")
     args = parser.parse_args(argv)
     pool = None
     if args.doclens:
         pool = upsample_long(load_doc_lens(args.doclens))
+    if args.pool:
+        try:
+            shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.pool]
+        except ValueError:
+            parser.error(f"--pool takes DPxCP, e.g. 4x8, got {args.pool}")
+        print(f"{'dp':>3} {'cp':>3} {'scheduler':<11} {'FLOPs imb (all dp x cp ranks)':>30} {'plan ms':>8}")
+        for r in pool_table(shapes, args.tokens_per_rank, pool, args.layout):
+            ms = f"{r['plan_ms']:>8.0f}" if r["plan_ms"] is not None else ""
+            print(f"{r['dp']:>3} {r['cp']:>3} {r['scheduler']:<11} {r['flops_imbalance']:>30.3f} {ms}", flush=True)
+        return 0
     if args.masks:
         print(f"{'ranks':>5} {'mask':<17} {'scheduler':<9} {'FLOPs imb':>9} {'max MiB':>9}")
         for r in mask_table(args.ranks, args.tokens_per_rank, pool):

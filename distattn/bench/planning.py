@@ -16,14 +16,15 @@ import argparse
 
 from ..api import plan
 from ..doclens import load_doc_lens, pack, upsample_long
-from ..schedulers import NAMES
+from ..schedulers import NAMES, spec
 from ..timing import time_calls
 
 
 def plan_seconds(name: str, docs, ranks: int) -> float:
-    heads = max(32, ranks) if name == "ulysses" else 32
-    kv_heads = heads if name == "ulysses" else 8
-    options = {"ulysses_degree": 8} if name == "usp" else {}
+    entry = spec(name)
+    heads = max(32, entry.ulysses_degree(ranks, requested=8))   # a head split needs a head per rank
+    kv_heads = heads if heads > 32 else 8
+    options = entry.plan_options(ranks, requested=8)
 
     def run():
         plan(docs, ranks, scheduler=name, **options).stats(heads, kv_heads, 128)

@@ -35,11 +35,12 @@ import torch.distributed as dist
 from ..api import attention, local_attention, plan
 from ..doclens import MASK_CASES, mask_case
 from ..masks import BWD_FLOPS_FACTOR, attention_flops
-from ..schedulers import NAMES
+from ..schedulers import NAMES, spec
 from ..timing import slowest_median, time_calls
 from .ulysses_vs_deepspeed import DEFAULT_EXTENSIONS_DIR
 
 SCHEDULERS = NAMES
+PEER_OF = {"deepspeed-ulysses": "ulysses"}   # another library's row -> our scheduler with its token split
 MASKS = MASK_CASES
 QUICK_MASKS = ("causal", "causal-doc", "window", "prefix-lm", "causal-blockwise")
 COLUMNS = ("scheduler", "world_size", "seq_len", "mask", "fwd_bwd_ms", "tflops", "flops_imbalance", "send_bytes",
@@ -122,13 +123,14 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
     if cfg.peers and world > 1:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)
     meshes = {name: group for name in cfg.schedulers}
-    if "usp" in cfg.schedulers and world > 1:
-        # the one usp mesh (ParallelDims, through usp_mesh), made before any timed step: every
-        # plan below finds its process groups instead of making them inside a measurement
-        from ..mesh import usp_mesh
-        from ..schedulers.usp import default_ulysses_degree
+    for name in cfg.schedulers:
+        degree = spec(name).mesh_ulysses(world, cfg.kv_heads)
+        if degree > 1:
+            # the one 2-D mesh (ParallelDims, through usp_mesh), made before any timed step: every
+            # plan below finds its process groups instead of making them inside a measurement
+            from ..mesh import usp_mesh
 
-        meshes["usp"] = usp_mesh(device.type, default_ulysses_degree(world, cfg.kv_heads))
+            meshes[name] = usp_mesh(device.type, degree)
     rows = []
     for seq_len in cfg.seq_lens:
         for mask in cfg.masks:
@@ -143,10 +145,10 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
                     and case.slices is None:  # DeepSpeed's attention takes documents only
                 names.append("deepspeed-ulysses")
             for name in names:
-                if name in ("ulysses", "deepspeed-ulysses") and cfg.heads < world:
+                ours = PEER_OF.get(name, name)   # DeepSpeed's row runs our ulysses plan's split
+                if cfg.heads < spec(ours).ulysses_degree(world, cfg.kv_heads):   # a head for every rank
                     continue
-                p = plan(docs, meshes.get(name, group), scheduler="ulysses" if name == "deepspeed-ulysses" else name,
-                         **case.plan_kwargs())
+                p = plan(docs, meshes.get(name, group), scheduler=ours, **case.plan_kwargs())
                 q_l, k_l, v_l, d_l = (p.shard(t) for t in (q, k, v, dout))
                 if name == "deepspeed-ulysses":
                     ds = _deepspeed_attention(group, docs, causal, window)

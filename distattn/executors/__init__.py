@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from ..comm import Comm, subgroups
+from ..layout import Shards
 from ..mesh import MeshInfo
 from ..schedule import Schedule
 from ..schedulers.allgather import GatherSchedule
@@ -36,12 +37,13 @@ from .ring_p2p import RingExecutor
 from .task_a2a import TaskExecutor, gather_pool
 
 
-def resolve_options(scheduler: str, doc_lens, mesh: MeshInfo, options: dict) -> tuple[dict, dict]:
+def resolve_options(doc_lens, shards: Shards, mesh: MeshInfo, options: dict) -> tuple[dict, dict]:
     """``(planner options, executor options)`` of a live plan: live objects among the options become
-    data for the planner and go to the executor as they are. ``cad``'s ``pool=group``: the pool's
-    layout (a collective over the pool: every pool rank sends its documents) and the group."""
-    if scheduler == "cad" and options.get("pool") is not None:
-        return dict(options, pool=gather_pool(doc_lens, mesh, options["pool"])), {"pool_group": options["pool"]}
+    data for the planner and go to the executor as they are. ``pool=group`` (``cad``; the planner
+    accepted the option): the pool's token space (a collective over the pool: every pool rank
+    sends its documents and the tokens it holds) and the group."""
+    if options.get("pool") is not None:
+        return dict(options, pool=gather_pool(doc_lens, shards, mesh, options["pool"])), {"pool_group": options["pool"]}
     return options, {}
 
 
@@ -67,12 +69,13 @@ def executor_for(schedule: Schedule, mesh: MeshInfo, backend: str, pool_group=No
     if isinstance(schedule, UlyssesSchedule):
         tokens = tuple(schedule.num_tokens(r) for r in range(schedule.world_size))
         return HeadExecutor(schedule, rank, comm, backend, HeadAllToAll(comm, rank, tokens),
-                            LocalExecutor(schedule, rank, comm, backend))
+                            LocalExecutor(schedule, rank, comm, backend), schedule.gather_order())
     if isinstance(schedule, USPSchedule):
         ulysses, ring = _usp_groups(schedule, mesh)
         u, r = schedule.coords[rank]
         inner = RingExecutor(schedule.ring, r, Comm(ring), backend)
-        return HeadExecutor(schedule, rank, comm, backend, HeadAllToAll(Comm(ulysses), u, schedule.members(r)), inner)
+        return HeadExecutor(schedule, rank, comm, backend, HeadAllToAll(Comm(ulysses), u, schedule.members(r)), inner,
+                            schedule.gather_order(r))
     if isinstance(schedule, TaskSchedule):
         if pool_group is None:
             return TaskExecutor(schedule, rank, comm, backend, comm)

@@ -13,21 +13,20 @@ import numpy as np
 import torch
 
 from ..merge import acc_dtype, row_delta
-from ..schedule import token_index
 from ..schedulers.allgather import GatherSchedule
-from ..schedulers.blocks import local_rows
 from .base import DeviceIndex, Executor, Saved, call_bwd, call_fwd, finish_rows, rows_sink_grad
 
 
 class GatherExecutor(Executor):
     def __init__(self, schedule: GatherSchedule, rank: int, comm, backend: str):
         super().__init__(schedule, rank, comm, backend)
-        self.calls = schedule.kernel_calls(rank, local_rows(schedule.bounds, schedule.range_owner))
+        self.calls = schedule.kernel_calls(rank, schedule.shards.rows)
         self.width = schedule.width
-        # where each global token sits in the gathered buffer (rank-major, padded to width)
+        # where each global token sits in the gathered buffer (rank-major, padded to width; each
+        # rank's tokens in its compute order)
         index = np.empty(schedule.total_tokens, dtype=np.int64)
-        for r, ranges in enumerate(schedule.owned):
-            tokens = token_index(ranges)
+        for r in range(schedule.world_size):
+            tokens = schedule.shards.compute_tokens(r)
             index[tokens] = r * self.width + np.arange(len(tokens))
         self.gather_index = DeviceIndex(index)
 

@@ -3,7 +3,10 @@ documents) and ``usp`` (inner: the zigzag ring of its ring group).
 
 Forward: one all-to-all per tensor turns this member's token shard of every head into every
 member's tokens of this member's heads (:class:`HeadAllToAll`), the inner executor attends on that
-head shard, the inverse all-to-all returns ``[S_local, Hq, D]``. Backward repeats the pattern on
+head shard, the inverse all-to-all returns ``[S_local, Hq, D]``. The all-to-all concatenates the
+members' tokens member after member; where the inner executor wants another token order (global
+order, or the ring rank's: any layout but the scheduler's own), one gather per tensor reorders the
+head shard after the all-to-all and one more reorders it back before the return. Backward repeats the pattern on
 the gradients; KV heads that several members computed (GQA with fewer KV heads than members) are
 summed in fp32 on the way back. Which heads each member computes: :class:`HeadLayout`.
 """
@@ -13,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..comm import Comm
 from ..merge import acc_dtype
 from ..schedulers.ulysses import HeadLayout, HeadRanges
-from .base import Executor
+from .base import DeviceIndex, Executor
 
 
 def expand_heads(x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
@@ -104,16 +108,28 @@ class HeadSaved(NamedTuple):
 
 
 class HeadExecutor(Executor):
-    def __init__(self, schedule, rank: int, comm: Comm, backend: str, exchange: HeadAllToAll, inner: Executor):
+    """``order``: for each row of the inner executor's token order, its row in the all-to-all's
+    buffer (None: the two agree)."""
+
+    def __init__(self, schedule, rank: int, comm: Comm, backend: str, exchange: HeadAllToAll, inner: Executor,
+                 order: np.ndarray | None = None):
         super().__init__(schedule, rank, comm, backend)
         self.exchange, self.inner = exchange, inner
+        self.order = None if order is None else (DeviceIndex(order), DeviceIndex(np.argsort(order).astype(np.int64)))
 
     @property
     def comms(self) -> tuple[Comm, ...]:
         return tuple({id(c): c for c in (self.exchange.comm, *self.inner.comms)}.values())
 
     def device_data(self):
-        return self.inner.device_data()
+        return [*self.inner.device_data(), *(self.order or ())]
+
+    def _reorder(self, xs: list[torch.Tensor], back: bool = False) -> list[torch.Tensor]:
+        """All-to-all buffer order -> the inner executor's order (``back``: the reverse)."""
+        if self.order is None:
+            return xs
+        index = self.order[1 if back else 0]
+        return [x.index_select(0, index.on(x.device)) for x in xs]
 
     def _layout(self, num_heads: int, num_kv_heads: int) -> HeadLayout:
         return HeadLayout.build(num_heads, num_kv_heads, len(self.exchange.tokens))
@@ -125,25 +141,26 @@ class HeadExecutor(Executor):
     def forward(self, q, k, v, scale, softcap=None, sinks=None):
         what = f"{self.schedule.scheduler} forward"
         layout = self._layout(q.shape[1], k.shape[1])
-        qh, kh, vh = self.exchange.to_heads([q, k, v], [layout.q, layout.kv, layout.kv], what)
+        qh, kh, vh = self._reorder(self.exchange.to_heads([q, k, v], [layout.q, layout.kv, layout.kv], what))
         expand = layout.expansion(self.exchange.member, q.shape[1] // k.shape[1])
         if expand is not None:
             kh, vh = expand_heads(kh, expand), expand_heads(vh, expand)
         mine = None if sinks is None else sinks[self._my_heads(layout)]
         out_h, inner = self.inner.forward(qh, kh, vh, scale, softcap, mine)
-        (out,) = self.exchange.to_tokens([out_h], [layout.q], what)
+        (out,) = self.exchange.to_tokens(self._reorder([out_h], back=True), [layout.q], what)
         return out, HeadSaved(q.shape[1], k.shape[1], expand, inner)
 
     def backward(self, dout, saved: HeadSaved, scale, softcap=None, sinks=None):
         what = f"{self.schedule.scheduler} backward"
         layout = self._layout(saved.num_heads, saved.num_kv_heads)
         heads = self._my_heads(layout)
-        (dout_h,) = self.exchange.to_heads([dout], [layout.q], what)
+        (dout_h,) = self._reorder(self.exchange.to_heads([dout], [layout.q], what))
         dq_h, dk_h, dv_h, ds_h = self.inner.backward(dout_h, saved.inner, scale, softcap,
                                                      None if sinks is None else sinks[heads])
         if saved.expand is not None:  # sum the expanded copies back onto the received KV heads
             dk_h, dv_h = sum_expanded(dk_h, saved.expand), sum_expanded(dv_h, saved.expand)
-        dq, dk, dv = self.exchange.to_tokens([dq_h, dk_h, dv_h], [layout.q, layout.kv, layout.kv], what)
+        dq, dk, dv = self.exchange.to_tokens(self._reorder([dq_h, dk_h, dv_h], back=True),
+                                             [layout.q, layout.kv, layout.kv], what)
         dsinks = None
         if ds_h is not None:  # this member's heads over the rows it computed; the other heads: 0
             dsinks = ds_h.new_zeros(saved.num_heads)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from ..merge import acc_dtype, row_delta
-from ..schedulers.blocks import local_rows
 from ..schedulers.ring import RingSchedule
 from .base import Executor, Saved, call_bwd, call_fwd, finish_rows, rows_sink_grad
 
@@ -20,7 +19,7 @@ from .base import Executor, Saved, call_bwd, call_fwd, finish_rows, rows_sink_gr
 class RingExecutor(Executor):
     def __init__(self, schedule: RingSchedule, rank: int, comm, backend: str):
         super().__init__(schedule, rank, comm, backend)
-        p, rows = schedule.world_size, local_rows(schedule.bounds, schedule.range_owner)
+        p, rows = schedule.world_size, schedule.shards.rows
         sources = schedule.sources(rank)
         self.calls = tuple(schedule.kernel_calls(rank, sources[t], rows) if t in sources else () for t in range(p))
         qr, kr, _ = schedule.rank_pairs

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from ..comm import Comm, Pending
 from ..kernels import varlen_bwd, varlen_fwd
 from ..merge import acc_dtype, merge, row_delta
-from ..schedulers.blocks import even_bounds
+from ..layout import Shards
 from ..schedulers.cad import Pool, Route, TaskSchedule
 from .base import DeviceIndex, Executor, finish_rows, rows_sink_grad
 
@@ -77,13 +77,11 @@ class DeviceRoute:
         return [self.gather] + ([self.place] if self.place is not None else [])
 
 
-def _slot_to_rank_rows(recv: tuple[int, ...], by_rank) -> np.ndarray:
-    """For each received row in slot order, its row in the all-to-all's (pool-rank ordered) buffer."""
-    sizes = np.asarray(recv, dtype=np.int64)
-    slot_start = np.concatenate([[0], np.cumsum(sizes)])[:-1]
-    rank_start = np.zeros(len(sizes), dtype=np.int64)
-    rank_start[list(by_rank)] = np.concatenate([[0], np.cumsum(sizes[list(by_rank)])])[:-1]
-    return np.repeat(rank_start - slot_start, sizes) + np.arange(int(sizes.sum()), dtype=np.int64)
+def _buffer_rows(route: Route, by_rank) -> np.ndarray:
+    """For each received token in global order (the kernel's order), its row in the all-to-all's
+    buffer (senders in pool-rank order, each sender's tokens in the order it sends them)."""
+    tokens = np.concatenate([route.recv_tokens[c] for c in by_rank] or [_EMPTY])
+    return np.argsort(tokens, kind="stable").astype(np.int64)
 
 
 class Transfer(NamedTuple):
@@ -157,16 +155,16 @@ class TaskExecutor(Executor):
         routes = schedule.routes(slot)
         # the all-to-all orders peers by pool rank, the schedule by slot
         self.by_rank = sorted(range(schedule.pool_size), key=lambda c: schedule.slot_ranks[c])
-        tokens = int(schedule.bounds[slot + 1] - schedule.bounds[slot])
+        tokens = schedule.slots.num_tokens(slot)
         self.q_route = DeviceRoute.of(routes.q, self.by_rank, tokens)
         self.kv_route = DeviceRoute.of(routes.kv, self.by_rank, tokens)
         # K/V segments index the received buffer as it arrives (pool-rank order); Q segments index
-        # the slot-ordered Q rows (None: one call over all of them, in order)
-        kv_rows = _slot_to_rank_rows(routes.kv.recv, self.by_rank)
+        # the Q rows in global order (None: one call over all of them, in order)
+        kv_rows = _buffer_rows(routes.kv, self.by_rank)
         self.calls = tuple((c.varlen, None if c.q_index is None else DeviceIndex(c.q_index),
                             DeviceIndex(kv_rows[c.kv_index])) for c in routes.calls)
-        # Q rows: the kernel wants slot order; the buffer arrives in pool-rank order
-        q_rows = _slot_to_rank_rows(routes.q.recv, self.by_rank)
+        # Q rows: the kernel wants global order; the buffer arrives in pool-rank order
+        q_rows = _buffer_rows(routes.q, self.by_rank)
         identity = np.array_equal(q_rows, np.arange(len(q_rows)))
         self.q_to_kernel = None if identity else DeviceIndex(q_rows)
         self.q_to_ranks = None if identity else DeviceIndex(np.argsort(q_rows).astype(np.int64))
@@ -256,10 +254,7 @@ class TaskExecutor(Executor):
         return self._placed(returning.out.wait(), self.q_route, returning.saved.tokens), returning.saved
 
     def forward(self, q, k, v, scale, softcap=None, sinks=None, prefetch: Dispatch | None = None):
-        if prefetch is not None:
-            if prefetch.executor is not self or prefetch.ids != (id(q), id(k), id(v)):
-                raise ValueError("prefetch was started by another plan or for other q, k, v tensors")
-        else:
+        if prefetch is None:  # (distattn.attention checked a prefetch's plan and tensors)
             prefetch = self.prefetch(q, k, v)
         return self.finish_forward(self.compute_forward(prefetch, scale, softcap, sinks))
 
@@ -312,16 +307,18 @@ class TaskExecutor(Executor):
         return (*self.finish_backward(returning), returning.dsinks)
 
 
-def gather_pool(doc_lens, mesh, pool) -> Pool:
-    """The pool's layout (see :mod:`distattn.schedulers.cad`): every rank of ``pool`` sends its CP
-    group's documents to all (a collective over the pool)."""
+def gather_pool(doc_lens, shards: Shards, mesh, pool) -> Pool:
+    """The pool's token space (see :mod:`distattn.schedulers.cad`): every rank of ``pool`` sends its
+    CP group's documents and the runs of tokens it holds (``shards``: its group's layout) to all (a
+    collective over the pool)."""
     if mesh.is_dry:
         raise ValueError("pool= needs a live plan (a ProcessGroup or DeviceMesh for mesh), not a dry world size")
     if not isinstance(pool, dist.ProcessGroup):
         raise ValueError(f"pool must be a ProcessGroup containing every rank of the CP groups, "
                          f"got {type(pool).__name__}")
     key = dist.get_global_rank(mesh.group, 0) if mesh.group is not dist.group.WORLD else 0
-    mine = (key, mesh.rank, mesh.world_size, list(doc_lens))
+    runs = [(int(a), int(b)) for a, b in zip(*shards.rank_runs(mesh.rank))]
+    mine = (key, mesh.rank, mesh.world_size, list(doc_lens), runs)
     entries: list[Any] = [None] * pool.size()
     try:
         dist.all_gather_object(entries, mine, group=pool)
@@ -330,19 +327,15 @@ def gather_pool(doc_lens, mesh, pool) -> Pool:
         raise RuntimeError(f"distattn: cad's pool plan failed or timed out waiting for rank(s) {others} ({exc}); "
                            f"every rank of the pool must call distattn.plan with pool=") from exc
     order = sorted(range(pool.size()), key=lambda i: (entries[i][0], entries[i][1]))
-    docs, sizes, seen = [], [], {}
+    groups: dict = {}   # CP group -> (its size, doc_lens, the runs each of its ranks holds)
     for i in order:
-        k, _, size, lens = entries[i]
-        if k in seen:
-            if seen[k] != lens:
-                raise ValueError("ranks of one CP group passed different doc_lens to distattn.plan")
-            continue
-        seen[k] = lens
-        docs += lens
-        sizes.append((sum(lens), size))
-    bounds = np.concatenate([[0]] + [offset + even_bounds(total, size)[1:] for offset, (total, size)
-                                     in zip(np.cumsum([0] + [t for t, _ in sizes[:-1]]), sizes)]).astype(np.int64)
-    if len(bounds) - 1 != pool.size():
-        raise ValueError(f"the pool's {pool.size()} ranks do not match its CP groups' sizes {[s for _, s in sizes]}: "
+        k, _, size, lens, held = entries[i]
+        _, lens_k, owned = groups.setdefault(k, (size, lens, []))
+        if lens_k != lens:
+            raise ValueError("ranks of one CP group passed different doc_lens to distattn.plan")
+        owned.append(held)
+    sizes = [size for size, _, _ in groups.values()]
+    if any(len(owned) != size for size, _, owned in groups.values()):
+        raise ValueError(f"the pool's {pool.size()} ranks do not match its CP groups' sizes {sizes}: "
                          f"every pool rank must belong to exactly one CP group")
-    return Pool(tuple(docs), bounds, tuple(order))
+    return Pool.of([(lens, Shards.from_owned(owned, sum(lens))) for _, lens, owned in groups.values()], order)

@@ -1,8 +1,7 @@
 """``allgather``: all-gather K/V, then one varlen call per local chunk (Llama 3's context parallelism).
 
-Ownership is zigzag's (chunks ``r`` and ``2P-1-r`` of the sequence, or of every
-document with ``layout="document"``) so causal work is balanced.
-Every rank gathers the whole K/V (padded to the largest shard: gloo's
+Its own layout is zigzag's (chunks ``r`` and ``2P-1-r`` of the sequence) so causal work is
+balanced; any other layout works the same way (:mod:`distattn.layout`). Every rank gathers the whole K/V (padded to the largest shard: gloo's
 all-gather needs equal sizes), then runs each local chunk's queries against
 the key prefix of their documents that the mask lets them see: exact
 bottom-right alignment, so any mask -- document, causal, full, window -- is one
@@ -23,18 +22,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..layout import Shards
 from ..masks import MaskSlice
 from ..schedule import AttnShape, Phase, Schedule
-from .blocks import KernelCall, kernel_calls, owned_ranges, range_pairs
-from .zigzag import zigzag_ranges
+from .blocks import KernelCall, kernel_calls, range_pairs
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class GatherSchedule(Schedule):
     rank_pairs: np.ndarray = field(repr=False)    # [P] visible pairs each rank computes
-    range_owner: np.ndarray = field(repr=False)
-    range_slot: np.ndarray = field(repr=False)
-    bounds: np.ndarray = field(repr=False)
     heads_per_step: int | None = None
 
     @property
@@ -48,18 +44,19 @@ class GatherSchedule(Schedule):
         return [(h, min(h + step, num_kv_heads)) for h in range(0, num_kv_heads, step)]
 
     def kernel_calls(self, rank: int, rows: np.ndarray) -> tuple[KernelCall, ...]:
-        """One call per slot: rank's ranges of that slot (at ``rows``; ``bounds[:-1]`` for global rows)
-        against the gathered K/V in global order (each range sees its own documents' keys)."""
+        """One call per slot: rank's runs of that slot (at ``rows``; ``bounds[:-1]`` for global rows)
+        against the gathered K/V in global order (each run sees its own documents' keys)."""
+        bounds, owner, slot = self.shards.bounds, self.shards.owner, self.shards.slot
         calls = []
-        for slot in np.unique(self.range_slot):
-            mine = np.nonzero((self.range_owner == rank) & (self.range_slot == slot))[0]
+        for s in np.unique(slot):
+            mine = np.nonzero((owner == rank) & (slot == s))[0]
             zeros = np.zeros(len(mine), dtype=np.int64)
-            total = np.full(len(mine), self.bounds[-1], dtype=np.int64)
-            calls += kernel_calls(self.bounds[mine], self.bounds[mine + 1], rows[mine], zeros, total, zeros, self.mask)
+            total = np.full(len(mine), bounds[-1], dtype=np.int64)
+            calls += kernel_calls(bounds[mine], bounds[mine + 1], rows[mine], zeros, total, zeros, self.mask)
         return tuple(calls)
 
     def compute_slices(self, rank: int) -> list[MaskSlice]:
-        return [sl for call in self.kernel_calls(rank, self.bounds[:-1]) for sl in call.slices(0, 0)]
+        return [sl for call in self.kernel_calls(rank, self.shards.bounds[:-1]) for sl in call.slices(0, 0)]
 
     def visible_pairs(self, rank: int) -> int:
         return int(self.rank_pairs[rank])
@@ -88,18 +85,15 @@ class GatherSchedule(Schedule):
         return np.full(self.world_size, 2 * self.world_size * self.width * 2 * shape.row_bytes(h1 - h0))
 
 
-def build(doc_lens, mesh, *, causal, window, mask, heads_per_step: int | None = None,
-          layout: str = "sequence") -> GatherSchedule:
+def build(doc_lens, mesh, *, causal, window, mask, shards: Shards, heads_per_step: int | None = None
+          ) -> GatherSchedule:
     if heads_per_step is not None and (isinstance(heads_per_step, bool) or not isinstance(heads_per_step, int)
                                        or heads_per_step < 1):
         raise ValueError(f"heads_per_step must be a positive int (KV heads per all-gather) or None, "
                          f"got {heads_per_step!r}")
     p = mesh.world_size
-    bounds, owner, slot = zigzag_ranges(doc_lens, p, layout)
-    owned = owned_ranges(bounds, owner, p)
-    i, _, area = range_pairs(bounds, mask)
+    i, _, area = range_pairs(shards.bounds, mask)
     rank_pairs = np.zeros(p, dtype=np.int64)
-    np.add.at(rank_pairs, owner[i], area)
+    np.add.at(rank_pairs, shards.owner[i], area)
     return GatherSchedule(scheduler="allgather", doc_lens=doc_lens, causal=causal, window=window, world_size=p,
-                          owned=owned, mask=mask, rank_pairs=rank_pairs, range_owner=owner, range_slot=slot, bounds=bounds,
-                          heads_per_step=heads_per_step)
+                          shards=shards, mask=mask, rank_pairs=rank_pairs, heads_per_step=heads_per_step)

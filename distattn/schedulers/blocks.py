@@ -2,9 +2,10 @@
 
 Ownership is described by ``bounds``: consecutive token ranges
 ``[bounds[i], bounds[i+1])`` partitioning the packed sequence, each owned by one
-rank (ring: one range per rank; zigzag and allgather: two, or two per
-document). Everything a planner needs follows from the mask (:class:`~distattn.masks.SliceMask`:
-the document mask, or any slices):
+rank (the runs of a :class:`~distattn.layout.Shards`: one per rank for the contiguous layout, two
+for zigzag, two per document for the document layout, any for an explicit one). Everything a
+planner needs follows from the mask (:class:`~distattn.masks.SliceMask`: the document mask, or any
+slices):
 
 * :func:`range_pairs` -- visible (query, key) pairs between every two ranges
   that have any, vectorised over the mask's slices (dry plans of thousands of ranks
@@ -26,32 +27,6 @@ import numpy as np
 
 from ..kernels import Varlen
 from ..masks import UNBOUNDED, MaskSlice, SliceMask, band_area, bound_or_none, shift_band
-
-
-def even_bounds(total: int, parts: int) -> np.ndarray:
-    """``parts + 1`` boundaries cutting ``total`` tokens into parts that differ by at most one."""
-    return (np.arange(parts + 1, dtype=np.int64) * total) // parts
-
-
-def doc_bounds(doc_lens) -> tuple[np.ndarray, np.ndarray]:
-    ends = np.cumsum(np.asarray(doc_lens, dtype=np.int64))
-    return ends - np.asarray(doc_lens, dtype=np.int64), ends
-
-
-def owned_ranges(bounds: np.ndarray, range_owner: np.ndarray, p: int) -> tuple:
-    """Each rank's ranges ``(start, end)`` in local order (increasing global position)."""
-    return tuple(tuple(zip(bounds[:-1][range_owner == r].tolist(), bounds[1:][range_owner == r].tolist()))
-                 for r in range(p))
-
-
-def local_rows(bounds: np.ndarray, range_owner: np.ndarray) -> np.ndarray:
-    """Row of each range's first token in its owner's local buffer."""
-    sizes = np.diff(bounds)
-    out = np.zeros(len(sizes), dtype=np.int64)
-    for r in np.unique(range_owner):
-        mine = np.nonzero(range_owner == r)[0]
-        out[mine] = np.cumsum(sizes[mine]) - sizes[mine]
-    return out
 
 
 def rect_area(qs, qe, ks, ke, lo, hi) -> np.ndarray:

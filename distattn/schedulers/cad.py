@@ -6,13 +6,14 @@ but attention is balanced; attention of a document costs ~ its length
 squared, so ranks holding long documents straggle. Core attention has no
 weights and needs only its document's Q, K, V, so it can run anywhere.
 
-Layout: ``shard`` gives every rank an equal, contiguous run of tokens (the
-rest of the model sees a plain sequence split). ``attention`` runs a task
+Layout: by default ``shard`` gives every rank an equal, contiguous run of tokens (the
+rest of the model sees a plain sequence split); any layout works (:mod:`distattn.layout`):
+tasks move, tokens stay where the layout put them. ``attention`` runs a task
 table planned once per batch:
 
-1. *Tasks.* Each document's queries are cut at the rank boundaries; every
-   piece is a task (its queries plus the key prefix it sees) whose home is the
-   rank owning it. A long causal document is instead cut into ``2k`` equal
+1. *Tasks.* Each document's queries are cut at the boundaries of the runs of
+   tokens the ranks hold; every piece is a task (its queries plus the key prefix
+   it sees) whose home is the rank holding it. A long causal document is instead cut into ``2k`` equal
    chunks paired head with tail (chunk ``i`` with ``2k-1-i``), so each pair
    carries the same causal work.
 2. *Cost.* Each task's time comes from the cost model
@@ -45,7 +46,8 @@ parallel replicas, each with its own ``doc_lens``) over all the pool's ranks.
 Contract: every rank of the pool calls ``plan`` (a collective over the pool:
 document lengths are exchanged) and then ``attention`` together; each CP group
 is a set of pool ranks; ``shard``/``unshard``/``position_ids`` stay within the
-rank's own CP group and sequence; ``stats()`` lists every pool rank.
+rank's own CP group and sequence; ``stats()`` lists every pool rank. Each group may use its own
+layout (the ranks exchange the runs they hold with their document lengths).
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ import numpy as np
 from ..cluster.profile import NetworkProfile
 from ..cost import Roofline
 from ..kernels import Varlen
+from ..layout import Shards, covered_before
 from ..masks import MaskSlice, SliceMask, bound_or_none, shift_band
 from ..schedule import AttnShape, Phase, Schedule
-from .blocks import layers, even_bounds
+from .blocks import layers
 from .cad_placement import LinkCost, RowBytes, place_tasks
 from .cad_planner import Segments
 
@@ -76,35 +79,6 @@ def _merge_intervals(a0: np.ndarray, a1: np.ndarray) -> tuple[np.ndarray, np.nda
     starts = np.concatenate([[True], a0[1:] > reach[:-1]])
     idx = np.nonzero(starts)[0]
     return a0[idx], np.maximum.reduceat(a1, idx)
-
-
-def _covered_before(i0: np.ndarray, i1: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Tokens of the disjoint sorted intervals ``[i0, i1)`` below each ``x``."""
-    if i0.size == 0:  # a slot with no task: nothing below anything
-        return np.zeros(np.shape(x), dtype=np.int64)
-    cum = np.concatenate([[0], np.cumsum(i1 - i0)])
-    j = np.searchsorted(i0, x, side="right")  # intervals starting at or before x
-    inside = np.where(j > 0, np.minimum(x, i1[np.maximum(j - 1, 0)]) - i0[np.maximum(j - 1, 0)], 0)
-    return cum[np.maximum(j - 1, 0)] * (j > 0) + np.maximum(inside, 0)
-
-
-def _rows(i0, i1, lo, hi) -> np.ndarray:
-    """Indices (relative to ``lo``) of tokens of intervals ``[i0, i1)`` inside ``[lo, hi)``."""
-    a, b = np.maximum(i0, lo), np.minimum(i1, hi)
-    keep = b > a
-    return np.concatenate([np.arange(x, y) for x, y in zip(a[keep], b[keep])] or [np.zeros(0, np.int64)]) - lo
-
-
-def _split_over(bounds: np.ndarray, a: np.ndarray, b: np.ndarray, tag: np.ndarray):
-    """Intervals ``[a, b)`` (with a ``tag`` each) cut at ``bounds``: ``(owner slot, tag, length)`` per piece."""
-    keep = b > a
-    a, b, tag = a[keep], b[keep], tag[keep]
-    first = np.searchsorted(bounds, a, side="right") - 1
-    n = np.searchsorted(bounds, b - 1, side="right") - first   # slots each interval touches
-    which = np.repeat(np.arange(len(a)), n)
-    owner = first[which] + np.arange(len(which)) - np.repeat(np.cumsum(n) - n, n)
-    length = np.minimum(b[which], bounds[owner + 1]) - np.maximum(a[which], bounds[owner])
-    return owner, tag[which], length
 
 
 @dataclass(frozen=True)
@@ -148,8 +122,13 @@ class Traffic:
 class Route:
     """Rows of one kind (Q, or K/V) between one slot and every slot."""
 
-    send: tuple[np.ndarray, ...]    # per slot: my local rows that slot needs
-    recv: tuple[int, ...]           # per slot: rows I receive from it (in slot order)
+    send: tuple[np.ndarray, ...]    # per slot: my local rows (compute order) that slot needs, in global order
+    recv_tokens: tuple[np.ndarray, ...]   # per slot: the global tokens I receive from it, in the order sent
+
+    @property
+    def recv(self) -> tuple[int, ...]:
+        """Per slot: rows I receive from it."""
+        return tuple(len(t) for t in self.recv_tokens)
 
     @property
     def back(self) -> np.ndarray:
@@ -182,30 +161,45 @@ class TaskRoutes:
 @dataclass(frozen=True)
 class Pool:
     """The CP groups of a pool, as one token space (see module docstring): every group's documents
-    in slot order, the slots' token ranges and the pool-group rank of each slot."""
+    in slot order, the runs of tokens each slot holds, and the pool-group rank of each slot."""
 
     docs: tuple[int, ...]
-    bounds: np.ndarray
+    slots: Shards
     slot_ranks: tuple[int, ...]
+
+    @staticmethod
+    def of(groups, slot_ranks=None) -> "Pool":
+        """The pool of CP groups ``groups``: ``(doc_lens, shards)`` each, in slot order (group after
+        group, each group's ranks in order); ``slot_ranks``: the pool-group rank of each slot
+        (default: the slot itself, as for a dry pool)."""
+        docs, owned = [], []
+        for lens, shards in groups:
+            offset = sum(docs)
+            docs += list(lens)
+            owned += [tuple((a + offset, b + offset) for a, b in zip(*(x.tolist() for x in shards.rank_runs(r))))
+                      for r in range(shards.world_size)]
+        slot_ranks = tuple(range(len(owned))) if slot_ranks is None else tuple(slot_ranks)
+        return Pool(tuple(docs), Shards.from_owned(owned, sum(docs)), slot_ranks)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class TaskSchedule(Schedule):
     segments: Segments = field(repr=False)
-    bounds: np.ndarray = field(repr=False)          # token ranges of the pool's slots
+    slots: Shards = field(repr=False)               # the pool's token space: the runs each slot holds
     slot_ranks: tuple[int, ...]                     # pool-group rank of each slot
     gpus_per_node: int = 8                          # slots ``i`` and ``j`` share a node if ``i // g == j // g``
+    keeps_local_out = False                         # the worker keeps its tasks' rows (saved_bytes)
 
     @property
     def pool_size(self) -> int:
-        return len(self.bounds) - 1
+        return self.slots.world_size
 
     @property
     def stat_ranks(self) -> int:
         return self.pool_size
 
     def rank_tokens(self) -> list[int]:
-        return [int(x) for x in np.diff(self.bounds)]
+        return [self.slots.num_tokens(c) for c in range(self.pool_size)]
 
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         s = self.segments
@@ -222,17 +216,19 @@ class TaskSchedule(Schedule):
 
     @cached_property
     def _traffic(self) -> "Traffic":   # phases() and buffer_bytes() both read it
-        s, bounds, p = self.segments, self.bounds, self.pool_size
+        s, slots, p = self.segments, self.slots, self.pool_size
         # Q and K/V: the union of each computing slot's query (key) ranges, split over the slots
-        # owning them; offsetting slot c by c * (T + 1) keeps the slots' intervals apart, so one
+        # holding them; offsetting slot c by c * (T + 1) keeps the slots' intervals apart, so one
         # merge does every slot at once
-        span = int(bounds[-1]) + 1
-        u0, u1 = _merge_intervals(s.q0 + s.rank * span, s.q1 + s.rank * span)
-        comp = u0 // span
-        q_owner, q_comp, q_rows = _split_over(bounds, u0 - comp * span, u1 - comp * span, comp)
-        u0, u1 = _merge_intervals(s.k0 + s.rank * span, s.k1 + s.rank * span)
-        comp = u0 // span
-        kv_owner, kv_comp, kv_rows = _split_over(bounds, u0 - comp * span, u1 - comp * span, comp)
+        span = slots.total + 1
+
+        def split(a0, a1):
+            u0, u1 = _merge_intervals(a0 + s.rank * span, a1 + s.rank * span)
+            comp = u0 // span
+            i, run, start, end = slots.cut(u0 - comp * span, u1 - comp * span)
+            return slots.owner[run], comp[i], end - start
+        q_owner, q_comp, q_rows = split(s.q0, s.q1)
+        kv_owner, kv_comp, kv_rows = split(s.k0, s.k1)
         keys, inverse = np.unique(np.concatenate([q_owner * p + q_comp, kv_owner * p + kv_comp]), return_inverse=True)
         q = np.bincount(inverse[:len(q_rows)], q_rows, minlength=len(keys)).astype(np.int64)
         kv = np.bincount(inverse[len(q_rows):], kv_rows, minlength=len(keys)).astype(np.int64)
@@ -258,6 +254,10 @@ class TaskSchedule(Schedule):
             tr.phase("backward", "dQ, dK/dV to owners", tr.q * q_b + tr.kv * dkv_b, to_workers=False),
         ]
 
+    def saved_bytes(self, shape: AttnShape) -> np.ndarray:
+        """The worker's buffers (:meth:`buffer_bytes`): what it keeps for backward is its tasks' rows."""
+        return self.buffer_bytes(shape)
+
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
         """What a worker keeps from forward to backward: its tasks' Q, out, lse, K and V, and the
         dout that arrives in backward."""
@@ -269,19 +269,18 @@ class TaskSchedule(Schedule):
 
     def routes(self, slot: int) -> TaskRoutes:
         """What ``slot`` sends where and receives from whom, and its kernel calls."""
-        seg, bounds = self.segments, self.bounds
-        lo, hi = bounds[slot], bounds[slot + 1]
+        seg = self.segments
         q_send, kv_send = [], []
         for c in range(self.pool_size):
             mine = seg.rank == c
-            q_send.append(_rows(*_merge_intervals(seg.q0[mine], seg.q1[mine]), lo, hi))
-            kv_send.append(_rows(*_merge_intervals(seg.k0[mine], seg.k1[mine]), lo, hi))
+            q_send.append(self._held_rows(slot, *_merge_intervals(seg.q0[mine], seg.q1[mine])))
+            kv_send.append(self._held_rows(slot, *_merge_intervals(seg.k0[mine], seg.k1[mine])))
         mine = np.nonzero(seg.rank == slot)[0]
         mine = mine[np.lexsort((seg.k0[mine], seg.q0[mine]))]
         q0, q1, k0, k1, b_lo, b_hi = (x[mine] for x in (seg.q0, seg.q1, seg.k0, seg.k1, seg.lo, seg.hi))
         qu0, qu1 = _merge_intervals(q0, q1)
         ku0, ku1 = _merge_intervals(k0, k1)
-        q_start, k_start = _covered_before(qu0, qu1, q0), _covered_before(ku0, ku1, k0)
+        q_start, k_start = covered_before(qu0, qu1, q0), covered_before(ku0, ku1, k0)
         shift = k0 - q0  # the bands, relative to each segment's first query and key
         b_lo, b_hi = shift_band(b_lo, b_hi, shift)
         layer = layers(q0, q1, np.zeros_like(q0), np.zeros_like(q0)) if mine.size else np.zeros(0, np.int64)
@@ -294,9 +293,22 @@ class TaskSchedule(Schedule):
             varlen = Varlen.from_lengths((q1 - q0)[at], (k1 - k0)[at], b_lo[at], b_hi[at]) if at.any() \
                 else Varlen.from_lengths([0], [0])
             calls.append(WorkerCall(varlen, None if whole else q_index, _index(k_start[at], (k1 - k0)[at])))
-        return TaskRoutes(Route(tuple(q_send), tuple(int(x) for x in np.diff(_covered_before(qu0, qu1, bounds)))),
-                          Route(tuple(kv_send), tuple(int(x) for x in np.diff(_covered_before(ku0, ku1, bounds)))),
+        return TaskRoutes(Route(tuple(q_send), self._senders(qu0, qu1)), Route(tuple(kv_send), self._senders(ku0, ku1)),
                           tuple(calls))
+
+    def _held_rows(self, slot: int, i0: np.ndarray, i1: np.ndarray) -> np.ndarray:
+        """Compute-order rows of ``slot``'s tokens inside the sorted intervals ``[i0, i1)``, in global order."""
+        sl = self.slots
+        _, run, start, end = sl.cut(i0, i1)
+        mine = sl.owner[run] == slot
+        return _index(sl.rows[run[mine]] + start[mine] - sl.bounds[run[mine]], end[mine] - start[mine])
+
+    def _senders(self, i0: np.ndarray, i1: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per slot: its global tokens inside the sorted intervals ``[i0, i1)``, in global order."""
+        sl = self.slots
+        _, run, start, end = sl.cut(i0, i1)
+        owner = sl.owner[run]
+        return tuple(_index(start[owner == c], end[owner == c] - start[owner == c]) for c in range(self.pool_size))
 
 
 def _index(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -305,9 +317,9 @@ def _index(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
         np.int64)
 
 
-def build(doc_lens, mesh, *, causal, window, mask: SliceMask, pool: Pool | None = None, epsilon: float = 0.04,
-          cost=None, network=None, overlap_s: float | None = None) -> TaskSchedule:
-    """``pool``: the pool's layout (:func:`distattn.executors.task_a2a.gather_pool` makes it from
+def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, pool: Pool | None = None,
+          epsilon: float = 0.04, cost=None, network=None, overlap_s: float | None = None) -> TaskSchedule:
+    """``shards``: the tokens each rank of the CP group holds. ``pool``: the pool's token space (:func:`distattn.executors.task_a2a.gather_pool` makes it from
     a process group when ``distattn.plan`` is given ``pool=group``). ``cost``: the attention cost
     model (:mod:`distattn.cost`, default :class:`~distattn.cost.Roofline`; a roofline's head shape
     also sizes the rows moves send); ``network``: the
@@ -326,18 +338,15 @@ def build(doc_lens, mesh, *, causal, window, mask: SliceMask, pool: Pool | None 
         raise ValueError(f"overlap_s must be None or seconds >= 0 (computation per layer that hides transfers), "
                          f"got {overlap_s!r}")
     if pool is None:
-        pool = Pool(tuple(doc_lens), even_bounds(sum(doc_lens), mesh.world_size), tuple(range(mesh.world_size)))
+        pool = Pool(tuple(doc_lens), shards, tuple(range(mesh.world_size)))
     else:  # the pool's token space: every CP group's documents (distattn.plan refuses mask= with pool=)
         mask = SliceMask.documents(pool.docs, causal, window)
     cost = cost or Roofline()
-    links = LinkCost.of(network, len(pool.bounds) - 1)
+    links = LinkCost.of(network, pool.slots.world_size)
     rows = RowBytes.of(cost.num_heads, cost.num_kv_heads, cost.head_dim, cost.dtype_bytes) \
         if isinstance(cost, Roofline) else RowBytes.of()
-    segments = place_tasks(mask, pool.bounds, cost, epsilon, links=links, rows=rows,
-                           overlap_s=overlap_s)
-    own = even_bounds(sum(doc_lens), mesh.world_size)
+    segments = place_tasks(mask, pool.slots, cost, epsilon, links=links, rows=rows, overlap_s=overlap_s)
     return TaskSchedule(scheduler="cad", doc_lens=doc_lens, causal=causal, window=window,
-                        world_size=mesh.world_size, mask=mask,
-                        owned=tuple(((int(a), int(b)),) for a, b in zip(own, own[1:])),
-                        segments=segments, bounds=pool.bounds, slot_ranks=pool.slot_ranks,
+                        world_size=mesh.world_size, mask=mask, shards=shards,
+                        segments=segments, slots=pool.slots, slot_ranks=pool.slot_ranks,
                         gpus_per_node=links.gpus_per_node)

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cluster.profile import NetworkProfile, default_profile
+from ..layout import Shards
 from .cad_planner import Segments, TaskTable, _ranges
 
 SHORTLIST = 16          # least-loaded ranks of the whole pool considered per move
@@ -90,22 +91,22 @@ class RowBytes:
 class _Ledger:
     """Loads, bytes in and out per rank, and the keys each rank already receives per document."""
 
-    def __init__(self, table: TaskTable, bounds: np.ndarray, links: LinkCost, rows: RowBytes, cap: float,
+    def __init__(self, table: TaskTable, slots: Shards, links: LinkCost, rows: RowBytes, cap: float,
                  overlap_s: float | None):
-        p = len(bounds) - 1
-        self.table, self.bounds, self.links, self.rows = table, bounds, links, rows
+        p = slots.world_size
+        self.table, self.slots, self.links, self.rows = table, slots, links, rows
         self.load = table.load(p)
         self.mean = float(self.load.mean())
         self.node = np.arange(p) // links.gpus_per_node
         self.egress, self.ingress = np.zeros(p), np.zeros(p)     # bytes per layer, both passes
         self.out_s, self.in_s = np.zeros(p), np.zeros(p)         # ... and their network seconds
         self.overlap_s = overlap_s
-        self.tokens = float(np.diff(bounds).mean())
+        self.tokens = slots.total / p
         self.cap = cap * self.tokens * (rows.q + rows.kv)
         self.held: dict[int, dict[int, tuple[int, int]]] = {}   # doc -> rank -> key hull it receives
 
     def owner(self, x) -> np.ndarray:
-        return np.searchsorted(self.bounds, x, side="right") - 1
+        return self.slots.owner_of(x)
 
     def destinations(self, src: int, docs: np.ndarray) -> np.ndarray:
         p, g = len(self.load), self.links.gpus_per_node
@@ -113,8 +114,9 @@ class _Ledger:
         pick[np.argpartition(self.load, min(SHORTLIST, p - 1))[:SHORTLIST]] = True
         pick[self.node[src] * g:(self.node[src] + 1) * g] = True
         docs = np.unique(docs)
-        first, last = self.owner(self.table.ds[docs]), self.owner(self.table.de[docs] - 1)
-        pick[_ranges(first, last - first + 1)[1]] = True   # ranks owning part of the documents
+        runs = np.searchsorted(self.slots.bounds, np.stack([self.table.ds[docs], self.table.de[docs] - 1]),
+                               side="right") - 1
+        pick[self.slots.owner[_ranges(runs[0], runs[1] - runs[0] + 1)[1]]] = True   # ranks holding part of them
         for d in docs.tolist():
             pick[list(self.held.get(d, ()))] = True          # ranks already receiving their keys
         return np.nonzero(pick & (self.load < self.mean))[0]
@@ -123,7 +125,6 @@ class _Ledger:
         """``[tasks, dests]``: key rows each task needs at each destination that it neither owns nor holds."""
         t = self.table
         k0, k1 = t.t_k0[tasks][:, None], t.t_k1[tasks][:, None]
-        lo, hi = self.bounds[dests][None, :], self.bounds[dests + 1][None, :]
         h0 = np.zeros((len(tasks), len(dests)), dtype=np.int64)
         h1 = np.zeros_like(h0)
         col = {int(u): j for j, u in enumerate(dests)}
@@ -132,10 +133,10 @@ class _Ledger:
                 if u in col:
                     h0[i, col[u]], h1[i, col[u]] = a, b
 
-        def inter(a0, a1, b0, b1):
-            return np.maximum(np.minimum(a1, b1) - np.maximum(a0, b0), 0)
-        both = inter(np.maximum(k0, lo), np.minimum(k1, hi), h0, h1)
-        return (k1 - k0) - inter(k0, k1, lo, hi) - inter(k0, k1, h0, h1) + both
+        held = np.maximum(np.minimum(k1, h1) - np.maximum(k0, h0), 0)
+        owned = self.slots.held_in(dests[None, :], k0, k1)
+        both = self.slots.held_in(dests[None, :], np.maximum(k0, h0), np.minimum(k1, h1))
+        return (k1 - k0) - owned - held + both
 
     def choose(self, src: int):
         """The cheapest move off ``src``: ``(task, destination, want)`` or None."""
@@ -204,17 +205,18 @@ class _Ledger:
         k0, k1 = int(t.t_k0[task]), int(t.t_k1[task])
         held = self.held.setdefault(d, {})
         h0, h1 = held.get(u, (k0, k0))
-        lo, hi = int(self.bounds[u]), int(self.bounds[u + 1])
         for a, b in ((k0, min(k1, h0)), (max(k0, h1), k1)):   # keys outside what u already receives
-            for piece in ((a, min(b, lo)), (max(a, hi), b)):  # ... and does not own
-                if piece[1] > piece[0]:
-                    self._send_keys(*piece, u)
+            if b > a:
+                self._send_keys(a, b, u)
         held[u] = (min(h0, k0), max(h1, k1))
 
     def _send_keys(self, a: int, b: int, u: int) -> None:
-        first, last = int(self.owner(a)), int(self.owner(b - 1))
-        for r in range(first, last + 1):
-            self._book(r, u, (min(b, self.bounds[r + 1]) - max(a, self.bounds[r])) * self.rows.kv)
+        """Book keys ``[a, b)`` to ``u`` from the ranks holding them (``u``'s own keys stay)."""
+        _, run, start, end = self.slots.cut(a, b)
+        sender = self.slots.owner[run]
+        for r, n in zip(sender.tolist(), (end - start).tolist()):
+            if r != u:
+                self._book(r, u, n * self.rows.kv)
 
     def _book(self, sender: int, u: int, nbytes: float) -> None:
         seconds = nbytes * float(self.per_byte(sender, u))
@@ -224,16 +226,16 @@ class _Ledger:
         self.in_s[u] += seconds
 
 
-def place_tasks(mask, bounds: np.ndarray, cost, epsilon: float = 0.04,
+def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
                 chunk: int | None = None, links: LinkCost | None = None, rows: RowBytes | None = None,
                 cap: float = 2.0, overlap_s: float | None = None) -> Segments:
-    """Build the task table and place its tasks (module docstring). ``cap``: bytes a rank may send
+    """Build the task table and place its tasks (module docstring) over the ``slots``' tokens. ``cap``: bytes a rank may send
     or receive per layer, in units of a rank's own rows (Q, K and V of its tokens, both passes).
     ``overlap_s``: see :func:`distattn.schedulers.cad.build`."""
-    p = len(bounds) - 1
-    chunk = chunk or max(128, int(bounds[-1] // p) // 4)
-    table = TaskTable(mask, bounds, chunk, cost)
-    ledger = _Ledger(table, bounds, links or LinkCost.of(None, p), rows or RowBytes.of(), cap, overlap_s)
+    p = slots.world_size
+    chunk = chunk or max(128, slots.total // p // 4)
+    table = TaskTable(mask, slots, chunk, cost)
+    ledger = _Ledger(table, slots, links or LinkCost.of(None, p), rows or RowBytes.of(), cap, overlap_s)
     load, mean = ledger.load, ledger.mean
     for _ in range(50 * p + 100):
         src = int(np.argmax(load))

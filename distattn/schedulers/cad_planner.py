@@ -1,7 +1,8 @@
 """CAD planning: the task table and its FLOPs-balanced placement (pure numpy, no processes).
 
 Token space: the packed sequences of every CP group of the pool, concatenated
-(group after group); slot ``i`` owns ``[bounds[i], bounds[i+1])``. The mask's slices
+(group after group); slot ``i`` holds the runs of tokens the pool's
+:class:`~distattn.layout.Shards` give it (one run for the contiguous layout). The mask's slices
 (:class:`~distattn.masks.SliceMask`) form *groups* that share no query row
 (:class:`RowGroups`: a document is one; a shared question's answers and the question's
 keys they see are another), so every query row's attention is computed on one rank.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..layout import Shards
 from ..masks import SliceMask
 from .blocks import rect_area
 
@@ -88,22 +90,17 @@ def key_span(q0, q1, k0, k1, lo, hi):
     return np.maximum(k0, q0 + lo), np.maximum(np.minimum(k1, q1 + hi), np.maximum(k0, q0 + lo))
 
 
-def _initial_tasks(groups: RowGroups, bounds, chunk):
-    """Segments per group: one per slot owning its queries, or head/tail pairs of ``chunk``-sized
-    pieces for long causal documents (chunk i with its mirror: equal causal work per pair). Tasks
+def _initial_tasks(groups: RowGroups, slots: Shards, chunk):
+    """Segments per group: one per run of tokens holding its queries (home: the run's slot), or
+    head/tail pairs of ``chunk``-sized pieces for long causal documents (chunk i with its mirror: equal causal work per pair). Tasks
     are numbered in group order, a pair's head segment listed just before its tail."""
     ds_all, de_all = groups.q0, groups.q1
     n = de_all - ds_all
     long = groups.square_causal & (n > 2 * chunk)
-    # short documents: one task per slot they touch
+    # short documents: one task per run they touch
     short = np.nonzero(~long)[0]
-    first = np.searchsorted(bounds, ds_all[short], side="right") - 1
-    last = np.searchsorted(bounds, de_all[short] - 1, side="right") - 1
-    which, slot = _ranges(first, last - first + 1)
+    which, run, s0, s1 = slots.cut(ds_all[short], de_all[short])
     d_s = short[which]
-    s0, s1 = np.maximum(ds_all[d_s], bounds[slot]), np.minimum(de_all[d_s], bounds[slot + 1])
-    keep = s1 > s0
-    d_s, s0, s1, slot = d_s[keep], s0[keep], s1[keep], slot[keep]
     # long causal documents: pair j holds chunks j and 2k-1-j of 2k
     lng = np.nonzero(long)[0]
     k = -(-n[lng] // (2 * chunk))
@@ -111,9 +108,9 @@ def _initial_tasks(groups: RowGroups, bounds, chunk):
     d_l, kk, nn, base = lng[which], 2 * k[which], n[lng][which], ds_all[lng][which]
     h0, h1 = base + (j * nn) // kk, base + ((j + 1) * nn) // kk
     t0, t1 = base + ((kk - 1 - j) * nn) // kk, base + ((kk - j) * nn) // kk
-    # tasks in document order (within a document: by slot, or by pair)
+    # tasks in document order (within a document: by run, or by pair)
     t_doc = np.concatenate([d_s, d_l])
-    order = np.lexsort((np.concatenate([slot, j]), t_doc))
+    order = np.lexsort((np.concatenate([run, j]), t_doc))
     pair = np.concatenate([np.zeros(len(d_s), dtype=bool), np.ones(len(d_l), dtype=bool)])[order]
     head0, head1 = np.concatenate([s0, h0])[order], np.concatenate([s1, h1])[order]
     tail0, tail1 = np.concatenate([s0, t0])[order], np.concatenate([s1, t1])[order]
@@ -122,7 +119,7 @@ def _initial_tasks(groups: RowGroups, bounds, chunk):
     second = np.arange(len(task)) - np.repeat(np.cumsum(count) - count, count) == 1
     q0 = np.where(second, tail0[task], head0[task]).astype(np.int64)
     q1 = np.where(second, tail1[task], head1[task]).astype(np.int64)
-    home = (np.searchsorted(bounds, head0, side="right") - 1).astype(np.int64)
+    home = slots.owner_of(head0).astype(np.int64)
     doc = t_doc[order][task]
     return q0, q1, doc, task, home
 
@@ -140,12 +137,12 @@ class TaskTable:
     _SEG = ("q0", "q1", "k0", "k1", "doc", "area", "seg_time", "task")
     _TASK = ("t_rank", "t_time", "t_q", "t_k0", "t_k1", "t_seg")
 
-    def __init__(self, mask: SliceMask, bounds: np.ndarray, chunk: int, cost):
+    def __init__(self, mask: SliceMask, slots: Shards, chunk: int, cost):
         self.cost = cost
         self.groups = g = RowGroups(mask)
         # each group's tokens (queries and keys): the ranks owning them are natural destinations
         self.ds, self.de = np.minimum(g.q0, g.k0), np.maximum(g.q1, g.k1)
-        q0, q1, doc, task, home = _initial_tasks(g, bounds, chunk)
+        q0, q1, doc, task, home = _initial_tasks(g, slots, chunk)
         k0, k1, area = g.spans(doc, q0, q1)
         seg_time = cost.task_time(q1 - q0, k1 - k0, area)
         self.q0, self.q1, self.k0, self.k1, self.doc, self.task = q0, q1, k0, k1, doc, task

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from ..layout import Shards
 from ..masks import MaskSlice
 from ..schedule import AttnShape, Phase, Schedule
 from .blocks import KernelCall, sequence_calls
@@ -35,8 +36,10 @@ class LocalSchedule(Schedule):
                 Phase.per_rank("backward", "attention", "attention", 1, flops * 2.5)]
 
 
-def build(doc_lens, mesh, *, causal, window, mask, scheduler: str = "local") -> LocalSchedule:
+def build(doc_lens, mesh, *, causal, window, mask, shards: Shards, scheduler: str = "local") -> LocalSchedule:
+    """``shards``: the one rank's tokens (in any local order: the plan permutes them, see
+    :mod:`distattn.layout`)."""
     if mesh.world_size != 1:
         raise ValueError(f"scheduler='local' needs world size 1, got {mesh.world_size}")
     return LocalSchedule(scheduler=scheduler, doc_lens=doc_lens, causal=causal, window=window, world_size=1, mask=mask,
-                         owned=(((0, sum(doc_lens)),),))
+                         shards=shards)

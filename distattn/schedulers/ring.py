@@ -1,10 +1,13 @@
 """``ring``: contiguous shards, KV blocks passed around the ring (ring attention, Liu et al. 2023).
 
-Rank ``r`` owns tokens ``[r*S/P, (r+1)*S/P)`` (sizes differ by at most one; no
-padding). At step ``t`` it holds the KV block that started on rank
-``src = r - t`` and computes its queries against it while the block moves on
-to ``r + 1`` (double-buffered ``batch_isend_irecv``, overlapped with the local
-kernel). Partial results merge by log-sum-exp into fp32 accumulators.
+The ring runs on any token layout (:mod:`distattn.layout`): a rank's K/V block is the tokens it
+holds. ``ring``'s own layout is contiguous (rank ``r`` owns tokens ``[r*S/P, (r+1)*S/P)``, sizes
+differing by at most one; no padding); ``zigzag`` is this schedule on the zigzag layout. At step
+``t`` rank ``r`` holds the KV block that started on rank ``src = r - t`` and computes its queries
+against it while the block moves on to ``r + 1`` (double-buffered ``batch_isend_irecv``,
+overlapped with the local kernel). Partial results merge by log-sum-exp into fp32 accumulators.
+What a query block sees of a key block follows from the tokens' global positions: each
+(query run, key run) pair is cut into the mask's slices, trimmed to their bands.
 
 Document masks make many blocks empty. The schedule knows, for every block, the
 farthest rank along the ring that still needs it (``hops``); the block is not
@@ -15,12 +18,11 @@ Backward runs the same KV ring again. Each rank's dK/dV for a foreign block
 the next step's compute; the owner sums the contributions in fp32, so neither
 dq nor dK/dV is rounded between steps and error does not grow with ring size.
 
-:class:`RingSchedule` describes any ownership by ranges; ``zigzag`` reuses it
-with ``2P`` chunks of the sequence or of every document, ``usp`` inside its
-ring groups. A rank's ranges fall in *slots* (zigzag: its early and its late
-chunk): the ranges of one slot follow each other in global and in local order,
-so each step is one kernel call per (query slot, key slot) whatever the number
-of documents. The executor is :class:`distattn.executors.ring_p2p.RingExecutor`.
+:class:`RingSchedule` describes any ownership by runs of tokens (``usp`` runs it inside its
+ring groups). A rank's runs fall in *slots* (:attr:`distattn.layout.Shards.slot`; zigzag: its
+early and its late chunks): each step is one kernel call per (query slot, key slot) whatever the
+number of documents, more only where pieces overlap in rows. The executor is
+:class:`distattn.executors.ring_p2p.RingExecutor`.
 """
 
 from __future__ import annotations
@@ -29,24 +31,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..layout import Shards
 from ..masks import MaskSlice
 from ..schedule import AttnShape, Phase, Schedule
-from .blocks import KernelCall, even_bounds, kernel_calls, owned_ranges, range_pairs
+from .blocks import KernelCall, kernel_calls, range_pairs
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class RingSchedule(Schedule):
-    """Ring execution over ranges ``bounds`` owned by ``range_owner`` (see module docstring)."""
+    """Ring execution over the runs of ``shards`` (see module docstring)."""
 
-    bounds: np.ndarray = field(repr=False)        # [C + 1] token boundaries of the ownership ranges
-    range_owner: np.ndarray = field(repr=False)   # [C] rank owning each range
-    range_slot: np.ndarray = field(repr=False)    # [C] slot of each range (see module docstring)
     pairs: tuple[np.ndarray, ...] = field(repr=False)       # (i, j, area): range pairs with visible pairs
     rank_pairs: tuple[np.ndarray, ...] = field(repr=False)  # (query rank, key rank, area), area > 0
     hops: np.ndarray = field(repr=False)          # [P] per source rank: how far along the ring its KV travels
     span: int | None = None                       # consecutive ranks the ring covers (usp: strided rings)
 
     # ---- facts of the ring ---------------------------------------------------------------------
+    @property
+    def bounds(self) -> np.ndarray:
+        return self.shards.bounds
+
+    @property
+    def range_owner(self) -> np.ndarray:
+        return self.shards.owner
+
     def sources(self, rank: int) -> dict[int, int]:
         """``{step: source rank}`` of the KV blocks ``rank`` computes against (at step ``t`` it holds
         the block of ``rank - t``); steps without visible pairs are absent."""
@@ -66,16 +74,17 @@ class RingSchedule(Schedule):
         return bool(((qr == q_rank) & (kr == k_rank)).any())
 
     def kernel_calls(self, rank: int, src: int, rows: np.ndarray) -> tuple[KernelCall, ...]:
-        """Rank's queries against src's KV buffer, ``rows[i]`` placing range ``i`` (local rows:
-        :func:`~distattn.schedulers.blocks.local_rows`; global: ``bounds[:-1]``): one call per
-        (query slot, key slot)."""
+        """Rank's queries against src's KV buffer, ``rows[i]`` placing run ``i`` (compute-order
+        rows: :attr:`~distattn.layout.Shards.rows`; global: ``bounds[:-1]``): one call per (query
+        slot, key slot), more where pieces overlap in rows."""
         i, j, _ = self.pairs
         mine = (self.range_owner[i] == rank) & (self.range_owner[j] == src)
         i, j = i[mine], j[mine]
+        slot = self.shards.slot
         calls = []
-        for a in np.unique(self.range_slot[i]):
-            for b in np.unique(self.range_slot[j]):
-                sel = (self.range_slot[i] == a) & (self.range_slot[j] == b)
+        for a in np.unique(slot[i]):
+            for b in np.unique(slot[j]):
+                sel = (slot[i] == a) & (slot[j] == b)
                 qi, kj = i[sel], j[sel]
                 calls += kernel_calls(self.bounds[qi], self.bounds[qi + 1], rows[qi], self.bounds[kj],
                                       self.bounds[kj + 1], rows[kj], self.mask)
@@ -138,14 +147,12 @@ class RingSchedule(Schedule):
         return {"blocks_computed": computed.tolist(), "blocks_skipped": (p - computed).tolist()}
 
 
-def ring_schedule(scheduler: str, bounds: np.ndarray, range_owner: np.ndarray, doc_lens, world_size: int, *,
-                  causal: bool, window: int | None, mask, range_slot: np.ndarray | None = None, span: int | None = None
-                  ) -> RingSchedule:
-    """The ring schedule of any ownership by ranges (ring: one per rank; zigzag: two per rank, or
-    two per rank and document), ``range_slot`` as in the module docstring (default: one slot)."""
-    p = world_size
-    range_slot = np.zeros(len(range_owner), dtype=np.int64) if range_slot is None else range_slot
-    pairs = range_pairs(bounds, mask)
+def ring_schedule(scheduler: str, shards: Shards, doc_lens, *, causal: bool, window: int | None, mask,
+                  span: int | None = None) -> RingSchedule:
+    """The ring schedule of any ownership by runs (ring: one per rank; zigzag: two per rank, or
+    two per rank and document; an explicit layout: any)."""
+    p, range_owner = shards.world_size, shards.owner
+    pairs = range_pairs(shards.bounds, mask)
     i, j, area = pairs
     # rank pairs, sparse: a document mask leaves most of them empty at thousands of ranks
     key, inverse = np.unique(range_owner[i] * p + range_owner[j], return_inverse=True)
@@ -155,13 +162,10 @@ def ring_schedule(scheduler: str, bounds: np.ndarray, range_owner: np.ndarray, d
     # how far each source's KV must travel: the farthest rank (ring distance) that needs it
     hops = np.zeros(p, dtype=np.int64)
     np.maximum.at(hops, kr, (qr - kr) % p)
-    owned = owned_ranges(bounds, range_owner, p)
     return RingSchedule(scheduler=scheduler, doc_lens=doc_lens, causal=causal, window=window, world_size=p,
-                        owned=owned, mask=mask, bounds=bounds, range_owner=range_owner, range_slot=range_slot, pairs=pairs,
-                        rank_pairs=(qr, kr, rank_area), hops=hops, span=span)
+                        shards=shards, mask=mask, pairs=pairs, rank_pairs=(qr, kr, rank_area), hops=hops, span=span)
 
 
-def build(doc_lens, mesh, *, causal, window, mask) -> RingSchedule:
-    p = mesh.world_size
-    return ring_schedule("ring", even_bounds(sum(doc_lens), p), np.arange(p), doc_lens, p, causal=causal,
-                         window=window, mask=mask)
+def build(doc_lens, mesh, *, causal, window, mask, shards: Shards, scheduler: str = "ring") -> RingSchedule:
+    """``ring`` on its contiguous layout, ``zigzag`` on the zigzag one, either on any layout."""
+    return ring_schedule(scheduler, shards, doc_lens, causal=causal, window=window, mask=mask)

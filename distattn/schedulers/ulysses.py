@@ -1,14 +1,16 @@
 """``ulysses``: all-to-all from sequence shards to head shards (DeepSpeed-Ulysses, Jacobs et al. 2023).
 
-Rank ``r`` owns a contiguous shard of ``S/P`` tokens (sizes differ by at most
-one). Forward, with ``P`` ranks::
+Its own layout gives rank ``r`` a contiguous shard of ``S/P`` tokens (sizes differ by at most
+one); any layout works (:mod:`distattn.layout`). Forward, with ``P`` ranks::
 
     q [S/P, Hq, D] --all-to-all--> [S, Hq_r, D] --varlen attention over all documents-->
     out [S, Hq_r, D] --all-to-all--> [S/P, Hq, D]
 
 K and V travel with Q in the same all-to-all. Backward repeats the pattern on
 the gradients. Attention is exact and any mask works, since each rank sees
-whole documents for its heads.
+whole documents for its heads. The all-to-all concatenates the ranks' tokens in rank order; when
+that is not global order (any layout but the contiguous one) the head shards are permuted into
+global order once after it and back once before the return (:meth:`UlyssesSchedule.gather_order`).
 
 Heads do not have to divide ``P``: rank ``r`` gets ``ceil(Hq/P)`` or
 ``floor(Hq/P)`` query heads. Each rank receives exactly the KV heads its query
@@ -28,9 +30,10 @@ from functools import cached_property
 
 import numpy as np
 
+from ..layout import Shards
 from ..masks import MaskSlice
 from ..schedule import AttnShape, Phase, Schedule
-from .blocks import KernelCall, even_bounds, sequence_calls
+from .blocks import KernelCall, sequence_calls
 
 HeadRanges = tuple[tuple[int, int], ...]
 
@@ -82,6 +85,25 @@ class HeadLayout:
         return self.share(rank) if self.expansion(rank, group) is not None else self.kv_share(rank)
 
 
+def gathered_order(shards: Shards, members) -> np.ndarray | None:
+    """Where each token of the inner order (increasing global order of the members' tokens) sits in
+    the head all-to-all's buffer (the members' compute-order tokens, concatenated in member order);
+    None when the two agree."""
+    gathered = np.concatenate([shards.compute_tokens(r) for r in members])
+    if gathered.size < 2 or (np.diff(gathered) > 0).all():
+        return None
+    return np.argsort(gathered, kind="stable").astype(np.int64)
+
+
+def head_saved_bytes(shape: AttnShape, tokens, members: int) -> np.ndarray:
+    """Bytes member ``u`` of a Ulysses group keeps for backward, given the ``tokens[i]`` its head
+    shard spans: q, k, v, out of its heads (KV heads expanded where GQA grouping needs it) and lse."""
+    layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, members)
+    group = shape.num_heads // shape.num_kv_heads
+    return np.asarray([n * (shape.row_bytes(2 * layout.share(u) + 2 * layout.computed_kv_heads(u, group))
+                            + layout.share(u) * shape.acc_bytes) for n, u in tokens], dtype=np.int64)
+
+
 def head_exchange_phases(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarray, span: int,
                          inner: tuple[list[Phase], list[Phase]], what: str) -> list[Phase]:
     """The phases of attention wrapped in head all-to-alls: groups ``g`` of ``U`` members, member
@@ -109,6 +131,12 @@ def head_exchange_phases(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarray
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class UlyssesSchedule(Schedule):
+    keeps_local_out = False   # it keeps head shards of every token
+
+    def gather_order(self) -> np.ndarray | None:
+        """The all-to-all buffer's rows in global order (None: already; see module docstring)."""
+        return gathered_order(self.shards, range(self.world_size))
+
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         return self.mask.slices()  # the whole mask, a share of the heads
 
@@ -136,10 +164,11 @@ class UlyssesSchedule(Schedule):
         return np.asarray([self.total_tokens * shape.row_bytes(2 * layout.share(r) + 2 * layout.kv_share(r))
                            for r in range(self.world_size)])
 
+    def saved_bytes(self, shape: AttnShape) -> np.ndarray:
+        """The head-sharded q, k, v, out and lse of every token."""
+        return head_saved_bytes(shape, [(self.total_tokens, r) for r in range(self.world_size)], self.world_size)
 
-def build(doc_lens, mesh, *, causal, window, mask) -> UlyssesSchedule:
-    p = mesh.world_size
-    bounds = even_bounds(sum(doc_lens), p)
-    owned = tuple(((int(bounds[r]), int(bounds[r + 1])),) for r in range(p))
-    return UlyssesSchedule(scheduler="ulysses", doc_lens=doc_lens, causal=causal, window=window, world_size=p,
-                           owned=owned, mask=mask)
+
+def build(doc_lens, mesh, *, causal, window, mask, shards: Shards) -> UlyssesSchedule:
+    return UlyssesSchedule(scheduler="ulysses", doc_lens=doc_lens, causal=causal, window=window,
+                           world_size=mesh.world_size, shards=shards, mask=mask)

@@ -17,6 +17,11 @@ attention runs across the ``R`` ring ranks on those heads; the inverse
 all-to-all returns ``[S/(UR), Hq, D]``. Uneven heads and ``Hkv < U`` work as in
 ``ulysses``, uneven lengths as in ``zigzag``.
 
+Any other layout (:mod:`distattn.layout`) works too: ring rank ``r`` then holds the union of its
+Ulysses ranks' tokens, the ring runs on those, and when the all-to-all's concatenation (member
+after member) is not the union in global order, the head shards are permuted once after it and
+once before the way back (:meth:`USPSchedule.gather_order`).
+
 The mesh: a 2-D ``DeviceMesh`` whose axes are named ``"ulysses"`` and
 ``"ring"`` (in either order; :func:`distattn.mesh.usp_mesh` builds one with
 Ulysses on consecutive ranks), or a 1-D group/mesh (or a dry world size) plus
@@ -36,29 +41,33 @@ token ownership, which depends on ``U``, before it sees a tensor: that is why
 the head count is a plan option and not read at the first attention. Given
 both, ``ulysses_degree`` wins; attention then refuses K/V with another head
 count than ``num_kv_heads``. Given neither, ``ValueError``.
+(:meth:`distattn.schedulers.SchedulerSpec.plan_options` gives both for a model.)
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
-from ..masks import MaskSlice, check_positive_ints
+from ..layout import Layout, Shards, even_bounds
+from ..masks import MaskSlice
 from ..schedule import AttnShape, Phase, Schedule
-from .blocks import even_bounds
+from . import default_ulysses_degree
 from .ring import RingSchedule, ring_schedule
-from .ulysses import HeadLayout, head_exchange_phases
-from .zigzag import zigzag_ranges
+from .ulysses import HeadLayout, gathered_order, head_exchange_phases, head_saved_bytes
+
+__all__ = ["USPSchedule", "build", "default_ulysses_degree"]
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class USPSchedule(Schedule):
     ulysses_degree: int
     coords: tuple[tuple[int, int], ...]          # flat group rank -> (u, r)
-    ring: RingSchedule = field(repr=False)       # zigzag over the R ring ranks
+    ring: RingSchedule = field(repr=False)       # the ring over the R ring ranks' tokens
     num_kv_heads: int | None = None              # the head count the plan was made for, if given
+    keeps_local_out = False                      # it keeps head shards of its ring rank's tokens
 
     def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
         if self.num_kv_heads is not None and num_kv_heads != self.num_kv_heads:
@@ -67,8 +76,11 @@ class USPSchedule(Schedule):
 
     def members(self, ring_rank: int) -> tuple[int, ...]:
         """Token counts of the Ulysses ranks u = 0..U-1 holding ring rank ``ring_rank``'s tokens."""
-        cuts = even_bounds(self.ring.num_tokens(ring_rank), self.ulysses_degree)
-        return tuple(int(b - a) for a, b in zip(cuts, cuts[1:]))
+        return tuple(self.num_tokens(int(i)) for i in self.flat[ring_rank])
+
+    def gather_order(self, ring_rank: int) -> np.ndarray | None:
+        """The head all-to-all's rows of ring rank ``ring_rank`` in its ring order (None: already)."""
+        return gathered_order(self.shards, self.flat[ring_rank].tolist())
 
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         return self.ring.compute_slices(self.coords[rank][1])  # the ring rank's pairs, a share of the heads
@@ -76,7 +88,8 @@ class USPSchedule(Schedule):
     def visible_pairs(self, rank: int) -> int:
         return self.ring.visible_pairs(self.coords[rank][1])
 
-    def _flat(self) -> np.ndarray:
+    @cached_property
+    def flat(self) -> np.ndarray:
         """``[R, U]``: the flat rank of ``(u, r)``."""
         flat = np.zeros((self.ring.world_size, self.ulysses_degree), dtype=np.int64)
         for i, (u, r) in enumerate(self.coords):
@@ -86,7 +99,7 @@ class USPSchedule(Schedule):
     def phases(self, shape: AttnShape) -> list[Phase]:
         """Ulysses all-to-alls around the zigzag ring; each Ulysses rank ``u`` runs the ring on its
         share of the heads (its KV heads expanded to one per query head where GQA grouping needs it)."""
-        u_deg, flat = self.ulysses_degree, self._flat()
+        u_deg, flat = self.ulysses_degree, self.flat
         layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, u_deg)
         group = shape.num_heads // shape.num_kv_heads
         per_u = [self.ring.phases(shape, layout.share(u), layout.computed_kv_heads(u, group)) for u in range(u_deg)]
@@ -101,6 +114,10 @@ class USPSchedule(Schedule):
         inner = ([ph for ph in rings if ph.direction == "forward"], [ph for ph in rings if ph.direction == "backward"])
         return head_exchange_phases(shape, tokens, flat, u_deg, inner, "usp ulysses")
 
+    def saved_bytes(self, shape: AttnShape) -> np.ndarray:
+        """The head-sharded q, k, v, out and lse of the ring rank's tokens."""
+        return head_saved_bytes(shape, [(self.ring.num_tokens(r), u) for u, r in self.coords], self.ulysses_degree)
+
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
         """The ring's K/V blocks for this rank's heads, and the head shards of Q and out."""
         layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, self.ulysses_degree)
@@ -112,19 +129,6 @@ class USPSchedule(Schedule):
             out[i] = ring[r] * heads / shape.num_kv_heads + \
                 self.ring.num_tokens(r) * shape.row_bytes(2 * layout.share(u))
         return out
-
-
-def default_ulysses_degree(world_size: int, num_kv_heads: int | None = None) -> int:
-    """usp's Ulysses degree when none is given: the largest divisor of the CP size ``world_size``
-    that divides ``num_kv_heads`` (``gcd``), so Ulysses splits whole KV heads.
-
-    Without ``num_kv_heads`` (callers that do not know the model): the largest divisor up to the
-    square root, a near-square mesh, which may not divide the KV heads -- pass them.
-    """
-    check_positive_ints(world_size=world_size, **({} if num_kv_heads is None else {"num_kv_heads": num_kv_heads}))
-    if num_kv_heads is not None:
-        return math.gcd(world_size, num_kv_heads)
-    return max(d for d in range(1, int(world_size ** 0.5) + 1) if world_size % d == 0)
 
 
 def _degree(p: int, ulysses_degree, num_kv_heads) -> int:
@@ -173,19 +177,25 @@ def _coords(mesh, ulysses_degree, num_kv_heads) -> tuple[int, tuple[tuple[int, i
     return u_deg, tuple((i % u_deg, i // u_deg) for i in range(mesh.world_size))
 
 
-def build(doc_lens, mesh, *, causal, window, mask, ulysses_degree: int | None = None,
+def build(doc_lens, mesh, *, causal, window, mask, shards: Shards | None = None, ulysses_degree: int | None = None,
           num_kv_heads: int | None = None) -> USPSchedule:
+    """``shards``: the layout (None: usp's own, see module docstring)."""
     if num_kv_heads is not None and (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int)
                                      or num_kv_heads < 1):
         raise ValueError(f"num_kv_heads must be a positive int (the model's KV heads), got {num_kv_heads!r}")
     u_deg, coords = _coords(mesh, ulysses_degree, num_kv_heads)
     r_deg = mesh.world_size // u_deg
-    bounds, owner, slot = zigzag_ranges(doc_lens, r_deg)
-    ring = ring_schedule("zigzag", bounds, owner, doc_lens, r_deg, causal=causal, window=window, mask=mask,
-                         range_slot=slot, span=mesh.world_size)
-    owned = []
-    for u, r in coords:
-        cuts = even_bounds(ring.num_tokens(r), u_deg)
-        owned.append(_cut(ring.owned[r], int(cuts[u]), int(cuts[u + 1])))
+    if shards is None:  # zigzag over the ring ranks, each ring rank's tokens split over its members
+        ring_shards = Layout("zigzag").shards(doc_lens, r_deg)
+        owned = []
+        for u, r in coords:
+            cuts = even_bounds(ring_shards.num_tokens(r), u_deg)
+            owned.append(_cut(ring_shards.owned[r], int(cuts[u]), int(cuts[u + 1])))
+        shards = Shards.from_owned(owned, sum(doc_lens))
+    else:
+        ring_shards = shards.regroup(np.asarray([r for _, r in coords]), r_deg)
+    ring = ring_schedule("zigzag", ring_shards, doc_lens, causal=causal, window=window, mask=mask,
+                         span=mesh.world_size)
     return USPSchedule(scheduler="usp", doc_lens=doc_lens, causal=causal, window=window, world_size=mesh.world_size,
-                       owned=tuple(owned), mask=mask, ulysses_degree=u_deg, coords=coords, ring=ring, num_kv_heads=num_kv_heads)
+                       shards=shards, mask=mask, ulysses_degree=u_deg, coords=coords, ring=ring,
+                       num_kv_heads=num_kv_heads)

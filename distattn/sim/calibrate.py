@@ -20,7 +20,6 @@ from ..api import local_attention
 from ..doclens import mask_case
 from ..masks import document_flops
 from ..schedule import AttnShape
-from ..schedulers.usp import default_ulysses_degree
 from ..timing import time_calls
 from .simulate import dry_schedule, layer_times
 
@@ -42,7 +41,7 @@ def predict_row(row: dict, rate: float, network, cores: int, pool=None, seed: in
     p = row["world_size"]
     case = mask_case(row["mask"], row["seq_len"], pool, seed)
     name = {"deepspeed-ulysses": "ulysses", "local": "ring"}.get(row["scheduler"], row["scheduler"])
-    schedule = dry_schedule(name, case.docs, p, default_ulysses_degree(p, row["kv_heads"]), **case.plan_kwargs())
+    schedule = dry_schedule(name, case.docs, p, row["kv_heads"], **case.plan_kwargs())
     shape = AttnShape(row["heads"], row["kv_heads"], row["head_dim"], 4 if row["dtype"] == "fp32" else 2)
     # every rank on its own node share of the machine's cores; the bench's world is one node
     t = layer_times(schedule.phases(shape), p, network, rate * min(1.0, cores / p), np.zeros(p))

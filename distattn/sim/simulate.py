@@ -42,7 +42,7 @@ from ..api import plan as make_plan
 from ..cost import Roofline
 from ..doclens import pack
 from ..schedule import AttnShape, Phase
-from ..schedulers.usp import default_ulysses_degree
+from ..schedulers import REGISTRY, spec
 from .presets import GPUS, MODELS, SCHEDULERS, GPUPreset, ModelPreset
 
 # a rank's step, laid end to end: compute, then communication not hidden, then waiting for the slowest
@@ -86,16 +86,6 @@ def default_cp(model: ModelPreset, gpus: int, seq_len: int, tokens_per_rank: int
 
 def _replica_docs(cfg: SimConfig, pool) -> list[list[int]]:
     return [pack(cfg.seq_len, pool, seed=cfg.seed + i) for i in range(cfg.dp)]
-
-
-def _usp_degree(cfg: SimConfig) -> int:
-    if cfg.ulysses_degree is not None:
-        return cfg.ulysses_degree
-    # Ulysses inside a node, as many ranks as heads and the node allow
-    for u in (cfg.gpus_per_node, 4, 2):
-        if u <= cfg.cp and cfg.cp % u == 0 and cfg.model.n_kv_heads % u == 0:
-            return u
-    return default_ulysses_degree(cfg.cp, cfg.model.n_kv_heads)
 
 
 def nccl_size(op: str, n: int, sent):
@@ -161,20 +151,27 @@ def layer_times(phases, ranks: int, net, flop_rate: float, lin_s: np.ndarray) ->
     return out
 
 
-def dry_schedule(name: str, docs, world: int, ulysses_degree: int, causal: bool = True,
-                 window: int | None = None, mask=None, **cad_options):
-    """The scheduler's dry schedule (``wlb-ideal``: zigzag's; see :func:`ideal_phases`); ``cad``
-    takes ``cad_options`` (its cost model, network and ``overlap_s``); ``mask``: a SliceMask."""
-    sched = "zigzag" if name == "wlb-ideal" else name
-    opts = {"ulysses_degree": ulysses_degree} if name == "usp" and world > 1 else {}
-    if name == "cad":
-        opts.update(cad_options)
-    return make_plan(docs, world, scheduler=sched, causal=causal, window=window, mask=mask, **opts).schedule
+def _entry(name: str):
+    """The registry entry a simulated row plans with (``wlb-ideal``: zigzag's schedule, evened out)."""
+    return spec("zigzag" if name == "wlb-ideal" else name)
 
 
-def _cad_options(cfg: SimConfig, network) -> dict:
-    """What CAD plans with in the simulated cluster: its attention and network, and the linear layers'
-    time per layer of a rank's share of tokens (ping-pong hides transfers behind it)."""
+def dry_schedule(name: str, docs, world: int, num_kv_heads: int | None = None, causal: bool = True,
+                 window: int | None = None, mask=None, ulysses_degree: int | None = None,
+                 gpus_per_node: int | None = None, **cluster):
+    """The scheduler's dry schedule (``wlb-ideal``: zigzag's; see :func:`ideal_phases`) with the options
+    the registry gives it for a model of ``num_kv_heads`` KV heads (usp: its Ulysses degree, inside a
+    node of ``gpus_per_node``), and those of ``cluster`` its planner takes (cad: the cost model,
+    network and ``overlap_s`` of :func:`_cluster_options`); ``mask``: a SliceMask."""
+    entry = _entry(name)
+    opts = entry.plan_options(world, num_kv_heads, ulysses_degree, gpus_per_node)
+    opts.update({key: value for key, value in cluster.items() if entry.accepts(key)})
+    return make_plan(docs, world, scheduler=entry.name, causal=causal, window=window, mask=mask, **opts).schedule
+
+
+def _cluster_options(cfg: SimConfig, network) -> dict:
+    """What a planner may plan with in the simulated cluster (cad does): the attention cost and network,
+    and the linear layers' time per layer of a rank's share of tokens (ping-pong hides transfers behind it)."""
     m = cfg.model
     peak = cfg.gpu.peak_tflops * 1e12
     cost = Roofline(cfg.gpu.peak_tflops, cfg.attn_efficiency, num_heads=m.n_heads, num_kv_heads=m.n_kv_heads,
@@ -212,20 +209,22 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
     m = cfg.model
     docs = replica_docs or _replica_docs(cfg, pool)
     peak = cfg.gpu.peak_tflops * 1e12
-    u = _usp_degree(cfg)
     shape = AttnShape(m.n_heads, m.n_kv_heads, m.head_dim, cfg.elem_bytes)
     rate = peak * cfg.attn_efficiency
     results, timeline = [], []
     for name in schedulers:
         if name not in SCHEDULERS:
             raise ValueError(f"scheduler {name!r} is unknown; choose from {', '.join(SCHEDULERS)}")
-        if name == "ulysses" and m.n_heads < cfg.cp:
-            continue
-        if name == "cad":  # one schedule over the pool: every replica's sequence, balanced over all GPUs
-            groups = [(dry_schedule("cad", [d for rep in docs for d in rep], cfg.gpus, u, **_cad_options(cfg, network)),
-                       cfg.gpus)]
+        entry = _entry(name)
+        heads = dict(num_kv_heads=m.n_kv_heads, ulysses_degree=cfg.ulysses_degree, gpus_per_node=cfg.gpus_per_node)
+        if m.n_heads < entry.ulysses_degree(cfg.cp, m.n_kv_heads, cfg.ulysses_degree, cfg.gpus_per_node):
+            continue  # heads split over more ranks than there are heads
+        if entry.pools:  # one schedule over the pool: every replica's sequence, balanced over all GPUs
+            groups = [(dry_schedule(name, [d for rep in docs for d in rep], cfg.gpus, **heads,
+                                    **_cluster_options(cfg, network)), cfg.gpus)]
         else:
-            groups = [(dry_schedule(name, rep, cfg.cp, u), cfg.cp) for rep in docs]
+            groups = [(dry_schedule(name, rep, cfg.cp, **heads, **_cluster_options(cfg, network)), cfg.cp)
+                      for rep in docs]
         ranks_compute, rank_exposed, rank_comm, flops_attn, mem = [], [], [], 0.0, 0.0
         for schedule, n in groups:
             tokens = np.asarray(schedule.rank_tokens(), dtype=np.float64)
@@ -248,7 +247,7 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
         flops_model = 6 * m.params * cfg.seq_len * cfg.dp + flops_attn * m.n_layers
         results.append({
             "scheduler": name, "gpus": cfg.gpus, "cp": cfg.cp, "dp": cfg.dp, "seq_len": cfg.seq_len,
-            "model": m.name, "ulysses_degree": u if name == "usp" else None,
+            "model": m.name, "ulysses_degree": groups[0][0].ulysses_degree,
             "step_time_s": float(step), "tokens_per_s_per_gpu": float(cfg.seq_len * cfg.dp / step / cfg.gpus),
             "mfu": float(flops_model / step / (peak * cfg.gpus)),
             "compute_s": float(np.max(ranks_compute)), "exposed_comm_s": float(rank_exposed[slowest]),
@@ -314,10 +313,10 @@ def recommend(model: ModelPreset, gpus: int, seq_len: int, network, pool=None, g
 def mesh_description(r: dict, gpus_per_node: int) -> str:
     cp, dp = r["cp"], r["dp"]
     where = "within a node" if cp <= gpus_per_node else f"across {cp // gpus_per_node} nodes"
-    if r["scheduler"] == "usp":
+    if r["ulysses_degree"]:
         u = r["ulysses_degree"]
         return f"dp {dp} x cp {cp} = ulysses {u} (within a node) x ring {cp // u} (across nodes)"
-    if r["scheduler"] == "cad":
+    if r["scheduler"] in REGISTRY and REGISTRY[r["scheduler"]].pools:
         return f"dp {dp} x cp {cp} ({where}), attention balanced over the pool of all {r['gpus']} GPUs"
     return f"dp {dp} x cp {cp} ({where})"
 

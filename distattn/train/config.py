@@ -72,7 +72,9 @@ class ParallelConfig:
     @property
     def pools_replicas(self) -> bool:
         """Whether the trainer plans CAD over the pool of all dp x cp ranks (see ``cad_pool``)."""
-        return self.cad_pool and self.scheduler == "cad" and self.dp > 1
+        from ..schedulers import spec
+
+        return self.cad_pool and spec(self.scheduler).pools and self.dp > 1
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,6 @@ CUDA_RUNTIME_BYTES = 4 * GIB
 # a CPU rank's Python, torch and gloo before any tensor
 CPU_RUNTIME_BYTES = 300 * 2**20
 DEVICES = ("cpu", "cuda")
-TOKEN_LAYOUT = ("ring", "zigzag", "allgather", "local")   # attention keeps the rank's own q/k/v/out
 # a CPU rank's resident peak over the tensors' bytes, per token (see module docstring: measured)
 CPU_ALLOCATOR_OVERHEAD = 0.35
 COMPONENTS = ("weights", "grads", "optimizer", "activations", "loss", "attention_buffers", "inputs", "allocator",
@@ -182,36 +181,19 @@ def _dry_schedule(m: ModelConfig, p: ParallelConfig, doc_lens: tuple[int, ...]):
     replica when ``parallel.cad_pool`` and dp > 1)."""
     from ..api import plan
 
+    from ..schedulers import spec
+
     pooled = p.pools_replicas
     docs = doc_lens * p.dp if pooled else doc_lens
     world = p.dp * p.cp if pooled else p.cp
-    options = {}
-    if p.scheduler == "usp" and world > 1:
-        options = {"num_kv_heads": m.n_kv_heads} if p.ulysses_degree is None else {"ulysses_degree": p.ulysses_degree}
+    options = spec(p.scheduler).plan_options(world, m.n_kv_heads, p.ulysses_degree)
     return plan(list(docs), world, scheduler=p.scheduler, **options).schedule
-
-
-def _head_saved(schedule, m: ModelConfig, compute: int) -> int:
-    """ulysses/usp: the busiest rank's head-sharded q, k, v, out and lse (its group's tokens)."""
-    from ..schedulers.ulysses import HeadLayout
-
-    if schedule.scheduler == "usp":
-        degree, coords = schedule.ulysses_degree, schedule.coords
-        tokens = [schedule.ring.num_tokens(r) for _, r in coords]
-        members = [u for u, _ in coords]
-    else:
-        degree = schedule.world_size
-        tokens, members = [schedule.total_tokens] * degree, list(range(degree))
-    layout = HeadLayout.build(m.n_heads, m.n_kv_heads, degree)
-    hd, group = m.dim // m.n_heads, m.n_heads // m.n_kv_heads
-    return max(n * (2 * compute * hd * (layout.share(u) + layout.computed_kv_heads(u, group)) + 4 * layout.share(u))
-               for n, u in zip(tokens, members))
 
 
 class AttentionMemory(NamedTuple):
     """The busiest rank's attention memory of one layer, from a dry plan."""
 
-    saved: int            # kept from forward to backward (q, k, v, out, lse in the executor's layout)
+    saved: int            # kept from forward to backward (``Schedule.saved_bytes``: q, k, v, out, lse as it keeps them)
     buffers: int          # the schedule's transient buffers (``Schedule.buffer_bytes``)
     token_layout: bool    # saved holds the rank's own out, the tensor wo reads (counted once)
 
@@ -228,20 +210,9 @@ def attention_bytes(cfg: RunConfig, doc_lens=None) -> AttentionMemory:
         raise ValueError(f"doc_lens must sum to data.seq_len ({cfg.data.seq_len}), got {sum(docs)}")
     hd = m.dim // m.n_heads
     shape = AttnShape(m.n_heads, m.n_kv_heads, hd, compute)
-    if p.cp == 1 and not p.pools_replicas:
-        schedule, buffers = None, 0
-    else:
-        schedule = _dry_schedule(m, p, docs)
-        buffers = int(max(schedule.buffer_bytes(shape)))
-    name = "local" if schedule is None else schedule.scheduler
-    if name in TOKEN_LAYOUT:
-        tokens = max(schedule.rank_tokens()) if schedule is not None else cfg.data.seq_len
-        saved = tokens * (compute * hd * (2 * m.n_heads + 2 * m.n_kv_heads) + 4 * m.n_heads)
-    elif name in ("ulysses", "usp"):
-        saved = _head_saved(schedule, m, compute)
-    else:  # cad: what the worker keeps is its buffers (dout included, which arrives in backward)
-        saved = buffers
-    return AttentionMemory(saved, buffers, name in TOKEN_LAYOUT)
+    schedule = _dry_schedule(m, p, docs)   # one rank (cp 1, no pool): the local schedule
+    return AttentionMemory(int(max(schedule.saved_bytes(shape))), int(max(schedule.buffer_bytes(shape))),
+                           schedule.keeps_local_out)
 
 
 def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> int:

@@ -123,7 +123,7 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
     With ``stop``, a SIGTERM it received ends the run after the current step and its checkpoint;
     ``on_step(metrics)`` is called on every rank after each step (progress, profiling)."""
     from ..mesh import ParallelDims
-    from ..schedulers.usp import default_ulysses_degree
+    from ..schedulers import spec
 
     p, t = cfg.parallel, cfg.train
     if dist.get_world_size() != cfg.world_size:
@@ -133,9 +133,8 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         if dist.get_backend() == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ulysses = (p.ulysses_degree or default_ulysses_degree(p.cp, cfg.model.n_kv_heads)) \
-        if p.scheduler == "usp" and p.cp > 1 else 1
-    dims = ParallelDims(p.dp, p.cp, ulysses)
+    entry = spec(p.scheduler)
+    dims = ParallelDims(p.dp, p.cp, entry.mesh_ulysses(p.cp, cfg.model.n_kv_heads, p.ulysses_degree))
     mesh = dims.build(device.type)  # every process group of the run, made once here
     cp_mesh, dp_rank = dims.cp_mesh(mesh), mesh.get_local_rank("dp")
     torch.manual_seed(t.seed)  # same initial weights everywhere
@@ -151,7 +150,8 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         start, data_state = checkpoint.load(last, model, optimizer)
         packer.load_state(data_state)
     logger = RunLog(out, t.steps, start) if dist.get_rank() == 0 else None
-    options = {"num_kv_heads": cfg.model.n_kv_heads} if p.scheduler == "usp" and p.cp > 1 else {}
+    # usp's degree is the mesh's "ulysses" axis; the head count makes its plans refuse other K/V heads
+    options = {"num_kv_heads": cfg.model.n_kv_heads} if dims.ulysses > 1 else {}
     if p.pools_replicas:
         # the pool is every dp x cp rank: the world group, which exists already (train() runs on
         # exactly dp * cp ranks, checked above), so steps make no group; each plan exchanges the

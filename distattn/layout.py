@@ -1,0 +1,299 @@
+"""Layouts: which tokens of the packed sequence each rank holds, apart from how attention is scheduled.
+
+A :class:`Layout` is what a caller asks for (``distattn.plan(..., layout=L)``); resolved for one
+batch (document lengths and a world size) it gives :class:`Shards`, the token ownership every
+scheduler plans on:
+
+==============================  ==================================================================
+layout                          rank ``r`` of ``P`` holds
+==============================  ==================================================================
+``"contiguous"``                ``[r*S/P, (r+1)*S/P)`` (sizes differ by at most one token)
+``"zigzag"``                    chunks ``r`` and ``2P-1-r`` of the sequence cut into ``2P``
+``"document"``                  chunks ``r`` and ``2P-1-r`` of *every document* cut into ``2P``
+                                (TransformerEngine's and Megatron's THD split; documents must be
+                                multiples of ``2P``)
+``Layout.from_indices(idx)``    the global token indices ``idx[r]``, in that order (any order,
+                                any sizes, every token exactly once)
+==============================  ==================================================================
+
+For ``P = 2``, 8 tokens ``t0..t7`` (one document), local order left to right::
+
+    contiguous : rank 0: t0 t1 t2 t3          rank 1: t4 t5 t6 t7
+    zigzag     : rank 0: t0 t1 t6 t7          rank 1: t2 t3 t4 t5
+    from_indices([[5, 0, 3], [1, 2, 4, 6, 7]]) : rank 0: t5 t0 t3   rank 1: t1 t2 t4 t6 t7
+
+Schedules compute on each rank's tokens in increasing global order (the *compute order*); a
+layout whose local order differs (only ``from_indices`` can) costs one gather of q, k, v on the
+way in and of out on the way out (:attr:`Shards.order`), done by :func:`distattn.attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+
+Ranges = tuple[tuple[int, int], ...]
+NAMES = ("contiguous", "zigzag", "document")
+
+
+def even_bounds(total: int, parts: int) -> np.ndarray:
+    """``parts + 1`` boundaries cutting ``total`` tokens into parts that differ by at most one."""
+    return (np.arange(parts + 1, dtype=np.int64) * total) // parts
+
+
+def doc_bounds(doc_lens) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, ends)`` of the documents."""
+    ends = np.cumsum(np.asarray(doc_lens, dtype=np.int64))
+    return ends - np.asarray(doc_lens, dtype=np.int64), ends
+
+
+def zigzag_owner(world_size: int) -> np.ndarray:
+    """Owner rank of each of the ``2P`` zigzag chunks."""
+    r = np.arange(world_size)
+    return np.concatenate([r, r[::-1]])
+
+
+def token_index(ranges: Ranges) -> np.ndarray:
+    """Global token indices of ``ranges``, in local order."""
+    return np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in ranges] or [np.zeros(0, np.int64)])
+
+
+def covered_before(i0: np.ndarray, i1: np.ndarray, x) -> np.ndarray:
+    """Tokens of the disjoint sorted intervals ``[i0, i1)`` below each ``x``."""
+    if i0.size == 0:  # nothing below anything
+        return np.zeros(np.shape(x), dtype=np.int64)
+    cum = np.concatenate([[0], np.cumsum(i1 - i0)])
+    j = np.searchsorted(i0, x, side="right")  # intervals starting at or before x
+    inside = np.where(j > 0, np.minimum(x, i1[np.maximum(j - 1, 0)]) - i0[np.maximum(j - 1, 0)], 0)
+    return cum[np.maximum(j - 1, 0)] * (j > 0) + np.maximum(inside, 0)
+
+
+def runs_of(tokens: np.ndarray) -> Ranges:
+    """``tokens`` (local order) as runs of consecutive global indices."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.size == 0:
+        return ()
+    cut = np.nonzero(np.diff(tokens) != 1)[0] + 1
+    starts = tokens[np.concatenate([[0], cut])]
+    ends = tokens[np.concatenate([cut - 1, [tokens.size - 1]])] + 1
+    return tuple(zip(starts.tolist(), ends.tolist()))
+
+
+@dataclass(frozen=True, eq=False)
+class Shards:
+    """A layout resolved for one batch: runs of consecutive tokens partitioning ``[0, S)`` and the
+    rank holding each (see module docstring).
+
+    ``bounds [C + 1]`` and ``owner [C]`` list the runs in global order; ``owned[r]`` lists rank
+    ``r``'s runs in its local order (``plan.shard``'s order); ``order[r]`` is None when that order
+    is increasing, else the local index of each token in compute order (``compute = local[order]``).
+    ``slot [C]`` groups a rank's runs for kernel calls: runs of one slot never need two calls
+    against the runs of one slot of another rank (zigzag: the early and the late chunks), so the
+    ring and all-gather schedules make one call per slot pair; an explicit layout has one slot and
+    its calls are layered as the pieces require (:func:`distattn.schedulers.blocks.layers`).
+    """
+
+    bounds: np.ndarray = field(repr=False)
+    owner: np.ndarray = field(repr=False)
+    world_size: int
+    owned: tuple[Ranges, ...] = field(repr=False)
+    order: tuple[np.ndarray | None, ...] = field(repr=False)
+    slot: np.ndarray = field(repr=False)
+
+    @staticmethod
+    def from_bounds(bounds: np.ndarray, owner: np.ndarray, world_size: int, slot: np.ndarray | None = None) -> "Shards":
+        """Runs ``[bounds[i], bounds[i+1])`` held by ``owner[i]``, each rank's in increasing order."""
+        bounds, owner = np.asarray(bounds, dtype=np.int64), np.asarray(owner, dtype=np.int64)
+        owned = tuple(tuple(zip(bounds[:-1][owner == r].tolist(), bounds[1:][owner == r].tolist()))
+                      for r in range(world_size))
+        slot = np.zeros(len(owner), dtype=np.int64) if slot is None else np.asarray(slot, dtype=np.int64)
+        return Shards(bounds, owner, world_size, owned, (None,) * world_size, slot)
+
+    @staticmethod
+    def from_owned(owned: Sequence[Ranges], total: int) -> "Shards":
+        """Each rank's ``(start, end)`` runs in its local order; ``ValueError`` unless together they
+        hold every token of ``[0, total)`` exactly once."""
+        runs = [(int(s), int(e), r) for r, ranges in enumerate(owned) for s, e in ranges if e > s]
+        runs.sort()
+        starts = np.asarray([s for s, _, _ in runs], dtype=np.int64)
+        ends = np.asarray([e for _, e, _ in runs], dtype=np.int64)
+        if not runs or starts[0] != 0 or ends[-1] != total or (starts[1:] != ends[:-1]).any():
+            held = np.zeros(total + 1, dtype=np.int64)
+            for s, e, _ in runs:
+                held[max(s, 0):min(e, total)] += 1
+            missing, twice = np.nonzero(held[:total] == 0)[0], np.nonzero(held[:total] > 1)[0]
+            outside = [(s, e) for s, e, _ in runs if s < 0 or e > total]
+            what = (f"token {int(twice[0])} is held twice" if twice.size else
+                    f"tokens {(s := outside[0])[0]}..{s[1] - 1} lie outside the {total}-token sequence" if outside
+                    else f"token {int(missing[0])} is held by no rank ({missing.size} missing)")
+            raise ValueError(f"layout: the ranks must hold every token of the {total}-token sequence exactly once, "
+                             f"but {what}")
+        owners = np.asarray([r for _, _, r in runs], dtype=np.int64)
+        bounds = np.append(starts, total)
+        order = []
+        for ranges in owned:
+            tokens = token_index(tuple(ranges))
+            increasing = tokens.size < 2 or bool((np.diff(tokens) > 0).all())
+            order.append(None if increasing else np.argsort(tokens, kind="stable").astype(np.int64))
+        return Shards(bounds, owners, len(owned), tuple(tuple((int(s), int(e)) for s, e in r) for r in owned),
+                      tuple(order), np.zeros(len(owners), dtype=np.int64))
+
+    @property
+    def total(self) -> int:
+        return int(self.bounds[-1])
+
+    def num_tokens(self, rank: int) -> int:
+        return sum(e - s for s, e in self.owned[rank])
+
+    @cached_property
+    def rows(self) -> np.ndarray:
+        """``[C]``: row of each run's first token in its owner's compute-order buffer."""
+        sizes = np.diff(self.bounds)
+        out = np.zeros(len(sizes), dtype=np.int64)
+        for r in np.unique(self.owner):
+            mine = np.nonzero(self.owner == r)[0]
+            out[mine] = np.cumsum(sizes[mine]) - sizes[mine]
+        return out
+
+    @cached_property
+    def _rank_runs(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        return tuple((self.bounds[:-1][self.owner == r], self.bounds[1:][self.owner == r])
+                     for r in range(self.world_size))
+
+    def rank_runs(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(starts, ends)`` of rank's runs, in compute (increasing) order."""
+        return self._rank_runs[rank]
+
+    def compute_tokens(self, rank: int) -> np.ndarray:
+        """Rank's global tokens in compute order (increasing)."""
+        return token_index(tuple(zip(*(a.tolist() for a in self.rank_runs(rank)))))
+
+    @cached_property
+    def spans(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(start, end)`` per rank when every rank holds one run (a contiguous layout), else None."""
+        if len(self.owner) != self.world_size or not np.array_equal(np.sort(self.owner), np.arange(self.world_size)):
+            return None
+        run = np.argsort(self.owner)
+        return self.bounds[run], self.bounds[run + 1]
+
+    def held_in(self, ranks, a, b) -> np.ndarray:
+        """Tokens of ``[a, b)`` that ``ranks`` hold (arrays broadcast together, ``ranks`` along the last axis)."""
+        ranks = np.asarray(ranks, dtype=np.int64)
+        a, b, r = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64), ranks)
+        if self.spans is not None:
+            lo, hi = self.spans[0][r], self.spans[1][r]
+            return np.maximum(np.minimum(b, hi) - np.maximum(a, lo), 0)
+        out = np.zeros(a.shape, dtype=np.int64)
+        for u in np.unique(ranks).tolist():
+            at = r == u
+            out[at] = np.maximum(self.held_before(u, b[at]) - self.held_before(u, a[at]), 0) * (b[at] > a[at])
+        return out
+
+    def held_before(self, rank: int, x) -> np.ndarray:
+        """How many of rank's tokens lie below each global position ``x``."""
+        return covered_before(*self.rank_runs(rank), np.asarray(x, dtype=np.int64))
+
+    def owner_of(self, x) -> np.ndarray:
+        """The rank holding each global token ``x``."""
+        return self.owner[np.searchsorted(self.bounds, x, side="right") - 1]
+
+    def cut(self, a, b) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Intervals ``[a[i], b[i])`` cut at the runs: ``(i, run, start, end)`` per non-empty piece,
+        in interval order, then global order."""
+        a, b = np.atleast_1d(np.asarray(a, dtype=np.int64)), np.atleast_1d(np.asarray(b, dtype=np.int64))
+        keep = np.nonzero(b > a)[0]
+        first = np.searchsorted(self.bounds, a[keep], side="right") - 1
+        n = np.searchsorted(self.bounds, b[keep] - 1, side="right") - first   # runs each interval touches
+        which = np.repeat(np.arange(len(keep)), n)
+        run = first[which] + np.arange(len(which)) - np.repeat(np.cumsum(n) - n, n)
+        start = np.maximum(a[keep][which], self.bounds[run])
+        end = np.minimum(b[keep][which], self.bounds[run + 1])
+        return keep[which], run, start, end
+
+    def regroup(self, group_of: np.ndarray, groups: int) -> "Shards":
+        """The same runs held by groups of ranks (``group_of[r]``: rank ``r``'s group), each group
+        computing on its members' tokens in increasing order (usp's ring ranks)."""
+        return Shards.from_bounds(self.bounds, np.asarray(group_of, dtype=np.int64)[self.owner], groups, self.slot)
+
+    def offset(self, shift: int, rank_of: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(starts, ends, owners)`` of the runs moved by ``shift`` tokens, rank ``r`` renamed
+        ``rank_of[r]`` (a CP group's runs inside a pool's token space)."""
+        return self.bounds[:-1] + shift, self.bounds[1:] + shift, np.asarray(rank_of, dtype=np.int64)[self.owner]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which tokens each rank holds (see module docstring): ``Layout("contiguous" | "zigzag" |
+    "document")`` or :meth:`from_indices`. ``distattn.plan(layout=)`` also takes the names."""
+
+    kind: str
+    indices: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.kind not in (*NAMES, "indices"):
+            raise ValueError(f"layout={self.kind!r} is unknown; choose one of {list(NAMES)}, "
+                             f"distattn.Layout.from_indices([...]) or None (the scheduler's own)")
+        if (self.kind == "indices") != (self.indices is not None):
+            raise ValueError("Layout: pass indices only through Layout.from_indices")
+
+    @staticmethod
+    def from_indices(indices: Sequence[Sequence[int]]) -> "Layout":
+        """Rank ``r`` holds global tokens ``indices[r]``, in that order (a list per rank of the
+        mesh; lists may differ in size or be empty; together they hold each token once)."""
+        if isinstance(indices, (str, bytes)) or not hasattr(indices, "__len__") or not len(indices):
+            raise ValueError("Layout.from_indices takes one list of token indices per rank, e.g. [[0, 3], [1, 2]]")
+        out = []
+        for r, idx in enumerate(indices):
+            arr = np.asarray(idx.tolist() if hasattr(idx, "tolist") else list(idx))
+            if arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer)):
+                raise ValueError(f"Layout.from_indices: rank {r}'s entry must be a flat list of int token indices, "
+                                 f"got {str(arr.dtype)} of shape {arr.shape}")
+            out.append(tuple(int(x) for x in arr.reshape(-1)))
+        return Layout("indices", tuple(out))
+
+    @staticmethod
+    def of(layout: "str | Layout | None") -> "Layout | None":
+        """``distattn.plan``'s ``layout=`` argument as a Layout; None (or ``"sequence"``): the
+        scheduler's own."""
+        if layout is None or layout == "sequence":
+            return None
+        if isinstance(layout, Layout):
+            return layout
+        if isinstance(layout, str):
+            return Layout(layout)
+        raise ValueError(f"layout must be None, one of {list(NAMES)} or a distattn.Layout, got {type(layout).__name__}")
+
+    def shards(self, doc_lens, world_size: int) -> Shards:
+        """This layout for documents ``doc_lens`` on ``world_size`` ranks."""
+        total, p = int(sum(doc_lens)), world_size
+        if self.kind == "indices":
+            if len(self.indices) != p:
+                raise ValueError(f"Layout.from_indices has {len(self.indices)} lists but the mesh has {p} ranks: "
+                                 f"give one list of token indices per rank")
+            return Shards.from_owned([runs_of(np.asarray(idx, dtype=np.int64)) for idx in self.indices], total)
+        if self.kind == "contiguous" or p == 1:  # on one rank every layout is the sequence in order
+            return Shards.from_bounds(even_bounds(total, p), np.arange(p), p)
+        late = (np.arange(2 * p) >= p).astype(np.int64)  # zigzag slots: each rank's early and late chunk
+        if self.kind == "zigzag":
+            return Shards.from_bounds(even_bounds(total, 2 * p), zigzag_owner(p), p, late)
+        return Shards.from_bounds(*document_runs(doc_lens, p), p, np.tile(late, len(doc_lens)))
+
+
+def document_runs(doc_lens, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(bounds, owner)``: every document in ``2P`` equal chunks, chunk ``c`` held by the zigzag
+    owner of ``c``; ``ValueError`` naming a document that is not a multiple of ``2P``."""
+    chunks = 2 * p
+    lens = np.asarray(doc_lens, dtype=np.int64)
+    bad = np.nonzero(lens % chunks)[0]
+    if len(bad):
+        d = int(bad[0])
+        raise ValueError(f"layout='document' cuts every document into 2 * cp = {chunks} equal chunks, but document "
+                         f"{d} has {int(lens[d])} tokens ({len(bad)} of {len(lens)} documents are not multiples of "
+                         f"{chunks}): pad each document to a multiple of {chunks}, as Megatron does for THD under "
+                         f"context parallelism")
+    starts, _ = doc_bounds(lens)
+    bounds = (starts[:, None] + np.arange(chunks)[None, :] * (lens // chunks)[:, None]).ravel()
+    return np.append(bounds, lens.sum()), np.tile(zigzag_owner(p), len(lens))
