@@ -172,29 +172,30 @@ class Shards:
         return token_index(tuple(zip(*(a.tolist() for a in self.rank_runs(rank)))))
 
     @cached_property
-    def spans(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(start, end)`` per rank when every rank holds one run (a contiguous layout), else None."""
-        if len(self.owner) != self.world_size or not np.array_equal(np.sort(self.owner), np.arange(self.world_size)):
-            return None
-        run = np.argsort(self.owner)
-        return self.bounds[run], self.bounds[run + 1]
+    def _by_owner(self) -> tuple[np.ndarray, ...]:
+        """The runs sorted by (owner, start): their keys ``owner * (S + 1) + start``, starts, ends,
+        and the owner's tokens before each."""
+        order = np.lexsort((self.bounds[:-1], self.owner))
+        owner, starts, ends = self.owner[order], self.bounds[:-1][order], self.bounds[1:][order]
+        sizes = ends - starts
+        before = np.cumsum(sizes) - sizes
+        before = before - before[np.searchsorted(owner, owner)]   # restart at each owner's first run
+        return owner * (self.total + 1) + starts, owner, starts, ends, before
 
     def held_in(self, ranks, a, b) -> np.ndarray:
-        """Tokens of ``[a, b)`` that ``ranks`` hold (arrays broadcast together, ``ranks`` along the last axis)."""
-        ranks = np.asarray(ranks, dtype=np.int64)
-        a, b, r = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64), ranks)
-        if self.spans is not None:
-            lo, hi = self.spans[0][r], self.spans[1][r]
-            return np.maximum(np.minimum(b, hi) - np.maximum(a, lo), 0)
-        out = np.zeros(a.shape, dtype=np.int64)
-        for u in np.unique(ranks).tolist():
-            at = r == u
-            out[at] = np.maximum(self.held_before(u, b[at]) - self.held_before(u, a[at]), 0) * (b[at] > a[at])
-        return out
+        """Tokens of ``[a, b)`` that ``ranks`` hold (arrays broadcast together)."""
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        below = self.held_before(np.asarray(ranks, dtype=np.int64)[None], np.stack(np.broadcast_arrays(b, a)))
+        return np.maximum(below[0] - below[1], 0) * (b > a)
 
-    def held_before(self, rank: int, x) -> np.ndarray:
-        """How many of rank's tokens lie below each global position ``x``."""
-        return covered_before(*self.rank_runs(rank), np.asarray(x, dtype=np.int64))
+    def held_before(self, rank, x) -> np.ndarray:
+        """How many of ``rank``'s tokens lie below each global position ``x`` (arrays broadcast)."""
+        rank, x = np.asarray(rank, dtype=np.int64), np.asarray(x, dtype=np.int64)
+        key, owner, starts, ends, before = self._by_owner
+        j = np.searchsorted(key, rank * (self.total + 1) + np.minimum(np.maximum(x, 0), self.total), side="right") - 1
+        jj = np.maximum(j, 0)
+        inside = np.minimum(np.maximum(x - starts[jj], 0), ends[jj] - starts[jj])
+        return np.where((j >= 0) & (owner[jj] == rank), before[jj] + inside, 0)
 
     def owner_of(self, x) -> np.ndarray:
         """The rank holding each global token ``x``."""

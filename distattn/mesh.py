@@ -49,6 +49,13 @@ class MeshInfo:
     def is_dry(self) -> bool:
         return self.rank is None
 
+    def global_ranks(self) -> tuple[int, ...]:
+        """The global rank of each mesh rank (a dry mesh: ``0..P-1``); with ``gpus_per_node`` they
+        say which ranks share a node."""
+        if self.is_dry or self.group is None or self.group is dist.group.WORLD:
+            return tuple(range(self.world_size))
+        return tuple(dist.get_process_group_ranks(self.group))
+
 
 def _device_of(device_type: str) -> torch.device:
     if device_type == "cuda" and torch.cuda.is_available():

@@ -14,21 +14,23 @@ before and after core attention. Every transfer of ``cad``'s executor
 (:mod:`distattn.executors.task_a2a`) is issued asynchronously before the other
 nano-batch's computation and waited for after it. With two nano-batches::
 
-    forward:  pre0; start Q,K/V 0; pre1; start Q,K/V 1;
+    forward:  pre0; start Q,K/V 0; pre1; start Q,K/V 1; relay K/V 0; relay K/V 1;
               wait Q,K/V 0, attention 0, start out 0; wait Q,K/V 1, attention 1, start out 1;
               wait out 0, post0; wait out 1, post1
     backward: post1'; start dout 1; post0'; start dout 0;
               wait dout 1, attention 1', start dQ,dK/dV 1; wait dout 0, attention 0', start dQ,dK/dV 0;
-              wait dQ,dK/dV 1, pre1'; wait dQ,dK/dV 0, pre0'
+              reduce dK/dV 1; reduce dK/dV 0; wait dQ,dK/dV 1, pre1'; wait dQ,dK/dV 0, pre0'
 
-(``'``: backward). So each transfer hides behind the other nano-batch's
-pre/post layers or attention; more nano-batches follow the same pattern (all
-``pre``, all attention, all ``post``).
+(``'``: backward; "relay" and "reduce" are group-cast's second hop inside a
+node and group-reduce's sums at the relays, :mod:`distattn.schedulers.cad_cast`,
+no-ops when no key goes through a relay). So each transfer hides behind the
+other nano-batch's pre/post layers or attention; more nano-batches follow the
+same pattern (all ``pre``, all relays, all attention, all ``post``).
 
-How the backward gets that order: each nano-batch's attention is three autograd
-nodes, one per stage (:class:`_Dispatch`, :class:`_Compute`, :class:`_Finish`,
+How the backward gets that order: each nano-batch's attention is four autograd
+nodes, one per stage (:class:`_Dispatch`, :class:`_Relay`, :class:`_Compute`, :class:`_Finish`,
 chained by empty token tensors), whose backwards are the backward stages in
-reverse (finish -> start dout, compute -> attention backward, dispatch -> wait
+reverse (finish -> start dout, compute -> attention backward, relay -> reduce, dispatch -> wait
 for the gradients). PyTorch's engine runs the ready node created last first
 (it orders its ready queue by creation sequence number), so over a graph built
 in the forward order above it runs exactly the reverse order: the backward
@@ -102,6 +104,23 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx, _token):
         dq, dk, dv = ctx.flight.executor.finish_backward(ctx.flight.take())
         return None, dq, dk, dv
+
+
+class _Relay(torch.autograd.Function):
+    """Forward: wait for K/V's first hop, start the relays' second (group-cast inside nodes).
+    Backward: wait for the dK/dV partials at the relays, start their sums back (group-reduce)."""
+
+    @staticmethod
+    def forward(ctx, flight: _Flight, token):
+        flight.pending = flight.executor.relay(flight.take())
+        ctx.flight = flight
+        return token.new_empty(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, token):
+        ctx.flight.pending = ctx.flight.executor.reduce(ctx.flight.take())
+        return None, token
 
 
 class _Compute(torch.autograd.Function):
@@ -181,6 +200,8 @@ def ping_pong(pre: Callable, post: Callable, xs: Sequence, plans: Sequence, scal
         flights.append(flight)
         # hidden behind the next pre / attention (in the executors' token order: see distattn.layout)
         tokens.append(_Dispatch.apply(flight, *plan.to_compute_order(q, k, v)))
+    # K/V's hop inside the nodes hidden behind the other nano-batches' relays and attention
+    tokens = [_Relay.apply(f, t) for f, t in zip(flights, tokens)]
     # out hidden behind the next attention / post
     tokens = [_Compute.apply(f, t, sinks) for f, t in zip(flights, tokens)]
     return [post(plan.to_compute_order(_Finish.apply(f, t), back=True)[0], x)

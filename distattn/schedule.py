@@ -32,7 +32,8 @@ behind when the schedule runs as designed:
 
 A collective over several nodes may give, per entry, the larger of the bytes the rank sends and
 receives inside its node (``intra``) and across nodes (``inter``): the simulator then times the
-two kinds of link apart and waits for the slower.
+two kinds of link apart and waits for the slower; ``inter_sent`` is the part of ``amount`` that
+crosses nodes.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class Phase:
     # and receives inside its node, and across nodes; None: all bytes move as ``span`` ranks' collective
     intra: np.ndarray | None = None
     inter: np.ndarray | None = None
+    inter_sent: np.ndarray | None = None   # per entry: the bytes of ``amount`` that cross nodes
 
     def __post_init__(self):
         assert self.direction in ("forward", "backward") and self.overlaps in OVERLAPS, self

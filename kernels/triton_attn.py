@@ -73,11 +73,13 @@ def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         if INTERPRET:
             return configs
-        q = named_args["Q"]
+        # Triton 3.6 hands keyword arguments (our constexprs) to the pruner in kwargs, positional ones in named_args
+        args = {**named_args, **kwargs}
+        q = args["Q"]
         major, minor = torch.cuda.get_device_capability(q.device)
         kept = [c for c in configs
                 if keep_config(kernel, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages),
-                               named_args["HEAD_DIM"], q.element_size(), 10 * major + minor)]
+                               args["HEAD_DIM"], q.element_size(), 10 * major + minor)]
         assert kept, "keep_config keeps a config for every head dim and dtype"
         return kept
     return {"early_config_prune": prune}

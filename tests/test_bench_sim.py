@@ -60,7 +60,7 @@ def test_simulate_512_gpus_json():
     out = _run("simulate", "--gpus", "512", "--seq-len", "128K", "--model", "llama3-8b", "--json", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     results = {r["scheduler"]: r for r in json.loads(out.stdout)["results"]}
-    assert set(results) == SCHEDS | {"wlb-ideal"}
+    assert set(results) == SCHEDS | {"wlb-ideal", "ideal"}
     for r in results.values():
         assert r["gpus"] == 512 and r["cp"] * r["dp"] == 512
         assert r["step_time_s"] > 0 and 0 <= r["exposed_comm_s"] <= r["step_time_s"]
@@ -69,6 +69,9 @@ def test_simulate_512_gpus_json():
     assert results["wlb-ideal"]["step_time_s"] <= results["zigzag"]["step_time_s"]
     assert results["wlb-ideal"]["compute_imbalance"] <= results["zigzag"]["compute_imbalance"]
     assert results["cad"]["compute_imbalance"] < results["zigzag"]["compute_imbalance"]
+    # the global bound: no placement beats it, the per-replica one included
+    assert results["ideal"]["step_time_s"] <= min(r["step_time_s"] for r in results.values()) * (1 + 1e-9)
+    assert results["ideal"]["compute_imbalance"] == pytest.approx(1) and results["ideal"]["exposed_comm_s"] == 0
 
 
 def test_simulate_auto_recommends_a_mesh_and_bad_input():
@@ -84,7 +87,7 @@ def test_simulate_auto_recommends_a_mesh_and_bad_input():
 
 def test_auto_ranks_by_tokens_per_gpu_not_step_time(monkeypatch):
     import distattn.sim.simulate as sim
-    from distattn.cluster.profile import default_profile
+    from distattn.network import default_profile
 
     # 16 GPUs, 64K tokens: cp 16 has the shortest step, cp 8 (two replicas) trains more tokens per GPU
     best, rows = sim.recommend(sim.MODELS["llama3-8b"], 16, 65536, default_profile())
@@ -105,14 +108,14 @@ def test_auto_ranks_by_tokens_per_gpu_not_step_time(monkeypatch):
 
 
 def test_simulate_per_rank_timelines(tmp_path):
-    from distattn.cluster.profile import default_profile
+    from distattn.network import default_profile
     from distattn.sim.simulate import (MODELS, PHASES, TIMELINE_COLUMNS, SimConfig, simulate,
                                        simulate_with_timelines, write_timeline)
 
     cfg = SimConfig(MODELS["llama3-8b"], 32, 65536, 8)  # 4 replicas of 8 ranks, 4 nodes
     results, timeline = simulate_with_timelines(cfg, default_profile())
-    assert results == simulate(cfg, default_profile()) and len(results) == 7
-    assert len(timeline) == 7 * 32 * len(PHASES) and all(set(t) == set(TIMELINE_COLUMNS) for t in timeline)
+    assert results == simulate(cfg, default_profile()) and len(results) == 8
+    assert len(timeline) == 8 * 32 * len(PHASES) and all(set(t) == set(TIMELINE_COLUMNS) for t in timeline)
     for r in results:
         step = r["step_time_s"]
         ranks = {}
@@ -139,7 +142,7 @@ def test_simulate_per_rank_timelines(tmp_path):
         assert slowest["exposed_comm"]["seconds"] + slowest["overlapped_comm"]["seconds"] == pytest.approx(r["comm_s"])
         replica_busy = [max(busy[i * 8:(i + 1) * 8]) for i in range(4)]
         assert r["dp_idle"] == pytest.approx(sum((step - b) / step for b in replica_busy) / 4)
-    assert sum(t["seconds"] for t in timeline if t["scheduler"] == "wlb-ideal" and t["phase"].endswith("comm")) == 0
+    assert sum(t["seconds"] for t in timeline if t["scheduler"] in ("wlb-ideal", "ideal") and t["phase"].endswith("comm")) == 0
 
     write_timeline(timeline, tmp_path / "t.csv")
     with open(tmp_path / "t.csv", newline="") as f:

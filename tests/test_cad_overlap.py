@@ -3,6 +3,8 @@ all-to-all behind the other nano-batch's compute in forward and backward (exact 
 run, gradients of inputs and parameters included), transfers are issued before the computation that
 hides them and waited for after it, and the backward sends only dout out and dQ, dK/dV back."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,6 +12,7 @@ import torch.distributed as dist
 import distattn
 from conftest import max_err
 from distattn.executors import task_a2a
+from distattn.network import default_profile
 from distattn.pingpong import ping_pong
 from distattn.spawn import run_distributed
 
@@ -62,8 +65,12 @@ class _Mark(torch.autograd.Function):
         return grad, None, None
 
 
-def _inputs(nano_docs, dtype=torch.float64, backend="reference"):
-    plans = [distattn.plan(d, dist.group.WORLD, scheduler="cad", backend=backend) for d in nano_docs]
+def _inputs(nano_docs, dtype=torch.float64, backend="reference", gpus_per_node=None):
+    """One cad plan per nano-batch (``gpus_per_node``: nodes of that many ranks, so that rows take
+    several hops: distattn/schedulers/cad_cast.py)."""
+    nodes = {} if gpus_per_node is None else {
+        "network": dataclasses.replace(default_profile(), gpus_per_node=gpus_per_node), "epsilon": 0.01}
+    plans = [distattn.plan(d, dist.group.WORLD, scheduler="cad", backend=backend, **nodes) for d in nano_docs]
     g = torch.Generator().manual_seed(0)
     xs = [p.shard(torch.randn(sum(d), HIDDEN, generator=g, dtype=torch.float64)).to(dtype)
           for p, d in zip(plans, nano_docs)]
@@ -83,9 +90,9 @@ def _run(mode, pre, post, xs, plans, params):
     return [y.detach() for y in ys] + [x.grad for x in xs] + [p.grad.clone() for p in params]
 
 
-def _exact_worker(n_nano):
+def _exact_worker(n_nano, gpus_per_node=None):
     nano_docs = NANO_DOCS[:n_nano]
-    plans, xs = _inputs(nano_docs)
+    plans, xs = _inputs(nano_docs, gpus_per_node=gpus_per_node)
     pre, post, params = _layer()
     seq = _run("sequential", pre, post, xs, plans, params)
     pp = _run("ping_pong", pre, post, xs, plans, params)
@@ -104,13 +111,14 @@ def _exact_worker(n_nano):
         started = [p.prefetch(*t) for p, t in zip(plans, qkv)]
         ys = [post(distattn.attention(*t, p, prefetch=s), x) for t, p, s, x in zip(qkv, plans, started, xs)]
         errs += [max_err(a, b) for a, b in zip(ys, seq[:n_nano])]
-    return max(errs), len(seq)
+    return max(errs), len(seq), max(max(p.schedule.hops) for p in plans)
 
 
-@pytest.mark.parametrize("world_size,n_nano", [(2, 2), (4, 2), (4, 3)])
-def test_ping_pong_is_exact_with_all_gradients(world_size, n_nano):
-    for err, count in run_distributed(_exact_worker, world_size, n_nano, timeout=300):
+@pytest.mark.parametrize("world_size,n_nano,gpus_per_node", [(2, 2, None), (4, 2, None), (4, 3, None), (4, 2, 2)])
+def test_ping_pong_is_exact_with_all_gradients(world_size, n_nano, gpus_per_node):
+    for err, count, hops in run_distributed(_exact_worker, world_size, n_nano, gpus_per_node, timeout=300):
         assert count == 2 * n_nano + 3
+        assert (hops > 1) == (gpus_per_node is not None)   # several nodes: rows relayed
         assert err <= 1e-12
 
 

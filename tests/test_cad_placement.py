@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import distattn
-from distattn.cluster.profile import default_profile
+from distattn.network import default_profile
 from distattn.doclens import pack
 from distattn.schedule import AttnShape
 from distattn.layout import even_bounds
@@ -113,8 +113,17 @@ def test_phases_split_intra_and_inter_node_bytes_and_the_simulator_waits_for_the
         t = comm_time(net, ph)
         assert (t >= net.time("all_to_all", ranks, ph.inter * ranks / (ranks - 1)) - 1e-12).all()
         assert (t >= net.time("all_to_all", 8, ph.intra * 8 / 7) - 1e-12).all()
-    fwd = [ph.what for ph in schedule.phases(SHAPE) if ph.is_comm]
-    assert fwd == ["Q, K/V to workers", "out to owners", "dout to workers", "dQ, dK/dV to owners"]
+    names = [ph.what for ph in schedule.phases(SHAPE) if ph.is_comm]
+    q_hops, kv_hops = schedule.hops   # 4 nodes: K/V down trees, Q over the rails
+
+    def hops(what, n):
+        return [what] + [f"{what}, hop {h}" for h in range(2, n + 1)]
+    assert q_hops == 2 and kv_hops >= 2
+    assert names == (hops("Q, K/V to workers", kv_hops) + hops("out to owners", q_hops)[::-1]
+                     + hops("dout to workers", q_hops) + hops("dQ, dK/dV to owners", kv_hops)[::-1])
+    one_node = distattn.plan(_docs(8), 8, scheduler="cad").schedule
+    assert [ph.what for ph in one_node.phases(SHAPE) if ph.is_comm] == [
+        "Q, K/V to workers", "out to owners", "dout to workers", "dQ, dK/dV to owners"]
 
 
 def test_bad_options():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distattn.cluster.nccl_tests import measurements_from_output, run_nccl_tests
-from distattn.cluster.profile import Measurement, NetworkProfile, bus_factor, default_profile, fit_alpha_beta
+from distattn.network import Measurement, NetworkProfile, bus_factor, default_profile, fit_alpha_beta
 
 EXE = str(Path(sys.executable).with_name("distattn"))
 H100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "profiles" / "nccl_perf_h100.csv"

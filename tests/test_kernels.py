@@ -77,7 +77,7 @@ def _sdpa(q, k, v, cu_q, cu_k, off, causal, window, dout):
     for i in range(len(bq) - 1):
         qs = qq[bq[i]:bq[i + 1]].transpose(0, 1).unsqueeze(0)
         ks, vs = (t[bk[i]:bk[i + 1]].transpose(0, 1).unsqueeze(0) for t in (kk, vv))
-        keep = dense_mask(qs.shape[2], ks.shape[2], causal, window, offsets[i])
+        keep = dense_mask(qs.shape[2], ks.shape[2], causal, window, offsets[i], device=qs.device)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep, enable_gqa=True)
         outs.append(torch.where(keep.any(-1)[None, None, :, None], o, 0)[0].transpose(0, 1))
     out = torch.cat(outs)

@@ -18,7 +18,7 @@ FOLDERS = {"distattn": "distattn", "kernels": "distattn.kernels", "parallel": "d
 # lowest first; a module belongs to the first prefix that matches it (longest prefixes listed first)
 LAYERS = [
     ("foundation", ["distattn.masks", "distattn.merge", "distattn.comm", "distattn.doclens", "distattn.cost",
-                    "distattn.timing", "distattn.spawn", "distattn.cluster.profile"]),
+                    "distattn.timing", "distattn.spawn", "distattn.network"]),
     ("kernels", ["distattn.kernels"]),
     ("schedules", ["distattn.layout", "distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
     ("executors", ["distattn.executors"]),
@@ -38,9 +38,7 @@ RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
 
 
 def layer_of(module: str) -> str | None:
-    if module in ("distattn", "distattn.cluster"):
-        # the package resolves its names lazily; cluster's __init__ holds one constant, so the core may
-        # import distattn.cluster.profile (the network profile CAD prices its moves on)
+    if module == "distattn":  # the package resolves its names lazily
         return "foundation"
     best = None
     for name, prefixes in LAYERS:
@@ -93,6 +91,15 @@ def test_no_import_points_up_or_across_integrations():
             if up or across:
                 bad.append(f"{module} ({mine}) imports {target} ({theirs})")
     assert bad == [], "\n".join(bad)
+
+
+def test_only_the_cli_imports_cluster_measurement():
+    """The network profile CAD plans on is core data (``distattn.network``); ``distattn.cluster``
+    measures clusters and only its own subcommands and the cluster layer itself reach it."""
+    bad = [f"{module} imports {target}" for module, path in modules().items()
+           if not module.startswith(("distattn.cluster", "distattn.cli", "distattn.launch"))
+           for target in imports_of(module, path) if target.startswith("distattn.cluster")]
+    assert bad == [], bad
 
 
 def _loaded_after_import(module: str) -> list[str]:

@@ -8,7 +8,10 @@ Packs ``ranks x tokens-per-rank`` tokens from the document-length sample (docume
 longer than 64K upsampled x4, as in the DistCA evaluation; a log-normal stand-in
 without a sample) and prints per scheduler: FLOPs and token imbalance (max/mean),
 mean and max forward bytes sent per rank, max/mean of the bytes a rank sends over forward and
-backward (Llama-3-8B attention: 32 query / 8 KV heads of 128, bf16) and the planning time.
+backward, and for CAD (whose all-to-alls say which bytes cross nodes; 8 ranks a node) the mean and
+max/mean per rank of the inter-node and of the intra-node bytes, forward and backward, each phase
+counting the larger of what the rank sends and receives on that kind of link (Llama-3-8B
+attention: 32 query / 8 KV heads of 128, bf16), and the planning time.
 
 ``--pool DPxCP``: ``dp`` replicas, each with its own packed sequence of ``cp x tokens-per-rank``
 tokens split over its ``cp`` ranks on ``--layout`` (Megatron's: ``zigzag`` for sbhd, ``document``
@@ -45,13 +48,20 @@ def table(ranks_list, tokens_per_rank: int, pool) -> list[dict]:
             timing = time_calls(lambda: plan(docs, ranks, scheduler=name, **options), repeats=1)
             p, planned = timing.result, timing.seconds[0]
             st = p.stats(32, 8, 128, 2)
-            sent = sum(ph.total(st["world_size"]) for ph in p.schedule.phases(SHAPE) if ph.is_comm)
+            comm = [ph for ph in p.schedule.phases(SHAPE) if ph.is_comm]
+            sent = sum(ph.total(st["world_size"]) for ph in comm)
+            links = {}
+            if all(ph.inter is not None for ph in comm):   # per rank, max(sent, received) on each kind of link
+                links = {kind: sum(np.bincount(ph.rank, getattr(ph, kind), st["world_size"]) for ph in comm)
+                         for kind in ("intra", "inter")}
             rows.append({"ranks": ranks, "docs": len(docs), "scheduler": name + (f" eps={options['epsilon']}"
                                                                                if options else ""),
                          "flops_imbalance": st["flops_imbalance"], "token_imbalance": st["token_imbalance"],
                          "mean_send_mb": float(np.mean(st["send_bytes"])) / 2**20,
                          "max_send_mb": max(st["send_bytes"]) / 2**20,
-                         "bytes_max_mean": float(np.max(sent) / max(np.mean(sent), 1)), "plan_ms": planned * 1e3})
+                         "bytes_max_mean": float(np.max(sent) / max(np.mean(sent), 1)), "plan_ms": planned * 1e3,
+                         **{f"{kind}_max_mean": float(v.max() / max(v.mean(), 1)) for kind, v in links.items()},
+                         **{f"{kind}_mean_mb": float(v.mean()) / 2**20 for kind, v in links.items()}})
     return rows
 
 
@@ -122,12 +132,14 @@ def main(argv=None) -> int:
                   f"{r['max_send_mb']:>9.1f}", flush=True)
         return 0
     print(f"{'ranks':>5} {'docs':>6} {'scheduler':<14} {'FLOPs imb':>9} {'tok imb':>7} {'mean MiB':>9} "
-          f"{'max MiB':>9} {'max/mean':>8} {'plan ms':>8}")
+          f"{'max MiB':>9} {'max/mean':>8} {'inter MiB':>9} {'max/mean':>8} {'intra MiB':>9} {'max/mean':>8} "
+          f"{'plan ms':>8}")
     for r in table(args.ranks, args.tokens_per_rank, pool):
+        links = "".join(f" {r[f'{kind}_mean_mb']:>9.1f} {r[f'{kind}_max_mean']:>8.2f}" if f"{kind}_mean_mb" in r
+                        else f" {'-':>9} {'-':>8}" for kind in ("inter", "intra"))
         print(f"{r['ranks']:>5} {r['docs']:>6} {r['scheduler']:<14} {r['flops_imbalance']:>9.3f} "
-              f"{r['token_imbalance']:>7.3f} {r['mean_send_mb']:>9.1f} {r['max_send_mb']:>9.1f} {r['bytes_max_mean']:>8.2f} "
-              f"{r['plan_ms']:>8.0f}",
-              flush=True)
+              f"{r['token_imbalance']:>7.3f} {r['mean_send_mb']:>9.1f} {r['max_send_mb']:>9.1f} {r['bytes_max_mean']:>8.2f}"
+              f"{links} {r['plan_ms']:>8.0f}", flush=True)
     return 0
 
 

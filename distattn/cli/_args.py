@@ -73,7 +73,7 @@ def existing_file(text: str) -> str:
 
 def tokens(text: str) -> int:
     """``524288``, ``512K`` or ``1M`` tokens (K = 1024)."""
-    from ..cluster.profile import parse_size
+    from ..network import parse_size
 
     try:
         value = parse_size(text, "--seq-len")

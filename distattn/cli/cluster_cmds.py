@@ -35,7 +35,7 @@ def probe_rank(sizes, ops, iters, warmup):
 
 def _cmd_probe(args) -> int:
     from ..cluster.probe import parse_sizes
-    from ..cluster.profile import NetworkProfile
+    from ..network import NetworkProfile
 
     sizes = parse_sizes(args.sizes)
     header = f"{'op':<15} {'ranks':>5} {'size_bytes':>12} {'time_us':>12} {'algbw':>9} {'busbw':>9}"
@@ -84,7 +84,7 @@ def _cmd_nccl_tests(args) -> int:
 
 
 def _cmd_profile_fit(args) -> int:
-    from ..cluster.profile import NetworkProfile
+    from ..network import NetworkProfile
 
     print_fits(NetworkProfile.load(args.file))
     return 0

@@ -33,7 +33,7 @@ def _cmd_bench(args) -> int:
 
 
 def _network(path):
-    from ..cluster.profile import NetworkProfile, default_profile
+    from ..network import NetworkProfile, default_profile
 
     return NetworkProfile.load(path) if path else default_profile()
 
@@ -100,7 +100,7 @@ def _calibrate(args) -> int:
     if args.network:
         net = _network(args.network)
     else:  # measure gloo here at the bench's world sizes
-        from ..cluster.profile import NetworkProfile
+        from ..network import NetworkProfile
         from ..spawn import run_distributed
 
         measured, worlds = [], sorted({r["world_size"] for r in rows})

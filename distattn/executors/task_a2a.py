@@ -2,19 +2,19 @@
 (the schedule, a task table: :class:`distattn.schedulers.cad.TaskSchedule`).
 
 Forward: all-to-alls send each task's Q rows and, per destination, the union of the K/V rows its
-tasks need to the slot computing them; the slot runs all its tasks in one varlen call; out comes
-back by all-to-all. The computing slot keeps what it received and computed (its Q rows, its K/V
-union, out and lse: :class:`WorkerSaved`), so lse never travels and the backward sends only dout
-to it and returns dQ and dK/dV (accumulator dtype: fp32, fp64 for fp64), which their owner
-sums. With a pool the all-to-alls run over the pool's group. Every query row is computed whole by
-one slot, so attention sinks are counted there, and their gradient over the slot's rows is the
-slot's share (see :func:`distattn.attention`).
+tasks need to the slot computing them, hop by hop along the schedule's routes (K/V down a tree of
+nodes, Q through the owner's node peers: :mod:`distattn.schedulers.cad_cast`); the slot runs all
+its tasks in one varlen call; out comes back up the same hops. The computing slot keeps what it
+computes on (its Q rows, its K/V union, out and lse: :class:`WorkerSaved`), so lse never travels
+and the backward sends only dout to it and returns dQ and dK/dV (accumulator dtype: fp32, fp64
+for fp64) up the hops: every slot a row passed through sums the partials it gets back for it with
+its own (group-reduce), and the owner sums the rest. With a pool the all-to-alls run over the
+pool's group. Every query row is computed whole by one slot, so attention sinks are counted
+there, and their gradient over the slot's rows is the slot's share (see :func:`distattn.attention`).
 
 Each all-to-all sends one buffer per tensor, gathered by one ``index_select`` whose index (the
 rows for every destination, concatenated in pool-rank order, the all-to-all's order) is made
-once per plan; results come back in the same order and are placed with the same index. The
-computing slot's buffers stay in pool-rank order too (its K/V index points into them directly;
-only Q rows are reordered for the kernel when the pool's rank order is not the slot order).
+once per plan; results come back in the same order and are summed in with the same index.
 
 Stages, so that a caller can hide every transfer behind other work
 (:func:`distattn.pingpong.ping_pong`; ``forward``/``backward`` run them back to back):
@@ -22,16 +22,18 @@ Stages, so that a caller can hide every transfer behind other work
 ==========  ==============================  ==================================================
 direction   call                            does
 ==========  ==============================  ==================================================
-forward     :meth:`~TaskExecutor.prefetch`  start Q, K/V to the workers (:class:`Dispatch`)
+forward     :meth:`~TaskExecutor.prefetch`  start Q, K/V to the workers (hop 1; :class:`Dispatch`)
+forward     ``relay``                       their later hops (relays forward what hop 1 brought)
 forward     ``compute_forward``             wait for them, attention, start out back
 forward     ``finish_forward``              wait for out: ``(out, saved)``
 backward    ``start_backward``              start dout to the workers
 backward    ``compute_backward``            wait for it, attention backward, start dQ, dK/dV back
+backward    ``reduce``                      their hops but the last (relays sum and pass partials up)
 backward    ``finish_backward``             wait for them: ``(dq, dk, dv)``
 ==========  ==============================  ==================================================
 
 Every transfer is issued asynchronously (:meth:`distattn.comm.Comm.all_to_all` returns a pending
-handle) and waited for only by the next stage.
+handle) and waited for only by the next stage; a hop after the first waits for the one before.
 """
 
 from __future__ import annotations
@@ -54,34 +56,96 @@ from .base import DeviceIndex, Executor, finish_rows, rows_sink_grad
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
+def _rows_of(buffer_tokens: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """The row of ``buffer_tokens`` holding each of ``tokens`` (each held once)."""
+    order = np.argsort(buffer_tokens, kind="stable")
+    rows = order[np.searchsorted(buffer_tokens[order], tokens)] if len(tokens) else _EMPTY
+    assert np.array_equal(buffer_tokens[rows], tokens), "a route sends a token its sender does not have"
+    return rows.astype(np.int64)
+
+
 @dataclass(frozen=True)
-class DeviceRoute:
-    """A :class:`~distattn.schedulers.cad.Route` in the all-to-all's (pool-rank) order, its index
-    arrays for the device."""
+class HopRoute:
+    """One hop on one slot, in the all-to-all's (pool-rank) order: the rows it sends (``gather``: rows
+    of the hop's source -- my own rows in hop 1, what earlier hops brought after), and how many go
+    to and come from each pool rank."""
 
-    gather: DeviceIndex        # my local rows for every destination, concatenated in pool-rank order
-    send: tuple[int, ...]      # rows to each pool rank
-    recv: tuple[int, ...]      # rows from each pool rank
-    place: DeviceIndex | None  # where each local row comes back in a returned buffer (None: rows not all sent once)
+    gather: DeviceIndex
+    send: tuple[int, ...]
+    recv: tuple[int, ...]
 
-    @staticmethod
-    def of(route: Route, by_rank, tokens: int) -> "DeviceRoute":
-        gather = np.concatenate([np.asarray(route.send[c], dtype=np.int64) for c in by_rank] or [_EMPTY])
-        place = None
-        if len(gather) == tokens and np.array_equal(np.sort(gather), np.arange(tokens)):
-            place = DeviceIndex(np.argsort(gather).astype(np.int64))
-        return DeviceRoute(DeviceIndex(gather), tuple(len(route.send[c]) for c in by_rank),
-                           tuple(int(route.recv[c]) for c in by_rank), place)
+
+class Cast:
+    """One kind of rows (Q, or K/V) moved over the schedule's hops on one slot: to the workers
+    (:meth:`forward`: my rows in, every hop's received rows out, in one buffer), and results back
+    (:meth:`back`: a buffer like that in, the sums for my own rows out)."""
+
+    def __init__(self, routes: tuple[Route, ...], by_rank, own_tokens: np.ndarray):
+        self.hops: list[HopRoute] = []
+        received: list[np.ndarray] = []
+        for h, route in enumerate(routes):
+            send = np.concatenate([np.asarray(route.send[c], dtype=np.int64) for c in by_rank] or [_EMPTY])
+            source = own_tokens if h == 0 else np.concatenate(received)
+            self.hops.append(HopRoute(DeviceIndex(_rows_of(source, send)), tuple(len(route.send[c]) for c in by_rank),
+                                      tuple(len(route.recv[c]) for c in by_rank)))
+            received.append(np.concatenate([np.asarray(route.recv[c], dtype=np.int64) for c in by_rank] or [_EMPTY]))
+        self.tokens = np.concatenate(received)      # the global token of each row of the buffer
+        self.starts = np.cumsum([0] + [len(r) for r in received])   # where each hop's rows begin in it
+        self.own = len(own_tokens)
+        first = self.hops[0].gather.array
+        # hop 1 sends each of my rows exactly once (Q): results come back in one gather
+        self.place = DeviceIndex(np.argsort(first).astype(np.int64)) \
+            if len(first) == self.own and np.array_equal(np.sort(first), np.arange(self.own)) else None
 
     def indices(self) -> list[DeviceIndex]:
-        return [self.gather] + ([self.place] if self.place is not None else [])
+        return [h.gather for h in self.hops] + ([self.place] if self.place is not None else [])
 
+    # forward: hop by hop to the workers
+    def start(self, ex: "TaskExecutor", own: torch.Tensor, what: str) -> list["Transfer"]:
+        """Start hop 1 (my rows)."""
+        hop = self.hops[0]
+        return [ex.all_to_all(own.index_select(0, hop.gather.on(own.device)), hop.send, hop.recv, what)]
 
-def _buffer_rows(route: Route, by_rank) -> np.ndarray:
-    """For each received token in global order (the kernel's order), its row in the all-to-all's
-    buffer (senders in pool-rank order, each sender's tokens in the order it sends them)."""
-    tokens = np.concatenate([route.recv_tokens[c] for c in by_rank] or [_EMPTY])
-    return np.argsort(tokens, kind="stable").astype(np.int64)
+    def advance(self, ex: "TaskExecutor", flights: list["Transfer"], what: str) -> list["Transfer"]:
+        """Start every later hop, each once the hops before it are in."""
+        for hop in self.hops[len(flights):]:
+            source = torch.cat([t.wait() for t in flights])
+            flights = flights + [ex.all_to_all(source.index_select(0, hop.gather.on(source.device)), hop.send,
+                                               hop.recv, what)]
+        return flights
+
+    @staticmethod
+    def buffer(flights: list["Transfer"]) -> torch.Tensor:
+        return torch.cat([t.wait() for t in flights])
+
+    # back: results up the hops in reverse, summed at every slot they pass
+    def back_start(self, ex: "TaskExecutor", results: torch.Tensor, what: str) -> "Return":
+        """Start the last hop's rows of ``results`` (a buffer like :meth:`buffer`'s) back."""
+        return self._send_back(ex, results, len(self.hops) - 1, what)
+
+    def _send_back(self, ex, results, h, what) -> "Return":
+        hop = self.hops[h]
+        rows = results[self.starts[h]:self.starts[h + 1]]
+        return Return(results, h, ex.all_to_all(rows, hop.recv, hop.send, what))
+
+    def back_advance(self, ex: "TaskExecutor", ret: "Return", what: str) -> "Return":
+        """Sum each hop's returned partials into the rows they were forwarded from and send those
+        back in turn, down to hop 1's (on its way to the owners)."""
+        while ret.hop > 0:
+            hop = self.hops[ret.hop]
+            got = ret.transfer.wait()
+            results = ret.results[:self.starts[ret.hop]].index_add_(0, hop.gather.on(got.device), got.to(ret.results.dtype))
+            ret = self._send_back(ex, results, ret.hop - 1, what)
+        return ret
+
+    def back_finish(self, ex: "TaskExecutor", ret: "Return", what: str) -> torch.Tensor:
+        """My own rows' sums (``[own rows, ...]``)."""
+        ret = self.back_advance(ex, ret, what)
+        got = ret.transfer.wait()
+        gather = self.hops[0].gather.on(got.device)
+        if self.place is not None:
+            return got.index_select(0, self.place.on(got.device))
+        return got.new_zeros((self.own, *got.shape[1:])).index_add_(0, gather, got)
 
 
 class Transfer(NamedTuple):
@@ -95,11 +159,19 @@ class Transfer(NamedTuple):
         return self.buffer
 
 
+class Return(NamedTuple):
+    """Results on their way back: the buffer they are summed into, the hop in flight, its transfer."""
+
+    results: torch.Tensor
+    hop: int
+    transfer: Transfer
+
+
 class WorkerSaved(NamedTuple):
     """What the computing slot keeps from its forward for its backward (its tasks' rows)."""
 
-    q: torch.Tensor      # [Rq, Hq, D] Q rows received, kernel (slot) order
-    kv: torch.Tensor     # [Rkv, 2, Hkv, D] K/V union received, pool-rank order
+    q: torch.Tensor      # [Rq, Hq, D] its queries, kernel (global) order
+    kv: torch.Tensor     # [Rkv, 2, Hkv, D] its K/V union, global order
     out: torch.Tensor    # [Rq, Hq, D] its attention output, kernel order
     lse: torch.Tensor    # [Rq, Hq] accumulator dtype
 
@@ -108,40 +180,37 @@ class TaskSaved(NamedTuple):
     """A forward's saved state: the worker's buffers and what the owner needs to place gradients."""
 
     worker: WorkerSaved
-    tokens: int              # this slot's local tokens
     kv_dtype: torch.dtype    # dtype of dK/dV handed back
 
 
 class Dispatch(NamedTuple):
-    """Forward: Q and K/V on their way to the workers (:meth:`TaskExecutor.prefetch`)."""
+    """Forward: Q and K/V on their way to the workers (:meth:`TaskExecutor.prefetch`), hop by hop."""
 
     executor: Any
     ids: tuple[int, int, int]   # the q, k, v it was started for
-    tokens: int
     kv_dtype: torch.dtype
-    q: Transfer
-    kv: Transfer
+    q: list[Transfer]
+    kv: list[Transfer]
 
 
 class Returning(NamedTuple):
     """Forward: out on its way back to its owners; the saved state (the worker keeps its lse)."""
 
-    out: Transfer
+    out: Return
     saved: TaskSaved
 
 
 class DoutDispatch(NamedTuple):
     """Backward: dout on its way to the workers."""
 
-    dout: Transfer
+    dout: list[Transfer]
 
 
 class GradsReturning(NamedTuple):
     """Backward: dQ and dK/dV (accumulator dtype) on their way back to their owners."""
 
-    dq: Transfer
-    dkv: Transfer
-    tokens: int
+    dq: Return
+    dkv: Return
     kv_dtype: torch.dtype
     dsinks: torch.Tensor | None = None   # over the rows this slot computed (not sent: see compute_backward)
 
@@ -155,19 +224,16 @@ class TaskExecutor(Executor):
         routes = schedule.routes(slot)
         # the all-to-all orders peers by pool rank, the schedule by slot
         self.by_rank = sorted(range(schedule.pool_size), key=lambda c: schedule.slot_ranks[c])
-        tokens = schedule.slots.num_tokens(slot)
-        self.q_route = DeviceRoute.of(routes.q, self.by_rank, tokens)
-        self.kv_route = DeviceRoute.of(routes.kv, self.by_rank, tokens)
-        # K/V segments index the received buffer as it arrives (pool-rank order); Q segments index
-        # the Q rows in global order (None: one call over all of them, in order)
-        kv_rows = _buffer_rows(routes.kv, self.by_rank)
-        self.calls = tuple((c.varlen, None if c.q_index is None else DeviceIndex(c.q_index),
-                            DeviceIndex(kv_rows[c.kv_index])) for c in routes.calls)
-        # Q rows: the kernel wants global order; the buffer arrives in pool-rank order
-        q_rows = _buffer_rows(routes.q, self.by_rank)
-        identity = np.array_equal(q_rows, np.arange(len(q_rows)))
-        self.q_to_kernel = None if identity else DeviceIndex(q_rows)
-        self.q_to_ranks = None if identity else DeviceIndex(np.argsort(q_rows).astype(np.int64))
+        own = schedule.slots.compute_tokens(slot)
+        self.q_cast, self.kv_cast = Cast(routes.q, self.by_rank, own), Cast(routes.kv, self.by_rank, own)
+        # the kernel's rows in the buffers (Q: my tasks' queries; K/V: their union), global order
+        self.q_rows = DeviceIndex(_rows_of(self.q_cast.tokens, routes.q_tokens))
+        self.kv_rows = DeviceIndex(_rows_of(self.kv_cast.tokens, routes.kv_tokens))
+        self.calls = tuple((c.varlen, None if c.q_index is None else DeviceIndex(c.q_index), DeviceIndex(c.kv_index))
+                           for c in routes.calls)
+        nodes = schedule.nodes.dense
+        self._peer_local = np.asarray([nodes[c] == nodes[slot] for c in self.by_rank])   # pool-rank order
+        self.link_bytes = {"intra": 0, "inter": 0}   # bytes sent to other ranks of my node / of other nodes
 
     @property
     def comms(self) -> tuple[Comm, ...]:
@@ -178,56 +244,48 @@ class TaskExecutor(Executor):
         return self.pool_comm.group  # tasks cross the pool
 
     def device_data(self):
-        extra = [self.q_to_kernel, self.q_to_ranks] if self.q_to_kernel is not None else []
         calls = [x for call in self.calls for x in call if x is not None]
-        return [*calls, *self.q_route.indices(), *self.kv_route.indices(), *extra]
+        return [*calls, self.q_rows, self.kv_rows, *self.q_cast.indices(), *self.kv_cast.indices()]
 
-    # ---- moving rows -----------------------------------------------------------------------------
-    def _all_to_all(self, send: torch.Tensor, send_rows, recv_rows, what: str) -> Transfer:
+    def all_to_all(self, send: torch.Tensor, send_rows, recv_rows, what: str) -> Transfer:
         """Start sending ``send`` (rows for each pool rank, in pool-rank order) to every rank."""
         width = math.prod(send.shape[1:])
         buffer = send.new_empty((sum(recv_rows), *send.shape[1:]))
         pending = self.pool_comm.all_to_all(buffer.view(-1), send.reshape(-1), [n * width for n in recv_rows],
                                             [n * width for n in send_rows], what)
+        sent = np.asarray(send_rows, dtype=np.int64) * width * send.element_size()
+        sent[self.pool_comm.rank] = 0
+        self.link_bytes["intra"] += int(sent[self._peer_local].sum())
+        self.link_bytes["inter"] += int(sent[~self._peer_local].sum())
         return Transfer(buffer, pending)
 
-    def _to_workers(self, t: torch.Tensor, route: DeviceRoute, what: str) -> Transfer:
-        """Start sending my rows of ``t`` to the slots computing them (one gather, one all-to-all)."""
-        return self._all_to_all(t.index_select(0, route.gather.on(t.device)), route.send, route.recv, what)
-
-    def _to_owners(self, t: torch.Tensor, route: DeviceRoute, what: str) -> Transfer:
-        """Start returning computed rows ``t`` (pool-rank order, as received) to their owners."""
-        return self._all_to_all(t, route.recv, route.send, what)
-
-    @staticmethod
-    def _placed(got: torch.Tensor, route: DeviceRoute, tokens: int) -> torch.Tensor:
-        """Returned rows at their local positions (each local row comes back exactly once)."""
-        if route.place is not None:
-            return got.index_select(0, route.place.on(got.device))
-        local = got.new_zeros((tokens, *got.shape[1:]))
-        return local.index_copy_(0, route.gather.on(got.device), got)
-
-    def _kernel_order(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows if self.q_to_kernel is None else rows.index_select(0, self.q_to_kernel.on(rows.device))
-
-    def _rank_order(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows if self.q_to_ranks is None else rows.index_select(0, self.q_to_ranks.on(rows.device))
+    def _scatter(self, rows: torch.Tensor, index: DeviceIndex, size: int) -> torch.Tensor:
+        """``rows`` at ``index`` of a zero buffer of ``size`` rows (results for the rows I was sent)."""
+        return rows.new_zeros((size, *rows.shape[1:])).index_copy_(0, index.on(rows.device), rows)
 
     # ---- forward stages --------------------------------------------------------------------------
     def prefetch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Dispatch:
         """Start the forward all-to-alls of Q and K/V now (``Plan.prefetch``; forward stage 1)."""
         ids = (id(q), id(k), id(v))
         q, k, v = q.detach(), k.detach(), v.detach()
-        qt = self._to_workers(q, self.q_route, "cad forward: Q to workers")
-        kvt = self._to_workers(torch.stack([k, v], dim=1), self.kv_route, "cad forward: K/V to workers")
-        return Dispatch(self, ids, q.shape[0], k.dtype, qt, kvt)
+        qt = self.q_cast.start(self, q, "cad forward: Q to workers")
+        kvt = self.kv_cast.start(self, torch.stack([k, v], dim=1), "cad forward: K/V to workers")
+        return Dispatch(self, ids, k.dtype, qt, kvt)
+
+    def relay(self, dispatch: Dispatch) -> Dispatch:
+        """Forward stage 1b: the later hops of Q and K/V (each waits for the one before)."""
+        return dispatch._replace(q=self.q_cast.advance(self, dispatch.q, "cad forward: Q to workers"),
+                                 kv=self.kv_cast.advance(self, dispatch.kv, "cad forward: K/V to workers"))
 
     def compute_forward(self, dispatch: Dispatch, scale: float, softcap: float | None = None,
                         sinks: torch.Tensor | None = None) -> Returning:
         """Forward stage 2: wait for Q and K/V, run the tasks, start out back to the owners. Each
         query row is computed whole by one slot, so the slot counts ``sinks`` in its rows here."""
-        q_buf = self._kernel_order(dispatch.q.wait())
-        kv_buf = dispatch.kv.wait()
+        dispatch = self.relay(dispatch)
+        q_buf = self.q_cast.buffer(dispatch.q)
+        q_buf = q_buf.index_select(0, self.q_rows.on(q_buf.device))
+        kv_buf = self.kv_cast.buffer(dispatch.kv)
+        kv_buf = kv_buf.index_select(0, self.kv_rows.on(kv_buf.device))
         kw = self.kernel_args(scale, softcap)
         (varlen, q_index, kv_index), *more = self.calls
         if q_index is None:
@@ -244,14 +302,14 @@ class TaskExecutor(Executor):
                 out_buf.index_copy_(0, rows, o)
                 lse_buf.index_copy_(0, rows, l)
         out_buf, lse_buf = finish_rows(out_buf, lse_buf, sinks, q_buf.dtype)
-        out_t = self._to_owners(self._rank_order(out_buf), self.q_route, "cad forward: out to owners")
-        return Returning(out_t, TaskSaved(WorkerSaved(q_buf, kv_buf, out_buf, lse_buf), dispatch.tokens,
-                                          dispatch.kv_dtype))
+        out_t = self.q_cast.back_start(self, self._scatter(out_buf, self.q_rows, len(self.q_cast.tokens)),
+                                       "cad forward: out to owners")
+        return Returning(out_t, TaskSaved(WorkerSaved(q_buf, kv_buf, out_buf, lse_buf), dispatch.kv_dtype))
 
     def finish_forward(self, returning: Returning) -> tuple[torch.Tensor, TaskSaved]:
         """Forward stage 3: wait for out; ``(out, saved)``. (lse stays with the worker: only its
         backward needs it.)"""
-        return self._placed(returning.out.wait(), self.q_route, returning.saved.tokens), returning.saved
+        return self.q_cast.back_finish(self, returning.out, "cad forward: out to owners"), returning.saved
 
     def forward(self, q, k, v, scale, softcap=None, sinks=None, prefetch: Dispatch | None = None):
         if prefetch is None:  # (distattn.attention checked a prefetch's plan and tensors)
@@ -261,7 +319,7 @@ class TaskExecutor(Executor):
     # ---- backward stages -------------------------------------------------------------------------
     def start_backward(self, dout: torch.Tensor) -> DoutDispatch:
         """Backward stage 1: start dout to the workers (all they lack: they kept Q, K/V, out, lse)."""
-        return DoutDispatch(self._to_workers(dout, self.q_route, "cad backward: dout to workers"))
+        return DoutDispatch(self.q_cast.start(self, dout, "cad backward: dout to workers"))
 
     def compute_backward(self, dispatch: DoutDispatch, saved: TaskSaved, scale: float, softcap: float | None = None,
                          sinks: torch.Tensor | None = None) -> GradsReturning:
@@ -269,7 +327,8 @@ class TaskExecutor(Executor):
         ``sinks``, their gradient over this slot's rows stays here (``GradsReturning.dsinks``): a
         replicated parameter's gradient is summed over the ranks by the data-parallel reduction."""
         w = saved.worker
-        dout_buf = self._kernel_order(dispatch.dout.wait())
+        dout_buf = self.q_cast.buffer(self.q_cast.advance(self, dispatch.dout, "cad backward: dout to workers"))
+        dout_buf = dout_buf.index_select(0, self.q_rows.on(dout_buf.device))
         kw = self.kernel_args(scale, softcap)
         whole = self.calls[0][1] is None
         delta = None if sinks is None and whole else row_delta(dout_buf, w.out)
@@ -289,17 +348,24 @@ class TaskExecutor(Executor):
                 dq_buf.index_add_(0, rows, dq_l.to(dq_buf.dtype))
             dkv_buf.index_add_(0, index, torch.stack([dk_seg, dv_seg], dim=1).to(dkv_buf.dtype))
         dq_buf = dq_buf.to(w.q.dtype)
-        dq_t = self._to_owners(self._rank_order(dq_buf), self.q_route, "cad backward: dQ to owners")
-        dkv_t = self._to_owners(dkv_buf, self.kv_route, "cad backward: dK/dV to owners")
-        return GradsReturning(dq_t, dkv_t, saved.tokens, saved.kv_dtype, rows_sink_grad(delta, w.lse, sinks))
+        dq_t = self.q_cast.back_start(self, self._scatter(dq_buf, self.q_rows, len(self.q_cast.tokens)),
+                                      "cad backward: dQ to owners")
+        dkv_t = self.kv_cast.back_start(self, self._scatter(dkv_buf, self.kv_rows, len(self.kv_cast.tokens)),
+                                        "cad backward: dK/dV to owners")
+        return GradsReturning(dq_t, dkv_t, saved.kv_dtype, rows_sink_grad(delta, w.lse, sinks))
+
+    def reduce(self, returning: GradsReturning) -> GradsReturning:
+        """Backward stage 2b: the returning hops but the last (each slot sums the partials it gets
+        back with its own before passing them on: group-reduce)."""
+        return returning._replace(dq=self.q_cast.back_advance(self, returning.dq, "cad backward: dQ to owners"),
+                                  dkv=self.kv_cast.back_advance(self, returning.dkv, "cad backward: dK/dV to owners"))
 
     def finish_backward(self, returning: GradsReturning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Backward stage 3: wait for dQ and dK/dV; dK/dV of a key sent to several slots are summed.
         (``returning.dsinks`` is ready since stage 2.)"""
-        dq = self._placed(returning.dq.wait(), self.q_route, returning.tokens)
-        got = returning.dkv.wait()
-        dkv = got.new_zeros((returning.tokens, *got.shape[1:]))
-        dkv.index_add_(0, self.kv_route.gather.on(got.device), got)
+        returning = self.reduce(returning)
+        dq = self.q_cast.back_finish(self, returning.dq, "cad backward: dQ to owners")
+        dkv = self.kv_cast.back_finish(self, returning.dkv, "cad backward: dK/dV to owners")
         return dq, dkv[:, 0].to(returning.kv_dtype), dkv[:, 1].to(returning.kv_dtype)
 
     def backward(self, dout, saved: TaskSaved, scale, softcap=None, sinks=None):
@@ -318,7 +384,7 @@ def gather_pool(doc_lens, shards: Shards, mesh, pool) -> Pool:
                          f"got {type(pool).__name__}")
     key = dist.get_global_rank(mesh.group, 0) if mesh.group is not dist.group.WORLD else 0
     runs = [(int(a), int(b)) for a, b in zip(*shards.rank_runs(mesh.rank))]
-    mine = (key, mesh.rank, mesh.world_size, list(doc_lens), runs)
+    mine = (key, mesh.rank, mesh.world_size, list(doc_lens), runs, dist.get_rank())
     entries: list[Any] = [None] * pool.size()
     try:
         dist.all_gather_object(entries, mine, group=pool)
@@ -329,7 +395,7 @@ def gather_pool(doc_lens, shards: Shards, mesh, pool) -> Pool:
     order = sorted(range(pool.size()), key=lambda i: (entries[i][0], entries[i][1]))
     groups: dict = {}   # CP group -> (its size, doc_lens, the runs each of its ranks holds)
     for i in order:
-        k, _, size, lens, held = entries[i]
+        k, _, size, lens, held, _ = entries[i]
         _, lens_k, owned = groups.setdefault(k, (size, lens, []))
         if lens_k != lens:
             raise ValueError("ranks of one CP group passed different doc_lens to distattn.plan")
@@ -338,4 +404,5 @@ def gather_pool(doc_lens, shards: Shards, mesh, pool) -> Pool:
     if any(len(owned) != size for size, _, owned in groups.values()):
         raise ValueError(f"the pool's {pool.size()} ranks do not match its CP groups' sizes {sizes}: "
                          f"every pool rank must belong to exactly one CP group")
-    return Pool.of([(lens, Shards.from_owned(owned, sum(lens))) for _, lens, owned in groups.values()], order)
+    return Pool.of([(lens, Shards.from_owned(owned, sum(lens))) for _, lens, owned in groups.values()], order,
+                   [entries[i][5] for i in order])

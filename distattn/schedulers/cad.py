@@ -57,7 +57,7 @@ from functools import cached_property
 
 import numpy as np
 
-from ..cluster.profile import NetworkProfile
+from ..network import NetworkProfile
 from ..cost import Roofline
 from ..kernels import Varlen
 from ..layout import Shards, covered_before
@@ -65,53 +65,80 @@ from ..masks import MaskSlice, SliceMask, bound_or_none, shift_band
 from ..schedule import AttnShape, Phase, Schedule
 from .blocks import layers
 from .cad_placement import LinkCost, RowBytes, place_tasks
+from .cad_cast import FANOUT, Legs, Nodes, index_runs, key_legs, merge_intervals, query_legs
 from .cad_planner import Segments
 
 
-def _merge_intervals(a0: np.ndarray, a1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(a0, kind="stable")
-    a0, a1 = a0[order], a1[order]
-    keep = a1 > a0
-    a0, a1 = a0[keep], a1[keep]
-    if a0.size == 0:
-        return a0, a1
-    reach = np.maximum.accumulate(a1)
-    starts = np.concatenate([[True], a0[1:] > reach[:-1]])
-    idx = np.nonzero(starts)[0]
-    return a0[idx], np.maximum.reduceat(a1, idx)
+@dataclass(frozen=True)
+class Hop:
+    """One hop's pairs that move rows (``q`` query rows and ``kv`` key rows from ``src`` to ``dst``;
+    in hop 1 the diagonal, rows a slot keeps, included)."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    q: np.ndarray
+    kv: np.ndarray
+
+    @staticmethod
+    def of(q_legs: Legs, kv_legs: Legs, hop: int, p: int) -> "Hop":
+        q_src, q_dst, q_rows = q_legs.pairs(hop)
+        kv_src, kv_dst, kv_rows = kv_legs.pairs(hop)
+        keys, inverse = np.unique(np.concatenate([q_src * p + q_dst, kv_src * p + kv_dst]), return_inverse=True)
+        q = np.bincount(inverse[:len(q_rows)], q_rows, minlength=len(keys)).astype(np.int64)
+        kv = np.bincount(inverse[len(q_rows):], kv_rows, minlength=len(keys)).astype(np.int64)
+        return Hop(keys // p, keys % p, q, kv)
 
 
 @dataclass(frozen=True)
 class Traffic:
-    """Rows moved from owner slots to computing slots (``q`` query rows, ``kv`` key rows), one entry
-    per pair that moves any; the diagonal (rows a slot keeps) is included."""
+    """Rows moved between slots, per hop (:mod:`distattn.schedulers.cad_cast`): ``hops[0]`` from
+    the owners, later hops forwarded by relays. ``owner``/``comp``/``q``/``kv``: hop 1's."""
 
-    owner: np.ndarray
-    comp: np.ndarray
-    q: np.ndarray
-    kv: np.ndarray
-    slots: int
-    gpus_per_node: int
+    hops: tuple[Hop, ...]
+    nodes: Nodes
 
-    def phase(self, direction: str, what: str, rows_bytes: np.ndarray, to_workers: bool) -> Phase:
-        """An all-to-all moving ``rows_bytes`` per pair, owners to workers or back. ``amount``: bytes a
-        slot sends; ``intra``/``inter``: the larger of its sent and received bytes inside its node
-        and across nodes (what an all-to-all waits for on each kind of link)."""
-        src, dst = (self.owner, self.comp) if to_workers else (self.comp, self.owner)
+    @property
+    def slots(self) -> int:
+        return len(self.nodes.of)
+
+    owner = property(lambda self: self.hops[0].src)
+    comp = property(lambda self: self.hops[0].dst)
+    q = property(lambda self: self.hops[0].q)
+    kv = property(lambda self: self.hops[0].kv)
+
+    def phase(self, direction: str, what: str, src, dst, rows_bytes) -> Phase:
+        """An all-to-all moving ``rows_bytes`` per pair ``src -> dst``. ``amount``: bytes a slot sends,
+        ``inter_sent`` of them across nodes; ``intra``/``inter``: the larger of its sent and received
+        bytes inside its node and across nodes (what an all-to-all waits for on each kind of link)."""
+        src, dst = np.asarray(src), np.asarray(dst)
         moved = np.where(src != dst, rows_bytes, 0)
-        local = (src // self.gpus_per_node) == (dst // self.gpus_per_node)
+        local = self.nodes.same(src, dst)
         p = self.slots
 
         def per_slot(who, mask):
-            return np.bincount(who, np.where(mask, moved, 0), minlength=p)
-        sent = per_slot(src, np.ones_like(local))
+            return np.bincount(who, np.where(mask, moved, 0), minlength=p).astype(np.int64)
         intra = np.maximum(per_slot(src, local), per_slot(dst, local))
         inter = np.maximum(per_slot(src, ~local), per_slot(dst, ~local))
-        return Phase(direction, "all_to_all", what, p, np.arange(p), sent.astype(np.int64),
-                     np.zeros(p, dtype=np.int64), overlaps="layers", intra=intra, inter=inter)
+        return Phase(direction, "all_to_all", what, p, np.arange(p), per_slot(src, np.ones_like(local)),
+                     np.zeros(p, dtype=np.int64), overlaps="layers", intra=intra, inter=inter,
+                     inter_sent=per_slot(src, ~local))
+
+    def phases(self, direction: str, what: str, q_bytes: int, kv_bytes: int, back: bool) -> list[Phase]:
+        """One phase per hop moving Q rows (``q_bytes`` each) and K/V rows (``kv_bytes``) to the
+        workers, or (``back``) their results to the owners, hop by hop in reverse; hops moving
+        nothing of these are left out (the executor skips them too)."""
+        out = []
+        for h, hop in enumerate(self.hops, 1):
+            amount = hop.q * q_bytes + hop.kv * kv_bytes
+            if h > 1 and not amount[hop.src != hop.dst].any():
+                continue
+            name = what if h == 1 else f"{what}, hop {h}"
+            out.append(self.phase(direction, name, hop.dst, hop.src, amount) if back else
+                       self.phase(direction, name, hop.src, hop.dst, amount))
+        return out[::-1] if back else out
 
     def matrices(self) -> tuple[np.ndarray, np.ndarray]:
-        """Dense ``[owner, computing slot]`` matrices of Q rows and K/V rows (small pools: tests, tables)."""
+        """Dense ``[owner, computing slot]`` matrices of hop 1's Q rows and K/V rows (small pools: tests)."""
         q, kv = (np.zeros((self.slots, self.slots), dtype=np.int64) for _ in range(2))
         np.add.at(q, (self.owner, self.comp), self.q)
         np.add.at(kv, (self.owner, self.comp), self.kv)
@@ -120,23 +147,12 @@ class Traffic:
 
 @dataclass(frozen=True)
 class Route:
-    """Rows of one kind (Q, or K/V) between one slot and every slot."""
+    """One hop of one kind of rows (Q, or K/V) between one slot and every slot: per slot, the global
+    tokens sent to it (hop 1: the sender's own; later hops: tokens it received in an earlier hop)
+    and received from it, each in global order."""
 
-    send: tuple[np.ndarray, ...]    # per slot: my local rows (compute order) that slot needs, in global order
-    recv_tokens: tuple[np.ndarray, ...]   # per slot: the global tokens I receive from it, in the order sent
-
-    @property
-    def recv(self) -> tuple[int, ...]:
-        """Per slot: rows I receive from it."""
-        return tuple(len(t) for t in self.recv_tokens)
-
-    @property
-    def back(self) -> np.ndarray:
-        """The sent rows in slot order: where results for them come back."""
-        return np.concatenate(self.send).astype(np.int64)
-
-    def sent(self) -> tuple[int, ...]:
-        return tuple(len(r) for r in self.send)
+    send: tuple[np.ndarray, ...]
+    recv: tuple[np.ndarray, ...]
 
 
 @dataclass(frozen=True)
@@ -144,8 +160,8 @@ class WorkerCall:
     """One varlen call of a slot's tasks: segments whose query rows do not overlap."""
 
     varlen: Varlen
-    q_index: np.ndarray | None          # per segment query row -> row of my Q buffer (None: all rows, in order)
-    kv_index: np.ndarray                # per segment key row -> row of my received K/V buffer
+    q_index: np.ndarray | None          # per segment query row -> row of my queries, q_tokens (None: all, in order)
+    kv_index: np.ndarray                # per segment key row -> row of my K/V union (kv_tokens)
 
 
 @dataclass(frozen=True)
@@ -153,25 +169,29 @@ class TaskRoutes:
     """One slot's part of the task table: the routes of the all-to-alls and the kernel calls (one,
     unless slices of a group share query rows: their partial results merge on the slot)."""
 
-    q: Route
-    kv: Route
-    calls: tuple[WorkerCall, ...]
+    q: tuple[Route, ...]            # per hop (the schedule's Q hops)
+    kv: tuple[Route, ...]           # per hop (the schedule's K/V hops)
+    calls: tuple[WorkerCall, ...]   # query rows index ``q_tokens``, key rows ``kv_tokens``
+    q_tokens: np.ndarray            # the global tokens of my tasks' queries, sorted
+    kv_tokens: np.ndarray           # the global tokens of my K/V union, sorted
 
 
 @dataclass(frozen=True)
 class Pool:
     """The CP groups of a pool, as one token space (see module docstring): every group's documents
-    in slot order, the runs of tokens each slot holds, and the pool-group rank of each slot."""
+    in slot order, the runs of tokens each slot holds, the pool-group rank of each slot and its
+    global rank (which ranks share a node: ``global_rank // gpus_per_node``)."""
 
     docs: tuple[int, ...]
     slots: Shards
     slot_ranks: tuple[int, ...]
+    global_ranks: tuple[int, ...]
 
     @staticmethod
-    def of(groups, slot_ranks=None) -> "Pool":
+    def of(groups, slot_ranks=None, global_ranks=None) -> "Pool":
         """The pool of CP groups ``groups``: ``(doc_lens, shards)`` each, in slot order (group after
-        group, each group's ranks in order); ``slot_ranks``: the pool-group rank of each slot
-        (default: the slot itself, as for a dry pool)."""
+        group, each group's ranks in order); ``slot_ranks``/``global_ranks``: the pool-group rank and
+        global rank of each slot (default: the slot itself, as for a dry pool)."""
         docs, owned = [], []
         for lens, shards in groups:
             offset = sum(docs)
@@ -179,7 +199,8 @@ class Pool:
             owned += [tuple((a + offset, b + offset) for a, b in zip(*(x.tolist() for x in shards.rank_runs(r))))
                       for r in range(shards.world_size)]
         slot_ranks = tuple(range(len(owned))) if slot_ranks is None else tuple(slot_ranks)
-        return Pool(tuple(docs), Shards.from_owned(owned, sum(docs)), slot_ranks)
+        global_ranks = slot_ranks if global_ranks is None else tuple(global_ranks)
+        return Pool(tuple(docs), Shards.from_owned(owned, sum(docs)), slot_ranks, global_ranks)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -187,7 +208,8 @@ class TaskSchedule(Schedule):
     segments: Segments = field(repr=False)
     slots: Shards = field(repr=False)               # the pool's token space: the runs each slot holds
     slot_ranks: tuple[int, ...]                     # pool-group rank of each slot
-    gpus_per_node: int = 8                          # slots ``i`` and ``j`` share a node if ``i // g == j // g``
+    nodes: Nodes = field(repr=False)                # the node of each slot (routes: cad_cast)
+    fanout: int = FANOUT                            # child nodes per node of a K/V tree
     keeps_local_out = False                         # the worker keeps its tasks' rows (saved_bytes)
 
     @property
@@ -211,33 +233,40 @@ class TaskSchedule(Schedule):
         return int(self.segments.area[self.segments.rank == rank].sum())
 
     def traffic(self) -> "Traffic":
-        """Rows moved between every (owner slot, computing slot) pair that moves any (sparse)."""
+        """Rows moved between every (sender, receiver) pair that moves any, per hop (sparse)."""
         return self._traffic
 
     @cached_property
-    def _traffic(self) -> "Traffic":   # phases() and buffer_bytes() both read it
-        s, slots, p = self.segments, self.slots, self.pool_size
-        # Q and K/V: the union of each computing slot's query (key) ranges, split over the slots
-        # holding them; offsetting slot c by c * (T + 1) keeps the slots' intervals apart, so one
-        # merge does every slot at once
+    def _legs(self) -> tuple[Legs, Legs]:
+        """Q legs and K/V legs (:mod:`~distattn.schedulers.cad_cast`)."""
+        s, slots = self.segments, self.slots
+        # the union of each computing slot's query (key) ranges; offsetting slot c by c * (T + 1)
+        # keeps the slots' intervals apart, so one merge does every slot at once
         span = slots.total + 1
 
-        def split(a0, a1):
-            u0, u1 = _merge_intervals(a0 + s.rank * span, a1 + s.rank * span)
+        def union(a0, a1):
+            u0, u1 = merge_intervals(a0 + s.rank * span, a1 + s.rank * span)
             comp = u0 // span
-            i, run, start, end = slots.cut(u0 - comp * span, u1 - comp * span)
-            return slots.owner[run], comp[i], end - start
-        q_owner, q_comp, q_rows = split(s.q0, s.q1)
-        kv_owner, kv_comp, kv_rows = split(s.k0, s.k1)
-        keys, inverse = np.unique(np.concatenate([q_owner * p + q_comp, kv_owner * p + kv_comp]), return_inverse=True)
-        q = np.bincount(inverse[:len(q_rows)], q_rows, minlength=len(keys)).astype(np.int64)
-        kv = np.bincount(inverse[len(q_rows):], kv_rows, minlength=len(keys)).astype(np.int64)
-        return Traffic(keys // p, keys % p, q, kv, p, self.gpus_per_node)
+            return comp, u0 - comp * span, u1 - comp * span
+        return (query_legs(*union(s.q0, s.q1), slots, self.nodes),
+                key_legs(*union(s.k0, s.k1), slots, self.nodes, self.fanout))
+
+    @property
+    def hops(self) -> tuple[int, int]:
+        """All-to-alls of Q rows and of K/V rows, each way."""
+        return self._legs[0].hops, self._legs[1].hops
+
+    @cached_property
+    def _traffic(self) -> "Traffic":   # phases() and buffer_bytes() both read it
+        q_legs, kv_legs = self._legs
+        return Traffic(tuple(Hop.of(q_legs, kv_legs, h, self.pool_size) for h in range(1, max(self.hops) + 1)),
+                       self.nodes)
 
     def phases(self, shape: AttnShape) -> list[Phase]:
-        """Forward: Q and K/V to the workers, attention, out back (lse stays with the worker); backward: dout to the
-        workers (they kept Q, K/V, out and lse), attention, dQ and fp32 dK/dV back. Each all-to-all
-        is issued ahead of the other nano-batch's computation under
+        """Forward: Q and K/V to the workers hop by hop (:mod:`~distattn.schedulers.cad_cast`),
+        attention, out back (lse stays with the worker); backward: dout to the workers (they kept
+        Q, K/V, out and lse), attention, dQ and fp32 dK/dV back up the same hops (partials summed at
+        every relay). Each all-to-all is issued ahead of the other nano-batch's computation under
         :func:`distattn.pingpong.ping_pong` (``overlaps="layers"``); a plain ``attention`` call waits
         for each. Every transfer's bytes are split into what stays inside a node and what crosses."""
         p, tr = self.pool_size, self.traffic()
@@ -246,12 +275,12 @@ class TaskSchedule(Schedule):
         area = np.bincount(self.segments.rank, self.segments.area, minlength=p).astype(np.int64)
         flops = shape.flops(area)
         return [
-            tr.phase("forward", "Q, K/V to workers", tr.q * q_b + tr.kv * shape.kv_row, to_workers=True),
+            *tr.phases("forward", "Q, K/V to workers", q_b, shape.kv_row, back=False),
             Phase.per_rank("forward", "attention", "attention", p, flops),
-            tr.phase("forward", "out to owners", tr.q * q_b, to_workers=False),
-            tr.phase("backward", "dout to workers", tr.q * q_b, to_workers=True),
+            *tr.phases("forward", "out to owners", q_b, 0, back=True),
+            *tr.phases("backward", "dout to workers", q_b, 0, back=False),
             Phase.per_rank("backward", "attention", "attention", p, flops * 2.5),
-            tr.phase("backward", "dQ, dK/dV to owners", tr.q * q_b + tr.kv * dkv_b, to_workers=False),
+            *tr.phases("backward", "dQ, dK/dV to owners", q_b, dkv_b, back=True),
         ]
 
     def saved_bytes(self, shape: AttnShape) -> np.ndarray:
@@ -259,27 +288,24 @@ class TaskSchedule(Schedule):
         return self.buffer_bytes(shape)
 
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
-        """What a worker keeps from forward to backward: its tasks' Q, out, lse, K and V, and the
-        dout that arrives in backward."""
-        tr = self.traffic()
-        q_rows = np.bincount(tr.comp, tr.q, minlength=self.pool_size)
-        kv_rows = np.bincount(tr.comp, tr.kv, minlength=self.pool_size)
+        """What a worker keeps from forward to backward: its tasks' Q, out, lse, the K and V it
+        received (rows a relay forwards included), and the dout that arrives in backward."""
+        p = self.pool_size
+        q_rows, kv_rows = (sum(np.bincount(hop.dst, getattr(hop, kind), minlength=p) for hop in self.traffic().hops)
+                           for kind in ("q", "kv"))
         lse_b = shape.num_heads * shape.acc_bytes
         return q_rows * (3 * shape.row_bytes(shape.num_heads) + lse_b) + kv_rows * shape.kv_row
 
     def routes(self, slot: int) -> TaskRoutes:
-        """What ``slot`` sends where and receives from whom, and its kernel calls."""
+        """What ``slot`` sends where and receives from whom, and its kernel calls (key rows indexed
+        into its K/V union, in global order)."""
         seg = self.segments
-        q_send, kv_send = [], []
-        for c in range(self.pool_size):
-            mine = seg.rank == c
-            q_send.append(self._held_rows(slot, *_merge_intervals(seg.q0[mine], seg.q1[mine])))
-            kv_send.append(self._held_rows(slot, *_merge_intervals(seg.k0[mine], seg.k1[mine])))
+        q_legs, kv_legs = self._legs
         mine = np.nonzero(seg.rank == slot)[0]
         mine = mine[np.lexsort((seg.k0[mine], seg.q0[mine]))]
         q0, q1, k0, k1, b_lo, b_hi = (x[mine] for x in (seg.q0, seg.q1, seg.k0, seg.k1, seg.lo, seg.hi))
-        qu0, qu1 = _merge_intervals(q0, q1)
-        ku0, ku1 = _merge_intervals(k0, k1)
+        qu0, qu1 = merge_intervals(q0, q1)
+        ku0, ku1 = merge_intervals(k0, k1)
         q_start, k_start = covered_before(qu0, qu1, q0), covered_before(ku0, ku1, k0)
         shift = k0 - q0  # the bands, relative to each segment's first query and key
         b_lo, b_hi = shift_band(b_lo, b_hi, shift)
@@ -287,34 +313,16 @@ class TaskSchedule(Schedule):
         calls = []
         for n in range(int(layer.max(initial=0)) + 1):
             at = layer == n
-            q_index = _index(q_start[at], (q1 - q0)[at])
+            q_index = index_runs(q_start[at], (q1 - q0)[at])
             whole = n == 0 and layer.max(initial=0) == 0 and np.array_equal(q_index, np.arange(len(q_index)))
             # a slot with no task (fewer tokens than ranks) still runs one empty kernel call: no special path
             varlen = Varlen.from_lengths((q1 - q0)[at], (k1 - k0)[at], b_lo[at], b_hi[at]) if at.any() \
                 else Varlen.from_lengths([0], [0])
-            calls.append(WorkerCall(varlen, None if whole else q_index, _index(k_start[at], (k1 - k0)[at])))
-        return TaskRoutes(Route(tuple(q_send), self._senders(qu0, qu1)), Route(tuple(kv_send), self._senders(ku0, ku1)),
-                          tuple(calls))
-
-    def _held_rows(self, slot: int, i0: np.ndarray, i1: np.ndarray) -> np.ndarray:
-        """Compute-order rows of ``slot``'s tokens inside the sorted intervals ``[i0, i1)``, in global order."""
-        sl = self.slots
-        _, run, start, end = sl.cut(i0, i1)
-        mine = sl.owner[run] == slot
-        return _index(sl.rows[run[mine]] + start[mine] - sl.bounds[run[mine]], end[mine] - start[mine])
-
-    def _senders(self, i0: np.ndarray, i1: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Per slot: its global tokens inside the sorted intervals ``[i0, i1)``, in global order."""
-        sl = self.slots
-        _, run, start, end = sl.cut(i0, i1)
-        owner = sl.owner[run]
-        return tuple(_index(start[owner == c], end[owner == c] - start[owner == c]) for c in range(self.pool_size))
-
-
-def _index(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Rows ``starts[i] .. starts[i] + lens[i] - 1``, concatenated."""
-    return np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)] or [np.zeros(0, np.int64)]).astype(
-        np.int64)
+            calls.append(WorkerCall(varlen, None if whole else q_index, index_runs(k_start[at], (k1 - k0)[at])))
+        p = self.pool_size
+        routes = [tuple(Route(legs.per_peer(h, slot, p, sending=True), legs.per_peer(h, slot, p, sending=False))
+                        for h in range(1, legs.hops + 1)) for legs in (q_legs, kv_legs)]
+        return TaskRoutes(*routes, tuple(calls), index_runs(qu0, qu1 - qu0), index_runs(ku0, ku1 - ku0))
 
 
 def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, pool: Pool | None = None,
@@ -323,7 +331,7 @@ def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, po
     a process group when ``distattn.plan`` is given ``pool=group``). ``cost``: the attention cost
     model (:mod:`distattn.cost`, default :class:`~distattn.cost.Roofline`; a roofline's head shape
     also sizes the rows moves send); ``network``: the
-    :class:`~distattn.cluster.profile.NetworkProfile` moves are priced on (default: NVLink in a node
+    :class:`~distattn.network.NetworkProfile` moves are priced on (default: NVLink in a node
     of 8, InfiniBand between nodes). ``overlap_s``: seconds per layer (forward + backward) each rank
     computes besides attention -- what :func:`distattn.pingpong.ping_pong` hides transfers behind;
     given, a move is made only if it saves more attention time than the communication it adds
@@ -332,21 +340,22 @@ def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, po
     if not isinstance(epsilon, (int, float)) or not 0 <= epsilon < 1:
         raise ValueError(f"epsilon must be in [0, 1) (allowed load above/below the mean), got {epsilon!r}")
     if network is not None and not isinstance(network, NetworkProfile):
-        raise ValueError(f"network must be a distattn.cluster.profile.NetworkProfile, got {type(network).__name__}")
+        raise ValueError(f"network must be a distattn.network.NetworkProfile, got {type(network).__name__}")
     if overlap_s is not None and (isinstance(overlap_s, bool) or not isinstance(overlap_s, (int, float))
                                   or not overlap_s >= 0):
         raise ValueError(f"overlap_s must be None or seconds >= 0 (computation per layer that hides transfers), "
                          f"got {overlap_s!r}")
     if pool is None:
-        pool = Pool(tuple(doc_lens), shards, tuple(range(mesh.world_size)))
+        pool = Pool(tuple(doc_lens), shards, tuple(range(mesh.world_size)), mesh.global_ranks())
     else:  # the pool's token space: every CP group's documents (distattn.plan refuses mask= with pool=)
         mask = SliceMask.documents(pool.docs, causal, window)
     cost = cost or Roofline()
     links = LinkCost.of(network, pool.slots.world_size)
+    nodes = Nodes(np.asarray(pool.global_ranks, dtype=np.int64) // links.gpus_per_node)
     rows = RowBytes.of(cost.num_heads, cost.num_kv_heads, cost.head_dim, cost.dtype_bytes) \
         if isinstance(cost, Roofline) else RowBytes.of()
-    segments = place_tasks(mask, pool.slots, cost, epsilon, links=links, rows=rows, overlap_s=overlap_s)
+    segments = place_tasks(mask, pool.slots, cost, epsilon, links=links, rows=rows, overlap_s=overlap_s,
+                           nodes=nodes)
     return TaskSchedule(scheduler="cad", doc_lens=doc_lens, causal=causal, window=window,
                         world_size=mesh.world_size, mask=mask, shards=shards,
-                        segments=segments, slots=pool.slots, slot_ranks=pool.slot_ranks,
-                        gpus_per_node=links.gpus_per_node)
+                        segments=segments, slots=pool.slots, slot_ranks=pool.slot_ranks, nodes=nodes)

@@ -18,7 +18,7 @@ rank owning its queries. Until the most loaded rank is within ``epsilon`` of the
      tasks use them, so a destination already holding a document's keys takes its next chunks
      for the price of their queries; bytes inside a node move at the node's bandwidth, between
      nodes at the inter-node one (:class:`LinkCost`, from the simulator's
-     :class:`~distattn.cluster.profile.NetworkProfile`).
+     :class:`~distattn.network.NetworkProfile`).
 
    Moves that would push ``src``'s egress, ``u``'s ingress or the egress of the first and last
    owners of the task's keys above ``cap`` times the bytes of a rank's own rows are left out (if
@@ -47,11 +47,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cluster.profile import NetworkProfile, default_profile
+from ..network import NetworkProfile, default_profile
 from ..layout import Shards
+from .cad_cast import FANOUT, Nodes
 from .cad_planner import Segments, TaskTable, _ranges
 
 SHORTLIST = 16          # least-loaded ranks of the whole pool considered per move
+PICKS = 8               # moves made per pricing of a rank's tasks
 BACKWARD = 2.5          # backward attention time / forward
 
 
@@ -89,103 +91,165 @@ class RowBytes:
 
 
 class _Ledger:
-    """Loads, bytes in and out per rank, and the keys each rank already receives per document."""
+    """Loads, bytes in and out per rank, and the keys each rank and each node already receive per document."""
 
     def __init__(self, table: TaskTable, slots: Shards, links: LinkCost, rows: RowBytes, cap: float,
-                 overlap_s: float | None):
+                 overlap_s: float | None, nodes: Nodes):
         p = slots.world_size
-        self.table, self.slots, self.links, self.rows = table, slots, links, rows
+        self.table, self.slots, self.links, self.rows, self.nodes = table, slots, links, rows, nodes
         self.load = table.load(p)
         self.mean = float(self.load.mean())
-        self.node = np.arange(p) // links.gpus_per_node
-        self.egress, self.ingress = np.zeros(p), np.zeros(p)     # bytes per layer, both passes
+        self.node = nodes.dense
+        self.node_slots = slots.regroup(self.node, nodes.count)   # the tokens each node holds
+        # caps weigh a byte by its link's time: NVLink bytes count intra/inter of an inter-node byte
+        self.w_intra = links.intra_s_per_byte / links.inter_s_per_byte if nodes.count > 1 else 1.0
+        self.egress, self.ingress = np.zeros(p), np.zeros(p)     # weighted bytes per layer, both passes
         self.out_s, self.in_s = np.zeros(p), np.zeros(p)         # ... and their network seconds
         self.overlap_s = overlap_s
         self.tokens = slots.total / p
         self.cap = cap * self.tokens * (rows.q + rows.kv)
-        self.held: dict[int, dict[int, tuple[int, int]]] = {}   # doc -> rank -> key hull it receives
+        self.held: dict[int, dict[int, tuple[int, int]]] = {}        # doc -> rank -> key hull it receives
+        self.node_held: dict[int, dict[int, tuple[int, int]]] = {}   # doc -> node -> key hull crossing to it
+        self.node_relay: dict[int, dict[int, int]] = {}              # doc -> node -> its first receiving rank
 
     def owner(self, x) -> np.ndarray:
         return self.slots.owner_of(x)
 
     def destinations(self, src: int, docs: np.ndarray) -> np.ndarray:
-        p, g = len(self.load), self.links.gpus_per_node
+        p = len(self.load)
         pick = np.zeros(p, dtype=bool)
         pick[np.argpartition(self.load, min(SHORTLIST, p - 1))[:SHORTLIST]] = True
-        pick[self.node[src] * g:(self.node[src] + 1) * g] = True
+        pick[self.node == self.node[src]] = True
         docs = np.unique(docs)
         runs = np.searchsorted(self.slots.bounds, np.stack([self.table.ds[docs], self.table.de[docs] - 1]),
                                side="right") - 1
-        pick[self.slots.owner[_ranges(runs[0], runs[1] - runs[0] + 1)[1]]] = True   # ranks holding part of them
+        holders = self.slots.owner[_ranges(runs[0], runs[1] - runs[0] + 1)[1]]
+        pick[holders] = True                                  # ranks holding part of them
+        nodes = set(self.node[holders].tolist())
         for d in docs.tolist():
             pick[list(self.held.get(d, ()))] = True          # ranks already receiving their keys
+            nodes |= set(self.node_held.get(d, ()))
+        pick |= np.isin(self.node, list(nodes))              # ... and their nodes: keys move there over NVLink
         return np.nonzero(pick & (self.load < self.mean))[0]
 
-    def new_keys(self, tasks: np.ndarray, dests: np.ndarray) -> np.ndarray:
-        """``[tasks, dests]``: key rows each task needs at each destination that it neither owns nor holds."""
+    def _hulls(self, tasks: np.ndarray, held: dict, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[tasks, cols]`` key hulls already received, per task's document and column key."""
+        t = self.table
+        h0 = np.zeros((len(tasks), len(cols)), dtype=np.int64)
+        h1 = np.zeros_like(h0)
+        col = {}
+        for j, u in enumerate(cols.tolist()):
+            col.setdefault(u, []).append(j)
+        for i, task in enumerate(tasks.tolist()):
+            for u, (a, b) in held.get(int(t.doc[t.t_seg[task, 0]]), {}).items():
+                for j in col.get(u, ()):
+                    h0[i, j], h1[i, j] = a, b
+        return h0, h1
+
+    def new_keys(self, tasks: np.ndarray, dests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[tasks, dests]``: key rows each task needs at each destination that it neither owns nor
+        receives, and of those the rows its node neither holds nor receives (they cross nodes)."""
         t = self.table
         k0, k1 = t.t_k0[tasks][:, None], t.t_k1[tasks][:, None]
-        h0 = np.zeros((len(tasks), len(dests)), dtype=np.int64)
-        h1 = np.zeros_like(h0)
-        col = {int(u): j for j, u in enumerate(dests)}
-        for i, task in enumerate(tasks.tolist()):
-            for u, (a, b) in self.held.get(int(t.doc[t.t_seg[task, 0]]), {}).items():
-                if u in col:
-                    h0[i, col[u]], h1[i, col[u]] = a, b
 
-        held = np.maximum(np.minimum(k1, h1) - np.maximum(k0, h0), 0)
-        owned = self.slots.held_in(dests[None, :], k0, k1)
-        both = self.slots.held_in(dests[None, :], np.maximum(k0, h0), np.minimum(k1, h1))
-        return (k1 - k0) - owned - held + both
+        def missing(shards, who, hulls):
+            h0, h1 = hulls
+            a, b = np.maximum(k0, h0), np.minimum(k1, h1)
+            below = shards.held_before(who[None, None, :], np.stack(np.broadcast_arrays(k1, k0, b, a)))
+            owned = below[0] - below[1]
+            both = np.maximum(below[2] - below[3], 0) * (b > a)
+            return (k1 - k0) - owned - np.maximum(b - a, 0) + both
+        rank_new = missing(self.slots, dests, self._hulls(tasks, self.held, dests))
+        node = self.node[dests]
+        node_new = missing(self.node_slots, node, self._hulls(tasks, self.node_held, node))
+        return rank_new, np.minimum(node_new, rank_new)
 
-    def choose(self, src: int):
-        """The cheapest move off ``src``: ``(task, destination, want)`` or None."""
+    def choose(self, src: int) -> list[tuple[int, int]]:
+        """The cheapest moves off ``src``: ``[(task, destination), ...]`` (none: nothing pays off)."""
         t = self.table
         tasks = t.tasks_on(src)
         if tasks.size == 0:
-            return None
+            return []
         dests = self.destinations(src, t.doc[t.t_seg[tasks, 0]])
         if dests.size == 0:
-            return None
+            return []
         want = np.minimum(self.load[src] - self.mean, self.mean - self.load[dests])[None, :]
         gain = (1 + BACKWARD) * np.minimum(t.t_time[tasks][:, None], want)
         q_bytes = t.t_q[tasks][:, None] * self.rows.q
-        new_keys = self.new_keys(tasks, dests)
-        moved = q_bytes + new_keys * self.rows.kv
+        rank_new, node_new = self.new_keys(tasks, dests)
+        near_new = rank_new - node_new                  # keys that reach u over NVLink
         per_byte = self.per_byte(src, dests)[None, :]
-        score = moved * per_byte / np.maximum(gain, 1e-30)
+        w_q = self.weight(src, dests)[None, :]
+        links = self.links
+        seconds = (q_bytes * per_byte + near_new * self.rows.kv * links.intra_s_per_byte
+                   + node_new * self.rows.kv * links.inter_s_per_byte)
+        # weighted bytes in at u: keys new to its node arrive at its relays in turn, then over NVLink
+        size = self.nodes.size(dests)[None, :]
+        moved = q_bytes * w_q + (near_new * self.w_intra + node_new * (self.w_intra + 1 / size)) * self.rows.kv
+        score = seconds / np.maximum(gain, 1e-30)
         # the first and last owners of each task's keys (a causal prefix: the first is the busiest)
-        # send at most their own rows of them
+        # send at most their own rows of them, once per node
         key_owner = self.owner(t.t_k0[tasks])
-        key_out = np.maximum(self.egress[key_owner], self.egress[self.owner(t.t_k1[tasks] - 1)])
-        key_rows = np.minimum(new_keys, self.tokens)
-        key_out = key_out[:, None] + key_rows * self.rows.kv
-        while True:
-            ok = ((self.ingress[dests][None, :] + moved <= self.cap) & (self.egress[src] + q_bytes <= self.cap)
-                  & ((new_keys == 0) | (key_out <= self.cap)))
-            if ok.any():
-                break
-            self.cap *= 1.25
+        docs = t.doc[t.t_seg[tasks, 0]]
+        key_sender = np.asarray([self.tree_sender(int(d), int(o)) for d, o in zip(docs, key_owner)], dtype=np.int64)
+        key_out = np.maximum(self.egress[key_sender], self.egress[self.owner(t.t_k1[tasks] - 1)])
+        key_w = (np.minimum(node_new, self.tokens) + self.w_intra * np.minimum(near_new, self.tokens)) * self.rows.kv
+        key_out = key_out[:, None] + key_w
+        # the most loaded link a move leaves (src's egress, u's ingress, the keys' sender's egress)
+        worst = np.maximum.reduce([self.ingress[dests][None, :] + moved,
+                                   np.broadcast_to(self.egress[src] + q_bytes * w_q, moved.shape),
+                                   np.where(rank_new == 0, 0, key_out)])
+        ok = worst <= self.cap
+        if not ok.any():   # nothing fits the caps: the moves that overshoot them least
+            ok = worst <= worst.min() * (1 + 1e-9)
         if self.overlap_s is not None:
             # a move pays off if no rank it touches ends up slower than src was (attention plus
-            # communication its computation does not hide): the step waits for the slowest rank
+            # communication its computation does not hide): the step waits for the slowest rank.
+            # Keys crossing to u's node land on the node's relays in turn (cad_cast): u takes its
+            # share of the inter-node time and the NVLink hop
             before = self.busy(np.asarray([src]), 0, 0, 0)
-            key_s = key_rows * self.rows.kv * per_byte
-            src_owns = (key_owner == src)[:, None]   # src sends these keys itself
+            key_s = seconds - q_bytes * per_byte
+            into_u = seconds - node_new * self.rows.kv * links.inter_s_per_byte * (1 - 1 / size) \
+                + node_new * self.rows.kv * links.intra_s_per_byte
+            src_owns = (key_sender == src)[:, None]   # src sends these keys itself
             after = np.maximum.reduce([
                 self.busy(np.asarray([src])[None, :], q_bytes * per_byte + np.where(src_owns, key_s, 0), 0, -gain),
-                self.busy(dests[None, :], 0, moved * per_byte, gain),
-                np.where(src_owns, 0, self.busy(key_owner[:, None], key_s, 0, 0))])
+                self.busy(dests[None, :], 0, into_u, gain),
+                np.where(src_owns, 0, self.busy(key_sender[:, None], key_s, 0, 0))])
             ok &= after < before
-            score = after + 1e-3 * moved * per_byte
+            score = after + 1e-3 * seconds
         score = np.where(ok, score, np.inf)
-        i, j = np.unravel_index(np.argmin(score), score.shape)
-        if not np.isfinite(score[i, j]):  # every move exposes more communication than it saves
-            return None
-        return int(tasks[i]), int(dests[j]), float(want[0, j])
+        # the cheapest moves of distinct tasks to distinct ranks, until they would take off src
+        # what it has above the mean (later ones are priced on the ledger before the earlier ones:
+        # one pricing serves several moves)
+        picks, excess = [], self.load[src] - self.mean
+        for _ in range(PICKS):
+            i, j = np.unravel_index(np.argmin(score), score.shape)
+            if not np.isfinite(score[i, j]):  # every move left exposes more communication than it saves
+                break
+            picks.append((int(tasks[i]), int(dests[j])))
+            excess -= min(t.t_time[tasks[i]], want[0, j])
+            if excess <= 0:
+                break
+            score[i, :] = np.inf
+            score[:, j] = np.inf
+        return picks
 
-    def per_byte(self, src: int, dests) -> np.ndarray:
-        return np.where(self.node[dests] == self.node[src], self.links.intra_s_per_byte, self.links.inter_s_per_byte)
+    def tree_sender(self, d: int, owner: int, node: int | None = None) -> int:
+        """Who sends ``node`` (default: the next node to receive them) its copy of document ``d``'s
+        keys: the owner for the first ``FANOUT`` nodes, then the relay of the node's parent in an
+        ``FANOUT``-ary tree of the nodes in the order they joined (:mod:`.cad_cast`)."""
+        nodes = list(self.node_held.get(d, {}))
+        at = nodes.index(node) if node in nodes else len(nodes)
+        parent = at // FANOUT
+        return owner if parent == 0 else self.node_relay[d][nodes[parent - 1]]
+
+    def per_byte(self, src, dests) -> np.ndarray:
+        same = self.node[dests] == self.node[src]
+        return np.where(same, self.links.intra_s_per_byte, self.links.inter_s_per_byte)
+
+    def weight(self, src, dests) -> np.ndarray:
+        return np.where(self.node[dests] == self.node[src], self.w_intra, 1.0)
 
     def busy(self, ranks, more_out_s, more_in_s, more_work_s) -> np.ndarray:
         """Seconds per layer ``ranks`` spend on attention and on transfers nothing hides, after
@@ -200,72 +264,104 @@ class _Ledger:
         t = self.table
         d = int(t.doc[t.t_seg[task, 0]])
         q_owner = int(self.owner(t.q0[t.t_seg[task, 0]]))
-        q_bytes = float(t.t_q[task]) * self.rows.q
-        self._book(q_owner, u, q_bytes)
+        self._book(q_owner, u, float(t.t_q[task]) * self.rows.q)
         k0, k1 = int(t.t_k0[task]), int(t.t_k1[task])
         held = self.held.setdefault(d, {})
         h0, h1 = held.get(u, (k0, k0))
         for a, b in ((k0, min(k1, h0)), (max(k0, h1), k1)):   # keys outside what u already receives
             if b > a:
-                self._send_keys(a, b, u)
+                self._send_keys(d, a, b, u)
         held[u] = (min(h0, k0), max(h1, k1))
 
-    def _send_keys(self, a: int, b: int, u: int) -> None:
-        """Book keys ``[a, b)`` to ``u`` from the ranks holding them (``u``'s own keys stay)."""
+    def _send_keys(self, d: int, a: int, b: int, u: int) -> None:
+        """Book keys ``[a, b)`` of document ``d`` to ``u`` from the ranks holding them (``u``'s own
+        keys stay): from a rank of ``u``'s node, from the node's relay for keys already crossing to
+        it, else one inter-node copy from the tree's sender (:meth:`tree_sender`)."""
+        node = int(self.node[u])
+        nodes = self.node_held.setdefault(d, {})
+        relay = self.node_relay.setdefault(d, {}).setdefault(node, u)
+        n0, n1 = nodes.get(node, (a, a))
         _, run, start, end = self.slots.cut(a, b)
-        sender = self.slots.owner[run]
-        for r, n in zip(sender.tolist(), (end - start).tolist()):
-            if r != u:
-                self._book(r, u, n * self.rows.kv)
+        for r, s, e in zip(self.slots.owner[run].tolist(), start.tolist(), end.tolist()):
+            if r == u:
+                continue
+            if self.node[r] == node:
+                self._book(r, u, (e - s) * self.rows.kv)
+                continue
+            near = max(min(e, n1) - max(s, n0), 0)
+            if near and relay != u:
+                self._book(relay, u, near * self.rows.kv)
+            if e - s - near:   # one copy crosses to the node, to its relays in turn, then NVLink to u
+                self._book(self.tree_sender(d, r, node), u, (e - s - near) * self.rows.kv, spread=True)
+        nodes[node] = (min(n0, a), max(n1, b))
 
-    def _book(self, sender: int, u: int, nbytes: float) -> None:
+    def _book(self, sender: int, u: int, nbytes: float, spread: bool = False) -> None:
+        """``nbytes`` from ``sender`` to ``u``; ``spread``: received by the slots of ``u``'s node in
+        turn (relays), which forward them to ``u`` over NVLink."""
         seconds = nbytes * float(self.per_byte(sender, u))
-        self.egress[sender] += nbytes
-        self.ingress[u] += nbytes
+        weighted = nbytes * float(self.weight(sender, u))
+        self.egress[sender] += weighted
         self.out_s[sender] += seconds
+        if spread:
+            node = self.node == self.node[u]
+            self.ingress[node] += weighted / node.sum()
+            self.in_s[node] += seconds / node.sum()
+            weighted, seconds = nbytes * self.w_intra, nbytes * self.links.intra_s_per_byte
+        self.ingress[u] += weighted
         self.in_s[u] += seconds
 
 
 def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
                 chunk: int | None = None, links: LinkCost | None = None, rows: RowBytes | None = None,
-                cap: float = 2.0, overlap_s: float | None = None) -> Segments:
+                cap: float = 2.0, overlap_s: float | None = None, nodes: Nodes | None = None) -> Segments:
     """Build the task table and place its tasks (module docstring) over the ``slots``' tokens. ``cap``: bytes a rank may send
     or receive per layer, in units of a rank's own rows (Q, K and V of its tokens, both passes).
     ``overlap_s``: see :func:`distattn.schedulers.cad.build`."""
     p = slots.world_size
     chunk = chunk or max(128, slots.total // p // 4)
     table = TaskTable(mask, slots, chunk, cost)
-    ledger = _Ledger(table, slots, links or LinkCost.of(None, p), rows or RowBytes.of(), cap, overlap_s)
+    links = links or LinkCost.of(None, p)
+    nodes = nodes or Nodes.even(p, links.gpus_per_node)
+    ledger = _Ledger(table, slots, links, rows or RowBytes.of(), cap, overlap_s, nodes)
     load, mean = ledger.load, ledger.mean
     for _ in range(50 * p + 100):
         src = int(np.argmax(load))
         if load[src] <= (1 + epsilon) * mean:
             break
-        chosen = ledger.choose(src)
-        if chosen is None:
+        picks = ledger.choose(src)
+        if not picks:
             break
-        best, u, want = chosen
-        for _attempt in range(2):
-            work = table.t_time[best]
-            if work <= want + epsilon * mean:  # fits: move it whole
-                ledger.charge(best, u)
-                table.move(best, u)
-                load[src] -= work
-                load[u] += work
-                break
-            if table.is_pair(best):  # overshoots: its halves may fit
-                table.split_pair(best)
-                break
-            x = table.split_point(best, want)  # the head moves: it needs fewer keys than the tail
-            if x is not None:
-                tail_change, head_time = table.cut(best, x, u)
-                ledger.charge(table.n_task - 1, u)
-                load[src] += tail_change
-                load[u] += head_time
-                break
-            # u's room is below one query's cost: the least loaded rank takes the task or its head
-            u = int(np.argmin(load))
+        for best, u in picks:
             want = min(load[src] - mean, mean - load[u])
-        else:
-            break
+            if want <= 0:
+                break
+            _move(table, ledger, load, src, best, u, want, epsilon * mean)
     return table.segments()
+
+
+def _move(table: TaskTable, ledger: _Ledger, load: np.ndarray, src: int, best: int, u: int, want: float,
+          slack: float) -> None:
+    """Move task ``best`` off ``src`` to ``u`` (room ``want``): whole if it fits (within ``slack``),
+    else split a pair (its halves are priced next round) or move the head of its queries."""
+    mean = ledger.mean
+    for _attempt in range(2):
+        work = table.t_time[best]
+        if work <= want + slack:  # fits: move it whole
+            ledger.charge(best, u)
+            table.move(best, u)
+            load[src] -= work
+            load[u] += work
+            return
+        if table.is_pair(best):  # overshoots: its halves may fit
+            table.split_pair(best)
+            return
+        x = table.split_point(best, want)  # the head moves: it needs fewer keys than the tail
+        if x is not None:
+            tail_change, head_time = table.cut(best, x, u)
+            ledger.charge(table.n_task - 1, u)
+            load[src] += tail_change
+            load[u] += head_time
+            return
+        # u's room is below one query's cost: the least loaded rank takes the task or its head
+        u = int(np.argmin(load))
+        want = min(load[src] - mean, mean - load[u])

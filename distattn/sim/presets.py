@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 from ..schedulers import NAMES
 
-# the schedulers the simulator models: distattn's plus the ideal of per-document CP (WLB-LLM)
-SCHEDULERS = (*NAMES, "wlb-ideal")
+# bounds no schedule reaches: per-document CP with each replica's attention evened out over its ranks
+# (WLB-LLM's ideal), and all attention of all replicas evened out over all GPUs (no placement beats it)
+BOUNDS = ("wlb-ideal", "ideal")
+# the schedulers the simulator models: distattn's plus the bounds
+SCHEDULERS = (*NAMES, *BOUNDS)
 
 
 @dataclass(frozen=True)

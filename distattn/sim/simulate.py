@@ -8,13 +8,15 @@ replays their phases (:meth:`distattn.schedule.Schedule.phases`). Per layer and 
 
 * compute: linear layers ``6 * params_per_layer * tokens`` at ``mfu`` of peak (a third forward,
   two thirds backward), each attention phase's FLOPs at ``attn_efficiency`` of peak;
-* communication: each transfer's bytes timed on a :class:`~distattn.cluster.profile.NetworkProfile`
+* communication: each transfer's bytes timed on a :class:`~distattn.network.NetworkProfile`
   (the group's span of ranks decides intra- or inter-node) and hidden exactly as the phase says
   it runs: behind the same step's attention (``overlaps="attention"``: ring steps, the next head
   group's all-gather), behind the layer's other computation (``"layers"``: ``cad``'s ping-pong of
   nano-batches, :mod:`distattn.pingpong`), or not at all;
 * ``wlb-ideal``: per-document CP with every replica's attention perfectly balanced over its ranks
-  and no exposed communication -- the upper bound of WLB-LLM-style per-document sharding.
+  and no exposed communication -- the upper bound of WLB-LLM-style per-document sharding;
+* ``ideal``: the attention of all replicas spread evenly over all GPUs, no exposed communication --
+  the limit no placement (CAD's included) can beat.
 
 A replica's time is its slowest rank's; the step waits for the slowest replica (``dp_idle`` is
 the mean fraction of the step replicas spend waiting). :func:`simulate_with_timelines` also gives
@@ -43,7 +45,7 @@ from ..cost import Roofline
 from ..doclens import pack
 from ..schedule import AttnShape, Phase
 from ..schedulers import REGISTRY, spec
-from .presets import GPUS, MODELS, SCHEDULERS, GPUPreset, ModelPreset
+from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS, GPUPreset, ModelPreset
 
 # a rank's step, laid end to end: compute, then communication not hidden, then waiting for the slowest
 # rank of its replica and the slowest replica. overlapped_comm runs during compute, not after it.
@@ -89,7 +91,7 @@ def _replica_docs(cfg: SimConfig, pool) -> list[list[int]]:
 
 
 def nccl_size(op: str, n: int, sent):
-    """nccl-tests' size of a collective (:mod:`distattn.cluster.profile`) from the bytes a rank sends."""
+    """nccl-tests' size of a collective (:mod:`distattn.network`) from the bytes a rank sends."""
     sent = np.asarray(sent, dtype=np.float64)
     return sent if op == "send_recv" else sent * n / max(1, n - 1)
 
@@ -152,8 +154,8 @@ def layer_times(phases, ranks: int, net, flop_rate: float, lin_s: np.ndarray) ->
 
 
 def _entry(name: str):
-    """The registry entry a simulated row plans with (``wlb-ideal``: zigzag's schedule, evened out)."""
-    return spec("zigzag" if name == "wlb-ideal" else name)
+    """The registry entry a simulated row plans with (the bounds: zigzag's schedule, evened out)."""
+    return spec("zigzag" if name in BOUNDS else name)
 
 
 def dry_schedule(name: str, docs, world: int, num_kv_heads: int | None = None, causal: bool = True,
@@ -180,10 +182,14 @@ def _cluster_options(cfg: SimConfig, network) -> dict:
     return {"cost": cost, "network": network, "overlap_s": 6 * m.layer_params * tokens / (peak * cfg.mfu)}
 
 
-def ideal_phases(phases, ranks: int) -> list[Phase]:
-    """``wlb-ideal``: the attention of ``phases`` evened out over the ranks, no communication."""
-    return [Phase.per_rank(ph.direction, "attention", ph.what, ranks, np.full(ranks, ph.total(ranks).mean()))
-            for ph in phases if not ph.is_comm]
+def ideal_phases(phases, ranks: int, mean=None) -> list[Phase]:
+    """The bounds: the attention of ``phases`` evened out over the ranks (``wlb-ideal``), or set to
+    ``mean[i]`` per rank for the ``i``-th attention phase (``ideal``: the mean over all replicas); no
+    communication."""
+    attention = [ph for ph in phases if not ph.is_comm]
+    means = mean if mean is not None else [ph.total(ranks).mean() for ph in attention]
+    return [Phase.per_rank(ph.direction, "attention", ph.what, ranks, np.full(ranks, m))
+            for ph, m in zip(attention, means)]
 
 
 def _memory_gb(cfg: SimConfig, tokens: float, buffers: float) -> float:
@@ -226,11 +232,16 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
             groups = [(dry_schedule(name, rep, cfg.cp, **heads, **_cluster_options(cfg, network)), cfg.cp)
                       for rep in docs]
         ranks_compute, rank_exposed, rank_comm, flops_attn, mem = [], [], [], 0.0, 0.0
-        for schedule, n in groups:
+        every = [schedule.phases(shape) for schedule, _ in groups]
+        mean = None
+        if name == "ideal":   # each attention phase's FLOPs over all GPUs of all replicas
+            attention = [[ph for ph in phases if not ph.is_comm] for phases in every]
+            mean = [sum(float(group[i].total(n).sum()) for group, (_, n) in zip(attention, groups)) / cfg.gpus
+                    for i in range(len(attention[0]))]
+        for (schedule, n), phases in zip(groups, every):
             tokens = np.asarray(schedule.rank_tokens(), dtype=np.float64)
-            phases = schedule.phases(shape)
-            if name == "wlb-ideal":
-                phases = ideal_phases(phases, n)
+            if name in BOUNDS:
+                phases = ideal_phases(phases, n, mean)
             lin = 6 * m.layer_params * tokens / (peak * cfg.mfu)
             t = layer_times(phases, n, network, rate, lin)
             head = 6 * m.vocab * m.dim * tokens / (peak * cfg.mfu)
@@ -252,7 +263,7 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
             "mfu": float(flops_model / step / (peak * cfg.gpus)),
             "compute_s": float(np.max(ranks_compute)), "exposed_comm_s": float(rank_exposed[slowest]),
             "comm_s": float(rank_comm[slowest]),
-            "compute_imbalance": float(np.max(ranks_compute) / np.mean(ranks_compute)),
+            "compute_imbalance": max(1.0, float(np.max(ranks_compute) / np.mean(ranks_compute))),  # 1 - ulp happens
             "dp_idle": float(np.mean([(step - t) / step for t in rep_times])),
             "memory_gb": float(mem), "fits_memory": bool(mem <= cfg.gpu.memory_gb),
         })
@@ -290,9 +301,9 @@ def write_timeline(rows: list[dict], path: str | Path) -> None:
 
 
 def recommend(model: ModelPreset, gpus: int, seq_len: int, network, pool=None, gpu: GPUPreset = GPUS["h100"],
-              gpus_per_node: int = 8, schedulers=SCHEDULERS[:-1], progress=None) -> tuple[dict, list[dict]]:
+              gpus_per_node: int = 8, schedulers=SCHEDULERS[:-len(BOUNDS)], progress=None) -> tuple[dict, list[dict]]:
     """Try every power-of-two CP degree that fits memory with every real scheduler; return the
-    result with the most tokens/s per GPU and all of them (``wlb-ideal`` is a bound, not a choice).
+    result with the most tokens/s per GPU and all of them (the bounds are not choices).
     Candidates differ in DP size, so step time alone would favour the largest CP degree."""
     rows, cp = [], 1
     while cp <= gpus:
