@@ -35,13 +35,15 @@ def test_keys_cross_to_a_node_once_and_fan_out_inside_it():
     comp = np.array([1, 2, 2, 3])
     a, b = np.array([0, 0, 150, 0]), np.array([100, 150, 180, 150])
     legs = key_legs(comp, a, b, slots, Nodes.even(4, 2))
-    # hop 1: slot 1 gets slot 0's rows over NVLink, to compute on and to send on; slot 1 hands its
-    # rows to slot 0 (each owner's node peer sends its copy to another node)
-    assert _legs(legs, 1) == [(0, 1, 0, 100), (1, 0, 100, 180)]
-    # hop 2: each owner's rows cross to node 1 once, to its slots in turn (the larger group first)
-    assert _legs(legs, 2) == [(0, 3, 100, 180), (1, 2, 0, 100)]
-    # hop 3: each relay forwards inside node 1 what the other slot needs
-    assert _legs(legs, 3) == [(2, 3, 0, 100), (3, 2, 100, 180)]
+    # what crosses to a node, per owner, in two equal shares, one per slot there: owner 0 sends
+    # rows 0..99 (shares 0..49, 50..99), owner 1 rows 100..179 (100..139, 140..179). Hop 1: slot 1
+    # gets slot 0's rows over NVLink (to compute on, and share 1 to send on), slot 0 slot 1's share
+    # 0; an owner keeps the share it sends itself
+    assert _legs(legs, 1) == [(0, 0, 0, 50), (0, 1, 0, 100), (1, 0, 100, 140), (1, 1, 140, 180)]
+    # hop 2: each row crosses to node 1 once, share 0 to slot 2, share 1 to slot 3
+    assert _legs(legs, 2) == [(0, 2, 0, 50), (0, 2, 100, 140), (1, 3, 50, 100), (1, 3, 140, 180)]
+    # hop 3: each slot forwards inside node 1 what the other slot needs of its shares
+    assert _legs(legs, 3) == [(2, 3, 0, 50), (2, 3, 100, 140), (3, 2, 50, 100), (3, 2, 140, 180)]
     for c in range(4):   # every slot receives its keys, and a relay what it forwards
         need = set().union(*(range(x, y) for x, y, cc in zip(a, b, comp) if cc == c))
         assert need <= _received(legs, c, 4)
@@ -60,13 +62,16 @@ def test_a_tree_of_nodes_bounds_the_copies_a_slot_sends():
     assert legs.hops == 3
 
 
-def test_queries_leave_a_node_on_their_destination_rail():
-    """Slot 0's queries to slot 3 (local index 1 on node 1) go first to slot 1 (index 1 on node 0);
-    those to slot 2 (index 0) go straight, as do those inside the node."""
+def test_queries_cross_nodes_share_by_share():
+    """Slot 0's queries 0..9 go to slot 1 (its node: straight), 10..19 to slot 2, 20..69 to slot 3:
+    the 60 rows crossing to node 1 go in two shares, 10..39 by slot 0 to slot 2 and 40..69 by slot
+    1 to slot 3, and slot 2 forwards slot 3 its part of share 0 -- both network cards of both nodes
+    carry half, though one slot sends them and another gets most."""
     slots = Layout("contiguous").shards([400], 4)
-    legs = query_legs(np.array([1, 2, 3]), np.array([0, 10, 20]), np.array([10, 20, 30]), slots, Nodes.even(4, 2))
-    assert _legs(legs, 1) == [(0, 1, 0, 10), (0, 1, 20, 30), (0, 2, 10, 20)]
-    assert _legs(legs, 2) == [(1, 3, 20, 30)]
+    legs = query_legs(np.array([1, 2, 3]), np.array([0, 10, 20]), np.array([10, 20, 70]), slots, Nodes.even(4, 2))
+    assert _legs(legs, 1) == [(0, 0, 10, 40), (0, 1, 0, 10), (0, 1, 40, 70)]
+    assert _legs(legs, 2) == [(0, 2, 10, 40), (1, 3, 40, 70)]
+    assert _legs(legs, 3) == [(2, 3, 20, 40)]
 
 
 def test_on_one_node_everything_is_direct():
@@ -124,4 +129,4 @@ def test_group_cast_is_exact_and_sends_what_the_schedule_says(world, gpus_per_no
             assert err < 1e-12, (case, err)
             assert fwd == want["forward"] and bwd == want["backward"], (case, fwd, bwd, want)
             hops.add(q_kv_hops)
-    assert max(q for q, _ in hops) == 2 and max(kv for _, kv in hops) >= 2, hops   # relays and PXN do run
+    assert max(q for q, _ in hops) == 3 and max(kv for _, kv in hops) >= 3, hops   # shares cross and fan out

@@ -114,11 +114,11 @@ def test_phases_split_intra_and_inter_node_bytes_and_the_simulator_waits_for_the
         assert (t >= net.time("all_to_all", ranks, ph.inter * ranks / (ranks - 1)) - 1e-12).all()
         assert (t >= net.time("all_to_all", 8, ph.intra * 8 / 7) - 1e-12).all()
     names = [ph.what for ph in schedule.phases(SHAPE) if ph.is_comm]
-    q_hops, kv_hops = schedule.hops   # 4 nodes: K/V down trees, Q over the rails
+    q_hops, kv_hops = schedule.hops   # 4 nodes: K/V down trees, Q in shares over the slots of both nodes
 
     def hops(what, n):
         return [what] + [f"{what}, hop {h}" for h in range(2, n + 1)]
-    assert q_hops == 2 and kv_hops >= 2
+    assert q_hops == 3 and kv_hops >= 3
     assert names == (hops("Q, K/V to workers", kv_hops) + hops("out to owners", q_hops)[::-1]
                      + hops("dout to workers", q_hops) + hops("dQ, dK/dV to owners", kv_hops)[::-1])
     one_node = distattn.plan(_docs(8), 8, scheduler="cad").schedule

@@ -1,26 +1,29 @@
 """Routes of CAD's rows over nodes: group-cast of K/V down a tree of nodes, group-reduce back up it,
-and Q through the owner's node peers (MagiAttention's group-cast/group-reduce, NCCL's PXN).
+and Q over every rail (MagiAttention's group-cast/group-reduce; rail-aligned like NCCL's PXN).
 
 A slot computing tasks needs their query rows and the union of their key rows
 (:mod:`distattn.schedulers.cad`). Sent straight from their owners, a long document whose queries
 run on many nodes has its key prefix sent by the same owners once per destination *slot*, and
-their query rows leave through one network card. Here:
+their query rows leave through one network card. Here an owner's rows are cut into *shares*, one
+per slot of a node (:meth:`~distattn.layout.Shards.quantiles`); share ``j`` crosses between nodes
+only from a slot of local index ``j`` to a slot of local index ``j`` (its *rail*), so what one
+owner sends, or one slot needs, spreads over all network cards of both nodes:
 
 * **K/V, group-cast.** A key row crosses the inter-node fabric once per destination *node*. Slots
   of the owner's node get it straight from the owner (NVLink). The other nodes needing rows of an
-  owner form an ``f``-ary tree rooted at the owner's node (``FANOUT``; the owner hands each first
-  copy to another slot of its node, which sends it on its own network card; the nodes needing the most rows
-  nearest the root): each node's *relay* -- the node's slots in turn, so that the many trees
-  through one node spread over its network cards -- receives what its whole subtree needs from its
-  parent, forwards each child node's part to the child's relay and, over NVLink, each slot of its
-  node its rows. A slot sends at most
-  ``f`` inter-node copies of any row, and a tree of ``m`` nodes is ``log_f m`` hops deep.
+  owner form an ``f``-ary tree rooted at the owner's node (``FANOUT``; the nodes needing the most
+  rows nearest the root; hop 1 hands each share to its rail's slot of the owner's node). In each
+  node, the slot of a share's rail receives what the node's whole subtree needs of it from the
+  parent node's slot of that rail, forwards each child node its part, and over NVLink each slot of
+  its node its rows. A slot sends at most ``f`` inter-node copies of any row, and a tree of ``m``
+  nodes is ``log_f m`` hops deep.
 * **dK/dV, group-reduce.** Backward runs the K/V legs in reverse: each slot returns its partial
   gradients to whoever sent it the rows, a relay sums its node's and its subtree's partials with
   its own before passing one partial per row up, and the owner sums what comes back.
-* **Q, PXN.** A query row bound for another node goes first over NVLink to the slot of its owner's
-  node with the destination's local index, which sends it over that index's rail: an owner whose
-  queries leave spreads them over its node's network cards. out, dout and dQ take the same path.
+* **Q, over the rails.** A query row goes to one slot, so its tree is flat: share ``j`` of the
+  rows an owner sends to another node goes over NVLink to its node's slot ``j``, across to the
+  destination node's slot ``j`` and over NVLink to the destination -- the rows one owner or one
+  destination moves spread over all network cards of both nodes. out, dout and dQ take the same path.
 
 Every transfer is a *leg* ``(hop, src, dst, start, end)``: rows ``[start, end)`` of the global token
 space move from slot ``src`` to slot ``dst`` in hop ``1, 2, ...`` (one all-to-all per hop). Hop 1
@@ -136,17 +139,9 @@ class Legs:
 
 
 def query_legs(comp: np.ndarray, a: np.ndarray, b: np.ndarray, slots: Shards, nodes: Nodes) -> Legs:
-    """Legs delivering queries ``[a[i], b[i])`` to slot ``comp[i]``: straight from their owner on its
-    own node or its destination's rail, else through the owner's node peer on that rail (PXN)."""
-    i, run, s, e = slots.cut(a, b)
-    owner, dest = slots.owner[run], np.asarray(comp, dtype=np.int64)[i]
-    via = np.where(nodes.same(owner, dest), owner, nodes.peer(owner, nodes.local(dest)))
-    straight = via == owner
-    return Legs.of(np.concatenate([np.ones(straight.sum()), np.ones((~straight).sum()), np.full((~straight).sum(), 2)]),
-                   np.concatenate([owner[straight], owner[~straight], via[~straight]]),
-                   np.concatenate([dest[straight], via[~straight], dest[~straight]]),
-                   np.concatenate([s[straight], s[~straight], s[~straight]]),
-                   np.concatenate([e[straight], e[~straight], e[~straight]]))
+    """Legs delivering queries ``[a[i], b[i])`` to slot ``comp[i]``: straight inside a node, else
+    share by share over the rails (every destination node a child of the owner's: no relaying)."""
+    return key_legs(comp, a, b, slots, nodes, fanout=nodes.count)
 
 
 def key_legs(comp: np.ndarray, a: np.ndarray, b: np.ndarray, slots: Shards, nodes: Nodes,
@@ -160,25 +155,22 @@ def key_legs(comp: np.ndarray, a: np.ndarray, b: np.ndarray, slots: Shards, node
     legs = [(np.ones(near.sum(), dtype=np.int64), owner[near], dest[near], s[near], e[near])]
     owner, dest, s, e = owner[~near], dest[~near], s[~near], e[~near]
     if owner.size:
-        legs += _tree_legs(owner, dest, s, e, nodes, slots.total + 1, fanout)
+        legs += _tree_legs(owner, dest, s, e, nodes, slots, fanout)
     return Legs.of(*(np.concatenate([leg[n] for leg in legs]) for n in range(5)))
 
 
-def _tree_legs(owner, dest, s, e, nodes: Nodes, span: int, fanout: int) -> list[tuple]:
-    """The legs of the remote pieces ``(owner, dest, s, e)``: one tree of nodes per owner, its
-    first copies sent by the owner's node peers (hop 1 hands them the rows over NVLink)."""
-    node, n_nodes, peer = nodes.dense, nodes.count, nodes.peer
+def _tree_legs(owner, dest, s, e, nodes: Nodes, slots: Shards, fanout: int) -> list[tuple]:
+    """The legs of the remote pieces ``(owner, dest, s, e)``: one tree of nodes per owner; share
+    ``j`` of an owner's rows travels between the nodes' slots of local index ``j`` (hop 1 hands it
+    to the owner's node peer ``j`` over NVLink)."""
+    node, n_nodes, peer, span = nodes.dense, nodes.count, nodes.peer, slots.total + 1
     # groups: (owner, destination node); a group's rows, merged, offset so groups stay apart
     group_of = owner * n_nodes + node[dest]
     groups, g = np.unique(group_of, return_inverse=True)
     g_owner, g_node = groups // n_nodes, groups % n_nodes
-    # rows per (group, destination slot)
-    p = len(node)
-    pair, inverse = np.unique(g * p + dest, return_inverse=True)
-    pair_rows = np.bincount(inverse, e - s, minlength=len(pair))
-    pair_group, pair_slot = pair // p, pair % p
-    rows = np.bincount(pair_group, pair_rows, minlength=len(groups))
-    one_dest = pair_slot[np.searchsorted(pair_group, np.arange(len(groups)))]   # a destination of each group
+    rows = np.bincount(g, e - s, minlength=len(groups))
+    at_node = np.zeros(len(groups), dtype=np.int64)
+    at_node[g] = dest                                        # a slot of each group's node
     # each owner's groups in a heap: most rows first, position 1.. (0 is the owner), parent (i-1)//f
     order = np.lexsort((g_node, -rows, g_owner))
     start = np.searchsorted(g_owner[order], g_owner[order], side="left")   # the owner's first, in order
@@ -187,22 +179,13 @@ def _tree_legs(owner, dest, s, e, nodes: Nodes, span: int, fanout: int) -> list[
     pos = rank_in - start[rank_in] + 1
     parent_pos = (pos - 1) // fanout
     parent = np.where(parent_pos >= 1, order[np.minimum(start[rank_in] + parent_pos - 1, len(groups) - 1)], -1)
-    # the relay: the node's slots in turn, largest groups first, so that what crosses to a node --
-    # a long document's whole key prefix, for the slot computing its last queries -- spreads over
-    # the node's network cards (the hop inside the node is NVLink's)
-    by_node = np.lexsort((-rows, g_node))
-    turn = np.empty(len(groups), dtype=np.int64)
-    turn[by_node] = np.arange(len(groups)) - np.searchsorted(g_node[by_node], g_node[by_node])
-    size = nodes.size(one_dest)
-    snake = np.where((turn // size) % 2 == 0, turn % size, size - 1 - turn % size)   # 0..g-1, g-1..0, ...
-    relay = peer(one_dest, snake)
     depth = np.ones(len(groups), dtype=np.int64)
     for _ in range(64):                                          # depth = parent's depth + 1
         new = np.where(parent >= 0, depth[np.maximum(parent, 0)] + 1, 1)
         if np.array_equal(new, depth):
             break
         depth = new
-    # what each group's relay receives: the union of its subtree's rows, deepest groups first
+    # what each group's node receives: the union of its subtree's rows, deepest groups first
     own0, own1 = merge_intervals(g * span + s, g * span + e)
     sub0, sub1 = own0, own1
     for level in range(int(depth.max()), 1, -1):
@@ -210,20 +193,67 @@ def _tree_legs(owner, dest, s, e, nodes: Nodes, span: int, fanout: int) -> list[
         moved = parent[sub0[child] // span] - sub0[child] // span   # shift into the parent's band
         sub0, sub1 = merge_intervals(np.concatenate([sub0, sub0[child] + moved * span]),
                                      np.concatenate([sub1, sub1[child] + moved * span]))
-    # the owner's node peers send its copies (child k by the peer k + 1 places along), so that an
-    # owner of a long document does not send them all through its own network card
-    first_peer = peer(g_owner, nodes.local(g_owner) + pos)
-    sg = sub0 // span
+    # shares: a long document's whole key prefix, crossing to the node computing its last
+    # queries, spreads over all the node's network cards (and the forwarding over all its slots)
+    parts = int(nodes.size(np.arange(len(node))).max())
+    sub = sub0 // span
+    slo, shi = sub0 - sub * span, sub1 - sub * span
+    cuts = quantiles(sub, slo, shi, len(groups), parts)      # [group, parts + 1]: of what its node receives
+    root = parent[sub] < 0
+    out0, out1 = merge_intervals(g_owner[sub[root]] * span + slo[root], g_owner[sub[root]] * span + shi[root])
+    owners, out_owner = np.unique(out0 // span, return_inverse=True)
+    out_cuts = quantiles(out_owner, out0 - out0 // span * span, out1 - out0 // span * span, len(owners), parts)
+    # what each node receives, share by share, from the sending node's slot holding the row's share
+    w, share, lo, hi = _shares(slo, shi, cuts[sub])
+    sg = sub[w]
     root = parent[sg] < 0
-    sender = np.where(root, first_peer[sg], relay[np.maximum(parent[sg], 0)])
-    lo, hi = sub0 - sg * span, sub1 - sg * span
-    # (to itself when the node has no other slot: a later hop sends only rows an earlier one brought)
-    to_peers = (np.ones(root.sum(), dtype=np.int64), g_owner[sg][root], first_peer[sg][root], lo[root], hi[root])
-    down = (depth[sg] + 1, sender, relay[sg], lo, hi)
-    # inside the node: the relay forwards each other slot its rows
-    fan = dest != relay[g]
-    inside = (depth[g][fan] + 2, relay[g][fan], dest[fan], s[fan], e[fan])
+    sending = np.where(root[:, None], out_cuts[np.searchsorted(owners, g_owner[sg])], cuts[np.maximum(parent[sg], 0)])
+    w2, by, lo, hi = _shares(lo, hi, sending)
+    sg, share, root = sg[w2], share[w2], root[w2]
+    sender = peer(np.where(root, g_owner[sg], at_node[np.maximum(parent[sg], 0)]), by)
+    # (to itself when it is the owner: a later hop sends only rows an earlier one brought)
+    to_peers = (np.ones(root.sum(), dtype=np.int64), g_owner[sg][root], sender[root], lo[root], hi[root])
+    down = (depth[sg] + 1, sender, peer(at_node[sg], share), lo, hi)
+    # inside the node: each share's slot forwards each other slot its rows
+    w, share, lo, hi = _shares(s, e, cuts[g])
+    relay, to = peer(at_node[g[w]], share), dest[w]
+    fan = to != relay
+    inside = (depth[g[w]][fan] + 2, relay[fan], to[fan], lo[fan], hi[fan])
     return [to_peers, down, inside]
+
+
+def quantiles(group, lo, hi, groups: int, parts: int) -> np.ndarray:
+    """``[groups, parts + 1]``: where each group's ``j``-th of ``parts`` equal shares of its rows
+    begins (column ``parts``: its last row + 1), its rows being the disjoint intervals ``[lo, hi)``
+    sorted by ``(group, lo)``."""
+    length = hi - lo
+    reach = np.cumsum(length)
+    before = reach - length
+    total = np.bincount(group, length, minlength=groups).astype(np.int64)
+    base = np.zeros(groups, dtype=np.int64)
+    has = total > 0
+    base[has] = before[np.searchsorted(group, np.nonzero(has)[0])]
+    want = base[:, None] + (np.arange(parts + 1)[None, :] * total[:, None]) // parts
+    inner = np.minimum(want, base[:, None] + np.maximum(total[:, None] - 1, 0))
+    j = np.minimum(np.searchsorted(reach, inner, side="right"), max(len(lo) - 1, 0))
+    if len(lo) == 0:
+        return np.zeros((groups, parts + 1), dtype=np.int64)
+    pos = lo[j] + inner - before[j] + (want > inner)
+    return np.where(has[:, None], pos, 0)
+
+
+def _shares(lo, hi, cuts) -> tuple[np.ndarray, ...]:
+    """Intervals ``[lo[i], hi[i])`` cut where the shares of ``cuts[i]`` begin (see
+    :func:`quantiles`): ``(i, share, lo, hi)`` per non-empty piece."""
+    inner = cuts[:, 1:-1]
+    first = (inner <= lo[:, None]).sum(1)
+    last = (inner <= (hi - 1)[:, None]).sum(1)
+    which = np.repeat(np.arange(len(lo)), last - first + 1)
+    share = index_runs(first, last - first + 1)
+    a = np.maximum(lo[which], cuts[which, share])
+    b = np.minimum(hi[which], cuts[which, share + 1])
+    keep = b > a
+    return which[keep], share[keep], a[keep], b[keep]
 
 
 def merge_intervals(a0: np.ndarray, a1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

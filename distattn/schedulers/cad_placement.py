@@ -16,19 +16,22 @@ rank owning its queries. Until the most loaded rank is within ``epsilon`` of the
      out, out, lse and dQ back) and the key rows ``u`` neither owns nor already receives for this
      document (K/V out, fp32 dK/dV back) -- K/V rows go once to each destination however many
      tasks use them, so a destination already holding a document's keys takes its next chunks
-     for the price of their queries; bytes inside a node move at the node's bandwidth, between
-     nodes at the inter-node one (:class:`LinkCost`, from the simulator's
-     :class:`~distattn.network.NetworkProfile`).
+     for the price of their queries. Rows are priced as :mod:`.cad_cast` moves them: inside a
+     node at the node's bandwidth; keys that ``u``'s node already receives for another slot at
+     NVLink's only (they are forwarded there); keys new to the node as one inter-node copy, sent by
+     the owner's node or by the parent node of the document's tree and spread share by share over
+     the slots of both nodes (:class:`LinkCost`, from :class:`~distattn.network.NetworkProfile`).
 
-   Moves that would push ``src``'s egress, ``u``'s ingress or the egress of the first and last
-   owners of the task's keys above ``cap`` times the bytes of a rank's own rows are left out (if
-   none is left, the cap grows by a quarter). The move with the lowest cost per gain wins, ties
-   to the lowest task and rank.
+   Moves that would push ``src``'s egress, ``u``'s ingress or the egress of the senders of the
+   task's keys above ``cap`` times the bytes of a rank's own rows are left out (if none is left,
+   the moves that overshoot least stay in). The move with the lowest cost per gain wins, ties
+   to the lowest task and rank; one pricing serves up to ``PICKS`` moves of distinct tasks to
+   distinct ranks, each booked before the next is made.
 
    With ``overlap_s`` (seconds per layer a rank computes besides attention, behind which
    :func:`distattn.pingpong.ping_pong` hides transfers) a move must also pay off: each rank's
    time is its attention plus the transfer time that its ``overlap_s`` and attention do not
-   hide, and after the move neither ``src``, ``u`` nor the keys' first owner may be as slow as
+   hide, and after the move neither ``src``, ``u`` nor the keys' sender may be as slow as
    ``src`` was before. Among the moves that pay off the one leaving the slowest of them fastest
    wins. If none pays off, placement stops: the step would get slower, not faster.
 3. The chosen task moves whole when it fits ``u``; a head/tail pair that overshoots is split into
@@ -36,7 +39,8 @@ rank owning its queries. Until the most loaded rank is within ``epsilon`` of the
    queries cut so that the head -- which sees the shorter key prefix -- carries what ``u`` can
    take, and the head moves.
 
-Egress is charged to the ranks that own the rows sent (K/V owners, not ``src``), ingress to ``u``.
+Egress is charged to the ranks that send the rows (K/V owners, or the slots forwarding a share,
+not ``src``), ingress to ``u`` and, for rows crossing nodes, to every slot of ``u``'s node.
 For windowed documents the keys a destination holds are tracked as one hull, a slight
 underestimate of the bytes of later moves.
 """
@@ -183,7 +187,7 @@ class _Ledger:
         links = self.links
         seconds = (q_bytes * per_byte + near_new * self.rows.kv * links.intra_s_per_byte
                    + node_new * self.rows.kv * links.inter_s_per_byte)
-        # weighted bytes in at u: keys new to its node arrive at its relays in turn, then over NVLink
+        # weighted bytes in at u: keys new to its node arrive at its slots share by share, then over NVLink
         size = self.nodes.size(dests)[None, :]
         moved = q_bytes * w_q + (near_new * self.w_intra + node_new * (self.w_intra + 1 / size)) * self.rows.kv
         score = seconds / np.maximum(gain, 1e-30)
@@ -205,7 +209,7 @@ class _Ledger:
         if self.overlap_s is not None:
             # a move pays off if no rank it touches ends up slower than src was (attention plus
             # communication its computation does not hide): the step waits for the slowest rank.
-            # Keys crossing to u's node land on the node's relays in turn (cad_cast): u takes its
+            # Keys crossing to u's node land on its slots share by share (cad_cast): u takes its
             # share of the inter-node time and the NVLink hop
             before = self.busy(np.asarray([src]), 0, 0, 0)
             key_s = seconds - q_bytes * per_byte
@@ -264,7 +268,10 @@ class _Ledger:
         t = self.table
         d = int(t.doc[t.t_seg[task, 0]])
         q_owner = int(self.owner(t.q0[t.t_seg[task, 0]]))
-        self._book(q_owner, u, float(t.t_q[task]) * self.rows.q)
+        if self.node[q_owner] == self.node[u]:
+            self._book(q_owner, u, float(t.t_q[task]) * self.rows.q)
+        else:
+            self._cast(q_owner, u, float(t.t_q[task]) * self.rows.q, 0.0)
         k0, k1 = int(t.t_k0[task]), int(t.t_k1[task])
         held = self.held.setdefault(d, {})
         h0, h1 = held.get(u, (k0, k0))
@@ -275,11 +282,11 @@ class _Ledger:
 
     def _send_keys(self, d: int, a: int, b: int, u: int) -> None:
         """Book keys ``[a, b)`` of document ``d`` to ``u`` from the ranks holding them (``u``'s own
-        keys stay): from a rank of ``u``'s node, from the node's relay for keys already crossing to
-        it, else one inter-node copy from the tree's sender (:meth:`tree_sender`)."""
+        keys stay): from a rank of ``u``'s node, from the node's relays for keys already crossing to
+        it, else one inter-node copy from the tree's sending node (:meth:`tree_sender`)."""
         node = int(self.node[u])
         nodes = self.node_held.setdefault(d, {})
-        relay = self.node_relay.setdefault(d, {}).setdefault(node, u)
+        self.node_relay.setdefault(d, {}).setdefault(node, u)
         n0, n1 = nodes.get(node, (a, a))
         _, run, start, end = self.slots.cut(a, b)
         for r, s, e in zip(self.slots.owner[run].tolist(), start.tolist(), end.tolist()):
@@ -289,26 +296,30 @@ class _Ledger:
                 self._book(r, u, (e - s) * self.rows.kv)
                 continue
             near = max(min(e, n1) - max(s, n0), 0)
-            if near and relay != u:
-                self._book(relay, u, near * self.rows.kv)
-            if e - s - near:   # one copy crosses to the node, to its relays in turn, then NVLink to u
-                self._book(self.tree_sender(d, r, node), u, (e - s - near) * self.rows.kv, spread=True)
+            self._cast(self.tree_sender(d, r, node), u, (e - s - near) * self.rows.kv, near * self.rows.kv)
         nodes[node] = (min(n0, a), max(n1, b))
 
-    def _book(self, sender: int, u: int, nbytes: float, spread: bool = False) -> None:
-        """``nbytes`` from ``sender`` to ``u``; ``spread``: received by the slots of ``u``'s node in
-        turn (relays), which forward them to ``u`` over NVLink."""
-        seconds = nbytes * float(self.per_byte(sender, u))
-        weighted = nbytes * float(self.weight(sender, u))
-        self.egress[sender] += weighted
-        self.out_s[sender] += seconds
-        if spread:
-            node = self.node == self.node[u]
-            self.ingress[node] += weighted / node.sum()
-            self.in_s[node] += seconds / node.sum()
-            weighted, seconds = nbytes * self.w_intra, nbytes * self.links.intra_s_per_byte
-        self.ingress[u] += weighted
-        self.in_s[u] += seconds
+    def _book(self, sender: int, u: int, nbytes: float) -> None:
+        """``nbytes`` straight from ``sender`` to ``u``."""
+        self.egress[sender] += nbytes * float(self.weight(sender, u))
+        self.out_s[sender] += nbytes * float(self.per_byte(sender, u))
+        self.ingress[u] += nbytes * float(self.weight(sender, u))
+        self.in_s[u] += nbytes * float(self.per_byte(sender, u))
+
+    def _cast(self, sender: int, u: int, far: float, near: float) -> None:
+        """``far`` bytes crossing from ``sender``'s node to ``u``'s in equal shares over the slots of
+        both nodes, then with ``near`` bytes already on ``u``'s node forwarded to ``u`` by the slots
+        holding their shares (NVLink)."""
+        src, dst = self.node == self.node[sender], self.node == self.node[u]
+        inter, intra = self.links.inter_s_per_byte, self.links.intra_s_per_byte
+        self.egress[src] += far / src.sum()
+        self.out_s[src] += far * inter / src.sum()
+        self.ingress[dst] += far / dst.sum()
+        self.in_s[dst] += far * inter / dst.sum()
+        self.egress[dst] += (far + near) * self.w_intra / dst.sum()
+        self.out_s[dst] += (far + near) * intra / dst.sum()
+        self.ingress[u] += (far + near) * self.w_intra
+        self.in_s[u] += (far + near) * intra
 
 
 def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
