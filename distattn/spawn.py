@@ -18,7 +18,8 @@ and the caller kills what is left on every way out). Ctrl-C (SIGINT) stops every
 at once and raises ``KeyboardInterrupt`` in the caller. SIGTERM -- how Slurm and most schedulers
 preempt -- is passed on to every rank, which may handle it (the trainer saves a checkpoint at
 the next step boundary); the caller then waits up to ``term_grace`` seconds for the ranks to
-finish and raises :class:`Terminated`.
+finish and raises :class:`Terminated`. The same holds when SIGTERM reaches the whole process group
+at once (Slurm signals every process of a step): the forkserver ignores it.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def _context():
     ctx = mp.get_context("forkserver")
     # Children fork from a server that has already imported torch: starting a
     # rank then costs milliseconds instead of a fresh interpreter's seconds.
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "distattn"])
+    # distattn._forkserver makes the server outlive a SIGTERM sent to the whole process group
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "distattn", "distattn._forkserver"])
     return ctx
 
 
@@ -88,6 +90,7 @@ def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, t
     # Ctrl-C reaches the whole terminal process group: the caller alone decides, ranks do not
     # print a traceback each
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the forkserver ignores it (distattn._forkserver)
     torch.set_num_threads(threads)
     try:
         if backend == "nccl":

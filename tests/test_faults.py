@@ -1,6 +1,7 @@
 """Signals and dead callers: nothing outlives the process that started it, SIGTERM checkpoints."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -44,10 +45,11 @@ def _wait_gone(pids, seconds=15.0) -> list[int]:
     return _alive(pids)
 
 
-def _start_training(tmp_path):
-    """`distattn train` running until its first step is logged; returns (process, its descendants)."""
+def _start_training(tmp_path, own_group: bool = False):
+    """`distattn train` running until its first step is logged (``own_group``: as the leader of its
+    own process group, like a Slurm step); returns (process, its descendants)."""
     proc = subprocess.Popen([DISTATTN, "train", str(_config(tmp_path))], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=own_group)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text()):
@@ -58,9 +60,15 @@ def _start_training(tmp_path):
     return proc, kids
 
 
-def test_sigterm_checkpoints_at_the_next_step_and_exits_143(tmp_path):
-    proc, kids = _start_training(tmp_path)
-    proc.send_signal(signal.SIGTERM)
+@pytest.mark.parametrize("to_group", [False, True], ids=["parent", "process-group"])
+def test_sigterm_checkpoints_at_the_next_step_and_exits_143(tmp_path, to_group):
+    """SIGTERM to the trainer alone, or to every process of it at once (how Slurm preempts, cancels
+    and ends a job at its time limit; `timeout -s TERM` too): the ranks finish the step and save."""
+    proc, kids = _start_training(tmp_path, own_group=to_group)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "Traceback" not in err and "--resume" in err
