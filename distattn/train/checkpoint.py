@@ -34,12 +34,15 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .safe_io import read_regular
+
 try:  # where every torch >= 2.1 keeps it; the reader itself needs it to read the shards
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 except ImportError:  # pragma: no cover
     _StorageInfo = None
 
 _STEP_DIR = re.compile(r"step_(\d+)")
+METADATA_LIMIT = 1 << 30      # bytes of a .metadata read: DCP's for a 70B model is a few MB
 
 
 def _metadata_classes() -> list[type]:
@@ -127,7 +130,7 @@ def read_metadata(path: Path) -> Any:
     """The ``Metadata`` in the file ``path`` (a checkpoint's ``.metadata``), read safely."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular(path, METADATA_LIMIT, "checkpoint metadata")
     except FileNotFoundError:
         raise ValueError(f"{path} is missing: the save of {path.parent.name} did not finish; delete "
                          f"{path.parent} to resume from an older one") from None

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .safe_io import read_regular
+
 
 class StdlibCorpus:
     """Python standard library sources as byte documents."""
@@ -129,6 +131,7 @@ class Packer:
 
 
 INDEX_NAME = "index.json"
+INDEX_LIMIT = 64 << 20          # bytes: an index lists shards, a few hundred bytes each
 FORMAT = "distattn-tokens"
 FORMAT_VERSION = 1
 _PREPARE_HINT = "rerun `distattn data prepare` with --overwrite, or prepare into a new --out"
@@ -158,20 +161,39 @@ def read_index(directory: str | Path) -> dict:
     directory = Path(directory)
     path = directory / INDEX_NAME
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(read_regular(path, INDEX_LIMIT, INDEX_NAME))
     except FileNotFoundError:
         raise ValueError(f"data.path: {path} does not exist (write the directory with `distattn data prepare`)") \
             from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"data.path: {path} cannot be read ({exc}); {_PREPARE_HINT}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"data.path: {path} cannot be read ({type(exc).__name__}: {exc}); {_PREPARE_HINT}") \
+            from None
+    except ValueError as exc:
+        raise ValueError(f"data.path: {exc}; {_PREPARE_HINT}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
         raise ValueError(f"data.path: {path} is not a version-{FORMAT_VERSION} {FORMAT} index; {_PREPARE_HINT}")
-    if index.get("dtype") not in ("uint16", "uint32") or not index.get("shards"):
-        raise ValueError(f"data.path: {path} names no shards or an unknown dtype; {_PREPARE_HINT}")
+    shards = index.get("shards")
+    if index.get("dtype") not in ("uint16", "uint32") or not isinstance(shards, list) or not shards:
+        raise ValueError(f"data.path: {path} names no list of shards or an unknown dtype; {_PREPARE_HINT}")
+    for shard in shards:
+        _check_entry(path, shard)
     width = np.dtype(index["dtype"]).itemsize
     for shard in index["shards"]:
         _check_shard(directory, shard, width)
     return index
+
+
+def _check_entry(path: Path, shard) -> None:
+    """A shard entry of ``index.json``: a plain file name inside its folder and two counts."""
+    name = shard.get("name") if isinstance(shard, dict) else None
+    if not (isinstance(name, str) and name and name == Path(name).name and name not in (".", "..")
+            and "\\" not in name and "\0" not in name):
+        raise ValueError(f"data.path: {path} lists the shard {(name if name is not None else shard)!r:.80}, which "
+                         f"is not a file name inside {path.parent}; refusing to read it. {_PREPARE_HINT}")
+    for key in ("tokens", "documents"):
+        if type(shard.get(key)) is not int or shard[key] < 0:
+            raise ValueError(f"data.path: {path} gives shard {name!r} {key}={shard.get(key)!r:.80}, not a count; "
+                             f"{_PREPARE_HINT}")
 
 
 def _check_shard(directory: Path, shard: dict, width: int) -> None:

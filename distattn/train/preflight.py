@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import RunConfig
+from .safe_io import open_lock
 
 # what a run writes under train.out (overwrite removes these and nothing else)
 RUN_FILES = ("metrics.jsonl", "tb", "ckpt")
@@ -101,7 +102,7 @@ def lock_out(out: Path):
     """Hold an exclusive lock on ``out/.lock`` for this process's lifetime (the returned file);
     ``ValueError`` if another live process holds it."""
     out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / ".lock", "a+")
+    handle = open_lock(out / ".lock")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

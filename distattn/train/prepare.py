@@ -57,6 +57,7 @@ import numpy as np
 
 from .data import FORMAT, FORMAT_VERSION, INDEX_NAME, token_dtype
 from .readers import batches, bytes_before, decode, input_files, load_tokenizer
+from .safe_io import open_lock
 
 DEFAULT_SHARD_TOKENS = 2**28
 STATE_NAME = "prepare_state.json"
@@ -277,7 +278,7 @@ def _start(out: Path, settings: dict, overwrite: bool, say: Callable[[str], None
 def _locked(out: Path):
     out.mkdir(parents=True, exist_ok=True)
     lock = out / ".prepare.lock"
-    with open(lock, "a") as handle:
+    with open_lock(lock) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
