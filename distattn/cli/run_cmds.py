@@ -123,8 +123,12 @@ def _cmd_train(args) -> int:
     except RankError as exc:
         saved = _usable_checkpoint(out)
         advice = f"; rerun with --resume to continue from {saved}" if saved else ""
-        print(f"distattn train: a rank failed, stopping the job: {str(exc).splitlines()[0]}{advice}",
-              file=sys.stderr)
+        first = str(exc).splitlines()[0]
+        if ": NonFinite: " in first:   # every rank agrees on it: not a failure of one rank
+            print(f"distattn train: {first.split(': NonFinite: ', 1)[1]}; newest good checkpoint: "
+                  f"{saved or 'none'}", file=sys.stderr)
+            return 1
+        print(f"distattn train: a rank failed, stopping the job: {first}{advice}", file=sys.stderr)
         return 1
     finally:
         if lock is not None:

@@ -8,7 +8,7 @@ A config has four sections::
     parallel: {dp, cp, scheduler, ulysses_degree, cad_pool, dp_mode: ddp | fsdp, backend, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
                dtype: fp32 | bf16, activation_checkpointing: none | full | selective, loss_chunk,
-               peak_tflops}
+               peak_tflops, on_nonfinite: stop | skip_step}
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import yaml
 
 DTYPES = ("fp32", "bf16")
 CHECKPOINTING = ("none", "full", "selective")
+ON_NONFINITE = ("stop", "skip_step")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ class TrainSection:
     loss_chunk: int = 2048
     # the device's dense bf16 peak for MFU; unset: looked up from the GPU's name (CPU: n/a)
     peak_tflops: float | None = None
+    # a step whose loss or gradient norm is not finite: stop (no update, exit non-zero; the newest
+    # checkpoint is the last good state) or skip_step (no update, logged with "skipped": true)
+    on_nonfinite: str = "stop"
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if t.peak_tflops is not None and t.peak_tflops <= 0:
         raise ValueError(f"train.peak_tflops must be > 0, got {t.peak_tflops!r}; leave it unset to look it up")
     for key, val, choices in (("train.dtype", t.dtype, DTYPES),
-                              ("train.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING)):
+                              ("train.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING),
+                              ("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)):
         if val not in choices:
             raise ValueError(f"{key} must be one of {', '.join(choices)}, got {val!r}")
     if p.dp_mode not in ("ddp", "fsdp"):

@@ -72,6 +72,29 @@ def _fmt_mfu(mfu: float | None) -> str:
     return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
 
 
+def logged_rows(path: Path, say=None) -> list[str]:
+    """The lines of ``metrics.jsonl`` a resume keeps: a last line left half-written by a crash is
+    dropped from the file (``say`` tells), a damaged line before it is a ``ValueError``."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not (isinstance(row, dict) and type(row.get("step")) is int):
+                raise ValueError("no step number")
+        except ValueError as exc:   # JSONDecodeError too
+            if i + 1 < len(lines):
+                raise ValueError(f"{path} line {i + 1} is damaged ({exc}); delete that line (or the file) "
+                                 f"to resume") from None
+            lines.pop()
+            path.write_text("".join(line + "\n" for line in lines))
+            if say is not None:
+                say(f"{path}: dropped its last line, left half-written by the run that stopped ({len(line)} "
+                    f"characters)")
+    return lines
+
+
 class RunLog:
     """Rank 0's progress display, ``metrics.jsonl`` and TensorBoard scalars."""
 
@@ -81,8 +104,7 @@ class RunLog:
         out.mkdir(parents=True, exist_ok=True)
         self.steps, self.start, self.first_step = steps, time.perf_counter(), None
         path = out / "metrics.jsonl"
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= done] \
-            if done and path.exists() else []
+        kept = [line for line in logged_rows(path) if json.loads(line)["step"] <= done] if done else []
         self.jsonl = open(path, "w")
         self.jsonl.writelines(line + "\n" for line in kept)
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import RunConfig
+from .metrics import logged_rows
 from .safe_io import open_lock
 
 # what a run writes under train.out (overwrite removes these and nothing else)
@@ -95,6 +96,7 @@ def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=print) -> Pat
     last = checkpoint.newest_usable(out / "ckpt", say=say)
     if last is None:
         raise ValueError(f"--resume: no checkpoint under {out / 'ckpt'}; drop --resume to start a new run")
+    logged_rows(out / "metrics.jsonl", say=say)   # a torn last line is dropped here, before any rank starts
     return last
 
 

@@ -28,6 +28,10 @@ besides loss, learning rate and gradient norm.
 Steps are counted from 1 everywhere: step ``n`` is the ``n``-th optimizer update, and the
 console, ``metrics.jsonl``, TensorBoard and the checkpoint ``ckpt/step_n`` all call it ``n``.
 
+A step whose global loss or gradient norm is not finite updates nothing: with ``train.on_nonfinite:
+stop`` (default) the run ends there with :class:`NonFinite` (the newest checkpoint is the last
+good state), with ``skip_step`` it goes on and the step is logged with ``"skipped": true``.
+
 SIGTERM (how Slurm preempts) makes every rank finish its step, save a checkpoint and stop;
 the ranks agree on the step through the loss all-reduce every step makes anyway.
 """
@@ -171,13 +175,21 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         local_labels = plan.shard(labels)
         with _autocast(cfg, device):
             loss_sum = model(plan.shard(tokens), plan.position_ids(device), plan, local_labels, **forward)
-        count = (local_labels != -100).sum().to(torch.float64)
-        dist.all_reduce(count)
+        # the labelled tokens and the loss of the whole global batch, in one all-reduce
+        sums = torch.stack([(local_labels != -100).sum().to(torch.float64), loss_sum.detach().to(torch.float64)])
+        dist.all_reduce(sums)
+        count = sums[0]
         (loss_sum / count * cfg.world_size).backward()
         for g in optimizer.param_groups:
             g["lr"] = lr_at(cfg, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
+        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        bad = _nonfinite(sums[1] / count, norm)   # the same on every rank: both are global
+        if bad is None:
+            optimizer.step()
+        elif t.on_nonfinite == "stop":
+            raise NonFinite(f"step {step + 1}: {bad}; stopped before updating the model (train.on_nonfinite: "
+                            f"stop, or skip_step to skip such steps)")
         optimizer.zero_grad(set_to_none=True)
         s0 = time.perf_counter()
         stats = plan.stats(m_cfg.n_heads, m_cfg.n_kv_heads, hd)
@@ -200,13 +212,15 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         step_time = time.perf_counter() - t0 - bookkeeping
         flops = model_flops(m_cfg, p.dp * cfg.data.seq_len, sum(world_flops))
         m = {"step": step + 1, "loss": total_loss / count.item(), "lr": lr_at(cfg, step),
-             "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+             "grad_norm": float(norm),
              "tokens_per_s": p.dp * cfg.data.seq_len / step_time,
              "tokens_per_s_per_device": p.dp * cfg.data.seq_len / step_time / cfg.world_size,
              "step_time_s": step_time,
              "mfu": None if peak_flops is None else flops / (step_time * cfg.world_size * peak_flops),
              "model_tflops": flops / 1e12, "peak_memory_gib": peak_mem / 2**30, "comm_wait_s": comm_wait,
              "flops_imbalance": stats["flops_imbalance"], "flops_imbalance_all": imbalance(world_flops)}
+        if bad is not None:
+            m["skipped"] = True
         history.append(m)
         if on_step is not None:
             on_step(m)
@@ -220,6 +234,18 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
     if logger is not None:
         logger.close()
     return history
+
+
+class NonFinite(RuntimeError):
+    """A step's loss or gradient norm was not finite and ``train.on_nonfinite`` is ``stop``."""
+
+
+def _nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
+    """``None`` if both are finite, else which one is not (one host sync)."""
+    values = torch.stack([loss.detach().to(torch.float64), grad_norm.detach().to(torch.float64)]).tolist()
+    bad = [f"{name} is {value}" for name, value in zip(("the loss", "the gradient norm"), values)
+           if not math.isfinite(value)]
+    return " and ".join(bad) or None
 
 
 def _rank_entry(cfg: RunConfig, resume: bool) -> list[dict]:
