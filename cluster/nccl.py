@@ -50,6 +50,8 @@ def _number(token: str, what: str, lineno: int) -> int | float | None:
         raise ValueError(f"line {lineno}: {what} is {token!r}, not a number") from None
     if type(value) is float and not math.isfinite(value):  # 1e999 parses as inf
         raise ValueError(f"line {lineno}: {what} is {token!r}, not a finite number")
+    if type(value) is int and abs(value) >= 2**63:   # no float holds it exactly; nccl-tests prints 64-bit counts
+        raise ValueError(f"line {lineno}: {what} is {len(token)} digits long, past any count nccl-tests prints")
     if value < 0 and what in _NON_NEGATIVE:
         raise ValueError(f"line {lineno}: {what} is {token!r}; it cannot be negative (corrupt log?)")
     return value

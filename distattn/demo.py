@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from .api import attention, plan
 from .doclens import pack
-from .kernels import attn_bwd, attn_fwd
+from .kernels import attn_bwd, attn_fwd, available_backends
 from .masks import as_doc_lens, cu_seqlens
 from .schedulers import LOCAL, NAMES, spec
 from .spawn import run_distributed
@@ -67,6 +67,17 @@ def _rank_main(schedulers, doc_lens, heads, kv_heads, head_dim, dtype_name, caus
     return rows
 
 
+def _check(world_size, schedulers, doc_lens, heads, kv_heads, causal, window, backend, ulysses_degree) -> None:
+    """Refuse here, before any rank starts, what the ranks would refuse: dry plans of every scheduler."""
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"--kv-heads {kv_heads} must divide --heads {heads} (grouped-query attention)")
+    if backend != "auto" and backend not in available_backends():
+        raise ValueError(f"--backend {backend!r} is unknown; choose auto or one of {available_backends()}")
+    for name in schedulers:
+        options = spec(name).plan_options(world_size, kv_heads, ulysses_degree)
+        plan(doc_lens, world_size, scheduler=name, causal=causal, window=window, **options)
+
+
 def run_demo(world_size: int = 4, schedulers: list[str] | None = None, seq_len: int = 4096,
              doc_lens: list[int] | None = None, heads: int = 8, kv_heads: int = 2, head_dim: int = 64,
              dtype: str = "fp32", causal: bool = True, window: int | None = None, backend: str = "auto",
@@ -87,6 +98,7 @@ def run_demo(world_size: int = 4, schedulers: list[str] | None = None, seq_len: 
         doc_lens = list(as_doc_lens(doc_lens))
     else:
         doc_lens = pack(seq_len, median=max(1, seq_len // 8), seed=seed)
+    _check(world_size, schedulers, doc_lens, heads, kv_heads, causal, window, backend, ulysses_degree)
     return run_distributed(_rank_main, world_size, schedulers, doc_lens, heads, kv_heads, head_dim, dtype, causal,
                            window, backend, repeats, seed, ulysses_degree, timeout=timeout,
                            threads_per_rank=max(1, torch.get_num_threads() // world_size))[0]

@@ -61,6 +61,8 @@ def bus_factor(op: str, n: int) -> float:
 
 
 def canonical_op(op: str) -> str:
+    if not isinstance(op, str):
+        raise ValueError(f"a collective is named by a string (one of {', '.join(OPS)}), got {op!r}")
     name = _ALIASES.get(op.lower().replace("_perf", ""), op.lower().replace("_perf", ""))
     if name not in OPS:
         raise ValueError(f"unknown collective {op!r}; expected one of {', '.join(OPS)}")
@@ -168,6 +170,13 @@ class NetworkProfile:
     fits: dict = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        if isinstance(self.gpus_per_node, bool) or not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1:
+            raise ValueError(f"gpus_per_node must be a positive int, got {self.gpus_per_node!r}")
+        for name, value, low in (("inter_node.alpha_us", self.inter_alpha_us, 0.0),
+                                 ("inter_node.busbw_gbs", self.inter_busbw_gbs, None)):
+            if not (math.isfinite(value) and (value > 0 if low is None else value >= low)):
+                raise ValueError(f"{name} must be a finite number {'> 0' if low is None else '>= 0'} (GB/s of "
+                                 f"bus bandwidth, microseconds of latency), got {value!r}")
         groups: dict[tuple[str, int], list[Measurement]] = {}
         for m in self.rows:
             groups.setdefault((m.op, m.world_size), []).append(m)
@@ -240,10 +249,13 @@ class NetworkProfile:
                 raise ValueError(f"rows[{i}]: {exc}") from None
         rows = tuple(rows)
         inter = data.get("inter_node", {})
-        return NetworkProfile(rows, source=data.get("source", "json"), backend=data.get("backend", "nccl"),
-                              gpus_per_node=int(data.get("gpus_per_node", 8)),
-                              inter_alpha_us=float(inter.get("alpha_us", 20.0)),
-                              inter_busbw_gbs=float(inter.get("busbw_gbs", 45.0)))
+        try:
+            return NetworkProfile(rows, source=str(data.get("source", "json")), backend=str(data.get("backend", "nccl")),
+                                  gpus_per_node=int(data.get("gpus_per_node", 8)),
+                                  inter_alpha_us=float(inter.get("alpha_us", 20.0)),
+                                  inter_busbw_gbs=float(inter.get("busbw_gbs", 45.0)))
+        except (TypeError, AttributeError) as exc:   # a field of the wrong type: a list, a mapping, null
+            raise ValueError(f"not a network profile: {exc}") from None
 
     @staticmethod
     def from_csv(path: str | Path) -> "NetworkProfile":

@@ -50,8 +50,10 @@ def sbatch_quote(value: str) -> str:
 
 
 def _is_loopback(host: str) -> bool:
+    """Loopback, or the unspecified address (0.0.0.0, ::): a peer cannot connect to either."""
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
+        return address.is_loopback or address.is_unspecified
     except ValueError:
         return host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost")
 
@@ -134,8 +136,8 @@ def rdzv_address(opts: LaunchOptions, rdzv_host: str | None) -> str:
     if not _HOST.fullmatch(host.strip("[]")):
         raise ValueError(f"--rdzv-host {rdzv_host!r} is not a hostname or IP address")
     if opts.nodes > 1 and _is_loopback(host.strip("[]")):
-        raise ValueError(f"--rdzv-host {host} is a loopback address, which the other {opts.nodes - 1} node(s) "
-                         f"cannot reach; pass the first node's hostname or IP")
+        raise ValueError(f"--rdzv-host {host} is a loopback or unspecified address, which the other "
+                         f"{opts.nodes - 1} node(s) cannot reach; pass the first node's hostname or IP")
     # one name, one address: "localhost" may resolve to ::1 first on one side and 127.0.0.1 on the other
     return "127.0.0.1" if host.lower() == "localhost" else host.strip("[]")
 

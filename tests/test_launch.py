@@ -127,8 +127,8 @@ def test_torchrun_layouts_that_cannot_work_are_refused():
     eight = LaunchOptions(nodes=8, gpus_per_node=8)
     with pytest.raises(ValueError, match=r"--rdzv-host is required with --nodes 8"):
         torchrun_command("c.yaml", gpu, eight)
-    for loopback in ("localhost", "127.0.0.1", "::1"):
-        with pytest.raises(ValueError, match=rf"--rdzv-host {loopback} is a loopback address.*7 node"):
+    for loopback in ("localhost", "127.0.0.1", "::1", "0.0.0.0", "::"):
+        with pytest.raises(ValueError, match=rf"--rdzv-host {loopback} is a loopback or unspecified address.*7 node"):
             torchrun_command("c.yaml", gpu, eight, rdzv_host=loopback)
     with pytest.raises(ValueError, match=r"needs dp \* cp = 64 ranks but --nodes 4 x 8 per node = 32"):
         torchrun_command("c.yaml", gpu, LaunchOptions(nodes=4, gpus_per_node=8), rdzv_host="node001")

@@ -200,6 +200,11 @@ def validate(cfg: RunConfig) -> RunConfig:
                      "train.weight_decay": t.weight_decay}.items():
         if val < 0:
             raise ValueError(f"{key} must be >= 0, got {val!r}")
+    for key, val in {"data.seed": d.seed, "train.seed": t.seed}.items():
+        if val >= 2**32:   # torch's and numpy's generators take it plus a rank or step offset
+            raise ValueError(f"{key} must be below 2**32, got {val!r}")
+    if not t.out.strip():
+        raise ValueError("train.out must name a folder for the run (metrics, checkpoints), got an empty string")
     if m.dim % m.n_heads or m.n_heads % m.n_kv_heads or (m.dim // m.n_heads) % 2:
         raise ValueError(f"model.dim ({m.dim}) must split into n_heads ({m.n_heads}) heads of even size, and "
                          f"n_heads must be a multiple of n_kv_heads ({m.n_kv_heads})")
@@ -244,6 +249,9 @@ def load_config(path: str | Path) -> RunConfig:
         raise ValueError(f"config {path} cannot be read: {exc}") from None
     try:
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise ValueError(f"config {path}: nested too deeply to be a config (four sections of plain values)") \
+            from None
     except yaml.YAMLError as exc:  # includes tags that would build Python objects
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""

@@ -58,11 +58,16 @@ def rank_memory_bytes(cfg: RunConfig) -> int:
 
 def check_memory(cfg: RunConfig, ranks_here: int) -> None:
     """Refuse a run whose ``ranks_here`` CPU ranks cannot fit in this machine's memory."""
-    from .memory import physical_memory_bytes
+    from .memory import CPU_RUNTIME_BYTES, _states, physical_memory_bytes
 
     total = physical_memory_bytes()
-    need = rank_memory_bytes(cfg) * ranks_here
-    if total is not None and need > total:
+    if total is None:
+        return
+    # the model states and the runtime alone first: thousands of ranks are refused before a dry plan of them
+    need = (CPU_RUNTIME_BYTES + sum(_states(cfg))) * ranks_here
+    if need <= total:
+        need = rank_memory_bytes(cfg) * ranks_here
+    if need > total:
         raise ValueError(f"data.seq_len {cfg.data.seq_len:,} with this model needs about {need / 2**30:,.1f} GiB "
                          f"for {ranks_here} rank(s) but this machine has {total / 2**30:,.1f} GiB; lower "
                          f"data.seq_len or the model size, set train.activation_checkpointing: full, or raise "
@@ -102,8 +107,17 @@ def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=print) -> Pat
 
 def lock_out(out: Path):
     """Hold an exclusive lock on ``out/.lock`` for this process's lifetime (the returned file);
-    ``ValueError`` if another live process holds it."""
-    out.mkdir(parents=True, exist_ok=True)
+    ``ValueError`` if another live process holds it, or if ``out`` is not (and cannot be made) a folder."""
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"train.out {out} is a link to {os.readlink(out)}, which does not exist; pass --out to a "
+                         f"folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"train.out {out} is a file, not a folder; pass --out to a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:   # a file on the way, no permission, read-only file system
+        raise ValueError(f"train.out {out} cannot be made a folder ({exc.strerror}); pass --out to another "
+                         f"folder") from None
     handle = open_lock(out / ".lock")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -102,9 +102,13 @@ def _auto_tokenizer(spec: str) -> LoadedTokenizer:
         raise ValueError(f"--tokenizer {spec} is not 'bytes' or a tokenizer.json, and transformers is not installed "
                          f"to load it (pip install transformers); {advice}") from None
     try:
-        tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        # trust_remote_code=False: a folder naming its own tokenizer code is refused, never run or prompted for
+        tok = AutoTokenizer.from_pretrained(spec, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # OSError when absent, others for broken folders
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+            raise ValueError(f"--tokenizer {spec} names its own Python code (auto_map), which distattn does not "
+                             f"run; pass the folder's tokenizer.json, or a tokenizer transformers knows") from None
         raise ValueError(f"--tokenizer {spec} cannot be loaded ({reason}); {advice}") from None
     if getattr(tok, "is_fast", False):
         backend = tok.backend_tokenizer
