@@ -101,3 +101,17 @@ def covers_the_mask(plan, docs, causal, window, mask=None) -> bool:
             seen[sl.q_start:sl.q_end, sl.k_start:sl.k_end] += (diag >= lo) & (diag <= hi)
     mask = mask if mask is not None else distattn.SliceMask.documents(docs, causal, window)
     return bool((seen == mask.dense(total).numpy()).all())
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow: full soaks, crash matrices, larger shapes")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="marked slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

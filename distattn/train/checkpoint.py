@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import pathlib
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as _md
@@ -192,7 +195,15 @@ def newest_usable(ckpt_root: Path, say: Callable[[str], Any] | None = None) -> P
     ckpt_root = Path(ckpt_root)
     found = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir() and _STEP_DIR.fullmatch(p.name)),
                    key=_step, reverse=True) if ckpt_root.is_dir() else []
-    skipped: list[str] = []
+    partial = sorted((p for p in ckpt_root.glob(f"step_*{PARTIAL}") if p.is_dir()
+                      and _STEP_DIR.fullmatch(p.name[:-len(PARTIAL)])),
+                     key=lambda p: int(p.name[5:-len(PARTIAL)]), reverse=True) if ckpt_root.is_dir() else []
+    newest = _step(found[0]) if found else -1
+    skipped = [f"{p.name}: a save that did not finish (the run stopped while writing it)" for p in partial
+               if int(p.name[5:-len(PARTIAL)]) > newest]
+    if skipped and not found:
+        raise ValueError(f"no usable checkpoint under {ckpt_root}: " + "; ".join(skipped)
+                         + "; delete them (or --overwrite) to start over")
     for path in found:
         try:
             verify(path)
@@ -268,12 +279,29 @@ def _explain(directory: Path, exc: CheckpointException) -> ValueError:
                       f"saved with; else delete {directory} to resume from an older one")
 
 
+PARTIAL = ".partial"   # suffix of a checkpoint folder being written
+
+
 def save(directory: Path, model, optimizer, step: int, data_state: list[int]) -> None:
+    """Save into ``directory`` atomically: every rank writes into ``directory.partial``, and rank 0
+    renames it once DCP's metadata (written last, after every rank's data) is there. A run killed
+    while saving leaves only a ``.partial`` folder, which :func:`newest_usable` names and skips."""
+    directory = Path(directory)
+    partial = directory.with_name(directory.name + PARTIAL)
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    if first:   # what an earlier run left of this step: a partial save, or one that does not verify
+        for stale in (partial, directory):
+            if stale.exists():
+                shutil.rmtree(stale)
+    if dist.is_initialized():
+        dist.barrier()   # no rank writes into the folder before it is cleared
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd,
              "train": {"step": torch.tensor(step), "data": torch.tensor(data_state, dtype=torch.int64),
                        "rng": torch.get_rng_state()}}
-    dcp.save(state, checkpoint_id=str(directory))
+    dcp.save(state, checkpoint_id=str(partial))
+    if first:   # DCP's coordinator returns after writing the metadata, so every rank's data is there
+        os.replace(partial, directory)
 
 
 def load(directory: Path, model, optimizer) -> tuple[int, list[int]]:
