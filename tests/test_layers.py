@@ -18,7 +18,7 @@ FOLDERS = {"distattn": "distattn", "kernels": "distattn.kernels", "parallel": "d
 # lowest first; a module belongs to the first prefix that matches it (longest prefixes listed first)
 LAYERS = [
     ("foundation", ["distattn.masks", "distattn.merge", "distattn.comm", "distattn.doclens", "distattn.cost",
-                    "distattn.timing", "distattn.spawn", "distattn.network"]),
+                    "distattn.timing", "distattn.spawn", "distattn._forkserver", "distattn.network"]),
     ("kernels", ["distattn.kernels"]),
     ("schedules", ["distattn.layout", "distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
     ("executors", ["distattn.executors"]),
