@@ -74,6 +74,18 @@ def small_run(base: dict, out, **changes):
     return validate(RunConfig().replace(**sections))
 
 
+def small_yaml(base: dict, folder, **changes):
+    """``base``'s sections (dicts) updated by ``changes``, ``train.out`` set to ``folder/run``, written to
+    ``folder/cfg.yaml`` (for the command line); returns that path."""
+    import yaml
+
+    sections = {k: {**v, **changes.get(k, {})} for k, v in base.items()}
+    sections["train"]["out"] = str(folder / "run")
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
 def sent_vs_stats(scheduler, docs, hq=4, hkv=2, causal=True, window=None, options=None):
     """Inside a gloo rank: (bytes the forward pass actually sent, bytes ``stats()`` predicts, stats), fp32."""
     total = sum(docs)

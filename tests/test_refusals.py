@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from conftest import small_yaml
 from distattn.cli import main
 from distattn.train import preflight
 
@@ -18,13 +18,7 @@ SMALL = {"model": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn
 
 
 def _config(tmp_path, **changes) -> Path:
-    sections = {k: dict(v) for k, v in SMALL.items()}
-    sections["train"]["out"] = str(tmp_path / "run")
-    for section, values in changes.items():
-        sections[section].update(values)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(sections))
-    return path
+    return small_yaml(SMALL, tmp_path, **changes)
 
 
 def _refused(capfd, argv, match: str) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from conftest import small_yaml
 from distattn.cli import main
 from distattn.spawn import RankError, run_distributed
 from distattn.train.config import RunConfig, load_config
@@ -20,13 +20,7 @@ SMALL = {"model": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn
 
 
 def _config(tmp_path, **changes) -> Path:
-    sections = {k: dict(v) for k, v in SMALL.items()}
-    sections["train"]["out"] = str(tmp_path / "run")
-    for section, values in changes.items():
-        sections[section].update(values)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(sections))
-    return path
+    return small_yaml(SMALL, tmp_path, **changes)
 
 
 def _rows(tmp_path) -> list[dict]:
