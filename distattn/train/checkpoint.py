@@ -45,6 +45,8 @@ except ImportError:  # pragma: no cover
     _StorageInfo = None
 
 _STEP_DIR = re.compile(r"step_(\d+)")
+PARTIAL = ".partial"   # suffix of a checkpoint folder being written (see :func:`save`)
+_PARTIAL_DIR = re.compile(r"step_(\d+)\.partial")
 METADATA_LIMIT = 1 << 30      # bytes of a .metadata read: DCP's for a 70B model is a few MB
 
 
@@ -195,12 +197,11 @@ def newest_usable(ckpt_root: Path, say: Callable[[str], Any] | None = None) -> P
     ckpt_root = Path(ckpt_root)
     found = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir() and _STEP_DIR.fullmatch(p.name)),
                    key=_step, reverse=True) if ckpt_root.is_dir() else []
-    partial = sorted((p for p in ckpt_root.glob(f"step_*{PARTIAL}") if p.is_dir()
-                      and _STEP_DIR.fullmatch(p.name[:-len(PARTIAL)])),
-                     key=lambda p: int(p.name[5:-len(PARTIAL)]), reverse=True) if ckpt_root.is_dir() else []
+    partial = {int(m.group(1)): p.name for p in (ckpt_root.glob(f"step_*{PARTIAL}") if ckpt_root.is_dir() else ())
+               if p.is_dir() and (m := _PARTIAL_DIR.fullmatch(p.name))}
     newest = _step(found[0]) if found else -1
-    skipped = [f"{p.name}: a save that did not finish (the run stopped while writing it)" for p in partial
-               if int(p.name[5:-len(PARTIAL)]) > newest]
+    skipped = [f"{name}: a save that did not finish (the run stopped while writing it)"
+               for step, name in sorted(partial.items(), reverse=True) if step > newest]
     if skipped and not found:
         raise ValueError(f"no usable checkpoint under {ckpt_root}: " + "; ".join(skipped)
                          + "; delete them (or --overwrite) to start over")
@@ -277,9 +278,6 @@ def _explain(directory: Path, exc: CheckpointException) -> ValueError:
     return ValueError(f"checkpoint {directory} could not be loaded on rank {rank}: {type(error).__name__}: {first}. "
                       f"If the model or parallel layout changed since it was saved, resume with the config it was "
                       f"saved with; else delete {directory} to resume from an older one")
-
-
-PARTIAL = ".partial"   # suffix of a checkpoint folder being written
 
 
 def save(directory: Path, model, optimizer, step: int, data_state: list[int]) -> None:
