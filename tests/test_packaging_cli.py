@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MAPPING = {"distattn": "distattn", "kernels": "distattn/kernels", "parallel": "distattn/parallel",
            "launch": "distattn/launch", "cluster": "distattn/cluster"}
@@ -43,3 +45,15 @@ def test_console_script_reports_bad_input():
     exe = Path(sys.executable).with_name("distattn")
     out = subprocess.run([str(exe), "demo", "--doc-lens", "4,-2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "doc_lens[1] = -2" in out.stderr
+
+
+def test_gpu_report_without_a_gpu_says_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: tests/test_gpu.py covers the report's parts")
+    report = tmp_path / "report.md"
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_report.sh"), str(report)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no GPU" in done.stdout and "No CUDA GPU on this machine" in report.read_text()
