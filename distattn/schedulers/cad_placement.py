@@ -1,7 +1,17 @@
 """CAD placement: which rank computes each attention task, weighing compute saved against bytes moved.
 
 The task table (:class:`~distattn.schedulers.cad_planner.TaskTable`) starts with every task on the
-rank owning its queries. Until the most loaded rank is within ``epsilon`` of the mean load:
+rank owning its queries. With several nodes, two passes come first, both making the moves of step 2:
+
+* inside every node, from its over-loaded to its under-loaded ranks (NVLink), so that only what a
+  node holds above or below its share crosses nodes -- otherwise a balanced node's idle rank takes
+  remote work while its busy rank sends its own away (measured: 15-25% fewer inter-node bytes);
+* nodes short of more than ``SINK_DEPTH`` times the mean node excess (short documents only), most
+  short first, take work from the over-loaded rank whose task brings it for the fewest network
+  seconds per gain, while whole long-document tails are still there to take: filled last, such a
+  node took chunks of tens of documents, each with its own key prefix, and was the busiest link.
+
+Then, until the most loaded rank is within ``epsilon`` of the mean load:
 
 1. ``src`` is the most loaded rank. Its candidate destinations are under-loaded ranks: the
    ``SHORTLIST`` least loaded of all, every under-loaded rank of ``src``'s node, and every
@@ -59,6 +69,7 @@ from .cad_planner import Segments, TaskTable, _ranges
 SHORTLIST = 16          # least-loaded ranks of the whole pool considered per move
 PICKS = 8               # moves made per pricing of a rank's tasks
 BACKWARD = 2.5          # backward attention time / forward
+SINK_DEPTH = 1.5        # nodes short of more than this times the mean node excess are filled first
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,7 @@ class _Ledger:
         self.load = table.load(p)
         self.mean = float(self.load.mean())
         self.node = nodes.dense
+        self.members = [np.nonzero(self.node == n)[0] for n in range(nodes.count)]
         self.node_slots = slots.regroup(self.node, nodes.count)   # the tokens each node holds
         # caps weigh a byte by its link's time: NVLink bytes count intra/inter of an inter-node byte
         self.w_intra = links.intra_s_per_byte / links.inter_s_per_byte if nodes.count > 1 else 1.0
@@ -115,6 +127,7 @@ class _Ledger:
         self.held: dict[int, dict[int, tuple[int, int]]] = {}        # doc -> rank -> key hull it receives
         self.node_held: dict[int, dict[int, tuple[int, int]]] = {}   # doc -> node -> key hull crossing to it
         self.node_relay: dict[int, dict[int, int]] = {}              # doc -> node -> its first receiving rank
+        self.node_docs: dict[int, set[int]] = {}                     # node -> docs whose keys cross to it
 
     def owner(self, x) -> np.ndarray:
         return self.slots.owner_of(x)
@@ -168,13 +181,15 @@ class _Ledger:
         node_new = missing(self.node_slots, node, self._hulls(tasks, self.node_held, node))
         return rank_new, np.minimum(node_new, rank_new)
 
-    def choose(self, src: int) -> list[tuple[int, int]]:
-        """The cheapest moves off ``src``: ``[(task, destination), ...]`` (none: nothing pays off)."""
+    def choose(self, src: int, dests: np.ndarray | None = None) -> list[tuple[int, int]]:
+        """The cheapest moves off ``src`` (to ``dests``, default :meth:`destinations`):
+        ``[(task, destination), ...]`` (none: nothing pays off)."""
         t = self.table
         tasks = t.tasks_on(src)
         if tasks.size == 0:
             return []
-        dests = self.destinations(src, t.doc[t.t_seg[tasks, 0]])
+        if dests is None:
+            dests = self.destinations(src, t.doc[t.t_seg[tasks, 0]])
         if dests.size == 0:
             return []
         want = np.minimum(self.load[src] - self.mean, self.mean - self.load[dests])[None, :]
@@ -239,6 +254,21 @@ class _Ledger:
             score[:, j] = np.inf
         return picks
 
+    def source_for(self, u: int, tasks: np.ndarray) -> int | None:
+        """The rank holding the task (of ``tasks``, on over-loaded ranks) that brings work to ``u``
+        for the fewest network seconds per gain."""
+        t = self.table
+        src = t.t_rank[tasks]
+        want = np.minimum(self.load[src] - self.mean, self.mean - self.load[u])
+        gain = (1 + BACKWARD) * np.minimum(t.t_time[tasks], want)
+        rank_new, node_new = (x[:, 0] for x in self.new_keys(tasks, np.asarray([u])))
+        links = self.links
+        seconds = (t.t_q[tasks] * self.rows.q * self.per_byte(u, src)
+                   + ((rank_new - node_new) * links.intra_s_per_byte + node_new * links.inter_s_per_byte) * self.rows.kv)
+        score = np.where(gain > 0, seconds / np.maximum(gain, 1e-30), np.inf)
+        i = int(np.argmin(score))
+        return int(src[i]) if np.isfinite(score[i]) else None
+
     def tree_sender(self, d: int, owner: int, node: int | None = None) -> int:
         """Who sends ``node`` (default: the next node to receive them) its copy of document ``d``'s
         keys: the owner for the first ``FANOUT`` nodes, then the relay of the node's parent in an
@@ -286,6 +316,7 @@ class _Ledger:
         it, else one inter-node copy from the tree's sending node (:meth:`tree_sender`)."""
         node = int(self.node[u])
         nodes = self.node_held.setdefault(d, {})
+        self.node_docs.setdefault(node, set()).add(d)
         self.node_relay.setdefault(d, {}).setdefault(node, u)
         n0, n1 = nodes.get(node, (a, a))
         _, run, start, end = self.slots.cut(a, b)
@@ -310,14 +341,14 @@ class _Ledger:
         """``far`` bytes crossing from ``sender``'s node to ``u``'s in equal shares over the slots of
         both nodes, then with ``near`` bytes already on ``u``'s node forwarded to ``u`` by the slots
         holding their shares (NVLink)."""
-        src, dst = self.node == self.node[sender], self.node == self.node[u]
+        src, dst = self.members[self.node[sender]], self.members[self.node[u]]
         inter, intra = self.links.inter_s_per_byte, self.links.intra_s_per_byte
-        self.egress[src] += far / src.sum()
-        self.out_s[src] += far * inter / src.sum()
-        self.ingress[dst] += far / dst.sum()
-        self.in_s[dst] += far * inter / dst.sum()
-        self.egress[dst] += (far + near) * self.w_intra / dst.sum()
-        self.out_s[dst] += (far + near) * intra / dst.sum()
+        self.egress[src] += far / len(src)
+        self.out_s[src] += far * inter / len(src)
+        self.ingress[dst] += far / len(dst)
+        self.in_s[dst] += far * inter / len(dst)
+        self.egress[dst] += (far + near) * self.w_intra / len(dst)
+        self.out_s[dst] += (far + near) * intra / len(dst)
         self.ingress[u] += (far + near) * self.w_intra
         self.in_s[u] += (far + near) * intra
 
@@ -335,6 +366,9 @@ def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
     nodes = nodes or Nodes.even(p, links.gpus_per_node)
     ledger = _Ledger(table, slots, links, rows or RowBytes.of(), cap, overlap_s, nodes)
     load, mean = ledger.load, ledger.mean
+    if nodes.count > 1:
+        _balance_inside_nodes(table, ledger, epsilon)
+        _fill_deep_sinks(table, ledger, epsilon)
     for _ in range(50 * p + 100):
         src = int(np.argmax(load))
         if load[src] <= (1 + epsilon) * mean:
@@ -348,6 +382,57 @@ def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
                 break
             _move(table, ledger, load, src, best, u, want, epsilon * mean)
     return table.segments()
+
+
+def _balance_inside_nodes(table: TaskTable, ledger: _Ledger, epsilon: float) -> None:
+    """Move work from the over-loaded to the under-loaded ranks of each node over NVLink, so that
+    only a node's own excess or deficit crosses nodes."""
+    load, mean = ledger.load, ledger.mean
+    for members in ledger.members:
+        for _ in range(50 * len(members)):
+            src = int(members[np.argmax(load[members])])
+            if load[src] <= (1 + epsilon) * mean or not _drain(table, ledger, src, members, epsilon):
+                break
+
+
+def _fill_deep_sinks(table: TaskTable, ledger: _Ledger, epsilon: float) -> None:
+    """Fill the nodes short of over ``SINK_DEPTH`` times the mean node excess first, each from the
+    over-loaded rank whose task brings it work for the fewest network seconds (sink nodes that fill
+    last take what is left, often key prefixes of many documents: the node's busiest link)."""
+    load, mean, node, t = ledger.load, ledger.mean, ledger.node, table
+    count = ledger.nodes.count
+    excess = np.bincount(node, load, count) - np.bincount(node, None, count) * mean
+    deep = np.nonzero(-excess > SINK_DEPTH * np.abs(excess).mean())[0]
+    for n in deep[np.argsort(excess[deep])].tolist():
+        members = ledger.members[n]
+        for _ in range(50 * len(members)):
+            if load[members].sum() >= (1 - epsilon) * mean * len(members):
+                break
+            tasks = np.nonzero(load[t.t_rank[:t.n_task]] > (1 + epsilon) * mean)[0]
+            # price the tasks with the fewest bytes per work when no key is held, and those of
+            # documents whose keys already reach the node
+            rows = ledger.rows
+            per_work = (t.t_q[tasks] * rows.q + (t.t_k1[tasks] - t.t_k0[tasks]) * rows.kv) / t.t_time[tasks]
+            near = np.isin(t.doc[t.t_seg[tasks, 0]], list(ledger.node_docs.get(n, ())))
+            if tasks.size > SHORTLIST:
+                near[np.argpartition(per_work, SHORTLIST)[:SHORTLIST]] = True
+                tasks = tasks[near]
+            src = ledger.source_for(int(members[np.argmin(load[members])]), tasks) if tasks.size else None
+            if src is None or not _drain(t, ledger, src, members, epsilon):
+                break
+
+
+def _drain(table: TaskTable, ledger: _Ledger, src: int, dests: np.ndarray, epsilon: float) -> bool:
+    """Make the cheapest moves off ``src`` to the under-loaded of ``dests``; False if none pays off."""
+    load, mean = ledger.load, ledger.mean
+    under = dests[load[dests] < mean]
+    picks = ledger.choose(src, under) if under.size else []
+    for best, u in picks:
+        want = min(load[src] - mean, mean - load[u])
+        if want <= 0:
+            break
+        _move(table, ledger, load, src, best, u, want, epsilon * mean)
+    return bool(picks)
 
 
 def _move(table: TaskTable, ledger: _Ledger, load: np.ndarray, src: int, best: int, u: int, want: float,

@@ -50,7 +50,7 @@ class RowGroups:
 
     def __init__(self, mask: SliceMask):
         self.slices = mask.arrays
-        q0, q1, k0, k1, _, hi = mask.arrays
+        q0, q1, k0, k1, lo, hi = mask.arrays
         reach = np.maximum.accumulate(q1)
         self.first = np.nonzero(np.concatenate([[True], q0[1:] >= reach[:-1]]))[0]
         self.count = np.diff(np.append(self.first, len(q0)))
@@ -58,6 +58,7 @@ class RowGroups:
         self.k0, self.k1 = np.minimum.reduceat(k0, self.first), np.maximum.reduceat(k1, self.first)
         f = self.first
         self.square_causal = (self.count == 1) & (q0[f] == k0[f]) & (q1[f] == k1[f]) & (hi[f] == 0)
+        self.plain_causal = self.square_causal & (lo[f] <= q0[f] - q1[f] + 1)   # ... and no window
 
     def pieces(self, g, a, b):
         """The kernel segments of query ranges ``[a[i], b[i])`` of groups ``g[i]``: one per slice
@@ -73,14 +74,20 @@ class RowGroups:
 
     def spans(self, g, a, b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(k0, k1, area)`` per query range: the hull of the keys it sees and its visible pairs."""
+        g, a, b = (np.atleast_1d(np.asarray(x, dtype=np.int64)) for x in (g, a, b))
+        if self.plain_causal[g].all():   # causal documents without windows, in closed form (the common case)
+            start, end = self.q0[g], self.q1[g]
+            a, b = np.clip(a, start, end), np.clip(b, start, end)
+            area = (b - start) * (b - start + 1) // 2 - (a - start) * (a - start + 1) // 2
+            return start, np.where(b > a, b, start), area
         which, _, _, ks, ke, _, _, area = self.pieces(g, a, b)
-        n = len(np.atleast_1d(a))
+        n = len(a)
         k0 = np.full(n, np.iinfo(np.int64).max)
         k1 = np.full(n, np.iinfo(np.int64).min)
         np.minimum.at(k0, which, ks)
         np.maximum.at(k1, which, ke)
         empty = k1 < k0
-        start = np.asarray(self.k0)[np.asarray(g, dtype=np.int64)] if n else k0
+        start = self.k0[g]
         return np.where(empty, start, k0), np.where(empty, start, k1), np.bincount(which, area, minlength=n).astype(
             np.int64)
 
