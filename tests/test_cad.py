@@ -32,8 +32,8 @@ def test_cad_exact(world_size):
             assert err < 1e-12, (world_size, case, err)
 
 
-def test_tasks_move_and_pairs_split():
-    """A dominant causal document is cut into head/tail pairs and spread over the ranks."""
+def test_tasks_move_and_long_documents_spread():
+    """A dominant causal document is cut into chunks and spread over the ranks."""
     plan = distattn.plan([3000, 100, 100, 100, 100], 4, scheduler="cad")
     seg = plan.schedule.segments
     owner = plan.schedule.slots.owner_of(seg.q0)

@@ -102,7 +102,8 @@ def test_pooled_cad_gives_the_same_losses_and_balances_the_replicas(dp, cp, tmp_
         assert um["flops_imbalance_all"] == pytest.approx(imbalance(side_by_side))
         assert pm["flops_imbalance_all"] == pm["flops_imbalance"] == pytest.approx(
             imbalance(ranks[0]["pooled"]["plans"][step]["flops"]))
-        assert pm["flops_imbalance_all"] <= um["flops_imbalance_all"] + 1e-9, (step, pm, um)
+        # pooled: within CAD's default epsilon (0.04) of the mean, or no worse than unpooled
+        assert pm["flops_imbalance_all"] <= max(um["flops_imbalance_all"], 1.04) + 1e-9, (step, pm, um)
     imb = [(m["flops_imbalance_all"], u["flops_imbalance_all"]) for m, u in zip(pooled["history"], unpooled["history"])]
     assert any(um > 1.15 and pm < 1.11 for pm, um in imb), imb  # CAD's epsilon 0.1 over the pool
 

@@ -13,9 +13,9 @@ table planned once per batch:
 
 1. *Tasks.* Each document's queries are cut at the boundaries of the runs of
    tokens the ranks hold; every piece is a task (its queries plus the key prefix
-   it sees) whose home is the rank holding it. A long causal document is instead cut into ``2k`` equal
-   chunks paired head with tail (chunk ``i`` with ``2k-1-i``), so each pair
-   carries the same causal work.
+   it sees) whose home is the rank holding it; a long causal document is first cut into chunks
+   of at most a quarter of a rank's tokens (a chunk from its end, carrying the most work per
+   query row, is the cheapest to move).
 2. *Cost.* Each task's time comes from the cost model
    (:mod:`distattn.cost`: a roofline by default, or a measured profile).
 3. *Placement* (:mod:`distattn.schedulers.cad_placement`, the algorithm in its
@@ -25,8 +25,8 @@ table planned once per batch:
    keys the destination neither owns nor already receives; intra- vs
    inter-node bandwidth of a ``network`` profile) per second of attention it
    takes off, within per-rank egress/ingress caps, and make the cheapest;
-   a move that would overshoot splits a pair or cuts a task's queries so that
-   the head moves (the head needs the shorter key prefix).
+   a move that would overshoot cuts a task's queries so that the head moves
+   (the head needs the shorter key prefix).
 
 Execution, forward: one all-to-all sends every task's Q rows to the rank that
 computes it and, per destination, the union of the key rows its tasks need

@@ -44,10 +44,9 @@ Then, until the most loaded rank is within ``epsilon`` of the mean load:
    hide, and after the move neither ``src``, ``u`` nor the keys' sender may be as slow as
    ``src`` was before. Among the moves that pay off the one leaving the slowest of them fastest
    wins. If none pays off, placement stops: the step would get slower, not faster.
-3. The chosen task moves whole when it fits ``u``; a head/tail pair that overshoots is split into
-   its two halves (the next round prices them alone); a single task that overshoots has its
-   queries cut so that the head -- which sees the shorter key prefix -- carries what ``u`` can
-   take, and the head moves.
+3. The chosen task moves whole when it fits ``u``; a task that overshoots has its queries cut so
+   that the head -- which sees the shorter key prefix -- carries what ``u`` can take, and the
+   head moves.
 
 Egress is charged to the ranks that send the rows (K/V owners, or the slots forwarding a share,
 not ``src``), ingress to ``u`` and, for rows crossing nodes, to every slot of ``u``'s node.
@@ -158,7 +157,7 @@ class _Ledger:
         for j, u in enumerate(cols.tolist()):
             col.setdefault(u, []).append(j)
         for i, task in enumerate(tasks.tolist()):
-            for u, (a, b) in held.get(int(t.doc[t.t_seg[task, 0]]), {}).items():
+            for u, (a, b) in held.get(int(t.doc[task]), {}).items():
                 for j in col.get(u, ()):
                     h0[i, j], h1[i, j] = a, b
         return h0, h1
@@ -189,7 +188,7 @@ class _Ledger:
         if tasks.size == 0:
             return []
         if dests is None:
-            dests = self.destinations(src, t.doc[t.t_seg[tasks, 0]])
+            dests = self.destinations(src, t.doc[tasks])
         if dests.size == 0:
             return []
         want = np.minimum(self.load[src] - self.mean, self.mean - self.load[dests])[None, :]
@@ -209,7 +208,7 @@ class _Ledger:
         # the first and last owners of each task's keys (a causal prefix: the first is the busiest)
         # send at most their own rows of them, once per node
         key_owner = self.owner(t.t_k0[tasks])
-        docs = t.doc[t.t_seg[tasks, 0]]
+        docs = t.doc[tasks]
         key_sender = np.asarray([self.tree_sender(int(d), int(o)) for d, o in zip(docs, key_owner)], dtype=np.int64)
         key_out = np.maximum(self.egress[key_sender], self.egress[self.owner(t.t_k1[tasks] - 1)])
         key_w = (np.minimum(node_new, self.tokens) + self.w_intra * np.minimum(near_new, self.tokens)) * self.rows.kv
@@ -296,8 +295,8 @@ class _Ledger:
     def charge(self, task: int, u: int) -> None:
         """Book the bytes of ``task`` moving to ``u`` (before the move: its queries' owner sends them)."""
         t = self.table
-        d = int(t.doc[t.t_seg[task, 0]])
-        q_owner = int(self.owner(t.q0[t.t_seg[task, 0]]))
+        d = int(t.doc[task])
+        q_owner = int(self.owner(t.q0[task]))
         if self.node[q_owner] == self.node[u]:
             self._book(q_owner, u, float(t.t_q[task]) * self.rows.q)
         else:
@@ -413,7 +412,7 @@ def _fill_deep_sinks(table: TaskTable, ledger: _Ledger, epsilon: float) -> None:
             # documents whose keys already reach the node
             rows = ledger.rows
             per_work = (t.t_q[tasks] * rows.q + (t.t_k1[tasks] - t.t_k0[tasks]) * rows.kv) / t.t_time[tasks]
-            near = np.isin(t.doc[t.t_seg[tasks, 0]], list(ledger.node_docs.get(n, ())))
+            near = np.isin(t.doc[tasks], list(ledger.node_docs.get(n, ())))
             if tasks.size > SHORTLIST:
                 near[np.argpartition(per_work, SHORTLIST)[:SHORTLIST]] = True
                 tasks = tasks[near]
@@ -438,7 +437,7 @@ def _drain(table: TaskTable, ledger: _Ledger, src: int, dests: np.ndarray, epsil
 def _move(table: TaskTable, ledger: _Ledger, load: np.ndarray, src: int, best: int, u: int, want: float,
           slack: float) -> None:
     """Move task ``best`` off ``src`` to ``u`` (room ``want``): whole if it fits (within ``slack``),
-    else split a pair (its halves are priced next round) or move the head of its queries."""
+    else move the head of its queries."""
     mean = ledger.mean
     for _attempt in range(2):
         work = table.t_time[best]
@@ -447,9 +446,6 @@ def _move(table: TaskTable, ledger: _Ledger, load: np.ndarray, src: int, best: i
             table.move(best, u)
             load[src] -= work
             load[u] += work
-            return
-        if table.is_pair(best):  # overshoots: its halves may fit
-            table.split_pair(best)
             return
         x = table.split_point(best, want)  # the head moves: it needs fewer keys than the tail
         if x is not None:
