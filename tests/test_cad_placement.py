@@ -158,3 +158,17 @@ def test_simulated_cad_table_quick(capsys):
     row = lines[2].split()
     assert row[:3] == ["lognormal", "llama3-8b", "h100"] and "1 configurations" in lines[-1]
     assert float(row[7]) > 0 and float(row[8]) > 0     # wlb/cad and zigzag/cad ratios
+
+
+def test_placement_stops_when_no_move_fits(monkeypatch):
+    """A rank none of whose tasks fits anywhere (one query row, reading its key prefix, costing more
+    than any rank's room: seen in the simulator's 512-GPU rows) ends placement; it used to price
+    the same moves until the iteration cap (50 x ranks + 100 rounds, a minute at 512 ranks)."""
+    from distattn.schedulers import cad_placement
+
+    rounds = []
+    real_choose = cad_placement._Ledger.choose
+    monkeypatch.setattr(cad_placement._Ledger, "choose", lambda self, *a: rounds.append(1) or real_choose(self, *a))
+    monkeypatch.setattr(cad_placement, "_move", lambda *a: False)
+    distattn.plan(_docs(16), 16, scheduler="cad")   # two nodes of 8: the node passes run too
+    assert 0 < len(rounds) <= 16 + 2, len(rounds)

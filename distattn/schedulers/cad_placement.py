@@ -370,16 +370,8 @@ def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
         _fill_deep_sinks(table, ledger, epsilon)
     for _ in range(50 * p + 100):
         src = int(np.argmax(load))
-        if load[src] <= (1 + epsilon) * mean:
+        if load[src] <= (1 + epsilon) * mean or not _drain(table, ledger, src, None, epsilon):
             break
-        picks = ledger.choose(src)
-        if not picks:
-            break
-        for best, u in picks:
-            want = min(load[src] - mean, mean - load[u])
-            if want <= 0:
-                break
-            _move(table, ledger, load, src, best, u, want, epsilon * mean)
     return table.segments()
 
 
@@ -421,23 +413,27 @@ def _fill_deep_sinks(table: TaskTable, ledger: _Ledger, epsilon: float) -> None:
                 break
 
 
-def _drain(table: TaskTable, ledger: _Ledger, src: int, dests: np.ndarray, epsilon: float) -> bool:
-    """Make the cheapest moves off ``src`` to the under-loaded of ``dests``; False if none pays off."""
+def _drain(table: TaskTable, ledger: _Ledger, src: int, dests: np.ndarray | None, epsilon: float) -> bool:
+    """Make the cheapest moves off ``src`` to the under-loaded of ``dests`` (None: those
+    :meth:`_Ledger.destinations` offers); False if none pays off or fits (placement is stuck: a
+    task's single query row, reading its key prefix, can cost more than any rank's room)."""
     load, mean = ledger.load, ledger.mean
-    under = dests[load[dests] < mean]
-    picks = ledger.choose(src, under) if under.size else []
+    if dests is not None:
+        dests = dests[load[dests] < mean]
+    picks = ledger.choose(src, dests) if dests is None or dests.size else []
+    moved = False
     for best, u in picks:
         want = min(load[src] - mean, mean - load[u])
         if want <= 0:
             break
-        _move(table, ledger, load, src, best, u, want, epsilon * mean)
-    return bool(picks)
+        moved |= _move(table, ledger, load, src, best, u, want, epsilon * mean)
+    return moved
 
 
 def _move(table: TaskTable, ledger: _Ledger, load: np.ndarray, src: int, best: int, u: int, want: float,
-          slack: float) -> None:
+          slack: float) -> bool:
     """Move task ``best`` off ``src`` to ``u`` (room ``want``): whole if it fits (within ``slack``),
-    else move the head of its queries."""
+    else move the head of its queries; False if neither fits ``u`` nor the least loaded rank."""
     mean = ledger.mean
     for _attempt in range(2):
         work = table.t_time[best]
@@ -446,14 +442,15 @@ def _move(table: TaskTable, ledger: _Ledger, load: np.ndarray, src: int, best: i
             table.move(best, u)
             load[src] -= work
             load[u] += work
-            return
+            return True
         x = table.split_point(best, want)  # the head moves: it needs fewer keys than the tail
         if x is not None:
             tail_change, head_time = table.cut(best, x, u)
             ledger.charge(table.n_task - 1, u)
             load[src] += tail_change
             load[u] += head_time
-            return
+            return True
         # u's room is below one query's cost: the least loaded rank takes the task or its head
         u = int(np.argmin(load))
         want = min(load[src] - mean, mean - load[u])
+    return False
