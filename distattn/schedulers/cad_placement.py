@@ -180,6 +180,12 @@ class _Ledger:
         node_new = missing(self.node_slots, node, self._hulls(tasks, self.node_held, node))
         return rank_new, np.minimum(node_new, rank_new)
 
+    def move_seconds(self, q_seconds, rank_new, node_new):
+        """Network seconds of a move: its query rows' ``q_seconds`` plus the new key rows, those new
+        to the destination's node crossing nodes and the rest arriving over NVLink."""
+        links, kv = self.links, self.rows.kv
+        return q_seconds + (rank_new - node_new) * kv * links.intra_s_per_byte + node_new * kv * links.inter_s_per_byte
+
     def choose(self, src: int, dests: np.ndarray | None = None) -> list[tuple[int, int]]:
         """The cheapest moves off ``src`` (to ``dests``, default :meth:`destinations`):
         ``[(task, destination), ...]`` (none: nothing pays off)."""
@@ -199,8 +205,7 @@ class _Ledger:
         per_byte = self.per_byte(src, dests)[None, :]
         w_q = self.weight(src, dests)[None, :]
         links = self.links
-        seconds = (q_bytes * per_byte + near_new * self.rows.kv * links.intra_s_per_byte
-                   + node_new * self.rows.kv * links.inter_s_per_byte)
+        seconds = self.move_seconds(q_bytes * per_byte, rank_new, node_new)
         # weighted bytes in at u: keys new to its node arrive at its slots share by share, then over NVLink
         size = self.nodes.size(dests)[None, :]
         moved = q_bytes * w_q + (near_new * self.w_intra + node_new * (self.w_intra + 1 / size)) * self.rows.kv
@@ -261,9 +266,7 @@ class _Ledger:
         want = np.minimum(self.load[src] - self.mean, self.mean - self.load[u])
         gain = (1 + BACKWARD) * np.minimum(t.t_time[tasks], want)
         rank_new, node_new = (x[:, 0] for x in self.new_keys(tasks, np.asarray([u])))
-        links = self.links
-        seconds = (t.t_q[tasks] * self.rows.q * self.per_byte(u, src)
-                   + ((rank_new - node_new) * links.intra_s_per_byte + node_new * links.inter_s_per_byte) * self.rows.kv)
+        seconds = self.move_seconds(t.t_q[tasks] * self.rows.q * self.per_byte(u, src), rank_new, node_new)
         score = np.where(gain > 0, seconds / np.maximum(gain, 1e-30), np.inf)
         i = int(np.argmin(score))
         return int(src[i]) if np.isfinite(score[i]) else None
