@@ -51,15 +51,24 @@ def test_keys_cross_to_a_node_once_and_fan_out_inside_it():
 
 def test_a_tree_of_nodes_bounds_the_copies_a_slot_sends():
     """One slot per node; slot 0's keys are needed by 4 nodes, nested (a causal prefix): with
-    fanout 2 slot 0 sends two copies, and the node needing most forwards to the other two."""
+    fanout 2 slot 0 sends two copies, and each further node hangs under the node of the tree with
+    the fewest rows to move so far (a relay receives once and sends up to twice)."""
     slots = Layout("contiguous").shards([500], 5)
     comp = np.array([1, 2, 3, 4])
     a, b = np.zeros(4, dtype=np.int64), np.array([90, 80, 70, 60])
     legs = key_legs(comp, a, b, slots, Nodes.even(5, 1), fanout=2)
     assert _legs(legs, 1) == [(0, 0, 0, 90)]       # a node of one slot: no peer to hand rows to
     assert _legs(legs, 2) == [(0, 1, 0, 90), (0, 2, 0, 80)]
-    assert _legs(legs, 3) == [(1, 3, 0, 70), (1, 4, 0, 60)]
-    assert legs.hops == 3
+    # node 2 (80 rows in) relays to node 3; then node 3 (70 in) moves less than node 1 (90 in)
+    # or node 2 (80 in, 70 out)
+    assert _legs(legs, 3) == [(2, 3, 0, 70)]
+    assert _legs(legs, 4) == [(3, 4, 0, 60)]
+    # a node already moving many rows (its queries) relays nothing
+    legs = key_legs(comp, a, b, slots, Nodes.even(5, 1), fanout=2, load=np.array([0, 0, 1000, 0, 0]))
+    assert _legs(legs, 3) == [(1, 3, 0, 70)]
+    assert _legs(legs, 4) == [(3, 4, 0, 60)]
+    for c in range(1, 5):
+        assert set(range(b[c - 1])) <= _received(legs, c, 5)
 
 
 def test_queries_cross_nodes_share_by_share():

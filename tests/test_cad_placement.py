@@ -172,3 +172,20 @@ def test_placement_stops_when_no_move_fits(monkeypatch):
     monkeypatch.setattr(cad_placement, "_move", lambda *a: False)
     distattn.plan(_docs(16), 16, scheduler="cad")   # two nodes of 8: the node passes run too
     assert 0 < len(rounds) <= 16 + 2, len(rounds)
+
+
+def test_an_overloaded_node_exports_its_excess_as_the_tails_of_its_documents():
+    """Node 0 (ranks 0-7) holds one causal document of 65536 tokens, nodes 1-3 short documents:
+    almost all the work is node 0's. What leaves node 0 is the document's last rows -- within 5%
+    of the fewest query rows that carry that much work (moved piece by piece by the busiest rank,
+    22% more rows left)."""
+    ranks, tokens = 32, 8192
+    n = 8 * tokens
+    plan = distattn.plan([n] + [512] * (24 * tokens // 512), ranks, scheduler="cad")
+    assert plan.stats(32, 8, 128)["flops_imbalance"] <= 1.05
+    s = plan.schedule.segments
+    away = (s.q0 < n) & (s.rank >= 8)
+    work = float(s.area[away].sum())                 # (query, key) pairs computed off node 0
+    fewest = n - np.sqrt(n * n - 2 * work)           # the last r rows: r n - r^2 / 2 pairs
+    assert fewest > n / 3
+    assert (s.q1[away] - s.q0[away]).sum() <= 1.05 * fewest

@@ -248,8 +248,15 @@ class TaskSchedule(Schedule):
             u0, u1 = merge_intervals(a0 + s.rank * span, a1 + s.rank * span)
             comp = u0 // span
             return comp, u0 - comp * span, u1 - comp * span
-        return (query_legs(*union(s.q0, s.q1), slots, self.nodes),
-                key_legs(*union(s.k0, s.k1), slots, self.nodes, self.fanout))
+        q_legs = query_legs(*union(s.q0, s.q1), slots, self.nodes)
+        # what each node moves across nodes before its key trees, in key rows (a query row weighs
+        # what it costs over forward and backward, Llama-3 sizes): relays go where little moves
+        node = self.nodes.dense
+        far = node[q_legs.src] != node[q_legs.dst]
+        rows = RowBytes.of()
+        load = np.bincount(np.concatenate([node[q_legs.src[far]], node[q_legs.dst[far]]]),
+                           np.tile(q_legs.rows[far], 2), self.nodes.count) * (rows.q / rows.kv)
+        return q_legs, key_legs(*union(s.k0, s.k1), slots, self.nodes, self.fanout, load)
 
     @property
     def hops(self) -> tuple[int, int]:

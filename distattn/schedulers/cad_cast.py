@@ -11,8 +11,10 @@ owner sends, or one slot needs, spreads over all network cards of both nodes:
 
 * **K/V, group-cast.** A key row crosses the inter-node fabric once per destination *node*. Slots
   of the owner's node get it straight from the owner (NVLink). The other nodes needing rows of an
-  owner form an ``f``-ary tree rooted at the owner's node (``FANOUT``; the nodes needing the most
-  rows nearest the root; hop 1 hands each share to its rail's slot of the owner's node). In each
+  owner form a tree rooted at the owner's node, at most ``f`` children a node (``FANOUT``): the
+  nodes needing the most rows join first, each under the node of the tree that moves the fewest
+  rows across nodes so far (:func:`_parents`; hop 1 hands each share to its rail's slot of the
+  owner's node). In each
   node, the slot of a share's rail receives what the node's whole subtree needs of it from the
   parent node's slot of that rail, forwards each child node its part, and over NVLink each slot of
   its node its rows. A slot sends at most ``f`` inter-node copies of any row, and a tree of ``m``
@@ -145,9 +147,10 @@ def query_legs(comp: np.ndarray, a: np.ndarray, b: np.ndarray, slots: Shards, no
 
 
 def key_legs(comp: np.ndarray, a: np.ndarray, b: np.ndarray, slots: Shards, nodes: Nodes,
-             fanout: int = FANOUT) -> Legs:
+             fanout: int = FANOUT, load: np.ndarray | None = None) -> Legs:
     """Legs delivering keys ``[a[i], b[i])`` to slot ``comp[i]`` (each slot's intervals disjoint) by
-    group-cast down a tree of nodes per owner (module docstring)."""
+    group-cast down a tree of nodes per owner (module docstring). ``load``: per node, the rows it
+    already moves across nodes (in key rows; default none), which the trees' relays add to."""
     i, run, s, e = slots.cut(a, b)
     owner, dest = slots.owner[run], np.asarray(comp, dtype=np.int64)[i]
     node = nodes.dense
@@ -155,11 +158,11 @@ def key_legs(comp: np.ndarray, a: np.ndarray, b: np.ndarray, slots: Shards, node
     legs = [(np.ones(near.sum(), dtype=np.int64), owner[near], dest[near], s[near], e[near])]
     owner, dest, s, e = owner[~near], dest[~near], s[~near], e[~near]
     if owner.size:
-        legs += _tree_legs(owner, dest, s, e, nodes, slots, fanout)
+        legs += _tree_legs(owner, dest, s, e, nodes, slots, fanout, load)
     return Legs.of(*(np.concatenate([leg[n] for leg in legs]) for n in range(5)))
 
 
-def _tree_legs(owner, dest, s, e, nodes: Nodes, slots: Shards, fanout: int) -> list[tuple]:
+def _tree_legs(owner, dest, s, e, nodes: Nodes, slots: Shards, fanout: int, load) -> list[tuple]:
     """The legs of the remote pieces ``(owner, dest, s, e)``: one tree of nodes per owner; share
     ``j`` of an owner's rows travels between the nodes' slots of local index ``j`` (hop 1 hands it
     to the owner's node peer ``j`` over NVLink)."""
@@ -168,17 +171,13 @@ def _tree_legs(owner, dest, s, e, nodes: Nodes, slots: Shards, fanout: int) -> l
     group_of = owner * n_nodes + node[dest]
     groups, g = np.unique(group_of, return_inverse=True)
     g_owner, g_node = groups // n_nodes, groups % n_nodes
-    rows = np.bincount(g, e - s, minlength=len(groups))
+    own0, own1 = merge_intervals(g * span + s, g * span + e)
+    rows = np.bincount(own0 // span, own1 - own0, minlength=len(groups))   # each group's node receives
     at_node = np.zeros(len(groups), dtype=np.int64)
     at_node[g] = dest                                        # a slot of each group's node
-    # each owner's groups in a heap: most rows first, position 1.. (0 is the owner), parent (i-1)//f
-    order = np.lexsort((g_node, -rows, g_owner))
-    start = np.searchsorted(g_owner[order], g_owner[order], side="left")   # the owner's first, in order
-    rank_in = np.empty(len(groups), dtype=np.int64)
-    rank_in[order] = np.arange(len(groups))
-    pos = rank_in - start[rank_in] + 1
-    parent_pos = (pos - 1) // fanout
-    parent = np.where(parent_pos >= 1, order[np.minimum(start[rank_in] + parent_pos - 1, len(groups) - 1)], -1)
+    load = np.zeros(n_nodes) if load is None else np.asarray(load, dtype=np.float64).copy()
+    parent = (_parents(g_owner, g_node, rows, node[g_owner], load, fanout) if fanout < n_nodes
+              else np.full(len(groups), -1, dtype=np.int64))          # flat: the owner sends each node its rows
     depth = np.ones(len(groups), dtype=np.int64)
     for _ in range(64):                                          # depth = parent's depth + 1
         new = np.where(parent >= 0, depth[np.maximum(parent, 0)] + 1, 1)
@@ -186,7 +185,6 @@ def _tree_legs(owner, dest, s, e, nodes: Nodes, slots: Shards, fanout: int) -> l
             break
         depth = new
     # what each group's node receives: the union of its subtree's rows, deepest groups first
-    own0, own1 = merge_intervals(g * span + s, g * span + e)
     sub0, sub1 = own0, own1
     for level in range(int(depth.max()), 1, -1):
         child = depth[sub0 // span] == level
@@ -220,6 +218,35 @@ def _tree_legs(owner, dest, s, e, nodes: Nodes, slots: Shards, fanout: int) -> l
     fan = to != relay
     inside = (depth[g[w]][fan] + 2, relay[fan], to[fan], lo[fan], hi[fan])
     return [to_peers, down, inside]
+
+
+def _parents(g_owner, g_node, rows, root_node, load, fanout: int) -> np.ndarray:
+    """The parent group of each group in its owner's tree (-1: the owner's node). Trees are built
+    biggest first; in each, groups needing the most rows first (a causal prefix: a parent needs
+    what its children need), each under the node of the tree so far that has fewest rows to move
+    across nodes (``load``, updated with every copy sent and received), at most ``fanout`` children
+    per node and the depth of a ``fanout``-ary heap plus one. Without load, the heap itself: a
+    relay receives a key prefix once and sends it ``fanout`` times, so relays picked blindly (the
+    same node needing a long document's whole prefix tops the tree of every owner of it) became
+    the busiest links."""
+    parent = np.full(len(g_owner), -1, dtype=np.int64)
+    order = np.lexsort((g_node, -rows, g_owner))
+    trees = np.split(order, np.flatnonzero(np.diff(g_owner[order])) + 1)
+    for tree in sorted(trees, key=lambda tr: -int(rows[tr].sum())):
+        cap = int(np.ceil(np.log(len(tree) + 1) / np.log(fanout))) + 1 if fanout > 1 else len(tree)
+        at, group, kids, depth = [int(root_node[tree[0]])], [-1], [0], [0]
+        for g in tree.tolist():
+            free = [i for i in range(len(at)) if kids[i] < fanout and depth[i] < cap] or [0]
+            best = min(free, key=lambda i: (load[at[i]], i))
+            parent[g] = group[best]
+            kids[best] += 1
+            load[at[best]] += rows[g]
+            load[g_node[g]] += rows[g]
+            at.append(int(g_node[g]))
+            group.append(g)
+            kids.append(0)
+            depth.append(depth[best] + 1)
+    return parent
 
 
 def quantiles(group, lo, hi, groups: int, parts: int) -> np.ndarray:

@@ -1,15 +1,19 @@
 """CAD placement: which rank computes each attention task, weighing compute saved against bytes moved.
 
 The task table (:class:`~distattn.schedulers.cad_planner.TaskTable`) starts with every task on the
-rank owning its queries. With several nodes, two passes come first, both making the moves of step 2:
+rank owning its queries. With several nodes, two passes come first:
 
-* inside every node, from its over-loaded to its under-loaded ranks (NVLink), so that only what a
-  node holds above or below its share crosses nodes -- otherwise a balanced node's idle rank takes
-  remote work while its busy rank sends its own away (measured: 15-25% fewer inter-node bytes);
-* nodes short of more than ``SINK_DEPTH`` times the mean node excess (short documents only), most
-  short first, take work from the over-loaded rank whose task brings it for the fewest network
-  seconds per gain, while whole long-document tails are still there to take: filled last, such a
-  node took chunks of tens of documents, each with its own key prefix, and was the busiest link.
+* **Export between nodes** (unless moves must pay off, ``overlap_s``). Each over-loaded node,
+  most first, exports exactly its excess, and as the rows carrying the most work per query row:
+  the tails of its longest documents. Each document's exported part goes, tail first, to as few
+  under-loaded nodes as will take it: a node with room for the document's whole rest if one has
+  (of those, the one that has taken fewest bytes in this pass), else the one with most room, its
+  ranks filled least loaded first. Moved one rank-sized piece at a time by the most loaded rank
+  instead, a node exported up to 1.8x the query rows its excess needed, and under-loaded nodes
+  took slivers of tens of documents, each with its whole key prefix (measured: 40-50% lower
+  maximum inter-node bytes per rank at 64-4096 ranks).
+* **Inside every node**, moves (step 2 below, over NVLink) from its over-loaded to its
+  under-loaded ranks, so that only what a node holds above or below its share crosses nodes.
 
 Then, until the most loaded rank is within ``epsilon`` of the mean load:
 
@@ -68,7 +72,6 @@ from .cad_planner import Segments, TaskTable, _ranges
 SHORTLIST = 16          # least-loaded ranks of the whole pool considered per move
 PICKS = 8               # moves made per pricing of a rank's tasks
 BACKWARD = 2.5          # backward attention time / forward
-SINK_DEPTH = 1.5        # nodes short of more than this times the mean node excess are filled first
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,6 @@ class _Ledger:
         self.held: dict[int, dict[int, tuple[int, int]]] = {}        # doc -> rank -> key hull it receives
         self.node_held: dict[int, dict[int, tuple[int, int]]] = {}   # doc -> node -> key hull crossing to it
         self.node_relay: dict[int, dict[int, int]] = {}              # doc -> node -> its first receiving rank
-        self.node_docs: dict[int, set[int]] = {}                     # node -> docs whose keys cross to it
 
     def owner(self, x) -> np.ndarray:
         return self.slots.owner_of(x)
@@ -258,19 +260,6 @@ class _Ledger:
             score[:, j] = np.inf
         return picks
 
-    def source_for(self, u: int, tasks: np.ndarray) -> int | None:
-        """The rank holding the task (of ``tasks``, on over-loaded ranks) that brings work to ``u``
-        for the fewest network seconds per gain."""
-        t = self.table
-        src = t.t_rank[tasks]
-        want = np.minimum(self.load[src] - self.mean, self.mean - self.load[u])
-        gain = (1 + BACKWARD) * np.minimum(t.t_time[tasks], want)
-        rank_new, node_new = (x[:, 0] for x in self.new_keys(tasks, np.asarray([u])))
-        seconds = self.move_seconds(t.t_q[tasks] * self.rows.q * self.per_byte(u, src), rank_new, node_new)
-        score = np.where(gain > 0, seconds / np.maximum(gain, 1e-30), np.inf)
-        i = int(np.argmin(score))
-        return int(src[i]) if np.isfinite(score[i]) else None
-
     def tree_sender(self, d: int, owner: int, node: int | None = None) -> int:
         """Who sends ``node`` (default: the next node to receive them) its copy of document ``d``'s
         keys: the owner for the first ``FANOUT`` nodes, then the relay of the node's parent in an
@@ -318,7 +307,6 @@ class _Ledger:
         it, else one inter-node copy from the tree's sending node (:meth:`tree_sender`)."""
         node = int(self.node[u])
         nodes = self.node_held.setdefault(d, {})
-        self.node_docs.setdefault(node, set()).add(d)
         self.node_relay.setdefault(d, {}).setdefault(node, u)
         n0, n1 = nodes.get(node, (a, a))
         _, run, start, end = self.slots.cut(a, b)
@@ -369,13 +357,96 @@ def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
     ledger = _Ledger(table, slots, links, rows or RowBytes.of(), cap, overlap_s, nodes)
     load, mean = ledger.load, ledger.mean
     if nodes.count > 1:
+        if overlap_s is None:   # moves that must pay off (overlap_s) go one by one, below
+            _export_between_nodes(table, ledger, epsilon)
         _balance_inside_nodes(table, ledger, epsilon)
-        _fill_deep_sinks(table, ledger, epsilon)
     for _ in range(50 * p + 100):
         src = int(np.argmax(load))
         if load[src] <= (1 + epsilon) * mean or not _drain(table, ledger, src, None, epsilon):
             break
     return table.segments()
+
+
+def _export_between_nodes(table: TaskTable, ledger: _Ledger, epsilon: float) -> None:
+    """Each over-loaded node, most first, exports its excess as the rows that carry the most work
+    per query row (the tails of its longest documents) to the under-loaded nodes, and each
+    document's part goes to as few nodes as will take it: a node taking part of a document receives
+    the key prefix up to there, so the rows a node sends are about what the excess needs and the
+    key prefixes it sends are few (module docstring)."""
+    load, mean, t = ledger.load, ledger.mean, table
+    count = ledger.nodes.count
+    size = np.bincount(ledger.node, None, count)
+    excess = np.bincount(ledger.node, load, count) - size * mean
+    slack, tiny = epsilon * mean, 1e-3 * mean
+    took = np.zeros(count)                 # bytes each under-loaded node receives in this pass
+    shut = np.zeros(count, dtype=bool)     # nodes whose room is below one query row of a task
+
+    def room() -> np.ndarray:
+        return np.where(shut, 0.0, -excess)
+    for n in np.argsort(-excess).tolist():
+        if excess[n] <= slack * size[n]:
+            break
+        tasks = np.concatenate([t.tasks_on(int(r)) for r in ledger.members[n]])
+        tasks = tasks[np.argsort(-t.t_time[tasks] / np.maximum(t.t_q[tasks], 1), kind="stable")]
+        reach = np.cumsum(t.t_time[tasks])
+        k = min(int(np.searchsorted(reach, excess[n])) + 1, len(tasks))
+        chosen, amount = tasks[:k], t.t_time[tasks[:k]].copy()
+        amount[-1] -= max(reach[k - 1] - excess[n], 0)
+        docs, doc_of = np.unique(t.doc[chosen], return_inverse=True)
+        per_doc = np.bincount(doc_of, amount)
+        left = dict(zip(docs.tolist(), per_doc.tolist()))
+        current: dict[int, int] = {}
+        # the documents exporting most first, each from its last rows back
+        for i in np.lexsort((-t.q0[chosen], t.doc[chosen], -per_doc[doc_of])).tolist():
+            task, a, d = int(chosen[i]), float(amount[i]), int(t.doc[chosen[i]])
+            while a > tiny:
+                m = current.get(d)
+                if m is None or room()[m] <= slack:
+                    # a node with room for the document's whole rest, the one taking least so far;
+                    # else the one with most room
+                    fits = np.nonzero(room() >= max(left[d], 2 * slack))[0]
+                    m = current[d] = int(fits[np.argmin(took[fits])]) if fits.size else int(np.argmax(room()))
+                    if room()[m] <= slack:
+                        return
+                members = ledger.members[m]
+                u = int(members[np.argmin(load[members])])
+                before = ledger.ingress[members].sum()
+                fit = min(mean - load[u], -excess[m])
+                got = _take(t, ledger, load, task, u, min(fit, a), tiny)
+                if got == 0:       # one query row is more than the rest (next task) or the room
+                    if a < fit:
+                        break
+                    shut[m] = True
+                    continue
+                took[m] += ledger.ingress[members].sum() - before
+                a -= got
+                left[d] -= got
+                excess[m] += got
+                excess[n] -= got
+                if t.t_rank[task] == u:
+                    break
+
+
+def _take(table: TaskTable, ledger: _Ledger, load: np.ndarray, task: int, u: int, want: float,
+          slack: float) -> float:
+    """Move ``task`` to ``u`` whole if it fits ``want`` (within ``slack``), else the head of its
+    queries that does (it needs fewer keys than the tail); the work moved (0: not one query fits)."""
+    src = int(table.t_rank[task])
+    work = float(table.t_time[task])
+    if work <= want + slack:
+        ledger.charge(task, u)
+        table.move(task, u)
+        load[src] -= work
+        load[u] += work
+        return work
+    x = table.split_point(task, want)
+    if x is None:
+        return 0.0
+    tail_change, head_time = table.cut(task, x, u)
+    ledger.charge(table.n_task - 1, u)
+    load[src] += tail_change
+    load[u] += head_time
+    return head_time
 
 
 def _balance_inside_nodes(table: TaskTable, ledger: _Ledger, epsilon: float) -> None:
@@ -386,33 +457,6 @@ def _balance_inside_nodes(table: TaskTable, ledger: _Ledger, epsilon: float) -> 
         for _ in range(50 * len(members)):
             src = int(members[np.argmax(load[members])])
             if load[src] <= (1 + epsilon) * mean or not _drain(table, ledger, src, members, epsilon):
-                break
-
-
-def _fill_deep_sinks(table: TaskTable, ledger: _Ledger, epsilon: float) -> None:
-    """Fill the nodes short of over ``SINK_DEPTH`` times the mean node excess first, each from the
-    over-loaded rank whose task brings it work for the fewest network seconds (sink nodes that fill
-    last take what is left, often key prefixes of many documents: the node's busiest link)."""
-    load, mean, node, t = ledger.load, ledger.mean, ledger.node, table
-    count = ledger.nodes.count
-    excess = np.bincount(node, load, count) - np.bincount(node, None, count) * mean
-    deep = np.nonzero(-excess > SINK_DEPTH * np.abs(excess).mean())[0]
-    for n in deep[np.argsort(excess[deep])].tolist():
-        members = ledger.members[n]
-        for _ in range(50 * len(members)):
-            if load[members].sum() >= (1 - epsilon) * mean * len(members):
-                break
-            tasks = np.nonzero(load[t.t_rank[:t.n_task]] > (1 + epsilon) * mean)[0]
-            # price the tasks with the fewest bytes per work when no key is held, and those of
-            # documents whose keys already reach the node
-            rows = ledger.rows
-            per_work = (t.t_q[tasks] * rows.q + (t.t_k1[tasks] - t.t_k0[tasks]) * rows.kv) / t.t_time[tasks]
-            near = np.isin(t.doc[tasks], list(ledger.node_docs.get(n, ())))
-            if tasks.size > SHORTLIST:
-                near[np.argpartition(per_work, SHORTLIST)[:SHORTLIST]] = True
-                tasks = tasks[near]
-            src = ledger.source_for(int(members[np.argmin(load[members])]), tasks) if tasks.size else None
-            if src is None or not _drain(t, ledger, src, members, epsilon):
                 break
 
 
@@ -437,23 +481,8 @@ def _move(table: TaskTable, ledger: _Ledger, load: np.ndarray, src: int, best: i
           slack: float) -> bool:
     """Move task ``best`` off ``src`` to ``u`` (room ``want``): whole if it fits (within ``slack``),
     else move the head of its queries; False if neither fits ``u`` nor the least loaded rank."""
-    mean = ledger.mean
-    for _attempt in range(2):
-        work = table.t_time[best]
-        if work <= want + slack:  # fits: move it whole
-            ledger.charge(best, u)
-            table.move(best, u)
-            load[src] -= work
-            load[u] += work
-            return True
-        x = table.split_point(best, want)  # the head moves: it needs fewer keys than the tail
-        if x is not None:
-            tail_change, head_time = table.cut(best, x, u)
-            ledger.charge(table.n_task - 1, u)
-            load[src] += tail_change
-            load[u] += head_time
-            return True
-        # u's room is below one query's cost: the least loaded rank takes the task or its head
-        u = int(np.argmin(load))
-        want = min(load[src] - mean, mean - load[u])
-    return False
+    if _take(table, ledger, load, best, u, want, slack):
+        return True
+    # u's room is below one query's cost: the least loaded rank takes the task or its head
+    u = int(np.argmin(load))
+    return _take(table, ledger, load, best, u, min(load[src] - ledger.mean, ledger.mean - load[u]), slack) > 0
