@@ -72,6 +72,7 @@ from .cad_planner import Segments, TaskTable, _ranges
 SHORTLIST = 16          # least-loaded ranks of the whole pool considered per move
 PICKS = 8               # moves made per pricing of a rank's tasks
 BACKWARD = 2.5          # backward attention time / forward
+HELD = 0.1              # export: a node holding all but this share of a task's keys takes it first
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,9 @@ class _Ledger:
         # send at most their own rows of them, once per node
         key_owner = self.owner(t.t_k0[tasks])
         docs = t.doc[tasks]
-        key_sender = np.asarray([self.tree_sender(int(d), int(o)) for d, o in zip(docs, key_owner)], dtype=np.int64)
+        key_sender = key_owner.astype(np.int64)   # the owner, until its node has FANOUT children
+        for i in np.nonzero([len(self.node_held.get(d, ())) >= FANOUT for d in docs.tolist()])[0].tolist():
+            key_sender[i] = self.tree_sender(int(docs[i]), int(key_owner[i]))
         key_out = np.maximum(self.egress[key_sender], self.egress[self.owner(t.t_k1[tasks] - 1)])
         key_w = (np.minimum(node_new, self.tokens) + self.w_intra * np.minimum(near_new, self.tokens)) * self.rows.kv
         key_out = key_out[:, None] + key_w
@@ -386,12 +389,7 @@ def _export_between_nodes(table: TaskTable, ledger: _Ledger, epsilon: float) -> 
     for n in np.argsort(-excess).tolist():
         if excess[n] <= slack * size[n]:
             break
-        tasks = np.concatenate([t.tasks_on(int(r)) for r in ledger.members[n]])
-        tasks = tasks[np.argsort(-t.t_time[tasks] / np.maximum(t.t_q[tasks], 1), kind="stable")]
-        reach = np.cumsum(t.t_time[tasks])
-        k = min(int(np.searchsorted(reach, excess[n])) + 1, len(tasks))
-        chosen, amount = tasks[:k], t.t_time[tasks[:k]].copy()
-        amount[-1] -= max(reach[k - 1] - excess[n], 0)
+        chosen, amount = _densest(t, np.concatenate([t.tasks_on(int(r)) for r in ledger.members[n]]), excess[n])
         docs, doc_of = np.unique(t.doc[chosen], return_inverse=True)
         per_doc = np.bincount(doc_of, amount)
         left = dict(zip(docs.tolist(), per_doc.tolist()))
@@ -402,10 +400,7 @@ def _export_between_nodes(table: TaskTable, ledger: _Ledger, epsilon: float) -> 
             while a > tiny:
                 m = current.get(d)
                 if m is None or room()[m] <= slack:
-                    # a node with room for the document's whole rest, the one taking least so far;
-                    # else the one with most room
-                    fits = np.nonzero(room() >= max(left[d], 2 * slack))[0]
-                    m = current[d] = int(fits[np.argmin(took[fits])]) if fits.size else int(np.argmax(room()))
+                    m = current[d] = _sink_for(ledger, task, room(), left[d], took, slack)
                     if room()[m] <= slack:
                         return
                 members = ledger.members[m]
@@ -425,6 +420,37 @@ def _export_between_nodes(table: TaskTable, ledger: _Ledger, epsilon: float) -> 
                 excess[n] -= got
                 if t.t_rank[task] == u:
                     break
+
+
+def _densest(t: TaskTable, tasks: np.ndarray, excess: float) -> tuple[np.ndarray, np.ndarray]:
+    """The tasks carrying the most work per query row, and how much of each, that make ``excess``."""
+    tasks = tasks[np.argsort(-t.t_time[tasks] / np.maximum(t.t_q[tasks], 1), kind="stable")]
+    reach = np.cumsum(t.t_time[tasks])
+    k = min(int(np.searchsorted(reach, excess)) + 1, len(tasks))
+    amount = t.t_time[tasks[:k]].copy()
+    amount[-1] -= max(reach[k - 1] - excess, 0)
+    return tasks[:k], amount
+
+
+def _sink_for(ledger: _Ledger, task: int, room: np.ndarray, rest: float, took: np.ndarray, slack: float) -> int:
+    """The under-loaded node to take ``task`` and what follows of its document's export (``rest``):
+    one that already holds or receives nearly all the task's keys (it owns later rows of the
+    document, or took earlier ones), the one with most room; else one with room for the whole
+    rest, the one taking fewest bytes so far; else the one with most room."""
+    open_ = np.nonzero(room > 2 * slack)[0]
+    if open_.size == 0:
+        return int(np.argmax(room))
+    t, d = ledger.table, int(ledger.table.doc[task])
+    runs = np.searchsorted(ledger.slots.bounds, [t.ds[d], t.de[d] - 1], side="right") - 1
+    holders = ledger.node[ledger.slots.owner[runs[0]:runs[1] + 1]]          # nodes owning rows of d
+    near = np.intersect1d(open_, np.concatenate([holders, list(ledger.node_held.get(d, ()))]).astype(np.int64))
+    if near.size:
+        _, node_new = ledger.new_keys(np.asarray([task]), np.asarray([ledger.members[m][0] for m in near.tolist()]))
+        near = near[node_new[0] <= HELD * (t.t_k1[task] - t.t_k0[task])]
+    if near.size:
+        return int(near[np.argmax(room[near])])
+    fits = open_[room[open_] >= rest]
+    return int(fits[np.argmin(took[fits])]) if fits.size else int(open_[np.argmax(room[open_])])
 
 
 def _take(table: TaskTable, ledger: _Ledger, load: np.ndarray, task: int, u: int, want: float,
