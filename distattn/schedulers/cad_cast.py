@@ -223,13 +223,14 @@ def _tree_legs(owner, dest, s, e, nodes: Nodes, slots: Shards, fanout: int, load
 def _parents(g_owner, g_node, rows, root_node, load, fanout: int) -> np.ndarray:
     """The parent group of each group in its owner's tree (-1: the owner's node). Trees are built
     biggest first; in each, groups needing the most rows first (a causal prefix: a parent needs
-    what its children need), each under the node of the tree so far that has fewest rows to move
-    across nodes (``load``, updated with every copy sent and received), at most ``fanout`` children
-    per node and the depth of a ``fanout``-ary heap plus one. Without load, the heap itself: a
-    relay receives a key prefix once and sends it ``fanout`` times, so relays picked blindly (the
-    same node needing a long document's whole prefix tops the tree of every owner of it) became
-    the busiest links."""
+    what its children need), each under the node of the tree so far that moves the fewest rows
+    across nodes (``load`` -- its query rows, given -- plus every node's own key rows in, plus the
+    copies sent so far), at most ``fanout`` children per node, at most one level deeper than a
+    ``fanout``-ary heap. A relay receives a key prefix once and sends it up to ``fanout`` times:
+    picked blindly (in a heap the node needing a long document's whole prefix tops the tree of
+    every owner of it), relays were the busiest links."""
     parent = np.full(len(g_owner), -1, dtype=np.int64)
+    np.add.at(load, g_node, rows)          # every node receives its rows, whatever the trees
     order = np.lexsort((g_node, -rows, g_owner))
     trees = np.split(order, np.flatnonzero(np.diff(g_owner[order])) + 1)
     for tree in sorted(trees, key=lambda tr: -int(rows[tr].sum())):
@@ -241,7 +242,6 @@ def _parents(g_owner, g_node, rows, root_node, load, fanout: int) -> np.ndarray:
             parent[g] = group[best]
             kids[best] += 1
             load[at[best]] += rows[g]
-            load[g_node[g]] += rows[g]
             at.append(int(g_node[g]))
             group.append(g)
             kids.append(0)
