@@ -14,11 +14,10 @@ owner sends, or one slot needs, spreads over all network cards of both nodes:
   owner form a tree rooted at the owner's node, at most ``f`` children a node (``FANOUT``): the
   nodes needing the most rows join first, each under the node of the tree that moves the fewest
   rows across nodes so far (:func:`_parents`; hop 1 hands each share to its rail's slot of the
-  owner's node). In each
-  node, the slot of a share's rail receives what the node's whole subtree needs of it from the
-  parent node's slot of that rail, forwards each child node its part, and over NVLink each slot of
-  its node its rows. A slot sends at most ``f`` inter-node copies of any row, and a tree of ``m``
-  nodes is ``log_f m`` hops deep.
+  owner's node). In each node, the slot of a share's rail receives what the node's whole subtree
+  needs of it from the parent node's slot of that rail, forwards each child node its part, and
+  over NVLink each slot of its node its rows. A slot sends at most ``f`` inter-node copies of any
+  row, and a tree of ``m`` nodes is at most ``log_f m + 1`` hops deep.
 * **dK/dV, group-reduce.** Backward runs the K/V legs in reverse: each slot returns its partial
   gradients to whoever sent it the rows, a relay sums its node's and its subtree's partials with
   its own before passing one partial per row up, and the owner sums what comes back.

@@ -6,9 +6,10 @@ rank owning its queries. With several nodes, two passes come first:
 * **Export between nodes** (unless moves must pay off, ``overlap_s``). Each over-loaded node,
   most first, exports exactly its excess, and as the rows carrying the most work per query row:
   the tails of its longest documents. Each document's exported part goes, tail first, to as few
-  under-loaded nodes as will take it: a node with room for the document's whole rest if one has
-  (of those, the one that has taken fewest bytes in this pass), else the one with most room, its
-  ranks filled least loaded first. Moved one rank-sized piece at a time by the most loaded rank
+  under-loaded nodes as will take it: one already holding nearly all its keys (it owns later rows
+  of the document, or took earlier ones), else one with room for the document's whole rest (the
+  one that has taken fewest bytes in this pass), else the one with most room; a node's ranks fill
+  least loaded first. Moved one rank-sized piece at a time by the most loaded rank
   instead, a node exported up to 1.8x the query rows its excess needed, and under-loaded nodes
   took slivers of tens of documents, each with its whole key prefix (measured: 40-50% lower
   maximum inter-node bytes per rank at 64-4096 ranks).
