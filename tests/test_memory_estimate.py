@@ -59,6 +59,22 @@ def test_components_scale():
     assert cpu.runtime < bf16.runtime and 0 < cpu.allocator < cpu.activations
 
 
+def test_a_tiled_mlp_drops_its_intermediates():
+    """train.mlp_chunk: per token, the four [ffn_dim] intermediates no block keeps any more, and the
+    backward holds one chunk's MLP instead of the shard's (Llama-3 8B, 1M tokens over 8 ranks, usp,
+    full checkpointing: the issue's 107.7 GiB)."""
+    cfg = _cfg().replace(data={"seq_len": 1 << 20}, parallel={"dp": 1, "cp": 8, "scheduler": "usp"})
+    whole, tiled = estimate(cfg), estimate(cfg.replace(train={"mlp_chunk": 4096}))
+    assert whole.total / GIB == pytest.approx(107.7, abs=0.05)
+    m, tokens = cfg.model, whole.tokens_per_rank
+    kept = tokens * 4 * 2 * m.ffn_dim                       # one block recomputed (full): bf16
+    kv = m.n_kv_heads * m.dim // m.n_heads                  # backward: the larger of the MLP's and attention's
+    backward = tokens * 3 * 2 * m.ffn_dim - max(4096 * 7 * 2 * m.ffn_dim, tokens * 4 * (m.dim + 2 * kv))
+    assert whole.activations - tiled.activations == kept + backward
+    assert tiled.total - tiled.activations == whole.total - whole.activations
+    assert estimate(cfg.replace(train={"mlp_chunk": tokens})).total == whole.total   # one chunk: not tiled
+
+
 @pytest.mark.parametrize("name", GPU_CONFIGS)
 def test_shipped_gpu_configs_fit_80gb(name):
     cfg = _cfg(name)

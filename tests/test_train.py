@@ -50,6 +50,8 @@ def test_config_validation(tmp_path):
         load_config(path)
     with pytest.raises(ValueError, match="parallel.cp must be > 0"):
         validate(RunConfig().replace(parallel={"cp": 0}))
+    with pytest.raises(ValueError, match="train.mlp_chunk must be >= 0"):
+        validate(RunConfig().replace(train={"mlp_chunk": -1}))
     with pytest.raises(ValueError, match="data.path is required"):
         validate(RunConfig().replace(data={"source": "tokens"}))
     for cfg in sorted((ROOT / "configs").glob("*.yaml")):

@@ -7,7 +7,7 @@ A config has four sections::
     data:     {source: stdlib | tokens, path, seq_len, seed}
     parallel: {dp, cp, scheduler, ulysses_degree, cad_pool, dp_mode: ddp | fsdp, backend, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
-               dtype: fp32 | bf16, activation_checkpointing: none | full | selective, loss_chunk,
+               dtype: fp32 | bf16, activation_checkpointing: none | full | selective, loss_chunk, mlp_chunk,
                peak_tflops, on_nonfinite: stop | skip_step}
 """
 
@@ -98,6 +98,9 @@ class TrainSection:
     activation_checkpointing: str = "none"
     # tokens per chunk of the fused output projection + cross-entropy (full logits never exist)
     loss_chunk: int = 2048
+    # tokens per chunk of each block's MLP, forward and backward (its [tokens, ffn_dim]
+    # intermediates never exist whole; train/tiled.py); 0: the whole shard at once
+    mlp_chunk: int = 0
     # the device's dense bf16 peak for MFU; unset: looked up from the GPU's name (CPU: n/a)
     peak_tflops: float | None = None
     # a step whose loss or gradient norm is not finite: stop (no update, exit non-zero; the newest
@@ -197,7 +200,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         if val <= 0:
             raise ValueError(f"{key} must be > 0, got {val!r}")
     for key, val in {"data.seed": d.seed, "train.seed": t.seed, "train.warmup_steps": t.warmup_steps,
-                     "train.weight_decay": t.weight_decay}.items():
+                     "train.weight_decay": t.weight_decay, "train.mlp_chunk": t.mlp_chunk}.items():
         if val < 0:
             raise ValueError(f"{key} must be >= 0, got {val!r}")
     for key, val in {"data.seed": d.seed, "train.seed": t.seed}.items():

@@ -23,7 +23,9 @@ tokens per rank, ``b`` the compute dtype's bytes -- 2 for bf16, 4 for fp32):
   recomputed; ``selective`` keeps per layer the block input and what attention saves, and one
   block's recomputation. All three add one block's backward working set (the larger of the
   SwiGLU gradients, ``3 * T * ffn_dim``, and attention's fp32 dQ/dK/dV, plus two residual
-  gradients).
+  gradients). ``train.mlp_chunk`` ``c`` (:mod:`distattn.train.tiled`): the MLP keeps only its
+  input, and its working set is one chunk's, ``7 * c * ffn_dim`` (four recomputed
+  intermediates, three gradients).
 * what attention keeps per layer, from a *dry plan* of the config (``distattn.plan(docs, N)``):
   ring, zigzag, allgather and one rank keep their local q, k, v, out and fp32 lse; ulysses and
   usp keep the head-sharded q, k, v (KV heads expanded where the schedule must), out and lse of
@@ -165,13 +167,15 @@ def _norm_bytes(d: int, resid: int, autocast: bool, readers: int) -> int:
     return d * (4 + resid + (2 * readers if autocast else resid)) + 4
 
 
-def block_bytes_per_token(m: ModelConfig, compute: int, resid: int, autocast: bool) -> int:
-    """Per token, what one block keeps for backward apart from attention's own saved tensors."""
+def block_bytes_per_token(m: ModelConfig, compute: int, resid: int, autocast: bool, tiled_mlp: bool = False) -> int:
+    """Per token, what one block keeps for backward apart from attention's own saved tensors
+    (``tiled_mlp``: the MLP keeps only its input, the norm output counted with the norm -- one
+    fp32 copy where autocast kept two bf16 ones)."""
     hd, kv = m.dim // m.n_heads, m.n_kv_heads * m.dim // m.n_heads
     q = m.n_heads * hd
     rope = compute * (q + kv) + 2 * compute * hd          # wq/wk outputs RoPE multiplies, cos and sin
     wo_input = compute * q                                 # the attention output
-    mlp = 4 * compute * m.ffn_dim                          # w1 and w3 outputs, silu, their product
+    mlp = 0 if tiled_mlp else 4 * compute * m.ffn_dim      # w1 and w3 outputs, silu, their product
     return _norm_bytes(m.dim, resid, autocast, 3) + rope + wo_input + _norm_bytes(m.dim, resid, autocast, 2) + mlp
 
 
@@ -218,12 +222,17 @@ def attention_bytes(cfg: RunConfig, doc_lens=None) -> AttentionMemory:
 def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> int:
     m = cfg.model
     compute, resid, autocast = _dtypes(cfg)
-    block = tokens * block_bytes_per_token(m, compute, resid, autocast)
+    chunk = cfg.train.mlp_chunk
+    tiled = 0 < chunk < tokens
+    block = tokens * block_bytes_per_token(m, compute, resid, autocast, tiled)
     hd, kv = m.dim // m.n_heads, m.n_kv_heads * m.dim // m.n_heads
     saved = attn.saved
     # token-layout attention's out is the tensor wo reads: counted once
     layer_none = block + saved - (tokens * compute * m.n_heads * hd if attn.token_layout else 0)
-    backward = tokens * (max(3 * compute * m.ffn_dim, 4 * (m.dim + 2 * kv)) + 2 * resid * m.dim)
+    # the SwiGLU gradients of the whole shard, or (tiled) one chunk's recomputed intermediates and
+    # their gradients; attention's fp32 dQ/dK/dV
+    mlp_backward = chunk * 7 * compute * m.ffn_dim if tiled else tokens * 3 * compute * m.ffn_dim
+    backward = max(mlp_backward, tokens * 4 * (m.dim + 2 * kv)) + tokens * 2 * resid * m.dim
     mode = cfg.train.activation_checkpointing
     if mode == "none":
         return m.n_layers * layer_none + backward
@@ -337,7 +346,8 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
              f"parallel: {cfg.world_size} ranks (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}{pooled}, "
              f"{est.dp_mode}",
              f"tokens per rank: {est.tokens_per_rank:,} (seq_len {cfg.data.seq_len:,} / cp {p.cp})",
-             f"train: {t.dtype}, activation checkpointing {t.activation_checkpointing}, loss chunk {t.loss_chunk:,}"]
+             f"train: {t.dtype}, activation checkpointing {t.activation_checkpointing}, loss chunk {t.loss_chunk:,}"
+             + (f", MLP chunk {t.mlp_chunk:,}" if t.mlp_chunk else "")]
     if device == "cuda":
         limit, where = gpu_memory_bytes, f"{gpu_memory_bytes / GIB:g} GiB (--gpu-memory-gib)"
         lines.append("per-GPU memory estimate (documents: one of seq_len tokens per sequence, the worst case "

@@ -35,12 +35,12 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..api import attention
 from .config import ModelConfig
 from .loss import chunked_cross_entropy
+from .tiled import swiglu
 
 
 class RMSNorm(nn.Module):
@@ -94,22 +94,22 @@ class Block(nn.Module):
         with torch.autocast(q.device.type, enabled=False):
             return attention(q, k, v, plan, sinks=self.sinks, softcap=self.cfg.softcap)
 
-    def out_and_mlp(self, x, a):
-        """Residual stream after attention output ``a [S, H, hd]`` and the MLP."""
+    def out_and_mlp(self, x, a, mlp_chunk: int = 0):
+        """Residual stream after attention output ``a [S, H, hd]`` and the MLP (``mlp_chunk`` tokens
+        at a time: :mod:`.tiled`)."""
         x = x + self.wo(a.flatten(1))
-        h = self.mlp_norm(x)
-        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+        return x + swiglu(self.mlp_norm(x), self.w1.weight, self.w3.weight, self.w2.weight, mlp_chunk)
 
-    def plain(self, x, pos, plan):
-        return self.out_and_mlp(x, self.attend(*self.qkv(x, pos), plan))
+    def plain(self, x, pos, plan, mlp_chunk: int = 0):
+        return self.out_and_mlp(x, self.attend(*self.qkv(x, pos), plan), mlp_chunk)
 
-    def forward(self, x, pos, plan, checkpointing: str = "none"):
+    def forward(self, x, pos, plan, checkpointing: str = "none", mlp_chunk: int = 0):
         if checkpointing == "full":
-            return checkpoint(self.plain, x, pos, plan, use_reentrant=False)
+            return checkpoint(self.plain, x, pos, plan, mlp_chunk, use_reentrant=False)
         if checkpointing == "selective":
             q, k, v = checkpoint(self.qkv, x, pos, use_reentrant=False)
-            return checkpoint(self.out_and_mlp, x, self.attend(q, k, v, plan), use_reentrant=False)
-        return self.plain(x, pos, plan)
+            return checkpoint(self.out_and_mlp, x, self.attend(q, k, v, plan), mlp_chunk, use_reentrant=False)
+        return self.plain(x, pos, plan, mlp_chunk)
 
 
 class Transformer(nn.Module):
@@ -136,14 +136,15 @@ class Transformer(nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, plan, labels: torch.Tensor | None = None, *,
-                checkpointing: str = "none", loss_chunk: int = 2048,
+                checkpointing: str = "none", loss_chunk: int = 2048, mlp_chunk: int = 0,
                 compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``tokens``, ``pos``: ``[S_local]`` -> logits ``[S_local, vocab]``; with ``labels [S_local]``
         (-100: no label) the summed cross-entropy instead (an fp32 scalar), computed ``loss_chunk``
-        tokens at a time so the full logits never exist (``compute_dtype``: the projection's dtype)."""
+        tokens at a time so the full logits never exist (``compute_dtype``: the projection's dtype).
+        ``mlp_chunk`` > 0: each MLP runs that many tokens at a time (:mod:`.tiled`)."""
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, pos, plan, checkpointing)
+            x = layer(x, pos, plan, checkpointing, mlp_chunk)
         x = self.norm(x)
         if labels is None:
             return x @ self.output_weight.t()

@@ -163,7 +163,7 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         options["pool"] = dist.group.WORLD
     m_cfg, hd = cfg.model, cfg.model.dim // cfg.model.n_heads
     peak_flops = device_peak_flops(device, t.peak_tflops)
-    forward = {"checkpointing": t.activation_checkpointing, "loss_chunk": t.loss_chunk,
+    forward = {"checkpointing": t.activation_checkpointing, "loss_chunk": t.loss_chunk, "mlp_chunk": t.mlp_chunk,
                "compute_dtype": torch.bfloat16 if t.dtype == "bf16" else None}
     history = []
     for step in range(start, t.steps):
