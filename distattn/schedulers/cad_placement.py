@@ -11,8 +11,8 @@ rank owning its queries. With several nodes, two passes come first:
   one that has taken fewest bytes in this pass), else the one with most room; a node's ranks fill
   least loaded first. Moved one rank-sized piece at a time by the most loaded rank
   instead, a node exported up to 1.8x the query rows its excess needed, and under-loaded nodes
-  took slivers of tens of documents, each with its whole key prefix (measured: 40-50% lower
-  maximum inter-node bytes per rank at 64-4096 ranks).
+  took slivers of tens of documents, each with its whole key prefix (measured, with the load-aware
+  key trees of :mod:`.cad_cast`: 19-55% lower maximum inter-node bytes per rank at 64-4096 ranks).
 * **Inside every node**, moves (step 2 below, over NVLink) from its over-loaded to its
   under-loaded ranks, so that only what a node holds above or below its share crosses nodes.
 
@@ -135,15 +135,20 @@ class _Ledger:
     def owner(self, x) -> np.ndarray:
         return self.slots.owner_of(x)
 
+    def holders(self, docs: np.ndarray) -> np.ndarray:
+        """The ranks holding rows of documents ``docs`` (a rank once per run it holds)."""
+        docs = np.asarray(docs)
+        runs = np.searchsorted(self.slots.bounds, np.stack([self.table.ds[docs], self.table.de[docs] - 1]),
+                               side="right") - 1
+        return self.slots.owner[_ranges(runs[0], runs[1] - runs[0] + 1)[1]]
+
     def destinations(self, src: int, docs: np.ndarray) -> np.ndarray:
         p = len(self.load)
         pick = np.zeros(p, dtype=bool)
         pick[np.argpartition(self.load, min(SHORTLIST, p - 1))[:SHORTLIST]] = True
         pick[self.node == self.node[src]] = True
         docs = np.unique(docs)
-        runs = np.searchsorted(self.slots.bounds, np.stack([self.table.ds[docs], self.table.de[docs] - 1]),
-                               side="right") - 1
-        holders = self.slots.owner[_ranges(runs[0], runs[1] - runs[0] + 1)[1]]
+        holders = self.holders(docs)
         pick[holders] = True                                  # ranks holding part of them
         nodes = set(self.node[holders].tolist())
         for d in docs.tolist():
@@ -442,8 +447,7 @@ def _sink_for(ledger: _Ledger, task: int, room: np.ndarray, rest: float, took: n
     if open_.size == 0:
         return int(np.argmax(room))
     t, d = ledger.table, int(ledger.table.doc[task])
-    runs = np.searchsorted(ledger.slots.bounds, [t.ds[d], t.de[d] - 1], side="right") - 1
-    holders = ledger.node[ledger.slots.owner[runs[0]:runs[1] + 1]]          # nodes owning rows of d
+    holders = ledger.node[ledger.holders([d])]                               # nodes owning rows of d
     near = np.intersect1d(open_, np.concatenate([holders, list(ledger.node_held.get(d, ()))]).astype(np.int64))
     if near.size:
         _, node_new = ledger.new_keys(np.asarray([task]), np.asarray([ledger.members[m][0] for m in near.tolist()]))
