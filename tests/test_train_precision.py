@@ -44,7 +44,8 @@ def _grads_by_checkpointing(scheduler: str, doc_lens: list[int]) -> dict:
     options = {"num_kv_heads": 2} if scheduler == "usp" else {}
     plan = make_plan(doc_lens, cp_mesh, scheduler=scheduler, **options)
     out = {}
-    for mode, mlp_chunk in (("none", 0), ("full", 0), ("selective", 0), ("none", 29), ("full", 29)):
+    for mode, mlp_chunk in (("none", 0), ("full", 0), ("selective", 0), ("offload", 0), ("none", 29), ("full", 29),
+                            ("offload", 29)):
         model.zero_grad(set_to_none=True)
         loss = model(plan.shard(tokens), plan.position_ids(), plan, plan.shard(labels), checkpointing=mode,
                      loss_chunk=37, mlp_chunk=mlp_chunk)
@@ -56,14 +57,15 @@ def _grads_by_checkpointing(scheduler: str, doc_lens: list[int]) -> dict:
 
 @pytest.mark.parametrize("scheduler,world", [("zigzag", 2), ("cad", 3), ("ulysses", 2), ("usp", 4)])
 def test_activation_checkpointing_is_exact(scheduler, world):
-    """fp64: full and selective checkpointing, and the MLP 29 tokens at a time (a rank's shard is
-    not a multiple of it), give the loss and gradients of no checkpointing (the recomputed blocks
-    rerun the same ops: equal to 1e-12), with the distributed attention rerun (full) or kept
-    (selective)."""
+    """fp64: full, selective and offload checkpointing, and the MLP 29 tokens at a time (a rank's
+    shard is not a multiple of it), give the loss and gradients of no checkpointing (the recomputed
+    blocks rerun the same ops: equal to 1e-12), with the distributed attention rerun (full,
+    offload: on inputs that went to host memory and came back) or kept (selective)."""
     results = run_distributed(_grads_by_checkpointing, world, scheduler, [300, 17, 211, 64], timeout=300)
     for per_mode in results:
         base = per_mode["none"]
-        assert set(per_mode) == {"none", "full", "selective", "none+mlp_chunk 29", "full+mlp_chunk 29"}
+        assert set(per_mode) == {"none", "full", "selective", "offload", "none+mlp_chunk 29", "full+mlp_chunk 29",
+                                 "offload+mlp_chunk 29"}
         for mode in set(per_mode) - {"none"}:
             assert abs(per_mode[mode][0] - base[0]) <= 1e-12 * abs(base[0]), (mode, per_mode[mode][0], base[0])
             for got, want in zip(per_mode[mode][1:], base[1:]):

@@ -7,8 +7,8 @@ A config has four sections::
     data:     {source: stdlib | tokens, path, seq_len, seed}
     parallel: {dp, cp, scheduler, ulysses_degree, cad_pool, dp_mode: ddp | fsdp, backend, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
-               dtype: fp32 | bf16, activation_checkpointing: none | full | selective, loss_chunk, mlp_chunk,
-               peak_tflops, on_nonfinite: stop | skip_step}
+               dtype: fp32 | bf16, activation_checkpointing: none | full | selective | offload,
+               loss_chunk, mlp_chunk, peak_tflops, on_nonfinite: stop | skip_step}
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 DTYPES = ("fp32", "bf16")
-CHECKPOINTING = ("none", "full", "selective")
+CHECKPOINTING = ("none", "full", "selective", "offload")
 ON_NONFINITE = ("stop", "skip_step")
 
 
@@ -94,7 +94,9 @@ class TrainSection:
     # autocasts); master weights, gradient reduction and AdamW state stay fp32
     dtype: str = "fp32"
     # none | full (recompute each block in backward, attention included) | selective (recompute
-    # the projections and MLP, keep what the distributed attention saved: no second attention)
+    # the projections and MLP, keep what the distributed attention saved: no second attention) |
+    # offload (full, the kept block inputs in pinned host memory, prefetched one block ahead in
+    # backward: train/offload.py)
     activation_checkpointing: str = "none"
     # tokens per chunk of the fused output projection + cross-entropy (full logits never exist)
     loss_chunk: int = 2048

@@ -23,7 +23,9 @@ tokens per rank, ``b`` the compute dtype's bytes -- 2 for bf16, 4 for fp32):
   recomputed; ``selective`` keeps per layer the block input and what attention saves, and one
   block's recomputation. All three add one block's backward working set (the larger of the
   SwiGLU gradients, ``3 * T * ffn_dim``, and attention's fp32 dQ/dK/dV, plus two residual
-  gradients). ``train.mlp_chunk`` ``c`` (:mod:`distattn.train.tiled`): the MLP keeps only its
+  gradients). ``offload`` (:mod:`distattn.train.offload`) is ``full`` with the per-layer block
+  inputs in host memory (``host``): the device keeps two (the one recomputed, the one
+  prefetched). ``train.mlp_chunk`` ``c`` (:mod:`distattn.train.tiled`): the MLP keeps only its
   input, and its working set is one chunk's, ``7 * c * ffn_dim`` (four recomputed
   intermediates, three gradients).
 * what attention keeps per layer, from a *dry plan* of the config (``distattn.plan(docs, N)``):
@@ -57,6 +59,9 @@ Documents: by default each sequence is one document of ``seq_len`` tokens -- the
 the ring schedulers' buffers (every K/V block is needed by some rank) and a hard one for CAD,
 whose busiest worker then holds several times a rank's share of K/V; pass ``doc_lens`` for a
 real packing.
+
+``host``: the offloaded block inputs, in pinned host memory -- not in a GPU's total (the
+report prints it beside), in a CPU rank's (host and device are the same memory there).
 
 The total is the sum, an upper bound: gradients fill in as activations are freed, and AdamW's
 temporaries at the step (one state-sized copy with the foreach kernels) come when activations
@@ -104,10 +109,12 @@ class MemoryEstimate:
     inputs: int
     allocator: int
     runtime: int
+    host: int = 0                # offloaded activations in host memory (module docstring)
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, name) for name in COMPONENTS)
+        """Device bytes (CPU: the rank's bytes, its offloaded activations included)."""
+        return sum(getattr(self, name) for name in COMPONENTS) + (self.host if self.device == "cpu" else 0)
 
     def components(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COMPONENTS}
@@ -239,7 +246,17 @@ def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> int:
     block_input = tokens * resid * m.dim
     if mode == "full":
         return m.n_layers * block_input + layer_none + backward
+    if mode == "offload":   # the rest in host memory: offloaded_bytes
+        return 2 * block_input + layer_none + backward
     return m.n_layers * (block_input + saved) + block + backward   # selective
+
+
+def offloaded_bytes(cfg: RunConfig) -> int:
+    """Host memory of one rank's offloaded block inputs (``activation_checkpointing: offload``)."""
+    if cfg.train.activation_checkpointing != "offload":
+        return 0
+    tokens = math.ceil(cfg.data.seq_len / cfg.parallel.cp)
+    return cfg.model.n_layers * tokens * _dtypes(cfg)[1] * cfg.model.dim
 
 
 def _loss(cfg: RunConfig, tokens: int) -> int:
@@ -274,7 +291,8 @@ def estimate(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> MemoryEstim
     return MemoryEstimate(
         device=device, dtype=cfg.train.dtype, checkpointing=cfg.train.activation_checkpointing, dp_mode=dp_mode(cfg),
         params=param_count(cfg.model), tokens_per_rank=tokens, weights=weights, grads=grads, optimizer=optimizer,
-        **per_token, allocator=allocator, runtime=CUDA_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES)
+        **per_token, allocator=allocator, runtime=CUDA_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
+        host=offloaded_bytes(cfg))
 
 
 def alternatives(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> dict[str, MemoryEstimate]:
@@ -314,7 +332,8 @@ def _notes(cfg: RunConfig, est: MemoryEstimate) -> dict[str, str]:
         states = {"weights": f"fp32, {replica}" + (" + autocast's bf16 copies" if bf16 else ""),
                   "grads": "fp32" + (" + DDP buckets" if est.dp_mode == "ddp" else ""), "optimizer": "2 fp32 moments"}
     kept = {"none": "every block's tensors", "full": "each block's input + one block recomputed",
-            "selective": "block inputs + attention's saved tensors + one block recomputed"}[est.checkpointing]
+            "selective": "block inputs + attention's saved tensors + one block recomputed",
+            "offload": "2 block inputs (the rest in host memory) + one block recomputed"}[est.checkpointing]
     scheduler = "local" if cfg.parallel.cp == 1 and not cfg.parallel.pools_replicas else cfg.parallel.scheduler
     return {**states, "activations": f"{est.tokens_per_rank:,} tokens, {est.checkpointing}: {kept}",
             "loss": f"chunks of {min(cfg.train.loss_chunk, est.tokens_per_rank):,} tokens x {cfg.model.vocab_size:,} "
@@ -358,6 +377,9 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
         lines.append(f"per-rank memory estimate, CPU ranks ({cfg.world_size} local processes; documents: one "
                      f"of seq_len tokens per sequence):")
     lines += format_table(est, _notes(cfg, est))
+    if est.host:
+        lines.append(f"  offloaded block inputs: {est.host / GIB:,.2f} GiB of pinned host memory per "
+                     f"{'GPU (not in the total)' if device == 'cuda' else 'rank (in the total)'}")
     fits = _fits(cfg, est, limit)
     need = est.total if device == "cuda" else est.total * cfg.world_size
     lines.append(f"{'fits' if fits else 'does NOT fit'}: {need / GIB:,.2f} GiB "
@@ -365,8 +387,9 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
     lines.append(f"activation checkpointing settings (total per {'GPU' if device == 'cuda' else 'rank'}):")
     for mode, alt in alternatives(cfg, device).items():
         mark = "  <- this config" if mode == t.activation_checkpointing else ""
+        host = f" (+ {alt.host / GIB:,.2f} GiB host)" if alt.host and device == "cuda" else ""
         lines.append(f"  {mode:<10} {alt.total / GIB:>9.2f} GiB  {'fits' if _fits(cfg, alt, limit) else 'does not fit'}"
-                     f"{mark}")
+                     f"{host}{mark}")
     return lines, fits
 
 

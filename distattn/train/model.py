@@ -17,6 +17,8 @@ Activation checkpointing (``checkpointing=``, per block, non-reentrant
 
 * ``"full"``: a block keeps only its input; backward reruns the whole block,
   distributed attention (and its communication) included.
+* ``"offload"``: ``"full"`` with the kept inputs in host memory, copied out on a side stream and
+  prefetched one block ahead in backward (:mod:`.offload`).
 * ``"selective"``: a block keeps its input and what attention itself saves
   (q, k, v, out, lse); backward reruns the norms, projections, RoPE and MLP but
   not attention. Megatron's "selective" does the opposite (recomputes
@@ -40,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from ..api import attention
 from .config import ModelConfig
 from .loss import chunked_cross_entropy
+from .offload import Offload
 from .tiled import swiglu
 
 
@@ -103,7 +106,11 @@ class Block(nn.Module):
     def plain(self, x, pos, plan, mlp_chunk: int = 0):
         return self.out_and_mlp(x, self.attend(*self.qkv(x, pos), plan), mlp_chunk)
 
-    def forward(self, x, pos, plan, checkpointing: str = "none", mlp_chunk: int = 0):
+    def forward(self, x, pos, plan, checkpointing: str = "none", mlp_chunk: int = 0, offload: Offload | None = None):
+        if checkpointing == "offload":
+            # the checkpoint saves its inputs under these hooks (its own hooks cover the block's inside)
+            with (offload or Offload(x.device)).hooks():
+                return checkpoint(self.plain, x, pos, plan, mlp_chunk, use_reentrant=False)
         if checkpointing == "full":
             return checkpoint(self.plain, x, pos, plan, mlp_chunk, use_reentrant=False)
         if checkpointing == "selective":
@@ -143,8 +150,9 @@ class Transformer(nn.Module):
         tokens at a time so the full logits never exist (``compute_dtype``: the projection's dtype).
         ``mlp_chunk`` > 0: each MLP runs that many tokens at a time (:mod:`.tiled`)."""
         x = self.embed(tokens)
+        offload = Offload(x.device) if checkpointing == "offload" else None   # one prefetch chain per forward
         for layer in self.layers:
-            x = layer(x, pos, plan, checkpointing, mlp_chunk)
+            x = layer(x, pos, plan, checkpointing, mlp_chunk, offload)
         x = self.norm(x)
         if labels is None:
             return x @ self.output_weight.t()

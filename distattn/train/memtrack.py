@@ -1,0 +1,47 @@
+"""The live bytes of torch tensors on a device, and their peak: ``with TensorMemory("cpu") as mem: ...``.
+
+A GPU has ``torch.cuda.max_memory_allocated``; a CPU rank's resident set (``ru_maxrss``) also holds
+what glibc keeps after frees and every host-side buffer, so it cannot tell device memory from host
+memory. This mode counts, op by op, the storages torch ops create on ``device`` that are still
+alive, so a CPU run measures what a GPU's allocator would hold: what an offloaded activation
+(:mod:`.offload`, which copies out of torch's allocator) takes off it shows as it would on a GPU.
+
+It sees tensors made by torch ops while it is active (parameters too, when the model is built
+inside it); storages resized in place (FSDP2 frees its unsharded parameters that way) are counted
+at their current size, read after every op. The peak is over op boundaries, as precise as the
+ops are small. It costs a Python call per op: for measurements, not training.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class TensorMemory(TorchDispatchMode):
+    """While active: ``current`` and ``peak`` bytes of live tensor storages on ``device``."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.device = torch.device(device)
+        self._live: dict[int, weakref.ref] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device == self.device:
+                storage = t.untyped_storage()
+                key = id(storage)
+                if key not in self._live:
+                    self._live[key] = weakref.ref(storage, lambda _, key=key: self._live.pop(key, None))
+        # summed afresh: in-place storage resizes do not pass through here
+        self.current = sum(s.nbytes() for s in (ref() for ref in list(self._live.values())) if s is not None)
+        self.peak = max(self.peak, self.current)
+        return out
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
