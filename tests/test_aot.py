@@ -24,32 +24,39 @@ def _aot(*args):
                           text=True)
 
 
-# `python -m distattn.kernels.aot` compiles the whole matrix (~900 kept cases). The test compiles it
-# in two slices that between them hold every kernel, config, arch, dtype, head dim and variant: all
-# head dims for the common variant and the heaviest one (both bounds, soft-cap, GQA: the most
-# registers), and every variant (every HAS_LO/HAS_HI/SOFTCAP the kernels can be called with) at one
-# head dim: a variant changes the code around the dots, not the tiles a config keeps in shared memory.
-MATRIX_SLICES = {
-    "all-head-dims": (list(aot.HEAD_DIMS), ["causal", "band_softcap"]),
-    "all-variants": ([128], list(VARIANTS)),
+# `python -m distattn.kernels.aot` compiles the whole matrix (~900 kept cases). What limits a config
+# (shared memory, registers) depends on the arch, the dtype and the head dim; a variant (every
+# HAS_LO/HAS_HI/SOFTCAP/GROUP the kernels can be called with) changes the code around the dots, not
+# the tiles a config keeps. The default slices: every arch x dtype x head dim with the heaviest
+# variant (both bounds, soft-cap, GQA: the most registers), and every variant at one arch, dtype and
+# head dim -- every kernel and config in both. Under --slow: all head dims for the common and the
+# heaviest variant, and every variant at one head dim, each over every arch and dtype.
+ALL = (list(aot.ARCHS), list(aot.DTYPES))
+MATRIX_SLICES = {   # name: (head dims, variants, archs, dtypes, slow)
+    "every-limit": (list(aot.HEAD_DIMS), ["band_softcap"], *ALL, False),
+    "every-variant": ([128], list(VARIANTS), [90], ["bf16"], False),
+    "all-head-dims": (list(aot.HEAD_DIMS), ["causal", "band_softcap"], *ALL, True),
+    "all-variants": ([128], list(VARIANTS), *ALL, True),
 }
 
 
 @pytest.mark.timeout(3600)
-@pytest.mark.parametrize("part", list(MATRIX_SLICES))
+@pytest.mark.parametrize("part", [pytest.param(name, marks=[pytest.mark.slow] if spec[-1] else [])
+                                  for name, spec in MATRIX_SLICES.items()])
 def test_full_matrix_compiles_for_sm80_and_sm90a(part):
     """Every kernel x config x arch x dtype x head dim x variant of the slice: no compile error, no
     kept config over its target's shared memory, and every combination has a kept config that
     compiled."""
-    head_dims, variants = MATRIX_SLICES[part]
-    proc = _aot("--json", "--head-dims", ",".join(map(str, head_dims)), "--variants", ",".join(variants))
+    head_dims, variants, archs, dtypes, _ = MATRIX_SLICES[part]
+    proc = _aot("--json", "--head-dims", ",".join(map(str, head_dims)), "--variants", ",".join(variants),
+                "--arch", ",".join(map(str, archs)), "--dtypes", ",".join(dtypes))
     report = json.loads(proc.stdout)
     rows, summary = report["rows"], report["summary"]
     assert summary["failures"] == 0, summary["failed"]
     assert summary["over_limit"] == []
     assert proc.returncode == 0
     compiled = {(r["kernel"], r["arch"], r["dtype"], r["head_dim"], r["variant"]) for r in rows if r["status"] == "ok"}
-    wanted = {(k, a, d, h, v) for k in KERNELS for a in aot.ARCHS.values() for d in aot.DTYPES for h in head_dims
+    wanted = {(k, aot.ARCHS[a], d, h, v) for k in KERNELS for a in archs for d in dtypes for h in head_dims
               for v in variants}
     assert wanted - compiled == set()
     assert summary["compiles"] == sum(r["status"] == "ok" for r in rows)

@@ -29,9 +29,11 @@ LAYERS = [
     ("bench", ["distattn.bench", "distattn.demo"]),
     ("sim", ["distattn.sim"]),
     ("cluster", ["distattn.cluster"]),
-    # the trainer's memory benchmarks (`python -m distattn.bench.memory`, `...loss_memory`) run the trainer
-    # and its loss: entry points over the trainer, not bench modules beside it
-    ("entry points", ["distattn.launch", "distattn.cli", "distattn.bench.memory", "distattn.bench.loss_memory"]),
+    # the trainer's memory benchmarks (`python -m distattn.bench.memory`, `...loss_memory`,
+    # `...activation_memory`) run the trainer and its loss: entry points over the trainer, not bench
+    # modules beside it
+    ("entry points", ["distattn.launch", "distattn.cli", "distattn.bench.memory", "distattn.bench.loss_memory",
+                      "distattn.bench.activation_memory"]),
 ]
 INTEGRATIONS = ("train", "adapters", "bench", "sim", "cluster")
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}

@@ -72,6 +72,11 @@ def _dry_run(cfg, args, talk) -> int:
                                          "--estimate-for cpu to see them)" if device == "cuda" else
                                          "CPU ranks (local processes, as `distattn train` runs them without a "
                                          "launcher; --estimate-for gpu for GPUs)"))
+    if args.max_seq_len:
+        from ..train import capacity
+
+        budget = int(args.gpu_memory_gib * memory.GIB) if device == "cuda" else (physical or 2**62)
+        lines += capacity.report(cfg, budget, device)
     for line in lines:
         talk(line)
     talk(f"exit code {0 if fits else 1}: {'fits' if fits else 'does not fit'}")
@@ -93,6 +98,8 @@ def _cmd_train(args) -> int:
     talk = print if rank0 else (lambda *a, **k: None)
     if args.dry_run:
         return _dry_run(cfg, args, talk)
+    if args.max_seq_len:
+        raise ValueError("--max-seq-len is a question for the estimate: add --dry-run")
     preflight.check_data(cfg)
     if not launched:
         preflight.check_memory(cfg, cfg.world_size)
@@ -245,6 +252,7 @@ def _add_train(sub) -> None:
                         "distattn train configs/tiny.yaml --scheduler cad --steps 100 --out runs/cad",
                         "distattn train configs/tiny.yaml --steps 200 --out runs/cad --resume",
                         "distattn train configs/llama3-8b-128k-64gpu.yaml --dry-run",
+                        "distattn train configs/llama3-8b-128k-64gpu.yaml --dry-run --max-seq-len",
                         "torchrun --nproc-per-node 8 -m distattn.cli train configs/llama3-8b-128k-64gpu.yaml"))
     train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     train.add_argument("--steps", type=positive_int, default=None, help="override train.steps")
@@ -259,6 +267,9 @@ def _add_train(sub) -> None:
                        help="validate the config and print parameters, tokens per rank and the per-rank memory "
                             "estimate (with every activation-checkpointing setting); start no rank, read no data, "
                             "touch no output folder. Exit 0 when it fits, 1 when it does not")
+    train.add_argument("--max-seq-len", action="store_true",
+                       help="--dry-run: also print the longest seq_len that fits, per activation-checkpointing "
+                            "setting, with the MLP whole and tiled (train.mlp_chunk)")
     train.add_argument("--gpu-memory-gib", type=float, default=80.0, help="--dry-run: memory of one GPU")
     train.add_argument("--estimate-for", choices=["auto", "cpu", "gpu"], default="auto",
                        help="--dry-run: GPU ranks, or CPU processes on this machine; auto: cpu when the ranks fit "

@@ -46,10 +46,10 @@ class RingExecutor(Executor):
         dtype = acc_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=dtype, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
-        kv = torch.stack([k, v])
-        cur = kv
+        cur = torch.stack([k, v])   # no other reference kept: two blocks live at a time
+        like = cur.new_empty((2, 0, *cur.shape[2:]))   # the blocks' dtype and head shape
         for t in range(self.schedule.world_size):
-            sends, recvs, nxt = self._kv_ring_step(t, cur, kv)
+            sends, recvs, nxt = self._kv_ring_step(t, cur, like)
             pending = self.comm.exchange(sends, recvs, f"{name} forward step {t} (rank {r})")
             for call in self.calls[t]:
                 call_fwd(call, q, cur, out, lse, **kw)
@@ -65,11 +65,12 @@ class RingExecutor(Executor):
         dtype = acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
         delta = row_delta(dout, out)
-        kv = torch.stack([k, v])
-        dkv = torch.zeros(kv.shape, dtype=dtype, device=q.device)  # own block, summed in fp32
-        cur, prev = kv, None  # prev: dK/dV computed at the previous step for a foreign block
+        cur = torch.stack([k, v])
+        like = cur.new_empty((2, 0, *cur.shape[2:]))
+        dkv = torch.zeros(cur.shape, dtype=dtype, device=q.device)  # own block, summed in fp32
+        prev = None  # dK/dV computed at the previous step for a foreign block
         for t in range(p + 1):
-            sends, recvs, nxt = self._kv_ring_step(t, cur, kv)
+            sends, recvs, nxt = self._kv_ring_step(t, cur, like)
             incoming = None
             if t >= 2:  # dK/dV of step t - 1 go to their owner; ours arrive from rank r + t - 1
                 owner, helper = (r - t + 1) % p, (r + t - 1) % p

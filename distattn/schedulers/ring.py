@@ -133,13 +133,30 @@ class RingSchedule(Schedule):
         ]
 
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
-        """The block being computed and the one arriving: twice the largest block a rank holds."""
+        """The largest step of backward (forward holds less): the K/V block computed on and the one
+        arriving, plus the fp32 dK/dV in flight -- a foreign block's being summed, the previous
+        step's on its way back to its owner, and the rank's own arriving from a helper (the
+        executor's ``cur``, ``nxt``, ``acc``, ``prev`` and ``incoming``)."""
         p = self.world_size
         tokens = np.asarray([self.num_tokens(r) for r in range(p)], dtype=np.int64)
         mover, t, src = self._kv_moves()
-        held = tokens.copy()  # its own block, at step 0
-        np.maximum.at(held, (mover + 1) % p, tokens[src])
-        return 2 * held * shape.kv_row
+        # (rank, step, block rows) of every block held: its own at step 0, each received one step after it moves
+        held_rank = np.concatenate([np.arange(p), (mover + 1) % p])
+        held_step, held_rows = np.concatenate([np.zeros(p, dtype=np.int64), t + 1]), np.concatenate([tokens, tokens[src]])
+        arriving = held_step > 0   # allocated a step earlier, as that step's nxt
+        qr, kr, _ = self.rank_pairs
+        step = (qr - kr) % p
+        qr, kr, step = qr[step > 0], kr[step > 0], step[step > 0]
+        dkv = np.tile(tokens[kr], 3) * 2 * shape.row_bytes(shape.num_kv_heads, acc=True)
+        ranks = np.concatenate([held_rank, held_rank[arriving], qr, qr, kr])
+        steps = np.concatenate([held_step, held_step[arriving] - 1, step, step + 1, step + 1])
+        amount = np.concatenate([held_rows * shape.kv_row, held_rows[arriving] * shape.kv_row, dkv])
+        key, inverse = np.unique(ranks * (p + 2) + steps, return_inverse=True)
+        at_step = np.zeros(len(key), dtype=np.int64)
+        np.add.at(at_step, inverse, amount)
+        out = np.zeros(p, dtype=np.int64)
+        np.maximum.at(out, key // (p + 2), at_step)
+        return out
 
     def extra_stats(self) -> dict:
         p = self.world_size

@@ -14,34 +14,41 @@ tokens per rank, ``b`` the compute dtype's bytes -- 2 for bf16, 4 for fp32):
   autocast adds the bf16 copies of the block weights autocast caches during the forward. One
   rank (no wrapper): as DDP without buckets.
 * ``activations``: what autograd keeps, counted tensor by tensor from ``model.py`` per block and
-  token -- RMSNorm's fp32 input and normalised output, the norm outputs the projections read
-  (one bf16 copy per projection under autocast), the q/k projections RoPE keeps, RoPE's
-  cos/sin, the attention output (wo's input), the SwiGLU w1/w3 outputs, silu and the product,
+  token -- RMSNorm's input and fp32 rsqrt, the norm outputs the projections read
+  (one bf16 copy per projection under autocast), RoPE's cos/sin, the attention output (wo's input), the SwiGLU w1/w3 outputs, silu and the product,
   plus what attention keeps (below). Residuals are fp32 under DDP's autocast and fp32 runs,
   bf16 under FSDP's bf16 parameters. ``activation_checkpointing``: ``none`` keeps all of it per
   layer; ``full`` keeps each block's input per layer and one block's everything while it is
   recomputed; ``selective`` keeps per layer the block input and what attention saves, and one
-  block's recomputation. All three add one block's backward working set (the larger of the
-  SwiGLU gradients, ``3 * T * ffn_dim``, and attention's fp32 dQ/dK/dV, plus two residual
-  gradients). ``offload`` (:mod:`distattn.train.offload`) is ``full`` with the per-layer block
-  inputs in host memory (``host``): the device keeps two (the one recomputed, the one
-  prefetched). ``train.mlp_chunk`` ``c`` (:mod:`distattn.train.tiled`): the MLP keeps only its
-  input, and its working set is one chunk's, ``7 * c * ffn_dim`` (four recomputed
-  intermediates, three gradients).
+  block's recomputation. ``offload`` (:mod:`distattn.train.offload`) is ``full`` with the
+  per-layer block inputs in host memory (``host``): the device keeps two (the one recomputed,
+  the one prefetched). A block's backward peaks at one of two moments, each adding the gradient
+  arriving on the residual stream: the MLP's (the whole block's saved tensors and the SwiGLU
+  gradients, net ``2 * T * ffn_dim``) -- the ``activations`` -- and attention's (the MLP half
+  freed; attention's fp32 dQ/dK/dV accumulators and one kernel call's gradients, the output
+  gradient, the schedule's buffers), whose excess is ``attention_buffers``. ``train.mlp_chunk``
+  ``c`` (:mod:`distattn.train.tiled`): the MLP keeps only its input, and its working set is one
+  chunk's, ``7 * c * ffn_dim`` (four recomputed intermediates, three gradients) -- attention's
+  moment then is usually the larger.
 * what attention keeps per layer, from a *dry plan* of the config (``distattn.plan(docs, N)``):
   ring, zigzag, allgather and one rank keep their local q, k, v, out and fp32 lse; ulysses and
   usp keep the head-sharded q, k, v (KV heads expanded where the schedule must), out and lse of
   their Ulysses group's tokens; cad keeps the worker's received task rows,
   ``Schedule.buffer_bytes`` (Q, out, lse, the K/V union, and the dout arriving in backward).
-* ``attention_buffers``: the schedule's own ``buffer_bytes`` of the busiest rank, one layer's
-  worth (ring/zigzag: the K/V block computed on and the one arriving; allgather: a head group's
-  gathered K/V and its copy in global order; ulysses/usp: the head-sharded Q/K/V/out (usp: plus
-  its ring's K/V blocks); cad: the received Q/K/V task rows, out, lse and dout).
-* ``loss``: the final norm (fp32 input, normalised output, the hidden state the loss reads), the
+* ``attention_buffers``: what attention's backward moment adds over the MLP's (above; often 0
+  without a tiled MLP), the schedule's own ``buffer_bytes`` of the busiest rank included
+  (ring/zigzag: the K/V block computed on and the one arriving, and the fp32 dK/dV in flight;
+  allgather: a head group's gathered K/V and its copy in global order; ulysses/usp: the
+  head-sharded Q/K/V/out (usp: plus its ring's); cad: the received Q/K/V task rows, out, lse and
+  dout).
+* ``loss``: the final norm (its input and the hidden state the loss reads), the
   log-sum-exps ``loss.chunked_cross_entropy`` saves, and the larger of its forward (one chunk's
   logits in the compute dtype and in fp32) and its backward (the hidden state's gradient, the fp32
   ``[vocab, dim]`` weight-gradient accumulator, the weight's bf16 copy when the parameter is fp32,
-  one chunk's logit gradient).
+  one chunk's logit gradient). The loss runs before any block's backward, when the blocks hold
+  only what they keep: the component is what that moment adds over the blocks' backward peak
+  (often 0). ``python -m distattn.bench.activation_memory`` compares the per-token slope of the
+  whole with live tensor bytes measured in training steps.
 * ``inputs``: the packed sequence every rank reads (tokens, labels: int64 of the whole sequence,
   plus the numpy copy) and the local positions.
 * ``runtime``: what the framework takes before any tensor. CUDA: :data:`CUDA_RUNTIME_BYTES`, 4 GiB
@@ -168,22 +175,25 @@ def _dtypes(cfg: RunConfig) -> tuple[int, int, bool]:
 
 
 def _norm_bytes(d: int, resid: int, autocast: bool, readers: int) -> int:
-    """Per token, what an RMSNorm keeps with the projections reading its output: the fp32 input
-    (the residual itself when fp32), the normalised input before the weight, and the output (one
-    bf16 copy per reading projection under autocast), plus the fp32 rsqrt."""
-    return d * (4 + resid + (2 * readers if autocast else resid)) + 4
+    """Per token, what an RMSNorm (``model._RMSNormFn``) keeps with the projections reading its
+    output: its input (the residual stream), the output (one bf16 copy per reading projection
+    under autocast) and the fp32 rsqrt."""
+    return d * (resid + (2 * readers if autocast else resid)) + 4
 
 
-def block_bytes_per_token(m: ModelConfig, compute: int, resid: int, autocast: bool, tiled_mlp: bool = False) -> int:
-    """Per token, what one block keeps for backward apart from attention's own saved tensors
-    (``tiled_mlp``: the MLP keeps only its input, the norm output counted with the norm -- one
-    fp32 copy where autocast kept two bf16 ones)."""
-    hd, kv = m.dim // m.n_heads, m.n_kv_heads * m.dim // m.n_heads
-    q = m.n_heads * hd
-    rope = compute * (q + kv) + 2 * compute * hd          # wq/wk outputs RoPE multiplies, cos and sin
-    wo_input = compute * q                                 # the attention output
-    mlp = 0 if tiled_mlp else 4 * compute * m.ffn_dim      # w1 and w3 outputs, silu, their product
-    return _norm_bytes(m.dim, resid, autocast, 3) + rope + wo_input + _norm_bytes(m.dim, resid, autocast, 2) + mlp
+def _attention_part(m: ModelConfig, compute: int, resid: int, autocast: bool) -> int:
+    """Per token, what a block's attention half keeps apart from attention's own saved tensors:
+    the first norm, RoPE's cos and sin (the rotations keep no input: cos needs no grad) and the
+    attention output wo reads."""
+    hd = m.dim // m.n_heads
+    return _norm_bytes(m.dim, resid, autocast, 3) + 2 * compute * hd + compute * m.n_heads * hd
+
+
+def _mlp_part(m: ModelConfig, compute: int, resid: int, autocast: bool, tiled_mlp: bool) -> int:
+    """Per token, what a block's MLP half keeps: the second norm, and the w1 and w3 outputs, silu
+    and their product (``tiled_mlp``: none of them; the tiled MLP keeps the norm output once, fp32
+    where autocast kept two bf16 copies: the same bytes)."""
+    return _norm_bytes(m.dim, resid, autocast, 2) + (0 if tiled_mlp else 4 * compute * m.ffn_dim)
 
 
 @lru_cache(maxsize=64)
@@ -226,29 +236,44 @@ def attention_bytes(cfg: RunConfig, doc_lens=None) -> AttentionMemory:
                            schedule.keeps_local_out)
 
 
-def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> int:
+def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> tuple[int, int, int]:
+    """(what the blocks keep while the loss runs at the end of the forward, the blocks' peak in
+    backward, what attention's buffers add over that peak).
+
+    A block's backward peaks at one of two moments: the MLP's backward (the whole block's saved
+    tensors and the SwiGLU gradients) and attention's (the MLP half freed, attention's fp32
+    dQ/dK/dV and one kernel call's, the output gradient and the schedule's buffers). Both add what the other blocks keep
+    and the gradient arriving on the residual stream."""
     m = cfg.model
     compute, resid, autocast = _dtypes(cfg)
     chunk = cfg.train.mlp_chunk
     tiled = 0 < chunk < tokens
-    block = tokens * block_bytes_per_token(m, compute, resid, autocast, tiled)
     hd, kv = m.dim // m.n_heads, m.n_kv_heads * m.dim // m.n_heads
-    saved = attn.saved
     # token-layout attention's out is the tensor wo reads: counted once
-    layer_none = block + saved - (tokens * compute * m.n_heads * hd if attn.token_layout else 0)
-    # the SwiGLU gradients of the whole shard, or (tiled) one chunk's recomputed intermediates and
-    # their gradients; attention's fp32 dQ/dK/dV
-    mlp_backward = chunk * 7 * compute * m.ffn_dim if tiled else tokens * 3 * compute * m.ffn_dim
-    backward = max(mlp_backward, tokens * 4 * (m.dim + 2 * kv)) + tokens * 2 * resid * m.dim
-    mode = cfg.train.activation_checkpointing
-    if mode == "none":
-        return m.n_layers * layer_none + backward
+    attn_half = tokens * _attention_part(m, compute, resid, autocast) + attn.saved - (
+        tokens * compute * m.n_heads * hd if attn.token_layout else 0)
+    layer = attn_half + tokens * _mlp_part(m, compute, resid, autocast, tiled)
+    # the SwiGLU's gradients (three [T, ffn] alive where the product it kept is freed: net two), or
+    # (tiled) one chunk's recomputed intermediates and their gradients
+    mlp_moment = layer + (chunk * 7 * compute * m.ffn_dim if tiled else tokens * 2 * compute * m.ffn_dim)
+    # attention's fp32 dQ/dK/dV accumulators, one kernel call's gradients (up to the whole shard's
+    # rows; fp32 at most) and the output gradient
+    attn_moment = attn_half + tokens * (2 * 4 * (m.dim + 2 * kv) + compute * m.dim) + attn.buffers
+    residual_grad = tokens * resid * m.dim
     block_input = tokens * resid * m.dim
-    if mode == "full":
-        return m.n_layers * block_input + layer_none + backward
-    if mode == "offload":   # the rest in host memory: offloaded_bytes
-        return 2 * block_input + layer_none + backward
-    return m.n_layers * (block_input + saved) + block + backward   # selective
+    mode = cfg.train.activation_checkpointing
+    # what the other blocks keep (a block's input is its first norm's input: counted in its half)
+    if mode == "none":
+        kept, others = m.n_layers * layer, (m.n_layers - 1) * layer
+    elif mode == "full":
+        kept, others = m.n_layers * block_input, (m.n_layers - 1) * block_input
+    elif mode == "offload":   # the rest in host memory (offloaded_bytes): the prefetched input stays
+        kept, others = block_input, block_input
+    else:   # selective
+        kept = m.n_layers * (block_input + attn.saved)
+        others = kept - block_input - attn.saved
+    peak = others + mlp_moment + residual_grad
+    return kept, peak, max(0, attn_moment - mlp_moment)
 
 
 def offloaded_bytes(cfg: RunConfig) -> int:
@@ -285,8 +310,11 @@ def estimate(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> MemoryEstim
     tokens = math.ceil(cfg.data.seq_len / cfg.parallel.cp)
     weights, grads, optimizer = _states(cfg)
     attn = attention_bytes(cfg, doc_lens)
-    per_token = {"activations": _activations(cfg, tokens, attn), "loss": _loss(cfg, tokens),
-                 "attention_buffers": attn.buffers, "inputs": 32 * cfg.data.seq_len + 16 * tokens}
+    # the loss runs (forward and backward) before any block's backward: the peak is the larger of
+    # the two moments, and "loss" is what its moment adds over the blocks' backward
+    kept, blocks_peak, buffers = _activations(cfg, tokens, attn)
+    per_token = {"activations": blocks_peak, "loss": max(0, kept + _loss(cfg, tokens) - blocks_peak - buffers),
+                 "attention_buffers": buffers, "inputs": 32 * cfg.data.seq_len + 16 * tokens}
     allocator = int(CPU_ALLOCATOR_OVERHEAD * sum(per_token.values())) if device == "cpu" else 0
     return MemoryEstimate(
         device=device, dtype=cfg.train.dtype, checkpointing=cfg.train.activation_checkpointing, dp_mode=dp_mode(cfg),

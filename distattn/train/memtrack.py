@@ -22,13 +22,15 @@ from torch.utils._pytree import tree_leaves
 
 
 class TensorMemory(TorchDispatchMode):
-    """While active: ``current`` and ``peak`` bytes of live tensor storages on ``device``."""
+    """While active: ``current`` and ``peak`` bytes of live tensor storages on ``device``, and
+    ``peak_op``, the op the peak came after."""
 
     def __init__(self, device: str | torch.device = "cpu"):
         super().__init__()
         self.device = torch.device(device)
         self._live: dict[int, weakref.ref] = {}
         self.current = self.peak = 0
+        self.peak_op = ""         # the op after which the peak was reached
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -40,7 +42,8 @@ class TensorMemory(TorchDispatchMode):
                     self._live[key] = weakref.ref(storage, lambda _, key=key: self._live.pop(key, None))
         # summed afresh: in-place storage resizes do not pass through here
         self.current = sum(s.nbytes() for s in (ref() for ref in list(self._live.values())) if s is not None)
-        self.peak = max(self.peak, self.current)
+        if self.current > self.peak:
+            self.peak, self.peak_op = self.current, str(func)
         return out
 
     def reset_peak(self) -> None:

@@ -1,0 +1,79 @@
+"""The longest sequence a layout trains in a memory budget, from the estimate (:mod:`.memory`):
+``distattn train CONFIG --dry-run --max-seq-len``.
+
+``longest_seq_len(cfg, budget)`` searches ``data.seq_len`` (multiples of ``1024 * cp``, so every
+rank's share is a multiple of 1024 tokens) for the longest whose estimate fits -- per GPU on
+``"cuda"``, all ranks together on ``"cpu"`` -- doubling until it does not fit, then bisecting.
+The estimate grows with the length (activations, loss, attention buffers, inputs), so the search
+is exact on the estimate's grid. Documents: one per sequence, as the estimate's default (the worst
+case of the attention buffers).
+
+``table(cfg, budget)`` answers the question per ``activation_checkpointing`` setting, with the MLP
+whole and tiled (``train.mlp_chunk``: the config's, else :data:`TILED_MLP_CHUNK`).
+"""
+
+from __future__ import annotations
+
+from .config import CHECKPOINTING, RunConfig
+from .memory import GIB, estimate
+
+# train.mlp_chunk the table tries when the config has none: 4096 tokens keep one chunk's
+# intermediates (7 x ffn x chunk) under 1 GiB at Llama-3 8B in bf16
+TILED_MLP_CHUNK = 4096
+LONGEST = 1 << 34          # the search's ceiling: 16G tokens
+
+
+def _fits(cfg: RunConfig, seq_len: int, budget: int, device: str) -> bool:
+    est = estimate(cfg.replace(data={"seq_len": seq_len}), device)
+    return est.total * (cfg.world_size if device == "cpu" else 1) <= budget
+
+
+def longest_seq_len(cfg: RunConfig, budget: int, device: str = "cuda") -> int:
+    """The longest ``data.seq_len`` (a multiple of ``1024 * parallel.cp``) whose estimated peak fits
+    ``budget`` bytes (module docstring); 0 when even one such step does not."""
+    if budget <= 0:
+        raise ValueError(f"budget must be > 0 bytes, got {budget}")
+    step = 1024 * cfg.parallel.cp
+    if not _fits(cfg, step, budget, device):
+        return 0
+    lo, hi = 1, 2             # in steps: lo fits, hi is still to try
+    while hi * step <= LONGEST and _fits(cfg, hi * step, budget, device):
+        lo, hi = hi, hi * 2
+    if hi * step > LONGEST:
+        return lo * step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _fits(cfg, mid * step, budget, device) else (lo, mid)
+    return lo * step
+
+
+def table(cfg: RunConfig, budget: int, device: str = "cuda") -> list[tuple[str, int, int, int]]:
+    """Per checkpointing setting: (setting, longest with the MLP whole, the tiled MLP's chunk, longest
+    with it)."""
+    chunk = cfg.train.mlp_chunk or TILED_MLP_CHUNK
+    return [(mode, longest_seq_len(cfg.replace(train={"activation_checkpointing": mode, "mlp_chunk": 0}), budget,
+                                   device),
+             chunk, longest_seq_len(cfg.replace(train={"activation_checkpointing": mode, "mlp_chunk": chunk}),
+                                    budget, device))
+            for mode in CHECKPOINTING]
+
+
+def tokens(n: int) -> str:
+    """``3_932_160`` -> ``"3.93M"`` (``"-"`` for 0: nothing fits)."""
+    if n == 0:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n / 1e3:.0f}K"
+
+
+def report(cfg: RunConfig, budget: int, device: str = "cuda") -> list[str]:
+    """The lines ``--dry-run --max-seq-len`` prints."""
+    p = cfg.parallel
+    where = f"{budget / GIB:g} GiB per GPU" if device == "cuda" else f"{budget / GIB:,.1f} GiB for {cfg.world_size} CPU ranks"
+    rows = table(cfg, budget, device)
+    lines = [f"longest seq_len that fits {where} (dp {p.dp} x cp {p.cp}, {p.scheduler}, {cfg.train.dtype}, "
+             f"{cfg.world_size} ranks; one document per sequence; multiples of {1024 * p.cp:,}):",
+             f"  {'checkpointing':<14} {'MLP whole':>12} {f'MLP chunk {rows[0][2]}':>16}"]
+    for mode, whole, _, tiled in rows:
+        mark = "  <- this config" if mode == cfg.train.activation_checkpointing else ""
+        lines.append(f"  {mode:<14} {tokens(whole):>12} {tokens(tiled):>16}{mark}")
+    return lines
