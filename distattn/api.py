@@ -113,20 +113,23 @@ def _made(schedule, info: MeshInfo, backend: str, device, live: dict) -> Plan:
 
 
 def _split(saved, tensors: list) -> object:
-    """``saved`` (nested named tuples) with its tensors moved to ``tensors`` and replaced by their index."""
+    """``saved`` (nested tuples, named or not) with its tensors moved to ``tensors`` and replaced by
+    their index: none may ride on ctx, where checkpointing's hooks would not see them."""
     if isinstance(saved, torch.Tensor):
         tensors.append(saved)
         return _Slot(len(tensors) - 1)
-    if isinstance(saved, tuple) and hasattr(saved, "_fields"):
-        return type(saved)(*(_split(x, tensors) for x in saved))
+    if isinstance(saved, tuple):
+        items = (_split(x, tensors) for x in saved)
+        return type(saved)(*items) if hasattr(saved, "_fields") else tuple(items)
     return saved
 
 
 def _join(skeleton, tensors) -> object:
     if isinstance(skeleton, _Slot):
         return tensors[skeleton.index]
-    if isinstance(skeleton, tuple) and hasattr(skeleton, "_fields"):
-        return type(skeleton)(*(_join(x, tensors) for x in skeleton))
+    if isinstance(skeleton, tuple):
+        items = (_join(x, tensors) for x in skeleton)
+        return type(skeleton)(*items) if hasattr(skeleton, "_fields") else tuple(items)
     return skeleton
 
 

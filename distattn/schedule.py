@@ -169,6 +169,13 @@ class Schedule:
         """``[ranks]``: peak bytes of the receive buffers the executor holds at once, per rank."""
         return np.zeros(self.stat_ranks)
 
+    def grad_bytes(self, shape: AttnShape) -> np.ndarray:
+        """``[ranks]``: attention's backward working set besides :meth:`buffer_bytes` -- the fp32
+        dQ/dK/dV accumulators and one kernel call's gradients (at most as many rows, fp32 at most)
+        of the rank's own tokens by default."""
+        per_token = 2 * shape.row_bytes(shape.num_heads + 2 * shape.num_kv_heads, acc=True)
+        return np.asarray(self.rank_tokens(), dtype=np.int64) * per_token
+
     def saved_bytes(self, shape: AttnShape) -> np.ndarray:
         """``[ranks]``: bytes attention keeps from forward to backward per rank (by default the rank's
         own q, k, v, out and the fp32 lse; schedulers that compute elsewhere override it)."""

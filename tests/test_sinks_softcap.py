@@ -60,6 +60,8 @@ def _cases(world_size):
             cases.append((scheduler, docs, causal, window, hq, hkv, with_sinks, softcap, options))
         if world_size >= 4:  # fewer tokens than ranks: ranks without rows still return a (zero) share
             cases.append((scheduler, [2, 1], True, None, hq, hkv, True, 2.5, options))
+        if (scheduler, world_size) in (("ulysses", 2), ("usp", 4)):  # head groups: each its share of the sinks
+            cases.append((scheduler, DOCS[0], True, None, 6, 2, True, 2.5, {**options, "head_groups": 2}))
     return cases
 
 

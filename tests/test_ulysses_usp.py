@@ -62,8 +62,60 @@ def test_usp_exact_on_2d_mesh_and_with_ulysses_degree(u, r):
             assert err < 1e-12, ("ulysses_degree", case, err)
 
 
+def _head_group_cases():
+    """Head groups that split KV heads (12/4 over 3: 4 query heads, ~1.3 KV heads per rank), that
+    share one (12/3 over 3: 4 groups of 1 query head on one KV head), uneven shares (7/7 over 3)
+    and usp's ring under them."""
+    out = []
+    for (hq, hkv, groups), docs in itertools.product([(12, 4, 2), (12, 4, 4), (12, 3, 4), (7, 7, 2)], DOCS[:2]):
+        out.append(("ulysses", docs, True, None, hq, hkv, "reference", {"head_groups": groups}))
+    for (hq, hkv, groups), (causal, window) in itertools.product([(12, 4, 3), (8, 2, 2)], MASKS[::2]):
+        out.append(("usp", DOCS[0], causal, window, hq, hkv, "reference", {"head_groups": groups, "ulysses_degree": 2}))
+    return out
+
+
+def test_head_groups_exact():
+    """head_groups > 1 moves and computes a rank's query heads a part at a time: the same results."""
+    for rank_results in run_distributed(_worker, 3, [c for c in _head_group_cases() if c[0] == "ulysses"], timeout=600):
+        for case, err in rank_results:
+            assert err < 1e-12, case
+    for rank_results in run_distributed(_worker, 4, [c for c in _head_group_cases() if c[0] == "usp"], timeout=600):
+        for case, err in rank_results:
+            assert err < 1e-12, case
+
+
+def test_every_saved_tensor_reaches_save_for_backward():
+    """Head groups nest the inner executors' saved tuples in plain tuples: every tensor must still go
+    through save_for_backward, where checkpointing's hooks see it (on ctx it would stay alive)."""
+    import torch
+
+    from distattn.api import _join, _split
+    from distattn.executors.base import Saved
+    from distattn.executors.head_a2a import HeadSaved
+
+    t = [torch.full((1,), float(i)) for i in range(10)]
+    saved = HeadSaved(4, 2, ((None, Saved(*t[:5])), ((1, 2), Saved(*t[5:]))))
+    tensors = []
+    skeleton = _split(saved, tensors)
+    assert [x.item() for x in tensors] == list(range(10))
+    assert "tensor" not in repr(skeleton)
+    assert repr(_join(skeleton, tensors)) == repr(saved)
+
+
+def test_head_groups_refusals():
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="head_groups must be a positive int"):
+            distattn.plan([64], 2, scheduler="ulysses", head_groups=bad)
+    with pytest.raises(ValueError, match="unexpected option"):
+        distattn.plan([64], 2, scheduler="zigzag", head_groups=2)
+    from distattn.schedulers.ulysses import HeadLayout, group_ranges
+    with pytest.raises(ValueError, match="head_groups <= 2"):
+        group_ranges(HeadLayout.build(6, 2, 3).q, 3)
+    assert group_ranges(HeadLayout.build(7, 7, 2).q, 2) == [((0, 2), (4, 6)), ((2, 4), (6, 7))]
+
+
 @pytest.mark.parametrize("scheduler,hq,hkv,options", [
-    ("ulysses", 8, 2, {}), ("ulysses", 6, 1, {}), ("ulysses", 7, 7, {}),
+    ("ulysses", 8, 2, {}), ("ulysses", 8, 2, {"head_groups": 2}), ("usp", 6, 3, {"ulysses_degree": 2, "head_groups": 3}), ("ulysses", 6, 1, {}), ("ulysses", 7, 7, {}),
     ("usp", 4, 2, {"ulysses_degree": 2}), ("usp", 6, 3, {"ulysses_degree": 2}),
 ])
 def test_send_bytes_match_stats(scheduler, hq, hkv, options):

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..schedulers import NAMES
 from ..spawn import run_distributed
-from ..train.config import CHECKPOINTING, RunConfig, load_config
+from ..train.config import CHECKPOINTING, RunConfig, load_config, validate
 from ..train.memory import estimate
 from ..train.memtrack import TensorMemory
 from ..train.trainer import train
@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="configs/tiny.yaml", help="run config whose model and dp_mode are used")
     parser.add_argument("--cp", type=int, default=2, help="context-parallel ranks (one replica)")
     parser.add_argument("--scheduler", default="zigzag", choices=NAMES)
+    parser.add_argument("--head-groups", type=int, default=1, help="parallel.head_groups (ulysses, usp)")
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
                         help="CHECKPOINTING or CHECKPOINTING+tiled (the MLP --mlp-chunk tokens at a time)")
     parser.add_argument("--lens", type=int, nargs="+", default=[4096, 8192, 16384],
@@ -101,12 +102,14 @@ def main(argv=None) -> int:
     settings = [parse_setting(s) for s in args.settings]
     if len(set(args.lens)) < 3 or min(args.lens) < 1:
         raise ValueError(f"--lens: at least three different positive lengths, got {args.lens}")
-    for name in ("cp", "mlp_chunk", "steps", "doc_len"):
+    for name in ("cp", "mlp_chunk", "steps", "doc_len", "head_groups"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    base = load_config(args.config).replace(parallel={"cp": args.cp})
+    base = validate(load_config(args.config).replace(parallel={"cp": args.cp, "scheduler": args.scheduler,
+                                                                "head_groups": args.head_groups}))
     start = time.perf_counter()
-    print(f"distattn.bench.activation_memory: {args.config} model, cp {args.cp} ({args.scheduler}), fp32, "
+    print(f"distattn.bench.activation_memory: {args.config} model, cp {args.cp} ({args.scheduler}, head_groups "
+          f"{args.head_groups}), fp32, "
           f"lengths {args.lens}, {args.steps} steps a run", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="distattn-bench-actmem-") as tmp:

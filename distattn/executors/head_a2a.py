@@ -9,6 +9,12 @@ order, or the ring rank's: any layout but the scheduler's own), one gather per t
 head shard after the all-to-all and one more reorders it back before the return. Backward repeats the pattern on
 the gradients; KV heads that several members computed (GQA with fewer KV heads than members) are
 summed in fp32 on the way back. Which heads each member computes: :class:`HeadLayout`.
+
+``head_groups = G`` (the schedule's): K and V go to heads once, then each member's query heads are
+taken ``G`` parts at a time (part ``g`` of every member's share: :func:`group_ranges`) -- Q, out,
+dout and dQ move and the inner executor runs on one part at a time, so the buffers that span the
+whole sequence (the head-sharded Q, out, dout and dQ, the inner executor's accumulators) hold a
+``1/G`` share of the heads. The saved tensors and the KV head shard are the same either way.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 
 from ..comm import Comm
 from ..merge import acc_dtype
-from ..schedulers.ulysses import HeadLayout, HeadRanges
+from ..schedulers.ulysses import HeadLayout, HeadRanges, group_ranges
 from .base import DeviceIndex, Executor
 
 
@@ -71,9 +77,11 @@ class HeadAllToAll:
             p.wait()
         return outs
 
-    def to_tokens(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str) -> list[torch.Tensor]:
+    def to_tokens(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str,
+                  into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Inverse of :meth:`to_heads`: ``[sum(tokens), h, D]`` -> ``[n_member, H, D]``.
-        Heads that several members computed (replicated KV heads) are summed in fp32."""
+        Heads that several members computed (replicated KV heads) are summed in fp32. ``into``: the
+        ``[n_member, H, D]`` tensors to write the received heads into (the others untouched)."""
         n, received, pending = self.tokens[self.member], [], []
         for x, rng in zip(xs, heads):
             x = x.contiguous()  # members' token ranges are contiguous rows: sent as they are
@@ -85,26 +93,29 @@ class HeadAllToAll:
         for p in pending:
             p.wait()
         out = []
-        for x, rng, flat in zip(xs, heads, received):
+        for i, (x, rng, flat) in enumerate(zip(xs, heads, received)):
             parts, offset = [], 0
             for a, b in rng:
                 parts.append(flat[offset:offset + n * (b - a) * x.shape[2]].view(n, b - a, x.shape[2]))
                 offset += parts[-1].numel()
-            if all(b == a for (_, b), (a, _) in zip(rng, rng[1:])):  # heads tile [0, H): place them
+            if into is not None:   # disjoint ranges (query heads): placed
+                for (a, b), part in zip(rng, parts):
+                    into[i][:, a:b] = part
+                out.append(into[i])
+            elif all(b == a for (_, b), (a, _) in zip(rng, rng[1:])):  # heads tile [0, H): place them
                 out.append(torch.cat(parts, dim=1))
-                continue
-            full = torch.zeros((n, rng[-1][1], x.shape[2]), dtype=acc_dtype(x.dtype), device=x.device)
-            for (a, b), part in zip(rng, parts):
-                full[:, a:b] += part
-            out.append(full.to(x.dtype))
+            else:
+                full = torch.zeros((n, rng[-1][1], x.shape[2]), dtype=acc_dtype(x.dtype), device=x.device)
+                for (a, b), part in zip(rng, parts):
+                    full[:, a:b] += part
+                out.append(full.to(x.dtype))
         return out
 
 
 class HeadSaved(NamedTuple):
     num_heads: int
     num_kv_heads: int
-    expand: tuple[int, ...] | None   # the KV head expansion the inner attention ran with
-    inner: tuple                     # what the inner executor saved
+    parts: tuple   # per head group: (the KV head expansion its inner attention ran with or None, what it saved)
 
 
 class HeadExecutor(Executor):
@@ -131,38 +142,66 @@ class HeadExecutor(Executor):
         index = self.order[1 if back else 0]
         return [x.index_select(0, index.on(x.device)) for x in xs]
 
-    def _layout(self, num_heads: int, num_kv_heads: int) -> HeadLayout:
-        return HeadLayout.build(num_heads, num_kv_heads, len(self.exchange.tokens))
-
-    def _my_heads(self, layout: HeadLayout) -> slice:
-        """This member's query heads (its share of ``sinks``; KV heads may be replicated, Q never)."""
-        return slice(*layout.q[self.exchange.member])
+    def _parts(self, num_heads: int, num_kv_heads: int):
+        """(layout, per head group: every member's query heads, this member's, and its KV heads as
+        a slice of the member's KV head shard)."""
+        layout = HeadLayout.build(num_heads, num_kv_heads, len(self.exchange.tokens))
+        group, member = num_heads // num_kv_heads, self.exchange.member
+        lo = layout.kv[member][0]
+        parts = []
+        for ranges in group_ranges(layout.q, self.schedule.head_groups):
+            a, b = ranges[member]
+            parts.append((ranges, (a, b), slice(a // group - lo, (b - 1) // group + 1 - lo)))
+        return layout, parts
 
     def forward(self, q, k, v, scale, softcap=None, sinks=None):
         what = f"{self.schedule.scheduler} forward"
-        layout = self._layout(q.shape[1], k.shape[1])
-        qh, kh, vh = self._reorder(self.exchange.to_heads([q, k, v], [layout.q, layout.kv, layout.kv], what))
-        expand = layout.expansion(self.exchange.member, q.shape[1] // k.shape[1])
-        if expand is not None:
-            kh, vh = expand_heads(kh, expand), expand_heads(vh, expand)
-        mine = None if sinks is None else sinks[self._my_heads(layout)]
-        out_h, inner = self.inner.forward(qh, kh, vh, scale, softcap, mine)
-        (out,) = self.exchange.to_tokens(self._reorder([out_h], back=True), [layout.q], what)
-        return out, HeadSaved(q.shape[1], k.shape[1], expand, inner)
+        layout, parts = self._parts(q.shape[1], k.shape[1])
+        group = q.shape[1] // k.shape[1]
+        kh, vh = self._reorder(self.exchange.to_heads([k, v], [layout.kv, layout.kv], what))
+        out = q.new_empty(q.shape) if len(parts) > 1 else None
+        saved = []
+        for ranges, (a, b), kv in parts:
+            (qh,) = self._reorder(self.exchange.to_heads([q], [ranges], what))
+            sub = HeadLayout(((a, b),), ((a // group, (b - 1) // group + 1),))
+            expand = sub.expansion(0, group)
+            kg, vg = kh[:, kv], vh[:, kv]   # views: the kernels copy what they need contiguous
+            if expand is not None:
+                kg, vg = expand_heads(kg, expand), expand_heads(vg, expand)
+            out_h, inner = self.inner.forward(qh, kg, vg, scale, softcap, None if sinks is None else sinks[a:b])
+            del qh, kg, vg
+            (out,) = self.exchange.to_tokens(self._reorder([out_h], back=True), [ranges], what,
+                                             None if out is None else [out])
+            saved.append((expand, inner))
+        return out, HeadSaved(q.shape[1], k.shape[1], tuple(saved))
 
     def backward(self, dout, saved: HeadSaved, scale, softcap=None, sinks=None):
         what = f"{self.schedule.scheduler} backward"
-        layout = self._layout(saved.num_heads, saved.num_kv_heads)
-        heads = self._my_heads(layout)
-        (dout_h,) = self._reorder(self.exchange.to_heads([dout], [layout.q], what))
-        dq_h, dk_h, dv_h, ds_h = self.inner.backward(dout_h, saved.inner, scale, softcap,
-                                                     None if sinks is None else sinks[heads])
-        if saved.expand is not None:  # sum the expanded copies back onto the received KV heads
-            dk_h, dv_h = sum_expanded(dk_h, saved.expand), sum_expanded(dv_h, saved.expand)
-        dq, dk, dv = self.exchange.to_tokens(self._reorder([dq_h, dk_h, dv_h], back=True),
-                                             [layout.q, layout.kv, layout.kv], what)
-        dsinks = None
-        if ds_h is not None:  # this member's heads over the rows it computed; the other heads: 0
-            dsinks = ds_h.new_zeros(saved.num_heads)
-            dsinks[heads] = ds_h
-        return dq, dk, dv, dsinks
+        layout, parts = self._parts(saved.num_heads, saved.num_kv_heads)
+        member = self.exchange.member
+        dq = dout.new_empty(dout.shape) if len(parts) > 1 else None
+        dkv_h = ds_h = None
+        for (ranges, (a, b), kv), (expand, inner) in zip(parts, saved.parts):
+            (dout_h,) = self._reorder(self.exchange.to_heads([dout], [ranges], what))
+            dq_h, dk_g, dv_g, ds_g = self.inner.backward(dout_h, inner, scale, softcap,
+                                                         None if sinks is None else sinks[a:b])
+            del dout_h
+            if expand is not None:  # sum the expanded copies back onto the received KV heads
+                dk_g, dv_g = sum_expanded(dk_g, expand), sum_expanded(dv_g, expand)
+            (dq,) = self.exchange.to_tokens(self._reorder([dq_h], back=True), [ranges], what,
+                                            None if dq is None else [dq])
+            del dq_h
+            if len(parts) == 1:
+                dkv_h = (dk_g, dv_g)
+            else:   # parts sharing a KV head add up in the accumulator's dtype
+                if dkv_h is None:
+                    dkv_h = torch.zeros((2, dk_g.shape[0], layout.kv_share(member), dk_g.shape[2]),
+                                        dtype=acc_dtype(dk_g.dtype), device=dk_g.device)
+                dkv_h[0, :, kv] += dk_g
+                dkv_h[1, :, kv] += dv_g
+            if ds_g is not None:   # this member's heads over the rows it computed; the other heads: 0
+                ds_h = ds_g.new_zeros(saved.num_heads) if ds_h is None else ds_h
+                ds_h[a:b] = ds_g
+        dk_h, dv_h = (dkv_h[0].to(dout.dtype), dkv_h[1].to(dout.dtype)) if len(parts) > 1 else dkv_h
+        dk, dv = self.exchange.to_tokens(self._reorder([dk_h, dv_h], back=True), [layout.kv, layout.kv], what)
+        return dq, dk, dv, ds_h

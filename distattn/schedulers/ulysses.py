@@ -85,6 +85,25 @@ class HeadLayout:
         return self.share(rank) if self.expansion(rank, group) is not None else self.kv_share(rank)
 
 
+def group_ranges(q: HeadRanges, groups: int) -> list[HeadRanges]:
+    """Head group ``g``'s query heads of every member: part ``g`` of ``groups`` contiguous parts of
+    each member's range (``head_groups``). ``ValueError`` when a member has fewer heads than parts."""
+    fewest = min(b - a for a, b in q)
+    if groups > fewest:
+        raise ValueError(f"head_groups={groups}: a Ulysses rank computes only {fewest} query head(s) of this "
+                         f"model, and each head group needs one of them; use head_groups <= {fewest}")
+    parts = [split_heads(b - a, groups) for a, b in q]
+    return [tuple((a + lo, a + hi) for (a, _), (lo, hi) in zip(q, (p[g] for p in parts))) for g in range(groups)]
+
+
+def check_head_groups(head_groups) -> int:
+    """``head_groups`` as given to ``distattn.plan`` (``ulysses``, ``usp``): a positive int."""
+    if isinstance(head_groups, bool) or not isinstance(head_groups, int) or head_groups < 1:
+        raise ValueError(f"head_groups must be a positive int (query heads moved and computed 1/head_groups "
+                         f"of a rank's share at a time; 1: all at once), got {head_groups!r}")
+    return head_groups
+
+
 def gathered_order(shards: Shards, members) -> np.ndarray | None:
     """Where each token of the inner order (increasing global order of the members' tokens) sits in
     the head all-to-all's buffer (the members' compute-order tokens, concatenated in member order);
@@ -102,6 +121,23 @@ def head_saved_bytes(shape: AttnShape, tokens, members: int) -> np.ndarray:
     group = shape.num_heads // shape.num_kv_heads
     return np.asarray([n * (shape.row_bytes(2 * layout.share(u) + 2 * layout.computed_kv_heads(u, group))
                             + layout.share(u) * shape.acc_bytes) for n, u in tokens], dtype=np.int64)
+
+
+def head_buffer_bytes(shape: AttnShape, tokens, members: int, head_groups: int) -> np.ndarray:
+    """Bytes member ``u`` of a Ulysses group holds in its head exchange beyond what attention saves
+    (its head shards of q, k, v and out), given the ``tokens[i]`` its head shard spans: backward's
+    head shard of the output gradient, for its largest head group."""
+    layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, members)
+    return np.asarray([n * shape.row_bytes(-(-layout.share(u) // head_groups)) for n, u in tokens], dtype=np.int64)
+
+
+def head_grad_bytes(shape: AttnShape, tokens, members: int, head_groups: int) -> np.ndarray:
+    """Member ``u``'s backward working set on its head shard (``tokens[i]`` rows): the inner
+    attention's fp32 accumulators and one kernel call's gradients, for one head group's query
+    heads and every KV head it computes."""
+    layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, members)
+    return np.asarray([n * 2 * shape.row_bytes(-(-layout.share(u) // head_groups) + 2 * layout.kv_share(u), acc=True)
+                       for n, u in tokens], dtype=np.int64)
 
 
 def head_exchange_phases(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarray, span: int,
@@ -131,6 +167,7 @@ def head_exchange_phases(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarray
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class UlyssesSchedule(Schedule):
+    head_groups: int = 1      # query heads moved and computed 1/head_groups of a rank's share at a time
     keeps_local_out = False   # it keeps head shards of every token
 
     def gather_order(self) -> np.ndarray | None:
@@ -159,16 +196,20 @@ class UlyssesSchedule(Schedule):
         return head_exchange_phases(shape, tokens, np.arange(p)[None], p, inner, "ulysses")
 
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
-        """Q, K, V and out of every token for this rank's heads."""
-        layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, self.world_size)
-        return np.asarray([self.total_tokens * shape.row_bytes(2 * layout.share(r) + 2 * layout.kv_share(r))
-                           for r in range(self.world_size)])
+        """dout of every token for one head group of this rank's heads (q, k, v, out: saved)."""
+        return head_buffer_bytes(shape, [(self.total_tokens, r) for r in range(self.world_size)], self.world_size,
+                                 self.head_groups)
+
+    def grad_bytes(self, shape: AttnShape) -> np.ndarray:
+        return head_grad_bytes(shape, [(self.total_tokens, r) for r in range(self.world_size)], self.world_size,
+                               self.head_groups)
 
     def saved_bytes(self, shape: AttnShape) -> np.ndarray:
         """The head-sharded q, k, v, out and lse of every token."""
         return head_saved_bytes(shape, [(self.total_tokens, r) for r in range(self.world_size)], self.world_size)
 
 
-def build(doc_lens, mesh, *, causal, window, mask, shards: Shards) -> UlyssesSchedule:
+def build(doc_lens, mesh, *, causal, window, mask, shards: Shards, head_groups: int = 1) -> UlyssesSchedule:
     return UlyssesSchedule(scheduler="ulysses", doc_lens=doc_lens, causal=causal, window=window,
-                           world_size=mesh.world_size, shards=shards, mask=mask)
+                           world_size=mesh.world_size, shards=shards, mask=mask,
+                           head_groups=check_head_groups(head_groups))

@@ -56,7 +56,8 @@ from ..masks import MaskSlice
 from ..schedule import AttnShape, Phase, Schedule
 from . import default_ulysses_degree
 from .ring import RingSchedule, ring_schedule
-from .ulysses import HeadLayout, gathered_order, head_exchange_phases, head_saved_bytes
+from .ulysses import (HeadLayout, check_head_groups, gathered_order, head_exchange_phases, head_grad_bytes,
+                      head_saved_bytes)
 
 __all__ = ["USPSchedule", "build", "default_ulysses_degree"]
 
@@ -67,6 +68,7 @@ class USPSchedule(Schedule):
     coords: tuple[tuple[int, int], ...]          # flat group rank -> (u, r)
     ring: RingSchedule = field(repr=False)       # the ring over the R ring ranks' tokens
     num_kv_heads: int | None = None              # the head count the plan was made for, if given
+    head_groups: int = 1                         # query heads moved 1/head_groups of a share at a time (ulysses)
     keeps_local_out = False                      # it keeps head shards of its ring rank's tokens
 
     def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
@@ -118,16 +120,21 @@ class USPSchedule(Schedule):
         """The head-sharded q, k, v, out and lse of the ring rank's tokens."""
         return head_saved_bytes(shape, [(self.ring.num_tokens(r), u) for u, r in self.coords], self.ulysses_degree)
 
+    def grad_bytes(self, shape: AttnShape) -> np.ndarray:
+        return head_grad_bytes(shape, [(self.ring.num_tokens(r), u) for u, r in self.coords], self.ulysses_degree,
+                               self.head_groups)
+
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
-        """The ring's K/V blocks for this rank's heads, and the head shards of Q and out."""
+        """The ring's K/V blocks for one head group's KV heads, and its head shard of dout (q, k, v,
+        out: saved; ``head_groups``)."""
         layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, self.ulysses_degree)
-        group = shape.num_heads // shape.num_kv_heads
+        group, g = shape.num_heads // shape.num_kv_heads, self.head_groups
         ring = self.ring.buffer_bytes(shape)
         out = np.zeros(self.world_size)
         for i, (u, r) in enumerate(self.coords):
-            heads = layout.computed_kv_heads(u, group)
+            heads = -(-layout.computed_kv_heads(u, group) // g)
             out[i] = ring[r] * heads / shape.num_kv_heads + \
-                self.ring.num_tokens(r) * shape.row_bytes(2 * layout.share(u))
+                self.ring.num_tokens(r) * shape.row_bytes(-(-layout.share(u) // g))
         return out
 
 
@@ -178,7 +185,7 @@ def _coords(mesh, ulysses_degree, num_kv_heads) -> tuple[int, tuple[tuple[int, i
 
 
 def build(doc_lens, mesh, *, causal, window, mask, shards: Shards | None = None, ulysses_degree: int | None = None,
-          num_kv_heads: int | None = None) -> USPSchedule:
+          num_kv_heads: int | None = None, head_groups: int = 1) -> USPSchedule:
     """``shards``: the layout (None: usp's own, see module docstring)."""
     if num_kv_heads is not None and (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int)
                                      or num_kv_heads < 1):
@@ -198,4 +205,4 @@ def build(doc_lens, mesh, *, causal, window, mask, shards: Shards | None = None,
                          span=mesh.world_size)
     return USPSchedule(scheduler="usp", doc_lens=doc_lens, causal=causal, window=window, world_size=mesh.world_size,
                        shards=shards, mask=mask, ulysses_degree=u_deg, coords=coords, ring=ring,
-                       num_kv_heads=num_kv_heads)
+                       num_kv_heads=num_kv_heads, head_groups=check_head_groups(head_groups))

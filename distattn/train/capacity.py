@@ -70,7 +70,8 @@ def report(cfg: RunConfig, budget: int, device: str = "cuda") -> list[str]:
     p = cfg.parallel
     where = f"{budget / GIB:g} GiB per GPU" if device == "cuda" else f"{budget / GIB:,.1f} GiB for {cfg.world_size} CPU ranks"
     rows = table(cfg, budget, device)
-    lines = [f"longest seq_len that fits {where} (dp {p.dp} x cp {p.cp}, {p.scheduler}, {cfg.train.dtype}, "
+    groups = f", head_groups {p.head_groups}" if p.head_groups > 1 else ""
+    lines = [f"longest seq_len that fits {where} (dp {p.dp} x cp {p.cp}, {p.scheduler}{groups}, {cfg.train.dtype}, "
              f"{cfg.world_size} ranks; one document per sequence; multiples of {1024 * p.cp:,}):",
              f"  {'checkpointing':<14} {'MLP whole':>12} {f'MLP chunk {rows[0][2]}':>16}"]
     for mode, whole, _, tiled in rows:

@@ -5,7 +5,7 @@ A config has four sections::
     model:    {dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, tie_embeddings, rope_theta,
                attention_sinks, softcap}
     data:     {source: stdlib | tokens, path, seq_len, seed}
-    parallel: {dp, cp, scheduler, ulysses_degree, cad_pool, dp_mode: ddp | fsdp, backend, timeout_s}
+    parallel: {dp, cp, scheduler, ulysses_degree, head_groups, cad_pool, dp_mode: ddp | fsdp, backend, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
                dtype: fp32 | bf16, activation_checkpointing: none | full | selective | offload,
                loss_chunk, mlp_chunk, peak_tflops, on_nonfinite: stop | skip_step}
@@ -59,6 +59,9 @@ class ParallelConfig:
     cp: int = 4
     scheduler: str = "zigzag"
     ulysses_degree: int | None = None   # for scheduler: usp
+    # For scheduler: ulysses, usp: move and compute each rank's query heads head_groups parts at a
+    # time, so the buffers spanning the whole sequence hold 1/head_groups of them (ignored otherwise)
+    head_groups: int = 1
     # For scheduler: cad with dp > 1: balance attention over all dp x cp ranks (one plan over the
     # pool of every replica's CP group, DistCA's "no DP stragglers") instead of inside each CP
     # group. Ignored otherwise -- like ulysses_degree for schedulers other than usp -- because it
@@ -229,7 +232,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ValueError(f"{key} must be one of {', '.join(choices)}, got {val!r}")
     if p.dp_mode not in ("ddp", "fsdp"):
         raise ValueError(f"parallel.dp_mode must be 'ddp' or 'fsdp', got {p.dp_mode!r}")
-    from ..schedulers import LOCAL, NAMES
+    from ..schedulers import LOCAL, NAMES, spec
 
     choices = (*NAMES, LOCAL.name)
     if p.scheduler not in choices:
@@ -238,6 +241,14 @@ def validate(cfg: RunConfig) -> RunConfig:
                                          or p.ulysses_degree > m.n_heads):
         raise ValueError(f"parallel.ulysses_degree ({p.ulysses_degree}) must divide parallel.cp ({p.cp}) and be at "
                          f"most model.n_heads ({m.n_heads}); leave it unset for the default")
+    if isinstance(p.head_groups, bool) or not isinstance(p.head_groups, int) or p.head_groups < 1:
+        raise ValueError(f"parallel.head_groups must be a positive int, got {p.head_groups!r}")
+    entry = spec(p.scheduler) if p.scheduler in NAMES else None
+    if entry is not None and entry.heads != "none" and p.cp > 1:
+        fewest = m.n_heads // entry.ulysses_degree(p.cp, m.n_kv_heads, p.ulysses_degree)
+        if p.head_groups > fewest:
+            raise ValueError(f"parallel.head_groups ({p.head_groups}) must be at most the query heads a Ulysses rank "
+                             f"computes ({fewest} of model.n_heads {m.n_heads}): use head_groups <= {fewest}")
     if not t.min_lr <= t.lr:
         raise ValueError(f"train.min_lr ({t.min_lr}) must be at most train.lr ({t.lr})")
     return cfg

@@ -84,6 +84,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from .config import CHECKPOINTING, ModelConfig, ParallelConfig, RunConfig
+from .model import NORM_CHUNK
 
 GIB = 2**30
 # CUDA context + NCCL communicators + caching-allocator fragmentation (see module docstring)
@@ -207,7 +208,7 @@ def _dry_schedule(m: ModelConfig, p: ParallelConfig, doc_lens: tuple[int, ...]):
     pooled = p.pools_replicas
     docs = doc_lens * p.dp if pooled else doc_lens
     world = p.dp * p.cp if pooled else p.cp
-    options = spec(p.scheduler).plan_options(world, m.n_kv_heads, p.ulysses_degree)
+    options = spec(p.scheduler).plan_options(world, m.n_kv_heads, p.ulysses_degree, head_groups=p.head_groups)
     return plan(list(docs), world, scheduler=p.scheduler, **options).schedule
 
 
@@ -216,6 +217,7 @@ class AttentionMemory(NamedTuple):
 
     saved: int            # kept from forward to backward (``Schedule.saved_bytes``: q, k, v, out, lse as it keeps them)
     buffers: int          # the schedule's transient buffers (``Schedule.buffer_bytes``)
+    grads: int            # its backward's accumulators and kernel gradients (``Schedule.grad_bytes``)
     token_layout: bool    # saved holds the rank's own out, the tensor wo reads (counted once)
 
 
@@ -233,17 +235,19 @@ def attention_bytes(cfg: RunConfig, doc_lens=None) -> AttentionMemory:
     shape = AttnShape(m.n_heads, m.n_kv_heads, hd, compute)
     schedule = _dry_schedule(m, p, docs)   # one rank (cp 1, no pool): the local schedule
     return AttentionMemory(int(max(schedule.saved_bytes(shape))), int(max(schedule.buffer_bytes(shape))),
-                           schedule.keeps_local_out)
+                           int(max(schedule.grad_bytes(shape))), schedule.keeps_local_out)
 
 
 def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> tuple[int, int, int]:
     """(what the blocks keep while the loss runs at the end of the forward, the blocks' peak in
-    backward, what attention's buffers add over that peak).
+    backward, what the attention half adds over that peak).
 
-    A block's backward peaks at one of two moments: the MLP's backward (the whole block's saved
-    tensors and the SwiGLU gradients) and attention's (the MLP half freed, attention's fp32
-    dQ/dK/dV and one kernel call's, the output gradient and the schedule's buffers). Both add what the other blocks keep
-    and the gradient arriving on the residual stream."""
+    A block's backward peaks at one of three moments: the MLP's backward (the whole block's saved
+    tensors and the SwiGLU gradients); attention's (the MLP half freed; the schedule's
+    accumulators, kernel gradients and buffers, the output gradient); the first norm's (attention's
+    saved tensors still held -- torch frees a checkpointed block's recomputed tensors with its
+    graph -- dQ/dK/dV in token layout, the norm output's gradient and the norm's two fp32
+    temporaries of ``model.NORM_CHUNK`` rows). Each adds what the other blocks keep and the gradient on the residual stream."""
     m = cfg.model
     compute, resid, autocast = _dtypes(cfg)
     chunk = cfg.train.mlp_chunk
@@ -256,9 +260,9 @@ def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> tuple[in
     # the SwiGLU's gradients (three [T, ffn] alive where the product it kept is freed: net two), or
     # (tiled) one chunk's recomputed intermediates and their gradients
     mlp_moment = layer + (chunk * 7 * compute * m.ffn_dim if tiled else tokens * 2 * compute * m.ffn_dim)
-    # attention's fp32 dQ/dK/dV accumulators, one kernel call's gradients (up to the whole shard's
-    # rows; fp32 at most) and the output gradient
-    attn_moment = attn_half + tokens * (2 * 4 * (m.dim + 2 * kv) + compute * m.dim) + attn.buffers
+    # the schedule's backward working set (accumulators, kernel gradients, buffers), the output gradient
+    attn_moment = attn_half + attn.grads + tokens * compute * m.dim + attn.buffers
+    norm_moment = attn_half + tokens * compute * (2 * m.dim + 2 * kv) + min(tokens, NORM_CHUNK) * 2 * 4 * m.dim
     residual_grad = tokens * resid * m.dim
     block_input = tokens * resid * m.dim
     mode = cfg.train.activation_checkpointing
@@ -273,7 +277,7 @@ def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> tuple[in
         kept = m.n_layers * (block_input + attn.saved)
         others = kept - block_input - attn.saved
     peak = others + mlp_moment + residual_grad
-    return kept, peak, max(0, attn_moment - mlp_moment)
+    return kept, peak, max(0, attn_moment - mlp_moment, norm_moment - mlp_moment)
 
 
 def offloaded_bytes(cfg: RunConfig) -> int:

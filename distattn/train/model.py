@@ -46,11 +46,15 @@ from .offload import Offload
 from .tiled import swiglu
 
 
+NORM_CHUNK = 4096   # rows per step of RMSNorm's backward: its fp32 temporaries stay [4096, dim]
+
+
 class _RMSNormFn(torch.autograd.Function):
     """``(x * rsqrt(mean(x^2) + eps))`` in fp32, cast to ``x``'s dtype, times ``weight``; keeps only
     ``x`` (the residual stream, which is alive anyway) and the fp32 ``rsqrt [S, 1]``: autograd
     through the same ops would keep an fp32 copy of ``x`` and the normalised ``x`` besides, 2.5x
-    the input's bytes in bf16."""
+    the input's bytes in bf16. The backward runs :data:`NORM_CHUNK` rows at a time: it comes right
+    after attention's, when a block's backward holds the most."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
@@ -63,11 +67,18 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.to(rstd.dtype) * rstd
-        dw = (dy * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
-        g = (dy * weight).to(rstd.dtype)
-        dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
-        return dx.to(x.dtype), dw.to(weight.dtype), None
+        d = x.shape[-1]
+        x_SD, dy_SD, rstd_S1 = x.reshape(-1, d), dy.reshape(-1, d), rstd.reshape(-1, 1)
+        dx = torch.empty_like(x_SD)
+        dw = torch.zeros(d, dtype=rstd.dtype, device=x.device)
+        for lo in range(0, x_SD.shape[0], NORM_CHUNK):
+            rows = slice(lo, lo + NORM_CHUNK)
+            xhat = x_SD[rows].to(rstd.dtype) * rstd_S1[rows]
+            dw += (dy_SD[rows] * xhat.to(x.dtype)).sum(0)
+            g = (dy_SD[rows] * weight).to(rstd.dtype)
+            mean = torch.matmul(g.unsqueeze(-2), xhat.unsqueeze(-1)).squeeze(-1) / d   # mean(g * xhat)
+            dx[rows] = g.sub_(xhat.mul_(mean)).mul_(rstd_S1[rows])
+        return dx.view_as(x), dw.to(weight.dtype), None
 
 
 class RMSNorm(nn.Module):
