@@ -115,7 +115,8 @@ def test_head_groups_refusals():
 
 
 @pytest.mark.parametrize("scheduler,hq,hkv,options", [
-    ("ulysses", 8, 2, {}), ("ulysses", 8, 2, {"head_groups": 2}), ("usp", 6, 3, {"ulysses_degree": 2, "head_groups": 3}), ("ulysses", 6, 1, {}), ("ulysses", 7, 7, {}),
+    ("ulysses", 8, 2, {}), ("ulysses", 8, 2, {"head_groups": 2}), ("ulysses", 6, 1, {}), ("ulysses", 7, 7, {}),
+    ("usp", 6, 3, {"ulysses_degree": 2, "head_groups": 3}),
     ("usp", 4, 2, {"ulysses_degree": 2}), ("usp", 6, 3, {"ulysses_degree": 2}),
 ])
 def test_send_bytes_match_stats(scheduler, hq, hkv, options):

@@ -142,7 +142,8 @@ class RingSchedule(Schedule):
         mover, t, src = self._kv_moves()
         # (rank, step, block rows) of every block held: its own at step 0, each received one step after it moves
         held_rank = np.concatenate([np.arange(p), (mover + 1) % p])
-        held_step, held_rows = np.concatenate([np.zeros(p, dtype=np.int64), t + 1]), np.concatenate([tokens, tokens[src]])
+        held_step = np.concatenate([np.zeros(p, dtype=np.int64), t + 1])
+        held_rows = np.concatenate([tokens, tokens[src]])
         arriving = held_step > 0   # allocated a step earlier, as that step's nxt
         qr, kr, _ = self.rank_pairs
         step = (qr - kr) % p

@@ -68,7 +68,8 @@ def tokens(n: int) -> str:
 def report(cfg: RunConfig, budget: int, device: str = "cuda") -> list[str]:
     """The lines ``--dry-run --max-seq-len`` prints."""
     p = cfg.parallel
-    where = f"{budget / GIB:g} GiB per GPU" if device == "cuda" else f"{budget / GIB:,.1f} GiB for {cfg.world_size} CPU ranks"
+    where = (f"{budget / GIB:g} GiB per GPU" if device == "cuda" else
+             f"{budget / GIB:,.1f} GiB for {cfg.world_size} CPU ranks")
     rows = table(cfg, budget, device)
     groups = f", head_groups {p.head_groups}" if p.head_groups > 1 else ""
     lines = [f"longest seq_len that fits {where} (dp {p.dp} x cp {p.cp}, {p.scheduler}{groups}, {cfg.train.dtype}, "

@@ -15,18 +15,20 @@ tokens per rank, ``b`` the compute dtype's bytes -- 2 for bf16, 4 for fp32):
   rank (no wrapper): as DDP without buckets.
 * ``activations``: what autograd keeps, counted tensor by tensor from ``model.py`` per block and
   token -- RMSNorm's input and fp32 rsqrt, the norm outputs the projections read
-  (one bf16 copy per projection under autocast), RoPE's cos/sin, the attention output (wo's input), the SwiGLU w1/w3 outputs, silu and the product,
+  (one bf16 copy per projection under autocast), RoPE's cos/sin, the attention output (wo's
+  input), the SwiGLU w1/w3 outputs, silu and the product,
   plus what attention keeps (below). Residuals are fp32 under DDP's autocast and fp32 runs,
   bf16 under FSDP's bf16 parameters. ``activation_checkpointing``: ``none`` keeps all of it per
   layer; ``full`` keeps each block's input per layer and one block's everything while it is
   recomputed; ``selective`` keeps per layer the block input and what attention saves, and one
   block's recomputation. ``offload`` (:mod:`distattn.train.offload`) is ``full`` with the
   per-layer block inputs in host memory (``host``): the device keeps two (the one recomputed,
-  the one prefetched). A block's backward peaks at one of two moments, each adding the gradient
-  arriving on the residual stream: the MLP's (the whole block's saved tensors and the SwiGLU
-  gradients, net ``2 * T * ffn_dim``) -- the ``activations`` -- and attention's (the MLP half
-  freed; attention's fp32 dQ/dK/dV accumulators and one kernel call's gradients, the output
-  gradient, the schedule's buffers), whose excess is ``attention_buffers``. ``train.mlp_chunk``
+  the one prefetched). A block's backward peaks at one of three moments, each adding the
+  gradient arriving on the residual stream: the MLP's (the whole block's saved tensors and the
+  SwiGLU gradients, net ``2 * T * ffn_dim``) -- the ``activations`` -- attention's (the MLP half
+  freed; the schedule's ``grad_bytes``: accumulators and one kernel call's gradients; the output
+  gradient, the schedule's buffers) and the first norm's (dQ/dK/dV in token layout, the norm
+  output's gradient); the excess of the larger of the last two is ``attention_buffers``. ``train.mlp_chunk``
   ``c`` (:mod:`distattn.train.tiled`): the MLP keeps only its input, and its working set is one
   chunk's, ``7 * c * ffn_dim`` (four recomputed intermediates, three gradients) -- attention's
   moment then is usually the larger.
@@ -39,8 +41,8 @@ tokens per rank, ``b`` the compute dtype's bytes -- 2 for bf16, 4 for fp32):
   without a tiled MLP), the schedule's own ``buffer_bytes`` of the busiest rank included
   (ring/zigzag: the K/V block computed on and the one arriving, and the fp32 dK/dV in flight;
   allgather: a head group's gathered K/V and its copy in global order; ulysses/usp: the
-  head-sharded Q/K/V/out (usp: plus its ring's); cad: the received Q/K/V task rows, out, lse and
-  dout).
+  head-sharded dout of one of ``parallel.head_groups`` (usp: plus its ring's K/V); cad: the
+  received Q/K/V task rows, out, lse and dout).
 * ``loss``: the final norm (its input and the hidden state the loss reads), the
   log-sum-exps ``loss.chunked_cross_entropy`` saves, and the larger of its forward (one chunk's
   logits in the compute dtype and in fp32) and its backward (the hidden state's gradient, the fp32
@@ -247,7 +249,8 @@ def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> tuple[in
     accumulators, kernel gradients and buffers, the output gradient); the first norm's (attention's
     saved tensors still held -- torch frees a checkpointed block's recomputed tensors with its
     graph -- dQ/dK/dV in token layout, the norm output's gradient and the norm's two fp32
-    temporaries of ``model.NORM_CHUNK`` rows). Each adds what the other blocks keep and the gradient on the residual stream."""
+    temporaries of ``model.NORM_CHUNK`` rows). Each adds what the other blocks keep and the
+    gradient on the residual stream."""
     m = cfg.model
     compute, resid, autocast = _dtypes(cfg)
     chunk = cfg.train.mlp_chunk
