@@ -94,7 +94,7 @@ def test_every_saved_tensor_reaches_save_for_backward():
     from distattn.executors.head_a2a import HeadSaved
 
     t = [torch.full((1,), float(i)) for i in range(10)]
-    saved = HeadSaved(4, 2, ((None, Saved(*t[:5])), ((1, 2), Saved(*t[5:]))))
+    saved = HeadSaved(4, 2, (Saved(*t[:5]), Saved(*t[5:])))
     tensors = []
     skeleton = _split(saved, tensors)
     assert [x.item() for x in tensors] == list(range(10))

@@ -115,7 +115,7 @@ class HeadAllToAll:
 class HeadSaved(NamedTuple):
     num_heads: int
     num_kv_heads: int
-    parts: tuple   # per head group: (the KV head expansion its inner attention ran with or None, what it saved)
+    parts: tuple   # per head group: what its inner attention saved
 
 
 class HeadExecutor(Executor):
@@ -143,28 +143,27 @@ class HeadExecutor(Executor):
         return [x.index_select(0, index.on(x.device)) for x in xs]
 
     def _parts(self, num_heads: int, num_kv_heads: int):
-        """(layout, per head group: every member's query heads, this member's, and its KV heads as
-        a slice of the member's KV head shard)."""
+        """(layout, per head group: every member's query heads, this member's, its KV heads as a
+        slice of the member's KV head shard, and their expansion for the kernel's GQA grouping)."""
         layout = HeadLayout.build(num_heads, num_kv_heads, len(self.exchange.tokens))
         group, member = num_heads // num_kv_heads, self.exchange.member
         lo = layout.kv[member][0]
         parts = []
         for ranges in group_ranges(layout.q, self.schedule.head_groups):
             a, b = ranges[member]
-            parts.append((ranges, (a, b), slice(a // group - lo, (b - 1) // group + 1 - lo)))
+            kv_lo, kv_hi = a // group, (b - 1) // group + 1
+            expand = HeadLayout(((a, b),), ((kv_lo, kv_hi),)).expansion(0, group)
+            parts.append((ranges, (a, b), slice(kv_lo - lo, kv_hi - lo), expand))
         return layout, parts
 
     def forward(self, q, k, v, scale, softcap=None, sinks=None):
         what = f"{self.schedule.scheduler} forward"
         layout, parts = self._parts(q.shape[1], k.shape[1])
-        group = q.shape[1] // k.shape[1]
         kh, vh = self._reorder(self.exchange.to_heads([k, v], [layout.kv, layout.kv], what))
         out = q.new_empty(q.shape) if len(parts) > 1 else None
         saved = []
-        for ranges, (a, b), kv in parts:
+        for ranges, (a, b), kv, expand in parts:
             (qh,) = self._reorder(self.exchange.to_heads([q], [ranges], what))
-            sub = HeadLayout(((a, b),), ((a // group, (b - 1) // group + 1),))
-            expand = sub.expansion(0, group)
             kg, vg = kh[:, kv], vh[:, kv]   # views: the kernels copy what they need contiguous
             if expand is not None:
                 kg, vg = expand_heads(kg, expand), expand_heads(vg, expand)
@@ -172,7 +171,7 @@ class HeadExecutor(Executor):
             del qh, kg, vg
             (out,) = self.exchange.to_tokens(self._reorder([out_h], back=True), [ranges], what,
                                              None if out is None else [out])
-            saved.append((expand, inner))
+            saved.append(inner)
         return out, HeadSaved(q.shape[1], k.shape[1], tuple(saved))
 
     def backward(self, dout, saved: HeadSaved, scale, softcap=None, sinks=None):
@@ -181,7 +180,7 @@ class HeadExecutor(Executor):
         member = self.exchange.member
         dq = dout.new_empty(dout.shape) if len(parts) > 1 else None
         dkv_h = ds_h = None
-        for (ranges, (a, b), kv), (expand, inner) in zip(parts, saved.parts):
+        for (ranges, (a, b), kv, expand), inner in zip(parts, saved.parts):
             (dout_h,) = self._reorder(self.exchange.to_heads([dout], [ranges], what))
             dq_h, dk_g, dv_g, ds_g = self.inner.backward(dout_h, inner, scale, softcap,
                                                          None if sinks is None else sinks[a:b])

@@ -66,12 +66,17 @@ class SchedulerSpec:
         """The options ``distattn.plan`` needs for a model with ``num_kv_heads`` KV heads on a 1-D CP
         group of ``world_size`` (usp: its Ulysses degree, and the head count it was made for;
         ulysses and usp: ``head_groups`` when more than one)."""
-        groups = {"head_groups": head_groups} if head_groups > 1 and self.heads != "none" and world_size > 1 else {}
+        groups = self.head_group_options(world_size, head_groups)
         if self.heads != "axis" or world_size == 1:
             return groups
         degree = self.ulysses_degree(world_size, num_kv_heads, requested, gpus_per_node)
         return {"ulysses_degree": degree, **({"num_kv_heads": num_kv_heads} if num_kv_heads is not None else {}),
                 **groups}
+
+    def head_group_options(self, world_size: int, head_groups: int) -> dict:
+        """``{"head_groups": head_groups}`` where the plan takes it (heads split over ranks, more than
+        one rank, more than one group), else ``{}``."""
+        return {"head_groups": head_groups} if head_groups > 1 and self.heads != "none" and world_size > 1 else {}
 
 
 def default_ulysses_degree(world_size: int, num_kv_heads: int | None = None, gpus_per_node: int | None = None) -> int:

@@ -15,7 +15,7 @@ whole and tiled (``train.mlp_chunk``: the config's, else :data:`TILED_MLP_CHUNK`
 from __future__ import annotations
 
 from .config import CHECKPOINTING, RunConfig
-from .memory import GIB, estimate
+from .memory import GIB, estimate, fits_in
 
 # train.mlp_chunk the table tries when the config has none: 4096 tokens keep one chunk's
 # intermediates (7 x ffn x chunk) under 1 GiB at Llama-3 8B in bf16
@@ -24,8 +24,8 @@ LONGEST = 1 << 34          # the search's ceiling: 16G tokens
 
 
 def _fits(cfg: RunConfig, seq_len: int, budget: int, device: str) -> bool:
-    est = estimate(cfg.replace(data={"seq_len": seq_len}), device)
-    return est.total * (cfg.world_size if device == "cpu" else 1) <= budget
+    cfg = cfg.replace(data={"seq_len": seq_len})
+    return fits_in(cfg, estimate(cfg, device), budget)
 
 
 def longest_seq_len(cfg: RunConfig, budget: int, device: str = "cuda") -> int:

@@ -28,10 +28,10 @@ tokens per rank, ``b`` the compute dtype's bytes -- 2 for bf16, 4 for fp32):
   SwiGLU gradients, net ``2 * T * ffn_dim``) -- the ``activations`` -- attention's (the MLP half
   freed; the schedule's ``grad_bytes``: accumulators and one kernel call's gradients; the output
   gradient, the schedule's buffers) and the first norm's (dQ/dK/dV in token layout, the norm
-  output's gradient); the excess of the larger of the last two is ``attention_buffers``. ``train.mlp_chunk``
-  ``c`` (:mod:`distattn.train.tiled`): the MLP keeps only its input, and its working set is one
-  chunk's, ``7 * c * ffn_dim`` (four recomputed intermediates, three gradients) -- attention's
-  moment then is usually the larger.
+  output's gradient); the excess of the larger of the last two is ``attention_buffers``.
+  ``train.mlp_chunk`` ``c`` (:mod:`distattn.train.tiled`): the MLP keeps only its input, and its
+  working set is one chunk's, ``7 * c * ffn_dim`` (four recomputed intermediates, three
+  gradients) -- attention's moment then is usually the larger.
 * what attention keeps per layer, from a *dry plan* of the config (``distattn.plan(docs, N)``):
   ring, zigzag, allgather and one rank keep their local q, k, v, out and fp32 lse; ulysses and
   usp keep the head-sharded q, k, v (KV heads expanded where the schedule must), out and lse of
@@ -247,8 +247,8 @@ def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> tuple[in
     A block's backward peaks at one of three moments: the MLP's backward (the whole block's saved
     tensors and the SwiGLU gradients); attention's (the MLP half freed; the schedule's
     accumulators, kernel gradients and buffers, the output gradient); the first norm's (attention's
-    saved tensors still held -- torch frees a checkpointed block's recomputed tensors with its
-    graph -- dQ/dK/dV in token layout, the norm output's gradient and the norm's two fp32
+    saved tensors still held -- measured: torch.utils.checkpoint still holds them as recomputed --
+    dQ/dK/dV in token layout, the norm output's gradient and the norm's two fp32
     temporaries of ``model.NORM_CHUNK`` rows). Each adds what the other blocks keep and the
     gradient on the residual stream."""
     m = cfg.model
@@ -266,8 +266,7 @@ def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> tuple[in
     # the schedule's backward working set (accumulators, kernel gradients, buffers), the output gradient
     attn_moment = attn_half + attn.grads + tokens * compute * m.dim + attn.buffers
     norm_moment = attn_half + tokens * compute * (2 * m.dim + 2 * kv) + min(tokens, NORM_CHUNK) * 2 * 4 * m.dim
-    residual_grad = tokens * resid * m.dim
-    block_input = tokens * resid * m.dim
+    block_input = tokens * resid * m.dim      # also the residual stream's gradient
     mode = cfg.train.activation_checkpointing
     # what the other blocks keep (a block's input is its first norm's input: counted in its half)
     if mode == "none":
@@ -279,7 +278,7 @@ def _activations(cfg: RunConfig, tokens: int, attn: AttentionMemory) -> tuple[in
     else:   # selective
         kept = m.n_layers * (block_input + attn.saved)
         others = kept - block_input - attn.saved
-    peak = others + mlp_moment + residual_grad
+    peak = others + mlp_moment + block_input   # + the residual stream's gradient
     return kept, peak, max(0, attn_moment - mlp_moment, norm_moment - mlp_moment)
 
 
@@ -379,7 +378,8 @@ def _notes(cfg: RunConfig, est: MemoryEstimate) -> dict[str, str]:
             else "Python, torch, gloo"}
 
 
-def _fits(cfg: RunConfig, est: MemoryEstimate, limit: int) -> bool:
+def fits_in(cfg: RunConfig, est: MemoryEstimate, limit: int) -> bool:
+    """``est`` fits ``limit`` bytes: one GPU's, or (CPU) this machine's for every rank together."""
     return est.total * (cfg.world_size if est.device == "cpu" else 1) <= limit
 
 
@@ -415,7 +415,7 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
     if est.host:
         lines.append(f"  offloaded block inputs: {est.host / GIB:,.2f} GiB of pinned host memory per "
                      f"{'GPU (not in the total)' if device == 'cuda' else 'rank (in the total)'}")
-    fits = _fits(cfg, est, limit)
+    fits = fits_in(cfg, est, limit)
     need = est.total if device == "cuda" else est.total * cfg.world_size
     lines.append(f"{'fits' if fits else 'does NOT fit'}: {need / GIB:,.2f} GiB "
                  f"{'per GPU' if device == 'cuda' else f'for {cfg.world_size} ranks'} of {where}")
@@ -423,7 +423,7 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
     for mode, alt in alternatives(cfg, device).items():
         mark = "  <- this config" if mode == t.activation_checkpointing else ""
         host = f" (+ {alt.host / GIB:,.2f} GiB host)" if alt.host and device == "cuda" else ""
-        lines.append(f"  {mode:<10} {alt.total / GIB:>9.2f} GiB  {'fits' if _fits(cfg, alt, limit) else 'does not fit'}"
+        lines.append(f"  {mode:<10} {alt.total / GIB:>9.2f} GiB  {'fits' if fits_in(cfg, alt, limit) else 'does not fit'}"
                      f"{host}{mark}")
     return lines, fits
 

@@ -110,4 +110,3 @@ class Offload:
     def stats(self) -> dict[str, int]:
         return {"packed": self.packed, "unpacked": self.unpacked, "prefetch_hits": self.prefetch_hits,
                 "bytes_out": self.bytes_out}
-

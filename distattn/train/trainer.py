@@ -156,8 +156,7 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
     logger = RunLog(out, t.steps, start) if dist.get_rank() == 0 else None
     # usp's degree is the mesh's "ulysses" axis; the head count makes its plans refuse other K/V heads
     options = {"num_kv_heads": cfg.model.n_kv_heads} if dims.ulysses > 1 else {}
-    if entry.heads != "none" and p.cp > 1 and p.head_groups > 1:
-        options["head_groups"] = p.head_groups
+    options.update(entry.head_group_options(p.cp, p.head_groups))
     if p.pools_replicas:
         # the pool is every dp x cp rank: the world group, which exists already (train() runs on
         # exactly dp * cp ranks, checked above), so steps make no group; each plan exchanges the
