@@ -10,10 +10,10 @@ kernels (``kernels/``) and merges partial results (``merge.py``); backward retra
 from __future__ import annotations
 
 import inspect
-from typing import NamedTuple
 
 import torch
 
+from . import ops
 from .executors import executor_for, resolve_options
 from .kernels import available_backends
 from .kernels.registry import check_sinks, check_softcap
@@ -112,58 +112,6 @@ def _made(schedule, info: MeshInfo, backend: str, device, live: dict) -> Plan:
     return plan_
 
 
-def _split(saved, tensors: list) -> object:
-    """``saved`` (nested tuples, named or not) with its tensors moved to ``tensors`` and replaced by
-    their index: none may ride on ctx, where checkpointing's hooks would not see them."""
-    if isinstance(saved, torch.Tensor):
-        tensors.append(saved)
-        return _Slot(len(tensors) - 1)
-    if isinstance(saved, tuple):
-        items = (_split(x, tensors) for x in saved)
-        return type(saved)(*items) if hasattr(saved, "_fields") else tuple(items)
-    return saved
-
-
-def _join(skeleton, tensors) -> object:
-    if isinstance(skeleton, _Slot):
-        return tensors[skeleton.index]
-    if isinstance(skeleton, tuple):
-        items = (_join(x, tensors) for x in skeleton)
-        return type(skeleton)(*items) if hasattr(skeleton, "_fields") else tuple(items)
-    return skeleton
-
-
-class _Slot(NamedTuple):
-    index: int
-
-
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, sinks, plan: Plan, scale: float, softcap, prefetch):
-        ex = plan.executor
-        extra = {} if prefetch is None else {"prefetch": prefetch}
-        detached = None if sinks is None else sinks.detach()
-        out, saved = ex.forward(q, k, v, scale, softcap, detached, **extra)
-        ctx.plan, ctx.scale, ctx.softcap = plan, scale, softcap
-        # tensors go through save_for_backward (no reference cycle through `out`); the
-        # few plain values an executor saves (e.g. head counts) ride on ctx
-        tensors: list = []
-        ctx.skeleton = _split(saved, tensors)
-        ctx.has_sinks = sinks is not None
-        ctx.save_for_backward(*tensors, *([detached] if sinks is not None else []))
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        tensors = ctx.saved_tensors
-        sinks, tensors = (tensors[-1], tensors[:-1]) if ctx.has_sinks else (None, tensors)
-        saved = _join(ctx.skeleton, tensors)
-        dq, dk, dv, dsinks = ctx.plan.executor.backward(dout.contiguous(), saved, ctx.scale, ctx.softcap, sinks)
-        if dsinks is not None:
-            dsinks = dsinks.to(sinks.dtype)
-        return dq, dk, dv, dsinks, None, None, None, None
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, scale: float | None = None,
               sinks: torch.Tensor | None = None, softcap: float | None = None, prefetch=None) -> torch.Tensor:
     """Exact attention of this rank's tokens under ``plan``; differentiable.
@@ -196,7 +144,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must come from distattn.plan(...), got {type(plan).__name__}")
     sinks, softcap = check_sinks(sinks, q), check_softcap(softcap)
-    plan.check_inputs(q, k, v, sinks=sinks, softcap=softcap)
     if prefetch is not None:
         if not plan.executor.supports_prefetch:
             raise ValueError(f"prefetch= works with scheduler='cad', not {plan.scheduler!r}")
@@ -204,9 +151,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
             raise ValueError("prefetch was started by another plan or for other q, k, v tensors")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    q, k, v = plan.to_compute_order(q, k, v)
-    (out,) = plan.to_compute_order(_Attention.apply(q, k, v, sinks, plan, float(scale), softcap, prefetch), back=True)
-    return out
+    return ops.apply(q, k, v, sinks, plan, float(scale), softcap, prefetch)
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lens, *, causal: bool = True,

@@ -36,11 +36,16 @@ from .layout import Shards, token_index
 from .masks import MaskSlice, SliceMask
 from .schedule import AttnShape, Phase, Schedule, imbalance
 
+try:  # an opaque object can be a custom op's argument (distattn.ops)
+    from torch._opaque_base import OpaqueBase as PlanBase
+except ImportError:
+    PlanBase = object
+
 __all__ = ["Plan", "imbalance", "token_index"]
 
 
 @dataclass(frozen=True, eq=False, init=False)
-class Plan:
+class Plan(PlanBase):
     """A schedule and, on a live plan, this rank's executor (see module docstring). What else a
     scheduler decided is in ``plan.schedule`` (e.g. ``plan.schedule.segments`` of ``cad``)."""
 
@@ -113,6 +118,13 @@ class Plan:
     @property
     def is_dry(self) -> bool:
         return self.rank is None
+
+    @property
+    def trace_key(self) -> tuple:
+        """What a compiled graph through :mod:`distattn.ops` specializes on: the structure of the
+        executor's saved state (not its sizes, which are symbolic there) and whether tokens are
+        reordered. Plans with equal keys share a graph."""
+        return (None if self.executor is None else self.executor.structure, self.local_order is None)
 
     @property
     def total_tokens(self) -> int:

@@ -22,18 +22,18 @@ LAYERS = [
     ("kernels", ["distattn.kernels"]),
     ("schedules", ["distattn.layout", "distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
     ("executors", ["distattn.executors"]),
-    ("api", ["distattn.plans", "distattn.api", "distattn.oracle", "distattn.pingpong"]),
+    ("api", ["distattn.plans", "distattn.ops", "distattn.api", "distattn.oracle", "distattn.pingpong"]),
     # the integrations: each imports the layers below, none imports another
     ("train", ["distattn.train"]),
     ("adapters", ["distattn.parallel"]),
     ("bench", ["distattn.bench", "distattn.demo"]),
     ("sim", ["distattn.sim"]),
     ("cluster", ["distattn.cluster"]),
-    # the trainer's memory benchmarks (`python -m distattn.bench.memory`, `...loss_memory`,
-    # `...activation_memory`) run the trainer and its loss: entry points over the trainer, not bench
-    # modules beside it
+    # the trainer's benchmarks (`python -m distattn.bench.memory`, `...loss_memory`,
+    # `...activation_memory`, `...compiled_step`) run the trainer and its loss: entry points over the
+    # trainer, not bench modules beside it
     ("entry points", ["distattn.launch", "distattn.cli", "distattn.bench.memory", "distattn.bench.loss_memory",
-                      "distattn.bench.activation_memory"]),
+                      "distattn.bench.activation_memory", "distattn.bench.compiled_step"]),
 ]
 INTEGRATIONS = ("train", "adapters", "bench", "sim", "cluster")
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}

@@ -89,17 +89,17 @@ def test_every_saved_tensor_reaches_save_for_backward():
     through save_for_backward, where checkpointing's hooks see it (on ctx it would stay alive)."""
     import torch
 
-    from distattn.api import _join, _split
     from distattn.executors.base import Saved
     from distattn.executors.head_a2a import HeadSaved
+    from distattn.ops import flatten, unflatten
 
     t = [torch.full((1,), float(i)) for i in range(10)]
-    saved = HeadSaved(4, 2, (Saved(*t[:5]), Saved(*t[5:])))
-    tensors = []
-    skeleton = _split(saved, tensors)
-    assert [x.item() for x in tensors] == list(range(10))
+    saved = HeadSaved(4, 2, t[8], t[9], (Saved(*t[:3], None, t[3]), Saved(*t[4:7], None, t[7])))
+    known = (t[0], None, None, None, None)   # the op's q: by reference
+    skeleton, new = flatten(saved, known)
+    assert [x.item() for x in new] == [8, 9, 1, 2, 3, 4, 5, 6, 7]   # in the order they are met
     assert "tensor" not in repr(skeleton)
-    assert repr(_join(skeleton, tensors)) == repr(saved)
+    assert repr(unflatten(skeleton, [*known, *new])) == repr(saved)
 
 
 def test_head_groups_refusals():

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..comm import Comm, meet_once
 from ..kernels import Varlen, prepare, varlen_bwd, varlen_fwd
-from ..merge import add_sink, merge_, sink_grad
+from ..merge import acc_dtype, add_sink, merge_, sink_grad
 from ..schedulers.blocks import KernelCall
 
 
@@ -103,6 +103,20 @@ class Executor:
 
     def forward(self, q, k, v, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None):
         raise NotImplementedError
+
+    @property
+    def structure(self) -> tuple:
+        """What the *structure* of :meth:`saved_like` depends on besides the inputs' shapes."""
+        return (type(self).__name__,)
+
+    def saved_like(self, q, k, v, out, sinks, size):
+        """What :meth:`forward` on these (compute-order) inputs saves, with empty tensors of its
+        shapes and dtypes: ``out`` is the output the forward returns; ``size(n)``: the size to use
+        for a count ``n`` that changes with the documents (``int``; an unbacked symbolic size when
+        compiling, so the next plan reuses the graph: :mod:`distattn.ops`). Any other count the
+        plan decides belongs in :attr:`structure`. This default: q, k, v, out and the fp32 lse
+        ``[S_local, Hq]``."""
+        return Saved(q, k, v, out, q.new_empty(q.shape[:2], dtype=acc_dtype(q.dtype)))
 
     def backward(self, dout, saved, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None):
         raise NotImplementedError

@@ -112,10 +112,19 @@ class HeadAllToAll:
         return out
 
 
+def _kv_part(kh: torch.Tensor, vh: torch.Tensor, kv: slice, expand) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head group's K/V: a slice of the member's KV head shard (views: the kernels copy what
+    they need contiguous), expanded to the group's query heads where the kernel's grouping needs it."""
+    kg, vg = kh[:, kv], vh[:, kv]
+    return (kg, vg) if expand is None else (expand_heads(kg, expand), expand_heads(vg, expand))
+
+
 class HeadSaved(NamedTuple):
     num_heads: int
     num_kv_heads: int
-    parts: tuple   # per head group: what its inner attention saved
+    kh: torch.Tensor   # [T, kv heads of this member, D]: the KV head shard every part slices
+    vh: torch.Tensor
+    parts: tuple       # per head group: what its inner attention saved, its k and v None (sliced from kh, vh)
 
 
 class HeadExecutor(Executor):
@@ -164,15 +173,30 @@ class HeadExecutor(Executor):
         saved = []
         for ranges, (a, b), kv, expand in parts:
             (qh,) = self._reorder(self.exchange.to_heads([q], [ranges], what))
-            kg, vg = kh[:, kv], vh[:, kv]   # views: the kernels copy what they need contiguous
-            if expand is not None:
-                kg, vg = expand_heads(kg, expand), expand_heads(vg, expand)
-            out_h, inner = self.inner.forward(qh, kg, vg, scale, softcap, None if sinks is None else sinks[a:b])
-            del qh, kg, vg
+            out_h, inner = self.inner.forward(qh, *_kv_part(kh, vh, kv, expand), scale, softcap,
+                                              None if sinks is None else sinks[a:b])
+            del qh
             (out,) = self.exchange.to_tokens(self._reorder([out_h], back=True), [ranges], what,
                                              None if out is None else [out])
-            saved.append(inner)
-        return out, HeadSaved(q.shape[1], k.shape[1], tuple(saved))
+            saved.append(inner._replace(k=None, v=None))
+        return out, HeadSaved(q.shape[1], k.shape[1], kh, vh, tuple(saved))
+
+    @property
+    def structure(self) -> tuple:
+        return (*super().structure, self.schedule.head_groups, self.exchange.tokens, self.exchange.member,
+                self.inner.structure)
+
+    def saved_like(self, q, k, v, out, sinks, size):
+        layout, parts = self._parts(q.shape[1], k.shape[1])
+        t = sum(self.exchange.tokens)   # fixed by the sequence length: part of ``structure``
+        kh, vh = (x.new_empty((t, layout.kv_share(self.exchange.member), x.shape[2])) for x in (k, v))
+        saved = []
+        for _, (a, b), kv, expand in parts:
+            qh = q.new_empty((t, b - a, q.shape[2]))
+            inner = self.inner.saved_like(qh, *_kv_part(kh, vh, kv, expand), qh.new_empty(qh.shape),
+                                          None if sinks is None else sinks[a:b], size)
+            saved.append(inner._replace(k=None, v=None))
+        return HeadSaved(q.shape[1], k.shape[1], kh, vh, tuple(saved))
 
     def backward(self, dout, saved: HeadSaved, scale, softcap=None, sinks=None):
         what = f"{self.schedule.scheduler} backward"
@@ -182,8 +206,10 @@ class HeadExecutor(Executor):
         dkv_h = ds_h = None
         for (ranges, (a, b), kv, expand), inner in zip(parts, saved.parts):
             (dout_h,) = self._reorder(self.exchange.to_heads([dout], [ranges], what))
-            dq_h, dk_g, dv_g, ds_g = self.inner.backward(dout_h, inner, scale, softcap,
+            kg, vg = _kv_part(saved.kh, saved.vh, kv, expand)
+            dq_h, dk_g, dv_g, ds_g = self.inner.backward(dout_h, inner._replace(k=kg, v=vg), scale, softcap,
                                                          None if sinks is None else sinks[a:b])
+            del kg, vg
             del dout_h
             if expand is not None:  # sum the expanded copies back onto the received KV heads
                 dk_g, dv_g = sum_expanded(dk_g, expand), sum_expanded(dv_g, expand)

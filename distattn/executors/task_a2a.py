@@ -316,6 +316,13 @@ class TaskExecutor(Executor):
             prefetch = self.prefetch(q, k, v)
         return self.finish_forward(self.compute_forward(prefetch, scale, softcap, sinks))
 
+    def saved_like(self, q, k, v, out, sinks, size):
+        rq, rkv = size(len(self.q_rows.array)), size(len(self.kv_rows.array))
+        q_buf = q.new_empty((rq, *q.shape[1:]))
+        lse = q.new_empty((rq, q.shape[1]), dtype=acc_dtype(q.dtype))
+        return TaskSaved(WorkerSaved(q_buf, k.new_empty((rkv, 2, *k.shape[1:])), q_buf.new_empty(q_buf.shape), lse),
+                         k.dtype)
+
     # ---- backward stages -------------------------------------------------------------------------
     def start_backward(self, dout: torch.Tensor) -> DoutDispatch:
         """Backward stage 1: start dout to the workers (all they lack: they kept Q, K/V, out, lse)."""

@@ -116,19 +116,26 @@ def gathered_order(shards: Shards, members) -> np.ndarray | None:
 
 def head_saved_bytes(shape: AttnShape, tokens, members: int) -> np.ndarray:
     """Bytes member ``u`` of a Ulysses group keeps for backward, given the ``tokens[i]`` its head
-    shard spans: q, k, v, out of its heads (KV heads expanded where GQA grouping needs it) and lse."""
+    shard spans: q, out and lse of its query heads, k and v of its KV heads (expanded again in
+    backward where GQA grouping needs it: :func:`head_buffer_bytes`)."""
     layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, members)
-    group = shape.num_heads // shape.num_kv_heads
-    return np.asarray([n * (shape.row_bytes(2 * layout.share(u) + 2 * layout.computed_kv_heads(u, group))
+    return np.asarray([n * (shape.row_bytes(2 * layout.share(u) + 2 * layout.kv_share(u))
                             + layout.share(u) * shape.acc_bytes) for n, u in tokens], dtype=np.int64)
 
 
 def head_buffer_bytes(shape: AttnShape, tokens, members: int, head_groups: int) -> np.ndarray:
     """Bytes member ``u`` of a Ulysses group holds in its head exchange beyond what attention saves
     (its head shards of q, k, v and out), given the ``tokens[i]`` its head shard spans: backward's
-    head shard of the output gradient, for its largest head group."""
+    head shard of the output gradient, for its largest head group, and that group's K/V expanded to
+    its query heads where GQA grouping needs it."""
     layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, members)
-    return np.asarray([n * shape.row_bytes(-(-layout.share(u) // head_groups)) for n, u in tokens], dtype=np.int64)
+    group = shape.num_heads // shape.num_kv_heads
+
+    def heads(u: int) -> int:
+        part = -(-layout.share(u) // head_groups)
+        return part * (3 if layout.expansion(u, group) is not None else 1)
+
+    return np.asarray([n * shape.row_bytes(heads(u)) for n, u in tokens], dtype=np.int64)
 
 
 def head_grad_bytes(shape: AttnShape, tokens, members: int, head_groups: int) -> np.ndarray:

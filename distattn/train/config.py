@@ -8,7 +8,7 @@ A config has four sections::
     parallel: {dp, cp, scheduler, ulysses_degree, head_groups, cad_pool, dp_mode: ddp | fsdp, backend, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
                dtype: fp32 | bf16, activation_checkpointing: none | full | selective | offload,
-               loss_chunk, mlp_chunk, peak_tflops, on_nonfinite: stop | skip_step}
+               loss_chunk, mlp_chunk, compile, peak_tflops, on_nonfinite: stop | skip_step}
 """
 
 from __future__ import annotations
@@ -106,6 +106,9 @@ class TrainSection:
     # tokens per chunk of each block's MLP, forward and backward (its [tokens, ffn_dim]
     # intermediates never exist whole; train/tiled.py); 0: the whole shard at once
     mlp_chunk: int = 0
+    # torch.compile each block, whole (attention is a custom op: distattn/ops.py; a graph break is
+    # an error); checkpointing and offload stay eager around the compiled block
+    compile: bool = False
     # the device's dense bf16 peak for MFU; unset: looked up from the GPU's name (CPU: n/a)
     peak_tflops: float | None = None
     # a step whose loss or gradient norm is not finite: stop (no update, exit non-zero; the newest
@@ -249,6 +252,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         if p.head_groups > fewest:
             raise ValueError(f"parallel.head_groups ({p.head_groups}) must be at most the query heads a Ulysses rank "
                              f"computes ({fewest} of model.n_heads {m.n_heads}): use head_groups <= {fewest}")
+    if t.compile:
+        from ..ops import AVAILABLE
+
+        if not AVAILABLE:
+            import torch
+
+            raise ValueError(f"train.compile needs a torch whose custom ops take opaque objects (distattn's plan "
+                             f"is one; torch._opaque_base), and torch {torch.__version__} has none: upgrade torch "
+                             f"or set train.compile: false")
     if not t.min_lr <= t.lr:
         raise ValueError(f"train.min_lr ({t.min_lr}) must be at most train.lr ({t.lr})")
     return cfg

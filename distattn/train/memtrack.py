@@ -7,7 +7,7 @@ alive, so a CPU run measures what a GPU's allocator would hold: what an offloade
 (:mod:`.offload`, which copies out of torch's allocator) takes off it shows as it would on a GPU.
 
 It sees tensors made by torch ops while it is active (parameters too, when the model is built
-inside it); storages resized in place (FSDP2 frees its unsharded parameters that way) are counted
+inside it; and inside distattn's attention op, whose body it runs itself); storages resized in place (FSDP2 frees its unsharded parameters that way) are counted
 at their current size, read after every op. The peak is over op boundaries, as precise as the
 ops are small. It costs a Python call per op: for measurements, not training.
 """
@@ -19,6 +19,8 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from ..ops import IMPLEMENTATIONS
 
 
 class TensorMemory(TorchDispatchMode):
@@ -33,7 +35,12 @@ class TensorMemory(TorchDispatchMode):
         self.peak_op = ""         # the op after which the peak was reached
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        body = IMPLEMENTATIONS.get(func)
+        if body is None:
+            out = func(*args, **(kwargs or {}))
+        else:   # distattn's attention op: run its body with this mode on, so what it makes inside counts
+            with self:
+                out = body(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device == self.device:
                 storage = t.untyped_storage()

@@ -92,13 +92,27 @@ class RMSNorm(nn.Module):
 
 
 def rotary(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate pairs of ``x [S, H, D]`` by angles ``pos * theta^(-2i/D)`` (positions per token)."""
-    d = x.shape[-1]
-    freqs = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = pos.to(torch.float32)[:, None] * freqs[None, :]               # [S, D/2]
+    """Rotate pairs of ``x [S, H, D]`` by angles ``pos * theta^(-2i/D)`` (positions per token), the
+    angles in fp32 at least (fp64 for an fp64 model: its RoPE is then as exact as the rest)."""
+    d, dtype = x.shape[-1], torch.promote_types(x.dtype, torch.float32)
+    freqs = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)
+    angles = pos.to(dtype)[:, None] * freqs[None, :]               # [S, D/2]
     cos, sin = angles.cos()[:, None, :].to(x.dtype), angles.sin()[:, None, :].to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class Compiled:
+    """``torch.compile(fn, fullgraph=True)``, traced -- first call, checkpointing's recompute, any
+    recompile -- with dynamo capturing ops whose output sizes it cannot know: ``cad``'s worker
+    buffers change size with the documents (:mod:`distattn.ops`)."""
+
+    def __init__(self, fn):
+        self.fn = torch.compile(fn, fullgraph=True)
+
+    def __call__(self, *args, **kwargs):
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            return self.fn(*args, **kwargs)
 
 
 class Block(nn.Module):
@@ -116,6 +130,17 @@ class Block(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attention_sinks else None
+        self.compiled: dict = {}   # method name -> its torch.compile'd self (compile_parts); empty: eager
+
+    def compile_parts(self) -> None:
+        """``torch.compile`` what the block runs -- ``plain``, and for selective checkpointing ``qkv``
+        and ``out_and_mlp`` -- each a whole graph (``fullgraph``: a graph break is an error; attention
+        is a custom op: :mod:`distattn.ops`). Checkpointing and offload stay eager around them, so
+        every ``checkpointing`` mode runs compiled."""
+        self.compiled = {name: Compiled(getattr(self, name)) for name in ("plain", "qkv", "out_and_mlp")}
+
+    def _run(self, name: str):
+        return self.compiled.get(name) or getattr(self, name)
 
     def qkv(self, x, pos):
         """``x [S, dim]`` -> q ``[S, H, hd]``, k, v ``[S, H_kv, hd]`` (RoPE applied to q and k)."""
@@ -141,16 +166,17 @@ class Block(nn.Module):
         return self.out_and_mlp(x, self.attend(*self.qkv(x, pos), plan), mlp_chunk)
 
     def forward(self, x, pos, plan, checkpointing: str = "none", mlp_chunk: int = 0, offload: Offload | None = None):
+        plain = self._run("plain")
         if checkpointing == "offload":
             # the checkpoint saves its inputs under these hooks (its own hooks cover the block's inside)
             with (offload or Offload(x.device)).hooks():
-                return checkpoint(self.plain, x, pos, plan, mlp_chunk, use_reentrant=False)
+                return checkpoint(plain, x, pos, plan, mlp_chunk, use_reentrant=False)
         if checkpointing == "full":
-            return checkpoint(self.plain, x, pos, plan, mlp_chunk, use_reentrant=False)
+            return checkpoint(plain, x, pos, plan, mlp_chunk, use_reentrant=False)
         if checkpointing == "selective":
-            q, k, v = checkpoint(self.qkv, x, pos, use_reentrant=False)
-            return checkpoint(self.out_and_mlp, x, self.attend(q, k, v, plan), mlp_chunk, use_reentrant=False)
-        return self.plain(x, pos, plan, mlp_chunk)
+            q, k, v = checkpoint(self._run("qkv"), x, pos, use_reentrant=False)
+            return checkpoint(self._run("out_and_mlp"), x, self.attend(q, k, v, plan), mlp_chunk, use_reentrant=False)
+        return plain(x, pos, plan, mlp_chunk)
 
 
 class Transformer(nn.Module):
@@ -170,6 +196,11 @@ class Transformer(nn.Module):
                 # residual projections scaled down with depth (GPT-2 / Llama practice)
                 scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
                 nn.init.normal_(p, std=std * scale)
+
+    def compile_blocks(self) -> None:
+        """Compile every block (:meth:`Block.compile_parts`); the embedding and the chunked loss stay eager."""
+        for layer in self.layers:
+            layer.compile_parts()
 
     @property
     def output_weight(self) -> torch.Tensor:

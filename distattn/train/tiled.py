@@ -32,20 +32,27 @@ class _TiledSwiGLU(torch.autograd.Function):
         return torch.cat([_mlp(h[i:i + chunk], w1, w3, w2) for i in range(0, h.shape[0], chunk)])
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, dy):
+        # the chain rule written out (no autograd.grad inside: torch.compile traces it whole), each
+        # chunk's a = h w1^T, b = h w3^T recomputed under the forward's autocast state
         h, w1, w3, w2 = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
-        weights = [w.detach().requires_grad_() for w in (w1, w3, w2)]
         dh = torch.empty_like(h)
-        dw = [torch.zeros_like(w) for w in weights]
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        dw1, dw3, dw2 = (torch.zeros_like(w) for w in (w1, w3, w2))
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
             for i in range(0, h.shape[0], ctx.chunk):
-                part = h[i:i + ctx.chunk].detach().requires_grad_()
-                grads = torch.autograd.grad(_mlp(part, *weights), (part, *weights), grad[i:i + ctx.chunk])
-                dh[i:i + ctx.chunk] = grads[0]
-                for acc, g in zip(dw, grads[1:]):
-                    acc += g
-        return dh, *dw, None
+                rows = slice(i, i + ctx.chunk)
+                part, dy_c = h[rows], dy[rows]
+                a, b = F.linear(part, w1), F.linear(part, w3)
+                sig = torch.sigmoid(a)
+                silu = a * sig
+                dw2 += torch.matmul(dy_c.t(), silu * b)
+                dg = torch.matmul(dy_c, w2)
+                da, db = dg * b * sig * (1 + a * (1 - sig)), dg * silu     # silu'(a) = sig (1 + a (1 - sig))
+                dh[rows] = torch.matmul(da, w1) + torch.matmul(db, w3)
+                dw1 += torch.matmul(da.t(), part)
+                dw3 += torch.matmul(db.t(), part)
+        return dh, dw1, dw3, dw2, None
 
 
 def swiglu(h: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, chunk: int = 0) -> torch.Tensor:

@@ -142,7 +142,10 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
     mesh = dims.build(device.type)  # every process group of the run, made once here
     cp_mesh, dp_rank = dims.cp_mesh(mesh), mesh.get_local_rank("dp")
     torch.manual_seed(t.seed)  # same initial weights everywhere
-    model = _wrap(Transformer(cfg.model).to(device), cfg, mesh)
+    model = Transformer(cfg.model).to(device)
+    if t.compile:
+        model.compile_blocks()
+    model = _wrap(model, cfg, mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     packer = Packer(make_corpus(cfg.data.source, cfg.data.path), cfg.data.seq_len, cfg.data.seed)
     out = Path(t.out)
