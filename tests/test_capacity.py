@@ -33,6 +33,27 @@ def test_longest_is_the_last_length_that_fits(cp, budget_gib):
     assert capacity.longest_seq_len(cfg, 2 * budget) >= n
 
 
+def _llama8b(gpus: int, **parallel):
+    return load_config(ROOT / "configs/llama3-8b-128k-64gpu.yaml").replace(
+        parallel={"dp": 1, "cp": gpus, "scheduler": "usp" if gpus > 1 else "zigzag", **parallel},
+        train={"activation_checkpointing": "offload", "mlp_chunk": 4096})
+
+
+def test_cpu_offload_meets_the_one_and_eight_gpu_targets():
+    """Issue 32's table, Llama-3 8B bf16 on 80 GiB GPUs with offload + tiled MLP: ``parallel.cpu_offload``
+    (the states in host memory, 16 bytes a parameter) fits 0.5M tokens on one GPU (without it nothing
+    fits) and 4M on 8; 16M on 32 with head_groups 4 (ALST: 0.5M, 3.7M, 15M)."""
+    budget = 80 * GIB
+    assert capacity.longest_seq_len(_llama8b(1), budget) == 0
+    one = _llama8b(1, cpu_offload=True)
+    assert capacity.longest_seq_len(one, budget) >= 500_000
+    assert capacity.longest_seq_len(_llama8b(8, cpu_offload=True), budget) >= 4_000_000
+    assert capacity.longest_seq_len(_llama8b(32, cpu_offload=True, head_groups=4), budget) >= 16_000_000
+    est = estimate(one.replace(data={"seq_len": 524288}))
+    assert est.optimizer == 0 and est.host_states == 16 * est.params
+    assert est.weights < 4 * GIB    # the root (embedding, head) and two blocks, bf16
+
+
 def test_the_table_orders_the_settings_and_tiling_helps():
     cfg = load_config(ROOT / "configs/llama3-8b-128k-64gpu.yaml").replace(
         parallel={"dp": 1, "cp": 8, "scheduler": "usp"}, data={"seq_len": 8192})

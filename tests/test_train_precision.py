@@ -138,3 +138,21 @@ def test_progress_bar_and_log_lines(tmp_path, capsys):
     plain.close()
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 1 and printed[0].startswith("step     1/3") and "comm 0.010 s" in printed[0]
+
+
+def test_cpu_offload_trains_as_fsdp_and_resumes(tmp_path):
+    """``parallel.cpu_offload`` (FSDP2's CPUOffloadPolicy; on CPU ranks the same code path with the
+    shards where they are): on one rank (FSDP2 of one) and on two, the losses and gradient norms of
+    the run without it, bit for bit; stopped after 2 of 3 steps and resumed, the same last step."""
+    for cp in (1, 2):
+        runs = {}
+        for off in (False, True):
+            cfg = _cfg(tmp_path, f"cp{cp}-{off}", parallel={"cp": cp, "dp_mode": "fsdp", "cpu_offload": off},
+                       train={"steps": 3, "ckpt_every": 2})
+            runs[off] = [(m["loss"], m["grad_norm"]) for m in run(cfg)]
+        assert runs[True] == runs[False], (cp, runs)
+    shutil.rmtree(tmp_path / "cp2-True" / "ckpt" / "step_3")
+    resumed = [(m["loss"], m["grad_norm"]) for m in run(cfg, resume=True)]
+    assert resumed == runs[True][2:], (resumed, runs[True])
+    with pytest.raises(ValueError, match="cpu_offload.*dp_mode: fsdp"):
+        _cfg(tmp_path, "ddp", parallel={"cpu_offload": True})

@@ -6,9 +6,9 @@ On a machine with an NVIDIA GPU it runs, and writes to one Markdown file with ev
    time is mostly Triton compiling and autotuning, which the workers do side by side);
 2. the kernel benchmark, ``python -m distattn.kernels.bench`` (TFLOP/s of triton, PyTorch's
    FlashAttention and SDPA at 1K, 8K and 32K tokens per sequence, head dims 64 and 128);
-3. a short training run on one GPU under torchrun with each attention backend (``triton``, ``torch``):
-   tokens/s, MFU, peak memory and loss per step, the first steps (compilation, autotuning) left out
-   of the means.
+3. a short training run on one GPU under torchrun with each attention backend (``triton``, ``torch``),
+   and with ``triton`` and every block compiled (``train.compile``): tokens/s, MFU, peak memory and
+   loss per step, the first steps (compilation, autotuning) left out of the means.
 
 Without a GPU it writes a report that says so and exits 0. Exit code 1 when a part failed (the report
 still lists the rest).
@@ -32,7 +32,7 @@ TRAIN = """model: {{dim: 2048, n_layers: 4, n_heads: 16, n_kv_heads: 4, ffn_dim:
 data: {{source: stdlib, seq_len: {seq_len}, seed: 0}}
 parallel: {{dp: 1, cp: 1, backend: {backend}}}
 train: {{steps: {steps}, dtype: bf16, activation_checkpointing: full, warmup_steps: 2, log_every: 1,
-         ckpt_every: 1000, out: {out}}}
+         ckpt_every: 1000, out: {out}, compile: {compile}}}
 """
 WARMUP_STEPS = 3   # compilation and autotuning: left out of the means
 
@@ -114,22 +114,24 @@ def _training(tmp: Path, steps: int, seq_len: int) -> tuple[bool, list[str]]:
              f"means over steps {WARMUP_STEPS + 1}..{steps}", "",
              "| backend | tokens/s | MFU | peak GiB | loss (first -> last) | wall s |", "|---|---|---|---|---|---|"]
     ok = True
-    for backend in ("triton", "torch"):
-        out = tmp / f"run_{backend}"
-        cfg = tmp / f"{backend}.yaml"
-        cfg.write_text(TRAIN.format(seq_len=seq_len, backend=backend, steps=steps, out=out))
+    for backend, compiled in (("triton", False), ("torch", False), ("triton", True)):
+        name = backend + (" + compile" if compiled else "")
+        out = tmp / f"run_{backend}_{compiled}"
+        cfg = tmp / f"{backend}_{compiled}.yaml"
+        cfg.write_text(TRAIN.format(seq_len=seq_len, backend=backend, steps=steps, out=out,
+                                    compile=str(compiled).lower()))
         code, log, seconds = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
                                    "-m", "distattn.cli", "train", str(cfg)], timeout=600)
         metrics = out / "metrics.jsonl"
         rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         if code != 0 or len(rows) < steps:
             ok = False
-            lines.append(f"| {backend} | failed (exit {code}): {log.strip().splitlines()[-1] if log.strip() else ''} "
+            lines.append(f"| {name} | failed (exit {code}): {log.strip().splitlines()[-1] if log.strip() else ''} "
                          f"| | | | {seconds:.0f} |")
             continue
         warm = rows[WARMUP_STEPS:]
         mfu = [r["mfu"] for r in warm if r.get("mfu") is not None]
-        lines.append(f"| {backend} | {statistics.mean(r['tokens_per_s'] for r in warm):,.0f} | "
+        lines.append(f"| {name} | {statistics.mean(r['tokens_per_s'] for r in warm):,.0f} | "
                      f"{(f'{statistics.mean(mfu):.1%}' if mfu else 'n/a')} | {max(r['peak_memory_gib'] for r in rows):.1f} | "
                      f"{rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} | {seconds:.0f} |")
     return ok, lines

@@ -209,8 +209,7 @@ class HeadExecutor(Executor):
             kg, vg = _kv_part(saved.kh, saved.vh, kv, expand)
             dq_h, dk_g, dv_g, ds_g = self.inner.backward(dout_h, inner._replace(k=kg, v=vg), scale, softcap,
                                                          None if sinks is None else sinks[a:b])
-            del kg, vg
-            del dout_h
+            del kg, vg, dout_h
             if expand is not None:  # sum the expanded copies back onto the received KV heads
                 dk_g, dv_g = sum_expanded(dk_g, expand), sum_expanded(dv_g, expand)
             (dq,) = self.exchange.to_tokens(self._reorder([dq_h], back=True), [ranges], what,

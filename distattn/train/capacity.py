@@ -72,8 +72,10 @@ def report(cfg: RunConfig, budget: int, device: str = "cuda") -> list[str]:
              f"{budget / GIB:,.1f} GiB for {cfg.world_size} CPU ranks")
     rows = table(cfg, budget, device)
     groups = f", head_groups {p.head_groups}" if p.head_groups > 1 else ""
-    lines = [f"longest seq_len that fits {where} (dp {p.dp} x cp {p.cp}, {p.scheduler}{groups}, {cfg.train.dtype}, "
-             f"{cfg.world_size} ranks; one document per sequence; multiples of {1024 * p.cp:,}):",
+    states = ", cpu_offload" if p.cpu_offload else ""
+    lines = [f"longest seq_len that fits {where} (dp {p.dp} x cp {p.cp}, {p.scheduler}{groups}{states}, "
+             f"{cfg.train.dtype}, {cfg.world_size} ranks; one document per sequence; multiples of {1024 * p.cp:,}; "
+             f"host memory not limited: --dry-run prints it):",
              f"  {'checkpointing':<14} {'MLP whole':>12} {f'MLP chunk {rows[0][2]}':>16}"]
     for mode, whole, _, tiled in rows:
         mark = "  <- this config" if mode == cfg.train.activation_checkpointing else ""

@@ -5,7 +5,8 @@ A config has four sections::
     model:    {dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, tie_embeddings, rope_theta,
                attention_sinks, softcap}
     data:     {source: stdlib | tokens, path, seq_len, seed}
-    parallel: {dp, cp, scheduler, ulysses_degree, head_groups, cad_pool, dp_mode: ddp | fsdp, backend, timeout_s}
+    parallel: {dp, cp, scheduler, ulysses_degree, head_groups, cad_pool, dp_mode: ddp | fsdp, cpu_offload,
+               backend, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
                dtype: fp32 | bf16, activation_checkpointing: none | full | selective | offload,
                loss_chunk, mlp_chunk, compile, peak_tflops, on_nonfinite: stop | skip_step}
@@ -70,6 +71,10 @@ class ParallelConfig:
     # group itself, so the plan would be the same but cost an extra exchange of document lengths.
     cad_pool: bool = True
     dp_mode: str = "ddp"                # "ddp" or "fsdp" (FSDP2 fully_shard)
+    # FSDP2's CPUOffloadPolicy: the fp32 parameter shards, their gradients and AdamW's state live in
+    # (pinned) host memory; each block's parameters come to the GPU for its forward and backward,
+    # and the optimizer steps on the CPU. Needs dp_mode: fsdp; shards even on one rank
+    cpu_offload: bool = False
     backend: str = "auto"               # attention kernel backend
     timeout_s: float = 120.0            # collectives fail after this instead of hanging
 
@@ -126,6 +131,14 @@ class RunConfig:
     @property
     def world_size(self) -> int:
         return self.parallel.dp * self.parallel.cp
+
+    @property
+    def wrapper(self) -> str:
+        """How the trainer wraps the model: ``"fsdp"`` (FSDP2; with ``cpu_offload`` even on one
+        rank), ``"ddp"``, or ``"single"`` (one rank, no wrapper)."""
+        if self.parallel.cpu_offload:
+            return "fsdp"
+        return "single" if self.world_size == 1 else self.parallel.dp_mode
 
     def replace(self, **sections) -> "RunConfig":
         """Copy with fields of sections changed: ``cfg.replace(train={"steps": 5})``."""
@@ -235,6 +248,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ValueError(f"{key} must be one of {', '.join(choices)}, got {val!r}")
     if p.dp_mode not in ("ddp", "fsdp"):
         raise ValueError(f"parallel.dp_mode must be 'ddp' or 'fsdp', got {p.dp_mode!r}")
+    if p.cpu_offload and p.dp_mode != "fsdp":
+        raise ValueError("parallel.cpu_offload keeps FSDP2's parameter, gradient and optimizer shards in host "
+                         f"memory: it needs parallel.dp_mode: fsdp (got {p.dp_mode!r})")
     from ..schedulers import LOCAL, NAMES, spec
 
     choices = (*NAMES, LOCAL.name)

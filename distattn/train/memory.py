@@ -9,7 +9,10 @@ tokens per rank, ``b`` the compute dtype's bytes -- 2 for bf16, 4 for fp32):
   computes with, in the compute dtype: the root module's parameters (embedding, final norm,
   head: FSDP2 keeps the root unsharded from forward to the end of backward) and two blocks
   (the one computing and the one prefetched); gradients add the root's unsharded gradients
-  and one block's (bf16: also its fp32 copy for the reduce-scatter). ``ddp`` replicates
+  and one block's (bf16: also its fp32 copy for the reduce-scatter). ``parallel.cpu_offload``
+  (FSDP2's ``CPUOffloadPolicy``, also on one rank) moves the shards, their gradients and the
+  moments to host memory (``host_states``, 16 bytes a parameter): the device keeps the unsharded
+  copies alone. ``ddp`` replicates
   everything and adds DDP's gradient buckets (a second fp32 copy of the gradients); bf16 under
   autocast adds the bf16 copies of the block weights autocast caches during the forward. One
   rank (no wrapper): as DDP without buckets.
@@ -34,8 +37,8 @@ tokens per rank, ``b`` the compute dtype's bytes -- 2 for bf16, 4 for fp32):
   gradients) -- attention's moment then is usually the larger.
 * what attention keeps per layer, from a *dry plan* of the config (``distattn.plan(docs, N)``):
   ring, zigzag, allgather and one rank keep their local q, k, v, out and fp32 lse; ulysses and
-  usp keep the head-sharded q, k, v (KV heads expanded where the schedule must), out and lse of
-  their Ulysses group's tokens; cad keeps the worker's received task rows,
+  usp keep the head-sharded q, out and lse and their KV head shard (expanded again in backward
+  where GQA grouping needs it) of their Ulysses group's tokens; cad keeps the worker's received task rows,
   ``Schedule.buffer_bytes`` (Q, out, lse, the K/V union, and the dout arriving in backward).
 * ``attention_buffers``: what attention's backward moment adds over the MLP's (above; often 0
   without a tiled MLP), the schedule's own ``buffer_bytes`` of the busiest rank included
@@ -120,11 +123,13 @@ class MemoryEstimate:
     allocator: int
     runtime: int
     host: int = 0                # offloaded activations in host memory (module docstring)
+    host_states: int = 0         # parallel.cpu_offload: parameter, gradient and AdamW shards in host memory
 
     @property
     def total(self) -> int:
-        """Device bytes (CPU: the rank's bytes, its offloaded activations included)."""
-        return sum(getattr(self, name) for name in COMPONENTS) + (self.host if self.device == "cpu" else 0)
+        """Device bytes (CPU: the rank's bytes, what it offloads included)."""
+        return sum(getattr(self, name) for name in COMPONENTS) + \
+            (self.host + self.host_states if self.device == "cpu" else 0)
 
     def components(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COMPONENTS}
@@ -148,12 +153,13 @@ def param_count(m: ModelConfig) -> int:
 
 
 def dp_mode(cfg: RunConfig) -> str:
-    """How the trainer wraps the model: ``"single"`` on one rank, else ``parallel.dp_mode``."""
-    return "single" if cfg.world_size == 1 else cfg.parallel.dp_mode
+    """How the trainer wraps the model (:attr:`RunConfig.wrapper`)."""
+    return cfg.wrapper
 
 
-def _states(cfg: RunConfig) -> tuple[int, int, int]:
-    """(weights, grads, optimizer) bytes of one rank."""
+def _states(cfg: RunConfig) -> tuple[int, int, int, int]:
+    """(weights, grads, optimizer) bytes of one rank's device, and its host bytes of them
+    (``parallel.cpu_offload``: the fp32 shards, their gradients and AdamW's two moments)."""
     m, mode, bf16 = cfg.model, dp_mode(cfg), cfg.train.dtype == "bf16"
     p = param_count(m)
     compute = 2 if bf16 else 4
@@ -161,11 +167,13 @@ def _states(cfg: RunConfig) -> tuple[int, int, int]:
         shard = math.ceil(p / cfg.world_size)
         working = (root_params(m) + 2 * block_params(m)) * compute
         grad_working = root_params(m) * compute + block_params(m) * (compute + (4 if bf16 else 0))
-        return 4 * shard + working, 4 * shard + grad_working, 8 * shard
+        if cfg.parallel.cpu_offload:
+            return working, grad_working, 0, 16 * shard
+        return 4 * shard + working, 4 * shard + grad_working, 8 * shard, 0
     # autocast caches a bf16 copy of every block weight it casts, until the forward leaves autocast
     autocast_cache = 2 * m.n_layers * block_params(m) if bf16 else 0
     buckets = 4 * p if mode == "ddp" else 0   # DDP's gradient buckets (gradient_as_bucket_view off)
-    return 4 * p + autocast_cache, 4 * p + buckets, 8 * p
+    return 4 * p + autocast_cache, 4 * p + buckets, 8 * p, 0
 
 
 def _dtypes(cfg: RunConfig) -> tuple[int, int, bool]:
@@ -314,7 +322,7 @@ def estimate(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> MemoryEstim
         raise ValueError(f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
                          f"got {cfg.train.activation_checkpointing!r}")
     tokens = math.ceil(cfg.data.seq_len / cfg.parallel.cp)
-    weights, grads, optimizer = _states(cfg)
+    weights, grads, optimizer, host_states = _states(cfg)
     attn = attention_bytes(cfg, doc_lens)
     # the loss runs (forward and backward) before any block's backward: the peak is the larger of
     # the two moments, and "loss" is what its moment adds over the blocks' backward
@@ -326,7 +334,7 @@ def estimate(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> MemoryEstim
         device=device, dtype=cfg.train.dtype, checkpointing=cfg.train.activation_checkpointing, dp_mode=dp_mode(cfg),
         params=param_count(cfg.model), tokens_per_rank=tokens, weights=weights, grads=grads, optimizer=optimizer,
         **per_token, allocator=allocator, runtime=CUDA_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
-        host=offloaded_bytes(cfg))
+        host=offloaded_bytes(cfg), host_states=host_states)
 
 
 def alternatives(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> dict[str, MemoryEstimate]:
@@ -358,7 +366,11 @@ def local_device(cfg: RunConfig, physical: int | None) -> str:
 def _notes(cfg: RunConfig, est: MemoryEstimate) -> dict[str, str]:
     n, bf16 = cfg.world_size, est.dtype == "bf16"
     low = "bf16" if bf16 else "fp32"
-    if est.dp_mode == "fsdp":
+    if est.dp_mode == "fsdp" and cfg.parallel.cpu_offload:
+        states = {"weights": f"{low} unsharded root and 2 blocks (fp32 shard 1/{n} in host memory)",
+                  "grads": f"{low} unsharded root and 1 block (fp32 shard in host memory)",
+                  "optimizer": "in host memory (cpu_offload): steps on the CPU"}
+    elif est.dp_mode == "fsdp":
         states = {"weights": f"fp32 shard (1/{n}) + {low} unsharded root and 2 blocks",
                   "grads": f"fp32 shard + {low} unsharded root and 1 block", "optimizer": f"2 fp32 moments, 1/{n}"}
     else:
@@ -398,10 +410,11 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
     lines = [f"model: {count} parameters ({ties}), {m.n_layers} layers, dim {m.dim}, "
              f"heads {m.n_heads}/{m.n_kv_heads} x {hd}, ffn {m.ffn_dim}, vocab {m.vocab_size:,}",
              f"parallel: {cfg.world_size} ranks (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}{pooled}, "
-             f"{est.dp_mode}",
+             f"{est.dp_mode}" + (" with cpu_offload" if p.cpu_offload else ""),
              f"tokens per rank: {est.tokens_per_rank:,} (seq_len {cfg.data.seq_len:,} / cp {p.cp})",
              f"train: {t.dtype}, activation checkpointing {t.activation_checkpointing}, loss chunk {t.loss_chunk:,}"
-             + (f", MLP chunk {t.mlp_chunk:,}" if t.mlp_chunk else "")]
+             + (f", MLP chunk {t.mlp_chunk:,}" if t.mlp_chunk else "")
+             + (", compiled blocks (counted as eager)" if t.compile else "")]
     if device == "cuda":
         limit, where = gpu_memory_bytes, f"{gpu_memory_bytes / GIB:g} GiB (--gpu-memory-gib)"
         lines.append("per-GPU memory estimate (documents: one of seq_len tokens per sequence, the worst case "
@@ -412,9 +425,12 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
         lines.append(f"per-rank memory estimate, CPU ranks ({cfg.world_size} local processes; documents: one "
                      f"of seq_len tokens per sequence):")
     lines += format_table(est, _notes(cfg, est))
+    per = 'GPU (not in the total)' if device == 'cuda' else 'rank (in the total)'
     if est.host:
-        lines.append(f"  offloaded block inputs: {est.host / GIB:,.2f} GiB of pinned host memory per "
-                     f"{'GPU (not in the total)' if device == 'cuda' else 'rank (in the total)'}")
+        lines.append(f"  offloaded block inputs: {est.host / GIB:,.2f} GiB of pinned host memory per {per}")
+    if est.host_states:
+        lines.append(f"  parameters, gradients and AdamW state (cpu_offload): {est.host_states / GIB:,.2f} GiB of "
+                     f"host memory per {per}")
     fits = fits_in(cfg, est, limit)
     need = est.total if device == "cuda" else est.total * cfg.world_size
     lines.append(f"{'fits' if fits else 'does NOT fit'}: {need / GIB:,.2f} GiB "

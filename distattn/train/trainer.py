@@ -72,23 +72,27 @@ def lr_at(cfg: RunConfig, step: int) -> float:
 
 
 def _uses_fsdp(cfg: RunConfig) -> bool:
-    return cfg.world_size > 1 and cfg.parallel.dp_mode == "fsdp"
+    return cfg.wrapper == "fsdp"
 
 
 def _wrap(model, cfg: RunConfig, mesh):
     """FSDP2 (bf16: ``MixedPrecisionPolicy``, bf16 compute copies of fp32 shards, fp32 gradient
-    reduction), DDP (bf16: the step autocasts; see :func:`_autocast`) or the bare model on one rank."""
-    if cfg.world_size == 1:
+    reduction; ``cpu_offload``: ``CPUOffloadPolicy``), DDP (bf16: the step autocasts; see
+    :func:`_autocast`) or the bare model on one rank."""
+    if cfg.wrapper == "single":
         return model
     if _uses_fsdp(cfg):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         flat = mesh._flatten("dp_cp")
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if cfg.train.dtype == "bf16" else MixedPrecisionPolicy()
+        # pinned host memory needs CUDA; on CPU ranks the shards stay where they are (the same path runs)
+        offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.parallel.cpu_offload \
+            else OffloadPolicy()
         for layer in model.layers:
-            fully_shard(layer, mesh=flat, mp_policy=mp)
-        return fully_shard(model, mesh=flat, mp_policy=mp)
+            fully_shard(layer, mesh=flat, mp_policy=mp, offload_policy=offload)
+        return fully_shard(model, mesh=flat, mp_policy=mp, offload_policy=offload)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model)
@@ -142,7 +146,8 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
     mesh = dims.build(device.type)  # every process group of the run, made once here
     cp_mesh, dp_rank = dims.cp_mesh(mesh), mesh.get_local_rank("dp")
     torch.manual_seed(t.seed)  # same initial weights everywhere
-    model = Transformer(cfg.model).to(device)
+    # with cpu_offload the parameters stay in host memory: fully_shard brings one module at a time over
+    model = Transformer(cfg.model).to("cpu" if p.cpu_offload else device)
     if t.compile:
         model.compile_blocks()
     model = _wrap(model, cfg, mesh)
