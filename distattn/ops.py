@@ -50,30 +50,38 @@ class Ref(NamedTuple):
     index: int
 
 
-def flatten(saved, known: tuple) -> tuple[object, list[torch.Tensor]]:
-    """``(skeleton, new tensors)`` of a saved state: each tensor that *is* one of ``known`` becomes
-    its :class:`Ref`; the others are listed once each (made contiguous, as the fake kernel makes them:
-    a compiled graph checks strides). No tensor may ride along in the skeleton, where autograd's
+def flatten(saved, known: tuple, template) -> tuple[object, list[torch.Tensor]]:
+    """``(skeleton, new tensors)`` of a saved state. ``template``: the skeleton expected (from
+    :func:`_skeleton`, or None); where it names one of ``known`` and the saved tensor *is* that one,
+    the skeleton names it too (position by position: ``attention(q, k, k, plan)`` passes one tensor
+    as two). Every other tensor is listed once (made contiguous, as the fake kernel makes it: a
+    compiled graph checks strides). No tensor may ride along in the skeleton, where autograd's
     saved-tensor hooks (checkpointing, offload) would not see it."""
     new: list[torch.Tensor] = []
-    return _flatten(saved, known, new), new
+    return _flatten(saved, template, known, [], new), new
 
 
-def _flatten(x, known: tuple, new: list) -> object:
+def _flatten(x, template, known: tuple, seen: list, new: list) -> object:
     # a module-level function, not a closure: a recursive closure is a reference cycle, and it would
     # keep every tensor it saw alive until the garbage collector runs (measured: a checkpointed
     # block's recomputed q, k, v, out and lse outlived its backward)
     if isinstance(x, torch.Tensor):
-        for i, t in enumerate(known):
-            if t is x:
-                return Ref(i)
-        for j, t in enumerate(new):
+        if isinstance(template, Ref):
+            if template.index < len(known) and known[template.index] is x:
+                return template
+        else:   # no template (the meta tensors, all distinct): the first one it is
+            for i, t in enumerate(known):
+                if t is x:
+                    return Ref(i)
+        for j, t in enumerate(seen):
             if t is x:
                 return Ref(len(known) + j)
+        seen.append(x)
         new.append(x.contiguous())
         return Ref(len(known) + len(new) - 1)
     if isinstance(x, tuple):
-        items = (_flatten(y, known, new) for y in x)
+        parts = template if isinstance(template, tuple) and len(template) == len(x) else (None,) * len(x)
+        items = (_flatten(y, t, known, seen, new) for y, t in zip(x, parts))
         return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
     return x
 
@@ -111,11 +119,16 @@ def _meta_known(q_shape, q_dtype, kv_shape, kv_dtype, sinks) -> tuple:
     return q, k, v, s, torch.empty(q_shape, dtype=q_dtype, device=meta)
 
 
-def _skeleton(plan: Plan, known: tuple) -> object:
-    """The skeleton of the executor's saved state for inputs shaped as ``known`` (on the meta device)."""
+def _expected(plan: Plan, known: tuple) -> tuple[object, list[torch.Tensor]]:
+    """The skeleton of the executor's saved state for inputs shaped as ``known``, and its new
+    tensors (on the meta device)."""
     q, k, _, sinks, _ = known
     meta = _meta_known(q.shape, q.dtype, k.shape, k.dtype, sinks)
-    return flatten(_saved_like(plan, meta, int), meta)[0]
+    return flatten(_saved_like(plan, meta, int), meta, None)
+
+
+def _skeleton(plan: Plan, known: tuple) -> object:
+    return _expected(plan, known)[0]
 
 
 def forward(q, k, v, sinks, plan: Plan, scale: float, softcap, prefetch=None) -> list[torch.Tensor]:
@@ -126,8 +139,10 @@ def forward(q, k, v, sinks, plan: Plan, scale: float, softcap, prefetch=None) ->
     out_c, saved = plan.executor.forward(qc, kc, vc, scale, softcap, sinks, **extra)
     (out,) = _distinct(plan.to_compute_order(out_c, back=True))
     known = (q, k, v, sinks, out)
-    skeleton, new = flatten(saved, known)
-    assert skeleton == _skeleton(plan, known), (skeleton, _skeleton(plan, known))
+    template, like = _expected(plan, known)
+    skeleton, new = flatten(saved, known, template)
+    assert skeleton == template and [(t.shape, t.dtype) for t in new] == [(t.shape, t.dtype) for t in like], \
+        (skeleton, template)   # saved_like (what compiling traces) describes what the executor saved
     return [out, *new]
 
 
@@ -208,7 +223,8 @@ if AVAILABLE:
         ctx = torch.library.get_ctx()
         out = q.new_empty(q.shape)
         known = (q, k, v, sinks, out)
-        return [out, *flatten(_saved_like(real, known, lambda n: ctx.new_dynamic_size()), known)[1]]
+        saved = _saved_like(real, known, lambda n: ctx.new_dynamic_size())
+        return [out, *flatten(saved, known, _skeleton(real, known))[1]]
 
     @torch.library.custom_op("distattn::attention_backward", mutates_args=())
     def attention_backward_op(dout: torch.Tensor, known: list[Optional[torch.Tensor]], new: list[torch.Tensor],

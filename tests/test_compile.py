@@ -136,3 +136,25 @@ def test_trainer_compiles_under_fsdp(tmp_path):
     losses = {c: [m["loss"] for m in run(small_run(run_cfg, tmp_path / str(c), train={"compile": c}))]
               for c in (False, True)}
     assert losses[True] == pytest.approx(losses[False], rel=1e-5), losses
+
+
+def _aliased_inputs(scheduler: str) -> float:
+    import torch.distributed as dist
+
+    plan = distattn.plan(DOCS, dist.group.WORLD, scheduler=scheduler)
+    torch.manual_seed(dist.get_rank())
+    x = torch.randn(plan.num_local_tokens, 2, 8, dtype=torch.float64, requires_grad=True)
+    distattn.attention(x, x, x, plan).square().sum().backward()
+    parts = [x.detach().clone().requires_grad_() for _ in range(3)]
+    distattn.attention(*parts, plan).square().sum().backward()
+    k = x.detach().clone().requires_grad_()
+    distattn.attention(x.detach(), k, k, plan).square().sum().backward()
+    return max((x.grad - sum(p.grad for p in parts)).abs().max().item(),
+               (k.grad - parts[1].grad - parts[2].grad).abs().max().item())
+
+
+@pytest.mark.parametrize("scheduler", ["zigzag", "ulysses"])
+def test_one_tensor_passed_as_several_inputs(scheduler):
+    """``attention(x, x, x)`` and ``attention(q, k, k)``: the op names the one tensor once per
+    input it was passed as, and its gradient is the sum of theirs (fp64, exact)."""
+    assert max(run_distributed(_aliased_inputs, 2, scheduler, timeout=300)) < 1e-12

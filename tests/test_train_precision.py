@@ -12,7 +12,7 @@ from distattn.spawn import run_distributed
 from conftest import small_run
 from distattn.train.config import ModelConfig, RunConfig
 from distattn.train.metrics import RunLog, matmul_params, model_flops
-from distattn.train.trainer import run
+from distattn.train.trainer import process_group_backend, run
 
 SMALL = {"model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128},
          "data": {"seq_len": 1024},
@@ -156,3 +156,7 @@ def test_cpu_offload_trains_as_fsdp_and_resumes(tmp_path):
     assert resumed == runs[True][2:], (resumed, runs[True])
     with pytest.raises(ValueError, match="cpu_offload.*dp_mode: fsdp"):
         _cfg(tmp_path, "ddp", parallel={"cpu_offload": True})
+    # on GPUs its gradients (and the gradient norm's all-reduce) are in host memory: gloo beside nccl
+    assert process_group_backend(cfg, cuda=True) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(_cfg(tmp_path, "plain"), cuda=True) == "nccl"
+    assert process_group_backend(cfg, cuda=False) == "gloo"

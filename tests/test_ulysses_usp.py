@@ -96,7 +96,7 @@ def test_every_saved_tensor_reaches_save_for_backward():
     t = [torch.full((1,), float(i)) for i in range(10)]
     saved = HeadSaved(4, 2, t[8], t[9], (Saved(*t[:3], None, t[3]), Saved(*t[4:7], None, t[7])))
     known = (t[0], None, None, None, None)   # the op's q: by reference
-    skeleton, new = flatten(saved, known)
+    skeleton, new = flatten(saved, known, None)
     assert [x.item() for x in new] == [8, 9, 1, 2, 3, 4, 5, 6, 7]   # in the order they are met
     assert "tensor" not in repr(skeleton)
     assert repr(unflatten(skeleton, [*known, *new])) == repr(saved)

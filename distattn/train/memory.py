@@ -152,15 +152,10 @@ def param_count(m: ModelConfig) -> int:
     return root_params(m) + m.n_layers * block_params(m)
 
 
-def dp_mode(cfg: RunConfig) -> str:
-    """How the trainer wraps the model (:attr:`RunConfig.wrapper`)."""
-    return cfg.wrapper
-
-
 def _states(cfg: RunConfig) -> tuple[int, int, int, int]:
     """(weights, grads, optimizer) bytes of one rank's device, and its host bytes of them
     (``parallel.cpu_offload``: the fp32 shards, their gradients and AdamW's two moments)."""
-    m, mode, bf16 = cfg.model, dp_mode(cfg), cfg.train.dtype == "bf16"
+    m, mode, bf16 = cfg.model, cfg.wrapper, cfg.train.dtype == "bf16"
     p = param_count(m)
     compute = 2 if bf16 else 4
     if mode == "fsdp":
@@ -181,7 +176,7 @@ def _dtypes(cfg: RunConfig) -> tuple[int, int, bool]:
     stream; DDP and one rank autocast, keeping the residual stream fp32."""
     if cfg.train.dtype == "fp32":
         return 4, 4, False
-    fsdp = dp_mode(cfg) == "fsdp"
+    fsdp = cfg.wrapper == "fsdp"
     return 2, 2 if fsdp else 4, not fsdp
 
 
@@ -307,7 +302,7 @@ def _loss(cfg: RunConfig, tokens: int) -> int:
     compute, resid, _ = _dtypes(cfg)
     chunk = min(cfg.train.loss_chunk, tokens)
     weight = m.vocab_size * m.dim
-    cast = 2 * weight if cfg.train.dtype == "bf16" and dp_mode(cfg) != "fsdp" else 0
+    cast = 2 * weight if cfg.train.dtype == "bf16" and cfg.wrapper != "fsdp" else 0
     logits = chunk * m.vocab_size * (4 + (compute if compute != 4 else 0))
     backward = tokens * m.dim * resid + 4 * weight + cast + logits
     return _norm_bytes(m.dim, resid, False, 1) * tokens + 4 * tokens + max(cast + logits, backward)
@@ -331,7 +326,7 @@ def estimate(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> MemoryEstim
                  "attention_buffers": buffers, "inputs": 32 * cfg.data.seq_len + 16 * tokens}
     allocator = int(CPU_ALLOCATOR_OVERHEAD * sum(per_token.values())) if device == "cpu" else 0
     return MemoryEstimate(
-        device=device, dtype=cfg.train.dtype, checkpointing=cfg.train.activation_checkpointing, dp_mode=dp_mode(cfg),
+        device=device, dtype=cfg.train.dtype, checkpointing=cfg.train.activation_checkpointing, dp_mode=cfg.wrapper,
         params=param_count(cfg.model), tokens_per_rank=tokens, weights=weights, grads=grads, optimizer=optimizer,
         **per_token, allocator=allocator, runtime=CUDA_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
         host=offloaded_bytes(cfg), host_states=host_states)

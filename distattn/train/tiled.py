@@ -44,14 +44,16 @@ class _TiledSwiGLU(torch.autograd.Function):
                 rows = slice(i, i + ctx.chunk)
                 part, dy_c = h[rows], dy[rows]
                 a, b = F.linear(part, w1), F.linear(part, w3)
-                sig = torch.sigmoid(a)
-                silu = a * sig
+                silu = F.silu(a)
                 dw2 += torch.matmul(dy_c.t(), silu * b)
                 dg = torch.matmul(dy_c, w2)
-                da, db = dg * b * sig * (1 + a * (1 - sig)), dg * silu     # silu'(a) = sig (1 + a (1 - sig))
+                # silu's own backward kernel, as autograd runs it (one rounding, not one per factor)
+                da, db = torch.ops.aten.silu_backward(dg * b, a), dg * silu
+                del a, b, silu, dg   # this chunk's [c, ffn] tensors go before the next chunk's come
                 dh[rows] = torch.matmul(da, w1) + torch.matmul(db, w3)
                 dw1 += torch.matmul(da.t(), part)
                 dw3 += torch.matmul(db.t(), part)
+                del da, db
         return dh, dw1, dw3, dw2, None
 
 

@@ -71,17 +71,13 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _uses_fsdp(cfg: RunConfig) -> bool:
-    return cfg.wrapper == "fsdp"
-
-
 def _wrap(model, cfg: RunConfig, mesh):
     """FSDP2 (bf16: ``MixedPrecisionPolicy``, bf16 compute copies of fp32 shards, fp32 gradient
     reduction; ``cpu_offload``: ``CPUOffloadPolicy``), DDP (bf16: the step autocasts; see
     :func:`_autocast`) or the bare model on one rank."""
     if cfg.wrapper == "single":
         return model
-    if _uses_fsdp(cfg):
+    if cfg.wrapper == "fsdp":
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         flat = mesh._flatten("dp_cp")
@@ -101,7 +97,7 @@ def _wrap(model, cfg: RunConfig, mesh):
 def _autocast(cfg: RunConfig, device: torch.device):
     """bf16 without FSDP: autocast runs the matmuls in bf16 on fp32 parameters (DDP then reduces fp32
     gradients); FSDP's policy casts the parameters itself, and fp32 runs as written."""
-    if cfg.train.dtype == "bf16" and not _uses_fsdp(cfg):
+    if cfg.train.dtype == "bf16" and cfg.wrapper != "fsdp":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -138,7 +134,7 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         raise ValueError(f"parallel.dp * parallel.cp = {cfg.world_size} but the job has {dist.get_world_size()} ranks")
     # the launcher's group says where tensors live: nccl under torchrun, gloo for local processes
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
-        if dist.get_backend() == "nccl" else torch.device("cpu")
+        if "nccl" in dist.get_backend() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     entry = spec(p.scheduler)
@@ -262,15 +258,23 @@ def _rank_entry(cfg: RunConfig, resume: bool) -> list[dict]:
         return train(cfg, resume, stop)
 
 
+def process_group_backend(cfg: RunConfig, cuda: bool) -> str:
+    """The launcher's process group: nccl on GPUs -- with gloo beside it for ``cpu_offload``, whose
+    gradients (and so the gradient norm's all-reduce) live in host memory -- else gloo."""
+    if not cuda:
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if cfg.parallel.cpu_offload else "nccl"
+
+
 def run(cfg: RunConfig, resume: bool = False) -> list[dict]:
     """Train under torchrun (``RANK`` set) or on ``dp * cp`` local gloo processes; returns rank 0's metrics."""
     if "RANK" in os.environ:
         # torchrun --max-restarts restarts the workers with the same arguments: pick up the last checkpoint
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume = resume or checkpoint.newest_usable(Path(cfg.train.out) / "ckpt") is not None
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         with StopSignal() as stop:
-            dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+            dist.init_process_group(process_group_backend(cfg, torch.cuda.is_available()),
+                                    timeout=timedelta(seconds=cfg.parallel.timeout_s))
             try:
                 history = train(cfg, resume, stop)
             finally:
