@@ -175,16 +175,13 @@ def _real(plan):
     return getattr(plan, "real_obj", plan)
 
 
-def _saved_for_backward(ctx, known: tuple, new: list, plan, scale, softcap, uses: tuple) -> None:
+def _saved_for_backward(ctx, known: tuple, new: list, plan, scale, softcap) -> None:
+    """Keep for the backward: the op's tensors the saved state names (sinks always: the backward
+    takes them; the others None), then the new ones."""
     ctx.plan, ctx.scale, ctx.softcap = plan, scale, softcap
     ctx.kv_shape, ctx.kv_dtype = list(known[1].shape), known[1].dtype
-    ctx.save_for_backward(*(t if used else None for t, used in zip(known, uses)), *new)
-
-
-def _uses_of(plan: Plan, known: tuple) -> tuple:
-    """Which of the op's tensors the saved state names (sinks: always, the backward takes them)."""
     skeleton = _skeleton(_real(plan), known)
-    return tuple(i == 3 or _uses(skeleton, i) for i in range(len(KNOWN)))
+    ctx.save_for_backward(*(t if i == 3 or _uses(skeleton, i) else None for i, t in enumerate(known)), *new)
 
 
 class Attention(torch.autograd.Function):
@@ -194,16 +191,14 @@ class Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, plan: Plan, scale: float, softcap, prefetch):
         out, *new = forward(q, k, v, sinks, plan, scale, softcap, prefetch)
-        known = (q, k, v, sinks, out)
-        _saved_for_backward(ctx, known, new, plan, scale, softcap, _uses_of(plan, known))
-        ctx.num_known = len(known)
+        _saved_for_backward(ctx, (q, k, v, sinks, out), new, plan, scale, softcap)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        tensors = ctx.saved_tensors
-        grads = backward(dout, list(tensors[:ctx.num_known]), list(tensors[ctx.num_known:]), ctx.plan,
-                         ctx.scale, ctx.softcap, ctx.kv_shape, ctx.kv_dtype)
+        tensors, n = ctx.saved_tensors, len(KNOWN)
+        grads = backward(dout, list(tensors[:n]), list(tensors[n:]), ctx.plan, ctx.scale, ctx.softcap, ctx.kv_shape,
+                         ctx.kv_dtype)
         return *grads[:3], (grads[3] if len(grads) > 3 else None), None, None, None, None
 
 
@@ -242,8 +237,7 @@ if AVAILABLE:
     def _setup_context(ctx, inputs, output):
         q, k, v, sinks, plan, scale, softcap = inputs
         out, *new = output
-        known = (q, k, v, sinks, out)
-        _saved_for_backward(ctx, known, new, plan, scale, softcap, _uses_of(plan, known))
+        _saved_for_backward(ctx, (q, k, v, sinks, out), new, plan, scale, softcap)
         ctx.mark_non_differentiable(*new)
         ctx.set_materialize_grads(False)   # no zeros for the saved tensors' (absent) gradients
 

@@ -34,6 +34,16 @@ def rng():
     return torch.Generator().manual_seed(1234)
 
 
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A one-rank gloo group in the test process itself (plans need a live group)."""
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(29000 + os.getpid() % 2000)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield dist.group.WORLD
+
+
 def case_error(scheduler, docs, causal, window, hq, hkv, backend="reference", options=None, mesh=None, seed=0):
     """Inside a gloo rank: max error of out/dq/dk/dv of this rank's shard vs the fp64 oracle."""
     total = sum(docs)

@@ -243,7 +243,7 @@ def test_kernel_benchmark_runs():
     assert "triton" in proc.stdout
 
 
-def test_offload_on_the_gpu_gives_full_checkpointing_grads_and_frees_the_block_inputs():
+def test_offload_on_the_gpu_gives_full_checkpointing_grads_and_frees_the_block_inputs(one_rank_group):
     """activation_checkpointing: offload on CUDA (pinned host copies on a side stream, prefetched one
     block ahead): the gradients equal full checkpointing's bit for bit, every block but the first of
     the backward finds its input prefetched, and the device's peak drops by most of the block inputs."""
@@ -251,16 +251,12 @@ def test_offload_on_the_gpu_gives_full_checkpointing_grads_and_frees_the_block_i
     from distattn.train.model import Transformer
     from distattn.train.offload import Offload
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(29000 + os.getpid() % 2000)
-        dist.init_process_group("gloo", rank=0, world_size=1)
     cfg = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1024, vocab_size=256)
     torch.manual_seed(0)
     model = Transformer(cfg).cuda()
     n = 32768
     tokens = torch.randint(0, cfg.vocab_size, (n,), device="cuda")
-    plan = distattn.plan([n // 2, n // 2], dist.group.WORLD, device="cuda")
+    plan = distattn.plan([n // 2, n // 2], one_rank_group, device="cuda")
     pos = plan.position_ids("cuda")
     grads, peaks = {}, {}
     for mode in ("full", "offload"):
@@ -283,22 +279,18 @@ def test_offload_on_the_gpu_gives_full_checkpointing_grads_and_frees_the_block_i
     assert peaks["full"] - peaks["offload"] > (cfg.n_layers - 3) * block_input, (peaks, block_input)
 
 
-def test_compiled_block_on_the_gpu_tracks_eager():
+def test_compiled_block_on_the_gpu_tracks_eager(one_rank_group):
     """``train.compile`` on CUDA (Triton or FlashAttention kernels inside distattn's custom op,
     inductor's kernels around it): a bf16 block's output and gradients track the eager block's
     (relative error below 2%), with no graph break."""
     from distattn.train.config import ModelConfig
     from distattn.train.model import Block
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(29000 + os.getpid() % 2000)
-        dist.init_process_group("gloo", rank=0, world_size=1)
     cfg = ModelConfig(dim=512, n_layers=1, n_heads=8, n_kv_heads=4, ffn_dim=1024, vocab_size=256)
     torch.manual_seed(0)
     block = Block(cfg).cuda().bfloat16()
     n = 8192
-    plan = distattn.plan([3000, 5192], dist.group.WORLD, device="cuda")
+    plan = distattn.plan([3000, 5192], one_rank_group, device="cuda")
     pos = plan.position_ids("cuda")
     x = torch.randn(n, cfg.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     results = {}

@@ -4,11 +4,8 @@ device's live bytes drop by what the estimate says. Exactness under a communicat
 ``test_train_precision.py``."""
 
 import dataclasses
-import os
 
-import pytest
 import torch
-import torch.distributed as dist
 
 from distattn import plan as make_plan
 from distattn.train.config import ModelConfig
@@ -17,15 +14,6 @@ from distattn.train.model import Transformer
 from distattn.train.offload import Offload
 
 CFG = ModelConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61)
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(29000 + os.getpid() % 2000)
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield dist.group.WORLD
 
 
 def _blocks(model, tokens, pos, plan, mode, offload=None):

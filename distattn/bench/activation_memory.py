@@ -35,7 +35,7 @@ from ..train.config import CHECKPOINTING, RunConfig, load_config, validate
 from ..train.memory import estimate
 from ..train.memtrack import TensorMemory
 from ..train.trainer import train
-from .memory import doc_lens, run_config, write_corpus
+from .memory import check_positive, doc_lens, run_config, trainer_bench_parser, write_corpus
 
 DEFAULT_SETTINGS = ("none", "full", "offload", "offload+tiled")
 
@@ -81,10 +81,7 @@ def measure(base: RunConfig, setting: tuple[str, bool], args, tmp: Path) -> dict
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distattn.bench.activation_memory", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tiny.yaml", help="run config whose model and dp_mode are used")
-    parser.add_argument("--cp", type=int, default=2, help="context-parallel ranks (one replica)")
+    parser = trainer_bench_parser("python -m distattn.bench.activation_memory", __doc__)
     parser.add_argument("--scheduler", default="zigzag", choices=NAMES)
     parser.add_argument("--head-groups", type=int, default=1, help="parallel.head_groups (ulysses, usp)")
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
@@ -102,9 +99,7 @@ def main(argv=None) -> int:
     settings = [parse_setting(s) for s in args.settings]
     if len(set(args.lens)) < 3 or min(args.lens) < 1:
         raise ValueError(f"--lens: at least three different positive lengths, got {args.lens}")
-    for name in ("cp", "mlp_chunk", "steps", "doc_len", "head_groups"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(args, ("cp", "mlp_chunk", "steps", "doc_len", "head_groups"))
     base = validate(load_config(args.config).replace(parallel={"cp": args.cp, "scheduler": args.scheduler,
                                                                 "head_groups": args.head_groups}))
     start = time.perf_counter()

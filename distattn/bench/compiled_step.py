@@ -26,7 +26,7 @@ from ..schedulers import NAMES
 from ..spawn import run_distributed
 from ..train.config import CHECKPOINTING, load_config, validate
 from ..train.trainer import train
-from .memory import run_config, write_corpus
+from .memory import check_positive, run_config, trainer_bench_parser, write_corpus
 
 
 def timed(cfg) -> dict:
@@ -37,10 +37,7 @@ def timed(cfg) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distattn.bench.compiled_step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tiny.yaml", help="run config whose model and dp_mode are used")
-    parser.add_argument("--cp", type=int, default=2, help="context-parallel ranks (one replica)")
+    parser = trainer_bench_parser("python -m distattn.bench.compiled_step", __doc__)
     parser.add_argument("--scheduler", default="zigzag", choices=NAMES)
     parser.add_argument("--settings", nargs="+", default=["none", "full"], choices=CHECKPOINTING,
                         help="train.activation_checkpointing settings to time")
@@ -52,9 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("cp", "seq_len", "doc_len"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(args, ("cp", "seq_len", "doc_len"))
     if args.steps < 2:
         raise ValueError(f"--steps must be >= 2 (the first step compiles; the others are timed), got {args.steps}")
     base = validate(load_config(args.config).replace(parallel={"cp": args.cp, "scheduler": args.scheduler}))

@@ -218,11 +218,25 @@ def print_table(results: list[Result], budget: float, device: str) -> None:
               f"{r.estimate_bytes_per_token:>9,.0f} {ratio:>8.2f}")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distattn.bench.memory", description=__doc__,
+def trainer_bench_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark that runs the trainer takes: ``--config`` (its model and
+    dp_mode) and ``--cp`` (context-parallel ranks of the one replica)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml", help="run config whose model and dp_mode are used")
     parser.add_argument("--cp", type=int, default=2, help="context-parallel ranks (one replica)")
+    return parser
+
+
+def check_positive(args: argparse.Namespace, names) -> None:
+    """``ValueError`` naming the flag unless each of ``names`` is at least 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = trainer_bench_parser("python -m distattn.bench.memory", __doc__)
     parser.add_argument("--schedulers", nargs="+", default=list(DEFAULT_SCHEDULERS), choices=NAMES)
     parser.add_argument("--settings", nargs="+", default=None,
                         help=f"DTYPE:CHECKPOINTING pairs (default: {' '.join(CPU_SETTINGS)} on CPU, "
@@ -245,9 +259,7 @@ def _checked(args) -> tuple[str, list[tuple[str, str]]]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no GPU is available here")
-    for name in ("cp", "max_seq_len", "tries", "steps", "doc_len"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(args, ("cp", "max_seq_len", "tries", "steps", "doc_len"))
     if not 0 < args.fit_lens[0] < args.fit_lens[1] <= args.max_seq_len:
         raise ValueError(f"--fit-lens must be two increasing lengths up to --max-seq-len, got {args.fit_lens}")
     if device == "cuda" and args.cp > torch.cuda.device_count():
