@@ -218,6 +218,21 @@ class NetworkProfile:
             return np.zeros_like(np.asarray(size_bytes, dtype=np.float64))
         return self.fit(op, n).time_s(canonical_op(op), n, size_bytes)
 
+    def sparse_time(self, op: str, n: int, size_bytes, peers) -> np.ndarray:
+        """:meth:`time` of a collective over ``n`` ranks in which each rank exchanges with ``peers`` of
+        them only (vectorised): the bandwidth of ``n`` ranks, the latency of ``peers + 1`` -- an
+        all-to-all with split sizes sends to and receives from the ranks it has rows for, as torch's
+        NCCL and gloo ``all_to_all_single`` do."""
+        size = np.asarray(size_bytes, dtype=np.float64)
+        if n <= 1:
+            return np.zeros_like(size)
+        peers = np.broadcast_to(np.clip(np.asarray(peers, dtype=np.int64), 1, n - 1), size.shape)
+        fit, t = self.fit(op, n), np.zeros_like(size)
+        for k in np.unique(peers).tolist():
+            at = peers == k
+            t[at] = replace(fit, alpha_us=self.fit(op, k + 1).alpha_us).time_s(canonical_op(op), n, size[at])
+        return t
+
     # ---- serialisation -------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {"source": self.source, "backend": self.backend, "gpus_per_node": self.gpus_per_node,

@@ -1,79 +1,102 @@
-"""Ping-pong: nano-batches through one layer, each one's attention transfers hidden behind the others' compute.
+"""Ping-pong: nano-batches through the layers, each one's attention transfers hidden behind the others' compute.
 
-DistCA splits a rank's micro-batch into two nano-batches: while nano-batch 0's
-Q/K/V are in flight to the ranks that compute its attention, nano-batch 1 runs
-its pre-attention layers, and so on (the paper measured 10-17% lost without
-it). Each nano-batch is its own packed sequence with its own ``cad`` plan::
+DistCA splits a rank's micro-batch into two nano-batches: while nano-batch A's Q/K/V are in flight
+to the ranks that compute its attention, nano-batch B runs its context-independent layers (the
+output projection and MLP of the layer before, its QKV projection), and so on (the paper measured
+10-17% lost without it). Each nano-batch is its own packed sequence of whole documents with its
+own plan::
 
     docs_a, docs_b, cut = split_nano_batches(doc_lens)        # x[:cut] and x[cut:]
     plans = [distattn.plan(docs_a, group, scheduler="cad"), distattn.plan(docs_b, group, scheduler="cad")]
-    ys = ping_pong(pre, post, [plans[0].shard(x[:cut]), plans[1].shard(x[cut:])], plans)
+    ys = ping_pong(pre, post, [plans[0].shard(x[:cut]), plans[1].shard(x[cut:])], plans)   # one layer
+    ys = run_layers(layers, xs, plans)                        # a stack, interleaved across layers
 
-``pre(x) -> (q, k, v)`` and ``post(attn_out, x) -> y`` are the layer's parts
-before and after core attention. Every transfer of ``cad``'s executor
-(:mod:`distattn.executors.task_a2a`) is issued asynchronously before the other
-nano-batch's computation and waited for after it. With two nano-batches::
+:func:`run_layers` runs the *pieces* of every layer -- a nano-batch's ``pre`` (its QKV projection),
+the attention stages ``dispatch``, ``compute``, ``finish``, its ``post`` (output projection and
+MLP) -- in the order :func:`distattn.program.layer_order` gives (its docstring draws it; the
+simulator replays the same order, :mod:`distattn.sim.replay`). The stages are the executor's
+(:mod:`distattn.executors.task_a2a` for ``cad``: dispatch starts Q and K/V on every hop to the
+workers, compute waits for them, runs the tasks and starts out back, finish waits for out); a
+scheduler without stages runs its whole attention at ``compute``, so any scheduler works, only
+``cad``'s transfers hide. :func:`ping_pong` is one layer, its nano-batches interleaved inside it.
 
-    forward:  pre0; start Q,K/V 0; pre1; start Q,K/V 1; relay K/V 0; relay K/V 1;
-              wait Q,K/V 0, attention 0, start out 0; wait Q,K/V 1, attention 1, start out 1;
-              wait out 0, post0; wait out 1, post1
-    backward: post1'; start dout 1; post0'; start dout 0;
-              wait dout 1, attention 1', start dQ,dK/dV 1; wait dout 0, attention 0', start dQ,dK/dV 0;
-              reduce dK/dV 1; reduce dK/dV 0; wait dQ,dK/dV 1, pre1'; wait dQ,dK/dV 0, pre0'
-
-(``'``: backward; "relay" and "reduce" are group-cast's second hop inside a
-node and group-reduce's sums at the relays, :mod:`distattn.schedulers.cad_cast`,
-no-ops when no key goes through a relay). So each transfer hides behind the
-other nano-batch's pre/post layers or attention; more nano-batches follow the
-same pattern (all ``pre``, all relays, all attention, all ``post``).
-
-How the backward gets that order: each nano-batch's attention is four autograd
-nodes, one per stage (:class:`_Dispatch`, :class:`_Relay`, :class:`_Compute`, :class:`_Finish`,
-chained by empty token tensors), whose backwards are the backward stages in
-reverse (finish -> start dout, compute -> attention backward, relay -> reduce, dispatch -> wait
-for the gradients). PyTorch's engine runs the ready node created last first
-(it orders its ready queue by creation sequence number), so over a graph built
-in the forward order above it runs exactly the reverse order: the backward
-order above. ``pre`` and ``post`` stay ordinary autograd graphs: their parameters
-get ``.grad`` (or ``torch.autograd.grad`` results) exactly as without
-ping-pong, and hooks, DDP and checkpointing see nothing special.
+How the backward gets the mirrored order: each nano-batch's attention is three autograd nodes, one
+per stage (:class:`_Dispatch`, :class:`_Compute`, :class:`_Finish`, chained by empty token
+tensors), whose backwards are the backward stages (finish -> start dout, compute -> attention
+backward, dispatch -> wait for the gradients). PyTorch's engine runs the
+ready node created last first (it orders its ready queue by creation sequence number), so over a
+graph built in the forward order it runs exactly the reverse order. ``pre`` and ``post`` stay
+ordinary autograd graphs: their parameters get ``.grad`` (or ``torch.autograd.grad`` results)
+exactly as without ping-pong, and hooks, DDP, FSDP2 and checkpointing see nothing special.
 ``tests/test_cad_overlap.py`` checks the order.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from .api import attention
 from .executors.task_a2a import WorkerSaved
 from .kernels.registry import check_sinks, check_softcap
 from .masks import as_doc_lens
+from .program import layer_order
 
 
-def split_nano_batches(doc_lens) -> tuple[list[int], list[int], int]:
-    """Cut a packed sequence at the document boundary closest to half its tokens (a single
-    document is cut in the middle). Returns both halves' document lengths and the cut."""
-    lens = list(as_doc_lens(doc_lens))
-    total = sum(lens)
-    if total < 2:
-        raise ValueError("split_nano_batches needs at least 2 tokens")
-    ends = [sum(lens[: i + 1]) for i in range(len(lens) - 1)]
-    cut = min(ends, key=lambda e: abs(e - total / 2)) if ends else total // 2
-    if not ends or abs(cut - total / 2) > total / 4:  # no boundary near the middle: cut a document
-        cut = total // 2
-    head, tail, acc = [], [], 0
-    for n in lens:
-        if acc + n <= cut:
-            head.append(n)
-        elif acc >= cut:
-            tail.append(n)
-        else:
-            head.append(cut - acc)
-            tail.append(acc + n - cut)
-        acc += n
-    return head, tail, cut
+def _pairs(lens: np.ndarray, causal: bool) -> np.ndarray:
+    """Visible query-key pairs of each document."""
+    return lens * (lens + 1) // 2 if causal else lens * lens
+
+
+def split_nano_batches(doc_lens, pair_weight: float = 0.0, causal: bool = True) -> tuple[list[int], list[int], int]:
+    """Cut a packed sequence into two nano-batches of whole documents (a cut inside a document would
+    change its attention), at the document boundary that balances the two halves' work: tokens
+    (the linear layers) plus ``pair_weight`` per visible query-key pair (attention;
+    :func:`pair_weight` gives a model's). Returns both halves' document lengths and the cut (the
+    first half is ``x[:cut]``). ``ValueError`` for a single document."""
+    lens = np.asarray(as_doc_lens(doc_lens), dtype=np.int64)
+    if len(lens) < 2:
+        raise ValueError(f"split_nano_batches needs at least 2 documents (a cut inside one would change its "
+                         f"attention), got {len(lens)}; run a single document as one nano-batch")
+    work = lens + pair_weight * _pairs(lens, causal)
+    before = np.cumsum(work)[:-1]
+    i = int(np.argmin(np.maximum(before, work.sum() - before)))   # the first i + 1 documents go first
+    return lens[:i + 1].tolist(), lens[i + 1:].tolist(), int(lens[:i + 1].sum())
+
+
+def nano_batches(doc_lens, count: int, pair_weight: float = 0.0,
+                 causal: bool = True) -> list[tuple[list[int], int, int]]:
+    """A packed sequence as ``count`` (1 or 2) nano-batches, ``(doc_lens, start, end)`` each: one if
+    it has one document, else :func:`split_nano_batches`' halves, the one with more attention first
+    -- :func:`run_layers` hides the first one's Q/K/V and dQ/dK/dV behind the other's linear layers
+    and the second one's only behind the first one's attention (:func:`distattn.program.layer_order`),
+    and the more attention a nano-batch has, the more K/V ``cad`` moves for it."""
+    lens = [int(n) for n in as_doc_lens(doc_lens)]
+    if count == 1 or len(lens) < 2:
+        return [(lens, 0, sum(lens))]
+    head, tail, cut = split_nano_batches(lens, pair_weight, causal)
+    parts = [(head, 0, cut), (tail, cut, sum(lens))]
+    return sorted(parts, key=lambda part: -int(_pairs(np.asarray(part[0], dtype=np.int64), causal).sum()))
+
+
+def all_ranks(can: bool, group, device) -> bool:
+    """Whether ``can`` holds on every rank of ``group`` (one MIN all-reduce): ranks whose documents
+    differ (replicas) must cut alike -- a pooled plan is a collective, and FSDP2 gathers a block's
+    parameters once per piece -- so a micro-batch of one document anywhere runs as one nano-batch
+    everywhere."""
+    flag = torch.tensor([int(can)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def pair_weight(num_heads: int, head_dim: int, linear_params: int) -> float:
+    """Attention FLOPs of a visible query-key pair (forward and backward) per linear FLOP of a token
+    (``linear_params``: a layer's matmul parameters), for :func:`split_nano_batches`."""
+    return 3.5 * 4 * num_heads * head_dim / (6 * linear_params)
 
 
 class _Flight:
@@ -106,23 +129,6 @@ class _Dispatch(torch.autograd.Function):
         return None, dq, dk, dv
 
 
-class _Relay(torch.autograd.Function):
-    """Forward: wait for K/V's first hop, start the relays' second (group-cast inside nodes).
-    Backward: wait for the dK/dV partials at the relays, start their sums back (group-reduce)."""
-
-    @staticmethod
-    def forward(ctx, flight: _Flight, token):
-        flight.pending = flight.executor.relay(flight.take())
-        ctx.flight = flight
-        return token.new_empty(0)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, token):
-        ctx.flight.pending = ctx.flight.executor.reduce(ctx.flight.take())
-        return None, token
-
-
 class _Compute(torch.autograd.Function):
     """Forward: wait for Q, K/V, attention (the sinks counted in the rows this slot computes), start
     out back. Backward: wait for dout, attention backward, start dQ, dK/dV back; the sinks' gradient
@@ -141,8 +147,8 @@ class _Compute(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, token):
-        flight, n = ctx.flight, len(WorkerSaved._fields)
-        worker, rest = WorkerSaved(*ctx.saved_tensors[:n]), ctx.saved_tensors[n:]
+        flight, n, saved = ctx.flight, len(WorkerSaved._fields), ctx.saved_tensors   # unpacked once (checkpointing)
+        worker, rest = WorkerSaved(*saved[:n]), saved[n:]
         sinks = rest[0] if ctx.has_sinks else None
         returning = flight.executor.compute_backward(flight.take(), ctx.meta._replace(worker=worker),
                                                      flight.scale, flight.softcap, sinks)
@@ -169,17 +175,101 @@ class _Finish(torch.autograd.Function):
         return None, torch.empty(shape, dtype=dtype, device=device)
 
 
+class Layer(Protocol):
+    """What :func:`run_layers` needs of a layer: its pieces around attention, for nano-batch ``n``."""
+
+    def pre(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """``x`` -> ``q [S_local, Hq, D]``, ``k``/``v`` ``[S_local, Hkv, D]`` and the keyword arguments of
+        the layer's :func:`distattn.attention` (``scale``, ``sinks``, ``softcap``): made here, where a
+        sharded layer (FSDP2) has its parameters -- the sinks are one."""
+
+    def post(self, x: torch.Tensor, attn_out: torch.Tensor, n: int) -> torch.Tensor:
+        """The residual stream after the layer, given its input and the attention output ``[S_local, Hq, D]``."""
+
+
+class NanoBatch:
+    """One nano-batch's state between pieces (:func:`run_piece`): its residual stream ``x``, its
+    q/k/v and attention arguments after ``pre``, its attention in flight, its attention output
+    before ``post``."""
+
+    __slots__ = ("x", "qkv", "args", "flight", "token", "out")
+
+    def __init__(self, x):
+        self.x, self.qkv, self.args, self.flight, self.token, self.out = x, None, None, None, None, None
+
+
+def run_piece(piece: str, layer: Layer, plan, nano: NanoBatch, n: int) -> None:
+    """Run one piece (:data:`distattn.program.PIECES`) of ``layer`` for nano-batch ``n``, whose state
+    is ``nano`` and whose plan is ``plan`` (module docstring). :func:`run_layers` calls it in
+    :func:`distattn.program.layer_order`; a framework whose layers run one at a time (Megatron's
+    ``TransformerBlock``) calls it for each layer's share of that order."""
+    if piece == "pre":
+        *nano.qkv, nano.args = layer.pre(nano.x, n)
+        return
+    if piece == "post":
+        nano.x, nano.out = layer.post(nano.x, nano.out, n), None
+        return
+    # attention runs as written (its kernels accumulate in fp32): autocast would push them to bf16
+    with torch.autocast(nano.x.device.type, enabled=False):
+        if not plan.executor.supports_prefetch:   # no stages: the whole attention at ``compute``
+            if piece == "compute":
+                nano.out, nano.qkv = attention(*nano.qkv, plan, **nano.args), None
+            return
+        sinks = nano.args.get("sinks")
+        if piece == "dispatch":
+            q, k, v = nano.qkv
+            softcap = check_softcap(nano.args.get("softcap"))
+            plan.check_inputs(q, k, v, sinks=check_sinks(sinks, q), softcap=softcap)
+            scale = nano.args.get("scale")
+            nano.flight = _Flight(plan.executor, float(q.shape[-1] ** -0.5 if scale is None else scale), softcap)
+            nano.token, nano.qkv = _Dispatch.apply(nano.flight, *plan.to_compute_order(q, k, v)), None
+        elif piece == "compute":
+            nano.token = _Compute.apply(nano.flight, nano.token, sinks)
+        else:
+            assert piece == "finish", piece
+            nano.out = plan.to_compute_order(_Finish.apply(nano.flight, nano.token), back=True)[0]
+            nano.flight = nano.token = nano.args = None
+
+
+def run_layers(layers: Sequence[Layer], xs: Sequence[torch.Tensor], plans: Sequence, order=None) -> list:
+    """Run nano-batches ``xs`` (this rank's shards, ``plans[i].shard(...)``) through ``layers``,
+    differentiably, in ``order`` (default :func:`distattn.program.layer_order` of the layers and
+    nano-batches: interleaved across layers), each nano-batch's attention transfers hidden behind
+    the other nano-batches' compute in forward and backward (module docstring). Returns each
+    nano-batch's output: the same values and gradients as running them one after the other."""
+    if len(xs) != len(plans) or not xs:
+        raise ValueError(f"run_layers needs one plan per nano-batch, got {len(xs)} inputs and {len(plans)} plans")
+    nanos = [NanoBatch(x) for x in xs]
+    for piece, n, index in order if order is not None else layer_order(len(layers), len(xs)):
+        run_piece(piece, layers[index], plans[n], nanos[n], n)
+    return [nano.x for nano in nanos]
+
+
+class _Functions:
+    """:class:`Layer` from ``pre(x)``/``post(attn_out, x)`` functions (:func:`ping_pong`)."""
+
+    def __init__(self, pre: Callable, post: Callable, args: dict):
+        self._pre, self._post, self._args = pre, post, args
+
+    def pre(self, x, n):
+        return (*self._pre(x), self._args)
+
+    def post(self, x, attn_out, n):
+        return self._post(attn_out, x)
+
+
 def ping_pong(pre: Callable, post: Callable, xs: Sequence, plans: Sequence, scale: float | None = None, *,
               sinks: torch.Tensor | None = None, softcap: float | None = None) -> list:
-    """Run nano-batches ``xs`` (this rank's shards, ``plans[i].shard(...)``) through ``pre`` ->
-    attention -> ``post``, differentiably, each nano-batch's attention transfers hidden behind the
-    other nano-batches' compute in forward and backward (module docstring).
+    """One layer: nano-batches ``xs`` (this rank's shards, ``plans[i].shard(...)``) through ``pre`` ->
+    attention -> ``post``, differentiably, interleaved inside the layer (``pre0; start 0; pre1; start
+    1; compute 0; compute 1; finish 0, post0; finish 1, post1`` and its mirror in backward:
+    :func:`distattn.program.layer_order` with ``across_layers=False``).
 
     Args:
         pre: ``pre(x) -> (q, k, v)``, ``q`` ``[S_local, Hq, D]``, ``k``/``v`` ``[S_local, Hkv, D]``.
         post: ``post(attn_out, x) -> y``, ``attn_out`` ``[S_local, Hq, D]`` in q's dtype.
         xs: one input per nano-batch.
-        plans: one ``cad`` plan per nano-batch (its own packed sequence), made on every rank alike.
+        plans: one plan per nano-batch (its own packed sequence), made on every rank alike.
         scale: softmax scale, default ``1/sqrt(D)``.
         sinks, softcap: as in :func:`distattn.attention` (the layer's, the same for every
             nano-batch); the sinks' gradient on a rank is its share, as there.
@@ -188,21 +278,5 @@ def ping_pong(pre: Callable, post: Callable, xs: Sequence, plans: Sequence, scal
         ``[post(attention(*pre(x), plan, sinks=sinks, softcap=softcap), x) for x, plan in zip(xs, plans)]``,
         the same values and gradients as that sequential loop.
     """
-    if len(xs) != len(plans) or not xs:
-        raise ValueError(f"ping_pong needs one plan per nano-batch, got {len(xs)} inputs and {len(plans)} plans")
-    softcap = check_softcap(softcap)
-    flights, tokens = [], []
-    for x, plan in zip(xs, plans):
-        q, k, v = pre(x)
-        check_sinks(sinks, q)
-        plan.check_inputs(q, k, v, sinks=sinks, softcap=softcap)
-        flight = _Flight(plan.executor, float(q.shape[-1] ** -0.5 if scale is None else scale), softcap)
-        flights.append(flight)
-        # hidden behind the next pre / attention (in the executors' token order: see distattn.layout)
-        tokens.append(_Dispatch.apply(flight, *plan.to_compute_order(q, k, v)))
-    # K/V's hop inside the nodes hidden behind the other nano-batches' relays and attention
-    tokens = [_Relay.apply(f, t) for f, t in zip(flights, tokens)]
-    # out hidden behind the next attention / post
-    tokens = [_Compute.apply(f, t, sinks) for f, t in zip(flights, tokens)]
-    return [post(plan.to_compute_order(_Finish.apply(f, t), back=True)[0], x)
-            for f, t, x, plan in zip(flights, tokens, xs, plans)]
+    layer = _Functions(pre, post, {"scale": scale, "sinks": sinks, "softcap": softcap})
+    return run_layers([layer], xs, plans, layer_order(1, len(xs), across_layers=False))

@@ -6,9 +6,11 @@ process-free description of one packed batch on ``P`` ranks. It holds the token 
 local order) and whatever the scheduler decided (ranges and their owners, a head split, a task
 table). From it follow:
 
-* :meth:`Schedule.phases` -- for an attention shape, the ordered phases of one forward and one
-  backward: which ranks run how many attention FLOPs, which send how many bytes over which
-  collective, and which transfer runs under which computation (``overlaps``);
+* :meth:`Schedule.program` -- for an attention shape, what one forward and one backward do on every
+  rank, in the executor's order (:mod:`distattn.program`): its phases (which ranks run how many
+  attention FLOPs, which send how many bytes over which collective) and the instructions that
+  compute them, start the transfers and wait for them -- so what a transfer hides behind is the
+  computation the executor runs between its start and its wait, nothing else;
 * :meth:`Schedule.stats` -- per-rank FLOPs and bytes, summed from those phases;
 * :meth:`Schedule.saved_bytes` and :meth:`Schedule.buffer_bytes` -- the memory attention holds;
 * what an executor (:mod:`distattn.executors`) needs to run one rank's part (each schedule
@@ -20,15 +22,8 @@ live run: nothing here touches a process group, so no scheduler is described twi
 Phases list entries ``(rank, step, amount)`` (sparse: a rank with nothing to do in a step has no
 entry). ``amount`` is forward or backward FLOPs for ``op == "attention"`` and the bytes the rank
 sends for a collective (``send_recv``, ``all_gather``, ``reduce_scatter``, ``all_to_all``;
-counted as :class:`distattn.comm.Comm` counts them). ``overlaps`` says what a transfer hides
-behind when the schedule runs as designed:
-
-* ``None``: nothing; the executor waits for it before computing again (exposed);
-* ``"attention"``: the attention phase of the same direction, rank and step: the executor issues
-  the transfer asynchronously before that computation and waits after it;
-* ``"layers"``: the rest of the model's computation (the other nano-batch's layers and attention
-  under :func:`distattn.pingpong.ping_pong`, which issues every ``cad`` all-to-all ahead of them;
-  a plain ``attention`` call waits for each).
+counted as :class:`distattn.comm.Comm` counts them); a program's instruction names one step of one
+phase.
 
 A collective over several nodes may give, per entry, the larger of the bytes the rank sends and
 receives inside its node (``intra``) and across nodes (``inter``): the simulator then times the
@@ -45,9 +40,9 @@ import numpy as np
 
 from .layout import Ranges, Shards
 from .masks import MaskSlice, SliceMask, attention_flops, check_positive_ints, slices_area
+from .program import Builder, Program
 
 COLLECTIVES = ("send_recv", "all_gather", "reduce_scatter", "all_to_all")
-OVERLAPS = (None, "attention", "layers")
 
 
 @dataclass(frozen=True)
@@ -96,25 +91,39 @@ class Phase:
     rank: np.ndarray          # [N] rank of each entry
     amount: np.ndarray        # [N] FLOPs (attention) or bytes the rank sends
     step: np.ndarray | None = None   # [N] step of each entry (None: all in step 0)
-    overlaps: str | None = None
     # a collective spanning nodes (cad's all-to-all): per entry, the larger of the bytes the rank sends
     # and receives inside its node, and across nodes; None: all bytes move as ``span`` ranks' collective
     intra: np.ndarray | None = None
     inter: np.ndarray | None = None
     inter_sent: np.ndarray | None = None   # per entry: the bytes of ``amount`` that cross nodes
+    # a sparse all-to-all (cad's): per entry, the most peers the rank sends to or receives from --
+    # what its latency grows with, not the group's size; None: every member of the group
+    peers: np.ndarray | None = None
+    # ... and the bytes of the rows it sends itself (its own rows it computes on): in its buffers, on no link
+    kept: np.ndarray | None = None
+    # point-to-point (the ring) or a sparse all-to-all (cad): ``(step, src, dst)`` of every pair of ranks
+    # that moves data in a step -- a rank waits for those it exchanges with, not for the whole group;
+    # None: a collective of every member of the group
+    links: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self):
-        assert self.direction in ("forward", "backward") and self.overlaps in OVERLAPS, self
+        assert self.direction in ("forward", "backward"), self
         assert self.op == "attention" or self.op in COLLECTIVES, self.op
-        assert self.op != "attention" or self.overlaps is None, "attention hides nothing behind itself"
 
     @staticmethod
-    def per_rank(direction: str, op: str, what: str, span: int, amount, step: int = 0,
-                 overlaps: str | None = None) -> "Phase":
+    def per_rank(direction: str, op: str, what: str, span: int, amount, step: int = 0) -> "Phase":
         """A phase with one entry per rank ``0..len(amount)-1``, all in ``step``."""
         amount = np.asarray(amount)
         return Phase(direction, op, what, span, np.arange(len(amount)), amount,
-                     np.full(len(amount), step, dtype=np.int64), overlaps)
+                     np.full(len(amount), step, dtype=np.int64))
+
+    @staticmethod
+    def stepped(direction: str, op: str, what: str, span: int, amounts, ranks=None) -> "Phase":
+        """A phase whose step ``s`` gives rank ``ranks[i]`` (default ``i``) ``amounts[s][i]``."""
+        amounts = np.asarray(amounts)
+        ranks = np.arange(amounts.shape[1]) if ranks is None else np.asarray(ranks)
+        return Phase(direction, op, what, span, np.tile(ranks, len(amounts)), amounts.ravel(),
+                     np.repeat(np.arange(len(amounts)), len(ranks)))
 
     @property
     def steps(self) -> np.ndarray:
@@ -150,9 +159,14 @@ class Schedule:
     ulysses_degree = None   # ranks each Ulysses group splits heads over (usp's field)
 
     # ---- what each scheduler says ------------------------------------------------------------
-    def phases(self, shape: AttnShape) -> list[Phase]:
-        """Forward then backward phases, in the order the executor runs them."""
+    def program(self, shape: AttnShape) -> Program:
+        """What the executor does on every rank, forward and backward, as instructions over phases
+        (:mod:`distattn.program`)."""
         raise NotImplementedError
+
+    def phases(self, shape: AttnShape) -> list[Phase]:
+        """The program's phases: forward then backward."""
+        return list(self.program(shape).phases)
 
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         """The mask slices (global coordinates) rank computes."""
@@ -225,6 +239,16 @@ class Schedule:
         tokens = self.rank_tokens()
         return {"scheduler": self.scheduler, "world_size": p, "flops": flops, "tokens": tokens, "send_bytes": send,
                 "flops_imbalance": imbalance(flops), "token_imbalance": imbalance(tokens), **self.extra_stats()}
+
+
+def attention_program(flops, span: int) -> Program:
+    """A program computing ``flops [P]`` forward (2.5x that backward) on ranks ``0..P-1``, with no
+    communication (one rank's attention; the simulator's bounds)."""
+    b = Builder()
+    b.run("compute", b.phase(Phase.per_rank("forward", "attention", "attention", span, flops)))
+    b.run("compute_backward", b.phase(Phase.per_rank("backward", "attention", "attention", span,
+                                                     np.asarray(flops) * 2.5)))
+    return b.build()
 
 
 def imbalance(values) -> float:

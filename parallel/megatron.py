@@ -2,6 +2,7 @@
 
     from distattn.parallel.megatron import get_gpt_layer_spec
     model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_spec(scheduler="cad", cad_pool="dp"), ...)
+    spec = get_gpt_layer_spec(scheduler="cad", nano_batches=2)   # DistCA's ping-pong (cad's default)
 
 Megatron's own local attention refuses context parallelism without
 TransformerEngine; this module runs it with any of our schedulers
@@ -46,6 +47,13 @@ e.g. the document masks of ``--reset-attention-mask`` -- is a ``ValueError``:
 describe documents with ``packed_seq_params`` instead, as a silent mismatch
 would let tokens attend across documents.
 
+**Nano-batches** (``nano_batches``; default: the scheduler's, 2 for ``cad``): a packed batch of
+several documents runs as two nano-batches whose pieces interleave across the layers, each one's
+attention transfers hidden behind the other's linear layers (DistCA's ping-pong,
+:mod:`distattn.pingpong`). The spec's layer is then :class:`~distattn.parallel.megatron_pingpong.PingPongLayer`
+(Megatron's ``TransformerLayer``, the same submodules); its module docstring tells how, and what
+it runs as one nano-batch or refuses.
+
 The CP group comes from ``pg_collection.cp`` or, without one, from
 ``megatron.core.parallel_state``. Shapes: query ``[s/cp, b, Hq, D]`` (``thd``:
 ``[t/cp, Hq, D]``), key/value ``[s/cp, b, Hkv, D]``, output ``[s/cp, b, Hq * D]``.
@@ -76,22 +84,35 @@ class PlanCache:
     A plan depends on the batch's documents and layout (the key). A pooled plan (``cad_pool``)
     also depends on the other replicas' documents, so it is made anew for every new batch -- a new
     ``packed_seq_params`` object, which every replica's schedule hands its layers at the same step
-    -- and reused by the other layers and by recomputation. The last ``size`` plans are kept
-    (interleaved pipeline chunks alternate batches)."""
+    -- and reused by the other layers and by recomputation. Such a plan is the batch's own entry,
+    never replacing another batch's (replicas' keys differ; the batches they see at a step do not),
+    so every replica keeps and drops the same batches' plans and makes -- a collective -- the same
+    ones. The last ``size`` plans are kept (interleaved pipeline chunks alternate batches). The
+    nano-batch layers cache their cuts of a batch in one too
+    (:class:`~distattn.parallel.megatron_pingpong.PingPongState`)."""
 
     def __init__(self, size: int = 8):
         self.size = size
+        # key -> (None, plan); a batch's plan: (key, serial) -> (weakref to the batch, plan)
         self._plans: OrderedDict = OrderedDict()
+        self._serial = 0
 
     def get(self, key, batch, make):
         """The plan of ``key`` made for ``batch`` (None: any batch), or ``make()``'s."""
-        held = self._plans.get(key)
-        if held is not None and (batch is None or (held[0] is not None and held[0]() is batch)):
-            self._plans.move_to_end(key)
-            return held[1]
+        if batch is None:
+            found = key if key in self._plans else None
+        else:
+            found = next((k for k, (ref, _) in self._plans.items() if ref is not None and k[0] == key and
+                          ref() is batch), None)
+        if found is not None:
+            self._plans.move_to_end(found)
+            return self._plans[found][1]
         plan = make()
-        self._plans[key] = (None if batch is None else weakref.ref(batch), plan)
-        self._plans.move_to_end(key)
+        if batch is None:
+            self._plans[key] = (None, plan)
+        else:
+            self._serial += 1
+            self._plans[key, self._serial] = (weakref.ref(batch), plan)
         while len(self._plans) > self.size:
             self._plans.popitem(last=False)
         return plan
@@ -130,7 +151,10 @@ class DistAttnCoreAttention(MegatronModule):
         self.scheduler = scheduler
         self.plans = plans if plans is not None else PlanCache()
 
-    def _plan(self, doc_lens: tuple[int, ...], layout: str, kv_heads: int, batch):
+    def plan(self, doc_lens: tuple[int, ...], layout, kv_heads: int, batch, name=None):
+        """The plan of documents ``doc_lens`` on ``layout`` (a name, or a :class:`~distattn.Layout`
+        that ``name`` identifies in the cache: a nano-batch's) for ``kv_heads`` KV heads; pooled plans
+        made anew for every ``batch`` (:class:`PlanCache`)."""
         cp = torch.distributed.get_world_size(self.cp_group)
         options = scheduler_spec(self.scheduler).plan_options(cp, kv_heads)   # usp: its degree, this TP rank's heads
         if self.pool is not None:
@@ -139,7 +163,8 @@ class DistAttnCoreAttention(MegatronModule):
         def make():
             return make_plan(list(doc_lens), self.cp_group, scheduler=self.scheduler, causal=self.causal,
                              layout=layout, **options)
-        key = (doc_lens, layout, self.causal, kv_heads, id(self.cp_group), id(self.pool))
+        key = (name if name is not None else (doc_lens, layout), self.causal, kv_heads, id(self.cp_group),
+               id(self.pool))
         return self.plans.get(key, batch if self.pool is not None else None, make)
 
     def _check_mask(self, mask: torch.Tensor, plan, layout: str, s_local: int) -> None:
@@ -177,6 +202,28 @@ class DistAttnCoreAttention(MegatronModule):
                              "'thd', or 'sbhd' with batch 1) and attention_mask=None")
         DistAttnCoreAttention._checked_mask = (weakref.ref(mask), key)
 
+    def documents(self, packed_seq_params, s_local: int, batch: int) -> tuple[tuple[int, ...], str]:
+        """``(doc_lens, layout)`` of a batch of ``batch`` rows of ``s_local`` local tokens: its
+        documents (one per row without ``packed_seq_params``) and the layout Megatron split it with
+        (module docstring); ``ValueError`` for packed sequences this layer cannot take."""
+        if packed_seq_params is None:
+            return (s_local * torch.distributed.get_world_size(self.cp_group),), "zigzag"
+        if batch != 1:
+            raise ValueError("packed sequences (packed_seq_params) need batch size 1")
+        thd = packed_seq_params.qkv_format == "thd"
+        cu = packed_seq_params.cu_seqlens_q_padded if thd and packed_seq_params.cu_seqlens_q_padded is not None \
+            else packed_seq_params.cu_seqlens_q
+        if thd and not self.causal and not torch.equal(cu.cpu(), packed_seq_params.cu_seqlens_q.cpu()):
+            # padding at a document's end is invisible to its real tokens only under a causal mask
+            raise ValueError("padded thd documents (cu_seqlens_q_padded) need a causal mask here")
+        kv = packed_seq_params.cu_seqlens_kv_padded if thd and packed_seq_params.cu_seqlens_kv_padded is not None \
+            else packed_seq_params.cu_seqlens_kv
+        if kv is not None and not torch.equal(cu.cpu(), kv.cpu()):
+            raise ValueError("packed_seq_params: self-attention needs the same documents for queries and keys "
+                             "(cu_seqlens_kv equal to cu_seqlens_q, and their _padded forms)")
+        # thd: get_thd_batch_on_this_cp_rank's per-document split; sbhd: get_batch_on_this_cp_rank's
+        return tuple(int(x) for x in torch.diff(cu.cpu()).tolist() if x > 0), "document" if thd else "zigzag"
+
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if attention_bias is not None:
@@ -189,32 +236,11 @@ class DistAttnCoreAttention(MegatronModule):
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         s_local, batch = query.shape[0], query.shape[1]
         cp = torch.distributed.get_world_size(self.cp_group)
-        layout = "zigzag"   # get_batch_on_this_cp_rank's split of the whole sequence
-        if packed_seq_params is not None:
-            if batch != 1:
-                raise ValueError("packed sequences (packed_seq_params) need batch size 1")
-            thd = packed_seq_params.qkv_format == "thd"
-            layout = "document" if thd else "zigzag"
-            cu = packed_seq_params.cu_seqlens_q_padded if thd and packed_seq_params.cu_seqlens_q_padded is not None \
-                else packed_seq_params.cu_seqlens_q
-            if thd and not self.causal and not torch.equal(cu.cpu(), packed_seq_params.cu_seqlens_q.cpu()):
-                # padding at a document's end is invisible to its real tokens only under a causal mask
-                raise ValueError("padded thd documents (cu_seqlens_q_padded) need a causal mask here")
-            kv = packed_seq_params.cu_seqlens_kv_padded if thd and packed_seq_params.cu_seqlens_kv_padded is not None \
-                else packed_seq_params.cu_seqlens_kv
-            if kv is not None and not torch.equal(cu.cpu(), kv.cpu()):
-                raise ValueError("packed_seq_params: self-attention needs the same documents for queries and keys "
-                                 "(cu_seqlens_kv equal to cu_seqlens_q, and their _padded forms)")
-            doc_lens = tuple(int(x) for x in torch.diff(cu.cpu()).tolist() if x > 0)
-        else:
-            doc_lens = (s_local * cp,)
+        doc_lens, layout = self.documents(packed_seq_params, s_local, batch)
         # thd: the core's ValueError names a document not a multiple of 2*cp
-        plan = self._plan(doc_lens, layout, key.shape[-2], packed_seq_params)
+        plan = self.plan(doc_lens, layout, key.shape[-2], packed_seq_params)
         if plan.num_local_tokens != s_local:
-            how = ("each document split into 2*cp chunks as get_thd_batch_on_this_cp_rank does, with cu_seqlens "
-                   "of the whole batch" if layout == "document" else "split batches with get_batch_on_this_cp_rank")
-            raise ValueError(f"{s_local} local tokens do not match the {sum(doc_lens)}-token sequence split over "
-                             f"{cp} CP ranks: {how}")
+            raise ValueError(local_tokens_error(s_local, doc_lens, cp, layout))
         if attention_mask is not None:
             self._check_mask(attention_mask, plan, layout, s_local)
         outs = [attention(query[:, i].contiguous(), key[:, i].contiguous(), value[:, i].contiguous(), plan,
@@ -235,15 +261,36 @@ def check_scheduler(scheduler: str, cad_pool) -> None:
                          f"{scheduler!r} does not do; use scheduler={pooling[0]!r} or cad_pool=None")
 
 
-def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, **kwargs):
+def local_tokens_error(s_local: int, doc_lens, cp: int, layout: str) -> str:
+    """Why ``s_local`` local tokens cannot be this rank's share of documents ``doc_lens`` split over
+    ``cp`` CP ranks on ``layout``, and how Megatron splits them."""
+    how = ("each document split into 2*cp chunks as get_thd_batch_on_this_cp_rank does, with cu_seqlens "
+           "of the whole batch" if layout == "document" else "split batches with get_batch_on_this_cp_rank")
+    return (f"{s_local} local tokens do not match the {sum(doc_lens)}-token sequence split over {cp} CP ranks: "
+            f"{how}")
+
+
+def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, nano_batches: int | None = None,
+                       **kwargs):
     """``get_gpt_layer_local_spec(**kwargs)`` with ``DistAttnCoreAttention`` running ``scheduler`` as
     core attention (``cad_pool="dp"``: CAD balanced over every data-parallel replica of a stage; see
-    module docstring). The spec's layers share one :class:`PlanCache`."""
+    module docstring). ``nano_batches``: 1, 2 (packed batches ping-ponged through the layers as two
+    nano-batches: :mod:`distattn.parallel.megatron_pingpong`), or None, the scheduler's default (2 for
+    ``cad``, where the layers can run it). The spec's layers share one :class:`PlanCache`."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     check_scheduler(scheduler, cad_pool)
+    if nano_batches is not None and (isinstance(nano_batches, bool) or nano_batches not in (1, 2)):
+        raise ValueError(f"nano_batches={nano_batches!r} is not supported; choose 1, 2 (two nano-batches "
+                         f"ping-ponged through the layers) or None (scheduler={scheduler!r}'s default, "
+                         f"{scheduler_spec(scheduler).nano_batches})")
     spec = get_gpt_layer_local_spec(**kwargs)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=DistAttnCoreAttention, params={"scheduler": scheduler, "cad_pool": cad_pool, "plans": PlanCache()})
+    if (nano_batches or scheduler_spec(scheduler).nano_batches) == 2:
+        from .megatron_pingpong import PingPongLayer, PingPongState
+
+        spec.module = PingPongLayer
+        spec.params = {**spec.params, "nano_batches": nano_batches, "state": PingPongState()}
     return spec

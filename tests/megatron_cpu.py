@@ -14,7 +14,8 @@ Used by ``tests/test_megatron_parallel.py``. The harness:
   ``get_forward_backward_func`` (1F1B under PP), batches split as Megatron splits them
   (``get_batch_on_this_cp_rank``'s zigzag for ``sbhd``, TransformerEngine's per-document split for
   ``thd``); every gradient summed over the CP and DP groups and compared with the reference's
-  shard, logits and loss on the last stage.
+  shard, logits and loss on the last stage; and the nano-batch pieces each forward ran, in order
+  (``distattn.parallel.megatron_pingpong.run_piece`` recorded).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import torch
 import torch.distributed as dist
 
 VOCAB, HIDDEN, HEADS, GROUPS, LAYERS = 96, 64, 4, 2, 2
-# two packed batches of the same length (a pipeline sends fixed shapes): real document lengths and,
-# for thd, each padded to a multiple of 2 * cp (cp <= 2 here), as Megatron pads them
-BATCHES = {"A": ([16, 5, 24, 37], [16, 8, 24, 40]), "B": ([3, 40, 29, 9], [4, 40, 32, 12])}
+# packed batches of the same length (a pipeline sends fixed shapes): real document lengths and, for
+# thd, each padded to a multiple of 2 * cp (cp <= 2 here), as Megatron pads them; C is one document
+# (it cannot be cut into nano-batches)
+BATCHES = {"A": ([16, 5, 24, 37], [16, 8, 24, 40]), "B": ([3, 40, 29, 9], [4, 40, 32, 12]), "C": ([85], [88])}
 # sbhd: one sequence per row, no packed_seq_params; sbhd-packed: documents marked by cu_seqlens; thd
 FORMATS = ("sbhd", "sbhd-packed", "thd")
 
@@ -72,8 +74,9 @@ def megatron_on_cpu():
         yield
 
 
-def gpt(spec, tp: int = 1, pp: int = 1, cp: int = 1, first: bool = True, last: bool = True):
-    """A tiny fp64 GPTModel with RoPE and GQA (untied output layer, full-vocabulary logits)."""
+def gpt(spec, tp: int = 1, pp: int = 1, cp: int = 1, first: bool = True, last: bool = True, **config):
+    """A tiny fp64 GPTModel with RoPE and GQA (untied output layer, full-vocabulary logits);
+    ``config``: other TransformerConfig fields."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
@@ -81,7 +84,7 @@ def gpt(spec, tp: int = 1, pp: int = 1, cp: int = 1, first: bool = True, last: b
                             num_query_groups=GROUPS, use_cpu_initialization=True, tensor_model_parallel_size=tp,
                             pipeline_model_parallel_size=pp, context_parallel_size=cp, params_dtype=torch.float64,
                             pipeline_dtype=torch.float64, attention_dropout=0.0, hidden_dropout=0.0,
-                            calculate_per_token_loss=True)
+                            calculate_per_token_loss=True, **config)
     model = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=128,
                      pre_process=first, post_process=last, position_embedding_type="rope", parallel_output=False,
                      share_embeddings_and_output_weights=False).to(torch.float64)
@@ -200,14 +203,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def parallel_run(tp: int, pp: int, cp: int, cases, ref: dict) -> dict:
+def parallel_run(tp: int, pp: int, cp: int, cases, ref: dict, replicas=("A", "B")) -> dict:
     """Inside each gloo rank of a ``tp x cp x dp x pp`` world (Megatron's rank order): for every
-    ``(scheduler, fmt, spec_kwargs)`` of ``cases``, the largest relative error of this rank's loss,
-    logits and gradients against ``ref`` (:func:`reference`). Microbatches: under PP two (batches A
-    and B, Megatron's 1F1B); else one, batch A -- or, with DP, batch A on replica 0 and B on 1."""
+    ``(scheduler, fmt, spec_kwargs)`` of ``cases``, ``(errors, checked logits, ranks balanced over,
+    pieces)``: the largest relative error of this rank's loss, logits and gradients against ``ref``
+    (:func:`reference`), whether this rank checked logits (the last stage), the ranks its plans
+    balanced attention over, and the nano-batch pieces its forwards ran, ``(piece, nano-batch, layer
+    of the stage)`` in order. Microbatches: under PP two (batches A and B, Megatron's 1F1B); else
+    one, batch A -- or, with DP, replica ``i``'s batch ``replicas[i]``."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    import distattn.parallel.megatron_pingpong as pingpong
     from distattn.parallel.megatron import get_gpt_layer_spec
 
     ps.initialize_model_parallel(tp, pp, context_parallel_size=cp)
@@ -215,8 +222,8 @@ def parallel_run(tp: int, pp: int, cp: int, cases, ref: dict) -> dict:
         ps.get_data_parallel_rank()
     stage, dp = ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_world_size()
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-    names = ["A", "B"] if pp > 1 else [["A", "B"][dp_rank]]
-    used = ["A", "B"] if pp > 1 or dp > 1 else ["A"]   # the batches whose gradients the job sums
+    names = ["A", "B"] if pp > 1 else [replicas[dp_rank]]
+    used = ["A", "B"] if pp > 1 else list(replicas[:dp])   # the batches whose gradients the job sums
     results = {}
     with megatron_on_cpu():
         for scheduler, fmt, kwargs in cases:
@@ -241,9 +248,18 @@ def parallel_run(tp: int, pp: int, cp: int, cases, ref: dict) -> dict:
                     return loss, torch.tensor(1, dtype=torch.int), {"loss": loss.detach()}
                 return out, loss_func
 
+            pieces, run_piece = [], pingpong.run_piece
+            layers = list(model.decoder.layers)
+
+            def record(piece, layer, plan, nano, n):   # layer: one Megatron layer's pieces (its .layer)
+                pieces.append((piece, n, next(i for i, m in enumerate(layers) if m is layer.layer)))
+                return run_piece(piece, layer, plan, nano, n)
+
             seq = micro[0][0].shape[1] * cp   # the whole sequence: the schedule divides it by cp
-            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
-                                        num_microbatches=len(micro), seq_length=seq, micro_batch_size=1)
+            with mock.patch.object(pingpong, "run_piece", record):
+                get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro),
+                                            model=[model], num_microbatches=len(micro), seq_length=seq,
+                                            micro_batch_size=1)
             errs = {"loss": 0.0, "logits": 0.0, "grads": 0.0}
             for name, mine, real, logits, loss in seen:   # the last stage: its loss and logits
                 total = loss.clone()
@@ -261,6 +277,6 @@ def parallel_run(tp: int, pp: int, cp: int, cases, ref: dict) -> dict:
             # the ranks the plans balanced attention over (cad_pool="dp": every dp x cp rank of the stage)
             plans = model.decoder.layers[0].self_attention.core_attention.plans
             balanced = {plan.schedule.stat_ranks for _, plan in plans._plans.values()}
-            results[(scheduler, fmt, tuple(sorted(kwargs.items())))] = (errs, bool(seen), balanced)
+            results[(scheduler, fmt, tuple(sorted(kwargs.items())))] = (errs, bool(seen), balanced, tuple(pieces))
     ps.destroy_model_parallel()
     return results

@@ -123,9 +123,11 @@ def _case(docs, causal, window, gpus_per_node):
     errs += [max_err(a.grad, plan.shard(b.grad)) for a, b in zip(mine, ref_in)]
     want = {}
     for direction in ("forward", "backward"):
-        phases = [ph for ph in plan.schedule.phases(AttnShape(hq, hkv, d, 8)) if ph.is_comm and ph.direction == direction]
-        inter = sum(int(ph.inter_sent[plan.rank]) for ph in phases)
-        want[direction] = {"intra": sum(int(ph.amount[plan.rank]) for ph in phases) - inter, "inter": inter}
+        phases = [ph for ph in plan.schedule.phases(AttnShape(hq, hkv, d, 8))
+                  if ph.is_comm and ph.direction == direction]
+        mine = [ph.rank == plan.rank for ph in phases]   # every hop's entry of this rank
+        inter = sum(int(ph.inter_sent[m].sum()) for ph, m in zip(phases, mine))
+        want[direction] = {"intra": sum(int(ph.amount[m].sum()) for ph, m in zip(phases, mine)) - inter, "inter": inter}
     return max(errs), fwd, bwd, want, plan.schedule.hops
 
 
@@ -139,3 +141,25 @@ def test_group_cast_is_exact_and_sends_what_the_schedule_says(world, gpus_per_no
             assert fwd == want["forward"] and bwd == want["backward"], (case, fwd, bwd, want)
             hops.add(q_kv_hops)
     assert max(q for q, _ in hops) == 3 and max(kv for _, kv in hops) >= 3, hops   # shares cross and fan out
+
+
+def test_covered_quantiles_weigh_rows_by_the_intervals_covering_them():
+    """Rows 0..59 go to two nodes, 60..99 to one: equal shares of what leaves cut at 40, not 50."""
+    from distattn.schedulers.cad_cast import covered_quantiles
+
+    cuts = covered_quantiles(np.array([0, 0, 1]), np.array([0, 0, 10]), np.array([100, 60, 20]), 3, 2)
+    assert cuts.tolist() == [[0, 40, 100], [10, 15, 20], [0, 0, 0]]
+
+
+def test_a_relay_gets_only_rows_it_needs_and_senders_take_keys_first_hand():
+    """One slot per node, chains (fanout 1). Slot 0's rows 0..39 are needed by nodes 1 and 2,
+    its rows 50..89 by node 3 alone: node 3 gets them straight from node 0 (in one tree per owner it
+    hung under node 1, which received and sent on rows it did not need). Of nodes 1 and 2, which
+    need as many of slot 0's rows, node 2 -- sending keys of its own (rows 200..259, to node 1) --
+    gets them first hand, in the hop it sends in."""
+    slots = Layout("contiguous").shards([500], 5)
+    comp = np.array([1, 2, 3, 1])
+    a, b = np.array([0, 0, 50, 200]), np.array([40, 40, 90, 260])
+    legs = key_legs(comp, a, b, slots, Nodes.even(5, 1), fanout=1, load=np.array([100.0, 0, 0, 0, 0]))
+    assert (0, 3, 50, 90) in _legs(legs, 2) and (0, 2, 0, 40) in _legs(legs, 2)
+    assert set(range(50, 90)).isdisjoint(_received(legs, 1, 5))

@@ -139,8 +139,8 @@ def _order_worker():
             log.append(("issue " + name, i))
             wait = pending.wait
 
-            def logged_wait():
-                wait()
+            def logged_wait(**kwargs):
+                wait(**kwargs)
                 log.append(("wait " + name, i))
             pending.wait = logged_wait
             return pending

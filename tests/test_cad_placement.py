@@ -108,22 +108,22 @@ def test_phases_split_intra_and_inter_node_bytes_and_the_simulator_waits_for_the
     for ph in schedule.phases(SHAPE):
         if not ph.is_comm:
             continue
-        assert ph.overlaps == "layers" and ph.intra is not None and ph.inter is not None
+        assert ph.intra is not None and ph.inter is not None and ph.peers is not None and ph.links is not None
         assert (ph.intra + ph.inter >= ph.amount).all()   # max(sent, recv) per kind covers what is sent
-        t = comm_time(net, ph)
-        assert (t >= net.time("all_to_all", ranks, ph.inter * ranks / (ranks - 1)) - 1e-12).all()
-        assert (t >= net.time("all_to_all", 8, ph.intra * 8 / 7) - 1e-12).all()
+        t, moving = comm_time(net, ph), ph.amount > 0
+        for n, sent in ((ranks, ph.inter), (8, ph.intra)):   # each link's bytes; the latency of the rank's peers
+            bandwidth = net.time("all_to_all", n, sent * n / (n - 1)) - net.fit("all_to_all", n).alpha_us * 1e-6
+            assert (t[moving] >= bandwidth[moving] - 1e-12).all()
     names = [ph.what for ph in schedule.phases(SHAPE) if ph.is_comm]
     q_hops, kv_hops = schedule.hops   # 4 nodes: K/V down trees, Q in shares over the slots of both nodes
-
-    def hops(what, n):
-        return [what] + [f"{what}, hop {h}" for h in range(2, n + 1)]
     assert q_hops == 3 and kv_hops >= 3
-    assert names == (hops("Q, K/V to workers", kv_hops) + hops("out to owners", q_hops)[::-1]
-                     + hops("dout to workers", q_hops) + hops("dQ, dK/dV to owners", kv_hops)[::-1])
+    # one phase per kind of rows, hop h its step h - 1
+    assert names == ["Q to workers", "K/V to workers", "out to owners", "dout to workers", "dQ to owners",
+                     "dK/dV to owners"]
+    assert [int(ph.steps.max()) + 1 for ph in schedule.phases(SHAPE) if ph.is_comm] == \
+        [q_hops, kv_hops, q_hops, q_hops, q_hops, kv_hops]
     one_node = distattn.plan(_docs(8), 8, scheduler="cad").schedule
-    assert [ph.what for ph in one_node.phases(SHAPE) if ph.is_comm] == [
-        "Q, K/V to workers", "out to owners", "dout to workers", "dQ, dK/dV to owners"]
+    assert [int(ph.steps.max()) for ph in one_node.phases(SHAPE) if ph.is_comm] == [0] * 6
 
 
 def test_bad_options():
@@ -189,3 +189,42 @@ def test_an_overloaded_node_exports_its_excess_as_the_tails_of_its_documents():
     fewest = n - np.sqrt(n * n - 2 * work)           # the last r rows: r n - r^2 / 2 pairs
     assert fewest > n / 3
     assert (s.q1[away] - s.q0[away]).sum() <= 1.05 * fewest
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_busiest_rank_moves_close_to_the_bound(seed):
+    """Four nodes of 8 ranks, one long document among short ones: the busiest rank's inter-node
+    bytes (forward and backward) stay within 10% of the busiest node's export lower bound (rank by
+    rank piece moves and relays sending a document's keys to every node took 12-13% more), and
+    never below the tighter bound (it is one)."""
+    from distattn.schedulers.cad_bound import node_bound, tight_bound
+
+    ranks = 32
+    docs = _docs(ranks, seed=seed)
+    schedule = distattn.plan(docs, ranks, scheduler="cad").schedule
+    inter = sum(np.bincount(ph.rank, ph.inter, ranks) for ph in schedule.phases(SHAPE) if ph.is_comm)
+    nodes = schedule.nodes.dense
+    assert inter.max() <= 1.10 * node_bound(docs, schedule.slots, nodes, SHAPE).max()
+    assert inter.max() >= tight_bound(docs, schedule.slots, nodes, SHAPE)
+    assert schedule.stats(32, 8, 128)["flops_imbalance"] <= 1.05
+
+
+def test_the_export_pass_runs_with_overlap_priced():
+    """With ``overlap_s`` the export between nodes still runs where it pays off: node 0's long
+    document leaves as its tail, as without; on a network too slow for it to pay off, nothing of it
+    leaves the node."""
+    ranks, tokens = 32, 8192
+    n = 8 * tokens
+    docs = [n] + [512] * (24 * tokens // 512)
+
+    def away(**options):
+        s = distattn.plan(docs, ranks, scheduler="cad", **options).schedule.segments
+        return ((s.q0 < n) & (s.rank >= 8)), s
+    plain, s0 = away()
+    priced, s1 = away(network=default_profile(), overlap_s=0.05)
+    assert (s1.q1 - s1.q0)[priced].sum() == pytest.approx((s0.q1 - s0.q0)[plain].sum(), rel=0.02)
+    slow_net = default_profile()
+    slow_net = dataclasses.replace(slow_net, inter_busbw_gbs=0.01, rows=tuple(
+        dataclasses.replace(m, time_us=m.time_us * 1e4) for m in slow_net.rows))
+    slow, _ = away(network=slow_net, overlap_s=0.0)
+    assert not slow.any()

@@ -160,3 +160,20 @@ def test_nccl_tests_runner_with_stand_in_binaries(tmp_path):
     missing = subprocess.run([EXE, "cluster", "nccl-tests", "--bin-dir", str(tmp_path)], capture_output=True,
                              text=True)
     assert missing.returncode == 2 and "build_nccl_tests.sh" in missing.stderr
+
+
+def test_sparse_all_to_all_pays_its_peers_latency():
+    """An all-to-all a rank exchanges with few ranks of a large group: the group's bandwidth, the
+    latency of those peers (torch's all_to_all_single skips empty splits); with every peer, time()."""
+    import numpy as np
+
+    from distattn.network import default_profile
+
+    net = default_profile()
+    sizes = np.asarray([0.0, 1e3, 1e6, 1e9])
+    full = net.time("all_to_all", 64, sizes)
+    assert np.allclose(net.sparse_time("all_to_all", 64, sizes, 63), full)
+    few = net.sparse_time("all_to_all", 64, sizes, [1, 3, 3, 3])
+    alpha = {k: net.fit("all_to_all", k + 1).alpha_us * 1e-6 for k in (1, 3, 63)}
+    assert few[0] == 0 and np.allclose(few[1:], full[1:] - alpha[63] + alpha[3], rtol=1e-9, atol=1e-12)
+    assert few[1] < full[1] and few[3] == pytest.approx(full[3] - alpha[63] + alpha[3])

@@ -18,7 +18,8 @@ FOLDERS = {"distattn": "distattn", "kernels": "distattn.kernels", "parallel": "d
 # lowest first; a module belongs to the first prefix that matches it (longest prefixes listed first)
 LAYERS = [
     ("foundation", ["distattn.masks", "distattn.merge", "distattn.comm", "distattn.doclens", "distattn.cost",
-                    "distattn.timing", "distattn.spawn", "distattn._forkserver", "distattn.network"]),
+                    "distattn.timing", "distattn.spawn", "distattn._forkserver", "distattn.network",
+                    "distattn.program"]),
     ("kernels", ["distattn.kernels"]),
     ("schedules", ["distattn.layout", "distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
     ("executors", ["distattn.executors"]),
@@ -30,10 +31,11 @@ LAYERS = [
     ("sim", ["distattn.sim"]),
     ("cluster", ["distattn.cluster"]),
     # the trainer's benchmarks (`python -m distattn.bench.memory`, `...loss_memory`,
-    # `...activation_memory`, `...compiled_step`) run the trainer and its loss: entry points over the
+    # `...activation_memory`, `...compiled_step`, `...nano_batches`) run the trainer and its loss: entry points over the
     # trainer, not bench modules beside it
     ("entry points", ["distattn.launch", "distattn.cli", "distattn.bench.memory", "distattn.bench.loss_memory",
-                      "distattn.bench.activation_memory", "distattn.bench.compiled_step"]),
+                      "distattn.bench.activation_memory", "distattn.bench.compiled_step",
+                      "distattn.bench.nano_batches"]),
 ]
 INTEGRATIONS = ("train", "adapters", "bench", "sim", "cluster")
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}

@@ -1,6 +1,6 @@
 """Schedules are data: the phases say exactly which bytes move when (forward and backward, step by step,
 checked against what the executors send), dry and live plans share one schedule, and the simulator
-charges what the phases say is exposed."""
+hides a transfer only behind what the program computes between its start and its wait."""
 
 from unittest import mock
 
@@ -94,7 +94,7 @@ def _dry_live_worker():
         live = distattn.plan(docs, dist.group.WORLD, scheduler=scheduler, **options)
         dry = distattn.plan(docs, 4, scheduler=scheduler, **options)
         same_phases = all(
-            (a.direction, a.op, a.what, a.span, a.overlaps) == (b.direction, b.op, b.what, b.span, b.overlaps)
+            (a.direction, a.op, a.what, a.span) == (b.direction, b.op, b.what, b.span)
             and np.array_equal(a.rank, b.rank) and np.array_equal(a.amount, b.amount)
             and np.array_equal(a.steps, b.steps)
             for a, b in zip(live.phases(8, 2, 16), dry.phases(8, 2, 16), strict=True))
@@ -115,33 +115,53 @@ def test_stats_are_the_forward_phases():
     fwd = [ph for ph in phases if ph.direction == "forward"]
     assert st["flops"] == sum(ph.total(8) for ph in fwd if not ph.is_comm).tolist()
     assert st["send_bytes"] == sum(ph.total(8) for ph in fwd if ph.is_comm).tolist()
-    assert {ph.overlaps for ph in fwd if ph.is_comm} == {"attention"}  # the K/V ring runs under each step
+    # the K/V ring runs under each step: start, the step's attention, wait
+    program = plan.schedule.program(AttnShape(8, 2, 64))
+    assert [i.op for i in program.stage("compute")] == ["start", "run", "wait"] * 8
+    assert [i.step for i in program.stage("compute")] == [t for t in range(8) for _ in range(3)]
 
 
-def test_simulator_charges_what_the_phases_leave_exposed():
-    """One rank, one step of 1 s of attention (at 1 FLOP/s): a transfer under it is hidden up to that
-    second; one overlapping nothing is exposed whole; one under the layers hides behind the linear time."""
-    from distattn.sim.simulate import layer_times
+def test_replay_hides_a_transfer_only_behind_what_runs_before_its_wait():
+    """Two ranks: a transfer hides behind the computation between its start and its wait, no more;
+    one waited for at once is exposed whole; a collective begins when its group has issued it; a
+    chained hop waits for the one before on a side stream (GPU) or in the process (CPU)."""
+    from distattn.program import CHAIN, RUN, START, WAIT
+    from distattn.sim.replay import Op, replay
 
-    class Net:  # seconds = bytes
-        @staticmethod
-        def time(op, n, size):
-            return np.asarray(size, dtype=np.float64) * (1 if op == "send_recv" else (n - 1) / n)
+    def ops(*items):
+        return [Op(op, np.asarray(sec, dtype=np.float64), key, span=2, after=after)
+                for op, sec, key, after in items]
+    hidden = ops((START, [1.5, 0.5], "t", None), (RUN, [1.0, 1.0], None, None), (WAIT, [0, 0], "t", None))
+    r = replay(hidden, 2)
+    assert r.end.tolist() == [1.5, 1.0] and r.stalled.tolist() == [0.5, 0.0] and r.compute.tolist() == [1.0, 1.0]
+    exposed = ops((RUN, [1.0, 0.0], None, None), (START, [0.7, 0.7], "t", None), (WAIT, [0, 0], "t", None))
+    r = replay(exposed, 2)    # rank 1 issues at 0 but its group's rank 0 only at 1: both end at 1.7
+    assert r.end.tolist() == pytest.approx([1.7, 1.7]) and replay(exposed, 2, comm=False).end.tolist() == [1.0, 1.0]
+    chained = ops((START, [1.0, 1.0], "h1", None), (CHAIN, [1.0, 1.0], "h2", "h1"), (RUN, [3.0, 3.0], None, None),
+                  (WAIT, [0, 0], "h2", None))
+    assert replay(chained, 2).end.tolist() == [3.0, 3.0]                  # both hops behind the 3 s
+    assert replay(chained, 2, streams=False).end.tolist() == [4.0, 4.0]   # hop 1 waited for, hop 2 behind the 3 s
 
-    one = np.ones(1, dtype=np.int64)
 
-    def phase(op, amount, step=0, overlaps=None, direction="forward"):
-        return Phase(direction, op, op, 2, np.zeros(1, dtype=np.int64), amount * one, step * one, overlaps)
+def test_cpu_replay_shares_the_cores_among_the_ranks_computing():
+    """``simulate --calibrate``'s CPU model: ranks computing at once share the cores (one core, two
+    ranks of 1 s each: both end at 2 s); a rank waiting for a transfer leaves its share to the others
+    (rank 1's 1 s alone once rank 0 waits); gloo's wait blocks the process."""
+    from distattn.program import RUN, START, WAIT
+    from distattn.sim.calibrate import replay_shared
+    from distattn.sim.replay import Op
 
-    attention = [phase("attention", 1), phase("attention", 2, step=1)]
-    cases = [([phase("send_recv", 1.5, overlaps="attention")], 0.5),                # 1.5 s under 1 s
-             ([phase("send_recv", 1.5, step=1, overlaps="attention")], 0.0),        # under step 1's 2 s
-             ([phase("send_recv", 0.7)], 0.7),                                      # exposed
-             ([phase("all_to_all", 5, overlaps="layers")], 5 - 3 - 1),              # 3 s of attention, 1 s linear
-             ([phase("send_recv", 0.5, step=2, overlaps="attention")], 0.5)]        # a step with no attention
-    for comm, exposed in cases:
-        t = layer_times(attention + comm, 1, Net, 1.0, np.array([3.0]))
-        assert t["attention"][0] == pytest.approx(3) and t["exposed"][0] == pytest.approx(max(exposed, 0)), comm
+    def ops(*items):
+        return [Op(op, np.asarray(sec, dtype=np.float64), key, span=2) for op, sec, key in items]
+    end, stalled = replay_shared(ops((RUN, [1.0, 1.0], None)), 2, cores=1)
+    assert end.tolist() == pytest.approx([2.0, 2.0]) and stalled.tolist() == [0, 0]
+    end, stalled = replay_shared(ops((RUN, [1.0, 1.0], None)), 2, cores=2)
+    assert end.tolist() == pytest.approx([1.0, 1.0])
+    # rank 0 computes 0.5 s then waits for a 0.25 s transfer its group starts when rank 1 issues it
+    waiting = ops((RUN, [0.5, 2.0], None), (START, [0.25, 0.25], "t"), (WAIT, [0, 0], "t"))
+    end, stalled = replay_shared(waiting, 2, cores=1)
+    # both at half a core until 1 s (rank 0 done), rank 1 alone: its 1.5 s left end at 2.5 s; transfer 2.5-2.75
+    assert end.tolist() == pytest.approx([2.75, 2.75]) and stalled.tolist() == pytest.approx([1.75, 0.25])
 
 
 def test_attn_shape_validates():

@@ -22,8 +22,10 @@ TINY = {"model": {"dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "ffn_
 
 
 def _cfg(out: str, dp: int, cp: int, **parallel) -> RunConfig:
+    # one nano-batch: one plan per step to compare (two, ping-ponged, are exact too: test_nano_batches.py)
     return validate(RunConfig().replace(model=TINY["model"], data=TINY["data"], train={**TINY["train"], "out": out},
-                                        parallel={"dp": dp, "cp": cp, "scheduler": "cad", **parallel}))
+                                        parallel={"dp": dp, "cp": cp, "scheduler": "cad", "nano_batches": 1,
+                                                  **parallel}))
 
 
 def _plan_record(plan, cp: int, groups_made: int, kwargs: dict) -> dict:

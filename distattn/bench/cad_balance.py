@@ -6,12 +6,21 @@
 
 Packs ``ranks x tokens-per-rank`` tokens from the document-length sample (documents
 longer than 64K upsampled x4, as in the DistCA evaluation; a log-normal stand-in
-without a sample) and prints per scheduler: FLOPs and token imbalance (max/mean),
-mean and max forward bytes sent per rank, max/mean of the bytes a rank sends over forward and
-backward, and for CAD (whose all-to-alls say which bytes cross nodes; 8 ranks a node) the mean and
-max/mean per rank of the inter-node and of the intra-node bytes, forward and backward, each phase
-counting the larger of what the rank sends and receives on that kind of link (Llama-3-8B
-attention: 32 query / 8 KV heads of 128, bf16), and the planning time.
+without a sample; ``--seed`` the packing's) and prints per scheduler: FLOPs and token imbalance
+(max/mean), mean and max forward bytes sent per rank, max/mean of the bytes a rank sends over
+forward and backward, and for CAD (whose all-to-alls say which bytes cross nodes; 8 ranks a node)
+the mean and max/mean per rank of the inter-node and of the intra-node bytes, forward and
+backward, each phase counting the larger of what the rank sends and receives on that kind of link
+(Llama-3-8B attention: 32 query / 8 KV heads of 128, bf16), and the planning time.
+
+For CAD also the busiest node's export lower bound (``LB``, per rank, forward and backward:
+:func:`~distattn.schedulers.cad_bound.node_bound`, the fewest inter-node bytes that shed a node's
+pairs above 8 x 1.05 x the mean per rank) and ``rho`` = the busiest rank's inter-node bytes (the
+``inter`` column's bytes: summed over the phases, the larger of sent and received in each) / LB;
+and a tighter bound ``LB*`` (the keys of documents going on at the next node counted, the longest
+runs priced exactly, and what the nodes with room can take in:
+:func:`~distattn.schedulers.cad_bound.tight_bound`) with ``rho*``. A rank's inter-node bytes are
+at least its node's mean, and a node's at least what it sends out (or receives), so rho >= 1.
 
 ``--pool DPxCP``: ``dp`` replicas, each with its own packed sequence of ``cp x tokens-per-rank``
 tokens split over its ``cp`` ranks on ``--layout`` (Megatron's: ``zigzag`` for sbhd, ``document``
@@ -33,19 +42,29 @@ from ..layout import Layout
 from ..masks import SliceMask
 from ..mesh import MeshInfo
 from ..schedule import AttnShape, imbalance
-from ..schedulers import cad
+from ..schedulers import cad, spec
+from ..schedulers.cad_bound import node_bound, tight_bound
 from ..timing import time_calls
 
 
 SHAPE = AttnShape(32, 8, 128, 2)
 
 
-def table(ranks_list, tokens_per_rank: int, pool) -> list[dict]:
+def job_options(name: str, network=None) -> dict:
+    """What ``name`` plans this job with -- Llama-3-8B attention in bf16 on H100s on ``network``
+    (default: NVLink + IB) -- made as the trainer and ``distattn simulate`` make it."""
+    return spec(name).job_options(num_heads=SHAPE.num_heads, num_kv_heads=SHAPE.num_kv_heads,
+                                  head_dim=SHAPE.head_dim, dtype_bytes=SHAPE.dtype_bytes, network=network)
+
+
+def table(ranks_list, tokens_per_rank: int, pool, seed: int = 0, network=None) -> list[dict]:
     rows = []
     for ranks in ranks_list:
-        docs = pack(ranks * tokens_per_rank, pool, seed=0)
+        docs = pack(ranks * tokens_per_rank, pool, seed=seed)
+        bounds = None
         for name, options in (("cad", {}), ("cad", {"epsilon": 0.02}), ("zigzag", {}), ("ring", {})):
-            timing = time_calls(lambda: plan(docs, ranks, scheduler=name, **options), repeats=1)
+            timing = time_calls(lambda: plan(docs, ranks, scheduler=name, **job_options(name, network), **options),
+                                repeats=1)
             p, planned = timing.result, timing.seconds[0]
             st = p.stats(32, 8, 128, 2)
             comm = [ph for ph in p.schedule.phases(SHAPE) if ph.is_comm]
@@ -54,12 +73,22 @@ def table(ranks_list, tokens_per_rank: int, pool) -> list[dict]:
             if all(ph.inter is not None for ph in comm):   # per rank, max(sent, received) on each kind of link
                 links = {kind: sum(np.bincount(ph.rank, getattr(ph, kind), st["world_size"]) for ph in comm)
                          for kind in ("intra", "inter")}
+            bound = {}
+            if links:
+                if bounds is None:   # they depend on the documents and the nodes, not on the plan
+                    sched = p.schedule
+                    bounds = (node_bound(docs, sched.slots, sched.nodes.dense, SHAPE).max(),
+                              tight_bound(docs, sched.slots, sched.nodes.dense, SHAPE))
+                busiest = float(links["inter"].max())
+                bound = {"lb_mb": bounds[0] / 2**20, "rho": busiest / max(bounds[0], 1),
+                         "lb_tight_mb": bounds[1] / 2**20, "rho_tight": busiest / max(bounds[1], 1)}
             rows.append({"ranks": ranks, "docs": len(docs), "scheduler": name + (f" eps={options['epsilon']}"
                                                                                if options else ""),
                          "flops_imbalance": st["flops_imbalance"], "token_imbalance": st["token_imbalance"],
                          "mean_send_mb": float(np.mean(st["send_bytes"])) / 2**20,
                          "max_send_mb": max(st["send_bytes"]) / 2**20,
                          "bytes_max_mean": float(np.max(sent) / max(np.mean(sent), 1)), "plan_ms": planned * 1e3,
+                         **bound,
                          **{f"{kind}_max_mean": float(v.max() / max(v.mean(), 1)) for kind, v in links.items()},
                          **{f"{kind}_mean_mb": float(v.mean()) / 2**20 for kind, v in links.items()}})
     return rows
@@ -111,6 +140,9 @@ def main(argv=None) -> int:
                         help="CAD pooled over dp replicas vs per replica (e.g. 4x8)")
     parser.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag", "document"],
                         help="each replica's token layout with --pool (Megatron: zigzag for sbhd, document for thd)")
+    parser.add_argument("--seed", type=int, default=0, help="the packing's seed")
+    parser.add_argument("--network", default=None, help="profile JSON or nccl_perf CSV CAD plans on (default: "
+                        "NVLink + IB), as `distattn simulate --network` does")
     args = parser.parse_args(argv)
     pool = None
     if args.doclens:
@@ -133,13 +165,20 @@ def main(argv=None) -> int:
         return 0
     print(f"{'ranks':>5} {'docs':>6} {'scheduler':<14} {'FLOPs imb':>9} {'tok imb':>7} {'mean MiB':>9} "
           f"{'max MiB':>9} {'max/mean':>8} {'inter MiB':>9} {'max/mean':>8} {'intra MiB':>9} {'max/mean':>8} "
-          f"{'plan ms':>8}")
-    for r in table(args.ranks, args.tokens_per_rank, pool):
+          f"{'plan ms':>8} {'LB MiB':>8} {'rho':>6} {'LB* MiB':>8} {'rho*':>6}")
+    network = None
+    if args.network:
+        from ..network import NetworkProfile
+
+        network = NetworkProfile.load(args.network)
+    for r in table(args.ranks, args.tokens_per_rank, pool, args.seed, network):
         links = "".join(f" {r[f'{kind}_mean_mb']:>9.1f} {r[f'{kind}_max_mean']:>8.2f}" if f"{kind}_mean_mb" in r
                         else f" {'-':>9} {'-':>8}" for kind in ("inter", "intra"))
+        bound = "".join(f" {r[mb]:>8.1f} {r[rho]:>6.3f}" if mb in r else f" {'-':>8} {'-':>6}"
+                        for mb, rho in (("lb_mb", "rho"), ("lb_tight_mb", "rho_tight")))
         print(f"{r['ranks']:>5} {r['docs']:>6} {r['scheduler']:<14} {r['flops_imbalance']:>9.3f} "
               f"{r['token_imbalance']:>7.3f} {r['mean_send_mb']:>9.1f} {r['max_send_mb']:>9.1f} {r['bytes_max_mean']:>8.2f}"
-              f"{links} {r['plan_ms']:>8.0f}", flush=True)
+              f"{links} {r['plan_ms']:>8.0f}{bound}", flush=True)
     return 0
 
 

@@ -13,10 +13,13 @@ Masks (document lengths from a real sample when given, else a log-normal stand-i
 
 FLOPs follow the mask area: forward ``4 * area * Hq * D``, backward 2.5x that, so
 ``tflops = 3.5 * 4 * area * Hq * D / time``. ``flops_imbalance`` and ``send_bytes`` (forward,
-per rank, max) come from the plan's ``stats()``. ``peak_mem_mb`` is the largest rank's peak during
-the case: CUDA allocated memory on GPUs; on CPU the process's peak resident set (reset before each
-case on Linux), which includes the ~250 MB of the PyTorch runtime. When DeepSpeed is installed its ``DistributedAttention``
-(Ulysses, with our local kernel inside) runs as ``deepspeed-ulysses`` on the same inputs.
+per rank, max) come from the plan's ``stats()``. ``rank_comm_wait_ms`` is each rank's time held up by
+its transfers in the median round, as the executor clocks it (``plan.comm_wait_seconds()``: host
+time inside waits under gloo, the compute stream's stall on CUDA), ``comm_wait_ms`` the largest.
+``peak_mem_mb`` is the largest rank's peak during the case: CUDA allocated memory on GPUs; on CPU the
+process's peak resident set (reset before each case on Linux), which includes the ~250 MB of the
+PyTorch runtime. When DeepSpeed is installed its ``DistributedAttention`` (Ulysses, with our local
+kernel inside) runs as ``deepspeed-ulysses`` on the same inputs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import csv
 import json
 import os
 import resource
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +48,8 @@ PEER_OF = {"deepspeed-ulysses": "ulysses"}   # another library's row -> our sche
 MASKS = MASK_CASES
 QUICK_MASKS = ("causal", "causal-doc", "window", "prefix-lm", "causal-blockwise")
 COLUMNS = ("scheduler", "world_size", "seq_len", "mask", "fwd_bwd_ms", "tflops", "flops_imbalance", "send_bytes",
-           "peak_mem_mb", "num_docs", "heads", "kv_heads", "head_dim", "dtype", "device")
+           "peak_mem_mb", "num_docs", "heads", "kv_heads", "head_dim", "dtype", "device", "comm_wait_ms",
+           "rank_comm_wait_ms")
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,10 @@ class BenchConfig:
 
     @staticmethod
     def quick(**kw) -> "BenchConfig":
-        kw.setdefault("masks", QUICK_MASKS)
-        return BenchConfig(world_sizes=(2, 4), seq_lens=(2048, 4096), repeats=2, **kw)
+        """The quick suite's defaults (world sizes 2 and 4, 2K/4K tokens, 5 masks, 2 repeats); any of
+        them given in ``kw`` wins."""
+        return BenchConfig(**{"masks": QUICK_MASKS, "world_sizes": (2, 4), "seq_lens": (2048, 4096), "repeats": 2,
+                              **kw})
 
     def check(self) -> None:
         for name in self.masks:
@@ -162,17 +169,28 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
                     def step():
                         x = [t.detach().requires_grad_() for t in (q_l, k_l, v_l)]
                         attention(*x, p).backward(d_l)
+                waits = []
+
+                def clocked(call=step):   # the executor's own clock of this rank's waits, per call
+                    before = p.comm_wait_seconds()
+                    call()
+                    waits.append(p.comm_wait_seconds() - before)
                 _reset_peak_mem(device)
-                timing = time_calls(step, cfg.repeats, cfg.warmup, barrier=True, device=device)
+                timing = time_calls(clocked, cfg.repeats, cfg.warmup, barrier=True, device=device)
                 ms = slowest_median(timing.seconds, device=device) * 1e3
                 mem = torch.tensor([_peak_mem_mb(device)], dtype=torch.float64, device=device)
                 dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+                timed = waits[cfg.warmup:]
+                wait = torch.zeros(world, dtype=torch.float64, device=device)
+                wait[rank] = statistics.median(timed) * 1e3 if name != "deepspeed-ulysses" else float("nan")
+                dist.all_reduce(wait)
                 st = p.stats(cfg.heads, cfg.kv_heads, cfg.head_dim, q.element_size())
                 row = {"scheduler": name, "world_size": world, "seq_len": seq_len, "mask": mask, "fwd_bwd_ms": ms,
                        "tflops": flops / (ms * 1e-3) / 1e12, "flops_imbalance": st["flops_imbalance"],
                        "send_bytes": max(st["send_bytes"]), "peak_mem_mb": mem.item(), "num_docs": len(docs),
                        "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
-                       "device": device.type}
+                       "device": device.type, "comm_wait_ms": float(wait.max()),
+                       "rank_comm_wait_ms": ";".join(f"{w:.3f}" for w in wait.tolist())}
                 rows.append(row)
                 if progress and rank == 0:
                     print(f"  world {world} seq {seq_len:>6} {mask:<10} {name:<17} {ms:>9.1f} ms "
@@ -230,4 +248,7 @@ def read_results(path: str | Path) -> list[dict]:
         ("fwd_bwd_ms", "tflops", "flops_imbalance", "peak_mem_mb")
     for r in rows:
         r.update({k: int(r[k]) for k in ints}, **{k: float(r[k]) for k in floats})
+        # results written before the executor's wait clock was recorded have no such columns
+        r["comm_wait_ms"] = float(r.get("comm_wait_ms") or "nan")
+        r["rank_comm_wait_ms"] = [float(x) for x in (r.get("rank_comm_wait_ms") or "").split(";") if x]
     return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from ..schedulers import NAMES
 from ._args import doc_pool, examples, existing_file, int_list, positive_int, tokens
@@ -64,7 +65,7 @@ def _cmd_simulate(args) -> int:
     else:
         cp = args.cp or default_cp(model, args.gpus, args.seq_len)
         cfg = SimConfig(model, args.gpus, args.seq_len, cp, gpu=gpu, gpus_per_node=args.gpus_per_node,
-                        ulysses_degree=args.ulysses_degree)
+                        ulysses_degree=args.ulysses_degree, nano_batches=args.nano_batches)
         rows, timeline = simulate_with_timelines(cfg, net, args.schedulers, pool)
         if args.timeline is not None:
             write_timeline(timeline, args.timeline)
@@ -81,8 +82,9 @@ def _cmd_simulate(args) -> int:
         print(f"{r['scheduler']:<10} {r['cp']:>5} {r['dp']:>5} {r['step_time_s']:>8.2f} "
               f"{r['tokens_per_s_per_gpu']:>10,.0f} {r['mfu']:>5.2f} {r['compute_s']:>9.2f} {r['exposed_comm_s']:>9.2f} "
               f"{r['compute_imbalance']:>5.2f} {r['dp_idle']:>7.0%} {r['memory_gb']:>6.0f}{'' if r['fits_memory'] else '!'}")
-    print("compute s: the busiest GPU's compute; exposed s: the slowest GPU's communication not hidden; imb: max/mean "
-          "compute over all GPUs; DP idle: mean share of the step replicas wait; ! exceeds GPU memory")
+    print("compute s: the busiest GPU's compute; exposed s: what communication adds to the step (the step replayed "
+          "with transfers taking no time, subtracted); imb: max/mean compute over all GPUs; DP idle: mean share of the "
+          "step replicas wait; ! exceeds GPU memory")
     if best is not None:
         print(f"recommended: {best['scheduler']}, {mesh_description(best, args.gpus_per_node)}: "
               f"{best['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {best['step_time_s']:.2f} s/step")
@@ -92,7 +94,7 @@ def _cmd_simulate(args) -> int:
 def _calibrate(args) -> int:
     from ..bench.suite import read_results
     from ..cluster import PROBED
-    from ..sim.calibrate import calibrate
+    from ..sim.calibrate import calibrate, measure_machine
 
     rows = [r for r in read_results(args.calibrate) if r["world_size"] > 1]
     if not rows:
@@ -106,15 +108,21 @@ def _calibrate(args) -> int:
         measured, worlds = [], sorted({r["world_size"] for r in rows})
         for w in worlds:
             print(f"probing gloo collectives on {w} ranks", flush=True)
-            data = run_distributed(probe_rank, w, [2**k for k in range(12, 25, 2)], list(PROBED), 3, 1)[0]
+            data = run_distributed(probe_rank, w, [2**k for k in range(12, 25, 2)], list(PROBED), 10, 2)[0]
             measured += NetworkProfile.from_json(data).rows
         net = NetworkProfile(tuple(measured), source="gloo probe", backend="gloo", gpus_per_node=max(worlds))
-    out, per, rate = calibrate(rows, net, pool=doc_pool(args.doclens))
-    print(f"attention: {rate / 1e9:.1f} GFLOP/s per process with all cores; network: {net.source}")
-    print(f"{'scheduler':<18} {'world':>5} {'seq':>6} {'mask':<10} {'measured ms':>11} {'predicted ms':>12} {'error':>7}")
+    machine = measure_machine(os.cpu_count() or 1)
+    out, per = calibrate(rows, net, machine, pool=doc_pool(args.doclens))
+    rates = ", ".join(f"{r / 1e9:.1f}" for r in machine.rates.values())
+    print(f"attention on one core: {rates} GFLOP/s (per bench case) past a kernel call's fixed "
+          f"{machine.fwd_call_s * 1e3:.2f} ms forward, {machine.bwd_call_s * 1e3:.2f} ms backward; {machine.cores} "
+          f"cores; network: {net.source}")
+    print(f"{'scheduler':<18} {'world':>5} {'seq':>6} {'mask':<10} {'measured ms':>11} {'predicted ms':>12} "
+          f"{'error':>7}   held up by communication per rank, ms: measured (the executor's clock) / predicted")
     for r in out:
+        waits = " ".join(f"{m:.0f}/{p:.0f}" for m, p in zip(r["rank_comm_wait_ms"], r["predicted_rank_comm_wait_ms"]))
         print(f"{r['scheduler']:<18} {r['world_size']:>5} {r['seq_len']:>6} {r['mask']:<10} {r['fwd_bwd_ms']:>11.1f} "
-              f"{r['predicted_ms']:>12.1f} {r['error']:>+7.0%}")
+              f"{r['predicted_ms']:>12.1f} {r['error']:>+7.0%}   {waits}")
     print("median |error| per scheduler: " + ", ".join(f"{k} {v:.0%}" for k, v in per.items()))
     return 0
 
@@ -170,6 +178,9 @@ def add_parsers(sub) -> None:
                      help="JSON document-length sample (default: log-normal stand-in)")
     sim.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=SCHEDULERS,
                      help="schedulers to simulate")
+    sim.add_argument("--nano-batches", type=int, choices=(1, 2), default=None,
+                     help="nano-batches per micro-batch, ping-ponged through the layers as the trainer does "
+                          "(default: each scheduler's, 2 for cad)")
     sim.add_argument("--auto", action="store_true",
                      help="try every CP degree and recommend the most tokens/s per GPU that fits")
     sim.add_argument("--timeline", default=None, metavar="PATH",

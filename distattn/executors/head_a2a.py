@@ -27,7 +27,7 @@ import torch
 
 from ..comm import Comm
 from ..merge import acc_dtype
-from ..schedulers.ulysses import HeadLayout, HeadRanges, group_ranges
+from ..schedulers.ulysses import HeadLayout, HeadRanges, group_ranges, part_heads
 from .base import DeviceIndex, Executor
 
 
@@ -160,8 +160,7 @@ class HeadExecutor(Executor):
         parts = []
         for ranges in group_ranges(layout.q, self.schedule.head_groups):
             a, b = ranges[member]
-            kv_lo, kv_hi = a // group, (b - 1) // group + 1
-            expand = HeadLayout(((a, b),), ((kv_lo, kv_hi),)).expansion(0, group)
+            (kv_lo, kv_hi), expand = part_heads(a, b, group)
             parts.append((ranges, (a, b), slice(kv_lo - lo, kv_hi - lo), expand))
         return layout, parts
 

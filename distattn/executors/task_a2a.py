@@ -17,28 +17,32 @@ rows for every destination, concatenated in pool-rank order, the all-to-all's or
 once per plan; results come back in the same order and are summed in with the same index.
 
 Stages, so that a caller can hide every transfer behind other work
-(:func:`distattn.pingpong.ping_pong`; ``forward``/``backward`` run them back to back):
+(:func:`distattn.pingpong.run_layers`; ``forward``/``backward`` run them back to back; the same
+stages, as instructions, are :meth:`TaskSchedule.program <distattn.schedulers.cad.TaskSchedule.program>`):
 
 ==========  ==============================  ==================================================
 direction   call                            does
 ==========  ==============================  ==================================================
-forward     :meth:`~TaskExecutor.prefetch`  start Q, K/V to the workers (hop 1; :class:`Dispatch`)
-forward     ``relay``                       their later hops (relays forward what hop 1 brought)
-forward     ``compute_forward``             wait for them, attention, start out back
+forward     :meth:`~TaskExecutor.prefetch`  start Q, K/V to the workers, every hop (:class:`Dispatch`)
+forward     ``compute_forward``             wait for them, attention, start out back, every hop
 forward     ``finish_forward``              wait for out: ``(out, saved)``
-backward    ``start_backward``              start dout to the workers
+backward    ``start_backward``              start dout to the workers, every hop
 backward    ``compute_backward``            wait for it, attention backward, start dQ, dK/dV back
-backward    ``reduce``                      their hops but the last (relays sum and pass partials up)
 backward    ``finish_backward``             wait for them: ``(dq, dk, dv)``
 ==========  ==============================  ==================================================
 
 Every transfer is issued asynchronously (:meth:`distattn.comm.Comm.all_to_all` returns a pending
-handle) and waited for only by the next stage; a hop after the first waits for the one before.
+handle) and waited for only by the next stage. A hop after the first needs the rows the one before
+brought (relays forward them; on the way back they sum the partials first): it is chained to it
+when the first hop starts (:meth:`TaskExecutor.chained`) -- on CUDA the wait for the earlier hop and
+the gathering of its rows run on a side stream, so the compute stream goes on and the whole chain
+hides behind what the caller computes; on CPU the process waits there.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -107,11 +111,14 @@ class Cast:
         return [ex.all_to_all(own.index_select(0, hop.gather.on(own.device)), hop.send, hop.recv, what)]
 
     def advance(self, ex: "TaskExecutor", flights: list["Transfer"], what: str) -> list["Transfer"]:
-        """Start every later hop, each once the hops before it are in."""
-        for hop in self.hops[len(flights):]:
-            source = torch.cat([t.wait() for t in flights])
-            flights = flights + [ex.all_to_all(source.index_select(0, hop.gather.on(source.device)), hop.send,
-                                               hop.recv, what)]
+        """Start every later hop, each once the hops before it are in (chained: see module docstring)."""
+        if len(flights) == len(self.hops):
+            return flights
+        with ex.chained(flights[0].buffer.device):
+            for hop in self.hops[len(flights):]:
+                source = torch.cat([t.wait(chained=True) for t in flights])
+                flights = flights + [ex.all_to_all(source.index_select(0, hop.gather.on(source.device)), hop.send,
+                                                   hop.recv, what)]
         return flights
 
     @staticmethod
@@ -130,12 +137,16 @@ class Cast:
 
     def back_advance(self, ex: "TaskExecutor", ret: "Return", what: str) -> "Return":
         """Sum each hop's returned partials into the rows they were forwarded from and send those
-        back in turn, down to hop 1's (on its way to the owners)."""
-        while ret.hop > 0:
-            hop = self.hops[ret.hop]
-            got = ret.transfer.wait()
-            results = ret.results[:self.starts[ret.hop]].index_add_(0, hop.gather.on(got.device), got.to(ret.results.dtype))
-            ret = self._send_back(ex, results, ret.hop - 1, what)
+        back in turn, down to hop 1's (on its way to the owners; chained: see module docstring)."""
+        if ret.hop == 0:
+            return ret
+        with ex.chained(ret.results.device):
+            while ret.hop > 0:
+                hop = self.hops[ret.hop]
+                got = ret.transfer.wait(chained=True)
+                results = ret.results[:self.starts[ret.hop]].index_add_(0, hop.gather.on(got.device),
+                                                                        got.to(ret.results.dtype))
+                ret = self._send_back(ex, results, ret.hop - 1, what)
         return ret
 
     def back_finish(self, ex: "TaskExecutor", ret: "Return", what: str) -> torch.Tensor:
@@ -154,8 +165,12 @@ class Transfer(NamedTuple):
     buffer: torch.Tensor
     pending: Pending
 
-    def wait(self) -> torch.Tensor:
-        self.pending.wait()
+    def wait(self, chained: bool = False) -> torch.Tensor:
+        """The received rows, once they are in; ``chained``: for the next hop of a chain (on CUDA a
+        side stream's wait, which holds up no computation: not on the executor's wait clock)."""
+        self.pending.wait(timed=not (chained and self.buffer.is_cuda))
+        if self.buffer.is_cuda:   # received on a chain's side stream, read on this one (TaskExecutor.chained)
+            self.buffer.record_stream(torch.cuda.current_stream(self.buffer.device))
         return self.buffer
 
 
@@ -234,6 +249,7 @@ class TaskExecutor(Executor):
         nodes = schedule.nodes.dense
         self._peer_local = np.asarray([nodes[c] == nodes[slot] for c in self.by_rank])   # pool-rank order
         self.link_bytes = {"intra": 0, "inter": 0}   # bytes sent to other ranks of my node / of other nodes
+        self._side: dict = {}   # device -> the CUDA stream hop chains run on
 
     @property
     def comms(self) -> tuple[Comm, ...]:
@@ -259,29 +275,35 @@ class TaskExecutor(Executor):
         self.link_bytes["inter"] += int(sent[~self._peer_local].sum())
         return Transfer(buffer, pending)
 
+    def chained(self, device: torch.device):
+        """The context a hop chain runs in (module docstring): on CUDA a side stream that first waits
+        for the work queued so far (the rows it sends); on CPU none."""
+        if device.type != "cuda":
+            return nullcontext()
+        stream = self._side.get(device)
+        if stream is None:
+            stream = self._side[device] = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        return torch.cuda.stream(stream)
+
     def _scatter(self, rows: torch.Tensor, index: DeviceIndex, size: int) -> torch.Tensor:
         """``rows`` at ``index`` of a zero buffer of ``size`` rows (results for the rows I was sent)."""
         return rows.new_zeros((size, *rows.shape[1:])).index_copy_(0, index.on(rows.device), rows)
 
     # ---- forward stages --------------------------------------------------------------------------
     def prefetch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Dispatch:
-        """Start the forward all-to-alls of Q and K/V now (``Plan.prefetch``; forward stage 1)."""
+        """Start the forward all-to-alls of Q and K/V now, every hop (``Plan.prefetch``; forward stage 1)."""
         ids = (id(q), id(k), id(v))
         q, k, v = q.detach(), k.detach(), v.detach()
         qt = self.q_cast.start(self, q, "cad forward: Q to workers")
         kvt = self.kv_cast.start(self, torch.stack([k, v], dim=1), "cad forward: K/V to workers")
-        return Dispatch(self, ids, k.dtype, qt, kvt)
-
-    def relay(self, dispatch: Dispatch) -> Dispatch:
-        """Forward stage 1b: the later hops of Q and K/V (each waits for the one before)."""
-        return dispatch._replace(q=self.q_cast.advance(self, dispatch.q, "cad forward: Q to workers"),
-                                 kv=self.kv_cast.advance(self, dispatch.kv, "cad forward: K/V to workers"))
+        return Dispatch(self, ids, k.dtype, self.q_cast.advance(self, qt, "cad forward: Q to workers"),
+                        self.kv_cast.advance(self, kvt, "cad forward: K/V to workers"))
 
     def compute_forward(self, dispatch: Dispatch, scale: float, softcap: float | None = None,
                         sinks: torch.Tensor | None = None) -> Returning:
-        """Forward stage 2: wait for Q and K/V, run the tasks, start out back to the owners. Each
-        query row is computed whole by one slot, so the slot counts ``sinks`` in its rows here."""
-        dispatch = self.relay(dispatch)
+        """Forward stage 2: wait for Q and K/V, run the tasks, start out back to the owners, every hop.
+        Each query row is computed whole by one slot, so the slot counts ``sinks`` in its rows here."""
         q_buf = self.q_cast.buffer(dispatch.q)
         q_buf = q_buf.index_select(0, self.q_rows.on(q_buf.device))
         kv_buf = self.kv_cast.buffer(dispatch.kv)
@@ -302,9 +324,10 @@ class TaskExecutor(Executor):
                 out_buf.index_copy_(0, rows, o)
                 lse_buf.index_copy_(0, rows, l)
         out_buf, lse_buf = finish_rows(out_buf, lse_buf, sinks, q_buf.dtype)
-        out_t = self.q_cast.back_start(self, self._scatter(out_buf, self.q_rows, len(self.q_cast.tokens)),
-                                       "cad forward: out to owners")
-        return Returning(out_t, TaskSaved(WorkerSaved(q_buf, kv_buf, out_buf, lse_buf), dispatch.kv_dtype))
+        what = "cad forward: out to owners"
+        out_t = self.q_cast.back_start(self, self._scatter(out_buf, self.q_rows, len(self.q_cast.tokens)), what)
+        return Returning(self.q_cast.back_advance(self, out_t, what),
+                         TaskSaved(WorkerSaved(q_buf, kv_buf, out_buf, lse_buf), dispatch.kv_dtype))
 
     def finish_forward(self, returning: Returning) -> tuple[torch.Tensor, TaskSaved]:
         """Forward stage 3: wait for out; ``(out, saved)``. (lse stays with the worker: only its
@@ -325,16 +348,19 @@ class TaskExecutor(Executor):
 
     # ---- backward stages -------------------------------------------------------------------------
     def start_backward(self, dout: torch.Tensor) -> DoutDispatch:
-        """Backward stage 1: start dout to the workers (all they lack: they kept Q, K/V, out, lse)."""
-        return DoutDispatch(self.q_cast.start(self, dout, "cad backward: dout to workers"))
+        """Backward stage 1: start dout to the workers, every hop (all they lack: they kept Q, K/V,
+        out, lse)."""
+        what = "cad backward: dout to workers"
+        return DoutDispatch(self.q_cast.advance(self, self.q_cast.start(self, dout, what), what))
 
     def compute_backward(self, dispatch: DoutDispatch, saved: TaskSaved, scale: float, softcap: float | None = None,
                          sinks: torch.Tensor | None = None) -> GradsReturning:
-        """Backward stage 2: wait for dout, run the tasks' backward, start dQ and dK/dV back. With
-        ``sinks``, their gradient over this slot's rows stays here (``GradsReturning.dsinks``): a
-        replicated parameter's gradient is summed over the ranks by the data-parallel reduction."""
+        """Backward stage 2: wait for dout, run the tasks' backward, start dQ and dK/dV back, every
+        hop (each relay sums the partials it gets back with its own: group-reduce). With ``sinks``,
+        their gradient over this slot's rows stays here (``GradsReturning.dsinks``): a replicated
+        parameter's gradient is summed over the ranks by the data-parallel reduction."""
         w = saved.worker
-        dout_buf = self.q_cast.buffer(self.q_cast.advance(self, dispatch.dout, "cad backward: dout to workers"))
+        dout_buf = self.q_cast.buffer(dispatch.dout)
         dout_buf = dout_buf.index_select(0, self.q_rows.on(dout_buf.device))
         kw = self.kernel_args(scale, softcap)
         whole = self.calls[0][1] is None
@@ -355,22 +381,16 @@ class TaskExecutor(Executor):
                 dq_buf.index_add_(0, rows, dq_l.to(dq_buf.dtype))
             dkv_buf.index_add_(0, index, torch.stack([dk_seg, dv_seg], dim=1).to(dkv_buf.dtype))
         dq_buf = dq_buf.to(w.q.dtype)
-        dq_t = self.q_cast.back_start(self, self._scatter(dq_buf, self.q_rows, len(self.q_cast.tokens)),
-                                      "cad backward: dQ to owners")
-        dkv_t = self.kv_cast.back_start(self, self._scatter(dkv_buf, self.kv_rows, len(self.kv_cast.tokens)),
-                                        "cad backward: dK/dV to owners")
-        return GradsReturning(dq_t, dkv_t, saved.kv_dtype, rows_sink_grad(delta, w.lse, sinks))
-
-    def reduce(self, returning: GradsReturning) -> GradsReturning:
-        """Backward stage 2b: the returning hops but the last (each slot sums the partials it gets
-        back with its own before passing them on: group-reduce)."""
-        return returning._replace(dq=self.q_cast.back_advance(self, returning.dq, "cad backward: dQ to owners"),
-                                  dkv=self.kv_cast.back_advance(self, returning.dkv, "cad backward: dK/dV to owners"))
+        dq_what, dkv_what = "cad backward: dQ to owners", "cad backward: dK/dV to owners"
+        dq_t = self.q_cast.back_start(self, self._scatter(dq_buf, self.q_rows, len(self.q_cast.tokens)), dq_what)
+        dkv_t = self.kv_cast.back_start(self, self._scatter(dkv_buf, self.kv_rows, len(self.kv_cast.tokens)), dkv_what)
+        return GradsReturning(self.q_cast.back_advance(self, dq_t, dq_what),
+                              self.kv_cast.back_advance(self, dkv_t, dkv_what), saved.kv_dtype,
+                              rows_sink_grad(delta, w.lse, sinks))
 
     def finish_backward(self, returning: GradsReturning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Backward stage 3: wait for dQ and dK/dV; dK/dV of a key sent to several slots are summed.
         (``returning.dsinks`` is ready since stage 2.)"""
-        returning = self.reduce(returning)
         dq = self.q_cast.back_finish(self, returning.dq, "cad backward: dQ to owners")
         dkv = self.kv_cast.back_finish(self, returning.dkv, "cad backward: dK/dV to owners")
         return dq, dkv[:, 0].to(returning.kv_dtype), dkv[:, 1].to(returning.kv_dtype)

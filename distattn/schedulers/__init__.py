@@ -33,6 +33,9 @@ class SchedulerSpec:
     heads: str = "none"                  # query heads split over "none", the "world" (ulysses), or an "axis" (usp)
     pools: bool = False                  # balances the attention of several CP groups at once (``pool=``)
     moves_kv_only: bool = False          # only K/V (and dK/dV) travel; queries stay on their rank
+    # nano-batches a micro-batch is cut into by default (distattn.pingpong): 2 where the executor has
+    # stages whose transfers the other nano-batch's compute hides (cad), else 1
+    nano_batches: int = 1
 
     def __post_init__(self):
         assert self.heads in HEADS, self.heads
@@ -45,6 +48,13 @@ class SchedulerSpec:
         import inspect
 
         return option in inspect.signature(self.planner()).parameters
+
+    def job_options(self, **job) -> dict:
+        """The options the planner takes that describe the job it plans for, made by the planner's
+        module (``planner_options(**job)``: cad's cost model and network; the keywords are its), so
+        that every caller plans one job alike; ``{}`` for planners that need none."""
+        make = getattr(import_module(f"{__name__}.{self.module or self.name}"), "planner_options", None)
+        return {} if make is None else make(**job)
 
     def ulysses_degree(self, world_size: int, num_kv_heads: int | None = None, requested: int | None = None,
                        gpus_per_node: int | None = None) -> int:
@@ -102,7 +112,7 @@ REGISTRY: dict[str, SchedulerSpec] = {spec.name: spec for spec in (
     SchedulerSpec("allgather", "zigzag chunks, K/V all-gathered", "zigzag", moves_kv_only=True),
     SchedulerSpec("ulysses", "contiguous shards, heads all-to-all", heads="world"),
     SchedulerSpec("usp", "Ulysses all-to-all inside groups, zigzag ring across them", None, heads="axis"),
-    SchedulerSpec("cad", "contiguous shards, attention tasks balanced over all ranks", pools=True),
+    SchedulerSpec("cad", "contiguous shards, attention tasks balanced over all ranks", pools=True, nano_batches=2),
 )}
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 # world size 1: every scheduler is this one (``scheduler="local"`` asks for it by name)

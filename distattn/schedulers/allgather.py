@@ -24,6 +24,7 @@ import numpy as np
 
 from ..layout import Shards
 from ..masks import MaskSlice
+from ..program import Builder, Program
 from ..schedule import AttnShape, Phase, Schedule
 from .blocks import KernelCall, kernel_calls, range_pairs
 
@@ -61,23 +62,37 @@ class GatherSchedule(Schedule):
     def visible_pairs(self, rank: int) -> int:
         return int(self.rank_pairs[rank])
 
-    def phases(self, shape: AttnShape) -> list[Phase]:
-        """Per head group ``n``: forward, the gather of group ``n + 1`` runs under group ``n``'s
-        attention (the first is exposed); backward, each gather is waited at once and the
-        reduce-scatter of group ``n`` runs under group ``n + 1``'s attention (the last is exposed)."""
+    def program(self, shape: AttnShape) -> Program:
+        """Step ``n`` is head group ``n``. Forward: the gather of group ``n + 1`` is started before
+        group ``n``'s attention and waited for after it (the first is waited for at once);
+        backward: each gather is waited for at once, and group ``n``'s reduce-scatter is started
+        after its attention and waited for after the last group's."""
         p, group = self.world_size, shape.num_heads // shape.num_kv_heads
-        fwd, bwd = [], []
-        for n, (h0, h1) in enumerate(self.head_groups(shape.num_kv_heads)):
-            gather = np.full(p, (p - 1) * self.width * 2 * shape.row_bytes(h1 - h0), dtype=np.int64)
-            flops = shape.flops(self.rank_pairs, (h1 - h0) * group)
-            fwd += [Phase.per_rank("forward", "all_gather", "K/V", p, gather, max(n - 1, 0),
-                                   overlaps="attention" if n else None),
-                    Phase.per_rank("forward", "attention", "attention", p, flops, n)]
-            scatter = np.full(p, (p - 1) * self.width * 2 * shape.row_bytes(h1 - h0, acc=True), dtype=np.int64)
-            bwd += [Phase.per_rank("backward", "all_gather", "K/V", p, gather, n),
-                    Phase.per_rank("backward", "attention", "attention", p, flops * 2.5, n),
-                    Phase.per_rank("backward", "reduce_scatter", "dK/dV", p, scatter, n + 1, overlaps="attention")]
-        return fwd + bwd
+        heads = self.head_groups(shape.num_kv_heads)
+        n_steps = len(heads)
+        kv = [[(p - 1) * self.width * 2 * shape.row_bytes(h1 - h0)] * p for h0, h1 in heads]
+        dkv = [[(p - 1) * self.width * 2 * shape.row_bytes(h1 - h0, acc=True)] * p for h0, h1 in heads]
+        flops = np.stack([shape.flops(self.rank_pairs, (h1 - h0) * group) for h0, h1 in heads])   # [steps, P]
+        b = Builder()
+        gather = b.phase(Phase.stepped("forward", "all_gather", "K/V", p, kv))
+        attn = b.phase(Phase.stepped("forward", "attention", "attention", p, flops))
+        b_gather = b.phase(Phase.stepped("backward", "all_gather", "K/V", p, kv))
+        b_attn = b.phase(Phase.stepped("backward", "attention", "attention", p, flops * 2.5))
+        scatter = b.phase(Phase.stepped("backward", "reduce_scatter", "dK/dV", p, dkv))
+        b.start("compute", gather, 0)           # GatherExecutor.forward
+        for n in range(n_steps):
+            b.wait("compute", gather, n)
+            if n + 1 < n_steps:
+                b.start("compute", gather, n + 1)
+            b.run("compute", attn, n)
+        for n in range(n_steps):                # GatherExecutor.backward
+            b.start("compute_backward", b_gather, n)
+            b.wait("compute_backward", b_gather, n)
+            b.run("compute_backward", b_attn, n)
+            b.start("compute_backward", scatter, n)
+        for n in range(n_steps):
+            b.wait("compute_backward", scatter, n)
+        return b.build()
 
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
         """The gathered K/V of one head group and its copy in global order."""

@@ -57,15 +57,16 @@ from functools import cached_property
 
 import numpy as np
 
-from ..network import NetworkProfile
+from ..network import NetworkProfile, default_profile
 from ..cost import Roofline
 from ..kernels import Varlen
 from ..layout import Shards, covered_before
 from ..masks import MaskSlice, SliceMask, bound_or_none, shift_band
+from ..program import Builder, Program
 from ..schedule import AttnShape, Phase, Schedule
 from .blocks import layers
 from .cad_placement import LinkCost, RowBytes, place_tasks
-from .cad_cast import FANOUT, Legs, Nodes, index_runs, key_legs, merge_intervals, query_legs
+from .cad_cast import Legs, Nodes, index_runs, key_legs, merge_intervals, query_legs
 from .cad_planner import Segments
 
 
@@ -106,36 +107,33 @@ class Traffic:
     q = property(lambda self: self.hops[0].q)
     kv = property(lambda self: self.hops[0].kv)
 
-    def phase(self, direction: str, what: str, src, dst, rows_bytes) -> Phase:
-        """An all-to-all moving ``rows_bytes`` per pair ``src -> dst``. ``amount``: bytes a slot sends,
-        ``inter_sent`` of them across nodes; ``intra``/``inter``: the larger of its sent and received
-        bytes inside its node and across nodes (what an all-to-all waits for on each kind of link)."""
-        src, dst = np.asarray(src), np.asarray(dst)
-        moved = np.where(src != dst, rows_bytes, 0)
-        local = self.nodes.same(src, dst)
+    def phase(self, direction: str, what: str, rows_bytes, back: bool, hops: int) -> Phase:
+        """The all-to-alls of one kind of rows over hops ``1..hops`` (step ``h - 1`` is hop ``h``):
+        ``rows_bytes(hop)`` per pair of the hop moves from ``src`` to ``dst`` (``back``: from ``dst`` to
+        ``src``). Per slot and hop, ``amount``: the bytes it sends, ``inter_sent`` of them across nodes;
+        ``intra``/``inter``: the larger of its sent and received bytes inside its node and across
+        nodes (what an all-to-all waits for on each kind of link); ``peers``: the most slots it sends
+        to or receives from (the all-to-all skips the others: its latency grows with these), and
+        ``links`` which; ``kept``: the bytes of the rows it sends itself (in its buffers, on no link)."""
         p = self.slots
+        parts, links = [], []
+        for h, hop in enumerate(self.hops[:hops]):
+            src, dst = (hop.dst, hop.src) if back else (hop.src, hop.dst)
+            moved = np.where(src != dst, rows_bytes(hop), 0)
+            local = self.nodes.same(src, dst)
 
-        def per_slot(who, mask):
-            return np.bincount(who, np.where(mask, moved, 0), minlength=p).astype(np.int64)
-        intra = np.maximum(per_slot(src, local), per_slot(dst, local))
-        inter = np.maximum(per_slot(src, ~local), per_slot(dst, ~local))
-        return Phase(direction, "all_to_all", what, p, np.arange(p), per_slot(src, np.ones_like(local)),
-                     np.zeros(p, dtype=np.int64), overlaps="layers", intra=intra, inter=inter,
-                     inter_sent=per_slot(src, ~local))
-
-    def phases(self, direction: str, what: str, q_bytes: int, kv_bytes: int, back: bool) -> list[Phase]:
-        """One phase per hop moving Q rows (``q_bytes`` each) and K/V rows (``kv_bytes``) to the
-        workers, or (``back``) their results to the owners, hop by hop in reverse; hops moving
-        nothing of these are left out (the executor skips them too)."""
-        out = []
-        for h, hop in enumerate(self.hops, 1):
-            amount = hop.q * q_bytes + hop.kv * kv_bytes
-            if h > 1 and not amount[hop.src != hop.dst].any():
-                continue
-            name = what if h == 1 else f"{what}, hop {h}"
-            out.append(self.phase(direction, name, hop.dst, hop.src, amount) if back else
-                       self.phase(direction, name, hop.src, hop.dst, amount))
-        return out[::-1] if back else out
+            def per_slot(who, mask):
+                return np.bincount(who, np.where(mask, moved, 0), minlength=p).astype(np.int64)
+            peers = np.maximum(np.bincount(src, moved > 0, minlength=p), np.bincount(dst, moved > 0, minlength=p))
+            kept = np.bincount(src, np.where(src == dst, rows_bytes(hop), 0), minlength=p).astype(np.int64)
+            parts.append((per_slot(src, np.ones_like(local)), np.maximum(per_slot(src, local), per_slot(dst, local)),
+                          np.maximum(per_slot(src, ~local), per_slot(dst, ~local)), per_slot(src, ~local),
+                          peers.astype(np.int64), kept))
+            links.append((np.full(int((moved > 0).sum()), h), src[moved > 0], dst[moved > 0]))
+        amount, intra, inter, inter_sent, peers, kept = (np.concatenate(x) for x in zip(*parts))
+        return Phase(direction, "all_to_all", what, p, np.tile(np.arange(p), hops), amount,
+                     np.repeat(np.arange(hops), p), intra=intra, inter=inter, inter_sent=inter_sent, peers=peers,
+                     kept=kept, links=tuple(np.concatenate(x).astype(np.int64) for x in zip(*links)))
 
     def matrices(self) -> tuple[np.ndarray, np.ndarray]:
         """Dense ``[owner, computing slot]`` matrices of hop 1's Q rows and K/V rows (small pools: tests)."""
@@ -209,7 +207,7 @@ class TaskSchedule(Schedule):
     slots: Shards = field(repr=False)               # the pool's token space: the runs each slot holds
     slot_ranks: tuple[int, ...]                     # pool-group rank of each slot
     nodes: Nodes = field(repr=False)                # the node of each slot (routes: cad_cast)
-    fanout: int = FANOUT                            # child nodes per node of a K/V tree
+    fanout: int | None = None                       # child nodes per node of a K/V tree (None: tree_fanout)
     keeps_local_out = False                         # the worker keeps its tasks' rows (saved_bytes)
 
     @property
@@ -269,26 +267,57 @@ class TaskSchedule(Schedule):
         return Traffic(tuple(Hop.of(q_legs, kv_legs, h, self.pool_size) for h in range(1, max(self.hops) + 1)),
                        self.nodes)
 
-    def phases(self, shape: AttnShape) -> list[Phase]:
-        """Forward: Q and K/V to the workers hop by hop (:mod:`~distattn.schedulers.cad_cast`),
-        attention, out back (lse stays with the worker); backward: dout to the workers (they kept
-        Q, K/V, out and lse), attention, dQ and fp32 dK/dV back up the same hops (partials summed at
-        every relay). Each all-to-all is issued ahead of the other nano-batch's computation under
-        :func:`distattn.pingpong.ping_pong` (``overlaps="layers"``); a plain ``attention`` call waits
-        for each. Every transfer's bytes are split into what stays inside a node and what crosses."""
+    def program(self, shape: AttnShape) -> Program:
+        """:class:`~distattn.executors.task_a2a.TaskExecutor`'s stages. Forward: Q and K/V to the
+        workers hop by hop (:mod:`~distattn.schedulers.cad_cast`; every later hop chained to the one
+        before when the first starts), attention, out back up the hops (lse stays with the worker);
+        backward: dout to the workers (they kept Q, K/V, out and lse), attention, dQ and fp32 dK/dV
+        back up the same hops (partials summed at every relay). Each all-to-all's bytes are split
+        into what stays inside a node and what crosses (step ``h - 1`` of a phase is hop ``h``)."""
         p, tr = self.pool_size, self.traffic()
+        hq, hkv = self.hops
         q_b = shape.row_bytes(shape.num_heads)
         dkv_b = 2 * shape.row_bytes(shape.num_kv_heads, acc=True)
         area = np.bincount(self.segments.rank, self.segments.area, minlength=p).astype(np.int64)
         flops = shape.flops(area)
-        return [
-            *tr.phases("forward", "Q, K/V to workers", q_b, shape.kv_row, back=False),
-            Phase.per_rank("forward", "attention", "attention", p, flops),
-            *tr.phases("forward", "out to owners", q_b, 0, back=True),
-            *tr.phases("backward", "dout to workers", q_b, 0, back=False),
-            Phase.per_rank("backward", "attention", "attention", p, flops * 2.5),
-            *tr.phases("backward", "dQ, dK/dV to owners", q_b, dkv_b, back=True),
-        ]
+        b = Builder()
+        q_in = b.phase(tr.phase("forward", "Q to workers", lambda hop: hop.q * q_b, False, hq))
+        kv_in = b.phase(tr.phase("forward", "K/V to workers", lambda hop: hop.kv * shape.kv_row, False, hkv))
+        attn = b.phase(Phase.per_rank("forward", "attention", "attention", p, flops))
+        out = b.phase(tr.phase("forward", "out to owners", lambda hop: hop.q * q_b, True, hq))
+        dout = b.phase(tr.phase("backward", "dout to workers", lambda hop: hop.q * q_b, False, hq))
+        b_attn = b.phase(Phase.per_rank("backward", "attention", "attention", p, flops * 2.5))
+        dq = b.phase(tr.phase("backward", "dQ to owners", lambda hop: hop.q * q_b, True, hq))
+        dkv = b.phase(tr.phase("backward", "dK/dV to owners", lambda hop: hop.kv * dkv_b, True, hkv))
+
+        def hops_out(stage, phase, hops):      # Cast.advance: each later hop once the one before is in
+            for h in range(1, hops):
+                b.chain(stage, phase, h, after=h - 1)
+
+        def hops_back(stage, phase, hops):     # Cast.back_advance: the partials up the hops, summed on the way
+            for h in range(hops - 1, 0, -1):
+                b.chain(stage, phase, h - 1, after=h)
+        b.start("dispatch", q_in)
+        b.start("dispatch", kv_in)
+        hops_out("dispatch", q_in, hq)
+        hops_out("dispatch", kv_in, hkv)
+        b.wait("compute", q_in, hq - 1)
+        b.wait("compute", kv_in, hkv - 1)
+        b.run("compute", attn)
+        b.start("compute", out, hq - 1)
+        hops_back("compute", out, hq)
+        b.wait("finish", out, 0)
+        b.start("start_backward", dout)
+        hops_out("start_backward", dout, hq)
+        b.wait("compute_backward", dout, hq - 1)
+        b.run("compute_backward", b_attn)
+        b.start("compute_backward", dq, hq - 1)
+        b.start("compute_backward", dkv, hkv - 1)
+        hops_back("compute_backward", dq, hq)
+        hops_back("compute_backward", dkv, hkv)
+        b.wait("finish_backward", dq, 0)
+        b.wait("finish_backward", dkv, 0)
+        return b.build()
 
     def saved_bytes(self, shape: AttnShape) -> np.ndarray:
         """The worker's buffers (:meth:`buffer_bytes`): what it keeps for backward is its tasks' rows."""
@@ -330,6 +359,18 @@ class TaskSchedule(Schedule):
         routes = [tuple(Route(legs.per_peer(h, slot, p, sending=True), legs.per_peer(h, slot, p, sending=False))
                         for h in range(1, legs.hops + 1)) for legs in (q_legs, kv_legs)]
         return TaskRoutes(*routes, tuple(calls), index_runs(qu0, qu1 - qu0), index_runs(ku0, ku1 - ku0))
+
+
+def planner_options(*, num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128, dtype_bytes: int = 2,
+                    peak_tflops: float | None = None, attn_efficiency: float = 0.5, network=None) -> dict:
+    """The options cad plans a job with -- the one place they are made, so training, the adapters'
+    callers, ``distattn simulate``, ``python -m distattn.sim.cad_table`` and ``python -m
+    distattn.bench.cad_balance`` plan the same job alike: the roofline of the model's attention on the
+    GPU (``peak_tflops``, default an H100's) and the network profile (default: NVLink in a node of 8,
+    InfiniBand between nodes)."""
+    cost = Roofline(peak_tflops or Roofline.peak_tflops, attn_efficiency, num_heads=num_heads,
+                    num_kv_heads=num_kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes)
+    return {"cost": cost, "network": network if network is not None else default_profile()}
 
 
 def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, pool: Pool | None = None,

@@ -10,11 +10,14 @@ only from a slot of local index ``j`` to a slot of local index ``j`` (its *rail*
 owner sends, or one slot needs, spreads over all network cards of both nodes:
 
 * **K/V, group-cast.** A key row crosses the inter-node fabric once per destination *node*. Slots
-  of the owner's node get it straight from the owner (NVLink). The other nodes needing rows of an
-  owner form a tree rooted at the owner's node, at most ``f`` children a node (``FANOUT``): the
-  nodes needing the most rows join first, each under the node of the tree that moves the fewest
-  rows across nodes so far (:func:`_parents`; hop 1 hands each share to its rail's slot of the
-  owner's node). In each node, the slot of a share's rail receives what the node's whole subtree
+  of the owner's node get it straight from the owner (NVLink). The other nodes needing
+  overlapping rows of an owner (a document's causal prefixes: a *cluster*) form a tree rooted at
+  the owner's node, at most ``f`` children a node (:func:`tree_fanout`): the nodes needing the most rows
+  join first (of those needing as many, the ones sending most keys of their own: they receive in
+  the hop they send in), each under the node of the tree that moves the fewest rows across nodes
+  so far, the owner's node counting its first copy of every tree (:func:`_parents`; hop 1 hands
+  each share to its rail's slot of the owner's node, the shares weighing a row by the nodes it
+  goes to, :func:`covered_quantiles`). In each node, the slot of a share's rail receives what the node's whole subtree
   needs of it from the parent node's slot of that rail, forwards each child node its part, and
   over NVLink each slot of its node its rows. A slot sends at most ``f`` inter-node copies of any
   row, and a tree of ``m`` nodes is at most ``log_f m + 1`` hops deep.
@@ -42,7 +45,23 @@ import numpy as np
 
 from ..layout import Shards
 
-FANOUT = 2   # child nodes per node of a K/V tree: inter-node copies a slot sends of a row
+DEPTH = 3   # levels of a K/V tree below the owner's node (tree_fanout)
+
+
+def tree_fanout(nodes: int) -> int:
+    """Child nodes per node of the K/V trees over ``nodes`` nodes: the fewest (at least 2) whose trees
+    reach every node within :data:`DEPTH` levels. Each child is an inter-node copy its parent sends
+    of a row -- fewer children, fewer bytes on the busiest links -- but each level is one more hop,
+    an all-to-all the next one waits for (:meth:`TaskSchedule.program
+    <distattn.schedulers.cad.TaskSchedule.program>` chains them) with its own latency: measured,
+    binary trees 7 levels deep over 64 nodes left 0.36 s of a Llama-3 8B step on 512 H100s at 512K
+    (ProLong; ``distattn simulate``) to communication, 4 children 0.13 s, at most 7% more inter-node
+    bytes on the busiest rank (ProLong and WLB lengths, 64-4096 ranks, seeds 0-2:
+    ``python -m distattn.bench.cad_balance``)."""
+    f = 2
+    while sum(f ** d for d in range(1, DEPTH + 1)) < nodes - 1:
+        f += 1
+    return f
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,10 +165,12 @@ def query_legs(comp: np.ndarray, a: np.ndarray, b: np.ndarray, slots: Shards, no
 
 
 def key_legs(comp: np.ndarray, a: np.ndarray, b: np.ndarray, slots: Shards, nodes: Nodes,
-             fanout: int = FANOUT, load: np.ndarray | None = None) -> Legs:
+             fanout: int | None = None, load: np.ndarray | None = None) -> Legs:
     """Legs delivering keys ``[a[i], b[i])`` to slot ``comp[i]`` (each slot's intervals disjoint) by
-    group-cast down a tree of nodes per owner (module docstring). ``load``: per node, the rows it
-    already moves across nodes (in key rows; default none), which the trees' relays add to."""
+    group-cast down a tree of nodes per owner (module docstring), ``fanout`` children a node (default
+    :func:`tree_fanout`). ``load``: per node, the rows it already moves across nodes (in key rows;
+    default none), which the trees' relays add to."""
+    fanout = tree_fanout(nodes.count) if fanout is None else fanout
     i, run, s, e = slots.cut(a, b)
     owner, dest = slots.owner[run], np.asarray(comp, dtype=np.int64)[i]
     node = nodes.dense
@@ -162,20 +183,26 @@ def key_legs(comp: np.ndarray, a: np.ndarray, b: np.ndarray, slots: Shards, node
 
 
 def _tree_legs(owner, dest, s, e, nodes: Nodes, slots: Shards, fanout: int, load) -> list[tuple]:
-    """The legs of the remote pieces ``(owner, dest, s, e)``: one tree of nodes per owner; share
+    """The legs of the remote pieces ``(owner, dest, s, e)``: trees of nodes per owner; share
     ``j`` of an owner's rows travels between the nodes' slots of local index ``j`` (hop 1 hands it
     to the owner's node peer ``j`` over NVLink)."""
     node, n_nodes, peer, span = nodes.dense, nodes.count, nodes.peer, slots.total + 1
-    # groups: (owner, destination node); a group's rows, merged, offset so groups stay apart
-    group_of = owner * n_nodes + node[dest]
-    groups, g = np.unique(group_of, return_inverse=True)
-    g_owner, g_node = groups // n_nodes, groups % n_nodes
+    # clusters: an owner's rows that overlap between destinations (a document's causal prefixes)
+    # form one tree; rows no destination shares with another go in trees of their own (in one
+    # tree per owner, a relay received, and sent on, other documents' rows it did not need).
+    # Flat (queries): one cluster per owner, whose shares spread all it sends a node
+    cluster, c_owner = (_clusters(owner, dest, s, e, len(node), span) if fanout < n_nodes
+                        else (owner, np.arange(int(owner.max(initial=-1)) + 1)))
+    # groups: (cluster, destination node); a group's rows, merged, offset so groups stay apart
+    groups, g = np.unique(cluster * n_nodes + node[dest], return_inverse=True)
+    g_tree, g_node = groups // n_nodes, groups % n_nodes
+    g_owner = c_owner[g_tree]
     own0, own1 = merge_intervals(g * span + s, g * span + e)
     rows = np.bincount(own0 // span, own1 - own0, minlength=len(groups))   # each group's node receives
     at_node = np.zeros(len(groups), dtype=np.int64)
     at_node[g] = dest                                        # a slot of each group's node
     load = np.zeros(n_nodes) if load is None else np.asarray(load, dtype=np.float64).copy()
-    parent = (_parents(g_owner, g_node, rows, node[g_owner], load, fanout) if fanout < n_nodes
+    parent = (_parents(g_tree, g_node, rows, node[g_owner], load, fanout) if fanout < n_nodes
               else np.full(len(groups), -1, dtype=np.int64))          # flat: the owner sends each node its rows
     depth = np.ones(len(groups), dtype=np.int64)
     for _ in range(64):                                          # depth = parent's depth + 1
@@ -196,10 +223,12 @@ def _tree_legs(owner, dest, s, e, nodes: Nodes, slots: Shards, fanout: int, load
     sub = sub0 // span
     slo, shi = sub0 - sub * span, sub1 - sub * span
     cuts = quantiles(sub, slo, shi, len(groups), parts)      # [group, parts + 1]: of what its node receives
+    # an owner's shares weigh a row by the child nodes it goes to, so that every slot of its node
+    # sends as much (equal shares of the rows' union left the slots holding a shared prefix's
+    # first rows sending it to every child: 6% above the node's mean, measured)
     root = parent[sub] < 0
-    out0, out1 = merge_intervals(g_owner[sub[root]] * span + slo[root], g_owner[sub[root]] * span + shi[root])
-    owners, out_owner = np.unique(out0 // span, return_inverse=True)
-    out_cuts = quantiles(out_owner, out0 - out0 // span * span, out1 - out0 // span * span, len(owners), parts)
+    owners, out_owner = np.unique(g_owner[sub[root]], return_inverse=True)
+    out_cuts = covered_quantiles(out_owner, slo[root], shi[root], len(owners), parts)
     # what each node receives, share by share, from the sending node's slot holding the row's share
     w, share, lo, hi = _shares(slo, shi, cuts[sub])
     sg = sub[w]
@@ -219,8 +248,25 @@ def _tree_legs(owner, dest, s, e, nodes: Nodes, slots: Shards, fanout: int, load
     return [to_peers, down, inside]
 
 
-def _parents(g_owner, g_node, rows, root_node, load, fanout: int) -> np.ndarray:
-    """The parent group of each group in its owner's tree (-1: the owner's node). Trees are built
+def _clusters(owner, dest, s, e, slots: int, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cluster of each piece ``(owner, dest, s, e)``: a run of an owner's rows that the
+    destinations' needs overlap into (one destination's touching pieces merged first); and the
+    owner of each cluster."""
+    pair = (owner * slots + dest) * span
+    p0, p1 = merge_intervals(pair + s, pair + e)
+    m_owner = p0 // span // slots
+    m0, m1 = m_owner * span + p0 % span, m_owner * span + (p1 - p0 // span * span)
+    order = np.argsort(m0, kind="stable")
+    reach = np.maximum.accumulate(m1[order])
+    cluster = np.empty(len(m0), dtype=np.int64)
+    cluster[order] = np.cumsum(np.concatenate([[True], m0[order][1:] >= reach[:-1]])) - 1
+    c_owner = np.zeros(int(cluster.max(initial=-1)) + 1, dtype=np.int64)
+    c_owner[cluster] = m_owner
+    return cluster[np.searchsorted(p0, pair + s, side="right") - 1], c_owner
+
+
+def _parents(g_tree, g_node, rows, root_node, load, fanout: int) -> np.ndarray:
+    """The parent group of each group in its tree (-1: the owner's node). Trees are built
     biggest first; in each, groups needing the most rows first (a causal prefix: a parent needs
     what its children need), each under the node of the tree so far that moves the fewest rows
     across nodes (``load`` -- its query rows, given -- plus every node's own key rows in, plus the
@@ -228,10 +274,22 @@ def _parents(g_owner, g_node, rows, root_node, load, fanout: int) -> np.ndarray:
     ``fanout``-ary heap. A relay receives a key prefix once and sends it up to ``fanout`` times:
     picked blindly (in a heap the node needing a long document's whole prefix tops the tree of
     every owner of it), relays were the busiest links."""
-    parent = np.full(len(g_owner), -1, dtype=np.int64)
+    parent = np.full(len(g_tree), -1, dtype=np.int64)
     np.add.at(load, g_node, rows)          # every node receives its rows, whatever the trees
-    order = np.lexsort((g_node, -rows, g_owner))
-    trees = np.split(order, np.flatnonzero(np.diff(g_owner[order])) + 1)
+    order = np.lexsort((g_node, -rows, g_tree))
+    trees = np.split(order, np.flatnonzero(np.diff(g_tree[order])) + 1)
+    # ... and every owner's node sends each tree's rows once (its first child needs the most):
+    # counted as trees are built, an owner whose later trees were not built yet looked idle
+    # beside its receivers, and took a second child, sending its rows twice
+    firsts = np.asarray([tree[0] for tree in trees], dtype=np.int64)
+    sends = np.bincount(root_node[firsts], rows[firsts], minlength=len(load))
+    load += sends
+    # of the nodes needing as many rows, those sending most come first, straight from the owner:
+    # rows a node receives in the hop it sends its own in cost it nothing (an all-to-all waits for
+    # the larger way); one hop later, they did (a node exporting a document's tail, keeping rows
+    # that need the keys of the node before it)
+    order = np.lexsort((g_node, -sends[g_node], -rows, g_tree))
+    trees = np.split(order, np.flatnonzero(np.diff(g_tree[order])) + 1)
     for tree in sorted(trees, key=lambda tr: -int(rows[tr].sum())):
         cap = int(np.ceil(np.log(len(tree) + 1) / np.log(fanout))) + 1 if fanout > 1 else len(tree)
         at, group, kids, depth = [int(root_node[tree[0]])], [-1], [0], [0]
@@ -239,8 +297,9 @@ def _parents(g_owner, g_node, rows, root_node, load, fanout: int) -> np.ndarray:
             free = [i for i in range(len(at)) if kids[i] < fanout and depth[i] < cap] or [0]
             best = min(free, key=lambda i: (load[at[i]], i))
             parent[g] = group[best]
+            if best or kids[0]:          # beyond the owner's first copy
+                load[at[best]] += rows[g]
             kids[best] += 1
-            load[at[best]] += rows[g]
             at.append(int(g_node[g]))
             group.append(g)
             kids.append(0)
@@ -266,6 +325,35 @@ def quantiles(group, lo, hi, groups: int, parts: int) -> np.ndarray:
         return np.zeros((groups, parts + 1), dtype=np.int64)
     pos = lo[j] + inner - before[j] + (want > inner)
     return np.where(has[:, None], pos, 0)
+
+
+def covered_quantiles(group, lo, hi, groups: int, parts: int) -> np.ndarray:
+    """Like :func:`quantiles`, for intervals ``[lo, hi)`` that may overlap: a row weighs as many
+    of its group's intervals as cover it, and the shares carry equal weight."""
+    if len(lo) == 0:
+        return np.zeros((groups, parts + 1), dtype=np.int64)
+    group = np.asarray(group, dtype=np.int64)
+    g = np.concatenate([group, group])
+    pos = np.concatenate([lo, hi]).astype(np.int64)
+    step = np.concatenate([np.ones(len(lo)), -np.ones(len(lo))])
+    order = np.lexsort((-step, pos, g))       # at one position, intervals open before others close
+    g, pos, cover = g[order], pos[order], np.cumsum(step[order])   # each group's steps sum to 0
+    # segment i: rows [pos[i], pos[i + 1]) covered cover[i] times (within one group)
+    inside = g[:-1] == g[1:]
+    weight = np.where(inside, (pos[1:] - pos[:-1]) * cover[:-1], 0)
+    reach = np.cumsum(weight)
+    before = reach - weight
+    total = np.bincount(g[:-1], weight, minlength=groups)
+    first = np.searchsorted(g, np.arange(groups))                 # each group's first step
+    last = np.searchsorted(g, np.arange(groups), side="right") - 1
+    want = before[np.minimum(first, len(before) - 1)][:, None] + total[:, None] * np.arange(parts + 1) / parts
+    k = np.minimum(np.searchsorted(reach, want, side="right"), np.maximum(last - 1, first)[:, None])
+    cuts = pos[k] + np.ceil((want - before[k]) / np.maximum(cover[k], 1)).astype(np.int64)
+    has = first <= last
+    cuts[:, 0] = pos[np.minimum(first, len(pos) - 1)]
+    cuts[:, -1] = pos[np.maximum(last, 0)]
+    cuts = np.maximum.accumulate(np.minimum(cuts, cuts[:, -1:]), axis=1)
+    return np.where(has[:, None], cuts, 0)
 
 
 def _shares(lo, hi, cuts) -> tuple[np.ndarray, ...]:

@@ -3,16 +3,10 @@
 The task table (:class:`~distattn.schedulers.cad_planner.TaskTable`) starts with every task on the
 rank owning its queries. With several nodes, two passes come first:
 
-* **Export between nodes** (unless moves must pay off, ``overlap_s``). Each over-loaded node,
-  most first, exports exactly its excess, and as the rows carrying the most work per query row:
-  the tails of its longest documents. Each document's exported part goes, tail first, to as few
-  under-loaded nodes as will take it: one already holding nearly all its keys (it owns later rows
-  of the document, or took earlier ones), else one with room for the document's whole rest (the
-  one that has taken fewest bytes in this pass), else the one with most room; a node's ranks fill
-  least loaded first. Moved one rank-sized piece at a time by the most loaded rank
-  instead, a node exported up to 1.8x the query rows its excess needed, and under-loaded nodes
-  took slivers of tens of documents, each with its whole key prefix (measured, with the load-aware
-  key trees of :mod:`.cad_cast`: 19-55% lower maximum inter-node bytes per rank at 64-4096 ranks).
+* **Export between nodes** (:mod:`.cad_export`): the nodes holding less than their share even
+  their ranks out, then each over-loaded node sheds its excess as the tails of a few documents,
+  the fewest bytes by :mod:`.cad_bound`'s bound, to nodes chosen so that none takes many key
+  prefixes (with ``overlap_s``, a piece moves only if it pays off, as below).
 * **Inside every node**, moves (step 2 below, over NVLink) from its over-loaded to its
   under-loaded ranks, so that only what a node holds above or below its share crosses nodes.
 
@@ -67,13 +61,13 @@ import numpy as np
 
 from ..network import NetworkProfile, default_profile
 from ..layout import Shards
-from .cad_cast import FANOUT, Nodes
+from .cad_cast import Nodes, tree_fanout
+from .cad_export import FILL, export_between_nodes, take
 from .cad_planner import Segments, TaskTable, _ranges
 
 SHORTLIST = 16          # least-loaded ranks of the whole pool considered per move
 PICKS = 8               # moves made per pricing of a rank's tasks
 BACKWARD = 2.5          # backward attention time / forward
-HELD = 0.1              # export: a node holding all but this share of a task's keys takes it first
 
 
 @dataclass(frozen=True)
@@ -116,10 +110,12 @@ class _Ledger:
                  overlap_s: float | None, nodes: Nodes):
         p = slots.world_size
         self.table, self.slots, self.links, self.rows, self.nodes = table, slots, links, rows, nodes
+        self.fanout = tree_fanout(nodes.count)   # the K/V trees' (.cad_cast): moves priced as they run
         self.load = table.load(p)
         self.mean = float(self.load.mean())
         self.node = nodes.dense
         self.members = [np.nonzero(self.node == n)[0] for n in range(nodes.count)]
+        self.size = np.bincount(self.node, None, nodes.count).astype(np.float64)
         self.node_slots = slots.regroup(self.node, nodes.count)   # the tokens each node holds
         # caps weigh a byte by its link's time: NVLink bytes count intra/inter of an inter-node byte
         self.w_intra = links.intra_s_per_byte / links.inter_s_per_byte if nodes.count > 1 else 1.0
@@ -134,6 +130,9 @@ class _Ledger:
 
     def owner(self, x) -> np.ndarray:
         return self.slots.owner_of(x)
+
+    def node_load(self) -> np.ndarray:
+        return np.bincount(self.node, self.load, self.nodes.count)
 
     def holders(self, docs: np.ndarray) -> np.ndarray:
         """The ranks holding rows of documents ``docs`` (a rank once per run it holds)."""
@@ -195,9 +194,10 @@ class _Ledger:
         links, kv = self.links, self.rows.kv
         return q_seconds + (rank_new - node_new) * kv * links.intra_s_per_byte + node_new * kv * links.inter_s_per_byte
 
-    def choose(self, src: int, dests: np.ndarray | None = None) -> list[tuple[int, int]]:
-        """The cheapest moves off ``src`` (to ``dests``, default :meth:`destinations`):
-        ``[(task, destination), ...]`` (none: nothing pays off)."""
+    def choose(self, src: int, dests: np.ndarray | None = None, level: float | None = None) -> list[tuple[int, int]]:
+        """The cheapest moves off ``src`` (to ``dests``, default :meth:`destinations`) that bring
+        ranks towards ``level`` (default: the mean): ``[(task, destination), ...]`` (none: nothing
+        pays off)."""
         t = self.table
         tasks = t.tasks_on(src)
         if tasks.size == 0:
@@ -206,7 +206,8 @@ class _Ledger:
             dests = self.destinations(src, t.doc[tasks])
         if dests.size == 0:
             return []
-        want = np.minimum(self.load[src] - self.mean, self.mean - self.load[dests])[None, :]
+        level = self.mean if level is None else level
+        want = np.minimum(self.load[src] - level, level - self.load[dests])[None, :]
         gain = (1 + BACKWARD) * np.minimum(t.t_time[tasks][:, None], want)
         q_bytes = t.t_q[tasks][:, None] * self.rows.q
         rank_new, node_new = self.new_keys(tasks, dests)
@@ -223,8 +224,8 @@ class _Ledger:
         # send at most their own rows of them, once per node
         key_owner = self.owner(t.t_k0[tasks])
         docs = t.doc[tasks]
-        key_sender = key_owner.astype(np.int64)   # the owner, until its node has FANOUT children
-        for i in np.nonzero([len(self.node_held.get(d, ())) >= FANOUT for d in docs.tolist()])[0].tolist():
+        key_sender = key_owner.astype(np.int64)   # the owner, until its node has ``fanout`` children
+        for i in np.nonzero([len(self.node_held.get(d, ())) >= self.fanout for d in docs.tolist()])[0].tolist():
             key_sender[i] = self.tree_sender(int(docs[i]), int(key_owner[i]))
         key_out = np.maximum(self.egress[key_sender], self.egress[self.owner(t.t_k1[tasks] - 1)])
         key_w = (np.minimum(node_new, self.tokens) + self.w_intra * np.minimum(near_new, self.tokens)) * self.rows.kv
@@ -254,9 +255,9 @@ class _Ledger:
             score = after + 1e-3 * seconds
         score = np.where(ok, score, np.inf)
         # the cheapest moves of distinct tasks to distinct ranks, until they would take off src
-        # what it has above the mean (later ones are priced on the ledger before the earlier ones:
+        # what it has above the level (later ones are priced on the ledger before the earlier ones:
         # one pricing serves several moves)
-        picks, excess = [], self.load[src] - self.mean
+        picks, excess = [], self.load[src] - level
         for _ in range(PICKS):
             i, j = np.unravel_index(np.argmin(score), score.shape)
             if not np.isfinite(score[i, j]):  # every move left exposes more communication than it saves
@@ -271,11 +272,11 @@ class _Ledger:
 
     def tree_sender(self, d: int, owner: int, node: int | None = None) -> int:
         """Who sends ``node`` (default: the next node to receive them) its copy of document ``d``'s
-        keys: the owner for the first ``FANOUT`` nodes, then the relay of the node's parent in an
-        ``FANOUT``-ary tree of the nodes in the order they joined (:mod:`.cad_cast`)."""
+        keys: the owner for the first ``fanout`` nodes, then the relay of the node's parent in a
+        ``fanout``-ary tree of the nodes in the order they joined (:mod:`.cad_cast`)."""
         nodes = list(self.node_held.get(d, {}))
         at = nodes.index(node) if node in nodes else len(nodes)
-        parent = at // FANOUT
+        parent = at // self.fanout
         return owner if parent == 0 else self.node_relay[d][nodes[parent - 1]]
 
     def per_byte(self, src, dests) -> np.ndarray:
@@ -292,6 +293,15 @@ class _Ledger:
         work = (1 + BACKWARD) * self.load[ranks] + more_work_s
         wire = np.maximum(self.out_s[ranks] + more_out_s, self.in_s[ranks] + more_in_s)
         return work + np.maximum(wire - self.overlap_s - work, 0)
+
+    def node_busy(self, node: int, more_out_s: float, more_in_s: float, more_work_s: float) -> float:
+        """:meth:`busy` of ``node``'s mean rank, the node sending ``more_out_s``, receiving
+        ``more_in_s`` and computing ``more_work_s`` more, spread over its ranks."""
+        at = self.members[node]
+        k = len(at)
+        work = (1 + BACKWARD) * (self.load[at].mean() + more_work_s / k)
+        wire = max(self.out_s[at].mean() + more_out_s / k, self.in_s[at].mean() + more_in_s / k)
+        return work + max(wire - self.overlap_s - work, 0)
 
     def charge(self, task: int, u: int) -> None:
         """Book the bytes of ``task`` moving to ``u`` (before the move: its queries' owner sends them)."""
@@ -366,9 +376,11 @@ def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
     ledger = _Ledger(table, slots, links, rows or RowBytes.of(), cap, overlap_s, nodes)
     load, mean = ledger.load, ledger.mean
     if nodes.count > 1:
-        if overlap_s is None:   # moves that must pay off (overlap_s) go one by one, below
-            _export_between_nodes(table, ledger, epsilon)
-        _balance_inside_nodes(table, ledger, epsilon)
+        # under-loaded nodes even out first, so that each of their ranks has room for what they import
+        taking = ledger.node_load() < ledger.size * mean * (1 + FILL * epsilon)
+        _balance_inside_nodes(table, ledger, epsilon, taking)
+        export_between_nodes(table, ledger, epsilon)
+        _balance_inside_nodes(table, ledger, epsilon, np.ones(nodes.count, dtype=bool))
     for _ in range(50 * p + 100):
         src = int(np.argmax(load))
         if load[src] <= (1 + epsilon) * mean or not _drain(table, ledger, src, None, epsilon):
@@ -376,144 +388,50 @@ def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
     return table.segments()
 
 
-def _export_between_nodes(table: TaskTable, ledger: _Ledger, epsilon: float) -> None:
-    """Each over-loaded node, most first, exports its excess as the rows that carry the most work
-    per query row (the tails of its longest documents) to the under-loaded nodes, and each
-    document's part goes to as few nodes as will take it: a node taking part of a document receives
-    the key prefix up to there, so the rows a node sends are about what the excess needs and the
-    key prefixes it sends are few (module docstring)."""
-    load, mean, t = ledger.load, ledger.mean, table
-    count = ledger.nodes.count
-    size = np.bincount(ledger.node, None, count)
-    excess = np.bincount(ledger.node, load, count) - size * mean
-    slack, tiny = epsilon * mean, 1e-3 * mean
-    took = np.zeros(count)                 # bytes each under-loaded node receives in this pass
-    shut = np.zeros(count, dtype=bool)     # nodes whose room is below one query row of a task
-
-    def room() -> np.ndarray:
-        return np.where(shut, 0.0, -excess)
-    for n in np.argsort(-excess).tolist():
-        if excess[n] <= slack * size[n]:
-            break
-        chosen, amount = _densest(t, np.concatenate([t.tasks_on(int(r)) for r in ledger.members[n]]), excess[n])
-        docs, doc_of = np.unique(t.doc[chosen], return_inverse=True)
-        per_doc = np.bincount(doc_of, amount)
-        left = dict(zip(docs.tolist(), per_doc.tolist()))
-        current: dict[int, int] = {}
-        # the documents exporting most first, each from its last rows back
-        for i in np.lexsort((-t.q0[chosen], t.doc[chosen], -per_doc[doc_of])).tolist():
-            task, a, d = int(chosen[i]), float(amount[i]), int(t.doc[chosen[i]])
-            while a > tiny:
-                m = current.get(d)
-                if m is None or room()[m] <= slack:
-                    m = current[d] = _sink_for(ledger, task, room(), left[d], took, slack)
-                    if room()[m] <= slack:
-                        return
-                members = ledger.members[m]
-                u = int(members[np.argmin(load[members])])
-                before = ledger.ingress[members].sum()
-                fit = min(mean - load[u], -excess[m])
-                got = _take(t, ledger, load, task, u, min(fit, a), tiny)
-                if got == 0:       # one query row is more than the rest (next task) or the room
-                    if a < fit:
-                        break
-                    shut[m] = True
-                    continue
-                took[m] += ledger.ingress[members].sum() - before
-                a -= got
-                left[d] -= got
-                excess[m] += got
-                excess[n] -= got
-                if t.t_rank[task] == u:
-                    break
-
-
-def _densest(t: TaskTable, tasks: np.ndarray, excess: float) -> tuple[np.ndarray, np.ndarray]:
-    """The tasks carrying the most work per query row, and how much of each, that make ``excess``."""
-    tasks = tasks[np.argsort(-t.t_time[tasks] / np.maximum(t.t_q[tasks], 1), kind="stable")]
-    reach = np.cumsum(t.t_time[tasks])
-    k = min(int(np.searchsorted(reach, excess)) + 1, len(tasks))
-    amount = t.t_time[tasks[:k]].copy()
-    amount[-1] -= max(reach[k - 1] - excess, 0)
-    return tasks[:k], amount
-
-
-def _sink_for(ledger: _Ledger, task: int, room: np.ndarray, rest: float, took: np.ndarray, slack: float) -> int:
-    """The under-loaded node to take ``task`` and what follows of its document's export (``rest``):
-    one that already holds or receives nearly all the task's keys (it owns later rows of the
-    document, or took earlier ones), the one with most room; else one with room for the whole
-    rest, the one taking fewest bytes so far; else the one with most room."""
-    open_ = np.nonzero(room > 2 * slack)[0]
-    if open_.size == 0:
-        return int(np.argmax(room))
-    t, d = ledger.table, int(ledger.table.doc[task])
-    holders = ledger.node[ledger.holders([d])]                               # nodes owning rows of d
-    near = np.intersect1d(open_, np.concatenate([holders, list(ledger.node_held.get(d, ()))]).astype(np.int64))
-    if near.size:
-        _, node_new = ledger.new_keys(np.asarray([task]), np.asarray([ledger.members[m][0] for m in near.tolist()]))
-        near = near[node_new[0] <= HELD * (t.t_k1[task] - t.t_k0[task])]
-    if near.size:
-        return int(near[np.argmax(room[near])])
-    fits = open_[room[open_] >= rest]
-    return int(fits[np.argmin(took[fits])]) if fits.size else int(open_[np.argmax(room[open_])])
-
-
-def _take(table: TaskTable, ledger: _Ledger, load: np.ndarray, task: int, u: int, want: float,
-          slack: float) -> float:
-    """Move ``task`` to ``u`` whole if it fits ``want`` (within ``slack``), else the head of its
-    queries that does (it needs fewer keys than the tail); the work moved (0: not one query fits)."""
-    src = int(table.t_rank[task])
-    work = float(table.t_time[task])
-    if work <= want + slack:
-        ledger.charge(task, u)
-        table.move(task, u)
-        load[src] -= work
-        load[u] += work
-        return work
-    x = table.split_point(task, want)
-    if x is None:
-        return 0.0
-    tail_change, head_time = table.cut(task, x, u)
-    ledger.charge(table.n_task - 1, u)
-    load[src] += tail_change
-    load[u] += head_time
-    return head_time
-
-
-def _balance_inside_nodes(table: TaskTable, ledger: _Ledger, epsilon: float) -> None:
-    """Move work from the over-loaded to the under-loaded ranks of each node over NVLink, so that
-    only a node's own excess or deficit crosses nodes."""
+def _balance_inside_nodes(table: TaskTable, ledger: _Ledger, epsilon: float, which: np.ndarray) -> None:
+    """Move work from the over-loaded to the under-loaded ranks of each node of ``which`` over
+    NVLink, so that only a node's own excess or deficit crosses nodes: a node holding more than
+    the mean fills its ranks to its own mean."""
     load, mean = ledger.load, ledger.mean
-    for members in ledger.members:
+    levels = np.maximum(ledger.node_load() / ledger.size, mean)
+    for n in np.nonzero(which)[0].tolist():
+        members = ledger.members[n]
         for _ in range(50 * len(members)):
             src = int(members[np.argmax(load[members])])
-            if load[src] <= (1 + epsilon) * mean or not _drain(table, ledger, src, members, epsilon):
+            if load[src] <= (1 + epsilon) * mean or not _drain(table, ledger, src, members, epsilon, levels[n]):
                 break
 
 
-def _drain(table: TaskTable, ledger: _Ledger, src: int, dests: np.ndarray | None, epsilon: float) -> bool:
-    """Make the cheapest moves off ``src`` to the under-loaded of ``dests`` (None: those
-    :meth:`_Ledger.destinations` offers); False if none pays off or fits (placement is stuck: a
-    task's single query row, reading its key prefix, can cost more than any rank's room)."""
-    load, mean = ledger.load, ledger.mean
+def _drain(table: TaskTable, ledger: _Ledger, src: int, dests: np.ndarray | None, epsilon: float,
+           level: float | None = None) -> bool:
+    """Make the cheapest moves off ``src`` to the ranks of ``dests`` below ``level`` (default: the
+    mean; ``dests`` None: those :meth:`_Ledger.destinations` offers); False if none pays off or
+    fits (placement is stuck: a task's single query row, reading its key prefix, can cost more
+    than any rank's room)."""
+    load = ledger.load
+    level = ledger.mean if level is None else level
     if dests is not None:
-        dests = dests[load[dests] < mean]
-    picks = ledger.choose(src, dests) if dests is None or dests.size else []
+        dests = dests[load[dests] < level]
+    picks = ledger.choose(src, dests, level) if dests is None or dests.size else []
     moved = False
     for best, u in picks:
-        want = min(load[src] - mean, mean - load[u])
+        want = min(load[src] - level, level - load[u])
         if want <= 0:
             break
-        moved |= _move(table, ledger, load, src, best, u, want, epsilon * mean)
+        # a whole task may overshoot u's level, not the tolerance (a task bounced between two
+        # ranks of a node filled to its own mean, just under it)
+        slack = max((1 + epsilon) * ledger.mean - level, 0.0)
+        moved |= _move(table, ledger, load, src, best, u, want, slack, dests, level)
     return moved
 
 
 def _move(table: TaskTable, ledger: _Ledger, load: np.ndarray, src: int, best: int, u: int, want: float,
-          slack: float) -> bool:
+          slack: float, dests: np.ndarray | None, level: float) -> bool:
     """Move task ``best`` off ``src`` to ``u`` (room ``want``): whole if it fits (within ``slack``),
-    else move the head of its queries; False if neither fits ``u`` nor the least loaded rank."""
-    if _take(table, ledger, load, best, u, want, slack):
+    else move the head of its queries; False if neither fits ``u`` nor the least loaded rank of
+    ``dests`` (None: of all)."""
+    if take(table, ledger, load, best, u, want, slack):
         return True
     # u's room is below one query's cost: the least loaded rank takes the task or its head
-    u = int(np.argmin(load))
-    return _take(table, ledger, load, best, u, min(load[src] - ledger.mean, ledger.mean - load[u]), slack) > 0
+    u = int(np.argmin(load)) if dests is None else int(dests[np.argmin(load[dests])])
+    return take(table, ledger, load, best, u, min(load[src] - level, level - load[u]), slack) > 0

@@ -13,7 +13,8 @@ from functools import cached_property
 
 from ..layout import Shards
 from ..masks import MaskSlice
-from ..schedule import AttnShape, Phase, Schedule
+from ..program import Program
+from ..schedule import AttnShape, Schedule, attention_program
 from .blocks import KernelCall, sequence_calls
 
 
@@ -30,10 +31,8 @@ class LocalSchedule(Schedule):
     def visible_pairs(self, rank: int) -> int:
         return self.mask.area()
 
-    def phases(self, shape: AttnShape) -> list[Phase]:
-        flops = shape.flops([self.visible_pairs(0)])
-        return [Phase.per_rank("forward", "attention", "attention", 1, flops),
-                Phase.per_rank("backward", "attention", "attention", 1, flops * 2.5)]
+    def program(self, shape: AttnShape) -> Program:
+        return attention_program(shape.flops([self.visible_pairs(0)]), 1)
 
 
 def build(doc_lens, mesh, *, causal, window, mask, shards: Shards, scheduler: str = "local") -> LocalSchedule:

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..layout import Shards
 from ..masks import MaskSlice
+from ..program import Builder, Program
 from ..schedule import AttnShape, Phase, Schedule
 from .blocks import KernelCall, kernel_calls, range_pairs
 
@@ -111,8 +112,11 @@ class RingSchedule(Schedule):
         t = np.arange(len(src)) - np.repeat(np.cumsum(self.hops) - self.hops, self.hops)
         return (src + t) % p, t, src
 
-    def phases(self, shape: AttnShape, heads: int | None = None, kv_heads: int | None = None) -> list[Phase]:
-        """``heads``/``kv_heads``: the heads this ring carries (usp: a Ulysses share), default all."""
+    def program(self, shape: AttnShape, heads: int | None = None, kv_heads: int | None = None) -> Program:
+        """Forward, step ``t``: start the K/V ring (sends to ``rank + 1``, receives from ``rank - 1``),
+        attention against the held block, wait. Backward, steps ``0..P``: the same, the foreign
+        blocks' fp32 dK/dV going back to their owners one step later. ``heads``/``kv_heads``: the
+        heads this ring carries (usp: a Ulysses share), default all."""
         p, span = self.world_size, self.span or self.world_size
         kv_heads = shape.num_kv_heads if kv_heads is None else kv_heads
         qr, kr, area = self.rank_pairs
@@ -124,13 +128,26 @@ class RingSchedule(Schedule):
         foreign = step > 0
         dkv = tokens[kr[foreign]] * 2 * shape.row_bytes(kv_heads, acc=True)
         ret_rank, ret_step = np.concatenate([mover, qr[foreign]]), np.concatenate([t, step[foreign] + 1])
-        return [
-            Phase("forward", "send_recv", "K/V ring", span, mover, kv, t, overlaps="attention"),
-            Phase("forward", "attention", "attention", span, qr, shape.flops(area, heads), step),
-            Phase("backward", "send_recv", "K/V ring, dK/dV to owners", span, ret_rank, np.concatenate([kv, dkv]),
-                  ret_step, overlaps="attention"),
-            Phase("backward", "attention", "attention", span, qr, shape.flops(area, heads, backward=True), step),
-        ]
+        # who sends to whom in each step (a rank with nothing to send or receive in a step waits for no one)
+        ring_links = (t, mover, (mover + 1) % p)
+        back_links = tuple(np.concatenate(x) for x in zip(ring_links, (step[foreign] + 1, qr[foreign], kr[foreign])))
+        b = Builder()
+        ring = b.phase(Phase("forward", "send_recv", "K/V ring", span, mover, kv, t, links=ring_links))
+        attn = b.phase(Phase("forward", "attention", "attention", span, qr, shape.flops(area, heads), step))
+        back = b.phase(Phase("backward", "send_recv", "K/V ring, dK/dV to owners", span, ret_rank,
+                             np.concatenate([kv, dkv]), ret_step, links=back_links))
+        battn = b.phase(Phase("backward", "attention", "attention", span, qr, shape.flops(area, heads, backward=True),
+                              step))
+        for s in range(p):     # RingExecutor.forward
+            b.start("compute", ring, s)
+            b.run("compute", attn, s)
+            b.wait("compute", ring, s)
+        for s in range(p + 1):  # RingExecutor.backward
+            b.start("compute_backward", back, s)
+            if s < p:
+                b.run("compute_backward", battn, s)
+            b.wait("compute_backward", back, s)
+        return b.build()
 
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
         """The largest step of backward (forward holds less): the K/V block computed on and the one

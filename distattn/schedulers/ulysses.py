@@ -18,7 +18,7 @@ heads use; with ``Hkv < P`` (GQA/MQA) a KV head therefore goes to several
 ranks, and its dK/dV are summed over those replicas (in fp32) on the way back.
 Only ``Hq < P`` is refused: some ranks would have no head at all.
 
-:class:`HeadLayout` and :func:`head_exchange_phases` describe the all-to-all
+:class:`HeadLayout` and :func:`head_exchange_program` describe the all-to-all
 for any group of ranks; ``usp`` reuses them inside its Ulysses groups. The
 executor is :class:`distattn.executors.head_a2a.HeadExecutor`.
 """
@@ -32,7 +32,8 @@ import numpy as np
 
 from ..layout import Shards
 from ..masks import MaskSlice
-from ..schedule import AttnShape, Phase, Schedule
+from ..program import Builder, Program
+from ..schedule import AttnShape, Phase, Schedule, attention_program
 from .blocks import KernelCall, sequence_calls
 
 HeadRanges = tuple[tuple[int, int], ...]
@@ -147,29 +148,80 @@ def head_grad_bytes(shape: AttnShape, tokens, members: int, head_groups: int) ->
                        for n, u in tokens], dtype=np.int64)
 
 
-def head_exchange_phases(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarray, span: int,
-                         inner: tuple[list[Phase], list[Phase]], what: str) -> list[Phase]:
-    """The phases of attention wrapped in head all-to-alls: groups ``g`` of ``U`` members, member
-    ``u`` of group ``g`` holding ``tokens[g, u]`` tokens and being rank ``ranks[g, u]``; ``inner``:
-    the forward and backward phases computed on the head shards."""
+def part_heads(a: int, b: int, group: int) -> tuple[tuple[int, int], tuple[int, ...] | None]:
+    """For query heads ``[a, b)`` (``group`` query heads per KV head): the KV heads ``(lo, hi)`` they
+    use and how many query heads use each, when the kernel's GQA grouping does not already pair
+    them (:meth:`HeadLayout.expansion`; None when it does)."""
+    kv = (a // group, (b - 1) // group + 1)
+    return kv, HeadLayout(((a, b),), (kv,)).expansion(0, group)
+
+
+def head_parts(shape: AttnShape, members: int, head_groups: int) -> list[list[tuple[int, int]]]:
+    """Per head group ``g`` and member ``u``: ``(query heads, KV heads the inner attention runs on)``
+    -- one KV head per query head where they had to be expanded (:func:`part_heads`)."""
+    layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, members)
+    group = shape.num_heads // shape.num_kv_heads
+    out = []
+    for ranges in group_ranges(layout.q, head_groups):
+        row = []
+        for a, b in ranges:
+            (lo, hi), expand = part_heads(a, b, group)
+            row.append((b - a, b - a if expand is not None else hi - lo))
+        out.append(row)
+    return out
+
+
+def head_exchange_program(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarray, span: int, head_groups: int,
+                          inner, what: str) -> Program:
+    """Attention wrapped in head all-to-alls (:class:`distattn.executors.head_a2a.HeadExecutor`'s
+    order): groups ``g`` of ``U`` members, member ``u`` of group ``g`` holding ``tokens[g, u]`` tokens
+    and being rank ``ranks[g, u]``. Forward: K and V to heads (two all-to-alls, started together),
+    then per head group: its Q to heads, ``inner(part)`` -- the program computed on the head shards,
+    over every rank -- and its out back; backward: per head group dout to heads, the inner backward,
+    dQ back, then dK and dV back together. A member sends its tokens of the others' heads, and
+    the others' tokens of its own heads back."""
     layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, tokens.shape[1])
-    q = np.asarray([layout.share(u) for u in range(tokens.shape[1])], dtype=np.int64)
     kv = np.asarray([layout.kv_share(u) for u in range(tokens.shape[1])], dtype=np.int64)
     row = shape.row_bytes(1)
     others = tokens.sum(1, keepdims=True) - tokens         # tokens of the other members, per member
-    # each member sends its tokens of the others' heads, then the others' tokens of its own heads
-    to_heads_qkv = tokens * ((q + 2 * kv).sum() - (q + 2 * kv))[None] * row
-    to_heads_dout = tokens * (q.sum() - q)[None] * row
-    to_tokens_out, to_tokens_grads = others * q[None] * row, others * (q + 2 * kv)[None] * row
     flat = ranks.ravel()
+    parts = [np.asarray([q for q, _ in row], dtype=np.int64) for row in head_parts(shape, tokens.shape[1], head_groups)]
 
-    def a2a(direction, label, amount):
-        return Phase(direction, "all_to_all", f"{what}: {label}", span, flat, amount.ravel())
+    def to_heads(heads):     # per rank: its tokens of the other members' heads
+        return (tokens * (heads.sum() - heads)[None] * row).ravel()
 
-    fwd, bwd = inner
-    return [a2a("forward", "Q/K/V to heads", to_heads_qkv), *fwd, a2a("forward", "out to tokens", to_tokens_out),
-            a2a("backward", "dout to heads", to_heads_dout), *bwd,
-            a2a("backward", "dQ/dK/dV to tokens", to_tokens_grads)]
+    def to_tokens(heads):    # per rank: the other members' tokens of its heads
+        return (others * heads[None] * row).ravel()
+
+    def a2a(direction, label, amounts):   # one step per all-to-all of the kind
+        return Phase.stepped(direction, "all_to_all", f"{what}: {label}", span, amounts, flat)
+    b = Builder()
+    kv_in = b.phase(a2a("forward", "K/V to heads", [to_heads(kv)] * 2))
+    q_in = b.phase(a2a("forward", "Q to heads", [to_heads(q) for q in parts]))
+    out_back = b.phase(a2a("forward", "out to tokens", [to_tokens(q) for q in parts]))
+    dout_in = b.phase(a2a("backward", "dout to heads", [to_heads(q) for q in parts]))
+    dq_back = b.phase(a2a("backward", "dQ to tokens", [to_tokens(q) for q in parts]))
+    dkv_back = b.phase(a2a("backward", "dK/dV to tokens", [to_tokens(kv)] * 2))
+    fwd, bwd = "compute", "compute_backward"
+    for kind in (b.start, b.wait):
+        kind(fwd, kv_in, 0)
+        kind(fwd, kv_in, 1)
+    for g in range(len(parts)):
+        part = inner(g)
+        b.start(fwd, q_in, g)
+        b.wait(fwd, q_in, g)
+        b.include(fwd, part, "forward")
+        b.start(fwd, out_back, g)
+        b.wait(fwd, out_back, g)
+        b.start(bwd, dout_in, g)
+        b.wait(bwd, dout_in, g)
+        b.include(bwd, part, "backward")
+        b.start(bwd, dq_back, g)
+        b.wait(bwd, dq_back, g)
+    for kind in (b.start, b.wait):
+        kind(bwd, dkv_back, 0)
+        kind(bwd, dkv_back, 1)
+    return b.build()
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -192,15 +244,15 @@ class UlyssesSchedule(Schedule):
     def visible_pairs(self, rank: int) -> int:
         return self.mask.area()
 
-    def phases(self, shape: AttnShape) -> list[Phase]:
+    def program(self, shape: AttnShape) -> Program:
         p = self.world_size
-        layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, p)
         pairs = self.visible_pairs(0)
-        flops = np.asarray([shape.flops(pairs, layout.share(r)) for r in range(p)], dtype=np.int64)
-        inner = ([Phase.per_rank("forward", "attention", "attention", p, flops)],
-                 [Phase.per_rank("backward", "attention", "attention", p, flops * 2.5)])
         tokens = np.asarray([[self.num_tokens(r) for r in range(p)]], dtype=np.int64)
-        return head_exchange_phases(shape, tokens, np.arange(p)[None], p, inner, "ulysses")
+        parts = head_parts(shape, p, self.head_groups)
+
+        def inner(g):   # the head group's attention of every token (LocalExecutor), per rank its share
+            return attention_program(np.asarray([shape.flops(pairs, q) for q, _ in parts[g]], dtype=np.int64), p)
+        return head_exchange_program(shape, tokens, np.arange(p)[None], p, self.head_groups, inner, "ulysses")
 
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
         """dout of every token for one head group of this rank's heads (q, k, v, out: saved)."""

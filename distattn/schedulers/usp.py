@@ -53,11 +53,12 @@ import numpy as np
 
 from ..layout import Layout, Shards, even_bounds
 from ..masks import MaskSlice
+from ..program import Program
 from ..schedule import AttnShape, Phase, Schedule
 from . import default_ulysses_degree
 from .ring import RingSchedule, ring_schedule
-from .ulysses import (HeadLayout, check_head_groups, gathered_order, head_exchange_phases, head_grad_bytes,
-                      head_saved_bytes)
+from .ulysses import (HeadLayout, check_head_groups, gathered_order, head_exchange_program, head_grad_bytes,
+                      head_parts, head_saved_bytes)
 
 __all__ = ["USPSchedule", "build", "default_ulysses_degree"]
 
@@ -98,23 +99,19 @@ class USPSchedule(Schedule):
             flat[r, u] = i
         return flat
 
-    def phases(self, shape: AttnShape) -> list[Phase]:
-        """Ulysses all-to-alls around the zigzag ring; each Ulysses rank ``u`` runs the ring on its
-        share of the heads (its KV heads expanded to one per query head where GQA grouping needs it)."""
+    def program(self, shape: AttnShape) -> Program:
+        """Ulysses all-to-alls around the zigzag ring (:func:`head_exchange_program`); per head group,
+        each Ulysses rank ``u`` runs the ring on its query heads of the group (its KV heads expanded to
+        one per query head where GQA grouping needs it)."""
         u_deg, flat = self.ulysses_degree, self.flat
-        layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, u_deg)
-        group = shape.num_heads // shape.num_kv_heads
-        per_u = [self.ring.phases(shape, layout.share(u), layout.computed_kv_heads(u, group)) for u in range(u_deg)]
-        rings = []
-        for i, first in enumerate(per_u[0]):  # the same ring phase of every u, on its flat ranks
-            parts = [ph[i] for ph in per_u]
-            rings.append(Phase(first.direction, first.op, f"usp ring: {first.what}", first.span,
-                               np.concatenate([flat[p.rank, u] for u, p in enumerate(parts)]),
-                               np.concatenate([p.amount for p in parts]),
-                               np.concatenate([p.steps for p in parts]), first.overlaps))
+        parts = head_parts(shape, u_deg, self.head_groups)
+
+        def inner(g):   # the U rings (the same instructions; each on its ranks, with its heads), as one
+            rings = [self.ring.program(shape, q, kv) for q, kv in parts[g]]
+            return Program(tuple(_flat_phase(phases, flat) for phases in zip(*(r.phases for r in rings))),
+                           rings[0].stages)
         tokens = np.asarray([self.members(r) for r in range(self.ring.world_size)], dtype=np.int64)
-        inner = ([ph for ph in rings if ph.direction == "forward"], [ph for ph in rings if ph.direction == "backward"])
-        return head_exchange_phases(shape, tokens, flat, u_deg, inner, "usp ulysses")
+        return head_exchange_program(shape, tokens, flat, u_deg, self.head_groups, inner, "usp ulysses")
 
     def saved_bytes(self, shape: AttnShape) -> np.ndarray:
         """The head-sharded q, k, v, out and lse of the ring rank's tokens."""
@@ -136,6 +133,17 @@ class USPSchedule(Schedule):
             out[i] = ring[r] * heads / shape.num_kv_heads + \
                 self.ring.num_tokens(r) * shape.row_bytes(-(-layout.share(u) // g))
         return out
+
+
+def _flat_phase(phases, flat: np.ndarray) -> Phase:
+    """One phase of each of the U rings (ring ``u`` on the flat ranks ``flat[:, u]``), as one."""
+    def cat(get):
+        return np.concatenate([get(ph, u) for u, ph in enumerate(phases)])
+    first = phases[0]
+    links = None if first.links is None else (cat(lambda ph, u: ph.links[0]), cat(lambda ph, u: flat[ph.links[1], u]),
+                                              cat(lambda ph, u: flat[ph.links[2], u]))
+    return Phase(first.direction, first.op, f"usp ring: {first.what}", first.span, cat(lambda ph, u: flat[ph.rank, u]),
+                 cat(lambda ph, u: ph.amount), cat(lambda ph, u: ph.steps), links=links)
 
 
 def _degree(p: int, ulysses_degree, num_kv_heads) -> int:

@@ -1,63 +1,210 @@
 """``distattn simulate --calibrate RESULTS``: the simulator's prediction of ``distattn bench`` rows.
 
-The machine is measured independently of the bench: the attention FLOP/s of one process using
-every core (a causal fwd+bwd on this machine), and the collectives by ``cluster probe`` on gloo at
-the bench's world sizes (or a given profile). Ranks share the cores, so each gets
-``min(1, cores / world)`` of that rate. Every bench row is replayed with the same dry schedule and
-communication model as :func:`distattn.sim.simulate.simulate` (attention only, no linear layers)
-and the error ``predicted / measured - 1`` is reported per row and per scheduler.
+The machine is measured independently of the bench: one thread's attention FLOP/s on each case's
+documents (one causal call over them: a kernel's efficiency depends on its segments' lengths) past
+the fixed cost of a kernel call (a 16-token one), and the collectives by ``cluster probe`` on gloo
+at the bench's world sizes (or a given profile). Every
+bench row is replayed with the same dry schedule and executor program as
+:func:`distattn.sim.simulate.simulate` (attention only, no linear layers), on the CPU as it is:
+
+* the bench's ``P`` ranks share the machine's ``C`` cores: a rank computing beside ``k - 1`` others
+  gets ``min(1, C / k)`` of a core (processor sharing), so ranks that wait leave their share to
+  the others; a computation costs the call's fixed time plus its FLOPs at the one-core rate;
+* a transfer takes the probe's time once every rank it needs (its group, or those it exchanges
+  data with) has issued it, one communicator's transfers in order; gloo's ``wait`` blocks the
+  process (a chained hop is a wait, then a start);
+* around each collective the rank copies its buffer (gathering the rows it sends, placing what
+  arrives) at one thread's copy rate, as computation (a ring step sends and receives in place).
+
+The error ``predicted / measured - 1`` is reported per row and per scheduler, and beside each row
+every rank's predicted time held up by communication against what its executor clocked
+(``rank_comm_wait_ms``, :meth:`distattn.plans.Plan.comm_wait_seconds`).
 """
 
 from __future__ import annotations
 
-import os
 import statistics
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..api import local_attention
 from ..doclens import mask_case
 from ..masks import document_flops
+from ..program import BACKWARD, CHAIN, FORWARD, RUN, START, WAIT
 from ..schedule import AttnShape
 from ..timing import time_calls
-from .simulate import dry_schedule, layer_times
+from .replay import Op, TimedProgram, _coupled, _seconds, call_ops
+from .simulate import comm_time, dry_schedule, nccl_size
 
 
-def attention_rate(seq_len: int = 2048, heads: int = 8, kv_heads: int = 4, head_dim: int = 64,
-                   repeats: int = 3) -> float:
-    """fwd+bwd attention FLOP/s of this process (fp32, one causal document)."""
+@dataclass(frozen=True)
+class Machine:
+    """The fixed seconds of a kernel call forward and backward (what a 16-token call takes on one
+    thread), one thread's bytes/s copying into a fresh buffer (what gathering a transfer's rows
+    and placing what arrives costs), the machine's cores, and one thread's attention FLOP/s on each
+    bench case's documents (measured on demand: a kernel's efficiency depends on its segments' lengths)."""
+
+    fwd_call_s: float
+    bwd_call_s: float
+    copy_bytes_s: float
+    cores: int
+    rates: dict = field(default_factory=dict, compare=False)   # (docs, heads, kv_heads, head_dim) -> FLOP/s
+
+    def rate(self, docs, heads: int, kv_heads: int, head_dim: int) -> float:
+        """One thread's fwd+bwd FLOP/s past the fixed cost, on one causal call over ``docs``."""
+        key = (tuple(docs), heads, kv_heads, head_dim)
+        if key not in self.rates:
+            fwd, bwd = _on_one_thread(_time_kernels, docs, heads, kv_heads, head_dim)
+            flops = document_flops(docs, True, None, heads, head_dim)   # forward and backward
+            self.rates[key] = flops / max(fwd + bwd - self.fwd_call_s - self.bwd_call_s, 1e-9)
+        return self.rates[key]
+
+
+def _on_one_thread(fn, *args):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_kernels(docs, heads: int, kv_heads: int, head_dim: int, repeats: int = 3) -> tuple[float, float]:
+    """Median seconds of one forward and one backward kernel call over causal documents ``docs``."""
+    from ..kernels import attn_bwd, attn_fwd
+
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(seq_len, heads, head_dim, generator=g)
-    k, v = (torch.randn(seq_len, kv_heads, head_dim, generator=g) for _ in "kv")
-    # fresh leaves every call, copied outside the timed span; the first call warms up: not timed
-    timing = time_calls(lambda x: local_attention(*x, [seq_len], causal=True).sum().backward(), repeats, warmup=1,
-                        setup=lambda: [t.clone().requires_grad_() for t in (q, k, v)])
-    return document_flops([seq_len], True, None, heads, head_dim) / timing.median
+    n = sum(docs)
+    q, dout = (torch.randn(n, heads, head_dim, generator=g) for _ in "qd")
+    k, v = (torch.randn(n, kv_heads, head_dim, generator=g) for _ in "kv")
+    cu = torch.tensor([0, *np.cumsum(docs).tolist()], dtype=torch.int32)
+    out, lse = attn_fwd(q, k, v, cu, cu)
+    fwd = time_calls(lambda: attn_fwd(q, k, v, cu, cu), repeats, warmup=1).median
+    bwd = time_calls(lambda: attn_bwd(dout, q, k, v, out, lse, cu, cu), repeats, warmup=1).median
+    return fwd, bwd
 
 
-def predict_row(row: dict, rate: float, network, cores: int, pool=None, seed: int = 0) -> float:
-    """Predicted fwd+bwd ms of one bench row."""
+def measure_machine(cores: int, heads: int = 8, kv_heads: int = 4, head_dim: int = 64) -> Machine:
+    """This machine's fixed cost of a kernel call (a 16-token one) and its copy rate (16 MiB), one thread."""
+    fwd, bwd = _on_one_thread(_time_kernels, [16], heads, kv_heads, head_dim, 5)
+    x = torch.randn(4 * 2**20)
+    copy = _on_one_thread(lambda: time_calls(x.clone, 5, warmup=1).median)
+    return Machine(fwd, bwd, x.numel() * x.element_size() / copy, cores)
+
+
+def replay_shared(ops, ranks: int, cores: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(end, stalled)`` per rank of ``ops`` (:mod:`distattn.sim.replay`'s operations; a ``run``'s
+    seconds are one core's) on ``cores`` cores shared by the ranks computing at each moment; a
+    rank blocked in a wait takes none (module docstring)."""
+    seq = [[(op, i) for op in ops] for i in range(ranks)]
+    pos, t = [0] * ranks, 0.0
+    left = np.zeros(ranks)                       # core-seconds left of the running computation
+    blocked: list = [None] * ranks               # the transfer key a rank waits for
+    issued: dict = {}                            # key -> {rank: issue time}
+    ends: dict = {}                              # key -> per-rank end times, once every member issued
+    queue, stalled, since = np.zeros(ranks), np.zeros(ranks), np.zeros(ranks)
+
+    def issue(r, op, ready):
+        got = issued.setdefault(op.key, {})
+        got[r] = ready
+        if len(got) == ranks:   # every rank issues every transfer (the instructions are the same)
+            start = np.asarray([got[i] for i in range(ranks)])
+            queue[:] = _coupled(np.maximum(start, queue), op) + _seconds(op)
+            ends[op.key] = queue.copy()
+
+    def advance(r):   # run rank r's instructions until it computes, blocks or ends
+        while pos[r] < len(seq[r]):
+            op, _ = seq[r][pos[r]]
+            if op.op == RUN:   # (the loop below moves past it once done)
+                if left[r] <= 0 and op.seconds[r] > 0:
+                    left[r] = op.seconds[r]
+                if left[r] > 0:
+                    return
+                pos[r] += 1
+            elif op.op in (WAIT, CHAIN):
+                key = op.key if op.op == WAIT else op.after
+                if key not in ends or ends[key][r] > t:
+                    if blocked[r] is None:
+                        blocked[r], since[r] = key, t
+                    return
+                if blocked[r] is not None:
+                    stalled[r] += t - since[r]
+                    blocked[r] = None
+                if op.op == WAIT:
+                    pos[r] += 1
+                else:   # the hop before is in: start this one
+                    issue(r, op, t)
+                    pos[r] += 1
+            else:
+                assert op.op == START, op.op
+                issue(r, op, t)
+                pos[r] += 1
+    for _ in range(100 * len(ops) + 10):
+        for r in range(ranks):
+            advance(r)
+        computing = [r for r in range(ranks) if left[r] > 0]
+        waiting = [ends[blocked[r]][r] for r in range(ranks) if blocked[r] is not None and blocked[r] in ends]
+        if not computing and not waiting:
+            break
+        share = min(1.0, cores / max(len(computing), 1))
+        step = min([left[r] / share for r in computing] + [w - t for w in waiting])
+        for r in computing:
+            left[r] = max(left[r] - step * share, 0.0)
+            if left[r] <= 1e-15:
+                left[r], pos[r] = 0.0, pos[r] + 1
+        t += max(step, 0.0)
+    assert all(p == len(s) for p, s in zip(pos, seq)), "the replay stalled: a transfer some rank never issued"
+    return np.full(ranks, t), stalled
+
+
+def predict_row(row: dict, machine: Machine, network, pool=None, seed: int = 0) -> tuple[float, np.ndarray]:
+    """Predicted fwd+bwd ms of one bench row, and each rank's ms held up by communication."""
     p = row["world_size"]
     case = mask_case(row["mask"], row["seq_len"], pool, seed)
     name = {"deepspeed-ulysses": "ulysses", "local": "ring"}.get(row["scheduler"], row["scheduler"])
     schedule = dry_schedule(name, case.docs, p, row["kv_heads"], **case.plan_kwargs())
     shape = AttnShape(row["heads"], row["kv_heads"], row["head_dim"], 4 if row["dtype"] == "fp32" else 2)
-    # every rank on its own node share of the machine's cores; the bench's world is one node
-    t = layer_times(schedule.phases(shape), p, network, rate * min(1.0, cores / p), np.zeros(p))
-    return float(np.max(t["attention"] + t["exposed"])) * 1e3
+    rate = machine.rate(case.docs if case.slices is None else [row["seq_len"]], row["heads"], row["kv_heads"],
+                        row["head_dim"])
+
+    def compute_s(ph):   # FLOPs at one core's rate, plus a call's fixed cost
+        fixed = machine.fwd_call_s if ph.direction == "forward" else machine.bwd_call_s
+        return np.asarray(ph.amount, np.float64) / rate + fixed
+    program = schedule.program(shape)
+    timed = TimedProgram.of(program, p, compute_s, lambda ph: comm_time(network, ph))
+    # the host's copies around each collective: its rows gathered into the send buffer, what arrives
+    # placed (a ring step sends and receives whole K/V blocks in place)
+    def copy_s(ph):   # (an all-to-all's buffers hold the rows a rank sends itself too)
+        buffer = nccl_size(ph.op, ph.span, ph.amount) if ph.kept is None else ph.amount + ph.kept
+        return (ph.op != "send_recv") * buffer / machine.copy_bytes_s
+    copies = TimedProgram.of(program, p, lambda ph: np.zeros(len(ph.rank)), copy_s)
+    ops = with_copies(call_ops(timed, p, FORWARD + BACKWARD), call_ops(copies, p, FORWARD + BACKWARD))
+    end, stalled = replay_shared(ops, p, machine.cores)
+    return float(end.max()) * 1e3, stalled * 1e3
 
 
-def calibrate(rows: list[dict], network, rate: float | None = None, cores: int | None = None, pool=None,
-              seed: int = 0) -> tuple[list[dict], dict[str, float], float]:
-    """(rows with ``predicted_ms`` and ``error``, median |error| per scheduler, the FLOP/s used)."""
-    rate = rate or attention_rate()
-    cores = cores or os.cpu_count() or 1
+def with_copies(ops, copies) -> list:
+    """``ops`` with the host's copies as computation (``copies``: the same operations, each transfer's
+    seconds those of copying its buffer): before a start (gathering its rows) and after a wait
+    (placing what arrived); a chained hop does both."""
+    out = []
+    for op, copy in zip(ops, copies):
+        if op.op in (START, CHAIN):
+            out.append(Op(RUN, copy.seconds))
+        out.append(op)
+        if op.op == WAIT:
+            out.append(Op(RUN, copy.seconds))
+    return out
+
+
+def calibrate(rows: list[dict], network, machine: Machine, pool=None, seed: int = 0) -> tuple[list[dict], dict]:
+    """(rows with ``predicted_ms``, ``error`` and ``predicted_rank_comm_wait_ms``, median |error| per
+    scheduler)."""
     out = []
     for r in rows:
-        pred = predict_row(r, rate, network, cores, pool, seed)
-        out.append(dict(r, predicted_ms=pred, error=pred / r["fwd_bwd_ms"] - 1))
-    per = {}
-    for name in sorted({r["scheduler"] for r in out}):
-        per[name] = statistics.median(abs(r["error"]) for r in out if r["scheduler"] == name)
-    return out, per, rate
+        pred, waits = predict_row(r, machine, network, pool, seed)
+        out.append(dict(r, predicted_ms=pred, error=pred / r["fwd_bwd_ms"] - 1, predicted_rank_comm_wait_ms=waits))
+    per = {name: statistics.median(abs(r["error"]) for r in out if r["scheduler"] == name)
+           for name in sorted({r["scheduler"] for r in out})}
+    return out, per

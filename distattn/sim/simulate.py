@@ -1,34 +1,42 @@
-"""``distattn simulate``: replay the real schedules of every scheduler on a cost model of a cluster.
+"""``distattn simulate``: time the program the code runs, for every scheduler, on a cost model of a cluster.
 
 The cluster: ``gpus`` GPUs, ``gpus_per_node`` per node, split into ``dp`` data-parallel replicas of
 ``cp`` context-parallel ranks; each replica trains one packed sequence of ``seq_len`` tokens drawn
-from a document-length distribution. For every scheduler the same planner code that runs in
-training builds dry schedules (``cad`` pools all replicas, as DistCA does), and the simulator
-replays their phases (:meth:`distattn.schedule.Schedule.phases`). Per layer and rank:
+from a document-length distribution, cut into the scheduler's default nano-batches as the trainer
+cuts it (``cad``: two, ping-ponged; :mod:`distattn.pingpong`). For every scheduler the same planner
+code, with the same options, that runs in training builds dry schedules (``cad`` pools all
+replicas, as DistCA does), and the simulator replays the step the trainer runs
+(:mod:`distattn.sim.replay`): the layers' pieces in the trainer's order
+(:func:`distattn.program.layer_order`), each attention stage as the executor's instructions
+(:meth:`distattn.schedule.Schedule.program`, checked against what the executors do on gloo by
+``tests/test_program.py``), forward then the mirrored backward, every rank at once:
 
-* compute: linear layers ``6 * params_per_layer * tokens`` at ``mfu`` of peak (a third forward,
-  two thirds backward), each attention phase's FLOPs at ``attn_efficiency`` of peak;
+* compute: a layer's linear work ``6 * params_per_layer * tokens`` at ``mfu`` of peak (a third
+  forward, two thirds backward; ``pre`` the QKV projection, ``post`` the output projection and
+  MLP), each attention instruction's FLOPs at ``attn_efficiency`` of peak, the output layer;
 * communication: each transfer's bytes timed on a :class:`~distattn.network.NetworkProfile`
-  (the group's span of ranks decides intra- or inter-node) and hidden exactly as the phase says
-  it runs: behind the same step's attention (``overlaps="attention"``: ring steps, the next head
-  group's all-gather), behind the layer's other computation (``"layers"``: ``cad``'s ping-pong of
-  nano-batches, :mod:`distattn.pingpong`), or not at all;
+  (the group's span of ranks decides intra- or inter-node; cad's all-to-alls wait for the slower
+  of their intra- and inter-node bytes), started and waited for where the executor starts and
+  waits for it: hidden only behind what the rank computes in between, never by assumption;
 * ``wlb-ideal``: per-document CP with every replica's attention perfectly balanced over its ranks
-  and no exposed communication -- the upper bound of WLB-LLM-style per-document sharding;
-* ``ideal``: the attention of all replicas spread evenly over all GPUs, no exposed communication --
-  the limit no placement (CAD's included) can beat.
+  and no communication -- the upper bound of WLB-LLM-style per-document sharding;
+* ``ideal``: the attention of all replicas spread evenly over all GPUs, no communication -- the
+  limit no placement (CAD's included) can beat.
 
-A replica's time is its slowest rank's; the step waits for the slowest replica (``dp_idle`` is
-the mean fraction of the step replicas spend waiting). :func:`simulate_with_timelines` also gives
-every rank's timeline of the step: ``compute``, ``exposed_comm`` and ``idle`` laid end to end
-(they sum to the step time; their order within the step is a convention, the per-layer interleaving
-is not modelled), and ``overlapped_comm``, the communication hidden behind compute. ``--auto``
+The step ends when the slowest rank does (``dp_idle`` is the mean fraction of the step replicas
+spend waiting for the slowest). ``exposed_comm_s`` is what communication adds to the step (the step
+replayed with transfers taking no time, subtracted); ``stalled_s`` the slowest rank's time at waits.
+:func:`simulate_with_timelines` also gives every rank's timeline of the step: ``compute``,
+``exposed_comm`` (its time at waits, for transfers or for the slower ranks they needed) and
+``idle`` laid end to end (they sum to the step time; their order within the step is a
+convention), and ``overlapped_comm``, its transfer time hidden behind compute. ``--auto``
 (:func:`recommend`) ranks candidates by tokens/s per GPU, not step time: a larger CP degree has
 fewer replicas, so a shorter step can still train fewer tokens per GPU. Memory per GPU: bf16 weights with fp32
 master weights, gradients and Adam sharded over all GPUs (FSDP), checkpointed layer inputs, one
 layer's working set, bf16 logits, and the schedule's receive buffers
-(:meth:`~distattn.schedule.Schedule.buffer_bytes`). Not modelled: tensor parallelism, the
-data-parallel gradient traffic (assumed hidden behind backward), kernel launch overheads.
+(:meth:`~distattn.schedule.Schedule.buffer_bytes`). Not modelled: activation recomputation (the step
+of ``activation_checkpointing: none``), tensor parallelism, the data-parallel gradient traffic
+(assumed hidden behind backward), kernel launch overheads.
 """
 
 from __future__ import annotations
@@ -41,11 +49,13 @@ from pathlib import Path
 import numpy as np
 
 from ..api import plan as make_plan
-from ..cost import Roofline
 from ..doclens import pack
-from ..schedule import AttnShape, Phase
+from ..pingpong import nano_batches as nano_batches_of, pair_weight
+from ..program import BACKWARD, FORWARD, layer_order
+from ..schedule import AttnShape, Phase, attention_program
 from ..schedulers import REGISTRY, spec
 from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS, GPUPreset, ModelPreset
+from .replay import TimedProgram, call_ops, replay, step_ops
 
 # a rank's step, laid end to end: compute, then communication not hidden, then waiting for the slowest
 # rank of its replica and the slowest replica. overlapped_comm runs during compute, not after it.
@@ -66,6 +76,7 @@ class SimConfig:
     ulysses_degree: int | None = None
     elem_bytes: int = 2            # bf16 activations
     seed: int = 0
+    nano_batches: int | None = None   # per micro-batch (distattn.pingpong); None: the scheduler's default
 
     @property
     def dp(self) -> int:
@@ -98,59 +109,16 @@ def nccl_size(op: str, n: int, sent):
 
 def comm_time(net, ph: Phase) -> np.ndarray:
     """Seconds of each entry of a transfer phase; one with ``intra``/``inter`` bytes waits for the
-    slower of its two kinds of link (both move at once)."""
+    slower of its two kinds of link (both move at once), one with ``peers`` pays the latency of those
+    (:meth:`~distattn.network.NetworkProfile.sparse_time`). An entry moving nothing takes none."""
+    def time(n, sent):
+        size = nccl_size(ph.op, n, sent)
+        return net.time(ph.op, n, size) if ph.peers is None else net.sparse_time(ph.op, n, size, ph.peers)
     if ph.inter is None:
-        return net.time(ph.op, ph.span, nccl_size(ph.op, ph.span, ph.amount))
-    node = min(ph.span, net.gpus_per_node)
-    return np.maximum(net.time(ph.op, node, nccl_size(ph.op, node, ph.intra)),
-                      net.time(ph.op, ph.span, nccl_size(ph.op, ph.span, ph.inter)))
-
-
-def _by_key(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique ``keys`` and the sum of ``values`` of each."""
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    return uniq, np.bincount(inverse, values, minlength=len(uniq))
-
-
-def _lookup(keys: np.ndarray, values: np.ndarray, want: np.ndarray) -> np.ndarray:
-    """``values`` of sorted ``keys`` at ``want`` (0 where absent)."""
-    pos = np.minimum(np.searchsorted(keys, want), max(len(keys) - 1, 0))
-    return np.where((len(keys) > 0) & (keys[pos] == want), values[pos], 0.0) if len(keys) else np.zeros(len(want))
-
-
-def layer_times(phases, ranks: int, net, flop_rate: float, lin_s: np.ndarray) -> dict[str, np.ndarray]:
-    """Seconds per rank of one layer's forward and backward attention: ``attention`` (its phases'
-    FLOPs at ``flop_rate``), ``comm`` (every transfer) and ``exposed`` (what no computation hides,
-    see module docstring); ``lin_s`` is the layer's linear time per rank."""
-    out = {k: np.zeros(ranks) for k in ("attention", "comm", "exposed")}
-    for direction, lin in (("forward", lin_s / 3), ("backward", 2 * lin_s / 3)):
-        mine = [ph for ph in phases if ph.direction == direction]
-        # (step, rank) -> seconds of attention, and of transfers issued ahead of it
-        slots = {"attention": ([], []), "under attention": ([], [])}
-        under_layers = np.zeros(ranks)
-        for ph in mine:
-            t = np.asarray(ph.amount, np.float64) / flop_rate if not ph.is_comm else comm_time(net, ph)
-            per_rank = np.bincount(ph.rank, t, minlength=ranks)
-            if not ph.is_comm or ph.overlaps == "attention":
-                keys, times = slots["attention" if not ph.is_comm else "under attention"]
-                keys.append(ph.steps * ranks + ph.rank)
-                times.append(t)
-            if not ph.is_comm:
-                out["attention"] += per_rank
-                continue
-            out["comm"] += per_rank
-            if ph.overlaps is None:
-                out["exposed"] += per_rank
-            elif ph.overlaps == "layers":
-                under_layers += per_rank
-        a_keys, a_time = _by_key(*(np.concatenate(x or [np.zeros(0)]) for x in slots["attention"]))
-        c_keys, c_time = _by_key(*(np.concatenate(x or [np.zeros(0)]) for x in slots["under attention"]))
-        hidden_by = _lookup(a_keys, a_time, c_keys)
-        out["exposed"] += np.bincount(c_keys.astype(np.int64) % ranks, np.maximum(c_time - hidden_by, 0),
-                                      minlength=ranks)
-        attention = np.bincount(a_keys.astype(np.int64) % ranks, a_time, minlength=ranks)
-        out["exposed"] += np.maximum(under_layers - lin - attention, 0)  # the other nano-batch's layer
-    return out
+        t = time(ph.span, ph.amount)
+    else:
+        t = np.maximum(time(min(ph.span, net.gpus_per_node), ph.intra), time(ph.span, ph.inter))
+    return np.where(np.asarray(ph.amount) > 0, t, 0.0)
 
 
 def _entry(name: str):
@@ -161,35 +129,23 @@ def _entry(name: str):
 def dry_schedule(name: str, docs, world: int, num_kv_heads: int | None = None, causal: bool = True,
                  window: int | None = None, mask=None, ulysses_degree: int | None = None,
                  gpus_per_node: int | None = None, **cluster):
-    """The scheduler's dry schedule (``wlb-ideal``: zigzag's; see :func:`ideal_phases`) with the options
-    the registry gives it for a model of ``num_kv_heads`` KV heads (usp: its Ulysses degree, inside a
-    node of ``gpus_per_node``), and those of ``cluster`` its planner takes (cad: the cost model,
-    network and ``overlap_s`` of :func:`_cluster_options`); ``mask``: a SliceMask."""
+    """The scheduler's dry schedule (``wlb-ideal``/``ideal``: zigzag's) with the options the registry
+    gives it for a model of ``num_kv_heads`` KV heads (usp: its Ulysses degree, inside a node of
+    ``gpus_per_node``), and those of ``cluster`` its planner takes (cad: the cost model and network
+    of :func:`_cluster_options`); ``mask``: a SliceMask."""
     entry = _entry(name)
     opts = entry.plan_options(world, num_kv_heads, ulysses_degree, gpus_per_node)
     opts.update({key: value for key, value in cluster.items() if entry.accepts(key)})
     return make_plan(docs, world, scheduler=entry.name, causal=causal, window=window, mask=mask, **opts).schedule
 
 
-def _cluster_options(cfg: SimConfig, network) -> dict:
-    """What a planner may plan with in the simulated cluster (cad does): the attention cost and network,
-    and the linear layers' time per layer of a rank's share of tokens (ping-pong hides transfers behind it)."""
+def _cluster_options(cfg: SimConfig, entry, network) -> dict:
+    """What the scheduler plans the simulated job with (:meth:`~distattn.schedulers.SchedulerSpec.job_options`:
+    cad's cost model and network, made as the trainer makes them)."""
     m = cfg.model
-    peak = cfg.gpu.peak_tflops * 1e12
-    cost = Roofline(cfg.gpu.peak_tflops, cfg.attn_efficiency, num_heads=m.n_heads, num_kv_heads=m.n_kv_heads,
-                    head_dim=m.head_dim, dtype_bytes=cfg.elem_bytes)
-    tokens = cfg.seq_len / cfg.cp
-    return {"cost": cost, "network": network, "overlap_s": 6 * m.layer_params * tokens / (peak * cfg.mfu)}
-
-
-def ideal_phases(phases, ranks: int, mean=None) -> list[Phase]:
-    """The bounds: the attention of ``phases`` evened out over the ranks (``wlb-ideal``), or set to
-    ``mean[i]`` per rank for the ``i``-th attention phase (``ideal``: the mean over all replicas); no
-    communication."""
-    attention = [ph for ph in phases if not ph.is_comm]
-    means = mean if mean is not None else [ph.total(ranks).mean() for ph in attention]
-    return [Phase.per_rank(ph.direction, "attention", ph.what, ranks, np.full(ranks, m))
-            for ph, m in zip(attention, means)]
+    return entry.job_options(num_heads=m.n_heads, num_kv_heads=m.n_kv_heads, head_dim=m.head_dim,
+                             dtype_bytes=cfg.elem_bytes, peak_tflops=cfg.gpu.peak_tflops,
+                             attn_efficiency=cfg.attn_efficiency, network=network)
 
 
 def _memory_gb(cfg: SimConfig, tokens: float, buffers: float) -> float:
@@ -199,9 +155,50 @@ def _memory_gb(cfg: SimConfig, tokens: float, buffers: float) -> float:
     return (states + acts + buffers) / 1e9
 
 
+def nano_docs(docs, nano_batches: int, model: ModelPreset) -> list[list[int]]:
+    """A replica's documents as the trainer cuts them into nano-batches (:func:`distattn.pingpong.nano_batches`)."""
+    return [part for part, _, _ in nano_batches_of(docs, nano_batches,
+                                                   pair_weight(model.n_heads, model.head_dim, model.layer_params))]
+
+
+def _merged(programs, ranks_each: int, network, flop_rate: float) -> TimedProgram:
+    """One timed program over the replicas' ranks side by side (every replica's program has the same
+    instructions: they follow from the mesh and options, not the documents)."""
+    timed = [TimedProgram.of(p, ranks_each, lambda ph: np.asarray(ph.amount, np.float64) / flop_rate,
+                             lambda ph: comm_time(network, ph)) for p in programs]
+    first = timed[0]
+    assert all(t.program.stages == first.program.stages for t in timed), "replicas' programs differ"
+    keys = set().union(*(t.seconds for t in timed))
+    zero, none = np.zeros(ranks_each), np.zeros(0, dtype=np.int64)
+    links = {k: tuple(np.concatenate([t.links.get(k, (none, none))[j] + i * ranks_each for i, t in enumerate(timed)])
+                      for j in (0, 1))
+             for k in set().union(*(t.links for t in timed))}   # each replica's pairs on its own ranks
+    return TimedProgram(first.program, {k: np.concatenate([t.seconds.get(k, zero) for t in timed]) for k in keys},
+                        links)
+
+
+def time_call(schedule, shape: AttnShape, network, flop_rate: float, streams: bool = True) -> dict[str, float]:
+    """Seconds of one plain attention call of ``schedule`` -- its ``forward``, its ``backward`` and
+    ``both`` back to back -- replayed (:mod:`.replay`) with attention at ``flop_rate``: the step's
+    slowest rank."""
+    ranks = schedule.stat_ranks
+    timed = TimedProgram.of(schedule.program(shape), ranks, lambda ph: np.asarray(ph.amount, np.float64) / flop_rate,
+                            lambda ph: comm_time(network, ph))
+    return {name: float(replay(call_ops(timed, ranks, stages), ranks, streams=streams).end.max())
+            for name, stages in (("forward", FORWARD), ("backward", BACKWARD), ("both", FORWARD + BACKWARD))}
+
+
 def simulate(cfg: SimConfig, network, schedulers=SCHEDULERS, pool=None, replica_docs=None) -> list[dict]:
     """One result dict per scheduler (see module docstring); sorted as ``schedulers``."""
     return simulate_with_timelines(cfg, network, schedulers, pool, replica_docs)[0]
+
+
+def _layer_seconds(cfg: SimConfig, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank, forward seconds of a layer's ``pre`` (QKV projection) and ``post`` (output
+    projection and MLP) on ``tokens``."""
+    m, rate = cfg.model, cfg.gpu.peak_tflops * 1e12 * cfg.mfu
+    qkv = m.dim * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
+    return 2 * qkv * tokens / rate, 2 * (m.layer_params - qkv) * tokens / rate
 
 
 def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool=None,
@@ -225,60 +222,73 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
         heads = dict(num_kv_heads=m.n_kv_heads, ulysses_degree=cfg.ulysses_degree, gpus_per_node=cfg.gpus_per_node)
         if m.n_heads < entry.ulysses_degree(cfg.cp, m.n_kv_heads, cfg.ulysses_degree, cfg.gpus_per_node):
             continue  # heads split over more ranks than there are heads
-        if entry.pools:  # one schedule over the pool: every replica's sequence, balanced over all GPUs
-            groups = [(dry_schedule(name, [d for rep in docs for d in rep], cfg.gpus, **heads,
-                                    **_cluster_options(cfg, network)), cfg.gpus)]
-        else:
-            groups = [(dry_schedule(name, rep, cfg.cp, **heads, **_cluster_options(cfg, network)), cfg.cp)
-                      for rep in docs]
-        ranks_compute, rank_exposed, rank_comm, flops_attn, mem = [], [], [], 0.0, 0.0
-        every = [schedule.phases(shape) for schedule, _ in groups]
-        mean = None
-        if name == "ideal":   # each attention phase's FLOPs over all GPUs of all replicas
-            attention = [[ph for ph in phases if not ph.is_comm] for phases in every]
-            mean = [sum(float(group[i].total(n).sum()) for group, (_, n) in zip(attention, groups)) / cfg.gpus
-                    for i in range(len(attention[0]))]
-        for (schedule, n), phases in zip(groups, every):
-            tokens = np.asarray(schedule.rank_tokens(), dtype=np.float64)
+        nano = 1 if name in BOUNDS else (cfg.nano_batches or entry.nano_batches)
+        cut = [nano_docs(rep, nano, m) for rep in docs]
+        nano = min(len(c) for c in cut)
+        cut = [c if len(c) == nano else [rep] for c, rep in zip(cut, docs)]   # all ranks alike (the trainer's rule)
+        programs, tokens, buffers, flops_attn = [], [], np.zeros(cfg.gpus), 0.0
+        for n in range(nano):
+            if entry.pools:  # one schedule over the pool: every replica's sequence, balanced over all GPUs
+                groups = [dry_schedule(name, [d for rep in cut for d in rep[n]], cfg.gpus, **heads,
+                                       **_cluster_options(cfg, entry, network))]
+            else:
+                groups = [dry_schedule(name, rep[n], cfg.cp, **heads, **_cluster_options(cfg, entry, network))
+                          for rep in cut]
+            group_ranks = cfg.gpus // len(groups)
+            progs = [g.program(shape) for g in groups]
             if name in BOUNDS:
-                phases = ideal_phases(phases, n, mean)
-            lin = 6 * m.layer_params * tokens / (peak * cfg.mfu)
-            t = layer_times(phases, n, network, rate, lin)
-            head = 6 * m.vocab * m.dim * tokens / (peak * cfg.mfu)
-            ranks_compute += list(m.n_layers * (lin + t["attention"]) + head)
-            rank_exposed += list(m.n_layers * t["exposed"])
-            rank_comm += list(m.n_layers * t["comm"])
-            flops_attn += sum(float(ph.total(n).sum()) for ph in phases if not ph.is_comm)
-            buffers = schedule.buffer_bytes(shape)
-            mem = max(mem, max(_memory_gb(cfg, tok, b) for tok, b in zip(tokens, buffers)))
-        busy = np.asarray(ranks_compute) + np.asarray(rank_exposed)
+                progs = _bound_programs(name, progs, group_ranks, cfg.gpus)
+            for prog in progs:
+                flops_attn += sum(float(ph.total(group_ranks).sum()) for ph in prog.phases if not ph.is_comm)
+            programs.append(_merged(progs, group_ranks, network, rate))
+            tokens.append(np.concatenate([np.asarray(g.rank_tokens(), dtype=np.float64) for g in groups]))
+            buffers += np.concatenate([g.buffer_bytes(shape) for g in groups])
+        pre, post = zip(*(_layer_seconds(cfg, t) for t in tokens))
+        all_tokens = sum(tokens)
+        head = 6 * m.vocab * m.dim * all_tokens / (peak * cfg.mfu)
+        ops = step_ops(layer_order(m.n_layers, nano), programs, pre, post, head, cfg.gpus)
+        run, still = replay(ops, cfg.gpus), replay(ops, cfg.gpus, comm=False)
+        busy = run.compute + run.stalled   # each rank's end (the clock only moves by compute and waits)
+        step = float(busy.max())
         rep_times = [float(busy[i * cfg.cp:(i + 1) * cfg.cp].max()) for i in range(cfg.dp)]
-        step = max(rep_times)
         slowest = int(np.argmax(busy))
         flops_model = 6 * m.params * cfg.seq_len * cfg.dp + flops_attn * m.n_layers
+        mem = max(_memory_gb(cfg, tok, b) for tok, b in zip(all_tokens, buffers))
         results.append({
             "scheduler": name, "gpus": cfg.gpus, "cp": cfg.cp, "dp": cfg.dp, "seq_len": cfg.seq_len,
-            "model": m.name, "ulysses_degree": groups[0][0].ulysses_degree,
-            "step_time_s": float(step), "tokens_per_s_per_gpu": float(cfg.seq_len * cfg.dp / step / cfg.gpus),
+            "model": m.name, "ulysses_degree": groups[0].ulysses_degree, "nano_batches": nano,
+            "step_time_s": step, "tokens_per_s_per_gpu": float(cfg.seq_len * cfg.dp / step / cfg.gpus),
             "mfu": float(flops_model / step / (peak * cfg.gpus)),
-            "compute_s": float(np.max(ranks_compute)), "exposed_comm_s": float(rank_exposed[slowest]),
-            "comm_s": float(rank_comm[slowest]),
-            "compute_imbalance": max(1.0, float(np.max(ranks_compute) / np.mean(ranks_compute))),  # 1 - ulp happens
+            "compute_s": float(run.compute.max()), "exposed_comm_s": max(step - float(still.end.max()), 0.0),
+            "comm_s": float(run.comm[slowest]), "stalled_s": float(run.stalled[slowest]),
+            "compute_imbalance": max(1.0, float(run.compute.max() / run.compute.mean())),  # 1 - ulp happens
             "dp_idle": float(np.mean([(step - t) / step for t in rep_times])),
             "memory_gb": float(mem), "fits_memory": bool(mem <= cfg.gpu.memory_gb),
         })
-        timeline += _timeline(name, cfg, step, ranks_compute, rank_exposed, rank_comm)
+        timeline += _timeline(name, cfg, step, run)
     return results, timeline
 
 
-def _timeline(name: str, cfg: SimConfig, step: float, compute, exposed, comm) -> list[dict]:
+def _bound_programs(name: str, programs, group_ranks: int, gpus: int) -> list:
+    """The bounds' programs: attention alone, evened out over each replica's ranks (``wlb-ideal``) or
+    over all GPUs (``ideal``)."""
+    def attention(prog, direction):
+        return sum(ph.total(group_ranks) for ph in prog.phases if not ph.is_comm and ph.direction == direction)
+    if name == "ideal":
+        mean = sum(attention(p, "forward").sum() for p in programs) / gpus
+        return [attention_program(np.full(group_ranks, mean), group_ranks) for _ in programs]
+    return [attention_program(np.full(group_ranks, attention(p, "forward").mean()), group_ranks) for p in programs]
+
+
+def _timeline(name: str, cfg: SimConfig, step: float, run) -> list[dict]:
+    """Per rank: its compute, the time it stood at waits (for transfers, or for the slower ranks a
+    transfer needed) and its idle end of the step, laid end to end; and its transfers' time hidden
+    while it computed."""
     rows = []
-    for rank, (c, e, total) in enumerate(zip(compute, exposed, comm)):
-        c, e, hidden = float(c), float(e), float(total - e)
-        # overlap is bounded by the compute it hides behind (comm_time's min/max guarantee it)
-        assert -1e-9 * step <= hidden <= c * (1 + 1e-9) and c + e <= step * (1 + 1e-12), (name, rank)
+    for rank in range(cfg.gpus):
+        c, e, comm = float(run.compute[rank]), float(run.stalled[rank]), float(run.comm[rank])
         spans = (("compute", 0.0, c), ("exposed_comm", c, c + e), ("idle", c + e, max(step, c + e)),
-                 ("overlapped_comm", 0.0, max(hidden, 0.0)))
+                 ("overlapped_comm", 0.0, max(comm - e, 0.0)))
         for phase, start, end in spans:
             rows.append({"scheduler": name, "rank": rank, "node": rank // cfg.gpus_per_node,
                          "replica": rank // cfg.cp, "cp_rank": rank % cfg.cp, "phase": phase,

@@ -5,8 +5,8 @@ A config has four sections::
     model:    {dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, tie_embeddings, rope_theta,
                attention_sinks, softcap}
     data:     {source: stdlib | tokens, path, seq_len, seed}
-    parallel: {dp, cp, scheduler, ulysses_degree, head_groups, cad_pool, dp_mode: ddp | fsdp, cpu_offload,
-               backend, timeout_s}
+    parallel: {dp, cp, scheduler, ulysses_degree, head_groups, cad_pool, nano_batches, dp_mode: ddp | fsdp,
+               cpu_offload, backend, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
                dtype: fp32 | bf16, activation_checkpointing: none | full | selective | offload,
                loss_chunk, mlp_chunk, compile, peak_tflops, on_nonfinite: stop | skip_step}
@@ -70,6 +70,10 @@ class ParallelConfig:
     # `--scheduler zigzag` on a cad config would stop working. With dp == 1 the pool is the CP
     # group itself, so the plan would be the same but cost an extra exchange of document lengths.
     cad_pool: bool = True
+    # 1 | 2: each micro-batch cut into this many nano-batches of whole documents, interleaved through
+    # the blocks so that one's attention transfers hide behind the other's compute (DistCA's
+    # ping-pong: distattn/pingpong.py); unset: the scheduler's default (2 for cad, 1 otherwise)
+    nano_batches: int | None = None
     dp_mode: str = "ddp"                # "ddp" or "fsdp" (FSDP2 fully_shard)
     # FSDP2's CPUOffloadPolicy: the fp32 parameter shards, their gradients and AdamW's state live in
     # (pinned) host memory; each block's parameters come to the GPU for its forward and backward,
@@ -77,6 +81,13 @@ class ParallelConfig:
     cpu_offload: bool = False
     backend: str = "auto"               # attention kernel backend
     timeout_s: float = 120.0            # collectives fail after this instead of hanging
+
+    @property
+    def nano_batch_count(self) -> int:
+        """``nano_batches``, or the scheduler's default."""
+        from ..schedulers import spec
+
+        return self.nano_batches if self.nano_batches is not None else spec(self.scheduler).nano_batches
 
     @property
     def pools_replicas(self) -> bool:
@@ -260,6 +271,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                                          or p.ulysses_degree > m.n_heads):
         raise ValueError(f"parallel.ulysses_degree ({p.ulysses_degree}) must divide parallel.cp ({p.cp}) and be at "
                          f"most model.n_heads ({m.n_heads}); leave it unset for the default")
+    if p.nano_batches not in (None, 1, 2):
+        raise ValueError(f"parallel.nano_batches must be 1 or 2 (nano-batches per micro-batch, ping-ponged through "
+                         f"the blocks), got {p.nano_batches!r}; leave it unset for the scheduler's default")
     if isinstance(p.head_groups, bool) or not isinstance(p.head_groups, int) or p.head_groups < 1:
         raise ValueError(f"parallel.head_groups must be a positive int, got {p.head_groups!r}")
     entry = spec(p.scheduler) if p.scheduler in NAMES else None

@@ -46,12 +46,16 @@ def device_peak_flops(device: torch.device, override_tflops: float | None = None
     return next((tflops * 1e12 for fragment, tflops in PEAK_BF16_TFLOPS if fragment in name), None)
 
 
+def layer_matmul_params(m: ModelConfig) -> int:
+    """Parameters of one block that take part in a matmul per token: its projections and MLP."""
+    hd = m.dim // m.n_heads
+    return m.dim * m.n_heads * hd * 2 + m.dim * m.n_kv_heads * hd * 2 + 3 * m.dim * m.ffn_dim
+
+
 def matmul_params(m: ModelConfig) -> int:
     """Parameters that take part in a matmul per token: the blocks' projections and the output
     projection (not the embedding lookup, the norms or RoPE)."""
-    hd = m.dim // m.n_heads
-    attn = m.dim * m.n_heads * hd * 2 + m.dim * m.n_kv_heads * hd * 2
-    return m.n_layers * (attn + 3 * m.dim * m.ffn_dim) + m.vocab_size * m.dim
+    return m.n_layers * layer_matmul_params(m) + m.vocab_size * m.dim
 
 
 def model_flops(m: ModelConfig, tokens: int, attention_forward_flops: float) -> float:

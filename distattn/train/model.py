@@ -26,6 +26,14 @@ Activation checkpointing (``checkpointing=``, per block, non-reentrant
   here attention already saves only O(tokens) and is the one part of the block
   that communicates, so it is the part worth keeping.
 
+Nano-batches (``parallel.nano_batches``; :meth:`Transformer.forward` given a list of plans): the
+local tokens of each nano-batch, one after the other, run through the blocks' pieces -- ``Block.pre``
+(norm, QKV projection, RoPE), the attention stages, ``Block.post`` (output projection, MLP) -- in
+:func:`distattn.program.layer_order` (:func:`distattn.pingpong.run_layers`), so that one nano-batch's
+attention transfers hide behind the other's compute. ``selective`` checkpoints each piece; ``full`` and
+``offload`` rerun a block whole in backward, so there each block runs both nano-batches, interleaved
+inside it, under one checkpoint (keeping the block's inputs only, as without nano-batches).
+
 Precision: RMSNorm and the loss's softmax run in fp32 whatever the compute
 dtype; attention runs with autocast off (its kernels accumulate in fp32 and
 merge in fp32 on their own; autocast would push their fp32 steps to bf16).
@@ -34,12 +42,15 @@ merge in fp32 on their own; autocast would push their fp32 steps to bf16).
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..api import attention
+from ..pingpong import run_layers
+from ..program import layer_order
 from .config import ModelConfig
 from .loss import chunked_cross_entropy
 from .offload import Offload
@@ -166,6 +177,17 @@ class Block(nn.Module):
         return self.out_and_mlp(x, self.attend(*self.qkv(x, pos), plan), mlp_chunk)
 
     def forward(self, x, pos, plan, checkpointing: str = "none", mlp_chunk: int = 0, offload: Offload | None = None):
+        """The block on ``x [S_local, dim]``; or, given a list of plans, on nano-batches (lists ``x``,
+        ``pos``), ping-ponged inside the block (how ``full``/``offload`` run nano-batches:
+        :meth:`Transformer.forward`)."""
+        if isinstance(plan, (list, tuple)):
+            assert checkpointing in ("full", "offload"), checkpointing
+            pieces = Pieces(self, pos, "none", mlp_chunk, direct=True)
+
+            def layer(*xs):   # both nano-batches through this block, ping-ponged inside it
+                return run_layers([pieces], xs, plan, layer_order(1, len(xs), across_layers=False))
+            with (offload or Offload(x[0].device)).hooks() if checkpointing == "offload" else nullcontext():
+                return checkpoint(layer, *x, use_reentrant=False)
         plain = self._run("plain")
         if checkpointing == "offload":
             # the checkpoint saves its inputs under these hooks (its own hooks cover the block's inside)
@@ -174,9 +196,51 @@ class Block(nn.Module):
         if checkpointing == "full":
             return checkpoint(plain, x, pos, plan, mlp_chunk, use_reentrant=False)
         if checkpointing == "selective":
-            q, k, v = checkpoint(self._run("qkv"), x, pos, use_reentrant=False)
-            return checkpoint(self._run("out_and_mlp"), x, self.attend(q, k, v, plan), mlp_chunk, use_reentrant=False)
+            return self._post(x, self.attend(*self._pre(x, pos, checkpointing), plan), checkpointing, mlp_chunk)
         return plain(x, pos, plan, mlp_chunk)
+
+    def _pre(self, x, pos, checkpointing: str):
+        """``qkv`` (``selective``: recomputed in backward)."""
+        if checkpointing == "selective":
+            return checkpoint(self._run("qkv"), x, pos, use_reentrant=False)
+        return self._run("qkv")(x, pos)
+
+    def _post(self, x, a, checkpointing: str, mlp_chunk: int):
+        """``out_and_mlp`` (``selective``: recomputed in backward)."""
+        if checkpointing == "selective":
+            return checkpoint(self._run("out_and_mlp"), x, a, mlp_chunk, use_reentrant=False)
+        return self._run("out_and_mlp")(x, a, mlp_chunk)
+
+    # the pieces around attention when nano-batches interleave across blocks (distattn.pingpong): under
+    # FSDP2 each is a forward method of its own (the trainer registers them), which gathers the parameters
+    def pre(self, x, pos, checkpointing: str = "none"):
+        """``_pre`` and the attention's keyword arguments: the sinks a copy, made while FSDP2 has
+        gathered them (their gradient flows back through the copy)."""
+        return (*self._pre(x, pos, checkpointing),
+                {"sinks": None if self.sinks is None else self.sinks.clone(), "softcap": self.cfg.softcap})
+
+    def post(self, x, a, checkpointing: str = "none", mlp_chunk: int = 0):
+        return self._post(x, a, checkpointing, mlp_chunk)
+
+
+class Pieces:
+    """A :class:`Block` as :func:`distattn.pingpong.run_layers` runs it: nano-batch ``n`` at positions
+    ``pos[n]``. ``direct``: inside the block's own forward (its parameters already gathered), the
+    pieces themselves; else its ``pre``/``post`` forward methods."""
+
+    def __init__(self, block: Block, pos, checkpointing: str, mlp_chunk: int, direct: bool = False):
+        self.block, self.pos, self.checkpointing = block, pos, checkpointing
+        self.mlp_chunk, self.direct = mlp_chunk, direct
+
+    def pre(self, x, n):
+        if self.direct:
+            block = self.block
+            args = {"sinks": block.sinks, "softcap": block.cfg.softcap}
+            return (*block._pre(x, self.pos[n], self.checkpointing), args)
+        return self.block.pre(x, self.pos[n], self.checkpointing)
+
+    def post(self, x, a, n):
+        return (self.block._post if self.direct else self.block.post)(x, a, self.checkpointing, self.mlp_chunk)
 
 
 class Transformer(nn.Module):
@@ -202,6 +266,20 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.compile_parts()
 
+    def _nano_batches(self, x, pos, plans, checkpointing: str, mlp_chunk: int, offload) -> torch.Tensor:
+        """The blocks on nano-batches (``plans``; ``x``/``pos`` their local tokens, concatenated in
+        order): interleaved across the blocks (:func:`distattn.pingpong.run_layers`), or, where a
+        block is rerun whole in backward (``full``, ``offload``), a block at a time, the nano-batches
+        interleaved inside it."""
+        sizes = [p.num_local_tokens for p in plans]
+        xs, poss = list(x.split(sizes)), list(pos.split(sizes))
+        if checkpointing in ("full", "offload"):
+            for layer in self.layers:
+                xs = layer(xs, poss, plans, checkpointing, mlp_chunk, offload)
+        else:
+            xs = run_layers([Pieces(layer, poss, checkpointing, mlp_chunk) for layer in self.layers], xs, plans)
+        return torch.cat(list(xs))
+
     @property
     def output_weight(self) -> torch.Tensor:
         """``[vocab, dim]``: the tied embedding or the untied head."""
@@ -213,11 +291,16 @@ class Transformer(nn.Module):
         """``tokens``, ``pos``: ``[S_local]`` -> logits ``[S_local, vocab]``; with ``labels [S_local]``
         (-100: no label) the summed cross-entropy instead (an fp32 scalar), computed ``loss_chunk``
         tokens at a time so the full logits never exist (``compute_dtype``: the projection's dtype).
-        ``mlp_chunk`` > 0: each MLP runs that many tokens at a time (:mod:`.tiled`)."""
+        ``mlp_chunk`` > 0: each MLP runs that many tokens at a time (:mod:`.tiled`). ``plan``: one
+        plan, or one per nano-batch, whose local tokens ``tokens`` holds one after the other
+        (module docstring)."""
         x = self.embed(tokens)
         offload = Offload(x.device) if checkpointing == "offload" else None   # one prefetch chain per forward
-        for layer in self.layers:
-            x = layer(x, pos, plan, checkpointing, mlp_chunk, offload)
+        if isinstance(plan, (list, tuple)):
+            x = self._nano_batches(x, pos, plan, checkpointing, mlp_chunk, offload)
+        else:
+            for layer in self.layers:
+                x = layer(x, pos, plan, checkpointing, mlp_chunk, offload)
         x = self.norm(x)
         if labels is None:
             return x @ self.output_weight.t()

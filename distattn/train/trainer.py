@@ -17,6 +17,10 @@ start-up), the plan exchanges the replicas' document lengths, and shard/unshard 
 replica's CP group. ``flops_imbalance`` in the metrics is over the ranks the plan balanced (the
 pool, or rank 0's CP group); ``flops_imbalance_all`` is over all dp x cp ranks either way.
 
+Each micro-batch runs as ``parallel.nano_batches`` nano-batches of whole documents (:func:`agreed_nano_batches`;
+``cad``'s default is two), one plan each, ping-ponged through the model's blocks
+(:mod:`distattn.pingpong`): the loss and gradients are those of one.
+
 Precision (``train.dtype``): ``bf16`` computes in bf16 and keeps fp32 master weights, fp32
 gradient reduction and fp32 AdamW state -- FSDP2 through its ``MixedPrecisionPolicy``, DDP (and a
 single rank) by autocasting the forward. Attention accumulates in fp32 either way. Activation
@@ -53,12 +57,13 @@ import torch.distributed as dist
 
 from ..api import plan as make_plan
 from ..masks import next_token_labels
+from ..pingpong import all_ranks, nano_batches, pair_weight
 from ..schedule import imbalance
 from ..spawn import Terminated
 from . import checkpoint
 from .config import RunConfig
 from .data import Packer, make_corpus
-from .metrics import RunLog, device_peak_flops, model_flops, peak_memory_bytes
+from .metrics import RunLog, device_peak_flops, layer_matmul_params, model_flops, peak_memory_bytes
 from .model import Transformer
 
 
@@ -78,7 +83,8 @@ def _wrap(model, cfg: RunConfig, mesh):
     if cfg.wrapper == "single":
         return model
     if cfg.wrapper == "fsdp":
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                            register_fsdp_forward_method)
 
         flat = mesh._flatten("dp_cp")
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -88,6 +94,9 @@ def _wrap(model, cfg: RunConfig, mesh):
             else OffloadPolicy()
         for layer in model.layers:
             fully_shard(layer, mesh=flat, mp_policy=mp, offload_policy=offload)
+            # nano-batches call a block's pieces apart (Transformer.forward): each gathers its parameters
+            for method in ("pre", "post"):
+                register_fsdp_forward_method(layer, method)
         return fully_shard(model, mesh=flat, mp_policy=mp, offload_policy=offload)
     from torch.nn.parallel import DistributedDataParallel
 
@@ -161,25 +170,32 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
     # usp's degree is the mesh's "ulysses" axis; the head count makes its plans refuse other K/V heads
     options = {"num_kv_heads": cfg.model.n_kv_heads} if dims.ulysses > 1 else {}
     options.update(entry.head_group_options(p.cp, p.head_groups))
+    m_cfg, hd = cfg.model, cfg.model.dim // cfg.model.n_heads
+    peak_flops = device_peak_flops(device, t.peak_tflops)
+    if cfg.world_size > 1:   # (one rank plans nothing: local attention)
+        # what the scheduler plans this job with (cad: its cost model and network), made as `distattn
+        # simulate` makes it for the same job: one plan for both (a CPU run plans for an H100's peak)
+        options.update(entry.job_options(num_heads=m_cfg.n_heads, num_kv_heads=m_cfg.n_kv_heads, head_dim=hd,
+                                         dtype_bytes=2 if t.dtype == "bf16" else 4,
+                                         peak_tflops=None if peak_flops is None else peak_flops / 1e12))
     if p.pools_replicas:
         # the pool is every dp x cp rank: the world group, which exists already (train() runs on
         # exactly dp * cp ranks, checked above), so steps make no group; each plan exchanges the
         # replicas' document lengths over it and CAD's all-to-alls cross replicas
         options["pool"] = dist.group.WORLD
-    m_cfg, hd = cfg.model, cfg.model.dim // cfg.model.n_heads
-    peak_flops = device_peak_flops(device, t.peak_tflops)
     forward = {"checkpointing": t.activation_checkpointing, "loss_chunk": t.loss_chunk, "mlp_chunk": t.mlp_chunk,
                "compute_dtype": torch.bfloat16 if t.dtype == "bf16" else None}
+    weight = pair_weight(m_cfg.n_heads, hd, layer_matmul_params(m_cfg))
     history = []
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         tokens_np, doc_lens = packer.next_batch(p.dp, dp_rank)
         tokens = torch.from_numpy(tokens_np).to(device)
-        labels = next_token_labels(tokens, doc_lens)
-        plan = make_plan(doc_lens, cp_mesh, scheduler=p.scheduler, backend=p.backend, **options)
-        local_labels = plan.shard(labels)
+        parts = agreed_nano_batches(doc_lens, p.nano_batch_count, weight, p.dp > 1, device)
+        plans = [make_plan(docs, cp_mesh, scheduler=p.scheduler, backend=p.backend, **options) for docs, _, _ in parts]
+        local_tokens, pos, local_labels = local_batch(tokens, doc_lens, plans, parts)
         with _autocast(cfg, device):
-            loss_sum = model(plan.shard(tokens), plan.position_ids(device), plan, local_labels, **forward)
+            loss_sum = model(local_tokens, pos, plans if len(plans) > 1 else plans[0], local_labels, **forward)
         # the labelled tokens and the loss of the whole global batch, in one all-reduce
         sums = torch.stack([(local_labels != -100).sum().to(torch.float64), loss_sum.detach().to(torch.float64)])
         dist.all_reduce(sums)
@@ -197,7 +213,9 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
                             f"stop, or skip_step to skip such steps)")
         optimizer.zero_grad(set_to_none=True)
         s0 = time.perf_counter()
-        stats = plan.stats(m_cfg.n_heads, m_cfg.n_kv_heads, hd)
+        # attention FLOPs per rank of the plans' ranks, every nano-batch's summed
+        rank_flops = [sum(f) for f in zip(*(plan.stats(m_cfg.n_heads, m_cfg.n_kv_heads, hd)["flops"]
+                                            for plan in plans))]
         # one sum gives the loss, whether any rank got SIGTERM (so all stop at this step) and every
         # rank's attention FLOPs (its own slot, the others zero: the imbalance over all dp x cp
         # ranks, and the model FLOPs of MFU); one max gives the peak memory and the comm wait
@@ -206,9 +224,9 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         total[1] = float(stop is not None and stop.received)
         # a pooled plan's stats list every rank of the pool (the world, slot = global rank); plan.rank
         # is this rank's place in its CP group, which indexes an unpooled plan's stats
-        total[2 + dist.get_rank()] = float(stats["flops"][dist.get_rank() if p.pools_replicas else plan.rank])
-        worst = torch.tensor([peak_memory_bytes(device), plan.comm_wait_seconds()], dtype=torch.float64,
-                             device=device)
+        total[2 + dist.get_rank()] = float(rank_flops[plans[0].slot])
+        worst = torch.tensor([peak_memory_bytes(device), sum(plan.comm_wait_seconds() for plan in plans)],
+                             dtype=torch.float64, device=device)
         bookkeeping = time.perf_counter() - s0  # metrics, not training: left out of the step time
         dist.all_reduce(total)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -223,7 +241,7 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
              "step_time_s": step_time,
              "mfu": None if peak_flops is None else flops / (step_time * cfg.world_size * peak_flops),
              "model_tflops": flops / 1e12, "peak_memory_gib": peak_mem / 2**30, "comm_wait_s": comm_wait,
-             "flops_imbalance": stats["flops_imbalance"], "flops_imbalance_all": imbalance(world_flops)}
+             "flops_imbalance": imbalance(rank_flops), "flops_imbalance_all": imbalance(world_flops)}
         if bad is not None:
             m["skipped"] = True
         history.append(m)
@@ -243,6 +261,27 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
 
 class NonFinite(RuntimeError):
     """A step's loss or gradient norm was not finite and ``train.on_nonfinite`` is ``stop``."""
+
+
+def agreed_nano_batches(doc_lens, count: int, weight: float, agree: bool, device) -> list[tuple[list[int], int, int]]:
+    """The micro-batch's nano-batches, ``(doc_lens, start, end)`` each (:func:`distattn.pingpong.nano_batches`,
+    balancing tokens and ``weight`` per attention pair). A micro-batch of one document is one
+    nano-batch; with ``agree`` (several replicas, whose documents differ) every rank takes one
+    unless all can be cut (:func:`distattn.pingpong.all_ranks`)."""
+    lens = list(doc_lens)
+    can = count > 1 and len(lens) > 1
+    if count > 1 and agree:
+        can = all_ranks(can, None, device)
+    return nano_batches(lens, count if can else 1, weight)
+
+
+def local_batch(tokens: torch.Tensor, doc_lens, plans, parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's ``(tokens, positions, labels)`` of a micro-batch (``tokens [S]`` of documents
+    ``doc_lens``) cut into nano-batches ``parts`` (:func:`nano_batches`) with one plan each: every
+    nano-batch's shard, one after the other (the model splits them again)."""
+    labels = next_token_labels(tokens, doc_lens)
+    local = [torch.cat([plan.shard(x[a:b]) for plan, (_, a, b) in zip(plans, parts)]) for x in (tokens, labels)]
+    return local[0], torch.cat([plan.position_ids(tokens.device) for plan in plans]), local[1]
 
 
 def _nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
