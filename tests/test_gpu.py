@@ -245,7 +245,7 @@ def test_kernel_benchmark_runs():
 
 def test_offload_on_the_gpu_gives_full_checkpointing_grads_and_frees_the_block_inputs(one_rank_group):
     """activation_checkpointing: offload on CUDA (pinned host copies on a side stream, prefetched one
-    block ahead): the gradients equal full checkpointing's bit for bit, every block but the first of
+    block ahead): the gradients equal full checkpointing's to fp32 rounding, every block but the first of
     the backward finds its input prefetched, and the device's peak drops by most of the block inputs."""
     from distattn.train.config import ModelConfig
     from distattn.train.model import Transformer
@@ -273,8 +273,10 @@ def test_offload_on_the_gpu_gives_full_checkpointing_grads_and_frees_the_block_i
         peaks[mode] = torch.cuda.max_memory_allocated() - base
         grads[mode] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     assert offload.stats()["prefetch_hits"] == cfg.n_layers - 1
+    # Not bit for bit on CUDA: the recompute reads a fresh copy, and cuBLAS may pick another
+    # algorithm for it (last-ulp differences seen on an H200). A lost or stale copy errs by O(1).
     for got, want in zip(grads["offload"], grads["full"]):
-        assert torch.equal(got, want)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     block_input = n * cfg.dim * 4
     assert peaks["full"] - peaks["offload"] > (cfg.n_layers - 3) * block_input, (peaks, block_input)
 

@@ -59,8 +59,8 @@ class Offload:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, t: torch.Tensor) -> Any:
-        if not t.is_floating_point():
-            return t
+        if not t.is_floating_point() or t.device.type != self.device.type:
+            return t     # integer positions, and host tensors a block saves (they hold no device memory)
         if self.cuda:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
