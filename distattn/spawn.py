@@ -14,12 +14,14 @@ a rank stuck in a collective fails instead of hanging.
 
 Signals: no rank outlives the caller (each rank watches a pipe whose only writer is the caller
 and kills itself when the pipe closes -- the caller's death closes it, whatever the signal --
-and the caller kills what is left on every way out). Ctrl-C (SIGINT) stops every rank
-at once and raises ``KeyboardInterrupt`` in the caller. SIGTERM -- how Slurm and most schedulers
-preempt -- is passed on to every rank, which may handle it (the trainer saves a checkpoint at
-the next step boundary); the caller then waits up to ``term_grace`` seconds for the ranks to
-finish and raises :class:`Terminated`. The same holds when SIGTERM reaches the whole process group
-at once (Slurm signals every process of a step): the forkserver ignores it.
+and the caller kills what is left on every way out). SIGTERM -- how Slurm and most schedulers
+preempt -- and a first Ctrl-C (SIGINT) are passed on to every rank as SIGTERM, which may handle it
+(the trainer saves a checkpoint at the next step boundary); a rank that has not installed a handler
+yet stops with :class:`Terminated`. The caller sends it again every second until the ranks are done
+-- a rank starts with SIGTERM ignored, inherited from the forkserver, until its handler is in place
+-- then waits up to ``term_grace`` seconds for them and raises :class:`Terminated`. A second Ctrl-C
+kills every rank at once and raises ``KeyboardInterrupt``. The same holds when the signal reaches
+the whole process group at once (Slurm signals every process of a step): the forkserver ignores it.
 """
 
 from __future__ import annotations
@@ -39,14 +41,22 @@ import torch.multiprocessing as mp
 
 
 class Terminated(RuntimeError):
-    """The caller got SIGTERM; the ranks were told and have finished or been killed.
-    ``results`` holds each rank's return value when every rank finished in time, else None."""
+    """The caller got SIGTERM (or SIGINT: ``signum``); the ranks were told and have finished or been
+    killed. ``results`` holds each rank's return value when every rank finished in time, else None."""
 
-    exit_code = 128 + signal.SIGTERM
-
-    def __init__(self, message: str, results: list | None = None):
+    def __init__(self, message: str, results: list | None = None, signum: int = signal.SIGTERM):
         super().__init__(message)
-        self.results = results
+        self.results, self.signum = results, signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by ``signum``: 143 for SIGTERM, 130 for SIGINT."""
+        return 128 + self.signum
+
+
+def _stop_rank(signum, frame):
+    """A rank's SIGTERM handler until its function installs its own: stop, reported as an error."""
+    raise Terminated("stopped by SIGTERM before it was ready to handle it")
 
 
 class RankError(RuntimeError):
@@ -64,7 +74,8 @@ def _context():
     # Children fork from a server that has already imported torch: starting a
     # rank then costs milliseconds instead of a fresh interpreter's seconds.
     # distattn._forkserver makes the server outlive a SIGTERM sent to the whole process group
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "distattn", "distattn._forkserver"])
+    # (first, so a signal to the process group while the server imports torch does not kill it)
+    ctx.set_forkserver_preload(["distattn._forkserver", "torch", "torch.distributed", "distattn"])
     return ctx
 
 
@@ -90,7 +101,7 @@ def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, t
     # Ctrl-C reaches the whole terminal process group: the caller alone decides, ranks do not
     # print a traceback each
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the forkserver ignores it (distattn._forkserver)
+    signal.signal(signal.SIGTERM, _stop_rank)   # the forkserver ignores it (distattn._forkserver)
     torch.set_num_threads(threads)
     try:
         if backend == "nccl":
@@ -98,8 +109,10 @@ def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, t
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout))
         out = fn(*args, **kwargs)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # done: the caller's repeats must not lose the result
         results.put((rank, "ok", pickle.dumps(out)))
     except BaseException as exc:  # report everything, including KeyboardInterrupt in a rank
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         results.put((rank, "error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     finally:
         if dist.is_initialized():
@@ -132,14 +145,21 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
                              args=(fn, args, kwargs, rank, world_size, init_file, collective_timeout,
                                    threads_per_rank, backend, results, lifeline))
                  for rank in range(world_size)]
-        for p in procs:
-            p.start()
-        lifeline.close()
-        term = _TermForwarder(procs)
+        term = _TermForwarder(procs)   # before the first start: a signal from now on reaches every rank
         try:
+            for p in procs:
+                try:
+                    p.start()
+                except Exception:   # the forkserver died of the signal before it could ignore it
+                    if term.received:
+                        raise Terminated(f"stopped by {term.name} while starting the ranks", None,
+                                         term.signum) from None
+                    raise
+                term.forward()   # one started after the signal missed it
+            lifeline.close()
             collected = _collect(procs, results, world_size, timeout, term, term_grace)
             if term.received:
-                raise Terminated("stopped by SIGTERM", collected)
+                raise Terminated(f"stopped by {term.name}", collected, term.signum)
             return collected
         finally:
             term.restore()
@@ -152,23 +172,43 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
 
 
 class _TermForwarder:
-    """While installed (main thread only), SIGTERM to the caller is passed on to every rank."""
+    """While installed (main thread only), SIGTERM or a first SIGINT to the caller is passed on to
+    every started rank as SIGTERM, and :meth:`forward` passes it on again (``_collect`` calls it every
+    second); a second SIGINT raises ``KeyboardInterrupt``."""
 
     def __init__(self, procs):
-        self.procs, self.received = procs, None
-        self.previous = None
+        self.procs, self.received, self.signum, self.sent = procs, None, None, 0.0
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._forward)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._note)
 
-    def _forward(self, signum, frame):
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def _note(self, signum, frame):
+        if signum == signal.SIGINT and self.received:
+            raise KeyboardInterrupt   # Ctrl-C while the ranks are already stopping: stop now
         self.received = self.received or time.monotonic()
+        self.signum = self.signum or signum
+        self.forward()
+
+    def forward(self, every: float = 0.0) -> None:
+        """Send SIGTERM to every live rank, if a signal came and ``every`` seconds passed since the last."""
+        if not self.received or time.monotonic() - self.sent < every:
+            return
+        self.sent = time.monotonic()
         for p in self.procs:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
+            if p.pid is not None and p.is_alive():
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
 
 
 def _get(results, timeout: float):
@@ -183,15 +223,18 @@ def _collect(procs, results, world_size: int, timeout: float, term: _TermForward
     done: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
     while len(done) < world_size:
+        term.forward(every=1.0)
         msg = _get(results, 0.2)
         if msg is not None and msg[1] == "ok":
             done[msg[0]] = pickle.loads(msg[2])
             continue
         crashed = [r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)]
         if term.received and (msg is not None or crashed or time.monotonic() > term.received + term_grace):
-            # ranks that let SIGTERM end them are not failures: the caller asked for it
+            # ranks that the signal ended are not failures: the caller asked for it
             missing = sorted(set(range(world_size)) - set(done))
-            raise Terminated(f"stopped by SIGTERM; ranks {missing} did not finish within {term_grace:.0f} s")
+            late = time.monotonic() > term.received + term_grace
+            raise Terminated(f"stopped by {term.name}" + (f"; ranks {missing} did not finish within "
+                                                          f"{term_grace:.0f} s" if late else ""), None, term.signum)
         if msg is not None or crashed:
             raise _first_failure(procs, results, done, msg)
         if time.monotonic() > deadline:

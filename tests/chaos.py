@@ -8,10 +8,13 @@
   the newest *complete* checkpoint (``step_target`` if the save finished, else the one before), name
   the unfinished one it skipped, and finish with the loss of an uninterrupted run, bitwise.
 * ``soak``: ``distattn train`` in its own process group, interrupted after a random 2..``gap`` logged
-  steps by SIGKILL of one rank, SIGTERM to the whole group (a Slurm preemption) or SIGKILL of the
-  trainer, then resumed (``--resume``; ``--overwrite`` when nothing was saved yet) until it finishes.
-  Every line of ``metrics.jsonl`` must then equal the uninterrupted run's (timings aside), each step
-  logged once.
+  steps by SIGKILL of one rank, SIGTERM to the whole group (a Slurm preemption), SIGKILL of the
+  trainer, SIGTERM followed by bytes flipped in the newest checkpoint's largest shard (``bit-flip``:
+  the resume must skip it, naming the file) or a full disk (``full-disk``: the run lives on a tmpfs,
+  filled to the last byte until the run stops on its own; the space comes back before the resume),
+  then resumed (``--resume``; ``--overwrite`` when nothing was saved yet) until it finishes. Every
+  line of ``metrics.jsonl`` must then equal the uninterrupted run's (timings aside), each step logged
+  once. Without root (no tmpfs mount) the soak leaves ``full-disk`` out and says so.
 
 ``tests/test_chaos.py`` runs a covering slice by default and both tables in full with ``--slow``.
 """
@@ -35,7 +38,7 @@ import yaml
 DISTATTN = str(Path(sys.executable).with_name("distattn"))
 # metrics that depend on the machine's speed, not on the training
 TIMINGS = {"tokens_per_s", "tokens_per_s_per_device", "step_time_s", "mfu", "peak_memory_gib", "comm_wait_s"}
-KINDS = ("kill-rank", "term-group", "kill-parent")
+KINDS = ("kill-rank", "term-group", "kill-parent", "bit-flip", "full-disk")
 
 
 def write_config(folder: Path, steps: int, ckpt_every: int) -> Path:
@@ -83,10 +86,10 @@ def _train_killed_in_save(cfg, target: int, delay: float, who: str):
 
     real = checkpoint.save
 
-    def save(directory, model, optimizer, step, data_state):
+    def save(directory, model, optimizer, step, *args, **kwargs):
         if step == target and who in ("all", str(dist.get_rank())):
             threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
-        return real(directory, model, optimizer, step, data_state)
+        return real(directory, model, optimizer, step, *args, **kwargs)
     checkpoint.save = save
     return trainer.train(cfg, False)
 
@@ -97,9 +100,9 @@ def _timed_train(cfg):
 
     real, took = checkpoint.save, []
 
-    def save(*args):
+    def save(*args, **kwargs):
         t0 = time.perf_counter()
-        real(*args)
+        real(*args, **kwargs)
         took.append(time.perf_counter() - t0)
     checkpoint.save = save
     trainer.train(cfg, False)
@@ -177,26 +180,76 @@ def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
     return []
 
 
-def _interrupt(proc: subprocess.Popen, kind: str, rng: random.Random) -> None:
+def _interrupt(proc: subprocess.Popen, kind: str, rng: random.Random, disk: Path) -> None:
     if kind == "kill-rank":
         ranks = _ranks(proc)
         if ranks:
             rng.choice(ranks).kill()
-    elif kind == "term-group":
+    elif kind in ("term-group", "bit-flip"):
         os.killpg(proc.pid, signal.SIGTERM)
+    elif kind == "full-disk":
+        _fill(disk / "ballast")
     else:
         proc.kill()
 
 
-def soak(folder: Path, steps: int, gap: int = 12, ckpt_every: int = 5, seed: int = 0, say=print) -> dict:
-    """Run ``steps`` steps under interruptions (module docstring); returns the summary row."""
+def _fill(path: Path) -> None:
+    """Write ``path`` until its file system is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while os.write(fd, b"\0" * (1 << 16)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _flip_newest(ckpt: Path) -> str | None:
+    """Invert 64 bytes in the middle of the newest checkpoint's largest shard, when an older checkpoint
+    is there to fall back on; returns the file's path."""
     from distattn.train import checkpoint
 
+    found, _ = checkpoint.candidates(ckpt)
+    if len(found) < 2:
+        return None
+    shard = max(found[0].glob("*.distcp"), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.seek(shard.stat().st_size // 2)
+        data = f.read(64)
+        f.seek(shard.stat().st_size // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+    return str(shard)
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+def soak(folder: Path, steps: int, gap: int = 12, ckpt_every: int = 5, seed: int = 0, say=print) -> dict:
+    """Run ``steps`` steps under interruptions (module docstring); returns the summary row."""
     ref = reference(folder / "reference", steps, ckpt_every)
-    cfg = write_config(folder / "soak", steps, ckpt_every)
-    run = folder / "soak" / "run"
+    disk = folder / "soak"
+    mounted = _mount_tmpfs(disk, "256m")
+    kinds = KINDS if mounted else tuple(k for k in KINDS if k != "full-disk")
+    if not mounted:
+        say("no tmpfs could be mounted here (not root?): the soak runs without the full-disk fault")
+    try:
+        return _soak(folder, disk, kinds, ref, steps, gap, ckpt_every, seed, say)
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _soak(folder, disk, kinds, ref, steps, gap, ckpt_every, seed, say) -> dict:
+    from distattn.train import checkpoint
+
+    cfg = write_config(disk, steps, ckpt_every)
+    run = disk / "run"
     rng = random.Random(seed)
-    counts = {kind: 0 for kind in KINDS}
+    counts = {kind: 0 for kind in kinds}
     restarts, lost, t0 = 0, 0, time.monotonic()
     argv = [DISTATTN, "train", str(cfg)]
     while True:
@@ -204,12 +257,11 @@ def soak(folder: Path, steps: int, gap: int = 12, ckpt_every: int = 5, seed: int
                                 start_new_session=True)
         done_before = max((r["step"] for r in rows(run)), default=0)
         stop_at = done_before + rng.randint(2, gap)
-        kind = KINDS[sum(counts.values()) % len(KINDS)] if stop_at < steps else None
+        kind = kinds[sum(counts.values()) % len(kinds)] if stop_at < steps else None
         while proc.poll() is None and kind is not None:
             if max((r["step"] for r in rows(run)), default=0) >= stop_at:
                 family = [proc, *_descendants(proc)]
-                _interrupt(proc, kind, rng)
-                counts[kind] += 1
+                _interrupt(proc, kind, rng, disk)
                 proc.wait(timeout=300)
                 psutil.wait_procs([p for p in family if isinstance(p, psutil.Process)], timeout=60)
                 break
@@ -218,6 +270,17 @@ def soak(folder: Path, steps: int, gap: int = 12, ckpt_every: int = 5, seed: int
         if proc.returncode == 0 and max((r["step"] for r in rows(run)), default=0) == steps:
             break
         assert proc.returncode in (1, 143, -signal.SIGKILL), (proc.returncode, err[-2000:])
+        if proc.returncode in (1, 143):   # stopped on its own terms: one line, no traceback
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err[-3000:]
+        if kind == "full-disk":
+            assert proc.returncode == 1 and ("No space left on device" in err or "not enough free space" in err), err
+            (disk / "ballast").unlink()
+            counts[kind] += 1
+        elif kind == "bit-flip":
+            flipped = _flip_newest(run / "ckpt")
+            counts[kind] += flipped is not None
+        elif kind is not None:
+            counts[kind] += 1
         logged = max((r["step"] for r in rows(run)), default=0)
         try:
             saved = checkpoint.newest_usable(run / "ckpt")

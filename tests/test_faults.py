@@ -48,6 +48,7 @@ def _wait_gone(pids, seconds=15.0) -> list[int]:
 def _start_training(tmp_path, own_group: bool = False):
     """`distattn train` running until its first step is logged (``own_group``: as the leader of its
     own process group, like a Slurm step); returns (process, its descendants)."""
+    tmp_path.mkdir(exist_ok=True)
     proc = subprocess.Popen([DISTATTN, "train", str(_config(tmp_path))], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=own_group)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -79,8 +80,21 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_143(tmp_path, to_group):
     assert _wait_gone(kids) == []
 
 
-def test_sigint_exits_130_without_a_traceback(tmp_path):
-    proc, kids = _start_training(tmp_path)
+def test_a_first_ctrl_c_checkpoints_and_exits_130_a_second_stops_at_once(tmp_path):
+    """Ctrl-C reaches the whole terminal process group: the first is a SIGTERM (a checkpoint at the
+    next step boundary, exit 130), a second one while it is saving stops every rank at once."""
+    proc, kids = _start_training(tmp_path, own_group=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "stopped by SIGINT after step" in err and "--resume" in err, err
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert [p.name for p in (tmp_path / "run" / "ckpt").iterdir()] == [f"step_{last}"]
+    assert _wait_gone(kids) == []
+
+    proc, kids = _start_training(tmp_path / "twice")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)   # two signals sent at once arrive as one
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, err

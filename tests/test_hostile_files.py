@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from distattn.cli import main
-from distattn.train import checkpoint
+from distattn.train import checkpoint, dcp_safe, manifest
 from distattn.train.data import read_index
 from distattn.train.preflight import lock_out
 from distattn.train.prepare import _locked
@@ -64,28 +64,37 @@ def _refused_quickly(fn, seconds=20.0):
     return box.get("exc")
 
 
-@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder"])
-def test_checkpoint_metadata_that_is_not_a_file_is_refused(tmp_path, kind):
-    ckpt = tmp_path / "step_5"
+def _sealed(ckpt: Path, metadata_bytes: int = 0) -> Path:
+    """A checkpoint folder whose manifest lists one ``.metadata`` (what the save would have written)."""
     ckpt.mkdir()
+    manifest.write(ckpt, 5, {".metadata": (metadata_bytes, "0" * 64)}, {})
+    return ckpt
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder", "manifest-fifo"])
+def test_checkpoint_metadata_that_is_not_a_file_is_refused(tmp_path, kind):
+    ckpt = _sealed(tmp_path / "step_5")
     meta = ckpt / ".metadata"
     if kind == "fifo":
         os.mkfifo(meta)
     elif kind == "dev-zero":
         os.symlink("/dev/zero", meta)
-    else:
+    elif kind == "folder":
         meta.mkdir()
+    else:
+        meta.write_bytes(b"")
+        (ckpt / manifest.NAME).unlink()
+        os.mkfifo(ckpt / manifest.NAME)
     exc = _refused_quickly(lambda: checkpoint.verify(ckpt))
     assert isinstance(exc, ValueError) and "not a regular file" in str(exc), exc
 
 
 def test_oversized_metadata_is_refused_before_reading(tmp_path, monkeypatch):
-    ckpt = tmp_path / "step_5"
-    ckpt.mkdir()
+    ckpt = _sealed(tmp_path / "step_5", 4096)
     (ckpt / ".metadata").write_bytes(b"\0" * 4096)
-    monkeypatch.setattr(checkpoint, "METADATA_LIMIT", 1024)
+    monkeypatch.setattr(dcp_safe, "METADATA_LIMIT", 1024)
     with pytest.raises(ValueError, match="over the 1,024"):
-        checkpoint.verify(ckpt)
+        checkpoint.verify(ckpt, checksums=False)
 
 
 def _prepared(directory: Path, shards) -> Path:

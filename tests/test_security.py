@@ -17,31 +17,15 @@ import torch
 
 import local_slurm
 from distattn.launch import LaunchOptions, sbatch_script
-from distattn.train import checkpoint
+from ckpt_tools import reseal, save_tiny as _save, tiny_state
+from distattn.train import checkpoint, dcp_safe
 from distattn.train.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _model():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 4)).sum().backward()
-    optimizer.step()
-    return model, optimizer
-
-
-def _save(directory: Path, step: int = 5) -> Path:
-    model, optimizer = _model()
-    with warnings.catch_warnings():  # no process group here: DCP says it saves from one process
-        warnings.simplefilter("ignore")
-        checkpoint.save(directory, model, optimizer, step, [1, 2, 3])
-    return directory
-
-
 def _load(directory: Path):
-    model, optimizer = _model()
+    model, optimizer = tiny_state()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return checkpoint.load(directory, model, optimizer)
@@ -64,6 +48,7 @@ def test_dotted_global_route_is_refused(tmp_path):
     ckpt = _save(tmp_path / "step_5")
     (ckpt / ".metadata").write_bytes(b"\x80\x04" + _s("torch.distributed.checkpoint.filesystem") + _s("os.system")
                                      + b"\x93" + _touch(pwned) + b"\x85R.")
+    reseal(ckpt)
     with pytest.raises(ValueError, match=r"step_5/\.metadata is not a DCP checkpoint's metadata.*os\.system"):
         _load(ckpt)
     with pytest.raises(ValueError, match=r"\.metadata"):
@@ -78,6 +63,7 @@ def test_getattr_route_is_refused(tmp_path):
     (ckpt / ".metadata").write_bytes(b"\x80\x04" + _s("builtins") + _s("getattr") + b"\x93"
                                      + _s("torch.distributed.checkpoint.filesystem") + _s("os") + b"\x93"
                                      + _s("system") + b"\x86R" + _touch(pwned) + b"\x85R.")
+    reseal(ckpt)
     with pytest.raises(ValueError, match=r"\.metadata .*builtins\.getattr"):
         _load(ckpt)
     assert not pwned.exists()
@@ -90,7 +76,7 @@ def test_build_on_an_allowed_class_is_refused(tmp_path):
     data = (b"\x80\x04" + _s("torch.distributed.checkpoint.metadata") + _s("StorageMeta") + b"\x93"
             + b"N}" + _s("hacked") + b"\x88s\x86b.")
     with pytest.raises(ValueError, match="sets the state of a type"):
-        checkpoint._unpickle_metadata(data, tmp_path / ".metadata")
+        dcp_safe._unpickle_metadata(data, tmp_path / ".metadata")
     assert not hasattr(StorageMeta, "hacked")
 
 
@@ -104,7 +90,7 @@ def _fuzz_names() -> list[tuple[str, str]]:
     """Every attribute of every module the allowlist names (and of builtins/os), plain and dotted."""
     import importlib
 
-    modules = {module for module, _ in checkpoint._ALLOWED} | {"builtins", "os", "posix", "subprocess", "copyreg"}
+    modules = {module for module, _ in dcp_safe._ALLOWED} | {"builtins", "os", "posix", "subprocess", "copyreg"}
     pairs = []
     for name in sorted(modules):
         try:
@@ -123,7 +109,7 @@ def test_fuzz_every_name_of_the_allowlisted_modules(tmp_path):
     pwned = tmp_path / "pwned.txt"
     as_str = _touch(pwned) + b"\x85"                                            # ("touch P",)
     as_list = b"](" + _s("touch") + _s(str(pwned)) + b"e\x85"                    # (["touch", P],)
-    allowed = tuple(c for c in checkpoint._ALLOWED.values() if isinstance(c, type))
+    allowed = tuple(c for c in dcp_safe._ALLOWED.values() if isinstance(c, type))
     tried = 0
     for module, name in _fuzz_names():
         stack_global = b"\x80\x04" + _s(module) + _s(name) + b"\x93"
@@ -133,7 +119,7 @@ def test_fuzz_every_name_of_the_allowlisted_modules(tmp_path):
                      text_global + as_str + b"R.", inst):
             tried += 1
             try:
-                out = checkpoint._unpickle_metadata(data, tmp_path / ".metadata")
+                out = dcp_safe._unpickle_metadata(data, tmp_path / ".metadata")
             except ValueError:
                 continue
             assert isinstance(out, allowed), (module, name, out)  # an allowed class built from a string
@@ -144,6 +130,7 @@ def test_fuzz_every_name_of_the_allowlisted_modules(tmp_path):
     # and once through the whole resume path, with a file on disk
     ckpt = _save(tmp_path / "step_5")
     (ckpt / ".metadata").write_bytes(b"\x80\x04" + _s("posix") + _s("system") + b"\x93" + as_str + b"R.")
+    reseal(ckpt)
     with pytest.raises(ValueError, match="posix.system"):
         _load(ckpt)
     assert not pwned.exists()
@@ -163,6 +150,7 @@ def _rewrite_metadata(ckpt: Path, fqn: str, **storage) -> None:
                                                              "offset": info.offset, "length": info.length}
                                                             | storage))
     (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
+    reseal(ckpt)
 
 
 class _Touch:
@@ -205,25 +193,32 @@ def test_truncated_shard_is_named_with_sizes(tmp_path):
     shard = ckpt / "__0_0.distcp"
     size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[:1234])
-    expected = (rf"step_25/__0_0\.distcp is 1,234 bytes but the metadata needs {size:,}: the checkpoint is "
-                rf"truncated; delete .*step_25 to resume from an older one")
+    expected = rf"step_25/__0_0\.distcp is 1,234 bytes but the manifest says {size:,}: the file was truncated"
     with pytest.raises(ValueError, match=expected):
         checkpoint.verify(ckpt)
     with pytest.raises(ValueError, match=expected):
         _load(ckpt)
+    reseal(ckpt)   # behind the manifest, the metadata still knows the shard's length
+    expected = (rf"step_25/__0_0\.distcp is 1,234 bytes but the metadata needs {size:,}: the checkpoint is "
+                rf"truncated; delete .*step_25 to resume from an older one")
+    with pytest.raises(ValueError, match=expected):
+        checkpoint.verify(ckpt)
 
 
 def test_missing_or_damaged_files_are_named(tmp_path):
     ckpt = _save(tmp_path / "step_5")
     (ckpt / "__0_0.distcp").unlink()
-    with pytest.raises(ValueError, match=r"__0_0\.distcp is missing but the metadata needs"):
+    with pytest.raises(ValueError, match=r"__0_0\.distcp is missing: the checkpoint's manifest lists it"):
         checkpoint.verify(ckpt)
     ckpt = _save(tmp_path / "step_6")
     (ckpt / ".metadata").write_bytes((ckpt / ".metadata").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"step_6/\.metadata is 100 bytes but the manifest says"):
+        checkpoint.verify(ckpt)
+    reseal(ckpt)
     with pytest.raises(ValueError, match=r"step_6/\.metadata cannot be read .*damaged or truncated"):
         checkpoint.verify(ckpt)
-    (ckpt / ".metadata").unlink()
-    with pytest.raises(ValueError, match=r"\.metadata is missing: the save of step_6 did not finish"):
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"step_6/manifest\.json is missing"):
         checkpoint.verify(ckpt)
 
 
@@ -232,16 +227,17 @@ def test_newest_usable_skips_broken_checkpoints_and_says_so(tmp_path):
     assert checkpoint.newest_usable(root) is None
     for step in (10, 20, 25):
         _save(root / f"step_{step}", step=step)
-    (root / "step_30").mkdir()  # a save that never finished
+    (root / "step_30.partial").mkdir()  # a save that never finished
     shard = root / "step_25" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1234])
     said = []
     assert checkpoint.newest_usable(root, say=said.append) == root / "step_20"
     assert len(said) == 1 and "resuming from step_20" in said[0]
-    assert "step_30: " in said[0] and "did not finish" in said[0] and "step_25: " in said[0] and "1,234" in said[0]
+    assert "step_30.partial: " in said[0] and "did not finish" in said[0] and "step_25: " in said[0] \
+        and "1,234" in said[0]
     for step in (10, 20):
         shutil.rmtree(root / f"step_{step}")
-    with pytest.raises(ValueError, match="no usable checkpoint under .*step_30.*step_25"):
+    with pytest.raises(ValueError, match="no checkpoint under .* verifies: step_30.*step_25"):
         checkpoint.newest_usable(root)
 
 

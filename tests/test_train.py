@@ -174,7 +174,7 @@ def test_checkpoint_metadata_unpickler_refuses_other_objects():
     import io
     import pickle
 
-    from distattn.train.checkpoint import _MetadataUnpickler
+    from distattn.train.dcp_safe import _MetadataUnpickler
 
     class Evil:
         def __reduce__(self):

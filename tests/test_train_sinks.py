@@ -75,7 +75,7 @@ def _sinks_of(ckpt) -> np.ndarray:
     """The layers' sinks as saved in a trainer checkpoint (read without a process group)."""
     import torch.distributed.checkpoint as dcp
 
-    from distattn.train.checkpoint import SafeLoadPlanner, SafeReader
+    from distattn.train.dcp_safe import SafeLoadPlanner, SafeReader
 
     state = {"model": {f"layers.{i}.sinks": torch.zeros(SMALL["model"]["n_heads"]) for i in range(2)}}
     dcp.load(state, storage_reader=SafeReader(str(ckpt)), planner=SafeLoadPlanner(ckpt), no_dist=True)

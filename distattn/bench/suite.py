@@ -41,15 +41,14 @@ from ..doclens import MASK_CASES, mask_case
 from ..masks import BWD_FLOPS_FACTOR, attention_flops
 from ..schedulers import NAMES, spec
 from ..timing import slowest_median, time_calls
+from .results import COLUMNS
 from .ulysses_vs_deepspeed import DEFAULT_EXTENSIONS_DIR
 
 SCHEDULERS = NAMES
 PEER_OF = {"deepspeed-ulysses": "ulysses"}   # another library's row -> our scheduler with its token split
 MASKS = MASK_CASES
 QUICK_MASKS = ("causal", "causal-doc", "window", "prefix-lm", "causal-blockwise")
-COLUMNS = ("scheduler", "world_size", "seq_len", "mask", "fwd_bwd_ms", "tflops", "flops_imbalance", "send_bytes",
-           "peak_mem_mb", "num_docs", "heads", "kv_heads", "head_dim", "dtype", "device", "comm_wait_ms",
-           "rank_comm_wait_ms")
+
 
 
 @dataclass(frozen=True)
@@ -78,10 +77,10 @@ class BenchConfig:
     def check(self) -> None:
         for name in self.masks:
             if name not in MASKS:
-                raise ValueError(f"mask {name!r} is unknown; choose from {', '.join(MASKS)}")
+                raise ValueError(f"--masks: {name!r} is unknown; choose from {', '.join(MASKS)}")
         for name in self.schedulers:
             if name not in SCHEDULERS:
-                raise ValueError(f"scheduler {name!r} is unknown; choose from {', '.join(SCHEDULERS)}")
+                raise ValueError(f"--schedulers: {name!r} is unknown; choose from {', '.join(SCHEDULERS)}")
         if min(self.world_sizes) < 1 or min(self.seq_lens) < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("world sizes, sequence lengths and --repeats must be >= 1, --warmup >= 0")
 
@@ -238,17 +237,3 @@ def write_results(rows: list[dict], out: Path, cfg: BenchConfig) -> None:
             tag = f"{r['mask']}/w{r['world_size']}/{r['scheduler']}"
             tb.add_scalar(f"fwd_bwd_ms/{tag}", r["fwd_bwd_ms"], r["seq_len"])
             tb.add_scalar(f"tflops/{tag}", r["tflops"], r["seq_len"])
-
-
-def read_results(path: str | Path) -> list[dict]:
-    """Rows of a ``results.csv`` with numbers parsed."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    ints, floats = ("world_size", "seq_len", "send_bytes", "num_docs", "heads", "kv_heads", "head_dim"), \
-        ("fwd_bwd_ms", "tflops", "flops_imbalance", "peak_mem_mb")
-    for r in rows:
-        r.update({k: int(r[k]) for k in ints}, **{k: float(r[k]) for k in floats})
-        # results written before the executor's wait clock was recorded have no such columns
-        r["comm_wait_ms"] = float(r.get("comm_wait_ms") or "nan")
-        r["rank_comm_wait_ms"] = [float(x) for x in (r.get("rank_comm_wait_ms") or "").split(";") if x]
-    return rows

@@ -10,9 +10,11 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
-from . import cluster_cmds, data_cmds, perf_cmds, run_cmds
+from . import ckpt_cmds, cluster_cmds, data_cmds, perf_cmds, run_cmds
 from ._args import Parser, examples
 
 
@@ -29,14 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmds.add_parsers(sub)
     cluster_cmds.add_parsers(sub)
     data_cmds.add_parsers(sub)
+    ckpt_cmds.add_parsers(sub)
     perf_cmds.add_parsers(sub)
     return parser
 
 
+class _Stopped(BaseException):   # not an Exception: no `except Exception` swallows it
+    """SIGTERM before a subcommand took the signal over (the trainer's ranks do once they start)."""
+
+
+def _stop(signum, frame):
+    raise _Stopped
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
     args = build_parser().parse_args(argv)
     name = " ".join(filter(None, [args.command, getattr(args, "cluster_command", None),
-                                  getattr(args, "data_command", None)]))
+                                  getattr(args, "data_command", None), getattr(args, "ckpt_command", None)]))
     try:
         return args.func(args)
     except ValueError as exc:
@@ -45,3 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"distattn {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:   # a signal the ranks were told of (spawn is loaded if ranks ran)
+        terminated = getattr(sys.modules.get("distattn.spawn"), "Terminated", None)
+        if terminated is None or not isinstance(exc, terminated):
+            raise
+        print(f"distattn {name}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except _Stopped:
+        print(f"distattn {name}: stopped by SIGTERM" + (" before any rank started; nothing was saved"
+                                                        if args.command == "train" else ""), file=sys.stderr)
+        return 128 + signal.SIGTERM

@@ -6,6 +6,9 @@ Nothing here imports torch or numpy at module level: ``distattn --help`` must st
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -43,24 +46,89 @@ def examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}")
-    return values
-
-
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def _int_list(text: str, low: int | None, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or (low is not None and min(values) < low):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return values
+
+
+def int_list(text: str) -> list[int]:
+    return _int_list(text, None, "comma-separated ints")
+
+
+def positive_int_list(text: str) -> list[int]:
+    """``2,4,8``: every entry >= 1 (a zero or negative world size or length cannot run)."""
+    return _int_list(text, 1, "comma-separated positive ints")
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive int")
+
+
+def non_negative_int(text: str) -> int:
+    """A count that may be zero (e.g. untimed warm-up rounds)."""
+    return _int_at_least(text, 0, "an int >= 0")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (seconds, rates); ``nan`` and ``inf`` are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _check_writable(text: str, folder: bool) -> None:
+    """Refuse an output path that could not be written, before the work whose results it holds.
+
+    A folder may not exist yet (it is created with its parents): then the nearest existing
+    ancestor must be a writable folder. A file's own folder must already exist.
+    """
+    path = Path(text)
+    if path.exists():
+        if folder != path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is {'a file' if folder else 'a folder'}; name "
+                                             f"{'a folder' if folder else 'a file'} to write")
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            raise argparse.ArgumentTypeError(f"{text} is not writable; name a path you can write")
+        return
+    parents = path.absolute().parents
+    # a folder is made with its parents, so writing starts in the nearest one that exists
+    parent = next(p for p in parents if p.exists()) if folder else parents[0]
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: folder {parent} does not exist; create it first" if not
+                                         parent.exists() else f"{text}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: folder {parent} is not writable; name a path you can write")
+
+
+def output_file(text: str) -> str:
+    """A file written after long work (a profile, a timeline): checked when the command line is read."""
+    _check_writable(text, folder=False)
+    return text
+
+
+def output_dir(text: str) -> str:
+    """A folder written after long work (created with its parents): checked when the command line is read."""
+    _check_writable(text, folder=True)
+    return text
 
 
 def existing_file(text: str) -> str:
@@ -90,4 +158,9 @@ def doc_pool(path: str | None):
         return None
     from ..doclens import load_doc_lens, upsample_long
 
-    return upsample_long(load_doc_lens(path))
+    try:
+        lens = load_doc_lens(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:   # their messages name no file
+        raise ValueError(f"--doclens {path}: not JSON ({exc}); expected a JSON list of positive ints "
+                         "(document lengths)") from None
+    return upsample_long(lens)

@@ -6,7 +6,8 @@ import os
 import sys
 
 from ..cluster import PROBED
-from ._args import examples, existing_file, positive_int
+from ._args import (examples, existing_file, non_negative_int, output_dir, output_file, positive_float,
+                    positive_int)
 
 
 def _cmd_nccl_parse(args) -> int:
@@ -57,6 +58,9 @@ def _cmd_probe(args) -> int:
     else:
         from ..spawn import run_distributed
 
+        if args.world_size < 2:
+            raise ValueError(f"--world-size {args.world_size}: a probe needs at least 2 ranks (a collective on one "
+                             "rank moves nothing)")
         print(f"distattn cluster probe: {args.world_size} local gloo ranks, {len(sizes)} sizes x {len(args.ops)} ops",
               flush=True)
         print(header, flush=True)
@@ -118,9 +122,10 @@ def add_parsers(sub) -> None:
     probe.add_argument("--sizes", default="4K:16M", help="LO:HI (powers of two) or a comma list of byte sizes")
     probe.add_argument("--ops", nargs="+", default=list(PROBED), choices=PROBED, help="collectives to time")
     probe.add_argument("--iters", type=positive_int, default=5, help="timed iterations per size")
-    probe.add_argument("--warmup", type=int, default=2, help="untimed iterations per size")
-    probe.add_argument("--timeout", type=float, default=600.0, help="seconds before the local ranks are stopped")
-    probe.add_argument("--out", default="network_profile.json", help="profile JSON to write")
+    probe.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations per size")
+    probe.add_argument("--timeout", type=positive_float, default=600.0,
+                       help="seconds before the local ranks are stopped")
+    probe.add_argument("--out", type=output_file, default="network_profile.json", help="profile JSON to write")
     probe.set_defaults(func=_cmd_probe)
 
     tests = cluster_sub.add_parser(
@@ -136,8 +141,8 @@ def add_parsers(sub) -> None:
                        " or 'mpirun -np 4'")
     tests.add_argument("--sizes", default="1M:1G", help="LO:HI in bytes")
     tests.add_argument("--ops", nargs="+", default=list(PROBED), choices=PROBED, help="collectives to run")
-    tests.add_argument("--log-dir", default=None, help="keep each binary's raw output here")
-    tests.add_argument("--out", default="network_profile.json", help="profile JSON to write")
+    tests.add_argument("--log-dir", type=output_dir, default=None, help="keep each binary's raw output here")
+    tests.add_argument("--out", type=output_file, default="network_profile.json", help="profile JSON to write")
     tests.set_defaults(func=_cmd_nccl_tests)
 
     fit = cluster_sub.add_parser(

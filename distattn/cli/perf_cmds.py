@@ -6,7 +6,8 @@ import json
 import os
 
 from ..schedulers import NAMES
-from ._args import doc_pool, examples, existing_file, int_list, positive_int, tokens
+from ._args import (doc_pool, examples, existing_file, output_dir, output_file, positive_int, positive_int_list,
+                    tokens)
 from .cluster_cmds import probe_rank
 
 
@@ -19,6 +20,7 @@ def _cmd_bench(args) -> int:
         if getattr(args, name) is not None:
             kw[name] = tuple(getattr(args, name)) if name != "repeats" else args.repeats
     cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
+    cfg.check()   # an unknown mask is refused before the header says what will run
     print(f"distattn bench{' --quick' if args.quick else ''}: world sizes {list(cfg.world_sizes)}, lengths "
           f"{list(cfg.seq_lens)}, masks {list(cfg.masks)}, {cfg.heads}/{cfg.kv_heads} heads x {cfg.head_dim}, "
           f"{cfg.dtype}, warm-up {cfg.warmup} + median of {cfg.repeats}", flush=True)
@@ -40,11 +42,11 @@ def _network(path):
 
 
 def _cmd_simulate(args) -> int:
+    if args.calibrate:
+        return _calibrate(args)
     from ..sim.simulate import (GPUS, MODELS, SimConfig, default_cp, mesh_description, recommend,
                                 simulate_with_timelines, write_timeline)
 
-    if args.calibrate:
-        return _calibrate(args)
     if args.model not in MODELS:
         raise ValueError(f"--model {args.model!r} is unknown; presets: {', '.join(MODELS)}")
     if args.gpus is None or args.seq_len is None:
@@ -92,13 +94,19 @@ def _cmd_simulate(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from ..bench.suite import read_results
+    from ..bench.results import read_results
+
+    # the inputs are checked before torch is imported and before the probes and kernel timings
+    try:
+        rows = [r for r in read_results(args.calibrate) if r["world_size"] > 1]
+    except ValueError as exc:
+        raise ValueError(f"--calibrate {exc}") from None
+    if not rows:
+        raise ValueError(f"--calibrate {args.calibrate}: no multi-rank rows; run `distattn bench` first")
+    pool = doc_pool(args.doclens)
     from ..cluster import PROBED
     from ..sim.calibrate import calibrate, measure_machine
 
-    rows = [r for r in read_results(args.calibrate) if r["world_size"] > 1]
-    if not rows:
-        raise ValueError(f"--calibrate {args.calibrate}: no multi-rank rows; run `distattn bench` first")
     if args.network:
         net = _network(args.network)
     else:  # measure gloo here at the bench's world sizes
@@ -112,7 +120,7 @@ def _calibrate(args) -> int:
             measured += NetworkProfile.from_json(data).rows
         net = NetworkProfile(tuple(measured), source="gloo probe", backend="gloo", gpus_per_node=max(worlds))
     machine = measure_machine(os.cpu_count() or 1)
-    out, per = calibrate(rows, net, machine, pool=doc_pool(args.doclens))
+    out, per = calibrate(rows, net, machine, pool=pool)
     rates = ", ".join(f"{r / 1e9:.1f}" for r in machine.rates.values())
     print(f"attention on one core: {rates} GFLOP/s (per bench case) past a kernel call's fixed "
           f"{machine.fwd_call_s * 1e3:.2f} ms forward, {machine.bwd_call_s * 1e3:.2f} ms backward; {machine.cores} "
@@ -140,9 +148,12 @@ def add_parsers(sub) -> None:
                         "--masks causal-doc --doclens lengths.json"))
     bench.add_argument("--quick", action="store_true", help="world sizes 2 and 4, 2K/4K tokens, masks causal, "
                        "causal-doc, window, prefix-lm, causal-blockwise (a few minutes on CPU)")
-    bench.add_argument("--out", required=True, help="folder for results.csv, results.json, *.png, tb/")
-    bench.add_argument("--world-sizes", type=int_list, default=None, help="comma-separated (default: the suite's)")
-    bench.add_argument("--seq-lens", type=int_list, default=None, help="comma-separated tokens (default: the suite's)")
+    bench.add_argument("--out", required=True, type=output_dir,
+                       help="folder for results.csv, results.json, *.png, tb/")
+    bench.add_argument("--world-sizes", type=positive_int_list, default=None,
+                       help="comma-separated (default: the suite's)")
+    bench.add_argument("--seq-lens", type=positive_int_list, default=None,
+                       help="comma-separated tokens (default: the suite's)")
     bench.add_argument("--masks", nargs="+", default=None,
                        help="any of causal, full, causal-doc, full-doc, window, shared-question, prefix-lm, "
                        "causal-blockwise (default: all)")
@@ -183,7 +194,7 @@ def add_parsers(sub) -> None:
                           "(default: each scheduler's, 2 for cad)")
     sim.add_argument("--auto", action="store_true",
                      help="try every CP degree and recommend the most tokens/s per GPU that fits")
-    sim.add_argument("--timeline", default=None, metavar="PATH",
+    sim.add_argument("--timeline", type=output_file, default=None, metavar="PATH",
                      help="write each rank's compute/communication/idle spans (.csv or .json; with --auto, of "
                           "the recommendation)")
     sim.add_argument("--calibrate", type=existing_file, default=None, metavar="RESULTS_CSV",

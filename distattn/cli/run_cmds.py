@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from ..schedulers import NAMES
@@ -52,16 +53,26 @@ def _usable_checkpoint(out):
 
     try:
         return checkpoint.newest_usable(out / "ckpt")
-    except ValueError:
+    except (ValueError, OSError):
         return None
+
+
+def _stopped(exc, out) -> str:
+    """One line for a run a signal stopped: the last step it finished and what a resume continues from."""
+    history = exc.results[0] if exc.results else None   # rank 0's metrics
+    saved = _usable_checkpoint(out)
+    after = f" after step {history[-1]['step']}" if history else ""
+    where = f"; newest checkpoint {saved}, continue with --resume" if saved else \
+        "; no step had finished, so no checkpoint was saved"
+    return f"distattn train: stopped by {signal.Signals(exc.signum).name}{after}{where}"
 
 
 def _dry_run(cfg, args, talk) -> int:
     """``--dry-run``: the config checked and its per-rank memory estimated; 0 when it fits, 1 when not."""
     from ..train import memory
 
-    if args.gpu_memory_gib <= 0:
-        raise ValueError(f"--gpu-memory-gib must be > 0, got {args.gpu_memory_gib:g}")
+    if not 0 < args.gpu_memory_gib < float("inf"):
+        raise ValueError(f"--gpu-memory-gib must be a positive number of GiB (e.g. 80), got {args.gpu_memory_gib:g}")
     physical = memory.physical_memory_bytes()
     device = {"cpu": "cpu", "gpu": "cuda"}.get(args.estimate_for) or memory.local_device(cfg, physical)
     lines, fits = memory.report(cfg, device, int(args.gpu_memory_gib * memory.GIB), physical)
@@ -87,7 +98,9 @@ def _cmd_train(args) -> int:
     from pathlib import Path
 
     from ..spawn import RankError, Terminated
-    from ..train import preflight
+    from ..train import manifest, preflight, resume as resuming
+    from ..train.metrics import logged_rows
+    from ..train.safe_io import WriteFailed
     from ..train.trainer import run
 
     cfg = _train_config(args)
@@ -110,31 +123,41 @@ def _cmd_train(args) -> int:
     lock = None
     if rank0:
         lock = preflight.lock_out(out)
-        start_from = preflight.prepare_out(cfg, resume, overwrite, say=talk)
+        # local ranks share this disk: hash every file here, where a mismatch can still pick an older
+        # checkpoint before any rank starts; under a launcher the ranks split the hashing
+        start_from = preflight.prepare_out(cfg, resume, overwrite, say=talk, checksums=not launched)
+        newest = None
         if start_from is not None:
-            done = int(start_from.name.split("_")[1])
-            if done >= cfg.train.steps:
-                talk(f"distattn train: {out} already finished: checkpoint {start_from.name} is step {done} of "
-                     f"{cfg.train.steps}; raise --steps to train further")
+            newest = manifest.read(start_from)
+            cfg = resuming.resume_config(cfg, newest, say=talk)
+            if newest.step >= cfg.train.steps:
+                talk(f"distattn train: {out} already finished: checkpoint {start_from.name} is step {newest.step} "
+                     f"of {cfg.train.steps}; raise --steps to train further")
                 return 0
-            talk(f"resuming from {start_from} (step {done} of {cfg.train.steps})")
+            talk(f"resuming from {start_from} (step {newest.step} of {cfg.train.steps}; the learning rate decays "
+                 f"over {cfg.train.lr_decay_steps} steps)")
+        resuming.check_room(cfg, out / "ckpt", newest)
+        if newest is not None:   # every refusal is behind: drop a torn last line and the rows to retrain
+            logged_rows(out / "metrics.jsonl", newest.step, say=talk)
     talk(f"distattn train {args.config}: {cfg.world_size} rank(s) (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}, "
          f"{cfg.data.seq_len} tokens per sequence, {cfg.train.steps} steps -> {out}", flush=True)
     try:
         history = run(cfg, resume=resume)
     except Terminated as exc:
-        saved = _usable_checkpoint(out)
-        where = f"; newest checkpoint {saved}, continue with --resume" if saved else "; no checkpoint was saved"
-        print(f"distattn train: {exc}{where}", file=sys.stderr)
+        print(_stopped(exc, out), file=sys.stderr)
         return exc.exit_code
+    except WriteFailed as exc:   # under a launcher: this rank's own
+        print(f"distattn train: {exc}; newest good checkpoint: {_usable_checkpoint(out) or 'none'}", file=sys.stderr)
+        return 1
     except RankError as exc:
         saved = _usable_checkpoint(out)
         advice = f"; rerun with --resume to continue from {saved}" if saved else ""
         first = str(exc).splitlines()[0]
-        if ": NonFinite: " in first:   # every rank agrees on it: not a failure of one rank
-            print(f"distattn train: {first.split(': NonFinite: ', 1)[1]}; newest good checkpoint: "
-                  f"{saved or 'none'}", file=sys.stderr)
-            return 1
+        for agreed in (": NonFinite: ", ": WriteFailed: "):   # every rank agrees on these: no one rank failed
+            if agreed in first:
+                print(f"distattn train: {first.split(agreed, 1)[1]}; newest good checkpoint: {saved or 'none'}",
+                      file=sys.stderr)
+                return 1
         print(f"distattn train: a rank failed, stopping the job: {first}{advice}", file=sys.stderr)
         return 1
     finally:
@@ -246,8 +269,10 @@ def _add_train(sub) -> None:
         "train", help="train the reference model on packed documents (the main job)",
         description="Train the Llama-style reference model with context parallelism. Without a launcher this "
                     "starts dp * cp local gloo processes; under torchrun/srun it joins the job's process group. "
-                    "Writes OUT/metrics.jsonl, OUT/tb/ and checkpoints OUT/ckpt/step_N. SIGTERM saves a "
-                    "checkpoint at the next step boundary and exits 143; Ctrl-C exits 130.",
+                    "Writes OUT/metrics.jsonl, OUT/tb/ and checksummed checkpoints OUT/ckpt/step_N (a resume "
+                    "uses the newest that verifies; `distattn ckpt verify` checks them). SIGTERM saves a "
+                    "checkpoint at the next step boundary and exits 143; a first Ctrl-C does the same and exits "
+                    "130, a second stops at once.",
         epilog=examples("distattn train configs/tiny.yaml",
                         "distattn train configs/tiny.yaml --scheduler cad --steps 100 --out runs/cad",
                         "distattn train configs/tiny.yaml --steps 200 --out runs/cad --resume",

@@ -9,7 +9,10 @@ A config has four sections::
                cpu_offload, backend, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
                dtype: fp32 | bf16, activation_checkpointing: none | full | selective | offload,
-               loss_chunk, mlp_chunk, compile, peak_tflops, on_nonfinite: stop | skip_step}
+               loss_chunk, mlp_chunk, compile, peak_tflops, on_nonfinite: stop | skip_step, lr_decay_steps}
+
+The file is a mapping of those sections (``{}`` for every default); a key written twice in one
+mapping is refused, where YAML would keep the last one silently.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ import yaml
 DTYPES = ("fp32", "bf16")
 CHECKPOINTING = ("none", "full", "selective", "offload")
 ON_NONFINITE = ("stop", "skip_step")
+# upper bounds of floats, past which a value is a typo rather than a setting: (key, most, why)
+CEILINGS = (("parallel.timeout_s", 7 * 86400.0, "a week; a collective that waits longer has failed"),
+            ("train.lr", 1.0, "AdamW moves each parameter by about lr per step"),
+            ("train.weight_decay", 1.0, "AdamW shrinks each parameter by lr * weight_decay per step"),
+            ("model.softcap", 1e4, "more than any attention score: no cap; leave it unset for none"),
+            ("train.peak_tflops", 1e5, "100 PFLOP/s, far above any device's dense bf16 peak"))
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,9 @@ class TrainSection:
     # a step whose loss or gradient norm is not finite: stop (no update, exit non-zero; the newest
     # checkpoint is the last good state) or skip_step (no update, logged with "skipped": true)
     on_nonfinite: str = "stop"
+    # the cosine schedule's length in steps; unset: train.steps of the run that started the folder
+    # (its checkpoints keep it), so --steps on a resume moves where the run stops, not the schedule
+    lr_decay_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +250,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, val in {"data.seed": d.seed, "train.seed": t.seed}.items():
         if val >= 2**32:   # torch's and numpy's generators take it plus a rank or step offset
             raise ValueError(f"{key} must be below 2**32, got {val!r}")
+    for key, most, why in CEILINGS:
+        section, name = key.split(".")
+        val = getattr(getattr(cfg, section), name)
+        if val is not None and val > most:
+            raise ValueError(f"{key} must be at most {most:g} ({why}), got {val!r}")
+    if t.lr_decay_steps is not None and t.lr_decay_steps <= 0:
+        raise ValueError(f"train.lr_decay_steps must be > 0 (the cosine schedule's length in steps), got "
+                         f"{t.lr_decay_steps!r}; leave it unset for train.steps of the run that starts the folder")
+    # Not per rank: ranks may hold no token (every scheduler trains so). But the loss needs a token whose
+    # next one is in the same sequence and document: 2 tokens can be the last of one document and the
+    # first of the next, while 3 always hold one where documents have 2 or more (stdlib's: 14 or more).
+    if d.seq_len < 3:
+        raise ValueError(f"data.seq_len must be at least 3, got {d.seq_len}: a shorter sequence can hold no token "
+                         f"whose next one is in the same document, and its loss would be nan")
     if not t.out.strip():
         raise ValueError("train.out must name a folder for the run (metrics, checkpoints), got an empty string")
     if m.dim % m.n_heads or m.n_heads % m.n_kv_heads or (m.dim // m.n_heads) % 2:
@@ -245,6 +271,12 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"n_heads must be a multiple of n_kv_heads ({m.n_kv_heads})")
     if d.source not in ("stdlib", "tokens"):
         raise ValueError(f"data.source must be 'stdlib' or 'tokens', got {d.source!r}")
+    if d.source == "stdlib":
+        from .data import BYTE_VOCAB
+
+        if m.vocab_size < BYTE_VOCAB:
+            raise ValueError(f"model.vocab_size {m.vocab_size} is smaller than the {BYTE_VOCAB} byte values "
+                             f"data.source: stdlib feeds; set model.vocab_size >= {BYTE_VOCAB}")
     if d.source == "tokens" and not d.path:
         raise ValueError("data.path is required with data.source: tokens (a directory from `distattn data prepare`, "
                          "or the prefix of PATH.bin and PATH.idx.npy)")
@@ -257,6 +289,12 @@ def validate(cfg: RunConfig) -> RunConfig:
                               ("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)):
         if val not in choices:
             raise ValueError(f"{key} must be one of {', '.join(choices)}, got {val!r}")
+    if p.backend != "auto":
+        from ..kernels import available_backends   # registers the kernels; imports torch, needs no GPU
+
+        if p.backend not in available_backends():
+            raise ValueError(f"parallel.backend {p.backend!r} is unknown; choose auto (triton on CUDA, torch on "
+                             f"CPU) or one of {', '.join(available_backends())}")
     if p.dp_mode not in ("ddp", "fsdp"):
         raise ValueError(f"parallel.dp_mode must be 'ddp' or 'fsdp', got {p.dp_mode!r}")
     if p.cpu_offload and p.dp_mode != "fsdp":
@@ -296,6 +334,29 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` refusing a key written twice in one mapping (YAML keeps the last one
+    silently, so a second ``lr:`` further down would win unnoticed). Keys merged in with ``<<:``
+    may still be overridden: that is what a merge is for."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:   # an unhashable key: the base class says so
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (first on line {first.line + 1}); keep one",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a YAML run config; ``ValueError`` (one line) for a missing file, bad YAML or values."""
     path = Path(path)
@@ -306,7 +367,7 @@ def load_config(path: str | Path) -> RunConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"config {path} cannot be read: {exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except RecursionError:
         raise ValueError(f"config {path}: nested too deeply to be a config (four sections of plain values)") \
             from None
@@ -315,9 +376,12 @@ def load_config(path: str | Path) -> RunConfig:
         where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ValueError(f"config {path}{where}: not valid YAML: {problem}") from None
-    raw = raw or {}
+    if raw is None:
+        raise ValueError(f"config {path} is empty; a config is a mapping of sections (model, data, parallel, "
+                         f"train): write {{}} in it for every default")
     if not isinstance(raw, dict):
-        raise ValueError(f"config {path}: a config is a mapping of sections (model, data, parallel, train)")
+        raise ValueError(f"config {path}: the top level is {type(raw).__name__} {raw!r:.40}, but a config is a "
+                         f"mapping of sections (model, data, parallel, train)")
     sections = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "train": TrainSection}
     for key in raw:
         if key not in sections:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+import tokenize
 from collections import OrderedDict
 from pathlib import Path
 
@@ -34,9 +35,36 @@ import numpy as np
 
 from .safe_io import read_regular
 
+BYTE_VOCAB = 256                # token ids of byte-level text: data.source stdlib, --tokenizer bytes
+# what np.load raises for a damaged .npy: a header numpy cannot parse goes through ast (SyntaxError,
+# TypeError, RecursionError) and its Python 2 clean-up (tokenize.TokenError); a shape no file holds
+# is too large to allocate (MemoryError) or to read (EOFError, ValueError)
+_NPY_ERRORS = (OSError, ValueError, EOFError, SyntaxError, TypeError, RecursionError, MemoryError,
+               tokenize.TokenError)
+_TOKEN_FILE_HINT = "write it again with distattn.train.data.write_token_file"
+
+
+def load_offsets(idx_path: Path, hint: str, mmap: bool = False) -> np.ndarray:
+    """The document offsets in ``idx_path`` (memory-mapped with ``mmap``); ``ValueError`` naming the
+    file and ``hint`` (the fix) when it is not a readable .npy array."""
+    try:
+        return np.load(idx_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except _NPY_ERRORS as exc:
+        detail = str(exc.args[0] if isinstance(exc, tokenize.TokenError) and exc.args else exc)  # args: (msg, pos)
+        reason = detail.splitlines()[0][:200] if detail.strip() else type(exc).__name__
+        raise ValueError(f"data.path: {idx_path} is not a readable .npy array of document offsets ({reason}); "
+                         f"{hint}") from None
+
+
+def max_token(bin_path: Path, dtype) -> int:
+    """The largest token id in ``bin_path`` (-1 when empty): one pass over a memory map."""
+    if bin_path.stat().st_size == 0:   # np.memmap refuses an empty file
+        return -1
+    return int(np.memmap(bin_path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r").max())
+
 
 class StdlibCorpus:
-    """Python standard library sources as byte documents."""
+    """Python standard library sources as byte documents (ids below ``BYTE_VOCAB``)."""
 
     def __init__(self):
         root = Path(sysconfig.get_paths()["stdlib"])
@@ -61,14 +89,16 @@ class TokenFileCorpus:
         for p in (bin_path, idx_path):
             if not p.exists():
                 raise ValueError(f"data.path: {p} does not exist (write one with distattn.train.data.write_token_file)")
-        offsets = np.load(idx_path, allow_pickle=False)
+        offsets = load_offsets(idx_path, _TOKEN_FILE_HINT)
         if offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or (np.diff(offsets) <= 0).any():
-            raise ValueError(f"{idx_path}: expected increasing int64 offsets starting at 0, one per document + 1")
+            raise ValueError(f"data.path: {idx_path}: expected increasing int64 offsets starting at 0, one per "
+                             f"document + 1; {_TOKEN_FILE_HINT}")
         width = bin_path.stat().st_size // int(offsets[-1])
         if width not in (2, 4) or width * int(offsets[-1]) != bin_path.stat().st_size:
-            raise ValueError(f"{bin_path}: size does not match {int(offsets[-1])} uint16 or uint32 tokens")
+            raise ValueError(f"data.path: {bin_path}: size does not match {int(offsets[-1])} uint16 or uint32 "
+                             f"tokens; {_TOKEN_FILE_HINT}")
         self.tokens = np.memmap(bin_path, dtype=np.uint16 if width == 2 else np.uint32, mode="r")
-        self.offsets = offsets
+        self.bin_path, self.offsets = bin_path, offsets
         self.lengths = np.diff(offsets)
 
     def read(self, doc: int, start: int, end: int) -> np.ndarray:
@@ -190,7 +220,8 @@ def _check_entry(path: Path, shard) -> None:
             and "\\" not in name and "\0" not in name):
         raise ValueError(f"data.path: {path} lists the shard {(name if name is not None else shard)!r:.80}, which "
                          f"is not a file name inside {path.parent}; refusing to read it. {_PREPARE_HINT}")
-    for key in ("tokens", "documents"):
+    # max_token: recorded by prepare since it was added; folders from before lack it
+    for key in ("tokens", "documents") + (("max_token",) if "max_token" in shard else ()):
         if type(shard.get(key)) is not int or shard[key] < 0:
             raise ValueError(f"data.path: {path} gives shard {name!r} {key}={shard.get(key)!r:.80}, not a count; "
                              f"{_PREPARE_HINT}")
@@ -206,14 +237,28 @@ def _check_shard(directory: Path, shard: dict, width: int) -> None:
         raise ValueError(f"data.path: {bin_path} holds {bin_path.stat().st_size:,} bytes but {INDEX_NAME} says "
                          f"{shard['tokens']:,} tokens ({want:,} bytes); the directory is incomplete or damaged: "
                          f"{_PREPARE_HINT}")
-    try:
-        offsets = np.load(idx_path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"data.path: {idx_path} cannot be read ({exc}); {_PREPARE_HINT}") from None
+    offsets = load_offsets(idx_path, _PREPARE_HINT, mmap=True)
     if offsets.shape != (shard["documents"] + 1,) or offsets.dtype != np.int64 or offsets[0] != 0 \
             or offsets[-1] != shard["tokens"]:
         raise ValueError(f"data.path: {idx_path} is not {shard['documents']:,} + 1 int64 offsets from 0 to "
                          f"{shard['tokens']:,} as {INDEX_NAME} says; {_PREPARE_HINT}")
+
+
+def index_vocab(directory: str | Path, index: dict) -> int:
+    """The tokenizer's vocabulary size a prepared directory's (checked) ``index`` gives."""
+    vocab = index.get("vocab_size")
+    if type(vocab) is not int or vocab < 1:
+        raise ValueError(f"data.path: {Path(directory) / INDEX_NAME} gives vocab_size={vocab!r:.80}, not the "
+                         f"tokenizer's vocabulary size; {_PREPARE_HINT}")
+    return vocab
+
+
+def shard_maxima(directory: str | Path, index: dict) -> list[tuple[Path, int]]:
+    """``(shard .bin, its largest token id)`` of a prepared directory's (checked) ``index``: as
+    ``distattn data prepare`` recorded it, else (folders prepared before it did) read once."""
+    directory = Path(directory)
+    return [(directory / f"{s['name']}.bin", s["max_token"] if "max_token" in s
+             else max_token(directory / f"{s['name']}.bin", index["dtype"])) for s in index["shards"]]
 
 
 class ShardedCorpus:
@@ -229,7 +274,7 @@ class ShardedCorpus:
         self.index = read_index(self.directory)
         self.dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
         self.names = [shard["name"] for shard in self.index["shards"]]
-        self.offsets = [np.load(self.directory / f"{name}.idx.npy", allow_pickle=False) for name in self.names]
+        self.offsets = [load_offsets(self.directory / f"{name}.idx.npy", _PREPARE_HINT) for name in self.names]
         lengths = [np.diff(o) for o in self.offsets]
         for name, lens in zip(self.names, lengths):
             if (lens <= 0).any():

@@ -19,6 +19,8 @@ file, Slurm's output).
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
 import sys
 import time
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .safe_io import WriteFailed, open_append, read_regular, replace_text
 
 # dense bf16 peak of one device, TFLOP/s (vendor data sheets, no sparsity), by a name fragment of
 # torch.cuda.get_device_name(); the first fragment found wins, so more specific names come first
@@ -76,12 +79,30 @@ def _fmt_mfu(mfu: float | None) -> str:
     return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
 
 
-def logged_rows(path: Path, say=None) -> list[str]:
-    """The lines of ``metrics.jsonl`` a resume keeps: a last line left half-written by a crash is
-    dropped from the file (``say`` tells), a damaged line before it is a ``ValueError``."""
-    if not path.exists():
+METRICS_LIMIT = 1 << 32   # bytes of metrics.jsonl a resume reads (about 8M logged steps)
+
+
+def strict_row(m: dict) -> str:
+    """One ``metrics.jsonl`` line: strict JSON, a non-finite number written as ``null``."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()},
+                      allow_nan=False)
+
+
+def logged_rows(path: Path, done: int | None = None, say=None) -> list[str]:
+    """The lines of ``metrics.jsonl`` a resume from step ``done`` keeps, made the file's content.
+
+    A last line left half-written by a crash is dropped (``say`` tells), and with ``done`` so are rows
+    of later steps (they are trained again). The file is rewritten only if that changed anything, and
+    atomically, so a failure (a full disk) leaves it as it was. ``ValueError`` for a damaged line before
+    the last, a link, a FIFO or a file that cannot be rewritten."""
+    if path.is_symlink():
+        raise ValueError(f"{path} is a link to {os.readlink(path)}; a run writes its metrics into a file of its "
+                         f"own: remove the link")
+    try:
+        lines = read_regular(path, METRICS_LIMIT, "metrics").decode(errors="replace").splitlines()
+    except FileNotFoundError:
         return []
-    lines = path.read_text(errors="replace").splitlines()
+    kept, torn = [], None
     for i, line in enumerate(lines):
         try:
             row = json.loads(line)
@@ -91,12 +112,20 @@ def logged_rows(path: Path, say=None) -> list[str]:
             if i + 1 < len(lines):
                 raise ValueError(f"{path} line {i + 1} is damaged ({exc}); delete that line (or the file) "
                                  f"to resume") from None
-            lines.pop()
-            path.write_text("".join(line + "\n" for line in lines))
-            if say is not None:
-                say(f"{path}: dropped its last line, left half-written by the run that stopped ({len(line)} "
-                    f"characters)")
-    return lines
+            torn = line
+            continue
+        if done is None or row["step"] <= done:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return kept
+    try:
+        replace_text(path, "".join(line + "\n" for line in kept))
+    except OSError as exc:
+        raise ValueError(f"{path} could not be rewritten ({exc.strerror}); it is unchanged: free space or fix "
+                         f"the folder's permissions, then resume again") from None
+    if torn is not None and say is not None:
+        say(f"{path}: dropped its last line, left half-written by the run that stopped ({len(torn)} characters)")
+    return kept
 
 
 class RunLog:
@@ -104,19 +133,24 @@ class RunLog:
 
     def __init__(self, out: Path, steps: int, done: int, bar: bool | None = None):
         """``done``: steps already taken (a resume); rows logged after them by the run that stopped are
-        dropped, so each step appears once. ``bar``: a tqdm bar (default: when stdout is a terminal)."""
+        dropped (:func:`logged_rows`), so each step appears once; new rows are appended. ``bar``: a tqdm bar (default: when stdout is a terminal)."""
         out.mkdir(parents=True, exist_ok=True)
         self.steps, self.start, self.first_step = steps, time.perf_counter(), None
-        path = out / "metrics.jsonl"
-        kept = [line for line in logged_rows(path) if json.loads(line)["step"] <= done] if done else []
-        self.jsonl = open(path, "w")
-        self.jsonl.writelines(line + "\n" for line in kept)
+        self.path = out / "metrics.jsonl"
+        if done:
+            logged_rows(self.path, done)
+        self.jsonl = open_append(self.path)
+        if (out / "tb").is_symlink():
+            raise ValueError(f"{out / 'tb'} is a link; a run writes its TensorBoard events into a folder of its "
+                             f"own: remove the link")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tb"), purge_step=done + 1 if done else None)
         except ImportError:  # tensorboard is optional outside the dev extra
             self.tb = None
+        except OSError as exc:
+            raise WriteFailed(f"writing TensorBoard events into {out / 'tb'} failed: {exc.strerror}") from None
         self.bar = None
         if bar if bar is not None else sys.stdout.isatty():
             from tqdm import tqdm
@@ -135,12 +169,19 @@ class RunLog:
             self.bar.update(1)
         if not record:
             return
-        self.jsonl.write(json.dumps(m) + "\n")
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(strict_row(m) + "\n")
+            self.jsonl.flush()
+        except OSError as exc:   # the next resume drops a half-written line
+            raise WriteFailed(f"writing {self.path} failed: {exc.strerror}") from None
         if self.tb is not None:
-            for key, val in m.items():
-                if key != "step" and val is not None:
-                    self.tb.add_scalar(f"train/{key}", val, m["step"])
+            try:   # (the events are written by a thread: its error surfaces at a later call)
+                for key, val in m.items():
+                    if key != "step" and isinstance(val, (int, float)) and not isinstance(val, bool):
+                        self.tb.add_scalar(f"train/{key}", val, m["step"])
+            except OSError as exc:
+                raise WriteFailed(f"writing TensorBoard events into {self.tb.log_dir} failed: {exc.strerror}") \
+                    from None
         if self.bar is not None:
             return
         if self.first_step is None:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import RunConfig
-from .metrics import logged_rows
 from .safe_io import open_lock
 
 # what a run writes under train.out (overwrite removes these and nothing else)
@@ -27,26 +26,36 @@ RUN_FILES = ("metrics.jsonl", "tb", "ckpt")
 def check_data(cfg: RunConfig) -> None:
     """``data.path`` of ``source: tokens`` exists: a directory from ``distattn data prepare`` whose
     shards have the sizes its index.json says and whose vocabulary fits ``model.vocab_size``, or
-    the prefix of ``PATH.bin`` + ``PATH.idx.npy``."""
+    the prefix of ``PATH.bin`` + ``PATH.idx.npy``; and no token id is ``model.vocab_size`` or above
+    (a rank would fail on it with an IndexError naming neither the file nor the id)."""
     if cfg.data.source != "tokens":
         return
-    from .data import INDEX_NAME, is_prepared, read_index
+    from .data import INDEX_NAME, TokenFileCorpus, index_vocab, is_prepared, read_index, shard_maxima
 
-    path = Path(cfg.data.path)
+    path, limit = Path(cfg.data.path), cfg.model.vocab_size
     if is_prepared(path):
-        vocab = read_index(path)["vocab_size"]
-        if vocab > cfg.model.vocab_size:
-            raise ValueError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+        index = read_index(path)
+        vocab = index_vocab(path, index)
+        if vocab > limit:
+            raise ValueError(f"model.vocab_size {limit} is smaller than the tokenizer's vocabulary "
                              f"{vocab} from {path / INDEX_NAME}; set model.vocab_size >= {vocab}")
-        return
-    if path.is_dir():
+        maxima = shard_maxima(path, index)
+    elif path.is_dir():
         raise ValueError(f"data.path: {path} is a directory without {INDEX_NAME}; write one with "
                          f"`distattn data prepare INPUT... --out {path}`")
-    for p in (path.with_name(path.name + ".bin"), path.with_name(path.name + ".idx.npy")):
-        if not p.exists():
-            raise ValueError(f"data.path: {p} does not exist (data.path is a directory from `distattn data "
-                             f"prepare`, or the prefix of PATH.bin and PATH.idx.npy written by "
-                             f"distattn.train.data.write_token_file)")
+    else:
+        for p in (path.with_name(path.name + ".bin"), path.with_name(path.name + ".idx.npy")):
+            if not p.exists():
+                raise ValueError(f"data.path: {p} does not exist (data.path is a directory from `distattn data "
+                                 f"prepare`, or the prefix of PATH.bin and PATH.idx.npy written by "
+                                 f"distattn.train.data.write_token_file)")
+        corpus = TokenFileCorpus(path)
+        maxima = [(corpus.bin_path, int(corpus.tokens.max()))]
+    for file, top in maxima:
+        if top >= limit:
+            raise ValueError(f"data.path: {file} holds token id {top}, but model.vocab_size is {limit} (ids must be "
+                             f"below it); set model.vocab_size >= {top + 1}, or train on data tokenized for this "
+                             f"model")
 
 
 def rank_memory_bytes(cfg: RunConfig) -> int:
@@ -74,20 +83,24 @@ def check_memory(cfg: RunConfig, ranks_here: int) -> None:
                          f"parallel.cp on more machines (`distattn train CONFIG --dry-run` shows the estimate)")
 
 
-def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=print) -> Path | None:
+def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=print, checksums: bool = True) -> Path | None:
     """Make ``train.out`` ready for this run; returns the checkpoint a resume loads (None: start fresh).
 
     ``ValueError`` when the folder holds another run and neither ``resume`` nor ``overwrite`` is set,
-    when a resume finds nothing to load, or when the newest checkpoint cannot be read.
+    when a resume finds nothing to load, or when no checkpoint verifies (``checksums``: hash every file
+    too, else only the structure: the ranks hash their shares).
     """
     if resume and overwrite:
         raise ValueError("--resume continues the run in train.out and --overwrite deletes it: pass one of them")
     out = Path(cfg.train.out)
-    used = [name for name in RUN_FILES if (out / name).exists()]
+    used = [name for name in RUN_FILES if os.path.lexists(out / name)]   # a dangling link is not nothing
     if overwrite:
         for name in used:
             path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_symlink() or not path.is_dir():   # a link goes alone: what it points to is not this run's
+                path.unlink()
+            else:
+                shutil.rmtree(path)
         if used:
             say(f"--overwrite: removed {', '.join(used)} from {out}")
         return None
@@ -98,10 +111,9 @@ def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=print) -> Pat
             raise ValueError(f"train.out {out} already holds a run ({held}); pass --resume to continue it, "
                              f"--overwrite to replace it, or --out NEW_FOLDER")
         return None
-    last = checkpoint.newest_usable(out / "ckpt", say=say)
+    last = checkpoint.newest_usable(out / "ckpt", say=say, checksums=checksums)
     if last is None:
         raise ValueError(f"--resume: no checkpoint under {out / 'ckpt'}; drop --resume to start a new run")
-    logged_rows(out / "metrics.jsonl", say=say)   # a torn last line is dropped here, before any rank starts
     return last
 
 

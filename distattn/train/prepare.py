@@ -4,13 +4,18 @@ On disk (``DIR`` is ``--out``)::
 
     DIR/index.json              {"format": "distattn-tokens", "version": 1,
                                  "tokenizer": "bytes", "vocab_size": 256, "dtype": "uint16",
-                                 "tokens": T, "documents": D, "empty_documents": E,
-                                 "shards": [{"name": "shard_00000", "tokens": t0, "documents": d0}, ...],
+                                 "tokens": T, "documents": D, "empty_documents": E, "max_token": M,
+                                 "shards": [{"name": "shard_00000", "tokens": t0, "documents": d0,
+                                             "max_token": m0}, ...],
                                  "settings": {the inputs (path, bytes, mtime_ns), tokenizer and its
                                               sha256, shard_tokens: what a rerun is checked against}}
     DIR/shard_00000.bin         t0 token ids, flat, little-endian uint16 (vocab_size <= 65536) or uint32
     DIR/shard_00000.idx.npy     int64 document offsets into that .bin: d0 + 1 entries, 0 ... t0
     DIR/shard_00001.bin ...
+
+``max_token`` is the largest token id of a shard (``M``: of them all), recorded as the shard is
+written so that ``distattn train`` checks it against ``model.vocab_size`` without reading the
+shards (directories prepared before it was recorded are read once there instead).
 
 Every shard is also a one-file corpus (``data.path: DIR/shard_00000`` reads it alone). Documents
 are numbered across shards in order and never straddle two: a shard closes before the document
@@ -55,9 +60,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .data import FORMAT, FORMAT_VERSION, INDEX_NAME, token_dtype
+from .data import FORMAT, FORMAT_VERSION, INDEX_LIMIT, INDEX_NAME, max_token, token_dtype
 from .readers import batches, bytes_before, decode, input_files, load_tokenizer
-from .safe_io import open_lock
+from .safe_io import open_lock, read_regular
 
 DEFAULT_SHARD_TOKENS = 2**28
 STATE_NAME = "prepare_state.json"
@@ -136,7 +141,7 @@ class _ShardWriter:
         self.out, self.state, self.dtype, self.on_shard = out, state, dtype, on_shard
         self.limit = state["settings"]["shard_tokens"]
         self.position, self.empty = list(state["next"]), state["empty_documents"]
-        self.file, self.offsets = None, array("q", [0])
+        self.file, self.offsets, self.max_token = None, array("q", [0]), -1
 
     @property
     def documents(self) -> int:
@@ -152,6 +157,7 @@ class _ShardWriter:
                 self.file = open(self._path(".bin.tmp"), "wb")
             self.file.write(tokens.tobytes())
             self.offsets.append(self.offsets[-1] + len(tokens))
+            self.max_token = max(self.max_token, int(tokens.max()))
         self.position = position
 
     def _path(self, suffix: str) -> Path:
@@ -168,10 +174,11 @@ class _ShardWriter:
         for suffix in (".bin", ".idx.npy"):
             os.replace(self._path(suffix + ".tmp"), self._path(suffix))
         name = self._path("").name
-        self.state["shards"].append({"name": name, "tokens": self.offsets[-1], "documents": len(self.offsets) - 1})
+        self.state["shards"].append({"name": name, "tokens": self.offsets[-1], "documents": len(self.offsets) - 1,
+                                     "max_token": self.max_token})
         self.state["next"], self.state["empty_documents"] = self.position, self.empty
         _write_json(self.out / STATE_NAME, self.state)
-        self.file, self.offsets = None, array("q", [0])
+        self.file, self.offsets, self.max_token = None, array("q", [0]), -1
         if self.on_shard is not None:
             self.on_shard(len(self.state["shards"]))
 
@@ -238,6 +245,50 @@ def _difference(old: dict, new: dict) -> str | None:
     return None
 
 
+def _problem(record, state: bool) -> str | None:
+    """What makes ``record`` (index.json, or prepare_state.json with ``state``) unusable, in words:
+    enough is checked to compare its settings and to continue from it or report it."""
+    if not isinstance(record, dict):
+        return f"holds a JSON {type(record).__name__}, not an object"
+    settings = record.get("settings")
+    inputs = settings.get("inputs") if isinstance(settings, dict) else None
+    if not isinstance(inputs, list) or not all(isinstance(i, dict) and isinstance(i.get("path"), str)
+                                               for i in inputs):
+        return "has no settings with a list of inputs"
+    shards = record.get("shards")
+    if not isinstance(shards, list):
+        return "has no list of shards"
+    for i, shard in enumerate(shards):
+        want = f"shard_{i:05d}"
+        if not isinstance(shard, dict) or shard.get("name") != want \
+                or any(type(shard.get(k)) is not int or shard[k] < 1 for k in ("tokens", "documents")) \
+                or ("max_token" in shard and (type(shard["max_token"]) is not int or shard["max_token"] < 0)):
+            return f"gives shard #{i + 1} as {shard!r:.80}, not {{name: {want}, tokens, documents}}"
+    if state:
+        position = record.get("next")
+        if not (isinstance(position, list) and len(position) == 3
+                and all(type(x) is int and x >= 0 for x in position)):
+            return f"gives the input position next={position!r:.80}, not three counts"
+        keys = ("empty_documents",)
+    else:
+        keys = ("tokens", "documents", "vocab_size")
+    bad = next((k for k in keys if type(record.get(k)) is not int or record[k] < 0), None)
+    return None if bad is None else f"gives {bad}={record.get(bad)!r:.80}, not a count"
+
+
+def _read_record(out: Path, name: str) -> dict:
+    """``out``'s index.json or prepare_state.json; ``ValueError`` naming the file and the fix."""
+    path = out / name
+    try:
+        record = json.loads(read_regular(path, INDEX_LIMIT, name))
+        problem = _problem(record, name == STATE_NAME)
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as exc:  # ValueError: bad JSON, a FIFO
+        problem = f"cannot be read ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+    if problem is not None:
+        raise ValueError(f"--out {out}: {path} {problem}; pass a new --out, or --overwrite to start over there")
+    return record
+
+
 def _start(out: Path, settings: dict, overwrite: bool, say: Callable[[str], None]) -> dict | None:
     """The state to continue from (a fresh one, or an interrupted run's), or None when ``out`` is finished."""
     if overwrite:
@@ -248,12 +299,8 @@ def _start(out: Path, settings: dict, overwrite: bool, say: Callable[[str], None
             say(f"--overwrite: removed {len(ours)} files from {out}")
     for name in (INDEX_NAME, STATE_NAME):
         if (out / name).is_file():
-            try:
-                old = json.loads((out / name).read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ValueError(f"--out {out}: {name} cannot be read ({exc}); use a new --out or --overwrite") \
-                    from None
-            diff = _difference(old.get("settings", {}), settings)
+            old = _read_record(out, name)
+            diff = _difference(old["settings"], settings)
             if diff is not None:
                 raise ValueError(f"--out {out} was prepared with other arguments ({diff}); use a new --out, or "
                                  f"--overwrite to replace it")
@@ -261,6 +308,11 @@ def _start(out: Path, settings: dict, overwrite: bool, say: Callable[[str], None
                 (out / STATE_NAME).unlink(missing_ok=True)
                 return None
             done = len(old["shards"])
+            lost = next((s["name"] for s in old["shards"] if not all((out / f"{s['name']}{ext}").is_file()
+                                                                   for ext in (".bin", ".idx.npy"))), None)
+            if lost is not None:
+                raise ValueError(f"--out {out}: {out / STATE_NAME} records {lost}, whose .bin or .idx.npy is "
+                                 f"missing; pass a new --out, or --overwrite to start over there")
             for path in _ours(out):  # files of the shard being written, or renamed but not recorded
                 shard = _SHARD_FILE.fullmatch(path.name)
                 if path.name.endswith(".tmp") or (shard is not None and int(shard.group(1)) >= done):
@@ -276,9 +328,23 @@ def _start(out: Path, settings: dict, overwrite: bool, say: Callable[[str], None
 
 @contextlib.contextmanager
 def _locked(out: Path):
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:   # a file, or a link to one or to nothing
+        raise ValueError(f"--out {out} exists and is not a folder; pass a new --out (a folder, made if missing)") \
+            from None
+    except OSError as exc:    # a file on the way, no permission, /proc
+        raise ValueError(f"--out {out} cannot be made a folder ({exc.strerror}); pass a new --out") from None
     lock = out / ".prepare.lock"
-    with open_lock(lock) as handle:
+    there = lock.exists() or lock.is_symlink()
+    try:
+        handle = open_lock(lock)
+    except ValueError:
+        if there:   # open_lock's message says what to remove
+            raise
+        raise ValueError(f"--out {out} is a folder where no file can be made (read-only, or not a real file "
+                         f"system); pass a new --out") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -310,7 +376,7 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "bytes",
     with _locked(out):
         state = _start(out, settings, overwrite, say)
         if state is None:
-            index = json.loads((out / INDEX_NAME).read_text())
+            index = _read_record(out, INDEX_NAME)
             say(f"{out} is already prepared: {index['documents']:,} documents, {index['tokens']:,} tokens in "
                 f"{len(index['shards'])} shards; nothing to do")
             return index
@@ -347,11 +413,14 @@ def _finish(out: Path, state: dict, tok, dtype: np.dtype) -> dict:
     shards = state["shards"]
     if not shards:
         raise ValueError(f"INPUT: no document has any tokens ({state['empty_documents']} empty); nothing to prepare")
+    for shard in shards:
+        if "max_token" not in shard:   # recorded by an older prepare that was interrupted: read once, here
+            shard["max_token"] = max_token(out / f"{shard['name']}.bin", dtype)
     index = {"format": FORMAT, "version": FORMAT_VERSION, "tokenizer": state["settings"]["tokenizer"],
              "vocab_size": tok.vocab_size,
              "dtype": dtype.name, "tokens": sum(s["tokens"] for s in shards),
              "documents": sum(s["documents"] for s in shards), "empty_documents": state["empty_documents"],
-             "shards": shards, "settings": state["settings"]}
+             "max_token": max(s["max_token"] for s in shards), "shards": shards, "settings": state["settings"]}
     _write_json(out / INDEX_NAME, index)
     (out / STATE_NAME).unlink(missing_ok=True)
     return index

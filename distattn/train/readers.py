@@ -17,6 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .data import BYTE_VOCAB
+
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 BATCH_BYTES, BATCH_DOCS, PARQUET_ROWS = 1 << 22, 1024, 256
 _FORMATS = ".txt (one document per file), .jsonl (a 'text' field per line) or .parquet (a 'text' column)"
@@ -26,7 +28,7 @@ _FORMATS = ".txt (one document per file), .jsonl (a 'text' field per line) or .p
 class ByteTokenizer:
     """``--tokenizer bytes``: the UTF-8 bytes of the text, vocab 256 (what ``data.source: stdlib`` feeds)."""
 
-    name, vocab_size, fingerprint = "bytes", 256, "bytes"
+    name, vocab_size, fingerprint = "bytes", BYTE_VOCAB, "bytes"
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]

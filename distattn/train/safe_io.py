@@ -4,7 +4,8 @@ A checkpoint folder or a prepared corpus may come from somewhere else. ``read_re
 file only if it is a regular file (a FIFO would block forever, a link to ``/dev/zero`` would read
 until memory runs out) no larger than a cap. ``open_lock`` opens a lock file without following a
 link and refuses anything but a plain file of one name (a link or hard link placed there would
-have the pid written into another file).
+have the pid written into another file); ``open_append`` opens a run's log the same way.
+``replace_text`` rewrites a file so that a failure (a full disk) leaves the old one whole.
 """
 
 from __future__ import annotations
@@ -35,16 +36,70 @@ def read_regular(path: Path, limit: int, what: str) -> bytes:
         os.close(fd)
 
 
-def open_lock(path: Path):
-    """``path`` opened for reading and writing (created if missing) without following a link and
-    without truncating it; ``ValueError`` if it is a link, not a regular file, or has other names."""
+def _open_own(path: Path, flags: int, what: str) -> int:
+    """A descriptor of ``path`` (created if missing) opened without following a link; ``ValueError``
+    if it is a link, not a regular file, or has other names."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as exc:   # ELOOP: a symbolic link; others: a folder, no permission
-        raise ValueError(f"{path} cannot be opened as a lock file ({exc.strerror}); remove it if it is a link "
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:   # ELOOP: a symbolic link; ENXIO: a FIFO nobody reads; others: a folder, no permission
+        raise ValueError(f"{path} cannot be opened as {what} ({exc.strerror}); remove it if it is a link "
                          f"or not a plain file") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
         os.close(fd)
         raise ValueError(f"{path} is not a plain file of its own (a device, FIFO or hard link); remove it")
-    return os.fdopen(fd, "r+")
+    return fd
+
+
+def open_lock(path: Path):
+    """``path`` opened for reading and writing (created if missing) without following a link and
+    without truncating it; ``ValueError`` if it is a link, not a regular file, or has other names."""
+    return os.fdopen(_open_own(path, os.O_RDWR, "a lock file"), "r+")
+
+
+def open_append(path: Path):
+    """``path`` opened for appending text, like :func:`open_lock` (a run's log: ``metrics.jsonl``)."""
+    return os.fdopen(_open_own(path, os.O_WRONLY | os.O_APPEND, "a log to append to"), "a")
+
+
+def one_line(exc: BaseException) -> str:
+    """An error in one line: an ``OSError``'s errno text and path, else its message's first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class WriteFailed(RuntimeError):
+    """Writing the run's output (a checkpoint, metrics) failed; the message is one line with the cause
+    (errno text) and the path. What was written before is intact."""
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a new file beside it, fsynced, renamed over it. A failure
+    (a full disk) leaves the old file as it was and raises ``OSError``."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or creation inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

@@ -36,8 +36,10 @@ A step whose global loss or gradient norm is not finite updates nothing: with ``
 stop`` (default) the run ends there with :class:`NonFinite` (the newest checkpoint is the last
 good state), with ``skip_step`` it goes on and the step is logged with ``"skipped": true``.
 
-SIGTERM (how Slurm preempts) makes every rank finish its step, save a checkpoint and stop;
-the ranks agree on the step through the loss all-reduce every step makes anyway.
+SIGTERM (how Slurm preempts) or Ctrl-C makes every rank finish its step, save a checkpoint and
+stop; the ranks agree on the step through the loss all-reduce every step makes anyway. A save
+that fails (a full disk, a read-only folder) stops the run with ``WriteFailed``: one line, the
+cause and the path, and the checkpoints before it intact (:mod:`.checkpoint`).
 """
 
 from __future__ import annotations
@@ -60,19 +62,21 @@ from ..masks import next_token_labels
 from ..pingpong import all_ranks, nano_batches, pair_weight
 from ..schedule import imbalance
 from ..spawn import Terminated
-from . import checkpoint
+from . import checkpoint, manifest
 from .config import RunConfig
 from .data import Packer, make_corpus
 from .metrics import RunLog, device_peak_flops, layer_matmul_params, model_flops, peak_memory_bytes
 from .model import Transformer
+from .resume import resume_config, run_info, schedule_steps
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to ``min_lr`` at the last step."""
+    """Linear warmup, then cosine decay to ``min_lr`` at step ``train.lr_decay_steps`` (unset:
+    ``train.steps``; a resume takes the checkpoint's, :mod:`.resume`), ``min_lr`` after it."""
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    progress = (step - t.warmup_steps) / max(1, schedule_steps(cfg) - t.warmup_steps)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -112,28 +116,40 @@ def _autocast(cfg: RunConfig, device: torch.device):
 
 
 class StopSignal:
-    """Remembers a SIGTERM (handler installed from the main thread only) until the step ends."""
+    """Remembers a SIGTERM or SIGINT (handlers installed from the main thread only) until the step
+    ends. Once one came, leaving ignores further ones: the run is already stopping (a launcher
+    repeats the signal until its ranks are done), and its results must reach the caller."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.received, self.stopped_at, self._previous = False, None, None
+        self.signum, self.stopped_at, self._previous = None, None, {}
+
+    @property
+    def received(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._note)
+            self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
         return self
 
     def _note(self, signum, frame):
-        self.received = True
+        self.signum = self.signum or signum
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_IGN if self.received else previous)
 
 
 def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
           on_step: Callable[[dict], Any] | None = None) -> list[dict]:
     """Run on every rank of an initialised process group of ``cfg.world_size`` ranks; returns the metrics.
-    With ``stop``, a SIGTERM it received ends the run after the current step and its checkpoint;
+    With ``stop``, a SIGTERM or SIGINT it received ends the run after the current step and its checkpoint;
     ``on_step(metrics)`` is called on every rank after each step (progress, profiling)."""
     from ..mesh import ParallelDims
     from ..schedulers import spec
@@ -160,12 +176,16 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
     packer = Packer(make_corpus(cfg.data.source, cfg.data.path), cfg.data.seq_len, cfg.data.seed)
     out = Path(t.out)
     start = 0
+    talk = print if dist.get_rank() == 0 else None
     if resume:
-        last = checkpoint.newest_usable(out / "ckpt")
+        last = checkpoint.agreed_checkpoint(out / "ckpt", say=talk)
         if last is None:
             raise ValueError(f"--resume: no checkpoint under {out / 'ckpt'}")
+        cfg = resume_config(cfg, manifest.read(last))   # the launching process printed what changed
         start, data_state = checkpoint.load(last, model, optimizer)
         packer.load_state(data_state)
+    else:
+        cfg = cfg.replace(train={"lr_decay_steps": schedule_steps(cfg)})
     logger = RunLog(out, t.steps, start) if dist.get_rank() == 0 else None
     # usp's degree is the mesh's "ulysses" axis; the head count makes its plans refuse other K/V heads
     options = {"num_kv_heads": cfg.model.n_kv_heads} if dims.ulysses > 1 else {}
@@ -250,7 +270,8 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         if logger is not None:
             logger.step(m, record=step % t.log_every == 0 or step + 1 == t.steps or bool(stopping))
         if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps or stopping:
-            checkpoint.save(out / "ckpt" / f"step_{step + 1}", model, optimizer, step + 1, packer.state())
+            checkpoint.save(out / "ckpt" / f"step_{step + 1}", model, optimizer, step + 1, packer.state(),
+                            run_info(cfg))
         if stopping:
             stop.stopped_at = step + 1
             break
@@ -310,7 +331,7 @@ def run(cfg: RunConfig, resume: bool = False) -> list[dict]:
     if "RANK" in os.environ:
         # torchrun --max-restarts restarts the workers with the same arguments: pick up the last checkpoint
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            resume = resume or checkpoint.newest_usable(Path(cfg.train.out) / "ckpt") is not None
+            resume = resume or checkpoint.newest_usable(Path(cfg.train.out) / "ckpt", checksums=False) is not None
         with StopSignal() as stop:
             dist.init_process_group(process_group_backend(cfg, torch.cuda.is_available()),
                                     timeout=timedelta(seconds=cfg.parallel.timeout_s))
@@ -319,7 +340,7 @@ def run(cfg: RunConfig, resume: bool = False) -> list[dict]:
             finally:
                 dist.destroy_process_group()
         if stop.stopped_at is not None:
-            raise Terminated(f"stopped by SIGTERM after step {stop.stopped_at}", [history])
+            raise Terminated(f"stopped by {stop.name}", [history], stop.signum)
         return history
     from ..spawn import run_distributed
 

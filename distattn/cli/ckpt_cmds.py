@@ -1,0 +1,58 @@
+"""``distattn ckpt verify``: check checkpoints offline, the way a resume checks them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ._args import examples
+
+
+def _cmd_verify(args) -> int:
+    from ..train import checkpoint, manifest
+    from ..train.safe_io import one_line
+
+    path = Path(args.dir)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder: pass a checkpoint (OUT/ckpt/step_N) or a folder of them "
+                         f"(OUT/ckpt)")
+    if (path / manifest.NAME).exists() or (path / ".metadata").exists():
+        targets = [path]
+    else:
+        found, unfinished = checkpoint.candidates(path)
+        for line in unfinished:
+            print(f"skip {path / line}")
+        if not found:
+            raise ValueError(f"{path} holds no checkpoint (step_N folders); pass OUT/ckpt or OUT/ckpt/step_N")
+        targets = found
+    bad = 0
+    for target in targets:
+        try:
+            found_manifest = checkpoint.verify(target)
+        except (ValueError, OSError) as exc:
+            bad += 1
+            print(f"FAIL {target}: {one_line(exc)}")
+            continue
+        print(f"ok   {target}: step {found_manifest.step}, {len(found_manifest.files)} files, "
+              f"{found_manifest.total_bytes / 2**20:,.1f} MiB, every checksum matches")
+    if bad:
+        print(f"distattn ckpt verify: {bad} of {len(targets)} checkpoint(s) failed; a resume skips them and uses "
+              f"the newest that verifies", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_parsers(sub) -> None:
+    ckpt = sub.add_parser(
+        "ckpt", help="check training checkpoints offline",
+        description="Work with the checkpoints `distattn train` writes (OUT/ckpt/step_N).",
+        epilog=examples("distattn ckpt verify runs/tiny/ckpt", "distattn ckpt verify runs/tiny/ckpt/step_50"))
+    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="SUBCOMMAND")
+    verify = ckpt_sub.add_parser(
+        "verify", help="check every file of a checkpoint against its manifest (sizes, SHA-256, metadata)",
+        description="Check a checkpoint, or each checkpoint in a folder, as a resume does: exactly the files its "
+                    "manifest.json lists, each of the listed size and SHA-256, and DCP metadata that reads safely. "
+                    "Prints one line per checkpoint; exit 0 when all verify, 1 when any fails.",
+        epilog=examples("distattn ckpt verify runs/tiny/ckpt", "distattn ckpt verify runs/tiny/ckpt/step_50"))
+    verify.add_argument("dir", metavar="DIR", help="OUT/ckpt (every step_N in it) or one OUT/ckpt/step_N")
+    verify.set_defaults(func=_cmd_verify)

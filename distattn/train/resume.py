@@ -1,0 +1,80 @@
+"""What a resume must agree with, checked from a checkpoint's manifest before any tensor is read.
+
+A checkpoint records the run it belongs to (:func:`run_info`): the model's shape, the data source and
+the learning-rate schedule's length. :func:`resume_config` refuses a config whose model or data
+differ (one line naming the keys, their two values and a fix that works) and fixes the schedule's
+length: ``train.lr_decay_steps`` is the first run's ``train.steps`` unless set, and is stored in every
+checkpoint, so ``--steps`` on a resume only moves where the run stops. Setting ``lr_decay_steps`` to a
+different value on a resume changes the schedule from the next step on, and says so.
+
+:func:`check_room` refuses, before any rank starts, an output folder that cannot take a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import RunConfig
+from .manifest import Manifest
+
+# the model fields a checkpoint's tensors depend on (rope_theta and softcap change no shape: a
+# resume may change them as it may change the learning rate)
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "tie_embeddings",
+              "attention_sinks")
+
+
+def run_info(cfg: RunConfig) -> dict[str, Any]:
+    """What a checkpoint of ``cfg`` records about its run (``manifest.json``'s ``run``)."""
+    return {"model": {k: getattr(cfg.model, k) for k in SHAPE_KEYS},
+            "data": {"source": cfg.data.source, "path": cfg.data.path},
+            "lr_decay_steps": schedule_steps(cfg)}
+
+
+def schedule_steps(cfg: RunConfig) -> int:
+    """The cosine schedule's length of a new run: ``train.lr_decay_steps``, else ``train.steps``."""
+    return cfg.train.lr_decay_steps or cfg.train.steps
+
+
+def resume_config(cfg: RunConfig, found: Manifest, say: Callable[[str], Any] | None = None) -> RunConfig:
+    """``cfg`` with the schedule length a resume from the checkpoint ``found`` trains with.
+
+    ``ValueError`` when the config's model shape or data differ from the checkpoint's."""
+    run = found.run
+    saved_model, saved_data = run.get("model", {}), run.get("data", {})
+    changed = [f"model.{k} {getattr(cfg.model, k)!r} (checkpoint: {saved_model[k]!r})"
+               for k in SHAPE_KEYS if k in saved_model and saved_model[k] != getattr(cfg.model, k)]
+    changed += [f"data.{k} {getattr(cfg.data, k)!r} (checkpoint: {saved_data[k]!r})"
+                for k in ("source", "path") if k in saved_data and saved_data[k] != getattr(cfg.data, k)]
+    if changed:
+        raise ValueError(f"the config differs from the run it resumes (step {found.step}): {'; '.join(changed)}. "
+                         f"Set these back to the checkpoint's values to continue that run, or start a new one "
+                         f"with --out NEW_FOLDER (or --overwrite)")
+    saved = run.get("lr_decay_steps")
+    wanted = cfg.train.lr_decay_steps
+    if wanted is not None and saved is not None and wanted != saved and say is not None:
+        say(f"train.lr_decay_steps {wanted} replaces the checkpoint's {saved}: the learning-rate schedule "
+            f"changes from step {found.step + 1} on")
+    steps = wanted or saved or cfg.train.steps
+    return cfg.replace(train={"lr_decay_steps": steps})
+
+
+def check_room(cfg: RunConfig, ckpt_root: Path, newest: Manifest | None) -> None:
+    """``ValueError`` unless ``ckpt_root`` can take a checkpoint: writable, with the room a save asks for
+    (:func:`~.checkpoint.room_needed`) for one the size of ``newest`` (else an estimate from the model:
+    fp32 weights and AdamW's two moments)."""
+    from .checkpoint import room_needed
+    from .memory import param_count
+
+    ckpt_root = Path(ckpt_root)
+    folder = next((p for p in (ckpt_root, *ckpt_root.parents) if p.exists()), Path("."))
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{folder} is not writable, so no checkpoint could be saved; make it writable or pass "
+                         f"--out to another folder")
+    need = room_needed(newest.total_bytes if newest is not None else 12 * param_count(cfg.model))
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ValueError(f"{folder} has {free / 2**20:,.1f} MiB free but a checkpoint of this model takes about "
+                         f"{need / 2**20:,.1f} MiB with its margin; free space there or pass --out to another disk")
