@@ -19,9 +19,10 @@ SMALL = {"model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn
          "train": {"steps": 500, "warmup_steps": 1, "ckpt_every": 1000}}
 
 
-def _config(tmp_path) -> Path:
+def _config(tmp_path, seq_len: int = 1024) -> Path:
     sections = {k: dict(v) for k, v in SMALL.items()}
     sections["train"]["out"] = str(tmp_path / "run")
+    sections["data"]["seq_len"] = seq_len
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(sections))
     return path
@@ -45,11 +46,11 @@ def _wait_gone(pids, seconds=15.0) -> list[int]:
     return _alive(pids)
 
 
-def _start_training(tmp_path, own_group: bool = False):
+def _start_training(tmp_path, own_group: bool = False, seq_len: int = 1024):
     """`distattn train` running until its first step is logged (``own_group``: as the leader of its
     own process group, like a Slurm step); returns (process, its descendants)."""
     tmp_path.mkdir(exist_ok=True)
-    proc = subprocess.Popen([DISTATTN, "train", str(_config(tmp_path))], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([DISTATTN, "train", str(_config(tmp_path, seq_len))], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=own_group)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -92,7 +93,8 @@ def test_a_first_ctrl_c_checkpoints_and_exits_130_a_second_stops_at_once(tmp_pat
     assert [p.name for p in (tmp_path / "run" / "ckpt").iterdir()] == [f"step_{last}"]
     assert _wait_gone(kids) == []
 
-    proc, kids = _start_training(tmp_path / "twice")
+    # steps of a second or more, so the second Ctrl-C comes while the first is still being honoured
+    proc, kids = _start_training(tmp_path / "twice", seq_len=32768)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)   # two signals sent at once arrive as one
     proc.send_signal(signal.SIGINT)

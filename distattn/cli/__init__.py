@@ -51,20 +51,30 @@ def main(argv: list[str] | None = None) -> int:
     name = " ".join(filter(None, [args.command, getattr(args, "cluster_command", None),
                                   getattr(args, "data_command", None), getattr(args, "ckpt_command", None)]))
     try:
-        return args.func(args)
+        return _stopping(args.func(args))
     except ValueError as exc:
         print(f"distattn {name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"distattn {name}: interrupted", file=sys.stderr)
-        return 130
+        return _stopping(130)
     except Exception as exc:   # a signal the ranks were told of (spawn is loaded if ranks ran)
         terminated = getattr(sys.modules.get("distattn.spawn"), "Terminated", None)
         if terminated is None or not isinstance(exc, terminated):
             raise
         print(f"distattn {name}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _stopping(exc.exit_code)
     except _Stopped:
         print(f"distattn {name}: stopped by SIGTERM" + (" before any rank started; nothing was saved"
                                                         if args.command == "train" else ""), file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return _stopping(128 + signal.SIGTERM)
+
+
+def _stopping(code: int) -> int:
+    """``code``; when a signal stopped the command (130, 143), later ones are ignored from here on:
+    Python's shutdown resets handled signals to their default, so a Ctrl-C pressed again while the
+    process exits would turn exit code 130 into death by SIGINT."""
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code

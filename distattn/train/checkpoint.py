@@ -248,9 +248,12 @@ def load(directory: Path, model, optimizer) -> tuple[int, list[int]]:
     directory = Path(directory)
     # every rank fails here with the same one-line reason, before DCP's collectives and their tracebacks
     verify(directory, checksums=False)
+    saved = read_metadata(directory / ".metadata").state_dict_metadata.get("train.data")
+    if saved is None or len(saved.size) != 1:
+        raise ValueError(f"checkpoint {directory} holds no data cursor (train.data); it was not saved by this trainer")
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd,
-             "train": {"step": torch.tensor(0), "data": torch.zeros(3, dtype=torch.int64),
+    state = {"model": model_sd, "optim": optim_sd,   # the data cursor's length is the data source's
+             "train": {"step": torch.tensor(0), "data": torch.zeros(saved.size, dtype=torch.int64),
                        "rng": torch.get_rng_state()}}
     try:
         dcp.load(state, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner(directory))

@@ -23,6 +23,7 @@ import math
 import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,6 +129,21 @@ def logged_rows(path: Path, done: int | None = None, say=None) -> list[str]:
     return kept
 
 
+def _quiet_tensorboard_thread() -> None:
+    """Keep the TensorBoard writer thread's ``OSError`` (a full disk) off stderr: the thread stores it
+    and raises it again in the next call from this process, which :class:`RunLog` turns into one
+    ``WriteFailed`` line. Every other thread's exception still goes to the hook that was there."""
+    previous = threading.excepthook
+    if getattr(previous, "distattn_quiet", False):
+        return
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            previous(args)
+    hook.distattn_quiet = True
+    threading.excepthook = hook
+
+
 class RunLog:
     """Rank 0's progress display, ``metrics.jsonl`` and TensorBoard scalars."""
 
@@ -146,6 +162,7 @@ class RunLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_tensorboard_thread()
             self.tb = SummaryWriter(str(out / "tb"), purge_step=done + 1 if done else None)
         except ImportError:  # tensorboard is optional outside the dev extra
             self.tb = None
