@@ -12,13 +12,16 @@ Public contract (see DESIGN.md)::
     ref = distattn.reference_attention(q, k, v, doc_lens, causal=True, window=None)
     plan = distattn.plan(doc_lens, mesh, scheduler="cad", layout="zigzag")   # any scheduler on any layout
     plan = distattn.plan(doc_lens, mesh, scheduler="ring", layout=distattn.Layout.from_indices([[...], ...]))
+    out = distattn.varlen_attention(q_local, k_local, v_local, cu_seqlens, max_seqlen, group=cp_group, causal=True)
+    from distattn.compat.ring_flash_attn import zigzag_ring_flash_attn_varlen_func   # ring-flash-attention's API
 """
 
 __version__ = "0.1.0"
 
 # Resolved on first use (PEP 562), so `import distattn.cli` and `distattn --help` do not import torch.
 _LAZY = {"plan": "api", "attention": "api", "local_attention": "api", "reference_attention": "oracle",
-         "Plan": "plans", "MaskSlice": "masks", "SliceMask": "masks", "document_mask": "masks", "Layout": "layout"}
+         "Plan": "plans", "MaskSlice": "masks", "SliceMask": "masks", "document_mask": "masks", "Layout": "layout",
+         "varlen_attention": "varlen", "varlen_plan": "varlen"}
 
 
 def __getattr__(name: str):
@@ -35,4 +38,4 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 __all__ = ["plan", "attention", "local_attention", "reference_attention", "Plan", "MaskSlice", "SliceMask",
-           "document_mask", "Layout", "__version__"]
+           "document_mask", "Layout", "varlen_attention", "varlen_plan", "__version__"]

@@ -4,10 +4,10 @@ torchrun runs through ``python -m distattn.launch.torchrun`` (:mod:`.torchrun`),
 stores listen on the rendezvous host only, not on every interface.
 """
 
-from .launchers import (LaunchOptions, check_text, rdzv_address, sbatch_quote, sbatch_script, slurm_job_state,
-                        submit_sbatch, torchrun_command, wait_slurm_job)
+from .launchers import (LaunchOptions, check_text, local_command, rdzv_address, sbatch_quote, sbatch_script,
+                        slurm_job_state, submit_sbatch, torchrun_command, wait_slurm_job)
 from .ray_launch import RayOptions, ray_train
 from .torchrun import BACKEND as RDZV_BACKEND
 
-__all__ = ["LaunchOptions", "RDZV_BACKEND", "RayOptions", "check_text", "ray_train", "rdzv_address", "sbatch_quote",
-           "sbatch_script", "slurm_job_state", "submit_sbatch", "torchrun_command", "wait_slurm_job"]
+__all__ = ["LaunchOptions", "RDZV_BACKEND", "RayOptions", "check_text", "local_command", "ray_train", "rdzv_address",
+           "sbatch_quote", "sbatch_script", "slurm_job_state", "submit_sbatch", "torchrun_command", "wait_slurm_job"]

@@ -1,7 +1,9 @@
 """Commands that run one config: locally, under torchrun, or as a Slurm batch job (submitted and watched).
 
 Each function builds the command or script from the config and options; ``--dry-run`` prints it.
-The training entry point is always ``distattn train CONFIG`` (``python -m distattn.cli train``).
+The training entry point is always ``distattn train CONFIG [section.key=value ...]`` (``python -m
+distattn.cli train``): every rank gets the command line's overrides as they were written, and reads
+them as ``distattn train`` does.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import Sequence
 
 from ..train.config import RunConfig
 from .torchrun import BACKEND as RDZV_BACKEND
@@ -120,8 +123,17 @@ class LaunchOptions:
                              + "; for CPU ranks spread them over more --nodes")
 
 
-def _train_args(out: str | None, resume: bool) -> list[str]:
-    return (["--out", check_text("--out", out)] if out else []) + (["--resume"] if resume else [])
+def _train_args(out: str | None, resume: bool, overrides: Sequence[str]) -> list[str]:
+    """What follows ``train CONFIG``, each free of control characters (a script holds them)."""
+    return [*(check_text("override", word) for word in overrides),
+            *(["--out", check_text("--out", out)] if out else []), *(["--resume"] if resume else [])]
+
+
+def local_command(config: str, out: str | None = None, resume: bool = False,
+                  overrides: Sequence[str] = ()) -> list[str]:
+    """``distattn train`` in this Python: it starts the dp * cp local ranks itself."""
+    return [sys.executable, "-m", "distattn.cli", "train", check_text("config", config),
+            *_train_args(out, resume, overrides)]
 
 
 def rdzv_address(opts: LaunchOptions, rdzv_host: str | None) -> str:
@@ -143,9 +155,10 @@ def rdzv_address(opts: LaunchOptions, rdzv_host: str | None) -> str:
 
 
 def torchrun_command(config: str, cfg: RunConfig, opts: LaunchOptions, out: str | None = None,
-                     resume: bool = False, rdzv_host: str | None = None) -> list[str]:
+                     resume: bool = False, rdzv_host: str | None = None, overrides: Sequence[str] = ()) -> list[str]:
     """The torchrun command for one node of the job (run it on every node). Its stores listen only on the
-    rendezvous host (``distattn.launch.torchrun``); ``rdzv_host`` None means one node on 127.0.0.1."""
+    rendezvous host (``distattn.launch.torchrun``); ``rdzv_host`` None means one node on 127.0.0.1.
+    ``cfg`` is the config with ``overrides`` applied (it sets the ranks per node)."""
     opts.check(cfg)
     host = rdzv_address(opts, rdzv_host)
     endpoint = f"[{host}]:{opts.port}" if ":" in host else f"{host}:{opts.port}"
@@ -154,13 +167,14 @@ def torchrun_command(config: str, cfg: RunConfig, opts: LaunchOptions, out: str 
     return [sys.executable, "-m", "distattn.launch.torchrun", f"--nnodes={opts.nodes}",
             f"--nproc-per-node={opts.per_node(cfg)}", f"--rdzv-backend={RDZV_BACKEND}", f"--rdzv-endpoint={endpoint}",
             *local, f"--max-restarts={opts.max_restarts}",
-            "-m", "distattn.cli", "train", check_text("config", config), *_train_args(out, resume)]
+            "-m", "distattn.cli", "train", check_text("config", config), *_train_args(out, resume, overrides)]
 
 
 def sbatch_script(config: str, cfg: RunConfig, opts: LaunchOptions, out: str | None = None,
-                  resume: bool = False) -> str:
+                  resume: bool = False, overrides: Sequence[str] = ()) -> str:
     """The sbatch script (from ``cluster/templates/sbatch.sh.tmpl``). Every value is checked for control
-    characters and quoted: ``#SBATCH`` values for sbatch's parser, command arguments for bash."""
+    characters and quoted: ``#SBATCH`` values for sbatch's parser, command arguments (overrides
+    included) for bash."""
     opts.check(cfg)
     config_path = str(Path(check_text("config", config)).resolve())
     extra = [f"#SBATCH --gpus-per-node={opts.gpus_per_node}"] if opts.gpus_per_node else []
@@ -175,7 +189,8 @@ def sbatch_script(config: str, cfg: RunConfig, opts: LaunchOptions, out: str | N
         output=sbatch_quote(f"{log_dir}/%x-%j.out"), error=sbatch_quote(f"{log_dir}/%x-%j.err"),
         extra_sbatch="\n".join(extra), port=opts.port, python=shlex.quote(check_text("python", sys.executable)),
         rdzv_backend=RDZV_BACKEND, nproc_per_node=per_node, max_restarts=opts.max_restarts,
-        config=shlex.quote(config_path), train_args=" ".join(shlex.quote(a) for a in _train_args(out, resume)))
+        config=shlex.quote(config_path),
+        train_args=" ".join(shlex.quote(a) for a in _train_args(out, resume, overrides)))
 
 
 _ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..extras import require
 from ..train.config import RunConfig
 
 
@@ -36,6 +37,7 @@ def _worker(config: dict) -> None:
 
 def ray_train(cfg: RunConfig, opts: RayOptions, resume: bool = False) -> dict:
     """Train ``cfg`` on ``dp * cp`` Ray workers; returns the last row of ``train.out/metrics.jsonl``."""
+    require("ray", "ray", "distattn launch --backend ray")
     import ray
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig

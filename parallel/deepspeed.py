@@ -25,6 +25,10 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from ..extras import require
+
+require("deepspeed", "deepspeed", "distattn.parallel.deepspeed")
+
 from ..api import attention, plan as make_plan
 from ..schedulers import NAMES, spec
 

@@ -27,6 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..extras import require
+
+require("transformers", "hf", "distattn.parallel.hf")
+
 from ..api import attention
 
 NAME = "distattn"

@@ -67,6 +67,10 @@ import torch
 
 from collections import OrderedDict
 
+from ..extras import require
+
+require("megatron.core", "megatron", "distattn.parallel.megatron")
+
 from ..api import attention, plan as make_plan
 from ..schedulers import NAMES, spec as scheduler_spec
 

@@ -55,6 +55,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from ..extras import require
+
+require("megatron.core", "megatron", "distattn.parallel.megatron")
+
 from megatron.core.transformer.attention import (
     SelfAttention,
     _yarn_get_concentration_factor_from_config,

@@ -13,20 +13,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # the folders that import as distattn.<name> (pyproject.toml's package-dir)
 FOLDERS = {"distattn": "distattn", "kernels": "distattn.kernels", "parallel": "distattn.parallel",
-           "launch": "distattn.launch", "cluster": "distattn.cluster"}
+           "launch": "distattn.launch", "cluster": "distattn.cluster", "configs": "distattn.configs"}
 
 # lowest first; a module belongs to the first prefix that matches it (longest prefixes listed first)
 LAYERS = [
     ("foundation", ["distattn.masks", "distattn.merge", "distattn.comm", "distattn.doclens", "distattn.cost",
                     "distattn.timing", "distattn.spawn", "distattn._forkserver", "distattn.network",
-                    "distattn.program"]),
+                    "distattn.program", "distattn.extras", "distattn.configs"]),
     ("kernels", ["distattn.kernels"]),
     ("schedules", ["distattn.layout", "distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
     ("executors", ["distattn.executors"]),
-    ("api", ["distattn.plans", "distattn.ops", "distattn.api", "distattn.oracle", "distattn.pingpong"]),
+    ("api", ["distattn.plans", "distattn.ops", "distattn.api", "distattn.oracle", "distattn.pingpong",
+             "distattn.varlen"]),
     # the integrations: each imports the layers below, none imports another
     ("train", ["distattn.train"]),
-    ("adapters", ["distattn.parallel"]),
+    ("adapters", ["distattn.parallel", "distattn.compat"]),
     ("bench", ["distattn.bench", "distattn.demo"]),
     ("sim", ["distattn.sim"]),
     ("cluster", ["distattn.cluster"]),

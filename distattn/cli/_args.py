@@ -36,6 +36,16 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse gives a `*` positional only the words before the first flag, so `train CONFIG
+        # --steps 5 model.dim=64` would leave the override unrecognized: the words left join
+        # `overrides` in order (a subcommand that has it); unknown flags stay errors
+        namespace, extras = super().parse_known_args(args, namespace)
+        if isinstance(getattr(namespace, "overrides", None), list):
+            namespace.overrides = [*namespace.overrides, *(word for word in extras if not word.startswith("-"))]
+            extras = [word for word in extras if word.startswith("-")]
+        return namespace, extras
+
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)

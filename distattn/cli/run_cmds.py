@@ -33,18 +33,32 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _train_config(args):
-    from ..train.config import load_config, validate
+def _add_overrides(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                        help=f"set any config key {what}, e.g. parallel.cp=8 train.lr=1e-4 model.softcap=null "
+                             f"(the value is YAML; checked like the file's)")
 
-    cfg = load_config(args.config)
-    overrides = {}
-    if args.steps is not None:
-        overrides["train"] = {"steps": args.steps}
-    if args.out is not None:
-        overrides.setdefault("train", {})["out"] = args.out
-    if args.scheduler is not None:
-        overrides["parallel"] = {"scheduler": args.scheduler}
-    return validate(cfg.replace(**overrides))
+
+def _config(args, flags: dict[str, object]):
+    """The config file with the command line's overrides (``flags``: dotted key -> a flag's value or None)."""
+    from ..train.config import load_config
+    from ..train.overrides import parse_overrides
+
+    return load_config(args.config, parse_overrides(args.overrides, flags))
+
+
+def _train_config(args):
+    return _config(args, {"train.steps": args.steps, "train.out": args.out, "parallel.scheduler": args.scheduler})
+
+
+def _print_config(cfg) -> int:
+    """``--print-config``: the resolved config as YAML, loadable as a config file."""
+    import dataclasses
+
+    import yaml
+
+    print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+    return 0
 
 
 def _usable_checkpoint(out):
@@ -104,6 +118,8 @@ def _cmd_train(args) -> int:
     from ..train.trainer import run
 
     cfg = _train_config(args)
+    if args.print_config:
+        return _print_config(cfg)
     p, out = cfg.parallel, Path(cfg.train.out)
     launched = "RANK" in os.environ
     # under a launcher every rank runs this command: rank 0 talks and owns the output folder
@@ -175,15 +191,14 @@ def _cmd_launch(args) -> int:
     import shlex
     import subprocess
 
-    from ..launch import LaunchOptions, sbatch_script, torchrun_command
-    from ..train.config import load_config
+    from ..launch import LaunchOptions, local_command, sbatch_script, torchrun_command
 
     if args.rdzv_host is not None and args.backend != "torchrun":
         raise ValueError(f"--rdzv-host is for --backend torchrun; {args.backend} finds its peers itself")
     if args.backend == "local" and (args.nodes != 1 or args.gpus_per_node):
         raise ValueError("--backend local runs CPU processes on this machine; drop --nodes/--gpus-per-node or "
                          "choose --backend torchrun, slurm or ray")
-    cfg = load_config(args.config)
+    cfg = _config(args, {"train.out": args.out})
     opts = LaunchOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, port=args.port, time=args.time,
                          partition=args.partition, account=args.account, max_restarts=args.max_restarts,
                          log_dir=args.log_dir)
@@ -193,21 +208,19 @@ def _cmd_launch(args) -> int:
         ray_opts = RayOptions(address=args.ray_address, num_cpus=args.ray_num_cpus,
                               gpus_per_worker=1 if args.gpus_per_node else 0)
         if args.dry_run:
-            print(f"Ray TorchTrainer: {cfg.world_size} workers, {ray_opts}")
+            given = f"; {args.config} with {shlex.join(args.overrides)}" if args.overrides else ""
+            print(f"Ray TorchTrainer: {cfg.world_size} workers, {ray_opts}{given}")
             return 0
-        if args.out is not None:
-            cfg = cfg.replace(train={"out": args.out})
         metrics = ray_train(cfg, ray_opts, resume=args.resume)
         print(f"ray job done: step {metrics.get('step', 0)}, loss {metrics.get('loss', float('nan')):.4f}; "
               f"metrics in {cfg.train.out}/metrics.jsonl")
         return 0
     if args.backend == "local":
-        cmd = [sys.executable, "-m", "distattn.cli", "train", args.config] + (["--out", args.out] if args.out else []) \
-            + (["--resume"] if args.resume else [])
+        cmd = local_command(args.config, args.out, args.resume, args.overrides)
     elif args.backend == "torchrun":
-        cmd = torchrun_command(args.config, cfg, opts, args.out, args.resume, args.rdzv_host)
+        cmd = torchrun_command(args.config, cfg, opts, args.out, args.resume, args.rdzv_host, args.overrides)
     else:
-        script = sbatch_script(args.config, cfg, opts, args.out, args.resume)
+        script = sbatch_script(args.config, cfg, opts, args.out, args.resume, args.overrides)
         if args.dry_run:
             print(script)
             return 0
@@ -275,15 +288,21 @@ def _add_train(sub) -> None:
                     "130, a second stops at once.",
         epilog=examples("distattn train configs/tiny.yaml",
                         "distattn train configs/tiny.yaml --scheduler cad --steps 100 --out runs/cad",
+                        "distattn train configs/tiny.yaml parallel.cp=2 train.lr=1e-4 model.n_layers=2",
+                        "distattn train configs/tiny.yaml parallel.cp=2 --print-config",
                         "distattn train configs/tiny.yaml --steps 200 --out runs/cad --resume",
                         "distattn train configs/llama3-8b-128k-64gpu.yaml --dry-run",
                         "distattn train configs/llama3-8b-128k-64gpu.yaml --dry-run --max-seq-len",
                         "torchrun --nproc-per-node 8 -m distattn.cli train configs/llama3-8b-128k-64gpu.yaml"))
     train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
+    _add_overrides(train, "(any number, after CONFIG)")
     train.add_argument("--steps", type=positive_int, default=None, help="override train.steps")
     train.add_argument("--scheduler", default=None,
                        help=f"override parallel.scheduler ({', '.join(NAMES)})")
     train.add_argument("--out", default=None, help="override train.out (metrics.jsonl, tb/, ckpt/)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the config as it would run (file, overrides and defaults, checked) as YAML and "
+                            "exit 0; start nothing")
     run_mode = train.add_mutually_exclusive_group()
     run_mode.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/ckpt")
     run_mode.add_argument("--overwrite", action="store_true",
@@ -312,8 +331,10 @@ def _add_launch(sub) -> None:
                         "--gpus-per-node 8 --partition gpu --dry-run",
                         "distattn launch configs/llama3-8b-128k-64gpu.yaml --backend torchrun --nodes 8 "
                         "--gpus-per-node 8 --rdzv-host node001 --dry-run",
-                        "distattn launch configs/tiny.yaml --backend ray --ray-num-cpus 4"))
+                        "distattn launch configs/tiny.yaml --backend ray --ray-num-cpus 4",
+                        "distattn launch configs/tiny.yaml parallel.cp=2 train.steps=10 --backend torchrun --dry-run"))
     launch.add_argument("config", help="YAML run config")
+    _add_overrides(launch, "for every rank (passed on as written)")
     launch.add_argument("--backend", choices=["local", "torchrun", "slurm", "ray"], default="local",
                         help="how to start the ranks")
     launch.add_argument("--nodes", type=positive_int, default=1, help="nodes the job spans")

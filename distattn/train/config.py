@@ -4,7 +4,7 @@ A config has four sections::
 
     model:    {dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, tie_embeddings, rope_theta,
                attention_sinks, softcap}
-    data:     {source: stdlib | tokens, path, seq_len, seed}
+    data:     {source: stdlib | tokens | megatron | hf | blend, path, tokenizer, blend, seq_len, seed}
     parallel: {dp, cp, scheduler, ulysses_degree, head_groups, cad_pool, nano_batches, dp_mode: ddp | fsdp,
                cpu_offload, backend, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
@@ -53,12 +53,37 @@ class ModelConfig:
     softcap: float | None = None
 
 
+SOURCES = ("stdlib", "tokens", "megatron", "hf", "blend")
+_PATHS = {"tokens": "a directory from `distattn data prepare`, or the prefix of PATH.bin and PATH.idx.npy",
+          "megatron": "the PREFIX of Megatron's PREFIX.bin and PREFIX.idx, as its --data-path",
+          "hf": "a folder written by Dataset.save_to_disk, a .parquet file or a folder of them"}
+
+
+@dataclass(frozen=True)
+class BlendSource:
+    """One source of ``data.blend``: documents of ``source`` at ``path`` (``tokenizer``: for ``hf``)
+    drawn for a ``weight`` share of the tokens (weights are normalised: Megatron's ``--data-path
+    0.3 A 0.7 B`` is ``[{path: A, weight: 0.3, source: megatron}, {path: B, weight: 0.7, ...}]``)."""
+    path: str | None = None
+    weight: float = 1.0
+    source: str = "tokens"
+    tokenizer: str | None = None
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "stdlib"         # "stdlib": Python's standard library sources, one document per file
     # "tokens": a directory written by `distattn data prepare` (shards + index.json), or the prefix
-    # of PATH.bin (flat tokens) + PATH.idx.npy (document offsets) of one token file
+    # of PATH.bin (flat tokens) + PATH.idx.npy (document offsets) of one token file;
+    # "megatron": the prefix of a Megatron indexed dataset, PREFIX.bin + PREFIX.idx;
+    # "hf": a Dataset.save_to_disk folder, a .parquet file or a folder of them
     path: str | None = None
+    # hf: tokenize the 'text' column with this (bytes, a tokenizer.json or a folder holding one, a
+    # Hugging Face tokenizer on disk); unset: the 'input_ids' column if there is one, else bytes
+    tokenizer: str | None = None
+    # source "blend": a list of {path, weight, source, tokenizer} (BlendSource), each document drawn
+    # from the source whose token share lags its weight most (distattn/train/data.py)
+    blend: tuple[BlendSource, ...] | None = None
     seq_len: int = 8192            # tokens per packed sequence (one per data-parallel rank and step)
     seed: int = 0
 
@@ -230,10 +255,77 @@ def _checked_types(cfg: RunConfig) -> RunConfig:
     return cfg.replace(**sections)
 
 
+def _checked_blend(blend) -> tuple[BlendSource, ...] | None:
+    """``data.blend`` as BlendSources, each value's type checked (``ValueError`` naming
+    ``data.blend[i].key``)."""
+    if blend is None:
+        return None
+    example = "e.g. [{path: data/a, weight: 0.3, source: megatron}, {path: data/b, weight: 0.7, source: tokens}]"
+    if not isinstance(blend, (list, tuple)) or not blend:
+        raise ValueError(f"data.blend must be a list of sources, each {{path, weight, source}}, {example}; got "
+                         f"{blend!r:.80}")
+    hints = typing.get_type_hints(BlendSource)
+    known = [f.name for f in dataclasses.fields(BlendSource)]
+    out = []
+    for i, entry in enumerate(blend):
+        key = f"data.blend[{i}]"
+        if isinstance(entry, BlendSource):
+            entry = dataclasses.asdict(entry)
+        if not isinstance(entry, dict):
+            raise ValueError(f"{key} must be a mapping {{path, weight, source}}, {example}; got {entry!r:.80}")
+        for name in entry:
+            if name not in known:
+                raise ValueError(f"unknown config key '{key}.{name}'; known keys: {known}")
+        if "weight" not in entry:
+            raise ValueError(f"{key}.weight is required: the source's share of the tokens (weights are normalised)")
+        out.append(BlendSource(**{name: _check_type(f"{key}.{name}", hints[name], entry[name])
+                                  for name in known if name in entry}))
+    return tuple(out)
+
+
+def _check_sources(d: DataConfig, vocab_size: int) -> None:
+    """``data.source`` and what it needs: a path, a tokenizer only for hf, a blend only for blend,
+    positive weights, and a vocabulary that holds stdlib's bytes."""
+    if d.source not in SOURCES:
+        raise ValueError(f"data.source must be one of {', '.join(SOURCES)}, got {d.source!r}")
+    if d.source == "blend":
+        if not d.blend:
+            raise ValueError("data.blend is required with data.source: blend (a list of {path, weight, source}, e.g. "
+                             "[{path: data/a, weight: 0.3, source: megatron}, {path: data/b, weight: 0.7, source: "
+                             "tokens}])")
+        for key in ("path", "tokenizer"):
+            if getattr(d, key) is not None:
+                raise ValueError(f"data.{key} is not read with data.source: blend; give each source's {key} in "
+                                 f"data.blend")
+        entries = [(f"data.blend[{i}].", e) for i, e in enumerate(d.blend)]
+    else:
+        if d.blend is not None:
+            raise ValueError(f"data.blend is read only with data.source: blend (got data.source: {d.source}); set "
+                             f"data.source: blend, or remove data.blend")
+        entries = [("data.", BlendSource(d.path, 1.0, d.source, d.tokenizer))]
+    for key, e in entries:
+        where = "data.source" if key == "data." else f"{key}source"
+        if e.source not in SOURCES[:-1]:
+            raise ValueError(f"{where} must be one of {', '.join(SOURCES[:-1])}, got {e.source!r}")
+        if e.weight <= 0:
+            raise ValueError(f"{key}weight must be > 0 (the source's share of the tokens), got {e.weight!r}")
+        if e.source == "stdlib":
+            from .data import BYTE_VOCAB
+
+            if vocab_size < BYTE_VOCAB:
+                raise ValueError(f"model.vocab_size {vocab_size} is smaller than the {BYTE_VOCAB} byte values "
+                                 f"data.source: stdlib feeds; set model.vocab_size >= {BYTE_VOCAB}")
+        elif not e.path:
+            raise ValueError(f"{key}path is required with {where}: {e.source} ({_PATHS[e.source]})")
+        if e.tokenizer is not None and e.source != "hf":
+            raise ValueError(f"{key}tokenizer is read only with {where}: hf (it tokenizes a 'text' column); remove it")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Types, ranges and combinations of every value; returns ``cfg`` with ints made floats where
     floats are meant. ``ValueError`` names the key and the fix."""
-    cfg = _checked_types(cfg)
+    blend = _checked_blend(cfg.data.blend)   # a list of mappings, which _checked_types does not take
+    cfg = _checked_types(cfg.replace(data={"blend": None})).replace(data={"blend": blend})
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.train
     positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                 "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "model.vocab_size": m.vocab_size,
@@ -269,17 +361,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.dim % m.n_heads or m.n_heads % m.n_kv_heads or (m.dim // m.n_heads) % 2:
         raise ValueError(f"model.dim ({m.dim}) must split into n_heads ({m.n_heads}) heads of even size, and "
                          f"n_heads must be a multiple of n_kv_heads ({m.n_kv_heads})")
-    if d.source not in ("stdlib", "tokens"):
-        raise ValueError(f"data.source must be 'stdlib' or 'tokens', got {d.source!r}")
-    if d.source == "stdlib":
-        from .data import BYTE_VOCAB
-
-        if m.vocab_size < BYTE_VOCAB:
-            raise ValueError(f"model.vocab_size {m.vocab_size} is smaller than the {BYTE_VOCAB} byte values "
-                             f"data.source: stdlib feeds; set model.vocab_size >= {BYTE_VOCAB}")
-    if d.source == "tokens" and not d.path:
-        raise ValueError("data.path is required with data.source: tokens (a directory from `distattn data prepare`, "
-                         "or the prefix of PATH.bin and PATH.idx.npy)")
+    _check_sources(d, m.vocab_size)
     if m.softcap is not None and m.softcap <= 0:
         raise ValueError(f"model.softcap must be > 0 (Gemma 2 uses 50.0), got {m.softcap!r}; leave it unset for none")
     if t.peak_tflops is not None and t.peak_tflops <= 0:
@@ -357,13 +439,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run config; ``ValueError`` (one line) for a missing file, bad YAML or values."""
+def load_config(path: str | Path, overrides: typing.Iterable[str] | typing.Mapping[str, dict] = ()) -> RunConfig:
+    """Read and validate a YAML run config -- a file, or the name of one shipped with distattn (``tiny``:
+    :mod:`distattn.configs`); ``ValueError`` (one line) for a missing file, bad YAML or values.
+    ``overrides``: ``section.key=value`` words, or :func:`.overrides.parse_overrides`' mapping; merged into
+    the file's sections before any value is checked, so both are checked alike."""
+    from .overrides import merge_overrides, parse_overrides   # here: overrides.py imports this module
+
+    if not isinstance(overrides, typing.Mapping):
+        overrides = parse_overrides(overrides)
     path = Path(path)
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1:   # a built-in config's name
+        from .. import configs
+
+        path = configs.path(path.name) or path
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ValueError(f"config {path} does not exist (the shipped ones are under configs/)") from None
+        from .. import configs
+
+        raise ValueError(f"config {path} does not exist; pass a YAML file or a built-in config: "
+                         f"{', '.join(configs.names())}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"config {path} cannot be read: {exc}") from None
     try:
@@ -386,4 +482,5 @@ def load_config(path: str | Path) -> RunConfig:
     for key in raw:
         if key not in sections:
             raise ValueError(f"config {path}: unknown config section '{key}'; known: {sorted(sections)}")
+    raw = merge_overrides(raw, overrides)
     return validate(RunConfig(**{name: _section(cls, raw.get(name), name) for name, cls in sections.items()}))

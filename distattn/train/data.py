@@ -14,13 +14,27 @@ Sources:
     plus ``PATH.idx.npy`` (int64 document offsets, ``n_docs + 1`` entries);
     :func:`write_token_file` writes one. Each shard of a prepared directory is
     such a file.
+* ``megatron``: Megatron-core indexed datasets, ``PREFIX.bin`` + ``PREFIX.idx``
+  (:mod:`distattn.train.megatron_source`).
+* ``hf``: a Hugging Face ``save_to_disk`` folder or Parquet files, ``text``
+  tokenized as the packer reaches it, or ``input_ids`` as they are
+  (:mod:`distattn.train.hf_source`).
+* ``blend``: several of those mixed by weight (:class:`Blend`).
 
 :class:`Packer` walks the documents in a seeded order per epoch and fills
 sequences of ``seq_len`` tokens greedily; a document cut at the end of a
 sequence continues at the start of the next one, so nothing is skipped or
-repeated. Its whole state is three ints (:meth:`Packer.state`). Data
-parallelism: every rank walks the same global batch of ``dp`` sequences and
-reads only its own (the others are skipped by arithmetic on lengths).
+repeated (empty documents are passed over). Its whole state is three ints
+(:meth:`Packer.state`; a blend's is ``1 + 3 * sources``). Data parallelism:
+every rank walks the same global batch of ``dp`` sequences and reads only its
+own (the others are skipped by arithmetic on lengths).
+
+A blend draws each next document from the source whose share of the tokens
+drawn so far lags its weight the most (ties: the first listed), so every
+source's token share stays within about one document of its weight (Megatron's
+``BlendedDataset`` does the same per sample). Each source is walked in its own
+seeded order, epoch after epoch. The stream is a function of the seed alone,
+and the state after any sequence says exactly where it is.
 """
 
 from __future__ import annotations
@@ -80,7 +94,19 @@ class StdlibCorpus:
             return np.frombuffer(f.read(end - start), dtype=np.uint8).astype(np.int64)
 
 
-class TokenFileCorpus:
+class FlatCorpus:
+    """Documents as ranges of one memory-mapped token array: document ``d`` is
+    ``tokens[offsets[d]:offsets[d + 1]]``."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+
+    def read(self, doc: int, start: int, end: int) -> np.ndarray:
+        base = int(self.offsets[doc])
+        return np.asarray(self.tokens[base + start:base + end], dtype=np.int64)
+
+
+class TokenFileCorpus(FlatCorpus):
     """``PATH.bin`` + ``PATH.idx.npy``, memory-mapped (see module docstring)."""
 
     def __init__(self, path: str | Path):
@@ -101,10 +127,6 @@ class TokenFileCorpus:
         self.bin_path, self.offsets = bin_path, offsets
         self.lengths = np.diff(offsets)
 
-    def read(self, doc: int, start: int, end: int) -> np.ndarray:
-        base = int(self.offsets[doc])
-        return np.asarray(self.tokens[base + start:base + end], dtype=np.int64)
-
 
 def write_token_file(path: str | Path, docs: list[np.ndarray], dtype=np.uint16) -> None:
     """Write documents (int arrays) as ``PATH.bin`` + ``PATH.idx.npy``."""
@@ -114,40 +136,132 @@ def write_token_file(path: str | Path, docs: list[np.ndarray], dtype=np.uint16) 
             np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64))
 
 
-class Packer:
-    """Deterministic packing of a corpus into sequences of ``seq_len`` tokens."""
+class Blend:
+    """Corpora mixed by weight (normalised to shares); :class:`Packer` walks it."""
 
-    def __init__(self, corpus, seq_len: int, seed: int = 0):
-        self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
-        self.epoch, self.pos, self.offset = 0, 0, 0
+    def __init__(self, corpora: list, weights: list[float], names: list[str] | None = None):
+        if len(corpora) != len(weights) or not corpora:
+            raise ValueError("data.blend: give one weight per source, and at least one source")
+        total = float(sum(weights))
+        if not all(w > 0 for w in weights) or not np.isfinite(total):
+            raise ValueError(f"data.blend: weights must be positive and finite, got {weights}")
+        self.corpora, self.shares = list(corpora), [w / total for w in weights]
+        self.names = names or [f"data.blend[{i}]" for i in range(len(corpora))]
+
+
+class _Walk:
+    """One corpus's documents in a seeded order, a new permutation per epoch; ``doc`` is the one at
+    the cursor. ``salt`` tells a blend's sources apart (a single corpus has none, as before blends)."""
+
+    def __init__(self, corpus, seed: int, salt: tuple[int, ...] = ()):
+        self.corpus, self.seed, self.salt = corpus, seed, salt
+        self.epoch, self.pos = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.corpus.lengths))
+        # salts are >= 1: numpy's SeedSequence pads its entropy with zeros, so [s, e, 0] == [s, e]
+        return np.random.default_rng([self.seed, epoch, *self.salt]).permutation(len(self.corpus.lengths))
+
+    @property
+    def doc(self) -> int:
+        return int(self._order[self.pos])
+
+    def advance(self) -> None:
+        self.pos += 1
+        if self.pos == len(self._order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+
+    def seek(self, epoch: int, pos: int) -> None:
+        if epoch < 0 or not 0 <= pos < len(self._order):
+            raise ValueError(f"the data cursor (epoch {epoch}, document {pos}) is outside this corpus of "
+                             f"{len(self._order)} documents: the checkpoint was saved with other data; resume "
+                             f"with the data it was saved with")
+        self.epoch, self.pos = epoch, pos
+        self._order = self._permutation(epoch)
+
+
+class Packer:
+    """Deterministic packing of a corpus (or a :class:`Blend`) into sequences of ``seq_len`` tokens.
+
+    State (:meth:`state`, what a checkpoint stores): ``[epoch, pos, offset]`` for one corpus; for a
+    blend of n sources ``[offset, epoch_0, pos_0, tokens_0, ..., epoch_n-1, pos_n-1, tokens_n-1]``,
+    with tokens_i the tokens of source i's finished documents (what the blend's schedule weighs)."""
+
+    def __init__(self, corpus, seq_len: int, seed: int = 0):
+        self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
+        self.blend = corpus if isinstance(corpus, Blend) else None
+        corpora = self.blend.corpora if self.blend else [corpus]
+        self._walks = [_Walk(c, seed, (i + 1,) if self.blend else ()) for i, c in enumerate(corpora)]
+        self.taken = [0] * len(self._walks)
+        self.offset = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._walks[0].epoch
+
+    @property
+    def pos(self) -> int:
+        return self._walks[0].pos
 
     def state(self) -> list[int]:
-        return [self.epoch, self.pos, self.offset]
+        if self.blend is None:
+            return [self.epoch, self.pos, self.offset]
+        return [self.offset] + [x for w, t in zip(self._walks, self.taken) for x in (w.epoch, w.pos, t)]
 
     def load_state(self, state) -> None:
-        self.epoch, self.pos, self.offset = (int(x) for x in state)
-        self._order = self._permutation(self.epoch)
+        state = [int(x) for x in state]
+        want = 3 if self.blend is None else 1 + 3 * len(self._walks)
+        if len(state) != want:
+            raise ValueError(f"the checkpoint's data cursor has {len(state)} numbers but this data section needs "
+                             f"{want} ({'one corpus' if self.blend is None else f'a blend of {len(self._walks)}'}): "
+                             f"it was saved with other data; resume with the data it was saved with")
+        if self.blend is None:
+            (epoch, pos, self.offset), taken = state, [0]
+            cursors = [(epoch, pos)]
+        else:
+            self.offset, rest = state[0], state[1:]
+            cursors, taken = list(zip(rest[0::3], rest[1::3])), rest[2::3]
+        for walk, (epoch, pos) in zip(self._walks, cursors):
+            walk.seek(epoch, pos)
+        self.taken = list(taken)
+        walk = self._walks[self._source()]
+        if not 0 <= self.offset < max(int(walk.corpus.lengths[walk.doc]), 1) or min(self.taken) < 0:
+            raise ValueError(f"the checkpoint's data cursor {state} does not fit this data (offset {self.offset} "
+                             f"in a document of {int(walk.corpus.lengths[walk.doc])} tokens): it was saved with "
+                             f"other data; resume with the data it was saved with")
+
+    def _source(self) -> int:
+        """The source of the document at the cursor: the one whose token share lags its weight most.
+        Only finished documents count, so the choice holds while a document is being cut."""
+        if self.blend is None:
+            return 0
+        total = sum(self.taken)
+        lag = [share * total - taken for share, taken in zip(self.blend.shares, self.taken)]
+        return lag.index(max(lag))
 
     def next(self, read: bool = True) -> tuple[np.ndarray | None, list[int]]:
         """The next sequence: (tokens ``[seq_len]`` or None when ``read`` is False, document lengths)."""
-        pieces, lens, need = [], [], self.seq_len
+        pieces, lens, need, empty = [], [], self.seq_len, 0
         while need > 0:
-            doc = int(self._order[self.pos])
-            take = min(need, int(self.corpus.lengths[doc]) - self.offset)
-            if read:
-                pieces.append(self.corpus.read(doc, self.offset, self.offset + take))
-            lens.append(take)
-            need -= take
-            self.offset += take
-            if self.offset == self.corpus.lengths[doc]:
-                self.pos, self.offset = self.pos + 1, 0
-                if self.pos == len(self._order):
-                    self.epoch, self.pos = self.epoch + 1, 0
-                    self._order = self._permutation(self.epoch)
+            source = self._source()
+            walk = self._walks[source]
+            doc, length = walk.doc, int(walk.corpus.lengths[walk.doc])
+            take = min(need, length - self.offset)
+            if take > 0:
+                if read:
+                    pieces.append(walk.corpus.read(doc, self.offset, self.offset + take))
+                lens.append(take)
+                need -= take
+                self.offset += take
+                empty = 0
+            elif (empty := empty + 1) > len(walk.corpus.lengths):   # a whole epoch without a token
+                name = self.blend.names[source] if self.blend else "data.path"
+                raise ValueError(f"{name}: every document is empty (no tokens to train on); check the corpus")
+            if self.offset == length:
+                walk.advance()
+                self.taken[source] += length
+                self.offset = 0
         return (np.concatenate(pieces) if read else None), lens
 
     def next_batch(self, dp: int, dp_rank: int) -> tuple[np.ndarray, list[int]]:
@@ -306,11 +420,28 @@ class ShardedCorpus:
         return np.asarray(self._tokens(shard)[base + start:base + end], dtype=np.int64)
 
 
-def make_corpus(source: str, path: str | None):
-    """The corpus of ``data.source`` / ``data.path``: a prepared directory when ``path`` holds
-    ``index.json``, else the ``PATH.bin`` + ``PATH.idx.npy`` prefix."""
+def make_corpus(source, path: str | None = None, tokenizer: str | None = None):
+    """The corpus of a data section: ``make_corpus(cfg.data)`` (a blend needs the whole section), or
+    ``make_corpus(source, path, tokenizer)`` for one source. ``tokens``: a prepared directory when
+    ``path`` holds ``index.json``, else the ``PATH.bin`` + ``PATH.idx.npy`` prefix."""
+    if not isinstance(source, str):   # a DataConfig
+        data = source
+        if data.source == "blend":
+            return Blend([make_corpus(e.source, e.path, e.tokenizer) for e in data.blend],
+                         [e.weight for e in data.blend])
+        return make_corpus(data.source, data.path, data.tokenizer)
+    if source == "blend":
+        raise ValueError("data.source: blend needs the whole data section: make_corpus(cfg.data)")
     if source == "stdlib":
         return StdlibCorpus()
+    if source == "megatron":
+        from .megatron_source import MegatronCorpus
+
+        return MegatronCorpus(path)
+    if source == "hf":
+        from .hf_source import HFCorpus
+
+        return HFCorpus(path, tokenizer)
     if is_prepared(path):
         return ShardedCorpus(path)
     if path is not None and Path(path).is_dir():

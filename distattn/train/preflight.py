@@ -24,38 +24,81 @@ RUN_FILES = ("metrics.jsonl", "tb", "ckpt")
 
 
 def check_data(cfg: RunConfig) -> None:
-    """``data.path`` of ``source: tokens`` exists: a directory from ``distattn data prepare`` whose
-    shards have the sizes its index.json says and whose vocabulary fits ``model.vocab_size``, or
-    the prefix of ``PATH.bin`` + ``PATH.idx.npy``; and no token id is ``model.vocab_size`` or above
-    (a rank would fail on it with an IndexError naming neither the file nor the id)."""
-    if cfg.data.source != "tokens":
+    """Every source of the data section is readable and fits ``model.vocab_size`` (a rank would fail
+    on an id out of range with an IndexError naming neither the file nor the id):
+
+    * ``tokens``: a directory from ``distattn data prepare`` whose shards have the sizes its
+      index.json says and whose vocabulary fits, or the prefix of ``PATH.bin`` + ``PATH.idx.npy``;
+    * ``megatron``: ``PREFIX.idx`` is a Megatron index that describes ``PREFIX.bin``;
+    * ``hf``: the files, the column, the tokenizer (loaded) and no null rows;
+
+    and no token id is ``model.vocab_size`` or above, or below 0. A blend checks each source;
+    its messages name ``data.blend[i]``."""
+    d = cfg.data
+    if d.source != "blend":
+        _check_source(d.source, d.path, d.tokenizer, cfg.model.vocab_size)
         return
+    for i, entry in enumerate(d.blend):
+        try:
+            _check_source(entry.source, entry.path, entry.tokenizer, cfg.model.vocab_size)
+        except ValueError as exc:
+            message = str(exc)
+            for key in ("data.path", "data.tokenizer"):
+                if message.startswith(key):
+                    raise ValueError(f"data.blend[{i}].{key[5:]}{message[len(key):]}") from None
+            raise ValueError(f"data.blend[{i}] ({entry.source} {entry.path}): {message}") from None
+
+
+def _check_source(source: str, path: str | None, tokenizer: str | None, limit: int) -> None:
+    if source == "megatron":
+        from .megatron_source import check_ids
+
+        ranges = check_ids(path, limit)
+    elif source == "hf":
+        from .hf_source import HFCorpus
+
+        corpus = HFCorpus(path, tokenizer)
+        corpus.check_nulls()
+        if corpus.tokenizer is not None and corpus.tokenizer.vocab_size > limit:
+            raise ValueError(f"model.vocab_size {limit} is smaller than the vocabulary of data.tokenizer "
+                             f"{tokenizer or 'bytes'} ({corpus.tokenizer.vocab_size}) that tokenizes {path}; set "
+                             f"model.vocab_size >= {corpus.tokenizer.vocab_size}")
+        ranges = corpus.id_ranges()
+    elif source == "tokens":
+        ranges = [(file, 0, top) for file, top in _token_maxima(Path(path), limit)]
+    else:
+        return
+    for file, low, top in ranges:
+        if top >= limit:
+            raise ValueError(f"data.path: {file} holds token id {top}, but model.vocab_size is {limit} (ids must be "
+                             f"below it); set model.vocab_size >= {top + 1}, or train on data tokenized for this "
+                             f"model")
+        if low < 0:
+            raise ValueError(f"data.path: {file} holds token id {low}, below 0; train on data tokenized for this "
+                             f"model")
+
+
+def _token_maxima(path: Path, limit: int) -> list[tuple[Path, int]]:
+    """``source: tokens``: (file, largest id) of each shard, and the index's vocabulary checked."""
     from .data import INDEX_NAME, TokenFileCorpus, index_vocab, is_prepared, read_index, shard_maxima
 
-    path, limit = Path(cfg.data.path), cfg.model.vocab_size
     if is_prepared(path):
         index = read_index(path)
         vocab = index_vocab(path, index)
         if vocab > limit:
             raise ValueError(f"model.vocab_size {limit} is smaller than the tokenizer's vocabulary "
                              f"{vocab} from {path / INDEX_NAME}; set model.vocab_size >= {vocab}")
-        maxima = shard_maxima(path, index)
-    elif path.is_dir():
+        return shard_maxima(path, index)
+    if path.is_dir():
         raise ValueError(f"data.path: {path} is a directory without {INDEX_NAME}; write one with "
                          f"`distattn data prepare INPUT... --out {path}`")
-    else:
-        for p in (path.with_name(path.name + ".bin"), path.with_name(path.name + ".idx.npy")):
-            if not p.exists():
-                raise ValueError(f"data.path: {p} does not exist (data.path is a directory from `distattn data "
-                                 f"prepare`, or the prefix of PATH.bin and PATH.idx.npy written by "
-                                 f"distattn.train.data.write_token_file)")
-        corpus = TokenFileCorpus(path)
-        maxima = [(corpus.bin_path, int(corpus.tokens.max()))]
-    for file, top in maxima:
-        if top >= limit:
-            raise ValueError(f"data.path: {file} holds token id {top}, but model.vocab_size is {limit} (ids must be "
-                             f"below it); set model.vocab_size >= {top + 1}, or train on data tokenized for this "
-                             f"model")
+    for p in (path.with_name(path.name + ".bin"), path.with_name(path.name + ".idx.npy")):
+        if not p.exists():
+            raise ValueError(f"data.path: {p} does not exist (data.path is a directory from `distattn data "
+                             f"prepare`, or the prefix of PATH.bin and PATH.idx.npy written by "
+                             f"distattn.train.data.write_token_file)")
+    corpus = TokenFileCorpus(path)
+    return [(corpus.bin_path, int(corpus.tokens.max()))]
 
 
 def rank_memory_bytes(cfg: RunConfig) -> int:

@@ -56,29 +56,30 @@ def _backend_vocab(backend) -> int:
     return max(backend.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
 
 
-def load_tokenizer(spec: str) -> ByteTokenizer | LoadedTokenizer:
+def load_tokenizer(spec: str, key: str = "--tokenizer") -> ByteTokenizer | LoadedTokenizer:
     """``bytes``; a ``tokenizer.json`` or a directory holding one (the ``tokenizers`` library); else a
     directory or Hugging Face name ``transformers.AutoTokenizer`` finds on this machine (nothing is
-    downloaded). ``vocab_size`` counts added tokens. ``ValueError`` says what to pass instead."""
+    downloaded). ``vocab_size`` counts added tokens. ``ValueError`` names ``key`` (the option or
+    config key that gave ``spec``) and says what to pass instead."""
     if spec == "bytes":
         return ByteTokenizer()
     path = Path(spec).expanduser()
     file = path / "tokenizer.json" if path.is_dir() else path
     if file.is_file():
         if file.suffix != ".json":
-            raise ValueError(f"--tokenizer {spec} is a file but not a tokenizer.json; pass 'bytes', a tokenizer.json, "
+            raise ValueError(f"{key} {spec} is a file but not a tokenizer.json; pass 'bytes', a tokenizer.json, "
                              f"a directory holding one, or a transformers tokenizer directory or name")
         from tokenizers import Tokenizer
 
         try:
             backend = Tokenizer.from_file(str(file))
         except Exception as exc:  # the library raises its own exception types
-            raise ValueError(f"--tokenizer {spec}: the tokenizers library cannot load {file} "
+            raise ValueError(f"{key} {spec}: the tokenizers library cannot load {file} "
                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); pass a valid "
                              f"tokenizer.json") from None
         digest = hashlib.sha256(file.read_bytes()).hexdigest()
         return LoadedTokenizer(spec, backend, digest, _backend_vocab(backend))
-    return _auto_tokenizer(spec)
+    return _auto_tokenizer(spec, key)
 
 
 def _on_disk(spec: str) -> bool:
@@ -92,16 +93,16 @@ def _on_disk(spec: str) -> bool:
     return (Path(constants.HF_HUB_CACHE) / f"models--{spec.replace('/', '--')}").is_dir()
 
 
-def _auto_tokenizer(spec: str) -> LoadedTokenizer:
+def _auto_tokenizer(spec: str, key: str) -> LoadedTokenizer:
     advice = (f"pass 'bytes', a tokenizer.json or a folder holding one, or fetch the tokenizer first (nothing is "
               f"downloaded here), e.g. `huggingface-cli download {spec}`")
     if not _on_disk(spec):  # said before importing transformers (seconds: it imports torch)
-        raise ValueError(f"--tokenizer {spec} is not 'bytes', an existing path or a Hugging Face tokenizer in the "
+        raise ValueError(f"{key} {spec} is not 'bytes', an existing path or a Hugging Face tokenizer in the "
                          f"local cache; {advice}")
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise ValueError(f"--tokenizer {spec} is not 'bytes' or a tokenizer.json, and transformers is not installed "
+        raise ValueError(f"{key} {spec} is not 'bytes' or a tokenizer.json, and transformers is not installed "
                          f"to load it (pip install transformers); {advice}") from None
     try:
         # trust_remote_code=False: a folder naming its own tokenizer code is refused, never run or prompted for
@@ -109,9 +110,9 @@ def _auto_tokenizer(spec: str) -> LoadedTokenizer:
     except Exception as exc:  # OSError when absent, others for broken folders
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "trust_remote_code" in str(exc) or "custom code" in str(exc):
-            raise ValueError(f"--tokenizer {spec} names its own Python code (auto_map), which distattn does not "
+            raise ValueError(f"{key} {spec} names its own Python code (auto_map), which distattn does not "
                              f"run; pass the folder's tokenizer.json, or a tokenizer transformers knows") from None
-        raise ValueError(f"--tokenizer {spec} cannot be loaded ({reason}); {advice}") from None
+        raise ValueError(f"{key} {spec} cannot be loaded ({reason}); {advice}") from None
     if getattr(tok, "is_fast", False):
         backend = tok.backend_tokenizer
         digest = hashlib.sha256(backend.to_str().encode()).hexdigest()

@@ -12,6 +12,7 @@ different value on a resume changes the schedule from the next step on, and says
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -29,7 +30,8 @@ SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size
 def run_info(cfg: RunConfig) -> dict[str, Any]:
     """What a checkpoint of ``cfg`` records about its run (``manifest.json``'s ``run``)."""
     return {"model": {k: getattr(cfg.model, k) for k in SHAPE_KEYS},
-            "data": {"source": cfg.data.source, "path": cfg.data.path},
+            "data": {"source": cfg.data.source, "path": cfg.data.path, "tokenizer": cfg.data.tokenizer,
+                     "blend": [dataclasses.asdict(b) for b in cfg.data.blend] if cfg.data.blend else None},
             "lr_decay_steps": schedule_steps(cfg)}
 
 
@@ -46,8 +48,9 @@ def resume_config(cfg: RunConfig, found: Manifest, say: Callable[[str], Any] | N
     saved_model, saved_data = run.get("model", {}), run.get("data", {})
     changed = [f"model.{k} {getattr(cfg.model, k)!r} (checkpoint: {saved_model[k]!r})"
                for k in SHAPE_KEYS if k in saved_model and saved_model[k] != getattr(cfg.model, k)]
-    changed += [f"data.{k} {getattr(cfg.data, k)!r} (checkpoint: {saved_data[k]!r})"
-                for k in ("source", "path") if k in saved_data and saved_data[k] != getattr(cfg.data, k)]
+    data = run_info(cfg)["data"]   # the config's, as a checkpoint records it (older ones lack some keys)
+    changed += [f"data.{k} {data[k]!r} (checkpoint: {saved_data[k]!r})"
+                for k in data if k in saved_data and saved_data[k] != data[k]]
     if changed:
         raise ValueError(f"the config differs from the run it resumes (step {found.step}): {'; '.join(changed)}. "
                          f"Set these back to the checkpoint's values to continue that run, or start a new one "

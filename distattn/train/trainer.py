@@ -173,7 +173,7 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         model.compile_blocks()
     model = _wrap(model, cfg, mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
-    packer = Packer(make_corpus(cfg.data.source, cfg.data.path), cfg.data.seq_len, cfg.data.seed)
+    packer = Packer(make_corpus(cfg.data), cfg.data.seq_len, cfg.data.seed)
     out = Path(t.out)
     start = 0
     talk = print if dist.get_rank() == 0 else None
