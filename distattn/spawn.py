@@ -39,6 +39,8 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
+from . import log
+
 
 class Terminated(RuntimeError):
     """The caller got SIGTERM (or SIGINT: ``signum``); the ranks were told and have finished or been
@@ -93,9 +95,12 @@ def _die_with_caller(lifeline) -> None:
     threading.Thread(target=watch, daemon=True, name="distattn-lifeline").start()
 
 
-def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, threads, backend, results, lifeline):
+def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, threads, backend, results, lifeline,
+            log_settings):
     import torch
     import torch.distributed as dist
+
+    from . import log
 
     _die_with_caller(lifeline)
     # Ctrl-C reaches the whole terminal process group: the caller alone decides, ranks do not
@@ -103,6 +108,7 @@ def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, t
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_rank)   # the forkserver ignores it (distattn._forkserver)
     torch.set_num_threads(threads)
+    log.apply(log_settings)   # the caller's distattn logging (a forked rank does not inherit it)
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -143,7 +149,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
         init_file = os.path.join(tmp, "rendezvous")
         procs = [ctx.Process(target=_worker, daemon=True,
                              args=(fn, args, kwargs, rank, world_size, init_file, collective_timeout,
-                                   threads_per_rank, backend, results, lifeline))
+                                   threads_per_rank, backend, results, lifeline, log.settings()))
                  for rank in range(world_size)]
         term = _TermForwarder(procs)   # before the first start: a signal from now on reaches every rank
         try:

@@ -33,7 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmds.add_parsers(sub)
     ckpt_cmds.add_parsers(sub)
     perf_cmds.add_parsers(sub)
+    _add_logging(parser)
     return parser
+
+
+def _add_logging(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` and ``--log-ranks`` on every command (the leaves of the subcommand tree)."""
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if actions:
+        for child in actions[0].choices.values():
+            _add_logging(child)
+        return
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="the least severe of distattn's messages shown")
+    parser.add_argument("--log-ranks", default="0", choices=["0", "all"],
+                        help="whose messages: rank 0's, or every rank's prefixed [rank N]")
 
 
 class _Stopped(BaseException):   # not an Exception: no `except Exception` swallows it
@@ -50,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = " ".join(filter(None, [args.command, getattr(args, "cluster_command", None),
                                   getattr(args, "data_command", None), getattr(args, "ckpt_command", None)]))
+    from ..log import configure_logging
+
+    configure_logging(args.log_level, args.log_ranks)
     try:
         return _stopping(args.func(args))
     except ValueError as exc:

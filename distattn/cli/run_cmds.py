@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -125,6 +126,7 @@ def _cmd_train(args) -> int:
     # under a launcher every rank runs this command: rank 0 talks and owns the output folder
     rank0 = os.environ.get("RANK", "0") == "0"
     talk = print if rank0 else (lambda *a, **k: None)
+    note = logging.getLogger("distattn.train").info   # what the library says: --log-level filters it
     if args.dry_run:
         return _dry_run(cfg, args, talk)
     if args.max_seq_len:
@@ -141,11 +143,11 @@ def _cmd_train(args) -> int:
         lock = preflight.lock_out(out)
         # local ranks share this disk: hash every file here, where a mismatch can still pick an older
         # checkpoint before any rank starts; under a launcher the ranks split the hashing
-        start_from = preflight.prepare_out(cfg, resume, overwrite, say=talk, checksums=not launched)
+        start_from = preflight.prepare_out(cfg, resume, overwrite, say=note, checksums=not launched)
         newest = None
         if start_from is not None:
             newest = manifest.read(start_from)
-            cfg = resuming.resume_config(cfg, newest, say=talk)
+            cfg = resuming.resume_config(cfg, newest, say=note)
             if newest.step >= cfg.train.steps:
                 talk(f"distattn train: {out} already finished: checkpoint {start_from.name} is step {newest.step} "
                      f"of {cfg.train.steps}; raise --steps to train further")
@@ -154,7 +156,7 @@ def _cmd_train(args) -> int:
                  f"over {cfg.train.lr_decay_steps} steps)")
         resuming.check_room(cfg, out / "ckpt", newest)
         if newest is not None:   # every refusal is behind: drop a torn last line and the rows to retrain
-            logged_rows(out / "metrics.jsonl", newest.step, say=talk)
+            logged_rows(out / "metrics.jsonl", newest.step, say=note)
     talk(f"distattn train {args.config}: {cfg.world_size} rank(s) (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}, "
          f"{cfg.data.seq_len} tokens per sequence, {cfg.train.steps} steps -> {out}", flush=True)
     try:

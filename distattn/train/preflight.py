@@ -11,6 +11,7 @@ never mix; a lock file keeps a second process from training into it at the same 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -126,13 +127,14 @@ def check_memory(cfg: RunConfig, ranks_here: int) -> None:
                          f"parallel.cp on more machines (`distattn train CONFIG --dry-run` shows the estimate)")
 
 
-def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=print, checksums: bool = True) -> Path | None:
+def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=None, checksums: bool = True) -> Path | None:
     """Make ``train.out`` ready for this run; returns the checkpoint a resume loads (None: start fresh).
 
     ``ValueError`` when the folder holds another run and neither ``resume`` nor ``overwrite`` is set,
     when a resume finds nothing to load, or when no checkpoint verifies (``checksums``: hash every file
     too, else only the structure: the ranks hash their shares).
     """
+    say = say or logging.getLogger(__name__).info
     if resume and overwrite:
         raise ValueError("--resume continues the run in train.out and --overwrite deletes it: pass one of them")
     out = Path(cfg.train.out)

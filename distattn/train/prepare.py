@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -358,7 +359,7 @@ def _locked(out: Path):
 
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "bytes",
             shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1, overwrite: bool = False,
-            say: Callable[[str], None] = print, on_shard: Callable[[int], None] | None = None) -> dict:
+            say: Callable[[str], None] | None = None, on_shard: Callable[[int], None] | None = None) -> dict:
     """Tokenize ``inputs`` into shards under ``out`` (see the module docstring); returns the index.
 
     Continues an interrupted run of the same arguments; returns at once when ``out`` is finished.
@@ -366,6 +367,7 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "bytes",
     and inputs, naming the argument and the fix."""
     if shard_tokens < 1 or workers < 1:
         raise ValueError(f"--shard-tokens ({shard_tokens}) and --workers ({workers}) must be >= 1")
+    say = say or logging.getLogger(__name__).info
     files = input_files(inputs)
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)

@@ -44,6 +44,7 @@ cause and the path, and the checkpoints before it intact (:mod:`.checkpoint`).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -68,6 +69,8 @@ from .data import Packer, make_corpus
 from .metrics import RunLog, device_peak_flops, layer_matmul_params, model_flops, peak_memory_bytes
 from .model import Transformer
 from .resume import resume_config, run_info, schedule_steps
+
+_log = logging.getLogger(__name__)   # (train() names its RunLog `logger`)
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -176,9 +179,8 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
     packer = Packer(make_corpus(cfg.data), cfg.data.seq_len, cfg.data.seed)
     out = Path(t.out)
     start = 0
-    talk = print if dist.get_rank() == 0 else None
     if resume:
-        last = checkpoint.agreed_checkpoint(out / "ckpt", say=talk)
+        last = checkpoint.agreed_checkpoint(out / "ckpt", say=_log.info)
         if last is None:
             raise ValueError(f"--resume: no checkpoint under {out / 'ckpt'}")
         cfg = resume_config(cfg, manifest.read(last))   # the launching process printed what changed
