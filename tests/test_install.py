@@ -26,6 +26,12 @@ ref = distattn.reference_attention(q, k, v, docs, causal=True)
 err = (plan.unshard(out.detach()) - ref).abs().max().item()
 assert err < 1e-12, err
 print("core attention ok", err)
+from distattn.compat.ring_flash_attn import substitute_hf_flash_attn, zigzag_ring_flash_attn_varlen_func
+try:
+    substitute_hf_flash_attn(dist.group.WORLD, 1)
+except ImportError as exc:
+    assert "pip install 'distattn[hf]'" in str(exc), exc
+    print("compat ok")
 """
 
 
@@ -59,7 +65,8 @@ def test_the_wheel_holds_the_core_and_runs_outside_the_checkout(core_venv):
     for extra_only in ("megatron", "deepspeed", "transformers", "ray", "tensorboard", "pyarrow", "tokenizers"):
         assert extra_only not in listed, f"{extra_only} came with the core install:\n{listed}"
     done = _run([str(py), "-c", ONE_RANK], cwd=core_venv)
-    assert done.returncode == 0 and "core attention ok" in done.stdout, done.stderr[-3000:]
+    assert done.returncode == 0 and "core attention ok" in done.stdout and "compat ok" in done.stdout, \
+        done.stderr[-3000:]
     where = _run([str(py), "-c", "import distattn; print(distattn.__file__)"], cwd=core_venv).stdout
     assert str(ROOT) not in where and "site-packages" in where, where
 

@@ -105,6 +105,9 @@ def substitute_hf_flash_attn(process_group, heads_k_stride: int, *, scheduler: s
                              backend: str = "auto") -> None:
     """Route transformers' flash attention 2 through distattn on ``process_group`` (see module
     docstring). ``heads_k_stride``: KV heads per all-gather (``allgather``'s ``heads_per_step``)."""
+    from ..extras import require
+
+    require("transformers", "hf", "substitute_hf_flash_attn")
     import transformers.modeling_flash_attention_utils as fa_utils
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
