@@ -114,6 +114,10 @@ def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, t
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout))
+        if backend == "gloo":
+            # gloo connects its full mesh eagerly; a rank whose fn returns at once would otherwise exit
+            # and close a socket a slower peer is still handshaking on ("Connection closed by peer")
+            dist.barrier()
         out = fn(*args, **kwargs)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # done: the caller's repeats must not lose the result
         results.put((rank, "ok", pickle.dumps(out)))
