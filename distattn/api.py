@@ -17,10 +17,10 @@ from . import ops
 from .executors import executor_for, resolve_options
 from .kernels import available_backends
 from .kernels.registry import check_sinks, check_softcap
-from .layout import Layout
-from .masks import SliceMask, as_doc_lens, check_window
+from .layout import Layout, Shards
+from .masks import SliceMask, as_doc_lens, batch_rows, check_window
 from .mesh import MeshInfo, resolve_mesh
-from .plans import Plan
+from .plans import Plan, flat_rows
 from .schedulers import LOCAL, spec
 
 CONTIGUOUS = Layout("contiguous")
@@ -33,7 +33,11 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
 
     Args:
         doc_lens: document lengths of the packed sequence (list of ints or 1-D int
-            tensor), summing to the full sequence length ``S``.
+            tensor), summing to the full sequence length ``S``. Or a batch of ``B`` rows: one list
+            per row (or a 2-D int tensor), each summing to the same ``S``. The rows run as one
+            schedule -- one call, one set of transfers -- each cut by the layout as a sequence of
+            its own, so ``shard`` takes ``[B, S, ...]`` and gives ``[B, S_local, ...]``, and
+            ``attention`` takes and returns ``[B, S_local, H, D]``; ``mask=`` is for one sequence.
         mesh: a ``DeviceMesh`` (1-D; 2-D with axes ``("ulysses", "ring")`` for ``usp``),
             a ``ProcessGroup``, or an int world size for a *dry* plan (stats only).
         scheduler: ``"ring" | "zigzag" | "allgather" | "ulysses" | "usp" | "cad"``
@@ -66,8 +70,12 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         A frozen :class:`~distattn.plans.Plan`; use ``plan.shard``, ``plan.position_ids``,
         :func:`attention`, ``plan.unshard`` and ``plan.stats``.
     """
-    lens = as_doc_lens(doc_lens)
+    rows = batch_rows(doc_lens)
+    lens = as_doc_lens(doc_lens) if rows is None else tuple(n for row in rows for n in row)
     window = check_window(window)
+    if rows is not None and mask is not None:
+        raise ValueError("mask= takes one packed sequence: with batched doc_lens (one list per row) describe each "
+                         "row's documents and use causal=/window=, or plan the rows separately")
     if mask is None:
         mask = SliceMask.documents(lens, bool(causal), window)
     else:
@@ -85,12 +93,18 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     info = resolve_mesh(mesh)
     if chosen is None and entry.layout is not None:
         chosen = Layout(entry.layout)
-    shards = None if chosen is None else chosen.shards(lens, info.world_size)
+    if rows is not None:  # every row cut alike, side by side: [B, S_local] on each rank
+        by = chosen or (CONTIGUOUS if info.world_size == 1 else None)
+        shards = Shards.stack([by.shards(row, info.world_size) if by is not None else
+                               entry.own_shards(row, info, **options) for row in rows])
+    else:
+        shards = None if chosen is None else chosen.shards(lens, info.world_size)
+    batch = None if rows is None else len(rows)
     common = dict(causal=bool(causal), window=window, mask=mask)
     if info.world_size == 1 and not options:
         shards = shards or CONTIGUOUS.shards(lens, 1)
         return _made(LOCAL.planner()(lens, info, scheduler=scheduler, shards=shards, **common), info, backend,
-                     device, {})
+                     device, {}, batch)
     planner = entry.planner()
     params = set(inspect.signature(planner).parameters)
     accepted = sorted(params - {"doc_lens", "mesh", "shards", "scheduler", *common})
@@ -100,14 +114,14 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     if "scheduler" in params:  # a planner serving several names (ring: ring and zigzag)
         common["scheduler"] = scheduler
     options, live = resolve_options(lens, shards, info, options)
-    return _made(planner(lens, info, shards=shards, **common, **options), info, backend, device, live)
+    return _made(planner(lens, info, shards=shards, **common, **options), info, backend, device, live, batch)
 
 
-def _made(schedule, info: MeshInfo, backend: str, device, live: dict) -> Plan:
+def _made(schedule, info: MeshInfo, backend: str, device, live: dict, batch: int | None) -> Plan:
     """The plan of ``schedule``: with this rank's executor, prepared on its device, unless dry."""
     if info.is_dry:
-        return Plan(schedule, backend)
-    plan_ = Plan(schedule, backend, info.rank, executor_for(schedule, info, backend, **live))
+        return Plan(schedule, backend, batch_size=batch)
+    plan_ = Plan(schedule, backend, info.rank, executor_for(schedule, info, backend, **live), batch_size=batch)
     plan_.prepare(device if device is not None else info.device)
     return plan_
 
@@ -118,7 +132,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
 
     Args:
         q: ``[S_local, Hq, D]``; k, v: ``[S_local, Hkv, D]``, this rank's shards
-            (``plan.shard(x)``), ``Hq`` a multiple of ``Hkv``.
+            (``plan.shard(x)``), ``Hq`` a multiple of ``Hkv``. Under a batched plan (``doc_lens``
+            one list per row): ``[B, S_local, Hq, D]`` and ``[B, S_local, Hkv, D]``, any strides
+            (e.g. HF's ``[B, H, S, D]`` transposed; a non-contiguous input is copied once).
         plan: from :func:`plan`; every rank of its group must call with the same plan.
         scale: softmax scale, default ``1/sqrt(D)``.
         sinks: None, or learnable attention-sink logits ``[Hq]`` (gpt-oss), floating, on q's
@@ -139,19 +155,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
             :func:`distattn.pingpong.ping_pong`).
 
     Returns:
-        ``[S_local, Hq, D]`` in q's dtype, in the same local token order as q.
+        ``[S_local, Hq, D]`` (batched: ``[B, S_local, Hq, D]``) in q's dtype, in the same local
+        token order as q.
     """
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must come from distattn.plan(...), got {type(plan).__name__}")
-    sinks, softcap = check_sinks(sinks, q), check_softcap(softcap)
     if prefetch is not None:
         if not plan.executor.supports_prefetch:
             raise ValueError(f"prefetch= works with scheduler='cad', not {plan.scheduler!r}")
         if prefetch.executor is not plan.executor or prefetch.ids != (id(q), id(k), id(v)):
             raise ValueError("prefetch was started by another plan or for other q, k, v tensors")
+    rows = q.shape[:2]
+    q, k, v = flat_rows(q, k, v, plan.batch_size)
+    sinks, softcap = check_sinks(sinks, q), check_softcap(softcap)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return ops.apply(q, k, v, sinks, plan, float(scale), softcap, prefetch)
+    out = ops.apply(q, k, v, sinks, plan, float(scale), softcap, prefetch)
+    return out if plan.batch_size is None else out.unflatten(0, rows)
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lens, *, causal: bool = True,

@@ -141,6 +141,23 @@ class Shards:
         return Shards(bounds, owners, len(owned), tuple(tuple((int(s), int(e)) for s, e in r) for r in owned),
                       tuple(order), np.zeros(len(owners), dtype=np.int64))
 
+    @staticmethod
+    def stack(rows: Sequence["Shards"]) -> "Shards":
+        """The shards of a batch's rows side by side (a batched plan): row ``b``'s tokens follow the
+        rows before it, and each rank holds its tokens of row 0, then of row 1, ... -- a ``[B,
+        S_local]`` local tensor, row-major (the rows cut alike: each rank holds as many tokens of
+        every row)."""
+        first = rows[0]
+        assert all(row.num_tokens(r) == first.num_tokens(r) for row in rows for r in range(first.world_size))
+        shift = np.cumsum([0] + [row.total for row in rows])
+        if any(order is not None for row in rows for order in row.order):  # an explicit local order
+            return Shards.from_owned([tuple((s + int(shift[b]), e + int(shift[b])) for b, row in enumerate(rows)
+                                            for s, e in row.owned[r]) for r in range(first.world_size)],
+                                     int(shift[-1]))
+        bounds = np.concatenate([row.bounds[:-1] + shift[b] for b, row in enumerate(rows)] + [shift[-1:]])
+        return Shards.from_bounds(bounds, np.concatenate([row.owner for row in rows]), first.world_size,
+                                  np.concatenate([row.slot for row in rows]))
+
     @property
     def total(self) -> int:
         return int(self.bounds[-1])
@@ -217,7 +234,11 @@ class Shards:
     def regroup(self, group_of: np.ndarray, groups: int) -> "Shards":
         """The same runs held by groups of ranks (``group_of[r]``: rank ``r``'s group), each group
         computing on its members' tokens in increasing order (usp's ring ranks)."""
-        return Shards.from_bounds(self.bounds, np.asarray(group_of, dtype=np.int64)[self.owner], groups, self.slot)
+        owner = np.asarray(group_of, dtype=np.int64)[self.owner]
+        # a group's neighbouring runs of one slot are one run of the group (usp's pieces of one chunk)
+        keep = np.ones(len(owner), dtype=bool)
+        keep[1:] = (owner[1:] != owner[:-1]) | (self.slot[1:] != self.slot[:-1])
+        return Shards.from_bounds(np.append(self.bounds[:-1][keep], self.total), owner[keep], groups, self.slot[keep])
 
     def offset(self, shift: int, rank_of: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(starts, ends, owners)`` of the runs moved by ``shift`` tokens, rank ``r`` renamed

@@ -74,6 +74,31 @@ def as_doc_lens(doc_lens, *, name: str = "doc_lens") -> tuple[int, ...]:
     return tuple(int(n) for n in values)
 
 
+def batch_rows(doc_lens) -> tuple[tuple[int, ...], ...] | None:
+    """The rows of a batched ``doc_lens`` -- a list with one list of document lengths per row of a
+    ``[B, S]`` batch (or a 2-D int tensor/array), every row summing to the same ``S`` -- validated;
+    None when ``doc_lens`` describes one packed sequence."""
+    if isinstance(doc_lens, (torch.Tensor, np.ndarray)):
+        if doc_lens.ndim != 2:
+            return None
+        rows = doc_lens.tolist()
+    elif isinstance(doc_lens, (list, tuple)) and doc_lens and any(
+            isinstance(row, (list, tuple, torch.Tensor, np.ndarray)) for row in doc_lens):
+        rows = list(doc_lens)
+        flat = [i for i, row in enumerate(rows) if not isinstance(row, (list, tuple, torch.Tensor, np.ndarray))]
+        if flat:
+            raise ValueError(f"doc_lens mixes rows and lengths (doc_lens[{flat[0]}] = {rows[flat[0]]!r}): pass one "
+                             f"list of document lengths per batch row, or one flat list for one packed sequence")
+    else:
+        return None
+    rows = tuple(as_doc_lens(row, name=f"doc_lens[{b}]") for b, row in enumerate(rows))
+    sums = sorted({sum(row) for row in rows})
+    if len(sums) > 1:
+        raise ValueError(f"doc_lens rows sum to {sums[0]} .. {sums[-1]} tokens: every row of a [B, S] batch holds "
+                         f"S tokens; pad the rows to one length (a padding document at a row's end)")
+    return rows
+
+
 def cu_seqlens(lens: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """Cumulative offsets ``[0, l0, l0+l1, ...]`` as int32, the varlen kernels' format."""
     out = torch.zeros(len(lens) + 1, dtype=torch.int32)

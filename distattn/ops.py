@@ -36,7 +36,7 @@ import torch
 from .plans import Plan, PlanBase
 
 try:
-    from torch._library.opaque_object import register_opaque_type
+    from torch._library.opaque_object import MemberType, register_opaque_type
     AVAILABLE = PlanBase is not object
 except ImportError:
     AVAILABLE = False
@@ -204,7 +204,9 @@ class Attention(torch.autograd.Function):
 
 if AVAILABLE:
     # guard a compiled graph on what shapes the fake kernels' outputs, not on the plan object
-    register_opaque_type(Plan, typ="reference", guard_fn=lambda plan: [plan.trace_key])
+    # (batch_size, read before the op, is part of the trace key)
+    register_opaque_type(Plan, typ="reference", guard_fn=lambda plan: [plan.trace_key],
+                         members={"batch_size": MemberType.USE_REAL})
 
     @torch.library.custom_op("distattn::attention", mutates_args=())
     def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: Optional[torch.Tensor], plan: Plan,

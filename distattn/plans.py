@@ -54,9 +54,10 @@ class Plan(PlanBase):
     rank: int | None                                   # None: dry
     executor: Executor | None = field(repr=False)      # None when dry
     local_order: tuple[DeviceIndex, DeviceIndex] | None = field(repr=False)  # (to compute order, back)
+    batch_size: int | None = None   # B of a batched plan (rows side by side in the schedule); None: one sequence
 
     def __init__(self, schedule: Schedule | None = None, backend: str = "auto", rank: int | None = None,
-                 executor=None, *, group=None, **layout):
+                 executor=None, *, group=None, batch_size: int | None = None, **layout):
         """``Plan(schedule, backend, rank, executor)`` (what ``distattn.plan`` builds), or a plan of
         token ownership alone, as plans were made before schedules were data:
         ``Plan(scheduler=, doc_lens=, causal=, window=, backend=, world_size=, rank=, group=, owned=)``
@@ -71,7 +72,7 @@ class Plan(PlanBase):
         if order is not None:
             order = (DeviceIndex(order), DeviceIndex(np.argsort(order).astype(np.int64)))
         for name, value in (("schedule", schedule), ("backend", backend), ("rank", rank), ("executor", executor),
-                            ("local_order", order)):
+                            ("local_order", order), ("batch_size", batch_size)):
             object.__setattr__(self, name, value)
 
     # ---- the schedule's facts ------------------------------------------------------------------
@@ -124,18 +125,27 @@ class Plan(PlanBase):
         """What a compiled graph through :mod:`distattn.ops` specializes on: the structure of the
         executor's saved state (not its sizes, which are symbolic there) and whether tokens are
         reordered. Plans with equal keys share a graph."""
-        return (None if self.executor is None else self.executor.structure, self.local_order is None)
+        return (None if self.executor is None else self.executor.structure, self.local_order is None,
+                self.batch_size)
 
     @property
     def total_tokens(self) -> int:
+        """Tokens of the whole schedule (of all rows of a batched plan)."""
         return self.schedule.total_tokens
 
+    @property
+    def seq_len(self) -> int:
+        """``S``: tokens of one row of a batched plan; of the packed sequence otherwise."""
+        return self.total_tokens // (self.batch_size or 1)
+
     def num_tokens(self, rank: int) -> int:
+        """Tokens ``rank`` holds in the whole schedule (all rows)."""
         return self.schedule.num_tokens(rank)
 
     @property
     def num_local_tokens(self) -> int:
-        return self.num_tokens(self._require_rank("num_local_tokens"))
+        """``S_local``: this rank's tokens (of each row, for a batched plan)."""
+        return self.num_tokens(self._require_rank("num_local_tokens")) // (self.batch_size or 1)
 
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         return self.schedule.compute_slices(rank)
@@ -178,30 +188,47 @@ class Plan(PlanBase):
             for index in self.local_order or ():
                 index.on(device)
 
-    def shard(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """``x`` with the full packed sequence along ``dim`` (``[S, ...]``) -> this rank's tokens
-        ``[S_local, ...]`` in local order. Differentiable (a concatenation of slices)."""
+    def _rows(self, x: torch.Tensor, dim: int | None, tokens: int, what: str) -> tuple[torch.Tensor, int]:
+        """``(x with a batched plan's [B, n] dims at dim - 1, dim flattened, the token dim)``."""
+        if self.batch_size is None:
+            return x, 0 if dim is None else dim
+        dim = 1 if dim is None else dim % x.dim()
+        if dim < 1 or x.shape[dim - 1] != self.batch_size or x.shape[dim] != tokens:
+            raise ValueError(f"{what} of shape {tuple(x.shape)} is not [..., B={self.batch_size}, {tokens}, ...] with "
+                             f"the sequence at dim={dim} and the batch just before it: this plan has "
+                             f"{self.batch_size} rows")
+        return x.flatten(dim - 1, dim), dim - 1
+
+    def shard(self, x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """``x`` with the full packed sequence along ``dim`` (``[S, ...]``, default dim 0) -> this rank's
+        tokens ``[S_local, ...]`` in local order. A batched plan takes ``[B, S, ...]`` (default dim 1,
+        the batch just before it) and gives ``[B, S_local, ...]``. Differentiable (slices)."""
         rank = self._require_rank("shard")
+        x, dim = self._rows(x, dim, self.seq_len, "x")
         if x.shape[dim] != self.total_tokens:
             raise ValueError(f"x has {x.shape[dim]} tokens along dim {dim} but doc_lens sum to "
                              f"{self.total_tokens}: pass the full packed sequence")
         ranges = self.owned[rank]
         if not ranges:  # fewer tokens than ranks: this one owns none
-            return x.narrow(dim, 0, 0)
-        if len(ranges) > 64:  # an explicit layout of scattered tokens: one gather
-            return x.index_select(dim, torch.from_numpy(token_index(ranges)).to(x.device))
-        return torch.cat([x.narrow(dim, s, e - s) for s, e in ranges], dim=dim)
+            out = x.narrow(dim, 0, 0)
+        elif len(ranges) > 64:  # an explicit layout of scattered tokens: one gather
+            out = x.index_select(dim, torch.from_numpy(token_index(ranges)).to(x.device))
+        else:
+            out = torch.cat([x.narrow(dim, s, e - s) for s, e in ranges], dim=dim)
+        return out if self.batch_size is None else out.unflatten(dim, (self.batch_size, -1))
 
-    def unshard(self, x_local: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """Inverse of :meth:`shard`: every rank gets the full ``[S, ...]`` in original order.
+    def unshard(self, x_local: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """Inverse of :meth:`shard`: every rank gets the full ``[S, ...]`` (batched: ``[B, S, ...]``)
+        in original order; not differentiable (the result is detached).
 
         A collective over the plan's group: every rank must call it.
         """
         rank = self._require_rank("unshard")
+        x_local, dim = self._rows(x_local, dim, self.num_local_tokens, "x_local")
         if x_local.shape[dim] != self.num_tokens(rank):
             raise ValueError(f"x_local has {x_local.shape[dim]} tokens along dim {dim} but rank {rank} owns "
                              f"{self.num_tokens(rank)}: pass this rank's shard")
-        x = x_local.movedim(dim, 0)
+        x = x_local.detach().movedim(dim, 0)
         width = max(self.num_tokens(r) for r in range(self.world_size))
         padded = x.new_zeros((width, *x.shape[1:]))  # gloo's all-gather needs equal sizes
         padded[: x.shape[0]] = x
@@ -211,14 +238,17 @@ class Plan(PlanBase):
         for r in range(self.world_size):
             tokens = torch.from_numpy(token_index(self.owned[r])).to(x.device)
             full[tokens] = gathered[r * width:r * width + len(tokens)]
-        return full.movedim(0, dim)
+        full = full.movedim(0, dim)
+        return full if self.batch_size is None else full.unflatten(dim, (self.batch_size, -1))
 
     def position_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """``[S_local]`` int64: each local token's position inside its document (for RoPE)."""
+        """``[S_local]`` int64 (batched: ``[B, S_local]``): each local token's position inside its
+        document (for RoPE)."""
         tokens = token_index(self.owned[self._require_rank("position_ids")])
         starts = self.schedule.doc_starts
         doc = np.searchsorted(starts, tokens, side="right") - 1
-        return torch.from_numpy(tokens - starts[doc]).to(device)
+        pos = torch.from_numpy(tokens - starts[doc]).to(device)
+        return pos if self.batch_size is None else pos.view(self.batch_size, -1)
 
     def check_local_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """``ValueError`` unless q/k/v are this rank's ``[S_local, H, D]`` shards. Checked before any
@@ -228,7 +258,8 @@ class Plan(PlanBase):
         n = self.num_tokens(rank)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.shape[0] != n:
-                raise ValueError(f"{name} has {t.shape[0]} tokens but rank {rank} owns {n} under this plan: "
+                rows = "" if self.batch_size is None else f" ({self.batch_size} rows of {n // self.batch_size})"
+                raise ValueError(f"{name} has {t.shape[0]} tokens but rank {rank} owns {n}{rows} under this plan: "
                                  f"pass plan.shard(x) of the full sequence")
         self.schedule.check_heads(q.shape[1], k.shape[1])
 
@@ -253,7 +284,22 @@ class Plan(PlanBase):
         """Start the forward transfers of Q, K, V now (``cad``); pass the result to
         ``distattn.attention(q, k, v, plan, prefetch=...)`` with the same tensors. Work done in
         between (another nano-batch's pre-attention layers) overlaps the transfer."""
+        ids = (id(q), id(k), id(v))
+        q, k, v = flat_rows(q, k, v, self.batch_size)
         self.check_inputs(q, k, v)
         if not self.executor.supports_prefetch:
             raise ValueError(f"prefetch works with scheduler='cad', not {self.scheduler!r}")
-        return self.executor.prefetch(*self.to_compute_order(q, k, v))._replace(ids=(id(q), id(k), id(v)))
+        return self.executor.prefetch(*self.to_compute_order(q, k, v))._replace(ids=ids)
+
+
+def flat_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch_size: int | None) -> list[torch.Tensor]:
+    """A batched plan's ``[B, S_local, H, D]`` q, k, v as its schedule's ``[B * S_local, H, D]`` (a view
+    when they are contiguous, else one copy); unbatched ones (``batch_size`` None) as they are."""
+    if batch_size is None:
+        return [q, k, v]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != batch_size or t.shape[1] != q.shape[1]:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be [B={batch_size}, S_local, heads, head_dim] (q's S_local) under this "
+                             f"batched plan, got {got}: pass plan.shard(x) of the [B, S, ...] batch")
+    return [t.flatten(0, 1) for t in (q, k, v)]

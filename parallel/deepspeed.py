@@ -87,15 +87,18 @@ class DistAttnDistributedAttention(torch.nn.Module):
         per_row = doc_lens if doc_lens and isinstance(doc_lens[0], (list, tuple)) else [doc_lens or [total]] * batch
         if len(per_row) != batch:
             raise ValueError(f"doc_lens has {len(per_row)} lists for a batch of {batch}")
-        outs = []
-        for i in range(batch):
-            plan = self._plan(tuple(per_row[i]), key.shape[2])
-            if plan.num_local_tokens != s_local:
-                raise ValueError(f"doc_lens sum to {sum(per_row[i])}, but {s_local} local tokens x "
+        for row in per_row:
+            if sum(row) != total:
+                raise ValueError(f"doc_lens sum to {sum(row)}, but {s_local} local tokens x "
                                  f"{dist.get_world_size(self.spg)} ranks = {total}")
-            q, k, v = (t.select(batch_dim_idx, i) for t in (query, key, value))
-            outs.append(attention(q.contiguous(), k.contiguous(), v.contiguous(), plan))
-        return torch.stack(outs, dim=batch_dim_idx)
+        rows = tuple(tuple(row) for row in per_row)
+        if batch == 1:
+            plan = self._plan(rows[0], key.shape[2])
+            return attention(*(t.select(batch_dim_idx, 0) for t in (query, key, value)), plan).unsqueeze(batch_dim_idx)
+        # a batched plan: every row in one call (its [b, s, h, d] are views of [s, b, h, d])
+        plan = self._plan(rows, key.shape[2])
+        out = attention(*(t.movedim(batch_dim_idx, 0) for t in (query, key, value)), plan)
+        return out.movedim(0, batch_dim_idx).contiguous()
 
 
 class SequenceParallelMPU:

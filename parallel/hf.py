@@ -10,7 +10,9 @@
     logits = model(**inputs).logits                   # [1, S_local, vocab]
     loss = hf.causal_lm_loss(logits, plan, input_ids, group=cp_group)   # mean over the whole sequence
 
-One packed sequence per call (batch size 1): the plan carries its document
+One packed sequence per call (batch 1), or a batch of ``B`` rows under a batched
+plan (``distattn.plan([[docs of row 0], [docs of row 1], ...], group)``; ``input_ids
+[B, S]``; one attention call for all rows). The plan carries its document
 boundaries, so documents never attend to each other and RoPE restarts at
 every document (position ids from ``plan.position_ids()``). The loss helper
 computes next-token cross-entropy on the full sequence's labels (never across
@@ -38,17 +40,22 @@ NAME = "distattn"
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, distattn_plan=None,
                       **kwargs):
-    """The registered attention function: ``[1, H, S_local, D]`` in, ``([1, S_local, H, D], None)`` out."""
+    """The registered attention function: ``[B, H, S_local, D]`` in, ``([B, S_local, H, D], None)`` out
+    (``B`` 1 under a plan of one packed sequence, the plan's rows under a batched plan)."""
     if distattn_plan is None:
         raise ValueError("attn_implementation='distattn' needs distattn_plan=plan in the model call "
                          "(see distattn.parallel.hf.shard_inputs)")
-    if query.shape[0] != 1:
-        raise ValueError(f"attn_implementation='distattn' takes one packed sequence per call (batch 1), got batch "
-                         f"{query.shape[0]}; pack the batch into one sequence with its doc_lens")
+    rows = distattn_plan.batch_size or 1
+    if query.shape[0] != rows:
+        raise ValueError(f"attn_implementation='distattn' got batch {query.shape[0]} under a plan of {rows} row(s); "
+                         f"plan a batch with one doc_lens list per row: distattn.plan([[...], [...]], group)")
     if dropout:
         raise ValueError("attn_implementation='distattn' has no attention dropout; set attention_dropout=0")
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    return attention(q, k, v, distattn_plan, scale=scaling).unsqueeze(0), None
+    # [B, H, S, D] -> views [B, S, H, D]: no copy here (the engine copies once where it must)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if distattn_plan.batch_size is None:
+        return attention(q[0], k[0], v[0], distattn_plan, scale=scaling).unsqueeze(0), None
+    return attention(q, k, v, distattn_plan, scale=scaling), None
 
 
 def _no_mask(*args, **kwargs):
@@ -86,21 +93,38 @@ def register() -> None:
         LOSS_MAPPING[name] = _refusing_labels(fn)
 
 
+def _rows(plan, input_ids: torch.Tensor) -> torch.Tensor:
+    """``input_ids`` as the plan takes it: ``[S]`` (one packed sequence), ``[B, S]`` (batched)."""
+    if plan.batch_size is None:
+        return input_ids.reshape(-1)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, S] under a batched plan, got shape {tuple(input_ids.shape)}")
+    return input_ids
+
+
 def shard_inputs(plan, input_ids: torch.Tensor) -> dict:
-    """Model kwargs for this rank: ``input_ids [1, S]`` (or ``[S]``) of the full packed sequence ->
-    this rank's ``input_ids``/``position_ids`` ``[1, S_local]`` and the plan."""
-    ids = input_ids.reshape(-1)
-    return {"input_ids": plan.shard(ids)[None], "position_ids": plan.position_ids(ids.device)[None],
-            "distattn_plan": plan}
+    """Model kwargs for this rank: ``input_ids [1, S]`` (or ``[S]``) of the full packed sequence --
+    or ``[B, S]`` under a batched plan -- -> this rank's ``input_ids``/``position_ids`` ``[B,
+    S_local]`` (``B`` = 1 for one sequence) and the plan."""
+    ids = _rows(plan, input_ids)
+    local, pos = plan.shard(ids), plan.position_ids(ids.device)
+    if plan.batch_size is None:
+        local, pos = local[None], pos[None]
+    return {"input_ids": local, "position_ids": pos, "distattn_plan": plan}
 
 
 def causal_lm_loss(logits: torch.Tensor, plan, input_ids: torch.Tensor, group=None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the whole packed sequence, from this rank's ``logits
-    [1, S_local, V]``. Summing the gradients over the CP group gives the full gradient."""
+    """Mean next-token cross-entropy over the whole packed sequence (every row of a batched plan),
+    from this rank's ``logits [B, S_local, V]``. Summing the gradients over the CP group gives the
+    full gradient."""
     from ..masks import next_token_labels
 
-    labels = plan.shard(next_token_labels(input_ids.reshape(-1), plan.doc_lens))
-    loss_sum = F.cross_entropy(logits[0].float(), labels, ignore_index=-100, reduction="sum")
+    ids = _rows(plan, input_ids)
+    # a row ends a document, so labels never cross rows either
+    labels = plan.shard(next_token_labels(ids.reshape(-1), plan.doc_lens).view(ids.shape))
+    logits = logits.reshape(-1, logits.shape[-1])
+    loss_sum = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")   # fp32 at least; fp64 stays fp64
     count = (labels != -100).sum().to(loss_sum.dtype)
     if group is not None:
         dist.all_reduce(count, group=group)

@@ -13,7 +13,8 @@ the tokens never move before attention and RoPE keeps Megatron's positions:
 * ``sbhd``/``bshd`` (no ``packed_seq_params``, or ``qkv_format`` "sbhd"/"bshd"):
   the sequence cut into ``2 * cp`` chunks, rank ``r`` holding chunks ``r`` and
   ``2*cp - 1 - r`` (``get_batch_on_this_cp_rank``) -- ``layout="zigzag"``. Each
-  batch row is one sequence; with ``packed_seq_params`` (batch 1) its
+  batch row is one sequence, and a micro-batch of several rows is one batched plan
+  and one attention call; with ``packed_seq_params`` (batch 1) its
   ``cu_seqlens_q`` marks documents that never see each other.
 * ``thd`` (``packed_seq_params.qkv_format == "thd"``): *every document* cut into
   ``2 * cp`` chunks, rank ``r`` holding chunks ``r`` and ``2*cp - 1 - r`` of each
@@ -180,13 +181,16 @@ class DistAttnCoreAttention(MegatronModule):
         last = DistAttnCoreAttention._checked_mask
         if version is not None and last is not None and last[0]() is mask and last[1] == key:
             return
-        total = plan.total_tokens
+        total = plan.seq_len   # one row's tokens
         if mask.dim() != 4 or mask.shape[-1] != total or mask.shape[-2] not in (s_local, total):
             raise ValueError(f"attention_mask of shape {tuple(mask.shape)} is not [b, 1, {s_local} or {total}, "
                              f"{total}]; describe documents with packed_seq_params instead")
         keys = torch.arange(total, device=mask.device)
-        rows = keys if mask.shape[-2] == total else plan.shard(keys)
-        same = plan.doc_lens == (total,)
+        if mask.shape[-2] == total:
+            rows = keys
+        else:  # a batched plan cuts every row alike: the first row's local positions are every row's
+            rows = plan.shard(keys) if plan.batch_size is None else plan.shard(keys.expand(plan.batch_size, total))[0]
+        same = set(plan.doc_lens) == {total}
         step = max(1, (1 << 24) // total)  # compare a row block at a time: no second [rows, s] tensor
         for i in range(0, len(rows) if same else 0, step):
             r = rows[i:i + step]
@@ -206,12 +210,14 @@ class DistAttnCoreAttention(MegatronModule):
                              "'thd', or 'sbhd' with batch 1) and attention_mask=None")
         DistAttnCoreAttention._checked_mask = (weakref.ref(mask), key)
 
-    def documents(self, packed_seq_params, s_local: int, batch: int) -> tuple[tuple[int, ...], str]:
+    def documents(self, packed_seq_params, s_local: int, batch: int) -> tuple[tuple, str]:
         """``(doc_lens, layout)`` of a batch of ``batch`` rows of ``s_local`` local tokens: its
-        documents (one per row without ``packed_seq_params``) and the layout Megatron split it with
-        (module docstring); ``ValueError`` for packed sequences this layer cannot take."""
+        documents (without ``packed_seq_params``, one per row: a batched plan's rows when ``batch >
+        1``) and the layout Megatron split it with (module docstring); ``ValueError`` for packed
+        sequences this layer cannot take."""
         if packed_seq_params is None:
-            return (s_local * torch.distributed.get_world_size(self.cp_group),), "zigzag"
+            row = (s_local * torch.distributed.get_world_size(self.cp_group),)
+            return (row if batch == 1 else (row,) * batch), "zigzag"
         if batch != 1:
             raise ValueError("packed sequences (packed_seq_params) need batch size 1")
         thd = packed_seq_params.qkv_format == "thd"
@@ -244,12 +250,15 @@ class DistAttnCoreAttention(MegatronModule):
         # thd: the core's ValueError names a document not a multiple of 2*cp
         plan = self.plan(doc_lens, layout, key.shape[-2], packed_seq_params)
         if plan.num_local_tokens != s_local:
-            raise ValueError(local_tokens_error(s_local, doc_lens, cp, layout))
+            raise ValueError(local_tokens_error(s_local, doc_lens if batch == 1 else doc_lens[0], cp, layout))
         if attention_mask is not None:
             self._check_mask(attention_mask, plan, layout, s_local)
-        outs = [attention(query[:, i].contiguous(), key[:, i].contiguous(), value[:, i].contiguous(), plan,
-                          scale=self.scale) for i in range(batch)]
-        return torch.stack(outs, dim=1).reshape(s_local, batch, -1)
+        if batch == 1:
+            out = attention(query[:, 0], key[:, 0], value[:, 0], plan, scale=self.scale)
+            return out.reshape(s_local, 1, -1)
+        # [s, b, h, d] -> the batched plan's [b, s, h, d]: one call for every row
+        out = attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), plan, scale=self.scale)
+        return out.transpose(0, 1).reshape(s_local, batch, -1)
 
 
 def check_scheduler(scheduler: str, cad_pool) -> None:

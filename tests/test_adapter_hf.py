@@ -98,3 +98,41 @@ def test_labels_under_a_plan_are_refused():
         assert error is not None and "labels= with a distattn plan gives a wrong loss" in error
         assert "distattn.parallel.hf.causal_lm_loss(logits, plan, input_ids, group=cp_group)" in error
         assert plain_loss > 0
+
+
+def _batch_worker(scheduler):
+    """A batch of 2 rows under one batched plan at CP=2 against HF's own sdpa run of the same model
+    on the same batch in one process (loss from labels=, logits, every gradient); and rows packed
+    with documents against the one-process batched plan."""
+    from distattn.parallel import hf
+
+    model = _model()
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(4))
+    model.config._attn_implementation = "sdpa"
+    model.zero_grad()
+    theirs = model(input_ids=ids, labels=ids)   # HF's loss reduces in fp32: its value is checked to 1e-6
+    ref_loss = torch.nn.functional.cross_entropy(theirs.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    ref_loss.backward()   # the same shifted labels in fp64
+    ref_grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    model.config._attn_implementation = "distattn"
+    group = dist.group.WORLD
+    plan = distattn.plan([[24], [24]], group, scheduler=scheduler)
+    loss, grads = _loss_and_grads(model, plan, ids, group)
+    logits = plan.unshard(model(**hf.shard_inputs(plan, ids)).logits.detach())
+    rows = [[13, 11], [1, 20, 3]]
+    alone = dist.new_group([dist.get_rank()])
+    doc_loss, doc_grads = _loss_and_grads(model, distattn.plan(rows, group, scheduler=scheduler), ids, group)
+    one_loss, one_grads = _loss_and_grads(model, distattn.plan(rows, alone), ids, None)
+    rel = lambda a, b: (a - b).abs().max().item() / b.abs().max().item()  # noqa: E731
+    assert abs(theirs.loss.item() - ref_loss.item()) / ref_loss.item() < 1e-6
+    return (abs(loss - ref_loss.item()) / ref_loss.item(), rel(logits, theirs.logits.detach()), rel(grads, ref_grads),
+            abs(doc_loss - one_loss) / one_loss, rel(doc_grads, one_grads), abs(doc_loss - loss) / loss)
+
+
+@pytest.mark.parametrize("scheduler", ["zigzag", "ulysses"])
+def test_batch_of_two_matches_hf_sdpa(scheduler):
+    for loss, logits, grads, doc_loss, doc_grads, docs_differ in run_distributed(_batch_worker, 2, scheduler,
+                                                                                 timeout=300):
+        assert loss < 1e-12 and logits < 1e-12 and grads < 1e-10
+        assert doc_loss < 1e-12 and doc_grads < 1e-10
+        assert docs_differ > 1e-3   # the documents took effect

@@ -203,6 +203,59 @@ def test_thd_documents_with_rope_match_cp1():
         assert _rel(grads, grads1) <= 1e-12, (cp, _rel(grads, grads1))
 
 
+def _run_mbs2():
+    """Micro-batch size 2 (sbhd, a sequence per row, Megatron's RoPE), fp64: each CP rank holds
+    get_batch_on_this_cp_rank's zigzag chunks of both rows, and the layers run one batched plan;
+    loss, logits in global order, summed gradients -- at CP=1 also Megatron's own local attention
+    on the same batch."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_cpu import megatron_on_cpu   # (also RoPE's CP position index, made for the GPU)
+
+    from distattn.parallel.megatron import get_gpt_layer_spec
+
+    cp, rank = dist.get_world_size(), dist.get_rank()
+    parallel_state.initialize_model_parallel(1, 1, context_parallel_size=cp)
+    g = torch.Generator().manual_seed(7)
+    ids, labels = torch.randint(0, 97, (2, S), generator=g), torch.randint(0, 97, (2, S), generator=g)
+    n = S // (2 * cp)
+
+    def mine(r):
+        return torch.cat([torch.arange(c * n, (c + 1) * n) for c in (r, 2 * cp - 1 - r)])
+
+    def run(spec, index):
+        model = _gpt(cp if spec is None else 1, spec or get_gpt_layer_spec())
+        logits = model(ids[:, index], None, None)   # [b, s/cp, vocab]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, index].reshape(-1),
+                                                 reduction="sum")
+        loss.backward()
+        return loss.detach(), logits.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    with megatron_on_cpu():
+        loss, logits, grads = run(None, mine(rank))
+        reference = run(get_gpt_layer_local_spec(), torch.arange(S)) if cp == 1 else None
+    dist.all_reduce(grads)
+    dist.all_reduce(loss)
+    gathered = [torch.empty_like(logits) for _ in range(cp)]
+    dist.all_gather(gathered, logits.contiguous())
+    full = torch.empty(2, S, logits.shape[-1], dtype=logits.dtype)
+    for r in range(cp):
+        full[:, mine(r)] = gathered[r]
+    parallel_state.destroy_model_parallel()
+    return (loss.item(), full, grads), reference
+
+
+def test_micro_batch_of_two_matches_megatron_and_cp1():
+    (loss1, logits1, grads1), (loss0, logits0, grads0) = run_distributed(_run_mbs2, 1, timeout=300)[0]
+    assert abs(loss1 - loss0) / loss0 <= 1e-12   # CP=1 through the adapter is Megatron's own attention
+    assert _rel(logits1, logits0) <= 1e-12 and _rel(grads1, grads0) <= 1e-12
+    for cp in (2, 4):
+        (loss, logits, grads), _ = run_distributed(_run_mbs2, cp, timeout=300)[0]
+        assert abs(loss - loss1) / loss1 <= 1e-12, cp
+        assert _rel(logits, logits1) <= 1e-12 and _rel(grads, grads1) <= 1e-12, cp
+
+
 def _refusal_worker():
     """One core attention layer under CP=2: outputs or ValueError texts for Megatron-LM's own
     attention masks (get_ltor_masks_and_position_ids, split by get_batch_on_this_cp_rank) and for a

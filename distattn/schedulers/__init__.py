@@ -43,6 +43,15 @@ class SchedulerSpec:
     def planner(self) -> Callable:
         return import_module(f"{__name__}.{self.module or self.name}").build
 
+    def own_shards(self, doc_lens, mesh, **options):
+        """This scheduler's own layout of ``doc_lens`` on ``mesh`` (a :class:`~distattn.mesh.MeshInfo`):
+        its ``layout``, else its planner module's ``own_shards(doc_lens, mesh, **options)``."""
+        if self.layout is not None:
+            from ..layout import Layout
+
+            return Layout(self.layout).shards(doc_lens, mesh.world_size)
+        return import_module(f"{__name__}.{self.module or self.name}").own_shards(doc_lens, mesh, **options)
+
     def accepts(self, option: str) -> bool:
         """The planner takes keyword ``option`` (e.g. cad's ``cost``, ``network``, ``overlap_s``)."""
         import inspect

@@ -192,6 +192,23 @@ def _coords(mesh, ulysses_degree, num_kv_heads) -> tuple[int, tuple[tuple[int, i
     return u_deg, tuple((i % u_deg, i // u_deg) for i in range(mesh.world_size))
 
 
+def own_shards(doc_lens, mesh, *, ulysses_degree: int | None = None, num_kv_heads: int | None = None,
+               **_) -> Shards:
+    """usp's own layout (module docstring): zigzag over the ring ranks, each ring rank's tokens split
+    evenly over its Ulysses ranks; each piece keeps its zigzag chunk's slot."""
+    u_deg, coords = _coords(mesh, ulysses_degree, num_kv_heads)
+    ring = Layout("zigzag").shards(doc_lens, mesh.world_size // u_deg)
+    pieces = []
+    for rank, (u, r) in enumerate(coords):
+        cuts = even_bounds(ring.num_tokens(r), u_deg)
+        pieces += [(s, e, rank) for s, e in _cut(ring.owned[r], int(cuts[u]), int(cuts[u + 1]))]
+    pieces.sort()
+    starts = np.asarray([s for s, _, _ in pieces], dtype=np.int64)
+    slot = ring.slot[np.searchsorted(ring.bounds, starts, side="right") - 1]
+    return Shards.from_bounds(np.append(starts, sum(doc_lens)), np.asarray([o for *_, o in pieces]),
+                              mesh.world_size, slot)
+
+
 def build(doc_lens, mesh, *, causal, window, mask, shards: Shards | None = None, ulysses_degree: int | None = None,
           num_kv_heads: int | None = None, head_groups: int = 1) -> USPSchedule:
     """``shards``: the layout (None: usp's own, see module docstring)."""
@@ -200,15 +217,9 @@ def build(doc_lens, mesh, *, causal, window, mask, shards: Shards | None = None,
         raise ValueError(f"num_kv_heads must be a positive int (the model's KV heads), got {num_kv_heads!r}")
     u_deg, coords = _coords(mesh, ulysses_degree, num_kv_heads)
     r_deg = mesh.world_size // u_deg
-    if shards is None:  # zigzag over the ring ranks, each ring rank's tokens split over its members
-        ring_shards = Layout("zigzag").shards(doc_lens, r_deg)
-        owned = []
-        for u, r in coords:
-            cuts = even_bounds(ring_shards.num_tokens(r), u_deg)
-            owned.append(_cut(ring_shards.owned[r], int(cuts[u]), int(cuts[u + 1])))
-        shards = Shards.from_owned(owned, sum(doc_lens))
-    else:
-        ring_shards = shards.regroup(np.asarray([r for _, r in coords]), r_deg)
+    if shards is None:
+        shards = own_shards(doc_lens, mesh, ulysses_degree=ulysses_degree, num_kv_heads=num_kv_heads)
+    ring_shards = shards.regroup(np.asarray([r for _, r in coords]), r_deg)
     ring = ring_schedule("zigzag", ring_shards, doc_lens, causal=causal, window=window, mask=mask,
                          span=mesh.world_size)
     return USPSchedule(scheduler="usp", doc_lens=doc_lens, causal=causal, window=window, world_size=mesh.world_size,
