@@ -177,7 +177,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
                 if p.is_alive():
                     p.kill()
             for p in procs:
-                p.join(timeout=10)
+                if p.pid is not None:   # started (a failed start must not hide its error behind join's)
+                    p.join(timeout=10)
             keep_alive.close()
 
 

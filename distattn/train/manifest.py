@@ -35,6 +35,7 @@ NAME = "manifest.json"
 FORMAT = 1
 LIMIT = 64 << 20            # bytes of a manifest read: a few hundred bytes per file
 _HEX = re.compile(r"[0-9a-f]{64}")
+_SHARD = re.compile(r"__(\d+)_\d+\.distcp")   # a DCP shard and the rank that wrote it
 _CHUNK = 8 << 20
 
 
@@ -65,10 +66,8 @@ def digest(path: Path) -> tuple[int, str]:
 def own_files(names, rank: int, world: int) -> list[str]:
     """Which of a checkpoint's files ``rank`` hashes: the DCP shards it wrote (``__<rank>_*``), and on
     rank 0 every file no rank claims (``.metadata``)."""
-    claimed = re.compile(r"__(\d+)_\d+\.distcp")
-
     def owner(name: str) -> int:
-        m = claimed.fullmatch(name)
+        m = _SHARD.fullmatch(name)
         return int(m.group(1)) % world if m else 0
     return sorted(n for n in names if owner(n) == rank)
 
