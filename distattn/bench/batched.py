@@ -13,23 +13,8 @@ Each row is one causal document; fp32, 8 query and 4 KV heads of 64.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 from ..schedulers import NAMES
-
-
-def _time(fn, repeats: int) -> list[float]:
-    import torch.distributed as dist
-
-    out = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        dist.barrier()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 def _worker(schedulers, batch: int, seq_len: int, repeats: int) -> dict:
@@ -38,6 +23,7 @@ def _worker(schedulers, batch: int, seq_len: int, repeats: int) -> dict:
 
     import distattn
     from distattn.schedulers import spec
+    from distattn.timing import slowest_rank, time_interleaved
 
     group, world = dist.group.WORLD, dist.get_world_size()
     g = torch.Generator().manual_seed(0)
@@ -58,12 +44,10 @@ def _worker(schedulers, batch: int, seq_len: int, repeats: int) -> dict:
             for qkv in rows:
                 distattn.attention(*qkv, single).sum().backward()
 
-        one_call(), per_row()   # warm up
-        times = {"per_row": [], "batched": []}
-        for _ in range(repeats):   # alternate, so both see the same load
-            times["per_row"] += _time(per_row, 1)
-            times["batched"] += _time(one_call, 1)
-        result[name] = {way: statistics.median(t) for way, t in times.items()}
+        # alternating the two, so both see the same load; the first round warms up
+        times = time_interleaved([per_row, one_call], repeats, warmup=1, barrier=True, group=group)
+        per_row_s, batched_s = slowest_rank([t.median for t in times], group)
+        result[name] = {"per_row": per_row_s, "batched": batched_s}
     return result
 
 
@@ -86,8 +70,7 @@ def main(argv=None) -> None:
     ranks = run_distributed(_worker, args.world_size, names, args.batch, args.seq_len, args.repeats, timeout=3600)
     print(f"{'scheduler':<10} {'per-row ms':>11} {'batched ms':>11} {'speedup':>8}")
     for name in names:
-        per_row = max(r[name]["per_row"] for r in ranks) * 1e3
-        batched = max(r[name]["batched"] for r in ranks) * 1e3
+        per_row, batched = (ranks[0][name][way] * 1e3 for way in ("per_row", "batched"))
         print(f"{name:<10} {per_row:>11.1f} {batched:>11.1f} {per_row / batched:>7.2f}x")
 
 
