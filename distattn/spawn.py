@@ -100,8 +100,6 @@ def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, t
     import torch
     import torch.distributed as dist
 
-    from . import log
-
     _die_with_caller(lifeline)
     # Ctrl-C reaches the whole terminal process group: the caller alone decides, ranks do not
     # print a traceback each
@@ -151,9 +149,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
     lifeline, keep_alive = ctx.Pipe(duplex=False)   # this process holds the only writing end
     with tempfile.TemporaryDirectory(prefix="distattn-spawn-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
+        logging_ = log.settings()
         procs = [ctx.Process(target=_worker, daemon=True,
                              args=(fn, args, kwargs, rank, world_size, init_file, collective_timeout,
-                                   threads_per_rank, backend, results, lifeline, log.settings()))
+                                   threads_per_rank, backend, results, lifeline, logging_))
                  for rank in range(world_size)]
         term = _TermForwarder(procs)   # before the first start: a signal from now on reaches every rank
         try:

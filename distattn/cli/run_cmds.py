@@ -63,11 +63,13 @@ def _print_config(cfg) -> int:
 
 
 def _usable_checkpoint(out):
-    """The checkpoint a --resume would use, or None (also when none verifies)."""
+    """The newest checkpoint a --resume would start from, or None (also when none verifies). Its
+    structure only: naming it (on the way out after a signal, or on a torchrun restart) must not read
+    every byte of it; the resume itself checks the checksums and says which one it takes."""
     from ..train import checkpoint
 
     try:
-        return checkpoint.newest_usable(out / "ckpt")
+        return checkpoint.newest_usable(out / "ckpt", checksums=False)
     except (ValueError, OSError):
         return None
 

@@ -44,12 +44,9 @@ class SchedulerSpec:
         return import_module(f"{__name__}.{self.module or self.name}").build
 
     def own_shards(self, doc_lens, mesh, **options):
-        """This scheduler's own layout of ``doc_lens`` on ``mesh`` (a :class:`~distattn.mesh.MeshInfo`):
-        its ``layout``, else its planner module's ``own_shards(doc_lens, mesh, **options)``."""
-        if self.layout is not None:
-            from ..layout import Layout
-
-            return Layout(self.layout).shards(doc_lens, mesh.world_size)
+        """The layout of ``doc_lens`` on ``mesh`` (a :class:`~distattn.mesh.MeshInfo`) that a planner
+        with no default ``layout`` makes itself: its module's ``own_shards(doc_lens, mesh, **options)``."""
+        assert self.layout is None, f"{self.name}'s own layout is {self.layout!r}"
         return import_module(f"{__name__}.{self.module or self.name}").own_shards(doc_lens, mesh, **options)
 
     def accepts(self, option: str) -> bool:

@@ -186,8 +186,6 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
         cfg = resume_config(cfg, manifest.read(last))   # the launching process printed what changed
         start, data_state = checkpoint.load(last, model, optimizer)
         packer.load_state(data_state)
-    else:
-        cfg = cfg.replace(train={"lr_decay_steps": schedule_steps(cfg)})
     logger = RunLog(out, t.steps, start) if dist.get_rank() == 0 else None
     # usp's degree is the mesh's "ulysses" axis; the head count makes its plans refuse other K/V heads
     options = {"num_kv_heads": cfg.model.n_kv_heads} if dims.ulysses > 1 else {}
