@@ -162,7 +162,9 @@ def _cmd_train(args) -> int:
     talk(f"distattn train {args.config}: {cfg.world_size} rank(s) (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}, "
          f"{cfg.data.seq_len} tokens per sequence, {cfg.train.steps} steps -> {out}", flush=True)
     try:
-        history = run(cfg, resume=resume)
+        # a local run's checkpoint was hashed above, before any rank started: the ranks take it as it is
+        verified = start_from if resume and not launched and start_from is not None else None
+        history = run(cfg, resume=verified or resume)
     except Terminated as exc:
         print(_stopped(exc, out), file=sys.stderr)
         return exc.exit_code

@@ -149,10 +149,11 @@ class StopSignal:
             signal.signal(sig, signal.SIG_IGN if self.received else previous)
 
 
-def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
+def train(cfg: RunConfig, resume: bool | Path = False, stop: StopSignal | None = None,
           on_step: Callable[[dict], Any] | None = None) -> list[dict]:
     """Run on every rank of an initialised process group of ``cfg.world_size`` ranks; returns the metrics.
-    With ``stop``, a SIGTERM or SIGINT it received ends the run after the current step and its checkpoint;
+    ``resume``: True continues from the newest checkpoint whose checksums hold (the ranks hash their
+    shares); a path continues from that checkpoint, which the caller has verified already. With ``stop``, a SIGTERM or SIGINT it received ends the run after the current step and its checkpoint;
     ``on_step(metrics)`` is called on every rank after each step (progress, profiling)."""
     from ..mesh import ParallelDims
     from ..schedulers import spec
@@ -180,7 +181,7 @@ def train(cfg: RunConfig, resume: bool = False, stop: StopSignal | None = None,
     out = Path(t.out)
     start = 0
     if resume:
-        last = checkpoint.agreed_checkpoint(out / "ckpt", say=_log.info)
+        last = resume if isinstance(resume, Path) else checkpoint.agreed_checkpoint(out / "ckpt", say=_log.info)
         if last is None:
             raise ValueError(f"--resume: no checkpoint under {out / 'ckpt'}")
         cfg = resume_config(cfg, manifest.read(last))   # the launching process printed what changed
@@ -313,7 +314,7 @@ def _nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
     return " and ".join(bad) or None
 
 
-def _rank_entry(cfg: RunConfig, resume: bool) -> list[dict]:
+def _rank_entry(cfg: RunConfig, resume: bool | Path) -> list[dict]:
     with StopSignal() as stop:
         return train(cfg, resume, stop)
 
@@ -326,8 +327,9 @@ def process_group_backend(cfg: RunConfig, cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl" if cfg.parallel.cpu_offload else "nccl"
 
 
-def run(cfg: RunConfig, resume: bool = False) -> list[dict]:
-    """Train under torchrun (``RANK`` set) or on ``dp * cp`` local gloo processes; returns rank 0's metrics."""
+def run(cfg: RunConfig, resume: bool | Path = False) -> list[dict]:
+    """Train under torchrun (``RANK`` set) or on ``dp * cp`` local gloo processes; returns rank 0's metrics.
+    ``resume`` as :func:`train`'s."""
     if "RANK" in os.environ:
         # torchrun --max-restarts restarts the workers with the same arguments: pick up the last checkpoint
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
