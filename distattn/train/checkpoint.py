@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from . import manifest
 from .dcp_safe import SafeLoadPlanner, SafeReader, check_storage, read_metadata
-from .safe_io import WriteFailed, fsync_dir, one_line
+from .safe_io import WriteFailed, fsync_dir, one_line, remove
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 PARTIAL = ".partial"   # suffix of a checkpoint folder being written (see :func:`save`)
@@ -171,14 +171,6 @@ def _dcp_reason(exc: CheckpointException) -> str:
     return f"{one_line(error) if isinstance(error, BaseException) else error} (on rank {rank})"
 
 
-def _remove(path: Path) -> None:
-    """Delete a file, link (not what it points to) or folder, if there."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
 def save(directory: Path, model, optimizer, step: int, data_state: list[int], run: dict | None = None) -> None:
     """Save into ``directory`` (module docstring): written under ``directory.partial``, hashed, given a
     manifest, then renamed. ``WriteFailed`` on every rank, with the cause and the path, when any
@@ -194,7 +186,7 @@ def save(directory: Path, model, optimizer, step: int, data_state: list[int], ru
     error = None
     if rank == 0:   # what an earlier run left of this step, and room for this one
         try:
-            _remove(partial)
+            remove(partial)
             partial.mkdir(parents=True)
             need = room_needed(_state_bytes(state))
             free = shutil.disk_usage(partial).free
@@ -230,7 +222,7 @@ def save(directory: Path, model, optimizer, step: int, data_state: list[int], ru
     if error is None and rank == 0:
         try:
             manifest.write(partial, step, files, run or {})
-            _remove(directory)   # a save of this step that did not verify (the resume skipped it)
+            remove(directory)   # a save of this step that did not verify (the resume skipped it)
             os.replace(partial, directory)
             fsync_dir(directory.parent)
         except OSError as exc:

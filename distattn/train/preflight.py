@@ -13,12 +13,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from . import checkpoint
 from .config import RunConfig
-from .safe_io import open_lock
+from .safe_io import open_lock, remove
 
 # what a run writes under train.out (overwrite removes these and nothing else)
 RUN_FILES = ("metrics.jsonl", "tb", "ckpt")
@@ -141,11 +140,7 @@ def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=None, checksu
     used = [name for name in RUN_FILES if os.path.lexists(out / name)]   # a dangling link is not nothing
     if overwrite:
         for name in used:
-            path = out / name
-            if path.is_symlink() or not path.is_dir():   # a link goes alone: what it points to is not this run's
-                path.unlink()
-            else:
-                shutil.rmtree(path)
+            remove(out / name)   # a link goes alone: what it points to is not this run's
         if used:
             say(f"--overwrite: removed {', '.join(used)} from {out}")
         return None

@@ -63,7 +63,7 @@ import numpy as np
 
 from .data import FORMAT, FORMAT_VERSION, INDEX_LIMIT, INDEX_NAME, max_token, token_dtype
 from .readers import batches, bytes_before, decode, input_files, load_tokenizer
-from .safe_io import open_lock, read_regular
+from .safe_io import open_lock, read_regular, replace_text
 
 DEFAULT_SHARD_TOKENS = 2**28
 STATE_NAME = "prepare_state.json"
@@ -125,13 +125,8 @@ def _tokenized(jobs: Iterator[dict], tokenizer, workers: int) -> Iterator[tuple[
 
 # ---- writing shards ---------------------------------------------------------------------------
 def _write_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` to ``path`` atomically (a temp file renamed over it)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``obj`` to ``path`` atomically (:func:`~distattn.train.safe_io.replace_text`)."""
+    replace_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 class _ShardWriter:

@@ -11,6 +11,7 @@ have the pid written into another file); ``open_append`` opens a run's log the s
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -72,6 +73,14 @@ def one_line(exc: BaseException) -> str:
 class WriteFailed(RuntimeError):
     """Writing the run's output (a checkpoint, metrics) failed; the message is one line with the cause
     (errno text) and the path. What was written before is intact."""
+
+
+def remove(path: Path) -> None:
+    """Delete a file, a link (not what it points to) or a folder, if there."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def replace_text(path: Path, text: str) -> None:
