@@ -37,8 +37,6 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
-import torch.multiprocessing as mp
-
 from . import log
 
 
@@ -72,6 +70,8 @@ class RankError(RuntimeError):
 
 
 def _context():
+    import torch.multiprocessing as mp   # here, so that importing this module (the CLI's errors) needs no torch
+
     ctx = mp.get_context("forkserver")
     # Children fork from a server that has already imported torch: starting a
     # rank then costs milliseconds instead of a fresh interpreter's seconds.

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 
+from ..spawn import Terminated
 from . import ckpt_cmds, cluster_cmds, data_cmds, perf_cmds, run_cmds
 from ._args import Parser, examples
 
@@ -75,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"distattn {name}: interrupted", file=sys.stderr)
         return _stopping(130)
-    except Exception as exc:   # a signal the ranks were told of (spawn is loaded if ranks ran)
-        terminated = getattr(sys.modules.get("distattn.spawn"), "Terminated", None)
-        if terminated is None or not isinstance(exc, terminated):
-            raise
+    except Terminated as exc:   # a signal the ranks were told of
         print(f"distattn {name}: {exc}", file=sys.stderr)
         return _stopping(exc.exit_code)
     except _Stopped:
