@@ -14,13 +14,14 @@ import inspect
 import torch
 
 from . import ops
-from .executors import executor_for, resolve_options
+from .executors import ExecOptions, executor_for, resolve_options
 from .kernels import available_backends
 from .kernels.registry import check_sinks, check_softcap
 from .layout import Layout, Shards
 from .masks import SliceMask, as_doc_lens, batch_rows, check_window
 from .mesh import MeshInfo, resolve_mesh
 from .plans import Plan, flat_rows
+from .wire import check_comm_dtype
 from .schedulers import LOCAL, spec
 
 CONTIGUOUS = Layout("contiguous")
@@ -28,7 +29,8 @@ CONTIGUOUS = Layout("contiguous")
 
 def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window: int | None = None,
          backend: str = "auto", *, mask: SliceMask | None = None, layout: str | Layout | None = None,
-         device: torch.device | str | None = None, **options) -> Plan:
+         device: torch.device | str | None = None, deterministic: bool = False, comm_dtype: str | None = None,
+         **options) -> Plan:
     """Plan context-parallel attention for one packed sequence.
 
     Args:
@@ -64,6 +66,15 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         device: where this rank's q/k/v will live; default: the mesh's (the current CUDA
             device under NCCL or a CUDA ``DeviceMesh``, else CPU). The plan copies its kernel
             layouts and indices there once, so attention makes no host synchronisation.
+        deterministic: bitwise-equal results run to run for a fixed configuration (the same
+            documents, mesh, dtypes and devices): every executor sums in a fixed order, never with
+            atomics, and the kernels' backward has none (``backend="torch"`` on CUDA, whose
+            FlashAttention backward adds dQ with atomics, is refused: use ``"auto"``/``"triton"``).
+            On CPU the results are the same either way; on CUDA ``cad`` pays a few extra small kernels.
+        comm_dtype: how Q, K, V, out and dout travel between ranks: None (their own dtype) or
+            ``"fp8"`` (float8_e4m3, one fp32 scale per token and head: ~0.52x the bf16 bytes at
+            head dim 128; :mod:`distattn.wire`), dequantized on arrival; gradients travel in their
+            own dtype. Not for fp64 inputs (attention refuses them).
         options: scheduler-specific options (see each scheduler's module).
 
     Returns:
@@ -89,8 +100,14 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     entry = spec(scheduler)
     if backend != "auto" and backend not in available_backends():
         raise ValueError(f"backend={backend!r} is unknown; choose 'auto' or one of {available_backends()}")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
     chosen = Layout.of(layout)
     info = resolve_mesh(mesh)
+    if deterministic and backend == "torch" and torch.device(device or info.device).type == "cuda":
+        raise ValueError("deterministic=True with backend='torch' on CUDA: FlashAttention's backward adds dQ with "
+                         "atomics; use backend='auto' or 'triton' (no atomics)")
+    run = ExecOptions(deterministic=deterministic, comm_dtype=check_comm_dtype(comm_dtype))
     if chosen is None and entry.layout is not None:
         chosen = Layout(entry.layout)
     if rows is not None:  # every row cut alike, side by side: [B, S_local] on each rank
@@ -104,24 +121,28 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     if info.world_size == 1 and not options:
         shards = shards or CONTIGUOUS.shards(lens, 1)
         return _made(LOCAL.planner()(lens, info, scheduler=scheduler, shards=shards, **common), info, backend,
-                     device, {}, batch)
+                     device, {}, batch, run)
     planner = entry.planner()
     params = set(inspect.signature(planner).parameters)
-    accepted = sorted(params - {"doc_lens", "mesh", "shards", "scheduler", *common})
+    accepted = sorted(params - {"doc_lens", "mesh", "shards", "scheduler", "comm_dtype", *common})
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"unexpected option(s) {unknown} for scheduler={scheduler!r}; it accepts {accepted}")
     if "scheduler" in params:  # a planner serving several names (ring: ring and zigzag)
         common["scheduler"] = scheduler
+    if "comm_dtype" in params:  # a planner pricing the bytes it moves (cad)
+        common["comm_dtype"] = comm_dtype
     options, live = resolve_options(lens, shards, info, options)
-    return _made(planner(lens, info, shards=shards, **common, **options), info, backend, device, live, batch)
+    return _made(planner(lens, info, shards=shards, **common, **options), info, backend, device, live, batch, run)
 
 
-def _made(schedule, info: MeshInfo, backend: str, device, live: dict, batch: int | None) -> Plan:
+def _made(schedule, info: MeshInfo, backend: str, device, live: dict, batch: int | None,
+          run: ExecOptions) -> Plan:
     """The plan of ``schedule``: with this rank's executor, prepared on its device, unless dry."""
     if info.is_dry:
-        return Plan(schedule, backend, batch_size=batch)
-    plan_ = Plan(schedule, backend, info.rank, executor_for(schedule, info, backend, **live), batch_size=batch)
+        return Plan(schedule, backend, batch_size=batch, options=run)
+    plan_ = Plan(schedule, backend, info.rank, executor_for(schedule, info, backend, **live, options=run),
+                 batch_size=batch, options=run)
     plan_.prepare(device if device is not None else info.device)
     return plan_
 
@@ -131,9 +152,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
     """Exact attention of this rank's tokens under ``plan``; differentiable.
 
     Args:
-        q: ``[S_local, Hq, D]``; k, v: ``[S_local, Hkv, D]``, this rank's shards
-            (``plan.shard(x)``), ``Hq`` a multiple of ``Hkv``. Under a batched plan (``doc_lens``
-            one list per row): ``[B, S_local, Hq, D]`` and ``[B, S_local, Hkv, D]``, any strides
+        q: ``[S_local, Hq, D]``; k: ``[S_local, Hkv, D]``; v: ``[S_local, Hkv, Dv]``, this rank's
+            shards (``plan.shard(x)``), ``Hq`` a multiple of ``Hkv``. v may have a head dim of its
+            own (MLA, DeepSeek-V2/V3: ``D = 192``, ``Dv = 128``); ``Dv = D`` otherwise.
+            Under a batched plan (``doc_lens`` one list per row): ``[B, S_local, H, D]``, any strides
             (e.g. HF's ``[B, H, S, D]`` transposed; a non-contiguous input is copied once).
         plan: from :func:`plan`; every rank of its group must call with the same plan.
         scale: softmax scale, default ``1/sqrt(D)``.
@@ -155,7 +177,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
             :func:`distattn.pingpong.ping_pong`).
 
     Returns:
-        ``[S_local, Hq, D]`` (batched: ``[B, S_local, Hq, D]``) in q's dtype, in the same local
+        ``[S_local, Hq, Dv]`` (batched: ``[B, S_local, Hq, Dv]``) in q's dtype, in the same local
         token order as q.
     """
     if not isinstance(plan, Plan):

@@ -2,9 +2,10 @@
 through attention without a graph break (``train.compile``)::
 
     distattn::attention(q, k, v, sinks?, plan, scale, softcap?) -> Tensor[]
-        [out, *saved]: out [S_local, Hq, D] (q's local order), then what the backward keeps
+        [out, *saved]: out [S_local, Hq, Dv] (q's local order), then what the backward keeps
     distattn::attention_backward(dout, inputs Tensor?[5], saved Tensor[], plan, scale, softcap?,
                                  kv_shape SymInt[], kv_dtype) -> Tensor[]
+        kv_shape: [T, Hkv, Dk, Dv] (k is [T, Hkv, Dk], v [T, Hkv, Dv])
         [dq, dk, dv] (+ dsinks with sinks)
 
 The plan is an opaque *reference* object (``torch._library.opaque_object``): a compiled graph takes
@@ -111,24 +112,34 @@ def _saved_like(plan: Plan, known: tuple, size) -> object:
     return plan.executor.saved_like(q, k, v, out, sinks, size)
 
 
-def _meta_known(q_shape, q_dtype, kv_shape, kv_dtype, sinks) -> tuple:
+def _kv_shape(k: torch.Tensor, v: torch.Tensor) -> list[int]:
+    """``[T, Hkv, Dk, Dv]``: k's and v's shapes in one list (the backward op's ``kv_shape``)."""
+    return [*k.shape, v.shape[-1]]
+
+
+def _meta_known(rows: int, heads: int, dtype, kv_shape, kv_dtype, sinks) -> tuple:
+    """Empty q, k, v, sinks, out on the meta device: q ``[rows, heads, Dk]``, out ``[rows, heads, Dv]``."""
     meta = torch.device("meta")
-    q = torch.empty(q_shape, dtype=q_dtype, device=meta)
-    k, v = (torch.empty(kv_shape, dtype=kv_dtype, device=meta) for _ in range(2))
+    t, hkv, dk, dv = kv_shape
+    q = torch.empty((rows, heads, dk), dtype=dtype, device=meta)
+    k, v = (torch.empty((t, hkv, d), dtype=kv_dtype, device=meta) for d in (dk, dv))
     s = None if sinks is None else torch.empty(sinks.shape, dtype=sinks.dtype, device=meta)
-    return q, k, v, s, torch.empty(q_shape, dtype=q_dtype, device=meta)
+    return q, k, v, s, torch.empty((rows, heads, dv), dtype=dtype, device=meta)
 
 
-def _expected(plan: Plan, known: tuple) -> tuple[object, list[torch.Tensor]]:
+def _expected(plan: Plan, known: tuple, kv_shape=None, kv_dtype=None) -> tuple[object, list[torch.Tensor]]:
     """The skeleton of the executor's saved state for inputs shaped as ``known``, and its new
-    tensors (on the meta device)."""
-    q, k, _, sinks, _ = known
-    meta = _meta_known(q.shape, q.dtype, k.shape, k.dtype, sinks)
+    tensors (on the meta device). In the backward ``known`` has dout for q and no k, v: their
+    shapes come as ``kv_shape`` (:func:`_kv_shape`) and ``kv_dtype``."""
+    q, k, v, sinks, _ = known
+    if kv_shape is None:
+        kv_shape, kv_dtype = _kv_shape(k, v), k.dtype
+    meta = _meta_known(*q.shape[:2], q.dtype, kv_shape, kv_dtype, sinks)
     return flatten(_saved_like(plan, meta, int), meta, None)
 
 
-def _skeleton(plan: Plan, known: tuple) -> object:
-    return _expected(plan, known)[0]
+def _skeleton(plan: Plan, known: tuple, kv_shape=None, kv_dtype=None) -> object:
+    return _expected(plan, known, kv_shape, kv_dtype)[0]
 
 
 def forward(q, k, v, sinks, plan: Plan, scale: float, softcap, prefetch=None) -> list[torch.Tensor]:
@@ -151,7 +162,7 @@ def backward(dout, known: list, new: list, plan: Plan, scale: float, softcap, kv
     """``[dq, dk, dv]`` (+ ``dsinks`` in sinks' dtype); ``known``: the op's tensors the saved state
     names (None where it does not)."""
     sinks = known[3]
-    skeleton = _skeleton(plan, (dout, torch.empty(kv_shape, dtype=kv_dtype, device="meta"), None, sinks, None))
+    skeleton = _skeleton(plan, (dout, None, None, sinks, None), kv_shape, kv_dtype)
     saved = unflatten(skeleton, [*known, *new])
     (dout_c,) = plan.to_compute_order(dout)
     dq, dk, dv, dsinks = plan.executor.backward(dout_c.contiguous(), saved, scale, softcap, sinks)
@@ -179,7 +190,7 @@ def _saved_for_backward(ctx, known: tuple, new: list, plan, scale, softcap) -> N
     """Keep for the backward: the op's tensors the saved state names (sinks always: the backward
     takes them; the others None), then the new ones."""
     ctx.plan, ctx.scale, ctx.softcap = plan, scale, softcap
-    ctx.kv_shape, ctx.kv_dtype = list(known[1].shape), known[1].dtype
+    ctx.kv_shape, ctx.kv_dtype = _kv_shape(known[1], known[2]), known[1].dtype
     skeleton = _skeleton(_real(plan), known)
     ctx.save_for_backward(*(t if i == 3 or _uses(skeleton, i) else None for i, t in enumerate(known)), *new)
 
@@ -218,7 +229,7 @@ if AVAILABLE:
         real = _real(plan)
         real.check_local_qkv(q, k, v)
         ctx = torch.library.get_ctx()
-        out = q.new_empty(q.shape)
+        out = q.new_empty((*q.shape[:2], v.shape[2]))
         known = (q, k, v, sinks, out)
         saved = _saved_like(real, known, lambda n: ctx.new_dynamic_size())
         return [out, *flatten(saved, known, _skeleton(real, known))[1]]
@@ -231,9 +242,10 @@ if AVAILABLE:
 
     @attention_backward_op.register_fake
     def _(dout, known, new, plan, scale, softcap, kv_shape, kv_dtype):
-        dk_dv = [dout.new_empty(kv_shape, dtype=kv_dtype) for _ in range(2)]
+        t, hkv, dk, dv = kv_shape
+        dk_dv = [dout.new_empty((t, hkv, d), dtype=kv_dtype) for d in (dk, dv)]
         sinks = known[3]
-        return [dout.new_empty(dout.shape), *dk_dv, *([] if sinks is None else [torch.empty_like(sinks)])]
+        return [dout.new_empty((*dout.shape[:2], dk)), *dk_dv, *([] if sinks is None else [torch.empty_like(sinks)])]
 
     @torch._dynamo.disable   # run as it is where dynamo meets it as a frame of its own (after a graph break)
     def _setup_context(ctx, inputs, output):

@@ -90,7 +90,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_l
     """Exact attention of a whole packed sequence on one device (differentiable).
 
     Args:
-        q: ``[S, Hq, D]``; k, v: ``[S, Hkv, D]`` with ``Hq % Hkv == 0``.
+        q: ``[S, Hq, D]``; k: ``[S, Hkv, D]``; v: ``[S, Hkv, Dv]`` (MLA: its own head dim), ``Hq % Hkv == 0``.
         doc_lens: document lengths summing to ``S``; documents never see each other. May be None
             when ``mask`` is given.
         causal, window, scale: as in :func:`distattn.plan` / :func:`distattn.kernels.attn_fwd`.
@@ -100,7 +100,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_l
         sinks: ``[Hq]`` logits of attention sinks (a key with value 0 in every row's softmax).
         softcap: ``c > 0``: scores ``s`` become ``c * tanh(s / c)`` before masking.
 
-    Returns ``out [S, Hq, D]`` (and ``lse``). Compute in fp64 for an oracle; every input,
+    Returns ``out [S, Hq, Dv]`` (v's head dim; and ``lse``). Compute in fp64 for an oracle; every input,
     ``sinks`` included, gets gradients through autograd.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -115,9 +115,10 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_l
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"q, k, v must have the same number of tokens, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
     window = check_window(window)
-    if k.shape != v.shape or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+    if k.shape[1] != v.shape[1] or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
         raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
-                         f"need k == v shape, equal head_dim and q heads a multiple of k heads")
+                         f"need k and v heads equal, q and k head_dim equal (v may have its own) and q heads a "
+                         f"multiple of k heads")
     total = q.shape[0]
     if mask is not None:
         if not hasattr(mask, "dense"):

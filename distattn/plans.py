@@ -30,11 +30,12 @@ import numpy as np
 import torch
 
 from .comm import Comm
-from .executors.base import DeviceIndex, Executor
+from .executors.base import DeviceIndex, ExecOptions, Executor
 from .kernels import check_qkv
 from .layout import Shards, token_index
 from .masks import MaskSlice, SliceMask
 from .schedule import AttnShape, Phase, Schedule, imbalance
+from .wire import check_comm_dtype
 
 try:  # an opaque object can be a custom op's argument (distattn.ops)
     from torch._opaque_base import OpaqueBase as PlanBase
@@ -55,9 +56,11 @@ class Plan(PlanBase):
     executor: Executor | None = field(repr=False)      # None when dry
     local_order: tuple[DeviceIndex, DeviceIndex] | None = field(repr=False)  # (to compute order, back)
     batch_size: int | None = None   # B of a batched plan (rows side by side in the schedule); None: one sequence
+    options: ExecOptions = ExecOptions()   # deterministic (and the executor's other run options)
 
     def __init__(self, schedule: Schedule | None = None, backend: str = "auto", rank: int | None = None,
-                 executor=None, *, group=None, batch_size: int | None = None, **layout):
+                 executor=None, *, group=None, batch_size: int | None = None, options: ExecOptions = ExecOptions(),
+                 **layout):
         """``Plan(schedule, backend, rank, executor)`` (what ``distattn.plan`` builds), or a plan of
         token ownership alone, as plans were made before schedules were data:
         ``Plan(scheduler=, doc_lens=, causal=, window=, backend=, world_size=, rank=, group=, owned=)``
@@ -72,7 +75,7 @@ class Plan(PlanBase):
         if order is not None:
             order = (DeviceIndex(order), DeviceIndex(np.argsort(order).astype(np.int64)))
         for name, value in (("schedule", schedule), ("backend", backend), ("rank", rank), ("executor", executor),
-                            ("local_order", order), ("batch_size", batch_size)):
+                            ("local_order", order), ("batch_size", batch_size), ("options", options)):
             object.__setattr__(self, name, value)
 
     # ---- the schedule's facts ------------------------------------------------------------------
@@ -117,6 +120,16 @@ class Plan(PlanBase):
         return None if self.executor is None else self.executor.rank
 
     @property
+    def comm_dtype(self) -> str | None:
+        """How Q, K, V, out and dout travel: None (their dtype) or ``"fp8"`` (:mod:`distattn.wire`)."""
+        return self.options.comm_dtype
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether results are bitwise equal run to run (``distattn.plan(deterministic=True)``)."""
+        return self.options.deterministic
+
+    @property
     def is_dry(self) -> bool:
         return self.rank is None
 
@@ -157,7 +170,7 @@ class Plan(PlanBase):
     def stats(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> dict:
         """Per-rank forward attention ``flops``, ``tokens`` and ``send_bytes`` (lists indexed by
         rank) plus ``flops_imbalance`` and ``token_imbalance`` (max / mean)."""
-        return self.schedule.stats(num_heads, num_kv_heads, head_dim, dtype_bytes)
+        return self.schedule.stats(num_heads, num_kv_heads, head_dim, dtype_bytes, self.comm_dtype == "fp8")
 
     # ---- this rank -------------------------------------------------------------------------------
     def _require_rank(self, what: str) -> int:
@@ -255,6 +268,7 @@ class Plan(PlanBase):
         communication, so a bad input fails on its rank instead of stalling the others."""
         rank = self._require_rank("attention")
         check_qkv(q, k, v)
+        check_comm_dtype(self.comm_dtype, q.dtype)
         n = self.num_tokens(rank)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.shape[0] != n:
@@ -269,7 +283,7 @@ class Plan(PlanBase):
         pass the same heads, head_dim and dtype, and all or none pass ``sinks``, with one ``softcap``
         (see module docstring)."""
         self.check_local_qkv(q, k, v)
-        self.executor.check_agreement(q, k, sinks=sinks is not None, softcap=softcap)
+        self.executor.check_agreement(q, k, v, sinks=sinks is not None, softcap=softcap)
 
     def to_compute_order(self, *xs: torch.Tensor, back: bool = False) -> list[torch.Tensor]:
         """This rank's tensors (token dim 0) from their local order to the executors' compute order

@@ -53,6 +53,7 @@ class AttnShape:
     num_kv_heads: int
     head_dim: int
     dtype_bytes: int = 2
+    comm_fp8: bool = False   # Q, K, V, out and dout travel as FP8 with a scale per token and head (distattn.wire)
 
     def __post_init__(self):
         check_positive_ints(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
@@ -73,6 +74,10 @@ class AttnShape:
     def kv_row(self) -> int:
         """Bytes of one token of K and V."""
         return 2 * self.row_bytes(self.num_kv_heads)
+
+    def wire_row(self, heads: int) -> int:
+        """Bytes of one token of ``heads`` heads of Q, K, V, out or dout as it travels (:mod:`distattn.wire`)."""
+        return heads * (self.head_dim + 4) if self.comm_fp8 else self.row_bytes(heads)
 
     def flops(self, pairs, heads: int | None = None, backward: bool = False):
         """Attention FLOPs of ``pairs`` visible (query, key) pairs over ``heads`` (default: all)."""
@@ -226,10 +231,12 @@ class Schedule:
         """Global start offset of each document."""
         return np.concatenate([[0], np.cumsum(self.doc_lens[:-1], dtype=np.int64)]).astype(np.int64)
 
-    def stats(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> dict:
+    def stats(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2,
+              comm_fp8: bool = False) -> dict:
         """Per-rank forward attention ``flops``, ``tokens`` and forward ``send_bytes`` (lists indexed by
-        rank), summed from :meth:`phases`, plus ``flops_imbalance`` and ``token_imbalance`` (max / mean)."""
-        shape = AttnShape(num_heads, num_kv_heads, head_dim, dtype_bytes)
+        rank), summed from :meth:`phases`, plus ``flops_imbalance`` and ``token_imbalance`` (max / mean).
+        ``comm_fp8``: Q, K, V, out and dout travel as FP8 (``comm_dtype="fp8"``)."""
+        shape = AttnShape(num_heads, num_kv_heads, head_dim, dtype_bytes, comm_fp8)
         p = self.stat_ranks
         flops, send = [0] * p, [0] * p
         for ph in self.phases(shape):

@@ -42,7 +42,7 @@ def _finite(lse):
 def reference_fwd(q, k, v, seg, scale, softcap=None):
     dtype = torch.float64
     group = q.shape[1] // k.shape[1]
-    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    out = torch.zeros((*q.shape[:2], v.shape[2]), dtype=dtype, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
     for q0, q1, k0, k1, lo, hi in seg.segments():
         if q1 == q0 or k1 == k0:

@@ -74,7 +74,8 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """``ValueError`` unless q ``[T, Hq, D]`` and k, v ``[T', Hkv, D]`` agree (dtype, device, GQA)."""
+    """``ValueError`` unless q ``[T, Hq, Dqk]``, k ``[T', Hkv, Dqk]`` and v ``[T', Hkv, Dv]`` agree (dtype,
+    device, GQA). V may have a head dim of its own (MLA: ``Dqk = 192``, ``Dv = 128``)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor [tokens, heads, head_dim], got "
@@ -85,10 +86,12 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k and v shapes differ in tokens or heads: {tuple(k.shape)} vs {tuple(v.shape)} (only "
+                         f"their head dims may differ)")
     if q.shape[2] != k.shape[2]:
-        raise ValueError(f"head_dim mismatch: q has {q.shape[2]}, k/v have {k.shape[2]}")
+        raise ValueError(f"head_dim mismatch: q has {q.shape[2]}, k has {k.shape[2]} (q and k share a head dim; "
+                         f"v may have its own)")
     hq, hkv = q.shape[1], k.shape[1]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA/MQA")
@@ -133,6 +136,13 @@ def _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, causal, window) -> Va
     return Varlen.from_tensors(cu_seqlens_q, cu_seqlens_k, q_offset, q.shape[0], k.shape[0], bool(causal), window)
 
 
+def _check_out(dout, out, q, v) -> None:
+    shape = (*q.shape[:2], v.shape[2])
+    if dout.shape != shape or out.shape != shape:
+        raise ValueError(f"dout and out must have q's shape with v's head dim, [Tq, Hq, Dv] = {shape}, got "
+                         f"{tuple(dout.shape)} and {tuple(out.shape)}")
+
+
 def _check_layout(q, k, seg: Varlen) -> None:
     if not isinstance(seg, Varlen):
         raise ValueError(f"seg must be a distattn.kernels.Varlen, got {type(seg).__name__}")
@@ -156,13 +166,14 @@ def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Varlen, *
     """Forward over a layout validated in advance (shape checks only, no sync).
 
     Args:
-        q: ``[Tq, Hq, D]``; k, v: ``[Tk, Hkv, D]`` with ``Hq % Hkv == 0``; ``Tq``/``Tk`` = ``seg``'s totals.
+        q: ``[Tq, Hq, Dqk]``; k: ``[Tk, Hkv, Dqk]``; v: ``[Tk, Hkv, Dv]`` with ``Hq % Hkv == 0``;
+            ``Tq``/``Tk`` = ``seg``'s totals.
         seg: the segments and their band mask (:class:`~distattn.kernels.Varlen`).
         scale: softmax scale (a positive float; :func:`attn_fwd` defaults it).
         softcap: None or ``c > 0``: scores ``s = scale * q.k`` become ``c * tanh(s / c)`` before masking.
         backend: as in :func:`attn_fwd`.
 
-    Returns ``out [Tq, Hq, D]`` (q's dtype), ``lse [Tq, Hq]`` (fp32; fp64 for fp64 inputs).
+    Returns ``out [Tq, Hq, Dv]`` (q's dtype), ``lse [Tq, Hq]`` (fp32; fp64 for fp64 inputs).
     """
     check_qkv(q, k, v)
     _check_layout(q, k, seg)
@@ -180,14 +191,13 @@ def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
     ``out``/``lse`` are the rows' *final* ones (see :func:`attn_bwd`). ``delta``:
     ``rowsum(dout * out)`` ``[Tq, Hq]`` fp32 if the caller already has it (computed once per
-    backward, not per block). Returns ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in the inputs' dtype.
+    backward, not per block). ``dout``/``out``: ``[Tq, Hq, Dv]``. Returns ``dq [Tq, Hq, Dqk]``,
+    ``dk [Tk, Hkv, Dqk]``, ``dv [Tk, Hkv, Dv]`` in the inputs' dtype.
     """
     check_qkv(q, k, v)
     _check_layout(q, k, seg)
     softcap = check_softcap(softcap)
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout and out must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)} "
-                         f"and {tuple(out.shape)}")
+    _check_out(dout, out, q, v)
     for name, t in (("lse", lse), ("delta", delta)):
         if t is not None and t.shape != q.shape[:2]:
             raise ValueError(f"{name} must have shape [Tq, Hq] = {tuple(q.shape[:2])}, got {tuple(t.shape)}")
@@ -206,13 +216,14 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: to
     """Varlen attention forward over a packed batch of segments.
 
     Args:
-        q: ``[Tq, Hq, D]``; k, v: ``[Tk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA/MQA).
+        q: ``[Tq, Hq, Dqk]``; k: ``[Tk, Hkv, Dqk]``; v: ``[Tk, Hkv, Dv]`` with ``Hq % Hkv == 0``
+            (GQA/MQA); V's head dim may differ from Q/K's (MLA).
         cu_seqlens_q, cu_seqlens_k: int ``[n_seg + 1]`` offsets. Segment ``i`` of q,
             ``q[cu_q[i]:cu_q[i+1]]``, attends to ``k/v[cu_k[i]:cu_k[i+1]]`` only.
         causal: bottom-right aligned: with ``m`` queries and ``n`` keys, query ``i``
             sits at key position ``i + n - m`` and sees keys at or before it.
         window: if set, a query at position ``p`` sees only keys ``j`` with ``|p - j| < window``.
-        scale: softmax scale, default ``1/sqrt(D)``.
+        scale: softmax scale, default ``1/sqrt(Dqk)``.
         backend: ``"auto"`` (torch on CPU, triton on CUDA), ``"triton"``, ``"torch"`` (PyTorch's own
             kernels: CPU flash attention, or FlashAttention-2 varlen on CUDA), ``"reference"``.
         q_offset: extension, int ``[n_seg]`` or None: shifts segment ``i``'s queries to key
@@ -224,7 +235,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: to
             with score ``sinks[h]`` and value 0 in every row's softmax.
 
     Returns:
-        ``out [Tq, Hq, D]`` in q's dtype and ``lse [Tq, Hq]`` (natural log; fp32, or fp64
+        ``out [Tq, Hq, Dv]`` in q's dtype and ``lse [Tq, Hq]`` (natural log; fp32, or fp64
         for fp64 inputs; with sinks, the sink is counted in it). Rows that see no key give
         ``out = 0`` and ``lse = -inf`` (``lse = sinks[h]`` with sinks).
 
@@ -252,17 +263,17 @@ def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     differentiated independently and their dq summed. With ``sinks``, pass the ``out``/``lse``
     that :func:`attn_fwd` returned (sink included).
 
-    Returns ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]`` in the inputs' dtype; with ``sinks``
-    also ``dsinks [Hq]`` in the sinks' dtype: ``(dq, dk, dv, dsinks)``.
+    ``dout``/``out``: ``[Tq, Hq, Dv]``. Returns ``dq [Tq, Hq, Dqk]``, ``dk [Tk, Hkv, Dqk]``, ``dv [Tk, Hkv, Dv]``
+    in the inputs' dtype; with ``sinks`` also ``dsinks [Hq]`` in the sinks' dtype: ``(dq, dk, dv, dsinks)``.
     """
     seg = _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, q_offset, causal, window)
     sinks = check_sinks(sinks, q)
     scale = check_scale(scale, q.shape[2])
     if sinks is None:
         return varlen_bwd(dout, q, k, v, out, lse, seg, scale=scale, softcap=softcap, backend=backend)
-    if dout.shape != q.shape or out.shape != q.shape or lse.shape != q.shape[:2]:
-        raise ValueError(f"dout/out must have q's shape {tuple(q.shape)} and lse [Tq, Hq], got "
-                         f"{tuple(dout.shape)}, {tuple(out.shape)}, {tuple(lse.shape)}")
+    _check_out(dout, out, q, v)
+    if lse.shape != q.shape[:2]:
+        raise ValueError(f"lse must have shape [Tq, Hq] = {tuple(q.shape[:2])}, got {tuple(lse.shape)}")
     delta = row_delta(dout, out)
     dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, seg, scale=scale, softcap=softcap, backend=backend,
                             delta=delta)

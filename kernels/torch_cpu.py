@@ -21,9 +21,9 @@ need at most a small mask:
 Partial results merge by log-sum-exp. Rows that see no key are left out of
 every tile and keep ``out = 0``, ``lse = -inf``.
 
-Logit soft-capping (``softcap``) goes through :mod:`.torch_math` instead (plain
-PyTorch ops, block by block, forward and a hand-written backward): the fused op
-has no soft-cap.
+Logit soft-capping (``softcap``) and a value head dim of its own (MLA: q/k 192, v 128) go
+through :mod:`.torch_math` instead (plain PyTorch ops, block by block, forward and a
+hand-written backward): the fused op has no soft-cap and wants one head dim.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _bhld(x: torch.Tensor) -> torch.Tensor:
 
 
 def torch_fwd(q, k, v, seg, scale, softcap=None):
-    if softcap is not None:
+    if softcap is not None or v.shape[-1] != q.shape[-1]:
         return math_fwd(q, k, v, seg, scale, softcap)
     dtype = acc_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=dtype)
@@ -108,7 +108,7 @@ def torch_fwd(q, k, v, seg, scale, softcap=None):
 
 
 def torch_bwd(dout, q, k, v, out, lse, seg, scale, softcap=None, delta=None):
-    if softcap is not None:
+    if softcap is not None or v.shape[-1] != q.shape[-1]:
         return math_bwd(dout, q, k, v, out, lse, seg, scale, softcap, delta)
     dtype = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dtype)

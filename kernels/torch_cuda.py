@@ -24,8 +24,9 @@ ring blocks whose keys all precede the queries) is one call on the tensors as
 they are, several groups gather their rows. FlashAttention marks rows that see
 no key with ``lse = +inf``; ours is ``-inf`` both ways.
 
-Logit soft-capping (``softcap``) runs :mod:`.torch_math` (plain PyTorch ops, any
-band, any float dtype): PyTorch's FlashAttention ops take no soft-cap.
+Logit soft-capping (``softcap``) and a value head dim of its own (MLA) run
+:mod:`.torch_math` (plain PyTorch ops, any band, any float dtype): PyTorch's
+FlashAttention ops take no soft-cap and one head dim.
 
 FlashAttention computes fp16/bf16 with ``head_dim`` a multiple of 8 up to 256;
 use ``backend="triton"`` for fp32.
@@ -151,7 +152,7 @@ def _rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 
 
 def flash_fwd(q, k, v, seg: Varlen, scale, softcap=None):
-    if softcap is not None:
+    if softcap is not None or v.shape[-1] != q.shape[-1]:
         return math_fwd(q, k, v, seg, scale, softcap)
     _check(q)
     out = torch.zeros_like(q)
@@ -176,7 +177,7 @@ def _dummies(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def flash_bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=None):
-    if softcap is not None:
+    if softcap is not None or v.shape[-1] != q.shape[-1]:
         return math_bwd(dout, q, k, v, out, lse, seg, scale, softcap, delta)
     _check(q)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

@@ -1,5 +1,5 @@
 """Attention in plain PyTorch ops, block by block, on any device: the ``torch`` backend's path for
-what PyTorch's fused kernels cannot do (logit soft-capping).
+what PyTorch's fused kernels cannot do (logit soft-capping; v with a head dim of its own, MLA).
 
 Per segment, query blocks of up to ``_ROWS`` rows (fewer when the keys are many, so that a block's
 scores stay under ``_BUDGET`` elements) against only the keys the block's band can reach; scores,
@@ -76,7 +76,7 @@ def _grouped(x: torch.Tensor, hkv: int) -> torch.Tensor:
 def math_fwd(q, k, v, seg, scale: float, softcap: float | None):
     dtype = acc_dtype(q.dtype)
     hq, hkv = q.shape[1], k.shape[1]
-    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    out = torch.zeros((*q.shape[:2], v.shape[2]), dtype=dtype, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
     for q0, q1, k0, k1, lo, hi in seg.segments():
         for b0, b1, c0, c1 in blocks(q1 - q0, k1 - k0, lo, hi, hq):

@@ -55,9 +55,19 @@ attention transfers hidden behind the other's linear layers (DistCA's ping-pong,
 (Megatron's ``TransformerLayer``, the same submodules); its module docstring tells how, and what
 it runs as one nano-batch or refuses.
 
+**Multi-latent attention** (DeepSeek-V2/V3): ``get_gpt_layer_spec(multi_latent_attention=True)`` is
+Megatron's local MLA spec (``MLASelfAttention``, with an ``MLATransformerConfig``) with this core
+attention. MLA hands it query and key of head dim ``qk_head_dim + qk_pos_emb_head_dim`` (DeepSeek: 192)
+and value of ``v_head_dim`` (128), unpadded, RoPE (``rope`` or ``yarn``) already applied on Megatron's
+CP split, and its own softmax scale (YaRN's mscale included); every scheduler takes v with a head dim
+of its own. Batches: sbhd without ``packed_seq_params``, or thd (Megatron-core 0.16's MLA itself fails
+on sbhd with ``packed_seq_params``, in its RoPE). Nano-batches need ``SelfAttention``: an MLA layer
+runs one (``nano_batches=2`` is refused).
+
 The CP group comes from ``pg_collection.cp`` or, without one, from
-``megatron.core.parallel_state``. Shapes: query ``[s/cp, b, Hq, D]`` (``thd``:
-``[t/cp, Hq, D]``), key/value ``[s/cp, b, Hkv, D]``, output ``[s/cp, b, Hq * D]``.
+``megatron.core.parallel_state``. Shapes: query ``[s/cp, b, Hq, D]`` (``thd``: ``[t/cp, Hq, D]``),
+key ``[s/cp, b, Hkv, D]``, value ``[s/cp, b, Hkv, Dv]`` (``Dv = D`` but under MLA), output
+``[s/cp, b, Hq * Dv]``.
 """
 
 from __future__ import annotations
@@ -133,9 +143,12 @@ class DistAttnCoreAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str = "self",
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None, scheduler: str = "zigzag",
-                 cad_pool: str | None = None, plans: PlanCache | None = None):
+                 cad_pool: str | None = None, plans: PlanCache | None = None, *, k_channels: int | None = None,
+                 v_channels: int | None = None):
         super().__init__(config=config)
         check_scheduler(scheduler, cad_pool)
+        # MLA (MLASelfAttention) names the head dims of query/key and of value, which differ
+        self.k_channels, self.v_channels = k_channels, v_channels
         if attention_type != "self":
             raise ValueError(f"DistAttnCoreAttention runs self-attention, got attention_type={attention_type!r}")
         if (attention_dropout if attention_dropout is not None else config.attention_dropout):
@@ -242,6 +255,14 @@ class DistAttnCoreAttention(MegatronModule):
             # the plans are built for the mask type the layer was made with; never run the other one silently
             raise ValueError(f"attn_mask_type={attn_mask_type} at forward disagrees with the layer's "
                              f"{'causal' if self.causal else 'non-causal'} mask type given at construction")
+        if value is None:   # MLA's absorbed decoding (cache_mla_latents) hands latents, not values
+            raise ValueError("DistAttnCoreAttention needs value; MLA's cache_mla_latents (absorbed inference) "
+                             "is not supported")
+        for name, t, want in (("k_channels", query, self.k_channels), ("k_channels", key, self.k_channels),
+                              ("v_channels", value, self.v_channels)):
+            if want is not None and t.shape[-1] != want:
+                raise ValueError(f"{name}={want} given at construction, but a head dim of {t.shape[-1]} arrived "
+                                 f"(query/key {query.shape[-1]}/{key.shape[-1]}, value {value.shape[-1]})")
         if query.dim() == 3:  # packed "thd": [t, h, d], batch squeezed away by Megatron
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         s_local, batch = query.shape[0], query.shape[1]
@@ -289,7 +310,11 @@ def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, n
     core attention (``cad_pool="dp"``: CAD balanced over every data-parallel replica of a stage; see
     module docstring). ``nano_batches``: 1, 2 (packed batches ping-ponged through the layers as two
     nano-batches: :mod:`distattn.parallel.megatron_pingpong`), or None, the scheduler's default (2 for
-    ``cad``, where the layers can run it). The spec's layers share one :class:`PlanCache`."""
+    ``cad``, where the layers can run it). The spec's layers share one :class:`PlanCache`.
+
+    ``multi_latent_attention=True`` (one of ``kwargs``): Megatron's local MLA layer
+    (``MLASelfAttention``, for a model built with an ``MLATransformerConfig``) with this core
+    attention; q/k and v head dims may differ (module docstring). Its layers run one nano-batch."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -298,6 +323,8 @@ def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, n
         raise ValueError(f"nano_batches={nano_batches!r} is not supported; choose 1, 2 (two nano-batches "
                          f"ping-ponged through the layers) or None (scheduler={scheduler!r}'s default, "
                          f"{scheduler_spec(scheduler).nano_batches})")
+    if kwargs.get("multi_latent_attention"):
+        _mla_without_te()
     spec = get_gpt_layer_local_spec(**kwargs)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=DistAttnCoreAttention, params={"scheduler": scheduler, "cad_pool": cad_pool, "plans": PlanCache()})
@@ -307,3 +334,14 @@ def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, n
         spec.module = PingPongLayer
         spec.params = {**spec.params, "nano_batches": nano_batches, "state": PingPongState()}
     return spec
+
+
+def _mla_without_te() -> None:
+    """Let Megatron's MLA build on the local spec when TransformerEngine is missing: Megatron-core (0.16)
+    then defines ``TELinear`` on a mock, which its MLA module's import of it does not notice (its
+    ``HAVE_TE`` stays True), so ``MultiLatentAttention.__init__`` calls ``isinstance(linear_proj,
+    TELinear)`` on a non-class -- a ``TypeError``. The flag is corrected only when it is that wrong."""
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if getattr(mla, "HAVE_TE", False) and not isinstance(getattr(mla, "TELinear", None), type):
+        mla.HAVE_TE = False

@@ -105,22 +105,26 @@ def _fake_matches_real(scheduler: str, options: dict) -> list[str]:
 
     from distattn import ops
 
+    options = dict(options)
+    dv = options.pop("head_dim_v", 8)
     plan = distattn.plan(DOCS, dist.group.WORLD, scheduler=scheduler, **options)
     n = plan.num_local_tokens
     q = torch.randn(n, 4, 8, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(n, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k, v = (torch.randn(n, 2, d, dtype=torch.float64, requires_grad=True) for d in (8, dv))
     sinks = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     return [str(torch.library.opcheck(ops.attention_op, (q, k, v, s, plan, 0.3, None),
                                       test_utils=("test_autograd_registration", "test_faketensor")))
             for s in (None, sinks)]
 
 
-@pytest.mark.parametrize("scheduler,options", [("cad", {}), ("ulysses", {"head_groups": 2}),
+@pytest.mark.parametrize("scheduler,options", [("cad", {"head_dim_v": 6}),
+                                               ("ulysses", {"head_groups": 2, "head_dim_v": 6}),
                                                ("zigzag", {"layout": "contiguous"}), ("allgather", {})])
 def test_fake_kernel_matches_the_executor(scheduler, options):
     """``torch.library.opcheck``: the op's fake kernel (``Executor.saved_like``: what compiling
     traces) gives the shapes, strides and dtypes the executor really returns, and its autograd is
-    registered (sinks or not; head groups with GQA; a layout the executor reorders)."""
+    registered (sinks or not; head groups with GQA; a layout the executor reorders; v with a head dim
+    of its own, MLA)."""
     for per_rank in run_distributed(_fake_matches_real, 2, scheduler, options, timeout=300):
         assert all("FAIL" not in r and "SUCCESS" in r for r in per_rank), per_rank
 

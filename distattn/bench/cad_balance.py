@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from dataclasses import replace
 
 import numpy as np
 
@@ -57,17 +58,19 @@ def job_options(name: str, network=None) -> dict:
                                   head_dim=SHAPE.head_dim, dtype_bytes=SHAPE.dtype_bytes, network=network)
 
 
-def table(ranks_list, tokens_per_rank: int, pool, seed: int = 0, network=None) -> list[dict]:
-    rows = []
+def table(ranks_list, tokens_per_rank: int, pool, seed: int = 0, network=None,
+          comm_dtype: str | None = None) -> list[dict]:
+    """``comm_dtype="fp8"``: Q, K, V, out and dout travel as FP8 (plans, bytes and bounds alike)."""
+    rows, shape = [], replace(SHAPE, comm_fp8=comm_dtype == "fp8")
     for ranks in ranks_list:
         docs = pack(ranks * tokens_per_rank, pool, seed=seed)
         bounds = None
         for name, options in (("cad", {}), ("cad", {"epsilon": 0.02}), ("zigzag", {}), ("ring", {})):
-            timing = time_calls(lambda: plan(docs, ranks, scheduler=name, **job_options(name, network), **options),
-                                repeats=1)
+            timing = time_calls(lambda: plan(docs, ranks, scheduler=name, comm_dtype=comm_dtype,
+                                             **job_options(name, network), **options), repeats=1)
             p, planned = timing.result, timing.seconds[0]
             st = p.stats(32, 8, 128, 2)
-            comm = [ph for ph in p.schedule.phases(SHAPE) if ph.is_comm]
+            comm = [ph for ph in p.schedule.phases(shape) if ph.is_comm]
             sent = sum(ph.total(st["world_size"]) for ph in comm)
             links = {}
             if all(ph.inter is not None for ph in comm):   # per rank, max(sent, received) on each kind of link
@@ -77,8 +80,8 @@ def table(ranks_list, tokens_per_rank: int, pool, seed: int = 0, network=None) -
             if links:
                 if bounds is None:   # they depend on the documents and the nodes, not on the plan
                     sched = p.schedule
-                    bounds = (node_bound(docs, sched.slots, sched.nodes.dense, SHAPE).max(),
-                              tight_bound(docs, sched.slots, sched.nodes.dense, SHAPE))
+                    bounds = (node_bound(docs, sched.slots, sched.nodes.dense, shape).max(),
+                              tight_bound(docs, sched.slots, sched.nodes.dense, shape))
                 busiest = float(links["inter"].max())
                 bound = {"lb_mb": bounds[0] / 2**20, "rho": busiest / max(bounds[0], 1),
                          "lb_tight_mb": bounds[1] / 2**20, "rho_tight": busiest / max(bounds[1], 1)}
@@ -143,6 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the packing's seed")
     parser.add_argument("--network", default=None, help="profile JSON or nccl_perf CSV CAD plans on (default: "
                         "NVLink + IB), as `distattn simulate --network` does")
+    parser.add_argument("--comm-dtype", choices=("fp8",), default=None,
+                        help="Q, K, V, out and dout travel as FP8 (distattn.plan(comm_dtype='fp8'))")
     args = parser.parse_args(argv)
     pool = None
     if args.doclens:
@@ -171,7 +176,7 @@ def main(argv=None) -> int:
         from ..network import NetworkProfile
 
         network = NetworkProfile.load(args.network)
-    for r in table(args.ranks, args.tokens_per_rank, pool, args.seed, network):
+    for r in table(args.ranks, args.tokens_per_rank, pool, args.seed, network, args.comm_dtype):
         links = "".join(f" {r[f'{kind}_mean_mb']:>9.1f} {r[f'{kind}_max_mean']:>8.2f}" if f"{kind}_mean_mb" in r
                         else f" {'-':>9} {'-':>8}" for kind in ("inter", "intra"))
         bound = "".join(f" {r[mb]:>8.1f} {r[rho]:>6.3f}" if mb in r else f" {'-':>8} {'-':>6}"

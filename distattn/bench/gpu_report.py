@@ -7,8 +7,9 @@ On a machine with an NVIDIA GPU it runs, and writes to one Markdown file with ev
 2. the kernel benchmark, ``python -m distattn.kernels.bench`` (TFLOP/s of triton, PyTorch's
    FlashAttention and SDPA at 1K, 8K and 32K tokens per sequence, head dims 64 and 128);
 3. a short training run on one GPU under torchrun with each attention backend (``triton``, ``torch``),
-   and with ``triton`` and every block compiled (``train.compile``): tokens/s, MFU, peak memory and
-   loss per step, the first steps (compilation, autotuning) left out of the means.
+   with ``triton`` and every block compiled (``train.compile``), and with ``triton`` and
+   ``train.deterministic`` (what bitwise-equal reruns cost): tokens/s, MFU, peak memory and loss per
+   step, the first steps (compilation, autotuning) left out of the means.
 
 Without a GPU it writes a report that says so and exits 0. Exit code 1 when a part failed (the report
 still lists the rest).
@@ -32,7 +33,7 @@ TRAIN = """model: {{dim: 2048, n_layers: 4, n_heads: 16, n_kv_heads: 4, ffn_dim:
 data: {{source: stdlib, seq_len: {seq_len}, seed: 0}}
 parallel: {{dp: 1, cp: 1, backend: {backend}}}
 train: {{steps: {steps}, dtype: bf16, activation_checkpointing: full, warmup_steps: 2, log_every: 1,
-         ckpt_every: 1000, out: {out}, compile: {compile}}}
+         ckpt_every: 1000, out: {out}, compile: {compile}, deterministic: {deterministic}}}
 """
 WARMUP_STEPS = 3   # compilation and autotuning: left out of the means
 
@@ -114,12 +115,13 @@ def _training(tmp: Path, steps: int, seq_len: int) -> tuple[bool, list[str]]:
              f"means over steps {WARMUP_STEPS + 1}..{steps}", "",
              "| backend | tokens/s | MFU | peak GiB | loss (first -> last) | wall s |", "|---|---|---|---|---|---|"]
     ok = True
-    for backend, compiled in (("triton", False), ("torch", False), ("triton", True)):
-        name = backend + (" + compile" if compiled else "")
-        out = tmp / f"run_{backend}_{compiled}"
-        cfg = tmp / f"{backend}_{compiled}.yaml"
+    for backend, compiled, exact in (("triton", False, False), ("torch", False, False), ("triton", True, False),
+                                     ("triton", False, True)):
+        name = backend + (" + compile" if compiled else "") + (" + deterministic" if exact else "")
+        out = tmp / f"run_{backend}_{compiled}_{exact}"
+        cfg = tmp / f"{backend}_{compiled}_{exact}.yaml"
         cfg.write_text(TRAIN.format(seq_len=seq_len, backend=backend, steps=steps, out=out,
-                                    compile=str(compiled).lower()))
+                                    compile=str(compiled).lower(), deterministic=str(exact).lower()))
         code, log, seconds = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
                                    "-m", "distattn.cli", "train", str(cfg)], timeout=600)
         metrics = out / "metrics.jsonl"

@@ -67,7 +67,8 @@ def _cmd_simulate(args) -> int:
     else:
         cp = args.cp or default_cp(model, args.gpus, args.seq_len)
         cfg = SimConfig(model, args.gpus, args.seq_len, cp, gpu=gpu, gpus_per_node=args.gpus_per_node,
-                        ulysses_degree=args.ulysses_degree, nano_batches=args.nano_batches)
+                        ulysses_degree=args.ulysses_degree, nano_batches=args.nano_batches,
+                        comm_dtype=args.comm_dtype)
         rows, timeline = simulate_with_timelines(cfg, net, args.schedulers, pool)
         if args.timeline is not None:
             write_timeline(timeline, args.timeline)
@@ -192,6 +193,9 @@ def add_parsers(sub) -> None:
     sim.add_argument("--nano-batches", type=int, choices=(1, 2), default=None,
                      help="nano-batches per micro-batch, ping-ponged through the layers as the trainer does "
                           "(default: each scheduler's, 2 for cad)")
+    sim.add_argument("--comm-dtype", choices=("fp8",), default=None,
+                     help="Q, K, V, out and dout travel as FP8 (distattn.plan(comm_dtype='fp8')); default: "
+                          "their own dtype")
     sim.add_argument("--auto", action="store_true",
                      help="try every CP degree and recommend the most tokens/s per GPU that fits")
     sim.add_argument("--timeline", type=output_file, default=None, metavar="PATH",

@@ -29,7 +29,7 @@ from ..schedulers.local import LocalSchedule
 from ..schedulers.ring import RingSchedule
 from ..schedulers.ulysses import UlyssesSchedule
 from ..schedulers.usp import USPSchedule
-from .base import Executor
+from .base import ExecOptions, Executor
 from .gather import GatherExecutor
 from .head_a2a import HeadAllToAll, HeadExecutor
 from .local import LocalExecutor
@@ -59,30 +59,31 @@ def _usp_groups(schedule: USPSchedule, mesh: MeshInfo):
                            "usp's process groups"))
 
 
-def executor_for(schedule: Schedule, mesh: MeshInfo, backend: str, pool_group=None) -> Executor:
+def executor_for(schedule: Schedule, mesh: MeshInfo, backend: str, pool_group=None,
+                 options: ExecOptions = ExecOptions()) -> Executor:
     """This rank's executor of ``schedule`` on ``mesh``'s groups."""
     comm, rank = Comm(mesh.group), mesh.rank
     if isinstance(schedule, RingSchedule):
-        return RingExecutor(schedule, rank, comm, backend)
+        return RingExecutor(schedule, rank, comm, backend, options)
     if isinstance(schedule, GatherSchedule):
-        return GatherExecutor(schedule, rank, comm, backend)
+        return GatherExecutor(schedule, rank, comm, backend, options)
     if isinstance(schedule, UlyssesSchedule):
         tokens = tuple(schedule.num_tokens(r) for r in range(schedule.world_size))
         return HeadExecutor(schedule, rank, comm, backend, HeadAllToAll(comm, rank, tokens),
-                            LocalExecutor(schedule, rank, comm, backend), schedule.gather_order())
+                            LocalExecutor(schedule, rank, comm, backend, options), schedule.gather_order(), options)
     if isinstance(schedule, USPSchedule):
         ulysses, ring = _usp_groups(schedule, mesh)
         u, r = schedule.coords[rank]
-        inner = RingExecutor(schedule.ring, r, Comm(ring), backend)
+        inner = RingExecutor(schedule.ring, r, Comm(ring), backend, options)
         return HeadExecutor(schedule, rank, comm, backend, HeadAllToAll(Comm(ulysses), u, schedule.members(r)), inner,
-                            schedule.gather_order(r))
+                            schedule.gather_order(r), options)
     if isinstance(schedule, TaskSchedule):
         if pool_group is None:
-            return TaskExecutor(schedule, rank, comm, backend, comm)
+            return TaskExecutor(schedule, rank, comm, backend, comm, options)
         return TaskExecutor(schedule, schedule.slot_ranks.index(dist.get_rank(pool_group)), comm, backend,
-                            Comm(pool_group))
+                            Comm(pool_group), options)
     assert isinstance(schedule, LocalSchedule), type(schedule)
-    return LocalExecutor(schedule, rank, comm, backend)
+    return LocalExecutor(schedule, rank, comm, backend, options)
 
 
-__all__ = ["Executor", "executor_for", "resolve_options"]
+__all__ = ["ExecOptions", "Executor", "executor_for", "resolve_options"]

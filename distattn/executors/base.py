@@ -19,6 +19,7 @@ from ..comm import Comm, meet_once
 from ..kernels import Varlen, prepare, varlen_bwd, varlen_fwd
 from ..merge import acc_dtype, add_sink, merge_, sink_grad
 from ..schedulers.blocks import KernelCall
+from ..wire import Wire
 
 
 class Saved(NamedTuple):
@@ -29,6 +30,22 @@ class Saved(NamedTuple):
     v: torch.Tensor
     out: torch.Tensor
     lse: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ExecOptions:
+    """How an executor runs, whatever its pattern (``distattn.plan``'s options of the same names).
+
+    ``deterministic``: bitwise-equal results run to run -- sums over rows that repeat go in a
+    fixed order (:meth:`DeviceIndex.add_into`), never through atomics. ``comm_dtype``: the
+    encoding of what attention moves (:class:`distattn.wire.Wire`)."""
+
+    deterministic: bool = False
+    comm_dtype: str | None = None   # None | "fp8": how Q, K, V, out and dout travel (distattn.wire)
+
+    @property
+    def wire(self) -> Wire:
+        return Wire(fp8=self.comm_dtype == "fp8")
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +60,28 @@ class DeviceIndex:
         if device not in self._copies:
             self._copies[device] = torch.from_numpy(np.ascontiguousarray(self.array)).to(device)
         return self._copies[device]
+
+    def add_into(self, dst: torch.Tensor, src: torch.Tensor, ordered: bool = False) -> torch.Tensor:
+        """``dst[index[i]] += src[i]`` for every row ``i`` (``index_add_``); returns ``dst``.
+
+        ``ordered``: rows adding into the same row of ``dst`` are added in index order, one layer of
+        distinct targets at a time. CUDA's ``index_add_`` sums repeated targets with atomics, in an
+        order that changes run to run; each layer has one row per target, so nothing races."""
+        if not ordered:
+            return dst.index_add_(0, self.on(dst.device), src)
+        key = ("layers", torch.device(dst.device))
+        if key not in self._copies:
+            a = np.asarray(self.array, dtype=np.int64)
+            order = np.argsort(a, kind="stable")
+            nth = np.empty(len(a), dtype=np.int64)   # how many earlier rows add into the same target
+            nth[order] = np.arange(len(a)) - np.searchsorted(a[order], a[order], side="left")
+            layers = [np.flatnonzero(nth == n) for n in range(int(nth.max(initial=-1)) + 1)]
+            self._copies[key] = [(torch.from_numpy(a[rows]).to(dst.device),
+                                  None if len(layers) == 1 else torch.from_numpy(rows).to(dst.device))
+                                 for rows in layers]
+        for targets, rows in self._copies[key]:
+            dst.index_add_(0, targets, src if rows is None else src.index_select(0, rows))
+        return dst
 
 
 class Executor:
@@ -60,8 +99,8 @@ class Executor:
 
     supports_prefetch = False
 
-    def __init__(self, schedule, rank: int, comm: Comm, backend: str):
-        self.schedule, self.rank, self.comm, self.backend = schedule, rank, comm, backend
+    def __init__(self, schedule, rank: int, comm: Comm, backend: str, options: ExecOptions = ExecOptions()):
+        self.schedule, self.rank, self.comm, self.backend, self.options = schedule, rank, comm, backend, options
         self._agreed: set[str] = set()  # input signatures every rank of the group shares
 
     @property
@@ -121,8 +160,8 @@ class Executor:
     def backward(self, dout, saved, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None):
         raise NotImplementedError
 
-    def check_agreement(self, q: torch.Tensor, k: torch.Tensor, *, sinks: bool = False,
-                        softcap: float | None = None) -> None:
+    def check_agreement(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, *,
+                        sinks: bool = False, softcap: float | None = None) -> None:
         """A ``ValueError`` on every rank unless all ranks of the group pass the same heads,
         head_dim and dtype (and all or none pass sinks, with the same softcap). The ranks compare
         through the group's key-value store (:func:`distattn.comm.meet_once`: host only, no device
@@ -130,6 +169,8 @@ class Executor:
         first step only)."""
         dtype = str(q.dtype).removeprefix("torch.")
         shapes = f"Hq={q.shape[1]}, Hkv={k.shape[1]}, head_dim={q.shape[2]}, dtype={dtype}"
+        if v is not None and v.shape[2] != q.shape[2]:
+            shapes += f", head_dim_v={v.shape[2]}"
         if sinks:
             shapes += ", sinks"
         if softcap is not None:
@@ -165,22 +206,39 @@ def rows_sink_grad(delta: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor |
     return None if sinks is None else sink_grad(delta, lse, sinks)
 
 
+def pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """K ``[T, Hkv, Dk]`` and V ``[T, Hkv, Dv]`` side by side as one ``[T, Hkv, Dk + Dv]`` buffer: what
+    executors move and slice by rows. V may have its own head dim (MLA: Dk 192, Dv 128)."""
+    return torch.cat([k, v], dim=-1)
+
+
+def unpack_kv(kv: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V halves of a :func:`pack_kv` buffer (or of its gradient), as views; ``head_dim``:
+    K's (q's)."""
+    return kv[..., :head_dim], kv[..., head_dim:]
+
+
 def call_fwd(call: KernelCall, q, kv, out_acc, lse_acc, **kernel_args) -> None:
-    """Attention of one kernel call (``kv`` = stacked ``[2, T, Hkv, D]`` buffer), merged into the fp32
-    accumulators ``out_acc [S_local, Hq, D]`` / ``lse_acc [S_local, Hq]``. ``kernel_args``:
+    """Attention of one kernel call (``kv``: a :func:`pack_kv` buffer), merged into the fp32
+    accumulators ``out_acc [S_local, Hq, Dv]`` / ``lse_acc [S_local, Hq]``. ``kernel_args``:
     :meth:`Executor.kernel_args`."""
     rows, keys = slice(call.q_lo, call.q_hi), slice(call.k_lo, call.k_hi)
-    out, lse = varlen_fwd(q[rows], kv[0, keys], kv[1, keys], call.varlen, **kernel_args)
+    out, lse = varlen_fwd(q[rows], *unpack_kv(kv[keys], q.shape[-1]), call.varlen, **kernel_args)
     merge_(out_acc[rows], lse_acc[rows], out, lse)
 
 
 def call_bwd(call: KernelCall, dout, q, kv, out, lse, delta, dq_acc, dkv_acc, **kernel_args) -> None:
     """Gradients of one kernel call given the final ``out``/``lse`` and ``delta = rowsum(dout * out)``
-    (computed once per backward), added to fp32 ``dq_acc`` and ``dkv_acc [2, T, Hkv, D]`` (same
-    layout as ``kv``)."""
+    (computed once per backward), added to fp32 ``dq_acc`` and ``dkv_acc`` (``kv``'s layout)."""
     rows, keys = slice(call.q_lo, call.q_hi), slice(call.k_lo, call.k_hi)
-    dq, dk, dv = varlen_bwd(dout[rows], q[rows], kv[0, keys], kv[1, keys], out[rows], lse[rows], call.varlen,
-                            delta=delta[rows], **kernel_args)
+    dq, dk, dv = varlen_bwd(dout[rows], q[rows], *unpack_kv(kv[keys], q.shape[-1]), out[rows], lse[rows],
+                            call.varlen, delta=delta[rows], **kernel_args)
     dq_acc[rows] += dq
-    dkv_acc[0, keys] += dk
-    dkv_acc[1, keys] += dv
+    dk_acc, dv_acc = unpack_kv(dkv_acc[keys], q.shape[-1])
+    dk_acc += dk
+    dv_acc += dv
+
+
+def out_shape(q: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+    """The attention output's shape: q's rows and heads, v's head dim."""
+    return (*q.shape[:-1], v.shape[-1])

@@ -14,12 +14,13 @@ import torch
 
 from ..merge import acc_dtype, row_delta
 from ..schedulers.allgather import GatherSchedule
-from .base import DeviceIndex, Executor, Saved, call_bwd, call_fwd, finish_rows, rows_sink_grad
+from .base import (DeviceIndex, ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv,
+                   rows_sink_grad, unpack_kv)
 
 
 class GatherExecutor(Executor):
-    def __init__(self, schedule: GatherSchedule, rank: int, comm, backend: str):
-        super().__init__(schedule, rank, comm, backend)
+    def __init__(self, schedule: GatherSchedule, rank: int, comm, backend: str, options: ExecOptions = ExecOptions()):
+        super().__init__(schedule, rank, comm, backend, options)
         self.calls = schedule.kernel_calls(rank, schedule.shards.rows)
         self.width = schedule.width
         # where each global token sits in the gathered buffer (rank-major, padded to width; each
@@ -34,34 +35,31 @@ class GatherExecutor(Executor):
         return [call.varlen for call in self.calls] + [self.gather_index]
 
     def _start_gather(self, kv_local: torch.Tensor, heads: tuple[int, int], what: str):
-        """Start gathering heads of ``kv_local [2, n, Hkv, D]``; returns (buffer, pending)."""
-        part = kv_local[:, :, heads[0]:heads[1]]
-        padded = part.new_zeros((2, self.width, *part.shape[2:]))
-        padded[:, : part.shape[1]] = part
-        gathered = padded.new_empty((self.schedule.world_size * 2, *padded.shape[1:]))
+        """Start gathering heads of ``kv_local [n, Hkv, width]`` (as it travels); returns (buffer, pending)."""
+        part = kv_local[:, heads[0]:heads[1]]
+        padded = part.new_zeros((self.width, *part.shape[1:]))
+        padded[: part.shape[0]] = part
+        gathered = padded.new_empty((self.schedule.world_size * self.width, *padded.shape[1:]))
         return gathered, self.comm.all_gather(gathered, padded, what)
 
     def _gathered_kv(self, gathered: torch.Tensor) -> torch.Tensor:
-        """``[P * 2, W, h, D]`` as gathered -> contiguous ``[2, S, h, D]`` in global token order."""
-        p, w = self.schedule.world_size, self.width
-        by_rank = gathered.view(p, 2, w, *gathered.shape[2:]).transpose(0, 1).reshape(2, p * w, *gathered.shape[2:])
-        return by_rank[:, self.gather_index.on(gathered.device)]
+        """``[P * W, h, width]`` as gathered (rank-major) -> ``[S, h, width]`` in global token order."""
+        return gathered[self.gather_index.on(gathered.device)]
 
     def _start_scatter(self, dkv: torch.Tensor, what: str):
-        """Start summing ``dkv [2, S, h, D]`` (global order) into each owner's ``[2, W, h, D]``."""
-        p, w = self.schedule.world_size, self.width
-        by_rank = dkv.new_zeros((2, p * w, *dkv.shape[2:]))
-        by_rank[:, self.gather_index.on(dkv.device)] = dkv
-        padded = by_rank.view(2, p, w, *dkv.shape[2:]).transpose(0, 1).reshape(p * 2, w, *dkv.shape[2:])
-        mine = padded.new_empty((2, w, *dkv.shape[2:]))
+        """Start summing ``dkv [S, h, Dk + Dv]`` (global order) into each owner's ``[W, h, Dk + Dv]``."""
+        padded = dkv.new_zeros((self.schedule.world_size * self.width, *dkv.shape[1:]))
+        padded[self.gather_index.on(dkv.device)] = dkv
+        mine = padded.new_empty((self.width, *dkv.shape[1:]))
         return mine, self.comm.reduce_scatter(mine, padded, what)
 
     def forward(self, q, k, v, scale, softcap=None, sinks=None):
         kw = self.kernel_args(scale, softcap)
         dtype = acc_dtype(q.dtype)
-        out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        out = torch.zeros(out_shape(q, v), dtype=dtype, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
-        kv_local = torch.stack([k, v])
+        cols = (k.shape[-1], v.shape[-1])
+        kv_local = self.options.wire.encode(pack_kv(k, v), cols)   # as it travels
         group = q.shape[1] // k.shape[1]
         heads = self.schedule.head_groups(k.shape[1])
         nxt = self._start_gather(kv_local, heads[0], "allgather forward")
@@ -70,7 +68,7 @@ class GatherExecutor(Executor):
             pending.wait()
             if n + 1 < len(heads):  # prefetch the next head group while computing this one
                 nxt = self._start_gather(kv_local, heads[n + 1], "allgather forward")
-            kv = self._gathered_kv(gathered)
+            kv = self.options.wire.decode(self._gathered_kv(gathered), cols, k.dtype)
             qh = slice(h0 * group, h1 * group)
             for call in self.calls:
                 call_fwd(call, q[:, qh], kv, out[:, qh], lse[:, qh], **kw)
@@ -82,15 +80,16 @@ class GatherExecutor(Executor):
         kw = self.kernel_args(scale, softcap)
         dtype = acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
-        dkv = torch.zeros((2, *k.shape), dtype=dtype, device=q.device)
+        cols = (k.shape[-1], v.shape[-1])
+        dkv = torch.zeros((*k.shape[:2], sum(cols)), dtype=dtype, device=q.device)
+        kv_local = self.options.wire.encode(pack_kv(k, v), cols)
         delta = row_delta(dout, out)
-        kv_local = torch.stack([k, v])
         group = q.shape[1] // k.shape[1]
         scatters = []
         for h0, h1 in self.schedule.head_groups(k.shape[1]):
             gathered, pending = self._start_gather(kv_local, (h0, h1), "allgather backward")
             pending.wait()
-            kv = self._gathered_kv(gathered)
+            kv = self.options.wire.decode(self._gathered_kv(gathered), cols, k.dtype)
             qh = slice(h0 * group, h1 * group)
             dkv_full = torch.zeros(kv.shape, dtype=dtype, device=q.device)
             for call in self.calls:
@@ -100,5 +99,6 @@ class GatherExecutor(Executor):
             scatters.append(((h0, h1), *self._start_scatter(dkv_full, "allgather backward")))
         for (h0, h1), mine, pending in scatters:
             pending.wait()
-            dkv[:, :, h0:h1] = mine[:, : k.shape[0]]
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), rows_sink_grad(delta, lse, sinks)
+            dkv[:, h0:h1] = mine[: k.shape[0]]
+        dk, dv = unpack_kv(dkv, k.shape[-1])
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), rows_sink_grad(delta, lse, sinks)

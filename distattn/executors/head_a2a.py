@@ -28,7 +28,7 @@ import torch
 from ..comm import Comm
 from ..merge import acc_dtype
 from ..schedulers.ulysses import HeadLayout, HeadRanges, group_ranges, part_heads
-from .base import DeviceIndex, Executor
+from .base import DeviceIndex, ExecOptions, Executor, out_shape
 
 
 def expand_heads(x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
@@ -132,8 +132,8 @@ class HeadExecutor(Executor):
     buffer (None: the two agree)."""
 
     def __init__(self, schedule, rank: int, comm: Comm, backend: str, exchange: HeadAllToAll, inner: Executor,
-                 order: np.ndarray | None = None):
-        super().__init__(schedule, rank, comm, backend)
+                 order: np.ndarray | None = None, options: ExecOptions = ExecOptions()):
+        super().__init__(schedule, rank, comm, backend, options)
         self.exchange, self.inner = exchange, inner
         self.order = None if order is None else (DeviceIndex(order), DeviceIndex(np.argsort(order).astype(np.int64)))
 
@@ -164,21 +164,30 @@ class HeadExecutor(Executor):
             parts.append((ranges, (a, b), slice(kv_lo - lo, kv_hi - lo), expand))
         return layout, parts
 
+    def _to_heads(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str) -> list[torch.Tensor]:
+        """:meth:`HeadAllToAll.to_heads` of ``xs`` as they travel (:mod:`distattn.wire`), decoded, in
+        the inner executor's order."""
+        wire = self.options.wire
+        got = self.exchange.to_heads([wire.encode(x) for x in xs], heads, what)
+        return self._reorder([wire.decode(g, (x.shape[-1],), x.dtype) for g, x in zip(got, xs)])
+
     def forward(self, q, k, v, scale, softcap=None, sinks=None):
-        what = f"{self.schedule.scheduler} forward"
+        what, wire = f"{self.schedule.scheduler} forward", self.options.wire
         layout, parts = self._parts(q.shape[1], k.shape[1])
-        kh, vh = self._reorder(self.exchange.to_heads([k, v], [layout.kv, layout.kv], what))
-        out = q.new_empty(q.shape) if len(parts) > 1 else None
+        kh, vh = self._to_heads([k, v], [layout.kv, layout.kv], what)
+        # out comes back as it travels, every part into one buffer, decoded at the end
+        out = torch.empty((*q.shape[:2], wire.width((v.shape[-1],))), dtype=wire.dtype(q.dtype),
+                          device=q.device) if len(parts) > 1 else None
         saved = []
         for ranges, (a, b), kv, expand in parts:
-            (qh,) = self._reorder(self.exchange.to_heads([q], [ranges], what))
+            (qh,) = self._to_heads([q], [ranges], what)
             out_h, inner = self.inner.forward(qh, *_kv_part(kh, vh, kv, expand), scale, softcap,
                                               None if sinks is None else sinks[a:b])
             del qh
-            (out,) = self.exchange.to_tokens(self._reorder([out_h], back=True), [ranges], what,
+            (out,) = self.exchange.to_tokens(self._reorder([wire.encode(out_h)], back=True), [ranges], what,
                                              None if out is None else [out])
             saved.append(inner._replace(k=None, v=None))
-        return out, HeadSaved(q.shape[1], k.shape[1], kh, vh, tuple(saved))
+        return wire.decode(out, (v.shape[-1],), q.dtype), HeadSaved(q.shape[1], k.shape[1], kh, vh, tuple(saved))
 
     @property
     def structure(self) -> tuple:
@@ -192,7 +201,7 @@ class HeadExecutor(Executor):
         saved = []
         for _, (a, b), kv, expand in parts:
             qh = q.new_empty((t, b - a, q.shape[2]))
-            inner = self.inner.saved_like(qh, *_kv_part(kh, vh, kv, expand), qh.new_empty(qh.shape),
+            inner = self.inner.saved_like(qh, *_kv_part(kh, vh, kv, expand), qh.new_empty(out_shape(qh, v)),
                                           None if sinks is None else sinks[a:b], size)
             saved.append(inner._replace(k=None, v=None))
         return HeadSaved(q.shape[1], k.shape[1], kh, vh, tuple(saved))
@@ -201,10 +210,10 @@ class HeadExecutor(Executor):
         what = f"{self.schedule.scheduler} backward"
         layout, parts = self._parts(saved.num_heads, saved.num_kv_heads)
         member = self.exchange.member
-        dq = dout.new_empty(dout.shape) if len(parts) > 1 else None
-        dkv_h = ds_h = None
+        dq = dout.new_empty((*dout.shape[:2], saved.kh.shape[2])) if len(parts) > 1 else None
+        dk_h = dv_h = ds_h = None
         for (ranges, (a, b), kv, expand), inner in zip(parts, saved.parts):
-            (dout_h,) = self._reorder(self.exchange.to_heads([dout], [ranges], what))
+            (dout_h,) = self._to_heads([dout], [ranges], what)
             kg, vg = _kv_part(saved.kh, saved.vh, kv, expand)
             dq_h, dk_g, dv_g, ds_g = self.inner.backward(dout_h, inner._replace(k=kg, v=vg), scale, softcap,
                                                          None if sinks is None else sinks[a:b])
@@ -215,16 +224,16 @@ class HeadExecutor(Executor):
                                             None if dq is None else [dq])
             del dq_h
             if len(parts) == 1:
-                dkv_h = (dk_g, dv_g)
+                dk_h, dv_h = dk_g, dv_g
             else:   # parts sharing a KV head add up in the accumulator's dtype
-                if dkv_h is None:
-                    dkv_h = torch.zeros((2, dk_g.shape[0], layout.kv_share(member), dk_g.shape[2]),
-                                        dtype=acc_dtype(dk_g.dtype), device=dk_g.device)
-                dkv_h[0, :, kv] += dk_g
-                dkv_h[1, :, kv] += dv_g
+                if dk_h is None:
+                    dk_h, dv_h = (torch.zeros((g.shape[0], layout.kv_share(member), g.shape[2]),
+                                              dtype=acc_dtype(g.dtype), device=g.device) for g in (dk_g, dv_g))
+                dk_h[:, kv] += dk_g
+                dv_h[:, kv] += dv_g
             if ds_g is not None:   # this member's heads over the rows it computed; the other heads: 0
                 ds_h = ds_g.new_zeros(saved.num_heads) if ds_h is None else ds_h
                 ds_h[a:b] = ds_g
-        dk_h, dv_h = (dkv_h[0].to(dout.dtype), dkv_h[1].to(dout.dtype)) if len(parts) > 1 else dkv_h
+        dk_h, dv_h = dk_h.to(dout.dtype), dv_h.to(dout.dtype)
         dk, dv = self.exchange.to_tokens(self._reorder([dk_h, dv_h], back=True), [layout.kv, layout.kv], what)
         return dq, dk, dv, ds_h

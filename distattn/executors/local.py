@@ -9,12 +9,13 @@ import torch
 
 from ..kernels import varlen_bwd, varlen_fwd
 from ..merge import acc_dtype, row_delta
-from .base import Executor, Saved, call_bwd, call_fwd, finish_rows, rows_sink_grad
+from .base import (ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv, rows_sink_grad,
+                   unpack_kv)
 
 
 class LocalExecutor(Executor):
-    def __init__(self, schedule, rank: int, comm, backend: str):
-        super().__init__(schedule, rank, comm, backend)
+    def __init__(self, schedule, rank: int, comm, backend: str, options: ExecOptions = ExecOptions()):
+        super().__init__(schedule, rank, comm, backend, options)
         self.calls = schedule.local_calls
         total = schedule.total_tokens
         whole = len(self.calls) == 1 and (self.calls[0].q_lo, self.calls[0].q_hi, self.calls[0].k_lo,
@@ -29,9 +30,9 @@ class LocalExecutor(Executor):
         if self.varlen is not None:
             out, lse = varlen_fwd(q, k, v, self.varlen, **kw)
         else:
-            out = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
+            out = torch.zeros(out_shape(q, v), dtype=acc_dtype(q.dtype), device=q.device)
             lse = torch.full(q.shape[:2], float("-inf"), dtype=out.dtype, device=q.device)
-            kv = torch.stack([k, v])
+            kv = pack_kv(k, v)
             for call in self.calls:
                 call_fwd(call, q, kv, out, lse, **kw)
         out, lse = finish_rows(out, lse, sinks, q.dtype)  # a row's whole result: count the sinks here
@@ -47,8 +48,9 @@ class LocalExecutor(Executor):
         dtype = acc_dtype(q.dtype)
         delta = row_delta(dout, out)
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
-        dkv = torch.zeros((2, *k.shape), dtype=dtype, device=q.device)
-        kv = torch.stack([k, v])
+        kv = pack_kv(k, v)
+        dkv = torch.zeros(kv.shape, dtype=dtype, device=q.device)
         for call in self.calls:
             call_bwd(call, dout, q, kv, out, lse, delta, dq, dkv, **kw)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), rows_sink_grad(delta, lse, sinks)
+        dk, dv = unpack_kv(dkv, k.shape[-1])
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), rows_sink_grad(delta, lse, sinks)

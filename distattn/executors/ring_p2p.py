@@ -13,12 +13,13 @@ import torch
 
 from ..merge import acc_dtype, row_delta
 from ..schedulers.ring import RingSchedule
-from .base import Executor, Saved, call_bwd, call_fwd, finish_rows, rows_sink_grad
+from .base import (ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv, rows_sink_grad,
+                   unpack_kv)
 
 
 class RingExecutor(Executor):
-    def __init__(self, schedule: RingSchedule, rank: int, comm, backend: str):
-        super().__init__(schedule, rank, comm, backend)
+    def __init__(self, schedule: RingSchedule, rank: int, comm, backend: str, options: ExecOptions = ExecOptions()):
+        super().__init__(schedule, rank, comm, backend, options)
         p, rows = schedule.world_size, schedule.shards.rows
         sources = schedule.sources(rank)
         self.calls = tuple(schedule.kernel_calls(rank, sources[t], rows) if t in sources else () for t in range(p))
@@ -29,14 +30,15 @@ class RingExecutor(Executor):
         return [call.varlen for calls in self.calls for call in calls]
 
     def _kv_ring_step(self, t: int, cur: torch.Tensor | None, like: torch.Tensor):
-        """Sends/receives that move the K/V ring from step t to t + 1."""
+        """Sends/receives that move the K/V ring (blocks as they travel: :mod:`distattn.wire`) from
+        step t to t + 1."""
         s, r, p = self.schedule, self.rank, self.schedule.world_size
         sends, recvs, nxt = [], [], None
         if t + 1 < p and s.sends(r, t):
             sends.append((cur, (r + 1) % p))
         if t + 1 < p and s.holds(r, t + 1):
             src = (r - t - 1) % p
-            nxt = like.new_empty((2, s.num_tokens(src), *like.shape[2:]))
+            nxt = like.new_empty((s.num_tokens(src), *like.shape[1:]))
             recvs.append((nxt, (r - 1) % p))
         return sends, recvs, nxt
 
@@ -44,17 +46,18 @@ class RingExecutor(Executor):
         r, name = self.rank, self.schedule.scheduler
         kw = self.kernel_args(scale, softcap)
         dtype = acc_dtype(q.dtype)
-        out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        out = torch.zeros(out_shape(q, v), dtype=dtype, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
-        cur = torch.stack([k, v])   # no other reference kept: two blocks live at a time
-        like = cur.new_empty((2, 0, *cur.shape[2:]))   # the blocks' dtype and head shape
+        kv, cols, wire = pack_kv(k, v), (k.shape[-1], v.shape[-1]), self.options.wire
+        held = wire.encode(kv, cols)   # as it travels; no other reference kept: two blocks live at a time
+        like = held[:0]   # the blocks' dtype and head shape
         for t in range(self.schedule.world_size):
-            sends, recvs, nxt = self._kv_ring_step(t, cur, like)
+            sends, recvs, nxt = self._kv_ring_step(t, held, like)
             pending = self.comm.exchange(sends, recvs, f"{name} forward step {t} (rank {r})")
             for call in self.calls[t]:
-                call_fwd(call, q, cur, out, lse, **kw)
+                call_fwd(call, q, kv, out, lse, **kw)
             pending.wait()
-            cur = nxt
+            held, kv = nxt, None if nxt is None else wire.decode(nxt, cols, k.dtype)
         out, lse = finish_rows(out, lse, sinks, q.dtype)  # every block merged: count the sinks once
         return out, Saved(q, k, v, out, lse)
 
@@ -65,12 +68,13 @@ class RingExecutor(Executor):
         dtype = acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
         delta = row_delta(dout, out)
-        cur = torch.stack([k, v])
-        like = cur.new_empty((2, 0, *cur.shape[2:]))
-        dkv = torch.zeros(cur.shape, dtype=dtype, device=q.device)  # own block, summed in fp32
+        kv, cols, wire = pack_kv(k, v), (k.shape[-1], v.shape[-1]), self.options.wire
+        held = wire.encode(kv, cols)
+        like = held[:0]
+        dkv = torch.zeros(kv.shape, dtype=dtype, device=q.device)  # own block, summed in fp32
         prev = None  # dK/dV computed at the previous step for a foreign block
         for t in range(p + 1):
-            sends, recvs, nxt = self._kv_ring_step(t, cur, like)
+            sends, recvs, nxt = self._kv_ring_step(t, held, like)
             incoming = None
             if t >= 2:  # dK/dV of step t - 1 go to their owner; ours arrive from rank r + t - 1
                 owner, helper = (r - t + 1) % p, (r + t - 1) % p
@@ -82,12 +86,13 @@ class RingExecutor(Executor):
             pending = self.comm.exchange(sends, recvs, f"{name} backward step {t} (rank {r})")
             prev = None
             if t < p and self.calls[t]:
-                acc = dkv if t == 0 else torch.zeros((2, *cur.shape[1:]), dtype=dtype, device=q.device)
+                acc = dkv if t == 0 else torch.zeros(kv.shape, dtype=dtype, device=q.device)
                 for call in self.calls[t]:
-                    call_bwd(call, dout, q, cur, out, lse, delta, dq, acc, **kw)
+                    call_bwd(call, dout, q, kv, out, lse, delta, dq, acc, **kw)
                 prev = acc if t > 0 else None
             pending.wait()
             if incoming is not None:
                 dkv += incoming
-            cur = nxt
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), rows_sink_grad(delta, lse, sinks)
+            held, kv = nxt, None if nxt is None else wire.decode(nxt, cols, k.dtype)
+        dk, dv = unpack_kv(dkv, k.shape[-1])
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), rows_sink_grad(delta, lse, sinks)

@@ -55,7 +55,8 @@ from ..kernels import varlen_bwd, varlen_fwd
 from ..merge import acc_dtype, merge, row_delta
 from ..layout import Shards
 from ..schedulers.cad import Pool, Route, TaskSchedule
-from .base import DeviceIndex, Executor, finish_rows, rows_sink_grad
+from ..wire import Wire
+from .base import DeviceIndex, ExecOptions, Executor, finish_rows, out_shape, pack_kv, rows_sink_grad, unpack_kv
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -126,14 +127,15 @@ class Cast:
         return torch.cat([t.wait() for t in flights])
 
     # back: results up the hops in reverse, summed at every slot they pass
-    def back_start(self, ex: "TaskExecutor", results: torch.Tensor, what: str) -> "Return":
-        """Start the last hop's rows of ``results`` (a buffer like :meth:`buffer`'s) back."""
-        return self._send_back(ex, results, len(self.hops) - 1, what)
+    def back_start(self, ex: "TaskExecutor", results: torch.Tensor, what: str, wire: Wire = Wire()) -> "Return":
+        """Start the last hop's rows of ``results`` (a buffer like :meth:`buffer`'s) back, each hop's
+        rows travelling as ``wire`` encodes them (sums are made decoded)."""
+        return self._send_back(ex, results, len(self.hops) - 1, what, wire)
 
-    def _send_back(self, ex, results, h, what) -> "Return":
+    def _send_back(self, ex, results, h, what, wire) -> "Return":
         hop = self.hops[h]
-        rows = results[self.starts[h]:self.starts[h + 1]]
-        return Return(results, h, ex.all_to_all(rows, hop.recv, hop.send, what))
+        rows = wire.encode(results[self.starts[h]:self.starts[h + 1]])
+        return Return(results, h, ex.all_to_all(rows, hop.recv, hop.send, what), wire)
 
     def back_advance(self, ex: "TaskExecutor", ret: "Return", what: str) -> "Return":
         """Sum each hop's returned partials into the rows they were forwarded from and send those
@@ -143,20 +145,18 @@ class Cast:
         with ex.chained(ret.results.device):
             while ret.hop > 0:
                 hop = self.hops[ret.hop]
-                got = ret.transfer.wait(chained=True)
-                results = ret.results[:self.starts[ret.hop]].index_add_(0, hop.gather.on(got.device),
-                                                                        got.to(ret.results.dtype))
-                ret = self._send_back(ex, results, ret.hop - 1, what)
+                got = ret.got(chained=True)
+                results = hop.gather.add_into(ret.results[:self.starts[ret.hop]], got, ex.options.deterministic)
+                ret = self._send_back(ex, results, ret.hop - 1, what, ret.wire)
         return ret
 
     def back_finish(self, ex: "TaskExecutor", ret: "Return", what: str) -> torch.Tensor:
         """My own rows' sums (``[own rows, ...]``)."""
         ret = self.back_advance(ex, ret, what)
-        got = ret.transfer.wait()
-        gather = self.hops[0].gather.on(got.device)
+        got = ret.got()
         if self.place is not None:
             return got.index_select(0, self.place.on(got.device))
-        return got.new_zeros((self.own, *got.shape[1:])).index_add_(0, gather, got)
+        return self.hops[0].gather.add_into(got.new_zeros((self.own, *got.shape[1:])), got, ex.options.deterministic)
 
 
 class Transfer(NamedTuple):
@@ -175,19 +175,26 @@ class Transfer(NamedTuple):
 
 
 class Return(NamedTuple):
-    """Results on their way back: the buffer they are summed into, the hop in flight, its transfer."""
+    """Results on their way back: the buffer they are summed into, the hop in flight, its transfer,
+    the encoding its rows travel in."""
 
     results: torch.Tensor
     hop: int
     transfer: Transfer
+    wire: Wire
+
+    def got(self, chained: bool = False) -> torch.Tensor:
+        """The hop's received rows, decoded into the results' dtype."""
+        rows = self.transfer.wait(chained)
+        return self.wire.decode(rows, (self.results.shape[-1],), self.results.dtype)
 
 
 class WorkerSaved(NamedTuple):
     """What the computing slot keeps from its forward for its backward (its tasks' rows)."""
 
-    q: torch.Tensor      # [Rq, Hq, D] its queries, kernel (global) order
-    kv: torch.Tensor     # [Rkv, 2, Hkv, D] its K/V union, global order
-    out: torch.Tensor    # [Rq, Hq, D] its attention output, kernel order
+    q: torch.Tensor      # [Rq, Hq, Dk] its queries, kernel (global) order
+    kv: torch.Tensor     # [Rkv, Hkv, Dk + Dv] its K/V union (executors.base.pack_kv), global order
+    out: torch.Tensor    # [Rq, Hq, Dv] its attention output, kernel order
     lse: torch.Tensor    # [Rq, Hq] accumulator dtype
 
 
@@ -206,6 +213,7 @@ class Dispatch(NamedTuple):
     kv_dtype: torch.dtype
     q: list[Transfer]
     kv: list[Transfer]
+    cols: tuple[int, int]       # (K's head dim, V's): how the rows travelling as wire.encode decode
 
 
 class Returning(NamedTuple):
@@ -233,8 +241,9 @@ class GradsReturning(NamedTuple):
 class TaskExecutor(Executor):
     supports_prefetch = True
 
-    def __init__(self, schedule: TaskSchedule, slot: int, comm: Comm, backend: str, pool_comm: Comm):
-        super().__init__(schedule, slot, comm, backend)
+    def __init__(self, schedule: TaskSchedule, slot: int, comm: Comm, backend: str, pool_comm: Comm,
+                 options: ExecOptions = ExecOptions()):
+        super().__init__(schedule, slot, comm, backend, options)
         self.slot, self.pool_comm = slot, pool_comm
         routes = schedule.routes(slot)
         # the all-to-all orders peers by pool rank, the schedule by slot
@@ -295,37 +304,40 @@ class TaskExecutor(Executor):
         """Start the forward all-to-alls of Q and K/V now, every hop (``Plan.prefetch``; forward stage 1)."""
         ids = (id(q), id(k), id(v))
         q, k, v = q.detach(), k.detach(), v.detach()
-        qt = self.q_cast.start(self, q, "cad forward: Q to workers")
-        kvt = self.kv_cast.start(self, torch.stack([k, v], dim=1), "cad forward: K/V to workers")
+        wire, cols = self.options.wire, (k.shape[-1], v.shape[-1])
+        qt = self.q_cast.start(self, wire.encode(q), "cad forward: Q to workers")
+        kvt = self.kv_cast.start(self, wire.encode(pack_kv(k, v), cols), "cad forward: K/V to workers")
         return Dispatch(self, ids, k.dtype, self.q_cast.advance(self, qt, "cad forward: Q to workers"),
-                        self.kv_cast.advance(self, kvt, "cad forward: K/V to workers"))
+                        self.kv_cast.advance(self, kvt, "cad forward: K/V to workers"), cols)
 
     def compute_forward(self, dispatch: Dispatch, scale: float, softcap: float | None = None,
                         sinks: torch.Tensor | None = None) -> Returning:
         """Forward stage 2: wait for Q and K/V, run the tasks, start out back to the owners, every hop.
         Each query row is computed whole by one slot, so the slot counts ``sinks`` in its rows here."""
+        wire, (dk, dv), dtype = self.options.wire, dispatch.cols, dispatch.kv_dtype
         q_buf = self.q_cast.buffer(dispatch.q)
-        q_buf = q_buf.index_select(0, self.q_rows.on(q_buf.device))
+        q_buf = wire.decode(q_buf.index_select(0, self.q_rows.on(q_buf.device)), (dk,), dtype)
         kv_buf = self.kv_cast.buffer(dispatch.kv)
-        kv_buf = kv_buf.index_select(0, self.kv_rows.on(kv_buf.device))
+        kv_buf = wire.decode(kv_buf.index_select(0, self.kv_rows.on(kv_buf.device)), (dk, dv), dtype)
         kw = self.kernel_args(scale, softcap)
         (varlen, q_index, kv_index), *more = self.calls
         if q_index is None:
             kv_seg = kv_buf.index_select(0, kv_index.on(kv_buf.device))
-            out_buf, lse_buf = varlen_fwd(q_buf, kv_seg[:, 0], kv_seg[:, 1], varlen, **kw)
+            out_buf, lse_buf = varlen_fwd(q_buf, *unpack_kv(kv_seg, q_buf.shape[-1]), varlen, **kw)
         else:  # slices sharing query rows: one call per layer, merged here (each row is computed on this slot)
-            out_buf = torch.zeros(q_buf.shape, dtype=acc_dtype(q_buf.dtype), device=q_buf.device)
+            out_buf = torch.zeros((*q_buf.shape[:2], dv), dtype=acc_dtype(q_buf.dtype), device=q_buf.device)
             lse_buf = torch.full(q_buf.shape[:2], float("-inf"), dtype=out_buf.dtype, device=q_buf.device)
             for varlen, q_index, kv_index in self.calls:
                 rows = q_index.on(q_buf.device)
                 kv_seg = kv_buf.index_select(0, kv_index.on(kv_buf.device))
-                o, l = varlen_fwd(q_buf.index_select(0, rows), kv_seg[:, 0], kv_seg[:, 1], varlen, **kw)
+                o, l = varlen_fwd(q_buf.index_select(0, rows), *unpack_kv(kv_seg, q_buf.shape[-1]), varlen, **kw)
                 o, l = merge(out_buf.index_select(0, rows), lse_buf.index_select(0, rows), o, l)
                 out_buf.index_copy_(0, rows, o)
                 lse_buf.index_copy_(0, rows, l)
         out_buf, lse_buf = finish_rows(out_buf, lse_buf, sinks, q_buf.dtype)
         what = "cad forward: out to owners"
-        out_t = self.q_cast.back_start(self, self._scatter(out_buf, self.q_rows, len(self.q_cast.tokens)), what)
+        out_t = self.q_cast.back_start(self, self._scatter(out_buf, self.q_rows, len(self.q_cast.tokens)), what,
+                                       wire)
         return Returning(self.q_cast.back_advance(self, out_t, what),
                          TaskSaved(WorkerSaved(q_buf, kv_buf, out_buf, lse_buf), dispatch.kv_dtype))
 
@@ -343,15 +355,16 @@ class TaskExecutor(Executor):
         rq, rkv = size(len(self.q_rows.array)), size(len(self.kv_rows.array))
         q_buf = q.new_empty((rq, *q.shape[1:]))
         lse = q.new_empty((rq, q.shape[1]), dtype=acc_dtype(q.dtype))
-        return TaskSaved(WorkerSaved(q_buf, k.new_empty((rkv, 2, *k.shape[1:])), q_buf.new_empty(q_buf.shape), lse),
-                         k.dtype)
+        kv = k.new_empty((rkv, k.shape[1], k.shape[2] + v.shape[2]))
+        return TaskSaved(WorkerSaved(q_buf, kv, q_buf.new_empty(out_shape(q_buf, v)), lse), k.dtype)
 
     # ---- backward stages -------------------------------------------------------------------------
     def start_backward(self, dout: torch.Tensor) -> DoutDispatch:
         """Backward stage 1: start dout to the workers, every hop (all they lack: they kept Q, K/V,
         out, lse)."""
         what = "cad backward: dout to workers"
-        return DoutDispatch(self.q_cast.advance(self, self.q_cast.start(self, dout, what), what))
+        dout_t = self.q_cast.start(self, self.options.wire.encode(dout), what)
+        return DoutDispatch(self.q_cast.advance(self, dout_t, what))
 
     def compute_backward(self, dispatch: DoutDispatch, saved: TaskSaved, scale: float, softcap: float | None = None,
                          sinks: torch.Tensor | None = None) -> GradsReturning:
@@ -361,7 +374,8 @@ class TaskExecutor(Executor):
         parameter's gradient is summed over the ranks by the data-parallel reduction."""
         w = saved.worker
         dout_buf = self.q_cast.buffer(dispatch.dout)
-        dout_buf = dout_buf.index_select(0, self.q_rows.on(dout_buf.device))
+        dout_buf = self.options.wire.decode(dout_buf.index_select(0, self.q_rows.on(dout_buf.device)),
+                                            (w.out.shape[-1],), w.out.dtype)
         kw = self.kernel_args(scale, softcap)
         whole = self.calls[0][1] is None
         delta = None if sinks is None and whole else row_delta(dout_buf, w.out)
@@ -369,17 +383,17 @@ class TaskExecutor(Executor):
         dq_buf = None if whole else torch.zeros(w.q.shape, dtype=dkv_buf.dtype, device=w.q.device)
         for varlen, q_index, kv_index in self.calls:
             index = kv_index.on(w.kv.device)
-            kv_seg = w.kv.index_select(0, index)
+            k_seg, v_seg = unpack_kv(w.kv.index_select(0, index), w.q.shape[-1])
             if whole:
-                dq_buf, dk_seg, dv_seg = varlen_bwd(dout_buf, w.q, kv_seg[:, 0], kv_seg[:, 1], w.out, w.lse, varlen,
-                                                    delta=delta, **kw)
+                dq_buf, dk_seg, dv_seg = varlen_bwd(dout_buf, w.q, k_seg, v_seg, w.out, w.lse, varlen, delta=delta,
+                                                    **kw)
             else:
                 rows = q_index.on(w.q.device)
-                dq_l, dk_seg, dv_seg = varlen_bwd(*(t.index_select(0, rows) for t in (dout_buf, w.q)), kv_seg[:, 0],
-                                                  kv_seg[:, 1], *(t.index_select(0, rows) for t in (w.out, w.lse)),
-                                                  varlen, delta=delta.index_select(0, rows), **kw)
-                dq_buf.index_add_(0, rows, dq_l.to(dq_buf.dtype))
-            dkv_buf.index_add_(0, index, torch.stack([dk_seg, dv_seg], dim=1).to(dkv_buf.dtype))
+                dq_l, dk_seg, dv_seg = varlen_bwd(*(t.index_select(0, rows) for t in (dout_buf, w.q)), k_seg, v_seg,
+                                                  *(t.index_select(0, rows) for t in (w.out, w.lse)), varlen,
+                                                  delta=delta.index_select(0, rows), **kw)
+                q_index.add_into(dq_buf, dq_l.to(dq_buf.dtype), self.options.deterministic)
+            kv_index.add_into(dkv_buf, pack_kv(dk_seg, dv_seg).to(dkv_buf.dtype), self.options.deterministic)
         dq_buf = dq_buf.to(w.q.dtype)
         dq_what, dkv_what = "cad backward: dQ to owners", "cad backward: dK/dV to owners"
         dq_t = self.q_cast.back_start(self, self._scatter(dq_buf, self.q_rows, len(self.q_cast.tokens)), dq_what)
@@ -393,7 +407,8 @@ class TaskExecutor(Executor):
         (``returning.dsinks`` is ready since stage 2.)"""
         dq = self.q_cast.back_finish(self, returning.dq, "cad backward: dQ to owners")
         dkv = self.kv_cast.back_finish(self, returning.dkv, "cad backward: dK/dV to owners")
-        return dq, dkv[:, 0].to(returning.kv_dtype), dkv[:, 1].to(returning.kv_dtype)
+        dk, dv = unpack_kv(dkv, dq.shape[-1])
+        return dq, dk.to(returning.kv_dtype), dv.to(returning.kv_dtype)
 
     def backward(self, dout, saved: TaskSaved, scale, softcap=None, sinks=None):
         returning = self.compute_backward(self.start_backward(dout), saved, scale, softcap, sinks)

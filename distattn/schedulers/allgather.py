@@ -70,7 +70,7 @@ class GatherSchedule(Schedule):
         p, group = self.world_size, shape.num_heads // shape.num_kv_heads
         heads = self.head_groups(shape.num_kv_heads)
         n_steps = len(heads)
-        kv = [[(p - 1) * self.width * 2 * shape.row_bytes(h1 - h0)] * p for h0, h1 in heads]
+        kv = [[(p - 1) * self.width * 2 * shape.wire_row(h1 - h0)] * p for h0, h1 in heads]
         dkv = [[(p - 1) * self.width * 2 * shape.row_bytes(h1 - h0, acc=True)] * p for h0, h1 in heads]
         flops = np.stack([shape.flops(self.rank_pairs, (h1 - h0) * group) for h0, h1 in heads])   # [steps, P]
         b = Builder()

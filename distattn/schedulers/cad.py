@@ -276,16 +276,16 @@ class TaskSchedule(Schedule):
         into what stays inside a node and what crosses (step ``h - 1`` of a phase is hop ``h``)."""
         p, tr = self.pool_size, self.traffic()
         hq, hkv = self.hops
-        q_b = shape.row_bytes(shape.num_heads)
-        dkv_b = 2 * shape.row_bytes(shape.num_kv_heads, acc=True)
+        q_b, q_w = shape.row_bytes(shape.num_heads), shape.wire_row(shape.num_heads)   # dQ's row; Q/out/dout's
+        kv_w, dkv_b = 2 * shape.wire_row(shape.num_kv_heads), 2 * shape.row_bytes(shape.num_kv_heads, acc=True)
         area = np.bincount(self.segments.rank, self.segments.area, minlength=p).astype(np.int64)
         flops = shape.flops(area)
         b = Builder()
-        q_in = b.phase(tr.phase("forward", "Q to workers", lambda hop: hop.q * q_b, False, hq))
-        kv_in = b.phase(tr.phase("forward", "K/V to workers", lambda hop: hop.kv * shape.kv_row, False, hkv))
+        q_in = b.phase(tr.phase("forward", "Q to workers", lambda hop: hop.q * q_w, False, hq))
+        kv_in = b.phase(tr.phase("forward", "K/V to workers", lambda hop: hop.kv * kv_w, False, hkv))
         attn = b.phase(Phase.per_rank("forward", "attention", "attention", p, flops))
-        out = b.phase(tr.phase("forward", "out to owners", lambda hop: hop.q * q_b, True, hq))
-        dout = b.phase(tr.phase("backward", "dout to workers", lambda hop: hop.q * q_b, False, hq))
+        out = b.phase(tr.phase("forward", "out to owners", lambda hop: hop.q * q_w, True, hq))
+        dout = b.phase(tr.phase("backward", "dout to workers", lambda hop: hop.q * q_w, False, hq))
         b_attn = b.phase(Phase.per_rank("backward", "attention", "attention", p, flops * 2.5))
         dq = b.phase(tr.phase("backward", "dQ to owners", lambda hop: hop.q * q_b, True, hq))
         dkv = b.phase(tr.phase("backward", "dK/dV to owners", lambda hop: hop.kv * dkv_b, True, hkv))
@@ -374,7 +374,8 @@ def planner_options(*, num_heads: int = 32, num_kv_heads: int = 8, head_dim: int
 
 
 def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, pool: Pool | None = None,
-          epsilon: float = 0.04, cost=None, network=None, overlap_s: float | None = None) -> TaskSchedule:
+          epsilon: float = 0.04, cost=None, network=None, overlap_s: float | None = None,
+          comm_dtype: str | None = None) -> TaskSchedule:
     """``shards``: the tokens each rank of the CP group holds. ``pool``: the pool's token space (:func:`distattn.executors.task_a2a.gather_pool` makes it from
     a process group when ``distattn.plan`` is given ``pool=group``). ``cost``: the attention cost
     model (:mod:`distattn.cost`, default :class:`~distattn.cost.Roofline`; a roofline's head shape
@@ -384,7 +385,8 @@ def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, po
     computes besides attention -- what :func:`distattn.pingpong.ping_pong` hides transfers behind;
     given, a move is made only if it saves more attention time than the communication it adds
     beyond what that and the rank's attention hide. None (default): moves balance FLOPs within
-    the byte caps, whatever their communication costs."""
+    the byte caps, whatever their communication costs. ``comm_dtype``: how rows travel
+    (``distattn.plan``'s; ``"fp8"`` prices moved rows at their FP8 bytes)."""
     if not isinstance(epsilon, (int, float)) or not 0 <= epsilon < 1:
         raise ValueError(f"epsilon must be in [0, 1) (allowed load above/below the mean), got {epsilon!r}")
     if network is not None and not isinstance(network, NetworkProfile):
@@ -400,8 +402,9 @@ def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, po
     cost = cost or Roofline()
     links = LinkCost.of(network, pool.slots.world_size)
     nodes = Nodes(np.asarray(pool.global_ranks, dtype=np.int64) // links.gpus_per_node)
-    rows = RowBytes.of(cost.num_heads, cost.num_kv_heads, cost.head_dim, cost.dtype_bytes) \
-        if isinstance(cost, Roofline) else RowBytes.of()
+    fp8 = comm_dtype == "fp8"
+    rows = RowBytes.of(cost.num_heads, cost.num_kv_heads, cost.head_dim, cost.dtype_bytes, fp8) \
+        if isinstance(cost, Roofline) else RowBytes.of(comm_fp8=fp8)
     segments = place_tasks(mask, pool.slots, cost, epsilon, links=links, rows=rows, overlap_s=overlap_s,
                            nodes=nodes)
     return TaskSchedule(scheduler="cad", doc_lens=doc_lens, causal=causal, window=window,

@@ -53,9 +53,10 @@ from ..schedule import AttnShape
 
 def row_costs(shape: AttnShape) -> tuple[float, float]:
     """``(b_q, b_k)``: bytes a query row computed off its node moves over forward and backward (Q,
-    out, dout and dQ in the input dtype: the schedule's phases; lse stays with the worker), and
-    bytes a key row leaving it moves (K, V in the input dtype; dK, dV in the accumulator's)."""
-    return 4 * shape.row_bytes(shape.num_heads), shape.kv_row + 2 * shape.row_bytes(shape.num_kv_heads, acc=True)
+    out, dout as they travel, dQ in the input dtype: the schedule's phases; lse stays with the
+    worker), and bytes a key row leaving it moves (K, V as they travel; dK, dV in the accumulator's)."""
+    return (3 * shape.wire_row(shape.num_heads) + shape.row_bytes(shape.num_heads),
+            2 * shape.wire_row(shape.num_kv_heads) + 2 * shape.row_bytes(shape.num_kv_heads, acc=True))
 
 
 def causal_runs(start, end, slots: Shards, node_of) -> tuple[np.ndarray, ...]:

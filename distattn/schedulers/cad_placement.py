@@ -93,14 +93,18 @@ class LinkCost:
 class RowBytes:
     """Bytes one moved row costs over forward and backward."""
 
-    q: float       # Q and dout out, out and dQ back (input dtype), lse back (fp32)
-    kv: float      # K and V out (input dtype), dK and dV back (fp32)
+    q: float       # Q and dout out, out back (as they travel), dQ back (input dtype), lse back (fp32)
+    kv: float      # K and V out (as they travel), dK and dV back (fp32)
 
     @staticmethod
-    def of(num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128, dtype_bytes: int = 2) -> "RowBytes":
+    def of(num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128, dtype_bytes: int = 2,
+           comm_fp8: bool = False) -> "RowBytes":
+        """``comm_fp8``: Q, K, V, out and dout travel as FP8 with a scale per token and head
+        (``comm_dtype="fp8"``: :mod:`distattn.wire`)."""
         acc = max(4, dtype_bytes)
-        return RowBytes(4 * num_heads * head_dim * dtype_bytes + num_heads * acc,
-                        2 * num_kv_heads * head_dim * (dtype_bytes + acc))
+        wire = head_dim + 4 if comm_fp8 else head_dim * dtype_bytes
+        return RowBytes(num_heads * (3 * wire + head_dim * dtype_bytes + acc),
+                        2 * num_kv_heads * (wire + head_dim * acc))
 
 
 class _Ledger:

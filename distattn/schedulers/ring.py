@@ -123,7 +123,7 @@ class RingSchedule(Schedule):
         step = (qr - kr) % p
         tokens = np.asarray([self.num_tokens(r) for r in range(p)], dtype=np.int64)
         mover, t, src = self._kv_moves()
-        kv = tokens[src] * 2 * shape.row_bytes(kv_heads)
+        kv = tokens[src] * 2 * shape.wire_row(kv_heads)
         # backward: rank q returns the fp32 dK/dV of a foreign block to its owner one step later
         foreign = step > 0
         dkv = tokens[kr[foreign]] * 2 * shape.row_bytes(kv_heads, acc=True)

@@ -182,15 +182,15 @@ def head_exchange_program(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarra
     the others' tokens of its own heads back."""
     layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, tokens.shape[1])
     kv = np.asarray([layout.kv_share(u) for u in range(tokens.shape[1])], dtype=np.int64)
-    row = shape.row_bytes(1)
+    row, wire = shape.row_bytes(1), shape.wire_row(1)      # a gradient's head row; Q/K/V/out/dout's as they travel
     others = tokens.sum(1, keepdims=True) - tokens         # tokens of the other members, per member
     flat = ranks.ravel()
     parts = [np.asarray([q for q, _ in row], dtype=np.int64) for row in head_parts(shape, tokens.shape[1], head_groups)]
 
-    def to_heads(heads):     # per rank: its tokens of the other members' heads
+    def to_heads(heads, row=wire):     # per rank: its tokens of the other members' heads
         return (tokens * (heads.sum() - heads)[None] * row).ravel()
 
-    def to_tokens(heads):    # per rank: the other members' tokens of its heads
+    def to_tokens(heads, row=wire):    # per rank: the other members' tokens of its heads
         return (others * heads[None] * row).ravel()
 
     def a2a(direction, label, amounts):   # one step per all-to-all of the kind
@@ -200,8 +200,8 @@ def head_exchange_program(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarra
     q_in = b.phase(a2a("forward", "Q to heads", [to_heads(q) for q in parts]))
     out_back = b.phase(a2a("forward", "out to tokens", [to_tokens(q) for q in parts]))
     dout_in = b.phase(a2a("backward", "dout to heads", [to_heads(q) for q in parts]))
-    dq_back = b.phase(a2a("backward", "dQ to tokens", [to_tokens(q) for q in parts]))
-    dkv_back = b.phase(a2a("backward", "dK/dV to tokens", [to_tokens(kv)] * 2))
+    dq_back = b.phase(a2a("backward", "dQ to tokens", [to_tokens(q, row) for q in parts]))
+    dkv_back = b.phase(a2a("backward", "dK/dV to tokens", [to_tokens(kv, row)] * 2))
     fwd, bwd = "compute", "compute_backward"
     for kind in (b.start, b.wait):
         kind(fwd, kv_in, 0)

@@ -77,6 +77,7 @@ class SimConfig:
     elem_bytes: int = 2            # bf16 activations
     seed: int = 0
     nano_batches: int | None = None   # per micro-batch (distattn.pingpong); None: the scheduler's default
+    comm_dtype: str | None = None     # "fp8": Q, K, V, out, dout travel as FP8 (distattn.plan's comm_dtype)
 
     @property
     def dp(self) -> int:
@@ -143,9 +144,10 @@ def _cluster_options(cfg: SimConfig, entry, network) -> dict:
     """What the scheduler plans the simulated job with (:meth:`~distattn.schedulers.SchedulerSpec.job_options`:
     cad's cost model and network, made as the trainer makes them)."""
     m = cfg.model
-    return entry.job_options(num_heads=m.n_heads, num_kv_heads=m.n_kv_heads, head_dim=m.head_dim,
+    opts = entry.job_options(num_heads=m.n_heads, num_kv_heads=m.n_kv_heads, head_dim=m.head_dim,
                              dtype_bytes=cfg.elem_bytes, peak_tflops=cfg.gpu.peak_tflops,
                              attn_efficiency=cfg.attn_efficiency, network=network)
+    return {**opts, "comm_dtype": cfg.comm_dtype} if cfg.comm_dtype is not None else opts
 
 
 def _memory_gb(cfg: SimConfig, tokens: float, buffers: float) -> float:
@@ -212,7 +214,7 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
     m = cfg.model
     docs = replica_docs or _replica_docs(cfg, pool)
     peak = cfg.gpu.peak_tflops * 1e12
-    shape = AttnShape(m.n_heads, m.n_kv_heads, m.head_dim, cfg.elem_bytes)
+    shape = AttnShape(m.n_heads, m.n_kv_heads, m.head_dim, cfg.elem_bytes, cfg.comm_dtype == "fp8")
     rate = peak * cfg.attn_efficiency
     results, timeline = [], []
     for name in schedulers:

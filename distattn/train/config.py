@@ -6,10 +6,11 @@ A config has four sections::
                attention_sinks, softcap}
     data:     {source: stdlib | tokens | megatron | hf | blend, path, tokenizer, blend, seq_len, seed}
     parallel: {dp, cp, scheduler, ulysses_degree, head_groups, cad_pool, nano_batches, dp_mode: ddp | fsdp,
-               cpu_offload, backend, timeout_s}
+               cpu_offload, backend, comm_dtype: fp8, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
                dtype: fp32 | bf16, activation_checkpointing: none | full | selective | offload,
-               loss_chunk, mlp_chunk, compile, peak_tflops, on_nonfinite: stop | skip_step, lr_decay_steps}
+               loss_chunk, mlp_chunk, compile, peak_tflops, on_nonfinite: stop | skip_step, lr_decay_steps,
+               deterministic}
 
 The file is a mapping of those sections (``{}`` for every default); a key written twice in one
 mapping is refused, where YAML would keep the last one silently.
@@ -114,6 +115,9 @@ class ParallelConfig:
     # and the optimizer steps on the CPU. Needs dp_mode: fsdp; shards even on one rank
     cpu_offload: bool = False
     backend: str = "auto"               # attention kernel backend
+    # fp8: attention's Q, K, V, out and dout cross ranks as float8_e4m3 with a scale per token and
+    # head (~0.52x bf16's bytes; gradients keep their dtype: distattn/wire.py); unset: as they are
+    comm_dtype: str | None = None
     timeout_s: float = 120.0            # collectives fail after this instead of hanging
 
     @property
@@ -167,6 +171,9 @@ class TrainSection:
     # the cosine schedule's length in steps; unset: train.steps of the run that started the folder
     # (its checkpoints keep it), so --steps on a resume moves where the run stops, not the schedule
     lr_decay_steps: int | None = None
+    # bitwise-equal reruns of one config on one machine: attention plans deterministic=True (fixed
+    # reduction orders, no atomics) and torch's deterministic algorithms for the rest of the model
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -366,6 +373,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError(f"model.softcap must be > 0 (Gemma 2 uses 50.0), got {m.softcap!r}; leave it unset for none")
     if t.peak_tflops is not None and t.peak_tflops <= 0:
         raise ValueError(f"train.peak_tflops must be > 0, got {t.peak_tflops!r}; leave it unset to look it up")
+    if p.comm_dtype not in (None, "fp8"):
+        raise ValueError(f"parallel.comm_dtype must be fp8 or unset (tensors travel in their dtype), got "
+                         f"{p.comm_dtype!r}")
     for key, val, choices in (("train.dtype", t.dtype, DTYPES),
                               ("train.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING),
                               ("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)):

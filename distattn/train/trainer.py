@@ -170,6 +170,11 @@ def train(cfg: RunConfig, resume: bool | Path = False, stop: StopSignal | None =
     dims = ParallelDims(p.dp, p.cp, entry.mesh_ulysses(p.cp, cfg.model.n_kv_heads, p.ulysses_degree))
     mesh = dims.build(device.type)  # every process group of the run, made once here
     cp_mesh, dp_rank = dims.cp_mesh(mesh), mesh.get_local_rank("dp")
+    if t.deterministic:
+        # cuBLAS needs a fixed workspace to reduce in a fixed order; the variable is read when
+        # cuBLAS starts, which is later in this process (the model is not on the device yet)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     torch.manual_seed(t.seed)  # same initial weights everywhere
     # with cpu_offload the parameters stay in host memory: fully_shard brings one module at a time over
     model = Transformer(cfg.model).to("cpu" if p.cpu_offload else device)
@@ -191,6 +196,10 @@ def train(cfg: RunConfig, resume: bool | Path = False, stop: StopSignal | None =
     # usp's degree is the mesh's "ulysses" axis; the head count makes its plans refuse other K/V heads
     options = {"num_kv_heads": cfg.model.n_kv_heads} if dims.ulysses > 1 else {}
     options.update(entry.head_group_options(p.cp, p.head_groups))
+    if t.deterministic:
+        options["deterministic"] = True
+    if p.comm_dtype is not None:
+        options["comm_dtype"] = p.comm_dtype
     m_cfg, hd = cfg.model, cfg.model.dim // cfg.model.n_heads
     peak_flops = device_peak_flops(device, t.peak_tflops)
     if cfg.world_size > 1:   # (one rank plans nothing: local attention)
