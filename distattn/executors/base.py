@@ -195,6 +195,7 @@ def finish_rows(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None
     """Rows' *final* ``(out, lse)`` (every partial result merged): the sinks counted once
     (:func:`distattn.merge.add_sink`), out cast to ``dtype``. The saved ``lse`` includes the sinks, so
     the kernels' backward, given these out and lse, yields the exact dq, dk, dv."""
+    lse = lse.to(acc_dtype(dtype))   # a running lse (merge.LSE_ACC) becomes the kernels' dtype
     if sinks is not None:
         out, lse = add_sink(out, lse, sinks)
     return out.to(dtype), lse

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..merge import acc_dtype, row_delta
+from ..merge import LSE_ACC, acc_dtype, row_delta
 from ..schedulers.allgather import GatherSchedule
 from .base import (DeviceIndex, ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv,
                    rows_sink_grad, unpack_kv)
@@ -57,7 +57,7 @@ class GatherExecutor(Executor):
         kw = self.kernel_args(scale, softcap)
         dtype = acc_dtype(q.dtype)
         out = torch.zeros(out_shape(q, v), dtype=dtype, device=q.device)
-        lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=LSE_ACC, device=q.device)
         cols = (k.shape[-1], v.shape[-1])
         kv_local = self.options.wire.encode(pack_kv(k, v), cols)   # as it travels
         group = q.shape[1] // k.shape[1]

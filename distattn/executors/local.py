@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import varlen_bwd, varlen_fwd
-from ..merge import acc_dtype, row_delta
+from ..merge import LSE_ACC, acc_dtype, row_delta
 from .base import (ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv, rows_sink_grad,
                    unpack_kv)
 
@@ -31,7 +31,7 @@ class LocalExecutor(Executor):
             out, lse = varlen_fwd(q, k, v, self.varlen, **kw)
         else:
             out = torch.zeros(out_shape(q, v), dtype=acc_dtype(q.dtype), device=q.device)
-            lse = torch.full(q.shape[:2], float("-inf"), dtype=out.dtype, device=q.device)
+            lse = torch.full(q.shape[:2], float("-inf"), dtype=LSE_ACC, device=q.device)
             kv = pack_kv(k, v)
             for call in self.calls:
                 call_fwd(call, q, kv, out, lse, **kw)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..merge import acc_dtype, row_delta
+from ..merge import LSE_ACC, acc_dtype, row_delta
 from ..schedulers.ring import RingSchedule
 from .base import (ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv, rows_sink_grad,
                    unpack_kv)
@@ -47,7 +47,7 @@ class RingExecutor(Executor):
         kw = self.kernel_args(scale, softcap)
         dtype = acc_dtype(q.dtype)
         out = torch.zeros(out_shape(q, v), dtype=dtype, device=q.device)
-        lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype, device=q.device)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=LSE_ACC, device=q.device)
         kv, cols, wire = pack_kv(k, v), (k.shape[-1], v.shape[-1]), self.options.wire
         held = wire.encode(kv, cols)   # as it travels; no other reference kept: two blocks live at a time
         like = held[:0]   # the blocks' dtype and head shape

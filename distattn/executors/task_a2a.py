@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 from ..comm import Comm, Pending
 from ..kernels import varlen_bwd, varlen_fwd
-from ..merge import acc_dtype, merge, row_delta
+from ..merge import LSE_ACC, acc_dtype, merge, row_delta
 from ..layout import Shards
 from ..schedulers.cad import Pool, Route, TaskSchedule
 from ..wire import Wire
@@ -326,7 +326,7 @@ class TaskExecutor(Executor):
             out_buf, lse_buf = varlen_fwd(q_buf, *unpack_kv(kv_seg, q_buf.shape[-1]), varlen, **kw)
         else:  # slices sharing query rows: one call per layer, merged here (each row is computed on this slot)
             out_buf = torch.zeros((*q_buf.shape[:2], dv), dtype=acc_dtype(q_buf.dtype), device=q_buf.device)
-            lse_buf = torch.full(q_buf.shape[:2], float("-inf"), dtype=out_buf.dtype, device=q_buf.device)
+            lse_buf = torch.full(q_buf.shape[:2], float("-inf"), dtype=LSE_ACC, device=q_buf.device)
             for varlen, q_index, kv_index in self.calls:
                 rows = q_index.on(q_buf.device)
                 kv_seg = kv_buf.index_select(0, kv_index.on(kv_buf.device))
