@@ -1,14 +1,19 @@
 """Compile every Triton kernel of the ``triton`` backend for real NVIDIA GPUs, without a GPU.
 
 Each case (kernel x config of ``all_configs``: ``CONFIGS``, the fallback and the fp32 config; x
-arch x dtype x head dim x variant of ``triton_attn.VARIANTS``: every combination of the band's
+arch x dtype x head dims x variant of ``triton_attn.VARIANTS``: every combination of the band's
 ``HAS_LO``/``HAS_HI`` and ``SOFTCAP`` a call can take, and GQA) goes through Triton's
 ahead-of-time path, ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, with
 the divisibility the runtime launcher would specialize on, in a spawned worker whose environment
 has no ``TRITON_*`` overrides and a fresh cache. The wheel's ``cuobjdump`` then reads registers,
-stack and shared memory from the cubin. Configs the autotuner prunes on a target (``keep_config``)
-are never launched: they are listed as ``pruned`` and only compiled with ``--all`` (then never a
-failure).
+stack and shared memory from the cubin, and its SASS (and the PTX) are searched for atomic
+instructions (``ATOM``/``RED``, ``atom.``/``red.``: see :func:`.sass.atomics`): the backward is
+deterministic because dK/dV take one program per key tile and no kernel uses any. Configs the
+autotuner prunes on a target (``keep_config``) are never launched: they are listed as ``pruned``
+and only compiled with ``--all`` (then never a failure).
+
+Head dims are Q/K's and V's: ``192/128`` names the pair (MLA), a single number both. The default
+matrix has 64, 128, 192/128 and 256.
 
 Usage::
 
@@ -16,10 +21,12 @@ Usage::
     python -m distattn.kernels.aot --json --jobs 8     # {"rows": [...], "summary": {...}}
     python -m distattn.kernels.aot --kernels fwd --arch 90 --dtypes bf16 --head-dims 128 \\
         --variants causal,band_softcap
+    python -m distattn.kernels.aot --head-dims 192/128,128 --arch 80,90   # MLA beside 128
     python -m distattn.kernels.aot --all               # compile the pruned configs too
 
 Exit status 1 when a kept config fails to compile or needs more shared memory per block than its
-target has, 0 otherwise. Progress goes to stderr.
+target has, or when any compiled kernel has an atomic instruction; 0 otherwise. Progress goes to
+stderr.
 """
 
 from __future__ import annotations
@@ -43,12 +50,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .sass import atomics, disassemble, ptx_atomics
 from .triton_attn import KERNELS, VARIANTS, aot_spec
 from .triton_plan import SHARED_LIMIT, all_configs, keep_config
 
 ARCHS = {80: "sm_80", 90: "sm_90a"}  # Triton compiles capability 90 for sm_90a (wgmma, TMA)
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # element bytes
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = ((64, 64), (128, 128), (192, 128), (256, 256))  # (Q/K's, V's); 192/128 is MLA (DeepSeek-V2/V3)
+MAX_HEAD_DIM = 256  # what the triton backend takes
 # LSE/DELTA are [T, H] fp32: their strides (H and 1) need not be multiples of 16.
 SMALL_STRIDES = frozenset({"stride_lt", "stride_lh", "stride_dt", "stride_dh"})
 
@@ -59,9 +68,18 @@ class Case:
     config: tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     arch: int
     dtype: str
-    head_dim: int
+    head_dim: int  # Q/K's
     variant: str
     kept: bool  # whether the runtime autotuner tries this config there
+    head_dim_v: int | None = None  # V's; None means head_dim (and is stored as it)
+
+    def __post_init__(self):
+        if self.head_dim_v is None:
+            object.__setattr__(self, "head_dim_v", self.head_dim)
+
+    @property
+    def dims_name(self) -> str:
+        return dims_name(self.head_dim, self.head_dim_v)
 
     @property
     def config_name(self) -> str:
@@ -70,21 +88,29 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.kernel} {self.config_name} {ARCHS[self.arch]} {self.dtype} d{self.head_dim} {self.variant}"
+        return f"{self.kernel} {self.config_name} {ARCHS[self.arch]} {self.dtype} d{self.dims_name} {self.variant}"
 
     def row(self, status: str, **fields) -> dict:
         base = dict(kernel=self.kernel, config=self.config_name, arch=ARCHS[self.arch], dtype=self.dtype,
-                    head_dim=self.head_dim, variant=self.variant, status=status, registers=None, stack=None,
-                    shared=None, shared_dynamic=None, shared_static=None, seconds=None, over_limit=False)
+                    head_dim=self.head_dim, head_dim_v=self.head_dim_v, variant=self.variant, status=status,
+                    registers=None, stack=None, shared=None, shared_dynamic=None, shared_static=None, seconds=None,
+                    over_limit=False, atomics=None)
         return {**base, **fields}
 
 
-def matrix(kernels: list[str], archs: list[int], dtypes: list[str], head_dims: list[int],
-           variants: list[str]) -> list[Case]:
-    """Every case, in table order; a kernel's configs are all those its autotuner lists."""
-    return [Case(k, tuple(c), a, d, h, v, keep_config(k, tuple(c), h, DTYPES[d], a))
+def dims_name(head_dim: int, head_dim_v: int) -> str:
+    """``"128"``, or ``"192/128"`` where V's head dim differs from Q/K's."""
+    return str(head_dim) if head_dim == head_dim_v else f"{head_dim}/{head_dim_v}"
+
+
+def matrix(kernels: list[str], archs: list[int], dtypes: list[str], head_dims: list, variants: list[str]
+           ) -> list[Case]:
+    """Every case, in table order; a kernel's configs are all those its autotuner lists. ``head_dims``:
+    ``(Q/K's, V's)`` pairs, or ints meaning both."""
+    pairs = [(h, h) if isinstance(h, int) else tuple(h) for h in head_dims]
+    return [Case(k, tuple(c), a, d, h, v, keep_config(k, tuple(c), h, DTYPES[d], a, hv), hv)
             for k in kernels for c in all_configs(k) for a in archs for d in dtypes
-            for h in head_dims for v in variants]
+            for h, hv in pairs for v in variants]
 
 
 def divisibility_attrs(fn, signature: dict[str, str]) -> dict[tuple[int], list[list]]:
@@ -116,8 +142,9 @@ def resource_usage(cubin: Path) -> dict[str, dict[str, int]]:
 
 def compile_case(case: Case, keep_cubin: bool = False) -> dict:
     """Compile one case in this process (whose environment must hold no TRITON_* overrides: use
-    :func:`compile_cases`) and return its row; ``keep_cubin`` adds the cubin bytes as ``"cubin"``."""
-    fn, signature, constexprs = aot_spec(case.kernel, case.dtype, case.head_dim, case.variant)
+    :func:`compile_cases`) and return its row; ``keep_cubin`` adds the cubin bytes as ``"cubin"``.
+    The row's ``atomics`` lists the atomic instructions of its SASS and PTX (none expected)."""
+    fn, signature, constexprs = aot_spec(case.kernel, case.dtype, case.head_dim, case.variant, case.head_dim_v)
     block_m, block_n, warps, stages = case.config
     status = "ok" if case.kept else "pruned-compiled"
     with tempfile.TemporaryDirectory(prefix="distattn-aot-") as tmp:
@@ -131,6 +158,7 @@ def compile_case(case: Case, keep_cubin: bool = False) -> dict:
             seconds = time.perf_counter() - start
             Path(tmp, "kernel.cubin").write_bytes(kernel.asm["cubin"])
             usage = resource_usage(Path(tmp, "kernel.cubin"))[kernel.metadata.name]
+            found = atomics(disassemble(kernel.asm["cubin"])) + ptx_atomics(kernel.asm["ptx"])
         except Exception as exc:  # noqa: BLE001 - a failed compile is a row, not a crash
             message = " ".join(f"{type(exc).__name__}: {exc}".split())
             return case.row("error" if case.kept else "pruned-error", error=message[-1500:],
@@ -142,7 +170,7 @@ def compile_case(case: Case, keep_cubin: bool = False) -> dict:
     dynamic, static = int(kernel.metadata.shared), usage.get("SHARED", 0)
     row = case.row(status, registers=usage.get("REG"), stack=usage.get("STACK"), shared=dynamic + static,
                    shared_dynamic=dynamic, shared_static=static, seconds=round(seconds, 2),
-                   over_limit=dynamic + static > SHARED_LIMIT[case.arch])
+                   over_limit=dynamic + static > SHARED_LIMIT[case.arch], atomics=sorted(set(found)))
     return {**row, "cubin": kernel.asm["cubin"]} if keep_cubin else row
 
 
@@ -189,11 +217,13 @@ def compile_cases(cases: list[Case], jobs: int | None = None, compile_pruned: bo
 
 
 def _name(row: dict) -> str:  # as Case.label
-    return f"{row['kernel']} {row['config']} {row['arch']} {row['dtype']} d{row['head_dim']} {row['variant']}"
+    dims = dims_name(row["head_dim"], row["head_dim_v"])
+    return f"{row['kernel']} {row['config']} {row['arch']} {row['dtype']} d{dims} {row['variant']}"
 
 
 def summarize(rows: list[dict], wall_seconds: float) -> dict:
-    """Compiles, failures (kept cases), kept cases over the shared limit, worst stack, times."""
+    """Compiles, failures (kept cases), kept cases over the shared limit, compiled cases with atomic
+    instructions (``atomics``: "case: opcodes"), worst stack, times."""
     compiled = [r for r in rows if r["registers"] is not None]
     kept = [r for r in compiled if r["status"] == "ok"]
     worst = max(kept, key=lambda r: r["stack"], default=None)
@@ -203,6 +233,7 @@ def summarize(rows: list[dict], wall_seconds: float) -> dict:
                 pruned=sum(r["status"].startswith("pruned") for r in rows),
                 over_limit=[_name(r) for r in kept if r["over_limit"]],
                 pruned_over_limit=sum(r["over_limit"] for r in compiled if r["status"] != "ok"),
+                atomics=[f"{_name(r)}: {' '.join(r['atomics'])}" for r in compiled if r["atomics"]],
                 worst_stack=worst["stack"] if worst else None, worst_stack_case=_name(worst) if worst else None,
                 max_shared={arch: max((r["shared"] for r in kept if r["arch"] == arch), default=None)
                             for arch in sorted({r["arch"] for r in kept})},
@@ -210,10 +241,18 @@ def summarize(rows: list[dict], wall_seconds: float) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = ("kernel", "config", "arch", "dtype", "head_dim", "variant", "status", "registers", "stack",
-               "shared", "seconds")
-    cells = [[("-" if r[c] is None else str(r[c])) + ("!" if c == "shared" and r["over_limit"] else "")
-              for c in columns] for r in rows]
+    columns = ("kernel", "config", "arch", "dtype", "head_dim", "head_dim_v", "variant", "status", "registers",
+               "stack", "shared", "atomics", "seconds")
+
+    def show(row: dict, column: str) -> str:
+        value = row[column]
+        if value is None:
+            return "-"
+        if column == "atomics":  # the opcodes found, "0" for none
+            return " ".join(value) or "0"
+        return str(value) + ("!" if column == "shared" and row["over_limit"] else "")
+
+    cells = [[show(r, c) for c in columns] for r in rows]
     widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in cells]
@@ -230,11 +269,26 @@ def _list(kind, choices):
     return parse
 
 
+def _head_dims(text: str) -> list[tuple[int, int]]:
+    """``"64,192/128"`` -> ``[(64, 64), (192, 128)]``: a pair is (Q/K's, V's) head dim, a number both."""
+    pairs = []
+    for item in (v for v in text.split(",") if v):
+        try:
+            dims = [int(d) for d in item.split("/")]
+        except ValueError:
+            dims = []
+        if len(dims) not in (1, 2) or not all(1 <= d <= MAX_HEAD_DIM for d in dims):
+            raise argparse.ArgumentTypeError(f"head dims {item!r}: want D or DQK/DV, each in 1..{MAX_HEAD_DIM}")
+        pairs.append((dims[0], dims[-1]))
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distattn.kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=_list(int, ARCHS), default=list(ARCHS), help="e.g. 80,90")
     parser.add_argument("--dtypes", type=_list(str, DTYPES), default=list(DTYPES))
-    parser.add_argument("--head-dims", type=_list(int, HEAD_DIMS), default=list(HEAD_DIMS))
+    parser.add_argument("--head-dims", type=_head_dims, default=list(HEAD_DIMS),
+                        help="e.g. 64,192/128: Q/K's/V's head dim, one number for both")
     parser.add_argument("--kernels", type=_list(str, KERNELS), default=list(KERNELS))
     parser.add_argument("--variants", type=_list(str, VARIANTS), default=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiles (default: all cores)")
@@ -250,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(format_table(rows))
         print(json.dumps(summary, indent=1))
-    return 1 if summary["failures"] or summary["over_limit"] else 0
+    return 1 if summary["failures"] or summary["over_limit"] or summary["atomics"] else 0
 
 
 if __name__ == "__main__":

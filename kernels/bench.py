@@ -1,7 +1,7 @@
 """Kernel benchmark on a GPU: our ``triton`` backend beside PyTorch's FlashAttention (``torch``
 backend) and SDPA, measured side by side in one run.
 
-    python -m distattn.kernels.bench [--seq-lens 1024 2048 ...] [--head-dims 64 128] [--dtype bf16] [--json F]
+    python -m distattn.kernels.bench [--seq-lens 1024 2048 ...] [--head-dims 64 128 192/128] [--dtype bf16] [--json F]
 
 For each sequence length ``s``: a packed batch of ``--tokens`` tokens (default 32K), ``hidden /
 head_dim`` heads (GQA off), three masks:
@@ -10,11 +10,14 @@ head_dim`` heads (GQA off), three masks:
 * ``doc``: causal document masks, each length-``s`` sequence cut into documents of seeded
   log-uniform lengths between 64 and ``s`` (what packed pretraining batches look like).
 
-TFLOP/s of the forward and of forward+backward (FLOPs: 4 * visible pairs * heads * head_dim
-forward, 2.5x that backward; median of ``triton.testing.do_bench``). Our two backends run through
+A head dim ``192/128`` is Q/K's and V's (MLA: heads = hidden / V's head dim); K and V are then
+views into one packed ``[T, H, Dqk + Dv]`` buffer, as the executors pass them. TFLOP/s of the
+forward and of forward+backward (FLOPs: 2 * visible pairs * heads * (Dqk + Dv) forward, 2.5x that
+backward; median of ``triton.testing.do_bench``). Our two backends run through
 the plan path (a :class:`~distattn.kernels.Varlen` prepared once); SDPA (flash backend) runs on
-the padded ``[b, h, s, d]`` layout and only for ``causal``/``full``. The last column is triton's
-fwd+bwd over the torch backend's. On a machine without a GPU it says so and exits 0.
+the padded ``[b, h, s, d]`` layout and only for ``causal``/``full`` with one head dim; a backend
+that refuses the shapes gets NaN. The last column is triton's fwd+bwd over the torch backend's. On
+a machine without a GPU it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -56,7 +59,12 @@ def _time(fn) -> float:
 
 def _ours(backend, q, k, v, dout, seg, flops):
     scale = q.shape[-1] ** -0.5
-    prepare(seg, q.device, backend=backend)
+    try:
+        prepare(seg, q.device, backend=backend)
+        varlen_fwd(q, k, v, seg, scale=scale, backend=backend)
+    except ValueError as exc:  # e.g. a backend without V's own head dim
+        print(f"backend={backend!r} skipped: {exc}", flush=True)
+        return float("nan"), float("nan")
     kw = dict(scale=scale, backend=backend)
     out, lse = varlen_fwd(q, k, v, seg, **kw)
 
@@ -75,26 +83,35 @@ def _sdpa(q, k, v, dout, batch, s, causal, flops):
         return _tflops(flops, _time(run)), _tflops(3.5 * flops, _time(lambda: run().backward(do_b)))
 
 
-def run(seq_lens, head_dims, dtype, tokens: int, hidden: int) -> list[dict]:
+def head_dims(text: str) -> tuple[int, int]:
+    """``"128"`` -> (128, 128); ``"192/128"`` -> (192, 128): Q/K's and V's head dim."""
+    dims = [int(d) for d in text.split("/")]
+    if len(dims) not in (1, 2) or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"head dims {text!r}: want D or DQK/DV")
+    return dims[0], dims[-1]
+
+
+def run(seq_lens, dims, dtype, tokens: int, hidden: int) -> list[dict]:
     rows = []
-    for d in head_dims:
-        heads = hidden // d
+    for d, dv in dims:
+        heads = hidden // dv
         for s in seq_lens:
             batch = max(1, tokens // s)
             for mask in ("causal", "full", "doc"):
                 lens = [s] * batch if mask != "doc" else [n for b in range(batch) for n in doc_lens(s, b)]
                 causal = mask != "full"
                 area = int(mask_area(np.array(lens), np.array(lens), causal, None).sum())
-                flops = 4 * area * heads * d
+                flops = 2 * area * heads * (d + dv)
                 g = torch.Generator(device="cuda").manual_seed(0)
-                q, k, v, dout = (torch.randn(batch * s, heads, d, device="cuda", dtype=dtype, generator=g)
-                                 for _ in range(4))
+                q, kv, dout = (torch.randn(batch * s, heads, width, device="cuda", dtype=dtype, generator=g)
+                               for width in (d, d + dv, dv))
+                k, v = (kv[..., :d], kv[..., d:]) if d != dv else (kv[..., :d].contiguous(), kv[..., d:].contiguous())
                 seg = Varlen.from_geometry(lens, lens, causal, None)
-                row = {"head_dim": d, "seq_len": s, "mask": mask}
+                row = {"head_dim": d if d == dv else f"{d}/{dv}", "seq_len": s, "mask": mask}
                 row["triton_fwd"], row["triton_fwd_bwd"] = _ours("triton", q, k, v, dout, seg, flops)
                 row["torch_fwd"], row["torch_fwd_bwd"] = _ours("torch", q, k, v, dout, seg, flops)
                 row["sdpa_fwd"], row["sdpa_fwd_bwd"] = (_sdpa(q, k, v, dout, batch, s, causal, flops)
-                                                        if mask != "doc" else (float("nan"), float("nan")))
+                                                        if mask != "doc" and d == dv else (float("nan"), float("nan")))
                 row["triton_vs_torch"] = row["triton_fwd_bwd"] / row["torch_fwd_bwd"]
                 rows.append(row)
                 print("  ".join(f"{row[c]:>{len(c)}.2f}" if isinstance(row[c], float) else f"{row[c]!s:>{len(c)}}"
@@ -105,7 +122,8 @@ def run(seq_lens, head_dims, dtype, tokens: int, hidden: int) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--head-dims", type=head_dims, nargs="+", default=[(64, 64), (128, 128)],
+                        help="e.g. 64 128 192/128 (Q/K's/V's head dim: MLA)")
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens / seq_len)")
     parser.add_argument("--hidden", type=int, default=2048, help="heads = hidden / head_dim")

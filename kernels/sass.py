@@ -1,5 +1,7 @@
 """Read a kernel's machine code (SASS) without a GPU: disassemble a cubin, find its loops and count
-what each loop body does (MMAs, loads, exp, FMA/FMUL/FADD, mask selects, ...).
+what each loop body does (MMAs, loads, exp, FMA/FMUL/FADD, mask selects, ...), and list a kernel's
+atomic instructions (:func:`atomics`, :func:`ptx_atomics`: the backward is deterministic only
+without them; ``python -m distattn.kernels.aot`` checks every kernel).
 
 A loop is closed by a backward branch (``BRA`` to an earlier address); its body is every
 instruction from the target to the branch, inclusive. The forward kernel streams key blocks in loops
@@ -10,6 +12,7 @@ Usage::
 
     python -m distattn.kernels.sass --kernel fwd --config 128,64,8,3 --dtype bf16 --head-dim 128 \\
         --variant causal --arch 90
+    python -m distattn.kernels.sass --kernel bwd_dkv --config 32,128,4,3 --head-dim 192 --head-dim-v 128
     python -m distattn.kernels.sass --cubin kernel.cubin          # any cubin, e.g. another kernel's
 """
 
@@ -26,6 +29,10 @@ from pathlib import Path
 
 import triton
 
+# Read-modify-writes of memory whose order between programs is up to the hardware: atomics and
+# reductions to global or shared memory, and the TMA / bulk-copy reductions. Not REDUX, a warp's
+# reduction in registers.
+ATOMIC_OPCODES = frozenset({"ATOM", "ATOMG", "ATOMS", "RED", "REDG", "REDAS", "UTMAREDG", "UBLKRED"})
 # Instruction classes counted per loop, by opcode (MUFU.EX2 by opcode and modifier).
 CLASSES = {
     "mma": {"HMMA", "HGMMA", "IMMA", "DMMA", "QGMMA", "IGMMA"},
@@ -38,9 +45,12 @@ CLASSES = {
     "compare": {"FSETP", "ISETP", "PLOP3", "P2R", "R2P"},
     "convert": {"F2FP", "F2F", "I2F", "F2I"},
     "shuffle": {"SHFL"},
+    "atomic": ATOMIC_OPCODES,
     "sync": {"BAR", "WARPGROUP", "DEPBAR", "LDGDEPBAR", "WARPSYNC", "ARRIVES", "SYNCS", "MEMBAR", "FENCE"},
 }
 _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+# The same in PTX: atom.*, red.*, cp.reduce.async.bulk* (not redux.sync, a warp reduction in registers)
+_PTX_ATOMIC = re.compile(r"^\s*(?:@!?%\w+\s+)?((?:atom|red|cp\.reduce\.async\.bulk)\.[\w.:]*)", re.MULTILINE)
 
 
 @dataclass
@@ -77,7 +87,8 @@ class Loop:
         counts = self.counts
         parts = ", ".join(f"{k} {counts[k]}" for k in ("mma", "load", "exp", "ffma", "fmul", "fadd", "fmnmx",
                                                           "select", "int_select", "compare", "convert", "shuffle",
-                                                          "store", "local", "sync", "other") if counts.get(k))
+                                                          "store", "local", "sync", "atomic", "other")
+                          if counts.get(k))
         return f"loop {self.start:#06x}-{self.end:#06x} depth {self.depth}: {self.size} instructions ({parts})"
 
 
@@ -100,6 +111,17 @@ def instructions(sass: str) -> list[Instruction]:
             op = re.sub(r"^@!?U?P[0-9T]+\s+", "", text).split()[0]
             found.append(Instruction(int(match.group(1), 16), op, text))
     return found
+
+
+def atomics(sass: str) -> list[str]:
+    """The atomic instructions of ``cuobjdump -sass`` text (opcodes with modifiers, e.g.
+    ``RED.E.ADD.F32.FTZ.RN.STRONG.GPU``), in address order; see ``ATOMIC_OPCODES``."""
+    return [ins.opcode for ins in instructions(sass) if ins.opcode.split(".")[0] in ATOMIC_OPCODES]
+
+
+def ptx_atomics(ptx: str) -> list[str]:
+    """The atomic instructions of PTX text (``atom.*``, ``red.*``, ``cp.reduce.async.bulk*``), in order."""
+    return _PTX_ATOMIC.findall(ptx)
 
 
 def _target(ins: Instruction, ops: tuple[str, ...] = ("BRA",)) -> int | None:
@@ -159,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", default="fwd")
     parser.add_argument("--config", default="128,64,8,3", help="BLOCK_M,BLOCK_N,num_warps,num_stages")
     parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--head-dim", type=int, default=128, help="Q/K's head dim")
+    parser.add_argument("--head-dim-v", type=int, default=None, help="V's head dim (default: --head-dim)")
     parser.add_argument("--variant", default="causal")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--cubin", type=Path, help="read this cubin instead of compiling a case")
@@ -173,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
 
         config = tuple(int(v) for v in args.config.split(","))
         case = Case(args.kernel, config, args.arch, args.dtype, args.head_dim, args.variant,
-                    keep_config(args.kernel, config, args.head_dim, DTYPES[args.dtype], args.arch))
+                    keep_config(args.kernel, config, args.head_dim, DTYPES[args.dtype], args.arch, args.head_dim_v),
+                    args.head_dim_v)
         row = compile_cases([case], jobs=1, compile_pruned=True, keep_cubin=True, log=None)[0]
         if "cubin" not in row:
             print(f"{case.label}: {row['status']}: {row.get('error')}", file=sys.stderr)
@@ -186,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         args.dump.write_text(text)
     found = loops(text)
     full = full_tile_loop(found)
-    print(f"{title}: {len(instructions(text))} instructions, {len(found)} loops (innermost first)")
+    print(f"{title}: {len(instructions(text))} instructions, {len(found)} loops (innermost first), atomics: "
+          f"{', '.join(atomics(text)) or 'none'}")
     for loop in found:
         print(loop.describe() + ("  <- steady state (MMA, fewest mask selects)" if loop is full else ""))
     return 0

@@ -30,6 +30,14 @@ Logit soft-capping (``softcap = c``): the score ``s = scale * q.k`` becomes
 :func:`.triton_blocks.logits`) and fold ``c * log2 e`` into the same FMA, and
 the backward multiplies dS by ``1 - tanh^2`` (recomputed).
 
+Q/K and V have head dims of their own (``HEAD_DIM`` and ``HEAD_DIM_V``: MLA's 192 and 128), each
+padded to a power of two (``BLOCK_D``, ``BLOCK_DV``: ``tl.arange`` needs one) with masked loads and
+stores. Every tensor is read through its token and head strides and needs a unit stride only in
+the head dim: k and v may be views into one packed ``[T, H, Dqk + Dv]`` buffer, dout a view too.
+A segment's first row is addressed in int64 (``T * H * D`` may pass 2^31); the blocks inside a
+segment in int32, or in int64 where one segment's rows may pass 2^31 elements (``ROW64``, set by
+the host: int64 offsets cost the loops instructions and registers).
+
 Backward, given the final ``out``/``lse`` and ``Delta = rowsum(dO * O)``
 (computed once per backward by the caller, or here): one kernel per key tile
 accumulating dK and dV over every query block and every query head of its GQA
@@ -53,9 +61,9 @@ import triton.language as tl
 
 from distattn.merge import row_delta
 
-from .triton_blocks import (block_count, block_start, key_runs, load_rows, logits, row_runs, segment, tile,
-                            visible)
-from .triton_plan import TILE_BLOCKS, all_configs, keep_config, prepare
+from .triton_blocks import (block_count, block_start, key_runs, load_rows, logits, row_offset, row_runs, segment,
+                            tile, tile_ptrs, visible)
+from .triton_plan import TILE_BLOCKS, all_configs, block_dim, keep_config, prepare
 from .varlen import Varlen
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -63,10 +71,12 @@ LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 
+
 def _configs(kernel: str) -> list:
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in all_configs(kernel)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in all_configs(kernel)]
 
 
 def _pruner(kernel: str):
@@ -79,29 +89,29 @@ def _pruner(kernel: str):
         major, minor = torch.cuda.get_device_capability(q.device)
         kept = [c for c in configs
                 if keep_config(kernel, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages),
-                               args["HEAD_DIM"], q.element_size(), 10 * major + minor)]
+                               args["HEAD_DIM"], q.element_size(), 10 * major + minor, args["HEAD_DIM_V"])]
         assert kept, "keep_config keeps a config for every head dim and dtype"
         return kept
     return {"early_config_prune": prune}
 
 
-_TUNE_KEY = ["HEAD_DIM", "HAS_LO", "HAS_HI", "SOFTCAP", "GROUP"]
+_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "HAS_LO", "HAS_HI", "SOFTCAP", "GROUP", "ROW64"]
 
 
 # ---- device code (the building blocks: .triton_blocks) ------------------------------------------
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, first, a, b, end, m, n, lo, hi,
-                qk_mult, cap_in, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-                SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                PRECISION: tl.constexpr):
+def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, dims_v, first, a, b, end, m, n,
+                lo, hi, qk_mult, cap_in, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+                SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
     """Online softmax over the key blocks of a run (see :func:`block_count`); ``k_ptrs``/``v_ptrs``
     point at key row 0. The log2-domain score is ``logits(qk) * qk_mult``."""
     for i in range(0, block_count(first, a, b, end, BLOCK_N, MASKED)):
         start_n = block_start(i, first, a, b, BLOCK_N, MASKED)
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_ptrs + start_n * stride_kt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
-        v = load_rows(v_ptrs + start_n * stride_vt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        k = load_rows(k_ptrs + row_offset(start_n, stride_kt, ROW64), cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        v = load_rows(v_ptrs + row_offset(start_n, stride_vt, ROW64), cols, dims_v, n, MASKED, HEAD_DIM_V, BLOCK_DV)
         x = logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), cap_in, SOFTCAP, PRECISION)
         if MASKED:
             s = tl.where(visible(rows, cols, m, n, lo, hi, HAS_LO, HAS_HI), x * qk_mult, float("-inf"))
@@ -125,52 +135,54 @@ def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, di
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, LO, HI, TILES,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 stride_lt, stride_lh, qk_mult, cap_in,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, HAS_LO: tl.constexpr,
-                HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                GROUP: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr,
+                PRECISION: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     seg, start_m = tile(TILES, BLOCK_M)
     head = tl.program_id(1)
     q0, k0, m, n, lo, hi = segment(CU_Q, CU_K, LO, HI, seg, HAS_LO, HAS_HI)
     kv_head = head // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q_mask = (rows[:, None] < m) & (dims[None, :] < HEAD_DIM)
-    q = tl.load(Q + (q0 + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=q_mask, other=0.0)
+    dims_v = tl.arange(0, BLOCK_DV)
+    q = tl.load(tile_ptrs(Q, q0 + start_m, stride_qt, head, stride_qh, dims, BLOCK_M),
+                mask=(rows[:, None] < m) & (dims[None, :] < HEAD_DIM), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     first, a, b, end = key_runs(start_m, m, n, lo, hi, BLOCK_M, BLOCK_N)
     if PRECISION == "ieee":  # fp32, a correctness path: every block masked keeps the code small
         a = end
         b = end
-    k_ptrs = K + (k0 + tl.arange(0, BLOCK_N))[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
-    v_ptrs = V + (k0 + tl.arange(0, BLOCK_N))[:, None] * stride_vt + kv_head * stride_vh + dims[None, :]
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, first, a, b,
-                                end, m, n, lo, hi, qk_mult, cap_in, True, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D,
-                                BLOCK_N, PRECISION)
+    k_ptrs = tile_ptrs(K, k0, stride_kt, kv_head, stride_kh, dims, BLOCK_N)
+    v_ptrs = tile_ptrs(V, k0, stride_vt, kv_head, stride_vh, dims_v, BLOCK_N)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, dims_v, first, a,
+                                b, end, m, n, lo, hi, qk_mult, cap_in, True, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM,
+                                BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, PRECISION, ROW64)
     if PRECISION != "ieee":
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, first, a, b,
-                                    end, m, n, lo, hi, qk_mult, cap_in, False, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM,
-                                    BLOCK_D, BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, dims_v,
+                                    first, a, b, end, m, n, lo, hi, qk_mult, cap_in, False, HAS_LO, HAS_HI, SOFTCAP,
+                                    HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_N, PRECISION, ROW64)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
-    tl.store(O + (q0 + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :], out.to(O.dtype.element_ty),
-             mask=q_mask)
+    tl.store(tile_ptrs(O, q0 + start_m, stride_ot, head, stride_oh, dims_v, BLOCK_M), out.to(O.dtype.element_ty),
+             mask=(rows[:, None] < m) & (dims_v[None, :] < HEAD_DIM_V))
     tl.store(LSE + (q0 + rows) * stride_lt + head * stride_lh, lse, mask=rows < m)
 
 
 @triton.jit
 def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot, stride_lt, stride_dt,
-                rows0, cols, dims, first, a, b, end, m, n, lo, hi, qk_mult, cap_in, MASKED: tl.constexpr,
+                rows0, cols, dims, dims_v, first, a, b, end, m, n, lo, hi, qk_mult, cap_in, MASKED: tl.constexpr,
                 HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                PRECISION: tl.constexpr, ROW64: tl.constexpr):
     """dK/dV of one key tile over the query blocks of a run; pointers point at query row 0."""
     for i in range(0, block_count(first, a, b, end, BLOCK_M, MASKED)):
         start_m = block_start(i, first, a, b, BLOCK_M, MASKED)
         rows = start_m + rows0
-        q = load_rows(q_ptrs + start_m * stride_qt, rows, dims, m, MASKED, HEAD_DIM, BLOCK_D)
-        do = load_rows(do_ptrs + start_m * stride_dot, rows, dims, m, MASKED, HEAD_DIM, BLOCK_D)
+        q = load_rows(q_ptrs + row_offset(start_m, stride_qt, ROW64), rows, dims, m, MASKED, HEAD_DIM, BLOCK_D)
+        do = load_rows(do_ptrs + row_offset(start_m, stride_dot, ROW64), rows, dims_v, m, MASKED, HEAD_DIM_V, BLOCK_DV)
         if MASKED:
             lse = tl.load(lse_ptrs + start_m * stride_lt, mask=rows < m, other=0.0)
             delta = tl.load(delta_ptrs + start_m * stride_dt, mask=rows < m, other=0.0)
@@ -199,19 +211,22 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, LO, HI, TILES,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                     stride_lt, stride_lh, stride_dt, stride_dh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                     scale, qk_mult, cap_in,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, HAS_LO: tl.constexpr,
-                    HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, GROUP: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+                    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     seg, start_n = tile(TILES, BLOCK_N)
     kv_head = tl.program_id(1)
     q0, k0, m, n, lo, hi = segment(CU_Q, CU_K, LO, HI, seg, HAS_LO, HAS_HI)
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    kv_mask = (cols[:, None] < n) & (dims[None, :] < HEAD_DIM)
-    k = tl.load(K + (k0 + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + (k0 + cols)[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+    dims_v = tl.arange(0, BLOCK_DV)
+    k_mask = (cols[:, None] < n) & (dims[None, :] < HEAD_DIM)
+    v_mask = (cols[:, None] < n) & (dims_v[None, :] < HEAD_DIM_V)
+    k = tl.load(tile_ptrs(K, k0 + start_n, stride_kt, kv_head, stride_kh, dims, BLOCK_N), mask=k_mask, other=0.0)
+    v = tl.load(tile_ptrs(V, k0 + start_n, stride_vt, kv_head, stride_vh, dims_v, BLOCK_N), mask=v_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     first, a, b, end = row_runs(start_n, m, n, lo, hi, BLOCK_M, BLOCK_N)
     if PRECISION == "ieee":  # fp32: every block masked (see the forward)
         a = end
@@ -219,34 +234,36 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, LO, HI, TILES,
     rows0 = tl.arange(0, BLOCK_M)
     for g in range(GROUP):
         head = kv_head * GROUP + g
-        q_ptrs = Q + (q0 + rows0)[:, None] * stride_qt + head * stride_qh + dims[None, :]
-        do_ptrs = DO + (q0 + rows0)[:, None] * stride_dot + head * stride_doh + dims[None, :]
+        q_ptrs = tile_ptrs(Q, q0, stride_qt, head, stride_qh, dims, BLOCK_M)
+        do_ptrs = tile_ptrs(DO, q0, stride_dot, head, stride_doh, dims_v, BLOCK_M)
         lse_ptrs = LSE + (q0 + rows0) * stride_lt + head * stride_lh
         delta_ptrs = DELTA + (q0 + rows0) * stride_dt + head * stride_dh
         dk, dv = _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot, stride_lt,
-                             stride_dt, rows0, cols, dims, first, a, b, end, m, n, lo, hi, qk_mult, cap_in, True,
-                             HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+                             stride_dt, rows0, cols, dims, dims_v, first, a, b, end, m, n, lo, hi, qk_mult, cap_in,
+                             True, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M,
+                             PRECISION, ROW64)
         if PRECISION != "ieee":
             dk, dv = _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
-                                 stride_lt, stride_dt, rows0, cols, dims, first, a, b, end, m, n, lo, hi, qk_mult,
-                                 cap_in, False, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-    tl.store(DK + (k0 + cols)[:, None] * stride_dkt + kv_head * stride_dkh + dims[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + (k0 + cols)[:, None] * stride_dvt + kv_head * stride_dvh + dims[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+                                 stride_lt, stride_dt, rows0, cols, dims, dims_v, first, a, b, end, m, n, lo, hi,
+                                 qk_mult, cap_in, False, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D, HEAD_DIM_V,
+                                 BLOCK_DV, BLOCK_M, PRECISION, ROW64)
+    tl.store(tile_ptrs(DK, k0 + start_n, stride_dkt, kv_head, stride_dkh, dims, BLOCK_N),
+             (dk * scale).to(DK.dtype.element_ty), mask=k_mask)
+    tl.store(tile_ptrs(DV, k0 + start_n, stride_dvt, kv_head, stride_dvh, dims_v, BLOCK_N),
+             dv.to(DV.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, first, a, b, end, m, n,
-               lo, hi, qk_mult, cap_in, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-               SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISION: tl.constexpr):
+def _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, dims_v, first, a, b, end,
+               m, n, lo, hi, qk_mult, cap_in, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+               SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr):
     """dQ of one query tile over the key blocks of a run; pointers point at key row 0."""
     for i in range(0, block_count(first, a, b, end, BLOCK_N, MASKED)):
         start_n = block_start(i, first, a, b, BLOCK_N, MASKED)
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_ptrs + start_n * stride_kt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
-        v = load_rows(v_ptrs + start_n * stride_vt, cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        k = load_rows(k_ptrs + row_offset(start_n, stride_kt, ROW64), cols, dims, n, MASKED, HEAD_DIM, BLOCK_D)
+        v = load_rows(v_ptrs + row_offset(start_n, stride_vt, ROW64), cols, dims_v, n, MASKED, HEAD_DIM_V, BLOCK_DV)
         if SOFTCAP:  # as in _dkv_blocks
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         x = logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), cap_in, SOFTCAP, PRECISION)
@@ -267,19 +284,21 @@ def _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, LO, HI, TILES,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_lt, stride_lh, stride_dt, stride_dh, stride_dqt, stride_dqh, scale, qk_mult, cap_in,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, HAS_LO: tl.constexpr,
-                   HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   GROUP: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr,
+                   PRECISION: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     seg, start_m = tile(TILES, BLOCK_M)
     head = tl.program_id(1)
     q0, k0, m, n, lo, hi = segment(CU_Q, CU_K, LO, HI, seg, HAS_LO, HAS_HI)
     kv_head = head // GROUP
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
+    dims_v = tl.arange(0, BLOCK_DV)
     row_mask = rows < m
     q_mask = row_mask[:, None] & (dims[None, :] < HEAD_DIM)
-    q = tl.load(Q + (q0 + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + (q0 + rows)[:, None] * stride_dot + head * stride_doh + dims[None, :], mask=q_mask, other=0.0)
+    q = tl.load(tile_ptrs(Q, q0 + start_m, stride_qt, head, stride_qh, dims, BLOCK_M), mask=q_mask, other=0.0)
+    do = tl.load(tile_ptrs(DO, q0 + start_m, stride_dot, head, stride_doh, dims_v, BLOCK_M),
+                 mask=row_mask[:, None] & (dims_v[None, :] < HEAD_DIM_V), other=0.0)
     lse_log2 = tl.load(LSE + (q0 + rows) * stride_lt + head * stride_lh, mask=row_mask, other=0.0) * _LOG2E
     delta = tl.load(DELTA + (q0 + rows) * stride_dt + head * stride_dh, mask=row_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -287,33 +306,38 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, LO, HI, TILES,
     if PRECISION == "ieee":  # fp32: every block masked (see the forward)
         a = end
         b = end
-    k_ptrs = K + (k0 + tl.arange(0, BLOCK_N))[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
-    v_ptrs = V + (k0 + tl.arange(0, BLOCK_N))[:, None] * stride_vt + kv_head * stride_vh + dims[None, :]
-    dq = _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, first, a, b, end,
-                    m, n, lo, hi, qk_mult, cap_in, True, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N,
-                    PRECISION)
+    k_ptrs = tile_ptrs(K, k0, stride_kt, kv_head, stride_kh, dims, BLOCK_N)
+    v_ptrs = tile_ptrs(V, k0, stride_vt, kv_head, stride_vh, dims_v, BLOCK_N)
+    dq = _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, dims_v, first, a, b,
+                    end, m, n, lo, hi, qk_mult, cap_in, True, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D, HEAD_DIM_V,
+                    BLOCK_DV, BLOCK_N, PRECISION, ROW64)
     if PRECISION != "ieee":
-        dq = _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, first, a, b,
-                        end, m, n, lo, hi, qk_mult, cap_in, False, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D,
-                        BLOCK_N, PRECISION)
-    tl.store(DQ + (q0 + rows)[:, None] * stride_dqt + head * stride_dqh + dims[None, :],
+        dq = _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, dims, dims_v, first,
+                        a, b, end, m, n, lo, hi, qk_mult, cap_in, False, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D,
+                        HEAD_DIM_V, BLOCK_DV, BLOCK_N, PRECISION, ROW64)
+    tl.store(tile_ptrs(DQ, q0 + start_m, stride_dqt, head, stride_dqh, dims, BLOCK_M),
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ---- host side ---------------------------------------------------------------------------------
 
-def _check_dtype(q):
+def _check_dtype(q, v):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"backend='triton' computes fp16, bf16 or fp32, got {q.dtype}; use backend='reference' "
                          f"for fp64")
-    if q.shape[2] > 256:
-        raise ValueError(f"backend='triton' supports head_dim up to 256, got {q.shape[2]}")
+    if max(q.shape[2], v.shape[2]) > 256:
+        raise ValueError(f"backend='triton' supports head dims up to 256, got {q.shape[2]} (q/k) and "
+                         f"{v.shape[2]} (v)")
 
 
-def _meta(q, k, seg, softcap):
-    return dict(HEAD_DIM=q.shape[2], BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
-                GROUP=q.shape[1] // k.shape[1], HAS_LO=seg.lo is not None, HAS_HI=seg.hi is not None,
-                SOFTCAP=softcap is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+def _meta(q, k, v, seg, softcap, *more):
+    """The kernels' constexprs. ``more``: other ``[Tq, Hq, *]`` tensors read block by block (dout)."""
+    # A block's first row inside a segment times the token stride: int64 once it may pass int32.
+    span = max(seg.max_q * max(t.stride(0) for t in (q, *more)), seg.max_k * max(k.stride(0), v.stride(0)))
+    return dict(HEAD_DIM=q.shape[2], BLOCK_D=block_dim(q.shape[2]), HEAD_DIM_V=v.shape[2],
+                BLOCK_DV=block_dim(v.shape[2]), GROUP=q.shape[1] // k.shape[1], HAS_LO=seg.lo is not None,
+                HAS_HI=seg.hi is not None, SOFTCAP=softcap is not None,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROW64=span >= 2**31)
 
 
 def _multipliers(scale, softcap):
@@ -325,31 +349,36 @@ def _multipliers(scale, softcap):
 
 
 def _work(*tensors):
-    # The interpreter mishandles bf16: compute through fp32 there.
-    if INTERPRET and tensors[0].dtype == torch.bfloat16:
-        return [t.float().contiguous() for t in tensors]
-    return [t.contiguous() for t in tensors]
+    """The inputs as the kernels read them: any token and head strides (k and v may be views into one
+    packed ``[T, H, Dqk + Dv]`` buffer, dout a view too: no copy), a unit stride in the head dim."""
+    if INTERPRET and tensors[0].dtype == torch.bfloat16:  # the interpreter mishandles bf16: compute in fp32
+        tensors = [t.float() for t in tensors]
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
 def triton_fwd(q, k, v, seg: Varlen, scale, softcap=None):
-    _check_dtype(q)
+    """q ``[Tq, Hq, Dqk]``, k ``[Tk, Hkv, Dqk]``, v ``[Tk, Hkv, Dv]`` -> out ``[Tq, Hq, Dv]`` (q's dtype),
+    lse ``[Tq, Hq]`` fp32."""
+    _check_dtype(q, v)
     dtype = q.dtype
     q, k, v = _work(q, k, v)
     cu_q, cu_k, lo, hi = seg.tensors(q.device)
     q_tiles, q_counts, _, _ = prepare(seg, q.device)
-    out = torch.zeros_like(q)
+    out = q.new_zeros(*q.shape[:2], v.shape[2])
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     if q_counts[TILE_BLOCKS[0]]:
         grid = lambda meta: (q_counts[meta["BLOCK_M"]], q.shape[1])  # noqa: E731
         _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, cu_q if lo is None else lo, cu_q if hi is None else hi,
                           q_tiles, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                           out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), *_multipliers(scale, softcap),
-                          **_meta(q, k, seg, softcap))
+                          **_meta(q, k, v, seg, softcap))
     return out.to(dtype), lse
 
 
 def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=None):
-    _check_dtype(q)
+    """dout, out ``[Tq, Hq, Dv]``, q/k/v as :func:`triton_fwd`, lse and delta ``[Tq, Hq]`` -> dq
+    ``[Tq, Hq, Dqk]``, dk ``[Tk, Hkv, Dqk]``, dv ``[Tk, Hkv, Dv]`` (contiguous, the inputs' dtype)."""
+    _check_dtype(q, v)
     dtype = q.dtype
     if delta is None:
         delta = row_delta(dout, out)
@@ -357,13 +386,14 @@ def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=
     lse, delta = lse.float().contiguous(), delta.float().contiguous()
     cu_q, cu_k, lo, hi = seg.tensors(q.device)
     q_tiles, q_counts, k_tiles, k_counts = prepare(seg, q.device)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # Fresh contiguous outputs: k and v may be strided views, and rows no tile covers stay 0.
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     if q_counts[TILE_BLOCKS[0]]:
         common = (cu_q, cu_k, cu_q if lo is None else lo, cu_q if hi is None else hi)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
                    dout.stride(1), lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1))
         floats = (scale, *_multipliers(scale, softcap))
-        meta = _meta(q, k, seg, softcap)
+        meta = _meta(q, k, v, seg, softcap, dout)
         grid = lambda meta: (k_counts[meta["BLOCK_N"]], k.shape[1])  # noqa: E731
         _bwd_dkv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, *common, k_tiles, *strides, dk.stride(0),
                               dk.stride(1), dv.stride(0), dv.stride(1), *floats, **meta)
@@ -376,29 +406,34 @@ def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=
 # ---- ahead-of-time compilation (python -m distattn.kernels.aot) ---------------------------------
 
 KERNELS = {"fwd": _fwd_kernel, "bwd_dkv": _bwd_dkv_kernel, "bwd_dq": _bwd_dq_kernel}
-VARIANTS = {  # constexprs of each variant the AOT check compiles: every (HAS_LO, HAS_HI, SOFTCAP), and GQA
-    "full": dict(HAS_LO=False, HAS_HI=False, SOFTCAP=False, GROUP=1),
-    "causal": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=1),
-    "lo_only": dict(HAS_LO=True, HAS_HI=False, SOFTCAP=False, GROUP=1),
-    "band": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=False, GROUP=1),
-    "gqa": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=4),
-    "full_softcap": dict(HAS_LO=False, HAS_HI=False, SOFTCAP=True, GROUP=1),
-    "softcap": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=True, GROUP=1),
-    "lo_only_softcap": dict(HAS_LO=True, HAS_HI=False, SOFTCAP=True, GROUP=1),
-    "band_softcap": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=True, GROUP=4),
+VARIANTS = {  # constexprs of each variant the AOT check compiles: every (HAS_LO, HAS_HI, SOFTCAP), GQA, ROW64
+    "full": dict(HAS_LO=False, HAS_HI=False, SOFTCAP=False, GROUP=1, ROW64=False),
+    "causal": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=False),
+    "lo_only": dict(HAS_LO=True, HAS_HI=False, SOFTCAP=False, GROUP=1, ROW64=False),
+    "band": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=False),
+    "gqa": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=4, ROW64=False),
+    "full_softcap": dict(HAS_LO=False, HAS_HI=False, SOFTCAP=True, GROUP=1, ROW64=False),
+    "softcap": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=True, GROUP=1, ROW64=False),
+    "lo_only_softcap": dict(HAS_LO=True, HAS_HI=False, SOFTCAP=True, GROUP=1, ROW64=False),
+    "band_softcap": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=True, GROUP=4, ROW64=False),
+    "causal_row64": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=True),  # a segment past 2^31
 }
 
 
-def aot_spec(kernel: str, dtype: str, head_dim: int, variant: str):
+def aot_spec(kernel: str, dtype: str, head_dim: int, variant: str, head_dim_v: int | None = None):
     """``(jit function, signature, constexprs without BLOCK_M/BLOCK_N)`` of one kernel for Triton's
-    ``ASTSource``; ``dtype`` is ``"bf16" | "fp16" | "fp32"``. Pointer and stride arguments are the
-    ones a contiguous ``[T, H, D]`` tensor gives (divisible by 16 where the launcher sees it)."""
+    ``ASTSource``; ``dtype`` is ``"bf16" | "fp16" | "fp32"``, ``head_dim`` Q/K's head dim and
+    ``head_dim_v`` V's (default: the same). Pointer and stride arguments are the ones contiguous
+    ``[T, H, D]`` tensors, or K and V views into one packed ``[T, H, Dqk + Dv]`` buffer, give
+    (divisible by 16 where the launcher sees it)."""
     fn = KERNELS[kernel].fn
     floats = {"scale", "qk_mult", "cap_in"}
     fp32_ptrs = {"LSE", "DELTA"}
     int_ptrs = {"CU_Q", "CU_K", "LO", "HI", "TILES"}
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                      PRECISION="ieee" if dtype == "fp32" else "tf32", **VARIANTS[variant])
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_dim(head_dim), HEAD_DIM_V=head_dim_v,
+                      BLOCK_DV=block_dim(head_dim_v), PRECISION="ieee" if dtype == "fp32" else "tf32",
+                      **VARIANTS[variant])
     signature = {}
     for name in fn.arg_names:
         if name in constexprs or name in ("BLOCK_M", "BLOCK_N"):

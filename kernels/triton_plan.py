@@ -39,26 +39,33 @@ def all_configs(kernel: str) -> list[tuple[int, int, int, int]]:
     return [*CONFIGS[kernel], FALLBACK[kernel], FP32_CONFIGS[kernel]]
 
 
-def shared_estimate(kernel: str, config: tuple, head_dim: int, elem: int) -> int:
+def block_dim(head_dim: int) -> int:
+    """The kernels' tile width for a head dim: a power of two (``tl.arange`` needs one), >= 16 (``tl.dot``)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def shared_estimate(kernel: str, config: tuple, head_dim: int, elem: int, head_dim_v: int | None = None) -> int:
     """Upper estimate of a config's shared memory (bytes): the streamed tiles (K and V, or Q, dO,
-    lse and Delta) times the pipeline depth, the resident tiles and a staged P/dS tile. The
-    compiler's real figure is checked by `python -m distattn.kernels.aot` (tests/test_aot.py): no
-    config kept by this estimate may exceed the target's limit."""
+    lse and Delta) times the pipeline depth, the resident tiles and a staged P/dS tile. Q/K tiles
+    are ``head_dim`` wide, V/dO tiles ``head_dim_v`` (default: the same). The compiler's real figure
+    is checked by `python -m distattn.kernels.aot` (tests/test_aot.py): no config kept by this
+    estimate may exceed the target's limit."""
     block_m, block_n, _, stages = config
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    width = block_dim(head_dim) + block_dim(head_dim if head_dim_v is None else head_dim_v)  # a Q/K plus a V/dO row
     if kernel == "bwd_dkv":
-        streamed, resident = 2 * block_m * (block_d * elem + 4), 2 * block_n * block_d * elem
+        streamed, resident = block_m * (width * elem + 8), block_n * width * elem
     else:
-        streamed = 2 * block_n * block_d * elem
-        resident = (2 if kernel == "bwd_dq" else 1) * block_m * block_d * elem
+        streamed = block_n * width * elem
+        resident = block_m * (width if kernel == "bwd_dq" else block_dim(head_dim)) * elem
     return stages * streamed + resident + block_m * block_n * elem
 
 
-def keep_config(kernel: str, config: tuple, head_dim: int, elem: int, arch: int) -> bool:
-    """Whether the autotuner tries ``config`` on ``arch`` (80, 90, ...) for this head dim and
-    element size (see CONFIGS)."""
+def keep_config(kernel: str, config: tuple, head_dim: int, elem: int, arch: int, head_dim_v: int | None = None
+                ) -> bool:
+    """Whether the autotuner tries ``config`` on ``arch`` (80, 90, ...) for these head dims (Q/K's,
+    V's: default the same) and element size (see CONFIGS)."""
     limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80] if arch >= 80 else 101376)
-    fits = lambda c: shared_estimate(kernel, c, head_dim, elem) <= limit  # noqa: E731
+    fits = lambda c: shared_estimate(kernel, c, head_dim, elem, head_dim_v) <= limit  # noqa: E731
     if elem == 4:
         return config == FP32_CONFIGS[kernel]
     if config == FALLBACK[kernel]:

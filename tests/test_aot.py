@@ -1,5 +1,7 @@
 """Ahead-of-time compilation of the triton backend for sm_80 / sm_90a without a GPU
-(`python -m distattn.kernels.aot`), and the SASS loop finder (`distattn.kernels.sass`).
+(`python -m distattn.kernels.aot`): no failure, no config over its shared memory, no atomic
+instruction in any kernel (the backward's determinism); MLA's head dims (192/128) beside the
+square ones. Also the SASS loop finder and atomics scan (`distattn.kernels.sass`).
 
 conftest sets TRITON_INTERPRET=1 in this process; the compiles run in subprocesses (or in the AOT
 pool's spawned workers) whose environment has no TRITON_* variables."""
@@ -9,6 +11,9 @@ import os
 import subprocess
 import sys
 
+import argparse
+import textwrap
+
 import pytest
 
 from distattn.kernels import aot, sass
@@ -16,6 +21,7 @@ from distattn.kernels.triton_attn import KERNELS, VARIANTS
 from distattn.kernels.triton_plan import all_configs, keep_config
 
 TINY = ["--kernels", "fwd", "--arch", "90", "--dtypes", "bf16", "--head-dims", "64", "--variants", "causal"]
+MLA = (192, 128)
 
 
 def _aot(*args):
@@ -24,20 +30,33 @@ def _aot(*args):
                           text=True)
 
 
-# `python -m distattn.kernels.aot` compiles the whole matrix (~900 kept cases). What limits a config
-# (shared memory, registers) depends on the arch, the dtype and the head dim; a variant (every
+# `python -m distattn.kernels.aot` compiles the whole matrix (~1200 kept cases). What limits a config
+# (shared memory, registers) depends on the arch, the dtype and the head dims; a variant (every
 # HAS_LO/HAS_HI/SOFTCAP/GROUP the kernels can be called with) changes the code around the dots, not
-# the tiles a config keeps. The default slices: every arch x dtype x head dim with the heaviest
-# variant (both bounds, soft-cap, GQA: the most registers), and every variant at one arch, dtype and
-# head dim -- every kernel and config in both. Under --slow: all head dims for the common and the
-# heaviest variant, and every variant at one head dim, each over every arch and dtype.
+# the tiles a config keeps. The default slices: every arch x dtype x head dims (MLA's 192/128
+# included) with the heaviest variant (both bounds, soft-cap, GQA: the most registers), and every
+# variant at one arch, dtype and head dim -- every kernel and config in both. Under --slow: all head
+# dims for the common and the heaviest variant, and every variant at 128 and at 192/128, each over
+# every arch and dtype.
 ALL = (list(aot.ARCHS), list(aot.DTYPES))
-MATRIX_SLICES = {   # name: (head dims, variants, archs, dtypes, slow)
+MATRIX_SLICES = {   # name: (head dims as (Q/K's, V's), variants, archs, dtypes, slow)
     "every-limit": (list(aot.HEAD_DIMS), ["band_softcap"], *ALL, False),
-    "every-variant": ([128], list(VARIANTS), [90], ["bf16"], False),
+    "every-variant": ([(128, 128)], list(VARIANTS), [90], ["bf16"], False),
     "all-head-dims": (list(aot.HEAD_DIMS), ["causal", "band_softcap"], *ALL, True),
-    "all-variants": ([128], list(VARIANTS), *ALL, True),
+    "all-variants": ([(128, 128)], list(VARIANTS), *ALL, True),
+    "mla-all-variants": ([MLA], list(VARIANTS), *ALL, True),
 }
+
+
+def _dims_arg(head_dims) -> str:
+    return ",".join(aot.dims_name(*pair) for pair in head_dims)
+
+
+def test_default_matrix_has_mla_for_both_archs():
+    assert MLA in aot.HEAD_DIMS and set(aot.ARCHS) == {80, 90}
+    cases = aot.matrix(list(KERNELS), list(aot.ARCHS), ["bf16"], list(aot.HEAD_DIMS), ["causal"])
+    kept = {(c.kernel, c.arch) for c in cases if (c.head_dim, c.head_dim_v) == MLA and c.kept}
+    assert kept == {(k, a) for k in KERNELS for a in aot.ARCHS}
 
 
 @pytest.mark.timeout(3600)
@@ -48,15 +67,17 @@ def test_full_matrix_compiles_for_sm80_and_sm90a(part):
     kept config over its target's shared memory, and every combination has a kept config that
     compiled."""
     head_dims, variants, archs, dtypes, _ = MATRIX_SLICES[part]
-    proc = _aot("--json", "--head-dims", ",".join(map(str, head_dims)), "--variants", ",".join(variants),
+    proc = _aot("--json", "--head-dims", _dims_arg(head_dims), "--variants", ",".join(variants),
                 "--arch", ",".join(map(str, archs)), "--dtypes", ",".join(dtypes))
     report = json.loads(proc.stdout)
     rows, summary = report["rows"], report["summary"]
     assert summary["failures"] == 0, summary["failed"]
     assert summary["over_limit"] == []
+    assert summary["atomics"] == [] and all(r["atomics"] == [] for r in rows if r["status"] == "ok")
     assert proc.returncode == 0
-    compiled = {(r["kernel"], r["arch"], r["dtype"], r["head_dim"], r["variant"]) for r in rows if r["status"] == "ok"}
-    wanted = {(k, aot.ARCHS[a], d, h, v) for k in KERNELS for a in archs for d in dtypes for h in head_dims
+    compiled = {(r["kernel"], r["arch"], r["dtype"], (r["head_dim"], r["head_dim_v"]), r["variant"])
+                for r in rows if r["status"] == "ok"}
+    wanted = {(k, aot.ARCHS[a], d, tuple(h), v) for k in KERNELS for a in archs for d in dtypes for h in head_dims
               for v in variants}
     assert wanted - compiled == set()
     assert summary["compiles"] == sum(r["status"] == "ok" for r in rows)
@@ -73,8 +94,9 @@ def test_json_shape_on_a_tiny_subset():
     assert [r["status"] for r in rows] == ["ok" if k else "pruned" for k in kept]
     assert all(r["registers"] is None for r in rows if r["status"] == "pruned")
     for row in (r for r in rows if r["status"] == "ok"):
-        assert (row["kernel"], row["arch"], row["dtype"], row["head_dim"], row["variant"]) == (
-            "fwd", "sm_90a", "bf16", 64, "causal")
+        assert (row["kernel"], row["arch"], row["dtype"], row["head_dim"], row["head_dim_v"], row["variant"]) == (
+            "fwd", "sm_90a", "bf16", 64, 64, "causal")
+        assert row["atomics"] == []
         assert 0 < row["registers"] <= 255 and row["stack"] >= 0 and row["seconds"] > 0
         # Triton's dynamic shared memory plus the 1 KiB ptxas reserves with wgmma on sm_90a
         assert row["shared"] == row["shared_dynamic"] + row["shared_static"] and row["shared_static"] == 1024
@@ -83,7 +105,21 @@ def test_json_shape_on_a_tiny_subset():
     assert rows[0]["config"] == f"{m}x{n} w{w} s{s}"
     assert summary["compiles"] == sum(kept) and summary["failures"] == 0 and summary["over_limit"] == []
     assert summary["pruned"] == len(configs) - sum(kept) and summary["worst_stack"] is not None
-    assert set(summary) >= {"compile_seconds", "wall_seconds", "max_shared"}
+    assert set(summary) >= {"compile_seconds", "wall_seconds", "max_shared"} and summary["atomics"] == []
+
+
+def test_head_dims_argument():
+    """A pair names (Q/K's, V's) head dim; a single number means both."""
+    assert aot._head_dims("64,192/128") == [(64, 64), (192, 128)]
+    for bad in ("0", "300", "192/", "a/b", "1/2/3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="want D or DQK/DV"):
+            aot._head_dims(bad)
+    case = aot.matrix(["bwd_dq"], [90], ["bf16"], [MLA], ["gqa"])[0]
+    assert (case.head_dim, case.head_dim_v) == MLA and "d192/128" in case.label
+    assert aot.matrix(["bwd_dq"], [90], ["bf16"], [64], ["gqa"])[0].head_dim_v == 64
+    _, _, constexprs = aot.aot_spec("bwd_dkv", "bf16", 192, "gqa", head_dim_v=128)
+    assert (constexprs["HEAD_DIM"], constexprs["BLOCK_D"], constexprs["HEAD_DIM_V"], constexprs["BLOCK_DV"]) == (
+        192, 256, 128, 128)
 
 
 def test_resource_usage_line_parsing():
@@ -120,6 +156,56 @@ def test_variants_cover_every_mask_and_softcap_constexpr():
     for kernel in KERNELS:
         _, signature, constexprs = aot.aot_spec(kernel, "fp16", 64, "band_softcap")
         assert set(constexprs) | {"BLOCK_M", "BLOCK_N"} == {k for k, t in signature.items() if t == "constexpr"}
+
+
+def test_atomics_scan_on_canned_sass_and_ptx():
+    """ATOM/RED (global, shared, TMA) count; REDUX and redux.sync (warp reductions in registers) do not."""
+    text = """
+        /*0000*/                   REDUX.SUM UR4, R2 ;
+        /*0010*/                   ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU PT, R4, [R2.64], R5 ;
+        /*0020*/              @!P0 RED.E.ADD.F32.FTZ.RN.STRONG.GPU [R2.64], R5 ;
+        /*0030*/                   ATOMS.ADD R6, [R7], R8 ;
+        /*0040*/                   STG.E [R2.64], R5 ;
+"""
+    assert sass.atomics(text) == ["ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU", "RED.E.ADD.F32.FTZ.RN.STRONG.GPU", "ATOMS.ADD"]
+    ptx = textwrap.dedent("""
+        redux.sync.add.s32 %r1, %r2, -1;
+        @%p1 atom.global.gpu.acq_rel.add.f32 %f1, [%rd1], %f2;
+        red.shared.add.u32 [%r3], 1;
+        cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%rd2, {%r4, %r5}], [%r6];
+        st.global.b32 [%rd1], %r1;
+    """)
+    assert sass.ptx_atomics(ptx) == ["atom.global.gpu.acq_rel.add.f32", "red.shared.add.u32",
+                                     "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group"]
+    assert sass.atomics("") == [] and sass.ptx_atomics("") == []
+
+
+def test_atomics_scan_finds_a_compiled_atomic(tmp_path):
+    """The scan is not vacuous: a kernel with tl.atomic_add, compiled like the AOT cases, is caught."""
+    (tmp_path / "atomic_probe.py").write_text(textwrap.dedent("""
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def add_one(X):
+            tl.atomic_add(X + tl.arange(0, 32), 1.0)
+    """))
+    script = textwrap.dedent("""
+        import json, sys, triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from atomic_probe import add_one
+        from distattn.kernels.sass import atomics, disassemble, ptx_atomics
+        kernel = triton.compile(ASTSource(add_one, {"X": "*fp32"}, {}), target=GPUTarget("cuda", 90, 32))
+        print(json.dumps([atomics(disassemble(kernel.asm["cubin"])), ptx_atomics(kernel.asm["ptx"])]))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert proc.returncode == 0
+    in_sass, in_ptx = json.loads(proc.stdout.splitlines()[-1])
+    assert in_sass and all(op.startswith(("ATOM", "RED")) for op in in_sass)
+    assert in_ptx and all(op.startswith(("atom.", "red.")) for op in in_ptx)
 
 
 CANNED_SASS = """
