@@ -19,7 +19,8 @@ FOLDERS = {"distattn": "distattn", "kernels": "distattn.kernels", "parallel": "d
 LAYERS = [
     ("foundation", ["distattn.masks", "distattn.merge", "distattn.comm", "distattn.doclens", "distattn.cost",
                     "distattn.timing", "distattn.spawn", "distattn._forkserver", "distattn.network",
-                    "distattn.program", "distattn.extras", "distattn.configs", "distattn.log"]),
+                    "distattn.program", "distattn.extras", "distattn.configs", "distattn.log", "distattn.wire",
+                    "distattn.virtual"]),
     ("kernels", ["distattn.kernels"]),
     ("schedules", ["distattn.layout", "distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
     ("executors", ["distattn.executors"]),
