@@ -41,6 +41,7 @@ import numpy as np
 from .layout import Ranges, Shards
 from .masks import MaskSlice, SliceMask, attention_flops, check_positive_ints, slices_area
 from .program import Builder, Program
+from .wire import Wire
 
 COLLECTIVES = ("send_recv", "all_gather", "reduce_scatter", "all_to_all")
 
@@ -77,7 +78,7 @@ class AttnShape:
 
     def wire_row(self, heads: int) -> int:
         """Bytes of one token of ``heads`` heads of Q, K, V, out or dout as it travels (:mod:`distattn.wire`)."""
-        return heads * (self.head_dim + 4) if self.comm_fp8 else self.row_bytes(heads)
+        return heads * Wire(self.comm_fp8).row_bytes((self.head_dim,), self.dtype_bytes)
 
     def flops(self, pairs, heads: int | None = None, backward: bool = False):
         """Attention FLOPs of ``pairs`` visible (query, key) pairs over ``heads`` (default: all)."""

@@ -50,6 +50,11 @@ class Wire:
         """The dtype a tensor of ``dtype`` travels in."""
         return torch.uint8 if self.fp8 else dtype
 
+    def row_bytes(self, cols: tuple[int, ...], dtype_bytes: int) -> int:
+        """Bytes per token and head of a tensor of column groups ``cols`` and ``dtype_bytes`` per
+        element, as it travels (what ``plan.stats`` and cad's placement price)."""
+        return self.width(cols) * (1 if self.fp8 else dtype_bytes)
+
     def width(self, cols: tuple[int, ...]) -> int:
         """Bytes (fp8) or elements (as they are) per token and head of a tensor of column groups ``cols``."""
         return sum(cols) + (_SCALE_BYTES * len(cols) if self.fp8 else 0)

@@ -184,19 +184,24 @@ def reference(names=tuple(BATCHES), formats=FORMATS) -> dict:
             for fmt in formats:
                 model = gpt(get_gpt_layer_local_spec())
                 set_weights(model)
-                docs, ids, labels, real = batch(name, fmt)
-                logits, start = torch.zeros(sum(docs), VOCAB, dtype=torch.float64), 0
-                loss = torch.zeros((), dtype=torch.float64)
-                for n in docs:
-                    keep = real[start:start + n]
-                    y = model(ids[start:start + n][keep][None], None, None)[0]
-                    loss = loss + torch.nn.functional.cross_entropy(y, labels[start:start + n][keep], reduction="sum")
-                    logits[torch.arange(start, start + n)[keep]] = y.detach()
-                    start += n
-                loss.backward()
-                out[(name, fmt)] = (loss.item(), logits, {n: p.grad.clone() for n, p in model.named_parameters()})
+                out[(name, fmt)] = run_by_document(model, *batch(name, fmt))
     parallel_state.destroy_model_parallel()
     return out
+
+
+def run_by_document(model, docs, ids, labels, real) -> tuple:
+    """A single-process Megatron model over a packed batch, one document at a time (its padding left
+    out), loss summed and backward run: ``(loss, logits [T, V] (zeros on padding), {name: grad})``."""
+    logits, start = torch.zeros(sum(docs), VOCAB, dtype=torch.float64), 0
+    loss = torch.zeros((), dtype=torch.float64)
+    for n in docs:
+        keep = real[start:start + n]
+        y = model(ids[start:start + n][keep][None], None, None)[0]
+        loss = loss + torch.nn.functional.cross_entropy(y, labels[start:start + n][keep], reduction="sum")
+        logits[torch.arange(start, start + n)[keep]] = y.detach()
+        start += n
+    loss.backward()
+    return loss.item(), logits, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

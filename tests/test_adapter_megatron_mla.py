@@ -89,17 +89,7 @@ def _reference() -> dict:
                 spec.submodules.self_attention.submodules.core_attention = _dot_product_attention()
                 model = _mla_gpt(spec, rope)
                 megatron_cpu.set_weights(model)
-                docs, ids, labels, real = megatron_cpu.batch(BATCH, fmt)
-                logits = torch.zeros(sum(docs), megatron_cpu.VOCAB, dtype=torch.float64)
-                loss, start = torch.zeros((), dtype=torch.float64), 0
-                for n in docs:
-                    keep = real[start:start + n]
-                    y = model(ids[start:start + n][keep][None], None, None)[0]
-                    loss = loss + torch.nn.functional.cross_entropy(y, labels[start:start + n][keep], reduction="sum")
-                    logits[torch.arange(start, start + n)[keep]] = y.detach()
-                    start += n
-                loss.backward()
-                out[(rope, fmt)] = (loss.item(), logits, {n: p.grad.clone() for n, p in model.named_parameters()})
+                out[(rope, fmt)] = megatron_cpu.run_by_document(model, *megatron_cpu.batch(BATCH, fmt))
     parallel_state.destroy_model_parallel()
     return out
 

@@ -35,26 +35,22 @@ def _all(hq: int, hkv: int, seed: int):
     return {s: _grads(s, hq, hkv, seed) for s in SCHEDULERS}
 
 
-def _bitwise_equal(a: list, b: list) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b))
+def _assert_reruns_bitwise_equal(runner, world: int, *args, timeout: float) -> None:
+    """Two runs of :func:`_all` on ``world`` ranks (``runner``: processes or virtual ranks) agree bit for bit."""
+    first, second = (runner(_all, world, *args, timeout=timeout) for _ in range(2))
+    for rank, (a, b) in enumerate(zip(first, second)):
+        for s in SCHEDULERS:
+            assert all(torch.equal(x, y) for x, y in zip(a[s], b[s])), (rank, s)
 
 
 def test_two_runs_are_bitwise_equal_on_three_processes():
-    first = run_distributed(_all, 3, 6, 3, 0, timeout=300)
-    second = run_distributed(_all, 3, 6, 3, 0, timeout=300)
-    for rank, (a, b) in enumerate(zip(first, second)):
-        for s in SCHEDULERS:
-            assert _bitwise_equal(a[s], b[s]), (rank, s)
+    _assert_reruns_bitwise_equal(run_distributed, 3, 6, 3, 0, timeout=300)
 
 
 def test_two_runs_are_bitwise_equal_on_sixteen_virtual_ranks():
     from distattn.virtual import run_virtual
 
-    first = run_virtual(_all, 16, 16, 16, 1, timeout=600)
-    second = run_virtual(_all, 16, 16, 16, 1, timeout=600)
-    for rank, (a, b) in enumerate(zip(first, second)):
-        for s in SCHEDULERS:
-            assert _bitwise_equal(a[s], b[s]), (rank, s)
+    _assert_reruns_bitwise_equal(run_virtual, 16, 16, 16, 1, timeout=600)
 
 
 def test_ordered_row_sums_add_repeated_rows_in_index_order():

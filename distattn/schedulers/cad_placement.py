@@ -61,6 +61,7 @@ import numpy as np
 
 from ..network import NetworkProfile, default_profile
 from ..layout import Shards
+from ..wire import Wire
 from .cad_cast import Nodes, tree_fanout
 from .cad_export import FILL, export_between_nodes, take
 from .cad_planner import Segments, TaskTable, _ranges
@@ -102,7 +103,7 @@ class RowBytes:
         """``comm_fp8``: Q, K, V, out and dout travel as FP8 with a scale per token and head
         (``comm_dtype="fp8"``: :mod:`distattn.wire`)."""
         acc = max(4, dtype_bytes)
-        wire = head_dim + 4 if comm_fp8 else head_dim * dtype_bytes
+        wire = Wire(comm_fp8).row_bytes((head_dim,), dtype_bytes)
         return RowBytes(num_heads * (3 * wire + head_dim * dtype_bytes + acc),
                         2 * num_kv_heads * (wire + head_dim * acc))
 
