@@ -162,6 +162,12 @@ class Comm:
         return Pending(lambda: [reduce_scatter_single(output, input.contiguous(), group=self.group,
                                                        async_op=True)], what, self.others, self.clock)
 
+    def all_reduce(self, tensor: torch.Tensor, what: str) -> Pending:
+        """Start summing ``tensor`` (contiguous) over ranks, in place; a ring sends ``2 (n-1) / n`` of it."""
+        self.bytes_sent += 2 * (self.size - 1) * nbytes(tensor) // self.size
+        return Pending(lambda: [dist.all_reduce(tensor, group=self.group, async_op=True)], what, self.others,
+                       self.clock)
+
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: list[int],
                    input_splits: list[int], what: str) -> Pending:
         """Start an all-to-all of 1-D buffers: ``input_splits[j]`` elements go to rank ``j``,

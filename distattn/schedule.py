@@ -40,10 +40,10 @@ import numpy as np
 
 from .layout import Ranges, Shards
 from .masks import MaskSlice, SliceMask, attention_flops, check_positive_ints, slices_area
-from .program import Builder, Program
+from .program import START, WAIT, Builder, Instr, Program
 from .wire import Wire
 
-COLLECTIVES = ("send_recv", "all_gather", "reduce_scatter", "all_to_all")
+COLLECTIVES = ("send_recv", "all_gather", "reduce_scatter", "all_to_all", "all_reduce")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ class AttnShape:
     head_dim: int
     dtype_bytes: int = 2
     comm_fp8: bool = False   # Q, K, V, out and dout travel as FP8 with a scale per token and head (distattn.wire)
+    # sinks narrower than fp32: the backward ends with their gradient summed in fp32 over the group
+    # (Executor.sink_share: one all-reduce of [num_heads] floats)
+    narrow_sinks: bool = False
 
     def __post_init__(self):
         check_positive_ints(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
@@ -170,9 +173,23 @@ class Schedule:
         (:mod:`distattn.program`)."""
         raise NotImplementedError
 
+    def call_program(self, shape: AttnShape) -> Program:
+        """What one attention call runs: :meth:`program`, and with ``shape.narrow_sinks`` the sinks'
+        gradient summed over the ranks at the end of ``compute_backward``
+        (:meth:`distattn.executors.base.Executor.sink_share`)."""
+        program = self.program(shape)
+        if not shape.narrow_sinks or self.stat_ranks == 1:
+            return program
+        n, size = self.stat_ranks, 4 * shape.num_heads
+        phase = Phase.per_rank("backward", "all_reduce", "dsinks sum", n, np.full(n, 2 * (n - 1) * size // n))
+        k = len(program.phases)
+        stages = dict(program.stages, compute_backward=(*program.stage("compute_backward"), Instr(START, k),
+                                                        Instr(WAIT, k)))
+        return Program((*program.phases, phase), stages)
+
     def phases(self, shape: AttnShape) -> list[Phase]:
-        """The program's phases: forward then backward."""
-        return list(self.program(shape).phases)
+        """The call's phases (:meth:`call_program`): forward then backward."""
+        return list(self.call_program(shape).phases)
 
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         """The mask slices (global coordinates) rank computes."""

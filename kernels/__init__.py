@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 if triton_attn is not None:
     register_backend(Backend("triton", triton_attn.triton_fwd, triton_attn.triton_bwd,
                              devices=frozenset({"cuda", "cpu"} if triton_attn.INTERPRET else {"cuda"}),
-                             prepare=triton_attn.prepare))
+                             prepare=triton_attn.prepare, partials=True))
 
 __all__ = ["Backend", "Varlen", "attn_fwd", "attn_bwd", "available_backends", "check_qkv", "check_sinks",
            "check_softcap", "prepare", "register_backend", "resolve_backend", "varlen_fwd", "varlen_bwd"]

@@ -4,8 +4,9 @@ Readable rather than fast: each segment builds its full score matrix and its
 band mask (query ``i`` sees key ``j`` iff ``lo <= j - i <= hi``), soft-caps the
 scores if asked (``c * tanh(s / c)``, before masking). It always computes in
 fp64 and rounds the results to the input dtype (lse to fp32, or fp64 for fp64
-inputs), so it is the most accurate backend at any dtype and the one the
-schedulers are tested with for exactness.
+inputs; with ``partial=True`` every result to the accumulator dtype), so it is
+the most accurate backend at any dtype and the one the schedulers are tested
+with for exactness.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _finite(lse):
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
 
 
-def reference_fwd(q, k, v, seg, scale, softcap=None):
+def reference_fwd(q, k, v, seg, scale, softcap=None, partial=False):
     dtype = torch.float64
     group = q.shape[1] // k.shape[1]
     out = torch.zeros((*q.shape[:2], v.shape[2]), dtype=dtype, device=q.device)
@@ -53,10 +54,10 @@ def reference_fwd(q, k, v, seg, scale, softcap=None):
         p = torch.exp(s - _finite(l).unsqueeze(-1))
         out[q0:q1] = torch.einsum("hmn,nhd->mhd", p, vs.repeat_interleave(group, dim=1))
         lse[q0:q1] = l.transpose(0, 1)
-    return out.to(q.dtype), lse.to(acc_dtype(q.dtype))
+    return out.to(acc_dtype(q.dtype) if partial else q.dtype), lse.to(acc_dtype(q.dtype))
 
 
-def reference_bwd(dout, q, k, v, out, lse, seg, scale, softcap=None, delta=None):
+def reference_bwd(dout, q, k, v, out, lse, seg, scale, softcap=None, delta=None, partial=False):
     dtype = torch.float64
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
@@ -79,7 +80,8 @@ def reference_bwd(dout, q, k, v, out, lse, seg, scale, softcap=None, delta=None)
         n = k1 - k0
         dk[k0:k1] = (torch.einsum("hmn,mhd->nhd", ds, qs) * scale).view(n, hkv, group, -1).sum(2)
         dv[k0:k1] = torch.einsum("hmn,mhd->nhd", p, dos).view(n, hkv, group, -1).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dtype = acc_dtype(q.dtype) if partial else q.dtype
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
-BACKEND = Backend("reference", reference_fwd, reference_bwd)
+BACKEND = Backend("reference", reference_fwd, reference_bwd, partials=True)

@@ -22,6 +22,8 @@ from distattn.merge import acc_dtype, add_sink, row_delta, sink_grad
 from .varlen import Varlen
 
 # fwd(q, k, v, seg: Varlen, scale, softcap) -> (out, lse); softcap is None or a positive float.
+# A backend with ``partials=True`` also takes ``partial=True`` (keyword) on fwd and bwd, and then returns
+# out (fwd) and dq, dk, dv (bwd) in the accumulator dtype (fp32 for 16-bit inputs) instead of the inputs'.
 FwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 # bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap, delta) -> (dq, dk, dv);
 # delta is None or rowsum(dout * out) [Tq, Hq] fp32, which a backend may use instead of computing it.
@@ -32,13 +34,16 @@ PrepareFn = Callable[[Varlen, torch.device], object]
 
 @dataclass(frozen=True)
 class Backend:
-    """A local attention implementation. ``devices``: device types it runs on (None: any)."""
+    """A local attention implementation. ``devices``: device types it runs on (None: any).
+    ``partials``: its fwd/bwd take ``partial=True`` and then store their results in the accumulator
+    dtype (see :func:`varlen_fwd`); other backends' results are upcast after rounding."""
 
     name: str
     fwd: FwdFn
     bwd: BwdFn
     devices: frozenset[str] | None = None
     prepare: PrepareFn | None = None
+    partials: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -161,8 +166,17 @@ def prepare(seg: Varlen, device: torch.device | str, *, backend: str = "auto") -
         impl.prepare(seg, device)
 
 
+def _widened(impl: Backend, fn: Callable, partial: bool, *args) -> tuple[torch.Tensor, ...]:
+    """``fn(*args)``, every result in the accumulator dtype when ``partial`` (a forward's lse already is)."""
+    if partial and impl.partials:
+        return fn(*args, partial=True)
+    results = fn(*args)
+    return tuple(t.to(acc_dtype(args[0].dtype)) for t in results) if partial else results
+
+
 def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Varlen, *, scale: float,
-               softcap: float | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+               softcap: float | None = None, backend: str = "auto", partial: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward over a layout validated in advance (shape checks only, no sync).
 
     Args:
@@ -172,27 +186,33 @@ def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Varlen, *
         scale: softmax scale (a positive float; :func:`attn_fwd` defaults it).
         softcap: None or ``c > 0``: scores ``s = scale * q.k`` become ``c * tanh(s / c)`` before masking.
         backend: as in :func:`attn_fwd`.
+        partial: this call is one part of a result the caller merges or sums (a ring step, one of a
+            query's key blocks): ``out`` comes back in the accumulator dtype (fp32 for 16-bit inputs),
+            so the result is rounded to the inputs' dtype once, after the merge, not once per part.
+            Backends that can store fp32 do (``triton``, ``reference``); the others' results are upcast.
 
-    Returns ``out [Tq, Hq, Dv]`` (q's dtype), ``lse [Tq, Hq]`` (fp32; fp64 for fp64 inputs).
+    Returns ``out [Tq, Hq, Dv]`` (q's dtype; fp32 when ``partial``), ``lse [Tq, Hq]`` (fp32; fp64 for
+    fp64 inputs).
     """
     check_qkv(q, k, v)
     _check_layout(q, k, seg)
     softcap = check_softcap(softcap)
     impl = resolve_backend(backend, q.device)
     with torch.no_grad():
-        return impl.fwd(q, k, v, seg, scale, softcap)
+        return _widened(impl, impl.fwd, partial, q, k, v, seg, scale, softcap)
 
 
 def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, seg: Varlen, *, scale: float, softcap: float | None = None,
-               backend: str = "auto", delta: torch.Tensor | None = None
+               backend: str = "auto", delta: torch.Tensor | None = None, partial: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward over a layout validated in advance; arguments as :func:`varlen_fwd`.
 
     ``out``/``lse`` are the rows' *final* ones (see :func:`attn_bwd`). ``delta``:
     ``rowsum(dout * out)`` ``[Tq, Hq]`` fp32 if the caller already has it (computed once per
     backward, not per block). ``dout``/``out``: ``[Tq, Hq, Dv]``. Returns ``dq [Tq, Hq, Dqk]``,
-    ``dk [Tk, Hkv, Dqk]``, ``dv [Tk, Hkv, Dv]`` in the inputs' dtype.
+    ``dk [Tk, Hkv, Dqk]``, ``dv [Tk, Hkv, Dv]`` in the inputs' dtype, or in the accumulator dtype
+    with ``partial=True`` (the caller sums them with other calls' gradients).
     """
     check_qkv(q, k, v)
     _check_layout(q, k, seg)
@@ -205,7 +225,7 @@ def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         lse = lse.to(acc_dtype(q.dtype))
     impl = resolve_backend(backend, q.device)
     with torch.no_grad():
-        return impl.bwd(dout, q, k, v, out, lse, seg, scale, softcap, delta)
+        return _widened(impl, impl.bwd, partial, dout, q, k, v, out, lse, seg, scale, softcap, delta)
 
 
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,

@@ -356,15 +356,15 @@ def _work(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def triton_fwd(q, k, v, seg: Varlen, scale, softcap=None):
-    """q ``[Tq, Hq, Dqk]``, k ``[Tk, Hkv, Dqk]``, v ``[Tk, Hkv, Dv]`` -> out ``[Tq, Hq, Dv]`` (q's dtype),
-    lse ``[Tq, Hq]`` fp32."""
+def triton_fwd(q, k, v, seg: Varlen, scale, softcap=None, partial=False):
+    """q ``[Tq, Hq, Dqk]``, k ``[Tk, Hkv, Dqk]``, v ``[Tk, Hkv, Dv]`` -> out ``[Tq, Hq, Dv]`` (q's dtype;
+    fp32 with ``partial``: the kernel stores its fp32 accumulator unrounded), lse ``[Tq, Hq]`` fp32."""
     _check_dtype(q, v)
-    dtype = q.dtype
+    dtype = torch.float32 if partial else q.dtype
     q, k, v = _work(q, k, v)
     cu_q, cu_k, lo, hi = seg.tensors(q.device)
     q_tiles, q_counts, _, _ = prepare(seg, q.device)
-    out = q.new_zeros(*q.shape[:2], v.shape[2])
+    out = q.new_zeros(*q.shape[:2], v.shape[2], dtype=torch.float32 if partial else q.dtype)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     if q_counts[TILE_BLOCKS[0]]:
         grid = lambda meta: (q_counts[meta["BLOCK_M"]], q.shape[1])  # noqa: E731
@@ -375,11 +375,12 @@ def triton_fwd(q, k, v, seg: Varlen, scale, softcap=None):
     return out.to(dtype), lse
 
 
-def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=None):
+def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=None, partial=False):
     """dout, out ``[Tq, Hq, Dv]``, q/k/v as :func:`triton_fwd`, lse and delta ``[Tq, Hq]`` -> dq
-    ``[Tq, Hq, Dqk]``, dk ``[Tk, Hkv, Dqk]``, dv ``[Tk, Hkv, Dv]`` (contiguous, the inputs' dtype)."""
+    ``[Tq, Hq, Dqk]``, dk ``[Tk, Hkv, Dqk]``, dv ``[Tk, Hkv, Dv]`` (contiguous, the inputs' dtype; fp32
+    with ``partial``)."""
     _check_dtype(q, v)
-    dtype = q.dtype
+    dtype = torch.float32 if partial else q.dtype
     if delta is None:
         delta = row_delta(dout, out)
     q, k, v, dout = _work(q, k, v, dout)
@@ -387,7 +388,7 @@ def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=
     cu_q, cu_k, lo, hi = seg.tensors(q.device)
     q_tiles, q_counts, k_tiles, k_counts = prepare(seg, q.device)
     # Fresh contiguous outputs: k and v may be strided views, and rows no tile covers stay 0.
-    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    dq, dk, dv = (t.new_zeros(t.shape, dtype=torch.float32 if partial else q.dtype) for t in (q, k, v))
     if q_counts[TILE_BLOCKS[0]]:
         common = (cu_q, cu_k, cu_q if lo is None else lo, cu_q if hi is None else hi)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
@@ -417,7 +418,11 @@ VARIANTS = {  # constexprs of each variant the AOT check compiles: every (HAS_LO
     "lo_only_softcap": dict(HAS_LO=True, HAS_HI=False, SOFTCAP=True, GROUP=1, ROW64=False),
     "band_softcap": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=True, GROUP=4, ROW64=False),
     "causal_row64": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=True),  # a segment past 2^31
+    # fp32 outputs from 16-bit inputs: the partial results executors merge or sum (varlen_fwd(partial=True))
+    "causal_partial": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=False),
+    "band_softcap_partial": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=True, GROUP=4, ROW64=False),
 }
+OUTPUTS = frozenset({"O", "DQ", "DK", "DV"})  # the pointers a ``*_partial`` variant stores fp32 through
 
 
 def aot_spec(kernel: str, dtype: str, head_dim: int, variant: str, head_dim_v: int | None = None):
@@ -425,10 +430,10 @@ def aot_spec(kernel: str, dtype: str, head_dim: int, variant: str, head_dim_v: i
     ``ASTSource``; ``dtype`` is ``"bf16" | "fp16" | "fp32"``, ``head_dim`` Q/K's head dim and
     ``head_dim_v`` V's (default: the same). Pointer and stride arguments are the ones contiguous
     ``[T, H, D]`` tensors, or K and V views into one packed ``[T, H, Dqk + Dv]`` buffer, give
-    (divisible by 16 where the launcher sees it)."""
+    (divisible by 16 where the launcher sees it). A ``*_partial`` variant's outputs are fp32."""
     fn = KERNELS[kernel].fn
     floats = {"scale", "qk_mult", "cap_in"}
-    fp32_ptrs = {"LSE", "DELTA"}
+    fp32_ptrs = {"LSE", "DELTA"} | (OUTPUTS if variant.endswith("_partial") else set())
     int_ptrs = {"CU_Q", "CU_K", "LO", "HI", "TILES"}
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_dim(head_dim), HEAD_DIM_V=head_dim_v,

@@ -37,7 +37,7 @@ class Recorder:
     def __init__(self):
         self.events: list[str] = []
         self._patches = []
-        for name in ("exchange", "all_gather", "reduce_scatter", "all_to_all"):
+        for name in ("exchange", "all_gather", "reduce_scatter", "all_to_all", "all_reduce"):
             self._patches.append(mock.patch.object(Comm, name, self._starting(getattr(Comm, name))))
         self._patches.append(mock.patch.object(Pending, "wait", self._waiting(Pending.wait)))
         for module in (base, local, task_a2a):
@@ -105,15 +105,17 @@ def _worker(cases):
     rank = dist.get_rank()
     for scheduler, options in cases:
         mask = options.pop("mask", None)
+        sinks = options.pop("sinks", None)   # a dtype: bf16 sinks add the fp32 sum of their gradient
         docs = [d * 8 for d in DOCS] if options.get("layout") == "document" else DOCS
         plan = distattn.plan(docs, dist.group.WORLD, scheduler=scheduler, mask=mask, **options)
         q, k, v = (plan.shard(t).requires_grad_() for t in rand_qkv(sum(docs), sum(docs), 8, 2, 8))
+        s = None if sinks is None else torch.zeros(8, dtype=sinks, requires_grad=True)
         with Recorder() as rec:
-            o = distattn.attention(q, k, v, plan)
+            o = distattn.attention(q, k, v, plan, sinks=s)
             forward = list(rec.events)
             o.backward(torch.ones_like(o))
             backward = rec.events[len(forward):]
-        program = plan.schedule.program(AttnShape(8, 2, 8, 8))
+        program = plan.schedule.call_program(AttnShape(8, 2, 8, 8, narrow_sinks=sinks == torch.bfloat16))
         slot = plan.slot
         out.append((scheduler, str(options), mask is not None,
                     _matches(_expected(program, "forward", slot), forward), forward,
@@ -123,7 +125,9 @@ def _worker(cases):
 
 
 def test_every_executor_runs_its_program():
-    cases = CASES + [("cad", {"mask": SLICES}), ("ring", {"mask": SLICES}), ("ulysses", {"mask": SLICES})]
+    sinks = [(name, {**options, "sinks": dtype}) for name, options in (CASES[i] for i in (0, 3, 5, 7, 9))
+             for dtype in (torch.bfloat16, torch.float32)]
+    cases = CASES + [("cad", {"mask": SLICES}), ("ring", {"mask": SLICES}), ("ulysses", {"mask": SLICES}), *sinks]
     for results in run_distributed(_worker, 4, cases, timeout=600):
         for scheduler, options, mask, fwd_ok, fwd, bwd_ok, bwd, program in results:
             assert fwd_ok, (scheduler, options, mask, fwd, program)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..doclens import load_doc_lens, pack, upsample_long
+from ..kernels import available_backends
 from ..schedulers import NAMES, spec
 
 TENSORS = ("out", "dq", "dk", "dv", "dsinks")
@@ -101,23 +102,24 @@ def oracle(inputs: Inputs, docs: tuple[int, ...], window: int | None) -> dict:
     return ref
 
 
-def _rank(name: str, options: dict, case: Case, inputs: Inputs, dtype: torch.dtype, comm_dtype: str | None):
+def _rank(name: str, options: dict, case: Case, inputs: Inputs, dtype: torch.dtype, comm_dtype: str | None,
+          backend: str, device: str):
     """One virtual rank: squared error and squared reference sums of its shards, its dsinks share, bytes sent."""
     import torch.distributed as dist
 
     from ..api import attention, plan
 
-    p = plan(list(case.docs), dist.group.WORLD, scheduler=name, causal=True, window=case.window,
+    p = plan(list(case.docs), dist.group.WORLD, scheduler=name, backend=backend, causal=True, window=case.window,
              comm_dtype=comm_dtype, **options)
-    q, k, v = (p.shard(t).to(dtype).requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
-    sinks = inputs.sinks.to(dtype).requires_grad_()
+    q, k, v = (p.shard(t).to(device, dtype).requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
+    sinks = inputs.sinks.to(device, dtype).requires_grad_()
     out = attention(q, k, v, p, sinks=sinks)
-    out.backward(p.shard(inputs.dout).to(dtype))
+    out.backward(p.shard(inputs.dout).to(device, dtype))
     sums = {}
     for key, got in zip(TENSORS, (out.detach(), q.grad, k.grad, v.grad)):
         want = p.shard(case.ref[key])
-        sums[key] = (float(((got.double() - want) ** 2).sum()), float((want ** 2).sum()))
-    return sums, sinks.grad.double(), p.bytes_sent()
+        sums[key] = (float(((got.cpu().double() - want) ** 2).sum()), float((want ** 2).sum()))
+    return sums, sinks.grad.cpu().double(), p.bytes_sent()
 
 
 def rel_rms(diff_sq: float, ref_sq: float) -> float:
@@ -135,14 +137,17 @@ def not_runnable(name: str, world: int, heads: int, kv_heads: int) -> str | None
 
 
 def measure(name: str, world: int, case: Case, inputs: Inputs, dtype: str, comm_dtype: str | None = None,
-            timeout: float = 3600.0) -> dict:
-    """Errors (TENSORS -> relative RMS) and bytes sent of one scheduler at one world size."""
+            timeout: float = 3600.0, backend: str = "auto", device: str = "cpu") -> dict:
+    """Errors (TENSORS -> relative RMS) and bytes sent of one scheduler at one world size; ``backend``:
+    the local kernel (``"reference"`` computes in fp64 and rounds its results, as a GPU kernel
+    rounds its fp32 accumulators); ``device``: where the ranks compute (``"cuda"``: every virtual rank
+    on the one GPU)."""
     from ..virtual import run_virtual
 
     kv_heads = inputs.k.shape[1]
     options = spec(name).plan_options(world, kv_heads, requested=min(world, 8)) if world > 1 else {}
-    results = run_virtual(_rank, world, name, options, case, inputs, DTYPES[dtype], comm_dtype, timeout=timeout,
-                          collective_timeout=timeout)
+    results = run_virtual(_rank, world, name, options, case, inputs, DTYPES[dtype], comm_dtype, backend, device,
+                          timeout=timeout, collective_timeout=timeout)
     row = {key: rel_rms(sum(r[0][key][0] for r in results), sum(r[0][key][1] for r in results))
            for key in TENSORS[:4]}
     dsinks = sum(r[1] for r in results)
@@ -151,7 +156,7 @@ def measure(name: str, world: int, case: Case, inputs: Inputs, dtype: str, comm_
     return row
 
 
-def naive_ring(case: Case, inputs: Inputs, world: int, dtype: str) -> dict:
+def naive_ring(case: Case, inputs: Inputs, world: int, dtype: str, backend: str = "auto") -> dict:
     """The ring over ``world`` contiguous blocks in one process, every running sum in ``dtype``:
     out and lse merged step by step and rounded after each, dq/dK/dV added up in ``dtype``."""
     from ..kernels import Varlen, varlen_bwd, varlen_fwd
@@ -188,7 +193,7 @@ def naive_ring(case: Case, inputs: Inputs, world: int, dtype: str) -> dict:
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], float("-inf"))
     for qi, ki, seg in steps:
-        o, l = varlen_fwd(q[qi], k[ki], v[ki], seg, scale=scale)
+        o, l = varlen_fwd(q[qi], k[ki], v[ki], seg, scale=scale, backend=backend)
         first = torch.isneginf(lse[qi])
         merged_o, merged_l = merge(out[qi], lse[qi], o, l)
         # a row's first block is stored as the kernel gave it (CP 1 is then the kernel alone); every
@@ -199,7 +204,8 @@ def naive_ring(case: Case, inputs: Inputs, world: int, dtype: str) -> dict:
     delta = row_delta(dout, out)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for qi, ki, seg in steps:
-        gq, gk, gv = varlen_bwd(dout[qi], q[qi], k[ki], v[ki], out[qi], lse[qi], seg, scale=scale, delta=delta[qi])
+        gq, gk, gv = varlen_bwd(dout[qi], q[qi], k[ki], v[ki], out[qi], lse[qi], seg, scale=scale, delta=delta[qi],
+                                backend=backend)
         dq.index_add_(0, qi, gq)   # into a tensor of the input dtype: rounded at every step
         dk.index_add_(0, ki, gk)
         dv.index_add_(0, ki, gv)
@@ -224,7 +230,7 @@ def problem(tokens: int, windows: list[int | None], doclens: str | None, seed: i
 
 
 def drift_table(inputs: Inputs, cases: list[Case], schedulers: list[str], world_sizes: list[int], dtypes: list[str],
-                comm_dtype: str | None = None, naive: bool = True) -> list[dict]:
+                comm_dtype: str | None = None, naive: bool = True, backend: str = "auto") -> list[dict]:
     """One row per (case, dtype, scheduler, tensor): the error at every world size and the ratio."""
     heads, kv_heads = inputs.q.shape[1], inputs.k.shape[1]
     rows = []
@@ -241,11 +247,12 @@ def drift_table(inputs: Inputs, cases: list[Case], schedulers: list[str], world_
                         continue
                     t0 = time.perf_counter()
                     if name == NAIVE:
-                        errs[world] = naive_ring(case, inputs, world, dtype)
+                        errs[world] = naive_ring(case, inputs, world, dtype, backend)
                     elif world == 1:
-                        single = errs[world] = single or measure(name, 1, case, inputs, dtype, comm_dtype)
+                        single = errs[world] = single or measure(name, 1, case, inputs, dtype, comm_dtype,
+                                                                 backend=backend)
                     else:
-                        errs[world] = measure(name, world, case, inputs, dtype, comm_dtype)
+                        errs[world] = measure(name, world, case, inputs, dtype, comm_dtype, backend=backend)
                     print(f"  {case.name}, {dtype}, {name}, CP {world}: out {errs[world]['out']:.2e} "
                           f"({time.perf_counter() - t0:.1f} s)", flush=True)
                 ran = sorted(errs)
@@ -341,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heads", type=int, nargs=3, default=[HEADS, KV_HEADS, HEAD_DIM],
                         metavar=("HQ", "HKV", "D"), help="query heads, KV heads, head dim")
+    parser.add_argument("--backend", default="auto", choices=["auto", *available_backends()],
+                        help="the local kernel; 'reference' rounds its results as a GPU kernel does")
     parser.add_argument("--out", default=None, help="write every cell to this CSV")
     args = parser.parse_args(argv)
     return run(args)
@@ -360,14 +369,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--window must be >= 0 (0: no window case), got {window}")
     t0 = time.perf_counter()
     source = f"documents of {Path(args.doclens).name}" if args.doclens else "log-normal documents"
-    print(f"precision drift: {args.tokens} tokens ({source}), {heads}/{kv_heads} heads x {head_dim}, sinks on, "
+    print(f"precision drift: {args.tokens} tokens ({source}), {heads}/{kv_heads} heads x {head_dim}, sinks on, backend {args.backend}, "
           f"CP {', '.join(map(str, world_sizes))}", flush=True)
     inputs, cases = problem(args.tokens, [None, *([window] if window else [])], args.doclens, args.seed,
                             heads, kv_heads, head_dim)
     print(f"  {len(cases[0].docs)} documents: {', '.join(map(str, cases[0].docs))}", flush=True)
     # the foil moves nothing: beside FP8 transfers it would compare unlike things
     drift = drift_table(inputs, cases, args.schedulers, world_sizes, args.dtypes, args.comm_dtype,
-                        naive=args.comm_dtype is None)
+                        naive=args.comm_dtype is None, backend=args.backend)
     fp8 = [] if args.no_fp8_table or args.comm_dtype else fp8_table(inputs, cases[0], args.schedulers)
     misses = print_drift(drift, world_sizes)
     if fp8:

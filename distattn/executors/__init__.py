@@ -17,6 +17,8 @@ the mesh the plan was given; the only groups they make are ``usp``'s Ulysses and
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch.distributed as dist
 
 from ..comm import Comm, subgroups
@@ -59,6 +61,12 @@ def _usp_groups(schedule: USPSchedule, mesh: MeshInfo):
                            "usp's process groups"))
 
 
+def _inner(options: ExecOptions) -> ExecOptions:
+    """An inner executor's options: dK/dV in fp32 (its heads all-to-all sums them further), dsinks
+    shares left to the outer executor."""
+    return replace(options, inner=True)
+
+
 def executor_for(schedule: Schedule, mesh: MeshInfo, backend: str, pool_group=None,
                  options: ExecOptions = ExecOptions()) -> Executor:
     """This rank's executor of ``schedule`` on ``mesh``'s groups."""
@@ -70,11 +78,12 @@ def executor_for(schedule: Schedule, mesh: MeshInfo, backend: str, pool_group=No
     if isinstance(schedule, UlyssesSchedule):
         tokens = tuple(schedule.num_tokens(r) for r in range(schedule.world_size))
         return HeadExecutor(schedule, rank, comm, backend, HeadAllToAll(comm, rank, tokens),
-                            LocalExecutor(schedule, rank, comm, backend, options), schedule.gather_order(), options)
+                            LocalExecutor(schedule, rank, comm, backend, _inner(options)), schedule.gather_order(),
+                            options)
     if isinstance(schedule, USPSchedule):
         ulysses, ring = _usp_groups(schedule, mesh)
         u, r = schedule.coords[rank]
-        inner = RingExecutor(schedule.ring, r, Comm(ring), backend, options)
+        inner = RingExecutor(schedule.ring, r, Comm(ring), backend, _inner(options))
         return HeadExecutor(schedule, rank, comm, backend, HeadAllToAll(Comm(ulysses), u, schedule.members(r)), inner,
                             schedule.gather_order(r), options)
     if isinstance(schedule, TaskSchedule):

@@ -38,10 +38,19 @@ class ExecOptions:
 
     ``deterministic``: bitwise-equal results run to run -- sums over rows that repeat go in a
     fixed order (:meth:`DeviceIndex.add_into`), never through atomics. ``comm_dtype``: the
-    encoding of what attention moves (:class:`distattn.wire.Wire`)."""
+    encoding of what attention moves (:class:`distattn.wire.Wire`). ``inner`` (set by an outer
+    executor for its inner one, not a plan option): the backward returns dK and dV in the
+    accumulator dtype, because the outer one sums them further (the heads all-to-all's copies of a
+    KV head: rounding each part to bf16 first would be a rounding per part), and leaves the sinks'
+    gradient shares to the outer one (:meth:`Executor.sink_share`)."""
 
     deterministic: bool = False
     comm_dtype: str | None = None   # None | "fp8": how Q, K, V, out and dout travel (distattn.wire)
+    inner: bool = False
+
+    def kv_grad_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype dK/dV of inputs of ``dtype`` are returned in."""
+        return acc_dtype(dtype) if self.inner else dtype
 
     @property
     def wire(self) -> Wire:
@@ -93,8 +102,8 @@ class Executor:
 
     ``softcap`` goes to every local kernel call. ``sinks`` (``[H]`` logits, H the query heads the
     executor computes) are counted once per row, where the row's *final* out/lse lives
-    (:func:`finish_rows`), and ``dsinks`` (accumulator dtype; None without sinks) is the gradient
-    over the rows this rank computed (:func:`rows_sink_grad`): summed over the ranks, the full one.
+    (:func:`finish_rows`), and ``dsinks`` (accumulator dtype; None without sinks) is this rank's
+    share of the gradient (:meth:`sink_grad`): summed over the ranks, the full one.
     """
 
     supports_prefetch = False
@@ -119,6 +128,30 @@ class Executor:
     def agreement_group(self):
         """The group whose ranks exchange data in attention (and so must agree on shapes)."""
         return self.comm.group
+
+    @property
+    def sink_comm(self) -> Comm:
+        """The ranks whose dsinks shares add up to the sinks' gradient (:meth:`sink_share`)."""
+        return self.comm
+
+    def sink_grad(self, delta: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor | None:
+        """``dsinks [H]`` over the rows this rank computed (``delta = rowsum(dout * out)``, ``lse`` with the
+        sinks), as :meth:`sink_share` gives it; None without sinks."""
+        return None if sinks is None else self.sink_share(sink_grad(delta, lse, sinks), sinks.dtype)
+
+    def sink_share(self, dsinks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's share of the sinks' gradient (accumulator dtype): the data-parallel reduction
+        sums the shares. Autograd rounds each share to the sinks' ``dtype``; for bf16 sinks that is P
+        roundings of shares that partly cancel (measured: 1.2-1.3x one rank's error at 64 ranks). So
+        the group sums its shares in fp32 first and each rank keeps 1/P of the sum: one rounding,
+        exactly one when P is a power of two. One all-reduce of ``[H]`` floats, in the program
+        (:meth:`distattn.schedule.Schedule.call_program`); an inner executor leaves it to its outer one."""
+        comm = self.sink_comm
+        if dtype.itemsize >= 4 or self.options.inner or comm.size == 1:
+            return dsinks
+        total = dsinks.contiguous()
+        comm.all_reduce(total, f"{self.schedule.scheduler} backward: dsinks sum").wait()
+        return total / comm.size
 
     def kernel_args(self, scale: float, softcap: float | None = None) -> dict:
         """Keyword arguments of every ``varlen_fwd``/``varlen_bwd`` call (the mask is in the layouts)."""
@@ -201,12 +234,6 @@ def finish_rows(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None
     return out.to(dtype), lse
 
 
-def rows_sink_grad(delta: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor | None:
-    """``dsinks [H]`` over the rows given (``delta = rowsum(dout * out)``, ``lse`` with the sinks), or
-    None without sinks."""
-    return None if sinks is None else sink_grad(delta, lse, sinks)
-
-
 def pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """K ``[T, Hkv, Dk]`` and V ``[T, Hkv, Dv]`` side by side as one ``[T, Hkv, Dk + Dv]`` buffer: what
     executors move and slice by rows. V may have its own head dim (MLA: Dk 192, Dv 128)."""
@@ -222,18 +249,20 @@ def unpack_kv(kv: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tens
 def call_fwd(call: KernelCall, q, kv, out_acc, lse_acc, **kernel_args) -> None:
     """Attention of one kernel call (``kv``: a :func:`pack_kv` buffer), merged into the fp32
     accumulators ``out_acc [S_local, Hq, Dv]`` / ``lse_acc [S_local, Hq]``. ``kernel_args``:
-    :meth:`Executor.kernel_args`."""
+    :meth:`Executor.kernel_args`. The kernel returns its fp32 partial out (``partial=True``): rounding
+    every partial to bf16 before the merge is what makes a ring's error grow with its size."""
     rows, keys = slice(call.q_lo, call.q_hi), slice(call.k_lo, call.k_hi)
-    out, lse = varlen_fwd(q[rows], *unpack_kv(kv[keys], q.shape[-1]), call.varlen, **kernel_args)
+    out, lse = varlen_fwd(q[rows], *unpack_kv(kv[keys], q.shape[-1]), call.varlen, partial=True, **kernel_args)
     merge_(out_acc[rows], lse_acc[rows], out, lse)
 
 
 def call_bwd(call: KernelCall, dout, q, kv, out, lse, delta, dq_acc, dkv_acc, **kernel_args) -> None:
     """Gradients of one kernel call given the final ``out``/``lse`` and ``delta = rowsum(dout * out)``
-    (computed once per backward), added to fp32 ``dq_acc`` and ``dkv_acc`` (``kv``'s layout)."""
+    (computed once per backward), added to fp32 ``dq_acc`` and ``dkv_acc`` (``kv``'s layout) as the
+    kernel's fp32 partials (``partial=True``)."""
     rows, keys = slice(call.q_lo, call.q_hi), slice(call.k_lo, call.k_hi)
     dq, dk, dv = varlen_bwd(dout[rows], q[rows], *unpack_kv(kv[keys], q.shape[-1]), out[rows], lse[rows],
-                            call.varlen, delta=delta[rows], **kernel_args)
+                            call.varlen, delta=delta[rows], partial=True, **kernel_args)
     dq_acc[rows] += dq
     dk_acc, dv_acc = unpack_kv(dkv_acc[keys], q.shape[-1])
     dk_acc += dk

@@ -15,7 +15,7 @@ import torch
 from ..merge import LSE_ACC, acc_dtype, row_delta
 from ..schedulers.allgather import GatherSchedule
 from .base import (DeviceIndex, ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv,
-                   rows_sink_grad, unpack_kv)
+                   unpack_kv)
 
 
 class GatherExecutor(Executor):
@@ -101,4 +101,4 @@ class GatherExecutor(Executor):
             pending.wait()
             dkv[:, h0:h1] = mine[: k.shape[0]]
         dk, dv = unpack_kv(dkv, k.shape[-1])
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), rows_sink_grad(delta, lse, sinks)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), self.sink_grad(delta, lse, sinks)

@@ -234,6 +234,9 @@ class HeadExecutor(Executor):
             if ds_g is not None:   # this member's heads over the rows it computed; the other heads: 0
                 ds_h = ds_g.new_zeros(saved.num_heads) if ds_h is None else ds_h
                 ds_h[a:b] = ds_g
-        dk_h, dv_h = dk_h.to(dout.dtype), dv_h.to(dout.dtype)
-        dk, dv = self.exchange.to_tokens(self._reorder([dk_h, dv_h], back=True), [layout.kv, layout.kv], what)
-        return dq, dk, dv, ds_h
+        # copies of a replicated KV head are summed after the all-to-all: they travel unrounded
+        wide = acc_dtype(dout.dtype) if layout.kv_replicated else dout.dtype
+        dk, dv = self.exchange.to_tokens(self._reorder([dk_h.to(wide), dv_h.to(wide)], back=True),
+                                         [layout.kv, layout.kv], what)
+        dsinks = None if sinks is None else self.sink_share(ds_h, sinks.dtype)
+        return dq, dk.to(dout.dtype), dv.to(dout.dtype), dsinks

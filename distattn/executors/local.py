@@ -9,8 +9,7 @@ import torch
 
 from ..kernels import varlen_bwd, varlen_fwd
 from ..merge import LSE_ACC, acc_dtype, row_delta
-from .base import (ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv, rows_sink_grad,
-                   unpack_kv)
+from .base import ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv, unpack_kv
 
 
 class LocalExecutor(Executor):
@@ -28,7 +27,8 @@ class LocalExecutor(Executor):
     def forward(self, q, k, v, scale, softcap=None, sinks=None):
         kw = self.kernel_args(scale, softcap)
         if self.varlen is not None:
-            out, lse = varlen_fwd(q, k, v, self.varlen, **kw)
+            # sinks rescale the rows once more: keep the kernel's fp32 out until then, so it rounds once
+            out, lse = varlen_fwd(q, k, v, self.varlen, partial=sinks is not None, **kw)
         else:
             out = torch.zeros(out_shape(q, v), dtype=acc_dtype(q.dtype), device=q.device)
             lse = torch.full(q.shape[:2], float("-inf"), dtype=LSE_ACC, device=q.device)
@@ -43,8 +43,9 @@ class LocalExecutor(Executor):
         kw = self.kernel_args(scale, softcap)
         if self.varlen is not None:
             delta = None if sinks is None else row_delta(dout, out)
-            dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, self.varlen, delta=delta, **kw)
-            return dq, dk, dv, rows_sink_grad(delta, lse, sinks)
+            dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, self.varlen, delta=delta, partial=self.options.inner,
+                                    **kw)
+            return dq.to(q.dtype), dk, dv, self.sink_grad(delta, lse, sinks)
         dtype = acc_dtype(q.dtype)
         delta = row_delta(dout, out)
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
@@ -52,5 +53,5 @@ class LocalExecutor(Executor):
         dkv = torch.zeros(kv.shape, dtype=dtype, device=q.device)
         for call in self.calls:
             call_bwd(call, dout, q, kv, out, lse, delta, dq, dkv, **kw)
-        dk, dv = unpack_kv(dkv, k.shape[-1])
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), rows_sink_grad(delta, lse, sinks)
+        dk, dv = unpack_kv(dkv.to(self.options.kv_grad_dtype(k.dtype)), k.shape[-1])
+        return dq.to(q.dtype), dk, dv, self.sink_grad(delta, lse, sinks)

@@ -13,8 +13,7 @@ import torch
 
 from ..merge import LSE_ACC, acc_dtype, row_delta
 from ..schedulers.ring import RingSchedule
-from .base import (ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv, rows_sink_grad,
-                   unpack_kv)
+from .base import ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv, unpack_kv
 
 
 class RingExecutor(Executor):
@@ -94,5 +93,5 @@ class RingExecutor(Executor):
             if incoming is not None:
                 dkv += incoming
             held, kv = nxt, None if nxt is None else wire.decode(nxt, cols, k.dtype)
-        dk, dv = unpack_kv(dkv, k.shape[-1])
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), rows_sink_grad(delta, lse, sinks)
+        dk, dv = unpack_kv(dkv.to(self.options.kv_grad_dtype(k.dtype)), k.shape[-1])
+        return dq.to(q.dtype), dk, dv, self.sink_grad(delta, lse, sinks)

@@ -56,7 +56,7 @@ from ..merge import LSE_ACC, acc_dtype, merge, row_delta
 from ..layout import Shards
 from ..schedulers.cad import Pool, Route, TaskSchedule
 from ..wire import Wire
-from .base import DeviceIndex, ExecOptions, Executor, finish_rows, out_shape, pack_kv, rows_sink_grad, unpack_kv
+from .base import DeviceIndex, ExecOptions, Executor, finish_rows, out_shape, pack_kv, unpack_kv
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -268,6 +268,10 @@ class TaskExecutor(Executor):
     def agreement_group(self):
         return self.pool_comm.group  # tasks cross the pool
 
+    @property
+    def sink_comm(self) -> Comm:
+        return self.pool_comm
+
     def device_data(self):
         calls = [x for call in self.calls for x in call if x is not None]
         return [*calls, self.q_rows, self.kv_rows, *self.q_cast.indices(), *self.kv_cast.indices()]
@@ -323,14 +327,16 @@ class TaskExecutor(Executor):
         (varlen, q_index, kv_index), *more = self.calls
         if q_index is None:
             kv_seg = kv_buf.index_select(0, kv_index.on(kv_buf.device))
-            out_buf, lse_buf = varlen_fwd(q_buf, *unpack_kv(kv_seg, q_buf.shape[-1]), varlen, **kw)
+            out_buf, lse_buf = varlen_fwd(q_buf, *unpack_kv(kv_seg, q_buf.shape[-1]), varlen,
+                                          partial=sinks is not None, **kw)   # fp32 until the sinks rescale it
         else:  # slices sharing query rows: one call per layer, merged here (each row is computed on this slot)
             out_buf = torch.zeros((*q_buf.shape[:2], dv), dtype=acc_dtype(q_buf.dtype), device=q_buf.device)
             lse_buf = torch.full(q_buf.shape[:2], float("-inf"), dtype=LSE_ACC, device=q_buf.device)
             for varlen, q_index, kv_index in self.calls:
                 rows = q_index.on(q_buf.device)
                 kv_seg = kv_buf.index_select(0, kv_index.on(kv_buf.device))
-                o, l = varlen_fwd(q_buf.index_select(0, rows), *unpack_kv(kv_seg, q_buf.shape[-1]), varlen, **kw)
+                o, l = varlen_fwd(q_buf.index_select(0, rows), *unpack_kv(kv_seg, q_buf.shape[-1]), varlen,
+                                  partial=True, **kw)
                 o, l = merge(out_buf.index_select(0, rows), lse_buf.index_select(0, rows), o, l)
                 out_buf.index_copy_(0, rows, o)
                 lse_buf.index_copy_(0, rows, l)
@@ -376,7 +382,7 @@ class TaskExecutor(Executor):
         dout_buf = self.q_cast.buffer(dispatch.dout)
         dout_buf = self.options.wire.decode(dout_buf.index_select(0, self.q_rows.on(dout_buf.device)),
                                             (w.out.shape[-1],), w.out.dtype)
-        kw = self.kernel_args(scale, softcap)
+        kw = dict(self.kernel_args(scale, softcap), partial=True)   # fp32 gradients: this slot sums them
         whole = self.calls[0][1] is None
         delta = None if sinks is None and whole else row_delta(dout_buf, w.out)
         dkv_buf = torch.zeros(w.kv.shape, dtype=acc_dtype(w.kv.dtype), device=w.kv.device)
@@ -400,7 +406,7 @@ class TaskExecutor(Executor):
         dkv_t = self.kv_cast.back_start(self, self._scatter(dkv_buf, self.kv_rows, len(self.kv_cast.tokens)), dkv_what)
         return GradsReturning(self.q_cast.back_advance(self, dq_t, dq_what),
                               self.kv_cast.back_advance(self, dkv_t, dkv_what), saved.kv_dtype,
-                              rows_sink_grad(delta, w.lse, sinks))
+                              self.sink_grad(delta, w.lse, sinks))
 
     def finish_backward(self, returning: GradsReturning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Backward stage 3: wait for dQ and dK/dV; dK/dV of a key sent to several slots are summed.

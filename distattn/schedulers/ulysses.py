@@ -71,6 +71,12 @@ class HeadLayout:
     def kv_share(self, rank: int) -> int:
         return self.kv[rank][1] - self.kv[rank][0]
 
+    @property
+    def kv_replicated(self) -> bool:
+        """Whether some KV head goes to several ranks (more ranks than KV heads, or groups split):
+        their dK/dV copies are summed after the all-to-all back, so they travel in fp32."""
+        return any(b > a for (_, b), (a, _) in zip(self.kv, self.kv[1:]))
+
     def expansion(self, rank: int, group: int) -> tuple[int, ...] | None:
         """How many local query heads use each local KV head, in order, when the kernel's native
         GQA grouping (``i // (hq / hkv)``) does not already pair them; None when it does."""
@@ -201,7 +207,8 @@ def head_exchange_program(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarra
     out_back = b.phase(a2a("forward", "out to tokens", [to_tokens(q) for q in parts]))
     dout_in = b.phase(a2a("backward", "dout to heads", [to_heads(q) for q in parts]))
     dq_back = b.phase(a2a("backward", "dQ to tokens", [to_tokens(q, row) for q in parts]))
-    dkv_back = b.phase(a2a("backward", "dK/dV to tokens", [to_tokens(kv, row)] * 2))
+    dkv_row = shape.row_bytes(1, acc=True) if layout.kv_replicated else row
+    dkv_back = b.phase(a2a("backward", "dK/dV to tokens", [to_tokens(kv, dkv_row)] * 2))
     fwd, bwd = "compute", "compute_backward"
     for kind in (b.start, b.wait):
         kind(fwd, kv_in, 0)

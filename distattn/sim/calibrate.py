@@ -171,7 +171,7 @@ def predict_row(row: dict, machine: Machine, network, pool=None, seed: int = 0) 
     def compute_s(ph):   # FLOPs at one core's rate, plus a call's fixed cost
         fixed = machine.fwd_call_s if ph.direction == "forward" else machine.bwd_call_s
         return np.asarray(ph.amount, np.float64) / rate + fixed
-    program = schedule.program(shape)
+    program = schedule.call_program(shape)
     timed = TimedProgram.of(program, p, compute_s, lambda ph: comm_time(network, ph))
     # the host's copies around each collective: its rows gathered into the send buffer, what arrives
     # placed (a ring step sends and receives whole K/V blocks in place)

@@ -105,7 +105,9 @@ def _replica_docs(cfg: SimConfig, pool) -> list[list[int]]:
 def nccl_size(op: str, n: int, sent):
     """nccl-tests' size of a collective (:mod:`distattn.network`) from the bytes a rank sends."""
     sent = np.asarray(sent, dtype=np.float64)
-    return sent if op == "send_recv" else sent * n / max(1, n - 1)
+    if op == "send_recv":
+        return sent
+    return sent * n / max(1, n - 1) / (2 if op == "all_reduce" else 1)
 
 
 def comm_time(net, ph: Phase) -> np.ndarray:
@@ -184,8 +186,8 @@ def time_call(schedule, shape: AttnShape, network, flop_rate: float, streams: bo
     ``both`` back to back -- replayed (:mod:`.replay`) with attention at ``flop_rate``: the step's
     slowest rank."""
     ranks = schedule.stat_ranks
-    timed = TimedProgram.of(schedule.program(shape), ranks, lambda ph: np.asarray(ph.amount, np.float64) / flop_rate,
-                            lambda ph: comm_time(network, ph))
+    timed = TimedProgram.of(schedule.call_program(shape), ranks,
+                            lambda ph: np.asarray(ph.amount, np.float64) / flop_rate, lambda ph: comm_time(network, ph))
     return {name: float(replay(call_ops(timed, ranks, stages), ranks, streams=streams).end.max())
             for name, stages in (("forward", FORWARD), ("backward", BACKWARD), ("both", FORWARD + BACKWARD))}
 
@@ -237,7 +239,7 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
                 groups = [dry_schedule(name, rep[n], cfg.cp, **heads, **_cluster_options(cfg, entry, network))
                           for rep in cut]
             group_ranks = cfg.gpus // len(groups)
-            progs = [g.program(shape) for g in groups]
+            progs = [g.call_program(shape) for g in groups]
             if name in BOUNDS:
                 progs = _bound_programs(name, progs, group_ranks, cfg.gpus)
             for prog in progs:
