@@ -22,6 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .model_shape import GPUS, MODELS
+
+_H100, _LLAMA3_8B = GPUS["h100"], MODELS["llama3-8b"]
+
 
 def causal_area(n) -> np.ndarray:
     n = np.asarray(n, dtype=np.float64)
@@ -30,14 +34,15 @@ def causal_area(n) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Roofline:
-    """H100 SXM bf16 defaults with a Llama-3-8B attention shape (32 query, 8 KV heads of 128)."""
+    """H100 SXM bf16 defaults with a Llama-3-8B attention shape (32 query, 8 KV heads of 128), as
+    :mod:`distattn.model_shape` has them."""
 
-    peak_tflops: float = 989.0
+    peak_tflops: float = _H100.peak_tflops
     efficiency: float = 0.5          # achieved fraction of peak in the attention kernel
     bandwidth_gbs: float = 3350.0
-    num_heads: int = 32
-    num_kv_heads: int = 8
-    head_dim: int = 128
+    num_heads: int = _LLAMA3_8B.n_heads
+    num_kv_heads: int = _LLAMA3_8B.n_kv_heads
+    head_dim: int = _LLAMA3_8B.head_dim
     dtype_bytes: int = 2
 
     def task_time(self, q_lens, kv_lens, areas) -> np.ndarray:

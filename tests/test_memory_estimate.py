@@ -16,7 +16,7 @@ import pytest
 from distattn.bench import memory as bench
 from distattn.cli import main as cli_main
 from distattn.train.config import ModelConfig, load_config
-from distattn.train.memory import GIB, alternatives, attention_bytes, estimate, local_device, param_count, report
+from distattn.train.memory import GIB, alternatives, attention_bytes, estimate, local_device, report
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CONFIGS = ["llama3-8b-128k-64gpu.yaml", "llama3-8b-512k-64gpu.yaml", "llama-34b-512k-512gpu.yaml"]
@@ -37,7 +37,7 @@ def test_param_count_is_the_models(tied, sinks):
 
     m = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=100, tie_embeddings=tied,
                     attention_sinks=sinks)
-    assert param_count(m) == sum(p.numel() for p in Transformer(m).parameters())
+    assert m.shape.params == sum(p.numel() for p in Transformer(m).parameters())
 
 
 def test_components_scale():

@@ -11,7 +11,7 @@ import torch
 from distattn.spawn import run_distributed
 from conftest import small_run
 from distattn.train.config import ModelConfig, RunConfig
-from distattn.train.metrics import RunLog, matmul_params, model_flops
+from distattn.train.metrics import RunLog
 from distattn.train.trainer import process_group_backend, run
 
 SMALL = {"model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128},
@@ -108,15 +108,16 @@ def test_metrics_of_a_step(tmp_path):
         assert m["tokens_per_s_per_device"] == pytest.approx(m["tokens_per_s"] / 2)
         assert m["flops_imbalance_all"] >= 1
     # the model FLOPs: 6 N per token plus 3x the forward attention over the documents' mask area
-    assert history[0]["model_tflops"] * 1e12 > 6 * matmul_params(cfg.model) * 1024
+    assert history[0]["model_tflops"] * 1e12 > 6 * cfg.model.shape.matmul_params * 1024
     no_peak = run(_cfg(tmp_path, "n", train={"steps": 1}))
     assert no_peak[0]["mfu"] is None
 
 
 def test_model_flops_counts_attention_by_mask_area():
     m = ModelConfig()
-    assert model_flops(m, 100, 0.0) == 6 * matmul_params(m) * 100
-    assert model_flops(m, 100, 1e9) - model_flops(m, 100, 0.0) == pytest.approx(3 * m.n_layers * 1e9)
+    shape = m.shape
+    assert shape.model_flops(100, 0.0) == 6 * shape.matmul_params * 100
+    assert shape.model_flops(100, 1e9) - shape.model_flops(100, 0.0) == pytest.approx(3 * m.n_layers * 1e9)
 
 
 def test_progress_bar_and_log_lines(tmp_path, capsys):

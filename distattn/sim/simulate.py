@@ -36,7 +36,10 @@ master weights, gradients and Adam sharded over all GPUs (FSDP), checkpointed la
 layer's working set, bf16 logits, and the schedule's receive buffers
 (:meth:`~distattn.schedule.Schedule.buffer_bytes`). Not modelled: activation recomputation (the step
 of ``activation_checkpointing: none``), tensor parallelism, the data-parallel gradient traffic
-(assumed hidden behind backward), kernel launch overheads.
+(assumed hidden behind backward), kernel launch overheads. ``mfu`` in the results is the trainer's:
+:meth:`ModelShape.model_flops <distattn.model_shape.ModelShape.model_flops>` (6 N per token, N without
+the embedding lookup, plus 3x the forward attention over the documents' mask area) over the step
+time and every GPU's dense bf16 peak; the models and GPUs are :mod:`distattn.model_shape`'s.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ from ..pingpong import nano_batches as nano_batches_of, pair_weight
 from ..program import BACKWARD, FORWARD, layer_order
 from ..schedule import AttnShape, Phase, attention_program
 from ..schedulers import REGISTRY, spec
-from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS, GPUPreset, ModelPreset
+from ..model_shape import GPU, ModelShape
+from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS
 from .replay import TimedProgram, call_ops, replay, step_ops
 
 # a rank's step, laid end to end: compute, then communication not hidden, then waiting for the slowest
@@ -65,11 +69,11 @@ TIMELINE_COLUMNS = ("scheduler", "rank", "node", "replica", "cp_rank", "phase", 
 
 @dataclass(frozen=True)
 class SimConfig:
-    model: ModelPreset
+    model: ModelShape
     gpus: int
     seq_len: int
     cp: int
-    gpu: GPUPreset = GPUS["h100"]
+    gpu: GPU = GPUS["h100"]
     gpus_per_node: int = 8
     mfu: float = 0.5               # linear layers
     attn_efficiency: float = 0.5   # attention kernel, fraction of peak
@@ -90,7 +94,7 @@ class SimConfig:
             raise ValueError(f"--seq-len {self.seq_len} is shorter than cp={self.cp} ranks")
 
 
-def default_cp(model: ModelPreset, gpus: int, seq_len: int, tokens_per_rank: int = 16384) -> int:
+def default_cp(model: ModelShape, gpus: int, seq_len: int, tokens_per_rank: int = 16384) -> int:
     """The smallest power-of-two CP degree giving at most ``tokens_per_rank`` tokens per GPU."""
     cp = 1
     while cp < gpus and seq_len // cp > tokens_per_rank and gpus % (2 * cp) == 0:
@@ -155,14 +159,14 @@ def _cluster_options(cfg: SimConfig, entry, network) -> dict:
 def _memory_gb(cfg: SimConfig, tokens: float, buffers: float) -> float:
     m = cfg.model
     states = 16.0 * m.params / cfg.gpus
-    acts = tokens * m.dim * 2 * m.n_layers + tokens * (16 * m.dim + 3 * m.ffn_dim) * 2 + tokens * m.vocab * 2
+    acts = tokens * m.dim * 2 * m.n_layers + tokens * (16 * m.dim + 3 * m.ffn_dim) * 2 + tokens * m.vocab_size * 2
     return (states + acts + buffers) / 1e9
 
 
-def nano_docs(docs, nano_batches: int, model: ModelPreset) -> list[list[int]]:
+def nano_docs(docs, nano_batches: int, model: ModelShape) -> list[list[int]]:
     """A replica's documents as the trainer cuts them into nano-batches (:func:`distattn.pingpong.nano_batches`)."""
     return [part for part, _, _ in nano_batches_of(docs, nano_batches,
-                                                   pair_weight(model.n_heads, model.head_dim, model.layer_params))]
+                                                   pair_weight(model.n_heads, model.head_dim, model.layer_matmul_params))]
 
 
 def _merged(programs, ranks_each: int, network, flop_rate: float) -> TimedProgram:
@@ -201,8 +205,7 @@ def _layer_seconds(cfg: SimConfig, tokens: np.ndarray) -> tuple[np.ndarray, np.n
     """Per rank, forward seconds of a layer's ``pre`` (QKV projection) and ``post`` (output
     projection and MLP) on ``tokens``."""
     m, rate = cfg.model, cfg.gpu.peak_tflops * 1e12 * cfg.mfu
-    qkv = m.dim * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
-    return 2 * qkv * tokens / rate, 2 * (m.layer_params - qkv) * tokens / rate
+    return 2 * m.qkv_params * tokens / rate, 2 * (m.layer_matmul_params - m.qkv_params) * tokens / rate
 
 
 def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool=None,
@@ -242,21 +245,22 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
             progs = [g.call_program(shape) for g in groups]
             if name in BOUNDS:
                 progs = _bound_programs(name, progs, group_ranks, cfg.gpus)
-            for prog in progs:
-                flops_attn += sum(float(ph.total(group_ranks).sum()) for ph in prog.phases if not ph.is_comm)
+            for prog in progs:   # MFU counts the forward's attention (the trainer's model_flops)
+                flops_attn += sum(float(ph.total(group_ranks).sum()) for ph in prog.phases
+                                  if not ph.is_comm and ph.direction == "forward")
             programs.append(_merged(progs, group_ranks, network, rate))
             tokens.append(np.concatenate([np.asarray(g.rank_tokens(), dtype=np.float64) for g in groups]))
             buffers += np.concatenate([g.buffer_bytes(shape) for g in groups])
         pre, post = zip(*(_layer_seconds(cfg, t) for t in tokens))
         all_tokens = sum(tokens)
-        head = 6 * m.vocab * m.dim * all_tokens / (peak * cfg.mfu)
+        head = 6 * m.vocab_size * m.dim * all_tokens / (peak * cfg.mfu)
         ops = step_ops(layer_order(m.n_layers, nano), programs, pre, post, head, cfg.gpus)
         run, still = replay(ops, cfg.gpus), replay(ops, cfg.gpus, comm=False)
         busy = run.compute + run.stalled   # each rank's end (the clock only moves by compute and waits)
         step = float(busy.max())
         rep_times = [float(busy[i * cfg.cp:(i + 1) * cfg.cp].max()) for i in range(cfg.dp)]
         slowest = int(np.argmax(busy))
-        flops_model = 6 * m.params * cfg.seq_len * cfg.dp + flops_attn * m.n_layers
+        flops_model = m.model_flops(cfg.seq_len * cfg.dp, flops_attn)
         mem = max(_memory_gb(cfg, tok, b) for tok, b in zip(all_tokens, buffers))
         results.append({
             "scheduler": name, "gpus": cfg.gpus, "cp": cfg.cp, "dp": cfg.dp, "seq_len": cfg.seq_len,
@@ -314,7 +318,7 @@ def write_timeline(rows: list[dict], path: str | Path) -> None:
         writer.writerows(rows)
 
 
-def recommend(model: ModelPreset, gpus: int, seq_len: int, network, pool=None, gpu: GPUPreset = GPUS["h100"],
+def recommend(model: ModelShape, gpus: int, seq_len: int, network, pool=None, gpu: GPU = GPUS["h100"],
               gpus_per_node: int = 8, schedulers=SCHEDULERS[:-len(BOUNDS)], progress=None) -> tuple[dict, list[dict]]:
     """Try every power-of-two CP degree that fits memory with every real scheduler; return the
     result with the most tokens/s per GPU and all of them (the bounds are not choices).
@@ -346,5 +350,5 @@ def mesh_description(r: dict, gpus_per_node: int) -> str:
     return f"dp {dp} x cp {cp} ({where})"
 
 
-__all__ = ["MODELS", "GPUS", "SCHEDULERS", "PHASES", "TIMELINE_COLUMNS", "ModelPreset", "GPUPreset", "SimConfig",
+__all__ = ["MODELS", "GPUS", "SCHEDULERS", "PHASES", "TIMELINE_COLUMNS", "ModelShape", "GPU", "SimConfig",
            "default_cp", "simulate", "simulate_with_timelines", "write_timeline", "recommend", "mesh_description"]

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from ..model_shape import ModelShape
+
 DTYPES = ("fp32", "bf16")
 CHECKPOINTING = ("none", "full", "selective", "offload")
 ON_NONFINITE = ("stop", "skip_step")
@@ -52,6 +54,12 @@ class ModelConfig:
     attention_sinks: bool = False
     # attention logit soft-capping c: scores become c * tanh(score / c) (Gemma 2); unset: none
     softcap: float | None = None
+
+    @property
+    def shape(self) -> ModelShape:
+        """The shape and its counts (parameters, MFU's FLOPs): what the simulator reads too."""
+        return ModelShape(self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.ffn_dim, self.vocab_size,
+                          self.tie_embeddings, self.attention_sinks)
 
 
 SOURCES = ("stdlib", "tokens", "megatron", "hf", "blend")

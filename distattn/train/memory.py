@@ -135,38 +135,22 @@ class MemoryEstimate:
         return {name: getattr(self, name) for name in COMPONENTS}
 
 
-def block_params(m: ModelConfig) -> int:
-    """Parameters of one transformer block (projections, its two norms and any attention sinks)."""
-    hd = m.dim // m.n_heads
-    sinks = m.n_heads if m.attention_sinks else 0
-    return 2 * m.dim * m.n_heads * hd + 2 * m.dim * m.n_kv_heads * hd + 3 * m.dim * m.ffn_dim + 2 * m.dim + sinks
-
-
-def root_params(m: ModelConfig) -> int:
-    """Parameters outside the blocks: the embedding, the final norm and an untied head."""
-    return m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) + m.dim
-
-
-def param_count(m: ModelConfig) -> int:
-    """The model's parameters (a tied embedding counted once)."""
-    return root_params(m) + m.n_layers * block_params(m)
-
-
 def _states(cfg: RunConfig) -> tuple[int, int, int, int]:
     """(weights, grads, optimizer) bytes of one rank's device, and its host bytes of them
     (``parallel.cpu_offload``: the fp32 shards, their gradients and AdamW's two moments)."""
     m, mode, bf16 = cfg.model, cfg.wrapper, cfg.train.dtype == "bf16"
-    p = param_count(m)
+    shape = m.shape
+    p = shape.params
     compute = 2 if bf16 else 4
     if mode == "fsdp":
         shard = math.ceil(p / cfg.world_size)
-        working = (root_params(m) + 2 * block_params(m)) * compute
-        grad_working = root_params(m) * compute + block_params(m) * (compute + (4 if bf16 else 0))
+        working = (shape.root_params + 2 * shape.block_params) * compute
+        grad_working = shape.root_params * compute + shape.block_params * (compute + (4 if bf16 else 0))
         if cfg.parallel.cpu_offload:
             return working, grad_working, 0, 16 * shard
         return 4 * shard + working, 4 * shard + grad_working, 8 * shard, 0
     # autocast caches a bf16 copy of every block weight it casts, until the forward leaves autocast
-    autocast_cache = 2 * m.n_layers * block_params(m) if bf16 else 0
+    autocast_cache = 2 * m.n_layers * shape.block_params if bf16 else 0
     buckets = 4 * p if mode == "ddp" else 0   # DDP's gradient buckets (gradient_as_bucket_view off)
     return 4 * p + autocast_cache, 4 * p + buckets, 8 * p, 0
 
@@ -327,7 +311,7 @@ def estimate(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> MemoryEstim
     allocator = int(CPU_ALLOCATOR_OVERHEAD * sum(per_token.values())) if device == "cpu" else 0
     return MemoryEstimate(
         device=device, dtype=cfg.train.dtype, checkpointing=cfg.train.activation_checkpointing, dp_mode=cfg.wrapper,
-        params=param_count(cfg.model), tokens_per_rank=tokens, weights=weights, grads=grads, optimizer=optimizer,
+        params=cfg.model.shape.params, tokens_per_rank=tokens, weights=weights, grads=grads, optimizer=optimizer,
         **per_token, allocator=allocator, runtime=CUDA_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
         host=offloaded_bytes(cfg), host_states=host_states)
 

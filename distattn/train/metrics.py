@@ -1,7 +1,7 @@
 """What a pretraining team reads per step: MFU, throughput, memory, balance, communication.
 
-:func:`model_flops` counts the FLOPs the model needs per step, not what the
-hardware executes: ``6 * N`` per token for the matmul parameters (the output
+:meth:`ModelShape.model_flops <distattn.model_shape.ModelShape.model_flops>` counts the FLOPs the
+model needs per step, not what the hardware executes: ``6 * N`` per token for the matmul parameters (the output
 projection included, the embedding lookup not) plus three times the forward
 attention FLOPs over the documents' real mask area (causal, per document:
 ``4 * visible pairs * heads * head_dim`` per layer). Recomputation by
@@ -29,43 +29,19 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from ..model_shape import gpu_named
 from .safe_io import WriteFailed, open_append, read_regular, replace_text
-
-# dense bf16 peak of one device, TFLOP/s (vendor data sheets, no sparsity), by a name fragment of
-# torch.cuda.get_device_name(); the first fragment found wins, so more specific names come first
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("GH200", 989.0),
-                    ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
-                    ("A10G", 70.0), ("MI300X", 1307.0), ("MI250X", 383.0))
-
 
 def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
     """Dense bf16 FLOP/s of ``device``: ``override_tflops`` (``train.peak_tflops``) if given, else
-    looked up by the GPU's name; None on CPU or for a GPU the table does not know."""
+    looked up by the GPU's name (:data:`distattn.model_shape.GPU_TABLE`); None on CPU or for a GPU
+    the table does not know."""
     if override_tflops is not None:
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for fragment, tflops in PEAK_BF16_TFLOPS if fragment in name), None)
-
-
-def layer_matmul_params(m: ModelConfig) -> int:
-    """Parameters of one block that take part in a matmul per token: its projections and MLP."""
-    hd = m.dim // m.n_heads
-    return m.dim * m.n_heads * hd * 2 + m.dim * m.n_kv_heads * hd * 2 + 3 * m.dim * m.ffn_dim
-
-
-def matmul_params(m: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token: the blocks' projections and the output
-    projection (not the embedding lookup, the norms or RoPE)."""
-    return m.n_layers * layer_matmul_params(m) + m.vocab_size * m.dim
-
-
-def model_flops(m: ModelConfig, tokens: int, attention_forward_flops: float) -> float:
-    """Forward + backward model FLOPs of a step over ``tokens`` tokens whose attention (one layer,
-    forward, all ranks) costs ``attention_forward_flops``."""
-    return 6.0 * matmul_params(m) * tokens + 3.0 * m.n_layers * attention_forward_flops
+    gpu = gpu_named(torch.cuda.get_device_name(device))
+    return None if gpu is None else gpu.peak_tflops * 1e12
 
 
 def peak_memory_bytes(device: torch.device) -> int:

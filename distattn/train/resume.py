@@ -69,14 +69,13 @@ def check_room(cfg: RunConfig, ckpt_root: Path, newest: Manifest | None) -> None
     (:func:`~.checkpoint.room_needed`) for one the size of ``newest`` (else an estimate from the model:
     fp32 weights and AdamW's two moments)."""
     from .checkpoint import room_needed
-    from .memory import param_count
 
     ckpt_root = Path(ckpt_root)
     folder = next((p for p in (ckpt_root, *ckpt_root.parents) if p.exists()), Path("."))
     if not os.access(folder, os.W_OK):
         raise ValueError(f"{folder} is not writable, so no checkpoint could be saved; make it writable or pass "
                          f"--out to another folder")
-    need = room_needed(newest.total_bytes if newest is not None else 12 * param_count(cfg.model))
+    need = room_needed(newest.total_bytes if newest is not None else 12 * cfg.model.shape.params)
     free = shutil.disk_usage(folder).free
     if free < need:
         raise ValueError(f"{folder} has {free / 2**20:,.1f} MiB free but a checkpoint of this model takes about "

@@ -66,7 +66,7 @@ from ..spawn import Terminated
 from . import checkpoint, manifest
 from .config import RunConfig
 from .data import Packer, make_corpus
-from .metrics import RunLog, device_peak_flops, layer_matmul_params, model_flops, peak_memory_bytes
+from .metrics import RunLog, device_peak_flops, peak_memory_bytes
 from .model import Transformer
 from .resume import resume_config, run_info, schedule_steps
 
@@ -215,7 +215,7 @@ def train(cfg: RunConfig, resume: bool | Path = False, stop: StopSignal | None =
         options["pool"] = dist.group.WORLD
     forward = {"checkpointing": t.activation_checkpointing, "loss_chunk": t.loss_chunk, "mlp_chunk": t.mlp_chunk,
                "compute_dtype": torch.bfloat16 if t.dtype == "bf16" else None}
-    weight = pair_weight(m_cfg.n_heads, hd, layer_matmul_params(m_cfg))
+    weight = pair_weight(m_cfg.n_heads, hd, m_cfg.shape.layer_matmul_params)
     history = []
     for step in range(start, t.steps):
         t0 = time.perf_counter()
@@ -263,7 +263,7 @@ def train(cfg: RunConfig, resume: bool | Path = False, stop: StopSignal | None =
         total_loss, stopping, *world_flops = total.tolist()
         peak_mem, comm_wait = worst.tolist()
         step_time = time.perf_counter() - t0 - bookkeeping
-        flops = model_flops(m_cfg, p.dp * cfg.data.seq_len, sum(world_flops))
+        flops = m_cfg.shape.model_flops(p.dp * cfg.data.seq_len, sum(world_flops))
         m = {"step": step + 1, "loss": total_loss / count.item(), "lr": lr_at(cfg, step),
              "grad_norm": float(norm),
              "tokens_per_s": p.dp * cfg.data.seq_len / step_time,
