@@ -364,6 +364,7 @@ def triton_fwd(q, k, v, seg: Varlen, scale, softcap=None, partial=False):
     q, k, v = _work(q, k, v)
     cu_q, cu_k, lo, hi = seg.tensors(q.device)
     q_tiles, q_counts, _, _ = prepare(seg, q.device)
+    # the working q's dtype (fp32 under the interpreter, which mishandles bf16); returned as ``dtype``
     out = q.new_zeros(*q.shape[:2], v.shape[2], dtype=torch.float32 if partial else q.dtype)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
     if q_counts[TILE_BLOCKS[0]]:
@@ -387,7 +388,8 @@ def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=
     lse, delta = lse.float().contiguous(), delta.float().contiguous()
     cu_q, cu_k, lo, hi = seg.tensors(q.device)
     q_tiles, q_counts, k_tiles, k_counts = prepare(seg, q.device)
-    # Fresh contiguous outputs: k and v may be strided views, and rows no tile covers stay 0.
+    # Fresh contiguous outputs (k and v may be strided views; rows no tile covers stay 0), in the working
+    # q's dtype unless partial, as in triton_fwd.
     dq, dk, dv = (t.new_zeros(t.shape, dtype=torch.float32 if partial else q.dtype) for t in (q, k, v))
     if q_counts[TILE_BLOCKS[0]]:
         common = (cu_q, cu_k, cu_q if lo is None else lo, cu_q if hi is None else hi)

@@ -369,8 +369,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--window must be >= 0 (0: no window case), got {window}")
     t0 = time.perf_counter()
     source = f"documents of {Path(args.doclens).name}" if args.doclens else "log-normal documents"
-    print(f"precision drift: {args.tokens} tokens ({source}), {heads}/{kv_heads} heads x {head_dim}, sinks on, backend {args.backend}, "
-          f"CP {', '.join(map(str, world_sizes))}", flush=True)
+    print(f"precision drift: {args.tokens} tokens ({source}), {heads}/{kv_heads} heads x {head_dim}, sinks on, "
+          f"backend {args.backend}, CP {', '.join(map(str, world_sizes))}", flush=True)
     inputs, cases = problem(args.tokens, [None, *([window] if window else [])], args.doclens, args.seed,
                             heads, kv_heads, head_dim)
     print(f"  {len(cases[0].docs)} documents: {', '.join(map(str, cases[0].docs))}", flush=True)

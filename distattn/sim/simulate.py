@@ -53,11 +53,11 @@ import numpy as np
 
 from ..api import plan as make_plan
 from ..doclens import pack
+from ..model_shape import GPU, ModelShape
 from ..pingpong import nano_batches as nano_batches_of, pair_weight
 from ..program import BACKWARD, FORWARD, layer_order
 from ..schedule import AttnShape, Phase, attention_program
 from ..schedulers import REGISTRY, spec
-from ..model_shape import GPU, ModelShape
 from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS
 from .replay import TimedProgram, call_ops, replay, step_ops
 
@@ -165,8 +165,8 @@ def _memory_gb(cfg: SimConfig, tokens: float, buffers: float) -> float:
 
 def nano_docs(docs, nano_batches: int, model: ModelShape) -> list[list[int]]:
     """A replica's documents as the trainer cuts them into nano-batches (:func:`distattn.pingpong.nano_batches`)."""
-    return [part for part, _, _ in nano_batches_of(docs, nano_batches,
-                                                   pair_weight(model.n_heads, model.head_dim, model.layer_matmul_params))]
+    weight = pair_weight(model.n_heads, model.head_dim, model.layer_matmul_params)
+    return [part for part, _, _ in nano_batches_of(docs, nano_batches, weight)]
 
 
 def _merged(programs, ranks_each: int, network, flop_rate: float) -> TimedProgram:
