@@ -22,7 +22,7 @@ from .masks import SliceMask, as_doc_lens, batch_rows, check_window
 from .mesh import MeshInfo, resolve_mesh
 from .plans import Plan, flat_rows
 from .wire import check_comm_dtype
-from .schedulers import LOCAL, spec
+from .schedulers import LOCAL, PlanContext, spec
 
 CONTIGUOUS = Layout("contiguous")
 
@@ -30,7 +30,7 @@ CONTIGUOUS = Layout("contiguous")
 def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window: int | None = None,
          backend: str = "auto", *, mask: SliceMask | None = None, layout: str | Layout | None = None,
          device: torch.device | str | None = None, deterministic: bool = False, comm_dtype: str | None = None,
-         **options) -> Plan:
+         context: PlanContext | None = None, **options) -> Plan:
     """Plan context-parallel attention for one packed sequence.
 
     Args:
@@ -75,7 +75,12 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
             ``"fp8"`` (float8_e4m3, one fp32 scale per token and head: ~0.52x the bf16 bytes at
             head dim 128; :mod:`distattn.wire`), dequantized on arrival; gradients travel in their
             own dtype. Not for fp64 inputs (attention refuses them).
-        options: scheduler-specific options (see each scheduler's module).
+        context: a :class:`~distattn.schedulers.PlanContext` describing the job (query and KV heads,
+            head groups, head dim, dtype, GPUs per node, GPU peak, network): each scheduler derives
+            its own options from it (``usp``'s Ulysses degree, ``cad``'s cost model, ...), so
+            callers never work them out. None: the planners' defaults.
+        options: scheduler-specific options (see each scheduler's module); they win over what the
+            planner derives from ``context``. An option the scheduler does not take is a ``ValueError``.
 
     Returns:
         A frozen :class:`~distattn.plans.Plan`; use ``plan.shard``, ``plan.position_ids``,
@@ -84,30 +89,12 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     rows = batch_rows(doc_lens)
     lens = as_doc_lens(doc_lens) if rows is None else tuple(n for row in rows for n in row)
     window = check_window(window)
-    if rows is not None and mask is not None:
-        raise ValueError("mask= takes one packed sequence: with batched doc_lens (one list per row) describe each "
-                         "row's documents and use causal=/window=, or plan the rows separately")
-    if mask is None:
-        mask = SliceMask.documents(lens, bool(causal), window)
-    else:
-        if not isinstance(mask, SliceMask):
-            raise ValueError(f"mask must be a distattn.SliceMask, got {type(mask).__name__}")
-        if window is not None:
-            raise ValueError("pass window= or mask=, not both: a SliceMask carries its own geometry")
-        if options.get("pool") is not None:
-            raise ValueError("cad's pool= balances document masks; plan a slice mask without pool=")
-        mask.check_length(sum(lens))
-    entry = spec(scheduler)
-    if backend != "auto" and backend not in available_backends():
-        raise ValueError(f"backend={backend!r} is unknown; choose 'auto' or one of {available_backends()}")
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
+    mask = _mask_of(lens, rows, causal, window, mask, options)
+    entry, info = spec(scheduler), resolve_mesh(mesh)
+    run = _run_options(backend, deterministic, comm_dtype, device or info.device)
+    entry.check_options(options)
+    options = entry.derive(info.world_size, context, options, _two_d(info))
     chosen = Layout.of(layout)
-    info = resolve_mesh(mesh)
-    if deterministic and backend == "torch" and torch.device(device or info.device).type == "cuda":
-        raise ValueError("deterministic=True with backend='torch' on CUDA: FlashAttention's backward adds dQ with "
-                         "atomics; use backend='auto' or 'triton' (no atomics)")
-    run = ExecOptions(deterministic=deterministic, comm_dtype=check_comm_dtype(comm_dtype))
     if chosen is None and entry.layout is not None:
         chosen = Layout(entry.layout)
     if rows is not None:  # every row cut alike, side by side: [B, S_local] on each rank
@@ -122,18 +109,48 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         shards = shards or CONTIGUOUS.shards(lens, 1)
         return _made(LOCAL.planner()(lens, info, scheduler=scheduler, shards=shards, **common), info, backend,
                      device, {}, batch, run)
-    planner = entry.planner()
-    params = set(inspect.signature(planner).parameters)
-    accepted = sorted(params - {"doc_lens", "mesh", "shards", "scheduler", "comm_dtype", *common})
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"unexpected option(s) {unknown} for scheduler={scheduler!r}; it accepts {accepted}")
+    params = set(inspect.signature(entry.planner()).parameters)
     if "scheduler" in params:  # a planner serving several names (ring: ring and zigzag)
         common["scheduler"] = scheduler
     if "comm_dtype" in params:  # a planner pricing the bytes it moves (cad)
         common["comm_dtype"] = comm_dtype
     options, live = resolve_options(lens, shards, info, options)
-    return _made(planner(lens, info, shards=shards, **common, **options), info, backend, device, live, batch, run)
+    return _made(entry.planner()(lens, info, shards=shards, **common, **options), info, backend, device, live, batch,
+                 run)
+
+
+def _mask_of(lens: tuple[int, ...], rows, causal: bool, window: int | None, mask: SliceMask | None,
+             options: dict) -> SliceMask:
+    """The plan's mask: ``mask``, checked, or the document mask of ``causal`` and ``window``."""
+    if rows is not None and mask is not None:
+        raise ValueError("mask= takes one packed sequence: with batched doc_lens (one list per row) describe each "
+                         "row's documents and use causal=/window=, or plan the rows separately")
+    if mask is None:
+        return SliceMask.documents(lens, bool(causal), window)
+    if not isinstance(mask, SliceMask):
+        raise ValueError(f"mask must be a distattn.SliceMask, got {type(mask).__name__}")
+    if window is not None:
+        raise ValueError("pass window= or mask=, not both: a SliceMask carries its own geometry")
+    if options.get("pool") is not None:
+        raise ValueError("cad's pool= balances document masks; plan a slice mask without pool=")
+    mask.check_length(sum(lens))
+    return mask
+
+
+def _run_options(backend: str, deterministic: bool, comm_dtype: str | None, device) -> ExecOptions:
+    """The executor's run options, ``backend``, ``deterministic`` and ``comm_dtype`` checked."""
+    if backend != "auto" and backend not in available_backends():
+        raise ValueError(f"backend={backend!r} is unknown; choose 'auto' or one of {available_backends()}")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
+    if deterministic and backend == "torch" and device is not None and torch.device(device).type == "cuda":
+        raise ValueError("deterministic=True with backend='torch' on CUDA: FlashAttention's backward adds dQ with "
+                         "atomics; use backend='auto' or 'triton' (no atomics)")
+    return ExecOptions(deterministic=deterministic, comm_dtype=check_comm_dtype(comm_dtype))
+
+
+def _two_d(info: MeshInfo) -> bool:
+    return info.device_mesh is not None and info.device_mesh.ndim == 2
 
 
 def _made(schedule, info: MeshInfo, backend: str, device, live: dict, batch: int | None,

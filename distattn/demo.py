@@ -15,7 +15,7 @@ from .api import attention, plan
 from .doclens import pack
 from .kernels import attn_bwd, attn_fwd, available_backends
 from .masks import as_doc_lens, cu_seqlens
-from .schedulers import LOCAL, NAMES, spec
+from .schedulers import LOCAL, NAMES, PlanContext
 from .spawn import run_distributed
 from .timing import slowest_median, time_calls
 
@@ -43,8 +43,8 @@ def _rank_main(schedulers, doc_lens, heads, kv_heads, head_dim, dtype_name, caus
                               backend="torch"))
     rows = []
     for name in schedulers:
-        options = spec(name).plan_options(dist.get_world_size(group), kv_heads, ulysses_degree)
-        p = plan(doc_lens, group, scheduler=name, causal=causal, window=window, backend=backend, **options)
+        context = PlanContext(heads, kv_heads, ulysses_degree=ulysses_degree)
+        p = plan(doc_lens, group, scheduler=name, causal=causal, window=window, backend=backend, context=context)
         q, k, v, dout = (p.shard(t).to(dtype) for t in (q64, k64, v64, dout64))
 
         def step(x):
@@ -74,8 +74,8 @@ def _check(world_size, schedulers, doc_lens, heads, kv_heads, causal, window, ba
     if backend != "auto" and backend not in available_backends():
         raise ValueError(f"--backend {backend!r} is unknown; choose auto or one of {available_backends()}")
     for name in schedulers:
-        options = spec(name).plan_options(world_size, kv_heads, ulysses_degree)
-        plan(doc_lens, world_size, scheduler=name, causal=causal, window=window, **options)
+        plan(doc_lens, world_size, scheduler=name, causal=causal, window=window,
+             context=PlanContext(heads, kv_heads, ulysses_degree=ulysses_degree))
 
 
 def run_demo(world_size: int = 4, schedulers: list[str] | None = None, seq_len: int = 4096,

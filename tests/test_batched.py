@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import distattn
 from distattn.masks import batch_rows
-from distattn.schedulers import NAMES, spec
+from distattn.schedulers import NAMES, PlanContext
 from distattn.spawn import run_distributed
 
 P = 4
@@ -39,11 +39,11 @@ def _run(plan, q, k, v, dout, **kw):
 
 def _exact_worker(scheduler):
     errors = {}
-    options = spec(scheduler).plan_options(dist.get_world_size(), 2)
+    context = PlanContext(4, 2)
     for layout, rows, causal, window in CASES:
         q, k, v, dout = _tensors(rows)
         plan = distattn.plan(rows, dist.group.WORLD, scheduler=scheduler, causal=causal, window=window,
-                             layout=layout, **options)
+                             layout=layout, context=context)
         assert plan.batch_size == 3 and plan.seq_len == 24 and plan.num_local_tokens == 24 // P
         assert plan.position_ids().shape == (3, 24 // P)
         got = _run(plan, q, k, v, dout)

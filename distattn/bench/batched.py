@@ -22,7 +22,7 @@ def _worker(schedulers, batch: int, seq_len: int, repeats: int) -> dict:
     import torch.distributed as dist
 
     import distattn
-    from distattn.schedulers import spec
+    from distattn.schedulers import PlanContext
     from distattn.timing import slowest_rank, time_interleaved
 
     group, world = dist.group.WORLD, dist.get_world_size()
@@ -31,9 +31,9 @@ def _worker(schedulers, batch: int, seq_len: int, repeats: int) -> dict:
     k, v = (torch.randn(batch, seq_len, 4, 64, generator=g) for _ in range(2))
     result = {}
     for name in schedulers:
-        options = spec(name).plan_options(world, 4)
-        batched = distattn.plan([[seq_len]] * batch, group, scheduler=name, **options)
-        single = distattn.plan([seq_len], group, scheduler=name, **options)
+        context = PlanContext(8, 4)
+        batched = distattn.plan([[seq_len]] * batch, group, scheduler=name, context=context)
+        single = distattn.plan([seq_len], group, scheduler=name, context=context)
         local = [batched.shard(t).requires_grad_() for t in (q, k, v)]
         rows = [[t[b].detach().clone().requires_grad_() for t in local] for b in range(batch)]
 

@@ -42,20 +42,22 @@ from ..doclens import SLICE_CASES, load_doc_lens, mask_case, pack, upsample_long
 from ..layout import Layout
 from ..masks import SliceMask
 from ..mesh import MeshInfo
+from ..model_shape import MODELS
 from ..schedule import AttnShape, imbalance
-from ..schedulers import cad, spec
+from ..schedulers import PlanContext, cad
 from ..schedulers.cad_bound import node_bound, tight_bound
 from ..timing import time_calls
 
 
-SHAPE = AttnShape(32, 8, 128, 2)
+MODEL = MODELS["llama3-8b"]
+HEADS = (MODEL.n_heads, MODEL.n_kv_heads, MODEL.head_dim)
+SHAPE = AttnShape(*HEADS, 2)
 
 
-def job_options(name: str, network=None) -> dict:
-    """What ``name`` plans this job with -- Llama-3-8B attention in bf16 on H100s on ``network``
-    (default: NVLink + IB) -- made as the trainer and ``distattn simulate`` make it."""
-    return spec(name).job_options(num_heads=SHAPE.num_heads, num_kv_heads=SHAPE.num_kv_heads,
-                                  head_dim=SHAPE.head_dim, dtype_bytes=SHAPE.dtype_bytes, network=network)
+def job(network=None) -> PlanContext:
+    """The job every scheduler plans -- Llama-3-8B attention in bf16 on H100s on ``network``
+    (default: NVLink + IB) -- as the trainer and ``distattn simulate`` describe it."""
+    return PlanContext(MODEL.n_heads, MODEL.n_kv_heads, head_dim=MODEL.head_dim, dtype_bytes=2, network=network)
 
 
 def table(ranks_list, tokens_per_rank: int, pool, seed: int = 0, network=None,
@@ -67,9 +69,9 @@ def table(ranks_list, tokens_per_rank: int, pool, seed: int = 0, network=None,
         bounds = None
         for name, options in (("cad", {}), ("cad", {"epsilon": 0.02}), ("zigzag", {}), ("ring", {})):
             timing = time_calls(lambda: plan(docs, ranks, scheduler=name, comm_dtype=comm_dtype,
-                                             **job_options(name, network), **options), repeats=1)
+                                             context=job(network), **options), repeats=1)
             p, planned = timing.result, timing.seconds[0]
-            st = p.stats(32, 8, 128, 2)
+            st = p.stats(*HEADS, 2)
             comm = [ph for ph in p.schedule.phases(shape) if ph.is_comm]
             sent = sum(ph.total(st["world_size"]) for ph in comm)
             links = {}
@@ -104,7 +106,7 @@ def mask_table(ranks_list, tokens_per_rank: int, pool, masks=SLICE_CASES) -> lis
         case = mask_case(mask, ranks * tokens_per_rank, pool, seed=0)
         for name in ("cad", "zigzag"):
             p = plan(case.docs, ranks, scheduler=name, **case.plan_kwargs())
-            st = p.stats(32, 8, 128, 2)
+            st = p.stats(*HEADS, 2)
             rows.append({"ranks": ranks, "mask": mask, "scheduler": name, "flops_imbalance": st["flops_imbalance"],
                          "max_send_mb": max(st["send_bytes"]) / 2**20})
     return rows
@@ -120,13 +122,13 @@ def pool_table(shapes, tokens_per_rank: int, pool, layout: str = "zigzag") -> li
         flops = {}
         for name in ("zigzag", "cad"):
             flops[name] = [f for docs in replicas
-                           for f in plan(docs, cp, scheduler=name, layout=layout).stats(32, 8, 128)["flops"]]
+                           for f in plan(docs, cp, scheduler=name, layout=layout).stats(*HEADS)["flops"]]
         groups = [(docs, Layout(layout).shards(docs, cp)) for docs in replicas]
         docs0 = replicas[0]
         timing = time_calls(lambda: cad.build(docs0, MeshInfo(cp, None), causal=True, window=None,
                                               mask=SliceMask.documents(docs0, True, None), shards=groups[0][1],
                                               pool=cad.Pool.of(groups)), repeats=1)
-        flops["cad pooled"] = timing.result.stats(32, 8, 128)["flops"]
+        flops["cad pooled"] = timing.result.stats(*HEADS)["flops"]
         for name, values in flops.items():
             rows.append({"dp": dp, "cp": cp, "scheduler": name, "flops_imbalance": imbalance(values),
                          "plan_ms": timing.seconds[0] * 1e3 if name == "cad pooled" else None})

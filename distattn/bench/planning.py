@@ -16,18 +16,16 @@ import argparse
 
 from ..api import plan
 from ..doclens import load_doc_lens, pack, upsample_long
-from ..schedulers import NAMES, spec
+from ..schedulers import NAMES, PlanContext, spec
 from ..timing import time_calls
 
 
 def plan_seconds(name: str, docs, ranks: int) -> float:
-    entry = spec(name)
-    heads = max(32, entry.ulysses_degree(ranks, requested=8))   # a head split needs a head per rank
-    kv_heads = heads if heads > 32 else 8
-    options = entry.plan_options(ranks, requested=8)
+    heads = max(32, spec(name).head_split(ranks, PlanContext(32, 8, ulysses_degree=8)))   # a head per rank
+    context = PlanContext(heads, heads if heads > 32 else 8, ulysses_degree=8)
 
     def run():
-        plan(docs, ranks, scheduler=name, **options).stats(heads, kv_heads, 128)
+        plan(docs, ranks, scheduler=name, context=context).stats(heads, context.num_kv_heads, 128)
     return time_calls(run, repeats=1).seconds[0]
 
 

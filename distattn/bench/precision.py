@@ -41,7 +41,7 @@ import torch
 
 from ..doclens import load_doc_lens, pack, upsample_long
 from ..kernels import available_backends
-from ..schedulers import NAMES, spec
+from ..schedulers import NAMES, PlanContext, spec
 
 TENSORS = ("out", "dq", "dk", "dv", "dsinks")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -102,7 +102,7 @@ def oracle(inputs: Inputs, docs: tuple[int, ...], window: int | None) -> dict:
     return ref
 
 
-def _rank(name: str, options: dict, case: Case, inputs: Inputs, dtype: torch.dtype, comm_dtype: str | None,
+def _rank(name: str, context: PlanContext, case: Case, inputs: Inputs, dtype: torch.dtype, comm_dtype: str | None,
           backend: str, device: str):
     """One virtual rank: squared error and squared reference sums of its shards, its dsinks share, bytes sent."""
     import torch.distributed as dist
@@ -110,7 +110,7 @@ def _rank(name: str, options: dict, case: Case, inputs: Inputs, dtype: torch.dty
     from ..api import attention, plan
 
     p = plan(list(case.docs), dist.group.WORLD, scheduler=name, backend=backend, causal=True, window=case.window,
-             comm_dtype=comm_dtype, **options)
+             comm_dtype=comm_dtype, context=context)
     q, k, v = (p.shard(t).to(device, dtype).requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
     sinks = inputs.sinks.to(device, dtype).requires_grad_()
     out = attention(q, k, v, p, sinks=sinks)
@@ -128,12 +128,17 @@ def rel_rms(diff_sq: float, ref_sq: float) -> float:
 
 def not_runnable(name: str, world: int, heads: int, kv_heads: int) -> str | None:
     """Why ``name`` cannot run at ``world`` ranks with ``heads`` query heads (None: it can)."""
-    degree = spec(name).ulysses_degree(world, kv_heads, requested=min(world, 8)) if world > 1 else 1
+    degree = spec(name).head_split(world, _context(heads, kv_heads, world))
     if degree > heads:
         return f"n/a ({heads} query heads < {degree} ranks)"
     if heads % degree:
         return f"n/a ({heads} query heads not a multiple of {degree} ranks)"
     return None
+
+
+def _context(heads: int, kv_heads: int, world: int) -> PlanContext:
+    """The job each scheduler plans: usp splits heads over up to a node of 8."""
+    return PlanContext(heads, kv_heads, ulysses_degree=min(world, 8))
 
 
 def measure(name: str, world: int, case: Case, inputs: Inputs, dtype: str, comm_dtype: str | None = None,
@@ -144,9 +149,8 @@ def measure(name: str, world: int, case: Case, inputs: Inputs, dtype: str, comm_
     on the one GPU)."""
     from ..virtual import run_virtual
 
-    kv_heads = inputs.k.shape[1]
-    options = spec(name).plan_options(world, kv_heads, requested=min(world, 8)) if world > 1 else {}
-    results = run_virtual(_rank, world, name, options, case, inputs, DTYPES[dtype], comm_dtype, backend, device,
+    context = _context(inputs.q.shape[1], inputs.k.shape[1], world)
+    results = run_virtual(_rank, world, name, context, case, inputs, DTYPES[dtype], comm_dtype, backend, device,
                           timeout=timeout, collective_timeout=timeout)
     row = {key: rel_rms(sum(r[0][key][0] for r in results), sum(r[0][key][1] for r in results))
            for key in TENSORS[:4]}

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from ..api import attention, local_attention, plan
 from ..doclens import MASK_CASES, mask_case
 from ..masks import BWD_FLOPS_FACTOR, attention_flops
-from ..schedulers import NAMES, spec
+from ..schedulers import NAMES, PlanContext, spec
 from ..timing import slowest_median, time_calls
 from .results import COLUMNS
 from .ulysses_vs_deepspeed import DEFAULT_EXTENSIONS_DIR
@@ -122,26 +122,68 @@ def _deepspeed_attention(group, docs, causal, window):
     return DistributedAttention(local, group, scatter_idx=2, gather_idx=0)
 
 
-def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
-    group, rank = dist.group.WORLD, dist.get_rank()
-    if cfg.peers and world > 1:
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)
-    meshes = {name: group for name in cfg.schedulers}
+def _meshes(cfg: BenchConfig, world: int, device: torch.device, context: PlanContext) -> dict:
+    """The group (or 2-D mesh) each scheduler plans on."""
+    meshes = {name: dist.group.WORLD for name in cfg.schedulers}
     for name in cfg.schedulers:
-        degree = spec(name).mesh_ulysses(world, cfg.kv_heads)
+        degree = spec(name).ulysses_axis(world, context)
         if degree > 1:
             # the one 2-D mesh (ParallelDims, through usp_mesh), made before any timed step: every
             # plan below finds its process groups instead of making them inside a measurement
             from ..mesh import usp_mesh
 
             meshes[name] = usp_mesh(device.type, degree)
+    return meshes
+
+
+def _step(name: str, p, q_l, k_l, v_l, d_l, case):
+    """One forward and backward of ``name`` on this rank's shards (None: DeepSpeed is missing)."""
+    if name == "deepspeed-ulysses":
+        ds = _deepspeed_attention(dist.group.WORLD, case.docs, case.causal, case.window)
+        if ds is None:
+            return None
+
+        def step():
+            x = [t.detach()[:, None].requires_grad_() for t in (q_l, k_l, v_l)]
+            ds(*x, 1).backward(d_l[:, None])
+        return step
+
+    def step():
+        x = [t.detach().requires_grad_() for t in (q_l, k_l, v_l)]
+        attention(*x, p).backward(d_l)
+    return step
+
+
+def _timed(cfg: BenchConfig, p, step, device: torch.device, world: int, clock: bool) -> tuple[float, float, list]:
+    """(slowest rank's median ms, peak MB over ranks, each rank's median comm wait ms: NaN unless ``clock``)."""
+    waits = []
+
+    def clocked(call=step):   # the executor's own clock of this rank's waits, per call
+        before = p.comm_wait_seconds()
+        call()
+        waits.append(p.comm_wait_seconds() - before)
+    _reset_peak_mem(device)
+    timing = time_calls(clocked, cfg.repeats, cfg.warmup, barrier=True, device=device)
+    ms = slowest_median(timing.seconds, device=device) * 1e3
+    mem = torch.tensor([_peak_mem_mb(device)], dtype=torch.float64, device=device)
+    dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+    wait = torch.zeros(world, dtype=torch.float64, device=device)
+    wait[dist.get_rank()] = statistics.median(waits[cfg.warmup:]) * 1e3 if clock else float("nan")
+    dist.all_reduce(wait)
+    return ms, mem.item(), wait.tolist()
+
+
+def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+    if cfg.peers and world > 1:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)
+    context = PlanContext(cfg.heads, cfg.kv_heads, head_dim=cfg.head_dim, dtype_bytes=dtype.itemsize)
+    meshes = _meshes(cfg, world, device, context)
     rows = []
     for seq_len in cfg.seq_lens:
         for mask in cfg.masks:
             case = mask_case(mask, seq_len, cfg.doc_pool, cfg.seed)
-            docs, causal, window = case.docs, case.causal, case.window
             g = torch.Generator().manual_seed(cfg.seed)
             q, dout = (torch.randn(seq_len, cfg.heads, cfg.head_dim, generator=g).to(device, dtype) for _ in "qd")
             k, v = (torch.randn(seq_len, cfg.kv_heads, cfg.head_dim, generator=g).to(device, dtype) for _ in "kv")
@@ -152,46 +194,23 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
                 names.append("deepspeed-ulysses")
             for name in names:
                 ours = PEER_OF.get(name, name)   # DeepSpeed's row runs our ulysses plan's split
-                if cfg.heads < spec(ours).ulysses_degree(world, cfg.kv_heads):   # a head for every rank
+                if cfg.heads < spec(ours).head_split(world, context):   # a head for every rank
                     continue
-                p = plan(docs, meshes.get(name, group), scheduler=ours, **case.plan_kwargs())
-                q_l, k_l, v_l, d_l = (p.shard(t) for t in (q, k, v, dout))
-                if name == "deepspeed-ulysses":
-                    ds = _deepspeed_attention(group, docs, causal, window)
-                    if ds is None:
-                        continue
-
-                    def step():
-                        x = [t.detach()[:, None].requires_grad_() for t in (q_l, k_l, v_l)]
-                        ds(*x, 1).backward(d_l[:, None])
-                else:
-                    def step():
-                        x = [t.detach().requires_grad_() for t in (q_l, k_l, v_l)]
-                        attention(*x, p).backward(d_l)
-                waits = []
-
-                def clocked(call=step):   # the executor's own clock of this rank's waits, per call
-                    before = p.comm_wait_seconds()
-                    call()
-                    waits.append(p.comm_wait_seconds() - before)
-                _reset_peak_mem(device)
-                timing = time_calls(clocked, cfg.repeats, cfg.warmup, barrier=True, device=device)
-                ms = slowest_median(timing.seconds, device=device) * 1e3
-                mem = torch.tensor([_peak_mem_mb(device)], dtype=torch.float64, device=device)
-                dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-                timed = waits[cfg.warmup:]
-                wait = torch.zeros(world, dtype=torch.float64, device=device)
-                wait[rank] = statistics.median(timed) * 1e3 if name != "deepspeed-ulysses" else float("nan")
-                dist.all_reduce(wait)
+                p = plan(case.docs, meshes.get(name, dist.group.WORLD), scheduler=ours, context=context,
+                         **case.plan_kwargs())
+                step = _step(name, p, *(p.shard(t) for t in (q, k, v, dout)), case)
+                if step is None:
+                    continue
+                ms, mem, wait = _timed(cfg, p, step, device, world, name not in PEER_OF)
                 st = p.stats(cfg.heads, cfg.kv_heads, cfg.head_dim, q.element_size())
                 row = {"scheduler": name, "world_size": world, "seq_len": seq_len, "mask": mask, "fwd_bwd_ms": ms,
                        "tflops": flops / (ms * 1e-3) / 1e12, "flops_imbalance": st["flops_imbalance"],
-                       "send_bytes": max(st["send_bytes"]), "peak_mem_mb": mem.item(), "num_docs": len(docs),
+                       "send_bytes": max(st["send_bytes"]), "peak_mem_mb": mem, "num_docs": len(case.docs),
                        "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
-                       "device": device.type, "comm_wait_ms": float(wait.max()),
-                       "rank_comm_wait_ms": ";".join(f"{w:.3f}" for w in wait.tolist())}
+                       "device": device.type, "comm_wait_ms": max(wait),
+                       "rank_comm_wait_ms": ";".join(f"{w:.3f}" for w in wait)}
                 rows.append(row)
-                if progress and rank == 0:
+                if progress and dist.get_rank() == 0:
                     print(f"  world {world} seq {seq_len:>6} {mask:<10} {name:<17} {ms:>9.1f} ms "
                           f"{row['tflops'] * 1e3:>8.2f} GFLOP/s  imb {row['flops_imbalance']:.2f}", flush=True)
     return rows

@@ -10,14 +10,15 @@ executor                        pattern                                         
 ``local.LocalExecutor``         none: one kernel call                            world size 1
 ==============================  ===============================================  =====================
 
-The schedule's type selects the executor (:func:`executor_for`). Executors take their groups from
-the mesh the plan was given; the only groups they make are ``usp``'s Ulysses and ring groups of a
-1-D mesh, once per parent group (:func:`distattn.comm.subgroups`).
+The scheduler's registry entry names its executor (:data:`EXECUTORS`, :func:`executor_for`).
+Executors take their groups from the mesh the plan was given; the only groups they make are
+``usp``'s Ulysses and ring groups of a 1-D mesh, once per parent group (:func:`distattn.comm.subgroups`).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable
 
 import torch.distributed as dist
 
@@ -25,6 +26,7 @@ from ..comm import Comm, subgroups
 from ..layout import Shards
 from ..mesh import MeshInfo
 from ..schedule import Schedule
+from ..schedulers import LOCAL, spec
 from ..schedulers.allgather import GatherSchedule
 from ..schedulers.cad import TaskSchedule
 from ..schedulers.local import LocalSchedule
@@ -67,32 +69,52 @@ def _inner(options: ExecOptions) -> ExecOptions:
     return replace(options, inner=True)
 
 
+def _ring(schedule: RingSchedule, mesh: MeshInfo, backend: str, options: ExecOptions, pool_group) -> Executor:
+    return RingExecutor(schedule, mesh.rank, Comm(mesh.group), backend, options)
+
+
+def _gather(schedule: GatherSchedule, mesh: MeshInfo, backend: str, options: ExecOptions, pool_group) -> Executor:
+    return GatherExecutor(schedule, mesh.rank, Comm(mesh.group), backend, options)
+
+
+def _heads(schedule: UlyssesSchedule, mesh: MeshInfo, backend: str, options: ExecOptions, pool_group) -> Executor:
+    comm, rank = Comm(mesh.group), mesh.rank
+    tokens = tuple(schedule.num_tokens(r) for r in range(schedule.world_size))
+    return HeadExecutor(schedule, rank, comm, backend, HeadAllToAll(comm, rank, tokens),
+                        LocalExecutor(schedule, rank, comm, backend, _inner(options)), schedule.gather_order(), options)
+
+
+def _usp(schedule: USPSchedule, mesh: MeshInfo, backend: str, options: ExecOptions, pool_group) -> Executor:
+    ulysses, ring = _usp_groups(schedule, mesh)
+    u, r = schedule.coords[mesh.rank]
+    inner = RingExecutor(schedule.ring, r, Comm(ring), backend, _inner(options))
+    return HeadExecutor(schedule, mesh.rank, Comm(mesh.group), backend,
+                        HeadAllToAll(Comm(ulysses), u, schedule.members(r)), inner, schedule.gather_order(r), options)
+
+
+def _tasks(schedule: TaskSchedule, mesh: MeshInfo, backend: str, options: ExecOptions, pool_group) -> Executor:
+    comm = Comm(mesh.group)
+    if pool_group is None:
+        return TaskExecutor(schedule, mesh.rank, comm, backend, comm, options)
+    return TaskExecutor(schedule, schedule.slot_ranks.index(dist.get_rank(pool_group)), comm, backend,
+                        Comm(pool_group), options)
+
+
+def _local(schedule: LocalSchedule, mesh: MeshInfo, backend: str, options: ExecOptions, pool_group) -> Executor:
+    return LocalExecutor(schedule, mesh.rank, Comm(mesh.group), backend, options)
+
+
+# what a registry entry's ``executor`` names (distattn.schedulers.SchedulerSpec.executor)
+EXECUTORS: dict[str, Callable[..., Executor]] = {"ring_p2p": _ring, "gather": _gather, "heads": _heads, "usp": _usp,
+                                                 "tasks": _tasks, "local": _local}
+
+
 def executor_for(schedule: Schedule, mesh: MeshInfo, backend: str, pool_group=None,
                  options: ExecOptions = ExecOptions()) -> Executor:
-    """This rank's executor of ``schedule`` on ``mesh``'s groups."""
-    comm, rank = Comm(mesh.group), mesh.rank
-    if isinstance(schedule, RingSchedule):
-        return RingExecutor(schedule, rank, comm, backend, options)
-    if isinstance(schedule, GatherSchedule):
-        return GatherExecutor(schedule, rank, comm, backend, options)
-    if isinstance(schedule, UlyssesSchedule):
-        tokens = tuple(schedule.num_tokens(r) for r in range(schedule.world_size))
-        return HeadExecutor(schedule, rank, comm, backend, HeadAllToAll(comm, rank, tokens),
-                            LocalExecutor(schedule, rank, comm, backend, _inner(options)), schedule.gather_order(),
-                            options)
-    if isinstance(schedule, USPSchedule):
-        ulysses, ring = _usp_groups(schedule, mesh)
-        u, r = schedule.coords[rank]
-        inner = RingExecutor(schedule.ring, r, Comm(ring), backend, _inner(options))
-        return HeadExecutor(schedule, rank, comm, backend, HeadAllToAll(Comm(ulysses), u, schedule.members(r)), inner,
-                            schedule.gather_order(r), options)
-    if isinstance(schedule, TaskSchedule):
-        if pool_group is None:
-            return TaskExecutor(schedule, rank, comm, backend, comm, options)
-        return TaskExecutor(schedule, schedule.slot_ranks.index(dist.get_rank(pool_group)), comm, backend,
-                            Comm(pool_group), options)
-    assert isinstance(schedule, LocalSchedule), type(schedule)
-    return LocalExecutor(schedule, rank, comm, backend, options)
+    """This rank's executor of ``schedule`` on ``mesh``'s groups: the one its scheduler's registry entry
+    names (a one-rank schedule, whatever scheduler was asked for, runs locally)."""
+    entry = LOCAL if isinstance(schedule, LocalSchedule) else spec(schedule.scheduler)
+    return EXECUTORS[entry.executor](schedule, mesh, backend, options, pool_group)
 
 
-__all__ = ["ExecOptions", "Executor", "executor_for", "resolve_options"]
+__all__ = ["EXECUTORS", "ExecOptions", "Executor", "executor_for", "resolve_options"]

@@ -8,9 +8,10 @@ neither torch nor numpy, so ``--help`` stays fast.
 
 Each entry names its planner's module (``build(doc_lens, mesh, *, causal, window, mask, shards,
 **options)`` returns a :class:`~distattn.schedule.Schedule`, a pure function of the document lengths,
-the token ownership, the mesh shape and the options), its default layout, and the facts callers ask
-about: how it splits heads (a Ulysses axis, and the default degree), whether it can pool several CP
-groups, whether only K/V travel. What it holds in memory is the schedule's
+the token ownership, the mesh shape and the options), its default layout, its executor, and the facts
+callers ask about: how many ranks split its heads, whether it can pool several CP groups, whether only
+K/V travel. Callers never work out a scheduler's options: they describe the job
+(:class:`PlanContext`) and the planner's module derives its own (``derive``, ``head_split``). What it holds in memory is the schedule's
 (:meth:`~distattn.schedule.Schedule.saved_bytes`, :meth:`~distattn.schedule.Schedule.buffer_bytes`).
 """
 
@@ -21,7 +22,41 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Callable
 
-HEADS = ("none", "world", "axis")
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What planners derive their options from: the attention's head shape and the job around it.
+
+    ``distattn.plan(..., context=PlanContext(num_heads=32, num_kv_heads=8))``: each scheduler's planner
+    takes what it needs (``usp``: its Ulysses degree, ``ulysses_degree`` or else the largest divisor of
+    the CP size that divides the KV heads and fits in a node of ``gpus_per_node``; ``ulysses``/``usp``:
+    ``head_groups``;
+    ``cad``: its cost model from the head shape, ``dtype_bytes`` and ``peak_tflops``, and
+    ``network``), so every caller plans one job alike. Options passed to ``distattn.plan`` by name
+    win over what a planner derives."""
+
+    num_heads: int | None = None        # query heads of the attention (None: not known)
+    num_kv_heads: int | None = None     # K/V heads (GQA/MQA: fewer than num_heads)
+    head_groups: int = 1                # query heads moved and computed 1/head_groups at a time (ulysses, usp)
+    head_dim: int = 128
+    dtype_bytes: int = 2                # of q, k, v (2: bf16/fp16)
+    gpus_per_node: int | None = None    # ranks on fast links (usp keeps its Ulysses axis inside them)
+    ulysses_degree: int | None = None   # where a scheduler splits heads on an axis of the CP group (usp): its size
+    peak_tflops: float | None = None    # the GPU's dense bf16 peak (None: an H100's)
+    network: object = None              # a distattn.network.NetworkProfile (None: NVLink in 8, InfiniBand across)
+
+    def __post_init__(self):
+        for name in ("num_heads", "num_kv_heads", "gpus_per_node", "ulysses_degree"):
+            _check_positive(name, getattr(self, name), optional=True)
+        for name in ("head_groups", "head_dim", "dtype_bytes"):
+            _check_positive(name, getattr(self, name))
+
+
+def _check_positive(name: str, value, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"PlanContext.{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -30,69 +65,64 @@ class SchedulerSpec:
     summary: str
     layout: str | None = "contiguous"   # default token layout; None: the planner's own (usp's 2-D split)
     module: str = ""                     # the planner's module (default: ``name``; zigzag is ring's)
-    heads: str = "none"                  # query heads split over "none", the "world" (ulysses), or an "axis" (usp)
+    executor: str = "ring_p2p"           # the executor that runs its schedules (``distattn.executors.EXECUTORS``)
     pools: bool = False                  # balances the attention of several CP groups at once (``pool=``)
     moves_kv_only: bool = False          # only K/V (and dK/dV) travel; queries stay on their rank
     # nano-batches a micro-batch is cut into by default (distattn.pingpong): 2 where the executor has
     # stages whose transfers the other nano-batch's compute hides (cad), else 1
     nano_batches: int = 1
 
-    def __post_init__(self):
-        assert self.heads in HEADS, self.heads
+    def _module(self):
+        return import_module(f"{__name__}.{self.module or self.name}")
 
     def planner(self) -> Callable:
-        return import_module(f"{__name__}.{self.module or self.name}").build
+        return self._module().build
 
     def own_shards(self, doc_lens, mesh, **options):
         """The layout of ``doc_lens`` on ``mesh`` (a :class:`~distattn.mesh.MeshInfo`) that a planner
         with no default ``layout`` makes itself: its module's ``own_shards(doc_lens, mesh, **options)``."""
         assert self.layout is None, f"{self.name}'s own layout is {self.layout!r}"
-        return import_module(f"{__name__}.{self.module or self.name}").own_shards(doc_lens, mesh, **options)
+        return self._module().own_shards(doc_lens, mesh, **options)
 
-    def accepts(self, option: str) -> bool:
-        """The planner takes keyword ``option`` (e.g. cad's ``cost``, ``network``, ``overlap_s``)."""
+    def option_names(self) -> tuple[str, ...]:
+        """The options its planner takes (keywords of ``build`` beyond what ``distattn.plan`` passes
+        itself), e.g. cad's ``pool``, ``epsilon``, ``cost``, ``network``, ``overlap_s``."""
         import inspect
 
-        return option in inspect.signature(self.planner()).parameters
+        params = inspect.signature(self.planner()).parameters
+        return tuple(sorted(set(params) - set(PLANNER_ARGUMENTS)))
 
-    def job_options(self, **job) -> dict:
-        """The options the planner takes that describe the job it plans for, made by the planner's
-        module (``planner_options(**job)``: cad's cost model and network; the keywords are its), so
-        that every caller plans one job alike; ``{}`` for planners that need none."""
-        make = getattr(import_module(f"{__name__}.{self.module or self.name}"), "planner_options", None)
-        return {} if make is None else make(**job)
+    def check_options(self, options: dict) -> None:
+        """``ValueError`` naming the options its planner does not take."""
+        unknown = sorted(set(options) - set(self.option_names()))
+        if unknown:
+            raise ValueError(f"unexpected option(s) {unknown} for scheduler={self.name!r}; "
+                             f"it accepts {list(self.option_names())}")
 
-    def ulysses_degree(self, world_size: int, num_kv_heads: int | None = None, requested: int | None = None,
-                       gpus_per_node: int | None = None) -> int:
-        """Ranks the query heads are split over: every rank (``ulysses``), the Ulysses axis
-        (``usp``: ``requested``, else :func:`default_ulysses_degree`), or 1."""
-        if self.heads == "world":
-            return world_size
-        if self.heads == "axis" and world_size > 1:
-            return requested or default_ulysses_degree(world_size, num_kv_heads, gpus_per_node)
-        return 1
+    def derive(self, world_size: int, context: PlanContext | None, options: dict, two_d: bool = False) -> dict:
+        """``options`` completed with what the planner derives from ``context`` on a CP group of
+        ``world_size`` ranks (``two_d``: a 2-D mesh, whose axes fix a head split): its module's
+        ``derive(world_size, context, options, two_d)``; options given by name win."""
+        make = getattr(self._module(), "derive", None)
+        if make is None or context is None or world_size == 1:
+            return dict(options)
+        return {**make(world_size, context, options, two_d), **{k: v for k, v in options.items() if v is not None}}
 
-    def mesh_ulysses(self, world_size: int, num_kv_heads: int | None = None, requested: int | None = None,
-                     gpus_per_node: int | None = None) -> int:
-        """The Ulysses axis of the CP mesh this scheduler plans on (1: a 1-D CP mesh)."""
-        return self.ulysses_degree(world_size, num_kv_heads, requested, gpus_per_node) if self.heads == "axis" else 1
+    def head_split(self, world_size: int, context: PlanContext | None = None, **options) -> int:
+        """Ranks each query head set is split over (``ulysses``: all; ``usp``: its Ulysses degree; else 1):
+        a model needs at least this many query heads."""
+        split = getattr(self._module(), "head_split", None)
+        if split is None or world_size == 1:
+            return 1
+        return split(world_size, self.derive(world_size, context, options))
 
-    def plan_options(self, world_size: int, num_kv_heads: int | None = None, requested: int | None = None,
-                     gpus_per_node: int | None = None, head_groups: int = 1) -> dict:
-        """The options ``distattn.plan`` needs for a model with ``num_kv_heads`` KV heads on a 1-D CP
-        group of ``world_size`` (usp: its Ulysses degree, and the head count it was made for;
-        ulysses and usp: ``head_groups`` when more than one)."""
-        groups = self.head_group_options(world_size, head_groups)
-        if self.heads != "axis" or world_size == 1:
-            return groups
-        degree = self.ulysses_degree(world_size, num_kv_heads, requested, gpus_per_node)
-        return {"ulysses_degree": degree, **({"num_kv_heads": num_kv_heads} if num_kv_heads is not None else {}),
-                **groups}
+    def ulysses_axis(self, world_size: int, context: PlanContext | None = None, **options) -> int:
+        """The ``"ulysses"`` axis of the 2-D CP mesh this scheduler plans on (1: a 1-D CP mesh)."""
+        return self.head_split(world_size, context, **options) if self.layout is None else 1
 
-    def head_group_options(self, world_size: int, head_groups: int) -> dict:
-        """``{"head_groups": head_groups}`` where the plan takes it (heads split over ranks, more than
-        one rank, more than one group), else ``{}``."""
-        return {"head_groups": head_groups} if head_groups > 1 and self.heads != "none" and world_size > 1 else {}
+
+# what distattn.plan passes every planner itself (the rest of build's keywords are options)
+PLANNER_ARGUMENTS = ("doc_lens", "mesh", "shards", "scheduler", "comm_dtype", "causal", "window", "mask")
 
 
 def default_ulysses_degree(world_size: int, num_kv_heads: int | None = None, gpus_per_node: int | None = None) -> int:
@@ -115,14 +145,15 @@ def default_ulysses_degree(world_size: int, num_kv_heads: int | None = None, gpu
 REGISTRY: dict[str, SchedulerSpec] = {spec.name: spec for spec in (
     SchedulerSpec("ring", "contiguous shards, K/V passed around the ring", moves_kv_only=True),
     SchedulerSpec("zigzag", "the ring on chunks r and 2P-1-r", "zigzag", module="ring", moves_kv_only=True),
-    SchedulerSpec("allgather", "zigzag chunks, K/V all-gathered", "zigzag", moves_kv_only=True),
-    SchedulerSpec("ulysses", "contiguous shards, heads all-to-all", heads="world"),
-    SchedulerSpec("usp", "Ulysses all-to-all inside groups, zigzag ring across them", None, heads="axis"),
-    SchedulerSpec("cad", "contiguous shards, attention tasks balanced over all ranks", pools=True, nano_batches=2),
+    SchedulerSpec("allgather", "zigzag chunks, K/V all-gathered", "zigzag", executor="gather", moves_kv_only=True),
+    SchedulerSpec("ulysses", "contiguous shards, heads all-to-all", executor="heads"),
+    SchedulerSpec("usp", "Ulysses all-to-all inside groups, zigzag ring across them", None, executor="usp"),
+    SchedulerSpec("cad", "contiguous shards, attention tasks balanced over all ranks", executor="tasks", pools=True,
+                  nano_batches=2),
 )}
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 # world size 1: every scheduler is this one (``scheduler="local"`` asks for it by name)
-LOCAL = SchedulerSpec("local", "one rank: one kernel call over the whole sequence")
+LOCAL = SchedulerSpec("local", "one rank: one kernel call over the whole sequence", executor="local")
 
 
 def spec(name: str) -> SchedulerSpec:

@@ -373,6 +373,15 @@ def planner_options(*, num_heads: int = 32, num_kv_heads: int = 8, head_dim: int
     return {"cost": cost, "network": network if network is not None else default_profile()}
 
 
+def derive(world_size: int, context, options: dict, two_d: bool = False) -> dict:
+    """What cad takes from a :class:`~distattn.schedulers.PlanContext`: :func:`planner_options` of its
+    head shape, dtype, GPU peak and network."""
+    shape = {k: v for k, v in (("num_heads", context.num_heads), ("num_kv_heads", context.num_kv_heads))
+             if v is not None}
+    return planner_options(**shape, head_dim=context.head_dim, dtype_bytes=context.dtype_bytes,
+                           peak_tflops=context.peak_tflops, network=context.network)
+
+
 def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, pool: Pool | None = None,
           epsilon: float = 0.04, cost=None, network=None, overlap_s: float | None = None,
           comm_dtype: str | None = None) -> TaskSchedule:

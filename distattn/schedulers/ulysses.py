@@ -279,3 +279,13 @@ def build(doc_lens, mesh, *, causal, window, mask, shards: Shards, head_groups: 
     return UlyssesSchedule(scheduler="ulysses", doc_lens=doc_lens, causal=causal, window=window,
                            world_size=mesh.world_size, shards=shards, mask=mask,
                            head_groups=check_head_groups(head_groups))
+
+
+def derive(world_size: int, context, options: dict, two_d: bool = False) -> dict:
+    """What ulysses takes from a :class:`~distattn.schedulers.PlanContext`: its ``head_groups``."""
+    return {"head_groups": context.head_groups} if context.head_groups > 1 else {}
+
+
+def head_split(world_size: int, options: dict) -> int:
+    """Every rank computes a share of the query heads."""
+    return world_size

@@ -225,3 +225,22 @@ def build(doc_lens, mesh, *, causal, window, mask, shards: Shards | None = None,
     return USPSchedule(scheduler="usp", doc_lens=doc_lens, causal=causal, window=window, world_size=mesh.world_size,
                        shards=shards, mask=mask, ulysses_degree=u_deg, coords=coords, ring=ring,
                        num_kv_heads=num_kv_heads, head_groups=check_head_groups(head_groups))
+
+
+def derive(world_size: int, context, options: dict, two_d: bool = False) -> dict:
+    """What usp takes from a :class:`~distattn.schedulers.PlanContext`: the KV head count (its plans
+    then refuse other K/V heads), ``head_groups``, and -- on a 1-D group, unless given -- its Ulysses
+    degree (the context's, else :func:`~distattn.schedulers.default_ulysses_degree`; a 2-D mesh's axis
+    fixes it)."""
+    out = {"head_groups": context.head_groups} if context.head_groups > 1 else {}
+    if context.num_kv_heads is not None:
+        out["num_kv_heads"] = context.num_kv_heads
+    if not two_d and options.get("ulysses_degree") is None:
+        out["ulysses_degree"] = context.ulysses_degree or default_ulysses_degree(world_size, context.num_kv_heads,
+                                                                                 context.gpus_per_node)
+    return out
+
+
+def head_split(world_size: int, options: dict) -> int:
+    """The Ulysses degree: given, else derived from the KV heads (a near-square mesh without them)."""
+    return options.get("ulysses_degree") or default_ulysses_degree(world_size, options.get("num_kv_heads"))
