@@ -12,6 +12,8 @@ Counts, for a Llama-style block (``hd = dim // n_heads``; untied: a separate out
     params              = root_params + n_layers * block_params             (== the module's numel)
     matmul_params       = n_layers * layer_matmul_params + vocab_size * dim  (MFU's N: no embedding lookup)
     model_flops         = 6 N tokens + 3 n_layers attention_forward_flops    (PaLM's MFU; no recomputation)
+    pair_weight()       = 3.5 * 4 n_heads hd / (6 layer_matmul_params)       (a query-key pair's FLOPs over a
+                                                                             token's linear FLOPs)
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ class ModelShape:
         the norms or RoPE)."""
         return self.n_layers * self.layer_matmul_params + self.vocab_size * self.dim
 
+    def pair_weight(self) -> float:
+        """Attention FLOPs of a visible query-key pair (forward and backward: 3.5x the forward's
+        ``4 * n_heads * head_dim``) per linear FLOP of a token (``6 * layer_matmul_params``): where
+        :func:`distattn.pingpong.split_nano_batches` cuts to balance the two."""
+        return 3.5 * 4 * self.n_heads * self.head_dim / (6 * self.layer_matmul_params)
+
     def model_flops(self, tokens: float, attention_forward_flops: float) -> float:
         """Forward + backward model FLOPs of a step over ``tokens`` tokens whose attention (one layer,
         forward, all ranks) costs ``attention_forward_flops``."""
@@ -76,12 +84,13 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class GPU:
-    """A GPU's dense bf16 peak (vendor data sheets, no sparsity) and memory; ``fragments``: what its
-    ``torch.cuda.get_device_name`` contains."""
+    """A GPU's dense bf16 peak (vendor data sheets, no sparsity) and memory in GiB (data sheets say GB
+    and mean GiB: an 80 GB H100 holds 80 GiB; ``distattn train --dry-run --gpu-memory-gib`` takes the
+    same number); ``fragments``: what its ``torch.cuda.get_device_name`` contains."""
 
     name: str
     peak_tflops: float
-    memory_gb: float
+    memory_gib: float
     fragments: tuple[str, ...]
 
 

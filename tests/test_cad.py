@@ -111,7 +111,7 @@ def test_dry_plan_of_1024_ranks():
 
 
 def test_profile_cost_reproduces_its_table():
-    from distattn.sim import ProfileCost, Roofline, causal_area
+    from distattn.cost import ProfileCost, Roofline, causal_area
 
     path = SHARED / "profiles" / "attn_latency_h100.csv"
     if not path.exists():

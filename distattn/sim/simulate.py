@@ -31,10 +31,11 @@ replayed with transfers taking no time, subtracted); ``stalled_s`` the slowest r
 ``idle`` laid end to end (they sum to the step time; their order within the step is a
 convention), and ``overlapped_comm``, its transfer time hidden behind compute. ``--auto``
 (:func:`recommend`) ranks candidates by tokens/s per GPU, not step time: a larger CP degree has
-fewer replicas, so a shorter step can still train fewer tokens per GPU. Memory per GPU: bf16 weights with fp32
-master weights, gradients and Adam sharded over all GPUs (FSDP), checkpointed layer inputs, one
-layer's working set, bf16 logits, and the schedule's receive buffers
-(:meth:`~distattn.schedule.Schedule.buffer_bytes`). Not modelled: activation recomputation (the step
+fewer replicas, so a shorter step can still train fewer tokens per GPU. ``memory_gb`` is the trainer's
+estimate (:func:`distattn.memory_model.estimate`) of the simulated job (:func:`memory_job`: FSDP over all
+GPUs, ``activation_checkpointing`` and ``mlp_chunk`` as set, one document per sequence, the estimate's
+worst case), in GiB despite its name: what ``distattn train CONFIG --dry-run`` prints per GPU for the
+same job; ``fits_memory``: within the GPU's memory. Not modelled: activation recomputation (the step
 of ``activation_checkpointing: none``), tensor parallelism, the data-parallel gradient traffic
 (assumed hidden behind backward), kernel launch overheads. ``mfu`` in the results is the trainer's:
 :meth:`ModelShape.model_flops <distattn.model_shape.ModelShape.model_flops>` (6 N per token, N without
@@ -53,8 +54,9 @@ import numpy as np
 
 from ..api import plan as make_plan
 from ..doclens import pack
+from ..memory_model import GIB, Job, estimate
 from ..model_shape import GPU, ModelShape
-from ..pingpong import nano_batches as nano_batches_of, pair_weight
+from ..pingpong import nano_batches as nano_batches_of
 from ..program import BACKWARD, FORWARD, layer_order
 from ..schedule import AttnShape, Phase, attention_program
 from ..schedulers import REGISTRY, spec
@@ -82,6 +84,8 @@ class SimConfig:
     seed: int = 0
     nano_batches: int | None = None   # per micro-batch (distattn.pingpong); None: the scheduler's default
     comm_dtype: str | None = None     # "fp8": Q, K, V, out, dout travel as FP8 (distattn.plan's comm_dtype)
+    activation_checkpointing: str = "full"   # the memory estimate's (the step is timed without recomputation)
+    mlp_chunk: int = 0                # the memory estimate's train.mlp_chunk
 
     @property
     def dp(self) -> int:
@@ -92,6 +96,8 @@ class SimConfig:
             raise ValueError(f"--cp {self.cp} must divide --gpus {self.gpus}")
         if self.seq_len < self.cp:
             raise ValueError(f"--seq-len {self.seq_len} is shorter than cp={self.cp} ranks")
+        if self.elem_bytes not in (2, 4):
+            raise ValueError(f"elem_bytes must be 2 (bf16) or 4 (fp32), got {self.elem_bytes}")
 
 
 def default_cp(model: ModelShape, gpus: int, seq_len: int, tokens_per_rank: int = 16384) -> int:
@@ -156,17 +162,22 @@ def _cluster_options(cfg: SimConfig, entry, network) -> dict:
     return {**opts, "comm_dtype": cfg.comm_dtype} if cfg.comm_dtype is not None else opts
 
 
-def _memory_gb(cfg: SimConfig, tokens: float, buffers: float) -> float:
-    m = cfg.model
-    states = 16.0 * m.params / cfg.gpus
-    acts = tokens * m.dim * 2 * m.n_layers + tokens * (16 * m.dim + 3 * m.ffn_dim) * 2 + tokens * m.vocab_size * 2
-    return (states + acts + buffers) / 1e9
+def memory_job(cfg: SimConfig, scheduler: str) -> Job:
+    """The simulated job as the memory estimate sees it (``distattn train --dry-run``'s job of a config
+    with this model, sequence length, mesh and scheduler): bf16 (``elem_bytes`` 4: fp32) with FSDP
+    over all GPUs, ``activation_checkpointing`` and ``mlp_chunk`` as set, the trainer's default loss
+    chunk; cad pools the replicas, as simulated. Documents: one per sequence, whatever the simulated
+    packing -- the estimate's worst case, so ``fits_memory`` holds for every step."""
+    entry = _entry(scheduler)
+    return Job(cfg.model, cfg.seq_len, cfg.dp, cfg.cp, entry.name, dtype="bf16" if cfg.elem_bytes == 2 else "fp32",
+               wrapper="fsdp" if cfg.gpus > 1 else "single", activation_checkpointing=cfg.activation_checkpointing,
+               mlp_chunk=cfg.mlp_chunk, ulysses_degree=cfg.ulysses_degree, pooled=entry.pools and cfg.dp > 1,
+               gpus_per_node=cfg.gpus_per_node)
 
 
 def nano_docs(docs, nano_batches: int, model: ModelShape) -> list[list[int]]:
     """A replica's documents as the trainer cuts them into nano-batches (:func:`distattn.pingpong.nano_batches`)."""
-    weight = pair_weight(model.n_heads, model.head_dim, model.layer_matmul_params)
-    return [part for part, _, _ in nano_batches_of(docs, nano_batches, weight)]
+    return [part for part, _, _ in nano_batches_of(docs, nano_batches, model.pair_weight())]
 
 
 def _merged(programs, ranks_each: int, network, flop_rate: float) -> TimedProgram:
@@ -208,6 +219,37 @@ def _layer_seconds(cfg: SimConfig, tokens: np.ndarray) -> tuple[np.ndarray, np.n
     return 2 * m.qkv_params * tokens / rate, 2 * (m.layer_matmul_params - m.qkv_params) * tokens / rate
 
 
+def _planned(cfg: SimConfig, name: str, entry, docs, shape: AttnShape, network, rate: float):
+    """Scheduler ``name``'s attention in the step (planned by registry ``entry``): per nano-batch the
+    timed program of every rank and every rank's tokens, the forward attention FLOPs of all replicas
+    (MFU's) and the schedules' Ulysses degree. Replicas are cut into nano-batches alike (the trainer's
+    rule)."""
+    m = cfg.model
+    heads = dict(num_kv_heads=m.n_kv_heads, ulysses_degree=cfg.ulysses_degree, gpus_per_node=cfg.gpus_per_node)
+    nano = 1 if name in BOUNDS else (cfg.nano_batches or entry.nano_batches)
+    cut = [nano_docs(rep, nano, m) for rep in docs]
+    nano = min(len(c) for c in cut)
+    cut = [c if len(c) == nano else [rep] for c, rep in zip(cut, docs)]
+    programs, tokens, flops_attn = [], [], 0.0
+    for n in range(nano):
+        if entry.pools:  # one schedule over the pool: every replica's sequence, balanced over all GPUs
+            groups = [dry_schedule(name, [d for rep in cut for d in rep[n]], cfg.gpus, **heads,
+                                   **_cluster_options(cfg, entry, network))]
+        else:
+            groups = [dry_schedule(name, rep[n], cfg.cp, **heads, **_cluster_options(cfg, entry, network))
+                      for rep in cut]
+        group_ranks = cfg.gpus // len(groups)
+        progs = [g.call_program(shape) for g in groups]
+        if name in BOUNDS:
+            progs = _bound_programs(name, progs, group_ranks, cfg.gpus)
+        for prog in progs:   # MFU counts the forward's attention (the trainer's model_flops)
+            flops_attn += sum(float(ph.total(group_ranks).sum()) for ph in prog.phases
+                              if not ph.is_comm and ph.direction == "forward")
+        programs.append(_merged(progs, group_ranks, network, rate))
+        tokens.append(np.concatenate([np.asarray(g.rank_tokens(), dtype=np.float64) for g in groups]))
+    return programs, tokens, flops_attn, groups[0].ulysses_degree
+
+
 def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool=None,
                             replica_docs=None) -> tuple[list[dict], list[dict]]:
     """(:func:`simulate`'s results, the per-rank timeline): one timeline row per scheduler, rank and
@@ -220,58 +262,34 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
     docs = replica_docs or _replica_docs(cfg, pool)
     peak = cfg.gpu.peak_tflops * 1e12
     shape = AttnShape(m.n_heads, m.n_kv_heads, m.head_dim, cfg.elem_bytes, cfg.comm_dtype == "fp8")
-    rate = peak * cfg.attn_efficiency
     results, timeline = [], []
     for name in schedulers:
         if name not in SCHEDULERS:
             raise ValueError(f"scheduler {name!r} is unknown; choose from {', '.join(SCHEDULERS)}")
         entry = _entry(name)
-        heads = dict(num_kv_heads=m.n_kv_heads, ulysses_degree=cfg.ulysses_degree, gpus_per_node=cfg.gpus_per_node)
         if m.n_heads < entry.ulysses_degree(cfg.cp, m.n_kv_heads, cfg.ulysses_degree, cfg.gpus_per_node):
             continue  # heads split over more ranks than there are heads
-        nano = 1 if name in BOUNDS else (cfg.nano_batches or entry.nano_batches)
-        cut = [nano_docs(rep, nano, m) for rep in docs]
-        nano = min(len(c) for c in cut)
-        cut = [c if len(c) == nano else [rep] for c, rep in zip(cut, docs)]   # all ranks alike (the trainer's rule)
-        programs, tokens, buffers, flops_attn = [], [], np.zeros(cfg.gpus), 0.0
-        for n in range(nano):
-            if entry.pools:  # one schedule over the pool: every replica's sequence, balanced over all GPUs
-                groups = [dry_schedule(name, [d for rep in cut for d in rep[n]], cfg.gpus, **heads,
-                                       **_cluster_options(cfg, entry, network))]
-            else:
-                groups = [dry_schedule(name, rep[n], cfg.cp, **heads, **_cluster_options(cfg, entry, network))
-                          for rep in cut]
-            group_ranks = cfg.gpus // len(groups)
-            progs = [g.call_program(shape) for g in groups]
-            if name in BOUNDS:
-                progs = _bound_programs(name, progs, group_ranks, cfg.gpus)
-            for prog in progs:   # MFU counts the forward's attention (the trainer's model_flops)
-                flops_attn += sum(float(ph.total(group_ranks).sum()) for ph in prog.phases
-                                  if not ph.is_comm and ph.direction == "forward")
-            programs.append(_merged(progs, group_ranks, network, rate))
-            tokens.append(np.concatenate([np.asarray(g.rank_tokens(), dtype=np.float64) for g in groups]))
-            buffers += np.concatenate([g.buffer_bytes(shape) for g in groups])
+        programs, tokens, flops_attn, ulysses = _planned(cfg, name, entry, docs, shape, network,
+                                                         peak * cfg.attn_efficiency)
         pre, post = zip(*(_layer_seconds(cfg, t) for t in tokens))
-        all_tokens = sum(tokens)
-        head = 6 * m.vocab_size * m.dim * all_tokens / (peak * cfg.mfu)
-        ops = step_ops(layer_order(m.n_layers, nano), programs, pre, post, head, cfg.gpus)
+        head = 6 * m.vocab_size * m.dim * sum(tokens) / (peak * cfg.mfu)
+        ops = step_ops(layer_order(m.n_layers, len(programs)), programs, pre, post, head, cfg.gpus)
         run, still = replay(ops, cfg.gpus), replay(ops, cfg.gpus, comm=False)
         busy = run.compute + run.stalled   # each rank's end (the clock only moves by compute and waits)
         step = float(busy.max())
         rep_times = [float(busy[i * cfg.cp:(i + 1) * cfg.cp].max()) for i in range(cfg.dp)]
         slowest = int(np.argmax(busy))
-        flops_model = m.model_flops(cfg.seq_len * cfg.dp, flops_attn)
-        mem = max(_memory_gb(cfg, tok, b) for tok, b in zip(all_tokens, buffers))
+        memory = estimate(memory_job(cfg, name)).total / GIB
         results.append({
             "scheduler": name, "gpus": cfg.gpus, "cp": cfg.cp, "dp": cfg.dp, "seq_len": cfg.seq_len,
-            "model": m.name, "ulysses_degree": groups[0].ulysses_degree, "nano_batches": nano,
+            "model": m.name, "params": m.params, "ulysses_degree": ulysses, "nano_batches": len(programs),
             "step_time_s": step, "tokens_per_s_per_gpu": float(cfg.seq_len * cfg.dp / step / cfg.gpus),
-            "mfu": float(flops_model / step / (peak * cfg.gpus)),
+            "mfu": float(m.model_flops(cfg.seq_len * cfg.dp, flops_attn) / step / (peak * cfg.gpus)),
             "compute_s": float(run.compute.max()), "exposed_comm_s": max(step - float(still.end.max()), 0.0),
             "comm_s": float(run.comm[slowest]), "stalled_s": float(run.stalled[slowest]),
             "compute_imbalance": max(1.0, float(run.compute.max() / run.compute.mean())),  # 1 - ulp happens
             "dp_idle": float(np.mean([(step - t) / step for t in rep_times])),
-            "memory_gb": float(mem), "fits_memory": bool(mem <= cfg.gpu.memory_gb),
+            "memory_gb": memory, "fits_memory": bool(memory <= cfg.gpu.memory_gib),
         })
         timeline += _timeline(name, cfg, step, run)
     return results, timeline
@@ -334,8 +352,8 @@ def recommend(model: ModelShape, gpus: int, seq_len: int, network, pool=None, gp
         cp *= 2
     feasible = [r for r in rows if r["fits_memory"]]
     if not feasible:
-        raise ValueError(f"nothing fits {gpu.memory_gb:.0f} GB per GPU for {model.name} at {seq_len} tokens on {gpus} "
-                         f"GPUs; add GPUs or shorten --seq-len")
+        raise ValueError(f"nothing fits {gpu.memory_gib:.0f} GiB per GPU for {model.name} at {seq_len} tokens on "
+                         f"{gpus} GPUs; add GPUs or shorten --seq-len")
     return max(feasible, key=lambda r: (r["tokens_per_s_per_gpu"], -r["step_time_s"])), rows
 
 
@@ -351,4 +369,5 @@ def mesh_description(r: dict, gpus_per_node: int) -> str:
 
 
 __all__ = ["MODELS", "GPUS", "SCHEDULERS", "PHASES", "TIMELINE_COLUMNS", "ModelShape", "GPU", "SimConfig",
-           "default_cp", "simulate", "simulate_with_timelines", "write_timeline", "recommend", "mesh_description"]
+           "default_cp", "simulate", "simulate_with_timelines", "write_timeline", "recommend", "mesh_description",
+           "memory_job"]

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import yaml
 
+from ..memory_model import CHECKPOINTING
 from ..model_shape import ModelShape
 
 DTYPES = ("fp32", "bf16")
-CHECKPOINTING = ("none", "full", "selective", "offload")
 ON_NONFINITE = ("stop", "skip_step")
 # upper bounds of floats, past which a value is a typo rather than a setting: (key, most, why)
 CEILINGS = (("parallel.timeout_s", 7 * 86400.0, "a week; a collective that waits longer has failed"),

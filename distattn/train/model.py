@@ -49,15 +49,13 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..api import attention
+from ..memory_model import NORM_CHUNK   # rows per step of RMSNorm's backward: the estimate counts them
 from ..pingpong import run_layers
 from ..program import layer_order
 from .config import ModelConfig
 from .loss import chunked_cross_entropy
 from .offload import Offload
 from .tiled import swiglu
-
-
-NORM_CHUNK = 4096   # rows per step of RMSNorm's backward: its fp32 temporaries stay [4096, dim]
 
 
 class _RMSNormFn(torch.autograd.Function):
