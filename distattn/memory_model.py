@@ -96,6 +96,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from .model_shape import ModelShape
+from .schedulers import PlanContext
 
 GIB = 2**30
 # CUDA context + NCCL communicators + caching-allocator fragmentation (see module docstring)
@@ -241,15 +242,12 @@ def _mlp_part(m: ModelShape, compute: int, resid: int, autocast: bool, tiled_mlp
 
 
 @lru_cache(maxsize=64)
-def _dry_schedule(scheduler: str, docs: tuple[int, ...], world: int, num_kv_heads: int, ulysses_degree: int | None,
-                  gpus_per_node: int | None, head_groups: int):
-    """The dry schedule of one step's ``docs`` on ``world`` ranks (cached: the checkpointing
-    settings of one job share it)."""
+def _dry_schedule(scheduler: str, docs: tuple[int, ...], world: int, context):
+    """The dry schedule of one step's ``docs`` on ``world`` ranks for the job ``context`` describes
+    (cached: the checkpointing settings of one job share it)."""
     from .api import plan
-    from .schedulers import spec
 
-    options = spec(scheduler).plan_options(world, num_kv_heads, ulysses_degree, gpus_per_node, head_groups=head_groups)
-    return plan(list(docs), world, scheduler=scheduler, **options).schedule
+    return plan(list(docs), world, scheduler=scheduler, context=context).schedule
 
 
 class AttentionMemory(NamedTuple):
@@ -270,9 +268,11 @@ def attention_bytes(job: Job) -> AttentionMemory:
     m = job.model
     docs = job.doc_lens if job.doc_lens is not None else (job.seq_len,)
     shape = AttnShape(m.n_heads, m.n_kv_heads, m.head_dim, _dtypes(job)[0])
+    context = PlanContext(m.n_heads, m.n_kv_heads, head_groups=job.head_groups, head_dim=m.head_dim,
+                          dtype_bytes=shape.dtype_bytes, gpus_per_node=job.gpus_per_node,
+                          ulysses_degree=job.ulysses_degree)
     schedule = _dry_schedule(job.scheduler, docs * job.dp if job.pooled else docs,
-                             job.world_size if job.pooled else job.cp, m.n_kv_heads, job.ulysses_degree,
-                             job.gpus_per_node, job.head_groups)
+                             job.world_size if job.pooled else job.cp, context)
     return AttentionMemory(int(max(schedule.saved_bytes(shape))), int(max(schedule.buffer_bytes(shape))),
                            int(max(schedule.grad_bytes(shape))), schedule.keeps_local_out)
 

@@ -43,6 +43,7 @@ class PlanContext:
     gpus_per_node: int | None = None    # ranks on fast links (usp keeps its Ulysses axis inside them)
     ulysses_degree: int | None = None   # where a scheduler splits heads on an axis of the CP group (usp): its size
     peak_tflops: float | None = None    # the GPU's dense bf16 peak (None: an H100's)
+    attn_efficiency: float = 0.5        # the fraction of that peak the attention kernel achieves
     network: object = None              # a distattn.network.NetworkProfile (None: NVLink in 8, InfiniBand across)
 
     def __post_init__(self):

@@ -379,7 +379,8 @@ def derive(world_size: int, context, options: dict, two_d: bool = False) -> dict
     shape = {k: v for k, v in (("num_heads", context.num_heads), ("num_kv_heads", context.num_kv_heads))
              if v is not None}
     return planner_options(**shape, head_dim=context.head_dim, dtype_bytes=context.dtype_bytes,
-                           peak_tflops=context.peak_tflops, network=context.network)
+                           peak_tflops=context.peak_tflops, attn_efficiency=context.attn_efficiency,
+                           network=context.network)
 
 
 def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, pool: Pool | None = None,

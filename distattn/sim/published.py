@@ -30,7 +30,7 @@ from ..doclens import pack
 from ..masks import attention_flops
 from ..schedule import AttnShape
 from .presets import GPUS, MODELS
-from .simulate import SimConfig, _cluster_options, _entry, default_cp, dry_schedule, simulate, time_call
+from .simulate import SimConfig, default_cp, dry_schedule, plan_context, simulate, time_call
 
 MAGI = {8: (459, 360), 16: (426, 371), 32: (315, 333), 64: (237, 264)}   # CP: (fwd, bwd) TFLOP/s per GPU
 RING_FLASH = {"zigzag, one causal document": ("zigzag", None, 0.90),
@@ -42,8 +42,7 @@ def _attention(name: str, docs, world: int, network, cfg: SimConfig) -> tuple[di
     """(seconds of one plain call of ``name``: forward, backward, both; its forward FLOPs)."""
     m = cfg.model
     shape = AttnShape(m.n_heads, m.n_kv_heads, m.head_dim, cfg.elem_bytes)
-    schedule = dry_schedule(name, docs, world, num_kv_heads=m.n_kv_heads, gpus_per_node=cfg.gpus_per_node,
-                            **_cluster_options(cfg, _entry(name), network))
+    schedule = dry_schedule(name, docs, world, plan_context(cfg, network), comm_dtype=cfg.comm_dtype)
     flops = float(attention_flops(schedule.mask.area(), m.n_heads, m.head_dim))
     return time_call(schedule, shape, network, cfg.gpu.peak_tflops * 1e12 * cfg.attn_efficiency), flops
 

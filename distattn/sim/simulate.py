@@ -59,7 +59,7 @@ from ..model_shape import GPU, ModelShape
 from ..pingpong import nano_batches as nano_batches_of
 from ..program import BACKWARD, FORWARD, layer_order
 from ..schedule import AttnShape, Phase, attention_program
-from ..schedulers import REGISTRY, spec
+from ..schedulers import REGISTRY, PlanContext, spec
 from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS
 from .replay import TimedProgram, call_ops, replay, step_ops
 
@@ -139,27 +139,22 @@ def _entry(name: str):
     return spec("zigzag" if name in BOUNDS else name)
 
 
-def dry_schedule(name: str, docs, world: int, num_kv_heads: int | None = None, causal: bool = True,
-                 window: int | None = None, mask=None, ulysses_degree: int | None = None,
-                 gpus_per_node: int | None = None, **cluster):
-    """The scheduler's dry schedule (``wlb-ideal``/``ideal``: zigzag's) with the options the registry
-    gives it for a model of ``num_kv_heads`` KV heads (usp: its Ulysses degree, inside a node of
-    ``gpus_per_node``), and those of ``cluster`` its planner takes (cad: the cost model and network
-    of :func:`_cluster_options`); ``mask``: a SliceMask."""
-    entry = _entry(name)
-    opts = entry.plan_options(world, num_kv_heads, ulysses_degree, gpus_per_node)
-    opts.update({key: value for key, value in cluster.items() if entry.accepts(key)})
-    return make_plan(docs, world, scheduler=entry.name, causal=causal, window=window, mask=mask, **opts).schedule
+def dry_schedule(name: str, docs, world: int, context: PlanContext | None = None, causal: bool = True,
+                 window: int | None = None, mask=None, comm_dtype: str | None = None, **options):
+    """The scheduler's dry schedule (``wlb-ideal``/``ideal``: zigzag's) for the job ``context``
+    describes, from which its planner derives its options (usp: its Ulysses degree; cad: its cost
+    model and network); ``options`` go to the planner as ``distattn.plan`` takes them (one it does
+    not take is a ``ValueError``); ``mask``: a SliceMask."""
+    return make_plan(docs, world, scheduler=_entry(name).name, causal=causal, window=window, mask=mask,
+                     comm_dtype=comm_dtype, context=context, **options).schedule
 
 
-def _cluster_options(cfg: SimConfig, entry, network) -> dict:
-    """What the scheduler plans the simulated job with (:meth:`~distattn.schedulers.SchedulerSpec.job_options`:
-    cad's cost model and network, made as the trainer makes them)."""
+def plan_context(cfg: SimConfig, network=None) -> PlanContext:
+    """The simulated job as the planners see it (the trainer describes its job alike)."""
     m = cfg.model
-    opts = entry.job_options(num_heads=m.n_heads, num_kv_heads=m.n_kv_heads, head_dim=m.head_dim,
-                             dtype_bytes=cfg.elem_bytes, peak_tflops=cfg.gpu.peak_tflops,
-                             attn_efficiency=cfg.attn_efficiency, network=network)
-    return {**opts, "comm_dtype": cfg.comm_dtype} if cfg.comm_dtype is not None else opts
+    return PlanContext(m.n_heads, m.n_kv_heads, head_dim=m.head_dim, dtype_bytes=cfg.elem_bytes,
+                       gpus_per_node=cfg.gpus_per_node, ulysses_degree=cfg.ulysses_degree,
+                       peak_tflops=cfg.gpu.peak_tflops, attn_efficiency=cfg.attn_efficiency, network=network)
 
 
 def memory_job(cfg: SimConfig, scheduler: str) -> Job:
@@ -225,7 +220,7 @@ def _planned(cfg: SimConfig, name: str, entry, docs, shape: AttnShape, network, 
     (MFU's) and the schedules' Ulysses degree. Replicas are cut into nano-batches alike (the trainer's
     rule)."""
     m = cfg.model
-    heads = dict(num_kv_heads=m.n_kv_heads, ulysses_degree=cfg.ulysses_degree, gpus_per_node=cfg.gpus_per_node)
+    job = dict(context=plan_context(cfg, network), comm_dtype=cfg.comm_dtype)
     nano = 1 if name in BOUNDS else (cfg.nano_batches or entry.nano_batches)
     cut = [nano_docs(rep, nano, m) for rep in docs]
     nano = min(len(c) for c in cut)
@@ -233,11 +228,9 @@ def _planned(cfg: SimConfig, name: str, entry, docs, shape: AttnShape, network, 
     programs, tokens, flops_attn = [], [], 0.0
     for n in range(nano):
         if entry.pools:  # one schedule over the pool: every replica's sequence, balanced over all GPUs
-            groups = [dry_schedule(name, [d for rep in cut for d in rep[n]], cfg.gpus, **heads,
-                                   **_cluster_options(cfg, entry, network))]
+            groups = [dry_schedule(name, [d for rep in cut for d in rep[n]], cfg.gpus, **job)]
         else:
-            groups = [dry_schedule(name, rep[n], cfg.cp, **heads, **_cluster_options(cfg, entry, network))
-                      for rep in cut]
+            groups = [dry_schedule(name, rep[n], cfg.cp, **job) for rep in cut]
         group_ranks = cfg.gpus // len(groups)
         progs = [g.call_program(shape) for g in groups]
         if name in BOUNDS:
@@ -267,7 +260,7 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
         if name not in SCHEDULERS:
             raise ValueError(f"scheduler {name!r} is unknown; choose from {', '.join(SCHEDULERS)}")
         entry = _entry(name)
-        if m.n_heads < entry.ulysses_degree(cfg.cp, m.n_kv_heads, cfg.ulysses_degree, cfg.gpus_per_node):
+        if m.n_heads < entry.head_split(cfg.cp, plan_context(cfg)):
             continue  # heads split over more ranks than there are heads
         programs, tokens, flops_attn, ulysses = _planned(cfg, name, entry, docs, shape, network,
                                                          peak * cfg.attn_efficiency)

@@ -28,6 +28,7 @@ import yaml
 
 from ..memory_model import CHECKPOINTING
 from ..model_shape import ModelShape
+from ..schedulers import PlanContext
 
 DTYPES = ("fp32", "bf16")
 ON_NONFINITE = ("stop", "skip_step")
@@ -202,6 +203,14 @@ class RunConfig:
         if self.parallel.cpu_offload:
             return "fsdp"
         return "single" if self.world_size == 1 else self.parallel.dp_mode
+
+    def plan_context(self, peak_tflops: float | None = None) -> PlanContext:
+        """The job as the planners see it: each scheduler derives its options from it
+        (:class:`~distattn.schedulers.PlanContext`); ``peak_tflops``: the GPU's (None: an H100's)."""
+        m, p = self.model, self.parallel
+        return PlanContext(m.n_heads, m.n_kv_heads, head_groups=p.head_groups, head_dim=m.dim // m.n_heads,
+                           dtype_bytes=2 if self.train.dtype == "bf16" else 4, ulysses_degree=p.ulysses_degree,
+                           peak_tflops=peak_tflops)
 
     def replace(self, **sections) -> "RunConfig":
         """Copy with fields of sections changed: ``cfg.replace(train={"steps": 5})``."""
@@ -414,9 +423,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"the blocks), got {p.nano_batches!r}; leave it unset for the scheduler's default")
     if isinstance(p.head_groups, bool) or not isinstance(p.head_groups, int) or p.head_groups < 1:
         raise ValueError(f"parallel.head_groups must be a positive int, got {p.head_groups!r}")
-    entry = spec(p.scheduler) if p.scheduler in NAMES else None
-    if entry is not None and entry.heads != "none" and p.cp > 1:
-        fewest = m.n_heads // entry.ulysses_degree(p.cp, m.n_kv_heads, p.ulysses_degree)
+    split = spec(p.scheduler).head_split(p.cp, cfg.plan_context()) if p.scheduler in NAMES else 1
+    if split > 1:
+        fewest = m.n_heads // split
         if p.head_groups > fewest:
             raise ValueError(f"parallel.head_groups ({p.head_groups}) must be at most the query heads a Ulysses rank "
                              f"computes ({fewest} of model.n_heads {m.n_heads}): use head_groups <= {fewest}")
