@@ -1,5 +1,5 @@
 """distattn bench --quick (real gloo runs: structure and sanity, not speed), distattn simulate on 512 GPUs,
---auto and --calibrate against the bench's own results."""
+--auto and --calibrate against the bench's own results; issue 19's `python -m distattn.bench.memory`."""
 
 import csv
 import json
@@ -46,6 +46,17 @@ def test_quick_bench_writes_results_plots_and_tensorboard(bench_dir):
     for png in ("time_vs_seq_len.png", "tflops_vs_world_size.png", "imbalance.png"):
         assert (bench_dir / png).read_bytes()[:4] == b"\x89PNG"
     assert any((bench_dir / "tb").iterdir())
+
+
+def test_the_memory_bench_keeps_its_old_command():
+    """The memory bench moved to the train layer; the command issue 19 named runs it, arguments and exit code."""
+    done = subprocess.run([sys.executable, "-m", "distattn.bench.memory", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("usage: python -m distattn.train.bench_memory") and "--budget-gib" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "distattn.bench.memory", "--no-such-flag"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "unrecognized arguments: --no-such-flag" in done.stderr, done.stderr[-3000:]
 
 
 def test_calibration_against_the_bench(bench_dir):
@@ -145,7 +156,8 @@ def test_simulate_per_rank_timelines(tmp_path):
         assert 0 <= r["exposed_comm_s"] <= r["stalled_s"] + 1e-9
         replica_busy = [max(busy[i * 8:(i + 1) * 8]) for i in range(4)]
         assert r["dp_idle"] == pytest.approx(sum((step - b) / step for b in replica_busy) / 4)
-    assert sum(t["seconds"] for t in timeline if t["scheduler"] in ("wlb-ideal", "ideal") and t["phase"].endswith("comm")) == 0
+    assert sum(t["seconds"] for t in timeline
+               if t["scheduler"] in ("wlb-ideal", "ideal") and t["phase"].endswith("comm")) == 0
 
     write_timeline(timeline, tmp_path / "t.csv")
     with open(tmp_path / "t.csv", newline="") as f:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distattn.bench import activation_memory as actmem
+from distattn.train import bench_activation_memory as actmem
 from distattn.cli import main as cli_main
 from distattn.train import capacity
 from distattn.train.config import load_config

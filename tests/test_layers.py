@@ -32,12 +32,7 @@ LAYERS = [
     ("bench", ["distattn.bench", "distattn.demo"]),
     ("sim", ["distattn.sim"]),
     ("cluster", ["distattn.cluster"]),
-    # the trainer's benchmarks (`python -m distattn.bench.memory`, `...loss_memory`,
-    # `...activation_memory`, `...compiled_step`, `...nano_batches`) run the trainer and its loss: entry points over the
-    # trainer, not bench modules beside it
-    ("entry points", ["distattn.launch", "distattn.cli", "distattn.bench.memory", "distattn.bench.loss_memory",
-                      "distattn.bench.activation_memory", "distattn.bench.compiled_step",
-                      "distattn.bench.nano_batches"]),
+    ("entry points", ["distattn.launch", "distattn.cli"]),
 ]
 INTEGRATIONS = ("train", "adapters", "bench", "sim", "cluster")
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
@@ -148,14 +143,16 @@ def _scheduler_name_branches(source: str, names: set[str]) -> list[int]:
 
 
 def test_no_scheduler_name_branches_outside_the_registry():
-    """What a scheduler needs known lives in its registry entry or its schedule (DESIGN.md): no code
-    outside ``distattn/schedulers/`` branches on a scheduler's name."""
+    """What a scheduler needs known lives in its registry entry or its schedule (``distattn/schedulers/__init__.py``,
+    README.md's "Layout"): no code outside ``distattn/schedulers/`` branches on a scheduler's name."""
     from distattn.schedulers import LOCAL, NAMES
 
     names = {*NAMES, LOCAL.name}
     found = [f"{path.relative_to(ROOT)}:{line}" for module, path in modules().items()
-             if not module.startswith("distattn.schedulers") for line in _scheduler_name_branches(path.read_text(), names)]
+             if not module.startswith("distattn.schedulers")
+             for line in _scheduler_name_branches(path.read_text(), names)]
     assert found == [], found
     # the check itself sees such branches, and not their namesakes
-    probe = 'a = p.scheduler == "usp"\nif name in ("ring", "x"):\n    b = args.backend == "local"\nc = kind != "zigzag"\n'
+    probe = ('a = p.scheduler == "usp"\nif name in ("ring", "x"):\n'
+             '    b = args.backend == "local"\nc = kind != "zigzag"\n')
     assert _scheduler_name_branches(probe, names) == [1, 2]

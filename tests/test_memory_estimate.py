@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distattn.bench import memory as bench
+from distattn.train import bench_memory as bench
 from distattn.cli import main as cli_main
 from distattn.train.config import ModelConfig, load_config
 from distattn.train.memory import GIB, alternatives, attention_bytes, estimate, local_device, report

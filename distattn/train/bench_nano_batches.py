@@ -1,8 +1,8 @@
 """Trainer step time with one and with two ping-ponged nano-batches (``parallel.nano_batches``), side by
 side in one run:
 
-    python -m distattn.bench.nano_batches [--config configs/tiny.yaml] [--cp 4] [--scheduler cad]
-                                          [--seq-len 16384] [--steps 6] [--rounds 2]
+    python -m distattn.train.bench_nano_batches [--config configs/tiny.yaml] [--cp 4] [--scheduler cad]
+                                                [--seq-len 16384] [--steps 6] [--rounds 2]
 
 ``--cp`` gloo ranks train ``--steps`` steps of the config's model on the Python standard library's
 sources (real document lengths; the config's data section), first with one nano-batch, then with
@@ -23,9 +23,9 @@ from pathlib import Path
 
 from ..schedulers import NAMES
 from ..spawn import run_distributed
-from ..train.config import load_config, validate
-from ..train.trainer import train
-from .memory import check_positive, trainer_bench_parser
+from .bench_memory import check_positive, trainer_bench_parser
+from .config import load_config, validate
+from .trainer import train
 
 
 def _run(cfg) -> tuple[float, list[float]]:
@@ -34,7 +34,7 @@ def _run(cfg) -> tuple[float, list[float]]:
 
 
 def main(argv=None) -> int:
-    parser = trainer_bench_parser("python -m distattn.bench.nano_batches", __doc__)
+    parser = trainer_bench_parser("python -m distattn.train.bench_nano_batches", __doc__)
     parser.add_argument("--scheduler", default="cad", choices=NAMES)
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--steps", type=int, default=6, help="steps per run (the first is left out)")
@@ -48,8 +48,8 @@ def main(argv=None) -> int:
         parallel={"dp": 1, "cp": args.cp, "scheduler": args.scheduler},
         data={"seq_len": args.seq_len},
         train={"steps": args.steps, "ckpt_every": 10**6, "log_every": args.steps, "warmup_steps": 1}))
-    print(f"distattn.bench.nano_batches: {args.config} model, cp {args.cp} ({args.scheduler}), seq_len {args.seq_len}, "
-          f"{args.steps} steps a run, {args.rounds} rounds", flush=True)
+    print(f"distattn.train.bench_nano_batches: {args.config} model, cp {args.cp} ({args.scheduler}), "
+          f"seq_len {args.seq_len}, {args.steps} steps a run, {args.rounds} rounds", flush=True)
     start = time.perf_counter()
     times: dict[int, list[float]] = {1: [], 2: []}
     losses = []
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     rounds = " ".join(f"{'round ' + str(r + 1):>9}" for r in range(args.rounds))
     print(f"  {'nano_batches':<13} {rounds} {'median':>9}")
     for nano in (1, 2):
-        print(f"  {nano:<13} " + " ".join(f"{t:>9.3f}" for t in times[nano]) + f" {statistics.median(times[nano]):>9.3f}")
+        cells = " ".join(f"{t:>9.3f}" for t in times[nano])
+        print(f"  {nano:<13} {cells} {statistics.median(times[nano]):>9.3f}")
     print(f"two nano-batches save {1 - two / one:.1%} of the step; losses differ by at most {diff:.1e}")
     return 0
 

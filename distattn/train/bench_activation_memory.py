@@ -1,7 +1,7 @@
 """Device memory per token, measured in real training steps, next to the estimate's:
 
-    python -m distattn.bench.activation_memory [--settings none full offload offload+tiled]
-                                               [--lens 2048 4096 8192] [--cp 2] [--scheduler zigzag]
+    python -m distattn.train.bench_activation_memory [--settings none full offload offload+tiled]
+                                                     [--lens 2048 4096 8192] [--cp 2] [--scheduler zigzag]
 
 For each setting (``train.activation_checkpointing``, ``+tiled``: with ``train.mlp_chunk
 --mlp-chunk``) and each length, ``--cp`` CPU ranks run ``--steps`` trainer steps of the config's
@@ -31,11 +31,11 @@ import numpy as np
 
 from ..schedulers import NAMES
 from ..spawn import run_distributed
-from ..train.config import CHECKPOINTING, RunConfig, load_config, validate
-from ..train.memory import estimate
-from ..train.memtrack import TensorMemory
-from ..train.trainer import train
-from .memory import check_positive, doc_lens, run_config, trainer_bench_parser, write_corpus
+from .bench_memory import check_positive, doc_lens, run_config, trainer_bench_parser, write_corpus
+from .config import CHECKPOINTING, RunConfig, load_config, validate
+from .memory import estimate
+from .memtrack import TensorMemory
+from .trainer import train
 
 DEFAULT_SETTINGS = ("none", "full", "offload", "offload+tiled")
 
@@ -81,7 +81,7 @@ def measure(base: RunConfig, setting: tuple[str, bool], args, tmp: Path) -> dict
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = trainer_bench_parser("python -m distattn.bench.activation_memory", __doc__)
+    parser = trainer_bench_parser("python -m distattn.train.bench_activation_memory", __doc__)
     parser.add_argument("--scheduler", default="zigzag", choices=NAMES)
     parser.add_argument("--head-groups", type=int, default=1, help="parallel.head_groups (ulysses, usp)")
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     base = validate(load_config(args.config).replace(parallel={"cp": args.cp, "scheduler": args.scheduler,
                                                                 "head_groups": args.head_groups}))
     start = time.perf_counter()
-    print(f"distattn.bench.activation_memory: {args.config} model, cp {args.cp} ({args.scheduler}, head_groups "
+    print(f"distattn.train.bench_activation_memory: {args.config} model, cp {args.cp} ({args.scheduler}, head_groups "
           f"{args.head_groups}), fp32, "
           f"lengths {args.lens}, {args.steps} steps a run", flush=True)
     rows = []

@@ -1,7 +1,7 @@
 """Trainer step time with ``train.compile`` on and off, side by side in one run:
 
-    python -m distattn.bench.compiled_step [--config configs/tiny.yaml] [--cp 2] [--scheduler zigzag]
-                                           [--settings none full] [--seq-len 8192] [--steps 6]
+    python -m distattn.train.bench_compiled_step [--config configs/tiny.yaml] [--cp 2] [--scheduler zigzag]
+                                                 [--settings none full] [--seq-len 8192] [--steps 6]
 
 For each ``train.activation_checkpointing`` setting, ``--cp`` ranks run ``--steps`` trainer steps
 (``distattn.train.trainer.train``: the optimizer, the chunked loss, the config's dp_mode) eagerly and
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from ..schedulers import NAMES
 from ..spawn import run_distributed
-from ..train.config import CHECKPOINTING, load_config, validate
-from ..train.trainer import train
-from .memory import check_positive, run_config, trainer_bench_parser, write_corpus
+from .bench_memory import check_positive, run_config, trainer_bench_parser, write_corpus
+from .config import CHECKPOINTING, load_config, validate
+from .trainer import train
 
 
 def timed(cfg) -> dict:
@@ -37,7 +37,7 @@ def timed(cfg) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = trainer_bench_parser("python -m distattn.bench.compiled_step", __doc__)
+    parser = trainer_bench_parser("python -m distattn.train.bench_compiled_step", __doc__)
     parser.add_argument("--scheduler", default="zigzag", choices=NAMES)
     parser.add_argument("--settings", nargs="+", default=["none", "full"], choices=CHECKPOINTING,
                         help="train.activation_checkpointing settings to time")
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--steps must be >= 2 (the first step compiles; the others are timed), got {args.steps}")
     base = validate(load_config(args.config).replace(parallel={"cp": args.cp, "scheduler": args.scheduler}))
     start = time.perf_counter()
-    print(f"distattn.bench.compiled_step: {args.config} model, cp {args.cp} ({args.scheduler}), fp32, "
+    print(f"distattn.train.bench_compiled_step: {args.config} model, cp {args.cp} ({args.scheduler}), fp32, "
           f"seq_len {args.seq_len}, {args.steps} steps a run", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="distattn-bench-compile-") as tmp:

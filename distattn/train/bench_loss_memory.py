@@ -1,8 +1,8 @@
 """Peak memory of the LM loss, forward + backward: plain cross-entropy over full logits vs
 ``distattn.train.loss.chunked_cross_entropy``.
 
-    python -m distattn.bench.loss_memory                 # 16K tokens x 128256 vocab x 4096, bf16
-    python -m distattn.bench.loss_memory --json
+    python -m distattn.train.bench_loss_memory           # 16K tokens x 128256 vocab x 4096, bf16
+    python -m distattn.train.bench_loss_memory --json
 
 The full size cannot run here (the plain loss alone needs > 20 GB), so it is measured without
 allocating: the inputs are ``meta`` tensors (shapes only, what FakeTensorMode is built on) and a
@@ -27,7 +27,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..train.loss import chunked_cross_entropy
+from .loss import chunked_cross_entropy
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GIB = 2 ** 30
@@ -121,11 +121,12 @@ def _child(method: str, tokens: int, vocab: int, hidden: int, chunk: int, dtype:
         base_tracked = tracker.now()
         METHODS[method](h, w, labels, chunk).backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"rss_extra_bytes": (peak - base) * 1024, "real_tracker_extra_bytes": tracker.peak - base_tracked}))
+    print(json.dumps({"rss_extra_bytes": (peak - base) * 1024,
+                      "real_tracker_extra_bytes": tracker.peak - base_tracked}))
 
 
 def validate(method: str, tokens: int, vocab: int, hidden: int, chunk: int, dtype: str) -> dict:
-    code = (f"from distattn.bench.loss_memory import _child; "
+    code = (f"from distattn.train.bench_loss_memory import _child; "
             f"_child({method!r}, {tokens}, {vocab}, {hidden}, {chunk}, {dtype!r})")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
