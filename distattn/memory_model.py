@@ -57,7 +57,7 @@ named as the trainer's config keys they come from (``parallel.dp_mode`` is ``wra
   ``[vocab, dim]`` weight-gradient accumulator, the weight's bf16 copy when the parameter is fp32,
   one chunk's logit gradient). The loss runs before any block's backward, when the blocks hold
   only what they keep: the component is what that moment adds over the blocks' backward peak
-  (often 0). ``python -m distattn.bench.activation_memory`` compares the per-token slope of the
+  (often 0). ``python -m distattn.train.bench_activation_memory`` compares the per-token slope of the
   whole with live tensor bytes measured in training steps.
 * ``inputs``: the packed sequence every rank reads (tokens, labels: int64 of the whole sequence,
   plus the numpy copy) and the local positions.
@@ -69,7 +69,7 @@ named as the trainer's config keys they come from (``parallel.dp_mode`` is ``wra
   CUDA runtime: compare it with ``total - runtime``.
 * ``allocator`` (CPU; a GPU's is in ``runtime``): :data:`CPU_ALLOCATOR_OVERHEAD` of the
   token-proportional parts. glibc keeps much of what a step frees, so from step 2 on a CPU rank's
-  resident peak exceeds its live tensors: ``python -m distattn.bench.memory`` measured +20-45% per
+  resident peak exceeds its live tensors: ``python -m distattn.train.bench_memory`` measured +20-45% per
   token for the tiny model (step 1's peak is within ~7% of the tensors counted here).
 
 Documents: by default each sequence is one document of ``seq_len`` tokens -- the worst case of

@@ -1,6 +1,6 @@
 """The longest sequence a layout fits (distattn.train.capacity, `train --dry-run --max-seq-len`) and
 the activation-memory bench that checks the estimate's per-token slope against live tensor bytes
-measured in training steps (distattn.bench.activation_memory)."""
+measured in training steps (distattn.train.bench_activation_memory)."""
 
 from pathlib import Path
 

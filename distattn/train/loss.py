@@ -4,7 +4,7 @@ The plain loss, ``F.cross_entropy((hidden @ weight.T).float(), labels, reduction
 logits in the compute dtype, their fp32 copy, log-softmax's fp32 output (saved for backward) and, in
 backward, two fp32 ``[T, V]`` gradients next to that output plus a compute-dtype one: at least
 ``2 * T * V * 4`` bytes, measured 23.5 GiB above the inputs at 16K tokens x Llama-3's 128256 vocab x
-4096 in bf16 (``python -m distattn.bench.loss_memory``). ``chunked_cross_entropy`` walks the tokens
+4096 in bf16 (``python -m distattn.train.bench_loss_memory``). ``chunked_cross_entropy`` walks the tokens
 ``chunk`` at a time; its extra memory is one chunk's logits, about ``chunk * V * (4 + compute-dtype
 bytes)``, the ``[T]`` row log-sum-exps saved for backward, and in backward the gradients themselves,
 an fp32 ``[V, D]`` weight-gradient accumulator and one chunk's ``[V, D]`` partial product: 3.55 GiB
@@ -141,7 +141,7 @@ def _validate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     if compute_dtype is not None and (not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point):
         raise ValueError(f"compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
-    # meta tensors carry shapes only (memory planning, see distattn.bench.loss_memory): no values to check
+    # meta tensors carry shapes only (memory planning, see distattn.train.bench_loss_memory): no values to check
     if labels.device.type != "meta" and labels.numel():
         vocab = weight.shape[0]
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
@@ -160,7 +160,7 @@ def chunked_cross_entropy(hidden_TD: torch.Tensor, weight_VD: torch.Tensor, labe
     reduction="sum")`` but computes ``chunk`` tokens' logits at a time and keeps none of them:
     peak extra memory is about ``chunk * V * 4`` bytes (plus the compute-dtype copy of one chunk)
     instead of about ``2 * T * V * 4``; see the module docstring for the backward (recompute) and
-    ``python -m distattn.bench.loss_memory`` for measured numbers.
+    ``python -m distattn.train.bench_loss_memory`` for measured numbers.
 
     Args:
         hidden_TD: ``[T, D]`` final hidden states (after the last norm); fp32, bf16 or fp64.
