@@ -21,14 +21,14 @@ returns the plan itself (cached), whose ``shard``/``unshard``/``position_ids`` s
 tensors that way. :mod:`distattn.compat.ring_flash_attn` takes ring-flash-attention's conventions
 (local ``cu_seqlens``) instead.
 
-Plans are cached per (documents, group, scheduler, layout, mask, backend): the layers of
-one step share one plan, and passing the same ``cu_seqlens`` tensor object again costs no host
+Plans are cached per (documents, group, scheduler, layout, mask, backend) in ``PLANS`` (a
+:class:`~distattn.plan_cache.PlanCache`, shared with :mod:`distattn.compat`): the layers of one
+step share one plan, and passing the same ``cu_seqlens`` tensor object again costs no host
 synchronisation.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable, Hashable
 
 import numpy as np
@@ -40,9 +40,8 @@ from .api import attention, plan as make_plan
 from .executors.base import Saved
 from .layout import Layout
 from .masks import UNBOUNDED, SliceMask
+from .plan_cache import PlanCache
 from .plans import Plan
-
-CACHE_SIZE = 16   # plans kept: a step's distinct batches (micro-batches, nano-batches) times a few
 
 
 # --- flash_attn's arguments -> distattn's ---------------------------------------------------------
@@ -124,23 +123,9 @@ def resolve_group(group):
 
 # --- plans, cached -------------------------------------------------------------------------------
 
-_plans: OrderedDict = OrderedDict()
-
-
-def cached_plan(key: Hashable, group, build: Callable[[], Plan]) -> Plan:
-    """The plan cached under ``(key, group)``, or ``build()`` it. ``key`` holds whatever the plan
-    depends on besides the group (cheap to hash: layout recipes, not token lists); the group is
-    kept alive beside its plan so that its ``id`` stays its own."""
-    full = (key, id(group))
-    hit = _plans.get(full)
-    if hit is not None:
-        _plans.move_to_end(full)
-        return hit[1]
-    made = build()
-    _plans[full] = (group, made)
-    while len(_plans) > CACHE_SIZE:
-        _plans.popitem(last=False)
-    return made
+# flash_attn's functional API keeps no object between calls: the plans live here, one cache for the
+# process (a step's distinct batches -- micro-batches, nano-batches -- times a few)
+PLANS = PlanCache(size=16)
 
 
 def plan_for(doc_lens: tuple[int, ...], group, *, scheduler: str, layout_key: Hashable,
@@ -153,9 +138,13 @@ def plan_for(doc_lens: tuple[int, ...], group, *, scheduler: str, layout_key: Ha
     group, options = resolve_group(group), options or {}
     key = (doc_lens, scheduler, layout_key, bool(causal), window_bounds(window_size), backend,
            tuple(sorted(options.items())))
-    return cached_plan(key, group, lambda: make_plan(doc_lens, group, scheduler=scheduler, backend=backend,
-                                                     layout=layout(), **mask_options(doc_lens, causal, window_size),
-                                                     **options))
+
+    def make() -> Plan:
+        return make_plan(doc_lens, group, scheduler=scheduler, backend=backend, layout=layout(),
+                         **mask_options(doc_lens, causal, window_size), **options)
+    # keyed by flash_attn's arguments, cheap to hash (layout recipes, not token lists; the window, not
+    # the band mask it makes), and the group by id, kept alive beside its plan
+    return PLANS.get((key, id(group)), make, keep=group)
 
 
 def varlen_plan(cu_seqlens, *, group, scheduler: str = "zigzag", causal: bool = False, window_size=(-1, -1),

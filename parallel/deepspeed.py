@@ -30,7 +30,12 @@ from ..extras import require
 require("deepspeed", "deepspeed", "distattn.parallel.deepspeed")
 
 from ..api import attention, plan as make_plan
+from ..plan_cache import PlanCache
 from ..schedulers import NAMES, spec
+
+# plans a module keeps: the last batch's (every layer has a module of its own, so more would be kept
+# once per layer; recomputation reuses it)
+PLANS_KEPT = 1
 
 
 class DistAttnDistributedAttention(torch.nn.Module):
@@ -64,16 +69,16 @@ class DistAttnDistributedAttention(torch.nn.Module):
                           f"attention, and local_attention=None to silence this", UserWarning, stacklevel=2)
         self.spg = sequence_process_group
         self.scheduler, self.causal, self.window, self.backend = scheduler, causal, window, backend
-        self._plans: dict = {}
+        self.plans = PlanCache(PLANS_KEPT)
 
     def _plan(self, doc_lens: tuple[int, ...], kv_heads: int):
-        key = (doc_lens, kv_heads)
-        if key not in self._plans:  # plans are per batch in general; reuse them for a repeated layout
+        """The plan of documents ``doc_lens`` (a tuple per row for a batch) for ``kv_heads`` KV heads."""
+        def make():
             options = spec(self.scheduler).plan_options(dist.get_world_size(self.spg), kv_heads)
             # DeepSpeed's shards: contiguous, whatever the scheduler's own layout
-            self._plans = {key: make_plan(list(doc_lens), self.spg, scheduler=self.scheduler, causal=self.causal,
-                                          window=self.window, backend=self.backend, layout="contiguous", **options)}
-        return self._plans[key]
+            return make_plan(list(doc_lens), self.spg, scheduler=self.scheduler, causal=self.causal,
+                             window=self.window, backend=self.backend, layout="contiguous", **options)
+        return self.plans.get((doc_lens, kv_heads), make)
 
     def forward(self, query, key, value, batch_dim_idx: int, rotary_pos_emb=None, *args, doc_lens=None, **kwargs):
         if rotary_pos_emb is not None:

@@ -76,16 +76,17 @@ import weakref
 
 import torch
 
-from collections import OrderedDict
-
 from ..extras import require
 
 require("megatron.core", "megatron", "distattn.parallel.megatron")
 
 from ..api import attention, plan as make_plan
+from ..plan_cache import PlanCache
 from ..schedulers import NAMES, spec as scheduler_spec
 
 POOLS = (None, "dp")   # cad_pool: no pool, or Megatron's data-parallel group with context parallelism
+# plans (and nano-batch cuts) a spec keeps: interleaved pipeline chunks alternate a few batches
+PLANS_KEPT = 8
 
 try:  # Megatron is optional: the module imports without it, the class needs it
     from megatron.core.transformer.module import MegatronModule
@@ -93,50 +94,11 @@ except ImportError:  # pragma: no cover - depends on the environment
     MegatronModule = torch.nn.Module
 
 
-class PlanCache:
-    """The plans of the layers built from one spec: one plan per batch, not per layer.
-
-    A plan depends on the batch's documents and layout (the key). A pooled plan (``cad_pool``)
-    also depends on the other replicas' documents, so it is made anew for every new batch -- a new
-    ``packed_seq_params`` object, which every replica's schedule hands its layers at the same step
-    -- and reused by the other layers and by recomputation. Such a plan is the batch's own entry,
-    never replacing another batch's (replicas' keys differ; the batches they see at a step do not),
-    so every replica keeps and drops the same batches' plans and makes -- a collective -- the same
-    ones. The last ``size`` plans are kept (interleaved pipeline chunks alternate batches). The
-    nano-batch layers cache their cuts of a batch in one too
-    (:class:`~distattn.parallel.megatron_pingpong.PingPongState`)."""
-
-    def __init__(self, size: int = 8):
-        self.size = size
-        # key -> (None, plan); a batch's plan: (key, serial) -> (weakref to the batch, plan)
-        self._plans: OrderedDict = OrderedDict()
-        self._serial = 0
-
-    def get(self, key, batch, make):
-        """The plan of ``key`` made for ``batch`` (None: any batch), or ``make()``'s."""
-        if batch is None:
-            found = key if key in self._plans else None
-        else:
-            found = next((k for k, (ref, _) in self._plans.items() if ref is not None and k[0] == key and
-                          ref() is batch), None)
-        if found is not None:
-            self._plans.move_to_end(found)
-            return self._plans[found][1]
-        plan = make()
-        if batch is None:
-            self._plans[key] = (None, plan)
-        else:
-            self._serial += 1
-            self._plans[key, self._serial] = (weakref.ref(batch), plan)
-        while len(self._plans) > self.size:
-            self._plans.popitem(last=False)
-        return plan
-
-
 class DistAttnCoreAttention(MegatronModule):
     """Megatron ``core_attention`` running distattn (see module docstring): ``scheduler`` any of
     ``distattn.schedulers.NAMES``; ``cad_pool`` None, or ``"dp"`` with ``scheduler="cad"``;
-    ``plans`` a :class:`PlanCache` shared by the layers of one spec (default: the layer's own)."""
+    ``plans`` a :class:`~distattn.plan_cache.PlanCache` shared by the layers of one spec (default: the
+    layer's own)."""
 
     _checked_mask = None  # (weakref to the last attention_mask found valid, what it was checked against)
 
@@ -167,12 +129,12 @@ class DistAttnCoreAttention(MegatronModule):
         self.causal = "causal" in str(attn_mask_type)
         self.scale = softmax_scale
         self.scheduler = scheduler
-        self.plans = plans if plans is not None else PlanCache()
+        self.plans = plans if plans is not None else PlanCache(PLANS_KEPT)
 
     def plan(self, doc_lens: tuple[int, ...], layout, kv_heads: int, batch, name=None):
         """The plan of documents ``doc_lens`` on ``layout`` (a name, or a :class:`~distattn.Layout`
         that ``name`` identifies in the cache: a nano-batch's) for ``kv_heads`` KV heads; pooled plans
-        made anew for every ``batch`` (:class:`PlanCache`)."""
+        made anew for every ``batch`` (:mod:`distattn.plan_cache`)."""
         cp = torch.distributed.get_world_size(self.cp_group)
         options = scheduler_spec(self.scheduler).plan_options(cp, kv_heads)   # usp: its degree, this TP rank's heads
         if self.pool is not None:
@@ -183,7 +145,7 @@ class DistAttnCoreAttention(MegatronModule):
                              layout=layout, **options)
         key = (name if name is not None else (doc_lens, layout), self.causal, kv_heads, id(self.cp_group),
                id(self.pool))
-        return self.plans.get(key, batch if self.pool is not None else None, make)
+        return self.plans.get(key, make, batch if self.pool is not None else None, keep=(self.cp_group, self.pool))
 
     def _check_mask(self, mask: torch.Tensor, plan, layout: str, s_local: int) -> None:
         """Accept ``mask`` only if it is what this layer computes anyway (see module docstring)."""
@@ -247,6 +209,14 @@ class DistAttnCoreAttention(MegatronModule):
         # thd: get_thd_batch_on_this_cp_rank's per-document split; sbhd: get_batch_on_this_cp_rank's
         return tuple(int(x) for x in torch.diff(cu.cpu()).tolist() if x > 0), "document" if thd else "zigzag"
 
+    def local_tokens_error(self, s_local: int, doc_lens, layout: str) -> str:
+        """Why ``s_local`` local tokens cannot be this rank's share of documents ``doc_lens`` split
+        over the CP group on ``layout``, and how Megatron splits them."""
+        how = ("each document split into 2*cp chunks as get_thd_batch_on_this_cp_rank does, with cu_seqlens "
+               "of the whole batch" if layout == "document" else "split batches with get_batch_on_this_cp_rank")
+        return (f"{s_local} local tokens do not match the {sum(doc_lens)}-token sequence split over "
+                f"{torch.distributed.get_world_size(self.cp_group)} CP ranks: {how}")
+
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if attention_bias is not None:
@@ -266,12 +236,11 @@ class DistAttnCoreAttention(MegatronModule):
         if query.dim() == 3:  # packed "thd": [t, h, d], batch squeezed away by Megatron
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         s_local, batch = query.shape[0], query.shape[1]
-        cp = torch.distributed.get_world_size(self.cp_group)
         doc_lens, layout = self.documents(packed_seq_params, s_local, batch)
         # thd: the core's ValueError names a document not a multiple of 2*cp
         plan = self.plan(doc_lens, layout, key.shape[-2], packed_seq_params)
         if plan.num_local_tokens != s_local:
-            raise ValueError(local_tokens_error(s_local, doc_lens if batch == 1 else doc_lens[0], cp, layout))
+            raise ValueError(self.local_tokens_error(s_local, doc_lens if batch == 1 else doc_lens[0], layout))
         if attention_mask is not None:
             self._check_mask(attention_mask, plan, layout, s_local)
         if batch == 1:
@@ -295,22 +264,14 @@ def check_scheduler(scheduler: str, cad_pool) -> None:
                          f"{scheduler!r} does not do; use scheduler={pooling[0]!r} or cad_pool=None")
 
 
-def local_tokens_error(s_local: int, doc_lens, cp: int, layout: str) -> str:
-    """Why ``s_local`` local tokens cannot be this rank's share of documents ``doc_lens`` split over
-    ``cp`` CP ranks on ``layout``, and how Megatron splits them."""
-    how = ("each document split into 2*cp chunks as get_thd_batch_on_this_cp_rank does, with cu_seqlens "
-           "of the whole batch" if layout == "document" else "split batches with get_batch_on_this_cp_rank")
-    return (f"{s_local} local tokens do not match the {sum(doc_lens)}-token sequence split over {cp} CP ranks: "
-            f"{how}")
-
-
 def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, nano_batches: int | None = None,
                        **kwargs):
     """``get_gpt_layer_local_spec(**kwargs)`` with ``DistAttnCoreAttention`` running ``scheduler`` as
     core attention (``cad_pool="dp"``: CAD balanced over every data-parallel replica of a stage; see
     module docstring). ``nano_batches``: 1, 2 (packed batches ping-ponged through the layers as two
     nano-batches: :mod:`distattn.parallel.megatron_pingpong`), or None, the scheduler's default (2 for
-    ``cad``, where the layers can run it). The spec's layers share one :class:`PlanCache`.
+    ``cad``, where the layers can run it). The spec's layers share one
+    :class:`~distattn.plan_cache.PlanCache`.
 
     ``multi_latent_attention=True`` (one of ``kwargs``): Megatron's local MLA layer
     (``MLASelfAttention``, for a model built with an ``MLATransformerConfig``) with this core
@@ -327,12 +288,13 @@ def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, n
         _mla_without_te()
     spec = get_gpt_layer_local_spec(**kwargs)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-        module=DistAttnCoreAttention, params={"scheduler": scheduler, "cad_pool": cad_pool, "plans": PlanCache()})
+        module=DistAttnCoreAttention,
+        params={"scheduler": scheduler, "cad_pool": cad_pool, "plans": PlanCache(PLANS_KEPT)})
     if (nano_batches or scheduler_spec(scheduler).nano_batches) == 2:
         from .megatron_pingpong import PingPongLayer, PingPongState
 
         spec.module = PingPongLayer
-        spec.params = {**spec.params, "nano_batches": nano_batches, "state": PingPongState()}
+        spec.params = {**spec.params, "nano_batches": nano_batches, "state": PingPongState(PLANS_KEPT)}
     return spec
 
 

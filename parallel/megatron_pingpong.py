@@ -71,8 +71,8 @@ from megatron.core.utils import get_pg_rank
 
 from ..layout import Layout, token_index
 from ..pingpong import NanoBatch, all_ranks, nano_batches, pair_weight, run_piece
+from ..plan_cache import PlanCache
 from ..program import layer_share
-from .megatron import PlanCache, local_tokens_error
 
 # TransformerLayer.forward's arguments (it hands them to _forward_attention): bound by name, as the
 # block passes them
@@ -107,12 +107,12 @@ def split_batch(tokens: list[np.ndarray], rank: int, doc_lens, weight: float, ca
 
 
 class PingPongState:
-    """What the layers of one spec share: the cuts of recent batches (a :class:`PlanCache` of
-    :class:`Split`, None for a batch run as one nano-batch) and, during a block's forward, the carry
-    from one layer into the next (:class:`_Carry`)."""
+    """What the layers of one spec share: the cuts of the last ``kept`` batches (a :class:`PlanCache`
+    of :class:`Split`, None for a batch run as one nano-batch) and, during a block's forward, the
+    carry from one layer into the next (:class:`_Carry`)."""
 
-    def __init__(self):
-        self.splits = PlanCache()
+    def __init__(self, kept: int = 8):
+        self.splits = PlanCache(kept)
         self.carry: _Carry | None = None
 
 
@@ -308,10 +308,11 @@ class PingPongLayer(TransformerLayer):
             shards = Layout(layout).shards(doc_lens, cp)   # thd: ValueError naming a document not a multiple of 2cp
             tokens = [token_index(shards.owned[r]) for r in range(cp)]
             if len(tokens[rank]) != h.shape[0]:
-                raise ValueError(local_tokens_error(h.shape[0], doc_lens, cp, layout))
+                raise ValueError(core.local_tokens_error(h.shape[0], doc_lens, layout))
             return split_batch(tokens, rank, doc_lens, self._weight, core.causal, h.device)
         key = (doc_lens, layout, cp, rank, h.shape[0], core.causal, self._weight, str(h.device), id(core.pool))
-        split = self._pingpong_state.splits.get(key, params if core.pool is not None else None, make)
+        split = self._pingpong_state.splits.get(key, make, params if core.pool is not None else None,
+                                                keep=core.pool)
         if split is None:
             return None
         kv_heads = self.self_attention.num_query_groups_per_partition

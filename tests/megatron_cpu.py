@@ -281,7 +281,7 @@ def parallel_run(tp: int, pp: int, cp: int, cases, ref: dict, replicas=("A", "B"
                 errs["grads"] = max(errs["grads"], _rel(grad, cut(want, dim, tp, tp_rank)))
             # the ranks the plans balanced attention over (cad_pool="dp": every dp x cp rank of the stage)
             plans = model.decoder.layers[0].self_attention.core_attention.plans
-            balanced = {plan.schedule.stat_ranks for _, plan in plans._plans.values()}
+            balanced = {plan.schedule.stat_ranks for plan in plans}
             results[(scheduler, fmt, tuple(sorted(kwargs.items())))] = (errs, bool(seen), balanced, tuple(pieces))
     ps.destroy_model_parallel()
     return results

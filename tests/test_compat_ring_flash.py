@@ -130,9 +130,9 @@ def _worker():
     rows = [(name, lens, causal, window, _case(name, lens, causal, window, kw, seed=i))
             for i, (name, lens, causal, window, kw) in enumerate(cases(p))]
     # the layers of a step share one plan: calling again plans nothing
-    before = len(distattn.varlen._plans)
+    before = distattn.varlen.PLANS.made
     _case(*cases(p)[-1], seed=0)
-    return rows, len(distattn.varlen._plans) - before
+    return rows, distattn.varlen.PLANS.made - before
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -206,9 +206,9 @@ def _hf_worker():
     model.config._attn_implementation = "flash_attention_2"
     cu = torch.tensor([0, *torch.tensor(DOCS).cumsum(0).tolist()], dtype=torch.int32)
     rfa.update_ring_flash_attn_params(cu, dist.group.WORLD)
-    plans = len(distattn.varlen._plans)
+    plans = distattn.varlen.PLANS.made
     loss, logits, grads = _loss_grads(model, ids.chunk(p, 1)[r], pos.chunk(p, 1)[r], labels.chunk(p)[r], count)
-    assert len(distattn.varlen._plans) == plans + 1   # distattn ran it, one plan for both layers
+    assert distattn.varlen.PLANS.made == plans + 1   # distattn ran it, one plan for both layers
     dist.all_reduce(loss)
     dist.all_reduce(grads)
     rel = (grads - ref_grads).abs().max() / ref_grads.abs().max()

@@ -149,23 +149,3 @@ def test_what_nano_batches_cannot_run_is_refused_or_runs_one():
         assert out[name, "default"] == {1}, name
     assert out["plain"] == {2}
     assert "attention_mask is not None with 4 packed documents" in out["mask"] and "attention_mask=None" in out["mask"]
-
-
-def test_pooled_plans_are_made_at_the_same_steps_on_every_replica():
-    """A pooled plan is a collective: replicas whose documents (keys) differ must still make their
-    plans for the same batches -- here replica 0's batches share their documents, replica 1's do
-    not, and interleaved pipeline chunks come back to earlier batches."""
-    from distattn.parallel.megatron import PlanCache
-
-    class Batch:   # a packed_seq_params: what a replica's schedule hands its layers at a step
-        pass
-
-    batches = [Batch() for _ in range(12)]
-    steps = [0, 1, 2, 0, 3, 1, 4, 5, 2, 6, 7, 8, 9, 3, 10, 11, 4]   # batch looked up at each step
-    made = []
-    for replica, keys in enumerate(([("same",)] * 12, [(f"doc{i}",) for i in range(12)])):
-        cache, mine = PlanCache(size=4), []
-        for step, b in enumerate(steps):
-            cache.get(keys[b], batches[b], lambda: mine.append(step))
-        made.append(mine)
-    assert made[0] == made[1] and len(made[0]) < len(steps)

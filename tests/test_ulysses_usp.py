@@ -207,7 +207,7 @@ def _mesh_errors_worker():
             errors.append(str(exc))
     # init_mesh's groups wait as long as the default group (torch's own: 30 minutes)
     from distattn.comm import group_timeout
-    from distattn.parallel.mesh import init_mesh
+    from distattn.mesh import init_mesh
 
     mesh = init_mesh("cpu", (2, 2), ("dp", "cp"))
     errors.append([group_timeout(mesh[name].get_group()).total_seconds() for name in ("dp", "cp")])
