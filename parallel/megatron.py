@@ -82,7 +82,7 @@ require("megatron.core", "megatron", "distattn.parallel.megatron")
 
 from ..api import attention, plan as make_plan
 from ..plan_cache import PlanCache
-from ..schedulers import NAMES, spec as scheduler_spec
+from ..schedulers import NAMES, PlanContext, spec as scheduler_spec
 
 POOLS = (None, "dp")   # cad_pool: no pool, or Megatron's data-parallel group with context parallelism
 # plans (and nano-batch cuts) a spec keeps: interleaved pipeline chunks alternate a few batches
@@ -135,8 +135,8 @@ class DistAttnCoreAttention(MegatronModule):
         """The plan of documents ``doc_lens`` on ``layout`` (a name, or a :class:`~distattn.Layout`
         that ``name`` identifies in the cache: a nano-batch's) for ``kv_heads`` KV heads; pooled plans
         made anew for every ``batch`` (:mod:`distattn.plan_cache`)."""
-        cp = torch.distributed.get_world_size(self.cp_group)
-        options = scheduler_spec(self.scheduler).plan_options(cp, kv_heads)   # usp: its degree, this TP rank's heads
+        # the planner derives its options (usp: its degree) from this TP rank's heads
+        options = {"context": PlanContext(num_kv_heads=kv_heads)}
         if self.pool is not None:
             options["pool"] = self.pool
 

@@ -229,7 +229,8 @@ def _llama3(q, k, v, cu_seqlens_q, cu_seqlens_k, heads_k_stride, local_k_slice, 
                          f"KV heads (KV heads per all-gather)")
     group = resolve_group(group)
     lens = _llama3_documents(q, cu_seqlens_q, cu_seqlens_k, local_k_slice, group)
-    options = {"heads_per_step": heads_k_stride} if spec(scheduler).accepts("heads_per_step") else None
+    options = {"heads_per_step": heads_k_stride} if "heads_per_step" in spec(scheduler).option_names() \
+        else None
     out = _attention(q, k, v, lens, "llama3", group, scheduler=scheduler, causal=causal, window_size=window_size,
                      softmax_scale=softmax_scale, return_lse=return_attn_probs, backend=backend, softcap=softcap,
                      options=options)
