@@ -1,4 +1,8 @@
-"""Attention cost models: how long a task of ``q_len`` queries over ``kv_len`` keys takes.
+"""Attention cost: the FLOPs of a mask's visible pairs, and how long a task of ``q_len`` queries
+over ``kv_len`` keys takes.
+
+FLOPs follow the FlashAttention convention: forward = 4 * area * Hq * D, backward = 2.5 * forward,
+where area counts the unmasked (query, key) pairs (:mod:`distattn.masks` counts them).
 
 Both models answer ``task_time(q_lens, kv_lens, areas) -> seconds`` vectorised
 over tasks, where ``areas`` are the visible (query, key) pairs; the CAD planner
@@ -22,9 +26,24 @@ from pathlib import Path
 
 import numpy as np
 
+from .masks import mask_area
 from .model_shape import GPUS, MODELS
 
 _H100, _LLAMA3_8B = GPUS["h100"], MODELS["llama3-8b"]
+BWD_FLOPS_FACTOR = 2.5
+
+
+def attention_flops(area: int | np.ndarray, num_heads: int, head_dim: int, backward: bool = False):
+    """Forward (or backward, 2.5x) FLOPs of attention over ``area`` visible pairs."""
+    fwd = 4 * area * num_heads * head_dim
+    return fwd * BWD_FLOPS_FACTOR if backward else fwd
+
+
+def document_flops(doc_lens, causal: bool, window: int | None, num_heads: int, head_dim: int) -> float:
+    """Forward plus backward attention FLOPs of a packed sequence (backward = 2.5x forward)."""
+    lens = np.asarray(doc_lens, dtype=np.int64)
+    area = int(mask_area(lens, lens, causal, window).sum())
+    return (1 + BWD_FLOPS_FACTOR) * float(attention_flops(area, num_heads, head_dim))
 
 
 def causal_area(n) -> np.ndarray:
@@ -47,8 +66,7 @@ class Roofline:
 
     def task_time(self, q_lens, kv_lens, areas) -> np.ndarray:
         q, kv, area = (np.asarray(x, dtype=np.float64) for x in (q_lens, kv_lens, areas))
-        flops = 4 * area * self.num_heads * self.head_dim
-        compute = flops / (self.peak_tflops * 1e12 * self.efficiency)
+        compute = attention_flops(area, self.num_heads, self.head_dim) / (self.peak_tflops * 1e12 * self.efficiency)
         io = (2 * q * self.num_heads + 2 * kv * self.num_kv_heads) * self.head_dim * self.dtype_bytes
         memory = io / (self.bandwidth_gbs * 1e9)
         return np.maximum(compute, memory)

@@ -1,4 +1,4 @@
-"""Attention masks as lists of slices (documents, MagiAttention-style slice masks), their area and FLOPs.
+"""Attention masks as lists of slices (documents, MagiAttention-style slice masks) and their area.
 
 A mask over one packed sequence is a list of :class:`MaskSlice`: a block of
 query rows ``[q_start, q_end)`` against a block of key columns
@@ -15,8 +15,7 @@ queries are the last ``m`` positions of the keys: a shard of queries against
 its document's key prefix); ``offset > 0`` puts the queries after the keys'
 end (a block of earlier keys in a ring), ``offset < 0`` before it.
 
-FLOPs follow the FlashAttention convention: forward = 4 * area * Hq * D,
-backward = 2.5 * forward, where area counts the unmasked (query, key) pairs.
+The area (the unmasked (query, key) pairs) is what :mod:`distattn.cost` turns into FLOPs and time.
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-
-BWD_FLOPS_FACTOR = 2.5
 
 
 def check_positive_ints(**values) -> None:
@@ -447,26 +444,3 @@ def causal_blockwise(block_lens) -> SliceMask:
     lens = as_doc_lens(block_lens, name="block_lens")
     ends = np.cumsum(lens)
     return SliceMask([(int(e - n), int(e), 0, int(e), "full") for e, n in zip(ends, lens)])
-
-
-def attention_flops(area: int | np.ndarray, num_heads: int, head_dim: int, backward: bool = False):
-    """Forward (or backward, 2.5x) FLOPs of attention over ``area`` visible pairs."""
-    fwd = 4 * area * num_heads * head_dim
-    return fwd * BWD_FLOPS_FACTOR if backward else fwd
-
-
-def document_flops(doc_lens, causal: bool, window: int | None, num_heads: int, head_dim: int) -> float:
-    """Forward plus backward attention FLOPs of a packed sequence (backward = 2.5x forward)."""
-    lens = np.asarray(doc_lens, dtype=np.int64)
-    area = int(mask_area(lens, lens, causal, window).sum())
-    return (1 + BWD_FLOPS_FACTOR) * float(attention_flops(area, num_heads, head_dim))
-
-
-def next_token_labels(tokens: torch.Tensor, doc_lens) -> torch.Tensor:
-    """``[S]`` labels: the next token of the same document, -100 on each document's last token
-    (the loss never crosses a document boundary)."""
-    labels = torch.full_like(tokens, -100)
-    labels[:-1] = tokens[1:]
-    ends = torch.tensor(doc_lens, device=tokens.device).cumsum(0) - 1
-    labels[ends] = -100
-    return labels

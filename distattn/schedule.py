@@ -38,8 +38,9 @@ from functools import cached_property
 
 import numpy as np
 
+from .cost import attention_flops
 from .layout import Ranges, Shards
-from .masks import MaskSlice, SliceMask, attention_flops, check_positive_ints, slices_area
+from .masks import MaskSlice, SliceMask, check_positive_ints, slices_area
 from .program import START, WAIT, Builder, Instr, Program
 from .wire import Wire
 

@@ -1,7 +1,7 @@
 """Compile every Triton kernel of the ``triton`` backend for real NVIDIA GPUs, without a GPU.
 
 Each case (kernel x config of ``all_configs``: ``CONFIGS``, the fallback and the fp32 config; x
-arch x dtype x head dims x variant of ``triton_attn.VARIANTS``: every combination of the band's
+arch x dtype x head dims x variant of :data:`VARIANTS`: every combination of the band's
 ``HAS_LO``/``HAS_HI`` and ``SOFTCAP`` a call can take, and GQA) goes through Triton's
 ahead-of-time path, ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, with
 the divisibility the runtime launcher would specialize on, in a spawned worker whose environment
@@ -51,15 +51,64 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .sass import atomics, disassemble, ptx_atomics
-from .triton_attn import KERNELS, VARIANTS, aot_spec
-from .triton_plan import SHARED_LIMIT, all_configs, keep_config
+from .triton_attn import KERNELS
+from .triton_plan import SHARED_LIMIT, all_configs, block_dim, keep_config
 
 ARCHS = {80: "sm_80", 90: "sm_90a"}  # Triton compiles capability 90 for sm_90a (wgmma, TMA)
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}  # element bytes
 HEAD_DIMS = ((64, 64), (128, 128), (192, 128), (256, 256))  # (Q/K's, V's); 192/128 is MLA (DeepSeek-V2/V3)
 MAX_HEAD_DIM = 256  # what the triton backend takes
+
+VARIANTS = {  # constexprs of each variant the AOT check compiles: every (HAS_LO, HAS_HI, SOFTCAP), GQA, ROW64
+    "full": dict(HAS_LO=False, HAS_HI=False, SOFTCAP=False, GROUP=1, ROW64=False),
+    "causal": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=False),
+    "lo_only": dict(HAS_LO=True, HAS_HI=False, SOFTCAP=False, GROUP=1, ROW64=False),
+    "band": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=False),
+    "gqa": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=4, ROW64=False),
+    "full_softcap": dict(HAS_LO=False, HAS_HI=False, SOFTCAP=True, GROUP=1, ROW64=False),
+    "softcap": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=True, GROUP=1, ROW64=False),
+    "lo_only_softcap": dict(HAS_LO=True, HAS_HI=False, SOFTCAP=True, GROUP=1, ROW64=False),
+    "band_softcap": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=True, GROUP=4, ROW64=False),
+    "causal_row64": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=True),  # a segment past 2^31
+    # fp32 outputs from 16-bit inputs: the partial results executors merge or sum (varlen_fwd(partial=True))
+    "causal_partial": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=False),
+    "band_softcap_partial": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=True, GROUP=4, ROW64=False),
+}
+OUTPUTS = frozenset({"O", "DQ", "DK", "DV"})  # the pointers a ``*_partial`` variant stores fp32 through
+
 # LSE/DELTA are [T, H] fp32: their strides (H and 1) need not be multiples of 16.
 SMALL_STRIDES = frozenset({"stride_lt", "stride_lh", "stride_dt", "stride_dh"})
+
+
+def aot_spec(kernel: str, dtype: str, head_dim: int, variant: str, head_dim_v: int | None = None):
+    """``(jit function, signature, constexprs without BLOCK_M/BLOCK_N)`` of one kernel for Triton's
+    ``ASTSource``; ``dtype`` is ``"bf16" | "fp16" | "fp32"``, ``head_dim`` Q/K's head dim and
+    ``head_dim_v`` V's (default: the same). Pointer and stride arguments are the ones contiguous
+    ``[T, H, D]`` tensors, or K and V views into one packed ``[T, H, Dqk + Dv]`` buffer, give
+    (divisible by 16 where the launcher sees it). A ``*_partial`` variant's outputs are fp32."""
+    fn = KERNELS[kernel].fn
+    floats = {"scale", "qk_mult", "cap_in"}
+    fp32_ptrs = {"LSE", "DELTA"} | (OUTPUTS if variant.endswith("_partial") else set())
+    int_ptrs = {"CU_Q", "CU_K", "LO", "HI", "TILES"}
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_dim(head_dim), HEAD_DIM_V=head_dim_v,
+                      BLOCK_DV=block_dim(head_dim_v), PRECISION="ieee" if dtype == "fp32" else "tf32",
+                      **VARIANTS[variant])
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs or name in ("BLOCK_M", "BLOCK_N"):
+            signature[name] = "constexpr"
+        elif name in fp32_ptrs:
+            signature[name] = "*fp32"
+        elif name in int_ptrs:
+            signature[name] = "*i32"
+        elif name in floats:
+            signature[name] = "fp32"
+        elif name.startswith("stride"):
+            signature[name] = "i32"
+        else:
+            signature[name] = "*" + dtype
+    return fn, signature, constexprs
 
 
 @dataclass(frozen=True)

@@ -406,53 +406,5 @@ def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
-# ---- ahead-of-time compilation (python -m distattn.kernels.aot) ---------------------------------
-
+# the kernels by name, for ahead-of-time compilation (:mod:`.aot`, which holds each variant's constexprs)
 KERNELS = {"fwd": _fwd_kernel, "bwd_dkv": _bwd_dkv_kernel, "bwd_dq": _bwd_dq_kernel}
-VARIANTS = {  # constexprs of each variant the AOT check compiles: every (HAS_LO, HAS_HI, SOFTCAP), GQA, ROW64
-    "full": dict(HAS_LO=False, HAS_HI=False, SOFTCAP=False, GROUP=1, ROW64=False),
-    "causal": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=False),
-    "lo_only": dict(HAS_LO=True, HAS_HI=False, SOFTCAP=False, GROUP=1, ROW64=False),
-    "band": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=False),
-    "gqa": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=4, ROW64=False),
-    "full_softcap": dict(HAS_LO=False, HAS_HI=False, SOFTCAP=True, GROUP=1, ROW64=False),
-    "softcap": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=True, GROUP=1, ROW64=False),
-    "lo_only_softcap": dict(HAS_LO=True, HAS_HI=False, SOFTCAP=True, GROUP=1, ROW64=False),
-    "band_softcap": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=True, GROUP=4, ROW64=False),
-    "causal_row64": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=True),  # a segment past 2^31
-    # fp32 outputs from 16-bit inputs: the partial results executors merge or sum (varlen_fwd(partial=True))
-    "causal_partial": dict(HAS_LO=False, HAS_HI=True, SOFTCAP=False, GROUP=1, ROW64=False),
-    "band_softcap_partial": dict(HAS_LO=True, HAS_HI=True, SOFTCAP=True, GROUP=4, ROW64=False),
-}
-OUTPUTS = frozenset({"O", "DQ", "DK", "DV"})  # the pointers a ``*_partial`` variant stores fp32 through
-
-
-def aot_spec(kernel: str, dtype: str, head_dim: int, variant: str, head_dim_v: int | None = None):
-    """``(jit function, signature, constexprs without BLOCK_M/BLOCK_N)`` of one kernel for Triton's
-    ``ASTSource``; ``dtype`` is ``"bf16" | "fp16" | "fp32"``, ``head_dim`` Q/K's head dim and
-    ``head_dim_v`` V's (default: the same). Pointer and stride arguments are the ones contiguous
-    ``[T, H, D]`` tensors, or K and V views into one packed ``[T, H, Dqk + Dv]`` buffer, give
-    (divisible by 16 where the launcher sees it). A ``*_partial`` variant's outputs are fp32."""
-    fn = KERNELS[kernel].fn
-    floats = {"scale", "qk_mult", "cap_in"}
-    fp32_ptrs = {"LSE", "DELTA"} | (OUTPUTS if variant.endswith("_partial") else set())
-    int_ptrs = {"CU_Q", "CU_K", "LO", "HI", "TILES"}
-    head_dim_v = head_dim if head_dim_v is None else head_dim_v
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_dim(head_dim), HEAD_DIM_V=head_dim_v,
-                      BLOCK_DV=block_dim(head_dim_v), PRECISION="ieee" if dtype == "fp32" else "tf32",
-                      **VARIANTS[variant])
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs or name in ("BLOCK_M", "BLOCK_N"):
-            signature[name] = "constexpr"
-        elif name in fp32_ptrs:
-            signature[name] = "*fp32"
-        elif name in int_ptrs:
-            signature[name] = "*i32"
-        elif name in floats:
-            signature[name] = "fp32"
-        elif name.startswith("stride"):
-            signature[name] = "i32"
-        else:
-            signature[name] = "*" + dtype
-    return fn, signature, constexprs

@@ -17,7 +17,8 @@ import textwrap
 import pytest
 
 from distattn.kernels import aot, sass
-from distattn.kernels.triton_attn import KERNELS, VARIANTS
+from distattn.kernels.aot import VARIANTS
+from distattn.kernels.triton_attn import KERNELS
 from distattn.kernels.triton_plan import all_configs, keep_config
 
 TINY = ["--kernels", "fwd", "--arch", "90", "--dtypes", "bf16", "--head-dims", "64", "--variants", "causal"]

@@ -11,7 +11,7 @@ from distattn.doclens import pack
 from distattn.schedule import AttnShape
 from distattn.layout import even_bounds
 from distattn.schedulers.cad import Traffic
-from distattn.schedulers.cad_placement import LinkCost, RowBytes
+from distattn.schedulers.cad_ledger import LinkCost, RowBytes
 from distattn.sim.simulate import comm_time
 
 SHAPE = AttnShape(32, 8, 128, 2)
@@ -167,8 +167,8 @@ def test_placement_stops_when_no_move_fits(monkeypatch):
     from distattn.schedulers import cad_placement
 
     rounds = []
-    real_choose = cad_placement._Ledger.choose
-    monkeypatch.setattr(cad_placement._Ledger, "choose", lambda self, *a: rounds.append(1) or real_choose(self, *a))
+    real_choose = cad_placement.choose
+    monkeypatch.setattr(cad_placement, "choose", lambda *a: rounds.append(1) or real_choose(*a))
     monkeypatch.setattr(cad_placement, "_move", lambda *a: False)
     distattn.plan(_docs(16), 16, scheduler="cad")   # two nodes of 8: the node passes run too
     assert 0 < len(rounds) <= 16 + 2, len(rounds)

@@ -191,7 +191,7 @@ def _loss_grads(model, ids, pos, labels, count):
 
 
 def _hf_worker():
-    from distattn.masks import next_token_labels
+    from distattn.labels import next_token_labels
 
     r, p = dist.get_rank(), dist.get_world_size()
     model = _model()

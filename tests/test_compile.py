@@ -26,7 +26,7 @@ def _compiled_vs_eager(scheduler: str, fsdp: bool, modes) -> dict:
     from torch._dynamo.utils import counters
 
     from distattn import plan as make_plan
-    from distattn.masks import next_token_labels
+    from distattn.labels import next_token_labels
     from distattn.mesh import ParallelDims
     from distattn.train.config import ModelConfig
     from distattn.train.model import Transformer

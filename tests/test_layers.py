@@ -25,7 +25,8 @@ LAYERS = [
     ("schedules", ["distattn.layout", "distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
     ("executors", ["distattn.executors"]),
     ("api", ["distattn.plans", "distattn.ops", "distattn.api", "distattn.oracle", "distattn.pingpong",
-             "distattn.plan_cache", "distattn.varlen", "distattn.memory_model"]),
+             "distattn.plan_cache", "distattn.varlen", "distattn.memory_model",
+             "distattn.labels"]),
     # the integrations: each imports the layers below, none imports another
     ("train", ["distattn.train"]),
     ("adapters", ["distattn.parallel", "distattn.compat"]),

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from distattn.masks import (MaskSlice, as_doc_lens, attention_flops, dense_mask, document_mask, mask_area,
-                            slices_area, visible_keys)
+from distattn.cost import attention_flops
+from distattn.masks import MaskSlice, as_doc_lens, dense_mask, document_mask, mask_area, slices_area, visible_keys
 from distattn.merge import merge
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distattn.masks import attention_flops, mask_area
+from distattn.cost import attention_flops
+from distattn.masks import mask_area
 from distattn.model_shape import GPUS, MODELS, gpu_named
 from distattn.network import default_profile
 from distattn.sim.simulate import SimConfig, simulate

@@ -29,7 +29,7 @@ def _grads_by_checkpointing(scheduler: str, doc_lens: list[int]) -> dict:
     import torch.distributed as dist
 
     from distattn import plan as make_plan
-    from distattn.masks import next_token_labels
+    from distattn.labels import next_token_labels
     from distattn.mesh import ParallelDims
     from distattn.train.model import Transformer
 

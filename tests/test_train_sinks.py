@@ -29,7 +29,7 @@ def _model_vs_single_rank(scheduler: str, doc_lens: list[int], softcap) -> dict[
     """fp64 model with random sinks: this CP group's loss and gradients summed over the ranks vs the
     same model on one rank (a plan over a one-rank group). Returns the relative errors by name."""
     from distattn import plan as make_plan
-    from distattn.masks import next_token_labels
+    from distattn.labels import next_token_labels
     from distattn.mesh import ParallelDims
     from distattn.train.model import Transformer
 

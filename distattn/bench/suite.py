@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 
 from ..api import attention, local_attention, plan
+from ..cost import BWD_FLOPS_FACTOR, attention_flops
 from ..doclens import MASK_CASES, mask_case
-from ..masks import BWD_FLOPS_FACTOR, attention_flops
 from ..schedulers import NAMES, PlanContext, spec
 from ..timing import slowest_median, time_calls
 from .results import COLUMNS

@@ -83,8 +83,9 @@ def _cmd_simulate(args) -> int:
           f"{'exposed s':>9} {'imb':>5} {'DP idle':>7} {'mem GB':>7}")
     for r in sorted(rows, key=lambda r: (r["cp"], r["step_time_s"])):
         print(f"{r['scheduler']:<10} {r['cp']:>5} {r['dp']:>5} {r['step_time_s']:>8.2f} "
-              f"{r['tokens_per_s_per_gpu']:>10,.0f} {r['mfu']:>5.2f} {r['compute_s']:>9.2f} {r['exposed_comm_s']:>9.2f} "
-              f"{r['compute_imbalance']:>5.2f} {r['dp_idle']:>7.0%} {r['memory_gb']:>6.0f}{'' if r['fits_memory'] else '!'}")
+              f"{r['tokens_per_s_per_gpu']:>10,.0f} {r['mfu']:>5.2f} {r['compute_s']:>9.2f} "
+              f"{r['exposed_comm_s']:>9.2f} {r['compute_imbalance']:>5.2f} {r['dp_idle']:>7.0%} "
+              f"{r['memory_gb']:>6.0f}{'' if r['fits_memory'] else '!'}")
     print("compute s: the busiest GPU's compute; exposed s: what communication adds to the step (the step replayed "
           "with transfers taking no time, subtracted); imb: max/mean compute over all GPUs; DP idle: mean share of the "
           "step replicas wait; ! exceeds GPU memory")
@@ -137,8 +138,11 @@ def _calibrate(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    from ..sim.presets import GPUS, MODELS, SCHEDULERS
+    _add_bench(sub)
+    _add_simulate(sub)
 
+
+def _add_bench(sub) -> None:
     bench = sub.add_parser(
         "bench", help="real fwd+bwd runs of every scheduler -> results.csv/json, PNG plots, TensorBoard",
         description="Time forward+backward of every scheduler (and DeepSpeed's DistributedAttention) on local "
@@ -165,6 +169,10 @@ def add_parsers(sub) -> None:
                        help="JSON document-length sample for the -doc masks (default: log-normal stand-in)")
     bench.add_argument("--no-peers", action="store_true", help="skip DeepSpeed's DistributedAttention")
     bench.set_defaults(func=_cmd_bench)
+
+
+def _add_simulate(sub) -> None:
+    from ..sim.presets import GPUS, MODELS, SCHEDULERS
 
     sim = sub.add_parser(
         "simulate", help="predict step time per scheduler on a modelled cluster; --auto recommends a mesh",

@@ -329,16 +329,41 @@ def receiver_bound(node, doc, p0, p1, size, b_q: float, b_k: float, eps: float =
         return 0.0
     order = np.argsort(-p1, kind="stable")
     exact = order[:min(top, int((p1 >= p1.max() / 8).sum()))]
-    rest = order[len(exact):]
-    # the keys before each long run a taker holds (a document's earlier runs): [taker, run]
+    held = _held_keys(node, doc, p0, p1, len(size), takers, exact)
+    if len(takers) > each:
+        held = held.max(axis=0, keepdims=True)
+    c, yields = _intake(order, exact, held, p0, p1, room.max(), b_q, b_k, grid, cells, points)
+
+    def takes(per_slot):   # a budget between grid points buys at most the next point's
+        budget = per_slot * size[takers]
+        k = np.minimum(np.searchsorted(c, budget), grid)
+        got = yields[np.arange(len(takers)) % len(yields), k]
+        return np.minimum(room[takers], np.where(budget > c[-1], np.inf, got)).sum()
+    lo, hi = 0.0, float(c[-1] / size[takers].min())
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if takes(mid) < need else (lo, mid)
+    return lo
+
+
+def _held_keys(node, doc, p0, p1, nodes: int, takers, exact) -> np.ndarray:
+    """``[takers, exact]``: the keys before each run of ``exact`` a taker holds (a document's earlier runs)."""
     held = np.zeros((len(takers), len(exact)))
     for k, i in enumerate(exact.tolist()):
         j = np.nonzero((doc == doc[i]) & (p1 <= p0[i]))[0]
-        held[:, k] = np.bincount(node[j], p1[j] - p0[j], minlength=len(size))[takers]
-    if len(takers) > each:
-        held = held.max(axis=0, keepdims=True)
+        held[:, k] = np.bincount(node[j], p1[j] - p0[j], minlength=nodes)[takers]
+    return held
+
+
+def _intake(order, exact, held, p0, p1, most: float, b_q: float, b_k: float, grid: int, cells: int, points: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`receiver_bound`'s ``T``: the budgets ``c [grid + 1]`` (up to what importing ``most``
+    pairs through the longest run costs) and per row of ``held`` the most pairs rows carry for
+    each, ``[len(held), grid + 1]``: the runs ``exact`` (the first of ``order``, longest first) by
+    a knapsack, the rest by the dual."""
+    rest = order[len(exact):]
     # budgets up to what the cheapest import of the largest room costs through the longest run
-    i, most = order[0], room.max()
+    i = order[0]
     a = p1[i] - np.sqrt(max(p1[i] ** 2 - 2 * most, 0.0))
     c = np.arange(grid + 1) * (a * b_q + p1[i] * b_k + most / max(p1[i], 1) * b_q) / grid
     pick = np.arange(grid + 1)[:, None] - np.arange(grid + 1)[None, :]          # [budget, spent]
@@ -354,18 +379,7 @@ def receiver_bound(node, doc, p0, p1, size, b_q: float, b_k: float, eps: float =
             gain = _run_pairs_for(p0[r], p1[r], c + c[1], b_q, b_k, cells, p0[r] - h[k])
             dp = np.max(np.where(pick >= 0, dp[np.maximum(pick, 0)] + gain[None, :], -np.inf), axis=1)
         yields.append(dp)
-    yields = np.asarray(yields)
-
-    def takes(per_slot):   # a budget between grid points buys at most the next point's
-        budget = per_slot * size[takers]
-        k = np.minimum(np.searchsorted(c, budget), grid)
-        got = yields[np.arange(len(takers)) % len(yields), k]
-        return np.minimum(room[takers], np.where(budget > c[-1], np.inf, got)).sum()
-    lo, hi = 0.0, float(c[-1] / size[takers].min())
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if takes(mid) < need else (lo, mid)
-    return lo
+    return c, np.asarray(yields)
 
 
 def node_bound(doc_lens, slots: Shards, node_of, shape: AttnShape, eps: float = 0.05,

@@ -204,19 +204,7 @@ def _tree_legs(owner, dest, s, e, nodes: Nodes, slots: Shards, fanout: int, load
     load = np.zeros(n_nodes) if load is None else np.asarray(load, dtype=np.float64).copy()
     parent = (_parents(g_tree, g_node, rows, node[g_owner], load, fanout) if fanout < n_nodes
               else np.full(len(groups), -1, dtype=np.int64))          # flat: the owner sends each node its rows
-    depth = np.ones(len(groups), dtype=np.int64)
-    for _ in range(64):                                          # depth = parent's depth + 1
-        new = np.where(parent >= 0, depth[np.maximum(parent, 0)] + 1, 1)
-        if np.array_equal(new, depth):
-            break
-        depth = new
-    # what each group's node receives: the union of its subtree's rows, deepest groups first
-    sub0, sub1 = own0, own1
-    for level in range(int(depth.max()), 1, -1):
-        child = depth[sub0 // span] == level
-        moved = parent[sub0[child] // span] - sub0[child] // span   # shift into the parent's band
-        sub0, sub1 = merge_intervals(np.concatenate([sub0, sub0[child] + moved * span]),
-                                     np.concatenate([sub1, sub1[child] + moved * span]))
+    depth, sub0, sub1 = _subtree_rows(parent, own0, own1, span)
     # shares: a long document's whole key prefix, crossing to the node computing its last
     # queries, spreads over all the node's network cards (and the forwarding over all its slots)
     parts = int(nodes.size(np.arange(len(node))).max())
@@ -246,6 +234,25 @@ def _tree_legs(owner, dest, s, e, nodes: Nodes, slots: Shards, fanout: int, load
     fan = to != relay
     inside = (depth[g[w]][fan] + 2, relay[fan], to[fan], lo[fan], hi[fan])
     return [to_peers, down, inside]
+
+
+def _subtree_rows(parent, own0, own1, span: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group its depth in its tree (1: a child of the owner's node), and what each group's
+    node receives: the union of its subtree's rows (``own0``/``own1``: each group's own rows,
+    offset by ``span`` per group; the union as merged intervals, offset the same way)."""
+    depth = np.ones(len(parent), dtype=np.int64)
+    for _ in range(64):                                          # depth = parent's depth + 1
+        new = np.where(parent >= 0, depth[np.maximum(parent, 0)] + 1, 1)
+        if np.array_equal(new, depth):
+            break
+        depth = new
+    sub0, sub1 = own0, own1                                      # deepest groups first
+    for level in range(int(depth.max()), 1, -1):
+        child = depth[sub0 // span] == level
+        moved = parent[sub0[child] // span] - sub0[child] // span   # shift into the parent's band
+        sub0, sub1 = merge_intervals(np.concatenate([sub0, sub0[child] + moved * span]),
+                                     np.concatenate([sub1, sub1[child] + moved * span]))
+    return depth, sub0, sub1
 
 
 def _clusters(owner, dest, s, e, slots: int, span: int) -> tuple[np.ndarray, np.ndarray]:

@@ -47,7 +47,7 @@ FILL = 0.95    # ... and a receiving rank takes up to FILL * epsilon above it
 
 def export_between_nodes(table, ledger, epsilon: float) -> None:
     """The export pass (module docstring) over ``table``'s tasks, booked on ``ledger``
-    (:class:`~.cad_placement._Ledger`). Only plain causal documents are exported here (the passes
+    (:class:`~.cad_ledger.Ledger`). Only plain causal documents are exported here (the passes
     after place the rest)."""
     t, load, mean, rows = table, ledger.load, ledger.mean, ledger.rows
     count, level = ledger.nodes.count, mean * (1 + FILL * epsilon)

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..cost import document_flops
 from ..doclens import mask_case
-from ..masks import document_flops
 from ..program import BACKWARD, CHAIN, FORWARD, RUN, START, WAIT
 from ..schedule import AttnShape
 from ..timing import time_calls
@@ -98,65 +98,77 @@ def replay_shared(ops, ranks: int, cores: int) -> tuple[np.ndarray, np.ndarray]:
     """``(end, stalled)`` per rank of ``ops`` (:mod:`distattn.sim.replay`'s operations; a ``run``'s
     seconds are one core's) on ``cores`` cores shared by the ranks computing at each moment; a
     rank blocked in a wait takes none (module docstring)."""
-    seq = [[(op, i) for op in ops] for i in range(ranks)]
-    pos, t = [0] * ranks, 0.0
-    left = np.zeros(ranks)                       # core-seconds left of the running computation
-    blocked: list = [None] * ranks               # the transfer key a rank waits for
-    issued: dict = {}                            # key -> {rank: issue time}
-    ends: dict = {}                              # key -> per-rank end times, once every member issued
-    queue, stalled, since = np.zeros(ranks), np.zeros(ranks), np.zeros(ranks)
-
-    def issue(r, op, ready):
-        got = issued.setdefault(op.key, {})
-        got[r] = ready
-        if len(got) == ranks:   # every rank issues every transfer (the instructions are the same)
-            start = np.asarray([got[i] for i in range(ranks)])
-            queue[:] = _coupled(np.maximum(start, queue), op) + _seconds(op)
-            ends[op.key] = queue.copy()
-
-    def advance(r):   # run rank r's instructions until it computes, blocks or ends
-        while pos[r] < len(seq[r]):
-            op, _ = seq[r][pos[r]]
-            if op.op == RUN:   # (the loop below moves past it once done)
-                if left[r] <= 0 and op.seconds[r] > 0:
-                    left[r] = op.seconds[r]
-                if left[r] > 0:
-                    return
-                pos[r] += 1
-            elif op.op in (WAIT, CHAIN):
-                key = op.key if op.op == WAIT else op.after
-                if key not in ends or ends[key][r] > t:
-                    if blocked[r] is None:
-                        blocked[r], since[r] = key, t
-                    return
-                if blocked[r] is not None:
-                    stalled[r] += t - since[r]
-                    blocked[r] = None
-                if op.op == WAIT:
-                    pos[r] += 1
-                else:   # the hop before is in: start this one
-                    issue(r, op, t)
-                    pos[r] += 1
-            else:
-                assert op.op == START, op.op
-                issue(r, op, t)
-                pos[r] += 1
+    replay = _SharedReplay(ops, ranks)
     for _ in range(100 * len(ops) + 10):
         for r in range(ranks):
-            advance(r)
-        computing = [r for r in range(ranks) if left[r] > 0]
-        waiting = [ends[blocked[r]][r] for r in range(ranks) if blocked[r] is not None and blocked[r] in ends]
-        if not computing and not waiting:
+            replay.advance(r)
+        if not replay.step(cores):
             break
+    assert all(p == len(ops) for p in replay.pos), "the replay stalled: a transfer some rank never issued"
+    return np.full(ranks, replay.t), replay.stalled
+
+
+class _SharedReplay:
+    """:func:`replay_shared`'s state: the time, each rank's next operation, what is left of its
+    computation and what it waits for, and the transfers issued so far."""
+
+    def __init__(self, ops, ranks: int):
+        self.ops, self.ranks = ops, ranks
+        self.pos, self.t = [0] * ranks, 0.0
+        self.left = np.zeros(ranks)                  # core-seconds left of the running computation
+        self.blocked: list = [None] * ranks          # the transfer key a rank waits for
+        self.issued: dict = {}                       # key -> {rank: issue time}
+        self.ends: dict = {}                         # key -> per-rank end times, once every member issued
+        self.queue, self.stalled, self.since = np.zeros(ranks), np.zeros(ranks), np.zeros(ranks)
+
+    def issue(self, r: int, op, ready: float) -> None:
+        got = self.issued.setdefault(op.key, {})
+        got[r] = ready
+        if len(got) == self.ranks:   # every rank issues every transfer (the instructions are the same)
+            start = np.asarray([got[i] for i in range(self.ranks)])
+            self.queue[:] = _coupled(np.maximum(start, self.queue), op) + _seconds(op)
+            self.ends[op.key] = self.queue.copy()
+
+    def advance(self, r: int) -> None:
+        """Run rank ``r``'s instructions until it computes, blocks or ends."""
+        while self.pos[r] < len(self.ops):
+            op = self.ops[self.pos[r]]
+            if op.op == RUN:   # (step moves past it once done)
+                if self.left[r] <= 0 and op.seconds[r] > 0:
+                    self.left[r] = op.seconds[r]
+                if self.left[r] > 0:
+                    return
+            elif op.op in (WAIT, CHAIN):
+                key = op.key if op.op == WAIT else op.after
+                if key not in self.ends or self.ends[key][r] > self.t:
+                    if self.blocked[r] is None:
+                        self.blocked[r], self.since[r] = key, self.t
+                    return
+                if self.blocked[r] is not None:
+                    self.stalled[r] += self.t - self.since[r]
+                    self.blocked[r] = None
+                if op.op == CHAIN:   # the hop before is in: start this one
+                    self.issue(r, op, self.t)
+            else:
+                assert op.op == START, op.op
+                self.issue(r, op, self.t)
+            self.pos[r] += 1
+
+    def step(self, cores: int) -> bool:
+        """Move time on to the next computation's end or transfer's arrival, the computing ranks
+        sharing ``cores``; False when no rank computes or waits (the replay is over)."""
+        computing = [r for r in range(self.ranks) if self.left[r] > 0]
+        waiting = [self.ends[b][r] for r, b in enumerate(self.blocked) if b is not None and b in self.ends]
+        if not computing and not waiting:
+            return False
         share = min(1.0, cores / max(len(computing), 1))
-        step = min([left[r] / share for r in computing] + [w - t for w in waiting])
+        step = min([self.left[r] / share for r in computing] + [w - self.t for w in waiting])
         for r in computing:
-            left[r] = max(left[r] - step * share, 0.0)
-            if left[r] <= 1e-15:
-                left[r], pos[r] = 0.0, pos[r] + 1
-        t += max(step, 0.0)
-    assert all(p == len(s) for p, s in zip(pos, seq)), "the replay stalled: a transfer some rank never issued"
-    return np.full(ranks, t), stalled
+            self.left[r] = max(self.left[r] - step * share, 0.0)
+            if self.left[r] <= 1e-15:
+                self.left[r], self.pos[r] = 0.0, self.pos[r] + 1
+        self.t += max(step, 0.0)
+        return True
 
 
 def predict_row(row: dict, machine: Machine, network, pool=None, seed: int = 0) -> tuple[float, np.ndarray]:

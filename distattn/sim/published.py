@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from ..cost import attention_flops
 from ..doclens import pack
-from ..masks import attention_flops
 from ..schedule import AttnShape
 from .presets import GPUS, MODELS
 from .simulate import SimConfig, default_cp, dry_schedule, plan_context, simulate, time_call

@@ -183,50 +183,15 @@ def save(directory: Path, model, optimizer, step: int, data_state: list[int], ru
     state = {"model": model_sd, "optim": optim_sd,
              "train": {"step": torch.tensor(step), "data": torch.tensor(data_state, dtype=torch.int64),
                        "rng": torch.get_rng_state()}}
-    error = None
-    if rank == 0:   # what an earlier run left of this step, and room for this one
-        try:
-            remove(partial)
-            partial.mkdir(parents=True)
-            need = room_needed(_state_bytes(state))
-            free = shutil.disk_usage(partial).free
-            if free < need:
-                error = (f"not enough free space: the checkpoint needs about {need / 2**20:,.1f} MiB, "
-                         f"{free / 2**20:,.1f} MiB are free ({partial.parent})")
-        except OSError as exc:
-            error = one_line(exc)
-    error = _together(error)
+    # each phase's errors are agreed on (_together) before the next starts, so every rank takes the same path
+    error = _together(_make_room(partial, state) if rank == 0 else None)
     if error is None:
-        try:
-            dcp.save(state, checkpoint_id=str(partial))
-        except CheckpointException as exc:   # a BaseException; its str is a traceback per rank
-            error = _dcp_reason(exc)
-        except (OSError, RuntimeError, ValueError) as exc:
-            error = one_line(exc)
-        error = _together(error)
+        error = _together(_write(state, partial))
     files: dict[str, tuple[int, str]] = {}
-    if error is None:   # each rank hashes what it wrote; rank 0 also the metadata
-        try:
-            mine = {name: manifest.digest(partial / name)
-                    for name in manifest.own_files(os.listdir(partial), rank, world)}
-        except (OSError, ValueError) as exc:
-            mine, error = {}, one_line(exc)
-        error = _together(error)
-        if error is None and world > 1:
-            shares: list[dict | None] = [None] * world
-            dist.all_gather_object(shares, mine)
-            for share in shares:
-                files.update(share)
-        else:
-            files = mine
+    if error is None:
+        files, error = _hash(partial, rank, world)
     if error is None and rank == 0:
-        try:
-            manifest.write(partial, step, files, run or {})
-            remove(directory)   # a save of this step that did not verify (the resume skipped it)
-            os.replace(partial, directory)
-            fsync_dir(directory.parent)
-        except OSError as exc:
-            error = one_line(exc)
+        error = _publish(partial, directory, step, files, run)
     error = _together(error)
     if error is not None:
         if rank == 0:
@@ -234,9 +199,68 @@ def save(directory: Path, model, optimizer, step: int, data_state: list[int], ru
         raise WriteFailed(f"saving checkpoint {directory} failed: {error}")
 
 
+def _make_room(partial: Path, state: dict) -> str | None:
+    """Rank 0: remove what an earlier run left of this step at ``partial`` and check the disk has
+    room for ``state``; the error, or None."""
+    try:
+        remove(partial)
+        partial.mkdir(parents=True)
+        need = room_needed(_state_bytes(state))
+        free = shutil.disk_usage(partial).free
+        if free < need:
+            return (f"not enough free space: the checkpoint needs about {need / 2**20:,.1f} MiB, "
+                    f"{free / 2**20:,.1f} MiB are free ({partial.parent})")
+    except OSError as exc:
+        return one_line(exc)
+    return None
+
+
+def _write(state: dict, partial: Path) -> str | None:
+    """Every rank: write its part of ``state`` under ``partial`` (DCP); the error, or None."""
+    try:
+        dcp.save(state, checkpoint_id=str(partial))
+    except CheckpointException as exc:   # a BaseException; its str is a traceback per rank
+        return _dcp_reason(exc)
+    except (OSError, RuntimeError, ValueError) as exc:
+        return one_line(exc)
+    return None
+
+
+def _hash(partial: Path, rank: int, world: int) -> tuple[dict[str, tuple[int, str]], str | None]:
+    """Every rank hashes what it wrote (rank 0 also the metadata): ``(every rank's files, agreed
+    error)``."""
+    error = None
+    try:
+        mine = {name: manifest.digest(partial / name) for name in manifest.own_files(os.listdir(partial), rank, world)}
+    except (OSError, ValueError) as exc:
+        mine, error = {}, one_line(exc)
+    error = _together(error)
+    if error is None and world > 1:
+        shares: list[dict | None] = [None] * world
+        dist.all_gather_object(shares, mine)
+        files: dict[str, tuple[int, str]] = {}
+        for share in shares:
+            files.update(share)
+        return files, None
+    return mine, error
+
+
+def _publish(partial: Path, directory: Path, step: int, files: dict, run: dict | None) -> str | None:
+    """Rank 0: write the manifest and rename ``partial`` to ``directory``; the error, or None."""
+    try:
+        manifest.write(partial, step, files, run or {})
+        remove(directory)   # a save of this step that did not verify (the resume skipped it)
+        os.replace(partial, directory)
+        fsync_dir(directory.parent)
+    except OSError as exc:
+        return one_line(exc)
+    return None
+
+
 def load(directory: Path, model, optimizer) -> tuple[int, list[int]]:
     """Load a checkpoint into ``model`` and ``optimizer`` (its structure checked; :func:`agreed_checkpoint`
-    checked its checksums); returns (step, data state). ``ValueError`` naming the file and the fix when it cannot be read."""
+    checked its checksums); returns (step, data state). ``ValueError`` naming the file and the fix
+    when it cannot be read."""
     directory = Path(directory)
     # every rank fails here with the same one-line reason, before DCP's collectives and their tracebacks
     verify(directory, checksums=False)

@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 from ..api import plan as make_plan
-from ..masks import next_token_labels
+from ..labels import next_token_labels
 from ..pingpong import all_ranks, nano_batches, pair_weight
 from ..schedule import imbalance
 from ..spawn import Terminated
