@@ -65,9 +65,9 @@ from ..masks import MaskSlice, SliceMask, bound_or_none, shift_band
 from ..program import Builder, Program
 from ..schedule import AttnShape, Phase, Schedule
 from .blocks import layers
+from .cad_cast import Legs, Nodes, index_runs, key_legs, merge_intervals, query_legs
 from .cad_ledger import LinkCost, RowBytes
 from .cad_placement import place_tasks
-from .cad_cast import Legs, Nodes, index_runs, key_legs, merge_intervals, query_legs
 from .cad_planner import Segments
 
 
