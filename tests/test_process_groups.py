@@ -31,19 +31,20 @@ def _counting_groups(made: list):
 
 def _steps_worker(scheduler: str, dp: int, out: str):
     import distattn.train.trainer as trainer
+    from distattn.plan_cache import PlanCache
 
     made, by_plans, seen = [], [], []
-    real_plan = trainer.make_plan
+    real_plan = PlanCache.plan
 
-    def plan(*args, **kwargs):  # the trainer's plan of every step: it must find its groups
+    def plan(cache, *args, **kwargs):  # the trainer's plan of every step (made or cached): it must find its groups
         before = len(made)
-        p = real_plan(*args, **kwargs)
+        p = real_plan(cache, *args, **kwargs)
         by_plans.append(len(made) - before)
         return p
 
     cfg = validate(RunConfig().replace(model=TINY["model"], data=TINY["data"], train={**TINY["train"], "out": out},
                                        parallel={"dp": dp, "cp": 4 // dp, "scheduler": scheduler}))
-    with _counting_groups(made), mock.patch.object(trainer, "make_plan", plan):
+    with _counting_groups(made), mock.patch.object(PlanCache, "plan", plan):
         trainer.train(cfg, on_step=lambda m: seen.append((len(made), len(os.listdir("/proc/self/fd")),
                                                           threading.active_count())))
     return seen, by_plans
