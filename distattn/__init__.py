@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 # Resolved on first use (PEP 562), so `import distattn.cli` and `distattn --help` do not import torch.
 _LAZY = {"plan": "api", "attention": "api", "local_attention": "api", "reference_attention": "oracle",
          "Plan": "plans", "MaskSlice": "masks", "SliceMask": "masks", "document_mask": "masks", "Layout": "layout",
-         "varlen_attention": "varlen", "varlen_plan": "varlen", "configure_logging": "log"}
+         "varlen_attention": "varlen", "varlen_plan": "varlen", "configure_logging": "log",
+         "PlanContext": "schedulers", "PlanCache": "plan_cache"}
 
 
 def __getattr__(name: str):
@@ -38,4 +39,5 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 __all__ = ["plan", "attention", "local_attention", "reference_attention", "Plan", "MaskSlice", "SliceMask",
-           "document_mask", "Layout", "varlen_attention", "varlen_plan", "configure_logging", "__version__"]
+           "document_mask", "Layout", "varlen_attention", "varlen_plan", "configure_logging", "PlanContext",
+           "PlanCache", "__version__"]

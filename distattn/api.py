@@ -93,7 +93,9 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     entry, info = spec(scheduler), resolve_mesh(mesh)
     run = _run_options(backend, deterministic, comm_dtype, device or info.device)
     entry.check_options(options)
-    options = entry.derive(info.world_size, context, options, _two_d(info))
+    local = info.world_size == 1 and not options   # one rank plans nothing: local attention, whatever the job
+    if not local:
+        options = entry.derive(info.world_size, context, options, _two_d(info))
     chosen = Layout.of(layout)
     if chosen is None and entry.layout is not None:
         chosen = Layout(entry.layout)
@@ -105,7 +107,7 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         shards = None if chosen is None else chosen.shards(lens, info.world_size)
     batch = None if rows is None else len(rows)
     common = dict(causal=bool(causal), window=window, mask=mask)
-    if info.world_size == 1 and not options:
+    if local:
         shards = shards or CONTIGUOUS.shards(lens, 1)
         return _made(LOCAL.planner()(lens, info, scheduler=scheduler, shards=shards, **common), info, backend,
                      device, {}, batch, run)

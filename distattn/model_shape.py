@@ -74,12 +74,18 @@ class ModelShape:
         """Attention FLOPs of a visible query-key pair (forward and backward: 3.5x the forward's
         ``4 * n_heads * head_dim``) per linear FLOP of a token (``6 * layer_matmul_params``): where
         :func:`distattn.pingpong.split_nano_batches` cuts to balance the two."""
-        return 3.5 * 4 * self.n_heads * self.head_dim / (6 * self.layer_matmul_params)
+        return pair_weight(self.n_heads, self.head_dim, self.layer_matmul_params)
 
     def model_flops(self, tokens: float, attention_forward_flops: float) -> float:
         """Forward + backward model FLOPs of a step over ``tokens`` tokens whose attention (one layer,
         forward, all ranks) costs ``attention_forward_flops``."""
         return 6.0 * self.matmul_params * tokens + 3.0 * self.n_layers * attention_forward_flops
+
+
+def pair_weight(num_heads: int, head_dim: int, linear_params: int) -> float:
+    """:meth:`ModelShape.pair_weight` of a layer with ``linear_params`` matmul parameters (Megatron's
+    layers count theirs: their MLP may have two matrices, their heads a dim of their own)."""
+    return 3.5 * 4 * num_heads * head_dim / (6 * linear_params)
 
 
 @dataclass(frozen=True)
@@ -116,4 +122,4 @@ MODELS = {m.name: m for m in (
     ModelShape(8192, 80, 64, 8, 28672, 128256, name="llama3-70b"),
 )}
 
-__all__ = ["ModelShape", "GPU", "GPU_TABLE", "GPUS", "MODELS", "gpu_named"]
+__all__ = ["ModelShape", "GPU", "GPU_TABLE", "GPUS", "MODELS", "gpu_named", "pair_weight"]

@@ -56,7 +56,7 @@ def split_nano_batches(doc_lens, pair_weight: float = 0.0, causal: bool = True) 
     """Cut a packed sequence into two nano-batches of whole documents (a cut inside a document would
     change its attention), at the document boundary that balances the two halves' work: tokens
     (the linear layers) plus ``pair_weight`` per visible query-key pair (attention;
-    :func:`pair_weight` gives a model's). Returns both halves' document lengths and the cut (the
+    :meth:`distattn.model_shape.ModelShape.pair_weight` gives a model's). Returns both halves' document lengths and the cut (the
     first half is ``x[:cut]``). ``ValueError`` for a single document."""
     lens = np.asarray(as_doc_lens(doc_lens), dtype=np.int64)
     if len(lens) < 2:
@@ -91,12 +91,6 @@ def all_ranks(can: bool, group, device) -> bool:
     flag = torch.tensor([int(can)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
-
-
-def pair_weight(num_heads: int, head_dim: int, linear_params: int) -> float:
-    """Attention FLOPs of a visible query-key pair (forward and backward) per linear FLOP of a token
-    (``linear_params``: a layer's matmul parameters), for :func:`split_nano_batches`."""
-    return 3.5 * 4 * num_heads * head_dim / (6 * linear_params)
 
 
 class _Flight:

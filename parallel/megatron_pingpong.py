@@ -70,7 +70,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import get_pg_rank
 
 from ..layout import Layout, token_index
-from ..pingpong import NanoBatch, all_ranks, nano_batches, pair_weight, run_piece
+from ..model_shape import pair_weight
+from ..pingpong import NanoBatch, all_ranks, nano_batches, run_piece
 from ..plan_cache import PlanCache
 from ..program import layer_share
 

@@ -47,16 +47,17 @@ def _plan_record(plan, cp: int, groups_made: int, kwargs: dict) -> dict:
 def _pooled_and_unpooled(out: str, dp: int, cp: int) -> dict:
     """On every rank: train pooled, then unpooled, from the same seed; the plans of every step."""
     import distattn.train.trainer as trainer
+    from distattn.plan_cache import PlanCache
 
     made: list = []
-    real_plan, real_new_group = trainer.make_plan, c10d._new_group_with_tag
+    real_plan, real_new_group = PlanCache.plan, c10d._new_group_with_tag
     runs = {}
     for name, pool in (("pooled", True), ("unpooled", False)):
         plans = []
 
-        def plan(*args, **kwargs):
+        def plan(cache, *args, **kwargs):   # each step's plan from the trainer's cache, made or reused
             before = len(made)
-            p = real_plan(*args, **kwargs)
+            p = real_plan(cache, *args, **kwargs)
             plans.append(_plan_record(p, cp, len(made) - before, kwargs))
             return p
 
@@ -64,7 +65,7 @@ def _pooled_and_unpooled(out: str, dp: int, cp: int) -> dict:
             made.append(args[0] if args else kwargs.get("ranks"))
             return real_new_group(*args, **kwargs)
 
-        with mock.patch.object(trainer, "make_plan", plan), mock.patch.object(c10d, "_new_group_with_tag", new_group):
+        with mock.patch.object(PlanCache, "plan", plan), mock.patch.object(c10d, "_new_group_with_tag", new_group):
             history = trainer.train(_cfg(f"{out}/{name}", dp, cp, cad_pool=pool))
         runs[name] = {"history": history, "plans": plans}
     return runs

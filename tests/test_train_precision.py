@@ -12,7 +12,8 @@ from distattn.spawn import run_distributed
 from conftest import small_run
 from distattn.train.config import ModelConfig, RunConfig
 from distattn.train.metrics import RunLog
-from distattn.train.trainer import process_group_backend, run
+from distattn.train.ranks import process_group_backend
+from distattn.train.trainer import run
 
 SMALL = {"model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128},
          "data": {"seq_len": 1024},

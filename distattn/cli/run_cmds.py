@@ -62,22 +62,12 @@ def _print_config(cfg) -> int:
     return 0
 
 
-def _usable_checkpoint(out):
-    """The newest checkpoint a --resume would start from, or None (also when none verifies). Its
-    structure only: naming it (on the way out after a signal, or on a torchrun restart) must not read
-    every byte of it; the resume itself checks the checksums and says which one it takes."""
-    from ..train import checkpoint
-
-    try:
-        return checkpoint.newest_usable(out / "ckpt", checksums=False)
-    except (ValueError, OSError):
-        return None
-
-
 def _stopped(exc, out) -> str:
     """One line for a run a signal stopped: the last step it finished and what a resume continues from."""
+    from ..train.resume import usable_checkpoint
+
     history = exc.results[0] if exc.results else None   # rank 0's metrics
-    saved = _usable_checkpoint(out)
+    saved = usable_checkpoint(out)
     after = f" after step {history[-1]['step']}" if history else ""
     where = f"; newest checkpoint {saved}, continue with --resume" if saved else \
         "; no step had finished, so no checkpoint was saved"
@@ -111,68 +101,50 @@ def _dry_run(cfg, args, talk) -> int:
     return 0 if fits else 1
 
 
-def _cmd_train(args) -> int:
-    from pathlib import Path
-
-    from ..spawn import RankError, Terminated
+def _prepare_out(cfg, out, resume, overwrite: bool, launched: bool, talk):
+    """Rank 0, before any rank starts: ``out`` made ready (:func:`~distattn.train.preflight.prepare_out`),
+    the config a resume trains with, the room for a checkpoint checked. Returns ``(cfg, the checkpoint
+    to start from or None)``, or None when the run has finished already."""
     from ..train import manifest, preflight, resume as resuming
     from ..train.metrics import logged_rows
+
+    note = logging.getLogger("distattn.train").info   # what the library says: --log-level filters it
+    # local ranks share this disk: hash every file here, where a mismatch can still pick an older
+    # checkpoint before any rank starts; under a launcher the ranks split the hashing
+    start_from = preflight.prepare_out(cfg, resume, overwrite, say=note, checksums=not launched)
+    newest = None
+    if start_from is not None:
+        newest = manifest.read(start_from)
+        cfg = resuming.resume_config(cfg, newest, say=note)
+        if newest.step >= cfg.train.steps:
+            talk(f"distattn train: {out} already finished: checkpoint {start_from.name} is step {newest.step} "
+                 f"of {cfg.train.steps}; raise --steps to train further")
+            return None
+        talk(f"resuming from {start_from} (step {newest.step} of {cfg.train.steps}; the learning rate decays "
+             f"over {cfg.train.lr_decay_steps} steps)")
+    resuming.check_room(cfg, out / "ckpt", newest)
+    if newest is not None:   # every refusal is behind: drop a torn last line and the rows to retrain
+        logged_rows(out / "metrics.jsonl", newest.step, say=note)
+    return cfg, start_from
+
+
+def _train_and_report(cfg, out, resume, talk) -> int:
+    """Run the ranks; the command's exit code, with one line for a run that failed or was stopped."""
+    from ..spawn import RankError, Terminated
+    from ..train.resume import usable_checkpoint
     from ..train.safe_io import WriteFailed
     from ..train.trainer import run
 
-    cfg = _train_config(args)
-    if args.print_config:
-        return _print_config(cfg)
-    p, out = cfg.parallel, Path(cfg.train.out)
-    launched = "RANK" in os.environ
-    # under a launcher every rank runs this command: rank 0 talks and owns the output folder
-    rank0 = os.environ.get("RANK", "0") == "0"
-    talk = print if rank0 else (lambda *a, **k: None)
-    note = logging.getLogger("distattn.train").info   # what the library says: --log-level filters it
-    if args.dry_run:
-        return _dry_run(cfg, args, talk)
-    if args.max_seq_len:
-        raise ValueError("--max-seq-len is a question for the estimate: add --dry-run")
-    preflight.check_data(cfg)
-    if not launched:
-        preflight.check_memory(cfg, cfg.world_size)
-    # torchrun --max-restarts restarts the workers with the same arguments: they pick up the last checkpoint
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = args.resume or (restarted and _usable_checkpoint(out) is not None)
-    overwrite = args.overwrite and not restarted or (restarted and not resume)
-    lock = None
-    if rank0:
-        lock = preflight.lock_out(out)
-        # local ranks share this disk: hash every file here, where a mismatch can still pick an older
-        # checkpoint before any rank starts; under a launcher the ranks split the hashing
-        start_from = preflight.prepare_out(cfg, resume, overwrite, say=note, checksums=not launched)
-        newest = None
-        if start_from is not None:
-            newest = manifest.read(start_from)
-            cfg = resuming.resume_config(cfg, newest, say=note)
-            if newest.step >= cfg.train.steps:
-                talk(f"distattn train: {out} already finished: checkpoint {start_from.name} is step {newest.step} "
-                     f"of {cfg.train.steps}; raise --steps to train further")
-                return 0
-            talk(f"resuming from {start_from} (step {newest.step} of {cfg.train.steps}; the learning rate decays "
-                 f"over {cfg.train.lr_decay_steps} steps)")
-        resuming.check_room(cfg, out / "ckpt", newest)
-        if newest is not None:   # every refusal is behind: drop a torn last line and the rows to retrain
-            logged_rows(out / "metrics.jsonl", newest.step, say=note)
-    talk(f"distattn train {args.config}: {cfg.world_size} rank(s) (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}, "
-         f"{cfg.data.seq_len} tokens per sequence, {cfg.train.steps} steps -> {out}", flush=True)
     try:
-        # a local run's checkpoint was hashed above, before any rank started: the ranks take it as it is
-        verified = start_from if resume and not launched and start_from is not None else None
-        history = run(cfg, resume=verified or resume)
+        history = run(cfg, resume=resume)
     except Terminated as exc:
         print(_stopped(exc, out), file=sys.stderr)
         return exc.exit_code
     except WriteFailed as exc:   # under a launcher: this rank's own
-        print(f"distattn train: {exc}; newest good checkpoint: {_usable_checkpoint(out) or 'none'}", file=sys.stderr)
+        print(f"distattn train: {exc}; newest good checkpoint: {usable_checkpoint(out) or 'none'}", file=sys.stderr)
         return 1
     except RankError as exc:
-        saved = _usable_checkpoint(out)
+        saved = usable_checkpoint(out)
         advice = f"; rerun with --resume to continue from {saved}" if saved else ""
         first = str(exc).splitlines()[0]
         for agreed in (": NonFinite: ", ": WriteFailed: "):   # every rank agrees on these: no one rank failed
@@ -182,15 +154,54 @@ def _cmd_train(args) -> int:
                 return 1
         print(f"distattn train: a rank failed, stopping the job: {first}{advice}", file=sys.stderr)
         return 1
-    finally:
-        if lock is not None:
-            lock.close()
     if history:
         last = history[-1]
         mean_tps = sum(m["tokens_per_s"] for m in history) / len(history)
         talk(f"done: step {last['step']}, loss {last['loss']:.4f}, mean {mean_tps:,.0f} tokens/s; "
              f"metrics in {out}/metrics.jsonl")
     return 0
+
+
+def _cmd_train(args) -> int:
+    from pathlib import Path
+
+    from ..train import preflight, resume as resuming
+
+    cfg = _train_config(args)
+    if args.print_config:
+        return _print_config(cfg)
+    p, out = cfg.parallel, Path(cfg.train.out)
+    launched = "RANK" in os.environ
+    # under a launcher every rank runs this command: rank 0 talks and owns the output folder
+    rank0 = os.environ.get("RANK", "0") == "0"
+    talk = print if rank0 else (lambda *a, **k: None)
+    if args.dry_run:
+        return _dry_run(cfg, args, talk)
+    if args.max_seq_len:
+        raise ValueError("--max-seq-len is a question for the estimate: add --dry-run")
+    preflight.check_data(cfg)
+    if not launched:
+        preflight.check_memory(cfg, cfg.world_size)
+    resume = resuming.resume_from(out, args.resume)
+    # a torchrun restart that finds nothing to resume starts the run again
+    restarted = resuming.restarted()
+    overwrite = args.overwrite and not restarted or (restarted and not resume)
+    lock = start_from = None
+    if rank0:
+        lock = preflight.lock_out(out)
+        prepared = _prepare_out(cfg, out, resume, overwrite, launched, talk)
+        if prepared is None:
+            return 0
+        cfg, start_from = prepared
+    talk(f"distattn train {args.config}: {cfg.world_size} rank(s) (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}, "
+         f"{cfg.data.seq_len} tokens per sequence, {cfg.train.steps} steps -> {out}", flush=True)
+    try:
+        # a local run's checkpoint was hashed above, before any rank started: the ranks take it as it is
+        verified = start_from if resume and not launched and start_from is not None else None
+        return _train_and_report(cfg, out, verified or resume, talk)
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _cmd_launch(args) -> int:

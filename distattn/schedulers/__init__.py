@@ -105,7 +105,7 @@ class SchedulerSpec:
         ``world_size`` ranks (``two_d``: a 2-D mesh, whose axes fix a head split): its module's
         ``derive(world_size, context, options, two_d)``; options given by name win."""
         make = getattr(self._module(), "derive", None)
-        if make is None or context is None or world_size == 1:
+        if make is None or context is None:
             return dict(options)
         return {**make(world_size, context, options, two_d), **{k: v for k, v in options.items() if v is not None}}
 

@@ -42,7 +42,7 @@ _ValueLoader.add_implicit_resolver("tag:yaml.org,2002:float",
 
 
 def known_keys() -> dict[str, list[str]]:
-    """Each section's keys, in the order ``distattn/train/config.py`` declares them."""
+    """Each section's keys, in the order ``distattn/train/sections.py`` declares them."""
     return {name: [f.name for f in dataclasses.fields(cls)] for name, cls in typing.get_type_hints(RunConfig).items()}
 
 

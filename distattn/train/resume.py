@@ -7,6 +7,7 @@ length: ``train.lr_decay_steps`` is the first run's ``train.steps`` unless set, 
 checkpoint, so ``--steps`` on a resume only moves where the run stops. Setting ``lr_decay_steps`` to a
 different value on a resume changes the schedule from the next step on, and says so.
 
+:func:`resume_from` decides whether a run continues, for the CLI and the trainer alike.
 :func:`check_room` refuses, before any rank starts, an output folder that cannot take a checkpoint.
 """
 
@@ -25,6 +26,33 @@ from .manifest import Manifest
 # resume may change them as it may change the learning rate)
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "tie_embeddings",
               "attention_sinks")
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this worker (``--max-restarts``): it runs with the same arguments again."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def usable_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint under ``out/ckpt`` a resume would start from, or None (also when none
+    verifies). Its structure only: naming it (on the way out after a signal, or on a torchrun restart)
+    must not read every byte of it; the resume itself checks the checksums and says which one it takes."""
+    from .checkpoint import newest_usable
+
+    try:
+        return newest_usable(Path(out) / "ckpt", checksums=False)
+    except (ValueError, OSError):
+        return None
+
+
+def resume_from(out: Path, resume: bool | Path = False) -> bool | Path:
+    """Whether the run writing into ``out`` continues, decided here only: ``resume`` when set (a
+    checkpoint path the caller has verified, or True: the newest one that verifies, which the ranks
+    agree on); else, on a torchrun restart, True when ``out`` holds a usable checkpoint (the restarted
+    workers pick up the last one); else False, a new run."""
+    if resume or not restarted():
+        return resume
+    return usable_checkpoint(out) is not None
 
 
 def run_info(cfg: RunConfig) -> dict[str, Any]:

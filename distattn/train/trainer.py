@@ -1,8 +1,10 @@
 """The training loop: DP x CP over a DeviceMesh, packed documents, metrics, checkpoints.
 
-``distattn train CONFIG`` runs :func:`train` on every rank. Without a launcher
+``distattn train CONFIG`` runs a :class:`Trainer` on every rank (:func:`run`). Without a launcher
 it starts ``dp * cp`` local gloo processes itself; under torchrun (``RANK`` in
-the environment) it joins the launcher's process group (nccl on GPUs).
+the environment) it joins the launcher's process group (nccl on GPUs). Each step's plans come
+from the Trainer's :class:`~distattn.plan_cache.PlanCache`: a batch of documents seen recently is
+not planned again.
 
 The loss is next-token cross-entropy that never crosses a document boundary,
 summed over this rank's tokens and divided by the number of labelled tokens
@@ -47,20 +49,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from contextlib import nullcontext
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
-from ..api import plan as make_plan
 from ..labels import next_token_labels
-from ..pingpong import all_ranks, nano_batches, pair_weight
+from ..pingpong import all_ranks, nano_batches
+from ..plan_cache import PlanCache
 from ..schedule import imbalance
 from ..spawn import Terminated
 from . import checkpoint, manifest
@@ -68,9 +67,10 @@ from .config import RunConfig
 from .data import Packer, make_corpus
 from .metrics import RunLog, device_peak_flops, peak_memory_bytes
 from .model import Transformer
-from .resume import resume_config, run_info, schedule_steps
+from .ranks import StopSignal, join_group
+from .resume import resume_config, resume_from, run_info, schedule_steps
 
-_log = logging.getLogger(__name__)   # (train() names its RunLog `logger`)
+_log = logging.getLogger(__name__)   # (a Trainer's RunLog is its `logger`)
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -118,130 +118,177 @@ def _autocast(cfg: RunConfig, device: torch.device):
     return nullcontext()
 
 
-class StopSignal:
-    """Remembers a SIGTERM or SIGINT (handlers installed from the main thread only) until the step
-    ends. Once one came, leaving ignores further ones: the run is already stopping (a launcher
-    repeats the signal until its ranks are done), and its results must reach the caller."""
+class Trainer:
+    """One run on every rank: ``setup()`` (process groups and mesh, model, optimizer, data, resume),
+    then ``step()`` (one optimizer update -> its metrics), ``log(metrics)``, ``checkpoint()`` when due,
+    and ``close()``; ``run()`` does all of it. Embedded in a script::
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+        from distattn.train.config import load_config
+        from distattn.train.trainer import Trainer
+        Trainer(load_config("tiny", ["parallel.cp=1"]), callbacks=[print]).run()
 
-    def __init__(self):
-        self.signum, self.stopped_at, self._previous = None, None, {}
+    ``callbacks`` (or :meth:`on_step`) are called on every rank with each step's metrics dict (W&B or
+    any logger attaches there). ``resume`` and ``stop`` are :func:`train`'s. Without an initialised
+    process group, :meth:`setup` makes one: torchrun's (``RANK`` set), or a single rank's for a config
+    of world size 1; :meth:`close` ends the group it made.
+    """
+
+    def __init__(self, config: RunConfig, callbacks: Iterable[Callable[[dict], Any]] = (), *,
+                 resume: bool | Path = False, stop: StopSignal | None = None):
+        self.config, self.callbacks, self.resume, self.stop = config, list(callbacks), resume, stop
+        self.history: list[dict] = []
+        self.done = 0             # optimizer updates taken, a resumed run's included
+        self.stopping = False     # a rank got SIGTERM or SIGINT: every rank checkpoints and stops after this step
+        # the plans of recent batches (a plan depends on the documents and the options only); a
+        # pooled cad plan is a collective, made every step on every replica (PlanCache, batch=None)
+        self.plans = PlanCache()
+        self.logger: RunLog | None = None
+        self._own_group = False
+
+    def on_step(self, fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
+        """Call ``fn(metrics)`` after every step (usable as a decorator)."""
+        self.callbacks.append(fn)
+        return fn
 
     @property
-    def received(self) -> bool:
-        return self.signum is not None
+    def finished(self) -> bool:
+        """Whether the run has taken its ``train.steps`` steps, or stopped on a signal."""
+        return self.done >= self.config.train.steps or self.stopping
 
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
+    def run(self) -> list[dict]:
+        """Set up, step until done (checkpointing when due), close; returns every step's metrics. On an
+        error the run's files stay as its last step left them; a process group it made is ended."""
+        try:
+            self.setup()
+            while not self.finished:
+                metrics = self.step()
+                self.log(metrics)
+                if self.checkpoint_due:
+                    self.checkpoint()
+            if self.stopping and self.stop is not None:
+                self.stop.stopped_at = self.done
+            self.close()
+        finally:
+            self._end_group()
+        return self.history
 
-    def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+    def setup(self) -> "Trainer":
+        """Join (or make) the process group, build the mesh, model, optimizer and data, and resume."""
+        from ..mesh import ParallelDims
+        from ..schedulers import spec
+
+        self._own_group = join_group(self.config)
+        cfg, p, t = self.config, self.config.parallel, self.config.train
+        if dist.get_world_size() != cfg.world_size:
+            raise ValueError(f"parallel.dp * parallel.cp = {cfg.world_size} but the job has {dist.get_world_size()} "
+                             f"ranks")
+        # the launcher's group says where tensors live: nccl under torchrun, gloo for local processes
+        self.device = device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
+            if "nccl" in dist.get_backend() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dims = ParallelDims(p.dp, p.cp, spec(p.scheduler).ulysses_axis(p.cp, cfg.plan_context()))
+        mesh = dims.build(device.type)  # every process group of the run, made once here
+        self.cp_mesh, self.dp_rank = dims.cp_mesh(mesh), mesh.get_local_rank("dp")
+        if t.deterministic:
+            # cuBLAS needs a fixed workspace to reduce in a fixed order; the variable is read when
+            # cuBLAS starts, which is later in this process (the model is not on the device yet)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(t.seed)  # same initial weights everywhere
+        # with cpu_offload the parameters stay in host memory: fully_shard brings one module at a time over
+        model = Transformer(cfg.model).to("cpu" if p.cpu_offload else device)
+        if t.compile:
+            model.compile_blocks()
+        self.model = _wrap(model, cfg, mesh)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=(0.9, 0.95),
+                                           weight_decay=t.weight_decay)
+        self.packer = Packer(make_corpus(cfg.data), cfg.data.seq_len, cfg.data.seed)
+        self.out = Path(t.out)
+        self._resume()
+        self.logger = RunLog(self.out, t.steps, self.done) if dist.get_rank() == 0 else None
+        self._plan_options()
+        self.forward = {"checkpointing": t.activation_checkpointing, "loss_chunk": t.loss_chunk,
+                        "mlp_chunk": t.mlp_chunk, "compute_dtype": torch.bfloat16 if t.dtype == "bf16" else None}
+        self.weight = cfg.model.shape.pair_weight()
         return self
 
-    def _note(self, signum, frame):
-        self.signum = self.signum or signum
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if self.received else previous)
-
-
-def train(cfg: RunConfig, resume: bool | Path = False, stop: StopSignal | None = None,
-          on_step: Callable[[dict], Any] | None = None) -> list[dict]:
-    """Run on every rank of an initialised process group of ``cfg.world_size`` ranks; returns the metrics.
-    ``resume``: True continues from the newest checkpoint whose checksums hold (the ranks hash their
-    shares); a path continues from that checkpoint, which the caller has verified already. With ``stop``, a SIGTERM or SIGINT it received ends the run after the current step and its checkpoint;
-    ``on_step(metrics)`` is called on every rank after each step (progress, profiling)."""
-    from ..mesh import ParallelDims
-    from ..schedulers import spec
-
-    p, t = cfg.parallel, cfg.train
-    if dist.get_world_size() != cfg.world_size:
-        raise ValueError(f"parallel.dp * parallel.cp = {cfg.world_size} but the job has {dist.get_world_size()} ranks")
-    # the launcher's group says where tensors live: nccl under torchrun, gloo for local processes
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
-        if "nccl" in dist.get_backend() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    entry = spec(p.scheduler)
-    dims = ParallelDims(p.dp, p.cp, entry.mesh_ulysses(p.cp, cfg.model.n_kv_heads, p.ulysses_degree))
-    mesh = dims.build(device.type)  # every process group of the run, made once here
-    cp_mesh, dp_rank = dims.cp_mesh(mesh), mesh.get_local_rank("dp")
-    if t.deterministic:
-        # cuBLAS needs a fixed workspace to reduce in a fixed order; the variable is read when
-        # cuBLAS starts, which is later in this process (the model is not on the device yet)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    torch.manual_seed(t.seed)  # same initial weights everywhere
-    # with cpu_offload the parameters stay in host memory: fully_shard brings one module at a time over
-    model = Transformer(cfg.model).to("cpu" if p.cpu_offload else device)
-    if t.compile:
-        model.compile_blocks()
-    model = _wrap(model, cfg, mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
-    packer = Packer(make_corpus(cfg.data), cfg.data.seq_len, cfg.data.seed)
-    out = Path(t.out)
-    start = 0
-    if resume:
-        last = resume if isinstance(resume, Path) else checkpoint.agreed_checkpoint(out / "ckpt", say=_log.info)
+    def _resume(self) -> None:
+        """Load the checkpoint ``resume`` names: a path (verified by the caller) or True, the newest
+        one whose checksums hold (the ranks hash their shares)."""
+        if not self.resume:
+            return
+        ckpt = self.out / "ckpt"
+        last = self.resume if isinstance(self.resume, Path) else checkpoint.agreed_checkpoint(ckpt, say=_log.info)
         if last is None:
-            raise ValueError(f"--resume: no checkpoint under {out / 'ckpt'}")
-        cfg = resume_config(cfg, manifest.read(last))   # the launching process printed what changed
-        start, data_state = checkpoint.load(last, model, optimizer)
-        packer.load_state(data_state)
-    logger = RunLog(out, t.steps, start) if dist.get_rank() == 0 else None
-    # usp's degree is the mesh's "ulysses" axis; the head count makes its plans refuse other K/V heads
-    options = {"num_kv_heads": cfg.model.n_kv_heads} if dims.ulysses > 1 else {}
-    options.update(entry.head_group_options(p.cp, p.head_groups))
-    if t.deterministic:
-        options["deterministic"] = True
-    if p.comm_dtype is not None:
-        options["comm_dtype"] = p.comm_dtype
-    m_cfg, hd = cfg.model, cfg.model.dim // cfg.model.n_heads
-    peak_flops = device_peak_flops(device, t.peak_tflops)
-    if cfg.world_size > 1:   # (one rank plans nothing: local attention)
-        # what the scheduler plans this job with (cad: its cost model and network), made as `distattn
-        # simulate` makes it for the same job: one plan for both (a CPU run plans for an H100's peak)
-        options.update(entry.job_options(num_heads=m_cfg.n_heads, num_kv_heads=m_cfg.n_kv_heads, head_dim=hd,
-                                         dtype_bytes=2 if t.dtype == "bf16" else 4,
-                                         peak_tflops=None if peak_flops is None else peak_flops / 1e12))
-    if p.pools_replicas:
-        # the pool is every dp x cp rank: the world group, which exists already (train() runs on
-        # exactly dp * cp ranks, checked above), so steps make no group; each plan exchanges the
-        # replicas' document lengths over it and CAD's all-to-alls cross replicas
-        options["pool"] = dist.group.WORLD
-    forward = {"checkpointing": t.activation_checkpointing, "loss_chunk": t.loss_chunk, "mlp_chunk": t.mlp_chunk,
-               "compute_dtype": torch.bfloat16 if t.dtype == "bf16" else None}
-    weight = pair_weight(m_cfg.n_heads, hd, m_cfg.shape.layer_matmul_params)
-    history = []
-    for step in range(start, t.steps):
+            raise ValueError(f"--resume: no checkpoint under {ckpt}")
+        self.config = resume_config(self.config, manifest.read(last))   # the launching process printed what changed
+        self.done, data_state = checkpoint.load(last, self.model, self.optimizer)
+        self.packer.load_state(data_state)
+
+    def _plan_options(self) -> None:
+        """The arguments of every step's plans, and the device's peak FLOP/s (MFU's denominator)."""
+        cfg, p, t = self.config, self.config.parallel, self.config.train
+        self.peak_flops = device_peak_flops(self.device, t.peak_tflops)
+        # the job as `distattn simulate` describes it: each scheduler derives its options from it (usp
+        # its degree, the mesh's "ulysses" axis; cad its cost model; a CPU run plans for an H100's peak)
+        options = {"context": cfg.plan_context(None if self.peak_flops is None else self.peak_flops / 1e12)}
+        if t.deterministic:
+            options["deterministic"] = True
+        if p.comm_dtype is not None:
+            options["comm_dtype"] = p.comm_dtype
+        if p.pools_replicas:
+            # the pool is every dp x cp rank: the world group, which exists already (the job has
+            # exactly dp * cp ranks, checked in setup), so steps make no group; each plan exchanges
+            # the replicas' document lengths over it and CAD's all-to-alls cross replicas
+            options["pool"] = dist.group.WORLD
+        self.options = options
+
+    def step(self) -> dict:
+        """One optimizer update on the next global batch -> its metrics (the same on every rank). A
+        step whose loss or gradient norm is not finite updates nothing: :class:`NonFinite` or, with
+        ``train.on_nonfinite: skip_step``, metrics with ``"skipped": true``."""
+        cfg, p, t, step = self.config, self.config.parallel, self.config.train, self.done
         t0 = time.perf_counter()
-        tokens_np, doc_lens = packer.next_batch(p.dp, dp_rank)
-        tokens = torch.from_numpy(tokens_np).to(device)
-        parts = agreed_nano_batches(doc_lens, p.nano_batch_count, weight, p.dp > 1, device)
-        plans = [make_plan(docs, cp_mesh, scheduler=p.scheduler, backend=p.backend, **options) for docs, _, _ in parts]
+        tokens_np, doc_lens = self.packer.next_batch(p.dp, self.dp_rank)
+        tokens = torch.from_numpy(tokens_np).to(self.device)
+        parts = agreed_nano_batches(doc_lens, p.nano_batch_count, self.weight, p.dp > 1, self.device)
+        plans = [self.plans.plan(docs, self.cp_mesh, scheduler=p.scheduler, backend=p.backend, **self.options)
+                 for docs, _, _ in parts]
+        # a cached plan's wait clock runs over its life: this step's wait is what the step adds to each
+        # plan (counted once where two nano-batches share one)
+        waited = {id(plan): (plan, plan.comm_wait_seconds()) for plan in plans}
         local_tokens, pos, local_labels = local_batch(tokens, doc_lens, plans, parts)
-        with _autocast(cfg, device):
-            loss_sum = model(local_tokens, pos, plans if len(plans) > 1 else plans[0], local_labels, **forward)
+        with _autocast(cfg, self.device):
+            loss_sum = self.model(local_tokens, pos, plans if len(plans) > 1 else plans[0], local_labels,
+                                  **self.forward)
         # the labelled tokens and the loss of the whole global batch, in one all-reduce
         sums = torch.stack([(local_labels != -100).sum().to(torch.float64), loss_sum.detach().to(torch.float64)])
         dist.all_reduce(sums)
         count = sums[0]
         (loss_sum / count * cfg.world_size).backward()
-        for g in optimizer.param_groups:
+        for g in self.optimizer.param_groups:
             g["lr"] = lr_at(cfg, step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         bad = _nonfinite(sums[1] / count, norm)   # the same on every rank: both are global
         if bad is None:
-            optimizer.step()
+            self.optimizer.step()
         elif t.on_nonfinite == "stop":
             raise NonFinite(f"step {step + 1}: {bad}; stopped before updating the model (train.on_nonfinite: "
                             f"stop, or skip_step to skip such steps)")
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        m = self._metrics(t0, plans, list(waited.values()), loss_sum, count, norm)
+        if bad is not None:
+            m["skipped"] = True
+        self.done = step + 1
+        return m
+
+    def _metrics(self, t0: float, plans: list, waited: list, loss_sum: torch.Tensor, count: torch.Tensor,
+                 norm: torch.Tensor) -> dict:
+        """The step's metrics, reduced over every rank (``waited``: each plan and its wait clock before the step)."""
+        cfg, p, device = self.config, self.config.parallel, self.device
+        m_cfg, hd = cfg.model, cfg.model.dim // cfg.model.n_heads
         s0 = time.perf_counter()
         # attention FLOPs per rank of the plans' ranks, every nano-batch's summed
         rank_flops = [sum(f) for f in zip(*(plan.stats(m_cfg.n_heads, m_cfg.n_kv_heads, hd)["flops"]
@@ -251,43 +298,72 @@ def train(cfg: RunConfig, resume: bool | Path = False, stop: StopSignal | None =
         # ranks, and the model FLOPs of MFU); one max gives the peak memory and the comm wait
         total = torch.zeros(2 + cfg.world_size, dtype=torch.float64, device=device)
         total[0] = loss_sum.detach()
-        total[1] = float(stop is not None and stop.received)
-        # a pooled plan's stats list every rank of the pool (the world, slot = global rank); plan.rank
+        total[1] = float(self.stop is not None and self.stop.received)
+        # a pooled plan's stats list every rank of the pool (the world, slot = global rank); plan.slot
         # is this rank's place in its CP group, which indexes an unpooled plan's stats
         total[2 + dist.get_rank()] = float(rank_flops[plans[0].slot])
-        worst = torch.tensor([peak_memory_bytes(device), sum(plan.comm_wait_seconds() for plan in plans)],
-                             dtype=torch.float64, device=device)
+        wait = sum(plan.comm_wait_seconds() - before for plan, before in waited)
+        worst = torch.tensor([peak_memory_bytes(device), wait], dtype=torch.float64, device=device)
         bookkeeping = time.perf_counter() - s0  # metrics, not training: left out of the step time
         dist.all_reduce(total)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         total_loss, stopping, *world_flops = total.tolist()
         peak_mem, comm_wait = worst.tolist()
+        self.stopping = bool(stopping)
         step_time = time.perf_counter() - t0 - bookkeeping
-        flops = m_cfg.shape.model_flops(p.dp * cfg.data.seq_len, sum(world_flops))
-        m = {"step": step + 1, "loss": total_loss / count.item(), "lr": lr_at(cfg, step),
-             "grad_norm": float(norm),
-             "tokens_per_s": p.dp * cfg.data.seq_len / step_time,
-             "tokens_per_s_per_device": p.dp * cfg.data.seq_len / step_time / cfg.world_size,
-             "step_time_s": step_time,
-             "mfu": None if peak_flops is None else flops / (step_time * cfg.world_size * peak_flops),
-             "model_tflops": flops / 1e12, "peak_memory_gib": peak_mem / 2**30, "comm_wait_s": comm_wait,
-             "flops_imbalance": imbalance(rank_flops), "flops_imbalance_all": imbalance(world_flops)}
-        if bad is not None:
-            m["skipped"] = True
-        history.append(m)
-        if on_step is not None:
-            on_step(m)
-        if logger is not None:
-            logger.step(m, record=step % t.log_every == 0 or step + 1 == t.steps or bool(stopping))
-        if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps or stopping:
-            checkpoint.save(out / "ckpt" / f"step_{step + 1}", model, optimizer, step + 1, packer.state(),
-                            run_info(cfg))
-        if stopping:
-            stop.stopped_at = step + 1
-            break
-    if logger is not None:
-        logger.close()
-    return history
+        tokens = p.dp * cfg.data.seq_len
+        flops = m_cfg.shape.model_flops(tokens, sum(world_flops))
+        peak = self.peak_flops
+        return {"step": self.done + 1, "loss": total_loss / count.item(), "lr": lr_at(cfg, self.done),
+                "grad_norm": float(norm),
+                "tokens_per_s": tokens / step_time, "tokens_per_s_per_device": tokens / step_time / cfg.world_size,
+                "step_time_s": step_time, "mfu": None if peak is None else flops / (step_time * cfg.world_size * peak),
+                "model_tflops": flops / 1e12, "peak_memory_gib": peak_mem / 2**30, "comm_wait_s": comm_wait,
+                "flops_imbalance": imbalance(rank_flops), "flops_imbalance_all": imbalance(world_flops)}
+
+    def log(self, metrics: dict) -> None:
+        """A step is done: into the history, to every callback, and (rank 0) to the console,
+        ``metrics.jsonl`` and TensorBoard every ``train.log_every`` steps, the last and a stopping one."""
+        self.history.append(metrics)
+        for fn in self.callbacks:
+            fn(metrics)
+        if self.logger is not None:
+            n, t = metrics["step"], self.config.train
+            self.logger.step(metrics, record=(n - 1) % t.log_every == 0 or n == t.steps or self.stopping)
+
+    @property
+    def checkpoint_due(self) -> bool:
+        """Every ``train.ckpt_every`` steps, at the last step, and when stopping."""
+        t = self.config.train
+        return self.done % t.ckpt_every == 0 or self.done == t.steps or self.stopping
+
+    def checkpoint(self) -> None:
+        """Save ``ckpt/step_N`` (N: the steps taken) on every rank: model, optimizer, data cursor, run info."""
+        checkpoint.save(self.out / "ckpt" / f"step_{self.done}", self.model, self.optimizer, self.done,
+                        self.packer.state(), run_info(self.config))
+
+    def _end_group(self) -> None:
+        if self._own_group:
+            self._own_group = False
+            dist.destroy_process_group()
+
+    def close(self) -> None:
+        """Close the run's log (metrics.jsonl, TensorBoard), drop the plans, end a process group setup made."""
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        self.plans.clear()
+        self._end_group()
+
+
+def train(cfg: RunConfig, resume: bool | Path = False, stop: StopSignal | None = None,
+          on_step: Callable[[dict], Any] | None = None) -> list[dict]:
+    """Run on every rank of an initialised process group of ``cfg.world_size`` ranks; returns the metrics.
+    ``resume``: True continues from the newest checkpoint whose checksums hold (the ranks hash their
+    shares); a path continues from that checkpoint, which the caller has verified already. With ``stop``,
+    a SIGTERM or SIGINT it received ends the run after the current step and its checkpoint;
+    ``on_step(metrics)`` is called on every rank after each step (progress, profiling)."""
+    return Trainer(cfg, [] if on_step is None else [on_step], resume=resume, stop=stop).run()
 
 
 class NonFinite(RuntimeError):
@@ -328,28 +404,12 @@ def _rank_entry(cfg: RunConfig, resume: bool | Path) -> list[dict]:
         return train(cfg, resume, stop)
 
 
-def process_group_backend(cfg: RunConfig, cuda: bool) -> str:
-    """The launcher's process group: nccl on GPUs -- with gloo beside it for ``cpu_offload``, whose
-    gradients (and so the gradient norm's all-reduce) live in host memory -- else gloo."""
-    if not cuda:
-        return "gloo"
-    return "cpu:gloo,cuda:nccl" if cfg.parallel.cpu_offload else "nccl"
-
-
 def run(cfg: RunConfig, resume: bool | Path = False) -> list[dict]:
     """Train under torchrun (``RANK`` set) or on ``dp * cp`` local gloo processes; returns rank 0's metrics.
-    ``resume`` as :func:`train`'s."""
+    ``resume`` as :func:`train`'s; under torchrun a restarted worker resumes by itself (:func:`.resume.resume_from`)."""
     if "RANK" in os.environ:
-        # torchrun --max-restarts restarts the workers with the same arguments: pick up the last checkpoint
-        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            resume = resume or checkpoint.newest_usable(Path(cfg.train.out) / "ckpt", checksums=False) is not None
-        with StopSignal() as stop:
-            dist.init_process_group(process_group_backend(cfg, torch.cuda.is_available()),
-                                    timeout=timedelta(seconds=cfg.parallel.timeout_s))
-            try:
-                history = train(cfg, resume, stop)
-            finally:
-                dist.destroy_process_group()
+        with StopSignal() as stop:   # (before the group exists: a signal while joining it is kept too)
+            history = Trainer(cfg, resume=resume_from(Path(cfg.train.out), resume), stop=stop).run()
         if stop.stopped_at is not None:
             raise Terminated(f"stopped by {stop.name}", [history], stop.signum)
         return history

@@ -1,0 +1,70 @@
+"""How a run's ranks start and stop: the process group they join (:func:`join_group`) and the
+signal that stops them at a step boundary (:class:`StopSignal`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .config import RunConfig
+
+
+class StopSignal:
+    """Remembers a SIGTERM or SIGINT (handlers installed from the main thread only) until the step
+    ends. Once one came, leaving ignores further ones: the run is already stopping (a launcher
+    repeats the signal until its ranks are done), and its results must reach the caller."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self.stopped_at, self._previous = None, None, {}
+
+    @property
+    def received(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+        return self
+
+    def _note(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_IGN if self.received else previous)
+
+
+def process_group_backend(cfg: RunConfig, cuda: bool) -> str:
+    """The launcher's process group: nccl on GPUs -- with gloo beside it for ``cpu_offload``, whose
+    gradients (and so the gradient norm's all-reduce) live in host memory -- else gloo."""
+    if not cuda:
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if cfg.parallel.cpu_offload else "nccl"
+
+
+def join_group(cfg: RunConfig) -> bool:
+    """Make the run's process group unless the caller has: torchrun's (``RANK`` set), or a single
+    rank's for a config of world size 1. Returns whether it made one (the caller then ends it).
+    ``ValueError`` for a config of several ranks started without a launcher."""
+    if dist.is_initialized():
+        return False
+    launched = "RANK" in os.environ
+    if not launched and cfg.world_size != 1:
+        raise ValueError(f"parallel.dp * parallel.cp = {cfg.world_size} ranks: start this under torchrun "
+                         f"--nproc-per-node {cfg.world_size}, or run `distattn train CONFIG`, which starts local "
+                         f"processes itself")
+    alone = {} if launched else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+    dist.init_process_group(process_group_backend(cfg, torch.cuda.is_available()),
+                            timeout=timedelta(seconds=cfg.parallel.timeout_s), **alone)
+    return True
