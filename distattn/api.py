@@ -159,10 +159,10 @@ def _made(schedule, info: MeshInfo, backend: str, device, live: dict, batch: int
           run: ExecOptions) -> Plan:
     """The plan of ``schedule``: with this rank's executor, prepared on its device, unless dry."""
     if info.is_dry:
-        return Plan(schedule, backend, batch_size=batch, options=run)
-    plan_ = Plan(schedule, backend, info.rank, executor_for(schedule, info, backend, **live, options=run),
-                 batch_size=batch, options=run)
-    plan_.prepare(device if device is not None else info.device)
+        return Plan(schedule, batch_size=batch, options=run)
+    plan_ = Plan(schedule, info.rank, executor_for(schedule, info, backend, **live, options=run), batch_size=batch,
+                 options=run)
+    plan_._runtime.prepare(device if device is not None else info.device)
     return plan_
 
 
@@ -202,9 +202,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must come from distattn.plan(...), got {type(plan).__name__}")
     if prefetch is not None:
-        if not plan.executor.supports_prefetch:
+        executor = plan._live("attention").executor
+        if not executor.supports_prefetch:
             raise ValueError(f"prefetch= works with scheduler='cad', not {plan.scheduler!r}")
-        if prefetch.executor is not plan.executor or prefetch.ids != (id(q), id(k), id(v)):
+        if prefetch.executor is not executor or prefetch.ids != (id(q), id(k), id(v)):
             raise ValueError("prefetch was started by another plan or for other q, k, v tensors")
     rows = q.shape[:2]
     q, k, v = flat_rows(q, k, v, plan.batch_size)
@@ -229,5 +230,5 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lens,
     lens, window = as_doc_lens(doc_lens), check_window(window)
     schedule = LOCAL.planner()(lens, info, causal=bool(causal), window=window, shards=CONTIGUOUS.shards(lens, 1),
                                mask=SliceMask.documents(lens, bool(causal), window))
-    return attention(q, k, v, Plan(schedule, backend, 0, executor_for(schedule, info, backend)), scale=scale,
-                     sinks=sinks, softcap=softcap)
+    return attention(q, k, v, Plan(schedule, 0, executor_for(schedule, info, backend)), scale=scale, sinks=sinks,
+                     softcap=softcap)

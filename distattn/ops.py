@@ -9,8 +9,8 @@ through attention without a graph break (``train.compile``)::
         [dq, dk, dv] (+ dsinks with sinks)
 
 The plan is an opaque *reference* object (``torch._library.opaque_object``): a compiled graph takes
-it as an input, and guards only on :attr:`Plan.trace_key` (its executor's structure), so the plan
-made for each step's documents reuses the graph.
+it as an input, and guards only on its runtime's :attr:`~distattn.plans.PlanRuntime.trace_key` (its
+executor's structure), so the plan made for each step's documents reuses the graph.
 
 An executor's saved state is nested tuples of tensors and plain values; the ops move its tensors as
 one flat list (:func:`flatten`): those that are the op's own tensors (q, k, v, sinks, out) by
@@ -107,9 +107,10 @@ def _saved_like(plan: Plan, known: tuple, size) -> object:
     """The executor's saved state for these op tensors, as empty tensors (``size``: a plan-decided
     count -> the size to use). Under a local order the executor sees reordered copies."""
     q, k, v, sinks, out = known
-    if plan.local_order is not None:
+    runtime = plan._live("attention")
+    if runtime.local_order is not None:
         q, k, v, out = (t.new_empty(t.shape) for t in (q, k, v, out))
-    return plan.executor.saved_like(q, k, v, out, sinks, size)
+    return runtime.executor.saved_like(q, k, v, out, sinks, size)
 
 
 def _kv_shape(k: torch.Tensor, v: torch.Tensor) -> list[int]:
@@ -144,11 +145,12 @@ def _skeleton(plan: Plan, known: tuple, kv_shape=None, kv_dtype=None) -> object:
 
 def forward(q, k, v, sinks, plan: Plan, scale: float, softcap, prefetch=None) -> list[torch.Tensor]:
     """``[out, *new saved tensors]`` (see module docstring)."""
-    plan.check_inputs(q, k, v, sinks=sinks, softcap=softcap)
-    qc, kc, vc = plan.to_compute_order(q, k, v)
+    runtime = plan._live("attention")
+    runtime.check_inputs(q, k, v, sinks=sinks, softcap=softcap)
+    qc, kc, vc = runtime.to_compute_order(q, k, v)
     extra = {} if prefetch is None else {"prefetch": prefetch}
-    out_c, saved = plan.executor.forward(qc, kc, vc, scale, softcap, sinks, **extra)
-    (out,) = _distinct(plan.to_compute_order(out_c, back=True))
+    out_c, saved = runtime.executor.forward(qc, kc, vc, scale, softcap, sinks, **extra)
+    (out,) = _distinct(runtime.to_compute_order(out_c, back=True))
     known = (q, k, v, sinks, out)
     template, like = _expected(plan, known)
     skeleton, new = flatten(saved, known, template)
@@ -164,9 +166,10 @@ def backward(dout, known: list, new: list, plan: Plan, scale: float, softcap, kv
     sinks = known[3]
     skeleton = _skeleton(plan, (dout, None, None, sinks, None), kv_shape, kv_dtype)
     saved = unflatten(skeleton, [*known, *new])
-    (dout_c,) = plan.to_compute_order(dout)
-    dq, dk, dv, dsinks = plan.executor.backward(dout_c.contiguous(), saved, scale, softcap, sinks)
-    grads = _distinct(plan.to_compute_order(dq, dk, dv, back=True))
+    runtime = plan._live("attention")
+    (dout_c,) = runtime.to_compute_order(dout)
+    dq, dk, dv, dsinks = runtime.executor.backward(dout_c.contiguous(), saved, scale, softcap, sinks)
+    grads = _distinct(runtime.to_compute_order(dq, dk, dv, back=True))
     return grads if sinks is None else [*grads, dsinks.to(sinks.dtype)]
 
 
@@ -215,8 +218,9 @@ class Attention(torch.autograd.Function):
 
 if AVAILABLE:
     # guard a compiled graph on what shapes the fake kernels' outputs, not on the plan object
-    # (batch_size, read before the op, is part of the trace key)
-    register_opaque_type(Plan, typ="reference", guard_fn=lambda plan: [plan.trace_key],
+    # (batch_size, read before the op, is part of the trace key; a dry plan's attention refuses in the op)
+    register_opaque_type(Plan, typ="reference",
+                         guard_fn=lambda plan: [None if plan._runtime is None else plan._runtime.trace_key],
                          members={"batch_size": MemberType.USE_REAL})
 
     @torch.library.custom_op("distattn::attention", mutates_args=())
@@ -227,7 +231,7 @@ if AVAILABLE:
     @attention_op.register_fake
     def _(q, k, v, sinks, plan, scale, softcap):
         real = _real(plan)
-        real.check_local_qkv(q, k, v)
+        real._live("attention").check_local_qkv(q, k, v)
         ctx = torch.library.get_ctx()
         out = q.new_empty((*q.shape[:2], v.shape[2]))
         known = (q, k, v, sinks, out)

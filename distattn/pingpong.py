@@ -205,7 +205,8 @@ def run_piece(piece: str, layer: Layer, plan, nano: NanoBatch, n: int) -> None:
         return
     # attention runs as written (its kernels accumulate in fp32): autocast would push them to bf16
     with torch.autocast(nano.x.device.type, enabled=False):
-        if not plan.executor.supports_prefetch:   # no stages: the whole attention at ``compute``
+        runtime = plan._live("attention")
+        if not runtime.executor.supports_prefetch:   # no stages: the whole attention at ``compute``
             if piece == "compute":
                 nano.out, nano.qkv = attention(*nano.qkv, plan, **nano.args), None
             return
@@ -213,15 +214,15 @@ def run_piece(piece: str, layer: Layer, plan, nano: NanoBatch, n: int) -> None:
         if piece == "dispatch":
             q, k, v = nano.qkv
             softcap = check_softcap(nano.args.get("softcap"))
-            plan.check_inputs(q, k, v, sinks=check_sinks(sinks, q), softcap=softcap)
+            runtime.check_inputs(q, k, v, sinks=check_sinks(sinks, q), softcap=softcap)
             scale = nano.args.get("scale")
-            nano.flight = _Flight(plan.executor, float(q.shape[-1] ** -0.5 if scale is None else scale), softcap)
-            nano.token, nano.qkv = _Dispatch.apply(nano.flight, *plan.to_compute_order(q, k, v)), None
+            nano.flight = _Flight(runtime.executor, float(q.shape[-1] ** -0.5 if scale is None else scale), softcap)
+            nano.token, nano.qkv = _Dispatch.apply(nano.flight, *runtime.to_compute_order(q, k, v)), None
         elif piece == "compute":
             nano.token = _Compute.apply(nano.flight, nano.token, sinks)
         else:
             assert piece == "finish", piece
-            nano.out = plan.to_compute_order(_Finish.apply(nano.flight, nano.token), back=True)[0]
+            nano.out = runtime.to_compute_order(_Finish.apply(nano.flight, nano.token), back=True)[0]
             nano.flight = nano.token = nano.args = None
 
 

@@ -170,7 +170,7 @@ class _WithLse(torch.autograd.Function):
         known = (q, k, v, None, out)
         ops._saved_for_backward(ctx, known, new, plan, scale, softcap)
         saved = ops.unflatten(ops._skeleton(plan, known), [*known, *new])
-        (lse,) = plan.to_compute_order(saved.lse, back=True)
+        (lse,) = plan._runtime.to_compute_order(saved.lse, back=True)
         lse = lse.t().clone(memory_format=torch.contiguous_format)   # flash_attn's [H, T]; not the saved one
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -187,7 +187,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, softma
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if not return_lse:
         return attention(q, k, v, plan, scale=scale, softcap=softcap)
-    plan.check_local_qkv(q, k, v)
+    plan._live("attention").check_local_qkv(q, k, v)
     if not isinstance(ops._skeleton(plan, (q, k, v, None, q)), Saved):
         # ulysses/usp keep the lse of their head shards over all tokens, cad that of its tasks' rows
         # wherever they ran: bringing it to the query's rank would be one more all-to-all per call

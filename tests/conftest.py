@@ -117,7 +117,7 @@ def covers_the_mask(plan, docs, causal, window, mask=None) -> bool:
     total = sum(docs)
     seen = np.zeros((total, total), dtype=int)
     for r in range(plan.world_size):
-        for sl in plan.compute_slices(r):
+        for sl in plan.schedule.compute_slices(r):
             lo, hi = sl.local_band()
             diag = np.arange(sl.k_len)[None, :] - np.arange(sl.q_len)[:, None]
             seen[sl.q_start:sl.q_end, sl.k_start:sl.k_end] += (diag >= lo) & (diag <= hi)

@@ -114,7 +114,7 @@ def _case(docs, causal, window, gpus_per_node):
     plan = distattn.plan(docs, dist.group.WORLD, scheduler="cad", causal=causal, window=window, epsilon=0.01,
                          network=_network(gpus_per_node))
     mine = [plan.shard(t).clone().requires_grad_() for t in (q, k, v)]
-    ex = plan.executor
+    ex = plan._runtime.executor
     out = distattn.attention(*mine, plan)
     fwd = dict(ex.link_bytes)
     out.backward(plan.shard(dout))

@@ -126,11 +126,11 @@ def _order_worker():
     plans, xs = _inputs(NANO_DOCS[:2])
     log: list = []
     pre, post, params = _layer(log=log)
-    comms = {id(p.executor.pool_comm) for p in plans}
+    comms = {id(p._runtime.executor.pool_comm) for p in plans}
     assert len(comms) == 2  # one communicator per plan: transfers are told apart by it
 
     def logged_comm(plan, i):
-        comm = plan.executor.pool_comm
+        comm = plan._runtime.executor.pool_comm
         original = comm.all_to_all
 
         def all_to_all(output, input, output_splits, input_splits, what):
@@ -148,7 +148,7 @@ def _order_worker():
 
     for i, p in enumerate(plans):
         logged_comm(p, i)
-    varlens = {id(call[0]): i for i, p in enumerate(plans) for call in p.executor.calls}
+    varlens = {id(call[0]): i for i, p in enumerate(plans) for call in p._runtime.executor.calls}
     fwd, bwd = task_a2a.varlen_fwd, task_a2a.varlen_bwd
 
     def logged_fwd(q, k, v, seg, **kw):
@@ -217,7 +217,7 @@ def _bytes_worker(dtype):
     q, k, v = (plan.shard(torch.randn(sum(docs), h, D, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
                for h in (HQ, HKV, HKV))
     sent: list = []
-    comm = plan.executor.pool_comm
+    comm = plan._runtime.executor.pool_comm
     original = comm.all_to_all
 
     def all_to_all(output, input, output_splits, input_splits, what):
@@ -233,7 +233,7 @@ def _bytes_worker(dtype):
     out.backward(torch.ones_like(out))
     backward = plan.bytes_sent() - before - forward
 
-    tr, me = plan.schedule.traffic(), plan.executor.slot
+    tr, me = plan.schedule.traffic(), plan._runtime.executor.slot
     out, into = (tr.owner == me) & (tr.comp != me), (tr.comp == me) & (tr.owner != me)
     q_out, kv_out = tr.q[out].sum(), tr.kv[out].sum()   # my Q rows computed elsewhere, my K/V rows sent
     q_in, kv_in = tr.q[into].sum(), tr.kv[into].sum()   # others' Q rows I compute, their K/V rows I receive

@@ -47,7 +47,7 @@ def test_the_split_is_transformer_engines():
     docs, cp = [8, 16, 4], 2
     for scheduler in ("zigzag", "allgather"):
         plan = distattn.plan(docs, cp, scheduler=scheduler, layout="document")
-        assert plan.owned == (((0, 2), (6, 8), (8, 12), (20, 24), (24, 25), (27, 28)),
+        assert plan.layout.owned == (((0, 2), (6, 8), (8, 12), (20, 24), (24, 25), (27, 28)),
                               ((2, 4), (4, 6), (12, 16), (16, 20), (25, 26), (26, 27)))
     expected = []
     for r in range(cp):
@@ -58,7 +58,7 @@ def test_the_split_is_transformer_engines():
                 idx += range(start + c * chunk, start + (c + 1) * chunk)
             start += n
         expected.append(idx)
-    assert [distattn.plans.token_index(plan.owned[r]).tolist() for r in range(cp)] == expected
+    assert [distattn.plans.token_index(plan.layout.owned[r]).tolist() for r in range(cp)] == expected
 
 
 def _positions_worker(docs):
@@ -109,9 +109,9 @@ def test_bad_layouts_are_refused():
         distattn.plan([8, 6, 12], 2, layout="document")
     for scheduler in ("ring", "ulysses", "usp", "cad"):  # every scheduler runs every layout (issue 29)
         options = {"ulysses_degree": 2} if scheduler == "usp" else {}
-        assert distattn.plan([8], 2, scheduler=scheduler, layout="document", **options).owned == \
+        assert distattn.plan([8], 2, scheduler=scheduler, layout="document", **options).layout.owned == \
             (((0, 2), (6, 8)), ((2, 4), (4, 6)))
     with pytest.raises(ValueError, match="layout='thd' is unknown"):
         distattn.plan([8], 2, layout="thd")
     # on one rank both layouts are the sequence itself: any document length
-    assert distattn.plan([3, 5], 1, layout="document").owned == (((0, 8),),)
+    assert distattn.plan([3, 5], 1, layout="document").layout.owned == (((0, 8),),)

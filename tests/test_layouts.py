@@ -91,15 +91,15 @@ def test_named_layouts_hold_what_they_say():
     }
     for scheduler, (name, tokens) in itertools.product(SCHEDULERS, expected.items()):
         plan = distattn.plan(docs, p, scheduler=scheduler, layout=name, **_options(scheduler, p))
-        got = [distattn.plans.token_index(plan.owned[r]).tolist() for r in range(p)]
+        got = [distattn.plans.token_index(plan.layout.owned[r]).tolist() for r in range(p)]
         assert got == tokens, (scheduler, name)
     # each scheduler's own layout is unchanged when layout= is left out
     own = {"ring": "contiguous", "zigzag": "zigzag", "allgather": "zigzag", "ulysses": "contiguous", "cad": "contiguous"}
     for scheduler, name in own.items():
-        assert distattn.plan(docs, p, scheduler=scheduler).owned == distattn.plan(docs, p, scheduler=scheduler,
-                                                                                  layout=name).owned
-        assert distattn.plan(docs, p, scheduler=scheduler, layout="sequence").owned == \
-            distattn.plan(docs, p, scheduler=scheduler).owned
+        assert distattn.plan(docs, p, scheduler=scheduler).layout.owned == \
+            distattn.plan(docs, p, scheduler=scheduler, layout=name).layout.owned
+        assert distattn.plan(docs, p, scheduler=scheduler, layout="sequence").layout.owned == \
+            distattn.plan(docs, p, scheduler=scheduler).layout.owned
 
 
 def _explicit_worker(indices, docs):

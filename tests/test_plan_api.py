@@ -9,7 +9,6 @@ import torch.distributed as dist
 
 import distattn
 from conftest import max_err, rand_qkv
-from distattn.plans import Plan
 from distattn.spawn import run_distributed
 
 DOCS = [5, 1, 17, 9]
@@ -89,22 +88,31 @@ def test_every_scheduler_plans_dry():
         distattn.plan([8], 4, scheduler="local")
 
 
-# --- the Plan base over real gloo ranks, with hand-made ownership ----------------------------
+def test_plan_shows_users_only_what_they_use():
+    """The pinned names and a few facts of the run; the executor, the local order and the input
+    checks are the plan's runtime, and what else the scheduler decided is in ``plan.schedule``."""
+    pinned = {"shard", "unshard", "position_ids", "stats", "scheduler", "layout", "world_size", "schedule"}
+    others = {"doc_lens", "rank", "slot", "batch_size", "seq_len", "num_local_tokens", "comm_dtype", "deterministic",
+              "prefetch", "bytes_sent", "comm_wait_seconds"}
+    plan = distattn.plan(DOCS, 2, scheduler="usp", ulysses_degree=2)
+    assert {name for name in dir(plan) if not name.startswith("_")} == pinned | others
+    assert plan.layout is plan.schedule.shards and plan.schedule.ulysses_degree == 2
 
-class _RangesPlan(Plan):
-    """Ownership only: enough to exercise shard/unshard/position_ids of the base class."""
+
+# --- shard/unshard/position_ids over real gloo ranks, with hand-made ownership --------------
+
+OWNED = (((0, 3), (20, 23)), ((3, 10),), ((10, 20),))   # uneven and non-contiguous over 23 tokens, like zigzag
 
 
-def _ranges_plan(rank, world_size, group):
-    # uneven and non-contiguous ownership over 23 tokens, like zigzag chunks
-    owned = (((0, 3), (20, 23)), ((3, 10),), ((10, 20),))
-    return _RangesPlan(scheduler="test", doc_lens=(4, 1, 11, 7), causal=True, window=None, backend="auto",
-                       world_size=world_size, rank=rank, group=group, owned=owned)
+def _ranges_plan(group):
+    layout = distattn.Layout.from_indices([np.concatenate([np.arange(s, e) for s, e in r]) for r in OWNED])
+    plan = distattn.plan([4, 1, 11, 7], group, scheduler="ring", layout=layout)
+    assert plan.layout.owned == OWNED
+    return plan
 
 
 def _shard_unshard_worker():
-    rank, world = dist.get_rank(), dist.get_world_size()
-    plan = _ranges_plan(rank, world, dist.group.WORLD)
+    plan = _ranges_plan(dist.group.WORLD)
     x = torch.arange(23 * 2, dtype=torch.float32).view(23, 2)
     local = plan.shard(x)
     back = plan.unshard(local * 10)
@@ -116,9 +124,8 @@ def test_shard_unshard_position_ids_on_three_ranks():
     results = run_distributed(_shard_unshard_worker, 3, timeout=120)
     x = torch.arange(23 * 2, dtype=torch.float32).view(23, 2)
     pos = np.concatenate([np.arange(n) for n in (4, 1, 11, 7)])
-    owned = (((0, 3), (20, 23)), ((3, 10),), ((10, 20),))
     for rank, (local, back, back_dim1, position_ids) in enumerate(results):
-        idx = np.concatenate([np.arange(s, e) for s, e in owned[rank]])
+        idx = np.concatenate([np.arange(s, e) for s, e in OWNED[rank]])
         assert torch.equal(local, x[idx])
         assert torch.equal(back, x * 10)
         assert torch.equal(back_dim1, x.t())
@@ -126,7 +133,7 @@ def test_shard_unshard_position_ids_on_three_ranks():
 
 
 def _wrong_length_worker():
-    plan = _ranges_plan(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    plan = _ranges_plan(dist.group.WORLD)
     plan.unshard(torch.zeros(99, 2))
 
 

@@ -58,7 +58,7 @@ def _phase_worker(cases):
         finally:
             for p in patches:
                 p.stop()
-        phases = plan.phases(4, 2, 8, dtype_bytes=4)
+        phases = plan.schedule.phases(AttnShape(4, 2, 8, dtype_bytes=4))
         want = {d: sum(int(ph.total(plan.schedule.stat_ranks)[rank]) for ph in phases
                        if ph.is_comm and ph.direction == d) for d in ("forward", "backward")}
         got = {"forward": sum(b for _, b in forward), "backward": sum(b for _, b in backward)}
@@ -97,9 +97,10 @@ def _dry_live_worker():
             (a.direction, a.op, a.what, a.span) == (b.direction, b.op, b.what, b.span)
             and np.array_equal(a.rank, b.rank) and np.array_equal(a.amount, b.amount)
             and np.array_equal(a.steps, b.steps)
-            for a, b in zip(live.phases(8, 2, 16), dry.phases(8, 2, 16), strict=True))
-        out.append((scheduler, type(live.schedule) is type(dry.schedule) and live.owned == dry.owned and same_phases,
-                    dry.executor is None and live.executor is not None))
+            for a, b in zip(live.schedule.phases(AttnShape(8, 2, 16)), dry.schedule.phases(AttnShape(8, 2, 16)),
+                            strict=True))
+        out.append((scheduler, type(live.schedule) is type(dry.schedule) and live.layout.owned == dry.layout.owned
+                    and same_phases, dry.rank is None and live.rank == dist.get_rank()))
     return out
 
 
@@ -111,7 +112,7 @@ def test_dry_and_live_plans_share_one_schedule():
 
 def test_stats_are_the_forward_phases():
     plan = distattn.plan([300, 17, 1, 500], 8, scheduler="zigzag")
-    phases, st = plan.phases(8, 2, 64), plan.stats(8, 2, 64)
+    phases, st = plan.schedule.phases(AttnShape(8, 2, 64)), plan.stats(8, 2, 64)
     fwd = [ph for ph in phases if ph.direction == "forward"]
     assert st["flops"] == sum(ph.total(8) for ph in fwd if not ph.is_comm).tolist()
     assert st["send_bytes"] == sum(ph.total(8) for ph in fwd if ph.is_comm).tolist()

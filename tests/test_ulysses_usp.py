@@ -140,8 +140,8 @@ def test_default_degree_divides_the_kv_heads():
     # the largest divisor of the CP size that divides the KV heads: Ulysses never splits a KV head
     assert [default_ulysses_degree(p, h) for p, h in [(16, 8), (8, 8), (4, 4), (6, 4), (12, 8), (5, 2), (4, 1)]] \
         == [8, 8, 4, 2, 4, 1, 1]
-    assert distattn.plan([64], 6, scheduler="usp", num_kv_heads=4).ulysses_degree == 2
-    assert distattn.plan([64], 6, scheduler="usp", num_kv_heads=4, ulysses_degree=3).ulysses_degree == 3
+    assert distattn.plan([64], 6, scheduler="usp", num_kv_heads=4).schedule.ulysses_degree == 2
+    assert distattn.plan([64], 6, scheduler="usp", num_kv_heads=4, ulysses_degree=3).schedule.ulysses_degree == 3
     with pytest.raises(ValueError, match="ulysses_degree=U or num_kv_heads=H"):
         distattn.plan([64], 4, scheduler="usp")
     with pytest.raises(ValueError, match="num_kv_heads must be a positive int"):
@@ -155,7 +155,7 @@ def test_usp_is_valid_for_every_shipped_config(path):
     degree = cfg["parallel"].get("ulysses_degree")
     plan = distattn.plan([cfg["data"]["seq_len"]], cp, scheduler="usp", ulysses_degree=degree,
                          num_kv_heads=model["n_kv_heads"])
-    u = plan.ulysses_degree
+    u = plan.schedule.ulysses_degree
     assert cp % u == 0 and model["n_kv_heads"] % u == 0 and model["n_heads"] >= u, (path.name, u)
     assert u == (degree or default_ulysses_degree(cp, model["n_kv_heads"]))
     st = plan.stats(model["n_heads"], model["n_kv_heads"], model["dim"] // model["n_heads"])
@@ -173,7 +173,7 @@ def _tiny_config_worker():
         refused = None
     except ValueError as exc:
         refused = str(exc)
-    return plan.ulysses_degree, errors, refused
+    return plan.schedule.ulysses_degree, errors, refused
 
 
 def test_tiny_config_shapes_run_usp_with_the_default_degree():

@@ -1,9 +1,10 @@
 """What every executor shares: the saved state, device indices, kernel calls and input agreement.
 
 An executor runs one rank's part of a schedule on process groups. It is the live, mutable half of
-a plan (the schedule is the frozen half): it holds the rank's communicators (which count the bytes
-sent), its kernel layouts and indices copied to the device once (:meth:`Executor.prepare`), and
-the input shapes its group already agreed on.
+a plan (the schedule is the frozen half), held by the plan's runtime
+(:class:`distattn.plans.PlanRuntime`), which users don't see: it holds the rank's communicators
+(which count the bytes sent), its kernel layouts and indices copied to the device once
+(:meth:`Executor.prepare`), and the input shapes its group already agreed on.
 """
 
 from __future__ import annotations
