@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from distattn.cli import main as cli_main
-from distattn.masks import attention_flops, mask_area
+from distattn.cost import attention_flops
+from distattn.masks import mask_area
 from distattn.model_shape import GPUS, MODELS
 from distattn.network import default_profile
 from distattn.sim.simulate import SimConfig, simulate
