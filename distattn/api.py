@@ -31,87 +31,55 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
          backend: str = "auto", *, mask: SliceMask | None = None, layout: str | Layout | None = None,
          device: torch.device | str | None = None, deterministic: bool = False, comm_dtype: str | None = None,
          context: PlanContext | None = None, **options) -> Plan:
-    """Plan context-parallel attention for one packed sequence.
+    """Plan context-parallel attention for one packed sequence (or a batch of rows).
 
     Args:
-        doc_lens: document lengths of the packed sequence (list of ints or 1-D int
-            tensor), summing to the full sequence length ``S``. Or a batch of ``B`` rows: one list
-            per row (or a 2-D int tensor), each summing to the same ``S``. The rows run as one
-            schedule -- one call, one set of transfers -- each cut by the layout as a sequence of
-            its own, so ``shard`` takes ``[B, S, ...]`` and gives ``[B, S_local, ...]``, and
-            ``attention`` takes and returns ``[B, S_local, H, D]``; ``mask=`` is for one sequence.
-        mesh: a ``DeviceMesh`` (1-D; 2-D with axes ``("ulysses", "ring")`` for ``usp``),
-            a ``ProcessGroup``, or an int world size for a *dry* plan (stats only).
-        scheduler: ``"ring" | "zigzag" | "allgather" | "ulysses" | "usp" | "cad"``
-            (``"local"``: world size 1). On a single rank every scheduler is plain
-            local attention and the plan runs as ``local``.
+        doc_lens: document lengths summing to the sequence length ``S`` (list or 1-D int tensor), or one
+            list per row of a ``[B, S]`` batch (2-D): the rows run as one schedule, each cut by the layout
+            alone; ``shard`` then maps ``[B, S, ...]`` to ``[B, S_local, ...]`` and ``attention`` takes
+            ``[B, S_local, H, D]``.
+        mesh: a ``DeviceMesh`` (2-D with axes ``("ulysses", "ring")`` for ``usp``), a ``ProcessGroup``,
+            or an int world size for a *dry* plan (``stats`` only).
+        scheduler: ``"ring" | "zigzag" | "allgather" | "ulysses" | "usp" | "cad"``; on one rank every
+            scheduler runs as ``"local"`` attention.
         causal: causal within each document, bottom-right aligned.
-        window: sliding window in tokens (query at ``i`` sees keys ``j`` with
-            ``|i - j| < window`` of its own document), or None.
-        backend: local kernel: ``"auto" | "triton" | "torch" | "reference"``.
-        mask: a :class:`~distattn.masks.SliceMask` (``distattn.SliceMask([(q_start, q_end, k_start,
-            k_end, kind), ...])`` or ``distattn.masks.shared_question / prefix_lm /
-            causal_blockwise``) over the packed sequence, replacing the document mask that
-            ``causal``/``window`` describe; ``doc_lens`` still give the length and the RoPE
-            positions.
-        layout: which tokens each rank holds (``plan.shard``), separate from how attention is
-            scheduled: every scheduler is exact on every layout (:mod:`distattn.layout`). None
-            (or ``"sequence"``): the scheduler's own (contiguous for ``ring``, ``ulysses``,
-            ``cad``; zigzag for ``zigzag``, ``allgather``; usp's 2-D split). ``"contiguous"``;
-            ``"zigzag"`` (the sequence in ``2P`` chunks, rank ``r`` holding ``r`` and ``2P-1-r``);
-            ``"document"`` (every document so -- TransformerEngine's and Megatron's THD split
-            under context parallelism; every document length must be a multiple of ``2P``); or
-            ``distattn.Layout.from_indices([[tokens of rank 0], [rank 1], ...])`` (any order,
-            any sizes; ``shard`` returns them in that order).
-        device: where this rank's q/k/v will live; default: the mesh's (the current CUDA
-            device under NCCL or a CUDA ``DeviceMesh``, else CPU). The plan copies its kernel
-            layouts and indices there once, so attention makes no host synchronisation.
-        deterministic: bitwise-equal results run to run for a fixed configuration (the same
-            documents, mesh, dtypes and devices): every executor sums in a fixed order, never with
-            atomics, and the kernels' backward has none (``backend="torch"`` on CUDA, whose
-            FlashAttention backward adds dQ with atomics, is refused: use ``"auto"``/``"triton"``).
-            On CPU the results are the same either way; on CUDA ``cad`` pays a few extra small kernels.
-        comm_dtype: how Q, K, V, out and dout travel between ranks: None (their own dtype) or
-            ``"fp8"`` (float8_e4m3, one fp32 scale per token and head: ~0.52x the bf16 bytes at
-            head dim 128; :mod:`distattn.wire`), dequantized on arrival; gradients travel in their
-            own dtype. Not for fp64 inputs (attention refuses them).
-        context: a :class:`~distattn.schedulers.PlanContext` describing the job (query and KV heads,
-            head groups, head dim, dtype, GPUs per node, GPU peak, network): each scheduler derives
-            its own options from it (``usp``'s Ulysses degree, ``cad``'s cost model, ...), so
-            callers never work them out. None: the planners' defaults.
-        options: scheduler-specific options (see each scheduler's module); they win over what the
-            planner derives from ``context``. An option the scheduler does not take is a ``ValueError``.
+        window: a query at ``i`` sees keys ``j`` of its document with ``|i - j| < window``; None: all.
+        backend: the local kernel, ``"auto" | "triton" | "torch" | "reference"``.
+        mask: a :class:`~distattn.masks.SliceMask` over the packed sequence replacing the document mask
+            of ``causal``/``window`` (one sequence; ``doc_lens`` still give the RoPE positions).
+        layout: which tokens each rank holds (:mod:`distattn.layout`; every scheduler is exact on every
+            layout): None (the scheduler's own), ``"contiguous"``, ``"zigzag"`` (rank ``r`` holds chunks
+            ``r`` and ``2P-1-r`` of ``2P``), ``"document"`` (each document so, TransformerEngine's THD
+            split: lengths multiples of ``2P``) or ``distattn.Layout.from_indices([[...], ...])``.
+        device: where q/k/v will live (default: the mesh's): indices go there once, no host syncs after.
+        deterministic: bitwise-equal results run to run: fixed summation orders, no atomics
+            (``backend="torch"`` on CUDA, whose backward adds dQ with atomics, is refused).
+        comm_dtype: how Q, K, V, out and dout travel: None (their dtype) or ``"fp8"`` (e4m3, one fp32
+            scale per token and head: :mod:`distattn.wire`); gradients travel in their own dtype.
+        context: a :class:`~distattn.schedulers.PlanContext` describing the job (heads, head groups,
+            head dim, dtype, GPUs per node, GPU peak, network): each scheduler derives its options
+            from it (``usp`` its Ulysses degree, ``cad`` its cost model). None: the planners' defaults.
+        options: the scheduler's own (its module's ``build``); they win over derived ones, and one the
+            scheduler does not take is a ``ValueError``.
 
     Returns:
-        A frozen :class:`~distattn.plans.Plan`; use ``plan.shard``, ``plan.position_ids``,
-        :func:`attention`, ``plan.unshard`` and ``plan.stats``.
+        A frozen :class:`~distattn.plans.Plan` (``shard``, ``position_ids``, ``unshard``, ``stats``).
     """
     rows = batch_rows(doc_lens)
     lens = as_doc_lens(doc_lens) if rows is None else tuple(n for row in rows for n in row)
     window = check_window(window)
-    mask = _mask_of(lens, rows, causal, window, mask, options)
+    common = dict(causal=bool(causal), window=window, mask=_mask_of(lens, rows, causal, window, mask, options))
     entry, info = spec(scheduler), resolve_mesh(mesh)
     run = _run_options(backend, deterministic, comm_dtype, device or info.device)
     entry.check_options(options)
-    local = info.world_size == 1 and not options   # one rank plans nothing: local attention, whatever the job
-    if not local:
-        options = entry.derive(info.world_size, context, options, _two_d(info))
-    chosen = Layout.of(layout)
-    if chosen is None and entry.layout is not None:
-        chosen = Layout(entry.layout)
-    if rows is not None:  # every row cut alike, side by side: [B, S_local] on each rank
-        by = chosen or (CONTIGUOUS if info.world_size == 1 else None)
-        shards = Shards.stack([by.shards(row, info.world_size) if by is not None else
-                               entry.own_shards(row, info, **options) for row in rows])
-    else:
-        shards = None if chosen is None else chosen.shards(lens, info.world_size)
     batch = None if rows is None else len(rows)
-    common = dict(causal=bool(causal), window=window, mask=mask)
-    if local:
-        shards = shards or CONTIGUOUS.shards(lens, 1)
+    if info.world_size == 1 and not options:   # one rank plans nothing: local attention, whatever the job
+        shards = _shards_of(lens, rows, layout, LOCAL, info, {}) or CONTIGUOUS.shards(lens, 1)
         return _made(LOCAL.planner()(lens, info, scheduler=scheduler, shards=shards, **common), info, backend,
                      device, {}, batch, run)
-    params = set(inspect.signature(entry.planner()).parameters)
+    options = entry.derive(info.world_size, context, options, _two_d(info))
+    shards = _shards_of(lens, rows, layout, entry, info, options)
+    params = inspect.signature(entry.planner()).parameters
     if "scheduler" in params:  # a planner serving several names (ring: ring and zigzag)
         common["scheduler"] = scheduler
     if "comm_dtype" in params:  # a planner pricing the bytes it moves (cad)
@@ -119,6 +87,19 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     options, live = resolve_options(lens, shards, info, options)
     return _made(entry.planner()(lens, info, shards=shards, **common, **options), info, backend, device, live, batch,
                  run)
+
+
+def _shards_of(lens: tuple[int, ...], rows, layout, entry, info: MeshInfo, options: dict) -> Shards | None:
+    """The tokens each rank holds: ``layout``, else the scheduler's default layout, else (None) the
+    planner's own -- made here for each row of a batch, side by side ([B, S_local] on each rank)."""
+    chosen = Layout.of(layout)
+    if chosen is None and entry.layout is not None:
+        chosen = Layout(entry.layout)
+    if rows is None:
+        return None if chosen is None else chosen.shards(lens, info.world_size)
+    by = chosen or (CONTIGUOUS if info.world_size == 1 else None)
+    return Shards.stack([by.shards(row, info.world_size) if by is not None else entry.own_shards(row, info, **options)
+                         for row in rows])
 
 
 def _mask_of(lens: tuple[int, ...], rows, causal: bool, window: int | None, mask: SliceMask | None,

@@ -207,7 +207,7 @@ class Trainer:
         self.out = Path(t.out)
         self._resume()
         self.logger = RunLog(self.out, t.steps, self.done) if dist.get_rank() == 0 else None
-        self._plan_options()
+        self._plan_arguments()
         self.forward = {"checkpointing": t.activation_checkpointing, "loss_chunk": t.loss_chunk,
                         "mlp_chunk": t.mlp_chunk, "compute_dtype": torch.bfloat16 if t.dtype == "bf16" else None}
         self.weight = cfg.model.shape.pair_weight()
