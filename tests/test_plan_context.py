@@ -63,3 +63,11 @@ def test_unknown_options_and_bad_contexts_are_refused():
 def test_each_registry_entry_names_an_executor():
     for entry in (*REGISTRY.values(), LOCAL):
         assert entry.executor in EXECUTORS, entry
+
+
+def test_the_simulator_refuses_options_as_plan_does():
+    from distattn.sim.simulate import dry_schedule
+
+    with pytest.raises(ValueError, match=r"unexpected option\(s\) \['epsilon'\] for scheduler='ring'"):
+        dry_schedule("ring", [4096], 8, PlanContext(32, 8), epsilon=0.02)
+    assert dry_schedule("cad", [4096], 8, PlanContext(32, 8), epsilon=0.02).scheduler == "cad"

@@ -226,7 +226,7 @@ class Trainer:
         self.done, data_state = checkpoint.load(last, self.model, self.optimizer)
         self.packer.load_state(data_state)
 
-    def _plan_options(self) -> None:
+    def _plan_arguments(self) -> None:
         """The arguments of every step's plans, and the device's peak FLOP/s (MFU's denominator)."""
         cfg, p, t = self.config, self.config.parallel, self.config.train
         self.peak_flops = device_peak_flops(self.device, t.peak_tflops)
