@@ -73,11 +73,11 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     run = _run_options(backend, deterministic, comm_dtype, device or info.device)
     entry.check_options(options)
     batch = None if rows is None else len(rows)
-    if info.world_size == 1 and not options:   # one rank plans nothing: local attention, whatever the job
+    options = entry.derive(info.world_size, context, options, _two_d(info))
+    if info.world_size == 1 and not options:   # one rank with nothing to plan: local attention
         shards = _shards_of(lens, rows, layout, LOCAL, info, {}) or CONTIGUOUS.shards(lens, 1)
         return _made(LOCAL.planner()(lens, info, scheduler=scheduler, shards=shards, **common), info, backend,
                      device, {}, batch, run)
-    options = entry.derive(info.world_size, context, options, _two_d(info))
     shards = _shards_of(lens, rows, layout, entry, info, options)
     params = inspect.signature(entry.planner()).parameters
     if "scheduler" in params:  # a planner serving several names (ring: ring and zigzag)

@@ -43,7 +43,8 @@ def _rank_main(schedulers, doc_lens, heads, kv_heads, head_dim, dtype_name, caus
                               backend="torch"))
     rows = []
     for name in schedulers:
-        context = PlanContext(heads, kv_heads, ulysses_degree=ulysses_degree)
+        context = PlanContext(heads, kv_heads, head_dim=head_dim, dtype_bytes=dtype.itemsize,
+                              ulysses_degree=ulysses_degree)
         p = plan(doc_lens, group, scheduler=name, causal=causal, window=window, backend=backend, context=context)
         q, k, v, dout = (p.shard(t).to(dtype) for t in (q64, k64, v64, dout64))
 

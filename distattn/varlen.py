@@ -170,7 +170,7 @@ class _WithLse(torch.autograd.Function):
         known = (q, k, v, None, out)
         ops._saved_for_backward(ctx, known, new, plan, scale, softcap)
         saved = ops.unflatten(ops._skeleton(plan, known), [*known, *new])
-        (lse,) = plan._runtime.to_compute_order(saved.lse, back=True)
+        (lse,) = plan._live("attention").to_compute_order(saved.lse, back=True)
         lse = lse.t().clone(memory_format=torch.contiguous_format)   # flash_attn's [H, T]; not the saved one
         ctx.mark_non_differentiable(lse)
         return out, lse

@@ -71,15 +71,17 @@ class DistAttnDistributedAttention(torch.nn.Module):
         self.scheduler, self.causal, self.window, self.backend = scheduler, causal, window, backend
         self.plans = PlanCache(PLANS_KEPT)
 
-    def _plan(self, doc_lens: tuple[int, ...], heads: int, kv_heads: int):
-        """The plan of documents ``doc_lens`` (a tuple per row for a batch) for ``heads`` query and
-        ``kv_heads`` KV heads."""
+    def _plan(self, doc_lens: tuple[int, ...], query: torch.Tensor, kv_heads: int):
+        """The plan of documents ``doc_lens`` (a tuple per row for a batch) for ``query``'s heads (dim 2),
+        head dim and dtype, and ``kv_heads`` KV heads."""
+        heads = query.shape[2]
         def make():
             # DeepSpeed's shards: contiguous, whatever the scheduler's own layout
             return make_plan(list(doc_lens), self.spg, scheduler=self.scheduler, causal=self.causal,
                              window=self.window, backend=self.backend, layout="contiguous",
-                             context=PlanContext(heads, kv_heads))
-        return self.plans.get((doc_lens, heads, kv_heads), make)
+                             context=PlanContext(heads, kv_heads, head_dim=query.shape[-1],
+                                                 dtype_bytes=query.element_size()))
+        return self.plans.get((doc_lens, heads, kv_heads, query.shape[-1], query.dtype), make)
 
     def forward(self, query, key, value, batch_dim_idx: int, rotary_pos_emb=None, *args, doc_lens=None, **kwargs):
         if rotary_pos_emb is not None:
@@ -99,10 +101,10 @@ class DistAttnDistributedAttention(torch.nn.Module):
                                  f"{dist.get_world_size(self.spg)} ranks = {total}")
         rows = tuple(tuple(row) for row in per_row)
         if batch == 1:
-            plan = self._plan(rows[0], query.shape[2], key.shape[2])
+            plan = self._plan(rows[0], query, key.shape[2])
             return attention(*(t.select(batch_dim_idx, 0) for t in (query, key, value)), plan).unsqueeze(batch_dim_idx)
         # a batched plan: every row in one call (its [b, s, h, d] are views of [s, b, h, d])
-        plan = self._plan(rows, query.shape[2], key.shape[2])
+        plan = self._plan(rows, query, key.shape[2])
         out = attention(*(t.movedim(batch_dim_idx, 0) for t in (query, key, value)), plan)
         return out.movedim(0, batch_dim_idx).contiguous()
 

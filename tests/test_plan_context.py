@@ -71,3 +71,12 @@ def test_the_simulator_refuses_options_as_plan_does():
     with pytest.raises(ValueError, match=r"unexpected option\(s\) \['epsilon'\] for scheduler='ring'"):
         dry_schedule("ring", [4096], 8, PlanContext(32, 8), epsilon=0.02)
     assert dry_schedule("cad", [4096], 8, PlanContext(32, 8), epsilon=0.02).scheduler == "cad"
+
+
+def test_derived_options_follow_those_given_by_name():
+    # usp's default degree follows num_kv_heads given by name, not only the context's
+    assert spec("usp").head_split(8, PlanContext(num_heads=32), num_kv_heads=4) == 4
+    assert distattn.plan([64], 8, scheduler="usp", context=PlanContext(32), num_kv_heads=4).schedule.ulysses_degree == 4
+    # one rank with nothing derived plans local attention; cad with a whole head shape plans its tasks
+    assert type(distattn.plan([64], 1, scheduler="usp", context=PlanContext(32, 8)).schedule).__name__ == "LocalSchedule"
+    assert spec("cad").derive(4, PlanContext(num_kv_heads=2), {}) == {}

@@ -31,7 +31,7 @@ def _worker(schedulers, batch: int, seq_len: int, repeats: int) -> dict:
     k, v = (torch.randn(batch, seq_len, 4, 64, generator=g) for _ in range(2))
     result = {}
     for name in schedulers:
-        context = PlanContext(8, 4)
+        context = PlanContext(8, 4, head_dim=64)
         batched = distattn.plan([[seq_len]] * batch, group, scheduler=name, context=context)
         single = distattn.plan([seq_len], group, scheduler=name, context=context)
         local = [batched.shard(t).requires_grad_() for t in (q, k, v)]

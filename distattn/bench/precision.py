@@ -136,9 +136,9 @@ def not_runnable(name: str, world: int, heads: int, kv_heads: int) -> str | None
     return None
 
 
-def _context(heads: int, kv_heads: int, world: int) -> PlanContext:
+def _context(heads: int, kv_heads: int, world: int, head_dim: int = 128) -> PlanContext:
     """The job each scheduler plans: usp splits heads over up to a node of 8."""
-    return PlanContext(heads, kv_heads, ulysses_degree=min(world, 8))
+    return PlanContext(heads, kv_heads, head_dim=head_dim, ulysses_degree=min(world, 8))
 
 
 def measure(name: str, world: int, case: Case, inputs: Inputs, dtype: str, comm_dtype: str | None = None,
@@ -149,7 +149,7 @@ def measure(name: str, world: int, case: Case, inputs: Inputs, dtype: str, comm_
     on the one GPU)."""
     from ..virtual import run_virtual
 
-    context = _context(inputs.q.shape[1], inputs.k.shape[1], world)
+    context = _context(inputs.q.shape[1], inputs.k.shape[1], world, inputs.q.shape[-1])
     results = run_virtual(_rank, world, name, context, case, inputs, DTYPES[dtype], comm_dtype, backend, device,
                           timeout=timeout, collective_timeout=timeout)
     row = {key: rel_rms(sum(r[0][key][0] for r in results), sum(r[0][key][1] for r in results))

@@ -80,7 +80,7 @@ def _cmd_simulate(args) -> int:
         print(json.dumps(out))
         return 0
     print(f"{'scheduler':<10} {'cp':>5} {'dp':>5} {'step s':>8} {'tok/s/GPU':>10} {'MFU':>5} {'compute s':>9} "
-          f"{'exposed s':>9} {'imb':>5} {'DP idle':>7} {'mem GB':>7}")
+          f"{'exposed s':>9} {'imb':>5} {'DP idle':>7} {'mem GiB':>7}")
     for r in sorted(rows, key=lambda r: (r["cp"], r["step_time_s"])):
         print(f"{r['scheduler']:<10} {r['cp']:>5} {r['dp']:>5} {r['step_time_s']:>8.2f} "
               f"{r['tokens_per_s_per_gpu']:>10,.0f} {r['mfu']:>5.2f} {r['compute_s']:>9.2f} "

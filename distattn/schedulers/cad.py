@@ -376,10 +376,12 @@ def planner_options(*, num_heads: int = 32, num_kv_heads: int = 8, head_dim: int
 
 def derive(world_size: int, context, options: dict, two_d: bool = False) -> dict:
     """What cad takes from a :class:`~distattn.schedulers.PlanContext`: :func:`planner_options` of its
-    head shape, dtype, GPU peak and network."""
-    shape = {k: v for k, v in (("num_heads", context.num_heads), ("num_kv_heads", context.num_kv_heads))
-             if v is not None}
-    return planner_options(**shape, head_dim=context.head_dim, dtype_bytes=context.dtype_bytes,
+    head shape, dtype, GPU peak and network; nothing from a context without the query and KV heads
+    (the default cost model's shape is a guess either way)."""
+    if context.num_heads is None or context.num_kv_heads is None:
+        return {}
+    return planner_options(num_heads=context.num_heads, num_kv_heads=context.num_kv_heads, head_dim=context.head_dim,
+                           dtype_bytes=context.dtype_bytes,
                            peak_tflops=context.peak_tflops, attn_efficiency=context.attn_efficiency,
                            network=context.network)
 

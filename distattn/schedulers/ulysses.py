@@ -283,7 +283,7 @@ def build(doc_lens, mesh, *, causal, window, mask, shards: Shards, head_groups: 
 
 def derive(world_size: int, context, options: dict, two_d: bool = False) -> dict:
     """What ulysses takes from a :class:`~distattn.schedulers.PlanContext`: its ``head_groups``."""
-    return {"head_groups": context.head_groups} if context.head_groups > 1 else {}
+    return {"head_groups": context.head_groups} if context.head_groups > 1 and world_size > 1 else {}
 
 
 def head_split(world_size: int, options: dict) -> int:

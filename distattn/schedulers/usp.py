@@ -41,7 +41,7 @@ token ownership, which depends on ``U``, before it sees a tensor: that is why
 the head count is a plan option and not read at the first attention. Given
 both, ``ulysses_degree`` wins; attention then refuses K/V with another head
 count than ``num_kv_heads``. Given neither, ``ValueError``.
-(:meth:`distattn.schedulers.SchedulerSpec.plan_options` gives both for a model.)
+(``distattn.plan(..., context=PlanContext(num_heads, num_kv_heads))`` derives both for a model.)
 """
 
 from __future__ import annotations
@@ -232,15 +232,18 @@ def derive(world_size: int, context, options: dict, two_d: bool = False) -> dict
     then refuse other K/V heads), ``head_groups``, and -- on a 1-D group, unless given -- its Ulysses
     degree (the context's, else :func:`~distattn.schedulers.default_ulysses_degree`; a 2-D mesh's axis
     fixes it)."""
+    if world_size == 1:   # nothing to split
+        return {}
     out = {"head_groups": context.head_groups} if context.head_groups > 1 else {}
-    if context.num_kv_heads is not None:
-        out["num_kv_heads"] = context.num_kv_heads
+    kv = options.get("num_kv_heads") or context.num_kv_heads
+    if kv is not None:
+        out["num_kv_heads"] = kv
     if not two_d and options.get("ulysses_degree") is None:
-        out["ulysses_degree"] = context.ulysses_degree or default_ulysses_degree(world_size, context.num_kv_heads,
-                                                                                 context.gpus_per_node)
+        out["ulysses_degree"] = context.ulysses_degree or default_ulysses_degree(world_size, kv, context.gpus_per_node)
     return out
 
 
 def head_split(world_size: int, options: dict) -> int:
-    """The Ulysses degree: given, else derived from the KV heads (a near-square mesh without them)."""
+    """The Ulysses degree: given (or derived from a context), else the default of the KV heads (without
+    them, a near-square mesh: what a context without KV heads plans; ``build`` alone refuses it)."""
     return options.get("ulysses_degree") or default_ulysses_degree(world_size, options.get("num_kv_heads"))

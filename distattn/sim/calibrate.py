@@ -33,9 +33,9 @@ from ..cost import document_flops
 from ..doclens import mask_case
 from ..program import BACKWARD, CHAIN, FORWARD, RUN, START, WAIT
 from ..schedule import AttnShape
+from ..schedulers import PlanContext
 from ..timing import time_calls
 from .replay import Op, TimedProgram, _coupled, _seconds, call_ops
-from ..schedulers import PlanContext
 from .simulate import comm_time, dry_schedule, nccl_size
 
 
@@ -176,7 +176,8 @@ def predict_row(row: dict, machine: Machine, network, pool=None, seed: int = 0) 
     p = row["world_size"]
     case = mask_case(row["mask"], row["seq_len"], pool, seed)
     name = {"deepspeed-ulysses": "ulysses", "local": "ring"}.get(row["scheduler"], row["scheduler"])
-    schedule = dry_schedule(name, case.docs, p, PlanContext(row["heads"], row["kv_heads"], head_dim=row["head_dim"]),
+    schedule = dry_schedule(name, case.docs, p, PlanContext(row["heads"], row["kv_heads"], head_dim=row["head_dim"],
+                                                                  dtype_bytes=4 if row["dtype"] == "fp32" else 2),
                             **case.plan_kwargs())
     shape = AttnShape(row["heads"], row["kv_heads"], row["head_dim"], 4 if row["dtype"] == "fp32" else 2)
     rate = machine.rate(case.docs if case.slices is None else [row["seq_len"]], row["heads"], row["kv_heads"],

@@ -4,7 +4,7 @@
 it starts ``dp * cp`` local gloo processes itself; under torchrun (``RANK`` in
 the environment) it joins the launcher's process group (nccl on GPUs). Each step's plans come
 from the Trainer's :class:`~distattn.plan_cache.PlanCache`: a batch of documents seen recently is
-not planned again.
+not planned again (a pooled ``cad`` plan, a collective over the replicas, is made every step).
 
 The loss is next-token cross-entropy that never crosses a document boundary,
 summed over this rank's tokens and divided by the number of labelled tokens
@@ -232,7 +232,9 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, t.peak_tflops)
         # the job as `distattn simulate` describes it: each scheduler derives its options from it (usp
         # its degree, the mesh's "ulysses" axis; cad its cost model; a CPU run plans for an H100's peak)
-        options = {"context": cfg.plan_context(None if self.peak_flops is None else self.peak_flops / 1e12)}
+        options = {}
+        if cfg.world_size > 1:   # (one rank plans nothing: local attention)
+            options["context"] = cfg.plan_context(None if self.peak_flops is None else self.peak_flops / 1e12)
         if t.deterministic:
             options["deterministic"] = True
         if p.comm_dtype is not None:

@@ -225,10 +225,10 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> None:
                          f"the blocks), got {p.nano_batches!r}; leave it unset for the scheduler's default")
     if isinstance(p.head_groups, bool) or not isinstance(p.head_groups, int) or p.head_groups < 1:
         raise ValueError(f"parallel.head_groups must be a positive int, got {p.head_groups!r}")
-    context = PlanContext(m.n_heads, m.n_kv_heads, ulysses_degree=p.ulysses_degree)
-    split = spec(p.scheduler).head_split(p.cp, context) if p.scheduler in NAMES else 1
-    if split > 1:
-        fewest = m.n_heads // split
+    entry = spec(p.scheduler) if p.scheduler in NAMES else None
+    if entry is not None and "head_groups" in entry.option_names() and p.cp > 1:
+        context = PlanContext(m.n_heads, m.n_kv_heads, ulysses_degree=p.ulysses_degree)
+        fewest = m.n_heads // entry.head_split(p.cp, context)
         if p.head_groups > fewest:
             raise ValueError(f"parallel.head_groups ({p.head_groups}) must be at most the query heads a Ulysses rank "
                              f"computes ({fewest} of model.n_heads {m.n_heads}): use head_groups <= {fewest}")
