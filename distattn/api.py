@@ -20,7 +20,7 @@ from .kernels.registry import check_sinks, check_softcap
 from .layout import Layout, Shards
 from .masks import SliceMask, as_doc_lens, batch_rows, check_window
 from .mesh import MeshInfo, resolve_mesh
-from .plans import Plan, flat_rows
+from .plans import Plan, flat_rows, plan_of
 from .wire import check_comm_dtype
 from .schedulers import LOCAL, PlanContext, spec
 
@@ -140,9 +140,9 @@ def _made(schedule, info: MeshInfo, backend: str, device, live: dict, batch: int
           run: ExecOptions) -> Plan:
     """The plan of ``schedule``: with this rank's executor, prepared on its device, unless dry."""
     if info.is_dry:
-        return Plan(schedule, batch_size=batch, options=run)
-    plan_ = Plan(schedule, info.rank, executor_for(schedule, info, backend, **live, options=run), batch_size=batch,
-                 options=run)
+        return plan_of(schedule, batch_size=batch, options=run)
+    plan_ = plan_of(schedule, info.rank, executor_for(schedule, info, backend, **live, options=run),
+                    batch_size=batch, options=run)
     plan_._runtime.prepare(device if device is not None else info.device)
     return plan_
 
@@ -211,5 +211,5 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lens,
     lens, window = as_doc_lens(doc_lens), check_window(window)
     schedule = LOCAL.planner()(lens, info, causal=bool(causal), window=window, shards=CONTIGUOUS.shards(lens, 1),
                                mask=SliceMask.documents(lens, bool(causal), window))
-    return attention(q, k, v, Plan(schedule, 0, executor_for(schedule, info, backend)), scale=scale, sinks=sinks,
-                     softcap=softcap)
+    return attention(q, k, v, plan_of(schedule, 0, executor_for(schedule, info, backend)), scale=scale,
+                     sinks=sinks, softcap=softcap)

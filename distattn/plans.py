@@ -49,7 +49,7 @@ try:  # an opaque object can be a custom op's argument (distattn.ops)
 except ImportError:
     PlanBase = object
 
-__all__ = ["Plan", "PlanRuntime", "token_index"]
+__all__ = ["Plan", "PlanRuntime", "plan_of", "token_index"]
 
 
 class PlanRuntime:
@@ -112,27 +112,19 @@ class PlanRuntime:
         return [x.index_select(0, index.on(x.device)) for x in xs]
 
 
-@dataclass(frozen=True, eq=False, init=False)
+@dataclass(frozen=True, eq=False)
 class Plan(PlanBase):
     """What ``distattn.plan`` returns (see module docstring): a schedule, shared by every rank, and on a
     live plan this rank's :class:`PlanRuntime`. What else a scheduler decided is in ``plan.schedule``
     (e.g. ``plan.schedule.segments`` of ``cad``, ``plan.schedule.ulysses_degree`` of ``usp``)."""
 
+    # made by distattn.plan and distattn.local_attention (plan_of); the generated __init__ takes every
+    # field, so dataclasses.replace -- which FSDP applies to its forward's dataclass arguments -- copies one
     schedule: Schedule
-    batch_size: int | None    # B of a batched plan (rows side by side in the schedule); None: one sequence
-    comm_dtype: str | None    # how Q, K, V, out and dout travel: None (their dtype) or "fp8" (distattn.wire)
-    deterministic: bool       # bitwise-equal results run to run (distattn.plan(deterministic=True))
-    _runtime: PlanRuntime | None = field(repr=False)   # None: dry
-
-    def __init__(self, schedule: Schedule, rank: int | None = None, executor: Executor | None = None, *,
-                 batch_size: int | None = None, options: ExecOptions = ExecOptions()):
-        """A dry plan (``rank`` None) or this rank's live one, whose ``executor`` runs with
-        ``options``; made by :func:`distattn.plan` and :func:`distattn.local_attention`."""
-        assert (rank is None) == (executor is None), (rank, executor)
-        runtime = None if rank is None else PlanRuntime(schedule, rank, executor, batch_size)
-        for name, value in (("schedule", schedule), ("batch_size", batch_size), ("comm_dtype", options.comm_dtype),
-                            ("deterministic", options.deterministic), ("_runtime", runtime)):
-            object.__setattr__(self, name, value)
+    batch_size: int | None = None    # B of a batched plan (rows side by side in the schedule); None: one sequence
+    comm_dtype: str | None = None    # how Q, K, V, out and dout travel: None (their dtype) or "fp8" (distattn.wire)
+    deterministic: bool = False      # bitwise-equal results run to run (distattn.plan(deterministic=True))
+    _runtime: PlanRuntime | None = field(default=None, repr=False)   # None: dry
 
     # ---- the schedule's facts ------------------------------------------------------------------
     @property
@@ -270,6 +262,14 @@ class Plan(PlanBase):
         if not runtime.executor.supports_prefetch:
             raise ValueError(f"prefetch works with scheduler='cad', not {self.scheduler!r}")
         return runtime.executor.prefetch(*runtime.to_compute_order(q, k, v))._replace(ids=ids)
+
+
+def plan_of(schedule: Schedule, rank: int | None = None, executor: Executor | None = None, *,
+              batch_size: int | None = None, options: ExecOptions = ExecOptions()) -> Plan:
+    """A dry plan (``rank`` None) or this rank's live one, whose ``executor`` runs with ``options``."""
+    assert (rank is None) == (executor is None), (rank, executor)
+    runtime = None if rank is None else PlanRuntime(schedule, rank, executor, batch_size)
+    return Plan(schedule, batch_size, options.comm_dtype, options.deterministic, runtime)
 
 
 def flat_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch_size: int | None) -> list[torch.Tensor]:

@@ -29,7 +29,7 @@ def _errors(scheduler: str, world: int, dtype: str, backend: str = "auto") -> di
 
 def _world(scheduler: str) -> int:
     # ulysses splits the query heads over the ranks: it goes as far as there are heads
-    return min(WORLD, HEADS) if precision.spec(scheduler).heads == "world" else WORLD
+    return min(WORLD, HEADS) if precision.spec(scheduler).head_split(WORLD) == WORLD else WORLD
 
 
 # dsinks is Hq = 8 numbers: its error is a sample of 8 rounding errors, which the order of the fp32

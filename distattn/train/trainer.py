@@ -181,7 +181,8 @@ class Trainer:
         cfg, p, t = self.config, self.config.parallel, self.config.train
         if dist.get_world_size() != cfg.world_size:
             raise ValueError(f"parallel.dp * parallel.cp = {cfg.world_size} but the job has {dist.get_world_size()} "
-                             f"ranks")
+                             f"ranks: launch it with torchrun --nproc-per-node {cfg.world_size}, or run `distattn "
+                             f"train CONFIG`, which starts local processes")
         # the launcher's group says where tensors live: nccl under torchrun, gloo for local processes
         self.device = device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) \
             if "nccl" in dist.get_backend() else torch.device("cpu")
