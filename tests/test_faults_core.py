@@ -125,4 +125,4 @@ def test_group_creation_fails_within_the_collective_timeout_naming_the_absent_ra
         absent = "[2, 3]" if rank < 2 else "[0, 1]"
         assert f"rank {rank} waited" in msg and f"for rank(s) {absent}" in msg, msg
         assert ("creating a DeviceMesh" if rank < 2 else "usp's process groups") in msg, msg
-        assert 4.5 < seconds < 7, (rank, seconds)
+        assert 4.5 < seconds < 8, (rank, seconds)   # 5 s timeout + spawn and teardown on 2 loaded cores
