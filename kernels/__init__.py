@@ -13,7 +13,13 @@ logit ``softcap``, and ``attn_fwd``/``attn_bwd`` also attention ``sinks``. Backe
   FlashAttention-2 varlen kernels on CUDA;
 * ``reference``: dense math, exact in fp64.
 
-``backend="auto"`` picks ``triton`` for CUDA tensors and ``torch`` for CPU tensors.
+``backend="auto"`` picks ``torch`` for CPU tensors. For CUDA tensors it picks per call and per
+direction (forward, backward) from a table of measured speeds (:mod:`.auto`): ``torch``
+(FlashAttention-2) where the table measured it faster at the GPU's arch and head dim and
+FlashAttention takes the call (fp16/bf16, one head dim, a multiple of 8 up to 256, no soft-cap, a
+band it can express; never the backward of a deterministic run), else ``triton`` (so always
+``triton`` on GPUs the table has no row for). On an H100 that is ``torch`` for the backward at head
+dim >= 128 and ``triton`` for everything else.
 """
 
 from . import reference, torch_cpu, torch_cuda

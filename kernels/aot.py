@@ -12,6 +12,14 @@ deterministic because dK/dV take one program per key tile and no kernel uses any
 autotuner prunes on a target (``keep_config``) are never launched: they are listed as ``pruned``
 and only compiled with ``--all`` (then never a failure).
 
+Each row also says how well the compiled code uses the machine: ``spill_bytes``, ptxas's own report
+of spill stores plus loads (``ptxas -v``, which Triton prints when asked), and the matrix work of
+the steady-state loop (:func:`.sass.full_tile_loop`): ``loop_macs``, the multiply-adds its MMA
+instructions do per program and pass (``HGMMA`` per warpgroup on sm_90a, ``HMMA`` per warp), against
+``tile_macs``, what the tile's dots need (:func:`tile_macs`: the backward's dK/dV loop twice the
+forward's per tile, dQ's 1.5 times). Equal means no dot is computed twice by two warps, and on sm_90a
+``loop_mma`` lists only ``HGMMA`` (wgmma) instructions.
+
 Head dims are Q/K's and V's: ``192/128`` names the pair (MLA), a single number both. The default
 matrix has 64, 128, 192/128 and 256.
 
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import re
@@ -50,7 +59,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .sass import atomics, disassemble, ptx_atomics
+from .sass import CLASSES, atomics, disassemble, full_tile_loop, loops, mma_macs, ptx_atomics
 from .triton_attn import KERNELS
 from .triton_plan import SHARED_LIMIT, all_configs, block_dim, keep_config
 
@@ -143,7 +152,8 @@ class Case:
         base = dict(kernel=self.kernel, config=self.config_name, arch=ARCHS[self.arch], dtype=self.dtype,
                     head_dim=self.head_dim, head_dim_v=self.head_dim_v, variant=self.variant, status=status,
                     registers=None, stack=None, shared=None, shared_dynamic=None, shared_static=None, seconds=None,
-                    over_limit=False, atomics=None)
+                    over_limit=False, atomics=None, spill_bytes=None, loop_mma=None, loop_macs=None,
+                    tile_macs=tile_macs(self.kernel, self.config, self.head_dim, self.head_dim_v))
         return {**base, **fields}
 
 
@@ -157,7 +167,7 @@ def matrix(kernels: list[str], archs: list[int], dtypes: list[str], head_dims: l
     """Every case, in table order; a kernel's configs are all those its autotuner lists. ``head_dims``:
     ``(Q/K's, V's)`` pairs, or ints meaning both."""
     pairs = [(h, h) if isinstance(h, int) else tuple(h) for h in head_dims]
-    return [Case(k, tuple(c), a, d, h, v, keep_config(k, tuple(c), h, DTYPES[d], a, hv), hv)
+    return [Case(k, tuple(c), a, d, h, v, keep_config(k, tuple(c), h, DTYPES[d], a, hv, VARIANTS[v]["ROW64"]), hv)
             for k in kernels for c in all_configs(k) for a in archs for d in dtypes
             for h, hv in pairs for v in variants]
 
@@ -189,6 +199,22 @@ def resource_usage(cubin: Path) -> dict[str, dict[str, int]]:
     return parse_resource_usage(out.stdout)
 
 
+def tile_macs(kernel: str, config: tuple, head_dim: int, head_dim_v: int) -> int:
+    """Multiply-adds of one steady-state block of a kernel's loop: a ``BLOCK_M x BLOCK_N`` tile times
+    the dots' inner widths (head dims padded to ``block_dim``). The forward's two dots (S = QK^T,
+    O += PV) are ``D + Dv``; dK/dV recompute S and dP and add dV and dK: ``2 (D + Dv)``, twice the
+    forward's; dQ recomputes S and dP and adds dQ: ``2 D + Dv``."""
+    block_m, block_n = config[:2]
+    d, dv = block_dim(head_dim), block_dim(head_dim_v)
+    return block_m * block_n * {"fwd": d + dv, "bwd_dkv": 2 * (d + dv), "bwd_dq": 2 * d + dv}[kernel]
+
+
+def spill_bytes(ptxas_log: str) -> int:
+    """Bytes of spill stores plus spill loads in ``ptxas -v``'s report (every function of the cubin)."""
+    return sum(int(stores) + int(loads) for stores, loads in
+               re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log))
+
+
 def compile_case(case: Case, keep_cubin: bool = False) -> dict:
     """Compile one case in this process (whose environment must hold no TRITON_* overrides: use
     :func:`compile_cases`) and return its row; ``keep_cubin`` adds the cubin bytes as ``"cubin"``.
@@ -202,12 +228,16 @@ def compile_case(case: Case, keep_cubin: bool = False) -> dict:
         try:
             source = ASTSource(fn, signature, dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n),
                                divisibility_attrs(fn, signature))
-            kernel = triton.compile(source, target=GPUTarget("cuda", case.arch, 32),
-                                    options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True))
+            ptxas_log = io.StringIO()  # Triton prints ptxas's -v report (registers, spills) when asked
+            with _knob(triton.knobs.nvidia, "dump_ptxas_log", True), contextlib.redirect_stdout(ptxas_log):
+                kernel = triton.compile(source, target=GPUTarget("cuda", case.arch, 32),
+                                        options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True))
             seconds = time.perf_counter() - start
             Path(tmp, "kernel.cubin").write_bytes(kernel.asm["cubin"])
             usage = resource_usage(Path(tmp, "kernel.cubin"))[kernel.metadata.name]
-            found = atomics(disassemble(kernel.asm["cubin"])) + ptx_atomics(kernel.asm["ptx"])
+            sass = disassemble(kernel.asm["cubin"])
+            found = atomics(sass) + ptx_atomics(kernel.asm["ptx"])
+            steady = full_tile_loop(loops(sass))
         except Exception as exc:  # noqa: BLE001 - a failed compile is a row, not a crash
             message = " ".join(f"{type(exc).__name__}: {exc}".split())
             return case.row("error" if case.kept else "pruned-error", error=message[-1500:],
@@ -219,7 +249,11 @@ def compile_case(case: Case, keep_cubin: bool = False) -> dict:
     dynamic, static = int(kernel.metadata.shared), usage.get("SHARED", 0)
     row = case.row(status, registers=usage.get("REG"), stack=usage.get("STACK"), shared=dynamic + static,
                    shared_dynamic=dynamic, shared_static=static, seconds=round(seconds, 2),
-                   over_limit=dynamic + static > SHARED_LIMIT[case.arch], atomics=sorted(set(found)))
+                   over_limit=dynamic + static > SHARED_LIMIT[case.arch], atomics=sorted(set(found)),
+                   spill_bytes=spill_bytes(ptxas_log.getvalue()),
+                   loop_mma=None if steady is None else sorted({i.opcode for i in steady.instructions
+                                                                if i.opcode.split(".")[0] in CLASSES["mma"]}),
+                   loop_macs=None if steady is None else mma_macs(steady, warps))
     return {**row, "cubin": kernel.asm["cubin"]} if keep_cubin else row
 
 
@@ -228,6 +262,16 @@ def _check_worker() -> None:
     from . import triton_attn
     if triton_attn.INTERPRET or os.environ.get("TRITON_INTERPRET"):
         raise RuntimeError("an AOT worker imported the kernels under TRITON_INTERPRET")
+
+
+@contextlib.contextmanager
+def _knob(knobs, name: str, value) -> Iterator[None]:
+    saved = getattr(knobs, name)
+    setattr(knobs, name, value)
+    try:
+        yield
+    finally:
+        setattr(knobs, name, saved)
 
 
 @contextlib.contextmanager
@@ -272,7 +316,9 @@ def _name(row: dict) -> str:  # as Case.label
 
 def summarize(rows: list[dict], wall_seconds: float) -> dict:
     """Compiles, failures (kept cases), kept cases over the shared limit, compiled cases with atomic
-    instructions (``atomics``: "case: opcodes"), worst stack, times."""
+    instructions (``atomics``: "case: opcodes"), kept cases that spill registers (``spilled``: ptxas's
+    spill stores + loads) or whose steady-state loop's MMAs differ from their tile's dots
+    (``mma_mismatch``), worst stack, times."""
     compiled = [r for r in rows if r["registers"] is not None]
     kept = [r for r in compiled if r["status"] == "ok"]
     worst = max(kept, key=lambda r: r["stack"], default=None)
@@ -283,6 +329,11 @@ def summarize(rows: list[dict], wall_seconds: float) -> dict:
                 over_limit=[_name(r) for r in kept if r["over_limit"]],
                 pruned_over_limit=sum(r["over_limit"] for r in compiled if r["status"] != "ok"),
                 atomics=[f"{_name(r)}: {' '.join(r['atomics'])}" for r in compiled if r["atomics"]],
+                spilled=[f"{_name(r)}: {r['spill_bytes']} B" for r in kept if r["spill_bytes"]],
+                # 16-bit kernels whose steady-state loop does other matrix work than its tile's dots
+                # (fp32 "ieee" dots run without tensor cores: no MMA to count)
+                mma_mismatch=[f"{_name(r)}: {r['loop_macs']} vs {r['tile_macs']}" for r in kept
+                              if r["dtype"] != "fp32" and r["loop_macs"] != r["tile_macs"]],
                 worst_stack=worst["stack"] if worst else None, worst_stack_case=_name(worst) if worst else None,
                 max_shared={arch: max((r["shared"] for r in kept if r["arch"] == arch), default=None)
                             for arch in sorted({r["arch"] for r in kept})},
@@ -291,7 +342,7 @@ def summarize(rows: list[dict], wall_seconds: float) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     columns = ("kernel", "config", "arch", "dtype", "head_dim", "head_dim_v", "variant", "status", "registers",
-               "stack", "shared", "atomics", "seconds")
+               "stack", "spill_bytes", "shared", "loop_macs", "tile_macs", "atomics", "seconds")
 
     def show(row: dict, column: str) -> str:
         value = row[column]

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
 from distattn.masks import check_window
 from distattn.merge import acc_dtype, add_sink, row_delta, sink_grad
 
+from . import auto, torch_cuda
 from .varlen import Varlen
 
 # fwd(q, k, v, seg: Varlen, scale, softcap) -> (out, lse); softcap is None or a positive float.
@@ -47,7 +48,8 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
-# What "auto" tries, in order, per device type; the first registered one wins.
+# What "auto" tries, in order, per device type; the first registered one wins. On CUDA with triton
+# registered, "auto" is the per-call dispatcher instead (:class:`AutoDispatch`).
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("torch", "reference")}
 
 
@@ -62,9 +64,99 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+_ARCH: dict[torch.device, int] = {}
+
+
+def device_arch(device: torch.device) -> int:
+    """``major * 10 + minor`` of the CUDA device's compute capability (90: H100), asked once per device."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _ARCH:
+        major, minor = torch.cuda.get_device_capability(device)
+        _ARCH[device] = 10 * major + minor
+    return _ARCH[device]
+
+
+class AutoDispatch:
+    """``backend="auto"`` on CUDA: each call runs ``triton`` or ``torch`` (PyTorch's FlashAttention-2),
+    picked per direction by :meth:`pick`.
+
+    ``torch`` is picked only when FlashAttention itself takes the call (:func:`torch_cuda.eligible`: fp16/bf16,
+    one head dim, a multiple of 8 up to 256, no soft-cap, a band its window expresses; the rest would run the
+    ``torch`` backend's slow plain-ops path) and the measured table (:func:`auto.choose`) says it is faster
+    at this GPU's arch, head dim and direction.
+
+    Deterministic runs never take FlashAttention's backward: PyTorch's FlashAttention-2 backward adds dQ with
+    atomics, so its gradients may differ in the last bits run to run, while the Triton backward has no
+    atomics (the AOT check proves it in SASS). So the backward is ``triton`` with ``deterministic=True``
+    (:func:`varlen_fwd`/:func:`varlen_bwd`'s keyword, for a plan's ``deterministic=True``) and whenever
+    torch's deterministic algorithms are on (``torch.use_deterministic_algorithms``, which
+    ``train.deterministic`` sets): with ``warn_only=True`` FlashAttention's backward keeps its atomics, and
+    without it PyTorch runs a slower deterministic variant the table did not measure. Forwards have no
+    atomics in either backend: they follow the table in every mode.
+
+    ``arch``: the compute capability to use (tests); None: the device's (:func:`device_arch`). ``backends``:
+    where ``"triton"``/``"torch"`` are looked up when a call runs (tests); None: the registry."""
+
+    def __init__(self, arch: int | None = None, backends: Mapping[str, Backend] | None = None,
+                 deterministic: bool = False):
+        self.arch, self.deterministic = arch, deterministic
+        self.backends = _BACKENDS if backends is None else backends
+
+    def _arch(self, device: torch.device) -> int:
+        return self.arch if self.arch is not None else device_arch(device)
+
+    def pick(self, direction: str, q: torch.Tensor, v: torch.Tensor, seg: Varlen, softcap: float | None) -> str:
+        """``"triton"`` or ``"torch"`` for a ``direction`` (``"fwd"``/``"bwd"``) call on q ``[Tq, Hq, Dqk]``,
+        v ``[Tk, Hkv, Dv]`` over ``seg`` (see the class docstring)."""
+        if direction not in auto.DIRECTIONS:
+            raise ValueError(f"direction must be one of {auto.DIRECTIONS}, got {direction!r}")
+        if direction == "bwd" and (self.deterministic or torch.are_deterministic_algorithms_enabled()):
+            return auto.FALLBACK
+        if "torch" not in self.backends or not torch_cuda.eligible(q, v, seg, softcap):
+            return auto.FALLBACK
+        return auto.choose(self._arch(q.device), q.shape[2], direction)
+
+    def fwd(self, q, k, v, seg: Varlen, scale, softcap=None, partial: bool = False):
+        impl = self.backends[self.pick("fwd", q, v, seg, softcap)]
+        return _widened(impl, impl.fwd, partial, q, k, v, seg, scale, softcap)
+
+    def bwd(self, dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=None, partial: bool = False):
+        impl = self.backends[self.pick("bwd", q, v, seg, softcap)]
+        return _widened(impl, impl.bwd, partial, dout, q, k, v, out, lse, seg, scale, softcap, delta)
+
+    def prepare(self, seg: Varlen, device: torch.device) -> None:
+        """Prepare every backend the table may pick on ``device``'s arch, so no call builds anything; for a
+        band FlashAttention cannot express, only triton (such calls never run FlashAttention)."""
+        for name in sorted(auto.choices(self._arch(torch.device(device)))):
+            impl = self.backends.get(name)
+            if impl is None or impl.prepare is None or (name == "torch" and not torch_cuda.expressible(seg)):
+                continue
+            impl.prepare(seg, device)
+
+    def backend(self) -> Backend:
+        """This dispatcher as a :class:`Backend` named ``"auto"`` (it takes ``partial=True``: a picked backend
+        without partials has its results upcast)."""
+        return Backend("auto", self.fwd, self.bwd, devices=frozenset({"cuda"}), prepare=self.prepare, partials=True)
+
+
+# the CUDA dispatchers, by deterministic (they look the backends up in the registry on every call)
+_AUTO_CUDA = {flag: AutoDispatch(deterministic=flag).backend() for flag in (False, True)}
+
+
 def resolve_backend(name: str, device: torch.device) -> Backend:
-    """The backend that ``name`` means for tensors on ``device``; ``ValueError`` if none fits."""
+    """The backend that ``name`` means for tensors on ``device``; ``ValueError`` if none fits.
+
+    ``"auto"``: on CUDA (with triton registered) the per-call dispatcher :class:`AutoDispatch`, which runs
+    ``triton`` or ``torch`` per direction by the measured table in :mod:`distattn.kernels.auto`; on CPU
+    ``torch``; elsewhere (or without triton) the first registered of ``_AUTO_ORDER``."""
+    return _resolve(name, device)
+
+
+def _resolve(name: str, device: torch.device, deterministic: bool = False) -> Backend:
     if name == "auto":
+        if device.type == "cuda" and "triton" in _BACKENDS:
+            return _AUTO_CUDA[bool(deterministic)]
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
             if candidate in _BACKENDS:
                 return _BACKENDS[candidate]
@@ -175,8 +267,8 @@ def _widened(impl: Backend, fn: Callable, partial: bool, *args) -> tuple[torch.T
 
 
 def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Varlen, *, scale: float,
-               softcap: float | None = None, backend: str = "auto", partial: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               softcap: float | None = None, backend: str = "auto", partial: bool = False,
+               deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward over a layout validated in advance (shape checks only, no sync).
 
     Args:
@@ -190,6 +282,9 @@ def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Varlen, *
             query's key blocks): ``out`` comes back in the accumulator dtype (fp32 for 16-bit inputs),
             so the result is rounded to the inputs' dtype once, after the merge, not once per part.
             Backends that can store fp32 do (``triton``, ``reference``); the others' results are upcast.
+        deterministic: the caller needs bitwise-equal results run to run (a plan's ``deterministic=True``).
+            Every forward is deterministic; the keyword is here so that one set of keyword arguments
+            serves :func:`varlen_fwd` and :func:`varlen_bwd`.
 
     Returns ``out [Tq, Hq, Dv]`` (q's dtype; fp32 when ``partial``), ``lse [Tq, Hq]`` (fp32; fp64 for
     fp64 inputs).
@@ -197,22 +292,24 @@ def varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Varlen, *
     check_qkv(q, k, v)
     _check_layout(q, k, seg)
     softcap = check_softcap(softcap)
-    impl = resolve_backend(backend, q.device)
+    impl = _resolve(backend, q.device, deterministic)
     with torch.no_grad():
         return _widened(impl, impl.fwd, partial, q, k, v, seg, scale, softcap)
 
 
 def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, seg: Varlen, *, scale: float, softcap: float | None = None,
-               backend: str = "auto", delta: torch.Tensor | None = None, partial: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               backend: str = "auto", delta: torch.Tensor | None = None, partial: bool = False,
+               deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward over a layout validated in advance; arguments as :func:`varlen_fwd`.
 
     ``out``/``lse`` are the rows' *final* ones (see :func:`attn_bwd`). ``delta``:
     ``rowsum(dout * out)`` ``[Tq, Hq]`` fp32 if the caller already has it (computed once per
     backward, not per block). ``dout``/``out``: ``[Tq, Hq, Dv]``. Returns ``dq [Tq, Hq, Dqk]``,
     ``dk [Tk, Hkv, Dqk]``, ``dv [Tk, Hkv, Dv]`` in the inputs' dtype, or in the accumulator dtype
-    with ``partial=True`` (the caller sums them with other calls' gradients).
+    with ``partial=True`` (the caller sums them with other calls' gradients). ``deterministic``: the
+    caller needs bitwise-equal gradients run to run: ``backend="auto"`` then runs no backward with
+    atomics (:class:`AutoDispatch`); a backend named explicitly runs as named.
     """
     check_qkv(q, k, v)
     _check_layout(q, k, seg)
@@ -223,7 +320,7 @@ def varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
             raise ValueError(f"{name} must have shape [Tq, Hq] = {tuple(q.shape[:2])}, got {tuple(t.shape)}")
     if lse.dtype != acc_dtype(q.dtype):
         lse = lse.to(acc_dtype(q.dtype))
-    impl = resolve_backend(backend, q.device)
+    impl = _resolve(backend, q.device, deterministic)
     with torch.no_grad():
         return _widened(impl, impl.bwd, partial, dout, q, k, v, out, lse, seg, scale, softcap, delta)
 
@@ -244,7 +341,8 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: to
             sits at key position ``i + n - m`` and sees keys at or before it.
         window: if set, a query at position ``p`` sees only keys ``j`` with ``|p - j| < window``.
         scale: softmax scale, default ``1/sqrt(Dqk)``.
-        backend: ``"auto"`` (torch on CPU, triton on CUDA), ``"triton"``, ``"torch"`` (PyTorch's own
+        backend: ``"auto"`` (torch on CPU; on CUDA triton or torch per call and direction, by the
+            measured table in :mod:`distattn.kernels.auto`), ``"triton"``, ``"torch"`` (PyTorch's own
             kernels: CPU flash attention, or FlashAttention-2 varlen on CUDA), ``"reference"``.
         q_offset: extension, int ``[n_seg]`` or None: shifts segment ``i``'s queries to key
             position ``r + n - m + q_offset[i]`` (positive: queries after the keys' end, as for

@@ -176,6 +176,26 @@ def full_tile_loop(found: list[Loop]) -> Loop | None:
     return min(with_mma, key=lambda loop: (loop.counts.get("select", 0), loop.size), default=None)
 
 
+_GMMA_SHAPE = re.compile(r"^[A-Z]*GMMA\.(\d+)x(\d+)x(\d+)")  # HGMMA.64x128x16.F32.BF16: m x n x k
+_MMA_SHAPE = re.compile(r"^[A-Z]MMA\.(\d{2})(\d)(\d+)")  # HMMA.16816.F32.BF16: m16 n8 k16; HMMA.1688: k8
+
+
+def mma_macs(loop: Loop, num_warps: int) -> int:
+    """Multiply-adds one pass of ``loop`` does per program (CTA): a warpgroup-wide ``*GMMA`` (sm_90a
+    wgmma, issued by each of a warpgroup's 4 warps) counts once per warpgroup, a warp-wide ``*MMA``
+    (mma.sync) once per warp. Compared with a tile's dots (:func:`.aot.tile_macs`), it says whether
+    the compiled loop does exactly the tile's matrix work, no more."""
+    per_warpgroup = per_warp = 0
+    for ins in loop.instructions:
+        if match := _GMMA_SHAPE.match(ins.opcode):
+            m, n, k = map(int, match.groups())
+            per_warpgroup += m * n * k
+        elif match := _MMA_SHAPE.match(ins.opcode):
+            m, n, k = map(int, match.groups())
+            per_warp += m * n * k
+    return per_warpgroup * (num_warps // 4) + per_warp * num_warps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distattn.kernels.sass", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernel", default="fwd")
@@ -191,13 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cubin is not None:
         cubin, title = args.cubin.read_bytes(), str(args.cubin)
     else:
-        from .aot import DTYPES, Case, compile_cases
+        from .aot import DTYPES, VARIANTS, Case, compile_cases
         from .triton_plan import keep_config
 
         config = tuple(int(v) for v in args.config.split(","))
         case = Case(args.kernel, config, args.arch, args.dtype, args.head_dim, args.variant,
-                    keep_config(args.kernel, config, args.head_dim, DTYPES[args.dtype], args.arch, args.head_dim_v),
-                    args.head_dim_v)
+                    keep_config(args.kernel, config, args.head_dim, DTYPES[args.dtype], args.arch, args.head_dim_v,
+                                VARIANTS[args.variant]["ROW64"]), args.head_dim_v)
         row = compile_cases([case], jobs=1, compile_pruned=True, keep_cubin=True, log=None)[0]
         if "cubin" not in row:
             print(f"{case.label}: {row['status']}: {row.get('error')}", file=sys.stderr)

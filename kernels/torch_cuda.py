@@ -47,6 +47,8 @@ from .varlen import Varlen
 
 _fwd_op = getattr(torch.ops.aten, "_flash_attention_forward", None)
 _bwd_op = getattr(torch.ops.aten, "_flash_attention_backward", None)
+# the forward with the window arguments (torch >= 2.5)
+_HAS_OPS = _fwd_op is not None and "window_size_left" in str(_fwd_op.default._schema)
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,9 @@ class _Group:
     k_index: torch.Tensor | None
 
 
-def windows(seg: Varlen) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per segment: FlashAttention's ``(left, right)`` (-1: unbounded) and whether any pair is visible."""
+def _windows(seg: Varlen) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per segment: FlashAttention's ``(left, right)`` (-1: unbounded), whether any pair is visible,
+    and whether the band cannot be said as a window (a visible segment with a bound that cuts but is negative)."""
     m, n = np.diff(seg.cu_q).astype(np.int64), np.diff(seg.cu_k).astype(np.int64)
     lo, hi = seg.bands()
     visible = band_area(m, n, lo, hi) > 0
@@ -71,7 +74,16 @@ def windows(seg: Varlen) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     right = np.where(free_hi, -1, hi - (n - m))
     # -1 means unbounded to FlashAttention: a bound that is really negative cannot be expressed
     bad = visible & ((~free_lo & (left < 0)) | (~free_hi & (right < 0)))
+    return left, right, visible, bad
+
+
+def windows(seg: Varlen) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per segment: FlashAttention's ``(left, right)`` (-1: unbounded) and whether any pair is visible;
+    ``ValueError`` when a segment's band cannot be said as a window (see :func:`expressible`)."""
+    left, right, visible, bad = _windows(seg)
     if bad.any():
+        m, n = np.diff(seg.cu_q), np.diff(seg.cu_k)
+        lo, hi = seg.bands()
         s = int(np.nonzero(bad)[0][0])
         raise ValueError(f"backend='torch' on CUDA cannot express segment {s}'s band (lo={int(lo[s])}, hi="
                          f"{int(hi[s])} with {int(m[s])} queries, {int(n[s])} keys): FlashAttention's window "
@@ -79,6 +91,12 @@ def windows(seg: Varlen) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                          f"(queries before their keys' end, q_offset < 0, or a window past the keys); "
                          f"use backend='triton'")
     return left, right, visible
+
+
+def expressible(seg: Varlen) -> bool:
+    """Whether every segment's band is a FlashAttention window (:func:`windows` would not raise);
+    computed once per layout."""
+    return seg.cached("flash-expressible", lambda: not _windows(seg)[3].any())
 
 
 def _same(bound: np.ndarray, candidate: int, cover: np.ndarray) -> np.ndarray:
@@ -134,16 +152,33 @@ def prepare(seg: Varlen, device: torch.device) -> None:
         groups(seg, device)
 
 
-def _check(q: torch.Tensor) -> None:
-    if _fwd_op is None or "window_size_left" not in str(_fwd_op.default._schema):
-        raise ValueError(f"backend='torch' on CUDA needs PyTorch's FlashAttention varlen ops with windows "
-                         f"(torch >= 2.5); this torch is {torch.__version__}: use backend='triton'")
+def _refusal(q: torch.Tensor) -> str | None:
+    """Why FlashAttention cannot take ``q`` ``[T, H, D]`` (its dtype, its head dim, this torch), or None."""
+    if not _HAS_OPS:
+        return (f"backend='torch' on CUDA needs PyTorch's FlashAttention varlen ops with windows "
+                f"(torch >= 2.5); this torch is {torch.__version__}: use backend='triton'")
     if q.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"backend='torch' on CUDA runs FlashAttention, which computes fp16 or bf16, got {q.dtype}; "
-                         f"use backend='triton' for fp32")
+        return (f"backend='torch' on CUDA runs FlashAttention, which computes fp16 or bf16, got {q.dtype}; "
+                f"use backend='triton' for fp32")
     if q.shape[2] % 8 or q.shape[2] > 256:
-        raise ValueError(f"backend='torch' on CUDA needs head_dim a multiple of 8 up to 256, got {q.shape[2]}; "
-                         f"use backend='triton'")
+        return (f"backend='torch' on CUDA needs head_dim a multiple of 8 up to 256, got {q.shape[2]}; "
+                f"use backend='triton'")
+    return None
+
+
+def _check(q: torch.Tensor) -> None:
+    reason = _refusal(q)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def eligible(q: torch.Tensor, v: torch.Tensor, seg: Varlen, softcap: float | None) -> bool:
+    """Whether :func:`flash_fwd`/:func:`flash_bwd` run this call on FlashAttention itself: q ``[Tq, Hq, D]``
+    fp16/bf16 with ``D`` a multiple of 8 up to 256, v ``[Tk, Hkv, D]`` (V's head dim is Q's: no MLA), no
+    ``softcap``, every band of ``seg`` a window (:func:`expressible`), and a torch with the ops. Anything
+    else either raises or runs the plain-ops path (:mod:`.torch_math`), which is far slower than triton."""
+    return (softcap is None and v.shape[-1] == q.shape[-1] and _bwd_op is not None and _refusal(q) is None
+            and expressible(seg))
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:

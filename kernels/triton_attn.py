@@ -43,7 +43,10 @@ Backward, given the final ``out``/``lse`` and ``Delta = rowsum(dO * O)``
 accumulating dK and dV over every query block and every query head of its GQA
 group (no atomics: deterministic), one kernel per query tile for dQ. KV heads
 are shared by ``Hq / Hkv`` query heads without copying them. Rows that see no
-key give ``out = 0`` and ``lse = -inf``.
+key give ``out = 0`` and ``lse = -inf``. The dK/dV kernel computes transposed
+(``S^T = K Q^T``, keys by rows: see :func:`_dkv_blocks`), so that no tile is
+transposed in the loop; every config it keeps on sm_90a at head dims <= 128
+compiles without a register spill (:mod:`.aot` reads ptxas's report).
 
 Under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests) the
 kernels run on CPU tensors with one small block configuration, and bf16 is
@@ -89,7 +92,8 @@ def _pruner(kernel: str):
         major, minor = torch.cuda.get_device_capability(q.device)
         kept = [c for c in configs
                 if keep_config(kernel, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages),
-                               args["HEAD_DIM"], q.element_size(), 10 * major + minor, args["HEAD_DIM_V"])]
+                               args["HEAD_DIM"], q.element_size(), 10 * major + minor, args["HEAD_DIM_V"],
+                               args["ROW64"])]
         assert kept, "keep_config keeps a config for every head dim and dtype"
         return kept
     return {"early_config_prune": prune}
@@ -114,7 +118,8 @@ def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, di
         v = load_rows(v_ptrs + row_offset(start_n, stride_vt, ROW64), cols, dims_v, n, MASKED, HEAD_DIM_V, BLOCK_DV)
         x = logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), cap_in, SOFTCAP, PRECISION)
         if MASKED:
-            s = tl.where(visible(rows, cols, m, n, lo, hi, HAS_LO, HAS_HI), x * qk_mult, float("-inf"))
+            s = tl.where(visible(rows[:, None], cols[None, :], m, n, lo, hi, HAS_LO, HAS_HI), x * qk_mult,
+                         float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at 0
             p = tl.math.exp2(s - m_ref[:, None])
@@ -172,36 +177,63 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, LO, HI, TILES,
 
 
 @triton.jit
-def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot, stride_lt, stride_dt,
-                rows0, cols, dims, dims_v, first, a, b, end, m, n, lo, hi, qk_mult, cap_in, MASKED: tl.constexpr,
-                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                PRECISION: tl.constexpr, ROW64: tl.constexpr):
-    """dK/dV of one key tile over the query blocks of a run; pointers point at query row 0."""
-    for i in range(0, block_count(first, a, b, end, BLOCK_M, MASKED)):
-        start_m = block_start(i, first, a, b, BLOCK_M, MASKED)
+def _scale(qk_mult, cap_in, SOFTCAP: tl.constexpr):
+    """The softmax scale, from the multipliers the kernels already hold (see :func:`_multipliers`): one
+    argument, and one register through the loops, fewer."""
+    if SOFTCAP:
+        return cap_in * qk_mult / _LOG2E
+    else:
+        return qk_mult / _LOG2E
+
+
+@triton.jit
+def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_qh, stride_dot, stride_doh,
+                stride_lt, stride_lh, stride_dt, stride_dh, rows0, cols, dims, dims_v, first, a, b, end, m, n, lo, hi,
+                qk_mult, cap_in, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+                SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+                ROW64: tl.constexpr):
+    """dK/dV of one key tile over the query blocks of a run, for each of the ``GROUP`` query heads that
+    share its KV head; pointers point at query row 0 of the group's first head.
+
+    One flat loop over (head, block) pairs rather than a loop over heads around a loop over blocks:
+    the nested form kept the heads' pointers alive across the inner loop and spilled at GQA (56 B
+    per thread at head dim 128, sm_90a).
+
+    Computed transposed, keys by rows (``S^T = K Q^T``, as FlashAttention-2's and Triton's own
+    backward): P^T and dS^T come out of their dots with the key tile's rows, which is the row
+    dimension of the dK/dV accumulators, so they feed ``dV += P^T dO`` and ``dK += dS^T Q`` as
+    register operands directly. The untransposed form (``S = Q K^T``, then ``trans(P)``) moves both
+    tiles through shared memory every block and left ptxas no registers: 0.5-1.5 KB of spills per
+    thread at head dim 128 on sm_90a."""
+    count = block_count(first, a, b, end, BLOCK_M, MASKED)
+    for j in range(0, count * GROUP):
+        g = j // count
+        start_m = block_start(j - g * count, first, a, b, BLOCK_M, MASKED)
         rows = start_m + rows0
-        q = load_rows(q_ptrs + row_offset(start_m, stride_qt, ROW64), rows, dims, m, MASKED, HEAD_DIM, BLOCK_D)
-        do = load_rows(do_ptrs + row_offset(start_m, stride_dot, ROW64), rows, dims_v, m, MASKED, HEAD_DIM_V, BLOCK_DV)
+        q = load_rows(q_ptrs + (row_offset(start_m, stride_qt, ROW64) + g * stride_qh), rows, dims, m, MASKED,
+                      HEAD_DIM, BLOCK_D)
+        do = load_rows(do_ptrs + (row_offset(start_m, stride_dot, ROW64) + g * stride_doh), rows, dims_v, m, MASKED,
+                       HEAD_DIM_V, BLOCK_DV)
         if MASKED:
-            lse = tl.load(lse_ptrs + start_m * stride_lt, mask=rows < m, other=0.0)
-            delta = tl.load(delta_ptrs + start_m * stride_dt, mask=rows < m, other=0.0)
+            lse = tl.load(lse_ptrs + (start_m * stride_lt + g * stride_lh), mask=rows < m, other=0.0)
+            delta = tl.load(delta_ptrs + (start_m * stride_dt + g * stride_dh), mask=rows < m, other=0.0)
         else:
-            lse = tl.load(lse_ptrs + start_m * stride_lt)
-            delta = tl.load(delta_ptrs + start_m * stride_dt)
-        if SOFTCAP:  # dP first: the tanh tile then lives beside P, not across a dot
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        x = logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), cap_in, SOFTCAP, PRECISION)
-        p = tl.math.exp2(tl.fma(x, qk_mult, -(lse * _LOG2E)[:, None]))
+            lse = tl.load(lse_ptrs + (start_m * stride_lt + g * stride_lh))
+            delta = tl.load(delta_ptrs + (start_m * stride_dt + g * stride_dh))
+        if SOFTCAP:  # dP^T first: the tanh tile then lives beside P^T, not across a dot
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        x_t = logits(tl.dot(k, tl.trans(q), input_precision=PRECISION), cap_in, SOFTCAP, PRECISION)
+        p_t = tl.math.exp2(tl.fma(x_t, qk_mult, -(lse * _LOG2E)[None, :]))
         if MASKED:
-            p = tl.where(visible(rows, cols, m, n, lo, hi, HAS_LO, HAS_HI), p, 0.0)
+            p_t = tl.where(visible(rows[None, :], cols[:, None], m, n, lo, hi, HAS_LO, HAS_HI), p_t, 0.0)
         if SOFTCAP:  # d(cap * tanh(s / cap)) / ds
-            ds = p * (dp - delta[:, None]) * (1.0 - x * x)
+            ds_t = p_t * (dp_t - delta[None, :]) * (1.0 - x_t * x_t)
         else:
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
@@ -210,7 +242,7 @@ def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, 
 def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, LO, HI, TILES,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                     stride_lt, stride_lh, stride_dt, stride_dh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                    scale, qk_mult, cap_in,
+                    qk_mult, cap_in,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                     BLOCK_DV: tl.constexpr, GROUP: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
                     SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -221,10 +253,10 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, LO, HI, TILES,
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     dims_v = tl.arange(0, BLOCK_DV)
-    k_mask = (cols[:, None] < n) & (dims[None, :] < HEAD_DIM)
-    v_mask = (cols[:, None] < n) & (dims_v[None, :] < HEAD_DIM_V)
-    k = tl.load(tile_ptrs(K, k0 + start_n, stride_kt, kv_head, stride_kh, dims, BLOCK_N), mask=k_mask, other=0.0)
-    v = tl.load(tile_ptrs(V, k0 + start_n, stride_vt, kv_head, stride_vh, dims_v, BLOCK_N), mask=v_mask, other=0.0)
+    k = tl.load(tile_ptrs(K, k0 + start_n, stride_kt, kv_head, stride_kh, dims, BLOCK_N),
+                mask=(cols[:, None] < n) & (dims[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(tile_ptrs(V, k0 + start_n, stride_vt, kv_head, stride_vh, dims_v, BLOCK_N),
+                mask=(cols[:, None] < n) & (dims_v[None, :] < HEAD_DIM_V), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     first, a, b, end = row_runs(start_n, m, n, lo, hi, BLOCK_M, BLOCK_N)
@@ -232,25 +264,26 @@ def _bwd_dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, LO, HI, TILES,
         a = end
         b = end
     rows0 = tl.arange(0, BLOCK_M)
-    for g in range(GROUP):
-        head = kv_head * GROUP + g
-        q_ptrs = tile_ptrs(Q, q0, stride_qt, head, stride_qh, dims, BLOCK_M)
-        do_ptrs = tile_ptrs(DO, q0, stride_dot, head, stride_doh, dims_v, BLOCK_M)
-        lse_ptrs = LSE + (q0 + rows0) * stride_lt + head * stride_lh
-        delta_ptrs = DELTA + (q0 + rows0) * stride_dt + head * stride_dh
-        dk, dv = _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot, stride_lt,
-                             stride_dt, rows0, cols, dims, dims_v, first, a, b, end, m, n, lo, hi, qk_mult, cap_in,
-                             True, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M,
-                             PRECISION, ROW64)
-        if PRECISION != "ieee":
-            dk, dv = _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_dot,
-                                 stride_lt, stride_dt, rows0, cols, dims, dims_v, first, a, b, end, m, n, lo, hi,
-                                 qk_mult, cap_in, False, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D, HEAD_DIM_V,
-                                 BLOCK_DV, BLOCK_M, PRECISION, ROW64)
+    head = kv_head * GROUP  # the group's first query head; _dkv_blocks steps through the others
+    q_ptrs = tile_ptrs(Q, q0, stride_qt, head, stride_qh, dims, BLOCK_M)
+    do_ptrs = tile_ptrs(DO, q0, stride_dot, head, stride_doh, dims_v, BLOCK_M)
+    lse_ptrs = LSE + (q0 + rows0) * stride_lt + head * stride_lh
+    delta_ptrs = DELTA + (q0 + rows0) * stride_dt + head * stride_dh
+    dk, dv = _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_qh, stride_dot,
+                         stride_doh, stride_lt, stride_lh, stride_dt, stride_dh, rows0, cols, dims, dims_v, first, a, b,
+                         end, m, n, lo, hi, qk_mult, cap_in, True, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D,
+                         HEAD_DIM_V, BLOCK_DV, BLOCK_M, GROUP, PRECISION, ROW64)
+    if PRECISION != "ieee":
+        dk, dv = _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, stride_qh, stride_dot,
+                             stride_doh, stride_lt, stride_lh, stride_dt, stride_dh, rows0, cols, dims, dims_v, first,
+                             a, b, end, m, n, lo, hi, qk_mult, cap_in, False, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM,
+                             BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, GROUP, PRECISION, ROW64)
+    # the masks again, not kept alive through the loops: the accumulators need every register
     tl.store(tile_ptrs(DK, k0 + start_n, stride_dkt, kv_head, stride_dkh, dims, BLOCK_N),
-             (dk * scale).to(DK.dtype.element_ty), mask=k_mask)
+             (dk * _scale(qk_mult, cap_in, SOFTCAP)).to(DK.dtype.element_ty),
+             mask=(cols[:, None] < n) & (dims[None, :] < HEAD_DIM))
     tl.store(tile_ptrs(DV, k0 + start_n, stride_dvt, kv_head, stride_dvh, dims_v, BLOCK_N),
-             dv.to(DV.dtype.element_ty), mask=v_mask)
+             dv.to(DV.dtype.element_ty), mask=(cols[:, None] < n) & (dims_v[None, :] < HEAD_DIM_V))
 
 
 @triton.jit
@@ -269,7 +302,7 @@ def _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
         x = logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), cap_in, SOFTCAP, PRECISION)
         p = tl.math.exp2(tl.fma(x, qk_mult, -lse_log2[:, None]))
         if MASKED:
-            p = tl.where(visible(rows, cols, m, n, lo, hi, HAS_LO, HAS_HI), p, 0.0)
+            p = tl.where(visible(rows[:, None], cols[None, :], m, n, lo, hi, HAS_LO, HAS_HI), p, 0.0)
         if SOFTCAP:
             ds = p * (dp - delta[:, None]) * (1.0 - x * x)
         else:
@@ -283,7 +316,7 @@ def _dq_blocks(dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt,
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, LO, HI, TILES,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                   stride_lt, stride_lh, stride_dt, stride_dh, stride_dqt, stride_dqh, scale, qk_mult, cap_in,
+                   stride_lt, stride_lh, stride_dt, stride_dh, stride_dqt, stride_dqh, qk_mult, cap_in,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                    GROUP: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr,
                    PRECISION: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -316,7 +349,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, LO, HI, TILES,
                         a, b, end, m, n, lo, hi, qk_mult, cap_in, False, HAS_LO, HAS_HI, SOFTCAP, HEAD_DIM, BLOCK_D,
                         HEAD_DIM_V, BLOCK_DV, BLOCK_N, PRECISION, ROW64)
     tl.store(tile_ptrs(DQ, q0 + start_m, stride_dqt, head, stride_dqh, dims, BLOCK_M),
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+             (dq * _scale(qk_mult, cap_in, SOFTCAP)).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ---- host side ---------------------------------------------------------------------------------
@@ -395,7 +428,7 @@ def triton_bwd(dout, q, k, v, out, lse, seg: Varlen, scale, softcap=None, delta=
         common = (cu_q, cu_k, cu_q if lo is None else lo, cu_q if hi is None else hi)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
                    dout.stride(1), lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1))
-        floats = (scale, *_multipliers(scale, softcap))
+        floats = _multipliers(scale, softcap)
         meta = _meta(q, k, v, seg, softcap, dout)
         grid = lambda meta: (k_counts[meta["BLOCK_N"]], k.shape[1])  # noqa: E731
         _bwd_dkv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, *common, k_tiles, *strides, dk.stride(0),

@@ -55,13 +55,15 @@ def runs(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def visible(rows, cols, m, n, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
-    """``[rows, cols]`` mask: real rows and keys inside the band."""
-    ok = (rows[:, None] < m) & (cols[None, :] < n)
+def visible(r, c, m, n, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """Mask of real rows and keys inside the band; ``r``/``c`` are row and key indices shaped to
+    broadcast into the tile: ``rows[:, None], cols[None, :]`` for a ``[rows, keys]`` tile,
+    ``rows[None, :], cols[:, None]`` for the transposed ``[keys, rows]`` one (dK/dV)."""
+    ok = (r < m) & (c < n)
     if HAS_LO:
-        ok = ok & (cols[None, :] - rows[:, None] >= lo)
+        ok = ok & (c - r >= lo)
     if HAS_HI:
-        ok = ok & (cols[None, :] - rows[:, None] <= hi)
+        ok = ok & (c - r <= hi)
     return ok
 
 

@@ -24,11 +24,18 @@ TILE_BLOCKS = (16, 32, 64, 128)
 # over the device's shared memory are pruned (`keep_config`); the small FALLBACK config runs only
 # where no regular one fits (head_dim 256). fp32 inputs (exact "ieee" dots without tensor cores:
 # a correctness path, not a fast one) get small tiles of their own.
+# Every config kept on sm_90a at head dims <= 128 compiles without a register spill, its loop doing
+# exactly its tile's wgmma work (tests/test_aot.py reads ptxas's report and the SASS). dK/dV holds two
+# fp32 [BLOCK_N, D] accumulators plus S^T and dP^T [BLOCK_N, BLOCK_M]: at head dim 128 that leaves
+# 8 warps room for 16-32 query rows per step (64 spilled 0.5 KB per thread, 4 warps 1-5 KB); dQ's
+# 128 x 32 on 4 warps spilled too.
 CONFIGS = {
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-    "bwd_dkv": [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
-    "bwd_dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+    "bwd_dkv": [(32, 128, 8, 2), (16, 128, 8, 3), (16, 128, 8, 2)],
+    "bwd_dq": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)],
 }
+# Configs that spill with int64 block offsets (ROW64) at head dim 128 on sm_90a (16 B): never tried there.
+NOT_ROW64 = {"fwd": {(128, 128, 8, 2)}}
 FALLBACK = {"fwd": (64, 32, 4, 2), "bwd_dkv": (32, 64, 4, 2), "bwd_dq": (64, 32, 4, 2)}
 FP32_CONFIGS = {"fwd": (32, 32, 4, 2), "bwd_dkv": (32, 32, 4, 2), "bwd_dq": (32, 32, 4, 2)}
 # Shared memory per block the target allows (bytes): sm_80 (A100) and sm_90 (H100/H200).
@@ -60,17 +67,18 @@ def shared_estimate(kernel: str, config: tuple, head_dim: int, elem: int, head_d
     return stages * streamed + resident + block_m * block_n * elem
 
 
-def keep_config(kernel: str, config: tuple, head_dim: int, elem: int, arch: int, head_dim_v: int | None = None
-                ) -> bool:
+def keep_config(kernel: str, config: tuple, head_dim: int, elem: int, arch: int, head_dim_v: int | None = None,
+                row64: bool = False) -> bool:
     """Whether the autotuner tries ``config`` on ``arch`` (80, 90, ...) for these head dims (Q/K's,
-    V's: default the same) and element size (see CONFIGS)."""
+    V's: default the same) and element size (see CONFIGS); ``row64``: the kernel's block offsets are
+    int64 (a segment past 2^31 elements), which costs registers some configs do not have."""
     limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[80] if arch >= 80 else 101376)
     fits = lambda c: shared_estimate(kernel, c, head_dim, elem, head_dim_v) <= limit  # noqa: E731
     if elem == 4:
         return config == FP32_CONFIGS[kernel]
     if config == FALLBACK[kernel]:
         return not any(fits(c) for c in CONFIGS[kernel])
-    return config in CONFIGS[kernel] and fits(config)
+    return config in CONFIGS[kernel] and fits(config) and not (row64 and config in NOT_ROW64.get(kernel, ()))
 
 
 def _tile_table(lengths: np.ndarray, block: int, span) -> np.ndarray:

@@ -3,8 +3,9 @@
 * every backend (triton, torch = PyTorch's FlashAttention, reference) vs fp64 in bf16/fp16 under
   the tolerance rule (error <= 2x PyTorch's own SDPA error in the same dtype, plus rounding), on
   (causal, window, q_offset) masks and on per-segment bands, with logit soft-capping and sinks;
-* every scheduler's plan at world size 1 on the GPU, and no host synchronisation in a warm step
-  (``torch.cuda.set_sync_debug_mode("error")``);
+  ``auto`` (triton or torch per direction, by ``distattn.kernels.auto``'s table) on the bands;
+* every scheduler's plan at world size 1 on the GPU (triton, torch and auto), and no host
+  synchronisation in a warm step (``torch.cuda.set_sync_debug_mode("error")``);
 * every scheduler over NCCL when >= 2 GPUs exist;
 * the trainer for 3 steps under torchrun;
 * the kernel benchmark on a small size.
@@ -91,6 +92,24 @@ def test_torch_backend_refuses_what_flash_cannot_express():
         attn_fwd(qh, kh, vh, cu, cu, backend="torch", q_offset=torch.tensor([-3], device="cuda"))
 
 
+def test_auto_routes_each_direction_by_the_table_on_this_gpu():
+    """``backend="auto"`` on this GPU runs what ``distattn.kernels.auto`` chooses for its arch, per head dim and
+    direction, for calls FlashAttention takes; fp32 and soft-capped calls and deterministic backwards run triton."""
+    from distattn.kernels import auto, registry
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    dispatch = registry.resolve_backend("auto", device).fwd.__self__
+    strict = registry._resolve("auto", device, True).fwd.__self__   # what varlen_bwd(deterministic=True) runs
+    arch, seg = registry.device_arch(device), Varlen.from_geometry([64], [64], True, None)
+    for d in (64, 128):
+        q = torch.zeros(64, 4, d, dtype=torch.bfloat16, device=device)
+        for direction in auto.DIRECTIONS:
+            assert dispatch.pick(direction, q, q, seg, None) == auto.choose(arch, d, direction), (arch, d, direction)
+            assert dispatch.pick(direction, q.float(), q.float(), seg, None) == "triton"
+            assert dispatch.pick(direction, q, q, seg, 30.0) == "triton"
+        assert strict.pick("bwd", q, q, seg, None) == "triton"
+
+
 # (m, n, lo, hi) segments, None = unbounded; all of them FlashAttention's window can say (so the
 # torch backend runs them too): long inverse-causal, bi-causal and two-sided bands, shifted causal
 GPU_BANDS = [(1500, 1500, 0, None), (700, 1300, 0, 600), (129, 500, -60, 400), (1, 1, 0, 0), (512, 512, None, 0),
@@ -120,7 +139,7 @@ def _band_oracle(q, k, v, dout, seg, keep, softcap=None, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("softcap", [None, 20.0])
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference", "auto"])
 def test_bands_within_twice_torch_error(backend, softcap):
     """Per-segment bands (and softcap) in bf16 vs fp64: SDPA's error as the bound without softcap,
     the plain math in bf16 with it (SDPA has no softcap)."""
@@ -199,7 +218,7 @@ def _scheduler_case(scheduler, world, dtype_name, backend):
     return max(errs), synced
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_every_scheduler_at_world_one_on_the_gpu(scheduler, backend):
     (err, synced), = run_distributed(_scheduler_case, 1, scheduler, 1, "bfloat16", backend, backend="nccl",

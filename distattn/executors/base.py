@@ -155,8 +155,9 @@ class Executor:
         return total / comm.size
 
     def kernel_args(self, scale: float, softcap: float | None = None) -> dict:
-        """Keyword arguments of every ``varlen_fwd``/``varlen_bwd`` call (the mask is in the layouts)."""
-        return dict(scale=scale, softcap=softcap, backend=self.backend)
+        """Keyword arguments of every ``varlen_fwd``/``varlen_bwd`` call (the mask is in the layouts;
+        ``deterministic`` keeps ``backend="auto"``'s backward off kernels that add with atomics)."""
+        return dict(scale=scale, softcap=softcap, backend=self.backend, deterministic=self.options.deterministic)
 
     def device_data(self) -> Iterable[Varlen | DeviceIndex]:
         return ()
