@@ -209,8 +209,11 @@ def tile_macs(kernel: str, config: tuple, head_dim: int, head_dim_v: int) -> int
     return block_m * block_n * {"fwd": d + dv, "bwd_dkv": 2 * (d + dv), "bwd_dq": 2 * d + dv}[kernel]
 
 
-def spill_bytes(ptxas_log: str) -> int:
-    """Bytes of spill stores plus spill loads in ``ptxas -v``'s report (every function of the cubin)."""
+def spill_bytes(ptxas_log: str) -> int | None:
+    """Bytes of spill stores plus spill loads in ``ptxas -v``'s report (every function of the cubin);
+    None when there is no report (no ``Used N registers`` line: Triton printed nothing)."""
+    if not re.search(r"Used \d+ registers", ptxas_log):
+        return None
     return sum(int(stores) + int(loads) for stores, loads in
                re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log))
 

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distattn.cost import BWD_FLOPS_FACTOR
+
 DIRECTIONS = ("fwd", "bwd")
-FALLBACK = "triton"  # what auto runs where nothing was measured (and on ties)
-# FLOPs of a causal attention backward and of forward + backward, in forward FLOPs (the
-# backward's five matmuls to the forward's two)
-BWD_FLOPS, FWD_BWD_FLOPS = 2.5, 3.5
+DEFAULT = "triton"  # what auto runs where nothing was measured (and on ties)
+# FLOPs of the backward and of forward + backward, in forward FLOPs (the backward's five matmuls to
+# the forward's two)
+BWD_FLOPS, FWD_BWD_FLOPS = BWD_FLOPS_FACTOR, 1 + BWD_FLOPS_FACTOR
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,10 @@ class Measured:
 
     @property
     def faster(self) -> str:
-        """The backend with the most TFLOP/s; :data:`FALLBACK` wins a tie (it is what auto ran before)."""
+        """The backend with the most TFLOP/s; :data:`DEFAULT` wins a tie (it is what auto ran before)."""
         best = max(speed for _, speed in self.tflops)
         winners = [name for name, speed in self.tflops if speed == best]
-        return FALLBACK if FALLBACK in winners else winners[0]
+        return DEFAULT if DEFAULT in winners else winners[0]
 
 
 def derived_bwd(fwd: float, fwd_bwd: float) -> float:
@@ -87,7 +89,8 @@ class _Report:
 
 _REPORTS = (
     _Report(90, "H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0, bf16, 32K tokens causal, "
-                "`python -m distattn.kernels.bench` in scripts/gpu_report.sh, stop 50 report",
+                "`python -m distattn.kernels.bench` in scripts/gpu_report.sh, stop 50 report (code 652f699: the "
+                "triton backward before issue 46 rewrote dK/dV; measure it again)",
             # head dim: (backend, forward TFLOP/s, forward+backward TFLOP/s)
             ((64, (("triton", 389.0, 337.0), ("torch", 298.0, 295.0))),
              (128, (("triton", 435.0, 272.0), ("torch", 340.0, 309.0))))),
@@ -105,14 +108,14 @@ def rows_at(arch: int, direction: str, table: tuple[Measured, ...] = TABLE) -> l
 
 def choose(arch: int, head_dim: int, direction: str, table: tuple[Measured, ...] = TABLE) -> str:
     """The backend the table measured faster for ``direction`` (``"fwd"``/``"bwd"``) at ``head_dim`` on
-    ``arch`` (``major * 10 + minor``), by the module's rule; :data:`FALLBACK` where ``arch`` has no row."""
+    ``arch`` (``major * 10 + minor``), by the module's rule; :data:`DEFAULT` where ``arch`` has no row."""
     rows = rows_at(arch, direction, table)
     if not rows:
-        return FALLBACK
+        return DEFAULT
     below = [r for r in rows if r.head_dim <= head_dim]
     return (below[-1] if below else rows[0]).faster
 
 
 def choices(arch: int, table: tuple[Measured, ...] = TABLE) -> set[str]:
     """Every backend :func:`choose` may return at ``arch`` (the ones a plan must prepare)."""
-    return {FALLBACK} | {r.faster for r in table if r.arch == arch}
+    return {DEFAULT} | {r.faster for r in table if r.arch == arch}

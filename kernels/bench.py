@@ -19,8 +19,9 @@ no Dv != Dqk (the ``torch`` backend would fall back to dense math): ``n/a``, as 
 the shapes or is not installed.
 
 Columns (one row per case and backend): ``fwd``, ``bwd`` and ``fwd_bwd`` TFLOP/s. FLOPs: ``F = 2 *
-visible pairs * heads * (Dqk + Dv)`` forward, ``2.5 F`` backward (over the backward's time alone),
-``3.5 F`` over forward + backward. Our backends (the plan path: a :class:`~distattn.kernels.Varlen`
+visible pairs * heads * (Dqk + Dv)`` forward, ``2.5 F`` backward (over the backward's time alone;
+``F (3 Dqk + 2 Dv) / (Dqk + Dv)`` where V's head dim differs: 2.6 F at 192/128), ``3.5 F`` over
+forward + backward. Our backends (the plan path: a :class:`~distattn.kernels.Varlen`
 prepared once) time ``varlen_fwd`` and ``varlen_bwd`` apart; FA3 and SDPA run through autograd, so
 their backward's time is forward+backward's minus the forward's. Forward+backward's time is the
 forward's plus the backward's. Each time is the median of CUDA-event timed calls after one warm-up
@@ -42,6 +43,7 @@ import time
 import numpy as np
 import torch
 
+from distattn.cost import BWD_FLOPS_FACTOR
 from distattn.masks import mask_area
 
 from . import prepare, varlen_bwd, varlen_fwd
@@ -50,7 +52,6 @@ from .varlen import Varlen
 BACKENDS = ("triton", "torch", "fa3", "sdpa")
 MASKS = ("causal", "full", "doc")
 MIN_REPS, MAX_REPS = 3, 30
-BWD_FLOPS = 2.5          # the backward's FLOPs over the forward's
 COLUMNS = ["head_dim", "seq_len", "mask", "backend", "fwd", "bwd", "fwd_bwd", "note"]
 
 
@@ -61,11 +62,19 @@ def tflops(flops: float, ms: float | None) -> float | None:
     return flops / (ms * 1e-3) / 1e12
 
 
-def rates(flops: float, fwd_ms: float | None, bwd_ms: float | None) -> dict:
-    """The three TFLOP/s columns of a forward of ``flops`` FLOPs timed ``fwd_ms`` and its backward ``bwd_ms``."""
+def bwd_flops_factor(head_dim: int, head_dim_v: int) -> float:
+    """The backward's FLOPs over the forward's: per visible pair the forward's two dots are ``Dqk + Dv``
+    wide, the backward's five (S and dP recomputed, dV, dK, dQ) ``3 Dqk + 2 Dv``; 2.5
+    (``distattn.cost.BWD_FLOPS_FACTOR``) for one head dim, 2.6 for MLA's 192/128."""
+    return (3 * head_dim + 2 * head_dim_v) / (head_dim + head_dim_v)
+
+
+def rates(flops: float, fwd_ms: float | None, bwd_ms: float | None, bwd_factor: float = BWD_FLOPS_FACTOR) -> dict:
+    """The three TFLOP/s columns of a forward of ``flops`` FLOPs timed ``fwd_ms`` and its backward ``bwd_ms``
+    (``bwd_factor`` times the forward's FLOPs: :func:`bwd_flops_factor`)."""
     both = None if fwd_ms is None or bwd_ms is None else fwd_ms + bwd_ms
-    return {"fwd": tflops(flops, fwd_ms), "bwd": tflops(BWD_FLOPS * flops, bwd_ms),
-            "fwd_bwd": tflops((1 + BWD_FLOPS) * flops, both), "fwd_ms": fwd_ms, "bwd_ms": bwd_ms}
+    return {"fwd": tflops(flops, fwd_ms), "bwd": tflops(bwd_factor * flops, bwd_ms),
+            "fwd_bwd": tflops((1 + bwd_factor) * flops, both), "fwd_ms": fwd_ms, "bwd_ms": bwd_ms}
 
 
 def doc_lens(seq_len: int, seed: int) -> list[int]:
@@ -228,7 +237,7 @@ def run(seq_lens, dims, dtype, tokens: int, hidden: int, masks=("causal", "full"
                         ms = _flash3(q, k, v, dout, lens, causal, rep_budget_s)
                     else:
                         ms = _sdpa(q, k, v, dout, len(lens), s, causal, rep_budget_s)
-                    row.update(rates(flops, *ms))
+                    row.update(rates(flops, *ms, bwd_factor=bwd_flops_factor(d, dv)))
                 except (ValueError, RuntimeError, TypeError) as exc:   # a backend refusing the shapes
                     row["note"] = f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
             rows.append(row)

@@ -95,6 +95,11 @@ class AutoDispatch:
     without it PyTorch runs a slower deterministic variant the table did not measure. Forwards have no
     atomics in either backend: they follow the table in every mode.
 
+    The price of FlashAttention's backward: with ``partial=True`` (every scheduler's calls) it stores each
+    call's dq/dk/dv in the inputs' dtype, so they are rounded to bf16/fp16 once per call before the
+    executor's fp32 sum, where triton stores fp32 partials (as ring-flash-attention sums flash-attn's
+    varlen gradients). ``backend="triton"`` keeps the fp32 partials.
+
     ``arch``: the compute capability to use (tests); None: the device's (:func:`device_arch`). ``backends``:
     where ``"triton"``/``"torch"`` are looked up when a call runs (tests); None: the registry."""
 
@@ -112,9 +117,9 @@ class AutoDispatch:
         if direction not in auto.DIRECTIONS:
             raise ValueError(f"direction must be one of {auto.DIRECTIONS}, got {direction!r}")
         if direction == "bwd" and (self.deterministic or torch.are_deterministic_algorithms_enabled()):
-            return auto.FALLBACK
+            return auto.DEFAULT
         if "torch" not in self.backends or not torch_cuda.eligible(q, v, seg, softcap):
-            return auto.FALLBACK
+            return auto.DEFAULT
         return auto.choose(self._arch(q.device), q.shape[2], direction)
 
     def fwd(self, q, k, v, seg: Varlen, scale, softcap=None, partial: bool = False):

@@ -207,9 +207,10 @@ def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, 
     tiles through shared memory every block and left ptxas no registers: 0.5-1.5 KB of spills per
     thread at head dim 128 on sm_90a."""
     count = block_count(first, a, b, end, BLOCK_M, MASKED)
-    for j in range(0, count * GROUP):
-        g = j // count
-        start_m = block_start(j - g * count, first, a, b, BLOCK_M, MASKED)
+    i = 0  # this step's block and head: counters, not j // count (an integer division costs ~20 instructions)
+    g = 0
+    for _ in range(0, count * GROUP):
+        start_m = block_start(i, first, a, b, BLOCK_M, MASKED)
         rows = start_m + rows0
         q = load_rows(q_ptrs + (row_offset(start_m, stride_qt, ROW64) + g * stride_qh), rows, dims, m, MASKED,
                       HEAD_DIM, BLOCK_D)
@@ -234,6 +235,10 @@ def _dkv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qt, 
             ds_t = p_t * (dp_t - delta[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        i += 1
+        if GROUP > 1:  # the next head of the group once this one has seen every block
+            g = tl.where(i == count, g + 1, g)
+            i = tl.where(i == count, 0, i)
     return dk, dv
 
 

@@ -36,6 +36,18 @@ CONFIGS = {
 }
 # Configs that spill with int64 block offsets (ROW64) at head dim 128 on sm_90a (16 B): never tried there.
 NOT_ROW64 = {"fwd": {(128, 128, 8, 2)}}
+# Configs ptxas spills registers for on an arch, by the padded head dims (`block_dim`) where it does:
+# never tried there. Measured with Triton 3.9 (`python -m distattn.kernels.aot --all --arch 80
+# --head-dims 64,128 --json`: spill_bytes); with these out, every kept config at head dims <= 128
+# compiles without a spill on sm_80 and sm_90a (tests/test_aot.py).
+SPILLS = {
+    ("fwd", (128, 128, 8, 2)): {80: {64}},          # 8 B with GQA
+    ("fwd", (128, 64, 8, 3)): {80: {128}},          # 100-124 B
+    ("bwd_dkv", (32, 128, 8, 2)): {80: {128}},      # 228 B, 19 KB with GQA
+    ("bwd_dq", (128, 64, 8, 2)): {80: {128}},       # 128-280 B
+    ("bwd_dq", (64, 64, 4, 3)): {80: {64}},         # 96-168 B with soft-capping
+    ("bwd_dq", (64, 64, 4, 2)): {80: {64}},
+}
 FALLBACK = {"fwd": (64, 32, 4, 2), "bwd_dkv": (32, 64, 4, 2), "bwd_dq": (64, 32, 4, 2)}
 FP32_CONFIGS = {"fwd": (32, 32, 4, 2), "bwd_dkv": (32, 32, 4, 2), "bwd_dq": (32, 32, 4, 2)}
 # Shared memory per block the target allows (bytes): sm_80 (A100) and sm_90 (H100/H200).
@@ -78,7 +90,9 @@ def keep_config(kernel: str, config: tuple, head_dim: int, elem: int, arch: int,
         return config == FP32_CONFIGS[kernel]
     if config == FALLBACK[kernel]:
         return not any(fits(c) for c in CONFIGS[kernel])
-    return config in CONFIGS[kernel] and fits(config) and not (row64 and config in NOT_ROW64.get(kernel, ()))
+    spills = block_dim(head_dim) in SPILLS.get((kernel, config), {}).get(arch, ())
+    return (config in CONFIGS[kernel] and fits(config) and not spills
+            and not (row64 and config in NOT_ROW64.get(kernel, ())))
 
 
 def _tile_table(lengths: np.ndarray, block: int, span) -> np.ndarray:

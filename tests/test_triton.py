@@ -152,3 +152,23 @@ def test_triton_sinks_softcap_documents_match_fp64_oracle(layout, heads, mask, s
     for name, got, want in zip(("out", "dq", "dk", "dv", "dsinks"), (out, *grads),
                                (w_out, qq.grad, kk.grad, vv.grad, ss.grad)):
         assert max_err(got.double(), want.detach()) < 2e-5, (name, max_err(got.double(), want.detach()))
+
+
+@pytest.mark.parametrize("mask", ["causal", "full", "window-causal"])
+@pytest.mark.parametrize("heads", ["gqa-4:2", "mqa"])
+def test_triton_full_block_loops_match_fp64_oracle(monkeypatch, mask, heads):
+    """Under the interpreter every input is fp32, whose exact ("ieee") path masks every block: the
+    loops over *full* blocks (no masks; dK/dV's steps through a GQA group's heads) run only in 16-bit
+    kernels on a GPU. Here the 16-bit path's constexprs (tf32 dots) run on fp32 tensors, so those loops
+    run too, on segments long enough to have full 16 x 16 blocks."""
+    from distattn.kernels import triton_attn
+
+    real = triton_attn._meta
+    monkeypatch.setattr(triton_attn, "_meta", lambda *args: {**real(*args), "PRECISION": "tf32"})
+    causal, window = MASKS[mask]
+    q64, k64, v64, cu_q, cu_k, off = _case([(100, 100), (37, 70), (1, 1)], heads, 32, torch.float64)
+    dout64 = _dout(q64)
+    want = _oracle(q64, k64, v64, cu_q, cu_k, off, causal, window, dout64)
+    got = _run("triton", *(t.float() for t in (q64, k64, v64)), cu_q, cu_k, off, causal, window, dout64.float())
+    for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert max_err(a.double(), w) < 2e-5, (name, max_err(a.double(), w))

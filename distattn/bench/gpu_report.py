@@ -31,8 +31,11 @@ the rest); goals not met do not fail it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,7 +59,9 @@ PARTS = ("GPU suite", "Kernel TFLOP/s", "Memory: estimate vs measured", "8B-shap
 def _run(cmd: list[str], timeout: float, prefix: str) -> tuple[int, str, float]:
     """Run ``cmd``, printing its lines as they come (``prefix`` first) -> (exit code, output, seconds)."""
     t0, lines = time.perf_counter(), []
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # its own process group: a timeout stops pytest-xdist's workers too, and the GPU memory they hold
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
     def pump():
         for line in proc.stdout:
@@ -67,7 +72,8 @@ def _run(cmd: list[str], timeout: float, prefix: str) -> tuple[int, str, float]:
     try:
         code = proc.wait(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         code = 124
         lines.append(f"\n(stopped after {timeout:.0f} s)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from ..cost import BWD_FLOPS_FACTOR
 from ..memory_model import GIB, Estimate, Job, estimate
 from ..model_shape import ModelShape
 
@@ -52,12 +53,11 @@ class Setting:
                 + (" + cpu_offload" if self.cpu_offload else ""))
 
 
-TILED = TILED_MLP_CHUNK
-MEMORY_SETTINGS = (Setting("none"), Setting("full"), Setting("offload"), Setting("offload", TILED))
+MEMORY_SETTINGS = (Setting("none"), Setting("full"), Setting("offload"), Setting("offload", TILED_MLP_CHUNK))
 OFFLOAD_SETTING = Setting("full", 0, True)
 # the stack's candidates, least recomputation and traffic first: the first that fits is chosen
-BY_COST = (Setting("none"), Setting("selective"), Setting("full"), Setting("full", TILED), Setting("offload", TILED),
-           Setting("full", 0, True), Setting("offload", TILED, True))
+BY_COST = (Setting("none"), Setting("selective"), Setting("full"), Setting("full", TILED_MLP_CHUNK),
+           Setting("offload", TILED_MLP_CHUNK), Setting("full", 0, True), Setting("offload", TILED_MLP_CHUNK, True))
 
 
 @dataclass(frozen=True)
@@ -211,11 +211,11 @@ def run_seconds(run: TrainRun, peak_tflops: float) -> float:
 def kernel_seconds(cases: list[tuple[float, int]], rep_budget_s: float) -> float:
     """The kernel benchmark: its start plus, per ``(forward FLOPs, backends that run)`` case, a warm-up
     call and the timed calls of the forward and of the backward (2.5x) at :data:`KERNEL_TFLOPS`."""
-    from ..kernels.bench import BWD_FLOPS, MAX_REPS, MIN_REPS
+    from ..kernels.bench import MAX_REPS, MIN_REPS
 
     total = KERNEL_START_S
     for flops, backends in cases:
-        for t in (flops / (KERNEL_TFLOPS * 1e12), BWD_FLOPS * flops / (KERNEL_TFLOPS * 1e12)):
+        for t in (flops / (KERNEL_TFLOPS * 1e12), BWD_FLOPS_FACTOR * flops / (KERNEL_TFLOPS * 1e12)):
             reps = min(MAX_REPS, max(MIN_REPS, int(rep_budget_s / t) + 1))
             total += backends * (1 + reps) * t
     return total
