@@ -96,7 +96,7 @@ def aot_spec(kernel: str, dtype: str, head_dim: int, variant: str, head_dim_v: i
     ``[T, H, D]`` tensors, or K and V views into one packed ``[T, H, Dqk + Dv]`` buffer, give
     (divisible by 16 where the launcher sees it). A ``*_partial`` variant's outputs are fp32."""
     fn = KERNELS[kernel].fn
-    floats = {"scale", "qk_mult", "cap_in"}
+    floats = {"qk_mult", "cap_in"}
     fp32_ptrs = {"LSE", "DELTA"} | (OUTPUTS if variant.endswith("_partial") else set())
     int_ptrs = {"CU_Q", "CU_K", "LO", "HI", "TILES"}
     head_dim_v = head_dim if head_dim_v is None else head_dim_v

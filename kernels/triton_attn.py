@@ -178,8 +178,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, LO, HI, TILES,
 
 @triton.jit
 def _scale(qk_mult, cap_in, SOFTCAP: tl.constexpr):
-    """The softmax scale, from the multipliers the kernels already hold (see :func:`_multipliers`): one
-    argument, and one register through the loops, fewer."""
+    """The softmax scale, from the multipliers the kernels already take (see :func:`_multipliers`): one
+    argument fewer, and a few fp32 ulps from the scale itself (far below the outputs' rounding)."""
     if SOFTCAP:
         return cap_in * qk_mult / _LOG2E
     else:

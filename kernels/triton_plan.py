@@ -34,8 +34,9 @@ CONFIGS = {
     "bwd_dkv": [(32, 128, 8, 2), (16, 128, 8, 3), (16, 128, 8, 2)],
     "bwd_dq": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)],
 }
-# Configs that spill with int64 block offsets (ROW64) at head dim 128 on sm_90a (16 B): never tried there.
-NOT_ROW64 = {"fwd": {(128, 128, 8, 2)}}
+# Configs that spill with int64 block offsets (ROW64) at head dim 128 on sm_90a (16 and 76 B): never
+# tried there.
+NOT_ROW64 = {"fwd": {(128, 128, 8, 2)}, "bwd_dkv": {(32, 128, 8, 2)}}
 # Configs ptxas spills registers for on an arch, by the padded head dims (`block_dim`) where it does:
 # never tried there. Measured with Triton 3.9 (`python -m distattn.kernels.aot --all --arch 80
 # --head-dims 64,128 --json`: spill_bytes); with these out, every kept config at head dims <= 128

@@ -1,8 +1,10 @@
-"""The GPU report without a GPU: its configs and the estimate they are judged by (the same figure as
+"""The GPU report without a GPU (``distattn/train/bench_gpu_*.py``; ``python -m distattn.bench.gpu_report``
+forwards to it): its configs and the estimate they are judged by (the trainer's, the same figure as
 ``distattn train --dry-run``), the settings and lengths the estimate picks, the waves of memory runs,
 TFLOP/s arithmetic, goal verdicts, tables, ``--plan``, the no-GPU report, and one real (CPU) run
 through the runner."""
 
+import math
 import re
 import subprocess
 import sys
@@ -11,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distattn.bench import gpu_report, report_plan as plan, report_tables as tables
-from distattn.bench.report_runner import STOPPED, Outcome, read_rows
 from distattn.kernels import bench
 from distattn.memory_model import GIB
-from distattn.train import memory
+from distattn.train import bench_gpu_plan as plan, bench_gpu_report as gpu_report, bench_gpu_tables as tables
+from distattn.train.bench_gpu_runner import STOPPED, Outcome, read_rows
 from distattn.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,17 +27,18 @@ def _all_runs():
     return plan.memory_runs(H100) + plan.stack_runs(H100) + plan.backend_runs(15, 16384)
 
 
-def test_every_run_is_estimated_as_the_trainer_estimates_its_config(tmp_path):
+def test_every_runs_config_trains_its_setting(tmp_path):
     runs = _all_runs()
     assert len(runs) == 9 + 2 + 3
     for i, run in enumerate(runs):
         path = tmp_path / f"{i}.yaml"
         path.write_text(run.yaml(str(tmp_path / f"run{i}")))
         cfg = load_config(path)
-        assert memory.job(cfg) == run.job(), run.name
-        assert memory.estimate(cfg).total == run.estimate().total
-        assert (cfg.data.seq_len, cfg.train.dtype, cfg.parallel.cpu_offload, cfg.train.mlp_chunk) == \
-            (run.seq_len, "bf16", run.setting.cpu_offload, run.setting.mlp_chunk)
+        assert (cfg.data.seq_len, cfg.train.dtype, cfg.parallel.cpu_offload, cfg.train.mlp_chunk,
+                cfg.train.activation_checkpointing, cfg.parallel.backend, cfg.world_size) == \
+            (run.seq_len, "bf16", run.setting.cpu_offload, run.setting.mlp_chunk, run.setting.checkpointing,
+             run.backend, 1), run.name
+        assert cfg.replace(train={"out": run.config().train.out}) == run.config()   # the folder aside
 
 
 def test_the_estimate_is_the_figure_dry_run_prints(tmp_path):
@@ -50,26 +52,31 @@ def test_the_estimate_is_the_figure_dry_run_prints(tmp_path):
 
 
 def test_longest_fitting_is_the_longest_multiple_that_fits():
-    for budget in (10, 33, 1000, 123_457):
-        total_at = lambda n: n * 7   # noqa: E731
-        brute = max((k * 16 for k in range(1, 100_000) if plan.fits(k * 16 * 7, budget)), default=0)
-        assert plan.longest_fitting(total_at, budget, step=16) == brute
-    assert plan.longest_fitting(lambda n: n, 1000, step=16, most=160) == 160
+    setting, step = plan.OFFLOAD_SETTING, plan.LENGTH_STEP
+    for gib in (24, 40):
+        n = plan.longest_fitting(plan.SMALL, setting, gib * GIB)
+        assert n > 0 and n % step == 0
+        assert plan.fits(plan.TrainRun("", plan.SMALL, n, setting, 1), gib * GIB)
+        assert not plan.fits(plan.TrainRun("", plan.SMALL, n + step, setting, 1), gib * GIB)
+    assert plan.longest_fitting(plan.SMALL, setting, 4 * GIB) == 0   # the CUDA runtime alone is 4 GiB
 
 
 def test_the_fit_keeps_the_goals_margin():
-    assert plan.fits(100, 110) and not plan.fits(100, 109)
+    assert plan.budget(110) == 100 and plan.budget(109) == 99
+    run = plan.backend_runs(15, 16384)[0]
+    total = run.estimate().total
+    assert plan.fits(run, math.ceil(total * 1.1) + 1) and not plan.fits(run, math.floor(total * 1.1) - 1)
 
 
 def test_the_first_setting_that_fits_is_chosen():
     sizes = {s: 100 - 10 * i for i, s in enumerate(plan.BY_COST)}
-    assert plan.choose_setting(plan.SMALL, 1, 88, lambda m, n, s: sizes[s]) == plan.BY_COST[2]
-    assert plan.choose_setting(plan.SMALL, 1, 10, lambda m, n, s: sizes[s]) is None
+    fit = lambda run, gpu_bytes: sizes[run.setting] <= plan.budget(gpu_bytes)   # noqa: E731
+    assert plan.choose_setting(plan.SMALL, 1, 88, fit) == plan.BY_COST[2]
+    assert plan.choose_setting(plan.SMALL, 1, 10, fit) is None
     for run in plan.stack_runs(H100):   # the real estimate: nothing cheaper would fit
         earlier = plan.BY_COST[:plan.BY_COST.index(run.setting)]
-        assert plan.fits(run.estimate().total, H100)
-        assert not any(plan.fits(plan.TrainRun("", run.model, run.seq_len, s, 1).estimate().total, H100)
-                       for s in earlier)
+        assert plan.fits(run, H100)
+        assert not any(plan.fits(plan.TrainRun("", run.model, run.seq_len, s, 1), H100) for s in earlier)
     assert [r.seq_len for r in plan.stack_runs(H100)] == [32768, 131072]
 
 
@@ -80,7 +87,7 @@ def test_memory_runs_cover_every_setting_and_the_longest_cpu_offload_length():
     last = runs[-1]
     assert last.setting.cpu_offload and last.seq_len % plan.LENGTH_STEP == 0
     longer = plan.TrainRun("", last.model, last.seq_len + plan.LENGTH_STEP, last.setting, 1)
-    assert plan.fits(last.estimate().total, H100) and not plan.fits(longer.estimate().total, H100)
+    assert plan.fits(last, H100) and not plan.fits(longer, H100)
 
 
 def test_waves_share_the_gpu_within_its_memory():
@@ -183,9 +190,12 @@ def test_summaries_leave_out_the_warmup_and_keep_the_peak():
     assert tables.ratio(11.0, 15 * GIB, 4 * GIB) == pytest.approx(1.0)
 
 
-def test_plan_prints_the_runs_and_fits_the_budget(capsys):
-    assert gpu_report.main(["--plan", "--gpu-memory-gib", "80"]) == 0
-    out = capsys.readouterr().out
+def test_plan_prints_the_runs_and_fits_the_budget():
+    """Through the command the script runs (the bench layer's forwarder)."""
+    done = subprocess.run([sys.executable, "-m", "distattn.bench.gpu_report", "--plan", "--gpu-memory-gib", "80"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
     assert "128K: chosen" in out and "cpu_offload @" in out and "kernel case hd 192/128 128K doc" in out
     total = float(re.search(r"rough total: .* = (\d+) s", out).group(1))
     assert total <= gpu_report.BUDGET_S

@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass
 
 from ..memory_model import GIB
-from .report_runner import Outcome
+from .bench_gpu_runner import Outcome
 
 TOLERANCE = 0.10            # the estimate's goal: measured within 10% of it
 BWD_GOAL = 350.0            # TFLOP/s, triton backward, 32K causal hd 128

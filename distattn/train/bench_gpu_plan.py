@@ -1,29 +1,36 @@
-"""What the GPU report (:mod:`.gpu_report`) trains, decided before any GPU is touched: the runs' configs,
-the checkpointing setting and the lengths chosen by the memory estimate, which memory runs share the
-GPU, and a rough time budget. ``python -m distattn.bench.gpu_report --plan`` prints it all.
+"""What the GPU report (:mod:`.bench_gpu_report`) trains, decided before any GPU is touched: the runs'
+configs, the checkpointing setting and the lengths chosen by the memory estimate, which memory runs share
+the GPU, and a rough time budget. ``python -m distattn.bench.gpu_report --plan`` prints it all.
 
-The estimate is :func:`distattn.memory_model.estimate` of the :class:`~distattn.memory_model.Job` each
-run's config trains -- the figure ``distattn train CONFIG --dry-run`` prints (:func:`TrainRun.job`
-builds the Job the way :func:`distattn.train.memory.job` does; ``tests/test_gpu_report.py`` checks the
-two agree for every run). The bench layer does not import the trainer: the runs go through
-``distattn.cli`` as programs.
+It lives in the train layer (as the trainer benchmarks, ``bench_*.py``, do) because it plans with the
+trainer's own code, not a copy of it: each run's estimate is :func:`.memory.estimate` of the config
+:meth:`TrainRun.yaml` writes, read back by :func:`.config.load_config` -- the figure
+``distattn train CONFIG --dry-run`` prints; the longest ``cpu_offload`` length is
+:func:`.capacity.longest_seq_len`'s search (``--dry-run --max-seq-len``), and the tiled MLP's chunk is
+:data:`.capacity.TILED_MLP_CHUNK`. The runs themselves still go through ``distattn.cli`` as programs
+(:mod:`.bench_gpu_runner`).
 
 A setting *fits* a GPU when its estimated total (the CUDA runtime's 4 GiB included) plus
 :data:`FIT_MARGIN` (the memory goal's tolerance) is at most the GPU's memory, so an estimate 10% low
-still runs.
+still runs: the estimate within :func:`budget` of the GPU's bytes (:func:`.memory.fits_in`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from ..cost import BWD_FLOPS_FACTOR
-from ..memory_model import GIB, Estimate, Job, estimate
+from ..memory_model import GIB, Estimate
 from ..model_shape import ModelShape
+from . import memory
+from .capacity import TILED_MLP_CHUNK, longest_seq_len
+from .config import RunConfig, load_config
 
 FIT_MARGIN = 0.10
-TILED_MLP_CHUNK = 4096      # train.mlp_chunk of the tiled-MLP settings (capacity.TILED_MLP_CHUNK's value)
 LENGTH_STEP = 16384         # the cpu_offload run's length is the longest multiple of this that fits
 # the existing short-training model: 2048 dim, 4 layers, GQA 16/4, tied embedding (the config's default)
 SMALL = ModelShape(2048, 4, 16, 4, 5632, 32000, tie_embeddings=True, name="2048-dim 4-layer")
@@ -60,6 +67,15 @@ BY_COST = (Setting("none"), Setting("selective"), Setting("full"), Setting("full
            Setting("offload", TILED_MLP_CHUNK), Setting("full", 0, True), Setting("offload", TILED_MLP_CHUNK, True))
 
 
+@functools.lru_cache(maxsize=None)
+def _load(text: str) -> RunConfig:
+    """A config's YAML read as ``distattn train`` reads its file (:func:`.config.load_config`)."""
+    with tempfile.TemporaryDirectory(prefix="distattn-gpu-plan-") as tmp:
+        path = Path(tmp) / "run.yaml"
+        path.write_text(text)
+        return load_config(path)
+
+
 @dataclass(frozen=True)
 class TrainRun:
     """One short one-GPU training: the model, tokens per step, memory setting, steps, attention backend,
@@ -88,46 +104,38 @@ class TrainRun:
                 f"mlp_chunk: {s.mlp_chunk}, warmup_steps: 2, log_every: 1, ckpt_every: 1000, out: '{out}', "
                 f"compile: {str(self.compile).lower()}, deterministic: {str(self.deterministic).lower()}}}\n")
 
-    def job(self) -> Job:
-        """The estimate's job for this config, as :func:`distattn.train.memory.job` makes it."""
-        s = self.setting
-        return Job(replace(self.model, name=""), self.seq_len, 1, 1, "zigzag", dtype="bf16",
-                   wrapper="fsdp" if s.cpu_offload else "single", cpu_offload=s.cpu_offload,
-                   activation_checkpointing=s.checkpointing, loss_chunk=2048, mlp_chunk=s.mlp_chunk, device="cuda")
+    def config(self, out: str = "gpu-report-run") -> RunConfig:
+        """:meth:`yaml` as the trainer loads it (the folder ``out`` does not change the estimate)."""
+        return _load(self.yaml(out))
 
     def estimate(self) -> Estimate:
-        return estimate(self.job())
+        """One GPU's peak training this config: what ``distattn train CONFIG --dry-run`` prints."""
+        return memory.estimate(self.config())
 
 
-def fits(total_bytes: int, gpu_bytes: int) -> bool:
-    """An estimated total fits a GPU of ``gpu_bytes`` with :data:`FIT_MARGIN` to spare."""
-    return round(total_bytes * (1 + FIT_MARGIN)) <= gpu_bytes
+def budget(gpu_bytes: int) -> int:
+    """What an estimate may total on a GPU of ``gpu_bytes`` with :data:`FIT_MARGIN` to spare:
+    ``estimate * (1 + FIT_MARGIN) <= gpu_bytes``."""
+    return round(gpu_bytes / (1 + FIT_MARGIN))
 
 
-def _total(model: ModelShape, seq_len: int, setting: Setting) -> int:
-    return TrainRun("", model, seq_len, setting, 1).estimate().total
+def fits(run: TrainRun, gpu_bytes: int) -> bool:
+    """``run``'s estimate fits a GPU of ``gpu_bytes`` with :data:`FIT_MARGIN` to spare."""
+    cfg = run.config()
+    return memory.fits_in(cfg, memory.estimate(cfg), budget(gpu_bytes))
 
 
 def choose_setting(model: ModelShape, seq_len: int, gpu_bytes: int,
-                   total: Callable[[ModelShape, int, Setting], int] = _total) -> Setting | None:
+                   fit: Callable[[TrainRun, int], bool] = fits) -> Setting | None:
     """The first of :data:`BY_COST` whose estimate fits (None: none does)."""
-    return next((s for s in BY_COST if fits(total(model, seq_len, s), gpu_bytes)), None)
+    return next((s for s in BY_COST if fit(TrainRun("", model, seq_len, s, 1), gpu_bytes)), None)
 
 
-def longest_fitting(total_at: Callable[[int], int], gpu_bytes: int, step: int = LENGTH_STEP,
-                    most: int = 1 << 24) -> int:
-    """The longest multiple of ``step`` (at most ``most``) whose estimated total ``total_at(seq_len)``
-    fits, doubling then bisecting (the estimate grows with the length); 0 when ``step`` does not fit."""
-    if not fits(total_at(step), gpu_bytes):
-        return 0
-    lo, hi = 1, 2
-    while hi * step <= most and fits(total_at(hi * step), gpu_bytes):
-        lo, hi = hi, hi * 2
-    hi = min(hi, most // step + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(total_at(mid * step), gpu_bytes) else (lo, mid)
-    return lo * step
+def longest_fitting(model: ModelShape, setting: Setting, gpu_bytes: int, step: int = LENGTH_STEP) -> int:
+    """The longest multiple of ``step`` tokens whose estimate fits (0: not even ``step``):
+    :func:`.capacity.longest_seq_len` in :func:`budget`, rounded down to ``step`` (the estimate grows
+    with the length, so no longer multiple of ``step`` fits)."""
+    return longest_seq_len(TrainRun("", model, step, setting, 1).config(), budget(gpu_bytes)) // step * step
 
 
 def memory_runs(gpu_bytes: int) -> list[TrainRun]:
@@ -135,7 +143,7 @@ def memory_runs(gpu_bytes: int) -> list[TrainRun]:
     ``full + cpu_offload`` at the longest multiple of :data:`LENGTH_STEP` that fits."""
     runs = [TrainRun(f"{s.label} @ {n // 1024}K", SMALL, n, s, MEMORY_STEPS) for s in MEMORY_SETTINGS
             for n in MEMORY_SEQ_LENS]
-    longest = longest_fitting(lambda n: _total(SMALL, n, OFFLOAD_SETTING), gpu_bytes)
+    longest = longest_fitting(SMALL, OFFLOAD_SETTING, gpu_bytes)
     if longest:
         runs.append(TrainRun(f"{OFFLOAD_SETTING.label} @ {longest // 1024}K (longest that fits)", SMALL, longest,
                              OFFLOAD_SETTING, OFFLOAD_STEPS))
@@ -221,6 +229,6 @@ def kernel_seconds(cases: list[tuple[float, int]], rep_budget_s: float) -> float
     return total
 
 
-__all__ = ["FIT_MARGIN", "TILED_MLP_CHUNK", "SMALL", "LLAMA3_8B_4L", "Setting", "TrainRun", "fits", "choose_setting",
-           "longest_fitting", "memory_runs", "stack_runs", "backend_runs", "waves", "run_seconds", "kernel_seconds",
-           "GIB"]
+__all__ = ["FIT_MARGIN", "TILED_MLP_CHUNK", "SMALL", "LLAMA3_8B_4L", "Setting", "TrainRun", "budget", "fits",
+           "choose_setting", "longest_fitting", "memory_runs", "stack_runs", "backend_runs", "waves", "run_seconds",
+           "kernel_seconds", "GIB"]

@@ -1,4 +1,4 @@
-"""The GPU report's trainings as processes: each :class:`~.report_plan.TrainRun` is ``python -m distattn.cli
+"""The GPU report's trainings as processes: each :class:`~.bench_gpu_plan.TrainRun` is ``python -m distattn.cli
 train CONFIG`` with the variables torchrun gives the one rank of a one-GPU job (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``/``MASTER_PORT``, ...: the trainer joins an nccl group, as under torchrun), in a session
 of its own.
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .report_plan import TrainRun, waves
+from .bench_gpu_plan import TrainRun, waves
 
 ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.5
@@ -171,7 +171,7 @@ def run_alone(runs: list[TrainRun], tmp: Path, deadline: float, on_done=None) ->
 
 
 def run_waves(runs: list[TrainRun], tmp: Path, gpu_bytes: int, deadline: float, on_done=None) -> list[Outcome]:
-    """The runs in waves sharing the GPU (:func:`~.report_plan.waves` by their estimates), then again
+    """The runs in waves sharing the GPU (:func:`~.bench_gpu_plan.waves` by their estimates), then again
     alone any that ran out of memory beside others; outcomes in the runs' order (``on_done(outcomes)``
     after each wave and each run again)."""
     by_name = {run.name: run for run in runs}
