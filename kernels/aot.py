@@ -232,7 +232,8 @@ def compile_case(case: Case, keep_cubin: bool = False) -> dict:
             source = ASTSource(fn, signature, dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n),
                                divisibility_attrs(fn, signature))
             ptxas_log = io.StringIO()  # Triton prints ptxas's -v report (registers, spills) when asked
-            with _knob(triton.knobs.nvidia, "dump_ptxas_log", True), contextlib.redirect_stdout(ptxas_log):
+            with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(ptxas_log):
+                triton.knobs.nvidia.dump_ptxas_log = True
                 kernel = triton.compile(source, target=GPUTarget("cuda", case.arch, 32),
                                         options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True))
             seconds = time.perf_counter() - start
@@ -265,16 +266,6 @@ def _check_worker() -> None:
     from . import triton_attn
     if triton_attn.INTERPRET or os.environ.get("TRITON_INTERPRET"):
         raise RuntimeError("an AOT worker imported the kernels under TRITON_INTERPRET")
-
-
-@contextlib.contextmanager
-def _knob(knobs, name: str, value) -> Iterator[None]:
-    saved = getattr(knobs, name)
-    setattr(knobs, name, value)
-    try:
-        yield
-    finally:
-        setattr(knobs, name, saved)
 
 
 @contextlib.contextmanager

@@ -64,6 +64,7 @@ import triton.language as tl
 
 from distattn.merge import row_delta
 
+from .registry import device_arch
 from .triton_blocks import (block_count, block_start, key_runs, load_rows, logits, row_offset, row_runs, segment,
                             tile, tile_ptrs, visible)
 from .triton_plan import TILE_BLOCKS, all_configs, block_dim, keep_config, prepare
@@ -89,10 +90,9 @@ def _pruner(kernel: str):
         # Triton 3.6 hands keyword arguments (our constexprs) to the pruner in kwargs, positional ones in named_args
         args = {**named_args, **kwargs}
         q = args["Q"]
-        major, minor = torch.cuda.get_device_capability(q.device)
         kept = [c for c in configs
                 if keep_config(kernel, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages),
-                               args["HEAD_DIM"], q.element_size(), 10 * major + minor, args["HEAD_DIM_V"],
+                               args["HEAD_DIM"], q.element_size(), device_arch(q.device), args["HEAD_DIM_V"],
                                args["ROW64"])]
         assert kept, "keep_config keeps a config for every head dim and dtype"
         return kept
