@@ -108,6 +108,9 @@ DEVICES = ("cpu", "cuda")
 CPU_ALLOCATOR_OVERHEAD = 0.35
 # the trainer's activation checkpointing settings (train.activation_checkpointing), as counted here
 CHECKPOINTING = ("none", "full", "selective", "offload")
+# train.mlp_chunk the capacity table and the simulator try when a config has none: 4096 tokens keep one
+# chunk's intermediates (7 x ffn x chunk) under 1 GiB at Llama-3 8B in bf16
+TILED_MLP_CHUNK = 4096
 # rows per step of the trainer's RMSNorm backward (distattn.train.model reads it from here): its fp32
 # temporaries stay [NORM_CHUNK, dim], which the estimate counts
 NORM_CHUNK = 4096
@@ -360,4 +363,5 @@ def estimate(job: Job) -> Estimate:
 
 __all__ = ["Job", "Estimate", "AttentionMemory", "estimate", "attention_bytes", "model_states", "offloaded_bytes",
            "GIB", "CUDA_RUNTIME_BYTES", "CPU_RUNTIME_BYTES", "CPU_ALLOCATOR_OVERHEAD", "CHECKPOINTING", "NORM_CHUNK",
+           "TILED_MLP_CHUNK",
            "DEVICES", "COMPONENTS"]

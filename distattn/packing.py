@@ -43,6 +43,9 @@ from .model_shape import MODELS
 
 # Llama-3 8B's: a pair's forward + backward attention FLOPs over a token's linear FLOPs (~4.4e-5)
 DEFAULT_PAIR_WEIGHT = MODELS["llama3-8b"].pair_weight()
+# a micro-batch may hold this many times the sequence length (the trainer's data.token_cap default,
+# the simulator's): room to even out workloads, within what the memory estimate fits
+DEFAULT_CAP_FACTOR = 1.25
 
 
 class Packing(list):
@@ -153,4 +156,4 @@ def pack_balanced(doc_lens, dp_size: int, micro_batches: int = 1, token_cap: int
     return out
 
 
-__all__ = ["pack_balanced", "Packing", "workload", "imbalance", "DEFAULT_PAIR_WEIGHT"]
+__all__ = ["pack_balanced", "Packing", "workload", "imbalance", "DEFAULT_PAIR_WEIGHT", "DEFAULT_CAP_FACTOR"]

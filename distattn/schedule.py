@@ -40,7 +40,7 @@ import numpy as np
 
 from .cost import attention_flops
 from .layout import Ranges, Shards
-from .masks import MaskSlice, SliceMask, check_positive_ints, slices_area
+from .masks import MaskSlice, SliceMask, check_positive_ints, mask_area, slices_area
 from .program import START, WAIT, Builder, Instr, Program
 from .wire import Wire
 
@@ -245,6 +245,13 @@ class Schedule:
     def num_tokens(self, rank: int) -> int:
         return self.shards.num_tokens(rank)
 
+    def kernel_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(rank, q_len, area)``: the query segments the ranks' kernel calls run, each one's rows and
+        visible pairs -- what a kernel's speed depends on (``distattn.sim.kernel``). Here: each rank's
+        own rows, cut at document boundaries, each seeing its document's keys (the ring family and the
+        all-gather: every step pairs the same query rows with another block of keys)."""
+        return layout_segments(self.shards, self.doc_lens, self.causal, self.window)
+
     @cached_property
     def doc_starts(self) -> np.ndarray:
         """Global start offset of each document."""
@@ -265,6 +272,22 @@ class Schedule:
         tokens = self.rank_tokens()
         return {"scheduler": self.scheduler, "world_size": p, "flops": flops, "tokens": tokens, "send_bytes": send,
                 "flops_imbalance": imbalance(flops), "token_imbalance": imbalance(tokens), **self.extra_stats()}
+
+
+def layout_segments(shards: Shards, doc_lens, causal: bool, window: int | None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rank, q_len, area)`` of the runs ``shards`` gives each rank, cut at the documents' boundaries:
+    rows ``[p0, p1)`` of a document of length ``L`` see its keys as its mask allows (vectorised)."""
+    lens = np.asarray(doc_lens, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    cuts = np.union1d(shards.bounds, starts)
+    a, b = cuts[:-1], cuts[1:]
+    a, b = a[b > a], b[b > a]
+    rank = shards.owner[np.searchsorted(shards.bounds, a, side="right") - 1]
+    doc = np.searchsorted(starts, a, side="right") - 1
+    p1, length = b - starts[doc], lens[doc]
+    area = mask_area(b - a, length, causal, window, offsets=p1 - length)
+    return rank, b - a, area
 
 
 def attention_program(flops, span: int) -> Program:

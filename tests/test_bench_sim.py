@@ -68,21 +68,25 @@ def test_calibration_against_the_bench(bench_dir):
 
 
 def test_simulate_512_gpus_json():
-    out = _run("simulate", "--gpus", "512", "--seq-len", "128K", "--model", "llama3-8b", "--json", timeout=300)
+    out = _run("simulate", "--gpus", "512", "--seq-len", "128K", "--model", "llama3-8b", "--draws", "3", "--json",
+               timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     results = {r["scheduler"]: r for r in json.loads(out.stdout)["results"]}
-    assert set(results) == SCHEDS | {"wlb-ideal", "ideal"}
+    assert set(results) == SCHEDS | {"wlb", "wlb-ideal", "ideal"}
     for r in results.values():
-        assert r["gpus"] == 512 and r["cp"] * r["dp"] == 512
+        assert r["gpus"] == 512 and r["cp"] * r["dp"] == 512 and r["draws"] == 3 and r["fits"]
+        assert r["step_time_p10_s"] <= r["step_time_s"] <= r["step_time_p90_s"]
+        assert r["checkpointing"] in ("none", "selective", "full", "offload") and 0 < r["memory_gib"] <= 80
         assert r["step_time_s"] > 0 and 0 <= r["exposed_comm_s"] <= r["step_time_s"]
         assert 0 < r["compute_s"] <= r["step_time_s"] * (1 + 1e-9)
-        assert r["compute_imbalance"] >= 1 and 0 <= r["dp_idle"] < 1 and 0 < r["mfu"] < 1 and r["memory_gb"] > 0
-    assert results["wlb-ideal"]["step_time_s"] <= results["zigzag"]["step_time_s"]
+        assert r["compute_imbalance"] >= 1 and 0 <= r["dp_idle"] < 1 and 0 < r["mfu"] < 1
+        assert r["over_ideal"] >= 1 - 1e-9 and r["over_ideal_p10"] <= r["over_ideal"] <= r["over_ideal_p90"]
+    assert results["wlb"]["speedup_vs_wlb"] == 1
     assert results["wlb-ideal"]["compute_imbalance"] <= results["zigzag"]["compute_imbalance"]
     assert results["cad"]["compute_imbalance"] < results["zigzag"]["compute_imbalance"]
     # the global bound: no placement beats it, the per-replica one included
     assert results["ideal"]["step_time_s"] <= min(r["step_time_s"] for r in results.values()) * (1 + 1e-9)
-    assert results["ideal"]["compute_imbalance"] == pytest.approx(1) and results["ideal"]["exposed_comm_s"] == 0
+    assert results["ideal"]["compute_imbalance"] == pytest.approx(1, rel=1e-3)   # whole documents: tokens nearly even
 
 
 def test_simulate_auto_recommends_a_mesh_and_bad_input():
@@ -99,22 +103,22 @@ def test_simulate_auto_recommends_a_mesh_and_bad_input():
 def test_auto_ranks_by_tokens_per_gpu_not_step_time(monkeypatch):
     import distattn.sim.simulate as sim
     from distattn.network import default_profile
+    from distattn.sim.sweep import recommend
 
-    # 16 GPUs, 64K tokens: cp 16 has the shortest step, cp 8 (two replicas) trains more tokens per GPU
-    best, rows = sim.recommend(sim.MODELS["llama3-8b"], 16, 65536, default_profile())
-    feasible = [r for r in rows if r["fits_memory"]]
-    fastest = min(feasible, key=lambda r: r["step_time_s"])
-    assert fastest["cp"] == 16 and best["cp"] == 8 and best["step_time_s"] > fastest["step_time_s"]
+    # 16 GPUs, 64K tokens: the most tokens/s per GPU among the settings that fit
+    best, rows = recommend(sim.MODELS["llama3-8b"], 16, 65536, default_profile())
+    feasible = [r for r in rows if r["fits"]]
+    assert {r["cp"] for r in rows} == {1, 2, 4, 8, 16} and best in feasible
     assert best["tokens_per_s_per_gpu"] == max(r["tokens_per_s_per_gpu"] for r in feasible)
 
     # the rule alone, on figures where the two rankings are far apart
     def fake(cfg, network, schedulers, pool):
         step = {1: 4.0, 2: 1.5, 4: 1.0, 8: 0.9}[cfg.cp]
-        return [{"scheduler": "zigzag", "cp": cfg.cp, "dp": cfg.dp, "step_time_s": step, "fits_memory": True,
+        return [{"scheduler": "zigzag", "cp": cfg.cp, "dp": cfg.dp, "step_time_s": step, "fits": True,
                  "tokens_per_s_per_gpu": cfg.seq_len * cfg.dp / step / cfg.gpus}]
 
     monkeypatch.setattr(sim, "simulate", fake)
-    best, rows = sim.recommend(sim.MODELS["llama3-8b"], 8, 4096, None)
+    best, rows = recommend(sim.MODELS["llama3-8b"], 8, 4096, None)
     assert [r["cp"] for r in rows] == [1, 2, 4, 8] and best["cp"] == 2  # not cp 8, the shortest step
 
 
@@ -123,10 +127,15 @@ def test_simulate_per_rank_timelines(tmp_path):
     from distattn.sim.simulate import (MODELS, PHASES, TIMELINE_COLUMNS, SimConfig, simulate,
                                        simulate_with_timelines, write_timeline)
 
-    cfg = SimConfig(MODELS["llama3-8b"], 32, 65536, 8)  # 4 replicas of 8 ranks, 4 nodes
+    # 4 replicas of 8 ranks, 4 nodes; compute at full speed while transfers move (else exposed_comm_s, what
+    # communication adds, also counts compute slowed by transfers, beyond what ranks stand at waits)
+    cfg = SimConfig(MODELS["llama3-8b"], 32, 65536, 8, fsdp=False, comm_slowdown=0.0)
     results, timeline = simulate_with_timelines(cfg, default_profile())
-    assert results == simulate(cfg, default_profile()) and len(results) == 8
-    assert len(timeline) == 8 * 32 * len(PHASES) and all(set(t) == set(TIMELINE_COLUMNS) for t in timeline)
+
+    def timed(rows):   # (planning_s is measured: it varies run to run)
+        return [{k: v for k, v in r.items() if k != "planning_s"} for r in rows]
+    assert timed(results) == timed(simulate(cfg, default_profile())) and len(results) == 9
+    assert len(timeline) == 9 * 32 * len(PHASES) and all(set(t) == set(TIMELINE_COLUMNS) for t in timeline)
     for r in results:
         step = r["step_time_s"]
         ranks = {}
@@ -154,8 +163,9 @@ def test_simulate_per_rank_timelines(tmp_path):
         assert slowest["exposed_comm"]["seconds"] == pytest.approx(r["stalled_s"])
         assert slowest["overlapped_comm"]["seconds"] == pytest.approx(max(r["comm_s"] - r["stalled_s"], 0))
         assert 0 <= r["exposed_comm_s"] <= r["stalled_s"] + 1e-9
-        replica_busy = [max(busy[i * 8:(i + 1) * 8]) for i in range(4)]
-        assert r["dp_idle"] == pytest.approx(sum((step - b) / step for b in replica_busy) / 4)
+        # what each replica computed: the rest of its step it waited for the slowest replica
+        replica_compute = [max(ranks[j]["compute"]["seconds"] for j in range(i * 8, (i + 1) * 8)) for i in range(4)]
+        assert r["dp_idle"] == pytest.approx(sum((step - b) / step for b in replica_compute) / 4)
     assert sum(t["seconds"] for t in timeline
                if t["scheduler"] in ("wlb-ideal", "ideal") and t["phase"].endswith("comm")) == 0
 
@@ -174,9 +184,10 @@ def test_simulate_cli_timeline_and_auto(tmp_path):
                timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
-    assert last.startswith("recommended: cad, dp 2 x cp 8") and "tokens/s per GPU" in last
+    assert last.startswith("recommended: ") and "tokens/s per GPU" in last
+    chosen = last.removeprefix("recommended: ").split(",")[0]
     rows = json.loads((tmp_path / "a.json").read_text())["rows"]
-    assert len(rows) == 16 * 4 and {r["scheduler"] for r in rows} == {"cad"}
+    assert len(rows) == 16 * 4 and {r["scheduler"] for r in rows} == {chosen}
     out = _run("simulate", "--gpus", "16", "--seq-len", "64K", "--cp", "8", "--timeline", str(tmp_path / "t.csv"),
                "--schedulers", "ring", "zigzag", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -20,7 +20,7 @@ LAYERS = [
     ("foundation", ["distattn.masks", "distattn.merge", "distattn.comm", "distattn.doclens", "distattn.cost",
                     "distattn.timing", "distattn.spawn", "distattn._forkserver", "distattn.network",
                     "distattn.program", "distattn.extras", "distattn.configs", "distattn.log", "distattn.wire",
-                    "distattn.virtual", "distattn.model_shape"]),
+                    "distattn.virtual", "distattn.model_shape", "distattn.packing"]),
     ("kernels", ["distattn.kernels"]),
     ("schedules", ["distattn.layout", "distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
     ("executors", ["distattn.executors"]),

@@ -46,12 +46,12 @@ def _simulated(capsys, tmp_path, gpu: str, cfg) -> dict:
     if (t.activation_checkpointing, t.mlp_chunk) == ("full", 0):
         (tmp_path / "docs.json").write_text(json.dumps([seq]))
         assert cli_main(["simulate", "--gpus", str(cfg.world_size), "--seq-len", str(seq), "--model", m.name,
-                         "--cp", str(p.cp), "--gpu", gpu, "--schedulers", p.scheduler,
-                         "--doclens", str(tmp_path / "docs.json"), "--json"]) == 0
+                         "--cp", str(p.cp), "--gpu", gpu, "--schedulers", p.scheduler, "--checkpointing", "full",
+                         "--packing", "stream", "--draws", "1", "--doclens", str(tmp_path / "docs.json"), "--json"]) == 0
         (row,) = json.loads(capsys.readouterr().out)["results"]
         return row
     sim = SimConfig(m, cfg.world_size, seq, p.cp, gpu=GPUS[gpu], activation_checkpointing=t.activation_checkpointing,
-                    mlp_chunk=t.mlp_chunk)
+                    mlp_chunk=t.mlp_chunk, packing="stream")
     (row,) = simulate(sim, default_profile(), [p.scheduler], replica_docs=[[seq]] * p.dp)
     return row
 
@@ -91,6 +91,7 @@ def test_the_simulators_memory_follows_its_job():
     model, net = MODELS["llama3-8b"], default_profile()
 
     def row(**kw):
+        kw.setdefault("activation_checkpointing", "full")
         return simulate(SimConfig(model, 8, kw.pop("seq_len", 65536), 8, **kw), net, ["zigzag"])[0]
 
     full, none = row(), row(activation_checkpointing="none")

@@ -15,7 +15,7 @@ import sys
 import threading
 
 from ..spawn import Terminated
-from . import ckpt_cmds, cluster_cmds, data_cmds, perf_cmds, run_cmds
+from . import ckpt_cmds, cluster_cmds, data_cmds, perf_cmds, run_cmds, sim_cmds
 from ._args import Parser, examples
 
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmds.add_parsers(sub)
     ckpt_cmds.add_parsers(sub)
     perf_cmds.add_parsers(sub)
+    sim_cmds.add_parsers(sub)
     _add_logging(parser)
     return parser
 

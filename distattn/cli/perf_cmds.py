@@ -1,4 +1,4 @@
-"""``distattn bench`` and ``distattn simulate``: measure schedulers here, predict them on clusters."""
+"""``distattn bench``: measure schedulers here; ``distattn simulate --calibrate``: predict this machine's bench."""
 
 from __future__ import annotations
 
@@ -39,60 +39,6 @@ def _network(path):
     from ..network import NetworkProfile, default_profile
 
     return NetworkProfile.load(path) if path else default_profile()
-
-
-def _cmd_simulate(args) -> int:
-    if args.calibrate:
-        return _calibrate(args)
-    from ..sim.simulate import (GPUS, MODELS, SimConfig, default_cp, mesh_description, recommend,
-                                simulate_with_timelines, write_timeline)
-
-    if args.model not in MODELS:
-        raise ValueError(f"--model {args.model!r} is unknown; presets: {', '.join(MODELS)}")
-    if args.gpus is None or args.seq_len is None:
-        raise ValueError("--gpus and --seq-len are required (or --calibrate RESULTS_CSV)")
-    if args.timeline is not None and not args.timeline.endswith((".csv", ".json")):
-        raise ValueError(f"--timeline {args.timeline}: name a .csv or .json file")
-    model, gpu, net, pool = MODELS[args.model], GPUS[args.gpu], _network(args.network), doc_pool(args.doclens)
-    say = (lambda *a, **k: None) if args.json else print
-    say(f"distattn simulate: {model.name} on {args.gpus} {gpu.name.upper()} ({args.gpus_per_node}/node), "
-        f"{args.seq_len:,} tokens per sequence, network: {net.source}, documents: "
-        f"{args.doclens or 'log-normal stand-in'}", flush=True)
-    if args.auto:
-        best, rows = recommend(model, args.gpus, args.seq_len, net, pool, gpu, args.gpus_per_node,
-                               progress=lambda cp, got: say(f"  cp {cp}: {len(got)} schedulers simulated", flush=True))
-        if args.timeline is not None:  # the timeline of the recommendation only
-            cfg = SimConfig(model, args.gpus, args.seq_len, best["cp"], gpu=gpu, gpus_per_node=args.gpus_per_node)
-            write_timeline(simulate_with_timelines(cfg, net, [best["scheduler"]], pool)[1], args.timeline)
-    else:
-        cp = args.cp or default_cp(model, args.gpus, args.seq_len)
-        cfg = SimConfig(model, args.gpus, args.seq_len, cp, gpu=gpu, gpus_per_node=args.gpus_per_node,
-                        ulysses_degree=args.ulysses_degree, nano_batches=args.nano_batches,
-                        comm_dtype=args.comm_dtype)
-        rows, timeline = simulate_with_timelines(cfg, net, args.schedulers, pool)
-        if args.timeline is not None:
-            write_timeline(timeline, args.timeline)
-        best = None
-    if args.json:
-        out = {"results": rows}
-        if best is not None:
-            out["recommended"] = dict(best, mesh=mesh_description(best, args.gpus_per_node))
-        print(json.dumps(out))
-        return 0
-    print(f"{'scheduler':<10} {'cp':>5} {'dp':>5} {'step s':>8} {'tok/s/GPU':>10} {'MFU':>5} {'compute s':>9} "
-          f"{'exposed s':>9} {'imb':>5} {'DP idle':>7} {'mem GiB':>7}")
-    for r in sorted(rows, key=lambda r: (r["cp"], r["step_time_s"])):
-        print(f"{r['scheduler']:<10} {r['cp']:>5} {r['dp']:>5} {r['step_time_s']:>8.2f} "
-              f"{r['tokens_per_s_per_gpu']:>10,.0f} {r['mfu']:>5.2f} {r['compute_s']:>9.2f} "
-              f"{r['exposed_comm_s']:>9.2f} {r['compute_imbalance']:>5.2f} {r['dp_idle']:>7.0%} "
-              f"{r['memory_gb']:>6.0f}{'' if r['fits_memory'] else '!'}")
-    print("compute s: the busiest GPU's compute; exposed s: what communication adds to the step (the step replayed "
-          "with transfers taking no time, subtracted); imb: max/mean compute over all GPUs; DP idle: mean share of the "
-          "step replicas wait; ! exceeds GPU memory")
-    if best is not None:
-        print(f"recommended: {best['scheduler']}, {mesh_description(best, args.gpus_per_node)}: "
-              f"{best['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {best['step_time_s']:.2f} s/step")
-    return 0
 
 
 def _calibrate(args) -> int:
@@ -139,7 +85,6 @@ def _calibrate(args) -> int:
 
 def add_parsers(sub) -> None:
     _add_bench(sub)
-    _add_simulate(sub)
 
 
 def _add_bench(sub) -> None:
@@ -169,47 +114,3 @@ def _add_bench(sub) -> None:
                        help="JSON document-length sample for the -doc masks (default: log-normal stand-in)")
     bench.add_argument("--no-peers", action="store_true", help="skip DeepSpeed's DistributedAttention")
     bench.set_defaults(func=_cmd_bench)
-
-
-def _add_simulate(sub) -> None:
-    from ..sim.presets import GPUS, MODELS, SCHEDULERS
-
-    sim = sub.add_parser(
-        "simulate", help="predict step time per scheduler on a modelled cluster; --auto recommends a mesh",
-        description="Predict a training step of each scheduler on a cluster you describe: dry plans of the real "
-                    "planners on a compute and network cost model. --auto tries every CP degree and recommends "
-                    "the highest tokens/s per GPU that fits; --calibrate checks the model against a bench run.",
-        epilog=examples("distattn simulate --gpus 64 --seq-len 128K",
-                        "distattn simulate --gpus 512 --seq-len 512K --gpu h200 --auto --network h200.json",
-                        "distattn simulate --calibrate bench/quick/results.csv"))
-    sim.add_argument("--gpus", type=positive_int, default=None, help="GPUs in the job (required unless --calibrate)")
-    sim.add_argument("--seq-len", type=tokens, default=None,
-                     help="tokens per packed sequence, e.g. 512K (required unless --calibrate)")
-    sim.add_argument("--model", default="llama3-8b", choices=sorted(MODELS), help="model preset")
-    sim.add_argument("--cp", type=positive_int, default=None, help="context-parallel degree (default: <= 16K tokens "
-                     "per GPU)")
-    sim.add_argument("--ulysses-degree", type=positive_int, default=None, help="usp: Ulysses group (default: a node)")
-    sim.add_argument("--gpu", default="h100", choices=sorted(GPUS), help="GPU preset")
-    sim.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per node")
-    sim.add_argument("--network", type=existing_file, default=None,
-                     help="profile JSON (distattn cluster probe/nccl-tests) or nccl_perf CSV (default: NVLink "
-                          "360 GB/s + IB 45 GB/s assumed)")
-    sim.add_argument("--doclens", type=existing_file, default=None,
-                     help="JSON document-length sample (default: log-normal stand-in)")
-    sim.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=SCHEDULERS,
-                     help="schedulers to simulate")
-    sim.add_argument("--nano-batches", type=int, choices=(1, 2), default=None,
-                     help="nano-batches per micro-batch, ping-ponged through the layers as the trainer does "
-                          "(default: each scheduler's, 2 for cad)")
-    sim.add_argument("--comm-dtype", choices=("fp8",), default=None,
-                     help="Q, K, V, out and dout travel as FP8 (distattn.plan(comm_dtype='fp8')); default: "
-                          "their own dtype")
-    sim.add_argument("--auto", action="store_true",
-                     help="try every CP degree and recommend the most tokens/s per GPU that fits")
-    sim.add_argument("--timeline", type=output_file, default=None, metavar="PATH",
-                     help="write each rank's compute/communication/idle spans (.csv or .json; with --auto, of "
-                          "the recommendation)")
-    sim.add_argument("--calibrate", type=existing_file, default=None, metavar="RESULTS_CSV",
-                     help="compare predictions with a `distattn bench` results.csv from this machine")
-    sim.add_argument("--json", action="store_true", help="print the results as JSON")
-    sim.set_defaults(func=_cmd_simulate)

@@ -231,6 +231,11 @@ class TaskSchedule(Schedule):
     def visible_pairs(self, rank: int) -> int:
         return int(self.segments.area[self.segments.rank == rank].sum())
 
+    def kernel_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tasks each slot computes, wherever their rows live."""
+        s = self.segments
+        return s.rank, s.q1 - s.q0, s.area
+
     def traffic(self) -> "Traffic":
         """Rows moved between every (sender, receiver) pair that moves any, per hop (sparse)."""
         return self._traffic

@@ -31,7 +31,7 @@ from functools import cached_property
 import numpy as np
 
 from ..layout import Shards
-from ..masks import MaskSlice
+from ..masks import MaskSlice, mask_area
 from ..program import Builder, Program
 from ..schedule import AttnShape, Phase, Schedule, attention_program
 from .blocks import KernelCall, sequence_calls
@@ -250,6 +250,13 @@ class UlyssesSchedule(Schedule):
 
     def visible_pairs(self, rank: int) -> int:
         return self.mask.area()
+
+    def kernel_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every rank runs every document whole (on its share of the heads)."""
+        lens = np.asarray(self.doc_lens, dtype=np.int64)
+        area = mask_area(lens, lens, self.causal, self.window)
+        p = self.world_size
+        return np.repeat(np.arange(p), len(lens)), np.tile(lens, p), np.tile(area, p)
 
     def program(self, shape: AttnShape) -> Program:
         p = self.world_size

@@ -4,9 +4,13 @@ A step is a sequence of operations, the same on every rank (the trainer's layer 
 :func:`distattn.program.layer_order`, with each attention stage's instructions in it); each has
 per-rank seconds. Each rank has a compute clock and one communication queue:
 
-* ``run``: the compute clock advances by the rank's seconds;
+* ``run``: the compute clock advances by the rank's seconds -- ``slowdown`` more slowly while any
+  transfer the rank issued is still in flight (NCCL's kernels take SMs and memory bandwidth from the
+  compute they overlap: :data:`COMM_SLOWDOWN`);
 * ``start``: the transfer is issued at the compute clock; it begins once every rank it needs has
-  issued it and each one's queue is free (NCCL runs one communicator's operations in order) and
+  issued it and each one's queue on the transfer's link is free (``link``: ``"nvlink"`` inside a
+  node, ``"nic"`` across nodes; transfers on one link take turns, so FSDP's all-gathers and a
+  scheduler's transfers share a rank's network card) and
   takes the rank's seconds: a collective needs all its group; a point-to-point step (the ring) or a
   sparse all-to-all (``cad``'s) only the ranks the rank exchanges data with (``Phase.links``), and
   a receiver of a point-to-point step also waits for the send it receives;
@@ -28,6 +32,13 @@ import numpy as np
 
 from ..program import BACKWARD_OF, CHAIN, RUN, STAGES, START, WAIT
 
+# How much slower a GPU computes while its own NCCL transfers are in flight. Published measurements
+# of GEMMs overlapped with NCCL collectives on A100/H100 put it at 10-20% (Rashidi et al., "On the
+# Computation-Communication Overlap in Distributed Training", and Jangda et al., ASPLOS'22,
+# "Breaking the Computation and Communication Abstraction Barrier": concurrent NCCL kernels occupy
+# SMs and HBM bandwidth); the middle of that range is the default.
+COMM_SLOWDOWN = 0.15
+
 
 @dataclass(frozen=True, eq=False)
 class Op:
@@ -43,6 +54,7 @@ class Op:
     p2p: bool = False
     after: tuple | None = None
     links: tuple[np.ndarray, np.ndarray] | None = None
+    link: str = "net"          # the queue a transfer takes its turn in (module docstring)
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,10 +90,11 @@ def _seconds(op: Op) -> np.ndarray:
     return out
 
 
-def replay(ops, ranks: int, comm: bool = True, streams: bool = True) -> Replay:
+def replay(ops, ranks: int, comm: bool = True, streams: bool = True, slowdown: float = 0.0) -> Replay:
     """Run ``ops`` (module docstring); ``comm=False``: every transfer takes no time; ``streams``:
-    chained hops wait off the compute clock (GPUs)."""
-    clock, queue = np.zeros(ranks), np.zeros(ranks)
+    chained hops wait off the compute clock (GPUs); ``slowdown``: compute runs ``1 + slowdown`` times
+    slower while a transfer of the rank is in flight."""
+    clock, queues, inflight = np.zeros(ranks), {}, np.zeros(ranks)
     compute, stalled, moving = np.zeros(ranks), np.zeros(ranks), np.zeros(ranks)
     ends: dict = {}
 
@@ -91,9 +104,11 @@ def replay(ops, ranks: int, comm: bool = True, streams: bool = True) -> Replay:
         clock = np.maximum(clock, end)
     for op in ops:
         if op.op == RUN:
-            clock = clock + op.seconds
-            compute += op.seconds
+            took = _slowed(op.seconds, np.maximum(inflight - clock, 0), slowdown) if slowdown else op.seconds
+            clock = clock + took
+            compute += took
         elif op.op in (START, CHAIN):
+            queue = queues.get(op.link, 0.0)
             ready = np.maximum(clock, queue)
             if op.op == CHAIN:
                 before = ends.pop(op.after)
@@ -101,14 +116,23 @@ def replay(ops, ranks: int, comm: bool = True, streams: bool = True) -> Replay:
                     hold(before)
                 ready = np.maximum(ready, before)
             seconds = _seconds(op) if comm else 0.0
-            queue = _coupled(ready, op) + seconds
+            queues[op.link] = _coupled(ready, op) + seconds
             moving += seconds
-            ends[op.key] = queue
+            ends[op.key] = queues[op.link]
+            if comm:
+                inflight = np.maximum(inflight, queues[op.link])
         else:
             assert op.op == WAIT, op.op
             hold(ends.pop(op.key))
     assert not ends, f"transfers never waited for: {list(ends)[:3]}"
     return Replay(clock, compute, stalled, moving)
+
+
+def _slowed(seconds: np.ndarray, overlap: np.ndarray, slowdown: float) -> np.ndarray:
+    """Wall seconds of ``seconds`` of compute whose first ``overlap`` wall seconds share the GPU with a
+    transfer (running ``1 + slowdown`` times slower then)."""
+    slow = np.minimum(seconds * (1 + slowdown), overlap)
+    return slow + seconds - slow / (1 + slowdown)
 
 
 def _by_step(steps: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -127,12 +151,14 @@ class TimedProgram:
     seconds: dict
 
     links: dict = field(default_factory=dict)   # (phase, step) -> a sparse all-to-all's (src, dst)
+    link_of: dict = field(default_factory=dict)  # phase -> the link its transfers queue on (default "net")
 
     @staticmethod
-    def of(program, ranks: int, attention_s, transfer_s) -> "TimedProgram":
+    def of(program, ranks: int, attention_s, transfer_s, link=None) -> "TimedProgram":
         """``attention_s(phase) -> seconds per entry`` and ``transfer_s(phase) -> seconds per entry``
-        (the phases' ranks index ``0..ranks-1``)."""
+        (the phases' ranks index ``0..ranks-1``); ``link(phase)``: the link a transfer phase queues on."""
         seconds, links = {}, {}
+        link_of = {} if link is None else {i: link(ph) for i, ph in enumerate(program.phases) if ph.is_comm}
         for index, ph in enumerate(program.phases):
             per_entry = transfer_s(ph) if ph.is_comm else attention_s(ph)
             for s, at in _by_step(ph.steps):
@@ -140,7 +166,7 @@ class TimedProgram:
             if ph.links is not None:
                 step, src, dst = ph.links
                 links.update({(index, s): (src[at], dst[at]) for s, at in _by_step(step)})
-        return TimedProgram(program, seconds, links)
+        return TimedProgram(program, seconds, links, link_of)
 
     def ops(self, stage: str, tag: tuple, ranks: int) -> list[Op]:
         """The operations of one stage; ``tag`` (nano-batch, layer) keeps transfers of different calls apart."""
@@ -153,7 +179,7 @@ class TimedProgram:
             key = None if ins.op == RUN else (*tag, ins.phase, ins.step)
             after = None if ins.after is None else (*tag, ins.phase, ins.after)
             out.append(Op(ins.op, seconds, key, ph.span if ph.is_comm else 1, ph.op == "send_recv", after,
-                          self.links.get((ins.phase, ins.step))))
+                          self.links.get((ins.phase, ins.step)), self.link_of.get(ins.phase, "net")))
         return out
 
 

@@ -14,12 +14,10 @@ whole and tiled (``train.mlp_chunk``: the config's, else :data:`TILED_MLP_CHUNK`
 
 from __future__ import annotations
 
+from ..memory_model import TILED_MLP_CHUNK
 from .config import CHECKPOINTING, RunConfig
 from .memory import GIB, estimate, fits_in
 
-# train.mlp_chunk the table tries when the config has none: 4096 tokens keep one chunk's
-# intermediates (7 x ffn x chunk) under 1 GiB at Llama-3 8B in bf16
-TILED_MLP_CHUNK = 4096
 LONGEST = 1 << 34          # the search's ceiling: 16G tokens
 
 

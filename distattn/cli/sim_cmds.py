@@ -1,0 +1,187 @@
+"""``distattn simulate``: predict a training step per scheduler on a modelled cluster (:mod:`distattn.sim`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+
+from ._args import doc_pool, examples, existing_file, output_file, positive_int, tokens
+from .perf_cmds import _calibrate, _network
+
+
+def _progress(line: str) -> None:
+    """Progress goes to stderr, so ``--json`` keeps stdout to the JSON."""
+    print(f"  {line}", file=sys.stderr, flush=True)
+
+
+def _config(args, model, gpu, batch):
+    from ..sim.kernel import AttentionKernel
+    from ..sim.simulate import SimConfig, default_cp
+
+    kernel = AttentionKernel.measured(gpu, model.head_dim, args.kernel_table)
+    cp = args.cp or default_cp(model, args.gpus // args.tp, args.seq_len)
+    return SimConfig(model, args.gpus, args.seq_len, cp, gpu=gpu, gpus_per_node=args.gpus_per_node,
+                     ulysses_degree=args.ulysses_degree, nano_batches=args.nano_batches, comm_dtype=args.comm_dtype,
+                     activation_checkpointing=None if args.checkpointing == "auto" else args.checkpointing,
+                     mlp_chunk=args.mlp_chunk, tp=args.tp, batch=batch, packing=args.packing,
+                     token_cap_factor=args.token_cap_factor, kernel=kernel, comm_slowdown=args.comm_slowdown,
+                     planning=args.planning, seed=args.seed)
+
+
+def _cmd_simulate(args) -> int:
+    if args.calibrate:
+        return _calibrate(args)
+    from ..sim import sweep
+    from ..sim.simulate import GPUS, MODELS, mesh_description, simulate_with_timelines, write_timeline
+    from ..sim.workload import default_batch
+
+    if args.model not in MODELS:
+        raise ValueError(f"--model {args.model!r} is unknown; presets: {', '.join(MODELS)}")
+    if args.gpus is None or args.seq_len is None:
+        raise ValueError("--gpus and --seq-len are required (or --calibrate RESULTS_CSV)")
+    if args.timeline is not None and not args.timeline.endswith((".csv", ".json")):
+        raise ValueError(f"--timeline {args.timeline}: name a .csv or .json file")
+    if args.sweep and args.cp is not None:
+        raise ValueError("--sweep chooses each row's CP size: drop --cp, or drop --sweep to fix it")
+    model, gpu, net, pool = MODELS[args.model], GPUS[args.gpu], _network(args.network), doc_pool(args.doclens)
+    batch = args.batch or (default_batch(args.gpus, args.seq_len) if args.sweep else None)
+    cfg = _config(args, model, gpu, batch)
+    cfg.check()
+    say = (lambda *a, **k: None) if args.json else print
+    say(f"distattn simulate: {model.name} on {args.gpus} {gpu.name.upper()} ({args.gpus_per_node}/node, tp {cfg.tp}), "
+        f"{args.seq_len:,} tokens per sequence, {batch or cfg.dp} per global batch, {args.draws} draws, "
+        f"{cfg.packing} packing, network: {net.source}, documents: {args.doclens or 'log-normal stand-in'}",
+        flush=True)
+    if args.verbose:
+        print(f"  kernel: {cfg.kernel.source}", file=sys.stderr)
+    best = None
+    if args.auto:
+        best, rows = sweep.recommend(model, args.gpus, args.seq_len, net, pool, gpu, args.gpus_per_node,
+                                     progress=lambda cp, got: say(f"  cp {cp}: {len(got)} schedulers simulated",
+                                                                  flush=True), kernel=cfg.kernel, tp=cfg.tp)
+        best = dict(best, mesh=mesh_description(best, args.gpus_per_node))
+    else:
+        rows = sweep.rows(cfg, net, args.schedulers, pool, args.draws, args.sweep, _progress)
+    if args.timeline is not None:   # of the first draw, at each row's CP size
+        timed = [r for r in ([best] if best else rows) if r.get("step_time_s") is not None]
+        lines = []
+        for r in timed:
+            lines += simulate_with_timelines(replace(cfg, cp=r["cp"], tp=r.get("tp", cfg.tp)), net, [r["scheduler"]],
+                                             pool)[1]
+        write_timeline(lines, args.timeline)
+    if args.json:
+        print(json.dumps({"results": rows, **({"recommended": best} if best else {})}))
+        return 0
+    _print_table(rows, args.gpus_per_node)
+    if best is not None:
+        print(f"recommended: {best['scheduler']}, {best['mesh']}: {best['tokens_per_s_per_gpu']:,.0f} tokens/s per "
+              f"GPU, {best['step_time_s']:.2f} s/step")
+    return 0
+
+
+def _print_table(rows: list[dict], gpus_per_node: int) -> None:
+    print(f"{'scheduler':<10} {'tp':>3} {'cp':>4} {'dp':>4} {'ckpt':<10} {'mem GiB':>7} {'step s':>7} "
+          f"{'p10-p90':>11} {'tok/s/GPU':>9} {'MFU':>5} {'exposed':>7} {'imb':>5} {'DP idle':>7} "
+          f"{'/ideal':>6} {'vs wlb':>6}")
+    for r in rows:
+        if r.get("step_time_s") is None:
+            print(f"{r['scheduler']:<10} fits no setting in the GPU's memory"
+                  + (f" (at cp {r['cp']}: {r['memory_gib']:.0f} GiB)" if "cp" in r else ""))
+            continue
+        spread = f"{r.get('step_time_p10_s', r['step_time_s']):.2f}-{r.get('step_time_p90_s', r['step_time_s']):.2f}"
+        ckpt = r["checkpointing"] + ("+mlp" if r["mlp_chunk"] else "")
+        print(f"{r['scheduler']:<10} {r['tp']:>3} {r['cp']:>4} {r['dp']:>4} {ckpt:<10} {r['memory_gib']:>7.1f} "
+              f"{r['step_time_s']:>7.2f} {spread:>11} {r['tokens_per_s_per_gpu']:>9,.0f} {r['mfu']:>5.2f} "
+              f"{r['exposed_comm_s']:>7.2f} {r['compute_imbalance']:>5.2f} {r['dp_idle']:>7.0%} "
+              f"{_ratio(r, 'over_ideal'):>6} {_ratio(r, 'speedup_vs_wlb'):>6}")
+    print("step s: median over the draws (p10-p90: their 10th and 90th percentiles); ckpt: the cheapest activation "
+          "checkpointing that fits (+mlp: the MLP tiled); exposed: what communication adds to the step; imb: max/mean "
+          "compute over all GPUs; DP idle: mean share of the step replicas wait; /ideal: step over ideal's; vs wlb: "
+          "wlb's step over the row's (medians of the per-draw ratios)")
+
+
+def _ratio(r: dict, key: str) -> str:
+    return f"{r[key]:.2f}" if key in r else "-"
+
+
+def add_parsers(sub) -> None:
+    from ..sim.presets import GPUS, MODELS, PACKINGS, SCHEDULERS
+
+    sim = sub.add_parser(
+        "simulate", help="predict step time per scheduler on a modelled cluster; --sweep picks each one's CP",
+        description="Predict a training step of each scheduler on a cluster you describe: dry plans of the real "
+                    "planners replayed on a compute, memory and network model, over many draws of the global batch. "
+                    "--sweep gives each scheduler its best CP size; --auto recommends a mesh; --calibrate checks "
+                    "the model against a bench run.",
+        epilog=examples("distattn simulate --gpus 64 --seq-len 128K --draws 4",
+                        "distattn simulate --gpus 512 --seq-len 512K --gpu h200 --sweep --network PROFILE_DIR --json",
+                        "distattn simulate --gpus 256 --seq-len 512K --gpu h200 --tp 8 --sweep",
+                        "distattn simulate --calibrate bench/quick/results.csv"))
+    sim.add_argument("--gpus", type=positive_int, default=None, help="GPUs in the job (required unless --calibrate)")
+    sim.add_argument("--seq-len", type=tokens, default=None,
+                     help="tokens per packed sequence, e.g. 512K (required unless --calibrate)")
+    sim.add_argument("--model", default="llama3-8b", choices=sorted(MODELS), help="model preset")
+    sim.add_argument("--cp", type=positive_int, default=None, help="context-parallel degree (default: <= 16K tokens "
+                     "per GPU; --sweep tries every one)")
+    sim.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks per CP rank, inside a node "
+                     "(default 1)")
+    sim.add_argument("--batch", type=positive_int, default=None,
+                     help="sequences of --seq-len per global batch (default: one per replica; with --sweep, 16K "
+                          "tokens per GPU)")
+    sim.add_argument("--ulysses-degree", type=positive_int, default=None, help="usp: Ulysses group (default: a node)")
+    sim.add_argument("--gpu", default="h100", choices=sorted(GPUS), help="GPU preset")
+    sim.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per node")
+    sim.add_argument("--network", type=_existing_path, default=None, metavar="DIR_OR_CSV",
+                     help="a folder of published nccl-tests CSVs, one such CSV, an nccl_perf CSV or a profile JSON "
+                          "(distattn cluster probe/nccl-tests); default: NVLink 360 GB/s + IB 45 GB/s assumed")
+    sim.add_argument("--doclens", type=existing_file, default=None,
+                     help="JSON document-length sample (default: log-normal stand-in)")
+    sim.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=SCHEDULERS,
+                     help="rows to simulate (wlb: zigzag on the per-document layout; wlb-ideal, ideal: bounds)")
+    sim.add_argument("--draws", type=positive_int, default=16,
+                     help="global batches drawn per row (seeds --seed ...); medians and p10/p90 over them "
+                          "(default 16)")
+    sim.add_argument("--seed", type=int, default=0, help="the first draw's seed (default 0)")
+    sim.add_argument("--sweep", action="store_true",
+                     help="give each row its best CP size for a fixed global batch (--batch)")
+    sim.add_argument("--packing", choices=PACKINGS, default="balanced",
+                     help="how the global batch is dealt to replicas' micro-batches (default: balanced)")
+    sim.add_argument("--token-cap-factor", type=float, default=1.25,
+                     help="balanced packing: most tokens a micro-batch holds, in sequences (default 1.25)")
+    sim.add_argument("--checkpointing", choices=("auto", "none", "selective", "full", "offload"), default="auto",
+                     help="activation checkpointing timed (default: the cheapest that fits each row)")
+    sim.add_argument("--mlp-chunk", type=int, default=None, help="with --checkpointing: train.mlp_chunk")
+    sim.add_argument("--kernel-table", type=existing_file, default=None, metavar="CSV",
+                     help="attention latency per document length (L, cp, tp, duration_per_doc ms), shaping the "
+                          "kernel's speed over segment length (default: flat at the GPU report's 32K speed)")
+    sim.add_argument("--comm-slowdown", type=float, default=0.15,
+                     help="compute runs this much slower while the GPU's own transfers are in flight (default 0.15)")
+    sim.add_argument("--planning", choices=("hidden", "exposed"), default="hidden",
+                     help="plans made in the background during the step before (hidden), or in the step")
+    sim.add_argument("--nano-batches", type=int, choices=(1, 2), default=None,
+                     help="nano-batches per micro-batch, ping-ponged through the layers as the trainer does "
+                          "(default: each scheduler's, 2 for cad)")
+    sim.add_argument("--comm-dtype", choices=("fp8",), default=None,
+                     help="Q, K, V, out and dout travel as FP8 (distattn.plan(comm_dtype='fp8')); default: "
+                          "their own dtype")
+    sim.add_argument("--auto", action="store_true",
+                     help="try every CP degree and recommend the most tokens/s per GPU that fits")
+    sim.add_argument("--timeline", type=output_file, default=None, metavar="PATH",
+                     help="write each rank's compute/communication/idle spans of the first draw (.csv or .json; "
+                          "with --auto, of the recommendation)")
+    sim.add_argument("--calibrate", type=existing_file, default=None, metavar="RESULTS_CSV",
+                     help="compare predictions with a `distattn bench` results.csv from this machine")
+    sim.add_argument("--verbose", action="store_true", help="also print the kernel table and network rows used")
+    sim.add_argument("--json", action="store_true", help="print the results as JSON")
+    sim.set_defaults(func=_cmd_simulate)
+
+
+def _existing_path(text: str) -> str:
+    """A file or folder that exists."""
+    import argparse
+    from pathlib import Path
+
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return text

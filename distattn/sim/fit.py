@@ -1,0 +1,70 @@
+"""The step that fits: each simulated row trains with the cheapest activation checkpointing the GPU's
+memory holds, by the one memory model (:func:`distattn.memory_model.estimate`, what ``distattn train
+--dry-run`` prints) and the rule ``distattn train --dry-run --max-seq-len`` applies: the estimated
+peak of one rank within the GPU's memory.
+
+Settings, cheapest first (:data:`BY_COST`, the GPU report's order): no recomputation; ``selective``
+(reruns the linear pieces); ``full`` (reruns each block, attention's transfers included); ``full``
+with the MLP tiled (:data:`~distattn.memory_model.TILED_MLP_CHUNK` tokens at a time, recomputed in
+backward); ``offload`` with the MLP tiled (the kept block inputs in host memory). The estimate is of
+the longest micro-batch the row's packing may give a replica (the token cap), as one document (the
+estimate's worst case), so the setting holds for every step.
+
+Tensor parallelism (``tp``) is beyond the estimate's model: each TP rank holds ``1/tp`` of the
+weights (FSDP then shards them over the ``dp x cp`` ranks) and, with Megatron's sequence parallelism,
+``1/tp`` of the activations and attention's buffers, so everything but the CUDA runtime is divided by
+``tp`` -- an approximation the row's ``memory_gib`` carries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import NamedTuple
+
+from ..memory_model import GIB, TILED_MLP_CHUNK, Job, estimate
+from ..schedulers import spec
+
+BY_COST = (("none", 0), ("selective", 0), ("full", 0), ("full", TILED_MLP_CHUNK), ("offload", TILED_MLP_CHUNK))
+
+
+class Setting(NamedTuple):
+    checkpointing: str
+    mlp_chunk: int
+    memory_gib: float
+    fits: bool
+
+
+def memory_gib(cfg, entry_name: str, checkpointing: str, mlp_chunk: int, tokens: int) -> float:
+    """One GPU's estimated peak (GiB) training micro-batches of ``tokens`` tokens with ``entry_name``'s
+    plans on ``cfg``'s mesh (a :class:`~distattn.sim.simulate.SimConfig`): FSDP over the ``dp x cp``
+    ranks of each TP rank (bf16, or fp32 for ``elem_bytes`` 4), ``cad`` pooling the replicas."""
+    entry = spec(entry_name)
+    world = cfg.dp * cfg.cp
+    job = Job(cfg.model, tokens, cfg.dp, cfg.cp, entry.name, dtype="bf16" if cfg.elem_bytes == 2 else "fp32",
+              wrapper="fsdp" if world > 1 else "single", activation_checkpointing=checkpointing, mlp_chunk=mlp_chunk,
+              ulysses_degree=cfg.ulysses_degree, pooled=entry.pools and cfg.dp > 1,
+              gpus_per_node=max(1, cfg.gpus_per_node // cfg.tp))
+    est = estimate(job)
+    return ((est.total - est.runtime) / cfg.tp + est.runtime) / GIB
+
+
+def choose(cfg, entry_name: str, tokens: int) -> Setting:
+    """``cfg.activation_checkpointing`` (with ``cfg.mlp_chunk``) when set, else the cheapest setting of
+    :data:`BY_COST` whose estimate fits ``cfg.gpu``; the most frugal one, not fitting, when none does."""
+    if cfg.activation_checkpointing is not None:
+        tried = [(cfg.activation_checkpointing, cfg.mlp_chunk or 0)]
+    else:
+        tried = list(BY_COST)
+    for mode, chunk in tried:
+        gib = memory_gib(cfg, entry_name, mode, chunk, tokens)
+        if gib <= cfg.gpu.memory_gib:
+            return Setting(mode, chunk, gib, True)
+    return Setting(mode, chunk, gib, False)
+
+
+def with_setting(cfg, setting: Setting):
+    """``cfg`` timed with ``setting``."""
+    return replace(cfg, activation_checkpointing=setting.checkpointing, mlp_chunk=setting.mlp_chunk)
+
+
+__all__ = ["BY_COST", "Setting", "memory_gib", "choose", "with_setting"]

@@ -1,0 +1,165 @@
+"""Every draw, and each row at its best CP size: what ``distattn simulate --draws N --sweep`` reports.
+
+A step's time depends on which documents the global batch drew; one draw is an anecdote. Each row is
+simulated on ``draws`` global batches (seeds ``seed .. seed + draws - 1``; every row trains the same
+ones, so ratios between rows are paired per draw) and reports the median step time with its 10th and
+90th percentiles, and the median of every other figure.
+
+With ``sweep``, the global batch stays fixed (``batch`` sequences of ``seq_len``) and each row takes
+its best (DP, CP) at the GPU count: every power-of-two CP size whose DP size divides the batch (the
+rest of the batch becomes each replica's micro-batches) and whose setting fits the GPU's memory
+(:mod:`.fit`), scored by its median over the first :data:`SWEEP_DRAWS` draws; the chosen size then
+runs every draw. The row names its CP, DP, checkpointing and memory; the sizes it tried are in
+``sweep``. A row that fits at no size says so (``fits: false``) and has no time.
+
+Ratios per draw, then summarised: ``over_ideal`` (the row's step over ``ideal``'s: >= 1) and
+``speedup_vs_wlb`` (``wlb``'s step over the row's: above 1, the row is faster than WLB-LLM as users
+run it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+
+from ..schedulers import spec
+from .simulate import SimConfig, plan_context, simulate_row
+from .workload import draw_chunks, row_of
+
+SWEEP_DRAWS = 4
+QUANTILES = {"p10": 10, "p90": 90}
+
+
+def candidates(cfg: SimConfig, name: str) -> list[int]:
+    """The CP sizes row ``name`` may run at on ``cfg``'s GPUs and global batch (module docstring)."""
+    out, cp, batch = [], 1, cfg.batch
+    entry = spec(row_of(name).entry)
+    while cp * cfg.tp <= cfg.gpus:
+        dp = cfg.gpus // (cp * cfg.tp)
+        if cfg.gpus % (cp * cfg.tp) == 0 and batch % dp == 0 and cfg.seq_len >= cp and \
+                cfg.model.n_heads // cfg.tp >= entry.head_split(cp, plan_context(replace(cfg, cp=cp))):
+            out.append(cp)
+        cp *= 2
+    return out
+
+
+def run_draws(cfg: SimConfig, network, name: str, pool, draws: range,
+              progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Row ``name``'s result on each draw of ``draws`` (seeds offset from ``cfg.seed``)."""
+    out = []
+    for d in draws:
+        chunks = draw_chunks(cfg.batch or cfg.dp, cfg.seq_len, pool, cfg.seed + d)
+        result, _ = simulate_row(replace(cfg, seed=cfg.seed + d), network, name, chunks)
+        out.append(result)
+        if progress is not None:
+            step = result["step_time_s"]
+            progress(f"{name} cp {cfg.cp}: draw {d + 1} of {draws.stop}: "
+                     f"{'does not fit' if step is None else f'{step:.2f} s'}")
+        if result["step_time_s"] is None:
+            break   # the setting is the draws' alike: none fits
+    return out
+
+
+def summary(per_draw: list[dict]) -> dict:
+    """One row from its draws: the first draw's fields, numbers as their median, step time also as
+    its 10th and 90th percentiles; ``draws``: how many."""
+    row = dict(per_draw[0], draws=len(per_draw))
+    if row["step_time_s"] is None:
+        return row
+    for key, value in per_draw[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("gpus", "tp", "cp", "dp"):
+            row[key] = float(np.median([r[key] for r in per_draw]))
+    steps = [r["step_time_s"] for r in per_draw]
+    for name, q in QUANTILES.items():
+        row[f"step_time_{name}_s"] = float(np.percentile(steps, q))
+    return row
+
+
+def best_cp(cfg: SimConfig, network, name: str, pool, draws: int,
+            progress: Callable[[str], None] | None = None) -> tuple[int | None, list[dict], list[dict]]:
+    """(the CP size with the lowest median step over the first draws, its draws so far, every size
+    tried: ``{cp, dp, checkpointing, memory_gib, fits, step_time_s}``)."""
+    tried, best, kept = [], None, []
+    for cp in candidates(cfg, name):
+        got = run_draws(replace(cfg, cp=cp), network, name, pool, range(min(draws, SWEEP_DRAWS)), progress)
+        head = got[0]
+        median = float(np.median([r["step_time_s"] for r in got])) if head["fits"] else None
+        tried.append({"cp": cp, "dp": head["dp"], "checkpointing": head["checkpointing"],
+                      "memory_gib": head["memory_gib"], "fits": head["fits"], "step_time_s": median})
+        if median is not None and (best is None or median < best[1]):
+            best, kept = (cp, median), got
+    return (None if best is None else best[0]), kept, tried
+
+
+def rows(cfg: SimConfig, network, names, pool, draws: int, sweep: bool,
+         progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Every row (``names``) over ``draws`` draws, each at its best CP size with ``sweep`` (else at
+    ``cfg.cp``), with their ratios (module docstring)."""
+    per_row: dict[str, list[dict]] = {}
+    out = []
+    for name in names:
+        if sweep:
+            cp, got, tried = best_cp(cfg, network, name, pool, draws, progress)
+            if cp is None:
+                out.append({"scheduler": name, "gpus": cfg.gpus, "tp": cfg.tp, "fits": False, "step_time_s": None,
+                            "sweep": tried, "draws": 0})
+                continue
+            got += run_draws(replace(cfg, cp=cp), network, name, pool, range(len(got), draws), progress)
+        else:
+            tried = None
+            got = run_draws(cfg, network, name, pool, range(draws), progress)
+        row = summary(got)
+        if tried is not None:
+            row["sweep"] = tried
+        per_row[name] = got
+        out.append(row)
+    return _with_ratios(out, per_row)
+
+
+def _with_ratios(out: list[dict], per_row: dict[str, list[dict]]) -> list[dict]:
+    """Each row's ``over_ideal`` and ``speedup_vs_wlb``, per draw then summarised."""
+    def steps(name):
+        got = per_row.get(name)
+        return None if not got or got[0]["step_time_s"] is None else np.asarray([r["step_time_s"] for r in got])
+    for row in out:
+        mine = steps(row["scheduler"])
+        for key, ref, flip in (("over_ideal", "ideal", False), ("speedup_vs_wlb", "wlb", True)):
+            other = steps(ref)
+            if mine is None or other is None or len(other) != len(mine):
+                continue
+            ratio = other / mine if flip else mine / other
+            row[key] = float(np.median(ratio))
+            for name, q in QUANTILES.items():
+                row[f"{key}_{name}"] = float(np.percentile(ratio, q))
+    return out
+
+
+def recommend(model, gpus: int, seq_len: int, network, pool=None, gpu=None, gpus_per_node: int = 8,
+              schedulers=None, progress=None, **options) -> tuple[dict, list[dict]]:
+    """``--auto``: every power-of-two CP degree with every real scheduler, one sequence per replica (so
+    a larger CP trains fewer tokens per step): the result with the most tokens/s per GPU among those
+    that fit, and all of them (the bounds are not choices). Step time alone would favour the largest
+    CP degree."""
+    from .presets import BOUNDS, GPUS, SCHEDULERS
+    from .simulate import simulate
+
+    schedulers = schedulers or [s for s in SCHEDULERS if s not in BOUNDS]
+    found, cp = [], 1
+    while cp <= gpus:
+        if gpus % cp == 0 and seq_len // cp >= 256:
+            cfg = SimConfig(model, gpus, seq_len, cp, gpu=gpu or GPUS["h100"], gpus_per_node=gpus_per_node, **options)
+            got = simulate(cfg, network, schedulers, pool)
+            found += got
+            if progress is not None:
+                progress(cp, got)
+        cp *= 2
+    feasible = [r for r in found if r["fits"]]
+    if not feasible:
+        raise ValueError(f"nothing fits {(gpu or GPUS['h100']).memory_gib:.0f} GiB per GPU for {model.name} at "
+                         f"{seq_len} tokens on {gpus} GPUs; add GPUs or shorten --seq-len")
+    return max(feasible, key=lambda r: (r["tokens_per_s_per_gpu"], -r["step_time_s"])), found
+
+
+__all__ = ["SWEEP_DRAWS", "candidates", "run_draws", "summary", "best_cp", "rows", "recommend"]

@@ -1,0 +1,111 @@
+"""What a simulated step trains: one draw of a global batch, and how each row packs it.
+
+**A global batch** is ``batch`` sequences of ``seq_len`` tokens (DistCA's "batch size" of MaxDocLen
+chunks), filled as the trainer's stream fills them: documents drawn from a length sample in a row,
+each cut where a sequence ends and continued in the next (:func:`draw_chunks`). A draw is a function
+of its seed alone, so every row of a draw trains the very same documents (ratios between rows are
+paired) whatever its CP size.
+
+**Packing** (:func:`assign`) deals the batch to ``dp`` replicas x ``micro_batches`` micro-batches:
+
+* ``stream``: sequence ``k`` is micro-batch ``k % m`` of replica ``k // m``, as the trainer's
+  ``data.packing: stream`` does;
+* ``balanced``: the stream's pieces repacked over every replica's micro-batches by
+  :func:`distattn.pack_balanced` under a token cap of ``token_cap_factor * seq_len``, balancing what
+  the row's scheduler does not balance itself: tokens plus ``pair_weight`` per attention pair, or
+  tokens alone for a scheduler that spreads attention over every GPU (``cad``'s pool, ``ideal``).
+  Pieces no micro-batch has room for would wait for the next step (``held``): the step is timed
+  without them and the row reports their share.
+
+**Rows** (:data:`ROWS`): every scheduler of the registry on its default layout, and
+
+* ``wlb``: WLB-LLM as users run it -- ``zigzag`` on the per-document layout (each document cut
+  into ``2 * cp`` chunks, TransformerEngine's THD split), balanced packing, the CP size swept;
+* ``wlb-ideal``: its bound (DistCA's WLB-ideal): the same packing with each replica's attention
+  evened over its ranks and no communication;
+* ``ideal``: all attention of all replicas evened over all GPUs, no communication.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..doclens import pack
+from ..packing import DEFAULT_CAP_FACTOR, imbalance, pack_balanced, workload
+from .presets import PACKINGS
+
+TOKENS_PER_GPU = 16384        # the default global batch: 16K tokens per GPU (DistCA's settings, Table 3)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A simulated row: the registry entry it plans with, its layout (None: the entry's), and the bound
+    it stands for (None: a real schedule; ``"replica"``: attention evened per replica; ``"all"``: over
+    every GPU)."""
+
+    entry: str
+    layout: str | None = None
+    bound: str | None = None
+
+
+ROWS = {"wlb": Row("zigzag", "document"), "wlb-ideal": Row("zigzag", "document", "replica"),
+        "ideal": Row("zigzag", "document", "all")}
+
+
+def row_of(name: str) -> Row:
+    return ROWS.get(name, Row(name))
+
+
+def default_batch(gpus: int, seq_len: int) -> int:
+    """Sequences of ``seq_len`` per global batch: :data:`TOKENS_PER_GPU` per GPU, at least one."""
+    return max(1, gpus * TOKENS_PER_GPU // seq_len)
+
+
+def draw_chunks(batch: int, seq_len: int, pool, seed: int) -> list[list[int]]:
+    """``batch`` sequences of ``seq_len`` tokens filled from one stream of documents (module docstring)."""
+    cuts = np.arange(1, batch) * seq_len
+    ends = np.cumsum(pack(batch * seq_len, pool, seed=seed))
+    bounds = np.union1d(np.concatenate([[0], ends]), cuts)
+    pieces = np.diff(bounds)
+    which = np.searchsorted(cuts, bounds[:-1], side="right")   # the sequence each piece starts in
+    return [pieces[which == k].tolist() for k in range(batch)]
+
+
+@dataclass(frozen=True, eq=False)
+class Assignment:
+    """``micro[j][r]``: the documents of micro-batch ``j`` of replica ``r``; ``held_tokens``: tokens no
+    micro-batch had room for; ``imbalance``: max/mean over replicas of their workload."""
+
+    micro: list
+    held_tokens: int
+    imbalance: float
+
+
+def assign(chunks: list[list[int]], dp: int, micro_batches: int, packing: str, pair_weight: float,
+           balance_weight: float, token_cap_factor: float = DEFAULT_CAP_FACTOR, seed: int = 0) -> Assignment:
+    """Deal ``chunks`` (:func:`draw_chunks`) to ``dp`` replicas x ``micro_batches`` (module docstring):
+    ``balance_weight`` is the pair weight the packer balances with, ``pair_weight`` the model's (what
+    ``imbalance`` measures)."""
+    m = micro_batches
+    assert len(chunks) == dp * m, (len(chunks), dp, m)
+    if packing == "stream":
+        micro = [[list(chunks[r * m + j]) for r in range(dp)] for j in range(m)]
+        held = 0
+    else:
+        lens = [n for chunk in chunks for n in chunk]
+        cap = math.ceil(token_cap_factor * max(sum(c) for c in chunks))
+        packed = pack_balanced(lens, dp, m, cap, balance_weight, seed=seed)
+        micro = [[[lens[i] for i in packed[r][j]] for r in range(dp)] for j in range(m)]
+        held = sum(lens[i] for i in packed.held)
+    work = np.zeros(dp)
+    for j in range(m):
+        for r in range(dp):
+            work[r] += workload(micro[j][r], pair_weight).sum() if micro[j][r] else 0.0
+    return Assignment(micro, held, imbalance(work))
+
+
+__all__ = ["PACKINGS", "TOKENS_PER_GPU", "Row", "ROWS", "row_of", "default_batch", "draw_chunks", "Assignment",
+           "assign"]
