@@ -173,3 +173,14 @@ def test_pack_balanced_places_held_documents_first_in_empty_ranks():
     again = pack_balanced([4, 4, 9, 9], 3, token_cap=10, pair_weight=0.0, first=[0, 1])
     rank_of = {i: r for r, (mb,) in enumerate(again) for i in mb}
     assert rank_of[0] != rank_of[1] and len(again.held) == 1
+
+
+def test_the_benchs_corpus_is_heavy_tailed_and_scaled_to_the_sequence():
+    from distattn.train.bench_packing import corpus_lengths, summary
+
+    lens, line = corpus_lengths(None, 1024, 50_000)
+    assert lens.sum() >= 50_000 and 200 < lens.mean() < 320 and lens.max() > 1024 > np.median(lens)
+    assert "log-normal stand-in" in line
+    row = {name: {"step_time_s": t, "dp_imbalance": i, "held_documents": 1}
+           for name, t, i in (("stream", 2.0, 1.5), ("balanced", 1.0, 1.1))}
+    assert summary([row, row])[1].endswith("ratio stream / balanced 2.000")

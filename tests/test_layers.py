@@ -26,7 +26,7 @@ LAYERS = [
     ("executors", ["distattn.executors"]),
     ("api", ["distattn.plans", "distattn.ops", "distattn.api", "distattn.oracle", "distattn.pingpong",
              "distattn.plan_cache", "distattn.varlen", "distattn.memory_model",
-             "distattn.labels"]),
+             "distattn.labels", "distattn.packing"]),
     # the integrations: each imports the layers below, none imports another
     ("train", ["distattn.train"]),
     ("adapters", ["distattn.parallel", "distattn.compat"]),
