@@ -20,13 +20,23 @@ held document first the next step, where an empty micro-batch always takes it.
 
 In a data loader of a trainer we don't own (Megatron, Hugging Face), per global batch::
 
-    lens = [len(d) for d in docs]                     # the documents of one global batch
-    packing = distattn.pack_balanced(lens, dp_size=world // cp, micro_batches=grad_accum,
-                                     token_cap=max_tokens, pair_weight=shape.pair_weight(),
-                                     first=carried, seed=step)
-    mine = packing[dp_rank]                           # [micro_batch] -> document indices
-    batches = [np.concatenate([docs[i] for i in mb]) for mb in mine]
-    carried = packing.held                            # place them first next time
+    held = []                                         # documents (token arrays) carried over
+    for step, new in enumerate(global_batches):       # each: the next global batch's documents
+        docs = held + new                             # the held ones first: first= names them
+        packing = distattn.pack_balanced([len(d) for d in docs], dp_size=world // cp,
+                                         micro_batches=grad_accum, token_cap=max_tokens,
+                                         pair_weight=MODELS["llama3-8b"].pair_weight(),
+                                         first=range(len(held)), seed=step)
+        mine = packing[dp_rank]                       # [micro_batch] -> document indices
+        batches = [np.concatenate([docs[i] for i in mb]) for mb in mine if mb]
+        held = [docs[i] for i in packing.held]        # placed first next time
+
+(``MODELS``: :data:`distattn.model_shape.MODELS`, or your model's
+:class:`~distattn.model_shape.ModelShape`.) ``packing.held`` are indices into *this* call's
+``doc_lens``: carry the documents, not the indices. A micro-batch is empty when there are fewer
+documents than micro-batches in all. ``distattn train`` does the same with ``data.packing:
+balanced`` (one micro-batch per rank, ``token_cap``: ``data.token_cap``, default
+:data:`DEFAULT_CAP_FACTOR` x ``data.seq_len``; :mod:`distattn.train.global_batch`).
 
 Every rank computes the same packing (it is a pure function of its arguments), so no rank needs
 to ask another which documents it got.
@@ -35,6 +45,7 @@ to ask another which documents it got.
 from __future__ import annotations
 
 import heapq
+import math
 
 import numpy as np
 
@@ -43,9 +54,14 @@ from .model_shape import MODELS
 
 # Llama-3 8B's: a pair's forward + backward attention FLOPs over a token's linear FLOPs (~4.4e-5)
 DEFAULT_PAIR_WEIGHT = MODELS["llama3-8b"].pair_weight()
-# a micro-batch may hold this many times the sequence length (the trainer's data.token_cap default,
-# the simulator's): room to even out workloads, within what the memory estimate fits
+# the default token cap over the stream's sequence length: room for a rank to take a quarter more
+# tokens than an even split (light documents) while its memory estimate stays within 1.25x
 DEFAULT_CAP_FACTOR = 1.25
+
+
+def default_token_cap(seq_len: int) -> int:
+    """``ceil(DEFAULT_CAP_FACTOR * seq_len)``: the trainer's and the simulator's token cap when none is set."""
+    return math.ceil(DEFAULT_CAP_FACTOR * seq_len)
 
 
 class Packing(list):
@@ -156,4 +172,5 @@ def pack_balanced(doc_lens, dp_size: int, micro_batches: int = 1, token_cap: int
     return out
 
 
-__all__ = ["pack_balanced", "Packing", "workload", "imbalance", "DEFAULT_PAIR_WEIGHT", "DEFAULT_CAP_FACTOR"]
+__all__ = ["pack_balanced", "Packing", "workload", "imbalance", "default_token_cap", "DEFAULT_PAIR_WEIGHT",
+           "DEFAULT_CAP_FACTOR"]

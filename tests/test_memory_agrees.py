@@ -25,9 +25,11 @@ CONFIG = ROOT / "configs" / "llama3-8b-128k-64gpu.yaml"
 DEVICE_NAMES = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200"}
 FOUR_M = {"data.seq_len": 4 << 20, "parallel.dp": 1, "parallel.cp": 8}
 # (GPU, overrides of the shipped config): as shipped (cad pooled over 8 replicas, FSDP, bf16, full
-# checkpointing); 4M tokens as shipped otherwise (does not fit); 4M with usp, offloaded block inputs
-# and a tiled MLP (fits an H200; `distattn simulate` has no flags for these: its SimConfig fields)
-JOBS = {"128k-64gpu": ("h100", {}), "4m-8gpu": ("h100", FOUR_M),
+# checkpointing) but with stream packing, whose sequences are seq_len long as the simulator's (dp 8's
+# default, balanced packing, estimates at data.token_cap); 4M tokens as shipped otherwise (does not
+# fit); 4M with usp, offloaded block inputs and a tiled MLP (fits an H200; `distattn simulate` has no
+# flags for these: its SimConfig fields)
+JOBS = {"128k-64gpu": ("h100", {"data.packing": "stream"}), "4m-8gpu": ("h100", FOUR_M),
         "4m-8gpu-offload": ("h200", {**FOUR_M, "parallel.scheduler": "usp",
                                      "train.activation_checkpointing": "offload", "train.mlp_chunk": 4096})}
 

@@ -111,7 +111,9 @@ def test_dry_run_prints_the_table_and_touches_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-m", "distattn.cli", "train", "configs/llama3-8b-128k-64gpu.yaml",
                            "--dry-run", "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    for words in ("8.03 B parameters", "tokens per rank: 16,384", "weights", "gradients", "optimizer",
+    # dp 8: balanced packing by default, estimated at its token cap (1.25 x 131,072 tokens / cp 8)
+    for words in ("8.03 B parameters", "tokens per rank: 20,480 (data.token_cap 163,840 / cp 8)",
+                  "a rank's sequence holds up to data.token_cap 163,840 tokens", "weights", "gradients", "optimizer",
                   "activations", "loss", "attention buffers", "runtime", "total", "fits:", "selective"):
         assert words in done.stdout, words
     assert not out.exists()

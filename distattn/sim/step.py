@@ -11,10 +11,14 @@ Per micro-batch (one after another, gradients accumulated):
   ``selective`` first reruns each linear piece's forward (three times its forward); ``full`` and
   ``offload`` rerun each block's whole forward -- attention's transfers included, ping-pong inside
   the block -- right before its backward;
-* **FSDP** (``fsdp``): a block's parameters are all-gathered before its forward and again before its
-  backward, each prefetched while the block before computes (FSDP2 issues the next block's gather
-  from the CPU, which runs ahead of the GPU); its gradients are reduce-scattered after its backward
-  in the last micro-batch; the step ends when every reduce-scatter has. The root's parameters
+* **FSDP** (``fsdp``): what FSDP2 issues, counted on gloo (``fully_shard`` per block with ``pre`` and
+  ``post`` registered as forward methods, as the trainer wraps it): a block called whole gathers its
+  parameters once per pass (forward; backward, its rerun included) and reduce-scatters its gradients
+  once; a block whose pieces are called apart -- nano-batches ping-ponged across layers -- gathers
+  them before *every* linear piece, both passes (two nano-batches: four gathers a pass, not one) and
+  reduce-scatters once per nano-batch. Each gather is prefetched while the piece before computes
+  (FSDP2 issues it from the CPU, which runs ahead of the GPU); reduce-scatters are issued after
+  their backward in the last micro-batch and waited for at the step's end; the root's parameters
   (embedding, output layer) are gathered at the start and reduced at the end. These transfers span
   every node, so they queue on the network card with the scheduler's inter-node transfers;
 * **tensor parallelism** (``tp``): Megatron's sequence-parallel all-gather before each linear piece
@@ -34,6 +38,7 @@ from ..program import BACKWARD_OF, RUN, START, WAIT, layer_order
 from .replay import Op
 
 RECOMPUTE = {"none": 0, "selective": 1, "full": 1, "offload": 1}   # extra forwards of a linear piece
+LINEAR = ("pre", "post")
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +65,29 @@ class Fsdp:
     root_reduce: np.ndarray
 
 
+class _Gathers:
+    """FSDP's all-gathers of one pass: each waited for before its piece, the next one started then."""
+
+    def __init__(self, fsdp: Fsdp | None, tag: tuple, points: list[int]):
+        self.fsdp, self.tag, self.points = fsdp, tag, points
+        self.next = {a: b for a, b in zip(points, points[1:])}
+        self.at = set(points)
+
+    def before(self, index: int) -> list[Op]:
+        """The operations before item ``index`` of the pass."""
+        if self.fsdp is None or index not in self.at:
+            return []
+        ranks = len(self.fsdp.gather)
+        ops = [self._start(index)] if index == self.points[0] else []
+        ops.append(Op(WAIT, np.zeros(ranks), (*self.tag, index)))
+        if index in self.next:
+            ops.append(self._start(self.next[index]))
+        return ops
+
+    def _start(self, index: int) -> Op:
+        return Op(START, self.fsdp.gather, (*self.tag, index), span=len(self.fsdp.gather), link="nic")
+
+
 def step_ops(micro: list[MicroBatch], n_layers: int, checkpointing: str, ranks: int,
              fsdp: Fsdp | None = None) -> list[Op]:
     """The step's operations (module docstring)."""
@@ -67,26 +95,36 @@ def step_ops(micro: list[MicroBatch], n_layers: int, checkpointing: str, ranks: 
     ops: list[Op] = []
     if fsdp is not None:
         ops += _exposed(("root", "gather"), fsdp.root_gather, "nic")
+    reduces = []
     for j, mb in enumerate(micro):
         order = layer_order(n_layers, len(mb.programs), across_layers=not whole_block)
-        ops += _forward(j, mb, order, n_layers, ranks, fsdp)
+        apart = not whole_block and len(mb.programs) > 1   # pieces called apart: FSDP gathers per piece
+        ops += _forward(j, mb, order, ranks, _Gathers(fsdp, (j, "agf"), _points(order, apart)))
         ops.append(Op(RUN, mb.head))
-        last = j == len(micro) - 1
-        ops += (_backward_blocks if whole_block else _backward)(j, mb, order, n_layers, ranks, checkpointing,
-                                                               fsdp, last)
+        reduce = fsdp if j == len(micro) - 1 else None
+        if whole_block:
+            ops += _backward_blocks(j, mb, order, n_layers, ranks, fsdp, reduce, reduces)
+        else:
+            ops += _backward(j, mb, order, ranks, checkpointing, fsdp, reduce, apart, reduces)
     if fsdp is not None:
         ops += [Op(START, fsdp.root_reduce, ("root", "reduce"), span=ranks, link="nic")]
-        ops += [Op(WAIT, np.zeros(ranks), key) for key in
-                [(len(micro) - 1, "rs", layer) for layer in range(n_layers)] + [("root", "reduce")]]
+        ops += [Op(WAIT, np.zeros(ranks), key) for key in reduces + [("root", "reduce")]]
     return ops
+
+
+def _points(items, apart: bool) -> list[int]:
+    """Where a pass gathers a block: before every linear piece (``apart``), else before each block's
+    first piece."""
+    if apart:
+        return [i for i, item in enumerate(items) if item[0] in LINEAR]
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item[2], i)
+    return sorted(first.values())
 
 
 def _exposed(key: tuple, seconds: np.ndarray, link: str) -> list[Op]:
     return [Op(START, seconds, key, span=len(seconds), link=link), Op(WAIT, np.zeros(len(seconds)), key)]
-
-
-def _gather(key: tuple, fsdp: Fsdp, ranks: int) -> Op:
-    return Op(START, fsdp.gather, key, span=ranks, link="nic")
 
 
 def _linear(mb: MicroBatch, piece: str, n: int, times: float, tag: tuple) -> list[Op]:
@@ -98,76 +136,57 @@ def _linear(mb: MicroBatch, piece: str, n: int, times: float, tag: tuple) -> lis
     return out + [Op(RUN, times * seconds)]
 
 
-def _pieces(mb: MicroBatch, items, ranks: int, tag: str, direction: str, times: float, j: int) -> list[Op]:
-    """``items`` (``(piece, n, layer)``) as operations: linear pieces at ``times`` their forward,
-    attention stages (their backward counterparts when ``direction`` is backward)."""
+def _piece(mb: MicroBatch, item, ranks: int, tag: str, direction: str, times: float, j: int) -> list[Op]:
+    """One piece (``(piece, n, layer)``) as operations: a linear piece at ``times`` its forward, an
+    attention stage (its backward counterpart when ``direction`` is backward)."""
+    piece, n, layer = item
+    if piece in LINEAR:
+        return _linear(mb, piece, n, times, (j, layer, tag))
+    stage = BACKWARD_OF[piece] if direction == "backward" else piece
+    return mb.programs[n].ops(stage, (j, n, layer, tag), ranks)
+
+
+def _forward(j: int, mb: MicroBatch, order, ranks: int, gathers: _Gathers, tag: str = "f") -> list[Op]:
     ops = []
-    for piece, n, layer in items:
-        if piece in ("pre", "post"):
-            ops += _linear(mb, piece, n, times, (j, layer, tag))
-        else:
-            stage = BACKWARD_OF[piece] if direction == "backward" else piece
-            ops += mb.programs[n].ops(stage, (j, n, layer, tag), ranks)
+    for i, item in enumerate(order):
+        ops += gathers.before(i) + _piece(mb, item, ranks, tag, "forward", 1.0, j)
     return ops
 
 
-def _forward(j: int, mb: MicroBatch, order, n_layers: int, ranks: int, fsdp: Fsdp | None) -> list[Op]:
-    """The forward pieces; each block's gather waited for before its first piece, the next block's
-    started then."""
-    ops, seen = [], set()
-    for item in order:
-        layer = item[2]
-        if fsdp is not None and layer not in seen:
-            if not seen:
-                ops.append(_gather((j, "agf", layer), fsdp, ranks))
-            ops.append(Op(WAIT, np.zeros(ranks), (j, "agf", layer)))
-            if layer + 1 < n_layers:
-                ops.append(_gather((j, "agf", layer + 1), fsdp, ranks))
-            seen.add(layer)
-        ops += _pieces(mb, [item], ranks, "f", "forward", 1.0, j)
-    return ops
+def _reduce(key: tuple, fsdp: Fsdp, reduces: list) -> Op:
+    reduces.append(key)
+    return Op(START, fsdp.reduce, key, span=len(fsdp.reduce), link="nic")
 
 
-def _backward(j: int, mb: MicroBatch, order, n_layers: int, ranks: int, checkpointing: str,
-              fsdp: Fsdp | None, last: bool) -> list[Op]:
-    """Each piece's backward in reverse order (``selective``: each linear piece rerun first)."""
+def _backward(j: int, mb: MicroBatch, order, ranks: int, checkpointing: str, fsdp: Fsdp | None,
+              reduce: Fsdp | None, apart: bool, reduces: list) -> list[Op]:
+    """Each piece's backward in reverse order (``selective``: each linear piece rerun first); a
+    block's gradients reduced after its last piece (``apart``: after each nano-batch's ``pre``)."""
     times = 2.0 + RECOMPUTE[checkpointing]
     items = list(reversed(order))
-    final = {item[2]: i for i, item in enumerate(items)}   # where each block's backward ends
-    ops, seen = [], set()
-    for i, item in enumerate(items):
-        layer = item[2]
-        if fsdp is not None and layer not in seen:
-            ops += _next_gather(j, layer, seen, fsdp, ranks)
-        ops += _pieces(mb, [item], ranks, "b", "backward", times, j)
-        if fsdp is not None and last and final[layer] == i:
-            ops.append(Op(START, fsdp.reduce, (j, "rs", layer), span=ranks, link="nic"))
+    gathers = _Gathers(fsdp, (j, "agb"), _points(items, apart))
+    last = {item[2]: i for i, item in enumerate(items)}
+    ops = []
+    for i, (piece, n, layer) in enumerate(items):
+        ops += gathers.before(i) + _piece(mb, (piece, n, layer), ranks, "b", "backward", times, j)
+        if reduce is not None and ((apart and piece == "pre") or (not apart and last[layer] == i)):
+            ops.append(_reduce((j, "rs", layer, n), reduce, reduces))
     return ops
 
 
-def _next_gather(j: int, layer: int, seen: set, fsdp: Fsdp, ranks: int) -> list[Op]:
-    """Backward: wait for block ``layer``'s gather (started when the block above began), start the next."""
-    ops = [] if seen else [_gather((j, "agb", layer), fsdp, ranks)]
-    ops.append(Op(WAIT, np.zeros(ranks), (j, "agb", layer)))
-    if layer > 0:
-        ops.append(_gather((j, "agb", layer - 1), fsdp, ranks))
-    seen.add(layer)
-    return ops
-
-
-def _backward_blocks(j: int, mb: MicroBatch, order, n_layers: int, ranks: int, checkpointing: str,
-                     fsdp: Fsdp | None, last: bool) -> list[Op]:
+def _backward_blocks(j: int, mb: MicroBatch, order, n_layers: int, ranks: int, fsdp: Fsdp | None,
+                     reduce: Fsdp | None, reduces: list) -> list[Op]:
     """``full``/``offload``: block by block from the top, its forward rerun (ping-pong inside it),
-    then its pieces' backward in reverse."""
-    ops, seen = [], set()
-    for layer in reversed(range(n_layers)):
-        block = [item for item in order if item[2] == layer]
-        if fsdp is not None:
-            ops += _next_gather(j, layer, seen, fsdp, ranks)
-        ops += _pieces(mb, block, ranks, "r", "forward", 1.0, j)
-        ops += _pieces(mb, block[::-1], ranks, "b", "backward", 2.0, j)
-        if fsdp is not None and last:
-            ops.append(Op(START, fsdp.reduce, (j, "rs", layer), span=ranks, link="nic"))
+    then its pieces' backward in reverse; one gather per block (prefetched), one reduce-scatter."""
+    blocks = [[item for item in order if item[2] == layer] for layer in reversed(range(n_layers))]
+    gathers = _Gathers(fsdp, (j, "agb"), list(range(n_layers)))
+    ops = []
+    for i, block in enumerate(blocks):
+        ops += gathers.before(i)
+        ops += [op for item in block for op in _piece(mb, item, ranks, "r", "forward", 1.0, j)]
+        ops += [op for item in block[::-1] for op in _piece(mb, item, ranks, "b", "backward", 2.0, j)]
+        if reduce is not None:
+            ops.append(_reduce((j, "rs", block[0][2]), reduce, reduces))
     return ops
 
 

@@ -6,7 +6,8 @@ rank's share is a multiple of 1024 tokens) for the longest whose estimate fits -
 ``"cuda"``, all ranks together on ``"cpu"`` -- doubling until it does not fit, then bisecting.
 The estimate grows with the length (activations, loss, attention buffers, inputs), so the search
 is exact on the estimate's grid. Documents: one per sequence, as the estimate's default (the worst
-case of the attention buffers).
+case of the attention buffers). Under balanced packing a rank's sequence may hold the default token
+cap, ``DEFAULT_CAP_FACTOR`` x ``seq_len``: the estimate is at that length.
 
 ``table(cfg, budget)`` answers the question per ``activation_checkpointing`` setting, with the MLP
 whole and tiled (``train.mlp_chunk``: the config's, else :data:`TILED_MLP_CHUNK`).
@@ -16,13 +17,15 @@ from __future__ import annotations
 
 from ..memory_model import TILED_MLP_CHUNK
 from .config import CHECKPOINTING, RunConfig
+from ..packing import DEFAULT_CAP_FACTOR
 from .memory import GIB, estimate, fits_in
 
 LONGEST = 1 << 34          # the search's ceiling: 16G tokens
 
 
 def _fits(cfg: RunConfig, seq_len: int, budget: int, device: str) -> bool:
-    cfg = cfg.replace(data={"seq_len": seq_len})
+    # (balanced packing: the default token cap, which grows with seq_len, as the estimate's length)
+    cfg = cfg.replace(data={"seq_len": seq_len, "token_cap": None})
     return fits_in(cfg, estimate(cfg, device), budget)
 
 
@@ -73,6 +76,8 @@ def report(cfg: RunConfig, budget: int, device: str = "cuda") -> list[str]:
     states = ", cpu_offload" if p.cpu_offload else ""
     lines = [f"longest seq_len that fits {where} (dp {p.dp} x cp {p.cp}, {p.scheduler}{groups}{states}, "
              f"{cfg.train.dtype}, {cfg.world_size} ranks; one document per sequence; multiples of {1024 * p.cp:,}; "
+             + (f"balanced packing: a rank's sequence up to {DEFAULT_CAP_FACTOR:g} x seq_len; "
+                if cfg.packing == "balanced" else "") +
              f"host memory not limited: --dry-run prints it):",
              f"  {'checkpointing':<14} {'MLP whole':>12} {f'MLP chunk {rows[0][2]}':>16}"]
     for mode, whole, _, tiled in rows:

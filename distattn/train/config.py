@@ -4,7 +4,8 @@ A config has four sections::
 
     model:    {dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, tie_embeddings, rope_theta,
                attention_sinks, softcap}
-    data:     {source: stdlib | tokens | megatron | hf | blend, path, tokenizer, blend, seq_len, seed}
+    data:     {source: stdlib | tokens | megatron | hf | blend, path, tokenizer, blend, seq_len, seed,
+               packing: stream | balanced, token_cap}
     parallel: {dp, cp, scheduler, ulysses_degree, head_groups, cad_pool, nano_batches, dp_mode: ddp | fsdp,
                cpu_offload, backend, comm_dtype: fp8, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
@@ -26,12 +27,12 @@ from pathlib import Path
 
 import yaml
 
-from .sections import (CHECKPOINTING, DTYPES, ON_NONFINITE, SOURCES, BlendSource, DataConfig, ModelConfig,
-                       ParallelConfig, RunConfig, TrainSection)
+from .sections import (CHECKPOINTING, DTYPES, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig,
+                       ModelConfig, ParallelConfig, RunConfig, TrainSection)
 from .validation import validate
 
-__all__ = ["CHECKPOINTING", "DTYPES", "ON_NONFINITE", "SOURCES", "BlendSource", "DataConfig", "ModelConfig",
-           "ParallelConfig", "RunConfig", "TrainSection", "load_config", "validate"]
+__all__ = ["CHECKPOINTING", "DTYPES", "ON_NONFINITE", "PACKINGS", "SOURCES", "BlendSource", "DataConfig",
+           "ModelConfig", "ParallelConfig", "RunConfig", "TrainSection", "load_config", "validate"]
 
 
 def _section(cls, values, name):

@@ -25,9 +25,8 @@ Sources:
 sequences of ``seq_len`` tokens greedily; a document cut at the end of a
 sequence continues at the start of the next one, so nothing is skipped or
 repeated (empty documents are passed over). Its whole state is three ints
-(:meth:`Packer.state`; a blend's is ``1 + 3 * sources``). Data parallelism:
-every rank walks the same global batch of ``dp`` sequences and reads only its
-own (the others are skipped by arithmetic on lengths).
+(:meth:`Packer.state`; a blend's is ``1 + 3 * sources``). Data parallelism
+(:mod:`.global_batch`): every rank cuts the same global batch, reads only its own.
 
 A blend draws each next document from the source whose share of the tokens
 drawn so far lags its weight the most (ties: the first listed), so every
@@ -240,18 +239,17 @@ class Packer:
         lag = [share * total - taken for share, taken in zip(self.blend.shares, self.taken)]
         return lag.index(max(lag))
 
-    def next(self, read: bool = True) -> tuple[np.ndarray | None, list[int]]:
-        """The next sequence: (tokens ``[seq_len]`` or None when ``read`` is False, document lengths)."""
-        pieces, lens, need, empty = [], [], self.seq_len, 0
+    def cut(self, need: int) -> list[tuple[int, int, int, int]]:
+        """The next ``need`` tokens of the stream as pieces ``(source, document, start, end)``, none
+        read; a document cut at the end continues in the next call."""
+        pieces, empty = [], 0
         while need > 0:
             source = self._source()
             walk = self._walks[source]
             doc, length = walk.doc, int(walk.corpus.lengths[walk.doc])
             take = min(need, length - self.offset)
             if take > 0:
-                if read:
-                    pieces.append(walk.corpus.read(doc, self.offset, self.offset + take))
-                lens.append(take)
+                pieces.append((source, doc, self.offset, self.offset + take))
                 need -= take
                 self.offset += take
                 empty = 0
@@ -262,7 +260,17 @@ class Packer:
                 walk.advance()
                 self.taken[source] += length
                 self.offset = 0
-        return (np.concatenate(pieces) if read else None), lens
+        return pieces
+
+    def read(self, pieces) -> np.ndarray:
+        """The tokens of ``pieces`` (:meth:`cut`'s), one after the other."""
+        corpora = self.blend.corpora if self.blend else [self.corpus]
+        return np.concatenate([corpora[s].read(d, a, b) for s, d, a, b in pieces] or [np.zeros(0, np.int64)])
+
+    def next(self, read: bool = True) -> tuple[np.ndarray | None, list[int]]:
+        """The next sequence: (tokens ``[seq_len]`` or None when ``read`` is False, document lengths)."""
+        pieces = self.cut(self.seq_len)
+        return (self.read(pieces) if read else None), [b - a for _, _, a, b in pieces]
 
     def next_batch(self, dp: int, dp_rank: int) -> tuple[np.ndarray, list[int]]:
         """This data-parallel rank's sequence of the next global batch of ``dp`` sequences."""

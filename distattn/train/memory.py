@@ -18,9 +18,10 @@ __all__ = ["job", "estimate", "attention_bytes", "alternatives", "report", "form
 
 def job(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> Job:
     """The job ``cfg`` trains on ``device`` (``"cuda"`` or ``"cpu"``), one sequence packed as ``doc_lens``
-    (default: one document of ``data.seq_len``)."""
+    (of ``data.seq_len`` tokens; default: one document of the longest sequence a rank may get,
+    :attr:`~.sections.RunConfig.rank_tokens`: ``data.token_cap``'s under balanced packing)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    return Job(m.shape, cfg.data.seq_len, p.dp, p.cp, p.scheduler, dtype=t.dtype, wrapper=cfg.wrapper,
+    return Job(m.shape, cfg.rank_tokens if doc_lens is None else cfg.data.seq_len, p.dp, p.cp, p.scheduler, dtype=t.dtype, wrapper=cfg.wrapper,
                cpu_offload=p.cpu_offload, activation_checkpointing=t.activation_checkpointing,
                loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk, ulysses_degree=p.ulysses_degree,
                head_groups=p.head_groups, pooled=p.pools_replicas,
@@ -119,19 +120,20 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
              f"heads {m.n_heads}/{m.n_kv_heads} x {hd}, ffn {m.ffn_dim}, vocab {m.vocab_size:,}",
              f"parallel: {cfg.world_size} ranks (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}{pooled}, "
              f"{est.dp_mode}" + (" with cpu_offload" if p.cpu_offload else ""),
-             f"tokens per rank: {est.tokens_per_rank:,} (seq_len {cfg.data.seq_len:,} / cp {p.cp})",
+             *_packing_line(cfg),
+             f"tokens per rank: {est.tokens_per_rank:,} ({_sequence(cfg)} / cp {p.cp})",
              f"train: {t.dtype}, activation checkpointing {t.activation_checkpointing}, loss chunk {t.loss_chunk:,}"
              + (f", MLP chunk {t.mlp_chunk:,}" if t.mlp_chunk else "")
              + (", compiled blocks (counted as eager)" if t.compile else "")]
     if device == "cuda":
         limit, where = gpu_memory_bytes, f"{gpu_memory_bytes / GIB:g} GiB (--gpu-memory-gib)"
-        lines.append("per-GPU memory estimate (documents: one of seq_len tokens per sequence, the worst case "
-                     "of the attention buffers):")
+        lines.append(f"per-GPU memory estimate (documents: one of {_longest(cfg)} tokens per sequence, the worst "
+                     f"case of the attention buffers):")
     else:
         limit = physical if physical is not None else 2**62
         where = f"this machine's {limit / GIB:,.1f} GiB" if physical is not None else "this machine (size unknown)"
         lines.append(f"per-rank memory estimate, CPU ranks ({cfg.world_size} local processes; documents: one "
-                     f"of seq_len tokens per sequence):")
+                     f"of {_longest(cfg)} tokens per sequence):")
     lines += format_table(est, _notes(cfg, est))
     per = 'GPU (not in the total)' if device == 'cuda' else 'rank (in the total)'
     if est.host:
@@ -150,6 +152,24 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
         fit = "fits" if fits_in(cfg, alt, limit) else "does not fit"
         lines.append(f"  {mode:<10} {alt.total / GIB:>9.2f} GiB  {fit}{host}{mark}")
     return lines, fits
+
+
+def _sequence(cfg: RunConfig) -> str:
+    """The longest sequence a rank may get: balanced packing's token cap, or ``data.seq_len``."""
+    if cfg.packing == "balanced":
+        return f"data.token_cap {cfg.data.cap:,}"
+    return f"seq_len {cfg.data.seq_len:,}"
+
+
+def _longest(cfg: RunConfig) -> str:
+    return "token_cap" if cfg.packing == "balanced" else "seq_len"
+
+
+def _packing_line(cfg: RunConfig) -> list[str]:
+    if cfg.packing != "balanced":
+        return []
+    return [f"data: balanced packing, a rank's sequence holds up to data.token_cap {cfg.data.cap:,} tokens "
+            f"(seq_len {cfg.data.seq_len:,}); the estimate is at the cap, so every step the packing deals fits"]
 
 
 def format_table(est: Estimate, notes: dict[str, str] | None = None) -> list[str]:

@@ -156,7 +156,8 @@ class RunLog:
         summary = (f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  grad {m['grad_norm']:.2f}  "
                    f"{m['tokens_per_s_per_device']:,.0f} tok/s/dev  mfu {_fmt_mfu(m['mfu'])}  "
                    f"mem {m['peak_memory_gib']:.2f} GiB  comm {m['comm_wait_s']:.3f} s  "
-                   f"attn-imb {m['flops_imbalance_all']:.2f}")
+                   f"attn-imb {m['flops_imbalance_all']:.2f}"
+                   + (f"  dp-imb {m['dp_imbalance']:.2f}" if m.get("dp_imbalance") is not None else ""))
         if self.bar is not None:
             self.bar.set_postfix_str(summary, refresh=False)
             self.bar.update(1)

@@ -120,7 +120,9 @@ def check_memory(cfg: RunConfig, ranks_here: int) -> None:
     if need <= total:
         need = rank_memory_bytes(cfg) * ranks_here
     if need > total:
-        raise ValueError(f"data.seq_len {cfg.data.seq_len:,} with this model needs about {need / 2**30:,.1f} GiB "
+        at = f" (balanced packing: a rank's sequence up to data.token_cap {cfg.data.cap:,})" \
+            if cfg.packing == "balanced" else ""
+        raise ValueError(f"data.seq_len {cfg.data.seq_len:,}{at} with this model needs about {need / 2**30:,.1f} GiB "
                          f"for {ranks_here} rank(s) but this machine has {total / 2**30:,.1f} GiB; lower "
                          f"data.seq_len or the model size, set train.activation_checkpointing: full, or raise "
                          f"parallel.cp on more machines (`distattn train CONFIG --dry-run` shows the estimate)")

@@ -14,6 +14,7 @@ from ..schedulers import PlanContext
 DTYPES = ("fp32", "bf16")
 ON_NONFINITE = ("stop", "skip_step")
 SOURCES = ("stdlib", "tokens", "megatron", "hf", "blend")
+PACKINGS = ("stream", "balanced")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,21 @@ class DataConfig:
     blend: tuple[BlendSource, ...] | None = None
     seq_len: int = 8192            # tokens per packed sequence (one per data-parallel rank and step)
     seed: int = 0
+    # how a step's global batch of dp * seq_len tokens reaches the data-parallel ranks (one
+    # micro-batch each): stream (rank r takes the r-th seq_len tokens) or balanced (its pieces dealt
+    # out by workload, distattn.pack_balanced: distattn/train/global_batch.py); unset: balanced
+    # where parallel.dp > 1, else stream
+    packing: str | None = None
+    # balanced: most tokens one rank's sequence may hold (the memory estimate checks this length);
+    # at least seq_len; unset: ceil(1.25 * seq_len) (distattn.packing.DEFAULT_CAP_FACTOR)
+    token_cap: int | None = None
+
+    @property
+    def cap(self) -> int:
+        """``token_cap``, or the default for ``seq_len``."""
+        from ..packing import default_token_cap
+
+        return self.token_cap if self.token_cap is not None else default_token_cap(self.seq_len)
 
 
 @dataclass(frozen=True)
@@ -165,6 +181,16 @@ class RunConfig:
     @property
     def world_size(self) -> int:
         return self.parallel.dp * self.parallel.cp
+
+    @property
+    def packing(self) -> str:
+        """``data.packing``, or its default: ``balanced`` where ``parallel.dp > 1``, else ``stream``."""
+        return self.data.packing or ("balanced" if self.parallel.dp > 1 else "stream")
+
+    @property
+    def rank_tokens(self) -> int:
+        """The most tokens one rank's sequence holds: ``data.token_cap``'s under balanced packing."""
+        return self.data.cap if self.packing == "balanced" else self.data.seq_len
 
     @property
     def wrapper(self) -> str:

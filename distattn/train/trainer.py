@@ -29,7 +29,8 @@ single rank) by autocasting the forward. Attention accumulates in fp32 either wa
 checkpointing (``train.activation_checkpointing``) and the chunked output projection + loss
 (``train.loss_chunk``) are the model's (``model.py``, ``loss.py``). Per step, ``metrics.jsonl`` gets
 MFU (``metrics.py``), tokens/s per device, peak memory and the communication wait (max over ranks)
-besides loss, learning rate and gradient norm.
+besides loss, learning rate and gradient norm, and ``dp_imbalance``: how evenly ``data.packing``
+dealt the step's global batch to the DP ranks (:mod:`.global_batch`).
 
 Steps are counted from 1 everywhere: step ``n`` is the ``n``-th optimizer update, and the
 console, ``metrics.jsonl``, TensorBoard and the checkpoint ``ckpt/step_n`` all call it ``n``.
@@ -65,6 +66,7 @@ from ..spawn import Terminated
 from . import checkpoint, manifest
 from .config import RunConfig
 from .data import Packer, make_corpus
+from .global_batch import GlobalBatches, MicroBatch
 from .metrics import RunLog, device_peak_flops, peak_memory_bytes
 from .model import Transformer
 from .ranks import StopSignal, join_group
@@ -204,7 +206,8 @@ class Trainer:
         self.model = _wrap(model, cfg, mesh)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=(0.9, 0.95),
                                            weight_decay=t.weight_decay)
-        self.packer = Packer(make_corpus(cfg.data), cfg.data.seq_len, cfg.data.seed)
+        self.batches = GlobalBatches(Packer(make_corpus(cfg.data), cfg.data.seq_len, cfg.data.seed), p.dp,
+                                     cfg.packing, cfg.data.cap, cfg.model.shape.pair_weight(), cfg.data.seed)
         self.out = Path(t.out)
         self._resume()
         self.logger = RunLog(self.out, t.steps, self.done) if dist.get_rank() == 0 else None
@@ -225,7 +228,7 @@ class Trainer:
             raise ValueError(f"--resume: no checkpoint under {ckpt}")
         self.config = resume_config(self.config, manifest.read(last))   # the launching process printed what changed
         self.done, data_state = checkpoint.load(last, self.model, self.optimizer)
-        self.packer.load_state(data_state)
+        self.batches.load_state(data_state)
 
     def _plan_arguments(self) -> None:
         """The arguments of every step's plans, and the device's peak FLOP/s (MFU's denominator)."""
@@ -253,8 +256,8 @@ class Trainer:
         ``train.on_nonfinite: skip_step``, metrics with ``"skipped": true``."""
         cfg, p, t, step = self.config, self.config.parallel, self.config.train, self.done
         t0 = time.perf_counter()
-        tokens_np, doc_lens = self.packer.next_batch(p.dp, self.dp_rank)
-        tokens = torch.from_numpy(tokens_np).to(self.device)
+        batch = self.batches.next(self.dp_rank)
+        tokens, doc_lens = torch.from_numpy(batch.tokens).to(self.device), batch.doc_lens
         parts = agreed_nano_batches(doc_lens, p.nano_batch_count, self.weight, p.dp > 1, self.device)
         plans = [self.plans.plan(docs, self.cp_mesh, scheduler=p.scheduler, backend=p.backend, **self.options)
                  for docs, _, _ in parts]
@@ -281,16 +284,17 @@ class Trainer:
             raise NonFinite(f"step {step + 1}: {bad}; stopped before updating the model (train.on_nonfinite: "
                             f"stop, or skip_step to skip such steps)")
         self.optimizer.zero_grad(set_to_none=True)
-        m = self._metrics(t0, plans, list(waited.values()), loss_sum, count, norm)
+        m = self._metrics(t0, plans, list(waited.values()), loss_sum, count, norm, batch)
         if bad is not None:
             m["skipped"] = True
         self.done = step + 1
         return m
 
     def _metrics(self, t0: float, plans: list, waited: list, loss_sum: torch.Tensor, count: torch.Tensor,
-                 norm: torch.Tensor) -> dict:
-        """The step's metrics, reduced over every rank (``waited``: each plan and its wait clock before the step)."""
-        cfg, p, device = self.config, self.config.parallel, self.device
+                 norm: torch.Tensor, batch: MicroBatch) -> dict:
+        """The step's metrics, reduced over every rank (``waited``: each plan and its wait clock before the
+        step); ``dp_imbalance`` and the tokens trained come from the global batch (:mod:`.global_batch`)."""
+        cfg, device = self.config, self.device
         m_cfg, hd = cfg.model, cfg.model.dim // cfg.model.n_heads
         s0 = time.perf_counter()
         # attention FLOPs per rank of the plans' ranks, every nano-batch's summed
@@ -314,7 +318,7 @@ class Trainer:
         peak_mem, comm_wait = worst.tolist()
         self.stopping = bool(stopping)
         step_time = time.perf_counter() - t0 - bookkeeping
-        tokens = p.dp * cfg.data.seq_len
+        tokens = batch.trained   # (held pieces leave a step with fewer than dp * seq_len)
         flops = m_cfg.shape.model_flops(tokens, sum(world_flops))
         peak = self.peak_flops
         return {"step": self.done + 1, "loss": total_loss / count.item(), "lr": lr_at(cfg, self.done),
@@ -322,7 +326,8 @@ class Trainer:
                 "tokens_per_s": tokens / step_time, "tokens_per_s_per_device": tokens / step_time / cfg.world_size,
                 "step_time_s": step_time, "mfu": None if peak is None else flops / (step_time * cfg.world_size * peak),
                 "model_tflops": flops / 1e12, "peak_memory_gib": peak_mem / 2**30, "comm_wait_s": comm_wait,
-                "flops_imbalance": imbalance(rank_flops), "flops_imbalance_all": imbalance(world_flops)}
+                "flops_imbalance": imbalance(rank_flops), "flops_imbalance_all": imbalance(world_flops),
+                "dp_imbalance": batch.imbalance, **({} if batch.held is None else {"held_documents": batch.held})}
 
     def log(self, metrics: dict) -> None:
         """A step is done: into the history, to every callback, and (rank 0) to the console,
@@ -343,7 +348,7 @@ class Trainer:
     def checkpoint(self) -> None:
         """Save ``ckpt/step_N`` (N: the steps taken) on every rank: model, optimizer, data cursor, run info."""
         checkpoint.save(self.out / "ckpt" / f"step_{self.done}", self.model, self.optimizer, self.done,
-                        self.packer.state(), run_info(self.config))
+                        self.batches.state(), run_info(self.config))
 
     def _end_group(self) -> None:
         if self._own_group:

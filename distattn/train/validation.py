@@ -7,8 +7,8 @@ import dataclasses
 import math
 import typing
 
-from .sections import (CHECKPOINTING, DTYPES, ON_NONFINITE, SOURCES, BlendSource, DataConfig, ModelConfig,
-                       ParallelConfig, RunConfig, TrainSection)
+from .sections import (CHECKPOINTING, DTYPES, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig,
+                       ModelConfig, ParallelConfig, RunConfig, TrainSection)
 
 # upper bounds of floats, past which a value is a typo rather than a setting: (key, most, why)
 CEILINGS = (("parallel.timeout_s", 7 * 86400.0, "a week; a collective that waits longer has failed"),
@@ -159,6 +159,12 @@ def _check_data(d: DataConfig, vocab_size: int) -> None:
                          f"whose next one is in the same document, and its loss would be nan")
     if d.source not in SOURCES:
         raise ValueError(f"data.source must be one of {', '.join(SOURCES)}, got {d.source!r}")
+    if d.packing is not None and d.packing not in PACKINGS:
+        raise ValueError(f"data.packing must be one of {', '.join(PACKINGS)}, got {d.packing!r}; leave it unset "
+                         f"for balanced where parallel.dp > 1, else stream")
+    if d.token_cap is not None and d.token_cap < d.seq_len:
+        raise ValueError(f"data.token_cap ({d.token_cap}) must be at least data.seq_len ({d.seq_len}): a piece of "
+                         f"the stream can be seq_len tokens long; raise it or leave it unset for ceil(1.25 * seq_len)")
     if d.source == "blend":
         if not d.blend:
             raise ValueError("data.blend is required with data.source: blend (a list of {path, weight, source}, e.g. "
