@@ -25,8 +25,8 @@ def _config(args, model, gpu, batch):
                      ulysses_degree=args.ulysses_degree, nano_batches=args.nano_batches, comm_dtype=args.comm_dtype,
                      activation_checkpointing=None if args.checkpointing == "auto" else args.checkpointing,
                      mlp_chunk=args.mlp_chunk, tp=args.tp, batch=batch, packing=args.packing,
-                     token_cap_factor=args.token_cap_factor, kernel=kernel, comm_slowdown=args.comm_slowdown,
-                     planning=args.planning, seed=args.seed)
+                     token_cap_factor=args.token_cap_factor, kernel=kernel, planning=args.planning, seed=args.seed,
+                     **({} if args.comm_slowdown is None else {"comm_slowdown": args.comm_slowdown}))
 
 
 def _cmd_simulate(args) -> int:
@@ -62,7 +62,7 @@ def _cmd_simulate(args) -> int:
                                                                   flush=True), kernel=cfg.kernel, tp=cfg.tp)
         best = dict(best, mesh=mesh_description(best, args.gpus_per_node))
     else:
-        rows = sweep.rows(cfg, net, args.schedulers, pool, args.draws, args.sweep, _progress)
+        rows = sweep.rows(cfg, net, args.schedulers, sweep.pool_batches(pool), args.draws, args.sweep, _progress)
     if args.timeline is not None:   # of the first draw, at each row's CP size
         timed = [r for r in ([best] if best else rows) if r.get("step_time_s") is not None]
         lines = []
@@ -155,8 +155,9 @@ def add_parsers(sub) -> None:
     sim.add_argument("--kernel-table", type=existing_file, default=None, metavar="CSV",
                      help="attention latency per document length (L, cp, tp, duration_per_doc ms), shaping the "
                           "kernel's speed over segment length (default: flat at the GPU report's 32K speed)")
-    sim.add_argument("--comm-slowdown", type=float, default=0.15,
-                     help="compute runs this much slower while the GPU's own transfers are in flight (default 0.15)")
+    sim.add_argument("--comm-slowdown", type=float, default=None,
+                     help="compute runs this much slower while the GPU's own transfers are in flight (default 0.19: "
+                          "Lee et al. 2025's average, distattn.sim.replay.COMM_SLOWDOWN)")
     sim.add_argument("--planning", choices=("hidden", "exposed"), default="hidden",
                      help="plans made in the background during the step before (hidden), or in the step")
     sim.add_argument("--nano-batches", type=int, choices=(1, 2), default=None,

@@ -45,13 +45,19 @@ def candidates(cfg: SimConfig, name: str) -> list[int]:
     return out
 
 
-def run_draws(cfg: SimConfig, network, name: str, pool, draws: range,
+def pool_batches(pool) -> Callable[[SimConfig, int], list[list[int]]]:
+    """Draw ``d`` of a config: :func:`~.workload.draw_chunks` of the length sample ``pool`` (None: the
+    log-normal stand-in), seeded ``cfg.seed + d``."""
+    return lambda cfg, d: draw_chunks(cfg.batch or cfg.dp, cfg.seq_len, pool, cfg.seed + d)
+
+
+def run_draws(cfg: SimConfig, network, name: str, batches, draws: range,
               progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Row ``name``'s result on each draw of ``draws`` (seeds offset from ``cfg.seed``)."""
+    """Row ``name``'s result on each draw of ``draws``: ``batches(cfg, d)`` gives draw ``d``'s
+    sequences (:func:`pool_batches`)."""
     out = []
     for d in draws:
-        chunks = draw_chunks(cfg.batch or cfg.dp, cfg.seq_len, pool, cfg.seed + d)
-        result, _ = simulate_row(replace(cfg, seed=cfg.seed + d), network, name, chunks)
+        result, _ = simulate_row(replace(cfg, seed=cfg.seed + d), network, name, batches(cfg, d))
         out.append(result)
         if progress is not None:
             step = result["step_time_s"]
@@ -77,13 +83,13 @@ def summary(per_draw: list[dict]) -> dict:
     return row
 
 
-def best_cp(cfg: SimConfig, network, name: str, pool, draws: int,
+def best_cp(cfg: SimConfig, network, name: str, batches, draws: int,
             progress: Callable[[str], None] | None = None) -> tuple[int | None, list[dict], list[dict]]:
     """(the CP size with the lowest median step over the first draws, its draws so far, every size
     tried: ``{cp, dp, checkpointing, memory_gib, fits, step_time_s}``)."""
     tried, best, kept = [], None, []
     for cp in candidates(cfg, name):
-        got = run_draws(replace(cfg, cp=cp), network, name, pool, range(min(draws, SWEEP_DRAWS)), progress)
+        got = run_draws(replace(cfg, cp=cp), network, name, batches, range(min(draws, SWEEP_DRAWS)), progress)
         head = got[0]
         median = float(np.median([r["step_time_s"] for r in got])) if head["fits"] else None
         tried.append({"cp": cp, "dp": head["dp"], "checkpointing": head["checkpointing"],
@@ -93,23 +99,23 @@ def best_cp(cfg: SimConfig, network, name: str, pool, draws: int,
     return (None if best is None else best[0]), kept, tried
 
 
-def rows(cfg: SimConfig, network, names, pool, draws: int, sweep: bool,
+def rows(cfg: SimConfig, network, names, batches, draws: int, sweep: bool,
          progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Every row (``names``) over ``draws`` draws, each at its best CP size with ``sweep`` (else at
-    ``cfg.cp``), with their ratios (module docstring)."""
+    """Every row (``names``) over ``draws`` draws of ``batches`` (:func:`pool_batches`), each at its
+    best CP size with ``sweep`` (else at ``cfg.cp``), with their ratios (module docstring)."""
     per_row: dict[str, list[dict]] = {}
     out = []
     for name in names:
         if sweep:
-            cp, got, tried = best_cp(cfg, network, name, pool, draws, progress)
+            cp, got, tried = best_cp(cfg, network, name, batches, draws, progress)
             if cp is None:
                 out.append({"scheduler": name, "gpus": cfg.gpus, "tp": cfg.tp, "fits": False, "step_time_s": None,
                             "sweep": tried, "draws": 0})
                 continue
-            got += run_draws(replace(cfg, cp=cp), network, name, pool, range(len(got), draws), progress)
+            got += run_draws(replace(cfg, cp=cp), network, name, batches, range(len(got), draws), progress)
         else:
             tried = None
-            got = run_draws(cfg, network, name, pool, range(draws), progress)
+            got = run_draws(cfg, network, name, batches, range(draws), progress)
         row = summary(got)
         if tried is not None:
             row["sweep"] = tried
@@ -162,4 +168,4 @@ def recommend(model, gpus: int, seq_len: int, network, pool=None, gpu=None, gpus
     return max(feasible, key=lambda r: (r["tokens_per_s_per_gpu"], -r["step_time_s"])), found
 
 
-__all__ = ["SWEEP_DRAWS", "candidates", "run_draws", "summary", "best_cp", "rows", "recommend"]
+__all__ = ["SWEEP_DRAWS", "candidates", "pool_batches", "run_draws", "summary", "best_cp", "rows", "recommend"]
