@@ -1,36 +1,50 @@
 """Network profiles: measured collective times and the alpha-beta model fitted to them.
 
-A profile is a list of measurements ``(op, world_size, size_bytes, time_us)`` with nccl-tests'
+A profile is a list of measurements ``(op, world_size, size_bytes, time_us, nodes)`` with nccl-tests'
 size convention: ``size`` is the whole buffer -- the gathered output of ``all_gather``, the input of
 ``reduce_scatter``, each rank's send buffer of ``all_to_all``, the message of ``send_recv`` (every rank
-sends ``size`` to the next and receives from the previous one). Sources: ``distattn cluster probe``
-(torch.distributed), ``distattn cluster nccl-tests``, or a CSV like ``nccl_perf_h100.csv``.
+sends ``size`` to the next); ``nodes``: the nodes the ranks span (None: ``ceil(world_size / gpus_per_node)``).
+Sources: ``distattn cluster probe``/``nccl-tests`` (JSON), CSVs (:mod:`distattn.network_csv`).
 
-Per ``(op, world_size)`` the fit is ``t = alpha + factor(op, n) * size / busbw`` (least squares),
-``factor`` being nccl-tests' bus-bandwidth factor: ``(n-1)/n`` for all_gather, reduce_scatter and
-all_to_all, ``2(n-1)/n`` for all_reduce, 1 for send_recv. A line fitted to latency-bound sizes
-can have a slope far steeper than any measured bandwidth, so the fit never predicts more than
-was measured: its ``busbw`` is capped at the largest measured bus bandwidth (``capped`` says so,
-``fit_busbw_gbs`` keeps the least-squares figure), no size is predicted faster than that bandwidth,
-and sizes beyond the largest measured one add time at ``busbw``. ``max_rel_err``/``rms_rel_err``
-are the prediction's relative error over the measured points. :meth:`NetworkProfile.time` answers for
-any size and world size: the fit of that world size, else the nearest measured one, with ``alpha``
-scaled by the number of ring steps; an op the profile lacks borrows another's fit (all_gather
-first: all_to_all and send_recv move as many bytes per link); a collective spanning more than ``gpus_per_node`` ranks is
-capped at the inter-node bus bandwidth when the profile has no measurement that large.
+Per ``(op, world_size, nodes)`` the fit is ``t = alpha + factor(op, n) * size / busbw`` (least
+squares over the median time of each size), ``factor`` being nccl-tests' bus-bandwidth factor:
+``(n-1)/n`` for all_gather, reduce_scatter and all_to_all, ``2(n-1)/n`` for all_reduce, 1 for
+send_recv. A line fitted to latency-bound sizes can have a slope far steeper than any measured
+bandwidth, so the fit never predicts more than was measured: its ``busbw`` is capped at the largest
+measured bus bandwidth (``capped`` says so, ``fit_busbw_gbs`` keeps the line's slope), no size is
+predicted faster than that, and sizes beyond the largest measured one add time at ``busbw``.
+``max_rel_err``/``rms_rel_err`` are the prediction's relative error over the measured points.
 
-JSON form (what ``probe`` and ``nccl-tests`` write)::
+:meth:`NetworkProfile.time` answers for any size, world size and node span; each :class:`Fit` says in
+``basis`` what it came from. A measured configuration uses its own fit. Otherwise:
 
-    {"source": str, "backend": str, "gpus_per_node": int,
+* a *strict* profile (published data) takes the fits of the same op in the same scope -- intra-node
+  (one node) or inter-node -- and of those the nearest: the closest GPUs-per-node density ``n / nodes``,
+  then the closest world size (both in log space), then the larger; ``alpha`` scaled by the ratio of ring
+  steps (``n - 1``; 1 for send_recv), bandwidth, slope and measured range kept. An op or scope without
+  rows raises ``ValueError``. A configuration whose sizes cannot show a latency takes its alpha alike
+  (:func:`_latency_from_neighbours`).
+* a legacy profile (probe/nccl-tests JSON, ``nccl_perf`` CSV, :func:`default_profile`) takes the nearest
+  measured world size of the op (log space, ties to the smaller), alpha scaled alike; an op it lacks
+  borrows another's fit (all_gather first: all_to_all and send_recv move as many bytes per link); an
+  inter-node query answered from an intra-node fit is capped at the assumed ``inter_busbw_gbs``, with
+  ``inter_alpha_us`` added per doubling beyond a node.
+
+:meth:`NetworkProfile.assumptions` lists the fits asked so far that were not measured as asked.
+
+JSON form (what ``probe`` and ``nccl-tests`` write; ``strict``, a row's ``nodes``, ``source`` and
+``origin`` optional)::
+
+    {"source": str, "backend": str, "gpus_per_node": int, "strict": bool,
      "inter_node": {"alpha_us": float, "busbw_gbs": float},
-     "rows": [{"op", "world_size", "size_bytes", "time_us", "algbw_gbs", "busbw_gbs"}, ...],
-     "fits": [{"op", "world_size", "alpha_us", "busbw_gbs", "points", "fit_busbw_gbs", "capped",
-               "max_bus_bytes", "max_rel_err", "rms_rel_err"}, ...]}
+     "rows": [{"op", "world_size", "size_bytes", "time_us", "algbw_gbs", "busbw_gbs", "nodes", "source",
+               "origin"}, ...],
+     "fits": [{"op", "world_size", "nodes", "alpha_us", "busbw_gbs", "points", "fit_busbw_gbs", "capped",
+               "max_bus_bytes", "max_rel_err", "rms_rel_err", "basis"}, ...]}
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -42,6 +56,9 @@ OPS = ("all_gather", "reduce_scatter", "all_to_all", "send_recv", "all_reduce")
 _PROXIES = ("all_gather", "reduce_scatter", "all_to_all", "send_recv", "all_reduce")
 _ALIASES = {"alltoall": "all_to_all", "sendrecv": "send_recv", "allgather": "all_gather",
             "reducescatter": "reduce_scatter", "allreduce": "all_reduce"}
+_LATENCY_BLIND_BYTES = 2**30   # measured only at or above this: no latency of its own (_latency_from_neighbours)
+_BINARIES = {"all_gather": "all_gather_perf", "reduce_scatter": "reduce_scatter_perf", "all_to_all": "alltoall_perf",
+             "send_recv": "sendrecv_perf", "all_reduce": "all_reduce_perf"}
 
 
 def parse_size(token: str, what: str) -> int:
@@ -69,12 +86,20 @@ def canonical_op(op: str) -> str:
     return name
 
 
+def config_name(op: str, n: int, nodes: int) -> str:
+    """``all_to_all 80 GPUs / 10 nodes``: how a fit's configuration is named in bases and errors."""
+    return f"{op} {n} GPUs / {nodes} node{'s' if nodes != 1 else ''}"
+
+
 @dataclass(frozen=True)
 class Measurement:
     op: str
     world_size: int
     size_bytes: int
     time_us: float
+    nodes: int | None = None     # nodes the ranks span; None: unknown, ceil(world_size / gpus_per_node)
+    source: str | None = None    # what measured it (a published row's source column)
+    origin: str | None = None    # the file and line it was read from (what describe_fit prints)
 
     def __post_init__(self):
         # every source (probe, nccl-tests, JSON, CSV) comes through here: a corrupt figure stops at the door
@@ -83,19 +108,24 @@ class Measurement:
             raise ValueError(f"{where}: world_size must be >= 1 and size_bytes >= 0")
         if not (math.isfinite(self.time_us) and self.time_us > 0):
             raise ValueError(f"{where}: time_us is {self.time_us}; a measured time must be positive and finite")
+        if self.nodes is not None and not (isinstance(self.nodes, int) and 1 <= self.nodes <= self.world_size):
+            raise ValueError(f"{where}: nodes is {self.nodes!r}; it must be an int from 1 to world_size "
+                             "(every node holds at least one rank), or None when unknown")
 
     def row(self) -> dict:
         algbw = self.size_bytes / (self.time_us * 1e3)  # GB/s
+        extra = {k: v for k, v in (("nodes", self.nodes), ("source", self.source), ("origin", self.origin))
+                 if v is not None}
         return {"op": self.op, "world_size": self.world_size, "size_bytes": self.size_bytes,
                 "time_us": self.time_us, "algbw_gbs": algbw,
-                "busbw_gbs": algbw * bus_factor(self.op, self.world_size)}
+                "busbw_gbs": algbw * bus_factor(self.op, self.world_size), **extra}
 
 
 @dataclass(frozen=True)
 class Fit:
     """``t = alpha + x / fit_busbw`` for bus bytes ``x = factor * size`` up to ``max_bus_bytes``, never
     faster than ``busbw``; beyond ``max_bus_bytes`` the extra bytes move at ``busbw``. A fit made by
-    hand (``Fit(alpha, busbw, points)``) is the plain line."""
+    hand (``Fit(alpha, busbw, points)``) is the plain line. ``basis`` says what it came from."""
 
     alpha_us: float
     busbw_gbs: float                      # the bandwidth predictions use: <= the largest measured
@@ -104,6 +134,7 @@ class Fit:
     max_bus_bytes: float = math.inf       # the largest measured factor * size
     max_rel_err: float | None = None      # |predicted / measured - 1| over the measured points
     rms_rel_err: float | None = None
+    basis: str = "given"                  # "measured ...", "nearest: ...", "borrowed from ...", "assumed ..."
 
     @property
     def capped(self) -> bool:
@@ -126,14 +157,15 @@ class Fit:
         if self.max_rel_err is not None:
             notes.append(f"fit error max {self.max_rel_err:.1%} rms {self.rms_rel_err:.1%}")
         if self.capped:
-            notes.append(f"capped at the best measured; least squares gave {self.fit_busbw_gbs:.3f} GB/s")
+            notes.append(f"capped at the best measured; the line's slope is {self.fit_busbw_gbs:.3f} GB/s")
         return f"alpha {self.alpha_us:9.1f} us  busbw {self.busbw_gbs:9.3f} GB/s  ({', '.join(notes)})"
 
 
-def fit_alpha_beta(op: str, n: int, sizes, times_us) -> Fit:
+def fit_alpha_beta(op: str, n: int, sizes, times_us, alpha_us: float | None = None) -> Fit:
     """Least squares ``t = alpha + factor * size / busbw``; alpha >= 0, weighted by 1/t so small
-    and large messages count alike (relative error). The bandwidth is then capped at the largest
-    measured one (see :class:`Fit`) and the fit's error over the points reported."""
+    and large messages count alike (relative error); ``alpha_us`` given: alpha fixed, the bandwidth
+    fitted alone. The bandwidth is then capped at the largest measured one (see :class:`Fit`) and
+    the fit's error over the points reported."""
     x = np.asarray(sizes, dtype=np.float64) * bus_factor(op, n)
     t = np.asarray(times_us, dtype=np.float64) * 1e-6
     if len(x) == 0:
@@ -141,7 +173,13 @@ def fit_alpha_beta(op: str, n: int, sizes, times_us) -> Fit:
     measured_bw = float(np.max(x / t))
     if measured_bw <= 0:  # only empty messages: nothing says how fast bytes move
         raise ValueError(f"the measurements of {op} on {n} ranks are all of size 0; measure non-empty messages")
-    if len(x) == 1 or np.ptp(x) == 0:
+    if alpha_us is not None:
+        w, alpha = 1.0 / t, alpha_us * 1e-6
+        inv_bw = float(np.sum(w * w * x * (t - alpha)) / np.sum(w * w * x * x))
+        if inv_bw <= 0:
+            raise ValueError(f"alpha_us {alpha_us} is not below the measured times of {op} on {n} ranks; pass less")
+        bw = 1.0 / inv_bw
+    elif len(x) == 1 or np.ptp(x) == 0:
         alpha, bw = 0.0, float(x.max() / t.max())
     else:
         w = 1.0 / t
@@ -151,15 +189,59 @@ def fit_alpha_beta(op: str, n: int, sizes, times_us) -> Fit:
             alpha, inv_bw = 0.0, float(np.sum(w * w * x * t) / np.sum(w * w * x * x))
         alpha, bw = float(alpha), float(1.0 / inv_bw)
     fit = Fit(alpha * 1e6, min(bw, measured_bw) / 1e9, len(x), fit_busbw_gbs=bw / 1e9 if bw > measured_bw else None,
-              max_bus_bytes=float(x.max()))
+              max_bus_bytes=float(x.max()), basis=f"measured {op} {n} GPUs")
     err = fit._bus_time(x) / t - 1
     return replace(fit, max_rel_err=float(np.max(np.abs(err))), rms_rel_err=float(np.sqrt(np.mean(err * err))))
 
 
+def _ring_steps(op: str, n: int) -> int:
+    """What alpha scales with between world sizes: a ring's n - 1 steps; a send_recv is one."""
+    return 1 if op == "send_recv" else max(1, n - 1)
+
+
+def _steps_note(op: str, n: int, near: int) -> str:
+    steps = (_ring_steps(op, n), _ring_steps(op, near))
+    return f" x {steps[0]}/{steps[1]}" if steps[0] != steps[1] else ""
+
+
+def _nearest(keys, n: int, span: int) -> tuple[str, int, int]:
+    """The strict rule's nearest configuration to ``n`` ranks over ``span`` nodes: the closest GPUs-per-node
+    density (log space; it sets how many GPUs share a node's links), then the closest world size (log
+    space), then the larger one."""
+    density = n / span
+    return min(keys, key=lambda k: (abs(math.log(density * k[2] / k[1])), abs(math.log(n / k[1])), -k[1], k[2]))
+
+
+def _latency_from_neighbours(fits: dict, groups: dict) -> dict:
+    """A configuration whose sizes cannot show a latency -- one size, or none below
+    ``_LATENCY_BLIND_BYTES`` (a latency of 100s of us is noise in a 100-ms run) -- takes the alpha of
+    the nearest configuration of its op and scope that can (scaled by ring steps) and fits its bandwidth
+    to its rows with that alpha, so a smaller message pays a latency instead of moving at the large
+    messages' bandwidth from zero; the measured points themselves stay within the fit's error."""
+    def blind(key) -> bool:
+        return fits[key].points == 1 or min(m.size_bytes for m in groups[key]) >= _LATENCY_BLIND_BYTES
+
+    out = dict(fits)
+    for key in filter(blind, fits):
+        op, n, span = key
+        able = [k for k in fits if k[0] == op and (k[2] > 1) == (span > 1) and not blind(k)]
+        if not able:
+            continue
+        near = _nearest(able, n, span)
+        alpha = fits[near].alpha_us * _ring_steps(op, n) / _ring_steps(op, near[1])
+        if alpha < min(m.time_us for m in groups[key]):
+            refit = _fit_group(key, groups[key], alpha)
+            note = f", alpha of {config_name(*near)}{_steps_note(op, n, near[1])}"
+            out[key] = replace(refit, basis=refit.basis + note)
+    return out
+
+
 @dataclass(frozen=True)
 class NetworkProfile:
-    """Collective timings and their fits. ``inter_node`` applies beyond ``gpus_per_node`` ranks
-    when nothing that large was measured (default: 400 Gb/s InfiniBand per GPU, ~45 GB/s bus)."""
+    """Collective timings and their fits, keyed ``(op, world_size, nodes)``; ``strict``: answered only from
+    fits of the query's own op and scope, else ``inter_node`` (default: 400 Gb/s InfiniBand per GPU, ~45
+    GB/s bus) applies as the module says. A copy made by ``dataclasses.replace`` starts its own record
+    of :meth:`assumptions`."""
 
     rows: tuple[Measurement, ...]
     source: str = "unknown"
@@ -168,6 +250,9 @@ class NetworkProfile:
     inter_alpha_us: float = 20.0
     inter_busbw_gbs: float = 45.0
     fits: dict = field(default=None, repr=False, compare=False)
+    strict: bool = False
+    _groups: dict = field(default=None, init=False, repr=False, compare=False)   # key -> its rows
+    _derived: dict = field(default=None, init=False, repr=False, compare=False)  # key -> (Fit, base key)
 
     def __post_init__(self):
         if isinstance(self.gpus_per_node, bool) or not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1:
@@ -177,71 +262,139 @@ class NetworkProfile:
             if not (math.isfinite(value) and (value > 0 if low is None else value >= low)):
                 raise ValueError(f"{name} must be a finite number {'> 0' if low is None else '>= 0'} (GB/s of "
                                  f"bus bandwidth, microseconds of latency), got {value!r}")
-        groups: dict[tuple[str, int], list[Measurement]] = {}
+        groups: dict[tuple[str, int, int], list[Measurement]] = {}
         for m in self.rows:
-            groups.setdefault((m.op, m.world_size), []).append(m)
-        fits = {key: fit_alpha_beta(key[0], key[1], [m.size_bytes for m in ms], [m.time_us for m in ms])
-                for key, ms in groups.items() if key[1] > 1}
-        object.__setattr__(self, "fits", fits)
+            groups.setdefault((m.op, m.world_size, m.nodes or -(-m.world_size // self.gpus_per_node)), []).append(m)
+        object.__setattr__(self, "_groups", {key: tuple(ms) for key, ms in groups.items()})
+        fits = {key: _fit_group(key, ms) for key, ms in groups.items() if key[1] > 1}
+        object.__setattr__(self, "fits", _latency_from_neighbours(fits, groups) if self.strict else fits)
+        object.__setattr__(self, "_derived", {})
 
-    def fit(self, op: str, n: int) -> Fit:
-        """The fit for ``op`` on ``n`` ranks, extrapolated from the nearest measured world size."""
+    def _span(self, n: int, nodes: int | None) -> int:
+        if nodes is None:
+            return max(1, -(-n // self.gpus_per_node))
+        if isinstance(nodes, bool) or not isinstance(nodes, (int, np.integer)) or not 1 <= nodes <= max(1, n):
+            raise ValueError(f"nodes must be an int from 1 to the {n} ranks (the nodes they span), got {nodes!r}; "
+                             "pass None for ceil(ranks / gpus_per_node)")
+        return int(nodes)
+
+    def fit(self, op: str, n: int, nodes: int | None = None) -> Fit:
+        """The fit for ``op`` on ``n`` ranks spanning ``nodes`` nodes (default ``ceil(n / gpus_per_node)``):
+        the measured one, else one derived from the nearest measured configuration (module docstring)."""
         op = canonical_op(op)
-        if (op, n) in self.fits:
-            return self.fits[op, n]
-        src = op if any(o == op for o, _ in self.fits) else next((o for o in _PROXIES if any(
-            o == f for f, _ in self.fits)), None)
+        key = (op, n, self._span(n, nodes))
+        if key in self.fits:
+            return self.fits[key]
+        if key not in self._derived:
+            self._derived[key] = self._nearest_strict(*key) if self.strict else self._nearest_legacy(*key)
+        return self._derived[key][0]
+
+    def _nearest_strict(self, op: str, n: int, span: int) -> tuple[Fit, tuple]:
+        inter = span > 1
+        same = [k for k in self.fits if k[0] == op and (k[2] > 1) == inter]
+        if not same:
+            where = f"across nodes ({_BINARIES[op]} on GPUs of 2 or more nodes)" if inter else \
+                f"within one node ({_BINARIES[op]} on the GPUs of a node)"
+            raise ValueError(f"the network profile ({self.source}) has no {'inter' if inter else 'intra'}-node {op} "
+                             f"measurements for {config_name(op, n, span)}; measure {op} {where} and add its CSV")
+        base = _nearest(same, n, span)
+        return self._scaled(op, n, base, assume_inter=False), base
+
+    def _nearest_legacy(self, op: str, n: int, span: int) -> tuple[Fit, tuple]:
+        src = next((o for o in (op, *_PROXIES) if any(k[0] == o for k in self.fits)), None)
         if src is None:
             raise ValueError(f"the network profile ({self.source}) has no collective measurements on more than one "
                              f"rank; measure with `distattn cluster probe` or `distattn cluster nccl-tests`")
-        measured = sorted(w for o, w in self.fits if o == src)
-        near = min(measured, key=lambda w: abs(np.log(w) - np.log(n)))
-        base = self.fits[src, near]
-        steps = (lambda w: 1 if op == "send_recv" else max(1, w - 1))
-        alpha, busbw = base.alpha_us * steps(n) / steps(near), base.busbw_gbs
-        slope = base.fit_busbw_gbs or busbw
-        if n > self.gpus_per_node and near <= self.gpus_per_node:
-            alpha += self.inter_alpha_us * (1 if op == "send_recv" else np.log2(n / self.gpus_per_node))
+        # as before nodes were known: the nearest world size (log space), ties to the smaller
+        base = min((k for k in self.fits if k[0] == src),
+                   key=lambda k: (abs(math.log(n / k[1])), k[1], (k[2] > 1) != (span > 1), k[2]))
+        return self._scaled(op, n, base, assume_inter=span > 1 and base[2] == 1), base
+
+    def _scaled(self, op: str, n: int, base_key: tuple, assume_inter: bool) -> Fit:
+        """``base_key``'s fit moved to ``n`` ranks: alpha times the ratio of ring steps, plus (legacy) the
+        inter-node assumption; the measured range (in bus bytes) and the cap carry over: no
+        extrapolation past what was measured."""
+        src, near, _ = base_key
+        base = self.fits[base_key]
+        alpha = base.alpha_us * _ring_steps(op, n) / _ring_steps(op, near)
+        busbw, slope = base.busbw_gbs, base.fit_busbw_gbs or base.busbw_gbs
+        how = [("nearest: " if src == op else f"borrowed from (no {op} measured): ") + config_name(*base_key)]
+        if _ring_steps(op, n) != _ring_steps(op, near):
+            how.append(f"alpha{_steps_note(op, n, near)}")
+        if assume_inter:
+            extra = self.inter_alpha_us * (1 if op == "send_recv" else max(0.0, math.log2(n / self.gpus_per_node)))
+            alpha += extra
             busbw, slope = min(busbw, self.inter_busbw_gbs), min(slope, self.inter_busbw_gbs)
-        # the measured range (in bus bytes) and the cap carry over: no extrapolation past what was measured
+            how.append(f"assumed inter-node {self.inter_busbw_gbs:g} GB/s, alpha + {extra:.1f} us")
         return Fit(float(alpha), float(busbw), 0, fit_busbw_gbs=float(slope) if slope > busbw else None,
-                   max_bus_bytes=base.max_bus_bytes)
+                   max_bus_bytes=base.max_bus_bytes, basis=", ".join(how))
+
+    def assumptions(self) -> list[str]:
+        """One line per fit asked so far (:meth:`fit`, :meth:`time`, ...) that was not measured as asked:
+        its configuration and basis (nearest, borrowed, assumed inter-node)."""
+        return [f"{config_name(*key)}: {fit.basis}" for key, (fit, _) in sorted(self._derived.items())]
+
+    def describe_fit(self, op: str, n: int, nodes: int | None = None) -> list[str]:
+        """The fit :meth:`time` uses for ``op`` on ``n`` ranks over ``nodes``, then the rows it was fitted on:
+        op, ranks, nodes, size, time and the file (and line) each came from; sizes measured more than
+        once end with the median the fit used."""
+        fit, op = self.fit(op, n, nodes), canonical_op(op)
+        key = (op, n, self._span(n, nodes))
+        base = key if key in self.fits else self._derived[key][1]
+        lines = [f"{config_name(*key)}: {fit.describe()}", f"  basis: {fit.basis}"]
+        rows = sorted(self._groups[base], key=lambda m: (m.size_bytes, m.origin or ""))
+        for i, m in enumerate(rows):
+            lines.append(f"  {m.op:<15} {m.world_size:>5} GPUs {base[2]:>3} nodes {m.size_bytes:>14,} B "
+                         f"{m.time_us:>12.2f} us  {m.origin or self.source}")
+            same = [r.time_us for r in rows if r.size_bytes == m.size_bytes]
+            if len(same) > 1 and (i + 1 == len(rows) or rows[i + 1].size_bytes != m.size_bytes):
+                lines.append(f"    -> {m.size_bytes:,} B: median {float(np.median(same)):.2f} us of {len(same)} rows")
+        return lines
 
     def describe_fits(self) -> list[str]:
-        """What ``distattn cluster fit`` prints: a title, then one line per measured (op, world size)."""
-        return [f"alpha-beta fits (t = alpha + factor * size / busbw), {self.source}:"] + \
-            [f"  {op:<15} {n:>5} ranks  {f.describe()}" for (op, n), f in sorted(self.fits.items())]
+        """What ``distattn cluster fit`` prints: a title, then one line per measured (op, ranks, nodes)."""
+        title = f"alpha-beta fits (t = alpha + factor * size / busbw), {self.source}" + \
+            (" (strict: no borrowed fits, no assumed inter-node bandwidth):" if self.strict else ":")
+        return [title] + [f"  {op:<15} {n:>5} ranks {nodes:>3} node{'s' if nodes > 1 else ' '}  {f.describe()}"
+                          for (op, n, nodes), f in sorted(self.fits.items())]
 
-    def time(self, op: str, n: int, size_bytes) -> np.ndarray:
-        """Seconds for ``op`` on ``n`` ranks moving ``size_bytes`` (nccl-tests' size; vectorised)."""
+    def time(self, op: str, n: int, size_bytes, nodes: int | None = None) -> np.ndarray:
+        """Seconds for ``op`` on ``n`` ranks over ``nodes`` moving ``size_bytes`` (nccl-tests' size; vectorised)."""
         if n <= 1:
             return np.zeros_like(np.asarray(size_bytes, dtype=np.float64))
-        return self.fit(op, n).time_s(canonical_op(op), n, size_bytes)
+        return self.fit(op, n, nodes).time_s(canonical_op(op), n, size_bytes)
 
-    def sparse_time(self, op: str, n: int, size_bytes, peers) -> np.ndarray:
+    def sparse_time(self, op: str, n: int, size_bytes, peers, nodes: int | None = None) -> np.ndarray:
         """:meth:`time` of a collective over ``n`` ranks in which each rank exchanges with ``peers`` of
         them only (vectorised): the bandwidth of ``n`` ranks, the latency of ``peers + 1`` -- an
         all-to-all with split sizes sends to and receives from the ranks it has rows for, as torch's
-        NCCL and gloo ``all_to_all_single`` do."""
+        NCCL and gloo ``all_to_all_single`` do. Those ``peers + 1`` ranks are taken to span as many of
+        the collective's nodes as they can (``min(nodes, peers + 1)``): an inter-node exchange keeps an
+        inter-node latency however few its peers (a legacy profile asked without ``nodes``: their
+        default span, as before nodes were known)."""
         size = np.asarray(size_bytes, dtype=np.float64)
         if n <= 1:
             return np.zeros_like(size)
+        span = self._span(n, nodes)
         peers = np.broadcast_to(np.clip(np.asarray(peers, dtype=np.int64), 1, n - 1), size.shape)
-        fit, t = self.fit(op, n), np.zeros_like(size)
+        fit, t = self.fit(op, n, span), np.zeros_like(size)
         for k in np.unique(peers).tolist():
             at = peers == k
-            t[at] = replace(fit, alpha_us=self.fit(op, k + 1).alpha_us).time_s(canonical_op(op), n, size[at])
+            alpha = self.fit(op, k + 1, min(span, k + 1) if self.strict or nodes is not None else None).alpha_us
+            t[at] = replace(fit, alpha_us=alpha).time_s(canonical_op(op), n, size[at])
         return t
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {"source": self.source, "backend": self.backend, "gpus_per_node": self.gpus_per_node,
+                **({"strict": True} if self.strict else {}),
                 "inter_node": {"alpha_us": self.inter_alpha_us, "busbw_gbs": self.inter_busbw_gbs},
                 "rows": [m.row() for m in self.rows],
-                "fits": [{"op": op, "world_size": n, "alpha_us": f.alpha_us, "busbw_gbs": f.busbw_gbs,
+                "fits": [{"op": op, "world_size": n, "nodes": nodes, "alpha_us": f.alpha_us, "busbw_gbs": f.busbw_gbs,
                           "points": f.points, "fit_busbw_gbs": f.fit_busbw_gbs, "capped": f.capped,
                           "max_bus_bytes": f.max_bus_bytes, "max_rel_err": f.max_rel_err,
-                          "rms_rel_err": f.rms_rel_err} for (op, n), f in sorted(self.fits.items())]}
+                          "rms_rel_err": f.rms_rel_err, "basis": f.basis}
+                         for (op, n, nodes), f in sorted(self.fits.items())]}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
@@ -256,8 +409,9 @@ class NetworkProfile:
         for i, r in enumerate(records):
             try:
                 rows.append(Measurement(canonical_op(r["op"]), int(r["world_size"]), int(r["size_bytes"]),
-                                        float(r["time_us"])))
-            except (KeyError, TypeError) as exc:
+                                        float(r["time_us"]), nodes=None if r.get("nodes") is None else int(r["nodes"]),
+                                        source=r.get("source"), origin=r.get("origin")))
+            except (KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"not a network profile (rows need op, world_size, size_bytes, time_us): "
                                  f"{exc}") from None
             except ValueError as exc:  # json.loads reads Infinity and NaN: they stop here
@@ -268,39 +422,44 @@ class NetworkProfile:
             return NetworkProfile(rows, source=str(data.get("source", "json")), backend=str(data.get("backend", "nccl")),
                                   gpus_per_node=int(data.get("gpus_per_node", 8)),
                                   inter_alpha_us=float(inter.get("alpha_us", 20.0)),
-                                  inter_busbw_gbs=float(inter.get("busbw_gbs", 45.0)))
+                                  inter_busbw_gbs=float(inter.get("busbw_gbs", 45.0)),
+                                  strict=data.get("strict", False) is True)
         except (TypeError, AttributeError) as exc:   # a field of the wrong type: a list, a mapping, null
             raise ValueError(f"not a network profile: {exc}") from None
 
     @staticmethod
     def from_csv(path: str | Path) -> "NetworkProfile":
-        """``op, ngpu, size_bytes, t_us_out, ...`` rows, as in ``nccl_perf_h100.csv`` (out-of-place times)."""
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"op", "ngpu", "size_bytes", "t_us_out"} - set(reader.fieldnames or ())
-            if missing:
-                raise ValueError(f"{path}: missing columns {sorted(missing)}")
-            rows = []
-            for r in reader:
-                try:
-                    rows.append(Measurement(canonical_op(r["op"]), int(r["ngpu"]), int(r["size_bytes"]),
-                                            float(r["t_us_out"])))
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(f"{path}: line {reader.line_num}: {exc}") from None
-        return NetworkProfile(tuple(rows), source=str(path))
+        """One CSV, published or ``nccl_perf`` format, told by its columns (:func:`distattn.network_csv.load_csv`)."""
+        from .network_csv import load_csv
+        return load_csv(path)
 
     @staticmethod
     def load(path: str | Path) -> "NetworkProfile":
-        """A JSON profile (``distattn cluster probe``/``nccl-tests``) or a CSV like ``nccl_perf_h100.csv``."""
+        """A folder of published-format CSVs, one CSV (published or ``nccl_perf``, told by its columns), or a
+        JSON profile (``distattn cluster probe``/``nccl-tests``)."""
         path = Path(path)
         if not path.exists():
             raise ValueError(f"network profile {path} does not exist")
-        if path.suffix == ".csv":
-            return NetworkProfile.from_csv(path)
+        if path.is_dir() or path.suffix == ".csv":
+            from .network_csv import load_csv, load_published
+
+            return load_published(path) if path.is_dir() else load_csv(path)
         try:
             return NetworkProfile.from_json(json.loads(path.read_text()))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not JSON ({exc}); pass a profile JSON or an nccl_perf CSV") from None
+            raise ValueError(f"{path}: not JSON ({exc}); pass a profile JSON, a CSV or a folder of CSVs") from None
+
+
+def _fit_group(key: tuple[str, int, int], rows, alpha_us: float | None = None) -> Fit:
+    """The fit of one measured configuration: repeated runs of a size count once, by their median."""
+    times: dict[int, list[float]] = {}
+    for m in rows:
+        times.setdefault(m.size_bytes, []).append(m.time_us)
+    sizes = sorted(times)
+    fit = fit_alpha_beta(key[0], key[1], sizes, [float(np.median(times[s])) for s in sizes], alpha_us)
+    counts = f"{len(sizes)} size{'s' if len(sizes) > 1 else ''}"
+    counts += f", {len(rows)} rows" if len(rows) > len(sizes) else ""   # repeated runs
+    return replace(fit, basis=f"measured {config_name(*key)} ({counts})")
 
 
 def default_profile() -> NetworkProfile:

@@ -31,7 +31,7 @@ def test_fit_recovers_alpha_and_bus_bandwidth():
 def test_extrapolation_and_inter_node_cap():
     p = NetworkProfile(tuple(Measurement("all_gather", n, s, 10.0 * (n - 1) + 0.875 * s / 300e3)
                              for n in (2, 8) for s in (2**20, 2**26)), gpus_per_node=8)
-    assert set(p.fits) == {("all_gather", 2), ("all_gather", 8)}
+    assert set(p.fits) == {("all_gather", 2, 1), ("all_gather", 8, 1)}
     inside, across = p.fit("all_gather", 4), p.fit("all_gather", 64)
     assert inside.busbw_gbs > 100 and across.busbw_gbs == p.inter_busbw_gbs
     assert across.alpha_us > p.fit("all_gather", 8).alpha_us
@@ -101,12 +101,12 @@ def test_measurements_that_are_not_data_are_refused(tmp_path):
 @pytest.mark.skipif(not H100.exists(), reason="../shared/data not present")
 def test_real_h100_profile_fits():
     p = NetworkProfile.load(H100)
-    assert {op for op, _ in p.fits} == {"all_gather", "reduce_scatter", "all_reduce"}
+    assert {op for op, _, _ in p.fits} == {"all_gather", "reduce_scatter", "all_reduce"}
     err = np.array([float(p.time(m.op, m.world_size, m.size_bytes)) * 1e6 / m.time_us - 1 for m in p.rows])
     # 8 MB..8 GB: NCCL's protocol switches near 16-64 MB are what a 2-parameter line misses
     assert np.abs(err).max() < 0.2 and np.median(np.abs(err)) < 0.03
     for n in (2, 4, 8):
-        assert 250 < p.fits["all_gather", n].busbw_gbs < 450  # NVLink bus bandwidth of H100 SXM
+        assert 250 < p.fits["all_gather", n, 1].busbw_gbs < 450  # NVLink bus bandwidth of H100 SXM
     out = subprocess.run([EXE, "cluster", "fit", str(H100)], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.count(" ranks ") == 9
 
@@ -118,10 +118,10 @@ def test_probe_on_gloo_writes_a_profile(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     p = NetworkProfile.load(tmp_path / "p.json")
     assert p.backend == "gloo" and len(p.rows) == 8
-    assert {(op, n) for op, n in p.fits} == {(op, 2) for op in ("all_gather", "reduce_scatter", "all_to_all",
+    assert {(op, n) for op, n, _ in p.fits} == {(op, 2) for op in ("all_gather", "reduce_scatter", "all_to_all",
                                                                  "send_recv")}
     assert all(m.time_us > 0 for m in p.rows)
-    assert all(float(p.time(op, 2, 1 << 20)) > float(p.time(op, 2, 1 << 10)) for op, _ in p.fits)
+    assert all(float(p.time(op, 2, 1 << 20)) > float(p.time(op, 2, 1 << 10)) for op, _, _ in p.fits)
     bad = subprocess.run([EXE, "cluster", "probe", "--sizes", "4Q"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--sizes" in bad.stderr
 
@@ -151,7 +151,7 @@ def test_nccl_tests_runner_with_stand_in_binaries(tmp_path):
     assert (tmp_path / "all_gather_perf.args").read_text().split() == ["-b", "1048576", "-e", "2097152", "-f", "2",
                                                                        "-g", "2"]
     assert len(p.rows) == 8 and {m.world_size for m in p.rows} == {2}
-    assert p.fits["send_recv", 2].points == 2 and (tmp_path / "logs" / "alltoall_perf.log").exists()
+    assert p.fits["send_recv", 2, 1].points == 2 and (tmp_path / "logs" / "alltoall_perf.log").exists()
     assert any("GB/s bus bandwidth" in line for line in lines)
     out = subprocess.run([EXE, "cluster", "nccl-tests", "--bin-dir", str(bin_dir), "--gpus", "2", "--sizes", "1M:2M",
                           "--out", str(tmp_path / "n.json")], capture_output=True, text=True)

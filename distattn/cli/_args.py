@@ -149,6 +149,13 @@ def existing_file(text: str) -> str:
     return text
 
 
+def existing_path(text: str) -> str:
+    """A path that must name an existing file or folder (checked before any work starts)."""
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return text
+
+
 def tokens(text: str) -> int:
     """``524288``, ``512K`` or ``1M`` tokens (K = 1024)."""
     from ..network import parse_size

@@ -6,8 +6,8 @@ import os
 import sys
 
 from ..cluster import PROBED
-from ._args import (examples, existing_file, non_negative_int, output_dir, output_file, positive_float,
-                    positive_int)
+from ._args import (examples, existing_file, existing_path, non_negative_int, output_dir, output_file,
+                    positive_float, positive_int)
 
 
 def _cmd_nccl_parse(args) -> int:
@@ -146,8 +146,12 @@ def add_parsers(sub) -> None:
     tests.set_defaults(func=_cmd_nccl_tests)
 
     fit = cluster_sub.add_parser(
-        "fit", help="print the alpha-beta fits of a profile (JSON or nccl_perf CSV)",
-        description="Print each collective's alpha-beta fit (latency and bus bandwidth) of a profile.",
-        epilog=examples("distattn cluster fit network_profile.json"))
-    fit.add_argument("file", type=existing_file, help="profile JSON or nccl_perf CSV")
+        "fit", help="print the alpha-beta fits of a profile (JSON, CSV or a folder of published CSVs)",
+        description="Print each collective's alpha-beta fit (latency and bus bandwidth) of a profile, one per "
+                    "measured (op, ranks, nodes). A folder reads every published-format CSV in it "
+                    "(op,ngpu,nodes,dtype,size_bytes,time_us,algbw_gbs,busbw_gbs,source).",
+        epilog=examples("distattn cluster fit network_profile.json",
+                        "distattn cluster fit ../shared/data/profiles/published"))
+    fit.add_argument("file", type=existing_path, help="profile JSON, nccl_perf or published-format CSV, or a "
+                     "folder of published-format CSVs")
     fit.set_defaults(func=_cmd_profile_fit)

@@ -1,0 +1,126 @@
+"""CSV inputs of a network profile (:class:`~distattn.network.NetworkProfile`): published nccl-tests
+results (a folder of CSVs, or one) and the older ``nccl_perf`` CSV; :func:`load_csv` tells them by their
+columns.
+
+``nccl_perf`` (``nccl_perf_h100.csv``): ``op, ngpu, size_bytes, t_us_out, ...``, out-of-place times, no
+node count: a legacy profile (nodes taken as ``ceil(ngpu / gpus_per_node)``, fallbacks as documented in
+:mod:`distattn.network`).
+
+The published format: one CSV row per measured size, columns ``op,ngpu,nodes,dtype,size_bytes,time_us,algbw_gbs,
+busbw_gbs,source`` (nccl-tests' out-of-place figures; ``op`` as nccl-tests names it -- ``alltoall``,
+``sendrecv``, ... -- or as :data:`~distattn.network.OPS` does). ``nodes`` is the number of nodes the
+``ngpu`` GPUs span, which is what separates an intra-node fit from an inter-node one.
+
+* A row without ``time_us`` (a figure that gives only bandwidth) takes its time from ``busbw_gbs``
+  through nccl-tests' bus factor: ``time = factor * size / busbw``; its origin says so.
+* A row whose ``source`` ends in a percentile (``p05``, ``p95``: the spread of a plotted figure) is
+  skipped: the median row of the same figure is the one measured.
+* Repeated runs (one per node or node pair, or several files) stay separate rows; each fit takes the
+  median time of a size (:class:`~distattn.network.NetworkProfile`).
+
+A profile read here is ``strict``: a query for an op or a scope (intra-/inter-node) with no rows raises,
+instead of borrowing another op's fit or assuming an inter-node bandwidth. Its ``gpus_per_node`` is the
+densest node of the data (``max ceil(ngpu / nodes)``), the span a query without ``nodes`` assumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+from .network import Measurement, NetworkProfile, bus_factor, canonical_op
+
+COLUMNS = ("op", "ngpu", "nodes", "size_bytes", "time_us", "busbw_gbs", "source")
+_PERCENTILE = re.compile(r"\bp\d{1,2}\s*$")
+
+
+def is_published(fieldnames) -> bool:
+    """Whether a CSV header is the published format (the columns tell it from ``nccl_perf`` CSVs)."""
+    return set(COLUMNS) <= set(fieldnames or ())
+
+
+def _number(row: dict, column: str, kind):
+    text = (row.get(column) or "").strip()
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{column} is {text!r}, not {'an integer' if kind is int else 'a number'}") from None
+
+
+def _measurement(row: dict, origin: str) -> Measurement:
+    """One published row; the time from ``busbw_gbs`` when ``time_us`` is empty."""
+    op = canonical_op((row.get("op") or "").strip())
+    n, nodes, size = _number(row, "ngpu", int), _number(row, "nodes", int), _number(row, "size_bytes", int)
+    if (row.get("time_us") or "").strip():
+        time_us = _number(row, "time_us", float)
+    else:
+        busbw = _number(row, "busbw_gbs", float) if (row.get("busbw_gbs") or "").strip() else math.nan
+        if not (math.isfinite(busbw) and busbw > 0):
+            raise ValueError("time_us is empty and busbw_gbs is not a positive number: the row gives no time; "
+                             "fill in time_us or busbw_gbs")
+        time_us = bus_factor(op, n) * size / (busbw * 1e3)   # bytes / (GB/s) = ns -> us
+        origin += " (time from busbw)"
+    return Measurement(op, n, size, time_us, nodes=nodes, source=(row.get("source") or "").strip() or None,
+                       origin=origin)
+
+
+def read_published_csv(path: str | Path) -> list[Measurement]:
+    """The measurements of one published-format CSV; ``ValueError`` names the file and line of a bad row."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not is_published(reader.fieldnames):
+            missing = sorted(set(COLUMNS) - set(reader.fieldnames or ()))
+            raise ValueError(f"{path}: missing columns {missing}; a published-format CSV has the columns "
+                             "op,ngpu,nodes,dtype,size_bytes,time_us,algbw_gbs,busbw_gbs,source")
+        rows = []
+        for r in reader:
+            if _PERCENTILE.search(r.get("source") or ""):  # the spread of a figure, not a measurement
+                continue
+            try:
+                rows.append(_measurement(r, f"{path.name}:{reader.line_num}"))
+            except ValueError as exc:
+                raise ValueError(f"{path}: line {reader.line_num}: {exc}") from None
+    return rows
+
+
+def read_nccl_perf_csv(path: str | Path) -> list[Measurement]:
+    """The rows of an ``nccl_perf`` CSV (out-of-place times); ``ValueError`` names the file and line of a bad row."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"op", "ngpu", "size_bytes", "t_us_out"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)}; expected an nccl_perf CSV (op, ngpu, "
+                             "size_bytes, t_us_out) or a published one (op, ngpu, nodes, size_bytes, time_us, "
+                             "busbw_gbs, source)")
+        rows = []
+        for r in reader:
+            try:
+                rows.append(Measurement(canonical_op(r["op"]), int(r["ngpu"]), int(r["size_bytes"]),
+                                        float(r["t_us_out"]), origin=f"{Path(path).name}:{reader.line_num}"))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}: line {reader.line_num}: {exc}") from None
+    return rows
+
+
+def load_csv(path: str | Path) -> NetworkProfile:
+    """One CSV: published format (a strict profile) or ``nccl_perf`` (a legacy one), told by its header."""
+    with open(path, newline="") as f:
+        published = is_published(next(csv.reader(f), None))
+    return load_published(path) if published else NetworkProfile(tuple(read_nccl_perf_csv(path)), source=str(path))
+
+
+def load_published(path: str | Path) -> NetworkProfile:
+    """A strict profile from a folder (every ``*.csv`` in it, all published format) or one published CSV."""
+    path = Path(path)
+    files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{path}: no *.csv files in the folder; pass a folder of published-format CSVs "
+                         "(op,ngpu,nodes,dtype,size_bytes,time_us,algbw_gbs,busbw_gbs,source)")
+    rows = [m for f in files for m in read_published_csv(f)]
+    if not rows:
+        raise ValueError(f"{path}: no measurements (every row empty or a percentile); add nccl-tests rows")
+    densest = max(-(-m.world_size // m.nodes) for m in rows)
+    return NetworkProfile(tuple(rows), source=str(path), gpus_per_node=densest, strict=True)
