@@ -253,6 +253,7 @@ class NetworkProfile:
     strict: bool = False
     _groups: dict = field(default=None, init=False, repr=False, compare=False)   # key -> its rows
     _derived: dict = field(default=None, init=False, repr=False, compare=False)  # key -> (Fit, base key)
+    _asked: set = field(default=None, init=False, repr=False, compare=False)     # every key fit() answered
 
     def __post_init__(self):
         if isinstance(self.gpus_per_node, bool) or not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1:
@@ -269,6 +270,7 @@ class NetworkProfile:
         fits = {key: _fit_group(key, ms) for key, ms in groups.items() if key[1] > 1}
         object.__setattr__(self, "fits", _latency_from_neighbours(fits, groups) if self.strict else fits)
         object.__setattr__(self, "_derived", {})
+        object.__setattr__(self, "_asked", set())
 
     def _span(self, n: int, nodes: int | None) -> int:
         if nodes is None:
@@ -283,6 +285,7 @@ class NetworkProfile:
         the measured one, else one derived from the nearest measured configuration (module docstring)."""
         op = canonical_op(op)
         key = (op, n, self._span(n, nodes))
+        self._asked.add(key)
         if key in self.fits:
             return self.fits[key]
         if key not in self._derived:
@@ -333,6 +336,10 @@ class NetworkProfile:
         """One line per fit asked so far (:meth:`fit`, :meth:`time`, ...) that was not measured as asked:
         its configuration and basis (nearest, borrowed, assumed inter-node)."""
         return [f"{config_name(*key)}: {fit.basis}" for key, (fit, _) in sorted(self._derived.items())]
+
+    def asked(self) -> list[tuple[str, int, int]]:
+        """Every ``(op, ranks, nodes)`` :meth:`fit` has answered so far (what ``--verbose`` describes)."""
+        return sorted(self._asked)
 
     def describe_fit(self, op: str, n: int, nodes: int | None = None) -> list[str]:
         """The fit :meth:`time` uses for ``op`` on ``n`` ranks over ``nodes``, then the rows it was fitted on:

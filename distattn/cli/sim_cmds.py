@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import replace
 
-from ._args import doc_pool, examples, existing_file, output_file, positive_int, tokens
+from ._args import doc_pool, examples, existing_file, existing_path, output_file, positive_int, tokens
 from .perf_cmds import _calibrate, _network
 
 
@@ -70,6 +70,8 @@ def _cmd_simulate(args) -> int:
             lines += simulate_with_timelines(replace(cfg, cp=r["cp"], tp=r.get("tp", cfg.tp)), net, [r["scheduler"]],
                                              pool)[1]
         write_timeline(lines, args.timeline)
+    if args.verbose:
+        _print_links(net, cfg)
     if args.json:
         print(json.dumps({"results": rows, **({"recommended": best} if best else {})}))
         return 0
@@ -99,6 +101,18 @@ def _print_table(rows: list[dict], gpus_per_node: int) -> None:
           "checkpointing that fits (+mlp: the MLP tiled); exposed: what communication adds to the step; imb: max/mean "
           "compute over all GPUs; DP idle: mean share of the step replicas wait; /ideal: step over ideal's; vs wlb: "
           "wlb's step over the row's (medians of the per-draw ratios)")
+
+
+def _print_links(net, cfg) -> None:
+    """``--verbose``: every fit the simulation asked the network for, and the rows each was fitted on
+    (to stderr: ``--json`` keeps stdout to the JSON)."""
+    from ..sim.simulate import network_views
+
+    views = network_views(net, cfg.gpus_per_node, cfg.tp)
+    print(f"network fits used ({net.source}):", file=sys.stderr)
+    for view in {id(v): v for v in views.values()}.values():
+        for op, n, nodes in view.asked():
+            print("\n".join(view.describe_fit(op, n, nodes)), file=sys.stderr)
 
 
 def _ratio(r: dict, key: str) -> str:
@@ -132,7 +146,7 @@ def add_parsers(sub) -> None:
     sim.add_argument("--ulysses-degree", type=positive_int, default=None, help="usp: Ulysses group (default: a node)")
     sim.add_argument("--gpu", default="h100", choices=sorted(GPUS), help="GPU preset")
     sim.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per node")
-    sim.add_argument("--network", type=_existing_path, default=None, metavar="DIR_OR_CSV",
+    sim.add_argument("--network", type=existing_path, default=None, metavar="DIR_OR_CSV",
                      help="a folder of published nccl-tests CSVs, one such CSV, an nccl_perf CSV or a profile JSON "
                           "(distattn cluster probe/nccl-tests); default: NVLink 360 GB/s + IB 45 GB/s assumed")
     sim.add_argument("--doclens", type=existing_file, default=None,
@@ -176,13 +190,3 @@ def add_parsers(sub) -> None:
     sim.add_argument("--verbose", action="store_true", help="also print the kernel table and network rows used")
     sim.add_argument("--json", action="store_true", help="print the results as JSON")
     sim.set_defaults(func=_cmd_simulate)
-
-
-def _existing_path(text: str) -> str:
-    """A file or folder that exists."""
-    import argparse
-    from pathlib import Path
-
-    if not Path(text).exists():
-        raise argparse.ArgumentTypeError(f"{text} does not exist")
-    return text

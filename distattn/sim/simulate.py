@@ -365,11 +365,24 @@ def _fsdp(cfg: SimConfig, net) -> Fsdp | None:
                 each("all_gather", m.root_params, gathered), each("reduce_scatter", m.root_params, reduced))
 
 
+def network_views(network, gpus_per_node: int, tp: int) -> dict:
+    """The network as a CP rank sees it (``"cp"``: ``gpus_per_node / tp`` CP ranks to a node) and as a
+    node's GPUs do (``"node"``); made once per network and shape (kept, so each view's record of the
+    fits it answered, :meth:`~distattn.network.NetworkProfile.asked`, covers every step simulated)."""
+    views = _VIEWS.setdefault(id(network), (network, {}))[1]
+    key = (gpus_per_node, tp)
+    if key not in views:
+        def view(per_node):
+            return network if network.gpus_per_node == per_node else replace(network, gpus_per_node=per_node)
+        views[key] = {"node": view(gpus_per_node), "cp": view(gpus_per_node // tp)}
+    return views[key]
+
+
+_VIEWS: dict = {}   # id(network) -> (network, {(gpus_per_node, tp): views}): the network kept, so its id stays its
+
+
 def _networks(cfg: SimConfig, network) -> dict:
-    """The network as a CP rank sees it (``gpus_per_node / tp`` CP ranks to a node) and as a node's GPUs do."""
-    node = network if network.gpus_per_node == cfg.gpus_per_node else replace(network, gpus_per_node=cfg.gpus_per_node)
-    per_node = cfg.gpus_per_node // cfg.tp
-    return {"cp": node if per_node == cfg.gpus_per_node else replace(network, gpus_per_node=per_node), "node": node}
+    return network_views(network, cfg.gpus_per_node, cfg.tp)
 
 
 def simulate(cfg: SimConfig, network, schedulers=SCHEDULERS, pool=None, replica_docs=None) -> list[dict]:
@@ -486,4 +499,4 @@ def mesh_description(r: dict, gpus_per_node: int) -> str:
 
 __all__ = ["MODELS", "GPUS", "SCHEDULERS", "BOUNDS", "PHASES", "TIMELINE_COLUMNS", "ModelShape", "GPU", "SimConfig",
            "default_cp", "simulate", "simulate_with_timelines", "simulate_row", "write_timeline", "mesh_description",
-           "plan_context", "dry_schedule", "time_call", "nccl_size", "comm_time"]
+           "plan_context", "dry_schedule", "time_call", "nccl_size", "comm_time", "network_views"]
