@@ -1,41 +1,136 @@
-"""The simulator beside published measurements, setups matched as closely as the cost model allows.
+"""The simulator beside published measurements, setups matched as closely as the model allows.
 
-    python -m distattn.sim.published --doclens ../shared/data/doclens/prolong.json \\
-        --network ../shared/data/profiles/nccl_perf_h100.csv
+    python -m distattn.sim.published --doclens-dir ../shared/data/doclens \\
+        --network ../shared/data/profiles/published --kernel-table ../shared/data/profiles/attn_latency_h100.csv
 
-Prints one row per published figure with the simulator's prediction for the same setup (the
-README's table comes from it):
+**DistCA** (core-attention disaggregation; Zhuang et al. 2025, §6.2, Figure 9 and Table 3): DistCA's
+step time over WLB-LLM's ("WLB-ideal": variable-length packing with per-document CP, the DP x CP
+split swept, the best kept) on H200s with TP 8 and no pipeline parallelism -- published as ranges
+over their setups, 1.05-1.12x on ProLong and 1.07-1.20x on "Pretrain" (per-setup values are bars
+in Figure 9 only). Each of Table 3's setups (Llama-3 8B and 34B; MaxDocLen 128K, 256K, 512K; 64,
+128, 256 GPUs; its batch of MaxDocLen sequences) is simulated with ``--tp 8 --gpu h200 --sweep``:
+``cad`` against ``wlb`` (zigzag on the per-document layout, balanced packing, the CP size swept),
+the median of their per-draw ratio beside DistCA's range. A median within 0.10 of the range agrees.
 
-* DistCA (core-attention disaggregation): speedup over WLB-LLM-style per-document CP on up to 512
-  H200s at 512K tokens per sequence, Llama-3 8B and Llama 34B -- ``distattn simulate``'s ``cad``
-  step against ``wlb-ideal`` (per-document CP with each replica's attention perfectly balanced and
-  no communication, an upper bound of WLB-LLM), the training step as the trainer runs it;
-* MagiAttention: attention forward and backward TFLOP/s per H100 at CP 8-64, 8K tokens per GPU,
-  varlen causal -- one plain ``cad`` attention call (no ping-pong: attention alone), replayed;
-* ring-flash-attention: forward + backward throughput per GPU at 8K tokens per GPU on 8 GPUs of a
-  node, as a share of one GPU's -- ``zigzag`` on one causal document and on packed documents,
-  ``allgather`` (Llama 3's context parallelism).
+The documents are drawn as DistCA's code draws them (``distca/simulator/optimizers/samples.py`` and
+``distca/utils/global_batch_provider.py`` of github.com/hao-ai-lab/DistCA at 2afd219, with its
+benchmark scripts' settings; the length files are the same as ``../shared/data/doclens``):
 
-Attention kernels run at a fixed ``attn_efficiency`` of peak in the simulator (0.5: ~495 TFLOP/s on
-an H100); where a system's own kernels, or their efficiency on short chunks, differ from that, the
-prediction cannot follow them -- the README says so row by row.
+* documents shorter than 64K: the first half of them, in file order; documents of 64K or more: each
+  four times;
+* Pretrain (``wlbllm.json``): 10,000 drawn without replacement (seed 42), every length multiplied by
+  ``MaxDocLen / 64K``;
+* ProLong (``prolong.json``): each long copy replaced, with probability 0.3 (seed 42), by a document of
+  exactly ``64K * MaxDocLen / 64K``; the long documents first, then the short ones, unshuffled;
+* every length rounded up to a multiple of 16, the documents cut into MaxDocLen sequences in order
+  (the overflow continuing in the next), step ``d`` taking sequences ``d * batch ...``.
+
+DistCA's published runs differ where the model cannot follow: its pipeline-parallel runs (Table 4)
+are not modelled; its WLB-ideal is all-gather per-document CP where ``wlb`` is the ring; it skips the
+optimizer step as the simulator does.
+
+**MagiAttention** and **ring-flash-attention** rows: one plain attention call of ``cad`` (CP 8-64,
+8K tokens per GPU, varlen causal: forward and backward TFLOP/s per GPU) and ``zigzag``/``allgather``
+on 8 GPUs of a node (throughput as a share of one GPU's), replayed at the kernel's speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
 
 from ..cost import attention_flops
-from ..doclens import pack
+from ..doclens import load_doc_lens, pack
 from ..schedule import AttnShape
+from . import sweep
+from .kernel import AttentionKernel
 from .presets import GPUS, MODELS
-from .simulate import SimConfig, default_cp, dry_schedule, plan_context, simulate, time_call
+from .simulate import SimConfig, attention_kernel, dry_schedule, plan_context, time_call
 
+# Table 3 of DistCA: (model, MaxDocLen) -> {GPUs: batch of MaxDocLen sequences}
+DISTCA_3D = {("llama3-8b", 131072): {64: 8, 128: 16, 256: 32}, ("llama3-8b", 262144): {64: 4, 128: 8, 256: 16},
+             ("llama3-8b", 524288): {64: 2, 128: 4, 256: 8}, ("llama-34b", 131072): {64: 4, 128: 8, 256: 16},
+             ("llama-34b", 262144): {64: 2, 128: 4, 256: 8}, ("llama-34b", 524288): {64: 2, 128: 4, 256: 8}}
+DISTCA_PUBLISHED = {"prolong": (1.05, 1.12), "pretrain": (1.07, 1.20)}   # speedup over WLB-ideal, no PP
+DATASETS = {"prolong": "prolong.json", "pretrain": "wlbllm.json"}
+AGREES = 0.10
+LONG, SHORT_KEPT, UPSAMPLE, REPLACED, SEED, MULTIPLE, DOCS = 65536, 0.5, 4, 0.3, 42, 16, 10000
 MAGI = {8: (459, 360), 16: (426, 371), 32: (315, 333), 64: (237, 264)}   # CP: (fwd, bwd) TFLOP/s per GPU
 RING_FLASH = {"zigzag, one causal document": ("zigzag", None, 0.90),
               "zigzag, packed documents": ("zigzag", "docs", 0.76),
               "llama3 all-gather, packed documents": ("allgather", "docs", 0.58)}
+
+
+def distca_documents(dataset: str, lens, seq_len: int) -> list[int]:
+    """Document lengths as DistCA's benchmarks draw them for ``dataset`` at MaxDocLen ``seq_len``
+    (module docstring)."""
+    lens = [int(n) for n in lens]
+    elongate = max(1, seq_len // LONG)
+    short = [n for n in lens if n < LONG]
+    long = [n for n in lens if n >= LONG] * UPSAMPLE
+    short = short[:int(len(short) * SHORT_KEPT)]
+    rng = np.random.default_rng(SEED)
+    if dataset == "pretrain":
+        return (rng.choice(short + long, size=DOCS, replace=False) * elongate).tolist()
+    return [LONG * elongate if rng.random() < REPLACED else n for n in long] + short
+
+
+def distca_sequences(docs, seq_len: int) -> list[list[int]]:
+    """DistCA's ``batch_documents``: lengths rounded up to multiples of 16, cut into ``seq_len``
+    sequences in order, a document's overflow continuing in the next."""
+    out, current, room = [], [], seq_len
+    for n in docs:
+        n = -(-int(n) // MULTIPLE) * MULTIPLE
+        while n:
+            take = min(n, room)
+            current.append(take)
+            n, room = n - take, room - take
+            if room == 0:
+                out.append(current)
+                current, room = [], seq_len
+    return out + ([current] if current else [])
+
+
+def _steps(sequences: list[list[int]], batch: int):
+    """Draw ``d``: the ``d``-th ``batch`` sequences (wrapping around)."""
+    whole = len(sequences) // batch
+    return lambda cfg, d: sequences[(d % whole) * batch:(d % whole + 1) * batch]
+
+
+def distca_setups(quick: bool = False) -> list[tuple[str, int, int, int, str]]:
+    """Every matched setup ``(model, MaxDocLen, GPUs, batch, dataset)``; ``quick``: one per dataset."""
+    out = [(model, seq, gpus, batch, data) for data in DISTCA_PUBLISHED for (model, seq), by in DISTCA_3D.items()
+           for gpus, batch in by.items()]
+    return [s for s in out if s[:4] == ("llama3-8b", 131072, 64, 8)] if quick else out
+
+
+def distca_row(setup, lens: dict, network, kernel_table, draws: int, progress=None) -> dict:
+    """One matched setup: ``cad`` and ``wlb`` swept over CP at TP 8 on H200s, their ratio per draw."""
+    model, seq, gpus, batch, dataset = setup
+    m, gpu = MODELS[model], GPUS["h200"]
+    cfg = SimConfig(m, gpus, seq, 1, gpu=gpu, tp=8, batch=batch,
+                    kernel=AttentionKernel.measured(gpu, m.head_dim, kernel_table))
+    batches = _steps(distca_sequences(distca_documents(dataset, lens[dataset], seq), seq), batch)
+    got = {r["scheduler"]: r for r in sweep.rows(cfg, network, ["cad", "wlb"], batches, draws, True, progress)}
+    cad, wlb = got["cad"], got["wlb"]
+    lo, hi = DISTCA_PUBLISHED[dataset]
+    ratio = cad.get("speedup_vs_wlb")
+    row = {"model": model, "max_doc_len": seq, "gpus": gpus, "batch": batch, "dataset": dataset,
+           "published": [lo, hi], "cad_over_wlb": ratio, "p10": cad.get("speedup_vs_wlb_p10"),
+           "p90": cad.get("speedup_vs_wlb_p90"), "cad": _brief(cad), "wlb": _brief(wlb)}
+    row["agrees"] = ratio is not None and lo - AGREES <= ratio <= hi + AGREES
+    return row
+
+
+def _brief(r: dict) -> dict:
+    keys = ("cp", "dp", "checkpointing", "memory_gib", "step_time_s", "exposed_comm_s", "compute_imbalance",
+            "dp_idle", "fits")
+    return {k: r.get(k) for k in keys}
 
 
 def _attention(name: str, docs, world: int, network, cfg: SimConfig) -> tuple[dict, float]:
@@ -44,19 +139,14 @@ def _attention(name: str, docs, world: int, network, cfg: SimConfig) -> tuple[di
     shape = AttnShape(m.n_heads, m.n_kv_heads, m.head_dim, cfg.elem_bytes)
     schedule = dry_schedule(name, docs, world, plan_context(cfg, network), comm_dtype=cfg.comm_dtype)
     flops = float(attention_flops(schedule.mask.area(), m.n_heads, m.head_dim))
-    return time_call(schedule, shape, network, cfg.gpu.peak_tflops * 1e12 * cfg.attn_efficiency), flops
+    rate = float(attention_kernel(cfg).tflops("forward", 32768)) * 1e12
+    return time_call(schedule, shape, network, rate), flops
 
 
-def rows(network, pool) -> list[dict]:
+def kernel_rows(network, pool) -> list[dict]:
+    """The MagiAttention and ring-flash-attention rows (module docstring)."""
     out = []
     network = replace(network, gpus_per_node=8)
-    for model in ("llama3-8b", "llama-34b"):
-        m = MODELS[model]
-        cfg = SimConfig(m, 512, 524288, default_cp(m, 512, 524288), gpu=GPUS["h200"])
-        got = {r["scheduler"]: r for r in simulate(cfg, network, ("cad", "wlb-ideal"), pool)}
-        out.append({"source": "DistCA", "setup": f"{model}, 512 H200, 512K, cp {cfg.cp}",
-                    "metric": "speedup over WLB-LLM", "published": "1.05-1.20x (no PP); up to 1.35x with PP",
-                    "simulated": f"{got['wlb-ideal']['step_time_s'] / got['cad']['step_time_s']:.2f}x over wlb-ideal"})
     m = MODELS["llama3-8b"]
     for cp, (fwd, bwd) in MAGI.items():
         cfg = SimConfig(m, cp, 8192 * cp, cp)
@@ -66,10 +156,11 @@ def rows(network, pool) -> list[dict]:
                     "simulated": f"{flops / cp / seconds['forward'] / 1e12:.0f} / "
                                  f"{2.5 * flops / cp / seconds['backward'] / 1e12:.0f} (cad)"})
     cfg = SimConfig(m, 8, 8 * 8192, 8)
+    rate = float(attention_kernel(cfg).tflops("forward", 32768)) * 1e12
     for label, (name, docs, share) in RING_FLASH.items():
         lens = pack(8 * 8192, pool, seed=0) if docs else [8 * 8192]
         seconds, flops = _attention(name, lens, 8, network, cfg)
-        single = 3.5 * flops / 8 / (cfg.gpu.peak_tflops * 1e12 * cfg.attn_efficiency)   # one GPU's share, alone
+        single = 3.5 * flops / 8 / rate   # one GPU's share, alone
         out.append({"source": "ring-flash-attention", "setup": f"8 GPUs, 8K tokens/GPU, {label}",
                     "metric": "fwd+bwd vs one GPU", "published": f"{share:.0%}",
                     "simulated": f"{single / seconds['both']:.0%}"})
@@ -78,19 +169,46 @@ def rows(network, pool) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--doclens", default=None, help="JSON list of document lengths (default: log-normal stand-in)")
-    parser.add_argument("--network", default=None, help="profile JSON or nccl_perf CSV (default: NVLink + IB)")
+    parser.add_argument("--doclens-dir", required=True, help="folder holding prolong.json and wlbllm.json")
+    parser.add_argument("--network", default=None, help="a folder of published nccl-tests CSVs, a CSV or a profile "
+                        "JSON (default: NVLink + IB assumed)")
+    parser.add_argument("--kernel-table", default=None, help="attention latency per length (attn_latency_h100.csv)")
+    parser.add_argument("--draws", type=int, default=16, help="steps of DistCA's batch stream per setup (default 16)")
+    parser.add_argument("--quick", action="store_true", help="one setup per dataset (8B, 128K, 64 GPUs)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON")
     args = parser.parse_args(argv)
-    from ..doclens import load_doc_lens, upsample_long
     from ..network import NetworkProfile, default_profile
 
     network = NetworkProfile.load(args.network) if args.network else default_profile()
-    pool = upsample_long(load_doc_lens(args.doclens)) if args.doclens else None   # >64K x4, as DistCA
-    print(f"network: {network.source}; documents: {args.doclens or 'log-normal stand-in'}")
-    print(f"{'source':<21} {'setup':<56} {'metric':<26} {'published':<40} simulated")
-    for r in rows(network, pool):
-        print(f"{r['source']:<21} {r['setup']:<56} {r['metric']:<26} {r['published']:<40} {r['simulated']}", flush=True)
+    lens = {d: load_doc_lens(Path(args.doclens_dir) / f) for d, f in DATASETS.items()}
+    print(f"network: {network.source}; kernel table: {args.kernel_table or 'none (flat)'}; {args.draws} draws")
+    print(f"{'dataset':<9} {'model':<10} {'doc len':>7} {'GPUs':>5} {'batch':>5} {'cad cp':>6} {'wlb cp':>6} "
+          f"{'cad s':>6} {'wlb s':>6} {'cad/wlb':>8} {'p10-p90':>10} {'DistCA':>10} agrees", flush=True)
+    rows = []
+    for setup in distca_setups(args.quick):
+        row = distca_row(setup, lens, network, args.kernel_table, args.draws,
+                         lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+        rows.append(row)
+        _print(row)
+    agree = sum(r["agrees"] for r in rows)
+    print(f"{agree} of {len(rows)} setups within {AGREES} of DistCA's published range")
+    for r in kernel_rows(network, None):
+        print(f"{r['source']:<21} {r['setup']:<48} {r['metric']:<26} published {r['published']:<12} "
+              f"simulated {r['simulated']}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def _print(r: dict) -> None:
+    c, w = r["cad"], r["wlb"]
+    ratio = "-" if r["cad_over_wlb"] is None else f"{r['cad_over_wlb']:.2f}"
+    spread = "-" if r["p10"] is None else f"{r['p10']:.2f}-{r['p90']:.2f}"
+    step = (lambda x: "-" if x is None else f"{x:.2f}")
+    print(f"{r['dataset']:<9} {r['model']:<10} {r['max_doc_len'] // 1024:>6}K {r['gpus']:>5} {r['batch']:>5} "
+          f"{c.get('cp') or '-':>6} {w.get('cp') or '-':>6} {step(c['step_time_s']):>6} {step(w['step_time_s']):>6} "
+          f"{ratio:>8} {spread:>10} {r['published'][0]:.2f}-{r['published'][1]:.2f} "
+          f"{'yes' if r['agrees'] else 'NO'}", flush=True)
 
 
 if __name__ == "__main__":
