@@ -1,0 +1,180 @@
+"""The simulated job: a cluster, a model and a global batch as :mod:`distattn.sim` describes them
+(:class:`SimConfig`), and what follows from it alone -- the planners' view of it (:func:`plan_context`),
+a row's dry schedule (:func:`dry_schedule`), the attention kernel's speed (:func:`attention_kernel`),
+and the network as a CP rank sees it (:func:`network_views`, :func:`comm_time`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..api import plan as make_plan
+from ..model_shape import GPU, ModelShape
+from ..packing import DEFAULT_CAP_FACTOR
+from ..pingpong import nano_batches as nano_batches_of
+from ..schedule import AttnShape, Phase
+from ..schedulers import PlanContext, spec
+from .kernel import AttentionKernel, planner_efficiency
+from .presets import GPUS, PACKINGS
+from .replay import COMM_SLOWDOWN
+from .workload import row_of
+
+PLANNING = ("hidden", "exposed")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    model: ModelShape
+    gpus: int
+    seq_len: int
+    cp: int
+    gpu: GPU = GPUS["h100"]
+    gpus_per_node: int = 8
+    mfu: float = 0.5               # linear layers
+    attn_efficiency: float = 0.5   # attention, fraction of peak: CAD's planner's cost model, GPUs nobody measured
+    ulysses_degree: int | None = None
+    elem_bytes: int = 2            # bf16 activations
+    seed: int = 0                  # the draw of the global batch
+    nano_batches: int | None = None   # per micro-batch (distattn.pingpong); None: the scheduler's default
+    comm_dtype: str | None = None     # "fp8": Q, K, V, out, dout travel as FP8 (distattn.plan's comm_dtype)
+    activation_checkpointing: str | None = None   # None: the cheapest that fits (.fit)
+    mlp_chunk: int | None = None      # train.mlp_chunk with a given checkpointing (None: 0)
+    tp: int = 1                       # tensor-parallel ranks per CP rank, inside a node
+    batch: int | None = None          # sequences of seq_len per global batch; None: dp (one micro-batch each)
+    packing: str = "balanced"         # .workload
+    token_cap_factor: float = DEFAULT_CAP_FACTOR
+    kernel: AttentionKernel | None = None   # None: AttentionKernel.measured(gpu, head dim), flat in length
+    comm_slowdown: float = COMM_SLOWDOWN
+    fsdp: bool = True                 # FSDP2's gathers and reduce-scatters over the dp x cp ranks
+    planning: str = "hidden"
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // (self.cp * self.tp)
+
+    @property
+    def ranks(self) -> int:
+        """The ranks of one tensor-parallel index (each a CP rank of a replica): ``dp * cp``."""
+        return self.dp * self.cp
+
+    @property
+    def micro_batches(self) -> int:
+        return (self.batch or self.dp) // self.dp
+
+    def check(self) -> None:
+        if self.tp < 1 or self.gpus_per_node % self.tp:
+            raise ValueError(f"--tp {self.tp} must divide --gpus-per-node {self.gpus_per_node} (TP stays in a node)")
+        if self.gpus < 1 or self.cp < 1 or self.gpus % (self.cp * self.tp):
+            both = f"--cp {self.cp}" + (f" x --tp {self.tp}" if self.tp > 1 else "")
+            raise ValueError(f"{both} must divide --gpus {self.gpus}")
+        if self.seq_len < self.cp:
+            raise ValueError(f"--seq-len {self.seq_len} is shorter than cp={self.cp} ranks")
+        if self.batch is not None and (self.batch < 1 or self.batch % self.dp):
+            raise ValueError(f"--batch {self.batch} sequences must be a multiple of dp={self.dp} replicas")
+        if self.elem_bytes not in (2, 4):
+            raise ValueError(f"elem_bytes must be 2 (bf16) or 4 (fp32), got {self.elem_bytes}")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"--packing {self.packing!r}: choose one of {', '.join(PACKINGS)}")
+        if not self.token_cap_factor >= 1:
+            raise ValueError(f"--token-cap-factor must be >= 1 (a sequence must fit), got {self.token_cap_factor}")
+        if self.planning not in PLANNING:
+            raise ValueError(f"--planning {self.planning!r}: choose one of {', '.join(PLANNING)}")
+        if not 0 <= self.comm_slowdown < 10:
+            raise ValueError(f"--comm-slowdown must be in [0, 10), got {self.comm_slowdown}")
+
+
+def default_cp(model: ModelShape, gpus: int, seq_len: int, tokens_per_rank: int = 16384) -> int:
+    """The smallest power-of-two CP degree giving at most ``tokens_per_rank`` tokens per GPU."""
+    cp = 1
+    while cp < gpus and seq_len // cp > tokens_per_rank and gpus % (2 * cp) == 0:
+        cp *= 2
+    return cp
+
+
+def nccl_size(op: str, n: int, sent):
+    """nccl-tests' size of a collective (:mod:`distattn.network`) from the bytes a rank sends."""
+    sent = np.asarray(sent, dtype=np.float64)
+    if op == "send_recv":
+        return sent
+    return sent * n / max(1, n - 1) / (2 if op == "all_reduce" else 1)
+
+
+def comm_time(net, ph: Phase) -> np.ndarray:
+    """Seconds of each entry of a transfer phase; one with ``intra``/``inter`` bytes waits for the
+    slower of its two kinds of link (both move at once), one with ``peers`` pays the latency of those
+    (:meth:`~distattn.network.NetworkProfile.sparse_time`). An entry moving nothing takes none."""
+    def time(n, sent):
+        size = nccl_size(ph.op, n, sent)
+        return net.time(ph.op, n, size) if ph.peers is None else net.sparse_time(ph.op, n, size, ph.peers)
+    if ph.inter is None:
+        t = time(ph.span, ph.amount)
+    else:
+        t = np.maximum(time(min(ph.span, net.gpus_per_node), ph.intra), time(ph.span, ph.inter))
+    return np.where(np.asarray(ph.amount) > 0, t, 0.0)
+
+
+def dry_schedule(name: str, docs, world: int, context: PlanContext | None = None, causal: bool = True,
+                 window: int | None = None, mask=None, comm_dtype: str | None = None, **options):
+    """Row ``name``'s dry schedule (:mod:`.workload`'s rows: ``wlb``'s is zigzag on the per-document
+    layout, each document padded to a multiple of ``2 * world`` as TransformerEngine's THD split
+    needs) for the job ``context`` describes, from which its planner derives its options (usp: its
+    Ulysses degree; cad: its cost model and network); ``options`` go to the planner as
+    ``distattn.plan`` takes them (one it does not take is a ``ValueError``); ``mask``: a SliceMask."""
+    row = row_of(name)
+    if row.layout == "document":
+        docs = [-(-int(n) // (2 * world)) * 2 * world for n in docs]
+    if row.layout is not None and world > 1:
+        options["layout"] = row.layout
+    return make_plan(docs, world, scheduler=spec(row.entry).name, causal=causal, window=window, mask=mask,
+                     comm_dtype=comm_dtype, context=context, **options).schedule
+
+
+def plan_context(cfg: SimConfig, network=None) -> PlanContext:
+    """The simulated job as the planners see it (the trainer describes its job alike): a CP rank is a
+    TP group, holding ``1/tp`` of the heads, ``gpus_per_node / tp`` of them to a node; CAD prices
+    attention at the simulated kernel's speed on long segments (:func:`~.kernel.planner_efficiency`)."""
+    shape = attn_shape(cfg)
+    return PlanContext(shape.num_heads, shape.num_kv_heads, head_dim=shape.head_dim, dtype_bytes=cfg.elem_bytes,
+                       gpus_per_node=cfg.gpus_per_node // cfg.tp, ulysses_degree=cfg.ulysses_degree,
+                       peak_tflops=cfg.gpu.peak_tflops,
+                       attn_efficiency=planner_efficiency(attention_kernel(cfg), cfg.gpu), network=network)
+
+
+def nano_docs(docs, nano_batches: int, model: ModelShape) -> list[list[int]]:
+    """A replica's documents as the trainer cuts them into nano-batches (:func:`distattn.pingpong.nano_batches`)."""
+    return [part for part, _, _ in nano_batches_of(docs, nano_batches, model.pair_weight())]
+
+
+def attention_kernel(cfg: SimConfig) -> AttentionKernel:
+    """``cfg.kernel``, or our kernels' measured speed on the GPU (:meth:`AttentionKernel.measured`)."""
+    if cfg.kernel is not None:
+        return cfg.kernel
+    return AttentionKernel.measured(cfg.gpu, cfg.model.head_dim, efficiency=cfg.attn_efficiency)
+
+
+def attn_shape(cfg: SimConfig) -> AttnShape:
+    """The attention shape one TP rank computes: ``1/tp`` of the heads."""
+    m = cfg.model
+    return AttnShape(m.n_heads // cfg.tp, max(1, m.n_kv_heads // cfg.tp), m.head_dim, cfg.elem_bytes,
+                     cfg.comm_dtype == "fp8")
+
+
+def network_views(network, gpus_per_node: int, tp: int) -> dict:
+    """The network as a CP rank sees it (``"cp"``: ``gpus_per_node / tp`` CP ranks to a node) and as a
+    node's GPUs do (``"node"``); made once per network and shape (kept, so each view's record of the
+    fits it answered, :meth:`~distattn.network.NetworkProfile.asked`, covers every step simulated)."""
+    views = _VIEWS.setdefault(id(network), (network, {}))[1]
+    key = (gpus_per_node, tp)
+    if key not in views:
+        def view(per_node):
+            return network if network.gpus_per_node == per_node else replace(network, gpus_per_node=per_node)
+        views[key] = {"node": view(gpus_per_node), "cp": view(gpus_per_node // tp)}
+    return views[key]
+
+
+_VIEWS: dict = {}   # id(network) -> (network, {(gpus_per_node, tp): views}): the network kept, so its id stays its
+
+
+__all__ = ["SimConfig", "PLANNING", "default_cp", "nccl_size", "comm_time", "dry_schedule", "plan_context",
+           "nano_docs", "attention_kernel", "attn_shape", "network_views"]
