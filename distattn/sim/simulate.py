@@ -3,12 +3,13 @@
 The cluster (:mod:`.job`: :class:`SimConfig`): ``gpus`` GPUs, ``gpus_per_node`` per node, as ``tp``
 tensor-parallel ranks x ``cp`` context-parallel ranks x ``dp`` replicas. One step trains a global
 batch of ``batch`` sequences of ``seq_len`` tokens (:mod:`.workload`: drawn from a document-length
-sample, packed over the replicas' micro-batches by the row's packing); each micro-batch is cut into the scheduler's nano-batches as the
-trainer cuts it (``cad``: two, ping-ponged; :mod:`distattn.pingpong`). For every row the planner code
-that runs in training builds the dry schedules (``cad`` pools all replicas, as DistCA does), and the
-simulator replays the step the trainer runs (:mod:`.micro`, :mod:`.step`, :mod:`.replay`): its
-layers' pieces in the trainer's order, the recomputation its activation checkpointing runs (:mod:`.fit`: the cheapest
-setting that fits the GPU), each attention stage as the executor's instructions
+sample, packed over the replicas' micro-batches by the row's packing); each micro-batch is cut into
+the scheduler's nano-batches as the trainer cuts it (``cad``: two, ping-ponged;
+:mod:`distattn.pingpong`). For every row the planner code that runs in training builds the dry
+schedules (``cad`` pools all replicas, as DistCA does), and the simulator replays the step the
+trainer runs (:mod:`.micro`, :mod:`.step`, :mod:`.replay`): its layers' pieces in the trainer's
+order, the recomputation its activation checkpointing runs (:mod:`.fit`: the cheapest setting that
+fits the GPU), each attention stage as the executor's instructions
 (:meth:`distattn.schedule.Schedule.program`, checked against what the executors do on gloo by
 ``tests/test_program.py``), FSDP's gathers and reduce-scatters, forward then backward, every rank at
 once:
