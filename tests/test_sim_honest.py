@@ -91,6 +91,8 @@ def test_step_recomputes_and_gathers_as_the_trainer_does():
     assert (ag, rs) == (2 * 4 * layers, 2 * layers)
     ag, rs, _, _ = _counts(cfg.__class__(**{**cfg.__dict__, "activation_checkpointing": "full"}))
     assert (ag, rs) == (2 * layers, layers)                      # a block called whole: once a pass
+    ag, rs, _, _ = _counts(cfg.__class__(**{**cfg.__dict__, "fsdp_per_piece": False}))
+    assert (ag, rs) == (2 * layers, layers)                      # a trainer unsharding around the pieces
     one = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="none", fsdp=False)
     full = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="full", fsdp=False)
     selective = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="selective", fsdp=False)

@@ -47,6 +47,9 @@ class SimConfig:
     kernel: AttentionKernel | None = None   # None: AttentionKernel.measured(gpu, head dim), flat in length
     comm_slowdown: float = COMM_SLOWDOWN
     fsdp: bool = True                 # FSDP2's gathers and reduce-scatters over the dp x cp ranks
+    # FSDP2 gathers a block again for each piece called apart (ping-pong across layers), as the trainer
+    # runs it today; False: once per block and pass (a trainer that unshards each block around its pieces)
+    fsdp_per_piece: bool = True
     planning: str = "hidden"
 
     @property

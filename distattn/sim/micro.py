@@ -164,7 +164,8 @@ def fsdp_seconds(cfg: SimConfig, net) -> Fsdp | None:
     def each(op, params, nbytes):
         return np.full(n, float(net.time(op, n, params * nbytes)))
     return Fsdp(each("all_gather", m.block_params, gathered), each("reduce_scatter", m.block_params, reduced),
-                each("all_gather", m.root_params, gathered), each("reduce_scatter", m.root_params, reduced))
+                each("all_gather", m.root_params, gathered), each("reduce_scatter", m.root_params, reduced),
+                cfg.fsdp_per_piece)
 
 
 __all__ = ["micro_batch", "fsdp_seconds"]

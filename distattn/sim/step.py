@@ -63,6 +63,7 @@ class Fsdp:
     reduce: np.ndarray
     root_gather: np.ndarray
     root_reduce: np.ndarray
+    per_piece: bool = True     # a block whose pieces are called apart is gathered per piece (module docstring)
 
 
 class _Gathers:
@@ -98,7 +99,8 @@ def step_ops(micro: list[MicroBatch], n_layers: int, checkpointing: str, ranks: 
     reduces = []
     for j, mb in enumerate(micro):
         order = layer_order(n_layers, len(mb.programs), across_layers=not whole_block)
-        apart = not whole_block and len(mb.programs) > 1   # pieces called apart: FSDP gathers per piece
+        # pieces called apart: FSDP2 gathers per piece
+        apart = not whole_block and len(mb.programs) > 1 and fsdp is not None and fsdp.per_piece
         ops += _forward(j, mb, order, ranks, _Gathers(fsdp, (j, "agf"), _points(order, apart)))
         ops.append(Op(RUN, mb.head))
         reduce = fsdp if j == len(micro) - 1 else None
