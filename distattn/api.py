@@ -10,6 +10,7 @@ kernels (``kernels/``) and merges partial results (``merge.py``); backward retra
 from __future__ import annotations
 
 import inspect
+from typing import Sequence
 
 import torch
 
@@ -30,7 +31,8 @@ CONTIGUOUS = Layout("contiguous")
 def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window: int | None = None,
          backend: str = "auto", *, mask: SliceMask | None = None, layout: str | Layout | None = None,
          device: torch.device | str | None = None, deterministic: bool = False, comm_dtype: str | None = None,
-         context: PlanContext | None = None, **options) -> Plan:
+         context: PlanContext | None = None, pool_doc_lens: Sequence[Sequence[int]] | None = None,
+         **options) -> Plan:
     """Plan context-parallel attention for one packed sequence (or a batch of rows).
 
     Args:
@@ -59,6 +61,13 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         context: a :class:`~distattn.schedulers.PlanContext` describing the job (heads, head groups,
             head dim, dtype, GPUs per node, GPU peak, network): each scheduler derives its options
             from it (``usp`` its Ulysses degree, ``cad`` its cost model). None: the planners' defaults.
+        pool_doc_lens: with ``scheduler="cad"`` and ``pool=group``: every CP group's document lengths, one
+            list per group in pool order -- group ``g`` is the pool's ranks ``g*P .. g*P+P-1`` (``P``: this
+            CP group's size; its rank ``i`` is pool rank ``g*P+i``), as a ``("dp", "cp")`` mesh's replicas
+            are with ``pool`` the world -- each laid out by ``layout``, the same lists on every rank
+            (``pool_doc_lens[g]`` is this rank's ``doc_lens``). The pool's token space is then made here
+            instead of exchanged: no collective, the same schedule, so a caller that knows every
+            replica's batch (a trainer) can plan off its main thread. None: exchanged over ``pool``.
         options: the scheduler's own (its module's ``build``); they win over derived ones, and one the
             scheduler does not take is a ``ValueError``.
 
@@ -72,6 +81,9 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     entry, info = spec(scheduler), resolve_mesh(mesh)
     run = _run_options(backend, deterministic, comm_dtype, device or info.device)
     entry.check_options(options)
+    if pool_doc_lens is not None and (options.get("pool") is None or rows is not None):
+        raise ValueError("pool_doc_lens lists the documents of a pool's CP groups: pass it with scheduler='cad', "
+                         "pool=group and one packed sequence per rank, or drop it")
     batch = None if rows is None else len(rows)
     options = entry.derive(info.world_size, context, options, _two_d(info))
     if info.world_size == 1 and not options:   # one rank with nothing to plan: local attention
@@ -84,7 +96,8 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         common["scheduler"] = scheduler
     if "comm_dtype" in params:  # a planner pricing the bytes it moves (cad)
         common["comm_dtype"] = comm_dtype
-    options, live = resolve_options(lens, shards, info, options)
+    options, live = resolve_options(lens, shards, info, options, pool_doc_lens,
+                                    lambda group_lens: _shards_of(group_lens, None, layout, entry, info, options))
     return _made(entry.planner()(lens, info, shards=shards, **common, **options), info, backend, device, live, batch,
                  run)
 

@@ -19,7 +19,8 @@ others run -- and reused by the batch's other layers and by recomputation. A bat
 of its own, never replacing another batch's (replicas' keys differ, the batches they see at a step do
 not), so every replica keeps and drops the same batches' plans. Through :meth:`PlanCache.plan`, a
 pooled plan without ``batch=`` is made on every call, and a plan that is not pooled is found by its
-arguments whatever ``batch`` is given.
+arguments whatever ``batch`` is given. A pooled plan given every group's documents (``pool_doc_lens=``)
+is no collective: it is found by its arguments, those lists included, like any other.
 """
 
 from __future__ import annotations
@@ -88,13 +89,15 @@ class PlanCache:
         """``distattn.plan(doc_lens, mesh, **kwargs)``, cached under the documents, the mesh (by
         identity) and the arguments (unhashable ones by identity). A pooled plan (``pool=``) is
         cached only under ``batch``; any other plan under its arguments alone, whatever the batch
-        (module docstring)."""
+        (module docstring); with ``pool_doc_lens``, under its arguments too."""
         if kwargs.get("pool") is None:
             batch = None
-        elif batch is None:
+        elif batch is None and kwargs.get("pool_doc_lens") is None:
             self.made += 1
             return make_plan(doc_lens, mesh, **kwargs)
-        key = (_frozen(doc_lens), id(mesh), tuple(sorted((name, _hashable(value)) for name, value in kwargs.items())))
+        args = tuple(sorted((name, _frozen(value) if name == "pool_doc_lens" and value is not None
+                             else _hashable(value)) for name, value in kwargs.items()))
+        key = (_frozen(doc_lens), id(mesh), args)
         return self.get(key, lambda: make_plan(doc_lens, mesh, **kwargs), batch, keep=(mesh, kwargs))
 
 

@@ -38,17 +38,25 @@ from .gather import GatherExecutor
 from .head_a2a import HeadAllToAll, HeadExecutor
 from .local import LocalExecutor
 from .ring_p2p import RingExecutor
-from .task_a2a import TaskExecutor, gather_pool
+from .task_a2a import TaskExecutor, gather_pool, local_pool
 
 
-def resolve_options(doc_lens, shards: Shards, mesh: MeshInfo, options: dict) -> tuple[dict, dict]:
+def resolve_options(doc_lens, shards: Shards, mesh: MeshInfo, options: dict, pool_doc_lens=None,
+                    shards_of: Callable[[tuple[int, ...]], Shards] | None = None) -> tuple[dict, dict]:
     """``(planner options, executor options)`` of a live plan: live objects among the options become
     data for the planner and go to the executor as they are. ``pool=group`` (``cad``; the planner
-    accepted the option): the pool's token space (a collective over the pool: every pool rank
-    sends its documents and the tokens it holds) and the group."""
-    if options.get("pool") is not None:
-        return dict(options, pool=gather_pool(doc_lens, shards, mesh, options["pool"])), {"pool_group": options["pool"]}
-    return options, {}
+    accepted the option): the pool's token space and the group -- a collective over the pool (every
+    pool rank sends its documents and the tokens it holds), or, given ``pool_doc_lens`` (every CP
+    group's documents, :func:`distattn.plan`'s), made here with ``shards_of`` (a group's documents ->
+    its layout)."""
+    pool = options.get("pool")
+    if pool is None:
+        return options, {}
+    if pool_doc_lens is None:
+        made = gather_pool(doc_lens, shards, mesh, pool)
+    else:
+        made = local_pool(doc_lens, shards, pool_doc_lens, shards_of, mesh, pool)
+    return dict(options, pool=made), {"pool_group": pool}
 
 
 def _usp_groups(schedule: USPSchedule, mesh: MeshInfo):

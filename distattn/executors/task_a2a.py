@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from ..comm import Comm
 from ..kernels import varlen_bwd, varlen_fwd
 from ..merge import LSE_ACC, acc_dtype, merge, row_delta
 from ..layout import Shards
+from ..masks import as_doc_lens
 from ..schedulers.cad import Pool, TaskSchedule
 from .base import DeviceIndex, ExecOptions, Executor, finish_rows, out_shape, pack_kv, unpack_kv
 from .hops import Cast, Return, Transfer, rows_of
@@ -287,15 +288,19 @@ class TaskExecutor(Executor):
         return (*self.finish_backward(returning), returning.dsinks)
 
 
-def gather_pool(doc_lens, shards: Shards, mesh, pool) -> Pool:
-    """The pool's token space (see :mod:`distattn.schedulers.cad`): every rank of ``pool`` sends its
-    CP group's documents and the runs of tokens it holds (``shards``: its group's layout) to all (a
-    collective over the pool)."""
+def _check_pool(mesh, pool) -> None:
     if mesh.is_dry:
         raise ValueError("pool= needs a live plan (a ProcessGroup or DeviceMesh for mesh), not a dry world size")
     if not isinstance(pool, dist.ProcessGroup):
         raise ValueError(f"pool must be a ProcessGroup containing every rank of the CP groups, "
                          f"got {type(pool).__name__}")
+
+
+def gather_pool(doc_lens, shards: Shards, mesh, pool) -> Pool:
+    """The pool's token space (see :mod:`distattn.schedulers.cad`): every rank of ``pool`` sends its
+    CP group's documents and the runs of tokens it holds (``shards``: its group's layout) to all (a
+    collective over the pool)."""
+    _check_pool(mesh, pool)
     key = dist.get_global_rank(mesh.group, 0) if mesh.group is not dist.group.WORLD else 0
     runs = [(int(a), int(b)) for a, b in zip(*shards.rank_runs(mesh.rank))]
     mine = (key, mesh.rank, mesh.world_size, list(doc_lens), runs, dist.get_rank())
@@ -320,3 +325,40 @@ def gather_pool(doc_lens, shards: Shards, mesh, pool) -> Pool:
                          f"every pool rank must belong to exactly one CP group")
     return Pool.of([(lens, Shards.from_owned(owned, sum(lens))) for _, lens, owned in groups.values()], order,
                    [entries[i][5] for i in order])
+
+
+def local_pool(doc_lens, shards: Shards, pool_doc_lens, shards_of: Callable[[tuple[int, ...]], Shards], mesh,
+               pool) -> Pool:
+    """:func:`gather_pool`'s token space with no collective, from ``pool_doc_lens``: every CP group's
+    documents, group ``g`` being the pool ranks ``g*P .. g*P+P-1`` (``P``: ``mesh``'s size; see
+    :func:`distattn.plan`), each laid out by ``shards_of`` (this group: ``shards``). Each rank checks
+    that its own group is its run of pool ranks and that its entry is its ``doc_lens``; so every
+    rank's check passing means every group is as assumed (the lists must be the same everywhere)."""
+    _check_pool(mesh, pool)
+    p, size = mesh.world_size, pool.size()
+    alone = "or pass pool= alone (the groups' documents are then exchanged)"
+    if size % p:
+        raise ValueError(f"pool_doc_lens needs the pool's {size} ranks in CP groups of this group's {p} ranks; {alone}")
+    groups = size // p
+    if not isinstance(pool_doc_lens, (list, tuple)) or len(pool_doc_lens) != groups:
+        got = f"{len(pool_doc_lens)} entries" if isinstance(pool_doc_lens, (list, tuple)) else \
+            type(pool_doc_lens).__name__
+        raise ValueError(f"pool_doc_lens must hold one list of document lengths per CP group of the pool ({groups} "
+                         f"groups of {p} ranks), got {got}")
+    lens = [as_doc_lens(group, name=f"pool_doc_lens[{g}]") for g, group in enumerate(pool_doc_lens)]
+    to_global = (lambda r: r) if pool is dist.group.WORLD else (lambda r: dist.get_global_rank(pool, r))
+    me = dist.get_rank(pool) // p
+    run = [to_global(me * p + i) for i in range(p)]
+    if list(mesh.global_ranks()) != run:
+        raise ValueError(f"pool_doc_lens: this rank's CP group (global ranks {list(mesh.global_ranks())}) is not pool "
+                         f"ranks {me * p}..{me * p + p - 1} (global {run}) in order: the pool's CP groups must be its "
+                         f"ranks in runs of {p}; {alone}")
+    if lens[me] != tuple(doc_lens):
+        raise ValueError(f"pool_doc_lens[{me}] must be this rank's doc_lens (its CP group's documents), got "
+                         f"{list(lens[me])[:8]} for {list(doc_lens)[:8]}: pass every rank the same lists, in pool "
+                         f"order")
+    # gather_pool's order: the groups by their first rank's global rank, each group's ranks in order
+    order = sorted(range(groups), key=lambda g: to_global(g * p))
+    slots = [g * p + i for g in order for i in range(p)]
+    return Pool.of([(lens[g], shards if g == me else shards_of(lens[g])) for g in order], slots,
+                   [to_global(s) for s in slots])

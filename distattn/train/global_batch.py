@@ -46,12 +46,15 @@ class MicroBatch:
     """One rank's share of a step: ``tokens`` (its pieces, one after the other) and their lengths
     ``doc_lens``; and, the same on every rank, ``imbalance`` (max / mean workload over the ranks),
     ``trained`` (the tokens all ranks train this step) and ``held`` (pieces held for the next
-    step; None under stream packing)."""
+    step; None under stream packing); ``replicas``: every DP rank's ``doc_lens`` by DP rank (this
+    rank's among them), which every rank knows without a collective -- what pooled plans and the
+    nano-batch cut of every replica need (:mod:`.plan_ahead`)."""
     tokens: np.ndarray
     doc_lens: list[int]
     imbalance: float
     trained: int
     held: int | None
+    replicas: tuple[tuple[int, ...], ...] = ()
 
 
 def _lens(pieces) -> list[int]:
@@ -85,7 +88,8 @@ class GlobalBatches:
         seqs = [self.packer.cut(seq_len) for _ in range(self.dp)]
         work = [workload(_lens(s), self.pair_weight).sum() for s in seqs]
         mine = seqs[dp_rank]
-        return MicroBatch(self.packer.read(mine), _lens(mine), imbalance(work), self.dp * seq_len, None)
+        return MicroBatch(self.packer.read(mine), _lens(mine), imbalance(work), self.dp * seq_len, None,
+                          tuple(tuple(_lens(s)) for s in seqs))
 
     def _balanced(self, dp_rank: int) -> MicroBatch:
         seq_len, held = self.packer.seq_len, self.held
@@ -104,7 +108,7 @@ class GlobalBatches:
                       "for the next step", len(self.held), ", ".join(map(str, _lens(self.held))), self.token_cap)
         mine = [pieces[i] for i in packing[dp_rank][0]]
         return MicroBatch(self.packer.read(mine), _lens(mine), packing.imbalance, int(packing.tokens.sum()),
-                          len(self.held))
+                          len(self.held), tuple(tuple(lens[i] for i in rank[0]) for rank in packing))
 
     def state(self) -> list[int]:
         """The packer's state, then (balanced) the held pieces (module docstring)."""

@@ -104,6 +104,10 @@ class ParallelConfig:
     # the blocks so that one's attention transfers hide behind the other's compute (DistCA's
     # ping-pong: distattn/pingpong.py); unset: the scheduler's default (2 for cad, 1 otherwise)
     nano_batches: int | None = None
+    # make each step's batch, nano-batches and attention plans on a background thread while the step
+    # before runs (cad's placement: up to seconds a step at scale), so the step finds them ready; the
+    # same plans and losses as false, which makes them inside the step (distattn/train/plan_ahead.py)
+    plan_ahead: bool = True
     dp_mode: str = "ddp"                # "ddp" or "fsdp" (FSDP2 fully_shard)
     # FSDP2's CPUOffloadPolicy: the fp32 parameter shards, their gradients and AdamW's state live in
     # (pinned) host memory; each block's parameters come to the GPU for its forward and backward,

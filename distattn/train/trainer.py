@@ -4,7 +4,7 @@
 it starts ``dp * cp`` local gloo processes itself; under torchrun (``RANK`` in
 the environment) it joins the launcher's process group (nccl on GPUs). Each step's plans come
 from the Trainer's :class:`~distattn.plan_cache.PlanCache`: a batch of documents seen recently is
-not planned again (a pooled ``cad`` plan, a collective over the replicas, is made every step).
+not planned again (a pooled ``cad`` plan is given every replica's documents: no collective).
 
 The loss is next-token cross-entropy that never crosses a document boundary,
 summed over this rank's tokens and divided by the number of labelled tokens
@@ -15,13 +15,17 @@ averaged gradient is then exactly the gradient of the global mean loss.
 With ``parallel.scheduler: cad`` and dp > 1, each step plans CAD over the pool of all dp x cp
 ranks (``parallel.cad_pool``, default on): every replica's attention is balanced against every
 other's, so no replica straggles at the gradient all-reduce. The pool is the world group (made at
-start-up), the plan exchanges the replicas' document lengths, and shard/unshard stay inside each
-replica's CP group. ``flops_imbalance`` in the metrics is over the ranks the plan balanced (the
-pool, or rank 0's CP group); ``flops_imbalance_all`` is over all dp x cp ranks either way.
+start-up), every rank gives the plan every replica's document lengths (it knows them: the global
+batch is cut alike everywhere), and shard/unshard stay inside each replica's CP group.
+``flops_imbalance`` in the metrics is over the ranks the plan balanced (the pool, or rank 0's CP
+group); ``flops_imbalance_all`` is over all dp x cp ranks either way.
 
 Each micro-batch runs as ``parallel.nano_batches`` nano-batches of whole documents (:func:`agreed_nano_batches`;
 ``cad``'s default is two), one plan each, ping-ponged through the model's blocks
-(:mod:`distattn.pingpong`): the loss and gradients are those of one.
+(:mod:`distattn.pingpong`): the loss and gradients are those of one. A step's batch, nano-batches and
+plans are made while the step before runs (``parallel.plan_ahead``, default on; :mod:`.plan_ahead`:
+a background thread, no collective on it, the same plans): ``planning_s`` in the metrics is what a
+step still waited for them, ``plan_made_s`` what making them took.
 
 Precision (``train.dtype``): ``bf16`` computes in bf16 and keeps fp32 master weights, fp32
 gradient reduction and fp32 AdamW state -- FSDP2 through its ``MixedPrecisionPolicy``, DDP (and a
@@ -69,6 +73,7 @@ from .data import Packer, make_corpus
 from .global_batch import GlobalBatches, MicroBatch
 from .metrics import RunLog, device_peak_flops, peak_memory_bytes
 from .model import Transformer
+from .plan_ahead import PlanAhead, StepPlanner, plan_options
 from .ranks import StopSignal, join_group
 from .resume import resume_config, resume_from, run_info, schedule_steps
 
@@ -141,9 +146,10 @@ class Trainer:
         self.history: list[dict] = []
         self.done = 0             # optimizer updates taken, a resumed run's included
         self.stopping = False     # a rank got SIGTERM or SIGINT: every rank checkpoints and stops after this step
-        # the plans of recent batches (a plan depends on the documents and the options only); a
-        # pooled cad plan is a collective, made every step on every replica (PlanCache, batch=None)
+        # the plans of recent batches (a plan depends on the documents and the options only: a pooled
+        # cad plan is given every replica's documents); only the planner (.plan_ahead) uses it
         self.plans = PlanCache()
+        self.ahead: PlanAhead | None = None
         self.logger: RunLog | None = None
         self._own_group = False
 
@@ -171,6 +177,7 @@ class Trainer:
                 self.stop.stopped_at = self.done
             self.close()
         finally:
+            self._stop_planning()   # (before the group ends: the thread may still be planning on it)
             self._end_group()
         return self.history
 
@@ -211,11 +218,23 @@ class Trainer:
         self.out = Path(t.out)
         self._resume()
         self.logger = RunLog(self.out, t.steps, self.done) if dist.get_rank() == 0 else None
-        self._plan_arguments()
+        self._planning()
         self.forward = {"checkpointing": t.activation_checkpointing, "loss_chunk": t.loss_chunk,
                         "mlp_chunk": t.mlp_chunk, "compute_dtype": torch.bfloat16 if t.dtype == "bf16" else None}
-        self.weight = cfg.model.shape.pair_weight()
         return self
+
+    def _planning(self) -> None:
+        """The device's peak FLOP/s (MFU's denominator), the options of every step's plans and the planner
+        making each step's batch and plans (:mod:`.plan_ahead`: on its thread with ``parallel.plan_ahead``)."""
+        cfg, p = self.config, self.config.parallel
+        self.peak_flops = device_peak_flops(self.device, cfg.train.peak_tflops)
+        self.options = plan_options(cfg, self.peak_flops)
+        # from here the planner alone moves self.batches (maybe ahead, on its thread): a checkpoint
+        # stores the data state right after the batch of the last step run, which its StepPlans carried
+        self.data_state = self.batches.state()
+        planner = StepPlanner(self.batches, self.dp_rank, self.plans, self.cp_mesh, p.scheduler, p.backend,
+                              p.nano_batch_count, cfg.model.shape.pair_weight(), self.options)
+        self.ahead = PlanAhead(planner, p.plan_ahead, self.device)
 
     def _resume(self) -> None:
         """Load the checkpoint ``resume`` names: a path (verified by the caller) or True, the newest
@@ -230,37 +249,15 @@ class Trainer:
         self.done, data_state = checkpoint.load(last, self.model, self.optimizer)
         self.batches.load_state(data_state)
 
-    def _plan_arguments(self) -> None:
-        """The arguments of every step's plans, and the device's peak FLOP/s (MFU's denominator)."""
-        cfg, p, t = self.config, self.config.parallel, self.config.train
-        self.peak_flops = device_peak_flops(self.device, t.peak_tflops)
-        # the job as `distattn simulate` describes it: each scheduler derives its options from it (usp
-        # its degree, the mesh's "ulysses" axis; cad its cost model; a CPU run plans for an H100's peak)
-        options = {}
-        if cfg.world_size > 1:   # (one rank plans nothing: local attention)
-            options["context"] = cfg.plan_context(None if self.peak_flops is None else self.peak_flops / 1e12)
-        if t.deterministic:
-            options["deterministic"] = True
-        if p.comm_dtype is not None:
-            options["comm_dtype"] = p.comm_dtype
-        if p.pools_replicas:
-            # the pool is every dp x cp rank: the world group, which exists already (the job has
-            # exactly dp * cp ranks, checked in setup), so steps make no group; each plan exchanges
-            # the replicas' document lengths over it and CAD's all-to-alls cross replicas
-            options["pool"] = dist.group.WORLD
-        self.options = options
-
     def step(self) -> dict:
         """One optimizer update on the next global batch -> its metrics (the same on every rank). A
         step whose loss or gradient norm is not finite updates nothing: :class:`NonFinite` or, with
         ``train.on_nonfinite: skip_step``, metrics with ``"skipped": true``."""
-        cfg, p, t, step = self.config, self.config.parallel, self.config.train, self.done
+        cfg, t, step = self.config, self.config.train, self.done
         t0 = time.perf_counter()
-        batch = self.batches.next(self.dp_rank)
+        ready, planning = self.ahead.take(more=step + 1 < t.steps)   # and starts the next step's (plan_ahead)
+        batch, parts, plans = ready.batch, ready.parts, ready.plans
         tokens, doc_lens = torch.from_numpy(batch.tokens).to(self.device), batch.doc_lens
-        parts = agreed_nano_batches(doc_lens, p.nano_batch_count, self.weight, p.dp > 1, self.device)
-        plans = [self.plans.plan(docs, self.cp_mesh, scheduler=p.scheduler, backend=p.backend, **self.options)
-                 for docs, _, _ in parts]
         # a cached plan's wait clock runs over its life: this step's wait is what the step adds to each
         # plan (counted once where two nano-batches share one)
         waited = {id(plan): (plan, plan.comm_wait_seconds()) for plan in plans}
@@ -284,16 +281,17 @@ class Trainer:
             raise NonFinite(f"step {step + 1}: {bad}; stopped before updating the model (train.on_nonfinite: "
                             f"stop, or skip_step to skip such steps)")
         self.optimizer.zero_grad(set_to_none=True)
-        m = self._metrics(t0, plans, list(waited.values()), loss_sum, count, norm, batch)
+        m = self._metrics(t0, plans, list(waited.values()), loss_sum, count, norm, batch, (planning, ready.made_s))
         if bad is not None:
             m["skipped"] = True
-        self.done = step + 1
+        self.done, self.data_state = step + 1, ready.data_state
         return m
 
     def _metrics(self, t0: float, plans: list, waited: list, loss_sum: torch.Tensor, count: torch.Tensor,
-                 norm: torch.Tensor, batch: MicroBatch) -> dict:
+                 norm: torch.Tensor, batch: MicroBatch, planning: tuple[float, float]) -> dict:
         """The step's metrics, reduced over every rank (``waited``: each plan and its wait clock before the
-        step); ``dp_imbalance`` and the tokens trained come from the global batch (:mod:`.global_batch`)."""
+        step; ``planning``: the seconds the step waited for its plans and making them took, :mod:`.plan_ahead`);
+        ``dp_imbalance`` and the tokens trained come from the global batch (:mod:`.global_batch`)."""
         cfg, device = self.config, self.device
         m_cfg, hd = cfg.model, cfg.model.dim // cfg.model.n_heads
         s0 = time.perf_counter()
@@ -310,12 +308,12 @@ class Trainer:
         # is this rank's place in its CP group, which indexes an unpooled plan's stats
         total[2 + dist.get_rank()] = float(rank_flops[plans[0].slot])
         wait = sum(plan.comm_wait_seconds() - before for plan, before in waited)
-        worst = torch.tensor([peak_memory_bytes(device), wait], dtype=torch.float64, device=device)
+        worst = torch.tensor([peak_memory_bytes(device), wait, *planning], dtype=torch.float64, device=device)
         bookkeeping = time.perf_counter() - s0  # metrics, not training: left out of the step time
         dist.all_reduce(total)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         total_loss, stopping, *world_flops = total.tolist()
-        peak_mem, comm_wait = worst.tolist()
+        peak_mem, comm_wait, planning_s, plan_made_s = worst.tolist()
         self.stopping = bool(stopping)
         step_time = time.perf_counter() - t0 - bookkeeping
         tokens = batch.trained   # (held pieces leave a step with fewer than dp * seq_len)
@@ -326,6 +324,7 @@ class Trainer:
                 "tokens_per_s": tokens / step_time, "tokens_per_s_per_device": tokens / step_time / cfg.world_size,
                 "step_time_s": step_time, "mfu": None if peak is None else flops / (step_time * cfg.world_size * peak),
                 "model_tflops": flops / 1e12, "peak_memory_gib": peak_mem / 2**30, "comm_wait_s": comm_wait,
+                "planning_s": planning_s, "plan_made_s": plan_made_s,
                 "flops_imbalance": imbalance(rank_flops), "flops_imbalance_all": imbalance(world_flops),
                 "dp_imbalance": batch.imbalance, **({} if batch.held is None else {"held_documents": batch.held})}
 
@@ -348,7 +347,11 @@ class Trainer:
     def checkpoint(self) -> None:
         """Save ``ckpt/step_N`` (N: the steps taken) on every rank: model, optimizer, data cursor, run info."""
         checkpoint.save(self.out / "ckpt" / f"step_{self.done}", self.model, self.optimizer, self.done,
-                        self.batches.state(), run_info(self.config))
+                        self.data_state, run_info(self.config))
+
+    def _stop_planning(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
 
     def _end_group(self) -> None:
         if self._own_group:
@@ -356,10 +359,12 @@ class Trainer:
             dist.destroy_process_group()
 
     def close(self) -> None:
-        """Close the run's log (metrics.jsonl, TensorBoard), drop the plans, end a process group setup made."""
+        """Close the run's log (metrics.jsonl, TensorBoard), end the planning thread (a batch it took for
+        a step that will not run is dropped), drop the plans, end a process group setup made."""
         if self.logger is not None:
             self.logger.close()
             self.logger = None
+        self._stop_planning()
         self.plans.clear()
         self._end_group()
 
@@ -382,7 +387,9 @@ def agreed_nano_batches(doc_lens, count: int, weight: float, agree: bool, device
     """The micro-batch's nano-batches, ``(doc_lens, start, end)`` each (:func:`distattn.pingpong.nano_batches`,
     balancing tokens and ``weight`` per attention pair). A micro-batch of one document is one
     nano-batch; with ``agree`` (several replicas, whose documents differ) every rank takes one
-    unless all can be cut (:func:`distattn.pingpong.all_ranks`)."""
+    unless all can be cut (:func:`distattn.pingpong.all_ranks`). The trainer itself cuts with
+    :func:`.plan_ahead.replica_nano_batches`, which knows every replica's documents: the same cut, no
+    collective."""
     lens = list(doc_lens)
     can = count > 1 and len(lens) > 1
     if count > 1 and agree:
