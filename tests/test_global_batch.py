@@ -87,6 +87,22 @@ def test_balanced_packing_evens_the_workload_of_a_heavy_tail(tmp_path):
     assert {step(batches)[0].imbalance for _ in range(3)} == {1.0}
 
 
+def test_balancing_tokens_alone_for_a_scheduler_that_spreads_attention(tmp_path):
+    """balance_weight 0 (pooled cad): the packer evens tokens; the metric still weighs attention."""
+    corpus = heavy_tailed(tmp_path / "c")
+    even = [GlobalBatches(Packer(corpus, SEQ, seed=3), DP, "balanced", default_token_cap(SEQ), WEIGHT, seed=3,
+                          balance_weight=0.0) for _ in range(DP)]
+    work = ranks(corpus, "balanced", default_token_cap(SEQ))
+    spread = {"even": [], "work": []}
+    for _ in range(20):
+        for name, batches in (("even", even), ("work", work)):
+            got = step(batches)
+            spread[name].append(max(len(b.tokens) for b in got) / np.mean([len(b.tokens) for b in got]))
+            weighed = [sum(n + WEIGHT * n * (n + 1) / 2 for n in b.doc_lens) for b in got]
+            assert got[0].imbalance == pytest.approx(imbalance(weighed))
+    assert np.mean(spread["even"]) < np.mean(spread["work"]) and np.mean(spread["even"]) < 1.02, spread
+
+
 def _blend(tmp_path) -> Blend:
     return Blend([heavy_tailed(tmp_path / "a", 200, seed=1), heavy_tailed(tmp_path / "b", 300, seed=2)], [0.4, 0.6])
 

@@ -10,7 +10,9 @@ attention, positions and labels, as in stream packing).
 * ``stream``: rank ``r`` takes the ``r``-th sequence of ``seq_len`` tokens.
 * ``balanced``: :func:`distattn.pack_balanced` deals the pieces out so every rank holds the same
   workload (tokens + ``pair_weight`` x visible causal pairs; ``pair_weight``: the model's,
-  :meth:`~distattn.model_shape.ModelShape.pair_weight`) under ``data.token_cap`` tokens. A piece
+  :meth:`~distattn.model_shape.ModelShape.pair_weight`) under ``data.token_cap`` tokens -- or the
+  same tokens, where the scheduler spreads attention over every rank itself (``cad`` pooled over the
+  replicas: ``balance_weight`` 0). A piece
   that fits no rank is *held*: the next step's global batch is the held pieces, placed first, and
   the next ``dp * seq_len - held tokens`` tokens of the stream (cut at every ``seq_len`` tokens
   from where they start, and at their end). So a step never has more than
@@ -67,14 +69,17 @@ class GlobalBatches:
     ``load_state()`` resume it exactly."""
 
     def __init__(self, packer: Packer, dp: int, packing: str = "stream", token_cap: int | None = None,
-                 pair_weight: float = 0.0, seed: int = 0):
+                 pair_weight: float = 0.0, seed: int = 0, balance_weight: float | None = None):
         if packing not in ("stream", "balanced"):
             raise ValueError(f"data.packing must be one of stream, balanced, got {packing!r}")
         self.packer, self.dp, self.packing = packer, dp, packing
         self.token_cap = packer.seq_len if token_cap is None else token_cap
         if self.token_cap < packer.seq_len:
             raise ValueError(f"data.token_cap ({self.token_cap}) must be at least data.seq_len ({packer.seq_len})")
+        # what the packer evens out: tokens + balance_weight x pairs (default: the metric's pair_weight;
+        # 0 where the scheduler spreads attention over every rank itself, as pooled cad does)
         self.pair_weight, self.seed = pair_weight, seed
+        self.balance_weight = pair_weight if balance_weight is None else balance_weight
         self.held: list[Piece] = []
 
     def next(self, dp_rank: int) -> MicroBatch:
@@ -100,15 +105,17 @@ class GlobalBatches:
             pieces += self.packer.cut(take)
             room -= take
         lens = _lens(pieces)
-        packing = pack_balanced(lens, self.dp, 1, self.token_cap, self.pair_weight, self.seed,
+        packing = pack_balanced(lens, self.dp, 1, self.token_cap, self.balance_weight, self.seed,
                                 first=range(len(held)))
         self.held = [pieces[i] for i in packing.held]
         if self.held:
             _log.info("balanced packing: %d piece(s) of %s tokens fit no rank under data.token_cap %d; held "
                       "for the next step", len(self.held), ", ".join(map(str, _lens(self.held))), self.token_cap)
         mine = [pieces[i] for i in packing[dp_rank][0]]
-        return MicroBatch(self.packer.read(mine), _lens(mine), packing.imbalance, int(packing.tokens.sum()),
-                          len(self.held), tuple(tuple(lens[i] for i in rank[0]) for rank in packing))
+        replicas = tuple(tuple(lens[i] for i in rank[0]) for rank in packing)
+        work = [workload(r, self.pair_weight).sum() if r else 0.0 for r in replicas]
+        return MicroBatch(self.packer.read(mine), _lens(mine), imbalance(work), int(packing.tokens.sum()),
+                          len(self.held), replicas)
 
     def state(self) -> list[int]:
         """The packer's state, then (balanced) the held pieces (module docstring)."""
