@@ -46,18 +46,19 @@ _bwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 Tile = tuple[int, int, int, int, bool, "torch.Tensor | None"]
 
 
-def _masked(first: np.ndarray, last: np.ndarray, b0: int, b1: int, k0: int, k1: int, dtype) -> Tile:
+def _masked(first: np.ndarray, last: np.ndarray, b0: int, b1: int, k0: int, k1: int, dtype) -> torch.Tensor:
     j = torch.arange(k0, k1)
     keep = (j >= torch.from_numpy(first[b0:b1]).unsqueeze(1)) & (j <= torch.from_numpy(last[b0:b1]).unsqueeze(1))
-    return b0, b1, k0, k1, False, torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
 
 
-def _tiles(m: int, n: int, lo: int, hi: int, dtype: torch.dtype) -> Iterator[Tile]:
+def _tile_bounds(m: int, n: int, lo: int, hi: int) -> Iterator[tuple[int, int, int, int, bool, bool]]:
+    """``(q0, q1, k0, k1, is_causal, masked)`` of each tile (module docstring), no mask built."""
     r0, r1 = live_rows(m, n, lo, hi)
     if r0 == r1:
         return
     if lo <= -UNBOUNDED and hi >= UNBOUNDED:
-        yield 0, m, 0, n, False, None
+        yield 0, m, 0, n, False, False
         return
     first, last = row_ranges(m, n, lo, hi)
     if lo <= -UNBOUNDED:
@@ -66,26 +67,55 @@ def _tiles(m: int, n: int, lo: int, hi: int, dtype: torch.dtype) -> Iterator[Til
         # past the keys' end see [p0, n) entirely.
         p0 = int(last[r0])
         if p0 > 0:
-            yield r0, r1, 0, p0, False, None
+            yield r0, r1, 0, p0, False, False
         rc = min(r1, r0 + n - p0)
-        yield r0, rc, p0, n, True, None
+        yield r0, rc, p0, n, True, False
         if rc < r1:
-            yield rc, r1, p0, n, False, None
+            yield rc, r1, p0, n, False, False
         return
     for b0 in range(r0, r1, _BLOCK):
         b1 = min(b0 + _BLOCK, r1)
         k0, k1 = int(first[b0]), int(last[b1 - 1]) + 1
         common0, common1 = int(first[b1 - 1]), int(last[b0]) + 1  # keys every row of the block sees
         if common1 - common0 < _BLOCK // 2:
-            yield _masked(first, last, b0, b1, k0, k1, dtype)
+            yield b0, b1, k0, k1, False, True
             continue
         if k0 < common0:  # rows whose first key lies left of the common keys
             e = b0 + int(np.searchsorted(first[b0:b1], common0, side="left"))
-            yield _masked(first, last, b0, e, k0, common0, dtype)
-        yield b0, b1, common0, common1, False, None
+            yield b0, e, k0, common0, False, True
+        yield b0, b1, common0, common1, False, False
         if common1 < k1:  # rows whose last key lies right of them
             s = b0 + int(np.searchsorted(last[b0:b1], common1 - 1, side="right"))
-            yield _masked(first, last, s, b1, common1, k1, dtype)
+            yield s, b1, common1, k1, False, True
+
+
+def _tiles(m: int, n: int, lo: int, hi: int, dtype: torch.dtype) -> Iterator[Tile]:
+    first, last = row_ranges(m, n, lo, hi)
+    for a, b, c, d, is_causal, masked in _tile_bounds(m, n, lo, hi):
+        yield a, b, c, d, is_causal, _masked(first, last, a, b, c, d, dtype) if masked else None
+
+
+def _computed_pairs(rows: int, keys: int, is_causal: bool) -> int:
+    """Pairs the fused op computes for a tile: PyTorch's CPU flash kernel (FlashAttentionKernel.cpp)
+    runs blocks of 256 query rows (64 from 192 rows, else 32) against blocks of 512 keys; with
+    ``is_causal`` a query block stops at the key block holding its last row's diagonal, which it
+    computes whole."""
+    if not is_causal:
+        return rows * keys
+    split = 256 if rows >= 768 else 64 if rows >= 192 else 32
+    start = np.arange(0, rows, split)
+    block = np.minimum(split, rows - start)
+    last = np.minimum(start + block, keys)
+    return int(np.sum(block * np.minimum(-(-last // 512) * 512, keys)))
+
+
+def tile_shapes(m: int, n: int, lo: int, hi: int) -> list[tuple[int, int, int, bool]]:
+    """``(rows, keys, pairs computed, masked)`` of each fused call one segment makes (``m`` queries,
+    ``n`` keys, band ``lo <= j - i <= hi``): what ``simulate --calibrate`` costs this backend by. A
+    masked tile computes its whole rectangle (the mask is added to every score), an ``is_causal`` one
+    its blocks up to the diagonal (:func:`_computed_pairs`)."""
+    return [(b - a, d - c, _computed_pairs(b - a, d - c, is_causal), masked)
+            for a, b, c, d, is_causal, masked in _tile_bounds(m, n, lo, hi)]
 
 
 def _bhld(x: torch.Tensor) -> torch.Tensor:

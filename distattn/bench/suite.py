@@ -16,10 +16,14 @@ FLOPs follow the mask area: forward ``4 * area * Hq * D``, backward 2.5x that, s
 per rank, max) come from the plan's ``stats()``. ``rank_comm_wait_ms`` is each rank's time held up by
 its transfers in the median round, as the executor clocks it (``plan.comm_wait_seconds()``: host
 time inside waits under gloo, the compute stream's stall on CUDA), ``comm_wait_ms`` the largest.
-``peak_mem_mb`` is the largest rank's peak during the case: CUDA allocated memory on GPUs; on CPU the
-process's peak resident set (reset before each case on Linux), which includes the ~250 MB of the
-PyTorch runtime. When DeepSpeed is installed its ``DistributedAttention`` (Ulysses, with our local
-kernel inside) runs as ``deepspeed-ulysses`` on the same inputs.
+``cpu_others`` is how many cores other processes kept busy during the timed rounds (the machine's busy
+time from ``/proc/stat`` less the ranks' own CPU time, over the wall time; NaN where there is no
+``/proc/stat``): on a shared machine the bench has only the rest, and ``simulate --calibrate`` models
+each row on what it had. ``peak_mem_mb`` is the largest rank's peak during the case: CUDA allocated
+memory on GPUs; on CPU the process's peak resident set (reset before each case on Linux), which
+includes the ~250 MB of the PyTorch runtime. When DeepSpeed is installed its
+``DistributedAttention`` (Ulysses, with our local kernel inside) runs as ``deepspeed-ulysses`` on
+the same inputs.
 """
 
 from __future__ import annotations
@@ -154,14 +158,29 @@ def _step(name: str, p, q_l, k_l, v_l, d_l, case):
     return step
 
 
-def _timed(cfg: BenchConfig, p, step, device: torch.device, world: int, clock: bool) -> tuple[float, float, list]:
-    """(slowest rank's median ms, peak MB over ranks, each rank's median comm wait ms: NaN unless ``clock``)."""
-    waits = []
+def _busy_seconds() -> float:
+    """Seconds the machine's CPUs have been busy since boot, summed over them (``/proc/stat``; NaN
+    without it)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    # user nice system idle iowait irq softirq steal: all but idle and iowait
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
-    def clocked(call=step):   # the executor's own clock of this rank's waits, per call
-        before = p.comm_wait_seconds()
+
+def _timed(cfg: BenchConfig, p, step, device: torch.device, world: int, clock: bool) -> tuple[float, float, list,
+                                                                                                float]:
+    """(slowest rank's median ms, peak MB over ranks, each rank's median comm wait ms: NaN unless ``clock``,
+    the cores other processes kept busy over the timed rounds: ``cpu_others``)."""
+    waits, usage = [], []
+
+    def clocked(call=step):   # the executor's own clock of this rank's waits, per call; the CPU the call had
+        before, busy, cpu, wall = p.comm_wait_seconds(), _busy_seconds(), time.process_time(), time.perf_counter()
         call()
         waits.append(p.comm_wait_seconds() - before)
+        usage.append((_busy_seconds() - busy, time.process_time() - cpu, time.perf_counter() - wall))
     _reset_peak_mem(device)
     timing = time_calls(clocked, cfg.repeats, cfg.warmup, barrier=True, device=device)
     ms = slowest_median(timing.seconds, device=device) * 1e3
@@ -170,7 +189,13 @@ def _timed(cfg: BenchConfig, p, step, device: torch.device, world: int, clock: b
     wait = torch.zeros(world, dtype=torch.float64, device=device)
     wait[dist.get_rank()] = statistics.median(waits[cfg.warmup:]) * 1e3 if clock else float("nan")
     dist.all_reduce(wait)
-    return ms, mem.item(), wait.tolist()
+    # the machine's busy time (rank 0's reading) less every rank's own CPU time, per timed round
+    busy, cpu, wall = (torch.tensor(x, dtype=torch.float64, device=device) for x in zip(*usage[cfg.warmup:]))
+    dist.all_reduce(cpu)
+    dist.broadcast(busy, 0)
+    dist.broadcast(wall, 0)
+    others = float(torch.clamp((busy - cpu) / wall, min=0).mean()) if device.type == "cpu" else float("nan")
+    return ms, mem.item(), wait.tolist(), others
 
 
 def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
@@ -201,14 +226,14 @@ def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
                 step = _step(name, p, *(p.shard(t) for t in (q, k, v, dout)), case)
                 if step is None:
                     continue
-                ms, mem, wait = _timed(cfg, p, step, device, world, name not in PEER_OF)
+                ms, mem, wait, others = _timed(cfg, p, step, device, world, name not in PEER_OF)
                 st = p.stats(cfg.heads, cfg.kv_heads, cfg.head_dim, q.element_size())
                 row = {"scheduler": name, "world_size": world, "seq_len": seq_len, "mask": mask, "fwd_bwd_ms": ms,
                        "tflops": flops / (ms * 1e-3) / 1e12, "flops_imbalance": st["flops_imbalance"],
                        "send_bytes": max(st["send_bytes"]), "peak_mem_mb": mem, "num_docs": len(case.docs),
                        "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
                        "device": device.type, "comm_wait_ms": max(wait),
-                       "rank_comm_wait_ms": ";".join(f"{w:.3f}" for w in wait)}
+                       "rank_comm_wait_ms": ";".join(f"{w:.3f}" for w in wait), "cpu_others": others}
                 rows.append(row)
                 if progress and dist.get_rank() == 0:
                     print(f"  world {world} seq {seq_len:>6} {mask:<10} {name:<17} {ms:>9.1f} ms "

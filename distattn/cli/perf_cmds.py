@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 from ..schedulers import NAMES
-from ._args import (doc_pool, examples, existing_file, output_dir, output_file, positive_int, positive_int_list,
-                    tokens)
+from ._args import doc_pool, examples, existing_file, output_dir, positive_int, positive_int_list
 from .cluster_cmds import probe_rank
 
 
@@ -44,43 +40,41 @@ def _network(path):
 def _calibrate(args) -> int:
     from ..bench.results import read_results
 
-    # the inputs are checked before torch is imported and before the probes and kernel timings
-    try:
-        rows = [r for r in read_results(args.calibrate) if r["world_size"] > 1]
-    except ValueError as exc:
-        raise ValueError(f"--calibrate {exc}") from None
-    if not rows:
-        raise ValueError(f"--calibrate {args.calibrate}: no multi-rank rows; run `distattn bench` first")
+    # the inputs are checked before torch is imported and before the probes
+    benches = {}
+    for flag, path in (("--calibrate", args.calibrate), ("--holdout", args.holdout)):
+        if path is None:
+            continue
+        try:
+            benches[flag] = [r for r in read_results(path) if r["world_size"] > 1]
+        except ValueError as exc:
+            raise ValueError(f"{flag} {exc}") from None
+        if not benches[flag]:
+            raise ValueError(f"{flag} {path}: no multi-rank rows; run `distattn bench` first")
     pool = doc_pool(args.doclens)
-    from ..cluster import PROBED
-    from ..sim.calibrate import calibrate, measure_machine
+    from ..sim.calib_report import report, starting_point
 
-    if args.network:
-        net = _network(args.network)
-    else:  # measure gloo here at the bench's world sizes
-        from ..network import NetworkProfile
-        from ..spawn import run_distributed
-
-        measured, worlds = [], sorted({r["world_size"] for r in rows})
-        for w in worlds:
-            print(f"probing gloo collectives on {w} ranks", flush=True)
-            data = run_distributed(probe_rank, w, [2**k for k in range(12, 25, 2)], list(PROBED), 10, 2)[0]
-            measured += NetworkProfile.from_json(data).rows
-        net = NetworkProfile(tuple(measured), source="gloo probe", backend="gloo", gpus_per_node=max(worlds))
-    machine = measure_machine(os.cpu_count() or 1)
-    out, per = calibrate(rows, net, machine, pool=pool)
-    rates = ", ".join(f"{r / 1e9:.1f}" for r in machine.rates.values())
-    print(f"attention on one core: {rates} GFLOP/s (per bench case) past a kernel call's fixed "
-          f"{machine.fwd_call_s * 1e3:.2f} ms forward, {machine.bwd_call_s * 1e3:.2f} ms backward; {machine.cores} "
-          f"cores; network: {net.source}")
-    print(f"{'scheduler':<18} {'world':>5} {'seq':>6} {'mask':<10} {'measured ms':>11} {'predicted ms':>12} "
-          f"{'error':>7}   held up by communication per rank, ms: measured (the executor's clock) / predicted")
-    for r in out:
-        waits = " ".join(f"{m:.0f}/{p:.0f}" for m, p in zip(r["rank_comm_wait_ms"], r["predicted_rank_comm_wait_ms"]))
-        print(f"{r['scheduler']:<18} {r['world_size']:>5} {r['seq_len']:>6} {r['mask']:<10} {r['fwd_bwd_ms']:>11.1f} "
-              f"{r['predicted_ms']:>12.1f} {r['error']:>+7.0%}   {waits}")
-    print("median |error| per scheduler: " + ", ".join(f"{k} {v:.0%}" for k, v in per.items()))
+    fit_rows, score_rows = benches["--calibrate"], benches.get("--holdout")
+    # a saved model's constants and profile, or this machine's: gloo probed at every world size either bench ran
+    worlds = sorted({r["world_size"] for r in fit_rows + (score_rows or [])})
+    start, net = starting_point(args.load_model, args.network, args.cores, lambda: _probe_gloo(worlds))
+    report(fit_rows, score_rows, net, start, pool, args.save_model)
     return 0
+
+
+def _probe_gloo(worlds: list[int]):
+    """gloo's collectives timed here at each of ``worlds`` ranks (``distattn cluster probe``'s sizes
+    4 KiB-16 MiB), as one network profile."""
+    from ..cluster import PROBED
+    from ..network import NetworkProfile
+    from ..spawn import run_distributed
+
+    measured = []
+    for w in worlds:
+        print(f"probing gloo collectives on {w} ranks", flush=True)
+        data = run_distributed(probe_rank, w, [2**k for k in range(12, 25, 2)], list(PROBED), 10, 2)[0]
+        measured += NetworkProfile.from_json(data).rows
+    return NetworkProfile(tuple(measured), source="gloo probe", backend="gloo", gpus_per_node=max(worlds))
 
 
 def add_parsers(sub) -> None:

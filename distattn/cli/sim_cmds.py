@@ -32,6 +32,10 @@ def _config(args, model, gpu, batch):
 def _cmd_simulate(args) -> int:
     if args.calibrate:
         return _calibrate(args)
+    calibrating = [f"--{name.replace('_', '-')}" for name in ("holdout", "save_model", "load_model", "cores")
+                   if getattr(args, name) is not None]
+    if calibrating:
+        raise ValueError(f"{', '.join(calibrating)} go with --calibrate FIT_CSV: add it, or drop them")
     from ..sim import sweep
     from ..sim.simulate import GPUS, MODELS, mesh_description, simulate_with_timelines, write_timeline
     from ..sim.workload import default_batch
@@ -185,8 +189,19 @@ def add_parsers(sub) -> None:
     sim.add_argument("--timeline", type=output_file, default=None, metavar="PATH",
                      help="write each rank's compute/communication/idle spans of the first draw (.csv or .json; "
                           "with --auto, of the recommendation)")
-    sim.add_argument("--calibrate", type=existing_file, default=None, metavar="RESULTS_CSV",
-                     help="compare predictions with a `distattn bench` results.csv from this machine")
+    sim.add_argument("--calibrate", type=existing_file, default=None, metavar="FIT_CSV",
+                     help="fit the CPU model to a `distattn bench` results.csv from this machine and compare "
+                          "its predictions with every row")
+    sim.add_argument("--holdout", type=existing_file, default=None, metavar="SCORE_CSV",
+                     help="with --calibrate: score the fitted model on this other bench, which the fit never sees")
+    sim.add_argument("--save-model", type=output_file, default=None, metavar="PATH",
+                     help="with --calibrate: write the fitted model (machine and network profile) as JSON")
+    sim.add_argument("--load-model", type=existing_file, default=None, metavar="PATH",
+                     help="with --calibrate: start from a --save-model file (its measured constants and network "
+                          "profile: nothing is measured here)")
+    sim.add_argument("--cores", type=positive_int, default=None,
+                     help="with --calibrate: the cores of the machine the benches ran on (default: the model's, "
+                          "else this one's)")
     sim.add_argument("--verbose", action="store_true", help="also print the kernel table and network rows used")
     sim.add_argument("--json", action="store_true", help="print the results as JSON")
     sim.set_defaults(func=_cmd_simulate)
