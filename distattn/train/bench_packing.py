@@ -113,8 +113,9 @@ def summary(rows: list[dict]) -> list[str]:
             f"ratio stream / balanced {med['stream'] / med['balanced']:.3f}"]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distattn.train.bench_packing", description=__doc__,
+def bench_args(prog: str, description: str, argv) -> argparse.Namespace:
+    """The arguments of a side-by-side training bench (this one's and ``bench_planning``'s)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doclens", default=None, help="a JSON list of document lengths (ProLong's); default: "
                                                         "a log-normal stand-in")
@@ -124,13 +125,26 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 2 or args.seq_len < 64:
         raise ValueError(f"--steps must be >= 2 and --seq-len >= 64, got {args.steps} and {args.seq_len}")
-    lens, line = corpus_lengths(args.doclens, args.seq_len, 2 * args.seq_len * args.steps, args.seed)
-    print(f"distattn.train.bench_packing: {line}", flush=True)
+    return args
+
+
+def run_side_by_side(prog: str, args, tokens: int, configs_of, side_by_side, ranks: int) -> list[dict]:
+    """Write the heavy-tailed corpus of ``tokens`` tokens (:func:`corpus_lengths`) into a temporary
+    folder, make the runs' configs there (``configs_of(data, out, seq_len, steps)``) and train them
+    side by side on ``ranks`` gloo processes (``side_by_side(runs, steps)``): rank 0's rows."""
+    lens, line = corpus_lengths(args.doclens, args.seq_len, tokens, args.seed)
+    print(f"{prog}: {line}", flush=True)
     rng = np.random.default_rng(args.seed)
-    with tempfile.TemporaryDirectory(prefix="distattn-bench-packing-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{prog}-") as tmp:
         write_token_file(Path(tmp) / "corpus", [rng.integers(0, MODEL["vocab_size"], n) for n in lens])
-        runs = configs(Path(tmp) / "corpus", Path(tmp), args.seq_len, args.steps)
-        rows = run_distributed(_side_by_side, 4, runs, args.steps, timeout=3600.0)[0]
+        runs = configs_of(Path(tmp) / "corpus", Path(tmp), args.seq_len, args.steps)
+        return run_distributed(side_by_side, ranks, runs, args.steps, timeout=3600.0)[0]
+
+
+def main(argv=None) -> int:
+    args = bench_args("distattn.train.bench_packing", __doc__, argv)
+    rows = run_side_by_side("distattn.train.bench_packing", args, 2 * args.seq_len * args.steps, configs,
+                            _side_by_side, 4)
     for text in summary(rows):
         print(text)
     return 0

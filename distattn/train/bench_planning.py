@@ -24,20 +24,14 @@ so hidden planning still costs core time here; on GPUs the host thread is idle w
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from ..spawn import run_distributed
-from .bench_packing import MODEL, corpus_lengths
+from .bench_packing import MODEL, bench_args, run_side_by_side
 from .config import RunConfig, validate
-from .data import write_token_file
 
 RUNS = ("inline", "ahead")   # parallel.plan_ahead false, true
 DP, CP = 2, 4
@@ -121,23 +115,9 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distattn.train.bench_planning", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--doclens", default=None, help="a JSON list of document lengths (ProLong's); default: "
-                                                        "a log-normal stand-in")
-    parser.add_argument("--steps", type=int, default=12, help="steps of each run (the first is left out of medians)")
-    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per DP rank's sequence")
-    parser.add_argument("--seed", type=int, default=0, help="the corpus's draw")
-    args = parser.parse_args(argv)
-    if args.steps < 2 or args.seq_len < 64:
-        raise ValueError(f"--steps must be >= 2 and --seq-len >= 64, got {args.steps} and {args.seq_len}")
-    lens, line = corpus_lengths(args.doclens, args.seq_len, DP * args.seq_len * args.steps, args.seed)
-    print(f"distattn.train.bench_planning: {line}", flush=True)
-    rng = np.random.default_rng(args.seed)
-    with tempfile.TemporaryDirectory(prefix="distattn-bench-planning-") as tmp:
-        write_token_file(Path(tmp) / "corpus", [rng.integers(0, MODEL["vocab_size"], n) for n in lens])
-        runs = configs(Path(tmp) / "corpus", Path(tmp), args.seq_len, args.steps)
-        rows = run_distributed(_side_by_side, DP * CP, runs, args.steps, timeout=3600.0)[0]
+    args = bench_args("distattn.train.bench_planning", __doc__, argv)
+    rows = run_side_by_side("distattn.train.bench_planning", args, DP * args.seq_len * args.steps, configs,
+                            _side_by_side, DP * CP)
     for text in summary(rows):
         print(text)
     return 0
