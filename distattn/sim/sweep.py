@@ -8,8 +8,9 @@ ones, so ratios between rows are paired per draw) and reports the median step ti
 With ``sweep``, the global batch stays fixed (``batch`` sequences of ``seq_len``) and each row takes
 its best (DP, CP) at the GPU count: every power-of-two CP size whose DP size divides the batch (the
 rest of the batch becomes each replica's micro-batches) and whose setting fits the GPU's memory
-(:mod:`.fit`), scored by its median over the first :data:`SWEEP_DRAWS` draws; the chosen size then
-runs every draw. The row names its CP, DP, checkpointing and memory; the sizes it tried are in
+(:mod:`.fit`), scored by its median over the first :data:`SWEEP_DRAWS` draws (from the smallest size
+up, stopping at one :data:`GIVE_UP` times slower than the best so far); the chosen size then runs
+every draw. The row names its CP, DP, checkpointing and memory; the sizes it tried are in
 ``sweep``. A row that fits at no size says so (``fits: false``) and has no time.
 
 Ratios per draw, then summarised: ``over_ideal`` (the row's step over ``ideal``'s: >= 1) and
@@ -29,6 +30,7 @@ from .simulate import SimConfig, plan_context, simulate_row
 from .workload import draw_chunks, row_of
 
 SWEEP_DRAWS = 4
+GIVE_UP = 1.5      # a CP size this much slower than the best so far ends the sweep
 QUANTILES = {"p10": 10, "p90": 90}
 
 
@@ -86,9 +88,13 @@ def summary(per_draw: list[dict]) -> dict:
 def best_cp(cfg: SimConfig, network, name: str, batches, draws: int,
             progress: Callable[[str], None] | None = None) -> tuple[int | None, list[dict], list[dict]]:
     """(the CP size with the lowest median step over the first draws, its draws so far, every size
-    tried: ``{cp, dp, checkpointing, memory_gib, fits, step_time_s}``)."""
+    tried: ``{cp, dp, checkpointing, memory_gib, fits, step_time_s}``). Sizes are tried from the
+    smallest; once one is :data:`GIVE_UP` times slower than the best so far, larger ones (more
+    communication, the ring's steps growing with them) are not tried."""
     tried, best, kept = [], None, []
     for cp in candidates(cfg, name):
+        if best is not None and tried[-1]["step_time_s"] is not None and tried[-1]["step_time_s"] > GIVE_UP * best[1]:
+            break
         got = run_draws(replace(cfg, cp=cp), network, name, batches, range(min(draws, SWEEP_DRAWS)), progress)
         head = got[0]
         median = float(np.median([r["step_time_s"] for r in got])) if head["fits"] else None
