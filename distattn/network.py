@@ -52,73 +52,13 @@ from pathlib import Path
 
 import numpy as np
 
-OPS = ("all_gather", "reduce_scatter", "all_to_all", "send_recv", "all_reduce")
+from .network_csv import (OPS, Measurement, bus_factor, canonical_op, config_name, load_csv, load_published,
+                          parse_size)
+
 _PROXIES = ("all_gather", "reduce_scatter", "all_to_all", "send_recv", "all_reduce")
-_ALIASES = {"alltoall": "all_to_all", "sendrecv": "send_recv", "allgather": "all_gather",
-            "reducescatter": "reduce_scatter", "allreduce": "all_reduce"}
 _LATENCY_BLIND_BYTES = 2**30   # measured only at or above this: no latency of its own (_latency_from_neighbours)
 _BINARIES = {"all_gather": "all_gather_perf", "reduce_scatter": "reduce_scatter_perf", "all_to_all": "alltoall_perf",
              "send_recv": "sendrecv_perf", "all_reduce": "all_reduce_perf"}
-
-
-def parse_size(token: str, what: str) -> int:
-    """``4K``, ``16M``, ``1G`` (powers of 1024) or a plain number; ``ValueError`` names ``what``."""
-    tok = token.strip().upper()
-    mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(tok[-1:], 1)
-    try:
-        return int(float(tok[:-1] if mult > 1 else tok) * mult)
-    except ValueError:
-        raise ValueError(f"{what}: {token.strip()!r} is not a size like 4K, 16M or 1048576") from None
-
-
-def bus_factor(op: str, n: int) -> float:
-    if op == "send_recv" or n <= 1:
-        return 1.0
-    return (2.0 if op == "all_reduce" else 1.0) * (n - 1) / n
-
-
-def canonical_op(op: str) -> str:
-    if not isinstance(op, str):
-        raise ValueError(f"a collective is named by a string (one of {', '.join(OPS)}), got {op!r}")
-    name = _ALIASES.get(op.lower().replace("_perf", ""), op.lower().replace("_perf", ""))
-    if name not in OPS:
-        raise ValueError(f"unknown collective {op!r}; expected one of {', '.join(OPS)}")
-    return name
-
-
-def config_name(op: str, n: int, nodes: int) -> str:
-    """``all_to_all 80 GPUs / 10 nodes``: how a fit's configuration is named in bases and errors."""
-    return f"{op} {n} GPUs / {nodes} node{'s' if nodes != 1 else ''}"
-
-
-@dataclass(frozen=True)
-class Measurement:
-    op: str
-    world_size: int
-    size_bytes: int
-    time_us: float
-    nodes: int | None = None     # nodes the ranks span; None: unknown, ceil(world_size / gpus_per_node)
-    source: str | None = None    # what measured it (a published row's source column)
-    origin: str | None = None    # the file and line it was read from (what describe_fit prints)
-
-    def __post_init__(self):
-        # every source (probe, nccl-tests, JSON, CSV) comes through here: a corrupt figure stops at the door
-        where = f"{self.op} on {self.world_size} ranks, {self.size_bytes} B"
-        if self.world_size < 1 or self.size_bytes < 0:
-            raise ValueError(f"{where}: world_size must be >= 1 and size_bytes >= 0")
-        if not (math.isfinite(self.time_us) and self.time_us > 0):
-            raise ValueError(f"{where}: time_us is {self.time_us}; a measured time must be positive and finite")
-        if self.nodes is not None and not (isinstance(self.nodes, int) and 1 <= self.nodes <= self.world_size):
-            raise ValueError(f"{where}: nodes is {self.nodes!r}; it must be an int from 1 to world_size "
-                             "(every node holds at least one rank), or None when unknown")
-
-    def row(self) -> dict:
-        algbw = self.size_bytes / (self.time_us * 1e3)  # GB/s
-        extra = {k: v for k, v in (("nodes", self.nodes), ("source", self.source), ("origin", self.origin))
-                 if v is not None}
-        return {"op": self.op, "world_size": self.world_size, "size_bytes": self.size_bytes,
-                "time_us": self.time_us, "algbw_gbs": algbw,
-                "busbw_gbs": algbw * bus_factor(self.op, self.world_size), **extra}
 
 
 @dataclass(frozen=True)
@@ -437,8 +377,8 @@ class NetworkProfile:
     @staticmethod
     def from_csv(path: str | Path) -> "NetworkProfile":
         """One CSV, published or ``nccl_perf`` format, told by its columns (:func:`distattn.network_csv.load_csv`)."""
-        from .network_csv import load_csv
-        return load_csv(path)
+        rows, options = load_csv(path)
+        return NetworkProfile(rows, **options)
 
     @staticmethod
     def load(path: str | Path) -> "NetworkProfile":
@@ -448,9 +388,8 @@ class NetworkProfile:
         if not path.exists():
             raise ValueError(f"network profile {path} does not exist")
         if path.is_dir() or path.suffix == ".csv":
-            from .network_csv import load_csv, load_published
-
-            return load_published(path) if path.is_dir() else load_csv(path)
+            rows, options = load_published(path) if path.is_dir() else load_csv(path)
+            return NetworkProfile(rows, **options)
         try:
             return NetworkProfile.from_json(json.loads(path.read_text()))
         except json.JSONDecodeError as exc:
@@ -476,3 +415,8 @@ def default_profile() -> NetworkProfile:
     rows = tuple(Measurement(op, 8, s, 10.0 + bus_factor(op, 8) * s / 360e3)
                  for op in OPS for s in sizes)
     return NetworkProfile(rows, source="default (NVLink 360 GB/s + IB 45 GB/s, assumed)")
+
+
+# the measurements' names live in distattn.network_csv; callers have always found them here
+__all__ = ["OPS", "Measurement", "Fit", "NetworkProfile", "bus_factor", "canonical_op", "config_name", "parse_size",
+           "fit_alpha_beta", "default_profile"]

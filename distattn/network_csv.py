@@ -1,6 +1,6 @@
-"""CSV inputs of a network profile (:class:`~distattn.network.NetworkProfile`): published nccl-tests
-results (a folder of CSVs, or one) and the older ``nccl_perf`` CSV; :func:`load_csv` tells them by their
-columns.
+"""A network profile's measurements (:class:`Measurement`, the collectives' names and bus factors) and
+where they are read from: published nccl-tests results (a folder of CSVs, or one) and the older
+``nccl_perf`` CSV (:func:`load_csv` tells them by their columns). :mod:`distattn.network` fits them.
 
 ``nccl_perf`` (``nccl_perf_h100.csv``): ``op, ngpu, size_bytes, t_us_out, ...``, out-of-place times, no
 node count: a legacy profile (nodes taken as ``ceil(ngpu / gpus_per_node)``, fallbacks as documented in
@@ -28,9 +28,73 @@ from __future__ import annotations
 import csv
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from .network import Measurement, NetworkProfile, bus_factor, canonical_op
+OPS = ("all_gather", "reduce_scatter", "all_to_all", "send_recv", "all_reduce")
+_ALIASES = {"alltoall": "all_to_all", "sendrecv": "send_recv", "allgather": "all_gather",
+            "reducescatter": "reduce_scatter", "allreduce": "all_reduce"}
+
+
+def parse_size(token: str, what: str) -> int:
+    """``4K``, ``16M``, ``1G`` (powers of 1024) or a plain number; ``ValueError`` names ``what``."""
+    tok = token.strip().upper()
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(tok[-1:], 1)
+    try:
+        return int(float(tok[:-1] if mult > 1 else tok) * mult)
+    except ValueError:
+        raise ValueError(f"{what}: {token.strip()!r} is not a size like 4K, 16M or 1048576") from None
+
+
+def bus_factor(op: str, n: int) -> float:
+    if op == "send_recv" or n <= 1:
+        return 1.0
+    return (2.0 if op == "all_reduce" else 1.0) * (n - 1) / n
+
+
+def canonical_op(op: str) -> str:
+    if not isinstance(op, str):
+        raise ValueError(f"a collective is named by a string (one of {', '.join(OPS)}), got {op!r}")
+    name = _ALIASES.get(op.lower().replace("_perf", ""), op.lower().replace("_perf", ""))
+    if name not in OPS:
+        raise ValueError(f"unknown collective {op!r}; expected one of {', '.join(OPS)}")
+    return name
+
+
+def config_name(op: str, n: int, nodes: int) -> str:
+    """``all_to_all 80 GPUs / 10 nodes``: how a fit's configuration is named in bases and errors."""
+    return f"{op} {n} GPUs / {nodes} node{'s' if nodes != 1 else ''}"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    op: str
+    world_size: int
+    size_bytes: int
+    time_us: float
+    nodes: int | None = None     # nodes the ranks span; None: unknown, ceil(world_size / gpus_per_node)
+    source: str | None = None    # what measured it (a published row's source column)
+    origin: str | None = None    # the file and line it was read from (what describe_fit prints)
+
+    def __post_init__(self):
+        # every source (probe, nccl-tests, JSON, CSV) comes through here: a corrupt figure stops at the door
+        where = f"{self.op} on {self.world_size} ranks, {self.size_bytes} B"
+        if self.world_size < 1 or self.size_bytes < 0:
+            raise ValueError(f"{where}: world_size must be >= 1 and size_bytes >= 0")
+        if not (math.isfinite(self.time_us) and self.time_us > 0):
+            raise ValueError(f"{where}: time_us is {self.time_us}; a measured time must be positive and finite")
+        if self.nodes is not None and not (isinstance(self.nodes, int) and 1 <= self.nodes <= self.world_size):
+            raise ValueError(f"{where}: nodes is {self.nodes!r}; it must be an int from 1 to world_size "
+                             "(every node holds at least one rank), or None when unknown")
+
+    def row(self) -> dict:
+        algbw = self.size_bytes / (self.time_us * 1e3)  # GB/s
+        extra = {k: v for k, v in (("nodes", self.nodes), ("source", self.source), ("origin", self.origin))
+                 if v is not None}
+        return {"op": self.op, "world_size": self.world_size, "size_bytes": self.size_bytes,
+                "time_us": self.time_us, "algbw_gbs": algbw,
+                "busbw_gbs": algbw * bus_factor(self.op, self.world_size), **extra}
+
 
 COLUMNS = ("op", "ngpu", "nodes", "size_bytes", "time_us", "busbw_gbs", "source")
 _PERCENTILE = re.compile(r"\bp\d{1,2}\s*$")
@@ -105,15 +169,17 @@ def read_nccl_perf_csv(path: str | Path) -> list[Measurement]:
     return rows
 
 
-def load_csv(path: str | Path) -> NetworkProfile:
-    """One CSV: published format (a strict profile) or ``nccl_perf`` (a legacy one), told by its header."""
+def load_csv(path: str | Path) -> tuple[tuple[Measurement, ...], dict]:
+    """One CSV: published format (a strict profile) or ``nccl_perf`` (a legacy one), told by its header:
+    ``(rows, the profile's options)`` (``NetworkProfile(rows, **options)``)."""
     with open(path, newline="") as f:
         published = is_published(next(csv.reader(f), None))
-    return load_published(path) if published else NetworkProfile(tuple(read_nccl_perf_csv(path)), source=str(path))
+    return load_published(path) if published else (tuple(read_nccl_perf_csv(path)), {"source": str(path)})
 
 
-def load_published(path: str | Path) -> NetworkProfile:
-    """A strict profile from a folder (every ``*.csv`` in it, all published format) or one published CSV."""
+def load_published(path: str | Path) -> tuple[tuple[Measurement, ...], dict]:
+    """A strict profile's ``(rows, options)`` from a folder (every ``*.csv`` in it, all published format) or
+    one published CSV."""
     path = Path(path)
     files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
     if not files:
@@ -123,4 +189,4 @@ def load_published(path: str | Path) -> NetworkProfile:
     if not rows:
         raise ValueError(f"{path}: no measurements (every row empty or a percentile); add nccl-tests rows")
     densest = max(-(-m.world_size // m.nodes) for m in rows)
-    return NetworkProfile(tuple(rows), source=str(path), gpus_per_node=densest, strict=True)
+    return tuple(rows), {"source": str(path), "gpus_per_node": densest, "strict": True}

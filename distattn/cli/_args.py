@@ -158,7 +158,7 @@ def existing_path(text: str) -> str:
 
 def tokens(text: str) -> int:
     """``524288``, ``512K`` or ``1M`` tokens (K = 1024)."""
-    from ..network import parse_size
+    from ..network_csv import parse_size
 
     try:
         value = parse_size(text, "--seq-len")
