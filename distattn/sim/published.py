@@ -10,7 +10,10 @@ over their setups, 1.05-1.12x on ProLong and 1.07-1.20x on "Pretrain" (per-setup
 in Figure 9 only). Each of Table 3's setups (Llama-3 8B and 34B; MaxDocLen 128K, 256K, 512K; 64,
 128, 256 GPUs; its batch of MaxDocLen sequences) is simulated with ``--tp 8 --gpu h200 --sweep``:
 ``cad`` against ``wlb`` (zigzag on the per-document layout, balanced packing, the CP size swept),
-the median of their per-draw ratio beside DistCA's range. A median within 0.10 of the range agrees.
+the median of their per-draw ratio beside DistCA's range, over the first 30 steps of DistCA's batch
+stream (it "samples 30 batches"; each CP size is scored on all of them, as DistCA sweeps WLB-ideal's
+configuration over its whole run), ``wlb`` packing a replica up to 2x its share of the batch as
+DistCA's WLB-LLM does. A median within 0.10 of the range agrees.
 
 The documents are drawn as DistCA's code draws them (``distca/simulator/optimizers/samples.py`` and
 ``distca/utils/global_batch_provider.py`` of github.com/hao-ai-lab/DistCA at 2afd219, with its
@@ -59,6 +62,7 @@ DISTCA_3D = {("llama3-8b", 131072): {64: 8, 128: 16, 256: 32}, ("llama3-8b", 262
 DISTCA_PUBLISHED = {"prolong": (1.05, 1.12), "pretrain": (1.07, 1.20)}   # speedup over WLB-ideal, no PP
 DATASETS = {"prolong": "prolong.json", "pretrain": "wlbllm.json"}
 AGREES = 0.10
+WLB_CAP = 2.0      # DistCA's WLB-LLM packs a replica up to 2x its share of the batch (wlb_planner.py)
 LONG, SHORT_KEPT, UPSAMPLE, REPLACED, SEED, MULTIPLE, DOCS = 65536, 0.5, 4, 0.3, 42, 16, 10000
 MAGI = {8: (459, 360), 16: (426, 371), 32: (315, 333), 64: (237, 264)}   # CP: (fwd, bwd) TFLOP/s per GPU
 RING_FLASH = {"zigzag, one causal document": ("zigzag", None, 0.90),
@@ -110,13 +114,16 @@ def distca_setups(quick: bool = False) -> list[tuple[str, int, int, int, str]]:
 
 
 def distca_row(setup, lens: dict, network, kernel_table, draws: int, progress=None) -> dict:
-    """One matched setup: ``cad`` and ``wlb`` swept over CP at TP 8 on H200s, their ratio per draw."""
+    """One matched setup: ``cad`` and ``wlb`` swept over CP at TP 8 on H200s, each CP size scored on
+    every draw (DistCA's stream changes along its steps: its ProLong batches are long documents first),
+    WLB-LLM's packing under DistCA's token cap (2x a replica's share), their ratio per draw."""
     model, seq, gpus, batch, dataset = setup
     m, gpu = MODELS[model], GPUS["h200"]
-    cfg = SimConfig(m, gpus, seq, 1, gpu=gpu, tp=8, batch=batch,
+    cfg = SimConfig(m, gpus, seq, 1, gpu=gpu, tp=8, batch=batch, token_cap_factor=WLB_CAP,
                     kernel=AttentionKernel.measured(gpu, m.head_dim, kernel_table))
     batches = _steps(distca_sequences(distca_documents(dataset, lens[dataset], seq), seq), batch)
-    got = {r["scheduler"]: r for r in sweep.rows(cfg, network, ["cad", "wlb"], batches, draws, True, progress)}
+    got = {r["scheduler"]: r for r in sweep.rows(cfg, network, ["cad", "wlb"], batches, draws, True, progress,
+                                                 scored=draws)}
     cad, wlb = got["cad"], got["wlb"]
     lo, hi = DISTCA_PUBLISHED[dataset]
     ratio = cad.get("speedup_vs_wlb")
@@ -173,7 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--network", default=None, help="a folder of published nccl-tests CSVs, a CSV or a profile "
                         "JSON (default: NVLink + IB assumed)")
     parser.add_argument("--kernel-table", default=None, help="attention latency per length (attn_latency_h100.csv)")
-    parser.add_argument("--draws", type=int, default=16, help="steps of DistCA's batch stream per setup (default 16)")
+    parser.add_argument("--draws", type=int, default=30, help="steps of DistCA's batch stream per setup (default "
+                        "30, as DistCA samples 30 batches)")
     parser.add_argument("--quick", action="store_true", help="one setup per dataset (8B, 128K, 64 GPUs)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON")
     args = parser.parse_args(argv)

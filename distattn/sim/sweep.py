@@ -86,8 +86,9 @@ def summary(per_draw: list[dict]) -> dict:
 
 
 def best_cp(cfg: SimConfig, network, name: str, batches, draws: int,
-            progress: Callable[[str], None] | None = None) -> tuple[int | None, list[dict], list[dict]]:
-    """(the CP size with the lowest median step over the first draws, its draws so far, every size
+            progress: Callable[[str], None] | None = None,
+            scored: int = SWEEP_DRAWS) -> tuple[int | None, list[dict], list[dict]]:
+    """(the CP size with the lowest median step over the first ``scored`` draws, its draws so far, every size
     tried: ``{cp, dp, checkpointing, memory_gib, fits, step_time_s}``). Sizes are tried from the
     smallest; once one is :data:`GIVE_UP` times slower than the best so far, larger ones (more
     communication, the ring's steps growing with them) are not tried."""
@@ -95,7 +96,7 @@ def best_cp(cfg: SimConfig, network, name: str, batches, draws: int,
     for cp in candidates(cfg, name):
         if best is not None and tried[-1]["step_time_s"] is not None and tried[-1]["step_time_s"] > GIVE_UP * best[1]:
             break
-        got = run_draws(replace(cfg, cp=cp), network, name, batches, range(min(draws, SWEEP_DRAWS)), progress)
+        got = run_draws(replace(cfg, cp=cp), network, name, batches, range(min(draws, scored)), progress)
         head = got[0]
         median = float(np.median([r["step_time_s"] for r in got])) if head["fits"] else None
         tried.append({"cp": cp, "dp": head["dp"], "checkpointing": head["checkpointing"],
@@ -106,14 +107,15 @@ def best_cp(cfg: SimConfig, network, name: str, batches, draws: int,
 
 
 def rows(cfg: SimConfig, network, names, batches, draws: int, sweep: bool,
-         progress: Callable[[str], None] | None = None) -> list[dict]:
+         progress: Callable[[str], None] | None = None, scored: int = SWEEP_DRAWS) -> list[dict]:
     """Every row (``names``) over ``draws`` draws of ``batches`` (:func:`pool_batches`), each at its
-    best CP size with ``sweep`` (else at ``cfg.cp``), with their ratios (module docstring)."""
+    best CP size with ``sweep`` (scored on the first ``scored`` draws; else at ``cfg.cp``), with their
+    ratios (module docstring)."""
     per_row: dict[str, list[dict]] = {}
     out = []
     for name in names:
         if sweep:
-            cp, got, tried = best_cp(cfg, network, name, batches, draws, progress)
+            cp, got, tried = best_cp(cfg, network, name, batches, draws, progress, scored)
             if cp is None:
                 out.append({"scheduler": name, "gpus": cfg.gpus, "tp": cfg.tp, "fits": False, "step_time_s": None,
                             "sweep": tried, "draws": 0})
