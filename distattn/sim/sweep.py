@@ -72,7 +72,7 @@ def run_draws(cfg: SimConfig, network, name: str, batches, draws: range,
 
 def summary(per_draw: list[dict]) -> dict:
     """One row from its draws: the first draw's fields, numbers as their median, step time also as
-    its 10th and 90th percentiles; ``draws``: how many."""
+    its 10th and 90th percentiles and its mean; ``draws``: how many."""
     row = dict(per_draw[0], draws=len(per_draw))
     if row["step_time_s"] is None:
         return row
@@ -82,6 +82,7 @@ def summary(per_draw: list[dict]) -> dict:
     steps = [r["step_time_s"] for r in per_draw]
     for name, q in QUANTILES.items():
         row[f"step_time_{name}_s"] = float(np.percentile(steps, q))
+    row["step_time_mean_s"] = float(np.mean(steps))   # (DistCA's speedups are ratios of mean step times)
     return row
 
 
