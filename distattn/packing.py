@@ -28,7 +28,9 @@ In a data loader of a trainer we don't own (Megatron, Hugging Face), per global 
                                          pair_weight=MODELS["llama3-8b"].pair_weight(),
                                          first=range(len(held)), seed=step)
         mine = packing[dp_rank]                       # [micro_batch] -> document indices
-        batches = [np.concatenate([docs[i] for i in mb]) for mb in mine if mb]
+        # every micro-batch runs, an empty one too: ranks must run as many as each other, or their
+        # gradient collectives stop lining up
+        batches = [np.concatenate([docs[i] for i in mb] or [np.zeros(0, np.int64)]) for mb in mine]
         held = [docs[i] for i in packing.held]        # placed first next time
 
 (``MODELS``: :data:`distattn.model_shape.MODELS`, or your model's
@@ -49,7 +51,7 @@ import math
 
 import numpy as np
 
-from .masks import mask_area
+from .masks import as_doc_lens, mask_area
 from .model_shape import MODELS
 
 # Llama-3 8B's: a pair's forward + backward attention FLOPs over a token's linear FLOPs (~4.4e-5)
@@ -59,9 +61,10 @@ DEFAULT_PAIR_WEIGHT = MODELS["llama3-8b"].pair_weight()
 DEFAULT_CAP_FACTOR = 1.25
 
 
-def default_token_cap(seq_len: int) -> int:
-    """``ceil(DEFAULT_CAP_FACTOR * seq_len)``: the trainer's and the simulator's token cap when none is set."""
-    return math.ceil(DEFAULT_CAP_FACTOR * seq_len)
+def default_token_cap(seq_len: int, factor: float = DEFAULT_CAP_FACTOR) -> int:
+    """``ceil(factor * seq_len)``: the trainer's and the simulator's token cap (``DEFAULT_CAP_FACTOR``
+    when none is set)."""
+    return math.ceil(factor * seq_len)
 
 
 class Packing(list):
@@ -73,9 +76,12 @@ class Packing(list):
     * ``imbalance``: max / mean workload over the data-parallel ranks (their micro-batches summed):
       how long the slowest rank's step is against a perfect split (1.0: perfect)."""
 
-    held: list[int]
-    tokens: np.ndarray
-    workloads: np.ndarray
+    def __init__(self, ranks, held=(), tokens=None, workloads=None):
+        super().__init__(ranks)
+        self.held = list(held)
+        shape = (len(self), len(self[0]) if len(self) else 0)
+        self.tokens = np.zeros(shape, dtype=np.int64) if tokens is None else np.asarray(tokens)
+        self.workloads = np.zeros(shape) if workloads is None else np.asarray(workloads, dtype=np.float64)
 
     @property
     def imbalance(self) -> float:
@@ -121,19 +127,22 @@ def pack_balanced(doc_lens, dp_size: int, micro_batches: int = 1, token_cap: int
         ValueError: a bad argument, or a document longer than ``token_cap`` (no micro-batch could
         ever take it: raise the cap or cut the document).
     """
-    lens = np.asarray(doc_lens, dtype=np.int64).reshape(-1) if len(doc_lens) else np.zeros(0, dtype=np.int64)
-    for name, value in (("dp_size", dp_size), ("micro_batches", micro_batches)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if (lens < 1).any():
-        raise ValueError(f"doc_lens must be positive ints (document lengths), got {int(lens.min())}")
-    if token_cap is not None and (isinstance(token_cap, bool) or token_cap < 1):
-        raise ValueError(f"token_cap must be a positive number of tokens or None, got {token_cap!r}")
-    if not (np.isfinite(pair_weight) and pair_weight >= 0):
-        raise ValueError(f"pair_weight must be finite and >= 0, got {pair_weight!r}")
+    empty = isinstance(doc_lens, (list, tuple)) and not doc_lens
+    lens = np.asarray(() if empty else as_doc_lens(doc_lens), dtype=np.int64)
+    for name, value in (("dp_size", dp_size), ("micro_batches", micro_batches), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if name == "seed" else 1):
+            raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} int, got {value!r}")
+    if token_cap is not None and (isinstance(token_cap, bool) or not isinstance(token_cap, (int, np.integer))
+                                  or token_cap < 1):
+        raise ValueError(f"token_cap must be a positive int (tokens) or None, got {token_cap!r}")
+    if isinstance(pair_weight, bool) or not isinstance(pair_weight, (int, float)) or \
+            not (math.isfinite(pair_weight) and pair_weight >= 0):
+        raise ValueError(f"pair_weight must be a finite number >= 0, got {pair_weight!r}")
+    first = list(first)
+    if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in first) or \
+            len(set(first)) != len(first) or any(not 0 <= i < len(lens) for i in first):
+        raise ValueError(f"first must name distinct documents, int indices in [0, {len(lens)}), got {first}")
     first = [int(i) for i in first]
-    if len(set(first)) != len(first) or any(not 0 <= i < len(lens) for i in first):
-        raise ValueError(f"first must name distinct documents, indices in [0, {len(lens)}), got {first}")
     if token_cap is not None and len(lens) and int(lens.max()) > token_cap:
         i = int(np.argmax(lens))
         raise ValueError(f"document {i} has {int(lens[i]):,} tokens, more than token_cap={token_cap:,}: no "
@@ -165,11 +174,8 @@ def pack_balanced(doc_lens, dp_size: int, micro_batches: int = 1, token_cap: int
             heapq.heappush(heap, (float(loads[placed]), placed))
         for item in skipped:
             heapq.heappush(heap, item)
-    out = Packing([[sorted(members[r * micro_batches + m]) for m in range(micro_batches)] for r in range(dp_size)])
-    out.held = sorted(held)
-    out.tokens = tokens.reshape(dp_size, micro_batches)
-    out.workloads = loads.reshape(dp_size, micro_batches)
-    return out
+    return Packing([[sorted(members[r * micro_batches + m]) for m in range(micro_batches)] for r in range(dp_size)],
+                   sorted(held), tokens.reshape(dp_size, micro_batches), loads.reshape(dp_size, micro_batches))
 
 
 __all__ = ["pack_balanced", "Packing", "workload", "imbalance", "default_token_cap", "DEFAULT_PAIR_WEIGHT",

@@ -52,15 +52,16 @@ def _masked(first: np.ndarray, last: np.ndarray, b0: int, b1: int, k0: int, k1: 
     return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
 
 
-def _tile_bounds(m: int, n: int, lo: int, hi: int) -> Iterator[tuple[int, int, int, int, bool, bool]]:
-    """``(q0, q1, k0, k1, is_causal, masked)`` of each tile (module docstring), no mask built."""
+def _tile_bounds(m: int, n: int, lo: int, hi: int, ranges=None) -> Iterator[tuple[int, int, int, int, bool, bool]]:
+    """``(q0, q1, k0, k1, is_causal, masked)`` of each tile (module docstring), no mask built;
+    ``ranges``: the band's ``row_ranges`` when the caller has them."""
     r0, r1 = live_rows(m, n, lo, hi)
     if r0 == r1:
         return
     if lo <= -UNBOUNDED and hi >= UNBOUNDED:
         yield 0, m, 0, n, False, False
         return
-    first, last = row_ranges(m, n, lo, hi)
+    first, last = ranges if ranges is not None else row_ranges(m, n, lo, hi)
     if lo <= -UNBOUNDED:
         # every live row sees keys [0, p0) (p0: the first live row's last key); rows whose last
         # key is still inside the keys form a top-left-aligned causal tile on keys [p0, n); rows
@@ -91,7 +92,7 @@ def _tile_bounds(m: int, n: int, lo: int, hi: int) -> Iterator[tuple[int, int, i
 
 def _tiles(m: int, n: int, lo: int, hi: int, dtype: torch.dtype) -> Iterator[Tile]:
     first, last = row_ranges(m, n, lo, hi)
-    for a, b, c, d, is_causal, masked in _tile_bounds(m, n, lo, hi):
+    for a, b, c, d, is_causal, masked in _tile_bounds(m, n, lo, hi, (first, last)):
         yield a, b, c, d, is_causal, _masked(first, last, a, b, c, d, dtype) if masked else None
 
 

@@ -90,7 +90,8 @@ def test_simulate_512_gpus_json():
 
 
 def test_simulate_auto_recommends_a_mesh_and_bad_input():
-    out = _run("simulate", "--gpus", "64", "--seq-len", "256K", "--model", "llama-34b", "--auto", timeout=300)
+    out = _run("simulate", "--gpus", "64", "--seq-len", "256K", "--model", "llama-34b", "--auto", "--draws", "1",
+               timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("recommended: ") and "dp " in last and " s/step" in last
@@ -101,24 +102,27 @@ def test_simulate_auto_recommends_a_mesh_and_bad_input():
 
 
 def test_auto_ranks_by_tokens_per_gpu_not_step_time(monkeypatch):
-    import distattn.sim.simulate as sim
+    import distattn.sim.sweep as sweep
     from distattn.network import default_profile
-    from distattn.sim.sweep import recommend
+    from distattn.sim.simulate import MODELS, SimConfig
 
     # 16 GPUs, 64K tokens: the most tokens/s per GPU among the settings that fit
-    best, rows = recommend(sim.MODELS["llama3-8b"], 16, 65536, default_profile())
+    best, rows = sweep.recommend(SimConfig(MODELS["llama3-8b"], 16, 65536, 1), default_profile(), ["zigzag", "cad"])
     feasible = [r for r in rows if r["fits"]]
     assert {r["cp"] for r in rows} == {1, 2, 4, 8, 16} and best in feasible
     assert best["tokens_per_s_per_gpu"] == max(r["tokens_per_s_per_gpu"] for r in feasible)
+    # TP holds: the CP sizes are those of 2-GPU CP ranks
+    _, rows = sweep.recommend(SimConfig(MODELS["llama3-8b"], 16, 65536, 1, tp=2), default_profile(), ["zigzag"])
+    assert {(r["tp"], r["cp"]) for r in rows} == {(2, 1), (2, 2), (2, 4), (2, 8)}
 
     # the rule alone, on figures where the two rankings are far apart
-    def fake(cfg, network, schedulers, pool):
+    def fake(cfg, network, names, batches, draws, sweep_cp):
         step = {1: 4.0, 2: 1.5, 4: 1.0, 8: 0.9}[cfg.cp]
         return [{"scheduler": "zigzag", "cp": cfg.cp, "dp": cfg.dp, "step_time_s": step, "fits": True,
                  "tokens_per_s_per_gpu": cfg.seq_len * cfg.dp / step / cfg.gpus}]
 
-    monkeypatch.setattr(sim, "simulate", fake)
-    best, rows = recommend(sim.MODELS["llama3-8b"], 8, 4096, None)
+    monkeypatch.setattr(sweep, "rows", fake)
+    best, rows = sweep.recommend(SimConfig(MODELS["llama3-8b"], 8, 4096, 1), None, ["zigzag"])
     assert [r["cp"] for r in rows] == [1, 2, 4, 8] and best["cp"] == 2  # not cp 8, the shortest step
 
 
@@ -180,8 +184,8 @@ def test_simulate_per_rank_timelines(tmp_path):
 
 
 def test_simulate_cli_timeline_and_auto(tmp_path):
-    out = _run("simulate", "--gpus", "16", "--seq-len", "64K", "--auto", "--timeline", str(tmp_path / "a.json"),
-               timeout=300)
+    out = _run("simulate", "--gpus", "16", "--seq-len", "64K", "--auto", "--draws", "1", "--timeline",
+               str(tmp_path / "a.json"), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("recommended: ") and "tokens/s per GPU" in last

@@ -143,7 +143,9 @@ def test_sweep_draws_and_paired_ratios():
         assert tried == sizes[:len(tried)]   # from the smallest; cut where one is 1.5x slower than the best
         best = min(t["step_time_s"] for t in r["sweep"] if t["fits"])
         assert len(tried) == len(sizes) or r["sweep"][-1]["step_time_s"] > sweep.GIVE_UP * best
-        assert r["step_time_s"] == pytest.approx(min(t["step_time_s"] for t in r["sweep"] if t["fits"]), rel=0.5)
+        # 3 draws: every size was scored on all of them, so the row's median is its size's median
+        assert r["step_time_s"] == min(t["step_time_s"] for t in r["sweep"] if t["fits"])
+        assert all(isinstance(r[k], int) for k in ("seq_len", "batch", "micro_batches", "nano_batches"))
     assert rows["wlb"]["speedup_vs_wlb"] == 1 and rows["ideal"]["over_ideal"] == 1
     assert rows["cad"]["over_ideal"] >= 1 and rows["cad"]["speedup_vs_wlb"] > 0
 

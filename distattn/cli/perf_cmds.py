@@ -1,10 +1,9 @@
-"""``distattn bench``: measure schedulers here; ``distattn simulate --calibrate``: predict this machine's bench."""
+"""``distattn bench``: measure every scheduler on this machine."""
 
 from __future__ import annotations
 
 from ..schedulers import NAMES
 from ._args import doc_pool, examples, existing_file, output_dir, positive_int, positive_int_list
-from .cluster_cmds import probe_rank
 
 
 def _cmd_bench(args) -> int:
@@ -29,52 +28,6 @@ def _cmd_bench(args) -> int:
               f"{r['peak_mem_mb']:>8.0f}")
     print(f"results: {args.out}/results.csv, results.json, *.png, tb/")
     return 0
-
-
-def _network(path):
-    from ..network import NetworkProfile, default_profile
-
-    return NetworkProfile.load(path) if path else default_profile()
-
-
-def _calibrate(args) -> int:
-    from ..bench.results import read_results
-
-    # the inputs are checked before torch is imported and before the probes
-    benches = {}
-    for flag, path in (("--calibrate", args.calibrate), ("--holdout", args.holdout)):
-        if path is None:
-            continue
-        try:
-            benches[flag] = [r for r in read_results(path) if r["world_size"] > 1]
-        except ValueError as exc:
-            raise ValueError(f"{flag} {exc}") from None
-        if not benches[flag]:
-            raise ValueError(f"{flag} {path}: no multi-rank rows; run `distattn bench` first")
-    pool = doc_pool(args.doclens)
-    from ..sim.calib_report import report, starting_point
-
-    fit_rows, score_rows = benches["--calibrate"], benches.get("--holdout")
-    # a saved model's constants and profile, or this machine's: gloo probed at every world size either bench ran
-    worlds = sorted({r["world_size"] for r in fit_rows + (score_rows or [])})
-    start, net = starting_point(args.load_model, args.network, args.cores, lambda: _probe_gloo(worlds))
-    report(fit_rows, score_rows, net, start, pool, args.save_model)
-    return 0
-
-
-def _probe_gloo(worlds: list[int]):
-    """gloo's collectives timed here at each of ``worlds`` ranks (``distattn cluster probe``'s sizes
-    4 KiB-16 MiB), as one network profile."""
-    from ..cluster import PROBED
-    from ..network import NetworkProfile
-    from ..spawn import run_distributed
-
-    measured = []
-    for w in worlds:
-        print(f"probing gloo collectives on {w} ranks", flush=True)
-        data = run_distributed(probe_rank, w, [2**k for k in range(12, 25, 2)], list(PROBED), 10, 2)[0]
-        measured += NetworkProfile.from_json(data).rows
-    return NetworkProfile(tuple(measured), source="gloo probe", backend="gloo", gpus_per_node=max(worlds))
 
 
 def add_parsers(sub) -> None:

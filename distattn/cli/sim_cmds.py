@@ -1,4 +1,5 @@
-"""``distattn simulate``: predict a training step per scheduler on a modelled cluster (:mod:`distattn.sim`)."""
+"""``distattn simulate``: predict a training step per scheduler on a modelled cluster (:mod:`distattn.sim`), or
+fit the simulator's CPU model to this machine's ``distattn bench`` runs (``--calibrate``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,53 @@ import sys
 from dataclasses import replace
 
 from ._args import doc_pool, examples, existing_file, existing_path, output_file, positive_int, tokens
-from .perf_cmds import _calibrate, _network
+from .cluster_cmds import probe_rank
+
+
+def _network(path):
+    from ..network import NetworkProfile, default_profile
+
+    return NetworkProfile.load(path) if path else default_profile()
+
+
+def _calibrate(args) -> int:
+    from ..bench.results import read_results
+
+    # the inputs are checked before torch is imported and before the probes
+    benches = {}
+    for flag, path in (("--calibrate", args.calibrate), ("--holdout", args.holdout)):
+        if path is None:
+            continue
+        try:
+            benches[flag] = [r for r in read_results(path) if r["world_size"] > 1]
+        except ValueError as exc:
+            raise ValueError(f"{flag} {exc}") from None
+        if not benches[flag]:
+            raise ValueError(f"{flag} {path}: no multi-rank rows; run `distattn bench` first")
+    pool = doc_pool(args.doclens)
+    from ..sim.calib_report import report, starting_point
+
+    fit_rows, score_rows = benches["--calibrate"], benches.get("--holdout")
+    # a saved model's constants and profile, or this machine's: gloo probed at every world size either bench ran
+    worlds = sorted({r["world_size"] for r in fit_rows + (score_rows or [])})
+    start, net = starting_point(args.load_model, args.network, args.cores, lambda: _probe_gloo(worlds))
+    report(fit_rows, score_rows, net, start, pool, args.save_model)
+    return 0
+
+
+def _probe_gloo(worlds: list[int]):
+    """gloo's collectives timed here at each of ``worlds`` ranks (``distattn cluster probe``'s sizes
+    4 KiB-16 MiB), as one network profile."""
+    from ..cluster import PROBED
+    from ..network import NetworkProfile
+    from ..spawn import run_distributed
+
+    measured = []
+    for w in worlds:
+        print(f"probing gloo collectives on {w} ranks", flush=True)
+        data = run_distributed(probe_rank, w, [2**k for k in range(12, 25, 2)], list(PROBED), 10, 2)[0]
+        measured += NetworkProfile.from_json(data).rows
+    return NetworkProfile(tuple(measured), source="gloo probe", backend="gloo", gpus_per_node=max(worlds))
 
 
 def _progress(line: str) -> None:
@@ -37,6 +84,7 @@ def _cmd_simulate(args) -> int:
     if calibrating:
         raise ValueError(f"{', '.join(calibrating)} go with --calibrate FIT_CSV: add it, or drop them")
     from ..sim import sweep
+    from ..sim.job import Links
     from ..sim.simulate import GPUS, MODELS, mesh_description, simulate_with_timelines, write_timeline
     from ..sim.workload import default_batch
 
@@ -48,22 +96,24 @@ def _cmd_simulate(args) -> int:
         raise ValueError(f"--timeline {args.timeline}: name a .csv or .json file")
     if args.sweep and args.cp is not None:
         raise ValueError("--sweep chooses each row's CP size: drop --cp, or drop --sweep to fix it")
-    model, gpu, net, pool = MODELS[args.model], GPUS[args.gpu], _network(args.network), doc_pool(args.doclens)
+    if args.auto and (args.sweep or args.cp is not None):
+        raise ValueError("--auto tries every CP size with one sequence per replica: drop --sweep and --cp")
+    model, gpu, pool = MODELS[args.model], GPUS[args.gpu], doc_pool(args.doclens)
     batch = args.batch or (default_batch(args.gpus, args.seq_len) if args.sweep else None)
     cfg = _config(args, model, gpu, batch)
     cfg.check()
+    net = Links.of(_network(args.network), cfg.gpus_per_node, cfg.tp)   # one record of the fits asked
     say = (lambda *a, **k: None) if args.json else print
     say(f"distattn simulate: {model.name} on {args.gpus} {gpu.name.upper()} ({args.gpus_per_node}/node, tp {cfg.tp}), "
         f"{args.seq_len:,} tokens per sequence, {batch or cfg.dp} per global batch, {args.draws} draws, "
-        f"{cfg.packing} packing, network: {net.source}, documents: {args.doclens or 'log-normal stand-in'}",
+        f"{cfg.packing} packing, network: {net.node.source}, documents: {args.doclens or 'log-normal stand-in'}",
         flush=True)
     if args.verbose:
         print(f"  kernel: {cfg.kernel.source}", file=sys.stderr)
     best = None
     if args.auto:
-        best, rows = sweep.recommend(model, args.gpus, args.seq_len, net, pool, gpu, args.gpus_per_node,
-                                     progress=lambda cp, got: say(f"  cp {cp}: {len(got)} schedulers simulated",
-                                                                  flush=True), kernel=cfg.kernel, tp=cfg.tp)
+        best, rows = sweep.recommend(cfg, net, args.schedulers, pool, args.draws,
+                                     lambda cp, got: say(f"  cp {cp}: {len(got)} schedulers simulated", flush=True))
         best = dict(best, mesh=mesh_description(best, args.gpus_per_node))
     else:
         rows = sweep.rows(cfg, net, args.schedulers, sweep.pool_batches(pool), args.draws, args.sweep, _progress)
@@ -75,7 +125,7 @@ def _cmd_simulate(args) -> int:
                                              pool)[1]
         write_timeline(lines, args.timeline)
     if args.verbose:
-        _print_links(net, cfg)
+        _print_links(net)
     if args.json:
         print(json.dumps({"results": rows, **({"recommended": best} if best else {})}))
         return 0
@@ -107,14 +157,11 @@ def _print_table(rows: list[dict], gpus_per_node: int) -> None:
           "wlb's step over the row's (medians of the per-draw ratios)")
 
 
-def _print_links(net, cfg) -> None:
+def _print_links(links) -> None:
     """``--verbose``: every fit the simulation asked the network for, and the rows each was fitted on
     (to stderr: ``--json`` keeps stdout to the JSON)."""
-    from ..sim.simulate import network_views
-
-    views = network_views(net, cfg.gpus_per_node, cfg.tp)
-    print(f"network fits used ({net.source}):", file=sys.stderr)
-    for view in {id(v): v for v in views.values()}.values():
+    print(f"network fits used ({links.node.source}):", file=sys.stderr)
+    for view in {id(v): v for v in (links.node, links.cp)}.values():
         for op, n, nodes in view.asked():
             print("\n".join(view.describe_fit(op, n, nodes)), file=sys.stderr)
 
@@ -185,7 +232,8 @@ def add_parsers(sub) -> None:
                      help="Q, K, V, out and dout travel as FP8 (distattn.plan(comm_dtype='fp8')); default: "
                           "their own dtype")
     sim.add_argument("--auto", action="store_true",
-                     help="try every CP degree and recommend the most tokens/s per GPU that fits")
+                     help="try every CP degree (one sequence per replica, --draws draws each) and recommend the most "
+                          "tokens/s per GPU that fits")
     sim.add_argument("--timeline", type=output_file, default=None, metavar="PATH",
                      help="write each rank's compute/communication/idle spans of the first draw (.csv or .json; "
                           "with --auto, of the recommendation)")

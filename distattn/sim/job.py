@@ -1,7 +1,7 @@
 """The simulated job: a cluster, a model and a global batch as :mod:`distattn.sim` describes them
 (:class:`SimConfig`), and what follows from it alone -- the planners' view of it (:func:`plan_context`),
 a row's dry schedule (:func:`dry_schedule`), the attention kernel's speed (:func:`attention_kernel`),
-and the network as a CP rank sees it (:func:`network_views`, :func:`comm_time`)."""
+and the network as a CP rank sees it (:class:`Links`, :func:`comm_time`)."""
 
 from __future__ import annotations
 
@@ -163,21 +163,34 @@ def attn_shape(cfg: SimConfig) -> AttnShape:
                      cfg.comm_dtype == "fp8")
 
 
-def network_views(network, gpus_per_node: int, tp: int) -> dict:
-    """The network as a CP rank sees it (``"cp"``: ``gpus_per_node / tp`` CP ranks to a node) and as a
-    node's GPUs do (``"node"``); made once per network and shape (kept, so each view's record of the
-    fits it answered, :meth:`~distattn.network.NetworkProfile.asked`, covers every step simulated)."""
-    views = _VIEWS.setdefault(id(network), (network, {}))[1]
-    key = (gpus_per_node, tp)
-    if key not in views:
+@dataclass(frozen=True, eq=False)
+class Links:
+    """A network as the simulation asks it: as a node's GPUs see it (``node``: TP's collectives) and as
+    a CP rank does (``cp``: ``gpus_per_node / tp`` CP ranks to a node). Made once and passed down
+    (:func:`links_of`), so each view's record of the fits it answered
+    (:meth:`~distattn.network.NetworkProfile.asked`) covers every step simulated with it."""
+
+    node: object
+    cp: object
+    gpus_per_node: int
+    tp: int
+
+    @staticmethod
+    def of(network, gpus_per_node: int, tp: int) -> "Links":
         def view(per_node):
             return network if network.gpus_per_node == per_node else replace(network, gpus_per_node=per_node)
-        views[key] = {"node": view(gpus_per_node), "cp": view(gpus_per_node // tp)}
-    return views[key]
+        return Links(view(gpus_per_node), view(gpus_per_node // tp), gpus_per_node, tp)
 
 
-_VIEWS: dict = {}   # id(network) -> (network, {(gpus_per_node, tp): views}): the network kept, so its id stays its
+def links_of(network, cfg: SimConfig) -> Links:
+    """``network`` (a :class:`~distattn.network.NetworkProfile`, or :class:`Links` made for ``cfg``'s
+    node size and TP already) as ``cfg`` asks it."""
+    if isinstance(network, Links):
+        if (network.gpus_per_node, network.tp) == (cfg.gpus_per_node, cfg.tp):
+            return network
+        network = network.node
+    return Links.of(network, cfg.gpus_per_node, cfg.tp)
 
 
 __all__ = ["SimConfig", "PLANNING", "default_cp", "nccl_size", "comm_time", "dry_schedule", "plan_context",
-           "nano_docs", "attention_kernel", "attn_shape", "network_views"]
+           "nano_docs", "attention_kernel", "attn_shape", "Links", "links_of"]

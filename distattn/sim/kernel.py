@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model_shape import GPU
+from ..model_shape import GPU, GPUS
 
 REFERENCE_LEN = 32768           # the length the GPU report measures its TFLOP/s at
 SM90 = ("h100", "h100-pcie", "h200", "h800", "gh200")
@@ -83,8 +83,8 @@ class AttentionKernel:
     def measured(gpu: GPU, head_dim: int, latency_csv: str | Path | None = None,
                  efficiency: float = 0.5) -> "AttentionKernel":
         """The level of our kernels at 32K (module docstring) on ``gpu`` at ``head_dim``, shaped over
-        length by ``latency_csv`` when given; a GPU family nobody measured runs at ``efficiency`` of
-        its peak."""
+        length by ``latency_csv`` when given: the sm_90 report's speed, scaled by the dense peak on
+        another GPU; ``efficiency`` of the GPU's peak where the report has no row at all."""
         from ..kernels.auto import rows_at
 
         levels, where = [], []
@@ -96,7 +96,7 @@ class AttentionKernel:
                 continue
             row = below[-1]
             speed = max(s for _, s in row.tflops)
-            levels.append(speed if gpu.name in SM90 else speed * gpu.peak_tflops / 989.0)
+            levels.append(speed if gpu.name in SM90 else speed * gpu.peak_tflops / GPUS["h100"].peak_tflops)
             where.append(f"{direction} {speed:.0f} TFLOP/s at hd {row.head_dim}")
         source = f"GPU report ({', '.join(where)}; 32K causal){'' if gpu.name in SM90 else f', scaled to {gpu.name}'}"
         if latency_csv is None:

@@ -11,13 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..masks import mask_area
 from ..schedule import attention_program
 from ..schedulers import spec
-from .job import SimConfig, attn_shape, comm_time, dry_schedule, nano_docs, plan_context
+from .job import Links, SimConfig, attn_shape, comm_time, dry_schedule, nano_docs, plan_context
 from .kernel import AttentionKernel
 from .replay import TimedProgram
 from .step import Fsdp, MicroBatch
 from .workload import Row, row_of
+
+DIRECTIONS = ("forward", "backward")
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,41 +43,36 @@ def _groups(cfg: SimConfig, name: str, docs_per_group: list, world: int, kernel:
         start = time.perf_counter()
         schedule = dry_schedule(name, docs, world, context, comm_dtype=cfg.comm_dtype)
         slowest = max(slowest, time.perf_counter() - start)
-        segments = _segments(row_of(name), schedule, docs)
-        pair = 4.0 * shape.num_heads * shape.head_dim
-        rates = {d: kernel.rank_rates(segments, world, d, pair) for d in ("forward", "backward")}
+        rates = _rates(row_of(name), schedule, docs, kernel, world, 4.0 * shape.num_heads * shape.head_dim)
         groups.append(_Group(schedule.call_program(shape), rates, np.asarray(schedule.rank_tokens(), np.float64),
                              schedule.ulysses_degree))
     return groups, slowest
 
 
-def _segments(row: Row, schedule, docs):
-    """The kernel segments the row's ranks run: the schedule's, or -- ``ideal``, whose attention no
-    placement cuts -- every document whole."""
-    if row.bound != "all":
-        return schedule.kernel_segments()
-    lens = np.asarray(docs, dtype=np.int64)
-    return np.zeros(len(lens), dtype=np.int64), lens, lens * (lens + 1) // 2
+def _rates(row: Row, schedule, docs, kernel: AttentionKernel, world: int, pair_flops: float) -> dict:
+    """Per direction, each rank's attention FLOP/s at the kernel's speed on its segments
+    (:meth:`~distattn.schedule.Schedule.kernel_segments`). A bound's work is evened out over its ranks,
+    so they all run at the speed of its segments together: the schedule's (``wlb-ideal``: per-document
+    CP), or -- ``ideal``, whose attention no placement cuts -- every document whole."""
+    if row.bound is None:
+        return {d: kernel.rank_rates(schedule.kernel_segments(), world, d, pair_flops) for d in DIRECTIONS}
+    if row.bound == "all":
+        q_len = np.asarray(docs, dtype=np.int64)
+        area = mask_area(q_len, q_len, schedule.causal, schedule.window)
+    else:
+        _, q_len, area = schedule.kernel_segments()
+    together = (np.zeros(len(q_len), dtype=np.int64), q_len, area)   # every segment on one rank
+    return {d: np.full(world, kernel.rank_rates(together, 1, d, pair_flops)[0]) for d in DIRECTIONS}
 
 
 def _bound(row: Row, groups: list[_Group], world: int, ranks: int) -> list[_Group]:
     """The bounds' groups: attention alone, evened out over each replica's ranks (``replica``) or over
-    every rank (``all``), at the group's overall rate."""
+    every rank (``all``)."""
     def forward(g):
         return sum(ph.total(world) for ph in g.program.phases if not ph.is_comm and ph.direction == "forward")
     overall = sum(forward(g).sum() for g in groups) / ranks
-    out = []
-    for g in groups:
-        flops = np.full(world, overall if row.bound == "all" else forward(g).mean())
-        rates = {d: np.full(world, _overall(g, forward(g), d)) for d in ("forward", "backward")}
-        out.append(_Group(attention_program(flops, world), rates, g.tokens, None))
-    return out
-
-
-def _overall(g: _Group, flops: np.ndarray, direction: str) -> float:
-    """A group's FLOP/s over all its ranks together (its work at each rank's rate)."""
-    total = float(flops.sum())
-    return total / float((flops / g.rates[direction]).sum()) if total > 0 else float(g.rates[direction].max())
+    return [_Group(attention_program(np.full(world, overall if row.bound == "all" else forward(g).mean()), world),
+                   g.rates, g.tokens, None) for g in groups]
 
 
 def _merged(groups: list[_Group], world: int, network, cfg: SimConfig) -> TimedProgram:
@@ -98,7 +96,7 @@ def _merged(groups: list[_Group], world: int, network, cfg: SimConfig) -> TimedP
                         links, first.link_of)
 
 
-def micro_batch(cfg: SimConfig, name: str, replicas: list, kernel: AttentionKernel, nets: dict) -> dict:
+def micro_batch(cfg: SimConfig, name: str, replicas: list, kernel: AttentionKernel, links: Links) -> dict:
     """One micro-batch of every replica (``replicas[r]``: its documents): its :class:`~.step.MicroBatch`,
     the forward attention FLOPs of all replicas (MFU's), its Ulysses degree and its planning seconds."""
     row, m = row_of(name), cfg.model
@@ -115,7 +113,7 @@ def micro_batch(cfg: SimConfig, name: str, replicas: list, kernel: AttentionKern
             docs, world = [[d for rep in cut for d in rep[n]]], cfg.ranks
         else:
             docs, world = [rep[n] for rep in cut], cfg.cp
-        groups, seconds = _groups(cfg, name, docs, world, kernel, nets["cp"])
+        groups, seconds = _groups(cfg, name, docs, world, kernel, links.cp)
         if row.bound:
             groups = _bound(row, groups, world, cfg.ranks)
         else:
@@ -123,13 +121,13 @@ def micro_batch(cfg: SimConfig, name: str, replicas: list, kernel: AttentionKern
         for g in groups:   # MFU counts the forward's attention (the trainer's model_flops), all TP ranks
             flops_attn += cfg.tp * sum(float(ph.total(world).sum()) for ph in g.program.phases
                                        if not ph.is_comm and ph.direction == "forward")
-        programs.append(_merged(groups, world, nets["cp"], cfg))
+        programs.append(_merged(groups, world, links.cp, cfg))
         tokens = np.concatenate([g.tokens for g in groups])
         tokens_all.append(tokens)
         a, b = _layer_seconds(cfg, tokens)
         pre.append(a)
         post.append(b)
-        tp.append(_tp_seconds(cfg, nets, tokens))
+        tp.append(_tp_seconds(cfg, links.node, tokens))
         ulysses = groups[0].ulysses
     head = 6 * m.vocab_size * m.dim * sum(tokens_all) / (cfg.gpu.peak_tflops * 1e12 * cfg.mfu * cfg.tp)
     mb = MicroBatch(programs, pre, post, head, tp if cfg.tp > 1 else None)
@@ -144,12 +142,11 @@ def _layer_seconds(cfg: SimConfig, tokens: np.ndarray) -> tuple[np.ndarray, np.n
     return 2 * m.qkv_params * tokens / rate, 2 * (m.layer_matmul_params - m.qkv_params) * tokens / rate
 
 
-def _tp_seconds(cfg: SimConfig, nets, tokens: np.ndarray) -> np.ndarray:
+def _tp_seconds(cfg: SimConfig, node, tokens: np.ndarray) -> np.ndarray:
     """Per rank, one linear piece's sequence-parallel all-gather and reduce-scatter over its TP group."""
     if cfg.tp == 1:
         return np.zeros_like(tokens)
     size = tokens * cfg.model.dim * cfg.elem_bytes
-    node = nets["node"]
     return node.time("all_gather", cfg.tp, size) + node.time("reduce_scatter", cfg.tp, size)
 
 

@@ -50,12 +50,13 @@ from pathlib import Path
 import numpy as np
 
 from ..model_shape import GPU, ModelShape
+from ..packing import DEFAULT_CAP_FACTOR, default_token_cap
 from ..program import BACKWARD, FORWARD
 from ..schedule import AttnShape
 from ..schedulers import REGISTRY, spec
 from . import fit
 from .job import (SimConfig, attention_kernel, comm_time, default_cp, dry_schedule, nccl_size,
-                  network_views, plan_context)
+                  links_of, plan_context)
 from .micro import fsdp_seconds, micro_batch
 from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS
 from .replay import TimedProgram, call_ops, replay
@@ -109,7 +110,11 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks) -> tuple[dict, obje
     """Row ``name`` on the global batch ``chunks``: its result and its replay (None: it fits no GPU)."""
     row, m = row_of(name), cfg.model
     entry = spec(row.entry)
-    cap = cfg.seq_len if cfg.packing == "stream" else int(np.ceil(cfg.token_cap_factor * cfg.seq_len))
+    # the packer balances what the scheduler does not: attention pairs too, or tokens alone (cad's pool,
+    # ideal), whose even tokens never need more than the trainer's default cap
+    balance = 0.0 if entry.pools or row.bound == "all" else m.pair_weight()
+    factor = cfg.token_cap_factor if balance else min(cfg.token_cap_factor, DEFAULT_CAP_FACTOR)
+    cap = cfg.seq_len if cfg.packing == "stream" else default_token_cap(cfg.seq_len, factor)
     setting = fit.choose(cfg, entry.name, cap)
     result = {"scheduler": name, "gpus": cfg.gpus, "tp": cfg.tp, "cp": cfg.cp, "dp": cfg.dp, "seq_len": cfg.seq_len,
               "batch": len(chunks), "micro_batches": len(chunks) // cfg.dp, "model": m.name, "params": m.params,
@@ -119,13 +124,11 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks) -> tuple[dict, obje
     if not setting.fits and cfg.activation_checkpointing is None:   # (a setting asked for is timed regardless)
         return dict(result, step_time_s=None), None
     cfg = fit.with_setting(cfg, setting)
-    balance = 0.0 if entry.pools or row.bound == "all" else m.pair_weight()
-    packed = assign(chunks, cfg.dp, len(chunks) // cfg.dp, cfg.packing, m.pair_weight(), balance,
-                    cfg.token_cap_factor, cfg.seed)
-    nets, kernel = network_views(network, cfg.gpus_per_node, cfg.tp), attention_kernel(cfg)
-    micro = [micro_batch(cfg, name, replicas, kernel, nets) for replicas in packed.micro]
+    packed = assign(chunks, cfg.dp, len(chunks) // cfg.dp, cfg.packing, m.pair_weight(), balance, cap, cfg.seed)
+    links, kernel = links_of(network, cfg), attention_kernel(cfg)
+    micro = [micro_batch(cfg, name, replicas, kernel, links) for replicas in packed.micro]
     ops = step_ops([mb["micro"] for mb in micro], m.n_layers, cfg.activation_checkpointing, cfg.ranks,
-                   fsdp_seconds(cfg, nets["cp"]))
+                   fsdp_seconds(cfg, links.cp))
     run = replay(ops, cfg.ranks, slowdown=cfg.comm_slowdown)
     still = replay(ops, cfg.ranks, comm=False)
     busy = run.compute + run.stalled   # each rank's end (the clock only moves by compute and waits)
@@ -193,4 +196,4 @@ def mesh_description(r: dict, gpus_per_node: int) -> str:
 
 __all__ = ["MODELS", "GPUS", "SCHEDULERS", "BOUNDS", "PHASES", "TIMELINE_COLUMNS", "ModelShape", "GPU", "SimConfig",
            "default_cp", "simulate", "simulate_with_timelines", "simulate_row", "write_timeline", "mesh_description",
-           "plan_context", "dry_schedule", "time_call", "nccl_size", "comm_time", "network_views"]
+           "plan_context", "dry_schedule", "time_call", "nccl_size", "comm_time", "links_of"]

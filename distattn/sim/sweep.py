@@ -30,17 +30,25 @@ from .simulate import SimConfig, plan_context, simulate_row
 from .workload import draw_chunks, row_of
 
 SWEEP_DRAWS = 4
+# what a draw measures (summarised by its median); the rest of a row is the setup
+MEASURED = ("step_time_s", "tokens_per_s_per_gpu", "mfu", "compute_s", "exposed_comm_s", "comm_s", "stalled_s",
+            "compute_imbalance", "dp_idle", "dp_imbalance", "held_share", "planning_s")
+# the pinned keys of a row with no time (it fits no setting, or no CP size)
+NO_TIME = {"cp": None, "dp": None, "checkpointing": None, "memory_gib": None, "fits": False, "step_time_s": None,
+           "step_time_p10_s": None, "step_time_p90_s": None, "step_time_mean_s": None}
 GIVE_UP = 1.5      # a CP size this much slower than the best so far ends the sweep
 QUANTILES = {"p10": 10, "p90": 90}
 
 
-def candidates(cfg: SimConfig, name: str) -> list[int]:
-    """The CP sizes row ``name`` may run at on ``cfg``'s GPUs and global batch (module docstring)."""
-    out, cp, batch = [], 1, cfg.batch
+def candidates(cfg: SimConfig, name: str, min_tokens: int = 1) -> list[int]:
+    """The power-of-two CP sizes row ``name`` may run at on ``cfg``'s GPUs and global batch (module
+    docstring; no batch: one sequence per replica, any DP size), each rank holding ``min_tokens`` of a
+    sequence at least."""
+    out, cp = [], 1
     entry = spec(row_of(name).entry)
     while cp * cfg.tp <= cfg.gpus:
         dp = cfg.gpus // (cp * cfg.tp)
-        if cfg.gpus % (cp * cfg.tp) == 0 and batch % dp == 0 and cfg.seq_len >= cp and \
+        if cfg.gpus % (cp * cfg.tp) == 0 and (cfg.batch or dp) % dp == 0 and cfg.seq_len >= cp * min_tokens and \
                 cfg.model.n_heads // cfg.tp >= entry.head_split(cp, plan_context(replace(cfg, cp=cp))):
             out.append(cp)
         cp *= 2
@@ -71,14 +79,14 @@ def run_draws(cfg: SimConfig, network, name: str, batches, draws: range,
 
 
 def summary(per_draw: list[dict]) -> dict:
-    """One row from its draws: the first draw's fields, numbers as their median, step time also as
-    its 10th and 90th percentiles and its mean; ``draws``: how many."""
-    row = dict(per_draw[0], draws=len(per_draw))
+    """One row from its draws: the first draw's fields (the setup: the same on every draw), what each
+    draw measured (:data:`MEASURED`) as its median, step time also as its 10th and 90th percentiles and
+    its mean; ``draws``: how many."""
+    row = {**NO_TIME, **per_draw[0], "draws": len(per_draw)}
     if row["step_time_s"] is None:
         return row
-    for key, value in per_draw[0].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("gpus", "tp", "cp", "dp"):
-            row[key] = float(np.median([r[key] for r in per_draw]))
+    for key in MEASURED:
+        row[key] = float(np.median([r[key] for r in per_draw]))
     steps = [r["step_time_s"] for r in per_draw]
     for name, q in QUANTILES.items():
         row[f"step_time_{name}_s"] = float(np.percentile(steps, q))
@@ -118,8 +126,7 @@ def rows(cfg: SimConfig, network, names, batches, draws: int, sweep: bool,
         if sweep:
             cp, got, tried = best_cp(cfg, network, name, batches, draws, progress, scored)
             if cp is None:
-                out.append({"scheduler": name, "gpus": cfg.gpus, "tp": cfg.tp, "fits": False, "step_time_s": None,
-                            "sweep": tried, "draws": 0})
+                out.append({**NO_TIME, "scheduler": name, "gpus": cfg.gpus, "tp": cfg.tp, "sweep": tried, "draws": 0})
                 continue
             got += run_draws(replace(cfg, cp=cp), network, name, batches, range(len(got), draws), progress)
         else:
@@ -151,29 +158,26 @@ def _with_ratios(out: list[dict], per_row: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
-def recommend(model, gpus: int, seq_len: int, network, pool=None, gpu=None, gpus_per_node: int = 8,
-              schedulers=None, progress=None, **options) -> tuple[dict, list[dict]]:
-    """``--auto``: every power-of-two CP degree with every real scheduler, one sequence per replica (so
-    a larger CP trains fewer tokens per step): the result with the most tokens/s per GPU among those
-    that fit, and all of them (the bounds are not choices). Step time alone would favour the largest
-    CP degree."""
-    from .presets import BOUNDS, GPUS, SCHEDULERS
-    from .simulate import simulate
+def recommend(cfg: SimConfig, network, names, pool=None, draws: int = 1,
+              progress: Callable[[int, list[dict]], None] | None = None) -> tuple[dict, list[dict]]:
+    """``--auto``: every real row of ``names`` at every CP size it may run at (256 tokens a rank at
+    least), one sequence per replica (so a larger CP trains fewer tokens per step), over ``draws``
+    draws: the row with the most tokens/s per GPU among those that fit, and every row. Step time alone
+    would favour the largest CP degree. ``cfg``'s other settings (TP, packing, checkpointing, ...) hold."""
+    from .presets import BOUNDS
 
-    schedulers = schedulers or [s for s in SCHEDULERS if s not in BOUNDS]
-    found, cp = [], 1
-    while cp <= gpus:
-        if gpus % cp == 0 and seq_len // cp >= 256:
-            cfg = SimConfig(model, gpus, seq_len, cp, gpu=gpu or GPUS["h100"], gpus_per_node=gpus_per_node, **options)
-            got = simulate(cfg, network, schedulers, pool)
-            found += got
-            if progress is not None:
-                progress(cp, got)
-        cp *= 2
-    feasible = [r for r in found if r["fits"]]
+    names = [n for n in names if n not in BOUNDS]
+    found = []
+    for cp in sorted({cp for name in names for cp in candidates(replace(cfg, batch=None), name, 256)}):
+        at = replace(cfg, cp=cp, batch=None)
+        got = rows(at, network, [n for n in names if cp in candidates(at, n, 256)], pool_batches(pool), draws, False)
+        found += got
+        if progress is not None:
+            progress(cp, got)
+    feasible = [r for r in found if r["fits"] and r["step_time_s"] is not None]
     if not feasible:
-        raise ValueError(f"nothing fits {(gpu or GPUS['h100']).memory_gib:.0f} GiB per GPU for {model.name} at "
-                         f"{seq_len} tokens on {gpus} GPUs; add GPUs or shorten --seq-len")
+        raise ValueError(f"nothing fits {cfg.gpu.memory_gib:.0f} GiB per GPU for {cfg.model.name} at {cfg.seq_len} "
+                         f"tokens on {cfg.gpus} GPUs; add GPUs or shorten --seq-len")
     return max(feasible, key=lambda r: (r["tokens_per_s_per_gpu"], -r["step_time_s"])), found
 
 

@@ -13,7 +13,9 @@ paired) whatever its CP size.
 * ``balanced``: the stream's pieces repacked over every replica's micro-batches by
   :func:`distattn.pack_balanced` under a token cap of ``token_cap_factor * seq_len``, balancing what
   the row's scheduler does not balance itself: tokens plus ``pair_weight`` per attention pair, or
-  tokens alone for a scheduler that spreads attention over every GPU (``cad``'s pool, ``ideal``).
+  tokens alone -- under at most the trainer's default cap, 1.25 sequences, which their even tokens
+  never need more than -- for a scheduler that spreads attention over every GPU (``cad``'s pool,
+  ``ideal``).
   Pieces no micro-batch has room for would wait for the next step (``held``): the step is timed
   without them and the row reports their share.
 
@@ -28,13 +30,12 @@ paired) whatever its CP size.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..doclens import pack
-from ..packing import DEFAULT_CAP_FACTOR, imbalance, pack_balanced, workload
+from ..packing import default_token_cap, imbalance, pack_balanced, workload
 from .presets import PACKINGS
 
 TOKENS_PER_GPU = 16384        # the default global batch: 16K tokens per GPU (DistCA's settings, Table 3)
@@ -85,10 +86,10 @@ class Assignment:
 
 
 def assign(chunks: list[list[int]], dp: int, micro_batches: int, packing: str, pair_weight: float,
-           balance_weight: float, token_cap_factor: float = DEFAULT_CAP_FACTOR, seed: int = 0) -> Assignment:
+           balance_weight: float, token_cap: int | None = None, seed: int = 0) -> Assignment:
     """Deal ``chunks`` (:func:`draw_chunks`) to ``dp`` replicas x ``micro_batches`` (module docstring):
     ``balance_weight`` is the pair weight the packer balances with, ``pair_weight`` the model's (what
-    ``imbalance`` measures)."""
+    ``imbalance`` measures); ``token_cap``: most tokens of a micro-batch (default: 1.25 sequences)."""
     m = micro_batches
     assert len(chunks) == dp * m, (len(chunks), dp, m)
     if packing == "stream":
@@ -96,7 +97,7 @@ def assign(chunks: list[list[int]], dp: int, micro_batches: int, packing: str, p
         held = 0
     else:
         lens = [n for chunk in chunks for n in chunk]
-        cap = math.ceil(token_cap_factor * max(sum(c) for c in chunks))
+        cap = token_cap or default_token_cap(max(sum(c) for c in chunks))
         packed = pack_balanced(lens, dp, m, cap, balance_weight, seed=seed)
         micro = [[[lens[i] for i in packed[r][j]] for r in range(dp)] for j in range(m)]
         held = sum(lens[i] for i in packed.held)

@@ -24,7 +24,8 @@ LONGEST = 1 << 34          # the search's ceiling: 16G tokens
 
 
 def _fits(cfg: RunConfig, seq_len: int, budget: int, device: str) -> bool:
-    # (balanced packing: the default token cap, which grows with seq_len, as the estimate's length)
+    # balanced packing: the default token cap, which grows with seq_len, as the estimate's length (an
+    # explicit data.token_cap is for the config's seq_len, not for every length tried)
     cfg = cfg.replace(data={"seq_len": seq_len, "token_cap": None})
     return fits_in(cfg, estimate(cfg, device), budget)
 

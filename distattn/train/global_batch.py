@@ -139,6 +139,11 @@ class GlobalBatches:
         if held and self.packing == "stream":
             raise ValueError(f"the checkpoint holds {len(held)} piece(s) that balanced packing held back for the "
                              f"next step; resume with data.packing: balanced")
+        if (self.packing == "balanced") != bool(rest) and self.dp > 1:
+            # (a balanced state always ends with its count of held pieces, 0 included)
+            _log.info("resuming a checkpoint saved under %s packing with data.packing: %s: the stream goes on at "
+                      "the same token, dealt out to the ranks the new way", "balanced" if rest else "stream",
+                      self.packing)
         self.held = held
 
     def _check(self, piece: Piece) -> None:
