@@ -60,8 +60,14 @@ def _pool_worker(docs):
     cache = PlanCache()   # no collective: cached by its arguments like any plan
     cached = [cache.plan(docs[g], group, scheduler="cad", pool=dist.group.WORLD, pool_doc_lens=[list(d) for d in docs])
               for _ in range(2)]
+    # the cut every replica computes alone is the one the all-reduce agrees on (a one-document replica: none)
+    from distattn.train.plan_ahead import replica_nano_batches
+    from distattn.train.trainer import agreed_nano_batches
+
+    cuts = all(agreed_nano_batches(mine[g], 2, 1e-3, True, "cpu") == replica_nano_batches(mine, 2, 1e-3)[g]
+               for mine in (docs, [docs[0], [64]]))
     return (_same_schedule(exchanged, local), torch.equal(*outs), len(refused), cached[0] is cached[1],
-            cache.made)
+            cache.made, cuts)
 
 
 def _corpus(path) -> str:
@@ -98,8 +104,8 @@ def four_ranks(tmp_path_factory):
 
 def test_pool_doc_lens_plans_as_the_exchange_does_and_refuses_bad_input(four_ranks):
     for rank in four_ranks:
-        same, equal, refused, cached, made = rank["pool"]
-        assert same and equal and refused == 4 and cached and made == 1
+        same, equal, refused, cached, made, cuts = rank["pool"]
+        assert same and equal and refused == 4 and cached and made == 1 and cuts
     for kwargs in ({"scheduler": "cad"}, {"scheduler": "zigzag"}):   # no pool=: refused, naming the argument
         with pytest.raises(ValueError, match="^pool_doc_lens lists the documents of a pool's CP groups"):
             distattn.plan([64], 4, pool_doc_lens=[[64]], **kwargs)

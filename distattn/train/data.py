@@ -190,10 +190,14 @@ class Packer:
     def __init__(self, corpus, seq_len: int, seed: int = 0):
         self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
         self.blend = corpus if isinstance(corpus, Blend) else None
-        corpora = self.blend.corpora if self.blend else [corpus]
-        self._walks = [_Walk(c, seed, (i + 1,) if self.blend else ()) for i, c in enumerate(corpora)]
+        self._walks = [_Walk(c, seed, (i + 1,) if self.blend else ()) for i, c in enumerate(self.corpora)]
         self.taken = [0] * len(self._walks)
         self.offset = 0
+
+    @property
+    def corpora(self) -> list:
+        """The sources a piece's ``source`` index counts: a blend's, or the one corpus."""
+        return self.blend.corpora if self.blend else [self.corpus]
 
     @property
     def epoch(self) -> int:
@@ -264,8 +268,7 @@ class Packer:
 
     def read(self, pieces) -> np.ndarray:
         """The tokens of ``pieces`` (:meth:`cut`'s), one after the other."""
-        corpora = self.blend.corpora if self.blend else [self.corpus]
-        return np.concatenate([corpora[s].read(d, a, b) for s, d, a, b in pieces] or [np.zeros(0, np.int64)])
+        return np.concatenate([self.corpora[s].read(d, a, b) for s, d, a, b in pieces] or [np.zeros(0, np.int64)])
 
     def next(self, read: bool = True) -> tuple[np.ndarray | None, list[int]]:
         """The next sequence: (tokens ``[seq_len]`` or None when ``read`` is False, document lengths)."""

@@ -147,7 +147,7 @@ class GlobalBatches:
         self.held = held
 
     def _check(self, piece: Piece) -> None:
-        corpora = self.packer.blend.corpora if self.packer.blend else [self.packer.corpus]
+        corpora = self.packer.corpora
         source, doc, start, end = piece
         length = int(corpora[source].lengths[doc]) if 0 <= source < len(corpora) and \
             0 <= doc < len(corpora[source].lengths) else -1
