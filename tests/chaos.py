@@ -35,9 +35,9 @@ from pathlib import Path
 import psutil
 import yaml
 
+from distattn.train.metrics import TIMINGS
+
 DISTATTN = str(Path(sys.executable).with_name("distattn"))
-# metrics that depend on the machine's speed, not on the training
-TIMINGS = {"tokens_per_s", "tokens_per_s_per_device", "step_time_s", "mfu", "peak_memory_gib", "comm_wait_s"}
 KINDS = ("kill-rank", "term-group", "kill-parent", "bit-flip", "full-disk")
 
 

@@ -176,6 +176,16 @@ def test_distca_documents_as_their_code_draws_them():
     assert len(distca_setups()) == 36 and distca_setups(quick=True)[0][:4] == ("llama3-8b", 131072, 64, 8)
 
 
+def test_ring_flash_rows_split_every_document_as_its_varlen_zigzag_does():
+    """ring-flash-attention's varlen zigzag splits each document zigzag (our per-document layout): on
+    its benchmark's document mixes it keeps nearly the one-document share; llama3's all-gather, which
+    splits the packed sequence, does not."""
+    from distattn.sim.published import ring_flash_rows
+
+    one, varlen, llama3 = (r["share"] for r in ring_flash_rows(default_profile()))
+    assert 0.5 < one <= 1 and one - 0.1 < varlen <= 1 and llama3 < varlen - 0.1
+
+
 def test_simulate_cli_draws_sweep_json_and_verbose(tmp_path, capsys):
     from distattn.cli import main
 

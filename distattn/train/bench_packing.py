@@ -71,16 +71,9 @@ def _side_by_side(runs: dict[str, RunConfig], steps: int) -> list[dict]:
     """On every rank: a trainer per packing, stepped in turn; rank 0 prints a line per step."""
     import torch.distributed as dist
 
-    from .trainer import Trainer
-
     talk = dist.get_rank() == 0
-    trainers, start = {}, time.perf_counter()
-    for name, cfg in runs.items():
-        with contextlib.redirect_stdout(io.StringIO()):   # no progress bar: the lines below are the output
-            trainers[name] = Trainer(cfg).setup()
-        if talk:
-            print(f"[{time.perf_counter() - start:4.0f} s] {name} run set up: dp 2 x cp 2, zigzag, "
-                  f"token_cap {cfg.data.cap if cfg.packing == 'balanced' else '-'}", flush=True)
+    trainers, start = set_up(runs, lambda cfg: f"dp 2 x cp 2, zigzag, token_cap "
+                                               f"{cfg.data.cap if cfg.packing == 'balanced' else '-'}")
     rows = []
     if talk:
         print(f"{'':8} {'step':>7}  {'stream: dp-imb':>14} {'s/step':>7}  {'balanced: dp-imb':>16} {'s/step':>7} "
@@ -111,6 +104,22 @@ def summary(rows: list[dict]) -> list[str]:
             f"balanced {imb['balanced']:.3f} ({worst['balanced']:.3f}); {held} piece(s) held in all",
             f"median step time, steps 2..{len(rows)}: stream {med['stream']:.3f} s, balanced {med['balanced']:.3f} s; "
             f"ratio stream / balanced {med['stream'] / med['balanced']:.3f}"]
+
+
+def set_up(runs: dict[str, RunConfig], describe) -> tuple[dict, float]:
+    """On every rank: each run's trainer set up quietly (the benches print their own lines); rank 0
+    says ``describe(cfg)`` of each. Returns the trainers and the clock's start."""
+    import torch.distributed as dist
+
+    from .trainer import Trainer
+
+    trainers, start = {}, time.perf_counter()
+    for name, cfg in runs.items():
+        with contextlib.redirect_stdout(io.StringIO()):   # no progress bar: the benches' lines are the output
+            trainers[name] = Trainer(cfg).setup()
+        if dist.get_rank() == 0:
+            print(f"[{time.perf_counter() - start:5.0f} s] {name} run set up: {describe(cfg)}", flush=True)
+    return trainers, start
 
 
 def bench_args(prog: str, description: str, argv) -> argparse.Namespace:

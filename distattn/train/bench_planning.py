@@ -24,13 +24,11 @@ so hidden planning still costs core time here; on GPUs the host thread is idle w
 
 from __future__ import annotations
 
-import contextlib
-import io
 import statistics
 import time
 from pathlib import Path
 
-from .bench_packing import MODEL, bench_args, run_side_by_side
+from .bench_packing import MODEL, bench_args, run_side_by_side, set_up
 from .config import RunConfig, validate
 
 RUNS = ("inline", "ahead")   # parallel.plan_ahead false, true
@@ -67,16 +65,9 @@ def _side_by_side(runs: dict[str, RunConfig], steps: int) -> list[dict]:
     """On every rank: a trainer per run, stepped in turn; rank 0 prints a line per step."""
     import torch.distributed as dist
 
-    from .trainer import Trainer
-
     talk = dist.get_rank() == 0
-    trainers, start = {}, time.perf_counter()
-    for name, cfg in runs.items():
-        with contextlib.redirect_stdout(io.StringIO()):   # no progress bar: the lines below are the output
-            trainers[name] = Trainer(cfg).setup()
-        if talk:
-            print(f"[{time.perf_counter() - start:5.0f} s] {name} run set up: dp {DP} x cp {CP}, cad pooled over "
-                  f"{DP * CP} ranks, plan_ahead {cfg.parallel.plan_ahead}", flush=True)
+    trainers, start = set_up(runs, lambda cfg: f"dp {DP} x cp {CP}, cad pooled over {DP * CP} ranks, "
+                                               f"plan_ahead {cfg.parallel.plan_ahead}")
     if talk:
         head = "  ".join(f"{n + ': wait':>9} {'made':>8} {'s/step':>7}" for n in RUNS)
         print(f"{'':9} {'step':>7}  {head}  (seconds; wait = exposed planning)", flush=True)

@@ -32,6 +32,12 @@ import torch
 from ..model_shape import gpu_named
 from .safe_io import WriteFailed, open_append, read_regular, replace_text
 
+#: the metrics a step logs that depend on the machine's speed and load, not on the training: a resumed
+#: run's other metrics equal an uninterrupted run's
+TIMINGS = frozenset({"tokens_per_s", "tokens_per_s_per_device", "step_time_s", "mfu", "peak_memory_gib",
+                     "comm_wait_s", "planning_s", "plan_made_s"})
+
+
 def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
     """Dense bf16 FLOP/s of ``device``: ``override_tflops`` (``train.peak_tflops``) if given, else
     looked up by the GPU's name (:data:`distattn.model_shape.GPU_TABLE`); None on CPU or for a GPU
