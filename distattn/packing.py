@@ -129,9 +129,9 @@ def pack_balanced(doc_lens, dp_size: int, micro_batches: int = 1, token_cap: int
     """
     empty = isinstance(doc_lens, (list, tuple)) and not doc_lens
     lens = np.asarray(() if empty else as_doc_lens(doc_lens), dtype=np.int64)
-    for name, value in (("dp_size", dp_size), ("micro_batches", micro_batches), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if name == "seed" else 1):
-            raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} int, got {value!r}")
+    for name, value, low in (("dp_size", dp_size, 1), ("micro_batches", micro_batches, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be a {'positive' if low else 'non-negative'} int, got {value!r}")
     if token_cap is not None and (isinstance(token_cap, bool) or not isinstance(token_cap, (int, np.integer))
                                   or token_cap < 1):
         raise ValueError(f"token_cap must be a positive int (tokens) or None, got {token_cap!r}")

@@ -166,11 +166,11 @@ def recommend(cfg: SimConfig, network, names, pool=None, draws: int = 1,
     would favour the largest CP degree. ``cfg``'s other settings (TP, packing, checkpointing, ...) hold."""
     from .presets import BOUNDS
 
-    names = [n for n in names if n not in BOUNDS]
+    per_name = {n: candidates(replace(cfg, batch=None), n, 256) for n in names if n not in BOUNDS}
     found = []
-    for cp in sorted({cp for name in names for cp in candidates(replace(cfg, batch=None), name, 256)}):
+    for cp in sorted({cp for sizes in per_name.values() for cp in sizes}):
         at = replace(cfg, cp=cp, batch=None)
-        got = rows(at, network, [n for n in names if cp in candidates(at, n, 256)], pool_batches(pool), draws, False)
+        got = rows(at, network, [n for n, sizes in per_name.items() if cp in sizes], pool_batches(pool), draws, False)
         found += got
         if progress is not None:
             progress(cp, got)
