@@ -15,6 +15,7 @@ Public contract (README.md, "Use", shows it at length)::
     out = distattn.varlen_attention(q_local, k_local, v_local, cu_seqlens, max_seqlen, group=cp_group, causal=True)
     from distattn.compat.ring_flash_attn import zigzag_ring_flash_attn_varlen_func   # ring-flash-attention's API
     packing = distattn.pack_balanced(doc_lens, dp_size, micro_batches, token_cap)     # [dp][micro] -> documents
+    choice = distattn.choose(doc_lens_per_micro_batch, world_size, "llama3-8b")       # [(scheduler, cp), ...]
 """
 
 __version__ = "0.1.0"
@@ -23,7 +24,8 @@ __version__ = "0.1.0"
 _LAZY = {"plan": "api", "attention": "api", "local_attention": "api", "reference_attention": "oracle",
          "Plan": "plans", "MaskSlice": "masks", "SliceMask": "masks", "document_mask": "masks", "Layout": "layout",
          "varlen_attention": "varlen", "varlen_plan": "varlen", "configure_logging": "log",
-         "PlanContext": "schedulers", "PlanCache": "plan_cache", "pack_balanced": "packing"}
+         "PlanContext": "schedulers", "PlanCache": "plan_cache", "pack_balanced": "packing",
+         "choose": "sim.choose"}
 
 
 def __getattr__(name: str):
@@ -41,4 +43,4 @@ def __dir__():
 
 __all__ = ["plan", "attention", "local_attention", "reference_attention", "Plan", "MaskSlice", "SliceMask",
            "document_mask", "Layout", "varlen_attention", "varlen_plan", "configure_logging", "PlanContext",
-           "PlanCache", "pack_balanced", "__version__"]
+           "PlanCache", "pack_balanced", "choose", "__version__"]

@@ -94,11 +94,40 @@ except ImportError:  # pragma: no cover - depends on the environment
     MegatronModule = torch.nn.Module
 
 
+class MicroBatchChoice:
+    """The ``(scheduler, cp)`` of the next micro-batch, for a training loop that chooses per
+    micro-batch (:func:`distattn.choose`); shared by the layers of one spec and set before each
+    micro-batch's forward::
+
+        choice = MicroBatchChoice()
+        model = GPTModel(..., transformer_layer_spec=get_gpt_layer_spec(choice=choice))
+        for doc_lens, batch in micro_batches:
+            choice.set(*distattn.choose([doc_lens], cp, "llama3-8b", cps=[cp])[0])
+            loss = forward_step(model, batch)
+
+    Megatron's CP groups are made once, so ``cp`` must be the CP group's size (a ``ValueError`` at the
+    next forward names both otherwise); the scheduler replaces the spec's until the next ``set``
+    (``clear()``: the spec's again). Its backward runs with the plan its forward made."""
+
+    def __init__(self):
+        self.scheduler: str | None = None
+        self.cp: int | None = None
+
+    def set(self, scheduler: str, cp: int) -> None:
+        check_scheduler(scheduler, None)
+        if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1:
+            raise ValueError(f"cp={cp!r} must be a positive int, the CP group's size")
+        self.scheduler, self.cp = scheduler, cp
+
+    def clear(self) -> None:
+        self.scheduler = self.cp = None
+
+
 class DistAttnCoreAttention(MegatronModule):
     """Megatron ``core_attention`` running distattn (see module docstring): ``scheduler`` any of
     ``distattn.schedulers.NAMES``; ``cad_pool`` None, or ``"dp"`` with ``scheduler="cad"``;
     ``plans`` a :class:`~distattn.plan_cache.PlanCache` shared by the layers of one spec (default: the
-    layer's own)."""
+    layer's own); ``choice``: a :class:`MicroBatchChoice` whose scheduler, when set, runs instead."""
 
     _checked_mask = None  # (weakref to the last attention_mask found valid, what it was checked against)
 
@@ -106,7 +135,7 @@ class DistAttnCoreAttention(MegatronModule):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None, scheduler: str = "zigzag",
                  cad_pool: str | None = None, plans: PlanCache | None = None, *, k_channels: int | None = None,
-                 v_channels: int | None = None):
+                 v_channels: int | None = None, choice: MicroBatchChoice | None = None):
         super().__init__(config=config)
         check_scheduler(scheduler, cad_pool)
         # MLA (MLASelfAttention) names the head dims of query/key and of value, which differ
@@ -128,8 +157,20 @@ class DistAttnCoreAttention(MegatronModule):
                 self.pool = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.causal = "causal" in str(attn_mask_type)
         self.scale = softmax_scale
-        self.scheduler = scheduler
+        self.scheduler, self.choice = scheduler, choice
         self.plans = plans if plans is not None else PlanCache(PLANS_KEPT)
+
+    def _scheduler(self) -> str:
+        """The spec's scheduler, or the micro-batch's choice (checked against the CP group)."""
+        if self.choice is None or self.choice.scheduler is None:
+            return self.scheduler
+        cp = torch.distributed.get_world_size(self.cp_group)
+        if self.choice.cp != cp:
+            raise ValueError(f"MicroBatchChoice: cp={self.choice.cp}, but Megatron's CP group has {cp} ranks; "
+                             f"choose with cps=[{cp}] (distattn.choose)")
+        if self.pool is not None and not scheduler_spec(self.choice.scheduler).pools:
+            raise ValueError(f"MicroBatchChoice: scheduler={self.choice.scheduler!r} cannot run under cad_pool='dp'")
+        return self.choice.scheduler
 
     def plan(self, doc_lens: tuple[int, ...], layout, kv_heads: int, batch, name=None):
         """The plan of documents ``doc_lens`` on ``layout`` (a name, or a :class:`~distattn.Layout`
@@ -139,12 +180,13 @@ class DistAttnCoreAttention(MegatronModule):
         options = {"context": PlanContext(num_kv_heads=kv_heads)}
         if self.pool is not None:
             options["pool"] = self.pool
+        scheduler = self._scheduler()
 
         def make():
-            return make_plan(list(doc_lens), self.cp_group, scheduler=self.scheduler, causal=self.causal,
+            return make_plan(list(doc_lens), self.cp_group, scheduler=scheduler, causal=self.causal,
                              layout=layout, **options)
         key = (name if name is not None else (doc_lens, layout), self.causal, kv_heads, id(self.cp_group),
-               id(self.pool))
+               id(self.pool), scheduler)
         return self.plans.get(key, make, batch if self.pool is not None else None, keep=(self.cp_group, self.pool))
 
     def _check_mask(self, mask: torch.Tensor, plan, layout: str, s_local: int) -> None:
@@ -265,7 +307,7 @@ def check_scheduler(scheduler: str, cad_pool) -> None:
 
 
 def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, nano_batches: int | None = None,
-                       **kwargs):
+                       choice: MicroBatchChoice | None = None, **kwargs):
     """``get_gpt_layer_local_spec(**kwargs)`` with ``DistAttnCoreAttention`` running ``scheduler`` as
     core attention (``cad_pool="dp"``: CAD balanced over every data-parallel replica of a stage; see
     module docstring). ``nano_batches``: 1, 2 (packed batches ping-ponged through the layers as two
@@ -275,7 +317,10 @@ def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, n
 
     ``multi_latent_attention=True`` (one of ``kwargs``): Megatron's local MLA layer
     (``MLASelfAttention``, for a model built with an ``MLATransformerConfig``) with this core
-    attention; q/k and v head dims may differ (module docstring). Its layers run one nano-batch."""
+    attention; q/k and v head dims may differ (module docstring). Its layers run one nano-batch.
+
+    ``choice``: a :class:`MicroBatchChoice` the training loop sets per micro-batch (its scheduler
+    replaces ``scheduler`` while set)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -289,7 +334,7 @@ def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, n
     spec = get_gpt_layer_local_spec(**kwargs)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=DistAttnCoreAttention,
-        params={"scheduler": scheduler, "cad_pool": cad_pool, "plans": PlanCache(PLANS_KEPT)})
+        params={"scheduler": scheduler, "cad_pool": cad_pool, "plans": PlanCache(PLANS_KEPT), "choice": choice})
     if (nano_batches or scheduler_spec(scheduler).nano_batches) == 2:
         from .megatron_pingpong import PingPongLayer, PingPongState
 

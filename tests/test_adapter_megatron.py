@@ -307,3 +307,71 @@ def test_attention_masks_and_thd_documents_are_honoured_or_refused():
         assert not ok and "honours attention_mask only when it is None or the layer's own causal mask" in error
         assert "(e.g. --reset-attention-mask) pass packed_seq_params with cu_seqlens_q" in error
         assert "document 0 has 6 tokens" in res["thd"] and "pad each document to a multiple of 4" in res["thd"]
+
+
+def _run_choice():
+    """Two micro-batches, gradients accumulated, fp64: each run with a scheduler of its own
+    (MicroBatchChoice), then both with the spec's zigzag."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer import TransformerConfig
+
+    from distattn.parallel.megatron import MicroBatchChoice, get_gpt_layer_spec
+
+    cp, rank = dist.get_world_size(), dist.get_rank()
+    parallel_state.initialize_model_parallel(1, 1, context_parallel_size=cp)
+    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                            use_cpu_initialization=True, context_parallel_size=cp, params_dtype=torch.float64,
+                            attention_dropout=0.0, hidden_dropout=0.0)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 97, (1, S), generator=g), torch.randint(0, 97, (1, S), generator=g), cu)
+               for cu in ([0, 10, 11, 30, S], [0, 40, S])]
+
+    def shard(x):
+        return x.view(1, 2 * cp, S // (2 * cp))[:, [rank, 2 * cp - 1 - rank]].reshape(1, -1)
+
+    def train(choices):
+        choice = MicroBatchChoice()
+        torch.manual_seed(0)
+        model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_spec(choice=choice), vocab_size=97,
+                         max_sequence_length=S, position_embedding_type="learned_absolute").to(torch.float64)
+        pos, total = torch.arange(S)[None], 0.0
+        for (ids, labels, cu), picked in zip(batches, choices):
+            if picked is None:
+                choice.clear()
+            else:
+                choice.set(*picked)
+            cu = torch.tensor(cu, dtype=torch.int32)
+            params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=S,
+                                     max_seqlen_kv=S)
+            loss = model(shard(ids), shard(pos), None, labels=shard(labels), packed_seq_params=params).sum()
+            loss.backward()
+            total += loss.item()
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        dist.all_reduce(grads)
+        return total, grads, model, choice
+
+    chosen = train([("ulysses", cp), ("allgather", cp)])
+    fixed = train([None, None])
+    # a choice of another CP size than Megatron's groups is refused, naming both
+    _, _, model, choice = chosen
+    choice.set("zigzag", 2 * cp)
+    ids, labels, cu = batches[0]
+    cu = torch.tensor(cu, dtype=torch.int32)
+    try:
+        model(shard(ids), shard(torch.arange(S)[None]), None, labels=shard(labels),
+              packed_seq_params=PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                max_seqlen_q=S, max_seqlen_kv=S))
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    parallel_state.destroy_model_parallel()
+    return chosen[:2], fixed[:2], refused
+
+
+def test_a_choice_per_micro_batch_gives_the_fixed_schedulers_gradients():
+    for chosen, fixed, refused in run_distributed(_run_choice, 2, timeout=300):
+        assert abs(chosen[0] - fixed[0]) <= 1e-12 * abs(fixed[0])
+        assert torch.allclose(chosen[1], fixed[1], rtol=1e-12, atol=1e-14)
+        assert refused is not None and "cp=4" in refused and "2 ranks" in refused, refused

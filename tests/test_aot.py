@@ -34,14 +34,14 @@ def _aot(*args):
 # `python -m distattn.kernels.aot` compiles the whole matrix (~1200 kept cases). What limits a config
 # (shared memory, registers) depends on the arch, the dtype and the head dims; a variant (every
 # HAS_LO/HAS_HI/SOFTCAP/GROUP the kernels can be called with) changes the code around the dots, not
-# the tiles a config keeps. The default slices: every arch x dtype x head dims (MLA's 192/128
-# included) with the heaviest variant (both bounds, soft-cap, GQA: the most registers), and every
-# variant at one arch, dtype and head dim -- every kernel and config in both. Under --slow: all head
-# dims for the common and the heaviest variant, and every variant at 128 and at 192/128, each over
-# every arch and dtype.
+# the tiles a config keeps. The default slices: every arch x element size x head dims (MLA's
+# 192/128 included; fp16 has bf16's bytes, so the same limits) with the heaviest variant (both
+# bounds, soft-cap, GQA: the most registers), and every variant at one arch, dtype and head dim --
+# every kernel and config in both. Under --slow: all head dims for the common and the heaviest
+# variant, and every variant at 128 and at 192/128, each over every arch and dtype (fp16 too).
 ALL = (list(aot.ARCHS), list(aot.DTYPES))
 MATRIX_SLICES = {   # name: (head dims as (Q/K's, V's), variants, archs, dtypes, slow)
-    "every-limit": (list(aot.HEAD_DIMS), ["band_softcap"], *ALL, False),
+    "every-limit": (list(aot.HEAD_DIMS), ["band_softcap"], list(aot.ARCHS), ["bf16", "fp32"], False),
     "every-variant": ([(128, 128)], list(VARIANTS), [90], ["bf16"], False),
     "all-head-dims": (list(aot.HEAD_DIMS), ["causal", "band_softcap"], *ALL, True),
     "all-variants": ([(128, 128)], list(VARIANTS), *ALL, True),

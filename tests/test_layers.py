@@ -1,5 +1,5 @@
-"""Dependencies point down: kernels <- masks/merge <- schedules <- executors <- api <- (train, adapters,
-bench, simulator) <- (launch, cli). Checked twice: statically, every import statement of every module
+"""Dependencies point down: kernels <- masks/merge <- schedules <- executors <- api <- simulator (the cost
+model the trainer chooses per step with) <- (train, adapters, bench) <- (launch, cli). Checked twice: statically, every import statement of every module
 (function-level imports included), and by importing each layer alone in a fresh interpreter."""
 
 import ast
@@ -28,15 +28,16 @@ LAYERS = [
     ("api", ["distattn.plans", "distattn.ops", "distattn.api", "distattn.oracle", "distattn.pingpong",
              "distattn.plan_cache", "distattn.varlen", "distattn.memory_model",
              "distattn.labels"]),
+    # the cost model: the simulator, which the trainer and adapters choose per step with (distattn.choose)
+    ("sim", ["distattn.sim"]),
     # the integrations: each imports the layers below, none imports another
     ("train", ["distattn.train"]),
     ("adapters", ["distattn.parallel", "distattn.compat"]),
     ("bench", ["distattn.bench", "distattn.demo"]),
-    ("sim", ["distattn.sim"]),
     ("cluster", ["distattn.cluster"]),
     ("entry points", ["distattn.launch", "distattn.cli"]),
 ]
-INTEGRATIONS = ("train", "adapters", "bench", "sim", "cluster")
+INTEGRATIONS = ("train", "adapters", "bench", "cluster")
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
 
 

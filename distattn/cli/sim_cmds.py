@@ -96,10 +96,10 @@ def _cmd_simulate(args) -> int:
         raise ValueError(f"--timeline {args.timeline}: name a .csv or .json file")
     if args.sweep and args.cp is not None:
         raise ValueError("--sweep chooses each row's CP size: drop --cp, or drop --sweep to fix it")
-    if args.auto and (args.sweep or args.cp is not None):
-        raise ValueError("--auto tries every CP size with one sequence per replica: drop --sweep and --cp")
+    if args.auto and (args.sweep or args.cp is not None or args.per_batch):
+        raise ValueError("--auto tries every CP size with one sequence per replica: drop --sweep, --cp and --per-batch")
     model, gpu, pool = MODELS[args.model], GPUS[args.gpu], doc_pool(args.doclens)
-    batch = args.batch or (default_batch(args.gpus, args.seq_len) if args.sweep else None)
+    batch = args.batch or (default_batch(args.gpus, args.seq_len) if args.sweep or args.per_batch else None)
     cfg = _config(args, model, gpu, batch)
     cfg.check()
     net = Links.of(_network(args.network), cfg.gpus_per_node, cfg.tp)   # one record of the fits asked
@@ -117,6 +117,10 @@ def _cmd_simulate(args) -> int:
         best = dict(best, mesh=mesh_description(best, args.gpus_per_node))
     else:
         rows = sweep.rows(cfg, net, args.schedulers, sweep.pool_batches(pool), args.draws, args.sweep, _progress)
+        if args.per_batch:
+            from ..sim.per_batch import per_batch_row
+
+            rows.append(per_batch_row(cfg, net, sweep.pool_batches(pool), args.draws, rows, progress=_progress))
     if args.timeline is not None:   # of the first draw, at each row's CP size
         timed = [r for r in ([best] if best else rows) if r.get("step_time_s") is not None]
         lines = []
@@ -141,6 +145,8 @@ def _print_table(rows: list[dict], gpus_per_node: int) -> None:
           f"{'p10-p90':>11} {'tok/s/GPU':>9} {'MFU':>5} {'exposed':>7} {'imb':>5} {'DP idle':>7} "
           f"{'/ideal':>6} {'vs wlb':>6}")
     for r in rows:
+        if r["scheduler"] == "per-batch":
+            continue
         if r.get("step_time_s") is None:
             print(f"{r['scheduler']:<10} fits no setting in the GPU's memory"
                   + (f" (at cp {r['cp']}: {r['memory_gib']:.0f} GiB)" if "cp" in r else ""))
@@ -155,6 +161,20 @@ def _print_table(rows: list[dict], gpus_per_node: int) -> None:
           "checkpointing that fits (+mlp: the MLP tiled); exposed: what communication adds to the step; imb: max/mean "
           "compute over all GPUs; DP idle: mean share of the step replicas wait; /ideal: step over ideal's; vs wlb: "
           "wlb's step over the row's (medians of the per-draw ratios)")
+    for r in rows:
+        if r["scheduler"] == "per-batch":
+            _print_per_batch(r)
+
+
+def _print_per_batch(r: dict) -> None:
+    best = r.get("best_fixed")
+    against = "" if best is None else (
+        f"; {r['speedup_vs_best_fixed']:.2f}x the best fixed choice, {best['scheduler']} cp {best['cp']} "
+        f"(p10-p90 {r['speedup_vs_best_fixed_p10']:.2f}-{r['speedup_vs_best_fixed_p90']:.2f})")
+    print(f"per-batch: {r['step_time_s']:.2f} s/step (p10-p90 {r['step_time_p10_s']:.2f}-{r['step_time_p90_s']:.2f}), "
+          f"{r['checkpointing']}, {r['groups']:.0f} CP groups a step, planned in {r['planning_s']:.2f} s{against}")
+    total = sum(r["choices"].values())
+    print("  micro-batches by (scheduler, cp): " + ", ".join(f"{k} {v / total:.0%}" for k, v in r["choices"].items()))
 
 
 def _print_links(links) -> None:
@@ -234,6 +254,10 @@ def add_parsers(sub) -> None:
     sim.add_argument("--auto", action="store_true",
                      help="try every CP degree (one sequence per replica, --draws draws each) and recommend the most "
                           "tokens/s per GPU that fits")
+    sim.add_argument("--per-batch", action="store_true",
+                     help="also choose each step's CP groups and their schedulers from its documents "
+                          "(distattn.choose) and compare with the best fixed row (implies the global batch of "
+                          "--sweep)")
     sim.add_argument("--timeline", type=output_file, default=None, metavar="PATH",
                      help="write each rank's compute/communication/idle spans of the first draw (.csv or .json; "
                           "with --auto, of the recommendation)")

@@ -80,17 +80,18 @@ def run_draws(cfg: SimConfig, network, name: str, batches, draws: range,
 
 def summary(per_draw: list[dict]) -> dict:
     """One row from its draws: the first draw's fields (the setup: the same on every draw), what each
-    draw measured (:data:`MEASURED`) as its median, step time also as its 10th and 90th percentiles and
-    its mean; ``draws``: how many."""
+    draw measured (:data:`MEASURED`) as its median, step time also as its 10th and 90th percentiles,
+    its mean and each draw's (``step_times_s``); ``draws``: how many."""
     row = {**NO_TIME, **per_draw[0], "draws": len(per_draw)}
     if row["step_time_s"] is None:
         return row
-    for key in MEASURED:
+    for key in (k for k in MEASURED if k in row):
         row[key] = float(np.median([r[key] for r in per_draw]))
     steps = [r["step_time_s"] for r in per_draw]
     for name, q in QUANTILES.items():
         row[f"step_time_{name}_s"] = float(np.percentile(steps, q))
     row["step_time_mean_s"] = float(np.mean(steps))   # (DistCA's speedups are ratios of mean step times)
+    row["step_times_s"] = steps                        # per draw: ratios to other rows pair them
     return row
 
 

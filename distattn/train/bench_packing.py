@@ -122,13 +122,15 @@ def set_up(runs: dict[str, RunConfig], describe) -> tuple[dict, float]:
     return trainers, start
 
 
-def bench_args(prog: str, description: str, argv) -> argparse.Namespace:
-    """The arguments of a side-by-side training bench (this one's and ``bench_planning``'s)."""
+def bench_args(prog: str, description: str, argv, doclens: bool = True, steps: int = 12) -> argparse.Namespace:
+    """The arguments of a side-by-side training bench (this one's, ``bench_planning``'s and, without
+    ``--doclens``, ``bench_auto``'s)."""
     parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--doclens", default=None, help="a JSON list of document lengths (ProLong's); default: "
-                                                        "a log-normal stand-in")
-    parser.add_argument("--steps", type=int, default=12, help="steps of each run (the first is left out of medians)")
+    if doclens:
+        parser.add_argument("--doclens", default=None, help="a JSON list of document lengths (ProLong's); default: "
+                                                            "a log-normal stand-in")
+    parser.add_argument("--steps", type=int, default=steps, help="steps of each run (the first is left out of medians)")
     parser.add_argument("--seq-len", type=int, default=4096, help="tokens per DP rank's sequence")
     parser.add_argument("--seed", type=int, default=0, help="the corpus's draw")
     args = parser.parse_args(argv)

@@ -35,7 +35,7 @@ def longest_seq_len(cfg: RunConfig, budget: int, device: str = "cuda") -> int:
     ``budget`` bytes (module docstring); 0 when even one such step does not."""
     if budget <= 0:
         raise ValueError(f"budget must be > 0 bytes, got {budget}")
-    step = 1024 * cfg.parallel.cp
+    step = 1024 * cfg.parallel.fixed_cp
     if not _fits(cfg, step, budget, device):
         return 0
     lo, hi = 1, 2             # in steps: lo fits, hi is still to try
@@ -75,8 +75,9 @@ def report(cfg: RunConfig, budget: int, device: str = "cuda") -> list[str]:
     rows = table(cfg, budget, device)
     groups = f", head_groups {p.head_groups}" if p.head_groups > 1 else ""
     states = ", cpu_offload" if p.cpu_offload else ""
-    lines = [f"longest seq_len that fits {where} (dp {p.dp} x cp {p.cp}, {p.scheduler}{groups}{states}, "
-             f"{cfg.train.dtype}, {cfg.world_size} ranks; one document per sequence; multiples of {1024 * p.cp:,}; "
+    cp = p.fixed_cp
+    lines = [f"longest seq_len that fits {where} (dp {p.dp} x cp {cp}, {p.fixed_scheduler}{groups}{states}, "
+             f"{cfg.train.dtype}, {cfg.world_size} ranks; one document per sequence; multiples of {1024 * cp:,}; "
              + (f"balanced packing: a rank's sequence up to {DEFAULT_CAP_FACTOR:g} x seq_len; "
                 if cfg.packing == "balanced" else "") +
              f"host memory not limited: --dry-run prints it):",

@@ -117,6 +117,15 @@ class GlobalBatches:
         return MicroBatch(self.packer.read(mine), _lens(mine), imbalance(work), int(packing.tokens.sum()),
                           len(self.held), replicas)
 
+    def sequences(self) -> list[list[Piece]]:
+        """The next step's ``dp`` sequences of ``seq_len`` tokens as pieces, none read: what
+        ``parallel.cp/scheduler: auto`` deals to its groups itself (:mod:`.auto_plan`)."""
+        return [self.packer.cut(self.packer.seq_len) for _ in range(self.dp)]
+
+    def read(self, pieces) -> np.ndarray:
+        """The tokens of ``pieces``, one after the other."""
+        return self.packer.read(pieces)
+
     def state(self) -> list[int]:
         """The packer's state, then (balanced) the held pieces (module docstring)."""
         if self.packing == "stream":

@@ -21,7 +21,7 @@ def job(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> Job:
     (of ``data.seq_len`` tokens; default: one document of the longest sequence a rank may get,
     :attr:`~.sections.RunConfig.rank_tokens`: ``data.token_cap``'s under balanced packing)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    return Job(m.shape, cfg.rank_tokens if doc_lens is None else cfg.data.seq_len, p.dp, p.cp, p.scheduler, dtype=t.dtype, wrapper=cfg.wrapper,
+    return Job(m.shape, cfg.rank_tokens if doc_lens is None else cfg.data.seq_len, p.dp, p.fixed_cp, p.fixed_scheduler, dtype=t.dtype, wrapper=cfg.wrapper,
                cpu_offload=p.cpu_offload, activation_checkpointing=t.activation_checkpointing,
                loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk, ulysses_degree=p.ulysses_degree,
                head_groups=p.head_groups, pooled=p.pools_replicas,
@@ -89,7 +89,8 @@ def _notes(cfg: RunConfig, est: Estimate) -> dict[str, str]:
     kept = {"none": "every block's tensors", "full": "each block's input + one block recomputed",
             "selective": "block inputs + attention's saved tensors + one block recomputed",
             "offload": "2 block inputs (the rest in host memory) + one block recomputed"}[est.checkpointing]
-    scheduler = "local" if cfg.parallel.cp == 1 and not cfg.parallel.pools_replicas else cfg.parallel.scheduler
+    scheduler = "local" if cfg.parallel.fixed_cp == 1 and not cfg.parallel.pools_replicas \
+        else cfg.parallel.fixed_scheduler
     return {**states, "activations": f"{est.tokens_per_rank:,} tokens, {est.checkpointing}: {kept}",
             "loss": f"chunks of {min(cfg.train.loss_chunk, est.tokens_per_rank):,} tokens x {cfg.model.vocab_size:,} "
                     f"vocab", "attention_buffers": f"{scheduler}: the schedule's buffer_bytes, busiest rank",
@@ -114,14 +115,14 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
     hd = m.dim // m.n_heads
     embed = m.vocab_size * m.dim
     ties = "tied embedding" if m.tie_embeddings else f"untied embeddings: 2 x {embed / 1e6:,.1f} M"
-    pooled = f" (pooled over {p.dp * p.cp} ranks)" if p.pools_replicas else ""
+    pooled = f" (pooled over {cfg.world_size} ranks)" if p.pools_replicas else ""
     count = f"{est.params / 1e9:,.2f} B" if est.params >= 1e9 else f"{est.params / 1e6:,.2f} M"
     lines = [f"model: {count} parameters ({ties}), {m.n_layers} layers, dim {m.dim}, "
              f"heads {m.n_heads}/{m.n_kv_heads} x {hd}, ffn {m.ffn_dim}, vocab {m.vocab_size:,}",
-             f"parallel: {cfg.world_size} ranks (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}{pooled}, "
+             f"parallel: {cfg.world_size} ranks (dp {p.dp} x cp {p.fixed_cp}), scheduler {p.fixed_scheduler}{pooled}, "
              f"{est.dp_mode}" + (" with cpu_offload" if p.cpu_offload else ""),
              *_packing_line(cfg),
-             f"tokens per rank: {est.tokens_per_rank:,} ({_sequence(cfg)} / cp {p.cp})",
+             f"tokens per rank: {est.tokens_per_rank:,} ({_sequence(cfg)} / cp {p.fixed_cp})",
              f"train: {t.dtype}, activation checkpointing {t.activation_checkpointing}, loss chunk {t.loss_chunk:,}"
              + (f", MLP chunk {t.mlp_chunk:,}" if t.mlp_chunk else "")
              + (", compiled blocks (counted as eager)" if t.compile else "")]

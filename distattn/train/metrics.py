@@ -35,7 +35,9 @@ from .safe_io import WriteFailed, open_append, read_regular, replace_text
 #: the metrics a step logs that depend on the machine's speed and load, not on the training: a resumed
 #: run's other metrics equal an uninterrupted run's
 TIMINGS = frozenset({"tokens_per_s", "tokens_per_s_per_device", "step_time_s", "mfu", "peak_memory_gib",
-                     "comm_wait_s", "planning_s", "plan_made_s"})
+                     "comm_wait_s", "planning_s", "plan_made_s",
+                     # parallel.cp/scheduler: auto runs the fixed choice when its own is late (.auto_plan)
+                     "choice", "choice_late", "predicted_step_s"})
 
 
 def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

@@ -79,12 +79,16 @@ def replica_nano_batches(replicas, count: int, weight: float) -> list[Parts]:
 class StepPlans:
     """One step's batch ready to run: this rank's micro-batch, its nano-batches and one plan each,
     the data state right after the batch was taken (what a checkpoint after this step stores) and
-    the seconds making all of it took."""
+    the seconds making all of it took; under ``auto`` (:mod:`.auto_plan`) also the step's ``choice``
+    (``[scheduler, cp]`` per group), its ``predicted_step_s`` and every sequence's ``pieces``."""
     batch: MicroBatch
     parts: Parts
     plans: list[Plan]
     data_state: list[int]
     made_s: float
+    choice: list | None = None
+    predicted_step_s: float | None = None
+    pieces: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -120,39 +124,62 @@ class StepPlanner:
 class PlanAhead:
     """Steps' :class:`StepPlans` from ``prepare``: with ``ahead``, each made on a background thread
     while the step before runs, else inline when the step asks (module docstring). ``device``: where
-    the plans live (CUDA: the thread makes them on a side stream the step then waits for)."""
+    the plans live (CUDA: the thread makes them on a side stream the step then waits for).
+    ``refine``: a second task after each ``prepare``, on the same thread (so the two never run at
+    once), given its :class:`StepPlans` (``auto``'s choice, :mod:`.auto_plan`)."""
 
-    def __init__(self, prepare: Callable[[], StepPlans], ahead: bool, device: torch.device):
-        self._prepare, self._next = prepare, None
+    def __init__(self, prepare: Callable[[], StepPlans], ahead: bool, device: torch.device,
+                 refine: Callable[[StepPlans], StepPlans] | None = None):
+        self._prepare, self._refine = prepare, refine
         self._cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if ahead and self._cuda else None
         self._thread = ThreadPoolExecutor(1, "distattn-plan-ahead", initializer=self._start, initargs=(device,)) \
             if ahead else None
-        self._pending: Future | None = None
+        self._pending: tuple[Future, Future | None] | None = None   # (prepare, refine) of the next step
 
     def _start(self, device: torch.device) -> None:
         if self._cuda:
             torch.cuda.set_device(device)   # (the current device is per thread)
 
-    def _made_on_thread(self) -> StepPlans:
+    def _made_on_thread(self, task: Callable, *args) -> StepPlans:
         if self._stream is None:
-            return self._prepare()
+            return task(*args)
         with torch.cuda.stream(self._stream):
-            return self._prepare()
+            return task(*args)
 
-    def take(self, more: bool) -> tuple[StepPlans, float]:
-        """This step's batch and plans -- made ahead (an error making them is raised here) or now --
-        and the seconds this waited for them; with ``more`` (a next step will run), starts making
-        the next step's on the thread."""
+    def take(self, more: bool) -> tuple[StepPlans, float, Future | None]:
+        """This step's batch and plans -- made ahead (an error making them is raised here) or now --,
+        the seconds this waited for them, and the ``refine`` task's future (None: no ``refine``;
+        inline: done); with ``more`` (a next step will run), starts making the next step's on the
+        thread."""
         t0 = time.perf_counter()
         pending, self._pending = self._pending, None
-        ready = self._prepare() if pending is None else pending.result()
+        if pending is None:
+            ready = self._prepare()
+            refined = None
+            if self._refine is not None:
+                refined = Future()
+                try:
+                    refined.set_result(self._refine(ready))
+                except Exception as error:   # (raised where the step takes the result)
+                    refined.set_exception(error)
+        else:
+            first, refined = pending
+            ready = first.result()
         if pending is not None and self._stream is not None:
             torch.cuda.current_stream().wait_stream(self._stream)
         waited = time.perf_counter() - t0
         if more and self._thread is not None:
-            self._pending = self._thread.submit(self._made_on_thread)
-        return ready, waited
+            first = self._thread.submit(self._made_on_thread, self._prepare)
+            second = None if self._refine is None else \
+                self._thread.submit(lambda: self._made_on_thread(self._refine, first.result()))
+            self._pending = (first, second)
+        return ready, waited, refined
+
+    def settled(self) -> None:
+        """The step takes ``refine``'s :class:`StepPlans`: wait for the side stream it made them on."""
+        if self._stream is not None:
+            torch.cuda.current_stream().wait_stream(self._stream)
 
     def wait(self) -> float:
         """Block until the next step's plans in the making are done (an error stays for :meth:`take`
@@ -160,15 +187,16 @@ class PlanAhead:
         charges to the next step, so the thread never runs behind other work."""
         t0 = time.perf_counter()
         if self._pending is not None:
-            futures.wait([self._pending])
+            futures.wait([f for f in self._pending if f is not None])
         return time.perf_counter() - t0
 
     def close(self) -> None:
         """Drop a preparation no step took (a stop, an error, the end) and end the thread: waits for a
         plan being made, then returns; an error it raised is dropped with it. Idempotent."""
         pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.cancel()
+        for future in pending or ():
+            if future is not None:
+                future.cancel()
         if self._thread is not None:
             self._thread.shutdown(wait=True, cancel_futures=True)
             self._thread = None

@@ -15,6 +15,8 @@ DTYPES = ("fp32", "bf16")
 ON_NONFINITE = ("stop", "skip_step")
 SOURCES = ("stdlib", "tokens", "megatron", "hf", "blend")
 PACKINGS = ("stream", "balanced")
+AUTO = "auto"          # parallel.cp / parallel.scheduler chosen per step (distattn/train/auto_plan.py)
+FALLBACK = "zigzag"    # what scheduler: auto runs when a step's choice is late (the fixed choice)
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,17 @@ class DataConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     dp: int = 1
-    cp: int = 4
+    # auto: each step lays the ranks out as CP groups of mixed power-of-two sizes chosen from its
+    # documents (needs world_size; distattn/train/auto_plan.py)
+    cp: int | str = 4
+    # auto: each group's scheduler chosen per step among those that can share one (distattn.sim.per_batch.MIXED)
     scheduler: str = "zigzag"
+    # with cp: auto, the job's ranks; dp is then the sequences of data.seq_len a step trains, and the
+    # fixed choice a late step falls back to is dp groups of world_size / dp ranks
+    world_size: int | None = None
+    # with auto: the links its choices are priced on, a `distattn cluster probe` profile (file or
+    # folder); unset: an H100 cluster's typical links (distattn.network.default_profile)
+    network: str | None = None
     ulysses_degree: int | None = None   # for scheduler: usp
     # For scheduler: ulysses, usp: move and compute each rank's query heads head_groups parts at a
     # time, so the buffers spanning the whole sequence hold 1/head_groups of them (ignored otherwise)
@@ -124,14 +135,29 @@ class ParallelConfig:
         """``nano_batches``, or the scheduler's default."""
         from ..schedulers import spec
 
-        return self.nano_batches if self.nano_batches is not None else spec(self.scheduler).nano_batches
+        return self.nano_batches if self.nano_batches is not None else spec(self.fixed_scheduler).nano_batches
 
     @property
     def pools_replicas(self) -> bool:
         """Whether the trainer plans CAD over the pool of all dp x cp ranks (see ``cad_pool``)."""
         from ..schedulers import spec
 
-        return self.cad_pool and spec(self.scheduler).pools and self.dp > 1
+        return self.cad_pool and spec(self.fixed_scheduler).pools and self.dp > 1
+
+    @property
+    def auto(self) -> bool:
+        """Whether each step chooses its CP groups or schedulers (``cp`` or ``scheduler`` is ``auto``)."""
+        return AUTO in (self.cp, self.scheduler)
+
+    @property
+    def fixed_cp(self) -> int:
+        """``cp``, or with ``cp: auto`` the fixed choice's: ``world_size / dp``."""
+        return (self.world_size or self.dp) // self.dp if self.cp == AUTO else self.cp
+
+    @property
+    def fixed_scheduler(self) -> str:
+        """``scheduler``, or with ``scheduler: auto`` the fixed choice's (:data:`FALLBACK`)."""
+        return FALLBACK if self.scheduler == AUTO else self.scheduler
 
 
 @dataclass(frozen=True)
@@ -184,12 +210,14 @@ class RunConfig:
 
     @property
     def world_size(self) -> int:
-        return self.parallel.dp * self.parallel.cp
+        p = self.parallel
+        return (p.world_size or p.dp) if p.cp == AUTO else p.dp * p.cp
 
     @property
     def packing(self) -> str:
-        """``data.packing``, or its default: ``balanced`` where ``parallel.dp > 1``, else ``stream``."""
-        return self.data.packing or ("balanced" if self.parallel.dp > 1 else "stream")
+        """``data.packing``, or its default: ``balanced`` where ``parallel.dp > 1``, else ``stream`` (and
+        under ``auto``, which deals the stream's pieces to its groups itself)."""
+        return self.data.packing or ("balanced" if self.parallel.dp > 1 and not self.parallel.auto else "stream")
 
     @property
     def rank_tokens(self) -> int:

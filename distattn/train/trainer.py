@@ -27,6 +27,13 @@ plans are made while the step before runs (``parallel.plan_ahead``, default on; 
 a background thread, no collective on it, the same plans): ``planning_s`` in the metrics is what a
 step still waited for them, ``plan_made_s`` what making them took.
 
+With ``parallel.cp: auto`` or ``parallel.scheduler: auto`` (:mod:`.auto_plan`) each step lays the
+``world_size`` ranks out as CP groups of its own choosing -- sizes, documents and a scheduler per
+group -- on meshes made here for every CP size; a rank runs its group's one plan, and the loss,
+normalisation and gradient synchronisation are the fixed configuration's. Its metrics add ``choice``,
+``predicted_step_s`` and ``choice_late``. A rank's tokens stay within ``data.token_cap / (world_size /
+dp)``, what the memory estimate of the fixed choice assumes.
+
 Precision (``train.dtype``): ``bf16`` computes in bf16 and keeps fp32 master weights, fp32
 gradient reduction and fp32 AdamW state -- FSDP2 through its ``MixedPrecisionPolicy``, DDP (and a
 single rank) by autocasting the forward. Attention accumulates in fp32 either way. Activation
@@ -73,6 +80,7 @@ from .data import Packer, make_corpus
 from .global_batch import GlobalBatches, MicroBatch
 from .metrics import RunLog, device_peak_flops, peak_memory_bytes
 from .model import Transformer
+from .auto_plan import auto_meshes, late_choice, make_planner
 from .plan_ahead import PlanAhead, StepPlanner, plan_options
 from .ranks import StopSignal, join_group
 from .resume import resume_config, resume_from, run_info, schedule_steps
@@ -197,9 +205,12 @@ class Trainer:
             if "nccl" in dist.get_backend() else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dims = ParallelDims(p.dp, p.cp, spec(p.scheduler).ulysses_axis(p.cp, cfg.plan_context()))
+        cp = p.fixed_cp
+        dims = ParallelDims(p.dp, cp, spec(p.fixed_scheduler).ulysses_axis(cp, cfg.plan_context()))
         mesh = dims.build(device.type)  # every process group of the run, made once here
         self.cp_mesh, self.dp_rank = dims.cp_mesh(mesh), mesh.get_local_rank("dp")
+        # auto: every CP size's groups too (.auto_plan), so that no step makes a group
+        self.meshes = auto_meshes(cfg, device.type) if p.auto else None
         if t.deterministic:
             # cuBLAS needs a fixed workspace to reduce in a fixed order; the variable is read when
             # cuBLAS starts, which is later in this process (the model is not on the device yet)
@@ -234,6 +245,10 @@ class Trainer:
         # from here the planner alone moves self.batches (maybe ahead, on its thread): a checkpoint
         # stores the data state right after the batch of the last step run, which its StepPlans carried
         self.data_state = self.batches.state()
+        if p.auto:
+            auto = make_planner(cfg, dist.get_rank(), self.batches, self.plans, self.meshes, self.options, self.done)
+            self.ahead = PlanAhead(auto.fixed, p.plan_ahead, self.device, refine=auto.choose)
+            return
         planner = StepPlanner(self.batches, self.dp_rank, self.plans, self.cp_mesh, p.scheduler, p.backend,
                               p.nano_batch_count, cfg.model.shape.pair_weight(), self.options)
         self.ahead = PlanAhead(planner, p.plan_ahead, self.device)
@@ -257,7 +272,11 @@ class Trainer:
         ``train.on_nonfinite: skip_step``, metrics with ``"skipped": true``."""
         cfg, t, step = self.config, self.config.train, self.done
         t0 = time.perf_counter()
-        ready, planning = self.ahead.take(more=step + 1 < t.steps)   # and starts the next step's (plan_ahead)
+        ready, planning, refined = self.ahead.take(more=step + 1 < t.steps)   # and starts the next step's
+        late = None
+        if refined is not None:
+            chosen = self._choice(ready, refined, step + 1)
+            late, ready = chosen is ready, chosen
         batch, parts, plans = ready.batch, ready.parts, ready.plans
         tokens, doc_lens = torch.from_numpy(batch.tokens).to(self.device), batch.doc_lens
         # a cached plan's wait clock runs over its life: this step's wait is what the step adds to each
@@ -284,10 +303,25 @@ class Trainer:
                             f"stop, or skip_step to skip such steps)")
         self.optimizer.zero_grad(set_to_none=True)
         m = self._metrics(t0, plans, list(waited.values()), loss_sum, count, norm, batch, (planning, ready.made_s))
+        p = self.config.parallel
+        m["choice"] = ready.choice or [[p.scheduler, p.cp]] * p.dp
+        m["predicted_step_s"] = ready.predicted_step_s
+        if late is not None:
+            m["choice_late"] = late   # the choice was not ready on every rank: the fixed choice ran
         if bad is not None:
             m["skipped"] = True
         self.done, self.data_state = step + 1, ready.data_state
         return m
+
+    def _choice(self, fixed, refined, step: int):
+        """``auto``: the step's choice when every rank has it ready, else the fixed choice (logged)."""
+        ready = torch.tensor([float(refined.done())], dtype=torch.float64, device=self.device)
+        dist.all_reduce(ready, op=dist.ReduceOp.MIN)
+        if ready.item() < 1:
+            late_choice(step, fixed)
+            return fixed
+        self.ahead.settled()
+        return refined.result()
 
     def _metrics(self, t0: float, plans: list, waited: list, loss_sum: torch.Tensor, count: torch.Tensor,
                  norm: torch.Tensor, batch: MicroBatch, planning: tuple[float, float]) -> dict:

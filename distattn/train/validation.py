@@ -7,7 +7,7 @@ import dataclasses
 import math
 import typing
 
-from .sections import (CHECKPOINTING, DTYPES, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig,
+from .sections import (AUTO, CHECKPOINTING, DTYPES, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig,
                        ModelConfig, ParallelConfig, RunConfig, TrainSection)
 
 # upper bounds of floats, past which a value is a typo rather than a setting: (key, most, why)
@@ -32,6 +32,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_model(cfg.model)
     _check_data(cfg.data, cfg.model.vocab_size)
     _check_parallel(cfg.parallel, cfg.model)
+    _check_auto(cfg)
     _check_train(cfg.train)
     return cfg
 
@@ -52,7 +53,7 @@ def _check_type(key: str, hint, val):
         if not isinstance(val, bool):
             raise _type_error(key, "true or false", val)
         return val
-    if int in allowed:
+    if int in allowed and not (str in allowed and isinstance(val, str)):   # (parallel.cp: auto)
         if isinstance(val, bool) or not isinstance(val, int):
             raise _type_error(key, "an int", val)
         return val
@@ -116,9 +117,11 @@ def _checked_blend(blend) -> tuple[BlendSource, ...] | None:
 def _check_ranges(cfg: RunConfig) -> None:
     """The numbers of every section: positive, non-negative, seeds, and below :data:`CEILINGS`."""
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.train
+    if isinstance(p.cp, str) and p.cp != AUTO:
+        raise ValueError(f"parallel.cp must be a positive int or auto (chosen per step), got {p.cp!r}")
     positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                 "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "model.vocab_size": m.vocab_size,
-                "data.seq_len": d.seq_len, "parallel.dp": p.dp, "parallel.cp": p.cp, "train.steps": t.steps,
+                "data.seq_len": d.seq_len, "parallel.dp": p.dp, "parallel.cp": p.fixed_cp, "train.steps": t.steps,
                 "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "model.rope_theta": m.rope_theta,
                 "parallel.timeout_s": p.timeout_s, "train.lr": t.lr, "train.loss_chunk": t.loss_chunk,
                 "train.min_lr": t.min_lr, "train.grad_clip": t.grad_clip}
@@ -219,25 +222,54 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> None:
                          f"memory: it needs parallel.dp_mode: fsdp (got {p.dp_mode!r})")
     from ..schedulers import LOCAL, NAMES, PlanContext, spec
 
-    choices = (*NAMES, LOCAL.name)
+    choices = (*NAMES, LOCAL.name, AUTO)
     if p.scheduler not in choices:
         raise ValueError(f"parallel.scheduler {p.scheduler!r} is unknown; choose one of {', '.join(choices)}")
-    if p.ulysses_degree is not None and (p.ulysses_degree < 1 or p.cp % p.ulysses_degree
+    if p.ulysses_degree is not None and (p.ulysses_degree < 1 or p.fixed_cp % p.ulysses_degree
                                          or p.ulysses_degree > m.n_heads):
-        raise ValueError(f"parallel.ulysses_degree ({p.ulysses_degree}) must divide parallel.cp ({p.cp}) and be at "
-                         f"most model.n_heads ({m.n_heads}); leave it unset for the default")
+        raise ValueError(f"parallel.ulysses_degree ({p.ulysses_degree}) must divide parallel.cp ({p.fixed_cp}) and "
+                         f"be at most model.n_heads ({m.n_heads}); leave it unset for the default")
     if p.nano_batches not in (None, 1, 2):
         raise ValueError(f"parallel.nano_batches must be 1 or 2 (nano-batches per micro-batch, ping-ponged through "
                          f"the blocks), got {p.nano_batches!r}; leave it unset for the scheduler's default")
     if isinstance(p.head_groups, bool) or not isinstance(p.head_groups, int) or p.head_groups < 1:
         raise ValueError(f"parallel.head_groups must be a positive int, got {p.head_groups!r}")
-    entry = spec(p.scheduler) if p.scheduler in NAMES else None
-    if entry is not None and "head_groups" in entry.option_names() and p.cp > 1:
+    entry = spec(p.fixed_scheduler) if p.fixed_scheduler in NAMES else None
+    if entry is not None and "head_groups" in entry.option_names() and p.fixed_cp > 1:
         context = PlanContext(m.n_heads, m.n_kv_heads, ulysses_degree=p.ulysses_degree)
-        fewest = m.n_heads // entry.head_split(p.cp, context)
+        fewest = m.n_heads // entry.head_split(p.fixed_cp, context)
         if p.head_groups > fewest:
             raise ValueError(f"parallel.head_groups ({p.head_groups}) must be at most the query heads a Ulysses rank "
                              f"computes ({fewest} of model.n_heads {m.n_heads}): use head_groups <= {fewest}")
+
+
+def _check_auto(cfg: RunConfig) -> None:
+    """``parallel.cp: auto`` / ``parallel.scheduler: auto``: the world they choose groups from, the
+    schedulers that can share a step, and the keys a choice decides itself."""
+    p, d = cfg.parallel, cfg.data
+    if p.cp == AUTO:
+        if p.world_size is None or p.world_size < 1 or p.world_size % p.dp:
+            raise ValueError(f"parallel.cp: auto needs parallel.world_size, the job's ranks, a multiple of parallel.dp "
+                             f"({p.dp}: the sequences of data.seq_len each step trains), got {p.world_size!r}")
+    elif p.world_size is not None and p.world_size != p.dp * p.cp:
+        raise ValueError(f"parallel.world_size ({p.world_size}) is read with parallel.cp: auto; with cp {p.cp} the job "
+                         f"has dp * cp = {p.dp * p.cp} ranks: remove it")
+    if not p.auto:
+        if p.network is not None:
+            raise ValueError("parallel.network prices parallel.scheduler/cp: auto's choices; remove it, or set one "
+                             "of them to auto")
+        return
+    from ..sim.per_batch import MIXED
+
+    if p.scheduler != AUTO and p.scheduler not in MIXED:
+        raise ValueError(f"parallel.cp: auto runs CP groups of several sizes in one step, which {p.scheduler} (one "
+                         f"plan pooled over every replica, two nano-batches) cannot share: choose one of "
+                         f"{', '.join(MIXED)} or auto, or fix parallel.cp")
+    for key, val in (("parallel.ulysses_degree", p.ulysses_degree), ("data.packing", d.packing),
+                     ("parallel.nano_batches", p.nano_batches if p.nano_batches != 1 else None)):
+        if val is not None:
+            raise ValueError(f"{key} is chosen per step with parallel.scheduler/cp: auto (usp's degree, the groups' "
+                             f"documents, one nano-batch): remove it")
 
 
 def _check_train(t: TrainSection) -> None:

@@ -1,0 +1,377 @@
+"""Choose per batch: each step's CP groups, the documents of each and its scheduler, on the simulator's model.
+
+A fixed job runs one scheduler at one CP size for its whole life, so the step of thousands of 2K
+documents pays the ring or all-to-all that only its one 400K document needed. :func:`choose_step`
+looks at the step's documents and lays the ranks (of one TP index) out as CP groups of mixed
+power-of-two sizes -- aligned blocks of the groups made at start-up, so ``[32, 16, 8, 4, 2, 1, 1]``
+tiles 64 ranks -- each group one micro-batch with a scheduler of its own:
+
+1. **Groups** (:func:`arrange`), for each size ``small`` of the groups of short documents: a document
+   longer than ``small`` ranks hold (each rank at most ``rank_cap`` tokens: the token cap over the
+   ranks) gets a group of its own, of the power of two ranks that hold it *and* bring its workload
+   (tokens + the model's pair weight x its causal pairs) down to the mean rank's; the other ranks
+   form groups of ``small``. The remaining documents go, heaviest first, to the group whose ranks'
+   workload stays lowest with it, within its token room.
+2. **Scheduler per group size**: each size's groups (a *class*) are replayed with each scheduler that
+   can run them (:func:`class_time`: the trainer's step -- its layers, the recomputation its
+   checkpointing runs, FSDP over every rank of the job, the kernel and link tables -- on those groups'
+   ranks) and take the fastest. Every class runs the step's one activation checkpointing (FSDP2's
+   gathers must match on every rank): the cheapest that every class fits with one scheduler at least.
+3. **The step**: of the :data:`FINALISTS` best-scored layouts and the fixed choice, each replayed whole,
+   the one with the lowest predicted step, which is its slowest class's time. Classes
+   are replayed apart: every layer has the same pieces, so the slowest class is the slowest at each of
+   FSDP's collectives, and a faster class only waits there (the collectives' waits are not replayed
+   across classes).
+
+``cad`` is not mixed: it cuts each micro-batch into two nano-batches and pools every replica's
+attention, which groups of other schedulers cannot share within one step (FSDP2's gathers follow the
+nano-batches). :func:`distattn.choose` (:mod:`.choose`) and the trainer's ``parallel.scheduler: auto`` choose among
+the others; a job that runs ``cad`` fixes it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from ..packing import pack_balanced, workload
+from ..schedulers import NAMES, spec
+from . import fit
+from .job import Links, SimConfig, attention_kernel, links_of, plan_context
+from .micro import fsdp_seconds, micro_batch
+from .replay import replay
+from .step import Fsdp, step_ops
+
+FINALISTS = 3              # the best-scored layouts replayed whole (choose_step)
+SCORED_GROUPS = 4          # groups of a size replayed to score a layout (class_time)
+SPREADS = (1.0, 2.0, 4.0)   # a long document's group: its ranks' workload over the mean rank's (arrange)
+# the schedulers groups may mix (module docstring): one nano-batch a micro-batch, no pool
+MIXED = tuple(n for n in NAMES if not spec(n).pools and spec(n).nano_batches == 1)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One CP group of a step: ``cp`` ranks from ``first`` (a rank of one TP index), running
+    ``scheduler`` on its micro-batches: ``rounds[j]`` the lengths of the ``j``-th's documents,
+    ``pieces[j]`` their indices in the step's ``doc_lens``."""
+
+    scheduler: str
+    cp: int
+    first: int
+    rounds: tuple[tuple[int, ...], ...]
+    pieces: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class StepChoice:
+    """A step's groups (largest first, tiling the ranks in order), its activation checkpointing, its
+    predicted seconds and the seconds choosing it took."""
+
+    groups: tuple[Group, ...]
+    checkpointing: str
+    mlp_chunk: int
+    predicted_step_s: float
+    planning_s: float = 0.0
+
+    @property
+    def choice(self) -> list[tuple[str, int]]:
+        """``(scheduler, cp)`` of each micro-batch (group), as ``metrics.jsonl``'s ``choice`` lists them."""
+        return [(g.scheduler, g.cp) for g in self.groups]
+
+
+def _pow2_at_least(x: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(x, 1.0)) - 1e-12))
+
+
+def arrange(doc_lens, ranks: int, rank_cap: int, small: int, pair_weight: float,
+            spread: float = 1.0) -> list[tuple[int, list[list[int]]]] | None:
+    """Step 1 of the module docstring: ``[(cp, [document indices]), ...]`` (one micro-batch a group,
+    as :func:`balanced_layout` lists them), largest group first, tiling ``ranks``, each at most
+    ``rank_cap`` tokens a rank; a long document's group brings its workload down to ``spread`` times
+    the mean rank's (fewer ranks than even: less communication). None when the long documents need
+    more ranks than there are."""
+    lens = np.asarray(doc_lens, dtype=np.int64)
+    work = workload(lens, pair_weight) if len(lens) else np.zeros(0)
+    target = float(work.sum()) / ranks        # the mean rank's workload over the step
+    order = np.argsort(-work, kind="stable")
+    sizes: list[int] = []
+    members: list[list[int]] = []
+    load: list[float] = []
+    rest = []
+    for i in order:
+        n = int(lens[i])
+        if n <= small * rank_cap:
+            rest.append(i)
+            continue
+        size = min(ranks, _pow2_at_least(max(n / rank_cap, work[i] / max(spread * target, 1e-30))))
+        # a group of this size with room for its workload and tokens takes it
+        for g, s in enumerate(sizes):
+            if s == size and (load[g] + work[i]) / s <= spread * target and \
+                    sum(int(lens[k]) for k in members[g]) + n <= s * rank_cap:
+                members[g].append(int(i))
+                load[g] += float(work[i])
+                break
+        else:
+            sizes.append(size)
+            members.append([int(i)])
+            load.append(float(work[i]))
+    if sum(sizes) > ranks or (ranks - sum(sizes)) % small:
+        return None
+    free = (ranks - sum(sizes)) // small
+    sizes += [small] * free
+    members += [[] for _ in range(free)]
+    load += [0.0] * free
+    cp = np.asarray(sizes, dtype=np.float64)
+    room = cp * rank_cap - np.asarray([sum(int(lens[i]) for i in m) for m in members], dtype=np.float64)
+    per_rank = np.asarray(load) / cp
+    for i in rest:
+        after = per_rank + work[i] / cp
+        after[room < lens[i]] = np.inf
+        g = int(np.argmin(after))
+        if not np.isfinite(after[g]):
+            return None
+        members[g].append(int(i))
+        room[g] -= lens[i]
+        per_rank[g] = after[g]
+    return sorted(((sizes[g], [sorted(members[g])]) for g in range(len(sizes))), key=lambda x: -x[0])
+
+
+def fits_heads(cfg: SimConfig, name: str, cp: int) -> bool:
+    """Whether ``name`` can split ``cfg``'s heads (a TP rank's) over ``cp`` ranks."""
+    return cfg.model.n_heads // cfg.tp >= spec(name).head_split(cp, plan_context(replace(cfg, cp=cp)))
+
+
+def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]], links: Links,
+               fsdp: Fsdp | None, whole: bool = True) -> float:
+    """The step of ``len(groups)`` groups of ``cp`` ranks running ``name`` (``groups[k][j]``: the
+    documents of group ``k``'s ``j``-th micro-batch) under ``cfg``'s checkpointing, FSDP's transfers
+    those of every rank of the job (``fsdp``): the slowest of those ranks' end.
+
+    ``whole=False`` is what scoring a layout needs, at a fraction of the replay: only the
+    :data:`SCORED_GROUPS` groups with the most workload and the most tokens a rank (the groups do not
+    wait for each other, so the slowest is among them), replayed for two and three layers, their
+    difference extended to the model's layers (every layer runs the same pieces)."""
+    if not whole and len(groups) > SCORED_GROUPS:
+        pw = cfg.model.pair_weight()
+        heavy = sorted(range(len(groups)), key=lambda k: -sum(workload(r, pw).sum() for r in groups[k] if r))
+        most = max(range(len(groups)), key=lambda k: sum(map(sum, groups[k])))
+        keep = heavy[:SCORED_GROUPS - 1] + ([most] if most not in heavy[:SCORED_GROUPS - 1] else heavy[-1:])
+        groups = [groups[k] for k in keep]
+    at = replace(cfg, cp=cp, gpus=cp * len(groups) * cfg.tp, batch=None)
+    kernel = attention_kernel(at)
+    micro = [micro_batch(at, name, [g[j] for g in groups], kernel, links)["micro"] for j in range(len(groups[0]))]
+    n = at.ranks
+    part = None if fsdp is None else Fsdp(fsdp.gather[:n], fsdp.reduce[:n], fsdp.root_gather[:n],
+                                          fsdp.root_reduce[:n], fsdp.per_piece)
+
+    def end(layers):
+        run = replay(step_ops(micro, layers, at.activation_checkpointing, n, part), n, slowdown=cfg.comm_slowdown)
+        return float((run.compute + run.stalled).max())
+    layers = cfg.model.n_layers
+    if whole or layers <= 4:
+        return end(layers)
+    two, three = end(2), end(3)   # (the first layer differs: FSDP's first gather is not prefetched)
+    return three + (layers - 3) * (three - two)
+
+
+def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
+                fixed: tuple[str, int, int] | None = None) -> StepChoice:
+    """The step's :class:`StepChoice` (module docstring) for the global batch ``doc_lens`` on ``cfg``'s
+    job (its GPUs, TP, model, GPU, token cap factor; ``cfg.cp`` is not used), choosing among
+    ``schedulers`` (of :data:`MIXED`), group sizes ``cps`` (default: every power of two the ranks
+    allow; one size fixes every group's: ``parallel.cp`` set, ``scheduler: auto``), one micro-batch a
+    group (as the trainer runs a step). ``fixed``: ``(scheduler, cp, micro-batches)``, the job's
+    fixed choice, also scored on the step (its documents packed as the trainer packs them,
+    :func:`distattn.pack_balanced`): kept when no mixed layout beats it, so a step is never predicted
+    slower than the fixed choice."""
+    t0 = time.perf_counter()
+    for name in schedulers:
+        if name not in MIXED:
+            raise ValueError(f"scheduler {name!r} cannot share a step with other groups; choose from "
+                             f"{', '.join(MIXED)}")
+    links = links_of(network, cfg)
+    ranks = cfg.gpus // cfg.tp
+    lens = [int(n) for n in doc_lens]
+    total = sum(lens)
+    if total < 1:
+        raise ValueError("doc_lens: the global batch has no tokens")
+    sizes = [1 << k for k in range(int(math.log2(ranks)) + 1) if ranks % (1 << k) == 0]
+    # short documents' groups stay inside a node (larger groups are for the documents that need them,
+    # and the fixed choice, a layout of one large size, is scored besides)
+    smalls = [c for c in sizes if c <= max(1, cfg.gpus_per_node // cfg.tp)] if cps is None else \
+        [c for c in cps if c in sizes]
+    if not smalls:
+        raise ValueError(f"cps {cps}: no power of two among them divides the {ranks} ranks")
+    fsdp = fsdp_seconds(replace(cfg, cp=1), links.cp)
+    pw = cfg.model.pair_weight()
+    timed: dict[tuple, float] = {}
+    scored = []   # (score, layout, scheduler per size, setting) of every layout that fits
+    rank_cap = math.ceil(cfg.token_cap_factor * total / ranks)
+    for small, spread in itertools.product(smalls, SPREADS):
+        if small * rank_cap >= max(lens) and spread != SPREADS[0]:
+            continue   # no document is long enough for its own group: the spread changes nothing
+        layout = arrange(lens, ranks, rank_cap, small, pw, spread)
+        if layout is None or (cps is not None and any(c not in cps for c, _ in layout)):
+            continue
+        scored.append(_score(cfg, lengths_of(layout, lens), rank_cap, schedulers, links, fsdp, timed, layout))
+    kept = None
+    if fixed is not None:
+        name, cp, m = fixed
+        rank_cap = math.ceil(cfg.token_cap_factor * total / (ranks * m))
+        # packed as the fixed row packs it: its cap, its seed
+        layout = balanced_layout(lens, ranks // cp, cp, m, math.ceil(cfg.token_cap_factor * total * cp / (ranks * m)),
+                                 pw, cfg.seed)
+        kept = None if layout is None else _score(cfg, lengths_of(layout, lens), rank_cap, (name,), links, fsdp,
+                                                  timed, layout)
+    scored = sorted((got for got in scored if got is not None), key=lambda got: got[0])[:FINALISTS]
+    scored += [kept] if kept is not None else []
+    if not scored:
+        raise ValueError(f"no layout of {ranks} ranks fits {cfg.gpu.memory_gib:.0f} GiB per GPU for this batch's "
+                         f"{len(lens)} documents: add GPUs or shorten the sequences")
+    # the finalists (and the fixed choice) replayed whole: the step is the best of them
+    step, layout, names, setting = min((_whole(cfg, got, lens, links, fsdp) for got in scored), key=lambda x: x[0])
+    sized = lengths_of(layout, lens)
+    groups, first = [], 0
+    for (cp, docs), (_, which) in zip(sized, layout):
+        groups.append(Group(names[cp], cp, first, tuple(map(tuple, docs)), tuple(map(tuple, which))))
+        first += cp
+    return StepChoice(tuple(groups), setting[0], setting[1], step, time.perf_counter() - t0)
+
+
+def _whole(cfg: SimConfig, got, lens: list[int], links: Links, fsdp):
+    """A scored layout (:func:`_score`'s) with its step replayed whole, every group of it."""
+    _, layout, names, setting = got
+    at = replace(cfg, activation_checkpointing=setting[0], mlp_chunk=setting[1])
+    sized = lengths_of(layout, lens)
+    step = max(class_time(at, names[cp], cp, [docs for c, docs in sized if c == cp], links, fsdp) for cp in names)
+    return step, layout, names, setting
+
+
+def balanced_layout(doc_lens, dp: int, cp: int, rounds: int, token_cap: int, pair_weight: float,
+                    seed: int = 0) -> list[tuple[int, list[list[int]]]] | None:
+    """``dp`` groups of ``cp`` ranks, ``rounds`` micro-batches each, dealt out by
+    :func:`distattn.pack_balanced` (the trainer's balanced packing), as :func:`arrange` gives them;
+    None when a document is held."""
+    lens = [int(n) for n in doc_lens]
+    if max(lens, default=0) > token_cap:
+        return None
+    packed = pack_balanced(lens, dp, rounds, token_cap, pair_weight, seed)
+    if len(packed.held):
+        return None
+    return [(cp, [sorted(packed[r][j]) for j in range(rounds)]) for r in range(dp)]
+
+
+def lengths_of(layout, lens: list[int]) -> list[tuple[int, list[list[int]]]]:
+    return [(cp, [[lens[i] for i in r] for r in rounds]) for cp, rounds in layout]
+
+
+def _score(cfg: SimConfig, layout, rank_cap: int, schedulers, links: Links, fsdp, timed: dict, kept=None):
+    """(predicted step, ``kept``, scheduler per group size, (checkpointing, mlp_chunk)) of one layout
+    (documents by length), or None: nothing fits."""
+    by_cp: dict[int, list[list[list[int]]]] = {}
+    for cp, docs in layout:
+        by_cp.setdefault(cp, []).append(docs)
+    # the step's checkpointing: the cheapest every class fits with one of its schedulers at least
+    able = {cp: [n for n in (schedulers[:1] if cp == 1 else schedulers) if fits_heads(cfg, n, cp)] for cp in by_cp}
+    index = {(n, cp): setting_index(cfg, n, cp, rank_cap * cp, timed) for cp in by_cp for n in able[cp]}
+    need = 0
+    for cp in by_cp:
+        fitting = [index[n, cp] for n in able[cp] if index[n, cp] is not None]
+        if not fitting:
+            return None
+        need = max(need, min(fitting))
+    setting = fit.BY_COST[need]
+    at = replace(cfg, activation_checkpointing=setting[0], mlp_chunk=setting[1])
+    names, step = {}, 0.0
+    for cp, replicas in by_cp.items():
+        best = None
+        for name in able[cp]:
+            if index[name, cp] is None or index[name, cp] > need:
+                continue
+            key = (name, cp, need, tuple(tuple(map(tuple, g)) for g in replicas))
+            if key not in timed:
+                timed[key] = class_time(at, name, cp, replicas, links, fsdp, whole=False)
+            if best is None or timed[key] < best[0]:
+                best = (timed[key], name)
+        names[cp] = best[1]
+        step = max(step, best[0])
+    return step, kept, names, setting
+
+
+def setting_index(cfg: SimConfig, name: str, cp: int, tokens: int, memo: dict | None = None) -> int | None:
+    """The index in :data:`~.fit.BY_COST` of the cheapest setting ``name`` fits at on groups of ``cp``
+    ranks with ``tokens`` tokens a group, or None (kept in ``memo``)."""
+    key = ("memory", name, cp, tokens)
+    if memo is not None and key in memo:
+        return memo[key]
+    at, found = replace(cfg, cp=cp), None
+    for i, (mode, chunk) in enumerate(fit.BY_COST):
+        if fit.memory_gib(at, name, mode, chunk, tokens) <= cfg.gpu.memory_gib:
+            found = i
+            break
+    if memo is not None:
+        memo[key] = found
+    return found
+
+
+def best_fixed(rows: list[dict]) -> dict | None:
+    """The fastest real row (median step) of :func:`.sweep.rows`' ``rows``: the fixed (scheduler, CP) a
+    user would pick for the job, ``wlb`` included (bounds are not choices)."""
+    from .presets import BOUNDS
+
+    timed = [r for r in rows if r["scheduler"] not in BOUNDS and r.get("step_time_s") is not None]
+    return min(timed, key=lambda r: r["step_time_s"]) if timed else None
+
+
+def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict], schedulers=MIXED,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """``simulate --per-batch``'s row: every draw's step (``batches(cfg, d)``, the draws
+    :func:`.sweep.rows` timed ``rows`` on) with each step chosen by :func:`choose_step` -- the best
+    fixed row's (scheduler, CP, micro-batches) among the layouts when the row can mix -- and its
+    planning, which is hidden behind the step before as ``cfg.planning`` says; summarised as
+    :func:`.sweep.summary` summarises a row, with ``best_fixed`` (``{scheduler, cp}``) and the
+    paired per-draw ``speedup_vs_best_fixed`` (its step over this one's: median, p10, p90), and
+    ``choices``: how many micro-batches of the draws took each ``"scheduler cp"``."""
+    from .sweep import QUANTILES, summary
+
+    best = best_fixed(rows)
+    fixed = None
+    if best is not None and best["scheduler"] in MIXED:
+        fixed = (best["scheduler"], best["cp"], best["micro_batches"])
+    per_draw, counts = [], {}
+    for d in range(draws):
+        chunks = batches(cfg, d)
+        docs = [n for chunk in chunks for n in chunk]
+        got = choose_step(replace(cfg, seed=cfg.seed + d), docs, network, schedulers, fixed=fixed)
+        step = max(got.predicted_step_s, got.planning_s) if cfg.planning == "hidden" else \
+            got.predicted_step_s + got.planning_s
+        for key in (f"{name} {cp}" for name, cp in got.choice):
+            counts[key] = counts.get(key, 0) + 1
+        per_draw.append({"scheduler": "per-batch", "gpus": cfg.gpus, "tp": cfg.tp, "seq_len": cfg.seq_len,
+                         "batch": len(chunks), "model": cfg.model.name, "checkpointing": got.checkpointing,
+                         "mlp_chunk": got.mlp_chunk, "fits": True, "step_time_s": step,
+                         "planning_s": got.planning_s, "groups": len(got.groups)})
+        if progress is not None:
+            progress(f"per-batch: draw {d + 1} of {draws}: {step:.2f} s, {len(got.groups)} groups "
+                     f"(planned in {got.planning_s:.1f} s)")
+    row = summary(per_draw)
+    row["groups"] = float(np.median([r["groups"] for r in per_draw]))
+    row["choices"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    if best is not None:
+        row["best_fixed"] = {"scheduler": best["scheduler"], "cp": best["cp"]}
+        theirs = np.asarray(best["step_times_s"][:draws])
+        if len(theirs) == draws:
+            ratio = theirs / np.asarray(row["step_times_s"])
+            row["speedup_vs_best_fixed"] = float(np.median(ratio))
+            for name, q in QUANTILES.items():
+                row[f"speedup_vs_best_fixed_{name}"] = float(np.percentile(ratio, q))
+    return row
+
+
+__all__ = ["MIXED", "SPREADS", "FINALISTS", "SCORED_GROUPS", "Group", "StepChoice", "arrange", "balanced_layout",
+           "lengths_of", "fits_heads", "setting_index", "class_time", "choose_step", "best_fixed", "per_batch_row"]

@@ -1,0 +1,229 @@
+"""``parallel.cp: auto`` and ``parallel.scheduler: auto``: each step's CP groups, documents and schedulers.
+
+A step takes the stream's next ``dp`` sequences of ``data.seq_len`` tokens (as stream packing does:
+a document cut where a sequence ends is two pieces), and lays the ``world_size`` ranks out for them
+with :func:`distattn.sim.per_batch.choose_step` -- CP groups of power-of-two sizes, aligned blocks of
+the meshes made at start-up (:func:`auto_meshes`), each with its documents and its scheduler, priced
+on the simulator's model of the job (``parallel.network``'s links, an H100's kernel and memory).
+Every rank makes the same choice from the same documents (no collective: the chooser is a pure
+function of them), reads its own group's pieces and plans them on its group's mesh.
+
+Two tasks a step, both on the plan-ahead thread (:class:`~.plan_ahead.PlanAhead`), in order:
+
+1. :meth:`AutoPlanner.fixed`: the batch, and the *fixed choice*'s plans -- ``dp`` groups of
+   ``world_size / dp`` ranks running ``parallel.scheduler`` (``zigzag`` under ``scheduler: auto``),
+   group ``r`` on sequence ``r``;
+2. :meth:`AutoPlanner.choose`: the step's choice and its plans.
+
+The trainer runs the choice when every rank has it when the step starts (one flag, all-reduced),
+else the fixed choice, and logs that the step's choice was late. Either way the step trains the
+same tokens with the same loss normalisation: only which ranks compute which documents changes, so
+losses and gradients are those of any fixed configuration on the same batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..packing import imbalance, workload
+from ..plan_cache import PlanCache
+from .config import RunConfig
+from .global_batch import GlobalBatches, MicroBatch
+from .plan_ahead import StepPlans
+
+_log = logging.getLogger(__name__)
+
+
+def candidates(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The schedulers and CP sizes a step may choose: ``parallel.scheduler`` or every one that can
+    share a step (:data:`~distattn.sim.per_batch.MIXED`), ``parallel.cp`` or every power of two
+    dividing the world."""
+    from ..sim.per_batch import MIXED
+
+    p, world = cfg.parallel, cfg.world_size
+    names = MIXED if p.scheduler == "auto" else (p.scheduler,)
+    sizes = tuple(c for c in (1 << k for k in range(int(math.log2(world)) + 1)) if world % c == 0)
+    return names, (sizes if p.cp == "auto" else (p.cp,))
+
+
+def _axis(cfg: RunConfig, name: str, cp: int) -> int | None:
+    """The Ulysses axis ``name`` plans on at ``cp`` ranks (1: a 1-D mesh), None: too few heads."""
+    from ..schedulers import spec
+
+    try:
+        axis = spec(name).ulysses_axis(cp, cfg.plan_context())
+    except ValueError:
+        return None
+    return axis if cfg.model.n_heads >= spec(name).head_split(cp, cfg.plan_context()) else None
+
+
+def auto_meshes(cfg: RunConfig, device_type: str) -> dict[tuple[str, int], Any]:
+    """This rank's CP group's mesh for every ``(scheduler, cp)`` a step may choose: each CP size's
+    groups are aligned blocks of ranks (``[k * cp, (k + 1) * cp)``, inside a node first), made here
+    once (a collective over every rank) and found again by every plan."""
+    from ..mesh import ParallelDims
+
+    names, sizes = candidates(cfg)
+    p = cfg.parallel
+    built, out = {}, {}
+    for name, cp in [(n, c) for c in sizes for n in names] + [(p.fixed_scheduler, p.fixed_cp)]:
+        if True:
+            axis = _axis(cfg, name, cp)
+            if axis is None:
+                continue
+            if (cp, axis) not in built:
+                dims = ParallelDims(cfg.world_size // cp, cp, axis)
+                built[cp, axis] = dims.cp_mesh(dims.build(device_type))
+            out[name, cp] = built[cp, axis]
+    return out
+
+
+def job_of(cfg: RunConfig):
+    """The job as the chooser prices it (:class:`~distattn.sim.job.SimConfig`): the run's model on
+    ``world_size`` H100s, eight to a node."""
+    from ..model_shape import GPUS
+    from ..sim.job import SimConfig
+    from ..sim.kernel import AttentionKernel
+
+    gpu, shape = GPUS["h100"], cfg.model.shape
+    return SimConfig(shape, cfg.world_size, cfg.data.seq_len, 1, gpu=gpu, gpus_per_node=min(8, cfg.world_size),
+                     kernel=AttentionKernel.measured(gpu, shape.head_dim),
+                     token_cap_factor=cfg.data.cap / cfg.data.seq_len)
+
+
+def network_of(cfg: RunConfig):
+    from ..network import NetworkProfile, default_profile
+
+    return NetworkProfile.load(cfg.parallel.network) if cfg.parallel.network else default_profile()
+
+
+@dataclass(frozen=True)
+class AutoPlanner:
+    """The two planning tasks of a step (module docstring) for the rank ``rank``. With ``shared``,
+    rank 0 alone chooses and the others read its choice (:class:`SharedChoice`)."""
+    batches: GlobalBatches
+    rank: int
+    cache: PlanCache
+    meshes: dict                  # auto_meshes'
+    fixed_choice: tuple[str, int]
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    backend: str
+    weight: float                 # the model's attention pair weight
+    options: dict                 # plan_options'
+    job: Any                      # job_of's
+    network: Any
+    shared: "SharedChoice | None" = None
+
+    def fixed(self) -> StepPlans:
+        """The step's batch with the fixed choice's plans; ``pieces``: every sequence of the step."""
+        t0 = time.perf_counter()
+        sequences = self.batches.sequences()
+        state = list(self.batches.state())
+        name, cp = self.fixed_choice
+        groups = [(name, cp, seq) for seq in sequences]
+        return self._plans(groups, self.rank // cp, sequences, state, None, time.perf_counter() - t0)
+
+    def choose(self, fixed: StepPlans) -> StepPlans:
+        """The step's choice (:func:`~distattn.sim.per_batch.choose_step`) and its plans, for ``fixed``'s batch."""
+        from ..sim.per_batch import choose_step
+
+        t0 = time.perf_counter()
+        pieces = [piece for seq in fixed.pieces for piece in seq]
+        lens = [end - start for _, _, start, end in pieces]
+        name, cp = self.fixed_choice
+
+        def decide() -> tuple[list, float]:
+            fixed_arg = (name, cp, 1) if cp in self.sizes and name in self.names else None
+            got = choose_step(self.job, lens, self.network, self.names, None if len(self.sizes) > 1 else self.sizes,
+                              fixed=fixed_arg)
+            return [[g.scheduler, g.cp, list(g.pieces[0])] for g in got.groups], got.predicted_step_s
+        layout, predicted = decide() if self.shared is None else self.shared.next(self.rank, decide)
+        groups = [(n, c, [pieces[i] for i in which]) for n, c, which in layout]
+        first = np.cumsum([0] + [c for _, c, _ in layout])
+        mine = int(np.searchsorted(first, self.rank, side="right")) - 1
+        return self._plans(groups, mine, fixed.pieces, fixed.data_state, predicted,
+                           fixed.made_s + time.perf_counter() - t0)
+
+    def _plans(self, groups, mine: int, sequences, state, predicted, made: float) -> StepPlans:
+        name, cp, own = groups[mine]
+        lens = [end - start for _, _, start, end in own]
+        per_rank = [float(workload([b - a for _, _, a, b in g], self.weight).sum()) / c if g else 0.0
+                    for _, c, g in groups for _ in range(c)]
+        trained = sum(end - start for seq in sequences for _, _, start, end in seq)
+        batch = MicroBatch(self.batches.read(own), lens, imbalance(np.asarray(per_rank)), trained, None)
+        plan = self.cache.plan(lens, self.meshes[name, cp], scheduler=name, backend=self.backend, **self.options)
+        return StepPlans(batch, [(lens, 0, sum(lens))], [plan], state, made,
+                         choice=[[n, c] for n, c, _ in groups], predicted_step_s=predicted, pieces=tuple(sequences))
+
+
+class SharedChoice:
+    """One choice a step for every rank: rank 0 makes it, publishes it in the process group's store
+    (a key per run and step, JSON) and every other rank reads it there -- the choice is the same
+    pure function of the documents on every rank, so this only spares the other ranks the work
+    (on a host whose cores its ranks share, making it on every rank costs more than the layouts
+    save). Store reads are not collectives: they wait for rank 0's key up to the store's timeout.
+    Keys of steps every rank has passed are deleted (the plan-ahead thread runs a step's tasks in
+    order, so when rank 0 makes step ``n``'s choice every rank has read step ``n - 2``'s)."""
+
+    def __init__(self, store, run: str, first_step: int):
+        self.store, self.run, self.step, self.first = store, run, first_step, first_step
+
+    def next(self, rank: int, decide) -> tuple[list, float]:
+        step, self.step = self.step, self.step + 1
+        if rank == 0:
+            layout, predicted = decide()
+            self.store.set(self._key(step), json.dumps([layout, predicted]))
+            if step - KEPT_STEPS >= self.first:
+                self.store.delete_key(self._key(step - KEPT_STEPS))
+            return layout, predicted
+        layout, predicted = json.loads(self.store.get(self._key(step)))
+        return layout, predicted
+
+    def _key(self, step: int) -> str:
+        return f"distattn/auto/{self.run}/{step}"
+
+
+KEPT_STEPS = 4   # steps of choices kept in the store (SharedChoice)
+
+
+def shared_choice(first_step: int) -> SharedChoice | None:
+    """Rank 0's choice for every rank through the default process group's store, where there is one;
+    collective (the ranks agree on a name for this run's keys)."""
+    import uuid
+
+    import torch.distributed as dist
+
+    try:   # torch keeps the default group's store private; without it every rank chooses itself
+        store = dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    run = [uuid.uuid4().hex]
+    dist.broadcast_object_list(run, src=0)
+    return SharedChoice(store, run[0], first_step)
+
+
+def make_planner(cfg: RunConfig, rank: int, batches: GlobalBatches, cache: PlanCache, meshes: dict,
+                 options: dict, first_step: int) -> AutoPlanner:
+    p = cfg.parallel
+    names, sizes = candidates(cfg)
+    return AutoPlanner(batches, rank, cache, meshes, (p.fixed_scheduler, p.fixed_cp), names, sizes, p.backend,
+                       cfg.model.shape.pair_weight(), options, job_of(cfg), network_of(cfg),
+                       shared_choice(first_step) if cfg.world_size > 1 else None)
+
+
+def late_choice(step: int, fixed: StepPlans) -> None:
+    name, cp = fixed.choice[0]
+    _log.warning("step %d: its choice of CP groups was not ready on every rank when the step started; it runs the "
+                 "fixed choice (%s, cp %d)", step, name, cp)
+
+
+__all__ = ["candidates", "auto_meshes", "job_of", "network_of", "AutoPlanner", "SharedChoice", "shared_choice",
+           "make_planner", "late_choice"]

@@ -1,0 +1,163 @@
+"""Issue 55: ``parallel.scheduler: auto`` and ``parallel.cp: auto`` in the trainer, 8 gloo ranks, fp64, a
+corpus of one long document among many short ones a step. Each step lays the ranks out as CP groups of
+mixed sizes with schedulers of their own; the losses, gradient norms and weights are those of the same
+global batches trained by a fixed (zigzag, cp 4) configuration (<= 1e-12); a run stopped and resumed
+gives the uninterrupted one's; the metrics carry each step's choice and its predicted step time; a
+choice not ready when its step starts gives way to the fixed choice, logged, with the same losses."""
+
+import logging
+from concurrent.futures import Future
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_run
+from distattn.spawn import run_distributed
+from distattn.train.data import write_token_file
+
+SEQ = 256
+SMALL = {"model": {"dim": 32, "n_layers": 1, "n_heads": 8, "n_kv_heads": 4, "ffn_dim": 64},
+         "data": {"source": "tokens", "seq_len": SEQ, "seed": 0},
+         "parallel": {"dp": 2, "cp": "auto", "world_size": 8, "scheduler": "auto", "dp_mode": "fsdp",
+                      "backend": "reference", "plan_ahead": False},
+         "train": {"steps": 3, "warmup_steps": 1, "ckpt_every": 2, "log_every": 1}}
+
+
+def _corpus(path) -> str:
+    """A step (2 x 256 tokens) holds one document of ~200 tokens and some twenty of ~5-20."""
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(12):
+        docs.append(rng.integers(0, 256, int(rng.integers(170, 230))))
+        docs += [rng.integers(0, 256, int(n)) for n in rng.integers(4, 20, 25)]
+    write_token_file(path, docs)
+    return str(path)
+
+
+def _runs(auto, fixed, first, resumed) -> dict:
+    from distattn.train.trainer import Trainer
+
+    def weights(trainer):
+        return {k: v.full_tensor().clone() if hasattr(v, "full_tensor") else v.clone()
+                for k, v in trainer.model.state_dict().items()}
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = {}
+        for name, cfg in (("auto", auto), ("fixed", fixed)):
+            t = Trainer(cfg)
+            out[name] = t.run()
+            out[name + "_weights"] = weights(t)
+        out["first"] = Trainer(first).run()
+        t = Trainer(resumed, resume=True)
+        out["resumed"] = t.run()
+        out["resumed_weights"] = weights(t)
+        return out
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_auto_trains_mixed_groups_exactly_and_resumes(tmp_path):
+    path = _corpus(tmp_path / "corpus")
+    auto = small_run(SMALL, tmp_path / "auto", data={"path": path}, train={"lr_decay_steps": 3})
+    fixed = small_run(SMALL, tmp_path / "fixed", data={"path": path, "packing": "stream"},
+                      parallel={"cp": 4, "world_size": None, "scheduler": "zigzag"})
+    first = small_run(SMALL, tmp_path / "resume", data={"path": path}, train={"steps": 2, "lr_decay_steps": 3})
+    resumed = small_run(SMALL, tmp_path / "resume", data={"path": path}, train={"lr_decay_steps": 3})
+    assert auto.world_size == fixed.world_size == 8
+    got = run_distributed(_runs, 8, auto, fixed, first, resumed, timeout=900)[0]
+
+    # mixed groups: some step runs CP groups of different sizes, and every choice tiles the 8 ranks
+    choices = [m["choice"] for m in got["auto"]]
+    assert all(sum(cp for _, cp in c) == 8 for c in choices), choices
+    assert any(len({cp for _, cp in c}) > 1 for c in choices), choices
+    assert all(m["predicted_step_s"] > 0 for m in got["auto"])
+    assert [m["choice"] for m in got["fixed"]] == [[["zigzag", 4]] * 2] * 3
+
+    # exact: the same tokens and normalisation, computed by other groups
+    for a, f in zip(got["auto"], got["fixed"], strict=True):
+        for key in ("loss", "grad_norm"):
+            assert abs(a[key] - f[key]) <= 1e-12 * abs(f[key]), (key, a[key], f[key])
+    for key, want in got["fixed_weights"].items():
+        assert torch.allclose(got["auto_weights"][key], want, rtol=1e-12, atol=1e-14), key
+
+    # resume: steps 1-2, then step 3 from the checkpoint, as the straight run
+    assert [m["loss"] for m in got["first"] + got["resumed"]] == [m["loss"] for m in got["auto"]]
+    for key, want in got["auto_weights"].items():
+        assert torch.equal(got["resumed_weights"][key], want), key
+
+
+def test_a_late_choice_runs_the_fixed_one_and_says_so(caplog):
+    from distattn.train.plan_ahead import StepPlans
+    from distattn.train.trainer import Trainer
+
+    fixed = StepPlans(None, [], [], [], 0.0, choice=[["zigzag", 4], ["zigzag", 4]])
+    chosen = StepPlans(None, [], [], [], 0.0, choice=[["ulysses", 8]])
+    trainer = Trainer.__new__(Trainer)
+    trainer.device = torch.device("cpu")
+    trainer.ahead = mock.Mock()
+    pending, done = Future(), Future()   # still being chosen; chosen
+    done.set_result(chosen)
+    # one process: the all-reduce of the readiness flag leaves it as it is
+    with mock.patch.object(torch.distributed, "all_reduce", lambda t, op=None: None), \
+            caplog.at_level(logging.WARNING, logger="distattn.train.auto_plan"):
+        assert trainer._choice(fixed, pending, 7) is fixed
+        assert trainer._choice(fixed, done, 8) is chosen
+    assert "step 7" in caplog.text and "fixed choice (zigzag, cp 4)" in caplog.text and "step 8" not in caplog.text
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"cp": "auto", "world_size": None}, "parallel.world_size"),
+    ({"cp": "auto", "world_size": 6, "dp": 4}, "multiple of parallel.dp"),
+    ({"cp": "auto", "world_size": 8, "scheduler": "cad"}, "cannot share"),
+    ({"cp": "auto", "world_size": 8, "ulysses_degree": 2, "scheduler": "usp"}, "parallel.ulysses_degree"),
+    ({"cp": 4, "world_size": 8, "dp": 1}, "parallel.world_size"),
+    ({"cp": "four"}, "parallel.cp"),
+    ({"cp": 2, "world_size": None, "scheduler": "zigzag", "network": "x"}, "parallel.network"),
+])
+def test_auto_refuses_what_it_cannot_run(change, words, tmp_path):
+    base = {**SMALL, "data": {"seq_len": SEQ}}
+    with pytest.raises(ValueError, match=words):
+        small_run(base, tmp_path, parallel=change)
+
+
+def test_rank_0_chooses_and_the_others_read_its_choice():
+    from distattn.train.auto_plan import KEPT_STEPS, SharedChoice
+
+    class Store(dict):   # what SharedChoice uses of a c10d store
+        def set(self, key, value):
+            self[key] = value.encode()
+
+        def get(self, key):
+            return self[key]
+
+        def delete_key(self, key):
+            del self[key]
+
+    store, made = Store(), []
+
+    def decide():
+        made.append(1)
+        return [["zigzag", 4, [0, 1]], ["ring", 1, [2]]], 0.5
+    zero, other = SharedChoice(store, "run", 3), SharedChoice(store, "run", 3)
+    for _ in range(KEPT_STEPS + 2):
+        mine = zero.next(0, decide)
+        assert other.next(5, lambda: pytest.fail("only rank 0 chooses")) == mine
+    assert len(made) == KEPT_STEPS + 2
+    assert sorted(store) == [f"distattn/auto/run/{s}" for s in range(5, 3 + KEPT_STEPS + 2)]
+
+
+def test_bench_auto_corpus_runs_and_summary(tmp_path):
+    from distattn.train.bench_auto import FIXED, configs, corpus, summary
+
+    docs = corpus(1024, 3, seed=0)
+    assert sum(map(len, docs)) == 4 * 2 * 1024 and sum(len(d) == 768 for d in docs) == 4
+    runs = configs(tmp_path / "c", tmp_path, 1024, 3)
+    assert runs["auto"].parallel.auto and runs["auto"].world_size == 8
+    assert all(runs[f"{n} cp 4"].world_size == 8 for n in FIXED)
+    rows = [{n: {"step_time_s": 1.0 + (n != "auto"), "predicted_step_s": 2e-4, "planning_s": 0.0,
+                 "plan_made_s": 0.2, "choice_late": False} for n in runs} for _ in range(3)]
+    lines = summary(rows, {n: [4e-4] * 3 for n in runs if n != "auto"})
+    assert lines[-1].endswith("2.00x") and "late (the fixed choice ran) on 0 of 3 steps" in lines[-2]
