@@ -99,7 +99,9 @@ def _cmd_simulate(args) -> int:
     if args.auto and (args.sweep or args.cp is not None or args.per_batch):
         raise ValueError("--auto tries every CP size with one sequence per replica: drop --sweep, --cp and --per-batch")
     model, gpu, pool = MODELS[args.model], GPUS[args.gpu], doc_pool(args.doclens)
-    batch = args.batch or (default_batch(args.gpus, args.seq_len) if args.sweep or args.per_batch else None)
+    # --per-batch compares with each row at its best CP size unless --cp fixes it
+    swept = args.sweep or (args.per_batch and args.cp is None)
+    batch = args.batch or (default_batch(args.gpus, args.seq_len) if swept else None)
     cfg = _config(args, model, gpu, batch)
     cfg.check()
     net = Links.of(_network(args.network), cfg.gpus_per_node, cfg.tp)   # one record of the fits asked
@@ -116,7 +118,7 @@ def _cmd_simulate(args) -> int:
                                      lambda cp, got: say(f"  cp {cp}: {len(got)} schedulers simulated", flush=True))
         best = dict(best, mesh=mesh_description(best, args.gpus_per_node))
     else:
-        rows = sweep.rows(cfg, net, args.schedulers, sweep.pool_batches(pool), args.draws, args.sweep, _progress)
+        rows = sweep.rows(cfg, net, args.schedulers, sweep.pool_batches(pool), args.draws, swept, _progress)
         if args.per_batch:
             from ..sim.per_batch import per_batch_row
 
@@ -256,8 +258,8 @@ def add_parsers(sub) -> None:
                           "tokens/s per GPU that fits")
     sim.add_argument("--per-batch", action="store_true",
                      help="also choose each step's CP groups and their schedulers from its documents "
-                          "(distattn.choose) and compare with the best fixed row (implies the global batch of "
-                          "--sweep)")
+                          "(distattn.sim.per_batch) and compare with the best fixed row (implies --sweep "
+                          "unless --cp is given)")
     sim.add_argument("--timeline", type=output_file, default=None, metavar="PATH",
                      help="write each rank's compute/communication/idle spans of the first draw (.csv or .json; "
                           "with --auto, of the recommendation)")
