@@ -147,6 +147,10 @@ def test_rank_0_chooses_and_the_others_read_its_choice():
         assert other.next(5, lambda: pytest.fail("only rank 0 chooses")) == mine
     assert len(made) == KEPT_STEPS + 2
     assert sorted(store) == [f"distattn/auto/run/{s}" for s in range(5, 3 + KEPT_STEPS + 2)]
+    # the run ends: rank 0 marks the steps it will not choose, and a rank waiting for one stops
+    zero.abandon(0)
+    with pytest.raises(RuntimeError, match="abandoned"):
+        other.next(5, decide)
 
 
 def test_bench_auto_corpus_runs_and_summary(tmp_path):

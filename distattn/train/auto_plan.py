@@ -171,7 +171,9 @@ class SharedChoice:
     (on a host whose cores its ranks share, making it on every rank costs more than the layouts
     save). Store reads are not collectives: they wait for rank 0's key up to the store's timeout.
     Keys of steps every rank has passed are deleted (the plan-ahead thread runs a step's tasks in
-    order, so when rank 0 makes step ``n``'s choice every rank has read step ``n - 2``'s)."""
+    order, so when rank 0 makes step ``n``'s choice every rank has read step ``n - 2``'s). When the run
+    ends, rank 0 marks the steps it will not choose (:meth:`abandon`), so a rank whose thread already
+    waits for one stops waiting."""
 
     def __init__(self, store, run: str, first_step: int):
         self.store, self.run, self.step, self.first = store, run, first_step, first_step
@@ -184,8 +186,17 @@ class SharedChoice:
             if step - KEPT_STEPS >= self.first:
                 self.store.delete_key(self._key(step - KEPT_STEPS))
             return layout, predicted
-        layout, predicted = json.loads(self.store.get(self._key(step)))
+        got = json.loads(self.store.get(self._key(step)))
+        if got is None:
+            raise RuntimeError(f"step {step + 1}'s choice was abandoned: the run ended before rank 0 made it")
+        layout, predicted = got
         return layout, predicted
+
+    def abandon(self, rank: int) -> None:
+        """Rank 0, as the run ends: the next steps (at most two are ever queued) will have no choice."""
+        if rank == 0:
+            for step in (self.step, self.step + 1):
+                self.store.set(self._key(step), "null")
 
     def _key(self, step: int) -> str:
         return f"distattn/auto/{self.run}/{step}"

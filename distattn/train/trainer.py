@@ -158,6 +158,7 @@ class Trainer:
         # cad plan is given every replica's documents); only the planner (.plan_ahead) uses it
         self.plans = PlanCache()
         self.ahead: PlanAhead | None = None
+        self.auto = None          # parallel.cp/scheduler: auto's planner (.auto_plan)
         self.logger: RunLog | None = None
         self._own_group = False
 
@@ -246,7 +247,8 @@ class Trainer:
         # stores the data state right after the batch of the last step run, which its StepPlans carried
         self.data_state = self.batches.state()
         if p.auto:
-            auto = make_planner(cfg, dist.get_rank(), self.batches, self.plans, self.meshes, self.options, self.done)
+            self.auto = auto = make_planner(cfg, dist.get_rank(), self.batches, self.plans, self.meshes, self.options,
+                                            self.done)
             self.ahead = PlanAhead(auto.fixed, p.plan_ahead, self.device, refine=auto.choose)
             return
         planner = StepPlanner(self.batches, self.dp_rank, self.plans, self.cp_mesh, p.scheduler, p.backend,
@@ -386,6 +388,8 @@ class Trainer:
                         self.data_state, run_info(self.config))
 
     def _stop_planning(self) -> None:
+        if self.auto is not None and self.auto.shared is not None:
+            self.auto.shared.abandon(dist.get_rank())   # (a rank's thread may wait for rank 0's next choice)
         if self.ahead is not None:
             self.ahead.close()
 
