@@ -75,12 +75,12 @@ from ..plan_cache import PlanCache
 from ..schedule import imbalance
 from ..spawn import Terminated
 from . import checkpoint, manifest
+from .auto_plan import auto_meshes, late_choice, make_planner
 from .config import RunConfig
 from .data import Packer, make_corpus
 from .global_batch import GlobalBatches, MicroBatch
 from .metrics import RunLog, device_peak_flops, peak_memory_bytes
 from .model import Transformer
-from .auto_plan import auto_meshes, late_choice, make_planner
 from .plan_ahead import PlanAhead, StepPlanner, plan_options
 from .ranks import StopSignal, join_group
 from .resume import resume_config, resume_from, run_info, schedule_steps

@@ -121,7 +121,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ValueError(f"parallel.cp must be a positive int or auto (chosen per step), got {p.cp!r}")
     positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                 "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "model.vocab_size": m.vocab_size,
-                "data.seq_len": d.seq_len, "parallel.dp": p.dp, "parallel.cp": p.fixed_cp, "train.steps": t.steps,
+                "data.seq_len": d.seq_len, "parallel.dp": p.dp, "parallel.cp": 1 if p.cp == AUTO else p.cp,
+                "parallel.world_size": 1 if p.world_size is None else p.world_size, "train.steps": t.steps,
                 "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "model.rope_theta": m.rope_theta,
                 "parallel.timeout_s": p.timeout_s, "train.lr": t.lr, "train.loss_chunk": t.loss_chunk,
                 "train.min_lr": t.min_lr, "train.grad_clip": t.grad_clip}
