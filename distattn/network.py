@@ -417,6 +417,14 @@ def default_profile() -> NetworkProfile:
     return NetworkProfile(rows, source="default (NVLink 360 GB/s + IB 45 GB/s, assumed)")
 
 
+def profile_of(source) -> NetworkProfile:
+    """A :class:`NetworkProfile` from what a caller names: one already made, a path
+    (:meth:`NetworkProfile.load`), or None (:func:`default_profile`)."""
+    if source is None:
+        return default_profile()
+    return source if isinstance(source, NetworkProfile) else NetworkProfile.load(source)
+
+
 # the measurements' names live in distattn.network_csv; callers have always found them here
 __all__ = ["OPS", "Measurement", "Fit", "NetworkProfile", "bus_factor", "canonical_op", "config_name", "parse_size",
-           "fit_alpha_beta", "default_profile"]
+           "fit_alpha_beta", "default_profile", "profile_of"]

@@ -12,9 +12,9 @@ from .cluster_cmds import probe_rank
 
 
 def _network(path):
-    from ..network import NetworkProfile, default_profile
+    from ..network import profile_of
 
-    return NetworkProfile.load(path) if path else default_profile()
+    return profile_of(path or None)
 
 
 def _calibrate(args) -> int:

@@ -12,7 +12,7 @@ from dataclasses import replace
 from . import fit
 from .job import SimConfig, links_of
 from .micro import fsdp_seconds
-from .per_batch import MIXED, fits_heads, setting_index, balanced_layout, class_time, lengths_of
+from .per_batch import MIXED, balanced_layout, class_time, fits_heads, lengths_of, pow2_divisors, setting_index
 
 
 def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: str = "h100",
@@ -41,7 +41,7 @@ def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: 
         ValueError: a bad argument (named), or a micro-batch that fits no choice in memory.
     """
     from ..model_shape import GPUS, MODELS
-    from ..network import NetworkProfile, default_profile
+    from ..network import profile_of
     from ..packing import DEFAULT_CAP_FACTOR, as_doc_lens
     from .kernel import AttentionKernel
 
@@ -61,15 +61,14 @@ def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: 
     micro = [[int(n) for n in as_doc_lens(docs)] for docs in doc_lens_per_micro_batch]
     if not micro:
         raise ValueError("doc_lens_per_micro_batch is empty: give each micro-batch's document lengths")
-    net = default_profile() if network is None else \
-        network if isinstance(network, NetworkProfile) else NetworkProfile.load(network)
+    net = profile_of(network)
     card = GPUS[gpu] if memory_gib is None else replace(GPUS[gpu], memory_gib=float(memory_gib))
     longest = max(sum(docs) for docs in micro)
     cfg = SimConfig(shape, world_size, longest, 1, gpu=card, kernel=AttentionKernel.measured(card, shape.head_dim))
     links = links_of(net, cfg)
     rank_cap = math.ceil(DEFAULT_CAP_FACTOR * longest / world_size)
     fsdp = fsdp_seconds(cfg, links.cp)
-    sizes = [c for c in (1 << k for k in range(int(math.log2(world_size)) + 1)) if world_size % c == 0]
+    sizes = pow2_divisors(world_size)
     if cps is not None:
         if not set(cps) <= set(sizes):
             raise ValueError(f"cps {list(cps)}: each must be a power of two dividing world_size {world_size}")

@@ -87,6 +87,12 @@ class SimConfig:
             raise ValueError(f"--comm-slowdown must be in [0, 10), got {self.comm_slowdown}")
 
 
+def with_planning(cfg: SimConfig, step: float, planning: float) -> float:
+    """The step with its planning: hidden behind the step before (``planning: hidden``; it shows only
+    where it takes longer than the step), or added (``exposed``)."""
+    return max(step, planning) if cfg.planning == "hidden" else step + planning
+
+
 def default_cp(model: ModelShape, gpus: int, seq_len: int, tokens_per_rank: int = 16384) -> int:
     """The smallest power-of-two CP degree giving at most ``tokens_per_rank`` tokens per GPU."""
     cp = 1
@@ -192,5 +198,5 @@ def links_of(network, cfg: SimConfig) -> Links:
     return Links.of(network, cfg.gpus_per_node, cfg.tp)
 
 
-__all__ = ["SimConfig", "PLANNING", "default_cp", "nccl_size", "comm_time", "dry_schedule", "plan_context",
-           "nano_docs", "attention_kernel", "attn_shape", "Links", "links_of"]
+__all__ = ["SimConfig", "PLANNING", "with_planning", "default_cp", "nccl_size", "comm_time", "dry_schedule",
+           "plan_context", "nano_docs", "attention_kernel", "attn_shape", "Links", "links_of"]

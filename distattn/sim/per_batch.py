@@ -42,7 +42,7 @@ import numpy as np
 from ..packing import pack_balanced, workload
 from ..schedulers import NAMES, spec
 from . import fit
-from .job import Links, SimConfig, attention_kernel, links_of, plan_context
+from .job import Links, SimConfig, attention_kernel, links_of, plan_context, with_planning
 from .micro import fsdp_seconds, micro_batch
 from .replay import replay
 from .step import Fsdp, step_ops
@@ -82,6 +82,11 @@ class StepChoice:
     def choice(self) -> list[tuple[str, int]]:
         """``(scheduler, cp)`` of each micro-batch (group), as ``metrics.jsonl``'s ``choice`` lists them."""
         return [(g.scheduler, g.cp) for g in self.groups]
+
+
+def pow2_divisors(n: int) -> list[int]:
+    """The powers of two that divide ``n``: the CP sizes whose groups tile ``n`` ranks."""
+    return [1 << k for k in range(int(math.log2(n)) + 1) if n % (1 << k) == 0]
 
 
 def _pow2_at_least(x: float) -> int:
@@ -200,7 +205,7 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
     total = sum(lens)
     if total < 1:
         raise ValueError("doc_lens: the global batch has no tokens")
-    sizes = [1 << k for k in range(int(math.log2(ranks)) + 1) if ranks % (1 << k) == 0]
+    sizes = pow2_divisors(ranks)
     # short documents' groups stay inside a node (larger groups are for the documents that need them,
     # and the fixed choice, a layout of one large size, is scored besides)
     smalls = [c for c in sizes if c <= max(1, cfg.gpus_per_node // cfg.tp)] if cps is None else \
@@ -337,7 +342,7 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
     :func:`.sweep.summary` summarises a row, with ``best_fixed`` (``{scheduler, cp}``) and the
     paired per-draw ``speedup_vs_best_fixed`` (its step over this one's: median, p10, p90), and
     ``choices``: how many micro-batches of the draws took each ``"scheduler cp"``."""
-    from .sweep import QUANTILES, summary
+    from .sweep import put_ratio, summary
 
     best = best_fixed(rows)
     fixed = None
@@ -348,8 +353,7 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
         chunks = batches(cfg, d)
         docs = [n for chunk in chunks for n in chunk]
         got = choose_step(replace(cfg, seed=cfg.seed + d), docs, network, schedulers, fixed=fixed)
-        step = max(got.predicted_step_s, got.planning_s) if cfg.planning == "hidden" else \
-            got.predicted_step_s + got.planning_s
+        step = with_planning(cfg, got.predicted_step_s, got.planning_s)
         for key in (f"{name} {cp}" for name, cp in got.choice):
             counts[key] = counts.get(key, 0) + 1
         per_draw.append({"scheduler": "per-batch", "gpus": cfg.gpus, "tp": cfg.tp, "seq_len": cfg.seq_len,
@@ -366,12 +370,10 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
         row["best_fixed"] = {"scheduler": best["scheduler"], "cp": best["cp"]}
         theirs = np.asarray(best["step_times_s"][:draws])
         if len(theirs) == draws:
-            ratio = theirs / np.asarray(row["step_times_s"])
-            row["speedup_vs_best_fixed"] = float(np.median(ratio))
-            for name, q in QUANTILES.items():
-                row[f"speedup_vs_best_fixed_{name}"] = float(np.percentile(ratio, q))
+            put_ratio(row, "speedup_vs_best_fixed", theirs / np.asarray(row["step_times_s"]))
     return row
 
 
 __all__ = ["MIXED", "SPREADS", "FINALISTS", "SCORED_GROUPS", "Group", "StepChoice", "arrange", "balanced_layout",
-           "lengths_of", "fits_heads", "setting_index", "class_time", "choose_step", "best_fixed", "per_batch_row"]
+           "lengths_of", "pow2_divisors", "fits_heads", "setting_index", "class_time", "choose_step", "best_fixed",
+           "per_batch_row"]

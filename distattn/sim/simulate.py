@@ -56,7 +56,7 @@ from ..schedule import AttnShape
 from ..schedulers import REGISTRY, spec
 from . import fit
 from .job import (SimConfig, attention_kernel, comm_time, default_cp, dry_schedule, nccl_size,
-                  links_of, plan_context)
+                  links_of, plan_context, with_planning)
 from .micro import fsdp_seconds, micro_batch
 from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS
 from .replay import TimedProgram, call_ops, replay
@@ -134,7 +134,7 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks) -> tuple[dict, obje
     busy = run.compute + run.stalled   # each rank's end (the clock only moves by compute and waits)
     planning = sum(mb["planning_s"] for mb in micro)
     step = float(busy.max())
-    step = max(step, planning) if cfg.planning == "hidden" else step + planning
+    step = with_planning(cfg, step, planning)
     # what each replica computed: the rest of its step it waited in collectives with the slowest one
     rep_times = [float(run.compute[i * cfg.cp:(i + 1) * cfg.cp].max()) for i in range(cfg.dp)]
     slowest = int(np.argmax(busy))

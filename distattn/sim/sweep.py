@@ -152,11 +152,15 @@ def _with_ratios(out: list[dict], per_row: dict[str, list[dict]]) -> list[dict]:
             other = steps(ref)
             if mine is None or other is None or len(other) != len(mine):
                 continue
-            ratio = other / mine if flip else mine / other
-            row[key] = float(np.median(ratio))
-            for name, q in QUANTILES.items():
-                row[f"{key}_{name}"] = float(np.percentile(ratio, q))
+            put_ratio(row, key, other / mine if flip else mine / other)
     return out
+
+
+def put_ratio(row: dict, key: str, ratio: np.ndarray) -> None:
+    """``row[key]``: the median of per-draw ``ratio``, and ``row[key + "_p10"]``, ``_p90``: its quantiles."""
+    row[key] = float(np.median(ratio))
+    for name, q in QUANTILES.items():
+        row[f"{key}_{name}"] = float(np.percentile(ratio, q))
 
 
 def recommend(cfg: SimConfig, network, names, pool=None, draws: int = 1,
@@ -182,4 +186,5 @@ def recommend(cfg: SimConfig, network, names, pool=None, draws: int = 1,
     return max(feasible, key=lambda r: (r["tokens_per_s_per_gpu"], -r["step_time_s"])), found
 
 
-__all__ = ["SWEEP_DRAWS", "candidates", "pool_batches", "run_draws", "summary", "best_cp", "rows", "recommend"]
+__all__ = ["SWEEP_DRAWS", "candidates", "pool_batches", "run_draws", "summary", "best_cp", "rows", "put_ratio",
+           "recommend"]

@@ -5,8 +5,9 @@ a document cut where a sequence ends is two pieces), and lays the ``world_size``
 with :func:`distattn.sim.per_batch.choose_step` -- CP groups of power-of-two sizes, aligned blocks of
 the meshes made at start-up (:func:`auto_meshes`), each with its documents and its scheduler, priced
 on the simulator's model of the job (``parallel.network``'s links, an H100's kernel and memory).
-Every rank makes the same choice from the same documents (no collective: the chooser is a pure
-function of them), reads its own group's pieces and plans them on its group's mesh.
+The choice is a pure function of the documents: rank 0 makes it and the others read it from the
+process group's store (:class:`SharedChoice`; no collective), and every rank reads its own group's
+pieces and plans them on its group's mesh.
 
 Two tasks a step, both on the plan-ahead thread (:class:`~.plan_ahead.PlanAhead`), in order:
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,7 @@ import numpy as np
 from ..packing import imbalance, workload
 from ..plan_cache import PlanCache
 from .config import RunConfig
+from .sections import AUTO
 from .global_batch import GlobalBatches, MicroBatch
 from .plan_ahead import StepPlans
 
@@ -45,23 +46,23 @@ def candidates(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """The schedulers and CP sizes a step may choose: ``parallel.scheduler`` or every one that can
     share a step (:data:`~distattn.sim.per_batch.MIXED`), ``parallel.cp`` or every power of two
     dividing the world."""
-    from ..sim.per_batch import MIXED
+    from ..sim.per_batch import MIXED, pow2_divisors
 
-    p, world = cfg.parallel, cfg.world_size
-    names = MIXED if p.scheduler == "auto" else (p.scheduler,)
-    sizes = tuple(c for c in (1 << k for k in range(int(math.log2(world)) + 1)) if world % c == 0)
-    return names, (sizes if p.cp == "auto" else (p.cp,))
+    p = cfg.parallel
+    names = MIXED if p.scheduler == AUTO else (p.scheduler,)
+    return names, (tuple(pow2_divisors(cfg.world_size)) if p.cp == AUTO else (p.cp,))
 
 
 def _axis(cfg: RunConfig, name: str, cp: int) -> int | None:
     """The Ulysses axis ``name`` plans on at ``cp`` ranks (1: a 1-D mesh), None: too few heads."""
     from ..schedulers import spec
 
+    context = cfg.plan_context()
     try:
-        axis = spec(name).ulysses_axis(cp, cfg.plan_context())
+        axis = spec(name).ulysses_axis(cp, context)
     except ValueError:
         return None
-    return axis if cfg.model.n_heads >= spec(name).head_split(cp, cfg.plan_context()) else None
+    return axis if cfg.model.n_heads >= spec(name).head_split(cp, context) else None
 
 
 def auto_meshes(cfg: RunConfig, device_type: str) -> dict[tuple[str, int], Any]:
@@ -74,14 +75,13 @@ def auto_meshes(cfg: RunConfig, device_type: str) -> dict[tuple[str, int], Any]:
     p = cfg.parallel
     built, out = {}, {}
     for name, cp in [(n, c) for c in sizes for n in names] + [(p.fixed_scheduler, p.fixed_cp)]:
-        if True:
-            axis = _axis(cfg, name, cp)
-            if axis is None:
-                continue
-            if (cp, axis) not in built:
-                dims = ParallelDims(cfg.world_size // cp, cp, axis)
-                built[cp, axis] = dims.cp_mesh(dims.build(device_type))
-            out[name, cp] = built[cp, axis]
+        axis = _axis(cfg, name, cp)
+        if axis is None:
+            continue
+        if (cp, axis) not in built:
+            dims = ParallelDims(cfg.world_size // cp, cp, axis)
+            built[cp, axis] = dims.cp_mesh(dims.build(device_type))
+        out[name, cp] = built[cp, axis]
     return out
 
 
@@ -99,9 +99,10 @@ def job_of(cfg: RunConfig):
 
 
 def network_of(cfg: RunConfig):
-    from ..network import NetworkProfile, default_profile
+    """The links choices are priced on: ``parallel.network``, or an H100 cluster's typical ones."""
+    from ..network import profile_of
 
-    return NetworkProfile.load(cfg.parallel.network) if cfg.parallel.network else default_profile()
+    return profile_of(cfg.parallel.network)
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class AutoPlanner:
         per_rank = [float(workload([b - a for _, _, a, b in g], self.weight).sum()) / c if g else 0.0
                     for _, c, g in groups for _ in range(c)]
         trained = sum(end - start for seq in sequences for _, _, start, end in seq)
-        batch = MicroBatch(self.batches.read(own), lens, imbalance(np.asarray(per_rank)), trained, None)
+        batch = MicroBatch(self.batches.packer.read(own), lens, imbalance(np.asarray(per_rank)), trained, None)
         plan = self.cache.plan(lens, self.meshes[name, cp], scheduler=name, backend=self.backend, **self.options)
         return StepPlans(batch, [(lens, 0, sum(lens))], [plan], state, made,
                          choice=[[n, c] for n, c, _ in groups], predicted_step_s=predicted, pieces=tuple(sequences))

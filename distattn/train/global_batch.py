@@ -90,7 +90,7 @@ class GlobalBatches:
 
     def _stream(self, dp_rank: int) -> MicroBatch:
         seq_len = self.packer.seq_len
-        seqs = [self.packer.cut(seq_len) for _ in range(self.dp)]
+        seqs = self.sequences()
         work = [workload(_lens(s), self.pair_weight).sum() for s in seqs]
         mine = seqs[dp_rank]
         return MicroBatch(self.packer.read(mine), _lens(mine), imbalance(work), self.dp * seq_len, None,
@@ -121,10 +121,6 @@ class GlobalBatches:
         """The next step's ``dp`` sequences of ``seq_len`` tokens as pieces, none read: what
         ``parallel.cp/scheduler: auto`` deals to its groups itself (:mod:`.auto_plan`)."""
         return [self.packer.cut(self.packer.seq_len) for _ in range(self.dp)]
-
-    def read(self, pieces) -> np.ndarray:
-        """The tokens of ``pieces``, one after the other."""
-        return self.packer.read(pieces)
 
     def state(self) -> list[int]:
         """The packer's state, then (balanced) the held pieces (module docstring)."""
