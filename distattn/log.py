@@ -1,7 +1,7 @@
 """distattn's messages go through :mod:`logging`, under the ``distattn`` logger hierarchy.
 
 Library code never prints: it logs to ``logging.getLogger(__name__)`` (``distattn.train.trainer``,
-``distattn.train.checkpoint``, ...). Until someone configures it, Python shows only warnings and
+``distattn.train.checkpoint.dcp``, ...). Until someone configures it, Python shows only warnings and
 errors of those loggers. The CLI configures it (``--log-level``, ``--log-ranks``); code that embeds
 distattn calls :func:`configure_logging` itself, or routes the ``distattn`` logger like any other::
 

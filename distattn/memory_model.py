@@ -1,5 +1,5 @@
 """One rank's peak memory in training a job: ``estimate(job) -> Estimate``. The one memory model of
-distattn: ``distattn train CONFIG --dry-run`` and ``--max-seq-len`` (:mod:`distattn.train.memory`
+distattn: ``distattn train CONFIG --dry-run`` and ``--max-seq-len`` (:mod:`distattn.train.preflight.memory`
 makes the :class:`Job` from a run config) and ``distattn simulate``'s memory column
 (:mod:`distattn.sim.simulate` makes it from the simulated cluster) both call it.
 
@@ -21,7 +21,7 @@ named as the trainer's config keys they come from (``parallel.dp_mode`` is ``wra
   everything and adds DDP's gradient buckets (a second fp32 copy of the gradients); bf16 under
   autocast adds the bf16 copies of the block weights autocast caches during the forward. One
   rank (no wrapper): as DDP without buckets.
-* ``activations``: what autograd keeps, counted tensor by tensor from :mod:`distattn.train.model`
+* ``activations``: what autograd keeps, counted tensor by tensor from :mod:`distattn.train.model.transformer`
   per block and token -- RMSNorm's input and fp32 rsqrt, the norm outputs the projections read
   (one bf16 copy per projection under autocast), RoPE's cos/sin, the attention output (wo's
   input), the SwiGLU w1/w3 outputs, silu and the product,
@@ -29,7 +29,7 @@ named as the trainer's config keys they come from (``parallel.dp_mode`` is ``wra
   bf16 under FSDP's bf16 parameters. ``activation_checkpointing``: ``none`` keeps all of it per
   layer; ``full`` keeps each block's input per layer and one block's everything while it is
   recomputed; ``selective`` keeps per layer the block input and what attention saves, and one
-  block's recomputation. ``offload`` (:mod:`distattn.train.offload`) is ``full`` with the
+  block's recomputation. ``offload`` (:mod:`distattn.train.model.offload`) is ``full`` with the
   per-layer block inputs in host memory (``host``): the device keeps two (the one recomputed,
   the one prefetched). A block's backward peaks at one of three moments, each adding the
   gradient arriving on the residual stream: the MLP's (the whole block's saved tensors and the
@@ -37,7 +37,7 @@ named as the trainer's config keys they come from (``parallel.dp_mode`` is ``wra
   freed; the schedule's ``grad_bytes``: accumulators and one kernel call's gradients; the output
   gradient, the schedule's buffers) and the first norm's (dQ/dK/dV in token layout, the norm
   output's gradient); the excess of the larger of the last two is ``attention_buffers``.
-  ``mlp_chunk`` ``c`` (:mod:`distattn.train.tiled`): the MLP keeps only its input, and its
+  ``mlp_chunk`` ``c`` (:mod:`distattn.train.model.tiled`): the MLP keeps only its input, and its
   working set is one chunk's, ``7 * c * ffn_dim`` (four recomputed intermediates, three
   gradients) -- attention's moment then is usually the larger.
 * what attention keeps per layer, from a *dry plan* of the job (``distattn.plan(docs, N)``):
@@ -57,7 +57,7 @@ named as the trainer's config keys they come from (``parallel.dp_mode`` is ``wra
   ``[vocab, dim]`` weight-gradient accumulator, the weight's bf16 copy when the parameter is fp32,
   one chunk's logit gradient). The loss runs before any block's backward, when the blocks hold
   only what they keep: the component is what that moment adds over the blocks' backward peak
-  (often 0). ``python -m distattn.train.bench_activation_memory`` compares the per-token slope of the
+  (often 0). ``python -m distattn.bench.activation_memory`` compares the per-token slope of the
   whole with live tensor bytes measured in training steps.
 * ``inputs``: the packed sequence every rank reads (tokens, labels: int64 of the whole sequence,
   plus the numpy copy) and the local positions.
@@ -69,7 +69,7 @@ named as the trainer's config keys they come from (``parallel.dp_mode`` is ``wra
   CUDA runtime: compare it with ``total - runtime``.
 * ``allocator`` (CPU; a GPU's is in ``runtime``): :data:`CPU_ALLOCATOR_OVERHEAD` of the
   token-proportional parts. glibc keeps much of what a step frees, so from step 2 on a CPU rank's
-  resident peak exceeds its live tensors: ``python -m distattn.train.bench_memory`` measured +20-45% per
+  resident peak exceeds its live tensors: ``python -m distattn.bench.memory`` measured +20-45% per
   token for the tiny model (step 1's peak is within ~7% of the tensors counted here).
 
 Documents: by default each sequence is one document of ``seq_len`` tokens -- the worst case of
@@ -111,7 +111,7 @@ CHECKPOINTING = ("none", "full", "selective", "offload")
 # train.mlp_chunk the capacity table and the simulator try when a config has none: 4096 tokens keep one
 # chunk's intermediates (7 x ffn x chunk) under 1 GiB at Llama-3 8B in bf16
 TILED_MLP_CHUNK = 4096
-# rows per step of the trainer's RMSNorm backward (distattn.train.model reads it from here): its fp32
+# rows per step of the trainer's RMSNorm backward (distattn.train.model.transformer reads it from here): its fp32
 # temporaries stay [NORM_CHUNK, dim], which the estimate counts
 NORM_CHUNK = 4096
 COMPONENTS = ("weights", "grads", "optimizer", "activations", "loss", "attention_buffers", "inputs", "allocator",

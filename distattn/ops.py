@@ -272,7 +272,7 @@ if AVAILABLE:
     attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 # each op's Python body, for tools that must see the tensors made inside it (a TorchDispatchMode
-# sees the op alone: distattn.train.memtrack)
+# sees the op alone: distattn.bench.memtrack)
 IMPLEMENTATIONS = {torch.ops.distattn.attention.default: forward,
                    torch.ops.distattn.attention_backward.default: backward} if AVAILABLE else {}
 

@@ -38,7 +38,7 @@ In a data loader of a trainer we don't own (Megatron, Hugging Face), per global 
 ``doc_lens``: carry the documents, not the indices. A micro-batch is empty when there are fewer
 documents than micro-batches in all. ``distattn train`` does the same with ``data.packing:
 balanced`` (one micro-batch per rank, ``token_cap``: ``data.token_cap``, default
-:data:`DEFAULT_CAP_FACTOR` x ``data.seq_len``; :mod:`distattn.train.global_batch`).
+:data:`DEFAULT_CAP_FACTOR` x ``data.seq_len``; :mod:`distattn.train.data.global_batch`).
 
 Every rank computes the same packing (it is a pure function of its arguments), so no rank needs
 to ask another which documents it got.

@@ -128,7 +128,7 @@ def layer_order(n_layers: int, nano_batches: int = 1, across_layers: bool = True
     Backward, in reverse: dout of A(L) behind B's attention backward, dQ/dK/dV of B behind A's,
     dQ/dK/dV of A behind B's QKV projection and the layer below's MLP backward, dout of B(L-1) behind
     A's. Not ``across_layers`` (full checkpointing reruns a layer at a time:
-    :mod:`distattn.train.model`): inside each layer, ``pre A, dispatch A, pre B, dispatch B, compute
+    :mod:`distattn.train.model.transformer`): inside each layer, ``pre A, dispatch A, pre B, dispatch B, compute
     A, compute B, finish A, post A, finish B, post B``. More nano-batches follow the inside-a-layer
     pattern."""
     if nano_batches == 1:

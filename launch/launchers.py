@@ -111,7 +111,7 @@ class LaunchOptions:
     def _check_cpu_ranks(self, cfg: RunConfig, per_node: int) -> None:
         """Without --gpus-per-node every rank is a CPU process: refuse a node of them that cannot fit in
         memory -- a GPU config (64 ranks of an 8B model) launched without --nodes/--gpus-per-node."""
-        from ..train.preflight import rank_memory_bytes
+        from ..train.preflight.checks import rank_memory_bytes
 
         need, total = per_node * rank_memory_bytes(cfg), _physical_memory()
         if total is not None and need > total:

@@ -54,7 +54,7 @@ def test_the_memory_bench_keeps_its_old_command():
     done = subprocess.run([sys.executable, "-m", "distattn.bench.memory", "--help"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("usage: python -m distattn.train.bench_memory") and "--budget-gib" in done.stdout
+    assert done.stdout.startswith("usage: python -m distattn.bench.memory") and "--budget-gib" in done.stdout
     done = subprocess.run([sys.executable, "-m", "distattn.bench.memory", "--no-such-flag"], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 2 and "unrecognized arguments: --no-such-flag" in done.stderr, done.stderr[-3000:]

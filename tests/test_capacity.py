@@ -1,16 +1,16 @@
-"""The longest sequence a layout fits (distattn.train.capacity, `train --dry-run --max-seq-len`) and
+"""The longest sequence a layout fits (distattn.train.preflight.capacity, `train --dry-run --max-seq-len`) and
 the activation-memory bench that checks the estimate's per-token slope against live tensor bytes
-measured in training steps (distattn.train.bench_activation_memory)."""
+measured in training steps (distattn.bench.activation_memory)."""
 
 from pathlib import Path
 
 import pytest
 
-from distattn.train import bench_activation_memory as actmem
+from distattn.bench import activation_memory as actmem
 from distattn.cli import main as cli_main
-from distattn.train import capacity
+from distattn.train.preflight.checks import capacity
 from distattn.train.config import load_config
-from distattn.train.memory import GIB, estimate
+from distattn.train.preflight.memory import GIB, estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 

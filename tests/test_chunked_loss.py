@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from distattn.train.bench_loss_memory import LiveBytes, _child, main as bench_main, measure
-from distattn.train.loss import chunked_cross_entropy
+from distattn.bench.loss_memory import LiveBytes, _child, main as bench_main, measure
+from distattn.train.model.loss import chunked_cross_entropy
 
 
 def make(t, d, v, dtype=torch.float64, ignored=(), seed=0):

@@ -178,7 +178,7 @@ def test_one_run_per_folder_one_numbering_and_each_step_once(tmp_path, capfd):
 
 
 def test_a_folder_in_use_is_refused(tmp_path, capsys):
-    from distattn.train.preflight import lock_out
+    from distattn.train.preflight.checks import lock_out
 
     held = lock_out(tmp_path / "run")
     try:

@@ -29,7 +29,7 @@ def _compiled_vs_eager(scheduler: str, fsdp: bool, modes) -> dict:
     from distattn.labels import next_token_labels
     from distattn.mesh import ParallelDims
     from distattn.train.config import ModelConfig
-    from distattn.train.model import Transformer
+    from distattn.train.model.transformer import Transformer
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61, attention_sinks=True)
     dims = ParallelDims(1, dist.get_world_size(), 1)

@@ -14,11 +14,13 @@ import pytest
 import yaml
 
 from distattn.cli import main
-from distattn.train import preflight
+from distattn.train.preflight.checks import checks as preflight
 from distattn.train.config import load_config
-from distattn.train.data import Packer, ShardedCorpus, make_corpus, token_dtype
-from distattn.train.prepare import STATE_NAME, prepare
-from distattn.train.readers import load_tokenizer
+from distattn.train.data.packer import Packer
+from distattn.train.data.sharded import ShardedCorpus, token_dtype
+from distattn.train.data.sources import make_corpus
+from distattn.train.data.prepare import STATE_NAME, prepare
+from distattn.train.data.readers import load_tokenizer
 
 SHARD_TOKENS = 40_000
 SEQ_LEN = 2048
@@ -108,7 +110,7 @@ def test_interrupted_prepare_resumes_byte_identical(corpus, tmp_path, monkeypatc
     """Stopped before the first shard is complete, then after every shard (once with the files of a
     half-written and an unrecorded shard left behind), each rerun continues; the result equals the
     uninterrupted run byte for byte."""
-    from distattn.train import prepare as module
+    from distattn.train.data import prepare as module
 
     out, said = tmp_path / "resumed", []
     kwargs = dict(tokenizer=str(corpus["root"] / "tok"), shard_tokens=SHARD_TOKENS, say=said.append)

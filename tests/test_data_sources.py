@@ -11,11 +11,13 @@ import pytest
 import yaml
 
 from conftest import small_yaml
-from distattn.train import preflight
+from distattn.train.preflight.checks import checks as preflight
 from distattn.train.config import RunConfig, validate
-from distattn.train.data import Blend, Packer, make_corpus, write_token_file
-from distattn.train.hf_source import HFCorpus
-from distattn.train.megatron_source import MegatronCorpus
+from distattn.train.data.packer import Blend, Packer
+from distattn.train.data.sources import make_corpus
+from distattn.train.data.corpus import write_token_file
+from distattn.train.data.hf import HFCorpus
+from distattn.train.data.megatron import MegatronCorpus
 
 SMALL = {"model": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64},
          "data": {"seq_len": 256}, "parallel": {"dp": 1, "cp": 2},
@@ -110,7 +112,7 @@ def test_hf_folder_and_parquet_read_the_same_documents(tmp_path):
     assert _docs(HFCorpus(tmp_path / "texts.parquet")) == as_bytes
     assert _docs(HFCorpus(tmp_path / "many")) == ids
     tokenizer = _word_tokenizer(tmp_path / "tokenizer.json")
-    from distattn.train.readers import load_tokenizer
+    from distattn.train.data.readers import load_tokenizer
 
     words = [x.tolist() for x in load_tokenizer(str(tokenizer)).encode(TEXTS)]
     assert _docs(HFCorpus(tmp_path / "texts.parquet", str(tokenizer))) == words

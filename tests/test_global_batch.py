@@ -1,4 +1,4 @@
-"""Issue 54: a step's global batch over the data-parallel ranks (distattn/train/global_batch.py), no
+"""Issue 54: a step's global batch over the data-parallel ranks (distattn/train/data/global_batch.py), no
 process group: stream packing is the packer's old ``next_batch``; balanced packing trains exactly the
 stream's tokens (held pieces placed first the next step), every rank computing the same packing and
 reading only its own pieces; the state carries the held pieces and old states still load; the
@@ -9,8 +9,9 @@ import pytest
 
 from distattn.packing import DEFAULT_CAP_FACTOR, default_token_cap, imbalance, pack_balanced
 from distattn.train.config import RunConfig, load_config, validate
-from distattn.train.data import Blend, Packer, TokenFileCorpus, write_token_file
-from distattn.train.global_batch import GlobalBatches
+from distattn.train.data.packer import Blend, Packer
+from distattn.train.data.corpus import TokenFileCorpus, write_token_file
+from distattn.train.data.global_batch import GlobalBatches
 
 SEQ, DP, WEIGHT = 256, 3, 0.008
 
@@ -192,7 +193,7 @@ def test_pack_balanced_places_held_documents_first_in_empty_ranks():
 
 
 def test_the_benchs_corpus_is_heavy_tailed_and_scaled_to_the_sequence():
-    from distattn.train.bench_packing import corpus_lengths, summary
+    from distattn.bench.packing import corpus_lengths, summary
 
     lens, line = corpus_lengths(None, 1024, 50_000)
     assert lens.sum() >= 50_000 and 200 < lens.mean() < 320 and lens.max() > 1024 > np.median(lens)

@@ -267,8 +267,8 @@ def test_offload_on_the_gpu_gives_full_checkpointing_grads_and_frees_the_block_i
     block ahead): the gradients equal full checkpointing's to fp32 rounding, every block but the first of
     the backward finds its input prefetched, and the device's peak drops by most of the block inputs."""
     from distattn.train.config import ModelConfig
-    from distattn.train.model import Transformer
-    from distattn.train.offload import Offload
+    from distattn.train.model.transformer import Transformer
+    from distattn.train.model.offload import Offload
 
     cfg = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1024, vocab_size=256)
     torch.manual_seed(0)
@@ -305,7 +305,7 @@ def test_compiled_block_on_the_gpu_tracks_eager(one_rank_group):
     inductor's kernels around it): a bf16 block's output and gradients track the eager block's
     (relative error below 2%), with no graph break."""
     from distattn.train.config import ModelConfig
-    from distattn.train.model import Block
+    from distattn.train.model.transformer import Block
 
     cfg = ModelConfig(dim=512, n_layers=1, n_heads=8, n_kv_heads=4, ffn_dim=1024, vocab_size=256)
     torch.manual_seed(0)

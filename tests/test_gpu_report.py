@@ -15,8 +15,8 @@ import torch
 
 from distattn.kernels import bench
 from distattn.memory_model import GIB
-from distattn.train import bench_gpu_plan as plan, bench_gpu_report as gpu_report, bench_gpu_tables as tables
-from distattn.train.bench_gpu_runner import STOPPED, Outcome, read_rows
+from distattn.bench import gpu_plan as plan, gpu_report, gpu_tables as tables
+from distattn.bench.gpu_runner import STOPPED, Outcome, read_rows
 from distattn.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from distattn.cli import main
-from distattn.train import checkpoint, dcp_safe, manifest
-from distattn.train.data import read_index
-from distattn.train.preflight import lock_out
-from distattn.train.prepare import _locked
+from distattn.train.checkpoint.dcp import dcp as checkpoint, dcp_safe, manifest
+from distattn.train.data.sharded import read_index
+from distattn.train.preflight.checks import lock_out
+from distattn.train.data.prepare import _locked
 
 
 def _victim(tmp_path: Path) -> Path:

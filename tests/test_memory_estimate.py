@@ -1,4 +1,4 @@
-"""The per-rank memory estimate (distattn.train.memory), `distattn train --dry-run` and the memory bench.
+"""The per-rank memory estimate (distattn.train.preflight.memory), `distattn train --dry-run` and the memory bench.
 
 The estimate is checked for the way its parts scale, for the shipped GPU configs (each fits an
 80 GiB GPU at its shipped bf16 + full checkpointing), for a config that cannot fit, and against a
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from distattn.train import bench_memory as bench
+from distattn.bench import memory as bench
 from distattn.cli import main as cli_main
 from distattn.train.config import ModelConfig, load_config
-from distattn.train.memory import GIB, alternatives, attention_bytes, estimate, local_device, report
+from distattn.train.preflight.memory import GIB, alternatives, attention_bytes, estimate, local_device, report
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CONFIGS = ["llama3-8b-128k-64gpu.yaml", "llama3-8b-512k-64gpu.yaml", "llama-34b-512k-512gpu.yaml"]
@@ -33,7 +33,7 @@ def _states(est) -> int:
 
 @pytest.mark.parametrize("tied,sinks", [(True, False), (False, False), (False, True)])
 def test_param_count_is_the_models(tied, sinks):
-    from distattn.train.model import Transformer
+    from distattn.train.model.transformer import Transformer
 
     m = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=100, tie_embeddings=tied,
                     attention_sinks=sinks)

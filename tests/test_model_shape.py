@@ -12,7 +12,7 @@ from distattn.model_shape import GPUS, MODELS, gpu_named
 from distattn.network import default_profile
 from distattn.sim.simulate import SimConfig, simulate
 from distattn.train.config import load_config
-from distattn.train.memory import estimate
+from distattn.train.preflight.memory import estimate
 from distattn.train.metrics import device_peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,7 +37,7 @@ def _step_worker(modes, compiled: bool, fsdp: bool, dp: int = 1, mlp_chunk: int 
     from distattn import plan as make_plan
     from distattn.mesh import ParallelDims
     from distattn.train.config import ModelConfig
-    from distattn.train.model import Transformer
+    from distattn.train.model.transformer import Transformer
     from distattn.train.trainer import agreed_nano_batches, local_batch
 
     cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61, attention_sinks=True)

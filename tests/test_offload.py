@@ -9,9 +9,9 @@ import torch
 
 from distattn import plan as make_plan
 from distattn.train.config import ModelConfig
-from distattn.train.memtrack import TensorMemory
-from distattn.train.model import Transformer
-from distattn.train.offload import Offload
+from distattn.bench.memtrack import TensorMemory
+from distattn.train.model.transformer import Transformer
+from distattn.train.model.offload import Offload
 
 CFG = ModelConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61)
 

@@ -11,7 +11,7 @@ import yaml
 
 from distattn.cli import main
 from distattn.train.config import load_config
-from distattn.train.overrides import parse_overrides
+from distattn.train.config.overrides import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -18,7 +18,7 @@ import distattn
 from conftest import small_run
 from distattn.spawn import run_distributed
 from distattn.train.config import RunConfig, validate
-from distattn.train.data import write_token_file
+from distattn.train.data.corpus import write_token_file
 
 THREAD = "distattn-plan-ahead"
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_to_all", "all_to_all_single", "broadcast",

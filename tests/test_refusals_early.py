@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from distattn.train.config import RunConfig, load_config, validate
-from distattn.train.data import write_token_file
+from distattn.train.data.corpus import write_token_file
 
 SMALL = {"model": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64},
          "data": {"seq_len": 64}, "parallel": {"dp": 1, "cp": 2}, "train": {"steps": 1}}
@@ -222,7 +222,7 @@ def test_the_fixes_the_messages_name_work(tmp_path):
 
 
 def test_overwrite_removes_links_not_what_they_point_to(tmp_path):
-    from distattn.train import preflight
+    from distattn.train.preflight.checks import checks as preflight
 
     out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
     out.mkdir()

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from distattn.train.config import RunConfig, load_config, validate
-from distattn.train.data import Packer, StdlibCorpus, TokenFileCorpus, write_token_file
+from distattn.train.data.packer import Packer
+from distattn.train.data.corpus import StdlibCorpus, TokenFileCorpus, write_token_file
 from distattn.train.trainer import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def test_checkpoint_metadata_unpickler_refuses_other_objects():
     import io
     import pickle
 
-    from distattn.train.dcp_safe import _MetadataUnpickler
+    from distattn.train.checkpoint.dcp_safe import _MetadataUnpickler
 
     class Evil:
         def __reduce__(self):

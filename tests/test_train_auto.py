@@ -15,7 +15,7 @@ import torch
 
 from conftest import small_run
 from distattn.spawn import run_distributed
-from distattn.train.data import write_token_file
+from distattn.train.data.corpus import write_token_file
 
 SEQ = 256
 SMALL = {"model": {"dim": 32, "n_layers": 1, "n_heads": 8, "n_kv_heads": 4, "ffn_dim": 64},
@@ -154,7 +154,7 @@ def test_rank_0_chooses_and_the_others_read_its_choice():
 
 
 def test_bench_auto_corpus_runs_and_summary(tmp_path):
-    from distattn.train.bench_auto import FIXED, configs, corpus, summary
+    from distattn.bench.auto import FIXED, configs, corpus, summary
 
     docs = corpus(1024, 3, seed=0)
     assert sum(map(len, docs)) == 4 * 2 * 1024 and sum(len(d) == 768 for d in docs) == 4

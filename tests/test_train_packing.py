@@ -14,7 +14,7 @@ import torch
 
 from conftest import small_run
 from distattn.spawn import run_distributed
-from distattn.train.data import write_token_file
+from distattn.train.data.corpus import write_token_file
 from distattn.train.trainer import run
 
 SEQ = 128
@@ -35,7 +35,8 @@ def _by_hand_batches(cfg, steps: int) -> list[list[tuple[np.ndarray, list[int]]]
     """Per step, per DP rank: (tokens, document lengths), cut from the stream and packed here: the held
     pieces first, then the stream's next tokens cut at every seq_len and at the step's end."""
     from distattn import pack_balanced
-    from distattn.train.data import Packer, TokenFileCorpus
+    from distattn.train.data.packer import Packer
+    from distattn.train.data.corpus import TokenFileCorpus
 
     d, dp = cfg.data, cfg.parallel.dp
     tokens, lens = Packer(TokenFileCorpus(d.path), steps * dp * d.seq_len, seed=d.seed).next()
@@ -67,7 +68,7 @@ def _by_hand_losses(cfg, batches: list) -> list[float]:
     from distattn import plan as make_plan
     from distattn.mesh import ParallelDims
     from distattn.schedulers import spec
-    from distattn.train.model import Transformer
+    from distattn.train.model.transformer import Transformer
     from distattn.train.trainer import agreed_nano_batches, local_batch, lr_at
 
     p, t = cfg.parallel, cfg.train
@@ -103,7 +104,7 @@ def _runs(balanced, stream, fp64) -> dict:
     micro-batches it trained recorded) and the micro-batches packed by hand."""
     import torch.distributed as dist
 
-    from distattn.train.global_batch import GlobalBatches
+    from distattn.train.data.global_batch import GlobalBatches
     from distattn.train.trainer import Trainer
 
     out = {"balanced": Trainer(balanced).run(), "stream": Trainer(stream).run(), "trained": []}

@@ -32,7 +32,7 @@ def _grads_by_checkpointing(scheduler: str, doc_lens: list[int]) -> dict:
     from distattn import plan as make_plan
     from distattn.labels import next_token_labels
     from distattn.mesh import ParallelDims
-    from distattn.train.model import Transformer
+    from distattn.train.model.transformer import Transformer
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61)
     world = dist.get_world_size()

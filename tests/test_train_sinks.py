@@ -31,7 +31,7 @@ def _model_vs_single_rank(scheduler: str, doc_lens: list[int], softcap) -> dict[
     from distattn import plan as make_plan
     from distattn.labels import next_token_labels
     from distattn.mesh import ParallelDims
-    from distattn.train.model import Transformer
+    from distattn.train.model.transformer import Transformer
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61,
                       attention_sinks=True, softcap=softcap)
@@ -75,7 +75,7 @@ def _sinks_of(ckpt) -> np.ndarray:
     """The layers' sinks as saved in a trainer checkpoint (read without a process group)."""
     import torch.distributed.checkpoint as dcp
 
-    from distattn.train.dcp_safe import SafeLoadPlanner, SafeReader
+    from distattn.train.checkpoint.dcp_safe import SafeLoadPlanner, SafeReader
 
     state = {"model": {f"layers.{i}.sinks": torch.zeros(SMALL["model"]["n_heads"]) for i in range(2)}}
     dcp.load(state, storage_reader=SafeReader(str(ckpt)), planner=SafeLoadPlanner(ckpt), no_dist=True)
@@ -114,7 +114,7 @@ def test_config_keys():
             validate(RunConfig().replace(model={"softcap": bad}))
     with pytest.raises(ValueError, match="model.attention_sinks"):
         validate(RunConfig().replace(model={"attention_sinks": "yes"}))
-    from distattn.train.model import Transformer
+    from distattn.train.model.transformer import Transformer
 
     names = [n for n, _ in Transformer(ModelConfig(n_layers=2, attention_sinks=True)).named_parameters()]
     assert [n for n in names if "sinks" in n] == ["layers.0.sinks", "layers.1.sinks"]

@@ -9,7 +9,7 @@ from ._args import examples
 
 
 def _cmd_verify(args) -> int:
-    from ..train import checkpoint, manifest
+    from ..train.checkpoint import dcp as checkpoint, manifest
     from ..train.safe_io import one_line
 
     path = Path(args.dir)

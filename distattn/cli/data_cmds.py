@@ -9,7 +9,7 @@ from ._args import examples, positive_int, tokens
 
 
 def _cmd_prepare(args) -> int:
-    from ..train.prepare import prepare
+    from ..train.data.prepare import prepare
 
     start = time.monotonic()
     try:

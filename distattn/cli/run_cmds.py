@@ -43,7 +43,7 @@ def _add_overrides(parser: argparse.ArgumentParser, what: str) -> None:
 def _config(args, flags: dict[str, object]):
     """The config file with the command line's overrides (``flags``: dotted key -> a flag's value or None)."""
     from ..train.config import load_config
-    from ..train.overrides import parse_overrides
+    from ..train.config.overrides import parse_overrides
 
     return load_config(args.config, parse_overrides(args.overrides, flags))
 
@@ -64,7 +64,7 @@ def _print_config(cfg) -> int:
 
 def _stopped(exc, out) -> str:
     """One line for a run a signal stopped: the last step it finished and what a resume continues from."""
-    from ..train.resume import usable_checkpoint
+    from ..train.checkpoint.resume import usable_checkpoint
 
     history = exc.results[0] if exc.results else None   # rank 0's metrics
     saved = usable_checkpoint(out)
@@ -76,7 +76,7 @@ def _stopped(exc, out) -> str:
 
 def _dry_run(cfg, args, talk) -> int:
     """``--dry-run``: the config checked and its per-rank memory estimated; 0 when it fits, 1 when not."""
-    from ..train import memory
+    from ..train.preflight import memory
 
     if not 0 < args.gpu_memory_gib < float("inf"):
         raise ValueError(f"--gpu-memory-gib must be a positive number of GiB (e.g. 80), got {args.gpu_memory_gib:g}")
@@ -91,7 +91,7 @@ def _dry_run(cfg, args, talk) -> int:
                                          "CPU ranks (local processes, as `distattn train` runs them without a "
                                          "launcher; --estimate-for gpu for GPUs)"))
     if args.max_seq_len:
-        from ..train import capacity
+        from ..train.preflight import capacity
 
         budget = int(args.gpu_memory_gib * memory.GIB) if device == "cuda" else (physical or 2**62)
         lines += capacity.report(cfg, budget, device)
@@ -105,7 +105,8 @@ def _prepare_out(cfg, out, resume, overwrite: bool, launched: bool, talk):
     """Rank 0, before any rank starts: ``out`` made ready (:func:`~distattn.train.preflight.prepare_out`),
     the config a resume trains with, the room for a checkpoint checked. Returns ``(cfg, the checkpoint
     to start from or None)``, or None when the run has finished already."""
-    from ..train import manifest, preflight, resume as resuming
+    from ..train.checkpoint import manifest, resume as resuming
+    from ..train.preflight import checks as preflight
     from ..train.metrics import logged_rows
 
     note = logging.getLogger("distattn.train").info   # what the library says: --log-level filters it
@@ -131,7 +132,7 @@ def _prepare_out(cfg, out, resume, overwrite: bool, launched: bool, talk):
 def _train_and_report(cfg, out, resume, talk) -> int:
     """Run the ranks; the command's exit code, with one line for a run that failed or was stopped."""
     from ..spawn import RankError, Terminated
-    from ..train.resume import usable_checkpoint
+    from ..train.checkpoint.resume import usable_checkpoint
     from ..train.safe_io import WriteFailed
     from ..train.trainer import run
 
@@ -165,7 +166,8 @@ def _train_and_report(cfg, out, resume, talk) -> int:
 def _cmd_train(args) -> int:
     from pathlib import Path
 
-    from ..train import preflight, resume as resuming
+    from ..train.preflight import checks as preflight
+    from ..train.checkpoint import resume as resuming
 
     cfg = _train_config(args)
     if args.print_config:

@@ -35,8 +35,8 @@ import numpy as np
 from ..packing import imbalance, workload
 from ..plan_cache import PlanCache
 from .config import RunConfig
-from .sections import AUTO
-from .global_batch import GlobalBatches, MicroBatch
+from .config.sections import AUTO
+from .data.global_batch import GlobalBatches, MicroBatch
 from .plan_ahead import StepPlans
 
 _log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from ..pingpong import nano_batches
 from ..plan_cache import PlanCache
 from ..plans import Plan
 from .config import RunConfig
-from .global_batch import GlobalBatches, MicroBatch
+from .data.global_batch import GlobalBatches, MicroBatch
 
 Parts = list[tuple[list[int], int, int]]   # nano-batches: (doc_lens, start, end) each
 

@@ -74,16 +74,17 @@ from ..pingpong import all_ranks, nano_batches
 from ..plan_cache import PlanCache
 from ..schedule import imbalance
 from ..spawn import Terminated
-from . import checkpoint, manifest
+from .checkpoint import dcp as checkpoint, manifest
 from .auto_plan import auto_meshes, late_choice, make_planner
 from .config import RunConfig
-from .data import Packer, make_corpus
-from .global_batch import GlobalBatches, MicroBatch
+from .data.packer import Packer
+from .data.sources import make_corpus
+from .data.global_batch import GlobalBatches, MicroBatch
 from .metrics import RunLog, device_peak_flops, peak_memory_bytes
-from .model import Transformer
+from .model.transformer import Transformer
 from .plan_ahead import PlanAhead, StepPlanner, plan_options
 from .ranks import StopSignal, join_group
-from .resume import resume_config, resume_from, run_info, schedule_steps
+from .checkpoint.resume import resume_config, resume_from, run_info, schedule_steps
 
 _log = logging.getLogger(__name__)   # (a Trainer's RunLog is its `logger`)
 

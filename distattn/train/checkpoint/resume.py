@@ -1,0 +1,110 @@
+"""What a resume must agree with, checked from a checkpoint's manifest before any tensor is read.
+
+A checkpoint records the run it belongs to (:func:`run_info`): the model's shape, the data source and
+the learning-rate schedule's length. :func:`resume_config` refuses a config whose model or data
+differ (one line naming the keys, their two values and a fix that works) and fixes the schedule's
+length: ``train.lr_decay_steps`` is the first run's ``train.steps`` unless set, and is stored in every
+checkpoint, so ``--steps`` on a resume only moves where the run stops. Setting ``lr_decay_steps`` to a
+different value on a resume changes the schedule from the next step on, and says so.
+
+:func:`resume_from` decides whether a run continues, for the CLI and the trainer alike.
+:func:`check_room` refuses, before any rank starts, an output folder that cannot take a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import RunConfig
+from .manifest import Manifest
+
+# the model fields a checkpoint's tensors depend on (rope_theta and softcap change no shape: a
+# resume may change them as it may change the learning rate)
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "tie_embeddings",
+              "attention_sinks")
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this worker (``--max-restarts``): it runs with the same arguments again."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def usable_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint under ``out/ckpt`` a resume would start from, or None (also when none
+    verifies). Its structure only: naming it (on the way out after a signal, or on a torchrun restart)
+    must not read every byte of it; the resume itself checks the checksums and says which one it takes."""
+    from .dcp import newest_usable
+
+    try:
+        return newest_usable(Path(out) / "ckpt", checksums=False)
+    except (ValueError, OSError):
+        return None
+
+
+def resume_from(out: Path, resume: bool | Path = False) -> bool | Path:
+    """Whether the run writing into ``out`` continues, decided here only: ``resume`` when set (a
+    checkpoint path the caller has verified, or True: the newest one that verifies, which the ranks
+    agree on); else, on a torchrun restart, True when ``out`` holds a usable checkpoint (the restarted
+    workers pick up the last one); else False, a new run."""
+    if resume or not restarted():
+        return resume
+    return usable_checkpoint(out) is not None
+
+
+def run_info(cfg: RunConfig) -> dict[str, Any]:
+    """What a checkpoint of ``cfg`` records about its run (``manifest.json``'s ``run``)."""
+    return {"model": {k: getattr(cfg.model, k) for k in SHAPE_KEYS},
+            "data": {"source": cfg.data.source, "path": cfg.data.path, "tokenizer": cfg.data.tokenizer,
+                     "blend": [dataclasses.asdict(b) for b in cfg.data.blend] if cfg.data.blend else None},
+            "lr_decay_steps": schedule_steps(cfg)}
+
+
+def schedule_steps(cfg: RunConfig) -> int:
+    """The cosine schedule's length of a new run: ``train.lr_decay_steps``, else ``train.steps``."""
+    return cfg.train.lr_decay_steps or cfg.train.steps
+
+
+def resume_config(cfg: RunConfig, found: Manifest, say: Callable[[str], Any] | None = None) -> RunConfig:
+    """``cfg`` with the schedule length a resume from the checkpoint ``found`` trains with.
+
+    ``ValueError`` when the config's model shape or data differ from the checkpoint's."""
+    run = found.run
+    saved_model, saved_data = run.get("model", {}), run.get("data", {})
+    changed = [f"model.{k} {getattr(cfg.model, k)!r} (checkpoint: {saved_model[k]!r})"
+               for k in SHAPE_KEYS if k in saved_model and saved_model[k] != getattr(cfg.model, k)]
+    data = run_info(cfg)["data"]   # the config's, as a checkpoint records it (older ones lack some keys)
+    changed += [f"data.{k} {data[k]!r} (checkpoint: {saved_data[k]!r})"
+                for k in data if k in saved_data and saved_data[k] != data[k]]
+    if changed:
+        raise ValueError(f"the config differs from the run it resumes (step {found.step}): {'; '.join(changed)}. "
+                         f"Set these back to the checkpoint's values to continue that run, or start a new one "
+                         f"with --out NEW_FOLDER (or --overwrite)")
+    saved = run.get("lr_decay_steps")
+    wanted = cfg.train.lr_decay_steps
+    if wanted is not None and saved is not None and wanted != saved and say is not None:
+        say(f"train.lr_decay_steps {wanted} replaces the checkpoint's {saved}: the learning-rate schedule "
+            f"changes from step {found.step + 1} on")
+    steps = wanted or saved or cfg.train.steps
+    return cfg.replace(train={"lr_decay_steps": steps})
+
+
+def check_room(cfg: RunConfig, ckpt_root: Path, newest: Manifest | None) -> None:
+    """``ValueError`` unless ``ckpt_root`` can take a checkpoint: writable, with the room a save asks for
+    (:func:`~.checkpoint.room_needed`) for one the size of ``newest`` (else an estimate from the model:
+    fp32 weights and AdamW's two moments)."""
+    from .dcp import room_needed
+
+    ckpt_root = Path(ckpt_root)
+    folder = next((p for p in (ckpt_root, *ckpt_root.parents) if p.exists()), Path("."))
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{folder} is not writable, so no checkpoint could be saved; make it writable or pass "
+                         f"--out to another folder")
+    need = room_needed(newest.total_bytes if newest is not None else 12 * cfg.model.shape.params)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ValueError(f"{folder} has {free / 2**20:,.1f} MiB free but a checkpoint of this model takes about "
+                         f"{need / 2**20:,.1f} MiB with its margin; free space there or pass --out to another disk")

@@ -1,0 +1,246 @@
+"""The four sections of a run config (:mod:`.config` reads them from YAML, :mod:`.validation`
+checks them) as frozen dataclasses: every key, its default and what it means, and the choices of
+the keys that take one of a few words."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ...memory_model import CHECKPOINTING
+from ...model_shape import ModelShape
+from ...schedulers import PlanContext
+
+DTYPES = ("fp32", "bf16")
+ON_NONFINITE = ("stop", "skip_step")
+SOURCES = ("stdlib", "tokens", "megatron", "hf", "blend")
+PACKINGS = ("stream", "balanced")
+AUTO = "auto"          # parallel.cp / parallel.scheduler chosen per step (distattn/train/auto_plan.py)
+FALLBACK = "zigzag"    # what scheduler: auto runs when a step's choice is late (the fixed choice)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_dim: int = 688
+    vocab_size: int = 256          # byte-level by default
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    # a learnable attention-sink logit per head and layer (gpt-oss; initialised to 0): every
+    # softmax row gets an extra key of value 0 (distattn.attention's sinks=)
+    attention_sinks: bool = False
+    # attention logit soft-capping c: scores become c * tanh(score / c) (Gemma 2); unset: none
+    softcap: float | None = None
+
+    @property
+    def shape(self) -> ModelShape:
+        """The shape and its counts (parameters, MFU's FLOPs): what the simulator reads too."""
+        return ModelShape(self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.ffn_dim, self.vocab_size,
+                          self.tie_embeddings, self.attention_sinks)
+
+
+@dataclass(frozen=True)
+class BlendSource:
+    """One source of ``data.blend``: documents of ``source`` at ``path`` (``tokenizer``: for ``hf``)
+    drawn for a ``weight`` share of the tokens (weights are normalised: Megatron's ``--data-path
+    0.3 A 0.7 B`` is ``[{path: A, weight: 0.3, source: megatron}, {path: B, weight: 0.7, ...}]``)."""
+    path: str | None = None
+    weight: float = 1.0
+    source: str = "tokens"
+    tokenizer: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"         # "stdlib": Python's standard library sources, one document per file
+    # "tokens": a directory written by `distattn data prepare` (shards + index.json), or the prefix
+    # of PATH.bin (flat tokens) + PATH.idx.npy (document offsets) of one token file;
+    # "megatron": the prefix of a Megatron indexed dataset, PREFIX.bin + PREFIX.idx;
+    # "hf": a Dataset.save_to_disk folder, a .parquet file or a folder of them
+    path: str | None = None
+    # hf: tokenize the 'text' column with this (bytes, a tokenizer.json or a folder holding one, a
+    # Hugging Face tokenizer on disk); unset: the 'input_ids' column if there is one, else bytes
+    tokenizer: str | None = None
+    # source "blend": a list of {path, weight, source, tokenizer} (BlendSource), each document drawn
+    # from the source whose token share lags its weight most (distattn/train/data.py)
+    blend: tuple[BlendSource, ...] | None = None
+    seq_len: int = 8192            # tokens per packed sequence (one per data-parallel rank and step)
+    seed: int = 0
+    # how a step's global batch of dp * seq_len tokens reaches the data-parallel ranks (one
+    # micro-batch each): stream (rank r takes the r-th seq_len tokens) or balanced (its pieces dealt
+    # out by workload, distattn.pack_balanced: distattn/train/data/global_batch.py); unset: balanced
+    # where parallel.dp > 1, else stream
+    packing: str | None = None
+    # balanced: most tokens one rank's sequence may hold (the memory estimate checks this length);
+    # at least seq_len; unset: ceil(1.25 * seq_len) (distattn.packing.DEFAULT_CAP_FACTOR)
+    token_cap: int | None = None
+
+    @property
+    def cap(self) -> int:
+        """``token_cap``, or the default for ``seq_len``."""
+        from ...packing import default_token_cap
+
+        return self.token_cap if self.token_cap is not None else default_token_cap(self.seq_len)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    dp: int = 1
+    # auto: each step lays the ranks out as CP groups of mixed power-of-two sizes chosen from its
+    # documents (needs world_size; distattn/train/auto_plan.py)
+    cp: int | str = 4
+    # auto: each group's scheduler chosen per step among those that can share one (distattn.sim.per_batch.MIXED)
+    scheduler: str = "zigzag"
+    # with cp: auto, the job's ranks; dp is then the sequences of data.seq_len a step trains, and the
+    # fixed choice a late step falls back to is dp groups of world_size / dp ranks
+    world_size: int | None = None
+    # with auto: the links its choices are priced on, a `distattn cluster probe` profile (file or
+    # folder); unset: an H100 cluster's typical links (distattn.network.default_profile)
+    network: str | None = None
+    ulysses_degree: int | None = None   # for scheduler: usp
+    # For scheduler: ulysses, usp: move and compute each rank's query heads head_groups parts at a
+    # time, so the buffers spanning the whole sequence hold 1/head_groups of them (ignored otherwise)
+    head_groups: int = 1
+    # For scheduler: cad with dp > 1: balance attention over all dp x cp ranks (one plan over the
+    # pool of every replica's CP group, DistCA's "no DP stragglers") instead of inside each CP
+    # group. Ignored otherwise -- like ulysses_degree for schedulers other than usp -- because it
+    # defaults to on: refusing it elsewhere would make every non-cad config say false, and
+    # `--scheduler zigzag` on a cad config would stop working. With dp == 1 the pool is the CP
+    # group itself, so the plan would be the same but cost an extra exchange of document lengths.
+    cad_pool: bool = True
+    # 1 | 2: each micro-batch cut into this many nano-batches of whole documents, interleaved through
+    # the blocks so that one's attention transfers hide behind the other's compute (DistCA's
+    # ping-pong: distattn/pingpong.py); unset: the scheduler's default (2 for cad, 1 otherwise)
+    nano_batches: int | None = None
+    # make each step's batch, nano-batches and attention plans on a background thread while the step
+    # before runs (cad's placement: up to seconds a step at scale), so the step finds them ready; the
+    # same plans and losses as false, which makes them inside the step (distattn/train/plan_ahead.py)
+    plan_ahead: bool = True
+    dp_mode: str = "ddp"                # "ddp" or "fsdp" (FSDP2 fully_shard)
+    # FSDP2's CPUOffloadPolicy: the fp32 parameter shards, their gradients and AdamW's state live in
+    # (pinned) host memory; each block's parameters come to the GPU for its forward and backward,
+    # and the optimizer steps on the CPU. Needs dp_mode: fsdp; shards even on one rank
+    cpu_offload: bool = False
+    backend: str = "auto"               # attention kernel backend
+    # fp8: attention's Q, K, V, out and dout cross ranks as float8_e4m3 with a scale per token and
+    # head (~0.52x bf16's bytes; gradients keep their dtype: distattn/wire.py); unset: as they are
+    comm_dtype: str | None = None
+    timeout_s: float = 120.0            # collectives fail after this instead of hanging
+
+    @property
+    def nano_batch_count(self) -> int:
+        """``nano_batches``, or the scheduler's default."""
+        from ...schedulers import spec
+
+        return self.nano_batches if self.nano_batches is not None else spec(self.fixed_scheduler).nano_batches
+
+    @property
+    def pools_replicas(self) -> bool:
+        """Whether the trainer plans CAD over the pool of all dp x cp ranks (see ``cad_pool``)."""
+        from ...schedulers import spec
+
+        return self.cad_pool and spec(self.fixed_scheduler).pools and self.dp > 1
+
+    @property
+    def auto(self) -> bool:
+        """Whether each step chooses its CP groups or schedulers (``cp`` or ``scheduler`` is ``auto``)."""
+        return AUTO in (self.cp, self.scheduler)
+
+    @property
+    def fixed_cp(self) -> int:
+        """``cp``, or with ``cp: auto`` the fixed choice's: ``world_size / dp``."""
+        return (self.world_size or self.dp) // self.dp if self.cp == AUTO else self.cp
+
+    @property
+    def fixed_scheduler(self) -> str:
+        """``scheduler``, or with ``scheduler: auto`` the fixed choice's (:data:`FALLBACK`)."""
+        return FALLBACK if self.scheduler == AUTO else self.scheduler
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 50
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 1
+    ckpt_every: int = 25
+    seed: int = 0
+    out: str = "runs/tiny"
+    # bf16: parameters are cast to bf16 for compute (FSDP2 MixedPrecisionPolicy; the DDP path
+    # autocasts); master weights, gradient reduction and AdamW state stay fp32
+    dtype: str = "fp32"
+    # none | full (recompute each block in backward, attention included) | selective (recompute
+    # the projections and MLP, keep what the distributed attention saved: no second attention) |
+    # offload (full, the kept block inputs in pinned host memory, prefetched one block ahead in
+    # backward: train/offload.py)
+    activation_checkpointing: str = "none"
+    # tokens per chunk of the fused output projection + cross-entropy (full logits never exist)
+    loss_chunk: int = 2048
+    # tokens per chunk of each block's MLP, forward and backward (its [tokens, ffn_dim]
+    # intermediates never exist whole; train/tiled.py); 0: the whole shard at once
+    mlp_chunk: int = 0
+    # torch.compile each block, whole (attention is a custom op: distattn/ops.py; a graph break is
+    # an error); checkpointing and offload stay eager around the compiled block
+    compile: bool = False
+    # the device's dense bf16 peak for MFU; unset: looked up from the GPU's name (CPU: n/a)
+    peak_tflops: float | None = None
+    # a step whose loss or gradient norm is not finite: stop (no update, exit non-zero; the newest
+    # checkpoint is the last good state) or skip_step (no update, logged with "skipped": true)
+    on_nonfinite: str = "stop"
+    # the cosine schedule's length in steps; unset: train.steps of the run that started the folder
+    # (its checkpoints keep it), so --steps on a resume moves where the run stops, not the schedule
+    lr_decay_steps: int | None = None
+    # bitwise-equal reruns of one config on one machine: attention plans deterministic=True (fixed
+    # reduction orders, no atomics) and torch's deterministic algorithms for the rest of the model
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    @property
+    def world_size(self) -> int:
+        p = self.parallel
+        return (p.world_size or p.dp) if p.cp == AUTO else p.dp * p.cp
+
+    @property
+    def packing(self) -> str:
+        """``data.packing``, or its default: ``balanced`` where ``parallel.dp > 1``, else ``stream`` (and
+        under ``auto``, which deals the stream's pieces to its groups itself)."""
+        return self.data.packing or ("balanced" if self.parallel.dp > 1 and not self.parallel.auto else "stream")
+
+    @property
+    def rank_tokens(self) -> int:
+        """The most tokens one rank's sequence holds: ``data.token_cap``'s under balanced packing."""
+        return self.data.cap if self.packing == "balanced" else self.data.seq_len
+
+    @property
+    def wrapper(self) -> str:
+        """How the trainer wraps the model: ``"fsdp"`` (FSDP2; with ``cpu_offload`` even on one
+        rank), ``"ddp"``, or ``"single"`` (one rank, no wrapper)."""
+        if self.parallel.cpu_offload:
+            return "fsdp"
+        return "single" if self.world_size == 1 else self.parallel.dp_mode
+
+    def plan_context(self, peak_tflops: float | None = None) -> PlanContext:
+        """The job as the planners see it: each scheduler derives its options from it
+        (:class:`~distattn.schedulers.PlanContext`); ``peak_tflops``: the GPU's (None: an H100's)."""
+        m, p = self.model, self.parallel
+        return PlanContext(m.n_heads, m.n_kv_heads, head_groups=p.head_groups, head_dim=m.dim // m.n_heads,
+                           dtype_bytes=2 if self.train.dtype == "bf16" else 4, ulysses_degree=p.ulysses_degree,
+                           peak_tflops=peak_tflops)
+
+    def replace(self, **sections) -> "RunConfig":
+        """Copy with fields of sections changed: ``cfg.replace(train={"steps": 5})``."""
+        return dataclasses.replace(self, **{name: dataclasses.replace(getattr(self, name), **values)
+                                            for name, values in sections.items()})

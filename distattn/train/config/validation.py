@@ -1,0 +1,300 @@
+"""Checking a run config (:mod:`.sections`): every value's type, range and combination with the
+others, section by section; ``ValueError`` names the key and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+
+from .sections import AUTO, CHECKPOINTING, DTYPES, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainSection
+
+# upper bounds of floats, past which a value is a typo rather than a setting: (key, most, why)
+CEILINGS = (("parallel.timeout_s", 7 * 86400.0, "a week; a collective that waits longer has failed"),
+            ("train.lr", 1.0, "AdamW moves each parameter by about lr per step"),
+            ("train.weight_decay", 1.0, "AdamW shrinks each parameter by lr * weight_decay per step"),
+            ("model.softcap", 1e4, "more than any attention score: no cap; leave it unset for none"),
+            ("train.peak_tflops", 1e5, "100 PFLOP/s, far above any device's dense bf16 peak"))
+
+
+_PATHS = {"tokens": "a directory from `distattn data prepare`, or the prefix of PATH.bin and PATH.idx.npy",
+          "megatron": "the PREFIX of Megatron's PREFIX.bin and PREFIX.idx, as its --data-path",
+          "hf": "a folder written by Dataset.save_to_disk, a .parquet file or a folder of them"}
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Types, ranges and combinations of every value; returns ``cfg`` with ints made floats where
+    floats are meant. ``ValueError`` names the key and the fix."""
+    blend = _checked_blend(cfg.data.blend)   # a list of mappings, which _checked_types does not take
+    cfg = _checked_types(cfg.replace(data={"blend": None})).replace(data={"blend": blend})
+    _check_ranges(cfg)
+    _check_model(cfg.model)
+    _check_data(cfg.data, cfg.model.vocab_size)
+    _check_parallel(cfg.parallel, cfg.model)
+    _check_auto(cfg)
+    _check_train(cfg.train)
+    return cfg
+
+
+def _type_error(key: str, want: str, val) -> ValueError:
+    return ValueError(f"{key} must be {want}, got {val!r} ({type(val).__name__}){_number_hint(val)}")
+
+
+def _check_type(key: str, hint, val):
+    """``val`` checked against a field's annotation (YAML gives ints where floats are meant:
+    those are converted; strings, and bools for numbers, are refused)."""
+    allowed = set(getattr(hint, "__args__", ())) or {hint}
+    if val is None:
+        if type(None) in allowed:
+            return None
+        raise _type_error(key, "set", val)
+    if bool in allowed:
+        if not isinstance(val, bool):
+            raise _type_error(key, "true or false", val)
+        return val
+    if int in allowed and not (str in allowed and isinstance(val, str)):   # (parallel.cp: auto)
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise _type_error(key, "an int", val)
+        return val
+    if float in allowed:
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+            raise _type_error(key, "a finite number", val)
+        return float(val)
+    if not isinstance(val, str):
+        raise _type_error(key, "a string", val)
+    return val
+
+
+def _number_hint(val) -> str:
+    if not isinstance(val, str):
+        return ""
+    try:
+        float(val)
+    except (TypeError, ValueError):
+        return ""
+    return "; YAML reads numbers like 1e11 as text: write 1.0e+11 or the digits"
+
+
+def _checked_types(cfg: RunConfig) -> RunConfig:
+    sections = {}
+    for name in ("model", "data", "parallel", "train"):
+        section = getattr(cfg, name)
+        hints = typing.get_type_hints(type(section))
+        sections[name] = {f.name: _check_type(f"{name}.{f.name}", hints[f.name], getattr(section, f.name))
+                          for f in dataclasses.fields(section)}
+    return cfg.replace(**sections)
+
+
+def _checked_blend(blend) -> tuple[BlendSource, ...] | None:
+    """``data.blend`` as BlendSources, each value's type checked (``ValueError`` naming
+    ``data.blend[i].key``)."""
+    if blend is None:
+        return None
+    example = "e.g. [{path: data/a, weight: 0.3, source: megatron}, {path: data/b, weight: 0.7, source: tokens}]"
+    if not isinstance(blend, (list, tuple)) or not blend:
+        raise ValueError(f"data.blend must be a list of sources, each {{path, weight, source}}, {example}; got "
+                         f"{blend!r:.80}")
+    hints = typing.get_type_hints(BlendSource)
+    known = [f.name for f in dataclasses.fields(BlendSource)]
+    out = []
+    for i, entry in enumerate(blend):
+        key = f"data.blend[{i}]"
+        if isinstance(entry, BlendSource):
+            entry = dataclasses.asdict(entry)
+        if not isinstance(entry, dict):
+            raise ValueError(f"{key} must be a mapping {{path, weight, source}}, {example}; got {entry!r:.80}")
+        for name in entry:
+            if name not in known:
+                raise ValueError(f"unknown config key '{key}.{name}'; known keys: {known}")
+        if "weight" not in entry:
+            raise ValueError(f"{key}.weight is required: the source's share of the tokens (weights are normalised)")
+        out.append(BlendSource(**{name: _check_type(f"{key}.{name}", hints[name], entry[name])
+                                  for name in known if name in entry}))
+    return tuple(out)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """The numbers of every section: positive, non-negative, seeds, and below :data:`CEILINGS`."""
+    m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.train
+    if isinstance(p.cp, str) and p.cp != AUTO:
+        raise ValueError(f"parallel.cp must be a positive int or auto (chosen per step), got {p.cp!r}")
+    positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+                "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "model.vocab_size": m.vocab_size,
+                "data.seq_len": d.seq_len, "parallel.dp": p.dp, "parallel.cp": 1 if p.cp == AUTO else p.cp,
+                "parallel.world_size": 1 if p.world_size is None else p.world_size, "train.steps": t.steps,
+                "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "model.rope_theta": m.rope_theta,
+                "parallel.timeout_s": p.timeout_s, "train.lr": t.lr, "train.loss_chunk": t.loss_chunk,
+                "train.min_lr": t.min_lr, "train.grad_clip": t.grad_clip}
+    for key, val in positive.items():
+        if val <= 0:
+            raise ValueError(f"{key} must be > 0, got {val!r}")
+    for key, val in {"data.seed": d.seed, "train.seed": t.seed, "train.warmup_steps": t.warmup_steps,
+                     "train.weight_decay": t.weight_decay, "train.mlp_chunk": t.mlp_chunk}.items():
+        if val < 0:
+            raise ValueError(f"{key} must be >= 0, got {val!r}")
+    for key, val in {"data.seed": d.seed, "train.seed": t.seed}.items():
+        if val >= 2**32:   # torch's and numpy's generators take it plus a rank or step offset
+            raise ValueError(f"{key} must be below 2**32, got {val!r}")
+    for key, most, why in CEILINGS:
+        section, name = key.split(".")
+        val = getattr(getattr(cfg, section), name)
+        if val is not None and val > most:
+            raise ValueError(f"{key} must be at most {most:g} ({why}), got {val!r}")
+
+
+def _check_model(m: ModelConfig) -> None:
+    """Heads that split ``model.dim`` evenly, GQA groups, the soft-cap."""
+    if m.dim % m.n_heads or m.n_heads % m.n_kv_heads or (m.dim // m.n_heads) % 2:
+        raise ValueError(f"model.dim ({m.dim}) must split into n_heads ({m.n_heads}) heads of even size, and "
+                         f"n_heads must be a multiple of n_kv_heads ({m.n_kv_heads})")
+    if m.softcap is not None and m.softcap <= 0:
+        raise ValueError(f"model.softcap must be > 0 (Gemma 2 uses 50.0), got {m.softcap!r}; leave it unset for none")
+
+
+def _check_data(d: DataConfig, vocab_size: int) -> None:
+    """``data.seq_len``, and ``data.source`` and what it needs: a path, a tokenizer only for hf, a
+    blend only for blend, positive weights, and a vocabulary that holds stdlib's bytes."""
+    # Not per rank: ranks may hold no token (every scheduler trains so). But the loss needs a token whose
+    # next one is in the same sequence and document: 2 tokens can be the last of one document and the
+    # first of the next, while 3 always hold one where documents have 2 or more (stdlib's: 14 or more).
+    if d.seq_len < 3:
+        raise ValueError(f"data.seq_len must be at least 3, got {d.seq_len}: a shorter sequence can hold no token "
+                         f"whose next one is in the same document, and its loss would be nan")
+    if d.source not in SOURCES:
+        raise ValueError(f"data.source must be one of {', '.join(SOURCES)}, got {d.source!r}")
+    if d.packing is not None and d.packing not in PACKINGS:
+        raise ValueError(f"data.packing must be one of {', '.join(PACKINGS)}, got {d.packing!r}; leave it unset "
+                         f"for balanced where parallel.dp > 1, else stream")
+    if d.token_cap is not None and d.token_cap < d.seq_len:
+        raise ValueError(f"data.token_cap ({d.token_cap}) must be at least data.seq_len ({d.seq_len}): a piece of "
+                         f"the stream can be seq_len tokens long; raise it or leave it unset for ceil(1.25 * seq_len)")
+    if d.source == "blend":
+        if not d.blend:
+            raise ValueError("data.blend is required with data.source: blend (a list of {path, weight, source}, e.g. "
+                             "[{path: data/a, weight: 0.3, source: megatron}, {path: data/b, weight: 0.7, source: "
+                             "tokens}])")
+        for key in ("path", "tokenizer"):
+            if getattr(d, key) is not None:
+                raise ValueError(f"data.{key} is not read with data.source: blend; give each source's {key} in "
+                                 f"data.blend")
+        entries = [(f"data.blend[{i}].", e) for i, e in enumerate(d.blend)]
+    else:
+        if d.blend is not None:
+            raise ValueError(f"data.blend is read only with data.source: blend (got data.source: {d.source}); set "
+                             f"data.source: blend, or remove data.blend")
+        entries = [("data.", BlendSource(d.path, 1.0, d.source, d.tokenizer))]
+    for key, e in entries:
+        where = "data.source" if key == "data." else f"{key}source"
+        if e.source not in SOURCES[:-1]:
+            raise ValueError(f"{where} must be one of {', '.join(SOURCES[:-1])}, got {e.source!r}")
+        if e.weight <= 0:
+            raise ValueError(f"{key}weight must be > 0 (the source's share of the tokens), got {e.weight!r}")
+        if e.source == "stdlib":
+            from ..data.corpus import BYTE_VOCAB
+
+            if vocab_size < BYTE_VOCAB:
+                raise ValueError(f"model.vocab_size {vocab_size} is smaller than the {BYTE_VOCAB} byte values "
+                                 f"data.source: stdlib feeds; set model.vocab_size >= {BYTE_VOCAB}")
+        elif not e.path:
+            raise ValueError(f"{key}path is required with {where}: {e.source} ({_PATHS[e.source]})")
+        if e.tokenizer is not None and e.source != "hf":
+            raise ValueError(f"{key}tokenizer is read only with {where}: hf (it tokenizes a 'text' column); remove it")
+
+
+
+
+def _check_parallel(p: ParallelConfig, m: ModelConfig) -> None:
+    """The wire dtype, kernel backend, data-parallel wrapper, and the scheduler and its options
+    against the model's heads."""
+    if p.comm_dtype not in (None, "fp8"):
+        raise ValueError(f"parallel.comm_dtype must be fp8 or unset (tensors travel in their dtype), got "
+                         f"{p.comm_dtype!r}")
+    if p.backend != "auto":
+        from ...kernels import available_backends
+
+        if p.backend not in available_backends():
+            raise ValueError(f"parallel.backend {p.backend!r} is unknown; choose auto (triton on CUDA, torch on "
+                             f"CPU) or one of {', '.join(available_backends())}")
+    if p.dp_mode not in ("ddp", "fsdp"):
+        raise ValueError(f"parallel.dp_mode must be 'ddp' or 'fsdp', got {p.dp_mode!r}")
+    if p.cpu_offload and p.dp_mode != "fsdp":
+        raise ValueError("parallel.cpu_offload keeps FSDP2's parameter, gradient and optimizer shards in host "
+                         f"memory: it needs parallel.dp_mode: fsdp (got {p.dp_mode!r})")
+    from ...schedulers import LOCAL, NAMES, PlanContext, spec
+
+    choices = (*NAMES, LOCAL.name, AUTO)
+    if p.scheduler not in choices:
+        raise ValueError(f"parallel.scheduler {p.scheduler!r} is unknown; choose one of {', '.join(choices)}")
+    if p.ulysses_degree is not None and (p.ulysses_degree < 1 or p.fixed_cp % p.ulysses_degree
+                                         or p.ulysses_degree > m.n_heads):
+        raise ValueError(f"parallel.ulysses_degree ({p.ulysses_degree}) must divide parallel.cp ({p.fixed_cp}) and "
+                         f"be at most model.n_heads ({m.n_heads}); leave it unset for the default")
+    if p.nano_batches not in (None, 1, 2):
+        raise ValueError(f"parallel.nano_batches must be 1 or 2 (nano-batches per micro-batch, ping-ponged through "
+                         f"the blocks), got {p.nano_batches!r}; leave it unset for the scheduler's default")
+    if isinstance(p.head_groups, bool) or not isinstance(p.head_groups, int) or p.head_groups < 1:
+        raise ValueError(f"parallel.head_groups must be a positive int, got {p.head_groups!r}")
+    entry = spec(p.fixed_scheduler) if p.fixed_scheduler in NAMES else None
+    if entry is not None and "head_groups" in entry.option_names() and p.fixed_cp > 1:
+        context = PlanContext(m.n_heads, m.n_kv_heads, ulysses_degree=p.ulysses_degree)
+        fewest = m.n_heads // entry.head_split(p.fixed_cp, context)
+        if p.head_groups > fewest:
+            raise ValueError(f"parallel.head_groups ({p.head_groups}) must be at most the query heads a Ulysses rank "
+                             f"computes ({fewest} of model.n_heads {m.n_heads}): use head_groups <= {fewest}")
+
+
+def _check_auto(cfg: RunConfig) -> None:
+    """``parallel.cp: auto`` / ``parallel.scheduler: auto``: the world they choose groups from, the
+    schedulers that can share a step, and the keys a choice decides itself."""
+    p, d = cfg.parallel, cfg.data
+    if p.cp == AUTO:
+        if p.world_size is None or p.world_size < 1 or p.world_size % p.dp:
+            raise ValueError(f"parallel.cp: auto needs parallel.world_size, the job's ranks, a multiple of parallel.dp "
+                             f"({p.dp}: the sequences of data.seq_len each step trains), got {p.world_size!r}")
+    elif p.world_size is not None and p.world_size != p.dp * p.cp:
+        raise ValueError(f"parallel.world_size ({p.world_size}) is read with parallel.cp: auto; with cp {p.cp} the job "
+                         f"has dp * cp = {p.dp * p.cp} ranks: remove it")
+    if not p.auto:
+        if p.network is not None:
+            raise ValueError("parallel.network prices parallel.scheduler/cp: auto's choices; remove it, or set one "
+                             "of them to auto")
+        return
+    from ...sim.per_batch import MIXED
+
+    if p.scheduler != AUTO and p.scheduler not in MIXED:
+        raise ValueError(f"parallel.cp: auto runs CP groups of several sizes in one step, which {p.scheduler} (one "
+                         f"plan pooled over every replica, two nano-batches) cannot share: choose one of "
+                         f"{', '.join(MIXED)} or auto, or fix parallel.cp")
+    for key, val in (("parallel.ulysses_degree", p.ulysses_degree), ("data.packing", d.packing),
+                     ("parallel.nano_batches", p.nano_batches if p.nano_batches != 1 else None)):
+        if val is not None:
+            raise ValueError(f"{key} is chosen per step with parallel.scheduler/cp: auto (usp's degree, the groups' "
+                             f"documents, one nano-batch): remove it")
+
+
+def _check_train(t: TrainSection) -> None:
+    """The schedule's length, the run folder, the device peak, the words a key takes, torch.compile
+    and the learning rates' order."""
+    if t.lr_decay_steps is not None and t.lr_decay_steps <= 0:
+        raise ValueError(f"train.lr_decay_steps must be > 0 (the cosine schedule's length in steps), got "
+                         f"{t.lr_decay_steps!r}; leave it unset for train.steps of the run that starts the folder")
+    if not t.out.strip():
+        raise ValueError("train.out must name a folder for the run (metrics, checkpoints), got an empty string")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ValueError(f"train.peak_tflops must be > 0, got {t.peak_tflops!r}; leave it unset to look it up")
+    for key, val, choices in (("train.dtype", t.dtype, DTYPES),
+                              ("train.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING),
+                              ("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)):
+        if val not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(choices)}, got {val!r}")
+    if t.compile:
+        from ...ops import AVAILABLE
+
+        if not AVAILABLE:
+            import torch
+
+            raise ValueError(f"train.compile needs a torch whose custom ops take opaque objects (distattn's plan "
+                             f"is one; torch._opaque_base), and torch {torch.__version__} has none: upgrade torch "
+                             f"or set train.compile: false")
+    if not t.min_lr <= t.lr:
+        raise ValueError(f"train.min_lr ({t.min_lr}) must be at most train.lr ({t.lr})")
