@@ -23,7 +23,7 @@ from .masks import SliceMask, as_doc_lens, batch_rows, check_window
 from .mesh import MeshInfo, resolve_mesh
 from .plans import Plan, flat_rows, plan_of
 from .wire import check_comm_dtype
-from .schedulers import LOCAL, PlanContext, spec
+from .schedulers import LOCAL, PlanContext, SchedulerSpec, spec
 
 CONTIGUOUS = Layout("contiguous")
 
@@ -88,8 +88,8 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     options = entry.derive(info.world_size, context, options, _two_d(info))
     if info.world_size == 1 and not options:   # one rank with nothing to plan: local attention
         shards = _shards_of(lens, rows, layout, LOCAL, info, {}) or CONTIGUOUS.shards(lens, 1)
-        return _made(LOCAL.planner()(lens, info, scheduler=scheduler, shards=shards, **common), info, backend,
-                     device, {}, batch, run)
+        return _made(LOCAL, LOCAL.planner()(lens, info, scheduler=scheduler, shards=shards, **common), info,
+                     backend, device, {}, batch, run)
     shards = _shards_of(lens, rows, layout, entry, info, options)
     params = inspect.signature(entry.planner()).parameters
     if "scheduler" in params:  # a planner serving several names (ring: ring and zigzag)
@@ -98,8 +98,8 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         common["comm_dtype"] = comm_dtype
     options, live = resolve_options(lens, shards, info, options, pool_doc_lens,
                                     lambda group_lens: _shards_of(group_lens, None, layout, entry, info, options))
-    return _made(entry.planner()(lens, info, shards=shards, **common, **options), info, backend, device, live, batch,
-                 run)
+    return _made(entry, entry.planner()(lens, info, shards=shards, **common, **options), info, backend, device, live,
+                 batch, run)
 
 
 def _shards_of(lens: tuple[int, ...], rows, layout, entry, info: MeshInfo, options: dict) -> Shards | None:
@@ -149,12 +149,13 @@ def _two_d(info: MeshInfo) -> bool:
     return info.device_mesh is not None and info.device_mesh.ndim == 2
 
 
-def _made(schedule, info: MeshInfo, backend: str, device, live: dict, batch: int | None,
+def _made(entry: SchedulerSpec, schedule, info: MeshInfo, backend: str, device, live: dict, batch: int | None,
           run: ExecOptions) -> Plan:
-    """The plan of ``schedule``: with this rank's executor, prepared on its device, unless dry."""
+    """The plan of ``schedule`` (``entry``'s planner made it): with this rank's executor, prepared on its
+    device, unless dry."""
     if info.is_dry:
         return plan_of(schedule, batch_size=batch, options=run)
-    plan_ = plan_of(schedule, info.rank, executor_for(schedule, info, backend, **live, options=run),
+    plan_ = plan_of(schedule, info.rank, executor_for(entry, schedule, info, backend, **live, options=run),
                     batch_size=batch, options=run)
     plan_._runtime.prepare(device if device is not None else info.device)
     return plan_
@@ -224,5 +225,5 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_lens,
     lens, window = as_doc_lens(doc_lens), check_window(window)
     schedule = LOCAL.planner()(lens, info, causal=bool(causal), window=window, shards=CONTIGUOUS.shards(lens, 1),
                                mask=SliceMask.documents(lens, bool(causal), window))
-    return attention(q, k, v, plan_of(schedule, 0, executor_for(schedule, info, backend)), scale=scale,
+    return attention(q, k, v, plan_of(schedule, 0, executor_for(LOCAL, schedule, info, backend)), scale=scale,
                      sinks=sinks, softcap=softcap)

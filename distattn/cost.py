@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from .masks import mask_area
-from .model_shape import GPUS, MODELS
+from .model_shape import BWD_FLOPS_FACTOR, GPUS, MODELS
 
 _H100, _LLAMA3_8B = GPUS["h100"], MODELS["llama3-8b"]
-BWD_FLOPS_FACTOR = 2.5
 
 
 def attention_flops(area: int | np.ndarray, num_heads: int, head_dim: int, backward: bool = False):

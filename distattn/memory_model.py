@@ -1,7 +1,8 @@
 """One rank's peak memory in training a job: ``estimate(job) -> Estimate``. The one memory model of
-distattn: ``distattn train CONFIG --dry-run`` and ``--max-seq-len`` (:mod:`distattn.train.preflight.memory`
-makes the :class:`Job` from a run config) and ``distattn simulate``'s memory column
-(:mod:`distattn.sim.simulate` makes it from the simulated cluster) both call it.
+distattn: ``distattn train CONFIG --dry-run`` and ``--max-seq-len`` and ``distattn simulate``'s memory
+column both call it, with the :class:`Job` made by one translation, :meth:`JobFacts.job`, of the facts
+each side states once (``RunConfig.job_facts``, :func:`distattn.sim.job.job_facts`); the planners'
+view of the job, :meth:`JobFacts.plan_context`, follows from the same facts.
 
 Components (bytes, per rank; ``N = dp * cp`` ranks, ``P`` parameters, ``T = ceil(seq_len / cp)``
 tokens per rank, ``b`` the compute dtype's bytes -- 2 for bf16, 4 for fp32). The job's fields are
@@ -116,6 +117,8 @@ TILED_MLP_CHUNK = 4096
 NORM_CHUNK = 4096
 COMPONENTS = ("weights", "grads", "optimizer", "activations", "loss", "attention_buffers", "inputs", "allocator",
               "runtime")
+# bytes of q, k, v and of the compute, per train.dtype (the simulator's elem_bytes is one of them)
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,76 @@ class Job:
     @property
     def tokens_per_rank(self) -> int:
         return math.ceil(self.seq_len / self.cp)
+
+    def plan_context(self) -> PlanContext:
+        """The job as its dry plan's planner sees it: :meth:`JobFacts.plan_context` of its facts (one TP
+        rank: ``gpus_per_node`` here is CP ranks to a node already). At an H100's peak whatever the GPU:
+        ``--dry-run`` knows none, and the simulator's memory column has always been planned so (cad's
+        buffers move by up to ~0.2% with the peak)."""
+        return JobFacts(self.model, self.dp, self.cp, self.scheduler, self.dtype, self.ulysses_degree, self.head_groups,
+                        self.gpus_per_node).plan_context()
+
+
+@dataclass(frozen=True)
+class JobFacts:
+    """A training job as both the trainer's run config and the simulator's config state it, each mapped
+    to these once (``RunConfig.job_facts``, :func:`distattn.sim.job.job_facts`): the planners' view
+    (:meth:`plan_context`) and the memory estimate's (:meth:`job`) follow from them alone, so the two
+    sides describe one job alike. ``scheduler`` None: not chosen yet (a plan context needs none);
+    ``gpus_per_node``: GPUs to a node, TP ranks included (None: not known, as to the trainer);
+    ``tp``: tensor-parallel ranks per CP rank, each computing ``1/tp`` of the heads; ``peak_tflops``:
+    the GPU's dense bf16 peak (None: an H100's). The rest are the trainer's config keys (:class:`Job`)."""
+
+    model: ModelShape
+    dp: int
+    cp: int
+    scheduler: str | None = None
+    dtype: str = "bf16"
+    ulysses_degree: int | None = None
+    head_groups: int = 1
+    gpus_per_node: int | None = None
+    tp: int = 1
+    peak_tflops: float | None = None
+    wrapper: str = "fsdp"
+    cpu_offload: bool = False
+    pooled: bool = False
+    activation_checkpointing: str = "full"
+    loss_chunk: int = 2048
+    mlp_chunk: int = 0
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"tp must be a positive int, got {self.tp!r}")
+
+    @property
+    def node_ranks(self) -> int | None:
+        """CP ranks to a node (each a TP group of ``tp`` GPUs), None where the node size is not known."""
+        return None if self.gpus_per_node is None else max(1, self.gpus_per_node // self.tp)
+
+    def plan_context(self, attn_efficiency: float = 0.5, network=None) -> PlanContext:
+        """The job as one TP rank's planner sees it (:class:`~distattn.schedulers.PlanContext`): ``1/tp``
+        of the heads (at least one KV head), :attr:`node_ranks` to a node; ``attn_efficiency`` and
+        ``network``: what cad prices attention and transfers with (the simulator's own; the trainer's
+        defaults)."""
+        m, tp = self.model, self.tp
+        return PlanContext(m.n_heads // tp, max(1, m.n_kv_heads // tp), head_groups=self.head_groups,
+                           head_dim=m.head_dim, dtype_bytes=DTYPE_BYTES[self.dtype], gpus_per_node=self.node_ranks,
+                           ulysses_degree=self.ulysses_degree, peak_tflops=self.peak_tflops,
+                           attn_efficiency=attn_efficiency, network=network)
+
+    def job(self, seq_len: int, doc_lens=None, device: str = "cuda") -> Job:
+        """The estimate's :class:`Job` of a sequence of ``seq_len`` tokens packed as ``doc_lens`` (default:
+        one document) on ``device``; the whole model, whatever ``tp`` (the estimate knows no TP: its
+        callers divide by it), and no peak (:meth:`Job.plan_context`)."""
+        if self.scheduler is None:
+            raise ValueError("scheduler must name the job's scheduler for its memory estimate, got None")
+        return Job(self.model, seq_len, self.dp, self.cp, self.scheduler, dtype=self.dtype, wrapper=self.wrapper,
+                   cpu_offload=self.cpu_offload, activation_checkpointing=self.activation_checkpointing,
+                   loss_chunk=self.loss_chunk, mlp_chunk=self.mlp_chunk, ulysses_degree=self.ulysses_degree,
+                   head_groups=self.head_groups, pooled=self.pooled, gpus_per_node=self.node_ranks,
+                   doc_lens=None if doc_lens is None else tuple(int(n) for n in doc_lens), device=device)
 
 
 @dataclass(frozen=True)
@@ -271,11 +344,8 @@ def attention_bytes(job: Job) -> AttentionMemory:
     m = job.model
     docs = job.doc_lens if job.doc_lens is not None else (job.seq_len,)
     shape = AttnShape(m.n_heads, m.n_kv_heads, m.head_dim, _dtypes(job)[0])
-    context = PlanContext(m.n_heads, m.n_kv_heads, head_groups=job.head_groups, head_dim=m.head_dim,
-                          dtype_bytes=shape.dtype_bytes, gpus_per_node=job.gpus_per_node,
-                          ulysses_degree=job.ulysses_degree)
     schedule = _dry_schedule(job.scheduler, docs * job.dp if job.pooled else docs,
-                             job.world_size if job.pooled else job.cp, context)
+                             job.world_size if job.pooled else job.cp, job.plan_context())
     return AttentionMemory(int(max(schedule.saved_bytes(shape))), int(max(schedule.buffer_bytes(shape))),
                            int(max(schedule.grad_bytes(shape))), schedule.keeps_local_out)
 
@@ -361,7 +431,8 @@ def estimate(job: Job) -> Estimate:
         host=offloaded_bytes(job), host_states=host_states)
 
 
-__all__ = ["Job", "Estimate", "AttentionMemory", "estimate", "attention_bytes", "model_states", "offloaded_bytes",
+__all__ = ["Job", "JobFacts", "DTYPE_BYTES", "Estimate", "AttentionMemory", "estimate", "attention_bytes",
+           "model_states", "offloaded_bytes",
            "GIB", "CUDA_RUNTIME_BYTES", "CPU_RUNTIME_BYTES", "CPU_ALLOCATOR_OVERHEAD", "CHECKPOINTING", "NORM_CHUNK",
            "TILED_MLP_CHUNK",
            "DEVICES", "COMPONENTS"]

@@ -4,26 +4,33 @@ and the simulator alike, so the two count the same model the same way.
 
 Standard library only: ``distattn simulate --help`` lists the presets without importing torch.
 
-Counts, for a Llama-style block (``hd = dim // n_heads``; untied: a separate output projection)::
+Counts, for a Llama-style block (``hd = head_dim``, by default ``dim // n_heads``; ``m`` the MLP's
+matrices, 3 for a gated one (SwiGLU), else 2; untied: a separate output projection)::
 
-    layer_matmul_params = dim * hd * (2 n_heads + 2 n_kv_heads) + 3 dim ffn_dim    (wq, wo, wk, wv, MLP)
+    layer_matmul_params = dim * hd * (2 n_heads + 2 n_kv_heads) + m dim ffn_dim    (wq, wo, wk, wv, MLP)
     block_params        = layer_matmul_params + 2 dim (its norms) + n_heads (sinks, if any)
     root_params         = vocab_size * dim * (1 if tied else 2) + dim (final norm)
     params              = root_params + n_layers * block_params             (== the module's numel)
     matmul_params       = n_layers * layer_matmul_params + vocab_size * dim  (MFU's N: no embedding lookup)
     model_flops         = 6 N tokens + 3 n_layers attention_forward_flops    (PaLM's MFU; no recomputation)
-    pair_weight()       = 3.5 * 4 n_heads hd / (6 layer_matmul_params)       (a query-key pair's FLOPs over a
-                                                                             token's linear FLOPs)
+    pair_weight()       = (1 + BWD_FLOPS_FACTOR) 4 n_heads hd / (6 layer_matmul_params)
+                          (a query-key pair's FLOPs over a token's linear FLOPs; backward = 2.5 x forward)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+# attention's backward FLOPs over its forward's (FlashAttention's convention; distattn.cost prices with it):
+# here, not in cost, because cost imports this module
+BWD_FLOPS_FACTOR = 2.5
+
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A decoder-only transformer's shape (the trainer's ``model:`` keys)."""
+    """A decoder-only transformer's shape (the trainer's ``model:`` keys; ``head_dim``: None for
+    ``dim // n_heads``, or a head width of its own, as Megatron's ``kv_channels``; ``gated_mlp``: the
+    MLP has three matrices, SwiGLU's, rather than two)."""
 
     dim: int
     n_layers: int
@@ -34,10 +41,14 @@ class ModelShape:
     tie_embeddings: bool = False
     attention_sinks: bool = False
     name: str = ""
+    head_dim: int | None = None
+    gated_mlp: bool = True
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        elif isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 1:
+            raise ValueError(f"head_dim must be a positive int or None (dim // n_heads), got {self.head_dim!r}")
 
     @property
     def qkv_params(self) -> int:
@@ -47,7 +58,8 @@ class ModelShape:
     @property
     def layer_matmul_params(self) -> int:
         """Parameters of one block that take part in a matmul per token: its projections and MLP."""
-        return self.qkv_params + self.dim * self.n_heads * self.head_dim + 3 * self.dim * self.ffn_dim
+        mlp = (3 if self.gated_mlp else 2) * self.dim * self.ffn_dim
+        return self.qkv_params + self.dim * self.n_heads * self.head_dim + mlp
 
     @property
     def block_params(self) -> int:
@@ -71,21 +83,16 @@ class ModelShape:
         return self.n_layers * self.layer_matmul_params + self.vocab_size * self.dim
 
     def pair_weight(self) -> float:
-        """Attention FLOPs of a visible query-key pair (forward and backward: 3.5x the forward's
-        ``4 * n_heads * head_dim``) per linear FLOP of a token (``6 * layer_matmul_params``): where
-        :func:`distattn.pingpong.split_nano_batches` cuts to balance the two."""
-        return pair_weight(self.n_heads, self.head_dim, self.layer_matmul_params)
+        """Attention FLOPs of a visible query-key pair (forward and backward: ``1 + BWD_FLOPS_FACTOR``
+        times the forward's ``4 * n_heads * head_dim``) per linear FLOP of a token
+        (``6 * layer_matmul_params``): where :func:`distattn.pingpong.split_nano_batches` cuts to
+        balance the two."""
+        return (1 + BWD_FLOPS_FACTOR) * 4 * self.n_heads * self.head_dim / (6 * self.layer_matmul_params)
 
     def model_flops(self, tokens: float, attention_forward_flops: float) -> float:
         """Forward + backward model FLOPs of a step over ``tokens`` tokens whose attention (one layer,
         forward, all ranks) costs ``attention_forward_flops``."""
         return 6.0 * self.matmul_params * tokens + 3.0 * self.n_layers * attention_forward_flops
-
-
-def pair_weight(num_heads: int, head_dim: int, linear_params: int) -> float:
-    """:meth:`ModelShape.pair_weight` of a layer with ``linear_params`` matmul parameters (Megatron's
-    layers count theirs: their MLP may have two matrices, their heads a dim of their own)."""
-    return 3.5 * 4 * num_heads * head_dim / (6 * linear_params)
 
 
 @dataclass(frozen=True)
@@ -122,4 +129,4 @@ MODELS = {m.name: m for m in (
     ModelShape(8192, 80, 64, 8, 28672, 128256, name="llama3-70b"),
 )}
 
-__all__ = ["ModelShape", "GPU", "GPU_TABLE", "GPUS", "MODELS", "gpu_named", "pair_weight"]
+__all__ = ["ModelShape", "GPU", "GPU_TABLE", "GPUS", "MODELS", "gpu_named", "BWD_FLOPS_FACTOR"]

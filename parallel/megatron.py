@@ -83,10 +83,9 @@ require("megatron.core", "megatron", "distattn.parallel.megatron")
 from ..api import attention, plan as make_plan
 from ..plan_cache import PlanCache
 from ..schedulers import NAMES, PlanContext, spec as scheduler_spec
+from .megatron_shared import PLANS_KEPT
 
 POOLS = (None, "dp")   # cad_pool: no pool, or Megatron's data-parallel group with context parallelism
-# plans (and nano-batch cuts) a spec keeps: interleaved pipeline chunks alternate a few batches
-PLANS_KEPT = 8
 
 try:  # Megatron is optional: the module imports without it, the class needs it
     from megatron.core.transformer.module import MegatronModule
@@ -325,17 +324,14 @@ def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, n
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     check_scheduler(scheduler, cad_pool)
-    if nano_batches is not None and (isinstance(nano_batches, bool) or nano_batches not in (1, 2)):
-        raise ValueError(f"nano_batches={nano_batches!r} is not supported; choose 1, 2 (two nano-batches "
-                         f"ping-ponged through the layers) or None (scheduler={scheduler!r}'s default, "
-                         f"{scheduler_spec(scheduler).nano_batches})")
+    nano = scheduler_spec(scheduler).nano_batches_for(nano_batches)
     if kwargs.get("multi_latent_attention"):
         _mla_without_te()
     spec = get_gpt_layer_local_spec(**kwargs)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=DistAttnCoreAttention,
         params={"scheduler": scheduler, "cad_pool": cad_pool, "plans": PlanCache(PLANS_KEPT), "choice": choice})
-    if (nano_batches or scheduler_spec(scheduler).nano_batches) == 2:
+    if nano == 2:
         from .megatron_pingpong import PingPongLayer, PingPongState
 
         spec.module = PingPongLayer

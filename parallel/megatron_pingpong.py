@@ -70,10 +70,11 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import get_pg_rank
 
 from ..layout import Layout, token_index
-from ..model_shape import pair_weight
+from ..model_shape import ModelShape
 from ..pingpong import NanoBatch, all_ranks, nano_batches, run_piece
 from ..plan_cache import PlanCache
 from ..program import layer_share
+from .megatron_shared import PLANS_KEPT
 
 # TransformerLayer.forward's arguments (it hands them to _forward_attention): bound by name, as the
 # block passes them
@@ -112,7 +113,7 @@ class PingPongState:
     of :class:`Split`, None for a batch run as one nano-batch) and, during a block's forward, the
     carry from one layer into the next (:class:`_Carry`)."""
 
-    def __init__(self, kept: int = 8):
+    def __init__(self, kept: int = PLANS_KEPT):
         self.splits = PlanCache(kept)
         self.carry: _Carry | None = None
 
@@ -203,10 +204,11 @@ class PingPongLayer(TransformerLayer):
         self._pingpong_state = state if state is not None else PingPongState()
         if self._pingpong:
             self._share = layer_share(count, self._index)   # this layer's pieces, in order
-            heads, d, hidden = config.num_attention_heads, config.kv_channels, config.hidden_size
-            linear = hidden * d * (2 * heads + 2 * config.num_query_groups) + \
-                hidden * config.ffn_hidden_size * (3 if config.gated_linear_unit else 2)
-            self._weight = pair_weight(heads, d, linear)   # where the cut balances linear and attention work
+            # where the cut balances linear and attention work: a layer's counts (no vocabulary in them)
+            self._weight = ModelShape(config.hidden_size, config.num_layers, config.num_attention_heads,
+                                      config.num_query_groups, config.ffn_hidden_size, vocab_size=0,
+                                      head_dim=config.kv_channels,
+                                      gated_mlp=bool(config.gated_linear_unit)).pair_weight()
 
     @property
     def nano_batches(self) -> int:

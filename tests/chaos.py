@@ -82,7 +82,7 @@ def _train_killed_in_save(cfg, target: int, delay: float, who: str):
     "all" ranks, or the rank number as a string)."""
     import torch.distributed as dist
 
-    from distattn.train.checkpoint.dcp import dcp as checkpoint
+    from distattn.train.checkpoint import dcp as checkpoint
     from distattn.train import trainer
 
     real = checkpoint.save
@@ -97,7 +97,7 @@ def _train_killed_in_save(cfg, target: int, delay: float, who: str):
 
 def _timed_train(cfg):
     """On a rank: train, returning how long each save took here."""
-    from distattn.train.checkpoint.dcp import dcp as checkpoint
+    from distattn.train.checkpoint import dcp as checkpoint
     from distattn.train import trainer
 
     real, took = checkpoint.save, []
@@ -120,7 +120,7 @@ def _resume(cfg):
 def crash_trials(folder: Path, trials: int, seed: int = 0, say=print) -> list[dict]:
     """``trials`` trials alternating "all ranks" and "one rank" (module docstring); one row each."""
     from distattn.spawn import RankError, run_distributed
-    from distattn.train.checkpoint.dcp import dcp as checkpoint
+    from distattn.train.checkpoint import dcp as checkpoint
     from distattn.train.config import load_config
 
     steps = 5
@@ -210,7 +210,7 @@ def _fill(path: Path) -> None:
 def _flip_newest(ckpt: Path) -> str | None:
     """Invert 64 bytes in the middle of the newest checkpoint's largest shard, when an older checkpoint
     is there to fall back on; returns the file's path."""
-    from distattn.train.checkpoint.dcp import dcp as checkpoint
+    from distattn.train.checkpoint import dcp as checkpoint
 
     found, _ = checkpoint.candidates(ckpt)
     if len(found) < 2:
@@ -246,7 +246,7 @@ def soak(folder: Path, steps: int, gap: int = 12, ckpt_every: int = 5, seed: int
 
 
 def _soak(folder, disk, kinds, ref, steps, gap, ckpt_every, seed, say) -> dict:
-    from distattn.train.checkpoint.dcp import dcp as checkpoint
+    from distattn.train.checkpoint import dcp as checkpoint
 
     cfg = write_config(disk, steps, ckpt_every)
     run = disk / "run"

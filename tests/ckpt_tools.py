@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from distattn.train.checkpoint.dcp import dcp as checkpoint, manifest
+from distattn.train.checkpoint import dcp as checkpoint, manifest
 
 
 def tiny_state(width: int = 4):

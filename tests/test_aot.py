@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the triton backend for sm_80 / sm_90a without a GPU
 (`python -m distattn.kernels.aot`): no failure, no config over its shared memory, no atomic
 instruction in any kernel (the backward's determinism); MLA's head dims (192/128) beside the
-square ones. Also the SASS loop finder and atomics scan (`distattn.kernels.sass`).
+square ones. Also the SASS loop finder and atomics scan (`distattn.kernels.tools.sass`).
 
 conftest sets TRITON_INTERPRET=1 in this process; the compiles run in subprocesses (or in the AOT
 pool's spawned workers) whose environment has no TRITON_* variables."""
@@ -16,8 +16,9 @@ import textwrap
 
 import pytest
 
-from distattn.kernels import aot, sass
-from distattn.kernels.aot import VARIANTS
+from distattn.kernels.tools import aot, sass
+from distattn.kernels.tools import cases as aot_cases
+from distattn.kernels.tools.cases import VARIANTS
 from distattn.kernels.triton_attn import KERNELS
 from distattn.kernels.triton_plan import all_configs, keep_config
 
@@ -39,25 +40,25 @@ def _aot(*args):
 # bounds, soft-cap, GQA: the most registers), and every variant at one arch, dtype and head dim --
 # every kernel and config in both. Under --slow: all head dims for the common and the heaviest
 # variant, and every variant at 128 and at 192/128, each over every arch and dtype (fp16 too).
-ALL = (list(aot.ARCHS), list(aot.DTYPES))
+ALL = (list(aot_cases.ARCHS), list(aot_cases.DTYPES))
 MATRIX_SLICES = {   # name: (head dims as (Q/K's, V's), variants, archs, dtypes, slow)
-    "every-limit": (list(aot.HEAD_DIMS), ["band_softcap"], list(aot.ARCHS), ["bf16", "fp32"], False),
+    "every-limit": (list(aot_cases.HEAD_DIMS), ["band_softcap"], list(aot_cases.ARCHS), ["bf16", "fp32"], False),
     "every-variant": ([(128, 128)], list(VARIANTS), [90], ["bf16"], False),
-    "all-head-dims": (list(aot.HEAD_DIMS), ["causal", "band_softcap"], *ALL, True),
+    "all-head-dims": (list(aot_cases.HEAD_DIMS), ["causal", "band_softcap"], *ALL, True),
     "all-variants": ([(128, 128)], list(VARIANTS), *ALL, True),
     "mla-all-variants": ([MLA], list(VARIANTS), *ALL, True),
 }
 
 
 def _dims_arg(head_dims) -> str:
-    return ",".join(aot.dims_name(*pair) for pair in head_dims)
+    return ",".join(aot_cases.dims_name(*pair) for pair in head_dims)
 
 
 def test_default_matrix_has_mla_for_both_archs():
-    assert MLA in aot.HEAD_DIMS and set(aot.ARCHS) == {80, 90}
-    cases = aot.matrix(list(KERNELS), list(aot.ARCHS), ["bf16"], list(aot.HEAD_DIMS), ["causal"])
+    assert MLA in aot_cases.HEAD_DIMS and set(aot_cases.ARCHS) == {80, 90}
+    cases = aot_cases.matrix(list(KERNELS), list(aot_cases.ARCHS), ["bf16"], list(aot_cases.HEAD_DIMS), ["causal"])
     kept = {(c.kernel, c.arch) for c in cases if (c.head_dim, c.head_dim_v) == MLA and c.kept}
-    assert kept == {(k, a) for k in KERNELS for a in aot.ARCHS}
+    assert kept == {(k, a) for k in KERNELS for a in aot_cases.ARCHS}
 
 
 @pytest.mark.timeout(3600)
@@ -79,7 +80,7 @@ def test_full_matrix_compiles_for_sm80_and_sm90a(part):
     _check_machine_use(rows)
     compiled = {(r["kernel"], r["arch"], r["dtype"], (r["head_dim"], r["head_dim_v"]), r["variant"])
                 for r in rows if r["status"] == "ok"}
-    wanted = {(k, aot.ARCHS[a], d, tuple(h), v) for k in KERNELS for a in archs for d in dtypes for h in head_dims
+    wanted = {(k, aot_cases.ARCHS[a], d, tuple(h), v) for k in KERNELS for a in archs for d in dtypes for h in head_dims
               for v in variants}
     assert wanted - compiled == set()
     assert summary["compiles"] == sum(r["status"] == "ok" for r in rows)
@@ -106,11 +107,11 @@ def _check_machine_use(rows):
 def test_tile_macs_count_each_kernels_dots():
     """The backward's matrix work per tile against the forward's: dK/dV recompute S and dP and add dV
     and dK (2x), dQ recomputes S and dP and adds dQ (1.5x); head dims padded to a power of two."""
-    fwd = aot.tile_macs("fwd", (64, 128, 8, 2), 128, 128)
+    fwd = aot_cases.tile_macs("fwd", (64, 128, 8, 2), 128, 128)
     assert fwd == 64 * 128 * 256
-    assert aot.tile_macs("bwd_dkv", (64, 128, 8, 2), 128, 128) == 2 * fwd
-    assert aot.tile_macs("bwd_dq", (64, 128, 8, 2), 128, 128) * 2 == 3 * fwd
-    assert aot.tile_macs("fwd", (64, 64, 4, 3), 192, 128) == 64 * 64 * (256 + 128)
+    assert aot_cases.tile_macs("bwd_dkv", (64, 128, 8, 2), 128, 128) == 2 * fwd
+    assert aot_cases.tile_macs("bwd_dq", (64, 128, 8, 2), 128, 128) * 2 == 3 * fwd
+    assert aot_cases.tile_macs("fwd", (64, 64, 4, 3), 192, 128) == 64 * 64 * (256 + 128)
 
 
 def test_ptxas_spill_report_parsing():
@@ -118,9 +119,9 @@ def test_ptxas_spill_report_parsing():
 ptxas info    : Function properties for _bwd_dkv_kernel
     128 bytes stack frame, 412 bytes spill stores, 136 bytes spill loads
 ptxas info    : Used 255 registers, used 1 barriers, 128 bytes cumulative stack size"""
-    assert aot.spill_bytes(log) == 548
-    assert aot.spill_bytes(log.replace("412", "0").replace("136", "0")) == 0
-    assert aot.spill_bytes("") is None  # no report at all: not "no spills"
+    assert aot_cases.spill_bytes(log) == 548
+    assert aot_cases.spill_bytes(log.replace("412", "0").replace("136", "0")) == 0
+    assert aot_cases.spill_bytes("") is None  # no report at all: not "no spills"
 
 
 def test_mma_work_of_a_loop():
@@ -164,10 +165,10 @@ def test_head_dims_argument():
     for bad in ("0", "300", "192/", "a/b", "1/2/3"):
         with pytest.raises(argparse.ArgumentTypeError, match="want D or DQK/DV"):
             aot._head_dims(bad)
-    case = aot.matrix(["bwd_dq"], [90], ["bf16"], [MLA], ["gqa"])[0]
+    case = aot_cases.matrix(["bwd_dq"], [90], ["bf16"], [MLA], ["gqa"])[0]
     assert (case.head_dim, case.head_dim_v) == MLA and "d192/128" in case.label
-    assert aot.matrix(["bwd_dq"], [90], ["bf16"], [64], ["gqa"])[0].head_dim_v == 64
-    _, _, constexprs = aot.aot_spec("bwd_dkv", "bf16", 192, "gqa", head_dim_v=128)
+    assert aot_cases.matrix(["bwd_dq"], [90], ["bf16"], [64], ["gqa"])[0].head_dim_v == 64
+    _, _, constexprs = aot_cases.aot_spec("bwd_dkv", "bf16", 192, "gqa", head_dim_v=128)
     assert (constexprs["HEAD_DIM"], constexprs["BLOCK_D"], constexprs["HEAD_DIM_V"], constexprs["BLOCK_DV"]) == (
         192, 256, 128, 128)
 
@@ -182,7 +183,7 @@ Resource usage:
  Function other:
   REG:32 STACK:0 SHARED:0 LOCAL:8 CONSTANT[0]:400 TEXTURE:0 SURFACE:0 SAMPLER:0
 """
-    usage = aot.parse_resource_usage(text)
+    usage = aot_cases.parse_resource_usage(text)
     assert usage["_fwd_kernel"]["REG"] == 245 and usage["_fwd_kernel"]["STACK"] == 16
     assert usage["_fwd_kernel"]["SHARED"] == 1024 and usage["_fwd_kernel"]["CONSTANT[0]"] == 664
     assert usage["other"] == {"REG": 32, "STACK": 0, "SHARED": 0, "LOCAL": 8, "CONSTANT[0]": 400, "TEXTURE": 0,
@@ -190,8 +191,8 @@ Resource usage:
 
 
 def test_divisibility_attrs_mark_pointers_and_strides_but_not_lse_delta():
-    fn, signature, _ = aot.aot_spec("bwd_dq", "bf16", 128, "gqa")
-    marked = {fn.arg_names[i] for (i,) in aot.divisibility_attrs(fn, signature)}
+    fn, signature, _ = aot_cases.aot_spec("bwd_dq", "bf16", 128, "gqa")
+    marked = {fn.arg_names[i] for (i,) in aot_cases.divisibility_attrs(fn, signature)}
     assert {"Q", "LSE", "DELTA", "CU_Q", "LO", "HI", "TILES", "stride_qt", "stride_kh", "stride_dqh"} <= marked
     assert not marked & {"stride_lt", "stride_lh", "stride_dt", "stride_dh", "scale", "qk_mult", "cap_in",
                          "HEAD_DIM", "HAS_LO", "SOFTCAP"}
@@ -204,7 +205,7 @@ def test_variants_cover_every_mask_and_softcap_constexpr():
     assert combos == {(lo, hi, cap) for lo in (False, True) for hi in (False, True) for cap in (False, True)}
     assert any(v["GROUP"] > 1 for v in VARIANTS.values())
     for kernel in KERNELS:
-        _, signature, constexprs = aot.aot_spec(kernel, "fp16", 64, "band_softcap")
+        _, signature, constexprs = aot_cases.aot_spec(kernel, "fp16", 64, "band_softcap")
         assert set(constexprs) | {"BLOCK_M", "BLOCK_N"} == {k for k, t in signature.items() if t == "constexpr"}
 
 
@@ -245,7 +246,7 @@ def test_atomics_scan_finds_a_compiled_atomic(tmp_path):
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         from atomic_probe import add_one
-        from distattn.kernels.sass import atomics, disassemble, ptx_atomics
+        from distattn.kernels.tools.sass import atomics, disassemble, ptx_atomics
         kernel = triton.compile(ASTSource(add_one, {"X": "*fp32"}, {}), target=GPUTarget("cuda", 90, 32))
         print(json.dumps([atomics(disassemble(kernel.asm["cubin"])), ptx_atomics(kernel.asm["ptx"])]))
     """)
@@ -288,8 +289,8 @@ def test_loop_finder_finds_the_full_key_tile_loop(arch, mma, variant):
     """A small forward kernel: its full-tile loop has the MMAs and no mask selects (also with a
     two-sided band and the soft-cap, whose tanh is one MUFU op); the masked loop at the band's
     edges has selects."""
-    case = aot.Case("fwd", (64, 64, 4, 3), arch, "bf16", 64, variant, True)
-    row = aot.compile_cases([case], jobs=1, keep_cubin=True, log=None)[0]
+    case = aot_cases.Case("fwd", (64, 64, 4, 3), arch, "bf16", 64, variant, True)
+    row = aot_cases.compile_cases([case], jobs=1, keep_cubin=True, log=None)[0]
     assert row["status"] == "ok", row.get("error")
     text = sass.disassemble(row["cubin"])
     found = sass.loops(text)

@@ -1,4 +1,4 @@
-"""The lower bound on a node's inter-node export bytes (distattn/schedulers/cad_bound.py) against
+"""The lower bound on a node's inter-node export bytes (distattn/schedulers/cad/bound.py) against
 every export of small cases, and the rows the placement exports by it."""
 
 import itertools
@@ -8,7 +8,7 @@ import pytest
 
 from distattn.layout import Layout
 from distattn.schedule import AttnShape
-from distattn.schedulers.cad_bound import (after_pairs, causal_runs, export_bytes, export_excess, export_rows,
+from distattn.schedulers.cad.bound import (after_pairs, causal_runs, export_bytes, export_excess, export_rows,
                                            node_bound, receiver_bound, row_costs, run_pairs, tight_export_bytes)
 
 
@@ -49,7 +49,7 @@ def test_obvious_cases_and_monotone():
     steps = np.linspace(0, run_pairs(0, 1000), 30)
     bounds = [export_bytes(node, p0, p1, [e, 0], b_q, b_k)[0] for e in steps]
     assert (np.diff(bounds) >= -1e-6).all() and bounds[-1] > 0
-    # one long document: its last a rows with a = L - sqrt(L^2 - 2E) (schedulers/cad_bound.py) are the
+    # one long document: its last a rows with a = L - sqrt(L^2 - 2E) (schedulers/cad/bound.py) are the
     # cheapest export when E is much of its work; the dual spreads their key prefix over pairs
     length, excess = 100_000, 0.6 * run_pairs(0, 100_000)
     a = length - np.sqrt(length ** 2 - 2 * excess)

@@ -1,4 +1,4 @@
-"""CAD's group-cast of K/V over nodes and group-reduce of dK/dV (distattn/schedulers/cad_cast.py):
+"""CAD's group-cast of K/V over nodes and group-reduce of dK/dV (distattn/schedulers/cad/cast.py):
 the legs on a hand-made case, exactness in gloo runs whose "nodes" are smaller than the world, and
 the bytes each rank sends inside and across nodes, counted by the executor, against the schedule."""
 
@@ -14,7 +14,7 @@ from conftest import max_err, rand_qkv
 from distattn.layout import Layout
 from distattn.network import default_profile
 from distattn.schedule import AttnShape
-from distattn.schedulers.cad_cast import Nodes, key_legs, query_legs
+from distattn.schedulers.cad.cast import Nodes, key_legs, query_legs
 from distattn.spawn import run_distributed
 
 
@@ -145,7 +145,7 @@ def test_group_cast_is_exact_and_sends_what_the_schedule_says(world, gpus_per_no
 
 def test_covered_quantiles_weigh_rows_by_the_intervals_covering_them():
     """Rows 0..59 go to two nodes, 60..99 to one: equal shares of what leaves cut at 40, not 50."""
-    from distattn.schedulers.cad_cast import covered_quantiles
+    from distattn.schedulers.cad.cast import covered_quantiles
 
     cuts = covered_quantiles(np.array([0, 0, 1]), np.array([0, 0, 10]), np.array([100, 60, 20]), 3, 2)
     assert cuts.tolist() == [[0, 40, 100], [10, 15, 20], [0, 0, 0]]

@@ -67,7 +67,7 @@ class _Mark(torch.autograd.Function):
 
 def _inputs(nano_docs, dtype=torch.float64, backend="reference", gpus_per_node=None):
     """One cad plan per nano-batch (``gpus_per_node``: nodes of that many ranks, so that rows take
-    several hops: distattn/schedulers/cad_cast.py)."""
+    several hops: distattn/schedulers/cad/cast.py)."""
     nodes = {} if gpus_per_node is None else {
         "network": dataclasses.replace(default_profile(), gpus_per_node=gpus_per_node), "epsilon": 0.01}
     plans = [distattn.plan(d, dist.group.WORLD, scheduler="cad", backend=backend, **nodes) for d in nano_docs]

@@ -11,7 +11,7 @@ from distattn.doclens import pack
 from distattn.schedule import AttnShape
 from distattn.layout import even_bounds
 from distattn.schedulers.cad import Traffic
-from distattn.schedulers.cad_ledger import LinkCost, RowBytes
+from distattn.schedulers.cad.ledger import LinkCost, RowBytes
 from distattn.sim.simulate import comm_time
 
 SHAPE = AttnShape(32, 8, 128, 2)
@@ -164,7 +164,7 @@ def test_placement_stops_when_no_move_fits(monkeypatch):
     """A rank none of whose tasks fits anywhere (one query row, reading its key prefix, costing more
     than any rank's room: seen in the simulator's 512-GPU rows) ends placement; it used to price
     the same moves until the iteration cap (50 x ranks + 100 rounds, a minute at 512 ranks)."""
-    from distattn.schedulers import cad_placement
+    from distattn.schedulers.cad import placement as cad_placement
 
     rounds = []
     real_choose = cad_placement.choose
@@ -197,7 +197,7 @@ def test_the_busiest_rank_moves_close_to_the_bound(seed):
     bytes (forward and backward) stay within 10% of the busiest node's export lower bound (rank by
     rank piece moves and relays sending a document's keys to every node took 12-13% more), and
     never below the tighter bound (it is one)."""
-    from distattn.schedulers.cad_bound import node_bound, tight_bound
+    from distattn.schedulers.cad.bound import node_bound, tight_bound
 
     ranks = 32
     docs = _docs(ranks, seed=seed)

@@ -8,7 +8,7 @@ import pytest
 
 from distattn.bench import activation_memory as actmem
 from distattn.cli import main as cli_main
-from distattn.train.preflight.checks import capacity
+from distattn.train.preflight import capacity
 from distattn.train.config import load_config
 from distattn.train.preflight.memory import GIB, estimate
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 import distattn
 from conftest import max_err, rand_qkv
+from distattn.compat import _llama3 as llama3_split
 from distattn.compat import ring_flash_attn as rfa
 from distattn.spawn import run_distributed
 
@@ -57,8 +58,8 @@ def _call(name, q, k, v, lens, causal, window_size, r, p, kw):
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
         args = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, causal, r, p)
         if forget:   # as if ring_flash_attn's own prepare made them: found by an all-gather
-            rfa._prepared.clear()
-            rfa._last_llama3[:] = [None] * 6
+            llama3_split._prepared.clear()
+            llama3_split._last_llama3[:] = [None] * 6
         if name.endswith("kvpacked_func"):
             return rfa.llama3_flash_attn_varlen_kvpacked_func(q, torch.stack([k, v], 1), *args[:4], 1, args[4],
                                                               **common)

@@ -26,10 +26,9 @@ def _compiled_vs_eager(scheduler: str, fsdp: bool, modes) -> dict:
     from torch._dynamo.utils import counters
 
     from distattn import plan as make_plan
-    from distattn.labels import next_token_labels
     from distattn.mesh import ParallelDims
     from distattn.train.config import ModelConfig
-    from distattn.train.model.transformer import Transformer
+    from distattn.train.model import LocalBatch, Transformer
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61, attention_sinks=True)
     dims = ParallelDims(1, dist.get_world_size(), 1)
@@ -55,7 +54,7 @@ def _compiled_vs_eager(scheduler: str, fsdp: bool, modes) -> dict:
         tokens = torch.randint(0, cfg.vocab_size, (sum(doc_lens),))
         plan = make_plan(doc_lens, cp_mesh, scheduler=scheduler)
         model.zero_grad(set_to_none=True)
-        loss = model(plan.shard(tokens), plan.position_ids(), plan, plan.shard(next_token_labels(tokens, doc_lens)),
+        loss = model(LocalBatch.shard(tokens, doc_lens, [(doc_lens, 0, len(tokens))], [plan]),
                      checkpointing=mode, loss_chunk=37, mlp_chunk=mlp_chunk)
         loss.backward()
         return [loss.item(), *_grads(model)]

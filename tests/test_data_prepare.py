@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from distattn.cli import main
-from distattn.train.preflight.checks import checks as preflight
+from distattn.train.preflight import checks as preflight
 from distattn.train.config import load_config
 from distattn.train.data.packer import Packer
 from distattn.train.data.sharded import ShardedCorpus, token_dtype

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import small_yaml
-from distattn.train.preflight.checks import checks as preflight
+from distattn.train.preflight import checks as preflight
 from distattn.train.config import RunConfig, validate
 from distattn.train.data.packer import Blend, Packer
 from distattn.train.data.sources import make_corpus

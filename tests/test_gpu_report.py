@@ -1,4 +1,4 @@
-"""The GPU report without a GPU (``distattn/train/bench_gpu_*.py``; ``python -m distattn.bench.gpu_report``
+"""The GPU report without a GPU (``distattn/bench/gpu_*.py``; ``python -m distattn.bench.gpu_report``
 forwards to it): its configs and the estimate they are judged by (the trainer's, the same figure as
 ``distattn train --dry-run``), the settings and lengths the estimate picks, the waves of memory runs,
 TFLOP/s arithmetic, goal verdicts, tables, ``--plan``, the no-GPU report, and one real (CPU) run
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distattn.kernels import bench
+from distattn.kernels.tools import bench
 from distattn.memory_model import GIB
 from distattn.bench import gpu_plan as plan, gpu_report, gpu_tables as tables
 from distattn.bench.gpu_runner import STOPPED, Outcome, read_rows

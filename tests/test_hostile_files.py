@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from distattn.cli import main
-from distattn.train.checkpoint.dcp import dcp as checkpoint, dcp_safe, manifest
+from distattn.train.checkpoint import dcp as checkpoint, dcp_safe, manifest
 from distattn.train.data.sharded import read_index
 from distattn.train.preflight.checks import lock_out
 from distattn.train.data.prepare import _locked

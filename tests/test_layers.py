@@ -66,6 +66,7 @@ def modules() -> dict[str, Path]:
 def imports_of(module: str, path: Path) -> set[str]:
     """Every distattn module ``module`` imports, at any depth of its code."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    known = modules()
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -75,9 +76,10 @@ def imports_of(module: str, path: Path) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}  # `from . import x` may name a module
-    known = modules()
+            named = {f"{base}.{a.name}" for a in node.names}   # `from . import x` may name a module
+            found |= named
+            if not named <= known.keys():   # (importing submodules alone takes nothing from the package)
+                found.add(base)
     return {m for m in found if m in known and m != module}
 
 
@@ -160,3 +162,67 @@ def test_no_scheduler_name_branches_outside_the_registry():
     probe = ('a = p.scheduler == "usp"\nif name in ("ring", "x"):\n'
              '    b = args.backend == "local"\nc = kind != "zigzag"\n')
     assert _scheduler_name_branches(probe, names) == [1, 2]
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected set of two or more modules (Tarjan's algorithm, iterative)."""
+    index, low, on_stack, stack, found, counter = {}, {}, set(), [], [], [0]
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter[0]
+                    counter[0] += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                group = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    group.append(member)
+                    if member == node:
+                        break
+                if len(group) > 1:
+                    found.append(sorted(group))
+    return found
+
+
+def test_no_import_circles():
+    """No two modules import each other, directly or round a loop, at any depth of their code (an
+    import inside a function counts: a circle is cut at its cause, not hidden)."""
+    everything = modules()
+    graph = {module: imports_of(module, path) for module, path in everything.items()}
+    assert _circles(graph) == []
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]   # the check sees one
+
+
+def test_moved_benchmarks_keep_their_old_names():
+    """``python -m distattn.train.bench_*`` runs the module's new home in ``distattn.bench`` (for one release)."""
+    import importlib.util
+
+    legacy = sorted((ROOT / "distattn" / "train" / "legacy").glob("bench_*.py"))
+    assert len(legacy) >= 9
+    for path in legacy:
+        target = path.read_text().split('run_module("', 1)[1].split('"', 1)[0]
+        assert importlib.util.find_spec(f"distattn.train.{path.stem}") is not None, path.stem
+        assert importlib.util.find_spec(target) is not None, target
+    done = subprocess.run([sys.executable, "-m", "distattn.train.bench_planning", "--help"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0 and "distattn.bench.plan_ahead" in done.stdout + done.stderr, done.stderr[-2000:]

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from ckpt_tools import flip, save_tiny
 from conftest import small_yaml
-from distattn.train.checkpoint.dcp import dcp as checkpoint, manifest
+from distattn.train.checkpoint import dcp as checkpoint, manifest
 from distattn.train.safe_io import WriteFailed
 
 DISTATTN = str(Path(sys.executable).with_name("distattn"))

@@ -16,7 +16,7 @@ from distattn.masks import mask_area
 from distattn.model_shape import GPUS, MODELS
 from distattn.network import default_profile
 from distattn.sim.simulate import SimConfig, simulate
-from distattn.train.preflight.checks import memory
+from distattn.train.preflight import memory
 from distattn.train.config import load_config
 from distattn.train.metrics import device_peak_flops
 

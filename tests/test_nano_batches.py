@@ -31,14 +31,15 @@ def _grads(model) -> list[torch.Tensor]:
 
 def _step_worker(modes, compiled: bool, fsdp: bool, dp: int = 1, mlp_chunk: int = 0):
     """fp64: per checkpointing mode, the loss and gradients of one trainer step with 1 and with 2
-    nano-batches (the trainer's own cut and batch: ``agreed_nano_batches``, ``local_batch``)."""
+    nano-batches (the trainer's own cut and batch: ``agreed_nano_batches``, ``LocalBatch.shard``)."""
     import torch.distributed as dist
 
     from distattn import plan as make_plan
     from distattn.mesh import ParallelDims
     from distattn.train.config import ModelConfig
     from distattn.train.model.transformer import Transformer
-    from distattn.train.trainer import agreed_nano_batches, local_batch
+    from distattn.train.model import Block, LocalBatch
+    from distattn.train.plan_ahead import agreed_nano_batches
 
     cfg = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61, attention_sinks=True)
     world = dist.get_world_size()
@@ -56,7 +57,7 @@ def _step_worker(modes, compiled: bool, fsdp: bool, dp: int = 1, mlp_chunk: int 
 
         for layer in model.layers:
             fully_shard(layer, mesh=mesh._flatten("dp_cp"))
-            for method in ("pre", "post"):
+            for method in Block.FORWARD_METHODS:
                 register_fsdp_forward_method(layer, method)
         fully_shard(model, mesh=mesh._flatten("dp_cp"))
     torch.manual_seed(1 + replica)
@@ -67,10 +68,9 @@ def _step_worker(modes, compiled: bool, fsdp: bool, dp: int = 1, mlp_chunk: int 
         for nano in (1, 2):
             parts = agreed_nano_batches(docs, nano, 0.0, dp > 1, "cpu")
             plans = [make_plan(d, cp_mesh, scheduler="cad", backend="reference", **options) for d, _, _ in parts]
-            local_tokens, pos, labels = local_batch(tokens, docs, plans, parts)
             model.zero_grad(set_to_none=True)
-            loss = model(local_tokens, pos, plans if nano > 1 else plans[0], labels, checkpointing=mode,
-                         loss_chunk=37, mlp_chunk=mlp_chunk)
+            loss = model(LocalBatch.shard(tokens, docs, parts, plans), checkpointing=mode, loss_chunk=37,
+                         mlp_chunk=mlp_chunk)
             loss.backward()
             total = loss.detach().clone()
             dist.all_reduce(total)

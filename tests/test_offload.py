@@ -10,7 +10,7 @@ import torch
 from distattn import plan as make_plan
 from distattn.train.config import ModelConfig
 from distattn.bench.memtrack import TensorMemory
-from distattn.train.model.transformer import Transformer
+from distattn.train.model import LocalBatch, Transformer
 from distattn.train.model.offload import Offload
 
 CFG = ModelConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61)
@@ -54,7 +54,7 @@ def test_offloaded_inputs_leave_the_device(one_rank_group):
     peaks = {}
     for mode in ("full", "offload"):
         with TensorMemory("cpu") as mem:
-            loss = model(tokens, pos, plan, tokens, checkpointing=mode)
+            loss = model(LocalBatch.one(tokens, pos, plan, tokens), checkpointing=mode)
             loss.backward()
         peaks[mode] = mem.peak
         model.zero_grad(set_to_none=True)

@@ -62,7 +62,7 @@ def _pool_worker(docs):
               for _ in range(2)]
     # the cut every replica computes alone is the one the all-reduce agrees on (a one-document replica: none)
     from distattn.train.plan_ahead import replica_nano_batches
-    from distattn.train.trainer import agreed_nano_batches
+    from distattn.train.plan_ahead import agreed_nano_batches
 
     cuts = all(agreed_nano_batches(mine[g], 2, 1e-3, True, "cpu") == replica_nano_batches(mine, 2, 1e-3)[g]
                for mine in (docs, [docs[0], [64]]))

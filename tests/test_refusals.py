@@ -11,7 +11,7 @@ import pytest
 
 from conftest import small_yaml
 from distattn.cli import main
-from distattn.train.preflight.checks import checks as preflight
+from distattn.train.preflight import checks as preflight
 
 SMALL = {"model": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64},
          "data": {"seq_len": 256}, "parallel": {"dp": 1, "cp": 2}, "train": {"steps": 1}}

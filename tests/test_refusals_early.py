@@ -222,7 +222,7 @@ def test_the_fixes_the_messages_name_work(tmp_path):
 
 
 def test_overwrite_removes_links_not_what_they_point_to(tmp_path):
-    from distattn.train.preflight.checks import checks as preflight
+    from distattn.train.preflight import checks as preflight
 
     out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
     out.mkdir()

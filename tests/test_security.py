@@ -18,7 +18,7 @@ import torch
 import local_slurm
 from distattn.launch import LaunchOptions, sbatch_script
 from ckpt_tools import reseal, save_tiny as _save, tiny_state
-from distattn.train.checkpoint.dcp import dcp as checkpoint, dcp_safe
+from distattn.train.checkpoint import dcp as checkpoint, dcp_safe
 from distattn.train.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -69,7 +69,9 @@ def _by_hand_losses(cfg, batches: list) -> list[float]:
     from distattn.mesh import ParallelDims
     from distattn.schedulers import spec
     from distattn.train.model.transformer import Transformer
-    from distattn.train.trainer import agreed_nano_batches, local_batch, lr_at
+    from distattn.train.model import LocalBatch
+    from distattn.train.plan_ahead import agreed_nano_batches
+    from distattn.train.trainer import lr_at
 
     p, t = cfg.parallel, cfg.train
     dims = ParallelDims(p.dp, p.cp, spec(p.scheduler).ulysses_axis(p.cp, cfg.plan_context()))
@@ -85,9 +87,9 @@ def _by_hand_losses(cfg, batches: list) -> list[float]:
         parts = agreed_nano_batches(doc_lens, 1, cfg.model.shape.pair_weight(), True, "cpu")
         plans = [make_plan(docs, cp_mesh, scheduler=p.scheduler, backend=p.backend, context=cfg.plan_context())
                  for docs, _, _ in parts]
-        local_tokens, pos, labels = local_batch(tokens, doc_lens, plans, parts)
-        loss_sum = model(local_tokens, pos, plans[0], labels, loss_chunk=t.loss_chunk)
-        sums = torch.stack([(labels != -100).sum().to(torch.float64), loss_sum.detach().to(torch.float64)])
+        local = LocalBatch.shard(tokens, doc_lens, parts, plans)
+        loss_sum = model(local, loss_chunk=t.loss_chunk)
+        sums = torch.stack([local.labelled().to(torch.float64), loss_sum.detach().to(torch.float64)])
         dist.all_reduce(sums)
         (loss_sum / sums[0] * cfg.world_size).backward()
         for g in opt.param_groups:

@@ -32,7 +32,7 @@ def _grads_by_checkpointing(scheduler: str, doc_lens: list[int]) -> dict:
     from distattn import plan as make_plan
     from distattn.labels import next_token_labels
     from distattn.mesh import ParallelDims
-    from distattn.train.model.transformer import Transformer
+    from distattn.train.model import LocalBatch, Transformer
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61)
     world = dist.get_world_size()
@@ -48,8 +48,8 @@ def _grads_by_checkpointing(scheduler: str, doc_lens: list[int]) -> dict:
     for mode, mlp_chunk in (("none", 0), ("full", 0), ("selective", 0), ("offload", 0), ("none", 29), ("full", 29),
                             ("offload", 29)):
         model.zero_grad(set_to_none=True)
-        loss = model(plan.shard(tokens), plan.position_ids(), plan, plan.shard(labels), checkpointing=mode,
-                     loss_chunk=37, mlp_chunk=mlp_chunk)
+        loss = model(LocalBatch.one(plan.shard(tokens), plan.position_ids(), plan, plan.shard(labels)),
+                     checkpointing=mode, loss_chunk=37, mlp_chunk=mlp_chunk)
         loss.backward()
         out[mode + (f"+mlp_chunk {mlp_chunk}" if mlp_chunk else "")] = \
             [loss.item()] + [p.grad.clone() for p in model.parameters()]

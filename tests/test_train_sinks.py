@@ -31,7 +31,7 @@ def _model_vs_single_rank(scheduler: str, doc_lens: list[int], softcap) -> dict[
     from distattn import plan as make_plan
     from distattn.labels import next_token_labels
     from distattn.mesh import ParallelDims
-    from distattn.train.model.transformer import Transformer
+    from distattn.train.model import LocalBatch, Transformer
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61,
                       attention_sinks=True, softcap=softcap)
@@ -50,7 +50,7 @@ def _model_vs_single_rank(scheduler: str, doc_lens: list[int], softcap) -> dict[
     for mesh, opts in ((singles[rank], {}), (cp_mesh, {"num_kv_heads": 2} if scheduler == "usp" else {})):
         plan = make_plan(doc_lens, mesh, scheduler=scheduler, backend="reference", **opts)
         model.zero_grad(set_to_none=True)
-        loss = model(plan.shard(tokens), plan.position_ids(), plan, plan.shard(labels), loss_chunk=37)
+        loss = model(LocalBatch.one(plan.shard(tokens), plan.position_ids(), plan, plan.shard(labels)), loss_chunk=37)
         loss.backward()
         got = {"loss": loss.detach().reshape(1), **{n: p.grad.clone() for n, p in model.named_parameters()}}
         if mesh is cp_mesh:

@@ -8,7 +8,7 @@ import pytest
 import torch.distributed as dist
 
 import distattn.plan_cache as plan_cache
-from distattn.train.checkpoint.dcp import resume as resuming
+from distattn.train.checkpoint import resume as resuming
 
 # one rank, one small layer, 64-token sequences: ~1 s a step on a CPU core. Most stdlib files are longer
 # than 64 bytes, so most batches are one document of 64 tokens: steps whose plans the cache holds already

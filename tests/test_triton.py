@@ -121,7 +121,7 @@ def test_triton_long_segments(mask):
 
 
 def test_kernel_benchmark_without_gpu_exits_cleanly(capsys):
-    from distattn.kernels.bench import main
+    from distattn.kernels.tools.bench import main
 
     if torch.cuda.is_available():
         pytest.skip("has a GPU: the benchmark would run for real")

@@ -14,12 +14,12 @@ backward, each phase counting the larger of what the rank sends and receives on 
 (Llama-3-8B attention: 32 query / 8 KV heads of 128, bf16), and the planning time.
 
 For CAD also the busiest node's export lower bound (``LB``, per rank, forward and backward:
-:func:`~distattn.schedulers.cad_bound.node_bound`, the fewest inter-node bytes that shed a node's
+:func:`~distattn.schedulers.cad.bound.node_bound`, the fewest inter-node bytes that shed a node's
 pairs above 8 x 1.05 x the mean per rank) and ``rho`` = the busiest rank's inter-node bytes (the
 ``inter`` column's bytes: summed over the phases, the larger of sent and received in each) / LB;
 and a tighter bound ``LB*`` (the keys of documents going on at the next node counted, the longest
 runs priced exactly, and what the nodes with room can take in:
-:func:`~distattn.schedulers.cad_bound.tight_bound`) with ``rho*``. A rank's inter-node bytes are
+:func:`~distattn.schedulers.cad.bound.tight_bound`) with ``rho*``. A rank's inter-node bytes are
 at least its node's mean, and a node's at least what it sends out (or receives), so rho >= 1.
 
 ``--pool DPxCP``: ``dp`` replicas, each with its own packed sequence of ``cp x tokens-per-rank``
@@ -45,7 +45,7 @@ from ..mesh import MeshInfo
 from ..model_shape import MODELS
 from ..schedule import AttnShape, imbalance
 from ..schedulers import PlanContext, cad
-from ..schedulers.cad_bound import node_bound, tight_bound
+from ..schedulers.cad.bound import node_bound, tight_bound
 from ..timing import time_calls
 
 

@@ -219,7 +219,7 @@ def run_seconds(run: TrainRun, peak_tflops: float) -> float:
 def kernel_seconds(cases: list[tuple[float, int]], rep_budget_s: float) -> float:
     """The kernel benchmark: its start plus, per ``(forward FLOPs, backends that run)`` case, a warm-up
     call and the timed calls of the forward and of the backward (2.5x) at :data:`KERNEL_TFLOPS`."""
-    from ..kernels.bench import MAX_REPS, MIN_REPS
+    from ..kernels.tools.bench import MAX_REPS, MIN_REPS
 
     total = KERNEL_START_S
     for flops, backends in cases:

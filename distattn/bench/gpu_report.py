@@ -164,7 +164,7 @@ def _kernel_arg(name: str) -> list[str]:
 
 def plan_lines(gpu_bytes: int, steps: int, seq_len: int, peak_tflops: float = 989.0) -> list[str]:
     """What the report would run on a GPU of ``gpu_bytes`` (``--plan``), and a rough time per part."""
-    from ..kernels.bench import case_flops, case_lens, cases, head_dims, unsupported
+    from ..kernels.tools.bench import case_flops, case_lens, cases, head_dims, unsupported
 
     gib = gpu_bytes / plan.GIB
     lines = [f"distattn GPU report plan for a GPU of {gib:.1f} GiB (fits: estimate + {plan.FIT_MARGIN:.0%} <= "
@@ -242,7 +242,54 @@ def _say(outcomes) -> None:
               f"({o.together} on the GPU)", flush=True)
 
 
-def main(argv=None) -> int:
+def _parts(report: Report, tmp: Path, args: argparse.Namespace, gpu_bytes: int, deadline: float) -> bool:
+    """Run the report's parts into ``report`` (scratch files in ``tmp``) -> whether all passed."""
+    ok = True
+    print("gpu report: GPU suite ...", flush=True)
+    passed, lines = _suite(tmp, max(60.0, min(600.0, deadline - time.perf_counter())))
+    ok &= passed
+    report.part(PARTS[0], passed, lines)
+
+    print("gpu report: kernel TFLOP/s ...", flush=True)
+    passed, lines, report.kernels = _kernels(tmp, max(10.0, min(KERNEL_BUDGET_S, deadline - time.perf_counter()
+                                                                - 300)))
+    ok &= passed
+    report.part(PARTS[1], passed, lines)
+
+    print("gpu report: memory, estimate vs measured ...", flush=True)
+    outcomes = run_waves(plan.memory_runs(gpu_bytes), tmp, gpu_bytes, deadline - 130, _say)
+    report.memory = tables.memory_rows(outcomes)
+    ok &= all(o.ok for o in outcomes)
+    report.part(PARTS[2], all(o.ok for o in outcomes), [
+        f"bf16, one rank, {plan.SMALL.name} ({plan.SMALL.params / 1e6:.0f} M parameters), stdlib data; "
+        f"{plan.MEMORY_STEPS} steps ({plan.OFFLOAD_STEPS} for the cpu_offload run). The allocator does not see "
+        f"the estimate's 4 GiB CUDA runtime: the ratio is over the estimate less it. Goal: within 10%.", "",
+        *tables.memory_table(report.memory)])
+
+    print("gpu report: 8B-shaped stack ...", flush=True)
+    stack_plan = plan.stack_runs(gpu_bytes)
+    outcomes = run_alone(stack_plan, tmp, deadline - 55, _say)
+    report.stack = tables.stack_rows(outcomes)
+    missing = [n for n in plan.STACK_SEQ_LENS if n not in {r.seq_len for r in stack_plan}]
+    ok &= all(o.ok for o in outcomes) and not missing
+    report.part(PARTS[3], all(o.ok for o in outcomes) and not missing, [
+        f"{plan.LLAMA3_8B_4L.name}: dim 4096, GQA 32/8, ffn 14336, vocab 128256 untied "
+        f"({plan.LLAMA3_8B_4L.params / 1e9:.2f} B parameters), bf16, attention backend auto, stdlib data "
+        f"(documents packed); means over steps {plan.STACK_WARMUP + 1}.. (step 1 autotunes). "
+        f"Setting per length: the first of {', '.join(s.label for s in plan.BY_COST)} whose estimate + 10% fits "
+        f"{gpu_bytes / plan.GIB:.1f} GiB.", "", *tables.stack_table(report.stack),
+        *[f"- {n:,} tokens: no setting fits by the estimate" for n in missing]])
+
+    print("gpu report: training per backend ...", flush=True)
+    outcomes = run_alone(plan.backend_runs(args.steps, args.seq_len), tmp, deadline, _say)
+    ok &= all(o.ok for o in outcomes)
+    report.part(PARTS[4], all(o.ok for o in outcomes), [
+        f"1 GPU, bf16, full activation checkpointing, {args.seq_len:,} tokens per step, {args.steps} steps; means "
+        f"over steps {plan.BACKEND_WARMUP + 1}..{args.steps}", "", *tables.backend_table(outcomes)])
+    return ok
+
+
+def _parse(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m distattn.bench.gpu_report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", nargs="?", default="gpu_report.md", help="the Markdown report to write")
@@ -252,7 +299,11 @@ def main(argv=None) -> int:
     parser.add_argument("--plan", action="store_true", help="print what would run and exit (no GPU needed)")
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="the GPU memory the estimate plans for (default: this GPU's; --plan without one: 80)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
     import torch
 
     gpu = torch.cuda.is_available()
@@ -270,50 +321,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     deadline = t0 + args.budget_s
     gpu_bytes = _gpu_bytes(args.gpu_memory_gib)
-    report, ok = Report(out, [title, "", *_environment()]), True
+    report = Report(out, [title, "", *_environment()])
     with tempfile.TemporaryDirectory(prefix="distattn-gpu-report-") as tmp_name:
-        tmp = Path(tmp_name)
-        print("gpu report: GPU suite ...", flush=True)
-        passed, lines = _suite(tmp, max(60.0, min(600.0, deadline - time.perf_counter())))
-        ok &= passed
-        report.part(PARTS[0], passed, lines)
-
-        print("gpu report: kernel TFLOP/s ...", flush=True)
-        passed, lines, report.kernels = _kernels(tmp, max(10.0, min(KERNEL_BUDGET_S, deadline - time.perf_counter()
-                                                                    - 300)))
-        ok &= passed
-        report.part(PARTS[1], passed, lines)
-
-        print("gpu report: memory, estimate vs measured ...", flush=True)
-        outcomes = run_waves(plan.memory_runs(gpu_bytes), tmp, gpu_bytes, deadline - 130, _say)
-        report.memory = tables.memory_rows(outcomes)
-        ok &= all(o.ok for o in outcomes)
-        report.part(PARTS[2], all(o.ok for o in outcomes), [
-            f"bf16, one rank, {plan.SMALL.name} ({plan.SMALL.params / 1e6:.0f} M parameters), stdlib data; "
-            f"{plan.MEMORY_STEPS} steps ({plan.OFFLOAD_STEPS} for the cpu_offload run). The allocator does not see "
-            f"the estimate's 4 GiB CUDA runtime: the ratio is over the estimate less it. Goal: within 10%.", "",
-            *tables.memory_table(report.memory)])
-
-        print("gpu report: 8B-shaped stack ...", flush=True)
-        stack_plan = plan.stack_runs(gpu_bytes)
-        outcomes = run_alone(stack_plan, tmp, deadline - 55, _say)
-        report.stack = tables.stack_rows(outcomes)
-        missing = [n for n in plan.STACK_SEQ_LENS if n not in {r.seq_len for r in stack_plan}]
-        ok &= all(o.ok for o in outcomes) and not missing
-        report.part(PARTS[3], all(o.ok for o in outcomes) and not missing, [
-            f"{plan.LLAMA3_8B_4L.name}: dim 4096, GQA 32/8, ffn 14336, vocab 128256 untied "
-            f"({plan.LLAMA3_8B_4L.params / 1e9:.2f} B parameters), bf16, attention backend auto, stdlib data "
-            f"(documents packed); means over steps {plan.STACK_WARMUP + 1}.. (step 1 autotunes). "
-            f"Setting per length: the first of {', '.join(s.label for s in plan.BY_COST)} whose estimate + 10% fits "
-            f"{gpu_bytes / plan.GIB:.1f} GiB.", "", *tables.stack_table(report.stack),
-            *[f"- {n:,} tokens: no setting fits by the estimate" for n in missing]])
-
-        print("gpu report: training per backend ...", flush=True)
-        outcomes = run_alone(plan.backend_runs(args.steps, args.seq_len), tmp, deadline, _say)
-        ok &= all(o.ok for o in outcomes)
-        report.part(PARTS[4], all(o.ok for o in outcomes), [
-            f"1 GPU, bf16, full activation checkpointing, {args.seq_len:,} tokens per step, {args.steps} steps; means "
-            f"over steps {plan.BACKEND_WARMUP + 1}..{args.steps}", "", *tables.backend_table(outcomes)])
+        ok = _parts(report, Path(tmp_name), args, gpu_bytes, deadline)
     report.write(["", f"Report written in {time.perf_counter() - t0:.0f} s (budget {args.budget_s:.0f} s)."])
     print(f"gpu report: {'all parts passed' if ok else 'some part FAILED'}; wrote {out}")
     return 0 if ok else 1

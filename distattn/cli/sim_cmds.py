@@ -76,20 +76,14 @@ def _config(args, model, gpu, batch):
                      **({} if args.comm_slowdown is None else {"comm_slowdown": args.comm_slowdown}))
 
 
-def _cmd_simulate(args) -> int:
-    if args.calibrate:
-        return _calibrate(args)
+def _check_simulate(args, models) -> None:
+    """The flags of a simulation (not --calibrate): each refusal names the flag and the fix."""
     calibrating = [f"--{name.replace('_', '-')}" for name in ("holdout", "save_model", "load_model", "cores")
                    if getattr(args, name) is not None]
     if calibrating:
         raise ValueError(f"{', '.join(calibrating)} go with --calibrate FIT_CSV: add it, or drop them")
-    from ..sim import sweep
-    from ..sim.job import Links
-    from ..sim.simulate import GPUS, MODELS, mesh_description, simulate_with_timelines, write_timeline
-    from ..sim.workload import default_batch
-
-    if args.model not in MODELS:
-        raise ValueError(f"--model {args.model!r} is unknown; presets: {', '.join(MODELS)}")
+    if args.model not in models:
+        raise ValueError(f"--model {args.model!r} is unknown; presets: {', '.join(models)}")
     if args.gpus is None or args.seq_len is None:
         raise ValueError("--gpus and --seq-len are required (or --calibrate RESULTS_CSV)")
     if args.timeline is not None and not args.timeline.endswith((".csv", ".json")):
@@ -98,6 +92,17 @@ def _cmd_simulate(args) -> int:
         raise ValueError("--sweep chooses each row's CP size: drop --cp, or drop --sweep to fix it")
     if args.auto and (args.sweep or args.cp is not None or args.per_batch):
         raise ValueError("--auto tries every CP size with one sequence per replica: drop --sweep, --cp and --per-batch")
+
+
+def _cmd_simulate(args) -> int:
+    if args.calibrate:
+        return _calibrate(args)
+    from ..sim import sweep
+    from ..sim.job import Links
+    from ..sim.simulate import GPUS, MODELS, mesh_description, simulate_with_timelines, write_timeline
+    from ..sim.workload import default_batch
+
+    _check_simulate(args, MODELS)
     model, gpu, pool = MODELS[args.model], GPUS[args.gpu], doc_pool(args.doclens)
     # --per-batch compares with each row at its best CP size unless --cp fixes it
     swept = args.sweep or (args.per_batch and args.cp is None)
@@ -205,10 +210,18 @@ def add_parsers(sub) -> None:
                         "distattn simulate --gpus 512 --seq-len 512K --gpu h200 --sweep --network PROFILE_DIR --json",
                         "distattn simulate --gpus 256 --seq-len 512K --gpu h200 --tp 8 --sweep",
                         "distattn simulate --calibrate bench/quick/results.csv"))
+    _job_arguments(sim, GPUS, MODELS)
+    _step_arguments(sim, PACKINGS, SCHEDULERS)
+    _output_arguments(sim)
+    sim.set_defaults(func=_cmd_simulate)
+
+
+def _job_arguments(sim, gpus, models) -> None:
+    """The job simulated: its GPUs, lengths, model, parallelism, network and documents."""
     sim.add_argument("--gpus", type=positive_int, default=None, help="GPUs in the job (required unless --calibrate)")
     sim.add_argument("--seq-len", type=tokens, default=None,
                      help="tokens per packed sequence, e.g. 512K (required unless --calibrate)")
-    sim.add_argument("--model", default="llama3-8b", choices=sorted(MODELS), help="model preset")
+    sim.add_argument("--model", default="llama3-8b", choices=sorted(models), help="model preset")
     sim.add_argument("--cp", type=positive_int, default=None, help="context-parallel degree (default: <= 16K tokens "
                      "per GPU; --sweep tries every one)")
     sim.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks per CP rank, inside a node "
@@ -217,14 +230,18 @@ def add_parsers(sub) -> None:
                      help="sequences of --seq-len per global batch (default: one per replica; with --sweep, 16K "
                           "tokens per GPU)")
     sim.add_argument("--ulysses-degree", type=positive_int, default=None, help="usp: Ulysses group (default: a node)")
-    sim.add_argument("--gpu", default="h100", choices=sorted(GPUS), help="GPU preset")
+    sim.add_argument("--gpu", default="h100", choices=sorted(gpus), help="GPU preset")
     sim.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per node")
     sim.add_argument("--network", type=existing_path, default=None, metavar="DIR_OR_CSV",
                      help="a folder of published nccl-tests CSVs, one such CSV, an nccl_perf CSV or a profile JSON "
                           "(distattn cluster probe/nccl-tests); default: NVLink 360 GB/s + IB 45 GB/s assumed")
     sim.add_argument("--doclens", type=existing_file, default=None,
                      help="JSON document-length sample (default: log-normal stand-in)")
-    sim.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=SCHEDULERS,
+
+
+def _step_arguments(sim, packings, schedulers) -> None:
+    """How each row's step is drawn and timed."""
+    sim.add_argument("--schedulers", nargs="+", default=list(schedulers), choices=schedulers,
                      help="rows to simulate (wlb: zigzag on the per-document layout; wlb-ideal, ideal: bounds)")
     sim.add_argument("--draws", type=positive_int, default=16,
                      help="global batches drawn per row (seeds --seed ...); medians and p10/p90 over them "
@@ -232,7 +249,7 @@ def add_parsers(sub) -> None:
     sim.add_argument("--seed", type=int, default=0, help="the first draw's seed (default 0)")
     sim.add_argument("--sweep", action="store_true",
                      help="give each row its best CP size for a fixed global batch (--batch)")
-    sim.add_argument("--packing", choices=PACKINGS, default="balanced",
+    sim.add_argument("--packing", choices=packings, default="balanced",
                      help="how the global batch is dealt to replicas' micro-batches (default: balanced)")
     sim.add_argument("--token-cap-factor", type=float, default=1.25,
                      help="balanced packing: most tokens a micro-batch holds, in sequences (default 1.25)")
@@ -253,6 +270,10 @@ def add_parsers(sub) -> None:
     sim.add_argument("--comm-dtype", choices=("fp8",), default=None,
                      help="Q, K, V, out and dout travel as FP8 (distattn.plan(comm_dtype='fp8')); default: "
                           "their own dtype")
+
+
+def _output_arguments(sim) -> None:
+    """What is reported beside the rows (--auto, --per-batch, --timeline) and --calibrate's flags."""
     sim.add_argument("--auto", action="store_true",
                      help="try every CP degree (one sequence per replica, --draws draws each) and recommend the most "
                           "tokens/s per GPU that fits")
@@ -278,4 +299,3 @@ def add_parsers(sub) -> None:
                           "else this one's)")
     sim.add_argument("--verbose", action="store_true", help="also print the kernel table and network rows used")
     sim.add_argument("--json", action="store_true", help="print the results as JSON")
-    sim.set_defaults(func=_cmd_simulate)

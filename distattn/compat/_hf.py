@@ -23,8 +23,10 @@ Without the ``flash_attn`` package (CPU), transformers will not load a model wit
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..varlen import flash_softcap
+from ._llama3 import _llama3, llama3_flash_attn_prepare_cu_seqlens
 
 DATA_PARAMS: dict = {}
 RING_ATTN_SWITCH = True
@@ -33,10 +35,6 @@ _SETTINGS: dict = {}
 
 def update_ring_flash_attn_params(cu_seqlens: torch.Tensor, process_group) -> None:
     """This batch's GLOBAL ``cu_seqlens`` (``[0, l0, l0+l1, ..., S]``, the same on every rank)."""
-    import torch.distributed as dist
-
-    from .ring_flash_attn import llama3_flash_attn_prepare_cu_seqlens
-
     rank, world_size = dist.get_rank(group=process_group), dist.get_world_size(group=process_group)
     cu_q, cu_k, max_q, max_k, local_k_slice = llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, True, rank, world_size)
     DATA_PARAMS.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
@@ -53,8 +51,6 @@ def _ring_flash_attention_forward(query_states, key_states, value_states, attent
                                   dropout=0.0, position_ids=None, softmax_scale=None, sliding_window=None,
                                   use_top_left_mask=False, softcap=None, deterministic=None, **kwargs):
     """transformers' ``_flash_attention_forward`` (``[1, S_local, H, D]`` in and out) on distattn."""
-    from .ring_flash_attn import _llama3
-
     if not DATA_PARAMS:
         raise ValueError("call update_ring_flash_attn_params(cu_seqlens, group) with the batch's global cu_seqlens "
                          "before the model's forward")

@@ -10,7 +10,8 @@ executor                        pattern                                         
 ``local.LocalExecutor``         none: one kernel call                            world size 1
 ==============================  ===============================================  =====================
 
-The scheduler's registry entry names its executor (:data:`EXECUTORS`, :func:`executor_for`).
+The scheduler's registry entry names its executor (:data:`EXECUTORS`); :func:`distattn.plan` hands
+the entry it looked up to :func:`executor_for`, so a name is looked up once.
 Executors take their groups from the mesh the plan was given; the only groups they make are
 ``usp``'s Ulysses and ring groups of a 1-D mesh, once per parent group (:func:`distattn.comm.subgroups`).
 """
@@ -26,7 +27,7 @@ from ..comm import Comm, subgroups
 from ..layout import Shards
 from ..mesh import MeshInfo
 from ..schedule import Schedule
-from ..schedulers import LOCAL, spec
+from ..schedulers import SchedulerSpec
 from ..schedulers.allgather import GatherSchedule
 from ..schedulers.cad import TaskSchedule
 from ..schedulers.local import LocalSchedule
@@ -117,11 +118,11 @@ EXECUTORS: dict[str, Callable[..., Executor]] = {"ring_p2p": _ring, "gather": _g
                                                  "tasks": _tasks, "local": _local}
 
 
-def executor_for(schedule: Schedule, mesh: MeshInfo, backend: str, pool_group=None,
-                 options: ExecOptions = ExecOptions()) -> Executor:
-    """This rank's executor of ``schedule`` on ``mesh``'s groups: the one its scheduler's registry entry
-    names (a one-rank schedule, whatever scheduler was asked for, runs locally)."""
-    entry = LOCAL if isinstance(schedule, LocalSchedule) else spec(schedule.scheduler)
+def executor_for(entry: SchedulerSpec, schedule: Schedule, mesh: MeshInfo, backend: str, pool_group=None,
+                  options: ExecOptions = ExecOptions()) -> Executor:
+    """This rank's executor of ``schedule`` on ``mesh``'s groups: the one named by ``entry``, the registry
+    entry whose planner made ``schedule`` (``LOCAL`` for a one-rank schedule, whatever scheduler was
+    asked for) -- the caller's, so the name is looked up once."""
     return EXECUTORS[entry.executor](schedule, mesh, backend, options, pool_group)
 
 

@@ -1,7 +1,7 @@
 """Rows moved hop by hop along a schedule's routes on one slot, the transport of
 :class:`~distattn.executors.task_a2a.TaskExecutor`: to the slots computing on them (group-cast: every
 hop's received rows in one buffer), and their results back up the hops in reverse, summed at every
-slot they pass (group-reduce). The routes are :mod:`distattn.schedulers.cad_cast`'s legs.
+slot they pass (group-reduce). The routes are :mod:`distattn.schedulers.cad.cast`'s legs.
 
 A hop after the first needs the rows the one before brought (relays forward them; on the way back
 they sum the partials first): it is chained to it when the first hop starts
@@ -12,8 +12,9 @@ goes on and the whole chain hides behind what the caller computes; on CPU the pr
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -21,12 +22,26 @@ import torch
 from ..comm import Pending
 from ..schedulers.cad import Route
 from ..wire import Wire
-from .base import DeviceIndex
-
-if TYPE_CHECKING:
-    from .task_a2a import TaskExecutor
+from .base import DeviceIndex, ExecOptions
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+
+
+class HopTransport(Protocol):
+    """What the hops need of the executor they move rows for
+    (:class:`~distattn.executors.task_a2a.TaskExecutor` is one): named here so that the hops, which the
+    executor is built on, need not import it back."""
+
+    options: ExecOptions   # only ``deterministic``: how the hops sum what comes back
+
+    def all_to_all(self, send: torch.Tensor, send_rows: Sequence[int], recv_rows: Sequence[int],
+                   what: str) -> Transfer:
+        """Start sending ``send`` (``send_rows[i]`` rows to pool rank ``i``), receiving ``recv_rows``."""
+        ...
+
+    def chained(self, device: torch.device) -> AbstractContextManager:
+        """The context a hop chain runs in (see the module docstring)."""
+        ...
 
 
 def rows_of(buffer_tokens: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -74,12 +89,12 @@ class Cast:
         return [h.gather for h in self.hops] + ([self.place] if self.place is not None else [])
 
     # forward: hop by hop to the workers
-    def start(self, ex: "TaskExecutor", own: torch.Tensor, what: str) -> list["Transfer"]:
+    def start(self, ex: HopTransport, own: torch.Tensor, what: str) -> list["Transfer"]:
         """Start hop 1 (my rows)."""
         hop = self.hops[0]
         return [ex.all_to_all(own.index_select(0, hop.gather.on(own.device)), hop.send, hop.recv, what)]
 
-    def advance(self, ex: "TaskExecutor", flights: list["Transfer"], what: str) -> list["Transfer"]:
+    def advance(self, ex: HopTransport, flights: list["Transfer"], what: str) -> list["Transfer"]:
         """Start every later hop, each once the hops before it are in (chained: module docstring)."""
         if len(flights) == len(self.hops):
             return flights
@@ -95,17 +110,17 @@ class Cast:
         return torch.cat([t.wait() for t in flights])
 
     # back: results up the hops in reverse, summed at every slot they pass
-    def back_start(self, ex: "TaskExecutor", results: torch.Tensor, what: str, wire: Wire = Wire()) -> "Return":
+    def back_start(self, ex: HopTransport, results: torch.Tensor, what: str, wire: Wire = Wire()) -> "Return":
         """Start the last hop's rows of ``results`` (a buffer like :meth:`buffer`'s) back, each hop's
         rows travelling as ``wire`` encodes them (sums are made decoded)."""
         return self._send_back(ex, results, len(self.hops) - 1, what, wire)
 
-    def _send_back(self, ex, results, h, what, wire) -> "Return":
+    def _send_back(self, ex: HopTransport, results, h, what, wire) -> "Return":
         hop = self.hops[h]
         rows = wire.encode(results[self.starts[h]:self.starts[h + 1]])
         return Return(results, h, ex.all_to_all(rows, hop.recv, hop.send, what), wire)
 
-    def back_advance(self, ex: "TaskExecutor", ret: "Return", what: str) -> "Return":
+    def back_advance(self, ex: HopTransport, ret: "Return", what: str) -> "Return":
         """Sum each hop's returned partials into the rows they were forwarded from and send those
         back in turn, down to hop 1's (on its way to the owners; chained: see module docstring)."""
         if ret.hop == 0:
@@ -118,7 +133,7 @@ class Cast:
                 ret = self._send_back(ex, results, ret.hop - 1, what, ret.wire)
         return ret
 
-    def back_finish(self, ex: "TaskExecutor", ret: "Return", what: str) -> torch.Tensor:
+    def back_finish(self, ex: HopTransport, ret: "Return", what: str) -> torch.Tensor:
         """My own rows' sums (``[own rows, ...]``)."""
         ret = self.back_advance(ex, ret, what)
         got = ret.got()

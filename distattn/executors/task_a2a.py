@@ -3,7 +3,7 @@
 
 Forward: all-to-alls send each task's Q rows and, per destination, the union of the K/V rows its
 tasks need to the slot computing them, hop by hop along the schedule's routes (K/V down a tree of
-nodes, Q through the owner's node peers: :mod:`distattn.schedulers.cad_cast`); the slot runs all
+nodes, Q through the owner's node peers: :mod:`distattn.schedulers.cad.cast`); the slot runs all
 its tasks in one varlen call; out comes back up the same hops. The computing slot keeps what it
 computes on (its Q rows, its K/V union, out and lse: :class:`WorkerSaved`), so lse never travels
 and the backward sends only dout to it and returns dQ and dK/dV (accumulator dtype: fp32, fp64

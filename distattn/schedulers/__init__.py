@@ -13,6 +13,28 @@ callers ask about: how many ranks split its heads, whether it can pool several C
 K/V travel. Callers never work out a scheduler's options: they describe the job
 (:class:`PlanContext`) and the planner's module derives its own (``derive``, ``head_split``). What it holds in memory is the schedule's
 (:meth:`~distattn.schedule.Schedule.saved_bytes`, :meth:`~distattn.schedule.Schedule.buffer_bytes`).
+
+Adding a scheduler
+------------------
+Two files, when an executor of :data:`distattn.executors.EXECUTORS` can run its schedules:
+
+1. ``distattn/schedulers/<name>.py``, the planner: ``build(doc_lens, mesh, *, causal, window, mask,
+   shards, **options)`` returning a :class:`~distattn.schedule.Schedule` whose ``scheduler`` is
+   ``<name>`` (a subclass of its own, or the type the chosen executor runs); ``build``'s keywords
+   beyond :data:`PLANNER_ARGUMENTS` are the scheduler's options. Where its entry says so, also
+   ``own_shards(doc_lens, mesh, **options)`` (``layout=None``: the planner lays tokens out itself),
+   ``derive(world_size, context, options, two_d)`` (options from a :class:`PlanContext`) and
+   ``head_split(world_size, options)`` (ranks that split a query head set).
+2. One ``SchedulerSpec(...)`` in :data:`REGISTRY` below: the name, a summary, the default layout,
+   ``module=`` if the file has another name, ``executor=`` and the facts the rest of the library
+   asks (``pools``, ``moves_kv_only``, ``nano_batches``, ``mesh_2d``).
+
+Nothing else changes: ``distattn.plan``/``attention``, the CLI's ``--scheduler`` choices, the
+trainer's config, the bench and the simulator (which replays the schedule's ``program``) read the
+registry. A new communication pattern adds a third and fourth: ``distattn/executors/<pattern>.py``
+(an :class:`~distattn.executors.base.Executor` running the schedule's ``program`` in order) and its
+line in ``EXECUTORS`` (``distattn/executors/__init__.py``). ``tests/test_add_scheduler.py`` follows
+steps 1 and 2 for a toy and checks it exact.
 """
 
 from __future__ import annotations
@@ -72,6 +94,9 @@ class SchedulerSpec:
     # nano-batches a micro-batch is cut into by default (distattn.pingpong): 2 where the executor has
     # stages whose transfers the other nano-batch's compute hides (cad), else 1
     nano_batches: int = 1
+    # plans on a 2-D ("ulysses", "ring") mesh whose "ulysses" axis is its head split (usp); the
+    # trainer builds that mesh, the API reads a 2-D DeviceMesh's axes instead of deriving a degree
+    mesh_2d: bool = False
 
     def _module(self):
         return import_module(f"{__name__}.{self.module or self.name}")
@@ -119,7 +144,20 @@ class SchedulerSpec:
 
     def ulysses_axis(self, world_size: int, context: PlanContext | None = None, **options) -> int:
         """The ``"ulysses"`` axis of the 2-D CP mesh this scheduler plans on (1: a 1-D CP mesh)."""
-        return self.head_split(world_size, context, **options) if self.layout is None else 1
+        return self.head_split(world_size, context, **options) if self.mesh_2d else 1
+
+    def nano_batches_for(self, requested: int | None = None, key: str = "nano_batches") -> int:
+        """Nano-batches a micro-batch is cut into (:mod:`distattn.pingpong`): ``requested`` (1 or 2),
+        or None for this scheduler's default (``nano_batches``: 2 for cad). ``key``: the caller's
+        name of the argument, which the ``ValueError`` for anything else names."""
+        if requested is None:
+            return self.nano_batches
+        if isinstance(requested, bool) or requested not in (1, 2):
+            # both phrasings are pinned: the trainer's "must be 1 or 2", the adapter's "is not supported"
+            raise ValueError(f"{key} must be 1 or 2: {key}={requested!r} is not supported; choose 1, 2 "
+                             f"(nano-batches per micro-batch, ping-ponged through the layers) or None (unset: "
+                             f"{self.name}'s default, {self.nano_batches})")
+        return requested
 
 
 # what distattn.plan passes every planner itself (the rest of build's keywords are options)
@@ -148,7 +186,8 @@ REGISTRY: dict[str, SchedulerSpec] = {spec.name: spec for spec in (
     SchedulerSpec("zigzag", "the ring on chunks r and 2P-1-r", "zigzag", module="ring", moves_kv_only=True),
     SchedulerSpec("allgather", "zigzag chunks, K/V all-gathered", "zigzag", executor="gather", moves_kv_only=True),
     SchedulerSpec("ulysses", "contiguous shards, heads all-to-all", executor="heads"),
-    SchedulerSpec("usp", "Ulysses all-to-all inside groups, zigzag ring across them", None, executor="usp"),
+    SchedulerSpec("usp", "Ulysses all-to-all inside groups, zigzag ring across them", None, executor="usp",
+                  mesh_2d=True),
     SchedulerSpec("cad", "contiguous shards, attention tasks balanced over all ranks", executor="tasks", pools=True,
                   nano_batches=2),
 )}

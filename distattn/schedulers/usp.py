@@ -33,10 +33,10 @@ group find them again (:func:`distattn.comm.subgroups`), so a plan per
 training step creates nothing. Creating them waits at most the group's
 timeout and names a rank that never came.
 
-The degree, with a 1-D mesh: ``ulysses_degree=U`` (a divisor of the world
-size), or ``num_kv_heads=H`` and the default :func:`default_ulysses_degree`,
-the largest divisor of the world size that divides ``H`` (``gcd(P, H)``), so
-that Ulysses splits whole KV heads and never replicates one. The plan fixes
+The degree, with a 1-D mesh (:func:`ulysses_degree_for`, the one rule every caller uses):
+``ulysses_degree=U`` (a divisor of the world size), or ``num_kv_heads=H`` and the default
+:func:`default_ulysses_degree`, the largest divisor of the world size that divides ``H``
+(``gcd(P, H)``), so that Ulysses splits whole KV heads and never replicates one. The plan fixes
 token ownership, which depends on ``U``, before it sees a tensor: that is why
 the head count is a plan option and not read at the first attention. Given
 both, ``ulysses_degree`` wins; attention then refuses K/V with another head
@@ -60,7 +60,18 @@ from .ring import RingSchedule, ring_schedule
 from .ulysses import (HeadLayout, check_head_groups, gathered_order, head_exchange_program, head_grad_bytes,
                       head_parts, head_saved_bytes)
 
-__all__ = ["USPSchedule", "build", "default_ulysses_degree"]
+__all__ = ["USPSchedule", "build", "default_ulysses_degree", "ulysses_degree_for"]
+
+
+def ulysses_degree_for(world_size: int, ulysses_degree: int | None = None, num_kv_heads: int | None = None,
+                       gpus_per_node: int | None = None) -> int:
+    """usp's Ulysses degree on a 1-D group of ``world_size`` ranks: ``ulysses_degree`` when given (a
+    2-D mesh's axis fixes it instead), else :func:`default_ulysses_degree` of the KV heads and the
+    GPUs per node. Planning (:func:`build`), deriving from a context (:func:`derive`) and sizing a
+    model's head split (:func:`head_split`) all ask here, so they agree."""
+    if ulysses_degree is not None:
+        return ulysses_degree
+    return default_ulysses_degree(world_size, num_kv_heads, gpus_per_node)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -153,18 +164,18 @@ def _flat_phase(phases, flat: np.ndarray) -> Phase:
 
 
 def _degree(p: int, ulysses_degree, num_kv_heads) -> int:
-    """U for a 1-D group of ``p`` ranks (see module docstring)."""
-    if ulysses_degree is None:
-        if num_kv_heads is None:
-            raise ValueError("scheduler='usp' needs a 2-D DeviceMesh with axes ('ulysses', 'ring'), or a 1-D "
-                             "group/mesh (or a dry world size) plus ulysses_degree=U or num_kv_heads=H (then "
-                             "ulysses_degree defaults to the largest divisor of the world size that divides H)")
-        return default_ulysses_degree(p, num_kv_heads)
-    if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1 \
-            or p % ulysses_degree:
+    """U for a 1-D group of ``p`` ranks (:func:`ulysses_degree_for`), checked: a plan refuses a degree
+    that does not divide ``p``, and a default without the KV heads (a near-square guess could split
+    one)."""
+    if ulysses_degree is None and num_kv_heads is None:
+        raise ValueError("scheduler='usp' needs a 2-D DeviceMesh with axes ('ulysses', 'ring'), or a 1-D "
+                         "group/mesh (or a dry world size) plus ulysses_degree=U or num_kv_heads=H (then "
+                         "ulysses_degree defaults to the largest divisor of the world size that divides H)")
+    if ulysses_degree is not None and (isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int)
+                                       or ulysses_degree < 1 or p % ulysses_degree):
         divisors = [d for d in range(1, p + 1) if p % d == 0]
         raise ValueError(f"ulysses_degree must divide the world size {p}: one of {divisors}, got {ulysses_degree!r}")
-    return ulysses_degree
+    return ulysses_degree_for(p, ulysses_degree, num_kv_heads)
 
 
 def _cut(ranges, lo: int, hi: int):
@@ -236,8 +247,7 @@ def build(doc_lens, mesh, *, causal, window, mask, shards: Shards | None = None,
 def derive(world_size: int, context, options: dict, two_d: bool = False) -> dict:
     """What usp takes from a :class:`~distattn.schedulers.PlanContext`: the KV head count (its plans
     then refuse other K/V heads), ``head_groups``, and -- on a 1-D group, unless given -- its Ulysses
-    degree (the context's, else :func:`~distattn.schedulers.default_ulysses_degree`; a 2-D mesh's axis
-    fixes it)."""
+    degree (:func:`ulysses_degree_for` of the context's; a 2-D mesh's axis fixes it)."""
     if world_size == 1:   # nothing to split
         return {}
     out = {"head_groups": context.head_groups} if context.head_groups > 1 else {}
@@ -245,11 +255,11 @@ def derive(world_size: int, context, options: dict, two_d: bool = False) -> dict
     if kv is not None:
         out["num_kv_heads"] = kv
     if not two_d and options.get("ulysses_degree") is None:
-        out["ulysses_degree"] = context.ulysses_degree or default_ulysses_degree(world_size, kv, context.gpus_per_node)
+        out["ulysses_degree"] = ulysses_degree_for(world_size, context.ulysses_degree, kv, context.gpus_per_node)
     return out
 
 
 def head_split(world_size: int, options: dict) -> int:
     """The Ulysses degree: given (or derived from a context), else the default of the KV heads (without
     them, a near-square mesh: what a context without KV heads plans; ``build`` alone refuses it)."""
-    return options.get("ulysses_degree") or default_ulysses_degree(world_size, options.get("num_kv_heads"))
+    return ulysses_degree_for(world_size, options.get("ulysses_degree"), options.get("num_kv_heads"))

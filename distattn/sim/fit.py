@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import NamedTuple
 
-from ..memory_model import GIB, TILED_MLP_CHUNK, Job, estimate
-from ..schedulers import spec
+from ..memory_model import GIB, TILED_MLP_CHUNK, estimate
+from .job import job_facts
 
 BY_COST = (("none", 0), ("selective", 0), ("full", 0), ("full", TILED_MLP_CHUNK), ("offload", TILED_MLP_CHUNK))
 
@@ -38,13 +38,8 @@ def memory_gib(cfg, entry_name: str, checkpointing: str, mlp_chunk: int, tokens:
     """One GPU's estimated peak (GiB) training micro-batches of ``tokens`` tokens with ``entry_name``'s
     plans on ``cfg``'s mesh (a :class:`~distattn.sim.simulate.SimConfig`): FSDP over the ``dp x cp``
     ranks of each TP rank (bf16, or fp32 for ``elem_bytes`` 4), ``cad`` pooling the replicas."""
-    entry = spec(entry_name)
-    world = cfg.dp * cfg.cp
-    job = Job(cfg.model, tokens, cfg.dp, cfg.cp, entry.name, dtype="bf16" if cfg.elem_bytes == 2 else "fp32",
-              wrapper="fsdp" if world > 1 else "single", activation_checkpointing=checkpointing, mlp_chunk=mlp_chunk,
-              ulysses_degree=cfg.ulysses_degree, pooled=entry.pools and cfg.dp > 1,
-              gpus_per_node=max(1, cfg.gpus_per_node // cfg.tp))
-    est = estimate(job)
+    facts = replace(job_facts(cfg, entry_name), activation_checkpointing=checkpointing, mlp_chunk=mlp_chunk)
+    est = estimate(facts.job(tokens))
     return ((est.total - est.runtime) / cfg.tp + est.runtime) / GIB
 
 

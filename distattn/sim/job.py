@@ -1,7 +1,8 @@
 """The simulated job: a cluster, a model and a global batch as :mod:`distattn.sim` describes them
-(:class:`SimConfig`), and what follows from it alone -- the planners' view of it (:func:`plan_context`),
-a row's dry schedule (:func:`dry_schedule`), the attention kernel's speed (:func:`attention_kernel`),
-and the network as a CP rank sees it (:class:`Links`, :func:`comm_time`)."""
+(:class:`SimConfig`), and what follows from it alone -- the facts the trainer's config states too
+(:func:`job_facts`), the planners' view of it (:func:`plan_context`), a row's dry schedule
+(:func:`dry_schedule`), the attention kernel's speed (:func:`attention_kernel`), and the network as a
+CP rank sees it (:class:`Links`, :func:`comm_time`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..api import plan as make_plan
+from ..memory_model import JobFacts
 from ..model_shape import GPU, ModelShape
 from ..packing import DEFAULT_CAP_FACTOR
 from ..pingpong import nano_batches as nano_batches_of
@@ -139,15 +141,24 @@ def dry_schedule(name: str, docs, world: int, context: PlanContext | None = None
                      comm_dtype=comm_dtype, context=context, **options).schedule
 
 
+def job_facts(cfg: SimConfig, scheduler: str | None = None) -> JobFacts:
+    """The simulated job in the facts the trainer's config states too (``RunConfig.job_facts``), with
+    ``scheduler``'s plans (None: not chosen): FSDP over the ``dp x cp`` ranks of each TP rank (one rank:
+    no wrapper), a scheduler that pools pooling every replica, bf16 (fp32 for ``elem_bytes`` 4), the GPU's
+    peak; no head groups."""
+    pools = scheduler is not None and spec(scheduler).pools
+    return JobFacts(cfg.model, cfg.dp, cfg.cp, scheduler, dtype="bf16" if cfg.elem_bytes == 2 else "fp32",
+                    ulysses_degree=cfg.ulysses_degree, gpus_per_node=cfg.gpus_per_node, tp=cfg.tp,
+                    peak_tflops=cfg.gpu.peak_tflops, wrapper="fsdp" if cfg.ranks > 1 else "single",
+                    pooled=pools and cfg.dp > 1)
+
+
 def plan_context(cfg: SimConfig, network=None) -> PlanContext:
-    """The simulated job as the planners see it (the trainer describes its job alike): a CP rank is a
-    TP group, holding ``1/tp`` of the heads, ``gpus_per_node / tp`` of them to a node; CAD prices
-    attention at the simulated kernel's speed on long segments (:func:`~.kernel.planner_efficiency`)."""
-    shape = attn_shape(cfg)
-    return PlanContext(shape.num_heads, shape.num_kv_heads, head_dim=shape.head_dim, dtype_bytes=cfg.elem_bytes,
-                       gpus_per_node=cfg.gpus_per_node // cfg.tp, ulysses_degree=cfg.ulysses_degree,
-                       peak_tflops=cfg.gpu.peak_tflops,
-                       attn_efficiency=planner_efficiency(attention_kernel(cfg), cfg.gpu), network=network)
+    """The simulated job as the planners see it (:meth:`JobFacts.plan_context
+    <distattn.memory_model.JobFacts.plan_context>`, the trainer's translation too): a CP rank is a TP group,
+    holding ``1/tp`` of the heads, ``gpus_per_node / tp`` of them to a node; CAD prices attention at the
+    simulated kernel's speed on long segments (:func:`~.kernel.planner_efficiency`)."""
+    return job_facts(cfg).plan_context(planner_efficiency(attention_kernel(cfg), cfg.gpu), network)
 
 
 def nano_docs(docs, nano_batches: int, model: ModelShape) -> list[list[int]]:
@@ -199,4 +210,4 @@ def links_of(network, cfg: SimConfig) -> Links:
 
 
 __all__ = ["SimConfig", "PLANNING", "with_planning", "default_cp", "nccl_size", "comm_time", "dry_schedule",
-           "plan_context", "nano_docs", "attention_kernel", "attn_shape", "Links", "links_of"]
+           "job_facts", "plan_context", "nano_docs", "attention_kernel", "attn_shape", "Links", "links_of"]

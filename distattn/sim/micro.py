@@ -101,7 +101,7 @@ def micro_batch(cfg: SimConfig, name: str, replicas: list, kernel: AttentionKern
     the forward attention FLOPs of all replicas (MFU's), its Ulysses degree and its planning seconds."""
     row, m = row_of(name), cfg.model
     entry = spec(row.entry)
-    nano = 1 if row.bound else (cfg.nano_batches or entry.nano_batches)
+    nano = 1 if row.bound else entry.nano_batches_for(cfg.nano_batches)
     # a replica without documents this micro-batch still runs the collectives: one token stands in
     replicas = [docs or [1] for docs in replicas]
     cut = [nano_docs(rep, nano, m) for rep in replicas]

@@ -10,7 +10,7 @@ Why that is safe and exact:
 * No collective runs on the thread. The global batch is a pure function of the packer's state and
   every rank sees every replica's document lengths (:attr:`.global_batch.MicroBatch.replicas`), so
   the nano-batch cut every replica must agree on is computed here (:func:`replica_nano_batches`,
-  what :func:`.trainer.agreed_nano_batches`' MIN all-reduce agrees on), and a pooled ``cad`` plan is
+  what :func:`agreed_nano_batches`' MIN all-reduce agrees on), and a pooled ``cad`` plan is
   given every CP group's documents (``distattn.plan(..., pool=group, pool_doc_lens=...)``) instead
   of exchanging them. Plans are then the same as inline ones, made in the same order.
 * The data cursor: :class:`StepPlans` carries the packer's state right after its batch was taken
@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..pingpong import nano_batches
+from ..pingpong import all_ranks, nano_batches
 from ..plan_cache import PlanCache
 from ..plans import Plan
 from .config import RunConfig
@@ -70,9 +70,23 @@ def replica_nano_batches(replicas, count: int, weight: float) -> list[Parts]:
     """Every replica's nano-batches (:func:`distattn.pingpong.nano_batches`), by DP rank: ``count`` each
     if every replica's micro-batch has two documents or more, else one each -- the replicas must
     cut alike (a pooled plan spans them; FSDP2 gathers a block's parameters once per piece), which
-    :func:`.trainer.agreed_nano_batches` agrees on with an all-reduce and this knows locally."""
+    :func:`agreed_nano_batches` agrees on with an all-reduce and this knows locally."""
     can = count > 1 and all(len(lens) > 1 for lens in replicas)
     return [nano_batches(list(lens), count if can else 1, weight) for lens in replicas]
+
+
+def agreed_nano_batches(doc_lens, count: int, weight: float, agree: bool, device) -> list[tuple[list[int], int, int]]:
+    """The micro-batch's nano-batches, ``(doc_lens, start, end)`` each (:func:`distattn.pingpong.nano_batches`,
+    balancing tokens and ``weight`` per attention pair). A micro-batch of one document is one
+    nano-batch; with ``agree`` (several replicas, whose documents differ) every rank takes one
+    unless all can be cut (:func:`distattn.pingpong.all_ranks`). The trainer itself cuts with
+    :func:`replica_nano_batches`, which knows every replica's documents: the same cut, no
+    collective."""
+    lens = list(doc_lens)
+    can = count > 1 and len(lens) > 1
+    if count > 1 and agree:
+        can = all_ranks(can, None, device)
+    return nano_batches(lens, count if can else 1, weight)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""How a run's ranks start and stop: the process group they join (:func:`join_group`) and the
-signal that stops them at a step boundary (:class:`StopSignal`)."""
+"""How a run's ranks start and stop: the process group they join (:func:`join_group`), the model
+wrapped for data parallelism over them (:func:`wrap_model`) and the signal that stops them at a step
+boundary (:class:`StopSignal`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .config import RunConfig
+from .model.transformer import Block
 
 
 class StopSignal:
@@ -68,3 +70,30 @@ def join_group(cfg: RunConfig) -> bool:
     dist.init_process_group(process_group_backend(cfg, torch.cuda.is_available()),
                             timeout=timedelta(seconds=cfg.parallel.timeout_s), **alone)
     return True
+
+
+def wrap_model(model, cfg: RunConfig, mesh):
+    """FSDP2 (bf16: ``MixedPrecisionPolicy``, bf16 compute copies of fp32 shards, fp32 gradient
+    reduction; ``cpu_offload``: ``CPUOffloadPolicy``), DDP (bf16: the step autocasts; see
+    :func:`_autocast`) or the bare model on one rank."""
+    if cfg.wrapper == "single":
+        return model
+    if cfg.wrapper == "fsdp":
+        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                            register_fsdp_forward_method)
+
+        flat = mesh._flatten("dp_cp")
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if cfg.train.dtype == "bf16" else MixedPrecisionPolicy()
+        # pinned host memory needs CUDA; on CPU ranks the shards stay where they are (the same path runs)
+        offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.parallel.cpu_offload \
+            else OffloadPolicy()
+        for layer in model.layers:
+            fully_shard(layer, mesh=flat, mp_policy=mp, offload_policy=offload)
+            # nano-batches call a block's pieces apart (Transformer.forward): each gathers its parameters
+            for method in Block.FORWARD_METHODS:
+                register_fsdp_forward_method(layer, method)
+        return fully_shard(model, mesh=flat, mp_policy=mp, offload_policy=offload)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)

@@ -20,7 +20,7 @@ batch is cut alike everywhere), and shard/unshard stay inside each replica's CP 
 ``flops_imbalance`` in the metrics is over the ranks the plan balanced (the pool, or rank 0's CP
 group); ``flops_imbalance_all`` is over all dp x cp ranks either way.
 
-Each micro-batch runs as ``parallel.nano_batches`` nano-batches of whole documents (:func:`agreed_nano_batches`;
+Each micro-batch runs as ``parallel.nano_batches`` nano-batches of whole documents (:func:`.plan_ahead.agreed_nano_batches`;
 ``cad``'s default is two), one plan each, ping-ponged through the model's blocks
 (:mod:`distattn.pingpong`): the loss and gradients are those of one. A step's batch, nano-batches and
 plans are made while the step before runs (``parallel.plan_ahead``, default on; :mod:`.plan_ahead`:
@@ -69,8 +69,6 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from ..labels import next_token_labels
-from ..pingpong import all_ranks, nano_batches
 from ..plan_cache import PlanCache
 from ..schedule import imbalance
 from ..spawn import Terminated
@@ -81,9 +79,10 @@ from .data.packer import Packer
 from .data.sources import make_corpus
 from .data.global_batch import GlobalBatches, MicroBatch
 from .metrics import RunLog, device_peak_flops, peak_memory_bytes
+from .model.batch import LocalBatch
 from .model.transformer import Transformer
 from .plan_ahead import PlanAhead, StepPlanner, plan_options
-from .ranks import StopSignal, join_group
+from .ranks import StopSignal, join_group, wrap_model
 from .checkpoint.resume import resume_config, resume_from, run_info, schedule_steps
 
 _log = logging.getLogger(__name__)   # (a Trainer's RunLog is its `logger`)
@@ -97,33 +96,6 @@ def lr_at(cfg: RunConfig, step: int) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, schedule_steps(cfg) - t.warmup_steps)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _wrap(model, cfg: RunConfig, mesh):
-    """FSDP2 (bf16: ``MixedPrecisionPolicy``, bf16 compute copies of fp32 shards, fp32 gradient
-    reduction; ``cpu_offload``: ``CPUOffloadPolicy``), DDP (bf16: the step autocasts; see
-    :func:`_autocast`) or the bare model on one rank."""
-    if cfg.wrapper == "single":
-        return model
-    if cfg.wrapper == "fsdp":
-        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
-                                            register_fsdp_forward_method)
-
-        flat = mesh._flatten("dp_cp")
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if cfg.train.dtype == "bf16" else MixedPrecisionPolicy()
-        # pinned host memory needs CUDA; on CPU ranks the shards stay where they are (the same path runs)
-        offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.parallel.cpu_offload \
-            else OffloadPolicy()
-        for layer in model.layers:
-            fully_shard(layer, mesh=flat, mp_policy=mp, offload_policy=offload)
-            # nano-batches call a block's pieces apart (Transformer.forward): each gathers its parameters
-            for method in ("pre", "post"):
-                register_fsdp_forward_method(layer, method)
-        return fully_shard(model, mesh=flat, mp_policy=mp, offload_policy=offload)
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model)
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
@@ -223,7 +195,7 @@ class Trainer:
         model = Transformer(cfg.model).to("cpu" if p.cpu_offload else device)
         if t.compile:
             model.compile_blocks()
-        self.model = _wrap(model, cfg, mesh)
+        self.model = wrap_model(model, cfg, mesh)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=(0.9, 0.95),
                                            weight_decay=t.weight_decay)
         # pooled cad spreads attention over every rank itself: the packer evens out tokens alone
@@ -285,12 +257,11 @@ class Trainer:
         # a cached plan's wait clock runs over its life: this step's wait is what the step adds to each
         # plan (counted once where two nano-batches share one)
         waited = {id(plan): (plan, plan.comm_wait_seconds()) for plan in plans}
-        local_tokens, pos, local_labels = local_batch(tokens, doc_lens, plans, parts)
+        local = LocalBatch.shard(tokens, doc_lens, parts, plans)
         with _autocast(cfg, self.device):
-            loss_sum = self.model(local_tokens, pos, plans if len(plans) > 1 else plans[0], local_labels,
-                                  **self.forward)
+            loss_sum = self.model(local, **self.forward)
         # the labelled tokens and the loss of the whole global batch, in one all-reduce
-        sums = torch.stack([(local_labels != -100).sum().to(torch.float64), loss_sum.detach().to(torch.float64)])
+        sums = torch.stack([local.labelled().to(torch.float64), loss_sum.detach().to(torch.float64)])
         dist.all_reduce(sums)
         count = sums[0]
         (loss_sum / count * cfg.world_size).backward()
@@ -422,29 +393,6 @@ def train(cfg: RunConfig, resume: bool | Path = False, stop: StopSignal | None =
 
 class NonFinite(RuntimeError):
     """A step's loss or gradient norm was not finite and ``train.on_nonfinite`` is ``stop``."""
-
-
-def agreed_nano_batches(doc_lens, count: int, weight: float, agree: bool, device) -> list[tuple[list[int], int, int]]:
-    """The micro-batch's nano-batches, ``(doc_lens, start, end)`` each (:func:`distattn.pingpong.nano_batches`,
-    balancing tokens and ``weight`` per attention pair). A micro-batch of one document is one
-    nano-batch; with ``agree`` (several replicas, whose documents differ) every rank takes one
-    unless all can be cut (:func:`distattn.pingpong.all_ranks`). The trainer itself cuts with
-    :func:`.plan_ahead.replica_nano_batches`, which knows every replica's documents: the same cut, no
-    collective."""
-    lens = list(doc_lens)
-    can = count > 1 and len(lens) > 1
-    if count > 1 and agree:
-        can = all_ranks(can, None, device)
-    return nano_batches(lens, count if can else 1, weight)
-
-
-def local_batch(tokens: torch.Tensor, doc_lens, plans, parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's ``(tokens, positions, labels)`` of a micro-batch (``tokens [S]`` of documents
-    ``doc_lens``) cut into nano-batches ``parts`` (:func:`nano_batches`) with one plan each: every
-    nano-batch's shard, one after the other (the model splits them again)."""
-    labels = next_token_labels(tokens, doc_lens)
-    local = [torch.cat([plan.shard(x[a:b]) for plan, (_, a, b) in zip(plans, parts)]) for x in (tokens, labels)]
-    return local[0], torch.cat([plan.position_ids(tokens.device) for plan in plans]), local[1]
 
 
 def _nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ...memory_model import CHECKPOINTING
+from ...memory_model import CHECKPOINTING, JobFacts
 from ...model_shape import ModelShape
 from ...schedulers import PlanContext
 
@@ -65,7 +65,7 @@ class DataConfig:
     # Hugging Face tokenizer on disk); unset: the 'input_ids' column if there is one, else bytes
     tokenizer: str | None = None
     # source "blend": a list of {path, weight, source, tokenizer} (BlendSource), each document drawn
-    # from the source whose token share lags its weight most (distattn/train/data.py)
+    # from the source whose token share lags its weight most (distattn/train/data/packer.py)
     blend: tuple[BlendSource, ...] | None = None
     seq_len: int = 8192            # tokens per packed sequence (one per data-parallel rank and step)
     seed: int = 0
@@ -132,10 +132,10 @@ class ParallelConfig:
 
     @property
     def nano_batch_count(self) -> int:
-        """``nano_batches``, or the scheduler's default."""
+        """``nano_batches``, or the scheduler's default (its registry entry's rule)."""
         from ...schedulers import spec
 
-        return self.nano_batches if self.nano_batches is not None else spec(self.fixed_scheduler).nano_batches
+        return spec(self.fixed_scheduler).nano_batches_for(self.nano_batches, key="parallel.nano_batches")
 
     @property
     def pools_replicas(self) -> bool:
@@ -232,13 +232,22 @@ class RunConfig:
             return "fsdp"
         return "single" if self.world_size == 1 else self.parallel.dp_mode
 
+    def job_facts(self, peak_tflops: float | None = None) -> JobFacts:
+        """The job in the facts the simulator states too (:class:`~distattn.memory_model.JobFacts`), from
+        which its plan context and its memory estimate's job follow; ``peak_tflops``: the GPU's (None: an
+        H100's). No ``gpus_per_node``: the config does not say, and usp's default degree stays uncapped
+        by a node, as the trainer has always planned it."""
+        m, p, t = self.model, self.parallel, self.train
+        return JobFacts(m.shape, p.dp, p.fixed_cp, p.fixed_scheduler, dtype=t.dtype, ulysses_degree=p.ulysses_degree,
+                        head_groups=p.head_groups, peak_tflops=peak_tflops, wrapper=self.wrapper,
+                        cpu_offload=p.cpu_offload, pooled=p.pools_replicas,
+                        activation_checkpointing=t.activation_checkpointing, loss_chunk=t.loss_chunk,
+                        mlp_chunk=t.mlp_chunk)
+
     def plan_context(self, peak_tflops: float | None = None) -> PlanContext:
         """The job as the planners see it: each scheduler derives its options from it
         (:class:`~distattn.schedulers.PlanContext`); ``peak_tflops``: the GPU's (None: an H100's)."""
-        m, p = self.model, self.parallel
-        return PlanContext(m.n_heads, m.n_kv_heads, head_groups=p.head_groups, head_dim=m.dim // m.n_heads,
-                           dtype_bytes=2 if self.train.dtype == "bf16" else 4, ulysses_degree=p.ulysses_degree,
-                           peak_tflops=peak_tflops)
+        return self.job_facts(peak_tflops).plan_context()
 
     def replace(self, **sections) -> "RunConfig":
         """Copy with fields of sections changed: ``cfg.replace(train={"steps": 5})``."""

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import typing
 
+from ...schedulers import LOCAL, NAMES, spec
 from .sections import AUTO, CHECKPOINTING, DTYPES, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainSection
 
 # upper bounds of floats, past which a value is a typo rather than a setting: (key, most, why)
@@ -33,6 +34,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_parallel(cfg.parallel, cfg.model)
     _check_auto(cfg)
     _check_train(cfg.train)
+    _check_head_groups(cfg)
     return cfg
 
 
@@ -220,8 +222,6 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> None:
     if p.cpu_offload and p.dp_mode != "fsdp":
         raise ValueError("parallel.cpu_offload keeps FSDP2's parameter, gradient and optimizer shards in host "
                          f"memory: it needs parallel.dp_mode: fsdp (got {p.dp_mode!r})")
-    from ...schedulers import LOCAL, NAMES, PlanContext, spec
-
     choices = (*NAMES, LOCAL.name, AUTO)
     if p.scheduler not in choices:
         raise ValueError(f"parallel.scheduler {p.scheduler!r} is unknown; choose one of {', '.join(choices)}")
@@ -229,15 +229,18 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> None:
                                          or p.ulysses_degree > m.n_heads):
         raise ValueError(f"parallel.ulysses_degree ({p.ulysses_degree}) must divide parallel.cp ({p.fixed_cp}) and "
                          f"be at most model.n_heads ({m.n_heads}); leave it unset for the default")
-    if p.nano_batches not in (None, 1, 2):
-        raise ValueError(f"parallel.nano_batches must be 1 or 2 (nano-batches per micro-batch, ping-ponged through "
-                         f"the blocks), got {p.nano_batches!r}; leave it unset for the scheduler's default")
+    spec(p.fixed_scheduler).nano_batches_for(p.nano_batches, key="parallel.nano_batches")
     if isinstance(p.head_groups, bool) or not isinstance(p.head_groups, int) or p.head_groups < 1:
         raise ValueError(f"parallel.head_groups must be a positive int, got {p.head_groups!r}")
+
+
+def _check_head_groups(cfg: RunConfig) -> None:
+    """``parallel.head_groups`` against the query heads a Ulysses rank computes, under the job's own plan
+    context (so last: every value it reads is checked)."""
+    p, m = cfg.parallel, cfg.model
     entry = spec(p.fixed_scheduler) if p.fixed_scheduler in NAMES else None
     if entry is not None and "head_groups" in entry.option_names() and p.fixed_cp > 1:
-        context = PlanContext(m.n_heads, m.n_kv_heads, ulysses_degree=p.ulysses_degree)
-        fewest = m.n_heads // entry.head_split(p.fixed_cp, context)
+        fewest = m.n_heads // entry.head_split(p.fixed_cp, cfg.plan_context())
         if p.head_groups > fewest:
             raise ValueError(f"parallel.head_groups ({p.head_groups}) must be at most the query heads a Ulysses rank "
                              f"computes ({fewest} of model.n_heads {m.n_heads}): use head_groups <= {fewest}")

@@ -26,8 +26,8 @@ Activation checkpointing (``checkpointing=``, per block, non-reentrant
   here attention already saves only O(tokens) and is the one part of the block
   that communicates, so it is the part worth keeping.
 
-Nano-batches (``parallel.nano_batches``; :meth:`Transformer.forward` given a list of plans): the
-local tokens of each nano-batch, one after the other, run through the blocks' pieces -- ``Block.pre``
+Nano-batches (``parallel.nano_batches``; :meth:`Transformer.forward` given a :class:`.batch.LocalBatch`
+of several): the local tokens of each nano-batch run through the blocks' pieces -- ``Block.pre``
 (norm, QKV projection, RoPE), the attention stages, ``Block.post`` (output projection, MLP) -- in
 :func:`distattn.program.layer_order` (:func:`distattn.pingpong.run_layers`), so that one nano-batch's
 attention transfers hide behind the other's compute. ``selective`` checkpoints each piece; ``full`` and
@@ -53,6 +53,7 @@ from ...memory_model import NORM_CHUNK
 from ...pingpong import run_layers
 from ...program import layer_order
 from ..config import ModelConfig
+from .batch import LocalBatch
 from .loss import chunked_cross_entropy
 from .offload import Offload
 from .tiled import swiglu
@@ -125,6 +126,10 @@ class Compiled:
 
 
 class Block(nn.Module):
+    # what nano-batches call apart from ``forward``: under FSDP2 each must gather the parameters itself
+    # (``register_fsdp_forward_method``)
+    FORWARD_METHODS = ("pre", "post", "interleaved")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -175,17 +180,7 @@ class Block(nn.Module):
         return self.out_and_mlp(x, self.attend(*self.qkv(x, pos), plan), mlp_chunk)
 
     def forward(self, x, pos, plan, checkpointing: str = "none", mlp_chunk: int = 0, offload: Offload | None = None):
-        """The block on ``x [S_local, dim]``; or, given a list of plans, on nano-batches (lists ``x``,
-        ``pos``), ping-ponged inside the block (how ``full``/``offload`` run nano-batches:
-        :meth:`Transformer.forward`)."""
-        if isinstance(plan, (list, tuple)):
-            assert checkpointing in ("full", "offload"), checkpointing
-            pieces = Pieces(self, pos, "none", mlp_chunk, direct=True)
-
-            def layer(*xs):   # both nano-batches through this block, ping-ponged inside it
-                return run_layers([pieces], xs, plan, layer_order(1, len(xs), across_layers=False))
-            with (offload or Offload(x[0].device)).hooks() if checkpointing == "offload" else nullcontext():
-                return checkpoint(layer, *x, use_reentrant=False)
+        """The block on ``x [S_local, dim]`` at positions ``pos [S_local]``, attention planned by ``plan``."""
         plain = self._run("plain")
         if checkpointing == "offload":
             # the checkpoint saves its inputs under these hooks (its own hooks cover the block's inside)
@@ -196,6 +191,19 @@ class Block(nn.Module):
         if checkpointing == "selective":
             return self._post(x, self.attend(*self._pre(x, pos, checkpointing), plan), checkpointing, mlp_chunk)
         return plain(x, pos, plan, mlp_chunk)
+
+    def interleaved(self, xs, poss, plans, checkpointing: str, mlp_chunk: int = 0,
+                    offload: Offload | None = None) -> list:
+        """Nano-batches (``xs``, ``poss``, ``plans``: one each) through this block, ping-ponged inside it,
+        rerun whole in backward: how ``full``/``offload`` run nano-batches (:meth:`Transformer.forward`;
+        under FSDP2 a forward method of its own, which gathers the parameters)."""
+        assert checkpointing in ("full", "offload"), checkpointing
+        pieces = Pieces(self, poss, "none", mlp_chunk, direct=True)
+
+        def layer(*xs):
+            return run_layers([pieces], xs, plans, layer_order(1, len(xs), across_layers=False))
+        with (offload or Offload(xs[0].device)).hooks() if checkpointing == "offload" else nullcontext():
+            return checkpoint(layer, *xs, use_reentrant=False)
 
     def _pre(self, x, pos, checkpointing: str):
         """``qkv`` (``selective``: recomputed in backward)."""
@@ -264,44 +272,42 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.compile_parts()
 
-    def _nano_batches(self, x, pos, plans, checkpointing: str, mlp_chunk: int, offload) -> torch.Tensor:
-        """The blocks on nano-batches (``plans``; ``x``/``pos`` their local tokens, concatenated in
-        order): interleaved across the blocks (:func:`distattn.pingpong.run_layers`), or, where a
-        block is rerun whole in backward (``full``, ``offload``), a block at a time, the nano-batches
+    def _nano_batches(self, xs, batch, checkpointing: str, mlp_chunk: int, offload) -> list:
+        """The blocks on nano-batches (``xs``: their residual streams, ``batch``'s plans and positions):
+        interleaved across the blocks (:func:`distattn.pingpong.run_layers`), or, where a block is
+        rerun whole in backward (``full``, ``offload``), a block at a time, the nano-batches
         interleaved inside it."""
-        sizes = [p.num_local_tokens for p in plans]
-        xs, poss = list(x.split(sizes)), list(pos.split(sizes))
         if checkpointing in ("full", "offload"):
             for layer in self.layers:
-                xs = layer(xs, poss, plans, checkpointing, mlp_chunk, offload)
-        else:
-            xs = run_layers([Pieces(layer, poss, checkpointing, mlp_chunk) for layer in self.layers], xs, plans)
-        return torch.cat(list(xs))
+                xs = layer.interleaved(xs, batch.pos, batch.plans, checkpointing, mlp_chunk, offload)
+            return list(xs)
+        return run_layers([Pieces(layer, batch.pos, checkpointing, mlp_chunk) for layer in self.layers], xs,
+                          batch.plans)
 
     @property
     def output_weight(self) -> torch.Tensor:
         """``[vocab, dim]``: the tied embedding or the untied head."""
         return self.embed.weight if self.head is None else self.head.weight
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, plan, labels: torch.Tensor | None = None, *,
-                checkpointing: str = "none", loss_chunk: int = 2048, mlp_chunk: int = 0,
+    def forward(self, batch: LocalBatch, *, checkpointing: str = "none", loss_chunk: int = 2048, mlp_chunk: int = 0,
                 compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``tokens``, ``pos``: ``[S_local]`` -> logits ``[S_local, vocab]``; with ``labels [S_local]``
-        (-100: no label) the summed cross-entropy instead (an fp32 scalar), computed ``loss_chunk``
-        tokens at a time so the full logits never exist (``compute_dtype``: the projection's dtype).
-        ``mlp_chunk`` > 0: each MLP runs that many tokens at a time (:mod:`.tiled`). ``plan``: one
-        plan, or one per nano-batch, whose local tokens ``tokens`` holds one after the other
+        """This rank's ``batch`` (:class:`.batch.LocalBatch`: one or more nano-batches) -> logits
+        ``[S_local, vocab]`` (the nano-batches' tokens one after the other); with ``batch.labels`` the
+        summed cross-entropy instead (an fp32 scalar), computed ``loss_chunk`` tokens at a time so the
+        full logits never exist (``compute_dtype``: the projection's dtype). ``mlp_chunk`` > 0: each
+        MLP runs that many tokens at a time (:mod:`.tiled`). Several nano-batches run interleaved
         (module docstring)."""
-        x = self.embed(tokens)
-        offload = Offload(x.device) if checkpointing == "offload" else None   # one prefetch chain per forward
-        if isinstance(plan, (list, tuple)):
-            x = self._nano_batches(x, pos, plan, checkpointing, mlp_chunk, offload)
+        offload = Offload(batch.tokens[0].device) if checkpointing == "offload" else None   # one prefetch chain
+        xs = [self.embed(tokens) for tokens in batch.tokens]
+        if len(batch) > 1:
+            xs = self._nano_batches(xs, batch, checkpointing, mlp_chunk, offload)
         else:
             for layer in self.layers:
-                x = layer(x, pos, plan, checkpointing, mlp_chunk, offload)
-        x = self.norm(x)
-        if labels is None:
+                xs = [layer(xs[0], batch.pos[0], batch.plans[0], checkpointing, mlp_chunk, offload)]
+        x = self.norm(torch.cat(xs) if len(xs) > 1 else xs[0])
+        if batch.labels is None:
             return x @ self.output_weight.t()
+        labels = torch.cat(batch.labels) if len(batch) > 1 else batch.labels[0]
         with torch.autocast(x.device.type, enabled=False):  # the loss casts explicitly (compute_dtype)
             return chunked_cross_entropy(x, self.output_weight, labels, chunk=loss_chunk,
                                          compute_dtype=compute_dtype)

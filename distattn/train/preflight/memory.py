@@ -1,7 +1,9 @@
 """The trainer's side of the memory estimate: :func:`job` makes the shared estimator's
-:class:`~distattn.memory_model.Job` from a run config (:mod:`distattn.memory_model`: the one memory model,
-which ``distattn simulate``'s memory column calls too, with its components and what they count), and
-:func:`report` is what ``distattn train CONFIG --dry-run`` prints of it.
+:class:`~distattn.memory_model.Job` from a run config, through the translation the simulator's goes
+through too (``RunConfig.job_facts``, then :meth:`~distattn.memory_model.JobFacts.job`);
+:mod:`distattn.memory_model` is the one memory model, which ``distattn simulate``'s memory column calls
+too, with its components and what they count. :func:`report` is what ``distattn train CONFIG --dry-run``
+prints of it.
 """
 
 from __future__ import annotations
@@ -20,12 +22,7 @@ def job(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> Job:
     """The job ``cfg`` trains on ``device`` (``"cuda"`` or ``"cpu"``), one sequence packed as ``doc_lens``
     (of ``data.seq_len`` tokens; default: one document of the longest sequence a rank may get,
     :attr:`~.sections.RunConfig.rank_tokens`: ``data.token_cap``'s under balanced packing)."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    return Job(m.shape, cfg.rank_tokens if doc_lens is None else cfg.data.seq_len, p.dp, p.fixed_cp, p.fixed_scheduler, dtype=t.dtype, wrapper=cfg.wrapper,
-               cpu_offload=p.cpu_offload, activation_checkpointing=t.activation_checkpointing,
-               loss_chunk=t.loss_chunk, mlp_chunk=t.mlp_chunk, ulysses_degree=p.ulysses_degree,
-               head_groups=p.head_groups, pooled=p.pools_replicas,
-               doc_lens=None if doc_lens is None else tuple(int(n) for n in doc_lens), device=device)
+    return cfg.job_facts().job(cfg.rank_tokens if doc_lens is None else cfg.data.seq_len, doc_lens, device)
 
 
 def estimate(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> Estimate:

@@ -1,4 +1,4 @@
-"""CAD placement's books (:mod:`.cad_placement`): what a moved row costs, and per rank its load and the
+"""CAD placement's books (:mod:`.placement`): what a moved row costs, and per rank its load and the
 bytes it sends and receives.
 
 * :class:`LinkCost`: seconds per byte inside a node and across nodes (from
@@ -6,7 +6,7 @@ bytes it sends and receives.
   key row over forward and backward.
 * :class:`Ledger`: the loads, the weighted bytes and network seconds in and out per rank, and the
   keys each rank and each node already receive per document. It prices a move's new key rows and
-  network seconds as :mod:`.cad_cast` will move them, and books a move once it is made.
+  network seconds as :mod:`.cast` will move them, and books a move once it is made.
 
 Egress is charged to the ranks that send the rows (K/V owners, or the slots forwarding a share,
 not the rank giving the task away), ingress to the destination and, for rows crossing nodes, to
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cost import BWD_FLOPS_FACTOR
-from ..layout import Shards
-from ..network import NetworkProfile, default_profile
-from ..wire import Wire
-from .cad_cast import Nodes, tree_fanout
-from .cad_planner import TaskTable, _ranges
+from ...cost import BWD_FLOPS_FACTOR
+from ...layout import Shards
+from ...network import NetworkProfile, default_profile
+from ...wire import Wire
+from .cast import Nodes, tree_fanout
+from .planner import TaskTable, _ranges
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Ledger:
                  overlap_s: float | None, nodes: Nodes):
         p = slots.world_size
         self.table, self.slots, self.links, self.rows, self.nodes = table, slots, links, rows, nodes
-        self.fanout = tree_fanout(nodes.count)   # the K/V trees' (.cad_cast): moves priced as they run
+        self.fanout = tree_fanout(nodes.count)   # the K/V trees' (.cast): moves priced as they run
         self.load = table.load(p)
         self.mean = float(self.load.mean())
         self.node = nodes.dense
@@ -144,7 +144,7 @@ class Ledger:
     def tree_sender(self, d: int, owner: int, node: int | None = None) -> int:
         """Who sends ``node`` (default: the next node to receive them) its copy of document ``d``'s
         keys: the owner for the first ``fanout`` nodes, then the relay of the node's parent in a
-        ``fanout``-ary tree of the nodes in the order they joined (:mod:`.cad_cast`)."""
+        ``fanout``-ary tree of the nodes in the order they joined (:mod:`.cast`)."""
         nodes = list(self.node_held.get(d, {}))
         at = nodes.index(node) if node in nodes else len(nodes)
         parent = at // self.fanout

@@ -8,7 +8,7 @@ Token space: the packed sequences of every CP group of the pool, concatenated
 keys they see are another), so every query row's attention is computed on one rank.
 A *task* is a query range of one group with the keys its slices let it see, computed on one
 rank. :class:`TaskTable` holds them and the edits placement
-(:mod:`distattn.schedulers.cad_placement`) makes to them.
+(:mod:`distattn.schedulers.cad.placement`) makes to them.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..layout import Shards
-from ..masks import SliceMask
-from .blocks import rect_area
+from ...layout import Shards
+from ...masks import SliceMask
+from ..blocks import rect_area
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """CAD's export between nodes: which rows each over-loaded node sheds, which nodes take them, and
-the moves (the first pass of :mod:`.cad_placement` on several nodes).
+the moves (the first pass of :mod:`.placement` on several nodes).
 
 A node holding more than its share of attention must have some of its query rows computed on
 other nodes. Every row that leaves moves ``b_q`` bytes (its queries out, its results back) and
 needs its document's key prefix; each key row of the node that any of them needs leaves at least
 once (``b_k``). The fewest bytes that shed a node's excess are a knapsack with a fixed cost -- a
-document's key prefix -- per document, which :mod:`.cad_bound` bounds from below; the pass
+document's key prefix -- per document, which :mod:`.bound` bounds from below; the pass
 follows that bound's own solution, so that the busiest node sends little above it:
 
 1. *Tails where the keys are.* A node holding the head of a document whose few last rows lie on
@@ -13,7 +13,7 @@ follows that bound's own solution, so that the busiest node sends little above i
    costs their queries (:func:`_pull_tails`).
 2. *Which rows.* Each node holding more than ``1 + KEEP * epsilon`` times the mean pairs per rank
    sheds the rest (pairs, what the bound counts) as the tails of a few documents
-   (:func:`~.cad_bound.export_rows`: the open documents the bound's dual picks, and the rows of
+   (:func:`~.bound.export_rows`: the open documents the bound's dual picks, and the rows of
    most work per byte in them). Moved one rank-sized piece at a time by the busiest rank, a node
    exported up to 1.8x the rows its excess needed; picked by work per query row alone, from as
    many documents as had long tails, each with its key prefix.
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cad_bound import after_pairs, causal_runs, export_price, export_rows, run_pairs
+from .bound import after_pairs, causal_runs, export_price, export_rows, run_pairs
 
 KEEP = 0.9     # an exporting node keeps up to KEEP * epsilon above the mean (the rest absorbs in-node cuts)
 FILL = 0.95    # ... and a receiving rank takes up to FILL * epsilon above it
@@ -47,7 +47,7 @@ FILL = 0.95    # ... and a receiving rank takes up to FILL * epsilon above it
 
 def export_between_nodes(table, ledger, epsilon: float) -> None:
     """The export pass (module docstring) over ``table``'s tasks, booked on ``ledger``
-    (:class:`~.cad_ledger.Ledger`). Only plain causal documents are exported here (the passes
+    (:class:`~.ledger.Ledger`). Only plain causal documents are exported here (the passes
     after place the rest)."""
     t, load, mean, rows = table, ledger.load, ledger.mean, ledger.rows
     count, level = ledger.nodes.count, mean * (1 + FILL * epsilon)
@@ -123,7 +123,7 @@ def _pull_tails(table, ledger, node, doc, p0, p1, after, excess, level: float) -
     """Runs whose node takes in its document's later rows, held by other nodes: the rows a node
     holds of a document going on elsewhere send their keys there, unless the node computes what
     comes after. Worth it when the later rows' queries, plus the export their work then needs
-    (at the node's price per pair, :func:`~.cad_bound.export_price`), cost under half the keys;
+    (at the node's price per pair, :func:`~.bound.export_price`), cost under half the keys;
     a node with no excess takes them only into its room. Returns the runs that pull."""
     t, load, rows = table, ledger.load, ledger.rows
     g = t.groups

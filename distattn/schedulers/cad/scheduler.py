@@ -18,7 +18,7 @@ table planned once per batch:
    query row, is the cheapest to move).
 2. *Cost.* Each task's time comes from the cost model
    (:mod:`distattn.cost`: a roofline by default, or a measured profile).
-3. *Placement* (:mod:`distattn.schedulers.cad_placement`, the algorithm in its
+3. *Placement* (:mod:`distattn.schedulers.cad.placement`, the algorithm in its
    docstring). While the most loaded rank is more than ``epsilon`` (default
    0.04) above the mean: price every move of one of its tasks to an
    under-loaded rank as network seconds of the bytes it adds (queries, plus
@@ -57,18 +57,18 @@ from functools import cached_property
 
 import numpy as np
 
-from ..network import NetworkProfile, default_profile
-from ..cost import Roofline
-from ..kernels import Varlen
-from ..layout import Shards, covered_before
-from ..masks import MaskSlice, SliceMask, bound_or_none, shift_band
-from ..program import Builder, Program
-from ..schedule import AttnShape, Phase, Schedule
-from .blocks import layers
-from .cad_cast import Legs, Nodes, index_runs, key_legs, merge_intervals, query_legs
-from .cad_ledger import LinkCost, RowBytes
-from .cad_placement import place_tasks
-from .cad_planner import Segments
+from ...network import NetworkProfile, default_profile
+from ...cost import Roofline
+from ...kernels import Varlen
+from ...layout import Shards, covered_before
+from ...masks import MaskSlice, SliceMask, bound_or_none, shift_band
+from ...program import Builder, Program
+from ...schedule import AttnShape, Phase, Schedule
+from ..blocks import layers
+from .cast import Legs, Nodes, index_runs, key_legs, merge_intervals, query_legs
+from .ledger import LinkCost, RowBytes
+from .placement import place_tasks
+from .planner import Segments
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Hop:
 
 @dataclass(frozen=True)
 class Traffic:
-    """Rows moved between slots, per hop (:mod:`distattn.schedulers.cad_cast`): ``hops[0]`` from
+    """Rows moved between slots, per hop (:mod:`distattn.schedulers.cad.cast`): ``hops[0]`` from
     the owners, later hops forwarded by relays. ``owner``/``comp``/``q``/``kv``: hop 1's."""
 
     hops: tuple[Hop, ...]
@@ -207,7 +207,7 @@ class TaskSchedule(Schedule):
     segments: Segments = field(repr=False)
     slots: Shards = field(repr=False)               # the pool's token space: the runs each slot holds
     slot_ranks: tuple[int, ...]                     # pool-group rank of each slot
-    nodes: Nodes = field(repr=False)                # the node of each slot (routes: cad_cast)
+    nodes: Nodes = field(repr=False)                # the node of each slot (routes: cast.py)
     fanout: int | None = None                       # child nodes per node of a K/V tree (None: tree_fanout)
     keeps_local_out = False                         # the worker keeps its tasks' rows (saved_bytes)
 
@@ -242,7 +242,7 @@ class TaskSchedule(Schedule):
 
     @cached_property
     def _legs(self) -> tuple[Legs, Legs]:
-        """Q legs and K/V legs (:mod:`~distattn.schedulers.cad_cast`)."""
+        """Q legs and K/V legs (:mod:`~distattn.schedulers.cad.cast`)."""
         s, slots = self.segments, self.slots
         # the union of each computing slot's query (key) ranges; offsetting slot c by c * (T + 1)
         # keeps the slots' intervals apart, so one merge does every slot at once
@@ -275,7 +275,7 @@ class TaskSchedule(Schedule):
 
     def program(self, shape: AttnShape) -> Program:
         """:class:`~distattn.executors.task_a2a.TaskExecutor`'s stages. Forward: Q and K/V to the
-        workers hop by hop (:mod:`~distattn.schedulers.cad_cast`; every later hop chained to the one
+        workers hop by hop (:mod:`~distattn.schedulers.cad.cast`; every later hop chained to the one
         before when the first starts), attention, out back up the hops (lse stays with the worker);
         backward: dout to the workers (they kept Q, K/V, out and lse), attention, dQ and fp32 dK/dV
         back up the same hops (partials summed at every relay). Each all-to-all's bytes are split

@@ -43,7 +43,7 @@ from functools import cached_property
 
 import numpy as np
 
-from ..layout import Shards
+from ...layout import Shards
 
 DEPTH = 3   # levels of a K/V tree below the owner's node (tree_fanout)
 

@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..layout import Shards
-from ..schedule import AttnShape
+from ...layout import Shards
+from ...schedule import AttnShape
 
 
 def row_costs(shape: AttnShape) -> tuple[float, float]:

@@ -1,11 +1,11 @@
 """CAD placement: which rank computes each attention task, weighing compute saved against bytes moved.
 
-The task table (:class:`~distattn.schedulers.cad_planner.TaskTable`) starts with every task on the
+The task table (:class:`~distattn.schedulers.cad.planner.TaskTable`) starts with every task on the
 rank owning its queries. With several nodes, two passes come first:
 
-* **Export between nodes** (:mod:`.cad_export`): the nodes holding less than their share even
+* **Export between nodes** (:mod:`.export`): the nodes holding less than their share even
   their ranks out, then each over-loaded node sheds its excess as the tails of a few documents,
-  the fewest bytes by :mod:`.cad_bound`'s bound, to nodes chosen so that none takes many key
+  the fewest bytes by :mod:`.bound`'s bound, to nodes chosen so that none takes many key
   prefixes (with ``overlap_s``, a piece moves only if it pays off, as below).
 * **Inside every node**, moves (step 2 below, over NVLink) from its over-loaded to its
   under-loaded ranks, so that only what a node holds above or below its share crosses nodes.
@@ -25,11 +25,11 @@ Then, until the most loaded rank is within ``epsilon`` of the mean load:
      out, out, lse and dQ back) and the key rows ``u`` neither owns nor already receives for this
      document (K/V out, fp32 dK/dV back) -- K/V rows go once to each destination however many
      tasks use them, so a destination already holding a document's keys takes its next chunks
-     for the price of their queries. Rows are priced as :mod:`.cad_cast` moves them: inside a
+     for the price of their queries. Rows are priced as :mod:`.cast` moves them: inside a
      node at the node's bandwidth; keys that ``u``'s node already receives for another slot at
      NVLink's only (they are forwarded there); keys new to the node as one inter-node copy, sent by
      the owner's node or by the parent node of the document's tree and spread share by share over
-     the slots of both nodes (:class:`~.cad_ledger.LinkCost`, from :class:`~distattn.network.NetworkProfile`).
+     the slots of both nodes (:class:`~.ledger.LinkCost`, from :class:`~distattn.network.NetworkProfile`).
 
    Moves that would push ``src``'s egress, ``u``'s ingress or the egress of the senders of the
    task's keys above ``cap`` times the bytes of a rank's own rows are left out (if none is left,
@@ -47,7 +47,7 @@ Then, until the most loaded rank is within ``epsilon`` of the mean load:
    that the head -- which sees the shorter key prefix -- carries what ``u`` can take, and the
    head moves.
 
-The loads and bytes the moves are priced on and booked to are :mod:`.cad_ledger`'s.
+The loads and bytes the moves are priced on and booked to are :mod:`.ledger`'s.
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cost import BWD_FLOPS_FACTOR
-from ..layout import Shards
-from .cad_cast import Nodes
-from .cad_export import FILL, export_between_nodes, take
-from .cad_ledger import Ledger, LinkCost, RowBytes
-from .cad_planner import Segments, TaskTable
+from ...cost import BWD_FLOPS_FACTOR
+from ...layout import Shards
+from .cast import Nodes
+from .export import FILL, export_between_nodes, take
+from .ledger import Ledger, LinkCost, RowBytes
+from .planner import Segments, TaskTable
 
 SHORTLIST = 16          # least-loaded ranks of the whole pool considered per move
 PICKS = 8               # moves made per pricing of a rank's tasks
@@ -246,7 +246,7 @@ def _within_caps(ledger: Ledger, m: _Moves, key_sender: np.ndarray) -> np.ndarra
 def _slowest_after(ledger: Ledger, m: _Moves, key_sender: np.ndarray) -> np.ndarray:
     """``[tasks, dests]``: the busiest of src, u and the keys' sender after each move (attention
     plus the communication their computation does not hide, :meth:`Ledger.busy`). Keys crossing to
-    u's node land on its slots share by share (:mod:`.cad_cast`): u takes its share of the
+    u's node land on its slots share by share (:mod:`.cast`): u takes its share of the
     inter-node time and the NVLink hop."""
     links, kv = ledger.links, ledger.rows.kv
     key_s = m.seconds - m.q_s
