@@ -17,7 +17,7 @@ import torch
 from . import ops
 from .executors import ExecOptions, executor_for, resolve_options
 from .kernels import available_backends
-from .kernels.registry import check_sinks, check_softcap
+from .kernels.registry import check_scale, check_sinks, check_softcap
 from .layout import Layout, Shards
 from .masks import SliceMask, as_doc_lens, batch_rows, check_window
 from .mesh import MeshInfo, resolve_mesh
@@ -172,7 +172,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
             Under a batched plan (``doc_lens`` one list per row): ``[B, S_local, H, D]``, any strides
             (e.g. HF's ``[B, H, S, D]`` transposed; a non-contiguous input is copied once).
         plan: from :func:`plan`; every rank of its group must call with the same plan.
-        scale: softmax scale, default ``1/sqrt(D)``.
+        scale: softmax scale, a positive finite float; default ``1/sqrt(D)``.
         sinks: None, or learnable attention-sink logits ``[Hq]`` (gpt-oss), floating, on q's
             device, the same values on every rank: every softmax row of head ``h`` gets one extra
             column of logit ``sinks[h]`` whose value is 0 (it takes probability mass and adds
@@ -204,10 +204,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, *, 
             raise ValueError("prefetch was started by another plan or for other q, k, v tensors")
     rows = q.shape[:2]
     q, k, v = flat_rows(q, k, v, plan.batch_size)
-    sinks, softcap = check_sinks(sinks, q), check_softcap(softcap)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    out = ops.apply(q, k, v, sinks, plan, float(scale), softcap, prefetch)
+    sinks, softcap, scale = check_sinks(sinks, q), check_softcap(softcap), check_scale(scale, q.shape[-1])
+    out = ops.apply(q, k, v, sinks, plan, scale, softcap, prefetch)
     return out if plan.batch_size is None else out.unflatten(0, rows)
 
 

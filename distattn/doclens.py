@@ -9,16 +9,17 @@ median and a similar tail stands in.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from .jsonfile import read_json
+
 
 def load_doc_lens(path: str | Path) -> np.ndarray:
     """A JSON list of positive document lengths."""
-    values = json.loads(Path(path).read_text())
+    values = read_json(path, "a JSON list of positive document lengths")
     if not isinstance(values, list) or not values or not all(isinstance(x, int) and x > 0 for x in values):
         raise ValueError(f"{path}: expected a non-empty JSON list of positive ints (document lengths)")
     return np.asarray(values, dtype=np.int64)

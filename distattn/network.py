@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .jsonfile import read_json
 from .network_csv import (OPS, Measurement, bus_factor, canonical_op, config_name, load_csv, load_published,
                           parse_size)
 
@@ -390,10 +391,8 @@ class NetworkProfile:
         if path.is_dir() or path.suffix == ".csv":
             rows, options = load_published(path) if path.is_dir() else load_csv(path)
             return NetworkProfile(rows, **options)
-        try:
-            return NetworkProfile.from_json(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not JSON ({exc}); pass a profile JSON, a CSV or a folder of CSVs") from None
+        return NetworkProfile.from_json(read_json(path, "a network profile (distattn cluster probe/nccl-tests "
+                                                       "writes one), or pass a CSV or a folder of CSVs"))
 
 
 def _fit_group(key: tuple[str, int, int], rows, alpha_us: float | None = None) -> Fit:

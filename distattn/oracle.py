@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.registry import check_scale
 from .masks import as_doc_lens, check_window, cu_seqlens, dense_mask
 
 
@@ -68,7 +69,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     if mask is not None and (mask.shape != (q.shape[0], k.shape[0]) or mask.dtype != torch.bool):
         raise ValueError(f"mask must be a bool tensor [Tq, Tk] = [{q.shape[0]}, {k.shape[0]}], got "
                          f"{tuple(mask.shape)} {mask.dtype}")
-    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    scale = check_scale(scale, q.shape[-1])
     outs, lses = [], []
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     offsets = q_offset.tolist() if q_offset is not None else [0] * (len(bq) - 1)

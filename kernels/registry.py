@@ -11,6 +11,7 @@ add the softmax ``scale`` and the optional logit ``softcap``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -184,6 +185,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.shape[2] < 1:
+            raise ValueError(f"{name}'s head_dim must be >= 1, got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")
     if not (q.device == k.device == v.device):
@@ -200,10 +203,15 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def check_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale: ``scale``, a positive finite float (0 or less would flatten or invert every
+    softmax row; NaN spreads), or ``1/sqrt(head_dim)`` for None; ``ValueError`` otherwise."""
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1 (q's last dimension), got {head_dim}")
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+    if isinstance(scale, bool) or not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float (the softmax's 1/sqrt(head_dim) by default, "
+                         f"None for it), got {scale!r}")
     return float(scale)
 
 

@@ -21,6 +21,10 @@ need at most a small mask:
 Partial results merge by log-sum-exp. Rows that see no key are left out of
 every tile and keep ``out = 0``, ``lse = -inf``.
 
+Segments of at most 128 queries and keys skip all this: :mod:`.torch_cpu_buckets` computes them
+in a few batched calls, since one call per short document costs far more than its arithmetic
+(``per_document=True`` turns that off, for comparisons).
+
 Logit soft-capping (``softcap``) and a value head dim of its own (MLA: q/k 192, v 128) go
 through :mod:`.torch_math` instead (plain PyTorch ops, block by block, forward and a
 hand-written backward): the fused op has no soft-cap and wants one head dim.
@@ -36,6 +40,7 @@ import torch
 from distattn.masks import UNBOUNDED
 from distattn.merge import acc_dtype, merge_
 
+from .torch_cpu_buckets import short_bwd, short_fwd, split_short
 from .torch_math import live_rows, math_bwd, math_fwd, row_ranges
 
 _BLOCK = 256
@@ -124,9 +129,7 @@ def _bhld(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).unsqueeze(0)
 
 
-def torch_fwd(q, k, v, seg, scale, softcap=None):
-    if softcap is not None or v.shape[-1] != q.shape[-1]:
-        return math_fwd(q, k, v, seg, scale, softcap)
+def _fused_fwd(q, k, v, seg, scale):
     dtype = acc_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=dtype)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=dtype)
@@ -138,9 +141,7 @@ def torch_fwd(q, k, v, seg, scale, softcap=None):
     return out.to(q.dtype), lse
 
 
-def torch_bwd(dout, q, k, v, out, lse, seg, scale, softcap=None, delta=None):
-    if softcap is not None or v.shape[-1] != q.shape[-1]:
-        return math_bwd(dout, q, k, v, out, lse, seg, scale, softcap, delta)
+def _fused_bwd(dout, q, k, v, out, lse, seg, scale):
     dtype = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dtype)
     dk = torch.zeros(k.shape, dtype=dtype)
@@ -154,3 +155,34 @@ def torch_bwd(dout, q, k, v, out, lse, seg, scale, softcap=None, delta=None):
             dk[rk] += g[1][0].transpose(0, 1)
             dv[rk] += g[2][0].transpose(0, 1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _needs_math(q, v, softcap) -> bool:
+    return softcap is not None or v.shape[-1] != q.shape[-1]
+
+
+def torch_fwd(q, k, v, seg, scale, softcap=None, *, per_document: bool = False):
+    """``per_document``: run every segment on its own, short ones included (the path before
+    bucketing, kept for the before/after benchmark)."""
+    short, rest = (None, seg) if per_document else split_short(seg)
+    if _needs_math(q, v, softcap):
+        out, lse = math_fwd(q, k, v, rest, scale, softcap)
+    else:
+        out, lse = _fused_fwd(q, k, v, rest, scale)
+    if short is not None:
+        short_fwd(q, k, v, short, scale, softcap, out, lse)
+    return out, lse
+
+
+def torch_bwd(dout, q, k, v, out, lse, seg, scale, softcap=None, delta=None, *, per_document: bool = False):
+    short, rest = (None, seg) if per_document else split_short(seg)
+    if _needs_math(q, v, softcap):
+        grads = math_bwd(dout, q, k, v, out, lse, rest, scale, softcap, delta)
+    else:
+        grads = _fused_bwd(dout, q, k, v, out, lse, rest, scale)
+    if short is None:
+        return grads
+    # the batched part is in fp64; the two parts' rows and keys are disjoint
+    # (split_short), so adding the already rounded rest rounds nothing twice
+    extra = short_bwd(dout, q, k, v, out, lse, short, scale, softcap, delta)
+    return tuple((e + g.to(e.dtype)).to(g.dtype) for e, g in zip(extra, grads))

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import small_yaml
 from distattn.cli import main
@@ -95,3 +97,45 @@ def test_a_tokenizer_folder_with_its_own_code_is_refused_unrun(tmp_path, capfd):
     _refused(capfd, ["data", "prepare", str(corpus), "--out", str(tmp_path / "out"), "--tokenizer", str(folder)],
              "names its own Python code")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("scale", [0, -1.0, float("nan"), float("inf"), True])
+def test_a_scale_that_is_not_a_positive_finite_float_is_refused(scale):
+    """``scale=0`` or a negative scale gave NaN in most outputs on the CPU backend, silently."""
+    import distattn
+
+    q, k = torch.randn(16, 2, 8), torch.randn(16, 1, 8)
+    plan = distattn.plan([7, 9], 1)
+    for call in (lambda: distattn.attention(q, k, k, plan, scale=scale),
+                 lambda: distattn.local_attention(q, k, k, [7, 9], scale=scale),
+                 lambda: distattn.reference_attention(q, k, k, [7, 9], scale=scale)):
+        with pytest.raises(ValueError, match="scale must be a positive finite float"):
+            call()
+    assert torch.isfinite(distattn.local_attention(q, k, k, [7, 9], scale=np.float32(0.5))).all()   # numbers pass
+
+
+def test_a_head_dim_of_zero_is_refused():
+    import distattn
+
+    empty = torch.randn(16, 2, 0)
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        distattn.local_attention(empty, empty, empty, [16])
+
+
+@pytest.mark.parametrize("flag", ["--doclens", "--network"])
+def test_simulate_refuses_deeply_nested_json_in_one_line(tmp_path, capfd, flag):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    _refused(capfd, ["simulate", "--gpus", "16", "--seq-len", "64K", flag, str(path)], "nested too deeply")
+
+
+@pytest.mark.parametrize("args, match", [(["--gpus", "16", "--seq-len", "1e12"], "at most 1,073,741,824 (1G) tokens"),
+                                         (["--gpus", "10000000", "--seq-len", "64K"], "at most 1,048,576 GPUs"),
+                                         (["--gpus", "16", "--seq-len", "64K", "--draws", "100000"],
+                                          "at most 4,096 draws")])
+def test_simulate_sizes_are_bounded(capfd, args, match):
+    """``--seq-len 1e12`` ran on with no bound and no message."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["simulate", *args])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and match in err[0], err

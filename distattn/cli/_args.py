@@ -169,6 +169,32 @@ def tokens(text: str) -> int:
     return value
 
 
+# what `distattn simulate` models at most: far past any cluster or context trained today, and small
+# enough that a typo (1e12 for 1e6) is a message, not a simulation that never ends
+MAX_SEQ_TOKENS = 1 << 30
+MAX_GPUS = 1 << 20
+MAX_DRAWS = 4096
+
+
+def sequence_tokens(text: str) -> int:
+    """A packed sequence's tokens (:func:`tokens`), at most :data:`MAX_SEQ_TOKENS` (1G)."""
+    value = tokens(text)
+    if value > MAX_SEQ_TOKENS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SEQ_TOKENS:,} (1G) tokens per sequence are simulated, got "
+                                         f"{text!r}")
+    return value
+
+
+def positive_int_at_most(limit: int, what: str):
+    """A parser of ints in ``1 .. limit`` (``what``: the unit the message names)."""
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"at most {limit:,} {what}, got {text!r}")
+        return value
+    return parse
+
+
 def doc_pool(path: str | None):
     """A document-length sample; documents over 64K repeated 4x as in DistCA's evaluation."""
     if path is None:

@@ -10,16 +10,21 @@ from ._args import examples
 
 def _cmd_verify(args) -> int:
     from ..train.checkpoint import dcp as checkpoint, manifest
-    from ..train.safe_io import one_line
+    from ..train.safe_io import lock_held, one_line
 
     path = Path(args.dir)
     if not path.is_dir():
         raise ValueError(f"{path} is not a folder: pass a checkpoint (OUT/ckpt/step_N) or a folder of them "
                          f"(OUT/ckpt)")
+    # OUT/.lock held: a run is writing into OUT now, so its step_N.partial is not abandoned
+    if path.name.endswith(checkpoint.PARTIAL):
+        live = lock_held(path.parent.parent / ".lock")
+        print(f"skip {path.parent / checkpoint.unfinished(path.name, live)}")
+        return 0 if live else 1
     if (path / manifest.NAME).exists() or (path / ".metadata").exists():
         targets = [path]
     else:
-        found, unfinished = checkpoint.candidates(path)
+        found, unfinished = checkpoint.candidates(path, live=lock_held(path.parent / ".lock"))
         for line in unfinished:
             print(f"skip {path / line}")
         if not found:

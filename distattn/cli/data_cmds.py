@@ -29,6 +29,19 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _cmd_verify(args) -> int:
+    from ..train.data.verify import verify
+
+    problems, notes = verify(args.path, args.vocab_size)
+    for line in notes + problems:
+        print(line)
+    if problems:
+        print(f"{args.path}: {len(problems)} problem(s)")
+        return 1
+    print(f"{args.path}: verified, clean")
+    return 0
+
+
 def add_parsers(sub) -> None:
     data = sub.add_parser(
         "data", help="prepare corpora for training (text, JSONL, Parquet -> token shards)",
@@ -60,3 +73,15 @@ def add_parsers(sub) -> None:
                       help="tokens per shard at most (a longer document gets a shard of its own), e.g. 256M")
     prep.add_argument("--overwrite", action="store_true", help="replace what an earlier prepare left in DIR")
     prep.set_defaults(func=_cmd_prepare)
+
+    ver = data_sub.add_parser(
+        "verify", help="check a prepared folder or token file fully before training on it",
+        description="Read PATH through once: a folder from `distattn data prepare` (every shard's SHA-256 against "
+                    "index.json, offsets integer, rising and within the .bin, every token id below the vocabulary) "
+                    "or the PATH.bin + PATH.idx.npy prefix of a token file. One line per problem naming the file "
+                    "and offset; exit 0 when clean, 1 otherwise.",
+        epilog=examples("distattn data verify data/corpus", "distattn data verify data/tok --vocab-size 32000"))
+    ver.add_argument("path", metavar="PATH", help="a prepared folder, or a token file's prefix")
+    ver.add_argument("--vocab-size", type=positive_int, default=None, metavar="N",
+                     help="token ids must be below N (default: a folder's own vocabulary)")
+    ver.set_defaults(func=_cmd_verify)

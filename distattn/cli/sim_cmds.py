@@ -7,7 +7,8 @@ import json
 import sys
 from dataclasses import replace
 
-from ._args import doc_pool, examples, existing_file, existing_path, output_file, positive_int, tokens
+from ._args import (MAX_DRAWS, MAX_GPUS, doc_pool, examples, existing_file, existing_path, output_file, positive_int,
+                    positive_int_at_most, sequence_tokens)
 from .cluster_cmds import probe_rank
 
 
@@ -218,15 +219,15 @@ def add_parsers(sub) -> None:
 
 def _job_arguments(sim, gpus, models) -> None:
     """The job simulated: its GPUs, lengths, model, parallelism, network and documents."""
-    sim.add_argument("--gpus", type=positive_int, default=None, help="GPUs in the job (required unless --calibrate)")
-    sim.add_argument("--seq-len", type=tokens, default=None,
+    sim.add_argument("--gpus", type=positive_int_at_most(MAX_GPUS, "GPUs"), default=None, help="GPUs in the job (required unless --calibrate)")
+    sim.add_argument("--seq-len", type=sequence_tokens, default=None,
                      help="tokens per packed sequence, e.g. 512K (required unless --calibrate)")
     sim.add_argument("--model", default="llama3-8b", choices=sorted(models), help="model preset")
     sim.add_argument("--cp", type=positive_int, default=None, help="context-parallel degree (default: <= 16K tokens "
                      "per GPU; --sweep tries every one)")
     sim.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks per CP rank, inside a node "
                      "(default 1)")
-    sim.add_argument("--batch", type=positive_int, default=None,
+    sim.add_argument("--batch", type=positive_int_at_most(MAX_GPUS, "sequences per global batch"), default=None,
                      help="sequences of --seq-len per global batch (default: one per replica; with --sweep, 16K "
                           "tokens per GPU)")
     sim.add_argument("--ulysses-degree", type=positive_int, default=None, help="usp: Ulysses group (default: a node)")
@@ -243,7 +244,7 @@ def _step_arguments(sim, packings, schedulers) -> None:
     """How each row's step is drawn and timed."""
     sim.add_argument("--schedulers", nargs="+", default=list(schedulers), choices=schedulers,
                      help="rows to simulate (wlb: zigzag on the per-document layout; wlb-ideal, ideal: bounds)")
-    sim.add_argument("--draws", type=positive_int, default=16,
+    sim.add_argument("--draws", type=positive_int_at_most(MAX_DRAWS, "draws"), default=16,
                      help="global batches drawn per row (seeds --seed ...); medians and p10/p90 over them "
                           "(default 16)")
     sim.add_argument("--seed", type=int, default=0, help="the first draw's seed (default 0)")

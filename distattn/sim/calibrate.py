@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from ..doclens import mask_case
+from ..jsonfile import read_json
 from ..masks import UNBOUNDED
 from ..program import BACKWARD, CHAIN, FORWARD, RUN, START, WAIT
 from ..schedule import AttnShape
@@ -115,9 +116,9 @@ def load_model(path) -> tuple[Machine, object]:
     from ..network import NetworkProfile
 
     try:
-        data = json.loads(Path(path).read_text())
+        data = read_json(path, "a calibrated model (distattn simulate --calibrate FIT_CSV --save-model PATH)")
         return Machine.from_json(data["machine"]), NetworkProfile.from_json(data["network"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a calibrated model ({exc}); write one with `distattn simulate "
                          f"--calibrate FIT_CSV --save-model PATH`") from None
 

@@ -10,17 +10,26 @@ have the pid written into another file); ``open_append`` opens a run's log the s
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
 import stat
 from pathlib import Path
 
 
-def read_regular(path: Path, limit: int, what: str) -> bytes:
+def read_regular(path: Path, limit: int, what: str, follow: bool = True) -> bytes:
     """The bytes of ``path``; ``FileNotFoundError`` if it is missing, ``ValueError`` naming ``what``
-    (e.g. ``"checkpoint metadata"``) if it is not a regular file or is over ``limit`` bytes."""
+    (e.g. ``"checkpoint metadata"``) if it is not a regular file or is over ``limit`` bytes, or, with
+    ``follow=False``, if it is a symbolic link."""
     # O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+    except OSError as exc:
+        if follow or exc.errno != errno.ELOOP:
+            raise
+        raise ValueError(f"{path} is a symbolic link; refusing to read it as {what} (a save writes a "
+                         f"plain file there)") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -81,6 +90,48 @@ def remove(path: Path) -> None:
         path.unlink()
     elif path.is_dir():
         shutil.rmtree(path)
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a live process holds the lock file ``path`` (:func:`open_lock` and ``flock``), asked
+    without creating it or following a link: a missing or odd file is held by nobody."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        try:   # a shared lock for an instant: refused exactly while a run holds its exclusive one
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+REJECTED = "REJECTED"   # the note a folder moved aside holds: why it was
+
+
+def move_aside(path: Path, reason: str) -> Path:
+    """Rename ``path`` to ``NAME.rejected`` (``NAME.rejected.1``, ... if taken) beside it, with a
+    ``REJECTED`` note giving ``reason`` in it if it is a folder; returns where it went. What a run did
+    not write (a user's file, an older version's checkpoint) is kept, never deleted."""
+    path = Path(path)
+    target = path.with_name(path.name + ".rejected")
+    n = 0
+    while os.path.lexists(target):
+        n += 1
+        target = path.with_name(f"{path.name}.rejected.{n}")
+    os.rename(path, target)   # a link moves as itself: what it points to is untouched
+    if target.is_dir() and not target.is_symlink():
+        note = target / REJECTED
+        if not os.path.lexists(note):   # a file of that name is the user's: keep it
+            replace_text(note, reason.rstrip() + "\n")
+    fsync_dir(path.parent)
+    return target
 
 
 def replace_text(path: Path, text: str) -> None:

@@ -199,7 +199,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=(0.9, 0.95),
                                            weight_decay=t.weight_decay)
         # pooled cad spreads attention over every rank itself: the packer evens out tokens alone
-        self.batches = GlobalBatches(Packer(make_corpus(cfg.data), cfg.data.seq_len, cfg.data.seed), p.dp,
+        self.batches = GlobalBatches(Packer(make_corpus(cfg.data), cfg.data.seq_len, cfg.data.seed,
+                                            cfg.model.vocab_size), p.dp,
                                      cfg.packing, cfg.data.cap, cfg.model.shape.pair_weight(), cfg.data.seed,
                                      balance_weight=0.0 if p.pools_replicas else None)
         self.out = Path(t.out)

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from . import manifest
 from .dcp_safe import SafeLoadPlanner, SafeReader, check_storage, read_metadata
-from ..safe_io import WriteFailed, fsync_dir, one_line, remove
+from ..safe_io import WriteFailed, fsync_dir, move_aside, one_line, remove
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 PARTIAL = ".partial"   # suffix of a checkpoint folder being written (see :func:`save`)
@@ -64,16 +64,22 @@ def _step(path: Path) -> int:
     return int(_STEP_DIR.fullmatch(path.name).group(1))
 
 
-def candidates(ckpt_root: Path) -> tuple[list[Path], list[str]]:
+def unfinished(name: str, live: bool) -> str:
+    """The line for the unfinished save ``name`` (``step_N.partial``); ``live``: its run's lock is held."""
+    state = "being written by a live run (its lock is held)" if live else "abandoned: the run stopped while writing it"
+    return f"{name}: a save that did not finish, {state}"
+
+
+def candidates(ckpt_root: Path, live: bool = False) -> tuple[list[Path], list[str]]:
     """``step_N`` folders under ``ckpt_root``, newest first (unchecked), and a line for each unfinished
-    save newer than all of them."""
+    save newer than all of them (``live``: the run's lock is held, so it is being written now)."""
     ckpt_root = Path(ckpt_root)
     if not ckpt_root.is_dir():
         return [], []
     found = sorted((p for p in ckpt_root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir()),
                    key=_step, reverse=True)
     newest = _step(found[0]) if found else -1
-    skipped = [f"{p.name}: a save that did not finish (the run stopped while writing it)"
+    skipped = [unfinished(p.name, live)
                for p in sorted(ckpt_root.iterdir(), key=lambda p: p.name, reverse=True)
                if (m := _PARTIAL_DIR.fullmatch(p.name)) and int(m.group(1)) > newest]
     return found, skipped
@@ -88,22 +94,39 @@ def _skipped_line(path: Path, skipped: list[str]) -> str:
     return f"resuming from {path.name}, the newest checkpoint that verifies; skipped " + "; ".join(skipped)
 
 
-def newest_usable(ckpt_root: Path, say: Callable[[str], Any] | None = None, checksums: bool = True) -> Path | None:
+def _rejected(path: Path, reason: str, aside: bool) -> str:
+    """A skipped checkpoint's entry in the resume's line; with ``aside`` it is first moved to
+    ``step_N.rejected`` (never deleted: it may hold what no run wrote) and the entry says where."""
+    if not aside:
+        return f"{path.name}: {reason}"
+    try:
+        where = move_aside(path, f"distattn train --resume skipped this checkpoint: {reason}")
+    except OSError as exc:
+        return f"{path.name}: {reason} (could not be moved aside: {one_line(exc)})"
+    return f"{path.name}: {reason} (moved to {where})"
+
+
+def newest_usable(ckpt_root: Path, say: Callable[[str], Any] | None = None, checksums: bool = True,
+                  aside: bool = False) -> Path | None:
     """The newest ``step_N`` checkpoint under ``ckpt_root`` that :func:`verify` accepts.
 
     None when there is no checkpoint at all. Newer ones that fail (an unfinished save, a truncated or
-    corrupted file) are skipped and, with ``say``, reported in one line with the one used;
+    corrupted file) are skipped and, with ``say``, reported in one line with the one used; with
+    ``aside`` (a resume deciding, on rank 0) each is moved to ``step_N.rejected`` once one is found.
     ``ValueError`` listing the reasons when checkpoints exist but none verifies."""
     found, skipped = candidates(ckpt_root)
+    failed: list[tuple[Path, str]] = []
     for path in found:
         try:
             verify(path, checksums)
         except (ValueError, OSError) as exc:
-            skipped.append(f"{path.name}: {one_line(exc)}")
+            failed.append((path, one_line(exc)))
             continue
+        skipped += [_rejected(bad, reason, aside) for bad, reason in failed]
         if skipped and say is not None:
             say(_skipped_line(path, skipped))
         return path
+    skipped += [f"{bad.name}: {reason}" for bad, reason in failed]
     if skipped:
         raise _none_usable(ckpt_root, skipped)
     return None
@@ -117,6 +140,7 @@ def agreed_checkpoint(ckpt_root: Path, say: Callable[[str], Any] | None = None) 
     listing = [candidates(ckpt_root) if rank == 0 else None]
     dist.broadcast_object_list(listing, src=0)
     found, skipped = listing[0]
+    failed: list[tuple[Path, str]] = []
     for path in found:
         try:
             found_manifest = verify(path, checksums=False)
@@ -126,10 +150,12 @@ def agreed_checkpoint(ckpt_root: Path, say: Callable[[str], Any] | None = None) 
             error = one_line(exc)
         error = _together(error)
         if error is None:
+            skipped += [_rejected(bad, reason, rank == 0) for bad, reason in failed]
             if skipped and say is not None:
                 say(_skipped_line(path, skipped))
             return path
-        skipped.append(f"{path.name}: {error}")
+        failed.append((path, error))
+    skipped += [f"{bad.name}: {reason}" for bad, reason in failed]
     if skipped:
         raise _none_usable(ckpt_root, skipped)
     return None
@@ -249,12 +275,27 @@ def _publish(partial: Path, directory: Path, step: int, files: dict, run: dict |
     """Rank 0: write the manifest and rename ``partial`` to ``directory``; the error, or None."""
     try:
         manifest.write(partial, step, files, run or {})
-        remove(directory)   # a save of this step that did not verify (the resume skipped it)
+        _clear_way(directory)
         os.replace(partial, directory)
         fsync_dir(directory.parent)
     except OSError as exc:
         return one_line(exc)
     return None
+
+
+def _clear_way(directory: Path) -> None:
+    """Rank 0: make room for a save at ``directory``. A checkpoint that verifies was written by this
+    trainer and is replaced; anything else there (a user's file, an older version's checkpoint) was
+    maybe not, so it is moved to ``step_N.rejected``, never deleted."""
+    if not os.path.lexists(directory):
+        return
+    try:
+        verify(directory)
+    except (ValueError, OSError) as exc:
+        move_aside(directory, f"distattn train saved step {_step(directory)} here and moved this aside: "
+                              f"{one_line(exc)}")
+        return
+    remove(directory)
 
 
 def load(directory: Path, model, optimizer) -> tuple[int, list[int]]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..safe_io import read_regular, replace_text
+from ..safe_io import one_line, read_regular, replace_text
 
 NAME = "manifest.json"
 FORMAT = 1
@@ -37,6 +37,8 @@ LIMIT = 64 << 20            # bytes of a manifest read: a few hundred bytes per 
 _HEX = re.compile(r"[0-9a-f]{64}")
 _SHARD = re.compile(r"__(\d+)_\d+\.distcp")   # a DCP shard and the rank that wrote it
 _CHUNK = 8 << 20
+_DEPTH = 8                  # levels of nesting a manifest may have (a save writes 7)
+_STEP_NAME = re.compile(r"step_(\d+)")   # a published checkpoint's folder: its manifest's step is N
 
 
 @dataclass(frozen=True)
@@ -81,29 +83,131 @@ def write(directory: Path, step: int, files: dict[str, tuple[int, str]], run: di
 
 
 def read(directory: Path) -> Manifest:
-    """The manifest of the checkpoint ``directory``; ``ValueError`` naming the file when it is missing
-    or not a manifest this trainer writes."""
+    """The manifest of the checkpoint ``directory``; ``ValueError`` in one line naming the file and the
+    field when it is missing, a link, or not a manifest this trainer writes (:func:`parse`)."""
     path = Path(directory) / NAME
     try:
-        raw = read_regular(path, LIMIT, "checkpoint manifest")
+        raw = read_regular(path, LIMIT, "checkpoint manifest", follow=False)
     except FileNotFoundError:
         raise ValueError(f"{path} is missing: {Path(directory).name} was not saved by this version of distattn "
                          f"(or its manifest was removed), so its files cannot be checked") from None
+    return parse(raw, path)
+
+
+def parse(raw: bytes, path: Path) -> Manifest:
+    """The manifest held in ``raw``, read from ``path`` (``.../step_N/manifest.json``: its ``step`` must
+    be ``N``); ``ValueError`` naming ``path`` and the first field that breaks the schema."""
     try:
-        doc = json.loads(raw)
-        files = {name: (entry["bytes"], entry["sha256"]) for name, entry in doc["files"].items()}
-        run, step = doc["run"], doc["step"]
-        ok = (doc["format"] == FORMAT and type(step) is int and isinstance(run, dict)
-              and all(isinstance(n, str) and n == Path(n).name and n not in (".", "..", NAME)
-                      and type(s) is int and s >= 0 and isinstance(h, str) and _HEX.fullmatch(h)
-                      for n, (s, h) in files.items()))
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc}); the checkpoint cannot be "
-                         f"checked") from None
+        doc = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:   # json recurses per level: a hostile file must not take the process down
+        raise ValueError(f"{path} is nested over {_DEPTH} levels deep; not a distattn checkpoint manifest, "
+                         f"the checkpoint cannot be checked") from None
+    except ValueError as exc:
+        raise ValueError(f"{path} is damaged ({one_line(exc)}); the checkpoint cannot be checked") from None
+    try:
+        _check_depth(doc, 1)
+        return _checked(doc, path)
+    except _Bad as bad:
+        raise ValueError(f"{path}: {bad}; not a manifest distattn writes (format {FORMAT}), the checkpoint "
+                         f"cannot be checked") from None
+
+
+class _Bad(Exception):
+    """A field that breaks the schema, in words (``field is what, not what it must be``)."""
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number a manifest holds")
+
+
+def _check_depth(value: Any, depth: int) -> None:
+    """``_Bad`` if ``value`` nests deeper than ``_DEPTH`` (the deepest a save writes is 7)."""
+    if depth > _DEPTH:
+        raise _Bad(f"nested over {_DEPTH} levels deep")
+    if isinstance(value, (dict, list)):
+        for item in value.values() if isinstance(value, dict) else value:
+            _check_depth(item, depth + 1)
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return type(value) is int and value >= low
+
+
+def _need(ok: bool, field: str, value: Any, want: str) -> None:
     if not ok:
-        raise ValueError(f"{path} is not a distattn checkpoint manifest (format {FORMAT}); the checkpoint cannot "
-                         f"be checked")
-    return Manifest(step, files, run)
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise _Bad(f"{field} is {shown}, not {want}")
+
+
+def _checked(doc: Any, path: Path) -> Manifest:
+    _need(isinstance(doc, dict), "the manifest", doc, "a JSON object")
+    for key in ("format", "step", "files", "run"):
+        if key not in doc:
+            raise _Bad(f"{key} is missing")
+    _need(type(doc["format"]) is int and doc["format"] == FORMAT, "format", doc["format"], f"{FORMAT}")
+    step = doc["step"]
+    _need(_is_int(step), "step", step, "a whole number >= 0")
+    folder = _STEP_NAME.fullmatch(path.parent.name)
+    _need(folder is None or int(folder.group(1)) == step, "step", step,
+          f"the N of its folder {path.parent.name} (a manifest copied from another checkpoint?)")
+    _need(isinstance(doc["files"], dict), "files", doc["files"], "an object of file names")
+    files = {name: _file_entry(name, entry) for name, entry in doc["files"].items()}
+    return Manifest(step, files, _checked_run(doc["run"]))
+
+
+def _file_entry(name: str, entry: Any) -> tuple[int, str]:
+    _need(name not in ("", ".", "..", NAME) and "/" not in name and "\\" not in name and "\0" not in name,
+          "files", name, "a plain file name")
+    _need(isinstance(entry, dict), f"files[{name!r}]", entry, 'an object {"bytes": ..., "sha256": ...}')
+    size, sha = entry.get("bytes"), entry.get("sha256")
+    _need(_is_int(size), f"files[{name!r}].bytes", size, "a whole number >= 0")
+    _need(isinstance(sha, str) and _HEX.fullmatch(sha) is not None, f"files[{name!r}].sha256", sha,
+          "64 lowercase hex digits")
+    return size, sha
+
+
+def _checked_run(run: Any) -> dict[str, Any]:
+    """``run`` if it has the types :func:`~.resume.resume_config` reads; ``{}`` (a save without a
+    run) is allowed, a present field of the wrong type is not."""
+    _need(isinstance(run, dict), "run", run, "an object")
+    model = run.get("model", {})
+    _need(isinstance(model, dict), "run.model", model, "an object")
+    for key, value in model.items():
+        _need(value is None or isinstance(value, (int, float, bool, str)), f"run.model.{key}", value,
+              "a number, true/false, null or a string")
+    data = run.get("data", {})
+    _need(isinstance(data, dict), "run.data", data, "an object")
+    for key in ("source", "path", "tokenizer"):
+        _need(data.get(key) is None or isinstance(data[key], str), f"run.data.{key}", data.get(key),
+              "a string or null")
+    _need(data.get("blend") is None or isinstance(data["blend"], list), "run.data.blend", data.get("blend"),
+          "a list or null")
+    _check_identities(data.get("identity"))
+    decay = run.get("lr_decay_steps")
+    _need(decay is None or _is_int(decay, 1), "run.lr_decay_steps", decay, "a whole number >= 1 or null")
+    return run
+
+
+def _check_identities(identities: Any) -> None:
+    """The data identities :func:`~..data.identity.identity_change` compares: a list of null or
+    ``{"index_sha256": str}`` / ``{"files": {name: {"size": int, "sha256": str, "mtime": number}}}``."""
+    field = "run.data.identity"
+    _need(identities is None or isinstance(identities, list), field, identities, "a list or null")
+    for i, ident in enumerate(identities or []):
+        _need(ident is None or isinstance(ident, dict), f"{field}[{i}]", ident, "an object or null")
+        ident = ident or {}
+        _need(isinstance(ident.get("index_sha256", ""), str), f"{field}[{i}].index_sha256",
+              ident.get("index_sha256"), "a string")
+        files = ident.get("files", {})
+        _need(isinstance(files, dict), f"{field}[{i}].files", files, "an object")
+        for name, entry in files.items():
+            where = f"{field}[{i}].files[{name!r}]"
+            _need(isinstance(entry, dict), where, entry, "an object")
+            _need(_is_int(entry.get("size", 0)), f"{where}.size", entry.get("size"), "a whole number >= 0")
+            _need(isinstance(entry.get("sha256", ""), str), f"{where}.sha256", entry.get("sha256"), "a string")
+            mtime = entry.get("mtime", 0)
+            _need(isinstance(mtime, (int, float)) and not isinstance(mtime, bool), f"{where}.mtime", mtime,
+                  "a number")
 
 
 def check_listing(directory: Path, manifest: Manifest) -> None:

@@ -59,8 +59,35 @@ def run_info(cfg: RunConfig) -> dict[str, Any]:
     """What a checkpoint of ``cfg`` records about its run (``manifest.json``'s ``run``)."""
     return {"model": {k: getattr(cfg.model, k) for k in SHAPE_KEYS},
             "data": {"source": cfg.data.source, "path": cfg.data.path, "tokenizer": cfg.data.tokenizer,
-                     "blend": [dataclasses.asdict(b) for b in cfg.data.blend] if cfg.data.blend else None},
+                     "blend": [dataclasses.asdict(b) for b in cfg.data.blend] if cfg.data.blend else None,
+                     "identity": _data_identities(cfg)},
             "lr_decay_steps": schedule_steps(cfg)}
+
+
+def _data_identities(cfg: RunConfig) -> list:
+    """Each source's identity (:mod:`..data.identity`), one per blend entry, or the one source's."""
+    from ..data.identity import data_identity
+
+    entries = cfg.data.blend if cfg.data.source == "blend" else [cfg.data]
+    return [data_identity(e.source, e.path) for e in entries]
+
+
+def _data_change(cfg: RunConfig, saved: list | None, now: list, say: Callable[[str], Any] | None) -> str | None:
+    """What differs in the data's identity, in words, or None; a checkpoint without one only warns."""
+    from ..data.identity import identity_change
+
+    if saved is None:
+        if say is not None and any(now):
+            say("the checkpoint records no data identity (saved before it was recorded): the data it resumes "
+                "onto cannot be checked against what it trained on")
+        return None
+    entries = cfg.data.blend if cfg.data.source == "blend" else [cfg.data]
+    for i, (entry, old, new) in enumerate(zip(entries, saved, now)):
+        change = identity_change(old, new)
+        if change is not None:
+            key = f"data.blend[{i}].path" if cfg.data.source == "blend" else "data.path"
+            return f"{key} {entry.path} holds other data than the checkpoint trained on: {change}"
+    return None
 
 
 def schedule_steps(cfg: RunConfig) -> int:
@@ -73,12 +100,20 @@ def resume_config(cfg: RunConfig, found: Manifest, say: Callable[[str], Any] | N
 
     ``ValueError`` when the config's model shape or data differ from the checkpoint's."""
     run = found.run
-    saved_model, saved_data = run.get("model", {}), run.get("data", {})
+    saved_model, saved_data = run.get("model") or {}, run.get("data") or {}
+    # a model recorded without a shape key cannot be shown to match, and no config value fixes that
+    if missing := [f"model.{k}" for k in SHAPE_KEYS if saved_model and k not in saved_model]:
+        raise ValueError(f"refusing to resume step {found.step}: its manifest records no {', '.join(missing)}, so "
+                         f"the config's model cannot be checked against it; start a new run with --out NEW_FOLDER "
+                         f"(or --overwrite)")
     changed = [f"model.{k} {getattr(cfg.model, k)!r} (checkpoint: {saved_model[k]!r})"
                for k in SHAPE_KEYS if k in saved_model and saved_model[k] != getattr(cfg.model, k)]
     data = run_info(cfg)["data"]   # the config's, as a checkpoint records it (older ones lack some keys)
     changed += [f"data.{k} {data[k]!r} (checkpoint: {saved_data[k]!r})"
-                for k in data if k in saved_data and saved_data[k] != data[k]]
+                for k in data if k in saved_data and saved_data[k] != data[k] and k != "identity"]
+    if not changed and (change := _data_change(cfg, saved_data.get("identity"), data["identity"], say)):
+        raise ValueError(f"refusing to resume step {found.step}: {change}; resume with the data it was saved "
+                         f"with, or start a new run with --out NEW_FOLDER (or --overwrite)")
     if changed:
         raise ValueError(f"the config differs from the run it resumes (step {found.step}): {'; '.join(changed)}. "
                          f"Set these back to the checkpoint's values to continue that run, or start a new one "

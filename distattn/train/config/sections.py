@@ -77,6 +77,9 @@ class DataConfig:
     # balanced: most tokens one rank's sequence may hold (the memory estimate checks this length);
     # at least seq_len; unset: ceil(1.25 * seq_len) (distattn.packing.DEFAULT_CAP_FACTOR)
     token_cap: int | None = None
+    # preflight reads the data through once (distattn data verify: shard hashes, offsets, every token
+    # id) instead of trusting index.json's counts; off by default: it costs a full read of the corpus
+    verify: bool = False
 
     @property
     def cap(self) -> int:

@@ -26,12 +26,16 @@ def load_offsets(idx_path: Path, hint: str, mmap: bool = False) -> np.ndarray:
     """The document offsets in ``idx_path`` (memory-mapped with ``mmap``); ``ValueError`` naming the
     file and ``hint`` (the fix) when it is not a readable .npy array."""
     try:
-        return np.load(idx_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        offsets = np.load(idx_path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except _NPY_ERRORS as exc:
         detail = str(exc.args[0] if isinstance(exc, tokenize.TokenError) and exc.args else exc)  # args: (msg, pos)
         reason = detail.splitlines()[0][:200] if detail.strip() else type(exc).__name__
         raise ValueError(f"data.path: {idx_path} is not a readable .npy array of document offsets ({reason}); "
                          f"{hint}") from None
+    # float offsets truncate when used as indices: a token read twice, another never; bool/complex likewise
+    if offsets.dtype.kind not in "iu":
+        raise ValueError(f"data.path: {idx_path} holds {offsets.dtype} document offsets, not integers; {hint}")
+    return offsets
 
 
 def max_token(bin_path: Path, dtype) -> int:

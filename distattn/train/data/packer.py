@@ -6,6 +6,16 @@ from __future__ import annotations
 import numpy as np
 
 
+def token_place(corpus, doc: int, pos: int) -> str:
+    """Where token ``pos`` of document ``doc`` lies on disk, as precisely as ``corpus`` tells."""
+    if hasattr(corpus, "locate"):   # a prepared directory: the shard's file
+        shard, local = corpus.locate(doc)
+        return f"{corpus.directory / corpus.names[shard]}.bin at token {int(corpus.offsets[shard][local]) + pos}"
+    if hasattr(corpus, "bin_path"):
+        return f"{corpus.bin_path} at token {int(corpus.offsets[doc]) + pos}"
+    return f"{getattr(corpus, 'path', 'data.path')} document {doc} at token {pos}"
+
+
 class Blend:
     """Corpora mixed by weight (normalised to shares); :class:`Packer` walks it."""
 
@@ -58,8 +68,10 @@ class Packer:
     blend of n sources ``[offset, epoch_0, pos_0, tokens_0, ..., epoch_n-1, pos_n-1, tokens_n-1]``,
     with tokens_i the tokens of source i's finished documents (what the blend's schedule weighs)."""
 
-    def __init__(self, corpus, seq_len: int, seed: int = 0):
+    def __init__(self, corpus, seq_len: int, seed: int = 0, vocab_size: int | None = None):
         self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
+        # checked as each piece is read: an id past the embedding would die there as a bare IndexError
+        self.vocab_size = vocab_size
         self.blend = corpus if isinstance(corpus, Blend) else None
         self._walks = [_Walk(c, seed, (i + 1,) if self.blend else ()) for i, c in enumerate(self.corpora)]
         self.taken = [0] * len(self._walks)
@@ -138,8 +150,19 @@ class Packer:
         return pieces
 
     def read(self, pieces) -> np.ndarray:
-        """The tokens of ``pieces`` (:meth:`cut`'s), one after the other."""
-        return np.concatenate([self.corpora[s].read(d, a, b) for s, d, a, b in pieces] or [np.zeros(0, np.int64)])
+        """The tokens of ``pieces`` (:meth:`cut`'s), one after the other; ``ValueError`` naming the
+        file and offset of a token id outside ``vocab_size`` (when given)."""
+        parts = [self._read(s, d, a, b) for s, d, a, b in pieces]
+        return np.concatenate(parts or [np.zeros(0, np.int64)])
+
+    def _read(self, source: int, doc: int, start: int, end: int) -> np.ndarray:
+        tokens = self.corpora[source].read(doc, start, end)
+        if self.vocab_size is not None and len(tokens) and (tokens.max() >= self.vocab_size or tokens.min() < 0):
+            bad = int(np.flatnonzero((tokens >= self.vocab_size) | (tokens < 0))[0])
+            raise ValueError(f"{token_place(self.corpora[source], doc, start + bad)} holds token id "
+                             f"{int(tokens[bad])}, outside model.vocab_size {self.vocab_size}; the data is damaged "
+                             f"or was tokenized for another vocabulary: check it with `distattn data verify`")
+        return tokens
 
     def next(self, read: bool = True) -> tuple[np.ndarray | None, list[int]]:
         """The next sequence: (tokens ``[seq_len]`` or None when ``read`` is False, document lengths)."""

@@ -6,7 +6,7 @@ On disk (``DIR`` is ``--out``)::
                                  "tokenizer": "bytes", "vocab_size": 256, "dtype": "uint16",
                                  "tokens": T, "documents": D, "empty_documents": E, "max_token": M,
                                  "shards": [{"name": "shard_00000", "tokens": t0, "documents": d0,
-                                             "max_token": m0}, ...],
+                                             "max_token": m0, "bin_sha256": h, "idx_sha256": h'}, ...],
                                  "settings": {the inputs (path, bytes, mtime_ns), tokenizer and its
                                               sha256, shard_tokens: what a rerun is checked against}}
     DIR/shard_00000.bin         t0 token ids, flat, little-endian uint16 (vocab_size <= 65536) or uint32
@@ -63,6 +63,7 @@ import numpy as np
 
 from .sharded import FORMAT, FORMAT_VERSION, INDEX_LIMIT, INDEX_NAME, token_dtype
 from .corpus import max_token
+from .verify import shard_hashes
 from .readers import batches, bytes_before, decode, input_files, load_tokenizer
 from ..safe_io import open_lock, read_regular, replace_text
 
@@ -414,6 +415,8 @@ def _finish(out: Path, state: dict, tok, dtype: np.dtype) -> dict:
     for shard in shards:
         if "max_token" not in shard:   # recorded by an older prepare that was interrupted: read once, here
             shard["max_token"] = max_token(out / f"{shard['name']}.bin", dtype)
+        if "bin_sha256" not in shard:   # what `distattn data verify` and a resume's data identity check
+            shard.update(shard_hashes(out, shard["name"]))
     index = {"format": FORMAT, "version": FORMAT_VERSION, "tokenizer": state["settings"]["tokenizer"],
              "vocab_size": tok.vocab_size,
              "dtype": dtype.name, "tokens": sum(s["tokens"] for s in shards),

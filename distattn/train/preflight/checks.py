@@ -35,6 +35,8 @@ def check_data(cfg: RunConfig) -> None:
     and no token id is ``model.vocab_size`` or above, or below 0. A blend checks each source;
     its messages name ``data.blend[i]``."""
     d = cfg.data
+    if d.verify:
+        _verify_fully(d, cfg.model.vocab_size)
     if d.source != "blend":
         _check_source(d.source, d.path, d.tokenizer, cfg.model.vocab_size)
         return
@@ -47,6 +49,22 @@ def check_data(cfg: RunConfig) -> None:
                 if message.startswith(key):
                     raise ValueError(f"data.blend[{i}].{key[5:]}{message[len(key):]}") from None
             raise ValueError(f"data.blend[{i}] ({entry.source} {entry.path}): {message}") from None
+
+
+def _verify_fully(d, limit: int) -> None:
+    """``data.verify``: every prepared folder or token file read through (:mod:`..data.verify`);
+    the first problem refused in its one line."""
+    from ..data.verify import verify
+
+    entries = d.blend if d.source == "blend" else [d]
+    for i, entry in enumerate(entries):
+        if entry.source != "tokens":
+            continue   # megatron and hf ids are read through by the checks below in any case
+        problems, _ = verify(entry.path, limit)
+        if problems:
+            where = f"data.blend[{i}]" if d.source == "blend" else "data.verify"
+            raise ValueError(f"{where}: {problems[0]} ({len(problems)} problem(s): `distattn data verify "
+                             f"{entry.path}` lists them)")
 
 
 def _check_source(source: str, path: str | None, tokenizer: str | None, limit: int) -> None:
