@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from .api import attention
 from .executors.task_a2a import WorkerSaved
-from .kernels.registry import check_sinks, check_softcap
+from .kernels.registry import check_scale, check_sinks, check_softcap
 from .masks import as_doc_lens
 from .program import layer_order
 
@@ -216,7 +216,7 @@ def run_piece(piece: str, layer: Layer, plan, nano: NanoBatch, n: int) -> None:
             softcap = check_softcap(nano.args.get("softcap"))
             runtime.check_inputs(q, k, v, sinks=check_sinks(sinks, q), softcap=softcap)
             scale = nano.args.get("scale")
-            nano.flight = _Flight(runtime.executor, float(q.shape[-1] ** -0.5 if scale is None else scale), softcap)
+            nano.flight = _Flight(runtime.executor, check_scale(scale, q.shape[-1]), softcap)
             nano.token, nano.qkv = _Dispatch.apply(nano.flight, *runtime.to_compute_order(q, k, v)), None
         elif piece == "compute":
             nano.token = _Compute.apply(nano.flight, nano.token, sinks)

@@ -208,7 +208,7 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     if head_dim < 1:
         raise ValueError(f"head_dim must be >= 1 (q's last dimension), got {head_dim}")
     if scale is None:
-        return 1.0 / math.sqrt(head_dim)
+        return head_dim ** -0.5   # (as every caller spelt it before: bit for bit the same scale)
     if isinstance(scale, bool) or not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite float (the softmax's 1/sqrt(head_dim) by default, "
                          f"None for it), got {scale!r}")
