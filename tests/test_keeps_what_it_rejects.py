@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from ckpt_tools import save_tiny
-from distattn.cli.run_cmds import _set_aside_skipped
 from distattn.train.checkpoint import dcp as checkpoint
+from distattn.train.config import RunConfig
+from distattn.train.preflight import checks as preflight
 from distattn.train.safe_io import move_aside
 
 
@@ -48,7 +49,8 @@ def test_the_cli_resume_moves_skipped_checkpoints_aside(tmp_path):
     _two_checkpoints(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "step_6").mkdir()   # an older version's checkpoint: no manifest
     said = []
-    _set_aside_skipped(tmp_path, said.append)
+    cfg = RunConfig().replace(train={"out": str(tmp_path)})
+    assert preflight.prepare_out(cfg, True, False, say=said.append, checksums=False) == tmp_path / "ckpt" / "step_2"
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == \
         ["step_2", "step_4.rejected", "step_6.rejected"]
     assert "step_6.rejected" in said[0] and "step_4.rejected" in said[0]

@@ -101,18 +101,6 @@ def _dry_run(cfg, args, talk) -> int:
     return 0 if fits else 1
 
 
-def _set_aside_skipped(out, note) -> None:
-    """Rank 0, where a resume decides: the checkpoints it skips (a stray file, no or a bad manifest)
-    are moved to ``step_N.rejected``, so a later save of that step cannot delete them; its line says
-    where each went. The structure only: a checksum the ranks find wrong is moved aside by them."""
-    from ..train.checkpoint import dcp as checkpoint
-
-    try:
-        checkpoint.newest_usable(out / "ckpt", say=note, checksums=False, aside=True)
-    except ValueError:
-        pass   # none verifies: the check below refuses the resume, and what is there stays put
-
-
 def _prepare_out(cfg, out, resume, overwrite: bool, launched: bool, talk):
     """Rank 0, before any rank starts: ``out`` made ready (:func:`~distattn.train.preflight.prepare_out`),
     the config a resume trains with, the room for a checkpoint checked. Returns ``(cfg, the checkpoint
@@ -124,8 +112,6 @@ def _prepare_out(cfg, out, resume, overwrite: bool, launched: bool, talk):
     note = logging.getLogger("distattn.train").info   # what the library says: --log-level filters it
     # local ranks share this disk: hash every file here, where a mismatch can still pick an older
     # checkpoint before any rank starts; under a launcher the ranks split the hashing
-    if resume and not overwrite:
-        _set_aside_skipped(out, note)
     start_from = preflight.prepare_out(cfg, resume, overwrite, say=note, checksums=not launched)
     newest = None
     if start_from is not None:

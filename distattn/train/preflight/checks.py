@@ -152,7 +152,8 @@ def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=None, checksu
 
     ``ValueError`` when the folder holds another run and neither ``resume`` nor ``overwrite`` is set,
     when a resume finds nothing to load, or when no checkpoint verifies (``checksums``: hash every file
-    too, else only the structure: the ranks hash their shares).
+    too, else only the structure: the ranks hash their shares). A resume moves each newer checkpoint it
+    skips to ``step_N.rejected`` and its line says where.
     """
     say = say or logging.getLogger(__name__).info
     if resume and overwrite:
@@ -172,7 +173,9 @@ def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=None, checksu
             raise ValueError(f"train.out {out} already holds a run ({held}); pass --resume to continue it, "
                              f"--overwrite to replace it, or --out NEW_FOLDER")
         return None
-    last = checkpoint.newest_usable(out / "ckpt", say=say, checksums=checksums)
+    # rank 0, where the resume decides: what it skips goes to step_N.rejected, so that a later save of
+    # that step cannot delete what no run of ours may have written
+    last = checkpoint.newest_usable(out / "ckpt", say=say, checksums=checksums, aside=True)
     if last is None:
         raise ValueError(f"--resume: no checkpoint under {out / 'ckpt'}; drop --resume to start a new run")
     return last
