@@ -11,6 +11,12 @@ the ranks that never came), :func:`subgroups` (process groups made from a
 parent group once, with the parent's timeout, found again by later plans) and
 :func:`group_timeout`.
 
+And what a phase of a run says when another rank died or went silent in it: :func:`peer_phase`
+turns torch.distributed's and gloo's errors (a store wait that timed out, "Connection closed by
+peer", "pair closure") into :class:`PeerFailed`, one line naming the phase, its path and the rank
+when it can be known (a store key names it; with two ranks it is the other one; the launching process
+of local ranks knows which one died or stayed silent, :class:`distattn.spawn.RankError`).
+
 It also clocks how long this rank is held up by its transfers (``wait_seconds``):
 host seconds inside waits when the host blocks (gloo), and on CUDA the stall of
 the compute stream, timed by events recorded around each wait (nccl's wait
@@ -24,7 +30,9 @@ an all-to-all counts what goes to other ranks.
 
 from __future__ import annotations
 
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -33,6 +41,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+
+from .phases import note_phase
 
 # torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single
 # (the old names warn); we accept torch >= 2.5, so pick whichever exists.
@@ -291,3 +301,114 @@ def subgroups(parent, rank_sets: Sequence[Sequence[int]], agree_on: str, what: s
             raise RuntimeError(f"distattn: {what}: creating the process group of ranks {m} failed or timed out "
                                f"after {timeout.total_seconds():g} s ({exc})") from exc
     return out
+
+
+# ---- a peer that failed, in one line ------------------------------------------------------------
+
+# what gloo and the store say when the other end is gone or silent (gloo raises plain RuntimeErrors)
+_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused")
+_SILENT = ("timeout", "timed out", "pair closure")
+_STORE_KEY_RANK = re.compile(r"keys: \S*?/(\d+)\s*$")   # gloo's connect waits for the missing rank's key
+_NAMED = re.compile(r"for rank\(s\) \[([\d, ]+)\]")
+
+
+@dataclass(frozen=True)
+class PeerFailure:
+    """What a rank knows when a collective or the store failed because of another rank: ``phase``
+    (``"start-up"``, ``"saving checkpoint step_6"``, ``"checkpoint agreement"``), ``path`` (what the
+    phase works on), ``ranks`` (whom to blame; empty: unknown), ``what`` happened to them and the
+    underlying ``cause`` in one line."""
+
+    phase: str
+    path: str
+    ranks: tuple[int, ...] = ()
+    what: str = "failed"
+    cause: str = ""
+
+    def line(self) -> str:
+        who = (f"rank {self.ranks[0]}" if len(self.ranks) == 1 else f"ranks {list(self.ranks)}") if self.ranks \
+            else "a peer rank"
+        return f"{self.phase} ({self.path}): {who} {self.what}"
+
+    def blame(self, ranks, what: str | None = None) -> "PeerFailure":
+        """The same failure pinned on ``ranks`` (who the launcher saw die or stay silent)."""
+        return PeerFailure(self.phase, self.path, tuple(sorted(ranks)), what or self.what, self.cause)
+
+
+class PeerFailed(RuntimeError):
+    """A peer rank died or stopped answering during a phase of the run; ``str`` is one line naming the
+    rank (when known), the phase and the path. ``failure`` holds the parts (:class:`PeerFailure`)."""
+
+    def __init__(self, failure: PeerFailure):
+        super().__init__(failure.line())
+        self.failure = failure
+
+    def __reduce__(self):   # pickles to the launching process (distattn.spawn) with its parts
+        return PeerFailed, (self.failure,)
+
+
+def peer_failure(exc: BaseException, phase: str, path, seconds: float | None = None) -> PeerFailure | None:
+    """``exc`` as a :class:`PeerFailure` when it is torch.distributed's or gloo's way of saying another
+    rank is gone or silent, else None. ``seconds``: the timeout the phase ran under."""
+    if isinstance(exc, PeerFailed):
+        return exc.failure
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    low = str(exc).lower()
+    if not isinstance(exc, dist.DistError) and not (isinstance(exc, RuntimeError)
+                                                    and any(w in low for w in _GONE + _SILENT)):
+        return None
+    if seconds is None and dist.is_initialized():
+        seconds = group_timeout(dist.group.WORLD).total_seconds()
+    within = f" within {seconds:g} s" if seconds else ""
+    ranks: tuple[int, ...] = ()
+    if any(w in low for w in _GONE):
+        what = "closed its connection (it died or was killed)"
+    elif any(w in low for w in _SILENT):
+        joining = phase == "start-up" and (isinstance(exc, dist.DistStoreError) or not dist.is_initialized())
+        what = f"did not join the process group{within}" if joining else f"did not answer{within}"
+        found = _STORE_KEY_RANK.search(str(exc).strip())
+        ranks = (int(found.group(1)),) if found and isinstance(exc, dist.DistStoreError) else ()
+    else:
+        what = f"failed ({text})"
+    named = _NAMED.search(str(exc))   # this module's own store waits name who never came
+    if not ranks and named:
+        ranks = tuple(int(r) for r in named.group(1).split(","))
+    if not ranks and dist.is_initialized() and dist.get_world_size() == 2:
+        ranks = (1 - dist.get_rank(),)   # two ranks: the peer is the other one
+    return PeerFailure(phase, str(path), ranks, what, text)
+
+
+@contextmanager
+def peer_phase(phase: str, path, seconds: float | None = None):
+    """Run a phase of the run in which another rank's death or silence surfaces as an error of
+    torch.distributed or gloo: it leaves as :class:`PeerFailed`, one line naming the rank (when known),
+    ``phase`` and ``path``. Other errors pass unchanged. In a rank of :func:`distattn.spawn.run_distributed`
+    the launching process is told the phase, so that a rank that dies without a word is reported with it."""
+    note_phase(phase, str(path))
+    try:
+        yield
+    except PeerFailed:
+        raise
+    except RuntimeError as exc:
+        failure = peer_failure(exc, phase, path, seconds) if _distributed(exc) else None
+        if failure is None:
+            raise
+        raise PeerFailed(failure) from exc
+    finally:
+        note_phase(None)
+
+
+def _distributed(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or the error it was raised from) came out of torch.distributed or this module's
+    waits: a RuntimeError that merely says "timed out" elsewhere (a data source, the user's code) is
+    not a peer's failure."""
+    while exc is not None:
+        if isinstance(exc, dist.DistError) or str(exc).startswith("distattn: ") and "failed or timed out" in str(exc):
+            return True
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_globals.get("__name__", "").startswith("torch.distributed"):
+                return True
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
+    return False

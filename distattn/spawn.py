@@ -9,7 +9,9 @@ ports clash) and may use ``torch.distributed.group.WORLD``. It must be
 importable by name (a module-level function). A rank that raises makes
 ``run_distributed`` raise :class:`RankError` with that rank's traceback; a
 rank that dies or does not finish within ``timeout`` seconds ends every rank
-and raises too. Collectives time out after ``collective_timeout`` seconds, so
+and raises too. The error also says which ranks died, which stayed silent (stuck)
+and the phase each said it was in (:func:`distattn.phases.note_phase`): a peer's failure named.
+Collectives time out after ``collective_timeout`` seconds, so
 a rank stuck in a collective fails instead of hanging.
 
 Signals: no rank outlives the caller (each rank watches a pipe whose only writer is the caller
@@ -38,6 +40,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 from . import log
+from . import phases as phase_notes
 
 
 class Terminated(RuntimeError):
@@ -60,13 +63,37 @@ def _stop_rank(signum, frame):
 
 
 class RankError(RuntimeError):
-    """A rank failed; ``rank`` and the remote ``traceback`` text are attached."""
+    """A rank failed; ``rank`` and the remote ``traceback`` text are attached, and what the caller saw of
+    the others: ``original`` (the reporting rank's exception, when it pickles), ``crashed`` (rank ->
+    exit code of ranks that died without a result), ``silent`` (ranks still alive that had not
+    reported: stuck, when a peer's error was a timeout) and ``phases`` (rank -> (phase, path) it was in,
+    :func:`distattn.phases.note_phase`)."""
 
-    def __init__(self, rank: int, message: str, remote_traceback: str = ""):
+    def __init__(self, rank: int, message: str, remote_traceback: str = "", original: BaseException | None = None,
+                 crashed: dict[int, int] | None = None, silent: list[int] | None = None,
+                 phases: dict[int, tuple[str, str]] | None = None):
         super().__init__(f"rank {rank}: {message}" + (f"\n--- traceback of rank {rank} ---\n{remote_traceback}"
                                                        if remote_traceback else ""))
         self.rank = rank
         self.remote_traceback = remote_traceback
+        self.original, self.crashed, self.silent = original, crashed or {}, silent or []
+        self.phases = phases or {}
+
+
+def _portable(exc: BaseException) -> bytes | None:
+    """``exc`` pickled for the caller (who then tells, e.g., a peer's failure by its type), or None."""
+    try:
+        blob = pickle.dumps(exc)
+    except Exception:   # an exception holding what does not pickle: the text alone travels
+        return None
+    return blob if len(blob) < 1 << 16 else None
+
+
+def _unpickled(msg) -> BaseException | None:
+    try:
+        return pickle.loads(msg[4]) if len(msg) > 4 and msg[4] is not None else None
+    except Exception:   # a class the caller cannot rebuild: the text alone
+        return None
 
 
 def _context():
@@ -101,6 +128,10 @@ def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, t
     import torch.distributed as dist
 
     _die_with_caller(lifeline)
+
+    def tell(phase, path):
+        results.put((rank, "phase", phase, path))
+    phase_notes.channel = tell
     # Ctrl-C reaches the whole terminal process group: the caller alone decides, ranks do not
     # print a traceback each
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -110,18 +141,22 @@ def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, t
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=collective_timeout))
-        if backend == "gloo":
-            # gloo connects its full mesh eagerly; a rank whose fn returns at once would otherwise exit
-            # and close a socket a slower peer is still handshaking on ("Connection closed by peer")
-            dist.barrier()
+        from .comm import peer_phase
+
+        # a rank that never joins (or dies joining) is named in one line (PeerFailed), not gloo's text
+        with peer_phase("start-up", f"{world_size} local ranks", collective_timeout):
+            dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=collective_timeout))
+            if backend == "gloo":
+                # gloo connects its full mesh eagerly; a rank whose fn returns at once would otherwise exit
+                # and close a socket a slower peer is still handshaking on ("Connection closed by peer")
+                dist.barrier()
         out = fn(*args, **kwargs)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # done: the caller's repeats must not lose the result
         results.put((rank, "ok", pickle.dumps(out)))
     except BaseException as exc:  # report everything, including KeyboardInterrupt in a rank
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        results.put((rank, "error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), _portable(exc)))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -231,10 +266,14 @@ def _get(results, timeout: float):
 def _collect(procs, results, world_size: int, timeout: float, term: _TermForwarder,
              term_grace: float) -> list[Any]:
     done: dict[int, Any] = {}
+    phases: dict[int, tuple[str, str] | None] = {}
     deadline = time.monotonic() + timeout
     while len(done) < world_size:
         term.forward(every=1.0)
         msg = _get(results, 0.2)
+        if msg is not None and msg[1] == "phase":
+            phases[msg[0]] = None if msg[2] is None else (msg[2], msg[3])
+            continue
         if msg is not None and msg[1] == "ok":
             done[msg[0]] = pickle.loads(msg[2])
             continue
@@ -246,31 +285,40 @@ def _collect(procs, results, world_size: int, timeout: float, term: _TermForward
             raise Terminated(f"stopped by {term.name}" + (f"; ranks {missing} did not finish within "
                                                           f"{term_grace:.0f} s" if late else ""), None, term.signum)
         if msg is not None or crashed:
-            raise _first_failure(procs, results, done, msg)
+            raise _first_failure(procs, results, done, msg, phases)
         if time.monotonic() > deadline:
             missing = sorted(set(range(world_size)) - set(done))
             raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f} s (killed)")
     return [done[r] for r in range(world_size)]
 
 
-def _first_failure(procs, results, done, msg, grace: float = 2.0) -> RankError:
+def _first_failure(procs, results, done, msg, phases: dict, grace: float = 2.0) -> RankError:
     """Pick the root cause once something failed: a rank that died without reporting
-    (a crash) explains the errors its peers then raise, so it wins over them."""
+    (a crash) explains the errors its peers then raise, so it wins over them. Ranks still alive
+    and silent after ``grace`` seconds are named too (a stuck rank explains its peers' timeouts), and
+    the phase each rank said it was in (:func:`distattn.phases.note_phase`)."""
     errors = [msg] if msg is not None else []
     end = time.monotonic() + grace
     while time.monotonic() < end:
         extra = _get(results, 0.1)
-        if extra is not None and extra[1] != "ok":
+        if extra is not None and extra[1] == "phase":
+            phases[extra[0]] = None if extra[2] is None else (extra[2], extra[3])
+        elif extra is not None and extra[1] != "ok":
             errors.append(extra)
         elif extra is not None:
             done[extra[0]] = None
         reported = {e[0] for e in errors} | set(done)
-        crashed = [r for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
+        crashed = {r: p.exitcode for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)}
         if crashed:
+            first = min(crashed)
             others = "; ".join(f"rank {e[0]}: {e[2]}" for e in errors)
             note = f" (then {others})" if others else ""
-            return RankError(crashed[0], f"process exited with code {procs[crashed[0]].exitcode} without a "
-                                         f"result{note}")
+            return RankError(first, f"process exited with code {crashed[first]} without a result{note}",
+                             original=_unpickled(errors[0]) if errors else None, crashed=crashed,
+                             phases={r: p for r, p in phases.items() if p is not None})
         if errors and all(p.exitcode is not None for p in procs):
             break
-    return RankError(errors[0][0], errors[0][2], errors[0][3])
+    reported = {e[0] for e in errors} | set(done)
+    silent = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is None]
+    return RankError(errors[0][0], errors[0][2], errors[0][3], original=_unpickled(errors[0]), silent=silent,
+                     phases={r: p for r, p in phases.items() if p is not None})

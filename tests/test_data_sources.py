@@ -205,7 +205,8 @@ def test_a_packer_resumes_exactly_from_its_state(tmp_path, kind):
 
 # ---- refusals -----------------------------------------------------------------------------------
 def _cfg(tmp_path, vocab: int = 256, **data) -> RunConfig:
-    return validate(RunConfig().replace(model={"vocab_size": vocab}, data=data))
+    # train.out: where preflight keeps its scan of an hf source (not the default runs/tiny)
+    return validate(RunConfig().replace(model={"vocab_size": vocab}, data=data, train={"out": str(tmp_path / "run")}))
 
 
 def _one_line(call, *args, **kwargs) -> str:
@@ -265,7 +266,8 @@ def test_hf_refusals(tmp_path):
     assert "has no 'text' column or 'input_ids' column (columns: body)" in _one_line(HFCorpus, tmp_path / "body.parquet")
     pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "nulls.parquet")
     nulls = _cfg(tmp_path, source="hf", path=str(tmp_path / "nulls.parquet"))
-    assert "nulls.parquet has 1 rows whose 'text' is null" in _one_line(preflight.check_data, nulls)
+    assert "nulls.parquet row 1: 'text' is null (1 bad row in 1 file); fix or drop it" in \
+        _one_line(preflight.check_data, nulls)
     pq.write_table(pa.table({"input_ids": [[1, 2], [70000]]}), tmp_path / "ids.parquet")
     ids = _cfg(tmp_path, source="hf", path=str(tmp_path / "ids.parquet"))
     assert "ids.parquet holds token id 70000, but model.vocab_size is 256" in _one_line(preflight.check_data, ids)

@@ -17,8 +17,8 @@ FOLDERS = {"distattn": "distattn", "kernels": "distattn.kernels", "parallel": "d
 
 # lowest first; a module belongs to the first prefix that matches it (longest prefixes listed first)
 LAYERS = [
-    ("foundation", ["distattn.masks", "distattn.merge", "distattn.comm", "distattn.doclens", "distattn.cost",
-                    "distattn.timing", "distattn.spawn", "distattn._forkserver", "distattn.network",
+    ("foundation", ["distattn.masks", "distattn.merge", "distattn.comm", "distattn.phases", "distattn.doclens",
+                    "distattn.cost", "distattn.timing", "distattn.spawn", "distattn._forkserver", "distattn.network",
                     "distattn.network_csv", "distattn.jsonfile",
                     "distattn.program", "distattn.extras", "distattn.configs", "distattn.log", "distattn.wire",
                     "distattn.virtual", "distattn.model_shape", "distattn.packing"]),

@@ -142,7 +142,9 @@ def test_resume_config_names_a_model_recorded_without_its_shape_keys(tmp_path):
 
     cfg = load_config("tiny")
     run = run_info(cfg)
-    assert resume_config(cfg, SimpleNamespace(run={}, step=3)).train.lr_decay_steps == cfg.train.steps
+    with pytest.raises(ValueError, match=r"refusing to resume step 3: its manifest records no model\.dim, "):
+        resume_config(cfg, SimpleNamespace(run={}, step=3))   # `run = {}` must not skip the shape check
+    assert resume_config(cfg, SimpleNamespace(run=run, step=3)).train.lr_decay_steps == cfg.train.steps
     partial = {**run, "model": {"dim": run["model"]["dim"]}, "lr_decay_steps": None}
     with pytest.raises(ValueError, match=r"refusing to resume step 3: its manifest records no model\.n_layers, "
                                          r"model\.n_heads") as err:

@@ -14,14 +14,17 @@ def _cmd_prepare(args) -> int:
     start = time.monotonic()
     try:
         index = prepare(args.inputs, args.out, tokenizer=args.tokenizer, shard_tokens=args.shard_tokens,
-                        workers=args.workers, overwrite=args.overwrite)
+                        workers=args.workers, overwrite=args.overwrite, on_bad_document=args.on_bad_document)
     except KeyboardInterrupt:
         print(f"distattn data prepare: interrupted; rerun the same command to continue where {args.out} stopped",
               file=sys.stderr)
         return 130
     seconds = time.monotonic() - start
     size = sum(i["bytes"] for i in index["settings"]["inputs"])
-    print(f"{args.out}: {index['documents']:,} documents, {index['tokens']:,} tokens ({index['dtype']}) in "
+    left_out = [f"{index.get(key, 0):,} {word}" for key, word in (("empty_documents", "empty"),
+                                                                  ("skipped_documents", "skipped")) if index.get(key)]
+    print(f"{args.out}: {index['documents']:,} documents{' (' + ', '.join(left_out) + ' left out)' if left_out else ''}, "
+          f"{index['tokens']:,} tokens ({index['dtype']}) in "
           f"{len(index['shards'])} shards, vocabulary {index['vocab_size']:,}; {size / 1e6:,.2f} MB of input, "
           f"{seconds:,.1f} s this run")
     print(f"train on it with  data: {{source: tokens, path: {args.out}}}  and  model.vocab_size >= "
@@ -72,6 +75,10 @@ def add_parsers(sub) -> None:
     prep.add_argument("--shard-tokens", type=tokens, default=2**28, metavar="TOKENS",
                       help="tokens per shard at most (a longer document gets a shard of its own), e.g. 256M")
     prep.add_argument("--overwrite", action="store_true", help="replace what an earlier prepare left in DIR")
+    prep.add_argument("--on-bad-document", choices=["fail", "skip"], default="fail",
+                      help="a line or row that cannot be read (null, not UTF-8, a lone surrogate, JSON too deep, a "
+                           "Parquet page that does not decode): fail names its file and line or row; skip leaves it "
+                           "out, counted in index.json (skipped_documents)")
     prep.set_defaults(func=_cmd_prepare)
 
     ver = data_sub.add_parser(

@@ -129,15 +129,65 @@ def _prepare_out(cfg, out, resume, overwrite: bool, launched: bool, talk):
     return cfg, start_from
 
 
+def _peer_line(exc, out, advice: str) -> str | None:
+    """One line for a local run that a rank's death or silence stopped, naming that rank (the launcher saw
+    it die or stay silent), the phase and the path; None for other failures."""
+    import dataclasses
+
+    from ..comm import PeerFailed, PeerFailure
+
+    if isinstance(exc.original, PeerFailed):
+        failure = exc.original.failure
+    elif exc.crashed and min(exc.crashed) in exc.phases:   # it died before any peer noticed: its own phase
+        failure = PeerFailure(*exc.phases[min(exc.crashed)])
+    else:
+        return None
+    if failure.phase == "start-up":   # (the launcher's own start names no folder)
+        failure = dataclasses.replace(failure, path=str(out))
+    if exc.crashed:
+        code = exc.crashed[min(exc.crashed)]
+        signals = {-s.value: s.name for s in signal.Signals}
+        died = f"died (killed by {signals[code]})" if code in signals else f"exited with code {code}"
+        failure = failure.blame(exc.crashed, died)
+    elif exc.silent:
+        failure = failure.blame(exc.silent)
+    return f"distattn train: {failure.line()}; the run stopped{advice}"
+
+
+def _peer_failed(exc, out, rank: int) -> int:
+    """Under a launcher: one line from rank 0, or from another rank when rank 0 is the one that failed or
+    it cannot tell (each rank decides alone: the group is broken)."""
+    import threading
+
+    from ..train.checkpoint.resume import usable_checkpoint
+
+    if threading.current_thread() is threading.main_thread():
+        # the run is over: torchrun's SIGTERM to the ranks left (it saw the peer die) must not turn exit
+        # code 1 into death by SIGTERM while this process prints and exits
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    blamed = exc.failure.ranks
+    if rank == 0 or not blamed or 0 in blamed:
+        saved = usable_checkpoint(out)
+        advice = f"; rerun with --resume to continue from {saved}" if saved else ""
+        print(f"distattn train: {exc}; the run stopped{advice}", file=sys.stderr)
+    return 1
+
+
 def _train_and_report(cfg, out, resume, talk) -> int:
     """Run the ranks; the command's exit code, with one line for a run that failed or was stopped."""
+    from ..comm import PeerFailed
     from ..spawn import RankError, Terminated
+    from ..train.checkpoint import dcp as checkpoint
     from ..train.checkpoint.resume import usable_checkpoint
     from ..train.safe_io import WriteFailed
     from ..train.trainer import run
 
+    launched = "RANK" in os.environ
+    before = {} if launched else checkpoint.partials(out / "ckpt")
     try:
         history = run(cfg, resume=resume)
+    except PeerFailed as exc:   # under a launcher: this rank saw a peer die or fall silent
+        return _peer_failed(exc, out, int(os.environ.get("RANK", "0")))
     except Terminated as exc:
         print(_stopped(exc, out), file=sys.stderr)
         return exc.exit_code
@@ -145,8 +195,13 @@ def _train_and_report(cfg, out, resume, talk) -> int:
         print(f"distattn train: {exc}; newest good checkpoint: {usable_checkpoint(out) or 'none'}", file=sys.stderr)
         return 1
     except RankError as exc:
+        checkpoint.drop_new_partials(out / "ckpt", before)
         saved = usable_checkpoint(out)
         advice = f"; rerun with --resume to continue from {saved}" if saved else ""
+        peer = _peer_line(exc, out, advice)
+        if peer is not None:
+            print(peer, file=sys.stderr)
+            return 1
         first = str(exc).splitlines()[0]
         for agreed in (": NonFinite: ", ": WriteFailed: "):   # every rank agrees on these: no one rank failed
             if agreed in first:
@@ -188,16 +243,16 @@ def _cmd_train(args) -> int:
     # a torchrun restart that finds nothing to resume starts the run again
     restarted = resuming.restarted()
     overwrite = args.overwrite and not restarted or (restarted and not resume)
-    lock = start_from = None
-    if rank0:
-        lock = preflight.lock_out(out)
-        prepared = _prepare_out(cfg, out, resume, overwrite, launched, talk)
-        if prepared is None:
-            return 0
-        cfg, start_from = prepared
-    talk(f"distattn train {args.config}: {cfg.world_size} rank(s) (dp {p.dp} x cp {p.cp}), scheduler {p.scheduler}, "
-         f"{cfg.data.seq_len} tokens per sequence, {cfg.train.steps} steps -> {out}", flush=True)
+    lock = preflight.lock_out(out) if rank0 else None
     try:
+        start_from = None
+        if rank0:
+            prepared = _prepare_out(cfg, out, resume, overwrite, launched, talk)
+            if prepared is None:
+                return 0
+            cfg, start_from = prepared
+        talk(f"distattn train {args.config}: {cfg.world_size} rank(s) (dp {p.dp} x cp {p.cp}), scheduler "
+             f"{p.scheduler}, {cfg.data.seq_len} tokens per sequence, {cfg.train.steps} steps -> {out}", flush=True)
         # a local run's checkpoint was hashed above, before any rank started: the ranks take it as it is
         verified = start_from if resume and not launched and start_from is not None else None
         return _train_and_report(cfg, out, verified or resume, talk)

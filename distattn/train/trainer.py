@@ -53,7 +53,9 @@ good state), with ``skip_step`` it goes on and the step is logged with ``"skippe
 SIGTERM (how Slurm preempts) or Ctrl-C makes every rank finish its step, save a checkpoint and
 stop; the ranks agree on the step through the loss all-reduce every step makes anyway. A save
 that fails (a full disk, a read-only folder) stops the run with ``WriteFailed``: one line, the
-cause and the path, and the checkpoints before it intact (:mod:`.checkpoint`).
+cause and the path, and the checkpoints before it intact (:mod:`.checkpoint`). A rank that hangs or
+dies during start-up, a save, the checkpoint agreement or the load stops the others with
+:class:`~distattn.comm.PeerFailed`: one line naming the phase, the path and the rank when known.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from ..comm import peer_phase
 from ..plan_cache import PlanCache
 from ..schedule import imbalance
 from ..spawn import Terminated
@@ -164,7 +167,12 @@ class Trainer:
         return self.history
 
     def setup(self) -> "Trainer":
-        """Join (or make) the process group, build the mesh, model, optimizer and data, and resume."""
+        """Join (or make) the process group, build the mesh, model, optimizer and data, and resume. A
+        rank that does not join, or dies meanwhile, is :class:`~distattn.comm.PeerFailed` (one line)."""
+        with peer_phase("start-up", self.config.train.out, self.config.parallel.timeout_s):
+            return self._setup()
+
+    def _setup(self) -> "Trainer":
         from ..mesh import ParallelDims
         from ..schedulers import spec
 
@@ -239,7 +247,8 @@ class Trainer:
         if last is None:
             raise ValueError(f"--resume: no checkpoint under {ckpt}")
         self.config = resume_config(self.config, manifest.read(last))   # the launching process printed what changed
-        self.done, data_state = checkpoint.load(last, self.model, self.optimizer)
+        with peer_phase(f"loading checkpoint {last.name}", last):
+            self.done, data_state = checkpoint.load(last, self.model, self.optimizer)
         self.batches.load_state(data_state)
 
     def step(self) -> dict:

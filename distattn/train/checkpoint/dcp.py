@@ -11,7 +11,10 @@ packer's cursor and the RNG state, in ``ckpt/step_N/``::
   Before writing, rank 0 checks the file system has room for the checkpoint. Any error -- no space,
   a read-only folder, a failed rank -- is agreed on by all ranks, the partial folder is removed and
   every rank raises :class:`~distattn.train.safe_io.WriteFailed` with one line: the cause (errno
-  text) and the path. Older checkpoints are never touched.
+  text) and the path. A rank that dies or hangs cannot agree: the others raise
+  :class:`~distattn.comm.PeerFailed` (one line: the phase, the path, the rank when known) and rank 0
+  removes the partial folder (the launching process does, when rank 0 is the one gone:
+  :func:`drop_new_partials`). Older checkpoints are never touched.
 * **A checkpoint verifies** (:func:`verify`) when its folder holds exactly its manifest's files, each
   of the listed size and hash, and DCP's metadata reads safely (:mod:`.dcp_safe`). "Newest good"
   always means newest that verifies: :func:`newest_usable` (the launching process, ``distattn ckpt
@@ -34,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import manifest
+from ...comm import PeerFailed, peer_phase
 from .dcp_safe import SafeLoadPlanner, SafeReader, check_storage, read_metadata
 from ..safe_io import WriteFailed, fsync_dir, move_aside, one_line, remove
 
@@ -83,6 +87,24 @@ def candidates(ckpt_root: Path, live: bool = False) -> tuple[list[Path], list[st
                for p in sorted(ckpt_root.iterdir(), key=lambda p: p.name, reverse=True)
                if (m := _PARTIAL_DIR.fullmatch(p.name)) and int(m.group(1)) > newest]
     return found, skipped
+
+
+def partials(ckpt_root: Path) -> dict[str, int]:
+    """The unfinished saves (``step_N.partial`` folders) under ``ckpt_root``: name -> inode."""
+    try:
+        return {p.name: p.lstat().st_ino for p in Path(ckpt_root).iterdir()
+                if _PARTIAL_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink()}
+    except OSError:
+        return {}
+
+
+def drop_new_partials(ckpt_root: Path, before: dict[str, int]) -> None:
+    """Remove the unfinished saves that are not in ``before`` (:func:`partials` when the run started):
+    the launching process cleans up after a rank that died or hung mid-save. What the run did not
+    write stays."""
+    for name, inode in partials(ckpt_root).items():
+        if before.get(name) != inode:
+            shutil.rmtree(Path(ckpt_root) / name, ignore_errors=True)
 
 
 def _none_usable(ckpt_root: Path, skipped: list[str]) -> ValueError:
@@ -136,6 +158,11 @@ def agreed_checkpoint(ckpt_root: Path, say: Callable[[str], Any] | None = None) 
     """:func:`newest_usable` for the ranks of a job: rank 0 lists the candidates, every rank checks
     each one's structure and hashes its share of the files (:func:`manifest.own_files`), and all take
     the newest that passed everywhere. Every rank makes the same collectives."""
+    with peer_phase("checkpoint agreement", ckpt_root):   # a peer gone or silent: one line (PeerFailed)
+        return _agreed_checkpoint(ckpt_root, say)
+
+
+def _agreed_checkpoint(ckpt_root: Path, say: Callable[[str], Any] | None) -> Path | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     listing = [candidates(ckpt_root) if rank == 0 else None]
     dist.broadcast_object_list(listing, src=0)
@@ -209,6 +236,25 @@ def save(directory: Path, model, optimizer, step: int, data_state: list[int], ru
     state = {"model": model_sd, "optim": optim_sd,
              "train": {"step": torch.tensor(step), "data": torch.tensor(data_state, dtype=torch.int64),
                        "rng": torch.get_rng_state()}}
+    try:
+        # a peer that dies or hangs surfaces as gloo's error in a collective: one line (PeerFailed)
+        with peer_phase(f"saving checkpoint {directory.name}", directory):
+            error = _save_steps(state, partial, directory, step, run, rank, world)
+    except PeerFailed as exc:
+        # the partial folder is this save's own (rank 0's _make_room made it): nothing of it stays. Rank 0
+        # removes it, or the rank that saw rank 0 go (under a launcher no other process would)
+        if rank == 0 or 0 in exc.failure.ranks:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise WriteFailed(f"saving checkpoint {directory} failed: {error}")
+
+
+def _save_steps(state: dict, partial: Path, directory: Path, step: int, run: dict | None, rank: int,
+                world: int) -> str | None:
+    """:func:`save`'s phases; the error every rank agreed on, or None."""
     # each phase's errors are agreed on (_together) before the next starts, so every rank takes the same path
     error = _together(_make_room(partial, state) if rank == 0 else None)
     if error is None:
@@ -218,11 +264,7 @@ def save(directory: Path, model, optimizer, step: int, data_state: list[int], ru
         files, error = _hash(partial, rank, world)
     if error is None and rank == 0:
         error = _publish(partial, directory, step, files, run)
-    error = _together(error)
-    if error is not None:
-        if rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise WriteFailed(f"saving checkpoint {directory} failed: {error}")
+    return _together(error)
 
 
 def _make_room(partial: Path, state: dict) -> str | None:

@@ -101,8 +101,9 @@ def resume_config(cfg: RunConfig, found: Manifest, say: Callable[[str], Any] | N
     ``ValueError`` when the config's model shape or data differ from the checkpoint's."""
     run = found.run
     saved_model, saved_data = run.get("model") or {}, run.get("data") or {}
-    # a model recorded without a shape key cannot be shown to match, and no config value fixes that
-    if missing := [f"model.{k}" for k in SHAPE_KEYS if saved_model and k not in saved_model]:
+    # a model recorded without a shape key (or none: `run = {}`) cannot be shown to match, and no config
+    # value fixes that; every checkpoint the trainer writes records all of them
+    if missing := [f"model.{k}" for k in SHAPE_KEYS if k not in saved_model]:
         raise ValueError(f"refusing to resume step {found.step}: its manifest records no {', '.join(missing)}, so "
                          f"the config's model cannot be checked against it; start a new run with --out NEW_FOLDER "
                          f"(or --overwrite)")

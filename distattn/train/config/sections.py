@@ -15,6 +15,7 @@ DTYPES = ("fp32", "bf16")
 ON_NONFINITE = ("stop", "skip_step")
 SOURCES = ("stdlib", "tokens", "megatron", "hf", "blend")
 PACKINGS = ("stream", "balanced")
+ON_BAD_DOCUMENT = ("fail", "skip")
 AUTO = "auto"          # parallel.cp / parallel.scheduler chosen per step (distattn/train/auto_plan.py)
 FALLBACK = "zigzag"    # what scheduler: auto runs when a step's choice is late (the fixed choice)
 
@@ -80,6 +81,10 @@ class DataConfig:
     # preflight reads the data through once (distattn data verify: shard hashes, offsets, every token
     # id) instead of trusting index.json's counts; off by default: it costs a full read of the corpus
     verify: bool = False
+    # a document that cannot be read (a null or undecodable row of an hf source, a Parquet page that
+    # does not decode): fail (preflight refuses it, naming the file and row) or skip (passed over,
+    # counted in one log line); distattn/train/data/bad_rows.py
+    on_bad_document: str = "fail"
 
     @property
     def cap(self) -> int:

@@ -8,7 +8,7 @@ import math
 import typing
 
 from ...schedulers import LOCAL, NAMES, spec
-from .sections import AUTO, CHECKPOINTING, DTYPES, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainSection
+from .sections import AUTO, CHECKPOINTING, DTYPES, ON_BAD_DOCUMENT, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainSection
 
 # upper bounds of floats, past which a value is a typo rather than a setting: (key, most, why)
 CEILINGS = (("parallel.timeout_s", 7 * 86400.0, "a week; a collective that waits longer has failed"),
@@ -167,6 +167,9 @@ def _check_data(d: DataConfig, vocab_size: int) -> None:
     if d.packing is not None and d.packing not in PACKINGS:
         raise ValueError(f"data.packing must be one of {', '.join(PACKINGS)}, got {d.packing!r}; leave it unset "
                          f"for balanced where parallel.dp > 1, else stream")
+    if d.on_bad_document not in ON_BAD_DOCUMENT:
+        raise ValueError(f"data.on_bad_document must be one of {', '.join(ON_BAD_DOCUMENT)}, got "
+                         f"{d.on_bad_document!r}")
     if d.token_cap is not None and d.token_cap < d.seq_len:
         raise ValueError(f"data.token_cap ({d.token_cap}) must be at least data.seq_len ({d.seq_len}): a piece of "
                          f"the stream can be seq_len tokens long; raise it or leave it unset for ceil(1.25 * seq_len)")

@@ -37,9 +37,11 @@ and the state after any sequence says exactly where it is.
 
 The modules, base first: :mod:`.corpus` (the base and the ``stdlib`` / token-file sources),
 :mod:`.readers` (text files and tokenizers), :mod:`.sharded` (a prepared folder), :mod:`.megatron`,
-:mod:`.hf`, :mod:`.packer` (:class:`Packer`, :class:`Blend`), :mod:`.sources` (:func:`make_corpus`,
-the factory), :mod:`.global_batch` (a step's batch over DP ranks) and :mod:`.prepare` (``distattn data
-prepare``). The names below are re-exported for code that imports them from ``distattn.train.data``.
+:mod:`.hf`, :mod:`.bad_rows` (the preflight scan of an hf source's rows), :mod:`.packer` (:class:`Packer`,
+:class:`Blend`), :mod:`.sources` (:func:`make_corpus`, the factory), :mod:`.global_batch` (a step's batch
+over DP ranks), :mod:`.prepare` (``distattn data prepare``, with :mod:`.encode`, its tokenizing, and
+:mod:`.progress`, the progress both print), :mod:`.identity` (the data's identity a checkpoint records)
+and :mod:`.verify` (``distattn data verify``). The names below are re-exported for code that imports them from ``distattn.train.data``.
 """
 
 from .corpus import BYTE_VOCAB, FlatCorpus, StdlibCorpus, TokenFileCorpus, load_offsets, max_token, write_token_file

@@ -25,6 +25,8 @@ _TOKEN_FILE_HINT = "write it again with distattn.train.data.write_token_file"
 def load_offsets(idx_path: Path, hint: str, mmap: bool = False) -> np.ndarray:
     """The document offsets in ``idx_path`` (memory-mapped with ``mmap``); ``ValueError`` naming the
     file and ``hint`` (the fix) when it is not a readable .npy array."""
+    if not Path(idx_path).is_file():   # np.load would block on a FIFO with no writer
+        raise ValueError(f"data.path: {idx_path} is not a regular file of document offsets; {hint}")
     try:
         offsets = np.load(idx_path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except _NPY_ERRORS as exc:
@@ -81,8 +83,9 @@ class TokenFileCorpus(FlatCorpus):
         path = Path(path)
         bin_path, idx_path = path.with_name(path.name + ".bin"), path.with_name(path.name + ".idx.npy")
         for p in (bin_path, idx_path):
-            if not p.exists():
-                raise ValueError(f"data.path: {p} does not exist (write one with distattn.train.data.write_token_file)")
+            if not p.is_file():   # a FIFO or a device would block the read
+                raise ValueError(f"data.path: {p} does not exist or is not a regular file (write one with "
+                                 f"distattn.train.data.write_token_file)")
         offsets = load_offsets(idx_path, _TOKEN_FILE_HINT)
         if offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or (np.diff(offsets) <= 0).any():
             raise ValueError(f"data.path: {idx_path}: expected increasing int64 offsets starting at 0, one per "

@@ -17,16 +17,24 @@ row groups are kept up to ``CACHE_BYTES`` per rank: documents come in a random o
 corpus larger than that decodes a row group for most documents (measured with 500-row groups:
 1.1 M tokens/s instead of ~150 M) -- for large corpora use a ``save_to_disk`` folder (memory-mapped) or ``distattn data
 prepare``.
+
+Bad documents (:mod:`.bad_rows`: a null row, text that is not UTF-8, a row group that does not
+decode) are refused by preflight's scan (:meth:`HFCorpus.scan`) before any rank starts; with
+``on_bad_document="skip"`` a document found bad as it is read is an empty one (the packer passes
+over it), counted in ``skipped``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from .bad_rows import ON_BAD_DOCUMENT, SKIP_HINT, BadDocument, FileScan, arrow_table, group_problem, scan_hf
 from .readers import load_tokenizer
 from ..safe_io import read_regular
 
@@ -34,6 +42,7 @@ STATE, DATASET_DICT = "state.json", "dataset_dict.json"
 TEXT, IDS = "text", "input_ids"
 CACHE_DOCS = 256                 # tokenized documents kept per corpus
 CACHE_BYTES = 512 << 20          # decoded Parquet row groups kept per corpus (the newest always)
+_log = logging.getLogger(__name__)
 _WHAT = "data.source: hf reads a folder written by Dataset.save_to_disk, a .parquet file, or a folder of them"
 
 
@@ -78,16 +87,6 @@ def _json(path: Path) -> dict:
     return obj
 
 
-def _arrow_table(path: Path):
-    import pyarrow as pa
-
-    try:   # memory-mapped: the record batches point into the file, nothing is copied
-        return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ValueError(f"data.path: {path} is not a readable Arrow stream ({str(exc).splitlines()[0]}); save "
-                         f"the dataset again with Dataset.save_to_disk") from None
-
-
 def _column(schema, tokenizer: str | None, where: Path) -> str:
     """The column read from a file of this ``schema``: ``text`` when a tokenizer is named, else
     ``input_ids`` if there is one, else ``text``; its type checked."""
@@ -124,7 +123,13 @@ class _LazyLengths:
 class HFCorpus:
     """A Hugging Face dataset on disk as documents (module docstring)."""
 
-    def __init__(self, path: str | Path, tokenizer: str | None = None):
+    def __init__(self, path: str | Path, tokenizer: str | None = None, on_bad_document: str = "fail"):
+        if on_bad_document not in ON_BAD_DOCUMENT:
+            raise ValueError(f"data.on_bad_document must be one of {', '.join(ON_BAD_DOCUMENT)}, got "
+                             f"{on_bad_document!r}")
+        self.on_bad_document = on_bad_document
+        self.skipped: dict[int, str] = {}   # documents passed over as they were read: why
+        self._bad_blocks: dict[int, str] = {}   # Parquet row groups that do not decode: why
         try:
             import pyarrow.parquet as pq
         except ImportError:   # a config mistake to say in one line, before any rank starts
@@ -137,7 +142,7 @@ class HFCorpus:
         self.column = None
         for i, file in enumerate(self.files):
             if self.kind == "arrow":
-                table = _arrow_table(file)
+                table = arrow_table(file)
                 self.column = self._same_column(self.column, _column(table.schema, tokenizer, file), file)
                 chunks = table.column(self.column).chunks
                 self._blocks += chunks
@@ -182,13 +187,23 @@ class HFCorpus:
             import pyarrow.parquet as pq
 
             file, group = self._blocks[block]
-            values = pq.ParquetFile(self.files[file]).read_row_group(group, columns=[self.column]).column(0)
+            if block in self._bad_blocks:   # known bad: not decoded again for each of its rows
+                raise BadDocument(self._bad_blocks[block])
+            try:
+                values = pq.ParquetFile(self.files[file]).read_row_group(group, columns=[self.column]).column(0)
+            except Exception as exc:  # a damaged page: pyarrow's OSError or ArrowException
+                first = int(self.block_start[block]) - int(self.block_start[self._block_file.index(file)])
+                self._bad_blocks[block] = group_problem(group, first, self._rows(block), exc)
+                raise BadDocument(self._bad_blocks[block]) from None
             values = values.combine_chunks()
             self._group_bytes += values.nbytes
             while self._groups and self._group_bytes > CACHE_BYTES:
                 self._group_bytes -= self._groups.popitem(last=False)[1].nbytes
         self._groups[block] = values
         return values
+
+    def _rows(self, block: int) -> int:
+        return int(self.block_start[block + 1] - self.block_start[block])
 
     def _locate(self, doc: int) -> tuple[int, int]:
         """(block, row in the block) of document ``doc``."""
@@ -207,49 +222,44 @@ class HFCorpus:
         ``CACHE_DOCS``."""
         ids = self._docs.pop(doc, None)
         if ids is None:
-            block, row = self._locate(doc)
-            values = self._block(block)
-            if not values[row].is_valid:
-                raise ValueError(f"data.path: {self.where(doc)}: '{self.column}' is null; drop or fill that row")
-            if self.column == IDS:
-                start, end = int(values.offsets[row].as_py()), int(values.offsets[row + 1].as_py())
-                ids = values.values.slice(start, end - start).to_numpy(zero_copy_only=False).astype(np.int64)
-            else:
-                ids = np.asarray(self.tokenizer.encode([values[row].as_py()])[0], dtype=np.int64)
+            try:
+                ids = self._decode(doc)
+            except BadDocument as exc:
+                if self.on_bad_document != "skip":
+                    raise BadDocument(f"data.path: {self.where(doc)}: {exc}; {SKIP_HINT}") from None
+                if doc not in self.skipped:   # preflight's scan logged the count; this is each one
+                    _log.debug("data.on_bad_document: skip: passing over %s: %s", self.where(doc), exc)
+                self.skipped[doc] = str(exc)
+                ids = np.zeros(0, np.int64)
             if len(self._docs) >= CACHE_DOCS:
                 self._docs.popitem(last=False)
         self._docs[doc] = ids
         return ids
 
+    def _decode(self, doc: int) -> np.ndarray:
+        """Document ``doc``'s token ids; :class:`BadDocument` (the reason alone) when it cannot be read."""
+        block, row = self._locate(doc)
+        values = self._block(block)
+        if not values[row].is_valid:
+            raise BadDocument(f"'{self.column}' is null")
+        if self.column == IDS:
+            start, end = int(values.offsets[row].as_py()), int(values.offsets[row + 1].as_py())
+            return values.values.slice(start, end - start).to_numpy(zero_copy_only=False).astype(np.int64)
+        try:
+            text = values[row].as_py()
+        except UnicodeDecodeError as exc:   # Arrow does not check the UTF-8 of what a writer gave it
+            raise BadDocument(f"'{self.column}' is not valid UTF-8 at byte {exc.start} ({exc.reason})") from None
+        return np.asarray(self.tokenizer.encode([text])[0], dtype=np.int64)
+
     def read(self, doc: int, start: int, end: int) -> np.ndarray:
         return self.tokens(doc)[start:end]
 
     # ---- what the launching process checks (distattn.train.preflight.check_data) ----------------
-    def check_nulls(self) -> None:
-        """``ValueError`` naming the file when a row's column is null (Arrow counts them in its
-        metadata; Parquet in its statistics, where they were written)."""
-        for file, nulls in self._null_rows():
-            if nulls:
-                raise ValueError(f"data.path: {file} has {nulls:,} rows whose '{self.column}' is null; drop or fill "
-                                 f"them")
-
-    def _null_rows(self):
-        if self.kind == "arrow":
-            yield self.path, sum(block.null_count for block in self._blocks)
-            return
-        import pyarrow.parquet as pq
-
-        for file in self.files:
-            meta = pq.read_metadata(file)
-            leaf = self._leaf(meta)
-            stats = [meta.row_group(g).column(leaf).statistics for g in range(meta.num_row_groups)]
-            if all(s is not None and s.has_null_count and s.null_count == 0 for s in stats):
-                continue
-            if self.column == TEXT:   # a flat column: its statistics count null rows exactly
-                yield file, sum(s.null_count for s in stats if s is not None and s.has_null_count)
-            else:   # a list column's statistics also count empty lists: count the rows
-                batches = pq.ParquetFile(file).iter_batches(columns=[self.column])
-                yield file, sum(batch.column(0).null_count for batch in batches)
+    def scan(self, cache: Path | None = None, say: Callable[[str], None] | None = None) -> list[FileScan]:
+        """Every file's column read through for bad documents (:func:`.bad_rows.scan_hf`: nulls,
+        undecodable text, damaged pages; statistics are not trusted), ``cache`` a folder that keeps
+        each file's result."""
+        return scan_hf(self.kind, self.files, self.column, cache, say)
 
     def _leaf(self, meta) -> int:
         """The Parquet leaf column holding ``self.column``'s values."""
@@ -288,7 +298,19 @@ class HFCorpus:
                              for s in stats):
                 found = (min(s.min for s in stats), max(s.max for s in stats))
             else:
-                found = ranges(file, (b.column(0) for b in pq.ParquetFile(file).iter_batches(columns=[self.column])))
+                found = ranges(file, self._groups_of(file, meta.num_row_groups))
             if found:
                 out.append((file, *found))
         return out
+
+    def _groups_of(self, file: Path, count: int):
+        """``file``'s row groups of the column, one at a time, but those that do not decode: preflight's
+        scan refused them, or ``on_bad_document: skip`` passes over their rows."""
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(file)
+        for group in range(count):
+            try:
+                yield pf.read_row_group(group, columns=[self.column]).column(0).combine_chunks()
+            except Exception:  # a damaged page (the scan named it)
+                continue

@@ -4,7 +4,8 @@ On disk (``DIR`` is ``--out``)::
 
     DIR/index.json              {"format": "distattn-tokens", "version": 1,
                                  "tokenizer": "bytes", "vocab_size": 256, "dtype": "uint16",
-                                 "tokens": T, "documents": D, "empty_documents": E, "max_token": M,
+                                 "tokens": T, "documents": D, "empty_documents": E,
+                                 "skipped_documents": S, "skipped": [why, ...], "max_token": M,
                                  "shards": [{"name": "shard_00000", "tokens": t0, "documents": d0,
                                              "max_token": m0, "bin_sha256": h, "idx_sha256": h'}, ...],
                                  "settings": {the inputs (path, bytes, mtime_ns), tokenizer and its
@@ -22,6 +23,10 @@ are numbered across shards in order and never straddle two: a shard closes befor
 that would take it past ``shard_tokens`` (a longer document gets a shard of its own). There is
 no separator token: the offsets keep documents apart, and the trainer's packer and attention
 masks use them. Documents that tokenize to nothing are left out (counted as empty_documents).
+A document that cannot be read (:mod:`.bad_rows`: a null row, text that is not UTF-8 or holds a
+lone surrogate, JSON too deep or with an int too long, a Parquet page that does not decode) stops
+the run with one line naming the file and line or row, or with ``on_bad_document="skip"`` is left
+out and counted: ``"skipped_documents": S, "skipped": [the first reasons]`` in index.json.
 
 Inputs, in the order given (a directory stands for its .txt/.jsonl/.parquet files, recursively,
 sorted by path):
@@ -48,81 +53,26 @@ import contextlib
 import fcntl
 import json
 import logging
-import multiprocessing
 import os
 import re
-import signal
-import sys
-import time
 from array import array
-from collections import deque
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from .sharded import FORMAT, FORMAT_VERSION, INDEX_LIMIT, INDEX_NAME, token_dtype
 from .corpus import max_token
 from .verify import shard_hashes
-from .readers import batches, bytes_before, decode, input_files, load_tokenizer
+from .bad_rows import KEEP, ON_BAD_DOCUMENT
+from .progress import Progress
+from .encode import tokenized
+from .readers import batches, bytes_before, input_files, load_tokenizer
 from ..safe_io import open_lock, read_regular, replace_text
 
 DEFAULT_SHARD_TOKENS = 2**28
 STATE_NAME = "prepare_state.json"
 _SHARD_FILE = re.compile(r"shard_(\d+)\.(bin|idx\.npy)(\.tmp)?")
-
-
-# ---- tokenizing (in this process or in a pool) -------------------------------------------------
-class _Encoder:
-    """Texts of a batch -> (flat tokens in the output dtype, document lengths)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.dtype = token_dtype(tokenizer.vocab_size)
-
-    def __call__(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
-        texts = [decode(batch["path"], batch["kind"], raw, rec) for raw, rec in zip(batch["raws"], batch["records"])]
-        ids = self.tokenizer.encode(texts)
-        lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        flat = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        if len(flat) and (flat.min() < 0 or flat.max() >= self.tokenizer.vocab_size):
-            raise ValueError(f"--tokenizer {self.tokenizer.name} produced id {int(flat.max())} outside its vocabulary "
-                             f"of {self.tokenizer.vocab_size}; the tokenizer is inconsistent")
-        return flat.astype(self.dtype), lengths
-
-
-_WORKER: _Encoder | None = None
-
-
-def _init_worker(spec: str) -> None:
-    global _WORKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _WORKER = _Encoder(load_tokenizer(spec))
-
-
-def _encode_in_worker(batch: dict) -> tuple[np.ndarray, np.ndarray]:
-    return _WORKER(batch)
-
-
-def _tokenized(jobs: Iterator[dict], tokenizer, workers: int) -> Iterator[tuple[dict, tuple]]:
-    """(batch, (tokens, lengths)) in input order; at most ``2 * workers`` batches in flight (each
-    worker loads the tokenizer again from its name: tokenizer objects need not pickle)."""
-    if workers == 1:
-        encode = _Encoder(tokenizer)
-        for batch in jobs:
-            yield batch, encode(batch)
-        return
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer.name,)) as pool:
-        pending = deque()
-        for batch in jobs:
-            job = {key: batch[key] for key in ("path", "kind", "raws", "records")}
-            pending.append((batch, pool.apply_async(_encode_in_worker, (job,))))
-            if len(pending) >= 2 * workers:
-                done, result = pending.popleft()
-                yield done, result.get()
-        while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
 
 
 # ---- writing shards ---------------------------------------------------------------------------
@@ -139,6 +89,7 @@ class _ShardWriter:
         self.out, self.state, self.dtype, self.on_shard = out, state, dtype, on_shard
         self.limit = state["settings"]["shard_tokens"]
         self.position, self.empty = list(state["next"]), state["empty_documents"]
+        self.skipped, self.reasons = state.get("skipped_documents", 0), list(state.get("skipped", []))
         self.file, self.offsets, self.max_token = None, array("q", [0]), -1
 
     @property
@@ -158,6 +109,17 @@ class _ShardWriter:
             self.max_token = max(self.max_token, int(tokens.max()))
         self.position = position
 
+    def skip(self, reason: str, position: list[int]) -> None:
+        """A document that cannot be read, left out: counted, and among the first ``KEEP`` named."""
+        self.skipped += 1
+        if len(self.reasons) < KEEP:
+            self.reasons.append(reason)
+        self.position = position
+
+    def counts(self) -> dict:
+        """The counts of documents left out, as the state and index.json record them."""
+        return {"empty_documents": self.empty, "skipped_documents": self.skipped, "skipped": list(self.reasons)}
+
     def _path(self, suffix: str) -> Path:
         return self.out / f"shard_{len(self.state['shards']):05d}{suffix}"
 
@@ -174,7 +136,8 @@ class _ShardWriter:
         name = self._path("").name
         self.state["shards"].append({"name": name, "tokens": self.offsets[-1], "documents": len(self.offsets) - 1,
                                      "max_token": self.max_token})
-        self.state["next"], self.state["empty_documents"] = self.position, self.empty
+        self.state["next"] = self.position
+        self.state.update(self.counts())
         _write_json(self.out / STATE_NAME, self.state)
         self.file, self.offsets, self.max_token = None, array("q", [0]), -1
         if self.on_shard is not None:
@@ -183,36 +146,6 @@ class _ShardWriter:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-
-
-class _Progress:
-    """A tqdm bar of input bytes when stderr is a terminal, else a line through ``say`` every 30 s."""
-
-    def __init__(self, total: int, done: int, say: Callable[[str], None]):
-        self.total, self.say, self.start, self.last, self.first = total, say, time.monotonic(), 0.0, done
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc="prepare", dynamic_ncols=True)
-
-    def update(self, done: int, writer: _ShardWriter) -> None:
-        now = time.monotonic()
-        if self.bar is not None:
-            self.bar.update(done - self.bar.n)
-            if now - self.last > 1:
-                self.bar.set_postfix(shards=len(writer.state["shards"]), docs=writer.documents, refresh=False)
-                self.last = now
-        elif now - self.last >= 30 and now - self.start >= 30:
-            rate, share = (done - self.first) / (now - self.start) / 1e6, 100 * done / max(self.total, 1)
-            self.say(f"prepare: {done / 1e6:,.1f} of {self.total / 1e6:,.1f} MB ({share:.0f}%), "
-                     f"{writer.documents:,} documents, {len(writer.state['shards'])} shards, {rate:.1f} MB/s")
-            self.last = now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ---- the output folder ------------------------------------------------------------------------
@@ -262,15 +195,27 @@ def _problem(record, state: bool) -> str | None:
                 or any(type(shard.get(k)) is not int or shard[k] < 1 for k in ("tokens", "documents")) \
                 or ("max_token" in shard and (type(shard["max_token"]) is not int or shard["max_token"] < 0)):
             return f"gives shard #{i + 1} as {shard!r:.80}, not {{name: {want}, tokens, documents}}"
+    if not (isinstance(settings.get("tokenizer"), str) and isinstance(settings.get("tokenizer_sha256"), str)
+            and type(settings.get("shard_tokens")) is int and settings["shard_tokens"] >= 1):
+        return "has no settings with a tokenizer and shard_tokens"
     if state:
         position = record.get("next")
         if not (isinstance(position, list) and len(position) == 3
                 and all(type(x) is int and x >= 0 for x in position)):
             return f"gives the input position next={position!r:.80}, not three counts"
+        size = inputs[position[0]].get("bytes") if position[0] < len(inputs) else 0
+        if position[0] > len(inputs) or type(size) is not int or position[1] > size:
+            return f"gives the input position next={position!r:.80}, past the end of its inputs"
         keys = ("empty_documents",)
     else:
         keys = ("tokens", "documents", "vocab_size")
     bad = next((k for k in keys if type(record.get(k)) is not int or record[k] < 0), None)
+    if bad is None and ("skipped_documents" in record or "skipped" in record):   # since --on-bad-document
+        skipped = record.get("skipped")
+        if type(record.get("skipped_documents")) is not int or record["skipped_documents"] < 0:
+            bad = "skipped_documents"
+        elif not isinstance(skipped, list) or not all(isinstance(x, str) for x in skipped):
+            return f"gives skipped={skipped!r:.80}, not a list of reasons"
     return None if bad is None else f"gives {bad}={record.get(bad)!r:.80}, not a count"
 
 
@@ -348,22 +293,25 @@ def _locked(out: Path):
         except BlockingIOError:
             raise ValueError(f"--out {out} is being prepared by another process; wait for it or use a new --out") \
                 from None
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
+        # the lock file stays: unlinking it would let a process that opened it before (blocked on this
+        # inode) and one that creates a new file both hold "the" lock. A dot-name: no check counts it.
+        yield
 
 
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "bytes",
             shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1, overwrite: bool = False,
-            say: Callable[[str], None] | None = None, on_shard: Callable[[int], None] | None = None) -> dict:
+            say: Callable[[str], None] | None = None, on_shard: Callable[[int], None] | None = None,
+            on_bad_document: str = "fail") -> dict:
     """Tokenize ``inputs`` into shards under ``out`` (see the module docstring); returns the index.
 
     Continues an interrupted run of the same arguments; returns at once when ``out`` is finished.
-    ``on_shard(n)`` is called after the n-th shard is recorded. ``ValueError`` for bad arguments
-    and inputs, naming the argument and the fix."""
+    ``on_shard(n)`` is called after the n-th shard is recorded; ``on_bad_document`` ``"skip"`` leaves
+    out a document that cannot be read (counted in the index) where ``"fail"`` refuses it. ``ValueError``
+    for bad arguments and inputs, naming the argument and the fix."""
     if shard_tokens < 1 or workers < 1:
         raise ValueError(f"--shard-tokens ({shard_tokens}) and --workers ({workers}) must be >= 1")
+    if on_bad_document not in ON_BAD_DOCUMENT:
+        raise ValueError(f"--on-bad-document must be one of {', '.join(ON_BAD_DOCUMENT)}, got {on_bad_document!r}")
     say = say or logging.getLogger(__name__).info
     files = input_files(inputs)
     tok = load_tokenizer(tokenizer)
@@ -381,20 +329,34 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "bytes",
             return index
         before = bytes_before(files)
         writer = _ShardWriter(out, state, dtype, on_shard)
-        progress = _Progress(before[-1], _position_bytes(files, before, state["next"]), say)
+        progress = Progress(before[-1], _position_bytes(files, before, state["next"]), say, "prepare")
+        skip = on_bad_document == "skip"
         try:
-            with contextlib.closing(_tokenized(batches(files, state["next"]), tok, workers)) as results:
-                for batch, (tokens, lengths) in results:
-                    ends = np.cumsum(lengths)
-                    for end, length, position in zip(ends.tolist(), lengths.tolist(), batch["positions"]):
-                        writer.add(tokens[end - length:end], position)
-                    progress.update(batch["done"][-1], writer)
+            with contextlib.closing(tokenized(batches(files, state["next"]), tok, workers, skip)) as results:
+                for batch, (tokens, lengths, bad) in results:
+                    _add(writer, batch, tokens, lengths, bad)
+                    progress.update(batch["done"][-1], lambda: f"{writer.documents:,} documents, "
+                                                               f"{len(writer.state['shards'])} shards")
             if len(writer.offsets) > 1:
                 writer.commit()
         finally:
             writer.close()
             progress.close()
+        state.update(writer.counts())   # those after the last shard too (all of them, when no shard was written)
+        if writer.skipped and writer.reasons:
+            say(f"--on-bad-document skip: left out {writer.skipped:,} documents that cannot be read (first: "
+                f"{writer.reasons[0]})")
         return _finish(out, state, tok, dtype)
+
+
+def _add(writer: _ShardWriter, batch: dict, tokens: np.ndarray, lengths: np.ndarray, bad: dict) -> None:
+    """A tokenized batch's documents into the shards, those in ``bad`` counted as skipped."""
+    ends = np.cumsum(lengths)
+    for i, (end, length, position) in enumerate(zip(ends.tolist(), lengths.tolist(), batch["positions"])):
+        if i in bad:
+            writer.skip(bad[i], position)
+        else:
+            writer.add(tokens[end - length:end], position)
 
 
 def _position_bytes(files: list[tuple[Path, str]], before: list[int], position: list[int]) -> int:
@@ -411,7 +373,8 @@ def _position_bytes(files: list[tuple[Path, str]], before: list[int], position: 
 def _finish(out: Path, state: dict, tok, dtype: np.dtype) -> dict:
     shards = state["shards"]
     if not shards:
-        raise ValueError(f"INPUT: no document has any tokens ({state['empty_documents']} empty); nothing to prepare")
+        raise ValueError(f"INPUT: no document has any tokens ({state['empty_documents']} empty, "
+                         f"{state['skipped_documents']} skipped); nothing to prepare")
     for shard in shards:
         if "max_token" not in shard:   # recorded by an older prepare that was interrupted: read once, here
             shard["max_token"] = max_token(out / f"{shard['name']}.bin", dtype)
@@ -421,6 +384,7 @@ def _finish(out: Path, state: dict, tok, dtype: np.dtype) -> dict:
              "vocab_size": tok.vocab_size,
              "dtype": dtype.name, "tokens": sum(s["tokens"] for s in shards),
              "documents": sum(s["documents"] for s in shards), "empty_documents": state["empty_documents"],
+             "skipped_documents": state["skipped_documents"], "skipped": state["skipped"],
              "max_token": max(s["max_token"] for s in shards), "shards": shards, "settings": state["settings"]}
     _write_json(out / INDEX_NAME, index)
     (out / STATE_NAME).unlink(missing_ok=True)

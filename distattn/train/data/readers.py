@@ -5,6 +5,11 @@ with a string ``text``); a ``.parquet`` row (a string ``text`` column, read ``PA
 at a time). A reader yields each document with the position after it, which is what
 ``prepare_state.json`` records: ``[input, offset, record]`` with offset the byte offset and
 record the line number for JSONL, ``(size, 1)`` once a .txt is read, and rows for Parquet.
+
+A document that cannot be read is a :class:`~.bad_rows.BadDocument` naming the file and line or
+row: raised by :func:`decode` (in the tokenizing process), or yielded in place of the raw document
+where the reader finds it (a Parquet row group whose page does not decode: each of its rows left;
+a string that is not UTF-8), so that ``--on-bad-document skip`` can pass over each one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .bad_rows import BadDocument, group_problem, text_problem
 from .corpus import BYTE_VOCAB
 
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -184,19 +190,54 @@ def _read(path: Path, kind: str, offset: int, record: int) -> Iterator[tuple]:
                 if line.strip():
                     yield line, record, (offset, record), offset
     else:
-        import pyarrow.parquet as pq
+        yield from _parquet_rows(path, record)
 
-        pf = pq.ParquetFile(path)
-        meta, size = pf.metadata, path.stat().st_size
-        group, row = 0, 0
-        while group < meta.num_row_groups and row + meta.row_group(group).num_rows <= record:
-            row, group = row + meta.row_group(group).num_rows, group + 1
-        groups = list(range(group, meta.num_row_groups))
-        for batch in (pf.iter_batches(batch_size=PARQUET_ROWS, row_groups=groups, columns=["text"]) if groups else ()):
-            for text in batch.column(0).to_pylist():
+
+def _parquet_rows(path: Path, record: int) -> Iterator[tuple]:
+    """:func:`_read` of a Parquet file: a row group at a time, so that one whose page does not decode
+    costs its own rows (each a :class:`BadDocument`), not the file's."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    meta, size = pf.metadata, path.stat().st_size
+    row = 0
+    for group in range(meta.num_row_groups):
+        start, rows = row, meta.row_group(group).num_rows
+        if start + rows <= record:   # done before a resume
+            row += rows
+            continue
+        try:
+            for batch in pf.iter_batches(batch_size=PARQUET_ROWS, row_groups=[group], columns=["text"]):
+                for text in _texts(path, batch.column(0), row):
+                    row += 1
+                    if row > record:
+                        yield text, row, (row, row), size * row // max(meta.num_rows, 1)
+        except Exception as exc:  # a damaged page: pyarrow's OSError or ArrowException
+            problem = group_problem(group, start + 1, rows, exc)
+            while row < start + rows:
                 row += 1
                 if row > record:
-                    yield text, row, (row, row), size * row // max(meta.num_rows, 1)
+                    yield BadDocument(f"INPUT {path} row {row}: {problem}; rewrite the file"), row, (row, row), \
+                        size * row // max(meta.num_rows, 1)
+
+
+def _texts(path: Path, values, row: int) -> list:
+    """A batch's strings; one that is not UTF-8 (Arrow does not check what a writer gave it) is a
+    :class:`BadDocument` naming its row (``row``: the rows before the batch)."""
+    try:
+        return values.to_pylist()
+    except UnicodeDecodeError:
+        import pyarrow as pa
+
+        raw = values.view(pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary())
+        texts = []
+        for i, data in enumerate(raw.to_pylist()):
+            try:
+                texts.append(data if data is None else data.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                texts.append(BadDocument(f"INPUT {path} row {row + i + 1}: 'text' is not valid UTF-8 at byte "
+                                         f"{exc.start} ({exc.reason}); fix or drop that row"))
+        return texts
 
 
 def batches(files: list[tuple[Path, str]], start: list[int]) -> Iterator[dict]:
@@ -211,7 +252,7 @@ def batches(files: list[tuple[Path, str]], start: list[int]) -> Iterator[dict]:
             batch["records"].append(rec)
             batch["positions"].append([i, off, rec_after])
             batch["done"].append(before[i] + done)
-            batch["size"] += len(raw) if raw is not None else 0
+            batch["size"] += len(raw) if isinstance(raw, (bytes, str)) else 0
             if batch["size"] >= BATCH_BYTES or len(batch["raws"]) >= BATCH_DOCS:
                 yield batch
                 batch = _new_batch(path, kind)
@@ -233,24 +274,40 @@ def _new_batch(path: Path, kind: str) -> dict:
 
 # ---- decoding (in the tokenizing process) -----------------------------------------------------
 def decode(path: str, kind: str, raw, record: int) -> str:
-    """The text of a raw document of input ``path``; ``ValueError`` names the file, line or row."""
+    """The text of a raw document of input ``path``; :class:`BadDocument` (a ``ValueError``) names
+    the file, line or row of one that cannot be read."""
+    if isinstance(raw, BadDocument):   # found by the reader
+        raise raw
     where = f"INPUT {path}" + (f" line {record}" if kind == "jsonl" else f" row {record}" if kind == "parquet" else "")
     if kind == "parquet":
         if raw is None:
-            raise ValueError(f"{where}: 'text' is null; drop or fill that row")
+            raise BadDocument(f"{where}: 'text' is null; drop or fill that row")
         return raw
     if kind == "jsonl":
-        try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{where}: not a JSON object ({exc}); each line must be an object with a string "
-                             f"'text' field") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-            raise ValueError(f"{where}: no string 'text' field (found: {keys or 'nothing'}); each line must be a "
-                             f"JSON object with a string 'text' field")
-        return obj["text"]
+        text = _json_text(where, raw)
+        problem = text_problem(text)   # a JSON \ud800 escape: no tokenizer can encode it
+        if problem is not None:
+            raise BadDocument(f"{where}: 'text' {problem}; fix or drop that line")
+        return text
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{where}: not UTF-8 text at byte {exc.start} ({exc.reason}); convert it to UTF-8") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise BadDocument(f"{where} line {line}: not UTF-8 text at byte {exc.start} ({exc.reason}); convert it to "
+                          f"UTF-8") from None
+
+
+def _json_text(where: str, raw: bytes) -> str:
+    try:
+        obj = json.loads(raw)
+    except RecursionError:
+        raise BadDocument(f"{where}: JSON nested too deeply to read; each line must be an object with a string "
+                          f"'text' field") from None
+    except ValueError as exc:   # bad JSON, bytes that are not UTF-8, an int of more digits than Python converts
+        raise BadDocument(f"{where}: not a JSON object ({str(exc).splitlines()[0][:200]}); each line must be an "
+                          f"object with a string 'text' field") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise BadDocument(f"{where}: no string 'text' field (found: {keys or 'nothing'}); each line must be a "
+                          f"JSON object with a string 'text' field")
+    return obj["text"]

@@ -17,6 +17,7 @@ INDEX_NAME = "index.json"
 INDEX_LIMIT = 64 << 20          # bytes: an index lists shards, a few hundred bytes each
 FORMAT = "distattn-tokens"
 FORMAT_VERSION = 1
+_CHUNK = 1 << 24                # offsets checked at a time
 _PREPARE_HINT = "rerun `distattn data prepare` with --overwrite, or prepare into a new --out"
 
 
@@ -53,7 +54,8 @@ def read_index(directory: str | Path) -> dict:
             from None
     except ValueError as exc:
         raise ValueError(f"data.path: {exc}; {_PREPARE_HINT}") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
+    if not isinstance(index, dict) or index.get("format") != FORMAT or type(index.get("version")) is not int \
+            or index["version"] != FORMAT_VERSION:
         raise ValueError(f"data.path: {path} is not a version-{FORMAT_VERSION} {FORMAT} index; {_PREPARE_HINT}")
     shards = index.get("shards")
     if index.get("dtype") not in ("uint16", "uint32") or not isinstance(shards, list) or not shards:
@@ -66,11 +68,17 @@ def read_index(directory: str | Path) -> dict:
     return index
 
 
+def plain_name(name) -> bool:
+    """Whether a shard's ``name`` in ``index.json`` is a file name inside its folder (no path, no link
+    out of it through ``..``)."""
+    return (isinstance(name, str) and bool(name) and "\0" not in name and "\\" not in name
+            and name not in (".", "..") and name == Path(name).name)
+
+
 def _check_entry(path: Path, shard) -> None:
     """A shard entry of ``index.json``: a plain file name inside its folder and two counts."""
     name = shard.get("name") if isinstance(shard, dict) else None
-    if not (isinstance(name, str) and name and name == Path(name).name and name not in (".", "..")
-            and "\\" not in name and "\0" not in name):
+    if not plain_name(name):
         raise ValueError(f"data.path: {path} lists the shard {(name if name is not None else shard)!r:.80}, which "
                          f"is not a file name inside {path.parent}; refusing to read it. {_PREPARE_HINT}")
     # max_token: recorded by prepare since it was added; folders from before lack it
@@ -95,6 +103,11 @@ def _check_shard(directory: Path, shard: dict, width: int) -> None:
             or offsets[-1] != shard["tokens"]:
         raise ValueError(f"data.path: {idx_path} is not {shard['documents']:,} + 1 int64 offsets from 0 to "
                          f"{shard['tokens']:,} as {INDEX_NAME} says; {_PREPARE_HINT}")
+    # what ShardedCorpus refuses in every rank, refused here before any starts (a chunk at a time: a
+    # memory map of any size)
+    for a in range(0, len(offsets) - 1, _CHUNK):
+        if (np.diff(offsets[a:a + _CHUNK + 1]) <= 0).any():
+            raise ValueError(f"data.path: {idx_path} has empty or decreasing documents; {_PREPARE_HINT}")
 
 
 def index_vocab(directory: str | Path, index: dict) -> int:

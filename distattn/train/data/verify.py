@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .corpus import load_offsets
-from .sharded import INDEX_NAME, is_prepared, read_index
+from .sharded import INDEX_LIMIT, INDEX_NAME, index_vocab, is_prepared, plain_name, read_index, token_dtype
+from ..safe_io import read_regular
 
 _CHUNK = 1 << 24                  # tokens read at a time: memory stays flat on any shard size
 _HASH_BLOCK = 1 << 20
@@ -49,6 +50,7 @@ def _verify_folder(directory: Path, vocab_size: int | None) -> tuple[list[str], 
         return problems, notes
     try:
         index = read_index(directory)
+        _check_totals(directory, index)
     except ValueError as exc:
         return [str(exc)], notes
     limit = vocab_size if vocab_size is not None else index["vocab_size"]
@@ -56,19 +58,37 @@ def _verify_folder(directory: Path, vocab_size: int | None) -> tuple[list[str], 
     for shard in index["shards"]:
         bin_path = directory / f"{shard['name']}.bin"
         problems += _offset_problems(directory / f"{shard['name']}.idx.npy", shard["tokens"])
-        problems += _token_problems(bin_path, dtype, limit)
+        problems += _token_problems(bin_path, dtype, limit, shard.get("max_token"))
     return problems, notes
+
+
+def _check_totals(directory: Path, index: dict) -> None:
+    """``ValueError`` unless the index's vocabulary is a size and its totals are its shards' sums."""
+    vocab = index_vocab(directory, index)
+    if vocab > 2**32 or token_dtype(vocab).name != index["dtype"]:
+        raise ValueError(f"{directory / INDEX_NAME} gives vocab_size={vocab:,}, which {index['dtype']} token ids do "
+                         f"not match: the index was changed after it was prepared; {_HINT}")
+    shards = index["shards"]
+    sums = {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards)}
+    if all("max_token" in s for s in shards) and "max_token" in index:
+        sums["max_token"] = max(s["max_token"] for s in shards)
+    for key, want in sums.items():
+        if index.get(key) != want or type(index.get(key)) is not int:
+            raise ValueError(f"{directory / INDEX_NAME} gives {key}={index.get(key)!r:.40}, but its shards add up to "
+                             f"{want:,}: the index was changed after it was prepared; {_HINT}")
 
 
 def _hash_problems(directory: Path) -> tuple[list[str], list[str]]:
     try:
-        shards = json.loads((directory / INDEX_NAME).read_text()).get("shards") or []
-    except (OSError, ValueError, AttributeError) as exc:
+        index = json.loads(read_regular(directory / INDEX_NAME, INDEX_LIMIT, INDEX_NAME))
+    except (OSError, ValueError, RecursionError) as exc:   # RecursionError: nested past the parser's depth
         return [f"{directory / INDEX_NAME}: not a readable index ({type(exc).__name__}); {_HINT}"], []
+    shards = index.get("shards") if isinstance(index, dict) else None
     problems, unhashed = [], []
-    for shard in shards:
-        if not isinstance(shard, dict) or not isinstance(shard.get("name"), str):
-            continue   # read_index names it
+    for shard in shards if isinstance(shards, list) else []:
+        # a name that leads out of the folder is not hashed (read_index refuses it unread)
+        if not isinstance(shard, dict) or not plain_name(shard.get("name")):
+            continue
         if "bin_sha256" not in shard:
             unhashed.append(shard["name"])
             continue
@@ -96,16 +116,23 @@ def _offset_problems(idx_path: Path, tokens: int) -> list[str]:
     return []
 
 
-def _token_problems(bin_path: Path, dtype: np.dtype, limit: int | None) -> list[str]:
-    if limit is None or bin_path.stat().st_size == 0:
+def _token_problems(bin_path: Path, dtype: np.dtype, limit: int | None, recorded: int | None = None) -> list[str]:
+    """The first token id of ``bin_path`` at or above ``limit``; else, when the index ``recorded`` the
+    shard's largest id (what ``train`` checks the vocabulary against), a largest id that differs."""
+    if (limit is None and recorded is None) or bin_path.stat().st_size == 0:
         return []
     tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    top = -1
     for start in range(0, len(tokens), _CHUNK):
         chunk = np.asarray(tokens[start:start + _CHUNK])
-        if chunk.max() >= limit:
+        top = max(top, int(chunk.max()))
+        if limit is not None and top >= limit:
             bad = start + int(np.flatnonzero(chunk >= limit)[0])
             return [f"{bin_path} at token {bad}: id {int(tokens[bad])} is outside the vocabulary of {limit:,}; "
                     f"{_HINT}"]
+    if recorded is not None and recorded != top:
+        return [f"{bin_path}: its largest token id is {top}, but {INDEX_NAME} records max_token={recorded} (what "
+                f"`distattn train` checks model.vocab_size against); {_HINT}"]
     return []
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..checkpoint import dcp as checkpoint
 from ..config import RunConfig
+from ..data.bad_rows import SCAN_DIR
 from ..safe_io import open_lock, remove
 
 # what a run writes under train.out (overwrite removes these and nothing else)
@@ -30,19 +31,23 @@ def check_data(cfg: RunConfig) -> None:
     * ``tokens``: a directory from ``distattn data prepare`` whose shards have the sizes its
       index.json says and whose vocabulary fits, or the prefix of ``PATH.bin`` + ``PATH.idx.npy``;
     * ``megatron``: ``PREFIX.idx`` is a Megatron index that describes ``PREFIX.bin``;
-    * ``hf``: the files, the column, the tokenizer (loaded) and no null rows;
+    * ``hf``: the files, the column, the tokenizer (loaded), and every row read through once for bad
+      documents (nulls, text that is not UTF-8, pages that do not decode: refused naming the file and
+      row, or with ``data.on_bad_document: skip`` counted in one log line), each file's result kept
+      under ``train.out/.data_scan`` for the next run (:mod:`..data.bad_rows`);
 
     and no token id is ``model.vocab_size`` or above, or below 0. A blend checks each source;
     its messages name ``data.blend[i]``."""
     d = cfg.data
     if d.verify:
         _verify_fully(d, cfg.model.vocab_size)
+    scan = (Path(cfg.train.out) / SCAN_DIR, d.on_bad_document)
     if d.source != "blend":
-        _check_source(d.source, d.path, d.tokenizer, cfg.model.vocab_size)
+        _check_source(d.source, d.path, d.tokenizer, cfg.model.vocab_size, scan)
         return
     for i, entry in enumerate(d.blend):
         try:
-            _check_source(entry.source, entry.path, entry.tokenizer, cfg.model.vocab_size)
+            _check_source(entry.source, entry.path, entry.tokenizer, cfg.model.vocab_size, scan)
         except ValueError as exc:
             message = str(exc)
             for key in ("data.path", "data.tokenizer"):
@@ -67,7 +72,7 @@ def _verify_fully(d, limit: int) -> None:
                              f"{entry.path}` lists them)")
 
 
-def _check_source(source: str, path: str | None, tokenizer: str | None, limit: int) -> None:
+def _check_source(source: str, path: str | None, tokenizer: str | None, limit: int, scan: tuple) -> None:
     if source == "megatron":
         from ..data.megatron import check_ids
 
@@ -75,8 +80,8 @@ def _check_source(source: str, path: str | None, tokenizer: str | None, limit: i
     elif source == "hf":
         from ..data.hf import HFCorpus
 
-        corpus = HFCorpus(path, tokenizer)
-        corpus.check_nulls()
+        corpus = HFCorpus(path, tokenizer, scan[1])
+        _check_documents(corpus, scan[0])
         if corpus.tokenizer is not None and corpus.tokenizer.vocab_size > limit:
             raise ValueError(f"model.vocab_size {limit} is smaller than the vocabulary of data.tokenizer "
                              f"{tokenizer or 'bytes'} ({corpus.tokenizer.vocab_size}) that tokenizes {path}; set "
@@ -94,6 +99,22 @@ def _check_source(source: str, path: str | None, tokenizer: str | None, limit: i
         if low < 0:
             raise ValueError(f"data.path: {file} holds token id {low}, below 0; train on data tokenized for this "
                              f"model")
+
+
+def _check_documents(corpus, cache: Path) -> None:
+    """``data.source: hf``: no bad document, or with ``data.on_bad_document: skip`` one line counting them."""
+    scans = corpus.scan(cache)
+    bad = [s for s in scans if s.bad]
+    if not bad:
+        return
+    total, rows = sum(s.bad for s in bad), sum(s.rows for s in scans)
+    count = f"{total:,} bad row{'s' * (total > 1)} in {len(bad)} file{'s' * (len(bad) > 1)}"
+    if corpus.on_bad_document != "skip":
+        raise ValueError(f"data.path: {bad[0].line()} ({count}); fix or drop {'them' if total > 1 else 'it'}, or set "
+                         f"data.on_bad_document: skip to train without {'them' if total > 1 else 'it'}")
+    logging.getLogger(__name__).warning(
+        f"data.on_bad_document: skip: {total:,} of {rows:,} documents of {corpus.path} cannot be read and are "
+        f"passed over ({count}; first: {bad[0].line()})")
 
 
 def _token_maxima(path: Path, limit: int) -> list[tuple[Path, int]]:
