@@ -10,3 +10,4 @@ default at start (:func:`distattn.spawn._worker`), so SIGTERM still reaches thei
 import signal
 
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # Slurm's --signal warning: the same

@@ -13,7 +13,8 @@ With ``ranks="0"`` (the default) only rank 0's records are shown, unprefixed; ``
 shows every rank's, each line prefixed ``[rank N]``. The rank is the process group's, else the
 launcher's ``RANK``, else 0. Ranks started by :func:`distattn.spawn.run_distributed` get the
 caller's settings (:func:`settings`). The per-step progress line of ``distattn train`` is the
-console's, not a log record: it stays as it is.
+console's, not a log record, whatever the level; an embedded ``Trainer``'s is a record at INFO off a
+terminal (its ``progress``), so the level set here decides.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ yet stops with :class:`Terminated`. The caller sends it again every second until
 -- then waits up to ``term_grace`` seconds for them and raises :class:`Terminated`. A second Ctrl-C
 kills every rank at once and raises ``KeyboardInterrupt``. The same holds when the signal reaches
 the whole process group at once (Slurm signals every process of a step): the forkserver ignores it.
+SIGUSR1 (Slurm's warning before the time limit, ``#SBATCH --signal=USR1@SECONDS``) travels the same
+way as itself; :class:`Terminated` then carries it and its :attr:`~Terminated.exit_code` is 0.
 """
 
 from __future__ import annotations
@@ -53,13 +55,15 @@ class Terminated(RuntimeError):
 
     @property
     def exit_code(self) -> int:
-        """The shell's code for a process ended by ``signum``: 143 for SIGTERM, 130 for SIGINT."""
-        return 128 + self.signum
+        """The shell's code for a process ended by ``signum``: 143 for SIGTERM, 130 for SIGINT; 0 for
+        SIGUSR1, Slurm's warning before the time limit: the stop was asked for, and a failure's code
+        would make torchrun restart the workers (``--max-restarts``) and Slurm call the job FAILED."""
+        return 0 if self.signum == signal.SIGUSR1 else 128 + self.signum
 
 
 def _stop_rank(signum, frame):
-    """A rank's SIGTERM handler until its function installs its own: stop, reported as an error."""
-    raise Terminated("stopped by SIGTERM before it was ready to handle it")
+    """A rank's SIGTERM/SIGUSR1 handler until its function installs its own: stop, reported as an error."""
+    raise Terminated(f"stopped by {signal.Signals(signum).name} before it was ready to handle it", None, signum)
 
 
 class RankError(RuntimeError):
@@ -105,7 +109,23 @@ def _context():
     # distattn._forkserver makes the server outlive a SIGTERM sent to the whole process group
     # (first, so a signal to the process group while the server imports torch does not kill it)
     ctx.set_forkserver_preload(["distattn._forkserver", "torch", "torch.distributed", "distattn"])
+    _tracker_ignores_usr1()
     return ctx
+
+
+def _tracker_ignores_usr1() -> None:
+    """multiprocessing's resource tracker (the caller's child) ignores SIGTERM and SIGINT, but SIGUSR1,
+    which Slurm sends every process of a step, would kill it; it keeps an ignored signal across its
+    exec, so it starts with SIGUSR1 ignored (one that comes meanwhile is lost: milliseconds)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    from multiprocessing import resource_tracker
+
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def _die_with_caller(lifeline) -> None:
@@ -135,7 +155,8 @@ def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, t
     # Ctrl-C reaches the whole terminal process group: the caller alone decides, ranks do not
     # print a traceback each
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _stop_rank)   # the forkserver ignores it (distattn._forkserver)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):   # the forkserver ignores them (distattn._forkserver)
+        signal.signal(sig, _stop_rank)
     torch.set_num_threads(threads)
     log.apply(log_settings)   # the caller's distattn logging (a forked rank does not inherit it)
     try:
@@ -152,14 +173,19 @@ def _worker(fn, args, kwargs, rank, world_size, init_file, collective_timeout, t
                 # and close a socket a slower peer is still handshaking on ("Connection closed by peer")
                 dist.barrier()
         out = fn(*args, **kwargs)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # done: the caller's repeats must not lose the result
+        _ignore_stops()   # done: the caller's repeats must not lose the result
         results.put((rank, "ok", pickle.dumps(out)))
     except BaseException as exc:  # report everything, including KeyboardInterrupt in a rank
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _ignore_stops()
         results.put((rank, "error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), _portable(exc)))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _ignore_stops() -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 300.0,
@@ -218,14 +244,14 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
 
 class _TermForwarder:
     """While installed (main thread only), SIGTERM or a first SIGINT to the caller is passed on to
-    every started rank as SIGTERM, and :meth:`forward` passes it on again (``_collect`` calls it every
-    second); a second SIGINT raises ``KeyboardInterrupt``."""
+    every started rank as SIGTERM, SIGUSR1 (Slurm's time-limit warning) as SIGUSR1, and :meth:`forward`
+    passes it on again (``_collect`` calls it every second); a second SIGINT raises ``KeyboardInterrupt``."""
 
     def __init__(self, procs):
         self.procs, self.received, self.signum, self.sent = procs, None, None, 0.0
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 self.previous[sig] = signal.signal(sig, self._note)
 
     @property
@@ -240,14 +266,16 @@ class _TermForwarder:
         self.forward()
 
     def forward(self, every: float = 0.0) -> None:
-        """Send SIGTERM to every live rank, if a signal came and ``every`` seconds passed since the last."""
+        """Send SIGTERM (SIGUSR1 for a SIGUSR1) to every live rank, if a signal came and ``every`` seconds
+        passed since the last."""
         if not self.received or time.monotonic() - self.sent < every:
             return
         self.sent = time.monotonic()
+        sig = signal.SIGUSR1 if self.signum == signal.SIGUSR1 else signal.SIGTERM
         for p in self.procs:
             if p.pid is not None and p.is_alive():
                 try:
-                    os.kill(p.pid, signal.SIGTERM)
+                    os.kill(p.pid, sig)
                 except ProcessLookupError:
                     pass
 

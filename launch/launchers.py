@@ -78,6 +78,8 @@ class LaunchOptions:
     account: str | None = None
     max_restarts: int = 0
     log_dir: str = "logs"
+    cpus_per_task: int | None = None   # slurm: None is one core per rank of a node (the one task per node)
+    signal_lead: int = 120             # slurm: seconds before the time limit for SIGUSR1 (checkpoint, exit); 0: none
 
     def per_node(self, cfg: RunConfig) -> int:
         return self.gpus_per_node or cfg.world_size // self.nodes
@@ -93,6 +95,7 @@ class LaunchOptions:
             raise ValueError(f"--port must be a TCP port, 1-65535, got {self.port}")
         if self.max_restarts < 0:
             raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        self._check_slurm_numbers()
         if not _SLURM_TIME.fullmatch(check_text("--time", self.time)):
             raise ValueError(f"--time {self.time!r} is not a Slurm time limit; use MINUTES, HH:MM:SS or "
                              f"DAYS-HH:MM:SS, e.g. --time 02:00:00")
@@ -107,6 +110,18 @@ class LaunchOptions:
                              f"parallel.dp/cp")
         if not self.gpus_per_node:
             self._check_cpu_ranks(cfg, per_node)
+
+    def _check_slurm_numbers(self) -> None:
+        if self.cpus_per_task is not None and (type(self.cpus_per_task) is not int or self.cpus_per_task < 1):
+            raise ValueError(f"--cpus-per-task must be an integer >= 1 (cores for a node's ranks), got "
+                             f"{self.cpus_per_task!r}; leave it out for one core per rank")
+        # Slurm keeps the lead in 16 bits
+        if type(self.signal_lead) is not int or not 0 <= self.signal_lead <= 65535:
+            raise ValueError(f"--signal-lead must be whole seconds, 0-65535 (0: no warning), got {self.signal_lead!r}")
+
+    def cpus(self, cfg: RunConfig) -> int:
+        """``--cpus-per-task`` of the one task per node (the torchrun agent and its ranks)."""
+        return self.cpus_per_task or max(1, self.per_node(cfg))
 
     def _check_cpu_ranks(self, cfg: RunConfig, per_node: int) -> None:
         """Without --gpus-per-node every rank is a CPU process: refuse a node of them that cannot fit in
@@ -177,20 +192,35 @@ def sbatch_script(config: str, cfg: RunConfig, opts: LaunchOptions, out: str | N
     included) for bash."""
     opts.check(cfg)
     config_path = str(Path(check_text("config", config)).resolve())
+    train_args = " ".join(shlex.quote(a) for a in _train_args(out, resume, overrides))   # (--out checked first)
     extra = [f"#SBATCH --gpus-per-node={opts.gpus_per_node}"] if opts.gpus_per_node else []
     extra += [f"#SBATCH --partition={sbatch_quote(opts.partition)}"] if opts.partition else []
     extra += [f"#SBATCH --account={sbatch_quote(opts.account)}"] if opts.account else []
+    # no "B:": Slurm signals the steps' processes (agent and ranks), not the batch shell
+    extra += [f"#SBATCH --signal=USR1@{opts.signal_lead}"] if opts.signal_lead else []
     per_node = opts.per_node(cfg)
-    log_dir = opts.log_dir.replace("%", "%%")  # Slurm expands %x, %j... in --output; %% is a literal %
+    # absolute: the script may be submitted from another folder; Slurm expands %x, %j... (%% is a literal %)
+    log_dir = str(Path(opts.log_dir).resolve())
     template = files("distattn.cluster").joinpath("templates", "sbatch.sh.tmpl").read_text()
     return template.format(
         job_name=sbatch_quote(f"distattn-{Path(config).stem}"), nodes=opts.nodes,
-        cpus_per_task=max(1, per_node), time=sbatch_quote(opts.time),
-        output=sbatch_quote(f"{log_dir}/%x-%j.out"), error=sbatch_quote(f"{log_dir}/%x-%j.err"),
+        cpus_per_task=opts.cpus(cfg), time=sbatch_quote(opts.time),
+        output=sbatch_quote(f"{log_dir.replace('%', '%%')}/%x-%j.out"),
+        error=sbatch_quote(f"{log_dir.replace('%', '%%')}/%x-%j.err"), log_dir=shlex.quote(log_dir),
+        shared=_shared_paths(config_path, cfg, out),
         extra_sbatch="\n".join(extra), port=opts.port, python=shlex.quote(check_text("python", sys.executable)),
         rdzv_backend=RDZV_BACKEND, nproc_per_node=per_node, max_restarts=opts.max_restarts,
         config=shlex.quote(config_path),
-        train_args=" ".join(shlex.quote(a) for a in _train_args(out, resume, overrides)))
+        train_args=train_args)
+
+
+def _shared_paths(config_path: str, cfg: RunConfig, out: str | None) -> str:
+    """The header's lines naming what every node reads or writes by the same path (one per line)."""
+    data = [cfg.data.path] if cfg.data.path else [b.path for b in cfg.data.blend or ()]
+    paths = [("the config", config_path), ("train.out", str(Path(out or cfg.train.out).resolve())),
+             *(("the data", str(Path(d).resolve())) for d in data if d),
+             ("Python (its venv)", str(Path(sys.executable).parent.parent))]
+    return "\n".join(f"#   {what}: {check_text(what, path)}" for what, path in paths)
 
 
 _ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",

@@ -13,11 +13,19 @@ with the store on a socket bound to the endpoint's address -- and then runs torc
 With ``--local-addr`` the workers' bootstrap store listens on that address too (one node: the
 launcher passes the rendezvous host); without it, on every interface as torchrun does, because each
 node of a multi-node job has its own address and the command line is the same on all of them.
+
+SIGUSR1 (Slurm's ``--signal=USR1@SECONDS`` warning before the time limit) is passed on to the
+workers, which checkpoint and exit 0 (:class:`distattn.train.ranks.StopSignal`); the agent then ends
+as after any run whose workers succeeded. torchrun's own handlers cover SIGTERM, SIGINT, SIGHUP and
+SIGQUIT only, and SIGUSR1's default action would end the agent at once -- Slurm signals every process
+of the step, the agent included -- leaving srun to kill the workers before they saved.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import socket
 from datetime import timedelta
 
@@ -97,11 +105,41 @@ def register() -> None:
     rendezvous_handler_registry.register(BACKEND, _create_handler)
 
 
+def children(parent: int) -> list[int]:
+    """The processes whose parent is ``parent``, from ``/proc`` (Linux, where Slurm runs). torchrun
+    starts each worker in a session of its own, so the agent's process group does not reach them."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                text = stat.read()
+        except OSError:   # gone meanwhile
+            continue
+        # the command name (2nd field) may hold blanks and ')': the parent is 2nd after its last ')'
+        if int(text.rsplit(")", 1)[1].split()[1]) == parent:
+            found.append(int(entry))
+    return found
+
+
+def _pass_on(signum, frame) -> None:
+    """The agent's SIGUSR1 handler: the workers get it (a second copy, when Slurm signalled the whole
+    step, is harmless: a worker keeps the first), the agent keeps watching them."""
+    for pid in children(os.getpid()):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> None:
-    """torchrun's command line (``argv``, default ``sys.argv[1:]``) with :data:`BACKEND` available."""
+    """torchrun's command line (``argv``, default ``sys.argv[1:]``) with :data:`BACKEND` available and
+    SIGUSR1 passed on to the workers."""
     from torch.distributed.run import main as torchrun_main
 
     register()
+    signal.signal(signal.SIGUSR1, _pass_on)
     torchrun_main(argv)
 
 

@@ -2,10 +2,13 @@
 and real runs of a tiny config on this machine: torchrun, a private single-node Slurm, a local Ray cluster."""
 
 import json
+import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,12 +52,14 @@ def test_torchrun_dry_run_and_layout_errors():
     assert bad.returncode == 2 and "needs dp * cp = 64 ranks" in bad.stderr
 
 
-def _tiny_config(tmp_path) -> Path:
+def _tiny_config(tmp_path, steps: int = 2) -> Path:
+    """The tiny job: 2 ranks; ``steps`` many is one that runs until a signal stops it (no checkpoint
+    is due before: the only one is the signal's)."""
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["model"].update(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=128)
     cfg["data"]["seq_len"] = 512
     cfg["parallel"]["cp"] = 2
-    cfg["train"].update(steps=2, out=str(tmp_path / "run"))
+    cfg["train"].update(steps=steps, out=str(tmp_path / "run"), ckpt_every=max(steps, 100))
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -166,3 +171,124 @@ def test_torchrun_stores_listen_only_on_the_rendezvous_host(tmp_path):
     listening = {tuple(a) for a in seen["listen"]}
     assert ("127.0.0.1", port) in listening and tuple(seen["master"]) in listening
     assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+
+
+def test_slurm_script_warns_before_the_time_limit(tmp_path):
+    """--signal=USR1@120 by default (--signal-lead 0: none), --cpus-per-task as before unless given, the
+    log folder made by the script too, the shared paths named, and a batch shell that survives USR1."""
+    config = str(_tiny_config(tmp_path))
+    cfg = load_config(config)
+    script = sbatch_script(config, cfg, LaunchOptions(log_dir=str(tmp_path / "logs")), out=str(tmp_path / "o"))
+    for expected in ("#SBATCH --signal=USR1@120\n", "#SBATCH --cpus-per-task=2\n",
+                     f"mkdir -p {tmp_path / 'logs'}\n", f"#SBATCH --output={tmp_path / 'logs'}/%x-%j.out",
+                     "must live on a\n# filesystem the nodes share", f"#   the config: {config}\n",
+                     f"#   train.out: {tmp_path / 'o'}\n", "trap ", "kill -USR1", 'wait "$srun_pid"'):
+        assert expected in script, expected
+    assert script.index("mkdir -p") < script.index("srun ")
+    changed = sbatch_script(config, cfg, LaunchOptions(cpus_per_task=16, signal_lead=0))
+    assert "#SBATCH --cpus-per-task=16\n" in changed and "#SBATCH --signal" not in changed
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    out = _launch(config, "--backend", "slurm", "--cpus-per-task", "8", "--signal-lead", "300", "--dry-run")
+    assert out.returncode == 0 and "--cpus-per-task=8\n" in out.stdout and "--signal=USR1@300\n" in out.stdout
+    for flag, value, match in (("--cpus-per-task", "0", "--cpus-per-task must be an integer >= 1"),
+                               ("--signal-lead", "-1", "--signal-lead must be whole seconds, 0-65535"),
+                               ("--signal-lead", "70000", "--signal-lead must be whole seconds, 0-65535")):
+        bad = _launch(config, "--backend", "slurm", flag, value, "--dry-run")
+        assert bad.returncode == 2 and match in bad.stderr, bad.stderr
+
+
+def _wait_for_steps(proc, tmp_path, rows: int = 1, seconds: float = 180) -> None:
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + seconds
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows):
+        assert (proc is None or proc.poll() is None) and time.monotonic() < deadline, \
+            proc.communicate() if proc else "no step logged"
+        time.sleep(0.1)
+
+
+def _check_stopped_by_usr1(tmp_path, err: str) -> None:
+    """One checkpoint, the signal's, at the last logged step; the line that says so."""
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]["step"]
+    assert [p.name for p in (tmp_path / "run" / "ckpt").iterdir()] == [f"step_{last}"]
+    assert (f"stopped by SIGUSR1 (Slurm's warning before the time limit) after step {last}; newest checkpoint "
+            f"{tmp_path / 'run' / 'ckpt' / f'step_{last}'}, continue with --resume") in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["parent", "process-group"])
+def test_sigusr1_checkpoints_and_exits_0(tmp_path, to_group):
+    """Local ranks: SIGUSR1 to `distattn train` alone (passed on to the ranks) or to every process of it
+    (as Slurm signals a step: the forkserver ignores it) saves at the step boundary and exits 0."""
+    proc = subprocess.Popen([EXE, "train", str(_tiny_config(tmp_path, 100000))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_steps(proc, tmp_path)
+        os.killpg(proc.pid, signal.SIGUSR1) if to_group else proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    _check_stopped_by_usr1(tmp_path, err)
+
+
+def test_torchrun_agent_passes_sigusr1_to_its_workers(tmp_path):
+    """SIGUSR1 to the agent alone (its workers have sessions of their own): it neither dies of it --
+    torchrun handles TERM, INT, HUP and QUIT only -- nor keeps it; the workers save and all exit 0."""
+    config = str(_tiny_config(tmp_path, 100000))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = torchrun_command(config, load_config(config), LaunchOptions(port=port))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_steps(proc, tmp_path)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    _check_stopped_by_usr1(tmp_path, err)
+
+
+def _slurm_job_told_usr1(tmp_path, launch: list[str], scancel: list[str] | None, seconds: float = 120) -> str:
+    """Submit the long tiny job, ``scancel --signal=USR1`` it after its first step (None: wait for its
+    own ``--signal``), wait for it to end; returns ``scontrol show job`` then."""
+    cluster = local_slurm.LocalSlurm(tmp_path / "slurm")
+    with cluster as env:
+        out = subprocess.run([EXE, "launch", str(_tiny_config(tmp_path, 100000)), "--backend", "slurm",
+                              "--log-dir", str(tmp_path / "logs"), *launch], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        job = out.stdout.split()[2].rstrip(":")
+        _wait_for_steps(None, tmp_path)
+        if scancel is not None:
+            subprocess.run(["scancel", *scancel, "--signal=USR1", job], env=env, check=True, timeout=60)
+        deadline = time.monotonic() + seconds
+        while "JobState=RUNNING" in (show := subprocess.run(["scontrol", "show", "job", job], env=env,
+                                                             capture_output=True, text=True).stdout):
+            assert time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.5)
+    assert "JobState=COMPLETED" in show and "ExitCode=0:0" in show, show + cluster.logs()
+    _check_stopped_by_usr1(tmp_path, (tmp_path / "logs" / f"distattn-cfg-{job}.err").read_text())
+    return show
+
+
+@pytest.mark.skipif(not local_slurm.available(), reason="needs root and Debian's slurmctld/slurmd "
+                    "(bash scripts/setup.sh --with-slurm installs them)")
+@pytest.mark.parametrize("whom", [[], ["--batch"]], ids=["steps", "batch-shell"])
+def test_slurm_sigusr1_checkpoints_and_completes(tmp_path, whom):
+    """`scancel --signal=USR1` (what --signal=USR1@N sends: the steps' processes) or with --batch (the
+    shell and srun, as --signal=B:USR1 would the shell): the job saves a checkpoint and ends COMPLETED, 0."""
+    _slurm_job_told_usr1(tmp_path, [], whom)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not local_slurm.available(), reason="needs root and Debian's slurmctld/slurmd "
+                    "(bash scripts/setup.sh --with-slurm installs them)")
+def test_slurm_time_limit_warning_checkpoints_and_completes(tmp_path):
+    """The script's own #SBATCH --signal=USR1@100 of a 3-minute job: Slurm sends it 80 s in, or up to
+    60 s earlier (its resolution), and the job ends COMPLETED with the checkpoint (about 70 s)."""
+    _slurm_job_told_usr1(tmp_path, ["--time", "3", "--signal-lead", "100"], None, seconds=180)

@@ -1,5 +1,5 @@
-"""distattn logs, it does not print: embedded without logging configured, ``train()`` shows nothing but
-its per-step progress line; ``distattn.configure_logging(ranks="all")`` shows every rank's messages,
+"""distattn logs, it does not print: embedded without logging configured, ``train()`` shows nothing (its
+per-step lines are INFO records); ``distattn.configure_logging(ranks="all")`` shows every rank's messages,
 each prefixed with its rank; the CLI's ``--log-level`` silences them."""
 
 from __future__ import annotations
@@ -54,9 +54,8 @@ def _embedded(folder: Path, tmp_path: Path, ranks: str) -> list[str]:
     return done.stdout.splitlines()
 
 
-def test_embedded_without_logging_configured_only_the_progress_lines_show(damaged, tmp_path):
-    lines = _embedded(damaged, tmp_path, "unconfigured")
-    assert lines and all(line.startswith("step ") for line in lines), lines   # steps 3 and 4, nothing else
+def test_embedded_without_logging_configured_nothing_shows(damaged, tmp_path):
+    assert _embedded(damaged, tmp_path, "unconfigured") == []   # the two ranks' records, steps 3 and 4's too
 
 
 def test_ranks_all_prefixes_every_ranks_messages(damaged, tmp_path):
@@ -64,8 +63,11 @@ def test_ranks_all_prefixes_every_ranks_messages(damaged, tmp_path):
     for rank in (0, 1):
         assert any(line.startswith(f"[rank {rank}] resuming from step_2, the newest checkpoint that verifies")
                    for line in lines), lines
-    rank0 = [line for line in _embedded(damaged, tmp_path / "again", "0") if not line.startswith("step ")]
+    assert [line.split()[:3] for line in lines if "step " in line[:15]] == [["[rank", "0]", "step"]] * 2
+    shown = _embedded(damaged, tmp_path / "again", "0")
+    rank0 = [line for line in shown if not line.startswith("step ")]
     assert rank0 and all(line.startswith("resuming from step_2") for line in rank0), rank0
+    assert [line.split()[1] for line in shown if line.startswith("step ")] == ["3/4", "4/4"]   # records at INFO
 
 
 def test_the_cli_log_level_silences_distattn_messages(damaged, tmp_path):
@@ -78,6 +80,7 @@ def test_the_cli_log_level_silences_distattn_messages(damaged, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "newest checkpoint that verifies" not in done.stdout + done.stderr
     assert "resuming from" in done.stdout   # the CLI's own line stays
+    assert [line.split()[1] for line in done.stdout.splitlines() if line.startswith("step ")] == ["3/5", "4/5", "5/5"]
 
 
 def test_configure_logging_refuses_what_it_does_not_know():

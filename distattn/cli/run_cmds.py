@@ -71,7 +71,8 @@ def _stopped(exc, out) -> str:
     after = f" after step {history[-1]['step']}" if history else ""
     where = f"; newest checkpoint {saved}, continue with --resume" if saved else \
         "; no step had finished, so no checkpoint was saved"
-    return f"distattn train: stopped by {signal.Signals(exc.signum).name}{after}{where}"
+    why = " (Slurm's warning before the time limit)" if exc.signum == signal.SIGUSR1 else ""
+    return f"distattn train: stopped by {signal.Signals(exc.signum).name}{why}{after}{where}"
 
 
 def _dry_run(cfg, args, talk) -> int:
@@ -185,7 +186,8 @@ def _train_and_report(cfg, out, resume, talk) -> int:
     launched = "RANK" in os.environ
     before = {} if launched else checkpoint.partials(out / "ckpt")
     try:
-        history = run(cfg, resume=resume)
+        # the command's console, whatever --log-level: a bar on a terminal, else one line per logged step
+        history = run(cfg, resume=resume, progress="bar" if sys.stdout.isatty() else "line")
     except PeerFailed as exc:   # under a launcher: this rank saw a peer die or fall silent
         return _peer_failed(exc, out, int(os.environ.get("RANK", "0")))
     except Terminated as exc:
@@ -275,7 +277,7 @@ def _cmd_launch(args) -> int:
     cfg = _config(args, {"train.out": args.out})
     opts = LaunchOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, port=args.port, time=args.time,
                          partition=args.partition, account=args.account, max_restarts=args.max_restarts,
-                         log_dir=args.log_dir)
+                         log_dir=args.log_dir, cpus_per_task=args.cpus_per_task, signal_lead=args.signal_lead)
     if args.backend == "ray":
         from ..launch import RayOptions, ray_train
 
@@ -359,7 +361,7 @@ def _add_train(sub) -> None:
                     "Writes OUT/metrics.jsonl, OUT/tb/ and checksummed checkpoints OUT/ckpt/step_N (a resume "
                     "uses the newest that verifies; `distattn ckpt verify` checks them). SIGTERM saves a "
                     "checkpoint at the next step boundary and exits 143; a first Ctrl-C does the same and exits "
-                    "130, a second stops at once.",
+                    "130, a second stops at once; SIGUSR1 (Slurm's --signal warning) does the same and exits 0.",
         epilog=examples("distattn train configs/tiny.yaml",
                         "distattn train configs/tiny.yaml --scheduler cad --steps 100 --out runs/cad",
                         "distattn train configs/tiny.yaml parallel.cp=2 train.lr=1e-4 model.n_layers=2",
@@ -426,6 +428,10 @@ def _add_launch(sub) -> None:
     launch.add_argument("--partition", default=None, help="slurm: partition (default: the cluster's)")
     launch.add_argument("--account", default=None, help="slurm: account (default: yours)")
     launch.add_argument("--log-dir", default="logs", help="slurm: where the script and job logs go")
+    launch.add_argument("--cpus-per-task", type=int, default=None, help="slurm: cores of the one task per node "
+                        "(torchrun and its ranks; default: one per rank of a node)")
+    launch.add_argument("--signal-lead", type=int, default=120, help="slurm: SIGUSR1 this many seconds before "
+                        "the time limit (--signal=USR1@N): the ranks checkpoint and exit 0; 0: no warning")
     launch.add_argument("--wait", action="store_true", help="slurm: follow the job until it ends; exit 1 unless "
                         "it COMPLETED")
     launch.add_argument("--wait-timeout", type=float, default=24 * 3600.0, help="slurm: seconds --wait gives up after")

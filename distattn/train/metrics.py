@@ -11,14 +11,16 @@ MFU divides that by the step time and the devices' dense bf16 peak
 printed ``n/a``.
 
 :class:`RunLog` is rank 0's output: ``metrics.jsonl`` (one JSON object per
-logged step), TensorBoard scalars under ``tb/`` and the console -- a tqdm bar
-on an interactive terminal, one plain line per logged step otherwise (a log
-file, Slurm's output).
+logged step), TensorBoard scalars under ``tb/`` (without the ``viz`` extra's TensorBoard: one
+warning, and no events) and the progress a :class:`~distattn.train.trainer.Trainer`'s ``progress``
+chooses (:func:`progress_display`): a tqdm bar, one plain line per logged step (a log file, Slurm's
+output), log records or nothing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -26,11 +28,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..model_shape import gpu_named
 from .safe_io import WriteFailed, open_append, read_regular, replace_text
+
+_log = logging.getLogger(__name__)
+
+#: a Trainer's ``progress`` values (:func:`resolve_progress`)
+PROGRESS = ("auto", "bar", "line", "log", "none")
 
 #: the metrics a step logs that depend on the machine's speed and load, not on the training: a resumed
 #: run's other metrics equal an uninterrupted run's
@@ -128,12 +136,42 @@ def _quiet_tensorboard_thread() -> None:
     threading.excepthook = hook
 
 
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+def check_progress(progress: str) -> str:
+    """``progress`` itself, or ``ValueError`` for a value not in :data:`PROGRESS`."""
+    if progress not in PROGRESS:
+        raise ValueError(f"progress must be one of {', '.join(map(repr, PROGRESS))}, got {progress!r}")
+    return progress
+
+
+def resolve_progress(progress: str) -> str:
+    """A Trainer's ``progress`` with ``"auto"`` decided: ``"bar"`` on a terminal while the ``distattn``
+    logger shows INFO, else ``"log"`` -- the embedding program's logging decides, so
+    ``configure_logging("ERROR")`` silences the steps (``"line"`` prints whatever the level)."""
+    if check_progress(progress) != "auto":
+        return progress
+    shown = logging.getLogger("distattn").isEnabledFor(logging.INFO)
+    return "bar" if shown and sys.stdout.isatty() else "log"
+
+
+def progress_display(progress: str) -> tuple[bool, Callable[[str], None] | None]:
+    """(a tqdm bar?, where each logged step's line goes: None for nowhere) for a Trainer's ``progress``."""
+    progress = resolve_progress(progress)
+    return progress == "bar", {"line": _print_line, "log": _log.info}.get(progress)
+
+
 class RunLog:
     """Rank 0's progress display, ``metrics.jsonl`` and TensorBoard scalars."""
 
-    def __init__(self, out: Path, steps: int, done: int, bar: bool | None = None):
+    def __init__(self, out: Path, steps: int, done: int, bar: bool | None = None,
+                 say: Callable[[str], None] | None = _print_line):
         """``done``: steps already taken (a resume); rows logged after them by the run that stopped are
-        dropped (:func:`logged_rows`), so each step appears once; new rows are appended. ``bar``: a tqdm bar (default: when stdout is a terminal)."""
+        dropped (:func:`logged_rows`), so each step appears once; new rows are appended. ``bar``: a tqdm
+        bar (default: when stdout is a terminal); without one, ``say`` gets each logged step's line
+        (None: no line)."""
         out.mkdir(parents=True, exist_ok=True)
         self.steps, self.start, self.first_step = steps, time.perf_counter(), None
         self.path = out / "metrics.jsonl"
@@ -148,11 +186,14 @@ class RunLog:
 
             _quiet_tensorboard_thread()
             self.tb = SummaryWriter(str(out / "tb"), purge_step=done + 1 if done else None)
-        except ImportError:  # tensorboard is optional outside the dev extra
+        except ImportError:  # tensorboard is optional outside the viz and dev extras
             self.tb = None
+            # a warning, not a print: an embedding program silences it with its logging level
+            _log.warning(f"TensorBoard is not installed: no events under {out / 'tb'} "
+                         f"(pip install 'distattn[viz]')")
         except OSError as exc:
             raise WriteFailed(f"writing TensorBoard events into {out / 'tb'} failed: {exc.strerror}") from None
-        self.bar = None
+        self.bar, self.say = None, say
         if bar if bar is not None else sys.stdout.isatty():
             from tqdm import tqdm
 
@@ -184,13 +225,13 @@ class RunLog:
             except OSError as exc:
                 raise WriteFailed(f"writing TensorBoard events into {self.tb.log_dir} failed: {exc.strerror}") \
                     from None
-        if self.bar is not None:
+        if self.bar is not None or self.say is None:
             return
         if self.first_step is None:
             self.first_step, self.start = m["step"], time.perf_counter() - m["step_time_s"]
         done = m["step"] - self.first_step + 1
         eta = (time.perf_counter() - self.start) / done * (self.steps - m["step"])
-        print(f"step {m['step']:>5}/{self.steps}  {summary}  eta {int(eta) // 60}:{int(eta) % 60:02d}", flush=True)
+        self.say(f"step {m['step']:>5}/{self.steps}  {summary}  eta {int(eta) // 60}:{int(eta) % 60:02d}")
 
     def close(self) -> None:
         if self.bar is not None:

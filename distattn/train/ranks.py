@@ -17,11 +17,13 @@ from .model.transformer import Block
 
 
 class StopSignal:
-    """Remembers a SIGTERM or SIGINT (handlers installed from the main thread only) until the step
-    ends. Once one came, leaving ignores further ones: the run is already stopping (a launcher
-    repeats the signal until its ranks are done), and its results must reach the caller."""
+    """Remembers a SIGTERM, SIGINT or SIGUSR1 (handlers installed from the main thread only) until the
+    step ends. Once one came, leaving ignores further ones: the run is already stopping (a launcher
+    repeats the signal until its ranks are done), and its results must reach the caller. SIGUSR1 is
+    Slurm's warning before the time limit (``#SBATCH --signal=USR1@SECONDS``): a stop that was asked
+    for, so the run exits 0 (:attr:`distattn.spawn.Terminated.exit_code`) and torchrun restarts nothing."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.signum, self.stopped_at, self._previous = None, None, {}

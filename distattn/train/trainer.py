@@ -81,7 +81,8 @@ from .config import RunConfig
 from .data.packer import Packer
 from .data.sources import make_corpus
 from .data.global_batch import GlobalBatches, MicroBatch
-from .metrics import RunLog, device_peak_flops, peak_memory_bytes
+from .metrics import RunLog, check_progress, device_peak_flops, peak_memory_bytes, progress_display, \
+    resolve_progress
 from .model.batch import LocalBatch
 from .model.transformer import Transformer
 from .plan_ahead import PlanAhead, StepPlanner, plan_options
@@ -119,14 +120,19 @@ class Trainer:
         Trainer(load_config("tiny", ["parallel.cp=1"]), callbacks=[print]).run()
 
     ``callbacks`` (or :meth:`on_step`) are called on every rank with each step's metrics dict (W&B or
-    any logger attaches there). ``resume`` and ``stop`` are :func:`train`'s. Without an initialised
+    any logger attaches there). ``resume`` and ``stop`` are :func:`train`'s. ``progress`` is what rank 0
+    shows per step: ``"bar"`` (tqdm), ``"line"`` (one printed line per logged step, what ``distattn
+    train`` shows off a terminal), ``"log"`` (that line as a record of the ``distattn`` logger at
+    INFO), ``"none"``, or ``"auto"`` (default): a bar on a terminal, else ``"log"`` -- so
+    ``distattn.configure_logging("ERROR")`` silences the steps, ``"INFO"`` shows them. Without an initialised
     process group, :meth:`setup` makes one: torchrun's (``RANK`` set), or a single rank's for a config
     of world size 1; :meth:`close` ends the group it made.
     """
 
     def __init__(self, config: RunConfig, callbacks: Iterable[Callable[[dict], Any]] = (), *,
-                 resume: bool | Path = False, stop: StopSignal | None = None):
+                 resume: bool | Path = False, stop: StopSignal | None = None, progress: str = "auto"):
         self.config, self.callbacks, self.resume, self.stop = config, list(callbacks), resume, stop
+        self.progress = check_progress(progress)
         self.history: list[dict] = []
         self.done = 0             # optimizer updates taken, a resumed run's included
         self.stopping = False     # a rank got SIGTERM or SIGINT: every rank checkpoints and stops after this step
@@ -213,7 +219,8 @@ class Trainer:
                                      balance_weight=0.0 if p.pools_replicas else None)
         self.out = Path(t.out)
         self._resume()
-        self.logger = RunLog(self.out, t.steps, self.done) if dist.get_rank() == 0 else None
+        bar, say = progress_display(self.progress)
+        self.logger = RunLog(self.out, t.steps, self.done, bar, say) if dist.get_rank() == 0 else None
         self._planning()
         self.forward = {"checkpointing": t.activation_checkpointing, "loss_chunk": t.loss_chunk,
                         "mlp_chunk": t.mlp_chunk, "compute_dtype": torch.bfloat16 if t.dtype == "bf16" else None}
@@ -392,13 +399,14 @@ class Trainer:
 
 
 def train(cfg: RunConfig, resume: bool | Path = False, stop: StopSignal | None = None,
-          on_step: Callable[[dict], Any] | None = None) -> list[dict]:
+          on_step: Callable[[dict], Any] | None = None, progress: str = "auto") -> list[dict]:
     """Run on every rank of an initialised process group of ``cfg.world_size`` ranks; returns the metrics.
     ``resume``: True continues from the newest checkpoint whose checksums hold (the ranks hash their
     shares); a path continues from that checkpoint, which the caller has verified already. With ``stop``,
     a SIGTERM or SIGINT it received ends the run after the current step and its checkpoint;
-    ``on_step(metrics)`` is called on every rank after each step (progress, profiling)."""
-    return Trainer(cfg, [] if on_step is None else [on_step], resume=resume, stop=stop).run()
+    ``on_step(metrics)`` is called on every rank after each step (progress, profiling); ``progress``
+    is :class:`Trainer`'s."""
+    return Trainer(cfg, [] if on_step is None else [on_step], resume=resume, stop=stop, progress=progress).run()
 
 
 class NonFinite(RuntimeError):
@@ -413,22 +421,26 @@ def _nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
     return " and ".join(bad) or None
 
 
-def _rank_entry(cfg: RunConfig, resume: bool | Path) -> list[dict]:
+def _rank_entry(cfg: RunConfig, resume: bool | Path, progress: str = "auto") -> list[dict]:
     with StopSignal() as stop:
-        return train(cfg, resume, stop)
+        return train(cfg, resume, stop, progress=progress)
 
 
-def run(cfg: RunConfig, resume: bool | Path = False) -> list[dict]:
+def run(cfg: RunConfig, resume: bool | Path = False, progress: str = "auto") -> list[dict]:
     """Train under torchrun (``RANK`` set) or on ``dp * cp`` local gloo processes; returns rank 0's metrics.
-    ``resume`` as :func:`train`'s; under torchrun a restarted worker resumes by itself (:func:`.resume.resume_from`)."""
+    ``resume`` as :func:`train`'s; under torchrun a restarted worker resumes by itself (:func:`.resume.resume_from`).
+    ``progress`` as :class:`Trainer`'s; the local ranks get it, and this process's logging settings."""
+    # decided here: a rank's stdout is the fork server's, not necessarily this process's terminal
+    progress = resolve_progress(progress)
     if "RANK" in os.environ:
         with StopSignal() as stop:   # (before the group exists: a signal while joining it is kept too)
-            history = Trainer(cfg, resume=resume_from(Path(cfg.train.out), resume), stop=stop).run()
+            history = Trainer(cfg, resume=resume_from(Path(cfg.train.out), resume), stop=stop,
+                              progress=progress).run()
         if stop.stopped_at is not None:
             raise Terminated(f"stopped by {stop.name}", [history], stop.signum)
         return history
     from ..spawn import run_distributed
 
     threads = max(1, (os.cpu_count() or 1) // cfg.world_size)
-    return run_distributed(_rank_entry, cfg.world_size, cfg, resume, timeout=7 * 24 * 3600.0,
+    return run_distributed(_rank_entry, cfg.world_size, cfg, resume, progress, timeout=7 * 24 * 3600.0,
                            collective_timeout=cfg.parallel.timeout_s, threads_per_rank=threads)[0]

@@ -14,8 +14,9 @@ from .sharded import INDEX_NAME, ShardedCorpus, is_prepared
 def make_corpus(source, path: str | None = None, tokenizer: str | None = None, on_bad_document: str = "fail"):
     """The corpus of a data section: ``make_corpus(cfg.data)`` (a blend needs the whole section), or
     ``make_corpus(source, path, tokenizer)`` for one source; ``on_bad_document`` is the section's
-    ``data.on_bad_document`` (read by ``hf``, the one source whose documents can be bad as they are read). ``tokens``: a prepared directory when
-    ``path`` holds ``index.json``, else the ``PATH.bin`` + ``PATH.idx.npy`` prefix."""
+    ``data.on_bad_document`` (read by ``hf``, the one source whose documents can be bad as they are
+    read). ``tokens``: a prepared directory when ``path`` holds ``index.json``, else the ``PATH.bin`` +
+    ``PATH.idx.npy`` prefix."""
     if not isinstance(source, str):   # a DataConfig
         data = source
         if data.source == "blend":
