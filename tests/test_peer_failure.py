@@ -131,9 +131,13 @@ def test_other_errors_pass_unchanged(exc):
     assert raised.value is exc
 
 
-def test_words_alone_do_not_make_a_peer_failure():
+def test_words_alone_do_not_make_a_peer_failure(monkeypatch):
     """A RuntimeError saying "timed out" that did not come out of torch.distributed passes unchanged; this
     library's own store waits (which name the ranks that never came) are translated."""
+    import torch.distributed as dist
+
+    # no group here yet, whatever an earlier test in this process left initialized
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
     exc = RuntimeError("reading shard 3 timed out")
     with pytest.raises(RuntimeError) as raised:
         with peer_phase("start-up", "/runs/x"):
@@ -142,7 +146,7 @@ def test_words_alone_do_not_make_a_peer_failure():
     ours = RuntimeError("distattn: creating a DeviceMesh failed or timed out: rank 0 waited 5.0 s (the process "
                         "group's timeout, 5 s) for rank(s) [2, 3], which never got there.")
     with pytest.raises(PeerFailed, match=r"^start-up \(/runs/x\): ranks \[2, 3\] did not join the process group "
-                                         r"within 5 s$"):   # (no group here yet)
+                                         r"within 5 s$"):
         with peer_phase("start-up", "/runs/x", 5):
             raise ours
 
