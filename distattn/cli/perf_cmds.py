@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..schedulers import NAMES
 from ._args import doc_pool, examples, existing_file, output_dir, positive_int, positive_int_list
 
@@ -20,14 +22,22 @@ def _cmd_bench(args) -> int:
           f"{list(cfg.seq_lens)}, masks {list(cfg.masks)}, {cfg.heads}/{cfg.kv_heads} heads x {cfg.head_dim}, "
           f"{cfg.dtype}, warm-up {cfg.warmup} + median of {cfg.repeats}", flush=True)
     rows = run_bench(cfg, args.out)
-    print(f"\n{'scheduler':<18} {'world':>5} {'seq':>6} {'mask':<10} {'fwd+bwd ms':>10} {'GFLOP/s':>8} {'imb':>5} "
-          f"{'send MB':>8} {'peak MB':>8}")
-    for r in rows:
-        print(f"{r['scheduler']:<18} {r['world_size']:>5} {r['seq_len']:>6} {r['mask']:<10} {r['fwd_bwd_ms']:>10.1f} "
-              f"{r['tflops'] * 1e3:>8.1f} {r['flops_imbalance']:>5.2f} {r['send_bytes'] / 2**20:>8.1f} "
-              f"{r['peak_mem_mb']:>8.0f}")
-    print(f"results: {args.out}/results.csv, results.json, *.png, tb/")
+    print("\n" + results_table(rows))
+    print(f"results: {Path(args.out) / 'results.csv'}, results.json, *.png, tb/")
     return 0
+
+
+def results_table(rows: list[dict]) -> str:
+    """The runs as an aligned text table: the name columns as wide as their longest entry."""
+    name_w = max([len("scheduler")] + [len(str(r["scheduler"])) for r in rows])
+    mask_w = max([len("mask")] + [len(str(r["mask"])) for r in rows])
+    lines = [f"{'scheduler':<{name_w}} {'world':>5} {'seq':>7} {'mask':<{mask_w}} {'fwd+bwd ms':>10} {'GFLOP/s':>8} "
+             f"{'imb':>5} {'send MB':>8} {'peak MB':>8}"]
+    for r in rows:
+        lines.append(f"{r['scheduler']:<{name_w}} {r['world_size']:>5} {r['seq_len']:>7} {r['mask']:<{mask_w}} "
+                     f"{r['fwd_bwd_ms']:>10.1f} {r['tflops'] * 1e3:>8.1f} {r['flops_imbalance']:>5.2f} "
+                     f"{r['send_bytes'] / 2**20:>8.1f} {r['peak_mem_mb']:>8.0f}")
+    return "\n".join(lines)
 
 
 def add_parsers(sub) -> None:
