@@ -68,6 +68,18 @@ class FileScan:
         return f"{self.file} row {row}: {reason}"
 
 
+def binary_view(values):
+    """An Arrow string array's bytes as they are: Arrow does not check the UTF-8 a writer gave it."""
+    import pyarrow as pa
+
+    return values.view(pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary())
+
+
+def not_utf8(column: str, exc: UnicodeDecodeError) -> str:
+    """Why a string of ``column`` that failed to decode is bad."""
+    return f"'{column}' is not valid UTF-8 at byte {exc.start} ({exc.reason})"
+
+
 def array_problems(values, start: int, column: str) -> tuple[int, list[tuple[int, str]]]:
     """(how many, (row, reason) of the first ``KEEP``) bad rows of an Arrow array (a Parquet row
     group's or an Arrow chunk's column) whose first row is row ``start`` of its file: nulls, and
@@ -84,13 +96,12 @@ def array_problems(values, start: int, column: str) -> tuple[int, list[tuple[int
         try:
             values.validate(full=True)   # checks every string's UTF-8, in C
         except pa.ArrowInvalid:
-            raw = values.view(pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary())
-            for i, data in enumerate(raw.to_pylist()):
+            for i, data in enumerate(binary_view(values).to_pylist()):
                 try:
                     data is None or data.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     count += 1
-                    found.append((start + i, f"'{column}' is not valid UTF-8 at byte {exc.start} ({exc.reason})"))
+                    found.append((start + i, not_utf8(column, exc)))
     return count, sorted(found)[:KEEP]
 
 

@@ -34,7 +34,8 @@ from typing import Callable
 
 import numpy as np
 
-from .bad_rows import ON_BAD_DOCUMENT, SKIP_HINT, BadDocument, FileScan, arrow_table, group_problem, scan_hf
+from .bad_rows import (ON_BAD_DOCUMENT, SKIP_HINT, BadDocument, FileScan, arrow_table, group_problem, not_utf8,
+                       scan_hf)
 from .readers import load_tokenizer
 from ..safe_io import read_regular
 
@@ -248,7 +249,7 @@ class HFCorpus:
         try:
             text = values[row].as_py()
         except UnicodeDecodeError as exc:   # Arrow does not check the UTF-8 of what a writer gave it
-            raise BadDocument(f"'{self.column}' is not valid UTF-8 at byte {exc.start} ({exc.reason})") from None
+            raise BadDocument(not_utf8(self.column, exc)) from None
         return np.asarray(self.tokenizer.encode([text])[0], dtype=np.int64)
 
     def read(self, doc: int, start: int, end: int) -> np.ndarray:

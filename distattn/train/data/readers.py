@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .bad_rows import BadDocument, group_problem, text_problem
+from .bad_rows import BadDocument, binary_view, group_problem, not_utf8, text_problem
 from .corpus import BYTE_VOCAB
 
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -227,16 +227,13 @@ def _texts(path: Path, values, row: int) -> list:
     try:
         return values.to_pylist()
     except UnicodeDecodeError:
-        import pyarrow as pa
-
-        raw = values.view(pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary())
         texts = []
-        for i, data in enumerate(raw.to_pylist()):
+        for i, data in enumerate(binary_view(values).to_pylist()):
             try:
                 texts.append(data if data is None else data.decode("utf-8"))
             except UnicodeDecodeError as exc:
-                texts.append(BadDocument(f"INPUT {path} row {row + i + 1}: 'text' is not valid UTF-8 at byte "
-                                         f"{exc.start} ({exc.reason}); fix or drop that row"))
+                texts.append(BadDocument(f"INPUT {path} row {row + i + 1}: {not_utf8('text', exc)}; fix or drop "
+                                         f"that row"))
         return texts
 
 
