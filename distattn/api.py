@@ -41,7 +41,8 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
             alone; ``shard`` then maps ``[B, S, ...]`` to ``[B, S_local, ...]`` and ``attention`` takes
             ``[B, S_local, H, D]``.
         mesh: a ``DeviceMesh`` (2-D with axes ``("ulysses", "ring")`` for ``usp``), a ``ProcessGroup``,
-            or an int world size for a *dry* plan (``stats`` only).
+            ``1`` for one device and no process group (the plan runs: ``shard``, ``attention``,
+            ``unshard``), or an int world size above 1 for a *dry* plan (``stats`` only).
         scheduler: ``"ring" | "zigzag" | "allgather" | "ulysses" | "usp" | "cad"``; on one rank every
             scheduler runs as ``"local"`` attention.
         causal: causal within each document, bottom-right aligned.
@@ -86,7 +87,8 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
                          "pool=group and one packed sequence per rank, or drop it")
     batch = None if rows is None else len(rows)
     options = entry.derive(info.world_size, context, options, _two_d(info))
-    if info.world_size == 1 and not options:   # one rank with nothing to plan: local attention
+    # one rank with nothing to plan, or with no process group (mesh=1) for its options' groups: local attention
+    if info.world_size == 1 and (not options or (info.group is None and options.get("pool") is None)):
         shards = _shards_of(lens, rows, layout, LOCAL, info, {}) or CONTIGUOUS.shards(lens, 1)
         return _made(LOCAL, LOCAL.planner()(lens, info, scheduler=scheduler, shards=shards, **common), info,
                      backend, device, {}, batch, run)

@@ -3,7 +3,8 @@
 :func:`resolve_mesh` turns the ``mesh`` argument into one explicit description (:class:`MeshInfo`).
 
 ``mesh`` may be a 1-D ``DeviceMesh``, a 2-D ``DeviceMesh`` (for ``usp``), a
-``ProcessGroup``, or an ``int`` world size for a dry plan. Groups are always
+``ProcessGroup``, ``1`` (one device, no process group: a plan that runs), or an
+``int`` world size above 1 for a dry plan. Groups are always
 passed explicitly; nothing here keeps a module-level group.
 
 Making groups must not hang past the collective timeout either. torch gives a
@@ -78,7 +79,10 @@ def resolve_mesh(mesh) -> MeshInfo:
         raise ValueError("mesh must be a DeviceMesh, a ProcessGroup or an int world size, got a bool")
     if isinstance(mesh, int):
         if mesh < 1:
-            raise ValueError(f"mesh as an int is a dry world size and must be >= 1, got {mesh}")
+            raise ValueError(f"mesh as an int is a world size (1: one device; more: a dry plan) and must be >= 1, "
+                             f"got {mesh}")
+        if mesh == 1:   # one device needs no process group: a live plan, its one rank computes alone
+            return MeshInfo(world_size=1, rank=0, device=_device_of("cuda"))
         return MeshInfo(world_size=mesh, rank=None)
     if isinstance(mesh, dist.ProcessGroup):
         return MeshInfo(world_size=mesh.size(), rank=dist.get_rank(mesh), group=mesh, device=group_device(mesh))

@@ -4,7 +4,8 @@ A profile is a list of measurements ``(op, world_size, size_bytes, time_us, node
 size convention: ``size`` is the whole buffer -- the gathered output of ``all_gather``, the input of
 ``reduce_scatter``, each rank's send buffer of ``all_to_all``, the message of ``send_recv`` (every rank
 sends ``size`` to the next); ``nodes``: the nodes the ranks span (None: ``ceil(world_size / gpus_per_node)``).
-Sources: ``distattn cluster probe``/``nccl-tests`` (JSON), CSVs (:mod:`distattn.network_csv`).
+Sources: ``distattn cluster probe``/``nccl-tests`` (JSON), CSVs (:mod:`distattn.network_csv`), and the
+profiles the package ships, by name (:func:`packaged_profiles`: ``h100``).
 
 Per ``(op, world_size, nodes)`` the fit is ``t = alpha + factor(op, n) * size / busbw`` (least
 squares over the median time of each size), ``factor`` being nccl-tests' bus-bandwidth factor:
@@ -54,7 +55,8 @@ import numpy as np
 
 from .jsonfile import read_json
 from .network_csv import (OPS, Measurement, bus_factor, canonical_op, config_name, load_csv, load_published,
-                          parse_size)
+                          network_argument, network_help, network_source, packaged_file, packaged_profiles, parse_size,
+                          unknown_network)
 
 _PROXIES = ("all_gather", "reduce_scatter", "all_to_all", "send_recv", "all_reduce")
 _LATENCY_BLIND_BYTES = 2**30   # measured only at or above this: no latency of its own (_latency_from_neighbours)
@@ -416,14 +418,32 @@ def default_profile() -> NetworkProfile:
     return NetworkProfile(rows, source="default (NVLink 360 GB/s + IB 45 GB/s, assumed)")
 
 
+# ---- packaged profiles: their names and --network's parsing live in distattn.network_csv (light) ----
+
+def packaged_profile(name: str) -> NetworkProfile:
+    """The packaged profile ``name`` (:func:`packaged_profiles`), read through importlib.resources (so from
+    an installed wheel too); ``ValueError`` names the packaged profiles."""
+    if name not in packaged_profiles():
+        raise unknown_network(name)
+    return NetworkProfile.from_json(json.loads(packaged_file(name).read_text()))
+
+
 def profile_of(source) -> NetworkProfile:
     """A :class:`NetworkProfile` from what a caller names: one already made, a path
-    (:meth:`NetworkProfile.load`), or None (:func:`default_profile`)."""
+    (:meth:`NetworkProfile.load`), a packaged profile's name (:func:`packaged_profile`; an existing path
+    of the same name wins), or None (:func:`default_profile`)."""
     if source is None:
         return default_profile()
-    return source if isinstance(source, NetworkProfile) else NetworkProfile.load(source)
+    if isinstance(source, NetworkProfile):
+        return source
+    if Path(source).exists():
+        return NetworkProfile.load(source)
+    if isinstance(source, str) and source in packaged_profiles():
+        return packaged_profile(source)
+    raise unknown_network(source)
 
 
 # the measurements' names live in distattn.network_csv; callers have always found them here
 __all__ = ["OPS", "Measurement", "Fit", "NetworkProfile", "bus_factor", "canonical_op", "config_name", "parse_size",
-           "fit_alpha_beta", "default_profile", "profile_of"]
+           "fit_alpha_beta", "default_profile", "profile_of", "packaged_profiles", "packaged_profile",
+           "network_source", "network_argument", "network_help"]

@@ -190,3 +190,62 @@ def load_published(path: str | Path) -> tuple[tuple[Measurement, ...], dict]:
         raise ValueError(f"{path}: no measurements (every row empty or a percentile); add nccl-tests rows")
     densest = max(-(-m.world_size // m.nodes) for m in rows)
     return tuple(rows), {"source": str(path), "gpus_per_node": densest, "strict": True}
+
+
+# ---- packaged profiles ---------------------------------------------------------------------------
+# distattn/profiles/<name>.json, shipped in the wheel (pyproject.toml's package-data): profiles a fresh
+# install names (``--network h100``) without measuring or fetching anything; found through
+# importlib.resources, so an installed wheel finds its own. ``h100``: distattn's alpha-beta fits of the
+# published nccl-tests tables, each fit stored as two rows on its line (the file's ``source`` says which).
+# Names and ``--network``'s parsing live here, beside the readers, so the CLI's parsers stay light (no
+# numpy); :func:`distattn.network.profile_of` and ``packaged_profile`` load them.
+
+def packaged_file(name: str):
+    """The packaged profile ``name``'s file (an importlib.resources Traversable; a Path when installed on disk)."""
+    from importlib.resources import files
+
+    return files("distattn") / "profiles" / f"{name}.json"
+
+
+def packaged_profiles() -> list[str]:
+    """The names of the profiles the package ships (``distattn/profiles/<name>.json``)."""
+    from importlib.resources import files
+
+    folder = files("distattn") / "profiles"
+    return sorted(p.name[:-len(".json")] for p in folder.iterdir() if p.name.endswith(".json")) \
+        if folder.is_dir() else []
+
+
+def unknown_network(source) -> ValueError:
+    """The refusal of a network that is neither a path nor a packaged name: it names the packaged ones."""
+    return ValueError(f"network {str(source)!r} is neither an existing path nor a packaged profile (packaged: "
+                      f"{', '.join(packaged_profiles()) or 'none'}); name one of those, or pass a path: a folder of "
+                      "published nccl-tests CSVs, one CSV, or a profile JSON (distattn cluster probe/nccl-tests)")
+
+
+def network_source(text: str) -> str:
+    """What a ``--network`` value names, as a path ``NetworkProfile.load`` reads: an existing path as given
+    (a path wins over a packaged name), else the packaged profile's file; ``ValueError`` otherwise."""
+    if Path(text).exists():
+        return text
+    if text in packaged_profiles():
+        ref = packaged_file(text)
+        return str(ref) if isinstance(ref, Path) else text   # not a file on disk (a zip): profile_of takes the name
+    raise unknown_network(text)
+
+
+def network_argument(text: str) -> str:
+    """``type=`` of every ``--network`` option: :func:`network_source`, a refusal an argparse error (rc 2)."""
+    import argparse
+
+    try:
+        return network_source(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def network_help(default: str) -> str:
+    """The help of every ``--network`` option, ending with what it defaults to."""
+    return (f"a packaged profile by name ({', '.join(packaged_profiles()) or 'none'}: distattn's fits of published "
+            "H100 nccl-tests runs) or a path: a folder of published nccl-tests CSVs, one such CSV, an nccl_perf CSV or "
+            f"a profile JSON (distattn cluster probe/nccl-tests); default: {default}")

@@ -8,7 +8,8 @@ through attention without a graph break (``train.compile``)::
         kv_shape: [T, Hkv, Dk, Dv] (k is [T, Hkv, Dk], v [T, Hkv, Dv])
         [dq, dk, dv] (+ dsinks with sinks)
 
-The plan is an opaque *reference* object (``torch._library.opaque_object``): a compiled graph takes
+The plan is an opaque *reference* object (``torch._library.opaque_object``; a *symbolic* custom class
+since torch 2.14, the same thing renamed): a compiled graph takes
 it as an input, and guards only on its runtime's :attr:`~distattn.plans.PlanRuntime.trace_key` (its
 executor's structure), so the plan made for each step's documents reuses the graph.
 
@@ -37,7 +38,17 @@ import torch
 from .plans import Plan, PlanBase
 
 try:
-    from torch._library.opaque_object import MemberType, register_opaque_type
+    from torch._library.opaque_object import MemberType
+    # Private API: torch 2.14.1 has no public one. Opaque custom-op arguments came with
+    # pytorch/pytorch#165004; torch 2.14 renamed register_opaque_type to register_custom_class and
+    # typ="reference" to "symbolic", and the old names log "... is deprecated" once per process (per
+    # rank), so they are used only on a torch without the new ones (2.13)
+    try:
+        from torch._library.opaque_object import register_custom_class as _register_custom_class
+        _SYMBOLIC = "symbolic"
+    except ImportError:
+        from torch._library.opaque_object import register_opaque_type as _register_custom_class
+        _SYMBOLIC = "reference"
     AVAILABLE = PlanBase is not object
 except ImportError:
     AVAILABLE = False
@@ -219,9 +230,9 @@ class Attention(torch.autograd.Function):
 if AVAILABLE:
     # guard a compiled graph on what shapes the fake kernels' outputs, not on the plan object
     # (batch_size, read before the op, is part of the trace key; a dry plan's attention refuses in the op)
-    register_opaque_type(Plan, typ="reference",
-                         guard_fn=lambda plan: [None if plan._runtime is None else plan._runtime.trace_key],
-                         members={"batch_size": MemberType.USE_REAL})
+    _register_custom_class(Plan, typ=_SYMBOLIC,
+                           guard_fn=lambda plan: [None if plan._runtime is None else plan._runtime.trace_key],
+                           members={"batch_size": MemberType.USE_REAL})
 
     @torch.library.custom_op("distattn::attention", mutates_args=())
     def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: Optional[torch.Tensor], plan: Plan,

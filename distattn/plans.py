@@ -4,7 +4,7 @@
 :class:`~distattn.schedule.Schedule` (frozen, no process group), and for a live plan
 :func:`~distattn.executors.executor_for` makes the executor that runs this rank's part on the
 mesh's groups, with its kernel layouts and indices copied to the device once. A *dry* plan
-(``mesh`` an int world size) has a schedule and no runtime: ``stats()`` works,
+(``mesh`` an int world size above 1) has a schedule and no runtime: ``stats()`` works,
 ``shard``/``unshard``/``attention`` raise ``ValueError``.
 
 A :class:`Plan` is what users hold: the pinned ``shard``, ``unshard``, ``position_ids``, ``stats``,
@@ -44,10 +44,16 @@ from .layout import Shards, token_index
 from .schedule import Schedule
 from .wire import check_comm_dtype
 
-try:  # an opaque object can be a custom op's argument (distattn.ops)
-    from torch._opaque_base import OpaqueBase as PlanBase
+# An opaque object (a "custom class" since torch 2.14) can be a custom op's argument (distattn.ops).
+# Private API (pytorch/pytorch#165004; none public as of 2.14.1). torch 2.14 renamed the base, and its old
+# module logs a deprecation warning on import, so the old name is only tried where the new one is missing.
+try:
+    from torch._custom_class_base import CustomClassBase as PlanBase
 except ImportError:
-    PlanBase = object
+    try:
+        from torch._opaque_base import OpaqueBase as PlanBase
+    except ImportError:
+        PlanBase = object
 
 __all__ = ["Plan", "PlanRuntime", "plan_of", "token_index"]
 
@@ -159,8 +165,8 @@ class Plan(PlanBase):
     def _live(self, what: str) -> PlanRuntime:
         """This rank's runtime; ``ValueError`` naming ``what`` on a dry plan."""
         if self._runtime is None:
-            raise ValueError(f"{what} needs a process group: this plan is dry (mesh was an int world size); "
-                             f"build it with a DeviceMesh or ProcessGroup")
+            raise ValueError(f"{what} needs a process group: this plan is dry (mesh was an int world size above 1); "
+                             f"build it with a DeviceMesh or ProcessGroup (or mesh=1 on one device)")
         return self._runtime
 
     @property
@@ -233,8 +239,10 @@ class Plan(PlanBase):
         width = max(layout.num_tokens(r) for r in range(self.world_size))
         padded = x.new_zeros((width, *x.shape[1:]))  # gloo's all-gather needs equal sizes
         padded[: x.shape[0]] = x
-        gathered = padded.new_empty((self.world_size * width, *x.shape[1:]))
-        runtime.executor.comm.all_gather(gathered, padded, "unshard").wait()
+        gathered = padded
+        if self.world_size > 1:   # one rank (mesh=1) may have no process group to gather over
+            gathered = padded.new_empty((self.world_size * width, *x.shape[1:]))
+            runtime.executor.comm.all_gather(gathered, padded, "unshard").wait()
         full = x.new_empty((self.schedule.total_tokens, *x.shape[1:]))
         for r in range(self.world_size):
             tokens = torch.from_numpy(token_index(layout.owned[r])).to(x.device)

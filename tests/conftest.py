@@ -130,7 +130,21 @@ def pytest_addoption(parser):
                      help="also run the tests marked slow: full soaks, crash matrices, larger shapes")
 
 
+# `pytest -m quick`: the files a contributor runs first (the public API, every scheduler exact at small
+# worlds, masks, merge, kernels, config and CLI refusals, the layer rules): under 5 minutes on 2 cores.
+QUICK_FILES = frozenset({
+    "test_plan_api.py", "test_validation.py", "test_masks_merge.py", "test_schedule.py", "test_program.py",
+    "test_layers.py", "test_kernels.py", "test_refusals.py", "test_slice_masks.py", "test_partials.py", "test_plan_cache.py",
+    "test_plan_context.py", "test_overrides.py", "test_manifest_schema.py", "test_model_shape.py",
+    "test_bench_table.py", "test_varlen.py", "test_quiet_trainer.py", "test_nccl_parse.py",
+})
+
+
+@pytest.hookimpl(tryfirst=True)   # before pytest's own hook deselects by -m
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in QUICK_FILES:
+            item.add_marker(pytest.mark.quick)
     if config.getoption("--slow"):
         return
     skip = pytest.mark.skip(reason="marked slow: run with --slow")

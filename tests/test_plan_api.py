@@ -60,7 +60,7 @@ def test_world_size_one_end_to_end():
 
 
 def test_dry_plan_refuses_execution():
-    plan = distattn.plan(DOCS, 1)
+    plan = distattn.plan(DOCS, 2)
     q, k, v = rand_qkv(32, 32, 4, 2, 8)
     for call in (lambda: plan.shard(q), lambda: plan.position_ids(), lambda: distattn.attention(q, k, v, plan)):
         with pytest.raises(ValueError, match="plan is dry"):
@@ -78,6 +78,28 @@ def test_dry_plan_stats():
         plan.stats(6, 4, 64)
     with pytest.raises(ValueError, match="head_dim must be a positive int"):
         plan.stats(8, 2, 0)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_mesh_one_runs_without_a_process_group(scheduler):
+    """``mesh=1`` is one device with no process group: before, it made a dry plan, so a one-GPU user had
+    to set up torch.distributed before the first call. Every scheduler (with its options) runs locally."""
+    assert not dist.is_initialized() or dist.get_world_size() == 1
+    options = {"usp": {"ulysses_degree": 1}}.get(scheduler, {})
+    rows = [[6, 10], [16]]
+    plan = distattn.plan(rows, 1, scheduler=scheduler, causal=True, window=4, **options)
+    q, k, v = (t.unflatten(0, (2, 16)) for t in rand_qkv(32, 32, 4, 2, 8))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = distattn.attention(*(plan.shard(t) for t in leaves), plan)
+    out.square().sum().backward()
+    assert plan.unshard(out).shape == q.shape and plan.position_ids().tolist() == [[*range(6), *range(10)], [*range(16)]]
+    for row, docs in enumerate(rows):
+        ref_in = [t[row].clone().requires_grad_() for t in (q, k, v)]
+        ref = distattn.reference_attention(*ref_in, docs, causal=True, window=4)
+        ref.square().sum().backward()
+        assert max_err(plan.unshard(out)[row], ref) < 1e-12
+        assert all(max_err(a.grad[row], b.grad) < 1e-12 for a, b in zip(leaves, ref_in))
+    assert plan.stats(4, 2, 8)["world_size"] == 1
 
 
 def test_every_scheduler_plans_dry():

@@ -56,7 +56,7 @@ def test_plan_bad_inputs():
         distattn.plan([4], 1, backend="tpu")
     with pytest.raises(ValueError, match="mesh is None"):
         distattn.plan([4], None)
-    with pytest.raises(ValueError, match="dry world size and must be >= 1"):
+    with pytest.raises(ValueError, match="mesh as an int is a world size .* must be >= 1"):
         distattn.plan([4], 0)
     with pytest.raises(ValueError, match="window must be a positive int"):
         distattn.plan([4], 1, window=-2)

@@ -43,6 +43,7 @@ from ..layout import Layout
 from ..masks import SliceMask
 from ..mesh import MeshInfo
 from ..model_shape import MODELS
+from ..network import network_argument, network_help, profile_of
 from ..schedule import AttnShape, imbalance
 from ..schedulers import PlanContext, cad
 from ..schedulers.cad.bound import node_bound, tight_bound
@@ -146,8 +147,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag", "document"],
                         help="each replica's token layout with --pool (Megatron: zigzag for sbhd, document for thd)")
     parser.add_argument("--seed", type=int, default=0, help="the packing's seed")
-    parser.add_argument("--network", default=None, help="profile JSON or nccl_perf CSV CAD plans on (default: "
-                        "NVLink + IB), as `distattn simulate --network` does")
+    parser.add_argument("--network", type=network_argument, default=None, metavar="NAME_OR_PATH",
+                        help="the network CAD plans on, as `distattn simulate --network` reads it: "
+                             + network_help("NVLink + IB"))
     parser.add_argument("--comm-dtype", choices=("fp8",), default=None,
                         help="Q, K, V, out and dout travel as FP8 (distattn.plan(comm_dtype='fp8'))")
     args = parser.parse_args(argv)
@@ -173,11 +175,7 @@ def main(argv=None) -> int:
     print(f"{'ranks':>5} {'docs':>6} {'scheduler':<14} {'FLOPs imb':>9} {'tok imb':>7} {'mean MiB':>9} "
           f"{'max MiB':>9} {'max/mean':>8} {'inter MiB':>9} {'max/mean':>8} {'intra MiB':>9} {'max/mean':>8} "
           f"{'plan ms':>8} {'LB MiB':>8} {'rho':>6} {'LB* MiB':>8} {'rho*':>6}")
-    network = None
-    if args.network:
-        from ..network import NetworkProfile
-
-        network = NetworkProfile.load(args.network)
+    network = profile_of(args.network) if args.network else None   # None: the planner's default_profile()
     for r in table(args.ranks, args.tokens_per_rank, pool, args.seed, network, args.comm_dtype):
         links = "".join(f" {r[f'{kind}_mean_mb']:>9.1f} {r[f'{kind}_max_mean']:>8.2f}" if f"{kind}_mean_mb" in r
                         else f" {'-':>9} {'-':>8}" for kind in ("inter", "intra"))

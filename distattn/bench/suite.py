@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import resource
 import statistics
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -52,7 +56,7 @@ SCHEDULERS = NAMES
 PEER_OF = {"deepspeed-ulysses": "ulysses"}   # another library's row -> our scheduler with its token split
 MASKS = MASK_CASES
 QUICK_MASKS = ("causal", "causal-doc", "window", "prefix-lm", "causal-blockwise")
-
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -198,67 +202,238 @@ def _timed(cfg: BenchConfig, p, step, device: torch.device, world: int, clock: b
     return ms, mem.item(), wait.tolist(), others
 
 
-def _rank_main(cfg: BenchConfig, world: int, progress: bool) -> list[dict]:
+def _context(cfg: BenchConfig) -> PlanContext:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+    return PlanContext(cfg.heads, cfg.kv_heads, head_dim=cfg.head_dim, dtype_bytes=dtype.itemsize)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed run: ``name`` on ``world`` ranks over ``seq_len`` tokens of ``mask``. ``weight``: the
+    proxy for its cost that the ETA spreads the elapsed time by (:func:`_weight`)."""
+    world: int
+    seq_len: int
+    mask: str
+    name: str
+    weight: float
+
+    def label(self) -> str:
+        tokens = f"{self.seq_len // 1024}K" if self.seq_len % 1024 == 0 else str(self.seq_len)
+        return f"{self.name}, {self.mask}, {self.world} rank{'s' if self.world > 1 else ''}, {tokens}"
+
+
+def _weight(area: float, seq_len: int) -> float:
+    """The mask's area (the attention FLOPs) plus ``TOKEN_AREA`` per token for what does not grow with it
+    (planning, per-document kernel calls, transfers). Fitted to a 2-core CPU's ``--quick``: the ETA was
+    off by 8% of the run's length on average over its first quarter (the area alone: 29%, one per case: 41%).
+    The ranks are not in it: the ranks share the machine's cores, so 4 cost about what 2 do."""
+    return area + TOKEN_AREA * seq_len
+
+
+TOKEN_AREA = 512
+
+
+def bench_cases(cfg: BenchConfig) -> list[Case]:
+    """Every run of the suite in the order the ranks run them: the progress display's total is known
+    before the first rank starts, and the ranks run this list rather than a loop of their own."""
+    context, masks, cases = _context(cfg), {}, []
+    for world in cfg.world_sizes:
+        for seq_len in cfg.seq_lens:
+            for mask in cfg.masks:
+                if (seq_len, mask) not in masks:
+                    masks[seq_len, mask] = mask_case(mask, seq_len, cfg.doc_pool, cfg.seed)
+                mc = masks[seq_len, mask]
+                names = list(cfg.schedulers) if world > 1 else ["local"]
+                if cfg.peers and world > 1 and seq_len % world == 0 and cfg.kv_heads % world == 0 \
+                        and mc.slices is None:  # DeepSpeed's attention takes documents only
+                    names.append("deepspeed-ulysses")
+                # a head for every rank (DeepSpeed's row runs our ulysses plan's split)
+                cases += [Case(world, seq_len, mask, name, _weight(float(mc.area()), seq_len)) for name in names
+                          if cfg.heads >= spec(PEER_OF.get(name, name)).head_split(world, context)]
+    return cases
+
+
+def _result_line(row: dict) -> str:
+    return (f"{row['fwd_bwd_ms']:.1f} ms, {row['tflops'] * 1e3:.2f} GFLOP/s, imb {row['flops_imbalance']:.2f}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes} min {sec:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class BenchProgress:
+    """The bench's display over :func:`bench_cases`: a tqdm bar (``bar``; the running case beside it),
+    else ``say`` gets a line per finished case with its time and an ETA. The ETA spreads the time so
+    far over the finished cases' weights (:func:`_weight`): a 4K causal run costs 3-4x a 2K one on CPU, so a
+    mean per case would promise too little while the short lengths run first."""
+
+    def __init__(self, cases: list[Case], bar: bool, say: Callable[[str], None] | None = print,
+                 file=None, clock: Callable[[], float] = time.perf_counter):
+        self.cases, self.say, self.clock = list(cases), say, clock
+        self.start, self.count, self.total = clock(), 0, len(self.cases)
+        self.weight_done, self.weight_total, self.seconds_done = 0.0, sum(c.weight for c in self.cases), 0.0
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            # n and total are weights so tqdm's ETA is the weighted one; the case count is in the text.
+            # smoothing=0: the mean rate since the start, not the last few (uneven) cases'
+            self.bar = tqdm(total=self.weight_total, smoothing=0, dynamic_ncols=True, file=file or sys.stdout,
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]{postfix}")
+            self._show()
+
+    def _show(self) -> None:
+        running = self.cases[self.count].label() if self.count < self.total else "done"
+        self.bar.set_description_str(f"bench {self.count}/{self.total}", refresh=False)
+        self.bar.set_postfix_str(running, refresh=True)
+
+    def eta(self) -> float | None:
+        """Seconds left: the finished cases' own seconds per unit of their weight times the weight left.
+        Their seconds, not the wall clock's: the ranks' start (torch, DeepSpeed's build) would all land on
+        the first case and promise an hour at case 1."""
+        if self.weight_done <= 0:
+            return None
+        return self.seconds_done / self.weight_done * (self.weight_total - self.weight_done)
+
+    def note(self, text: str) -> None:
+        """A line that is not a case's (a world size starting): above the bar, or through ``say``."""
+        if self.bar is not None:
+            self.bar.write(text, file=self.bar.fp)
+        elif self.say is not None:
+            self.say(text)
+
+    def done(self, index: int, seconds: float, row: dict | None) -> None:
+        """Case ``index`` of the list finished after ``seconds``; ``row`` None: it could not run
+        (DeepSpeed failed to import) and leaves the total."""
+        case = self.cases[index]
+        if row is None:
+            self.total -= 1
+            self.weight_total -= case.weight
+        else:
+            self.count += 1
+            self.weight_done += case.weight
+            self.seconds_done += seconds
+        if self.bar is not None:
+            self.bar.total = self.weight_total
+            if row is not None:
+                self.bar.write(f"  {case.label()}: {_result_line(row)} ({seconds:.1f} s)", file=self.bar.fp)
+                self.bar.update(case.weight)
+            self._show()
+        elif self.say is not None:
+            eta = self.eta()
+            if row is None:
+                self.say(f"bench: {case.label()} skipped (DeepSpeed does not import); {self.total} cases")
+            else:
+                self.say(f"bench: case {self.count}/{self.total} ({case.label()}) {seconds:.1f} s: "
+                         f"{_result_line(row)}; ETA {'?' if eta is None else _duration(eta)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _rank_main(cfg: BenchConfig, world: int, cases: list[tuple[int, Case]], events) -> list[dict]:
+    """Run ``cases`` (their indices in :func:`bench_cases`) on this world; rank 0 puts ``(index, seconds,
+    row or None)`` on ``events`` (a queue, or None) as each finishes, for the caller's display."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
     if cfg.peers and world > 1:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)
-    context = PlanContext(cfg.heads, cfg.kv_heads, head_dim=cfg.head_dim, dtype_bytes=dtype.itemsize)
+    context = _context(cfg)
     meshes = _meshes(cfg, world, device, context)
-    rows = []
-    for seq_len in cfg.seq_lens:
-        for mask in cfg.masks:
-            case = mask_case(mask, seq_len, cfg.doc_pool, cfg.seed)
+    rows, key, report = [], None, events is not None and dist.get_rank() == 0
+    for index, c in cases:
+        start = time.perf_counter()
+        if (c.seq_len, c.mask) != key:   # the inputs are made once per (length, mask), as the cases come
+            key, seq_len = (c.seq_len, c.mask), c.seq_len
+            case = mask_case(c.mask, seq_len, cfg.doc_pool, cfg.seed)
             g = torch.Generator().manual_seed(cfg.seed)
             q, dout = (torch.randn(seq_len, cfg.heads, cfg.head_dim, generator=g).to(device, dtype) for _ in "qd")
             k, v = (torch.randn(seq_len, cfg.kv_heads, cfg.head_dim, generator=g).to(device, dtype) for _ in "kv")
             flops = (1 + BWD_FLOPS_FACTOR) * float(attention_flops(case.area(), cfg.heads, cfg.head_dim))
-            names = list(cfg.schedulers) if world > 1 else ["local"]
-            if cfg.peers and world > 1 and seq_len % world == 0 and cfg.kv_heads % world == 0 \
-                    and case.slices is None:  # DeepSpeed's attention takes documents only
-                names.append("deepspeed-ulysses")
-            for name in names:
-                ours = PEER_OF.get(name, name)   # DeepSpeed's row runs our ulysses plan's split
-                if cfg.heads < spec(ours).head_split(world, context):   # a head for every rank
-                    continue
-                p = plan(case.docs, meshes.get(name, dist.group.WORLD), scheduler=ours, context=context,
-                         **case.plan_kwargs())
-                step = _step(name, p, *(p.shard(t) for t in (q, k, v, dout)), case)
-                if step is None:
-                    continue
-                ms, mem, wait, others = _timed(cfg, p, step, device, world, name not in PEER_OF)
-                st = p.stats(cfg.heads, cfg.kv_heads, cfg.head_dim, q.element_size())
-                row = {"scheduler": name, "world_size": world, "seq_len": seq_len, "mask": mask, "fwd_bwd_ms": ms,
-                       "tflops": flops / (ms * 1e-3) / 1e12, "flops_imbalance": st["flops_imbalance"],
-                       "send_bytes": max(st["send_bytes"]), "peak_mem_mb": mem, "num_docs": len(case.docs),
-                       "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
-                       "device": device.type, "comm_wait_ms": max(wait),
-                       "rank_comm_wait_ms": ";".join(f"{w:.3f}" for w in wait), "cpu_others": others}
-                rows.append(row)
-                if progress and dist.get_rank() == 0:
-                    print(f"  world {world} seq {seq_len:>6} {mask:<10} {name:<17} {ms:>9.1f} ms "
-                          f"{row['tflops'] * 1e3:>8.2f} GFLOP/s  imb {row['flops_imbalance']:.2f}", flush=True)
+        name = c.name
+        ours = PEER_OF.get(name, name)   # DeepSpeed's row runs our ulysses plan's split
+        p = plan(case.docs, meshes.get(name, dist.group.WORLD), scheduler=ours, context=context,
+                 **case.plan_kwargs())
+        step = _step(name, p, *(p.shard(t) for t in (q, k, v, dout)), case)
+        if step is None:
+            if report:
+                events.put((index, time.perf_counter() - start, None))
+            continue
+        ms, mem, wait, others = _timed(cfg, p, step, device, world, name not in PEER_OF)
+        st = p.stats(cfg.heads, cfg.kv_heads, cfg.head_dim, q.element_size())
+        row = {"scheduler": name, "world_size": world, "seq_len": seq_len, "mask": c.mask, "fwd_bwd_ms": ms,
+               "tflops": flops / (ms * 1e-3) / 1e12, "flops_imbalance": st["flops_imbalance"],
+               "send_bytes": max(st["send_bytes"]), "peak_mem_mb": mem, "num_docs": len(case.docs),
+               "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
+               "device": device.type, "comm_wait_ms": max(wait),
+               "rank_comm_wait_ms": ";".join(f"{w:.3f}" for w in wait), "cpu_others": others}
+        rows.append(row)
+        if report:
+            events.put((index, time.perf_counter() - start, row))
     return rows
 
 
-def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> list[dict]:
-    """Run every case and write ``out/results.csv``, ``results.json``, plots and TensorBoard events."""
-    from ..spawn import run_distributed
+def _listen(events, show: BenchProgress) -> threading.Thread:
+    """A thread that passes rank 0's events to ``show`` while :func:`run_distributed` waits for the
+    ranks (it blocks this one); a None event ends it."""
+    def loop():
+        while (event := events.get()) is not None:
+            try:
+                show.done(*event)
+            except Exception:   # a display error must not stop the draining: a full pipe would stall rank 0
+                _log.exception("bench: the progress display failed")
+    thread = threading.Thread(target=loop, name="distattn-bench-progress", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, bar: bool | None = None) -> list[dict]:
+    """Run every case and write ``out/results.csv``, ``results.json``, plots and TensorBoard events.
+    ``progress``: show the cases as they finish -- a tqdm bar on a terminal while the ``distattn``
+    logger shows INFO (``bar`` forces it on or off), else a line per case logged at INFO."""
+    from ..spawn import _context as spawn_context, run_distributed
+    from ..train.metrics import resolve_progress
 
     cfg.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, t0 = [], time.perf_counter()
-    for world in cfg.world_sizes:
-        if progress:
-            print(f"world size {world}: {len(cfg.seq_lens)} lengths x {len(cfg.masks)} masks "
-                  f"({time.perf_counter() - t0:.0f} s so far)", flush=True)
-        threads = max(1, (os.cpu_count() or 1) // world)
-        rows += run_distributed(_rank_main, world, cfg, world, progress, timeout=3600.0, collective_timeout=600.0,
-                                threads_per_rank=threads)[0]
-    write_results(rows, out, cfg)
+    cases = bench_cases(cfg)
+    show, events, listener = None, None, None
     if progress:
-        print(f"{len(rows)} runs in {time.perf_counter() - t0:.0f} s -> {out}/results.csv", flush=True)
+        # the trainer's decision (terminal and log level) rather than a copy of it
+        bar = resolve_progress("auto") == "bar" if bar is None else bar
+        show = BenchProgress(cases, bar, say=_log.info)
+        # rank 0 reports each case as it ends; a SimpleQueue writes through at put, so nothing is left
+        # in a feeder thread when run_distributed ends the ranks
+        events = spawn_context().SimpleQueue()
+    rows, t0 = [], time.perf_counter()
+    try:
+        for world in cfg.world_sizes:
+            mine = [(i, c) for i, c in enumerate(cases) if c.world == world]
+            if show is not None:
+                show.note(f"world size {world}: {len(mine)} cases ({len(cfg.seq_lens)} lengths x "
+                          f"{len(cfg.masks)} masks; {time.perf_counter() - t0:.0f} s so far)")
+                listener = _listen(events, show)
+            threads = max(1, (os.cpu_count() or 1) // world)
+            rows += run_distributed(_rank_main, world, cfg, world, mine, events, timeout=3600.0,
+                                    collective_timeout=600.0, threads_per_rank=threads)[0]
+            if listener is not None:   # every event of this world is in the pipe: let the thread show them
+                events.put(None)
+                listener.join()
+                listener = None
+    finally:
+        if listener is not None:   # a rank failed: stop the thread (the error is run_distributed's)
+            events.put(None)
+            listener.join(timeout=5)
+        if show is not None:
+            show.close()
+    write_results(rows, out, cfg)
+    if show is not None:
+        show.note(f"{len(rows)} runs in {time.perf_counter() - t0:.0f} s -> {out / 'results.csv'}")
     return rows
 
 

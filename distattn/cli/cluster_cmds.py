@@ -6,7 +6,8 @@ import os
 import sys
 
 from ..cluster import PROBED
-from ._args import (examples, existing_file, existing_path, non_negative_int, output_dir, output_file,
+from ..network_csv import network_argument, network_help
+from ._args import (examples, existing_file, non_negative_int, output_dir, output_file,
                     positive_float, positive_int)
 
 
@@ -88,9 +89,9 @@ def _cmd_nccl_tests(args) -> int:
 
 
 def _cmd_profile_fit(args) -> int:
-    from ..network import NetworkProfile
+    from ..network import profile_of
 
-    print_fits(NetworkProfile.load(args.file))
+    print_fits(profile_of(args.file))
     return 0
 
 
@@ -150,8 +151,8 @@ def add_parsers(sub) -> None:
         description="Print each collective's alpha-beta fit (latency and bus bandwidth) of a profile, one per "
                     "measured (op, ranks, nodes). A folder reads every published-format CSV in it "
                     "(op,ngpu,nodes,dtype,size_bytes,time_us,algbw_gbs,busbw_gbs,source).",
-        epilog=examples("distattn cluster fit network_profile.json",
+        epilog=examples("distattn cluster fit network_profile.json", "distattn cluster fit h100",
                         "distattn cluster fit ../shared/data/profiles/published"))
-    fit.add_argument("file", type=existing_path, help="profile JSON, nccl_perf or published-format CSV, or a "
-                     "folder of published-format CSVs")
+    fit.add_argument("file", type=network_argument, metavar="NAME_OR_PATH",
+                     help=network_help("none: name a profile"))
     fit.set_defaults(func=_cmd_profile_fit)

@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import replace
 
-from ._args import (MAX_DRAWS, MAX_GPUS, doc_pool, examples, existing_file, existing_path, output_file, positive_int,
+from ._args import (MAX_DRAWS, MAX_GPUS, doc_pool, examples, existing_file, output_file, positive_int,
                     positive_int_at_most, sequence_tokens)
 from .cluster_cmds import probe_rank
 
@@ -208,7 +208,7 @@ def add_parsers(sub) -> None:
                     "--sweep gives each scheduler its best CP size; --auto recommends a mesh; --calibrate checks "
                     "the model against a bench run.",
         epilog=examples("distattn simulate --gpus 64 --seq-len 128K --draws 4",
-                        "distattn simulate --gpus 512 --seq-len 512K --gpu h200 --sweep --network PROFILE_DIR --json",
+                        "distattn simulate --gpus 512 --seq-len 512K --gpu h200 --sweep --network h100 --json",
                         "distattn simulate --gpus 256 --seq-len 512K --gpu h200 --tp 8 --sweep",
                         "distattn simulate --calibrate bench/quick/results.csv"))
     _job_arguments(sim, GPUS, MODELS)
@@ -219,6 +219,8 @@ def add_parsers(sub) -> None:
 
 def _job_arguments(sim, gpus, models) -> None:
     """The job simulated: its GPUs, lengths, model, parallelism, network and documents."""
+    from ..network_csv import network_argument, network_help   # light: no numpy while parsers are built
+
     sim.add_argument("--gpus", type=positive_int_at_most(MAX_GPUS, "GPUs"), default=None, help="GPUs in the job (required unless --calibrate)")
     sim.add_argument("--seq-len", type=sequence_tokens, default=None,
                      help="tokens per packed sequence, e.g. 512K (required unless --calibrate)")
@@ -233,9 +235,8 @@ def _job_arguments(sim, gpus, models) -> None:
     sim.add_argument("--ulysses-degree", type=positive_int, default=None, help="usp: Ulysses group (default: a node)")
     sim.add_argument("--gpu", default="h100", choices=sorted(gpus), help="GPU preset")
     sim.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per node")
-    sim.add_argument("--network", type=existing_path, default=None, metavar="DIR_OR_CSV",
-                     help="a folder of published nccl-tests CSVs, one such CSV, an nccl_perf CSV or a profile JSON "
-                          "(distattn cluster probe/nccl-tests); default: NVLink 360 GB/s + IB 45 GB/s assumed")
+    sim.add_argument("--network", type=network_argument, default=None, metavar="NAME_OR_PATH",
+                     help=network_help("NVLink 360 GB/s + IB 45 GB/s assumed"))
     sim.add_argument("--doclens", type=existing_file, default=None,
                      help="JSON document-length sample (default: log-normal stand-in)")
 

@@ -1,7 +1,7 @@
 """CAD against WLB-LLM as users run it, simulated over a grid of clusters (one table).
 
     python -m distattn.sim.cad_table --doclens ../shared/data/doclens/prolong.json \\
-        ../shared/data/doclens/wlbllm.json [--network ../shared/data/profiles/published] [--quick]
+        ../shared/data/doclens/wlbllm.json [--network h100] [--quick]
 
 For each document sample, model (llama3-8b, llama-34b), GPU count (64-512), sequence length
 (128K-512K) and GPU preset (H100, H200), :func:`distattn.sim.sweep.rows` runs ``cad``, ``wlb``,
@@ -22,6 +22,7 @@ import sys
 import time
 
 from ..doclens import load_doc_lens, upsample_long
+from ..network import network_argument, network_help, profile_of
 from . import sweep
 from .kernel import AttentionKernel
 from .presets import GPUS, MODELS
@@ -66,15 +67,13 @@ def _print(row: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doclens", nargs="*", default=[], help="JSON lists of document lengths")
-    parser.add_argument("--network", default=None, help="a folder of published nccl-tests CSVs, a CSV or a profile "
-                        "JSON (default: NVLink + IB assumed)")
+    parser.add_argument("--network", type=network_argument, default=None, metavar="NAME_OR_PATH",
+                        help=network_help("NVLink + IB assumed"))
     parser.add_argument("--kernel-table", default=None, help="attention latency per length (attn_latency_h100.csv)")
     parser.add_argument("--draws", type=int, default=4, help="global batches per row (default 4)")
     parser.add_argument("--quick", action="store_true", help="one configuration per sample")
     args = parser.parse_args(argv)
-    from ..network import NetworkProfile, default_profile
-
-    network = NetworkProfile.load(args.network) if args.network else default_profile()
+    network = profile_of(args.network)   # None: default_profile()
     samples = {path.rsplit("/", 1)[-1].removesuffix(".json"): upsample_long(load_doc_lens(path))
                for path in args.doclens} or {"lognormal": None}
     print(f"network: {network.source}; {args.draws} draws per row, each row at its best CP size")

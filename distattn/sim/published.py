@@ -1,7 +1,7 @@
 """The simulator beside published measurements, setups matched as closely as the model allows.
 
     python -m distattn.sim.published --doclens-dir ../shared/data/doclens \\
-        --network ../shared/data/profiles/published --kernel-table ../shared/data/profiles/attn_latency_h100.csv
+        --network h100 --kernel-table ../shared/data/profiles/attn_latency_h100.csv
 
 **DistCA** (core-attention disaggregation; Zhuang et al. 2025, §6.2, Figure 9 and Table 3): DistCA's
 step time over WLB-LLM's ("WLB-ideal": variable-length packing with per-document CP, the DP x CP
@@ -51,6 +51,7 @@ import numpy as np
 
 from ..cost import attention_flops
 from ..doclens import load_doc_lens, pack
+from ..network import network_argument, network_help, profile_of
 from ..schedule import AttnShape
 from . import sweep
 from .kernel import AttentionKernel
@@ -201,17 +202,15 @@ def ring_flash_rows(network) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doclens-dir", required=True, help="folder holding prolong.json and wlbllm.json")
-    parser.add_argument("--network", default=None, help="a folder of published nccl-tests CSVs, a CSV or a profile "
-                        "JSON (default: NVLink + IB assumed)")
+    parser.add_argument("--network", type=network_argument, default=None, metavar="NAME_OR_PATH",
+                        help=network_help("NVLink + IB assumed"))
     parser.add_argument("--kernel-table", default=None, help="attention latency per length (attn_latency_h100.csv)")
     parser.add_argument("--draws", type=int, default=30, help="steps of DistCA's batch stream per setup (default "
                         "30, as DistCA samples 30 batches)")
     parser.add_argument("--quick", action="store_true", help="one setup per dataset (8B, 128K, 64 GPUs)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON")
     args = parser.parse_args(argv)
-    from ..network import NetworkProfile, default_profile
-
-    network = NetworkProfile.load(args.network) if args.network else default_profile()
+    network = profile_of(args.network)   # None: default_profile()
     lens = {d: load_doc_lens(Path(args.doclens_dir) / f) for d, f in DATASETS.items()}
     print(f"network: {network.source}; kernel table: {args.kernel_table or 'none (flat)'}; {args.draws} draws")
     print(f"{'dataset':<9} {'model':<10} {'doc len':>7} {'GPUs':>5} {'batch':>5} {'cad cp':>6} {'wlb cp':>6} "

@@ -300,7 +300,7 @@ def _check_train(t: TrainSection) -> None:
             import torch
 
             raise ValueError(f"train.compile needs a torch whose custom ops take opaque objects (distattn's plan "
-                             f"is one; torch._opaque_base), and torch {torch.__version__} has none: upgrade torch "
-                             f"or set train.compile: false")
+                             f"is one; torch._custom_class_base, torch._opaque_base before 2.14), and torch "
+                             f"{torch.__version__} has none: upgrade torch or set train.compile: false")
     if not t.min_lr <= t.lr:
         raise ValueError(f"train.min_lr ({t.min_lr}) must be at most train.lr ({t.lr})")
