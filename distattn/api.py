@@ -104,6 +104,15 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
                  batch, run)
 
 
+def dry_plan(doc_lens, world_size: int, scheduler: str = "zigzag", **kwargs) -> Plan:
+    """:func:`plan` for ``world_size`` ranks that are not there: the schedule and ``stats`` only, for
+    analysis (the simulator, the memory model). ``plan(doc_lens, N)`` is the same for ``N > 1``; at one
+    rank ``plan(doc_lens, 1)`` is a plan that runs, so callers that only want the schedule use this."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    return plan(doc_lens, MeshInfo(world_size=world_size, rank=None), scheduler, **kwargs)
+
+
 def _shards_of(lens: tuple[int, ...], rows, layout, entry, info: MeshInfo, options: dict) -> Shards | None:
     """The tokens each rank holds: ``layout``, else the scheduler's default layout, else (None) the
     planner's own -- made here for each row of a batch, side by side ([B, S_local] on each rank)."""

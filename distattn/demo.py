@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .api import attention, plan
+from .api import attention, dry_plan, plan
 from .doclens import pack
 from .kernels import attn_bwd, attn_fwd, available_backends
 from .masks import as_doc_lens, cu_seqlens
@@ -75,7 +75,7 @@ def _check(world_size, schedulers, doc_lens, heads, kv_heads, causal, window, ba
     if backend != "auto" and backend not in available_backends():
         raise ValueError(f"--backend {backend!r} is unknown; choose auto or one of {available_backends()}")
     for name in schedulers:
-        plan(doc_lens, world_size, scheduler=name, causal=causal, window=window,
+        dry_plan(doc_lens, world_size, scheduler=name, causal=causal, window=window,
              context=PlanContext(heads, kv_heads, ulysses_degree=ulysses_degree))
 
 

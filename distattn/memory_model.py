@@ -321,9 +321,9 @@ def _mlp_part(m: ModelShape, compute: int, resid: int, autocast: bool, tiled_mlp
 def _dry_schedule(scheduler: str, docs: tuple[int, ...], world: int, context):
     """The dry schedule of one step's ``docs`` on ``world`` ranks for the job ``context`` describes
     (cached: the checkpointing settings of one job share it)."""
-    from .api import plan
+    from .api import dry_plan
 
-    return plan(list(docs), world, scheduler=scheduler, context=context).schedule
+    return dry_plan(list(docs), world, scheduler=scheduler, context=context).schedule
 
 
 class AttentionMemory(NamedTuple):

@@ -74,7 +74,10 @@ def group_device(group) -> torch.device:
 
 
 def resolve_mesh(mesh) -> MeshInfo:
-    """Describe ``mesh`` (see module docstring); ``ValueError`` for anything else."""
+    """Describe ``mesh`` (see module docstring); ``ValueError`` for anything else. A :class:`MeshInfo`
+    passes as it is (:func:`distattn.api.dry_plan`'s dry world of any size)."""
+    if isinstance(mesh, MeshInfo):
+        return mesh
     if isinstance(mesh, bool):
         raise ValueError("mesh must be a DeviceMesh, a ProcessGroup or an int world size, got a bool")
     if isinstance(mesh, int):

@@ -37,7 +37,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..api import plan
+from ..api import dry_plan
 from ..doclens import SLICE_CASES, load_doc_lens, mask_case, pack, upsample_long
 from ..layout import Layout
 from ..masks import SliceMask
@@ -69,8 +69,8 @@ def table(ranks_list, tokens_per_rank: int, pool, seed: int = 0, network=None,
         docs = pack(ranks * tokens_per_rank, pool, seed=seed)
         bounds = None
         for name, options in (("cad", {}), ("cad", {"epsilon": 0.02}), ("zigzag", {}), ("ring", {})):
-            timing = time_calls(lambda: plan(docs, ranks, scheduler=name, comm_dtype=comm_dtype,
-                                             context=job(network), **options), repeats=1)
+            timing = time_calls(lambda: dry_plan(docs, ranks, scheduler=name, comm_dtype=comm_dtype,
+                                                 context=job(network), **options), repeats=1)
             p, planned = timing.result, timing.seconds[0]
             st = p.stats(*HEADS, 2)
             comm = [ph for ph in p.schedule.phases(shape) if ph.is_comm]
@@ -106,7 +106,7 @@ def mask_table(ranks_list, tokens_per_rank: int, pool, masks=SLICE_CASES) -> lis
     for ranks, mask in itertools.product(ranks_list, masks):
         case = mask_case(mask, ranks * tokens_per_rank, pool, seed=0)
         for name in ("cad", "zigzag"):
-            p = plan(case.docs, ranks, scheduler=name, **case.plan_kwargs())
+            p = dry_plan(case.docs, ranks, scheduler=name, **case.plan_kwargs())
             st = p.stats(*HEADS, 2)
             rows.append({"ranks": ranks, "mask": mask, "scheduler": name, "flops_imbalance": st["flops_imbalance"],
                          "max_send_mb": max(st["send_bytes"]) / 2**20})
@@ -123,7 +123,7 @@ def pool_table(shapes, tokens_per_rank: int, pool, layout: str = "zigzag") -> li
         flops = {}
         for name in ("zigzag", "cad"):
             flops[name] = [f for docs in replicas
-                           for f in plan(docs, cp, scheduler=name, layout=layout).stats(*HEADS)["flops"]]
+                           for f in dry_plan(docs, cp, scheduler=name, layout=layout).stats(*HEADS)["flops"]]
         groups = [(docs, Layout(layout).shards(docs, cp)) for docs in replicas]
         docs0 = replicas[0]
         timing = time_calls(lambda: cad.build(docs0, MeshInfo(cp, None), causal=True, window=None,

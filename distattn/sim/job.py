@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..api import plan as make_plan
+from ..api import dry_plan
 from ..memory_model import JobFacts
 from ..model_shape import GPU, ModelShape
 from ..packing import DEFAULT_CAP_FACTOR
@@ -137,8 +137,8 @@ def dry_schedule(name: str, docs, world: int, context: PlanContext | None = None
         docs = [-(-int(n) // (2 * world)) * 2 * world for n in docs]
     if row.layout is not None and world > 1:
         options["layout"] = row.layout
-    return make_plan(docs, world, scheduler=spec(row.entry).name, causal=causal, window=window, mask=mask,
-                     comm_dtype=comm_dtype, context=context, **options).schedule
+    return dry_plan(docs, world, scheduler=spec(row.entry).name, causal=causal, window=window, mask=mask,
+                    comm_dtype=comm_dtype, context=context, **options).schedule
 
 
 def job_facts(cfg: SimConfig, scheduler: str | None = None) -> JobFacts:
