@@ -105,7 +105,7 @@ COMMANDS: dict[str, Way] = {
             "a few minutes: one world size, one length, one scheduler", slow=True),
     "distattn bench --out bench/ --world-sizes 1,2,4,8 --seq-lens 4096,8192,16384 --doclens doclens.json":
         Way("distattn bench --out bench/ --world-sizes 1,2 --seq-lens 512 --doclens doclens.json --schedulers ring "
-            "--repeats 1 --masks causal-document", "minutes: two world sizes, one length, one mask", slow=True),
+            "--repeats 1 --masks causal-doc", "minutes: two world sizes, one length, one mask", slow=True),
     "distattn simulate --gpus 512 --seq-len 512K --doclens doclens.json --network h100 --sweep":
         Way(AS_WRITTEN, slow=True),
     "distattn simulate --gpus 256 --seq-len 512K --gpu h200 --tp 8 --sweep --draws 8": Way(AS_WRITTEN, slow=True),

@@ -154,5 +154,5 @@ def add_parsers(sub) -> None:
         epilog=examples("distattn cluster fit network_profile.json", "distattn cluster fit h100",
                         "distattn cluster fit ../shared/data/profiles/published"))
     fit.add_argument("file", type=network_argument, metavar="NAME_OR_PATH",
-                     help=network_help("none: name a profile"))
+                     help=network_help("none, it is required"))
     fit.set_defaults(func=_cmd_profile_fit)
