@@ -436,11 +436,8 @@ def profile_of(source) -> NetworkProfile:
         return default_profile()
     if isinstance(source, NetworkProfile):
         return source
-    if Path(source).exists():
-        return NetworkProfile.load(source)
-    if isinstance(source, str) and source in packaged_profiles():
-        return packaged_profile(source)
-    raise unknown_network(source)
+    found = network_source(str(source))   # an existing path, a packaged profile's file, or (zipped) its name
+    return NetworkProfile.load(found) if Path(found).exists() else packaged_profile(found)
 
 
 # the measurements' names live in distattn.network_csv; callers have always found them here
