@@ -202,9 +202,12 @@ def _timed(cfg: BenchConfig, p, step, device: torch.device, world: int, clock: b
     return ms, mem.item(), wait.tolist(), others
 
 
+def _dtype(cfg: BenchConfig) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+
+
 def _context(cfg: BenchConfig) -> PlanContext:
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
-    return PlanContext(cfg.heads, cfg.kv_heads, head_dim=cfg.head_dim, dtype_bytes=dtype.itemsize)
+    return PlanContext(cfg.heads, cfg.kv_heads, head_dim=cfg.head_dim, dtype_bytes=_dtype(cfg).itemsize)
 
 
 @dataclass(frozen=True)
@@ -339,7 +342,7 @@ def _rank_main(cfg: BenchConfig, world: int, cases: list[tuple[int, Case]], even
     """Run ``cases`` (their indices in :func:`bench_cases`) on this world; rank 0 puts ``(index, seconds,
     row or None)`` on ``events`` (a queue, or None) as each finishes, for the caller's display."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+    dtype = _dtype(cfg)
     if cfg.peers and world > 1:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)
     context = _context(cfg)
