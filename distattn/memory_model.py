@@ -44,14 +44,16 @@ named as the trainer's config keys they come from (``parallel.dp_mode`` is ``wra
 * what attention keeps per layer, from a *dry plan* of the job (``distattn.plan(docs, N)``):
   ring, zigzag, allgather and one rank keep their local q, k, v, out and fp32 lse; ulysses and
   usp keep the head-sharded q, out and lse and their KV head shard (expanded again in backward
-  where GQA grouping needs it) of their Ulysses group's tokens; cad keeps the worker's received task rows,
-  ``Schedule.buffer_bytes`` (Q, out, lse, the K/V union, and the dout arriving in backward).
+  where GQA grouping needs it) of their Ulysses group's tokens; cad (``cad_backward``) keeps the rank's own
+  q, k, v, out and lse (``resend``: its workers keep nothing received) or the worker's received task rows
+  (``keep``: Q, out, lse and the K/V union). What a backward receives (dout; resend: Q, out, lse and
+  K/V again) counts once, in its buffers at the backward's moment, not in what is kept.
 * ``attention_buffers``: what attention's backward moment adds over the MLP's (above; often 0
   without a tiled MLP), the schedule's own ``buffer_bytes`` of the busiest rank included
   (ring/zigzag: the K/V block computed on and the one arriving, and the fp32 dK/dV in flight;
   allgather: a head group's gathered K/V and its copy in global order; ulysses/usp: the
-  head-sharded dout of one of ``head_groups`` (usp: plus its ring's K/V); cad: the
-  received Q/K/V task rows, out, lse and dout).
+  head-sharded dout of one of ``head_groups`` (usp: plus its ring's K/V); cad: what the worker
+  receives for its backward and the dQ, dK/dV it sends back).
 * ``loss``: the final norm (its input and the hidden state the loss reads), the
   log-sum-exps ``loss.chunked_cross_entropy`` saves, and the larger of its forward (one chunk's
   logits in the compute dtype and in fp32) and its backward (the hidden state's gradient, the fp32
@@ -92,7 +94,7 @@ the planners when an estimate needs one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -109,6 +111,8 @@ DEVICES = ("cpu", "cuda")
 CPU_ALLOCATOR_OVERHEAD = 0.35
 # the trainer's activation checkpointing settings (train.activation_checkpointing), as counted here
 CHECKPOINTING = ("none", "full", "selective", "offload")
+# what cad's attention servers keep for the backward (parallel.cad_backward, resolved: distattn.schedulers.cad)
+CAD_BACKWARDS = ("resend", "keep")
 # train.mlp_chunk the capacity table and the simulator try when a config has none: 4096 tokens keep one
 # chunk's intermediates (7 x ffn x chunk) under 1 GiB at Llama-3 8B in bf16
 TILED_MLP_CHUNK = 4096
@@ -147,8 +151,11 @@ class Job:
     gpus_per_node: int | None = None
     doc_lens: tuple[int, ...] | None = None
     device: str = "cuda"
+    cad_backward: str = "resend"   # parallel.cad_backward, resolved (CAD_BACKWARDS)
 
     def __post_init__(self):
+        if self.cad_backward not in CAD_BACKWARDS:
+            raise ValueError(f"cad_backward must be one of {', '.join(CAD_BACKWARDS)}, got {self.cad_backward!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.activation_checkpointing not in CHECKPOINTING:
@@ -200,6 +207,7 @@ class JobFacts:
     activation_checkpointing: str = "full"
     loss_chunk: int = 2048
     mlp_chunk: int = 0
+    cad_backward: str = "resend"
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -233,7 +241,8 @@ class JobFacts:
                    cpu_offload=self.cpu_offload, activation_checkpointing=self.activation_checkpointing,
                    loss_chunk=self.loss_chunk, mlp_chunk=self.mlp_chunk, ulysses_degree=self.ulysses_degree,
                    head_groups=self.head_groups, pooled=self.pooled, gpus_per_node=self.node_ranks,
-                   doc_lens=None if doc_lens is None else tuple(int(n) for n in doc_lens), device=device)
+                   doc_lens=None if doc_lens is None else tuple(int(n) for n in doc_lens), device=device,
+                   cad_backward=self.cad_backward)
 
 
 @dataclass(frozen=True)
@@ -318,12 +327,15 @@ def _mlp_part(m: ModelShape, compute: int, resid: int, autocast: bool, tiled_mlp
 
 
 @lru_cache(maxsize=64)
-def _dry_schedule(scheduler: str, docs: tuple[int, ...], world: int, context):
+def _dry_schedule(scheduler: str, docs: tuple[int, ...], world: int, context, cad_backward: str):
     """The dry schedule of one step's ``docs`` on ``world`` ranks for the job ``context`` describes
-    (cached: the checkpointing settings of one job share it)."""
+    (cached: the checkpointing settings of one job share it); ``cad_backward`` where the scheduler
+    takes it (cad's ``backward``)."""
     from .api import dry_plan
+    from .schedulers import spec
 
-    return dry_plan(list(docs), world, scheduler=scheduler, context=context).schedule
+    options = {"backward": cad_backward} if "backward" in spec(scheduler).option_names() else {}
+    return dry_plan(list(docs), world, scheduler=scheduler, context=context, **options).schedule
 
 
 class AttentionMemory(NamedTuple):
@@ -345,7 +357,7 @@ def attention_bytes(job: Job) -> AttentionMemory:
     docs = job.doc_lens if job.doc_lens is not None else (job.seq_len,)
     shape = AttnShape(m.n_heads, m.n_kv_heads, m.head_dim, _dtypes(job)[0])
     schedule = _dry_schedule(job.scheduler, docs * job.dp if job.pooled else docs,
-                             job.world_size if job.pooled else job.cp, job.plan_context())
+                             job.world_size if job.pooled else job.cp, job.plan_context(), job.cad_backward)
     return AttentionMemory(int(max(schedule.saved_bytes(shape))), int(max(schedule.buffer_bytes(shape))),
                            int(max(schedule.grad_bytes(shape))), schedule.keeps_local_out)
 
@@ -414,6 +426,14 @@ def _loss(job: Job) -> int:
     return _norm_bytes(m.dim, resid, False, 1) * tokens + 4 * tokens + max(cast + logits, backward)
 
 
+def cad_backward_for(job: Job, limit_bytes: float) -> str:
+    """``parallel.cad_backward: auto``: ``keep`` (the backward sends only dout) where its estimate fits
+    ``limit_bytes`` at the job's checkpointing, else ``resend`` (the workers keep nothing received:
+    a rank keeps what a ring scheduler keeps). ``limit_bytes``: what one rank's
+    :attr:`Estimate.total` may reach."""
+    return "keep" if estimate(replace(job, cad_backward="keep")).total <= limit_bytes else "resend"
+
+
 def estimate(job: Job) -> Estimate:
     """One rank's peak memory training ``job`` (module docstring)."""
     tokens = job.tokens_per_rank
@@ -432,6 +452,7 @@ def estimate(job: Job) -> Estimate:
 
 
 __all__ = ["Job", "JobFacts", "DTYPE_BYTES", "Estimate", "AttentionMemory", "estimate", "attention_bytes",
+           "cad_backward_for", "CAD_BACKWARDS",
            "model_states", "offloaded_bytes",
            "GIB", "CUDA_RUNTIME_BYTES", "CPU_RUNTIME_BYTES", "CPU_ALLOCATOR_OVERHEAD", "CHECKPOINTING", "NORM_CHUNK",
            "TILED_MLP_CHUNK",

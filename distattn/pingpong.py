@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from .api import attention
-from .executors.task_a2a import WorkerSaved
+from .executors.task_a2a import OwnerSaved, WorkerSaved
 from .kernels.registry import check_scale, check_sinks, check_softcap
 from .masks import as_doc_lens
 from .program import layer_order
@@ -85,9 +85,8 @@ def nano_batches(doc_lens, count: int, pair_weight: float = 0.0,
 
 def all_ranks(can: bool, group, device) -> bool:
     """Whether ``can`` holds on every rank of ``group`` (one MIN all-reduce): ranks whose documents
-    differ (replicas) must cut alike -- a pooled plan is a collective, and FSDP2 gathers a block's
-    parameters once per piece -- so a micro-batch of one document anywhere runs as one nano-batch
-    everywhere."""
+    differ (replicas) must cut alike -- a pooled plan is a collective over them -- so a micro-batch
+    of one document anywhere runs as one nano-batch everywhere."""
     flag = torch.tensor([int(can)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
@@ -125,48 +124,57 @@ class _Dispatch(torch.autograd.Function):
 
 class _Compute(torch.autograd.Function):
     """Forward: wait for Q, K/V, attention (the sinks counted in the rows this slot computes), start
-    out back. Backward: wait for dout, attention backward, start dQ, dK/dV back; the sinks' gradient
-    over this slot's rows (see :func:`distattn.attention`)."""
+    out back (``keep``: the worker keeps its rows here). Backward: wait for what the workers lack,
+    attention backward, start dQ, dK/dV back; the sinks' gradient over this slot's rows (see
+    :func:`distattn.attention`)."""
 
     @staticmethod
     def forward(ctx, flight: _Flight, token, sinks):
         sinks = None if sinks is None else sinks.detach()
         returning = flight.executor.compute_forward(flight.take(), flight.scale, flight.softcap, sinks)
         flight.pending = returning
-        saved = returning.saved
-        ctx.flight, ctx.meta, ctx.has_sinks = flight, saved._replace(worker=None), sinks is not None
-        ctx.save_for_backward(*saved.worker, *([sinks] if sinks is not None else []))
+        worker = returning.saved.worker
+        ctx.flight, ctx.has_sinks, ctx.keeps = flight, sinks is not None, worker is not None
+        ctx.save_for_backward(*(worker or ()), *([sinks] if sinks is not None else []))
         return token.new_empty(0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, token):
-        flight, n, saved = ctx.flight, len(WorkerSaved._fields), ctx.saved_tensors   # unpacked once (checkpointing)
-        worker, rest = WorkerSaved(*saved[:n]), saved[n:]
-        sinks = rest[0] if ctx.has_sinks else None
-        returning = flight.executor.compute_backward(flight.take(), ctx.meta._replace(worker=worker),
-                                                     flight.scale, flight.softcap, sinks)
+        flight, saved = ctx.flight, ctx.saved_tensors   # unpacked once (checkpointing)
+        n = len(WorkerSaved._fields) if ctx.keeps else 0
+        sinks = saved[n] if ctx.has_sinks else None
+        dispatch, meta = flight.take()
+        if ctx.keeps:
+            meta = meta._replace(worker=WorkerSaved(*saved[:n]))
+        returning = flight.executor.compute_backward(dispatch, meta, flight.scale, flight.softcap, sinks)
         flight.pending = returning
         dsinks = None if returning.dsinks is None else returning.dsinks.to(sinks.dtype)
         return None, token, dsinks
 
 
 class _Finish(torch.autograd.Function):
-    """Forward: wait for out. Backward: start dout to the workers."""
+    """Forward: wait for out (``resend``: and lse; the owner keeps its q, k, v, out and lse here).
+    Backward: start what the workers lack to them."""
 
     @staticmethod
-    def forward(ctx, flight: _Flight, token):
-        out, _ = flight.executor.finish_forward(flight.take())
-        ctx.flight = flight
+    def forward(ctx, flight: _Flight, token, q, k, v):
+        out, saved = flight.executor.finish_forward(flight.take(), q.detach(), k.detach(), v.detach())
+        # (the worker's rows, keep, are the compute stage's saved tensors: nothing rides in ctx)
+        ctx.flight, ctx.meta = flight, saved._replace(worker=None, owner=None)
+        if saved.owner is not None:
+            ctx.save_for_backward(q, k, v, out, saved.owner.lse)
         ctx.token = (token.shape, token.dtype, token.device)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        ctx.flight.pending = ctx.flight.executor.start_backward(dout.contiguous())
+        meta, saved = ctx.meta, ctx.saved_tensors   # unpacked once (checkpointing)
+        own = meta._replace(owner=OwnerSaved(*saved)) if saved else meta
+        ctx.flight.pending = (ctx.flight.executor.start_backward(dout.contiguous(), own), meta)
         shape, dtype, device = ctx.token
-        return None, torch.empty(shape, dtype=dtype, device=device)
+        return None, torch.empty(shape, dtype=dtype, device=device), None, None, None
 
 
 class Layer(Protocol):
@@ -217,13 +225,14 @@ def run_piece(piece: str, layer: Layer, plan, nano: NanoBatch, n: int) -> None:
             runtime.check_inputs(q, k, v, sinks=check_sinks(sinks, q), softcap=softcap)
             scale = nano.args.get("scale")
             nano.flight = _Flight(runtime.executor, check_scale(scale, q.shape[-1]), softcap)
-            nano.token, nano.qkv = _Dispatch.apply(nano.flight, *runtime.to_compute_order(q, k, v)), None
+            nano.qkv = runtime.to_compute_order(q, k, v)
+            nano.token = _Dispatch.apply(nano.flight, *nano.qkv)
         elif piece == "compute":
             nano.token = _Compute.apply(nano.flight, nano.token, sinks)
         else:
             assert piece == "finish", piece
-            nano.out = runtime.to_compute_order(_Finish.apply(nano.flight, nano.token), back=True)[0]
-            nano.flight = nano.token = nano.args = None
+            nano.out = runtime.to_compute_order(_Finish.apply(nano.flight, nano.token, *nano.qkv), back=True)[0]
+            nano.flight = nano.token = nano.args = nano.qkv = None
 
 
 def run_layers(layers: Sequence[Layer], xs: Sequence[torch.Tensor], plans: Sequence, order=None) -> list:

@@ -81,6 +81,7 @@ from ..extras import require
 require("megatron.core", "megatron", "distattn.parallel.megatron")
 
 from ..api import attention, plan as make_plan
+from ..memory_model import CAD_BACKWARDS
 from ..plan_cache import PlanCache
 from ..schedulers import NAMES, PlanContext, spec as scheduler_spec
 from .megatron_shared import PLANS_KEPT
@@ -134,9 +135,11 @@ class DistAttnCoreAttention(MegatronModule):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None, scheduler: str = "zigzag",
                  cad_pool: str | None = None, plans: PlanCache | None = None, *, k_channels: int | None = None,
-                 v_channels: int | None = None, choice: MicroBatchChoice | None = None):
+                 v_channels: int | None = None, choice: MicroBatchChoice | None = None,
+                 cad_backward: str | None = None):
         super().__init__(config=config)
-        check_scheduler(scheduler, cad_pool)
+        check_scheduler(scheduler, cad_pool, cad_backward)
+        self.cad_backward = cad_backward
         # MLA (MLASelfAttention) names the head dims of query/key and of value, which differ
         self.k_channels, self.v_channels = k_channels, v_channels
         if attention_type != "self":
@@ -180,12 +183,14 @@ class DistAttnCoreAttention(MegatronModule):
         if self.pool is not None:
             options["pool"] = self.pool
         scheduler = self._scheduler()
+        if self.cad_backward is not None and "backward" in scheduler_spec(scheduler).option_names():
+            options["backward"] = self.cad_backward
 
         def make():
             return make_plan(list(doc_lens), self.cp_group, scheduler=scheduler, causal=self.causal,
                              layout=layout, **options)
         key = (name if name is not None else (doc_lens, layout), self.causal, kv_heads, id(self.cp_group),
-               id(self.pool), scheduler)
+               id(self.pool), scheduler, options.get("backward"))
         return self.plans.get(key, make, batch if self.pool is not None else None, keep=(self.cp_group, self.pool))
 
     def _check_mask(self, mask: torch.Tensor, plan, layout: str, s_local: int) -> None:
@@ -292,8 +297,9 @@ class DistAttnCoreAttention(MegatronModule):
         return out.transpose(0, 1).reshape(s_local, batch, -1)
 
 
-def check_scheduler(scheduler: str, cad_pool) -> None:
-    """``ValueError`` unless ``scheduler`` is a distattn scheduler and ``cad_pool`` one it can take."""
+def check_scheduler(scheduler: str, cad_pool, cad_backward: str | None = None) -> None:
+    """``ValueError`` unless ``scheduler`` is a distattn scheduler and ``cad_pool`` and ``cad_backward``
+    ones it can take."""
     if scheduler not in NAMES:
         raise ValueError(f"scheduler={scheduler!r} is unknown; choose one of {list(NAMES)}")
     if cad_pool not in POOLS:
@@ -303,10 +309,18 @@ def check_scheduler(scheduler: str, cad_pool) -> None:
         pooling = [n for n in NAMES if scheduler_spec(n).pools]
         raise ValueError(f"cad_pool={cad_pool!r} balances attention over data-parallel replicas, which scheduler="
                          f"{scheduler!r} does not do; use scheduler={pooling[0]!r} or cad_pool=None")
+    if cad_backward is not None:
+        takes = [n for n in NAMES if "backward" in scheduler_spec(n).option_names()]
+        if "backward" not in scheduler_spec(scheduler).option_names():
+            raise ValueError(f"cad_backward={cad_backward!r} chooses what {' and '.join(takes)}'s attention servers "
+                             f"keep for the backward; scheduler={scheduler!r} has none: drop cad_backward")
+        if cad_backward not in CAD_BACKWARDS:
+            raise ValueError(f"cad_backward={cad_backward!r} is unknown; choose one of {list(CAD_BACKWARDS)} or None "
+                             f"(the default, 'resend')")
 
 
 def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, nano_batches: int | None = None,
-                       choice: MicroBatchChoice | None = None, **kwargs):
+                       choice: MicroBatchChoice | None = None, cad_backward: str | None = None, **kwargs):
     """``get_gpt_layer_local_spec(**kwargs)`` with ``DistAttnCoreAttention`` running ``scheduler`` as
     core attention (``cad_pool="dp"``: CAD balanced over every data-parallel replica of a stage; see
     module docstring). ``nano_batches``: 1, 2 (packed batches ping-ponged through the layers as two
@@ -319,18 +333,21 @@ def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, n
     attention; q/k and v head dims may differ (module docstring). Its layers run one nano-batch.
 
     ``choice``: a :class:`MicroBatchChoice` the training loop sets per micro-batch (its scheduler
-    replaces ``scheduler`` while set)."""
+    replaces ``scheduler`` while set). ``cad_backward``: with ``scheduler="cad"``, what its attention
+    servers keep for the backward, ``"resend"`` (nothing received: the backward sends Q, K/V, out, lse
+    and dout again; the default) or ``"keep"`` (``distattn.plan``'s ``backward``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    check_scheduler(scheduler, cad_pool)
+    check_scheduler(scheduler, cad_pool, cad_backward)
     nano = scheduler_spec(scheduler).nano_batches_for(nano_batches)
     if kwargs.get("multi_latent_attention"):
         _mla_without_te()
     spec = get_gpt_layer_local_spec(**kwargs)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=DistAttnCoreAttention,
-        params={"scheduler": scheduler, "cad_pool": cad_pool, "plans": PlanCache(PLANS_KEPT), "choice": choice})
+        params={"scheduler": scheduler, "cad_pool": cad_pool, "plans": PlanCache(PLANS_KEPT), "choice": choice,
+                "cad_backward": cad_backward})
     if nano == 2:
         from .megatron_pingpong import PingPongLayer, PingPongState
 

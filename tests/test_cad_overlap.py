@@ -1,7 +1,8 @@
 """cad's executor overlaps what the schedule says it overlaps: ping_pong of nano-batches hides every
 all-to-all behind the other nano-batch's compute in forward and backward (exact vs the sequential
 run, gradients of inputs and parameters included), transfers are issued before the computation that
-hides them and waited for after it, and the backward sends only dout out and dQ, dK/dV back."""
+hides them and waited for after it, and the backward sends what the workers lack -- dout (``keep``),
+or Q, out, dout, lse and K/V again (``resend``) -- and dQ, dK/dV back."""
 
 import dataclasses
 
@@ -65,12 +66,13 @@ class _Mark(torch.autograd.Function):
         return grad, None, None
 
 
-def _inputs(nano_docs, dtype=torch.float64, backend="reference", gpus_per_node=None):
+def _inputs(nano_docs, dtype=torch.float64, backend="reference", gpus_per_node=None, backward="resend"):
     """One cad plan per nano-batch (``gpus_per_node``: nodes of that many ranks, so that rows take
     several hops: distattn/schedulers/cad/cast.py)."""
     nodes = {} if gpus_per_node is None else {
         "network": dataclasses.replace(default_profile(), gpus_per_node=gpus_per_node), "epsilon": 0.01}
-    plans = [distattn.plan(d, dist.group.WORLD, scheduler="cad", backend=backend, **nodes) for d in nano_docs]
+    plans = [distattn.plan(d, dist.group.WORLD, scheduler="cad", backend=backend, backward=backward, **nodes)
+             for d in nano_docs]
     g = torch.Generator().manual_seed(0)
     xs = [p.shard(torch.randn(sum(d), HIDDEN, generator=g, dtype=torch.float64)).to(dtype)
           for p, d in zip(plans, nano_docs)]
@@ -90,9 +92,9 @@ def _run(mode, pre, post, xs, plans, params):
     return [y.detach() for y in ys] + [x.grad for x in xs] + [p.grad.clone() for p in params]
 
 
-def _exact_worker(n_nano, gpus_per_node=None):
+def _exact_worker(n_nano, gpus_per_node=None, backward="resend"):
     nano_docs = NANO_DOCS[:n_nano]
-    plans, xs = _inputs(nano_docs, gpus_per_node=gpus_per_node)
+    plans, xs = _inputs(nano_docs, gpus_per_node=gpus_per_node, backward=backward)
     pre, post, params = _layer()
     seq = _run("sequential", pre, post, xs, plans, params)
     pp = _run("ping_pong", pre, post, xs, plans, params)
@@ -114,16 +116,17 @@ def _exact_worker(n_nano, gpus_per_node=None):
     return max(errs), len(seq), max(max(p.schedule.hops) for p in plans)
 
 
-@pytest.mark.parametrize("world_size,n_nano,gpus_per_node", [(2, 2, None), (4, 2, None), (4, 3, None), (4, 2, 2)])
-def test_ping_pong_is_exact_with_all_gradients(world_size, n_nano, gpus_per_node):
-    for err, count, hops in run_distributed(_exact_worker, world_size, n_nano, gpus_per_node, timeout=300):
+@pytest.mark.parametrize("world_size,n_nano,gpus_per_node,backward", [
+    (2, 2, None, "resend"), (4, 2, None, "resend"), (4, 3, None, "resend"), (4, 2, 2, "resend"), (4, 2, 2, "keep")])
+def test_ping_pong_is_exact_with_all_gradients(world_size, n_nano, gpus_per_node, backward):
+    for err, count, hops in run_distributed(_exact_worker, world_size, n_nano, gpus_per_node, backward, timeout=300):
         assert count == 2 * n_nano + 3
         assert (hops > 1) == (gpus_per_node is not None)   # several nodes: rows relayed
         assert err <= 1e-12
 
 
-def _order_worker():
-    plans, xs = _inputs(NANO_DOCS[:2])
+def _order_worker(backward):
+    plans, xs = _inputs(NANO_DOCS[:2], backward=backward)
     log: list = []
     pre, post, params = _layer(log=log)
     comms = {id(p._runtime.executor.pool_comm) for p in plans}
@@ -184,6 +187,14 @@ BACKWARD = [("post' start", 1), ("post' end", 1), ("issue dout", 1),
             ("wait dout", 0), ("attention'", 0), ("issue dQ", 0), ("issue dK/dV", 0),
             ("wait dQ", 1), ("wait dK/dV", 1), ("pre' end", 1),
             ("wait dQ", 0), ("wait dK/dV", 0), ("pre' end", 0)]
+ROWS = "Q, out, dout, lse"   # what resend's backward sends the workers (K/V apart)
+
+
+def _resend(events):
+    """``keep``'s order as ``resend`` runs it: lse back beside out, the rows and K/V in place of dout."""
+    swap = {"issue out": ["issue out", "issue lse"], "wait out": ["wait out", "wait lse"],
+            "issue dout": [f"issue {ROWS}", "issue K/V"], "wait dout": [f"wait {ROWS}", "wait K/V"]}
+    return [(e, i) for event, i in events for e in swap.get(event, [event])]
 
 
 def _hidden(events, transfer, i, behind):
@@ -193,26 +204,30 @@ def _hidden(events, transfer, i, behind):
     return issue < min(spots) and wait > max(spots)
 
 
-def test_transfers_issued_before_the_compute_that_hides_them():
-    for forward, backward in run_distributed(_order_worker, 2, timeout=300):
-        assert forward == FORWARD
-        assert backward == BACKWARD
+@pytest.mark.parametrize("backward", ["resend", "keep"])
+def test_transfers_issued_before_the_compute_that_hides_them(backward):
+    resend = backward == "resend"
+    to_workers = [ROWS, "K/V"] if resend else ["dout"]
+    for forward, backward in run_distributed(_order_worker, 2, backward, timeout=300):
+        assert forward == (_resend(FORWARD) if resend else FORWARD)
+        assert backward == (_resend(BACKWARD) if resend else BACKWARD)
         # forward: Q, K/V 0 behind pre 1; Q, K/V 1 behind attention 0; out 0 behind attention 1; out 1 behind post 0
         assert _hidden(forward, "Q", 0, [("pre", 1)]) and _hidden(forward, "K/V", 0, [("pre", 1)])
         assert _hidden(forward, "Q", 1, [("attention", 0)]) and _hidden(forward, "K/V", 1, [("attention", 0)])
         assert _hidden(forward, "out", 0, [("attention", 1)])
         assert _hidden(forward, "out", 1, [("post", 0)])
-        # backward: dout 1 behind post 0'; dout 0 behind attention 1'; dQ, dK/dV 1 behind attention 0';
-        # dQ, dK/dV 0 behind pre 1'
-        assert _hidden(backward, "dout", 1, [("post' start", 0), ("post' end", 0)])
-        assert _hidden(backward, "dout", 0, [("attention'", 1)])
+        # backward: dout (resend: the rows and K/V) 1 behind post 0'; 0 behind attention 1'; dQ, dK/dV 1
+        # behind attention 0'; dQ, dK/dV 0 behind pre 1'
+        for name in to_workers:
+            assert _hidden(backward, name, 1, [("post' start", 0), ("post' end", 0)])
+            assert _hidden(backward, name, 0, [("attention'", 1)])
         assert _hidden(backward, "dQ", 1, [("attention'", 0)]) and _hidden(backward, "dK/dV", 1, [("attention'", 0)])
         assert _hidden(backward, "dQ", 0, [("pre' end", 1)]) and _hidden(backward, "dK/dV", 0, [("pre' end", 1)])
 
 
-def _bytes_worker(dtype):
+def _bytes_worker(dtype, backward):
     docs = [300, 12, 5, 40, 1, 70]
-    plan = distattn.plan(docs, dist.group.WORLD, scheduler="cad", backend="reference")
+    plan = distattn.plan(docs, dist.group.WORLD, scheduler="cad", backend="reference", backward=backward)
     g = torch.Generator().manual_seed(0)
     q, k, v = (plan.shard(torch.randn(sum(docs), h, D, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
                for h in (HQ, HKV, HKV))
@@ -231,7 +246,7 @@ def _bytes_worker(dtype):
     fwd_calls = list(sent)
     sent.clear()
     out.backward(torch.ones_like(out))
-    backward = plan.bytes_sent() - before - forward
+    backward_bytes = plan.bytes_sent() - before - forward
 
     tr, me = plan.schedule.traffic(), plan._runtime.executor.slot
     out, into = (tr.owner == me) & (tr.comp != me), (tr.comp == me) & (tr.owner != me)
@@ -239,21 +254,32 @@ def _bytes_worker(dtype):
     q_in, kv_in = tr.q[into].sum(), tr.kv[into].sum()   # others' Q rows I compute, their K/V rows I receive
     size, acc = torch.empty(0, dtype=dtype).element_size(), torch.empty(0, dtype=torch.float32).element_size()
     acc = max(acc, size)
-    q_b, kv_b = HQ * D * size, 2 * HKV * D * size
-    want_fwd = q_out * q_b + kv_out * kv_b + q_in * q_b
-    want_bwd = q_out * q_b + q_in * q_b + kv_in * 2 * HKV * D * acc
+    q_b, kv_b, lse_b = HQ * D * size, 2 * HKV * D * size, HQ * acc
+    back = q_in * q_b + kv_in * 2 * HKV * D * acc   # dQ and dK/dV to their owners
+    if backward == "resend":   # lse back beside out; Q, out, dout, lse and K/V again
+        want_fwd = q_out * q_b + kv_out * kv_b + q_in * (q_b + lse_b)
+        want_bwd = q_out * (3 * q_b + lse_b) + kv_out * kv_b + back
+    else:
+        want_fwd = q_out * q_b + kv_out * kv_b + q_in * q_b
+        want_bwd = q_out * q_b + back
     return ([w for w, _, _ in fwd_calls], [(w, t) for w, t, _ in sent], int(forward), int(want_fwd),
-            int(backward), int(want_bwd), sum(b for _, _, b in sent))
+            int(backward_bytes), int(want_bwd), sum(b for _, _, b in sent))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_backward_sends_only_dout_out_and_gradients_back(dtype):
+@pytest.mark.parametrize("backward", ["resend", "keep"])
+def test_backward_sends_what_the_workers_lack(dtype, backward):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
+    fwd_want = ["cad forward: Q to workers", "cad forward: K/V to workers", "cad forward: out to owners"]
+    bwd_want = [("cad backward: dout to workers", dtype)]
+    if backward == "resend":
+        fwd_want.append("cad forward: lse to owners")
+        bwd_want = [("cad backward: Q, out, dout, lse to workers", dtype), ("cad backward: K/V to workers", dtype)]
+    bwd_want += [("cad backward: dQ to owners", dtype), ("cad backward: dK/dV to owners", acc)]
     for fwd_calls, bwd_calls, fwd, want_fwd, bwd, want_bwd, counted in run_distributed(_bytes_worker, 4, dtype,
-                                                                                       timeout=300):
-        assert fwd_calls == ["cad forward: Q to workers", "cad forward: K/V to workers", "cad forward: out to owners"]
-        assert bwd_calls == [("cad backward: dout to workers", dtype), ("cad backward: dQ to owners", dtype),
-                             ("cad backward: dK/dV to owners", acc)]
+                                                                                       backward, timeout=300):
+        assert fwd_calls == fwd_want
+        assert bwd_calls == bwd_want
         assert fwd == want_fwd and bwd == want_bwd == counted
 
 

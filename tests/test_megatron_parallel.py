@@ -78,9 +78,14 @@ def test_every_scheduler_matches_megatron(config, reference):
     if dp > 1:
         cases += [("cad", fmt, {"cad_pool": "dp", **extra}) for fmt in megatron_cpu.FORMATS
                   for extra in ({}, {"nano_batches": 1}, {"nano_batches": 2})]
-    results = run_distributed(megatron_cpu.parallel_run, world, tp, pp, cp, cases,
+    # cad's attention servers keeping what they receive, against the default (resend): CP 2 and TP 2 x CP 2
+    keeps = [("cad", fmt, {"cad_backward": "keep"}) for fmt in PACKED] if pp == 1 else []
+    results = run_distributed(megatron_cpu.parallel_run, world, tp, pp, cp, cases + keeps,
                               _only(reference, "AB", megatron_cpu.FORMATS), timeout=900)
-    _check(config, cases, results, world, pp, dp, cp)
+    _check(config, cases + keeps, results, world, pp, dp, cp)
+    for _, fmt, kwargs in keeps:   # the same numbers exactly: the workers get the very rows they kept
+        for rank in results:
+            assert rank[_key("cad", fmt, kwargs)][0] == rank[_key("cad", fmt, {})][0], (config, fmt)
 
 
 def test_pooled_replicas_cut_only_if_all_can(reference):

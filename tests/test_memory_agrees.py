@@ -66,8 +66,13 @@ def test_simulate_and_the_dry_run_agree(job, capsys, tmp_path, monkeypatch):
     row = _simulated(capsys, tmp_path, gpu, cfg)
     assert (row["gpus"], row["cp"], row["seq_len"]) == (cfg.world_size, cfg.parallel.cp, cfg.data.seq_len)
 
+    # cad's servers: the dry run's parallel.cad_backward (auto) is the simulator's
+    backward = memory.cad_backward(cfg, "cuda", int(GPUS[gpu].memory_gib * memory.GIB))
+    assert row.get("cad_backward") == backward
+    if backward is not None:
+        assert f", backward {backward} (cad_backward: auto)" in text
     # per-GPU memory: the dry run's estimate, printed to 0.01 GiB, and whether it fits
-    est = memory.estimate(cfg, "cuda")
+    est = memory.estimate(cfg, "cuda", cad_backward=backward)
     assert row["memory_gb"] == est.total / memory.GIB
     (fits, printed), = re.findall(r"^(fits|does NOT fit): ([\d,.]+) GiB per GPU", text, re.MULTILINE)
     assert printed == f"{row['memory_gb']:,.2f}"

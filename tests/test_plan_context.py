@@ -57,7 +57,7 @@ def test_unknown_options_and_bad_contexts_are_refused():
         PlanContext(32, 0)
     with pytest.raises(ValueError, match="PlanContext.head_groups must be a positive int"):
         PlanContext(32, 8, head_groups=1.5)
-    assert spec("cad").option_names() == ("cost", "epsilon", "network", "overlap_s", "pool")
+    assert spec("cad").option_names() == ("backward", "cost", "epsilon", "network", "overlap_s", "pool")
 
 
 def test_each_registry_entry_names_an_executor():

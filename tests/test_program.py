@@ -25,7 +25,7 @@ TWO_NODES = {"network": dataclasses.replace(default_profile(), gpus_per_node=2),
 CASES = [("ring", {}), ("zigzag", {}), ("zigzag", {"layout": "document"}), ("allgather", {}),
          ("allgather", {"heads_per_step": 1}), ("ulysses", {}), ("ulysses", {"head_groups": 2}),
          ("usp", {"ulysses_degree": 2}), ("usp", {"ulysses_degree": 2, "head_groups": 2}), ("cad", {}),
-         ("cad", TWO_NODES), ("cad", {"layout": "zigzag", **TWO_NODES})]
+         ("cad", TWO_NODES), ("cad", {"layout": "zigzag", **TWO_NODES}), ("cad", {"backward": "keep", **TWO_NODES})]
 SLICES = distattn.masks.shared_question(40, [50, 30, 24])   # slices sharing query rows and keys
 
 

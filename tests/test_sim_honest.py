@@ -36,11 +36,15 @@ def test_kernel_speed_by_segment_length(tmp_path):
     assert lengths.tolist() == [256, 1024, 4096, 32768] and shape[-1] == pytest.approx(1) and shape[0] < shape[1] < 1
     shaped = AttentionKernel.measured(GPUS["h200"], 128, tmp_path / "lat.csv")
     assert shaped.tflops("forward", 32768) == pytest.approx(435) and shaped.tflops("forward", 256) < 300
-    # a rank's rate: its FLOPs over its segments' seconds, each at its own length's speed
-    rates = shaped.rank_rates((np.array([0, 0, 1]), np.array([256, 32768, 32768]), np.array([1e6, 1e6, 2e6])), 3,
+    # a rank's rate: its FLOPs over its segments' seconds, each at the speed of the causal document whose
+    # rows see as many keys: rank 0 a 256-token document and a 32K one, rank 1 the last 256 rows of a 64K
+    # one (a ring's chunk, a CAD task: a long document's speed), rank 2 nothing
+    short, long, tail = 256 * 257 // 2, 32768 * 32769 // 2, 256 * (65536 - 128)
+    rates = shaped.rank_rates((np.array([0, 0, 1]), np.array([256, 32768, 256]), np.array([short, long, tail])), 3,
                               "forward", 1.0)
-    slow, fast = shaped.tflops("forward", 256) * 1e12, 435e12
-    assert rates[0] == pytest.approx(2 / (1 / slow + 1 / fast)) and rates[1] == pytest.approx(fast)
+    slow, fast = shaped.tflops("forward", 257) * 1e12, shaped.tflops("forward", 32769) * 1e12
+    assert rates[0] == pytest.approx((short + long) / (short / slow + long / fast))
+    assert rates[1] == pytest.approx(435e12) and fast == pytest.approx(435e12, rel=1e-3)
     assert rates[2] == max(shaped.fwd_tflops) * 1e12   # nothing to run: the best
     with pytest.raises(ValueError, match="--kernel-table"):
         latency_shape(tmp_path / "lat_missing.csv")
@@ -86,13 +90,12 @@ def test_step_recomputes_and_gathers_as_the_trainer_does():
     cfg = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="none", nano_batches=2)
     layers = M8B.n_layers
     ag, rs, _, _ = _counts(cfg)
-    # pieces called apart (ping-pong across layers): FSDP2 gathers before every linear piece, both
-    # passes (2 pieces x 2 nano-batches), and reduces once per nano-batch (counted on gloo)
-    assert (ag, rs) == (2 * 4 * layers, 2 * layers)
+    # pieces called apart (ping-pong across layers): the trainer keeps each block gathered from its
+    # first piece to its last, both passes, and reduces it once (counted on gloo:
+    # tests/test_fsdp_gather_once.py)
+    assert (ag, rs) == (2 * layers, layers)
     ag, rs, _, _ = _counts(cfg.__class__(**{**cfg.__dict__, "activation_checkpointing": "full"}))
     assert (ag, rs) == (2 * layers, layers)                      # a block called whole: once a pass
-    ag, rs, _, _ = _counts(cfg.__class__(**{**cfg.__dict__, "fsdp_per_piece": False}))
-    assert (ag, rs) == (2 * layers, layers)                      # a trainer unsharding around the pieces
     one = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="none", fsdp=False)
     full = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="full", fsdp=False)
     selective = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="selective", fsdp=False)

@@ -2,6 +2,7 @@
 
     python -m distattn.bench.memory [--budget-gib 0.8] [--schedulers zigzag ring ulysses cad]
                                           [--settings fp32:none fp32:full] [--cp 2] [--config configs/tiny.yaml]
+    python -m distattn.bench.memory --saved [--world-size 8]   # attention's saved bytes per layer (.saved)
 
 For each scheduler and setting (``train.dtype`` : ``train.activation_checkpointing``) this runs
 real training steps of the config's model (default: ``configs/tiny.yaml``'s, on ``--cp`` ranks, one
@@ -43,6 +44,7 @@ import torch
 
 from ..schedulers import NAMES
 from ..spawn import RankError, run_distributed
+from . import saved
 from ..train.config import CHECKPOINTING, DTYPES, RunConfig, load_config, validate
 from ..train.data.corpus import write_token_file
 from ..train.preflight.memory import GIB, estimate
@@ -252,6 +254,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--doc-len", type=int, default=2048, help="tokens per synthetic document")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: cuda when a GPU is available")
+    saved.add_arguments(parser)
     return parser
 
 
@@ -292,6 +295,10 @@ def run_bench(args: argparse.Namespace) -> tuple[list[Result], str]:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
+    if args.saved:
+        saved.run(args)
+        print(f"({math.ceil(time.perf_counter() - start)} s)")
+        return 0
     results, device = run_bench(args)
     print_table(results, args.budget_gib, device)
     print(f"({math.ceil(time.perf_counter() - start)} s)")

@@ -11,12 +11,13 @@ from pathlib import Path
 
 COLUMNS = ("scheduler", "world_size", "seq_len", "mask", "fwd_bwd_ms", "tflops", "flops_imbalance", "send_bytes",
            "peak_mem_mb", "num_docs", "heads", "kv_heads", "head_dim", "dtype", "device", "comm_wait_ms",
-           "rank_comm_wait_ms", "cpu_others")
+           "rank_comm_wait_ms", "cpu_others", "cad_backward")
 _INT_COLUMNS = ("world_size", "seq_len", "send_bytes", "num_docs", "heads", "kv_heads", "head_dim")
 _FLOAT_COLUMNS = ("fwd_bwd_ms", "tflops", "flops_imbalance", "peak_mem_mb")
 # what read_results parses and the calibration reads; results written before the executor's wait
 # clock (the CPU other processes took) was recorded have no comm_wait_ms / rank_comm_wait_ms
-# (cpu_others), so those stay optional
+# (cpu_others), so those stay optional; so does cad_backward (cad's rows: what its attention servers
+# did in the backward; empty for the other schedulers, and in cad rows written before it: "keep")
 REQUIRED_COLUMNS = ("scheduler", "mask", "dtype") + _INT_COLUMNS + _FLOAT_COLUMNS
 
 
@@ -47,6 +48,7 @@ def _parse_row(r: dict, where: str) -> dict:
     r.update({k: number(k, int, r[k]) for k in _INT_COLUMNS}, **{k: number(k, float, r[k]) for k in _FLOAT_COLUMNS})
     r["comm_wait_ms"] = number("comm_wait_ms", float, r.get("comm_wait_ms") or "nan")
     r["cpu_others"] = number("cpu_others", float, r.get("cpu_others") or "nan")
+    r["cad_backward"] = r.get("cad_backward") or None
     r["rank_comm_wait_ms"] = [number("rank_comm_wait_ms", float, x)
                               for x in (r.get("rank_comm_wait_ms") or "").split(";") if x]
     return r

@@ -373,7 +373,8 @@ def _rank_main(cfg: BenchConfig, world: int, cases: list[tuple[int, Case]], even
                "send_bytes": max(st["send_bytes"]), "peak_mem_mb": mem, "num_docs": len(case.docs),
                "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
                "device": device.type, "comm_wait_ms": max(wait),
-               "rank_comm_wait_ms": ";".join(f"{w:.3f}" for w in wait), "cpu_others": others}
+               "rank_comm_wait_ms": ";".join(f"{w:.3f}" for w in wait), "cpu_others": others,
+               "cad_backward": getattr(p.schedule, "backward", None)}
         rows.append(row)
         if report:
             events.put((index, time.perf_counter() - start, row))

@@ -74,6 +74,7 @@ def _config(args, model, gpu, batch):
                      activation_checkpointing=None if args.checkpointing == "auto" else args.checkpointing,
                      mlp_chunk=args.mlp_chunk, tp=args.tp, batch=batch, packing=args.packing,
                      token_cap_factor=args.token_cap_factor, kernel=kernel, planning=args.planning, seed=args.seed,
+                     cad_backward=args.cad_backward,
                      **({} if args.comm_slowdown is None else {"comm_slowdown": args.comm_slowdown}))
 
 
@@ -149,24 +150,25 @@ def _cmd_simulate(args) -> int:
 
 
 def _print_table(rows: list[dict], gpus_per_node: int) -> None:
-    print(f"{'scheduler':<10} {'tp':>3} {'cp':>4} {'dp':>4} {'ckpt':<10} {'mem GiB':>7} {'step s':>7} "
+    print(f"{'scheduler':<11} {'tp':>3} {'cp':>4} {'dp':>4} {'ckpt':<10} {'mem GiB':>7} {'step s':>7} "
           f"{'p10-p90':>11} {'tok/s/GPU':>9} {'MFU':>5} {'exposed':>7} {'imb':>5} {'DP idle':>7} "
           f"{'/ideal':>6} {'vs wlb':>6}")
     for r in rows:
         if r["scheduler"] == "per-batch":
             continue
+        name = r["scheduler"] + (f" {r['cad_backward']}" if r.get("cad_backward") else "")
         if r.get("step_time_s") is None:
-            print(f"{r['scheduler']:<10} fits no setting in the GPU's memory"
+            print(f"{name:<11} fits no setting in the GPU's memory"
                   + (f" (at cp {r['cp']}: {r['memory_gib']:.0f} GiB)" if "cp" in r else ""))
             continue
         spread = f"{r.get('step_time_p10_s', r['step_time_s']):.2f}-{r.get('step_time_p90_s', r['step_time_s']):.2f}"
         ckpt = r["checkpointing"] + ("+mlp" if r["mlp_chunk"] else "")
-        print(f"{r['scheduler']:<10} {r['tp']:>3} {r['cp']:>4} {r['dp']:>4} {ckpt:<10} {r['memory_gib']:>7.1f} "
+        print(f"{name:<11} {r['tp']:>3} {r['cp']:>4} {r['dp']:>4} {ckpt:<10} {r['memory_gib']:>7.1f} "
               f"{r['step_time_s']:>7.2f} {spread:>11} {r['tokens_per_s_per_gpu']:>9,.0f} {r['mfu']:>5.2f} "
               f"{r['exposed_comm_s']:>7.2f} {r['compute_imbalance']:>5.2f} {r['dp_idle']:>7.0%} "
               f"{_ratio(r, 'over_ideal'):>6} {_ratio(r, 'speedup_vs_wlb'):>6}")
     print("step s: median over the draws (p10-p90: their 10th and 90th percentiles); ckpt: the cheapest activation "
-          "checkpointing that fits (+mlp: the MLP tiled); exposed: what communication adds to the step; imb: max/mean "
+          "checkpointing that fits (+mlp: the MLP tiled; cad resend|keep: what its attention servers keep); exposed: what communication adds to the step; imb: max/mean "
           "compute over all GPUs; DP idle: mean share of the step replicas wait; /ideal: step over ideal's; vs wlb: "
           "wlb's step over the row's (medians of the per-draw ratios)")
     for r in rows:
@@ -269,6 +271,10 @@ def _step_arguments(sim, packings, schedulers) -> None:
     sim.add_argument("--nano-batches", type=int, choices=(1, 2), default=None,
                      help="nano-batches per micro-batch, ping-ponged through the layers as the trainer does "
                           "(default: each scheduler's, 2 for cad)")
+    sim.add_argument("--cad-backward", choices=("auto", "resend", "keep"), default="auto",
+                     help="cad's attention servers: resend (keep nothing received; the backward sends it again), "
+                          "keep, or auto (default: keep where it fits at the checkpointing resend needs, as "
+                          "parallel.cad_backward)")
     sim.add_argument("--comm-dtype", choices=("fp8",), default=None,
                      help="Q, K, V, out and dout travel as FP8 (distattn.plan(comm_dtype='fp8')); default: "
                           "their own dtype")

@@ -4,13 +4,24 @@
 Forward: all-to-alls send each task's Q rows and, per destination, the union of the K/V rows its
 tasks need to the slot computing them, hop by hop along the schedule's routes (K/V down a tree of
 nodes, Q through the owner's node peers: :mod:`distattn.schedulers.cad.cast`); the slot runs all
-its tasks in one varlen call; out comes back up the same hops. The computing slot keeps what it
-computes on (its Q rows, its K/V union, out and lse: :class:`WorkerSaved`), so lse never travels
-and the backward sends only dout to it and returns dQ and dK/dV (accumulator dtype: fp32, fp64
-for fp64) up the hops: every slot a row passed through sums the partials it gets back for it with
-its own (group-reduce), and the owner sums the rest. With a pool the all-to-alls run over the
-pool's group. Every query row is computed whole by one slot, so attention sinks are counted
-there, and their gradient over the slot's rows is the slot's share (see :func:`distattn.attention`).
+its tasks in one varlen call; out comes back up the same hops. The backward returns dQ and dK/dV
+(accumulator dtype: fp32, fp64 for fp64) up the hops: every slot a row passed through sums the
+partials it gets back for it with its own (group-reduce), and the owner sums the rest. With a pool
+the all-to-alls run over the pool's group. Every query row is computed whole by one slot, so
+attention sinks are counted there, and their gradient over the slot's rows is the slot's share
+(see :func:`distattn.attention`).
+
+What the backward needs on the worker -- its Q rows, the K/V union, out and lse -- comes one of two
+ways, the schedule's ``backward`` (``distattn.plan(..., backward=...)``):
+
+* ``"resend"`` (DistCA's attention servers): the worker keeps nothing it received. lse comes back
+  to the owner with out, and the owner, which keeps its own q, k, v, out and lse
+  (:class:`OwnerSaved`: what every ring scheduler keeps), sends Q, out, dout and lse (one buffer) and
+  K/V again in the backward, over the same hops. Memory of the owner's own rows; twice the forward's
+  traffic in the backward.
+* ``"keep"``: the worker keeps what it computed on (:class:`WorkerSaved`), so lse never travels and
+  the backward sends only dout. The busiest worker's received rows can be several times a rank's
+  own.
 
 Each all-to-all sends one buffer per tensor, gathered by one ``index_select`` whose index (the
 rows for every destination, concatenated in pool-rank order, the all-to-all's order) is made
@@ -24,10 +35,10 @@ stages, as instructions, are :meth:`TaskSchedule.program <distattn.schedulers.ca
 direction   call                            does
 ==========  ==============================  ==================================================
 forward     :meth:`~TaskExecutor.prefetch`  start Q, K/V to the workers, every hop (:class:`Dispatch`)
-forward     ``compute_forward``             wait for them, attention, start out back, every hop
-forward     ``finish_forward``              wait for out: ``(out, saved)``
-backward    ``start_backward``              start dout to the workers, every hop
-backward    ``compute_backward``            wait for it, attention backward, start dQ, dK/dV back
+forward     ``compute_forward``             wait for them, attention, start out (resend: and lse) back
+forward     ``finish_forward``              wait for them: ``(out, saved)``
+backward    ``start_backward``              start dout (resend: Q, out, dout, lse and K/V) to the workers
+backward    ``compute_backward``            wait for them, attention backward, start dQ, dK/dV back
 backward    ``finish_backward``             wait for them: ``(dq, dk, dv)``
 ==========  ==============================  ==================================================
 
@@ -52,12 +63,14 @@ from ..merge import LSE_ACC, acc_dtype, merge, row_delta
 from ..layout import Shards
 from ..masks import as_doc_lens
 from ..schedulers.cad import Pool, TaskSchedule
+from ..wire import Wire
 from .base import DeviceIndex, ExecOptions, Executor, finish_rows, out_shape, pack_kv, unpack_kv
 from .hops import Cast, Return, Transfer, rows_of
 
 
 class WorkerSaved(NamedTuple):
-    """What the computing slot keeps from its forward for its backward (its tasks' rows)."""
+    """The rows a worker computes on (its tasks' rows): kept from its forward (``keep``), or received
+    again in the backward (``resend``)."""
 
     q: torch.Tensor      # [Rq, Hq, Dk] its queries, kernel (global) order
     kv: torch.Tensor     # [Rkv, Hkv, Dk + Dv] its K/V union (executors.base.pack_kv), global order
@@ -65,11 +78,23 @@ class WorkerSaved(NamedTuple):
     lse: torch.Tensor    # [Rq, Hq] accumulator dtype
 
 
-class TaskSaved(NamedTuple):
-    """A forward's saved state: the worker's buffers and what the owner needs to place gradients."""
+class OwnerSaved(NamedTuple):
+    """``resend``: what the owner keeps of its own rows (compute order) to send again in the backward."""
 
-    worker: WorkerSaved
-    kv_dtype: torch.dtype    # dtype of dK/dV handed back
+    q: torch.Tensor      # [S_local, Hq, Dk]
+    k: torch.Tensor      # [S_local, Hkv, Dk]
+    v: torch.Tensor      # [S_local, Hkv, Dv]
+    out: torch.Tensor    # [S_local, Hq, Dv]
+    lse: torch.Tensor    # [S_local, Hq] accumulator dtype
+
+
+class TaskSaved(NamedTuple):
+    """A forward's saved state: the worker's rows (``keep``) or the owner's (``resend``), and the
+    dtype dK/dV are handed back in."""
+
+    worker: WorkerSaved | None
+    owner: OwnerSaved | None
+    kv_dtype: torch.dtype
 
 
 class Dispatch(NamedTuple):
@@ -84,16 +109,21 @@ class Dispatch(NamedTuple):
 
 
 class Returning(NamedTuple):
-    """Forward: out on its way back to its owners; the saved state (the worker keeps its lse)."""
+    """Forward: out (``resend``: and lse) on its way back to its owners; the saved state (``keep``:
+    the worker's rows)."""
 
     out: Return
+    lse: Return | None
     saved: TaskSaved
 
 
-class DoutDispatch(NamedTuple):
-    """Backward: dout on its way to the workers."""
+class BackDispatch(NamedTuple):
+    """Backward: what the workers lack on its way to them -- dout (``keep``), or Q, out, dout and lse
+    in one buffer (:func:`bundle`) and K/V (``resend``)."""
 
-    dout: list[Transfer]
+    rows: list[Transfer]
+    kv: list[Transfer] | None
+    cols: tuple[int, int] | None   # resend: (K's head dim, V's)
 
 
 class GradsReturning(NamedTuple):
@@ -103,6 +133,26 @@ class GradsReturning(NamedTuple):
     dkv: Return
     kv_dtype: torch.dtype
     dsinks: torch.Tensor | None = None   # over the rows this slot computed (not sent: see compute_backward)
+
+
+def bundle(wire: Wire, q: torch.Tensor, out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Q, out and dout ``[R, Hq, D]`` (as ``wire`` encodes them) and lse ``[R, Hq]`` (its bits, exact) as
+    one ``[R, Hq, W]`` buffer: the rows ``resend``'s backward sends a worker, in one all-to-all a hop.
+    Nothing sums these rows on the way (they travel toward the workers), so lse may ride as raw bits."""
+    rows = wire.encode(torch.cat([q, out, dout], dim=-1), (q.shape[-1], out.shape[-1], dout.shape[-1]))
+    return torch.cat([rows, lse.unsqueeze(-1).contiguous().view(rows.dtype)], dim=-1)
+
+
+def unbundle(wire: Wire, rows: torch.Tensor, cols: tuple[int, int],
+             dtype: torch.dtype) -> tuple[WorkerSaved, torch.Tensor]:
+    """Inverse of :func:`bundle` for inputs of ``dtype``, ``cols`` (K's head dim, V's): ``(the worker's
+    rows with no K/V -- they travel apart --, dout)``."""
+    acc = acc_dtype(dtype)
+    lse_cols = acc.itemsize // rows.element_size()
+    dk, dv = cols
+    q, out, dout = wire.decode(rows[..., :-lse_cols], (dk, dv, dv), dtype).split([dk, dv, dv], dim=-1)
+    lse = rows[..., -lse_cols:].contiguous().view(acc).squeeze(-1)
+    return WorkerSaved(q.contiguous(), None, out.contiguous(), lse), dout.contiguous()
 
 
 class TaskExecutor(Executor):
@@ -170,26 +220,47 @@ class TaskExecutor(Executor):
         """``rows`` at ``index`` of a zero buffer of ``size`` rows (results for the rows I was sent)."""
         return rows.new_zeros((size, *rows.shape[1:])).index_copy_(0, index.on(rows.device), rows)
 
+    @property
+    def resends(self) -> bool:
+        """Whether the backward sends the workers their rows again (module docstring)."""
+        return self.schedule.backward == "resend"
+
+    @property
+    def structure(self) -> tuple:
+        return (type(self).__name__, self.schedule.backward)
+
     # ---- forward stages --------------------------------------------------------------------------
     def prefetch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Dispatch:
         """Start the forward all-to-alls of Q and K/V now, every hop (``Plan.prefetch``; forward stage 1)."""
         ids = (id(q), id(k), id(v))
         q, k, v = q.detach(), k.detach(), v.detach()
-        wire, cols = self.options.wire, (k.shape[-1], v.shape[-1])
-        qt = self.q_cast.start(self, wire.encode(q), "cad forward: Q to workers")
-        kvt = self.kv_cast.start(self, wire.encode(pack_kv(k, v), cols), "cad forward: K/V to workers")
-        return Dispatch(self, ids, k.dtype, self.q_cast.advance(self, qt, "cad forward: Q to workers"),
-                        self.kv_cast.advance(self, kvt, "cad forward: K/V to workers"), cols)
+        rows = self.options.wire.encode(q)
+        return Dispatch(self, ids, k.dtype, *self._to_workers(rows, k, v, "Q", "cad forward"),
+                        (k.shape[-1], v.shape[-1]))
+
+    def _to_workers(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str,
+                    direction: str) -> tuple[list[Transfer], list[Transfer]]:
+        """Start ``rows`` (Q-routed, as they travel) and K/V to the workers, every hop: both first hops,
+        then the chained ones."""
+        rows_what, kv_what = f"{direction}: {name} to workers", f"{direction}: K/V to workers"
+        kv = self.options.wire.encode(pack_kv(k, v), (k.shape[-1], v.shape[-1]))
+        flights = self.q_cast.start(self, rows, rows_what), self.kv_cast.start(self, kv, kv_what)
+        return self.q_cast.advance(self, flights[0], rows_what), self.kv_cast.advance(self, flights[1], kv_what)
+
+    def _kv_buffer(self, flights: list[Transfer], cols: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """My K/V union, received (kernel order, decoded)."""
+        buf = self.kv_cast.buffer(flights)
+        return self.options.wire.decode(buf.index_select(0, self.kv_rows.on(buf.device)), cols, dtype)
 
     def compute_forward(self, dispatch: Dispatch, scale: float, softcap: float | None = None,
                         sinks: torch.Tensor | None = None) -> Returning:
-        """Forward stage 2: wait for Q and K/V, run the tasks, start out back to the owners, every hop.
-        Each query row is computed whole by one slot, so the slot counts ``sinks`` in its rows here."""
+        """Forward stage 2: wait for Q and K/V, run the tasks, start out (``resend``: and lse) back to
+        the owners, every hop. Each query row is computed whole by one slot, so the slot counts
+        ``sinks`` in its rows here."""
         wire, (dk, dv), dtype = self.options.wire, dispatch.cols, dispatch.kv_dtype
         q_buf = self.q_cast.buffer(dispatch.q)
         q_buf = wire.decode(q_buf.index_select(0, self.q_rows.on(q_buf.device)), (dk,), dtype)
-        kv_buf = self.kv_cast.buffer(dispatch.kv)
-        kv_buf = wire.decode(kv_buf.index_select(0, self.kv_rows.on(kv_buf.device)), (dk, dv), dtype)
+        kv_buf = self._kv_buffer(dispatch.kv, dispatch.cols, dtype)
         kw = self.kernel_args(scale, softcap)
         (varlen, q_index, kv_index), *more = self.calls
         if q_index is None:
@@ -208,47 +279,78 @@ class TaskExecutor(Executor):
                 out_buf.index_copy_(0, rows, o)
                 lse_buf.index_copy_(0, rows, l)
         out_buf, lse_buf = finish_rows(out_buf, lse_buf, sinks, q_buf.dtype)
-        what = "cad forward: out to owners"
-        out_t = self.q_cast.back_start(self, self._scatter(out_buf, self.q_rows, len(self.q_cast.tokens)), what,
-                                       wire)
-        return Returning(self.q_cast.back_advance(self, out_t, what),
-                         TaskSaved(WorkerSaved(q_buf, kv_buf, out_buf, lse_buf), dispatch.kv_dtype))
+        out = (self.q_cast, self.q_rows, out_buf, "cad forward: out to owners", wire)
+        if self.resends:   # the owner sends lse again in the backward (a relay sums it with zeros: exact)
+            out_ret, lse_ret = self._send_back(out, (self.q_cast, self.q_rows, lse_buf, "cad forward: lse to owners",
+                                                     Wire()))
+            return Returning(out_ret, lse_ret, TaskSaved(None, None, dtype))
+        (out_ret,) = self._send_back(out)
+        # (contiguous: the rows resend would hand the worker, so both backwards run on one memory layout)
+        kept = WorkerSaved(q_buf, kv_buf, out_buf.contiguous(), lse_buf.contiguous())
+        return Returning(out_ret, None, TaskSaved(kept, None, dtype))
 
-    def finish_forward(self, returning: Returning) -> tuple[torch.Tensor, TaskSaved]:
-        """Forward stage 3: wait for out; ``(out, saved)``. (lse stays with the worker: only its
-        backward needs it.)"""
-        return self.q_cast.back_finish(self, returning.out, "cad forward: out to owners"), returning.saved
+    def _send_back(self, *results: tuple[Cast, DeviceIndex, torch.Tensor, str, Wire]) -> list[Return]:
+        """Start ``(cast, index, rows, what, wire)`` results -- for the rows I computed on, at ``index`` of
+        ``cast``'s buffer -- back to their owners: each one's last hop, then every earlier hop, chained."""
+        started = [cast.back_start(self, self._scatter(rows, index, len(cast.tokens)), what, wire)
+                   for cast, index, rows, what, wire in results]
+        return [cast.back_advance(self, ret, what) for ret, (cast, _, _, what, _) in zip(started, results)]
+
+    def finish_forward(self, returning: Returning, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
+                       v: torch.Tensor | None = None) -> tuple[torch.Tensor, TaskSaved]:
+        """Forward stage 3: wait for out; ``(out, saved)``. ``resend``: also for lse, and the owner's
+        saved state holds ``q``, ``k``, ``v`` (the inputs, compute order), out and lse."""
+        out = self.q_cast.back_finish(self, returning.out, "cad forward: out to owners")
+        if returning.lse is None:
+            return out, returning.saved
+        lse = self.q_cast.back_finish(self, returning.lse, "cad forward: lse to owners")
+        return out, returning.saved._replace(owner=OwnerSaved(q, k, v, out, lse))
 
     def forward(self, q, k, v, scale, softcap=None, sinks=None, prefetch: Dispatch | None = None):
         if prefetch is None:  # (distattn.attention checked a prefetch's plan and tensors)
             prefetch = self.prefetch(q, k, v)
-        return self.finish_forward(self.compute_forward(prefetch, scale, softcap, sinks))
+        return self.finish_forward(self.compute_forward(prefetch, scale, softcap, sinks), q, k, v)
 
     def saved_like(self, q, k, v, out, sinks, size):
+        if self.resends:
+            return TaskSaved(None, OwnerSaved(q, k, v, out, q.new_empty(q.shape[:2], dtype=acc_dtype(q.dtype))),
+                             k.dtype)
         rq, rkv = size(len(self.q_rows.array)), size(len(self.kv_rows.array))
         q_buf = q.new_empty((rq, *q.shape[1:]))
         lse = q.new_empty((rq, q.shape[1]), dtype=acc_dtype(q.dtype))
         kv = k.new_empty((rkv, k.shape[1], k.shape[2] + v.shape[2]))
-        return TaskSaved(WorkerSaved(q_buf, kv, q_buf.new_empty(out_shape(q_buf, v)), lse), k.dtype)
+        return TaskSaved(WorkerSaved(q_buf, kv, q_buf.new_empty(out_shape(q_buf, v)), lse), None, k.dtype)
 
     # ---- backward stages -------------------------------------------------------------------------
-    def start_backward(self, dout: torch.Tensor) -> DoutDispatch:
-        """Backward stage 1: start dout to the workers, every hop (all they lack: they kept Q, K/V,
-        out, lse)."""
-        what = "cad backward: dout to workers"
-        dout_t = self.q_cast.start(self, self.options.wire.encode(dout), what)
-        return DoutDispatch(self.q_cast.advance(self, dout_t, what))
+    def start_backward(self, dout: torch.Tensor, saved: TaskSaved) -> BackDispatch:
+        """Backward stage 1: start what the workers lack to them, every hop: dout (``keep``), or Q, out,
+        dout and lse (one buffer) and K/V (``resend``)."""
+        if saved.owner is None:
+            what = "cad backward: dout to workers"
+            dout_t = self.q_cast.start(self, self.options.wire.encode(dout), what)
+            return BackDispatch(self.q_cast.advance(self, dout_t, what), None, None)
+        own = saved.owner
+        rows = bundle(self.options.wire, own.q, own.out, dout, own.lse)
+        return BackDispatch(*self._to_workers(rows, own.k, own.v, "Q, out, dout, lse", "cad backward"),
+                            (own.k.shape[-1], own.v.shape[-1]))
 
-    def compute_backward(self, dispatch: DoutDispatch, saved: TaskSaved, scale: float, softcap: float | None = None,
+    def _received(self, dispatch: BackDispatch, saved: TaskSaved) -> tuple[WorkerSaved, torch.Tensor]:
+        """(my tasks' rows, their dout): kept (``keep``) or just received (``resend``)."""
+        buf = self.q_cast.buffer(dispatch.rows)
+        buf = buf.index_select(0, self.q_rows.on(buf.device))
+        if dispatch.kv is None:
+            w = saved.worker
+            return w, self.options.wire.decode(buf, (w.out.shape[-1],), w.out.dtype)
+        w, dout = unbundle(self.options.wire, buf, dispatch.cols, saved.kv_dtype)
+        return w._replace(kv=self._kv_buffer(dispatch.kv, dispatch.cols, saved.kv_dtype)), dout
+
+    def compute_backward(self, dispatch: BackDispatch, saved: TaskSaved, scale: float, softcap: float | None = None,
                          sinks: torch.Tensor | None = None) -> GradsReturning:
-        """Backward stage 2: wait for dout, run the tasks' backward, start dQ and dK/dV back, every
-        hop (each relay sums the partials it gets back with its own: group-reduce). With ``sinks``,
-        their gradient over this slot's rows stays here (``GradsReturning.dsinks``): a replicated
-        parameter's gradient is summed over the ranks by the data-parallel reduction."""
-        w = saved.worker
-        dout_buf = self.q_cast.buffer(dispatch.dout)
-        dout_buf = self.options.wire.decode(dout_buf.index_select(0, self.q_rows.on(dout_buf.device)),
-                                            (w.out.shape[-1],), w.out.dtype)
+        """Backward stage 2: wait for what stage 1 sent, run the tasks' backward, start dQ and dK/dV
+        back, every hop (each relay sums the partials it gets back with its own: group-reduce). With
+        ``sinks``, their gradient over this slot's rows stays here (``GradsReturning.dsinks``): a
+        replicated parameter's gradient is summed over the ranks by the data-parallel reduction."""
+        w, dout_buf = self._received(dispatch, saved)
         kw = dict(self.kernel_args(scale, softcap), partial=True)   # fp32 gradients: this slot sums them
         whole = self.calls[0][1] is None
         delta = None if sinks is None and whole else row_delta(dout_buf, w.out)
@@ -267,13 +369,10 @@ class TaskExecutor(Executor):
                                                   delta=delta.index_select(0, rows), **kw)
                 q_index.add_into(dq_buf, dq_l.to(dq_buf.dtype), self.options.deterministic)
             kv_index.add_into(dkv_buf, pack_kv(dk_seg, dv_seg).to(dkv_buf.dtype), self.options.deterministic)
-        dq_buf = dq_buf.to(w.q.dtype)
-        dq_what, dkv_what = "cad backward: dQ to owners", "cad backward: dK/dV to owners"
-        dq_t = self.q_cast.back_start(self, self._scatter(dq_buf, self.q_rows, len(self.q_cast.tokens)), dq_what)
-        dkv_t = self.kv_cast.back_start(self, self._scatter(dkv_buf, self.kv_rows, len(self.kv_cast.tokens)), dkv_what)
-        return GradsReturning(self.q_cast.back_advance(self, dq_t, dq_what),
-                              self.kv_cast.back_advance(self, dkv_t, dkv_what), saved.kv_dtype,
-                              self.sink_grad(delta, w.lse, sinks))
+        dq_ret, dkv_ret = self._send_back(
+            (self.q_cast, self.q_rows, dq_buf.to(w.q.dtype), "cad backward: dQ to owners", Wire()),
+            (self.kv_cast, self.kv_rows, dkv_buf, "cad backward: dK/dV to owners", Wire()))
+        return GradsReturning(dq_ret, dkv_ret, saved.kv_dtype, self.sink_grad(delta, w.lse, sinks))
 
     def finish_backward(self, returning: GradsReturning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Backward stage 3: wait for dQ and dK/dV; dK/dV of a key sent to several slots are summed.
@@ -284,7 +383,7 @@ class TaskExecutor(Executor):
         return dq, dk.to(returning.kv_dtype), dv.to(returning.kv_dtype)
 
     def backward(self, dout, saved: TaskSaved, scale, softcap=None, sinks=None):
-        returning = self.compute_backward(self.start_backward(dout), saved, scale, softcap, sinks)
+        returning = self.compute_backward(self.start_backward(dout, saved), saved, scale, softcap, sinks)
         return (*self.finish_backward(returning), returning.dsinks)
 
 

@@ -52,7 +52,7 @@ from ..jsonfile import read_json
 from ..masks import UNBOUNDED
 from ..program import BACKWARD, CHAIN, FORWARD, RUN, START, WAIT
 from ..schedule import AttnShape
-from ..schedulers import PlanContext
+from ..schedulers import PlanContext, spec
 from .replay import Op, TimedProgram, _coupled, _seconds, call_ops
 from .simulate import comm_time, dry_schedule, nccl_size
 
@@ -265,8 +265,10 @@ def prepare_row(row: dict, network, pool=None, seed: int = 0) -> RowCase:
     case = mask_case(row["mask"], row["seq_len"], pool, seed)
     dtype_bytes = 4 if row["dtype"] == "fp32" else 2
     context = PlanContext(row["heads"], row["kv_heads"], head_dim=row["head_dim"], dtype_bytes=dtype_bytes)
-    schedule = dry_schedule(ALIASES.get(row["scheduler"], row["scheduler"]), case.docs, p, context,
-                            **case.plan_kwargs())
+    name = ALIASES.get(row["scheduler"], row["scheduler"])
+    # what cad's servers kept for the backward: rows written before results.csv named it kept everything
+    options = {"backward": row.get("cad_backward") or "keep"} if "backward" in spec(name).option_names() else {}
+    schedule = dry_schedule(name, case.docs, p, context, **case.plan_kwargs(), **options)
     program = schedule.call_program(AttnShape(row["heads"], row["kv_heads"], row["head_dim"], dtype_bytes))
     stats = np.asarray([tile_stats(schedule.compute_slices(r)) for r in range(p)], dtype=np.float64)
     ops, parts = _timed_parts(program, p, stats, network)

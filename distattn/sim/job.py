@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..api import dry_plan
-from ..memory_model import JobFacts
+from ..memory_model import CAD_BACKWARDS, JobFacts
 from ..model_shape import GPU, ModelShape
 from ..packing import DEFAULT_CAP_FACTOR
 from ..pingpong import nano_batches as nano_batches_of
@@ -49,10 +49,10 @@ class SimConfig:
     kernel: AttentionKernel | None = None   # None: AttentionKernel.measured(gpu, head dim), flat in length
     comm_slowdown: float = COMM_SLOWDOWN
     fsdp: bool = True                 # FSDP2's gathers and reduce-scatters over the dp x cp ranks
-    # FSDP2 gathers a block again for each piece called apart (ping-pong across layers), as the trainer
-    # runs it today; False: once per block and pass (a trainer that unshards each block around its pieces)
-    fsdp_per_piece: bool = True
     planning: str = "hidden"
+    # cad's attention servers: resend (keep nothing received), keep, or auto -- keep where it fits
+    # at the checkpointing resend needs, else resend (.fit; parallel.cad_backward)
+    cad_backward: str = "auto"
 
     @property
     def dp(self) -> int:
@@ -85,6 +85,8 @@ class SimConfig:
             raise ValueError(f"--token-cap-factor must be >= 1 (a sequence must fit), got {self.token_cap_factor}")
         if self.planning not in PLANNING:
             raise ValueError(f"--planning {self.planning!r}: choose one of {', '.join(PLANNING)}")
+        if self.cad_backward not in (*CAD_BACKWARDS, "auto"):
+            raise ValueError(f"--cad-backward {self.cad_backward!r}: choose one of {', '.join(CAD_BACKWARDS)}, auto")
         if not 0 <= self.comm_slowdown < 10:
             raise ValueError(f"--comm-slowdown must be in [0, 10), got {self.comm_slowdown}")
 
@@ -141,6 +143,14 @@ def dry_schedule(name: str, docs, world: int, context: PlanContext | None = None
                     comm_dtype=comm_dtype, context=context, **options).schedule
 
 
+def backward_option(cfg: SimConfig, name: str) -> dict:
+    """Row ``name``'s planner option ``backward`` (cad's: ``cfg.cad_backward``, which :mod:`.fit`
+    resolves; ``auto`` unresolved plans as ``resend``), or none where its scheduler has no such choice."""
+    if "backward" not in spec(row_of(name).entry).option_names():
+        return {}
+    return {"backward": "resend" if cfg.cad_backward == "auto" else cfg.cad_backward}
+
+
 def job_facts(cfg: SimConfig, scheduler: str | None = None) -> JobFacts:
     """The simulated job in the facts the trainer's config states too (``RunConfig.job_facts``), with
     ``scheduler``'s plans (None: not chosen): FSDP over the ``dp x cp`` ranks of each TP rank (one rank:
@@ -150,7 +160,7 @@ def job_facts(cfg: SimConfig, scheduler: str | None = None) -> JobFacts:
     return JobFacts(cfg.model, cfg.dp, cfg.cp, scheduler, dtype="bf16" if cfg.elem_bytes == 2 else "fp32",
                     ulysses_degree=cfg.ulysses_degree, gpus_per_node=cfg.gpus_per_node, tp=cfg.tp,
                     peak_tflops=cfg.gpu.peak_tflops, wrapper="fsdp" if cfg.ranks > 1 else "single",
-                    pooled=pools and cfg.dp > 1)
+                    pooled=pools and cfg.dp > 1, cad_backward="resend" if cfg.cad_backward == "auto" else cfg.cad_backward)
 
 
 def plan_context(cfg: SimConfig, network=None) -> PlanContext:
@@ -209,5 +219,5 @@ def links_of(network, cfg: SimConfig) -> Links:
     return Links.of(network, cfg.gpus_per_node, cfg.tp)
 
 
-__all__ = ["SimConfig", "PLANNING", "with_planning", "default_cp", "nccl_size", "comm_time", "dry_schedule",
+__all__ = ["SimConfig", "PLANNING", "with_planning", "backward_option", "default_cp", "nccl_size", "comm_time", "dry_schedule",
            "job_facts", "plan_context", "nano_docs", "attention_kernel", "attn_shape", "Links", "links_of"]

@@ -3,10 +3,17 @@ backward -- not a fixed efficiency.
 
 A varlen kernel runs each segment (a document's rows on a rank, a CAD task, a whole document after
 Ulysses' head exchange) as its own tiles: short segments leave tiles part-empty and pay a fixed cost
-per call, so 2K-token documents run at a fraction of a 32K one's speed. :class:`AttentionKernel`
-answers ``tflops(direction, q_len)``; :meth:`AttentionKernel.rank_rates` turns a schedule's
-segments (:meth:`distattn.schedule.Schedule.kernel_segments`) into each rank's FLOP/s: its
-attention FLOPs over the seconds its segments take, each at its own length's speed.
+per row of tiles, so 2K-token documents run at a fraction of a 32K one's speed. :class:`AttentionKernel`
+answers ``tflops(direction, length)`` for a causal document of ``length`` tokens;
+:meth:`AttentionKernel.rank_rates` turns a schedule's segments
+(:meth:`distattn.schedule.Schedule.kernel_segments`) into each rank's FLOP/s: its attention FLOPs
+over the seconds its segments take, each at the speed of the causal document whose rows see as many
+keys on average (:func:`equivalent_length`: ``2 * pairs / query rows``). What a row of tiles costs
+beyond its work is spread over the keys it runs through, so a segment of few query rows against a
+long key prefix -- the last chunk of a long document on a ring rank, or a CAD task -- runs at the
+long document's speed, not at a short one's (until issue 65 the speed was read at the segment's
+query rows alone, which priced such segments as short documents: ``cad``'s step at 256 GPUs / 512K
+on ProLong came out ~30% slower than with a flat kernel, Ulysses' unchanged).
 
 Where the numbers come from (:meth:`AttentionKernel.measured`):
 
@@ -63,18 +70,21 @@ class AttentionKernel:
     def flat(fwd_tflops: float, bwd_tflops: float, source: str) -> "AttentionKernel":
         return AttentionKernel((float(REFERENCE_LEN),), (float(fwd_tflops),), (float(bwd_tflops),), source)
 
-    def tflops(self, direction: str, q_len) -> np.ndarray:
-        """TFLOP/s of a segment of ``q_len`` query rows (vectorised); ``direction``: forward|backward."""
+    def tflops(self, direction: str, length) -> np.ndarray:
+        """TFLOP/s on a causal document of ``length`` tokens (vectorised; a segment's:
+        :func:`equivalent_length`); ``direction``: forward|backward."""
         table = self.fwd_tflops if direction == "forward" else self.bwd_tflops
-        x = np.log(np.clip(np.asarray(q_len, dtype=np.float64), 1.0, None))
+        x = np.log(np.clip(np.asarray(length, dtype=np.float64), 1.0, None))
         return np.exp(np.interp(x, np.log(self.lengths), np.log(table)))
 
     def rank_rates(self, segments, ranks: int, direction: str, flops_per_pair: float) -> np.ndarray:
         """``[ranks]`` FLOP/s: each rank's attention FLOPs over the seconds its segments take, each at
-        its length's speed (``segments``: ``(rank, q_len, area)``); a rank with none gets the best."""
+        the speed of a causal document whose rows see as many keys on average (``segments``:
+        ``(rank, q_len, area)``; module docstring); a rank with none gets the best."""
         rank, q_len, area = (np.asarray(x) for x in segments)
         flops = area.astype(np.float64) * flops_per_pair
-        seconds = np.bincount(rank, flops / (self.tflops(direction, q_len) * 1e12), minlength=ranks)
+        seconds = np.bincount(rank, flops / (self.tflops(direction, equivalent_length(q_len, area)) * 1e12),
+                              minlength=ranks)
         total = np.bincount(rank, flops, minlength=ranks)
         best = max(self.fwd_tflops if direction == "forward" else self.bwd_tflops) * 1e12
         return np.where(seconds > 0, total / np.where(seconds > 0, seconds, 1.0), best)
@@ -104,6 +114,15 @@ class AttentionKernel:
         lengths, shape = latency_shape(latency_csv)
         return AttentionKernel(tuple(lengths), tuple(levels[0] * shape), tuple(levels[1] * shape),
                                f"{source}, shaped by {Path(latency_csv).name}")
+
+
+def equivalent_length(q_len, area) -> np.ndarray:
+    """The causal document length whose rows see, on average, as many keys as a segment's of ``q_len``
+    query rows and ``area`` visible pairs: ``2 * area / q_len`` (a causal document of ``L`` tokens has
+    ``L (L + 1) / 2`` pairs). A whole causal document is its own length; a few query rows against a
+    long key prefix (a ring's, or a CAD task at a long document's end) run as that prefix's document."""
+    q_len = np.asarray(q_len, dtype=np.float64)
+    return np.where(q_len > 0, 2.0 * np.asarray(area, dtype=np.float64) / np.maximum(q_len, 1.0), 1.0)
 
 
 def planner_efficiency(kernel: AttentionKernel, gpu: GPU) -> float:

@@ -14,7 +14,8 @@ import numpy as np
 from ..masks import mask_area
 from ..schedule import attention_program
 from ..schedulers import spec
-from .job import Links, SimConfig, attn_shape, comm_time, dry_schedule, nano_docs, plan_context
+from .job import (Links, SimConfig, attn_shape, backward_option, comm_time, dry_schedule, nano_docs,
+                  plan_context)
 from .kernel import AttentionKernel
 from .replay import TimedProgram
 from .step import Fsdp, MicroBatch
@@ -41,7 +42,7 @@ def _groups(cfg: SimConfig, name: str, docs_per_group: list, world: int, kernel:
     groups, slowest = [], 0.0
     for docs in docs_per_group:
         start = time.perf_counter()
-        schedule = dry_schedule(name, docs, world, context, comm_dtype=cfg.comm_dtype)
+        schedule = dry_schedule(name, docs, world, context, comm_dtype=cfg.comm_dtype, **backward_option(cfg, name))
         slowest = max(slowest, time.perf_counter() - start)
         rates = _rates(row_of(name), schedule, docs, kernel, world, 4.0 * shape.num_heads * shape.head_dim)
         groups.append(_Group(schedule.call_program(shape), rates, np.asarray(schedule.rank_tokens(), np.float64),
@@ -161,8 +162,7 @@ def fsdp_seconds(cfg: SimConfig, net) -> Fsdp | None:
     def each(op, params, nbytes):
         return np.full(n, float(net.time(op, n, params * nbytes)))
     return Fsdp(each("all_gather", m.block_params, gathered), each("reduce_scatter", m.block_params, reduced),
-                each("all_gather", m.root_params, gathered), each("reduce_scatter", m.root_params, reduced),
-                cfg.fsdp_per_piece)
+                each("all_gather", m.root_params, gathered), each("reduce_scatter", m.root_params, reduced))
 
 
 __all__ = ["micro_batch", "fsdp_seconds"]

@@ -172,7 +172,7 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
     micro = [micro_batch(at, name, [g[j] for g in groups], kernel, links)["micro"] for j in range(len(groups[0]))]
     n = at.ranks
     part = None if fsdp is None else Fsdp(fsdp.gather[:n], fsdp.reduce[:n], fsdp.root_gather[:n],
-                                          fsdp.root_reduce[:n], fsdp.per_piece)
+                                          fsdp.root_reduce[:n])
 
     def end(layers):
         run = replay(step_ops(micro, layers, at.activation_checkpointing, n, part), n, slowdown=cfg.comm_slowdown)

@@ -120,7 +120,8 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks) -> tuple[dict, obje
               "batch": len(chunks), "micro_batches": len(chunks) // cfg.dp, "model": m.name, "params": m.params,
               "packing": cfg.packing, "checkpointing": setting.checkpointing, "mlp_chunk": setting.mlp_chunk,
               "memory_gib": setting.memory_gib, "fits": setting.fits,
-              "memory_gb": setting.memory_gib, "fits_memory": setting.fits}   # (the names before issue 54)
+              "memory_gb": setting.memory_gib, "fits_memory": setting.fits,   # (the names before issue 54)
+              **({} if setting.cad_backward is None else {"cad_backward": setting.cad_backward})}
     if not setting.fits and cfg.activation_checkpointing is None:   # (a setting asked for is timed regardless)
         return dict(result, step_time_s=None), None
     cfg = fit.with_setting(cfg, setting)

@@ -11,16 +11,16 @@ Per micro-batch (one after another, gradients accumulated):
   ``selective`` first reruns each linear piece's forward (three times its forward); ``full`` and
   ``offload`` rerun each block's whole forward -- attention's transfers included, ping-pong inside
   the block -- right before its backward;
-* **FSDP** (``fsdp``): what FSDP2 issues, counted on gloo (``fully_shard`` per block with ``pre`` and
-  ``post`` registered as forward methods, as the trainer wraps it): a block called whole gathers its
-  parameters once per pass (forward; backward, its rerun included) and reduce-scatters its gradients
-  once; a block whose pieces are called apart -- nano-batches ping-ponged across layers -- gathers
-  them before *every* linear piece, both passes (two nano-batches: four gathers a pass, not one) and
-  reduce-scatters once per nano-batch. Each gather is prefetched while the piece before computes
-  (FSDP2 issues it from the CPU, which runs ahead of the GPU); reduce-scatters are issued after
-  their backward in the last micro-batch and waited for at the step's end; the root's parameters
-  (embedding, output layer) are gathered at the start and reduced at the end. These transfers span
-  every node, so they queue on the network card with the scheduler's inter-node transfers;
+* **FSDP** (``fsdp``): what FSDP2 issues, counted on gloo (``fully_shard`` per block, as the trainer
+  wraps it): each block's parameters are gathered once per pass (forward; backward, its rerun
+  included) before its first piece -- nano-batches' pieces called apart too: the trainer keeps the
+  block unsharded from its first piece to its last (:mod:`distattn.train.model.transformer`) -- and its
+  gradients reduce-scattered once, after its last piece's backward. Each gather is prefetched while
+  the piece before computes (FSDP2 issues it from the CPU, which runs ahead of the GPU);
+  reduce-scatters are issued after their backward in the last micro-batch and waited for at the
+  step's end; the root's parameters (embedding, output layer) are gathered at the start and reduced
+  at the end. These transfers span every node, so they queue on the network card with the
+  scheduler's inter-node transfers;
 * **tensor parallelism** (``tp``): Megatron's sequence-parallel all-gather before each linear piece
   and reduce-scatter after it (two per piece, forward and backward), on NVLink, waited for at once.
 
@@ -63,7 +63,6 @@ class Fsdp:
     reduce: np.ndarray
     root_gather: np.ndarray
     root_reduce: np.ndarray
-    per_piece: bool = True     # a block whose pieces are called apart is gathered per piece (module docstring)
 
 
 class _Gathers:
@@ -99,26 +98,21 @@ def step_ops(micro: list[MicroBatch], n_layers: int, checkpointing: str, ranks: 
     reduces = []
     for j, mb in enumerate(micro):
         order = layer_order(n_layers, len(mb.programs), across_layers=not whole_block)
-        # pieces called apart: FSDP2 gathers per piece
-        apart = not whole_block and len(mb.programs) > 1 and fsdp is not None and fsdp.per_piece
-        ops += _forward(j, mb, order, ranks, _Gathers(fsdp, (j, "agf"), _points(order, apart)))
+        ops += _forward(j, mb, order, ranks, _Gathers(fsdp, (j, "agf"), _points(order)))
         ops.append(Op(RUN, mb.head))
         reduce = fsdp if j == len(micro) - 1 else None
         if whole_block:
             ops += _backward_blocks(j, mb, order, n_layers, ranks, fsdp, reduce, reduces)
         else:
-            ops += _backward(j, mb, order, ranks, checkpointing, fsdp, reduce, apart, reduces)
+            ops += _backward(j, mb, order, ranks, checkpointing, fsdp, reduce, reduces)
     if fsdp is not None:
         ops += [Op(START, fsdp.root_reduce, ("root", "reduce"), span=ranks, link="nic")]
         ops += [Op(WAIT, np.zeros(ranks), key) for key in reduces + [("root", "reduce")]]
     return ops
 
 
-def _points(items, apart: bool) -> list[int]:
-    """Where a pass gathers a block: before every linear piece (``apart``), else before each block's
-    first piece."""
-    if apart:
-        return [i for i, item in enumerate(items) if item[0] in LINEAR]
+def _points(items) -> list[int]:
+    """Where a pass gathers a block: before its first piece."""
     first = {}
     for i, item in enumerate(items):
         first.setdefault(item[2], i)
@@ -161,17 +155,17 @@ def _reduce(key: tuple, fsdp: Fsdp, reduces: list) -> Op:
 
 
 def _backward(j: int, mb: MicroBatch, order, ranks: int, checkpointing: str, fsdp: Fsdp | None,
-              reduce: Fsdp | None, apart: bool, reduces: list) -> list[Op]:
+              reduce: Fsdp | None, reduces: list) -> list[Op]:
     """Each piece's backward in reverse order (``selective``: each linear piece rerun first); a
-    block's gradients reduced after its last piece (``apart``: after each nano-batch's ``pre``)."""
+    block's gradients reduced after its last piece."""
     times = 2.0 + RECOMPUTE[checkpointing]
     items = list(reversed(order))
-    gathers = _Gathers(fsdp, (j, "agb"), _points(items, apart))
+    gathers = _Gathers(fsdp, (j, "agb"), _points(items))
     last = {item[2]: i for i, item in enumerate(items)}
     ops = []
     for i, (piece, n, layer) in enumerate(items):
         ops += gathers.before(i) + _piece(mb, (piece, n, layer), ranks, "b", "backward", times, j)
-        if reduce is not None and ((apart and piece == "pre") or (not apart and last[layer] == i)):
+        if reduce is not None and last[layer] == i:
             ops.append(_reduce((j, "rs", layer, n), reduce, reduces))
     return ops
 

@@ -28,6 +28,8 @@ it ran), each the maximum over the ranks.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,9 +48,10 @@ from .data.global_batch import GlobalBatches, MicroBatch
 Parts = list[tuple[list[int], int, int]]   # nano-batches: (doc_lens, start, end) each
 
 
-def plan_options(cfg: RunConfig, peak_flops: float | None) -> dict:
+def plan_options(cfg: RunConfig, peak_flops: float | None, cad_backward: str | None = None) -> dict:
     """The options of every step's plans beyond the scheduler and backend (``peak_flops``: the
-    device's, MFU's denominator, None on CPU)."""
+    device's, MFU's denominator, None on CPU; ``cad_backward``: ``parallel.cad_backward`` resolved,
+    :func:`distattn.train.preflight.memory.cad_backward`)."""
     p, t = cfg.parallel, cfg.train
     # the job as `distattn simulate` describes it: each scheduler derives its options from it (usp
     # its degree, the mesh's "ulysses" axis; cad its cost model; a CPU run plans for an H100's peak)
@@ -59,6 +62,8 @@ def plan_options(cfg: RunConfig, peak_flops: float | None) -> dict:
         options["deterministic"] = True
     if p.comm_dtype is not None:
         options["comm_dtype"] = p.comm_dtype
+    if cad_backward is not None:
+        options["backward"] = cad_backward
     if p.pools_replicas:
         # the pool is every dp x cp rank: the world group, which exists already (the job has exactly
         # dp * cp ranks), so steps make no group; CAD's all-to-alls cross replicas
@@ -66,10 +71,32 @@ def plan_options(cfg: RunConfig, peak_flops: float | None) -> dict:
     return options
 
 
+def agreed_cad_backward(cfg: RunConfig, device: torch.device) -> str | None:
+    """``parallel.cad_backward`` as every rank runs it (:func:`distattn.train.preflight.memory.cad_backward`
+    against this rank's share of its device's memory: a GPU's, or this machine's over its local
+    ranks); under ``auto`` one MIN all-reduce makes it ``keep`` only where every rank's estimate fits
+    (the ranks must move the same rows). None where the scheduler has no such choice."""
+    from .preflight.memory import cad_backward, physical_memory_bytes
+
+    if device.type == "cuda":
+        limit = torch.cuda.get_device_properties(device).total_memory
+    else:
+        physical = physical_memory_bytes()
+        limit = None if physical is None else physical // int(os.environ.get("LOCAL_WORLD_SIZE", cfg.world_size))
+    mode = cad_backward(cfg, device.type, limit)
+    if mode is None or cfg.parallel.cad_backward != "auto":
+        return mode
+    mode = "keep" if all_ranks(mode == "keep", dist.group.WORLD, device) else "resend"
+    if dist.get_rank() == 0:
+        why = "its memory estimate fits" if mode == "keep" else "keeping what the workers receive would not fit"
+        logging.getLogger(__name__).info("parallel.cad_backward auto: %s (%s)", mode, why)
+    return mode
+
+
 def replica_nano_batches(replicas, count: int, weight: float) -> list[Parts]:
     """Every replica's nano-batches (:func:`distattn.pingpong.nano_batches`), by DP rank: ``count`` each
     if every replica's micro-batch has two documents or more, else one each -- the replicas must
-    cut alike (a pooled plan spans them; FSDP2 gathers a block's parameters once per piece), which
+    cut alike (a pooled plan spans them), which
     :func:`agreed_nano_batches` agrees on with an all-reduce and this knows locally."""
     can = count > 1 and all(len(lens) > 1 for lens in replicas)
     return [nano_batches(list(lens), count if can else 1, weight) for lens in replicas]

@@ -92,7 +92,8 @@ def wrap_model(model, cfg: RunConfig, mesh):
             else OffloadPolicy()
         for layer in model.layers:
             fully_shard(layer, mesh=flat, mp_policy=mp, offload_policy=offload)
-            # nano-batches call a block's pieces apart (Transformer.forward): each gathers its parameters
+            # nano-batches call a block's pieces apart (Transformer.forward): each a forward method, all
+            # of a block's sharing one gather (model.fsdp_once.GatherOnce)
             for method in Block.FORWARD_METHODS:
                 register_fsdp_forward_method(layer, method)
         return fully_shard(model, mesh=flat, mp_policy=mp, offload_policy=offload)

@@ -85,7 +85,7 @@ from .metrics import RunLog, check_progress, device_peak_flops, peak_memory_byte
     resolve_progress
 from .model.batch import LocalBatch
 from .model.transformer import Transformer
-from .plan_ahead import PlanAhead, StepPlanner, plan_options
+from .plan_ahead import PlanAhead, StepPlanner, agreed_cad_backward, plan_options
 from .ranks import StopSignal, join_group, wrap_model
 from .checkpoint.resume import resume_config, resume_from, run_info, schedule_steps
 
@@ -231,7 +231,8 @@ class Trainer:
         making each step's batch and plans (:mod:`.plan_ahead`: on its thread with ``parallel.plan_ahead``)."""
         cfg, p = self.config, self.config.parallel
         self.peak_flops = device_peak_flops(self.device, cfg.train.peak_tflops)
-        self.options = plan_options(cfg, self.peak_flops)
+        self.cad_backward = agreed_cad_backward(cfg, self.device)
+        self.options = plan_options(cfg, self.peak_flops, self.cad_backward)
         # from here the planner alone moves self.batches (maybe ahead, on its thread): a checkpoint
         # stores the data state right after the batch of the last step run, which its StepPlans carried
         self.data_state = self.batches.state()

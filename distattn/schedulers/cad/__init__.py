@@ -41,9 +41,9 @@ from .cast import Legs, Nodes, index_runs, key_legs, merge_intervals, query_legs
 from .ledger import LinkCost, RowBytes
 from .placement import place_tasks
 from .planner import Segments
-from .scheduler import (Hop, Pool, Route, TaskRoutes, TaskSchedule, Traffic, WorkerCall, build, derive,
+from .scheduler import (BACKWARDS, Hop, Pool, Route, TaskRoutes, TaskSchedule, Traffic, WorkerCall, build, derive,
                         planner_options)
 
-__all__ = ["Hop", "Legs", "LinkCost", "Nodes", "Pool", "Route", "RowBytes", "Segments", "TaskRoutes", "TaskSchedule",
+__all__ = ["BACKWARDS", "Hop", "Legs", "LinkCost", "Nodes", "Pool", "Route", "RowBytes", "Segments", "TaskRoutes", "TaskSchedule",
            "Traffic", "WorkerCall", "build", "derive", "index_runs", "key_legs", "merge_intervals", "place_tasks",
            "planner_options", "query_legs"]

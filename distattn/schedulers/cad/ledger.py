@@ -51,18 +51,21 @@ class LinkCost:
 class RowBytes:
     """Bytes one moved row costs over forward and backward."""
 
-    q: float       # Q and dout out, out back (as they travel), dQ back (input dtype), lse back (fp32)
-    kv: float      # K and V out (as they travel), dK and dV back (fp32)
+    q: float       # Q and out as they travel, dQ back (input dtype); keep: dout; resend: Q, out, dout, lse again
+    kv: float      # K and V out (as they travel), dK and dV back (fp32); resend: K and V again
 
     @staticmethod
     def of(num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128, dtype_bytes: int = 2,
-           comm_fp8: bool = False) -> "RowBytes":
+           comm_fp8: bool = False, resend: bool = True) -> "RowBytes":
         """``comm_fp8``: Q, K, V, out and dout travel as FP8 with a scale per token and head
-        (``comm_dtype="fp8"``: :mod:`distattn.wire`)."""
+        (``comm_dtype="fp8"``: :mod:`distattn.wire`). ``resend``: the backward sends the worker its
+        rows again (``TaskSchedule.backward``), else only dout."""
         acc = max(4, dtype_bytes)
         wire = Wire(comm_fp8).row_bytes((head_dim,), dtype_bytes)
-        return RowBytes(num_heads * (3 * wire + head_dim * dtype_bytes + acc),
-                        2 * num_kv_heads * (wire + head_dim * acc))
+        if resend:   # forward Q, out, lse back; backward Q, out, dout, lse; dQ back
+            return RowBytes(num_heads * (5 * wire + head_dim * dtype_bytes + 2 * acc),
+                            2 * num_kv_heads * (2 * wire + head_dim * acc))
+        return RowBytes(num_heads * (3 * wire + head_dim * dtype_bytes), 2 * num_kv_heads * (wire + head_dim * acc))
 
 
 class Ledger:

@@ -31,10 +31,12 @@ table planned once per batch:
 Execution, forward: one all-to-all sends every task's Q rows to the rank that
 computes it and, per destination, the union of the key rows its tasks need
 (each K/V row once per destination, however many tasks use it); the
-destination runs all its tasks in one varlen kernel call and keeps Q, K/V,
-out and lse; out returns by all-to-all. Backward sends only dout to the
-workers; dq/dk/dv are computed there and returned, and dK/dV of keys that
-went to several ranks are summed (fp32) by their owner.
+destination runs all its tasks in one varlen kernel call; out and lse return
+by all-to-all, and the worker keeps nothing (``backward="resend"``, the default,
+DistCA's): the backward sends it Q, out, dout, lse and K/V again. With
+``backward="keep"`` the worker keeps Q, K/V, out and lse instead and the
+backward sends only dout. dq/dk/dv are computed on the worker and returned,
+and dK/dV of keys that went to several ranks are summed (fp32) on the way.
 
 The schedule is the task table (:class:`TaskSchedule`); :meth:`TaskSchedule.routes`
 gives one slot's rows to send and receive and its kernel layout, which the
@@ -69,6 +71,10 @@ from .cast import Legs, Nodes, index_runs, key_legs, merge_intervals, query_legs
 from .ledger import LinkCost, RowBytes
 from .placement import place_tasks
 from .planner import Segments
+
+
+# what cad's attention servers keep for the backward (TaskSchedule.backward; distattn.plan(..., backward=...))
+BACKWARDS = ("resend", "keep")
 
 
 @dataclass(frozen=True)
@@ -209,7 +215,15 @@ class TaskSchedule(Schedule):
     slot_ranks: tuple[int, ...]                     # pool-group rank of each slot
     nodes: Nodes = field(repr=False)                # the node of each slot (routes: cast.py)
     fanout: int | None = None                       # child nodes per node of a K/V tree (None: tree_fanout)
-    keeps_local_out = False                         # the worker keeps its tasks' rows (saved_bytes)
+    # "resend": workers keep nothing received, the backward sends their rows again; "keep": they keep
+    # them (distattn.executors.task_a2a)
+    backward: str = "resend"
+
+    @property
+    def keeps_local_out(self) -> bool:
+        """``resend``: the owner keeps its own q, k, v, out and lse (out: the tensor wo reads);
+        ``keep``: the worker keeps its tasks' rows."""
+        return self.backward == "resend"
 
     @property
     def pool_size(self) -> int:
@@ -257,7 +271,7 @@ class TaskSchedule(Schedule):
         # what it costs over forward and backward, Llama-3 sizes): relays go where little moves
         node = self.nodes.dense
         far = node[q_legs.src] != node[q_legs.dst]
-        rows = RowBytes.of()
+        rows = RowBytes.of(resend=self.backward == "resend")
         load = np.bincount(np.concatenate([node[q_legs.src[far]], node[q_legs.dst[far]]]),
                            np.tile(q_legs.rows[far], 2), self.nodes.count) * (rows.q / rows.kv)
         return q_legs, key_legs(*union(s.k0, s.k1), slots, self.nodes, self.fanout, load)
@@ -276,67 +290,102 @@ class TaskSchedule(Schedule):
     def program(self, shape: AttnShape) -> Program:
         """:class:`~distattn.executors.task_a2a.TaskExecutor`'s stages. Forward: Q and K/V to the
         workers hop by hop (:mod:`~distattn.schedulers.cad.cast`; every later hop chained to the one
-        before when the first starts), attention, out back up the hops (lse stays with the worker);
-        backward: dout to the workers (they kept Q, K/V, out and lse), attention, dQ and fp32 dK/dV
-        back up the same hops (partials summed at every relay). Each all-to-all's bytes are split
-        into what stays inside a node and what crosses (step ``h - 1`` of a phase is hop ``h``)."""
+        before when the first starts), attention, out back up the hops (``resend``: and lse; ``keep``:
+        lse stays with the worker). Backward: dout to the workers (``keep``: they kept Q, K/V, out
+        and lse) or Q, out, dout and lse in one buffer and K/V again (``resend``), attention, dQ and
+        fp32 dK/dV back up the same hops (partials summed at every relay). Each all-to-all's bytes
+        are split into what stays inside a node and what crosses (step ``h - 1`` of a phase is hop
+        ``h``)."""
         p, tr = self.pool_size, self.traffic()
         hq, hkv = self.hops
+        resend = self.backward == "resend"
         q_b, q_w = shape.row_bytes(shape.num_heads), shape.wire_row(shape.num_heads)   # dQ's row; Q/out/dout's
         kv_w, dkv_b = 2 * shape.wire_row(shape.num_kv_heads), 2 * shape.row_bytes(shape.num_kv_heads, acc=True)
+        lse_b = shape.num_heads * shape.acc_bytes
         area = np.bincount(self.segments.rank, self.segments.area, minlength=p).astype(np.int64)
         flops = shape.flops(area)
         b = Builder()
-        q_in = b.phase(tr.phase("forward", "Q to workers", lambda hop: hop.q * q_w, False, hq))
-        kv_in = b.phase(tr.phase("forward", "K/V to workers", lambda hop: hop.kv * kv_w, False, hkv))
+
+        def rows_phase(direction, what, row_bytes, back=False, hops=hq):
+            return b.phase(tr.phase(direction, what, row_bytes, back, hops))
+        q_in = rows_phase("forward", "Q to workers", lambda hop: hop.q * q_w)
+        kv_in = rows_phase("forward", "K/V to workers", lambda hop: hop.kv * kv_w, hops=hkv)
         attn = b.phase(Phase.per_rank("forward", "attention", "attention", p, flops))
-        out = b.phase(tr.phase("forward", "out to owners", lambda hop: hop.q * q_w, True, hq))
-        dout = b.phase(tr.phase("backward", "dout to workers", lambda hop: hop.q * q_w, False, hq))
+        out = rows_phase("forward", "out to owners", lambda hop: hop.q * q_w, True)
+        lse = rows_phase("forward", "lse to owners", lambda hop: hop.q * lse_b, True) if resend else None
+        if resend:
+            rows = rows_phase("backward", "Q, out, dout, lse to workers", lambda hop: hop.q * (3 * q_w + lse_b))
+            kv_again = rows_phase("backward", "K/V to workers", lambda hop: hop.kv * kv_w, hops=hkv)
+        else:
+            rows, kv_again = rows_phase("backward", "dout to workers", lambda hop: hop.q * q_w), None
         b_attn = b.phase(Phase.per_rank("backward", "attention", "attention", p, flops * 2.5))
-        dq = b.phase(tr.phase("backward", "dQ to owners", lambda hop: hop.q * q_b, True, hq))
-        dkv = b.phase(tr.phase("backward", "dK/dV to owners", lambda hop: hop.kv * dkv_b, True, hkv))
+        dq = rows_phase("backward", "dQ to owners", lambda hop: hop.q * q_b, True)
+        dkv = rows_phase("backward", "dK/dV to owners", lambda hop: hop.kv * dkv_b, True, hkv)
 
-        def hops_out(stage, phase, hops):      # Cast.advance: each later hop once the one before is in
-            for h in range(1, hops):
-                b.chain(stage, phase, h, after=h - 1)
+        def to_workers(stage, *phases):        # first hops, then Cast.advance: each later hop once the one before is in
+            for phase, hops in phases:
+                b.start(stage, phase)
+            for phase, hops in phases:
+                for h in range(1, hops):
+                    b.chain(stage, phase, h, after=h - 1)
 
-        def hops_back(stage, phase, hops):     # Cast.back_advance: the partials up the hops, summed on the way
-            for h in range(hops - 1, 0, -1):
-                b.chain(stage, phase, h - 1, after=h)
-        b.start("dispatch", q_in)
-        b.start("dispatch", kv_in)
-        hops_out("dispatch", q_in, hq)
-        hops_out("dispatch", kv_in, hkv)
+        def back(stage, *phases):              # last hops, then Cast.back_advance: up the hops, summed on the way
+            for phase, hops in phases:
+                b.start(stage, phase, hops - 1)
+            for phase, hops in phases:
+                for h in range(hops - 1, 0, -1):
+                    b.chain(stage, phase, h - 1, after=h)
+        to_workers("dispatch", (q_in, hq), (kv_in, hkv))
         b.wait("compute", q_in, hq - 1)
         b.wait("compute", kv_in, hkv - 1)
         b.run("compute", attn)
-        b.start("compute", out, hq - 1)
-        hops_back("compute", out, hq)
-        b.wait("finish", out, 0)
-        b.start("start_backward", dout)
-        hops_out("start_backward", dout, hq)
-        b.wait("compute_backward", dout, hq - 1)
+        back("compute", *[(phase, hq) for phase in (out, lse)[:1 + resend]])
+        for phase in (out, lse)[:1 + resend]:
+            b.wait("finish", phase, 0)
+        to_workers("start_backward", (rows, hq), *([(kv_again, hkv)] if resend else []))
+        b.wait("compute_backward", rows, hq - 1)
+        if resend:
+            b.wait("compute_backward", kv_again, hkv - 1)
         b.run("compute_backward", b_attn)
-        b.start("compute_backward", dq, hq - 1)
-        b.start("compute_backward", dkv, hkv - 1)
-        hops_back("compute_backward", dq, hq)
-        hops_back("compute_backward", dkv, hkv)
+        back("compute_backward", (dq, hq), (dkv, hkv))
         b.wait("finish_backward", dq, 0)
         b.wait("finish_backward", dkv, 0)
         return b.build()
 
+    def _received_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per slot, the Q rows and K/V rows it receives over every hop (a relay's forwarded ones included)."""
+        p = self.pool_size
+        return tuple(sum(np.bincount(hop.dst, getattr(hop, kind), minlength=p) for hop in self.traffic().hops)
+                     for kind in ("q", "kv"))
+
     def saved_bytes(self, shape: AttnShape) -> np.ndarray:
-        """The worker's buffers (:meth:`buffer_bytes`): what it keeps for backward is its tasks' rows."""
-        return self.buffer_bytes(shape)
+        """From forward to backward: ``resend``, the slot's own q, k, v, out and lse (as the ring
+        schedulers); ``keep``, the worker's received task rows -- Q, out, lse and the K/V union (a
+        relay's forwarded rows included)."""
+        if self.backward == "resend":
+            return super().saved_bytes(shape)
+        q_rows, kv_rows = self._received_rows()
+        return q_rows * (2 * shape.row_bytes(shape.num_heads) + shape.num_heads * shape.acc_bytes) + \
+            kv_rows * shape.kv_row
 
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:
-        """What a worker keeps from forward to backward: its tasks' Q, out, lse, the K and V it
-        received (rows a relay forwards included), and the dout that arrives in backward."""
-        p = self.pool_size
-        q_rows, kv_rows = (sum(np.bincount(hop.dst, getattr(hop, kind), minlength=p) for hop in self.traffic().hops)
-                           for kind in ("q", "kv"))
-        lse_b = shape.num_heads * shape.acc_bytes
-        return q_rows * (3 * shape.row_bytes(shape.num_heads) + lse_b) + kv_rows * shape.kv_row
+        """What a worker receives for its backward, at the backward's peak: dout (``keep``), or Q, out,
+        dout, lse and the K/V union (``resend``); and the slot's results on their way back, dQ and
+        fp32 dK/dV of every row it received (:meth:`grad_bytes` counts its accumulators)."""
+        q_rows, kv_rows = self._received_rows()
+        q_row, lse_b = shape.row_bytes(shape.num_heads), shape.num_heads * shape.acc_bytes
+        received = q_rows * (3 * q_row + lse_b) + kv_rows * shape.kv_row if self.backward == "resend" \
+            else q_rows * q_row
+        return received + q_rows * q_row + kv_rows * 2 * shape.row_bytes(shape.num_kv_heads, acc=True)
+
+    def grad_bytes(self, shape: AttnShape) -> np.ndarray:
+        """The worker's fp32 dQ and dK/dV accumulators over the rows it computes on, and the owner's
+        dQ, dK, dV of its own tokens."""
+        q_rows, kv_rows = self._received_rows()
+        acc = q_rows * shape.row_bytes(shape.num_heads, acc=True) + kv_rows * 2 * shape.row_bytes(
+            shape.num_kv_heads, acc=True)
+        own = np.asarray(self.rank_tokens(), dtype=np.int64) * shape.row_bytes(shape.num_heads + 2 * shape.num_kv_heads)
+        return acc + own
 
     def routes(self, slot: int) -> TaskRoutes:
         """What ``slot`` sends where and receives from whom, and its kernel calls (key rows indexed
@@ -393,7 +442,7 @@ def derive(world_size: int, context, options: dict, two_d: bool = False) -> dict
 
 def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, pool: Pool | None = None,
           epsilon: float = 0.04, cost=None, network=None, overlap_s: float | None = None,
-          comm_dtype: str | None = None) -> TaskSchedule:
+          comm_dtype: str | None = None, backward: str = "resend") -> TaskSchedule:
     """``shards``: the tokens each rank of the CP group holds. ``pool``: the pool's token space (:func:`distattn.executors.task_a2a.gather_pool` makes it from
     a process group when ``distattn.plan`` is given ``pool=group``). ``cost``: the attention cost
     model (:mod:`distattn.cost`, default :class:`~distattn.cost.Roofline`; a roofline's head shape
@@ -404,7 +453,13 @@ def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, po
     given, a move is made only if it saves more attention time than the communication it adds
     beyond what that and the rank's attention hide. None (default): moves balance FLOPs within
     the byte caps, whatever their communication costs. ``comm_dtype``: how rows travel
-    (``distattn.plan``'s; ``"fp8"`` prices moved rows at their FP8 bytes)."""
+    (``distattn.plan``'s; ``"fp8"`` prices moved rows at their FP8 bytes). ``backward``: ``"resend"``
+    (default, DistCA's): the workers keep nothing they received and the backward sends them their rows
+    again; ``"keep"``: they keep them for the backward, which then sends only dout -- less traffic,
+    the busiest worker's received rows in memory (:mod:`distattn.executors.task_a2a`)."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {', '.join(map(repr, BACKWARDS))} (what cad's attention servers "
+                         f"keep for the backward), got {backward!r}")
     if not isinstance(epsilon, (int, float)) or not 0 <= epsilon < 1:
         raise ValueError(f"epsilon must be in [0, 1) (allowed load above/below the mean), got {epsilon!r}")
     if network is not None and not isinstance(network, NetworkProfile):
@@ -421,10 +476,12 @@ def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, po
     links = LinkCost.of(network, pool.slots.world_size)
     nodes = Nodes(np.asarray(pool.global_ranks, dtype=np.int64) // links.gpus_per_node)
     fp8 = comm_dtype == "fp8"
-    rows = RowBytes.of(cost.num_heads, cost.num_kv_heads, cost.head_dim, cost.dtype_bytes, fp8) \
-        if isinstance(cost, Roofline) else RowBytes.of(comm_fp8=fp8)
+    resend = backward == "resend"
+    rows = RowBytes.of(cost.num_heads, cost.num_kv_heads, cost.head_dim, cost.dtype_bytes, fp8, resend) \
+        if isinstance(cost, Roofline) else RowBytes.of(comm_fp8=fp8, resend=resend)
     segments = place_tasks(mask, pool.slots, cost, epsilon, links=links, rows=rows, overlap_s=overlap_s,
                            nodes=nodes)
     return TaskSchedule(scheduler="cad", doc_lens=doc_lens, causal=causal, window=window,
                         world_size=mesh.world_size, mask=mask, shards=shards,
-                        segments=segments, slots=pool.slots, slot_ranks=pool.slot_ranks, nodes=nodes)
+                        segments=segments, slots=pool.slots, slot_ranks=pool.slot_ranks, nodes=nodes,
+                        backward=backward)

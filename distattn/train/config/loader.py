@@ -6,7 +6,8 @@ A config has four sections::
                attention_sinks, softcap}
     data:     {source: stdlib | tokens | megatron | hf | blend, path, tokenizer, blend, seq_len, seed,
                packing: stream | balanced, token_cap, verify, on_bad_document: fail | skip}
-    parallel: {dp, cp, scheduler, ulysses_degree, head_groups, cad_pool, nano_batches, plan_ahead,
+    parallel: {dp, cp, scheduler, ulysses_degree, head_groups, cad_pool, nano_batches,
+               cad_backward: resend | keep | auto, plan_ahead,
                dp_mode: ddp | fsdp, cpu_offload, backend, comm_dtype: fp8, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
                dtype: fp32 | bf16, activation_checkpointing: none | full | selective | offload,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ...memory_model import CHECKPOINTING, JobFacts
+from ...memory_model import CAD_BACKWARDS, CHECKPOINTING, JobFacts
 from ...model_shape import ModelShape
 from ...schedulers import PlanContext
 
@@ -123,6 +123,12 @@ class ParallelConfig:
     # the blocks so that one's attention transfers hide behind the other's compute (DistCA's
     # ping-pong: distattn/pingpong.py); unset: the scheduler's default (2 for cad, 1 otherwise)
     nano_batches: int | None = None
+    # For scheduler: cad, what its attention servers keep for the backward: resend (DistCA's: nothing
+    # they received; the backward sends them Q, K/V, out, lse and dout again -- a rank keeps what a
+    # ring scheduler keeps), keep (what they received: the backward sends only dout, the busiest
+    # worker holds several ranks' rows), or auto: keep where its memory estimate fits the device at
+    # train.activation_checkpointing, else resend (distattn/executors/task_a2a.py)
+    cad_backward: str = "auto"
     # make each step's batch, nano-batches and attention plans on a background thread while the step
     # before runs (cad's placement: up to seconds a step at scale), so the step finds them ready; the
     # same plans and losses as false, which makes them inside the step (distattn/train/plan_ahead.py)
@@ -240,17 +246,19 @@ class RunConfig:
             return "fsdp"
         return "single" if self.world_size == 1 else self.parallel.dp_mode
 
-    def job_facts(self, peak_tflops: float | None = None) -> JobFacts:
+    def job_facts(self, peak_tflops: float | None = None, cad_backward: str | None = None) -> JobFacts:
         """The job in the facts the simulator states too (:class:`~distattn.memory_model.JobFacts`), from
         which its plan context and its memory estimate's job follow; ``peak_tflops``: the GPU's (None: an
-        H100's). No ``gpus_per_node``: the config does not say, and usp's default degree stays uncapped
-        by a node, as the trainer has always planned it."""
+        H100's); ``cad_backward``: ``parallel.cad_backward`` resolved (None: as set, ``auto`` counted as
+        ``resend``, the smaller). No ``gpus_per_node``: the config does not say, and usp's default degree
+        stays uncapped by a node, as the trainer has always planned it."""
         m, p, t = self.model, self.parallel, self.train
+        backward = cad_backward or (p.cad_backward if p.cad_backward != AUTO else "resend")
         return JobFacts(m.shape, p.dp, p.fixed_cp, p.fixed_scheduler, dtype=t.dtype, ulysses_degree=p.ulysses_degree,
                         head_groups=p.head_groups, peak_tflops=peak_tflops, wrapper=self.wrapper,
                         cpu_offload=p.cpu_offload, pooled=p.pools_replicas,
                         activation_checkpointing=t.activation_checkpointing, loss_chunk=t.loss_chunk,
-                        mlp_chunk=t.mlp_chunk)
+                        mlp_chunk=t.mlp_chunk, cad_backward=backward)
 
     def plan_context(self, peak_tflops: float | None = None) -> PlanContext:
         """The job as the planners see it: each scheduler derives its options from it

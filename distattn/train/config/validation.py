@@ -8,7 +8,7 @@ import math
 import typing
 
 from ...schedulers import LOCAL, NAMES, spec
-from .sections import AUTO, CHECKPOINTING, DTYPES, ON_BAD_DOCUMENT, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainSection
+from .sections import AUTO, CAD_BACKWARDS, CHECKPOINTING, DTYPES, ON_BAD_DOCUMENT, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainSection
 
 # upper bounds of floats, past which a value is a typo rather than a setting: (key, most, why)
 CEILINGS = (("parallel.timeout_s", 7 * 86400.0, "a week; a collective that waits longer has failed"),
@@ -220,6 +220,9 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> None:
         if p.backend not in available_backends():
             raise ValueError(f"parallel.backend {p.backend!r} is unknown; choose auto (triton on CUDA, torch on "
                              f"CPU) or one of {', '.join(available_backends())}")
+    if p.cad_backward not in (*CAD_BACKWARDS, AUTO):
+        raise ValueError(f"parallel.cad_backward must be resend, keep or auto (what cad's attention servers keep for "
+                         f"the backward), got {p.cad_backward!r}")
     if p.dp_mode not in ("ddp", "fsdp"):
         raise ValueError(f"parallel.dp_mode must be 'ddp' or 'fsdp', got {p.dp_mode!r}")
     if p.cpu_offload and p.dp_mode != "fsdp":

@@ -32,7 +32,9 @@ of several): the local tokens of each nano-batch run through the blocks' pieces 
 :func:`distattn.program.layer_order` (:func:`distattn.pingpong.run_layers`), so that one nano-batch's
 attention transfers hide behind the other's compute. ``selective`` checkpoints each piece; ``full`` and
 ``offload`` rerun a block whole in backward, so there each block runs both nano-batches, interleaved
-inside it, under one checkpoint (keeping the block's inputs only, as without nano-batches).
+inside it, under one checkpoint (keeping the block's inputs only, as without nano-batches). Under FSDP2
+a block's pieces share one all-gather a pass and one reduce-scatter, as without nano-batches
+(:class:`GatherOnce`).
 
 Precision: RMSNorm and the loss's softmax run in fp32 whatever the compute
 dtype; attention runs with autocast off (its kernels accumulate in fp32 and
@@ -54,6 +56,7 @@ from ...pingpong import run_layers
 from ...program import layer_order
 from ..config import ModelConfig
 from .batch import LocalBatch
+from .fsdp_once import GatherOnce
 from .loss import chunked_cross_entropy
 from .offload import Offload
 from .tiled import swiglu
@@ -126,8 +129,8 @@ class Compiled:
 
 
 class Block(nn.Module):
-    # what nano-batches call apart from ``forward``: under FSDP2 each must gather the parameters itself
-    # (``register_fsdp_forward_method``)
+    # what nano-batches call apart from ``forward``: under FSDP2 each must be a forward method
+    # (``register_fsdp_forward_method``), whose hooks gather the parameters and reduce the gradients
     FORWARD_METHODS = ("pre", "post", "interleaved")
 
     def __init__(self, cfg: ModelConfig):
@@ -218,7 +221,8 @@ class Block(nn.Module):
         return self._run("out_and_mlp")(x, a, mlp_chunk)
 
     # the pieces around attention when nano-batches interleave across blocks (distattn.pingpong): under
-    # FSDP2 each is a forward method of its own (the trainer registers them), which gathers the parameters
+    # FSDP2 each is a forward method of its own (the trainer registers them), all of a block's sharing one
+    # gather (GatherOnce)
     def pre(self, x, pos, checkpointing: str = "none"):
         """``_pre`` and the attention's keyword arguments: the sinks a copy, made while FSDP2 has
         gathered them (their gradient flows back through the copy)."""
@@ -232,21 +236,32 @@ class Block(nn.Module):
 class Pieces:
     """A :class:`Block` as :func:`distattn.pingpong.run_layers` runs it: nano-batch ``n`` at positions
     ``pos[n]``. ``direct``: inside the block's own forward (its parameters already gathered), the
-    pieces themselves; else its ``pre``/``post`` forward methods."""
+    pieces themselves; else its ``pre``/``post`` forward methods (``once``: under FSDP2, told of each:
+    :class:`GatherOnce`)."""
 
-    def __init__(self, block: Block, pos, checkpointing: str, mlp_chunk: int, direct: bool = False):
+    def __init__(self, block: Block, pos, checkpointing: str, mlp_chunk: int, direct: bool = False,
+                 once: GatherOnce | None = None):
         self.block, self.pos, self.checkpointing = block, pos, checkpointing
-        self.mlp_chunk, self.direct = mlp_chunk, direct
+        self.mlp_chunk, self.direct, self.once = mlp_chunk, direct, once
 
     def pre(self, x, n):
         if self.direct:
             block = self.block
             args = {"sinks": block.sinks, "softcap": block.cfg.softcap}
             return (*block._pre(x, self.pos[n], self.checkpointing), args)
-        return self.block.pre(x, self.pos[n], self.checkpointing)
+        if self.once is None:
+            return self.block.pre(x, self.pos[n], self.checkpointing)
+        out = self.block.pre(self.once.first(x), self.pos[n], self.checkpointing)
+        self.once.ran()
+        return out
 
     def post(self, x, a, n):
-        return (self.block._post if self.direct else self.block.post)(x, a, self.checkpointing, self.mlp_chunk)
+        if self.direct:
+            return self.block._post(x, a, self.checkpointing, self.mlp_chunk)
+        x = self.block.post(x, a, self.checkpointing, self.mlp_chunk)
+        if self.once is not None:
+            self.once.ran()
+        return x
 
 
 class Transformer(nn.Module):
@@ -257,6 +272,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.gathers: list[GatherOnce | None] = []   # FSDP2: the last nano-batch forward's, a block each
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -281,8 +297,21 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 xs = layer.interleaved(xs, batch.pos, batch.plans, checkpointing, mlp_chunk, offload)
             return list(xs)
-        return run_layers([Pieces(layer, batch.pos, checkpointing, mlp_chunk) for layer in self.layers], xs,
-                          batch.plans)
+        from torch.distributed.fsdp import FSDPModule
+
+        # FSDP2: each block gathered once for its pieces (a pre and a post per nano-batch)
+        self.gathers = [GatherOnce(layer, 2 * len(xs)) if isinstance(layer, FSDPModule) else None
+                        for layer in self.layers]
+        return run_layers([Pieces(layer, batch.pos, checkpointing, mlp_chunk, once=once)
+                           for layer, once in zip(self.layers, self.gathers)], xs, batch.plans)
+
+    def _restore_fsdp_settings(self) -> None:
+        """Every block's FSDP2 settings back to its own (:class:`GatherOnce`), where the last nano-batch
+        forward's backward has not (none ran, or an error stopped it or the forward)."""
+        for once in self.gathers:
+            if once is not None:
+                once.restore()
+        self.gathers = []
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -297,6 +326,7 @@ class Transformer(nn.Module):
         full logits never exist (``compute_dtype``: the projection's dtype). ``mlp_chunk`` > 0: each
         MLP runs that many tokens at a time (:mod:`.tiled`). Several nano-batches run interleaved
         (module docstring)."""
+        self._restore_fsdp_settings()
         offload = Offload(batch.tokens[0].device) if checkpointing == "offload" else None   # one prefetch chain
         xs = [self.embed(tokens) for tokens in batch.tokens]
         if len(batch) > 1:

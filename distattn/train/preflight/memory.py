@@ -14,21 +14,41 @@ from ... import memory_model
 from ...memory_model import CPU_ALLOCATOR_OVERHEAD, CPU_RUNTIME_BYTES, GIB, AttentionMemory, Estimate, Job
 from ..config import CHECKPOINTING, RunConfig
 
-__all__ = ["job", "estimate", "attention_bytes", "alternatives", "report", "format_table", "fits_in", "local_device",
+__all__ = ["job", "cad_backward", "estimate", "attention_bytes", "alternatives", "report", "format_table", "fits_in", "local_device",
            "physical_memory_bytes", "GIB", "CPU_RUNTIME_BYTES", "LABELS"]
 
 
-def job(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> Job:
+def job(cfg: RunConfig, device: str = "cuda", doc_lens=None, cad_backward: str | None = None) -> Job:
     """The job ``cfg`` trains on ``device`` (``"cuda"`` or ``"cpu"``), one sequence packed as ``doc_lens``
     (of ``data.seq_len`` tokens; default: one document of the longest sequence a rank may get,
-    :attr:`~.sections.RunConfig.rank_tokens`: ``data.token_cap``'s under balanced packing)."""
-    return cfg.job_facts().job(cfg.rank_tokens if doc_lens is None else cfg.data.seq_len, doc_lens, device)
+    :attr:`~.sections.RunConfig.rank_tokens`: ``data.token_cap``'s under balanced packing);
+    ``cad_backward``: ``parallel.cad_backward`` resolved (None: :meth:`RunConfig.job_facts`' rule)."""
+    return cfg.job_facts(cad_backward=cad_backward).job(cfg.rank_tokens if doc_lens is None else cfg.data.seq_len,
+                                                        doc_lens, device)
 
 
-def estimate(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> Estimate:
+def cad_backward(cfg: RunConfig, device: str, limit_bytes: int | None) -> str | None:
+    """``parallel.cad_backward`` as a run of ``cfg`` on ``device`` uses it: as set, or ``auto``:
+    ``keep`` where its estimate fits ``limit_bytes`` per rank at ``train.activation_checkpointing``, else
+    ``resend`` (:func:`distattn.memory_model.cad_backward_for`; ``limit_bytes`` None: not known, resend).
+    None where the scheduler has no such choice (not cad, or one rank: local attention)."""
+    from ...schedulers import spec
+
+    p = cfg.parallel
+    if cfg.world_size == 1 or "backward" not in spec(p.fixed_scheduler).option_names():
+        return None
+    if p.cad_backward != "auto":
+        return p.cad_backward
+    if limit_bytes is None:
+        return "resend"
+    return memory_model.cad_backward_for(job(cfg, device, cad_backward="resend"), limit_bytes)
+
+
+def estimate(cfg: RunConfig, device: str = "cuda", doc_lens=None, cad_backward: str | None = None) -> Estimate:
     """One rank's peak memory training ``cfg`` on ``device`` (``"cuda"`` or ``"cpu"``: only the runtime
-    and the allocator differ), the sequence packed as ``doc_lens`` (default: one document)."""
-    return memory_model.estimate(job(cfg, device, doc_lens))
+    and the allocator differ), the sequence packed as ``doc_lens`` (default: one document);
+    ``cad_backward`` as :func:`job`'s."""
+    return memory_model.estimate(job(cfg, device, doc_lens, cad_backward))
 
 
 def attention_bytes(cfg: RunConfig, doc_lens=None) -> AttentionMemory:
@@ -43,9 +63,10 @@ def _states(cfg: RunConfig) -> tuple[int, int, int, int]:
     return memory_model.model_states(job(cfg))
 
 
-def alternatives(cfg: RunConfig, device: str = "cuda", doc_lens=None) -> dict[str, Estimate]:
+def alternatives(cfg: RunConfig, device: str = "cuda", doc_lens=None,
+                 cad_backward: str | None = None) -> dict[str, Estimate]:
     """The estimate under every ``activation_checkpointing`` setting (same dtype and parallelism)."""
-    return {mode: estimate(cfg.replace(train={"activation_checkpointing": mode}), device, doc_lens)
+    return {mode: estimate(cfg.replace(train={"activation_checkpointing": mode}), device, doc_lens, cad_backward)
             for mode in CHECKPOINTING}
 
 
@@ -108,11 +129,15 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
     if gpu_memory_bytes <= 0:
         raise ValueError(f"gpu_memory_bytes must be > 0, got {gpu_memory_bytes}")
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    est = estimate(cfg, device)
+    rank_limit = gpu_memory_bytes if device == "cuda" else None if physical is None else physical // cfg.world_size
+    backward = cad_backward(cfg, device, rank_limit)
+    est = estimate(cfg, device, cad_backward=backward)
     hd = m.dim // m.n_heads
     embed = m.vocab_size * m.dim
     ties = "tied embedding" if m.tie_embeddings else f"untied embeddings: 2 x {embed / 1e6:,.1f} M"
     pooled = f" (pooled over {cfg.world_size} ranks)" if p.pools_replicas else ""
+    if backward is not None:
+        pooled += f", backward {backward}" + (" (cad_backward: auto)" if p.cad_backward == "auto" else "")
     count = f"{est.params / 1e9:,.2f} B" if est.params >= 1e9 else f"{est.params / 1e6:,.2f} M"
     lines = [f"model: {count} parameters ({ties}), {m.n_layers} layers, dim {m.dim}, "
              f"heads {m.n_heads}/{m.n_kv_heads} x {hd}, ffn {m.ffn_dim}, vocab {m.vocab_size:,}",
@@ -144,7 +169,7 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
     lines.append(f"{'fits' if fits else 'does NOT fit'}: {need / GIB:,.2f} GiB "
                  f"{'per GPU' if device == 'cuda' else f'for {cfg.world_size} ranks'} of {where}")
     lines.append(f"activation checkpointing settings (total per {'GPU' if device == 'cuda' else 'rank'}):")
-    for mode, alt in alternatives(cfg, device).items():
+    for mode, alt in alternatives(cfg, device, cad_backward=backward).items():
         mark = "  <- this config" if mode == t.activation_checkpointing else ""
         host = f" (+ {alt.host / GIB:,.2f} GiB host)" if alt.host and device == "cuda" else ""
         fit = "fits" if fits_in(cfg, alt, limit) else "does not fit"
