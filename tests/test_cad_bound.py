@@ -43,8 +43,10 @@ def test_the_bound_never_exceeds_the_cheapest_export(b_q, b_k):
 
 def test_obvious_cases_and_monotone():
     node, p0, p1 = np.array([0, 0, 1]), np.array([0, 0, 100]), np.array([1000, 300, 900])
+    assert row_costs(AttnShape(32, 8, 128, 2), resend=False) == (32 * 1024, 12 * 1024)
+    # resend (the default): Q and out again, and lse (fp32) back and again; K/V again
     b_q, b_k = row_costs(AttnShape(32, 8, 128, 2))
-    assert (b_q, b_k) == (32 * 1024, 12 * 1024)
+    assert (b_q, b_k) == (48 * 1024 + 32 * 8, 16 * 1024)
     assert (export_bytes(node, p0, p1, [0, 0], b_q, b_k) == 0).all()
     steps = np.linspace(0, run_pairs(0, 1000), 30)
     bounds = [export_bytes(node, p0, p1, [e, 0], b_q, b_k)[0] for e in steps]

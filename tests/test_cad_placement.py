@@ -39,8 +39,11 @@ def test_link_cost_and_row_bytes():
     links = LinkCost.of(default_profile(), 64)
     assert links.gpus_per_node == 8 and links.inter_s_per_byte > 4 * links.intra_s_per_byte
     assert LinkCost.of(default_profile(), 8).intra_s_per_byte == links.intra_s_per_byte
-    rows = RowBytes.of(32, 8, 128, 2)   # Q, dout out and out, dQ back (bf16), lse (fp32); K/V bf16 out, fp32 back
-    assert rows.q == 4 * 32 * 128 * 2 + 32 * 4 and rows.kv == 2 * 8 * 128 * (2 + 4)
+    keep = RowBytes.of(32, 8, 128, 2, resend=False)   # Q, dout out and out, dQ back (bf16); K/V bf16 out, fp32 back
+    assert keep.q == 4 * 32 * 128 * 2 and keep.kv == 2 * 8 * 128 * (2 + 4)
+    # resend (the default): Q, out, dout again and lse back and out again (fp32); K/V again
+    rows = RowBytes.of(32, 8, 128, 2)
+    assert rows.q == 6 * 32 * 128 * 2 + 2 * 32 * 4 and rows.kv == 2 * 8 * 128 * (2 * 2 + 4)
 
 
 @pytest.mark.parametrize("ranks", [16, 64])
@@ -114,16 +117,22 @@ def test_phases_split_intra_and_inter_node_bytes_and_the_simulator_waits_for_the
         for n, sent in ((ranks, ph.inter), (8, ph.intra)):   # each link's bytes; the latency of the rank's peers
             bandwidth = net.time("all_to_all", n, sent * n / (n - 1)) - net.fit("all_to_all", n).alpha_us * 1e-6
             assert (t[moving] >= bandwidth[moving] - 1e-12).all()
-    names = [ph.what for ph in schedule.phases(SHAPE) if ph.is_comm]
     q_hops, kv_hops = schedule.hops   # 4 nodes: K/V down trees, Q in shares over the slots of both nodes
     assert q_hops == 3 and kv_hops >= 3
-    # one phase per kind of rows, hop h its step h - 1
-    assert names == ["Q to workers", "K/V to workers", "out to owners", "dout to workers", "dQ to owners",
-                     "dK/dV to owners"]
-    assert [int(ph.steps.max()) + 1 for ph in schedule.phases(SHAPE) if ph.is_comm] == \
-        [q_hops, kv_hops, q_hops, q_hops, q_hops, kv_hops]
-    one_node = distattn.plan(_docs(8), 8, scheduler="cad").schedule
-    assert [int(ph.steps.max()) for ph in one_node.phases(SHAPE) if ph.is_comm] == [0] * 6
+    # one phase per kind of rows, hop h its step h - 1: resend (the default) sends lse back with out
+    # and the workers' rows again in the backward; keep only dout
+    q, kv = ("Q", q_hops), ("K/V", kv_hops)
+    want = {"resend": [q, kv, ("out", q_hops), ("lse", q_hops), ("Q, out, dout, lse", q_hops), kv],
+            "keep": [q, kv, ("out", q_hops), ("dout", q_hops)]}
+    for backward, phases in want.items():
+        got = distattn.plan(_docs(ranks), ranks, scheduler="cad", backward=backward).schedule
+        assert got.hops == schedule.hops
+        phases = phases + [("dQ", q_hops), ("dK/dV", kv_hops)]
+        assert [(ph.what, int(ph.steps.max()) + 1) for ph in got.phases(SHAPE) if ph.is_comm] == \
+            [(f"{rows} to {'workers' if i < len(phases) - 2 and rows not in ('out', 'lse') else 'owners'}", hops)
+             for i, (rows, hops) in enumerate(phases)]
+        one_node = distattn.plan(_docs(8), 8, scheduler="cad", backward=backward).schedule
+        assert [int(ph.steps.max()) for ph in one_node.phases(SHAPE) if ph.is_comm] == [0] * len(phases)
 
 
 def test_bad_options():
@@ -201,12 +210,13 @@ def test_the_busiest_rank_moves_close_to_the_bound(seed):
 
     ranks = 32
     docs = _docs(ranks, seed=seed)
-    schedule = distattn.plan(docs, ranks, scheduler="cad").schedule
-    inter = sum(np.bincount(ph.rank, ph.inter, ranks) for ph in schedule.phases(SHAPE) if ph.is_comm)
-    nodes = schedule.nodes.dense
-    assert inter.max() <= 1.10 * node_bound(docs, schedule.slots, nodes, SHAPE).max()
-    assert inter.max() >= tight_bound(docs, schedule.slots, nodes, SHAPE)
-    assert schedule.stats(32, 8, 128)["flops_imbalance"] <= 1.05
+    for backward in ("resend", "keep"):
+        schedule = distattn.plan(docs, ranks, scheduler="cad", backward=backward).schedule
+        inter = sum(np.bincount(ph.rank, ph.inter, ranks) for ph in schedule.phases(SHAPE) if ph.is_comm)
+        nodes, resend = schedule.nodes.dense, backward == "resend"
+        assert inter.max() <= 1.10 * node_bound(docs, schedule.slots, nodes, SHAPE, resend=resend).max(), backward
+        assert inter.max() >= tight_bound(docs, schedule.slots, nodes, SHAPE, resend=resend), backward
+        assert schedule.stats(32, 8, 128)["flops_imbalance"] <= 1.05
 
 
 def test_the_export_pass_runs_with_overlap_priced():

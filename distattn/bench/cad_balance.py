@@ -83,8 +83,9 @@ def table(ranks_list, tokens_per_rank: int, pool, seed: int = 0, network=None,
             if links:
                 if bounds is None:   # they depend on the documents and the nodes, not on the plan
                     sched = p.schedule
-                    bounds = (node_bound(docs, sched.slots, sched.nodes.dense, shape).max(),
-                              tight_bound(docs, sched.slots, sched.nodes.dense, shape))
+                    resend = sched.backward == "resend"
+                    bounds = (node_bound(docs, sched.slots, sched.nodes.dense, shape, resend=resend).max(),
+                              tight_bound(docs, sched.slots, sched.nodes.dense, shape, resend=resend))
                 busiest = float(links["inter"].max())
                 bound = {"lb_mb": bounds[0] / 2**20, "rho": busiest / max(bounds[0], 1),
                          "lb_tight_mb": bounds[1] / 2**20, "rho_tight": busiest / max(bounds[1], 1)}

@@ -51,12 +51,18 @@ from ...layout import Shards
 from ...schedule import AttnShape
 
 
-def row_costs(shape: AttnShape) -> tuple[float, float]:
-    """``(b_q, b_k)``: bytes a query row computed off its node moves over forward and backward (Q,
-    out, dout as they travel, dQ in the input dtype: the schedule's phases; lse stays with the
-    worker), and bytes a key row leaving it moves (K, V as they travel; dK, dV in the accumulator's)."""
-    return (3 * shape.wire_row(shape.num_heads) + shape.row_bytes(shape.num_heads),
-            2 * shape.wire_row(shape.num_kv_heads) + 2 * shape.row_bytes(shape.num_kv_heads, acc=True))
+def row_costs(shape: AttnShape, resend: bool = True) -> tuple[float, float]:
+    """``(b_q, b_k)``: bytes a query row computed off its node moves over forward and backward, and
+    bytes a key row leaving it moves, as the schedule's phases move them (``resend``, the default
+    backward: Q, out (twice), dout as they travel, lse back and again in the accumulator's dtype, dQ in
+    the input dtype; K, V twice as they travel, dK, dV in the accumulator's. ``keep``: Q, out, dout
+    and dQ -- lse stays with the worker -- and K, V once)."""
+    h, hkv = shape.num_heads, shape.num_kv_heads
+    grads = shape.row_bytes(h), 2 * shape.row_bytes(hkv, acc=True)
+    if resend:
+        return (5 * shape.wire_row(h) + grads[0] + 2 * h * shape.acc_bytes,
+                4 * shape.wire_row(hkv) + grads[1])
+    return 3 * shape.wire_row(h) + grads[0], 2 * shape.wire_row(hkv) + grads[1]
 
 
 def causal_runs(start, end, slots: Shards, node_of) -> tuple[np.ndarray, ...]:
@@ -383,19 +389,20 @@ def _intake(order, exact, held, p0, p1, most: float, b_q: float, b_k: float, gri
 
 
 def node_bound(doc_lens, slots: Shards, node_of, shape: AttnShape, eps: float = 0.05,
-               boundary: bool = False, tight: float = 0.0) -> np.ndarray:
+               boundary: bool = False, tight: float = 0.0, resend: bool = True) -> np.ndarray:
     """Per node: the fewest inter-node bytes per slot of the node, over forward and backward, of
     any CAD plan leaving at most ``(1 + eps)`` times the mean pairs on every slot (causal
     documents ``doc_lens`` over the ``slots``' tokens; ``node_of[slot]`` dense node numbers).
     ``boundary``: also count the keys of documents going on at other nodes (module docstring);
     ``tight``: nodes whose dual bound is within this share of the largest also get
-    :func:`tight_export_bytes` (a few per cell: it runs a dynamic programme per node)."""
+    :func:`tight_export_bytes` (a few per cell: it runs a dynamic programme per node); ``resend``: the
+    backward's bytes (:func:`row_costs`)."""
     node_of = np.asarray(node_of, dtype=np.int64)
     size = np.bincount(node_of).astype(np.float64)
     lens = np.asarray(doc_lens, dtype=np.int64)
     node, doc, p0, p1 = causal_runs(np.cumsum(lens) - lens, np.cumsum(lens), slots, node_of)
     after = after_pairs(node, doc, p0, p1, lens) if boundary else np.zeros(len(node))
-    b_q, b_k = row_costs(shape)
+    b_q, b_k = row_costs(shape, resend)
     excess = export_excess(node, p0, p1, size, eps)
     bound = export_bytes(node, p0, p1, excess, b_q, b_k, after=after) / size
     if tight > 0:
@@ -405,7 +412,8 @@ def node_bound(doc_lens, slots: Shards, node_of, shape: AttnShape, eps: float = 
     return bound
 
 
-def tight_bound(doc_lens, slots: Shards, node_of, shape: AttnShape, eps: float = 0.05, near: float = 0.15) -> float:
+def tight_bound(doc_lens, slots: Shards, node_of, shape: AttnShape, eps: float = 0.05, near: float = 0.15,
+                resend: bool = True) -> float:
     """A lower bound on the busiest slot's inter-node bytes, tighter than :func:`node_bound`'s
     largest: the keys of documents going on at other nodes counted, the nodes whose dual bound is
     within ``near`` of the largest priced by :func:`tight_export_bytes`, and what the nodes with
@@ -414,5 +422,5 @@ def tight_bound(doc_lens, slots: Shards, node_of, shape: AttnShape, eps: float =
     size = np.bincount(node_of).astype(np.float64)
     lens = np.asarray(doc_lens, dtype=np.int64)
     node, doc, p0, p1 = causal_runs(np.cumsum(lens) - lens, np.cumsum(lens), slots, node_of)
-    sending = node_bound(doc_lens, slots, node_of, shape, eps, boundary=True, tight=near).max()
-    return max(float(sending), receiver_bound(node, doc, p0, p1, size, *row_costs(shape), eps=eps))
+    sending = node_bound(doc_lens, slots, node_of, shape, eps, boundary=True, tight=near, resend=resend).max()
+    return max(float(sending), receiver_bound(node, doc, p0, p1, size, *row_costs(shape, resend), eps=eps))
