@@ -107,8 +107,11 @@ def _context():
     # Children fork from a server that has already imported torch: starting a
     # rank then costs milliseconds instead of a fresh interpreter's seconds.
     # distattn._forkserver makes the server outlive a SIGTERM sent to the whole process group
-    # (first, so a signal to the process group while the server imports torch does not kill it)
-    ctx.set_forkserver_preload(["distattn._forkserver", "torch", "torch.distributed", "distattn"])
+    # (first, so a signal to the process group while the server imports torch does not kill it).
+    # torch._dynamo too: attention's custom ops import it, and it is most of what a rank would import
+    # (seconds of CPU per rank, so per run of N ranks). Only torch's modules and distattn's lazy package:
+    # a rank imports the rest of distattn itself (a rank may still load its own copy of a module first).
+    ctx.set_forkserver_preload(["distattn._forkserver", "torch", "torch.distributed", "torch._dynamo", "distattn"])
     _tracker_ignores_usr1()
     return ctx
 

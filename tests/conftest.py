@@ -125,6 +125,12 @@ def covers_the_mask(plan, docs, causal, window, mask=None) -> bool:
     return bool((seen == mask.dense(total).numpy()).all())
 
 
+def slow_cases(*values):
+    """``values`` as parametrize cases marked slow: the larger worlds, shapes or variants a default
+    slice stands in for, run with ``--slow`` (their test ids stay the values)."""
+    return [pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true",
                      help="also run the tests marked slow: full soaks, crash matrices, larger shapes")

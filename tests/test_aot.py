@@ -37,14 +37,16 @@ def _aot(*args):
 # HAS_LO/HAS_HI/SOFTCAP/GROUP the kernels can be called with) changes the code around the dots, not
 # the tiles a config keeps. The default slices: every arch x element size x head dims from 128 (MLA's
 # 192/128 included; fp16 has bf16's bytes, so the same limits) with the heaviest variant (both
-# bounds, soft-cap, GQA: the most registers), and every variant at one arch, dtype and head dim --
-# every kernel and config in both. Under --slow: all head dims for the common and the heaviest
-# variant, and every variant at 128 and at 192/128, each over every arch and dtype (fp16 too).
+# bounds, soft-cap, GQA: the most registers), every kernel and config; and every kernel x variant at
+# one arch, dtype and head dim, each with its autotuner's first kept config (the largest tile: the
+# most registers), through the AOT tool's own compile_cases -- every kernel, config, arch, dtype,
+# head dim from 128 and variant compiled at least once. Under --slow: all head dims for the common and
+# the heaviest variant, and every variant with every config at 128 and at 192/128, each over every
+# arch and dtype (fp16 too).
 ALL = (list(aot_cases.ARCHS), list(aot_cases.DTYPES))
 MATRIX_SLICES = {   # name: (head dims as (Q/K's, V's), variants, archs, dtypes, slow)
     # 64 is the smallest tile, furthest from every limit: only --slow's all-head-dims compiles it
     "every-limit": (list(aot_cases.HEAD_DIMS[1:]), ["band_softcap"], list(aot_cases.ARCHS), ["bf16", "fp32"], False),
-    "every-variant": ([(128, 128)], list(VARIANTS), [90], ["bf16"], False),
     "all-head-dims": (list(aot_cases.HEAD_DIMS), ["causal", "band_softcap"], *ALL, True),
     "all-variants": ([(128, 128)], list(VARIANTS), *ALL, True),
     "mla-all-variants": ([MLA], list(VARIANTS), *ALL, True),
@@ -79,12 +81,37 @@ def test_full_matrix_compiles_for_sm80_and_sm90a(part):
     assert summary["atomics"] == [] and all(r["atomics"] == [] for r in rows if r["status"] == "ok")
     assert proc.returncode == 0
     _check_machine_use(rows)
+    _check_compiled(rows, summary, head_dims, variants, archs, dtypes)
+
+
+def _check_compiled(rows, summary, head_dims, variants, archs, dtypes):
     compiled = {(r["kernel"], r["arch"], r["dtype"], (r["head_dim"], r["head_dim_v"]), r["variant"])
                 for r in rows if r["status"] == "ok"}
     wanted = {(k, aot_cases.ARCHS[a], d, tuple(h), v) for k in KERNELS for a in archs for d in dtypes for h in head_dims
               for v in variants}
     assert wanted - compiled == set()
     assert summary["compiles"] == sum(r["status"] == "ok" for r in rows)
+
+
+@pytest.mark.timeout(3600)
+def test_every_variant_of_every_kernel_compiles_for_sm90a():
+    """Every kernel x variant (sm_90a, bf16, head dim 128) with its autotuner's first kept config there,
+    compiled as the AOT tool compiles (``compile_cases``, spawned workers without TRITON_* variables):
+    no compile error, no kept config over the shared memory, no atomic, no spill, the loop's MMAs
+    doing its tile's dots. Every config of every variant: --slow's all-variants."""
+    cases = aot_cases.matrix(list(KERNELS), [90], ["bf16"], [(128, 128)], list(VARIANTS))
+    first = {}
+    for case in cases:
+        if case.kept:
+            first.setdefault((case.kernel, case.variant), case)
+    assert len(first) == len(KERNELS) * len(VARIANTS)   # every kernel keeps a config in every variant
+    rows = aot_cases.compile_cases(list(first.values()), jobs=os.cpu_count(), log=None)
+    summary = aot.summarize(rows, 0.0)
+    assert summary["failures"] == 0, summary["failed"]
+    assert summary["over_limit"] == [] and summary["atomics"] == []
+    assert all(r["atomics"] == [] for r in rows if r["status"] == "ok")
+    _check_machine_use(rows)
+    _check_compiled(rows, summary, [(128, 128)], list(VARIANTS), [90], ["bf16"])
 
 
 def _check_machine_use(rows):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from conftest import case_error, max_err, rand_qkv, sent_vs_stats
+from conftest import case_error, max_err, rand_qkv, sent_vs_stats, slow_cases
 from distattn.doclens import load_doc_lens, pack, upsample_long
 from distattn.spawn import run_distributed
 
@@ -22,8 +22,9 @@ def _worker(cases):
     return [(case, case_error(*case)) for case in cases]
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("world_size", [2, 3, 4, *slow_cases(5, 6)])
 def test_cad_exact(world_size):
+    """Worlds 2-4 (odd and even; tests/test_cad_groupcast.py runs cad on 6); 5 and 6 with --slow."""
     cases = [("cad", docs, causal, window, hq, hkv)
              for docs, (causal, window), (hq, hkv) in itertools.product(DOCS, MASKS, [(4, 2), (2, 1)])
              if (hq, hkv) == (4, 2) or docs is DOCS[0]]

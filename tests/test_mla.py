@@ -1,5 +1,5 @@
 """MLA head shapes: v with a head dim of its own (DeepSeek-V2/V3: q/k 192, v 128) through every
-scheduler and layout, exact in fp64 against the oracle, with sinks and softcap on the torch backend."""
+scheduler and layout, exact in fp64 against the oracle (worlds 1-4; 5 and 6 with --slow), with sinks and softcap on the torch backend."""
 
 import itertools
 
@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from conftest import max_err, shard_errors
+from conftest import max_err, shard_errors, slow_cases
 from distattn.spawn import run_distributed
 from test_layouts import LAYOUTS, MASKS, SCHEDULERS, _docs, _layout, _options
 
@@ -60,7 +60,7 @@ def _cases() -> list[tuple]:
     return cases
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, *slow_cases(5, 6)])
 def test_every_scheduler_and_layout_is_exact_with_v_head_dim_of_its_own(world_size):
     for rank_results in run_distributed(_worker, world_size, _cases(), timeout=600):
         for case, err in rank_results:

@@ -1,7 +1,8 @@
 """Issue 41: ``parallel.nano_batches: 2`` -- a micro-batch cut into two nano-batches of whole documents,
 ping-ponged through the blocks (``distattn.pingpong.run_layers``) -- gives the trainer step of one
 nano-batch: loss and every gradient equal in fp64 (1e-12) for ``cad`` on 3 ranks, in every
-checkpointing mode, eager and compiled, with FSDP2, and pooled over data-parallel replicas."""
+checkpointing mode, eager and compiled, with FSDP2, and pooled over data-parallel replicas (compiled in
+two modes and FSDP2 in two by default, every mode of each with ``--slow``)."""
 
 import pytest
 import torch
@@ -88,11 +89,22 @@ def _check(results) -> None:
                 assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), (mode, (a - b).abs().max())
 
 
+# compiled, by default: full checkpointing (the blocks recomputed inside the compiled graph) and offload
+# (saved tensors through hooks); every mode compiled: --slow's test below (tests/test_compile.py compiles
+# every mode without nano-batches by default)
+COMPILED_MODES = ("full", "offload")
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_nano_batches_are_exact_in_every_checkpointing_mode(compiled):
     """3 ranks, cad, attention sinks, fp64: the step of two ping-ponged nano-batches is the step of one,
-    eager and compiled, in every checkpointing mode."""
-    _check(run_distributed(_step_worker, 3, MODES, compiled, False, timeout=900))
+    eager in every checkpointing mode, compiled in COMPILED_MODES."""
+    _check(run_distributed(_step_worker, 3, COMPILED_MODES if compiled else MODES, compiled, False, timeout=900))
+
+
+@pytest.mark.slow
+def test_nano_batches_are_exact_compiled_in_every_checkpointing_mode():
+    _check(run_distributed(_step_worker, 3, MODES, True, False, timeout=900))
 
 
 def test_nano_batches_are_exact_under_fsdp2_and_a_pool(request):

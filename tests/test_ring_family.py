@@ -8,7 +8,7 @@ import pytest
 import torch.distributed as dist
 
 import distattn
-from conftest import case_error, covers_the_mask, rand_qkv, sent_vs_stats
+from conftest import case_error, covers_the_mask, rand_qkv, sent_vs_stats, slow_cases
 from distattn.spawn import RankError, run_distributed
 
 SCHEDULERS = ["ring", "zigzag", "allgather"]
@@ -38,8 +38,9 @@ def _cases(world_size):
     return cases
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4, 7])
+@pytest.mark.parametrize("world_size", [2, 3, 4, *slow_cases(7)])
 def test_exact_vs_fp64_reference(world_size):
+    """Rings of 2-4 (odd and even); a ring of 7 with --slow."""
     results = run_distributed(_exactness_worker, world_size, _cases(world_size), timeout=600)
     for rank_results in results:
         for case, err in rank_results:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from conftest import max_err, rand_qkv, shard_errors
+from conftest import max_err, rand_qkv, shard_errors, slow_cases
 from distattn.pingpong import ping_pong
 from distattn.spawn import RankError, run_distributed
 
@@ -65,7 +65,7 @@ def _cases(world_size):
     return cases
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, *slow_cases(5, 6)])
 def test_sinks_softcap_exact_vs_fp64_oracle(world_size):
     cases = _cases(world_size)
     if world_size == 1:  # every scheduler is local on one rank: once each is enough

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import yaml
 
 import distattn
-from conftest import case_error, rand_qkv, sent_vs_stats
+from conftest import case_error, rand_qkv, sent_vs_stats, slow_cases
 from distattn.parallel import usp_mesh
 from distattn.schedulers.usp import default_ulysses_degree
 from distattn.spawn import RankError, run_distributed
@@ -36,8 +36,10 @@ def _ulysses_cases(p):
     return cases
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("world_size", [2, 3, 4, *slow_cases(5, 6)])
 def test_ulysses_exact(world_size):
+    """Worlds 2-4: heads that divide the world and heads that do not, one head per rank; 5 and 6 with
+    --slow (six ranks run usp's 2x3 meshes below)."""
     for rank_results in run_distributed(_worker, world_size, _ulysses_cases(world_size), timeout=600):
         for case, err in rank_results:
             assert err < 1e-12, (world_size, case, err)
@@ -50,8 +52,10 @@ def _usp_cases(u, with_degree):
             if hq >= u]
 
 
-@pytest.mark.parametrize("u,r", [(2, 2), (2, 3), (3, 2)])
+@pytest.mark.parametrize("u,r", [pytest.param(2, 2, marks=pytest.mark.slow), (2, 3), (3, 2)])
 def test_usp_exact_on_2d_mesh_and_with_ulysses_degree(u, r):
+    """usp on 2-D meshes (axes in either order) and on a 1-D group with ulysses_degree: Ulysses of 2 under
+    a ring of 3 and Ulysses of 3 under a ring of 2; the square 2x2 with --slow."""
     # DeviceMesh with axes in either order, and a 1-D group plus ulysses_degree
     for spec in [((u, r), ("ulysses", "ring")), ((r, u), ("ring", "ulysses"))]:
         for rank_results in run_distributed(_worker, u * r, _usp_cases(u, False), spec, timeout=600):
