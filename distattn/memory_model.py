@@ -334,8 +334,8 @@ def _dry_schedule(scheduler: str, docs: tuple[int, ...], world: int, context, ca
     from .api import dry_plan
     from .schedulers import spec
 
-    options = {"backward": cad_backward} if "backward" in spec(scheduler).option_names() else {}
-    return dry_plan(list(docs), world, scheduler=scheduler, context=context, **options).schedule
+    return dry_plan(list(docs), world, scheduler=scheduler, context=context,
+                    **spec(scheduler).taken({"backward": cad_backward})).schedule
 
 
 class AttentionMemory(NamedTuple):

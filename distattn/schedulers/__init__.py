@@ -118,6 +118,12 @@ class SchedulerSpec:
         params = inspect.signature(self.planner()).parameters
         return tuple(sorted(set(params) - set(PLANNER_ARGUMENTS)))
 
+    def taken(self, options: dict) -> dict:
+        """Of ``options``, those its planner takes (:meth:`option_names`): a caller's option for the
+        schedulers that have it, passed to whichever scheduler it plans with."""
+        names = self.option_names()
+        return {k: v for k, v in options.items() if k in names}
+
     def check_options(self, options: dict) -> None:
         """``ValueError`` naming the options its planner does not take."""
         unknown = sorted(set(options) - set(self.option_names()))

@@ -267,7 +267,7 @@ def prepare_row(row: dict, network, pool=None, seed: int = 0) -> RowCase:
     context = PlanContext(row["heads"], row["kv_heads"], head_dim=row["head_dim"], dtype_bytes=dtype_bytes)
     name = ALIASES.get(row["scheduler"], row["scheduler"])
     # what cad's servers kept for the backward: rows written before results.csv named it kept everything
-    options = {"backward": row.get("cad_backward") or "keep"} if "backward" in spec(name).option_names() else {}
+    options = spec(name).taken({"backward": row.get("cad_backward") or "keep"})
     schedule = dry_schedule(name, case.docs, p, context, **case.plan_kwargs(), **options)
     program = schedule.call_program(AttnShape(row["heads"], row["kv_heads"], row["head_dim"], dtype_bytes))
     stats = np.asarray([tile_stats(schedule.compute_slices(r)) for r in range(p)], dtype=np.float64)

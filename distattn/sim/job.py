@@ -146,9 +146,12 @@ def dry_schedule(name: str, docs, world: int, context: PlanContext | None = None
 def backward_option(cfg: SimConfig, name: str) -> dict:
     """Row ``name``'s planner option ``backward`` (cad's: ``cfg.cad_backward``, which :mod:`.fit`
     resolves; ``auto`` unresolved plans as ``resend``), or none where its scheduler has no such choice."""
-    if "backward" not in spec(row_of(name).entry).option_names():
-        return {}
-    return {"backward": "resend" if cfg.cad_backward == "auto" else cfg.cad_backward}
+    return spec(row_of(name).entry).taken({"backward": _planned_backward(cfg)})
+
+
+def _planned_backward(cfg: SimConfig) -> str:
+    """``cfg.cad_backward`` as a plan takes it: ``auto`` (unresolved: :mod:`.fit` resolves it) as ``resend``."""
+    return "resend" if cfg.cad_backward == "auto" else cfg.cad_backward
 
 
 def job_facts(cfg: SimConfig, scheduler: str | None = None) -> JobFacts:
@@ -160,7 +163,7 @@ def job_facts(cfg: SimConfig, scheduler: str | None = None) -> JobFacts:
     return JobFacts(cfg.model, cfg.dp, cfg.cp, scheduler, dtype="bf16" if cfg.elem_bytes == 2 else "fp32",
                     ulysses_degree=cfg.ulysses_degree, gpus_per_node=cfg.gpus_per_node, tp=cfg.tp,
                     peak_tflops=cfg.gpu.peak_tflops, wrapper="fsdp" if cfg.ranks > 1 else "single",
-                    pooled=pools and cfg.dp > 1, cad_backward="resend" if cfg.cad_backward == "auto" else cfg.cad_backward)
+                    pooled=pools and cfg.dp > 1, cad_backward=_planned_backward(cfg))
 
 
 def plan_context(cfg: SimConfig, network=None) -> PlanContext:

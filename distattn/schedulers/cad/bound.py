@@ -49,20 +49,15 @@ import numpy as np
 
 from ...layout import Shards
 from ...schedule import AttnShape
+from .ledger import RowBytes
 
 
 def row_costs(shape: AttnShape, resend: bool = True) -> tuple[float, float]:
     """``(b_q, b_k)``: bytes a query row computed off its node moves over forward and backward, and
-    bytes a key row leaving it moves, as the schedule's phases move them (``resend``, the default
-    backward: Q, out (twice), dout as they travel, lse back and again in the accumulator's dtype, dQ in
-    the input dtype; K, V twice as they travel, dK, dV in the accumulator's. ``keep``: Q, out, dout
-    and dQ -- lse stays with the worker -- and K, V once)."""
-    h, hkv = shape.num_heads, shape.num_kv_heads
-    grads = shape.row_bytes(h), 2 * shape.row_bytes(hkv, acc=True)
-    if resend:
-        return (5 * shape.wire_row(h) + grads[0] + 2 * h * shape.acc_bytes,
-                4 * shape.wire_row(hkv) + grads[1])
-    return 3 * shape.wire_row(h) + grads[0], 2 * shape.wire_row(hkv) + grads[1]
+    bytes a key row leaving it moves, as the schedule's phases move them -- the placement's own
+    prices (:meth:`.ledger.RowBytes.of`; ``resend``: the backward sends the worker its rows again)."""
+    rows = RowBytes.of(shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.dtype_bytes, shape.comm_fp8, resend)
+    return rows.q, rows.kv
 
 
 def causal_runs(start, end, slots: Shards, node_of) -> tuple[np.ndarray, ...]:
