@@ -19,12 +19,19 @@ predicted faster than that, and sizes beyond the largest measured one add time a
 :meth:`NetworkProfile.time` answers for any size, world size and node span; each :class:`Fit` says in
 ``basis`` what it came from. A measured configuration uses its own fit. Otherwise:
 
-* a *strict* profile (published data) takes the fits of the same op in the same scope -- intra-node
-  (one node) or inter-node -- and of those the nearest: the closest GPUs-per-node density ``n / nodes``,
-  then the closest world size (both in log space), then the larger; ``alpha`` scaled by the ratio of ring
-  steps (``n - 1``; 1 for send_recv), bandwidth, slope and measured range kept. An op or scope without
-  rows raises ``ValueError``. A configuration whose sizes cannot show a latency takes its alpha alike
-  (:func:`_latency_from_neighbours`).
+* a *strict* profile (published data) prices the bytes that cross. Per GPU a collective moves a share
+  of its bus bytes over NVLink inside its node and a share through its NIC (:func:`shares`); each share
+  moves at the rate measured for its scope and the slower of the two sets the time (they overlap: NCCL
+  runs both at once). The intra-node rate is the nearest intra-node fit's bus bandwidth (closest world
+  size to the GPUs a node holds); the NIC rate is what the op's inter-node fits imply (their bus
+  bandwidth times their own inter share), at the closest GPUs-per-node density for each measured node
+  count, interpolated in log space between the two node counts around the query (the nearest outside
+  them): no rate above what the tables show for its scope. ``alpha`` is the nearest configuration's of
+  the same op and scope -- the closest density ``n / nodes``, then the closest world size (both in log
+  space), then the larger -- scaled by the ratio of ring steps (``n - 1``; 1 for send_recv); the measured
+  range comes from it too. An op or scope without rows raises ``ValueError``. A configuration whose sizes
+  cannot show a latency takes its alpha alike (:func:`_latency_from_neighbours`).
+  :meth:`NetworkProfile.check` scores the rule against every measured configuration, left out in turn.
 * a legacy profile (probe/nccl-tests JSON, ``nccl_perf`` CSV, :func:`default_profile`) takes the nearest
   measured world size of the op (log space, ties to the smaller), alpha scaled alike; an op it lacks
   borrows another's fit (all_gather first: all_to_all and send_recv move as many bytes per link); an
@@ -78,6 +85,8 @@ class Fit:
     max_rel_err: float | None = None      # |predicted / measured - 1| over the measured points
     rms_rel_err: float | None = None
     basis: str = "given"                  # "measured ...", "nearest: ...", "borrowed from ...", "assumed ..."
+    intra_gbs: float | None = None        # priced by shares (strict, inter-node): the NVLink rate used
+    nic_gbs: float | None = None          # ... and the NIC rate
 
     @property
     def capped(self) -> bool:
@@ -153,6 +162,32 @@ def _nearest(keys, n: int, span: int) -> tuple[str, int, int]:
     space), then the larger one."""
     density = n / span
     return min(keys, key=lambda k: (abs(math.log(density * k[2] / k[1])), abs(math.log(n / k[1])), -k[1], k[2]))
+
+
+def shares(op: str, n: int, nodes: int) -> tuple[float, float]:
+    """Per GPU, the fractions of a collective's bus bytes (``bus_factor(op, n) * size``) that move over
+    NVLink inside its node and through its own NIC, ``n`` ranks over ``nodes`` nodes (``g = n / nodes``
+    a node; one GPU a node has no NVLink share):
+
+    * all_to_all: ``(g - 1) / (n - 1)`` to its node's peers, ``(n - g) / (n - 1)`` to the others;
+    * all_gather, reduce_scatter, all_reduce (NCCL's rings, one per NIC): every byte once over NVLink,
+      and a node's rings leave it through its ``g`` NICs, ``1 / g`` of the bytes each;
+    * send_recv: the rank at a node's edge sends the whole message across, the others over NVLink.
+
+    One node: ``(1, 0)``."""
+    if nodes <= 1:
+        return 1.0, 0.0
+    g = n / nodes
+    if op == "all_to_all":
+        return (g - 1) / (n - 1), (n - g) / (n - 1)
+    inside = 1.0 if g > 1 else 0.0
+    return inside, (1.0 if op == "send_recv" else 1.0 / g)
+
+
+def _nic_rate(fit: "Fit", key: tuple) -> tuple[float, float]:
+    """What a measured inter-node fit implies for one NIC: ``(rate, slope)``, GB/s through a NIC."""
+    inter = shares(*key)[1]
+    return fit.busbw_gbs * inter, (fit.fit_busbw_gbs or fit.busbw_gbs) * inter
 
 
 def _latency_from_neighbours(fits: dict, groups: dict) -> dict:
@@ -244,7 +279,54 @@ class NetworkProfile:
             raise ValueError(f"the network profile ({self.source}) has no {'inter' if inter else 'intra'}-node {op} "
                              f"measurements for {config_name(op, n, span)}; measure {op} {where} and add its CSV")
         base = _nearest(same, n, span)
-        return self._scaled(op, n, base, assume_inter=False), base
+        if not inter:
+            return self._scaled(op, n, base, assume_inter=False), base
+        return self._by_shares(op, n, span, base, same), base
+
+    def _by_shares(self, op: str, n: int, span: int, base: tuple, inter_keys: list) -> "Fit":
+        """An unmeasured inter-node configuration priced by its shares (module docstring): ``base``'s alpha
+        (ring steps) and measured range, the slower of the NVLink share at the intra-node rate and the NIC
+        share at the NIC rate (with their slopes alike)."""
+        intra_share, inter_share = shares(op, n, span)
+        (nic, nic_slope), nic_from = self._nic_rate(op, n, span, inter_keys)
+        busbw, slope, intra = nic / inter_share, nic_slope / inter_share, None
+        how = [f"NIC rate from {nic_from}"]
+        intra_keys = [k for k in self.fits if k[0] == op and k[2] == 1]
+        if intra_share > 0 and intra_keys:
+            near = min(intra_keys, key=lambda k: (abs(math.log(n / span / k[1])), -k[1]))
+            f = self.fits[near]
+            intra = f.busbw_gbs
+            busbw = min(busbw, intra / intra_share)
+            slope = min(slope, (f.fit_busbw_gbs or f.busbw_gbs) / intra_share)
+            how.append(f"NVLink rate from {config_name(*near)}")
+        elif intra_share > 0:
+            how.append(f"NVLink share unpriced (no intra-node {op} rows)")
+        alpha = self.fits[base].alpha_us * _ring_steps(op, n) / _ring_steps(op, base[1])
+        how.append(f"alpha of {config_name(*base)}{_steps_note(op, n, base[1])}")
+        return Fit(float(alpha), float(busbw), 0, fit_busbw_gbs=float(slope) if slope > busbw else None,
+                   max_bus_bytes=self.fits[base].max_bus_bytes, basis="shares: " + ", ".join(how),
+                   intra_gbs=None if intra is None else float(intra), nic_gbs=float(nic))
+
+    def _nic_rate(self, op: str, n: int, span: int, keys: list) -> tuple[tuple[float, float], str]:
+        """The NIC rate (and slope) for ``op`` on ``n`` ranks over ``span`` nodes from the measured
+        inter-node ``keys``: per measured node count the configuration of the closest density, then
+        log-log between the node counts around ``span`` (the nearest outside them); and what it came from."""
+        density = n / span
+        by_nodes = {}
+        for k in keys:
+            best = by_nodes.get(k[2])
+            if best is None or (abs(math.log(density * k[2] / k[1])), -k[1]) < \
+                    (abs(math.log(density * best[2] / best[1])), -best[1]):
+                by_nodes[k[2]] = k
+        counts = sorted(by_nodes)
+        lo = max([c for c in counts if c <= span], default=counts[0])
+        hi = min([c for c in counts if c >= span], default=counts[-1])
+        a, b = _nic_rate(self.fits[by_nodes[lo]], by_nodes[lo]), _nic_rate(self.fits[by_nodes[hi]], by_nodes[hi])
+        if lo == hi:
+            return a, config_name(*by_nodes[lo])
+        t = math.log(span / lo) / math.log(hi / lo)
+        rate = tuple(float(x ** (1 - t) * y ** t) for x, y in zip(a, b))
+        return rate, f"{config_name(*by_nodes[lo])} and {config_name(*by_nodes[hi])}, log-interpolated"
 
     def _nearest_legacy(self, op: str, n: int, span: int) -> tuple[Fit, tuple]:
         src = next((o for o in (op, *_PROXIES) if any(k[0] == o for k in self.fits)), None)
@@ -275,6 +357,41 @@ class NetworkProfile:
         return Fit(float(alpha), float(busbw), 0, fit_busbw_gbs=float(slope) if slope > busbw else None,
                    max_bus_bytes=base.max_bus_bytes, basis=", ".join(how))
 
+    def check(self) -> list[dict]:
+        """How well the strict rule prices what was measured: per op and scope (``intra``, or the node
+        count), over every measured size, the relative error of the predicted time (= of the bus
+        bandwidth) of each measured configuration -- ``fit``: its own fit, as :meth:`time` uses it;
+        ``left_out``: the rule's price with that configuration's rows left out (inter-node only: an
+        intra-node configuration left out leaves no other of its scope). Rows ``{op, scope, configs,
+        points, fit_median, fit_worst, left_out_median, left_out_worst}`` (None where nothing was left
+        out)."""
+        if not self.strict:
+            raise ValueError("check scores a strict (published) profile's rule; this profile is not strict")
+        errors: dict[tuple[str, str], tuple[list, list, set]] = {}
+        for key, rows in sorted(self._groups.items()):
+            op, n, span = key
+            if n <= 1:
+                continue
+            sizes = sorted({m.size_bytes for m in rows})
+            measured = np.array([np.median([m.time_us for m in rows if m.size_bytes == s]) for s in sizes]) * 1e-6
+            fit_err, out_err, configs = errors.setdefault((op, "intra" if span == 1 else f"{span} nodes"),
+                                                          ([], [], set()))
+            configs.add(key)
+            fit_err += list(np.abs(self.time(op, n, sizes, span) / measured - 1))
+            others = tuple(m for m in self.rows if (m.op, m.world_size, m.nodes or
+                                                    -(-m.world_size // self.gpus_per_node)) != key)
+            rest = replace(self, rows=others)
+            if span > 1 and any(k[0] == op and k[2] > 1 for k in rest.fits):
+                out_err += list(np.abs(rest.time(op, n, sizes, span) / measured - 1))
+
+        def stat(values, f):
+            return float(f(values)) if values else None
+        return [{"op": op, "scope": scope, "configs": len(configs), "points": len(fit_err),
+                 "fit_median": stat(fit_err, np.median), "fit_worst": stat(fit_err, np.max),
+                 "left_out_median": stat(out_err, np.median), "left_out_worst": stat(out_err, np.max)}
+                for (op, scope), (fit_err, out_err, configs) in sorted(errors.items(), key=lambda kv: (
+                    kv[0][0], 0 if kv[0][1] == "intra" else int(kv[0][1].split()[0])))]
+
     def assumptions(self) -> list[str]:
         """One line per fit asked so far (:meth:`fit`, :meth:`time`, ...) that was not measured as asked:
         its configuration and basis (nearest, borrowed, assumed inter-node)."""
@@ -291,7 +408,7 @@ class NetworkProfile:
         fit, op = self.fit(op, n, nodes), canonical_op(op)
         key = (op, n, self._span(n, nodes))
         base = key if key in self.fits else self._derived[key][1]
-        lines = [f"{config_name(*key)}: {fit.describe()}", f"  basis: {fit.basis}"]
+        lines = [f"{config_name(*key)}: {fit.describe()}", f"  basis: {fit.basis}", f"  {self.shares_line(op, *key[1:])}"]
         rows = sorted(self._groups[base], key=lambda m: (m.size_bytes, m.origin or ""))
         for i, m in enumerate(rows):
             lines.append(f"  {m.op:<15} {m.world_size:>5} GPUs {base[2]:>3} nodes {m.size_bytes:>14,} B "
@@ -300,6 +417,23 @@ class NetworkProfile:
             if len(same) > 1 and (i + 1 == len(rows) or rows[i + 1].size_bytes != m.size_bytes):
                 lines.append(f"    -> {m.size_bytes:,} B: median {float(np.median(same)):.2f} us of {len(same)} rows")
         return lines
+
+    def shares_line(self, op: str, n: int, nodes: int | None = None) -> str:
+        """``shares: intra X at R GB/s, inter Y at R GB/s a NIC``: the bytes :func:`shares` gives each scope
+        and the rate each moves at -- as priced (a strict profile's unmeasured inter-node fit), else as
+        the fit's own bus bandwidth implies (the whole time spent on either share)."""
+        fit, op, span = self.fit(op, n, nodes), canonical_op(op), self._span(n, nodes)
+        intra_share, inter_share = shares(op, n, span)
+        if fit.nic_gbs is not None:
+            intra, nic = fit.intra_gbs, fit.nic_gbs
+        else:
+            intra, nic = (fit.busbw_gbs if span == 1 else None), fit.busbw_gbs * inter_share
+        parts = [f"intra {intra_share:.3f}" + ("" if intra_share == 0 else
+                                              f" at {intra:.1f} GB/s" if intra is not None else " (in the measured time)")]
+        if span > 1:
+            parts.append(f"inter {inter_share:.3f} at {nic:.1f} GB/s a NIC" +
+                         ("" if fit.nic_gbs is not None else " (implied by the measured time)"))
+        return "shares: " + ", ".join(parts)
 
     def describe_fits(self) -> list[str]:
         """What ``distattn cluster fit`` prints: a title, then one line per measured (op, ranks, nodes)."""
@@ -441,6 +575,6 @@ def profile_of(source) -> NetworkProfile:
 
 
 # the measurements' names live in distattn.network_csv; callers have always found them here
-__all__ = ["OPS", "Measurement", "Fit", "NetworkProfile", "bus_factor", "canonical_op", "config_name", "parse_size",
+__all__ = ["OPS", "Measurement", "Fit", "NetworkProfile", "shares", "bus_factor", "canonical_op", "config_name", "parse_size",
            "fit_alpha_beta", "default_profile", "profile_of", "packaged_profiles", "packaged_profile",
            "network_source", "network_argument", "network_help"]

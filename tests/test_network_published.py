@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distattn.network import Measurement, NetworkProfile, bus_factor, default_profile
+from distattn.network import Measurement, NetworkProfile, bus_factor, default_profile, shares
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PUBLISHED = DATA / "profiles" / "published"
@@ -55,11 +55,12 @@ def test_intra_and_inter_node_fits_come_from_their_own_rows(pub):
     assert intra.busbw_gbs > 3 * inter.busbw_gbs  # NVSwitch against the network cards
     assert pub.fit("all_to_all", 8) is intra and pub.fit("all_to_all", 16) is pub.fit("all_to_all", 16, 2)
     lines = pub.describe_fit("all_to_all", 8, 1)
-    rows = [line for line in lines[2:] if "->" not in line]
+    assert lines[2] == "  shares: intra 1.000 at 338.3 GB/s"
+    rows = [line for line in lines[3:] if "->" not in line]
     assert lines[0].startswith("all_to_all 8 GPUs / 1 node: alpha") and len(rows) == 100
     assert all(" 1 nodes " in r and "xxrjun_h100_cluster01_singlenode.csv:" in r for r in rows)
     assert sum("median" in line for line in lines) == 10
-    rows = pub.describe_fit("all_to_all", 8, 2)[2:]
+    rows = pub.describe_fit("all_to_all", 8, 2)[3:]
     assert all("xxrjun_h100_cluster01_pairwise_2node.csv:" in r for r in rows if "->" not in r)
 
 
@@ -112,15 +113,42 @@ def test_a_strict_profile_refuses_what_it_has_no_rows_for():
     assert ag.assumptions() == []
 
 
+def _nic(p, op, n, nodes):
+    """The rate a measured inter-node configuration implies for one NIC: its bus bandwidth times its share."""
+    return p.fit(op, n, nodes).busbw_gbs * shares(op, n, nodes)[1]
+
+
 @needs_data
-def test_unmeasured_configurations_take_the_nearest_and_say_so(pub):
+def test_unmeasured_configurations_are_priced_by_the_bytes_that_cross(pub):
+    """A 32-GPU all-to-all over 4 nodes moves 24/31 of its bytes through each GPU's NIC: at the NIC rate the
+    2- and 10-node tables imply (49.0 and 46.2 GB/s), log-interpolated, not at the 16-GPU/2-node bus
+    bandwidth (91.8 GB/s, where only 8/15 crossed: 71 GB/s a NIC, above a 400 Gb/s card)."""
+    assert shares("all_to_all", 32, 4) == pytest.approx((7 / 31, 24 / 31))
+    assert shares("all_gather", 32, 4) == (1.0, 1 / 8) and shares("send_recv", 10, 10) == (0.0, 1.0)
+    assert shares("all_to_all", 8, 1) == (1.0, 0.0)
+    two, ten = _nic(pub, "all_to_all", 16, 2), _nic(pub, "all_to_all", 80, 10)
+    assert two == pytest.approx(49.0, abs=0.1) and ten == pytest.approx(46.2, abs=0.1)
+    f = pub.fit("all_to_all", 32, 4)
+    t = np.log(2) / np.log(5)
+    assert f.nic_gbs == pytest.approx(two ** (1 - t) * ten ** t)
+    assert f.busbw_gbs == pytest.approx(f.nic_gbs * 31 / 24)   # the NIC, not NVLink, sets it
+    assert min(two, ten) <= f.nic_gbs <= max(two, ten) < 50   # no rate above the measured NICs'
+    assert f.intra_gbs == pub.fit("all_to_all", 8, 1).busbw_gbs
+    base = pub.fit("all_to_all", 16, 2)
+    assert f.alpha_us == pytest.approx(base.alpha_us * 31 / 15)
+    assert f.basis == ("shares: NIC rate from all_to_all 16 GPUs / 2 nodes and all_to_all 80 GPUs / 10 nodes, "
+                       "log-interpolated, NVLink rate from all_to_all 8 GPUs / 1 node, alpha of all_to_all 16 GPUs "
+                       "/ 2 nodes x 31/15")
+    assert pub.shares_line("all_to_all", 32, 4) == \
+        f"shares: intra 0.226 at {f.intra_gbs:.1f} GB/s, inter 0.774 at {f.nic_gbs:.1f} GB/s a NIC"
+    # beyond the measured node counts: the nearest's NIC rate, at the query's own share
+    wide = pub.fit("all_to_all", 256, 32)
+    assert wide.nic_gbs == pytest.approx(ten) and wide.busbw_gbs == pytest.approx(ten * 255 / 248)
+    # one GPU a node: no NVLink share, the NIC alone
+    assert pub.fit("all_to_all", 5, 5).intra_gbs is None
+    assert pub.assumptions() == [f"all_to_all {n} GPUs / {k} node{'s' if k > 1 else ''}: "
+                                 + pub.fit("all_to_all", n, k).basis for n, k in ((5, 5), (32, 4), (256, 32))]
     base = pub.fit("all_to_all", 80, 10)
-    f = pub.fit("all_to_all", 64, 8)   # same density (8 per node), nearest world size
-    assert f.basis == "nearest: all_to_all 80 GPUs / 10 nodes, alpha x 63/79"
-    assert f.alpha_us == pytest.approx(base.alpha_us * 63 / 79) and f.busbw_gbs == base.busbw_gbs
-    assert pub.fit("all_to_all", 10, 5).basis.startswith("nearest: all_to_all 20 GPUs / 10 nodes")  # 2 per node
-    assert pub.assumptions() == ["all_to_all 10 GPUs / 5 nodes: " + pub.fit("all_to_all", 10, 5).basis,
-                                 "all_to_all 64 GPUs / 8 nodes: " + f.basis]
     # one measured size has no latency of its own: the nearest multi-size alpha, the point kept as measured
     ag = pub.fit("all_gather", 512, 64)
     assert ag.basis.endswith("alpha of all_gather 80 GPUs / 10 nodes x 511/79") and ag.points == 1
@@ -177,3 +205,24 @@ def test_cluster_fit_prints_a_folder(capsys, pub):
     assert main(["cluster", "fit", str(PUBLISHED)]) == 0
     out = capsys.readouterr().out
     assert "(strict: no borrowed fits" in out and out.count(" ranks ") == len(pub.fits)
+
+
+@needs_data
+def test_cluster_fit_check_scores_the_rule_against_every_measured_configuration(capsys, pub):
+    """Each measured configuration priced with its own rows left out: the all-to-all (Ulysses' and CAD's
+    exchange) within a few percent at the median wherever it was measured across nodes; a legacy
+    profile is refused in one line."""
+    from distattn.cli import main
+
+    rows = {(r["op"], r["scope"]): r for r in pub.check()}
+    assert {scope for op, scope in rows if op == "all_to_all"} == {"intra", "2 nodes", "10 nodes"}
+    for scope in ("2 nodes", "10 nodes"):
+        assert rows[("all_to_all", scope)]["left_out_median"] < 0.05
+    assert rows[("all_to_all", "intra")]["left_out_median"] is None   # nothing of its scope left to price it
+    assert all(r["fit_median"] < 0.25 for r in rows.values())
+    assert main(["cluster", "fit", str(PUBLISHED), "--check"]) == 0
+    out = capsys.readouterr().out
+    check = out.split("rows left out\n")[1].splitlines()
+    assert len(check) == len(rows) + 1 and sum(line.startswith("  all_to_all ") for line in check) == 3
+    with pytest.raises(SystemExit, match="--check scores a published"):
+        main(["cluster", "fit", "--check", str(DATA / "profiles" / "nccl_perf_h100.csv")])

@@ -98,7 +98,7 @@ COMMANDS: dict[str, Way] = {
     "--out net.json": Way(None, "needs NCCL, CUDA GPUs and the network to fetch nccl-tests"),
     "distattn cluster nccl-parse all_gather.log": Way(AS_WRITTEN),
     "distattn cluster fit net.json": Way(AS_WRITTEN),
-    "distattn cluster fit h100": Way(AS_WRITTEN),
+    "distattn cluster fit h100 --check": Way(AS_WRITTEN),
     # bench and simulate
     "distattn bench --quick --out bench/":
         Way("distattn bench --quick --out bench/ --world-sizes 2 --seq-lens 512 --schedulers zigzag --repeats 1",

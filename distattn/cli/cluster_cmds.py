@@ -91,8 +91,28 @@ def _cmd_nccl_tests(args) -> int:
 def _cmd_profile_fit(args) -> int:
     from ..network import profile_of
 
-    print_fits(profile_of(args.file))
+    profile = profile_of(args.file)
+    print_fits(profile)
+    if args.check:
+        if not profile.strict:
+            raise SystemExit("distattn cluster fit: error: --check scores a published (strict) profile's rule; "
+                             f"{args.file} is not one (a folder of published CSVs, or the h100 profile)")
+        print_check(profile.check())
     return 0
+
+
+def print_check(rows) -> None:
+    """``--check``: per op and scope, the relative time error of each measured configuration's own fit and
+    of the rule's price with it left out (:meth:`distattn.network.NetworkProfile.check`)."""
+    def pct(x):
+        return "-" if x is None else f"{x:.1%}"
+    print("time error per op and scope, median / worst over the measured sizes: the fit used, and the rule's price "
+          "with the configuration's rows left out")
+    print(f"  {'op':<15} {'scope':<9} {'configs':>7} {'sizes':>5}  {'fit':>15}  {'left out':>15}")
+    for r in rows:
+        print(f"  {r['op']:<15} {r['scope']:<9} {r['configs']:>7} {r['points']:>5}  "
+              f"{pct(r['fit_median']):>7} {pct(r['fit_worst']):>7}  {pct(r['left_out_median']):>7} "
+              f"{pct(r['left_out_worst']):>7}")
 
 
 def add_parsers(sub) -> None:
@@ -152,7 +172,10 @@ def add_parsers(sub) -> None:
                     "measured (op, ranks, nodes). A folder reads every published-format CSV in it "
                     "(op,ngpu,nodes,dtype,size_bytes,time_us,algbw_gbs,busbw_gbs,source).",
         epilog=examples("distattn cluster fit network_profile.json", "distattn cluster fit h100",
-                        "distattn cluster fit ../shared/data/profiles/published"))
+                        "distattn cluster fit ../shared/data/profiles/published --check"))
     fit.add_argument("file", type=network_argument, metavar="NAME_OR_PATH",
                      help=network_help("none, it is required"))
+    fit.add_argument("--check", action="store_true",
+                     help="also score the rule that prices unmeasured configurations (strict profiles): each "
+                          "measured configuration priced with its own rows left out, error per op and scope")
     fit.set_defaults(func=_cmd_profile_fit)
