@@ -15,20 +15,24 @@ own plan::
 the attention stages ``dispatch``, ``compute``, ``finish``, its ``post`` (output projection and
 MLP) -- in the order :func:`distattn.program.layer_order` gives (its docstring draws it; the
 simulator replays the same order, :mod:`distattn.sim.replay`). The stages are the executor's
-(:mod:`distattn.executors.task_a2a` for ``cad``: dispatch starts Q and K/V on every hop to the
-workers, compute waits for them, runs the tasks and starts out back, finish waits for out); a
-scheduler without stages runs its whole attention at ``compute``, so any scheduler works, only
-``cad``'s transfers hide. :func:`ping_pong` is one layer, its nano-batches interleaved inside it.
+(:class:`distattn.executors.base.Executor`): ``cad``'s dispatch starts Q and K/V on every hop to
+the workers, compute waits for them, runs the tasks and starts out back, finish waits for out;
+``ulysses``/``usp`` start K/V and the first head group's Q to heads at dispatch and wait for the
+last out at finish; the ring family starts its first K/V step at dispatch (and waits for the last
+dK/dV at the backward's finish); ``allgather`` starts its first gather at dispatch (and waits for
+the reduce-scatters at the backward's finish). An executor without stages (``local``) runs its
+whole attention at ``compute``. :func:`ping_pong` is one layer, its nano-batches interleaved inside it.
 
 How the backward gets the mirrored order: each nano-batch's attention is three autograd nodes, one
 per stage (:class:`_Dispatch`, :class:`_Compute`, :class:`_Finish`, chained by empty token
 tensors), whose backwards are the backward stages (finish -> start dout, compute -> attention
-backward, dispatch -> wait for the gradients). PyTorch's engine runs the
+backward, dispatch -> wait for the gradients); each keeps what its stage saves through
+``save_for_backward`` (:func:`_stash`), so checkpointing's hooks see it. PyTorch's engine runs the
 ready node created last first (it orders its ready queue by creation sequence number), so over a
 graph built in the forward order it runs exactly the reverse order. ``pre`` and ``post`` stay
 ordinary autograd graphs: their parameters get ``.grad`` (or ``torch.autograd.grad`` results)
 exactly as without ping-pong, and hooks, DDP, FSDP2 and checkpointing see nothing special.
-``tests/test_cad_overlap.py`` checks the order.
+``tests/test_cad_overlap.py`` and ``tests/test_staged_overlap.py`` check the order.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .api import attention
-from .executors.task_a2a import OwnerSaved, WorkerSaved
 from .kernels.registry import check_scale, check_sinks, check_softcap
 from .masks import as_doc_lens
 from .program import layer_order
@@ -106,8 +110,25 @@ class _Flight:
         return pending
 
 
+def _stash(ctx, state, *extra: torch.Tensor) -> None:
+    """Keep ``state`` (a stage's pytree) and ``extra`` tensors for the backward: the tensors through
+    ``save_for_backward`` (so checkpointing and saved-tensor hooks see them), the rest in ``ctx``."""
+    leaves, ctx.spec = tree_flatten(state)
+    ctx.tensor_at = [isinstance(x, torch.Tensor) for x in leaves]
+    ctx.plain = [None if t else x for x, t in zip(leaves, ctx.tensor_at)]
+    ctx.save_for_backward(*(x for x, t in zip(leaves, ctx.tensor_at) if t), *extra)
+
+
+def _unstash(ctx) -> tuple:
+    """``(state, extra tensors)`` as :func:`_stash` kept them (the saved tensors unpacked once:
+    checkpointing recomputes on every unpack)."""
+    tensors = iter(ctx.saved_tensors)
+    leaves = [next(tensors) if t else x for x, t in zip(ctx.plain, ctx.tensor_at)]
+    return tree_unflatten(leaves, ctx.spec), tuple(tensors)
+
+
 class _Dispatch(torch.autograd.Function):
-    """Forward: start Q, K/V to the workers. Backward: wait for dQ, dK/dV."""
+    """Forward: start what the computation needs. Backward: wait for dQ, dK/dV."""
 
     @staticmethod
     def forward(ctx, flight: _Flight, q, k, v):
@@ -123,56 +144,49 @@ class _Dispatch(torch.autograd.Function):
 
 
 class _Compute(torch.autograd.Function):
-    """Forward: wait for Q, K/V, attention (the sinks counted in the rows this slot computes), start
-    out back (``keep``: the worker keeps its rows here). Backward: wait for what the workers lack,
-    attention backward, start dQ, dK/dV back; the sinks' gradient over this slot's rows (see
-    :func:`distattn.attention`)."""
+    """Forward: wait for the inputs, attention (the sinks counted in the rows this rank computes),
+    start the way back; keeps what the compute stage saves. Backward: wait for what the backward
+    needs, attention backward, start the gradients back; the sinks' gradient over this rank's rows
+    (see :func:`distattn.attention`)."""
 
     @staticmethod
     def forward(ctx, flight: _Flight, token, sinks):
         sinks = None if sinks is None else sinks.detach()
         returning = flight.executor.compute_forward(flight.take(), flight.scale, flight.softcap, sinks)
         flight.pending = returning
-        worker = returning.saved.worker
-        ctx.flight, ctx.has_sinks, ctx.keeps = flight, sinks is not None, worker is not None
-        ctx.save_for_backward(*(worker or ()), *([sinks] if sinks is not None else []))
+        ctx.flight, ctx.has_sinks = flight, sinks is not None
+        _stash(ctx, returning.saved, *([sinks] if sinks is not None else []))
         return token.new_empty(0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, token):
-        flight, saved = ctx.flight, ctx.saved_tensors   # unpacked once (checkpointing)
-        n = len(WorkerSaved._fields) if ctx.keeps else 0
-        sinks = saved[n] if ctx.has_sinks else None
-        dispatch, meta = flight.take()
-        if ctx.keeps:
-            meta = meta._replace(worker=WorkerSaved(*saved[:n]))
-        returning = flight.executor.compute_backward(dispatch, meta, flight.scale, flight.softcap, sinks)
+        flight = ctx.flight
+        saved, extra = _unstash(ctx)
+        sinks = extra[0] if ctx.has_sinks else None
+        returning = flight.executor.compute_backward(flight.take(), saved, flight.scale, flight.softcap, sinks)
         flight.pending = returning
         dsinks = None if returning.dsinks is None else returning.dsinks.to(sinks.dtype)
         return None, token, dsinks
 
 
 class _Finish(torch.autograd.Function):
-    """Forward: wait for out (``resend``: and lse; the owner keeps its q, k, v, out and lse here).
-    Backward: start what the workers lack to them."""
+    """Forward: wait for out; keeps what the finish stage saves (``cad resend``, ring, allgather: the
+    rank's own q, k, v, out and lse). Backward: start what the backward needs on its way."""
 
     @staticmethod
     def forward(ctx, flight: _Flight, token, q, k, v):
-        out, saved = flight.executor.finish_forward(flight.take(), q.detach(), k.detach(), v.detach())
-        # (the worker's rows, keep, are the compute stage's saved tensors: nothing rides in ctx)
-        ctx.flight, ctx.meta = flight, saved._replace(worker=None, owner=None)
-        if saved.owner is not None:
-            ctx.save_for_backward(q, k, v, out, saved.owner.lse)
+        out, owned = flight.executor.finish_forward(flight.take(), q.detach(), k.detach(), v.detach())
+        ctx.flight = flight
+        _stash(ctx, owned)
         ctx.token = (token.shape, token.dtype, token.device)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        meta, saved = ctx.meta, ctx.saved_tensors   # unpacked once (checkpointing)
-        own = meta._replace(owner=OwnerSaved(*saved)) if saved else meta
-        ctx.flight.pending = (ctx.flight.executor.start_backward(dout.contiguous(), own), meta)
+        owned, _ = _unstash(ctx)
+        ctx.flight.pending = ctx.flight.executor.start_backward(dout.contiguous(), owned)
         shape, dtype, device = ctx.token
         return None, torch.empty(shape, dtype=dtype, device=device), None, None, None
 
@@ -214,7 +228,7 @@ def run_piece(piece: str, layer: Layer, plan, nano: NanoBatch, n: int) -> None:
     # attention runs as written (its kernels accumulate in fp32): autocast would push them to bf16
     with torch.autocast(nano.x.device.type, enabled=False):
         runtime = plan._live("attention")
-        if not runtime.executor.supports_prefetch:   # no stages: the whole attention at ``compute``
+        if not runtime.executor.staged:   # no stages: the whole attention at ``compute``
             if piece == "compute":
                 nano.out, nano.qkv = attention(*nano.qkv, plan, **nano.args), None
             return

@@ -20,11 +20,13 @@ instruction -- so the simulator (:mod:`distattn.sim.replay`), which times these 
 what the code runs.
 
 Instructions come in the executors' *stages* (:data:`FORWARD`, :data:`BACKWARD`), the points at
-which a caller may run other work in between: ``cad``'s executor exposes them
-(:mod:`distattn.executors.task_a2a`: ``dispatch`` starts Q, K/V on their way, ``compute`` waits for
-them, computes and starts out back, ``finish`` waits for out); every other executor does all its work
-in ``compute`` (``compute_backward``), the other stages empty. A plain ``distattn.attention`` call
-runs a direction's stages back to back.
+which a caller may run other work in between (:class:`distattn.executors.base.Executor`): ``dispatch``
+starts what the computation needs on its way (``cad``: Q, K/V to the workers; ``ulysses``/``usp``:
+K/V and the first head group's Q to heads; the ring family: its first K/V step; ``allgather``: its
+first gather), ``compute`` waits for it, computes and starts the way back, ``finish`` waits for
+that (and the backward's mirror). An executor without stages (``local``) does all its work in
+``compute`` (``compute_backward``). A plain ``distattn.attention`` call runs a direction's stages
+back to back.
 
 A training step is a sequence of *pieces* over the layers (:func:`layer_order`): a nano-batch's
 ``pre`` (norm, QKV projection, RoPE), the three attention stages, its ``post`` (output projection,

@@ -11,7 +11,10 @@ take under 10 minutes on one H100), and writes to one Markdown file, each part a
 2. **Kernel TFLOP/s**: ``python -m distattn.kernels.bench`` -- forward, backward and forward+backward
    of ``triton``, ``torch`` (PyTorch's FlashAttention-2) and FlashAttention-3 (when it imports), at
    8K, 32K and 128K tokens per sequence, causal and documents, head dims 64, 128 and 192/128 (MLA),
-   bf16; capped at :data:`KERNEL_BUDGET_S` (cases past it are listed as skipped).
+   bf16; then 1, 4 and 32 query heads per call (KV heads ``max(1, H // 4)``, Llama-3 8B's group;
+   equal work per call: a Ulysses rank's share of the heads) at 4K and 32K, causal, head dim 128, and
+   their speed per FLOP over 32 heads' -- the simulator's head term (:mod:`distattn.sim.kernel`);
+   capped at :data:`KERNEL_BUDGET_S` (cases past it are listed as skipped).
 3. **Memory: estimate vs measured**: short one-GPU bf16 trainings of the 2048-dim 4-layer model with
    activation checkpointing none, full, offload and offload + tiled MLP at 16K and 128K tokens, and
    full + ``cpu_offload`` at the longest length that fits the GPU by the estimate; beside each, the
@@ -55,7 +58,8 @@ from .gpu_runner import ROOT, run_alone, run_waves
 BUDGET_S = 570              # the whole report
 KERNEL_BUDGET_S = 120       # the kernel benchmark's cases (its own start and autotuning come on top)
 KERNEL_ARGS = ["--seq-lens", "8192", "32768", "131072", "--masks", "causal", "doc", "--head-dims", "64", "128",
-               "192/128", "--backends", "triton", "torch", "fa3", "--rep-budget-s", "0.3"]
+               "192/128", "--backends", "triton", "torch", "fa3", "--rep-budget-s", "0.3",
+               "--heads", "1", "4", "32", "--heads-seq-lens", "4096", "32768", "--heads-head-dim", "128"]
 PARTS = ("GPU suite", "Kernel TFLOP/s", "Memory: estimate vs measured", "8B-shaped stack on one GPU",
          "Training per backend")
 
@@ -144,7 +148,7 @@ def _kernels(tmp: Path, budget: float) -> tuple[bool, list[str], list[dict]]:
     if code != 0 or not rows_file.exists():
         return False, lines + ["```", log[-3000:], "```"], []
     rows = json.loads(rows_file.read_text())
-    return True, lines + tables.kernel_table(rows), rows
+    return True, lines + tables.kernel_table(rows) + tables.heads_table(rows), rows
 
 
 def _gpu_bytes(gib: float | None) -> int:
@@ -164,7 +168,7 @@ def _kernel_arg(name: str) -> list[str]:
 
 def plan_lines(gpu_bytes: int, steps: int, seq_len: int, peak_tflops: float = 989.0) -> list[str]:
     """What the report would run on a GPU of ``gpu_bytes`` (``--plan``), and a rough time per part."""
-    from ..kernels.tools.bench import case_flops, case_lens, cases, head_dims, unsupported
+    from ..kernels.tools.bench import case_flops, case_lens, cases, head_cases, head_dims, unsupported
 
     gib = gpu_bytes / plan.GIB
     lines = [f"distattn GPU report plan for a GPU of {gib:.1f} GiB (fits: estimate + {plan.FIT_MARGIN:.0%} <= "
@@ -177,6 +181,13 @@ def plan_lines(gpu_bytes: int, steps: int, seq_len: int, peak_tflops: float = 98
         todo.append((case_flops(case_lens(s, mask, 32768), mask != "full", 2048 // dv, d, dv), len(runs)))
         case_lines.append(f"   kernel case hd {d if d == dv else f'{d}/{dv}'} {s // 1024}K {mask}: "
                           f"{', '.join(runs) or '-'}")
+    hd = int(_kernel_arg("--heads-head-dim")[0])
+    for s, h, kv, lens in head_cases([int(n) for n in _kernel_arg("--heads-seq-lens")],
+                                     [int(n) for n in _kernel_arg("--heads")], 32768):
+        runs = [b for b in backends if not unsupported(b, "causal", hd, hd, kv != h)]
+        todo.append((case_flops(lens, True, h, hd, hd), len(runs)))
+        case_lines.append(f"   kernel case hd {hd} {s // 1024}K causal, {h}/{kv} heads per call, {len(lens)} x "
+                          f"{s // 1024}K tokens: {', '.join(runs) or '-'}")
     kernel_s = min(plan.kernel_seconds(todo, float(_kernel_arg("--rep-budget-s")[0])),
                    KERNEL_BUDGET_S + plan.KERNEL_START_S)
     lines += [f"2. kernel benchmark: {len(todo)} cases x {', '.join(backends)} (~{kernel_s:.0f} s, capped at "

@@ -151,23 +151,49 @@ def _cell(rows: dict, backend: str, column: str) -> float | None:
 
 
 def kernel_table(rows: list[dict], backends=("triton", "torch", "fa3")) -> list[str]:
-    """One line per case (head dim, tokens per sequence, mask): each backend's forward, backward and
-    forward+backward TFLOP/s (``n/a``: unsupported, not installed or skipped), and triton's f+b over
-    torch's and over FA3's."""
+    """One line per case (head dim, query/KV heads per call, tokens per sequence, mask): each backend's
+    forward, backward and forward+backward TFLOP/s (``n/a``: unsupported, not installed or skipped), and
+    triton's f+b over torch's and over FA3's. The head sweep's rows (``--heads``) come last."""
     cases: dict[tuple, dict] = {}
-    for r in rows:
-        cases.setdefault((r["head_dim"], r["seq_len"], r["mask"]), {})[r["backend"]] = r
+    for r in sorted(rows, key=lambda r: bool(r.get("heads_sweep"))):
+        heads = f"{r['heads']}/{r['kv_heads']}" if "heads" in r else "-"
+        cases.setdefault((r["head_dim"], heads, r["seq_len"], r["mask"]), {})[r["backend"]] = r
     body = []
-    for (hd, s, mask), by in cases.items():
+    for (hd, heads, s, mask), by in cases.items():
         cells = [_num(_cell(by, b, c)) for b in backends for c in ("fwd", "bwd", "fwd_bwd")]
         tri = _cell(by, "triton", "fwd_bwd")
         vs = [_num(None if tri is None or _cell(by, b, "fwd_bwd") is None else tri / _cell(by, b, "fwd_bwd"), "{:.2f}x")
               for b in backends[1:]]
-        body.append([hd, f"{s // 1024}K", mask, *cells, *vs])
-    header = ["head dim", "tokens/seq", "mask"] + [f"{b} {c}" for b in backends for c in ("fwd", "bwd", "f+b")] + \
-        [f"triton/{b} f+b" for b in backends[1:]]
+        body.append([hd, heads, f"{s // 1024}K", mask, *cells, *vs])
+    header = ["head dim", "heads q/kv", "tokens/seq", "mask"] + \
+        [f"{b} {c}" for b in backends for c in ("fwd", "bwd", "f+b")] + [f"triton/{b} f+b" for b in backends[1:]]
     notes = sorted({f"{r['backend']}: {r['note']}" for r in rows if r.get("note")})
     return _table(header, body) + ([""] + [f"- {n}" for n in notes] if notes else [])
+
+
+def heads_table(rows: list[dict], backends=("triton", "torch", "fa3")) -> list[str]:
+    """The head sweep (``--heads``; none: no lines): per length and query heads per call, each backend's
+    forward and backward speed per FLOP over its speed on the most heads at that length (equal work per
+    call) -- the simulator's head term (:class:`distattn.sim.kernel.HeadTerm`), measured on this GPU."""
+    sweep = [r for r in rows if r.get("heads_sweep")]
+    if not sweep:
+        return []
+    most = {(r["seq_len"], r["backend"]): r for r in sorted(sweep, key=lambda r: r["heads"])}
+    body = []
+    for s in sorted({r["seq_len"] for r in sweep}):
+        for h in sorted({r["heads"] for r in sweep if r["seq_len"] == s}):
+            by = {r["backend"]: r for r in sweep if r["seq_len"] == s and r["heads"] == h}
+            cells = []
+            for b in backends:
+                top = most.get((s, b), {})
+                cells += [_num(None if not top.get(c) or _cell(by, b, c) is None else _cell(by, b, c) / top[c],
+                               "{:.3f}") for c in ("fwd", "bwd")]
+            kv = next(iter(by.values()))["kv_heads"]
+            body.append([f"{s // 1024}K", f"{h}/{kv}", *cells])
+    top = max(r["heads"] for r in sweep)
+    return ["", f"Speed per FLOP on H query heads per call over {top} heads' at the same length (equal work per "
+            f"call, causal, head dim {sweep[0]['head_dim']}; the simulator's head term):", "",
+            *_table(["tokens/seq", "heads q/kv"] + [f"{b} {c}" for b in backends for c in ("fwd", "bwd")], body)]
 
 
 @dataclass(frozen=True)
@@ -185,7 +211,7 @@ class Goal:
 def goals(kernel_rows: list[dict] | None, memory: list[dict] | None, stack: list[dict] | None) -> list[Goal]:
     """The four goals (module docstring) from the parts measured so far (None: not run yet)."""
     out = []
-    kernel_rows = kernel_rows or []
+    kernel_rows = [r for r in kernel_rows or [] if not r.get("heads_sweep")]
     by = {(r["head_dim"], r["seq_len"], r["mask"], r["backend"]): r for r in kernel_rows}
     for hd in ("64", "128"):
         pairs = [((s, m), by[(h, s, m, "triton")]["fwd_bwd"] / t["fwd_bwd"])

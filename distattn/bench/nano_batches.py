@@ -1,17 +1,19 @@
 """Trainer step time with one and with two ping-ponged nano-batches (``parallel.nano_batches``), side by
-side in one run:
+side in one run, for one or more schedulers:
 
-    python -m distattn.bench.nano_batches [--config configs/tiny.yaml] [--cp 4] [--scheduler cad]
+    python -m distattn.bench.nano_batches [--config configs/tiny.yaml] [--cp 4] [--scheduler cad [usp ...]]
                                                 [--seq-len 16384] [--steps 6] [--rounds 2]
 
 ``--cp`` gloo ranks train ``--steps`` steps of the config's model on the Python standard library's
-sources (real document lengths; the config's data section), first with one nano-batch, then with
-two, ``--rounds`` times alternating, so that drift of the machine hits both alike. A run's step
-time is the median of its steps after the first (rank 0's ``step_time_s``, which leaves out the
-metrics' bookkeeping); the table gives each round and the medians, the share two nano-batches save,
-and the largest difference of the runs' losses (the same batches and weights: rounding only).
-On CPU gloo runs the all-to-alls on its own threads beside the ranks' compute, which share the
-machine's cores: what this measures is the overlap the code gets here, not on a GPU cluster.
+sources (real document lengths; the config's data section), with one nano-batch, then with two, per
+scheduler, ``--rounds`` times alternating, so that drift of the machine hits every run alike. A
+run's step time is the median of its steps after the first (rank 0's ``step_time_s``, which leaves
+out the metrics' bookkeeping); the table gives each round and the medians, the share two
+nano-batches save, and the largest difference of the runs' losses (the same batches and weights:
+rounding only). Every scheduler's executor runs in stages (``distattn/executors/base.py``), so each
+one's transfers can hide behind the other nano-batch. On CPU gloo runs the transfers on its own
+threads beside the ranks' compute, which share the machine's cores: what this measures is the
+overlap the code gets here, not on a GPU cluster.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def _run(cfg) -> tuple[float, list[float]]:
 
 def main(argv=None) -> int:
     parser = trainer_bench_parser("python -m distattn.bench.nano_batches", __doc__)
-    parser.add_argument("--scheduler", default="cad", choices=NAMES)
+    parser.add_argument("--scheduler", nargs="+", default=["cad"], choices=NAMES,
+                        help="one or more schedulers, measured side by side")
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--steps", type=int, default=6, help="steps per run (the first is left out)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each, alternating")
@@ -45,32 +48,37 @@ def main(argv=None) -> int:
     if args.steps < 2:
         raise ValueError(f"--steps must be >= 2 (the first step is left out), got {args.steps}")
     base = validate(load_config(args.config).replace(
-        parallel={"dp": 1, "cp": args.cp, "scheduler": args.scheduler},
+        parallel={"dp": 1, "cp": args.cp},
         data={"seq_len": args.seq_len},
         train={"steps": args.steps, "ckpt_every": 10**6, "log_every": args.steps, "warmup_steps": 1}))
-    print(f"distattn.bench.nano_batches: {args.config} model, cp {args.cp} ({args.scheduler}), "
+    names = list(dict.fromkeys(args.scheduler))
+    print(f"distattn.bench.nano_batches: {args.config} model, cp {args.cp} ({', '.join(names)}), "
           f"seq_len {args.seq_len}, {args.steps} steps a run, {args.rounds} rounds", flush=True)
     start = time.perf_counter()
-    times: dict[int, list[float]] = {1: [], 2: []}
-    losses = []
+    times = {(name, nano): [] for name in names for nano in (1, 2)}
+    losses: dict[str, list] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="distattn-bench-nano-") as tmp:
         for r in range(args.rounds):
-            for nano in (1, 2):
-                cfg = base.replace(parallel={"nano_batches": nano}, train={"out": str(Path(tmp) / f"run-{r}-{nano}")})
-                step, loss = _run(cfg)
-                times[nano].append(step)
-                losses.append(loss)
-                print(f"[{time.perf_counter() - start:5.0f} s] round {r + 1}, {nano} nano-batch(es): {step:.3f} s/step",
-                      flush=True)
-    one, two = statistics.median(times[1]), statistics.median(times[2])
-    diff = max(abs(a - b) for run in losses[1:] for a, b in zip(run, losses[0]))
-    print(f"\nstep time, rank 0, median of steps 2..{args.steps}:")
+            for name in names:
+                for nano in (1, 2):
+                    cfg = validate(base.replace(parallel={"scheduler": name, "nano_batches": nano},
+                                                train={"out": str(Path(tmp) / f"run-{r}-{name}-{nano}")}))
+                    step, loss = _run(cfg)
+                    times[name, nano].append(step)
+                    losses[name].append(loss)
+                    print(f"[{time.perf_counter() - start:5.0f} s] round {r + 1}, {name}, {nano} nano-batch(es): "
+                          f"{step:.3f} s/step", flush=True)
+    print(f"\nstep time (s), rank 0, median of steps 2..{args.steps}:")
     rounds = " ".join(f"{'round ' + str(r + 1):>9}" for r in range(args.rounds))
-    print(f"  {'nano_batches':<13} {rounds} {'median':>9}")
-    for nano in (1, 2):
-        cells = " ".join(f"{t:>9.3f}" for t in times[nano])
-        print(f"  {nano:<13} {cells} {statistics.median(times[nano]):>9.3f}")
-    print(f"two nano-batches save {1 - two / one:.1%} of the step; losses differ by at most {diff:.1e}")
+    print(f"  {'scheduler':<10} {'nano':>4} {rounds} {'median':>9} {'saved':>7} {'loss diff':>10}")
+    for name in names:
+        one = statistics.median(times[name, 1])
+        diff = max(abs(a - b) for run in losses[name][1:] for a, b in zip(run, losses[name][0]))
+        for nano in (1, 2):
+            cells = " ".join(f"{t:>9.3f}" for t in times[name, nano])
+            median = statistics.median(times[name, nano])
+            tail = f" {1 - median / one:>7.1%} {diff:>10.1e}" if nano == 2 else ""
+            print(f"  {name:<10} {nano:>4} {cells} {median:>9.3f}{tail}")
     return 0
 
 

@@ -105,9 +105,26 @@ class Executor:
     executor computes) are counted once per row, where the row's *final* out/lse lives
     (:func:`finish_rows`), and ``dsinks`` (accumulator dtype; None without sinks) is this rank's
     share of the gradient (:meth:`sink_grad`): summed over the ranks, the full one.
+
+    A *staged* executor (``staged = True``) also runs each direction as three stages, the points
+    at which :mod:`distattn.pingpong` runs the other nano-batch's layers in between (its program
+    puts each instruction in the stage that issues it, :mod:`distattn.program`):
+
+    * ``prefetch(q, k, v) -> pending``: start what the computation needs (``dispatch``);
+    * ``compute_forward(pending, scale, softcap, sinks) -> returning``: wait for it, compute, start
+      the way back; ``returning.saved``: what this stage keeps for its backward (a pytree of tensors
+      and plain values);
+    * ``finish_forward(returning, q, k, v) -> (out, owned)``: wait for the way back; ``owned``:
+      what this stage keeps (a pytree; q, k, v and out are kept without copies);
+    * ``start_backward(dout, owned) -> pending``, ``compute_backward(pending, saved, scale, softcap,
+      sinks) -> returning`` (``saved``: the compute stage's; ``returning.dsinks``: as
+      ``backward``'s), ``finish_backward(returning) -> (dq, dk, dv)``: the mirror.
+
+    ``forward``/``backward`` run them back to back.
     """
 
-    supports_prefetch = False
+    supports_prefetch = False   # ``plan.prefetch`` (cad)
+    staged = False              # the stage methods below exist (distattn.pingpong runs them apart)
 
     def __init__(self, schedule, rank: int, comm: Comm, backend: str, options: ExecOptions = ExecOptions()):
         self.schedule, self.rank, self.comm, self.backend, self.options = schedule, rank, comm, backend, options

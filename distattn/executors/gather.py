@@ -4,10 +4,14 @@
 Per group of KV heads: gather every rank's K/V (padded to the largest shard), reorder it to global
 token order, run this rank's kernel calls against it. Forward prefetches the next head group
 while computing the current one; backward reduce-scatters a head group's fp32 dK/dV while
-computing the next.
+computing the next. Staged (:class:`~distattn.executors.base.Executor`): the first gather starts at
+``dispatch`` (``start_backward``) and the reduce-scatters are waited for at ``finish_backward``, so
+under nano-batches they hide behind the other nano-batch's layers.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,7 +22,41 @@ from .base import (DeviceIndex, ExecOptions, Executor, Saved, call_bwd, call_fwd
                    unpack_kv)
 
 
+class _Flight(NamedTuple):
+    """Forward, dispatch -> compute: the inputs, the local K/V as it travels, the first gather."""
+
+    inputs: tuple
+    kv_local: torch.Tensor
+    gather: tuple
+
+
+class _Computed(NamedTuple):
+    out: torch.Tensor
+    lse: torch.Tensor
+    saved: None = None   # the compute stage keeps nothing (the finish stage keeps Saved)
+
+
+class _BackFlight(NamedTuple):
+    dout: torch.Tensor
+    saved: Saved
+    kv_local: torch.Tensor
+    gather: tuple
+
+
+class _Grads(NamedTuple):
+    """Backward, compute -> finish: dQ and every head group's reduce-scatter in flight."""
+
+    dq: torch.Tensor
+    scatters: tuple
+    kv_shape: torch.Size
+    cols: tuple[int, int]
+    kv_dtype: torch.dtype
+    dsinks: torch.Tensor | None
+
+
 class GatherExecutor(Executor):
+    staged = True
+
     def __init__(self, schedule: GatherSchedule, rank: int, comm, backend: str, options: ExecOptions = ExecOptions()):
         super().__init__(schedule, rank, comm, backend, options)
         self.calls = schedule.kernel_calls(rank, schedule.shards.rows)
@@ -53,16 +91,21 @@ class GatherExecutor(Executor):
         mine = padded.new_empty((self.width, *dkv.shape[1:]))
         return mine, self.comm.reduce_scatter(mine, padded, what)
 
-    def forward(self, q, k, v, scale, softcap=None, sinks=None):
-        kw = self.kernel_args(scale, softcap)
-        dtype = acc_dtype(q.dtype)
-        out = torch.zeros(out_shape(q, v), dtype=dtype, device=q.device)
-        lse = torch.full(q.shape[:2], float("-inf"), dtype=LSE_ACC, device=q.device)
-        cols = (k.shape[-1], v.shape[-1])
-        kv_local = self.options.wire.encode(pack_kv(k, v), cols)   # as it travels
-        group = q.shape[1] // k.shape[1]
+    # ---- forward stages: the first head group's gather starts at dispatch ---------------------
+    def prefetch(self, q, k, v) -> _Flight:
+        """Forward stage 1: start gathering the first head group's K/V."""
+        kv_local = self.options.wire.encode(pack_kv(k, v), (k.shape[-1], v.shape[-1]))   # as it travels
         heads = self.schedule.head_groups(k.shape[1])
-        nxt = self._start_gather(kv_local, heads[0], "allgather forward")
+        return _Flight((q, k, v), kv_local, self._start_gather(kv_local, heads[0], "allgather forward"))
+
+    def compute_forward(self, flight: _Flight, scale, softcap=None, sinks=None) -> _Computed:
+        """Forward stage 2: per head group, wait for its K/V, start the next group's, attention."""
+        (q, k, v), kv_local, nxt = flight
+        kw = self.kernel_args(scale, softcap)
+        out = torch.zeros(out_shape(q, v), dtype=acc_dtype(q.dtype), device=q.device)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=LSE_ACC, device=q.device)
+        cols, group = (k.shape[-1], v.shape[-1]), q.shape[1] // k.shape[1]
+        heads = self.schedule.head_groups(k.shape[1])
         for n, (h0, h1) in enumerate(heads):
             gathered, pending = nxt
             pending.wait()
@@ -72,22 +115,35 @@ class GatherExecutor(Executor):
             qh = slice(h0 * group, h1 * group)
             for call in self.calls:
                 call_fwd(call, q[:, qh], kv, out[:, qh], lse[:, qh], **kw)
-        out, lse = finish_rows(out, lse, sinks, q.dtype)  # every key merged: count the sinks once
-        return out, Saved(q, k, v, out, lse)
+        return _Computed(*finish_rows(out, lse, sinks, q.dtype))  # every key merged: count the sinks once
 
-    def backward(self, dout, saved: Saved, scale, softcap=None, sinks=None):
-        q, k, v, out, lse = saved
+    def finish_forward(self, computed: _Computed, q, k, v) -> tuple[torch.Tensor, Saved]:
+        """Forward stage 3: nothing in flight; the rank keeps its q, k, v, out and lse."""
+        return computed.out, Saved(q, k, v, computed.out, computed.lse)
+
+    def forward(self, q, k, v, scale, softcap=None, sinks=None):
+        return self.finish_forward(self.compute_forward(self.prefetch(q, k, v), scale, softcap, sinks), q, k, v)
+
+    # ---- backward stages: the first gather starts at start_backward, the reduce-scatters end at finish
+    def start_backward(self, dout: torch.Tensor, saved: Saved) -> _BackFlight:
+        """Backward stage 1: start gathering the first head group's K/V again."""
+        k, v = saved.k, saved.v
+        kv_local = self.options.wire.encode(pack_kv(k, v), (k.shape[-1], v.shape[-1]))
+        heads = self.schedule.head_groups(k.shape[1])
+        return _BackFlight(dout, saved, kv_local, self._start_gather(kv_local, heads[0], "allgather backward"))
+
+    def compute_backward(self, flight: _BackFlight, _kept, scale, softcap=None, sinks=None) -> _Grads:
+        """Backward stage 2: per head group, its K/V gathered, attention backward, its fp32 dK/dV's
+        reduce-scatter started (the next group's compute hides it)."""
+        dout, (q, k, v, out, lse), kv_local, gather = flight
         kw = self.kernel_args(scale, softcap)
         dtype = acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
-        cols = (k.shape[-1], v.shape[-1])
-        dkv = torch.zeros((*k.shape[:2], sum(cols)), dtype=dtype, device=q.device)
-        kv_local = self.options.wire.encode(pack_kv(k, v), cols)
+        cols, group = (k.shape[-1], v.shape[-1]), q.shape[1] // k.shape[1]
         delta = row_delta(dout, out)
-        group = q.shape[1] // k.shape[1]
         scatters = []
-        for h0, h1 in self.schedule.head_groups(k.shape[1]):
-            gathered, pending = self._start_gather(kv_local, (h0, h1), "allgather backward")
+        for n, (h0, h1) in enumerate(self.schedule.head_groups(k.shape[1])):
+            gathered, pending = gather if n == 0 else self._start_gather(kv_local, (h0, h1), "allgather backward")
             pending.wait()
             kv = self.options.wire.decode(self._gathered_kv(gathered), cols, k.dtype)
             qh = slice(h0 * group, h1 * group)
@@ -95,10 +151,19 @@ class GatherExecutor(Executor):
             for call in self.calls:
                 call_bwd(call, dout[:, qh], q[:, qh], kv, out[:, qh], lse[:, qh], delta[:, qh], dq[:, qh], dkv_full,
                          **kw)
-            # the reduce-scatter of this head group overlaps the next group's compute
             scatters.append(((h0, h1), *self._start_scatter(dkv_full, "allgather backward")))
-        for (h0, h1), mine, pending in scatters:
+        return _Grads(dq.to(q.dtype), tuple(scatters), k.shape, cols, k.dtype, self.sink_grad(delta, lse, sinks))
+
+    def finish_backward(self, grads: _Grads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backward stage 3: wait for every head group's dK/dV."""
+        dkv = torch.zeros((*grads.kv_shape[:2], sum(grads.cols)), dtype=acc_dtype(grads.dq.dtype),
+                          device=grads.dq.device)
+        for (h0, h1), mine, pending in grads.scatters:
             pending.wait()
-            dkv[:, h0:h1] = mine[: k.shape[0]]
-        dk, dv = unpack_kv(dkv, k.shape[-1])
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), self.sink_grad(delta, lse, sinks)
+            dkv[:, h0:h1] = mine[: grads.kv_shape[0]]
+        dk, dv = unpack_kv(dkv.to(grads.kv_dtype), grads.cols[0])
+        return grads.dq, dk, dv
+
+    def backward(self, dout, saved: Saved, scale, softcap=None, sinks=None):
+        grads = self.compute_backward(self.start_backward(dout, saved), None, scale, softcap, sinks)
+        return (*self.finish_backward(grads), grads.dsinks)

@@ -42,6 +42,14 @@ def sum_expanded(g: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([part.to(dtype).sum(1) for part in g.split(list(counts), dim=1)], dim=1).to(g.dtype)
 
 
+class InFlight(NamedTuple):
+    """All-to-alls in flight: their receive buffers, the transfers, the head ranges they move."""
+
+    buffers: tuple
+    pending: tuple
+    heads: tuple
+
+
 @dataclass(frozen=True, eq=False)
 class HeadAllToAll:
     """All-to-all between token shards and head shards inside one group.
@@ -54,12 +62,10 @@ class HeadAllToAll:
     member: int
     tokens: tuple[int, ...]
 
-    def to_heads(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str) -> list[torch.Tensor]:
-        """Token shards ``x [n_member, H, D]`` -> ``[sum(tokens), h, D]`` for this member's heads.
-
-        One all-to-all per tensor, all in flight together; the result is the receive
-        buffer itself (members' tokens arrive in order).
-        """
+    def start_heads(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str) -> InFlight:
+        """Start token shards ``x [n_member, H, D]`` -> ``[sum(tokens), h, D]`` for this member's heads:
+        one all-to-all per tensor, all in flight together; :meth:`wait` gives the receive buffers
+        themselves (members' tokens arrive in order)."""
         outs, pending = [], []
         for x, rng in zip(xs, heads):
             pieces = [x[:, a:b] for a, b in rng]
@@ -73,15 +79,22 @@ class HeadAllToAll:
             pending.append(self.comm.all_to_all(out.view(-1), flat, [n * h * x.shape[2] for n in self.tokens],
                                                 [p.numel() for p in pieces], what))
             outs.append(out)
-        for p in pending:
-            p.wait()
-        return outs
+        return InFlight(tuple(outs), tuple(pending), tuple(heads))
 
-    def to_tokens(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str,
-                  into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Inverse of :meth:`to_heads`: ``[sum(tokens), h, D]`` -> ``[n_member, H, D]``.
-        Heads that several members computed (replicated KV heads) are summed in fp32. ``into``: the
-        ``[n_member, H, D]`` tensors to write the received heads into (the others untouched)."""
+    @staticmethod
+    def wait(flight: InFlight) -> list[torch.Tensor]:
+        """The buffers of :meth:`start_heads`, received."""
+        for p in flight.pending:
+            p.wait()
+        return list(flight.buffers)
+
+    def to_heads(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str) -> list[torch.Tensor]:
+        """:meth:`start_heads`, waited for."""
+        return self.wait(self.start_heads(xs, heads, what))
+
+    def start_tokens(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str) -> InFlight:
+        """Start the inverse of :meth:`to_heads`: ``[sum(tokens), h, D]`` -> ``[n_member, H, D]``
+        (:meth:`finish_tokens` places what arrives)."""
         n, received, pending = self.tokens[self.member], [], []
         for x, rng in zip(xs, heads):
             x = x.contiguous()  # members' token ranges are contiguous rows: sent as they are
@@ -89,14 +102,19 @@ class HeadAllToAll:
             flat = x.new_empty(n * sum(sizes) * x.shape[2])
             pending.append(self.comm.all_to_all(flat, x.view(-1), [n * h * x.shape[2] for h in sizes],
                                                 [t * x.shape[1] * x.shape[2] for t in self.tokens], what))
-            received.append(flat)
-        for p in pending:
-            p.wait()
+            received.append(flat.view(n, sum(sizes), x.shape[2]))
+        return InFlight(tuple(received), tuple(pending), tuple(heads))
+
+    def finish_tokens(self, flight: InFlight, into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Wait for :meth:`start_tokens`; ``[n_member, H, D]`` per tensor. Heads that several members
+        computed (replicated KV heads) are summed in fp32. ``into``: the ``[n_member, H, D]`` tensors
+        to write the received heads into (the others untouched)."""
         out = []
-        for i, (x, rng, flat) in enumerate(zip(xs, heads, received)):
-            parts, offset = [], 0
+        for i, (received, rng) in enumerate(zip(self.wait(flight), flight.heads)):
+            n, d = received.shape[0], received.shape[2]
+            flat, parts, offset = received.view(-1), [], 0
             for a, b in rng:
-                parts.append(flat[offset:offset + n * (b - a) * x.shape[2]].view(n, b - a, x.shape[2]))
+                parts.append(flat[offset:offset + n * (b - a) * d].view(n, b - a, d))
                 offset += parts[-1].numel()
             if into is not None:   # disjoint ranges (query heads): placed
                 for (a, b), part in zip(rng, parts):
@@ -105,11 +123,16 @@ class HeadAllToAll:
             elif all(b == a for (_, b), (a, _) in zip(rng, rng[1:])):  # heads tile [0, H): place them
                 out.append(torch.cat(parts, dim=1))
             else:
-                full = torch.zeros((n, rng[-1][1], x.shape[2]), dtype=acc_dtype(x.dtype), device=x.device)
+                full = torch.zeros((n, rng[-1][1], d), dtype=acc_dtype(received.dtype), device=received.device)
                 for (a, b), part in zip(rng, parts):
                     full[:, a:b] += part
-                out.append(full.to(x.dtype))
+                out.append(full.to(received.dtype))
         return out
+
+    def to_tokens(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str,
+                  into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """:meth:`start_tokens`, then :meth:`finish_tokens`."""
+        return self.finish_tokens(self.start_tokens(xs, heads, what), into)
 
 
 def _kv_part(kh: torch.Tensor, vh: torch.Tensor, kv: slice, expand) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,9 +150,53 @@ class HeadSaved(NamedTuple):
     parts: tuple       # per head group: what its inner attention saved, its k and v None (sliced from kh, vh)
 
 
+class _Encoded(NamedTuple):
+    """An all-to-all of tensors as they travel, and each one's (last dim, dtype) to decode."""
+
+    flight: InFlight
+    like: tuple
+
+
+class _Dispatch(NamedTuple):
+    """Forward, dispatch -> compute."""
+
+    q: torch.Tensor          # token shard: the later head groups' Q start from it
+    num_kv_heads: int
+    dv: int                  # V's head dim
+    kv: _Encoded             # K and V to heads
+    q0: _Encoded             # the first head group's Q to heads
+
+
+class _Returning(NamedTuple):
+    """Forward, compute -> finish: the last head group's out on its way back."""
+
+    back: InFlight
+    out: torch.Tensor | None   # every group's out, as it travels (several head groups)
+    dv: int
+    dtype: torch.dtype
+    saved: HeadSaved
+
+
+class _BackDispatch(NamedTuple):
+    dout: torch.Tensor
+    dout0: _Encoded            # the first head group's dout to heads
+
+
+class _Grads(NamedTuple):
+    """Backward, compute -> finish: the last head group's dQ and dK/dV on their way back."""
+
+    dq_back: InFlight
+    dq: torch.Tensor | None    # every group's dQ (several head groups)
+    dkv_back: InFlight
+    dtype: torch.dtype
+    dsinks: torch.Tensor | None
+
+
 class HeadExecutor(Executor):
     """``order``: for each row of the inner executor's token order, its row in the all-to-all's
-    buffer (None: the two agree)."""
+    buffer (None: the two agree). Staged (:class:`~distattn.executors.base.Executor`)."""
+
+    staged = True
 
     def __init__(self, schedule, rank: int, comm: Comm, backend: str, exchange: HeadAllToAll, inner: Executor,
                  order: np.ndarray | None = None, options: ExecOptions = ExecOptions()):
@@ -164,30 +231,63 @@ class HeadExecutor(Executor):
             parts.append((ranges, (a, b), slice(kv_lo - lo, kv_hi - lo), expand))
         return layout, parts
 
-    def _to_heads(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str) -> list[torch.Tensor]:
-        """:meth:`HeadAllToAll.to_heads` of ``xs`` as they travel (:mod:`distattn.wire`), decoded, in
-        the inner executor's order."""
+    def _start_heads(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str) -> _Encoded:
+        """Start :meth:`HeadAllToAll.start_heads` of ``xs`` as they travel (:mod:`distattn.wire`)."""
         wire = self.options.wire
-        got = self.exchange.to_heads([wire.encode(x) for x in xs], heads, what)
-        return self._reorder([wire.decode(g, (x.shape[-1],), x.dtype) for g, x in zip(got, xs)])
+        return _Encoded(self.exchange.start_heads([wire.encode(x) for x in xs], heads, what),
+                        tuple((x.shape[-1], x.dtype) for x in xs))
 
-    def forward(self, q, k, v, scale, softcap=None, sinks=None):
-        what, wire = f"{self.schedule.scheduler} forward", self.options.wire
+    def _heads(self, flight: _Encoded) -> list[torch.Tensor]:
+        """What :meth:`_start_heads` started, received, decoded, in the inner executor's order."""
+        got = self.exchange.wait(flight.flight)
+        return self._reorder([self.options.wire.decode(g, (d,), dtype) for g, (d, dtype) in zip(got, flight.like)])
+
+    # ---- forward stages: K/V and the first head group's Q start at dispatch, its out ends at finish
+    def prefetch(self, q, k, v) -> _Dispatch:
+        """Forward stage 1: start K, V and the first head group's Q to heads."""
+        what = f"{self.schedule.scheduler} forward"
         layout, parts = self._parts(q.shape[1], k.shape[1])
-        kh, vh = self._to_heads([k, v], [layout.kv, layout.kv], what)
-        # out comes back as it travels, every part into one buffer, decoded at the end
-        out = torch.empty((*q.shape[:2], wire.width((v.shape[-1],))), dtype=wire.dtype(q.dtype),
+        kv = self._start_heads([k, v], [layout.kv, layout.kv], what)
+        return _Dispatch(q, k.shape[1], v.shape[-1], kv, self._start_heads([q], [parts[0][0]], what))
+
+    def compute_forward(self, flight: _Dispatch, scale, softcap=None, sinks=None) -> _Returning:
+        """Forward stage 2: per head group, its Q to heads (the first one's already on its way), the
+        inner executor on the head shard, its out started back -- waited for here but the last
+        group's, which :meth:`finish_forward` waits for."""
+        what, wire = f"{self.schedule.scheduler} forward", self.options.wire
+        q, num_kv_heads, dv = flight.q, flight.num_kv_heads, flight.dv
+        _, parts = self._parts(q.shape[1], num_kv_heads)
+        kh, vh = self._heads(flight.kv)
+        q_in = flight.q0
+        del flight
+        # out comes back as it travels, every part into one buffer, decoded at finish
+        out = torch.empty((*q.shape[:2], wire.width((dv,))), dtype=wire.dtype(q.dtype),
                           device=q.device) if len(parts) > 1 else None
-        saved = []
-        for ranges, (a, b), kv, expand in parts:
-            (qh,) = self._to_heads([q], [ranges], what)
+        saved, back = [], None
+        for g, (ranges, (a, b), kv, expand) in enumerate(parts):
+            if g:
+                q_in = self._start_heads([q], [ranges], what)
+            (qh,) = self._heads(q_in)
             out_h, inner = self.inner.forward(qh, *_kv_part(kh, vh, kv, expand), scale, softcap,
                                               None if sinks is None else sinks[a:b])
-            del qh
-            (out,) = self.exchange.to_tokens(self._reorder([wire.encode(out_h)], back=True), [ranges], what,
-                                             None if out is None else [out])
+            del qh, q_in
+            back = self.exchange.start_tokens(self._reorder([wire.encode(out_h)], back=True), [ranges], what)
+            if g + 1 < len(parts):
+                self.exchange.finish_tokens(back, [out])
             saved.append(inner._replace(k=None, v=None))
-        return wire.decode(out, (v.shape[-1],), q.dtype), HeadSaved(q.shape[1], k.shape[1], kh, vh, tuple(saved))
+        return _Returning(back, out, dv, q.dtype, HeadSaved(q.shape[1], num_kv_heads, kh, vh, tuple(saved)))
+
+    def finish_forward(self, returning: _Returning, q, k, v) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Forward stage 3: wait for the last head group's out; ``owned``: the head counts (the
+        saved tensors are the compute stage's)."""
+        (out,) = self.exchange.finish_tokens(returning.back, None if returning.out is None else [returning.out])
+        saved = returning.saved
+        return (self.options.wire.decode(out, (returning.dv,), returning.dtype),
+                (saved.num_heads, saved.num_kv_heads))
+
+    def forward(self, q, k, v, scale, softcap=None, sinks=None):
+        returning = self.compute_forward(self.prefetch(q, k, v), scale, softcap, sinks)
+        return self.finish_forward(returning, q, k, v)[0], returning.saved
 
     @property
     def structure(self) -> tuple:
@@ -206,29 +306,43 @@ class HeadExecutor(Executor):
             saved.append(inner._replace(k=None, v=None))
         return HeadSaved(q.shape[1], k.shape[1], kh, vh, tuple(saved))
 
-    def backward(self, dout, saved: HeadSaved, scale, softcap=None, sinks=None):
+    # ---- backward stages: the first group's dout starts at start_backward, dQ's last group and
+    # dK/dV end at finish_backward
+    def start_backward(self, dout: torch.Tensor, owned: tuple[int, int]) -> _BackDispatch:
+        """Backward stage 1: start the first head group's dout to heads."""
+        _, parts = self._parts(*owned)
+        return _BackDispatch(dout, self._start_heads([dout], [parts[0][0]], f"{self.schedule.scheduler} backward"))
+
+    def compute_backward(self, flight: _BackDispatch, saved: HeadSaved, scale, softcap=None,
+                         sinks=None) -> _Grads:
+        """Backward stage 2: per head group, its dout to heads, the inner backward, its dQ started back
+        (waited for here but the last group's); then dK and dV started back together."""
         what = f"{self.schedule.scheduler} backward"
         layout, parts = self._parts(saved.num_heads, saved.num_kv_heads)
-        member = self.exchange.member
+        member, dout, dout_in = self.exchange.member, flight.dout, flight.dout0
+        del flight
         dq = dout.new_empty((*dout.shape[:2], saved.kh.shape[2])) if len(parts) > 1 else None
-        dk_h = dv_h = ds_h = None
-        for (ranges, (a, b), kv, expand), inner in zip(parts, saved.parts):
-            (dout_h,) = self._to_heads([dout], [ranges], what)
+        dk_h = dv_h = ds_h = dq_back = None
+        for g, ((ranges, (a, b), kv, expand), inner) in enumerate(zip(parts, saved.parts)):
+            if g:
+                dout_in = self._start_heads([dout], [ranges], what)
+            (dout_h,) = self._heads(dout_in)
             kg, vg = _kv_part(saved.kh, saved.vh, kv, expand)
             dq_h, dk_g, dv_g, ds_g = self.inner.backward(dout_h, inner._replace(k=kg, v=vg), scale, softcap,
                                                          None if sinks is None else sinks[a:b])
-            del kg, vg, dout_h
+            del kg, vg, dout_h, dout_in
             if expand is not None:  # sum the expanded copies back onto the received KV heads
                 dk_g, dv_g = sum_expanded(dk_g, expand), sum_expanded(dv_g, expand)
-            (dq,) = self.exchange.to_tokens(self._reorder([dq_h], back=True), [ranges], what,
-                                            None if dq is None else [dq])
+            dq_back = self.exchange.start_tokens(self._reorder([dq_h], back=True), [ranges], what)
+            if g + 1 < len(parts):
+                self.exchange.finish_tokens(dq_back, [dq])
             del dq_h
             if len(parts) == 1:
                 dk_h, dv_h = dk_g, dv_g
             else:   # parts sharing a KV head add up in the accumulator's dtype
                 if dk_h is None:
-                    dk_h, dv_h = (torch.zeros((g.shape[0], layout.kv_share(member), g.shape[2]),
-                                              dtype=acc_dtype(g.dtype), device=g.device) for g in (dk_g, dv_g))
+                    dk_h, dv_h = (torch.zeros((g_.shape[0], layout.kv_share(member), g_.shape[2]),
+                                              dtype=acc_dtype(g_.dtype), device=g_.device) for g_ in (dk_g, dv_g))
                 dk_h[:, kv] += dk_g
                 dv_h[:, kv] += dv_g
             if ds_g is not None:   # this member's heads over the rows it computed; the other heads: 0
@@ -236,7 +350,18 @@ class HeadExecutor(Executor):
                 ds_h[a:b] = ds_g
         # copies of a replicated KV head are summed after the all-to-all: they travel unrounded
         wide = acc_dtype(dout.dtype) if layout.kv_replicated else dout.dtype
-        dk, dv = self.exchange.to_tokens(self._reorder([dk_h.to(wide), dv_h.to(wide)], back=True),
-                                         [layout.kv, layout.kv], what)
+        dkv_back = self.exchange.start_tokens(self._reorder([dk_h.to(wide), dv_h.to(wide)], back=True),
+                                              [layout.kv, layout.kv], what)
         dsinks = None if sinks is None else self.sink_share(ds_h, sinks.dtype)
-        return dq, dk.to(dout.dtype), dv.to(dout.dtype), dsinks
+        return _Grads(dq_back, dq, dkv_back, dout.dtype, dsinks)
+
+    def finish_backward(self, grads: _Grads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backward stage 3: wait for the last head group's dQ and for dK, dV."""
+        (dq,) = self.exchange.finish_tokens(grads.dq_back, None if grads.dq is None else [grads.dq])
+        dk, dv = self.exchange.finish_tokens(grads.dkv_back)
+        return dq, dk.to(grads.dtype), dv.to(grads.dtype)
+
+    def backward(self, dout, saved: HeadSaved, scale, softcap=None, sinks=None):
+        owned = (saved.num_heads, saved.num_kv_heads)
+        grads = self.compute_backward(self.start_backward(dout, owned), saved, scale, softcap, sinks)
+        return (*self.finish_backward(grads), grads.dsinks)

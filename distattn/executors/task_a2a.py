@@ -157,6 +157,7 @@ def unbundle(wire: Wire, rows: torch.Tensor, cols: tuple[int, int],
 
 class TaskExecutor(Executor):
     supports_prefetch = True
+    staged = True
 
     def __init__(self, schedule: TaskSchedule, slot: int, comm: Comm, backend: str, pool_comm: Comm,
                  options: ExecOptions = ExecOptions()):
@@ -297,19 +298,21 @@ class TaskExecutor(Executor):
         return [cast.back_advance(self, ret, what) for ret, (cast, _, _, what, _) in zip(started, results)]
 
     def finish_forward(self, returning: Returning, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
-                       v: torch.Tensor | None = None) -> tuple[torch.Tensor, TaskSaved]:
-        """Forward stage 3: wait for out; ``(out, saved)``. ``resend``: also for lse, and the owner's
-        saved state holds ``q``, ``k``, ``v`` (the inputs, compute order), out and lse."""
+                       v: torch.Tensor | None = None) -> tuple[torch.Tensor, OwnerSaved | None]:
+        """Forward stage 3: wait for out; ``(out, owned)``. ``resend``: also for lse, and ``owned`` holds
+        ``q``, ``k``, ``v`` (the inputs, compute order), out and lse (``keep``: None)."""
         out = self.q_cast.back_finish(self, returning.out, "cad forward: out to owners")
         if returning.lse is None:
-            return out, returning.saved
+            return out, None
         lse = self.q_cast.back_finish(self, returning.lse, "cad forward: lse to owners")
-        return out, returning.saved._replace(owner=OwnerSaved(q, k, v, out, lse))
+        return out, OwnerSaved(q, k, v, out, lse)
 
     def forward(self, q, k, v, scale, softcap=None, sinks=None, prefetch: Dispatch | None = None):
         if prefetch is None:  # (distattn.attention checked a prefetch's plan and tensors)
             prefetch = self.prefetch(q, k, v)
-        return self.finish_forward(self.compute_forward(prefetch, scale, softcap, sinks), q, k, v)
+        returning = self.compute_forward(prefetch, scale, softcap, sinks)
+        out, owner = self.finish_forward(returning, q, k, v)
+        return out, returning.saved._replace(owner=owner)
 
     def saved_like(self, q, k, v, out, sinks, size):
         if self.resends:
@@ -322,14 +325,13 @@ class TaskExecutor(Executor):
         return TaskSaved(WorkerSaved(q_buf, kv, q_buf.new_empty(out_shape(q_buf, v)), lse), None, k.dtype)
 
     # ---- backward stages -------------------------------------------------------------------------
-    def start_backward(self, dout: torch.Tensor, saved: TaskSaved) -> BackDispatch:
+    def start_backward(self, dout: torch.Tensor, own: OwnerSaved | None) -> BackDispatch:
         """Backward stage 1: start what the workers lack to them, every hop: dout (``keep``), or Q, out,
-        dout and lse (one buffer) and K/V (``resend``)."""
-        if saved.owner is None:
+        dout and lse (one buffer) and K/V (``resend``: ``own``, what the finish stage kept)."""
+        if own is None:
             what = "cad backward: dout to workers"
             dout_t = self.q_cast.start(self, self.options.wire.encode(dout), what)
             return BackDispatch(self.q_cast.advance(self, dout_t, what), None, None)
-        own = saved.owner
         rows = bundle(self.options.wire, own.q, own.out, dout, own.lse)
         return BackDispatch(*self._to_workers(rows, own.k, own.v, "Q, out, dout, lse", "cad backward"),
                             (own.k.shape[-1], own.v.shape[-1]))
@@ -383,7 +385,7 @@ class TaskExecutor(Executor):
         return dq, dk.to(returning.kv_dtype), dv.to(returning.kv_dtype)
 
     def backward(self, dout, saved: TaskSaved, scale, softcap=None, sinks=None):
-        returning = self.compute_backward(self.start_backward(dout, saved), saved, scale, softcap, sinks)
+        returning = self.compute_backward(self.start_backward(dout, saved.owner), saved, scale, softcap, sinks)
         return (*self.finish_backward(returning), returning.dsinks)
 
 

@@ -79,19 +79,19 @@ class GatherSchedule(Schedule):
         b_gather = b.phase(Phase.stepped("backward", "all_gather", "K/V", p, kv))
         b_attn = b.phase(Phase.stepped("backward", "attention", "attention", p, flops * 2.5))
         scatter = b.phase(Phase.stepped("backward", "reduce_scatter", "dK/dV", p, dkv))
-        b.start("compute", gather, 0)           # GatherExecutor.forward
+        b.start("dispatch", gather, 0)          # GatherExecutor's forward stages
         for n in range(n_steps):
             b.wait("compute", gather, n)
             if n + 1 < n_steps:
                 b.start("compute", gather, n + 1)
             b.run("compute", attn, n)
-        for n in range(n_steps):                # GatherExecutor.backward
-            b.start("compute_backward", b_gather, n)
+        for n in range(n_steps):                # its backward stages
+            b.start("compute_backward" if n else "start_backward", b_gather, n)
             b.wait("compute_backward", b_gather, n)
             b.run("compute_backward", b_attn, n)
             b.start("compute_backward", scatter, n)
         for n in range(n_steps):
-            b.wait("compute_backward", scatter, n)
+            b.wait("finish_backward", scatter, n)
         return b.build()
 
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:

@@ -115,7 +115,9 @@ class RingSchedule(Schedule):
     def program(self, shape: AttnShape, heads: int | None = None, kv_heads: int | None = None) -> Program:
         """Forward, step ``t``: start the K/V ring (sends to ``rank + 1``, receives from ``rank - 1``),
         attention against the held block, wait. Backward, steps ``0..P``: the same, the foreign
-        blocks' fp32 dK/dV going back to their owners one step later. ``heads``/``kv_heads``: the
+        blocks' fp32 dK/dV going back to their owners one step later. Step 0 starts at ``dispatch``
+        (``start_backward``) and the backward's last step ends at ``finish_backward``: under
+        nano-batches they hide behind the other nano-batch's layers. ``heads``/``kv_heads``: the
         heads this ring carries (usp: a Ulysses share), default all."""
         p, span = self.world_size, self.span or self.world_size
         kv_heads = shape.num_kv_heads if kv_heads is None else kv_heads
@@ -138,15 +140,15 @@ class RingSchedule(Schedule):
                              np.concatenate([kv, dkv]), ret_step, links=back_links))
         battn = b.phase(Phase("backward", "attention", "attention", span, qr, shape.flops(area, heads, backward=True),
                               step))
-        for s in range(p):     # RingExecutor.forward
-            b.start("compute", ring, s)
+        for s in range(p):     # RingExecutor's forward stages: step 0 starts at dispatch
+            b.start("compute" if s else "dispatch", ring, s)
             b.run("compute", attn, s)
             b.wait("compute", ring, s)
-        for s in range(p + 1):  # RingExecutor.backward
-            b.start("compute_backward", back, s)
+        for s in range(p + 1):  # its backward stages: the last step (dK/dV home) ends at finish
+            b.start("compute_backward" if s else "start_backward", back, s)
             if s < p:
                 b.run("compute_backward", battn, s)
-            b.wait("compute_backward", back, s)
+            b.wait("compute_backward" if s < p else "finish_backward", back, s)
         return b.build()
 
     def buffer_bytes(self, shape: AttnShape) -> np.ndarray:

@@ -185,7 +185,10 @@ def head_exchange_program(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarra
     then per head group: its Q to heads, ``inner(part)`` -- the program computed on the head shards,
     over every rank -- and its out back; backward: per head group dout to heads, the inner backward,
     dQ back, then dK and dV back together. A member sends its tokens of the others' heads, and
-    the others' tokens of its own heads back."""
+    the others' tokens of its own heads back. Stages: K/V and the first group's Q start at
+    ``dispatch`` and the last group's out ends at ``finish``; the first group's dout starts at
+    ``start_backward`` and the last dQ and dK/dV end at ``finish_backward`` -- under nano-batches
+    they hide behind the other nano-batch's layers."""
     layout = HeadLayout.build(shape.num_heads, shape.num_kv_heads, tokens.shape[1])
     kv = np.asarray([layout.kv_share(u) for u in range(tokens.shape[1])], dtype=np.int64)
     row, wire = shape.row_bytes(1), shape.wire_row(1)      # a gradient's head row; Q/K/V/out/dout's as they travel
@@ -209,25 +212,33 @@ def head_exchange_program(shape: AttnShape, tokens: np.ndarray, ranks: np.ndarra
     dq_back = b.phase(a2a("backward", "dQ to tokens", [to_tokens(q, row) for q in parts]))
     dkv_row = shape.row_bytes(1, acc=True) if layout.kv_replicated else row
     dkv_back = b.phase(a2a("backward", "dK/dV to tokens", [to_tokens(kv, dkv_row)] * 2))
-    fwd, bwd = "compute", "compute_backward"
-    for kind in (b.start, b.wait):
-        kind(fwd, kv_in, 0)
-        kind(fwd, kv_in, 1)
+    last, inners = len(parts) - 1, [inner(g) for g in range(len(parts))]
+    b.start("dispatch", kv_in, 0)        # HeadExecutor's forward stages
+    b.start("dispatch", kv_in, 1)
+    b.start("dispatch", q_in, 0)
+    b.wait("compute", kv_in, 0)
+    b.wait("compute", kv_in, 1)
     for g in range(len(parts)):
-        part = inner(g)
-        b.start(fwd, q_in, g)
-        b.wait(fwd, q_in, g)
-        b.include(fwd, part, "forward")
-        b.start(fwd, out_back, g)
-        b.wait(fwd, out_back, g)
-        b.start(bwd, dout_in, g)
-        b.wait(bwd, dout_in, g)
-        b.include(bwd, part, "backward")
-        b.start(bwd, dq_back, g)
-        b.wait(bwd, dq_back, g)
-    for kind in (b.start, b.wait):
-        kind(bwd, dkv_back, 0)
-        kind(bwd, dkv_back, 1)
+        if g:
+            b.start("compute", q_in, g)
+        b.wait("compute", q_in, g)
+        b.include("compute", inners[g], "forward")
+        b.start("compute", out_back, g)
+        b.wait("compute" if g < last else "finish", out_back, g)
+    b.start("start_backward", dout_in, 0)   # its backward stages
+    for g in range(len(parts)):
+        if g:
+            b.start("compute_backward", dout_in, g)
+        b.wait("compute_backward", dout_in, g)
+        b.include("compute_backward", inners[g], "backward")
+        b.start("compute_backward", dq_back, g)
+        if g < last:
+            b.wait("compute_backward", dq_back, g)
+    b.start("compute_backward", dkv_back, 0)
+    b.start("compute_backward", dkv_back, 1)
+    b.wait("finish_backward", dq_back, last)
+    b.wait("finish_backward", dkv_back, 0)
+    b.wait("finish_backward", dkv_back, 1)
     return b.build()
 
 

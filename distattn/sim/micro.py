@@ -16,7 +16,7 @@ from ..schedule import attention_program
 from ..schedulers import spec
 from .job import (Links, SimConfig, attn_shape, backward_option, comm_time, dry_schedule, nano_docs,
                   plan_context)
-from .kernel import AttentionKernel
+from .kernel import AttentionKernel, kernel_heads
 from .replay import TimedProgram
 from .step import Fsdp, MicroBatch
 from .workload import Row, row_of
@@ -44,19 +44,22 @@ def _groups(cfg: SimConfig, name: str, docs_per_group: list, world: int, kernel:
         start = time.perf_counter()
         schedule = dry_schedule(name, docs, world, context, comm_dtype=cfg.comm_dtype, **backward_option(cfg, name))
         slowest = max(slowest, time.perf_counter() - start)
-        rates = _rates(row_of(name), schedule, docs, kernel, world, 4.0 * shape.num_heads * shape.head_dim)
+        rates = _rates(row_of(name), schedule, docs, kernel, world, 4.0 * shape.num_heads * shape.head_dim,
+                       kernel_heads(schedule, shape))
         groups.append(_Group(schedule.call_program(shape), rates, np.asarray(schedule.rank_tokens(), np.float64),
                              schedule.ulysses_degree))
     return groups, slowest
 
 
-def _rates(row: Row, schedule, docs, kernel: AttentionKernel, world: int, pair_flops: float) -> dict:
+def _rates(row: Row, schedule, docs, kernel: AttentionKernel, world: int, pair_flops: float,
+           heads: float | None = None) -> dict:
     """Per direction, each rank's attention FLOP/s at the kernel's speed on its segments
-    (:meth:`~distattn.schedule.Schedule.kernel_segments`). A bound's work is evened out over its ranks,
+    (:meth:`~distattn.schedule.Schedule.kernel_segments`), ``heads`` query heads a call
+    (:func:`~.kernel.kernel_heads`; a bound's: all). A bound's work is evened out over its ranks,
     so they all run at the speed of its segments together: the schedule's (``wlb-ideal``: per-document
     CP), or -- ``ideal``, whose attention no placement cuts -- every document whole."""
     if row.bound is None:
-        return {d: kernel.rank_rates(schedule.kernel_segments(), world, d, pair_flops) for d in DIRECTIONS}
+        return {d: kernel.rank_rates(schedule.kernel_segments(), world, d, pair_flops, heads) for d in DIRECTIONS}
     if row.bound == "all":
         q_len = np.asarray(docs, dtype=np.int64)
         area = mask_area(q_len, q_len, schedule.causal, schedule.window)

@@ -5,6 +5,7 @@ SDPA (``sdpa``, flash backend), measured side by side in one run.
 
     python -m distattn.kernels.bench [--seq-lens 8192 32768 ...] [--masks causal doc] [--head-dims 64 128 192/128]
                                      [--backends triton torch fa3 sdpa] [--budget-s 150] [--json F]
+                                     [--heads 1 4 32 [--heads-seq-lens 4096 32768] [--heads-head-dim 128]]
 
 For each sequence length ``s``: a packed batch of ``max(--tokens, s)`` tokens (default 32K), ``hidden /
 head_dim`` heads (GQA off), masks:
@@ -12,6 +13,14 @@ head_dim`` heads (GQA off), masks:
 * ``causal`` / ``full``: ``tokens / s`` sequences of ``s`` tokens each;
 * ``doc``: causal document masks, each length-``s`` sequence cut into documents of seeded
   log-uniform lengths between 64 and ``s`` (what packed pretraining batches look like).
+
+**Heads per call** (``--heads``: the simulator's head term, :mod:`distattn.sim.kernel`): after those
+cases, causal sequences at each ``--heads-seq-lens`` and head dim ``--heads-head-dim`` on each ``--heads``
+query-head count, with ``max(1, H // 4)`` KV heads (Llama-3 8B's GQA group: 32 / 8) -- the share of
+the heads a Ulysses or TP rank runs a call on (Llama-3 8B under Ulysses at CP 32: one head). Each head
+count's batch holds ``max(--heads) / H`` times the sequences of the most heads' batch, so every call
+of a length does the same work, as a Ulysses rank does (``1/U`` of the heads, ``U`` times the tokens):
+their TFLOP/s compare the speed per FLOP. Their rows say ``heads_sweep``.
 
 A head dim ``192/128`` is Q/K's and V's (MLA: heads = hidden / V's head dim); K and V are then
 views into one packed ``[T, H, Dqk + Dv]`` buffer, as the executors pass them. FlashAttention-2 has
@@ -52,7 +61,9 @@ from ..varlen import Varlen
 BACKENDS = ("triton", "torch", "fa3", "sdpa")
 MASKS = ("causal", "full", "doc")
 MIN_REPS, MAX_REPS = 3, 30
-COLUMNS = ["head_dim", "seq_len", "mask", "backend", "fwd", "bwd", "fwd_bwd", "note"]
+COLUMNS = ["head_dim", "seq_len", "mask", "heads", "kv_heads", "heads_sweep", "backend", "fwd", "bwd", "fwd_bwd",
+           "note"]
+KV_GROUP = 4                # the head sweep's query heads per KV head (Llama-3 8B's 32 / 8)
 
 
 def tflops(flops: float, ms: float | None) -> float | None:
@@ -189,12 +200,12 @@ def _sdpa(q, k, v, dout, batch, s, causal, budget_s):
         return _autograd(run, inputs, do_b, budget_s)
 
 
-def unsupported(backend: str, mask: str, d: int, dv: int) -> str | None:
-    """Why ``backend`` has no number for this case (None: it runs)."""
+def unsupported(backend: str, mask: str, d: int, dv: int, gqa: bool = False) -> str | None:
+    """Why ``backend`` has no number for this case (None: it runs); ``gqa``: fewer KV heads than query heads."""
     if backend == "torch" and d != dv:
         return "n/a: FlashAttention-2 has no Dv != Dqk"
-    if backend == "sdpa" and (mask == "doc" or d != dv):
-        return "n/a: SDPA's flash kernel takes no documents, nor Dv != Dqk"
+    if backend == "sdpa" and (mask == "doc" or d != dv or gqa):
+        return "n/a: SDPA's flash kernel takes no documents, nor Dv != Dqk, nor GQA here"
     if backend == "fa3" and _fa3() is None:
         return "n/a: FlashAttention-3 (flash_attn_interface) not installed"
     return None
@@ -205,27 +216,45 @@ def cases(seq_lens, masks, dims) -> list[tuple[int, int, int, str]]:
     return [(d, dv, s, mask) for d, dv in dims for s in sorted(seq_lens) for mask in masks]
 
 
+def head_cases(seq_lens, heads, tokens: int) -> list[tuple[int, int, int, list[int]]]:
+    """The head sweep's ``(seq_len, query heads, KV heads, sequences)`` in the order they run (module
+    docstring): per length, shortest first, the most heads first; ``max(1, tokens // seq_len)``
+    sequences on the most heads, ``max(heads) / H`` times as many (rounded down) on ``H``."""
+    if not heads or min(heads) < 1:
+        raise ValueError(f"--heads wants query head counts >= 1, got {list(heads)}")
+    most = max(heads)
+    return [(s, h, max(1, h // KV_GROUP), [s] * max(1, max(1, tokens // s) * most // h))
+            for s in sorted(seq_lens) for h in sorted(set(heads), reverse=True)]
+
+
 def _line(row: dict) -> str:
     nums = "  ".join(f"{c} {row[c]:7.1f}" if row[c] is not None else f"{c}     n/a" for c in ("fwd", "bwd", "fwd_bwd"))
-    return (f"hd {row['head_dim']:>7}  seq {row['seq_len']:>6}  {row['mask']:<6} {row['backend']:<6} {nums}"
-            + (f"  ({row['note']})" if row["note"] else ""))
+    return (f"hd {row['head_dim']:>7}  seq {row['seq_len']:>6}  {row['mask']:<6} heads {row['heads']:>3}/"
+            f"{row['kv_heads']:<3} {row['backend']:<6} {nums}" + (f"  ({row['note']})" if row["note"] else ""))
 
 
 def run(seq_lens, dims, dtype, tokens: int, hidden: int, masks=("causal", "full", "doc"), backends=BACKENDS,
-        budget_s: float = float("inf"), rep_budget_s: float = 0.3, device: str = "cuda") -> list[dict]:
+        budget_s: float = float("inf"), rep_budget_s: float = 0.3, device: str = "cuda", heads=(),
+        heads_seq_lens=(4096, 32768), heads_head_dim: int = 128) -> list[dict]:
     """Every case and backend (module docstring) -> one row each, printed as it is measured (``device``:
-    a CPU run only checks the bookkeeping)."""
+    a CPU run only checks the bookkeeping); then, with ``heads``, the head sweep's."""
+    todo = [(d, dv, s, mask, hidden // dv, hidden // dv, case_lens(s, mask, tokens), False)
+            for d, dv, s, mask in cases(seq_lens, masks, dims)]
+    if heads:
+        todo += [(heads_head_dim, heads_head_dim, s, "causal", h, kv, lens, True)
+                 for s, h, kv, lens in head_cases(heads_seq_lens, heads, tokens)]
     rows, t0 = [], time.perf_counter()
-    for d, dv, s, mask in cases(seq_lens, masks, dims):
-        heads, lens, causal = hidden // dv, case_lens(s, mask, tokens), mask != "full"
-        flops = case_flops(lens, causal, heads, d, dv)
+    for d, dv, s, mask, hq, hkv, lens, sweep in todo:
+        causal = mask != "full"
+        flops = case_flops(lens, causal, hq, d, dv)
         over = time.perf_counter() - t0 > budget_s
         g = torch.Generator(device=device).manual_seed(0)
-        q, kv, dout = (torch.randn(sum(lens), heads, width, device=device, dtype=dtype, generator=g)
-                       for width in (d, d + dv, dv)) if not over else (None, None, None)
+        q, kv, dout = (torch.randn(sum(lens), n, width, device=device, dtype=dtype, generator=g)
+                       for n, width in ((hq, d), (hkv, d + dv), (hq, dv))) if not over else (None, None, None)
         for backend in backends:
-            row = {"head_dim": str(d) if d == dv else f"{d}/{dv}", "seq_len": s, "mask": mask, "backend": backend,
-                   **rates(flops, None, None), "note": unsupported(backend, mask, d, dv) or ""}
+            row = {"head_dim": str(d) if d == dv else f"{d}/{dv}", "seq_len": s, "mask": mask, "heads": hq,
+                   "kv_heads": hkv, "heads_sweep": sweep, "backend": backend, **rates(flops, None, None),
+                   "note": unsupported(backend, mask, d, dv, hkv != hq) or ""}
             if over:
                 row["note"] = f"skipped: the benchmark passed its {budget_s:.0f} s budget"
             elif not row["note"]:
@@ -263,7 +292,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rep-budget-s", type=float, default=0.3,
                         help="timed calls per measurement: stop once they add up to this (3..30 calls)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--heads", type=int, nargs="+", default=[],
+                        help="query heads per call to sweep (e.g. 1 4 32; KV heads H // 4): equal work per call")
+    parser.add_argument("--heads-seq-lens", type=int, nargs="+", default=[4096, 32768],
+                        help="the head sweep's tokens per sequence (causal)")
+    parser.add_argument("--heads-head-dim", type=int, default=128, help="the head sweep's head dim")
     args = parser.parse_args(argv)
+    if args.heads and min(args.heads) < 1:
+        parser.error(f"--heads wants query head counts >= 1, got {args.heads}")
     if not torch.cuda.is_available():
         print("distattn kernel benchmark: no GPU on this machine, nothing to measure")
         return 0
@@ -272,7 +308,8 @@ def main(argv=None) -> int:
           f"batch, {args.hidden} hidden, TFLOP/s (bwd: 2.5x the forward's FLOPs over the backward's time; "
           f"fwd_bwd: 3.5x over both)", flush=True)
     rows = run(args.seq_lens, args.head_dims, dtype, args.tokens, args.hidden, args.masks, args.backends,
-               args.budget_s, args.rep_budget_s)
+               args.budget_s, args.rep_budget_s, heads=args.heads, heads_seq_lens=args.heads_seq_lens,
+               heads_head_dim=args.heads_head_dim)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
