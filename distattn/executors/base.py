@@ -239,6 +239,34 @@ class Executor:
         self._agreed.add(shapes)
 
 
+class Computed(NamedTuple):
+    """Forward, compute -> finish, of an executor whose rows' out is computed where they live: their
+    final out and lse; the compute stage keeps nothing."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    saved: None = None
+
+
+class OwnRows(Executor):
+    """A staged executor whose rows' out is computed on the rank that holds them (the ring family,
+    ``allgather``): nothing comes back in the forward, and the finish stage keeps the rank's q, k,
+    v, out and lse (:class:`Saved`), what its backward starts from. Subclasses write the other
+    stages (``compute_forward`` returns :class:`Computed`)."""
+
+    staged = True
+
+    def finish_forward(self, computed: Computed, q, k, v) -> tuple[torch.Tensor, Saved]:
+        return computed.out, Saved(q, k, v, computed.out, computed.lse)
+
+    def forward(self, q, k, v, scale, softcap=None, sinks=None):
+        return self.finish_forward(self.compute_forward(self.prefetch(q, k, v), scale, softcap, sinks), q, k, v)
+
+    def backward(self, dout, saved: Saved, scale, softcap=None, sinks=None):
+        grads = self.compute_backward(self.start_backward(dout, saved), None, scale, softcap, sinks)
+        return (*self.finish_backward(grads), grads.dsinks)
+
+
 def _global_rank(group, rank: int) -> int:
     return rank if group is dist.group.WORLD else dist.get_global_rank(group, rank)
 

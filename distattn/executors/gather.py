@@ -18,8 +18,8 @@ import torch
 
 from ..merge import LSE_ACC, acc_dtype, row_delta
 from ..schedulers.allgather import GatherSchedule
-from .base import (DeviceIndex, ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv,
-                   unpack_kv)
+from .base import (Computed, DeviceIndex, ExecOptions, OwnRows, Saved, call_bwd, call_fwd, finish_rows, out_shape,
+                   pack_kv, unpack_kv)
 
 
 class _Flight(NamedTuple):
@@ -28,12 +28,6 @@ class _Flight(NamedTuple):
     inputs: tuple
     kv_local: torch.Tensor
     gather: tuple
-
-
-class _Computed(NamedTuple):
-    out: torch.Tensor
-    lse: torch.Tensor
-    saved: None = None   # the compute stage keeps nothing (the finish stage keeps Saved)
 
 
 class _BackFlight(NamedTuple):
@@ -54,9 +48,7 @@ class _Grads(NamedTuple):
     dsinks: torch.Tensor | None
 
 
-class GatherExecutor(Executor):
-    staged = True
-
+class GatherExecutor(OwnRows):
     def __init__(self, schedule: GatherSchedule, rank: int, comm, backend: str, options: ExecOptions = ExecOptions()):
         super().__init__(schedule, rank, comm, backend, options)
         self.calls = schedule.kernel_calls(rank, schedule.shards.rows)
@@ -98,7 +90,7 @@ class GatherExecutor(Executor):
         heads = self.schedule.head_groups(k.shape[1])
         return _Flight((q, k, v), kv_local, self._start_gather(kv_local, heads[0], "allgather forward"))
 
-    def compute_forward(self, flight: _Flight, scale, softcap=None, sinks=None) -> _Computed:
+    def compute_forward(self, flight: _Flight, scale, softcap=None, sinks=None) -> Computed:
         """Forward stage 2: per head group, wait for its K/V, start the next group's, attention."""
         (q, k, v), kv_local, nxt = flight
         kw = self.kernel_args(scale, softcap)
@@ -115,14 +107,7 @@ class GatherExecutor(Executor):
             qh = slice(h0 * group, h1 * group)
             for call in self.calls:
                 call_fwd(call, q[:, qh], kv, out[:, qh], lse[:, qh], **kw)
-        return _Computed(*finish_rows(out, lse, sinks, q.dtype))  # every key merged: count the sinks once
-
-    def finish_forward(self, computed: _Computed, q, k, v) -> tuple[torch.Tensor, Saved]:
-        """Forward stage 3: nothing in flight; the rank keeps its q, k, v, out and lse."""
-        return computed.out, Saved(q, k, v, computed.out, computed.lse)
-
-    def forward(self, q, k, v, scale, softcap=None, sinks=None):
-        return self.finish_forward(self.compute_forward(self.prefetch(q, k, v), scale, softcap, sinks), q, k, v)
+        return Computed(*finish_rows(out, lse, sinks, q.dtype))  # every key merged: count the sinks once
 
     # ---- backward stages: the first gather starts at start_backward, the reduce-scatters end at finish
     def start_backward(self, dout: torch.Tensor, saved: Saved) -> _BackFlight:
@@ -163,7 +148,3 @@ class GatherExecutor(Executor):
             dkv[:, h0:h1] = mine[: grads.kv_shape[0]]
         dk, dv = unpack_kv(dkv.to(grads.kv_dtype), grads.cols[0])
         return grads.dq, dk, dv
-
-    def backward(self, dout, saved: Saved, scale, softcap=None, sinks=None):
-        grads = self.compute_backward(self.start_backward(dout, saved), None, scale, softcap, sinks)
-        return (*self.finish_backward(grads), grads.dsinks)

@@ -18,7 +18,8 @@ import torch
 
 from ..merge import LSE_ACC, acc_dtype, row_delta
 from ..schedulers.ring import RingSchedule
-from .base import ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv, unpack_kv
+from .base import (Computed, ExecOptions, OwnRows, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv,
+                   unpack_kv)
 
 
 class _Flight(NamedTuple):
@@ -29,12 +30,6 @@ class _Flight(NamedTuple):
     held: torch.Tensor    # the same as it travels
     nxt: torch.Tensor | None
     pending: Any
-
-
-class _Computed(NamedTuple):
-    out: torch.Tensor
-    lse: torch.Tensor
-    saved: None = None   # the compute stage keeps nothing (the finish stage keeps Saved)
 
 
 class _BackFlight(NamedTuple):
@@ -59,9 +54,7 @@ class _Grads(NamedTuple):
     dsinks: torch.Tensor | None
 
 
-class RingExecutor(Executor):
-    staged = True
-
+class RingExecutor(OwnRows):
     def __init__(self, schedule: RingSchedule, rank: int, comm, backend: str, options: ExecOptions = ExecOptions()):
         super().__init__(schedule, rank, comm, backend, options)
         p, rows = schedule.world_size, schedule.shards.rows
@@ -99,7 +92,7 @@ class RingExecutor(Executor):
         held = self.options.wire.encode(kv, (k.shape[-1], v.shape[-1]))   # as it travels
         return _Flight((q, k, v), kv, held, *self._step(0, held, held[:0], "forward"))
 
-    def compute_forward(self, flight: _Flight, scale, softcap=None, sinks=None) -> _Computed:
+    def compute_forward(self, flight: _Flight, scale, softcap=None, sinks=None) -> Computed:
         """Forward stage 2: every step's kernel calls against the held block while the next one
         arrives; the sinks counted once every block is merged."""
         (q, k, v), kv, held, nxt, pending = flight
@@ -115,14 +108,7 @@ class RingExecutor(Executor):
                 call_fwd(call, q, kv, out, lse, **kw)
             pending.wait()
             held, kv = nxt, None if nxt is None else self.options.wire.decode(nxt, cols, k.dtype)
-        return _Computed(*finish_rows(out, lse, sinks, q.dtype))
-
-    def finish_forward(self, computed: _Computed, q, k, v) -> tuple[torch.Tensor, Saved]:
-        """Forward stage 3: nothing in flight; the rank keeps its q, k, v, out and lse."""
-        return computed.out, Saved(q, k, v, computed.out, computed.lse)
-
-    def forward(self, q, k, v, scale, softcap=None, sinks=None):
-        return self.finish_forward(self.compute_forward(self.prefetch(q, k, v), scale, softcap, sinks), q, k, v)
+        return Computed(*finish_rows(out, lse, sinks, q.dtype))
 
     # ---- backward stages: step 0 starts at start_backward, the last (dK/dV home) ends at finish --
     def start_backward(self, dout: torch.Tensor, saved: Saved) -> _BackFlight:
@@ -175,7 +161,3 @@ class RingExecutor(Executor):
         dkv = grads.dkv if grads.incoming is None else grads.dkv.add_(grads.incoming)
         dk, dv = unpack_kv(dkv.to(self.options.kv_grad_dtype(grads.kv_dtype)), grads.dq.shape[-1])
         return grads.dq, dk, dv
-
-    def backward(self, dout, saved: Saved, scale, softcap=None, sinks=None):
-        grads = self.compute_backward(self.start_backward(dout, saved), None, scale, softcap, sinks)
-        return (*self.finish_backward(grads), grads.dsinks)
