@@ -150,7 +150,7 @@ def _cmd_simulate(args) -> int:
 
 
 def _print_table(rows: list[dict], gpus_per_node: int) -> None:
-    print(f"{'scheduler':<11} {'tp':>3} {'cp':>4} {'dp':>4} {'ckpt':<10} {'mem GiB':>7} {'step s':>7} "
+    print(f"{'scheduler':<11} {'tp':>3} {'cp':>4} {'dp':>4} {'nb':>2} {'U':>2} {'ckpt':<10} {'mem GiB':>7} {'step s':>7} "
           f"{'p10-p90':>11} {'tok/s/GPU':>9} {'MFU':>5} {'exposed':>7} {'imb':>5} {'DP idle':>7} "
           f"{'/ideal':>6} {'vs wlb':>6}")
     for r in rows:
@@ -163,10 +163,14 @@ def _print_table(rows: list[dict], gpus_per_node: int) -> None:
             continue
         spread = f"{r.get('step_time_p10_s', r['step_time_s']):.2f}-{r.get('step_time_p90_s', r['step_time_s']):.2f}"
         ckpt = r["checkpointing"] + ("+mlp" if r["mlp_chunk"] else "")
-        print(f"{name:<11} {r['tp']:>3} {r['cp']:>4} {r['dp']:>4} {ckpt:<10} {r['memory_gib']:>7.1f} "
+        degree = "-" if r.get("ulysses_degree") is None else r["ulysses_degree"]
+        print(f"{name:<11} {r['tp']:>3} {r['cp']:>4} {r['dp']:>4} {r.get('nano_batches', '-'):>2} {degree:>2} "
+              f"{ckpt:<10} {r['memory_gib']:>7.1f} "
               f"{r['step_time_s']:>7.2f} {spread:>11} {r['tokens_per_s_per_gpu']:>9,.0f} {r['mfu']:>5.2f} "
               f"{r['exposed_comm_s']:>7.2f} {r['compute_imbalance']:>5.2f} {r['dp_idle']:>7.0%} "
               f"{_ratio(r, 'over_ideal'):>6} {_ratio(r, 'speedup_vs_wlb'):>6}")
+    print("nb: nano-batches per micro-batch (parallel.nano_batches); U: usp's Ulysses degree (parallel.ulysses_degree); "
+          "--sweep tries both")
     print("step s: median over the draws (p10-p90: their 10th and 90th percentiles); ckpt: the cheapest activation "
           "checkpointing that fits (+mlp: the MLP tiled; cad resend|keep: what its attention servers keep); exposed: what communication adds to the step; imb: max/mean "
           "compute over all GPUs; DP idle: mean share of the step replicas wait; /ideal: step over ideal's; vs wlb: "
@@ -207,8 +211,8 @@ def add_parsers(sub) -> None:
         "simulate", help="predict step time per scheduler on a modelled cluster; --sweep picks each one's CP",
         description="Predict a training step of each scheduler on a cluster you describe: dry plans of the real "
                     "planners replayed on a compute, memory and network model, over many draws of the global batch. "
-                    "--sweep gives each scheduler its best CP size; --auto recommends a mesh; --calibrate checks "
-                    "the model against a bench run.",
+                    "--sweep gives each scheduler its best setting (CP size, nano-batches, usp's Ulysses degree); "
+                    "--auto recommends a mesh; --calibrate checks the model against a bench run.",
         epilog=examples("distattn simulate --gpus 64 --seq-len 128K --draws 4",
                         "distattn simulate --gpus 512 --seq-len 512K --gpu h200 --sweep --network h100 --json",
                         "distattn simulate --gpus 256 --seq-len 512K --gpu h200 --tp 8 --sweep",
@@ -252,7 +256,8 @@ def _step_arguments(sim, packings, schedulers) -> None:
                           "(default 16)")
     sim.add_argument("--seed", type=int, default=0, help="the first draw's seed (default 0)")
     sim.add_argument("--sweep", action="store_true",
-                     help="give each row its best CP size for a fixed global batch (--batch)")
+                     help="give each row its best setting for a fixed global batch (--batch): CP size, "
+                          "nano-batches 1|2 and usp's Ulysses degree (--nano-batches/--ulysses-degree fix them)")
     sim.add_argument("--packing", choices=packings, default="balanced",
                      help="how the global batch is dealt to replicas' micro-batches (default: balanced)")
     sim.add_argument("--token-cap-factor", type=float, default=1.25,

@@ -135,12 +135,19 @@ def dry_schedule(name: str, docs, world: int, context: PlanContext | None = None
     Ulysses degree; cad: its cost model and network); ``options`` go to the planner as
     ``distattn.plan`` takes them (one it does not take is a ``ValueError``); ``mask``: a SliceMask."""
     row = row_of(name)
-    if row.layout == "document":
-        docs = [-(-int(n) // (2 * world)) * 2 * world for n in docs]
+    docs = laid_out(name, docs, world)
     if row.layout is not None and world > 1:
         options["layout"] = row.layout
     return dry_plan(docs, world, scheduler=spec(row.entry).name, causal=causal, window=window, mask=mask,
                     comm_dtype=comm_dtype, context=context, **options).schedule
+
+
+def laid_out(name: str, docs, world: int) -> list[int]:
+    """The document lengths row ``name`` plans on ``world`` ranks: on the per-document layout each padded
+    to a multiple of ``2 * world`` (TransformerEngine's THD split), else as they are."""
+    if row_of(name).layout == "document":
+        return [-(-int(n) // (2 * world)) * 2 * world for n in docs]
+    return list(docs)
 
 
 def backward_option(cfg: SimConfig, name: str) -> dict:
@@ -223,4 +230,4 @@ def links_of(network, cfg: SimConfig) -> Links:
 
 
 __all__ = ["SimConfig", "PLANNING", "with_planning", "backward_option", "default_cp", "nccl_size", "comm_time", "dry_schedule",
-           "job_facts", "plan_context", "nano_docs", "attention_kernel", "attn_shape", "Links", "links_of"]
+           "laid_out", "job_facts", "plan_context", "nano_docs", "attention_kernel", "attn_shape", "Links", "links_of"]

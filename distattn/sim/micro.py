@@ -2,19 +2,33 @@
 each nano-batch's schedules -- one per CP group, or one over the pool -- with their ranks' attention
 rates from the kernel's speed on their segments (:mod:`.kernel`) and their transfers on the links,
 merged into one program over every rank; the linear pieces' seconds; tensor parallelism's
-collectives; and FSDP's per-block transfers (:func:`fsdp_seconds`)."""
+collectives; and FSDP's per-block transfers (:func:`fsdp_seconds`).
+
+What repeats is made once. A group's plan is a function of its documents and the job alone, so the
+last :data:`PLANS_KEPT` groups planned are kept with the seconds their planning took (:func:`_planned`):
+a micro-batch that cannot be cut into two nano-batches plans at 2 what it planned at 1 (the sweep
+tries both on the same draws), and ``--per-batch`` scores a layout's groups, then replays the best
+layouts' same groups whole. The bounds (``wlb-ideal``, ``ideal``) take from a schedule only its
+layout, its attention's total and its segments, so they are computed from the layout
+(:func:`_bound_groups`) without the planner's pairs of ranges -- the same numbers (``tests/test_sim_fast.py``
+holds them to the planned path), at a small fraction of the cost: a per-document layout's ranges
+grow with the square of the CP size for every document."""
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..cost import attention_flops
+from ..layout import Layout
 from ..masks import mask_area
-from ..schedule import attention_program
+from ..schedule import attention_program, layout_segments
 from ..schedulers import spec
-from .job import (Links, SimConfig, attn_shape, backward_option, comm_time, dry_schedule, nano_docs,
+from .job import (Links, SimConfig, attn_shape, backward_option, comm_time, dry_schedule, laid_out, nano_docs,
                   plan_context)
 from .kernel import AttentionKernel, kernel_heads
 from .replay import TimedProgram
@@ -22,6 +36,9 @@ from .step import Fsdp, MicroBatch
 from .workload import Row, row_of
 
 DIRECTIONS = ("forward", "backward")
+PLANS_KEPT = 256   # groups' plans kept (module docstring): a sweep setting's draws, or a step's layouts
+_PLANS: OrderedDict = OrderedDict()   # key -> (_Group, planning seconds, the network the key names by id)
+_PLANS_LOCK = threading.Lock()        # (choose_step may run on the trainer's planning thread)
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,16 +56,40 @@ def _groups(cfg: SimConfig, name: str, docs_per_group: list, world: int, kernel:
     """Row ``name``'s schedules, one per group of ``world`` ranks, and the seconds the slowest took to plan."""
     shape = attn_shape(cfg)
     context = plan_context(cfg, network)
+    options = backward_option(cfg, name)
+    # what a group's plan and rates depend on besides its documents (the network by identity: held in the entry)
+    job = (name, world, replace(context, network=None), id(network), cfg.comm_dtype, tuple(sorted(options.items())),
+           shape, kernel)
     groups, slowest = [], 0.0
     for docs in docs_per_group:
-        start = time.perf_counter()
-        schedule = dry_schedule(name, docs, world, context, comm_dtype=cfg.comm_dtype, **backward_option(cfg, name))
-        slowest = max(slowest, time.perf_counter() - start)
-        rates = _rates(row_of(name), schedule, docs, kernel, world, 4.0 * shape.num_heads * shape.head_dim,
-                       kernel_heads(schedule, shape))
-        groups.append(_Group(schedule.call_program(shape), rates, np.asarray(schedule.rank_tokens(), np.float64),
-                             schedule.ulysses_degree))
+        group, seconds = _planned(job, [int(n) for n in docs], cfg, context, options, network)
+        groups.append(group)
+        slowest = max(slowest, seconds)
     return groups, slowest
+
+
+def _planned(job: tuple, docs: list[int], cfg: SimConfig, context, options: dict, network) -> tuple[_Group, float]:
+    """One group's :class:`_Group` and the seconds its planning took: kept from the last time the same
+    documents were planned for the same ``job`` (module docstring), else planned now."""
+    key = (*job, tuple(docs))
+    with _PLANS_LOCK:
+        hit = _PLANS.get(key)
+        if hit is not None:
+            _PLANS.move_to_end(key)
+            return hit[0], hit[1]
+    name, world, shape, kernel = job[0], job[1], job[6], job[7]
+    start = time.perf_counter()
+    schedule = dry_schedule(name, docs, world, context, comm_dtype=cfg.comm_dtype, **options)
+    seconds = time.perf_counter() - start
+    rates = _rates(row_of(name), schedule, docs, kernel, world, 4.0 * shape.num_heads * shape.head_dim,
+                   kernel_heads(schedule, shape))
+    group = _Group(schedule.call_program(shape), rates, np.asarray(schedule.rank_tokens(), np.float64),
+                   schedule.ulysses_degree)
+    with _PLANS_LOCK:
+        _PLANS[key] = (group, seconds, network)
+        while len(_PLANS) > PLANS_KEPT:
+            _PLANS.popitem(last=False)
+    return group, seconds
 
 
 def _rates(row: Row, schedule, docs, kernel: AttentionKernel, world: int, pair_flops: float,
@@ -60,13 +101,8 @@ def _rates(row: Row, schedule, docs, kernel: AttentionKernel, world: int, pair_f
     CP), or -- ``ideal``, whose attention no placement cuts -- every document whole."""
     if row.bound is None:
         return {d: kernel.rank_rates(schedule.kernel_segments(), world, d, pair_flops, heads) for d in DIRECTIONS}
-    if row.bound == "all":
-        q_len = np.asarray(docs, dtype=np.int64)
-        area = mask_area(q_len, q_len, schedule.causal, schedule.window)
-    else:
-        _, q_len, area = schedule.kernel_segments()
-    together = (np.zeros(len(q_len), dtype=np.int64), q_len, area)   # every segment on one rank
-    return {d: np.full(world, kernel.rank_rates(together, 1, d, pair_flops)[0]) for d in DIRECTIONS}
+    segments = None if row.bound == "all" else schedule.kernel_segments()
+    return _bound_rates(row, docs, segments, kernel, world, pair_flops, schedule.causal, schedule.window)
 
 
 def _bound(row: Row, groups: list[_Group], world: int, ranks: int) -> list[_Group]:
@@ -74,9 +110,52 @@ def _bound(row: Row, groups: list[_Group], world: int, ranks: int) -> list[_Grou
     every rank (``all``)."""
     def forward(g):
         return sum(ph.total(world) for ph in g.program.phases if not ph.is_comm and ph.direction == "forward")
-    overall = sum(forward(g).sum() for g in groups) / ranks
-    return [_Group(attention_program(np.full(world, overall if row.bound == "all" else forward(g).mean()), world),
-                   g.rates, g.tokens, None) for g in groups]
+    return _evened(row, [forward(g) for g in groups], groups, world, ranks)
+
+
+def _evened(row: Row, forward: list[np.ndarray], groups: list[_Group], world: int, ranks: int) -> list[_Group]:
+    """:func:`_bound` of the groups' forward attention FLOPs per rank (``forward[k]``, int64)."""
+    overall = sum(f.sum() for f in forward) / ranks
+    return [_Group(attention_program(np.full(world, overall if row.bound == "all" else f.mean()), world),
+                   g.rates, g.tokens, None) for f, g in zip(forward, groups)]
+
+
+def _bound_groups(cfg: SimConfig, name: str, docs_per_group: list, world: int,
+                  kernel: AttentionKernel) -> list[_Group] | None:
+    """:func:`_bound` of :func:`_groups` without planning (module docstring): a schedule of the bound's
+    row computes each rank's query rows against their documents' keys, so its forward FLOPs per rank,
+    its tokens and its segments follow from its layout (:func:`distattn.schedule.layout_segments`).
+    None for a row whose scheduler lays tokens out itself (no layout to compute from)."""
+    row = row_of(name)
+    entry = spec(row.entry)
+    kind = row.layout or entry.layout
+    if kind is None:
+        return None
+    shape = attn_shape(cfg)
+    forward, groups = [], []
+    for docs in docs_per_group:
+        lens = laid_out(name, docs, world)
+        shards = Layout(kind).shards(lens, world)
+        segments = layout_segments(shards, lens, True, None)   # (dry_schedule's document mask)
+        area = np.zeros(world, dtype=np.int64)
+        np.add.at(area, segments[0], segments[2])
+        forward.append(attention_flops(area, shape.num_heads, shape.head_dim))
+        rates = _bound_rates(row, docs, segments, kernel, world, 4.0 * shape.num_heads * shape.head_dim)
+        tokens = np.asarray([shards.num_tokens(r) for r in range(world)], np.float64)
+        groups.append(_Group(None, rates, tokens, None))
+    return _evened(row, forward, groups, world, cfg.ranks)
+
+
+def _bound_rates(row: Row, docs, segments, kernel: AttentionKernel, world: int, pair_flops: float,
+                 causal: bool = True, window: int | None = None) -> dict:
+    """:func:`_rates` of a bound from its documents (``all``) or its layout's ``segments`` (``replica``)."""
+    if row.bound == "all":
+        q_len = np.asarray(docs, dtype=np.int64)
+        area = mask_area(q_len, q_len, causal, window)
+    else:
+        _, q_len, area = segments
+    together = (np.zeros(len(q_len), dtype=np.int64), q_len, area)   # every segment on one rank
+    return {d: np.full(world, kernel.rank_rates(together, 1, d, pair_flops)[0]) for d in DIRECTIONS}
 
 
 def _merged(groups: list[_Group], world: int, network, cfg: SimConfig) -> TimedProgram:
@@ -117,11 +196,13 @@ def micro_batch(cfg: SimConfig, name: str, replicas: list, kernel: AttentionKern
             docs, world = [[d for rep in cut for d in rep[n]]], cfg.ranks
         else:
             docs, world = [rep[n] for rep in cut], cfg.cp
-        groups, seconds = _groups(cfg, name, docs, world, kernel, links.cp)
-        if row.bound:
-            groups = _bound(row, groups, world, cfg.ranks)
-        else:
-            planning += seconds
+        groups = _bound_groups(cfg, name, docs, world, kernel) if row.bound else None
+        if groups is None:
+            groups, seconds = _groups(cfg, name, docs, world, kernel, links.cp)
+            if row.bound:
+                groups = _bound(row, groups, world, cfg.ranks)
+            else:
+                planning += seconds
         for g in groups:   # MFU counts the forward's attention (the trainer's model_flops), all TP ranks
             flops_attn += cfg.tp * sum(float(ph.total(world).sum()) for ph in g.program.phases
                                        if not ph.is_comm and ph.direction == "forward")

@@ -68,25 +68,52 @@ class Replay:
     comm: np.ndarray
 
 
-def _coupled(x: np.ndarray, op: Op) -> np.ndarray:
-    """Per rank, the latest of ``x`` over the ranks its transfer waits for: the ranks it exchanges
-    data with (``links``), else its group."""
+def _coupled(x: np.ndarray, op: Op, plans: dict | None = None) -> np.ndarray:
+    """Per rank (the last axis), the latest of ``x`` over the ranks its transfer waits for: the ranks it
+    exchanges data with (``links``), else its group. ``plans``: :func:`_flat_links` kept per ``links``."""
     if op.links is not None:
-        src, dst = op.links
+        src, dst = _flat_links(op.links, x.shape, plans)
         out = x.copy()
-        np.maximum.at(out, src, x[dst])
-        np.maximum.at(out, dst, x[src])
+        flat, before = out.reshape(-1), x.reshape(-1)
+        np.maximum.at(flat, src, before[dst])
+        np.maximum.at(flat, dst, before[src])
         return out
-    return np.repeat(x.reshape(-1, op.span).max(1), op.span) if op.span > 1 else x
+    if op.span > 1:
+        return np.repeat(x.reshape(*x.shape[:-1], -1, op.span).max(-1), op.span, axis=-1)
+    return x
 
 
-def _seconds(op: Op) -> np.ndarray:
-    """A transfer's seconds per rank: a point-to-point receiver also waits for the send it receives."""
+def _flat_links(links: tuple[np.ndarray, np.ndarray], shape: tuple[int, ...],
+                plans: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """``links``' ``(src, dst)`` pairs on every row of an array of ``shape`` (rows of ranks), as indices
+    of it flattened: one scattered maximum for all rows. Made once per ``links`` a replay meets (kept
+    in ``plans`` with the arrays, whose identity keys it)."""
+    if len(shape) == 1:
+        return links
+    hit = None if plans is None else plans.get(id(links))
+    if hit is not None:
+        return hit[1]
+    rows, ranks = shape
+    got = tuple(np.concatenate([x + i * ranks for i in range(rows)]) for x in links)
+    if plans is not None:
+        plans[id(links)] = (links, got)
+    return got
+
+
+def _seconds(op: Op, kept: dict | None = None) -> np.ndarray:
+    """A transfer's seconds per rank: a point-to-point receiver also waits for the send it receives
+    (``kept``: made once per seconds and links a replay meets)."""
     if not op.p2p or op.links is None:
         return op.seconds
+    key = (id(op.seconds), id(op.links))
+    hit = None if kept is None else kept.get(key)
+    if hit is not None:
+        return hit[2]
     src, dst = op.links
     out = op.seconds.copy()
     np.maximum.at(out, dst, op.seconds[src])
+    if kept is not None:
+        kept[key] = (op.seconds, op.links, out)   # (the arrays kept alive: their identities are the key)
     return out
 
 
@@ -94,38 +121,58 @@ def replay(ops, ranks: int, comm: bool = True, streams: bool = True, slowdown: f
     """Run ``ops`` (module docstring); ``comm=False``: every transfer takes no time; ``streams``:
     chained hops wait off the compute clock (GPUs); ``slowdown``: compute runs ``1 + slowdown`` times
     slower while a transfer of the rank is in flight."""
-    clock, queues, inflight = np.zeros(ranks), {}, np.zeros(ranks)
-    compute, stalled, moving = np.zeros(ranks), np.zeros(ranks), np.zeros(ranks)
-    ends: dict = {}
+    return _replay(ops, ranks, (comm,), streams, slowdown)[0]
 
-    def hold(end):   # the compute clock waits for ``end``
-        nonlocal clock
-        stalled[:] += np.maximum(end - clock, 0)
-        clock = np.maximum(clock, end)
+
+def replay_both(ops, ranks: int, streams: bool = True, slowdown: float = 0.0) -> tuple[Replay, Replay]:
+    """``(replay(ops, ranks, streams=streams, slowdown=slowdown), replay(ops, ranks, comm=False,
+    streams=streams))`` -- the step and the step without transfers, whose difference is the exposed
+    communication -- in one pass over ``ops``, each operation's arithmetic done on both at once (a
+    step is thousands of operations on a few hundred ranks: the pass, not the arithmetic, is the
+    cost). The same numbers: with no transfer in flight ``slowdown`` slows nothing."""
+    both = _replay(ops, ranks, (True, False), streams, slowdown)
+    return both[0], both[1]
+
+
+def _replay(ops, ranks: int, comms: tuple[bool, ...], streams: bool, slowdown: float) -> list[Replay]:
+    """:func:`replay` of ``ops`` once per entry of ``comms`` (with transfers or without), as rows of one
+    array per clock."""
+    shape = (len(comms), ranks)
+    on = None if all(comms) else np.asarray(comms, dtype=np.float64)[:, None]   # transfers take time
+    clock, queues, inflight = np.zeros(shape), {}, np.zeros(shape)
+    compute, stalled, moving = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    ends: dict = {}
+    plans: dict = {}
+    kept: dict = {}
     for op in ops:
-        if op.op == RUN:
+        kind = op.op
+        if kind == RUN:
             took = _slowed(op.seconds, np.maximum(inflight - clock, 0), slowdown) if slowdown else op.seconds
             clock = clock + took
             compute += took
-        elif op.op in (START, CHAIN):
-            queue = queues.get(op.link, 0.0)
-            ready = np.maximum(clock, queue)
-            if op.op == CHAIN:
+        elif kind == WAIT:   # the compute clock waits for the transfer's end
+            end = ends.pop(op.key)
+            stalled += np.maximum(end - clock, 0)
+            clock = np.maximum(clock, end)
+        else:
+            assert kind in (START, CHAIN), kind
+            ready = np.maximum(clock, queues.get(op.link, 0.0))
+            if kind == CHAIN:
                 before = ends.pop(op.after)
                 if not streams:
-                    hold(before)
+                    stalled += np.maximum(before - clock, 0)
+                    clock = np.maximum(clock, before)
                 ready = np.maximum(ready, before)
-            seconds = _seconds(op) if comm else 0.0
-            queues[op.link] = _coupled(ready, op) + seconds
+            seconds = _seconds(op, kept)
+            if on is not None:
+                seconds = seconds * on
+            queue = _coupled(ready, op, plans) + seconds
+            queues[op.link] = queue
             moving += seconds
-            ends[op.key] = queues[op.link]
-            if comm:
-                inflight = np.maximum(inflight, queues[op.link])
-        else:
-            assert op.op == WAIT, op.op
-            hold(ends.pop(op.key))
+            ends[op.key] = queue
+            inflight = np.maximum(inflight, queue if on is None else queue * on)
     assert not ends, f"transfers never waited for: {list(ends)[:3]}"
-    return Replay(clock, compute, stalled, moving)
+    return [Replay(clock[i], compute[i], stalled[i], moving[i]) for i in range(len(comms))]
 
 
 def _slowed(seconds: np.ndarray, overlap: np.ndarray, slowdown: float) -> np.ndarray:
@@ -211,4 +258,4 @@ def step_ops(order, programs, pre_s, post_s, head_s, ranks: int) -> list[Op]:
     return ops
 
 
-__all__ = ["Op", "Replay", "TimedProgram", "replay", "call_ops", "step_ops"]
+__all__ = ["Op", "Replay", "TimedProgram", "replay", "replay_both", "call_ops", "step_ops"]

@@ -37,8 +37,8 @@ convention), and ``overlapped_comm``, its transfer time hidden behind compute. `
 trainer's estimate of one GPU (:mod:`.fit`), ``fits`` whether the GPU holds it; ``mfu`` is the
 trainer's: :meth:`ModelShape.model_flops <distattn.model_shape.ModelShape.model_flops>` over the step
 time and every GPU's dense bf16 peak. One call simulates one draw of the global batch;
-:mod:`.sweep` runs many and sweeps the CP size. Not modelled: pipeline parallelism, the optimizer
-step, kernel launch overheads.
+:mod:`.sweep` runs many and sweeps each row's setting (CP size, nano-batches, usp's Ulysses
+degree). Not modelled: pipeline parallelism, the optimizer step, kernel launch overheads.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from .job import (SimConfig, attention_kernel, comm_time, default_cp, dry_schedu
                   links_of, plan_context, with_planning)
 from .micro import fsdp_seconds, micro_batch
 from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS
-from .replay import TimedProgram, call_ops, replay
+from .replay import TimedProgram, call_ops, replay, replay_both
 from .step import step_ops
 from .workload import assign, draw_chunks, row_of
 
@@ -118,6 +118,7 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks) -> tuple[dict, obje
     setting = fit.choose(cfg, entry.name, cap)
     result = {"scheduler": name, "gpus": cfg.gpus, "tp": cfg.tp, "cp": cfg.cp, "dp": cfg.dp, "seq_len": cfg.seq_len,
               "batch": len(chunks), "micro_batches": len(chunks) // cfg.dp, "model": m.name, "params": m.params,
+              **row_setting(cfg, name),
               "packing": cfg.packing, "checkpointing": setting.checkpointing, "mlp_chunk": setting.mlp_chunk,
               "memory_gib": setting.memory_gib, "fits": setting.fits,
               "memory_gb": setting.memory_gib, "fits_memory": setting.fits,   # (the names before issue 54)
@@ -130,8 +131,7 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks) -> tuple[dict, obje
     micro = [micro_batch(cfg, name, replicas, kernel, links) for replicas in packed.micro]
     ops = step_ops([mb["micro"] for mb in micro], m.n_layers, cfg.activation_checkpointing, cfg.ranks,
                    fsdp_seconds(cfg, links.cp))
-    run = replay(ops, cfg.ranks, slowdown=cfg.comm_slowdown)
-    still = replay(ops, cfg.ranks, comm=False)
+    run, still = replay_both(ops, cfg.ranks, slowdown=cfg.comm_slowdown)
     busy = run.compute + run.stalled   # each rank's end (the clock only moves by compute and waits)
     planning = sum(mb["planning_s"] for mb in micro)
     step = float(busy.max())
@@ -142,7 +142,6 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks) -> tuple[dict, obje
     tokens = float(sum(mb["tokens"].sum() for mb in micro))
     peak = cfg.gpu.peak_tflops * 1e12
     return dict(result, **{
-        "ulysses_degree": micro[0]["ulysses"], "nano_batches": len(micro[0]["micro"].programs),
         "step_time_s": step, "tokens_per_s_per_gpu": tokens / step / cfg.gpus,
         "mfu": float(m.model_flops(tokens, sum(mb["flops_attn"] for mb in micro)) / step / (peak * cfg.gpus)),
         "compute_s": float(run.compute.max()), "exposed_comm_s": max(float(busy.max() - still.end.max()), 0.0),
@@ -151,6 +150,21 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks) -> tuple[dict, obje
         "dp_idle": float(np.mean([(step - t) / step for t in rep_times])), "dp_imbalance": packed.imbalance,
         "held_share": packed.held_tokens / max(1, sum(map(sum, chunks))), "planning_s": planning,
         "kernel": kernel.source}), run
+
+
+def row_setting(cfg: SimConfig, name: str) -> dict:
+    """Row ``name``'s setting on ``cfg`` as the trainer's config spells it: ``nano_batches``
+    (``parallel.nano_batches``: ``cfg``'s or the scheduler's default; a bound runs one) and
+    ``ulysses_degree`` (``parallel.ulysses_degree``: ``usp``'s, given or derived as its planner derives
+    it; None for a scheduler without a Ulysses axis, or on one rank). A micro-batch of one document
+    anywhere runs as one nano-batch, as in the trainer; the setting is what the config says."""
+    row = row_of(name)
+    entry = spec(row.entry)
+    nano = 1 if row.bound is not None else entry.nano_batches_for(cfg.nano_batches, key="--nano-batches")
+    degree = None
+    if entry.mesh_2d and cfg.cp > 1:
+        degree = entry.derive(cfg.cp, plan_context(cfg), {}).get("ulysses_degree")
+    return {"nano_batches": nano, "ulysses_degree": degree}
 
 
 def _timeline(name: str, cfg: SimConfig, step: float, run) -> list[dict]:
@@ -197,4 +211,4 @@ def mesh_description(r: dict, gpus_per_node: int) -> str:
 
 __all__ = ["MODELS", "GPUS", "SCHEDULERS", "BOUNDS", "PHASES", "TIMELINE_COLUMNS", "ModelShape", "GPU", "SimConfig",
            "default_cp", "simulate", "simulate_with_timelines", "simulate_row", "write_timeline", "mesh_description",
-           "plan_context", "dry_schedule", "time_call", "nccl_size", "comm_time", "links_of"]
+           "plan_context", "dry_schedule", "time_call", "nccl_size", "comm_time", "links_of", "row_setting"]

@@ -1,4 +1,4 @@
-"""Every draw, and each row at its best CP size: what ``distattn simulate --draws N --sweep`` reports.
+"""Every draw, and each row at its best setting: what ``distattn simulate --draws N --sweep`` reports.
 
 A step's time depends on which documents the global batch drew; one draw is an anecdote. Each row is
 simulated on ``draws`` global batches (seeds ``seed .. seed + draws - 1``; every row trains the same
@@ -6,12 +6,23 @@ ones, so ratios between rows are paired per draw) and reports the median step ti
 90th percentiles, and the median of every other figure.
 
 With ``sweep``, the global batch stays fixed (``batch`` sequences of ``seq_len``) and each row takes
-its best (DP, CP) at the GPU count: every power-of-two CP size whose DP size divides the batch (the
-rest of the batch becomes each replica's micro-batches) and whose setting fits the GPU's memory
-(:mod:`.fit`), scored by its median over the first :data:`SWEEP_DRAWS` draws (from the smallest size
-up, stopping at one :data:`GIVE_UP` times slower than the best so far); the chosen size then runs
-every draw. The row names its CP, DP, checkpointing and memory; the sizes it tried are in
-``sweep``. A row that fits at no size says so (``fits: false``) and has no time.
+its best setting at the GPU count -- what a user would write in the trainer's config:
+
+* (DP, CP) (``parallel.dp``, ``parallel.cp``): every power-of-two CP size whose DP size divides the
+  batch (the rest of the batch becomes each replica's micro-batches) and whose setting fits the GPU's
+  memory (:mod:`.fit`: the cheapest activation checkpointing that fits, ``train.activation_checkpointing``);
+* at each CP size, nano-batches 1 and 2 (``parallel.nano_batches``: one nano-batch's transfers hide
+  behind the other's layers, at the price of shorter kernels; the scheduler's default first, so a tie
+  keeps it) and, for ``usp``, each Ulysses degree that divides both the CP size and a TP rank's KV
+  heads (``parallel.ulysses_degree``; the default degree first) -- :func:`settings`. A bound
+  (``wlb-ideal``, ``ideal``) has no nano-batches; a setting given on the command line
+  (``--nano-batches``, ``--ulysses-degree``) is kept, not swept.
+
+Every setting is scored by its median step over the same first :data:`SWEEP_DRAWS` draws (CP sizes
+from the smallest up, stopping at one whose best setting is :data:`GIVE_UP` times slower than the best
+so far); the fastest then runs every draw. The row names its CP, DP, checkpointing, memory,
+``nano_batches`` and ``ulysses_degree``; every setting it tried is in ``sweep``. A row that fits at no
+size says so (``fits: false``) and has no time.
 
 Ratios per draw, then summarised: ``over_ideal`` (the row's step over ``ideal``'s: >= 1) and
 ``speedup_vs_wlb`` (``wlb``'s step over the row's: above 1, the row is faster than WLB-LLM as users
@@ -35,8 +46,11 @@ MEASURED = ("step_time_s", "tokens_per_s_per_gpu", "mfu", "compute_s", "exposed_
             "compute_imbalance", "dp_idle", "dp_imbalance", "held_share", "planning_s")
 # the pinned keys of a row with no time (it fits no setting, or no CP size)
 NO_TIME = {"cp": None, "dp": None, "checkpointing": None, "memory_gib": None, "fits": False, "step_time_s": None,
-           "step_time_p10_s": None, "step_time_p90_s": None, "step_time_mean_s": None}
-GIVE_UP = 1.5      # a CP size this much slower than the best so far ends the sweep
+           "step_time_p10_s": None, "step_time_p90_s": None, "step_time_mean_s": None, "nano_batches": None,
+           "ulysses_degree": None}
+GIVE_UP = 1.5      # a CP size whose best setting is this much slower than the best so far ends the sweep
+# what each setting the sweep tried reports (its row's keys)
+TRIED = ("cp", "dp", "nano_batches", "ulysses_degree", "checkpointing", "memory_gib", "fits")
 QUANTILES = {"p10": 10, "p90": 90}
 
 
@@ -55,6 +69,28 @@ def candidates(cfg: SimConfig, name: str, min_tokens: int = 1) -> list[int]:
     return out
 
 
+def settings(cfg: SimConfig, name: str, cp: int) -> list[dict]:
+    """The settings row ``name`` is tried at on CP size ``cp``, as :class:`SimConfig` fields named as the
+    trainer's config names them (``parallel.nano_batches``, ``parallel.ulysses_degree``): nano-batches
+    1 and 2, the scheduler's default first (a bound: none to choose; ``cfg``'s when given), and for a
+    scheduler with a Ulysses axis (``usp``) each degree dividing ``cp`` and a TP rank's KV heads, the
+    default first (``cfg``'s when given; one rank: nothing to split)."""
+    row = row_of(name)
+    entry = spec(row.entry)
+    if row.bound is not None or cfg.nano_batches is not None:
+        nanos = [cfg.nano_batches]   # (a bound runs one whatever it is given)
+    else:
+        nanos = sorted((1, 2), key=lambda n: n != entry.nano_batches)
+    degrees = [cfg.ulysses_degree]
+    if entry.mesh_2d and cfg.ulysses_degree is None and cp > 1:
+        kv = max(1, cfg.model.n_kv_heads // cfg.tp)
+        default = entry.head_split(cp, plan_context(replace(cfg, cp=cp)))
+        degrees = sorted((u for u in range(1, cp + 1) if cp % u == 0 and kv % u == 0), key=lambda u: (u != default, u))
+    # the nano-batches innermost: a micro-batch that cannot be cut plans the same groups at 1 and 2
+    # (:mod:`.micro` keeps the last plans)
+    return [{"ulysses_degree": u, "nano_batches": n} for u in degrees for n in nanos]
+
+
 def pool_batches(pool) -> Callable[[SimConfig, int], list[list[int]]]:
     """Draw ``d`` of a config: :func:`~.workload.draw_chunks` of the length sample ``pool`` (None: the
     log-normal stand-in), seeded ``cfg.seed + d``."""
@@ -71,11 +107,18 @@ def run_draws(cfg: SimConfig, network, name: str, batches, draws: range,
         out.append(result)
         if progress is not None:
             step = result["step_time_s"]
-            progress(f"{name} cp {cfg.cp}: draw {d + 1} of {draws.stop}: "
+            progress(f"{_label(name, result)}: draw {d + 1} of {draws.stop}: "
                      f"{'does not fit' if step is None else f'{step:.2f} s'}")
         if result["step_time_s"] is None:
             break   # the setting is the draws' alike: none fits
     return out
+
+
+def _label(name: str, result: dict) -> str:
+    """``name cp C`` with the setting's nano-batches and Ulysses degree (progress lines)."""
+    degree = result.get("ulysses_degree")
+    return (f"{name} cp {result['cp']} nano {result.get('nano_batches')}"
+            + ("" if degree is None else f" ulysses {degree}"))
 
 
 def summary(per_draw: list[dict]) -> dict:
@@ -95,41 +138,51 @@ def summary(per_draw: list[dict]) -> dict:
     return row
 
 
-def best_cp(cfg: SimConfig, network, name: str, batches, draws: int,
-            progress: Callable[[str], None] | None = None,
-            scored: int = SWEEP_DRAWS) -> tuple[int | None, list[dict], list[dict]]:
-    """(the CP size with the lowest median step over the first ``scored`` draws, its draws so far, every size
-    tried: ``{cp, dp, checkpointing, memory_gib, fits, step_time_s}``). Sizes are tried from the
-    smallest; once one is :data:`GIVE_UP` times slower than the best so far, larger ones (more
-    communication, the ring's steps growing with them) are not tried."""
-    tried, best, kept = [], None, []
+def best_setting(cfg: SimConfig, network, name: str, batches, draws: int,
+                 progress: Callable[[str], None] | None = None,
+                 scored: int = SWEEP_DRAWS) -> tuple[SimConfig | None, list[dict], list[dict]]:
+    """(``cfg`` at the setting -- CP size, :func:`settings` -- with the lowest median step over the first
+    ``scored`` draws, None where none fits; its draws so far; every setting tried: :data:`TRIED` and
+    its median ``step_time_s``). CP sizes are tried from the smallest; once one's best setting is
+    :data:`GIVE_UP` times slower than the best so far, larger ones (more communication, the ring's
+    steps growing with them) are not tried. Every setting runs the same draws, so a choice is paired."""
+    tried: list[dict] = []
+    best: tuple[SimConfig, float] | None = None
+    kept: list[dict] = []
+    last = None   # the best median at the CP size before
     for cp in candidates(cfg, name):
-        if best is not None and tried[-1]["step_time_s"] is not None and tried[-1]["step_time_s"] > GIVE_UP * best[1]:
+        if best is not None and last is not None and last > GIVE_UP * best[1]:
             break
-        got = run_draws(replace(cfg, cp=cp), network, name, batches, range(min(draws, scored)), progress)
-        head = got[0]
-        median = float(np.median([r["step_time_s"] for r in got])) if head["fits"] else None
-        tried.append({"cp": cp, "dp": head["dp"], "checkpointing": head["checkpointing"],
-                      "memory_gib": head["memory_gib"], "fits": head["fits"], "step_time_s": median})
-        if median is not None and (best is None or median < best[1]):
-            best, kept = (cp, median), got
+        medians = []
+        for setting in settings(cfg, name, cp):
+            at = replace(cfg, cp=cp, **setting)
+            got = run_draws(at, network, name, batches, range(min(draws, scored)), progress)
+            head = got[0]
+            median = float(np.median([r["step_time_s"] for r in got])) if head["fits"] else None
+            tried.append({**{k: head[k] for k in TRIED}, "step_time_s": median})
+            if median is None:
+                continue
+            medians.append(median)
+            if best is None or median < best[1]:
+                best, kept = (at, median), got
+        last = min(medians, default=None)
     return (None if best is None else best[0]), kept, tried
 
 
 def rows(cfg: SimConfig, network, names, batches, draws: int, sweep: bool,
          progress: Callable[[str], None] | None = None, scored: int = SWEEP_DRAWS) -> list[dict]:
     """Every row (``names``) over ``draws`` draws of ``batches`` (:func:`pool_batches`), each at its
-    best CP size with ``sweep`` (scored on the first ``scored`` draws; else at ``cfg.cp``), with their
-    ratios (module docstring)."""
+    best setting with ``sweep`` (:func:`best_setting`, scored on the first ``scored`` draws; else at
+    ``cfg``'s), with their ratios (module docstring)."""
     per_row: dict[str, list[dict]] = {}
     out = []
     for name in names:
         if sweep:
-            cp, got, tried = best_cp(cfg, network, name, batches, draws, progress, scored)
-            if cp is None:
+            at, got, tried = best_setting(cfg, network, name, batches, draws, progress, scored)
+            if at is None:
                 out.append({**NO_TIME, "scheduler": name, "gpus": cfg.gpus, "tp": cfg.tp, "sweep": tried, "draws": 0})
                 continue
-            got += run_draws(replace(cfg, cp=cp), network, name, batches, range(len(got), draws), progress)
+            got += run_draws(at, network, name, batches, range(len(got), draws), progress)
         else:
             tried = None
             got = run_draws(cfg, network, name, batches, range(draws), progress)
@@ -186,5 +239,5 @@ def recommend(cfg: SimConfig, network, names, pool=None, draws: int = 1,
     return max(feasible, key=lambda r: (r["tokens_per_s_per_gpu"], -r["step_time_s"])), found
 
 
-__all__ = ["SWEEP_DRAWS", "candidates", "pool_batches", "run_draws", "summary", "best_cp", "rows", "put_ratio",
-           "recommend"]
+__all__ = ["SWEEP_DRAWS", "GIVE_UP", "TRIED", "candidates", "settings", "pool_batches", "run_draws", "summary",
+           "best_setting", "rows", "put_ratio", "recommend"]
