@@ -116,10 +116,11 @@ def test_stats_are_the_forward_phases():
     fwd = [ph for ph in phases if ph.direction == "forward"]
     assert st["flops"] == sum(ph.total(8) for ph in fwd if not ph.is_comm).tolist()
     assert st["send_bytes"] == sum(ph.total(8) for ph in fwd if ph.is_comm).tolist()
-    # the K/V ring runs under each step: start, the step's attention, wait
+    # the K/V ring runs under each step: start, the step's attention, wait -- step 0's start at dispatch
     program = plan.schedule.program(AttnShape(8, 2, 64))
-    assert [i.op for i in program.stage("compute")] == ["start", "run", "wait"] * 8
-    assert [i.step for i in program.stage("compute")] == [t for t in range(8) for _ in range(3)]
+    assert [(i.op, i.step) for i in program.stage("dispatch")] == [("start", 0)]
+    calls = [(i.op, i.step) for i in program.direction("forward")]
+    assert calls == [(op, t) for t in range(8) for op in ("start", "run", "wait")]
 
 
 def test_replay_hides_a_transfer_only_behind_what_runs_before_its_wait():
