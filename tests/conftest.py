@@ -20,6 +20,20 @@ def rand_qkv(tq, tk, hq, hkv, d, dtype=torch.float64, seed=0):
     return q, k, v
 
 
+class BackwardMark(torch.autograd.Function):
+    """Identity that appends ``event`` to ``log`` when the gradient passes it in backward (order tests)."""
+
+    @staticmethod
+    def forward(ctx, t, log, event):
+        ctx.log, ctx.event = log, event
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.log.append(ctx.event)
+        return grad, None, None
+
+
 def max_err(a, b):
     """Max abs difference treating matching infinities (lse of empty rows) as equal."""
     a, b = a.double(), b.double()

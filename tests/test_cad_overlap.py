@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from conftest import max_err
+from conftest import BackwardMark, max_err
 from distattn.executors import task_a2a
 from distattn.network import default_profile
 from distattn.pingpong import ping_pong
@@ -34,7 +34,7 @@ def _layer(seed=2, dtype=torch.float64, log=None):
     names: dict[int, int] = {}
 
     def mark(t, event, i):
-        return _Mark.apply(t, log, (event, i)) if log is not None else t
+        return BackwardMark.apply(t, log, (event, i)) if log is not None else t
 
     def pre(x):
         i = names.setdefault(id(x), len(names))
@@ -52,18 +52,6 @@ def _layer(seed=2, dtype=torch.float64, log=None):
         return mark(y, "post' start", i)
 
     return pre, post, params
-
-
-class _Mark(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, log, event):
-        ctx.log, ctx.event = log, event
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.log.append(ctx.event)
-        return grad, None, None
 
 
 def _inputs(nano_docs, dtype=torch.float64, backend="reference", gpus_per_node=None, backward="resend"):
