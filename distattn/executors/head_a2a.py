@@ -162,6 +162,7 @@ class _Dispatch(NamedTuple):
 
     q: torch.Tensor          # token shard: the later head groups' Q start from it
     num_kv_heads: int
+    parts: list              # HeadExecutor._parts'
     dv: int                  # V's head dim
     kv: _Encoded             # K and V to heads
     q0: _Encoded             # the first head group's Q to heads
@@ -179,6 +180,8 @@ class _Returning(NamedTuple):
 
 class _BackDispatch(NamedTuple):
     dout: torch.Tensor
+    layout: HeadLayout
+    parts: list                # HeadExecutor._parts'
     dout0: _Encoded            # the first head group's dout to heads
 
 
@@ -248,15 +251,14 @@ class HeadExecutor(Executor):
         what = f"{self.schedule.scheduler} forward"
         layout, parts = self._parts(q.shape[1], k.shape[1])
         kv = self._start_heads([k, v], [layout.kv, layout.kv], what)
-        return _Dispatch(q, k.shape[1], v.shape[-1], kv, self._start_heads([q], [parts[0][0]], what))
+        return _Dispatch(q, k.shape[1], parts, v.shape[-1], kv, self._start_heads([q], [parts[0][0]], what))
 
     def compute_forward(self, flight: _Dispatch, scale, softcap=None, sinks=None) -> _Returning:
         """Forward stage 2: per head group, its Q to heads (the first one's already on its way), the
         inner executor on the head shard, its out started back -- waited for here but the last
         group's, which :meth:`finish_forward` waits for."""
         what, wire = f"{self.schedule.scheduler} forward", self.options.wire
-        q, num_kv_heads, dv = flight.q, flight.num_kv_heads, flight.dv
-        _, parts = self._parts(q.shape[1], num_kv_heads)
+        q, num_kv_heads, parts, dv = flight.q, flight.num_kv_heads, flight.parts, flight.dv
         kh, vh = self._heads(flight.kv)
         q_in = flight.q0
         del flight
@@ -310,15 +312,16 @@ class HeadExecutor(Executor):
     # dK/dV end at finish_backward
     def start_backward(self, dout: torch.Tensor, owned: tuple[int, int]) -> _BackDispatch:
         """Backward stage 1: start the first head group's dout to heads."""
-        _, parts = self._parts(*owned)
-        return _BackDispatch(dout, self._start_heads([dout], [parts[0][0]], f"{self.schedule.scheduler} backward"))
+        layout, parts = self._parts(*owned)
+        return _BackDispatch(dout, layout, parts,
+                             self._start_heads([dout], [parts[0][0]], f"{self.schedule.scheduler} backward"))
 
     def compute_backward(self, flight: _BackDispatch, saved: HeadSaved, scale, softcap=None,
                          sinks=None) -> _Grads:
         """Backward stage 2: per head group, its dout to heads, the inner backward, its dQ started back
         (waited for here but the last group's); then dK and dV started back together."""
         what = f"{self.schedule.scheduler} backward"
-        layout, parts = self._parts(saved.num_heads, saved.num_kv_heads)
+        layout, parts = flight.layout, flight.parts
         member, dout, dout_in = self.exchange.member, flight.dout, flight.dout0
         del flight
         dq = dout.new_empty((*dout.shape[:2], saved.kh.shape[2])) if len(parts) > 1 else None
