@@ -151,6 +151,14 @@ def test_a_save_the_disk_refuses_names_the_cause_and_the_path(tmp_path, mount, m
         _save(disk / "step_2", 2)
     assert sorted(p.name for p in disk.iterdir()) == ["ballast", "metrics.jsonl", "step_1", "tb"]
     checkpoint.verify(disk / "step_1")
+
+    def short_write(*args, **kwargs):   # how torch's zip writer reports a write the disk cut short
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.dcp, "save", short_write)
+        with pytest.raises(WriteFailed, match=r"unexpected pos 704 vs 598; not enough free space: the disk filled "
+                                              rf"while writing, 0.0 MiB free \({disk}\)"):
+            _save(disk / "step_2", 2)
     with pytest.raises(WriteFailed, match=rf"writing {disk / 'metrics.jsonl'} failed: No space left on device"):
         log.step({"step": 1, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s_per_device": 1.0,
                   "mfu": None, "peak_memory_gib": 0.0, "comm_wait_s": 0.0, "flops_imbalance_all": 1.0,

@@ -288,10 +288,23 @@ def _write(state: dict, partial: Path) -> str | None:
     try:
         dcp.save(state, checkpoint_id=str(partial))
     except CheckpointException as exc:   # a BaseException; its str is a traceback per rank
-        return _dcp_reason(exc)
+        return _disk_said(_dcp_reason(exc), partial, state)
     except (OSError, RuntimeError, ValueError) as exc:
-        return one_line(exc)
+        return _disk_said(one_line(exc), partial, state)
     return None
+
+
+def _disk_said(error: str, partial: Path, state: dict) -> str:
+    """``error``, naming the full disk when the disk filled under the write (the room check passed,
+    then another writer took the space): torch's stream writer reports a short write as
+    ``unexpected pos N vs M``, which names no disk."""
+    try:
+        free = shutil.disk_usage(partial).free
+    except OSError:
+        return error
+    if "No space left on device" in error or free > room_needed(_state_bytes(state)):
+        return error
+    return f"{error}; not enough free space: the disk filled while writing, {free / 2**20:,.1f} MiB free ({partial.parent})"
 
 
 def _hash(partial: Path, rank: int, world: int) -> tuple[dict[str, tuple[int, str]], str | None]:
