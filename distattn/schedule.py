@@ -200,6 +200,12 @@ class Schedule:
         """Visible (query, key) pairs rank computes (all its heads)."""
         return slices_area(self.compute_slices(rank))
 
+    def kernel_heads(self, shape: AttnShape) -> float:
+        """Query heads one kernel call runs on a rank, of ``shape.num_heads`` (a TP rank's): all of them
+        here (the ring family, CAD, one rank); a head split runs fewer (the simulator's heads term,
+        :mod:`distattn.sim.kernel`)."""
+        return float(shape.num_heads)
+
     def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
         """``ValueError`` when the schedule was made for other head counts (``usp``'s ``num_kv_heads``)."""
 

@@ -23,7 +23,7 @@ MODEL = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64}
 def _cfg(out: str, backward: str, steps: int, **train) -> RunConfig:
     return validate(RunConfig().replace(
         model=MODEL, data={"seq_len": 2048},
-        parallel={"dp": 2, "cp": 4, "scheduler": "cad", "dp_mode": "fsdp", "cad_backward": backward},
+        parallel={"dp": 2, "cp": 4, "scheduler": "cad", "dp_mode": "fsdp", "cad_backward": backward, "nano_batches": 2},
         train={"steps": steps, "lr_decay_steps": 3, "warmup_steps": 1, "ckpt_every": 2, "log_every": 100,
                "activation_checkpointing": "selective", "out": out, **train}))
 

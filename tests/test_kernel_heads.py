@@ -15,7 +15,7 @@ from distattn.model_shape import GPUS, MODELS
 from distattn.network import default_profile
 from distattn.schedule import AttnShape
 from distattn.sim.job import dry_schedule, plan_context
-from distattn.sim.kernel import AttentionKernel, HeadTerm, kernel_heads, latency_heads
+from distattn.sim.kernel import AttentionKernel, HeadTerm, latency_heads
 from distattn.sim.simulate import SimConfig, simulate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -122,7 +122,7 @@ def test_the_schedules_heads_per_call():
     docs = [4096] * 8 + [32768]
 
     def heads(name, **options):
-        return kernel_heads(dry_schedule(name, docs, 8, context, **options), shape)
+        return dry_schedule(name, docs, 8, context, **options).kernel_heads(shape)
     assert heads("ulysses") == 4 and heads("ulysses", head_groups=2) == 2
     assert heads("usp") == 32 / dry_schedule("usp", docs, 8, context).ulysses_degree
     assert heads("cad") == heads("zigzag") == heads("ring") == heads("allgather") == 32

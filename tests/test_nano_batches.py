@@ -132,20 +132,43 @@ def test_split_balances_work_at_document_boundaries():
     assert nano_batches([64], 2) == [([64], 0, 64)] and nano_batches([8, 8], 1) == [([8, 8], 0, 16)]
 
 
-def test_trainer_runs_nano_batches_by_default_for_cad(tmp_path):
-    """The trainer: cad's default is two nano-batches; its losses equal one nano-batch's (fp32: to
-    rounding), and a config refuses other counts."""
+def _default_worker(run_cfg: dict, out: str):
+    """The trainer with ``parallel.nano_batches`` unset: the count it chose and its losses, then the
+    losses of the other count set by name."""
+    from distattn.train.trainer import Trainer
+
+    trainer = Trainer(small_run(run_cfg, f"{out}/default"), progress="none")
+    losses = [m["loss"] for m in trainer.run()]
+    other = 3 - trainer.nano_batches
+    named = Trainer(small_run(run_cfg, f"{out}/named", parallel={"nano_batches": other}), progress="none")
+    return trainer.nano_batches, losses, [m["loss"] for m in named.run()]
+
+
+def test_the_trainer_takes_the_simulator_s_nano_batches_when_unset(tmp_path):
+    """Unset, the trainer runs the count :func:`choose_nano_batches` prices faster on the stream's first
+    steps (every rank the same, the planner's clock left out); its losses equal the other count's
+    (fp32: to rounding), and a config refuses counts other than 1 and 2."""
     from distattn.train.config import load_config
-    from distattn.train.trainer import run
+    from distattn.train.data.global_batch import GlobalBatches
+    from distattn.train.data.packer import Packer
+    from distattn.train.data.sources import make_corpus
+    from distattn.train.nano_default import STEPS, choose_nano_batches
 
     run_cfg = {"model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128},
                "data": {"seq_len": 2048}, "parallel": {"dp": 1, "cp": 2, "scheduler": "cad"},
                "train": {"steps": 2, "warmup_steps": 1, "ckpt_every": 100}}
     cfg = small_run(run_cfg, tmp_path / "default")
-    assert cfg.parallel.nano_batch_count == 2
-    two = [m["loss"] for m in run(cfg)]
-    one = [m["loss"] for m in run(small_run(run_cfg, tmp_path / "one", parallel={"nano_batches": 1}))]
-    assert two == pytest.approx(one, rel=1e-5)
+    d = cfg.data
+    stream = GlobalBatches(Packer(make_corpus(d), d.seq_len, d.seed, cfg.model.vocab_size), cfg.parallel.dp)
+    first = stream.peek_lengths(STEPS)
+    assert stream.peek_lengths(STEPS) == first   # peeking leaves the stream where it was
+    choice = choose_nano_batches(cfg, first, "resend")
+    assert choice == choose_nano_batches(cfg, first, "resend") and set(choice.step_s) == {1, 2}
+    assert choice.line().startswith(f"parallel.nano_batches: {choice.count} (unset: the simulator prices")
+
+    (count, losses, other), _ = run_distributed(_default_worker, 2, run_cfg, str(tmp_path), timeout=300)
+    assert count == choice.count
+    assert losses == pytest.approx(other, rel=1e-5)
     bad = tmp_path / "bad.yaml"
     bad.write_text("parallel: {nano_batches: 3}\n")
     with pytest.raises(ValueError, match="parallel.nano_batches must be 1 or 2"):

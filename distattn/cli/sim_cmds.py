@@ -271,8 +271,9 @@ def _step_arguments(sim, packings, schedulers) -> None:
     sim.add_argument("--comm-slowdown", type=float, default=None,
                      help="compute runs this much slower while the GPU's own transfers are in flight (default 0.19: "
                           "Lee et al. 2025's average, distattn.sim.replay.COMM_SLOWDOWN)")
-    sim.add_argument("--planning", choices=("hidden", "exposed"), default="hidden",
-                     help="plans made in the background during the step before (hidden), or in the step")
+    sim.add_argument("--planning", choices=("hidden", "exposed", "ignored"), default="hidden",
+                     help="plans made in the background during the step before (hidden), in the step (exposed), "
+                          "or not counted (ignored: no wall-clock time in the result)")
     sim.add_argument("--nano-batches", type=int, choices=(1, 2), default=None,
                      help="nano-batches per micro-batch, ping-ponged through the layers as the trainer does "
                           "(default: each scheduler's, 2 for cad)")

@@ -91,8 +91,9 @@ class SchedulerSpec:
     executor: str = "ring_p2p"           # the executor that runs its schedules (``distattn.executors.EXECUTORS``)
     pools: bool = False                  # balances the attention of several CP groups at once (``pool=``)
     moves_kv_only: bool = False          # only K/V (and dK/dV) travel; queries stay on their rank
-    # nano-batches a micro-batch is cut into by default (distattn.pingpong): 2 where the executor has
-    # stages whose transfers the other nano-batch's compute hides (cad), else 1
+    # nano-batches a micro-batch is cut into (distattn.pingpong) where nothing prices the choice: the
+    # adapters, and the simulator without --sweep. The trainer takes the count the simulator prices
+    # faster for its run (distattn/train/nano_default.py); --sweep tries both
     nano_batches: int = 1
     # plans on a 2-D ("ulysses", "ring") mesh whose "ulysses" axis is its head split (usp); the
     # trainer builds that mesh, the API reads a 2-D DeviceMesh's axes instead of deriving a degree

@@ -39,6 +39,12 @@ class GatherSchedule(Schedule):
         """Tokens of the largest shard: every rank's all-gather contribution is padded to it."""
         return max(self.num_tokens(r) for r in range(self.world_size))
 
+    def kernel_heads(self, shape: AttnShape) -> float:
+        """With ``heads_per_step``: that many KV heads' query heads a call; else all."""
+        if not self.heads_per_step:
+            return float(shape.num_heads)
+        return min(float(shape.num_heads), self.heads_per_step * shape.num_heads / shape.num_kv_heads)
+
     def head_groups(self, num_kv_heads: int) -> list[tuple[int, int]]:
         """The KV heads of each all-gather step."""
         step = self.heads_per_step or num_kv_heads

@@ -251,6 +251,10 @@ class UlyssesSchedule(Schedule):
         """The all-to-all buffer's rows in global order (None: already; see module docstring)."""
         return gathered_order(self.shards, range(self.world_size))
 
+    def kernel_heads(self, shape: AttnShape) -> float:
+        """A share of the heads per rank (the whole group splits them), in ``head_groups`` calls."""
+        return shape.num_heads / self.world_size / self.head_groups
+
     def compute_slices(self, rank: int) -> list[MaskSlice]:
         return self.mask.slices()  # the whole mask, a share of the heads
 

@@ -88,6 +88,10 @@ class USPSchedule(Schedule):
             raise ValueError(f"k and v have {num_kv_heads} heads but this usp plan was made with "
                              f"num_kv_heads={self.num_kv_heads}: pass the model's KV head count to distattn.plan")
 
+    def kernel_heads(self, shape: AttnShape) -> float:
+        """A share of the heads per rank (its Ulysses group splits them), in ``head_groups`` calls."""
+        return shape.num_heads / self.ulysses_degree / self.head_groups
+
     def members(self, ring_rank: int) -> tuple[int, ...]:
         """Token counts of the Ulysses ranks u = 0..U-1 holding ring rank ``ring_rank``'s tokens."""
         return tuple(self.num_tokens(int(i)) for i in self.flat[ring_rank])

@@ -22,7 +22,7 @@ from .presets import GPUS, PACKINGS
 from .replay import COMM_SLOWDOWN
 from .workload import row_of
 
-PLANNING = ("hidden", "exposed")
+PLANNING = ("hidden", "exposed", "ignored")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,10 @@ class SimConfig:
 
 def with_planning(cfg: SimConfig, step: float, planning: float) -> float:
     """The step with its planning: hidden behind the step before (``planning: hidden``; it shows only
-    where it takes longer than the step), or added (``exposed``)."""
+    where it takes longer than the step), added (``exposed``), or left out (``ignored``: the planner's
+    time is this machine's clock, which a choice every rank must make alike cannot depend on)."""
+    if cfg.planning == "ignored":
+        return step
     return max(step, planning) if cfg.planning == "hidden" else step + planning
 
 

@@ -35,7 +35,7 @@ Where the numbers come from (:meth:`AttentionKernel.measured`):
   own fixed cost taken off as above: ``(t_1 - f_1) / (tp (t_tp - f_tp))``. A Ulysses rank runs
   ``Hq / degree`` heads per call (``ulysses``: the whole CP group; ``usp``: its Ulysses degree; both
   ``/ head_groups``), a TP rank ``1/tp`` of them; the ring family, the all-gather and CAD all of them
-  (:func:`kernel_heads`). What the table says (``H = 32``, Llama-3 8B's 32 query / 8 KV heads, as the
+  (:meth:`~distattn.schedule.Schedule.kernel_heads`). What the table says (``H = 32``, Llama-3 8B's 32 query / 8 KV heads, as the
   simulator reads it -- the table does not record its model: if it was timed at 64 heads, every head
   count below doubles): per FLOP, fewer heads cost at most 3.3% (4 heads at 16K), under 2% elsewhere;
   a Ulysses step at CP 32 moves by well under that (its linear layers and transfers do not) --
@@ -75,7 +75,6 @@ from pathlib import Path
 import numpy as np
 
 from ..model_shape import GPU, GPUS
-from ..schedule import AttnShape, Schedule
 
 REFERENCE_LEN = 32768           # the length the GPU report measures its TFLOP/s at
 SM90 = ("h100", "h100-pcie", "h200", "h800", "gh200")
@@ -154,7 +153,7 @@ class AttentionKernel:
                    heads: float | None = None) -> np.ndarray:
         """``[ranks]`` FLOP/s: each rank's attention FLOPs over the seconds its segments take, each at
         the speed of a causal document whose rows see as many keys on average, on ``heads`` query heads
-        per call (``segments``: ``(rank, q_len, area)``; ``heads``: :func:`kernel_heads`, None: all;
+        per call (``segments``: ``(rank, q_len, area)``; ``heads``: :meth:`~distattn.schedule.Schedule.kernel_heads`, None: all;
         module docstring); a rank with none gets the best."""
         rank, q_len, area = (np.asarray(x) for x in segments)
         flops = area.astype(np.float64) * flops_per_pair
@@ -278,23 +277,5 @@ def latency_heads(path: str | Path, table_heads: int = LATENCY_TABLE_HEADS) -> H
                     f"{Path(path).name} tp {', '.join(map(str, sorted(tables)))} as {table_heads} heads / tp")
 
 
-def kernel_heads(schedule: Schedule, shape: AttnShape) -> float:
-    """Query heads one of ``schedule``'s kernel calls runs on a rank, of ``shape.num_heads`` (a TP
-    rank's, :class:`~distattn.schedule.AttnShape`): Ulysses splits them over its group (``ulysses``:
-    the whole CP group; ``usp``: its Ulysses degree) and runs ``head_groups`` calls of a share each;
-    the all-gather with ``heads_per_step`` runs that many KV heads' query heads a call; the ring family,
-    CAD and the rest run them all."""
-    from ..schedulers.allgather import GatherSchedule
-    from ..schedulers.ulysses import UlyssesSchedule
-
-    heads = float(shape.num_heads)
-    degree = schedule.world_size if isinstance(schedule, UlyssesSchedule) else schedule.ulysses_degree
-    if degree:
-        return heads / degree / schedule.head_groups
-    if isinstance(schedule, GatherSchedule) and schedule.heads_per_step:
-        return min(heads, schedule.heads_per_step * shape.num_heads / shape.num_kv_heads)
-    return heads
-
-
-__all__ = ["AttentionKernel", "HeadTerm", "kernel_heads", "latency_heads", "latency_shape", "planner_efficiency",
+__all__ = ["AttentionKernel", "HeadTerm", "latency_heads", "latency_shape", "planner_efficiency",
            "LATENCY_TABLE_HEADS", "REFERENCE_LEN"]

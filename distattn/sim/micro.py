@@ -30,7 +30,7 @@ from ..schedule import attention_program, layout_segments
 from ..schedulers import spec
 from .job import (Links, SimConfig, attn_shape, backward_option, comm_time, dry_schedule, laid_out, nano_docs,
                   plan_context)
-from .kernel import AttentionKernel, kernel_heads
+from .kernel import AttentionKernel
 from .replay import TimedProgram
 from .step import Fsdp, MicroBatch
 from .workload import Row, row_of
@@ -82,7 +82,7 @@ def _planned(job: tuple, docs: list[int], cfg: SimConfig, context, options: dict
     schedule = dry_schedule(name, docs, world, context, comm_dtype=cfg.comm_dtype, **options)
     seconds = time.perf_counter() - start
     rates = _rates(row_of(name), schedule, docs, kernel, world, 4.0 * shape.num_heads * shape.head_dim,
-                   kernel_heads(schedule, shape))
+                   schedule.kernel_heads(shape))
     group = _Group(schedule.call_program(shape), rates, np.asarray(schedule.rank_tokens(), np.float64),
                    schedule.ulysses_degree)
     with _PLANS_LOCK:
@@ -96,7 +96,7 @@ def _rates(row: Row, schedule, docs, kernel: AttentionKernel, world: int, pair_f
            heads: float | None = None) -> dict:
     """Per direction, each rank's attention FLOP/s at the kernel's speed on its segments
     (:meth:`~distattn.schedule.Schedule.kernel_segments`), ``heads`` query heads a call
-    (:func:`~.kernel.kernel_heads`; a bound's: all). A bound's work is evened out over its ranks,
+    (:meth:`~distattn.schedule.Schedule.kernel_heads`; a bound's: all). A bound's work is evened out over its ranks,
     so they all run at the speed of its segments together: the schedule's (``wlb-ideal``: per-document
     CP), or -- ``ideal``, whose attention no placement cuts -- every document whole."""
     if row.bound is None:

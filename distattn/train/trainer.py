@@ -21,7 +21,7 @@ batch is cut alike everywhere), and shard/unshard stay inside each replica's CP 
 group); ``flops_imbalance_all`` is over all dp x cp ranks either way.
 
 Each micro-batch runs as ``parallel.nano_batches`` nano-batches of whole documents (:func:`.plan_ahead.agreed_nano_batches`;
-``cad``'s default is two), one plan each, ping-ponged through the model's blocks
+unset: one or two, whichever the simulator prices faster for the run, :mod:`.nano_default`), one plan each, ping-ponged through the model's blocks
 (:mod:`distattn.pingpong`): the loss and gradients are those of one. A step's batch, nano-batches and
 plans are made while the step before runs (``parallel.plan_ahead``, default on; :mod:`.plan_ahead`:
 a background thread, no collective on it, the same plans): ``planning_s`` in the metrics is what a
@@ -85,6 +85,7 @@ from .metrics import RunLog, check_progress, device_peak_flops, peak_memory_byte
     resolve_progress
 from .model.batch import LocalBatch
 from .model.transformer import Transformer
+from .nano_default import STEPS as NANO_STEPS, chosen_nano_batches
 from .plan_ahead import PlanAhead, StepPlanner, agreed_cad_backward, plan_options
 from .ranks import StopSignal, join_group, wrap_model
 from .checkpoint.resume import resume_config, resume_from, run_info, schedule_steps
@@ -218,6 +219,9 @@ class Trainer:
                                      cfg.packing, cfg.data.cap, cfg.model.shape.pair_weight(), cfg.data.seed,
                                      balance_weight=0.0 if p.pools_replicas else None)
         self.out = Path(t.out)
+        # the nano-batch choice prices the stream's first steps whatever step a resume starts at
+        self.first_steps = self.batches.peek_lengths(NANO_STEPS) \
+            if p.nano_batches is None and not p.auto and dist.get_rank() == 0 else None
         self._resume()
         bar, say = progress_display(self.progress)
         self.logger = RunLog(self.out, t.steps, self.done, bar, say) if dist.get_rank() == 0 else None
@@ -241,8 +245,9 @@ class Trainer:
                                             self.done)
             self.ahead = PlanAhead(auto.fixed, p.plan_ahead, self.device, refine=auto.choose)
             return
+        self.nano_batches = chosen_nano_batches(cfg, self.first_steps, self.cad_backward)
         planner = StepPlanner(self.batches, self.dp_rank, self.plans, self.cp_mesh, p.scheduler, p.backend,
-                              p.nano_batch_count, cfg.model.shape.pair_weight(), self.options)
+                              self.nano_batches, cfg.model.shape.pair_weight(), self.options)
         self.ahead = PlanAhead(planner, p.plan_ahead, self.device)
 
     def _resume(self) -> None:

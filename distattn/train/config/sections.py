@@ -121,7 +121,8 @@ class ParallelConfig:
     cad_pool: bool = True
     # 1 | 2: each micro-batch cut into this many nano-batches of whole documents, interleaved through
     # the blocks so that one's attention transfers hide behind the other's compute (DistCA's
-    # ping-pong: distattn/pingpong.py); unset: the scheduler's default (2 for cad, 1 otherwise)
+    # ping-pong: distattn/pingpong.py); unset: whichever the simulator prices faster for this run at start-up
+    # (distattn/train/nano_default.py; the scheduler's default, 2 for cad and 1 otherwise, where it cannot price)
     nano_batches: int | None = None
     # For scheduler: cad, what its attention servers keep for the backward: resend (DistCA's: nothing
     # they received; the backward sends them Q, K/V, out, lse and dout again -- a rank keeps what a
@@ -143,13 +144,6 @@ class ParallelConfig:
     # head (~0.52x bf16's bytes; gradients keep their dtype: distattn/wire.py); unset: as they are
     comm_dtype: str | None = None
     timeout_s: float = 120.0            # collectives fail after this instead of hanging
-
-    @property
-    def nano_batch_count(self) -> int:
-        """``nano_batches``, or the scheduler's default (its registry entry's rule)."""
-        from ...schedulers import spec
-
-        return spec(self.fixed_scheduler).nano_batches_for(self.nano_batches, key="parallel.nano_batches")
 
     @property
     def pools_replicas(self) -> bool:

@@ -122,6 +122,15 @@ class GlobalBatches:
         ``parallel.cp/scheduler: auto`` deals to its groups itself (:mod:`.auto_plan`)."""
         return [self.packer.cut(self.packer.seq_len) for _ in range(self.dp)]
 
+    def peek_lengths(self, steps: int) -> list[list[list[int]]]:
+        """The next ``steps`` steps' sequences as document lengths (``[step][sequence][piece]``), the
+        stream left where it was: what a choice made before the first step prices."""
+        state = self.state()
+        try:
+            return [[_lens(seq) for seq in self.sequences()] for _ in range(steps)]
+        finally:
+            self.load_state(state)
+
     def state(self) -> list[int]:
         """The packer's state, then (balanced) the held pieces (module docstring)."""
         if self.packing == "stream":
