@@ -36,7 +36,7 @@ def _corpus(path) -> str:
     return str(path)
 
 
-def _runs(auto, fixed, first, resumed) -> dict:
+def _runs(auto, fixed, first, resumed, late) -> dict:
     from distattn.train.trainer import Trainer
 
     def weights(trainer):
@@ -50,6 +50,12 @@ def _runs(auto, fixed, first, resumed) -> dict:
             t = Trainer(cfg)
             out[name] = t.run()
             out[name + "_weights"] = weights(t)
+        real = Trainer._choice
+
+        def late_at_2(trainer, ready, refined, step):   # every rank: step 2's choice is not ready
+            return real(trainer, ready, Future() if step == 2 else refined, step)
+        with mock.patch.object(Trainer, "_choice", late_at_2):
+            out["late"] = Trainer(late).run()
         out["first"] = Trainer(first).run()
         t = Trainer(resumed, resume=True)
         out["resumed"] = t.run()
@@ -66,8 +72,9 @@ def test_auto_trains_mixed_groups_exactly_and_resumes(tmp_path):
                       parallel={"cp": 4, "world_size": None, "scheduler": "zigzag"})
     first = small_run(SMALL, tmp_path / "resume", data={"path": path}, train={"steps": 2, "lr_decay_steps": 3})
     resumed = small_run(SMALL, tmp_path / "resume", data={"path": path}, train={"lr_decay_steps": 3})
+    late = small_run(SMALL, tmp_path / "late", data={"path": path}, train={"lr_decay_steps": 3})
     assert auto.world_size == fixed.world_size == 8
-    got = run_distributed(_runs, 8, auto, fixed, first, resumed, timeout=900)[0]
+    got = run_distributed(_runs, 8, auto, fixed, first, resumed, late, timeout=900)[0]
 
     # mixed groups: some step runs CP groups of different sizes, and every choice tiles the 8 ranks
     choices = [m["choice"] for m in got["auto"]]
@@ -83,6 +90,12 @@ def test_auto_trains_mixed_groups_exactly_and_resumes(tmp_path):
     for key, want in got["fixed_weights"].items():
         assert torch.allclose(got["auto_weights"][key], want, rtol=1e-12, atol=1e-14), key
 
+    # a late choice: step 2 runs the fixed choice, planned then (the only plans of that step), exactly
+    assert [m["choice_late"] for m in got["late"]] == [False, True, False]
+    assert got["late"][1]["choice"] == [["zigzag", 4]] * 2
+    for a, f in zip(got["late"], got["fixed"], strict=True):
+        assert abs(a["loss"] - f["loss"]) <= 1e-12 * abs(f["loss"]), (a["loss"], f["loss"])
+
     # resume: steps 1-2, then step 3 from the checkpoint, as the straight run
     assert [m["loss"] for m in got["first"] + got["resumed"]] == [m["loss"] for m in got["auto"]]
     for key, want in got["auto_weights"].items():
@@ -97,14 +110,15 @@ def test_a_late_choice_runs_the_fixed_one_and_says_so(caplog):
     chosen = StepPlans(None, [], [], [], 0.0, choice=[["ulysses", 8]])
     trainer = Trainer.__new__(Trainer)
     trainer.device = torch.device("cpu")
-    trainer.ahead = mock.Mock()
+    trainer.ahead, trainer.auto = mock.Mock(), mock.Mock()
+    trainer.auto.fallback.side_effect = lambda plans: ("planned now", plans)
     pending, done = Future(), Future()   # still being chosen; chosen
     done.set_result(chosen)
     # one process: the all-reduce of the readiness flag leaves it as it is
     with mock.patch.object(torch.distributed, "all_reduce", lambda t, op=None: None), \
             caplog.at_level(logging.WARNING, logger="distattn.train.auto_plan"):
-        assert trainer._choice(fixed, pending, 7) is fixed
-        assert trainer._choice(fixed, done, 8) is chosen
+        assert trainer._choice(fixed, pending, 7) == (("planned now", fixed), True)
+        assert trainer._choice(fixed, done, 8) == (chosen, False)
     assert "step 7" in caplog.text and "fixed choice (zigzag, cp 4)" in caplog.text and "step 8" not in caplog.text
 
 
@@ -141,16 +155,41 @@ def test_rank_0_chooses_and_the_others_read_its_choice():
     def decide():
         made.append(1)
         return [["zigzag", 4, [0, 1]], ["ring", 1, [2]]], 0.5
-    zero, other = SharedChoice(store, "run", 3), SharedChoice(store, "run", 3)
+    zero, other = SharedChoice(store, 3), SharedChoice(store, 3)
     for _ in range(KEPT_STEPS + 2):
         mine = zero.next(0, decide)
         assert other.next(5, lambda: pytest.fail("only rank 0 chooses")) == mine
     assert len(made) == KEPT_STEPS + 2
-    assert sorted(store) == [f"distattn/auto/run/{s}" for s in range(5, 3 + KEPT_STEPS + 2)]
+    assert sorted(store) == [f"distattn/auto/{s}" for s in range(5, 3 + KEPT_STEPS + 2)]
     # the run ends: rank 0 marks the steps it will not choose, and a rank waiting for one stops
     zero.abandon(0)
     with pytest.raises(RuntimeError, match="abandoned"):
         other.next(5, decide)
+
+
+def test_the_chooser_process_answers_as_choose_step_does():
+    """Rank 0's chooser runs in a child process: the same layout and prediction as choose_step in this
+    one; an error there is raised here, named; close ends the child."""
+    from distattn.model_shape import MODELS
+    from distattn.network import profile_of
+    from distattn.sim.job import SimConfig
+    from distattn.sim.per_batch import MIXED, choose_step
+    from distattn.train.chooser import ChooserProcess
+
+    job, network = SimConfig(MODELS["llama3-8b"], 16, 65536, 1), profile_of(None)
+    lens = [40000, 9000, 5000, 3000, 2000, 1536] + [4096] * 16 + [32768]
+    chooser = ChooserProcess(job, network, MIXED, (1, 2, 4, 8, 16))
+    try:
+        layout, predicted, seconds = chooser.choose(lens, ("zigzag", 8, 1))
+        here = choose_step(job, lens, network, MIXED, None, fixed=("zigzag", 8, 1))
+        assert layout == [[g.scheduler, g.cp, list(g.pieces[0])] for g in here.groups]
+        assert predicted == here.predicted_step_s and seconds > 0
+        with pytest.raises(RuntimeError, match="the chooser process .* failed: ValueError: doc_lens"):
+            chooser.choose([], None)
+        assert chooser.choose(lens, None)[1] > 0   # (still answering after an error)
+    finally:
+        chooser.close()
+    assert chooser._proc.returncode == 0
 
 
 def test_bench_auto_corpus_runs_and_summary(tmp_path):

@@ -5,35 +5,41 @@ a document cut where a sequence ends is two pieces), and lays the ``world_size``
 with :func:`distattn.sim.per_batch.choose_step` -- CP groups of power-of-two sizes, aligned blocks of
 the meshes made at start-up (:func:`auto_meshes`), each with its documents and its scheduler, priced
 on the simulator's model of the job (``parallel.network``'s links, an H100's kernel and memory).
-The choice is a pure function of the documents: rank 0 makes it and the others read it from the
-process group's store (:class:`SharedChoice`; no collective), and every rank reads its own group's
-pieces and plans them on its group's mesh.
+The choice is a pure function of the documents: rank 0 makes it, in a process of its own
+(:class:`~.chooser.ChooserProcess`, so the search never holds the GIL its rank's step needs), the
+others read it from a store rank 0 serves (:class:`SharedChoice`; no collective), and every rank
+reads its own group's pieces and plans them on its group's mesh. Two tasks a step, both on the plan-ahead thread
+(:class:`~.plan_ahead.PlanAhead`), in order:
 
-Two tasks a step, both on the plan-ahead thread (:class:`~.plan_ahead.PlanAhead`), in order:
-
-1. :meth:`AutoPlanner.fixed`: the batch, and the *fixed choice*'s plans -- ``dp`` groups of
-   ``world_size / dp`` ranks running ``parallel.scheduler`` (``zigzag`` under ``scheduler: auto``),
-   group ``r`` on sequence ``r``;
+1. :meth:`AutoPlanner.fixed`: the batch, and this rank's micro-batch of the *fixed choice* --
+   ``dp`` groups of ``world_size / dp`` ranks running ``parallel.scheduler`` (``zigzag`` under
+   ``scheduler: auto``), group ``r`` on sequence ``r`` -- without plans;
 2. :meth:`AutoPlanner.choose`: the step's choice and its plans.
 
 The trainer runs the choice when every rank has it when the step starts (one flag, all-reduced),
-else the fixed choice, and logs that the step's choice was late. Either way the step trains the
-same tokens with the same loss normalisation: only which ranks compute which documents changes, so
-losses and gradients are those of any fixed configuration on the same batch.
+else plans the fixed choice then (:meth:`AutoPlanner.fallback`, a plan cache of its own: the thread
+may still be planning) and logs that the step's choice was late. So a step makes one set of plans.
+Either way the step trains the same tokens with the same loss normalisation: only which ranks
+compute which documents changes, so losses and gradients are those of any fixed configuration on
+the same batch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
 
 from ..packing import imbalance, workload
 from ..plan_cache import PlanCache
+from .chooser import ChooserProcess
 from .config import RunConfig
 from .config.sections import AUTO
 from .data.global_batch import GlobalBatches, MicroBatch
@@ -122,15 +128,29 @@ class AutoPlanner:
     job: Any                      # job_of's
     network: Any
     shared: "SharedChoice | None" = None
+    chooser: ChooserProcess | None = None   # rank 0's (else: choose here)
+    fallback_cache: PlanCache | None = None  # the fixed choice's plans, made off the thread (fallback)
 
     def fixed(self) -> StepPlans:
-        """The step's batch with the fixed choice's plans; ``pieces``: every sequence of the step."""
+        """The step's batch, this rank's micro-batch of the fixed choice, no plans (:meth:`fallback`
+        makes them); ``pieces``: every sequence of the step."""
         t0 = time.perf_counter()
         sequences = self.batches.sequences()
         state = list(self.batches.state())
         name, cp = self.fixed_choice
         groups = [(name, cp, seq) for seq in sequences]
-        return self._plans(groups, self.rank // cp, sequences, state, None, time.perf_counter() - t0)
+        return self._plans(groups, self.rank // cp, sequences, state, None, time.perf_counter() - t0, planned=False)
+
+    def fallback(self, fixed: StepPlans) -> StepPlans:
+        """``fixed`` with its plans: the step whose choice came late runs the fixed choice. Called by
+        the step while the thread may still be choosing, so on a plan cache of its own."""
+        t0 = time.perf_counter()
+        name, cp = self.fixed_choice
+        lens = fixed.batch.doc_lens
+        plan = self.fallback_cache.plan(lens, self.meshes[name, cp], scheduler=name, backend=self.backend,
+                                        **self.options)
+        return replace(fixed, parts=[(lens, 0, sum(lens))], plans=[plan],
+                       made_s=fixed.made_s + time.perf_counter() - t0)
 
     def choose(self, fixed: StepPlans) -> StepPlans:
         """The step's choice (:func:`~distattn.sim.per_batch.choose_step`) and its plans, for ``fixed``'s batch."""
@@ -143,6 +163,8 @@ class AutoPlanner:
 
         def decide() -> tuple[list, float]:
             fixed_arg = (name, cp, 1) if cp in self.sizes and name in self.names else None
+            if self.chooser is not None:
+                return self.chooser.choose(lens, fixed_arg)[:2]
             got = choose_step(self.job, lens, self.network, self.names, None if len(self.sizes) > 1 else self.sizes,
                               fixed=fixed_arg)
             return [[g.scheduler, g.cp, list(g.pieces[0])] for g in got.groups], got.predicted_step_s
@@ -153,31 +175,37 @@ class AutoPlanner:
         return self._plans(groups, mine, fixed.pieces, fixed.data_state, predicted,
                            fixed.made_s + time.perf_counter() - t0)
 
-    def _plans(self, groups, mine: int, sequences, state, predicted, made: float) -> StepPlans:
+    def close(self) -> None:
+        if self.chooser is not None:
+            self.chooser.close()
+
+    def _plans(self, groups, mine: int, sequences, state, predicted, made: float, planned: bool = True) -> StepPlans:
+        """This rank's micro-batch of ``groups`` (group ``mine``'s) and, ``planned``, its plan."""
         name, cp, own = groups[mine]
         lens = [end - start for _, _, start, end in own]
         per_rank = [float(workload([b - a for _, _, a, b in g], self.weight).sum()) / c if g else 0.0
                     for _, c, g in groups for _ in range(c)]
         trained = sum(end - start for seq in sequences for _, _, start, end in seq)
         batch = MicroBatch(self.batches.packer.read(own), lens, imbalance(np.asarray(per_rank)), trained, None)
-        plan = self.cache.plan(lens, self.meshes[name, cp], scheduler=name, backend=self.backend, **self.options)
-        return StepPlans(batch, [(lens, 0, sum(lens))], [plan], state, made,
+        plans = [] if not planned else \
+            [self.cache.plan(lens, self.meshes[name, cp], scheduler=name, backend=self.backend, **self.options)]
+        return StepPlans(batch, [(lens, 0, sum(lens))] if plans else [], plans, state, made,
                          choice=[[n, c] for n, c, _ in groups], predicted_step_s=predicted, pieces=tuple(sequences))
 
 
 class SharedChoice:
-    """One choice a step for every rank: rank 0 makes it, publishes it in the process group's store
-    (a key per run and step, JSON) and every other rank reads it there -- the choice is the same
-    pure function of the documents on every rank, so this only spares the other ranks the work
-    (on a host whose cores its ranks share, making it on every rank costs more than the layouts
-    save). Store reads are not collectives: they wait for rank 0's key up to the store's timeout.
+    """One choice a step for every rank: rank 0 makes it, publishes it in a key-value store it hosts
+    (:func:`shared_choice`: torch's public ``TCPStore``; a key per step, JSON) and every other rank
+    reads it there -- the choice is the same pure function of the documents on every rank, so this
+    only spares the other ranks the work (on a host whose cores its ranks share, making it on every
+    rank costs more than the layouts save). Store reads are not collectives: they wait for rank 0's key up to the store's timeout.
     Keys of steps every rank has passed are deleted (the plan-ahead thread runs a step's tasks in
     order, so when rank 0 makes step ``n``'s choice every rank has read step ``n - 2``'s). When the run
     ends, rank 0 marks the steps it will not choose (:meth:`abandon`), so a rank whose thread already
     waits for one stops waiting."""
 
-    def __init__(self, store, run: str, first_step: int):
-        self.store, self.run, self.step, self.first = store, run, first_step, first_step
+    def __init__(self, store, first_step: int):
+        self.store, self.step, self.first = store, first_step, first_step
 
     def next(self, rank: int, decide) -> tuple[list, float]:
         step, self.step = self.step, self.step + 1
@@ -200,35 +228,52 @@ class SharedChoice:
                 self.store.set(self._key(step), "null")
 
     def _key(self, step: int) -> str:
-        return f"distattn/auto/{self.run}/{step}"
+        return f"distattn/auto/{step}"
 
 
 KEPT_STEPS = 4   # steps of choices kept in the store (SharedChoice)
 
 
-def shared_choice(first_step: int) -> SharedChoice | None:
-    """Rank 0's choice for every rank through the default process group's store, where there is one;
-    collective (the ranks agree on a name for this run's keys)."""
-    import uuid
-
+def shared_choice(first_step: int, timeout_s: float) -> SharedChoice:
+    """Rank 0's choice for every rank through a ``TCPStore`` rank 0 serves on a free port; collective
+    (rank 0 tells the others where). A read waits ``timeout_s`` at most for rank 0's key."""
     import torch.distributed as dist
 
-    try:   # torch keeps the default group's store private; without it every rank chooses itself
-        store = dist.distributed_c10d._get_default_store()
-    except (AttributeError, RuntimeError, ValueError):
-        return None
-    run = [uuid.uuid4().hex]
-    dist.broadcast_object_list(run, src=0)
-    return SharedChoice(store, run[0], first_step)
+    timeout = timedelta(seconds=timeout_s)
+    if dist.get_rank() == 0:
+        store = dist.TCPStore(_own_address(), 0, None, True, timeout, wait_for_workers=False)
+        where = [(_own_address(), store.port)]
+    else:
+        where = [None]
+    dist.broadcast_object_list(where, src=0)
+    if dist.get_rank() != 0:
+        store = dist.TCPStore(*where[0], None, False, timeout)
+    return SharedChoice(store, first_step)
+
+
+def _own_address() -> str:
+    """Where the other ranks reach this one: the address of the interface that routes to
+    ``MASTER_ADDR`` (a launcher's), or the loopback for local processes (no ``MASTER_ADDR``)."""
+    master = os.environ.get("MASTER_ADDR")
+    if not master:
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:   # (UDP: connecting sends nothing)
+            probe.connect((master, 9))
+            return probe.getsockname()[0]
+    except OSError:
+        return socket.gethostname()
 
 
 def make_planner(cfg: RunConfig, rank: int, batches: GlobalBatches, cache: PlanCache, meshes: dict,
                  options: dict, first_step: int) -> AutoPlanner:
     p = cfg.parallel
     names, sizes = candidates(cfg)
+    job, network = job_of(cfg), network_of(cfg)
     return AutoPlanner(batches, rank, cache, meshes, (p.fixed_scheduler, p.fixed_cp), names, sizes, p.backend,
-                       cfg.model.shape.pair_weight(), options, job_of(cfg), network_of(cfg),
-                       shared_choice(first_step) if cfg.world_size > 1 else None)
+                       cfg.model.shape.pair_weight(), options, job, network,
+                       shared_choice(first_step, p.timeout_s) if cfg.world_size > 1 else None,
+                       ChooserProcess(job, network, names, sizes) if rank == 0 else None, PlanCache())
 
 
 def late_choice(step: int, fixed: StepPlans) -> None:

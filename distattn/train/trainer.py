@@ -86,7 +86,7 @@ from .metrics import RunLog, check_progress, device_peak_flops, peak_memory_byte
 from .model.batch import LocalBatch
 from .model.transformer import Transformer
 from .nano_default import STEPS as NANO_STEPS, chosen_nano_batches
-from .plan_ahead import PlanAhead, StepPlanner, agreed_cad_backward, plan_options
+from .plan_ahead import PlanAhead, StepPlanner, StepPlans, agreed_cad_backward, plan_options
 from .ranks import StopSignal, join_group, wrap_model
 from .checkpoint.resume import resume_config, resume_from, run_info, schedule_steps
 
@@ -273,8 +273,7 @@ class Trainer:
         ready, planning, refined = self.ahead.take(more=step + 1 < t.steps)   # and starts the next step's
         late = None
         if refined is not None:
-            chosen = self._choice(ready, refined, step + 1)
-            late, ready = chosen is ready, chosen
+            ready, late = self._choice(ready, refined, step + 1)
         batch, parts, plans = ready.batch, ready.parts, ready.plans
         tokens, doc_lens = torch.from_numpy(batch.tokens).to(self.device), batch.doc_lens
         # a cached plan's wait clock runs over its life: this step's wait is what the step adds to each
@@ -310,15 +309,16 @@ class Trainer:
         self.done, self.data_state = step + 1, ready.data_state
         return m
 
-    def _choice(self, fixed, refined, step: int):
-        """``auto``: the step's choice when every rank has it ready, else the fixed choice (logged)."""
+    def _choice(self, fixed, refined, step: int) -> tuple[StepPlans, bool]:
+        """``auto``: the step's choice when every rank has it ready, else the fixed choice, planned now
+        (logged); and whether it was late."""
         ready = torch.tensor([float(refined.done())], dtype=torch.float64, device=self.device)
         dist.all_reduce(ready, op=dist.ReduceOp.MIN)
         if ready.item() < 1:
             late_choice(step, fixed)
-            return fixed
+            return self.auto.fallback(fixed), True
         self.ahead.settled()
-        return refined.result()
+        return refined.result(), False
 
     def _metrics(self, t0: float, plans: list, waited: list, loss_sum: torch.Tensor, count: torch.Tensor,
                  norm: torch.Tensor, batch: MicroBatch, planning: tuple[float, float]) -> dict:
@@ -387,6 +387,8 @@ class Trainer:
             self.auto.shared.abandon(dist.get_rank())   # (a rank's thread may wait for rank 0's next choice)
         if self.ahead is not None:
             self.ahead.close()
+        if self.auto is not None:
+            self.auto.close()
 
     def _end_group(self) -> None:
         if self._own_group:
