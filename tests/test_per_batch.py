@@ -15,7 +15,7 @@ from distattn.network import default_profile
 from distattn.sim.job import SimConfig
 from distattn.sim.micro import fsdp_seconds
 from distattn.sim.job import links_of
-from distattn.sim.per_batch import (MIXED, arrange, balanced_layout, choose_step, class_time, lengths_of)
+from distattn.sim.per_batch import (MIXED, PER_MICRO_BATCH, arrange, balanced_layout, choose_step, class_time, lengths_of)
 from distattn.sim.workload import draw_chunks
 
 M = MODELS["llama3-8b"]
@@ -69,9 +69,9 @@ def test_choose_step_tiles_aligned_groups_and_beats_or_keeps_the_fixed_choice():
     assert got.predicted_step_s <= fixed_s * 1.02, (got.predicted_step_s, fixed_s)
 
 
-def test_a_scheduler_that_cannot_share_a_step_is_refused():
-    with pytest.raises(ValueError, match="cannot share a step"):
-        choose_step(SimConfig(M, 8, 4096, 1), [4096], default_profile(), schedulers=("cad",))
+def test_an_unknown_scheduler_is_refused():
+    with pytest.raises(ValueError, match="scheduler 'ringo' is unknown"):
+        choose_step(SimConfig(M, 8, 4096, 1), [4096], default_profile(), schedulers=("ringo",))
 
 
 def test_choose_gives_a_pair_per_micro_batch():
@@ -79,7 +79,7 @@ def test_choose_gives_a_pair_per_micro_batch():
     got = distattn.choose(micro, 16, "llama3-8b")
     assert len(got) == 3
     for name, cp in got:
-        assert name in MIXED and isinstance(cp, int) and 16 % cp == 0
+        assert name in PER_MICRO_BATCH and isinstance(cp, int) and 16 % cp == 0
     # a document of 64K tokens needs CP: no rank holds it
     assert got[0][1] >= math.ceil(65536 / (1.25 * 65536 / 16))
     assert distattn.choose(micro, 16, M, memory_gib=80) == got

@@ -3,7 +3,9 @@ corpus of one long document among many short ones a step. Each step lays the ran
 mixed sizes with schedulers of their own; the losses, gradient norms and weights are those of the same
 global batches trained by a fixed (zigzag, cp 4) configuration (<= 1e-12); a run stopped and resumed
 gives the uninterrupted one's; the metrics carry each step's choice and its predicted step time; a
-choice not ready when its step starts gives way to the fixed choice, logged, with the same losses."""
+choice not ready when its step starts gives way to the fixed choice, planned then, logged, with the
+same losses; groups running cad (issue 67), some ranks in one nano-batch and some in two in the same
+step, train exactly too. Rank 0's chooser runs in a child process, with choose_step's answers."""
 
 import logging
 from concurrent.futures import Future
@@ -36,7 +38,8 @@ def _corpus(path) -> str:
     return str(path)
 
 
-def _runs(auto, fixed, first, resumed, late) -> dict:
+def _runs(auto, fixed, first, resumed, late, cad) -> dict:
+    from distattn.train import auto_plan
     from distattn.train.trainer import Trainer
 
     def weights(trainer):
@@ -56,6 +59,30 @@ def _runs(auto, fixed, first, resumed, late) -> dict:
             return real(trainer, ready, Future() if step == 2 else refined, step)
         with mock.patch.object(Trainer, "_choice", late_at_2):
             out["late"] = Trainer(late).run()
+        # cad in the mix, over each group's own ranks: the longest piece alone on ranks 0-3 (one document:
+        # one nano-batch), the rest dealt over ranks 4-7 alone (two documents or more each: two)
+        class Chooser:
+            def __init__(self, *args):
+                pass
+
+            def choose(self, lens, fixed):
+                order = sorted(range(len(lens)), key=lambda i: -lens[i])
+                return [["cad", 4, [order[0]]]] + [["cad", 1, sorted(order[1 + k::4])] for k in range(4)], 1.0, 0.0
+
+            def close(self):
+                pass
+        real_choose, parts = auto_plan.AutoPlanner.choose, []
+
+        def choose(planner, fixed):
+            got = real_choose(planner, fixed)
+            parts.append(len(got.plans))
+            return got
+        with mock.patch.object(auto_plan, "ChooserProcess", Chooser), \
+                mock.patch.object(auto_plan.AutoPlanner, "choose", choose):
+            t = Trainer(cad)
+            out["cad"] = t.run()
+            out["cad_weights"] = weights(t)
+        out["cad_parts"] = parts
         out["first"] = Trainer(first).run()
         t = Trainer(resumed, resume=True)
         out["resumed"] = t.run()
@@ -73,8 +100,10 @@ def test_auto_trains_mixed_groups_exactly_and_resumes(tmp_path):
     first = small_run(SMALL, tmp_path / "resume", data={"path": path}, train={"steps": 2, "lr_decay_steps": 3})
     resumed = small_run(SMALL, tmp_path / "resume", data={"path": path}, train={"lr_decay_steps": 3})
     late = small_run(SMALL, tmp_path / "late", data={"path": path}, train={"lr_decay_steps": 3})
+    cad = small_run(SMALL, tmp_path / "cad", data={"path": path}, train={"lr_decay_steps": 3})
     assert auto.world_size == fixed.world_size == 8
-    got = run_distributed(_runs, 8, auto, fixed, first, resumed, late, timeout=900)[0]
+    ranks = run_distributed(_runs, 8, auto, fixed, first, resumed, late, cad, timeout=900)
+    got = ranks[0]
 
     # mixed groups: some step runs CP groups of different sizes, and every choice tiles the 8 ranks
     choices = [m["choice"] for m in got["auto"]]
@@ -95,6 +124,15 @@ def test_auto_trains_mixed_groups_exactly_and_resumes(tmp_path):
     assert got["late"][1]["choice"] == [["zigzag", 4]] * 2
     for a, f in zip(got["late"], got["fixed"], strict=True):
         assert abs(a["loss"] - f["loss"]) <= 1e-12 * abs(f["loss"]), (a["loss"], f["loss"])
+
+    # cad in the mix: ranks of one nano-batch and of two in every step, FSDP2 gathering each block once
+    assert [r["cad_parts"] for r in ranks] == [[1] * 3] * 4 + [[2] * 3] * 4
+    assert [m["choice"] for m in got["cad"]] == [[["cad", 4]] + [["cad", 1]] * 4] * 3
+    for a, f in zip(got["cad"], got["fixed"], strict=True):
+        for key in ("loss", "grad_norm"):
+            assert abs(a[key] - f[key]) <= 1e-12 * abs(f[key]), (key, a[key], f[key])
+    for key, want in got["fixed_weights"].items():
+        assert torch.allclose(got["cad_weights"][key], want, rtol=1e-12, atol=1e-14), key
 
     # resume: steps 1-2, then step 3 from the checkpoint, as the straight run
     assert [m["loss"] for m in got["first"] + got["resumed"]] == [m["loss"] for m in got["auto"]]

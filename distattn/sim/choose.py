@@ -12,11 +12,12 @@ from dataclasses import replace
 from . import fit
 from .job import SimConfig, links_of
 from .micro import fsdp_seconds
-from .per_batch import MIXED, balanced_layout, class_time, fits_heads, lengths_of, pow2_divisors, setting_index
+from .per_batch import (PER_MICRO_BATCH, balanced_layout, class_time, fits_heads, lengths_of, pow2_divisors,
+                        setting_index)
 
 
 def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: str = "h100",
-           memory_gib: float | None = None, *, schedulers=MIXED, cps=None) -> list[tuple[str, int]]:
+           memory_gib: float | None = None, *, schedulers=PER_MICRO_BATCH, cps=None) -> list[tuple[str, int]]:
     """The ``(scheduler, cp)`` to run each micro-batch with, for a trainer that picks per micro-batch.
 
     Micro-batch ``i`` (``doc_lens_per_micro_batch[i]``: its documents' lengths, as ints) is trained by
@@ -30,8 +31,8 @@ def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: 
     fastest is taken, under the one activation checkpointing every micro-batch fits (the cheapest
     for which each has a choice; the trainer's FSDP2 gathers must match across micro-batches).
     ``schedulers``: those to choose among (default, and at most: those that run one nano-batch
-    without a pool, :data:`MIXED`); ``cps``: the CP sizes (default: every power of two dividing
-    ``world_size``; a trainer whose CP groups are fixed, such as Megatron's, passes its own:
+    without a pool, :data:`~.per_batch.PER_MICRO_BATCH`); ``cps``: the CP sizes (default: every power
+    of two dividing ``world_size``; a trainer whose CP groups are fixed, such as Megatron's, passes its own:
     :class:`distattn.parallel.megatron.MicroBatchChoice`).
 
     Returns:
@@ -56,8 +57,9 @@ def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: 
     if memory_gib is not None and not memory_gib > 0:
         raise ValueError(f"memory_gib must be positive GiB, got {memory_gib!r}")
     for name in schedulers:
-        if name not in MIXED:
-            raise ValueError(f"schedulers: {name!r} is not one choose picks from; use some of {', '.join(MIXED)}")
+        if name not in PER_MICRO_BATCH:
+            raise ValueError(f"schedulers: {name!r} is not one choose picks from; use some of "
+                             f"{', '.join(PER_MICRO_BATCH)}")
     micro = [[int(n) for n in as_doc_lens(docs)] for docs in doc_lens_per_micro_batch]
     if not micro:
         raise ValueError("doc_lens_per_micro_batch is empty: give each micro-batch's document lengths")

@@ -35,8 +35,8 @@ Where the numbers come from (:meth:`AttentionKernel.measured`):
   own fixed cost taken off as above: ``(t_1 - f_1) / (tp (t_tp - f_tp))``. A Ulysses rank runs
   ``Hq / degree`` heads per call (``ulysses``: the whole CP group; ``usp``: its Ulysses degree; both
   ``/ head_groups``), a TP rank ``1/tp`` of them; the ring family, the all-gather and CAD all of them
-  (:meth:`~distattn.schedule.Schedule.kernel_heads`). What the table says (``H = 32``, Llama-3 8B's 32 query / 8 KV heads, as the
-  simulator reads it -- the table does not record its model: if it was timed at 64 heads, every head
+  (:meth:`~distattn.schedule.Schedule.kernel_heads`). What the table says (``H = 32``, Llama-3 8B's 32
+  query / 8 KV heads, as the simulator reads it -- the table does not record its model: if it was timed at 64 heads, every head
   count below doubles): per FLOP, fewer heads cost at most 3.3% (4 heads at 16K), under 2% elsewhere;
   a Ulysses step at CP 32 moves by well under that (its linear layers and transfers do not) --
 
@@ -153,8 +153,9 @@ class AttentionKernel:
                    heads: float | None = None) -> np.ndarray:
         """``[ranks]`` FLOP/s: each rank's attention FLOPs over the seconds its segments take, each at
         the speed of a causal document whose rows see as many keys on average, on ``heads`` query heads
-        per call (``segments``: ``(rank, q_len, area)``; ``heads``: :meth:`~distattn.schedule.Schedule.kernel_heads`, None: all;
-        module docstring); a rank with none gets the best."""
+        per call (``segments``: ``(rank, q_len, area)``; ``heads``:
+        :meth:`~distattn.schedule.Schedule.kernel_heads`, None: all; module docstring); a rank with
+        none gets the best."""
         rank, q_len, area = (np.asarray(x) for x in segments)
         flops = area.astype(np.float64) * flops_per_pair
         speed = self.tflops(direction, equivalent_length(q_len, area), heads)

@@ -179,9 +179,12 @@ def _merged(groups: list[_Group], world: int, network, cfg: SimConfig) -> TimedP
                         links, first.link_of)
 
 
-def micro_batch(cfg: SimConfig, name: str, replicas: list, kernel: AttentionKernel, links: Links) -> dict:
+def micro_batch(cfg: SimConfig, name: str, replicas: list, kernel: AttentionKernel, links: Links,
+                pool: bool = True) -> dict:
     """One micro-batch of every replica (``replicas[r]``: its documents): its :class:`~.step.MicroBatch`,
-    the forward attention FLOPs of all replicas (MFU's), its Ulysses degree and its planning seconds."""
+    the forward attention FLOPs of all replicas (MFU's), its Ulysses degree and its planning seconds.
+    ``pool=False``: a scheduler that pools (``cad``) plans each replica's CP group alone, as a group of
+    a per-batch step runs it (:mod:`.per_batch`)."""
     row, m = row_of(name), cfg.model
     entry = spec(row.entry)
     nano = 1 if row.bound else entry.nano_batches_for(cfg.nano_batches)
@@ -192,7 +195,7 @@ def micro_batch(cfg: SimConfig, name: str, replicas: list, kernel: AttentionKern
     cut = [c if len(c) == nano else [rep] for c, rep in zip(cut, replicas)]   # replicas cut alike
     programs, pre, post, tp, tokens_all, flops_attn, planning, ulysses = [], [], [], [], [], 0.0, 0.0, None
     for n in range(nano):
-        if entry.pools:   # one schedule over the pool: every replica's sequence, balanced over all ranks
+        if entry.pools and pool:   # one schedule over the pool: every replica's sequence, balanced over all ranks
             docs, world = [[d for rep in cut for d in rep[n]]], cfg.ranks
         else:
             docs, world = [rep[n] for rep in cut], cfg.cp

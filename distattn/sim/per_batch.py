@@ -23,10 +23,12 @@ tiles 64 ranks -- each group one micro-batch with a scheduler of its own:
    FSDP's collectives, and a faster class only waits there (the collectives' waits are not replayed
    across classes).
 
-``cad`` is not mixed: it cuts each micro-batch into two nano-batches and pools every replica's
-attention, which groups of other schedulers cannot share within one step (FSDP2's gathers follow the
-nano-batches). :func:`distattn.choose` (:mod:`.choose`) and the trainer's ``parallel.scheduler: auto`` choose among
-the others; a job that runs ``cad`` fixes it.
+A group may run ``cad``: over its own ranks (no pool across groups: :func:`class_time` plans each
+group alone), in two nano-batches -- cut alike over its class (every group of its size and
+scheduler), one where any of them holds a single document, as the trainer cuts them. FSDP2 gathers
+each block once per pass whatever the nano-batches (``distattn/train/model/fsdp_once.py``), so
+groups of one and of two nano-batches share a step. :func:`distattn.choose` (:mod:`.choose`), for
+trainers we do not own, chooses among :data:`PER_MICRO_BATCH`: one nano-batch, no pool.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ from .step import Fsdp, step_ops
 FINALISTS = 3              # the best-scored layouts replayed whole (choose_step)
 SCORED_GROUPS = 4          # groups of a size replayed to score a layout (class_time)
 SPREADS = (1.0, 2.0, 4.0)   # a long document's group: its ranks' workload over the mean rank's (arrange)
-# the schedulers groups may mix (module docstring): one nano-batch a micro-batch, no pool
-MIXED = tuple(n for n in NAMES if not spec(n).pools and spec(n).nano_batches == 1)
+# the schedulers a step's groups may run (module docstring): every one, cad over its own group's ranks
+MIXED = NAMES
+# those distattn.choose picks among, one per micro-batch of a trainer we do not own: one nano-batch,
+# no pool (and what a fixed parallel.scheduler may be under parallel.cp: auto)
+PER_MICRO_BATCH = tuple(n for n in NAMES if not spec(n).pools and spec(n).nano_batches == 1)
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,8 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
         groups = [groups[k] for k in keep]
     at = replace(cfg, cp=cp, gpus=cp * len(groups) * cfg.tp, batch=None)
     kernel = attention_kernel(at)
-    micro = [micro_batch(at, name, [g[j] for g in groups], kernel, links)["micro"] for j in range(len(groups[0]))]
+    micro = [micro_batch(at, name, [g[j] for g in groups], kernel, links, pool=False)["micro"]
+             for j in range(len(groups[0]))]
     n = at.ranks
     part = None if fsdp is None else Fsdp(fsdp.gather[:n], fsdp.reduce[:n], fsdp.root_gather[:n],
                                           fsdp.root_reduce[:n])
@@ -197,8 +203,7 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
     t0 = time.perf_counter()
     for name in schedulers:
         if name not in MIXED:
-            raise ValueError(f"scheduler {name!r} cannot share a step with other groups; choose from "
-                             f"{', '.join(MIXED)}")
+            raise ValueError(f"scheduler {name!r} is unknown; choose from {', '.join(MIXED)}")
     links = links_of(network, cfg)
     ranks = cfg.gpus // cfg.tp
     lens = [int(n) for n in doc_lens]
@@ -346,7 +351,7 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
 
     best = best_fixed(rows)
     fixed = None
-    if best is not None and best["scheduler"] in MIXED:
+    if best is not None and best["scheduler"] in PER_MICRO_BATCH:   # (a fixed cad pools every replica)
         fixed = (best["scheduler"], best["cp"], best["micro_batches"])
     per_draw, counts = [], {}
     for d in range(draws):
@@ -374,6 +379,6 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
     return row
 
 
-__all__ = ["MIXED", "SPREADS", "FINALISTS", "SCORED_GROUPS", "Group", "StepChoice", "arrange", "balanced_layout",
-           "lengths_of", "pow2_divisors", "fits_heads", "setting_index", "class_time", "choose_step", "best_fixed",
-           "per_batch_row"]
+__all__ = ["MIXED", "PER_MICRO_BATCH", "SPREADS", "FINALISTS", "SCORED_GROUPS", "Group", "StepChoice", "arrange",
+           "balanced_layout", "lengths_of", "pow2_divisors", "fits_heads", "setting_index", "class_time", "choose_step",
+           "best_fixed", "per_batch_row"]

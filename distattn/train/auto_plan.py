@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..packing import imbalance, workload
+from ..pingpong import nano_batches
 from ..plan_cache import PlanCache
 from .chooser import ChooserProcess
 from .config import RunConfig
@@ -93,7 +94,7 @@ def auto_meshes(cfg: RunConfig, device_type: str) -> dict[tuple[str, int], Any]:
 
 def job_of(cfg: RunConfig):
     """The job as the chooser prices it (:class:`~distattn.sim.job.SimConfig`): the run's model on
-    ``world_size`` H100s, eight to a node."""
+    ``world_size`` H100s, eight to a node; ``cad``'s servers keep nothing (its planner's default)."""
     from ..model_shape import GPUS
     from ..sim.job import SimConfig
     from ..sim.kernel import AttentionKernel
@@ -101,7 +102,7 @@ def job_of(cfg: RunConfig):
     gpu, shape = GPUS["h100"], cfg.model.shape
     return SimConfig(shape, cfg.world_size, cfg.data.seq_len, 1, gpu=gpu, gpus_per_node=min(8, cfg.world_size),
                      kernel=AttentionKernel.measured(gpu, shape.head_dim),
-                     token_cap_factor=cfg.data.cap / cfg.data.seq_len)
+                     token_cap_factor=cfg.data.cap / cfg.data.seq_len, cad_backward="resend")
 
 
 def network_of(cfg: RunConfig):
@@ -180,16 +181,27 @@ class AutoPlanner:
             self.chooser.close()
 
     def _plans(self, groups, mine: int, sequences, state, predicted, made: float, planned: bool = True) -> StepPlans:
-        """This rank's micro-batch of ``groups`` (group ``mine``'s) and, ``planned``, its plan."""
+        """This rank's micro-batch of ``groups`` (group ``mine``'s) and, ``planned``, its nano-batches and
+        a plan each: the scheduler's count (``cad``: two), cut alike over its class -- every group of
+        its size and scheduler, one nano-batch where any holds a single document -- as the simulator
+        prices it (:func:`~distattn.sim.micro.micro_batch`)."""
+        from ..schedulers import spec
+
         name, cp, own = groups[mine]
         lens = [end - start for _, _, start, end in own]
         per_rank = [float(workload([b - a for _, _, a, b in g], self.weight).sum()) / c if g else 0.0
                     for _, c, g in groups for _ in range(c)]
         trained = sum(end - start for seq in sequences for _, _, start, end in seq)
         batch = MicroBatch(self.batches.packer.read(own), lens, imbalance(np.asarray(per_rank)), trained, None)
-        plans = [] if not planned else \
-            [self.cache.plan(lens, self.meshes[name, cp], scheduler=name, backend=self.backend, **self.options)]
-        return StepPlans(batch, [(lens, 0, sum(lens))] if plans else [], plans, state, made,
+        parts, plans = [], []
+        if planned:
+            count = spec(name).nano_batches_for(None)
+            if count > 1 and any(len(g) < 2 for n, c, g in groups if (n, c) == (name, cp)):
+                count = 1
+            parts = nano_batches(lens, count, self.weight) if count > 1 else [(lens, 0, sum(lens))]
+            plans = [self.cache.plan(docs, self.meshes[name, cp], scheduler=name, backend=self.backend, **self.options)
+                     for docs, _, _ in parts]
+        return StepPlans(batch, parts, plans, state, made,
                          choice=[[n, c] for n, c, _ in groups], predicted_step_s=predicted, pieces=tuple(sequences))
 
 
@@ -198,8 +210,8 @@ class SharedChoice:
     (:func:`shared_choice`: torch's public ``TCPStore``; a key per step, JSON) and every other rank
     reads it there -- the choice is the same pure function of the documents on every rank, so this
     only spares the other ranks the work (on a host whose cores its ranks share, making it on every
-    rank costs more than the layouts save). Store reads are not collectives: they wait for rank 0's key up to the store's timeout.
-    Keys of steps every rank has passed are deleted (the plan-ahead thread runs a step's tasks in
+    rank costs more than the layouts save). Store reads are not collectives: they wait for rank 0's
+    key up to the store's timeout. Keys of steps every rank has passed are deleted (the plan-ahead thread runs a step's tasks in
     order, so when rank 0 makes step ``n``'s choice every rank has read step ``n - 2``'s). When the run
     ends, rank 0 marks the steps it will not choose (:meth:`abandon`), so a rank whose thread already
     waits for one stops waiting."""

@@ -47,7 +47,8 @@ class NanoChoice:
         return f"parallel.nano_batches: {self.count} ({self.reason})"
 
 
-def choose_nano_batches(cfg: RunConfig, sequences: list[list[list[int]]], cad_backward: str | None = None) -> NanoChoice:
+def choose_nano_batches(cfg: RunConfig, sequences: list[list[list[int]]],
+                        cad_backward: str | None = None) -> NanoChoice:
     """The nano-batch count for ``cfg`` (module docstring). ``sequences``: the run's first steps, each
     ``parallel.dp`` sequences of document lengths (:meth:`GlobalBatches.peek_lengths`);
     ``cad_backward``: the trainer's agreed mode (``cad``'s servers), None elsewhere."""
@@ -79,9 +80,9 @@ def choose_nano_batches(cfg: RunConfig, sequences: list[list[list[int]]], cad_ba
         return NanoChoice(default, f"{p.fixed_scheduler}'s default: the simulator times neither count of this "
                                    f"run at {p.fixed_cp} CP ranks (it fits no H100's memory)", priced)
     best = 2 if priced[2] < (1 - MARGIN) * priced[1] else 1
-    return NanoChoice(best, f"unset: the simulator prices the first {len(sequences)} steps at {priced[1] * 1e3:,.1f} ms "
-                            f"with 1, {priced[2] * 1e3:,.1f} ms with 2 on {p.fixed_scheduler} x {p.fixed_cp} ranks "
-                            f"(H100s, parallel.network's links)", priced)
+    one, two = (f"{priced[n] * 1e3:,.1f} ms with {n}" for n in COUNTS)
+    return NanoChoice(best, f"unset: the simulator prices the first {len(sequences)} steps at {one}, {two} on "
+                            f"{p.fixed_scheduler} x {p.fixed_cp} ranks (H100s, parallel.network's links)", priced)
 
 
 def chosen_nano_batches(cfg: RunConfig, first_steps: list | None, cad_backward: str | None) -> int:

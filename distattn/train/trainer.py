@@ -20,8 +20,9 @@ batch is cut alike everywhere), and shard/unshard stay inside each replica's CP 
 ``flops_imbalance`` in the metrics is over the ranks the plan balanced (the pool, or rank 0's CP
 group); ``flops_imbalance_all`` is over all dp x cp ranks either way.
 
-Each micro-batch runs as ``parallel.nano_batches`` nano-batches of whole documents (:func:`.plan_ahead.agreed_nano_batches`;
-unset: one or two, whichever the simulator prices faster for the run, :mod:`.nano_default`), one plan each, ping-ponged through the model's blocks
+Each micro-batch runs as ``parallel.nano_batches`` nano-batches of whole documents
+(:func:`.plan_ahead.agreed_nano_batches`; unset: one or two, whichever the simulator prices faster for
+the run, :mod:`.nano_default`), one plan each, ping-ponged through the model's blocks
 (:mod:`distattn.pingpong`): the loss and gradients are those of one. A step's batch, nano-batches and
 plans are made while the step before runs (``parallel.plan_ahead``, default on; :mod:`.plan_ahead`:
 a background thread, no collective on it, the same plans): ``planning_s`` in the metrics is what a

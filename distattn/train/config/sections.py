@@ -100,7 +100,7 @@ class ParallelConfig:
     # auto: each step lays the ranks out as CP groups of mixed power-of-two sizes chosen from its
     # documents (needs world_size; distattn/train/auto_plan.py)
     cp: int | str = 4
-    # auto: each group's scheduler chosen per step among those that can share one (distattn.sim.per_batch.MIXED)
+    # auto: each group's scheduler chosen per step, cad over its group's own ranks (distattn.sim.per_batch.MIXED)
     scheduler: str = "zigzag"
     # with cp: auto, the job's ranks; dp is then the sequences of data.seq_len a step trains, and the
     # fixed choice a late step falls back to is dp groups of world_size / dp ranks

@@ -268,17 +268,18 @@ def _check_auto(cfg: RunConfig) -> None:
             raise ValueError("parallel.network prices parallel.scheduler/cp: auto's choices; remove it, or set one "
                              "of them to auto")
         return
-    from ...sim.per_batch import MIXED
+    from ...sim.per_batch import PER_MICRO_BATCH
 
-    if p.scheduler != AUTO and p.scheduler not in MIXED:
+    if p.scheduler != AUTO and p.scheduler not in PER_MICRO_BATCH:
         raise ValueError(f"parallel.cp: auto runs CP groups of several sizes in one step, which {p.scheduler} (one "
                          f"plan pooled over every replica, two nano-batches) cannot share: choose one of "
-                         f"{', '.join(MIXED)} or auto, or fix parallel.cp")
+                         f"{', '.join(PER_MICRO_BATCH)}, or auto (whose groups may run {p.scheduler} over their own "
+                         f"ranks), or fix parallel.cp")
     for key, val in (("parallel.ulysses_degree", p.ulysses_degree), ("data.packing", d.packing),
                      ("parallel.nano_batches", p.nano_batches if p.nano_batches != 1 else None)):
         if val is not None:
             raise ValueError(f"{key} is chosen per step with parallel.scheduler/cp: auto (usp's degree, the groups' "
-                             f"documents, one nano-batch): remove it")
+                             f"documents, their nano-batches): remove it")
 
 
 def _check_train(t: TrainSection) -> None:
