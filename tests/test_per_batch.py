@@ -69,6 +69,26 @@ def test_choose_step_tiles_aligned_groups_and_beats_or_keeps_the_fixed_choice():
     assert got.predicted_step_s <= fixed_s * 1.02, (got.predicted_step_s, fixed_s)
 
 
+def test_a_fixed_cad_is_scored_pooled_as_a_fixed_cad_runs():
+    """cad among the fixed choices is priced over one pool of every group (the fixed cad row), and the
+    step is never predicted slower than it; the groups say whether they pool."""
+    cfg = SimConfig(M, 16, 32768, 1)
+    docs = _batch()
+    net = default_profile()
+    got = choose_step(cfg, docs, net, fixed=[("zigzag", 8, 1), ("cad", 8, 1)])
+    at = replace(cfg, activation_checkpointing=got.checkpointing, mlp_chunk=got.mlp_chunk)
+    links = links_of(net, cfg)
+    fixed = balanced_layout(docs, 2, 8, 1, math.ceil(1.25 * sum(docs) / 16) * 8, 0.0)
+    groups = [r for _, r in lengths_of(fixed, docs)]
+    fsdp = fsdp_seconds(replace(cfg, cp=1), links.cp)
+    pooled = class_time(at, "cad", 8, groups, links, fsdp, pool=True)
+    assert got.predicted_step_s <= pooled * 1.02, (got.predicted_step_s, pooled)
+    assert pooled != class_time(at, "cad", 8, groups, links, fsdp)   # pooled or not: two different plans
+    assert {g.pooled for g in got.groups} in ({False}, {True})
+    assert all(g.scheduler == "cad" and g.cp == 8 for g in got.groups if g.pooled)
+    assert [row[3] for row in got.layout()] == [g.pooled for g in got.groups]
+
+
 def test_an_unknown_scheduler_is_refused():
     with pytest.raises(ValueError, match="scheduler 'ringo' is unknown"):
         choose_step(SimConfig(M, 8, 4096, 1), [4096], default_profile(), schedulers=("ringo",))

@@ -59,15 +59,20 @@ def _runs(auto, fixed, first, resumed, late, cad) -> dict:
             return real(trainer, ready, Future() if step == 2 else refined, step)
         with mock.patch.object(Trainer, "_choice", late_at_2):
             out["late"] = Trainer(late).run()
-        # cad in the mix, over each group's own ranks: the longest piece alone on ranks 0-3 (one document:
-        # one nano-batch), the rest dealt over ranks 4-7 alone (two documents or more each: two)
+        # cad in the mix. Steps 1 and 3: over each group's own ranks, the longest piece alone on ranks 0-3
+        # (one document: one nano-batch), the rest dealt over ranks 4-7 alone (two documents or more
+        # each: two). Step 2: cad pooled over two groups of 4, as a fixed cad runs (two nano-batches)
         class Chooser:
             def __init__(self, *args):
-                pass
+                self.calls = 0
 
             def choose(self, lens, fixed):
+                self.calls += 1
                 order = sorted(range(len(lens)), key=lambda i: -lens[i])
-                return [["cad", 4, [order[0]]]] + [["cad", 1, sorted(order[1 + k::4])] for k in range(4)], 1.0, 0.0
+                if self.calls == 2:
+                    return [["cad", 4, sorted(order[k::2]), True] for k in range(2)], 1.0, 0.0
+                return [["cad", 4, [order[0]], False]] + [["cad", 1, sorted(order[1 + k::4]), False]
+                                                         for k in range(4)], 1.0, 0.0
 
             def close(self):
                 pass
@@ -125,9 +130,11 @@ def test_auto_trains_mixed_groups_exactly_and_resumes(tmp_path):
     for a, f in zip(got["late"], got["fixed"], strict=True):
         assert abs(a["loss"] - f["loss"]) <= 1e-12 * abs(f["loss"]), (a["loss"], f["loss"])
 
-    # cad in the mix: ranks of one nano-batch and of two in every step, FSDP2 gathering each block once
-    assert [r["cad_parts"] for r in ranks] == [[1] * 3] * 4 + [[2] * 3] * 4
-    assert [m["choice"] for m in got["cad"]] == [[["cad", 4]] + [["cad", 1]] * 4] * 3
+    # cad in the mix: ranks of one nano-batch and of two in one step, FSDP2 gathering each block once;
+    # and cad pooled over every group
+    assert [r["cad_parts"] for r in ranks] == [[1, 2, 1]] * 4 + [[2, 2, 2]] * 4
+    mixed = [["cad", 4]] + [["cad", 1]] * 4
+    assert [m["choice"] for m in got["cad"]] == [mixed, [["cad", 4]] * 2, mixed]
     for a, f in zip(got["cad"], got["fixed"], strict=True):
         for key in ("loss", "grad_norm"):
             assert abs(a[key] - f[key]) <= 1e-12 * abs(f[key]), (key, a[key], f[key])
@@ -218,10 +225,10 @@ def test_the_chooser_process_answers_as_choose_step_does():
     lens = [40000, 9000, 5000, 3000, 2000, 1536] + [4096] * 16 + [32768]
     chooser = ChooserProcess(job, network, MIXED, (1, 2, 4, 8, 16))
     try:
-        layout, predicted, seconds = chooser.choose(lens, ("zigzag", 8, 1))
-        here = choose_step(job, lens, network, MIXED, None, fixed=("zigzag", 8, 1))
-        assert layout == [[g.scheduler, g.cp, list(g.pieces[0])] for g in here.groups]
-        assert predicted == here.predicted_step_s and seconds > 0
+        fixed = [("zigzag", 8, 1), ("cad", 8, 1)]
+        layout, predicted, seconds = chooser.choose(lens, fixed)
+        here = choose_step(job, lens, network, MIXED, None, fixed=fixed)
+        assert layout == here.layout() and predicted == here.predicted_step_s and seconds > 0
         with pytest.raises(RuntimeError, match="the chooser process .* failed: ValueError: doc_lens"):
             chooser.choose([], None)
         assert chooser.choose(lens, None)[1] > 0   # (still answering after an error)

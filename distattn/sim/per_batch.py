@@ -63,13 +63,15 @@ PER_MICRO_BATCH = tuple(n for n in NAMES if not spec(n).pools and spec(n).nano_b
 class Group:
     """One CP group of a step: ``cp`` ranks from ``first`` (a rank of one TP index), running
     ``scheduler`` on its micro-batches: ``rounds[j]`` the lengths of the ``j``-th's documents,
-    ``pieces[j]`` their indices in the step's ``doc_lens``."""
+    ``pieces[j]`` their indices in the step's ``doc_lens``; ``pooled``: one plan over every group of
+    the step (a fixed ``cad`` choice pools all replicas), else the group's own."""
 
     scheduler: str
     cp: int
     first: int
     rounds: tuple[tuple[int, ...], ...]
     pieces: tuple[tuple[int, ...], ...] = ()
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,11 @@ class StepChoice:
     def choice(self) -> list[tuple[str, int]]:
         """``(scheduler, cp)`` of each micro-batch (group), as ``metrics.jsonl``'s ``choice`` lists them."""
         return [(g.scheduler, g.cp) for g in self.groups]
+
+    def layout(self) -> list[list]:
+        """``[scheduler, cp, piece indices, pooled]`` per group (one micro-batch each), as JSON carries
+        the choice to the trainer's ranks (:mod:`distattn.train.auto_plan`)."""
+        return [[g.scheduler, g.cp, list(g.pieces[0]), g.pooled] for g in self.groups]
 
 
 def pow2_divisors(n: int) -> list[int]:
@@ -157,7 +164,7 @@ def fits_heads(cfg: SimConfig, name: str, cp: int) -> bool:
 
 
 def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]], links: Links,
-               fsdp: Fsdp | None, whole: bool = True) -> float:
+               fsdp: Fsdp | None, whole: bool = True, pool: bool = False) -> float:
     """The step of ``len(groups)`` groups of ``cp`` ranks running ``name`` (``groups[k][j]``: the
     documents of group ``k``'s ``j``-th micro-batch) under ``cfg``'s checkpointing, FSDP's transfers
     those of every rank of the job (``fsdp``): the slowest of those ranks' end.
@@ -165,7 +172,9 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
     ``whole=False`` is what scoring a layout needs, at a fraction of the replay: only the
     :data:`SCORED_GROUPS` groups with the most workload and the most tokens a rank (the groups do not
     wait for each other, so the slowest is among them), replayed for two and three layers, their
-    difference extended to the model's layers (every layer runs the same pieces)."""
+    difference extended to the model's layers (every layer runs the same pieces). ``pool``: a
+    scheduler that pools (``cad``) plans the groups as one pool, as a fixed ``cad`` row does; else
+    each group alone."""
     if not whole and len(groups) > SCORED_GROUPS:
         pw = cfg.model.pair_weight()
         heavy = sorted(range(len(groups)), key=lambda k: -sum(workload(r, pw).sum() for r in groups[k] if r))
@@ -174,7 +183,7 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
         groups = [groups[k] for k in keep]
     at = replace(cfg, cp=cp, gpus=cp * len(groups) * cfg.tp, batch=None)
     kernel = attention_kernel(at)
-    micro = [micro_batch(at, name, [g[j] for g in groups], kernel, links, pool=False)["micro"]
+    micro = [micro_batch(at, name, [g[j] for g in groups], kernel, links, pool=pool)["micro"]
              for j in range(len(groups[0]))]
     n = at.ranks
     part = None if fsdp is None else Fsdp(fsdp.gather[:n], fsdp.reduce[:n], fsdp.root_gather[:n],
@@ -191,15 +200,15 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
 
 
 def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
-                fixed: tuple[str, int, int] | None = None) -> StepChoice:
+                fixed: tuple[str, int, int] | list[tuple[str, int, int]] | None = None) -> StepChoice:
     """The step's :class:`StepChoice` (module docstring) for the global batch ``doc_lens`` on ``cfg``'s
     job (its GPUs, TP, model, GPU, token cap factor; ``cfg.cp`` is not used), choosing among
     ``schedulers`` (of :data:`MIXED`), group sizes ``cps`` (default: every power of two the ranks
     allow; one size fixes every group's: ``parallel.cp`` set, ``scheduler: auto``), one micro-batch a
     group (as the trainer runs a step). ``fixed``: ``(scheduler, cp, micro-batches)``, the job's
-    fixed choice, also scored on the step (its documents packed as the trainer packs them,
-    :func:`distattn.pack_balanced`): kept when no mixed layout beats it, so a step is never predicted
-    slower than the fixed choice."""
+    fixed choice, or several, also scored on the step (its documents packed as the trainer packs them,
+    :func:`distattn.pack_balanced`; a ``cad`` one pooled over every group, as a fixed ``cad`` runs):
+    kept when no mixed layout beats it, so a step is never predicted slower than the fixed choice."""
     t0 = time.perf_counter()
     for name in schedulers:
         if name not in MIXED:
@@ -229,37 +238,39 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
         if layout is None or (cps is not None and any(c not in cps for c, _ in layout)):
             continue
         scored.append(_score(cfg, lengths_of(layout, lens), rank_cap, schedulers, links, fsdp, timed, layout))
-    kept = None
-    if fixed is not None:
-        name, cp, m = fixed
+    kept = []
+    for name, cp, m in [] if fixed is None else [fixed] if isinstance(fixed[0], str) else fixed:
         rank_cap = math.ceil(cfg.token_cap_factor * total / (ranks * m))
-        # packed as the fixed row packs it: its cap, its seed
+        # packed as the fixed row packs it: its cap, its seed, tokens alone where it pools (.workload)
         layout = balanced_layout(lens, ranks // cp, cp, m, math.ceil(cfg.token_cap_factor * total * cp / (ranks * m)),
-                                 pw, cfg.seed)
-        kept = None if layout is None else _score(cfg, lengths_of(layout, lens), rank_cap, (name,), links, fsdp,
-                                                  timed, layout)
+                                 0.0 if spec(name).pools else pw, cfg.seed)
+        if layout is not None:
+            kept.append(_score(cfg, lengths_of(layout, lens), rank_cap, (name,), links, fsdp, timed, layout,
+                               pool=spec(name).pools))
     scored = sorted((got for got in scored if got is not None), key=lambda got: got[0])[:FINALISTS]
-    scored += [kept] if kept is not None else []
+    scored += [got for got in kept if got is not None]
     if not scored:
         raise ValueError(f"no layout of {ranks} ranks fits {cfg.gpu.memory_gib:.0f} GiB per GPU for this batch's "
                          f"{len(lens)} documents: add GPUs or shorten the sequences")
     # the finalists (and the fixed choice) replayed whole: the step is the best of them
-    step, layout, names, setting = min((_whole(cfg, got, lens, links, fsdp) for got in scored), key=lambda x: x[0])
+    step, layout, names, setting, pool = min((_whole(cfg, got, lens, links, fsdp) for got in scored),
+                                             key=lambda x: x[0])
     sized = lengths_of(layout, lens)
     groups, first = [], 0
     for (cp, docs), (_, which) in zip(sized, layout):
-        groups.append(Group(names[cp], cp, first, tuple(map(tuple, docs)), tuple(map(tuple, which))))
+        groups.append(Group(names[cp], cp, first, tuple(map(tuple, docs)), tuple(map(tuple, which)), pool))
         first += cp
     return StepChoice(tuple(groups), setting[0], setting[1], step, time.perf_counter() - t0)
 
 
 def _whole(cfg: SimConfig, got, lens: list[int], links: Links, fsdp):
     """A scored layout (:func:`_score`'s) with its step replayed whole, every group of it."""
-    _, layout, names, setting = got
+    _, layout, names, setting, pool = got
     at = replace(cfg, activation_checkpointing=setting[0], mlp_chunk=setting[1])
     sized = lengths_of(layout, lens)
-    step = max(class_time(at, names[cp], cp, [docs for c, docs in sized if c == cp], links, fsdp) for cp in names)
-    return step, layout, names, setting
+    step = max(class_time(at, names[cp], cp, [docs for c, docs in sized if c == cp], links, fsdp, pool=pool)
+               for cp in names)
+    return step, layout, names, setting, pool
 
 
 def balanced_layout(doc_lens, dp: int, cp: int, rounds: int, token_cap: int, pair_weight: float,
@@ -280,9 +291,10 @@ def lengths_of(layout, lens: list[int]) -> list[tuple[int, list[list[int]]]]:
     return [(cp, [[lens[i] for i in r] for r in rounds]) for cp, rounds in layout]
 
 
-def _score(cfg: SimConfig, layout, rank_cap: int, schedulers, links: Links, fsdp, timed: dict, kept=None):
-    """(predicted step, ``kept``, scheduler per group size, (checkpointing, mlp_chunk)) of one layout
-    (documents by length), or None: nothing fits."""
+def _score(cfg: SimConfig, layout, rank_cap: int, schedulers, links: Links, fsdp, timed: dict, kept=None,
+           pool: bool = False):
+    """(predicted step, ``kept``, scheduler per group size, (checkpointing, mlp_chunk), ``pool``) of one
+    layout (documents by length), or None: nothing fits. ``pool``: as :func:`class_time`'s."""
     by_cp: dict[int, list[list[list[int]]]] = {}
     for cp, docs in layout:
         by_cp.setdefault(cp, []).append(docs)
@@ -303,14 +315,14 @@ def _score(cfg: SimConfig, layout, rank_cap: int, schedulers, links: Links, fsdp
         for name in able[cp]:
             if index[name, cp] is None or index[name, cp] > need:
                 continue
-            key = (name, cp, need, tuple(tuple(map(tuple, g)) for g in replicas))
+            key = (name, cp, need, pool, tuple(tuple(map(tuple, g)) for g in replicas))
             if key not in timed:
-                timed[key] = class_time(at, name, cp, replicas, links, fsdp, whole=False)
+                timed[key] = class_time(at, name, cp, replicas, links, fsdp, whole=False, pool=pool)
             if best is None or timed[key] < best[0]:
                 best = (timed[key], name)
         names[cp] = best[1]
         step = max(step, best[0])
-    return step, kept, names, setting
+    return step, kept, names, setting, pool
 
 
 def setting_index(cfg: SimConfig, name: str, cp: int, tokens: int, memo: dict | None = None) -> int | None:
@@ -351,7 +363,7 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
 
     best = best_fixed(rows)
     fixed = None
-    if best is not None and best["scheduler"] in PER_MICRO_BATCH:   # (a fixed cad pools every replica)
+    if best is not None and best["scheduler"] in MIXED:
         fixed = (best["scheduler"], best["cp"], best["micro_batches"])
     per_draw, counts = [], {}
     for d in range(draws):

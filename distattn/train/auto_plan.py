@@ -38,13 +38,12 @@ from typing import Any
 import numpy as np
 
 from ..packing import imbalance, workload
-from ..pingpong import nano_batches
 from ..plan_cache import PlanCache
 from .chooser import ChooserProcess
 from .config import RunConfig
 from .config.sections import AUTO
 from .data.global_batch import GlobalBatches, MicroBatch
-from .plan_ahead import StepPlans
+from .plan_ahead import StepPlans, replica_nano_batches
 
 _log = logging.getLogger(__name__)
 
@@ -163,28 +162,34 @@ class AutoPlanner:
         name, cp = self.fixed_choice
 
         def decide() -> tuple[list, float]:
-            fixed_arg = (name, cp, 1) if cp in self.sizes and name in self.names else None
+            # the fixed choice, and cad pooled over every group as a fixed cad runs: never predicted slower
+            fixed_args = [(n, cp, 1) for n in dict.fromkeys((name, "cad")) if n in self.names and cp in self.sizes]
             if self.chooser is not None:
-                return self.chooser.choose(lens, fixed_arg)[:2]
+                return self.chooser.choose(lens, fixed_args)[:2]
             got = choose_step(self.job, lens, self.network, self.names, None if len(self.sizes) > 1 else self.sizes,
-                              fixed=fixed_arg)
-            return [[g.scheduler, g.cp, list(g.pieces[0])] for g in got.groups], got.predicted_step_s
+                              fixed=fixed_args)
+            return got.layout(), got.predicted_step_s
         layout, predicted = decide() if self.shared is None else self.shared.next(self.rank, decide)
-        groups = [(n, c, [pieces[i] for i in which]) for n, c, which in layout]
-        first = np.cumsum([0] + [c for _, c, _ in layout])
+        groups = [(n, c, [pieces[i] for i in which]) for n, c, which, _ in layout]
+        first = np.cumsum([0] + [c for _, c, _, _ in layout])
         mine = int(np.searchsorted(first, self.rank, side="right")) - 1
         return self._plans(groups, mine, fixed.pieces, fixed.data_state, predicted,
-                           fixed.made_s + time.perf_counter() - t0)
+                           fixed.made_s + time.perf_counter() - t0, pooled=bool(layout[0][3]))
 
     def close(self) -> None:
         if self.chooser is not None:
             self.chooser.close()
 
-    def _plans(self, groups, mine: int, sequences, state, predicted, made: float, planned: bool = True) -> StepPlans:
+    def _plans(self, groups, mine: int, sequences, state, predicted, made: float, planned: bool = True,
+               pooled: bool = False) -> StepPlans:
         """This rank's micro-batch of ``groups`` (group ``mine``'s) and, ``planned``, its nano-batches and
         a plan each: the scheduler's count (``cad``: two), cut alike over its class -- every group of
         its size and scheduler, one nano-batch where any holds a single document -- as the simulator
-        prices it (:func:`~distattn.sim.micro.micro_batch`)."""
+        prices it (:func:`~distattn.sim.micro.micro_batch`). ``pooled``: every group runs one ``cad``
+        plan over the world (as a fixed ``cad`` with ``parallel.cad_pool`` does), given every group's
+        documents of each nano-batch."""
+        import torch.distributed as dist
+
         from ..schedulers import spec
 
         name, cp, own = groups[mine]
@@ -196,11 +201,14 @@ class AutoPlanner:
         parts, plans = [], []
         if planned:
             count = spec(name).nano_batches_for(None)
-            if count > 1 and any(len(g) < 2 for n, c, g in groups if (n, c) == (name, cp)):
-                count = 1
-            parts = nano_batches(lens, count, self.weight) if count > 1 else [(lens, 0, sum(lens))]
-            plans = [self.cache.plan(docs, self.meshes[name, cp], scheduler=name, backend=self.backend, **self.options)
-                     for docs, _, _ in parts]
+            members = [i for i, (n, c, _) in enumerate(groups) if pooled or (n, c) == (name, cp)]
+            everyone = replica_nano_batches([[b - a for _, _, a, b in groups[i][2]] for i in members], count,
+                                            self.weight)
+            parts = everyone[members.index(mine)]
+            for i, (docs, _, _) in enumerate(parts):
+                pool = {"pool": dist.group.WORLD, "pool_doc_lens": [e[i][0] for e in everyone]} if pooled else {}
+                plans.append(self.cache.plan(docs, self.meshes[name, cp], scheduler=name, backend=self.backend,
+                                             **self.options, **pool))
         return StepPlans(batch, parts, plans, state, made,
                          choice=[[n, c] for n, c, _ in groups], predicted_step_s=predicted, pieces=tuple(sequences))
 

@@ -32,9 +32,10 @@ class ChooserProcess:
                                       env=env)
         self._send((job, network, tuple(names), tuple(sizes)))
 
-    def choose(self, doc_lens: list[int], fixed: tuple[str, int, int] | None) -> tuple[list, float, float]:
-        """``(layout, predicted_step_s, choosing_s)`` for the step's documents: ``layout`` is one
-        ``[scheduler, cp, piece indices]`` per group, as :meth:`.auto_plan.AutoPlanner.choose` reads it."""
+    def choose(self, doc_lens: list[int], fixed: list[tuple[str, int, int]]) -> tuple[list, float, float]:
+        """``(layout, predicted_step_s, choosing_s)`` for the step's documents and fixed choices
+        (:func:`~distattn.sim.per_batch.choose_step`'s): ``layout`` as
+        :meth:`~distattn.sim.per_batch.StepChoice.layout` gives it."""
         self._send((list(doc_lens), fixed))
         try:
             status, value = pickle.load(self._proc.stdout)
@@ -70,8 +71,7 @@ def _answer(job, network, names, sizes, doc_lens, fixed) -> tuple[list, float, f
 
     t0 = time.perf_counter()
     got = choose_step(job, doc_lens, network, names, None if len(sizes) > 1 else sizes, fixed=fixed)
-    layout = [[g.scheduler, g.cp, list(g.pieces[0])] for g in got.groups]
-    return layout, got.predicted_step_s, time.perf_counter() - t0
+    return got.layout(), got.predicted_step_s, time.perf_counter() - t0
 
 
 def main() -> None:
