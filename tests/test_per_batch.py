@@ -89,6 +89,21 @@ def test_a_fixed_cad_is_scored_pooled_as_a_fixed_cad_runs():
     assert [row[3] for row in got.layout()] == [g.pooled for g in got.groups]
 
 
+def test_a_class_of_cad_groups_replays_each_group_alone_cut_alike():
+    """Groups of cad each plan their own (different programs): the class's time is its slowest group's,
+    each in two nano-batches only where every group of the class holds two documents or more."""
+    cfg = SimConfig(M, 16, 32768, 1, activation_checkpointing="selective", mlp_chunk=0)
+    links = links_of(default_profile(), cfg)
+    fsdp = fsdp_seconds(replace(cfg, cp=1), links.cp)
+    groups = [[[3000, 2000, 1000]], [[5000, 800]], [[4000, 300, 200, 100]], [[6000]]]
+
+    def alone(at, gs):
+        return max(class_time(at, "cad", 4, [g], links, fsdp) for g in gs)
+    assert class_time(cfg, "cad", 4, groups[:3], links, fsdp) == alone(cfg, groups[:3])
+    assert class_time(cfg, "cad", 4, groups, links, fsdp) == alone(replace(cfg, nano_batches=1), groups)
+    assert alone(replace(cfg, nano_batches=1), groups[:3]) != alone(cfg, groups[:3])
+
+
 def test_an_unknown_scheduler_is_refused():
     with pytest.raises(ValueError, match="scheduler 'ringo' is unknown"):
         choose_step(SimConfig(M, 8, 4096, 1), [4096], default_profile(), schedulers=("ringo",))

@@ -175,12 +175,15 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
     difference extended to the model's layers (every layer runs the same pieces). ``pool``: a
     scheduler that pools (``cad``) plans the groups as one pool, as a fixed ``cad`` row does; else
     each group alone."""
+    if spec(name).pools and not pool and len(groups) > 1:
+        # each group plans its own cad, and their programs differ: each is replayed alone (they share only
+        # FSDP's collectives), its nano-batches cut as its class's are (alike, as the trainer cuts them)
+        one = cfg if all(len(r) > 1 for g in groups for r in g) else replace(cfg, nano_batches=1)
+        if not whole and len(groups) > SCORED_GROUPS:
+            groups = _scored(cfg, groups)
+        return max(class_time(one, name, cp, [g], links, fsdp, whole) for g in groups)
     if not whole and len(groups) > SCORED_GROUPS:
-        pw = cfg.model.pair_weight()
-        heavy = sorted(range(len(groups)), key=lambda k: -sum(workload(r, pw).sum() for r in groups[k] if r))
-        most = max(range(len(groups)), key=lambda k: sum(map(sum, groups[k])))
-        keep = heavy[:SCORED_GROUPS - 1] + ([most] if most not in heavy[:SCORED_GROUPS - 1] else heavy[-1:])
-        groups = [groups[k] for k in keep]
+        groups = _scored(cfg, groups)
     at = replace(cfg, cp=cp, gpus=cp * len(groups) * cfg.tp, batch=None)
     kernel = attention_kernel(at)
     micro = [micro_batch(at, name, [g[j] for g in groups], kernel, links, pool=pool)["micro"]
@@ -289,6 +292,15 @@ def balanced_layout(doc_lens, dp: int, cp: int, rounds: int, token_cap: int, pai
 
 def lengths_of(layout, lens: list[int]) -> list[tuple[int, list[list[int]]]]:
     return [(cp, [[lens[i] for i in r] for r in rounds]) for cp, rounds in layout]
+
+
+def _scored(cfg: SimConfig, groups: list) -> list:
+    """The :data:`SCORED_GROUPS` of ``groups`` with the most workload and the most tokens a rank."""
+    pw = cfg.model.pair_weight()
+    heavy = sorted(range(len(groups)), key=lambda k: -sum(workload(r, pw).sum() for r in groups[k] if r))
+    most = max(range(len(groups)), key=lambda k: sum(map(sum, groups[k])))
+    keep = heavy[:SCORED_GROUPS - 1] + ([most] if most not in heavy[:SCORED_GROUPS - 1] else heavy[-1:])
+    return [groups[k] for k in keep]
 
 
 def _score(cfg: SimConfig, layout, rank_cap: int, schedulers, links: Links, fsdp, timed: dict, kept=None,
