@@ -177,9 +177,10 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
     each group alone."""
     if spec(name).pools and not pool and len(groups) > 1:
         # each group plans its own cad, and their programs differ: each is replayed alone (they share only
-        # FSDP's collectives), its nano-batches cut as its class's are (alike, as the trainer cuts them)
+        # FSDP's collectives), its nano-batches cut as its class's are (alike, as the trainer cuts them);
+        # of a large class, the groups with the most workload and tokens a rank
         one = cfg if all(len(r) > 1 for g in groups for r in g) else replace(cfg, nano_batches=1)
-        if not whole and len(groups) > SCORED_GROUPS:
+        if len(groups) > SCORED_GROUPS:   # (whole too: a replay per group of a large class costs seconds)
             groups = _scored(cfg, groups)
         return max(class_time(one, name, cp, [g], links, fsdp, whole) for g in groups)
     if not whole and len(groups) > SCORED_GROUPS:
@@ -377,6 +378,10 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
     fixed = None
     if best is not None and best["scheduler"] in MIXED:
         fixed = (best["scheduler"], best["cp"], best["micro_batches"])
+    if best is not None and best.get("cad_backward") and cfg.cad_backward == "auto":
+        # cad's servers as the best fixed row resolved them (keep where it fits), for its pooled candidate and
+        # the groups of cad alike (the trainer's auto runs its planner's default, resend)
+        cfg = replace(cfg, cad_backward=best["cad_backward"])
     per_draw, counts = [], {}
     for d in range(draws):
         chunks = batches(cfg, d)
