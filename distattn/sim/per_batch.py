@@ -204,15 +204,16 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
 
 
 def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
-                fixed: tuple[str, int, int] | list[tuple[str, int, int]] | None = None) -> StepChoice:
+                fixed: tuple | list[tuple] | None = None) -> StepChoice:
     """The step's :class:`StepChoice` (module docstring) for the global batch ``doc_lens`` on ``cfg``'s
     job (its GPUs, TP, model, GPU, token cap factor; ``cfg.cp`` is not used), choosing among
     ``schedulers`` (of :data:`MIXED`), group sizes ``cps`` (default: every power of two the ranks
     allow; one size fixes every group's: ``parallel.cp`` set, ``scheduler: auto``), one micro-batch a
-    group (as the trainer runs a step). ``fixed``: ``(scheduler, cp, micro-batches)``, the job's
-    fixed choice, or several, also scored on the step (its documents packed as the trainer packs them,
-    :func:`distattn.pack_balanced`; a ``cad`` one pooled over every group, as a fixed ``cad`` runs):
-    kept when no mixed layout beats it, so a step is never predicted slower than the fixed choice."""
+    group (as the trainer runs a step). ``fixed``: ``(scheduler, cp, micro-batches)`` (and, a fourth,
+    its nano-batches where not the scheduler's default), the job's fixed choice, or several, also
+    scored on the step (its documents packed as the trainer packs them, :func:`distattn.pack_balanced`;
+    a ``cad`` one pooled over every group, as a fixed ``cad`` runs): kept when no mixed layout beats
+    it, so a step is never predicted slower than the fixed choice."""
     t0 = time.perf_counter()
     for name in schedulers:
         if name not in MIXED:
@@ -243,22 +244,22 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
             continue
         scored.append(_score(cfg, lengths_of(layout, lens), rank_cap, schedulers, links, fsdp, timed, layout))
     kept = []
-    for name, cp, m in [] if fixed is None else [fixed] if isinstance(fixed[0], str) else fixed:
+    for name, cp, m, *nano in [] if fixed is None else [fixed] if isinstance(fixed[0], str) else fixed:
         rank_cap = math.ceil(cfg.token_cap_factor * total / (ranks * m))
         # packed as the fixed row packs it: its cap, its seed, tokens alone where it pools (.workload)
         layout = balanced_layout(lens, ranks // cp, cp, m, math.ceil(cfg.token_cap_factor * total * cp / (ranks * m)),
                                  0.0 if spec(name).pools else pw, cfg.seed)
         if layout is not None:
             kept.append(_score(cfg, lengths_of(layout, lens), rank_cap, (name,), links, fsdp, timed, layout,
-                               pool=spec(name).pools))
+                               (spec(name).pools, nano[0] if nano else None)))
     scored = sorted((got for got in scored if got is not None), key=lambda got: got[0])[:FINALISTS]
     scored += [got for got in kept if got is not None]
     if not scored:
         raise ValueError(f"no layout of {ranks} ranks fits {cfg.gpu.memory_gib:.0f} GiB per GPU for this batch's "
                          f"{len(lens)} documents: add GPUs or shorten the sequences")
     # the finalists (and the fixed choice) replayed whole: the step is the best of them
-    step, layout, names, setting, pool = min((_whole(cfg, got, lens, links, fsdp) for got in scored),
-                                             key=lambda x: x[0])
+    step, layout, names, setting, (pool, _) = min((_whole(cfg, got, lens, links, fsdp) for got in scored),
+                                                  key=lambda x: x[0])
     sized = lengths_of(layout, lens)
     groups, first = [], 0
     for (cp, docs), (_, which) in zip(sized, layout):
@@ -269,12 +270,17 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
 
 def _whole(cfg: SimConfig, got, lens: list[int], links: Links, fsdp):
     """A scored layout (:func:`_score`'s) with its step replayed whole, every group of it."""
-    _, layout, names, setting, pool = got
-    at = replace(cfg, activation_checkpointing=setting[0], mlp_chunk=setting[1])
+    _, layout, names, setting, how = got
+    at = _as(replace(cfg, activation_checkpointing=setting[0], mlp_chunk=setting[1]), how)
     sized = lengths_of(layout, lens)
-    step = max(class_time(at, names[cp], cp, [docs for c, docs in sized if c == cp], links, fsdp, pool=pool)
+    step = max(class_time(at, names[cp], cp, [docs for c, docs in sized if c == cp], links, fsdp, pool=how[0])
                for cp in names)
-    return step, layout, names, setting, pool
+    return step, layout, names, setting, how
+
+
+def _as(cfg: SimConfig, how: tuple[bool, int | None]) -> SimConfig:
+    """``cfg`` with a fixed candidate's nano-batches (``how``: ``(pool, nano-batches or None)``)."""
+    return cfg if how[1] is None else replace(cfg, nano_batches=how[1])
 
 
 def balanced_layout(doc_lens, dp: int, cp: int, rounds: int, token_cap: int, pair_weight: float,
@@ -305,9 +311,10 @@ def _scored(cfg: SimConfig, groups: list) -> list:
 
 
 def _score(cfg: SimConfig, layout, rank_cap: int, schedulers, links: Links, fsdp, timed: dict, kept=None,
-           pool: bool = False):
-    """(predicted step, ``kept``, scheduler per group size, (checkpointing, mlp_chunk), ``pool``) of one
-    layout (documents by length), or None: nothing fits. ``pool``: as :func:`class_time`'s."""
+           how: tuple[bool, int | None] = (False, None)):
+    """(predicted step, ``kept``, scheduler per group size, (checkpointing, mlp_chunk), ``how``) of one
+    layout (documents by length), or None: nothing fits. ``how``: ``(pool, nano-batches)``, a fixed
+    candidate's (``pool`` as :func:`class_time`'s; nano-batches None: each scheduler's default)."""
     by_cp: dict[int, list[list[list[int]]]] = {}
     for cp, docs in layout:
         by_cp.setdefault(cp, []).append(docs)
@@ -321,21 +328,21 @@ def _score(cfg: SimConfig, layout, rank_cap: int, schedulers, links: Links, fsdp
             return None
         need = max(need, min(fitting))
     setting = fit.BY_COST[need]
-    at = replace(cfg, activation_checkpointing=setting[0], mlp_chunk=setting[1])
+    at = _as(replace(cfg, activation_checkpointing=setting[0], mlp_chunk=setting[1]), how)
     names, step = {}, 0.0
     for cp, replicas in by_cp.items():
         best = None
         for name in able[cp]:
             if index[name, cp] is None or index[name, cp] > need:
                 continue
-            key = (name, cp, need, pool, tuple(tuple(map(tuple, g)) for g in replicas))
+            key = (name, cp, need, how, tuple(tuple(map(tuple, g)) for g in replicas))
             if key not in timed:
-                timed[key] = class_time(at, name, cp, replicas, links, fsdp, whole=False, pool=pool)
+                timed[key] = class_time(at, name, cp, replicas, links, fsdp, whole=False, pool=how[0])
             if best is None or timed[key] < best[0]:
                 best = (timed[key], name)
         names[cp] = best[1]
         step = max(step, best[0])
-    return step, kept, names, setting, pool
+    return step, kept, names, setting, how
 
 
 def setting_index(cfg: SimConfig, name: str, cp: int, tokens: int, memo: dict | None = None) -> int | None:
@@ -376,8 +383,8 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
 
     best = best_fixed(rows)
     fixed = None
-    if best is not None and best["scheduler"] in MIXED:
-        fixed = (best["scheduler"], best["cp"], best["micro_batches"])
+    if best is not None and best["scheduler"] in MIXED:   # at the setting the row ran (the sweep's nano-batches)
+        fixed = (best["scheduler"], best["cp"], best["micro_batches"], best.get("nano_batches"))
     if best is not None and best.get("cad_backward") and cfg.cad_backward == "auto":
         # cad's servers as the best fixed row resolved them (keep where it fits), for its pooled candidate and
         # the groups of cad alike (the trainer's auto runs its planner's default, resend)
