@@ -212,6 +212,19 @@ def test_rank_0_chooses_and_the_others_read_its_choice():
         other.next(5, decide)
 
 
+def test_rank_0_serves_the_choice_at_the_address_that_routes_to_the_master(monkeypatch):
+    import socket
+
+    from distattn.train.auto_plan import _own_address
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert _own_address() == "127.0.0.1"   # local processes (file:// rendezvous)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert _own_address() == "127.0.0.1"
+    monkeypatch.setenv("MASTER_ADDR", "no-such-host.invalid")
+    assert _own_address() == socket.gethostname()
+
+
 def test_the_chooser_process_answers_as_choose_step_does():
     """Rank 0's chooser runs in a child process: the same layout and prediction as choose_step in this
     one; an error there is raised here, named; close ends the child."""
