@@ -8,8 +8,8 @@ on the simulator's model of the job (``parallel.network``'s links, an H100's ker
 The choice is a pure function of the documents: rank 0 makes it, in a process of its own
 (:class:`~.chooser.ChooserProcess`, so the search never holds the GIL its rank's step needs), the
 others read it from a store rank 0 serves (:class:`SharedChoice`; no collective), and every rank
-reads its own group's pieces and plans them on its group's mesh. Two tasks a step, both on the plan-ahead thread
-(:class:`~.plan_ahead.PlanAhead`), in order:
+reads its own group's pieces and plans them on its group's mesh. Two tasks a step, both on the
+plan-ahead thread (:class:`~.plan_ahead.PlanAhead`), in order:
 
 1. :meth:`AutoPlanner.fixed`: the batch, and this rank's micro-batch of the *fixed choice* --
    ``dp`` groups of ``world_size / dp`` ranks running ``parallel.scheduler`` (``zigzag`` under
@@ -219,10 +219,10 @@ class SharedChoice:
     reads it there -- the choice is the same pure function of the documents on every rank, so this
     only spares the other ranks the work (on a host whose cores its ranks share, making it on every
     rank costs more than the layouts save). Store reads are not collectives: they wait for rank 0's
-    key up to the store's timeout. Keys of steps every rank has passed are deleted (the plan-ahead thread runs a step's tasks in
-    order, so when rank 0 makes step ``n``'s choice every rank has read step ``n - 2``'s). When the run
-    ends, rank 0 marks the steps it will not choose (:meth:`abandon`), so a rank whose thread already
-    waits for one stops waiting."""
+    key up to the store's timeout. Keys of steps every rank has passed are deleted (the plan-ahead
+    thread runs a step's tasks in order, so when rank 0 makes step ``n``'s choice every rank has read
+    step ``n - 2``'s). When the run ends, rank 0 marks the steps it will not choose (:meth:`abandon`),
+    so a rank whose thread already waits for one stops waiting."""
 
     def __init__(self, store, first_step: int):
         self.store, self.step, self.first = store, first_step, first_step
