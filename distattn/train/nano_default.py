@@ -12,7 +12,8 @@ one and at two nano-batches on the model ``parallel.scheduler: auto`` prices wit
 checkpointing, FSDP, ``comm_dtype`` and ``cad_backward``. Planning time is left out (the simulator's
 ``planning: ignored``), so the choice is a pure function of the config and the data: every rank
 would make the same one, and a resumed run makes the one its first start made. Rank 0 makes it and
-broadcasts it (:func:`chosen_nano_batches`).
+broadcasts it (:func:`chosen_nano_batches`), and logs it: at INFO where it is two, at DEBUG where
+it is the plain one.
 
 Nothing to price, and the scheduler's registry default stands, where the run has one CP rank (no
 attention transfers to hide), the simulator fits neither count on an H100 (a model too large for
@@ -94,7 +95,8 @@ def chosen_nano_batches(cfg: RunConfig, first_steps: list | None, cad_backward: 
     got = [None]
     if dist.get_rank() == 0:
         choice = choose_nano_batches(cfg, first_steps, cad_backward)
-        logging.getLogger(__name__).info(choice.line())
+        # a line where the choice changes how the run steps; one nano-batch is the plain run
+        logging.getLogger(__name__).log(logging.INFO if choice.count > 1 else logging.DEBUG, choice.line())
         got = [choice.count]
     dist.broadcast_object_list(got, src=0)
     return int(got[0])
