@@ -16,8 +16,8 @@ broadcasts it (:func:`chosen_nano_batches`), and logs it: at INFO where it is tw
 it is the plain one.
 
 Nothing to price, and the scheduler's registry default stands, where the run has one CP rank (no
-attention transfers to hide), the simulator fits neither count on an H100 (a model too large for
-its memory model) or does not model the run (fewer tokens than ranks): the reason is logged.
+attention transfers to hide) or the simulator does not model the run (fewer tokens than ranks):
+the reason is logged.
 """
 
 from __future__ import annotations
@@ -69,17 +69,12 @@ def choose_nano_batches(cfg: RunConfig, sequences: list[list[list[int]]],
                   **({} if cad_backward is None else {"cad_backward": cad_backward}))
     network = network_of(cfg)
     priced: dict[int, float] = {}
-    for count in COUNTS:
+    for count in COUNTS:   # (timed at the run's checkpointing whatever an H100's memory would hold)
         try:
-            times = [simulate(replace(job, nano_batches=count), network, [p.fixed_scheduler], replica_docs=step)
-                     for step in sequences]
+            priced[count] = sum(simulate(replace(job, nano_batches=count), network, [p.fixed_scheduler],
+                                         replica_docs=step)[0]["step_time_s"] for step in sequences)
         except ValueError as exc:   # a run the simulator does not model (fewer tokens than ranks, ...)
             return NanoChoice(default, f"{p.fixed_scheduler}'s default: the simulator cannot time this run: {exc}")
-        if all(rows and rows[0]["step_time_s"] is not None for rows in times):
-            priced[count] = sum(rows[0]["step_time_s"] for rows in times)
-    if len(priced) < len(COUNTS):
-        return NanoChoice(default, f"{p.fixed_scheduler}'s default: the simulator times neither count of this "
-                                   f"run at {p.fixed_cp} CP ranks (it fits no H100's memory)", priced)
     best = 2 if priced[2] < (1 - MARGIN) * priced[1] else 1
     one, two = (f"{priced[n] * 1e3:,.1f} ms with {n}" for n in COUNTS)
     return NanoChoice(best, f"unset: the simulator prices the first {len(sequences)} steps at {one}, {two} on "
