@@ -36,9 +36,10 @@ Where the numbers come from (:meth:`AttentionKernel.measured`):
   ``Hq / degree`` heads per call (``ulysses``: the whole CP group; ``usp``: its Ulysses degree; both
   ``/ head_groups``), a TP rank ``1/tp`` of them; the ring family, the all-gather and CAD all of them
   (:meth:`~distattn.schedule.Schedule.kernel_heads`). What the table says (``H = 32``, Llama-3 8B's 32
-  query / 8 KV heads, as the simulator reads it -- the table does not record its model: if it was timed at 64 heads, every head
-  count below doubles): per FLOP, fewer heads cost at most 3.3% (4 heads at 16K), under 2% elsewhere;
-  a Ulysses step at CP 32 moves by well under that (its linear layers and transfers do not) --
+  query / 8 KV heads, as the simulator reads it -- the table does not record its model: if it was
+  timed at 64 heads, every head count below doubles): per FLOP, fewer heads cost at most 3.3% (4
+  heads at 16K), under 2% elsewhere; a Ulysses step at CP 32 moves by well under that (its linear
+  layers and transfers do not) --
 
   ====================  ======  ======  ======  ======  ======  ======
   heads per call        2K      4K      8K      16K     32K     64K

@@ -96,9 +96,10 @@ def _rates(row: Row, schedule, docs, kernel: AttentionKernel, world: int, pair_f
            heads: float | None = None) -> dict:
     """Per direction, each rank's attention FLOP/s at the kernel's speed on its segments
     (:meth:`~distattn.schedule.Schedule.kernel_segments`), ``heads`` query heads a call
-    (:meth:`~distattn.schedule.Schedule.kernel_heads`; a bound's: all). A bound's work is evened out over its ranks,
-    so they all run at the speed of its segments together: the schedule's (``wlb-ideal``: per-document
-    CP), or -- ``ideal``, whose attention no placement cuts -- every document whole."""
+    (:meth:`~distattn.schedule.Schedule.kernel_heads`; a bound's: all). A bound's work is evened out
+    over its ranks, so they all run at the speed of its segments together: the schedule's
+    (``wlb-ideal``: per-document CP), or -- ``ideal``, whose attention no placement cuts -- every
+    document whole."""
     if row.bound is None:
         return {d: kernel.rank_rates(schedule.kernel_segments(), world, d, pair_flops, heads) for d in DIRECTIONS}
     segments = None if row.bound == "all" else schedule.kernel_segments()

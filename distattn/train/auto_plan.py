@@ -128,7 +128,7 @@ class AutoPlanner:
     job: Any                      # job_of's
     network: Any
     shared: "SharedChoice | None" = None
-    chooser: ChooserProcess | None = None   # rank 0's (else: choose here)
+    chooser: ChooserProcess | None = None   # rank 0's (the others read its choice: shared)
     fallback_cache: PlanCache | None = None  # the fixed choice's plans, made off the thread (fallback)
 
     def fixed(self) -> StepPlans:
@@ -153,22 +153,21 @@ class AutoPlanner:
                        made_s=fixed.made_s + time.perf_counter() - t0)
 
     def choose(self, fixed: StepPlans) -> StepPlans:
-        """The step's choice (:func:`~distattn.sim.per_batch.choose_step`) and its plans, for ``fixed``'s batch."""
-        from ..sim.per_batch import choose_step
+        """The step's choice (:func:`~distattn.sim.per_batch.choose_step`, in rank 0's chooser process) and
+        its plans, for ``fixed``'s batch."""
+        from ..schedulers import spec
 
         t0 = time.perf_counter()
         pieces = [piece for seq in fixed.pieces for piece in seq]
         lens = [end - start for _, _, start, end in pieces]
         name, cp = self.fixed_choice
 
-        def decide() -> tuple[list, float]:
-            # the fixed choice, and cad pooled over every group as a fixed cad runs: never predicted slower
-            fixed_args = [(n, cp, 1) for n in dict.fromkeys((name, "cad")) if n in self.names and cp in self.sizes]
-            if self.chooser is not None:
-                return self.chooser.choose(lens, fixed_args)[:2]
-            got = choose_step(self.job, lens, self.network, self.names, None if len(self.sizes) > 1 else self.sizes,
-                              fixed=fixed_args)
-            return got.layout(), got.predicted_step_s
+        def decide() -> tuple[list, float]:   # (rank 0: the others read its choice)
+            # the fixed choice, and each pooling scheduler pooled over every group as it runs fixed: a step
+            # is never predicted slower than either
+            pooling = [n for n in self.names if spec(n).pools]
+            fixed_args = [(n, cp, 1) for n in dict.fromkeys((name, *pooling)) if n in self.names and cp in self.sizes]
+            return self.chooser.choose(lens, fixed_args)[:2]
         layout, predicted = decide() if self.shared is None else self.shared.next(self.rank, decide)
         groups = [(n, c, [pieces[i] for i in which]) for n, c, which, _ in layout]
         first = np.cumsum([0] + [c for _, c, _, _ in layout])

@@ -304,7 +304,8 @@ def _disk_said(error: str, partial: Path, state: dict) -> str:
         return error
     if "No space left on device" in error or free > room_needed(_state_bytes(state)):
         return error
-    return f"{error}; not enough free space: the disk filled while writing, {free / 2**20:,.1f} MiB free ({partial.parent})"
+    return (f"{error}; not enough free space: the disk filled while writing, {free / 2**20:,.1f} MiB free "
+            f"({partial.parent})")
 
 
 def _hash(partial: Path, rank: int, world: int) -> tuple[dict[str, tuple[int, str]], str | None]:
