@@ -220,12 +220,14 @@ def test_both_passes_at_once_are_each_pass(name):
 
 
 def test_per_batch_choice_is_the_same_from_kept_plans():
-    """choose_step scores a layout's groups, then replays the finalists' same groups whole: planned once."""
+    """choose_step screens the layouts (its screen's fits made once per job), then replays the best and the
+    fixed choice: a step chosen again plans nothing twice and answers the same."""
     from distattn.sim.per_batch import choose_step
 
     cfg = SimConfig(M8B, 16, 32768, 1)
     docs = [n for c in draw_chunks(8, 32768, None, 1) for n in c]
     links = Links.of(default_profile(), 8, 1)
+    choose_step(cfg, docs, links, fixed=("zigzag", 8, 1))   # (the screen's fits)
     micro._PLANS.clear()
     fresh = choose_step(cfg, docs, links, fixed=("zigzag", 8, 1))
     planned = len(micro._PLANS)

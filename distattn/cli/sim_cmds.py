@@ -186,7 +186,8 @@ def _print_per_batch(r: dict) -> None:
         f"; {r['speedup_vs_best_fixed']:.2f}x the best fixed choice, {best['scheduler']} cp {best['cp']} "
         f"(p10-p90 {r['speedup_vs_best_fixed_p10']:.2f}-{r['speedup_vs_best_fixed_p90']:.2f})")
     print(f"per-batch: {r['step_time_s']:.2f} s/step (p10-p90 {r['step_time_p10_s']:.2f}-{r['step_time_p90_s']:.2f}), "
-          f"{r['checkpointing']}, {r['groups']:.0f} CP groups a step, planned in {r['planning_s']:.2f} s{against}")
+          f"{r['checkpointing']}, {r['groups']:.0f} CP groups a step, chosen in {r['planning_s']:.2f} s a step "
+          f"(median; the screen's fits, once: {r.get('screen_fit_s', 0.0):.1f} s){against}")
     total = sum(r["choices"].values())
     print("  micro-batches by (scheduler, cp): " + ", ".join(f"{k} {v / total:.0%}" for k, v in r["choices"].items()))
 

@@ -12,16 +12,18 @@ tiles 64 ranks -- each group one micro-batch with a scheduler of its own:
    (tokens + the model's pair weight x its causal pairs) down to the mean rank's; the other ranks
    form groups of ``small``. The remaining documents go, heaviest first, to the group whose ranks'
    workload stays lowest with it, within its token room.
-2. **Scheduler per group size**: each size's groups (a *class*) are replayed with each scheduler that
-   can run them (:func:`class_time`: the trainer's step -- its layers, the recomputation its
-   checkpointing runs, FSDP over every rank of the job, the kernel and link tables -- on those groups'
-   ranks) and take the fastest. Every class runs the step's one activation checkpointing (FSDP2's
-   gathers must match on every rank): the cheapest that every class fits with one scheduler at least.
-3. **The step**: of the :data:`FINALISTS` best-scored layouts and the fixed choice, each replayed whole,
-   the one with the lowest predicted step, which is its slowest class's time. Classes
-   are replayed apart: every layer has the same pieces, so the slowest class is the slowest at each of
-   FSDP's collectives, and a faster class only waits there (the collectives' waits are not replayed
-   across classes).
+2. **Scheduler per group size**: each size's groups (a *class*) are priced with each scheduler that
+   can run them and take the fastest -- priced by the closed-form screen (:mod:`.screen`: four numbers
+   of each group, their coefficients fitted per setting once per job to :func:`class_time`, the
+   trainer's step -- its layers, the recomputation its checkpointing runs, FSDP over every rank of the
+   job, the kernel and link tables -- replayed on those groups' ranks). Every class runs the step's one
+   activation checkpointing (FSDP2's gathers must match on every rank): the cheapest that every class
+   fits with one scheduler at least.
+3. **The step**: of the :data:`FINALISTS` best-screened layouts and the fixed choice, each replayed
+   (:func:`class_time`: each class's groups the screen prices slowest), the one with the lowest
+   predicted step, which is its slowest class's time. Classes are replayed apart: every layer has the
+   same pieces, so the slowest class is the slowest at each of FSDP's collectives, and a faster class
+   only waits there (the collectives' waits are not replayed across classes).
 
 A group may run ``cad``: over its own ranks (no pool across groups: :func:`class_time` plans each
 group alone), in two nano-batches -- cut alike over its class (every group of its size and
@@ -47,9 +49,10 @@ from . import fit
 from .job import Links, SimConfig, attention_kernel, links_of, plan_context, with_planning
 from .micro import fsdp_seconds, micro_batch
 from .replay import replay
+from .screen import screen_of
 from .step import Fsdp, step_ops
 
-FINALISTS = 3              # the best-scored layouts replayed whole (choose_step)
+FINALISTS = 1              # the screen's best layouts replayed (choose_step)
 SCORED_GROUPS = 4          # groups of a size replayed to score a layout (class_time)
 SPREADS = (1.0, 2.0, 4.0)   # a long document's group: its ranks' workload over the mean rank's (arrange)
 # the schedulers a step's groups may run (module docstring): every one, cad over its own group's ranks
@@ -77,13 +80,15 @@ class Group:
 @dataclass(frozen=True)
 class StepChoice:
     """A step's groups (largest first, tiling the ranks in order), its activation checkpointing, its
-    predicted seconds and the seconds choosing it took."""
+    predicted seconds and the seconds choosing it took (``fitting_s`` of them: the screen's fits of the
+    settings first met, once per job: :mod:`.screen`)."""
 
     groups: tuple[Group, ...]
     checkpointing: str
     mlp_chunk: int
     predicted_step_s: float
     planning_s: float = 0.0
+    fitting_s: float = 0.0
 
     @property
     def choice(self) -> list[tuple[str, int]]:
@@ -171,19 +176,20 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
 
     ``whole=False`` is what scoring a layout needs, at a fraction of the replay: only the
     :data:`SCORED_GROUPS` groups with the most workload and the most tokens a rank (the groups do not
-    wait for each other, so the slowest is among them), replayed for two and three layers, their
-    difference extended to the model's layers (every layer runs the same pieces). ``pool``: a
+    wait for each other, so the slowest is among them; a pool's: all, one plan), replayed for three and
+    four layers, each rank's difference extended to the model's layers (every layer runs the same
+    pieces). ``pool``: a
     scheduler that pools (``cad``) plans the groups as one pool, as a fixed ``cad`` row does; else
     each group alone."""
     if spec(name).pools and not pool and len(groups) > 1:
         # each group plans its own cad, and their programs differ: each is replayed alone (they share only
         # FSDP's collectives), its nano-batches cut as its class's are (alike, as the trainer cuts them);
         # of a large class, the groups with the most workload and tokens a rank
-        one = cfg if all(len(r) > 1 for g in groups for r in g) else replace(cfg, nano_batches=1)
+        one = _cut_alike(cfg, name, groups)
         if len(groups) > SCORED_GROUPS:   # (whole too: a replay per group of a large class costs seconds)
             groups = _scored(cfg, groups)
         return max(class_time(one, name, cp, [g], links, fsdp, whole) for g in groups)
-    if not whole and len(groups) > SCORED_GROUPS:
+    if not whole and len(groups) > SCORED_GROUPS and not pool:   # (a pool is one plan: every group of it)
         groups = _scored(cfg, groups)
     at = replace(cfg, cp=cp, gpus=cp * len(groups) * cfg.tp, batch=None)
     kernel = attention_kernel(at)
@@ -195,12 +201,28 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
 
     def end(layers):
         run = replay(step_ops(micro, layers, at.activation_checkpointing, n, part), n, slowdown=cfg.comm_slowdown)
-        return float((run.compute + run.stalled).max())
+        return run.compute + run.stalled
     layers = cfg.model.n_layers
-    if whole or layers <= 4:
-        return end(layers)
-    two, three = end(2), end(3)   # (the first layer differs: FSDP's first gather is not prefetched)
-    return three + (layers - 3) * (three - two)
+    if whole or layers <= 5:
+        return float(end(layers).max())
+    # each rank's end extended from the fourth layer's (the first layers differ: FSDP's first gather is not
+    # prefetched, and a group that waits at FSDP's collectives for a slower one reaches its pace by the
+    # third): the rank that ends last after four layers -- the most tokens, for the output layer -- need not
+    # after all of them
+    three, four = end(3), end(4)
+    return float((four + (layers - 4) * (four - three)).max())
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """How a layout's classes run: ``pool``, one ``cad`` plan over every group (a fixed ``cad`` row), else
+    each group's own; ``nano_batches``, a fixed row's (None: each scheduler's default)."""
+
+    pool: bool = False
+    nano_batches: int | None = None
+
+    def of(self, cfg: SimConfig) -> SimConfig:
+        return cfg if self.nano_batches is None else replace(cfg, nano_batches=self.nano_batches)
 
 
 def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
@@ -211,7 +233,7 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
     allow; one size fixes every group's: ``parallel.cp`` set, ``scheduler: auto``), one micro-batch a
     group (as the trainer runs a step). ``fixed``: ``(scheduler, cp, micro-batches)`` (and, a fourth,
     its nano-batches where not the scheduler's default), the job's fixed choice, or several, also
-    scored on the step (its documents packed as the trainer packs them, :func:`distattn.pack_balanced`;
+    replayed on the step (its documents packed as the trainer packs them, :func:`distattn.pack_balanced`;
     a ``cad`` one pooled over every group, as a fixed ``cad`` runs): kept when no mixed layout beats
     it, so a step is never predicted slower than the fixed choice."""
     t0 = time.perf_counter()
@@ -226,7 +248,7 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
         raise ValueError("doc_lens: the global batch has no tokens")
     sizes = pow2_divisors(ranks)
     # short documents' groups stay inside a node (larger groups are for the documents that need them,
-    # and the fixed choice, a layout of one large size, is scored besides)
+    # and the fixed choice, a layout of one large size, is replayed besides)
     smalls = [c for c in sizes if c <= max(1, cfg.gpus_per_node // cfg.tp)] if cps is None else \
         [c for c in cps if c in sizes]
     if not smalls:
@@ -234,53 +256,57 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
     fsdp = fsdp_seconds(replace(cfg, cp=1), links.cp)
     pw = cfg.model.pair_weight()
     timed: dict[tuple, float] = {}
-    scored = []   # (score, layout, scheduler per size, setting) of every layout that fits
+
     rank_cap = math.ceil(cfg.token_cap_factor * total / ranks)
+    screen = screen_of(cfg, network, lambda at, name, cp, groups:
+                       class_time(at, name, cp, groups, links, fsdp, whole=False), rank_cap)
+    fitted = screen.fit_seconds
+
+    def screened(at, name, cp, groups, how):
+        return screen.price(_cut_alike(at, name, groups), name, cp, [g[0] for g in groups], lens)
+
+    def replayed(at, name, cp, groups, how):
+        if not how.pool and len(groups) > SCORED_GROUPS and all(len(g) == 1 for g in groups):
+            # a mixed class: the groups the screen prices slowest
+            slow = screen.slowest(_cut_alike(at, name, groups), name, cp, [g[0] for g in groups], lens, SCORED_GROUPS)
+            groups = [groups[k] for _, k in slow]
+        key = (name, cp, at.activation_checkpointing, at.mlp_chunk, how, tuple(tuple(map(tuple, g)) for g in groups))
+        if key not in timed:
+            timed[key] = class_time(at, name, cp, groups, links, fsdp, whole=False, pool=how.pool)
+        return timed[key]
+
+    scored = []   # (screened step, layout, scheduler per size, setting, how) of every layout that fits
     for small, spread in itertools.product(smalls, SPREADS):
         if small * rank_cap >= max(lens) and spread != SPREADS[0]:
             continue   # no document is long enough for its own group: the spread changes nothing
         layout = arrange(lens, ranks, rank_cap, small, pw, spread)
         if layout is None or (cps is not None and any(c not in cps for c, _ in layout)):
             continue
-        scored.append(_score(cfg, lengths_of(layout, lens), rank_cap, schedulers, links, fsdp, timed, layout))
-    kept = []
+        scored.append(_score(cfg, lengths_of(layout, lens), rank_cap, schedulers, timed, screened, layout))
+    # the screen's best layouts, and the fixed choice, replayed: the step is the best of them
+    finalists = sorted((got for got in scored if got is not None), key=lambda got: got[0])[:FINALISTS]
+    finalists = [_score(cfg, lengths_of(got[1], lens), rank_cap, schedulers, timed, replayed,
+                        got[1], only=got[2]) for got in finalists]
     for name, cp, m, *nano in [] if fixed is None else [fixed] if isinstance(fixed[0], str) else fixed:
-        rank_cap = math.ceil(cfg.token_cap_factor * total / (ranks * m))
         # packed as the fixed row packs it: its cap, its seed, tokens alone where it pools (.workload)
         layout = balanced_layout(lens, ranks // cp, cp, m, math.ceil(cfg.token_cap_factor * total * cp / (ranks * m)),
                                  0.0 if spec(name).pools else pw, cfg.seed)
         if layout is not None:
-            kept.append(_score(cfg, lengths_of(layout, lens), rank_cap, (name,), links, fsdp, timed, layout,
-                               (spec(name).pools, nano[0] if nano else None)))
-    scored = sorted((got for got in scored if got is not None), key=lambda got: got[0])[:FINALISTS]
-    scored += [got for got in kept if got is not None]
-    if not scored:
+            cap = math.ceil(cfg.token_cap_factor * total / (ranks * m))
+            finalists.append(_score(cfg, lengths_of(layout, lens), cap, (name,), timed, replayed, layout,
+                                    how=Candidate(spec(name).pools, nano[0] if nano else None)))
+    finalists = [got for got in finalists if got is not None]
+    if not finalists:
         raise ValueError(f"no layout of {ranks} ranks fits {cfg.gpu.memory_gib:.0f} GiB per GPU for this batch's "
                          f"{len(lens)} documents: add GPUs or shorten the sequences")
-    # the finalists (and the fixed choice) replayed whole: the step is the best of them
-    step, layout, names, setting, (pool, _) = min((_whole(cfg, got, lens, links, fsdp) for got in scored),
-                                                  key=lambda x: x[0])
+    step, layout, names, setting, how = min(finalists, key=lambda got: got[0])
     sized = lengths_of(layout, lens)
     groups, first = [], 0
     for (cp, docs), (_, which) in zip(sized, layout):
-        groups.append(Group(names[cp], cp, first, tuple(map(tuple, docs)), tuple(map(tuple, which)), pool))
+        groups.append(Group(names[cp], cp, first, tuple(map(tuple, docs)), tuple(map(tuple, which)), how.pool))
         first += cp
-    return StepChoice(tuple(groups), setting[0], setting[1], step, time.perf_counter() - t0)
-
-
-def _whole(cfg: SimConfig, got, lens: list[int], links: Links, fsdp):
-    """A scored layout (:func:`_score`'s) with its step replayed whole, every group of it."""
-    _, layout, names, setting, how = got
-    at = _as(replace(cfg, activation_checkpointing=setting[0], mlp_chunk=setting[1]), how)
-    sized = lengths_of(layout, lens)
-    step = max(class_time(at, names[cp], cp, [docs for c, docs in sized if c == cp], links, fsdp, pool=how[0])
-               for cp in names)
-    return step, layout, names, setting, how
-
-
-def _as(cfg: SimConfig, how: tuple[bool, int | None]) -> SimConfig:
-    """``cfg`` with a fixed candidate's nano-batches (``how``: ``(pool, nano-batches or None)``)."""
-    return cfg if how[1] is None else replace(cfg, nano_batches=how[1])
+    return StepChoice(tuple(groups), setting[0], setting[1], step, time.perf_counter() - t0,
+                      screen.fit_seconds - fitted)
 
 
 def balanced_layout(doc_lens, dp: int, cp: int, rounds: int, token_cap: int, pair_weight: float,
@@ -310,17 +336,19 @@ def _scored(cfg: SimConfig, groups: list) -> list:
     return [groups[k] for k in keep]
 
 
-def _score(cfg: SimConfig, layout, rank_cap: int, schedulers, links: Links, fsdp, timed: dict, kept=None,
-           how: tuple[bool, int | None] = (False, None)):
+def _score(cfg: SimConfig, layout, rank_cap: int, schedulers, memo: dict, price, kept=None,
+           how: Candidate = Candidate(), only: dict[int, str] | None = None):
     """(predicted step, ``kept``, scheduler per group size, (checkpointing, mlp_chunk), ``how``) of one
-    layout (documents by length), or None: nothing fits. ``how``: ``(pool, nano-batches)``, a fixed
-    candidate's (``pool`` as :func:`class_time`'s; nano-batches None: each scheduler's default)."""
+    layout (documents by length), or None: nothing fits. Each class (the groups of one size) takes the
+    scheduler ``price(cfg, name, cp, groups, how)`` finds fastest (``only``: the scheduler given for it);
+    the step is the slowest class."""
     by_cp: dict[int, list[list[list[int]]]] = {}
     for cp, docs in layout:
         by_cp.setdefault(cp, []).append(docs)
     # the step's checkpointing: the cheapest every class fits with one of its schedulers at least
-    able = {cp: [n for n in (schedulers[:1] if cp == 1 else schedulers) if fits_heads(cfg, n, cp)] for cp in by_cp}
-    index = {(n, cp): setting_index(cfg, n, cp, rank_cap * cp, timed) for cp in by_cp for n in able[cp]}
+    able = {cp: [n for n in (schedulers[:1] if cp == 1 and only is None else schedulers)
+                 if (only is None or only[cp] == n) and fits_heads(cfg, n, cp)] for cp in by_cp}
+    index = {(n, cp): setting_index(cfg, n, cp, rank_cap * cp, memo) for cp in by_cp for n in able[cp]}
     need = 0
     for cp in by_cp:
         fitting = [index[n, cp] for n in able[cp] if index[n, cp] is not None]
@@ -328,21 +356,22 @@ def _score(cfg: SimConfig, layout, rank_cap: int, schedulers, links: Links, fsdp
             return None
         need = max(need, min(fitting))
     setting = fit.BY_COST[need]
-    at = _as(replace(cfg, activation_checkpointing=setting[0], mlp_chunk=setting[1]), how)
+    at = how.of(replace(cfg, activation_checkpointing=setting[0], mlp_chunk=setting[1]))
     names, step = {}, 0.0
     for cp, replicas in by_cp.items():
-        best = None
-        for name in able[cp]:
-            if index[name, cp] is None or index[name, cp] > need:
-                continue
-            key = (name, cp, need, how, tuple(tuple(map(tuple, g)) for g in replicas))
-            if key not in timed:
-                timed[key] = class_time(at, name, cp, replicas, links, fsdp, whole=False, pool=how[0])
-            if best is None or timed[key] < best[0]:
-                best = (timed[key], name)
+        best = min(((price(at, name, cp, replicas, how), name) for name in able[cp]
+                    if index[name, cp] is not None and index[name, cp] <= need), key=lambda x: x[0])
         names[cp] = best[1]
         step = max(step, best[0])
     return step, kept, names, setting, how
+
+
+def _cut_alike(cfg: SimConfig, name: str, groups) -> SimConfig:
+    """``cfg`` at one nano-batch where a class's groups are not all cut into its nano-batches: the trainer
+    cuts a class's groups alike, and a group of one document is not cut."""
+    if (cfg.nano_batches or spec(name).nano_batches) > 1 and any(len(r) < 2 for g in groups for r in g):
+        return replace(cfg, nano_batches=1)
+    return cfg
 
 
 def setting_index(cfg: SimConfig, name: str, cp: int, tokens: int, memo: dict | None = None) -> int | None:
@@ -400,12 +429,15 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
         per_draw.append({"scheduler": "per-batch", "gpus": cfg.gpus, "tp": cfg.tp, "seq_len": cfg.seq_len,
                          "batch": len(chunks), "model": cfg.model.name, "checkpointing": got.checkpointing,
                          "mlp_chunk": got.mlp_chunk, "fits": True, "step_time_s": step,
-                         "planning_s": got.planning_s, "groups": len(got.groups)})
+                         "planning_s": got.planning_s, "fitting_s": got.fitting_s, "groups": len(got.groups)})
         if progress is not None:
             progress(f"per-batch: draw {d + 1} of {draws}: {step:.2f} s, {len(got.groups)} groups "
-                     f"(planned in {got.planning_s:.1f} s)")
+                     f"(chosen in {got.planning_s:.2f} s" +
+                     (f", {got.fitting_s:.1f} s of it fitting the screen)" if got.fitting_s else ")"))
     row = summary(per_draw)
     row["groups"] = float(np.median([r["groups"] for r in per_draw]))
+    row["screen_fit_s"] = float(sum(r["fitting_s"] for r in per_draw))   # (once per job: not a step's)
+    row.pop("fitting_s")
     row["choices"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
     if best is not None:
         row["best_fixed"] = {"scheduler": best["scheduler"], "cp": best["cp"]}
@@ -415,6 +447,6 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
     return row
 
 
-__all__ = ["MIXED", "PER_MICRO_BATCH", "SPREADS", "FINALISTS", "SCORED_GROUPS", "Group", "StepChoice", "arrange",
-           "balanced_layout", "lengths_of", "pow2_divisors", "fits_heads", "setting_index", "class_time", "choose_step",
+__all__ = ["MIXED", "PER_MICRO_BATCH", "SPREADS", "FINALISTS", "SCORED_GROUPS", "Candidate", "Group", "StepChoice",
+           "arrange", "balanced_layout", "lengths_of", "pow2_divisors", "fits_heads", "setting_index", "class_time", "choose_step",
            "best_fixed", "per_batch_row"]
