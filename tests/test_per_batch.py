@@ -156,3 +156,32 @@ def test_choose_within_fixed_cp_groups_picks_the_scheduler_only():
         distattn.choose([[8192]], 4, "llama3-8b", cps=[3])
     with pytest.raises(ValueError, match="schedulers"):
         distattn.choose([[8192]], 4, "llama3-8b", schedulers=("cad",))
+
+
+def test_a_document_too_heavy_for_a_small_group_gets_a_group_of_its_own():
+    """Its tokens fit 8 ranks' room, but its attention is many mean ranks' worth: it is not dealt among the
+    short documents (that group would set the step), it gets the ranks that even it out."""
+    docs = [150_000] + [2000] * 900
+    ranks, cap = 64, math.ceil(1.25 * sum(docs) / 64)
+    assert docs[0] <= 8 * cap
+    layout = arrange(docs, ranks, cap, 8, M.pair_weight())
+    own = next(rounds[0] for cp, rounds in layout if 0 in rounds[0])
+    big = next(cp for cp, rounds in layout if 0 in rounds[0])
+    assert big > 8 and own[0] == 0
+
+
+def test_each_class_takes_the_nano_batches_priced_faster():
+    """Mixed layouts sweep nano-batches per group size (as the fixed rows' sweep does), and the choice
+    carries them to the trainer (``StepChoice.layout``'s fifth field)."""
+    from distattn.sim import per_batch
+
+    cfg = SimConfig(M, 16, 32768, 1)
+    layout = [(8, [[30000, 2000]]), (8, [[3000, 3000, 3000]])]
+
+    def price(at, name, cp, groups, how):   # two nano-batches pay for zigzag, not for ulysses
+        return {("zigzag", 2): 1.0, ("zigzag", 1): 2.0}.get((name, at.nano_batches), 3.0)
+    got = per_batch._score(cfg, layout, 40000, ("zigzag", "ulysses"), {}, price)
+    assert got[2] == {8: ("zigzag", 2)} and got[0] == 1.0
+    docs = _batch()
+    choice = choose_step(cfg, docs, links_of(default_profile(), cfg), fixed=("zigzag", 8, 1))
+    assert all(len(g) == 5 and g[4] in (1, 2) for g in choice.layout())

@@ -70,9 +70,9 @@ def _runs(auto, fixed, first, resumed, late, cad) -> dict:
                 self.calls += 1
                 order = sorted(range(len(lens)), key=lambda i: -lens[i])
                 if self.calls == 2:
-                    return [["cad", 4, sorted(order[k::2]), True] for k in range(2)], 1.0, 0.0
-                return [["cad", 4, [order[0]], False]] + [["cad", 1, sorted(order[1 + k::4]), False]
-                                                         for k in range(4)], 1.0, 0.0
+                    return [["cad", 4, sorted(order[k::2]), True, 2] for k in range(2)], 1.0, 0.0
+                return [["cad", 4, [order[0]], False, 2]] + [["cad", 1, sorted(order[1 + k::4]), False, 2]
+                                                            for k in range(4)], 1.0, 0.0
 
             def close(self):
                 pass

@@ -8,12 +8,12 @@ tiles 64 ranks -- each group one micro-batch with a scheduler of its own:
 
 1. **Groups** (:func:`arrange`), for each size ``small`` of the groups of short documents: a document
    longer than ``small`` ranks hold (each rank at most ``rank_cap`` tokens: the token cap over the
-   ranks) gets a group of its own, of the power of two ranks that hold it *and* bring its workload
+   ranks), or heavier than their workload (``small`` mean ranks'), gets a group of its own, of the power of two ranks that hold it *and* bring its workload
    (tokens + the model's pair weight x its causal pairs) down to the mean rank's; the other ranks
    form groups of ``small``. The remaining documents go, heaviest first, to the group whose ranks'
    workload stays lowest with it, within its token room.
 2. **Scheduler per group size**: each size's groups (a *class*) are priced with each scheduler that
-   can run them and take the fastest -- priced by the closed-form screen (:mod:`.screen`: four numbers
+   can run them, at one and at two nano-batches (:data:`NANO_CHOICES`), and take the fastest -- priced by the closed-form screen (:mod:`.screen`: four numbers
    of each group, their coefficients fitted per setting once per job to :func:`class_time`, the
    trainer's step -- its layers, the recomputation its checkpointing runs, FSDP over every rank of the
    job, the kernel and link tables -- replayed on those groups' ranks). Every class runs the step's one
@@ -26,8 +26,8 @@ tiles 64 ranks -- each group one micro-batch with a scheduler of its own:
    only waits there (the collectives' waits are not replayed across classes).
 
 A group may run ``cad``: over its own ranks (no pool across groups: :func:`class_time` plans each
-group alone), in two nano-batches -- cut alike over its class (every group of its size and
-scheduler), one where any of them holds a single document, as the trainer cuts them. FSDP2 gathers
+group alone). A class's nano-batches are cut alike over it (every group of its size and scheduler),
+one where any of them holds a single document, as the trainer cuts them. FSDP2 gathers
 each block once per pass whatever the nano-batches (``distattn/train/model/fsdp_once.py``), so
 groups of one and of two nano-batches share a step. :func:`distattn.choose` (:mod:`.choose`), for
 trainers we do not own, chooses among :data:`PER_MICRO_BATCH`: one nano-batch, no pool.
@@ -54,6 +54,7 @@ from .step import Fsdp, step_ops
 
 FINALISTS = 1              # the screen's best layouts replayed (choose_step)
 SCORED_GROUPS = 4          # groups of a size replayed to score a layout (class_time)
+NANO_CHOICES = (1, 2)       # a class's nano-batches (choose_step): the sweep's
 SPREADS = (1.0, 2.0, 4.0)   # a long document's group: its ranks' workload over the mean rank's (arrange)
 # the schedulers a step's groups may run (module docstring): every one, cad over its own group's ranks
 MIXED = NAMES
@@ -67,7 +68,9 @@ class Group:
     """One CP group of a step: ``cp`` ranks from ``first`` (a rank of one TP index), running
     ``scheduler`` on its micro-batches: ``rounds[j]`` the lengths of the ``j``-th's documents,
     ``pieces[j]`` their indices in the step's ``doc_lens``; ``pooled``: one plan over every group of
-    the step (a fixed ``cad`` choice pools all replicas), else the group's own."""
+    the step (a fixed ``cad`` choice pools all replicas), else the group's own; ``nano_batches``: each
+    micro-batch's (cut alike over the groups of its size and scheduler: one where any holds a single
+    document)."""
 
     scheduler: str
     cp: int
@@ -75,6 +78,7 @@ class Group:
     rounds: tuple[tuple[int, ...], ...]
     pieces: tuple[tuple[int, ...], ...] = ()
     pooled: bool = False
+    nano_batches: int = 1
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,9 @@ class StepChoice:
         return [(g.scheduler, g.cp) for g in self.groups]
 
     def layout(self) -> list[list]:
-        """``[scheduler, cp, piece indices, pooled]`` per group (one micro-batch each), as JSON carries
-        the choice to the trainer's ranks (:mod:`distattn.train.auto_plan`)."""
-        return [[g.scheduler, g.cp, list(g.pieces[0]), g.pooled] for g in self.groups]
+        """``[scheduler, cp, piece indices, pooled, nano-batches]`` per group (one micro-batch each), as
+        JSON carries the choice to the trainer's ranks (:mod:`distattn.train.auto_plan`)."""
+        return [[g.scheduler, g.cp, list(g.pieces[0]), g.pooled, g.nano_batches] for g in self.groups]
 
 
 def pow2_divisors(n: int) -> list[int]:
@@ -127,8 +131,8 @@ def arrange(doc_lens, ranks: int, rank_cap: int, small: int, pair_weight: float,
     rest = []
     for i in order:
         n = int(lens[i])
-        if n <= small * rank_cap:
-            rest.append(i)
+        if n <= small * rank_cap and work[i] <= small * spread * target:
+            rest.append(i)   # (a group of small holds it, and its workload)
             continue
         size = min(ranks, _pow2_at_least(max(n / rank_cap, work[i] / max(spread * target, 1e-30))))
         # a group of this size with room for its workload and tokens takes it
@@ -216,13 +220,11 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
 @dataclass(frozen=True)
 class Candidate:
     """How a layout's classes run: ``pool``, one ``cad`` plan over every group (a fixed ``cad`` row), else
-    each group's own; ``nano_batches``, a fixed row's (None: each scheduler's default)."""
+    each group's own; ``nano_batches``, a fixed row's (None: each class takes the faster of
+    :data:`NANO_CHOICES`)."""
 
     pool: bool = False
     nano_batches: int | None = None
-
-    def of(self, cfg: SimConfig) -> SimConfig:
-        return cfg if self.nano_batches is None else replace(cfg, nano_batches=self.nano_batches)
 
 
 def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
@@ -293,8 +295,8 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
                                  0.0 if spec(name).pools else pw, cfg.seed)
         if layout is not None:
             cap = math.ceil(cfg.token_cap_factor * total / (ranks * m))
-            finalists.append(_score(cfg, lengths_of(layout, lens), cap, (name,), timed, replayed, layout,
-                                    how=Candidate(spec(name).pools, nano[0] if nano else None)))
+            how = Candidate(spec(name).pools, spec(name).nano_batches_for(nano[0] if nano else None))
+            finalists.append(_score(cfg, lengths_of(layout, lens), cap, (name,), timed, replayed, layout, how=how))
     finalists = [got for got in finalists if got is not None]
     if not finalists:
         raise ValueError(f"no layout of {ranks} ranks fits {cfg.gpu.memory_gib:.0f} GiB per GPU for this batch's "
@@ -303,7 +305,8 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
     sized = lengths_of(layout, lens)
     groups, first = [], 0
     for (cp, docs), (_, which) in zip(sized, layout):
-        groups.append(Group(names[cp], cp, first, tuple(map(tuple, docs)), tuple(map(tuple, which)), how.pool))
+        name, nano = names[cp]
+        groups.append(Group(name, cp, first, tuple(map(tuple, docs)), tuple(map(tuple, which)), how.pool, nano))
         first += cp
     return StepChoice(tuple(groups), setting[0], setting[1], step, time.perf_counter() - t0,
                       screen.fit_seconds - fitted)
@@ -337,17 +340,18 @@ def _scored(cfg: SimConfig, groups: list) -> list:
 
 
 def _score(cfg: SimConfig, layout, rank_cap: int, schedulers, memo: dict, price, kept=None,
-           how: Candidate = Candidate(), only: dict[int, str] | None = None):
-    """(predicted step, ``kept``, scheduler per group size, (checkpointing, mlp_chunk), ``how``) of one
-    layout (documents by length), or None: nothing fits. Each class (the groups of one size) takes the
-    scheduler ``price(cfg, name, cp, groups, how)`` finds fastest (``only``: the scheduler given for it);
-    the step is the slowest class."""
+           how: Candidate = Candidate(), only: dict[int, tuple[str, int]] | None = None):
+    """(predicted step, ``kept``, ``(scheduler, nano-batches)`` per group size, (checkpointing, mlp_chunk),
+    ``how``) of one layout (documents by length), or None: nothing fits. Each class (the groups of one
+    size) takes the scheduler and nano-batch count (of :data:`NANO_CHOICES`; ``how``'s where it has one)
+    ``price(cfg, name, cp, groups, how)`` finds fastest (``only``: the pair given for it); the step is
+    the slowest class."""
     by_cp: dict[int, list[list[list[int]]]] = {}
     for cp, docs in layout:
         by_cp.setdefault(cp, []).append(docs)
     # the step's checkpointing: the cheapest every class fits with one of its schedulers at least
     able = {cp: [n for n in (schedulers[:1] if cp == 1 and only is None else schedulers)
-                 if (only is None or only[cp] == n) and fits_heads(cfg, n, cp)] for cp in by_cp}
+                 if (only is None or only[cp][0] == n) and fits_heads(cfg, n, cp)] for cp in by_cp}
     index = {(n, cp): setting_index(cfg, n, cp, rank_cap * cp, memo) for cp in by_cp for n in able[cp]}
     need = 0
     for cp in by_cp:
@@ -356,11 +360,19 @@ def _score(cfg: SimConfig, layout, rank_cap: int, schedulers, memo: dict, price,
             return None
         need = max(need, min(fitting))
     setting = fit.BY_COST[need]
-    at = how.of(replace(cfg, activation_checkpointing=setting[0], mlp_chunk=setting[1]))
+    at = replace(cfg, activation_checkpointing=setting[0], mlp_chunk=setting[1])
+
+    def nanos(name, cp):   # (one rank: nothing to hide a transfer behind)
+        if only is not None:
+            return (only[cp][1],)
+        if how.nano_batches is not None or cp == 1:
+            return (how.nano_batches or spec(name).nano_batches_for(None),)
+        return NANO_CHOICES
     names, step = {}, 0.0
     for cp, replicas in by_cp.items():
-        best = min(((price(at, name, cp, replicas, how), name) for name in able[cp]
-                    if index[name, cp] is not None and index[name, cp] <= need), key=lambda x: x[0])
+        best = min(((price(replace(at, nano_batches=nano), name, cp, replicas, how), (name, nano))
+                    for name in able[cp] if index[name, cp] is not None and index[name, cp] <= need
+                    for nano in nanos(name, cp)), key=lambda x: x[0])
         names[cp] = best[1]
         step = max(step, best[0])
     return step, kept, names, setting, how

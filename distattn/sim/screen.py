@@ -83,30 +83,34 @@ class Screen:
 
     def features(self, name: str, cp: int, docs: list[int]) -> np.ndarray:
         """:data:`FEATURES` of one group of ``cp`` ranks running ``name`` on ``docs``."""
-        ring = self._ring(name, cp)
+        kind, ring = self._ring(name, cp)
+        docs = tuple(docs)
         tokens, even = self._cheap(docs)
-        layout = even if ring == 1 else self._layout(spec(name).layout or "zigzag", ring, docs)
+        layout = even if ring == 1 else self._layout(kind, ring, docs)
         return np.asarray([1.0, tokens / cp, even / cp, layout / cp])
 
-    def _ring(self, name: str, cp: int) -> int:
-        """The ranks ``name``'s tokens are laid out over: a 2-D mesh's ring (each ring rank's share split
-        over its Ulysses ranks), else all ``cp``."""
-        entry = spec(name)
-        return cp // entry.ulysses_axis(cp, plan_context(replace(self.cfg, cp=cp))) if entry.mesh_2d else cp
+    def _ring(self, name: str, cp: int) -> tuple[str, int]:
+        """``name``'s token layout and the ranks it lays tokens out over: a 2-D mesh's ring (each ring
+        rank's share split over its Ulysses ranks), else all ``cp``."""
+        key = ("ring", name, cp)
+        if key not in self._memo:
+            entry = spec(name)
+            ring = cp // entry.ulysses_axis(cp, plan_context(replace(self.cfg, cp=cp))) if entry.mesh_2d else cp
+            self._memo[key] = (entry.layout or "zigzag", ring)
+        return self._memo[key]
 
-    def _cheap(self, docs: list[int]) -> np.ndarray:
+    def _cheap(self, docs: tuple[int, ...]) -> np.ndarray:
         """A group's tokens and forward attention seconds, each document at the kernel's speed for its length."""
-        key = ("cheap", tuple(docs))
-        got = self._memo.get(key)
+        got = self._memo.get(docs)
         if got is None:
-            lens = np.asarray([int(n) for n in docs] or [1], dtype=np.int64)
+            lens = np.asarray(docs or (1,), dtype=np.int64)
             seconds = lens * (lens + 1) / 2 * self.pair_flops / (self.kernel.tflops("forward", lens) * 1e12)
-            got = self._keep(key, np.asarray([float(lens.sum()), float(seconds.sum())]))
+            got = self._keep(docs, np.asarray([float(lens.sum()), float(seconds.sum())]))
         return got
 
-    def _layout(self, kind: str, ring: int, docs: list[int]) -> float:
+    def _layout(self, kind: str, ring: int, docs: tuple[int, ...]) -> float:
         """The busiest of ``ring`` ranks' forward attention seconds, times ``ring``, on layout ``kind``."""
-        key = (kind, ring, tuple(docs))
+        key = (kind, ring, docs)
         got = self._memo.get(key)
         if got is None:
             lens = [int(n) for n in docs] or [1]

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..packing import imbalance, workload
 from ..plan_cache import PlanCache
+from ..schedulers import spec
 from .chooser import ChooserProcess
 from .config import RunConfig
 from .config.sections import AUTO
@@ -61,8 +62,6 @@ def candidates(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[int, ...]]:
 
 def _axis(cfg: RunConfig, name: str, cp: int) -> int | None:
     """The Ulysses axis ``name`` plans on at ``cp`` ranks (1: a 1-D mesh), None: too few heads."""
-    from ..schedulers import spec
-
     context = cfg.plan_context()
     try:
         axis = spec(name).ulysses_axis(cp, context)
@@ -138,7 +137,7 @@ class AutoPlanner:
         sequences = self.batches.sequences()
         state = list(self.batches.state())
         name, cp = self.fixed_choice
-        groups = [(name, cp, seq) for seq in sequences]
+        groups = [(name, cp, seq, spec(name).nano_batches_for(None)) for seq in sequences]
         return self._plans(groups, self.rank // cp, sequences, state, None, time.perf_counter() - t0, planned=False)
 
     def fallback(self, fixed: StepPlans) -> StepPlans:
@@ -155,8 +154,6 @@ class AutoPlanner:
     def choose(self, fixed: StepPlans) -> StepPlans:
         """The step's choice (:func:`~distattn.sim.per_batch.choose_step`, in rank 0's chooser process) and
         its plans, for ``fixed``'s batch."""
-        from ..schedulers import spec
-
         t0 = time.perf_counter()
         pieces = [piece for seq in fixed.pieces for piece in seq]
         lens = [end - start for _, _, start, end in pieces]
@@ -169,8 +166,8 @@ class AutoPlanner:
             fixed_args = [(n, cp, 1) for n in dict.fromkeys((name, *pooling)) if n in self.names and cp in self.sizes]
             return self.chooser.choose(lens, fixed_args)[:2]
         layout, predicted = decide() if self.shared is None else self.shared.next(self.rank, decide)
-        groups = [(n, c, [pieces[i] for i in which]) for n, c, which, _ in layout]
-        first = np.cumsum([0] + [c for _, c, _, _ in layout])
+        groups = [(n, c, [pieces[i] for i in which], nano) for n, c, which, _, nano in layout]
+        first = np.cumsum([0] + [group[1] for group in layout])
         mine = int(np.searchsorted(first, self.rank, side="right")) - 1
         return self._plans(groups, mine, fixed.pieces, fixed.data_state, predicted,
                            fixed.made_s + time.perf_counter() - t0, pooled=bool(layout[0][3]))
@@ -181,26 +178,23 @@ class AutoPlanner:
 
     def _plans(self, groups, mine: int, sequences, state, predicted, made: float, planned: bool = True,
                pooled: bool = False) -> StepPlans:
-        """This rank's micro-batch of ``groups`` (group ``mine``'s) and, ``planned``, its nano-batches and
-        a plan each: the scheduler's count (``cad``: two), cut alike over its class -- every group of
+        """This rank's micro-batch of ``groups`` (``(scheduler, cp, pieces, nano-batches)``, group ``mine``'s)
+        and, ``planned``, its nano-batches and a plan each: the choice's count, cut alike over its class -- every group of
         its size and scheduler, one nano-batch where any holds a single document -- as the simulator
         prices it (:func:`~distattn.sim.micro.micro_batch`). ``pooled``: every group runs one ``cad``
         plan over the world (as a fixed ``cad`` with ``parallel.cad_pool`` does), given every group's
         documents of each nano-batch."""
         import torch.distributed as dist
 
-        from ..schedulers import spec
-
-        name, cp, own = groups[mine]
+        name, cp, own, count = groups[mine]
         lens = [end - start for _, _, start, end in own]
         per_rank = [float(workload([b - a for _, _, a, b in g], self.weight).sum()) / c if g else 0.0
-                    for _, c, g in groups for _ in range(c)]
+                    for _, c, g, _ in groups for _ in range(c)]
         trained = sum(end - start for seq in sequences for _, _, start, end in seq)
         batch = MicroBatch(self.batches.packer.read(own), lens, imbalance(np.asarray(per_rank)), trained, None)
         parts, plans = [], []
         if planned:
-            count = spec(name).nano_batches_for(None)
-            members = [i for i, (n, c, _) in enumerate(groups) if pooled or (n, c) == (name, cp)]
+            members = [i for i, (n, c, _, _) in enumerate(groups) if pooled or (n, c) == (name, cp)]
             everyone = replica_nano_batches([[b - a for _, _, a, b in groups[i][2]] for i in members], count,
                                             self.weight)
             parts = everyone[members.index(mine)]
@@ -209,7 +203,7 @@ class AutoPlanner:
                 plans.append(self.cache.plan(docs, self.meshes[name, cp], scheduler=name, backend=self.backend,
                                              **self.options, **pool))
         return StepPlans(batch, parts, plans, state, made,
-                         choice=[[n, c] for n, c, _ in groups], predicted_step_s=predicted, pieces=tuple(sequences))
+                         choice=[[n, c] for n, c, _, _ in groups], predicted_step_s=predicted, pieces=tuple(sequences))
 
 
 class SharedChoice:
