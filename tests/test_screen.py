@@ -75,3 +75,16 @@ def test_a_class_of_unlike_groups_extends_each_rank_not_the_slowest_at_a_few_lay
     whole = class_time(at, "ulysses", 4, groups, links, fsdp, whole=True)
     short = class_time(at, "ulysses", 4, groups, links, fsdp, whole=False)
     assert short == pytest.approx(whole, rel=0.005)
+
+
+def test_a_layout_the_screen_prices_far_behind_the_fixed_choice_is_not_replayed(monkeypatch):
+    """choose_step replays the screen's best only where it could win: the answer is the one it gives
+    replaying it anyway."""
+    from distattn.sim import per_batch
+
+    cfg, links, fsdp, docs, cap = _job()
+    fixed = ("zigzag", 4, 2)
+    pruned = per_batch.choose_step(cfg, docs, links, fixed=fixed)
+    monkeypatch.setattr(per_batch, "SURE_LOSS", math.inf)
+    full = per_batch.choose_step(cfg, docs, links, fixed=fixed)
+    assert replace(pruned, planning_s=0.0, fitting_s=0.0) == replace(full, planning_s=0.0, fitting_s=0.0)

@@ -20,7 +20,8 @@ tiles 64 ranks -- each group one micro-batch with a scheduler of its own:
    activation checkpointing (FSDP2's gathers must match on every rank): the cheapest that every class
    fits with one scheduler at least.
 3. **The step**: of the :data:`FINALISTS` best-screened layouts and the fixed choice, each replayed
-   (:func:`class_time`: each class's groups the screen prices slowest), the one with the lowest
+   (:func:`class_time`: each class's groups the screen prices slowest; not a layout the screen prices
+   :data:`SURE_LOSS` times the fixed choice's step or slower), the one with the lowest
    predicted step, which is its slowest class's time. Classes are replayed apart: every layer has the
    same pieces, so the slowest class is the slowest at each of FSDP's collectives, and a faster class
    only waits there (the collectives' waits are not replayed across classes).
@@ -53,6 +54,7 @@ from .screen import screen_of
 from .step import Fsdp, step_ops
 
 FINALISTS = 1              # the screen's best layouts replayed (choose_step)
+SURE_LOSS = 1.15           # a layout screened this much slower than the fixed choice is not replayed
 SCORED_GROUPS = 4          # groups of a size replayed to score a layout (class_time)
 NANO_CHOICES = (1, 2)       # a class's nano-batches (choose_step): the sweep's
 SPREADS = (1.0, 2.0, 4.0)   # a long document's group: its ranks' workload over the mean rank's (arrange)
@@ -285,10 +287,9 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
         if layout is None or (cps is not None and any(c not in cps for c, _ in layout)):
             continue
         scored.append(_score(cfg, lengths_of(layout, lens), rank_cap, schedulers, timed, screened, layout))
-    # the screen's best layouts, and the fixed choice, replayed: the step is the best of them
-    finalists = sorted((got for got in scored if got is not None), key=lambda got: got[0])[:FINALISTS]
-    finalists = [_score(cfg, lengths_of(got[1], lens), rank_cap, schedulers, timed, replayed,
-                        got[1], only=got[2]) for got in finalists]
+    # the fixed choice and the screen's best layouts replayed: the step is the best of them (a layout the
+    # screen prices SURE_LOSS slower than the fixed choice's replay is not replayed: it would not win)
+    finalists = []
     for name, cp, m, *nano in [] if fixed is None else [fixed] if isinstance(fixed[0], str) else fixed:
         # packed as the fixed row packs it: its cap, its seed, tokens alone where it pools (.workload)
         layout = balanced_layout(lens, ranks // cp, cp, m, math.ceil(cfg.token_cap_factor * total * cp / (ranks * m)),
@@ -297,6 +298,10 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
             cap = math.ceil(cfg.token_cap_factor * total / (ranks * m))
             how = Candidate(spec(name).pools, spec(name).nano_batches_for(nano[0] if nano else None))
             finalists.append(_score(cfg, lengths_of(layout, lens), cap, (name,), timed, replayed, layout, how=how))
+    beat = min((got[0] for got in finalists if got is not None), default=math.inf) * SURE_LOSS
+    best = sorted((got for got in scored if got is not None and got[0] < beat), key=lambda got: got[0])[:FINALISTS]
+    finalists += [_score(cfg, lengths_of(got[1], lens), rank_cap, schedulers, timed, replayed, got[1], only=got[2])
+                  for got in best]
     finalists = [got for got in finalists if got is not None]
     if not finalists:
         raise ValueError(f"no layout of {ranks} ranks fits {cfg.gpu.memory_gib:.0f} GiB per GPU for this batch's "
