@@ -8,17 +8,19 @@ tiles 64 ranks -- each group one micro-batch with a scheduler of its own:
 
 1. **Groups** (:func:`arrange`), for each size ``small`` of the groups of short documents: a document
    longer than ``small`` ranks hold (each rank at most ``rank_cap`` tokens: the token cap over the
-   ranks), or heavier than their workload (``small`` mean ranks'), gets a group of its own, of the power of two ranks that hold it *and* bring its workload
-   (tokens + the model's pair weight x its causal pairs) down to the mean rank's; the other ranks
-   form groups of ``small``. The remaining documents go, heaviest first, to the group whose ranks'
-   workload stays lowest with it, within its token room.
+   ranks), or heavier than their workload (``small`` mean ranks'), gets a group of its own, of the
+   power of two ranks that hold it *and* bring its workload (tokens + the model's pair weight x its
+   causal pairs) down to the mean rank's; the other ranks form groups of ``small``. The remaining
+   documents go, heaviest first, to the group whose ranks' workload stays lowest with it, within its
+   token room.
 2. **Scheduler per group size**: each size's groups (a *class*) are priced with each scheduler that
-   can run them, at one and at two nano-batches (:data:`NANO_CHOICES`), and take the fastest -- priced by the closed-form screen (:mod:`.screen`: four numbers
-   of each group, their coefficients fitted per setting once per job to :func:`class_time`, the
-   trainer's step -- its layers, the recomputation its checkpointing runs, FSDP over every rank of the
-   job, the kernel and link tables -- replayed on those groups' ranks). Every class runs the step's one
-   activation checkpointing (FSDP2's gathers must match on every rank): the cheapest that every class
-   fits with one scheduler at least.
+   can run them, at one and at two nano-batches (:data:`NANO_CHOICES`), and take the fastest --
+   priced by the closed-form screen (:mod:`.screen`: four numbers of each group, their coefficients
+   fitted per setting once per job to :func:`class_time`, the trainer's step -- its layers, the
+   recomputation its checkpointing runs, FSDP over every rank of the job, the kernel and link tables
+   -- replayed on those groups' ranks). Every class runs the step's one activation checkpointing
+   (FSDP2's gathers must match on every rank): the cheapest that every class fits with one scheduler
+   at least.
 3. **The step**: of the :data:`FINALISTS` best-screened layouts and the fixed choice, each replayed
    (:func:`class_time`: each class's groups the screen prices slowest; not a layout the screen prices
    :data:`SURE_LOSS` times the fixed choice's step or slower), the one with the lowest
@@ -56,7 +58,7 @@ from .step import Fsdp, step_ops
 FINALISTS = 1              # the screen's best layouts replayed (choose_step)
 SURE_LOSS = 1.15           # a layout screened this much slower than the fixed choice is not replayed
 SCORED_GROUPS = 4          # groups of a size replayed to score a layout (class_time)
-NANO_CHOICES = (1, 2)       # a class's nano-batches (choose_step): the sweep's
+NANO_CHOICES = (1, 2)      # a class's nano-batches (choose_step), as the sweep tries a fixed row's
 SPREADS = (1.0, 2.0, 4.0)   # a long document's group: its ranks' workload over the mean rank's (arrange)
 # the schedulers a step's groups may run (module docstring): every one, cad over its own group's ranks
 MIXED = NAMES
@@ -184,9 +186,8 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
     :data:`SCORED_GROUPS` groups with the most workload and the most tokens a rank (the groups do not
     wait for each other, so the slowest is among them; a pool's: all, one plan), replayed for three and
     four layers, each rank's difference extended to the model's layers (every layer runs the same
-    pieces). ``pool``: a
-    scheduler that pools (``cad``) plans the groups as one pool, as a fixed ``cad`` row does; else
-    each group alone."""
+    pieces). ``pool``: a scheduler that pools (``cad``) plans the groups as one pool, as a fixed
+    ``cad`` row does; else each group alone."""
     if spec(name).pools and not pool and len(groups) > 1:
         # each group plans its own cad, and their programs differ: each is replayed alone (they share only
         # FSDP's collectives), its nano-batches cut as its class's are (alike, as the trainer cuts them);
@@ -272,8 +273,8 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
     def replayed(at, name, cp, groups, how):
         if not how.pool and len(groups) > SCORED_GROUPS and all(len(g) == 1 for g in groups):
             # a mixed class: the groups the screen prices slowest
-            slow = screen.slowest(_cut_alike(at, name, groups), name, cp, [g[0] for g in groups], lens, SCORED_GROUPS)
-            groups = [groups[k] for _, k in slow]
+            at = _cut_alike(at, name, groups)
+            groups = [groups[k] for _, k in screen.slowest(at, name, cp, [g[0] for g in groups], lens, SCORED_GROUPS)]
         key = (name, cp, at.activation_checkpointing, at.mlp_chunk, how, tuple(tuple(map(tuple, g)) for g in groups))
         if key not in timed:
             timed[key] = class_time(at, name, cp, groups, links, fsdp, whole=False, pool=how.pool)
@@ -464,6 +465,6 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
     return row
 
 
-__all__ = ["MIXED", "PER_MICRO_BATCH", "SPREADS", "FINALISTS", "SCORED_GROUPS", "Candidate", "Group", "StepChoice",
-           "arrange", "balanced_layout", "lengths_of", "pow2_divisors", "fits_heads", "setting_index", "class_time", "choose_step",
-           "best_fixed", "per_batch_row"]
+__all__ = ["MIXED", "PER_MICRO_BATCH", "SPREADS", "FINALISTS", "SURE_LOSS", "SCORED_GROUPS", "NANO_CHOICES",
+           "Candidate", "Group", "StepChoice", "arrange", "balanced_layout", "lengths_of", "pow2_divisors",
+           "fits_heads", "setting_index", "class_time", "choose_step", "best_fixed", "per_batch_row"]

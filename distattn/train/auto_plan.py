@@ -178,12 +178,12 @@ class AutoPlanner:
 
     def _plans(self, groups, mine: int, sequences, state, predicted, made: float, planned: bool = True,
                pooled: bool = False) -> StepPlans:
-        """This rank's micro-batch of ``groups`` (``(scheduler, cp, pieces, nano-batches)``, group ``mine``'s)
-        and, ``planned``, its nano-batches and a plan each: the choice's count, cut alike over its class -- every group of
-        its size and scheduler, one nano-batch where any holds a single document -- as the simulator
-        prices it (:func:`~distattn.sim.micro.micro_batch`). ``pooled``: every group runs one ``cad``
-        plan over the world (as a fixed ``cad`` with ``parallel.cad_pool`` does), given every group's
-        documents of each nano-batch."""
+        """This rank's micro-batch of ``groups`` (``(scheduler, cp, pieces, nano-batches)``, group
+        ``mine``'s) and, ``planned``, its nano-batches and a plan each: the choice's count, cut alike over
+        its class -- every group of its size and scheduler, one nano-batch where any holds a single
+        document -- as the simulator prices it (:func:`~distattn.sim.micro.micro_batch`). ``pooled``:
+        every group runs one ``cad`` plan over the world (as a fixed ``cad`` with ``parallel.cad_pool``
+        does), given every group's documents of each nano-batch."""
         import torch.distributed as dist
 
         name, cp, own, count = groups[mine]
