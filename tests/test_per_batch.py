@@ -146,6 +146,9 @@ def test_simulate_per_batch_row(capsys):
     ratio = np.asarray(fixed["step_times_s"]) / np.asarray(row["step_times_s"])
     assert row["speedup_vs_best_fixed"] == pytest.approx(float(np.median(ratio)))
     assert sum(row["choices"].values()) >= 2 and row["draws"] == 2
+    # the screen's fits are the job's, once, reported apart: not charged to a draw's step
+    assert row["screen_fit_s"] > 0 and "fitting_s" not in row
+    assert ratio.min() > 0.9   # (the fits charged to the first draw made it several times the fixed step)
 
 
 def test_choose_within_fixed_cp_groups_picks_the_scheduler_only():

@@ -422,7 +422,8 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
     """``simulate --per-batch``'s row: every draw's step (``batches(cfg, d)``, the draws
     :func:`.sweep.rows` timed ``rows`` on) with each step chosen by :func:`choose_step` -- the best
     fixed row's (scheduler, CP, micro-batches) among the layouts when the row can mix -- and its
-    planning, which is hidden behind the step before as ``cfg.planning`` says; summarised as
+    planning, which is hidden behind the step before as ``cfg.planning`` says (less the screen's fits:
+    once per job, ``screen_fit_s``, not a step's); summarised as
     :func:`.sweep.summary` summarises a row, with ``best_fixed`` (``{scheduler, cp}``) and the
     paired per-draw ``speedup_vs_best_fixed`` (its step over this one's: median, p10, p90), and
     ``choices``: how many micro-batches of the draws took each ``"scheduler cp"``."""
@@ -441,7 +442,7 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
         chunks = batches(cfg, d)
         docs = [n for chunk in chunks for n in chunk]
         got = choose_step(replace(cfg, seed=cfg.seed + d), docs, network, schedulers, fixed=fixed)
-        step = with_planning(cfg, got.predicted_step_s, got.planning_s)
+        step = with_planning(cfg, got.predicted_step_s, got.planning_s - got.fitting_s)
         for key in (f"{name} {cp}" for name, cp in got.choice):
             counts[key] = counts.get(key, 0) + 1
         per_draw.append({"scheduler": "per-batch", "gpus": cfg.gpus, "tp": cfg.tp, "seq_len": cfg.seq_len,
