@@ -318,6 +318,20 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
                       screen.fit_seconds - fitted)
 
 
+def replayed_whole(cfg: SimConfig, choice: StepChoice, network) -> float:
+    """``choice``'s step replayed whole: every layer, every group of each class (of a ``cad`` class
+    planned group by group, its :data:`SCORED_GROUPS` heaviest) -- what ``simulate --per-batch`` reports,
+    as the fixed rows are timed; choosing replays for four layers and extends them."""
+    links = links_of(network, cfg)
+    fsdp = fsdp_seconds(replace(cfg, cp=1), links.cp)
+    at = replace(cfg, activation_checkpointing=choice.checkpointing, mlp_chunk=choice.mlp_chunk)
+    classes: dict[tuple, list] = {}
+    for g in choice.groups:
+        classes.setdefault((g.scheduler, g.cp, g.nano_batches, g.pooled), []).append([list(r) for r in g.rounds])
+    return max(class_time(_cut_alike(replace(at, nano_batches=nano), name, groups), name, cp, groups, links, fsdp,
+                          pool=pooled) for (name, cp, nano, pooled), groups in classes.items())
+
+
 def balanced_layout(doc_lens, dp: int, cp: int, rounds: int, token_cap: int, pair_weight: float,
                     seed: int = 0) -> list[tuple[int, list[list[int]]]] | None:
     """``dp`` groups of ``cp`` ranks, ``rounds`` micro-batches each, dealt out by
@@ -420,7 +434,8 @@ def best_fixed(rows: list[dict]) -> dict | None:
 def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict], schedulers=MIXED,
                   progress: Callable[[str], None] | None = None) -> dict:
     """``simulate --per-batch``'s row: every draw's step (``batches(cfg, d)``, the draws
-    :func:`.sweep.rows` timed ``rows`` on) with each step chosen by :func:`choose_step` -- the best
+    :func:`.sweep.rows` timed ``rows`` on) with each step chosen by :func:`choose_step` and replayed
+    whole (:func:`replayed_whole`, as the rows are) -- the best
     fixed row's (scheduler, CP, micro-batches) among the layouts when the row can mix -- and its
     planning, which is hidden behind the step before as ``cfg.planning`` says (less the screen's fits:
     once per job, ``screen_fit_s``, not a step's); summarised as
@@ -442,7 +457,7 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
         chunks = batches(cfg, d)
         docs = [n for chunk in chunks for n in chunk]
         got = choose_step(replace(cfg, seed=cfg.seed + d), docs, network, schedulers, fixed=fixed)
-        step = with_planning(cfg, got.predicted_step_s, got.planning_s - got.fitting_s)
+        step = with_planning(cfg, replayed_whole(cfg, got, network), got.planning_s - got.fitting_s)
         for key in (f"{name} {cp}" for name, cp in got.choice):
             counts[key] = counts.get(key, 0) + 1
         per_draw.append({"scheduler": "per-batch", "gpus": cfg.gpus, "tp": cfg.tp, "seq_len": cfg.seq_len,
@@ -468,4 +483,4 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
 
 __all__ = ["MIXED", "PER_MICRO_BATCH", "SPREADS", "FINALISTS", "SURE_LOSS", "SCORED_GROUPS", "NANO_CHOICES",
            "Candidate", "Group", "StepChoice", "arrange", "balanced_layout", "lengths_of", "pow2_divisors",
-           "fits_heads", "setting_index", "class_time", "choose_step", "best_fixed", "per_batch_row"]
+           "fits_heads", "setting_index", "class_time", "choose_step", "replayed_whole", "best_fixed", "per_batch_row"]
