@@ -463,7 +463,8 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
         per_draw.append({"scheduler": "per-batch", "gpus": cfg.gpus, "tp": cfg.tp, "seq_len": cfg.seq_len,
                          "batch": len(chunks), "model": cfg.model.name, "checkpointing": got.checkpointing,
                          "mlp_chunk": got.mlp_chunk, "fits": True, "step_time_s": step,
-                         "planning_s": got.planning_s, "fitting_s": got.fitting_s, "groups": len(got.groups)})
+                         "planning_s": got.planning_s - got.fitting_s, "fitting_s": got.fitting_s,
+                         "groups": len(got.groups)})
         if progress is not None:
             progress(f"per-batch: draw {d + 1} of {draws}: {step:.2f} s, {len(got.groups)} groups "
                      f"(chosen in {got.planning_s:.2f} s" +
