@@ -157,13 +157,19 @@ class AttentionKernel:
         per call (``segments``: ``(rank, q_len, area)``; ``heads``:
         :meth:`~distattn.schedule.Schedule.kernel_heads`, None: all; module docstring); a rank with
         none gets the best."""
+        rank, _, area = (np.asarray(x) for x in segments)
+        seconds = self.rank_seconds(segments, ranks, direction, flops_per_pair, heads)
+        total = np.bincount(rank, area.astype(np.float64) * flops_per_pair, minlength=ranks)
+        best = max(self.fwd_tflops if direction == "forward" else self.bwd_tflops) * 1e12
+        return np.where(seconds > 0, total / np.where(seconds > 0, seconds, 1.0), best)
+
+    def rank_seconds(self, segments, ranks: int, direction: str, flops_per_pair: float,
+                     heads: float | None = None) -> np.ndarray:
+        """``[ranks]`` seconds each rank's segments take (:meth:`rank_rates`' arguments)."""
         rank, q_len, area = (np.asarray(x) for x in segments)
         flops = area.astype(np.float64) * flops_per_pair
         speed = self.tflops(direction, equivalent_length(q_len, area), heads)
-        seconds = np.bincount(rank, flops / (speed * 1e12), minlength=ranks)
-        total = np.bincount(rank, flops, minlength=ranks)
-        best = max(self.fwd_tflops if direction == "forward" else self.bwd_tflops) * 1e12
-        return np.where(seconds > 0, total / np.where(seconds > 0, seconds, 1.0), best)
+        return np.bincount(rank, flops / (speed * 1e12), minlength=ranks)
 
     @staticmethod
     def measured(gpu: GPU, head_dim: int, latency_csv: str | Path | None = None,

@@ -112,16 +112,14 @@ class Screen:
         return got
 
     def _layout(self, kind: str, ring: int, docs: tuple[int, ...]) -> float:
-        """The busiest of ``ring`` ranks' forward attention seconds, times ``ring``, on layout ``kind``."""
+        """The busiest of ``ring`` ranks' forward attention seconds, times ``ring``, on layout ``kind`` (each
+        segment at the speed of a document of its mean keys: :meth:`~.kernel.AttentionKernel.rank_seconds`)."""
         key = (kind, ring, docs)
         got = self._memo.get(key)
         if got is None:
             lens = [int(n) for n in docs] or [1]
-            rank, q_len, area = layout_segments(Layout(kind).shards(lens, ring), lens, True, None)
-            keys = 2 * area / np.maximum(q_len, 1)   # each segment at the speed of a document of its mean keys
-            per_rank = np.zeros(ring)
-            np.add.at(per_rank, rank,
-                      area * self.pair_flops / (self.kernel.tflops("forward", np.maximum(keys, 1)) * 1e12))
+            segments = layout_segments(Layout(kind).shards(lens, ring), lens, True, None)
+            per_rank = self.kernel.rank_seconds(segments, ring, "forward", self.pair_flops)
             got = self._keep(key, float(per_rank.max() * ring))
         return got
 
@@ -179,8 +177,8 @@ SCREENS_KEPT = 8
 def screen_of(cfg: SimConfig, network, replay, rank_cap: int) -> Screen:
     """The job's :class:`Screen` (its fits kept from earlier steps): ``cfg`` less its draw (``seed``) and
     its checkpointing (set per step), on ``network`` (as :func:`~.per_batch.choose_step` is given it: the
-    same object step after step); its fit groups sized by the first
-    step's ``rank_cap`` (a global batch's tokens vary little from step to step)."""
+    same object step after step); its fit groups sized by the first step's ``rank_cap`` (a global
+    batch's tokens vary little from step to step)."""
     key = (replace(cfg, seed=0, activation_checkpointing=None, mlp_chunk=None), id(network))
     with _SCREENS_LOCK:
         if key not in _SCREENS:
