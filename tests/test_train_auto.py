@@ -115,6 +115,8 @@ def test_auto_trains_mixed_groups_exactly_and_resumes(tmp_path):
     assert all(sum(cp for _, cp in c) == 8 for c in choices), choices
     assert any(len({cp for _, cp in c}) > 1 for c in choices), choices
     assert all(m["predicted_step_s"] > 0 for m in got["auto"])
+    # 3 steps: too few behind any of them to calibrate the model to this machine (step_calibration.FIRST)
+    assert all(m["predicted_step_s"] == m["model_step_s"] for m in got["auto"])
     assert [m["choice"] for m in got["fixed"]] == [[["zigzag", 4]] * 2] * 3
 
     # exact: the same tokens and normalisation, computed by other groups

@@ -9,10 +9,13 @@ each fixed ``(scheduler, cp 4)`` with balanced packing. Every rank holds one tra
 steps them in turn (the first run alternates), so that the machine's load falls on all alike.
 
 Per step it prints each run's step time (rank 0's ``step_time_s``, which waits for the slowest rank
-at the gradient all-reduce), ``auto``'s choice, and its predicted step time beside the prediction for
-the fixed choices on the same sequences (the chooser's model: an H100 cluster's kernel and links with
-this small model, so the absolute seconds are not this machine's -- compare the ratios). At the end:
-medians over the steps after the first, and each fixed run's over ``auto``'s, measured and predicted.
+at the gradient all-reduce) and ``auto``'s choice. At the end: medians over the steps after the first
+of each run's measured and predicted step, the prediction's median error, and each fixed run's over
+``auto``'s, measured and as the chooser's model has it. A prediction is the chooser's model of the
+step (an H100 cluster's kernel and links with this small model: about 1e-4 s) calibrated to this
+machine by the run's earlier steps (:mod:`distattn.train.step_calibration`, as the trainer reports
+``auto``'s ``predicted_step_s``); the fixed runs' model seconds are the chooser's for the fixed choice
+on the same sequences.
 """
 
 from __future__ import annotations
@@ -107,22 +110,48 @@ def _side_by_side(runs: dict[str, RunConfig], steps: int) -> list[dict]:
     return rows
 
 
+def forecasts(model_s: list[float], measured_s: list[float]) -> list[float]:
+    """Each step's predicted seconds on this machine: the model's, calibrated by the steps before it
+    (:class:`~distattn.train.step_calibration.StepCalibration`, as the trainer does for ``auto``)."""
+    from ..train.step_calibration import StepCalibration
+
+    calibration, out = StepCalibration(), []
+    for model, measured in zip(model_s, measured_s):
+        out.append(calibration.predict(model))
+        calibration.add(model, measured)
+    return out
+
+
 def summary(rows: list[dict], predicted: dict[str, list[float]]) -> list[str]:
+    """The end of the bench: per run, the median measured and predicted step, the median error of the
+    prediction (each step forecast from the steps before it; steps from the fourth, when the
+    calibration has two steps behind it), and each run over ``auto``, measured and as the model has
+    it. ``predicted``: each fixed run's model seconds per step (:func:`predicted_fixed`)."""
     later = range(1, len(rows)) if len(rows) > 1 else range(len(rows))
-    measured = {n: statistics.median(rows[i][n]["step_time_s"] for i in later) for n in rows[0]}
-    guess = {"auto": statistics.median(rows[i]["auto"]["predicted_step_s"] for i in later)}
-    guess.update({n: statistics.median(p[i] for i in later) for n, p in predicted.items()})
-    lines = [f"{'run':<16} {'measured s':>10} {'predicted s':>12} {'measured / auto':>16} {'predicted / auto':>17}"]
+    scored = range(3, len(rows)) if len(rows) > 3 else later
+    measured = {n: [r[n]["step_time_s"] for r in rows] for n in rows[0]}
+    model = {"auto": [r["auto"].get("model_step_s", r["auto"]["predicted_step_s"]) for r in rows], **predicted}
+    guess = {"auto": [r["auto"]["predicted_step_s"] for r in rows]}   # (the trainer's own forecast)
+    guess.update({n: forecasts(p, measured[n]) for n, p in predicted.items()})
+
+    def median(values, steps):
+        return statistics.median(values[i] for i in steps)
+
+    lines = [f"{'run':<16} {'measured s':>10} {'predicted s':>11} {'|error|':>8} {'measured / auto':>16} "
+             f"{'model / auto':>13}"]
     for n in rows[0]:
-        lines.append(f"{n:<16} {measured[n]:>10.3f} {guess[n]:>12.2e} {measured[n] / measured['auto']:>16.2f} "
-                     f"{guess[n] / guess['auto']:>17.2f}")
+        error = statistics.median(abs(guess[n][i] / measured[n][i] - 1) for i in scored)
+        lines.append(f"{n:<16} {median(measured[n], later):>10.3f} {median(guess[n], later):>11.3f} {error:>8.1%} "
+                     f"{median(measured[n], later) / median(measured['auto'], later):>16.2f} "
+                     f"{median(model[n], later) / median(model['auto'], later):>13.2f}")
     late = sum(bool(r["auto"].get("choice_late")) for r in rows)
     lines.append(f"auto: its choice was late (the fixed choice ran) on {late} of {len(rows)} steps; the steps waited "
                  f"{statistics.median(r['auto']['planning_s'] for r in rows[1:] or rows):.3f} s (median) for plans "
                  f"that took {statistics.median(r['auto']['plan_made_s'] for r in rows):.3f} s to make")
-    best = min((n for n in rows[0] if n != "auto"), key=measured.get)
-    lines.append(f"median step time, steps 2..{len(rows)}: auto {measured['auto']:.3f} s, the best fixed choice "
-                 f"({best}) {measured[best]:.3f} s: {measured[best] / measured['auto']:.2f}x")
+    best = min((n for n in rows[0] if n != "auto"), key=lambda n: median(measured[n], later))
+    lines.append(f"median step time, steps 2..{len(rows)}: auto {median(measured['auto'], later):.3f} s, the best "
+                 f"fixed choice ({best}) {median(measured[best], later):.3f} s: "
+                 f"{median(measured[best], later) / median(measured['auto'], later):.2f}x")
     return lines
 
 

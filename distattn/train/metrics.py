@@ -45,7 +45,7 @@ PROGRESS = ("auto", "bar", "line", "log", "none")
 TIMINGS = frozenset({"tokens_per_s", "tokens_per_s_per_device", "step_time_s", "mfu", "peak_memory_gib",
                      "comm_wait_s", "planning_s", "plan_made_s",
                      # parallel.cp/scheduler: auto runs the fixed choice when its own is late (.auto_plan)
-                     "choice", "choice_late", "predicted_step_s"})
+                     "choice", "choice_late", "predicted_step_s", "model_step_s"})
 
 
 def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

@@ -89,6 +89,7 @@ from .model.transformer import Transformer
 from .nano_default import STEPS as NANO_STEPS, chosen_nano_batches
 from .plan_ahead import PlanAhead, StepPlanner, StepPlans, agreed_cad_backward, plan_options
 from .ranks import StopSignal, join_group, wrap_model
+from .step_calibration import StepCalibration
 from .checkpoint.resume import resume_config, resume_from, run_info, schedule_steps
 
 _log = logging.getLogger(__name__)   # (a Trainer's RunLog is its `logger`)
@@ -143,6 +144,7 @@ class Trainer:
         self.plans = PlanCache()
         self.ahead: PlanAhead | None = None
         self.auto = None          # parallel.cp/scheduler: auto's planner (.auto_plan)
+        self.calibration = StepCalibration() if config.parallel.auto else None   # its predictions on this machine
         self.logger: RunLog | None = None
         self._own_group = False
 
@@ -303,6 +305,10 @@ class Trainer:
         p = self.config.parallel
         m["choice"] = ready.choice or [[p.scheduler, p.cp]] * p.dp
         m["predicted_step_s"] = ready.predicted_step_s
+        if self.calibration is not None and ready.predicted_step_s is not None:
+            m["model_step_s"] = ready.predicted_step_s   # (the chooser's model; predicted: on this machine)
+            m["predicted_step_s"] = self.calibration.predict(ready.predicted_step_s)
+            self.calibration.add(ready.predicted_step_s, m["step_time_s"])
         if late is not None:
             m["choice_late"] = late   # the choice was not ready on every rank: the fixed choice ran
         if bad is not None:
