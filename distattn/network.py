@@ -527,8 +527,12 @@ class NetworkProfile:
         if path.is_dir() or path.suffix == ".csv":
             rows, options = load_published(path) if path.is_dir() else load_csv(path)
             return NetworkProfile(rows, **options)
-        return NetworkProfile.from_json(read_json(path, "a network profile (distattn cluster probe/nccl-tests "
-                                                       "writes one), or pass a CSV or a folder of CSVs"))
+        data = read_json(path, "a network profile (distattn cluster probe/nccl-tests writes one), or pass a CSV or "
+                               "a folder of CSVs")
+        try:
+            return NetworkProfile.from_json(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 def _fit_group(key: tuple[str, int, int], rows, alpha_us: float | None = None) -> Fit:

@@ -26,6 +26,7 @@ densest node of the data (``max ceil(ngpu / nodes)``), the span a query without 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from dataclasses import dataclass
@@ -130,10 +131,22 @@ def _measurement(row: dict, origin: str) -> Measurement:
                        origin=origin)
 
 
+def _csv_text(path: str | Path) -> io.StringIO:
+    """The text of the CSV file ``path`` (read whole: these are small); ``ValueError`` naming the file when it
+    is not text, cannot be read, or holds what the csv module refuses (a NUL byte)."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read as a CSV ({exc}); pass a published-format or nccl_perf CSV") from None
+    if "\0" in text:
+        raise ValueError(f"{path} holds NUL bytes, so it is not a CSV; pass a published-format or nccl_perf CSV")
+    return io.StringIO(text, newline="")
+
+
 def read_published_csv(path: str | Path) -> list[Measurement]:
     """The measurements of one published-format CSV; ``ValueError`` names the file and line of a bad row."""
     path = Path(path)
-    with open(path, newline="") as f:
+    with _csv_text(path) as f:
         reader = csv.DictReader(f)
         if not is_published(reader.fieldnames):
             missing = sorted(set(COLUMNS) - set(reader.fieldnames or ()))
@@ -152,7 +165,7 @@ def read_published_csv(path: str | Path) -> list[Measurement]:
 
 def read_nccl_perf_csv(path: str | Path) -> list[Measurement]:
     """The rows of an ``nccl_perf`` CSV (out-of-place times); ``ValueError`` names the file and line of a bad row."""
-    with open(path, newline="") as f:
+    with _csv_text(path) as f:
         reader = csv.DictReader(f)
         missing = {"op", "ngpu", "size_bytes", "t_us_out"} - set(reader.fieldnames or ())
         if missing:
@@ -172,7 +185,7 @@ def read_nccl_perf_csv(path: str | Path) -> list[Measurement]:
 def load_csv(path: str | Path) -> tuple[tuple[Measurement, ...], dict]:
     """One CSV: published format (a strict profile) or ``nccl_perf`` (a legacy one), told by its header:
     ``(rows, the profile's options)`` (``NetworkProfile(rows, **options)``)."""
-    with open(path, newline="") as f:
+    with _csv_text(path) as f:
         published = is_published(next(csv.reader(f), None))
     return load_published(path) if published else (tuple(read_nccl_perf_csv(path)), {"source": str(path)})
 

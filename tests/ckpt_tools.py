@@ -20,15 +20,16 @@ def tiny_state(width: int = 4):
     return model, optimizer
 
 
-def save_tiny(directory: Path, step: int | None = None, width: int = 4) -> Path:
+def save_tiny(directory: Path, step: int | None = None, width: int = 4, run: dict | None = None) -> Path:
     """:func:`tiny_state` saved as checkpoint ``directory`` (data state ``[1, 2, 3]``); ``step``: the N of
-    a ``step_N`` folder (its manifest must say so), else 5."""
+    a ``step_N`` folder (its manifest must say so), else 5; ``run``: what the manifest records of its run
+    (none: no run can resume it, and ``ckpt verify`` says so)."""
     if step is None:
         name = Path(directory).name
         step = int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else 5
     with warnings.catch_warnings():  # no process group here: DCP says it saves from one process
         warnings.simplefilter("ignore")
-        checkpoint.save(directory, *tiny_state(width), step, [1, 2, 3])
+        checkpoint.save(directory, *tiny_state(width), step, [1, 2, 3], run)
     return directory
 
 

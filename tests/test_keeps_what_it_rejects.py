@@ -88,8 +88,11 @@ def test_ckpt_verify_tells_a_live_save_from_an_abandoned_one(tmp_path, capsys):
     from distattn.cli import main
     from distattn.train.preflight.checks import lock_out
 
+    from distattn.train.checkpoint.resume import run_info
+    from distattn.train.config import load_config
+
     root = tmp_path / "ckpt"
-    save_tiny(root / "step_2", step=2)
+    save_tiny(root / "step_2", step=2, run=run_info(load_config("tiny")))
     (root / "step_4.partial").mkdir()
     assert main(["ckpt", "verify", str(root)]) == 0
     assert "step_4.partial: a save that did not finish, abandoned: the run stopped" in capsys.readouterr().out

@@ -91,7 +91,7 @@ def test_slurm_runs_the_tiny_job(tmp_path):
     assert first.startswith("submitted job ") and "log " in first
     assert "COMPLETED" in out.stdout.splitlines()[-1]
     log = Path(first.split("log ")[-1])
-    assert "done: step 2" in log.read_text()
+    assert "done: steps 1-2" in log.read_text()
     _check_tiny_run(tmp_path)
 
 

@@ -151,5 +151,21 @@ def test_resume_config_names_a_model_recorded_without_its_shape_keys(tmp_path):
         resume_config(cfg, SimpleNamespace(run=partial, step=3))
     assert "\n" not in str(err.value)
     odd = {**run, "model": {**run["model"], "dim": "256"}, "data": {}}
-    with pytest.raises(ValueError, match=r"model\.dim .*\(checkpoint: '256'\)"):
+    with pytest.raises(ValueError, match=r"its manifest records model\.dim as '256', not the type"):
         resume_config(cfg, SimpleNamespace(run=odd, step=3))
+
+
+def test_ckpt_verify_fails_what_no_resume_takes(tmp_path, capsys):
+    from distattn.cli import main
+    from distattn.train.checkpoint.resume import run_info
+    from distattn.train.config import load_config
+
+    run = run_info(load_config("tiny"))
+    save_tiny(tmp_path / "step_1", run=run)
+    save_tiny(tmp_path / "step_2", run={})
+    save_tiny(tmp_path / "step_3", run={**run, "model": {**run["model"], "dim": "64"}})
+    assert main(["ckpt", "verify", str(tmp_path)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert sorted(line.split()[0] for line in out) == ["FAIL", "FAIL", "ok"], out
+    assert any("step_2: no run can resume it: its manifest records no model.dim" in line for line in out), out
+    assert any("step_3: no run can resume it: its manifest records model.dim as '64'" in line for line in out), out

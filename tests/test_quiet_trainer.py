@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 
 import pytest
@@ -83,9 +84,17 @@ def test_auto_is_a_bar_on_a_terminal_unless_logging_hides_info(monkeypatch):
         def isatty(self) -> bool:
             return True
 
+        def fileno(self) -> int:
+            return 1
+
+    width = [80]
+    monkeypatch.setattr(metrics.os, "get_terminal_size", lambda fd: os.terminal_size((width[0], 24)))
     monkeypatch.setattr(sys, "stdout", Terminal())
     distattn.configure_logging("INFO")
     assert metrics.resolve_progress("auto") == "bar" and metrics.progress_display("auto") == (True, None)
+    width[0] = 0   # a terminal of no width (script -q -c CMD, some CI consoles): a bar would draw nothing
+    assert metrics.resolve_progress("auto") == "log" and not metrics.bar_can_draw()
+    width[0] = 80
     distattn.configure_logging("ERROR")
     assert metrics.resolve_progress("auto") == "log"
     assert metrics.progress_display("auto") == (False, logging.getLogger("distattn.train.metrics").info)
@@ -115,3 +124,17 @@ def test_local_ranks_get_the_progress_decided_here(tmp_path, monkeypatch):
     assert [args[2] for args in handed] == ["log", "line"]
     trainer._rank_entry(cfg, False, "none")
     assert made == ["none"]
+
+
+def test_an_embedded_trainer_refuses_a_folder_holding_a_run_as_the_cli_does(tmp_path):
+    distattn.configure_logging("ERROR")
+    out = tmp_path / "run"
+    Trainer(_config(out, steps=1)).run()
+    rows = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=rf"^train.out {out} already holds a run \(metrics.jsonl.*--overwrite"):
+        Trainer(_config(out, steps=1)).run()
+    assert (out / "metrics.jsonl").read_text() == rows   # nothing appended
+    Trainer(_config(out, steps=1), overwrite=True).run()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1   # a new run, not a second row
+    with pytest.raises(ValueError, match="pass one of them"):
+        Trainer(_config(out), resume=True, overwrite=True)

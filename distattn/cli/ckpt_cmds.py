@@ -10,6 +10,7 @@ from ._args import examples
 
 def _cmd_verify(args) -> int:
     from ..train.checkpoint import dcp as checkpoint, manifest
+    from ..train.checkpoint.resume import recorded_model_problem
     from ..train.safe_io import lock_held, one_line
 
     path = Path(args.dir)
@@ -34,6 +35,8 @@ def _cmd_verify(args) -> int:
     for target in targets:
         try:
             found_manifest = checkpoint.verify(target)
+            if problem := recorded_model_problem(found_manifest):   # (as a resume refuses it)
+                raise ValueError(f"no run can resume it: {problem}")
         except (ValueError, OSError) as exc:
             bad += 1
             print(f"FAIL {target}: {one_line(exc)}")

@@ -6,10 +6,11 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 
-from ..schedulers import NAMES
+from ..train.config.sections import SCHEDULERS
 from ._args import examples, int_list, positive_int
 
 
@@ -174,20 +175,22 @@ def _peer_failed(exc, out, rank: int) -> int:
     return 1
 
 
-def _train_and_report(cfg, out, resume, talk) -> int:
-    """Run the ranks; the command's exit code, with one line for a run that failed or was stopped."""
+def _train_and_report(cfg, out, resume, talk, again: str) -> int:
+    """Run the ranks; the command's exit code, with one line for a run that failed or was stopped (``again``:
+    the command that continues the run, :func:`_done_lines`)."""
     from ..comm import PeerFailed
     from ..spawn import RankError, Terminated
     from ..train.checkpoint import dcp as checkpoint
     from ..train.checkpoint.resume import usable_checkpoint
     from ..train.safe_io import WriteFailed
+    from ..train.metrics import bar_can_draw
     from ..train.trainer import run
 
     launched = "RANK" in os.environ
     before = {} if launched else checkpoint.partials(out / "ckpt")
     try:
         # the command's console, whatever --log-level: a bar on a terminal, else one line per logged step
-        history = run(cfg, resume=resume, progress="bar" if sys.stdout.isatty() else "line")
+        history = run(cfg, resume=resume, progress="bar" if bar_can_draw() else "line")
     except PeerFailed as exc:   # under a launcher: this rank saw a peer die or fall silent
         return _peer_failed(exc, out, int(os.environ.get("RANK", "0")))
     except Terminated as exc:
@@ -212,12 +215,28 @@ def _train_and_report(cfg, out, resume, talk) -> int:
                 return 1
         print(f"distattn train: a rank failed, stopping the job: {first}{advice}", file=sys.stderr)
         return 1
-    if history:
-        last = history[-1]
-        mean_tps = sum(m["tokens_per_s"] for m in history) / len(history)
-        talk(f"done: step {last['step']}, loss {last['loss']:.4f}, mean {mean_tps:,.0f} tokens/s; "
-             f"metrics in {out}/metrics.jsonl")
+    for line in _done_lines(history, out, again):
+        talk(line)
     return 0
+
+
+def _done_lines(history: list[dict], out, again: str) -> list[str]:
+    """The end of a run that finished: its losses and speed, and where everything it wrote is (``again``:
+    the command that trains the run further, ``--steps N`` left to add)."""
+    from ..train.checkpoint.resume import usable_checkpoint
+
+    if not history:
+        return []
+    first, last = history[0], history[-1]
+    mean_tps = sum(m["tokens_per_s"] for m in history) / len(history)
+    lines = [f"done: steps {first['step']}-{last['step']}, loss {first['loss']:.4f} -> {last['loss']:.4f}, mean "
+             f"{mean_tps:,.0f} tokens/s", f"  metrics: {out}/metrics.jsonl"]
+    if (out / "tb").is_dir():
+        lines.append(f"  TensorBoard: tensorboard --logdir {out}/tb")
+    saved = usable_checkpoint(out)
+    lines.append(f"  last checkpoint: {saved}; train further: {again} --resume --steps N" if saved else
+                 "  no checkpoint (train.ckpt_every is over the steps run)")
+    return lines
 
 
 def _cmd_train(args) -> int:
@@ -257,7 +276,9 @@ def _cmd_train(args) -> int:
              f"{p.scheduler}, {cfg.data.seq_len} tokens per sequence, {cfg.train.steps} steps -> {out}", flush=True)
         # a local run's checkpoint was hashed above, before any rank started: the ranks take it as it is
         verified = start_from if resume and not launched and start_from is not None else None
-        return _train_and_report(cfg, out, verified or resume, talk)
+        scheduler = ["--scheduler", args.scheduler] if args.scheduler else []
+        again = shlex.join(["distattn", "train", args.config, *args.overrides, *scheduler, "--out", str(out)])
+        return _train_and_report(cfg, out, verified or resume, talk, again)
     finally:
         if lock is not None:
             lock.close()
@@ -374,7 +395,7 @@ def _add_train(sub) -> None:
     _add_overrides(train, "(any number, after CONFIG)")
     train.add_argument("--steps", type=positive_int, default=None, help="override train.steps")
     train.add_argument("--scheduler", default=None,
-                       help=f"override parallel.scheduler ({', '.join(NAMES)})")
+                       help=f"override parallel.scheduler ({', '.join(SCHEDULERS)})")
     train.add_argument("--out", default=None, help="override train.out (metrics.jsonl, tb/, ckpt/)")
     train.add_argument("--print-config", action="store_true",
                        help="print the config as it would run (file, overrides and defaults, checked) as YAML and "

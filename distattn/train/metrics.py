@@ -154,7 +154,16 @@ def resolve_progress(progress: str) -> str:
     if check_progress(progress) != "auto":
         return progress
     shown = logging.getLogger("distattn").isEnabledFor(logging.INFO)
-    return "bar" if shown and sys.stdout.isatty() else "log"
+    return "bar" if shown and bar_can_draw() else "log"
+
+
+def bar_can_draw() -> bool:
+    """Whether a tqdm bar shows on stdout: a terminal that reports its width (``script -q -c CMD`` and some
+    CI consoles give a terminal of 0 columns, where the bar draws nothing)."""
+    try:
+        return sys.stdout.isatty() and os.get_terminal_size(sys.stdout.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):   # (no file descriptor: a stream in place of stdout)
+        return False
 
 
 def progress_display(progress: str) -> tuple[bool, Callable[[str], None] | None]:

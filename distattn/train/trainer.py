@@ -88,6 +88,7 @@ from .model.batch import LocalBatch
 from .model.transformer import Transformer
 from .nano_default import STEPS as NANO_STEPS, chosen_nano_batches
 from .plan_ahead import PlanAhead, StepPlanner, StepPlans, agreed_cad_backward, plan_options
+from .preflight import prepare_out
 from .ranks import StopSignal, join_group, wrap_model
 from .step_calibration import StepCalibration
 from .checkpoint.resume import resume_config, resume_from, run_info, schedule_steps
@@ -120,8 +121,11 @@ class Trainer:
 
         from distattn.train.config import load_config
         from distattn.train.trainer import Trainer
-        Trainer(load_config("tiny", ["parallel.cp=1"]), callbacks=[print]).run()
+        cfg = load_config("tiny", ["parallel.cp=1", "train.steps=3", "train.out=runs/script"])
+        Trainer(cfg, progress="line").run()   # a line a step; about 15 s in all on 2 CPU cores
 
+    As ``distattn train`` does, a new run refuses a ``train.out`` that holds one (``ValueError``) unless
+    ``resume`` (continue it) or ``overwrite=True`` (delete its metrics, events and checkpoints first).
     ``callbacks`` (or :meth:`on_step`) are called on every rank with each step's metrics dict (W&B or
     any logger attaches there). ``resume`` and ``stop`` are :func:`train`'s. ``progress`` is what rank 0
     shows per step: ``"bar"`` (tqdm), ``"line"`` (one printed line per logged step, what ``distattn
@@ -133,8 +137,12 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, callbacks: Iterable[Callable[[dict], Any]] = (), *,
-                 resume: bool | Path = False, stop: StopSignal | None = None, progress: str = "auto"):
+                 resume: bool | Path = False, stop: StopSignal | None = None, progress: str = "auto",
+                 overwrite: bool = False):
+        if resume and overwrite:
+            raise ValueError("resume continues the run in train.out and overwrite deletes it: pass one of them")
         self.config, self.callbacks, self.resume, self.stop = config, list(callbacks), resume, stop
+        self.overwrite = overwrite
         self.progress = check_progress(progress)
         self.history: list[dict] = []
         self.done = 0             # optimizer updates taken, a resumed run's included
@@ -145,6 +153,7 @@ class Trainer:
         self.ahead: PlanAhead | None = None
         self.auto = None          # parallel.cp/scheduler: auto's planner (.auto_plan)
         self.calibration = StepCalibration() if config.parallel.auto else None   # its predictions on this machine
+        self._last_choice = None  # auto's, logged where it changes
         self.logger: RunLog | None = None
         self._own_group = False
 
@@ -188,6 +197,9 @@ class Trainer:
 
         self._own_group = join_group(self.config)
         cfg, p, t = self.config, self.config.parallel, self.config.train
+        if not self.resume and dist.get_rank() == 0:
+            # as `distattn train` refuses it (which has made the folder ready by now: this finds it so)
+            prepare_out(cfg, False, self.overwrite, say=_log.info)
         if dist.get_world_size() != cfg.world_size:
             raise ValueError(f"parallel.dp * parallel.cp = {cfg.world_size} but the job has {dist.get_world_size()} "
                              f"ranks: launch it with torchrun --nproc-per-node {cfg.world_size}, or run `distattn "
@@ -304,6 +316,13 @@ class Trainer:
         m = self._metrics(t0, plans, list(waited.values()), loss_sum, count, norm, batch, (planning, ready.made_s))
         p = self.config.parallel
         m["choice"] = ready.choice or [[p.scheduler, p.cp]] * p.dp
+        if self.auto is not None and m["choice"] != self._last_choice and dist.get_rank() == 0:
+            self._last_choice = m["choice"]
+            groups: dict[tuple, int] = {}
+            for name, cp in m["choice"]:
+                groups[name, cp] = groups.get((name, cp), 0) + 1
+            _log.info("step %d: auto runs %s%s", step + 1, ", ".join(f"{k} x {n} cp {c}" for (n, c), k in groups.items()),
+                      " (its choice was late: the fixed one)" if late else "")
         m["predicted_step_s"] = ready.predicted_step_s
         if self.calibration is not None and ready.predicted_step_s is not None:
             m["model_step_s"] = ready.predicted_step_s   # (the chooser's model; predicted: on this machine)

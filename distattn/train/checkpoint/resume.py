@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import RunConfig
+from ..config.sections import ModelConfig
 from .manifest import Manifest
 
 # the model fields a checkpoint's tensors depend on (rope_theta and softcap change no shape: a
@@ -95,17 +96,31 @@ def schedule_steps(cfg: RunConfig) -> int:
     return cfg.train.lr_decay_steps or cfg.train.steps
 
 
+def recorded_model_problem(found: Manifest) -> str | None:
+    """Why no config can resume ``found`` (``ckpt verify`` says it too), or None: a model recorded without a
+    shape key (or none: ``run = {}``), or with a value of the wrong type (``dim: '64'``), cannot be shown
+    to match any config, and no config value fixes that; every checkpoint the trainer writes records all
+    of them, typed."""
+    saved = found.run.get("model") if isinstance(found.run, dict) else None
+    saved = saved if isinstance(saved, dict) else {}
+    if missing := [f"model.{k}" for k in SHAPE_KEYS if k not in saved]:
+        return f"its manifest records no {', '.join(missing)}, so the config's model cannot be checked against it"
+    defaults = ModelConfig()
+    wrong = [f"model.{k} as {saved[k]!r:.40}" for k in SHAPE_KEYS
+             if type(saved[k]) is not type(getattr(defaults, k))]   # (bool is not int here)
+    if wrong:
+        return f"its manifest records {', '.join(wrong)}, not the type of a model's value"
+    return None
+
+
 def resume_config(cfg: RunConfig, found: Manifest, say: Callable[[str], Any] | None = None) -> RunConfig:
     """``cfg`` with the schedule length a resume from the checkpoint ``found`` trains with.
 
     ``ValueError`` when the config's model shape or data differ from the checkpoint's."""
     run = found.run
     saved_model, saved_data = run.get("model") or {}, run.get("data") or {}
-    # a model recorded without a shape key (or none: `run = {}`) cannot be shown to match, and no config
-    # value fixes that; every checkpoint the trainer writes records all of them
-    if missing := [f"model.{k}" for k in SHAPE_KEYS if k not in saved_model]:
-        raise ValueError(f"refusing to resume step {found.step}: its manifest records no {', '.join(missing)}, so "
-                         f"the config's model cannot be checked against it; start a new run with --out NEW_FOLDER "
+    if problem := recorded_model_problem(found):
+        raise ValueError(f"refusing to resume step {found.step}: {problem}; start a new run with --out NEW_FOLDER "
                          f"(or --overwrite)")
     changed = [f"model.{k} {getattr(cfg.model, k)!r} (checkpoint: {saved_model[k]!r})"
                for k in SHAPE_KEYS if k in saved_model and saved_model[k] != getattr(cfg.model, k)]

@@ -23,12 +23,13 @@ what the package :mod:`distattn.train.config` exports.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from pathlib import Path
 
 import yaml
 
-from .overrides import merge_overrides, parse_overrides
+from .overrides import check_key, merge_overrides, parse_overrides
 from .sections import DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainSection
 from .validation import validate
 from .yaml_strict import UniqueKeyLoader
@@ -84,8 +85,15 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] | typing.Mappi
         raise ValueError(f"config {path}: the top level is {type(raw).__name__} {raw!r:.40}, but a config is a "
                          f"mapping of sections (model, data, parallel, train)")
     sections = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "train": TrainSection}
-    for key in raw:
-        if key not in sections:
-            raise ValueError(f"config {path}: unknown config section '{key}'; known: {sorted(sections)}")
+    for section, values in raw.items():
+        if section not in sections:
+            close = difflib.get_close_matches(str(section), list(sections), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"config {path}: unknown config section '{section}'{hint} (known: {', '.join(sections)})")
+        for key in values if isinstance(values, dict) else ():
+            try:
+                check_key(f"{section}.{key}")
+            except ValueError as exc:   # (the same words, and closest key, as an override's)
+                raise ValueError(f"config {path}: {str(exc).removeprefix(f'{section}.{key}: ')}") from None
     raw = merge_overrides(raw, overrides)
     return validate(RunConfig(**{name: _section(cls, raw.get(name), name) for name, cls in sections.items()}))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from ...memory_model import CAD_BACKWARDS, CHECKPOINTING, JobFacts
 from ...model_shape import ModelShape
-from ...schedulers import PlanContext
+from ...schedulers import LOCAL, NAMES, PlanContext
 
 DTYPES = ("fp32", "bf16")
 ON_NONFINITE = ("stop", "skip_step")
@@ -18,6 +18,8 @@ PACKINGS = ("stream", "balanced")
 ON_BAD_DOCUMENT = ("fail", "skip")
 AUTO = "auto"          # parallel.cp / parallel.scheduler chosen per step (distattn/train/auto_plan.py)
 FALLBACK = "zigzag"    # what scheduler: auto runs when a step's choice is late (the fixed choice)
+# parallel.scheduler's values: a CP scheduler, "local" (one rank, one kernel call: cp 1) or auto
+SCHEDULERS = (*NAMES, LOCAL.name, AUTO)
 
 
 @dataclass(frozen=True)

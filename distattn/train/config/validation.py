@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import typing
 
-from ...schedulers import LOCAL, NAMES, spec
-from .sections import AUTO, CAD_BACKWARDS, CHECKPOINTING, DTYPES, ON_BAD_DOCUMENT, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainSection
+from ...schedulers import NAMES, spec
+from .sections import AUTO, CAD_BACKWARDS, SCHEDULERS, CHECKPOINTING, DTYPES, ON_BAD_DOCUMENT, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainSection
 
 # upper bounds of floats, past which a value is a typo rather than a setting: (key, most, why)
 CEILINGS = (("parallel.timeout_s", 7 * 86400.0, "a week; a collective that waits longer has failed"),
@@ -38,8 +39,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 60, 40, 60
+
+
+def _r(val) -> str:
+    """``repr(val)`` cut to 80 characters, at a bounded cost: a YAML anchor bomb under a typed key expands to
+    a value too large to print whole (its full repr ran out of memory after a minute)."""
+    text = _REPR.repr(val)
+    return text if len(text) <= 80 else f"{text[:72]}...{text[-5:]}"
+
+
 def _type_error(key: str, want: str, val) -> ValueError:
-    return ValueError(f"{key} must be {want}, got {val!r} ({type(val).__name__}){_number_hint(val)}")
+    return ValueError(f"{key} must be {want}, got {_r(val)} ({type(val).__name__}){_number_hint(val)}")
 
 
 def _check_type(key: str, hint, val):
@@ -95,7 +108,7 @@ def _checked_blend(blend) -> tuple[BlendSource, ...] | None:
     example = "e.g. [{path: data/a, weight: 0.3, source: megatron}, {path: data/b, weight: 0.7, source: tokens}]"
     if not isinstance(blend, (list, tuple)) or not blend:
         raise ValueError(f"data.blend must be a list of sources, each {{path, weight, source}}, {example}; got "
-                         f"{blend!r:.80}")
+                         f"{_r(blend)}")
     hints = typing.get_type_hints(BlendSource)
     known = [f.name for f in dataclasses.fields(BlendSource)]
     out = []
@@ -104,7 +117,7 @@ def _checked_blend(blend) -> tuple[BlendSource, ...] | None:
         if isinstance(entry, BlendSource):
             entry = dataclasses.asdict(entry)
         if not isinstance(entry, dict):
-            raise ValueError(f"{key} must be a mapping {{path, weight, source}}, {example}; got {entry!r:.80}")
+            raise ValueError(f"{key} must be a mapping {{path, weight, source}}, {example}; got {_r(entry)}")
         for name in entry:
             if name not in known:
                 raise ValueError(f"unknown config key '{key}.{name}'; known keys: {known}")
@@ -119,7 +132,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     """The numbers of every section: positive, non-negative, seeds, and below :data:`CEILINGS`."""
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.train
     if isinstance(p.cp, str) and p.cp != AUTO:
-        raise ValueError(f"parallel.cp must be a positive int or auto (chosen per step), got {p.cp!r}")
+        raise ValueError(f"parallel.cp must be a positive int or auto (chosen per step), got {_r(p.cp)}")
     positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                 "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "model.vocab_size": m.vocab_size,
                 "data.seq_len": d.seq_len, "parallel.dp": p.dp, "parallel.cp": 1 if p.cp == AUTO else p.cp,
@@ -129,19 +142,19 @@ def _check_ranges(cfg: RunConfig) -> None:
                 "train.min_lr": t.min_lr, "train.grad_clip": t.grad_clip}
     for key, val in positive.items():
         if val <= 0:
-            raise ValueError(f"{key} must be > 0, got {val!r}")
+            raise ValueError(f"{key} must be > 0, got {_r(val)}")
     for key, val in {"data.seed": d.seed, "train.seed": t.seed, "train.warmup_steps": t.warmup_steps,
                      "train.weight_decay": t.weight_decay, "train.mlp_chunk": t.mlp_chunk}.items():
         if val < 0:
-            raise ValueError(f"{key} must be >= 0, got {val!r}")
+            raise ValueError(f"{key} must be >= 0, got {_r(val)}")
     for key, val in {"data.seed": d.seed, "train.seed": t.seed}.items():
         if val >= 2**32:   # torch's and numpy's generators take it plus a rank or step offset
-            raise ValueError(f"{key} must be below 2**32, got {val!r}")
+            raise ValueError(f"{key} must be below 2**32, got {_r(val)}")
     for key, most, why in CEILINGS:
         section, name = key.split(".")
         val = getattr(getattr(cfg, section), name)
         if val is not None and val > most:
-            raise ValueError(f"{key} must be at most {most:g} ({why}), got {val!r}")
+            raise ValueError(f"{key} must be at most {most:g} ({why}), got {_r(val)}")
 
 
 def _check_model(m: ModelConfig) -> None:
@@ -150,7 +163,7 @@ def _check_model(m: ModelConfig) -> None:
         raise ValueError(f"model.dim ({m.dim}) must split into n_heads ({m.n_heads}) heads of even size, and "
                          f"n_heads must be a multiple of n_kv_heads ({m.n_kv_heads})")
     if m.softcap is not None and m.softcap <= 0:
-        raise ValueError(f"model.softcap must be > 0 (Gemma 2 uses 50.0), got {m.softcap!r}; leave it unset for none")
+        raise ValueError(f"model.softcap must be > 0 (Gemma 2 uses 50.0), got {_r(m.softcap)}; leave it unset for none")
 
 
 def _check_data(d: DataConfig, vocab_size: int) -> None:
@@ -163,13 +176,13 @@ def _check_data(d: DataConfig, vocab_size: int) -> None:
         raise ValueError(f"data.seq_len must be at least 3, got {d.seq_len}: a shorter sequence can hold no token "
                          f"whose next one is in the same document, and its loss would be nan")
     if d.source not in SOURCES:
-        raise ValueError(f"data.source must be one of {', '.join(SOURCES)}, got {d.source!r}")
+        raise ValueError(f"data.source must be one of {', '.join(SOURCES)}, got {_r(d.source)}")
     if d.packing is not None and d.packing not in PACKINGS:
-        raise ValueError(f"data.packing must be one of {', '.join(PACKINGS)}, got {d.packing!r}; leave it unset "
+        raise ValueError(f"data.packing must be one of {', '.join(PACKINGS)}, got {_r(d.packing)}; leave it unset "
                          f"for balanced where parallel.dp > 1, else stream")
     if d.on_bad_document not in ON_BAD_DOCUMENT:
         raise ValueError(f"data.on_bad_document must be one of {', '.join(ON_BAD_DOCUMENT)}, got "
-                         f"{d.on_bad_document!r}")
+                         f"{_r(d.on_bad_document)}")
     if d.token_cap is not None and d.token_cap < d.seq_len:
         raise ValueError(f"data.token_cap ({d.token_cap}) must be at least data.seq_len ({d.seq_len}): a piece of "
                          f"the stream can be seq_len tokens long; raise it or leave it unset for ceil(1.25 * seq_len)")
@@ -191,9 +204,9 @@ def _check_data(d: DataConfig, vocab_size: int) -> None:
     for key, e in entries:
         where = "data.source" if key == "data." else f"{key}source"
         if e.source not in SOURCES[:-1]:
-            raise ValueError(f"{where} must be one of {', '.join(SOURCES[:-1])}, got {e.source!r}")
+            raise ValueError(f"{where} must be one of {', '.join(SOURCES[:-1])}, got {_r(e.source)}")
         if e.weight <= 0:
-            raise ValueError(f"{key}weight must be > 0 (the source's share of the tokens), got {e.weight!r}")
+            raise ValueError(f"{key}weight must be > 0 (the source's share of the tokens), got {_r(e.weight)}")
         if e.source == "stdlib":
             from ..data.corpus import BYTE_VOCAB
 
@@ -213,31 +226,30 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> None:
     against the model's heads."""
     if p.comm_dtype not in (None, "fp8"):
         raise ValueError(f"parallel.comm_dtype must be fp8 or unset (tensors travel in their dtype), got "
-                         f"{p.comm_dtype!r}")
+                         f"{_r(p.comm_dtype)}")
     if p.backend != "auto":
         from ...kernels import available_backends
 
         if p.backend not in available_backends():
-            raise ValueError(f"parallel.backend {p.backend!r} is unknown; choose auto (triton on CUDA, torch on "
+            raise ValueError(f"parallel.backend {_r(p.backend)} is unknown; choose auto (triton on CUDA, torch on "
                              f"CPU) or one of {', '.join(available_backends())}")
     if p.cad_backward not in (*CAD_BACKWARDS, AUTO):
         raise ValueError(f"parallel.cad_backward must be resend, keep or auto (what cad's attention servers keep for "
-                         f"the backward), got {p.cad_backward!r}")
+                         f"the backward), got {_r(p.cad_backward)}")
     if p.dp_mode not in ("ddp", "fsdp"):
-        raise ValueError(f"parallel.dp_mode must be 'ddp' or 'fsdp', got {p.dp_mode!r}")
+        raise ValueError(f"parallel.dp_mode must be 'ddp' or 'fsdp', got {_r(p.dp_mode)}")
     if p.cpu_offload and p.dp_mode != "fsdp":
         raise ValueError("parallel.cpu_offload keeps FSDP2's parameter, gradient and optimizer shards in host "
-                         f"memory: it needs parallel.dp_mode: fsdp (got {p.dp_mode!r})")
-    choices = (*NAMES, LOCAL.name, AUTO)
-    if p.scheduler not in choices:
-        raise ValueError(f"parallel.scheduler {p.scheduler!r} is unknown; choose one of {', '.join(choices)}")
+                         f"memory: it needs parallel.dp_mode: fsdp (got {_r(p.dp_mode)})")
+    if p.scheduler not in SCHEDULERS:
+        raise ValueError(f"parallel.scheduler {_r(p.scheduler)} is unknown; choose one of {', '.join(SCHEDULERS)}")
     if p.ulysses_degree is not None and (p.ulysses_degree < 1 or p.fixed_cp % p.ulysses_degree
                                          or p.ulysses_degree > m.n_heads):
         raise ValueError(f"parallel.ulysses_degree ({p.ulysses_degree}) must divide parallel.cp ({p.fixed_cp}) and "
                          f"be at most model.n_heads ({m.n_heads}); leave it unset for the default")
     spec(p.fixed_scheduler).nano_batches_for(p.nano_batches, key="parallel.nano_batches")
     if isinstance(p.head_groups, bool) or not isinstance(p.head_groups, int) or p.head_groups < 1:
-        raise ValueError(f"parallel.head_groups must be a positive int, got {p.head_groups!r}")
+        raise ValueError(f"parallel.head_groups must be a positive int, got {_r(p.head_groups)}")
 
 
 def _check_head_groups(cfg: RunConfig) -> None:
@@ -259,7 +271,7 @@ def _check_auto(cfg: RunConfig) -> None:
     if p.cp == AUTO:
         if p.world_size is None or p.world_size < 1 or p.world_size % p.dp:
             raise ValueError(f"parallel.cp: auto needs parallel.world_size, the job's ranks, a multiple of parallel.dp "
-                             f"({p.dp}: the sequences of data.seq_len each step trains), got {p.world_size!r}")
+                             f"({p.dp}: the sequences of data.seq_len each step trains), got {_r(p.world_size)}")
     elif p.world_size is not None and p.world_size != p.dp * p.cp:
         raise ValueError(f"parallel.world_size ({p.world_size}) is read with parallel.cp: auto; with cp {p.cp} the job "
                          f"has dp * cp = {p.dp * p.cp} ranks: remove it")
@@ -268,7 +280,14 @@ def _check_auto(cfg: RunConfig) -> None:
             raise ValueError("parallel.network prices parallel.scheduler/cp: auto's choices; remove it, or set one "
                              "of them to auto")
         return
+    from ...network import profile_of
     from ...sim.per_batch import PER_MICRO_BATCH
+
+    if p.network is not None:   # read here, before any rank starts (and for --print-config)
+        try:
+            profile_of(p.network)
+        except ValueError as exc:
+            raise ValueError(f"parallel.network: {exc}") from None
 
     if p.scheduler != AUTO and p.scheduler not in PER_MICRO_BATCH:
         raise ValueError(f"parallel.cp: auto runs CP groups of several sizes in one step, which {p.scheduler} (one "
@@ -287,16 +306,16 @@ def _check_train(t: TrainSection) -> None:
     and the learning rates' order."""
     if t.lr_decay_steps is not None and t.lr_decay_steps <= 0:
         raise ValueError(f"train.lr_decay_steps must be > 0 (the cosine schedule's length in steps), got "
-                         f"{t.lr_decay_steps!r}; leave it unset for train.steps of the run that starts the folder")
+                         f"{_r(t.lr_decay_steps)}; leave it unset for train.steps of the run that starts the folder")
     if not t.out.strip():
         raise ValueError("train.out must name a folder for the run (metrics, checkpoints), got an empty string")
     if t.peak_tflops is not None and t.peak_tflops <= 0:
-        raise ValueError(f"train.peak_tflops must be > 0, got {t.peak_tflops!r}; leave it unset to look it up")
+        raise ValueError(f"train.peak_tflops must be > 0, got {_r(t.peak_tflops)}; leave it unset to look it up")
     for key, val, choices in (("train.dtype", t.dtype, DTYPES),
                               ("train.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING),
                               ("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)):
         if val not in choices:
-            raise ValueError(f"{key} must be one of {', '.join(choices)}, got {val!r}")
+            raise ValueError(f"{key} must be one of {', '.join(choices)}, got {_r(val)}")
     if t.compile:
         from ...ops import AVAILABLE
 

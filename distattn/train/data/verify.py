@@ -41,6 +41,9 @@ def verify(path: str | Path, vocab_size: int | None = None) -> tuple[list[str], 
     path = Path(path)
     if is_prepared(path):
         return _verify_folder(path, vocab_size)
+    if path.is_dir():   # (not PATH.bin: a folder is never a prefix)
+        return [f"{path} is a folder without an index.json, so not one `distattn data prepare` wrote: pass a "
+                f"prepared folder, or the prefix of a token file (PREFIX.bin and PREFIX.idx.npy)"], []
     return _verify_prefix(path, vocab_size)
 
 

@@ -192,7 +192,8 @@ def prepare_out(cfg: RunConfig, resume: bool, overwrite: bool, say=None, checksu
             ckpts = sorted(p.name for p in (out / "ckpt").glob("step_*")) if (out / "ckpt").is_dir() else []
             held = ", ".join(used) + (f" (checkpoints {', '.join(ckpts)})" if ckpts else "")
             raise ValueError(f"train.out {out} already holds a run ({held}); pass --resume to continue it, "
-                             f"--overwrite to replace it, or --out NEW_FOLDER")
+                             f"--overwrite to replace it (a Trainer: resume=True, overwrite=True), or --out "
+                             f"NEW_FOLDER")
         return None
     # rank 0, where the resume decides: what it skips goes to step_N.rejected, so that a later save of
     # that step cannot delete what no run of ours may have written
