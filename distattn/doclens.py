@@ -17,8 +17,38 @@ import numpy as np
 from .jsonfile import read_json
 
 
+# document-length samples shipped in the package, by name (``--doclens sample``): distattn/profiles/doclens/
+PACKAGED_DOCLENS = ("sample",)
+
+
+def synthetic_sample(n: int = 4000, seed: int = 0) -> list[int]:
+    """What ``distattn/profiles/doclens/sample.json`` holds (written by this function, checked by the tests):
+    ``n`` lengths, 95% log-normal with ProLong's published median (1.9K tokens, sigma 1) and 5% log-uniform
+    over 16K-256K, the long documents a 128K-1M context is trained for. A stand-in with a long tail, not
+    anyone's measured corpus."""
+    rng = np.random.default_rng(seed)
+    long = rng.random(n) < 0.05
+    body = np.exp(rng.normal(np.log(1900), 1.0, n))
+    tail = np.exp(rng.uniform(np.log(16384), np.log(262144), n))
+    return [max(16, int(x)) for x in np.where(long, tail, body)]
+
+
+def doclens_source(name: str) -> str:
+    """The file ``--doclens NAME_OR_PATH`` reads: an existing path, else a packaged sample's
+    (:data:`PACKAGED_DOCLENS`); ``ValueError`` for neither."""
+    if Path(name).exists() or name not in PACKAGED_DOCLENS:
+        if not Path(name).exists():
+            raise ValueError(f"{name} is neither an existing file nor a packaged sample ({', '.join(PACKAGED_DOCLENS)})"
+                             f"; pass a JSON list of document lengths, or a packaged name")
+        return name
+    from importlib.resources import files
+
+    return str(files("distattn") / "profiles" / "doclens" / f"{name}.json")
+
+
 def load_doc_lens(path: str | Path) -> np.ndarray:
-    """A JSON list of positive document lengths."""
+    """A JSON list of positive document lengths: a file, or a packaged sample's name (:func:`doclens_source`)."""
+    path = doclens_source(str(path))
     values = read_json(path, "a JSON list of positive document lengths")
     if not isinstance(values, list) or not values or not all(isinstance(x, int) and x > 0 for x in values):
         raise ValueError(f"{path}: expected a non-empty JSON list of positive ints (document lengths)")

@@ -50,7 +50,7 @@ from ..doclens import MASK_CASES, mask_case
 from ..schedulers import NAMES, PlanContext, spec
 from ..timing import slowest_median, time_calls
 from .results import COLUMNS
-from .ulysses_vs_deepspeed import DEFAULT_EXTENSIONS_DIR
+from .ulysses_vs_deepspeed import DEFAULT_EXTENSIONS_DIR, deepspeed_attention_class
 
 SCHEDULERS = NAMES
 PEER_OF = {"deepspeed-ulysses": "ulysses"}   # another library's row -> our scheduler with its token split
@@ -118,12 +118,9 @@ def _peak_mem_mb(device) -> float:
 
 
 def _deepspeed_attention(group, docs, causal, window):
-    try:
-        import deepspeed.comm
-        from deepspeed.sequence.layer import DistributedAttention
-    except ImportError:
+    DistributedAttention = deepspeed_attention_class(dist.get_backend())
+    if DistributedAttention is None:
         return None
-    deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
 
     def local(q, k, v):  # DeepSpeed's layout is [s, b, h, d]
         return local_attention(q[:, 0], k[:, 0], v[:, 0], docs, causal=causal, window=window)[:, None]

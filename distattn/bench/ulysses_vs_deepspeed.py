@@ -17,6 +17,9 @@ under ``extensions_dir`` (default ``.venv/torch_extensions``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
 import os
 from pathlib import Path
 
@@ -29,14 +32,43 @@ from ..spawn import run_distributed
 from ..timing import slowest_rank, time_interleaved
 
 DEFAULT_EXTENSIONS_DIR = str(Path(__file__).resolve().parents[2] / ".venv" / "torch_extensions")
+_log = logging.getLogger(__name__)
+
+
+class _AtDebug(logging.Handler):
+    """DeepSpeed's records as ours: at debug, errors at error."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _log.log(logging.ERROR if record.levelno >= logging.ERROR else logging.DEBUG, "deepspeed: %s",
+                 record.getMessage())
+
+
+def deepspeed_attention_class(backend: str):
+    """DeepSpeed's ``DistributedAttention`` with its communication started on ``backend`` (None: DeepSpeed
+    is not installed). What DeepSpeed prints meanwhile on a CPU machine -- that it found no accelerator,
+    that it built its CPU communication op -- goes through our logging at debug, not to the console."""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            import deepspeed.comm
+            from deepspeed.sequence.layer import DistributedAttention
+
+            # (its handler holds the stream it found at import: ours for now; every record goes to _AtDebug)
+            logging.getLogger("DeepSpeed").handlers[:] = [_AtDebug()]
+            deepspeed.comm.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    except ImportError:
+        return None
+    finally:
+        for line in said.getvalue().splitlines():
+            _log.debug("deepspeed: %s", line)
+    return DistributedAttention
 
 
 def _rank_main(doc_lens, heads, head_dim, dtype, repeats, extensions_dir):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir)
-    import deepspeed.comm
-    from deepspeed.sequence.layer import DistributedAttention
-
-    deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    DistributedAttention = deepspeed_attention_class("gloo")
+    if DistributedAttention is None:
+        raise ImportError("this bench runs DeepSpeed, which is not installed: pip install 'distattn[deepspeed]'")
     group = dist.group.WORLD
     total = sum(doc_lens)
     g = torch.Generator().manual_seed(0)

@@ -148,6 +148,23 @@ def existing_file(text: str) -> str:
     return text
 
 
+def doclens_argument(text: str) -> str:
+    """``--doclens``: a JSON file of document lengths, or a packaged sample's name (``sample``)."""
+    from ..doclens import doclens_source
+
+    try:
+        doclens_source(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if Path(text).exists() and not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file")
+    return text
+
+
+DOCLENS_HELP = "a JSON list of document lengths, or `sample` (packaged: 4,000 synthetic lengths, median 2K, 5%% of " \
+               "16K-256K); default: a log-normal stand-in"
+
+
 def existing_path(text: str) -> str:
     """A path that must name an existing file or folder (checked before any work starts)."""
     if not Path(text).exists():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..schedulers import NAMES
-from ._args import doc_pool, examples, existing_file, output_dir, positive_int, positive_int_list
+from ._args import DOCLENS_HELP, doc_pool, doclens_argument, examples, output_dir, positive_int, positive_int_list
 
 
 def _cmd_bench(args) -> int:
@@ -52,7 +52,7 @@ def _add_bench(sub) -> None:
                     "TensorBoard scalars.",
         epilog=examples("distattn bench --quick --out bench/quick",
                         "distattn bench --out bench/doc --world-sizes 2,4,8 --seq-lens 8192,16384 "
-                        "--masks causal-doc --doclens lengths.json"))
+                        "--masks causal-doc --doclens sample"))
     bench.add_argument("--quick", action="store_true", help="world sizes 2 and 4, 2K/4K tokens, masks causal, "
                        "causal-doc, window, prefix-lm, causal-blockwise (a few minutes on CPU)")
     bench.add_argument("--out", required=True, type=output_dir,
@@ -67,7 +67,7 @@ def _add_bench(sub) -> None:
     bench.add_argument("--schedulers", nargs="+", default=None, choices=NAMES, help="default: all")
     bench.add_argument("--repeats", type=positive_int, default=None, help="timed rounds, the median kept "
                        "(default: the suite's)")
-    bench.add_argument("--doclens", type=existing_file, default=None,
-                       help="JSON document-length sample for the -doc masks (default: log-normal stand-in)")
+    bench.add_argument("--doclens", type=doclens_argument, default=None, metavar="NAME_OR_PATH",
+                       help="for the -doc masks: " + DOCLENS_HELP)
     bench.add_argument("--no-peers", action="store_true", help="skip DeepSpeed's DistributedAttention")
     bench.set_defaults(func=_cmd_bench)

@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import replace
 
-from ._args import (MAX_DRAWS, MAX_GPUS, doc_pool, examples, existing_file, output_file, positive_int,
+from ._args import (DOCLENS_HELP, MAX_DRAWS, MAX_GPUS, doc_pool, doclens_argument, examples, existing_file, output_file, positive_int,
                     positive_int_at_most, sequence_tokens)
 from .cluster_cmds import probe_rank
 
@@ -244,8 +244,8 @@ def _job_arguments(sim, gpus, models) -> None:
     sim.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per node")
     sim.add_argument("--network", type=network_argument, default=None, metavar="NAME_OR_PATH",
                      help=network_help("NVLink 360 GB/s + IB 45 GB/s assumed"))
-    sim.add_argument("--doclens", type=existing_file, default=None,
-                     help="JSON document-length sample (default: log-normal stand-in)")
+    sim.add_argument("--doclens", type=doclens_argument, default=None, metavar="NAME_OR_PATH",
+                     help=DOCLENS_HELP)
 
 
 def _step_arguments(sim, packings, schedulers) -> None:
