@@ -1,5 +1,6 @@
 """The examples run as users run them (one script per framework) and their loss goes down."""
 
+import os
 import re
 import subprocess
 import sys
@@ -8,9 +9,10 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
+CORE = EXAMPLES[0].parent / "core_torchrun.py"   # the core API under torchrun; the others train a framework's model
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [p for p in EXAMPLES if p != CORE], ids=lambda p: p.name)
 def test_example_runs(script):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -26,3 +28,14 @@ def test_cad_pingpong_benchmark_runs_as_a_module():
     header, row = out.stdout.strip().splitlines()[-2:]
     assert header.split()[:2] == ["sequential", "ms"], out.stdout
     assert float(row.split()[-1]) < 1e-4, out.stdout  # the overlapped layer computes what the sequential one does
+
+
+def test_the_core_example_runs_as_written_under_torchrun():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", str(CORE)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    checked = [line.split(":")[0].strip() for line in lines if "max |out - ref|" in line]
+    assert checked == ["ring", "zigzag", "allgather", "ulysses", "cad", "usp"], out.stdout
+    assert lines[-1] == "4 ranks, 7 documents, 2576 tokens: ok", out.stdout
