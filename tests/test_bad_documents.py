@@ -55,23 +55,33 @@ def _corrupt(path: Path, group: int = 1) -> Path:
 
 
 # ---- data.source: hf -----------------------------------------------------------------------------
+def test_train_and_prepare_name_the_same_row_of_a_bad_parquet_row(tmp_path, capsys):
+    """Rows counted from 1 in every message, as lines are: the 151st row is row 151 to both."""
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": [f"doc {i}" if i != 150 else None for i in range(300)]}), path,
+                   row_group_size=100)
+    assert main(["data", "prepare", str(path), "--out", str(tmp_path / "prep")]) == 2
+    assert f"INPUT {path} row 151: 'text' is null" in capsys.readouterr().err
+    assert _one_line(preflight.check_data, _cfg(tmp_path, path)).startswith(f"data.path: {path} row 151: 'text' is null")
+
+
 def test_nulls_without_statistics_are_refused_by_preflight_naming_file_and_row(tmp_path):
     path = tmp_path / "nulls.parquet"
     pq.write_table(pa.table({"text": ["a", None, "b", None]}), path, write_statistics=False)
     assert pq.read_metadata(path).row_group(0).column(0).statistics is None
     message = _one_line(preflight.check_data, _cfg(tmp_path, path))
-    assert message == (f"data.path: {path} row 1: 'text' is null (2 bad rows in 1 file); fix or drop them, or set "
+    assert message == (f"data.path: {path} row 2: 'text' is null (2 bad rows in 1 file); fix or drop them, or set "
                        f"data.on_bad_document: skip to train without them")
 
 
 def test_undecodable_text_and_damaged_pages_are_refused(tmp_path):
     bad = tmp_path / "utf8.parquet"
     pq.write_table(pa.table({"text": _invalid_utf8([b"ok", b"\xff no", b"\xed\xa0\x80 surrogate"])}), bad)
-    assert f"data.path: {bad} row 1: 'text' is not valid UTF-8 at byte 0 (invalid start byte) (2 bad rows" in \
+    assert f"data.path: {bad} row 2: 'text' is not valid UTF-8 at byte 0 (invalid start byte) (2 bad rows" in \
         _one_line(preflight.check_data, _cfg(tmp_path, bad))
     damaged = _corrupt(tmp_path / "damaged.parquet")
     message = _one_line(preflight.check_data, _cfg(tmp_path, damaged))
-    assert message.startswith(f"data.path: {damaged} row 100: row group 1 (rows 100-199) cannot be decoded (")
+    assert message.startswith(f"data.path: {damaged} row 101: row group 1 (rows 101-200) cannot be decoded (")
     assert "(100 bad rows in 1 file); fix or drop them, or set data.on_bad_document: skip" in message
 
 
@@ -88,13 +98,13 @@ def test_skip_passes_over_bad_documents_and_counts_them(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         preflight.check_data(_cfg(tmp_path, folder, on_bad_document="skip"))
     assert "data.on_bad_document: skip: 2 of 6 documents of" in caplog.text
-    assert f"(2 bad rows in 2 files; first: {folder / 'a.parquet'} row 1: 'text' is not valid UTF-8" in caplog.text
+    assert f"(2 bad rows in 2 files; first: {folder / 'a.parquet'} row 2: 'text' is not valid UTF-8" in caplog.text
     corpus = HFCorpus(folder, None, "skip")
     packer = Packer(corpus, 8, seed=0)
     seen = b"".join(bytes(packer.next()[0].astype(np.uint8).tolist()) for _ in range(2))
     assert sorted(seen[:len(b"onethreefour")]) == sorted(b"onethreefour")
     assert sorted(corpus.skipped) == [1, 5]
-    with pytest.raises(ValueError, match=r"b.parquet row 1: 'text' is null; fix or drop it, or set "
+    with pytest.raises(ValueError, match=r"b.parquet row 2: 'text' is null; fix or drop it, or set "
                                          r"data.on_bad_document: skip"):
         HFCorpus(folder).tokens(5)
 
@@ -105,7 +115,7 @@ def test_skip_passes_over_a_damaged_row_group_whole(tmp_path):
     corpus = HFCorpus(damaged, None, "skip")
     assert [int(corpus.lengths[d]) for d in (99, 100, 199, 200)] == [len(f"document number {99} " * 20), 0, 0,
                                                                      len(f"document number {200} " * 20)]
-    assert len(corpus.skipped) == 2 and "row group 1 (rows 100-199)" in corpus.skipped[100]
+    assert len(corpus.skipped) == 2 and "row group 1 (rows 101-200)" in corpus.skipped[100]
 
 
 def test_the_scan_is_cached_per_file_and_a_damaged_cache_is_scanned_again(tmp_path, monkeypatch):
@@ -161,7 +171,7 @@ def test_a_save_to_disk_folder_is_scanned_too(tmp_path):
         stream.write_table(table)
     (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
     message = _one_line(preflight.check_data, _cfg(tmp_path, folder))
-    assert f"data.path: {folder / 'data-00000-of-00001.arrow'} row 1: 'text' is null (2 bad rows in 1 file)" in message
+    assert f"data.path: {folder / 'data-00000-of-00001.arrow'} row 2: 'text' is null (2 bad rows in 1 file)" in message
     corpus = HFCorpus(folder, None, "skip")
     assert [len(corpus.tokens(d)) for d in range(5)] == [1, 0, 1, 1, 0] and sorted(corpus.skipped) == [1, 4]
 

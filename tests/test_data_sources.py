@@ -266,7 +266,7 @@ def test_hf_refusals(tmp_path):
     assert "has no 'text' column or 'input_ids' column (columns: body)" in _one_line(HFCorpus, tmp_path / "body.parquet")
     pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "nulls.parquet")
     nulls = _cfg(tmp_path, source="hf", path=str(tmp_path / "nulls.parquet"))
-    assert "nulls.parquet row 1: 'text' is null (1 bad row in 1 file); fix or drop it" in \
+    assert "nulls.parquet row 2: 'text' is null (1 bad row in 1 file); fix or drop it" in \
         _one_line(preflight.check_data, nulls)
     pq.write_table(pa.table({"input_ids": [[1, 2], [70000]]}), tmp_path / "ids.parquet")
     ids = _cfg(tmp_path, source="hf", path=str(tmp_path / "ids.parquet"))

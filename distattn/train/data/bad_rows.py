@@ -65,7 +65,7 @@ class FileScan:
     def line(self) -> str:
         """The first bad row in words."""
         row, reason = self.first[0]
-        return f"{self.file} row {row}: {reason}"
+        return f"{self.file} row {row + 1}: {reason}"   # (rows counted from 1 in words, as data prepare counts)
 
 
 def binary_view(values):
@@ -106,8 +106,9 @@ def array_problems(values, start: int, column: str) -> tuple[int, list[tuple[int
 
 
 def group_problem(group: int, start: int, rows: int, exc: BaseException) -> str:
-    """Why every row of a Parquet row group that does not decode is bad."""
-    return f"row group {group} (rows {start}-{start + rows - 1}) cannot be decoded ({one_line(exc)[:200]})"
+    """Why every row of a Parquet row group that does not decode is bad (``start``: its first row, from 0;
+    the words count rows from 1, as every message of ours does)."""
+    return f"row group {group} (rows {start + 1}-{start + rows}) cannot be decoded ({one_line(exc)[:200]})"
 
 
 def _block_problems(pf, group: int, start: int, rows: int, column: str) -> tuple[int, list[tuple[int, str]]]:

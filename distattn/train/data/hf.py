@@ -216,7 +216,7 @@ class HFCorpus:
         block, _ = self._locate(doc)
         file = self._block_file[block]
         first = self._block_file.index(file)
-        return f"{self.files[file]} row {doc - int(self.block_start[first])}"
+        return f"{self.files[file]} row {doc - int(self.block_start[first]) + 1}"   # (from 1, as prepare counts)
 
     def tokens(self, doc: int) -> np.ndarray:
         """Document ``doc``'s token ids (int64), tokenized on first use and kept among the last

@@ -213,7 +213,7 @@ def _parquet_rows(path: Path, record: int) -> Iterator[tuple]:
                     if row > record:
                         yield text, row, (row, row), size * row // max(meta.num_rows, 1)
         except Exception as exc:  # a damaged page: pyarrow's OSError or ArrowException
-            problem = group_problem(group, start + 1, rows, exc)
+            problem = group_problem(group, start, rows, exc)
             while row < start + rows:
                 row += 1
                 if row > record:
