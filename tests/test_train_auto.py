@@ -264,3 +264,9 @@ def test_bench_auto_corpus_runs_and_summary(tmp_path):
                  "plan_made_s": 0.2, "choice_late": False} for n in runs} for _ in range(3)]
     lines = summary(rows, {n: [4e-4] * 3 for n in runs if n != "auto"})
     assert lines[-1].endswith("2.00x") and "late (the fixed choice ran) on 0 of 3 steps" in lines[-2]
+
+
+def test_a_choice_in_words_counts_alike_groups():
+    from distattn.train.auto_plan import describe_choice
+
+    assert describe_choice([["ulysses", 4], ["ring", 1], ["ring", 1]]) == "1 x ulysses cp 4, 2 x ring cp 1"

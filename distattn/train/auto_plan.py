@@ -289,6 +289,15 @@ def make_planner(cfg: RunConfig, rank: int, batches: GlobalBatches, cache: PlanC
                        ChooserProcess(job, network, names, sizes) if rank == 0 else None, PlanCache())
 
 
+def describe_choice(choice: list) -> str:
+    """A step's ``choice`` metric (``[scheduler, cp]`` per group) in words, alike groups counted:
+    ``[["ulysses", 4], ["ring", 1], ["ring", 1]]`` -> ``"1 x ulysses cp 4, 2 x ring cp 1"``."""
+    counts: dict[tuple, int] = {}
+    for name, cp in choice:
+        counts[name, cp] = counts.get((name, cp), 0) + 1
+    return ", ".join(f"{k} x {name} cp {cp}" for (name, cp), k in counts.items())
+
+
 def late_choice(step: int, fixed: StepPlans) -> None:
     name, cp = fixed.choice[0]
     _log.warning("step %d: its choice of CP groups was not ready on every rank when the step started; it runs the "
@@ -296,4 +305,4 @@ def late_choice(step: int, fixed: StepPlans) -> None:
 
 
 __all__ = ["candidates", "auto_meshes", "job_of", "network_of", "AutoPlanner", "SharedChoice", "shared_choice",
-           "make_planner", "late_choice"]
+           "make_planner", "late_choice", "describe_choice"]

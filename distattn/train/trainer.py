@@ -77,7 +77,7 @@ from ..plan_cache import PlanCache
 from ..schedule import imbalance
 from ..spawn import Terminated
 from .checkpoint import dcp as checkpoint, manifest
-from .auto_plan import auto_meshes, late_choice, make_planner
+from .auto_plan import auto_meshes, describe_choice, late_choice, make_planner
 from .config import RunConfig
 from .data.packer import Packer
 from .data.sources import make_corpus
@@ -318,10 +318,7 @@ class Trainer:
         m["choice"] = ready.choice or [[p.scheduler, p.cp]] * p.dp
         if self.auto is not None and m["choice"] != self._last_choice and dist.get_rank() == 0:
             self._last_choice = m["choice"]
-            groups: dict[tuple, int] = {}
-            for name, cp in m["choice"]:
-                groups[name, cp] = groups.get((name, cp), 0) + 1
-            _log.info("step %d: auto runs %s%s", step + 1, ", ".join(f"{k} x {n} cp {c}" for (n, c), k in groups.items()),
+            _log.info("step %d: auto runs %s%s", step + 1, describe_choice(m["choice"]),
                       " (its choice was late: the fixed one)" if late else "")
         m["predicted_step_s"] = ready.predicted_step_s
         if self.calibration is not None and ready.predicted_step_s is not None:
