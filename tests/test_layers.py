@@ -150,7 +150,8 @@ def _scheduler_name_branches(source: str, names: set[str]) -> list[int]:
 
 def test_no_scheduler_name_branches_outside_the_registry():
     """What a scheduler needs known lives in its registry entry or its schedule (``distattn/schedulers/__init__.py``,
-    README.md's "Layout"): no code outside ``distattn/schedulers/`` branches on a scheduler's name."""
+    docs/concepts.md, "One token's way through the code"): no code outside ``distattn/schedulers/`` branches on
+    a scheduler's name."""
     from distattn.schedulers import LOCAL, NAMES
 
     names = {*NAMES, LOCAL.name}

@@ -1,29 +1,30 @@
-"""Every command and Python snippet in README.md runs as written, on a fresh clone.
+"""Every command and Python snippet of the manual -- README.md and docs/**/*.md -- runs as written, on a
+fresh clone.
 
-The README's fenced ``bash`` blocks are read line by line, and each command is looked up in
+The pages' fenced ``bash`` blocks are read line by line, and each command is looked up in
 :data:`COMMANDS`. That table says how the test runs the command:
 - as written;
 - with cheap flags where the command is long (a ``--steps 2``, a ``--dry-run``, smaller sizes);
 - or not here, with the reason (a GPU, a cluster, or the setup that ``.ci/run`` itself just did).
 
-A README command missing from the table fails the test, so the table cannot drift from the README.
-Python blocks run as written in a fresh interpreter (a long one with :data:`SNIPPET_CHEAP`'s settings). A fragment (an indented block inside a bullet)
-runs after the README's first "Use" snippet, whose names it continues, and after its own lines in
-:data:`FRAGMENT_SETUP`.
+A command missing from the table fails the test, so the table cannot drift from the pages; a command
+written on several pages runs once. Python blocks run as written in a fresh interpreter (a long one
+with :data:`SNIPPET_CHEAP`'s settings). A fragment (a block that imports nothing) runs after the first
+snippet of ``docs/guides/core-api.md`` (:data:`USE_PAGE`), whose names it continues, and after its own
+lines in :data:`FRAGMENT_SETUP`.
 
 "A fresh clone" here is the checkout's tracked files, copied as they are in the working tree, so an
 uncommitted README edit is what gets tested. The commands find ``distattn`` on ``PATH`` (the
 checkout's ``.venv``, linked in) and the clone's own package first on ``PYTHONPATH``. The inputs a
-user would bring (a document-length sample, an nccl-tests log, two bench results) are written into the clone under the names the README uses.
+user would bring (an nccl-tests log, two bench results) are written into the clone under the names the README uses.
 
-Each command is one test, in the README's order, in one clone. The default run covers the commands
+Each command is one test, in the pages' order (the README first), in one clone. The default run covers the commands
 that take seconds; ``--slow`` runs every one. ``pytest -s`` prints the table of each command's exit
 code and time at the end.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -103,14 +104,14 @@ COMMANDS: dict[str, Way] = {
     "distattn bench --quick --out bench/":
         Way("distattn bench --quick --out bench/ --world-sizes 2 --seq-lens 512 --schedulers zigzag --repeats 1",
             "a few minutes: one world size, one length, one scheduler", slow=True),
-    "distattn bench --out bench/ --world-sizes 1,2,4,8 --seq-lens 4096,8192,16384 --doclens doclens.json":
-        Way("distattn bench --out bench/ --world-sizes 1,2 --seq-lens 512 --doclens doclens.json --schedulers ring "
+    "distattn bench --out bench/ --world-sizes 1,2,4,8 --seq-lens 4096,8192,16384 --doclens sample":
+        Way("distattn bench --out bench/ --world-sizes 1,2 --seq-lens 512 --doclens sample --schedulers ring "
             "--repeats 1 --masks causal-doc", "minutes: two world sizes, one length, one mask", slow=True),
-    "distattn simulate --gpus 512 --seq-len 512K --doclens doclens.json --network h100 --sweep":
+    "distattn simulate --gpus 512 --seq-len 512K --doclens sample --network h100 --sweep":
         Way(AS_WRITTEN, slow=True),
     "distattn simulate --gpus 256 --seq-len 512K --gpu h200 --tp 8 --sweep --draws 8": Way(AS_WRITTEN, slow=True),
     "distattn simulate --gpus 64 --seq-len 256K --model llama-34b --auto": Way(AS_WRITTEN, slow=True),
-    "distattn simulate --gpus 64 --seq-len 128K --doclens doclens.json --per-batch": Way(AS_WRITTEN, slow=True),
+    "distattn simulate --gpus 64 --seq-len 128K --doclens sample --per-batch": Way(AS_WRITTEN, slow=True),
     "distattn simulate --gpus 16 --seq-len 64K --cp 8 --timeline t.csv": Way(AS_WRITTEN),
     "distattn simulate --calibrate fit/results.csv --holdout other/results.csv": Way(AS_WRITTEN, slow=True),
     # precision
@@ -129,8 +130,9 @@ FRAGMENT_SETUP = {
                   "max_seqlen, g = max(doc_lens), mesh",
 }
 
-# Cheap settings for a snippet whose run is long, as the commands get them (the tiny config's 50 steps).
-SNIPPET_CHEAP = {'"train.out=runs/script"]': '"train.out=runs/script", "train.steps=2"]'}
+# Cheap settings for a snippet whose run is long, as the commands get them (none today: the Trainer
+# snippet trains 3 steps as written).
+SNIPPET_CHEAP: dict[str, str] = {}
 
 NCCL_LOG = """# nThread 1 nGpus 8 minBytes 1048576 maxBytes 4194304 step: 2(factor) warmup iters: 5 iters: 20
 #  Rank  0 Group  0 Pid  41234 on    node01 device  0 [0x18] NVIDIA H100 80GB HBM3
@@ -153,7 +155,7 @@ def readme_blocks(text: str) -> list[tuple[str, int, str]]:
 
 
 def readme_commands(text: str) -> list[tuple[int, str]]:
-    """``(README line, command)`` of every line of the ``bash`` blocks, comments dropped."""
+    """``(line of the page, command)`` of every line of the ``bash`` blocks, comments dropped."""
     commands = []
     for lang, first, code in readme_blocks(text):
         for offset, line in enumerate(code.splitlines(), 1):
@@ -174,7 +176,6 @@ def fresh_clone(dest: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
     (dest / ".venv").symlink_to(VENV)
-    (dest / "doclens.json").write_text(json.dumps([300, 1900, 4100, 120, 65000, 9000, 2500, 700] * 40))
     (dest / "all_gather.log").write_text(NCCL_LOG)
     for name, source in (("fit", "fit.csv"), ("other", "holdout.csv")):
         (dest / name).mkdir()
@@ -198,16 +199,32 @@ def run_in(clone: Path, command: str, timeout: float = 1100) -> tuple[int, float
     return rc, time.perf_counter() - started, out
 
 
-def the_readme() -> str:
-    return (ROOT / "README.md").read_text(encoding="utf-8")
+USE_PAGE = "docs/guides/core-api.md"   # its first snippet is the one fragments continue
+
+
+def manual_pages() -> list[tuple[str, str]]:
+    """``(path from the checkout, text)`` of README.md, then every docs/ page in name order."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    return [(str(p.relative_to(ROOT)), p.read_text(encoding="utf-8")) for p in pages]
+
+
+def manual_commands() -> list[tuple[str, str]]:
+    """``("page:line", command)`` of every distinct command of the manual, where it is first written."""
+    seen, out = set(), []
+    for page, text in manual_pages():
+        for line, command in readme_commands(text):
+            if command not in seen:
+                seen.add(command)
+                out.append((f"{page}:{line}", command))
+    return out
 
 
 def test_every_readme_command_is_in_the_table():
-    listed = [command for _, command in readme_commands(the_readme())]
+    listed = [command for _, command in manual_commands()]
     missing = [c for c in listed if c not in COMMANDS]
     stale = [c for c in COMMANDS if c not in listed]
-    assert not missing, f"README commands this test does not know how to run; add them to COMMANDS: {missing}"
-    assert not stale, f"COMMANDS lists commands the README no longer has: {stale}"
+    assert not missing, f"commands of the manual this test does not know how to run; add them to COMMANDS: {missing}"
+    assert not stale, f"COMMANDS lists commands neither the README nor docs/ has any more: {stale}"
 
 
 @pytest.fixture(scope="module")
@@ -216,15 +233,15 @@ def clone(tmp_path_factory):
     its run, ``cluster fit net.json`` after the probe wrote it); the table of what ran, printed at the end."""
     rows: list[str] = []
     yield fresh_clone(tmp_path_factory.mktemp("clone")), rows
-    print("\n| README line | command run | rc | s | note |\n|---|---|---|---|---|\n" + "\n".join(rows))
+    print("\n| page:line | command run | rc | s | note |\n|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 def _command_params() -> list:
     params = []
-    for line, command in readme_commands(the_readme()):
+    for where, command in manual_commands():
         way = COMMANDS.get(command, Way(None, "not in COMMANDS (test_every_readme_command_is_in_the_table fails)"))
         marks = [pytest.mark.slow] if way.slow else []
-        params.append(pytest.param(line, command, way, marks=[*marks, pytest.mark.timeout(1200)], id=f"line{line}"))
+        params.append(pytest.param(where, command, way, marks=[*marks, pytest.mark.timeout(1200)], id=where))
     return params
 
 
@@ -237,32 +254,33 @@ def test_readme_command_runs_on_a_fresh_clone(line, command, way, clone):
     run = command if way.run == AS_WRITTEN else way.run
     rc, seconds, out = run_in(folder, run)
     rows.append(f"| {line} | `{run}` | {rc} | {seconds:.1f} | {way.why} |")
-    assert rc == 0, f"README line {line}: `{run}` exited {rc} after {seconds:.1f} s:\n{out[-3000:]}"
+    assert rc == 0, f"{line}: `{run}` exited {rc} after {seconds:.1f} s:\n{out[-3000:]}"
 
 
-def python_snippets(text: str) -> list[tuple[int, str]]:
-    """Each ``python`` block, a fragment (indented in the README) after the "Use" snippet it continues."""
+def python_snippets() -> list[tuple[str, str]]:
+    """``("page:line", code)`` of each ``python`` block of the manual; a fragment (it imports nothing) after
+    the snippet of :data:`USE_PAGE` it continues."""
     blocks = []
-    for lang, first, code in readme_blocks(text):
-        for old, new in SNIPPET_CHEAP.items():
-            code = code.replace(old, new)
-        if lang == "python":
-            blocks.append((first, code))
-    use = next(code for _, code in blocks if "distattn.plan(" in code and "import torch, distattn" in code)
+    for page, text in manual_pages():
+        for lang, first, code in readme_blocks(text):
+            for old, new in SNIPPET_CHEAP.items():
+                code = code.replace(old, new)
+            if lang == "python":
+                blocks.append((page, f"{page}:{first}", code))
+    use = next(code for page, _, code in blocks if page == USE_PAGE and "distattn.plan(" in code)
     snippets = []
-    for first, code in blocks:
+    for _, where, code in blocks:
         if code is use or "import " in code:
-            snippets.append((first, code))
+            snippets.append((where, code))
             continue
         setup = [lines for name, lines in FRAGMENT_SETUP.items() if name in code]
-        snippets.append((first, "\n".join([use, *setup, code])))
+        snippets.append((where, "\n".join([use, *setup, code])))
     return snippets
 
 
-@pytest.mark.parametrize("first, code", python_snippets(the_readme()), ids=lambda x: f"line{x}" if isinstance(x, int)
-                         else "")
-def test_readme_python_snippet_runs(first, code, tmp_path):
+@pytest.mark.parametrize("where, code", python_snippets(), ids=lambda x: x if ":" in x and "\n" not in x else "")
+def test_readme_python_snippet_runs(where, code, tmp_path):
     clone = fresh_clone(tmp_path)
     (clone / "snippet.py").write_text(code)
     rc, seconds, out = run_in(clone, f"{sys.executable} snippet.py", timeout=600)
-    assert rc == 0, f"README line {first}: the snippet exited {rc} after {seconds:.1f} s:\n{out[-3000:]}"
+    assert rc == 0, f"{where}: the snippet exited {rc} after {seconds:.1f} s:\n{out[-3000:]}"

@@ -235,7 +235,7 @@ def _done_lines(history: list[dict], out, again: str) -> list[str]:
         lines.append(f"  TensorBoard: tensorboard --logdir {out}/tb")
     saved = usable_checkpoint(out)
     lines.append(f"  last checkpoint: {saved}; train further: {again} --resume --steps N" if saved else
-                 "  no checkpoint (train.ckpt_every is over the steps run)")
+                 "  no checkpoint verifies: see the lines above")
     return lines
 
 

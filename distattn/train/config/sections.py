@@ -24,14 +24,14 @@ SCHEDULERS = (*NAMES, LOCAL.name, AUTO)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    ffn_dim: int = 688
+    dim: int = 256                 # model width (hidden size)
+    n_layers: int = 4              # transformer blocks
+    n_heads: int = 8               # query heads; dim / n_heads is the head dim (even)
+    n_kv_heads: int = 4            # key/value heads (grouped-query attention): divides n_heads
+    ffn_dim: int = 688             # the SwiGLU MLP's hidden size
     vocab_size: int = 256          # byte-level by default
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
+    tie_embeddings: bool = True    # the output layer shares the token embedding's weights
+    rope_theta: float = 10000.0    # RoPE's base; positions restart at 0 in every document
     # a learnable attention-sink logit per head and layer (gpt-oss; initialised to 0): every
     # softmax row gets an extra key of value 0 (distattn.attention's sinks=)
     attention_sinks: bool = False
@@ -71,7 +71,7 @@ class DataConfig:
     # from the source whose token share lags its weight most (distattn/train/data/packer.py)
     blend: tuple[BlendSource, ...] | None = None
     seq_len: int = 8192            # tokens per packed sequence (one per data-parallel rank and step)
-    seed: int = 0
+    seed: int = 0                  # the stream's shuffle and packing seed
     # how a step's global batch of dp * seq_len tokens reaches the data-parallel ranks (one
     # micro-batch each): stream (rank r takes the r-th seq_len tokens) or balanced (its pieces dealt
     # out by workload, distattn.pack_balanced: distattn/train/data/global_batch.py); unset: balanced
@@ -98,7 +98,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    dp: int = 1
+    dp: int = 1                    # data-parallel replicas: each trains its own sequence of data.seq_len tokens a step
     # auto: each step lays the ranks out as CP groups of mixed power-of-two sizes chosen from its
     # documents (needs world_size; distattn/train/auto_plan.py)
     cp: int | str = 4
@@ -172,16 +172,16 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class TrainSection:
-    steps: int = 50
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 5
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    log_every: int = 1
-    ckpt_every: int = 25
-    seed: int = 0
-    out: str = "runs/tiny"
+    steps: int = 50                # optimizer updates the run takes (a resume counts those already taken)
+    lr: float = 3e-3               # peak learning rate (AdamW), after warmup_steps of linear warmup
+    min_lr: float = 3e-4           # where the cosine decay ends, at lr_decay_steps
+    warmup_steps: int = 5          # steps of linear warmup from 0 to lr
+    weight_decay: float = 0.1      # AdamW's decoupled weight decay
+    grad_clip: float = 1.0         # the global gradient norm is clipped to this
+    log_every: int = 1             # a metrics row (metrics.jsonl, TensorBoard, the console) every this many steps
+    ckpt_every: int = 25           # a checkpoint every this many steps (and at the last step)
+    seed: int = 0                  # the model's initial weights' seed
+    out: str = "runs/tiny"         # the run's folder: metrics.jsonl, tb/, ckpt/step_N
     # bf16: parameters are cast to bf16 for compute (FSDP2 MixedPrecisionPolicy; the DDP path
     # autocasts); master weights, gradient reduction and AdamW state stay fp32
     dtype: str = "fp32"
