@@ -2,6 +2,7 @@
 convention (written here as ring-flash-attention's tests write it), against the fp64 oracle on the
 whole sequence: out, lse, dq, dk, dv; and its HF adapter against HF's own single-process run."""
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -82,7 +83,8 @@ SPLIT = {"ring_flash_attn_varlen_func": ring_local, "zigzag_ring_flash_attn_varl
          "zigzag_ring_flash_attn_varlen_qkvpacked_func": zigzag_local, "llama3_flash_attn_varlen_func": llama3_local,
          "llama3_flash_attn_varlen_kvpacked_func": llama3_local, "ring_flash_attn_func": ring_local,
          "ring_flash_attn_kvpacked_func": ring_local, "zigzag_ring_flash_attn_func": zigzag_local,
-         "zigzag_ring_flash_attn_qkvpacked_func": zigzag_local, "stripe_flash_attn_func": stripe_local}
+         "zigzag_ring_flash_attn_qkvpacked_func": zigzag_local, "stripe_flash_attn_func": stripe_local,
+         "stripe_flash_attn_kvpacked_func": stripe_local, "stripe_flash_attn_qkvpacked_func": stripe_local}
 
 
 def cases(p):
@@ -103,6 +105,13 @@ def cases(p):
         ("ring_flash_attn_kvpacked_func", [4 * p], False, None, {}),
         ("zigzag_ring_flash_attn_func", [2 * z, 2 * z], True, None, {}),
         ("zigzag_ring_flash_attn_qkvpacked_func", [3 * z], True, 6, {}),
+        # stripe: one band per (query rank, key rank, row), every scheduler on the striped layout
+        ("stripe_flash_attn_func", [5 * p, 5 * p], True, None, {}),
+        ("stripe_flash_attn_func", [3 * p, 3 * p], False, None, {}),
+        ("stripe_flash_attn_func", [4 * p], True, 3, {"scheduler": "allgather"}),
+        ("stripe_flash_attn_kvpacked_func", [6 * p], True, None, {"scheduler": "zigzag"}),
+        ("stripe_flash_attn_qkvpacked_func", [2 * p, 2 * p], False, 5, {}),
+        ("stripe_flash_attn_func", [7 * p], True, None, {"scheduler": "zigzag"}),
         ("stripe_flash_attn_func", [5 * p, 5 * p], True, None, {}),
     ]
 
@@ -220,3 +229,34 @@ def test_hf_llama_substituted_matches_hf_single_process():
     pytest.importorskip("transformers")
     for loss_err, logits_err, grad_err in run_distributed(_hf_worker, 2, timeout=240):
         assert loss_err < 1e-12 and logits_err < 1e-12 and grad_err < 1e-12, (loss_err, logits_err, grad_err)
+
+
+def _stripe_worker():
+    p = dist.get_world_size()
+    return [(name, lens, causal, window, _case(name, lens, causal, window, kw, seed=i))
+            for i, (name, lens, causal, window, kw) in enumerate(cases(p)) if name.startswith("stripe")]
+
+
+@pytest.mark.parametrize("world", [3, 8])
+def test_stripe_at_odd_and_larger_worlds_matches_fp64_oracle(world):
+    """The stripe split's one band per (query rank, key rank, row): causal, windows, other schedulers."""
+    for rows in run_distributed(_stripe_worker, world, timeout=300):
+        assert len(rows) == 7
+        for name, lens, causal, window, err in rows:
+            assert err <= 1e-12, (world, name, lens, causal, window, err)
+
+
+def test_the_stripe_split_is_a_band_per_rank_pair_not_a_segment_per_token():
+    from distattn.compat._splits import strided_plan_args
+    from distattn.masks import SliceMask
+
+    lens, p = (3824, 64), 4
+    args = strided_plan_args(lens, p, causal=True, window_size=(-1, -1))
+    assert len(args["mask"].arrays[0]) <= len(lens) * p * p   # (it was a segment per token)
+    # the same pairs as the document mask, relabelled to the ranks' order
+    small = strided_plan_args((10, 7), 3, causal=True, window_size=(2, 0))["mask"]
+    seq = np.concatenate([np.concatenate([s + np.arange(r, n, 3) for s, n in zip((0, 10), (10, 7))])
+                          for r in range(3)])
+    want = SliceMask.documents([10, 7], causal=True, window=3).dense(17, "cpu").numpy()
+    got = small.dense(17, "cpu").numpy()
+    assert (got == want[np.ix_(seq, seq)]).all()

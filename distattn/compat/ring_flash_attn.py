@@ -20,8 +20,14 @@ function                                 rank ``r`` holds                       
 ``llama3_flash_attn_varlen_func``        tokens ``[r S/P, (r+1) S/P)`` of the sequence   ``"contiguous"``
 ``ring_flash_attn_func``                 chunk ``r`` of every batch row cut into ``P``   ``from_indices``
 ``zigzag_ring_flash_attn_func``          chunks ``r``, ``2P-1-r`` of every row (``2P``)  ``"document"``
-``stripe_flash_attn_func``               tokens ``r, r+P, r+2P, ...`` of every row       ``from_indices``
+``stripe_flash_attn_func``               tokens ``r, r+P, r+2P, ...`` of every row       rank ``r``'s block of
+                                                                                        the ranks' order
 =======================================  =============================================  =====================
+
+Stripe plans the sequence in the ranks' order, each block against each a band (causal with the diagonal
+for key rank <= query rank, without it above): one kernel call per (query rank, key rank, row), not a
+segment per token (:func:`distattn.compat._splits.strided_plan_args`; ``python -m distattn.bench.stripe``
+times it beside ``ring_flash_attn_func``).
 
 The ring and zigzag varlen functions take this rank's ``cu_seqlens`` (the global ones divided by
 ``P``: every document a multiple of ``P``, or of ``2P`` for zigzag), the llama3 one the values

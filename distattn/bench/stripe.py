@@ -1,0 +1,67 @@
+"""ring-flash-attention's ``stripe_flash_attn_func`` beside its ``ring_flash_attn_func``, as
+``distattn.compat`` runs them, side by side in one run on gloo:
+
+    python -m distattn.bench.stripe [--world-sizes 2 4] [--seq-lens 4096 16384] [--repeats 3]
+
+One causal row of ``--seq-lens`` tokens, 8 query and 2 key/value heads of 64, fp32, forward and
+backward; each rank holds its split of the row (stripe: tokens ``r, r + P, ...``; ring: the ``r``-th
+contiguous chunk). Prints each one's median fwd+bwd seconds (the slowest rank's) and stripe / ring.
+Stripe runs one kernel call per (query rank, key rank) block with a shifted causal band
+(:func:`distattn.compat._splits.strided_plan_args`), not a segment per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from ..spawn import run_distributed
+from ..timing import slowest_rank, time_interleaved
+
+HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
+
+
+def _rank(seq_len: int, repeats: int) -> list[float]:
+    import torch.distributed as dist
+
+    from ..compat import ring_flash_attn as rfa
+
+    r, p = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(1, seq_len, h, HEAD_DIM, generator=g) for h in (HEADS, KV_HEADS, KV_HEADS, HEADS)]
+    n = seq_len // p
+    splits = {"ring": lambda t: t[:, r * n:(r + 1) * n], "stripe": lambda t: t[:, r::p]}
+
+    def step(name):
+        q, k, v, dout = (splits[name](t).contiguous() for t in full)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        fn = rfa.stripe_flash_attn_func if name == "stripe" else rfa.ring_flash_attn_func
+        return lambda: fn(q, k, v, causal=True).backward(dout)
+
+    timings = time_interleaved([step("ring"), step("stripe")], repeats, warmup=1, barrier=True)
+    return slowest_rank([statistics.median(t.seconds) for t in timings])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distattn.bench.stripe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    for p in args.world_sizes:
+        for n in args.seq_lens:
+            if p < 1 or n % p or args.repeats < 1:
+                raise ValueError(f"--seq-lens {n} must be a multiple of each world size ({p}), --repeats >= 1")
+    print(f"{'ranks':>5} {'tokens':>7} {'ring s':>8} {'stripe s':>9} {'stripe / ring':>14}", flush=True)
+    for p in args.world_sizes:
+        for n in args.seq_lens:
+            ring, stripe = run_distributed(_rank, p, n, args.repeats, timeout=1800)[0]
+            print(f"{p:>5} {n:>7} {ring:>8.3f} {stripe:>9.3f} {stripe / ring:>14.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
