@@ -157,8 +157,12 @@ class Plan(PlanBase):
         return self.schedule.total_tokens // (self.batch_size or 1)
 
     def stats(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> dict:
-        """Per-rank forward attention ``flops``, ``tokens`` and ``send_bytes`` (lists indexed by
-        rank) plus ``flops_imbalance`` and ``token_imbalance`` (max / mean)."""
+        """Per-rank forward attention ``flops``, ``tokens``, ``send_bytes`` and ``kernel_segments`` (the
+        query segments its kernel calls carry; lists indexed by rank) plus ``flops_imbalance`` and
+        ``token_imbalance`` (max / mean), ``min_tokens_per_segment`` and ``fragmented``: True when some
+        rank's calls average under 8 tokens a segment -- a layout of scattered tokens, slow on any kernel
+        (a stripe given as ``Layout.from_indices``; ``distattn.compat``'s stripe functions plan a band
+        per rank pair instead)."""
         return self.schedule.stats(num_heads, num_kv_heads, head_dim, dtype_bytes, self.comm_dtype == "fp8")
 
     # ---- this rank -------------------------------------------------------------------------------

@@ -276,8 +276,23 @@ class Schedule:
                 for r, x in enumerate(ph.total(p).tolist()):
                     (send if ph.is_comm else flops)[r] += int(x)
         tokens = self.rank_tokens()
+        segments = self.segments_per_rank()
+        per_segment = min((t / n for t, n in zip(tokens, segments) if n), default=0.0)
         return {"scheduler": self.scheduler, "world_size": p, "flops": flops, "tokens": tokens, "send_bytes": send,
-                "flops_imbalance": imbalance(flops), "token_imbalance": imbalance(tokens), **self.extra_stats()}
+                "flops_imbalance": imbalance(flops), "token_imbalance": imbalance(tokens),
+                "kernel_segments": segments, "min_tokens_per_segment": per_segment,
+                "fragmented": bool(segments and 0 < per_segment < FRAGMENTED), **self.extra_stats()}
+
+    def segments_per_rank(self) -> list[int]:
+        """``[ranks]``: the query segments each rank's kernel calls carry (:meth:`kernel_segments`). A
+        layout whose ranks hold scattered single tokens (a stripe given as ``Layout.from_indices``) makes
+        a segment per token, which no kernel runs fast: :meth:`stats` flags it (``fragmented``)."""
+        rank = np.asarray(self.kernel_segments()[0], dtype=np.int64)
+        return np.bincount(rank, minlength=self.stat_ranks)[:self.stat_ranks].astype(int).tolist()
+
+
+# fewer tokens than this per kernel segment on some rank: plan.stats() says the layout is fragmented
+FRAGMENTED = 8
 
 
 def layout_segments(shards: Shards, doc_lens, causal: bool, window: int | None

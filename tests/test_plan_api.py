@@ -162,3 +162,17 @@ def _wrong_length_worker():
 def test_unshard_wrong_length_raises_with_rank_traceback():
     with pytest.raises(Exception, match="x_local has 99 tokens along dim 0 but rank"):
         run_distributed(_wrong_length_worker, 3, timeout=120)
+
+
+def test_stats_flag_a_layout_of_scattered_tokens():
+    """A stripe given as Layout.from_indices reaches the kernels as a segment per token: stats say so."""
+    import numpy as np
+
+    lens, p = [512, 512], 4
+    plain = distattn.plan(lens, p, scheduler="ring").stats(8, 2, 64)
+    assert plain["kernel_segments"] == [1, 1, 1, 1] and not plain["fragmented"]
+    stripe = distattn.Layout.from_indices([np.concatenate([s + np.arange(r, n, p) for s, n in zip((0, 512), lens)])
+                                           for r in range(p)])
+    scattered = distattn.plan(lens, p, scheduler="ring", layout=stripe).stats(8, 2, 64)
+    assert scattered["kernel_segments"] == [256] * 4 and scattered["min_tokens_per_segment"] == 1.0
+    assert scattered["fragmented"]
