@@ -1,6 +1,6 @@
 """distattn: exact context-parallel attention for long-context LLM training.
 
-Public contract (README.md, "Use", shows it at length)::
+Public contract (docs/guides/core-api.md shows it at length)::
 
     plan = distattn.plan(doc_lens, mesh, scheduler="zigzag", causal=True, window=None, backend="auto")
     q_local = plan.shard(q)                 # [S, H, D] -> [S_local, H, D]

@@ -26,7 +26,7 @@ def test_three_lines_train_with_a_callback(tmp_path):
     overrides = _overrides(out, 3)
     had_group = dist.is_initialized()   # (a one-rank group an earlier test of this process made: the trainer's)
 
-    # docs/guides/embed.md, "In your own script": its lines
+    # docs/guides/embed.md, "The trainer as an object": its lines
     from distattn.train.config import load_config
     from distattn.train.trainer import Trainer
     history = Trainer(load_config("tiny", overrides), callbacks=[seen.append]).run()

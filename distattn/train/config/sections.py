@@ -58,7 +58,9 @@ class BlendSource:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "stdlib"         # "stdlib": Python's standard library sources, one document per file
+    # where the documents come from (the next lines: each one's path); "stdlib": Python's standard library
+    # sources, one document per file, byte-level, nothing to download
+    source: str = "stdlib"
     # "tokens": a directory written by `distattn data prepare` (shards + index.json), or the prefix
     # of PATH.bin (flat tokens) + PATH.idx.npy (document offsets) of one token file;
     # "megatron": the prefix of a Megatron indexed dataset, PREFIX.bin + PREFIX.idx;
@@ -99,8 +101,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     dp: int = 1                    # data-parallel replicas: each trains its own sequence of data.seq_len tokens a step
-    # auto: each step lays the ranks out as CP groups of mixed power-of-two sizes chosen from its
-    # documents (needs world_size; distattn/train/auto_plan.py)
+    # context-parallel ranks per replica, which share each sequence; auto: each step lays the ranks out
+    # as CP groups of mixed power-of-two sizes chosen from its documents (needs world_size;
+    # distattn/train/auto_plan.py)
     cp: int | str = 4
     # auto: each group's scheduler chosen per step, cad over its group's own ranks (distattn.sim.per_batch.MIXED)
     scheduler: str = "zigzag"
