@@ -36,11 +36,11 @@ def synthetic_sample(n: int = 4000, seed: int = 0) -> list[int]:
 def doclens_source(name: str) -> str:
     """The file ``--doclens NAME_OR_PATH`` reads: an existing path, else a packaged sample's
     (:data:`PACKAGED_DOCLENS`); ``ValueError`` for neither."""
-    if Path(name).exists() or name not in PACKAGED_DOCLENS:
-        if not Path(name).exists():
-            raise ValueError(f"{name} is neither an existing file nor a packaged sample ({', '.join(PACKAGED_DOCLENS)})"
-                             f"; pass a JSON list of document lengths, or a packaged name")
+    if Path(name).exists():
         return name
+    if name not in PACKAGED_DOCLENS:
+        raise ValueError(f"{name} is neither an existing file nor a packaged sample ({', '.join(PACKAGED_DOCLENS)})"
+                         f"; pass a JSON list of document lengths, or a packaged name")
     from importlib.resources import files
 
     return str(files("distattn") / "profiles" / "doclens" / f"{name}.json")

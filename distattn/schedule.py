@@ -276,17 +276,19 @@ class Schedule:
                 for r, x in enumerate(ph.total(p).tolist()):
                     (send if ph.is_comm else flops)[r] += int(x)
         tokens = self.rank_tokens()
-        segments = self.segments_per_rank()
+        segments = list(self.segments_per_rank)   # (a copy: the cached list stays as made)
         per_segment = min((t / n for t, n in zip(tokens, segments) if n), default=0.0)
         return {"scheduler": self.scheduler, "world_size": p, "flops": flops, "tokens": tokens, "send_bytes": send,
                 "flops_imbalance": imbalance(flops), "token_imbalance": imbalance(tokens),
                 "kernel_segments": segments, "min_tokens_per_segment": per_segment,
                 "fragmented": bool(segments and 0 < per_segment < FRAGMENTED), **self.extra_stats()}
 
+    @cached_property
     def segments_per_rank(self) -> list[int]:
-        """``[ranks]``: the query segments each rank's kernel calls carry (:meth:`kernel_segments`). A
-        layout whose ranks hold scattered single tokens (a stripe given as ``Layout.from_indices``) makes
-        a segment per token, which no kernel runs fast: :meth:`stats` flags it (``fragmented``)."""
+        """``[ranks]``: the query segments each rank's kernel calls carry (:meth:`kernel_segments`; made
+        once per schedule, as :meth:`stats` is asked again for a cached plan). A layout whose ranks hold
+        scattered single tokens (a stripe given as ``Layout.from_indices``) makes a segment per token,
+        which no kernel runs fast: :meth:`stats` flags it (``fragmented``)."""
         rank = np.asarray(self.kernel_segments()[0], dtype=np.int64)
         return np.bincount(rank, minlength=self.stat_ranks)[:self.stat_ranks].astype(int).tolist()
 

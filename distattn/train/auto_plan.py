@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -292,9 +293,7 @@ def make_planner(cfg: RunConfig, rank: int, batches: GlobalBatches, cache: PlanC
 def describe_choice(choice: list) -> str:
     """A step's ``choice`` metric (``[scheduler, cp]`` per group) in words, alike groups counted:
     ``[["ulysses", 4], ["ring", 1], ["ring", 1]]`` -> ``"1 x ulysses cp 4, 2 x ring cp 1"``."""
-    counts: dict[tuple, int] = {}
-    for name, cp in choice:
-        counts[name, cp] = counts.get((name, cp), 0) + 1
+    counts = Counter((name, cp) for name, cp in choice)   # (first-seen order)
     return ", ".join(f"{k} x {name} cp {cp}" for (name, cp), k in counts.items())
 
 
