@@ -24,6 +24,7 @@ from .mesh import MeshInfo, resolve_mesh
 from .plans import Plan, flat_rows, plan_of
 from .wire import check_comm_dtype
 from .schedulers import LOCAL, PlanContext, SchedulerSpec, spec
+from .strided import reorder
 
 CONTIGUOUS = Layout("contiguous")
 
@@ -53,7 +54,9 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         layout: which tokens each rank holds (:mod:`distattn.layout`; every scheduler is exact on every
             layout): None (the scheduler's own), ``"contiguous"``, ``"zigzag"`` (rank ``r`` holds chunks
             ``r`` and ``2P-1-r`` of ``2P``), ``"document"`` (each document so, TransformerEngine's THD
-            split: lengths multiples of ``2P``) or ``distattn.Layout.from_indices([[...], ...])``.
+            split: lengths multiples of ``2P``) or ``distattn.Layout.from_indices([[...], ...])``. A strided
+            layout (a stripe: rank ``r`` holds positions ``r, r + P, ...``) is planned in its ranks' order,
+            a band per rank pair and document (:mod:`distattn.strided`); ``plan.layout`` stays the one given.
         device: where q/k/v will live (default: the mesh's): indices go there once, no host syncs after.
         deterministic: bitwise-equal results run to run: fixed summation orders, no atomics
             (``backend="torch"`` on CUDA, whose backward adds dQ with atomics, is refused).
@@ -100,8 +103,13 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
         common["comm_dtype"] = comm_dtype
     options, live = resolve_options(lens, shards, info, options, pool_doc_lens,
                                     lambda group_lens: _shards_of(group_lens, None, layout, entry, info, options))
+    given = None
+    if shards is not None and rows is None and entry.follows_runs and options.get("pool") is None:
+        moved = reorder(lens, shards, common["mask"])   # a strided layout: its ranks' order, bands (distattn.strided)
+        if moved is not None:
+            shards, common["mask"], given = moved.shards, moved.mask, moved.given
     return _made(entry, entry.planner()(lens, info, shards=shards, **common, **options), info, backend, device, live,
-                 batch, run)
+                 batch, run, given)
 
 
 def dry_plan(doc_lens, world_size: int, scheduler: str = "zigzag", **kwargs) -> Plan:
@@ -161,13 +169,13 @@ def _two_d(info: MeshInfo) -> bool:
 
 
 def _made(entry: SchedulerSpec, schedule, info: MeshInfo, backend: str, device, live: dict, batch: int | None,
-          run: ExecOptions) -> Plan:
+          run: ExecOptions, given: Shards | None = None) -> Plan:
     """The plan of ``schedule`` (``entry``'s planner made it): with this rank's executor, prepared on its
-    device, unless dry."""
+    device, unless dry. ``given``: the caller's layout, where the schedule runs the tokens in another order."""
     if info.is_dry:
-        return plan_of(schedule, batch_size=batch, options=run)
+        return plan_of(schedule, batch_size=batch, options=run, given=given)
     plan_ = plan_of(schedule, info.rank, executor_for(entry, schedule, info, backend, **live, options=run),
-                    batch_size=batch, options=run)
+                    batch_size=batch, options=run, given=given)
     plan_._runtime.prepare(device if device is not None else info.device)
     return plan_
 

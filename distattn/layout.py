@@ -58,7 +58,11 @@ def zigzag_owner(world_size: int) -> np.ndarray:
 
 def token_index(ranges: Ranges) -> np.ndarray:
     """Global token indices of ``ranges``, in local order."""
-    return np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in ranges] or [np.zeros(0, np.int64)])
+    if not len(ranges):
+        return np.zeros(0, np.int64)
+    s, e = np.asarray(ranges, dtype=np.int64).reshape(-1, 2).T
+    n = e - s
+    return np.repeat(s - (np.cumsum(n) - n), n) + np.arange(n.sum(), dtype=np.int64)
 
 
 def covered_before(i0: np.ndarray, i1: np.ndarray, x) -> np.ndarray:

@@ -65,9 +65,9 @@ class PlanRuntime:
 
     __slots__ = ("schedule", "rank", "executor", "batch_size", "local_order")
 
-    def __init__(self, schedule: Schedule, rank: int, executor: Executor, batch_size: int | None):
+    def __init__(self, schedule: Schedule, rank: int, executor: Executor, batch_size: int | None, layout: Shards):
         self.schedule, self.rank, self.executor, self.batch_size = schedule, rank, executor, batch_size
-        order = schedule.shards.order[rank]
+        order = layout.order[rank]
         # (to compute order, back); None: the local order is the compute order
         self.local_order = None if order is None else (DeviceIndex(order),
                                                        DeviceIndex(np.argsort(order).astype(np.int64)))
@@ -130,6 +130,9 @@ class Plan(PlanBase):
     batch_size: int | None = None    # B of a batched plan (rows side by side in the schedule); None: one sequence
     comm_dtype: str | None = None    # how Q, K, V, out and dout travel: None (their dtype) or "fp8" (distattn.wire)
     deterministic: bool = False      # bitwise-equal results run to run (distattn.plan(deterministic=True))
+    # the caller's layout where the schedule runs its tokens in another order (a strided layout planned in
+    # its ranks' order, distattn.strided); its order[r] leads to the schedule's compute order. None: the schedule's
+    _given: Shards | None = field(default=None, repr=False)
     _runtime: PlanRuntime | None = field(default=None, repr=False)   # None: dry
 
     # ---- the schedule's facts ------------------------------------------------------------------
@@ -149,7 +152,7 @@ class Plan(PlanBase):
     def layout(self) -> Shards:
         """The resolved layout: which tokens each rank holds (``layout.owned[r]``: rank ``r``'s global
         ``(start, end)`` ranges, in its local order)."""
-        return self.schedule.shards
+        return self.schedule.shards if self._given is None else self._given
 
     @property
     def seq_len(self) -> int:
@@ -160,9 +163,8 @@ class Plan(PlanBase):
         """Per-rank forward attention ``flops``, ``tokens``, ``send_bytes`` and ``kernel_segments`` (the
         query segments its kernel calls carry; lists indexed by rank) plus ``flops_imbalance`` and
         ``token_imbalance`` (max / mean), ``min_tokens_per_segment`` and ``fragmented``: True when some
-        rank's calls average under 8 tokens a segment -- a layout of scattered tokens, slow on any kernel
-        (a stripe given as ``Layout.from_indices``; ``distattn.compat``'s stripe functions plan a band
-        per rank pair instead)."""
+        rank's calls average under 8 tokens a segment -- a layout of tokens scattered with no period, slow
+        on any kernel (a strided one, e.g. a stripe, is planned in its ranks' order: :mod:`distattn.strided`)."""
         return self.schedule.stats(num_heads, num_kv_heads, head_dim, dtype_bytes, self.comm_dtype == "fp8")
 
     # ---- this rank -------------------------------------------------------------------------------
@@ -277,11 +279,13 @@ class Plan(PlanBase):
 
 
 def plan_of(schedule: Schedule, rank: int | None = None, executor: Executor | None = None, *,
-              batch_size: int | None = None, options: ExecOptions = ExecOptions()) -> Plan:
-    """A dry plan (``rank`` None) or this rank's live one, whose ``executor`` runs with ``options``."""
+            batch_size: int | None = None, options: ExecOptions = ExecOptions(), given: Shards | None = None) -> Plan:
+    """A dry plan (``rank`` None) or this rank's live one, whose ``executor`` runs with ``options``;
+    ``given``: the caller's layout where the schedule runs the tokens in another order (:class:`Plan`)."""
     assert (rank is None) == (executor is None), (rank, executor)
-    runtime = None if rank is None else PlanRuntime(schedule, rank, executor, batch_size)
-    return Plan(schedule, batch_size, options.comm_dtype, options.deterministic, runtime)
+    layout = schedule.shards if given is None else given
+    runtime = None if rank is None else PlanRuntime(schedule, rank, executor, batch_size, layout)
+    return Plan(schedule, batch_size, options.comm_dtype, options.deterministic, given, runtime)
 
 
 def flat_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch_size: int | None) -> list[torch.Tensor]:

@@ -40,6 +40,7 @@ import numpy as np
 
 from .cost import attention_flops
 from .layout import Ranges, Shards
+from .strided import FRAGMENTED   # fewer tokens a kernel segment on some rank: stats() says fragmented
 from .masks import MaskSlice, SliceMask, check_positive_ints, mask_area, slices_area
 from .program import START, WAIT, Builder, Instr, Program
 from .wire import Wire
@@ -293,8 +294,6 @@ class Schedule:
         return np.bincount(rank, minlength=self.stat_ranks)[:self.stat_ranks].astype(int).tolist()
 
 
-# fewer tokens than this per kernel segment on some rank: plan.stats() says the layout is fragmented
-FRAGMENTED = 8
 
 
 def layout_segments(shards: Shards, doc_lens, causal: bool, window: int | None

@@ -129,21 +129,19 @@ PLANS = PlanCache(size=16)
 
 
 def plan_for(doc_lens: tuple[int, ...], group, *, scheduler: str, layout_key: Hashable,
-             layout: Callable[[], str | Layout | None] | None, causal: bool, window_size, backend: str,
-             options: dict | None = None, arguments: Callable[[], dict] | None = None) -> Plan:
+             layout: Callable[[], str | Layout | None], causal: bool, window_size, backend: str,
+             options: dict | None = None) -> Plan:
     """The cached plan of documents ``doc_lens`` on ``group`` under flash_attn's mask arguments;
     ``layout()`` makes the layout on a miss, ``layout_key`` names it in the cache; ``options``: the
-    scheduler's. ``arguments()``, instead of ``layout`` and the mask: the plan's layout and mask
-    arguments, made on a miss (a layout whose mask is its own, e.g. the stripe split's). The plan is
-    prepared on the group's device (attention on another device prepares it there once)."""
+    scheduler's. The plan is prepared on the group's device (attention on another device prepares it
+    there once)."""
     group, options = resolve_group(group), options or {}
     key = (doc_lens, scheduler, layout_key, bool(causal), window_bounds(window_size), backend,
            tuple(sorted(options.items())))
 
     def make() -> Plan:
-        given = arguments() if arguments is not None else \
-            {"layout": layout(), **mask_options(doc_lens, causal, window_size)}
-        return make_plan(doc_lens, group, scheduler=scheduler, backend=backend, **given, **options)
+        return make_plan(doc_lens, group, scheduler=scheduler, backend=backend, layout=layout(),
+                         **mask_options(doc_lens, causal, window_size), **options)
     # keyed by flash_attn's arguments, cheap to hash (layout recipes, not token lists; the window, not
     # the band mask it makes), and the group by id, kept alive beside its plan
     return PLANS.get((key, id(group)), make, keep=group)

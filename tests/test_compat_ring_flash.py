@@ -247,16 +247,10 @@ def test_stripe_at_odd_and_larger_worlds_matches_fp64_oracle(world):
 
 
 def test_the_stripe_split_is_a_band_per_rank_pair_not_a_segment_per_token():
-    from distattn.compat._splits import strided_plan_args
-    from distattn.masks import SliceMask
+    from distattn.compat._splits import SPLITS
 
     lens, p = (3824, 64), 4
-    args = strided_plan_args(lens, p, causal=True, window_size=(-1, -1))
-    assert len(args["mask"].arrays[0]) <= len(lens) * p * p   # (it was a segment per token)
-    # the same pairs as the document mask, relabelled to the ranks' order
-    small = strided_plan_args((10, 7), 3, causal=True, window_size=(2, 0))["mask"]
-    seq = np.concatenate([np.concatenate([s + np.arange(r, n, 3) for s, n in zip((0, 10), (10, 7))])
-                          for r in range(3)])
-    want = SliceMask.documents([10, 7], causal=True, window=3).dense(17, "cpu").numpy()
-    got = small.dense(17, "cpu").numpy()
-    assert (got == want[np.ix_(seq, seq)]).all()
+    plan = distattn.plan(lens, p, scheduler="ring", layout=SPLITS["stripe"].layout(lens, p))
+    assert len(plan.schedule.mask) <= len(lens) * p * p   # (it was a segment per token)
+    stats = plan.stats(2, 2, 8)
+    assert stats["kernel_segments"] == [2] * p and not stats["fragmented"], stats

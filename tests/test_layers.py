@@ -23,7 +23,7 @@ LAYERS = [
                     "distattn.program", "distattn.extras", "distattn.configs", "distattn.log", "distattn.wire",
                     "distattn.virtual", "distattn.model_shape", "distattn.packing"]),
     ("kernels", ["distattn.kernels"]),
-    ("schedules", ["distattn.layout", "distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
+    ("schedules", ["distattn.layout", "distattn.strided", "distattn.schedule", "distattn.schedulers", "distattn.mesh"]),
     ("executors", ["distattn.executors"]),
     ("api", ["distattn.plans", "distattn.ops", "distattn.api", "distattn.oracle", "distattn.pingpong",
              "distattn.plan_cache", "distattn.varlen", "distattn.memory_model",

@@ -165,7 +165,8 @@ def test_unshard_wrong_length_raises_with_rank_traceback():
 
 
 def test_stats_flag_a_layout_of_scattered_tokens():
-    """A stripe given as Layout.from_indices reaches the kernels as a segment per token: stats say so."""
+    """Tokens scattered with no period reach the kernels as a segment per token or so: stats say so. A
+    stripe is planned in its ranks' order (distattn.strided): a segment per document and rank."""
     import numpy as np
 
     lens, p = [512, 512], 4
@@ -173,6 +174,10 @@ def test_stats_flag_a_layout_of_scattered_tokens():
     assert plain["kernel_segments"] == [1, 1, 1, 1] and not plain["fragmented"]
     stripe = distattn.Layout.from_indices([np.concatenate([s + np.arange(r, n, p) for s, n in zip((0, 512), lens)])
                                            for r in range(p)])
-    scattered = distattn.plan(lens, p, scheduler="ring", layout=stripe).stats(8, 2, 64)
-    assert scattered["kernel_segments"] == [256] * 4 and scattered["min_tokens_per_segment"] == 1.0
-    assert scattered["fragmented"]
+    striped = distattn.plan(lens, p, scheduler="ring", layout=stripe).stats(8, 2, 64)
+    assert striped["kernel_segments"] == [2] * 4 and striped["min_tokens_per_segment"] == 128.0
+    assert not striped["fragmented"]
+    shuffled = np.random.default_rng(0).permutation(sum(lens))
+    scattered = distattn.plan(lens, p, scheduler="ring", layout=distattn.Layout.from_indices(np.split(shuffled, p)))
+    stats = scattered.stats(8, 2, 64)
+    assert min(stats["kernel_segments"]) > 150 and stats["min_tokens_per_segment"] < 2 and stats["fragmented"]

@@ -26,8 +26,8 @@ function                                 rank ``r`` holds                       
 
 Stripe plans the sequence in the ranks' order, each block against each a band (causal with the diagonal
 for key rank <= query rank, without it above): one kernel call per (query rank, key rank, row), not a
-segment per token (:func:`distattn.compat._splits.strided_plan_args`; ``python -m distattn.bench.stripe``
-times it beside ``ring_flash_attn_func``).
+segment per token (:mod:`distattn.strided`, which ``distattn.plan`` applies to any strided layout;
+``python -m distattn.bench.stripe`` times it beside ``ring_flash_attn_func``).
 
 The ring and zigzag varlen functions take this rank's ``cu_seqlens`` (the global ones divided by
 ``P``: every document a multiple of ``P``, or of ``2P`` for zigzag), the llama3 one the values

@@ -98,6 +98,9 @@ class SchedulerSpec:
     # plans on a 2-D ("ulysses", "ring") mesh whose "ulysses" axis is its head split (usp); the
     # trainer builds that mesh, the API reads a 2-D DeviceMesh's axes instead of deriving a degree
     mesh_2d: bool = False
+    # its kernel calls follow the layout's runs (so a strided layout is planned in its ranks' order,
+    # distattn.strided); False: it gathers the whole sequence in order first (ulysses)
+    follows_runs: bool = True
 
     def _module(self):
         return import_module(f"{__name__}.{self.module or self.name}")
@@ -192,7 +195,7 @@ REGISTRY: dict[str, SchedulerSpec] = {spec.name: spec for spec in (
     SchedulerSpec("ring", "contiguous shards, K/V passed around the ring", moves_kv_only=True),
     SchedulerSpec("zigzag", "the ring on chunks r and 2P-1-r", "zigzag", module="ring", moves_kv_only=True),
     SchedulerSpec("allgather", "zigzag chunks, K/V all-gathered", "zigzag", executor="gather", moves_kv_only=True),
-    SchedulerSpec("ulysses", "contiguous shards, heads all-to-all", executor="heads"),
+    SchedulerSpec("ulysses", "contiguous shards, heads all-to-all", executor="heads", follows_runs=False),
     SchedulerSpec("usp", "Ulysses all-to-all inside groups, zigzag ring across them", None, executor="usp",
                   mesh_2d=True),
     SchedulerSpec("cad", "contiguous shards, attention tasks balanced over all ranks", executor="tasks", pools=True,
