@@ -104,7 +104,7 @@ def plan(doc_lens, mesh, scheduler: str = "zigzag", causal: bool = True, window:
     options, live = resolve_options(lens, shards, info, options, pool_doc_lens,
                                     lambda group_lens: _shards_of(group_lens, None, layout, entry, info, options))
     given = None
-    if shards is not None and rows is None and entry.follows_runs and options.get("pool") is None:
+    if shards is not None and entry.follows_runs and options.get("pool") is None:
         moved = reorder(lens, shards, common["mask"])   # a strided layout: its ranks' order, bands (distattn.strided)
         if moved is not None:
             shards, common["mask"], given = moved.shards, moved.mask, moved.given

@@ -61,7 +61,7 @@ def token_index(ranges: Ranges) -> np.ndarray:
     if not len(ranges):
         return np.zeros(0, np.int64)
     s, e = np.asarray(ranges, dtype=np.int64).reshape(-1, 2).T
-    n = e - s
+    n = np.maximum(e - s, 0)
     return np.repeat(s - (np.cumsum(n) - n), n) + np.arange(n.sum(), dtype=np.int64)
 
 
@@ -75,15 +75,15 @@ def covered_before(i0: np.ndarray, i1: np.ndarray, x) -> np.ndarray:
     return cum[np.maximum(j - 1, 0)] * (j > 0) + np.maximum(inside, 0)
 
 
-def runs_of(tokens: np.ndarray) -> Ranges:
-    """``tokens`` (local order) as runs of consecutive global indices."""
+def runs_of(tokens: np.ndarray) -> np.ndarray:
+    """``tokens`` (local order) as runs of consecutive global indices: ``[runs, 2]`` (start, end)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.size == 0:
-        return ()
+        return np.zeros((0, 2), dtype=np.int64)
     cut = np.nonzero(np.diff(tokens) != 1)[0] + 1
     starts = tokens[np.concatenate([[0], cut])]
     ends = tokens[np.concatenate([cut - 1, [tokens.size - 1]])] + 1
-    return tuple(zip(starts.tolist(), ends.tolist()))
+    return np.stack([starts, ends], axis=1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,32 +117,33 @@ class Shards:
         return Shards(bounds, owner, world_size, owned, (None,) * world_size, slot)
 
     @staticmethod
-    def from_owned(owned: Sequence[Ranges], total: int) -> "Shards":
-        """Each rank's ``(start, end)`` runs in its local order; ``ValueError`` unless together they
-        hold every token of ``[0, total)`` exactly once."""
-        runs = [(int(s), int(e), r) for r, ranges in enumerate(owned) for s, e in ranges if e > s]
-        runs.sort()
-        starts = np.asarray([s for s, _, _ in runs], dtype=np.int64)
-        ends = np.asarray([e for _, e, _ in runs], dtype=np.int64)
-        if not runs or starts[0] != 0 or ends[-1] != total or (starts[1:] != ends[:-1]).any():
+    def from_owned(owned: Sequence[Ranges | np.ndarray], total: int) -> "Shards":
+        """Each rank's ``(start, end)`` runs in its local order (pairs, or a ``[runs, 2]`` array);
+        ``ValueError`` unless together they hold every token of ``[0, total)`` exactly once."""
+        arrays = [np.asarray(ranges, dtype=np.int64).reshape(-1, 2) for ranges in owned]
+        rank = np.repeat(np.arange(len(arrays)), [len(x) for x in arrays])
+        runs = np.concatenate(arrays) if arrays else np.zeros((0, 2), dtype=np.int64)
+        keep = runs[:, 1] > runs[:, 0]
+        runs, rank = runs[keep], rank[keep]
+        by_start = np.lexsort((rank, runs[:, 1], runs[:, 0]))
+        starts, ends, owners = runs[by_start, 0], runs[by_start, 1], rank[by_start]
+        if not len(starts) or starts[0] != 0 or ends[-1] != total or (starts[1:] != ends[:-1]).any():
             held = np.zeros(total + 1, dtype=np.int64)
-            for s, e, _ in runs:
+            for s, e in zip(starts.tolist(), ends.tolist()):
                 held[max(s, 0):min(e, total)] += 1
             missing, twice = np.nonzero(held[:total] == 0)[0], np.nonzero(held[:total] > 1)[0]
-            outside = [(s, e) for s, e, _ in runs if s < 0 or e > total]
+            outside = [(s, e) for s, e in zip(starts.tolist(), ends.tolist()) if s < 0 or e > total]
             what = (f"token {int(twice[0])} is held twice" if twice.size else
                     f"tokens {(s := outside[0])[0]}..{s[1] - 1} lie outside the {total}-token sequence" if outside
                     else f"token {int(missing[0])} is held by no rank ({missing.size} missing)")
             raise ValueError(f"layout: the ranks must hold every token of the {total}-token sequence exactly once, "
                              f"but {what}")
-        owners = np.asarray([r for _, _, r in runs], dtype=np.int64)
-        bounds = np.append(starts, total)
         order = []
-        for ranges in owned:
-            tokens = token_index(tuple(ranges))
+        for ranges in arrays:
+            tokens = token_index(ranges)
             increasing = tokens.size < 2 or bool((np.diff(tokens) > 0).all())
             order.append(None if increasing else np.argsort(tokens, kind="stable").astype(np.int64))
-        return Shards(bounds, owners, len(owned), tuple(tuple((int(s), int(e)) for s, e in r) for r in owned),
+        return Shards(np.append(starts, total), owners, len(owned), tuple(tuple(zip(*x.T.tolist())) for x in arrays),
                       tuple(order), np.zeros(len(owners), dtype=np.int64))
 
     @staticmethod

@@ -152,3 +152,30 @@ def test_triton_runs_the_bands_of_a_strided_layout(scheduler, block):
     for errs in run_distributed(_triton_worker, 2, scheduler, block, [37, 24], timeout=300):
         for triton_err, torch_err in zip(errs["triton"], errs["torch"]):
             assert triton_err <= 2 * torch_err + 1e-6, errs
+
+
+def _batched_worker(rows):
+    import torch
+    from conftest import max_err
+
+    p, total = dist.get_world_size(), sum(rows[0])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(len(rows), total, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.stack([distattn.reference_attention(*(t[b] for t in ref_in), row) for b, row in enumerate(rows)])
+    ref.sum().backward()
+    errors = []
+    for scheduler in ("ring", "allgather", "ulysses", "cad"):
+        plan = distattn.plan(rows, dist.group.WORLD, scheduler=scheduler, layout=dealt([total], p), backend="reference")
+        mine = [plan.shard(t).clone().requires_grad_() for t in (q, k, v)]
+        out = distattn.attention(*mine, plan)
+        out.sum().backward()
+        errors.append(max([max_err(plan.unshard(out.detach()), ref.detach())] +
+                          [max_err(a.grad, plan.shard(b.grad)) for a, b in zip(mine, ref_in)]))
+    return errors
+
+
+def test_a_batch_of_striped_rows_is_exact():
+    """``[B, S]`` rows, each striped over the ranks (its documents in phases of their own)."""
+    for errors in run_distributed(_batched_worker, 3, [[20, 31, 9], [60]], timeout=300):
+        assert max(errors) <= 1e-12, errors
