@@ -256,8 +256,9 @@ class Schedule:
         """``(rank, q_len, area)``: the query segments the ranks' kernel calls run, each one's rows and
         visible pairs -- what a kernel's speed depends on (``distattn.sim.kernel``). Here: each rank's
         own rows, cut at document boundaries, each seeing its document's keys (the ring family and the
-        all-gather: every step pairs the same query rows with another block of keys)."""
-        return layout_segments(self.shards, self.doc_lens, self.causal, self.window)
+        all-gather: every step pairs the same query rows with another block of keys), their pairs those
+        of the schedule's mask (a strided layout's is over its ranks' order: :mod:`distattn.strided`)."""
+        return layout_segments(self.shards, self.doc_lens, self.causal, self.window, self.mask)
 
     @cached_property
     def doc_starts(self) -> np.ndarray:
@@ -296,16 +297,19 @@ class Schedule:
 
 
 
-def layout_segments(shards: Shards, doc_lens, causal: bool, window: int | None
+def layout_segments(shards: Shards, doc_lens, causal: bool, window: int | None, mask: SliceMask | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(rank, q_len, area)`` of the runs ``shards`` gives each rank, cut at the documents' boundaries:
-    rows ``[p0, p1)`` of a document of length ``L`` see its keys as its mask allows (vectorised)."""
+    rows ``[p0, p1)`` of a document of length ``L`` see its keys as its mask allows, or as ``mask`` does
+    (vectorised)."""
     lens = np.asarray(doc_lens, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     cuts = np.union1d(shards.bounds, starts)
     a, b = cuts[:-1], cuts[1:]
     a, b = a[b > a], b[b > a]
     rank = shards.owner[np.searchsorted(shards.bounds, a, side="right") - 1]
+    if mask is not None:
+        return rank, b - a, mask.rows_area(cuts)
     doc = np.searchsorted(starts, a, side="right") - 1
     p1, length = b - starts[doc], lens[doc]
     area = mask_area(b - a, length, causal, window, offsets=p1 - length)

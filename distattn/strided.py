@@ -35,7 +35,7 @@ from .masks import UNBOUNDED, SliceMask
 # a document whose runs average fewer tokens than this is worth reordering; plan.stats() calls a plan whose
 # kernel segments average fewer on some rank fragmented
 FRAGMENTED = 8
-_CANDIDATES = 4    # periods tried per document: the starts of the first runs of its first owner
+_CANDIDATES = 8    # periods tried per document (_period)
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,9 +62,14 @@ class _Pieces:
 
 
 def _period(owner: np.ndarray) -> int | None:
-    """The period of a document's owners (token by token), among the starts of its first owner's next runs."""
-    runs = np.flatnonzero(owner[1:] != owner[:-1]) + 1
-    for d in runs[owner[runs] == owner[0]][:_CANDIDATES].tolist():
+    """The period of a document's owners (token by token), if any: the smallest shift from the document's
+    second run to a later run of the same owner that maps the owners onto themselves. (The second run, as
+    a document may begin inside a block; the first few such runs, as an owner may hold several classes.)"""
+    starts = np.flatnonzero(owner[1:] != owner[:-1]) + 1
+    if not len(starts):
+        return None
+    later = starts[1:][owner[starts[1:]] == owner[starts[0]]][:_CANDIDATES]
+    for d in (later - starts[0]).tolist():
         if np.array_equal(owner[d:], owner[:-d]):
             return d
     return None

@@ -67,6 +67,21 @@ def test_what_is_not_fragmented_or_periodic_is_left_alone():
         assert reorder(lens, Layout.of(layout).shards(lens, p), mask) is None, layout
 
 
+def test_periods_are_found_where_a_document_starts_inside_a_block():
+    """Blocks dealt over the whole sequence cut a document mid-block, and a rank may hold several
+    classes of a period: both are still planned as bands."""
+    lens = [5, 200]
+    pattern = np.tile([0, 1, 0, 2, 0, 3], 35)[:sum(lens)]        # rank 0 holds every other token
+    for layout, p in ((dealt(lens, 2, block=2, per_document=False), 2),
+                      (Layout.from_indices([np.flatnonzero(pattern == r) for r in range(4)]), 4)):
+        shards = layout.shards(lens, p)
+        moved = reorder(lens, shards, SliceMask.documents(lens, True, 9))
+        assert moved is not None
+        pos = _positions(shards, moved)
+        want = SliceMask.documents(lens, True, 9).dense(sum(lens)).numpy()
+        assert (moved.mask.dense(sum(lens)).numpy()[np.ix_(pos, pos)] == want).all()
+
+
 def _plan_worker(lens, indices):
     plan = distattn.plan(lens, dist.group.WORLD, scheduler="ring", layout=Layout.from_indices(indices))
     x = np.arange(sum(lens) * 2, dtype=np.float64).reshape(-1, 2)
@@ -95,6 +110,11 @@ def test_dry_stats_of_a_stripe_are_not_fragmented():
         stats = distattn.plan(lens, p, scheduler=scheduler, layout=dealt(lens, p), **options).stats(4, 4, 64)
         # a segment per token before; cad cuts its tasks smaller than a rank's run
         assert not stats["fragmented"] and stats["min_tokens_per_segment"] >= 48, (scheduler, stats)
+    # what the simulator prices a rank's kernels by: its segments' pairs, under the reordered mask
+    plan = distattn.plan(lens, p, scheduler="ring", layout=dealt(lens, p))
+    rank, _, area = plan.schedule.kernel_segments()
+    pairs = [f // (4 * 4 * 64) for f in plan.stats(4, 4, 64)["flops"]]
+    assert np.bincount(rank, weights=area).tolist() == pairs
 
 
 def _exact_worker(cases):
