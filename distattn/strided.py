@@ -18,8 +18,9 @@ Striped Attention (Brandon et al., 2023): with tokens dealt round-robin, rank ``
 side: the schedule runs on that order (each class one run, each (class, class) pair one band slice), so a
 kernel call carries a segment per class and document, not per token. Documents whose runs are long enough
 keep their order. ``distattn.plan`` does it for every layout and every scheduler whose kernel calls follow
-the layout's runs (all but ``ulysses``, which gathers the whole sequence in order); ``plan.shard``,
-``unshard`` and ``position_ids`` keep the caller's layout (``plan.layout``).
+the layout's runs (all but ``ulysses``, which gathers the whole sequence in order; not under ``cad``'s
+``pool=``), batched rows included; ``plan.shard``, ``unshard`` and ``position_ids`` keep the caller's layout
+(``plan.layout``).
 """
 
 from __future__ import annotations

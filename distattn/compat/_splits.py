@@ -49,8 +49,9 @@ def _attention(q, k, v, lens: tuple[int, ...], split: str, group, *, scheduler: 
     group = resolve_group(group)
     p = dist.get_world_size(group)
     # (stripe: distattn.plan runs it in the ranks' order, a band per class pair -- distattn.strided)
-    plan = plan_for(lens, group, scheduler=scheduler, layout_key=(split, p), layout=lambda: SPLITS[split].layout(lens, p),
-                    causal=causal, window_size=window_size, backend=backend, options=options)
+    plan = plan_for(lens, group, scheduler=scheduler, layout_key=(split, p),
+                    layout=lambda: SPLITS[split].layout(lens, p), causal=causal, window_size=window_size,
+                    backend=backend, options=options)
     return attend(q, k, v, plan, softmax_scale, softcap, return_lse)
 
 
