@@ -56,13 +56,33 @@ def zigzag_owner(world_size: int) -> np.ndarray:
     return np.concatenate([r, r[::-1]])
 
 
+def index_runs(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Rows ``starts[i] .. starts[i] + lens[i] - 1``, concatenated."""
+    lens = np.asarray(lens, dtype=np.int64)
+    if lens.size == 0:
+        return np.zeros(0, np.int64)
+    which = np.repeat(np.arange(len(lens)), lens)
+    return np.asarray(starts, dtype=np.int64)[which] + np.arange(len(which)) - np.repeat(np.cumsum(lens) - lens, lens)
+
+
 def token_index(ranges: Ranges) -> np.ndarray:
     """Global token indices of ``ranges``, in local order."""
     if not len(ranges):
         return np.zeros(0, np.int64)
     s, e = np.asarray(ranges, dtype=np.int64).reshape(-1, 2).T
-    n = np.maximum(e - s, 0)
-    return np.repeat(s - (np.cumsum(n) - n), n) + np.arange(n.sum(), dtype=np.int64)
+    return index_runs(s, np.maximum(e - s, 0))
+
+
+def cut_intervals(bounds: np.ndarray, a, b) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Intervals ``[a[i], b[i])`` cut at sorted ``bounds`` (ranges ``[bounds[j], bounds[j+1])`` tiling
+    them): ``(i, j, start, end)`` per non-empty piece, in interval order, then range order."""
+    a, b = np.atleast_1d(np.asarray(a, dtype=np.int64)), np.atleast_1d(np.asarray(b, dtype=np.int64))
+    keep = np.nonzero(b > a)[0]
+    first = np.searchsorted(bounds, a[keep], side="right") - 1
+    n = np.searchsorted(bounds, b[keep] - 1, side="right") - first   # ranges each interval touches
+    which = np.repeat(np.arange(len(keep)), n)
+    j = index_runs(first, n)
+    return keep[which], j, np.maximum(a[keep][which], bounds[j]), np.minimum(b[keep][which], bounds[j + 1])
 
 
 def covered_before(i0: np.ndarray, i1: np.ndarray, x) -> np.ndarray:
@@ -226,15 +246,7 @@ class Shards:
     def cut(self, a, b) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Intervals ``[a[i], b[i])`` cut at the runs: ``(i, run, start, end)`` per non-empty piece,
         in interval order, then global order."""
-        a, b = np.atleast_1d(np.asarray(a, dtype=np.int64)), np.atleast_1d(np.asarray(b, dtype=np.int64))
-        keep = np.nonzero(b > a)[0]
-        first = np.searchsorted(self.bounds, a[keep], side="right") - 1
-        n = np.searchsorted(self.bounds, b[keep] - 1, side="right") - first   # runs each interval touches
-        which = np.repeat(np.arange(len(keep)), n)
-        run = first[which] + np.arange(len(which)) - np.repeat(np.cumsum(n) - n, n)
-        start = np.maximum(a[keep][which], self.bounds[run])
-        end = np.minimum(b[keep][which], self.bounds[run + 1])
-        return keep[which], run, start, end
+        return cut_intervals(self.bounds, a, b)
 
     def regroup(self, group_of: np.ndarray, groups: int) -> "Shards":
         """The same runs held by groups of ranks (``group_of[r]``: rank ``r``'s group), each group

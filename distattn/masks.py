@@ -364,20 +364,6 @@ class SliceMask:
         q0, q1, k0, k1, lo, hi = self.arrays
         return int(band_area(q1 - q0, k1 - k0, lo - (k0 - q0), hi - (k0 - q0)).sum())
 
-    def rows_area(self, bounds: np.ndarray) -> np.ndarray:
-        """Visible pairs of the query rows ``[bounds[i], bounds[i+1])`` (sorted bounds tiling the
-        rows the slices use), per range (vectorised)."""
-        bounds = np.asarray(bounds, dtype=np.int64)
-        q0, q1, k0, k1, lo, hi = self.arrays
-        first = np.searchsorted(bounds, q0, side="right") - 1
-        n = np.searchsorted(bounds, q1 - 1, side="right") - first        # ranges each slice's rows touch
-        piece = np.repeat(np.arange(len(q0)), n)
-        at = np.repeat(first, n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-        a, b = np.maximum(q0[piece], bounds[at]), np.minimum(q1[piece], bounds[at + 1])
-        band = shift_band(lo[piece], hi[piece], k0[piece] - a)
-        area = band_area(b - a, k1[piece] - k0[piece], *band)
-        return np.bincount(at, weights=area, minlength=len(bounds) - 1).astype(np.int64)
-
     @property
     def rows_disjoint(self) -> bool:
         """No query row lies in two slices."""

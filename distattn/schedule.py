@@ -39,9 +39,9 @@ from functools import cached_property
 import numpy as np
 
 from .cost import attention_flops
-from .layout import Ranges, Shards
+from .layout import Ranges, Shards, cut_intervals
 from .strided import FRAGMENTED   # fewer tokens a kernel segment on some rank: stats() says fragmented
-from .masks import MaskSlice, SliceMask, check_positive_ints, mask_area, slices_area
+from .masks import MaskSlice, SliceMask, band_area, check_positive_ints, mask_area, shift_band, slices_area
 from .program import START, WAIT, Builder, Instr, Program
 from .wire import Wire
 
@@ -289,8 +289,8 @@ class Schedule:
     def segments_per_rank(self) -> list[int]:
         """``[ranks]``: the query segments each rank's kernel calls carry (:meth:`kernel_segments`; made
         once per schedule, as :meth:`stats` is asked again for a cached plan). A layout whose ranks hold
-        scattered single tokens (a stripe given as ``Layout.from_indices``) makes a segment per token,
-        which no kernel runs fast: :meth:`stats` flags it (``fragmented``)."""
+        tokens scattered with no period makes about a segment per token, which no kernel runs fast:
+        :meth:`stats` flags it (``fragmented``)."""
         rank = np.asarray(self.kernel_segments()[0], dtype=np.int64)
         return np.bincount(rank, minlength=self.stat_ranks)[:self.stat_ranks].astype(int).tolist()
 
@@ -308,8 +308,11 @@ def layout_segments(shards: Shards, doc_lens, causal: bool, window: int | None, 
     a, b = cuts[:-1], cuts[1:]
     a, b = a[b > a], b[b > a]
     rank = shards.owner[np.searchsorted(shards.bounds, a, side="right") - 1]
-    if mask is not None:
-        return rank, b - a, mask.rows_area(cuts)
+    if mask is not None:   # the segments' pairs under the mask: its slices' rows cut at the segments
+        q0, q1, k0, k1, lo, hi = mask.arrays
+        s, seg, r0, r1 = cut_intervals(cuts, q0, q1)
+        area = band_area(r1 - r0, k1[s] - k0[s], *shift_band(lo[s], hi[s], k0[s] - r0))
+        return rank, b - a, np.bincount(seg, weights=area, minlength=len(a)).astype(np.int64)
     doc = np.searchsorted(starts, a, side="right") - 1
     p1, length = b - starts[doc], lens[doc]
     area = mask_area(b - a, length, causal, window, offsets=p1 - length)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layout import Shards, token_index
+from .layout import Shards, cut_intervals, doc_bounds, index_runs, token_index
 from .masks import UNBOUNDED, SliceMask
 
 # a document whose runs average fewer tokens than this is worth reordering; plan.stats() calls a plan whose
@@ -53,13 +53,19 @@ class Reordered:
 @dataclass(frozen=True)
 class _Pieces:
     """Arithmetic progressions of tokens: ``x0 + i * stride`` for ``i < count``, at ``at .. at + count`` in the
-    reordered sequence, held by ``owner``."""
+    reordered sequence, held by ``owner``. Per document (``bounds``: theirs, ``[documents + 1]``): its
+    ``period`` (1: kept in place) and where its classes start (``first``) in ``by_class``, the pieces of the
+    classes in (document, class) order."""
 
     x0: np.ndarray
     stride: np.ndarray
     count: np.ndarray
     at: np.ndarray
     owner: np.ndarray
+    bounds: np.ndarray
+    period: np.ndarray
+    first: np.ndarray
+    by_class: np.ndarray
 
 
 def _period(owner: np.ndarray) -> int | None:
@@ -76,14 +82,12 @@ def _period(owner: np.ndarray) -> int | None:
     return None
 
 
-def _pieces(doc_lens, shards: Shards) -> tuple[_Pieces, np.ndarray, np.ndarray, np.ndarray] | None:
+def _pieces(doc_lens, shards: Shards) -> _Pieces | None:
     """Every token in one progression: a periodic document's classes (stride its period, laid out by owner,
-    then class), any other document's runs (stride 1, in place). Also each document's period (1: kept), the
-    index of its class 0 in a table of the classes in (document, class) order, and that table's pieces.
-    None when no document is worth reordering."""
+    then class), any other document's runs (stride 1, in place); None when no document is worth reordering."""
     lens = np.asarray(doc_lens, dtype=np.int64)
-    starts = np.cumsum(lens) - lens
-    cuts = np.searchsorted(shards.bounds, starts + lens) - np.searchsorted(shards.bounds, starts, side="right")
+    starts, ends = doc_bounds(lens)
+    cuts = np.searchsorted(shards.bounds, ends) - np.searchsorted(shards.bounds, starts, side="right")
     # the runs' cuts bound each document's runs from above: where no document can average under FRAGMENTED
     # tokens a run there is nothing to reorder, and no per-token work is done (a named layout's plans stay cheap)
     if (lens >= FRAGMENTED * (cuts + 1)).all():
@@ -95,7 +99,7 @@ def _pieces(doc_lens, shards: Shards) -> tuple[_Pieces, np.ndarray, np.ndarray, 
     runs_per_doc = np.add.reduceat(run_start, starts)
     period = np.ones(len(lens), dtype=np.int64)
     for d in np.flatnonzero(lens < FRAGMENTED * runs_per_doc).tolist():
-        found = _period(owner_of[starts[d]:starts[d] + lens[d]])
+        found = _period(owner_of[starts[d]:ends[d]])
         if found is not None and min(found, lens[d]) < runs_per_doc[d]:
             period[d] = found
     if (period == 1).all():
@@ -109,7 +113,7 @@ def _pieces(doc_lens, shards: Shards) -> tuple[_Pieces, np.ndarray, np.ndarray, 
     periodic = np.flatnonzero(period > 1)
     ncls = np.minimum(period[periodic], lens[periodic])
     cdoc = np.repeat(periodic, ncls)
-    c = np.arange(ncls.sum()) - np.repeat(np.cumsum(ncls) - ncls, ncls)
+    c = index_runs(np.zeros(len(ncls)), ncls)
     x0, stride = starts[cdoc] + c, period[cdoc]
     count, owner = (lens[cdoc] - c + stride - 1) // stride, owner_of[x0]
     order = np.lexsort((c, owner, cdoc))                     # by document, then owner, then class
@@ -119,32 +123,21 @@ def _pieces(doc_lens, shards: Shards) -> tuple[_Pieces, np.ndarray, np.ndarray, 
     first = np.full(len(lens), -1, dtype=np.int64)
     first[periodic] = np.cumsum(ncls) - ncls
     by_class = len(runs[0]) + np.argsort(order)              # class table -> piece
-    pieces = _Pieces(*(np.concatenate([r, k]) for r, k in zip(runs, (x0, stride, count, at, owner))))
-    return pieces, period, first, by_class
+    return _Pieces(*(np.concatenate([r, k]) for r, k in zip(runs, (x0, stride, count, at, owner))),
+                   np.append(starts, ends[-1:]), period, first, by_class)
 
 
-def _sides(a: np.ndarray, b: np.ndarray, doc_lens, pieces: _Pieces, period: np.ndarray, first: np.ndarray,
-           by_class: np.ndarray) -> tuple[np.ndarray, ...]:
+def _sides(a: np.ndarray, b: np.ndarray, pieces: _Pieces) -> tuple[np.ndarray, ...]:
     """Intervals ``[a[i], b[i])`` as progressions: ``(i, x0, stride, count, at)`` per non-empty piece."""
-    lens = np.asarray(doc_lens, dtype=np.int64)
-    starts = np.cumsum(lens) - lens
-    bounds = np.append(starts, lens.sum())
-    keep = np.flatnonzero(b > a)
-    d0 = np.searchsorted(bounds, a[keep], side="right") - 1
-    nd = np.searchsorted(bounds, b[keep] - 1, side="right") - d0       # documents each interval touches
-    i = np.repeat(keep, nd)
-    doc = np.repeat(d0, nd) + np.arange(nd.sum()) - np.repeat(np.cumsum(nd) - nd, nd)
-    u, v = np.maximum(a[i], starts[doc]), np.minimum(b[i], starts[doc] + lens[doc])
-    flat = period[doc] == 1          # a kept document's tokens are in place: one progression of stride 1
+    i, doc, u, v = cut_intervals(pieces.bounds, a, b)
+    flat = pieces.period[doc] == 1    # a kept document's tokens are in place: one progression of stride 1
     out = [(i[flat], u[flat], np.ones(flat.sum(), np.int64), (v - u)[flat], u[flat])]
     i, doc, u, v = i[~flat], doc[~flat], u[~flat], v[~flat]
-    ncls = np.minimum(period[doc], lens[doc])
-    rep = np.arange(ncls.sum()) - np.repeat(np.cumsum(ncls) - ncls, ncls)
-    i, doc, u, v = (np.repeat(x, ncls) for x in (i, doc, u, v))
-    piece = by_class[first[doc] + rep]                # class rep of the document
+    ncls = np.minimum(pieces.period[doc], np.diff(pieces.bounds)[doc])
+    piece = pieces.by_class[index_runs(pieces.first[doc], ncls)]    # each class of the document
+    i, u, v = (np.repeat(x, ncls) for x in (i, u, v))
     x0, stride, at = pieces.x0[piece], pieces.stride[piece], pieces.at[piece]
-    lo = -((x0 - u) // stride)                        # ceil((u - x0) / stride), first index at or after u
-    lo = np.maximum(lo, 0)
+    lo = np.maximum(-((x0 - u) // stride), 0)         # ceil((u - x0) / stride): the first index at or after u
     hi = np.minimum(-((x0 - v) // stride), pieces.count[piece])
     out.append((i, x0 + lo * stride, stride, hi - lo, at + lo))
     i, x0, stride, count, at = (np.concatenate(col) for col in zip(*out))
@@ -153,17 +146,16 @@ def _sides(a: np.ndarray, b: np.ndarray, doc_lens, pieces: _Pieces, period: np.n
     return tuple(x[good][order] for x in (i, x0, stride, count, at))
 
 
-def _mask(mask: SliceMask, doc_lens, pieces: _Pieces, *classes: np.ndarray) -> SliceMask | None:
+def _mask(mask: SliceMask, pieces: _Pieces) -> SliceMask | None:
     """``mask`` over the reordered sequence: each slice cut into its (query progression, key progression)
     pairs, each one band. None when a pair of different strides is partly visible (no band describes it)."""
     q0, q1, k0, k1, lo, hi = mask.arrays
-    qi, qx, qs, qn, qa = _sides(q0, q1, doc_lens, pieces, *classes)
-    ki, kx, ks, kn, ka = _sides(k0, k1, doc_lens, pieces, *classes)
+    qi, qx, qs, qn, qa = _sides(q0, q1, pieces)
+    ki, kx, ks, kn, ka = _sides(k0, k1, pieces)
     nk = np.bincount(ki, minlength=len(q0))
-    kfirst = np.cumsum(nk) - nk
     reps = nk[qi]                                      # each query piece meets its slice's key pieces
     qp = np.repeat(np.arange(len(qi)), reps)
-    kp = np.repeat(kfirst[qi], reps) + np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
+    kp = index_runs((np.cumsum(nk) - nk)[qi], reps)
     s = qi[qp]
     lo, hi = lo[s], hi[s]
     dq, dk = qx[qp], kx[kp]
@@ -189,11 +181,8 @@ def reorder(doc_lens, shards: Shards, mask: SliceMask) -> Reordered | None:
     """``shards`` (a layout of ``doc_lens``) and ``mask`` planned in the ranks' order (module docstring), or
     None when no document's owners are both fragmented (runs under :data:`FRAGMENTED` tokens on average)
     and periodic, or when ``mask`` has a slice no band can carry there."""
-    found = _pieces(doc_lens, shards)
-    if found is None:
-        return None
-    pieces, *classes = found
-    moved = _mask(mask, doc_lens, pieces, *classes)
+    pieces = _pieces(doc_lens, shards)
+    moved = None if pieces is None else _mask(mask, pieces)
     if moved is None:
         return None
     order = np.argsort(pieces.at, kind="stable")
@@ -203,7 +192,7 @@ def reorder(doc_lens, shards: Shards, mask: SliceMask) -> Reordered | None:
     run_shards = Shards.from_bounds(np.append(at[new_run], shards.total), owner[new_run], shards.world_size)
     # where each token went
     n = pieces.count
-    step = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    step = index_runs(np.zeros(len(n)), n)
     position = np.empty(shards.total, dtype=np.int64)
     position[np.repeat(pieces.x0, n) + step * np.repeat(pieces.stride, n)] = np.repeat(pieces.at, n) + step
     orders = []

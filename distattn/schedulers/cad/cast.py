@@ -43,7 +43,7 @@ from functools import cached_property
 
 import numpy as np
 
-from ...layout import Shards
+from ...layout import Shards, index_runs
 
 DEPTH = 3   # levels of a K/V tree below the owner's node (tree_fanout)
 
@@ -389,12 +389,3 @@ def merge_intervals(a0: np.ndarray, a1: np.ndarray) -> tuple[np.ndarray, np.ndar
     starts = np.concatenate([[True], a0[1:] > reach[:-1]])
     idx = np.nonzero(starts)[0]
     return a0[idx], np.maximum.reduceat(a1, idx)
-
-
-def index_runs(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Rows ``starts[i] .. starts[i] + lens[i] - 1``, concatenated."""
-    lens = np.asarray(lens, dtype=np.int64)
-    if lens.size == 0:
-        return np.zeros(0, np.int64)
-    which = np.repeat(np.arange(len(lens)), lens)
-    return np.asarray(starts, dtype=np.int64)[which] + np.arange(len(which)) - np.repeat(np.cumsum(lens) - lens, lens)
