@@ -201,6 +201,7 @@ class JobFacts:
     gpus_per_node: int | None = None
     tp: int = 1
     peak_tflops: float | None = None
+    gpu: str | None = None             # the GPU's name (distattn.model_shape.GPUS; None: not known, an H100's kernel)
     wrapper: str = "fsdp"
     cpu_offload: bool = False
     pooled: bool = False
@@ -220,16 +221,16 @@ class JobFacts:
         """CP ranks to a node (each a TP group of ``tp`` GPUs), None where the node size is not known."""
         return None if self.gpus_per_node is None else max(1, self.gpus_per_node // self.tp)
 
-    def plan_context(self, attn_efficiency: float = 0.5, network=None) -> PlanContext:
+    def plan_context(self, network=None, kernel=None) -> PlanContext:
         """The job as one TP rank's planner sees it (:class:`~distattn.schedulers.PlanContext`): ``1/tp``
-        of the heads (at least one KV head), :attr:`node_ranks` to a node; ``attn_efficiency`` and
-        ``network``: what cad prices attention and transfers with (the simulator's own; the trainer's
-        defaults)."""
+        of the heads (at least one KV head), :attr:`node_ranks` to a node, the GPU; ``network`` and
+        ``kernel`` (a :class:`~distattn.tiles.TileModel`): what cad prices transfers and attention with
+        (the simulator's own; the trainer's: the defaults, the kernel on its GPU)."""
         m, tp = self.model, self.tp
         return PlanContext(m.n_heads // tp, max(1, m.n_kv_heads // tp), head_groups=self.head_groups,
                            head_dim=m.head_dim, dtype_bytes=DTYPE_BYTES[self.dtype], gpus_per_node=self.node_ranks,
-                           ulysses_degree=self.ulysses_degree, peak_tflops=self.peak_tflops,
-                           attn_efficiency=attn_efficiency, network=network)
+                           ulysses_degree=self.ulysses_degree, peak_tflops=self.peak_tflops, network=network,
+                           gpu=self.gpu, kernel=kernel)
 
     def job(self, seq_len: int, doc_lens=None, device: str = "cuda") -> Job:
         """The estimate's :class:`Job` of a sequence of ``seq_len`` tokens packed as ``doc_lens`` (default:

@@ -252,12 +252,13 @@ class Schedule:
     def num_tokens(self, rank: int) -> int:
         return self.shards.num_tokens(rank)
 
-    def kernel_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(rank, q_len, area)``: the query segments the ranks' kernel calls run, each one's rows and
-        visible pairs -- what a kernel's speed depends on (``distattn.sim.kernel``). Here: each rank's
-        own rows, cut at document boundaries, each seeing its document's keys (the ring family and the
-        all-gather: every step pairs the same query rows with another block of keys), their pairs those
-        of the schedule's mask (a strided layout's is over its ranks' order: :mod:`distattn.strided`)."""
+    def kernel_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(rank, q_len, area, k_len)``: the query segments the ranks' kernel calls run, each one's
+        rows, visible pairs and the span of keys they see -- what a kernel's time depends on
+        (:mod:`distattn.tiles`). Here: each rank's own rows, cut at document boundaries, each seeing its
+        document's keys (the ring family and the all-gather: every step pairs the same query rows with
+        another block of keys), their pairs those of the schedule's mask (a strided layout's is over its
+        ranks' order: :mod:`distattn.strided`)."""
         return layout_segments(self.shards, self.doc_lens, self.causal, self.window, self.mask)
 
     @cached_property
@@ -298,10 +299,10 @@ class Schedule:
 
 
 def layout_segments(shards: Shards, doc_lens, causal: bool, window: int | None, mask: SliceMask | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(rank, q_len, area)`` of the runs ``shards`` gives each rank, cut at the documents' boundaries:
-    rows ``[p0, p1)`` of a document of length ``L`` see its keys as its mask allows, or as ``mask`` does
-    (vectorised)."""
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(rank, q_len, area, k_len)`` of the runs ``shards`` gives each rank, cut at the documents'
+    boundaries: rows ``[p0, p1)`` of a document of length ``L`` see its keys as its mask allows, or as
+    ``mask`` does; ``k_len``: the span of the keys they see (vectorised)."""
     lens = np.asarray(doc_lens, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     cuts = np.union1d(shards.bounds, starts)
@@ -312,12 +313,19 @@ def layout_segments(shards: Shards, doc_lens, causal: bool, window: int | None, 
         q0, q1, k0, k1, lo, hi = mask.arrays
         s, seg, r0, r1 = cut_intervals(cuts, q0, q1)
         area = band_area(r1 - r0, k1[s] - k0[s], *shift_band(lo[s], hi[s], k0[s] - r0))
-        return rank, b - a, np.bincount(seg, weights=area, minlength=len(a)).astype(np.int64)
+        seen = area > 0      # the keys each piece sees: the band's reach from its first and last row
+        ks, ke = np.maximum(k0[s], r0 + lo[s])[seen], np.minimum(k1[s], r1 + hi[s])[seen]
+        first, last = np.full(len(a), np.iinfo(np.int64).max), np.full(len(a), np.iinfo(np.int64).min)
+        np.minimum.at(first, seg[seen], ks)
+        np.maximum.at(last, seg[seen], ke)
+        return (rank, b - a, np.bincount(seg, weights=area, minlength=len(a)).astype(np.int64),
+                np.maximum(last - first, 0))
     doc = np.searchsorted(starts, a, side="right") - 1
-    p1, length = b - starts[doc], lens[doc]
+    p0, p1, length = a - starts[doc], b - starts[doc], lens[doc]
     area = mask_area(b - a, length, causal, window, offsets=p1 - length)
-    return rank, b - a, area
-
+    k0 = np.zeros_like(p0) if window is None else np.maximum(p0 - window + 1, 0)
+    k1 = p1 if causal else (length if window is None else np.minimum(p1 + window - 1, length))
+    return rank, b - a, area, k1 - k0
 
 def attention_program(flops, span: int) -> Program:
     """A program computing ``flops [P]`` forward (2.5x that backward) on ranks ``0..P-1``, with no

@@ -73,6 +73,7 @@ key ``[s/cp, b, Hkv, D]``, value ``[s/cp, b, Hkv, Dv]`` (``Dv = D`` but under ML
 from __future__ import annotations
 
 import weakref
+from functools import cached_property
 
 import torch
 
@@ -81,6 +82,7 @@ from ..extras import require
 require("megatron.core", "megatron", "distattn.parallel.megatron")
 
 from ..api import attention, plan as make_plan
+from ..kernel_speed import device_gpu
 from ..memory_model import CAD_BACKWARDS
 from ..plan_cache import PlanCache
 from ..schedulers import NAMES, PlanContext, spec as scheduler_spec
@@ -162,6 +164,12 @@ class DistAttnCoreAttention(MegatronModule):
         self.scheduler, self.choice = scheduler, choice
         self.plans = plans if plans is not None else PlanCache(PLANS_KEPT)
 
+    @cached_property
+    def gpu(self) -> str | None:
+        """This rank's GPU by name (:func:`distattn.kernel_speed.device_gpu`); None on CPU or a GPU
+        distattn does not know (plans then balance an H100's kernel)."""
+        return device_gpu(torch.cuda.current_device()) if torch.cuda.is_available() else None
+
     def _scheduler(self) -> str:
         """The spec's scheduler, or the micro-batch's choice (checked against the CP group)."""
         if self.choice is None or self.choice.scheduler is None:
@@ -183,8 +191,11 @@ class DistAttnCoreAttention(MegatronModule):
         if self.pool is not None:
             options["pool"] = self.pool
         scheduler = self._scheduler()
-        if self.cad_backward is not None and "backward" in scheduler_spec(scheduler).option_names():
+        taken = scheduler_spec(scheduler).option_names()
+        if self.cad_backward is not None and "backward" in taken:
             options["backward"] = self.cad_backward
+        if "gpu" in taken and self.gpu is not None:   # cad balances its kernel's seconds on this GPU
+            options["gpu"] = self.gpu
 
         def make():
             return make_plan(list(doc_lens), self.cp_group, scheduler=scheduler, causal=self.causal,

@@ -9,12 +9,16 @@ import distattn
 from distattn.network import default_profile
 from distattn.doclens import pack
 from distattn.schedule import AttnShape
+from distattn.cost import Roofline
 from distattn.layout import even_bounds
 from distattn.schedulers.cad import Traffic
 from distattn.schedulers.cad.ledger import LinkCost, RowBytes
 from distattn.sim.simulate import comm_time
 
 SHAPE = AttnShape(32, 8, 128, 2)
+# the placement's own behaviour (which rows move where, what they cost to move) on a cost model that
+# prices every pair alike; the tile model's seconds (the default) are balanced in test_balance_at_the_defaults
+ROOF = Roofline()
 
 
 def _docs(ranks, tokens_per_rank=16384, seed=0):
@@ -46,13 +50,19 @@ def test_link_cost_and_row_bytes():
     assert rows.q == 6 * 32 * 128 * 2 + 2 * 32 * 4 and rows.kv == 2 * 8 * 128 * (2 * 2 + 4)
 
 
-@pytest.mark.parametrize("ranks", [16, 64])
-def test_balance_at_the_defaults(ranks):
-    plan = distattn.plan(_docs(ranks), ranks, scheduler="cad")
-    st = plan.stats(32, 8, 128)
-    assert st["flops_imbalance"] <= 1.05
-    zig = distattn.plan(_docs(ranks), ranks, scheduler="zigzag").stats(32, 8, 128)
-    assert zig["flops_imbalance"] > st["flops_imbalance"]
+@pytest.mark.parametrize("ranks,seconds", [(16, 1.05), (64, 1.16)])
+def test_balance_at_the_defaults(ranks, seconds):
+    """By default cad balances the kernel's seconds on an H100 (the tile model); with a roofline, FLOPs.
+    At 64 ranks the 6-rank document's last rows each pay the backward's fixed cost over its 98K keys
+    (~6 ms of a rank's ~36): a piece cut off its end duplicates that cost, so its chunk's rank keeps
+    ~14% above the mean."""
+    docs = _docs(ranks)
+    st = distattn.plan(docs, ranks, scheduler="cad").stats(32, 8, 128)
+    assert st["seconds_imbalance"] <= seconds
+    roof = distattn.plan(docs, ranks, scheduler="cad", cost=ROOF).stats(32, 8, 128)
+    assert roof["flops_imbalance"] <= 1.05
+    zig = distattn.plan(docs, ranks, scheduler="zigzag").stats(32, 8, 128)
+    assert zig["flops_imbalance"] > max(st["flops_imbalance"], roof["flops_imbalance"])
 
 
 def test_keys_go_once_per_destination_and_moves_stay_in_the_node():
@@ -61,7 +71,7 @@ def test_keys_go_once_per_destination_and_moves_stay_in_the_node():
     other ranks), and each (owner, destination) pair moves its keys once."""
     ranks, tokens = 16, 8192
     docs = [tokens] + [64] * (7 * tokens // 64) + [1024] * (8 * tokens // 1024)
-    schedule = distattn.plan(docs, ranks, scheduler="cad").schedule
+    schedule = distattn.plan(docs, ranks, scheduler="cad", cost=ROOF).schedule
     seg = schedule.segments
     moved = (seg.q0 < tokens) & (seg.rank != 0)
     area = np.bincount(seg.rank[moved], seg.area[moved], ranks)
@@ -190,7 +200,7 @@ def test_an_overloaded_node_exports_its_excess_as_the_tails_of_its_documents():
     22% more rows left)."""
     ranks, tokens = 32, 8192
     n = 8 * tokens
-    plan = distattn.plan([n] + [512] * (24 * tokens // 512), ranks, scheduler="cad")
+    plan = distattn.plan([n] + [512] * (24 * tokens // 512), ranks, scheduler="cad", cost=ROOF)
     assert plan.stats(32, 8, 128)["flops_imbalance"] <= 1.05
     s = plan.schedule.segments
     away = (s.q0 < n) & (s.rank >= 8)
@@ -211,7 +221,7 @@ def test_the_busiest_rank_moves_close_to_the_bound(seed):
     ranks = 32
     docs = _docs(ranks, seed=seed)
     for backward in ("resend", "keep"):
-        schedule = distattn.plan(docs, ranks, scheduler="cad", backward=backward).schedule
+        schedule = distattn.plan(docs, ranks, scheduler="cad", backward=backward, cost=ROOF).schedule
         inter = sum(np.bincount(ph.rank, ph.inter, ranks) for ph in schedule.phases(SHAPE) if ph.is_comm)
         nodes, resend = schedule.nodes.dense, backward == "resend"
         assert inter.max() <= 1.10 * node_bound(docs, schedule.slots, nodes, SHAPE, resend=resend).max(), backward
@@ -228,7 +238,7 @@ def test_the_export_pass_runs_with_overlap_priced():
     docs = [n] + [512] * (24 * tokens // 512)
 
     def away(**options):
-        s = distattn.plan(docs, ranks, scheduler="cad", **options).schedule.segments
+        s = distattn.plan(docs, ranks, scheduler="cad", cost=ROOF, **options).schedule.segments
         return ((s.q0 < n) & (s.rank >= 8)), s
     plain, s0 = away()
     priced, s1 = away(network=default_profile(), overlap_s=0.05)

@@ -41,11 +41,19 @@ def test_every_scheduler_plans_with_a_context_and_splits_heads_as_it_says():
 
 
 def test_cad_derives_its_cost_model_and_network():
+    from distattn.kernel_speed import kernel_model
+    from distattn.tiles import H100
+
     net = default_profile()
-    options = spec("cad").derive(16, PlanContext(64, 8, head_dim=192, peak_tflops=500.0, network=net), {})
+    options = spec("cad").derive(16, PlanContext(64, 8, head_dim=192, gpu="a100", network=net), {})
     cost = options["cost"]
-    assert (cost.num_heads, cost.num_kv_heads, cost.head_dim, cost.peak_tflops) == (64, 8, 192, 500.0)
+    assert (cost.num_heads, cost.num_kv_heads, cost.head_dim) == (64, 8, 192)
+    assert cost.tiles == kernel_model("a100", 192) and "scaled to a100" in cost.tiles.source
     assert options["network"] is net
+    # the context's kernel (the simulator's) wins over its GPU's; gpu= given to plan wins over both
+    assert spec("cad").derive(16, PlanContext(64, 8, kernel=H100), {})["cost"].tiles is H100
+    assert spec("cad").derive(16, PlanContext(64, 8, kernel=H100), {"gpu": "h200"})["cost"].tiles == \
+        kernel_model("h200", 128)
     mine = object()
     assert spec("cad").derive(16, PlanContext(64, 8), {"cost": mine})["cost"] is mine
 
@@ -57,7 +65,7 @@ def test_unknown_options_and_bad_contexts_are_refused():
         PlanContext(32, 0)
     with pytest.raises(ValueError, match="PlanContext.head_groups must be a positive int"):
         PlanContext(32, 8, head_groups=1.5)
-    assert spec("cad").option_names() == ("backward", "cost", "epsilon", "network", "overlap_s", "pool")
+    assert spec("cad").option_names() == ("backward", "cost", "epsilon", "gpu", "network", "overlap_s", "pool")
 
 
 def test_each_registry_entry_names_an_executor():

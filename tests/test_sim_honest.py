@@ -12,7 +12,7 @@ from distattn.model_shape import GPUS, MODELS
 from distattn.network import default_profile
 from distattn.program import RUN, START, WAIT
 from distattn.sim import fit, sweep
-from distattn.sim.kernel import AttentionKernel, latency_shape
+from distattn.sim.kernel import AttentionKernel
 from distattn.sim.replay import Op, _slowed, replay
 from distattn.sim.simulate import SimConfig, simulate, simulate_row
 from distattn.sim.workload import assign, default_batch, draw_chunks
@@ -20,34 +20,24 @@ from distattn.sim.workload import assign, default_batch, draw_chunks
 M8B = MODELS["llama3-8b"]
 
 
-def _latency_csv(path):
-    rows = ["L,cp,tp,duration_per_doc"] + [f"{n},1,1,{0.03 + n * (n + 1) / 2 / 1e7 * (1 + 512 / n)}"
-                                           for n in (64, 256, 1024, 4096, 32768)]
-    path.write_text("\n".join(rows) + "\n2048,2,1,9\n")
-    return path
-
-
-def test_kernel_speed_by_segment_length(tmp_path):
-    flat = AttentionKernel.measured(GPUS["h100"], 128)
-    assert flat.tflops("forward", [64, 32768]).tolist() == pytest.approx([435.0, 435.0])
-    assert flat.tflops("backward", 1000) == pytest.approx(2.5 / (3.5 / 309 - 1 / 340))   # FA2's, derived
-    # the shortest row is the call's fixed cost; the shape is relative to 32K; H200 shares sm_90's level
-    lengths, shape = latency_shape(_latency_csv(tmp_path / "lat.csv"))
-    assert lengths.tolist() == [256, 1024, 4096, 32768] and shape[-1] == pytest.approx(1) and shape[0] < shape[1] < 1
-    shaped = AttentionKernel.measured(GPUS["h200"], 128, tmp_path / "lat.csv")
-    assert shaped.tflops("forward", 32768) == pytest.approx(435) and shaped.tflops("forward", 256) < 300
-    # a rank's rate: its FLOPs over its segments' seconds, each at the speed of the causal document whose
-    # rows see as many keys: rank 0 a 256-token document and a 32K one, rank 1 the last 256 rows of a 64K
-    # one (a ring's chunk, a CAD task: a long document's speed), rank 2 nothing
+def test_kernel_speed_by_segment_shape():
+    """Our kernels at the GPU report's level (FA2's backward: derived from its forward and f+b), priced
+    per segment by the tile model: a whole long document runs at the level, a short one slower, the
+    last rows of a long one (a ring's chunk, a CAD task) forward at the long one's speed and backward
+    slower; a rank's rate is its FLOPs over its call's seconds; H200 shares H100's."""
+    k = AttentionKernel.measured(GPUS["h100"], 128)
+    assert k.tflops("forward", [32768], 32).tolist() == pytest.approx([435.0])
+    assert k.tflops("backward", 32768, 32) == pytest.approx(2.5 / (3.5 / 309 - 1 / 340))   # FA2's, derived
+    assert k.tflops("forward", 256, 32) < 0.5 * 435 and AttentionKernel.measured(GPUS["h200"], 128) == k
     short, long, tail = 256 * 257 // 2, 32768 * 32769 // 2, 256 * (65536 - 128)
-    rates = shaped.rank_rates((np.array([0, 0, 1]), np.array([256, 32768, 256]), np.array([short, long, tail])), 3,
-                              "forward", 1.0)
-    slow, fast = shaped.tflops("forward", 257) * 1e12, shaped.tflops("forward", 32769) * 1e12
-    assert rates[0] == pytest.approx((short + long) / (short / slow + long / fast))
-    assert rates[1] == pytest.approx(435e12) and fast == pytest.approx(435e12, rel=1e-3)
-    assert rates[2] == max(shaped.fwd_tflops) * 1e12   # nothing to run: the best
-    with pytest.raises(ValueError, match="--kernel-table"):
-        latency_shape(tmp_path / "lat_missing.csv")
+    segments = (np.array([0, 0, 1]), np.array([256, 32768, 256]), np.array([short, long, tail]),
+                np.array([256, 32768, 65536]))
+    fwd, bwd = (k.rank_rates(segments, 3, d, 32) for d in ("forward", "backward"))
+    seconds = k.rank_seconds(segments, 3, "forward", 32)
+    assert fwd[0] == pytest.approx(4 * 32 * 128 * (short + long) / seconds[0])
+    assert 0.8 * fwd[0] < fwd[1] and bwd[1] < 0.6 * k.tflops("backward", 65536, 32) * 1e12
+    assert fwd[2] == fwd.max() and bwd[2] == bwd.max()   # nothing to run: the best rank's rate
+    assert "attn_latency_h100.csv" in k.source and "GPU report" in k.source
 
 
 def test_links_queue_apart_and_transfers_slow_compute():

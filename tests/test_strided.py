@@ -112,7 +112,7 @@ def test_dry_stats_of_a_stripe_are_not_fragmented():
         assert not stats["fragmented"] and stats["min_tokens_per_segment"] >= 48, (scheduler, stats)
     # what the simulator prices a rank's kernels by: its segments' pairs, under the reordered mask
     plan = distattn.plan(lens, p, scheduler="ring", layout=dealt(lens, p))
-    rank, _, area = plan.schedule.kernel_segments()
+    rank, _, area, _ = plan.schedule.kernel_segments()
     pairs = [f // (4 * 4 * 64) for f in plan.stats(4, 4, 64)["flops"]]
     assert np.bincount(rank, weights=area).tolist() == pairs
 

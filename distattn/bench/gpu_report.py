@@ -13,8 +13,11 @@ take under 10 minutes on one H100), and writes to one Markdown file, each part a
    8K, 32K and 128K tokens per sequence, causal and documents, head dims 64, 128 and 192/128 (MLA),
    bf16; then 1, 4 and 32 query heads per call (KV heads ``max(1, H // 4)``, Llama-3 8B's group;
    equal work per call: a Ulysses rank's share of the heads) at 4K and 32K, causal, head dim 128, and
-   their speed per FLOP over 32 heads' -- the simulator's head term (:mod:`distattn.sim.kernel`);
-   capped at :data:`KERNEL_BUDGET_S` (cases past it are listed as skipped).
+   their speed per FLOP over 32 heads'; then CAD-shaped calls (few query rows against long keys, each
+   direction timed apart) beside the tile model's price (:mod:`distattn.tiles`: shipped, and fitted to
+   the backend's own rows); capped at :data:`KERNEL_BUDGET_S` (cases past it are listed as skipped).
+   Every causal row is also written to ``REPORT_kernels.csv`` beside the report, for ``distattn cluster
+   kernel-fit``.
 3. **Memory: estimate vs measured**: short one-GPU bf16 trainings of the 2048-dim 4-layer model with
    activation checkpointing none, full, offload and offload + tiled MLP at 16K and 128K tokens, and
    full + ``cpu_offload`` at the longest length that fits the GPU by the estimate; beside each, the
@@ -59,7 +62,9 @@ BUDGET_S = 570              # the whole report
 KERNEL_BUDGET_S = 120       # the kernel benchmark's cases (its own start and autotuning come on top)
 KERNEL_ARGS = ["--seq-lens", "8192", "32768", "131072", "--masks", "causal", "doc", "--head-dims", "64", "128",
                "192/128", "--backends", "triton", "torch", "fa3", "--rep-budget-s", "0.3",
-               "--heads", "1", "4", "32", "--heads-seq-lens", "4096", "32768", "--heads-head-dim", "128"]
+               "--heads", "1", "4", "32", "--heads-seq-lens", "4096", "32768", "--heads-head-dim", "128",
+               # CAD's tasks at 256 GPUs / 512K on ProLong hold ~1.3K query rows against up to 131K keys
+               "--cad-shapes", "512:32768", "2048:32768", "1282:131072", "4096:131072", "16384:131072"]
 PARTS = ("GPU suite", "Kernel TFLOP/s", "Memory: estimate vs measured", "8B-shaped stack on one GPU",
          "Training per backend")
 
@@ -136,11 +141,13 @@ def _suite(tmp: Path, timeout: float) -> tuple[bool, list[str]]:
     return code == 0, lines
 
 
-def _kernels(tmp: Path, budget: float) -> tuple[bool, list[str], list[dict]]:
+def _kernels(tmp: Path, budget: float, table: Path) -> tuple[bool, list[str], list[dict]]:
     rows_file = tmp / "kernels.json"
-    args = KERNEL_ARGS + ["--budget-s", f"{budget:.0f}", "--json", str(rows_file)]
+    args = KERNEL_ARGS + ["--budget-s", f"{budget:.0f}", "--table", str(table), "--json", str(rows_file)]
     code, log, seconds = _run([sys.executable, "-m", "distattn.kernels.bench", *args], budget + 90, "  kernels: ")
-    lines = [f"`python -m distattn.kernels.bench {' '.join(args[:-2])}`: exit {code}, {seconds:.0f} s", "",
+    lines = [f"`python -m distattn.kernels.bench {' '.join(args[:-2])}`: exit {code}, {seconds:.0f} s "
+             f"(its causal rows, for `distattn cluster kernel-fit {table.name} --fit-on backend=NAME`: {table.name})",
+             "",
              log.splitlines()[0] if log else "", "",
              "TFLOP/s; bwd: 2.5x the forward's FLOPs over the backward's time alone; f+b: 3.5x over forward + "
              "backward. Goals: triton f+b >= 1.0x torch (FA2) at hd 64 and 128; triton bwd >= 350 TFLOP/s at 32K "
@@ -148,7 +155,7 @@ def _kernels(tmp: Path, budget: float) -> tuple[bool, list[str], list[dict]]:
     if code != 0 or not rows_file.exists():
         return False, lines + ["```", log[-3000:], "```"], []
     rows = json.loads(rows_file.read_text())
-    return True, lines + tables.kernel_table(rows) + tables.heads_table(rows), rows
+    return True, lines + tables.kernel_table(rows) + tables.heads_table(rows) + tables.cad_table(rows), rows
 
 
 def _gpu_bytes(gib: float | None) -> int:
@@ -168,7 +175,7 @@ def _kernel_arg(name: str) -> list[str]:
 
 def plan_lines(gpu_bytes: int, steps: int, seq_len: int, peak_tflops: float = 989.0) -> list[str]:
     """What the report would run on a GPU of ``gpu_bytes`` (``--plan``), and a rough time per part."""
-    from ..kernels.tools.bench import case_flops, case_lens, cases, head_cases, head_dims, unsupported
+    from ..kernels.tools.bench import cad_shape, case_flops, case_lens, cases, head_cases, head_dims, unsupported
 
     gib = gpu_bytes / plan.GIB
     lines = [f"distattn GPU report plan for a GPU of {gib:.1f} GiB (fits: estimate + {plan.FIT_MARGIN:.0%} <= "
@@ -188,6 +195,11 @@ def plan_lines(gpu_bytes: int, steps: int, seq_len: int, peak_tflops: float = 98
         todo.append((case_flops(lens, True, h, hd, hd), len(runs)))
         case_lines.append(f"   kernel case hd {hd} {s // 1024}K causal, {h}/{kv} heads per call, {len(lens)} x "
                           f"{s // 1024}K tokens: {', '.join(runs) or '-'}")
+    for q, k in (cad_shape(t) for t in _kernel_arg("--cad-shapes")):
+        runs = [b for b in backends if not unsupported(b, "causal", hd, hd, True, True)]
+        todo.append((case_flops([q], True, 32, hd, hd) * (2 * k - q) / q, len(runs)))   # q rows against k keys
+        case_lines.append(f"   kernel case hd {hd} CAD-shaped: {q} query rows against {k // 1024}K keys, 32/8 heads: "
+                          f"{', '.join(runs) or '-'}")
     kernel_s = min(plan.kernel_seconds(todo, float(_kernel_arg("--rep-budget-s")[0])),
                    KERNEL_BUDGET_S + plan.KERNEL_START_S)
     lines += [f"2. kernel benchmark: {len(todo)} cases x {', '.join(backends)} (~{kernel_s:.0f} s, capped at "
@@ -263,7 +275,8 @@ def _parts(report: Report, tmp: Path, args: argparse.Namespace, gpu_bytes: int, 
 
     print("gpu report: kernel TFLOP/s ...", flush=True)
     passed, lines, report.kernels = _kernels(tmp, max(10.0, min(KERNEL_BUDGET_S, deadline - time.perf_counter()
-                                                                - 300)))
+                                                                - 300)),
+                                             report.path.with_name(report.path.stem + "_kernels.csv"))
     ok &= passed
     report.part(PARTS[1], passed, lines)
 

@@ -155,7 +155,7 @@ def kernel_table(rows: list[dict], backends=("triton", "torch", "fa3")) -> list[
     forward, backward and forward+backward TFLOP/s (``n/a``: unsupported, not installed or skipped), and
     triton's f+b over torch's and over FA3's. The head sweep's rows (``--heads``) come last."""
     cases: dict[tuple, dict] = {}
-    for r in sorted(rows, key=lambda r: bool(r.get("heads_sweep"))):
+    for r in sorted((r for r in rows if not r.get("cad_shape")), key=lambda r: bool(r.get("heads_sweep"))):
         heads = f"{r['heads']}/{r['kv_heads']}" if "heads" in r else "-"
         cases.setdefault((r["head_dim"], heads, r["seq_len"], r["mask"]), {})[r["backend"]] = r
     body = []
@@ -174,7 +174,7 @@ def kernel_table(rows: list[dict], backends=("triton", "torch", "fa3")) -> list[
 def heads_table(rows: list[dict], backends=("triton", "torch", "fa3")) -> list[str]:
     """The head sweep (``--heads``; none: no lines): per length and query heads per call, each backend's
     forward and backward speed per FLOP over its speed on the most heads at that length (equal work per
-    call) -- the simulator's head term (:class:`distattn.sim.kernel.HeadTerm`), measured on this GPU."""
+    call) -- where the tile model (:mod:`distattn.tiles`) puts a call's critical path, measured on this GPU."""
     sweep = [r for r in rows if r.get("heads_sweep")]
     if not sweep:
         return []
@@ -196,6 +196,42 @@ def heads_table(rows: list[dict], backends=("triton", "torch", "fa3")) -> list[s
             *_table(["tokens/seq", "heads q/kv"] + [f"{b} {c}" for b in backends for c in ("fwd", "bwd")], body)]
 
 
+def cad_table(rows: list[dict], backends=("triton", "torch", "fa3")) -> list[str]:
+    """The CAD-shaped calls (``--cad-shapes``; none: no lines): per backend and shape, the forward's and
+    the backward's milliseconds measured, as the shipped tile model prices them at this report's level
+    of the backend (its 32K causal forward and backward), and as a tile model fitted to the backend's
+    own causal rows prices them (:func:`distattn.tiles.fit`) -- what ``distattn cluster kernel-fit`` of
+    the report's kernel table answers."""
+    from ..kernels.tools.bench import table_rows
+    from ..tiles import H100, KernelRow, fit, predict
+
+    cad = [r for r in rows if r.get("cad_shape") and r.get("fwd_ms") and r.get("bwd_ms")]
+    if not cad:
+        return []
+    body = []
+    for b in backends:
+        mine = [t for t in table_rows(rows) if t["backend"] == b]
+        known = [KernelRow(t["k_len"], 1, 1, t["q_len"], t["k_len"], t["heads"], t["direction"], t["ms"] * 1e-3,
+                           t["segments"], b) for t in mine]
+        fitted = fit(known) if {k.direction for k in known} >= {"forward", "backward"} and len(known) >= 8 else None
+        ref = next((r for r in rows if r["backend"] == b and r["mask"] == "causal" and r["seq_len"] == 32768
+                    and not r.get("cad_shape") and not r.get("heads_sweep") and r.get("fwd")), None)
+        shipped = None if ref is None else H100.at_level(ref["fwd"], ref["bwd"], int(ref["head_dim"]), "report",
+                                                          heads=ref["heads"])
+        for r in (r for r in cad if r["backend"] == b):
+            cells = []
+            for direction, key in (("forward", "fwd_ms"), ("backward", "bwd_ms")):
+                one = [KernelRow(r["seq_len"], 1, 1, r["q_len"], r["seq_len"], r["heads"], direction, 1.0)]
+                cells += [f"{r[key]:.3f}"] + [_num(None if m is None else float(predict(m, one)[0]) * 1e3, "{:.3f}")
+                                             for m in (shipped, fitted)]
+            body.append([b, f"{r['q_len']}:{r['seq_len']}", *cells, _num(r["bwd"])])
+    return ["", "CAD-shaped calls (one causal segment of Q query rows against K keys, 32/8 heads): milliseconds "
+            "measured, as the shipped tile model prices them at this backend's 32K level, and as a tile model "
+            "fitted to this backend's causal rows prices them:", "",
+            *_table(["backend", "Q:K", "fwd ms", "shipped", "fitted", "bwd ms", "shipped", "fitted", "bwd TFLOP/s"],
+                    body)]
+
+
 @dataclass(frozen=True)
 class Goal:
     name: str
@@ -211,7 +247,7 @@ class Goal:
 def goals(kernel_rows: list[dict] | None, memory: list[dict] | None, stack: list[dict] | None) -> list[Goal]:
     """The four goals (module docstring) from the parts measured so far (None: not run yet)."""
     out = []
-    kernel_rows = [r for r in kernel_rows or [] if not r.get("heads_sweep")]
+    kernel_rows = [r for r in kernel_rows or [] if not r.get("heads_sweep") and not r.get("cad_shape")]
     by = {(r["head_dim"], r["seq_len"], r["mask"], r["backend"]): r for r in kernel_rows}
     for hd in ("64", "128"):
         pairs = [((s, m), by[(h, s, m, "triton")]["fwd_bwd"] / t["fwd_bwd"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -101,6 +102,63 @@ def _cmd_profile_fit(args) -> int:
     return 0
 
 
+def _fit_on(text: str) -> tuple[str, str]:
+    """``--fit-on KEY=VALUE``: the rows a fit sees (``cp=1``: whole documents)."""
+    key, _, value = text.partition("=")
+    if key not in ("L", "cp", "tp", "direction", "backend") or not value:
+        raise argparse.ArgumentTypeError(f"--fit-on {text!r}: give KEY=VALUE with KEY one of L, cp, tp, direction, "
+                                         f"backend (e.g. cp=1)")
+    return key, value
+
+
+def _cmd_kernel_fit(args) -> int:
+    import json
+
+    import numpy as np
+
+    from ..tiles import check, fit, read_table
+
+    rows = read_table(args.table)
+    inside = [args.fit_on is None or str(getattr(r, args.fit_on[0])) == args.fit_on[1] for r in rows]
+    seen = [r for r, ok in zip(rows, inside) if ok]
+    if len(seen) < 4:
+        raise SystemExit(f"distattn cluster kernel-fit: error: --fit-on {'='.join(args.fit_on)} leaves "
+                         f"{len(seen)} of {len(rows)} rows; a fit needs at least 4")
+    print(f"fitting the tile model to {len(seen)} of {len(rows)} rows of {args.table} ...", file=sys.stderr,
+          flush=True)
+    model = fit(seen, source=f"tiles fitted to {os.path.basename(args.table)}")
+    checked = check(model, rows)
+    held = [c for c, ok in zip(checked, inside) if not ok]
+
+    def summary(cs) -> dict:
+        errors = np.abs([c["error"] for c in cs]) if cs else np.zeros(0)
+        return {"median_error": float(np.median(errors)) if cs else None,
+                "worst_error": float(errors.max()) if cs else None}
+    f, b = model.forward, model.backward
+    out = {"table": args.table, "fit_on": None if args.fit_on is None else "=".join(args.fit_on),
+           "model": {"sms": model.sms, "call_us": model.call_s * 1e6, "fixed_iterations": f.fixed,
+                     "forward_iter_us": f.iter_s * 1e6, "backward_iter_us": b.iter_s * 1e6, "lone": f.lone},
+           "rows": checked, **summary(checked),
+           **{f"predicted_{k}": v for k, v in summary(held).items()}}
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(model.describe())
+    if args.check:
+        print(f"{'L':>7} {'cp':>3} {'tp':>3} {'q_len':>7} {'k_len':>7} {'heads':>5} {'direction':<9} "
+              f"{'measured ms':>12} {'model ms':>10} {'error':>7}{'  (held out)' if held else ''}")
+        for c, ok in zip(checked, inside):
+            print(f"{c['L']:>7} {c['cp']:>3} {c['tp']:>3} {c['q_len']:>7} {c['k_len']:>7} {c['heads']:>5g} "
+                  f"{c['direction']:<9} {c['measured_ms']:>12.4f} {c['model_ms']:>10.4f} {c['error']:>+7.1%}"
+                  f"{'' if ok else '  *'}")
+    print(f"|model / measured - 1| over {len(rows)} rows: median {out['median_error']:.1%}, "
+          f"worst {out['worst_error']:.1%}")
+    if held:
+        print(f"the {len(held)} rows the fit did not see: median {out['predicted_median_error']:.1%}, "
+              f"worst {out['predicted_worst_error']:.1%}")
+    return 0
+
+
 def print_check(rows) -> None:
     """``--check``: per op and scope, the relative time error of each measured configuration's own fit and
     of the rule's price with it left out (:meth:`distattn.network.NetworkProfile.check`)."""
@@ -122,7 +180,8 @@ def add_parsers(sub) -> None:
                     "profile JSON that `distattn simulate --network` reads, and inspect profiles and logs.",
         epilog=examples("distattn cluster probe --world-size 4 --out net.json",
                         "distattn cluster nccl-tests --bin-dir nccl-tests/build --gpus 8 --out h100.json",
-                        "distattn cluster nccl-parse all_gather_perf.log", "distattn cluster fit h100.json"))
+                        "distattn cluster nccl-parse all_gather_perf.log", "distattn cluster fit h100.json",
+                        "distattn cluster kernel-fit attn_latency_h100.csv --check"))
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="SUBCOMMAND")
 
     nccl = cluster_sub.add_parser(
@@ -179,3 +238,22 @@ def add_parsers(sub) -> None:
                      help="also score the rule that prices unmeasured configurations (strict profiles): each "
                           "measured configuration priced with its own rows left out, error per op and scope")
     fit.set_defaults(func=_cmd_profile_fit)
+
+    kernel = cluster_sub.add_parser(
+        "kernel-fit", help="fit the attention kernel's tile model to a latency table; rows measured vs modelled",
+        description="Fit the attention kernel's tile model (distattn.tiles: CTAs in waves over the SMs, per "
+                    "direction, each a fixed cost plus its loop iterations) to a latency table: rows L,cp,tp,"
+                    "duration_per_doc (ms, DistCA's profiler: L/cp query rows of a causal document, read as forward "
+                    "+ backward) or q_len,k_len,heads,direction,ms[,segments,backend] (the GPU report's kernel "
+                    "rows: python -m distattn.kernels.bench --table).",
+        epilog=examples("distattn cluster kernel-fit ../shared/data/profiles/attn_latency_h100.csv --check",
+                        "distattn cluster kernel-fit ../shared/data/profiles/attn_latency_h100.csv --fit-on cp=1 "
+                        "--json"))
+    kernel.add_argument("table", type=existing_file, metavar="TABLE", help="a latency table (CSV)")
+    kernel.add_argument("--check", action="store_true", help="print every row, measured against modelled")
+    kernel.add_argument("--fit-on", type=_fit_on, default=None, metavar="KEY=VALUE",
+                        help="fit on the rows with KEY=VALUE only (e.g. cp=1: whole documents) and predict the rest")
+    kernel.add_argument("--json", action="store_true",
+                        help="print JSON: the model, rows (L, cp, tp, measured_ms, model_ms, error), median_error, "
+                             "worst_error, and predicted_* over the rows --fit-on left out")
+    kernel.set_defaults(func=_cmd_kernel_fit)

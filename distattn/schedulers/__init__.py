@@ -53,9 +53,9 @@ class PlanContext:
     takes what it needs (``usp``: its Ulysses degree, ``ulysses_degree`` or else the largest divisor of
     the CP size that divides the KV heads and fits in a node of ``gpus_per_node``; ``ulysses``/``usp``:
     ``head_groups``;
-    ``cad``: its cost model from the head shape, ``dtype_bytes`` and ``peak_tflops``, and
-    ``network``), so every caller plans one job alike. Options passed to ``distattn.plan`` by name
-    win over what a planner derives."""
+    ``cad``: its cost model -- the tile model of the kernel on ``gpu``, or ``kernel`` itself -- from
+    the head shape and ``dtype_bytes``, and ``network``), so every caller plans one job alike. Options
+    passed to ``distattn.plan`` by name win over what a planner derives."""
 
     num_heads: int | None = None        # query heads of the attention (None: not known)
     num_kv_heads: int | None = None     # K/V heads (GQA/MQA: fewer than num_heads)
@@ -65,8 +65,9 @@ class PlanContext:
     gpus_per_node: int | None = None    # ranks on fast links (usp keeps its Ulysses axis inside them)
     ulysses_degree: int | None = None   # where a scheduler splits heads on an axis of the CP group (usp): its size
     peak_tflops: float | None = None    # the GPU's dense bf16 peak (None: an H100's)
-    attn_efficiency: float = 0.5        # the fraction of that peak the attention kernel achieves
     network: object = None              # a distattn.network.NetworkProfile (None: NVLink in 8, InfiniBand across)
+    gpu: str | None = None              # the GPU the job runs on (distattn.model_shape.GPUS; None: an H100)
+    kernel: object = None               # a distattn.tiles.TileModel of its kernel (None: gpu's, kernel_speed)
 
     def __post_init__(self):
         for name in ("num_heads", "num_kv_heads", "gpus_per_node", "ulysses_degree"):

@@ -266,12 +266,12 @@ class UlyssesSchedule(Schedule):
     def visible_pairs(self, rank: int) -> int:
         return self.mask.area()
 
-    def kernel_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def kernel_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every rank runs every document whole (on its share of the heads)."""
         lens = np.asarray(self.doc_lens, dtype=np.int64)
         area = mask_area(lens, lens, self.causal, self.window)
         p = self.world_size
-        return np.repeat(np.arange(p), len(lens)), np.tile(lens, p), np.tile(area, p)
+        return np.repeat(np.arange(p), len(lens)), np.tile(lens, p), np.tile(area, p), np.tile(lens, p)
 
     def program(self, shape: AttnShape) -> Program:
         p = self.world_size

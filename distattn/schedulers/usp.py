@@ -106,11 +106,11 @@ class USPSchedule(Schedule):
     def visible_pairs(self, rank: int) -> int:
         return self.ring.visible_pairs(self.coords[rank][1])
 
-    def kernel_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def kernel_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Each rank runs its ring rank's segments (on its share of the heads)."""
-        ring_rank, q_len, area = self.ring.kernel_segments()
+        ring_rank, q_len, area, k_len = self.ring.kernel_segments()
         u = self.ulysses_degree
-        return self.flat[ring_rank].ravel(), np.repeat(q_len, u), np.repeat(area, u)
+        return self.flat[ring_rank].ravel(), np.repeat(q_len, u), np.repeat(area, u), np.repeat(k_len, u)
 
     @cached_property
     def flat(self) -> np.ndarray:

@@ -17,7 +17,7 @@ from ..packing import DEFAULT_CAP_FACTOR
 from ..pingpong import nano_batches as nano_batches_of
 from ..schedule import AttnShape, Phase
 from ..schedulers import PlanContext, spec
-from .kernel import AttentionKernel, planner_efficiency
+from .kernel import AttentionKernel
 from .presets import GPUS, PACKINGS
 from .replay import COMM_SLOWDOWN
 from .workload import row_of
@@ -34,7 +34,7 @@ class SimConfig:
     gpu: GPU = GPUS["h100"]
     gpus_per_node: int = 8
     mfu: float = 0.5               # linear layers
-    attn_efficiency: float = 0.5   # attention, fraction of peak: CAD's planner's cost model, GPUs nobody measured
+    attn_efficiency: float = 0.5   # attention, fraction of peak on a GPU the GPU report has no row for
     ulysses_degree: int | None = None
     elem_bytes: int = 2            # bf16 activations
     seed: int = 0                  # the draw of the global batch
@@ -46,7 +46,7 @@ class SimConfig:
     batch: int | None = None          # sequences of seq_len per global batch; None: dp (one micro-batch each)
     packing: str = "balanced"         # .workload
     token_cap_factor: float = DEFAULT_CAP_FACTOR
-    kernel: AttentionKernel | None = None   # None: AttentionKernel.measured(gpu, head dim), flat in length
+    kernel: AttentionKernel | None = None   # None: AttentionKernel.measured(gpu, head dim): the shipped tile fit
     comm_slowdown: float = COMM_SLOWDOWN
     fsdp: bool = True                 # FSDP2's gathers and reduce-scatters over the dp x cp ranks
     planning: str = "hidden"
@@ -172,16 +172,16 @@ def job_facts(cfg: SimConfig, scheduler: str | None = None) -> JobFacts:
     pools = scheduler is not None and spec(scheduler).pools
     return JobFacts(cfg.model, cfg.dp, cfg.cp, scheduler, dtype="bf16" if cfg.elem_bytes == 2 else "fp32",
                     ulysses_degree=cfg.ulysses_degree, gpus_per_node=cfg.gpus_per_node, tp=cfg.tp,
-                    peak_tflops=cfg.gpu.peak_tflops, wrapper="fsdp" if cfg.ranks > 1 else "single",
+                    peak_tflops=cfg.gpu.peak_tflops, gpu=cfg.gpu.name, wrapper="fsdp" if cfg.ranks > 1 else "single",
                     pooled=pools and cfg.dp > 1, cad_backward=_planned_backward(cfg))
 
 
 def plan_context(cfg: SimConfig, network=None) -> PlanContext:
     """The simulated job as the planners see it (:meth:`JobFacts.plan_context
     <distattn.memory_model.JobFacts.plan_context>`, the trainer's translation too): a CP rank is a TP group,
-    holding ``1/tp`` of the heads, ``gpus_per_node / tp`` of them to a node; CAD prices attention at the
-    simulated kernel's speed on long segments (:func:`~.kernel.planner_efficiency`)."""
-    return job_facts(cfg).plan_context(planner_efficiency(attention_kernel(cfg), cfg.gpu), network)
+    holding ``1/tp`` of the heads, ``gpus_per_node / tp`` of them to a node; CAD balances the simulated
+    kernel's seconds (:func:`attention_kernel`)."""
+    return job_facts(cfg).plan_context(network, attention_kernel(cfg).tiles)
 
 
 def nano_docs(docs, nano_batches: int, model: ModelShape) -> list[list[int]]:

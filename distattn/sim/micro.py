@@ -81,8 +81,7 @@ def _planned(job: tuple, docs: list[int], cfg: SimConfig, context, options: dict
     start = time.perf_counter()
     schedule = dry_schedule(name, docs, world, context, comm_dtype=cfg.comm_dtype, **options)
     seconds = time.perf_counter() - start
-    rates = _rates(row_of(name), schedule, docs, kernel, world, 4.0 * shape.num_heads * shape.head_dim,
-                   schedule.kernel_heads(shape))
+    rates = _rates(row_of(name), schedule, docs, kernel, world, schedule.kernel_heads(shape))
     group = _Group(schedule.call_program(shape), rates, np.asarray(schedule.rank_tokens(), np.float64),
                    schedule.ulysses_degree)
     with _PLANS_LOCK:
@@ -92,18 +91,13 @@ def _planned(job: tuple, docs: list[int], cfg: SimConfig, context, options: dict
     return group, seconds
 
 
-def _rates(row: Row, schedule, docs, kernel: AttentionKernel, world: int, pair_flops: float,
-           heads: float | None = None) -> dict:
+def _rates(row: Row, schedule, docs, kernel: AttentionKernel, world: int, heads: float) -> dict:
     """Per direction, each rank's attention FLOP/s at the kernel's speed on its segments
     (:meth:`~distattn.schedule.Schedule.kernel_segments`), ``heads`` query heads a call
-    (:meth:`~distattn.schedule.Schedule.kernel_heads`; a bound's: all). A bound's work is evened out
-    over its ranks, so they all run at the speed of its segments together: the schedule's
-    (``wlb-ideal``: per-document CP), or -- ``ideal``, whose attention no placement cuts -- every
-    document whole."""
+    (:meth:`~distattn.schedule.Schedule.kernel_heads`); a bound's: :func:`_bound_rates`."""
     if row.bound is None:
-        return {d: kernel.rank_rates(schedule.kernel_segments(), world, d, pair_flops, heads) for d in DIRECTIONS}
-    segments = None if row.bound == "all" else schedule.kernel_segments()
-    return _bound_rates(row, docs, segments, kernel, world, pair_flops, schedule.causal, schedule.window)
+        return {d: kernel.rank_rates(schedule.kernel_segments(), world, d, heads) for d in DIRECTIONS}
+    return _bound_rates(docs, kernel, world, heads, schedule.causal, schedule.window)
 
 
 def _bound(row: Row, groups: list[_Group], world: int, ranks: int) -> list[_Group]:
@@ -141,22 +135,20 @@ def _bound_groups(cfg: SimConfig, name: str, docs_per_group: list, world: int,
         area = np.zeros(world, dtype=np.int64)
         np.add.at(area, segments[0], segments[2])
         forward.append(attention_flops(area, shape.num_heads, shape.head_dim))
-        rates = _bound_rates(row, docs, segments, kernel, world, 4.0 * shape.num_heads * shape.head_dim)
+        rates = _bound_rates(docs, kernel, world, shape.num_heads)
         tokens = np.asarray([shards.num_tokens(r) for r in range(world)], np.float64)
         groups.append(_Group(None, rates, tokens, None))
     return _evened(row, forward, groups, world, cfg.ranks)
 
 
-def _bound_rates(row: Row, docs, segments, kernel: AttentionKernel, world: int, pair_flops: float,
-                 causal: bool = True, window: int | None = None) -> dict:
-    """:func:`_rates` of a bound from its documents (``all``) or its layout's ``segments`` (``replica``)."""
-    if row.bound == "all":
-        q_len = np.asarray(docs, dtype=np.int64)
-        area = mask_area(q_len, q_len, causal, window)
-    else:
-        _, q_len, area = segments
-    together = (np.zeros(len(q_len), dtype=np.int64), q_len, area)   # every segment on one rank
-    return {d: np.full(world, kernel.rank_rates(together, 1, d, pair_flops)[0]) for d in DIRECTIONS}
+def _bound_rates(docs, kernel: AttentionKernel, world: int, heads: float, causal: bool = True,
+                 window: int | None = None) -> dict:
+    """The bounds' FLOP/s (``wlb-ideal``, ``ideal``): their work is evened out over their ranks, so
+    every rank runs at the speed of the documents together, each whole on all ``heads`` -- the kernel's
+    best case, which no placement that cuts a document beats."""
+    q_len = np.asarray(docs, dtype=np.int64)
+    together = (np.zeros(len(q_len), dtype=np.int64), q_len, mask_area(q_len, q_len, causal, window), q_len)
+    return {d: np.full(world, kernel.rank_rates(together, 1, d, heads)[0]) for d in DIRECTIONS}
 
 
 def _merged(groups: list[_Group], world: int, network, cfg: SimConfig) -> TimedProgram:

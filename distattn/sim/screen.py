@@ -62,8 +62,7 @@ class Screen:
 
     def __init__(self, cfg: SimConfig, replay, rank_cap: int):
         self.cfg, self.replay, self.rank_cap = cfg, replay, rank_cap
-        shape = attn_shape(cfg)
-        self.pair_flops = 4.0 * shape.num_heads * shape.head_dim
+        self.heads = attn_shape(cfg).num_heads
         self.kernel = attention_kernel(cfg)
         self.fits: dict[tuple, Fit] = {}
         self.fit_seconds = 0.0   # every fit's, together
@@ -107,19 +106,19 @@ class Screen:
         got = self._memo.get(docs)
         if got is None:
             lens = np.asarray(docs or (1,), dtype=np.int64)
-            seconds = lens * (lens + 1) / 2 * self.pair_flops / (self.kernel.tflops("forward", lens) * 1e12)
+            seconds = self.kernel.document_seconds("forward", lens, self.heads)
             got = self._keep(docs, np.asarray([float(lens.sum()), float(seconds.sum())]))
         return got
 
     def _layout(self, kind: str, ring: int, docs: tuple[int, ...]) -> float:
-        """The busiest of ``ring`` ranks' forward attention seconds, times ``ring``, on layout ``kind`` (each
-        segment at the speed of a document of its mean keys: :meth:`~.kernel.AttentionKernel.rank_seconds`)."""
+        """The busiest of ``ring`` ranks' forward attention seconds, times ``ring``, on layout ``kind``
+        (:meth:`~.kernel.AttentionKernel.rank_seconds`)."""
         key = (kind, ring, docs)
         got = self._memo.get(key)
         if got is None:
             lens = [int(n) for n in docs] or [1]
             segments = layout_segments(Layout(kind).shards(lens, ring), lens, True, None)
-            per_rank = self.kernel.rank_seconds(segments, ring, "forward", self.pair_flops)
+            per_rank = self.kernel.rank_seconds(segments, ring, "forward", self.heads)
             got = self._keep(key, float(per_rank.max() * ring))
         return got
 

@@ -55,13 +55,13 @@ from ..program import BACKWARD, FORWARD
 from ..schedule import AttnShape
 from ..schedulers import REGISTRY, spec
 from . import fit
-from .job import (SimConfig, attention_kernel, comm_time, default_cp, dry_schedule, nccl_size,
+from .job import (SimConfig, attention_kernel, attn_shape, comm_time, default_cp, dry_schedule, nccl_size,
                   links_of, plan_context, with_planning)
 from .micro import fsdp_seconds, micro_batch
 from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS
 from .replay import TimedProgram, call_ops, replay, replay_both
 from .step import step_ops
-from .workload import assign, draw_chunks, row_of
+from .workload import assign, assign_wlb, draw_chunks, row_of
 
 # a rank's step, laid end to end: compute, then communication not hidden, then waiting for the slowest
 # rank of its replica and the slowest replica. overlapped_comm runs during compute, not after it.
@@ -69,13 +69,16 @@ PHASES = ("compute", "exposed_comm", "idle", "overlapped_comm")
 TIMELINE_COLUMNS = ("scheduler", "rank", "node", "replica", "cp_rank", "phase", "start_s", "end_s", "seconds")
 
 
-def time_call(schedule, shape: AttnShape, network, flop_rate: float, streams: bool = True) -> dict[str, float]:
+def time_call(schedule, shape: AttnShape, network, kernel, streams: bool = True) -> dict[str, float]:
     """Seconds of one plain attention call of ``schedule`` -- its ``forward``, its ``backward`` and
-    ``both`` back to back -- replayed (:mod:`.replay`) with attention at ``flop_rate``: the step's
-    slowest rank."""
+    ``both`` back to back -- replayed (:mod:`.replay`) with each rank's attention at ``kernel``'s speed
+    on its segments (:class:`~.kernel.AttentionKernel`): the slowest rank."""
     ranks = schedule.stat_ranks
+    heads = schedule.kernel_heads(shape)
+    rates = {d: kernel.rank_rates(schedule.kernel_segments(), ranks, d, heads) for d in ("forward", "backward")}
     timed = TimedProgram.of(schedule.call_program(shape), ranks,
-                            lambda ph: np.asarray(ph.amount, np.float64) / flop_rate, lambda ph: comm_time(network, ph))
+                            lambda ph: np.asarray(ph.amount, np.float64) / rates[ph.direction][ph.rank],
+                            lambda ph: comm_time(network, ph))
     return {name: float(replay(call_ops(timed, ranks, stages), ranks, streams=streams).end.max())
             for name, stages in (("forward", FORWARD), ("backward", BACKWARD), ("both", FORWARD + BACKWARD))}
 
@@ -106,8 +109,10 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
     return results, timeline
 
 
-def simulate_row(cfg: SimConfig, network, name: str, chunks) -> tuple[dict, object]:
-    """Row ``name`` on the global batch ``chunks``: its result and its replay (None: it fits no GPU)."""
+def simulate_row(cfg: SimConfig, network, name: str, chunks, history=()) -> tuple[dict, object]:
+    """Row ``name`` on the global batch ``chunks``: its result and its replay (None: it fits no GPU).
+    ``history``: the global batches of the steps before, oldest first (WLB-LLM's packing queues the
+    outliers they left, :func:`~.workload.assign_wlb`; none: empty queues)."""
     row, m = row_of(name), cfg.model
     entry = spec(row.entry)
     # the packer balances what the scheduler does not: attention pairs too, or tokens alone (cad's pool,
@@ -126,7 +131,11 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks) -> tuple[dict, obje
     if not setting.fits and cfg.activation_checkpointing is None:   # (a setting asked for is timed regardless)
         return dict(result, step_time_s=None), None
     cfg = fit.with_setting(cfg, setting)
-    packed = assign(chunks, cfg.dp, len(chunks) // cfg.dp, cfg.packing, m.pair_weight(), balance, cap, cfg.seed)
+    if row.packing == "wlb":
+        packed = assign_wlb([*history, chunks], cfg.dp, len(chunks) // cfg.dp, m.pair_weight(), cap, cfg.seq_len,
+                            cfg.seed)
+    else:
+        packed = assign(chunks, cfg.dp, len(chunks) // cfg.dp, cfg.packing, m.pair_weight(), balance, cap, cfg.seed)
     links, kernel = links_of(network, cfg), attention_kernel(cfg)
     micro = [micro_batch(cfg, name, replicas, kernel, links) for replicas in packed.micro]
     ops = step_ops([mb["micro"] for mb in micro], m.n_layers, cfg.activation_checkpointing, cfg.ranks,
@@ -136,20 +145,34 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks) -> tuple[dict, obje
     planning = sum(mb["planning_s"] for mb in micro)
     step = float(busy.max())
     step = with_planning(cfg, step, planning)
+    tokens = float(sum(mb["tokens"].sum() for mb in micro))
+    share, timed = {}, step
+    if row.packing == "wlb":   # its queues release more or less work than a global batch: scaled to one
+        trained = [n for mb in packed.micro for rep in mb for n in rep]
+        share = {"wlb_work_share": _work(cfg, kernel, trained) / _work(cfg, kernel, [n for c in chunks for n in c])}
+        step = timed / share["wlb_work_share"]
     # what each replica computed: the rest of its step it waited in collectives with the slowest one
     rep_times = [float(run.compute[i * cfg.cp:(i + 1) * cfg.cp].max()) for i in range(cfg.dp)]
     slowest = int(np.argmax(busy))
-    tokens = float(sum(mb["tokens"].sum() for mb in micro))
     peak = cfg.gpu.peak_tflops * 1e12
     return dict(result, **{
-        "step_time_s": step, "tokens_per_s_per_gpu": tokens / step / cfg.gpus,
-        "mfu": float(m.model_flops(tokens, sum(mb["flops_attn"] for mb in micro)) / step / (peak * cfg.gpus)),
+        "step_time_s": step, "tokens_per_s_per_gpu": tokens / timed / cfg.gpus,
+        "mfu": float(m.model_flops(tokens, sum(mb["flops_attn"] for mb in micro)) / timed / (peak * cfg.gpus)),
         "compute_s": float(run.compute.max()), "exposed_comm_s": max(float(busy.max() - still.end.max()), 0.0),
         "comm_s": float(run.comm[slowest]), "stalled_s": float(run.stalled[slowest]),
         "compute_imbalance": max(1.0, float(run.compute.max() / run.compute.mean())),  # 1 - ulp happens
         "dp_idle": float(np.mean([(step - t) / step for t in rep_times])), "dp_imbalance": packed.imbalance,
         "held_share": packed.held_tokens / max(1, sum(map(sum, chunks))), "planning_s": planning,
-        "kernel": kernel.source}), run
+        "kernel": kernel.source, **share}), run
+
+
+def _work(cfg: SimConfig, kernel, docs) -> float:
+    """The seconds one GPU would spend on ``docs``' layers: linear at ``mfu`` and attention at the kernel's
+    speed for each document whole, forward and backward (what a step's work is scaled by)."""
+    m, lens = cfg.model, np.asarray(docs, dtype=np.float64)
+    heads = attn_shape(cfg).num_heads * cfg.tp
+    attention = sum(kernel.document_seconds(d, lens, heads).sum() for d in ("forward", "backward"))
+    return m.n_layers * float(attention) + 6 * m.params * float(lens.sum()) / (cfg.gpu.peak_tflops * 1e12 * cfg.mfu)
 
 
 def row_setting(cfg: SimConfig, name: str) -> dict:

@@ -38,12 +38,12 @@ import numpy as np
 
 from ..schedulers import spec
 from .simulate import SimConfig, plan_context, simulate_row
-from .workload import draw_chunks, row_of
+from .workload import WLB_WARMUP, draw_chunks, row_of
 
 SWEEP_DRAWS = 4
 # what a draw measures (summarised by its median); the rest of a row is the setup
 MEASURED = ("step_time_s", "tokens_per_s_per_gpu", "mfu", "compute_s", "exposed_comm_s", "comm_s", "stalled_s",
-            "compute_imbalance", "dp_idle", "dp_imbalance", "held_share", "planning_s")
+            "compute_imbalance", "dp_idle", "dp_imbalance", "held_share", "planning_s", "wlb_work_share")
 # the pinned keys of a row with no time (it fits no setting, or no CP size)
 NO_TIME = {"cp": None, "dp": None, "checkpointing": None, "memory_gib": None, "fits": False, "step_time_s": None,
            "step_time_p10_s": None, "step_time_p90_s": None, "step_time_mean_s": None, "nano_batches": None,
@@ -93,8 +93,9 @@ def settings(cfg: SimConfig, name: str, cp: int) -> list[dict]:
 
 def pool_batches(pool) -> Callable[[SimConfig, int], list[list[int]]]:
     """Draw ``d`` of a config: :func:`~.workload.draw_chunks` of the length sample ``pool`` (None: the
-    log-normal stand-in), seeded ``cfg.seed + d``."""
-    return lambda cfg, d: draw_chunks(cfg.batch or cfg.dp, cfg.seq_len, pool, cfg.seed + d)
+    log-normal stand-in), seeded ``cfg.seed + d`` (the steps before the first, which WLB-LLM's queues
+    remember: seeds counted down from 2**32)."""
+    return lambda cfg, d: draw_chunks(cfg.batch or cfg.dp, cfg.seq_len, pool, (cfg.seed + d) % 2 ** 32)
 
 
 def run_draws(cfg: SimConfig, network, name: str, batches, draws: range,
@@ -102,8 +103,10 @@ def run_draws(cfg: SimConfig, network, name: str, batches, draws: range,
     """Row ``name``'s result on each draw of ``draws``: ``batches(cfg, d)`` gives draw ``d``'s
     sequences (:func:`pool_batches`)."""
     out = []
+    warmup = WLB_WARMUP if row_of(name).packing == "wlb" else 0   # the steps whose outliers it may still queue
     for d in draws:
-        result, _ = simulate_row(replace(cfg, seed=cfg.seed + d), network, name, batches(cfg, d))
+        history = [batches(cfg, d - k) for k in range(warmup, 0, -1)]
+        result, _ = simulate_row(replace(cfg, seed=cfg.seed + d), network, name, batches(cfg, d), history)
         out.append(result)
         if progress is not None:
             step = result["step_time_s"]

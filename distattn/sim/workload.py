@@ -21,11 +21,24 @@ paired) whatever its CP size.
 
 **Rows** (:data:`ROWS`): every scheduler of the registry on its default layout, and
 
-* ``wlb``: WLB-LLM as users run it -- ``zigzag`` on the per-document layout (each document cut
-  into ``2 * cp`` chunks, TransformerEngine's THD split), balanced packing, the CP size swept;
+* ``wlb``: WLB-LLM as its paper runs it (Wang et al., OSDI '25) -- per-document CP: each document
+  cut into ``2 * cp`` chunks, a pair to each rank (our per-document layout), K/V all-gathered as Llama
+  3's CP does (``allgather``); its packing (:func:`assign_wlb`); the CP size swept like every row;
 * ``wlb-ideal``: its bound (DistCA's WLB-ideal): the same packing with each replica's attention
   evened over its ranks and no communication;
 * ``ideal``: all attention of all replicas evened over all GPUs, no communication.
+
+**WLB-LLM's packing** (:func:`assign_wlb`, their Algorithm 1): documents of at least
+:data:`WLB_OUTLIERS` of a sequence are *outliers*, each queued by its size class; once a queue holds
+as many as there are micro-batches in the global batch, they are released together, one for each;
+the rest of the step's documents, the ones an earlier step could not place first, are packed by
+workload (:func:`distattn.pack_balanced`: tokens plus attention pairs, each to the lightest
+micro-batch with room under the token cap; what fits nowhere waits for the next step). The paper
+tunes its thresholds offline and publishes none: :data:`WLB_OUTLIERS` are ours. A draw's queues
+hold what the :data:`WLB_WARMUP` steps of the stream before it left there. A step trains the
+documents its queues release, more or less work than its global batch: its time is scaled to the
+global batch's (``wlb_work_share``: the seconds one GPU would spend on the documents it trained --
+linear layers, and attention with each document whole -- over the global batch's).
 """
 
 from __future__ import annotations
@@ -41,18 +54,24 @@ from .presets import PACKINGS
 TOKENS_PER_GPU = 16384        # the default global batch: 16K tokens per GPU (DistCA's settings, Table 3)
 
 
+WLB_OUTLIERS = (0.25, 0.5)     # WLB-LLM's outlier queues: documents of at least these shares of a sequence
+WLB_WARMUP = 8                 # steps of the stream before a draw that fill WLB-LLM's queues
+
+
 @dataclass(frozen=True)
 class Row:
-    """A simulated row: the registry entry it plans with, its layout (None: the entry's), and the bound
+    """A simulated row: the registry entry it plans with, its layout (None: the entry's), the bound
     it stands for (None: a real schedule; ``"replica"``: attention evened per replica; ``"all"``: over
-    every GPU)."""
+    every GPU), and its packing (None: the config's; ``"wlb"``: WLB-LLM's, :func:`assign_wlb`)."""
 
     entry: str
     layout: str | None = None
     bound: str | None = None
+    packing: str | None = None
 
 
-ROWS = {"wlb": Row("zigzag", "document"), "wlb-ideal": Row("zigzag", "document", "replica"),
+ROWS = {"wlb": Row("allgather", "document", packing="wlb"),
+        "wlb-ideal": Row("allgather", "document", "replica", packing="wlb"),
         "ideal": Row("zigzag", "document", "all")}
 
 
@@ -108,5 +127,33 @@ def assign(chunks: list[list[int]], dp: int, micro_batches: int, packing: str, p
     return Assignment(micro, held, imbalance(work))
 
 
-__all__ = ["PACKINGS", "TOKENS_PER_GPU", "Row", "ROWS", "row_of", "default_batch", "draw_chunks", "Assignment",
-           "assign"]
+def assign_wlb(steps: list[list[list[int]]], dp: int, micro_batches: int, pair_weight: float, token_cap: int,
+               seq_len: int, seed: int = 0) -> Assignment:
+    """WLB-LLM's packing (module docstring) of the last of ``steps`` (each a step's sequences, as
+    :func:`draw_chunks` gives them) over ``dp`` replicas x ``micro_batches``; the steps before it fill
+    the outlier queues and carry what they could not place. ``held_tokens``: what the step leaves
+    for the next (placed first there); ``imbalance``: as :func:`assign`'s."""
+    n = dp * micro_batches
+    bounds = [share * seq_len for share in WLB_OUTLIERS]
+    queues: list[list[int]] = [[] for _ in bounds]
+    remained: list[int] = []
+    for k, chunks in enumerate(steps):
+        new = []
+        for length in (int(x) for chunk in chunks for x in chunk):
+            size = sum(length >= b for b in bounds)
+            (queues[size - 1] if size else new).append(length)
+        released = []
+        for queue in queues:
+            while len(queue) >= n:
+                released += queue[:n]
+                del queue[:n]
+        docs = remained + released + new
+        packed = pack_balanced(docs, dp, micro_batches, token_cap, pair_weight, seed=seed + k,
+                               first=range(len(remained)))
+        remained = [docs[i] for i in packed.held]
+    micro = [[[docs[i] for i in packed[r][j]] for r in range(dp)] for j in range(micro_batches)]
+    return Assignment(micro, sum(remained), packed.imbalance)
+
+
+__all__ = ["PACKINGS", "TOKENS_PER_GPU", "WLB_OUTLIERS", "WLB_WARMUP", "Row", "ROWS", "row_of", "default_batch",
+           "draw_chunks", "Assignment", "assign", "assign_wlb"]

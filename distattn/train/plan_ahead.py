@@ -48,16 +48,18 @@ from .data.global_batch import GlobalBatches, MicroBatch
 Parts = list[tuple[list[int], int, int]]   # nano-batches: (doc_lens, start, end) each
 
 
-def plan_options(cfg: RunConfig, peak_flops: float | None, cad_backward: str | None = None) -> dict:
+def plan_options(cfg: RunConfig, peak_flops: float | None, cad_backward: str | None = None,
+                 gpu: str | None = None) -> dict:
     """The options of every step's plans beyond the scheduler and backend (``peak_flops``: the
     device's, MFU's denominator, None on CPU; ``cad_backward``: ``parallel.cad_backward`` resolved,
-    :func:`distattn.train.preflight.memory.cad_backward`)."""
+    :func:`distattn.train.preflight.memory.cad_backward`; ``gpu``: the device's name,
+    :func:`distattn.train.metrics.device_gpu`, None on CPU)."""
     p, t = cfg.parallel, cfg.train
     # the job as `distattn simulate` describes it: each scheduler derives its options from it (usp
-    # its degree, the mesh's "ulysses" axis; cad its cost model; a CPU run plans for an H100's peak)
+    # its degree, the mesh's "ulysses" axis; cad the kernel's seconds on the GPU; a CPU run plans for an H100)
     options: dict[str, Any] = {}
     if cfg.world_size > 1:   # (one rank plans nothing: local attention)
-        options["context"] = cfg.plan_context(None if peak_flops is None else peak_flops / 1e12)
+        options["context"] = cfg.plan_context(None if peak_flops is None else peak_flops / 1e12, gpu)
     if t.deterministic:
         options["deterministic"] = True
     if p.comm_dtype is not None:

@@ -22,6 +22,14 @@ count's batch holds ``max(--heads) / H`` times the sequences of the most heads' 
 of a length does the same work, as a Ulysses rank does (``1/U`` of the heads, ``U`` times the tokens):
 their TFLOP/s compare the speed per FLOP. Their rows say ``heads_sweep``.
 
+**CAD-shaped calls** (``--cad-shapes Q:K ...``): one causal segment of ``Q`` query rows against ``K``
+keys (bottom-right aligned: a task of CAD's, or a CP rank's chunk at a document's end), Llama-3 8B's
+32 query and 8 KV heads at ``--heads-head-dim``, forward and backward timed apart. Short-query tasks
+run their backward as many key-block CTAs with short loops; the tile model (:mod:`distattn.tiles`)
+prices that, and ``--table`` writes every causal row in its table format (``q_len, k_len, heads,
+segments, direction, backend, ms``) for ``distattn cluster kernel-fit TABLE --fit-on backend=NAME``.
+Their rows say ``cad_shape``.
+
 A head dim ``192/128`` is Q/K's and V's (MLA: heads = hidden / V's head dim); K and V are then
 views into one packed ``[T, H, Dqk + Dv]`` buffer, as the executors pass them. FlashAttention-2 has
 no Dv != Dqk (the ``torch`` backend would fall back to dense math): ``n/a``, as a backend that refuses
@@ -61,8 +69,8 @@ from ..varlen import Varlen
 BACKENDS = ("triton", "torch", "fa3", "sdpa")
 MASKS = ("causal", "full", "doc")
 MIN_REPS, MAX_REPS = 3, 30
-COLUMNS = ["head_dim", "seq_len", "mask", "heads", "kv_heads", "heads_sweep", "backend", "fwd", "bwd", "fwd_bwd",
-           "note"]
+COLUMNS = ["head_dim", "seq_len", "q_len", "segments", "mask", "heads", "kv_heads", "heads_sweep", "cad_shape",
+           "backend", "fwd", "bwd", "fwd_bwd", "note"]
 KV_GROUP = 4                # the head sweep's query heads per KV head (Llama-3 8B's 32 / 8)
 
 
@@ -177,13 +185,15 @@ def _autograd(run, inputs, dout, budget_s):
     return fwd, max(both - fwd, 1e-6)
 
 
-def _flash3(q, k, v, dout, lens, causal, budget_s):
+def _flash3(q, k, v, dout, lens, causal, budget_s, k_lens=None):
     fn = _fa3()
-    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=q.device)
-    most = int(max(lens))
+    k_lens = lens if k_lens is None else k_lens
+    cu_q, cu_k = (torch.tensor(np.concatenate([[0], np.cumsum(n)]), dtype=torch.int32, device=q.device)
+                  for n in (lens, k_lens))
 
     def run(q, k, v):
-        res = fn(q, k, v, cu, cu, most, most, softmax_scale=q.shape[-1] ** -0.5, causal=causal)
+        res = fn(q, k, v, cu_q, cu_k, int(max(lens)), int(max(k_lens)), softmax_scale=q.shape[-1] ** -0.5,
+                 causal=causal)
         return res[0] if isinstance(res, (tuple, list)) else res
     inputs = tuple(t.detach().requires_grad_() for t in (q, k, v))
     return _autograd(run, inputs, dout, budget_s)
@@ -200,12 +210,13 @@ def _sdpa(q, k, v, dout, batch, s, causal, budget_s):
         return _autograd(run, inputs, do_b, budget_s)
 
 
-def unsupported(backend: str, mask: str, d: int, dv: int, gqa: bool = False) -> str | None:
-    """Why ``backend`` has no number for this case (None: it runs); ``gqa``: fewer KV heads than query heads."""
+def unsupported(backend: str, mask: str, d: int, dv: int, gqa: bool = False, short_q: bool = False) -> str | None:
+    """Why ``backend`` has no number for this case (None: it runs); ``gqa``: fewer KV heads than query
+    heads; ``short_q``: fewer query rows than keys (a CAD-shaped call)."""
     if backend == "torch" and d != dv:
         return "n/a: FlashAttention-2 has no Dv != Dqk"
-    if backend == "sdpa" and (mask == "doc" or d != dv or gqa):
-        return "n/a: SDPA's flash kernel takes no documents, nor Dv != Dqk, nor GQA here"
+    if backend == "sdpa" and (mask == "doc" or d != dv or gqa or short_q):
+        return "n/a: SDPA's flash kernel takes no documents, nor Dv != Dqk, nor GQA, nor short queries here"
     if backend == "fa3" and _fa3() is None:
         return "n/a: FlashAttention-3 (flash_attn_interface) not installed"
     return None
@@ -227,43 +238,89 @@ def head_cases(seq_lens, heads, tokens: int) -> list[tuple[int, int, int, list[i
             for s in sorted(seq_lens) for h in sorted(set(heads), reverse=True)]
 
 
+def cad_shape(text: str) -> tuple[int, int]:
+    """``Q:K`` -> ``(Q, K)``: ``Q`` query rows against ``K`` keys, ``0 < Q <= K``."""
+    q, _, k = text.partition(":")
+    try:
+        q, k = int(q), int(k)
+    except ValueError:
+        q = k = 0
+    if not 0 < q <= k:
+        raise argparse.ArgumentTypeError(f"--cad-shapes {text!r}: want Q:K with 0 < Q <= K, e.g. 1282:131072")
+    return q, k
+
+
+TABLE_COLUMNS = ("q_len", "k_len", "heads", "segments", "direction", "backend", "ms")
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The causal rows with times as kernel-table rows (:func:`distattn.tiles.read_table`): one per
+    direction, each a call of ``segments`` equal segments of ``q_len`` rows against ``k_len`` keys."""
+    out = []
+    for r in rows:
+        if r["mask"] != "causal" or r.get("segments") is None:
+            continue
+        for direction, key in (("forward", "fwd_ms"), ("backward", "bwd_ms")):
+            if r.get(key):
+                out.append({"q_len": r.get("q_len", r["seq_len"]), "k_len": r["seq_len"], "heads": r["heads"],
+                            "segments": r["segments"], "direction": direction, "backend": r["backend"],
+                            "ms": r[key]})
+    return out
+
+
+def write_table(rows: list[dict], path: str) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(table_rows(rows))
+
+
 def _line(row: dict) -> str:
     nums = "  ".join(f"{c} {row[c]:7.1f}" if row[c] is not None else f"{c}     n/a" for c in ("fwd", "bwd", "fwd_bwd"))
-    return (f"hd {row['head_dim']:>7}  seq {row['seq_len']:>6}  {row['mask']:<6} heads {row['heads']:>3}/"
+    shape = f"q {row['q_len']:>6} k {row['seq_len']:>6}" if row.get("cad_shape") else f"seq {row['seq_len']:>6}"
+    return (f"hd {row['head_dim']:>7}  {shape}  {row['mask']:<6} heads {row['heads']:>3}/"
             f"{row['kv_heads']:<3} {row['backend']:<6} {nums}" + (f"  ({row['note']})" if row["note"] else ""))
 
 
 def run(seq_lens, dims, dtype, tokens: int, hidden: int, masks=("causal", "full", "doc"), backends=BACKENDS,
         budget_s: float = float("inf"), rep_budget_s: float = 0.3, device: str = "cuda", heads=(),
-        heads_seq_lens=(4096, 32768), heads_head_dim: int = 128) -> list[dict]:
+        heads_seq_lens=(4096, 32768), heads_head_dim: int = 128, cad_shapes=()) -> list[dict]:
     """Every case and backend (module docstring) -> one row each, printed as it is measured (``device``:
-    a CPU run only checks the bookkeeping); then, with ``heads``, the head sweep's."""
-    todo = [(d, dv, s, mask, hidden // dv, hidden // dv, case_lens(s, mask, tokens), False)
+    a CPU run only checks the bookkeeping); then, with ``heads``, the head sweep's, and with
+    ``cad_shapes``, the CAD-shaped calls'."""
+    todo = [(d, dv, s, mask, hidden // dv, hidden // dv, case_lens(s, mask, tokens), "")
             for d, dv, s, mask in cases(seq_lens, masks, dims)]
     if heads:
-        todo += [(heads_head_dim, heads_head_dim, s, "causal", h, kv, lens, True)
+        todo += [(heads_head_dim, heads_head_dim, s, "causal", h, kv, lens, "heads")
                  for s, h, kv, lens in head_cases(heads_seq_lens, heads, tokens)]
+    todo += [(heads_head_dim, heads_head_dim, k, "causal", 32, 32 // KV_GROUP, [q], "cad") for q, k in cad_shapes]
     rows, t0 = [], time.perf_counter()
-    for d, dv, s, mask, hq, hkv, lens, sweep in todo:
+    for d, dv, s, mask, hq, hkv, lens, kind in todo:
         causal = mask != "full"
-        flops = case_flops(lens, causal, hq, d, dv)
+        k_lens = [s] if kind == "cad" else lens   # a CAD-shaped call: its query rows against s keys
+        flops = 2.0 * float(mask_area(np.array(lens), np.array(k_lens), causal, None).sum()) * hq * (d + dv)
         over = time.perf_counter() - t0 > budget_s
         g = torch.Generator(device=device).manual_seed(0)
-        q, kv, dout = (torch.randn(sum(lens), n, width, device=device, dtype=dtype, generator=g)
-                       for n, width in ((hq, d), (hkv, d + dv), (hq, dv))) if not over else (None, None, None)
+        q, kv, dout = (torch.randn(n_rows, n, width, device=device, dtype=dtype, generator=g)
+                       for n_rows, n, width in ((sum(lens), hq, d), (sum(k_lens), hkv, d + dv), (sum(lens), hq, dv))
+                       ) if not over else (None, None, None)
         for backend in backends:
-            row = {"head_dim": str(d) if d == dv else f"{d}/{dv}", "seq_len": s, "mask": mask, "heads": hq,
-                   "kv_heads": hkv, "heads_sweep": sweep, "backend": backend, **rates(flops, None, None),
-                   "note": unsupported(backend, mask, d, dv, hkv != hq) or ""}
+            row = {"head_dim": str(d) if d == dv else f"{d}/{dv}", "seq_len": s, "q_len": lens[0] if kind else s,
+                   "segments": len(lens) if mask != "doc" else None, "mask": mask, "heads": hq, "kv_heads": hkv,
+                   "heads_sweep": kind == "heads", "cad_shape": kind == "cad", "backend": backend,
+                   **rates(flops, None, None), "note": unsupported(backend, mask, d, dv, hkv != hq, kind == "cad") or ""}
             if over:
                 row["note"] = f"skipped: the benchmark passed its {budget_s:.0f} s budget"
             elif not row["note"]:
                 k, v = (kv[..., :d], kv[..., d:]) if d != dv else (kv[..., :d].contiguous(), kv[..., d:].contiguous())
                 try:
                     if backend in ("triton", "torch"):
-                        ms = _ours(backend, q, k, v, dout, Varlen.from_geometry(lens, lens, causal, None), rep_budget_s)
+                        seg = Varlen.from_geometry(lens, k_lens, causal, None)
+                        ms = _ours(backend, q, k, v, dout, seg, rep_budget_s)
                     elif backend == "fa3":
-                        ms = _flash3(q, k, v, dout, lens, causal, rep_budget_s)
+                        ms = _flash3(q, k, v, dout, lens, causal, rep_budget_s, k_lens)
                     else:
                         ms = _sdpa(q, k, v, dout, len(lens), s, causal, rep_budget_s)
                     row.update(rates(flops, *ms, bwd_factor=bwd_flops_factor(d, dv)))
@@ -297,6 +354,10 @@ def main(argv=None) -> int:
     parser.add_argument("--heads-seq-lens", type=int, nargs="+", default=[4096, 32768],
                         help="the head sweep's tokens per sequence (causal)")
     parser.add_argument("--heads-head-dim", type=int, default=128, help="the head sweep's head dim")
+    parser.add_argument("--cad-shapes", type=cad_shape, nargs="+", default=[], metavar="Q:K",
+                        help="CAD-shaped calls: Q query rows against K keys, causal, 32/8 heads (e.g. 1282:131072)")
+    parser.add_argument("--table", default=None, metavar="CSV",
+                        help="also write every causal row as a kernel table (distattn cluster kernel-fit TABLE)")
     args = parser.parse_args(argv)
     if args.heads and min(args.heads) < 1:
         parser.error(f"--heads wants query head counts >= 1, got {args.heads}")
@@ -309,10 +370,12 @@ def main(argv=None) -> int:
           f"fwd_bwd: 3.5x over both)", flush=True)
     rows = run(args.seq_lens, args.head_dims, dtype, args.tokens, args.hidden, args.masks, args.backends,
                args.budget_s, args.rep_budget_s, heads=args.heads, heads_seq_lens=args.heads_seq_lens,
-               heads_head_dim=args.heads_head_dim)
+               heads_head_dim=args.heads_head_dim, cad_shapes=args.cad_shapes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.table:
+        write_table(rows, args.table)
     return 0
 
 

@@ -162,7 +162,11 @@ def _clip(table, load: np.ndarray, task: int, a: int, b: int) -> int:
 
 def take(table, ledger, load: np.ndarray, task: int, u: int, want: float, slack: float) -> float:
     """Move ``task`` to ``u`` whole if it fits ``want`` (within ``slack``), else the head of its
-    queries that does (it needs fewer keys than the tail); the work moved (0: not one query fits)."""
+    queries that does (it needs fewer keys than the tail), at least the cost model's
+    ``min_task_rows`` (a head against a long key prefix pays its backward's fixed cost over every key
+    block, whatever its rows): that head also where it overshoots ``u``'s room but leaves ``u`` below
+    the task's rank; where even that does not, the shorter head that evens the two. Returns the work
+    moved (0: nothing)."""
     src = int(table.t_rank[task])
     work = float(table.t_time[task])
     if work <= want + slack:
@@ -171,9 +175,18 @@ def take(table, ledger, load: np.ndarray, task: int, u: int, want: float, slack:
         load[src] -= work
         load[u] += work
         return work
-    x = table.split_point(task, want)
-    if x is None:
+    smallest = min(int(table.q0[task]) + table.min_rows, int(table.q1[task]) - 1)
+    if smallest <= table.q0[task]:   # a single row: it moves whole or not at all
         return 0.0
+    head = table.piece_time(task, smallest)
+    if head <= want + slack:                    # the head that fills u's room, min_task_rows at least
+        x = max(table.split_point(task, want) or smallest, smallest)
+    elif load[u] + head < load[src] - slack:    # too large for u's room, but it lowers the busier of the two
+        x = smallest
+    else:                                       # balance needs a shorter head: the one evening them, if any
+        x = table.split_point(task, (load[src] - load[u]) / 2)
+        if x is None:
+            return 0.0
     tail_change, head_time = table.cut(task, x, u)
     ledger.charge(table.n_task - 1, u)
     load[src] += tail_change

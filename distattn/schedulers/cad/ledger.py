@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...cost import BWD_FLOPS_FACTOR
 from ...layout import Shards
 from ...network import NetworkProfile, default_profile
 from ...wire import Wire
@@ -77,7 +76,6 @@ class Ledger:
         self.table, self.slots, self.links, self.rows, self.nodes = table, slots, links, rows, nodes
         self.fanout = tree_fanout(nodes.count)   # the K/V trees' (.cast): moves priced as they run
         self.load = table.load(p)
-        self.mean = float(self.load.mean())
         self.node = nodes.dense
         self.members = [np.nonzero(self.node == n)[0] for n in range(nodes.count)]
         self.size = np.bincount(self.node, None, nodes.count).astype(np.float64)
@@ -92,6 +90,12 @@ class Ledger:
         self.held: dict[int, dict[int, tuple[int, int]]] = {}        # doc -> rank -> key hull it receives
         self.node_held: dict[int, dict[int, tuple[int, int]]] = {}   # doc -> node -> key hull crossing to it
         self.node_relay: dict[int, dict[int, int]] = {}              # doc -> node -> its first receiving rank
+
+    @property
+    def mean(self) -> float:
+        """The mean load now: a cut adds the fixed cost of a piece's own CTAs, so the total grows as
+        placement cuts (a tile model's; a roofline's stays)."""
+        return float(self.load.mean())
 
     def owner(self, x) -> np.ndarray:
         return self.slots.owner_of(x)
@@ -163,8 +167,8 @@ class Ledger:
     def busy(self, ranks, more_out_s, more_in_s, more_work_s) -> np.ndarray:
         """Seconds per layer ``ranks`` spend on attention and on transfers nothing hides, after
         sending ``more_out_s`` and receiving ``more_in_s`` more and computing ``more_work_s`` more:
-        transfers hide behind ``overlap_s`` plus the rank's attention, forward and backward."""
-        work = (1 + BWD_FLOPS_FACTOR) * self.load[ranks] + more_work_s
+        transfers hide behind ``overlap_s`` plus the rank's attention, forward and backward (its load)."""
+        work = self.load[ranks] + more_work_s
         wire = np.maximum(self.out_s[ranks] + more_out_s, self.in_s[ranks] + more_in_s)
         return work + np.maximum(wire - self.overlap_s - work, 0)
 
@@ -173,7 +177,7 @@ class Ledger:
         ``more_in_s`` and computing ``more_work_s`` more, spread over its ranks."""
         at = self.members[node]
         k = len(at)
-        work = (1 + BWD_FLOPS_FACTOR) * (self.load[at].mean() + more_work_s / k)
+        work = self.load[at].mean() + more_work_s / k
         wire = max(self.out_s[at].mean() + more_out_s / k, self.in_s[at].mean() + more_in_s / k)
         return work + max(wire - self.overlap_s - work, 0)
 

@@ -18,9 +18,8 @@ Then, until the most loaded rank is within ``epsilon`` of the mean load:
    earlier moves sent it some).
 2. For every (task of ``src``, destination ``u``) the planner prices the move:
 
-   * *gain*: the forward + backward attention seconds taken off ``src`` (the task's time, at most
-     what brings ``src`` or ``u`` to the mean; the cost model times the forward, the backward is
-     2.5x);
+   * *gain*: the forward + backward attention seconds taken off ``src`` (the task's time by the
+     cost model, at most what brings ``src`` or ``u`` to the mean);
    * *cost*: the network seconds of the bytes the move adds: the task's query rows (Q and dout
      out, out, lse and dQ back) and the key rows ``u`` neither owns nor already receives for this
      document (K/V out, fp32 dK/dV back) -- K/V rows go once to each destination however many
@@ -56,7 +55,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...cost import BWD_FLOPS_FACTOR
 from ...layout import Shards
 from .cast import Nodes
 from .export import FILL, export_between_nodes, take
@@ -65,6 +63,9 @@ from .planner import Segments, TaskTable
 
 SHORTLIST = 16          # least-loaded ranks of the whole pool considered per move
 PICKS = 8               # moves made per pricing of a rank's tasks
+CHUNK_SHARE = 4
+RETRIES = 2             # pricings of a rank's tasks, leaving out those none of whose moves fit
+REPAIRS = 1             # rounds of trades (_trade) and moves again, once moves are stuck
 
 
 def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
@@ -74,36 +75,89 @@ def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
     ``cap``: bytes a rank may send or receive per layer, in units of a rank's own rows (Q, K and V
     of its tokens, both passes). ``overlap_s``: see :func:`distattn.schedulers.cad.build`."""
     p = slots.world_size
-    chunk = chunk or max(128, slots.total // p // 4)
+    chunk = chunk or max(128, int(getattr(cost, "min_task_rows", 1)), slots.total // p // CHUNK_SHARE)
     table = TaskTable(mask, slots, chunk, cost)
     links = links or LinkCost.of(None, p)
     nodes = nodes or Nodes.even(p, links.gpus_per_node)
     ledger = Ledger(table, slots, links, rows or RowBytes.of(), cap, overlap_s, nodes)
-    load, mean = ledger.load, ledger.mean
+    load = ledger.load
     if nodes.count > 1:
         # under-loaded nodes even out first, so that each of their ranks has room for what they import
-        taking = ledger.node_load() < ledger.size * mean * (1 + FILL * epsilon)
+        taking = ledger.node_load() < ledger.size * ledger.mean * (1 + FILL * epsilon)
         _balance_inside_nodes(table, ledger, epsilon, taking)
         export_between_nodes(table, ledger, epsilon)
         _balance_inside_nodes(table, ledger, epsilon, np.ones(nodes.count, dtype=bool))
-    for _ in range(50 * p + 100):
-        src = int(np.argmax(load))
-        if load[src] <= (1 + epsilon) * mean or not _drain(table, ledger, src, None, epsilon):
+    for _ in range(REPAIRS + 1):
+        for _ in range(50 * p + 100):
+            src = int(np.argmax(load))
+            if load[src] <= (1 + epsilon) * ledger.mean or not _drain(table, ledger, src, None, epsilon):
+                break
+        if not _trade(table, ledger, epsilon, p):
             break
     return table.segments()
+
+
+def _trade(table: TaskTable, ledger: Ledger, epsilon: float, rounds: int) -> bool:
+    """Where moves are stuck on lumps -- pieces of a long document's end, each paying its backward's
+    fixed cost over the whole key prefix, too large for any rank's room -- the most loaded rank trades
+    with one of the :data:`SHORTLIST` least loaded ranks: gives a task away, swaps it for a smaller one
+    of theirs, or cuts it where the two end most even (the tail it keeps still pays that fixed cost),
+    whichever leaves the busier of the two lowest, below it was. False if no trade helps, and with
+    ``overlap_s`` (trades do not price the transfers they add)."""
+    if ledger.overlap_s is not None:
+        return False
+    load, traded = ledger.load, False
+    for _ in range(rounds):
+        src = int(np.argmax(load))
+        if load[src] <= (1 + epsilon) * ledger.mean:
+            break
+        mine = table.tasks_on(src)
+        dests = np.argsort(load, kind="stable")[:SHORTLIST]
+        best, pick = load[src] * (1 - 1e-6), None
+        for u in dests.tolist():
+            theirs = table.tasks_on(u)
+            give, back = table.t_time[mine][:, None], np.append(table.t_time[theirs], 0.0)[None, :]   # 0: no swap
+            after = np.maximum(load[src] - give + back, load[u] + give - back)
+            i, j = np.unravel_index(np.argmin(after), after.shape)
+            if after[i, j] < best:
+                best, pick = after[i, j], (int(mine[i]), u, int(theirs[j]) if j < len(theirs) else None, None)
+        for task in mine.tolist():
+            xs, head, tail = table.cuts(task)
+            if not len(xs):
+                continue
+            after = np.maximum(load[src] - table.t_time[task] + tail[None, :], load[dests][:, None] + head[None, :])
+            i, j = np.unravel_index(np.argmin(after), after.shape)
+            if after[i, j] < best:
+                best, pick = after[i, j], (task, int(dests[i]), None, int(xs[j]))
+        if pick is None:
+            break
+        task, u, other, x = pick
+        if x is not None:   # the head [q0, x) to u
+            change, head = table.cut(task, x, u)
+            ledger.charge(table.n_task - 1, u)
+            load[src] += change
+            load[u] += head
+        for t, dst in ((task, u), (other, src)):
+            if t is not None and x is None:
+                ledger.charge(t, dst)
+                load[table.t_rank[t]] -= table.t_time[t]
+                load[dst] += table.t_time[t]
+                table.move(t, dst)
+        traded = True
+    return traded
 
 
 def _balance_inside_nodes(table: TaskTable, ledger: Ledger, epsilon: float, which: np.ndarray) -> None:
     """Move work from the over-loaded to the under-loaded ranks of each node of ``which`` over
     NVLink, so that only a node's own excess or deficit crosses nodes: a node holding more than
     the mean fills its ranks to its own mean."""
-    load, mean = ledger.load, ledger.mean
-    levels = np.maximum(ledger.node_load() / ledger.size, mean)
+    load = ledger.load
+    levels = np.maximum(ledger.node_load() / ledger.size, ledger.mean)
     for n in np.nonzero(which)[0].tolist():
         members = ledger.members[n]
         for _ in range(50 * len(members)):
             src = int(members[np.argmax(load[members])])
-            if load[src] <= (1 + epsilon) * mean or not _drain(table, ledger, src, members, epsilon, levels[n]):
+            if load[src] <= (1 + epsilon) * ledger.mean or not _drain(table, ledger, src, members, epsilon, levels[n]):
                 break
 
 
@@ -112,22 +166,32 @@ def _drain(table: TaskTable, ledger: Ledger, src: int, dests: np.ndarray | None,
     """Make the cheapest moves off ``src`` to the ranks of ``dests`` below ``level`` (default: the
     mean; ``dests`` None: those :func:`destinations` offers); False if none pays off or
     fits (placement is stuck: a task's single query row, reading its key prefix, can cost more
-    than any rank's room)."""
+    than any rank's room). Tasks none of whose moves fit are left out and the next cheapest priced,
+    up to :data:`RETRIES` times."""
     load = ledger.load
     level = ledger.mean if level is None else level
     if dests is not None:
         dests = dests[load[dests] < level]
-    picks = choose(ledger, src, dests, level) if dests is None or dests.size else []
-    moved = False
-    for best, u in picks:
-        want = min(load[src] - level, level - load[u])
-        if want <= 0:
-            break
-        # a whole task may overshoot u's level, not the tolerance (a task bounced between two
-        # ranks of a node filled to its own mean, just under it)
-        slack = max((1 + epsilon) * ledger.mean - level, 0.0)
-        moved |= _move(table, ledger, load, src, best, u, want, slack, dests, level)
-    return moved
+        if not dests.size:
+            return False
+    stuck: set[int] = set()
+    for _ in range(RETRIES):
+        picks = choose(ledger, src, dests, level, stuck)
+        moved = False
+        for best, u in picks:
+            want = min(load[src] - level, level - load[u])
+            if want <= 0:
+                break
+            # a whole task may overshoot u's level, not the tolerance (a task bounced between two
+            # ranks of a node filled to its own mean, just under it)
+            slack = max((1 + epsilon) * ledger.mean - level, 0.0)
+            if _move(table, ledger, load, src, best, u, want, slack, dests, level):
+                moved = True
+            else:
+                stuck.add(best)
+        if moved or not picks:
+            return moved
+    return False
 
 
 def _move(table: TaskTable, ledger: Ledger, load: np.ndarray, src: int, best: int, u: int, want: float,
@@ -176,12 +240,14 @@ def destinations(ledger: Ledger, src: int, docs: np.ndarray) -> np.ndarray:
     return np.nonzero(pick & (load < ledger.mean))[0]
 
 
-def choose(ledger: Ledger, src: int, dests: np.ndarray | None = None, level: float | None = None
-           ) -> list[tuple[int, int]]:
+def choose(ledger: Ledger, src: int, dests: np.ndarray | None = None, level: float | None = None,
+           skip=()) -> list[tuple[int, int]]:
     """The cheapest moves off ``src`` (to ``dests``, default :func:`destinations`) that bring
-    ranks towards ``level`` (default: the mean): ``[(task, destination), ...]`` (none: nothing
-    pays off)."""
+    ranks towards ``level`` (default: the mean), of its tasks but ``skip``: ``[(task, destination),
+    ...]`` (none: nothing pays off)."""
     tasks = ledger.table.tasks_on(src)
+    if skip:
+        tasks = tasks[~np.isin(tasks, list(skip))]
     if tasks.size == 0:
         return []
     if dests is None:
@@ -205,7 +271,7 @@ def _price(ledger: Ledger, src: int, tasks: np.ndarray, dests: np.ndarray, level
     """Gain and network seconds of every move of ``tasks`` off ``src`` to ``dests`` (step 2)."""
     t = ledger.table
     want = np.minimum(ledger.load[src] - level, level - ledger.load[dests])[None, :]
-    gain = (1 + BWD_FLOPS_FACTOR) * np.minimum(t.t_time[tasks][:, None], want)
+    gain = np.minimum(t.t_time[tasks][:, None], want)
     q_bytes = t.t_q[tasks][:, None] * ledger.rows.q
     rank_new, node_new = ledger.new_keys(tasks, dests)
     q_s = q_bytes * ledger.per_byte(src, dests)[None, :]

@@ -162,6 +162,28 @@ class TaskTable:
     def split_point(self, t: int, want: float) -> int | None:
         return _split_point(self.q0[t], self.q1[t], self.groups, self.doc[t], self.cost, want)
 
+    @property
+    def min_rows(self) -> int:
+        """The fewest query rows a cut is worth where balance does not need fewer: the cost model's
+        ``min_task_rows`` (a tile model's: as many rows as its backward's fixed cost in loop
+        iterations), 1 for a model without one."""
+        return int(getattr(self.cost, "min_task_rows", 1))
+
+    def cuts(self, t: int, points: int = 129) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(x, head, tail)``: up to ``points`` places to cut task ``t`` and the times of its head
+        ``[q0, x)`` and tail ``[x, q1)`` there (the tail keeps the task's key span: its fixed cost)."""
+        q0, q1, d = int(self.q0[t]), int(self.q1[t]), int(self.doc[t])
+        xs = np.unique(np.linspace(q0 + 1, q1 - 1, max(0, min(q1 - q0 - 1, points))).astype(np.int64))
+        n = len(xs)
+        k0, k1, area = self.groups.spans(np.full(2 * n, d), np.concatenate([np.full(n, q0), xs]),
+                                         np.concatenate([xs, np.full(n, q1)]))
+        times = self.cost.task_time(np.concatenate([xs - q0, q1 - xs]), k1 - k0, area)
+        return xs, times[:n], times[n:]
+
+    def piece_time(self, t: int, x: int) -> float:
+        """The time of the head ``[q0, x)`` of task ``t``."""
+        return self._piece(int(self.q0[t]), x, int(self.doc[t]))[3]
+
     def _piece(self, a, b, d):
         (k0,), (k1,), (area,) = self.groups.spans([d], [a], [b])
         return k0, k1, int(area), float(self.cost.task_time([b - a], [k1 - k0], [area])[0])
@@ -179,10 +201,18 @@ class TaskTable:
         return delta, h_time
 
     def segments(self) -> Segments:
-        """The kernel segments: every task cut into its group's slices."""
+        """The kernel segments: every task cut into its group's slices, tasks of one group that meet on
+        one rank merged first (one segment's keys serve both: the backward runs their key blocks once)."""
         n = self.n_task
-        which, q0, q1, k0, k1, lo, hi, area = self.groups.pieces(self.doc[:n], self.q0[:n], self.q1[:n])
-        return Segments(q0, q1, k0, k1, self.t_rank[:n][which], area, lo, hi)
+        rank, doc, q0, q1 = self.t_rank[:n], self.doc[:n], self.q0[:n], self.q1[:n]
+        order = np.lexsort((q0, doc, rank))
+        rank, doc, q0, q1 = rank[order], doc[order], q0[order], q1[order]
+        joins = np.concatenate([[False], (rank[1:] == rank[:-1]) & (doc[1:] == doc[:-1]) & (q0[1:] == q1[:-1])])
+        first = np.nonzero(~joins)[0]
+        last = np.append(first[1:], n) - 1
+        rank, doc, q0, q1 = rank[first], doc[first], q0[first], q1[last]
+        which, q0, q1, k0, k1, lo, hi, area = self.groups.pieces(doc, q0, q1)
+        return Segments(q0, q1, k0, k1, rank[which], area, lo, hi)
 
 
 def _split_point(q0, q1, groups: RowGroups, d: int, cost, want):

@@ -60,12 +60,14 @@ from functools import cached_property
 import numpy as np
 
 from ...network import NetworkProfile, default_profile
-from ...cost import Roofline
+from ...cost import TileCost
+from ...kernel_speed import gpu_of, kernel_model
 from ...kernels import Varlen
 from ...layout import Shards, covered_before
 from ...masks import MaskSlice, SliceMask, bound_or_none, shift_band
 from ...program import Builder, Program
-from ...schedule import AttnShape, Phase, Schedule
+from ...tiles import TileModel
+from ...schedule import AttnShape, Phase, Schedule, imbalance
 from ..blocks import layers
 from .cast import Legs, Nodes, index_runs, key_legs, merge_intervals, query_legs
 from .ledger import LinkCost, RowBytes
@@ -75,6 +77,7 @@ from .planner import Segments
 
 # what cad's attention servers keep for the backward (TaskSchedule.backward; distattn.plan(..., backward=...))
 BACKWARDS = ("resend", "keep")
+DEFAULT_GPU = "h100"   # the GPU a plan balances the kernel's seconds on, where nobody says (distattn.plan(..., gpu=))
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ class TaskSchedule(Schedule):
     # "resend": workers keep nothing received, the backward sends their rows again; "keep": they keep
     # them (distattn.executors.task_a2a)
     backward: str = "resend"
+    cost: object = field(default=None, repr=False, compare=False)   # the cost model the tasks were balanced on
 
     @property
     def keeps_local_out(self) -> bool:
@@ -245,10 +249,20 @@ class TaskSchedule(Schedule):
     def visible_pairs(self, rank: int) -> int:
         return int(self.segments.area[self.segments.rank == rank].sum())
 
-    def kernel_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def kernel_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The tasks each slot computes, wherever their rows live."""
         s = self.segments
-        return s.rank, s.q1 - s.q0, s.area
+        return s.rank, s.q1 - s.q0, s.area, s.k1 - s.k0
+
+    def extra_stats(self) -> dict:
+        """``seconds``: each slot's forward + backward attention seconds by the cost model its tasks were
+        balanced on (the kernel's tiles on the plan's GPU, :mod:`distattn.tiles`, for the model's heads
+        the plan was made for), and ``seconds_imbalance`` (max / mean): what placement evens out."""
+        if self.cost is None:
+            return {}
+        s = self.segments
+        seconds = np.bincount(s.rank, self.cost.task_time(s.q1 - s.q0, s.k1 - s.k0, s.area), minlength=self.pool_size)
+        return {"seconds": seconds.tolist(), "seconds_imbalance": imbalance(seconds.tolist())}
 
     def traffic(self) -> "Traffic":
         """Rows moved between every (sender, receiver) pair that moves any, per hop (sparse)."""
@@ -417,36 +431,39 @@ class TaskSchedule(Schedule):
 
 
 def planner_options(*, num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128, dtype_bytes: int = 2,
-                    peak_tflops: float | None = None, attn_efficiency: float = 0.5, network=None) -> dict:
+                    gpu: str | None = None, kernel: TileModel | None = None, network=None) -> dict:
     """The options cad plans a job with -- the one place they are made, so training, the adapters'
     callers, ``distattn simulate``, ``python -m distattn.sim.cad_table`` and ``python -m
-    distattn.bench.cad_balance`` plan the same job alike: the roofline of the model's attention on the
-    GPU (``peak_tflops``, default an H100's) and the network profile (default: NVLink in a node of 8,
-    InfiniBand between nodes)."""
-    cost = Roofline(peak_tflops or Roofline.peak_tflops, attn_efficiency, num_heads=num_heads,
-                    num_kv_heads=num_kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes)
+    distattn.bench.cad_balance`` plan the same job alike: the tile model of the kernel on the GPU
+    (``kernel``, else :func:`~distattn.kernel_speed.kernel_model` of ``gpu``, default an H100) on the
+    model's attention, and the network profile (default: NVLink in a node of 8, InfiniBand between
+    nodes)."""
+    tiles = kernel if kernel is not None else kernel_model(gpu or DEFAULT_GPU, head_dim)
+    cost = TileCost(tiles, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype_bytes=dtype_bytes)
     return {"cost": cost, "network": network if network is not None else default_profile()}
 
 
 def derive(world_size: int, context, options: dict, two_d: bool = False) -> dict:
     """What cad takes from a :class:`~distattn.schedulers.PlanContext`: :func:`planner_options` of its
-    head shape, dtype, GPU peak and network; nothing from a context without the query and KV heads
-    (the default cost model's shape is a guess either way)."""
+    head shape, dtype, GPU (``gpu=`` given to ``distattn.plan`` wins over the context's) and network;
+    nothing from a context without the query and KV heads (the cost model's shape is a guess either
+    way: :func:`build` plans one GPU's default)."""
     if context.num_heads is None or context.num_kv_heads is None:
         return {}
     return planner_options(num_heads=context.num_heads, num_kv_heads=context.num_kv_heads, head_dim=context.head_dim,
-                           dtype_bytes=context.dtype_bytes,
-                           peak_tflops=context.peak_tflops, attn_efficiency=context.attn_efficiency,
-                           network=context.network)
+                           dtype_bytes=context.dtype_bytes, gpu=options.get("gpu", context.gpu),
+                           kernel=None if "gpu" in options else context.kernel, network=context.network)
 
 
 def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, pool: Pool | None = None,
-          epsilon: float = 0.04, cost=None, network=None, overlap_s: float | None = None,
+          epsilon: float = 0.04, cost=None, gpu: str = DEFAULT_GPU, network=None, overlap_s: float | None = None,
           comm_dtype: str | None = None, backward: str = "resend") -> TaskSchedule:
     """``shards``: the tokens each rank of the CP group holds. ``pool``: the pool's token space (:func:`distattn.executors.task_a2a.gather_pool` makes it from
     a process group when ``distattn.plan`` is given ``pool=group``). ``cost``: the attention cost
-    model (:mod:`distattn.cost`, default :class:`~distattn.cost.Roofline`; a roofline's head shape
-    also sizes the rows moves send); ``network``: the
+    model (:mod:`distattn.cost`; its head shape also sizes the rows moves send), default the tile
+    model of the kernel on ``gpu`` (:class:`~distattn.cost.TileCost`: ``"h100"``, ``"h200"``, ...;
+    ``distattn.model_shape.GPUS``) on Llama-3 8B's heads, which a ``PlanContext`` with the model's
+    heads replaces (:func:`derive`); ``network``: the
     :class:`~distattn.network.NetworkProfile` moves are priced on (default: NVLink in a node
     of 8, InfiniBand between nodes). ``overlap_s``: seconds per layer (forward + backward) each rank
     computes besides attention -- what :func:`distattn.pingpong.ping_pong` hides transfers behind;
@@ -472,16 +489,17 @@ def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, po
         pool = Pool(tuple(doc_lens), shards, tuple(range(mesh.world_size)), mesh.global_ranks())
     else:  # the pool's token space: every CP group's documents (distattn.plan refuses mask= with pool=)
         mask = SliceMask.documents(pool.docs, causal, window)
-    cost = cost or Roofline()
+    gpu_of(gpu)   # ValueError naming the GPUs distattn knows
+    cost = cost or planner_options(gpu=gpu)["cost"]
     links = LinkCost.of(network, pool.slots.world_size)
     nodes = Nodes(np.asarray(pool.global_ranks, dtype=np.int64) // links.gpus_per_node)
     fp8 = comm_dtype == "fp8"
     resend = backward == "resend"
-    rows = RowBytes.of(cost.num_heads, cost.num_kv_heads, cost.head_dim, cost.dtype_bytes, fp8, resend) \
-        if isinstance(cost, Roofline) else RowBytes.of(comm_fp8=fp8, resend=resend)
+    shape = [getattr(cost, name, None) for name in ("num_heads", "num_kv_heads", "head_dim", "dtype_bytes")]
+    rows = RowBytes.of(*shape, fp8, resend) if None not in shape else RowBytes.of(comm_fp8=fp8, resend=resend)
     segments = place_tasks(mask, pool.slots, cost, epsilon, links=links, rows=rows, overlap_s=overlap_s,
                            nodes=nodes)
     return TaskSchedule(scheduler="cad", doc_lens=doc_lens, causal=causal, window=window,
                         world_size=mesh.world_size, mask=mask, shards=shards,
                         segments=segments, slots=pool.slots, slot_ranks=pool.slot_ranks, nodes=nodes,
-                        backward=backward)
+                        backward=backward, cost=cost)

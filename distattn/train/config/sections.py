@@ -245,7 +245,8 @@ class RunConfig:
             return "fsdp"
         return "single" if self.world_size == 1 else self.parallel.dp_mode
 
-    def job_facts(self, peak_tflops: float | None = None, cad_backward: str | None = None) -> JobFacts:
+    def job_facts(self, peak_tflops: float | None = None, cad_backward: str | None = None,
+                  gpu: str | None = None) -> JobFacts:
         """The job in the facts the simulator states too (:class:`~distattn.memory_model.JobFacts`), from
         which its plan context and its memory estimate's job follow; ``peak_tflops``: the GPU's (None: an
         H100's); ``cad_backward``: ``parallel.cad_backward`` resolved (None: as set, ``auto`` counted as
@@ -254,15 +255,16 @@ class RunConfig:
         m, p, t = self.model, self.parallel, self.train
         backward = cad_backward or (p.cad_backward if p.cad_backward != AUTO else "resend")
         return JobFacts(m.shape, p.dp, p.fixed_cp, p.fixed_scheduler, dtype=t.dtype, ulysses_degree=p.ulysses_degree,
-                        head_groups=p.head_groups, peak_tflops=peak_tflops, wrapper=self.wrapper,
+                        head_groups=p.head_groups, peak_tflops=peak_tflops, gpu=gpu, wrapper=self.wrapper,
                         cpu_offload=p.cpu_offload, pooled=p.pools_replicas,
                         activation_checkpointing=t.activation_checkpointing, loss_chunk=t.loss_chunk,
                         mlp_chunk=t.mlp_chunk, cad_backward=backward)
 
-    def plan_context(self, peak_tflops: float | None = None) -> PlanContext:
+    def plan_context(self, peak_tflops: float | None = None, gpu: str | None = None) -> PlanContext:
         """The job as the planners see it: each scheduler derives its options from it
-        (:class:`~distattn.schedulers.PlanContext`); ``peak_tflops``: the GPU's (None: an H100's)."""
-        return self.job_facts(peak_tflops).plan_context()
+        (:class:`~distattn.schedulers.PlanContext`); ``peak_tflops`` and ``gpu``: the GPU's peak and
+        name (None: an H100's; cad balances the kernel's seconds on it)."""
+        return self.job_facts(peak_tflops, gpu=gpu).plan_context()
 
     def replace(self, **sections) -> "RunConfig":
         """Copy with fields of sections changed: ``cfg.replace(train={"steps": 5})``."""
