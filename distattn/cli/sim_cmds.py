@@ -251,7 +251,8 @@ def _job_arguments(sim, gpus, models) -> None:
 def _step_arguments(sim, packings, schedulers) -> None:
     """How each row's step is drawn and timed."""
     sim.add_argument("--schedulers", nargs="+", default=list(schedulers), choices=schedulers,
-                     help="rows to simulate (wlb: zigzag on the per-document layout; wlb-ideal, ideal: bounds)")
+                     help="rows to simulate (wlb: WLB-LLM -- per-document CP, K/V all-gathered, its outlier-queue "
+                          "packing; wlb-ideal, ideal: bounds)")
     sim.add_argument("--draws", type=positive_int_at_most(MAX_DRAWS, "draws"), default=16,
                      help="global batches drawn per row (seeds --seed ...); medians and p10/p90 over them "
                           "(default 16)")

@@ -132,9 +132,9 @@ def comm_time(net, ph: Phase) -> np.ndarray:
 
 def dry_schedule(name: str, docs, world: int, context: PlanContext | None = None, causal: bool = True,
                  window: int | None = None, mask=None, comm_dtype: str | None = None, **options):
-    """Row ``name``'s dry schedule (:mod:`.workload`'s rows: ``wlb``'s is zigzag on the per-document
-    layout, each document padded to a multiple of ``2 * world`` as TransformerEngine's THD split
-    needs) for the job ``context`` describes, from which its planner derives its options (usp: its
+    """Row ``name``'s dry schedule (:mod:`.workload`'s rows: ``wlb``'s is the all-gather on the
+    per-document layout, each document padded to a multiple of ``2 * world`` as the THD split needs)
+    for the job ``context`` describes, from which its planner derives its options (usp: its
     Ulysses degree; cad: its cost model and network); ``options`` go to the planner as
     ``distattn.plan`` takes them (one it does not take is a ``ValueError``); ``mask``: a SliceMask."""
     row = row_of(name)

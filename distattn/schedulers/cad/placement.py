@@ -1,16 +1,16 @@
 """CAD placement: which rank computes each attention task, weighing compute saved against bytes moved.
 
 The task table (:class:`~distattn.schedulers.cad.planner.TaskTable`) starts with every task on the
-rank owning its queries. With several nodes, two passes come first:
+rank owning its queries, a task's time the cost model's forward plus backward seconds (the kernel's
+tile model on the plan's GPU by default: :class:`~distattn.cost.TileCost`). With several nodes, a
+pass comes first, **export between nodes** (:mod:`.export`): the nodes holding less than their share
+even their ranks out by moves inside the node (step 2 below, over NVLink), then each over-loaded
+node sheds its excess as the tails of a few documents, the fewest bytes by :mod:`.bound`'s bound,
+to nodes chosen so that none takes many key prefixes (with ``overlap_s``, a piece moves only if it
+pays off, as below).
 
-* **Export between nodes** (:mod:`.export`): the nodes holding less than their share even
-  their ranks out, then each over-loaded node sheds its excess as the tails of a few documents,
-  the fewest bytes by :mod:`.bound`'s bound, to nodes chosen so that none takes many key
-  prefixes (with ``overlap_s``, a piece moves only if it pays off, as below).
-* **Inside every node**, moves (step 2 below, over NVLink) from its over-loaded to its
-  under-loaded ranks, so that only what a node holds above or below its share crosses nodes.
-
-Then, until the most loaded rank is within ``epsilon`` of the mean load:
+Then, until the most loaded rank is within ``epsilon`` of the mean load (the mean now: cutting a
+task adds its pieces' fixed costs):
 
 1. ``src`` is the most loaded rank. Its candidate destinations are under-loaded ranks: the
    ``SHORTLIST`` least loaded of all, every under-loaded rank of ``src``'s node, and every
@@ -44,7 +44,14 @@ Then, until the most loaded rank is within ``epsilon`` of the mean load:
    wins. If none pays off, placement stops: the step would get slower, not faster.
 3. The chosen task moves whole when it fits ``u``; a task that overshoots has its queries cut so
    that the head -- which sees the shorter key prefix -- carries what ``u`` can take, and the
-   head moves.
+   head moves (:func:`.export.take`: no head shorter than the cost model's ``min_task_rows``, whose
+   backward loop would be mostly fixed cost, unless balance needs one).
+
+Where moves are stuck on lumps -- pieces of a long document's end, each paying its backward's fixed
+cost over the whole key prefix -- the most loaded rank trades with the least loaded ones
+(:func:`_trade`): gives a task away, swaps it for a smaller one, or cuts it where the two end most
+even; then the moves run again. At the end a rank's pieces of one document that meet are merged
+into one kernel segment (:meth:`~.planner.TaskTable.segments`).
 
 The loads and bytes the moves are priced on and booked to are :mod:`.ledger`'s.
 """
@@ -64,8 +71,8 @@ from .planner import Segments, TaskTable
 SHORTLIST = 16          # least-loaded ranks of the whole pool considered per move
 PICKS = 8               # moves made per pricing of a rank's tasks
 CHUNK_SHARE = 4
-RETRIES = 2             # pricings of a rank's tasks, leaving out those none of whose moves fit
 REPAIRS = 1             # rounds of trades (_trade) and moves again, once moves are stuck
+CUT_TASKS, CUT_POINTS = 4, 65   # a trade tries cutting the busiest rank's largest tasks, at this many rows each
 
 
 def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
@@ -86,7 +93,6 @@ def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
         taking = ledger.node_load() < ledger.size * ledger.mean * (1 + FILL * epsilon)
         _balance_inside_nodes(table, ledger, epsilon, taking)
         export_between_nodes(table, ledger, epsilon)
-        _balance_inside_nodes(table, ledger, epsilon, np.ones(nodes.count, dtype=bool))
     for _ in range(REPAIRS + 1):
         for _ in range(50 * p + 100):
             src = int(np.argmax(load))
@@ -121,8 +127,8 @@ def _trade(table: TaskTable, ledger: Ledger, epsilon: float, rounds: int) -> boo
             i, j = np.unravel_index(np.argmin(after), after.shape)
             if after[i, j] < best:
                 best, pick = after[i, j], (int(mine[i]), u, int(theirs[j]) if j < len(theirs) else None, None)
-        for task in mine.tolist():
-            xs, head, tail = table.cuts(task)
+        for task in mine[np.argsort(-table.t_time[mine], kind="stable")][:CUT_TASKS].tolist():   # its largest
+            xs, head, tail = table.cuts(task, CUT_POINTS)
             if not len(xs):
                 continue
             after = np.maximum(load[src] - table.t_time[task] + tail[None, :], load[dests][:, None] + head[None, :])
@@ -166,32 +172,22 @@ def _drain(table: TaskTable, ledger: Ledger, src: int, dests: np.ndarray | None,
     """Make the cheapest moves off ``src`` to the ranks of ``dests`` below ``level`` (default: the
     mean; ``dests`` None: those :func:`destinations` offers); False if none pays off or
     fits (placement is stuck: a task's single query row, reading its key prefix, can cost more
-    than any rank's room). Tasks none of whose moves fit are left out and the next cheapest priced,
-    up to :data:`RETRIES` times."""
+    than any rank's room)."""
     load = ledger.load
     level = ledger.mean if level is None else level
     if dests is not None:
         dests = dests[load[dests] < level]
-        if not dests.size:
-            return False
-    stuck: set[int] = set()
-    for _ in range(RETRIES):
-        picks = choose(ledger, src, dests, level, stuck)
-        moved = False
-        for best, u in picks:
-            want = min(load[src] - level, level - load[u])
-            if want <= 0:
-                break
-            # a whole task may overshoot u's level, not the tolerance (a task bounced between two
-            # ranks of a node filled to its own mean, just under it)
-            slack = max((1 + epsilon) * ledger.mean - level, 0.0)
-            if _move(table, ledger, load, src, best, u, want, slack, dests, level):
-                moved = True
-            else:
-                stuck.add(best)
-        if moved or not picks:
-            return moved
-    return False
+    picks = choose(ledger, src, dests, level) if dests is None or dests.size else []
+    moved = False
+    for best, u in picks:
+        want = min(load[src] - level, level - load[u])
+        if want <= 0:
+            break
+        # a whole task may overshoot u's level, not the tolerance (a task bounced between two
+        # ranks of a node filled to its own mean, just under it)
+        slack = max((1 + epsilon) * ledger.mean - level, 0.0)
+        moved |= _move(table, ledger, load, src, best, u, want, slack, dests, level)
+    return moved
 
 
 def _move(table: TaskTable, ledger: Ledger, load: np.ndarray, src: int, best: int, u: int, want: float,
@@ -240,14 +236,12 @@ def destinations(ledger: Ledger, src: int, docs: np.ndarray) -> np.ndarray:
     return np.nonzero(pick & (load < ledger.mean))[0]
 
 
-def choose(ledger: Ledger, src: int, dests: np.ndarray | None = None, level: float | None = None,
-           skip=()) -> list[tuple[int, int]]:
+def choose(ledger: Ledger, src: int, dests: np.ndarray | None = None, level: float | None = None
+           ) -> list[tuple[int, int]]:
     """The cheapest moves off ``src`` (to ``dests``, default :func:`destinations`) that bring
-    ranks towards ``level`` (default: the mean), of its tasks but ``skip``: ``[(task, destination),
-    ...]`` (none: nothing pays off)."""
+    ranks towards ``level`` (default: the mean): ``[(task, destination), ...]`` (none: nothing
+    pays off)."""
     tasks = ledger.table.tasks_on(src)
-    if skip:
-        tasks = tasks[~np.isin(tasks, list(skip))]
     if tasks.size == 0:
         return []
     if dests is None:
