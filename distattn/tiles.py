@@ -115,12 +115,6 @@ class TileModel:
         n = np.size(q_len)
         return self.rank_seconds(direction, np.arange(n), q_len, k_len, area, n, heads).reshape(np.shape(q_len))
 
-    def call_seconds(self, direction: str, q_len, k_len, area, heads: float) -> float:
-        """Seconds of one call of these segments on ``heads`` query heads, ``call_s`` included (as a
-        table times it)."""
-        return self.call_s + float(self.rank_seconds(direction, np.zeros(np.size(q_len)), q_len, k_len, area, 1,
-                                                     heads)[0])
-
     def task_seconds(self, q_len, k_len, area, heads: float) -> np.ndarray:
         """Forward plus backward seconds of tasks (vectorised) on ``heads`` query heads, as a share of
         a full GPU: what a task adds to its rank's calls (CAD's planner balances these; the critical

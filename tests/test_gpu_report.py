@@ -237,7 +237,7 @@ def test_main_runs_every_part_and_writes_the_report(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu_report, "_environment", lambda: ["- GPU: a CPU standing in"])
     monkeypatch.setattr(gpu_report, "_suite", lambda tmp, timeout: (True, ["suite faked"]))
-    monkeypatch.setattr(gpu_report, "_kernels", lambda tmp, budget: (True, ["kernels faked"], _kernel_rows()))
+    monkeypatch.setattr(gpu_report, "_kernels", lambda tmp, budget, table: (True, ["kernels faked"], _kernel_rows()))
     monkeypatch.setattr(gpu_report, "_gpu_bytes", lambda gib: H100)
     monkeypatch.setattr(plan, "memory_runs", lambda gpu_bytes: runs[:2])
     monkeypatch.setattr(plan, "stack_runs", lambda gpu_bytes: runs[2:3])

@@ -45,8 +45,9 @@ import torch
 import torch.distributed as dist
 
 from ..api import attention, local_attention, plan
-from ..cost import BWD_FLOPS_FACTOR, attention_flops
+from ..cost import BWD_FLOPS_FACTOR, Roofline, attention_flops
 from ..doclens import MASK_CASES, mask_case
+from ..kernel_speed import device_gpu
 from ..schedulers import NAMES, PlanContext, spec
 from ..timing import slowest_median, time_calls
 from .results import COLUMNS
@@ -203,8 +204,19 @@ def _dtype(cfg: BenchConfig) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
 
 
-def _context(cfg: BenchConfig) -> PlanContext:
-    return PlanContext(cfg.heads, cfg.kv_heads, head_dim=cfg.head_dim, dtype_bytes=_dtype(cfg).itemsize)
+def _context(cfg: BenchConfig, device: torch.device | None = None) -> PlanContext:
+    """The bench's job as the planners see it, on ``device``'s GPU (cad balances its kernel's seconds)."""
+    return PlanContext(cfg.heads, cfg.kv_heads, head_dim=cfg.head_dim, dtype_bytes=_dtype(cfg).itemsize,
+                       gpu=None if device is None else device_gpu(device))
+
+
+def _cpu_cost(cfg: BenchConfig, name: str, device: torch.device) -> dict:
+    """On a CPU, a planner that takes a cost model (cad) balances the pairs themselves (a roofline: the
+    CPU kernel has no CTAs to fill)."""
+    if device.type != "cpu":
+        return {}
+    return spec(name).taken({"cost": Roofline(num_heads=cfg.heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                                              dtype_bytes=_dtype(cfg).itemsize)})
 
 
 @dataclass(frozen=True)
@@ -342,7 +354,7 @@ def _rank_main(cfg: BenchConfig, world: int, cases: list[tuple[int, Case]], even
     dtype = _dtype(cfg)
     if cfg.peers and world > 1:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", DEFAULT_EXTENSIONS_DIR)
-    context = _context(cfg)
+    context = _context(cfg, device)
     meshes = _meshes(cfg, world, device, context)
     rows, key, report = [], None, events is not None and dist.get_rank() == 0
     for index, c in cases:
@@ -357,7 +369,7 @@ def _rank_main(cfg: BenchConfig, world: int, cases: list[tuple[int, Case]], even
         name = c.name
         ours = PEER_OF.get(name, name)   # DeepSpeed's row runs our ulysses plan's split
         p = plan(case.docs, meshes.get(name, dist.group.WORLD), scheduler=ours, context=context,
-                 **case.plan_kwargs())
+                 **case.plan_kwargs(), **_cpu_cost(cfg, ours, device))
         step = _step(name, p, *(p.shard(t) for t in (q, k, v, dout)), case)
         if step is None:
             if report:

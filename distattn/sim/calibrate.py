@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cost import Roofline
 from ..doclens import mask_case
 from ..jsonfile import read_json
 from ..masks import UNBOUNDED
@@ -266,8 +267,11 @@ def prepare_row(row: dict, network, pool=None, seed: int = 0) -> RowCase:
     dtype_bytes = 4 if row["dtype"] == "fp32" else 2
     context = PlanContext(row["heads"], row["kv_heads"], head_dim=row["head_dim"], dtype_bytes=dtype_bytes)
     name = ALIASES.get(row["scheduler"], row["scheduler"])
-    # what cad's servers kept for the backward: rows written before results.csv named it kept everything
-    options = spec(name).taken({"backward": row.get("cad_backward") or "keep"})
+    # what cad's servers kept for the backward: rows written before results.csv named it kept everything;
+    # on a CPU the bench balances cad's pairs (distattn.bench.suite: a roofline)
+    cost = Roofline(num_heads=row["heads"], num_kv_heads=row["kv_heads"], head_dim=row["head_dim"],
+                    dtype_bytes=dtype_bytes) if row.get("device", "cpu") == "cpu" else None
+    options = spec(name).taken({"backward": row.get("cad_backward") or "keep", **({"cost": cost} if cost else {})})
     schedule = dry_schedule(name, case.docs, p, context, **case.plan_kwargs(), **options)
     program = schedule.call_program(AttnShape(row["heads"], row["kv_heads"], row["head_dim"], dtype_bytes))
     stats = np.asarray([tile_stats(schedule.compute_slices(r)) for r in range(p)], dtype=np.float64)

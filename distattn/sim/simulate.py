@@ -55,7 +55,7 @@ from ..program import BACKWARD, FORWARD
 from ..schedule import AttnShape
 from ..schedulers import REGISTRY, spec
 from . import fit
-from .job import (SimConfig, attention_kernel, attn_shape, comm_time, default_cp, dry_schedule, nccl_size,
+from .job import (SimConfig, attention_kernel, comm_time, default_cp, dry_schedule, nccl_size,
                   links_of, plan_context, with_planning)
 from .micro import fsdp_seconds, micro_batch
 from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS
@@ -161,7 +161,7 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks, history=()) -> tupl
         "compute_s": float(run.compute.max()), "exposed_comm_s": max(float(busy.max() - still.end.max()), 0.0),
         "comm_s": float(run.comm[slowest]), "stalled_s": float(run.stalled[slowest]),
         "compute_imbalance": max(1.0, float(run.compute.max() / run.compute.mean())),  # 1 - ulp happens
-        "dp_idle": float(np.mean([(step - t) / step for t in rep_times])), "dp_imbalance": packed.imbalance,
+        "dp_idle": float(np.mean([(timed - t) / timed for t in rep_times])), "dp_imbalance": packed.imbalance,
         "held_share": packed.held_tokens / max(1, sum(map(sum, chunks))), "planning_s": planning,
         "kernel": kernel.source, **share}), run
 
@@ -170,8 +170,7 @@ def _work(cfg: SimConfig, kernel, docs) -> float:
     """The seconds one GPU would spend on ``docs``' layers: linear at ``mfu`` and attention at the kernel's
     speed for each document whole, forward and backward (what a step's work is scaled by)."""
     m, lens = cfg.model, np.asarray(docs, dtype=np.float64)
-    heads = attn_shape(cfg).num_heads * cfg.tp
-    attention = sum(kernel.document_seconds(d, lens, heads).sum() for d in ("forward", "backward"))
+    attention = sum(kernel.document_seconds(d, lens, m.n_heads).sum() for d in ("forward", "backward"))
     return m.n_layers * float(attention) + 6 * m.params * float(lens.sum()) / (cfg.gpu.peak_tflops * 1e12 * cfg.mfu)
 
 

@@ -310,7 +310,8 @@ def run(seq_lens, dims, dtype, tokens: int, hidden: int, masks=("causal", "full"
             row = {"head_dim": str(d) if d == dv else f"{d}/{dv}", "seq_len": s, "q_len": lens[0] if kind else s,
                    "segments": len(lens) if mask != "doc" else None, "mask": mask, "heads": hq, "kv_heads": hkv,
                    "heads_sweep": kind == "heads", "cad_shape": kind == "cad", "backend": backend,
-                   **rates(flops, None, None), "note": unsupported(backend, mask, d, dv, hkv != hq, kind == "cad") or ""}
+                   **rates(flops, None, None),
+                   "note": unsupported(backend, mask, d, dv, hkv != hq, kind == "cad") or ""}
             if over:
                 row["note"] = f"skipped: the benchmark passed its {budget_s:.0f} s budget"
             elif not row["note"]:

@@ -70,7 +70,7 @@ from .planner import Segments, TaskTable
 
 SHORTLIST = 16          # least-loaded ranks of the whole pool considered per move
 PICKS = 8               # moves made per pricing of a rank's tasks
-CHUNK_SHARE = 4
+CHUNK_SHARE = 4         # a long causal document starts as chunks of a rank's tokens over this (min_task_rows at least)
 REPAIRS = 1             # rounds of trades (_trade) and moves again, once moves are stuck
 CUT_TASKS, CUT_POINTS = 4, 65   # a trade tries cutting the busiest rank's largest tasks, at this many rows each
 
@@ -143,12 +143,13 @@ def _trade(table: TaskTable, ledger: Ledger, epsilon: float, rounds: int) -> boo
             ledger.charge(table.n_task - 1, u)
             load[src] += change
             load[u] += head
-        for t, dst in ((task, u), (other, src)):
-            if t is not None and x is None:
-                ledger.charge(t, dst)
-                load[table.t_rank[t]] -= table.t_time[t]
-                load[dst] += table.t_time[t]
-                table.move(t, dst)
+        else:
+            for t, dst in ((task, u), (other, src)):
+                if t is not None:
+                    ledger.charge(t, dst)
+                    load[table.t_rank[t]] -= table.t_time[t]
+                    load[dst] += table.t_time[t]
+                    table.move(t, dst)
         traded = True
     return traded
 
@@ -163,7 +164,8 @@ def _balance_inside_nodes(table: TaskTable, ledger: Ledger, epsilon: float, whic
         members = ledger.members[n]
         for _ in range(50 * len(members)):
             src = int(members[np.argmax(load[members])])
-            if load[src] <= (1 + epsilon) * ledger.mean or not _drain(table, ledger, src, members, epsilon, levels[n]):
+            if load[src] <= (1 + epsilon) * ledger.mean or \
+                    not _drain(table, ledger, src, members, epsilon, levels[n]):
                 break
 
 
