@@ -19,7 +19,10 @@ CTAs with short loops, much of them fixed cost (:meth:`TileModel.task_seconds`).
 **Tables** (:func:`read_table`): ``L, cp, tp, duration_per_doc`` (ms) as DistCA's profiler writes
 them -- causal, bottom-right aligned, ``L // cp`` query rows against ``(1/2 + 1/(2 cp)) L`` keys (one
 CP rank's average share of a document of ``L``), ``LATENCY_TABLE_HEADS / tp`` query heads; the rows
-say no direction and are read as forward + backward -- or rows naming their shape: ``q_len, k_len,
+say no direction and are read as forward + backward (the reading that fits: a forward-only tile model
+misses the ``cp = 8`` rows by up to 43%; DistCA's profiler script, as published, times a forward at 64
+query heads, whose 64K row would be FA2's forward speed -- the GPU report's own rows, each direction
+timed apart, settle it) -- or rows naming their shape: ``q_len, k_len,
 heads, direction`` (``forward``, ``backward`` or ``both``), ``ms`` and optionally ``segments`` (equal
 segments in the call) and ``backend``, as the GPU report writes them (``python -m
 distattn.kernels.bench --table``).
@@ -307,6 +310,11 @@ H100 = TileModel(*grids(fixed=11.13, fwd_iter_s=0.8274e-6, bwd_iter_s=2.360e-6, 
                                         "rows read as forward + backward)")
 
 
+# a CPU's kernel: no CTAs to fill, no fixed cost -- its work is the pairs (the backward 2.5x the forward's)
+PAIRS = TileModel(*grids(fixed=0.0, fwd_iter_s=1e-9, bwd_iter_s=BWD_FLOPS_FACTOR * 1e-9, lone=0.0), sms=1,
+                  source="pairs (a CPU's kernel: no fixed cost per CTA)")
+
+
 def check(model: TileModel, rows: list[KernelRow]) -> list[dict]:
     """Each row measured against modelled: ``L, cp, tp, q_len, k_len, heads, direction, measured_ms,
     model_ms, error`` (modelled / measured - 1)."""
@@ -316,5 +324,5 @@ def check(model: TileModel, rows: list[KernelRow]) -> list[dict]:
              "error": float(m / r.seconds - 1)} for r, m in zip(rows, modelled)]
 
 
-__all__ = ["BWD_ITER_RATIO", "DIRECTIONS", "H100", "LATENCY_TABLE_HEADS", "Grid", "KernelRow", "TileModel", "check",
+__all__ = ["BWD_ITER_RATIO", "DIRECTIONS", "H100", "PAIRS", "LATENCY_TABLE_HEADS", "Grid", "KernelRow", "TileModel", "check",
            "distca_shape", "fit", "grids", "predict", "read_table"]

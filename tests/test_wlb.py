@@ -63,27 +63,32 @@ def test_the_wlb_row_is_per_document_cp_with_kv_all_gathered():
     assert ideal["wlb_work_share"] == result["wlb_work_share"] and ideal["step_time_s"] <= result["step_time_s"]
 
 
-def test_the_trainer_plans_cad_for_its_gpu(monkeypatch):
+def test_the_trainer_plans_cad_for_its_device(monkeypatch):
     """The trainer's plans carry the device's GPU by name (the Megatron adapter does the same with
-    its current device); a CPU run plans for an H100's kernel."""
+    its current device), or on a CPU its kernel: the pairs themselves."""
     import torch
 
+    import distattn
     from distattn import kernel_speed
+    from distattn.schedulers import spec
+    from distattn.tiles import PAIRS
     from distattn.train.config.loader import load_config
     from distattn.train.plan_ahead import plan_options
 
     assert kernel_speed.device_gpu(torch.device("cpu")) is None
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    assert kernel_speed.device_gpu(torch.device("cuda", 0)) == "h200"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Accelerator")
     assert kernel_speed.device_gpu(torch.device("cuda", 0)) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert kernel_speed.device_gpu(torch.device("cuda", 0)) == "h200"
     cfg = load_config("tiny", ["parallel.cp=2", "parallel.scheduler=cad"])
-    context = plan_options(cfg, 989e12, gpu="h200")["context"]
-    assert context.gpu == "h200" and plan_options(cfg, None)["context"].gpu is None
-    from distattn.schedulers import spec
-
-    cost = spec("cad").derive(2, context, {})["cost"]
-    assert cost.tiles == kernel_speed.kernel_model("h200", context.head_dim)
+    gpu = plan_options(cfg, 989e12, device=torch.device("cuda", 0))["context"]
+    assert gpu.gpu == "h200" and gpu.kernel is None
+    assert spec("cad").derive(2, gpu, {})["cost"].tiles == kernel_speed.kernel_model("h200", gpu.head_dim)
+    cpu = plan_options(cfg, None, device=torch.device("cpu"))["context"]
+    assert cpu.gpu is None and cpu.kernel is PAIRS and spec("cad").derive(2, cpu, {})["cost"].tiles is PAIRS
+    # the pairs balance FLOPs: a plan's seconds and FLOPs are even alike
+    st = distattn.plan([3000, 100, 100, 100, 100], 4, scheduler="cad", context=cpu).stats(8, 2, 64)
+    assert st["flops_imbalance"] <= 1.1 and st["seconds_imbalance"] == pytest.approx(st["flops_imbalance"], rel=1e-6)
 
 
 def test_sweep_rows_remember_the_steps_before(monkeypatch):

@@ -39,9 +39,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from ..kernel_speed import device_gpu
 from ..pingpong import all_ranks, nano_batches
 from ..plan_cache import PlanCache
 from ..plans import Plan
+from ..tiles import PAIRS
 from .config import RunConfig
 from .data.global_batch import GlobalBatches, MicroBatch
 
@@ -49,17 +51,20 @@ Parts = list[tuple[list[int], int, int]]   # nano-batches: (doc_lens, start, end
 
 
 def plan_options(cfg: RunConfig, peak_flops: float | None, cad_backward: str | None = None,
-                 gpu: str | None = None) -> dict:
+                 device: torch.device | None = None) -> dict:
     """The options of every step's plans beyond the scheduler and backend (``peak_flops``: the
     device's, MFU's denominator, None on CPU; ``cad_backward``: ``parallel.cad_backward`` resolved,
-    :func:`distattn.train.preflight.memory.cad_backward`; ``gpu``: the device's name,
-    :func:`distattn.train.metrics.device_gpu`, None on CPU)."""
+    :func:`distattn.train.preflight.memory.cad_backward`; ``device``: where the run computes -- cad
+    balances its kernel's seconds there: a GPU's by name (:func:`distattn.kernel_speed.device_gpu`),
+    a CPU's pairs (:data:`distattn.tiles.PAIRS`); None: an H100's)."""
     p, t = cfg.parallel, cfg.train
     # the job as `distattn simulate` describes it: each scheduler derives its options from it (usp
-    # its degree, the mesh's "ulysses" axis; cad the kernel's seconds on the GPU; a CPU run plans for an H100)
+    # its degree, the mesh's "ulysses" axis; cad the kernel's seconds on the device)
     options: dict[str, Any] = {}
     if cfg.world_size > 1:   # (one rank plans nothing: local attention)
-        options["context"] = cfg.plan_context(None if peak_flops is None else peak_flops / 1e12, gpu)
+        cpu = device is not None and device.type == "cpu"
+        options["context"] = cfg.plan_context(None if peak_flops is None else peak_flops / 1e12,
+                                              None if device is None else device_gpu(device), PAIRS if cpu else None)
     if t.deterministic:
         options["deterministic"] = True
     if p.comm_dtype is not None:

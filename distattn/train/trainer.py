@@ -73,7 +73,6 @@ import torch
 import torch.distributed as dist
 
 from ..comm import peer_phase
-from ..kernel_speed import device_gpu
 from ..plan_cache import PlanCache
 from ..schedule import imbalance
 from ..spawn import Terminated
@@ -252,7 +251,7 @@ class Trainer:
         cfg, p = self.config, self.config.parallel
         self.peak_flops = device_peak_flops(self.device, cfg.train.peak_tflops)
         self.cad_backward = agreed_cad_backward(cfg, self.device)
-        self.options = plan_options(cfg, self.peak_flops, self.cad_backward, device_gpu(self.device))
+        self.options = plan_options(cfg, self.peak_flops, self.cad_backward, self.device)
         # from here the planner alone moves self.batches (maybe ahead, on its thread): a checkpoint
         # stores the data state right after the batch of the last step run, which its StepPlans carried
         self.data_state = self.batches.state()

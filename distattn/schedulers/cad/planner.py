@@ -167,7 +167,7 @@ class TaskTable:
         """The fewest query rows a cut is worth where balance does not need fewer: the cost model's
         ``min_task_rows`` (a tile model's: as many rows as its backward's fixed cost in loop
         iterations), 1 for a model without one."""
-        return int(getattr(self.cost, "min_task_rows", 1))
+        return max(1, int(getattr(self.cost, "min_task_rows", 1)))
 
     def cuts(self, t: int, points: int = 129) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(x, head, tail)``: up to ``points`` places to cut task ``t`` and the times of its head

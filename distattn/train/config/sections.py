@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ...memory_model import CAD_BACKWARDS, CHECKPOINTING, JobFacts
 from ...model_shape import ModelShape
 from ...schedulers import LOCAL, NAMES, PlanContext
+
+if TYPE_CHECKING:   # (tiles imports numpy, which `distattn --help` must not)
+    from ...tiles import TileModel
 
 DTYPES = ("fp32", "bf16")
 ON_NONFINITE = ("stop", "skip_step")
@@ -260,11 +264,13 @@ class RunConfig:
                         activation_checkpointing=t.activation_checkpointing, loss_chunk=t.loss_chunk,
                         mlp_chunk=t.mlp_chunk, cad_backward=backward)
 
-    def plan_context(self, peak_tflops: float | None = None, gpu: str | None = None) -> PlanContext:
+    def plan_context(self, peak_tflops: float | None = None, gpu: str | None = None,
+                     kernel: TileModel | None = None) -> PlanContext:
         """The job as the planners see it: each scheduler derives its options from it
         (:class:`~distattn.schedulers.PlanContext`); ``peak_tflops`` and ``gpu``: the GPU's peak and
-        name (None: an H100's; cad balances the kernel's seconds on it)."""
-        return self.job_facts(peak_tflops, gpu=gpu).plan_context()
+        name (None: an H100's; cad balances the kernel's seconds on it), or ``kernel``: the kernel
+        itself (a :class:`~distattn.tiles.TileModel`)."""
+        return self.job_facts(peak_tflops, gpu=gpu).plan_context(kernel=kernel)
 
     def replace(self, **sections) -> "RunConfig":
         """Copy with fields of sections changed: ``cfg.replace(train={"steps": 5})``."""
