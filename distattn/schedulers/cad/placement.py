@@ -50,7 +50,7 @@ task adds its pieces' fixed costs):
 Where moves are stuck on lumps -- pieces of a long document's end, each paying its backward's fixed
 cost over the whole key prefix -- the most loaded rank trades with the least loaded ones
 (:func:`_trade`): gives a task away, swaps it for a smaller one, or cuts it where the two end most
-even; then the moves run again. At the end a rank's pieces of one document that meet are merged
+even (moves after the trades changed no plan measured). At the end a rank's pieces of one document that meet are merged
 into one kernel segment (:meth:`~.planner.TaskTable.segments`).
 
 The loads and bytes the moves are priced on and booked to are :mod:`.ledger`'s.
@@ -71,7 +71,6 @@ from .planner import Segments, TaskTable
 SHORTLIST = 16          # least-loaded ranks of the whole pool considered per move
 PICKS = 8               # moves made per pricing of a rank's tasks
 CHUNK_SHARE = 4         # a long causal document starts as chunks of a rank's tokens over this (min_task_rows at least)
-REPAIRS = 1             # rounds of trades (_trade) and moves again, once moves are stuck
 CUT_TASKS, CUT_POINTS = 4, 65   # a trade tries cutting the busiest rank's largest tasks, at this many rows each
 
 
@@ -93,26 +92,24 @@ def place_tasks(mask, slots: Shards, cost, epsilon: float = 0.04,
         taking = ledger.node_load() < ledger.size * ledger.mean * (1 + FILL * epsilon)
         _balance_inside_nodes(table, ledger, epsilon, taking)
         export_between_nodes(table, ledger, epsilon)
-    for _ in range(REPAIRS + 1):
-        for _ in range(50 * p + 100):
-            src = int(np.argmax(load))
-            if load[src] <= (1 + epsilon) * ledger.mean or not _drain(table, ledger, src, None, epsilon):
-                break
-        if not _trade(table, ledger, epsilon, p):
+    for _ in range(50 * p + 100):
+        src = int(np.argmax(load))
+        if load[src] <= (1 + epsilon) * ledger.mean or not _drain(table, ledger, src, None, epsilon):
             break
+    _trade(table, ledger, epsilon, p)
     return table.segments()
 
 
-def _trade(table: TaskTable, ledger: Ledger, epsilon: float, rounds: int) -> bool:
+def _trade(table: TaskTable, ledger: Ledger, epsilon: float, rounds: int) -> None:
     """Where moves are stuck on lumps -- pieces of a long document's end, each paying its backward's
     fixed cost over the whole key prefix, too large for any rank's room -- the most loaded rank trades
     with one of the :data:`SHORTLIST` least loaded ranks: gives a task away, swaps it for a smaller one
     of theirs, or cuts it where the two end most even (the tail it keeps still pays that fixed cost),
-    whichever leaves the busier of the two lowest, below it was. False if no trade helps, and with
+    whichever leaves the busier of the two lowest, below it was; until none helps. None with
     ``overlap_s`` (trades do not price the transfers they add)."""
     if ledger.overlap_s is not None:
-        return False
-    load, traded = ledger.load, False
+        return
+    load = ledger.load
     for _ in range(rounds):
         src = int(np.argmax(load))
         if load[src] <= (1 + epsilon) * ledger.mean:
@@ -150,8 +147,6 @@ def _trade(table: TaskTable, ledger: Ledger, epsilon: float, rounds: int) -> boo
                     load[table.t_rank[t]] -= table.t_time[t]
                     load[dst] += table.t_time[t]
                     table.move(t, dst)
-        traded = True
-    return traded
 
 
 def _balance_inside_nodes(table: TaskTable, ledger: Ledger, epsilon: float, which: np.ndarray) -> None:
