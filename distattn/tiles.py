@@ -324,5 +324,5 @@ def check(model: TileModel, rows: list[KernelRow]) -> list[dict]:
              "error": float(m / r.seconds - 1)} for r, m in zip(rows, modelled)]
 
 
-__all__ = ["BWD_ITER_RATIO", "DIRECTIONS", "H100", "PAIRS", "LATENCY_TABLE_HEADS", "Grid", "KernelRow", "TileModel", "check",
-           "distca_shape", "fit", "grids", "predict", "read_table"]
+__all__ = ["BWD_ITER_RATIO", "DIRECTIONS", "H100", "LATENCY_TABLE_HEADS", "PAIRS", "Grid", "KernelRow", "TileModel",
+           "check", "distca_shape", "fit", "grids", "predict", "read_table"]

@@ -50,8 +50,8 @@ task adds its pieces' fixed costs):
 Where moves are stuck on lumps -- pieces of a long document's end, each paying its backward's fixed
 cost over the whole key prefix -- the most loaded rank trades with the least loaded ones
 (:func:`_trade`): gives a task away, swaps it for a smaller one, or cuts it where the two end most
-even (moves after the trades changed no plan measured). At the end a rank's pieces of one document that meet are merged
-into one kernel segment (:meth:`~.planner.TaskTable.segments`).
+even (moves after the trades changed no plan measured). At the end a rank's pieces of one document
+that meet are merged into one kernel segment (:meth:`~.planner.TaskTable.segments`).
 
 The loads and bytes the moves are priced on and booked to are :mod:`.ledger`'s.
 """
