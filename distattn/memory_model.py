@@ -113,6 +113,9 @@ CPU_ALLOCATOR_OVERHEAD = 0.35
 CHECKPOINTING = ("none", "full", "selective", "offload")
 # what cad's attention servers keep for the backward (parallel.cad_backward, resolved: distattn.schedulers.cad)
 CAD_BACKWARDS = ("resend", "keep")
+# how the ranks share the model (parallel.dp_mode): whole parameters all-reduced, FSDP2 over every rank,
+# FSDP2 sharding inside groups of dp_shard ranks (HSDP), whole parameters with a sharded optimizer (ZeRO-1)
+DP_MODES = ("ddp", "fsdp", "hsdp", "zero1")
 # train.mlp_chunk the capacity table and the simulator try when a config has none: 4096 tokens keep one
 # chunk's intermediates (7 x ffn x chunk) under 1 GiB at Llama-3 8B in bf16
 TILED_MLP_CHUNK = 4096

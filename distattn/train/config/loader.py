@@ -8,7 +8,7 @@ A config has four sections::
                packing: stream | balanced, token_cap, verify, on_bad_document: fail | skip}
     parallel: {dp, cp, scheduler, ulysses_degree, head_groups, cad_pool, nano_batches,
                cad_backward: resend | keep | auto, plan_ahead,
-               dp_mode: ddp | fsdp, cpu_offload, backend, comm_dtype: fp8, timeout_s}
+               dp_mode: ddp | fsdp | hsdp | zero1, dp_shard, cpu_offload, backend, comm_dtype: fp8, timeout_s}
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
                dtype: fp32 | bf16, activation_checkpointing: none | full | selective | offload,
                loss_chunk, mlp_chunk, compile, peak_tflops, on_nonfinite: stop | skip_step, lr_decay_steps,

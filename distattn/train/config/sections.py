@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ...memory_model import CAD_BACKWARDS, CHECKPOINTING, JobFacts
+from ...memory_model import CAD_BACKWARDS, CHECKPOINTING, DP_MODES, JobFacts
 from ...model_shape import ModelShape
 from ...schedulers import LOCAL, NAMES, PlanContext
 
@@ -143,7 +143,15 @@ class ParallelConfig:
     # before runs (cad's placement: up to seconds a step at scale), so the step finds them ready; the
     # same plans and losses as false, which makes them inside the step (distattn/train/plan_ahead.py)
     plan_ahead: bool = True
-    dp_mode: str = "ddp"                # "ddp" or "fsdp" (FSDP2 fully_shard)
+    # how the dp x cp ranks share the model: ddp (whole parameters, gradients all-reduced), fsdp (FSDP2
+    # fully_shard over all of them), hsdp (fully_shard on a 2-D mesh: dp_shard ranks shard each block,
+    # the groups of them replicate and all-reduce gradients) or zero1 (whole parameters in the training
+    # dtype; one bucketed gradient reduce-scatter and one parameter all-gather a step, AdamW on each
+    # rank's 1/N of fp32 master weights: distattn/train/zero1.py). Checkpoints resume across modes
+    dp_mode: str = "ddp"
+    # hsdp: the ranks that shard each parameter (consecutive ranks: keep them inside a node, where the
+    # gathers use NVLink); unset: the launcher's ranks per node (LOCAL_WORLD_SIZE; local processes: all)
+    dp_shard: int | None = None
     # FSDP2's CPUOffloadPolicy: the fp32 parameter shards, their gradients and AdamW's state live in
     # (pinned) host memory; each block's parameters come to the GPU for its forward and backward,
     # and the optimizer steps on the CPU. Needs dp_mode: fsdp; shards even on one rank

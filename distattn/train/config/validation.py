@@ -9,7 +9,7 @@ import reprlib
 import typing
 
 from ...schedulers import NAMES, spec
-from .sections import AUTO, CAD_BACKWARDS, SCHEDULERS, CHECKPOINTING, DTYPES, ON_BAD_DOCUMENT, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainSection
+from .sections import AUTO, CAD_BACKWARDS, DP_MODES, SCHEDULERS, CHECKPOINTING, DTYPES, ON_BAD_DOCUMENT, ON_NONFINITE, PACKINGS, SOURCES, BlendSource, DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainSection
 
 # upper bounds of floats, past which a value is a typo rather than a setting: (key, most, why)
 CEILINGS = (("parallel.timeout_s", 7 * 86400.0, "a week; a collective that waits longer has failed"),
@@ -36,6 +36,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_auto(cfg)
     _check_train(cfg.train)
     _check_head_groups(cfg)
+    _check_dp_shard(cfg)
     return cfg
 
 
@@ -236,8 +237,11 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> None:
     if p.cad_backward not in (*CAD_BACKWARDS, AUTO):
         raise ValueError(f"parallel.cad_backward must be resend, keep or auto (what cad's attention servers keep for "
                          f"the backward), got {_r(p.cad_backward)}")
-    if p.dp_mode not in ("ddp", "fsdp"):
-        raise ValueError(f"parallel.dp_mode must be 'ddp' or 'fsdp', got {_r(p.dp_mode)}")
+    if p.dp_mode not in DP_MODES:
+        raise ValueError(f"parallel.dp_mode must be one of {', '.join(DP_MODES)}, got {_r(p.dp_mode)}")
+    if p.dp_shard is not None and p.dp_mode != "hsdp":
+        raise ValueError(f"parallel.dp_shard is the ranks sharding each parameter under dp_mode: hsdp; unset it for "
+                         f"dp_mode: {p.dp_mode}")
     if p.cpu_offload and p.dp_mode != "fsdp":
         raise ValueError("parallel.cpu_offload keeps FSDP2's parameter, gradient and optimizer shards in host "
                          f"memory: it needs parallel.dp_mode: fsdp (got {_r(p.dp_mode)})")
@@ -250,6 +254,15 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> None:
     spec(p.fixed_scheduler).nano_batches_for(p.nano_batches, key="parallel.nano_batches")
     if isinstance(p.head_groups, bool) or not isinstance(p.head_groups, int) or p.head_groups < 1:
         raise ValueError(f"parallel.head_groups must be a positive int, got {_r(p.head_groups)}")
+
+
+def _check_dp_shard(cfg: RunConfig) -> None:
+    """``parallel.dp_shard`` groups the world's ranks: it must divide them."""
+    shard, world = cfg.parallel.dp_shard, cfg.world_size
+    if shard is not None and (shard < 1 or world % shard):
+        divisors = [d for d in range(1, world + 1) if world % d == 0]
+        raise ValueError(f"parallel.dp_shard ({_r(shard)}) must divide the dp x cp = {world} ranks into equal shard "
+                         f"groups: choose one of {divisors}, or unset it for the ranks of one node")
 
 
 def _check_head_groups(cfg: RunConfig) -> None:
