@@ -205,6 +205,17 @@ class ParallelDims:
             _flat_group(self.cp_mesh(mesh))
         return mesh
 
+    def dp_mesh(self, mesh: DeviceMesh, shard: int | None = None) -> DeviceMesh:
+        """What data parallelism shards and reduces over: every rank of ``mesh`` as one axis (FSDP2,
+        ZeRO-1), or with ``shard`` the 2-D ``("replicate", "shard")`` mesh of HSDP, each group of
+        ``shard`` consecutive ranks (a node's, when ranks are numbered by node) sharding the parameters.
+        Collective over the default group; made once per process (:func:`init_mesh`)."""
+        if shard is None:
+            return mesh._flatten("dp_cp")
+        if self.world_size % shard:
+            raise ValueError(f"shard={shard} must divide the {self.world_size} ranks")
+        return init_mesh(mesh.device_type, (self.world_size // shard, shard), ("replicate", "shard"))
+
     def cp_mesh(self, mesh: DeviceMesh) -> DeviceMesh:
         """What ``distattn.plan`` takes for this rank's CP group: the ``"cp"`` axis, or for
         ``usp`` the 2-D ``("ring", "ulysses")`` sub-mesh."""

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .config import RunConfig
+from ..mesh import ParallelDims
 from .model.transformer import Block
 
 
@@ -74,29 +75,53 @@ def join_group(cfg: RunConfig) -> bool:
     return True
 
 
-def wrap_model(model, cfg: RunConfig, mesh):
-    """FSDP2 (bf16: ``MixedPrecisionPolicy``, bf16 compute copies of fp32 shards, fp32 gradient
-    reduction; ``cpu_offload``: ``CPUOffloadPolicy``), DDP (bf16: the step autocasts; see
-    :func:`_autocast`) or the bare model on one rank."""
-    if cfg.wrapper == "single":
+def shard_ranks(cfg: RunConfig) -> int:
+    """``hsdp``'s shard group: ``parallel.dp_shard``, unset the launcher's ranks per node (torchrun's
+    ``LOCAL_WORLD_SIZE``; local processes all share one machine). ``ValueError`` when it does not divide the ranks."""
+    world = cfg.world_size
+    shard = cfg.parallel.dp_shard or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world % shard:
+        raise ValueError(f"dp_mode: hsdp shards over the {shard} ranks of a node, which do not divide the dp x cp = "
+                         f"{world} ranks: set parallel.dp_shard to a divisor of {world}")
+    return shard
+
+
+def wrap_model(model, cfg: RunConfig, mesh, dims: ParallelDims):
+    """FSDP2 over every rank (``fsdp``) or on the 2-D ``(replicate, shard)`` mesh (``hsdp``) -- bf16:
+    ``MixedPrecisionPolicy``, bf16 compute copies of fp32 shards, fp32 gradient reduction;
+    ``cpu_offload``: ``CPUOffloadPolicy`` --, DDP (bf16: the step autocasts; see :func:`_autocast`), or
+    the bare model: on one rank, and under ``zero1``, whose :class:`~.zero1.Zero1` optimizer hooks it."""
+    if cfg.wrapper in ("single", "zero1"):
         return model
-    if cfg.wrapper == "fsdp":
+    if cfg.wrapper in ("fsdp", "hsdp"):
         from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                             register_fsdp_forward_method)
 
-        flat = mesh._flatten("dp_cp")
+        on = dims.dp_mesh(mesh, shard_ranks(cfg) if cfg.wrapper == "hsdp" else None)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if cfg.train.dtype == "bf16" else MixedPrecisionPolicy()
         # pinned host memory needs CUDA; on CPU ranks the shards stay where they are (the same path runs)
         offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.parallel.cpu_offload \
             else OffloadPolicy()
         for layer in model.layers:
-            fully_shard(layer, mesh=flat, mp_policy=mp, offload_policy=offload)
+            fully_shard(layer, mesh=on, mp_policy=mp, offload_policy=offload)
             # nano-batches call a block's pieces apart (Transformer.forward): each a forward method, all
             # of a block's sharing one gather (model.fsdp_once.GatherOnce)
             for method in Block.FORWARD_METHODS:
                 register_fsdp_forward_method(layer, method)
-        return fully_shard(model, mesh=flat, mp_policy=mp, offload_policy=offload)
+        return fully_shard(model, mesh=on, mp_policy=mp, offload_policy=offload)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model)
+
+
+def make_optimizer(model, cfg: RunConfig, mesh, dims: ParallelDims):
+    """AdamW over the (wrapped) model's parameters, or under ``zero1`` over this rank's share of them
+    (:class:`~.zero1.Zero1`, which casts the model to the training dtype)."""
+    t = cfg.train
+    settings = {"lr": t.lr, "betas": (0.9, 0.95), "weight_decay": t.weight_decay}
+    if cfg.wrapper == "zero1":
+        from .zero1 import Zero1
+
+        return Zero1(model, dims.dp_mesh(mesh), torch.bfloat16 if t.dtype == "bf16" else None, **settings)
+    return torch.optim.AdamW(model.parameters(), **settings)

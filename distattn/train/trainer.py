@@ -8,9 +8,10 @@ not planned again (a pooled ``cad`` plan is given every replica's documents: no 
 
 The loss is next-token cross-entropy that never crosses a document boundary,
 summed over this rank's tokens and divided by the number of labelled tokens
-of the whole global batch (all DP and CP ranks). DDP and FSDP2 average
-gradients over the world, so the local loss is scaled by the world size: the
-averaged gradient is then exactly the gradient of the global mean loss.
+of the whole global batch (all DP and CP ranks). Every ``parallel.dp_mode`` -- DDP, FSDP2, HSDP
+(FSDP2 on a 2-D mesh: :func:`.ranks.wrap_model`) and ZeRO-1 (:mod:`.zero1`) -- averages gradients over
+the world, so the local loss is scaled by the world size: the averaged gradient is then exactly the
+gradient of the global mean loss, and every mode trains alike (``tests/test_dp_modes.py``).
 
 With ``parallel.scheduler: cad`` and dp > 1, each step plans CAD over the pool of all dp x cp
 ranks (``parallel.cad_pool``, default on): every replica's attention is balanced against every
@@ -36,8 +37,8 @@ normalisation and gradient synchronisation are the fixed configuration's. Its me
 dp)``, what the memory estimate of the fixed choice assumes.
 
 Precision (``train.dtype``): ``bf16`` computes in bf16 and keeps fp32 master weights, fp32
-gradient reduction and fp32 AdamW state -- FSDP2 through its ``MixedPrecisionPolicy``, DDP (and a
-single rank) by autocasting the forward. Attention accumulates in fp32 either way. Activation
+gradient reduction and fp32 AdamW state -- FSDP2 and HSDP through its ``MixedPrecisionPolicy``, ZeRO-1
+with bf16 parameters beside its fp32 master shares, DDP (and a single rank) by autocasting the forward. Attention accumulates in fp32 either way. Activation
 checkpointing (``train.activation_checkpointing``) and the chunked output projection + loss
 (``train.loss_chunk``) are the model's (``model.py``, ``loss.py``). Per step, ``metrics.jsonl`` gets
 MFU (``metrics.py``), tokens/s per device, peak memory and the communication wait (max over ranks)
@@ -89,8 +90,9 @@ from .model.transformer import Transformer
 from .nano_default import STEPS as NANO_STEPS, chosen_nano_batches
 from .plan_ahead import PlanAhead, StepPlanner, StepPlans, agreed_cad_backward, plan_options
 from .preflight import prepare_out
-from .ranks import StopSignal, join_group, wrap_model
+from .ranks import StopSignal, join_group, make_optimizer, wrap_model
 from .step_calibration import StepCalibration
+from .zero1 import Zero1
 from .checkpoint.resume import resume_config, resume_from, run_info, schedule_steps
 
 _log = logging.getLogger(__name__)   # (a Trainer's RunLog is its `logger`)
@@ -107,9 +109,10 @@ def lr_at(cfg: RunConfig, step: int) -> float:
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
-    """bf16 without FSDP: autocast runs the matmuls in bf16 on fp32 parameters (DDP then reduces fp32
-    gradients); FSDP's policy casts the parameters itself, and fp32 runs as written."""
-    if cfg.train.dtype == "bf16" and cfg.wrapper != "fsdp":
+    """bf16 under DDP or on one rank: autocast runs the matmuls in bf16 on fp32 parameters (DDP then
+    reduces fp32 gradients); FSDP's policy casts the parameters itself, ZeRO-1 keeps them in bf16, and
+    fp32 runs as written."""
+    if cfg.train.dtype == "bf16" and cfg.wrapper in ("ddp", "single"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -155,6 +158,7 @@ class Trainer:
         self.calibration = StepCalibration() if config.parallel.auto else None   # its predictions on this machine
         self._last_choice = None  # auto's, logged where it changes
         self.logger: RunLog | None = None
+        self.optimizer = None
         self._own_group = False
 
     def on_step(self, fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
@@ -225,9 +229,8 @@ class Trainer:
         model = Transformer(cfg.model).to("cpu" if p.cpu_offload else device)
         if t.compile:
             model.compile_blocks()
-        self.model = wrap_model(model, cfg, mesh)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=(0.9, 0.95),
-                                           weight_decay=t.weight_decay)
+        self.model = wrap_model(model, cfg, mesh, dims)
+        self.optimizer = make_optimizer(self.model, cfg, mesh, dims)
         # pooled cad spreads attention over every rank itself: the packer evens out tokens alone
         self.batches = GlobalBatches(Packer(make_corpus(cfg.data), cfg.data.seq_len, cfg.data.seed,
                                             cfg.model.vocab_size), p.dp,
@@ -304,7 +307,8 @@ class Trainer:
         (loss_sum / count * cfg.world_size).backward()
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(cfg, step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        grad_norm = self.optimizer.clip_grad_norm_(t.grad_clip) if isinstance(self.optimizer, Zero1) \
+            else torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         bad = _nonfinite(sums[1] / count, norm)   # the same on every rank: both are global
         if bad is None:
@@ -424,6 +428,8 @@ class Trainer:
         if self.logger is not None:
             self.logger.close()
             self.logger = None
+        if isinstance(self.optimizer, Zero1):
+            self.optimizer.synchronize()   # (the last step's gathers: the model holds its final weights)
         self._stop_planning()
         self.plans.clear()
         self._end_group()

@@ -224,6 +224,14 @@ def _dcp_reason(exc: CheckpointException) -> str:
     return f"{one_line(error) if isinstance(error, BaseException) else error} (on rank {rank})"
 
 
+def _state_dicts(model, optimizer) -> tuple[dict, dict]:
+    """The model's and optimizer's state by parameter name -- ``get_state_dict``'s (DDP, FSDP2, HSDP), or
+    a sharded optimizer's own in the same layout (:meth:`distattn.train.zero1.Zero1.state_dicts`) -- so
+    that a checkpoint resumes under any ``parallel.dp_mode`` (DCP reshards)."""
+    own = getattr(optimizer, "state_dicts", None)
+    return own() if own is not None else get_state_dict(model, optimizer)
+
+
 def save(directory: Path, model, optimizer, step: int, data_state: list[int], run: dict | None = None) -> None:
     """Save into ``directory`` (module docstring): written under ``directory.partial``, hashed, given a
     manifest, then renamed. ``WriteFailed`` on every rank, with the cause and the path, when any
@@ -232,7 +240,7 @@ def save(directory: Path, model, optimizer, step: int, data_state: list[int], ru
     partial = directory.with_name(directory.name + PARTIAL)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd,
              "train": {"step": torch.tensor(step), "data": torch.tensor(data_state, dtype=torch.int64),
                        "rng": torch.get_rng_state()}}
@@ -364,7 +372,7 @@ def load(directory: Path, model, optimizer) -> tuple[int, list[int]]:
     saved = read_metadata(directory / ".metadata").state_dict_metadata.get("train.data")
     if saved is None or len(saved.size) != 1:
         raise ValueError(f"checkpoint {directory} holds no data cursor (train.data); it was not saved by this trainer")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd,   # the data cursor's length is the data source's
              "train": {"step": torch.tensor(0), "data": torch.zeros(saved.size, dtype=torch.int64),
                        "rng": torch.get_rng_state()}}
@@ -378,6 +386,9 @@ def load(directory: Path, model, optimizer) -> tuple[int, list[int]]:
         raise ValueError(f"checkpoint {directory} could not be loaded: {_dcp_reason(exc)}. If the model or "
                          f"parallel layout changed since it was saved, resume with the config it was saved with; "
                          f"else move {directory} aside to resume from an older one") from exc
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if hasattr(optimizer, "load_state_dicts"):
+        optimizer.load_state_dicts(state["optim"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(state["train"]["rng"])
     return int(state["train"]["step"]), [int(x) for x in state["train"]["data"]]
