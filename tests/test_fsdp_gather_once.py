@@ -61,7 +61,7 @@ def _model(bf16: bool = False):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61,
                                     attention_sinks=True))
-    return wrap_model(model if bf16 else model.double(), cfg, mesh), dims.cp_mesh(mesh)
+    return wrap_model(model if bf16 else model.double(), cfg, mesh, dims), dims.cp_mesh(mesh)
 
 
 def _batch(tokens, nano: int, cp_mesh):
