@@ -142,8 +142,13 @@ class Zero1:
         # would arrive after its bucket left and be lost
         assert bucket.sent is None, "a second gradient for a parameter of a bucket already sent"
         bucket.ready += 1
-        if bucket.ready == len(bucket.slots):
-            self._send(bucket)
+        # every rank sends the buckets in one order, whatever order its gradients came in: a bucket
+        # waits for the ones before it (a parameter without a gradient holds them back until _reduced)
+        for earlier in self.buckets:
+            if earlier.sent is None:
+                if earlier.ready < len(earlier.slots):
+                    break
+                self._send(earlier)
 
     def _send(self, bucket: _Bucket) -> None:
         """Reduce-scatter ``bucket``'s gradients: rank ``r``'s row of the send buffer holds every
