@@ -9,26 +9,25 @@ tokens per rank, ``b`` the compute dtype's bytes -- 2 for bf16, 4 for fp32). The
 named as the trainer's config keys they come from (``parallel.dp_mode`` is ``wrapper``, which is
 ``"single"`` on one rank):
 
-* ``weights``, ``grads``, ``optimizer``: fp32 master weights, fp32 gradients and AdamW's two fp32
-  moments. ``wrapper: fsdp`` shards all three over the N ranks (FSDP2 over the
-  flattened dp x cp mesh, as the trainer wraps it) and adds the unsharded copies a rank
-  computes with, in the compute dtype: the root module's parameters (embedding, final norm,
-  head: FSDP2 keeps the root unsharded from forward to the end of backward) and two blocks
-  (the one computing and the one prefetched); gradients add the root's unsharded gradients
-  and one block's (bf16: also its fp32 copy for the reduce-scatter). ``cpu_offload``
-  (FSDP2's ``CPUOffloadPolicy``, also on one rank) moves the shards, their gradients and the
-  moments to host memory (``host_states``, 16 bytes a parameter): the device keeps the unsharded
-  copies alone. ``ddp`` replicates
-  everything and adds DDP's gradient buckets (a second fp32 copy of the gradients); bf16 under
-  autocast adds the bf16 copies of the block weights autocast caches during the forward. One
-  rank (no wrapper): as DDP without buckets.
+* ``weights``, ``grads``, ``optimizer``: the parameters, their gradients and AdamW's two fp32
+  moments as ``parallel.dp_mode`` keeps them (:mod:`distattn.dp_memory`, which has the formulas):
+  ``ddp`` replicates all of them in fp32 and adds DDP's gradient buckets (bf16: the block weights'
+  bf16 copies autocast caches during the forward); ``fsdp`` shards them over the N ranks (FSDP2
+  over the flattened dp x cp mesh, as the trainer wraps it) and ``hsdp`` over each group of
+  ``dp_shard``, adding the unsharded copies a rank computes with in the compute dtype (the root
+  module's and two blocks'; ``cpu_offload`` moves the shards, their gradients and the moments to
+  host memory, ``host_states``); ``zero1`` keeps whole parameters in the compute dtype and shards
+  the fp32 master weights, the reduced gradients and the moments over the N ranks, adding backward's
+  gradient buckets (or, where larger, its step's parameter all-gathers). One rank (no wrapper): as
+  DDP without buckets.
+  :func:`cheapest_mode` picks the mode of fewest network bytes whose estimate fits.
 * ``activations``: what autograd keeps, counted tensor by tensor from :mod:`distattn.train.model.transformer`
   per block and token -- RMSNorm's input and fp32 rsqrt, the norm outputs the projections read
   (one bf16 copy per projection under autocast), RoPE's cos/sin, the attention output (wo's
   input), the SwiGLU w1/w3 outputs, silu and the product,
   plus what attention keeps (below). Residuals are fp32 under DDP's autocast and fp32 runs,
-  bf16 under FSDP's bf16 parameters. ``activation_checkpointing``: ``none`` keeps all of it per
-  layer; ``full`` keeps each block's input per layer and one block's everything while it is
+  bf16 under bf16 parameters (fsdp's and hsdp's, zero1's). ``activation_checkpointing``: ``none``
+  keeps all of it per layer; ``full`` keeps each block's input per layer and one block's everything while it is
   recomputed; ``selective`` keeps per layer the block input and what attention saves, and one
   block's recomputation. ``offload`` (:mod:`distattn.train.model.offload`) is ``full`` with the
   per-layer block inputs in host memory (``host``): the device keeps two (the one recomputed,
@@ -85,7 +84,8 @@ report prints it beside), in a CPU rank's (host and device are the same memory t
 
 The total is the sum, an upper bound: gradients fill in as activations are freed, and AdamW's
 temporaries at the step (one state-sized copy with the foreach kernels) come when activations
-are gone, so they are not counted.
+are gone, so they are not counted (zero1's all-gather buffers at the step are, where they make it
+the peak: :func:`distattn.dp_memory.step_excess`).
 
 Standard library at import (the trainer's config reads :data:`CHECKPOINTING`); the dry plan imports
 the planners when an estimate needs one.
@@ -98,6 +98,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
 
+from .dp_memory import BUCKET_ELEMENTS, CHEAPEST_FIRST, cheapest_mode, model_states, step_excess, zero1_bucket
 from .model_shape import ModelShape
 from .schedulers import PlanContext
 
@@ -116,6 +117,8 @@ CAD_BACKWARDS = ("resend", "keep")
 # how the ranks share the model (parallel.dp_mode): whole parameters all-reduced, FSDP2 over every rank,
 # FSDP2 sharding inside groups of dp_shard ranks (HSDP), whole parameters with a sharded optimizer (ZeRO-1)
 DP_MODES = ("ddp", "fsdp", "hsdp", "zero1")
+# Job.wrapper: a dp mode, or one rank without a wrapper
+WRAPPERS = (*DP_MODES, "single")
 # train.mlp_chunk the capacity table and the simulator try when a config has none: 4096 tokens keep one
 # chunk's intermediates (7 x ffn x chunk) under 1 GiB at Llama-3 8B in bf16
 TILED_MLP_CHUNK = 4096
@@ -130,11 +133,12 @@ DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 
 @dataclass(frozen=True)
 class Job:
-    """One training job as the estimate sees it; the fields are the trainer's config keys
-    (``wrapper``: how the model is wrapped -- ``"fsdp"``, ``"ddp"`` or ``"single"``, one rank
-    without a wrapper; ``pooled``: cad plans over the pool of every replica; ``gpus_per_node``:
-    usp's default Ulysses degree stays inside a node; ``doc_lens``: one sequence's documents,
-    default one of ``seq_len``; ``device``: ``"cuda"`` or ``"cpu"``, only the runtime and the
+    """One training job as the estimate sees it; the fields are the trainer's config keys (``wrapper``:
+    how the model is wrapped -- one of :data:`DP_MODES` or ``"single"``, one rank without a wrapper;
+    ``dp_shard``: under ``hsdp`` the ranks sharding each parameter (None: a node's, ``gpus_per_node``,
+    else every rank); other wrappers ignore it; ``pooled``: cad plans over the pool of every replica;
+    ``gpus_per_node``: usp's default Ulysses degree stays inside a node; ``doc_lens``: one sequence's
+    documents, default one of ``seq_len``; ``device``: ``"cuda"`` or ``"cpu"``, only the runtime and the
     allocator differ)."""
 
     model: ModelShape
@@ -155,8 +159,10 @@ class Job:
     doc_lens: tuple[int, ...] | None = None
     device: str = "cuda"
     cad_backward: str = "resend"   # parallel.cad_backward, resolved (CAD_BACKWARDS)
+    dp_shard: int | None = None
 
     def __post_init__(self):
+        _check_wrapper(self.wrapper, self.dp_shard, self.dp * self.cp)
         if self.cad_backward not in CAD_BACKWARDS:
             raise ValueError(f"cad_backward must be one of {', '.join(CAD_BACKWARDS)}, got {self.cad_backward!r}")
         if self.device not in DEVICES:
@@ -174,6 +180,18 @@ class Job:
     @property
     def tokens_per_rank(self) -> int:
         return math.ceil(self.seq_len / self.cp)
+
+    @property
+    def shard_ranks(self) -> int:
+        """The ranks one parameter's sharded states (fp32 master, gradient, moments) are split over: every
+        rank under fsdp and zero1, ``dp_shard`` under hsdp (unset: a node's ranks, at most all), 1 (whole
+        on each rank) under ddp and on one rank."""
+        if self.wrapper in ("fsdp", "zero1"):
+            return self.world_size
+        if self.wrapper == "hsdp":
+            # a node's ranks where they divide the world (else the most that do)
+            return self.dp_shard or math.gcd(self.world_size, self.gpus_per_node or self.world_size)
+        return 1
 
     def plan_context(self) -> PlanContext:
         """The job as its dry plan's planner sees it: :meth:`JobFacts.plan_context` of its facts (one TP
@@ -212,8 +230,10 @@ class JobFacts:
     loss_chunk: int = 2048
     mlp_chunk: int = 0
     cad_backward: str = "resend"
+    dp_shard: int | None = None        # parallel.dp_shard, resolved (hsdp; :class:`Job`)
 
     def __post_init__(self):
+        _check_wrapper(self.wrapper, self.dp_shard, self.dp * self.cp)
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
@@ -246,7 +266,16 @@ class JobFacts:
                    loss_chunk=self.loss_chunk, mlp_chunk=self.mlp_chunk, ulysses_degree=self.ulysses_degree,
                    head_groups=self.head_groups, pooled=self.pooled, gpus_per_node=self.node_ranks,
                    doc_lens=None if doc_lens is None else tuple(int(n) for n in doc_lens), device=device,
-                   cad_backward=self.cad_backward)
+                   cad_backward=self.cad_backward, dp_shard=self.dp_shard)
+
+
+def _check_wrapper(wrapper: str, dp_shard: int | None, world: int) -> None:
+    if wrapper not in WRAPPERS:
+        raise ValueError(f"wrapper must be one of {', '.join(WRAPPERS)} (parallel.dp_mode, or single: one rank), "
+                         f"got {wrapper!r}")
+    if dp_shard is not None and (isinstance(dp_shard, bool) or not isinstance(dp_shard, int) or dp_shard < 1
+                                 or world % dp_shard):
+        raise ValueError(f"dp_shard must be a positive int dividing the dp x cp = {world} ranks, got {dp_shard!r}")
 
 
 @dataclass(frozen=True)
@@ -256,7 +285,7 @@ class Estimate:
     device: str
     dtype: str
     checkpointing: str
-    dp_mode: str                 # "fsdp", "ddp" or "single" (one rank: no wrapper)
+    dp_mode: str                 # one of DP_MODES, or "single" (one rank: no wrapper)
     params: int
     tokens_per_rank: int
     weights: int
@@ -270,6 +299,7 @@ class Estimate:
     runtime: int
     host: int = 0                # offloaded activations in host memory (module docstring)
     host_states: int = 0         # cpu_offload: parameter, gradient and AdamW shards in host memory
+    dp_shard: int | None = None  # hsdp: the ranks sharding each parameter
 
     @property
     def total(self) -> int:
@@ -281,32 +311,18 @@ class Estimate:
         return {name: getattr(self, name) for name in COMPONENTS}
 
 
-def model_states(job: Job) -> tuple[int, int, int, int]:
-    """(weights, grads, optimizer) bytes of one rank's device, and its host bytes of them
-    (``cpu_offload``: the fp32 shards, their gradients and AdamW's two moments)."""
-    shape, bf16 = job.model, job.dtype == "bf16"
-    p = shape.params
-    compute = 2 if bf16 else 4
-    if job.wrapper == "fsdp":
-        shard = math.ceil(p / job.world_size)
-        working = (shape.root_params + 2 * shape.block_params) * compute
-        grad_working = shape.root_params * compute + shape.block_params * (compute + (4 if bf16 else 0))
-        if job.cpu_offload:
-            return working, grad_working, 0, 16 * shard
-        return 4 * shard + working, 4 * shard + grad_working, 8 * shard, 0
-    # autocast caches a bf16 copy of every block weight it casts, until the forward leaves autocast
-    autocast_cache = 2 * shape.n_layers * shape.block_params if bf16 else 0
-    buckets = 4 * p if job.wrapper == "ddp" else 0   # DDP's gradient buckets (gradient_as_bucket_view off)
-    return 4 * p + autocast_cache, 4 * p + buckets, 8 * p, 0
-
-
 def _dtypes(job: Job) -> tuple[int, int, bool]:
-    """(compute bytes, residual bytes, autocast): FSDP's bf16 parameters make a bf16 residual
-    stream; DDP and one rank autocast, keeping the residual stream fp32."""
+    """(compute bytes, residual bytes, autocast): bf16 parameters (FSDP's and HSDP's compute copies,
+    zero1's own) make a bf16 residual stream; DDP and one rank autocast, keeping it fp32."""
     if job.dtype == "fp32":
         return 4, 4, False
-    fsdp = job.wrapper == "fsdp"
-    return 2, 2 if fsdp else 4, not fsdp
+    low = _bf16_parameters(job)
+    return 2, 2 if low else 4, not low
+
+
+def _bf16_parameters(job: Job) -> bool:
+    """Whether the forward computes on parameters in the compute dtype rather than autocasting them."""
+    return job.wrapper in ("fsdp", "hsdp", "zero1")
 
 
 def _norm_bytes(d: int, resid: int, autocast: bool, readers: int) -> int:
@@ -424,7 +440,7 @@ def _loss(job: Job) -> int:
     compute, resid, _ = _dtypes(job)
     chunk = min(job.loss_chunk, tokens)
     weight = m.vocab_size * m.dim
-    cast = 2 * weight if job.dtype == "bf16" and job.wrapper != "fsdp" else 0
+    cast = 2 * weight if job.dtype == "bf16" and not _bf16_parameters(job) else 0
     logits = chunk * m.vocab_size * (4 + (compute if compute != 4 else 0))
     backward = tokens * m.dim * resid + 4 * weight + cast + logits
     return _norm_bytes(m.dim, resid, False, 1) * tokens + 4 * tokens + max(cast + logits, backward)
@@ -448,16 +464,19 @@ def estimate(job: Job) -> Estimate:
     per_token = {"activations": blocks_peak, "loss": max(0, kept + _loss(job) - blocks_peak - buffers),
                  "attention_buffers": buffers, "inputs": 32 * job.seq_len + 16 * tokens}
     allocator = int(CPU_ALLOCATOR_OVERHEAD * sum(per_token.values())) if job.device == "cpu" else 0
+    grads += step_excess(job, sum(per_token.values()))   # zero1: where its step's moment is the peak
     return Estimate(
         device=job.device, dtype=job.dtype, checkpointing=job.activation_checkpointing, dp_mode=job.wrapper,
         params=job.model.params, tokens_per_rank=tokens, weights=weights, grads=grads, optimizer=optimizer,
         **per_token, allocator=allocator, runtime=CUDA_RUNTIME_BYTES if job.device == "cuda" else CPU_RUNTIME_BYTES,
-        host=offloaded_bytes(job), host_states=host_states)
+        host=offloaded_bytes(job), host_states=host_states,
+        dp_shard=job.shard_ranks if job.wrapper == "hsdp" else None)
 
 
 __all__ = ["Job", "JobFacts", "DTYPE_BYTES", "Estimate", "AttentionMemory", "estimate", "attention_bytes",
            "cad_backward_for", "CAD_BACKWARDS",
-           "model_states", "offloaded_bytes",
+           "model_states", "offloaded_bytes", "cheapest_mode", "zero1_bucket", "BUCKET_ELEMENTS", "CHEAPEST_FIRST",
+           "DP_MODES", "WRAPPERS",
            "GIB", "CUDA_RUNTIME_BYTES", "CPU_RUNTIME_BYTES", "CPU_ALLOCATOR_OVERHEAD", "CHECKPOINTING", "NORM_CHUNK",
            "TILED_MLP_CHUNK",
            "DEVICES", "COMPONENTS"]

@@ -32,6 +32,7 @@ runs of 2 steps per setting).
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import shutil
 import tempfile
@@ -130,6 +131,52 @@ def measure(cfg: RunConfig, device: str) -> float | None:
     finally:   # the trainer checkpoints its last step: keep the disk free for the next run
         shutil.rmtree(cfg.train.out, ignore_errors=True)
     return max(m["peak_memory_gib"] for m in history)
+
+
+# the estimate's components that hold the model (per parallel.dp_mode) and those that grow with the tokens
+STATES = ("weights", "grads", "optimizer")
+TOKEN_PARTS = ("activations", "loss", "attention_buffers", "inputs")
+
+
+def backward_peaks(cfgs: dict[str, RunConfig], steps: int = 2) -> dict[str, int]:
+    """Inside a gloo rank: each run of ``cfgs`` set up and stepped ``steps`` times (no checkpoint, no
+    log) under :class:`.memtrack.TensorMemory`, and its live tensor bytes' peak over the last step from
+    its start to its backward's return -- the moment the estimate's sum bounds (its components are at
+    backward's peak; the optimizer step's temporaries, and the clip's, come after it and are not
+    counted). Two steps: AdamW makes its moments in the first."""
+    from .memtrack import TensorMemory
+    from ..train.trainer import Trainer
+
+    out = {}
+    for name, cfg in cfgs.items():
+        peaks = []
+        with TensorMemory("cpu") as mem:
+            plain = torch.Tensor.backward
+
+            def backward(self, *args, **kwargs):
+                plain(self, *args, **kwargs)
+                peaks.append(mem.peak)
+            torch.Tensor.backward = backward
+            trainer = Trainer(cfg)
+            try:
+                trainer.setup()
+                for _ in range(steps):
+                    gc.collect()   # (garbage of the step before is no part of this one's peak)
+                    mem.reset_peak()
+                    trainer.step()
+            finally:
+                torch.Tensor.backward = plain
+                trainer.close()
+        out[name] = peaks[-1]
+    return out
+
+
+def states_measured(cfg: RunConfig, peak: int) -> tuple[int, int]:
+    """(the measured parameter states of a run of ``cfg`` -- its :func:`backward_peaks` peak less the
+    estimate's token-proportional parts, small in a run whose states dominate --, the estimate's
+    weights + grads + optimizer), bytes per rank."""
+    est = estimate(cfg, "cpu")
+    return peak - sum(getattr(est, name) for name in TOKEN_PARTS), sum(getattr(est, name) for name in STATES)
 
 
 def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:

@@ -9,7 +9,8 @@ alive, so a CPU run measures what a GPU's allocator would hold: what an offloade
 It sees tensors made by torch ops while it is active (parameters too, when the model is built
 inside it; and inside distattn's attention op, whose body it runs itself); storages resized in place (FSDP2 frees its unsharded parameters that way) are counted
 at their current size, read after every op. The peak is over op boundaries, as precise as the
-ops are small. It costs a Python call per op: for measurements, not training.
+ops are small. A DTensor (FSDP2's parameters, their gradients and AdamW's state on them) counts as
+its local shard. It costs a Python call per op: for measurements, not training.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from ..ops import IMPLEMENTATIONS
@@ -41,17 +42,39 @@ class TensorMemory(TorchDispatchMode):
         else:   # distattn's attention op: run its body with this mode on, so what it makes inside counts
             with self:
                 out = body(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device == self.device:
+        for t in (inner for leaf in tree_leaves(out) for inner in _plain(leaf)):
+            if t.device == self.device:
                 storage = t.untyped_storage()
                 key = id(storage)
                 if key not in self._live:
                     self._live[key] = weakref.ref(storage, lambda _, key=key: self._live.pop(key, None))
         # summed afresh: in-place storage resizes do not pass through here
-        self.current = sum(s.nbytes() for s in (ref() for ref in list(self._live.values())) if s is not None)
+        self.current = sum(_held(s) for s in (ref() for ref in list(self._live.values())) if s is not None)
         if self.current > self.peak:
             self.peak, self.peak_op = self.current, str(func)
         return out
 
     def reset_peak(self) -> None:
         self.peak = self.current
+
+
+def _plain(t):
+    """The plain tensors holding ``t``'s memory: a wrapper subclass's (a DTensor's local shard) -- the
+    wrapper's own storage holds nothing, yet reports the whole tensor's bytes."""
+    if not isinstance(t, torch.Tensor):
+        return
+    if is_traceable_wrapper_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _plain(getattr(t, name))
+    else:
+        yield t
+
+
+def _held(storage) -> int:
+    """The bytes ``storage`` holds: 0 for a Python storage without memory (a wrapper's, or one whose
+    memory is gone: they still report their old ``nbytes``)."""
+    try:
+        storage.data_ptr()
+    except RuntimeError:   # "an invalid python storage"
+        return 0
+    return storage.nbytes()

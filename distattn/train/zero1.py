@@ -15,9 +15,10 @@ A step's collectives (:class:`Zero1`):
   backward of the earlier ones. At most :data:`IN_FLIGHT` buckets' send buffers exist at once, and a
   parameter's own gradient is freed as soon as its bucket holds it.
 * **Parameters, all-gathered once** after the optimizer step, bucket by bucket in forward order,
-  and waited for by each block just before it runs in the next forward (the embedding's before the
-  model starts, the final norm's and the head's before the norm), so the gathers of the later
-  blocks run behind the forward of the earlier ones.
+  :data:`IN_FLIGHT` ahead: each block waits for its bucket just before it runs in the next forward
+  (the embedding's before the model starts, the final norm's and the head's before the norm), which
+  sends the next, so the gathers of the later blocks run behind the forward of the earlier ones and
+  at most :data:`IN_FLIGHT` receive buffers exist at once.
 
 One reduce-scatter and one all-gather per bucket per step, whatever the layers or nano-batches; the
 buckets hold up to :data:`BUCKET_ELEMENTS` parameters (Megatron's 40M), so a small model is one of each.
@@ -36,7 +37,7 @@ from torch import nn
 from ..comm import all_gather_single, reduce_scatter_single
 
 BUCKET_ELEMENTS = 40_000_000   # parameters per bucket (Megatron's default bucket size)
-IN_FLIGHT = 2                  # gradient buckets sent and not yet waited for, at most
+IN_FLIGHT = 2                  # buckets sent and not yet waited for, at most (gradients; parameters)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Zero1:
         if dtype is not None:
             model.to(dtype)
         self.optimizer = torch.optim.AdamW(list(self.masters.values()), lr=lr, betas=betas, weight_decay=weight_decay)
+        self.queued: list[_Bucket] = []   # all-gathers not sent yet, in forward order
         self._hooks(model)
 
     @property
@@ -209,9 +211,16 @@ class Zero1:
         self._gather()
 
     def _gather(self) -> None:
-        """Every bucket's all-gather of the masters, in forward order; each block waits for its own
-        (:meth:`_arrive`) in the next forward."""
-        for bucket in reversed(self.buckets):
+        """Queue every bucket's all-gather of the masters in forward order and send the first
+        :data:`IN_FLIGHT`; each block waits for its own (:meth:`_arrive`) in the next forward, which
+        sends the next, so at most that many receive buffers exist at once."""
+        self.queued = list(reversed(self.buckets))
+        self._send_gathers()
+
+    def _send_gathers(self, upto: _Bucket | None = None) -> None:
+        """Send queued all-gathers, in order, until :data:`IN_FLIGHT` are out, or up to ``upto``."""
+        while self.queued and (upto in self.queued or sum(b.gather is not None for b in self.buckets) < IN_FLIGHT):
+            bucket = self.queued.pop(0)
             param = bucket.slots[0].param
             send = torch.zeros(bucket.shard, dtype=param.dtype, device=param.device)
             for s in bucket.slots:
@@ -229,8 +238,10 @@ class Zero1:
             master.grad = None
 
     def _arrive(self, buckets: list[_Bucket]) -> None:
-        """Wait for ``buckets``' all-gathers and copy each parameter's rows into place."""
+        """Wait for ``buckets``' all-gathers (sending them first if still queued: every rank sends in
+        one order) and copy each parameter's rows into place; then send the next queued."""
         for bucket in buckets:
+            self._send_gathers(upto=bucket)
             if bucket.gather is None:
                 continue
             work, out = bucket.gather
@@ -241,13 +252,15 @@ class Zero1:
                     rows = out[:, s.offset:s.offset + s.size].reshape(self.world * s.chunk, s.width)[:s.rows]
                     s.param.view(s.rows, s.width).copy_(rows)
             bucket.gather = None
+            self._send_gathers()
 
     def _check_arrived(self, *_) -> None:
-        assert all(b.gather is None for b in self.buckets), "a parameter was used before its all-gather arrived"
+        assert not self.queued and all(b.gather is None for b in self.buckets), \
+            "a parameter was used before its all-gather arrived"
 
     def synchronize(self) -> None:
         """Every parameter in place (before a checkpoint, or code that reads the model outside a forward)."""
-        self._arrive(self.buckets)
+        self._arrive(self.buckets[::-1])
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _dtensor(self, name: str, local: torch.Tensor):

@@ -263,14 +263,17 @@ class RunConfig:
         which its plan context and its memory estimate's job follow; ``peak_tflops``: the GPU's (None: an
         H100's); ``cad_backward``: ``parallel.cad_backward`` resolved (None: as set, ``auto`` counted as
         ``resend``, the smaller). No ``gpus_per_node``: the config does not say, and usp's default degree
-        stays uncapped by a node, as the trainer has always planned it."""
+        stays uncapped by a node, as the trainer has always planned it. ``dp_shard`` (hsdp) resolved: unset
+        is every rank, what local processes get (under torchrun the trainer takes LOCAL_WORLD_SIZE, which
+        the config does not know)."""
         m, p, t = self.model, self.parallel, self.train
         backward = cad_backward or (p.cad_backward if p.cad_backward != AUTO else "resend")
+        shard = (p.dp_shard or self.world_size) if self.wrapper == "hsdp" else None
         return JobFacts(m.shape, p.dp, p.fixed_cp, p.fixed_scheduler, dtype=t.dtype, ulysses_degree=p.ulysses_degree,
                         head_groups=p.head_groups, peak_tflops=peak_tflops, gpu=gpu, wrapper=self.wrapper,
                         cpu_offload=p.cpu_offload, pooled=p.pools_replicas,
                         activation_checkpointing=t.activation_checkpointing, loss_chunk=t.loss_chunk,
-                        mlp_chunk=t.mlp_chunk, cad_backward=backward)
+                        mlp_chunk=t.mlp_chunk, cad_backward=backward, dp_shard=shard)
 
     def plan_context(self, peak_tflops: float | None = None, gpu: str | None = None,
                      kernel: TileModel | None = None) -> PlanContext:

@@ -74,7 +74,9 @@ def report(cfg: RunConfig, budget: int, device: str = "cuda") -> list[str]:
              f"{budget / GIB:,.1f} GiB for {cfg.world_size} CPU ranks")
     rows = table(cfg, budget, device)
     groups = f", head_groups {p.head_groups}" if p.head_groups > 1 else ""
-    states = ", cpu_offload" if p.cpu_offload else ""
+    # the data-parallel mode sets the parameter states' share (hsdp: with its shard group)
+    mode = cfg.wrapper + (f" dp_shard {cfg.job_facts().dp_shard}" if cfg.wrapper == "hsdp" else "")
+    states = f", {mode}" + (" with cpu_offload" if p.cpu_offload else "")
     cp = p.fixed_cp
     lines = [f"longest seq_len that fits {where} (dp {p.dp} x cp {cp}, {p.fixed_scheduler}{groups}{states}, "
              f"{cfg.train.dtype}, {cfg.world_size} ranks; one document per sequence; multiples of {1024 * cp:,}; "

@@ -9,13 +9,15 @@ prints of it.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from ... import memory_model
 from ...memory_model import CPU_ALLOCATOR_OVERHEAD, CPU_RUNTIME_BYTES, GIB, AttentionMemory, Estimate, Job
 from ..config import CHECKPOINTING, RunConfig
 
-__all__ = ["job", "cad_backward", "estimate", "attention_bytes", "alternatives", "report", "format_table", "fits_in", "local_device",
-           "physical_memory_bytes", "GIB", "CPU_RUNTIME_BYTES", "LABELS"]
+__all__ = ["job", "cad_backward", "estimate", "attention_bytes", "alternatives", "report", "format_table", "fits_in",
+           "local_device", "physical_memory_bytes", "GIB", "CPU_RUNTIME_BYTES", "LABELS", "cheaper_fit",
+           "describe_mode"]
 
 
 def job(cfg: RunConfig, device: str = "cuda", doc_lens=None, cad_backward: str | None = None) -> Job:
@@ -90,6 +92,11 @@ def local_device(cfg: RunConfig, physical: int | None) -> str:
     return "cpu" if physical is None or need <= physical else "cuda"
 
 
+def describe_mode(est: Estimate) -> str:
+    """The data-parallel mode as the report names it: ``hsdp (dp_shard 8)``, ``zero1``, ..."""
+    return est.dp_mode + (f" (dp_shard {est.dp_shard})" if est.dp_shard is not None else "")
+
+
 def _notes(cfg: RunConfig, est: Estimate) -> dict[str, str]:
     n, bf16 = cfg.world_size, est.dtype == "bf16"
     low = "bf16" if bf16 else "fp32"
@@ -97,9 +104,17 @@ def _notes(cfg: RunConfig, est: Estimate) -> dict[str, str]:
         states = {"weights": f"{low} unsharded root and 2 blocks (fp32 shard 1/{n} in host memory)",
                   "grads": f"{low} unsharded root and 1 block (fp32 shard in host memory)",
                   "optimizer": "in host memory (cpu_offload): steps on the CPU"}
-    elif est.dp_mode == "fsdp":
-        states = {"weights": f"fp32 shard (1/{n}) + {low} unsharded root and 2 blocks",
-                  "grads": f"fp32 shard + {low} unsharded root and 1 block", "optimizer": f"2 fp32 moments, 1/{n}"}
+    elif est.dp_mode in ("fsdp", "hsdp"):
+        s = n if est.dp_shard is None else est.dp_shard
+        over = f"1/{s}" + (f", replicated x {n // s}" if s != n else "")
+        states = {"weights": f"fp32 shard ({over}) + {low} unsharded root and 2 blocks",
+                  "grads": f"fp32 shard + {low} unsharded root and 1 block", "optimizer": f"2 fp32 moments, 1/{s}"}
+    elif est.dp_mode == "zero1":
+        bucket = memory_model.zero1_bucket(job(cfg)) / 1e6
+        states = {"weights": f"{low} whole + fp32 master shard (1/{n})",
+                  "grads": f"fp32 shard (1/{n}) + buckets of {bucket:,.1f} M in flight, or the step's {low} "
+                           f"all-gathers",
+                  "optimizer": f"2 fp32 moments, 1/{n}"}
     else:
         replica = "DDP replica" if est.dp_mode == "ddp" else "one rank"
         states = {"weights": f"fp32, {replica}" + (" + autocast's bf16 copies" if bf16 else ""),
@@ -123,6 +138,22 @@ def fits_in(cfg: RunConfig, est: Estimate, limit: int) -> bool:
     return est.total * (cfg.world_size if est.device == "cpu" else 1) <= limit
 
 
+def cheaper_fit(cfg: RunConfig, est: Estimate, rank_limit: int | None,
+                cad_backward: str | None = None) -> Estimate | None:
+    """When ``est`` (of ``cfg``) does not fit ``rank_limit`` bytes per rank: the data-parallel mode that
+    would, cheapest on the network first (:func:`distattn.memory_model.cheapest_mode`): its estimate
+    (:attr:`~distattn.memory_model.Estimate.dp_mode`, ``dp_shard``); None where it fits, nothing would or
+    the limit is not known."""
+    if rank_limit is None or est.total <= rank_limit:
+        return None
+    the_job = job(cfg, est.device, cad_backward=cad_backward)
+    found = memory_model.cheapest_mode(the_job, rank_limit)
+    if found is None or found == (the_job.wrapper, the_job.dp_shard if the_job.wrapper == "hsdp" else None):
+        return None
+    mode, shard = found
+    return memory_model.estimate(replace(the_job, wrapper=mode, dp_shard=shard, cpu_offload=False))
+
+
 def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | None = None) -> tuple[list[str], bool]:
     """What ``distattn train CONFIG --dry-run`` prints for ``device``, and whether the run fits: one
     rank in ``gpu_memory_bytes`` on a GPU; every rank together in this machine's memory on CPU."""
@@ -142,7 +173,10 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
     lines = [f"model: {count} parameters ({ties}), {m.n_layers} layers, dim {m.dim}, "
              f"heads {m.n_heads}/{m.n_kv_heads} x {hd}, ffn {m.ffn_dim}, vocab {m.vocab_size:,}",
              f"parallel: {cfg.world_size} ranks (dp {p.dp} x cp {p.fixed_cp}), scheduler {p.fixed_scheduler}{pooled}, "
-             f"{est.dp_mode}" + (" with cpu_offload" if p.cpu_offload else ""),
+             # (unset, the trainer under torchrun takes LOCAL_WORLD_SIZE, which the config does not say)
+             + (f"hsdp (dp_shard unset: all {est.dp_shard} ranks here; under torchrun a node's)"
+                if est.dp_shard and p.dp_shard is None else describe_mode(est))
+             + (" with cpu_offload" if p.cpu_offload else ""),
              *_packing_line(cfg),
              f"tokens per rank: {est.tokens_per_rank:,} ({_sequence(cfg)} / cp {p.fixed_cp})",
              f"train: {t.dtype}, activation checkpointing {t.activation_checkpointing}, loss chunk {t.loss_chunk:,}"
@@ -168,6 +202,10 @@ def report(cfg: RunConfig, device: str, gpu_memory_bytes: int, physical: int | N
     need = est.total if device == "cuda" else est.total * cfg.world_size
     lines.append(f"{'fits' if fits else 'does NOT fit'}: {need / GIB:,.2f} GiB "
                  f"{'per GPU' if device == 'cuda' else f'for {cfg.world_size} ranks'} of {where}")
+    other = None if fits else cheaper_fit(cfg, est, rank_limit, backward)
+    if other is not None:
+        lines.append(f"  dp_mode: {describe_mode(other)} would fit: {other.total / GIB:,.2f} GiB per "
+                     f"{'GPU' if device == 'cuda' else 'rank'}")
     lines.append(f"activation checkpointing settings (total per {'GPU' if device == 'cuda' else 'rank'}):")
     for mode, alt in alternatives(cfg, device, cad_backward=backward).items():
         mark = "  <- this config" if mode == t.activation_checkpointing else ""
