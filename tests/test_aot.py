@@ -93,25 +93,54 @@ def _check_compiled(rows, summary, head_dims, variants, archs, dtypes):
     assert summary["compiles"] == sum(r["status"] == "ok" for r in rows)
 
 
+# The default slice of every kernel x variant (sm_90a, bf16, head dim 128, the first kept config): each kernel
+# compiles every constexpr both ways -- "full" (all off), "band_softcap_partial" (HAS_LO, HAS_HI, SOFTCAP, GQA and
+# fp32 partial outputs on), "causal_row64" (64-bit row offsets) -- and the other variants are dealt over the
+# kernels, so every variant compiles with some kernel; "band_softcap" with every kernel and config is the
+# every-limit slice above. Every kernel x variant: the "every" case (--slow), and --slow's all-variants matrix
+# (every config too, both archs and every dtype).
+VARIANT_SLICE = {
+    "fwd": ["full", "band_softcap_partial", "causal_row64", "causal", "band", "softcap"],
+    "bwd_dkv": ["full", "band_softcap_partial", "causal_row64", "lo_only", "gqa", "lo_only_softcap"],
+    "bwd_dq": ["full", "band_softcap_partial", "causal_row64", "full_softcap", "causal_partial"],
+}
+
+
+def test_the_variant_slice_covers_every_variant_and_constexpr():
+    assert set(VARIANT_SLICE) == set(KERNELS)
+    assert {v for vs in VARIANT_SLICE.values() for v in vs} | {"band_softcap"} == set(VARIANTS)
+    assert "band_softcap" in MATRIX_SLICES["every-limit"][1] and not MATRIX_SLICES["every-limit"][-1]
+    for kernel, variants in VARIANT_SLICE.items():
+        for flag in ("HAS_LO", "HAS_HI", "SOFTCAP", "ROW64"):
+            assert {VARIANTS[v][flag] for v in variants} == {False, True}, (kernel, flag)
+        assert {VARIANTS[v]["GROUP"] > 1 for v in variants} == {False, True}, kernel
+        assert {v.endswith("_partial") for v in variants} == {False, True}, kernel
+
+
 @pytest.mark.timeout(3600)
-def test_every_variant_of_every_kernel_compiles_for_sm90a():
-    """Every kernel x variant (sm_90a, bf16, head dim 128) with its autotuner's first kept config there,
-    compiled as the AOT tool compiles (``compile_cases``, spawned workers without TRITON_* variables):
-    no compile error, no kept config over the shared memory, no atomic, no spill, the loop's MMAs
-    doing its tile's dots. Every config of every variant: --slow's all-variants."""
+@pytest.mark.parametrize("part", ["slice", pytest.param("every", marks=pytest.mark.slow)])
+def test_every_variant_of_every_kernel_compiles_for_sm90a(part):
+    """Every kernel x variant (sm_90a, bf16, head dim 128; by default VARIANT_SLICE's) with its
+    autotuner's first kept config there, compiled as the AOT tool compiles (``compile_cases``, spawned
+    workers without TRITON_* variables): no compile error, no kept config over the shared memory, no
+    atomic, no spill, the loop's MMAs doing its tile's dots. Every config of every variant: --slow's
+    all-variants."""
+    wanted = {(k, v) for k in KERNELS for v in (VARIANTS if part == "every" else VARIANT_SLICE[k])}
     cases = aot_cases.matrix(list(KERNELS), [90], ["bf16"], [(128, 128)], list(VARIANTS))
     first = {}
     for case in cases:
         if case.kept:
             first.setdefault((case.kernel, case.variant), case)
     assert len(first) == len(KERNELS) * len(VARIANTS)   # every kernel keeps a config in every variant
-    rows = aot_cases.compile_cases(list(first.values()), jobs=os.cpu_count(), log=None)
+    rows = aot_cases.compile_cases([c for key, c in first.items() if key in wanted], jobs=os.cpu_count(), log=None)
     summary = aot.summarize(rows, 0.0)
     assert summary["failures"] == 0, summary["failed"]
     assert summary["over_limit"] == [] and summary["atomics"] == []
     assert all(r["atomics"] == [] for r in rows if r["status"] == "ok")
     _check_machine_use(rows)
-    _check_compiled(rows, summary, [(128, 128)], list(VARIANTS), [90], ["bf16"])
+    compiled = {(r["kernel"], r["variant"]) for r in rows if r["status"] == "ok"}
+    assert compiled == wanted and summary["compiles"] == len(rows) == len(wanted)
+    assert all((r["arch"], r["dtype"], r["head_dim"], r["head_dim_v"]) == ("sm_90a", "bf16", 128, 128) for r in rows)
 
 
 def _check_machine_use(rows):

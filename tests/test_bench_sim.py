@@ -17,12 +17,24 @@ def _run(*args, timeout=900):
     return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=timeout)
 
 
+# The default run benches the quick suite at its shorter length (2K: both world sizes, every mask and
+# scheduler, DeepSpeed's peer; a 4K case costs 3-4 times a 2K one on CPU) and, apart, the one 4K case the
+# imbalance check reads (4 ranks, one causal document: ring, zigzag, cad); ``--slow`` benches the whole
+# quick suite, both lengths, and reads that case from it.
+QUICK_SEQ_LENS = ("2048", "4096")
+
+
 @pytest.fixture(scope="module")
-def bench_dir(tmp_path_factory):
+def bench_dir(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("bench")
+    whole = request.config.getoption("--slow")
     # one timed round instead of the quick suite's two: these tests check what it writes, not its speed
-    done = _run("bench", "--quick", "--repeats", "1", "--out", str(out))
+    done = _run("bench", "--quick", "--repeats", "1", "--out", str(out), *([] if whole else ["--seq-lens", "2048"]))
     assert done.returncode == 0, done.stderr[-3000:]
+    if not whole:
+        done = _run("bench", "--quick", "--repeats", "1", "--world-sizes", "4", "--seq-lens", "4096", "--masks",
+                    "causal", "--schedulers", "ring", "zigzag", "cad", "--no-peers", "--out", str(out / "causal-4k"))
+        assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
@@ -33,14 +45,20 @@ def test_quick_bench_writes_results_plots_and_tensorboard(bench_dir):
                 "send_bytes", "peak_mem_mb"):
         assert col in rows[0]
     cases = {(r["world_size"], r["seq_len"], r["mask"]) for r in rows}
-    assert len(cases) == 2 * 2 * 5 and {"prefix-lm", "causal-blockwise"} <= {r["mask"] for r in rows}
+    seq_lens = QUICK_SEQ_LENS if not (bench_dir / "causal-4k").exists() else QUICK_SEQ_LENS[:1]
+    assert {s for _, s, _ in cases} == set(seq_lens)
+    assert len(cases) == 2 * len(seq_lens) * 5 and {"prefix-lm", "causal-blockwise"} <= {r["mask"] for r in rows}
     for case in cases:
         assert SCHEDS <= {r["scheduler"] for r in rows if (r["world_size"], r["seq_len"], r["mask"]) == case}
     for r in rows:
         assert float(r["fwd_bwd_ms"]) > 0 and float(r["tflops"]) > 0 and float(r["peak_mem_mb"]) > 0
         assert float(r["flops_imbalance"]) >= 1.0 and int(r["send_bytes"]) > 0
     # the balanced layouts beat a plain ring on one causal document
-    imb = {r["scheduler"]: float(r["flops_imbalance"]) for r in rows
+    causal_rows = rows
+    if (bench_dir / "causal-4k").exists():
+        with open(bench_dir / "causal-4k" / "results.csv", newline="") as f:
+            causal_rows = list(csv.DictReader(f))
+    imb = {r["scheduler"]: float(r["flops_imbalance"]) for r in causal_rows
            if (r["world_size"], r["seq_len"], r["mask"]) == ("4", "4096", "causal")}
     assert imb["ring"] > 1.5 and imb["zigzag"] < 1.05 and imb["cad"] < 1.1
     assert len(json.loads((bench_dir / "results.json").read_text())["rows"]) == len(rows)

@@ -1,6 +1,7 @@
 """Crash consistency and a chaos soak of the trainer (harness and tables: tests/chaos.py). By default a
-covering slice (4 crash trials, a 40-step soak with at least one interruption of each kind); in full (20 trials,
-300 steps) with ``pytest --slow``."""
+covering slice (2 crash trials: all ranks killed, then one rank; an 18-step soak interrupted every 2 steps,
+checkpointing every 2, that meets every kind of interruption at least once); in full (20 trials, 300 steps, a
+checkpoint every 5) with ``pytest --slow``."""
 
 import pytest
 
@@ -22,11 +23,15 @@ def _check_soak(summary, steps):
 
 
 def test_sigkill_during_a_save_resumes_from_the_newest_complete_checkpoint(tmp_path):
-    _check_crash(chaos.crash_trials(tmp_path, 4, say=lambda s: None), 4)
+    # one trial of each kind (all ranks killed, one rank alone): the slice of test_crash_consistency_twenty_trials
+    _check_crash(chaos.crash_trials(tmp_path, 2, say=lambda s: None), 2)
 
 
 def test_a_run_interrupted_every_few_steps_ends_as_an_uninterrupted_one(tmp_path):
-    _check_soak(chaos.soak(tmp_path, 40, gap=6, say=print), 40)
+    # the slice of test_chaos_soak_300_steps: every kind of interruption (kill-rank, term-group, kill-parent,
+    # bit-flip, full-disk) lands at least once, _check_soak asserts it; a checkpoint every 2 steps keeps the
+    # bit-flip's older checkpoint (and the progress between interruptions) within 18 steps
+    _check_soak(chaos.soak(tmp_path, 18, gap=2, ckpt_every=2, say=print), 18)
 
 
 @pytest.mark.slow

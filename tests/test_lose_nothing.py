@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from ckpt_tools import flip, save_tiny
-from conftest import small_yaml
+from conftest import slow_cases, small_yaml
 from distattn.train.checkpoint import dcp as checkpoint, manifest
 from distattn.train.safe_io import WriteFailed
 
@@ -241,7 +241,9 @@ def test_the_learning_rate_schedule_survives_a_longer_resume(finished, tmp_path)
     assert _rows(run)[6]["lr"] > min_lr and manifest.read(run / "ckpt" / "step_8").run["lr_decay_steps"] == 10
 
 
-@pytest.mark.parametrize("change", [{"dim": 96}, {"n_layers": 3}, {"n_kv_heads": 4}])
+# One loop over the shape keys (checkpoint/resume.py's resume_config) refuses each: the default run changes
+# dim, --slow each of the others too.
+@pytest.mark.parametrize("change", [{"dim": 96}, *slow_cases({"n_layers": 3}, {"n_kv_heads": 4})])
 def test_a_resume_with_another_model_shape_is_refused_before_any_rank(finished, tmp_path, change):
     _copy(finished, tmp_path)
     line = _one_line(_cli("train", small_yaml(SMALL, tmp_path, model=change), "--resume", timeout=60), 2)

@@ -28,7 +28,8 @@ def test_two_where_they_pay_one_where_nothing_can_be_cut(tmp_path):
     assert choice.count == 2 and choice.step_s[2] < (1 - MARGIN) * choice.step_s[1], choice
     from dataclasses import replace
 
-    job = replace(job_of(cfg), cp=16, packing=cfg.packing, fsdp=False, planning="ignored", activation_checkpointing="full", mlp_chunk=0)
+    job = replace(job_of(cfg), cp=16, packing=cfg.packing, dp_mode=cfg.parallel.dp_mode, dp_shard=cfg.parallel.dp_shard,
+                  planning="ignored", activation_checkpointing="full", mlp_chunk=0)
     for count in (1, 2):
         rows = [simulate(replace(job, nano_batches=count), network_of(cfg), ["ulysses"], replica_docs=s)[0] for s in many]
         assert choice.step_s[count] == pytest.approx(sum(r["step_time_s"] for r in rows), rel=1e-12)

@@ -13,7 +13,7 @@ import distattn
 from distattn.model_shape import MODELS
 from distattn.network import default_profile
 from distattn.sim.job import SimConfig
-from distattn.sim.micro import fsdp_seconds
+from distattn.sim.dp import dp_seconds
 from distattn.sim.job import links_of
 from distattn.sim.per_batch import (MIXED, PER_MICRO_BATCH, arrange, balanced_layout, choose_step, class_time, lengths_of)
 from distattn.sim.workload import draw_chunks
@@ -65,7 +65,7 @@ def test_choose_step_tiles_aligned_groups_and_beats_or_keeps_the_fixed_choice():
     cap = math.ceil(1.25 * sum(docs) / 16)
     fixed = balanced_layout(docs, 2, 8, 1, cap * 8, M.pair_weight())
     fixed_s = class_time(at, "zigzag", 8, [r for _, r in lengths_of(fixed, docs)], links,
-                         fsdp_seconds(replace(cfg, cp=1), links.cp))
+                         dp_seconds(replace(cfg, cp=1), links.cp))
     assert got.predicted_step_s <= fixed_s * 1.02, (got.predicted_step_s, fixed_s)
 
 
@@ -80,7 +80,7 @@ def test_a_fixed_cad_is_scored_pooled_as_a_fixed_cad_runs():
     links = links_of(net, cfg)
     fixed = balanced_layout(docs, 2, 8, 1, math.ceil(1.25 * sum(docs) / 16) * 8, 0.0)
     groups = [r for _, r in lengths_of(fixed, docs)]
-    fsdp = fsdp_seconds(replace(cfg, cp=1), links.cp)
+    fsdp = dp_seconds(replace(cfg, cp=1), links.cp)
     pooled = class_time(at, "cad", 8, groups, links, fsdp, pool=True)
     assert got.predicted_step_s <= pooled * 1.02, (got.predicted_step_s, pooled)
     assert pooled != class_time(at, "cad", 8, groups, links, fsdp)   # pooled or not: two different plans
@@ -94,7 +94,7 @@ def test_a_class_of_cad_groups_replays_each_group_alone_cut_alike():
     each in two nano-batches only where every group of the class holds two documents or more."""
     cfg = SimConfig(M, 16, 32768, 1, activation_checkpointing="selective", mlp_chunk=0)
     links = links_of(default_profile(), cfg)
-    fsdp = fsdp_seconds(replace(cfg, cp=1), links.cp)
+    fsdp = dp_seconds(replace(cfg, cp=1), links.cp)
     groups = [[[3000, 2000, 1000]], [[5000, 800]], [[4000, 300, 200, 100]], [[6000]]]
 
     def alone(at, gs):

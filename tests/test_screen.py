@@ -11,7 +11,7 @@ from distattn.model_shape import MODELS
 from distattn.network import default_profile
 from distattn.sim import fit
 from distattn.sim.job import SimConfig, links_of
-from distattn.sim.micro import fsdp_seconds
+from distattn.sim.dp import dp_seconds
 from distattn.sim.per_batch import balanced_layout, class_time, lengths_of, setting_index
 from distattn.sim.screen import Screen
 from distattn.sim.workload import draw_chunks
@@ -23,7 +23,7 @@ GPUS, SEQ = 16, 32768
 def _job(seed=0):
     cfg = SimConfig(M, GPUS, SEQ, 1, batch=8)
     links = links_of(default_profile(), cfg)
-    fsdp = fsdp_seconds(replace(cfg, cp=1), links.cp)
+    fsdp = dp_seconds(replace(cfg, cp=1), links.cp)
     docs = [n for c in draw_chunks(8, SEQ, None, seed) for n in c]
     cap = math.ceil(cfg.token_cap_factor * sum(docs) / GPUS)
     return cfg, links, fsdp, docs, cap

@@ -202,7 +202,7 @@ def _replay_one_pass_at_a_time(ops, ranks: int, comm: bool = True, slowdown: flo
 
 @pytest.mark.parametrize("name", ["zigzag", "cad", "usp", "ulysses"])
 def test_both_passes_at_once_are_each_pass(name):
-    from distattn.sim.micro import fsdp_seconds
+    from distattn.sim.dp import dp_seconds
     from distattn.sim.replay import replay, replay_both
     from distattn.sim.step import step_ops
 
@@ -211,7 +211,7 @@ def test_both_passes_at_once_are_each_pass(name):
     chunks = draw_chunks(8, 65536, None, 3)
     replicas = [chunks[2 * r] + chunks[2 * r + 1] for r in range(cfg.dp)]
     mb = micro.micro_batch(cfg, name, replicas, attention_kernel(cfg), links)["micro"]
-    ops = step_ops([mb], 4, "selective", cfg.ranks, fsdp_seconds(cfg, links.cp))
+    ops = step_ops([mb], 4, "selective", cfg.ranks, dp_seconds(cfg, links.cp))
     run, still = replay_both(ops, cfg.ranks, slowdown=0.19)
     for got, comm, slowdown in ((run, True, 0.19), (still, False, 0.0), (replay(ops, cfg.ranks), True, 0.0)):
         want = _replay_one_pass_at_a_time(ops, cfg.ranks, comm, slowdown)

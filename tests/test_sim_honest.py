@@ -4,6 +4,7 @@ recomputation and FSDP traffic, the fitting setting, packing, the sweep, DistCA'
 CLI end to end. Small clusters: seconds."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -86,9 +87,10 @@ def test_step_recomputes_and_gathers_as_the_trainer_does():
     assert (ag, rs) == (2 * layers, layers)
     ag, rs, _, _ = _counts(cfg.__class__(**{**cfg.__dict__, "activation_checkpointing": "full"}))
     assert (ag, rs) == (2 * layers, layers)                      # a block called whole: once a pass
-    one = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="none", fsdp=False)
-    full = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="full", fsdp=False)
-    selective = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="selective", fsdp=False)
+    # (compute alone: no transfer slows it, so DDP's buckets, issued as the backward goes, change nothing)
+    one = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="none", dp_mode="ddp", comm_slowdown=0.0)
+    full = replace(one, activation_checkpointing="full")
+    selective = replace(one, activation_checkpointing="selective")
     _, _, starts_none, none = _counts(one)
     _, _, starts_full, whole = _counts(full)
     assert starts_full == 2 * starts_none > 0                     # full reruns attention's transfers too

@@ -65,7 +65,7 @@ def predicted_fixed(cfg: RunConfig, steps: int) -> dict[str, list[float]]:
     """Per fixed run, per step: the chooser's model of the fixed choice on the step's sequences
     (stream-cut, as the trainer cuts them; balanced packing deals them alike up to its cap)."""
     from ..sim.job import links_of
-    from ..sim.micro import fsdp_seconds
+    from ..sim.dp import dp_seconds
     from ..sim.per_batch import balanced_layout, class_time, lengths_of
     from ..train.auto_plan import job_of, network_of
     from ..train.data.packer import Packer
@@ -75,14 +75,14 @@ def predicted_fixed(cfg: RunConfig, steps: int) -> dict[str, list[float]]:
     packer = Packer(TokenFileCorpus(d.path), d.seq_len, seed=d.seed)
     job = replace(job_of(cfg), activation_checkpointing="none", mlp_chunk=0)
     links = links_of(network_of(cfg), job)
-    fsdp = fsdp_seconds(job, links.cp)
+    dp = dp_seconds(job, links.cp)
     out = {f"{name} cp {CP}": [] for name in FIXED}
     for _ in range(steps):
         lens = [b - a for _ in range(2) for _, _, a, b in packer.cut(d.seq_len)]
         layout = balanced_layout(lens, 2, CP, 1, d.cap, cfg.model.shape.pair_weight())
         groups = [rounds for _, rounds in lengths_of(layout, lens)]
         for name in FIXED:
-            out[f"{name} cp {CP}"].append(class_time(job, name, CP, groups, links, fsdp))
+            out[f"{name} cp {CP}"].append(class_time(job, name, CP, groups, links, dp))
     return out
 
 

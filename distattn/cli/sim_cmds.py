@@ -74,7 +74,7 @@ def _config(args, model, gpu, batch):
                      activation_checkpointing=None if args.checkpointing == "auto" else args.checkpointing,
                      mlp_chunk=args.mlp_chunk, tp=args.tp, batch=batch, packing=args.packing,
                      token_cap_factor=args.token_cap_factor, kernel=kernel, planning=args.planning, seed=args.seed,
-                     cad_backward=args.cad_backward,
+                     cad_backward=args.cad_backward, dp_mode=args.dp_mode or "fsdp", dp_shard=args.dp_shard,
                      **({} if args.comm_slowdown is None else {"comm_slowdown": args.comm_slowdown}))
 
 
@@ -94,6 +94,9 @@ def _check_simulate(args, models) -> None:
         raise ValueError("--sweep chooses each row's CP size: drop --cp, or drop --sweep to fix it")
     if args.auto and (args.sweep or args.cp is not None or args.per_batch):
         raise ValueError("--auto tries every CP size with one sequence per replica: drop --sweep, --cp and --per-batch")
+    if args.auto and args.tp != 1:
+        raise ValueError(f"--auto recommends a config `distattn train` runs, which has no tensor parallelism: "
+                         f"drop --tp {args.tp}")
 
 
 def _cmd_simulate(args) -> int:
@@ -120,12 +123,16 @@ def _cmd_simulate(args) -> int:
     if args.verbose:
         print(f"  kernel: {cfg.kernel.source}", file=sys.stderr)
     best = None
+    # the data-parallel modes tried where the setting is chosen (--dp-mode fixes it)
+    modes = sweep.dp_modes(cfg) if args.dp_mode is None else None
     if args.auto:
         best, rows = sweep.recommend(cfg, net, args.schedulers, pool, args.draws,
-                                     lambda cp, got: say(f"  cp {cp}: {len(got)} schedulers simulated", flush=True))
-        best = dict(best, mesh=mesh_description(best, args.gpus_per_node))
+                                     lambda cp, got: say(f"  cp {cp}: {len(got)} schedulers simulated", flush=True),
+                                     modes)
+        best = dict(best, mesh=mesh_description(best, args.gpus_per_node), config=sweep.trainer_config(best, cfg))
     else:
-        rows = sweep.rows(cfg, net, args.schedulers, sweep.pool_batches(pool), args.draws, swept, _progress)
+        rows = sweep.rows(cfg, net, args.schedulers, sweep.pool_batches(pool), args.draws, swept, _progress,
+                          modes=modes if swept else None)
         if args.per_batch:
             from ..sim.per_batch import per_batch_row
 
@@ -134,8 +141,9 @@ def _cmd_simulate(args) -> int:
         timed = [r for r in ([best] if best else rows) if r.get("step_time_s") is not None]
         lines = []
         for r in timed:
-            lines += simulate_with_timelines(replace(cfg, cp=r["cp"], tp=r.get("tp", cfg.tp)), net, [r["scheduler"]],
-                                             pool)[1]
+            at = replace(cfg, cp=r["cp"], tp=r.get("tp", cfg.tp), dp_mode=r.get("dp_mode") or cfg.dp_mode,
+                         dp_shard=r.get("dp_shard"))
+            lines += simulate_with_timelines(at, net, [r["scheduler"]], pool)[1]
         write_timeline(lines, args.timeline)
     if args.verbose:
         _print_links(net)
@@ -144,15 +152,21 @@ def _cmd_simulate(args) -> int:
         return 0
     _print_table(rows, args.gpus_per_node)
     if best is not None:
-        print(f"recommended: {best['scheduler']}, {best['mesh']}: {best['tokens_per_s_per_gpu']:,.0f} tokens/s per "
-              f"GPU, {best['step_time_s']:.2f} s/step")
+        print("config: " + " ".join(f"{k}={v}" for k, v in best["config"].items()))
+        print(f"recommended: {best['scheduler']}, {best['mesh']}, {_mode(best)}: {best['tokens_per_s_per_gpu']:,.0f} "
+              f"tokens/s per GPU, {best['step_time_s']:.2f} s/step")
     return 0
 
 
+def _mode(r: dict) -> str:
+    """A row's data-parallel mode as the table names it: ``hsdp 8`` (its shard group), else the mode."""
+    return f"{r['dp_mode']}" + ("" if r.get("dp_shard") is None else f" {r['dp_shard']}")
+
+
 def _print_table(rows: list[dict], gpus_per_node: int) -> None:
-    print(f"{'scheduler':<11} {'tp':>3} {'cp':>4} {'dp':>4} {'nb':>2} {'U':>2} {'ckpt':<10} {'mem GiB':>7} {'step s':>7} "
-          f"{'p10-p90':>11} {'tok/s/GPU':>9} {'MFU':>5} {'exposed':>7} {'imb':>5} {'DP idle':>7} "
-          f"{'/ideal':>6} {'vs wlb':>6}")
+    print(f"{'scheduler':<11} {'tp':>3} {'cp':>4} {'dp':>4} {'nb':>2} {'U':>2} {'dp mode':<8} {'ckpt':<10} "
+          f"{'mem GiB':>7} {'step s':>7} {'p10-p90':>11} {'tok/s/GPU':>9} {'MFU':>5} {'exposed':>7} {'dp exp':>6} {'imb':>5} "
+          f"{'DP idle':>7} {'/ideal':>6} {'vs wlb':>6}")
     for r in rows:
         if r["scheduler"] == "per-batch":
             continue
@@ -165,14 +179,15 @@ def _print_table(rows: list[dict], gpus_per_node: int) -> None:
         ckpt = r["checkpointing"] + ("+mlp" if r["mlp_chunk"] else "")
         degree = "-" if r.get("ulysses_degree") is None else r["ulysses_degree"]
         print(f"{name:<11} {r['tp']:>3} {r['cp']:>4} {r['dp']:>4} {r.get('nano_batches', '-'):>2} {degree:>2} "
-              f"{ckpt:<10} {r['memory_gib']:>7.1f} "
+              f"{_mode(r):<8} {ckpt:<10} {r['memory_gib']:>7.1f} "
               f"{r['step_time_s']:>7.2f} {spread:>11} {r['tokens_per_s_per_gpu']:>9,.0f} {r['mfu']:>5.2f} "
-              f"{r['exposed_comm_s']:>7.2f} {r['compute_imbalance']:>5.2f} {r['dp_idle']:>7.0%} "
-              f"{_ratio(r, 'over_ideal'):>6} {_ratio(r, 'speedup_vs_wlb'):>6}")
+              f"{r['exposed_comm_s']:>7.2f} {r['dp_exposed_s']:>6.2f} {r['compute_imbalance']:>5.2f} "
+              f"{r['dp_idle']:>7.0%} {_ratio(r, 'over_ideal'):>6} {_ratio(r, 'speedup_vs_wlb'):>6}")
     print("nb: nano-batches per micro-batch (parallel.nano_batches); U: usp's Ulysses degree (parallel.ulysses_degree); "
-          "--sweep tries both")
+          "dp mode: parallel.dp_mode (hsdp: with its parallel.dp_shard); --sweep tries all three")
     print("step s: median over the draws (p10-p90: their 10th and 90th percentiles); ckpt: the cheapest activation "
-          "checkpointing that fits (+mlp: the MLP tiled; cad resend|keep: what its attention servers keep); exposed: what communication adds to the step; imb: max/mean "
+          "checkpointing that fits (+mlp: the MLP tiled; cad resend|keep: what its attention servers keep); exposed: "
+          "what communication adds to the step (dp exp: what the data-parallel transfers alone add); imb: max/mean "
           "compute over all GPUs; DP idle: mean share of the step replicas wait; /ideal: step over ideal's; vs wlb: "
           "wlb's step over the row's (medians of the per-draw ratios)")
     for r in rows:
@@ -279,6 +294,13 @@ def _step_arguments(sim, packings, schedulers) -> None:
     sim.add_argument("--nano-batches", type=int, choices=(1, 2), default=None,
                      help="nano-batches per micro-batch, ping-ponged through the layers as the trainer does "
                           "(default: each scheduler's, 2 for cad)")
+    sim.add_argument("--dp-mode", choices=("ddp", "fsdp", "hsdp", "zero1"), default=None,
+                     help="how the dp x cp ranks share the model, as parallel.dp_mode: ddp, fsdp (FSDP2 over every "
+                          "rank), hsdp (FSDP2 inside groups of --dp-shard ranks, replicated across them) or zero1 "
+                          "(whole bf16 parameters, gradients and optimizer sharded); default: fsdp, and --sweep and "
+                          "--auto try every mode")
+    sim.add_argument("--dp-shard", type=positive_int, default=None,
+                     help="with --dp-mode hsdp: the ranks sharding each block, as parallel.dp_shard (default: a node's)")
     sim.add_argument("--cad-backward", choices=("auto", "resend", "keep"), default="auto",
                      help="cad's attention servers: resend (keep nothing received; the backward sends it again), "
                           "keep, or auto (default: keep where it fits at the checkpointing resend needs, as "

@@ -11,13 +11,14 @@ from dataclasses import replace
 
 from . import fit
 from .job import SimConfig, links_of
-from .micro import fsdp_seconds
+from .dp import dp_seconds
 from .per_batch import (PER_MICRO_BATCH, balanced_layout, class_time, fits_heads, lengths_of, pow2_divisors,
                         setting_index)
 
 
 def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: str = "h100",
-           memory_gib: float | None = None, *, schedulers=PER_MICRO_BATCH, cps=None) -> list[tuple[str, int]]:
+           memory_gib: float | None = None, *, schedulers=PER_MICRO_BATCH, cps=None, dp_mode: str = "fsdp",
+           dp_shard: int | None = None) -> list[tuple[str, int]]:
     """The ``(scheduler, cp)`` to run each micro-batch with, for a trainer that picks per micro-batch.
 
     Micro-batch ``i`` (``doc_lens_per_micro_batch[i]``: its documents' lengths, as ints) is trained by
@@ -25,7 +26,9 @@ def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: 
     ranks (aligned blocks: ranks ``[k * cp, (k + 1) * cp)``), its documents dealt out to them by
     :func:`distattn.pack_balanced`. Each is scored on the simulator's model -- the trainer's step on
     ``model`` (a :class:`~distattn.model_shape.ModelShape`, a preset name such as ``"llama3-8b"``, or
-    anything with a ``.shape``), FSDP over the ``world_size`` ranks, ``gpu``'s kernel speed and
+    anything with a ``.shape``), ``dp_mode`` over the ``world_size`` ranks (``parallel.dp_mode``: ``ddp``,
+    ``fsdp``, ``hsdp`` sharding over ``dp_shard`` ranks -- default a node's 8 -- or ``zero1``; its
+    transfers and memory), ``gpu``'s kernel speed and
     memory (``memory_gib`` overrides it), ``network`` (a :class:`~distattn.network.NetworkProfile`, a
     ``distattn cluster probe`` profile's path, or None: an H100 cluster's typical links) -- and the
     fastest is taken, under the one activation checkpointing every micro-batch fits (the cheapest
@@ -41,6 +44,7 @@ def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: 
     Raises:
         ValueError: a bad argument (named), or a micro-batch that fits no choice in memory.
     """
+    from ..memory_model import DP_MODES
     from ..model_shape import GPUS, MODELS
     from ..network import profile_of
     from ..packing import DEFAULT_CAP_FACTOR, as_doc_lens
@@ -60,16 +64,23 @@ def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: 
         if name not in PER_MICRO_BATCH:
             raise ValueError(f"schedulers: {name!r} is not one choose picks from; use some of "
                              f"{', '.join(PER_MICRO_BATCH)}")
+    if dp_mode not in DP_MODES:
+        raise ValueError(f"dp_mode {dp_mode!r} is unknown; choose from {', '.join(DP_MODES)}")
+    if dp_shard is not None and (dp_mode != "hsdp" or isinstance(dp_shard, bool) or not isinstance(dp_shard, int)
+                                 or dp_shard < 1 or world_size % dp_shard):
+        raise ValueError(f"dp_shard {dp_shard!r}: with dp_mode 'hsdp', a positive int dividing world_size {world_size}"
+                         f" (None: a node's ranks); else None")
     micro = [[int(n) for n in as_doc_lens(docs)] for docs in doc_lens_per_micro_batch]
     if not micro:
         raise ValueError("doc_lens_per_micro_batch is empty: give each micro-batch's document lengths")
     net = profile_of(network)
     card = GPUS[gpu] if memory_gib is None else replace(GPUS[gpu], memory_gib=float(memory_gib))
     longest = max(sum(docs) for docs in micro)
-    cfg = SimConfig(shape, world_size, longest, 1, gpu=card, kernel=AttentionKernel.measured(card, shape.head_dim))
+    cfg = SimConfig(shape, world_size, longest, 1, gpu=card, kernel=AttentionKernel.measured(card, shape.head_dim),
+                    dp_mode=dp_mode, dp_shard=dp_shard)
     links = links_of(net, cfg)
     rank_cap = math.ceil(DEFAULT_CAP_FACTOR * longest / world_size)
-    fsdp = fsdp_seconds(cfg, links.cp)
+    dp = dp_seconds(cfg, links.cp)
     sizes = pow2_divisors(world_size)
     if cps is not None:
         if not set(cps) <= set(sizes):
@@ -94,7 +105,7 @@ def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: 
     at = replace(cfg, activation_checkpointing=fit.BY_COST[need][0], mlp_chunk=fit.BY_COST[need][1])
     out = []
     for docs, mine in zip(micro, options):
-        timed = {key: class_time(at, key[0], key[1], [rounds for _, rounds in lengths_of(layout, docs)], links, fsdp,
+        timed = {key: class_time(at, key[0], key[1], [rounds for _, rounds in lengths_of(layout, docs)], links, dp,
                                  whole=False)
                  for key, (layout, index) in mine.items() if index <= need}
         out.append(min(timed, key=timed.get))

@@ -11,7 +11,7 @@ the longest micro-batch the row's packing may give a replica (the token cap), as
 estimate's worst case), so the setting holds for every step.
 
 Tensor parallelism (``tp``) is beyond the estimate's model: each TP rank holds ``1/tp`` of the
-weights (FSDP then shards them over the ``dp x cp`` ranks) and, with Megatron's sequence parallelism,
+weights (``dp_mode`` then shards them, or not, over the ``dp x cp`` ranks) and, with Megatron's sequence parallelism,
 ``1/tp`` of the activations and attention's buffers, so everything but the CUDA runtime is divided by
 ``tp`` -- an approximation the row's ``memory_gib`` carries.
 
@@ -43,7 +43,7 @@ class Setting(NamedTuple):
 def memory_gib(cfg, entry_name: str, checkpointing: str, mlp_chunk: int, tokens: int,
                cad_backward: str | None = None) -> float:
     """One GPU's estimated peak (GiB) training micro-batches of ``tokens`` tokens with ``entry_name``'s
-    plans on ``cfg``'s mesh (a :class:`~distattn.sim.simulate.SimConfig`): FSDP over the ``dp x cp``
+    plans on ``cfg``'s mesh (a :class:`~distattn.sim.simulate.SimConfig`): its ``dp_mode`` over the ``dp x cp``
     ranks of each TP rank (bf16, or fp32 for ``elem_bytes`` 4), ``cad`` pooling the replicas, its
     servers keeping what ``cad_backward`` says (None: ``cfg``'s, ``auto`` counted as ``resend``)."""
     facts = replace(job_facts(cfg, entry_name), activation_checkpointing=checkpointing, mlp_chunk=mlp_chunk)

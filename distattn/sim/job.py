@@ -6,17 +6,19 @@ CP rank sees it (:class:`Links`, :func:`comm_time`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..api import dry_plan
-from ..memory_model import CAD_BACKWARDS, JobFacts
+from ..memory_model import CAD_BACKWARDS, DP_MODES, JobFacts
 from ..model_shape import GPU, ModelShape
 from ..packing import DEFAULT_CAP_FACTOR
 from ..pingpong import nano_batches as nano_batches_of
 from ..schedule import AttnShape, Phase
 from ..schedulers import PlanContext, spec
+from .dp import shard_of
 from .kernel import AttentionKernel
 from .presets import GPUS, PACKINGS
 from .replay import COMM_SLOWDOWN
@@ -48,7 +50,9 @@ class SimConfig:
     token_cap_factor: float = DEFAULT_CAP_FACTOR
     kernel: AttentionKernel | None = None   # None: AttentionKernel.measured(gpu, head dim): the shipped tile fit
     comm_slowdown: float = COMM_SLOWDOWN
-    fsdp: bool = True                 # FSDP2's gathers and reduce-scatters over the dp x cp ranks
+    # parallel.dp_mode: how the dp x cp ranks share the model, its transfers timed as it issues them (.dp)
+    dp_mode: str = "fsdp"
+    dp_shard: int | None = None       # hsdp: ranks sharding each block (None: a node's; parallel.dp_shard)
     planning: str = "hidden"
     # cad's attention servers: resend (keep nothing received), keep, or auto -- keep where it fits
     # at the checkpointing resend needs, else resend (.fit; parallel.cad_backward)
@@ -87,6 +91,13 @@ class SimConfig:
             raise ValueError(f"--planning {self.planning!r}: choose one of {', '.join(PLANNING)}")
         if self.cad_backward not in (*CAD_BACKWARDS, "auto"):
             raise ValueError(f"--cad-backward {self.cad_backward!r}: choose one of {', '.join(CAD_BACKWARDS)}, auto")
+        if self.dp_mode not in DP_MODES:
+            raise ValueError(f"--dp-mode {self.dp_mode!r}: choose one of {', '.join(DP_MODES)}")
+        if self.dp_shard is not None and self.dp_mode != "hsdp":
+            raise ValueError(f"--dp-shard is the ranks sharding each block under --dp-mode hsdp: drop it for "
+                             f"--dp-mode {self.dp_mode}")
+        if self.dp_shard is not None and (self.dp_shard < 1 or self.ranks % self.dp_shard):
+            raise ValueError(f"--dp-shard {self.dp_shard} must divide the dp x cp = {self.ranks} ranks")
         if not 0 <= self.comm_slowdown < 10:
             raise ValueError(f"--comm-slowdown must be in [0, 10), got {self.comm_slowdown}")
 
@@ -166,14 +177,22 @@ def _planned_backward(cfg: SimConfig) -> str:
 
 def job_facts(cfg: SimConfig, scheduler: str | None = None) -> JobFacts:
     """The simulated job in the facts the trainer's config states too (``RunConfig.job_facts``), with
-    ``scheduler``'s plans (None: not chosen): FSDP over the ``dp x cp`` ranks of each TP rank (one rank:
-    no wrapper), a scheduler that pools pooling every replica, bf16 (fp32 for ``elem_bytes`` 4), the GPU's
-    peak; no head groups."""
+    ``scheduler``'s plans (None: not chosen): ``dp_mode`` over the ``dp x cp`` ranks of each TP rank (one
+    rank: no wrapper; hsdp's shard resolved, :func:`.dp.shard_of`), a scheduler that pools pooling every
+    replica, bf16 (fp32 for ``elem_bytes`` 4), the GPU's peak; no head groups."""
     pools = scheduler is not None and spec(scheduler).pools
     return JobFacts(cfg.model, cfg.dp, cfg.cp, scheduler, dtype="bf16" if cfg.elem_bytes == 2 else "fp32",
                     ulysses_degree=cfg.ulysses_degree, gpus_per_node=cfg.gpus_per_node, tp=cfg.tp,
-                    peak_tflops=cfg.gpu.peak_tflops, gpu=cfg.gpu.name, wrapper="fsdp" if cfg.ranks > 1 else "single",
+                    peak_tflops=cfg.gpu.peak_tflops, gpu=cfg.gpu.name,
+                    wrapper=cfg.dp_mode if cfg.ranks > 1 else "single", dp_shard=_shard(cfg),
                     pooled=pools and cfg.dp > 1, cad_backward=_planned_backward(cfg))
+
+
+def _shard(cfg: SimConfig) -> int | None:
+    """hsdp's shard group on ``cfg``'s ranks (None: not hsdp, or one rank); a share of a job's ranks
+    (:func:`.per_batch.class_time`'s groups) shards within it."""
+    shard = shard_of(cfg)
+    return None if shard is None or cfg.ranks == 1 else math.gcd(shard, cfg.ranks)
 
 
 def plan_context(cfg: SimConfig, network=None) -> PlanContext:

@@ -2,7 +2,7 @@
 each nano-batch's schedules -- one per CP group, or one over the pool -- with their ranks' attention
 rates from the kernel's speed on their segments (:mod:`.kernel`) and their transfers on the links,
 merged into one program over every rank; the linear pieces' seconds; tensor parallelism's
-collectives; and FSDP's per-block transfers (:func:`fsdp_seconds`).
+collectives (the data-parallel transfers: :mod:`.dp`).
 
 What repeats is made once. A group's plan is a function of its documents and the job alone, so the
 last :data:`PLANS_KEPT` groups planned are kept with the seconds their planning took (:func:`_planned`):
@@ -32,7 +32,7 @@ from .job import (Links, SimConfig, attn_shape, backward_option, comm_time, dry_
                   plan_context)
 from .kernel import AttentionKernel
 from .replay import TimedProgram
-from .step import Fsdp, MicroBatch
+from .step import MicroBatch
 from .workload import Row, row_of
 
 DIRECTIONS = ("forward", "backward")
@@ -231,18 +231,4 @@ def _tp_seconds(cfg: SimConfig, node, tokens: np.ndarray) -> np.ndarray:
     return node.time("all_gather", cfg.tp, size) + node.time("reduce_scatter", cfg.tp, size)
 
 
-def fsdp_seconds(cfg: SimConfig, net) -> Fsdp | None:
-    """FSDP2's per-block and root transfers over the ``dp x cp`` ranks of a TP index: bf16 gathers
-    (the compute dtype), fp32 reduce-scatters (``reduce_dtype``), each rank's ``1/tp`` of the weights."""
-    n, m = cfg.ranks, cfg.model
-    if not cfg.fsdp or n == 1:
-        return None
-    gathered, reduced = cfg.elem_bytes / cfg.tp, 4 / cfg.tp
-
-    def each(op, params, nbytes):
-        return np.full(n, float(net.time(op, n, params * nbytes)))
-    return Fsdp(each("all_gather", m.block_params, gathered), each("reduce_scatter", m.block_params, reduced),
-                each("all_gather", m.root_params, gathered), each("reduce_scatter", m.root_params, reduced))
-
-
-__all__ = ["micro_batch", "fsdp_seconds"]
+__all__ = ["micro_batch"]

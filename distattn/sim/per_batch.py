@@ -17,7 +17,8 @@ tiles 64 ranks -- each group one micro-batch with a scheduler of its own:
    can run them, at one and at two nano-batches (:data:`NANO_CHOICES`), and take the fastest --
    priced by the closed-form screen (:mod:`.screen`: four numbers of each group, their coefficients
    fitted per setting once per job to :func:`class_time`, the trainer's step -- its layers, the
-   recomputation its checkpointing runs, FSDP over every rank of the job, the kernel and link tables
+   recomputation its checkpointing runs, the job's data-parallel transfers (``dp_mode``, :mod:`.dp`) over
+   every rank of it, the kernel and link tables
    -- replayed on those groups' ranks). Every class runs the step's one activation checkpointing
    (FSDP2's gathers must match on every rank): the cheapest that every class fits with one scheduler
    at least.
@@ -50,10 +51,11 @@ from ..packing import pack_balanced, workload
 from ..schedulers import NAMES, spec
 from . import fit
 from .job import Links, SimConfig, attention_kernel, links_of, plan_context, with_planning
-from .micro import fsdp_seconds, micro_batch
+from .dp import DataParallel, dp_seconds
+from .micro import micro_batch
 from .replay import replay
 from .screen import screen_of
-from .step import Fsdp, step_ops
+from .step import step_ops
 
 FINALISTS = 1              # the screen's best layouts replayed (choose_step)
 SURE_LOSS = 1.15           # a layout screened this much slower than the fixed choice is not replayed
@@ -177,10 +179,10 @@ def fits_heads(cfg: SimConfig, name: str, cp: int) -> bool:
 
 
 def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]], links: Links,
-               fsdp: Fsdp | None, whole: bool = True, pool: bool = False) -> float:
+               dp: DataParallel | None, whole: bool = True, pool: bool = False) -> float:
     """The step of ``len(groups)`` groups of ``cp`` ranks running ``name`` (``groups[k][j]``: the
-    documents of group ``k``'s ``j``-th micro-batch) under ``cfg``'s checkpointing, FSDP's transfers
-    those of every rank of the job (``fsdp``): the slowest of those ranks' end.
+    documents of group ``k``'s ``j``-th micro-batch) under ``cfg``'s checkpointing, the data-parallel transfers
+    those of every rank of the job (``dp``, :func:`.dp.dp_seconds`): the slowest of those ranks' end.
 
     ``whole=False`` is what scoring a layout needs, at a fraction of the replay: only the
     :data:`SCORED_GROUPS` groups with the most workload and the most tokens a rank (the groups do not
@@ -195,7 +197,7 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
         one = _cut_alike(cfg, name, groups)
         if len(groups) > SCORED_GROUPS:   # (whole too: a replay per group of a large class costs seconds)
             groups = _scored(cfg, groups)
-        return max(class_time(one, name, cp, [g], links, fsdp, whole) for g in groups)
+        return max(class_time(one, name, cp, [g], links, dp, whole) for g in groups)
     if not whole and len(groups) > SCORED_GROUPS and not pool:   # (a pool is one plan: every group of it)
         groups = _scored(cfg, groups)
     at = replace(cfg, cp=cp, gpus=cp * len(groups) * cfg.tp, batch=None)
@@ -203,8 +205,7 @@ def class_time(cfg: SimConfig, name: str, cp: int, groups: list[list[list[int]]]
     micro = [micro_batch(at, name, [g[j] for g in groups], kernel, links, pool=pool)["micro"]
              for j in range(len(groups[0]))]
     n = at.ranks
-    part = None if fsdp is None else Fsdp(fsdp.gather[:n], fsdp.reduce[:n], fsdp.root_gather[:n],
-                                          fsdp.root_reduce[:n])
+    part = None if dp is None else dp.on(n)
 
     def end(layers):
         run = replay(step_ops(micro, layers, at.activation_checkpointing, n, part), n, slowdown=cfg.comm_slowdown)
@@ -258,13 +259,13 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
         [c for c in cps if c in sizes]
     if not smalls:
         raise ValueError(f"cps {cps}: no power of two among them divides the {ranks} ranks")
-    fsdp = fsdp_seconds(replace(cfg, cp=1), links.cp)
+    dp = dp_seconds(replace(cfg, cp=1), links.cp)
     pw = cfg.model.pair_weight()
     timed: dict[tuple, float] = {}
 
     rank_cap = math.ceil(cfg.token_cap_factor * total / ranks)
     screen = screen_of(cfg, network, lambda at, name, cp, groups:
-                       class_time(at, name, cp, groups, links, fsdp, whole=False), rank_cap)
+                       class_time(at, name, cp, groups, links, dp, whole=False), rank_cap)
     fitted = screen.fit_seconds
 
     def screened(at, name, cp, groups, how):
@@ -277,7 +278,7 @@ def choose_step(cfg: SimConfig, doc_lens, network, schedulers=MIXED, cps=None,
             groups = [groups[k] for _, k in screen.slowest(at, name, cp, [g[0] for g in groups], lens, SCORED_GROUPS)]
         key = (name, cp, at.activation_checkpointing, at.mlp_chunk, how, tuple(tuple(map(tuple, g)) for g in groups))
         if key not in timed:
-            timed[key] = class_time(at, name, cp, groups, links, fsdp, whole=False, pool=how.pool)
+            timed[key] = class_time(at, name, cp, groups, links, dp, whole=False, pool=how.pool)
         return timed[key]
 
     scored = []   # (screened step, layout, scheduler per size, setting, how) of every layout that fits
@@ -323,12 +324,12 @@ def replayed_whole(cfg: SimConfig, choice: StepChoice, network) -> float:
     planned group by group, its :data:`SCORED_GROUPS` heaviest) -- what ``simulate --per-batch`` reports,
     as the fixed rows are timed; choosing replays for four layers and extends them."""
     links = links_of(network, cfg)
-    fsdp = fsdp_seconds(replace(cfg, cp=1), links.cp)
+    dp = dp_seconds(replace(cfg, cp=1), links.cp)
     at = replace(cfg, activation_checkpointing=choice.checkpointing, mlp_chunk=choice.mlp_chunk)
     classes: dict[tuple, list] = {}
     for g in choice.groups:
         classes.setdefault((g.scheduler, g.cp, g.nano_batches, g.pooled), []).append([list(r) for r in g.rounds])
-    return max(class_time(_cut_alike(replace(at, nano_batches=nano), name, groups), name, cp, groups, links, fsdp,
+    return max(class_time(_cut_alike(replace(at, nano_batches=nano), name, groups), name, cp, groups, links, dp,
                           pool=pooled) for (name, cp, nano, pooled), groups in classes.items())
 
 
@@ -448,6 +449,8 @@ def per_batch_row(cfg: SimConfig, network, batches, draws: int, rows: list[dict]
     fixed = None
     if best is not None and best["scheduler"] in MIXED:   # at the setting the row ran (the sweep's nano-batches)
         fixed = (best["scheduler"], best["cp"], best["micro_batches"], best.get("nano_batches"))
+    if best is not None and best.get("dp_mode"):   # the best fixed row's data-parallel mode (the sweep's)
+        cfg = replace(cfg, dp_mode=best["dp_mode"], dp_shard=best.get("dp_shard"))
     if best is not None and best.get("cad_backward") and cfg.cad_backward == "auto":
         # cad's servers as the best fixed row resolved them (keep where it fits), for its pooled candidate and
         # the groups of cad alike (the trainer's auto runs its planner's default, resend)

@@ -55,6 +55,7 @@ class Op:
     after: tuple | None = None
     links: tuple[np.ndarray, np.ndarray] | None = None
     link: str = "net"          # the queue a transfer takes its turn in (module docstring)
+    dp: bool = False           # a data-parallel transfer (gradients, parameters: :mod:`.dp`)
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,11 +135,21 @@ def replay_both(ops, ranks: int, streams: bool = True, slowdown: float = 0.0) ->
     return both[0], both[1]
 
 
-def _replay(ops, ranks: int, comms: tuple[bool, ...], streams: bool, slowdown: float) -> list[Replay]:
-    """:func:`replay` of ``ops`` once per entry of ``comms`` (with transfers or without), as rows of one
-    array per clock."""
+def replay_three(ops, ranks: int, streams: bool = True, slowdown: float = 0.0) -> tuple[Replay, Replay, Replay]:
+    """:func:`replay_both`'s two replays and a third with the data-parallel transfers alone taking no time
+    (``Op.dp``): the step less that one is what data-parallel communication adds to it."""
+    rows = _replay(ops, ranks, (True, False, "no dp"), streams, slowdown)
+    return rows[0], rows[1], rows[2]
+
+
+def _replay(ops, ranks: int, comms: tuple, streams: bool, slowdown: float) -> list[Replay]:
+    """:func:`replay` of ``ops`` once per entry of ``comms`` (True: with transfers; False: without; ``"no
+    dp"``: without the data-parallel ones), as rows of one array per clock."""
     shape = (len(comms), ranks)
-    on = None if all(comms) else np.asarray(comms, dtype=np.float64)[:, None]   # transfers take time
+    # per row, whether a transfer takes time: the others, and the data-parallel ones
+    on_rest = np.asarray([c is not False for c in comms], dtype=np.float64)[:, None]
+    on_dp = np.asarray([c is True for c in comms], dtype=np.float64)[:, None]
+    all_on = all(c is True for c in comms)
     clock, queues, inflight = np.zeros(shape), {}, np.zeros(shape)
     compute, stalled, moving = np.zeros(shape), np.zeros(shape), np.zeros(shape)
     ends: dict = {}
@@ -164,6 +175,7 @@ def _replay(ops, ranks: int, comms: tuple[bool, ...], streams: bool, slowdown: f
                     clock = np.maximum(clock, before)
                 ready = np.maximum(ready, before)
             seconds = _seconds(op, kept)
+            on = None if all_on else on_dp if op.dp else on_rest
             if on is not None:
                 seconds = seconds * on
             queue = _coupled(ready, op, plans) + seconds
@@ -258,4 +270,4 @@ def step_ops(order, programs, pre_s, post_s, head_s, ranks: int) -> list[Op]:
     return ops
 
 
-__all__ = ["Op", "Replay", "TimedProgram", "replay", "replay_both", "call_ops", "step_ops"]
+__all__ = ["Op", "Replay", "TimedProgram", "replay", "replay_both", "replay_three", "call_ops", "step_ops"]

@@ -11,7 +11,8 @@ trainer runs (:mod:`.micro`, :mod:`.step`, :mod:`.replay`): its layers' pieces i
 order, the recomputation its activation checkpointing runs (:mod:`.fit`: the cheapest setting that
 fits the GPU), each attention stage as the executor's instructions
 (:meth:`distattn.schedule.Schedule.program`, checked against what the executors do on gloo by
-``tests/test_program.py``), FSDP's gathers and reduce-scatters, forward then backward, every rank at
+``tests/test_program.py``), the data-parallel transfers ``dp_mode`` issues (:mod:`.dp`: ``ddp``,
+``fsdp``, ``hsdp``, ``zero1``, each on the links it crosses), forward then backward, every rank at
 once:
 
 * compute: a layer's linear work ``6 * params_per_layer * tokens / tp`` at ``mfu`` of peak; each
@@ -29,7 +30,9 @@ once:
 
 The step ends when the slowest rank does (``dp_idle`` is the mean fraction of the step replicas
 spend waiting for the slowest). ``exposed_comm_s`` is what communication adds to the step (the step
-replayed with transfers taking no time, subtracted); ``stalled_s`` the slowest rank's time at waits.
+replayed with transfers taking no time, subtracted), ``dp_exposed_s`` what the data-parallel transfers
+alone add (replayed with those alone taking no time); ``stalled_s`` the slowest rank's time at waits.
+Each row names its ``dp_mode`` and ``dp_shard`` (hsdp's shard group, resolved; else None).
 :func:`simulate_with_timelines` also gives every rank's timeline of the step: ``compute``,
 ``exposed_comm`` (its time at waits, for transfers or for the slower ranks they needed) and
 ``idle`` laid end to end (they sum to the step time; their order within the step is a
@@ -57,9 +60,10 @@ from ..schedulers import REGISTRY, spec
 from . import fit
 from .job import (SimConfig, attention_kernel, comm_time, default_cp, dry_schedule, nccl_size,
                   links_of, plan_context, with_planning)
-from .micro import fsdp_seconds, micro_batch
+from .dp import dp_seconds, shard_of
+from .micro import micro_batch
 from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS
-from .replay import TimedProgram, call_ops, replay, replay_both
+from .replay import TimedProgram, call_ops, replay, replay_three
 from .step import step_ops
 from .workload import assign, assign_wlb, draw_chunks, row_of
 
@@ -123,7 +127,7 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks, history=()) -> tupl
     setting = fit.choose(cfg, entry.name, cap)
     result = {"scheduler": name, "gpus": cfg.gpus, "tp": cfg.tp, "cp": cfg.cp, "dp": cfg.dp, "seq_len": cfg.seq_len,
               "batch": len(chunks), "micro_batches": len(chunks) // cfg.dp, "model": m.name, "params": m.params,
-              **row_setting(cfg, name),
+              **row_setting(cfg, name), "dp_mode": cfg.dp_mode, "dp_shard": shard_of(cfg),
               "packing": cfg.packing, "checkpointing": setting.checkpointing, "mlp_chunk": setting.mlp_chunk,
               "memory_gib": setting.memory_gib, "fits": setting.fits,
               "memory_gb": setting.memory_gib, "fits_memory": setting.fits,   # (the names before issue 54)
@@ -139,8 +143,8 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks, history=()) -> tupl
     links, kernel = links_of(network, cfg), attention_kernel(cfg)
     micro = [micro_batch(cfg, name, replicas, kernel, links) for replicas in packed.micro]
     ops = step_ops([mb["micro"] for mb in micro], m.n_layers, cfg.activation_checkpointing, cfg.ranks,
-                   fsdp_seconds(cfg, links.cp))
-    run, still = replay_both(ops, cfg.ranks, slowdown=cfg.comm_slowdown)
+                   dp_seconds(cfg, links.cp))
+    run, still, no_dp = replay_three(ops, cfg.ranks, slowdown=cfg.comm_slowdown)
     busy = run.compute + run.stalled   # each rank's end (the clock only moves by compute and waits)
     planning = sum(mb["planning_s"] for mb in micro)
     step = float(busy.max())
@@ -159,6 +163,7 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks, history=()) -> tupl
         "step_time_s": step, "tokens_per_s_per_gpu": tokens / timed / cfg.gpus,
         "mfu": float(m.model_flops(tokens, sum(mb["flops_attn"] for mb in micro)) / timed / (peak * cfg.gpus)),
         "compute_s": float(run.compute.max()), "exposed_comm_s": max(float(busy.max() - still.end.max()), 0.0),
+        "dp_exposed_s": max(float(busy.max() - no_dp.end.max()), 0.0),
         "comm_s": float(run.comm[slowest]), "stalled_s": float(run.stalled[slowest]),
         "compute_imbalance": max(1.0, float(run.compute.max() / run.compute.mean())),  # 1 - ulp happens
         "dp_idle": float(np.mean([(timed - t) / timed for t in rep_times])), "dp_imbalance": packed.imbalance,

@@ -42,15 +42,16 @@ from .workload import WLB_WARMUP, draw_chunks, row_of
 
 SWEEP_DRAWS = 4
 # what a draw measures (summarised by its median); the rest of a row is the setup
-MEASURED = ("step_time_s", "tokens_per_s_per_gpu", "mfu", "compute_s", "exposed_comm_s", "comm_s", "stalled_s",
+MEASURED = ("step_time_s", "tokens_per_s_per_gpu", "mfu", "compute_s", "exposed_comm_s", "dp_exposed_s", "comm_s",
+            "stalled_s",
             "compute_imbalance", "dp_idle", "dp_imbalance", "held_share", "planning_s", "wlb_work_share")
 # the pinned keys of a row with no time (it fits no setting, or no CP size)
 NO_TIME = {"cp": None, "dp": None, "checkpointing": None, "memory_gib": None, "fits": False, "step_time_s": None,
            "step_time_p10_s": None, "step_time_p90_s": None, "step_time_mean_s": None, "nano_batches": None,
-           "ulysses_degree": None}
+           "ulysses_degree": None, "dp_mode": None, "dp_shard": None, "dp_exposed_s": None}
 GIVE_UP = 1.5      # a CP size whose best setting is this much slower than the best so far ends the sweep
 # what each setting the sweep tried reports (its row's keys)
-TRIED = ("cp", "dp", "nano_batches", "ulysses_degree", "checkpointing", "memory_gib", "fits")
+TRIED = ("cp", "dp", "nano_batches", "ulysses_degree", "dp_mode", "dp_shard", "checkpointing", "memory_gib", "fits")
 QUANTILES = {"p10": 10, "p90": 90}
 
 
@@ -91,6 +92,15 @@ def settings(cfg: SimConfig, name: str, cp: int) -> list[dict]:
     return [{"ulysses_degree": u, "nano_batches": n} for u in degrees for n in nanos]
 
 
+def dp_modes(cfg: SimConfig) -> list[tuple[str, int | None]]:
+    """The ``(parallel.dp_mode, parallel.dp_shard)`` pairs a sweep tries on ``cfg``'s ranks: ``ddp``,
+    ``fsdp``, ``zero1``, and ``hsdp`` sharded over half a node, a node and two nodes (of a TP index's
+    ranks), those that divide the ranks and are fewer (hsdp over every rank is fsdp)."""
+    node = max(1, cfg.gpus_per_node // cfg.tp)
+    shards = sorted({s for s in (node // 2, node, 2 * node) if 1 < s < cfg.ranks and cfg.ranks % s == 0})
+    return [("ddp", None), ("fsdp", None), ("zero1", None), *[("hsdp", s) for s in shards]]
+
+
 def pool_batches(pool) -> Callable[[SimConfig, int], list[list[int]]]:
     """Draw ``d`` of a config: :func:`~.workload.draw_chunks` of the length sample ``pool`` (None: the
     log-normal stand-in), seeded ``cfg.seed + d`` (the steps before the first, which WLB-LLM's queues
@@ -119,9 +129,10 @@ def run_draws(cfg: SimConfig, network, name: str, batches, draws: range,
 
 def _label(name: str, result: dict) -> str:
     """``name cp C`` with the setting's nano-batches and Ulysses degree (progress lines)."""
-    degree = result.get("ulysses_degree")
+    degree, shard = result.get("ulysses_degree"), result.get("dp_shard")
     return (f"{name} cp {result['cp']} nano {result.get('nano_batches')}"
-            + ("" if degree is None else f" ulysses {degree}"))
+            + ("" if degree is None else f" ulysses {degree}") + f" {result.get('dp_mode')}"
+            + ("" if shard is None else f" {shard}"))
 
 
 def summary(per_draw: list[dict]) -> dict:
@@ -131,7 +142,7 @@ def summary(per_draw: list[dict]) -> dict:
     row = {**NO_TIME, **per_draw[0], "draws": len(per_draw)}
     if row["step_time_s"] is None:
         return row
-    for key in (k for k in MEASURED if k in row):
+    for key in (k for k in MEASURED if k in per_draw[0]):
         row[key] = float(np.median([r[key] for r in per_draw]))
     steps = [r["step_time_s"] for r in per_draw]
     for name, q in QUANTILES.items():
@@ -142,13 +153,15 @@ def summary(per_draw: list[dict]) -> dict:
 
 
 def best_setting(cfg: SimConfig, network, name: str, batches, draws: int,
-                 progress: Callable[[str], None] | None = None,
-                 scored: int = SWEEP_DRAWS) -> tuple[SimConfig | None, list[dict], list[dict]]:
-    """(``cfg`` at the setting -- CP size, :func:`settings` -- with the lowest median step over the first
-    ``scored`` draws, None where none fits; its draws so far; every setting tried: :data:`TRIED` and
-    its median ``step_time_s``). CP sizes are tried from the smallest; once one's best setting is
-    :data:`GIVE_UP` times slower than the best so far, larger ones (more communication, the ring's
-    steps growing with them) are not tried. Every setting runs the same draws, so a choice is paired."""
+                 progress: Callable[[str], None] | None = None, scored: int = SWEEP_DRAWS,
+                 modes: list[tuple[str, int | None]] | None = None) -> tuple[SimConfig | None, list[dict], list[dict]]:
+    """(``cfg`` at the setting -- CP size, :func:`settings`, each of ``modes`` (:func:`dp_modes`; None:
+    ``cfg``'s) -- with the lowest median step over the first ``scored`` draws, None where none fits; its
+    draws so far; every setting tried: :data:`TRIED` and its medians ``step_time_s`` and ``dp_exposed_s``). CP sizes
+    are tried
+    from the smallest; once one's best setting is :data:`GIVE_UP` times slower than the best so far,
+    larger ones (more communication, the ring's steps growing with them) are not tried. Every setting
+    runs the same draws, so a choice is paired; a mode that does not fit the GPU is skipped."""
     tried: list[dict] = []
     best: tuple[SimConfig, float] | None = None
     kept: list[dict] = []
@@ -157,12 +170,15 @@ def best_setting(cfg: SimConfig, network, name: str, batches, draws: int,
         if best is not None and last is not None and last > GIVE_UP * best[1]:
             break
         medians = []
-        for setting in settings(cfg, name, cp):
-            at = replace(cfg, cp=cp, **setting)
+        # the modes innermost: they change no plan (:mod:`.micro` keeps the last ones)
+        for setting, (mode, shard) in [(s, m) for s in settings(cfg, name, cp)
+                                       for m in (modes or [(cfg.dp_mode, cfg.dp_shard)])]:
+            at = replace(cfg, cp=cp, **setting, dp_mode=mode, dp_shard=shard)
             got = run_draws(at, network, name, batches, range(min(draws, scored)), progress)
             head = got[0]
             median = float(np.median([r["step_time_s"] for r in got])) if head["fits"] else None
-            tried.append({**{k: head[k] for k in TRIED}, "step_time_s": median})
+            exposed = float(np.median([r["dp_exposed_s"] for r in got])) if head["fits"] else None
+            tried.append({**{k: head[k] for k in TRIED}, "step_time_s": median, "dp_exposed_s": exposed})
             if median is None:
                 continue
             medians.append(median)
@@ -173,15 +189,17 @@ def best_setting(cfg: SimConfig, network, name: str, batches, draws: int,
 
 
 def rows(cfg: SimConfig, network, names, batches, draws: int, sweep: bool,
-         progress: Callable[[str], None] | None = None, scored: int = SWEEP_DRAWS) -> list[dict]:
+         progress: Callable[[str], None] | None = None, scored: int = SWEEP_DRAWS,
+         modes: list[tuple[str, int | None]] | None = None) -> list[dict]:
     """Every row (``names``) over ``draws`` draws of ``batches`` (:func:`pool_batches`), each at its
-    best setting with ``sweep`` (:func:`best_setting`, scored on the first ``scored`` draws; else at
-    ``cfg``'s), with their ratios (module docstring)."""
+    best setting with ``sweep`` (:func:`best_setting`, scored on the first ``scored`` draws, trying
+    ``modes``: :func:`dp_modes`, None: ``cfg``'s; else at ``cfg``'s), with their ratios (module
+    docstring). A bound tries the modes too: it is at the best one that fits, and stays a bound."""
     per_row: dict[str, list[dict]] = {}
     out = []
     for name in names:
         if sweep:
-            at, got, tried = best_setting(cfg, network, name, batches, draws, progress, scored)
+            at, got, tried = best_setting(cfg, network, name, batches, draws, progress, scored, modes)
             if at is None:
                 out.append({**NO_TIME, "scheduler": name, "gpus": cfg.gpus, "tp": cfg.tp, "sweep": tried, "draws": 0})
                 continue
@@ -220,27 +238,74 @@ def put_ratio(row: dict, key: str, ratio: np.ndarray) -> None:
 
 
 def recommend(cfg: SimConfig, network, names, pool=None, draws: int = 1,
-              progress: Callable[[int, list[dict]], None] | None = None) -> tuple[dict, list[dict]]:
+              progress: Callable[[int, list[dict]], None] | None = None,
+              modes: list[tuple[str, int | None]] | None = None) -> tuple[dict, list[dict]]:
     """``--auto``: every real row of ``names`` at every CP size it may run at (256 tokens a rank at
     least), one sequence per replica (so a larger CP trains fewer tokens per step), over ``draws``
-    draws: the row with the most tokens/s per GPU among those that fit, and every row. Step time alone
-    would favour the largest CP degree. ``cfg``'s other settings (TP, packing, checkpointing, ...) hold."""
+    draws, each at the one of ``modes`` (:func:`dp_modes`; None: ``cfg``'s) with the most tokens/s per
+    GPU that fits; the recommendation is the row with the most tokens/s per GPU among those that fit
+    and ``distattn train`` runs (:data:`~distattn.schedulers.NAMES`: not ``wlb``, which stays in the rows
+    for comparison), and every row. Step time alone would favour the largest CP degree. ``cfg``'s
+    other settings (TP, packing, checkpointing, ...) hold."""
+    from ..schedulers import NAMES
     from .presets import BOUNDS
 
     per_name = {n: candidates(replace(cfg, batch=None), n, 256) for n in names if n not in BOUNDS}
     found = []
     for cp in sorted({cp for sizes in per_name.values() for cp in sizes}):
         at = replace(cfg, cp=cp, batch=None)
-        got = rows(at, network, [n for n, sizes in per_name.items() if cp in sizes], pool_batches(pool), draws, False)
+        here = [n for n, sizes in per_name.items() if cp in sizes]
+        best: dict[str, dict] = {}   # per scheduler, its fastest mode's row (the first that fits, on a tie)
+        for mode, shard in modes or [(cfg.dp_mode, cfg.dp_shard)]:
+            for r in rows(replace(at, dp_mode=mode, dp_shard=shard), network, here, pool_batches(pool), draws, False):
+                held = best.get(r["scheduler"])
+                if held is None or _faster(r, held):
+                    best[r["scheduler"]] = r
+        got = [best[n] for n in here if n in best]
         found += got
         if progress is not None:
             progress(cp, got)
-    feasible = [r for r in found if r["fits"] and r["step_time_s"] is not None]
+    feasible = [r for r in found if r["fits"] and r["step_time_s"] is not None and r["scheduler"] in NAMES]
     if not feasible:
         raise ValueError(f"nothing fits {cfg.gpu.memory_gib:.0f} GiB per GPU for {cfg.model.name} at {cfg.seq_len} "
                          f"tokens on {cfg.gpus} GPUs; add GPUs or shorten --seq-len")
     return max(feasible, key=lambda r: (r["tokens_per_s_per_gpu"], -r["step_time_s"])), found
 
 
-__all__ = ["SWEEP_DRAWS", "GIVE_UP", "TRIED", "candidates", "settings", "pool_batches", "run_draws", "summary",
-           "best_setting", "rows", "put_ratio", "recommend"]
+def _faster(r: dict, than: dict) -> bool:
+    """Whether row ``r`` fits and trains more tokens/s per GPU than ``than`` (or ``than`` does not fit)."""
+    if not r["fits"] or r["step_time_s"] is None:
+        return False
+    return not than["fits"] or than["step_time_s"] is None or r["tokens_per_s_per_gpu"] > than["tokens_per_s_per_gpu"]
+
+
+def trainer_config(row: dict, cfg: SimConfig) -> dict:
+    """Row ``row`` of a job on ``cfg`` as ``distattn train``'s config keys (``section.key`` -> value: each
+    a ``key=value`` override): its scheduler, mesh, data-parallel mode, nano-batches, the setting of its
+    scheduler (usp's Ulysses degree, cad's servers), its activation checkpointing, the dtype and the
+    sequence length simulated. ``ValueError`` for a row the trainer cannot run (a bound, ``wlb``, TP)."""
+    from ..schedulers import NAMES
+
+    if row["scheduler"] not in NAMES:
+        raise ValueError(f"row {row['scheduler']!r} is not a scheduler distattn train runs ({', '.join(NAMES)})")
+    if row.get("tp", 1) != 1:
+        raise ValueError(f"tp {row['tp']}: distattn train has no tensor parallelism; simulate with --tp 1")
+    out = {"parallel.scheduler": row["scheduler"], "parallel.dp": row["dp"], "parallel.cp": row["cp"],
+           "parallel.dp_mode": row["dp_mode"]}
+    if row["dp_mode"] == "hsdp":
+        out["parallel.dp_shard"] = row["dp_shard"]
+    out["parallel.nano_batches"] = row["nano_batches"]
+    if row.get("ulysses_degree") is not None:
+        out["parallel.ulysses_degree"] = row["ulysses_degree"]
+    if row.get("cad_backward") is not None:
+        out["parallel.cad_backward"] = row["cad_backward"]
+    out["train.activation_checkpointing"] = row["checkpointing"]
+    if row.get("mlp_chunk"):
+        out["train.mlp_chunk"] = row["mlp_chunk"]
+    out["train.dtype"] = "bf16" if cfg.elem_bytes == 2 else "fp32"
+    out["data.seq_len"] = cfg.seq_len
+    return out
+
+
+__all__ = ["SWEEP_DRAWS", "GIVE_UP", "TRIED", "candidates", "settings", "dp_modes", "pool_batches", "run_draws",
+           "summary", "best_setting", "rows", "put_ratio", "recommend", "trainer_config"]

@@ -9,9 +9,9 @@ the trainer asks the simulator, and takes two where they save more than :data:`M
 priced time: the first :data:`STEPS` steps of the run's own stream, each priced at
 one and at two nano-batches on the model ``parallel.scheduler: auto`` prices with
 (:func:`.auto_plan.job_of`: the run's model on H100s, ``parallel.network``'s links), with the run's
-checkpointing, FSDP, ``comm_dtype`` and ``cad_backward``. Planning time is left out (the simulator's
-``planning: ignored``), so the choice is a pure function of the config and the data: every rank
-would make the same one, and a resumed run makes the one its first start made. Rank 0 makes it and
+checkpointing, data-parallel mode (``parallel.dp_mode``), ``comm_dtype`` and ``cad_backward``. Planning
+time is left out (the simulator's ``planning: ignored``), so the choice is a pure function of the config
+and the data: every rank would make the same one, and a resumed run makes the one its first start made. Rank 0 makes it and
 broadcasts it (:func:`chosen_nano_batches`), and logs it: at INFO where it is two, at DEBUG where
 it is the plain one.
 
@@ -63,7 +63,8 @@ def choose_nano_batches(cfg: RunConfig, sequences: list[list[list[int]]],
     default = spec(p.fixed_scheduler).nano_batches_for(None)
     if p.fixed_cp == 1:
         return NanoChoice(default, f"{p.fixed_scheduler}'s default: one CP rank has no attention transfers to hide")
-    job = replace(job_of(cfg), cp=p.fixed_cp, packing=cfg.packing, fsdp=p.dp_mode == "fsdp",
+    # (the run's data-parallel mode and its shard group: hsdp's default, a node's ranks, is the simulator's too)
+    job = replace(job_of(cfg), cp=p.fixed_cp, packing=cfg.packing, dp_mode=p.dp_mode, dp_shard=p.dp_shard,
                   ulysses_degree=p.ulysses_degree, comm_dtype=p.comm_dtype, planning="ignored",
                   activation_checkpointing=t.activation_checkpointing, mlp_chunk=t.mlp_chunk,
                   **({} if cad_backward is None else {"cad_backward": cad_backward}))
