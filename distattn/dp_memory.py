@@ -1,6 +1,6 @@
 """The model's states on one rank per data-parallel mode (``parallel.dp_mode``), the part of
-:mod:`distattn.memory_model` that follows the wrapper: ``model_states(job)``, and the mode a job
-is cheapest to train in that fits: ``cheapest_mode(job, device_bytes)``.
+:mod:`distattn.memory_model` that follows the wrapper: ``model_states(job)``, and the modes a job can
+be tried in, cheapest first (``candidates``; ``memory_model.cheapest_mode`` takes the first that fits).
 
 Bytes per rank: ``N = dp * cp`` ranks, ``P`` parameters, ``S`` the ranks sharding a parameter
 (:attr:`~distattn.memory_model.Job.shard_ranks`: N under fsdp and zero1, ``dp_shard`` under hsdp),
@@ -44,10 +44,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .memory_model import Job
+# ``Job`` in the annotations is :class:`distattn.memory_model.Job`, which imports this module (not imported
+# here: the layers allow no circle, not even a type checker's)
 
 # parameters per zero1 gradient bucket, in backward order (distattn.train.zero1.BUCKET_ELEMENTS, which
 # imports torch: a test checks the two agree)
@@ -136,20 +134,5 @@ def candidates(job: Job) -> list[Job]:
     return jobs
 
 
-def cheapest_mode(job: Job, device_bytes: float) -> tuple[str, int | None] | None:
-    """The data-parallel mode with the fewest bytes on the network whose estimate of ``job`` fits
-    ``device_bytes`` per rank (:attr:`~distattn.memory_model.Estimate.total`), as ``(mode, dp_shard)``:
-    ``dp_shard`` the shard group's ranks for hsdp, else None; ``("single", None)`` for one rank. None
-    where no mode fits (:func:`candidates`: the modes tried)."""
-    from .memory_model import estimate   # (it imports this module)
-
-    if device_bytes <= 0:
-        raise ValueError(f"device_bytes must be > 0 (one rank's memory), got {device_bytes}")
-    for cand in candidates(job):
-        if estimate(cand).total <= device_bytes:
-            return cand.wrapper, cand.dp_shard
-    return None
-
-
-__all__ = ["BUCKET_ELEMENTS", "ZERO1_IN_FLIGHT", "CHEAPEST_FIRST", "candidates", "cheapest_mode", "model_states",
-           "step_excess", "zero1_bucket"]
+__all__ = ["BUCKET_ELEMENTS", "ZERO1_IN_FLIGHT", "CHEAPEST_FIRST", "candidates", "model_states", "step_excess",
+           "zero1_bucket"]

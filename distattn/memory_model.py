@@ -98,7 +98,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
 
-from .dp_memory import BUCKET_ELEMENTS, CHEAPEST_FIRST, cheapest_mode, model_states, step_excess, zero1_bucket
+from .dp_memory import BUCKET_ELEMENTS, CHEAPEST_FIRST, candidates, model_states, step_excess, zero1_bucket
 from .model_shape import ModelShape
 from .schedulers import PlanContext
 
@@ -471,6 +471,19 @@ def estimate(job: Job) -> Estimate:
         **per_token, allocator=allocator, runtime=CUDA_RUNTIME_BYTES if job.device == "cuda" else CPU_RUNTIME_BYTES,
         host=offloaded_bytes(job), host_states=host_states,
         dp_shard=job.shard_ranks if job.wrapper == "hsdp" else None)
+
+
+def cheapest_mode(job: Job, device_bytes: float) -> tuple[str, int | None] | None:
+    """The data-parallel mode with the fewest bytes on the network whose estimate of ``job`` fits
+    ``device_bytes`` per rank (:attr:`~distattn.memory_model.Estimate.total`), as ``(mode, dp_shard)``:
+    ``dp_shard`` the shard group's ranks for hsdp, else None; ``("single", None)`` for one rank. None
+    where no mode fits (:func:`candidates`: the modes tried)."""
+    if device_bytes <= 0:
+        raise ValueError(f"device_bytes must be > 0 (one rank's memory), got {device_bytes}")
+    for cand in candidates(job):
+        if estimate(cand).total <= device_bytes:
+            return cand.wrapper, cand.dp_shard
+    return None
 
 
 __all__ = ["Job", "JobFacts", "DTYPE_BYTES", "Estimate", "AttentionMemory", "estimate", "attention_bytes",

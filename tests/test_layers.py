@@ -27,7 +27,7 @@ LAYERS = [
                    "distattn.schedulers", "distattn.mesh"]),
     ("executors", ["distattn.executors"]),
     ("api", ["distattn.plans", "distattn.ops", "distattn.api", "distattn.oracle", "distattn.pingpong",
-             "distattn.plan_cache", "distattn.varlen", "distattn.memory_model",
+             "distattn.plan_cache", "distattn.varlen", "distattn.memory_model", "distattn.dp_memory",
              "distattn.labels"]),
     # the cost model: the simulator, which the trainer and adapters choose per step with (distattn.choose)
     ("sim", ["distattn.sim"]),
