@@ -40,13 +40,16 @@ def _aot(*args):
 # bounds, soft-cap, GQA: the most registers), every kernel and config; and every kernel x variant at
 # one arch, dtype and head dim, each with its autotuner's first kept config (the largest tile: the
 # most registers), through the AOT tool's own compile_cases -- every kernel, config, arch, dtype,
-# head dim from 128 and variant compiled at least once. Under --slow: all head dims for the common and
-# the heaviest variant, and every variant with every config at 128 and at 192/128, each over every
-# arch and dtype (fp16 too).
+# head dim from 128 and variant compiled at least once. fp32 keeps one config, the same at every head dim
+# (tests/test_aot.py::test_fp32_keeps_one_config_at_every_head_dim): its shared memory grows with the head
+# dim, so the default slice compiles it at 256, the most, and --slow's all-head-dims at 128 and 192/128 too.
+# Under --slow: all head dims for the common and the heaviest variant, and every variant with every
+# config at 128 and at 192/128, each over every arch and dtype (fp16 too).
 ALL = (list(aot_cases.ARCHS), list(aot_cases.DTYPES))
 MATRIX_SLICES = {   # name: (head dims as (Q/K's, V's), variants, archs, dtypes, slow)
     # 64 is the smallest tile, furthest from every limit: only --slow's all-head-dims compiles it
-    "every-limit": (list(aot_cases.HEAD_DIMS[1:]), ["band_softcap"], list(aot_cases.ARCHS), ["bf16", "fp32"], False),
+    "every-limit": (list(aot_cases.HEAD_DIMS[1:]), ["band_softcap"], list(aot_cases.ARCHS), ["bf16"], False),
+    "every-limit-fp32": ([aot_cases.HEAD_DIMS[-1]], ["band_softcap"], list(aot_cases.ARCHS), ["fp32"], False),
     "all-head-dims": (list(aot_cases.HEAD_DIMS), ["causal", "band_softcap"], *ALL, True),
     "all-variants": ([(128, 128)], list(VARIANTS), *ALL, True),
     "mla-all-variants": ([MLA], list(VARIANTS), *ALL, True),
@@ -55,6 +58,21 @@ MATRIX_SLICES = {   # name: (head dims as (Q/K's, V's), variants, archs, dtypes,
 
 def _dims_arg(head_dims) -> str:
     return ",".join(aot_cases.dims_name(*pair) for pair in head_dims)
+
+
+def test_fp32_keeps_one_config_at_every_head_dim():
+    """What lets the default slice compile fp32 at head dim 256 alone: at 128 and 192/128 each kernel keeps
+    the same configs there, whose tiles (and shared memory) only shrink with the head dim."""
+    cases = aot_cases.matrix(list(KERNELS), list(aot_cases.ARCHS), ["fp32"], list(aot_cases.HEAD_DIMS[1:]),
+                             ["band_softcap"])
+    kept = {}
+    for case in cases:
+        if case.kept:
+            kept.setdefault((case.kernel, case.arch, (case.head_dim, case.head_dim_v)), set()).add(case.config)
+    largest = aot_cases.HEAD_DIMS[-1]
+    for (kernel, arch, dims), configs in kept.items():
+        assert configs == kept[kernel, arch, largest], (kernel, arch, dims)
+    assert {(k, a) for k, a, _ in kept} == {(k, a) for k in KERNELS for a in aot_cases.ARCHS}
 
 
 def test_default_matrix_has_mla_for_both_archs():

@@ -152,7 +152,7 @@ def test_simulate_per_rank_timelines(tmp_path):
 
     # 4 replicas of 8 ranks, 4 nodes; compute at full speed while transfers move (else exposed_comm_s, what
     # communication adds, also counts compute slowed by transfers, beyond what ranks stand at waits)
-    cfg = SimConfig(MODELS["llama3-8b"], 32, 65536, 8, fsdp=False, comm_slowdown=0.0)
+    cfg = SimConfig(MODELS["llama3-8b"], 32, 65536, 8, dp_transfers=False, comm_slowdown=0.0)
     results, timeline = simulate_with_timelines(cfg, default_profile())
 
     def timed(rows):   # (planning_s is measured: it varies run to run)

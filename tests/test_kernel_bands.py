@@ -127,10 +127,25 @@ def test_varlen_validates():
     assert seg.lo.tolist() == [0, 1] and seg.hi.tolist() == [1, 2]
 
 
-@pytest.mark.parametrize("softcap", [None, 3.0])
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout,heads", [(layout, heads) for layout in BANDS for heads in HEADS
-                                          if layout != "multi-block" or heads == "gqa-4:2"])  # (slow one: once)
+def _fp64_cases() -> list:
+    """Every layout x heads (multi-block: once, it is the slow one) x backend x softcap. The default slice:
+    every (backend, softcap) pair on every layout -- the first and third heads of a layout with the
+    reference backend plain and torch soft-capped, the second the other way round; multi-block all four --
+    so each layout x heads runs both backends, and each layout x backend both softcaps. The rest: --slow."""
+    cases = []
+    for layout in BANDS:
+        heads_of = [h for h in HEADS if layout != "multi-block" or h == "gqa-4:2"]
+        for i, heads in enumerate(heads_of):
+            default = {("reference", None), ("torch", 3.0)} if i % 2 == 0 else {("reference", 3.0), ("torch", None)}
+            for backend in BACKENDS:
+                for softcap in (None, 3.0):
+                    slow = len(heads_of) > 1 and (backend, softcap) not in default
+                    cases.append(pytest.param(layout, heads, backend, softcap, marks=[pytest.mark.slow] if slow else [],
+                                              id=f"{layout}-{heads}-{backend}-{softcap}"))
+    return cases
+
+
+@pytest.mark.parametrize("layout,heads,backend,softcap", _fp64_cases())
 def test_bands_fp64_match_oracle(layout, heads, backend, softcap):
     q, k, v, seg, keep = band_case(layout, heads)
     dout = _dout(q)
@@ -166,11 +181,29 @@ def _without_lse(result):
     return result[:1] + result[2:]
 
 
-@pytest.mark.parametrize("softcap", [None, 2.0])
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layout,heads", [("inv-causal", "gqa-4:2"), ("bi-causal", "mqa"), ("random-a", "gqa-4:2"),
-                                          ("multi-block", "mha")])
+LOW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Two halves of dtype x backend x softcap, each holding every pair of them (each dtype with both backends and
+# both softcaps, each backend with both softcaps): the default slice runs one half per layout, alternating,
+# so every triple runs on two layouts and every layout meets every pair; the other half: --slow.
+PAIRWISE = {(torch.float32, "reference", None), (torch.float32, "torch", 2.0), (torch.float16, "reference", 2.0),
+            (torch.float16, "torch", None), (torch.bfloat16, "reference", None), (torch.bfloat16, "torch", 2.0)}
+
+
+def _low_precision_cases() -> list:
+    cases = []
+    for n, (layout, heads) in enumerate([("inv-causal", "gqa-4:2"), ("bi-causal", "mqa"), ("random-a", "gqa-4:2"),
+                                         ("multi-block", "mha")]):
+        for i, dtype in enumerate(LOW_DTYPES):
+            for backend in BACKENDS:
+                for softcap in (None, 2.0):
+                    slow = ((dtype, backend, softcap) in PAIRWISE) != (n % 2 == 0)
+                    cases.append(pytest.param(layout, heads, dtype, backend, softcap,
+                                              marks=[pytest.mark.slow] if slow else [],
+                                              id=f"{layout}-{heads}-dtype{i}-{backend}-{softcap}"))
+    return cases
+
+
+@pytest.mark.parametrize("layout,heads,dtype,backend,softcap", _low_precision_cases())
 def test_bands_low_precision_within_twice_torch_error(layout, heads, dtype, backend, softcap):
     """DESIGN's rule: error vs fp64 <= 2x the error PyTorch's own attention makes in the same dtype,
     plus the fp64 result's rounding in that dtype. PyTorch's own: SDPA. With softcap (SDPA has none)

@@ -46,6 +46,9 @@ def test_rows_name_their_mode_and_what_its_transfers_add():
         r = simulate(replace(cfg, dp_mode=mode, dp_shard=shard), default_profile(), ["zigzag"])[0]
         assert (r["dp_mode"], r["dp_shard"]) == (mode, named)
         assert 0 <= r["dp_exposed_s"] <= r["exposed_comm_s"] + 1e-9 and r["dp_exposed_s"] < r["step_time_s"]
+    # the data-parallel transfers left out (a step of attention's alone): nothing they add
+    alone = simulate(replace(cfg, dp_transfers=False), default_profile(), ["zigzag"])[0]
+    assert alone["dp_exposed_s"] == 0 and alone["step_time_s"] <= r["step_time_s"]
     # one rank: nothing to reduce
     one = simulate(SimConfig(M8B, 1, 8192, 1, activation_checkpointing="full"), default_profile(), ["zigzag"])[0]
     assert one["dp_exposed_s"] == 0
@@ -96,17 +99,21 @@ def test_zero1_reduces_and_gathers_each_bucket_once_a_step():
             assert len(reduces) == len(gathers) == count                   # once per bucket per step
             assert len({op.key for op in reduces}) == len({op.key for op in gathers}) == count
             assert {op.link for op in reduces + gathers} == {"nic"} and {op.span for op in reduces} == {cfg.ranks}
-            # the gathers issued at the step's start, each waited for once, before the first micro-batch's head
+            # two gathers sent before the step (the optimizer step before it), in forward order, each
+            # waited for once; the backward and the forward hold at most ZERO1_IN_FLIGHT of each in flight
             first_run = next(i for i, op in enumerate(ops) if op.op != START)
-            assert all(ops.index(op) < first_run for op in gathers)
-            waits = [i for i, op in enumerate(ops) if op.op == WAIT and op.key[0] == "ag-bucket"]
-            assert len(waits) == count
-            # the backward holds at most ZERO1_IN_FLIGHT reduce-scatters in flight
-            flight = 0
-            for op in ops:
-                if op.key is not None and op.key[0] == "rs-bucket":
-                    flight += 1 if op.op == START else -1
-                    assert flight <= ZERO1_IN_FLIGHT
+            assert [op.key for op in ops[:first_run]] == [("ag-bucket", k) for k in range(ZERO1_IN_FLIGHT)]
+            assert [op.key for op in gathers] == [("ag-bucket", k) for k in range(count)]
+            waits = [op.key for op in ops if op.op == WAIT and op.key[0] == "ag-bucket"]
+            assert waits == [("ag-bucket", k) for k in range(count)]
+            assert ops.index(next(op for op in ops if op.key == ("ag-bucket", count - 1) and op.op == WAIT)) < \
+                ops.index(next(op for op in ops if op.key is not None and op.key[0] == "rs-bucket"))
+            for kind in ("rs-bucket", "ag-bucket"):
+                flight = 0
+                for op in ops:
+                    if op.key is not None and op.key[0] == kind:
+                        flight += 1 if op.op == START else -1
+                        assert flight <= ZERO1_IN_FLIGHT
     # ddp: one all-reduce per 25 MB bucket a step, in the last micro-batch's backward
     ddp = _starts(_ops(replace(cfg, dp_mode="ddp"), 2), "ar-bucket")
     assert len(ddp) == sum(len(f) for f in buckets(parameters(M8B), 25 * 2**20 / 4)[0])

@@ -87,8 +87,7 @@ def test_step_recomputes_and_gathers_as_the_trainer_does():
     assert (ag, rs) == (2 * layers, layers)
     ag, rs, _, _ = _counts(cfg.__class__(**{**cfg.__dict__, "activation_checkpointing": "full"}))
     assert (ag, rs) == (2 * layers, layers)                      # a block called whole: once a pass
-    # (compute alone: no transfer slows it, so DDP's buckets, issued as the backward goes, change nothing)
-    one = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="none", dp_mode="ddp", comm_slowdown=0.0)
+    one = SimConfig(M8B, 16, 8192, 8, activation_checkpointing="none", dp_transfers=False)
     full = replace(one, activation_checkpointing="full")
     selective = replace(one, activation_checkpointing="selective")
     _, _, starts_none, none = _counts(one)

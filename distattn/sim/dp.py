@@ -18,8 +18,9 @@ Over the ``N = dp x cp`` ranks of one TP index, each rank holding ``1/tp`` of th
   filled in backward order, each issued when its last gradient is ready -- at most
   :data:`ZERO1_IN_FLIGHT` in flight: the backward waits for the oldest before it sends another --
   and, after the optimizer step, each bucket's updated bf16 parameters all-gathered over all ranks,
-  issued in forward order, each block waiting for its buckets just before it first runs in the next
-  forward. One reduce-scatter and one all-gather per bucket a step.
+  in forward order, that many ahead: each block waits for its buckets just before it first runs in
+  the next forward, and each wait sends the next. One reduce-scatter and one all-gather per bucket a
+  step.
 
 Buckets hold whole parameters in the order the trainer fills them (:func:`parameters`,
 :func:`buckets`): the head's (output layer, final norm: the loss's backward), the blocks from the top,
@@ -40,7 +41,8 @@ from ..memory_model import DP_MODES
 
 DDP_BUCKET_BYTES = 25 * 2**20        # torch DDP's bucket_cap_mb (25)
 ZERO1_BUCKET_PARAMS = BUCKET_ELEMENTS   # the trainer's ZeRO-1 buckets (Megatron's 40M: distattn/train/zero1.py)
-ZERO1_IN_FLIGHT = 2   # zero1's reduce-scatters sent and not yet waited for, at most (distattn.train.zero1.IN_FLIGHT)
+# zero1's buckets sent and not yet waited for, at most: gradients, and parameters (distattn.train.zero1.IN_FLIGHT)
+ZERO1_IN_FLIGHT = 2
 SHARDED = ("fsdp", "hsdp")           # modes that gather each block's parameters per pass
 BUCKETED = ("ddp", "zero1")          # modes that reduce gradients in buckets
 
@@ -176,12 +178,12 @@ def shard_of(cfg) -> int | None:
 
 def dp_seconds(cfg, net) -> DataParallel | None:
     """``cfg.dp_mode``'s transfers (module docstring) over its ``dp x cp`` ranks on ``net`` (the network
-    as a CP rank sees it: ``gpus_per_node / tp`` ranks to a node), or None on one rank. bf16 gathers
-    (the compute dtype, ``elem_bytes``), fp32 gradients."""
+    as a CP rank sees it: ``gpus_per_node / tp`` ranks to a node), or None on one rank (or where
+    ``cfg.dp_transfers`` is off). bf16 gathers (the compute dtype, ``elem_bytes``), fp32 gradients."""
     n, m, tp = cfg.ranks, cfg.model, cfg.tp
     if cfg.dp_mode not in DP_MODES:
         raise ValueError(f"dp_mode {cfg.dp_mode!r}: choose one of {', '.join(DP_MODES)}")
-    if n == 1:
+    if n == 1 or not cfg.dp_transfers:
         return None
     gathered, reduced = cfg.elem_bytes / tp, 4 / tp
 

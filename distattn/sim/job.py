@@ -53,6 +53,7 @@ class SimConfig:
     # parallel.dp_mode: how the dp x cp ranks share the model, its transfers timed as it issues them (.dp)
     dp_mode: str = "fsdp"
     dp_shard: int | None = None       # hsdp: ranks sharding each block (None: a node's; parallel.dp_shard)
+    dp_transfers: bool = True         # False: dp_mode's transfers not timed (a step of attention's alone)
     planning: str = "hidden"
     # cad's attention servers: resend (keep nothing received), keep, or auto -- keep where it fits
     # at the checkpointing resend needs, else resend (.fit; parallel.cad_backward)

@@ -163,7 +163,8 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks, history=()) -> tupl
         "step_time_s": step, "tokens_per_s_per_gpu": tokens / timed / cfg.gpus,
         "mfu": float(m.model_flops(tokens, sum(mb["flops_attn"] for mb in micro)) / timed / (peak * cfg.gpus)),
         "compute_s": float(run.compute.max()), "exposed_comm_s": max(float(busy.max() - still.end.max()), 0.0),
-        "dp_exposed_s": max(float(busy.max() - no_dp.end.max()), 0.0),
+        # (summed as busy is: a step without data-parallel transfers gives exactly 0)
+        "dp_exposed_s": max(float(busy.max() - (no_dp.compute + no_dp.stalled).max()), 0.0),
         "comm_s": float(run.comm[slowest]), "stalled_s": float(run.stalled[slowest]),
         "compute_imbalance": max(1.0, float(run.compute.max() / run.compute.mean())),  # 1 - ulp happens
         "dp_idle": float(np.mean([(timed - t) / timed for t in rep_times])), "dp_imbalance": packed.imbalance,

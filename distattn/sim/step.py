@@ -21,9 +21,10 @@ Per micro-batch (one after another, gradients accumulated):
   runs ahead of the GPU); the root's parameters (embedding, output layer) are gathered at the start and
   reduced at the end. ``ddp`` and ``zero1`` reduce their gradient buckets as they fill (after the
   output layer, after a block's last backward piece, the embedding's at the end); ``zero1``'s
-  parameter all-gathers are issued at the step's start (the step before's optimizer step), each
-  block of the first micro-batch's forward waiting for its buckets before it first runs; the
-  backward waits for ``zero1``'s oldest reduce-scatter before it sends a third. Reductions
+  parameter all-gathers go in forward order, two at the step's start (the step before's optimizer
+  step), each block of the first micro-batch's forward waiting for its buckets before it first runs
+  and each wait sending the next, two in flight; the backward waits for ``zero1``'s oldest
+  reduce-scatter before it sends a third. Reductions
   are issued in the last micro-batch (the ones before accumulate) and waited for at the step's end.
   A transfer over the dp x cp ranks spans every node and queues on the network card with the
   scheduler's inter-node transfers; ``hsdp``'s inside a node, on NVLink;
@@ -86,16 +87,34 @@ class _Gathers:
 
 
 class _Needs:
-    """zero1's forward: before a block first runs, a wait for each bucket of its parameters not waited
-    for yet (``gathers``, issued at the step's start: after the step before's optimizer step)."""
+    """zero1's parameter all-gathers (``gathers``, in forward order), as the trainer sends them: the
+    first :data:`~.dp.ZERO1_IN_FLIGHT` after the step before's optimizer step (:meth:`start`); before a
+    block first runs, a wait for each bucket of its parameters not waited for yet (sent first if still
+    queued), each followed by the queued ones sent until that many are in flight again."""
 
     def __init__(self, gathers: tuple, needs: tuple, points: list[int]):
         self.gathers, self.needs = gathers, needs
         self.first = {index: k for k, index in enumerate(points)}   # item -> the block it starts
+        self.sent, self.waited = 0, 0
+
+    def _send(self, upto: int | None = None) -> list[Op]:
+        ops = []
+        while self.sent < len(self.gathers) and (
+                (upto is not None and self.sent <= upto) or self.sent - self.waited < ZERO1_IN_FLIGHT):
+            ops.append(_op(START, self.gathers[self.sent], ("ag-bucket", self.sent)))
+            self.sent += 1
+        return ops
+
+    def start(self) -> list[Op]:
+        return self._send() if self.gathers else []
 
     def _wait(self, segment: int) -> list[Op]:
-        ranks = len(self.gathers[0].seconds)
-        return [Op(WAIT, np.zeros(ranks), ("ag-bucket", k)) for k in self.needs[segment]]
+        ranks, ops = len(self.gathers[0].seconds), []
+        for k in self.needs[segment]:   # (in forward order: the gathers are waited for in the order sent)
+            ops += self._send(upto=k) + [Op(WAIT, np.zeros(ranks), ("ag-bucket", k))]
+            self.waited += 1
+            ops += self._send()
+        return ops
 
     def before(self, index: int) -> list[Op]:
         if not self.gathers or index not in self.first:
@@ -169,10 +188,10 @@ def step_ops(micro: list[MicroBatch], n_layers: int, checkpointing: str, ranks: 
     ops: list[Op] = []
     if sharded is not None:
         ops += [_op(START, sharded.root_gather, ("root", "gather")), Op(WAIT, np.zeros(ranks), ("root", "gather"))]
-    ops += [_op(START, c, ("ag-bucket", k)) for k, c in enumerate(gathers)]   # zero1's, in forward order
     for j, mb in enumerate(micro):
         order = layer_order(n_layers, len(mb.programs), across_layers=not whole_block)
         waits = _Needs(gathers if j == 0 else (), needs, _points(order))
+        ops += waits.start()
         ops += _forward(j, mb, order, ranks, _Gathers(sharded, (j, "agf"), _points(order)), waits)
         ops += waits.head()
         ops.append(Op(RUN, mb.head))

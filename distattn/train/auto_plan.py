@@ -93,7 +93,8 @@ def auto_meshes(cfg: RunConfig, device_type: str) -> dict[tuple[str, int], Any]:
 
 def job_of(cfg: RunConfig):
     """The job as the chooser prices it (:class:`~distattn.sim.job.SimConfig`): the run's model on
-    ``world_size`` H100s, eight to a node; ``cad``'s servers keep nothing (its planner's default)."""
+    ``world_size`` H100s, eight to a node, its ``parallel.dp_mode``; ``cad``'s servers keep nothing (its
+    planner's default)."""
     from ..model_shape import GPUS
     from ..sim.job import SimConfig
     from ..sim.kernel import AttentionKernel
@@ -101,7 +102,8 @@ def job_of(cfg: RunConfig):
     gpu, shape = GPUS["h100"], cfg.model.shape
     return SimConfig(shape, cfg.world_size, cfg.data.seq_len, 1, gpu=gpu, gpus_per_node=min(8, cfg.world_size),
                      kernel=AttentionKernel.measured(gpu, shape.head_dim),
-                     token_cap_factor=cfg.data.cap / cfg.data.seq_len, cad_backward="resend")
+                     token_cap_factor=cfg.data.cap / cfg.data.seq_len, cad_backward="resend",
+                     dp_mode=cfg.parallel.dp_mode, dp_shard=cfg.parallel.dp_shard)
 
 
 def network_of(cfg: RunConfig):
