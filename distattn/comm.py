@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from .phases import note_phase
+from .trace import WAIT, span, transfer
 
 # torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single
 # (the old names warn); we accept torch >= 2.5, so pick whichever exists.
@@ -93,13 +94,16 @@ class WaitClock:
 class Pending:
     """Outstanding requests of one batch; :meth:`wait` raises a clear error on timeout."""
 
-    def __init__(self, start, what: str, peers: Sequence[int] = (), clock: WaitClock | None = None):
+    def __init__(self, start, what: str, peers: Sequence[int] = (), clock: WaitClock | None = None,
+                 op: str = "send_recv"):
         """``start()`` issues the requests and returns their works (a peer that is gone can make
         issuing fail already, so it is wrapped like the wait). ``peers``: the (global) ranks the
-        requests wait for, named in the error; ``clock`` times the wait."""
+        requests wait for, named in the error; ``clock`` times the wait; ``op``: the collective, as
+        a profile names its issue (:func:`distattn.trace.transfer`)."""
         self.what, self.peers, self.clock = what, tuple(peers), clock
         try:
-            self.works = start()
+            with span(transfer(op)):
+                self.works = start()
         except RuntimeError as exc:
             raise _failed(what, exc, self.peers) from exc
 
@@ -107,11 +111,12 @@ class Pending:
         """Wait for the requests; ``timed=False``: not on the clock (a wait on a side stream, which
         holds up no computation)."""
         started = self.clock.start() if timed and self.clock is not None and self.works else None
-        for w in self.works:
-            try:
-                w.wait()
-            except RuntimeError as exc:
-                raise _failed(self.what, exc, self.peers) from exc
+        with span(WAIT):
+            for w in self.works:
+                try:
+                    w.wait()
+                except RuntimeError as exc:
+                    raise _failed(self.what, exc, self.peers) from exc
         self.works = []
         if started is not None:
             self.clock.stop(started)
@@ -164,19 +169,20 @@ class Comm:
         """Start gathering equal-sized ``input`` from every rank into ``output`` (concatenated on dim 0)."""
         self.bytes_sent += (self.size - 1) * nbytes(input)
         return Pending(lambda: [all_gather_single(output, input.contiguous(), group=self.group, async_op=True)],
-                       what, self.others, self.clock)
+                       what, self.others, self.clock, "all_gather")
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, what: str) -> Pending:
         """Start summing ``input`` over ranks; this rank gets its equal dim-0 chunk in ``output``."""
         self.bytes_sent += nbytes(input) * (self.size - 1) // self.size
         return Pending(lambda: [reduce_scatter_single(output, input.contiguous(), group=self.group,
-                                                       async_op=True)], what, self.others, self.clock)
+                                                       async_op=True)], what, self.others, self.clock,
+                       "reduce_scatter")
 
     def all_reduce(self, tensor: torch.Tensor, what: str) -> Pending:
         """Start summing ``tensor`` (contiguous) over ranks, in place; a ring sends ``2 (n-1) / n`` of it."""
         self.bytes_sent += 2 * (self.size - 1) * nbytes(tensor) // self.size
         return Pending(lambda: [dist.all_reduce(tensor, group=self.group, async_op=True)], what, self.others,
-                       self.clock)
+                       self.clock, "all_reduce")
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits: list[int],
                    input_splits: list[int], what: str) -> Pending:
@@ -185,7 +191,7 @@ class Comm:
         self.bytes_sent += (sum(input_splits) - input_splits[self.rank]) * input.element_size()
         return Pending(lambda: [dist.all_to_all_single(output, input.contiguous(), output_splits, input_splits,
                                                        group=self.group, async_op=True)], what,
-                       self.others, self.clock)
+                       self.others, self.clock, "all_to_all")
 
 
 # ---- setup that waits at most the group's timeout ----------------------------------------------

@@ -9,6 +9,7 @@ median and a similar tail stands in.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +20,9 @@ from .jsonfile import read_json
 
 # document-length samples shipped in the package, by name (``--doclens sample``): distattn/profiles/doclens/
 PACKAGED_DOCLENS = ("sample",)
+# the longest document length a file may give: a trillion tokens, far past any context, whose sums over
+# millions of documents still fit int64
+MAX_DOC_LEN = 2**40
 
 
 def synthetic_sample(n: int = 4000, seed: int = 0) -> list[int]:
@@ -50,8 +54,16 @@ def load_doc_lens(path: str | Path) -> np.ndarray:
     """A JSON list of positive document lengths: a file, or a packaged sample's name (:func:`doclens_source`)."""
     path = doclens_source(str(path))
     values = read_json(path, "a JSON list of positive document lengths")
-    if not isinstance(values, list) or not values or not all(isinstance(x, int) and x > 0 for x in values):
+    if not isinstance(values, list) or not values:
         raise ValueError(f"{path}: expected a non-empty JSON list of positive ints (document lengths)")
+    for i, x in enumerate(values):
+        # bool is an int subclass (true would be a 1-token document); past MAX_DOC_LEN, a length's sums
+        # over a batch's documents overflow the planners' int64
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 < x <= MAX_DOC_LEN:
+            text = json.dumps(x)   # as the file writes it (true, not True)
+            text = text if len(text) <= 40 else f"{text[:32]}..."
+            raise ValueError(f"{path}: entry {i} is {text}; document lengths are ints from 1 "
+                             f"to {MAX_DOC_LEN} (2**40)")
     return np.asarray(values, dtype=np.int64)
 
 

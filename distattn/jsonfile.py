@@ -12,7 +12,7 @@ from typing import Any
 def read_json(path: str | Path, holds: str) -> Any:
     """The JSON value in ``path``; ``holds`` says what the file should hold (the error's fix)."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8-sig")   # (a BOM: a file a Windows editor saved)
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} cannot be read ({exc}); it should hold {holds}") from None
     try:

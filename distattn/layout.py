@@ -148,13 +148,16 @@ class Shards:
         by_start = np.lexsort((rank, runs[:, 1], runs[:, 0]))
         starts, ends, owners = runs[by_start, 0], runs[by_start, 1], rank[by_start]
         if not len(starts) or starts[0] != 0 or ends[-1] != total or (starts[1:] != ends[:-1]).any():
+            # vectorised (a difference array, not a loop over runs): a bad million-token layout is refused
+            # as fast as a good one is planned
             held = np.zeros(total + 1, dtype=np.int64)
-            for s, e in zip(starts.tolist(), ends.tolist()):
-                held[max(s, 0):min(e, total)] += 1
-            missing, twice = np.nonzero(held[:total] == 0)[0], np.nonzero(held[:total] > 1)[0]
-            outside = [(s, e) for s, e in zip(starts.tolist(), ends.tolist()) if s < 0 or e > total]
-            what = (f"token {int(twice[0])} is held twice" if twice.size else
-                    f"tokens {(s := outside[0])[0]}..{s[1] - 1} lie outside the {total}-token sequence" if outside
+            np.add.at(held, np.clip(starts, 0, total), 1)
+            np.add.at(held, np.clip(ends, 0, total), -1)
+            held = np.cumsum(held[:total])
+            missing, twice = np.nonzero(held == 0)[0], np.nonzero(held > 1)[0]
+            outside = np.nonzero((starts < 0) | (ends > total))[0]
+            what = (f"tokens {int(starts[outside[0]])}..{int(ends[outside[0]]) - 1} lie outside the {total}-token "
+                    f"sequence" if outside.size else f"token {int(twice[0])} is held twice" if twice.size
                     else f"token {int(missing[0])} is held by no rank ({missing.size} missing)")
             raise ValueError(f"layout: the ranks must hold every token of the {total}-token sequence exactly once, "
                              f"but {what}")
@@ -263,6 +266,47 @@ class Shards:
         return self.bounds[:-1] + shift, self.bounds[1:] + shift, np.asarray(rank_of, dtype=np.int64)[self.owner]
 
 
+def _token_indices(r: int, idx) -> tuple[int, ...]:
+    """Rank ``r``'s entry of :meth:`Layout.from_indices` as ints; ``ValueError`` for anything else (None, a
+    bool, float, string or nested list, a negative index), in time linear in its length: each element's
+    type is read once (``map(type)``, at C speed), and only a refused entry is searched for its first bad
+    element."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"Layout.from_indices: rank {r}'s entry must be a flat list of int token indices (0 or "
+                          f"more), but {what}")
+
+    if hasattr(idx, "tolist") and not isinstance(idx, np.ndarray):   # a torch tensor
+        idx = idx.tolist()
+    if isinstance(idx, np.ndarray):
+        if idx.size and (idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer)):
+            raise bad(f"it is an array of {idx.dtype} of shape {idx.shape}")
+        arr = idx.astype(np.int64, copy=False)
+    else:
+        if idx is None or isinstance(idx, (str, bytes, dict, set, frozenset)) or not hasattr(idx, "__iter__"):
+            raise bad(f"it is {_short(idx)} ({type(idx).__name__})")
+        seq = list(idx)
+        # bool is an int subclass (True would be token 1): only int and numpy's integers are indices
+        if not all(issubclass(t, (int, np.integer)) and not issubclass(t, (bool, np.bool_))
+                   for t in set(map(type, seq))):
+            i, x = next((i, x) for i, x in enumerate(seq) if isinstance(x, (bool, np.bool_))
+                        or not isinstance(x, (int, np.integer)))
+            raise bad(f"its element {i} is {_short(x)} ({type(x).__name__})")
+        try:
+            arr = np.asarray(seq, dtype=np.int64)
+        except OverflowError:
+            i = next(i for i, x in enumerate(seq) if not -2**63 <= x < 2**63)
+            raise bad(f"its element {i} is {_short(seq[i])}, past int64") from None
+    if arr.size and arr.min() < 0:
+        i = int(np.argmax(arr < 0))
+        raise bad(f"its element {i} is {int(arr[i])}, a negative token index")
+    return tuple(arr.tolist())
+
+
+def _short(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 40 else f"{text[:32]}...{text[-5:]}"
+
+
 @dataclass(frozen=True)
 class Layout:
     """Which tokens each rank holds (see module docstring): ``Layout("contiguous" | "zigzag" |
@@ -284,14 +328,7 @@ class Layout:
         mesh; lists may differ in size or be empty; together they hold each token once)."""
         if isinstance(indices, (str, bytes)) or not hasattr(indices, "__len__") or not len(indices):
             raise ValueError("Layout.from_indices takes one list of token indices per rank, e.g. [[0, 3], [1, 2]]")
-        out = []
-        for r, idx in enumerate(indices):
-            arr = np.asarray(idx.tolist() if hasattr(idx, "tolist") else list(idx))
-            if arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer)):
-                raise ValueError(f"Layout.from_indices: rank {r}'s entry must be a flat list of int token indices, "
-                                 f"got {str(arr.dtype)} of shape {arr.shape}")
-            out.append(tuple(int(x) for x in arr.reshape(-1)))
-        return Layout("indices", tuple(out))
+        return Layout("indices", tuple(_token_indices(r, idx) for r, idx in enumerate(indices)))
 
     @staticmethod
     def of(layout: "str | Layout | None") -> "Layout | None":

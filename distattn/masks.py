@@ -68,6 +68,9 @@ def as_doc_lens(doc_lens, *, name: str = "doc_lens") -> tuple[int, ...]:
             raise ValueError(f"{name}[{i}] = {n!r} is not an int: document lengths are token counts")
         if n <= 0:
             raise ValueError(f"{name}[{i}] = {n}: document lengths must be positive; drop empty documents")
+        if n > 2**40:   # (distattn.doclens.MAX_DOC_LEN) past it, sums over documents overflow int64
+            text = str(n) if len(str(n)) <= 24 else f"{str(n)[:16]}... ({len(str(n))} digits)"
+            raise ValueError(f"{name}[{i}] = {text}: document lengths must be at most 2**40 tokens")
     return tuple(int(n) for n in values)
 
 

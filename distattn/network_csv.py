@@ -135,7 +135,7 @@ def _csv_text(path: str | Path) -> io.StringIO:
     """The text of the CSV file ``path`` (read whole: these are small); ``ValueError`` naming the file when it
     is not text, cannot be read, or holds what the csv module refuses (a NUL byte)."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8-sig")   # (a BOM: a CSV Excel saved)
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} cannot be read as a CSV ({exc}); pass a published-format or nccl_perf CSV") from None
     if "\0" in text:

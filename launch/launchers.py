@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Sequence
 
 from ..train.config import RunConfig
-from .torchrun import BACKEND as RDZV_BACKEND
 
 # Slurm's --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit
 _SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|unlimited|infinite", re.IGNORECASE)
@@ -138,17 +137,18 @@ class LaunchOptions:
                              + "; for CPU ranks spread them over more --nodes")
 
 
-def _train_args(out: str | None, resume: bool, overrides: Sequence[str]) -> list[str]:
+def _train_args(out: str | None, resume: bool, overrides: Sequence[str], allow_reshape: bool = False) -> list[str]:
     """What follows ``train CONFIG``, each free of control characters (a script holds them)."""
     return [*(check_text("override", word) for word in overrides),
-            *(["--out", check_text("--out", out)] if out else []), *(["--resume"] if resume else [])]
+            *(["--out", check_text("--out", out)] if out else []), *(["--resume"] if resume else []),
+            *(["--allow-reshape"] if allow_reshape else [])]
 
 
 def local_command(config: str, out: str | None = None, resume: bool = False,
-                  overrides: Sequence[str] = ()) -> list[str]:
+                  overrides: Sequence[str] = (), allow_reshape: bool = False) -> list[str]:
     """``distattn train`` in this Python: it starts the dp * cp local ranks itself."""
     return [sys.executable, "-m", "distattn.cli", "train", check_text("config", config),
-            *_train_args(out, resume, overrides)]
+            *_train_args(out, resume, overrides, allow_reshape)]
 
 
 def rdzv_address(opts: LaunchOptions, rdzv_host: str | None) -> str:
@@ -170,10 +170,13 @@ def rdzv_address(opts: LaunchOptions, rdzv_host: str | None) -> str:
 
 
 def torchrun_command(config: str, cfg: RunConfig, opts: LaunchOptions, out: str | None = None,
-                     resume: bool = False, rdzv_host: str | None = None, overrides: Sequence[str] = ()) -> list[str]:
+                     resume: bool = False, rdzv_host: str | None = None, overrides: Sequence[str] = (),
+                     allow_reshape: bool = False) -> list[str]:
     """The torchrun command for one node of the job (run it on every node). Its stores listen only on the
     rendezvous host (``distattn.launch.torchrun``); ``rdzv_host`` None means one node on 127.0.0.1.
     ``cfg`` is the config with ``overrides`` applied (it sets the ranks per node)."""
+    from .torchrun import BACKEND as RDZV_BACKEND   # (not at import: see distattn.launch.__getattr__)
+
     opts.check(cfg)
     host = rdzv_address(opts, rdzv_host)
     endpoint = f"[{host}]:{opts.port}" if ":" in host else f"{host}:{opts.port}"
@@ -182,17 +185,20 @@ def torchrun_command(config: str, cfg: RunConfig, opts: LaunchOptions, out: str 
     return [sys.executable, "-m", "distattn.launch.torchrun", f"--nnodes={opts.nodes}",
             f"--nproc-per-node={opts.per_node(cfg)}", f"--rdzv-backend={RDZV_BACKEND}", f"--rdzv-endpoint={endpoint}",
             *local, f"--max-restarts={opts.max_restarts}",
-            "-m", "distattn.cli", "train", check_text("config", config), *_train_args(out, resume, overrides)]
+            "-m", "distattn.cli", "train", check_text("config", config),
+            *_train_args(out, resume, overrides, allow_reshape)]
 
 
 def sbatch_script(config: str, cfg: RunConfig, opts: LaunchOptions, out: str | None = None,
-                  resume: bool = False, overrides: Sequence[str] = ()) -> str:
+                  resume: bool = False, overrides: Sequence[str] = (), allow_reshape: bool = False) -> str:
     """The sbatch script (from ``cluster/templates/sbatch.sh.tmpl``). Every value is checked for control
     characters and quoted: ``#SBATCH`` values for sbatch's parser, command arguments (overrides
     included) for bash."""
+    from .torchrun import BACKEND as RDZV_BACKEND
+
     opts.check(cfg)
     config_path = str(Path(check_text("config", config)).resolve())
-    train_args = " ".join(shlex.quote(a) for a in _train_args(out, resume, overrides))   # (--out checked first)
+    train_args = " ".join(shlex.quote(a) for a in _train_args(out, resume, overrides, allow_reshape))   # (--out checked first)
     extra = [f"#SBATCH --gpus-per-node={opts.gpus_per_node}"] if opts.gpus_per_node else []
     extra += [f"#SBATCH --partition={sbatch_quote(opts.partition)}"] if opts.partition else []
     extra += [f"#SBATCH --account={sbatch_quote(opts.account)}"] if opts.account else []

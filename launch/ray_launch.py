@@ -29,13 +29,13 @@ def _worker(config: dict) -> None:
 
     from ..train.trainer import train
 
-    cfg, resume = config["cfg"], config["resume"]
+    cfg, resume, allow_reshape = config["cfg"], config["resume"], config.get("allow_reshape", False)
     # CPU ranks share the node's cores instead of each taking all of them
     torch.set_num_threads(max(1, int(config["threads"])))
-    train(cfg, resume)
+    train(cfg, resume, allow_reshape=allow_reshape)
 
 
-def ray_train(cfg: RunConfig, opts: RayOptions, resume: bool = False) -> dict:
+def ray_train(cfg: RunConfig, opts: RayOptions, resume: bool = False, allow_reshape: bool = False) -> dict:
     """Train ``cfg`` on ``dp * cp`` Ray workers; returns the last row of ``train.out/metrics.jsonl``."""
     require("ray", "ray", "distattn launch --backend ray")
     import ray
@@ -56,7 +56,7 @@ def ray_train(cfg: RunConfig, opts: RayOptions, resume: bool = False) -> dict:
     cfg = cfg.replace(train={"out": str(out)})
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg, "resume": resume, "threads": max(1, int(cpus))},
+        train_loop_config={"cfg": cfg, "resume": resume, "allow_reshape": allow_reshape, "threads": max(1, int(cpus))},
         torch_config=TorchConfig(backend="nccl" if opts.gpus_per_worker else "gloo",
                                  timeout_s=int(cfg.parallel.timeout_s)),
         scaling_config=ScalingConfig(num_workers=world, use_gpu=bool(opts.gpus_per_worker),

@@ -27,7 +27,9 @@ import errno
 import os
 import signal
 import socket
+import sys
 from datetime import timedelta
+from typing import Sequence
 
 BACKEND = "distattn-c10d"
 DEFAULT_PORT = 29400  # torchrun's default for c10d endpoints without a port
@@ -37,13 +39,7 @@ _AGENT_STORE_TIMEOUT = timedelta(seconds=300)  # what torchrun gives the same st
 def listening_socket(host: str, port: int) -> socket.socket | None:
     """A socket listening on ``host:port`` only (``port`` 0: any free port), or None when ``host`` is not
     an address of this machine or the port is taken -- then another process hosts the store."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ValueError(f"the rendezvous host {host!r} does not resolve on this machine ({exc}); check "
-                         f"--rdzv-host / --rdzv-endpoint") from None
-    # IPv4 first: "localhost" often lists ::1 first, while the launcher and most clusters use IPv4
-    family, _, _, _, sockaddr = sorted(infos, key=lambda info: info[0] != socket.AF_INET)[0]
+    family, sockaddr = _address(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart within TIME_WAIT rebinds
@@ -55,6 +51,70 @@ def listening_socket(host: str, port: int) -> socket.socket | None:
             return None
         raise
     return sock
+
+
+def _address(host: str, port: int) -> tuple[int, tuple]:
+    """``(family, sockaddr)`` of ``host:port``; ``ValueError`` when the host does not resolve."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"the rendezvous host {host!r} does not resolve on this machine ({exc}); check "
+                         f"--rdzv-host / --rdzv-endpoint") from None
+    # IPv4 first: "localhost" often lists ::1 first, while the launcher and most clusters use IPv4
+    family, _, _, _, sockaddr = sorted(infos, key=lambda info: info[0] != socket.AF_INET)[0]
+    return family, sockaddr
+
+
+def port_held(host: str, port: int) -> bool:
+    """Whether another process listens on ``host:port`` of this machine (False where ``host`` is not one of
+    its addresses: then another machine hosts the store)."""
+    try:
+        family, sockaddr = _address(host, port)
+    except ValueError:   # torchrun says so itself
+        return False
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the store binds: TIME_WAIT is free
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+class _Unparsed(Exception):
+    pass
+
+
+def check_rendezvous_port(argv: Sequence[str]) -> None:
+    """``ValueError`` in one line when torchrun's command line ``argv`` runs one node that hosts the
+    rendezvous store on a port another process already listens on. Without this the agent, unable to
+    bind, connects to that process as a client and waits out the rendezvous timeout in silence (240 s and
+    more). Only one node (``--nnodes 1``, what ``distattn launch`` passes without ``--nodes``): there the
+    endpoint is this machine. With several, the first node hosts the store and this one may be a client;
+    ``--standalone`` picks a free port itself."""
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+    from torch.distributed.run import get_args_parser, get_rdzv_endpoint, parse_min_max_nnodes
+
+    def stop(*_args, **_kwargs):
+        raise _Unparsed
+
+    parser = get_args_parser()
+    parser.error = parser.exit = stop        # a bad command line (or --help): torchrun answers it itself
+    parser.print_help = parser.print_usage = lambda *_args, **_kwargs: None
+    try:
+        args = parser.parse_args(list(argv))
+        most = parse_min_max_nnodes(args.nnodes)[1]
+        endpoint = get_rdzv_endpoint(args)
+        host, port = parse_rendezvous_endpoint(endpoint, default_port=DEFAULT_PORT) if endpoint else (None, 0)
+    except (_Unparsed, ValueError, RuntimeError):
+        return
+    if args.standalone or most != 1 or not port or not port_held(host, port):
+        return
+    how = "--master-port or MASTER_PORT" if args.rdzv_backend == "static" else f"--rdzv-endpoint {host}:PORT"
+    raise ValueError(f"the rendezvous port {port} on {host} is already held by another process (another job? "
+                     f"`ss -ltnp 'sport = :{port}'` names it), and this node must host the rendezvous there: "
+                     f"choose a free port with `distattn launch --port PORT` (torchrun: {how}), or stop that "
+                     f"process")
 
 
 def server_store(sock: socket.socket, timeout: timedelta):
@@ -138,6 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     SIGUSR1 passed on to the workers."""
     from torch.distributed.run import main as torchrun_main
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:   # before any rank starts: a held port would otherwise be minutes of silence
+        check_rendezvous_port(argv)
+    except ValueError as exc:
+        print(f"distattn.launch.torchrun: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     register()
     signal.signal(signal.SIGUSR1, _pass_on)
     torchrun_main(argv)

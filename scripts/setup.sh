@@ -28,3 +28,8 @@ fi
 echo "setup: installing distattn[dev]"
 .venv/bin/pip install -q -e ".[dev]"
 echo "setup: done ($(.venv/bin/python -c 'import torch, distattn; print("torch", torch.__version__, "/ distattn", distattn.__version__)'))"
+# the commands of the README and docs/ are written from the repo root with the .venv/bin/ prefix
+echo "setup: run the commands from this folder as written, e.g.
+  .venv/bin/distattn train configs/tiny.yaml
+  .venv/bin/python -m pytest -q -m quick
+or, for a shell without the prefix: source .venv/bin/activate"

@@ -62,7 +62,7 @@ def _plant(fault: str, rank: int) -> None:
         dcp._write = write
 
 
-def faulty_entry(fault: str, rank: int, cfg, resume, progress: str = "auto"):
+def faulty_entry(fault: str, rank: int, cfg, resume, progress: str = "auto", allow_reshape: bool = False):
     """A local rank's entry (``distattn.train.trainer._rank_entry``) with the fault planted."""
     import torch.distributed as dist
 
@@ -70,7 +70,7 @@ def faulty_entry(fault: str, rank: int, cfg, resume, progress: str = "auto"):
 
     if dist.get_rank() == rank or fault.endswith("in-save"):
         _plant(fault, rank)
-    return trainer._rank_entry(cfg, resume, progress)
+    return trainer._rank_entry(cfg, resume, progress, allow_reshape)
 
 
 def main(argv: list[str]) -> int:

@@ -1,5 +1,5 @@
 """Crash consistency and a chaos soak of the trainer (harness and tables: tests/chaos.py). By default a
-covering slice (2 crash trials: all ranks killed, then one rank; an 18-step soak interrupted every 2 steps,
+covering slice (2 crash trials: all ranks killed, then one rank; a 14-step soak interrupted every 2 steps,
 checkpointing every 2, that meets every kind of interruption at least once); in full (20 trials, 300 steps, a
 checkpoint every 5) with ``pytest --slow``."""
 
@@ -30,8 +30,10 @@ def test_sigkill_during_a_save_resumes_from_the_newest_complete_checkpoint(tmp_p
 def test_a_run_interrupted_every_few_steps_ends_as_an_uninterrupted_one(tmp_path):
     # the slice of test_chaos_soak_300_steps: every kind of interruption (kill-rank, term-group, kill-parent,
     # bit-flip, full-disk) lands at least once, _check_soak asserts it; a checkpoint every 2 steps keeps the
-    # bit-flip's older checkpoint (and the progress between interruptions) within 18 steps
-    _check_soak(chaos.soak(tmp_path, 18, gap=2, ckpt_every=2, say=print), 18)
+    # bit-flip's older checkpoint close. The kinds come in that order, each 2 steps past the most yet logged
+    # (SIGTERM's kinds log one more, finishing their step): full-disk comes at step 2+3+2+3+2 = 12 of 14,
+    # with room for one more late step (18 before: about a third more restarts)
+    _check_soak(chaos.soak(tmp_path, 14, gap=2, ckpt_every=2, say=print), 14)
 
 
 @pytest.mark.slow

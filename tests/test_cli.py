@@ -128,7 +128,7 @@ def test_ints_where_floats_are_meant_are_accepted():
 
 
 def test_a_run_that_cannot_fit_in_memory_is_refused_before_ranks_start(tmp_path, capsys):
-    cfg = _write(tmp_path, data={"seq_len": 10**11})
+    cfg = _write(tmp_path, data={"seq_len": 2**31})   # (the most data.seq_len may be)
     start = time.monotonic()
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err

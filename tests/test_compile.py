@@ -93,9 +93,11 @@ def test_compiled_block_is_exact(scheduler, world, fsdp, request):
     """fp64 with attention sinks: the compiled model's loss and every gradient equal the eager model's
     (1e-12) under every checkpointing mode (full with the MLP tiled), under FSDP2 for zigzag; no graph
     break; cad's next plan (other documents, other worker buffer sizes) runs the same graphs. By
-    default zigzag runs every mode and cad one; ``--slow``: every mode for both, and FSDP2 for cad."""
+    default each mode is compiled once across the suite: zigzag under FSDP2 none and selective, cad
+    full (full under FSDP2: test_trainer_compiles_under_fsdp; offload: test_nano_batches' compiled
+    case); ``--slow``: every mode for both, and FSDP2 for cad."""
     slow = request.config.getoption("--slow")
-    modes = MODES if scheduler == "zigzag" or slow else MODES[1:2]
+    modes = MODES if slow else (MODES[0], MODES[2]) if scheduler == "zigzag" else MODES[1:2]
     _check_exact(run_distributed(_compiled_vs_eager, world, scheduler, fsdp or slow, modes, timeout=900))
 
 

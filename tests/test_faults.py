@@ -15,7 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DISTATTN = str(Path(sys.executable).with_name("distattn"))
 SMALL = {"model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128},
-         "data": {"seq_len": 1024}, "parallel": {"dp": 1, "cp": 4},
+         "data": {"seq_len": 1024}, "parallel": {"dp": 1, "cp": 2},   # 2 ranks: what 4 show, cheaper to start
          "train": {"steps": 500, "warmup_steps": 1, "ckpt_every": 1000}}
 
 
@@ -58,7 +58,7 @@ def _start_training(tmp_path, own_group: bool = False, seq_len: int = 1024):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     kids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-    assert len(kids) >= 4  # the forkserver and the four ranks
+    assert len(kids) >= 3  # the forkserver and the two ranks
     return proc, kids
 
 

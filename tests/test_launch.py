@@ -278,7 +278,11 @@ def _slurm_job_told_usr1(tmp_path, launch: list[str], scancel: list[str] | None,
 
 @pytest.mark.skipif(not local_slurm.available(), reason="needs root and Debian's slurmctld/slurmd "
                     "(bash scripts/setup.sh --with-slurm installs them)")
-@pytest.mark.parametrize("whom", [[], ["--batch"]], ids=["steps", "batch-shell"])
+# By default the batch shell (the script's trap passes USR1 on through srun); USR1 to the steps' processes
+# alone with --slow: by default test_sigusr1_checkpoints_and_exits_0[process-group] signals every process of a
+# local run as Slurm signals a step's.
+@pytest.mark.parametrize("whom", [pytest.param([], marks=pytest.mark.slow, id="steps"),
+                                  pytest.param(["--batch"], id="batch-shell")])
 def test_slurm_sigusr1_checkpoints_and_completes(tmp_path, whom):
     """`scancel --signal=USR1` (what --signal=USR1@N sends: the steps' processes) or with --batch (the
     shell and srun, as --signal=B:USR1 would the shell): the job saves a checkpoint and ends COMPLETED, 0."""

@@ -19,7 +19,7 @@ FOLDERS = {"distattn": "distattn", "kernels": "distattn.kernels", "parallel": "d
 LAYERS = [
     ("foundation", ["distattn.masks", "distattn.merge", "distattn.comm", "distattn.phases", "distattn.doclens",
                     "distattn.cost", "distattn.timing", "distattn.spawn", "distattn._forkserver", "distattn.network",
-                    "distattn.network_csv", "distattn.jsonfile",
+                    "distattn.network_csv", "distattn.jsonfile", "distattn.trace",
                     "distattn.program", "distattn.extras", "distattn.configs", "distattn.log", "distattn.wire",
                     "distattn.virtual", "distattn.model_shape", "distattn.packing", "distattn.tiles"]),
     ("kernels", ["distattn.kernels"]),

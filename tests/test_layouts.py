@@ -127,7 +127,7 @@ def test_explicit_layout_shard_positions_unshard():
     ([[0, 1], [1, 2], [3, 4, 5]], "token 1 is held twice"),
     ([[0, 1], [2], [3, 4]], "token 5 is held by no rank"),
     ([[0, 1], [2, 9], [3, 4, 5]], "outside the 6-token sequence"),
-    ([[0, -1], [2], [3, 4, 5, 1]], "outside the 6-token sequence"),
+    ([[0, -1], [2], [3, 4, 5, 1]], "element 1 is -1, a negative token index"),
 ])
 def test_bad_explicit_layouts_are_refused(indices, match):
     with pytest.raises(ValueError, match=match):

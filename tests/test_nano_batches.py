@@ -91,7 +91,7 @@ def _check(results) -> None:
 
 # compiled, by default: full checkpointing (the blocks recomputed inside the compiled graph) and offload
 # (saved tensors through hooks); every mode compiled: --slow's test below (tests/test_compile.py compiles
-# every mode without nano-batches by default)
+# none, selective and full without nano-batches by default; this is the default run's compiled offload)
 COMPILED_MODES = ("full", "offload")
 
 

@@ -116,7 +116,7 @@ def test_local_ranks_get_the_progress_decided_here(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     handed, made = [], []
     monkeypatch.setattr(distattn.spawn, "run_distributed", lambda fn, n, *args, **kw: handed.append(args) or [[]])
-    monkeypatch.setattr(trainer, "train", lambda cfg, resume, stop, progress: made.append(progress) or [])
+    monkeypatch.setattr(trainer, "train", lambda cfg, resume, stop, progress, allow_reshape: made.append(progress) or [])
     cfg = _config(tmp_path)
     distattn.configure_logging("ERROR")
     trainer.run(cfg)

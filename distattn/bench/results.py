@@ -26,7 +26,7 @@ def read_results(path: str | Path) -> list[dict]:
     is not one."""
     what = f"{path}: not a `distattn bench` results.csv"
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:   # (a BOM: a CSV Excel saved)
             reader = csv.DictReader(f)
             missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
             if missing:

@@ -57,6 +57,8 @@ SCHEDULERS = NAMES
 PEER_OF = {"deepspeed-ulysses": "ulysses"}   # another library's row -> our scheduler with its token split
 MASKS = MASK_CASES
 QUICK_MASKS = ("causal", "causal-doc", "window", "prefix-lm", "causal-blockwise")
+DEEPSPEED_BUILD_S = 200   # DeepSpeed's one-time CPU op build on 2 cores, as issue 79 saw it
+DEEPSPEED_CPU_OP = "deepspeed_shm_comm"   # the folder the build leaves in the extensions cache
 _log = logging.getLogger(__name__)
 
 
@@ -78,10 +80,12 @@ class BenchConfig:
 
     @staticmethod
     def quick(**kw) -> "BenchConfig":
-        """The quick suite's defaults (world sizes 2 and 4, 2K/4K tokens, 5 masks, 2 repeats); any of
-        them given in ``kw`` wins."""
+        """The quick suite's defaults (world sizes 2 and 4, 2K/4K tokens, 5 masks, 2 repeats, no DeepSpeed
+        row); any of them given in ``kw`` wins. DeepSpeed is left out because on a CPU machine its first run
+        compiles a C++ communication op (about 200 s on 2 cores, :data:`DEEPSPEED_BUILD_S`): most of a
+        quick run's minutes, spent on another library's row."""
         return BenchConfig(**{"masks": QUICK_MASKS, "world_sizes": (2, 4), "seq_lens": (2048, 4096), "repeats": 2,
-                              **kw})
+                              "peers": False, **kw})
 
     def check(self) -> None:
         for name in self.masks:
@@ -287,6 +291,9 @@ class BenchProgress:
         self.cases, self.say, self.clock = list(cases), say, clock
         self.start, self.count, self.total = clock(), 0, len(self.cases)
         self.weight_done, self.weight_total, self.seconds_done = 0.0, sum(c.weight for c in self.cases), 0.0
+        # the first DeepSpeed case's weight: its seconds hold DeepSpeed's import and one-time build, not
+        # the case's cost, so the ETA leaves both out (they once promised 1 h 27 min for a 10-minute run)
+        self.weight_unclocked, self._peer_seen = 0.0, False
         self.bar = None
         if bar:
             from tqdm import tqdm
@@ -308,7 +315,7 @@ class BenchProgress:
         the first case and promise an hour at case 1."""
         if self.weight_done <= 0:
             return None
-        return self.seconds_done / self.weight_done * (self.weight_total - self.weight_done)
+        return self.seconds_done / self.weight_done * (self.weight_total - self.weight_done - self.weight_unclocked)
 
     def note(self, text: str) -> None:
         """A line that is not a case's (a world size starting): above the bar, or through ``say``."""
@@ -326,8 +333,12 @@ class BenchProgress:
             self.weight_total -= case.weight
         else:
             self.count += 1
-            self.weight_done += case.weight
-            self.seconds_done += seconds
+            if case.name in PEER_OF and not self._peer_seen:
+                self._peer_seen = True
+                self.weight_unclocked += case.weight
+            else:
+                self.weight_done += case.weight
+                self.seconds_done += seconds
         if self.bar is not None:
             self.bar.total = self.weight_total
             if row is not None:
@@ -424,6 +435,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, bar: boo
         # in a feeder thread when run_distributed ends the ranks
         events = spawn_context().SimpleQueue()
     rows, t0 = [], time.perf_counter()
+    if show is not None and any(c.name in PEER_OF for c in cases):
+        show.note(deepspeed_build_note())
     try:
         for world in cfg.world_sizes:
             mine = [(i, c) for i, c in enumerate(cases) if c.world == world]
@@ -448,6 +461,17 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, bar: boo
     if show is not None:
         show.note(f"{len(rows)} runs in {time.perf_counter() - t0:.0f} s -> {out / 'results.csv'}")
     return rows
+
+
+def deepspeed_build_note(extensions_dir: str | None = None) -> str:
+    """What the DeepSpeed row costs before it runs: on a CPU machine without DeepSpeed's op in the
+    extensions cache, a one-time C++ build (said before it starts, so a quiet ~3 minutes is not a hang)."""
+    folder = Path(extensions_dir or os.environ.get("TORCH_EXTENSIONS_DIR") or DEFAULT_EXTENSIONS_DIR)
+    if torch.cuda.is_available() or any(folder.glob(f"**/{DEEPSPEED_CPU_OP}*")):
+        return f"DeepSpeed's row (deepspeed-ulysses) reuses its built ops in {folder}"
+    return (f"DeepSpeed's row (deepspeed-ulysses): its first case compiles DeepSpeed's CPU communication op "
+            f"once (about {DEEPSPEED_BUILD_S // 60} min on 2 cores, left out of the ETA) into {folder}; later "
+            f"runs reuse it (--no-peers skips DeepSpeed)")
 
 
 def write_results(rows: list[dict], out: Path, cfg: BenchConfig) -> None:

@@ -24,9 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(prog="distattn", description="Exact context-parallel attention for long-context training: "
                     "run the schedulers, train, launch jobs, measure networks, benchmark and simulate.",
-                    epilog=examples("distattn train configs/tiny.yaml", "distattn demo --world-size 4",
-                                    "distattn data prepare corpus.jsonl --out data/corpus",
-                                    "distattn SUBCOMMAND --help"))
+                    epilog=examples(".venv/bin/distattn train configs/tiny.yaml",
+                                    ".venv/bin/distattn demo --world-size 4",
+                                    ".venv/bin/distattn data prepare corpus.jsonl --out data/corpus",
+                                    ".venv/bin/distattn SUBCOMMAND --help"))
     parser.add_argument("--version", action="version", version=f"distattn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND", parser_class=Parser)
     run_cmds.add_parsers(sub)
@@ -60,6 +61,23 @@ def _stop(signum, frame):
     raise _Stopped
 
 
+# the commands that start ranks: they import torch before anything else they do
+_STARTS_RANKS = ("train", "launch", "demo", "bench")
+
+
+def _import_torch_holding_signals() -> None:
+    """Import numpy and torch with SIGTERM and SIGINT held. torch's start-up catches an exception raised
+    inside numpy's import (what :func:`_stop` raises), which loses the signal (a run that never stops)
+    or leaves numpy half imported; held, a signal that came meanwhile is delivered on release, here."""
+    held = {signal.SIGTERM, signal.SIGINT}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        import numpy  # noqa: F401
+        import torch  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
@@ -70,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(args.log_level, args.log_ranks)
     try:
+        if args.command in _STARTS_RANKS and threading.current_thread() is threading.main_thread():
+            _import_torch_holding_signals()
         return _stopping(args.func(args))
     except ValueError as exc:
         print(f"distattn {name}: error: {exc}", file=sys.stderr)

@@ -55,6 +55,11 @@ def examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
+# the most any int flag takes (ranks, tokens, heads, repeats): a trillion, past every real count, so that
+# a typo (10**100) is refused here, not as an OverflowError once numpy or torch forms an int64 product of it
+MOST = 2**40
+
+
 def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
@@ -62,6 +67,8 @@ def _int_at_least(text: str, low: int, what: str) -> int:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     if value < low:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    if value > MOST:
+        raise argparse.ArgumentTypeError(f"expected {what} of at most {MOST:,} (2**40), got {text[:40]!r}")
     return value
 
 
@@ -72,6 +79,8 @@ def _int_list(text: str, low: int | None, what: str) -> list[int]:
         values = []
     if not values or (low is not None and min(values) < low):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    if max(abs(v) for v in values) > MOST:
+        raise argparse.ArgumentTypeError(f"expected {what} of at most {MOST:,} (2**40), got {text[:40]!r}")
     return values
 
 

@@ -10,7 +10,7 @@ from ._args import examples
 
 def _cmd_verify(args) -> int:
     from ..train.checkpoint import dcp as checkpoint, manifest
-    from ..train.checkpoint.resume import recorded_model_problem
+    from ..train.checkpoint.resume import geometry_words, recorded_model_problem
     from ..train.safe_io import lock_held, one_line
 
     path = Path(args.dir)
@@ -41,8 +41,10 @@ def _cmd_verify(args) -> int:
             bad += 1
             print(f"FAIL {target}: {one_line(exc)}")
             continue
+        geometry = found_manifest.run.get("geometry")   # (what a resume must keep: --allow-reshape)
+        trained = f"; trained with {geometry_words(geometry)}" if geometry else ""
         print(f"ok   {target}: step {found_manifest.step}, {len(found_manifest.files)} files, "
-              f"{found_manifest.total_bytes / 2**20:,.1f} MiB, every checksum matches")
+              f"{found_manifest.total_bytes / 2**20:,.1f} MiB, every checksum matches{trained}")
     if bad:
         print(f"distattn ckpt verify: {bad} of {len(targets)} checkpoint(s) failed; a resume skips them and uses "
               f"the newest that verifies", file=sys.stderr)
@@ -54,13 +56,15 @@ def add_parsers(sub) -> None:
     ckpt = sub.add_parser(
         "ckpt", help="check training checkpoints offline",
         description="Work with the checkpoints `distattn train` writes (OUT/ckpt/step_N).",
-        epilog=examples("distattn ckpt verify runs/tiny/ckpt", "distattn ckpt verify runs/tiny/ckpt/step_50"))
+        epilog=examples(".venv/bin/distattn ckpt verify runs/tiny/ckpt",
+                        ".venv/bin/distattn ckpt verify runs/tiny/ckpt/step_50"))
     ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="SUBCOMMAND")
     verify = ckpt_sub.add_parser(
         "verify", help="check every file of a checkpoint against its manifest (sizes, SHA-256, metadata)",
         description="Check a checkpoint, or each checkpoint in a folder, as a resume does: exactly the files its "
                     "manifest.json lists, each of the listed size and SHA-256, and DCP metadata that reads safely. "
                     "Prints one line per checkpoint; exit 0 when all verify, 1 when any fails.",
-        epilog=examples("distattn ckpt verify runs/tiny/ckpt", "distattn ckpt verify runs/tiny/ckpt/step_50"))
+        epilog=examples(".venv/bin/distattn ckpt verify runs/tiny/ckpt",
+                        ".venv/bin/distattn ckpt verify runs/tiny/ckpt/step_50"))
     verify.add_argument("dir", metavar="DIR", help="OUT/ckpt (every step_N in it) or one OUT/ckpt/step_N")
     verify.set_defaults(func=_cmd_verify)

@@ -178,17 +178,18 @@ def add_parsers(sub) -> None:
         "cluster", help="measure and describe the cluster's network",
         description="Measure the network (nccl-tests binaries, or collectives through torch.distributed) into a "
                     "profile JSON that `distattn simulate --network` reads, and inspect profiles and logs.",
-        epilog=examples("distattn cluster probe --world-size 4 --out net.json",
-                        "distattn cluster nccl-tests --bin-dir nccl-tests/build --gpus 8 --out h100.json",
-                        "distattn cluster nccl-parse all_gather_perf.log", "distattn cluster fit h100.json",
-                        "distattn cluster kernel-fit attn_latency_h100.csv --check"))
+        epilog=examples(".venv/bin/distattn cluster probe --world-size 4 --out net.json",
+                        ".venv/bin/distattn cluster nccl-tests --bin-dir nccl-tests/build --gpus 8 --out h100.json",
+                        ".venv/bin/distattn cluster nccl-parse all_gather_perf.log",
+                        ".venv/bin/distattn cluster fit h100.json",
+                        ".venv/bin/distattn cluster kernel-fit attn_latency_h100.csv --check"))
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="SUBCOMMAND")
 
     nccl = cluster_sub.add_parser(
         "nccl-parse", help="nccl-tests output -> JSON rows and average bus bandwidth",
         description="Parse a saved nccl-tests log (streamed: any size) into JSON rows and the average bus "
                     "bandwidth.",
-        epilog=examples("distattn cluster nccl-parse all_gather_perf.log > all_gather.json"))
+        epilog=examples(".venv/bin/distattn cluster nccl-parse all_gather_perf.log > all_gather.json"))
     nccl.add_argument("file", type=existing_file, help="a saved nccl-tests log (stdout of e.g. all_gather_perf)")
     nccl.set_defaults(func=_cmd_nccl_parse)
 
@@ -196,8 +197,8 @@ def add_parsers(sub) -> None:
         "probe", help="time collectives through torch.distributed -> network profile JSON",
         description="Time all_gather/reduce_scatter/all_to_all/send_recv through torch.distributed: on local "
                     "gloo ranks, or on the job's process group under torchrun/srun.",
-        epilog=examples("distattn cluster probe --world-size 4 --sizes 4K:16M --out net.json",
-                        "torchrun --nproc-per-node 8 -m distattn.cli cluster probe --sizes 1M:1G --out h100.json"))
+        epilog=examples(".venv/bin/distattn cluster probe --world-size 4 --sizes 4K:16M --out net.json",
+                        ".venv/bin/torchrun --nproc-per-node 8 -m distattn.cli cluster probe --sizes 1M:1G --out h100.json"))
     probe.add_argument("--world-size", type=positive_int, default=4, help="local gloo ranks when not under a launcher")
     probe.add_argument("--sizes", default="4K:16M", help="LO:HI (powers of two) or a comma list of byte sizes")
     probe.add_argument("--ops", nargs="+", default=list(PROBED), choices=PROBED, help="collectives to time")
@@ -211,8 +212,8 @@ def add_parsers(sub) -> None:
     tests = cluster_sub.add_parser(
         "nccl-tests", help="run nccl-tests binaries -> network profile JSON",
         description="Run nccl-tests binaries (build them with cluster/build_nccl_tests.sh) and fit a profile.",
-        epilog=examples("distattn cluster nccl-tests --bin-dir nccl-tests/build --gpus 8 --out node.json",
-                        "distattn cluster nccl-tests --bin-dir nccl-tests/build --gpus 8 --nodes 4 "
+        epilog=examples(".venv/bin/distattn cluster nccl-tests --bin-dir nccl-tests/build --gpus 8 --out node.json",
+                        ".venv/bin/distattn cluster nccl-tests --bin-dir nccl-tests/build --gpus 8 --nodes 4 "
                         "--launcher 'srun -N4 --ntasks-per-node=1' --out 4nodes.json"))
     tests.add_argument("--bin-dir", required=True, help="nccl-tests build/ folder with all_gather_perf etc.")
     tests.add_argument("--gpus", type=positive_int, default=8, help="GPUs per process (-g)")
@@ -230,8 +231,8 @@ def add_parsers(sub) -> None:
         description="Print each collective's alpha-beta fit (latency and bus bandwidth) of a profile, one per "
                     "measured (op, ranks, nodes). A folder reads every published-format CSV in it "
                     "(op,ngpu,nodes,dtype,size_bytes,time_us,algbw_gbs,busbw_gbs,source).",
-        epilog=examples("distattn cluster fit network_profile.json", "distattn cluster fit h100",
-                        "distattn cluster fit ../shared/data/profiles/published --check"))
+        epilog=examples(".venv/bin/distattn cluster fit network_profile.json", ".venv/bin/distattn cluster fit h100",
+                        ".venv/bin/distattn cluster fit ../shared/data/profiles/published --check"))
     fit.add_argument("file", type=network_argument, metavar="NAME_OR_PATH",
                      help=network_help("none, it is required"))
     fit.add_argument("--check", action="store_true",
@@ -246,8 +247,9 @@ def add_parsers(sub) -> None:
                     "duration_per_doc (ms, DistCA's profiler: L/cp query rows of a causal document, read as forward "
                     "+ backward) or q_len,k_len,heads,direction,ms[,segments,backend] (the GPU report's kernel "
                     "rows: python -m distattn.kernels.bench --table).",
-        epilog=examples("distattn cluster kernel-fit ../shared/data/profiles/attn_latency_h100.csv --check",
-                        "distattn cluster kernel-fit ../shared/data/profiles/attn_latency_h100.csv --fit-on cp=1 "
+        epilog=examples(".venv/bin/distattn cluster kernel-fit ../shared/data/profiles/attn_latency_h100.csv --check",
+                        ".venv/bin/distattn cluster kernel-fit ../shared/data/profiles/attn_latency_h100.csv "
+                        "--fit-on cp=1 "
                         "--json"))
     kernel.add_argument("table", type=existing_file, metavar="TABLE", help="a latency table (CSV)")
     kernel.add_argument("--check", action="store_true", help="print every row, measured against modelled")

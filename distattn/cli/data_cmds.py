@@ -50,8 +50,9 @@ def add_parsers(sub) -> None:
         "data", help="prepare corpora for training (text, JSONL, Parquet -> token shards)",
         description="Tokenize text corpora into the sharded token files `distattn train` reads "
                     "(data: {source: tokens, path: DIR}).",
-        epilog=examples("distattn data prepare corpus.jsonl --out data/corpus",
-                        "distattn data prepare shards/ --tokenizer tokenizer.json --workers 8 --out data/corpus"))
+        epilog=examples(".venv/bin/distattn data prepare corpus.jsonl --out data/corpus",
+                        ".venv/bin/distattn data prepare shards/ --tokenizer tokenizer.json --workers 8 "
+                        "--out data/corpus"))
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
 
     prep = data_sub.add_parser(
@@ -60,9 +61,10 @@ def add_parsers(sub) -> None:
                     "column) files into DIR: shard_NNNNN.bin (flat tokens) + shard_NNNNN.idx.npy (document offsets) "
                     "and index.json. Streams (memory does not grow with the corpus); an interrupted run continues "
                     "when rerun with the same arguments; the output is the same for any --workers.",
-        epilog=examples("distattn data prepare notes/ --out data/notes",
-                        "distattn data prepare a.jsonl b.parquet --tokenizer meta-llama/Llama-3.1-8B --out data/ab",
-                        "distattn data prepare web.jsonl --tokenizer tok/tokenizer.json --workers 16 "
+        epilog=examples(".venv/bin/distattn data prepare notes/ --out data/notes",
+                        ".venv/bin/distattn data prepare a.jsonl b.parquet --tokenizer meta-llama/Llama-3.1-8B "
+                        "--out data/ab",
+                        ".venv/bin/distattn data prepare web.jsonl --tokenizer tok/tokenizer.json --workers 16 "
                         "--shard-tokens 64M --out data/web"))
     prep.add_argument("inputs", nargs="+", metavar="INPUT",
                       help="a .txt, .jsonl or .parquet file, or a directory of them (read in sorted order)")
@@ -87,7 +89,8 @@ def add_parsers(sub) -> None:
                     "index.json, offsets integer, rising and within the .bin, every token id below the vocabulary) "
                     "or the PATH.bin + PATH.idx.npy prefix of a token file. One line per problem naming the file "
                     "and offset; exit 0 when clean, 1 otherwise.",
-        epilog=examples("distattn data verify data/corpus", "distattn data verify data/tok --vocab-size 32000"))
+        epilog=examples(".venv/bin/distattn data verify data/corpus",
+                        ".venv/bin/distattn data verify data/tok --vocab-size 32000"))
     ver.add_argument("path", metavar="PATH", help="a prepared folder, or a token file's prefix")
     ver.add_argument("--vocab-size", type=positive_int, default=None, metavar="N",
                      help="token ids must be below N (default: a folder's own vocabulary)")

@@ -12,7 +12,9 @@ def _cmd_bench(args) -> int:
     from ..bench.suite import BenchConfig, run_bench
 
     pool = doc_pool(args.doclens)
-    kw = dict(doc_pool=None if pool is None else tuple(int(x) for x in pool), peers=not args.no_peers)
+    kw = dict(doc_pool=None if pool is None else tuple(int(x) for x in pool))
+    if args.peers is not None:   # else the suite's: DeepSpeed's row in the full bench, not in --quick
+        kw["peers"] = args.peers
     for name in ("world_sizes", "seq_lens", "masks", "schedulers", "repeats"):
         if getattr(args, name) is not None:
             kw[name] = tuple(getattr(args, name)) if name != "repeats" else args.repeats
@@ -50,11 +52,12 @@ def _add_bench(sub) -> None:
         description="Time forward+backward of every scheduler (and DeepSpeed's DistributedAttention) on local "
                     "gloo ranks across masks, lengths and world sizes; write results.csv/json, plots and "
                     "TensorBoard scalars.",
-        epilog=examples("distattn bench --quick --out bench/quick",
-                        "distattn bench --out bench/doc --world-sizes 2,4,8 --seq-lens 8192,16384 "
+        epilog=examples(".venv/bin/distattn bench --quick --out bench/quick",
+                        ".venv/bin/distattn bench --out bench/doc --world-sizes 2,4,8 --seq-lens 8192,16384 "
                         "--masks causal-doc --doclens sample"))
     bench.add_argument("--quick", action="store_true", help="world sizes 2 and 4, 2K/4K tokens, masks causal, "
-                       "causal-doc, window, prefix-lm, causal-blockwise (a few minutes on CPU)")
+                       "causal-doc, window, prefix-lm, causal-blockwise, without DeepSpeed's row "
+                       "(a few minutes on CPU)")
     bench.add_argument("--out", required=True, type=output_dir,
                        help="folder for results.csv, results.json, *.png, tb/")
     bench.add_argument("--world-sizes", type=positive_int_list, default=None,
@@ -69,5 +72,10 @@ def _add_bench(sub) -> None:
                        "(default: the suite's)")
     bench.add_argument("--doclens", type=doclens_argument, default=None, metavar="NAME_OR_PATH",
                        help="for the -doc masks: " + DOCLENS_HELP)
-    bench.add_argument("--no-peers", action="store_true", help="skip DeepSpeed's DistributedAttention")
+    peers = bench.add_mutually_exclusive_group()
+    peers.add_argument("--peers", dest="peers", action="store_true", default=None,
+                       help="run DeepSpeed's DistributedAttention too (the default, except with --quick: on CPU its "
+                       "first run compiles a C++ op for about 3 minutes, once)")
+    peers.add_argument("--no-peers", dest="peers", action="store_false", default=None,
+                       help="skip DeepSpeed's DistributedAttention")
     bench.set_defaults(func=_cmd_bench)

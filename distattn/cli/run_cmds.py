@@ -12,6 +12,7 @@ import sys
 
 from ..train.config.sections import SCHEDULERS
 from ._args import examples, int_list, positive_int
+from ._shell import distattn_command, tool_command
 
 
 def _cmd_demo(args) -> int:
@@ -103,9 +104,10 @@ def _dry_run(cfg, args, talk) -> int:
     return 0 if fits else 1
 
 
-def _prepare_out(cfg, out, resume, overwrite: bool, launched: bool, talk):
+def _prepare_out(cfg, out, resume, overwrite: bool, launched: bool, talk, allow_reshape: bool = False):
     """Rank 0, before any rank starts: ``out`` made ready (:func:`~distattn.train.preflight.prepare_out`),
-    the config a resume trains with, the room for a checkpoint checked. Returns ``(cfg, the checkpoint
+    the config a resume trains with (another batch geometry only with ``allow_reshape``: the ranks say
+    what changed), the room for a checkpoint checked. Returns ``(cfg, the checkpoint
     to start from or None)``, or None when the run has finished already."""
     from ..train.checkpoint import manifest, resume as resuming
     from ..train.preflight import checks as preflight
@@ -118,7 +120,7 @@ def _prepare_out(cfg, out, resume, overwrite: bool, launched: bool, talk):
     newest = None
     if start_from is not None:
         newest = manifest.read(start_from)
-        cfg = resuming.resume_config(cfg, newest, say=note)
+        cfg = resuming.resume_config(cfg, newest, say=note, allow_reshape=allow_reshape)
         if newest.step >= cfg.train.steps:
             talk(f"distattn train: {out} already finished: checkpoint {start_from.name} is step {newest.step} "
                  f"of {cfg.train.steps}; raise --steps to train further")
@@ -175,9 +177,9 @@ def _peer_failed(exc, out, rank: int) -> int:
     return 1
 
 
-def _train_and_report(cfg, out, resume, talk, again: str) -> int:
+def _train_and_report(cfg, out, resume, talk, again: str, allow_reshape: bool = False) -> int:
     """Run the ranks; the command's exit code, with one line for a run that failed or was stopped (``again``:
-    the command that continues the run, :func:`_done_lines`)."""
+    the command that continues the run, :func:`_done_lines`; ``allow_reshape``: ``--allow-reshape``)."""
     from ..comm import PeerFailed
     from ..spawn import RankError, Terminated
     from ..train.checkpoint import dcp as checkpoint
@@ -190,7 +192,7 @@ def _train_and_report(cfg, out, resume, talk, again: str) -> int:
     before = {} if launched else checkpoint.partials(out / "ckpt")
     try:
         # the command's console, whatever --log-level: a bar on a terminal, else one line per logged step
-        history = run(cfg, resume=resume, progress="bar" if bar_can_draw() else "line")
+        history = run(cfg, resume=resume, progress="bar" if bar_can_draw() else "line", allow_reshape=allow_reshape)
     except PeerFailed as exc:   # under a launcher: this rank saw a peer die or fall silent
         return _peer_failed(exc, out, int(os.environ.get("RANK", "0")))
     except Terminated as exc:
@@ -232,7 +234,8 @@ def _done_lines(history: list[dict], out, again: str) -> list[str]:
     lines = [f"done: steps {first['step']}-{last['step']}, loss {first['loss']:.4f} -> {last['loss']:.4f}, mean "
              f"{mean_tps:,.0f} tokens/s", f"  metrics: {out}/metrics.jsonl"]
     if (out / "tb").is_dir():
-        lines.append(f"  TensorBoard: tensorboard --logdir {out}/tb")
+        board = shlex.join([*tool_command("tensorboard", "tensorboard.main"), "--logdir", str(out / "tb")])
+        lines.append(f"  TensorBoard: {board}")
     saved = usable_checkpoint(out)
     lines.append(f"  last checkpoint: {saved}; train further: {again} --resume --steps N" if saved else
                  "  no checkpoint verifies: see the lines above")
@@ -268,7 +271,7 @@ def _cmd_train(args) -> int:
     try:
         start_from = None
         if rank0:
-            prepared = _prepare_out(cfg, out, resume, overwrite, launched, talk)
+            prepared = _prepare_out(cfg, out, resume, overwrite, launched, talk, args.allow_reshape)
             if prepared is None:
                 return 0
             cfg, start_from = prepared
@@ -277,8 +280,9 @@ def _cmd_train(args) -> int:
         # a local run's checkpoint was hashed above, before any rank started: the ranks take it as it is
         verified = start_from if resume and not launched and start_from is not None else None
         scheduler = ["--scheduler", args.scheduler] if args.scheduler else []
-        again = shlex.join(["distattn", "train", args.config, *args.overrides, *scheduler, "--out", str(out)])
-        return _train_and_report(cfg, out, verified or resume, talk, again)
+        # (the executable as the user ran it: the printed command runs as written in the same shell)
+        again = shlex.join([*distattn_command(), "train", args.config, *args.overrides, *scheduler, "--out", str(out)])
+        return _train_and_report(cfg, out, verified or resume, talk, again, args.allow_reshape)
     finally:
         if lock is not None:
             lock.close()
@@ -308,16 +312,17 @@ def _cmd_launch(args) -> int:
             given = f"; {args.config} with {shlex.join(args.overrides)}" if args.overrides else ""
             print(f"Ray TorchTrainer: {cfg.world_size} workers, {ray_opts}{given}")
             return 0
-        metrics = ray_train(cfg, ray_opts, resume=args.resume)
+        metrics = ray_train(cfg, ray_opts, resume=args.resume, allow_reshape=args.allow_reshape)
         print(f"ray job done: step {metrics.get('step', 0)}, loss {metrics.get('loss', float('nan')):.4f}; "
               f"metrics in {cfg.train.out}/metrics.jsonl")
         return 0
     if args.backend == "local":
-        cmd = local_command(args.config, args.out, args.resume, args.overrides)
+        cmd = local_command(args.config, args.out, args.resume, args.overrides, args.allow_reshape)
     elif args.backend == "torchrun":
-        cmd = torchrun_command(args.config, cfg, opts, args.out, args.resume, args.rdzv_host, args.overrides)
+        cmd = torchrun_command(args.config, cfg, opts, args.out, args.resume, args.rdzv_host, args.overrides,
+                               args.allow_reshape)
     else:
-        script = sbatch_script(args.config, cfg, opts, args.out, args.resume, args.overrides)
+        script = sbatch_script(args.config, cfg, opts, args.out, args.resume, args.overrides, args.allow_reshape)
         if args.dry_run:
             print(script)
             return 0
@@ -349,8 +354,9 @@ def _add_demo(sub) -> None:
         "demo", help="run every scheduler on local gloo ranks and compare with fp64 attention",
         description="Run each scheduler's forward and backward on N local gloo processes and print its time and "
                     "its error against fp64 attention of the same inputs on one device.",
-        epilog=examples("distattn demo", "distattn demo --world-size 8 --schedulers zigzag cad --seq-len 16384",
-                        "distattn demo --doc-lens 3000,120,1,12263 --window 512 --json"))
+        epilog=examples(".venv/bin/distattn demo",
+                        ".venv/bin/distattn demo --world-size 8 --schedulers zigzag cad --seq-len 16384",
+                        ".venv/bin/distattn demo --doc-lens 3000,120,1,12263 --window 512 --json"))
     demo.add_argument("--world-size", type=positive_int, default=4, help="number of gloo processes")
     demo.add_argument("--schedulers", nargs="+", default=None,
                       help="schedulers to run (default: every one that runs at this world size)")
@@ -383,14 +389,14 @@ def _add_train(sub) -> None:
                     "uses the newest that verifies; `distattn ckpt verify` checks them). SIGTERM saves a "
                     "checkpoint at the next step boundary and exits 143; a first Ctrl-C does the same and exits "
                     "130, a second stops at once; SIGUSR1 (Slurm's --signal warning) does the same and exits 0.",
-        epilog=examples("distattn train configs/tiny.yaml",
-                        "distattn train configs/tiny.yaml --scheduler cad --steps 100 --out runs/cad",
-                        "distattn train configs/tiny.yaml parallel.cp=2 train.lr=1e-4 model.n_layers=2",
-                        "distattn train configs/tiny.yaml parallel.cp=2 --print-config",
-                        "distattn train configs/tiny.yaml --steps 200 --out runs/cad --resume",
-                        "distattn train configs/llama3-8b-128k-64gpu.yaml --dry-run",
-                        "distattn train configs/llama3-8b-128k-64gpu.yaml --dry-run --max-seq-len",
-                        "torchrun --nproc-per-node 8 -m distattn.cli train configs/llama3-8b-128k-64gpu.yaml"))
+        epilog=examples(".venv/bin/distattn train configs/tiny.yaml",
+                        ".venv/bin/distattn train configs/tiny.yaml --scheduler cad --steps 100 --out runs/cad",
+                        ".venv/bin/distattn train configs/tiny.yaml parallel.cp=2 train.lr=1e-4 model.n_layers=2",
+                        ".venv/bin/distattn train configs/tiny.yaml parallel.cp=2 --print-config",
+                        ".venv/bin/distattn train configs/tiny.yaml --steps 200 --out runs/cad --resume",
+                        ".venv/bin/distattn train configs/llama3-8b-128k-64gpu.yaml --dry-run",
+                        ".venv/bin/distattn train configs/llama3-8b-128k-64gpu.yaml --dry-run --max-seq-len",
+                        ".venv/bin/torchrun --nproc-per-node 8 -m distattn.cli train configs/llama3-8b-128k-64gpu.yaml"))
     train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     _add_overrides(train, "(any number, after CONFIG)")
     train.add_argument("--steps", type=positive_int, default=None, help="override train.steps")
@@ -404,6 +410,11 @@ def _add_train(sub) -> None:
     run_mode.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/ckpt")
     run_mode.add_argument("--overwrite", action="store_true",
                           help="delete OUT's metrics, TensorBoard events and checkpoints first")
+    train.add_argument("--allow-reshape", action="store_true",
+                       help="with --resume (or a torchrun restart): continue even though data.seq_len, parallel.dp, "
+                            "parallel.cp, the world size or data.packing differ from the checkpoint's, which trains "
+                            "a different run (other batches); said once, and the first step's metrics row has "
+                            "\"reshaped\". Without it such a resume is refused")
     train.add_argument("--dry-run", action="store_true",
                        help="validate the config and print parameters, tokens per rank and the per-rank memory "
                             "estimate (with every activation-checkpointing setting); start no rank, read no data, "
@@ -423,13 +434,14 @@ def _add_launch(sub) -> None:
         "launch", help="run or submit a config: local processes, torchrun, a Slurm job or Ray Train",
         description="Run a config as local processes, print/run the torchrun command for one node, write and "
                     "submit a Slurm batch script, or run it on Ray Train. --dry-run prints what would run.",
-        epilog=examples("distattn launch configs/tiny.yaml --dry-run",
-                        "distattn launch configs/llama3-8b-128k-64gpu.yaml --backend slurm --nodes 8 "
+        epilog=examples(".venv/bin/distattn launch configs/tiny.yaml --dry-run",
+                        ".venv/bin/distattn launch configs/llama3-8b-128k-64gpu.yaml --backend slurm --nodes 8 "
                         "--gpus-per-node 8 --partition gpu --dry-run",
-                        "distattn launch configs/llama3-8b-128k-64gpu.yaml --backend torchrun --nodes 8 "
+                        ".venv/bin/distattn launch configs/llama3-8b-128k-64gpu.yaml --backend torchrun --nodes 8 "
                         "--gpus-per-node 8 --rdzv-host node001 --dry-run",
-                        "distattn launch configs/tiny.yaml --backend ray --ray-num-cpus 4",
-                        "distattn launch configs/tiny.yaml parallel.cp=2 train.steps=10 --backend torchrun --dry-run"))
+                        ".venv/bin/distattn launch configs/tiny.yaml --backend ray --ray-num-cpus 4",
+                        ".venv/bin/distattn launch configs/tiny.yaml parallel.cp=2 train.steps=10 "
+                        "--backend torchrun --dry-run"))
     launch.add_argument("config", help="YAML run config")
     _add_overrides(launch, "for every rank (passed on as written)")
     launch.add_argument("--backend", choices=["local", "torchrun", "slurm", "ray"], default="local",
@@ -440,6 +452,8 @@ def _add_launch(sub) -> None:
     launch.add_argument("--dry-run", action="store_true", help="print the command or sbatch script, run nothing")
     launch.add_argument("--out", default=None, help="override train.out")
     launch.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    launch.add_argument("--allow-reshape", action="store_true",
+                        help="passed on to distattn train: resume even though the batch geometry changed")
     launch.add_argument("--port", type=int, default=29500, help="rendezvous port")
     launch.add_argument("--rdzv-host", default=None,
                         help="torchrun: rendezvous host, the first node (required with --nodes > 1; one node: "

@@ -4,6 +4,8 @@ fit the simulator's CPU model to this machine's ``distattn bench`` runs (``--cal
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import sys
 from dataclasses import replace
 
@@ -58,9 +60,34 @@ def _probe_gloo(worlds: list[int]):
     return NetworkProfile(tuple(measured), source="gloo probe", backend="gloo", gpus_per_node=max(worlds))
 
 
-def _progress(line: str) -> None:
-    """Progress goes to stderr, so ``--json`` keeps stdout to the JSON."""
-    print(f"  {line}", file=sys.stderr, flush=True)
+class _Progress:
+    """Progress on stderr (``--json`` keeps stdout to the JSON): on a terminal one line, rewritten at
+    every draw; elsewhere (a log, a pipe) one line per setting, at its last draw."""
+
+    def __init__(self, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.tty, self.shown = self.stream.isatty(), False
+
+    def __call__(self, line: str) -> None:
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 3
+            self.stream.write(f"\r\033[K  {line[:width]}")
+            self.stream.flush()
+            self.shown = True
+            return
+        got = _DRAW.search(line)   # (sweep.run_draws' and per_batch's lines: "...: draw i of n: ...")
+        if got is None or got[1] == got[2] or "does not fit" in line:
+            print(f"  {line}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Clear a terminal's progress line (before the results print)."""
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
+_DRAW = re.compile(r"draw (\d+) of (\d+)")
 
 
 def _config(args, model, gpu, batch):
@@ -78,6 +105,20 @@ def _config(args, model, gpu, batch):
                      **({} if args.comm_slowdown is None else {"comm_slowdown": args.comm_slowdown}))
 
 
+# What simulate prices in minutes (measured on a 2-core CPU, llama3-8b at 64K: one draw of the nine rows took
+# 23 s on 64 GPUs, 95 s on 1,024 and 246 s on 4,096 -- linear in the GPUs past start-up, cad's pooled plan the
+# largest share): above MAX_SIM_GPUS one row's first draw alone takes minutes with nothing to show, so it is
+# refused; below it a run estimated past WARN_MINUTES is warned of.
+MAX_SIM_GPUS = 16384
+SECONDS_PER_GPU_DRAW = 0.006   # per row
+WARN_MINUTES = 10
+
+
+def _pricing_minutes(args) -> float:
+    """About how long the rows' draws take (a sweep's other settings reuse their plans: not counted)."""
+    return SECONDS_PER_GPU_DRAW * args.gpus * args.draws * len(args.schedulers) / 60
+
+
 def _check_simulate(args, models) -> None:
     """The flags of a simulation (not --calibrate): each refusal names the flag and the fix."""
     calibrating = [f"--{name.replace('_', '-')}" for name in ("holdout", "save_model", "load_model", "cores")
@@ -88,6 +129,9 @@ def _check_simulate(args, models) -> None:
         raise ValueError(f"--model {args.model!r} is unknown; presets: {', '.join(models)}")
     if args.gpus is None or args.seq_len is None:
         raise ValueError("--gpus and --seq-len are required (or --calibrate RESULTS_CSV)")
+    if args.gpus > MAX_SIM_GPUS:
+        raise ValueError(f"--gpus {args.gpus:,}: simulate prices at most {MAX_SIM_GPUS:,} GPUs (one draw of one row "
+                         f"takes minutes there); simulate a smaller job")
     if args.timeline is not None and not args.timeline.endswith((".csv", ".json")):
         raise ValueError(f"--timeline {args.timeline}: name a .csv or .json file")
     if args.sweep and args.cp is not None:
@@ -105,6 +149,7 @@ def _cmd_simulate(args) -> int:
     from ..sim import sweep
     from ..sim.job import Links
     from ..sim.simulate import GPUS, MODELS, mesh_description, simulate_with_timelines, write_timeline
+    from ..sim.trace import TRACED_RANKS
     from ..sim.workload import default_batch
 
     _check_simulate(args, MODELS)
@@ -122,6 +167,10 @@ def _cmd_simulate(args) -> int:
         flush=True)
     if args.verbose:
         print(f"  kernel: {cfg.kernel.source}", file=sys.stderr)
+    if (minutes := _pricing_minutes(args)) > WARN_MINUTES:
+        print(f"distattn simulate: warning: about {minutes:.0f} minutes to price ({args.gpus:,} GPUs x {args.draws} "
+              f"draws x {len(args.schedulers)} rows); fewer --draws or --schedulers take less", file=sys.stderr,
+              flush=True)
     best = None
     # the data-parallel modes tried where the setting is chosen (--dp-mode fixes it)
     modes = sweep.dp_modes(cfg) if args.dp_mode is None else None
@@ -131,20 +180,27 @@ def _cmd_simulate(args) -> int:
                                      modes)
         best = dict(best, mesh=mesh_description(best, args.gpus_per_node), config=sweep.trainer_config(best, cfg))
     else:
-        rows = sweep.rows(cfg, net, args.schedulers, sweep.pool_batches(pool), args.draws, swept, _progress,
-                          modes=modes if swept else None)
-        if args.per_batch:
-            from ..sim.per_batch import per_batch_row
+        progress = _Progress()
+        try:
+            rows = sweep.rows(cfg, net, args.schedulers, sweep.pool_batches(pool), args.draws, swept, progress,
+                              modes=modes if swept else None)
+            if args.per_batch:
+                from ..sim.per_batch import per_batch_row
 
-            rows.append(per_batch_row(cfg, net, sweep.pool_batches(pool), args.draws, rows, progress=_progress))
+                rows.append(per_batch_row(cfg, net, sweep.pool_batches(pool), args.draws, rows, progress=progress))
+        finally:
+            progress.close()
     if args.timeline is not None:   # of the first draw, at each row's CP size
         timed = [r for r in ([best] if best else rows) if r.get("step_time_s") is not None]
-        lines = []
+        lines, trace = [], ([] if args.timeline.endswith(".json") else None)
         for r in timed:
             at = replace(cfg, cp=r["cp"], tp=r.get("tp", cfg.tp), dp_mode=r.get("dp_mode") or cfg.dp_mode,
                          dp_shard=r.get("dp_shard"))
-            lines += simulate_with_timelines(at, net, [r["scheduler"]], pool)[1]
-        write_timeline(lines, args.timeline)
+            lines += simulate_with_timelines(at, net, [r["scheduler"]], pool, trace=trace)[1]
+        write_timeline(lines, args.timeline, trace)
+        what = (f"a Chrome trace of each row's first draw, its first {TRACED_RANKS} ranks at most: open it in "
+                f"ui.perfetto.dev" if trace is not None else "each rank's phases of each row's first draw")
+        print(f"timeline: wrote {args.timeline}: {what}", file=sys.stderr, flush=True)
     if args.verbose:
         _print_links(net)
     if args.json:
@@ -229,10 +285,10 @@ def add_parsers(sub) -> None:
                     "planners replayed on a compute, memory and network model, over many draws of the global batch. "
                     "--sweep gives each scheduler its best setting (CP size, nano-batches, usp's Ulysses degree); "
                     "--auto recommends a mesh; --calibrate checks the model against a bench run.",
-        epilog=examples("distattn simulate --gpus 64 --seq-len 128K --draws 4",
-                        "distattn simulate --gpus 512 --seq-len 512K --gpu h200 --sweep --network h100 --json",
-                        "distattn simulate --gpus 256 --seq-len 512K --gpu h200 --tp 8 --sweep",
-                        "distattn simulate --calibrate bench/quick/results.csv"))
+        epilog=examples(".venv/bin/distattn simulate --gpus 64 --seq-len 128K --draws 4",
+                        ".venv/bin/distattn simulate --gpus 512 --seq-len 512K --gpu h200 --sweep --network h100 --json",
+                        ".venv/bin/distattn simulate --gpus 256 --seq-len 512K --gpu h200 --tp 8 --sweep",
+                        ".venv/bin/distattn simulate --calibrate bench/quick/results.csv"))
     _job_arguments(sim, GPUS, MODELS)
     _step_arguments(sim, PACKINGS, SCHEDULERS)
     _output_arguments(sim)
@@ -243,7 +299,8 @@ def _job_arguments(sim, gpus, models) -> None:
     """The job simulated: its GPUs, lengths, model, parallelism, network and documents."""
     from ..network_csv import network_argument, network_help   # light: no numpy while parsers are built
 
-    sim.add_argument("--gpus", type=positive_int_at_most(MAX_GPUS, "GPUs"), default=None, help="GPUs in the job (required unless --calibrate)")
+    sim.add_argument("--gpus", type=positive_int_at_most(MAX_GPUS, "GPUs"), default=None,
+                     help="GPUs in the job (required unless --calibrate)")
     sim.add_argument("--seq-len", type=sequence_tokens, default=None,
                      help="tokens per packed sequence, e.g. 512K (required unless --calibrate)")
     sim.add_argument("--model", default="llama3-8b", choices=sorted(models), help="model preset")

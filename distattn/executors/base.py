@@ -19,6 +19,7 @@ import torch.distributed as dist
 from ..comm import Comm, meet_once
 from ..kernels import Varlen, prepare, varlen_bwd, varlen_fwd
 from ..merge import acc_dtype, add_sink, merge_, sink_grad
+from ..trace import ATTENTION, MERGE, span
 from ..schedulers.blocks import KernelCall
 from ..wire import Wire
 
@@ -293,14 +294,27 @@ def unpack_kv(kv: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tens
     return kv[..., :head_dim], kv[..., head_dim:]
 
 
+def attention_fwd(*args, **kwargs):
+    """:func:`distattn.kernels.varlen_fwd`, marked as attention in a profile (:mod:`distattn.trace`)."""
+    with span(ATTENTION):
+        return varlen_fwd(*args, **kwargs)
+
+
+def attention_bwd(*args, **kwargs):
+    """:func:`distattn.kernels.varlen_bwd`, marked as attention in a profile."""
+    with span(ATTENTION):
+        return varlen_bwd(*args, **kwargs)
+
+
 def call_fwd(call: KernelCall, q, kv, out_acc, lse_acc, **kernel_args) -> None:
     """Attention of one kernel call (``kv``: a :func:`pack_kv` buffer), merged into the fp32
     accumulators ``out_acc [S_local, Hq, Dv]`` / ``lse_acc [S_local, Hq]``. ``kernel_args``:
     :meth:`Executor.kernel_args`. The kernel returns its fp32 partial out (``partial=True``): rounding
     every partial to bf16 before the merge is what makes a ring's error grow with its size."""
     rows, keys = slice(call.q_lo, call.q_hi), slice(call.k_lo, call.k_hi)
-    out, lse = varlen_fwd(q[rows], *unpack_kv(kv[keys], q.shape[-1]), call.varlen, partial=True, **kernel_args)
-    merge_(out_acc[rows], lse_acc[rows], out, lse)
+    out, lse = attention_fwd(q[rows], *unpack_kv(kv[keys], q.shape[-1]), call.varlen, partial=True, **kernel_args)
+    with span(MERGE):
+        merge_(out_acc[rows], lse_acc[rows], out, lse)
 
 
 def call_bwd(call: KernelCall, dout, q, kv, out, lse, delta, dq_acc, dkv_acc, **kernel_args) -> None:
@@ -308,8 +322,8 @@ def call_bwd(call: KernelCall, dout, q, kv, out, lse, delta, dq_acc, dkv_acc, **
     (computed once per backward), added to fp32 ``dq_acc`` and ``dkv_acc`` (``kv``'s layout) as the
     kernel's fp32 partials (``partial=True``)."""
     rows, keys = slice(call.q_lo, call.q_hi), slice(call.k_lo, call.k_hi)
-    dq, dk, dv = varlen_bwd(dout[rows], q[rows], *unpack_kv(kv[keys], q.shape[-1]), out[rows], lse[rows],
-                            call.varlen, delta=delta[rows], partial=True, **kernel_args)
+    dq, dk, dv = attention_bwd(dout[rows], q[rows], *unpack_kv(kv[keys], q.shape[-1]), out[rows], lse[rows],
+                               call.varlen, delta=delta[rows], partial=True, **kernel_args)
     dq_acc[rows] += dq
     dk_acc, dv_acc = unpack_kv(dkv_acc[keys], q.shape[-1])
     dk_acc += dk

@@ -9,6 +9,7 @@ import torch
 
 from ..kernels import varlen_bwd, varlen_fwd
 from ..merge import LSE_ACC, acc_dtype, row_delta
+from ..trace import ATTENTION, span
 from .base import ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv, unpack_kv
 
 
@@ -28,7 +29,8 @@ class LocalExecutor(Executor):
         kw = self.kernel_args(scale, softcap)
         if self.varlen is not None:
             # sinks rescale the rows once more: keep the kernel's fp32 out until then, so it rounds once
-            out, lse = varlen_fwd(q, k, v, self.varlen, partial=sinks is not None, **kw)
+            with span(ATTENTION):
+                out, lse = varlen_fwd(q, k, v, self.varlen, partial=sinks is not None, **kw)
         else:
             out = torch.zeros(out_shape(q, v), dtype=acc_dtype(q.dtype), device=q.device)
             lse = torch.full(q.shape[:2], float("-inf"), dtype=LSE_ACC, device=q.device)
@@ -43,8 +45,9 @@ class LocalExecutor(Executor):
         kw = self.kernel_args(scale, softcap)
         if self.varlen is not None:
             delta = None if sinks is None else row_delta(dout, out)
-            dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, self.varlen, delta=delta, partial=self.options.inner,
-                                    **kw)
+            with span(ATTENTION):
+                dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, self.varlen, delta=delta, partial=self.options.inner,
+                                        **kw)
             return dq.to(q.dtype), dk, dv, self.sink_grad(delta, lse, sinks)
         dtype = acc_dtype(q.dtype)
         delta = row_delta(dout, out)

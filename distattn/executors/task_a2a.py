@@ -63,6 +63,7 @@ from ..merge import LSE_ACC, acc_dtype, merge, row_delta
 from ..layout import Shards
 from ..masks import as_doc_lens
 from ..schedulers.cad import Pool, TaskSchedule
+from ..trace import ATTENTION, MERGE, span
 from ..wire import Wire
 from .base import DeviceIndex, ExecOptions, Executor, finish_rows, out_shape, pack_kv, unpack_kv
 from .hops import Cast, Return, Transfer, rows_of
@@ -266,17 +267,20 @@ class TaskExecutor(Executor):
         (varlen, q_index, kv_index), *more = self.calls
         if q_index is None:
             kv_seg = kv_buf.index_select(0, kv_index.on(kv_buf.device))
-            out_buf, lse_buf = varlen_fwd(q_buf, *unpack_kv(kv_seg, q_buf.shape[-1]), varlen,
-                                          partial=sinks is not None, **kw)   # fp32 until the sinks rescale it
+            with span(ATTENTION):
+                out_buf, lse_buf = varlen_fwd(q_buf, *unpack_kv(kv_seg, q_buf.shape[-1]), varlen,
+                                              partial=sinks is not None, **kw)   # fp32 until the sinks rescale it
         else:  # slices sharing query rows: one call per layer, merged here (each row is computed on this slot)
             out_buf = torch.zeros((*q_buf.shape[:2], dv), dtype=acc_dtype(q_buf.dtype), device=q_buf.device)
             lse_buf = torch.full(q_buf.shape[:2], float("-inf"), dtype=LSE_ACC, device=q_buf.device)
             for varlen, q_index, kv_index in self.calls:
                 rows = q_index.on(q_buf.device)
                 kv_seg = kv_buf.index_select(0, kv_index.on(kv_buf.device))
-                o, l = varlen_fwd(q_buf.index_select(0, rows), *unpack_kv(kv_seg, q_buf.shape[-1]), varlen,
-                                  partial=True, **kw)
-                o, l = merge(out_buf.index_select(0, rows), lse_buf.index_select(0, rows), o, l)
+                with span(ATTENTION):
+                    o, l = varlen_fwd(q_buf.index_select(0, rows), *unpack_kv(kv_seg, q_buf.shape[-1]), varlen,
+                                      partial=True, **kw)
+                with span(MERGE):
+                    o, l = merge(out_buf.index_select(0, rows), lse_buf.index_select(0, rows), o, l)
                 out_buf.index_copy_(0, rows, o)
                 lse_buf.index_copy_(0, rows, l)
         out_buf, lse_buf = finish_rows(out_buf, lse_buf, sinks, q_buf.dtype)
@@ -362,13 +366,15 @@ class TaskExecutor(Executor):
             index = kv_index.on(w.kv.device)
             k_seg, v_seg = unpack_kv(w.kv.index_select(0, index), w.q.shape[-1])
             if whole:
-                dq_buf, dk_seg, dv_seg = varlen_bwd(dout_buf, w.q, k_seg, v_seg, w.out, w.lse, varlen, delta=delta,
-                                                    **kw)
+                with span(ATTENTION):
+                    dq_buf, dk_seg, dv_seg = varlen_bwd(dout_buf, w.q, k_seg, v_seg, w.out, w.lse, varlen,
+                                                        delta=delta, **kw)
             else:
                 rows = q_index.on(w.q.device)
-                dq_l, dk_seg, dv_seg = varlen_bwd(*(t.index_select(0, rows) for t in (dout_buf, w.q)), k_seg, v_seg,
-                                                  *(t.index_select(0, rows) for t in (w.out, w.lse)), varlen,
-                                                  delta=delta.index_select(0, rows), **kw)
+                with span(ATTENTION):
+                    dq_l, dk_seg, dv_seg = varlen_bwd(*(t.index_select(0, rows) for t in (dout_buf, w.q)), k_seg,
+                                                      v_seg, *(t.index_select(0, rows) for t in (w.out, w.lse)),
+                                                      varlen, delta=delta.index_select(0, rows), **kw)
                 q_index.add_into(dq_buf, dq_l.to(dq_buf.dtype), self.options.deterministic)
             kv_index.add_into(dkv_buf, pack_kv(dk_seg, dv_seg).to(dkv_buf.dtype), self.options.deterministic)
         dq_ret, dkv_ret = self._send_back(

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..program import BACKWARD_OF, CHAIN, RUN, STAGES, START, WAIT
+from ..trace import ATTENTION, BACKWARD, FORWARD, transfer
 
 # How much slower a GPU computes while its own NCCL transfers are in flight: the concurrent NCCL
 # kernels hold SMs and HBM bandwidth. Lee et al., "Characterizing Compute-Communication Overlap in
@@ -56,6 +57,7 @@ class Op:
     links: tuple[np.ndarray, np.ndarray] | None = None
     link: str = "net"          # the queue a transfer takes its turn in (module docstring)
     dp: bool = False           # a data-parallel transfer (gradients, parameters: :mod:`.dp`)
+    name: str = ""             # its phase in a trace (:mod:`distattn.trace`'s names; a wait's is implied)
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,11 +120,14 @@ def _seconds(op: Op, kept: dict | None = None) -> np.ndarray:
     return out
 
 
-def replay(ops, ranks: int, comm: bool = True, streams: bool = True, slowdown: float = 0.0) -> Replay:
+def replay(ops, ranks: int, comm: bool = True, streams: bool = True, slowdown: float = 0.0,
+           events: list | None = None, traced: int = 0) -> Replay:
     """Run ``ops`` (module docstring); ``comm=False``: every transfer takes no time; ``streams``:
     chained hops wait off the compute clock (GPUs); ``slowdown``: compute runs ``1 + slowdown`` times
-    slower while a transfer of the rank is in flight."""
-    return _replay(ops, ranks, (comm,), streams, slowdown)[0]
+    slower while a transfer of the rank is in flight. ``events``: appended ``(op, start, end)`` per
+    operation, the first ``traced`` ranks' seconds (a compute's run, a wait's hold, a transfer's time
+    on its link: :mod:`.trace`)."""
+    return _replay(ops, ranks, (comm,), streams, slowdown, events, traced)[0]
 
 
 def replay_both(ops, ranks: int, streams: bool = True, slowdown: float = 0.0) -> tuple[Replay, Replay]:
@@ -142,7 +147,8 @@ def replay_three(ops, ranks: int, streams: bool = True, slowdown: float = 0.0) -
     return rows[0], rows[1], rows[2]
 
 
-def _replay(ops, ranks: int, comms: tuple, streams: bool, slowdown: float) -> list[Replay]:
+def _replay(ops, ranks: int, comms: tuple, streams: bool, slowdown: float, events: list | None = None,
+            traced: int = 0) -> list[Replay]:
     """:func:`replay` of ``ops`` once per entry of ``comms`` (True: with transfers; False: without; ``"no
     dp"``: without the data-parallel ones), as rows of one array per clock."""
     shape = (len(comms), ranks)
@@ -159,11 +165,15 @@ def _replay(ops, ranks: int, comms: tuple, streams: bool, slowdown: float) -> li
         kind = op.op
         if kind == RUN:
             took = _slowed(op.seconds, np.maximum(inflight - clock, 0), slowdown) if slowdown else op.seconds
+            if events is not None:
+                events.append((op, clock[0, :traced], (clock + took)[0, :traced]))
             clock = clock + took
             compute += took
         elif kind == WAIT:   # the compute clock waits for the transfer's end
             end = ends.pop(op.key)
             stalled += np.maximum(end - clock, 0)
+            if events is not None:
+                events.append((op, clock[0, :traced], np.maximum(clock, end)[0, :traced]))
             clock = np.maximum(clock, end)
         else:
             assert kind in (START, CHAIN), kind
@@ -179,6 +189,8 @@ def _replay(ops, ranks: int, comms: tuple, streams: bool, slowdown: float) -> li
             if on is not None:
                 seconds = seconds * on
             queue = _coupled(ready, op, plans) + seconds
+            if events is not None:
+                events.append((op, (queue - seconds)[0, :traced], queue[0, :traced]))
             queues[op.link] = queue
             moving += seconds
             ends[op.key] = queue
@@ -238,7 +250,8 @@ class TimedProgram:
             key = None if ins.op == RUN else (*tag, ins.phase, ins.step)
             after = None if ins.after is None else (*tag, ins.phase, ins.after)
             out.append(Op(ins.op, seconds, key, ph.span if ph.is_comm else 1, ph.op == "send_recv", after,
-                          self.links.get((ins.phase, ins.step)), self.link_of.get(ins.phase, "net")))
+                          self.links.get((ins.phase, ins.step)), self.link_of.get(ins.phase, "net"),
+                          name=transfer(ph.op) if ph.is_comm else ATTENTION))
         return out
 
 
@@ -258,13 +271,13 @@ def step_ops(order, programs, pre_s, post_s, head_s, ranks: int) -> list[Op]:
     linear = {"pre": pre_s, "post": post_s}
     for piece, n, layer in order:
         if piece in linear:
-            ops.append(Op(RUN, linear[piece][n]))
+            ops.append(Op(RUN, linear[piece][n], name=FORWARD))
         else:
             ops += programs[n].ops(piece, (n, layer), ranks)
-    ops.append(Op(RUN, head_s))
+    ops.append(Op(RUN, head_s, name=FORWARD))
     for piece, n, layer in reversed(order):
         if piece in linear:
-            ops.append(Op(RUN, 2 * linear[piece][n]))
+            ops.append(Op(RUN, 2 * linear[piece][n], name=BACKWARD))
         else:
             ops += programs[n].ops(BACKWARD_OF[piece], (n, layer), ranks)
     return ops

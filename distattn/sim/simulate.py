@@ -36,7 +36,8 @@ Each row names its ``dp_mode`` and ``dp_shard`` (hsdp's shard group, resolved; e
 :func:`simulate_with_timelines` also gives every rank's timeline of the step: ``compute``,
 ``exposed_comm`` (its time at waits, for transfers or for the slower ranks they needed) and
 ``idle`` laid end to end (they sum to the step time; their order within the step is a
-convention), and ``overlapped_comm``, its transfer time hidden behind compute. ``memory_gib`` is the
+convention), and ``overlapped_comm``, its transfer time hidden behind compute; with ``trace``, each
+replayed operation too, as a Chrome trace with the profiler's phase names (:mod:`.trace`). ``memory_gib`` is the
 trainer's estimate of one GPU (:mod:`.fit`), ``fits`` whether the GPU holds it; ``mfu`` is the
 trainer's: :meth:`ModelShape.model_flops <distattn.model_shape.ModelShape.model_flops>` over the step
 time and every GPU's dense bf16 peak. One call simulates one draw of the global batch;
@@ -47,7 +48,6 @@ degree). Not modelled: pipeline parallelism, the optimizer step, kernel launch o
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,7 @@ from .dp import dp_seconds, shard_of
 from .micro import micro_batch
 from .presets import BOUNDS, GPUS, MODELS, SCHEDULERS
 from .replay import TimedProgram, call_ops, replay, replay_three
+from .trace import TRACED_RANKS, next_pid, row_events, write_trace
 from .step import step_ops
 from .workload import assign, assign_wlb, draw_chunks, row_of
 
@@ -93,11 +94,12 @@ def simulate(cfg: SimConfig, network, schedulers=SCHEDULERS, pool=None, replica_
 
 
 def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool=None,
-                            replica_docs=None) -> tuple[list[dict], list[dict]]:
+                            replica_docs=None, trace: list | None = None) -> tuple[list[dict], list[dict]]:
     """(:func:`simulate`'s results, the per-rank timeline): one timeline row per scheduler, rank and
     phase (``TIMELINE_COLUMNS``, phases as ``PHASES``); ranks are numbered replica-major
     (``rank = replica * cp + cp_rank``), as the DP x CP mesh lays them out. ``replica_docs``: the
-    global batch's sequences (default: :func:`~.workload.draw_chunks` of ``cfg.seed``)."""
+    global batch's sequences (default: :func:`~.workload.draw_chunks` of ``cfg.seed``). ``trace``: each
+    row's step is appended to it as Chrome trace events (:mod:`.trace`, one more replay per row)."""
     cfg.check()
     chunks = replica_docs or draw_chunks(cfg.batch or cfg.dp, cfg.seq_len, pool, cfg.seed)
     results, timeline = [], []
@@ -106,17 +108,24 @@ def simulate_with_timelines(cfg: SimConfig, network, schedulers=SCHEDULERS, pool
             raise ValueError(f"scheduler {name!r} is unknown; choose from {', '.join(SCHEDULERS)}")
         if cfg.model.n_heads // cfg.tp < spec(row_of(name).entry).head_split(cfg.cp, plan_context(cfg)):
             continue  # heads split over more ranks than there are heads
-        result, run = simulate_row(cfg, network, name, chunks)
+        events = None if trace is None else []
+        result, run = simulate_row(cfg, network, name, chunks, events=events)
         results.append(result)
         if run is not None:
             timeline += _timeline(name, cfg, result["step_time_s"], run)
+            if trace is not None:
+                trace += row_events(events, name, cfg.ranks, next_pid(trace), result["planning_s"],
+                                    cfg.planning == "hidden")
     return results, timeline
 
 
-def simulate_row(cfg: SimConfig, network, name: str, chunks, history=()) -> tuple[dict, object]:
+def simulate_row(cfg: SimConfig, network, name: str, chunks, history=(), events: list | None = None
+                 ) -> tuple[dict, object]:
     """Row ``name`` on the global batch ``chunks``: its result and its replay (None: it fits no GPU).
     ``history``: the global batches of the steps before, oldest first (WLB-LLM's packing queues the
-    outliers they left, :func:`~.workload.assign_wlb`; none: empty queues)."""
+    outliers they left, :func:`~.workload.assign_wlb`; none: empty queues). ``events``: the step's
+    operations appended as :func:`~.replay.replay` records them (its first :data:`~.trace.TRACED_RANKS`
+    ranks)."""
     row, m = row_of(name), cfg.model
     entry = spec(row.entry)
     # the packer balances what the scheduler does not: attention pairs too, or tokens alone (cad's pool,
@@ -145,6 +154,8 @@ def simulate_row(cfg: SimConfig, network, name: str, chunks, history=()) -> tupl
     ops = step_ops([mb["micro"] for mb in micro], m.n_layers, cfg.activation_checkpointing, cfg.ranks,
                    dp_seconds(cfg, links.cp))
     run, still, no_dp = replay_three(ops, cfg.ranks, slowdown=cfg.comm_slowdown)
+    if events is not None:
+        replay(ops, cfg.ranks, slowdown=cfg.comm_slowdown, events=events, traced=min(cfg.ranks, TRACED_RANKS))
     busy = run.compute + run.stalled   # each rank's end (the clock only moves by compute and waits)
     planning = sum(mb["planning_s"] for mb in micro)
     step = float(busy.max())
@@ -211,13 +222,17 @@ def _timeline(name: str, cfg: SimConfig, step: float, run) -> list[dict]:
     return rows
 
 
-def write_timeline(rows: list[dict], path: str | Path) -> None:
-    """Write :func:`simulate_with_timelines`' timeline to ``path``: CSV (``.csv``) or JSON (``.json``)."""
+def write_timeline(rows: list[dict], path: str | Path, trace: list[dict] | None = None) -> None:
+    """Write :func:`simulate_with_timelines`' timeline to ``path``: its per-rank summary ``rows`` as CSV
+    (``.csv``), or its ``trace`` as a Chrome trace (``.json``, :mod:`.trace`)."""
     path = Path(path)
     if path.suffix not in (".csv", ".json"):
         raise ValueError(f"--timeline {path}: name a .csv or .json file")
     if path.suffix == ".json":
-        path.write_text(json.dumps({"phases": list(PHASES), "rows": rows}, allow_nan=False))
+        if trace is None:
+            raise ValueError(f"--timeline {path}: a .json timeline is a Chrome trace: pass simulate_with_timelines' "
+                             f"trace (trace=[]) as write_timeline's trace")
+        write_trace(trace, path)
         return
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=TIMELINE_COLUMNS)

@@ -43,6 +43,7 @@ import numpy as np
 
 from ..program import BACKWARD_OF, CHAIN, RUN, START, WAIT, layer_order
 from .dp import ZERO1_IN_FLIGHT, Collective, DataParallel
+from ..trace import BACKWARD, FORWARD, TP, dp as dp_name
 from .replay import Op
 
 RECOMPUTE = {"none": 0, "selective": 1, "full": 1, "offload": 1}   # extra forwards of a linear piece
@@ -83,7 +84,7 @@ class _Gathers:
         return ops
 
     def _start(self, index: int) -> Op:
-        return _op(START, self.dp.gather, (*self.tag, index))
+        return _op(START, self.dp.gather, (*self.tag, index), op="all_gather")
 
 
 class _Needs:
@@ -101,7 +102,7 @@ class _Needs:
         ops = []
         while self.sent < len(self.gathers) and (
                 (upto is not None and self.sent <= upto) or self.sent - self.waited < ZERO1_IN_FLIGHT):
-            ops.append(_op(START, self.gathers[self.sent], ("ag-bucket", self.sent)))
+            ops.append(_op(START, self.gathers[self.sent], ("ag-bucket", self.sent), op="all_gather"))
             self.sent += 1
         return ops
 
@@ -141,13 +142,13 @@ class _Reduces:
                 self.waited.append(self.keys.pop(0))
                 ops.append(Op(WAIT, np.zeros(len(c.seconds)), self.waited[-1]))
             self.keys.append(key)
-            ops.append(_op(START, c, key))
+            ops.append(_op(START, c, key, op="all_reduce" if self.dp.mode == "ddp" else "reduce_scatter"))
         return ops
 
     def _sharded(self, key: tuple, reduce, replicate) -> list[Op]:
-        ops = [_op(START, reduce, key)]
+        ops = [_op(START, reduce, key, op="reduce_scatter")]
         if replicate is not None:
-            ops.append(_op(CHAIN, replicate, (*key, "ar"), after=key))
+            ops.append(_op(CHAIN, replicate, (*key, "ar"), after=key, op="all_reduce"))
             key = (*key, "ar")
         self.keys.append(key)
         return ops
@@ -175,8 +176,8 @@ class _Reduces:
         return ops + [Op(WAIT, np.zeros(ranks), key) for key in self.keys]
 
 
-def _op(kind: str, c: Collective, key: tuple, after: tuple | None = None) -> Op:
-    return Op(kind, c.seconds, key, span=c.group(), after=after, link=c.link, dp=True)
+def _op(kind: str, c: Collective, key: tuple, after: tuple | None = None, *, op: str) -> Op:
+    return Op(kind, c.seconds, key, span=c.group(), after=after, link=c.link, dp=True, name=dp_name(op))
 
 
 def step_ops(micro: list[MicroBatch], n_layers: int, checkpointing: str, ranks: int,
@@ -187,14 +188,15 @@ def step_ops(micro: list[MicroBatch], n_layers: int, checkpointing: str, ranks: 
     fills, gathers, needs = ((), (), ()) if dp is None or dp.buckets is None else dp.buckets.layout(n_layers)
     ops: list[Op] = []
     if sharded is not None:
-        ops += [_op(START, sharded.root_gather, ("root", "gather")), Op(WAIT, np.zeros(ranks), ("root", "gather"))]
+        ops += [_op(START, sharded.root_gather, ("root", "gather"), op="all_gather"),
+                Op(WAIT, np.zeros(ranks), ("root", "gather"))]
     for j, mb in enumerate(micro):
         order = layer_order(n_layers, len(mb.programs), across_layers=not whole_block)
         waits = _Needs(gathers if j == 0 else (), needs, _points(order))
         ops += waits.start()
         ops += _forward(j, mb, order, ranks, _Gathers(sharded, (j, "agf"), _points(order)), waits)
         ops += waits.head()
-        ops.append(Op(RUN, mb.head))
+        ops.append(Op(RUN, mb.head, name=FORWARD))
         reduces = _Reduces(dp if j == len(micro) - 1 else None, fills, n_layers)
         ops += reduces.head()
         if whole_block:
@@ -213,7 +215,7 @@ def _points(items) -> list[int]:
 
 
 def _exposed(key: tuple, seconds: np.ndarray, link: str) -> list[Op]:
-    return [Op(START, seconds, key, span=len(seconds), link=link), Op(WAIT, np.zeros(len(seconds)), key)]
+    return [Op(START, seconds, key, span=len(seconds), link=link, name=TP), Op(WAIT, np.zeros(len(seconds)), key)]
 
 
 def _linear(mb: MicroBatch, piece: str, n: int, times: float, tag: tuple) -> list[Op]:
@@ -222,7 +224,7 @@ def _linear(mb: MicroBatch, piece: str, n: int, times: float, tag: tuple) -> lis
     # a pass's own two collectives, and a selective rerun's forward ones again
     collectives = 2.0 if times > 2 else 1.0
     out = [] if mb.tp is None else _exposed((*tag, "tp", piece, n), mb.tp[n] * collectives, "nvlink")
-    return out + [Op(RUN, times * seconds)]
+    return out + [Op(RUN, times * seconds, name=FORWARD if times == 1 else BACKWARD)]
 
 
 def _piece(mb: MicroBatch, item, ranks: int, tag: str, direction: str, times: float, j: int) -> list[Op]:

@@ -14,7 +14,9 @@ plan-ahead thread (:class:`~.plan_ahead.PlanAhead`), in order:
 1. :meth:`AutoPlanner.fixed`: the batch, and this rank's micro-batch of the *fixed choice* --
    ``dp`` groups of ``world_size / dp`` ranks running ``parallel.scheduler`` (``zigzag`` under
    ``scheduler: auto``), group ``r`` on sequence ``r`` -- without plans;
-2. :meth:`AutoPlanner.choose`: the step's choice and its plans.
+2. :meth:`AutoPlanner.choose`: the step's choice and its plans. A step whose chooser gives no answer
+   (it died or stopped answering: :mod:`.chooser` bounds the wait and says so once) gets the fixed
+   choice as its choice, made on rank 0 and shared as any choice is, so no rank waits for one.
 
 The trainer runs the choice when every rank has it when the step starts (one flag, all-reduced),
 else plans the fixed choice then (:meth:`AutoPlanner.fallback`, a plan cache of its own: the thread
@@ -167,13 +169,24 @@ class AutoPlanner:
             # is never predicted slower than either
             pooling = [n for n in self.names if spec(n).pools]
             fixed_args = [(n, cp, 1) for n in dict.fromkeys((name, *pooling)) if n in self.names and cp in self.sizes]
-            return self.chooser.choose(lens, fixed_args)[:2]
+            got = self.chooser.choose(lens, fixed_args)
+            # no answer (the chooser died or hung; it said so): the fixed choice, shared like any choice
+            # so that no rank waits for one
+            return (self._fixed_layout(fixed.pieces), None) if got is None else got[:2]
         layout, predicted = decide() if self.shared is None else self.shared.next(self.rank, decide)
         groups = [(n, c, [pieces[i] for i in which], nano) for n, c, which, _, nano in layout]
         first = np.cumsum([0] + [group[1] for group in layout])
         mine = int(np.searchsorted(first, self.rank, side="right")) - 1
         return self._plans(groups, mine, fixed.pieces, fixed.data_state, predicted,
                            fixed.made_s + time.perf_counter() - t0, pooled=bool(layout[0][3]))
+
+    def _fixed_layout(self, sequences) -> list:
+        """The fixed choice as :meth:`~distattn.sim.per_batch.StepChoice.layout` gives a choice: group ``r``
+        on sequence ``r``'s pieces, unpooled, the scheduler's default nano-batches (as :meth:`fixed`)."""
+        name, cp = self.fixed_choice
+        first = np.cumsum([0] + [len(seq) for seq in sequences])
+        return [[name, cp, list(range(first[r], first[r + 1])), False, spec(name).nano_batches_for(None)]
+                for r in range(len(sequences))]
 
     def close(self) -> None:
         if self.chooser is not None:
@@ -226,7 +239,13 @@ class SharedChoice:
     def next(self, rank: int, decide) -> tuple[list, float]:
         step, self.step = self.step, self.step + 1
         if rank == 0:
-            layout, predicted = decide()
+            try:
+                layout, predicted = decide()
+            except Exception as exc:
+                # the others raise it too (no rank waits for a choice that will not come): every rank's step
+                # then finds its choice ready, and raises
+                self.store.set(self._key(step), json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+                raise
             self.store.set(self._key(step), json.dumps([layout, predicted]))
             if step - KEPT_STEPS >= self.first:
                 self.store.delete_key(self._key(step - KEPT_STEPS))
@@ -234,6 +253,8 @@ class SharedChoice:
         got = json.loads(self.store.get(self._key(step)))
         if got is None:
             raise RuntimeError(f"step {step + 1}'s choice was abandoned: the run ended before rank 0 made it")
+        if isinstance(got, dict):
+            raise RuntimeError(f"step {step + 1}'s choice failed on rank 0: {got['error']}")
         layout, predicted = got
         return layout, predicted
 
@@ -289,7 +310,9 @@ def make_planner(cfg: RunConfig, rank: int, batches: GlobalBatches, cache: PlanC
     return AutoPlanner(batches, rank, cache, meshes, (p.fixed_scheduler, p.fixed_cp), names, sizes, p.backend,
                        cfg.model.shape.pair_weight(), options, job, network,
                        shared_choice(first_step, p.timeout_s) if cfg.world_size > 1 else None,
-                       ChooserProcess(job, network, names, sizes) if rank == 0 else None, PlanCache())
+                       # the chooser gives up well before the other ranks' reads of its choice time out
+                       ChooserProcess(job, network, names, sizes, limit_s=0.75 * p.timeout_s) if rank == 0 else None,
+                       PlanCache())
 
 
 def describe_choice(choice: list) -> str:

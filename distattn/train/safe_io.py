@@ -51,14 +51,26 @@ def _open_own(path: Path, flags: int, what: str) -> int:
     if it is a link, not a regular file, or has other names."""
     try:
         fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as exc:   # ELOOP: a symbolic link; ENXIO: a FIFO nobody reads; others: a folder, no permission
-        raise ValueError(f"{path} cannot be opened as {what} ({exc.strerror}); remove it if it is a link "
-                         f"or not a plain file") from None
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be opened as {what} ({exc.strerror}); {_open_advice(exc, path)}") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
         os.close(fd)
         raise ValueError(f"{path} is not a plain file of its own (a device, FIFO or hard link); remove it")
     return fd
+
+
+def _open_advice(exc: OSError, path: Path) -> str:
+    """What to do about ``path`` that :func:`_open_own` could not open, for its errno."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "not writable: choose another --out or fix the permissions of it or its folder"
+    if exc.errno == errno.ELOOP:   # (O_NOFOLLOW on a symbolic link)
+        return "it is a symbolic link: remove the link (a run writes a plain file there)"
+    if exc.errno in (errno.ENXIO, errno.EISDIR):   # a FIFO nobody reads; a folder
+        return "it is not a plain file: move it away"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk holding {Path(path).parent} is full: free space there or choose another --out"
+    return "remove it if it is a link or not a plain file"
 
 
 def open_lock(path: Path):

@@ -77,7 +77,9 @@ from ..comm import peer_phase
 from ..plan_cache import PlanCache
 from ..schedule import imbalance
 from ..spawn import Terminated
+from ..trace import BACKWARD, FORWARD, OPTIMIZER, PLAN, span
 from .checkpoint import dcp as checkpoint, manifest
+from .checkpoint.retention import keep_newest
 from .auto_plan import auto_meshes, describe_choice, late_choice, make_planner
 from .config import RunConfig
 from .data.packer import Packer
@@ -90,10 +92,11 @@ from .model.transformer import Transformer
 from .nano_default import STEPS as NANO_STEPS, chosen_nano_batches
 from .plan_ahead import PlanAhead, StepPlanner, StepPlans, agreed_cad_backward, plan_options
 from .preflight import prepare_out
+from .profile import StepProfiler
 from .ranks import StopSignal, join_group, make_optimizer, wrap_model
 from .step_calibration import StepCalibration
 from .zero1 import Zero1
-from .checkpoint.resume import resume_config, resume_from, run_info, schedule_steps
+from .checkpoint.resume import reshape_line, reshaped, resume_config, resume_from, run_info, schedule_steps
 
 _log = logging.getLogger(__name__)   # (a Trainer's RunLog is its `logger`)
 
@@ -130,8 +133,8 @@ class Trainer:
     As ``distattn train`` does, a new run refuses a ``train.out`` that holds one (``ValueError``) unless
     ``resume`` (continue it) or ``overwrite=True`` (delete its metrics, events and checkpoints first).
     ``callbacks`` (or :meth:`on_step`) are called on every rank with each step's metrics dict (W&B or
-    any logger attaches there). ``resume`` and ``stop`` are :func:`train`'s. ``progress`` is what rank 0
-    shows per step: ``"bar"`` (tqdm), ``"line"`` (one printed line per logged step, what ``distattn
+    any logger attaches there). ``resume``, ``stop`` and ``allow_reshape`` are :func:`train`'s. ``progress``
+    is what rank 0 shows per step: ``"bar"`` (tqdm), ``"line"`` (one printed line per logged step, what ``distattn
     train`` shows off a terminal), ``"log"`` (that line as a record of the ``distattn`` logger at
     INFO), ``"none"``, or ``"auto"`` (default): a bar on a terminal, else ``"log"`` -- so
     ``distattn.configure_logging("ERROR")`` silences the steps, ``"INFO"`` shows them. Without an initialised
@@ -141,11 +144,12 @@ class Trainer:
 
     def __init__(self, config: RunConfig, callbacks: Iterable[Callable[[dict], Any]] = (), *,
                  resume: bool | Path = False, stop: StopSignal | None = None, progress: str = "auto",
-                 overwrite: bool = False):
+                 overwrite: bool = False, allow_reshape: bool = False):
         if resume and overwrite:
             raise ValueError("resume continues the run in train.out and overwrite deletes it: pass one of them")
         self.config, self.callbacks, self.resume, self.stop = config, list(callbacks), resume, stop
-        self.overwrite = overwrite
+        self.overwrite, self.allow_reshape = overwrite, allow_reshape
+        self.reshaped: list[str] | None = None   # a resume's changed batch geometry: marks its first step's row
         self.progress = check_progress(progress)
         self.history: list[dict] = []
         self.done = 0             # optimizer updates taken, a resumed run's included
@@ -176,11 +180,13 @@ class Trainer:
         error the run's files stay as its last step left them; a process group it made is ended."""
         try:
             self.setup()
-            while not self.finished:
-                metrics = self.step()
-                self.log(metrics)
-                if self.checkpoint_due:
-                    self.checkpoint()
+            with StepProfiler(self.config.train.profile_steps, self.out, dist.get_rank()) as profiler:
+                while not self.finished:
+                    with profiler.step(self.done + 1):   # (steps count from 1, a resumed run's included)
+                        metrics = self.step()
+                    self.log(metrics)
+                    if self.checkpoint_due:
+                        self.checkpoint()
             if self.stopping and self.stop is not None:
                 self.stop.stopped_at = self.done
             self.close()
@@ -277,7 +283,12 @@ class Trainer:
         last = self.resume if isinstance(self.resume, Path) else checkpoint.agreed_checkpoint(ckpt, say=_log.info)
         if last is None:
             raise ValueError(f"--resume: no checkpoint under {ckpt}")
-        self.config = resume_config(self.config, manifest.read(last))   # the launching process printed what changed
+        found = manifest.read(last)   # (the launching process printed what else changed)
+        self.config = resume_config(self.config, found, allow_reshape=self.allow_reshape)
+        if (line := reshape_line(self.config, found)) is not None:
+            self.reshaped = reshaped(self.config, found)
+            if dist.get_rank() == 0:
+                _log.warning("--allow-reshape: %s; its first step's metrics row says \"reshaped\"", line)
         with peer_phase(f"loading checkpoint {last.name}", last):
             self.done, data_state = checkpoint.load(last, self.model, self.optimizer)
         self.batches.load_state(data_state)
@@ -288,31 +299,35 @@ class Trainer:
         ``train.on_nonfinite: skip_step``, metrics with ``"skipped": true``."""
         cfg, t, step = self.config, self.config.train, self.done
         t0 = time.perf_counter()
-        ready, planning, refined = self.ahead.take(more=step + 1 < t.steps)   # and starts the next step's
-        late = None
-        if refined is not None:
-            ready, late = self._choice(ready, refined, step + 1)
+        with span(PLAN):
+            ready, planning, refined = self.ahead.take(more=step + 1 < t.steps)   # and starts the next step's
+            late = None
+            if refined is not None:
+                ready, late = self._choice(ready, refined, step + 1)
         batch, parts, plans = ready.batch, ready.parts, ready.plans
         tokens, doc_lens = torch.from_numpy(batch.tokens).to(self.device), batch.doc_lens
         # a cached plan's wait clock runs over its life: this step's wait is what the step adds to each
         # plan (counted once where two nano-batches share one)
         waited = {id(plan): (plan, plan.comm_wait_seconds()) for plan in plans}
         local = LocalBatch.shard(tokens, doc_lens, parts, plans)
-        with _autocast(cfg, self.device):
+        with span(FORWARD), _autocast(cfg, self.device):
             loss_sum = self.model(local, **self.forward)
         # the labelled tokens and the loss of the whole global batch, in one all-reduce
         sums = torch.stack([local.labelled().to(torch.float64), loss_sum.detach().to(torch.float64)])
         dist.all_reduce(sums)
         count = sums[0]
-        (loss_sum / count * cfg.world_size).backward()
+        with span(BACKWARD):
+            (loss_sum / count * cfg.world_size).backward()
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(cfg, step)
-        grad_norm = self.optimizer.clip_grad_norm_(t.grad_clip) if isinstance(self.optimizer, Zero1) \
-            else torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        with span(OPTIMIZER):
+            grad_norm = self.optimizer.clip_grad_norm_(t.grad_clip) if isinstance(self.optimizer, Zero1) \
+                else torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         bad = _nonfinite(sums[1] / count, norm)   # the same on every rank: both are global
         if bad is None:
-            self.optimizer.step()
+            with span(OPTIMIZER):
+                self.optimizer.step()
         elif t.on_nonfinite == "stop":
             raise NonFinite(f"step {step + 1}: {bad}; stopped before updating the model (train.on_nonfinite: "
                             f"stop, or skip_step to skip such steps)")
@@ -377,6 +392,7 @@ class Trainer:
         self.stopping = bool(stopping)
         step_time = time.perf_counter() - t0 - bookkeeping
         tokens = batch.trained   # (held pieces leave a step with fewer than dp * seq_len)
+        reshaped, self.reshaped = self.reshaped, None   # (the first step after a reshaping resume says so)
         flops = m_cfg.shape.model_flops(tokens, sum(world_flops))
         peak = self.peak_flops
         return {"step": self.done + 1, "loss": total_loss / count.item(), "lr": lr_at(cfg, self.done),
@@ -386,7 +402,8 @@ class Trainer:
                 "model_tflops": flops / 1e12, "peak_memory_gib": peak_mem / 2**30, "comm_wait_s": comm_wait,
                 "planning_s": planning_s, "plan_made_s": plan_made_s,
                 "flops_imbalance": imbalance(rank_flops), "flops_imbalance_all": imbalance(world_flops),
-                "dp_imbalance": batch.imbalance, **({} if batch.held is None else {"held_documents": batch.held})}
+                "dp_imbalance": batch.imbalance, **({} if batch.held is None else {"held_documents": batch.held}),
+                **({} if reshaped is None else {"reshaped": reshaped})}
 
     def log(self, metrics: dict) -> None:
         """A step is done: into the history, to every callback, and (rank 0) to the console,
@@ -396,7 +413,8 @@ class Trainer:
             fn(metrics)
         if self.logger is not None:
             n, t = metrics["step"], self.config.train
-            self.logger.step(metrics, record=(n - 1) % t.log_every == 0 or n == t.steps or self.stopping)
+            self.logger.step(metrics, record=(n - 1) % t.log_every == 0 or n == t.steps or self.stopping
+                             or "reshaped" in metrics)
 
     @property
     def checkpoint_due(self) -> bool:
@@ -405,9 +423,13 @@ class Trainer:
         return self.done % t.ckpt_every == 0 or self.done == t.steps or self.stopping
 
     def checkpoint(self) -> None:
-        """Save ``ckpt/step_N`` (N: the steps taken) on every rank: model, optimizer, data cursor, run info."""
+        """Save ``ckpt/step_N`` (N: the steps taken) on every rank: model, optimizer, data cursor, run info;
+        with ``train.keep_last`` rank 0 then deletes the complete checkpoints older than the newest N."""
+        keep = self.config.train.keep_last
         checkpoint.save(self.out / "ckpt" / f"step_{self.done}", self.model, self.optimizer, self.done,
-                        self.data_state, run_info(self.config))
+                        self.data_state, run_info(self.config), keep_last=keep)
+        if keep is not None and dist.get_rank() == 0:   # (save returned: every rank agreed it succeeded)
+            keep_newest(self.out / "ckpt", keep, self.out / "ckpt" / f"step_{self.done}", say=_log.info)
 
     def _stop_planning(self) -> None:
         if self.auto is not None and self.auto.shared is not None:
@@ -436,14 +458,17 @@ class Trainer:
 
 
 def train(cfg: RunConfig, resume: bool | Path = False, stop: StopSignal | None = None,
-          on_step: Callable[[dict], Any] | None = None, progress: str = "auto") -> list[dict]:
+          on_step: Callable[[dict], Any] | None = None, progress: str = "auto",
+          allow_reshape: bool = False) -> list[dict]:
     """Run on every rank of an initialised process group of ``cfg.world_size`` ranks; returns the metrics.
     ``resume``: True continues from the newest checkpoint whose checksums hold (the ranks hash their
     shares); a path continues from that checkpoint, which the caller has verified already. With ``stop``,
     a SIGTERM or SIGINT it received ends the run after the current step and its checkpoint;
     ``on_step(metrics)`` is called on every rank after each step (progress, profiling); ``progress``
-    is :class:`Trainer`'s."""
-    return Trainer(cfg, [] if on_step is None else [on_step], resume=resume, stop=stop, progress=progress).run()
+    is :class:`Trainer`'s; ``allow_reshape``: a resume may change the batch geometry (``--allow-reshape``:
+    :func:`.checkpoint.resume.reshaped`)."""
+    return Trainer(cfg, [] if on_step is None else [on_step], resume=resume, stop=stop, progress=progress,
+                   allow_reshape=allow_reshape).run()
 
 
 class NonFinite(RuntimeError):
@@ -458,26 +483,27 @@ def _nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
     return " and ".join(bad) or None
 
 
-def _rank_entry(cfg: RunConfig, resume: bool | Path, progress: str = "auto") -> list[dict]:
+def _rank_entry(cfg: RunConfig, resume: bool | Path, progress: str = "auto", allow_reshape: bool = False) -> list[dict]:
     with StopSignal() as stop:
-        return train(cfg, resume, stop, progress=progress)
+        return train(cfg, resume, stop, progress=progress, allow_reshape=allow_reshape)
 
 
-def run(cfg: RunConfig, resume: bool | Path = False, progress: str = "auto") -> list[dict]:
+def run(cfg: RunConfig, resume: bool | Path = False, progress: str = "auto", allow_reshape: bool = False) -> list[dict]:
     """Train under torchrun (``RANK`` set) or on ``dp * cp`` local gloo processes; returns rank 0's metrics.
     ``resume`` as :func:`train`'s; under torchrun a restarted worker resumes by itself (:func:`.resume.resume_from`).
-    ``progress`` as :class:`Trainer`'s; the local ranks get it, and this process's logging settings."""
+    ``progress`` as :class:`Trainer`'s; the local ranks get it, and this process's logging settings;
+    ``allow_reshape`` as :func:`train`'s."""
     # decided here: a rank's stdout is the fork server's, not necessarily this process's terminal
     progress = resolve_progress(progress)
     if "RANK" in os.environ:
         with StopSignal() as stop:   # (before the group exists: a signal while joining it is kept too)
             history = Trainer(cfg, resume=resume_from(Path(cfg.train.out), resume), stop=stop,
-                              progress=progress).run()
+                              progress=progress, allow_reshape=allow_reshape).run()
         if stop.stopped_at is not None:
             raise Terminated(f"stopped by {stop.name}", [history], stop.signum)
         return history
     from ..spawn import run_distributed
 
     threads = max(1, (os.cpu_count() or 1) // cfg.world_size)
-    return run_distributed(_rank_entry, cfg.world_size, cfg, resume, progress, timeout=7 * 24 * 3600.0,
+    return run_distributed(_rank_entry, cfg.world_size, cfg, resume, progress, allow_reshape, timeout=7 * 24 * 3600.0,
                            collective_timeout=cfg.parallel.timeout_s, threads_per_rank=threads)[0]

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..comm import all_gather_single, reduce_scatter_single
+from ..trace import WAIT, dp, span
 
 BUCKET_ELEMENTS = 40_000_000   # parameters per bucket (Megatron's default bucket size)
 IN_FLIGHT = 2                  # buckets sent and not yet waited for, at most (gradients; parameters)
@@ -169,12 +170,14 @@ class Zero1:
             send[:, s.offset:s.offset + s.size].view(self.world, s.chunk, s.width).copy_(
                 grad.view(self.world, s.chunk, s.width))
         bucket.grad = torch.empty(bucket.shard, dtype=self.dtype, device=send.device)
-        bucket.sent = (reduce_scatter_single(bucket.grad, send.view(-1), group=self.group, async_op=True), send)
+        with span(dp("reduce_scatter")):
+            bucket.sent = (reduce_scatter_single(bucket.grad, send.view(-1), group=self.group, async_op=True), send)
 
     def _received(self, bucket: _Bucket) -> None:
         work, send = bucket.sent
         if send is not None:
-            work.wait()
+            with span(WAIT):
+                work.wait()
             bucket.grad.div_(self.world)
             bucket.sent = (None, None)
 
@@ -227,7 +230,8 @@ class Zero1:
                 master = self.masters[s.name]
                 send[s.offset:s.offset + master.numel()].copy_(master.reshape(-1))
             out = torch.empty(self.world * bucket.shard, dtype=send.dtype, device=send.device)
-            bucket.gather = (all_gather_single(out, send, group=self.group, async_op=True), out)
+            with span(dp("all_gather")):
+                bucket.gather = (all_gather_single(out, send, group=self.group, async_op=True), out)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for bucket in self.buckets:
@@ -245,7 +249,8 @@ class Zero1:
             if bucket.gather is None:
                 continue
             work, out = bucket.gather
-            work.wait()
+            with span(WAIT):
+                work.wait()
             out = out.view(self.world, bucket.shard)
             with torch.no_grad():
                 for s in bucket.slots:

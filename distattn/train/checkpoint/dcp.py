@@ -14,7 +14,13 @@ packer's cursor and the RNG state, in ``ckpt/step_N/``::
   text) and the path. A rank that dies or hangs cannot agree: the others raise
   :class:`~distattn.comm.PeerFailed` (one line: the phase, the path, the rank when known) and rank 0
   removes the partial folder (the launching process does, when rank 0 is the one gone:
-  :func:`drop_new_partials`). Older checkpoints are never touched.
+  :func:`drop_new_partials`). Older checkpoints are never touched. A full disk -- before the write
+  or under it -- is one line naming the disk, the bytes the save needs and ``train.keep_last``
+  (:func:`.disk.no_room`).
+* **Keep the last N** (``train.keep_last``): once every rank has agreed a save succeeded, rank 0
+  deletes the complete checkpoints beyond the newest N (:func:`.retention.keep_newest`, which the
+  trainer calls after :func:`save`); one that does not verify is neither counted nor deleted, nor is
+  anything else in the folder.
 * **A checkpoint verifies** (:func:`verify`) when its folder holds exactly its manifest's files, each
   of the listed size and hash, and DCP's metadata reads safely (:mod:`.dcp_safe`). "Newest good"
   always means newest that verifies: :func:`newest_usable` (the launching process, ``distattn ckpt
@@ -24,6 +30,7 @@ packer's cursor and the RNG state, in ``ckpt/step_N/``::
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -39,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from . import manifest
 from ...comm import PeerFailed, peer_phase
 from .dcp_safe import SafeLoadPlanner, SafeReader, check_storage, read_metadata
+from .disk import no_room
 from ..safe_io import WriteFailed, fsync_dir, move_aside, one_line, remove
 
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -232,10 +240,13 @@ def _state_dicts(model, optimizer) -> tuple[dict, dict]:
     return own() if own is not None else get_state_dict(model, optimizer)
 
 
-def save(directory: Path, model, optimizer, step: int, data_state: list[int], run: dict | None = None) -> None:
+def save(directory: Path, model, optimizer, step: int, data_state: list[int], run: dict | None = None, *,
+         keep_last: int | None = None) -> None:
     """Save into ``directory`` (module docstring): written under ``directory.partial``, hashed, given a
     manifest, then renamed. ``WriteFailed`` on every rank, with the cause and the path, when any
-    part fails; nothing is left behind and older checkpoints are untouched."""
+    part fails; nothing is left behind and older checkpoints are untouched (a full disk names the
+    disk, the bytes the save needs and ``train.keep_last``: :func:`.disk.no_room`). Every rank returns
+    only once all have agreed the save succeeded."""
     directory = Path(directory)
     partial = directory.with_name(directory.name + PARTIAL)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -247,7 +258,7 @@ def save(directory: Path, model, optimizer, step: int, data_state: list[int], ru
     try:
         # a peer that dies or hangs surfaces as gloo's error in a collective: one line (PeerFailed)
         with peer_phase(f"saving checkpoint {directory.name}", directory):
-            error = _save_steps(state, partial, directory, step, run, rank, world)
+            error = _save_steps(state, partial, directory, step, run, rank, world, keep_last)
     except PeerFailed as exc:
         # the partial folder is this save's own (rank 0's _make_room made it): nothing of it stays. Rank 0
         # removes it, or the rank that saw rank 0 go (under a launcher no other process would)
@@ -261,21 +272,21 @@ def save(directory: Path, model, optimizer, step: int, data_state: list[int], ru
 
 
 def _save_steps(state: dict, partial: Path, directory: Path, step: int, run: dict | None, rank: int,
-                world: int) -> str | None:
+                world: int, keep_last: int | None = None) -> str | None:
     """:func:`save`'s phases; the error every rank agreed on, or None."""
     # each phase's errors are agreed on (_together) before the next starts, so every rank takes the same path
-    error = _together(_make_room(partial, state) if rank == 0 else None)
+    error = _together(_make_room(partial, state, keep_last) if rank == 0 else None)
     if error is None:
-        error = _together(_write(state, partial))
+        error = _together(_write(state, partial, keep_last))
     files: dict[str, tuple[int, str]] = {}
     if error is None:
         files, error = _hash(partial, rank, world)
     if error is None and rank == 0:
-        error = _publish(partial, directory, step, files, run)
+        error = _publish(partial, directory, step, files, run, _state_bytes(state), keep_last)
     return _together(error)
 
 
-def _make_room(partial: Path, state: dict) -> str | None:
+def _make_room(partial: Path, state: dict, keep_last: int | None = None) -> str | None:
     """Rank 0: remove what an earlier run left of this step at ``partial`` and check the disk has
     room for ``state``; the error, or None."""
     try:
@@ -284,36 +295,41 @@ def _make_room(partial: Path, state: dict) -> str | None:
         need = room_needed(_state_bytes(state))
         free = shutil.disk_usage(partial).free
         if free < need:
-            return (f"not enough free space: the checkpoint needs about {need / 2**20:,.1f} MiB, "
-                    f"{free / 2**20:,.1f} MiB are free ({partial.parent})")
+            return no_room(partial.parent, need, free, keep_last)
     except OSError as exc:
         return one_line(exc)
     return None
 
 
-def _write(state: dict, partial: Path) -> str | None:
+def _write(state: dict, partial: Path, keep_last: int | None = None) -> str | None:
     """Every rank: write its part of ``state`` under ``partial`` (DCP); the error, or None."""
     try:
         dcp.save(state, checkpoint_id=str(partial))
     except CheckpointException as exc:   # a BaseException; its str is a traceback per rank
-        return _disk_said(_dcp_reason(exc), partial, state)
+        return _disk_said(_dcp_reason(exc), partial, _state_bytes(state), keep_last)
     except (OSError, RuntimeError, ValueError) as exc:
-        return _disk_said(one_line(exc), partial, state)
+        return _disk_said(one_line(exc), partial, _state_bytes(state), keep_last)
     return None
 
 
-def _disk_said(error: str, partial: Path, state: dict) -> str:
-    """``error``, naming the full disk when the disk filled under the write (the room check passed,
-    then another writer took the space): torch's stream writer reports a short write as
-    ``unexpected pos N vs M``, which names no disk."""
+_FULL = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))   # how a full disk (or quota) reads
+
+
+def _disk_said(error: str, partial: Path, state_bytes: int, keep_last: int | None) -> str:
+    """``error``, or the full disk's line (:func:`.disk.no_room`) when the disk filled under the
+    write (the room check passed, then another writer took the space): ENOSPC, or torch's stream
+    writer's ``unexpected pos N vs M`` for a short write, which names no disk (the disk is full when
+    what is free, with what the save wrote so far, is short of what it needs)."""
     try:
         free = shutil.disk_usage(partial).free
+        written = sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(partial) if e.is_file()) \
+            if partial.is_dir() else 0
     except OSError:
         return error
-    if "No space left on device" in error or free > room_needed(_state_bytes(state)):
+    need = room_needed(state_bytes)
+    if not any(text in error for text in _FULL) and free + written > need:
         return error
-    return (f"{error}; not enough free space: the disk filled while writing, {free / 2**20:,.1f} MiB free "
-            f"({partial.parent})")
+    return no_room(partial.parent, need, free, keep_last, cause=error)
 
 
 def _hash(partial: Path, rank: int, world: int) -> tuple[dict[str, tuple[int, str]], str | None]:
@@ -335,7 +351,8 @@ def _hash(partial: Path, rank: int, world: int) -> tuple[dict[str, tuple[int, st
     return mine, error
 
 
-def _publish(partial: Path, directory: Path, step: int, files: dict, run: dict | None) -> str | None:
+def _publish(partial: Path, directory: Path, step: int, files: dict, run: dict | None, state_bytes: int = 0,
+             keep_last: int | None = None) -> str | None:
     """Rank 0: write the manifest and rename ``partial`` to ``directory``; the error, or None."""
     try:
         manifest.write(partial, step, files, run or {})
@@ -343,7 +360,8 @@ def _publish(partial: Path, directory: Path, step: int, files: dict, run: dict |
         os.replace(partial, directory)
         fsync_dir(directory.parent)
     except OSError as exc:
-        return one_line(exc)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return _disk_said(one_line(exc), partial, state_bytes, keep_last) if full else one_line(exc)
     return None
 
 

@@ -9,12 +9,14 @@ one read of the rank's own share; a load's check is split over the ranks the sam
 (:func:`distattn.train.checkpoint.agreed_checkpoint`).
 
 The manifest also records what a resume must agree with, readable without torch or a process group:
-the model's shape, the data source and the length of the learning-rate schedule
+the model's shape, the data source, the batch geometry and the length of the learning-rate schedule
 (``train.lr_decay_steps``). Example::
 
     {"format": 1, "step": 25,
      "files": {".metadata": {"bytes": 51234, "sha256": "9f2c..."}, "__0_0.distcp": {...}, ...},
      "run": {"model": {"dim": 256, ...}, "data": {"source": "stdlib", "path": null},
+             "geometry": {"seq_len": 8192, "dp": 1, "cp": 4, "world_size": 4, "tokens_per_step": 8192,
+                          "packing": "stream"},
              "lr_decay_steps": 50}}
 """
 
@@ -45,7 +47,7 @@ _STEP_NAME = re.compile(r"step_(\d+)")   # a published checkpoint's folder: its 
 class Manifest:
     step: int
     files: dict[str, tuple[int, str]]      # name -> (bytes, sha256 hex)
-    run: dict[str, Any]                     # {"model": {...}, "data": {...}, "lr_decay_steps": int}
+    run: dict[str, Any]                     # {"model": {...}, "data": {...}, "geometry": {...}, "lr_decay_steps": int}
 
     @property
     def total_bytes(self) -> int:
@@ -183,9 +185,23 @@ def _checked_run(run: Any) -> dict[str, Any]:
     _need(data.get("blend") is None or isinstance(data["blend"], list), "run.data.blend", data.get("blend"),
           "a list or null")
     _check_identities(data.get("identity"))
+    _check_geometry(run.get("geometry"))
     decay = run.get("lr_decay_steps")
     _need(decay is None or _is_int(decay, 1), "run.lr_decay_steps", decay, "a whole number >= 1 or null")
     return run
+
+
+def _check_geometry(geometry: Any) -> None:
+    """The batch geometry :func:`~.resume.reshaped` compares: absent or null (saved before it was
+    recorded), else an object whose known keys are whole numbers >= 1 and ``packing`` a string (a key
+    it lacks is not compared; one it does not know is ignored, as elsewhere in ``run``)."""
+    field = "run.geometry"
+    _need(geometry is None or isinstance(geometry, dict), field, geometry, "an object or null")
+    for key, value in (geometry or {}).items():
+        if key == "packing":
+            _need(isinstance(value, str), f"{field}.packing", value, "a string")
+        elif key in ("seq_len", "dp", "cp", "world_size", "tokens_per_step"):
+            _need(_is_int(value, 1), f"{field}.{key}", value, "a whole number >= 1")
 
 
 def _check_identities(identities: Any) -> None:

@@ -1,11 +1,14 @@
 """What a resume must agree with, checked from a checkpoint's manifest before any tensor is read.
 
-A checkpoint records the run it belongs to (:func:`run_info`): the model's shape, the data source and
-the learning-rate schedule's length. :func:`resume_config` refuses a config whose model or data
-differ (one line naming the keys, their two values and a fix that works) and fixes the schedule's
-length: ``train.lr_decay_steps`` is the first run's ``train.steps`` unless set, and is stored in every
-checkpoint, so ``--steps`` on a resume only moves where the run stops. Setting ``lr_decay_steps`` to a
-different value on a resume changes the schedule from the next step on, and says so.
+A checkpoint records the run it belongs to (:func:`run_info`): the model's shape, the data source,
+the batch geometry (:func:`batch_geometry`: ``data.seq_len``, dp, cp, world size, tokens per step and
+packing) and the learning-rate schedule's length. :func:`resume_config` refuses a config whose model or
+data differ (one line naming the keys, their two values and a fix that works), or whose batch geometry
+differs unless ``allow_reshape`` (:func:`reshaped`: the same data cut into other batches trains another
+run), and fixes the schedule's length: ``train.lr_decay_steps`` is the first run's ``train.steps``
+unless set, and is stored in every checkpoint, so ``--steps`` on a resume only moves where the run stops.
+Setting ``lr_decay_steps`` to a different value on a resume changes the schedule from the next step on,
+and says so.
 
 :func:`resume_from` decides whether a run continues, for the CLI and the trainer alike.
 :func:`check_room` refuses, before any rank starts, an output folder that cannot take a checkpoint.
@@ -62,7 +65,49 @@ def run_info(cfg: RunConfig) -> dict[str, Any]:
             "data": {"source": cfg.data.source, "path": cfg.data.path, "tokenizer": cfg.data.tokenizer,
                      "blend": [dataclasses.asdict(b) for b in cfg.data.blend] if cfg.data.blend else None,
                      "identity": _data_identities(cfg)},
+            "geometry": batch_geometry(cfg),
             "lr_decay_steps": schedule_steps(cfg)}
+
+
+# the batch geometry a checkpoint records: manifest key -> the name a message gives it (a config key
+# where there is one). The scheduler, nano-batches and dp_mode are not in it: they change no batch
+GEOMETRY = {"seq_len": "data.seq_len", "dp": "parallel.dp", "cp": "parallel.cp", "world_size": "world size",
+            "tokens_per_step": "tokens/step", "packing": "data.packing"}
+
+
+def batch_geometry(cfg: RunConfig) -> dict[str, Any]:
+    """How ``cfg`` cuts the data into steps, as the run resolves it (``cp: auto`` as its fixed choice's
+    ``world_size / dp``, ``data.packing`` unset as its default): what a resume must keep to be the same run."""
+    p = cfg.parallel
+    return {"seq_len": cfg.data.seq_len, "dp": p.dp, "cp": p.fixed_cp, "world_size": cfg.world_size,
+            "tokens_per_step": p.dp * cfg.data.seq_len, "packing": cfg.packing}
+
+
+def reshaped(cfg: RunConfig, found: Manifest) -> list[str]:
+    """The geometry keys (:data:`GEOMETRY`'s names) in which ``cfg`` differs from the checkpoint ``found``;
+    a checkpoint saved before the geometry was recorded (or a key it lacks) differs in nothing."""
+    saved = found.run.get("geometry") or {}
+    now = batch_geometry(cfg)
+    return [GEOMETRY[k] for k in GEOMETRY if k in saved and saved[k] != now[k]]
+
+
+def reshape_line(cfg: RunConfig, found: Manifest) -> str | None:
+    """The changed geometry in words -- ``the checkpoint was trained with data.seq_len 8192 (tokens/step
+    8192); this run has data.seq_len 4096 (tokens/step 4096)`` -- or None when nothing changed."""
+    changed = reshaped(cfg, found)
+    if not changed:
+        return None
+    keys = [k for k in GEOMETRY if GEOMETRY[k] in changed]
+    return (f"the checkpoint (step {found.step}) was trained with {geometry_words(found.run['geometry'], keys)}; "
+            f"this run has {geometry_words(batch_geometry(cfg), keys)}")
+
+
+def geometry_words(geometry: dict, keys=tuple(GEOMETRY)) -> str:
+    """``keys`` of a recorded batch geometry in words, tokens per step last in brackets: ``data.seq_len
+    8192, parallel.dp 2 (tokens/step 16384)``."""
+    shown = ", ".join(f"{GEOMETRY[k]} {geometry[k]}" for k in keys if k != "tokens_per_step" and k in geometry)
+    tokens = f"tokens/step {geometry['tokens_per_step']}" if "tokens_per_step" in geometry else ""
+    return f"{shown} ({tokens})" if shown and tokens else shown or tokens
 
 
 def _data_identities(cfg: RunConfig) -> list:
@@ -113,10 +158,13 @@ def recorded_model_problem(found: Manifest) -> str | None:
     return None
 
 
-def resume_config(cfg: RunConfig, found: Manifest, say: Callable[[str], Any] | None = None) -> RunConfig:
+def resume_config(cfg: RunConfig, found: Manifest, say: Callable[[str], Any] | None = None,
+                  allow_reshape: bool = False) -> RunConfig:
     """``cfg`` with the schedule length a resume from the checkpoint ``found`` trains with.
 
-    ``ValueError`` when the config's model shape or data differ from the checkpoint's."""
+    ``ValueError`` when the config's model shape or data differ from the checkpoint's, or its batch
+    geometry does (:func:`reshaped`) and not ``allow_reshape`` (``--allow-reshape``; the trainer then
+    says what changed, once, and marks the first resumed step's metrics)."""
     run = found.run
     saved_model, saved_data = run.get("model") or {}, run.get("data") or {}
     if problem := recorded_model_problem(found):
@@ -134,6 +182,9 @@ def resume_config(cfg: RunConfig, found: Manifest, say: Callable[[str], Any] | N
         raise ValueError(f"the config differs from the run it resumes (step {found.step}): {'; '.join(changed)}. "
                          f"Set these back to the checkpoint's values to continue that run, or start a new one "
                          f"with --out NEW_FOLDER (or --overwrite)")
+    if not allow_reshape and (line := reshape_line(cfg, found)):
+        raise ValueError(f"--resume: {line}: resuming would train a different run (other batches of the data); "
+                         f"set these back, or pass --allow-reshape to continue anyway")
     saved = run.get("lr_decay_steps")
     wanted = cfg.train.lr_decay_steps
     if wanted is not None and saved is not None and wanted != saved and say is not None:
@@ -148,6 +199,7 @@ def check_room(cfg: RunConfig, ckpt_root: Path, newest: Manifest | None) -> None
     (:func:`~.checkpoint.room_needed`) for one the size of ``newest`` (else an estimate from the model:
     fp32 weights and AdamW's two moments)."""
     from .dcp import room_needed
+    from .disk import advice, disk_name
 
     ckpt_root = Path(ckpt_root)
     folder = next((p for p in (ckpt_root, *ckpt_root.parents) if p.exists()), Path("."))
@@ -158,4 +210,5 @@ def check_room(cfg: RunConfig, ckpt_root: Path, newest: Manifest | None) -> None
     free = shutil.disk_usage(folder).free
     if free < need:
         raise ValueError(f"{folder} has {free / 2**20:,.1f} MiB free but a checkpoint of this model takes about "
-                         f"{need / 2**20:,.1f} MiB with its margin; free space there or pass --out to another disk")
+                         f"{need / 2**20:,.1f} MiB with its margin (on {disk_name(folder)})"
+                         + advice(ckpt_root, cfg.train.keep_last))

@@ -12,7 +12,7 @@ A config has four sections::
     train:    {steps, lr, min_lr, warmup_steps, weight_decay, grad_clip, log_every, ckpt_every, seed, out,
                dtype: fp32 | bf16, activation_checkpointing: none | full | selective | offload,
                loss_chunk, mlp_chunk, compile, peak_tflops, on_nonfinite: stop | skip_step, lr_decay_steps,
-               deterministic}
+               deterministic, keep_last, profile_steps: [start, end]}
 
 The file is a mapping of those sections (``{}`` for every default); a key written twice in one
 mapping is refused, where YAML would keep the last one silently. The sections' dataclasses are

@@ -224,6 +224,12 @@ class TrainSection:
     # bitwise-equal reruns of one config on one machine: attention plans deterministic=True (fixed
     # reduction orders, no atomics) and torch's deterministic algorithms for the rest of the model
     deterministic: bool = False
+    # keep only the newest N checkpoints that verify: once a save has verified, older complete
+    # step_N folders beyond N are deleted (one that fails verification is not counted and stays,
+    # as does anything else in OUT/ckpt); unset: keep every checkpoint
+    keep_last: int | None = None
+    # [start, end]: write a torch.profiler Chrome trace per rank of these steps under OUT/profile/
+    profile_steps: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,28 @@ CEILINGS = (("parallel.timeout_s", 7 * 86400.0, "a week; a collective that waits
             ("model.softcap", 1e4, "more than any attention score: no cap; leave it unset for none"),
             ("train.peak_tflops", 1e5, "100 PFLOP/s, far above any device's dense bf16 peak"))
 
+# Upper bounds of ints, (keys, most, why): past them a value is a typo, and the planners, the memory model
+# and the data stream form products of them in numpy's and torch's int64 (a rank's tokens x dim x bytes,
+# dim x vocab, steps x tokens a step), which overflow into an OverflowError or a wrong index far from the
+# key. Each bound is generous (100x any real run) yet leaves the products room; the products that several
+# keys at their bounds could still overflow are bounded too (_ACTIVATIONS, _PARAMETERS, _TOKENS).
+_STEPS = ("train.steps", "train.warmup_steps", "train.log_every", "train.ckpt_every", "train.lr_decay_steps",
+          "train.keep_last")
+INT_CEILINGS = (
+    (("model.dim", "model.ffn_dim", "model.n_heads", "model.n_kv_heads", "parallel.head_groups"), 2**24,
+     "16M: 100x the widest model"),
+    (("model.n_layers",), 2**16, "65536 blocks: 100x the deepest model"),
+    (("model.vocab_size",), 2**31, "2**31: token ids are int32 in kernels and tokenizers"),
+    (("data.seq_len", "data.token_cap", "train.loss_chunk", "train.mlp_chunk"), 2**31,
+     "2**31 tokens: attention kernels index a sequence's tokens in int32"),
+    (("parallel.dp", "parallel.cp", "parallel.world_size", "parallel.dp_shard", "parallel.ulysses_degree"), 2**20,
+     "a million ranks: 10x the largest cluster"),
+    (_STEPS, 2**40, "a trillion steps"))
+# products of keys that each pass INT_CEILINGS but together would overflow int64: (what, most, why)
+_ACTIVATIONS = 2**50   # elements: 2 PiB of bf16, 10000x a node's memory
+_PARAMETERS = 2**48    # 281T: 100x the largest model
+_TOKENS = 2**62        # int64's range, halved for the sums over ranks
+
 
 _PATHS = {"tokens": "a directory from `distattn data prepare`, or the prefix of PATH.bin and PATH.idx.npy",
           "megatron": "the PREFIX of Megatron's PREFIX.bin and PREFIX.idx, as its --data-path",
@@ -30,6 +52,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     blend = _checked_blend(cfg.data.blend)   # a list of mappings, which _checked_types does not take
     cfg = _checked_types(cfg.replace(data={"blend": None})).replace(data={"blend": blend})
     _check_ranges(cfg)
+    _check_bounds(cfg)
     _check_model(cfg.model)
     _check_data(cfg.data, cfg.model.vocab_size)
     _check_parallel(cfg.parallel, cfg.model)
@@ -60,6 +83,13 @@ def _check_type(key: str, hint, val):
     """``val`` checked against a field's annotation (YAML gives ints where floats are meant:
     those are converted; strings, and bools for numbers, are refused)."""
     allowed = set(getattr(hint, "__args__", ())) or {hint}
+    pair = next((a for a in allowed if typing.get_origin(a) is tuple), None)
+    if pair is not None and val is not None:
+        items = typing.get_args(pair)
+        want = f"a list [{', '.join(t.__name__ for t in items)}]"
+        if not isinstance(val, (list, tuple)) or len(val) != len(items):
+            raise _type_error(key, want, val)
+        return tuple(_check_type(f"{key}[{i}]", t, x) for i, (t, x) in enumerate(zip(items, val)))
     if val is None:
         if type(None) in allowed:
             return None
@@ -156,6 +186,31 @@ def _check_ranges(cfg: RunConfig) -> None:
         val = getattr(getattr(cfg, section), name)
         if val is not None and val > most:
             raise ValueError(f"{key} must be at most {most:g} ({why}), got {_r(val)}")
+
+
+def _check_bounds(cfg: RunConfig) -> None:
+    """Every int key below its :data:`INT_CEILINGS` bound, and the products the code forms of them in int64
+    below theirs (so a typo like 10**100 is refused here, not as an OverflowError in a planner)."""
+    for keys, most, why in INT_CEILINGS:
+        for key in keys:
+            section, name = key.split(".")
+            val = getattr(getattr(cfg, section), name)
+            if isinstance(val, int) and val > most:
+                raise ValueError(f"{key} must be at most {most:,} ({why}), got {_r(val)}")
+    m, t = cfg.model, cfg.train
+    if t.profile_steps is not None and any(x > 2**40 for x in t.profile_steps):
+        raise ValueError(f"train.profile_steps must be steps at most {2**40:,} (a trillion steps), got "
+                         f"{_r(list(t.profile_steps))}")
+    tokens = cfg.rank_tokens
+    for what, val, most, why in (
+            ("data.seq_len (or data.token_cap) x model.dim x model.n_layers", tokens * m.dim * m.n_layers,
+             _ACTIVATIONS, "a sequence's activations: 2 PiB in bf16"),
+            ("the parameters (model.dim, ffn_dim, n_layers, vocab_size)", m.shape.params, _PARAMETERS,
+             "100x the largest model"),
+            ("train.steps x the tokens a step trains (data.seq_len x parallel.dp x cp)",
+             t.steps * cfg.world_size * tokens, _TOKENS, "the run's token count must fit int64")):
+        if val > most:
+            raise ValueError(f"{what} is {val:.3g}, more than {most:.3g} ({why}): one of them is a typo")
 
 
 def _check_model(m: ModelConfig) -> None:
@@ -266,12 +321,21 @@ def _check_dp_shard(cfg: RunConfig) -> None:
 
 
 def _check_head_groups(cfg: RunConfig) -> None:
-    """``parallel.head_groups`` against the query heads a Ulysses rank computes, under the job's own plan
-    context (so last: every value it reads is checked)."""
+    """The query heads a Ulysses rank computes (at least one), and ``parallel.head_groups`` against them,
+    under the job's own plan context (so last: every value it reads is checked)."""
     p, m = cfg.parallel, cfg.model
     entry = spec(p.fixed_scheduler) if p.fixed_scheduler in NAMES else None
     if entry is not None and "head_groups" in entry.option_names() and p.fixed_cp > 1:
-        fewest = m.n_heads // entry.head_split(p.fixed_cp, cfg.plan_context())
+        split = entry.head_split(p.fixed_cp, cfg.plan_context())
+        # first: with fewer heads than ranks the head_groups bound below would be 0, blaming a key the
+        # user never set (ulysses splits the heads over every rank, usp over its degree, which
+        # _check_parallel already holds to model.n_heads where it is set)
+        if split > m.n_heads:
+            cp, usp = ("parallel.cp", f"usp with parallel.ulysses_degree <= {m.n_heads}") if p.cp != AUTO else \
+                ("parallel.world_size / parallel.dp", "usp or auto (which choose usp's degree per step)")
+            raise ValueError(f"{m.n_heads} query heads (model.n_heads) < {cp} {split}: Ulysses needs at least one "
+                             f"head per rank; use parallel.scheduler: {usp}, or {cp} <= {m.n_heads}")
+        fewest = m.n_heads // split
         if p.head_groups > fewest:
             raise ValueError(f"parallel.head_groups ({p.head_groups}) must be at most the query heads a Ulysses rank "
                              f"computes ({fewest} of model.n_heads {m.n_heads}): use head_groups <= {fewest}")
@@ -340,3 +404,10 @@ def _check_train(t: TrainSection) -> None:
                              f"{torch.__version__} has none: upgrade torch or set train.compile: false")
     if not t.min_lr <= t.lr:
         raise ValueError(f"train.min_lr ({t.min_lr}) must be at most train.lr ({t.lr})")
+    if t.keep_last is not None and t.keep_last < 1:
+        raise ValueError(f"train.keep_last must be >= 1 (the newest checkpoints kept), got {_r(t.keep_last)}; leave it "
+                         f"unset to keep every checkpoint")
+    # not capped by train.steps: a resumed run (--steps raised) profiles steps past the first run's end
+    if t.profile_steps is not None and not 1 <= t.profile_steps[0] <= t.profile_steps[1]:
+        raise ValueError(f"train.profile_steps must be [start, end] with 1 <= start <= end (the steps profiled, "
+                         f"counted from 1), got {_r(list(t.profile_steps))}; leave it unset for none")
