@@ -98,6 +98,20 @@ def small_run(base: dict, out, **changes):
     return validate(RunConfig().replace(**sections))
 
 
+class DictStore(dict):
+    """What :class:`distattn.train.auto_plan.SharedChoice` uses of a c10d store, in a dict: a key never
+    set raises ``KeyError`` at once where a real store's ``get`` would wait."""
+
+    def set(self, key, value):
+        self[key] = value.encode()
+
+    def get(self, key):
+        return self[key]
+
+    def delete_key(self, key):
+        del self[key]
+
+
 def small_yaml(base: dict, folder, **changes):
     """``base``'s sections (dicts) updated by ``changes``, ``train.out`` set to ``folder/run``, written to
     ``folder/cfg.yaml`` (for the command line); returns that path."""

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from conftest import small_run
+from conftest import DictStore, small_run
 from distattn.spawn import run_distributed
 from distattn.train.data.corpus import write_token_file
 
@@ -124,19 +124,9 @@ def test_a_failed_choice_fails_every_rank_at_once():
 
     from distattn.train.auto_plan import SharedChoice
 
-    class Store(dict):   # what SharedChoice uses of a c10d store; a key never set would wait: here it fails
-        def set(self, key, value):
-            self[key] = value.encode()
-
-        def get(self, key):
-            return self[key]
-
-        def delete_key(self, key):
-            del self[key]
-
     def decide():
         raise RuntimeError("the chooser process (parallel.scheduler/cp: auto) failed: ValueError: doc_lens")
-    store = Store()
+    store = DictStore()   # (a key never set fails at once: a real store's get would wait)
     zero, other = SharedChoice(store, 0), SharedChoice(store, 0)
     with pytest.raises(RuntimeError, match="failed: ValueError"):
         zero.next(0, decide)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import small_run
+from conftest import DictStore, small_run
 from distattn.spawn import run_distributed
 from distattn.train.data.corpus import write_token_file
 
@@ -194,17 +194,7 @@ def test_auto_refuses_what_it_cannot_run(change, words, tmp_path):
 def test_rank_0_chooses_and_the_others_read_its_choice():
     from distattn.train.auto_plan import KEPT_STEPS, SharedChoice
 
-    class Store(dict):   # what SharedChoice uses of a c10d store
-        def set(self, key, value):
-            self[key] = value.encode()
-
-        def get(self, key):
-            return self[key]
-
-        def delete_key(self, key):
-            del self[key]
-
-    store, made = Store(), []
+    store, made = DictStore(), []
 
     def decide():
         made.append(1)
