@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from .nccl import strip_launcher_prefix, parse_nccl_tests
-from ..network import Measurement, NetworkProfile
+from ..costmodel.network import Measurement, NetworkProfile
 
 BINARIES = {"all_gather": "all_gather_perf", "reduce_scatter": "reduce_scatter_perf",
             "all_to_all": "alltoall_perf", "send_recv": "sendrecv_perf"}

@@ -3,7 +3,7 @@
 Works on whatever backend the process group has (gloo on CPUs here, nccl on GPUs), where
 nccl-tests is not available. Every op is run ``warmup`` times untimed, then ``iters`` times; the
 time of an iteration is the slowest rank's, and the median iteration is kept. Sizes follow
-nccl-tests (see :mod:`distattn.network`), so both feed the same :class:`NetworkProfile`.
+nccl-tests (see :mod:`distattn.costmodel.network`), so both feed the same :class:`NetworkProfile`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from ..comm import all_gather_single, reduce_scatter_single
-from ..timing import slowest_rank, time_calls
+from ..distributed.comm import all_gather_single, reduce_scatter_single
+from ..distributed.timing import slowest_rank, time_calls
 from . import PROBED
-from ..network import Measurement, NetworkProfile, parse_size
+from ..costmodel.network import Measurement, NetworkProfile, parse_size
 
 
 def parse_sizes(text: str) -> list[int]:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from distattn.mesh import usp_mesh
+from distattn.distributed.mesh import usp_mesh
 
 DOC_LENS = [300, 37, 1200, 64, 455, 8, 512]   # S = 2,576 tokens, documents never attend to each other
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 32          # grouped-query attention: 4 query heads per KV head

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 EXTENSIONS = str(Path(__file__).resolve().parents[1] / ".venv" / "torch_extensions")
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import distattn
 from distattn.parallel import hf
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 
 def main_rank(steps: int = 5):

@@ -11,7 +11,7 @@ nano-batches whose attention transfers hide behind each other's linear layers (D
 import torch
 import torch.distributed as dist
 
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 SEQ = 64
 DOCS = [20, 12, 32]   # the packed documents of the sequence: none sees another

@@ -20,6 +20,9 @@ FlashAttention takes the call (fp16/bf16, one head dim, a multiple of 8 up to 25
 band it can express; never the backward of a deterministic run), else ``triton`` (so always
 ``triton`` on GPUs the table has no row for). On an H100 that is ``torch`` for the backward at head
 dim >= 128 and ``triton`` for everything else.
+
+Beside the backends: :mod:`.merge`, the fp32 log-sum-exp merge of partial results every backend and
+executor shares, and :mod:`.speed`, the kernels' measured speed as the tile model the planners price with.
 """
 
 from . import reference, torch_cpu, torch_cuda

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distattn.cost import BWD_FLOPS_FACTOR
+from distattn.costmodel.cost import BWD_FLOPS_FACTOR
 
 DIRECTIONS = ("fwd", "bwd")
 DEFAULT = "triton"  # what auto runs where nothing was measured (and on ties)

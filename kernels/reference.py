@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from distattn.merge import acc_dtype
+from distattn.kernels.merge import acc_dtype
 
 from .registry import Backend
 

@@ -17,8 +17,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from distattn.masks import check_window
-from distattn.merge import acc_dtype, add_sink, row_delta, sink_grad
+from distattn.planning.masks import check_window
+from distattn.kernels.merge import acc_dtype, add_sink, row_delta, sink_grad
 
 from . import auto, torch_cuda
 from .varlen import Varlen

@@ -37,8 +37,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from distattn.masks import UNBOUNDED
-from distattn.merge import acc_dtype, merge_
+from distattn.planning.masks import UNBOUNDED
+from distattn.kernels.merge import acc_dtype, merge_
 
 from .torch_cpu_buckets import short_bwd, short_fwd, split_short
 from .torch_math import live_rows, math_bwd, math_fwd, row_ranges

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distattn.masks import UNBOUNDED, band_area
-from distattn.merge import acc_dtype
+from distattn.planning.masks import UNBOUNDED, band_area
+from distattn.kernels.merge import acc_dtype
 
 from .torch_math import math_bwd, math_fwd
 from .varlen import Varlen

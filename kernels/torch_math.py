@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from distattn.merge import acc_dtype
+from distattn.kernels.merge import acc_dtype
 
 _ROWS = 256
 _BUDGET = 1 << 24  # score elements per block: 64 MiB in fp32

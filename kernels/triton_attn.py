@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from distattn.merge import row_delta
+from distattn.kernels.merge import row_delta
 
 from .registry import device_arch
 from .triton_blocks import (block_count, block_start, key_runs, load_rows, logits, row_offset, row_runs, segment,

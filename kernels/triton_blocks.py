@@ -6,7 +6,7 @@ with or without masks. ``@triton.jit`` functions, inlined into the kernels that 
 The band of a segment with ``m`` queries and ``n`` keys: local query row ``i`` sees local key ``j``
 iff ``lo <= j - i <= hi``. :func:`segment` clamps both bounds into ``[-m, n]`` (every ``j - i`` lies
 in ``[1 - m, n - 1]``), so a missing bound (``HAS_LO``/``HAS_HI`` False, or
-``distattn.masks.UNBOUNDED`` in the array) is just ``-m`` / ``n`` and the arithmetic below stays far
+``distattn.planning.masks.UNBOUNDED`` in the array) is just ``-m`` / ``n`` and the arithmetic below stays far
 inside int32.
 """
 

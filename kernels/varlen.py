@@ -15,7 +15,7 @@ non-decreasing; ``lo``/``hi`` int32 ``[n]`` or None.
 The mask is a *band* per segment: in segment ``s`` with ``m`` queries and ``n``
 keys, local query row ``i`` sees local key ``j`` iff ``lo[s] <= j - i <= hi[s]``
 (relative to the segment's first query and first key, whatever ``m`` and ``n``).
-``±UNBOUNDED`` (:data:`distattn.masks.UNBOUNDED` = 2**30) means no bound; a bound
+``±UNBOUNDED`` (:data:`distattn.planning.masks.UNBOUNDED` = 2**30) means no bound; a bound
 that cuts nothing in its segment (``lo <= -(m - 1)``, ``hi >= n - 1``) is stored
 as such, and an array left with no bound at all is stored as None. Examples, for
 a segment of ``m`` queries at the end of ``n`` keys (``d = n - m``): full
@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from distattn.masks import UNBOUNDED, band, check_window
+from distattn.planning.masks import UNBOUNDED, band, check_window
 
 
 def _bounds(values, name: str, total: int | None, what: str) -> np.ndarray:
@@ -107,7 +107,7 @@ class Varlen:
 
     @classmethod
     def from_geometry(cls, q_lens, k_lens, causal: bool, window: int | None, offset=0) -> "Varlen":
-        """A layout under the (causal, window, offset) geometry of :func:`distattn.masks.band`:
+        """A layout under the (causal, window, offset) geometry of :func:`distattn.planning.masks.band`:
         query ``i`` of a segment sits at key position ``i + n - m + offset`` (bottom-right for 0)."""
         q_lens, k_lens = np.asarray(q_lens, dtype=np.int64), np.asarray(k_lens, dtype=np.int64)
         lo, hi = band(q_lens, k_lens, bool(causal), check_window(window), offset)

@@ -29,8 +29,8 @@ from ..extras import require
 
 require("deepspeed", "deepspeed", "distattn.parallel.deepspeed")
 
-from ..api import attention, plan as make_plan
-from ..plan_cache import PlanCache
+from ..runtime.api import attention, plan as make_plan
+from ..runtime.plan_cache import PlanCache
 from ..schedulers import NAMES, PlanContext
 
 # plans a module keeps: the last batch's (every layer has a module of its own, so more would be kept
@@ -124,8 +124,8 @@ class SequenceParallelMPU:
         world, rank = dist.get_world_size(), dist.get_rank()
         if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1 or world % sp_size:
             raise ValueError(f"sp_size must divide the world size {world}, got {sp_size!r}")
-        from ..comm import subgroups
-        from ..mesh import ParallelDims, group_device
+        from ..distributed.comm import subgroups
+        from ..distributed.mesh import ParallelDims, group_device
 
         # the job's one mesh (a second call, or the trainer's mesh of the same shape, finds its groups)
         mesh = ParallelDims(dp=world // sp_size, cp=sp_size).build(group_device(dist.group.WORLD).type)

@@ -33,7 +33,7 @@ from ..extras import require
 
 require("transformers", "hf", "distattn.parallel.hf")
 
-from ..api import attention
+from ..runtime.api import attention
 
 NAME = "distattn"
 
@@ -117,7 +117,7 @@ def causal_lm_loss(logits: torch.Tensor, plan, input_ids: torch.Tensor, group=No
     """Mean next-token cross-entropy over the whole packed sequence (every row of a batched plan),
     from this rank's ``logits [B, S_local, V]``. Summing the gradients over the CP group gives the
     full gradient."""
-    from ..labels import next_token_labels
+    from ..planning.labels import next_token_labels
 
     ids = _rows(plan, input_ids)
     # a row ends a document, so labels never cross rows either

@@ -7,7 +7,7 @@
 Megatron's own local attention refuses context parallelism without
 TransformerEngine; this module runs it with any of our schedulers
 (``zigzag`` by default; ``ring``, ``allgather``, ``ulysses``, ``usp``, ``cad``),
-always on the layout Megatron split the batch with (:mod:`distattn.layout`), so
+always on the layout Megatron split the batch with (:mod:`distattn.planning.layout`), so
 the tokens never move before attention and RoPE keeps Megatron's positions:
 
 * ``sbhd``/``bshd`` (no ``packed_seq_params``, or ``qkv_format`` "sbhd"/"bshd"):
@@ -51,7 +51,7 @@ would let tokens attend across documents.
 **Nano-batches** (``nano_batches``; default: the scheduler's, 2 for ``cad``): a packed batch of
 several documents runs as two nano-batches whose pieces interleave across the layers, each one's
 attention transfers hidden behind the other's linear layers (DistCA's ping-pong,
-:mod:`distattn.pingpong`). The spec's layer is then :class:`~distattn.parallel.megatron_pingpong.PingPongLayer`
+:mod:`distattn.runtime.pingpong`). The spec's layer is then :class:`~distattn.parallel.megatron_pingpong.PingPongLayer`
 (Megatron's ``TransformerLayer``, the same submodules); its module docstring tells how, and what
 it runs as one nano-batch or refuses.
 
@@ -81,10 +81,10 @@ from ..extras import require
 
 require("megatron.core", "megatron", "distattn.parallel.megatron")
 
-from ..api import attention, plan as make_plan
-from ..kernel_speed import device_gpu
-from ..memory_model import CAD_BACKWARDS
-from ..plan_cache import PlanCache
+from ..runtime.api import attention, plan as make_plan
+from ..kernels.speed import device_gpu
+from ..sim.memory_model import CAD_BACKWARDS
+from ..runtime.plan_cache import PlanCache
 from ..schedulers import NAMES, PlanContext, spec as scheduler_spec
 from .megatron_shared import PLANS_KEPT
 
@@ -128,7 +128,7 @@ class MicroBatchChoice:
 class DistAttnCoreAttention(MegatronModule):
     """Megatron ``core_attention`` running distattn (see module docstring): ``scheduler`` any of
     ``distattn.schedulers.NAMES``; ``cad_pool`` None, or ``"dp"`` with ``scheduler="cad"``;
-    ``plans`` a :class:`~distattn.plan_cache.PlanCache` shared by the layers of one spec (default: the
+    ``plans`` a :class:`~distattn.runtime.plan_cache.PlanCache` shared by the layers of one spec (default: the
     layer's own); ``choice``: a :class:`MicroBatchChoice` whose scheduler, when set, runs instead."""
 
     _checked_mask = None  # (weakref to the last attention_mask found valid, what it was checked against)
@@ -166,7 +166,7 @@ class DistAttnCoreAttention(MegatronModule):
 
     @cached_property
     def gpu(self) -> str | None:
-        """This rank's GPU by name (:func:`distattn.kernel_speed.device_gpu`); None on CPU or a GPU
+        """This rank's GPU by name (:func:`distattn.kernels.speed.device_gpu`); None on CPU or a GPU
         distattn does not know (plans then balance an H100's kernel)."""
         return device_gpu(torch.cuda.current_device()) if torch.cuda.is_available() else None
 
@@ -185,7 +185,7 @@ class DistAttnCoreAttention(MegatronModule):
     def plan(self, doc_lens: tuple[int, ...], layout, kv_heads: int, batch, name=None):
         """The plan of documents ``doc_lens`` on ``layout`` (a name, or a :class:`~distattn.Layout`
         that ``name`` identifies in the cache: a nano-batch's) for ``kv_heads`` KV heads; pooled plans
-        made anew for every ``batch`` (:mod:`distattn.plan_cache`)."""
+        made anew for every ``batch`` (:mod:`distattn.runtime.plan_cache`)."""
         # the planner derives its options (usp: its degree) from this TP rank's heads
         options = {"context": PlanContext(num_kv_heads=kv_heads)}
         if self.pool is not None:
@@ -337,7 +337,7 @@ def get_gpt_layer_spec(scheduler: str = "zigzag", cad_pool: str | None = None, n
     module docstring). ``nano_batches``: 1, 2 (packed batches ping-ponged through the layers as two
     nano-batches: :mod:`distattn.parallel.megatron_pingpong`), or None, the scheduler's default (2 for
     ``cad``, where the layers can run it). The spec's layers share one
-    :class:`~distattn.plan_cache.PlanCache`.
+    :class:`~distattn.runtime.plan_cache.PlanCache`.
 
     ``multi_latent_attention=True`` (one of ``kwargs``): Megatron's local MLA layer
     (``MLASelfAttention``, for a model built with an ``MLATransformerConfig``) with this core

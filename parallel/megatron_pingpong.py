@@ -2,12 +2,12 @@
 ``get_gpt_layer_spec(nano_batches=2)`` (:mod:`distattn.parallel.megatron`; ``cad``'s default).
 
 A packed batch (``packed_seq_params``, batch 1; sbhd or thd) of several documents is cut into two
-nano-batches of whole documents (:func:`distattn.pingpong.nano_batches`, the one with more attention
+nano-batches of whole documents (:func:`distattn.runtime.pingpong.nano_batches`, the one with more attention
 first: ``A``, then ``B``), each with its own plan, and their *pieces* -- ``pre`` (input layernorm, QKV
 projection, RoPE), the attention stages ``dispatch``, ``compute``, ``finish``, ``post`` (output
-projection, its bias-dropout-add, the MLP) -- run in :func:`distattn.program.layer_order`'s
+projection, its bias-dropout-add, the MLP) -- run in :func:`distattn.planning.program.layer_order`'s
 cross-layer order, so that each nano-batch's attention transfers hide behind the other's linear
-layers; the backward runs the mirror order by itself (:mod:`distattn.pingpong`). Values and
+layers; the backward runs the mirror order by itself (:mod:`distattn.runtime.pingpong`). Values and
 gradients are those of one nano-batch.
 
 **Inside Megatron's block.** ``GPTModel`` builds a plain ``TransformerBlock`` that calls its layers one
@@ -20,7 +20,7 @@ says which; ``get_num_layers_to_build`` says how many layers the block has)::
 
 B's attention is in flight from layer L into layer L+1, which also runs layer L's ``post`` for B:
 the layers of one spec share a :class:`PingPongState` (the spec's params, like the plans) holding
-that *carry* -- B's :class:`~distattn.pingpong.NanoBatch` and layer L's pieces -- between the two
+that *carry* -- B's :class:`~distattn.runtime.pingpong.NanoBatch` and layer L's pieces -- between the two
 forwards, never as a submodule (no parameter registered twice). The hidden states layer L returns
 hold A's rows after layer L and B's rows *before* it (B's residual input of layer L, whose ``post``
 runs in layer L+1); the first layer takes, and the last returns, the complete hidden states. Rows
@@ -69,11 +69,11 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import get_pg_rank
 
-from ..layout import Layout, token_index
-from ..model_shape import ModelShape
-from ..pingpong import NanoBatch, all_ranks, nano_batches, run_piece
-from ..plan_cache import PlanCache
-from ..program import layer_share
+from ..planning.layout import Layout, token_index
+from ..costmodel.model_shape import ModelShape
+from ..runtime.pingpong import NanoBatch, all_ranks, nano_batches, run_piece
+from ..runtime.plan_cache import PlanCache
+from ..planning.program import layer_share
 from .megatron_shared import PLANS_KEPT
 
 # TransformerLayer.forward's arguments (it hands them to _forward_attention): bound by name, as the
@@ -133,8 +133,8 @@ class _Carry:
 
 
 class _Pieces:
-    """One layer's pieces around attention in one forward -- the :class:`distattn.pingpong.Layer` that
-    :func:`~distattn.pingpong.run_piece` runs -- exactly as ``TransformerLayer``/``SelfAttention.forward``
+    """One layer's pieces around attention in one forward -- the :class:`distattn.runtime.pingpong.Layer` that
+    :func:`~distattn.runtime.pingpong.run_piece` runs -- exactly as ``TransformerLayer``/``SelfAttention.forward``
     compute them, on the local rows ``split.rows[n]`` of nano-batch ``n``: ``x`` ``[rows, 1, hidden]``,
     q ``[rows, Hq, D]``, k/v ``[rows, Hkv, D]`` (this TP rank's heads)."""
 

@@ -8,8 +8,8 @@ tables. Usage::
     .venv/bin/python scripts/make_h100_profile.py ../shared/data/profiles/published distattn/profiles/h100.json DATE
 """
 import json, sys
-from distattn.network import NetworkProfile
-from distattn.network_csv import bus_factor
+from distattn.costmodel.network import NetworkProfile
+from distattn.costmodel.network_csv import bus_factor
 
 src, out, date = sys.argv[1], sys.argv[2], sys.argv[3]
 pub = NetworkProfile.load(src)

@@ -119,7 +119,7 @@ def _resume(cfg):
 
 def crash_trials(folder: Path, trials: int, seed: int = 0, say=print) -> list[dict]:
     """``trials`` trials alternating "all ranks" and "one rank" (module docstring); one row each."""
-    from distattn.spawn import RankError, run_distributed
+    from distattn.distributed.spawn import RankError, run_distributed
     from distattn.train.checkpoint import dcp as checkpoint
     from distattn.train.config import load_config
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 import distattn.schedulers
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 pytest.importorskip("deepspeed")
 EXT_DIR = os.path.join(os.path.dirname(__file__), "..", ".venv", "torch_extensions")

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 pytest.importorskip("transformers")
 

@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 pytest.importorskip("megatron.core")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 NAME = "revgather"
 PACKAGE = Path(__file__).resolve().parents[1] / "distattn" / "schedulers"

@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from distattn.masks import batch_rows
+from distattn.planning.masks import batch_rows
 from distattn.schedulers import NAMES, PlanContext
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 P = 4
 ROWS = [[5, 11, 8], [24], [1, 20, 3]]

@@ -7,7 +7,7 @@ import re
 
 from tqdm import tqdm
 
-import distattn.spawn
+import distattn.distributed.spawn
 import distattn.train.metrics
 from distattn.bench import suite
 from distattn.bench.suite import BenchConfig, BenchProgress, Case, bench_cases, run_bench
@@ -102,7 +102,7 @@ def _instant_ranks(monkeypatch):
             for (i, _), row in zip(mine, rows):
                 events.put((i, 0.01, row))
         return [rows]
-    monkeypatch.setattr(distattn.spawn, "run_distributed", fake)
+    monkeypatch.setattr(distattn.distributed.spawn, "run_distributed", fake)
     monkeypatch.setattr(suite, "write_results", lambda rows, out, cfg: None)
 
 

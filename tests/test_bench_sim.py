@@ -127,7 +127,7 @@ def test_simulate_auto_recommends_a_mesh_and_bad_input(gpus, seq_len):
 
 def test_auto_ranks_by_tokens_per_gpu_not_step_time(monkeypatch):
     import distattn.sim.sweep as sweep
-    from distattn.network import default_profile
+    from distattn.costmodel.network import default_profile
     from distattn.sim.simulate import MODELS, SimConfig
 
     # 16 GPUs, 64K tokens: the most tokens/s per GPU among the settings that fit
@@ -151,7 +151,7 @@ def test_auto_ranks_by_tokens_per_gpu_not_step_time(monkeypatch):
 
 
 def test_simulate_per_rank_timelines(tmp_path):
-    from distattn.network import default_profile
+    from distattn.costmodel.network import default_profile
     from distattn.sim.simulate import (MODELS, PHASES, TIMELINE_COLUMNS, SimConfig, simulate,
                                        simulate_with_timelines, write_timeline)
 

@@ -10,9 +10,9 @@ import torch.distributed as dist
 
 import distattn
 from conftest import case_error, max_err, rand_qkv, sent_vs_stats, slow_cases
-from distattn.cost import Roofline
-from distattn.doclens import load_doc_lens, pack, upsample_long
-from distattn.spawn import run_distributed
+from distattn.costmodel.cost import Roofline
+from distattn.planning.doclens import load_doc_lens, pack, upsample_long
+from distattn.distributed.spawn import run_distributed
 
 DOCS = [[3, 50, 2, 1, 4, 17], [1, 2, 1, 3, 1, 1, 2, 5, 1, 4], [29], [300, 12, 5]]
 MASKS = [(True, None), (False, None), (True, 6), (False, 5)]
@@ -127,8 +127,8 @@ def test_the_cost_models_price_forward_plus_backward():
     """A roofline prices every pair alike (forward + backward: 3.5 forward FLOPs); the tile model (the
     default) charges a task of few query rows against a long key prefix its backward's fixed cost over
     every key block, and cad cuts no task shorter than that cost's rows where balance does not need it."""
-    from distattn.cost import TileCost, causal_area
-    from distattn.kernel_speed import kernel_model
+    from distattn.costmodel.cost import TileCost, causal_area
+    from distattn.kernels.speed import kernel_model
 
     roof = Roofline()
     t = roof.task_time([64, 128, 32768, 65536], [64, 128, 32768, 65536], causal_area([64, 128, 32768, 65536]))
@@ -150,7 +150,7 @@ def test_bad_options():
 
 
 def _pingpong_worker():
-    from distattn.pingpong import ping_pong, split_nano_batches
+    from distattn.runtime.pingpong import ping_pong, split_nano_batches
 
     docs = [40, 7, 90, 3, 60]
     docs_a, docs_b, cut = split_nano_batches(docs)

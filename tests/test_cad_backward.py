@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import distattn
-from distattn.network import default_profile
-from distattn.schedule import AttnShape
-from distattn.spawn import run_distributed
+from distattn.costmodel.network import default_profile
+from distattn.planning.schedule import AttnShape
+from distattn.distributed.spawn import run_distributed
 from distattn.train.config import RunConfig, validate
 
 MODEL = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64}
@@ -32,7 +32,7 @@ def _trainer_worker(out: str):
     """Per mode, in fp64 (the trainer's fp32 model made with fp64 as torch's default dtype): the losses
     and gradient norms of 3 steps (resend: 2 steps, then a resume for the third), the final weights, and
     the most hops a plan's rows took."""
-    from distattn.plan_cache import PlanCache
+    from distattn.runtime.plan_cache import PlanCache
     from distattn.train.trainer import Trainer
 
     torch.set_default_dtype(torch.float64)

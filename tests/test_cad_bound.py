@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from distattn.layout import Layout
-from distattn.schedule import AttnShape
+from distattn.planning.layout import Layout
+from distattn.planning.schedule import AttnShape
 from distattn.schedulers.cad.bound import (after_pairs, causal_runs, export_bytes, export_excess, export_rows,
                                            node_bound, receiver_bound, row_costs, run_pairs, tight_export_bytes)
 

@@ -11,11 +11,11 @@ import torch.distributed as dist
 
 import distattn
 from conftest import max_err, rand_qkv
-from distattn.layout import Layout
-from distattn.network import default_profile
-from distattn.schedule import AttnShape
+from distattn.planning.layout import Layout
+from distattn.costmodel.network import default_profile
+from distattn.planning.schedule import AttnShape
 from distattn.schedulers.cad.cast import Nodes, key_legs, query_legs
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 
 def _legs(legs, hop):

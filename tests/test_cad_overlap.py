@@ -13,9 +13,9 @@ import torch.distributed as dist
 import distattn
 from conftest import BackwardMark, max_err
 from distattn.executors import task_a2a
-from distattn.network import default_profile
-from distattn.pingpong import ping_pong
-from distattn.spawn import run_distributed
+from distattn.costmodel.network import default_profile
+from distattn.runtime.pingpong import ping_pong
+from distattn.distributed.spawn import run_distributed
 
 HQ, HKV, D, HIDDEN = 4, 2, 8, 16
 NANO_DOCS = [[40, 7, 3], [90, 1], [12, 60, 2]]

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 import distattn
-from distattn.network import default_profile
-from distattn.doclens import pack
-from distattn.schedule import AttnShape
-from distattn.cost import Roofline
-from distattn.layout import even_bounds
+from distattn.costmodel.network import default_profile
+from distattn.planning.doclens import pack
+from distattn.planning.schedule import AttnShape
+from distattn.costmodel.cost import Roofline
+from distattn.planning.layout import even_bounds
 from distattn.schedulers.cad import Traffic
 from distattn.schedulers.cad.ledger import LinkCost, RowBytes
 from distattn.sim.simulate import comm_time

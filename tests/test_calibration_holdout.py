@@ -91,7 +91,7 @@ def test_cpu_kernel_tiles_cost_what_the_kernel_computes():
     """A masked tile computes its whole rectangle; an is_causal one its 512-key blocks up to the
     diagonal of each 256-row (64-, 32-row) query block (PyTorch's CPU flash kernel)."""
     from distattn.kernels.torch_cpu import tile_shapes
-    from distattn.masks import UNBOUNDED
+    from distattn.planning.masks import UNBOUNDED
 
     assert tile_shapes(2048, 2048, -UNBOUNDED, 0) == [(2048, 2048, 256 * (512 * 2 + 1024 * 2 + 1536 * 2 + 2048 * 2),
                                                        False)]

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from conftest import DictStore, small_run
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 from distattn.train.data.corpus import write_token_file
 
 SEQ = 128

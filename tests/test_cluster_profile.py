@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distattn.cluster.nccl_tests import measurements_from_output, run_nccl_tests
-from distattn.network import Measurement, NetworkProfile, bus_factor, default_profile, fit_alpha_beta
+from distattn.costmodel.network import Measurement, NetworkProfile, bus_factor, default_profile, fit_alpha_beta
 
 EXE = str(Path(sys.executable).with_name("distattn"))
 H100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "profiles" / "nccl_perf_h100.csv"
@@ -167,7 +167,7 @@ def test_sparse_all_to_all_pays_its_peers_latency():
     latency of those peers (torch's all_to_all_single skips empty splits); with every peer, time()."""
     import numpy as np
 
-    from distattn.network import default_profile
+    from distattn.costmodel.network import default_profile
 
     net = default_profile()
     sizes = np.asarray([0.0, 1e3, 1e6, 1e9])

@@ -11,7 +11,7 @@ import distattn
 from conftest import max_err, rand_qkv
 from distattn.compat import _llama3 as llama3_split
 from distattn.compat import ring_flash_attn as rfa
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 HQ, HKV, D = 4, 2, 8
 
@@ -140,9 +140,9 @@ def _worker():
     rows = [(name, lens, causal, window, _case(name, lens, causal, window, kw, seed=i))
             for i, (name, lens, causal, window, kw) in enumerate(cases(p))]
     # the layers of a step share one plan: calling again plans nothing
-    before = distattn.varlen.PLANS.made
+    before = distattn.runtime.varlen.PLANS.made
     _case(*cases(p)[-1], seed=0)
-    return rows, distattn.varlen.PLANS.made - before
+    return rows, distattn.runtime.varlen.PLANS.made - before
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -201,7 +201,7 @@ def _loss_grads(model, ids, pos, labels, count):
 
 
 def _hf_worker():
-    from distattn.labels import next_token_labels
+    from distattn.planning.labels import next_token_labels
 
     r, p = dist.get_rank(), dist.get_world_size()
     model = _model()
@@ -216,9 +216,9 @@ def _hf_worker():
     model.config._attn_implementation = "flash_attention_2"
     cu = torch.tensor([0, *torch.tensor(DOCS).cumsum(0).tolist()], dtype=torch.int32)
     rfa.update_ring_flash_attn_params(cu, dist.group.WORLD)
-    plans = distattn.varlen.PLANS.made
+    plans = distattn.runtime.varlen.PLANS.made
     loss, logits, grads = _loss_grads(model, ids.chunk(p, 1)[r], pos.chunk(p, 1)[r], labels.chunk(p)[r], count)
-    assert distattn.varlen.PLANS.made == plans + 1   # distattn ran it, one plan for both layers
+    assert distattn.runtime.varlen.PLANS.made == plans + 1   # distattn ran it, one plan for both layers
     dist.all_reduce(loss)
     dist.all_reduce(grads)
     rel = (grads - ref_grads).abs().max() / ref_grads.abs().max()

@@ -1,12 +1,12 @@
 """Issue 32 item 5: ``train.compile`` -- each block ``torch.compile``d whole, attention a custom op
-(``distattn.ops``): no graph break, exact in fp64 against the eager model with a scheduler that
+(``distattn.runtime.ops``): no graph break, exact in fp64 against the eager model with a scheduler that
 communicates, under FSDP2 and every checkpointing mode; a new plan per step reuses the graph."""
 
 import pytest
 import torch
 
 import distattn
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 from conftest import small_run
 
 DOCS = [300, 17, 211, 64]
@@ -26,7 +26,7 @@ def _compiled_vs_eager(scheduler: str, fsdp: bool, modes) -> dict:
     from torch._dynamo.utils import counters
 
     from distattn import plan as make_plan
-    from distattn.mesh import ParallelDims
+    from distattn.distributed.mesh import ParallelDims
     from distattn.train.config import ModelConfig
     from distattn.train.model import LocalBatch, Transformer
 
@@ -104,7 +104,7 @@ def test_compiled_block_is_exact(scheduler, world, fsdp, request):
 def _fake_matches_real(scheduler: str, options: dict) -> list[str]:
     import torch.distributed as dist
 
-    from distattn import ops
+    from distattn.runtime import ops
 
     options = dict(options)
     dv = options.pop("head_dim_v", 8)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import distattn
 from distattn.executors.base import DeviceIndex
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 SCHEDULERS = ["ring", "zigzag", "allgather", "ulysses", "usp", "cad"]
 
@@ -48,7 +48,7 @@ def test_two_runs_are_bitwise_equal_on_three_processes():
 
 
 def test_two_runs_are_bitwise_equal_on_sixteen_virtual_ranks():
-    from distattn.virtual import run_virtual
+    from distattn.distributed.virtual import run_virtual
 
     _assert_reruns_bitwise_equal(run_virtual, 16, 16, 16, 1, timeout=600)
 

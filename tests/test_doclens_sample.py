@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from distattn.doclens import doclens_source, load_doc_lens, synthetic_sample
+from distattn.planning.doclens import doclens_source, load_doc_lens, synthetic_sample
 
 
 def test_the_packaged_sample_is_its_generators_output():

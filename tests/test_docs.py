@@ -115,9 +115,10 @@ def test_the_cli_reference_lists_every_command(site):
 
 def test_the_api_reference_documents_the_public_api(site):
     page = (site / "reference" / "api" / "index.html").read_text(encoding="utf-8")
-    for anchor in ("distattn.api.plan", "distattn.plans.Plan.shard", "distattn.plans.Plan.unshard",
-                   "distattn.plans.Plan.position_ids", "distattn.plans.Plan.stats", "distattn.api.attention",
-                   "distattn.oracle.reference_attention", "kernels.registry.attn_fwd", "kernels.registry.attn_bwd",
+    for anchor in ("distattn.runtime.api.plan", "distattn.runtime.plans.Plan.shard",
+                   "distattn.runtime.plans.Plan.unshard", "distattn.runtime.plans.Plan.position_ids",
+                   "distattn.runtime.plans.Plan.stats", "distattn.runtime.api.attention",
+                   "distattn.runtime.oracle.reference_attention", "kernels.registry.attn_fwd", "kernels.registry.attn_bwd",
                    "distattn.train.trainer.Trainer", "parallel.megatron.get_gpt_layer_spec",
                    "parallel.deepspeed.DistAttnDistributedAttention", "parallel.hf.shard_inputs"):
         assert f'id="{anchor}"' in page, anchor

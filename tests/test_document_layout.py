@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import distattn
 from conftest import case_error, covers_the_mask, sent_vs_stats, slow_cases
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 MASKS = [(True, None), (False, None), (True, 5), (False, 4)]
 
@@ -58,7 +58,7 @@ def test_the_split_is_transformer_engines():
                 idx += range(start + c * chunk, start + (c + 1) * chunk)
             start += n
         expected.append(idx)
-    assert [distattn.plans.token_index(plan.layout.owned[r]).tolist() for r in range(cp)] == expected
+    assert [distattn.runtime.plans.token_index(plan.layout.owned[r]).tolist() for r in range(cp)] == expected
 
 
 def _positions_worker(docs):

@@ -1,4 +1,4 @@
-"""Issue 78: the memory model per ``parallel.dp_mode`` (:mod:`distattn.dp_memory`) against the live tensor
+"""Issue 78: the memory model per ``parallel.dp_mode`` (:mod:`distattn.sim.dp_memory`) against the live tensor
 bytes of real training steps on 4 gloo ranks (dp 2 x cp 2), one run per mode -- ddp, fsdp, hsdp with
 ``dp_shard`` 2 and zero1 -- of a model whose parameter states dominate (5.9M parameters, 16 tokens a
 rank): the measured states (the backward's peak less the estimate's token parts) are within 10% of
@@ -13,10 +13,10 @@ import pytest
 from conftest import small_run
 from distattn.bench.memory import backward_peaks, states_measured, write_corpus
 from distattn.cli import main as cli_main
-from distattn.dp_memory import ZERO1_IN_FLIGHT, step_excess
-from distattn.memory_model import BUCKET_ELEMENTS, GIB, Job, cheapest_mode, estimate, model_states, zero1_bucket
-from distattn.model_shape import MODELS
-from distattn.spawn import run_distributed
+from distattn.sim.dp_memory import ZERO1_IN_FLIGHT, step_excess
+from distattn.sim.memory_model import BUCKET_ELEMENTS, GIB, Job, cheapest_mode, estimate, model_states, zero1_bucket
+from distattn.costmodel.model_shape import MODELS
+from distattn.distributed.spawn import run_distributed
 from distattn.train.preflight.memory import job as job_of
 
 # dim 512 x 2 layers: 5.9M parameters, 22 MiB of fp32; 16 tokens a rank keep the activations ~3% of the

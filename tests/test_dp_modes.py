@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import small_run
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 SMALL = {"model": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64},
          "data": {"seq_len": 256},

@@ -20,7 +20,7 @@ def test_example_runs(script):
 
 
 def test_cad_pingpong_benchmark_runs_as_a_module():
-    """The ping-pong benchmark runs under its own name (not ``distattn.pingpong``, the API it measures)."""
+    """The ping-pong benchmark runs under its own name (not ``distattn.runtime.pingpong``, the API it measures)."""
     out = subprocess.run([sys.executable, "-m", "distattn.bench.cad_pingpong", "--world-size", "2", "--seq-len",
                           "1024", "--repeats", "1"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

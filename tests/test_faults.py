@@ -112,7 +112,7 @@ def test_sigkill_of_the_trainer_leaves_no_rank(tmp_path):
 
 HUNG_CALLER = """
 import time, torch.distributed as dist
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 def hang():
     time.sleep(3600)
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 import distattn
 from conftest import case_error, rand_qkv, slow_cases
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 # --- fewer tokens than ranks --------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ def test_fewer_tokens_than_ranks_is_exact(world_size):
 
 
 def test_demo_with_fewer_tokens_than_ranks():
-    from distattn.demo import run_demo
+    from distattn.bench.demo import run_demo
 
     rows = run_demo(world_size=4, seq_len=3, heads=4, kv_heads=2, head_dim=8, dtype="fp64", repeats=1)
     assert [r["scheduler"] for r in rows] == ["ring", "zigzag", "allgather", "ulysses", "usp", "cad"]

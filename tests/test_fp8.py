@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from distattn.spawn import run_distributed
-from distattn.wire import Wire
+from distattn.distributed.spawn import run_distributed
+from distattn.planning.wire import Wire
 
 SCHEDULERS = ["ring", "zigzag", "allgather", "ulysses", "usp", "cad"]
 HQ, HKV, D = 8, 2, 128

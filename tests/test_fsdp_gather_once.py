@@ -1,6 +1,6 @@
 """Under FSDP2 a block's parameters are all-gathered once per pass and its gradients reduce-scattered
 once per step, with two nano-batches as with one: the pieces that nano-batches run apart (``Block.pre``,
-``Block.post``, interleaved across the blocks: ``distattn.pingpong.run_layers``) share one gather
+``Block.post``, interleaved across the blocks: ``distattn.runtime.pingpong.run_layers``) share one gather
 (``Transformer._nano_batches``). Counted on gloo, forward and backward apart, for ``none`` and
 ``selective`` checkpointing (``full`` and ``offload`` run a block's nano-batches in one forward method,
 ``Block.interleaved``); and the step stays exact: fp64 losses, gradients and the weights after two
@@ -9,7 +9,7 @@ optimizer steps equal one nano-batch's."""
 import pytest
 import torch
 
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 DOCS = [300, 17, 211, 64, 150, 9]
 # FSDP2 reaches its collectives through torch.distributed: torch >= 2.13 calls the *_single names
@@ -47,7 +47,7 @@ def _model(bf16: bool = False):
     as cp: fp64, or with ``bf16`` fp32 with the trainer's mixed precision (bf16 compute, fp32 reduction)."""
     import torch.distributed as dist
 
-    from distattn.mesh import ParallelDims
+    from distattn.distributed.mesh import ParallelDims
     from distattn.train.config import ModelConfig, RunConfig
     from distattn.train.model.transformer import Transformer
     from distattn.train.ranks import wrap_model

@@ -7,7 +7,7 @@ config keys ``data.packing`` and ``data.token_cap``."""
 import numpy as np
 import pytest
 
-from distattn.packing import DEFAULT_CAP_FACTOR, default_token_cap, imbalance, pack_balanced
+from distattn.planning.packing import DEFAULT_CAP_FACTOR, default_token_cap, imbalance, pack_balanced
 from distattn.train.config import RunConfig, load_config, validate
 from distattn.train.data.packer import Blend, Packer
 from distattn.train.data.corpus import TokenFileCorpus, write_token_file

@@ -23,9 +23,9 @@ import torch.distributed as dist
 import distattn
 from conftest import max_err, rand_qkv
 from distattn.kernels import Varlen, attn_bwd, attn_fwd, varlen_bwd, varlen_fwd
-from distattn.masks import cu_seqlens
-from distattn.oracle import dense_attention
-from distattn.spawn import run_distributed
+from distattn.planning.masks import cu_seqlens
+from distattn.runtime.oracle import dense_attention
+from distattn.distributed.spawn import run_distributed
 from test_kernel_bands import _bounds, _sdpa_band
 from test_kernels import _oracle, _sdpa
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from distattn.kernels.tools import bench
-from distattn.memory_model import GIB
+from distattn.sim.memory_model import GIB
 from distattn.bench import gpu_plan as plan, gpu_report, gpu_tables as tables
 from distattn.bench.gpu_runner import STOPPED, Outcome, read_rows
 from distattn.train.config import load_config
@@ -229,7 +229,7 @@ def test_the_kernel_benchmark_bookkeeping_on_cpu(capsys):
 def test_main_runs_every_part_and_writes_the_report(tmp_path, monkeypatch):
     """The report's orchestration end to end with tiny CPU trainings (gloo, launched as the report
     launches them) standing in for the GPU runs, and the suite and kernel parts faked."""
-    from distattn.model_shape import ModelShape
+    from distattn.costmodel.model_shape import ModelShape
 
     tiny = ModelShape(64, 1, 2, 1, 128, 256, tie_embeddings=True)
     runs = [plan.TrainRun(f"tiny {n}", tiny, 256, plan.Setting(c), 2, backend="torch")

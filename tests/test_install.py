@@ -90,7 +90,7 @@ def test_the_wheel_holds_the_core_and_runs_outside_the_checkout(core_venv):
         done.stderr[-3000:]
     where = _run([str(py), "-c", "import distattn; print(distattn.__file__)"], cwd=core_venv).stdout
     assert str(ROOT) not in where and "site-packages" in where, where
-    sample = _run([str(py), "-c", "from distattn.doclens import load_doc_lens; print(len(load_doc_lens('sample')))"],
+    sample = _run([str(py), "-c", "from distattn.planning.doclens import load_doc_lens; print(len(load_doc_lens('sample')))"],
                   cwd=core_venv)
     assert sample.stdout.strip() == "4000", sample.stdout + sample.stderr   # --doclens sample, from the wheel
 

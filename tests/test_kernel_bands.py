@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from conftest import max_err, rand_qkv
 from distattn.kernels import Varlen, attn_bwd, attn_fwd, torch_cpu, torch_math, varlen_bwd, varlen_fwd
-from distattn.masks import UNBOUNDED, band_area, cu_seqlens
-from distattn.merge import add_sink, merge, row_delta, sink_grad
-from distattn.oracle import dense_attention, reference_attention
+from distattn.planning.masks import UNBOUNDED, band_area, cu_seqlens
+from distattn.kernels.merge import add_sink, merge, row_delta, sink_grad
+from distattn.runtime.oracle import dense_attention, reference_attention
 
 U = None  # unbounded, in the layouts below
 

@@ -1,4 +1,4 @@
-"""Issue 66 item 4, priced since issue 77 by the tile model (distattn.tiles): the query heads one
+"""Issue 66 item 4, priced since issue 77 by the tile model (distattn.costmodel.tiles): the query heads one
 kernel call runs (a Ulysses rank's share) matter only where a call's CTAs do not fill the SMs, the
 longest then setting its time; how the schedules' heads per call reach the simulator, and the GPU
 report's head sweep that measures it on a GPU. Seconds."""
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from distattn.model_shape import GPUS, MODELS
-from distattn.network import default_profile
-from distattn.schedule import AttnShape
+from distattn.costmodel.model_shape import GPUS, MODELS
+from distattn.costmodel.network import default_profile
+from distattn.planning.schedule import AttnShape
 from distattn.sim.job import dry_schedule, plan_context
 from distattn.sim.kernel import AttentionKernel
 from distattn.sim.simulate import SimConfig, simulate

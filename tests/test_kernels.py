@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from conftest import max_err, rand_qkv
 from distattn.kernels import attn_bwd, attn_fwd
-from distattn.masks import cu_seqlens, dense_mask
-from distattn.oracle import dense_attention
+from distattn.planning.masks import cu_seqlens, dense_mask
+from distattn.runtime.oracle import dense_attention
 
 LAYOUTS = {
     "single-token": [(1, 1)],
@@ -124,7 +124,7 @@ def test_low_precision_within_twice_torch_error(backend, dtype, mask, layout, he
 def test_blocks_merge_to_full_result(backend):
     """Splitting keys into blocks and merging by lse, then differentiating each block with the
     final out/lse, reproduces the unsplit result (what every scheduler relies on)."""
-    from distattn.merge import merge
+    from distattn.kernels.merge import merge
 
     n = 40
     q, k, v = rand_qkv(n, n, 2, 1, 8)

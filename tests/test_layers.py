@@ -1,5 +1,6 @@
-"""Dependencies point down: kernels <- masks/merge <- schedules <- executors <- api <- simulator (the cost
-model the trainer chooses per step with) <- (train, adapters) <- bench <- (launch, cli). Checked twice: statically, every import statement of every module
+"""Dependencies point down, one folder a layer: costmodel <- planning <- distributed <- kernels <- schedulers <-
+executors <- runtime <- simulator (the cost model the trainer chooses per step with) <- (train, adapters) <- bench
+<- (launch, cli). Checked twice: statically, every import statement of every module
 (function-level imports included), and by importing each layer alone in a fresh interpreter."""
 
 import ast
@@ -15,20 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"distattn": "distattn", "kernels": "distattn.kernels", "parallel": "distattn.parallel",
            "launch": "distattn.launch", "cluster": "distattn.cluster", "configs": "distattn.configs"}
 
-# lowest first; a module belongs to the first prefix that matches it (longest prefixes listed first)
+# lowest first, one folder a layer; a module belongs to the longest prefix that matches it
 LAYERS = [
-    ("foundation", ["distattn.masks", "distattn.merge", "distattn.comm", "distattn.phases", "distattn.doclens",
-                    "distattn.cost", "distattn.timing", "distattn.spawn", "distattn._forkserver", "distattn.network",
-                    "distattn.network_csv", "distattn.jsonfile", "distattn.trace",
-                    "distattn.program", "distattn.extras", "distattn.configs", "distattn.log", "distattn.wire",
-                    "distattn.virtual", "distattn.model_shape", "distattn.packing", "distattn.tiles"]),
+    ("foundation", ["distattn.costmodel", "distattn.extras", "distattn.configs"]),
+    ("planning", ["distattn.planning"]),
+    ("distributed", ["distattn.distributed"]),
     ("kernels", ["distattn.kernels"]),
-    ("schedules", ["distattn.layout", "distattn.strided", "distattn.kernel_speed", "distattn.schedule",
-                   "distattn.schedulers", "distattn.mesh"]),
+    ("schedules", ["distattn.schedulers"]),
     ("executors", ["distattn.executors"]),
-    ("api", ["distattn.plans", "distattn.ops", "distattn.api", "distattn.oracle", "distattn.pingpong",
-             "distattn.plan_cache", "distattn.varlen", "distattn.memory_model", "distattn.dp_memory",
-             "distattn.labels"]),
+    ("api", ["distattn.runtime"]),
     # the cost model: the simulator, which the trainer and adapters choose per step with (distattn.choose)
     ("sim", ["distattn.sim"]),
     # the integrations: each imports the layers below, none imports another
@@ -36,7 +32,7 @@ LAYERS = [
     ("adapters", ["distattn.parallel", "distattn.compat"]),
     ("cluster", ["distattn.cluster"]),
     # the benchmarks time the trainer, the adapters and the simulator, so they sit above all three
-    ("bench", ["distattn.bench", "distattn.demo"]),
+    ("bench", ["distattn.bench"]),
     ("entry points", ["distattn.launch", "distattn.cli"]),
 ]
 INTEGRATIONS = ("train", "adapters", "cluster")
@@ -102,7 +98,7 @@ def test_no_import_points_up_or_across_integrations():
 
 
 def test_only_the_cli_imports_cluster_measurement():
-    """The network profile CAD plans on is core data (``distattn.network``); ``distattn.cluster``
+    """The network profile CAD plans on is core data (``distattn.costmodel.network``); ``distattn.cluster``
     measures clusters and only its own subcommands and the cluster layer itself reach it."""
     bad = [f"{module} imports {target}" for module, path in modules().items()
            if not module.startswith(("distattn.cluster", "distattn.cli", "distattn.launch"))
@@ -117,8 +113,9 @@ def _loaded_after_import(module: str) -> list[str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("module", ["distattn.masks", "distattn.merge", "distattn.kernels", "distattn.schedulers.ring",
-                                    "distattn.schedulers.cad", "distattn.executors", "distattn.api"])
+@pytest.mark.parametrize("module", ["distattn.costmodel.cost", "distattn.planning.masks", "distattn.distributed.spawn",
+                                    "distattn.kernels.merge", "distattn.kernels", "distattn.schedulers.ring",
+                                    "distattn.schedulers.cad", "distattn.executors", "distattn.runtime.api"])
 def test_a_layer_imports_alone(module):
     """Importing the core loads nothing above it: no trainer, adapter, bench, simulator or CLI."""
     mine = RANK[layer_of(module)]

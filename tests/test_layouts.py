@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 import distattn
 from conftest import covers_the_mask, rand_qkv, shard_errors, slow_cases
-from distattn.masks import shared_question
-from distattn.spawn import run_distributed
+from distattn.planning.masks import shared_question
+from distattn.distributed.spawn import run_distributed
 
 SCHEDULERS = ["ring", "zigzag", "allgather", "ulysses", "usp", "cad"]
 LAYOUTS = [None, "contiguous", "zigzag", "document", "random"]
@@ -91,7 +91,7 @@ def test_named_layouts_hold_what_they_say():
     }
     for scheduler, (name, tokens) in itertools.product(SCHEDULERS, expected.items()):
         plan = distattn.plan(docs, p, scheduler=scheduler, layout=name, **_options(scheduler, p))
-        got = [distattn.plans.token_index(plan.layout.owned[r]).tolist() for r in range(p)]
+        got = [distattn.runtime.plans.token_index(plan.layout.owned[r]).tolist() for r in range(p)]
         assert got == tokens, (scheduler, name)
     # each scheduler's own layout is unchanged when layout= is left out
     own = {"ring": "contiguous", "zigzag": "zigzag", "allgather": "zigzag", "ulysses": "contiguous", "cad": "contiguous"}
@@ -215,7 +215,7 @@ def test_cad_pool_on_other_layouts(layout):
 
 
 def _pingpong_worker():
-    from distattn.pingpong import ping_pong
+    from distattn.runtime.pingpong import ping_pong
 
     p = dist.get_world_size()
     docs_a, docs_b = [20, 4, 12], [6, 30]

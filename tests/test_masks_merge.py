@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from distattn.cost import attention_flops
-from distattn.masks import MaskSlice, as_doc_lens, dense_mask, document_mask, mask_area, slices_area, visible_keys
-from distattn.merge import merge
+from distattn.costmodel.cost import attention_flops
+from distattn.planning.masks import (MaskSlice, as_doc_lens, dense_mask, document_mask, mask_area, slices_area,
+                                     visible_keys)
+from distattn.kernels.merge import merge
 
 
 def _explicit_mask(m, n, causal, window, offset=0):

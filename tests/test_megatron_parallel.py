@@ -4,16 +4,16 @@ attention (``get_gpt_layer_spec(scheduler=...)``): every scheduler on Megatron's
 GQA, against Megatron's single-process run of its local spec -- loss, logits and every gradient in
 fp64. CAD pooled over the data-parallel replicas (``cad_pool="dp"``, DistCA) included, and the
 nano-batch ping-pong inside Megatron's own block (``nano_batches=2``, cad's default): exact, its
-pieces interleaved across the layers in :func:`distattn.program.layer_order`, one nano-batch
+pieces interleaved across the layers in :func:`distattn.planning.program.layer_order`, one nano-batch
 everywhere when a pooled replica cannot cut its batch. The harness and its CPU shims:
 ``tests/megatron_cpu.py``."""
 
 import pytest
 import torch
 
-from distattn.program import layer_order
+from distattn.planning.program import layer_order
 from distattn.schedulers import spec as scheduler_spec
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 pytest.importorskip("megatron.core")
 

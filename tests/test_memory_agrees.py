@@ -1,5 +1,5 @@
 """``distattn simulate`` and ``distattn train --dry-run`` describe the same job alike: the per-GPU memory
-(one estimator, :mod:`distattn.memory_model`), the parameter count and MFU's denominator (the model's
+(one estimator, :mod:`distattn.sim.memory_model`), the parameter count and MFU's denominator (the model's
 FLOPs per token and the GPU's peak) -- Llama-3 8B at 128K tokens on 64 GPUs (the shipped config) and
 at 4M tokens on 8."""
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from distattn.cli import main as cli_main
-from distattn.cost import attention_flops
-from distattn.masks import mask_area
-from distattn.model_shape import GPUS, MODELS
-from distattn.network import default_profile
+from distattn.costmodel.cost import attention_flops
+from distattn.planning.masks import mask_area
+from distattn.costmodel.model_shape import GPUS, MODELS
+from distattn.costmodel.network import default_profile
 from distattn.sim.simulate import SimConfig, simulate
 from distattn.train.preflight import memory
 from distattn.train.config import load_config

@@ -176,7 +176,7 @@ def test_ring_buffers_follow_the_moves():
     two at every backward step; over 4 or more, a middle step holds the block computed on and the
     arriving one, and the dK/dV being summed, returned and received."""
     from distattn import plan
-    from distattn.schedule import AttnShape
+    from distattn.planning.schedule import AttnShape
 
     shape = AttnShape(8, 4, 32, 4)
     for docs, p, blocks in (([2048] * 4, 2, 1), ([8192], 2, 2), ([8192], 4, 5), ([8192], 8, 5)):

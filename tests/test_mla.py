@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import distattn
 from conftest import max_err, shard_errors, slow_cases
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 from test_layouts import LAYOUTS, MASKS, SCHEDULERS, _docs, _layout, _options
 
 DK, DV = 192, 128

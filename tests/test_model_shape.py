@@ -1,4 +1,4 @@
-"""One description of a model (``distattn.model_shape``): the trainer and the simulator count the same
+"""One description of a model (``distattn.costmodel.model_shape``): the trainer and the simulator count the same
 model the same way -- parameters, MFU's model FLOPs and its denominator, the GPUs' peaks."""
 
 from pathlib import Path
@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distattn.cost import attention_flops
-from distattn.masks import mask_area
-from distattn.model_shape import GPUS, MODELS, gpu_named
-from distattn.network import default_profile
+from distattn.costmodel.cost import attention_flops
+from distattn.planning.masks import mask_area
+from distattn.costmodel.model_shape import GPUS, MODELS, gpu_named
+from distattn.costmodel.network import default_profile
 from distattn.sim.simulate import SimConfig, simulate
 from distattn.train.config import load_config
 from distattn.train.preflight.memory import estimate

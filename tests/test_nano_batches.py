@@ -1,5 +1,5 @@
 """Issue 41: ``parallel.nano_batches: 2`` -- a micro-batch cut into two nano-batches of whole documents,
-ping-ponged through the blocks (``distattn.pingpong.run_layers``) -- gives the trainer step of one
+ping-ponged through the blocks (``distattn.runtime.pingpong.run_layers``) -- gives the trainer step of one
 nano-batch: loss and every gradient equal in fp64 (1e-12) for ``cad`` on 3 ranks, in every
 checkpointing mode, eager and compiled, with FSDP2, and pooled over data-parallel replicas (compiled in
 two modes and FSDP2 in two by default, every mode of each with ``--slow``)."""
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import small_run
-from distattn.pingpong import nano_batches, split_nano_batches
-from distattn.spawn import run_distributed
+from distattn.runtime.pingpong import nano_batches, split_nano_batches
+from distattn.distributed.spawn import run_distributed
 
 DOCS = [300, 17, 211, 64, 150, 9]
 MODES = ("none", "selective", "full", "offload")
@@ -36,7 +36,7 @@ def _step_worker(modes, compiled: bool, fsdp: bool, dp: int = 1, mlp_chunk: int 
     import torch.distributed as dist
 
     from distattn import plan as make_plan
-    from distattn.mesh import ParallelDims
+    from distattn.distributed.mesh import ParallelDims
     from distattn.train.config import ModelConfig
     from distattn.train.model.transformer import Transformer
     from distattn.train.model import Block, LocalBatch

@@ -161,7 +161,7 @@ def test_output_is_strict_json(tmp_path):
 
 def test_parser_imports_neither_torch_nor_numpy():
     code = ("import sys, distattn.cluster.nccl\nprint(sorted(m for m in ('torch', 'numpy') if m in sys.modules))\n"
-            "import distattn.network\nprint(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+            "import distattn.costmodel.network\nprint(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["[]", "['numpy']"]  # profiles need numpy, never torch

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from distattn.cli import main
-from distattn.network import (OPS, NetworkProfile, default_profile, network_source, packaged_profile,
+from distattn.costmodel.network import (OPS, NetworkProfile, default_profile, network_source, packaged_profile,
                               packaged_profiles, profile_of)
 
 ROOT = Path(__file__).resolve().parents[1]

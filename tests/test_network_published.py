@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distattn.network import Measurement, NetworkProfile, bus_factor, default_profile, shares
+from distattn.costmodel.network import Measurement, NetworkProfile, bus_factor, default_profile, shares
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PUBLISHED = DATA / "profiles" / "published"

@@ -20,8 +20,8 @@ import torch.distributed as dist
 import yaml
 
 import distattn
-from distattn.comm import PeerFailed, PeerFailure, peer_failure, peer_phase
-from distattn.spawn import RankError, run_distributed
+from distattn.distributed.comm import PeerFailed, PeerFailure, peer_failure, peer_phase
+from distattn.distributed.spawn import RankError, run_distributed
 from distattn.train.checkpoint import dcp as checkpoint
 
 BIN = Path(sys.executable).parent
@@ -153,7 +153,7 @@ def test_words_alone_do_not_make_a_peer_failure(monkeypatch):
 
 def test_a_rank_tells_the_launcher_the_phase_it_is_in(monkeypatch):
     """Nested phases (the checkpoint agreement inside start-up): leaving the inner one is back in the outer."""
-    from distattn import phases
+    from distattn.distributed import phases
 
     told: list = []
     monkeypatch.setattr(phases, "channel", lambda phase, path: told.append(phase))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import distattn
-from distattn.model_shape import MODELS
-from distattn.network import default_profile
+from distattn.costmodel.model_shape import MODELS
+from distattn.costmodel.network import default_profile
 from distattn.sim.job import SimConfig
 from distattn.sim.dp import dp_seconds
 from distattn.sim.job import links_of

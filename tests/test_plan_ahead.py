@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import distattn
 from conftest import small_run
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 from distattn.train.config import RunConfig, validate
 from distattn.train.data.corpus import write_token_file
 
@@ -35,7 +35,7 @@ def _same_schedule(a, b) -> bool:
 
 
 def _pool_worker(docs):
-    from distattn.plan_cache import PlanCache
+    from distattn.runtime.plan_cache import PlanCache
 
     runs = [dist.new_group([0, 1]), dist.new_group([2, 3])]       # CP groups: the pool's ranks in runs of 2
     apart = [dist.new_group([0, 2]), dist.new_group([1, 3])]      # CP groups that are not
@@ -196,7 +196,7 @@ SMALL = ["parallel.cp=1", "model.n_layers=1", "model.dim=32", "model.n_heads=4",
 
 @pytest.mark.parametrize("ahead", [True, False])
 def test_an_error_while_planning_reaches_the_step_that_needs_the_plans(tmp_path, ahead):
-    from distattn.plan_cache import PlanCache
+    from distattn.runtime.plan_cache import PlanCache
     from distattn.train.config import load_config
     from distattn.train.trainer import Trainer
 

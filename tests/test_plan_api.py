@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import distattn
 from conftest import max_err, rand_qkv
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 DOCS = [5, 1, 17, 9]
 
@@ -166,7 +166,7 @@ def test_unshard_wrong_length_raises_with_rank_traceback():
 
 def test_stats_flag_a_layout_of_scattered_tokens():
     """Tokens scattered with no period reach the kernels as a segment per token or so: stats say so. A
-    stripe is planned in its ranks' order (distattn.strided): a segment per document and rank."""
+    stripe is planned in its ranks' order (distattn.planning.strided): a segment per document and rank."""
     import numpy as np
 
     lens, p = [512, 512], 4

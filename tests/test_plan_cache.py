@@ -1,11 +1,11 @@
-"""distattn.plan_cache.PlanCache: the one plan cache of the trainer and the adapters -- hits, misses,
+"""distattn.runtime.plan_cache.PlanCache: the one plan cache of the trainer and the adapters -- hits, misses,
 bounded LRU eviction, pooled plans cached per batch, and keys that tell every argument apart."""
 
 import pytest
 import torch
 
-import distattn.plan_cache as plan_cache
-from distattn.plan_cache import PlanCache
+import distattn.runtime.plan_cache as plan_cache
+from distattn.runtime.plan_cache import PlanCache
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 
 import distattn
 from distattn.executors import EXECUTORS
-from distattn.network import default_profile
+from distattn.costmodel.network import default_profile
 from distattn.schedulers import LOCAL, NAMES, REGISTRY, PlanContext, default_ulysses_degree, spec
 
 
@@ -41,8 +41,8 @@ def test_every_scheduler_plans_with_a_context_and_splits_heads_as_it_says():
 
 
 def test_cad_derives_its_cost_model_and_network():
-    from distattn.kernel_speed import kernel_model
-    from distattn.tiles import H100
+    from distattn.kernels.speed import kernel_model
+    from distattn.costmodel.tiles import H100
 
     net = default_profile()
     options = spec("cad").derive(16, PlanContext(64, 8, head_dim=192, gpu="a100", network=net), {})

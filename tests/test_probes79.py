@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import distattn
-from distattn.doclens import load_doc_lens
-from distattn.network_csv import load_csv, read_nccl_perf_csv, read_published_csv
+from distattn.planning.doclens import load_doc_lens
+from distattn.costmodel.network_csv import load_csv, read_nccl_perf_csv, read_published_csv
 from distattn.train.config import RunConfig, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def test_doclens_files_refuse_huge_and_boolean_lengths(tmp_path):
 
 
 def test_plan_refuses_a_document_length_past_int64_sums():
-    from distattn.masks import as_doc_lens   # what distattn.plan checks its doc_lens with
+    from distattn.planning.masks import as_doc_lens   # what distattn.plan checks its doc_lens with
 
     with pytest.raises(ValueError, match=r"doc_lens\[1\] = 2199023255552: document lengths must be at most 2\*\*40"):
         as_doc_lens([8, 2**41])

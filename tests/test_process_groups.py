@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from distattn.parallel import ParallelDims
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 from distattn.train.config import RunConfig, validate
 
 TINY = {"model": {"dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64},
@@ -19,7 +19,7 @@ TINY = {"model": {"dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "ffn_
 
 def _counting_groups(made: list):
     """Patch for ``c10d._new_group_with_tag``, which ``dist.new_group``, ``DeviceMesh`` and
-    ``distattn.comm.subgroups`` all call: records the ranks of every group made."""
+    ``distattn.distributed.comm.subgroups`` all call: records the ranks of every group made."""
     real = c10d._new_group_with_tag
 
     def counting(*args, **kwargs):
@@ -31,7 +31,7 @@ def _counting_groups(made: list):
 
 def _steps_worker(scheduler: str, dp: int, out: str):
     import distattn.train.trainer as trainer
-    from distattn.plan_cache import PlanCache
+    from distattn.runtime.plan_cache import PlanCache
 
     made, by_plans, seen = [], [], []
     real_plan = PlanCache.plan

@@ -1,7 +1,7 @@
 """Issue 79: a profile of real steps and a simulated one, in one format with one set of names.
 
 ``train.profile_steps: [start, end]`` writes a ``torch.profiler`` Chrome trace per rank under
-``OUT/profile/`` whose ranges carry :mod:`distattn.trace`'s names; ``distattn simulate --timeline t.json``
+``OUT/profile/`` whose ranges carry :mod:`distattn.distributed.trace`'s names; ``distattn simulate --timeline t.json``
 writes its predicted step as a Chrome trace with the same names; outside a profile the marks cost
 nothing measurable."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distattn import trace
+from distattn.distributed import trace
 
 EXE = str(Path(sys.executable).with_name("distattn"))
 
@@ -72,7 +72,7 @@ def test_profile_steps_write_one_chrome_trace_per_rank(tmp_path):
 
 
 def test_simulated_step_is_a_chrome_trace_with_the_same_names(tmp_path):
-    from distattn.network import default_profile
+    from distattn.costmodel.network import default_profile
     from distattn.sim.simulate import MODELS, SimConfig, simulate_with_timelines, write_timeline
 
     cfg = SimConfig(MODELS["llama3-8b"], 16, 65536, 8)   # 2 replicas of cp 8, FSDP

@@ -1,7 +1,7 @@
 """The program is what the executor runs: on gloo ranks, every transfer each executor issues, every wait
 and every kernel call, recorded where the code makes them (``Comm``, ``Pending.wait``, the kernel
 entry points), is its schedule's program, instruction by instruction, forward and backward -- so the
-simulator, which times the program, times what the code runs (``distattn/program.py``)."""
+simulator, which times the program, times what the code runs (``distattn/planning/program.py``)."""
 
 import dataclasses
 from unittest import mock
@@ -13,12 +13,12 @@ import torch.distributed as dist
 
 import distattn
 from conftest import rand_qkv
-from distattn.comm import Comm, Pending
+from distattn.distributed.comm import Comm, Pending
 from distattn.executors import base, local, task_a2a
-from distattn.network import default_profile
-from distattn.program import CHAIN, RUN, START, WAIT, layer_order
-from distattn.schedule import AttnShape
-from distattn.spawn import run_distributed
+from distattn.costmodel.network import default_profile
+from distattn.planning.program import CHAIN, RUN, START, WAIT, layer_order
+from distattn.planning.schedule import AttnShape
+from distattn.distributed.spawn import run_distributed
 
 DOCS = [40, 3, 1, 70, 9, 21]
 TWO_NODES = {"network": dataclasses.replace(default_profile(), gpus_per_node=2), "epsilon": 0.01}
@@ -26,7 +26,7 @@ CASES = [("ring", {}), ("zigzag", {}), ("zigzag", {"layout": "document"}), ("all
          ("allgather", {"heads_per_step": 1}), ("ulysses", {}), ("ulysses", {"head_groups": 2}),
          ("usp", {"ulysses_degree": 2}), ("usp", {"ulysses_degree": 2, "head_groups": 2}), ("cad", {}),
          ("cad", TWO_NODES), ("cad", {"layout": "zigzag", **TWO_NODES}), ("cad", {"backward": "keep", **TWO_NODES})]
-SLICES = distattn.masks.shared_question(40, [50, 30, 24])   # slices sharing query rows and keys
+SLICES = distattn.planning.masks.shared_question(40, [50, 30, 24])   # slices sharing query rows and keys
 
 
 class Recorder:
@@ -157,7 +157,7 @@ def test_layer_order_one_nano_batch_and_ping_pong():
 def test_layer_shares_tile_the_order():
     """A framework running its layers one at a time (Megatron) runs each layer's share: together the
     whole order; layer 1's share holds nano-batch B's post of layer 0."""
-    from distattn.program import layer_share
+    from distattn.planning.program import layer_share
 
     shares = [layer_share(3, i) for i in range(3)]
     assert sum(shares, ()) == layer_order(3, 2)

@@ -111,11 +111,11 @@ def test_a_bad_progress_is_one_value_error_naming_the_choices(tmp_path):
 def test_local_ranks_get_the_progress_decided_here(tmp_path, monkeypatch):
     """``run`` without a launcher: the ranks are handed ``"auto"`` already decided (their stdout is the fork
     server's), and each rank's Trainer gets it."""
-    import distattn.spawn
+    import distattn.distributed.spawn
 
     monkeypatch.delenv("RANK", raising=False)
     handed, made = [], []
-    monkeypatch.setattr(distattn.spawn, "run_distributed", lambda fn, n, *args, **kw: handed.append(args) or [[]])
+    monkeypatch.setattr(distattn.distributed.spawn, "run_distributed", lambda fn, n, *args, **kw: handed.append(args) or [[]])
     monkeypatch.setattr(trainer, "train", lambda cfg, resume, stop, progress, allow_reshape: made.append(progress) or [])
     cfg = _config(tmp_path)
     distattn.configure_logging("ERROR")

@@ -33,9 +33,9 @@ def _refused(capfd, argv, match: str) -> None:
                                          (["--ulysses-degree", "3"], "ulysses_degree must divide the world size 4"),
                                          (["--backend", "nope"], "--backend 'nope' is unknown")])
 def test_demo_refuses_before_starting_ranks(capfd, monkeypatch, args, match):
-    import distattn.demo
+    import distattn.bench.demo
 
-    monkeypatch.setattr(distattn.demo, "run_distributed", lambda *a, **k: pytest.fail("ranks started"))
+    monkeypatch.setattr(distattn.bench.demo, "run_distributed", lambda *a, **k: pytest.fail("ranks started"))
     _refused(capfd, ["demo", *args], match)
 
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import distattn
 from conftest import case_error, covers_the_mask, rand_qkv, sent_vs_stats, slow_cases
-from distattn.spawn import RankError, run_distributed
+from distattn.distributed.spawn import RankError, run_distributed
 
 SCHEDULERS = ["ring", "zigzag", "allgather"]
 DOCS = {

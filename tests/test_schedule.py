@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 import distattn
 from conftest import rand_qkv
-from distattn.comm import Comm
-from distattn.schedule import AttnShape, Phase
-from distattn.spawn import run_distributed
+from distattn.distributed.comm import Comm
+from distattn.planning.schedule import AttnShape, Phase
+from distattn.distributed.spawn import run_distributed
 
 DOCS = [40, 3, 1, 70, 9, 21]
 CASES = [("ring", {}), ("zigzag", {}), ("zigzag", {"layout": "document"}), ("allgather", {}),
@@ -127,7 +127,7 @@ def test_replay_hides_a_transfer_only_behind_what_runs_before_its_wait():
     """Two ranks: a transfer hides behind the computation between its start and its wait, no more;
     one waited for at once is exposed whole; a collective begins when its group has issued it; a
     chained hop waits for the one before on a side stream (GPU) or in the process (CPU)."""
-    from distattn.program import CHAIN, RUN, START, WAIT
+    from distattn.planning.program import CHAIN, RUN, START, WAIT
     from distattn.sim.replay import Op, replay
 
     def ops(*items):
@@ -149,7 +149,7 @@ def test_cpu_replay_shares_the_cores_among_the_ranks_computing():
     """``simulate --calibrate``'s CPU model: ranks computing at once share the cores (one core, two
     ranks of 1 s each: both end at 2 s); a rank waiting for a transfer leaves its share to the others
     (rank 1's 1 s alone once rank 0 waits); gloo's wait blocks the process."""
-    from distattn.program import RUN, START, WAIT
+    from distattn.planning.program import RUN, START, WAIT
     from distattn.sim.calibrate import replay_shared
     from distattn.sim.replay import Op
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from distattn.model_shape import MODELS
-from distattn.network import default_profile
+from distattn.costmodel.model_shape import MODELS
+from distattn.costmodel.network import default_profile
 from distattn.sim import fit
 from distattn.sim.job import SimConfig, links_of
 from distattn.sim.dp import dp_seconds

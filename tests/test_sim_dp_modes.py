@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distattn.model_shape import MODELS
-from distattn.network import default_profile
-from distattn.program import CHAIN, START, WAIT
+from distattn.costmodel.model_shape import MODELS
+from distattn.costmodel.network import default_profile
+from distattn.planning.program import CHAIN, START, WAIT
 from distattn.sim import micro, sweep
 from distattn.sim.dp import ZERO1_BUCKET_PARAMS, ZERO1_IN_FLIGHT, buckets, dp_seconds, parameters
 from distattn.sim.job import Links, attention_kernel

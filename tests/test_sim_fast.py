@@ -8,8 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from distattn.model_shape import MODELS
-from distattn.network import default_profile
+from distattn.costmodel.model_shape import MODELS
+from distattn.costmodel.network import default_profile
 from distattn.sim import micro, sweep
 from distattn.sim.job import Links, attention_kernel
 from distattn.sim.simulate import SimConfig, simulate_row
@@ -158,7 +158,7 @@ def test_reported_degree_is_the_planned_one(name):
 def _replay_one_pass_at_a_time(ops, ranks: int, comm: bool = True, slowdown: float = 0.0):
     """The replay as it was before it ran both passes at once (issue 54's, one scattered maximum per
     pair): what :func:`~distattn.sim.replay.replay_both` must equal to the bit."""
-    from distattn.program import CHAIN, RUN, START
+    from distattn.planning.program import CHAIN, RUN, START
     from distattn.sim.replay import _slowed
 
     def coupled(x, op):

@@ -9,9 +9,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from distattn.model_shape import GPUS, MODELS
-from distattn.network import default_profile
-from distattn.program import RUN, START, WAIT
+from distattn.costmodel.model_shape import GPUS, MODELS
+from distattn.costmodel.network import default_profile
+from distattn.planning.program import RUN, START, WAIT
 from distattn.sim import fit, sweep
 from distattn.sim.kernel import AttentionKernel
 from distattn.sim.replay import Op, _slowed, replay

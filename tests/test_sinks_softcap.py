@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 import distattn
 from conftest import max_err, rand_qkv, shard_errors, slow_cases
-from distattn.pingpong import ping_pong
-from distattn.spawn import RankError, run_distributed
+from distattn.runtime.pingpong import ping_pong
+from distattn.distributed.spawn import RankError, run_distributed
 
 SCHEDULERS = ["ring", "zigzag", "allgather", "ulysses", "usp", "cad"]
 DOCS = [[3, 21, 2, 1, 4], [1, 2, 1, 3, 1, 5, 2], [17]]

@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 import distattn
 from conftest import covers_the_mask, rand_qkv, shard_errors, slow_cases
-from distattn.masks import SliceMask, causal_blockwise, prefix_lm, shared_question
-from distattn.spawn import run_distributed
+from distattn.planning.masks import SliceMask, causal_blockwise, prefix_lm, shared_question
+from distattn.distributed.spawn import run_distributed
 
 SCHEDULERS = ["ring", "zigzag", "allgather", "ulysses", "usp", "cad"]
 
@@ -23,7 +23,7 @@ def _random_mask(total: int, seed: int, rows_disjoint: bool = False) -> SliceMas
     for _ in range(40):
         q0, k0 = (int(x) for x in rng.integers(0, total, 2))
         q1, k1 = q0 + int(rng.integers(1, total - q0 + 1)), k0 + int(rng.integers(1, total - k0 + 1))
-        cand = rows + [(q0, q1, k0, k1, str(rng.choice(distattn.masks.KINDS)))]
+        cand = rows + [(q0, q1, k0, k1, str(rng.choice(distattn.planning.masks.KINDS)))]
         try:
             mask = SliceMask(cand)
         except ValueError:
@@ -72,7 +72,7 @@ def test_constructors_match_their_definition():
     assert (d[6:9, :5] == ((j >= i) & (j <= i + 2))).all()
     assert m.area() == d.sum()
     # document masks expressed through it
-    assert SliceMask.documents([3, 5], True, 2).area() == distattn.masks.mask_area([3, 5], [3, 5], True, 2).sum()
+    assert SliceMask.documents([3, 5], True, 2).area() == distattn.planning.masks.mask_area([3, 5], [3, 5], True, 2).sum()
 
 
 @pytest.mark.parametrize("rows,match", [
@@ -121,7 +121,7 @@ def test_every_rank_computes_its_share_once(name, world_size):
 def test_cad_balances_slice_masks(mask):
     """FLOPs with a roofline; the kernel's seconds by default (the tile model: 2K tokens a rank, each
     piece paying its CTAs' fixed cost over the group's key hull, so less even)."""
-    from distattn.cost import Roofline
+    from distattn.costmodel.cost import Roofline
 
     docs = [16384]
     zig = distattn.plan(docs, 8, scheduler="zigzag", mask=mask).stats(8, 8, 64)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distattn.spawn import RankError, run_distributed
+from distattn.distributed.spawn import RankError, run_distributed
 
 
 def _sum_ranks(scale):

@@ -12,9 +12,9 @@ import torch.distributed as dist
 
 import distattn
 from conftest import BackwardMark, max_err
-from distattn.comm import Comm
-from distattn.pingpong import ping_pong
-from distattn.spawn import run_distributed
+from distattn.distributed.comm import Comm
+from distattn.runtime.pingpong import ping_pong
+from distattn.distributed.spawn import run_distributed
 
 HQ, HKV, D, HIDDEN = 8, 2, 8, 16
 NANO_DOCS = [[40, 7, 3], [90, 1, 22]]
@@ -154,7 +154,7 @@ def _trainer_worker(out: str, corpus: str, schedulers, dp: int):
     one nano-batch against 2 steps with two, then a resume for the third; FSDP2 over dp x cp."""
     from unittest import mock
 
-    from distattn import pingpong
+    from distattn.runtime import pingpong
     from distattn.train.config import RunConfig, validate
     from distattn.train.trainer import Trainer
 

@@ -1,4 +1,4 @@
-"""Strided layouts planned in their ranks' order (issue 69, :mod:`distattn.strided`): a stripe (rank ``r``
+"""Strided layouts planned in their ranks' order (issue 69, :mod:`distattn.planning.strided`): a stripe (rank ``r``
 holds positions ``r, r + P, ...`` of each document, or of the whole sequence) and blocks of tokens dealt
 round-robin run as one band per (query class, key class) -- exact vs the fp64 oracle for every scheduler,
 forward and every gradient, at 2, 3, 4 and 8 gloo ranks, causal documents, windows and a slice mask; the
@@ -13,10 +13,10 @@ import torch.distributed as dist
 
 import distattn
 from distattn.kernels import available_backends
-from distattn.layout import Layout, token_index
-from distattn.masks import SliceMask, shared_question
-from distattn.spawn import run_distributed
-from distattn.strided import reorder
+from distattn.planning.layout import Layout, token_index
+from distattn.planning.masks import SliceMask, shared_question
+from distattn.distributed.spawn import run_distributed
+from distattn.planning.strided import reorder
 from test_layouts import SCHEDULERS, _case_error, random_layout
 
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import distattn
 from conftest import rand_qkv
 from distattn.kernels import Backend, Varlen, register_backend, resolve_backend
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 
 DOCS = [30, 3, 1, 50, 7, 2, 19]
 

@@ -1,4 +1,4 @@
-"""Issue 77 item 1: the attention kernel's tile model (distattn.tiles) -- CTAs in waves over the SMs,
+"""Issue 77 item 1: the attention kernel's tile model (distattn.costmodel.tiles) -- CTAs in waves over the SMs,
 per direction, each a fixed cost plus its loop iterations -- fitted to a latency table, shipped for
 H100/H200, and ``distattn cluster kernel-fit``. Seconds."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distattn import tiles
+from distattn.costmodel import tiles
 from distattn.cli import main
-from distattn.kernel_speed import gpu_of, kernel_model
+from distattn.kernels.speed import gpu_of, kernel_model
 
 TABLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "profiles" / "attn_latency_h100.csv"
 TRUE = tiles.TileModel(*tiles.grids(fixed=6.0, fwd_iter_s=1.0e-6, bwd_iter_s=3.2e-6, lone=0.8), sms=132,

@@ -1,12 +1,12 @@
-"""distattn.timing: call counts, warm-up, setup outside the timed span, results, slowest-rank reductions."""
+"""distattn.distributed.timing: call counts, warm-up, setup outside the timed span, results, slowest-rank reductions."""
 
 import time
 
 import pytest
 import torch.distributed as dist
 
-from distattn.spawn import run_distributed
-from distattn.timing import Timing, slowest_median, slowest_rank, time_calls, time_interleaved
+from distattn.distributed.spawn import run_distributed
+from distattn.distributed.timing import Timing, slowest_median, slowest_rank, time_calls, time_interleaved
 
 
 def test_counts_warmup_and_result():

@@ -11,7 +11,7 @@ import torch
 
 from conftest import max_err
 from distattn.kernels import Varlen, torch_cuda
-from distattn.masks import UNBOUNDED
+from distattn.planning.masks import UNBOUNDED
 from test_kernel_bands import BANDS, band_case, band_oracle
 from test_kernels import HEADS, MASKS, _case, _dout, _oracle
 
@@ -158,8 +158,8 @@ def test_softcap_runs_the_math_path(monkeypatch):
     out, lse = torch_cuda.flash_fwd(q, k, v, seg, 0.25, 2.0)
     grads = torch_cuda.flash_bwd(dout, q, k, v, out, lse, seg, 0.25, 2.0)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-    from distattn.oracle import dense_attention
-    from distattn.masks import cu_seqlens
+    from distattn.runtime.oracle import dense_attention
+    from distattn.planning.masks import cu_seqlens
     w_out, w_lse = dense_attention(qq, kk, vv, cu_seqlens([q.shape[0]]), cu_seqlens([k.shape[0]]), scale=0.25,
                                    softcap=2.0, mask=keep)
     w_out.backward(dout)

@@ -21,10 +21,10 @@ IMPORT_QUIETLY = """
 import warnings
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    import distattn, distattn.ops
+    import distattn, distattn.runtime.ops
 for w in caught:
     print("WARNING", w.filename, w.category.__name__, str(w.message).replace(chr(10), " "))
-print("AVAILABLE", distattn.ops.AVAILABLE)
+print("AVAILABLE", distattn.runtime.ops.AVAILABLE)
 """
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import DictStore, small_run
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 from distattn.train.data.corpus import write_token_file
 
 SEQ = 256
@@ -227,8 +227,8 @@ def test_rank_0_serves_the_choice_at_the_address_that_routes_to_the_master(monke
 def test_the_chooser_process_answers_as_choose_step_does():
     """Rank 0's chooser runs in a child process: the same layout and prediction as choose_step in this
     one; an error there is raised here, named; close ends the child."""
-    from distattn.model_shape import MODELS
-    from distattn.network import profile_of
+    from distattn.costmodel.model_shape import MODELS
+    from distattn.costmodel.network import profile_of
     from distattn.sim.job import SimConfig
     from distattn.sim.per_batch import MIXED, choose_step
     from distattn.train.chooser import ChooserProcess

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch.distributed.distributed_c10d as c10d
 
-from distattn.schedule import imbalance
-from distattn.spawn import run_distributed
+from distattn.planning.schedule import imbalance
+from distattn.distributed.spawn import run_distributed
 from distattn.train.config import RunConfig, validate
 
 # 4096-token sequences: long enough that attention, not memory traffic, dominates CAD's cost model
@@ -47,7 +47,7 @@ def _plan_record(plan, cp: int, groups_made: int, kwargs: dict) -> dict:
 def _pooled_and_unpooled(out: str, dp: int, cp: int) -> dict:
     """On every rank: train pooled, then unpooled, from the same seed; the plans of every step."""
     import distattn.train.trainer as trainer
-    from distattn.plan_cache import PlanCache
+    from distattn.runtime.plan_cache import PlanCache
 
     made: list = []
     real_plan, real_new_group = PlanCache.plan, c10d._new_group_with_tag
@@ -61,7 +61,7 @@ def _pooled_and_unpooled(out: str, dp: int, cp: int) -> dict:
             plans.append(_plan_record(p, cp, len(made) - before, kwargs))
             return p
 
-        def new_group(*args, **kwargs):  # dist.new_group, DeviceMesh and distattn.comm.subgroups
+        def new_group(*args, **kwargs):  # dist.new_group, DeviceMesh and distattn.distributed.comm.subgroups
             made.append(args[0] if args else kwargs.get("ranks"))
             return real_new_group(*args, **kwargs)
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import small_yaml
 from distattn.cli import main
-from distattn.spawn import RankError, run_distributed
+from distattn.distributed.spawn import RankError, run_distributed
 from distattn.train.config import RunConfig, load_config
 from distattn.train.trainer import NonFinite, train
 

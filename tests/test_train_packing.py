@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import small_run
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 from distattn.train.data.corpus import write_token_file
 from distattn.train.trainer import run
 
@@ -66,7 +66,7 @@ def _by_hand_losses(cfg, batches: list) -> list[float]:
     from torch.nn.parallel import DistributedDataParallel
 
     from distattn import plan as make_plan
-    from distattn.mesh import ParallelDims
+    from distattn.distributed.mesh import ParallelDims
     from distattn.schedulers import spec
     from distattn.train.model.transformer import Transformer
     from distattn.train.model import LocalBatch

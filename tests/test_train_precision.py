@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 from conftest import small_run
 from distattn.train.config import ModelConfig, RunConfig
 from distattn.train.metrics import RunLog
@@ -30,8 +30,8 @@ def _grads_by_checkpointing(scheduler: str, doc_lens: list[int]) -> dict:
     import torch.distributed as dist
 
     from distattn import plan as make_plan
-    from distattn.labels import next_token_labels
-    from distattn.mesh import ParallelDims
+    from distattn.planning.labels import next_token_labels
+    from distattn.distributed.mesh import ParallelDims
     from distattn.train.model import LocalBatch, Transformer
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61)

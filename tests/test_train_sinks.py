@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distattn.spawn import run_distributed
+from distattn.distributed.spawn import run_distributed
 from conftest import small_run
 from distattn.train.config import ModelConfig, RunConfig, validate
 from distattn.train.trainer import run
@@ -29,8 +29,8 @@ def _model_vs_single_rank(scheduler: str, doc_lens: list[int], softcap) -> dict[
     """fp64 model with random sinks: this CP group's loss and gradients summed over the ranks vs the
     same model on one rank (a plan over a one-rank group). Returns the relative errors by name."""
     from distattn import plan as make_plan
-    from distattn.labels import next_token_labels
-    from distattn.mesh import ParallelDims
+    from distattn.planning.labels import next_token_labels
+    from distattn.distributed.mesh import ParallelDims
     from distattn.train.model import LocalBatch, Transformer
 
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=61,

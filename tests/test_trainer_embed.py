@@ -7,7 +7,7 @@ from unittest import mock
 import pytest
 import torch.distributed as dist
 
-import distattn.plan_cache as plan_cache
+import distattn.runtime.plan_cache as plan_cache
 from distattn.train.checkpoint import resume as resuming
 
 # one rank, one small layer, 64-token sequences: ~1 s a step on a CPU core. Most stdlib files are longer

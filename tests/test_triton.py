@@ -20,7 +20,7 @@ LAYOUTS = {
 
 
 def _case(layout, heads, d, dtype, seed=0):
-    from distattn.masks import cu_seqlens
+    from distattn.planning.masks import cu_seqlens
     from conftest import rand_qkv
 
     segs = [(*s, 0)[:3] for s in (LAYOUTS[layout] if isinstance(layout, str) else layout)]
@@ -88,8 +88,8 @@ def test_triton_refuses_fp64():
 
 def test_triton_blocks_merge_with_final_lse():
     """Key blocks differentiated with the merged lse sum to the whole (what schedulers rely on)."""
-    from distattn.masks import cu_seqlens
-    from distattn.merge import merge
+    from distattn.planning.masks import cu_seqlens
+    from distattn.kernels.merge import merge
 
     q64, k64, v64, _, _, _ = _case([(24, 40)], "gqa-4:2", 16, torch.float64)
     q, k, v = (t.float() for t in (q64, k64, v64))
@@ -137,7 +137,7 @@ def test_triton_sinks_softcap_documents_match_fp64_oracle(layout, heads, mask, s
     GQA/MQA (one dK/dV program loops over the query heads of its group), packed documents with
     offsets and empty segments, fp32 against the fp64 autograd oracle."""
     from test_kernel_bands import SINK_CASES, _sink_case
-    from distattn.oracle import dense_attention
+    from distattn.runtime.oracle import dense_attention
 
     causal, window = SINK_CASES[mask]
     q64, k64, v64, cu_q, cu_k, off, sinks64 = _sink_case(layout, heads)

@@ -14,7 +14,7 @@ import torch
 from conftest import max_err, rand_qkv
 from distattn.kernels import available_backends, varlen_bwd, varlen_fwd
 from distattn.kernels.varlen import Varlen
-from distattn.masks import UNBOUNDED
+from distattn.planning.masks import UNBOUNDED
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="triton is not installed")
 # the interpreter runs on CPU tensors; with a GPU the same checks run the compiled kernels

@@ -12,7 +12,7 @@ import torch
 from conftest import max_err
 from distattn.kernels import attn_bwd, attn_fwd, available_backends, check_qkv, varlen_bwd, varlen_fwd
 from distattn.kernels.varlen import Varlen
-from distattn.masks import UNBOUNDED as U
+from distattn.planning.masks import UNBOUNDED as U
 from test_triton_bands import BANDS, DEVICE, _dense, _layout
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="triton is not installed")
@@ -103,7 +103,7 @@ def test_packed_views_are_read_in_place():
 
 def test_mla_through_the_pinned_api_with_causal_docs():
     """attn_fwd/attn_bwd with (192, 128) and the default scale 1/sqrt(Dqk)."""
-    from distattn.masks import cu_seqlens
+    from distattn.planning.masks import cu_seqlens
 
     seg = Varlen.from_geometry([20, 7], [20, 7], True, None)
     q64, kv64, dout64 = _inputs(seg, 2, 1, 192, 128, seed=3)

@@ -11,7 +11,7 @@ import distattn
 from conftest import case_error, rand_qkv, sent_vs_stats, slow_cases
 from distattn.parallel import usp_mesh
 from distattn.schedulers.usp import default_ulysses_degree
-from distattn.spawn import RankError, run_distributed
+from distattn.distributed.spawn import RankError, run_distributed
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -95,7 +95,7 @@ def test_every_saved_tensor_reaches_save_for_backward():
 
     from distattn.executors.base import Saved
     from distattn.executors.head_a2a import HeadSaved
-    from distattn.ops import flatten, unflatten
+    from distattn.runtime.ops import flatten, unflatten
 
     t = [torch.full((1,), float(i)) for i in range(10)]
     saved = HeadSaved(4, 2, t[8], t[9], (Saved(*t[:3], None, t[3]), Saved(*t[4:7], None, t[7])))
@@ -210,8 +210,8 @@ def _mesh_errors_worker():
         except ValueError as exc:
             errors.append(str(exc))
     # init_mesh's groups wait as long as the default group (torch's own: 30 minutes)
-    from distattn.comm import group_timeout
-    from distattn.mesh import init_mesh
+    from distattn.distributed.comm import group_timeout
+    from distattn.distributed.mesh import init_mesh
 
     mesh = init_mesh("cpu", (2, 2), ("dp", "cp"))
     errors.append([group_timeout(mesh[name].get_group()).total_seconds() for name in ("dp", "cp")])

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from distattn.network import profile_of
+from distattn.costmodel.network import profile_of
 from distattn.train.config import load_config
 from distattn.train.config.sections import SCHEDULERS
 

@@ -6,7 +6,7 @@ import torch
 import distattn
 from conftest import rand_qkv
 from distattn.kernels import attn_bwd, attn_fwd
-from distattn.masks import cu_seqlens
+from distattn.planning.masks import cu_seqlens
 
 
 def _fwd(q=None, k=None, v=None, cu_q=None, cu_k=None, **kw):

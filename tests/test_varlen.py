@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 import distattn
 from conftest import max_err, rand_qkv
-from distattn.spawn import run_distributed
-from distattn.varlen import doc_lens_of, mask_options
+from distattn.distributed.spawn import run_distributed
+from distattn.runtime.varlen import doc_lens_of, mask_options
 
 HQ, HKV, D = 6, 3, 8     # heads divisible by 3 ranks for ulysses
 

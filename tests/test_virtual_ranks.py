@@ -1,4 +1,4 @@
-"""Every scheduler on 16, 32 and 64 virtual ranks (threads of this process: distattn.virtual) vs the
+"""Every scheduler on 16, 32 and 64 virtual ranks (threads of this process: distattn.distributed.virtual) vs the
 fp64 oracle; the in-memory process group's collectives; a failing, a stuck and a mismatched rank;
 nothing left behind."""
 
@@ -13,9 +13,9 @@ import torch.distributed.distributed_c10d as c10d
 
 import distattn
 from conftest import max_err, rand_qkv
-from distattn import comm
-from distattn.spawn import RankError, run_distributed
-from distattn.virtual import run_virtual
+from distattn.distributed import comm
+from distattn.distributed.spawn import RankError, run_distributed
+from distattn.distributed.virtual import run_virtual
 
 DOCS = [37, 5, 60, 1, 12, 29, 3, 45, 8]   # uneven documents, causal; ~3 tokens a rank at 64
 SCHEDULERS = ["ring", "zigzag", "allgather", "ulysses", "usp", "cad"]

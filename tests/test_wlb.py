@@ -5,8 +5,8 @@ trainer passes it. Seconds."""
 import numpy as np
 import pytest
 
-from distattn.model_shape import MODELS
-from distattn.network import default_profile
+from distattn.costmodel.model_shape import MODELS
+from distattn.costmodel.network import default_profile
 from distattn.sim import sweep
 from distattn.sim.job import dry_schedule, plan_context
 from distattn.sim.simulate import SimConfig, simulate_row
@@ -69,9 +69,9 @@ def test_the_trainer_plans_cad_for_its_device(monkeypatch):
     import torch
 
     import distattn
-    from distattn import kernel_speed
+    from distattn.kernels import speed as kernel_speed
     from distattn.schedulers import spec
-    from distattn.tiles import PAIRS
+    from distattn.costmodel.tiles import PAIRS
     from distattn.train.config.loader import load_config
     from distattn.train.plan_ahead import plan_options
 

@@ -1,1 +1,1 @@
-"""Benchmarks and studies that run real (CPU, gloo) jobs and print tables."""
+"""Benchmarks and studies that run real (CPU, gloo) jobs and print tables; ``distattn demo`` (:mod:`.demo`)."""

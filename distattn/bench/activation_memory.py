@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..schedulers import NAMES
-from ..spawn import run_distributed
+from ..distributed.spawn import run_distributed
 from .memory import check_positive, doc_lens, run_config, trainer_bench_parser, write_corpus
 from ..train.config import CHECKPOINTING, RunConfig, load_config, validate
 from ..train.preflight.memory import estimate

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..spawn import run_distributed
+from ..distributed.spawn import run_distributed
 from .packing import MODEL, bench_args, set_up
 from ..train.config import RunConfig, validate
 from ..train.data.corpus import write_token_file

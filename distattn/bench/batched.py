@@ -23,7 +23,7 @@ def _worker(schedulers, batch: int, seq_len: int, repeats: int) -> dict:
 
     import distattn
     from distattn.schedulers import PlanContext
-    from distattn.timing import slowest_rank, time_interleaved
+    from distattn.distributed.timing import slowest_rank, time_interleaved
 
     group, world = dist.group.WORLD, dist.get_world_size()
     g = torch.Generator().manual_seed(0)
@@ -52,7 +52,7 @@ def _worker(schedulers, batch: int, seq_len: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> None:
-    from ..spawn import run_distributed
+    from ..distributed.spawn import run_distributed
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)

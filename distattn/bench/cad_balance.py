@@ -37,17 +37,17 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..api import dry_plan
-from ..doclens import SLICE_CASES, load_doc_lens, mask_case, pack, upsample_long
-from ..layout import Layout
-from ..masks import SliceMask
-from ..mesh import MeshInfo
-from ..model_shape import MODELS
-from ..network import network_argument, network_help, profile_of
-from ..schedule import AttnShape, imbalance
+from ..runtime.api import dry_plan
+from ..planning.doclens import SLICE_CASES, load_doc_lens, mask_case, pack, upsample_long
+from ..planning.layout import Layout
+from ..planning.masks import SliceMask
+from ..distributed.mesh import MeshInfo
+from ..costmodel.model_shape import MODELS
+from ..costmodel.network import network_argument, network_help, profile_of
+from ..planning.schedule import AttnShape, imbalance
 from ..schedulers import PlanContext, cad
 from ..schedulers.cad.bound import node_bound, tight_bound
-from ..timing import time_calls
+from ..distributed.timing import time_calls
 
 
 MODEL = MODELS["llama3-8b"]

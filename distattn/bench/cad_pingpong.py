@@ -1,5 +1,5 @@
 """Ping-pong overlap on CPU: a toy layer (QKV and output projections around ``cad`` attention) run on
-two nano-batches one after the other, and with :func:`distattn.pingpong.ping_pong`, in one run.
+two nano-batches one after the other, and with :func:`distattn.runtime.pingpong.ping_pong`, in one run.
 
     python -m distattn.bench.cad_pingpong [--world-size 4] [--seq-len 16384] [--repeats 5]
 
@@ -16,11 +16,11 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from ..api import attention, plan
-from ..doclens import pack
-from ..pingpong import ping_pong, split_nano_batches
-from ..spawn import run_distributed
-from ..timing import slowest_rank, time_interleaved
+from ..runtime.api import attention, plan
+from ..planning.doclens import pack
+from ..runtime.pingpong import ping_pong, split_nano_batches
+from ..distributed.spawn import run_distributed
+from ..distributed.timing import slowest_rank, time_interleaved
 
 
 def _layer(hidden: int, heads: int, seed: int):

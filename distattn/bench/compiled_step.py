@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..schedulers import NAMES
-from ..spawn import run_distributed
+from ..distributed.spawn import run_distributed
 from .memory import check_positive, run_config, trainer_bench_parser, write_corpus
 from ..train.config import CHECKPOINTING, load_config, validate
 from ..train.trainer import train

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..cost import BWD_FLOPS_FACTOR
-from ..memory_model import GIB, Estimate
-from ..model_shape import ModelShape
+from ..costmodel.cost import BWD_FLOPS_FACTOR
+from ..sim.memory_model import GIB, Estimate
+from ..costmodel.model_shape import ModelShape
 from ..train.preflight import memory
 from ..train.preflight.capacity import TILED_MLP_CHUNK, longest_seq_len
 from ..train.config import RunConfig, load_config

@@ -14,14 +14,14 @@ take under 10 minutes on one H100), and writes to one Markdown file, each part a
    bf16; then 1, 4 and 32 query heads per call (KV heads ``max(1, H // 4)``, Llama-3 8B's group;
    equal work per call: a Ulysses rank's share of the heads) at 4K and 32K, causal, head dim 128, and
    their speed per FLOP over 32 heads'; then CAD-shaped calls (few query rows against long keys, each
-   direction timed apart) beside the tile model's price (:mod:`distattn.tiles`: shipped, and fitted to
+   direction timed apart) beside the tile model's price (:mod:`distattn.costmodel.tiles`: shipped, and fitted to
    the backend's own rows); capped at :data:`KERNEL_BUDGET_S` (cases past it are listed as skipped).
    Every causal row is also written to ``REPORT_kernels.csv`` beside the report, for ``distattn cluster
    kernel-fit``.
 3. **Memory: estimate vs measured**: short one-GPU bf16 trainings of the 2048-dim 4-layer model with
    activation checkpointing none, full, offload and offload + tiled MLP at 16K and 128K tokens, and
    full + ``cpu_offload`` at the longest length that fits the GPU by the estimate; beside each, the
-   estimate (:mod:`distattn.memory_model`, what ``distattn train CONFIG --dry-run`` prints) and the
+   estimate (:mod:`distattn.sim.memory_model`, what ``distattn train CONFIG --dry-run`` prints) and the
    run's ``torch.cuda.max_memory_allocated`` (the trainer's ``peak_memory_gib``: the allocator's peak
    since the process started, never reset, so setup counts). These runs share the GPU a few at a time
    (each process has its own allocator peak; no time of theirs is reported).

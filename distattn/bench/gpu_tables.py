@@ -18,7 +18,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from ..memory_model import GIB
+from ..sim.memory_model import GIB
 from .gpu_runner import Outcome
 
 TOLERANCE = 0.10            # the estimate's goal: measured within 10% of it
@@ -174,7 +174,8 @@ def kernel_table(rows: list[dict], backends=("triton", "torch", "fa3")) -> list[
 def heads_table(rows: list[dict], backends=("triton", "torch", "fa3")) -> list[str]:
     """The head sweep (``--heads``; none: no lines): per length and query heads per call, each backend's
     forward and backward speed per FLOP over its speed on the most heads at that length (equal work per
-    call) -- where the tile model (:mod:`distattn.tiles`) puts a call's critical path, measured on this GPU."""
+    call) -- where the tile model (:mod:`distattn.costmodel.tiles`) puts a call's critical path, measured on
+    this GPU."""
     sweep = [r for r in rows if r.get("heads_sweep")]
     if not sweep:
         return []
@@ -200,10 +201,10 @@ def cad_table(rows: list[dict], backends=("triton", "torch", "fa3")) -> list[str
     """The CAD-shaped calls (``--cad-shapes``; none: no lines): per backend and shape, the forward's and
     the backward's milliseconds measured, as the shipped tile model prices them at this report's level
     of the backend (its 32K causal forward and backward), and as a tile model fitted to the backend's
-    own causal rows prices them (:func:`distattn.tiles.fit`) -- what ``distattn cluster kernel-fit`` of
+    own causal rows prices them (:func:`distattn.costmodel.tiles.fit`) -- what ``distattn cluster kernel-fit`` of
     the report's kernel table answers."""
     from ..kernels.tools.bench import table_rows
-    from ..tiles import H100, KernelRow, fit, predict
+    from ..costmodel.tiles import H100, KernelRow, fit, predict
 
     cad = [r for r in rows if r.get("cad_shape") and r.get("fwd_ms") and r.get("bwd_ms")]
     if not cad:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..schedulers import NAMES
-from ..spawn import RankError, run_distributed
+from ..distributed.spawn import RankError, run_distributed
 from . import saved
 from ..train.config import CHECKPOINTING, DTYPES, RunConfig, load_config, validate
 from ..train.data.corpus import write_token_file

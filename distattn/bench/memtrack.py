@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
-from ..ops import IMPLEMENTATIONS
+from ..runtime.ops import IMPLEMENTATIONS
 
 
 class TensorMemory(TorchDispatchMode):

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..schedulers import NAMES
-from ..spawn import run_distributed
+from ..distributed.spawn import run_distributed
 from .memory import check_positive, trainer_bench_parser
 from ..train.config import load_config, validate
 from ..train.trainer import train

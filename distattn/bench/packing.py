@@ -4,7 +4,7 @@
 
 A heavy-tailed corpus -- ProLong's document lengths from ``--doclens`` (e.g.
 ``../shared/data/doclens/prolong.json``) divided by a factor that makes the mean document a
-quarter of a sequence, or without the file the log-normal stand-in of :mod:`distattn.doclens`
+quarter of a sequence, or without the file the log-normal stand-in of :mod:`distattn.planning.doclens`
 scaled the same way -- is written as a token file in a temporary folder. dp 2 x cp 2 (4 gloo
 ranks, a small model, CPU) then train it twice in the same processes: every rank holds a trainer
 with ``data.packing: stream`` and one with ``balanced`` and steps them in turn (which goes first
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..doclens import load_doc_lens, pack
-from ..spawn import run_distributed
+from ..planning.doclens import load_doc_lens, pack
+from ..distributed.spawn import run_distributed
 from ..train.config import RunConfig, validate
 from ..train.data.corpus import write_token_file
 

@@ -5,7 +5,7 @@
 8 gloo ranks (dp 2 x cp 4, a small model, CPU) train ``scheduler: cad`` pooled over all 8 ranks (two
 nano-batches, one plan each, every step) on a heavy-tailed corpus: ProLong's document lengths from
 ``--doclens`` (e.g. ``../shared/data/doclens/prolong.json``), or the log-normal stand-in of
-:mod:`distattn.doclens`, scaled as :func:`distattn.bench.packing.corpus_lengths` scales them and
+:mod:`distattn.planning.doclens`, scaled as :func:`distattn.bench.packing.corpus_lengths` scales them and
 written as a token file in a temporary folder. Every rank holds two trainers on the same data and
 seeds, ``plan_ahead: false`` and ``true``, and steps them in turn (which goes first alternates), so
 the machine's load falls on both alike.

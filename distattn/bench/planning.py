@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..api import plan
-from ..doclens import load_doc_lens, pack, upsample_long
+from ..runtime.api import plan
+from ..planning.doclens import load_doc_lens, pack, upsample_long
 from ..schedulers import NAMES, PlanContext, spec
-from ..timing import time_calls
+from ..distributed.timing import time_calls
 
 
 def plan_seconds(name: str, docs, ranks: int) -> float:

@@ -7,7 +7,7 @@
 One packed sequence of real documents (sampled from ``../shared/data/doclens/prolong.json`` when it
 exists, documents over 64K upsampled x4; else the log-normal stand-in), causal, GQA 32 query / 8 KV
 heads of 128, attention sinks on, once without and once with a sliding window (``--window``, default
-tokens / 8). Every scheduler runs forward and backward on virtual ranks (:mod:`distattn.virtual`,
+tokens / 8). Every scheduler runs forward and backward on virtual ranks (:mod:`distattn.distributed.virtual`,
 every world size, 1 included, ``backend="auto"``) and is compared with the fp64 oracle
 (:func:`distattn.reference_attention`, computed once per case and shared by every run).
 
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..doclens import load_doc_lens, pack, upsample_long
+from ..planning.doclens import load_doc_lens, pack, upsample_long
 from ..kernels import available_backends
 from ..schedulers import NAMES, PlanContext, spec
 
@@ -85,7 +85,7 @@ def make_inputs(tokens: int, heads: int, kv_heads: int, head_dim: int, seed: int
 def oracle(inputs: Inputs, docs: tuple[int, ...], window: int | None) -> dict:
     """fp64 out, dq, dk, dv, dsinks of the whole sequence, one query head at a time: the dense
     per-document score matrix of all heads at once would not fit in memory at long documents."""
-    from ..oracle import reference_attention
+    from ..runtime.oracle import reference_attention
 
     heads, kv_heads = inputs.q.shape[1], inputs.k.shape[1]
     ref = {"out": torch.empty_like(inputs.q), "dq": torch.empty_like(inputs.q), "dk": torch.zeros_like(inputs.k),
@@ -107,7 +107,7 @@ def _rank(name: str, context: PlanContext, case: Case, inputs: Inputs, dtype: to
     """One virtual rank: squared error and squared reference sums of its shards, its dsinks share, bytes sent."""
     import torch.distributed as dist
 
-    from ..api import attention, plan
+    from ..runtime.api import attention, plan
 
     p = plan(list(case.docs), dist.group.WORLD, scheduler=name, backend=backend, causal=True, window=case.window,
              comm_dtype=comm_dtype, context=context)
@@ -147,7 +147,7 @@ def measure(name: str, world: int, case: Case, inputs: Inputs, dtype: str, comm_
     the local kernel (``"reference"`` computes in fp64 and rounds its results, as a GPU kernel
     rounds its fp32 accumulators); ``device``: where the ranks compute (``"cuda"``: every virtual rank
     on the one GPU)."""
-    from ..virtual import run_virtual
+    from ..distributed.virtual import run_virtual
 
     context = _context(inputs.q.shape[1], inputs.k.shape[1], world, inputs.q.shape[-1])
     results = run_virtual(_rank, world, name, context, case, inputs, DTYPES[dtype], comm_dtype, backend, device,
@@ -164,7 +164,7 @@ def naive_ring(case: Case, inputs: Inputs, world: int, dtype: str, backend: str 
     """The ring over ``world`` contiguous blocks in one process, every running sum in ``dtype``:
     out and lse merged step by step and rounded after each, dq/dK/dV added up in ``dtype``."""
     from ..kernels import Varlen, varlen_bwd, varlen_fwd
-    from ..merge import add_sink, merge, row_delta, sink_grad
+    from ..kernels.merge import add_sink, merge, row_delta, sink_grad
 
     dt = DTYPES[dtype]
     q, k, v, dout, sinks = (t.to(dt) for t in (inputs.q, inputs.k, inputs.v, inputs.dout, inputs.sinks))

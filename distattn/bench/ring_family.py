@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..demo import run_demo
-from ..doclens import load_doc_lens, pack
+from .demo import run_demo
+from ..planning.doclens import load_doc_lens, pack
 from ..schedulers import REGISTRY
 
 # the schedulers that move only K/V (their error could grow with ring size)

@@ -1,5 +1,5 @@
 """What attention keeps from forward to backward, per layer, measured on gloo ranks beside the memory
-model's figure (:meth:`distattn.schedule.Schedule.saved_bytes`, what ``distattn train --dry-run`` and
+model's figure (:meth:`distattn.planning.schedule.Schedule.saved_bytes`, what ``distattn train --dry-run`` and
 ``distattn simulate`` count per layer under ``selective`` checkpointing).
 
     python -m distattn.bench.memory --saved [--world-size 8] [--seq-len 16384] [--doclens prolong.json]
@@ -16,7 +16,7 @@ storages autograd saves -- q, k, v, out and lse where the rank keeps its own row
 ratio, and each row over ``zigzag``'s.
 
 Without a document-length sample (``--doclens``, default ``../shared/data/doclens/prolong.json`` when
-it is there) the draw is the simulator's log-normal stand-in (:func:`distattn.doclens.pack`).
+it is there) the draw is the simulator's log-normal stand-in (:func:`distattn.planning.doclens.pack`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import torch.distributed as dist
 
 import distattn
 
-from ..doclens import load_doc_lens, pack, upsample_long
-from ..schedule import AttnShape
-from ..spawn import run_distributed
+from ..planning.doclens import load_doc_lens, pack, upsample_long
+from ..planning.schedule import AttnShape
+from ..distributed.spawn import run_distributed
 
 # (row name, scheduler, plan options)
 ROWS = (("ring", "ring", {}), ("zigzag", "zigzag", {}), ("allgather", "allgather", {}), ("ulysses", "ulysses", {}),

@@ -8,7 +8,7 @@ contiguous chunk). Three runs: ring-flash-attention's ``ring_flash_attn_func`` a
 ``stripe_flash_attn_func`` as ``distattn.compat`` runs them, and the core API's
 ``distattn.plan(..., scheduler="ring", layout=Layout.from_indices(stripe))``. Prints each one's median
 fwd+bwd seconds (the slowest rank's) and each stripe / ring. Both stripes run one kernel call per
-(query rank, key rank) block with a shifted causal band (:mod:`distattn.strided`), not a segment per
+(query rank, key rank) block with a shifted causal band (:mod:`distattn.planning.strided`), not a segment per
 token.
 """
 
@@ -19,8 +19,8 @@ import statistics
 
 import torch
 
-from ..spawn import run_distributed
-from ..timing import slowest_rank, time_interleaved
+from ..distributed.spawn import run_distributed
+from ..distributed.timing import slowest_rank, time_interleaved
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
 
@@ -30,7 +30,7 @@ def _rank(seq_len: int, repeats: int) -> list[float]:
 
     import distattn
     from ..compat import ring_flash_attn as rfa
-    from ..layout import Layout
+    from ..planning.layout import Layout
 
     r, p = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ Masks (document lengths from a real sample when given, else a log-normal stand-i
 * ``causal-doc`` / ``full-doc``: packed documents;
 * ``window``: one causal document with a sliding window of ``seq_len / 8``;
 * ``shared-question`` / ``prefix-lm`` / ``causal-blockwise``: LongCA-bench's slice masks
-  (:func:`distattn.doclens.mask_case`).
+  (:func:`distattn.planning.doclens.mask_case`).
 
 FLOPs follow the mask area: forward ``4 * area * Hq * D``, backward 2.5x that, so
 ``tflops = 3.5 * 4 * area * Hq * D / time``. ``flops_imbalance`` and ``send_bytes`` (forward,
@@ -44,12 +44,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..api import attention, local_attention, plan
-from ..cost import BWD_FLOPS_FACTOR, Roofline, attention_flops
-from ..doclens import MASK_CASES, mask_case
-from ..kernel_speed import device_gpu
+from ..runtime.api import attention, local_attention, plan
+from ..costmodel.cost import BWD_FLOPS_FACTOR, Roofline, attention_flops
+from ..planning.doclens import MASK_CASES, mask_case
+from ..kernels.speed import device_gpu
 from ..schedulers import NAMES, PlanContext, spec
-from ..timing import slowest_median, time_calls
+from ..distributed.timing import slowest_median, time_calls
 from .results import COLUMNS
 from .ulysses_vs_deepspeed import DEFAULT_EXTENSIONS_DIR, deepspeed_attention_class
 
@@ -140,7 +140,7 @@ def _meshes(cfg: BenchConfig, world: int, device: torch.device, context: PlanCon
         if degree > 1:
             # the one 2-D mesh (ParallelDims, through usp_mesh), made before any timed step: every
             # plan below finds its process groups instead of making them inside a measurement
-            from ..mesh import usp_mesh
+            from ..distributed.mesh import usp_mesh
 
             meshes[name] = usp_mesh(device.type, degree)
     return meshes
@@ -419,7 +419,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True, bar: boo
     """Run every case and write ``out/results.csv``, ``results.json``, plots and TensorBoard events.
     ``progress``: show the cases as they finish -- a tqdm bar on a terminal while the ``distattn``
     logger shows INFO (``bar`` forces it on or off), else a line per case logged at INFO."""
-    from ..spawn import _context as spawn_context, run_distributed
+    from ..distributed.spawn import _context as spawn_context, run_distributed
     from ..train.metrics import resolve_progress
 
     cfg.check()

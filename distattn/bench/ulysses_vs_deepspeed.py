@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..api import attention, local_attention, plan
-from ..doclens import pack
-from ..spawn import run_distributed
-from ..timing import slowest_rank, time_interleaved
+from ..runtime.api import attention, local_attention, plan
+from ..planning.doclens import pack
+from ..distributed.spawn import run_distributed
+from ..distributed.timing import slowest_rank, time_interleaved
 
 DEFAULT_EXTENSIONS_DIR = str(Path(__file__).resolve().parents[2] / ".venv" / "torch_extensions")
 _log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from ..spawn import Terminated
+from ..distributed.spawn import Terminated
 from . import ckpt_cmds, cluster_cmds, data_cmds, perf_cmds, run_cmds, sim_cmds
 from ._args import Parser, examples
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = " ".join(filter(None, [args.command, getattr(args, "cluster_command", None),
                                   getattr(args, "data_command", None), getattr(args, "ckpt_command", None)]))
-    from ..log import configure_logging
+    from ..distributed.log import configure_logging
 
     configure_logging(args.log_level, args.log_ranks)
     try:

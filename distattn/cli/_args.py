@@ -159,7 +159,7 @@ def existing_file(text: str) -> str:
 
 def doclens_argument(text: str) -> str:
     """``--doclens``: a JSON file of document lengths, or a packaged sample's name (``sample``)."""
-    from ..doclens import doclens_source
+    from ..planning.doclens import doclens_source
 
     try:
         doclens_source(text)
@@ -183,7 +183,7 @@ def existing_path(text: str) -> str:
 
 def tokens(text: str) -> int:
     """``524288``, ``512K`` or ``1M`` tokens (K = 1024)."""
-    from ..network_csv import parse_size
+    from ..costmodel.network_csv import parse_size
 
     try:
         value = parse_size(text, "--seq-len")
@@ -224,7 +224,7 @@ def doc_pool(path: str | None):
     """A document-length sample; documents over 64K repeated 4x as in DistCA's evaluation."""
     if path is None:
         return None
-    from ..doclens import load_doc_lens, upsample_long
+    from ..planning.doclens import load_doc_lens, upsample_long
 
     try:
         lens = load_doc_lens(path)

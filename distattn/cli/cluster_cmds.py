@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..cluster import PROBED
-from ..network_csv import network_argument, network_help
+from ..costmodel.network_csv import network_argument, network_help
 from ._args import (examples, existing_file, non_negative_int, output_dir, output_file,
                     positive_float, positive_int)
 
@@ -38,7 +38,7 @@ def probe_rank(sizes, ops, iters, warmup):
 
 def _cmd_probe(args) -> int:
     from ..cluster.probe import parse_sizes
-    from ..network import NetworkProfile
+    from ..costmodel.network import NetworkProfile
 
     sizes = parse_sizes(args.sizes)
     header = f"{'op':<15} {'ranks':>5} {'size_bytes':>12} {'time_us':>12} {'algbw':>9} {'busbw':>9}"
@@ -58,7 +58,7 @@ def _cmd_probe(args) -> int:
         if os.environ["RANK"] != "0":
             return 0
     else:
-        from ..spawn import run_distributed
+        from ..distributed.spawn import run_distributed
 
         if args.world_size < 2:
             raise ValueError(f"--world-size {args.world_size}: a probe needs at least 2 ranks (a collective on one "
@@ -90,7 +90,7 @@ def _cmd_nccl_tests(args) -> int:
 
 
 def _cmd_profile_fit(args) -> int:
-    from ..network import profile_of
+    from ..costmodel.network import profile_of
 
     profile = profile_of(args.file)
     print_fits(profile)
@@ -116,7 +116,7 @@ def _cmd_kernel_fit(args) -> int:
 
     import numpy as np
 
-    from ..tiles import check, fit, read_table
+    from ..costmodel.tiles import check, fit, read_table
 
     rows = read_table(args.table)
     inside = [args.fit_on is None or str(getattr(r, args.fit_on[0])) == args.fit_on[1] for r in rows]
@@ -161,7 +161,7 @@ def _cmd_kernel_fit(args) -> int:
 
 def print_check(rows) -> None:
     """``--check``: per op and scope, the relative time error of each measured configuration's own fit and
-    of the rule's price with it left out (:meth:`distattn.network.NetworkProfile.check`)."""
+    of the rule's price with it left out (:meth:`distattn.costmodel.network.NetworkProfile.check`)."""
     def pct(x):
         return "-" if x is None else f"{x:.1%}"
     print("time error per op and scope, median / worst over the measured sizes: the fit used, and the rule's price "
@@ -242,7 +242,7 @@ def add_parsers(sub) -> None:
 
     kernel = cluster_sub.add_parser(
         "kernel-fit", help="fit the attention kernel's tile model to a latency table; rows measured vs modelled",
-        description="Fit the attention kernel's tile model (distattn.tiles: CTAs in waves over the SMs, per "
+        description="Fit the attention kernel's tile model (distattn.costmodel.tiles: CTAs in waves over the SMs, per "
                     "direction, each a fixed cost plus its loop iterations) to a latency table: rows L,cp,tp,"
                     "duration_per_doc (ms, DistCA's profiler: L/cp query rows of a causal document, read as forward "
                     "+ backward) or q_len,k_len,heads,direction,ms[,segments,backend] (the GPU report's kernel "

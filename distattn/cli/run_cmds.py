@@ -16,7 +16,7 @@ from ._shell import distattn_command, tool_command
 
 
 def _cmd_demo(args) -> int:
-    from ..demo import run_demo
+    from ..bench.demo import run_demo
 
     doc_info = f"docs {args.doc_lens}" if args.doc_lens else f"synthetic documents, {args.seq_len} tokens"
     print(f"distattn demo: {args.world_size} gloo rank(s), {doc_info}, heads {args.heads}/{args.kv_heads} x "
@@ -138,7 +138,7 @@ def _peer_line(exc, out, advice: str) -> str | None:
     it die or stay silent), the phase and the path; None for other failures."""
     import dataclasses
 
-    from ..comm import PeerFailed, PeerFailure
+    from ..distributed.comm import PeerFailed, PeerFailure
 
     if isinstance(exc.original, PeerFailed):
         failure = exc.original.failure
@@ -180,8 +180,8 @@ def _peer_failed(exc, out, rank: int) -> int:
 def _train_and_report(cfg, out, resume, talk, again: str, allow_reshape: bool = False) -> int:
     """Run the ranks; the command's exit code, with one line for a run that failed or was stopped (``again``:
     the command that continues the run, :func:`_done_lines`; ``allow_reshape``: ``--allow-reshape``)."""
-    from ..comm import PeerFailed
-    from ..spawn import RankError, Terminated
+    from ..distributed.comm import PeerFailed
+    from ..distributed.spawn import RankError, Terminated
     from ..train.checkpoint import dcp as checkpoint
     from ..train.checkpoint.resume import usable_checkpoint
     from ..train.safe_io import WriteFailed

@@ -15,7 +15,7 @@ from .cluster_cmds import probe_rank
 
 
 def _network(path):
-    from ..network import profile_of
+    from ..costmodel.network import profile_of
 
     return profile_of(path or None)
 
@@ -49,8 +49,8 @@ def _probe_gloo(worlds: list[int]):
     """gloo's collectives timed here at each of ``worlds`` ranks (``distattn cluster probe``'s sizes
     4 KiB-16 MiB), as one network profile."""
     from ..cluster import PROBED
-    from ..network import NetworkProfile
-    from ..spawn import run_distributed
+    from ..costmodel.network import NetworkProfile
+    from ..distributed.spawn import run_distributed
 
     measured = []
     for w in worlds:
@@ -297,7 +297,7 @@ def add_parsers(sub) -> None:
 
 def _job_arguments(sim, gpus, models) -> None:
     """The job simulated: its GPUs, lengths, model, parallelism, network and documents."""
-    from ..network_csv import network_argument, network_help   # light: no numpy while parsers are built
+    from ..costmodel.network_csv import network_argument, network_help   # light: no numpy while parsers are built
 
     sim.add_argument("--gpus", type=positive_int_at_most(MAX_GPUS, "GPUs"), default=None,
                      help="GPUs in the job (required unless --calibrate)")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..varlen import flash_softcap
+from ..runtime.varlen import flash_softcap
 from ._llama3 import _llama3, llama3_flash_attn_prepare_cu_seqlens
 
 DATA_PARAMS: dict = {}

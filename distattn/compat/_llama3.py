@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..schedulers import spec
-from ..varlen import doc_lens_of, resolve_group
+from ..runtime.varlen import doc_lens_of, resolve_group
 from ._splits import _attention, _refuse
 
 _prepared: OrderedDict = OrderedDict()   # what llama3_flash_attn_prepare_cu_seqlens saw: local view -> documents

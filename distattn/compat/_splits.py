@@ -9,8 +9,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch.distributed as dist
 
-from ..layout import Layout
-from ..varlen import attend, plan_for, resolve_group
+from ..planning.layout import Layout
+from ..runtime.varlen import attend, plan_for, resolve_group
 
 def _per_document(lens: tuple[int, ...], p: int, pick: Callable[[int, int], np.ndarray]) -> Layout:
     """Rank ``r`` holds ``pick(r, n)`` (offsets inside a document of ``n`` tokens) of every
@@ -48,7 +48,7 @@ def _attention(q, k, v, lens: tuple[int, ...], split: str, group, *, scheduler: 
     """This rank's attention over documents ``lens`` held the ``split`` way."""
     group = resolve_group(group)
     p = dist.get_world_size(group)
-    # (stripe: distattn.plan runs it in the ranks' order, a band per class pair -- distattn.strided)
+    # (stripe: distattn.plan runs it in the ranks' order, a band per class pair -- distattn.planning.strided)
     plan = plan_for(lens, group, scheduler=scheduler, layout_key=(split, p),
                     layout=lambda: SPLITS[split].layout(lens, p), causal=causal, window_size=window_size,
                     backend=backend, options=options)

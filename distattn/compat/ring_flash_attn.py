@@ -26,7 +26,7 @@ function                                 rank ``r`` holds                       
 
 Stripe plans the sequence in the ranks' order, each block against each a band (causal with the diagonal
 for key rank <= query rank, without it above): one kernel call per (query rank, key rank, row), not a
-segment per token (:mod:`distattn.strided`, which ``distattn.plan`` applies to any strided layout;
+segment per token (:mod:`distattn.planning.strided`, which ``distattn.plan`` applies to any strided layout;
 ``python -m distattn.bench.stripe`` times it beside ``ring_flash_attn_func``).
 
 The ring and zigzag varlen functions take this rank's ``cu_seqlens`` (the global ones divided by
@@ -42,7 +42,7 @@ scheduler's ``heads_per_step`` (KV heads per all-gather) and is ignored by the o
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)`` like the originals, ``softmax_lse``
 ``[H, T_local]`` (varlen) or ``[B, H, S_local]`` (batch), fp32 (fp64 for fp64 inputs), with the
 ``ring``/``zigzag``/``allgather`` schedulers. Plans are cached per documents and options
-(:mod:`distattn.varlen`), so the layers of a step plan once.
+(:mod:`distattn.runtime.varlen`), so the layers of a step plan once.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from ..varlen import doc_lens_of, resolve_group
+from ..runtime.varlen import doc_lens_of, resolve_group
 from ._hf import substitute_hf_flash_attn, update_ring_flash_attn_params, use_ring_attn
 from ._llama3 import llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func
 from ._splits import _attention, _even, _refuse

@@ -13,7 +13,7 @@ executor                        pattern                                         
 The scheduler's registry entry names its executor (:data:`EXECUTORS`); :func:`distattn.plan` hands
 the entry it looked up to :func:`executor_for`, so a name is looked up once.
 Executors take their groups from the mesh the plan was given; the only groups they make are
-``usp``'s Ulysses and ring groups of a 1-D mesh, once per parent group (:func:`distattn.comm.subgroups`).
+``usp``'s Ulysses and ring groups of a 1-D mesh, once per parent group (:func:`distattn.distributed.comm.subgroups`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from ..comm import Comm, subgroups
-from ..layout import Shards
-from ..mesh import MeshInfo
-from ..schedule import Schedule
+from ..distributed.comm import Comm, subgroups
+from ..planning.layout import Shards
+from ..distributed.mesh import MeshInfo
+from ..planning.schedule import Schedule
 from ..schedulers import SchedulerSpec
 from ..schedulers.allgather import GatherSchedule
 from ..schedulers.cad import TaskSchedule

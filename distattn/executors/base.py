@@ -2,7 +2,7 @@
 
 An executor runs one rank's part of a schedule on process groups. It is the live, mutable half of
 a plan (the schedule is the frozen half), held by the plan's runtime
-(:class:`distattn.plans.PlanRuntime`), which users don't see: it holds the rank's communicators
+(:class:`distattn.runtime.plans.PlanRuntime`), which users don't see: it holds the rank's communicators
 (which count the bytes sent), its kernel layouts and indices copied to the device once
 (:meth:`Executor.prepare`), and the input shapes its group already agreed on.
 """
@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..comm import Comm, meet_once
+from ..distributed.comm import Comm, meet_once
 from ..kernels import Varlen, prepare, varlen_bwd, varlen_fwd
-from ..merge import acc_dtype, add_sink, merge_, sink_grad
-from ..trace import ATTENTION, MERGE, span
+from ..kernels.merge import acc_dtype, add_sink, merge_, sink_grad
+from ..distributed.trace import ATTENTION, MERGE, span
 from ..schedulers.blocks import KernelCall
-from ..wire import Wire
+from ..planning.wire import Wire
 
 
 class Saved(NamedTuple):
@@ -40,14 +40,14 @@ class ExecOptions:
 
     ``deterministic``: bitwise-equal results run to run -- sums over rows that repeat go in a
     fixed order (:meth:`DeviceIndex.add_into`), never through atomics. ``comm_dtype``: the
-    encoding of what attention moves (:class:`distattn.wire.Wire`). ``inner`` (set by an outer
+    encoding of what attention moves (:class:`distattn.planning.wire.Wire`). ``inner`` (set by an outer
     executor for its inner one, not a plan option): the backward returns dK and dV in the
     accumulator dtype, because the outer one sums them further (the heads all-to-all's copies of a
     KV head: rounding each part to bf16 first would be a rounding per part), and leaves the sinks'
     gradient shares to the outer one (:meth:`Executor.sink_share`)."""
 
     deterministic: bool = False
-    comm_dtype: str | None = None   # None | "fp8": how Q, K, V, out and dout travel (distattn.wire)
+    comm_dtype: str | None = None   # None | "fp8": how Q, K, V, out and dout travel (distattn.planning.wire)
     inner: bool = False
 
     def kv_grad_dtype(self, dtype: torch.dtype) -> torch.dtype:
@@ -108,8 +108,8 @@ class Executor:
     share of the gradient (:meth:`sink_grad`): summed over the ranks, the full one.
 
     A *staged* executor (``staged = True``) also runs each direction as three stages, the points
-    at which :mod:`distattn.pingpong` runs the other nano-batch's layers in between (its program
-    puts each instruction in the stage that issues it, :mod:`distattn.program`):
+    at which :mod:`distattn.runtime.pingpong` runs the other nano-batch's layers in between (its program
+    puts each instruction in the stage that issues it, :mod:`distattn.planning.program`):
 
     * ``prefetch(q, k, v) -> pending``: start what the computation needs (``dispatch``);
     * ``compute_forward(pending, scale, softcap, sinks) -> returning``: wait for it, compute, start
@@ -125,7 +125,7 @@ class Executor:
     """
 
     supports_prefetch = False   # ``plan.prefetch`` (cad)
-    staged = False              # the stage methods below exist (distattn.pingpong runs them apart)
+    staged = False              # the stage methods below exist (distattn.runtime.pingpong runs them apart)
 
     def __init__(self, schedule, rank: int, comm: Comm, backend: str, options: ExecOptions = ExecOptions()):
         self.schedule, self.rank, self.comm, self.backend, self.options = schedule, rank, comm, backend, options
@@ -164,7 +164,7 @@ class Executor:
         roundings of shares that partly cancel (measured: 1.2-1.3x one rank's error at 64 ranks). So
         the group sums its shares in fp32 first and each rank keeps 1/P of the sum: one rounding,
         exactly one when P is a power of two. One all-reduce of ``[H]`` floats, in the program
-        (:meth:`distattn.schedule.Schedule.call_program`); an inner executor leaves it to its outer one."""
+        (:meth:`distattn.planning.schedule.Schedule.call_program`); an inner executor leaves it to its outer one."""
         comm = self.sink_comm
         if dtype.itemsize >= 4 or self.options.inner or comm.size == 1:
             return dsinks
@@ -205,7 +205,7 @@ class Executor:
         """What :meth:`forward` on these (compute-order) inputs saves, with empty tensors of its
         shapes and dtypes: ``out`` is the output the forward returns; ``size(n)``: the size to use
         for a count ``n`` that changes with the documents (``int``; an unbacked symbolic size when
-        compiling, so the next plan reuses the graph: :mod:`distattn.ops`). Any other count the
+        compiling, so the next plan reuses the graph: :mod:`distattn.runtime.ops`). Any other count the
         plan decides belongs in :attr:`structure`. This default: q, k, v, out and the fp32 lse
         ``[S_local, Hq]``."""
         return Saved(q, k, v, out, q.new_empty(q.shape[:2], dtype=acc_dtype(q.dtype)))
@@ -217,7 +217,7 @@ class Executor:
                         sinks: bool = False, softcap: float | None = None) -> None:
         """A ``ValueError`` on every rank unless all ranks of the group pass the same heads,
         head_dim and dtype (and all or none pass sinks, with the same softcap). The ranks compare
-        through the group's key-value store (:func:`distattn.comm.meet_once`: host only, no device
+        through the group's key-value store (:func:`distattn.distributed.comm.meet_once`: host only, no device
         synchronisation; agreed shapes are remembered, so a plan per training step checks on the
         first step only)."""
         dtype = str(q.dtype).removeprefix("torch.")
@@ -274,7 +274,7 @@ def _global_rank(group, rank: int) -> int:
 
 def finish_rows(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None, dtype: torch.dtype):
     """Rows' *final* ``(out, lse)`` (every partial result merged): the sinks counted once
-    (:func:`distattn.merge.add_sink`), out cast to ``dtype``. The saved ``lse`` includes the sinks, so
+    (:func:`distattn.kernels.merge.add_sink`), out cast to ``dtype``. The saved ``lse`` includes the sinks, so
     the kernels' backward, given these out and lse, yields the exact dq, dk, dv."""
     lse = lse.to(acc_dtype(dtype))   # a running lse (merge.LSE_ACC) becomes the kernels' dtype
     if sinks is not None:
@@ -295,7 +295,7 @@ def unpack_kv(kv: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def attention_fwd(*args, **kwargs):
-    """:func:`distattn.kernels.varlen_fwd`, marked as attention in a profile (:mod:`distattn.trace`)."""
+    """:func:`distattn.kernels.varlen_fwd`, marked as attention in a profile (:mod:`distattn.distributed.trace`)."""
     with span(ATTENTION):
         return varlen_fwd(*args, **kwargs)
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..merge import LSE_ACC, acc_dtype, row_delta
+from ..kernels.merge import LSE_ACC, acc_dtype, row_delta
 from ..schedulers.allgather import GatherSchedule
 from .base import (Computed, DeviceIndex, ExecOptions, OwnRows, Saved, call_bwd, call_fwd, finish_rows, out_shape,
                    pack_kv, unpack_kv)

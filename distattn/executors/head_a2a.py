@@ -25,8 +25,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..comm import Comm
-from ..merge import acc_dtype
+from ..distributed.comm import Comm
+from ..kernels.merge import acc_dtype
 from ..schedulers.ulysses import HeadLayout, HeadRanges, group_ranges, part_heads
 from .base import DeviceIndex, ExecOptions, Executor, out_shape
 
@@ -235,7 +235,7 @@ class HeadExecutor(Executor):
         return layout, parts
 
     def _start_heads(self, xs: list[torch.Tensor], heads: list[HeadRanges], what: str) -> _Encoded:
-        """Start :meth:`HeadAllToAll.start_heads` of ``xs`` as they travel (:mod:`distattn.wire`)."""
+        """Start :meth:`HeadAllToAll.start_heads` of ``xs`` as they travel (:mod:`distattn.planning.wire`)."""
         wire = self.options.wire
         return _Encoded(self.exchange.start_heads([wire.encode(x) for x in xs], heads, what),
                         tuple((x.shape[-1], x.dtype) for x in xs))

@@ -19,9 +19,9 @@ from typing import NamedTuple, Protocol, Sequence
 import numpy as np
 import torch
 
-from ..comm import Pending
+from ..distributed.comm import Pending
 from ..schedulers.cad import Route
-from ..wire import Wire
+from ..planning.wire import Wire
 from .base import DeviceIndex, ExecOptions
 
 _EMPTY = np.zeros(0, dtype=np.int64)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..kernels import varlen_bwd, varlen_fwd
-from ..merge import LSE_ACC, acc_dtype, row_delta
-from ..trace import ATTENTION, span
+from ..kernels.merge import LSE_ACC, acc_dtype, row_delta
+from ..distributed.trace import ATTENTION, span
 from .base import ExecOptions, Executor, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv, unpack_kv
 
 

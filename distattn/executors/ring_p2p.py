@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..merge import LSE_ACC, acc_dtype, row_delta
+from ..kernels.merge import LSE_ACC, acc_dtype, row_delta
 from ..schedulers.ring import RingSchedule
 from .base import (Computed, ExecOptions, OwnRows, Saved, call_bwd, call_fwd, finish_rows, out_shape, pack_kv,
                    unpack_kv)
@@ -67,7 +67,7 @@ class RingExecutor(OwnRows):
         return [call.varlen for calls in self.calls for call in calls]
 
     def _kv_ring_step(self, t: int, cur: torch.Tensor | None, like: torch.Tensor):
-        """Sends/receives that move the K/V ring (blocks as they travel: :mod:`distattn.wire`) from
+        """Sends/receives that move the K/V ring (blocks as they travel: :mod:`distattn.planning.wire`) from
         step t to t + 1."""
         s, r, p = self.schedule, self.rank, self.schedule.world_size
         sends, recvs, nxt = [], [], None

@@ -28,7 +28,7 @@ rows for every destination, concatenated in pool-rank order, the all-to-all's or
 once per plan; results come back in the same order and are summed in with the same index.
 
 Stages, so that a caller can hide every transfer behind other work
-(:func:`distattn.pingpong.run_layers`; ``forward``/``backward`` run them back to back; the same
+(:func:`distattn.runtime.pingpong.run_layers`; ``forward``/``backward`` run them back to back; the same
 stages, as instructions, are :meth:`TaskSchedule.program <distattn.schedulers.cad.TaskSchedule.program>`):
 
 ==========  ==============================  ==================================================
@@ -42,7 +42,7 @@ backward    ``compute_backward``            wait for them, attention backward, s
 backward    ``finish_backward``             wait for them: ``(dq, dk, dv)``
 ==========  ==============================  ==================================================
 
-Every transfer is issued asynchronously (:meth:`distattn.comm.Comm.all_to_all` returns a pending
+Every transfer is issued asynchronously (:meth:`distattn.distributed.comm.Comm.all_to_all` returns a pending
 handle) and waited for only by the next stage; the hops after the first are chained to the one
 before (:mod:`.hops`, :meth:`TaskExecutor.chained`).
 """
@@ -57,14 +57,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..comm import Comm
+from ..distributed.comm import Comm
 from ..kernels import varlen_bwd, varlen_fwd
-from ..merge import LSE_ACC, acc_dtype, merge, row_delta
-from ..layout import Shards
-from ..masks import as_doc_lens
+from ..kernels.merge import LSE_ACC, acc_dtype, merge, row_delta
+from ..planning.layout import Shards
+from ..planning.masks import as_doc_lens
 from ..schedulers.cad import Pool, TaskSchedule
-from ..trace import ATTENTION, MERGE, span
-from ..wire import Wire
+from ..distributed.trace import ATTENTION, MERGE, span
+from ..planning.wire import Wire
 from .base import DeviceIndex, ExecOptions, Executor, finish_rows, out_shape, pack_kv, unpack_kv
 from .hops import Cast, Return, Transfer, rows_of
 

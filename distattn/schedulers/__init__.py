@@ -7,19 +7,19 @@ checks that no code outside this package compares a scheduler's name). Importing
 neither torch nor numpy, so ``--help`` stays fast.
 
 Each entry names its planner's module (``build(doc_lens, mesh, *, causal, window, mask, shards,
-**options)`` returns a :class:`~distattn.schedule.Schedule`, a pure function of the document lengths,
+**options)`` returns a :class:`~distattn.planning.schedule.Schedule`, a pure function of the document lengths,
 the token ownership, the mesh shape and the options), its default layout, its executor, and the facts
 callers ask about: how many ranks split its heads, whether it can pool several CP groups, whether only
 K/V travel. Callers never work out a scheduler's options: they describe the job
 (:class:`PlanContext`) and the planner's module derives its own (``derive``, ``head_split``). What it holds in memory is the schedule's
-(:meth:`~distattn.schedule.Schedule.saved_bytes`, :meth:`~distattn.schedule.Schedule.buffer_bytes`).
+(:meth:`~distattn.planning.schedule.Schedule.saved_bytes`, :meth:`~distattn.planning.schedule.Schedule.buffer_bytes`).
 
 Adding a scheduler
 ------------------
 Two files, when an executor of :data:`distattn.executors.EXECUTORS` can run its schedules:
 
 1. ``distattn/schedulers/<name>.py``, the planner: ``build(doc_lens, mesh, *, causal, window, mask,
-   shards, **options)`` returning a :class:`~distattn.schedule.Schedule` whose ``scheduler`` is
+   shards, **options)`` returning a :class:`~distattn.planning.schedule.Schedule` whose ``scheduler`` is
    ``<name>`` (a subclass of its own, or the type the chosen executor runs); ``build``'s keywords
    beyond :data:`PLANNER_ARGUMENTS` are the scheduler's options. Where its entry says so, also
    ``own_shards(doc_lens, mesh, **options)`` (``layout=None``: the planner lays tokens out itself),
@@ -65,9 +65,9 @@ class PlanContext:
     gpus_per_node: int | None = None    # ranks on fast links (usp keeps its Ulysses axis inside them)
     ulysses_degree: int | None = None   # where a scheduler splits heads on an axis of the CP group (usp): its size
     peak_tflops: float | None = None    # the GPU's dense bf16 peak (None: an H100's)
-    network: object = None              # a distattn.network.NetworkProfile (None: NVLink in 8, InfiniBand across)
-    gpu: str | None = None              # the GPU the job runs on (distattn.model_shape.GPUS; None: an H100)
-    kernel: object = None               # a distattn.tiles.TileModel of its kernel (None: gpu's, kernel_speed)
+    network: object = None              # a costmodel.network.NetworkProfile (None: NVLink in 8, InfiniBand across)
+    gpu: str | None = None              # the GPU the job runs on (costmodel.model_shape.GPUS; None: an H100)
+    kernel: object = None               # a distattn.costmodel.tiles.TileModel of its kernel (None: gpu's, kernel_speed)
 
     def __post_init__(self):
         for name in ("num_heads", "num_kv_heads", "gpus_per_node", "ulysses_degree"):
@@ -92,7 +92,7 @@ class SchedulerSpec:
     executor: str = "ring_p2p"           # the executor that runs its schedules (``distattn.executors.EXECUTORS``)
     pools: bool = False                  # balances the attention of several CP groups at once (``pool=``)
     moves_kv_only: bool = False          # only K/V (and dK/dV) travel; queries stay on their rank
-    # nano-batches a micro-batch is cut into (distattn.pingpong) where nothing prices the choice: the
+    # nano-batches a micro-batch is cut into (distattn.runtime.pingpong) where nothing prices the choice: the
     # adapters, and the simulator without --sweep. The trainer takes the count the simulator prices
     # faster for its run (distattn/train/nano_default.py); --sweep tries both
     nano_batches: int = 1
@@ -100,7 +100,7 @@ class SchedulerSpec:
     # trainer builds that mesh, the API reads a 2-D DeviceMesh's axes instead of deriving a degree
     mesh_2d: bool = False
     # its kernel calls follow the layout's runs (so a strided layout is planned in its ranks' order,
-    # distattn.strided); False: it gathers the whole sequence in order first (ulysses)
+    # distattn.planning.strided); False: it gathers the whole sequence in order first (ulysses)
     follows_runs: bool = True
 
     def _module(self):
@@ -110,7 +110,7 @@ class SchedulerSpec:
         return self._module().build
 
     def own_shards(self, doc_lens, mesh, **options):
-        """The layout of ``doc_lens`` on ``mesh`` (a :class:`~distattn.mesh.MeshInfo`) that a planner
+        """The layout of ``doc_lens`` on ``mesh`` (a :class:`~distattn.distributed.mesh.MeshInfo`) that a planner
         with no default ``layout`` makes itself: its module's ``own_shards(doc_lens, mesh, **options)``."""
         assert self.layout is None, f"{self.name}'s own layout is {self.layout!r}"
         return self._module().own_shards(doc_lens, mesh, **options)
@@ -158,7 +158,7 @@ class SchedulerSpec:
         return self.head_split(world_size, context, **options) if self.mesh_2d else 1
 
     def nano_batches_for(self, requested: int | None = None, key: str = "nano_batches") -> int:
-        """Nano-batches a micro-batch is cut into (:mod:`distattn.pingpong`): ``requested`` (1 or 2),
+        """Nano-batches a micro-batch is cut into (:mod:`distattn.runtime.pingpong`): ``requested`` (1 or 2),
         or None for this scheduler's default (``nano_batches``: 2 for cad). ``key``: the caller's
         name of the argument, which the ``ValueError`` for anything else names."""
         if requested is None:

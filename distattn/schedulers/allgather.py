@@ -1,7 +1,7 @@
 """``allgather``: all-gather K/V, then one varlen call per local chunk (Llama 3's context parallelism).
 
 Its own layout is zigzag's (chunks ``r`` and ``2P-1-r`` of the sequence) so causal work is
-balanced; any other layout works the same way (:mod:`distattn.layout`). Every rank gathers the whole K/V (padded to the largest shard: gloo's
+balanced; any other layout works the same way (:mod:`distattn.planning.layout`). Every rank gathers the whole K/V (padded to the largest shard: gloo's
 all-gather needs equal sizes), then runs each local chunk's queries against
 the key prefix of their documents that the mask lets them see: exact
 bottom-right alignment, so any mask -- document, causal, full, window -- is one
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..layout import Shards
-from ..masks import MaskSlice
-from ..program import Builder, Program
-from ..schedule import AttnShape, Phase, Schedule
+from ..planning.layout import Shards
+from ..planning.masks import MaskSlice
+from ..planning.program import Builder, Program
+from ..planning.schedule import AttnShape, Phase, Schedule
 from .blocks import KernelCall, kernel_calls, range_pairs
 
 

@@ -2,9 +2,9 @@
 
 Ownership is described by ``bounds``: consecutive token ranges
 ``[bounds[i], bounds[i+1])`` partitioning the packed sequence, each owned by one
-rank (the runs of a :class:`~distattn.layout.Shards`: one per rank for the contiguous layout, two
+rank (the runs of a :class:`~distattn.planning.layout.Shards`: one per rank for the contiguous layout, two
 for zigzag, two per document for the document layout, any for an explicit one). Everything a
-planner needs follows from the mask (:class:`~distattn.masks.SliceMask`: the document mask, or any
+planner needs follows from the mask (:class:`~distattn.planning.masks.SliceMask`: the document mask, or any
 slices):
 
 * :func:`range_pairs` -- visible (query, key) pairs between every two ranges
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernels import Varlen
-from ..masks import UNBOUNDED, MaskSlice, SliceMask, band_area, bound_or_none, shift_band
+from ..planning.masks import UNBOUNDED, MaskSlice, SliceMask, band_area, bound_or_none, shift_band
 
 
 def rect_area(qs, qe, ks, ke, lo, hi) -> np.ndarray:

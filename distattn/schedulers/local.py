@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from ..layout import Shards
-from ..masks import MaskSlice
-from ..program import Program
-from ..schedule import AttnShape, Schedule, attention_program
+from ..planning.layout import Shards
+from ..planning.masks import MaskSlice
+from ..planning.program import Program
+from ..planning.schedule import AttnShape, Schedule, attention_program
 from .blocks import KernelCall, sequence_calls
 
 
@@ -37,7 +37,7 @@ class LocalSchedule(Schedule):
 
 def build(doc_lens, mesh, *, causal, window, mask, shards: Shards, scheduler: str = "local") -> LocalSchedule:
     """``shards``: the one rank's tokens (in any local order: the plan permutes them, see
-    :mod:`distattn.layout`)."""
+    :mod:`distattn.planning.layout`)."""
     if mesh.world_size != 1:
         raise ValueError(f"scheduler='local' needs world size 1, got {mesh.world_size}")
     return LocalSchedule(scheduler=scheduler, doc_lens=doc_lens, causal=causal, window=window, world_size=1, mask=mask,

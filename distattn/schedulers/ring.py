@@ -1,6 +1,6 @@
 """``ring``: contiguous shards, KV blocks passed around the ring (ring attention, Liu et al. 2023).
 
-The ring runs on any token layout (:mod:`distattn.layout`): a rank's K/V block is the tokens it
+The ring runs on any token layout (:mod:`distattn.planning.layout`): a rank's K/V block is the tokens it
 holds. ``ring``'s own layout is contiguous (rank ``r`` owns tokens ``[r*S/P, (r+1)*S/P)``, sizes
 differing by at most one; no padding); ``zigzag`` is this schedule on the zigzag layout. At step
 ``t`` rank ``r`` holds the KV block that started on rank ``src = r - t`` and computes its queries
@@ -19,7 +19,7 @@ the next step's compute; the owner sums the contributions in fp32, so neither
 dq nor dK/dV is rounded between steps and error does not grow with ring size.
 
 :class:`RingSchedule` describes any ownership by runs of tokens (``usp`` runs it inside its
-ring groups). A rank's runs fall in *slots* (:attr:`distattn.layout.Shards.slot`; zigzag: its
+ring groups). A rank's runs fall in *slots* (:attr:`distattn.planning.layout.Shards.slot`; zigzag: its
 early and its late chunks): each step is one kernel call per (query slot, key slot) whatever the
 number of documents, more only where pieces overlap in rows. The executor is
 :class:`distattn.executors.ring_p2p.RingExecutor`.
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..layout import Shards
-from ..masks import MaskSlice
-from ..program import Builder, Program
-from ..schedule import AttnShape, Phase, Schedule
+from ..planning.layout import Shards
+from ..planning.masks import MaskSlice
+from ..planning.program import Builder, Program
+from ..planning.schedule import AttnShape, Phase, Schedule
 from .blocks import KernelCall, kernel_calls, range_pairs
 
 
@@ -76,7 +76,7 @@ class RingSchedule(Schedule):
 
     def kernel_calls(self, rank: int, src: int, rows: np.ndarray) -> tuple[KernelCall, ...]:
         """Rank's queries against src's KV buffer, ``rows[i]`` placing run ``i`` (compute-order
-        rows: :attr:`~distattn.layout.Shards.rows`; global: ``bounds[:-1]``): one call per (query
+        rows: :attr:`~distattn.planning.layout.Shards.rows`; global: ``bounds[:-1]``): one call per (query
         slot, key slot), more where pieces overlap in rows."""
         i, j, _ = self.pairs
         mine = (self.range_owner[i] == rank) & (self.range_owner[j] == src)

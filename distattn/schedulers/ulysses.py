@@ -1,7 +1,7 @@
 """``ulysses``: all-to-all from sequence shards to head shards (DeepSpeed-Ulysses, Jacobs et al. 2023).
 
 Its own layout gives rank ``r`` a contiguous shard of ``S/P`` tokens (sizes differ by at most
-one); any layout works (:mod:`distattn.layout`). Forward, with ``P`` ranks::
+one); any layout works (:mod:`distattn.planning.layout`). Forward, with ``P`` ranks::
 
     q [S/P, Hq, D] --all-to-all--> [S, Hq_r, D] --varlen attention over all documents-->
     out [S, Hq_r, D] --all-to-all--> [S/P, Hq, D]
@@ -30,10 +30,10 @@ from functools import cached_property
 
 import numpy as np
 
-from ..layout import Shards
-from ..masks import MaskSlice, mask_area
-from ..program import Builder, Program
-from ..schedule import AttnShape, Phase, Schedule, attention_program
+from ..planning.layout import Shards
+from ..planning.masks import MaskSlice, mask_area
+from ..planning.program import Builder, Program
+from ..planning.schedule import AttnShape, Phase, Schedule, attention_program
 from .blocks import KernelCall, sequence_calls
 
 HeadRanges = tuple[tuple[int, int], ...]

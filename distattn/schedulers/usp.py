@@ -17,19 +17,19 @@ attention runs across the ``R`` ring ranks on those heads; the inverse
 all-to-all returns ``[S/(UR), Hq, D]``. Uneven heads and ``Hkv < U`` work as in
 ``ulysses``, uneven lengths as in ``zigzag``.
 
-Any other layout (:mod:`distattn.layout`) works too: ring rank ``r`` then holds the union of its
+Any other layout (:mod:`distattn.planning.layout`) works too: ring rank ``r`` then holds the union of its
 Ulysses ranks' tokens, the ring runs on those, and when the all-to-all's concatenation (member
 after member) is not the union in global order, the head shards are permuted once after it and
 once before the way back (:meth:`USPSchedule.gather_order`).
 
 The mesh: a 2-D ``DeviceMesh`` whose axes are named ``"ulysses"`` and
-``"ring"`` (in either order; :func:`distattn.mesh.usp_mesh` builds one with
+``"ring"`` (in either order; :func:`distattn.distributed.mesh.usp_mesh` builds one with
 Ulysses on consecutive ranks), or a 1-D group/mesh (or a dry world size) plus
 the degree. Then group rank ``i`` is ``(u, r) = (i % U, i // U)``, and the
 first plan on a group creates the two sub-groups it needs (the executor,
 :class:`distattn.executors.head_a2a.HeadExecutor` around a
 :class:`~distattn.executors.ring_p2p.RingExecutor`); later plans on the same
-group find them again (:func:`distattn.comm.subgroups`), so a plan per
+group find them again (:func:`distattn.distributed.comm.subgroups`), so a plan per
 training step creates nothing. Creating them waits at most the group's
 timeout and names a rank that never came.
 
@@ -51,10 +51,10 @@ from functools import cached_property
 
 import numpy as np
 
-from ..layout import Layout, Shards, even_bounds
-from ..masks import MaskSlice
-from ..program import Program
-from ..schedule import AttnShape, Phase, Schedule
+from ..planning.layout import Layout, Shards, even_bounds
+from ..planning.masks import MaskSlice
+from ..planning.program import Program
+from ..planning.schedule import AttnShape, Phase, Schedule
 from . import default_ulysses_degree
 from .ring import RingSchedule, ring_schedule
 from .ulysses import (HeadLayout, check_head_groups, gathered_order, head_exchange_program, head_grad_bytes,

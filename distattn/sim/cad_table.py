@@ -21,8 +21,8 @@ import itertools
 import sys
 import time
 
-from ..doclens import load_doc_lens, upsample_long
-from ..network import network_argument, network_help, profile_of
+from ..planning.doclens import load_doc_lens, upsample_long
+from ..costmodel.network import network_argument, network_help, profile_of
 from . import sweep
 from .kernel import AttentionKernel
 from .presets import GPUS, MODELS

@@ -15,9 +15,9 @@ from .calibrate import Machine, load_model, measure_tile_seconds, prepare_row, s
 def starting_point(model_path, network_path, cores: int | None, probe: Callable):
     """``(machine, network)`` a fit starts from: a saved model's (``model_path``: nothing measured),
     else this machine's -- its cores, a fused call's fixed cost measured, gloo probed (``probe()``: a
-    :class:`~distattn.network.NetworkProfile`); ``network_path`` (a profile) and ``cores`` win over
+    :class:`~distattn.costmodel.network.NetworkProfile`); ``network_path`` (a profile) and ``cores`` win over
     either."""
-    from ..network import NetworkProfile
+    from ..costmodel.network import NetworkProfile
 
     if model_path is not None:
         machine, network = load_model(model_path)

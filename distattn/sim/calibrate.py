@@ -32,7 +32,7 @@ parameters the bench decides and which are measured apart):
 
 The error ``predicted / measured - 1`` is reported per row and per scheduler, and beside each row
 every rank's predicted time held up by communication against what its executor clocked
-(``rank_comm_wait_ms``, :meth:`distattn.plans.Plan.comm_wait_seconds`).
+(``rank_comm_wait_ms``, :meth:`distattn.runtime.plans.Plan.comm_wait_seconds`).
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cost import Roofline
-from ..doclens import mask_case
-from ..jsonfile import read_json
-from ..masks import UNBOUNDED
-from ..program import BACKWARD, CHAIN, FORWARD, RUN, START, WAIT
-from ..schedule import AttnShape
+from ..costmodel.cost import Roofline
+from ..planning.doclens import mask_case
+from ..costmodel.jsonfile import read_json
+from ..planning.masks import UNBOUNDED
+from ..planning.program import BACKWARD, CHAIN, FORWARD, RUN, START, WAIT
+from ..planning.schedule import AttnShape
 from ..schedulers import PlanContext, spec
 from .replay import Op, TimedProgram, _coupled, _seconds, call_ops
 from .simulate import comm_time, dry_schedule, nccl_size
@@ -114,7 +114,7 @@ def save_model(path, machine: Machine, network) -> None:
 
 def load_model(path) -> tuple[Machine, object]:
     """``(machine, network)`` of a :func:`save_model` file."""
-    from ..network import NetworkProfile
+    from ..costmodel.network import NetworkProfile
 
     try:
         data = read_json(path, "a calibrated model (distattn simulate --calibrate FIT_CSV --save-model PATH)")
@@ -165,7 +165,7 @@ def _segment_tiles(m: int, n: int, lo: int, hi: int) -> tuple[int, int, int]:
 
 def tile_stats(slices) -> tuple[int, int, int, int]:
     """``(visible pairs, pairs computed, rows over the tiles, tiles)`` of a rank's segments
-    (:class:`~distattn.masks.MaskSlice`, global positions; one head)."""
+    (:class:`~distattn.planning.masks.MaskSlice`, global positions; one head)."""
     visible = computed = rows = tiles = 0
     for s in slices:
         shift = s.k_start - s.q_start   # the band relative to the segment's corner, unbounded sides kept

@@ -25,11 +25,11 @@ def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: 
     ``world_size`` ranks: with ``(scheduler, cp)`` they form ``world_size // cp`` CP groups of ``cp``
     ranks (aligned blocks: ranks ``[k * cp, (k + 1) * cp)``), its documents dealt out to them by
     :func:`distattn.pack_balanced`. Each is scored on the simulator's model -- the trainer's step on
-    ``model`` (a :class:`~distattn.model_shape.ModelShape`, a preset name such as ``"llama3-8b"``, or
+    ``model`` (a :class:`~distattn.costmodel.model_shape.ModelShape`, a preset name such as ``"llama3-8b"``, or
     anything with a ``.shape``), ``dp_mode`` over the ``world_size`` ranks (``parallel.dp_mode``: ``ddp``,
     ``fsdp``, ``hsdp`` sharding over ``dp_shard`` ranks -- default a node's 8 -- or ``zero1``; its
     transfers and memory), ``gpu``'s kernel speed and
-    memory (``memory_gib`` overrides it), ``network`` (a :class:`~distattn.network.NetworkProfile`, a
+    memory (``memory_gib`` overrides it), ``network`` (a :class:`~distattn.costmodel.network.NetworkProfile`, a
     ``distattn cluster probe`` profile's path, or None: an H100 cluster's typical links) -- and the
     fastest is taken, under the one activation checkpointing every micro-batch fits (the cheapest
     for which each has a choice; the trainer's FSDP2 gathers must match across micro-batches).
@@ -44,10 +44,10 @@ def choose(doc_lens_per_micro_batch, world_size: int, model, network=None, gpu: 
     Raises:
         ValueError: a bad argument (named), or a micro-batch that fits no choice in memory.
     """
-    from ..memory_model import DP_MODES
-    from ..model_shape import GPUS, MODELS
-    from ..network import profile_of
-    from ..packing import DEFAULT_CAP_FACTOR, as_doc_lens
+    from .memory_model import DP_MODES
+    from ..costmodel.model_shape import GPUS, MODELS
+    from ..costmodel.network import profile_of
+    from ..planning.packing import DEFAULT_CAP_FACTOR, as_doc_lens
     from .kernel import AttentionKernel
 
     shape = MODELS.get(model) if isinstance(model, str) else getattr(model, "shape", model)

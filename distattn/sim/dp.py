@@ -36,8 +36,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..dp_memory import BUCKET_ELEMENTS
-from ..memory_model import DP_MODES
+from .dp_memory import BUCKET_ELEMENTS
+from .memory_model import DP_MODES
 
 DDP_BUCKET_BYTES = 25 * 2**20        # torch DDP's bucket_cap_mb (25)
 ZERO1_BUCKET_PARAMS = BUCKET_ELEMENTS   # the trainer's ZeRO-1 buckets (Megatron's 40M: distattn/train/zero1.py)

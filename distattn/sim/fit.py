@@ -1,11 +1,11 @@
 """The step that fits: each simulated row trains with the cheapest activation checkpointing the GPU's
-memory holds, by the one memory model (:func:`distattn.memory_model.estimate`, what ``distattn train
+memory holds, by the one memory model (:func:`distattn.sim.memory_model.estimate`, what ``distattn train
 --dry-run`` prints) and the rule ``distattn train --dry-run --max-seq-len`` applies: the estimated
 peak of one rank within the GPU's memory.
 
 Settings, cheapest first (:data:`BY_COST`, the GPU report's order): no recomputation; ``selective``
 (reruns the linear pieces); ``full`` (reruns each block, attention's transfers included); ``full``
-with the MLP tiled (:data:`~distattn.memory_model.TILED_MLP_CHUNK` tokens at a time, recomputed in
+with the MLP tiled (:data:`~distattn.sim.memory_model.TILED_MLP_CHUNK` tokens at a time, recomputed in
 backward); ``offload`` with the MLP tiled (the kept block inputs in host memory). The estimate is of
 the longest micro-batch the row's packing may give a replica (the token cap), as one document (the
 estimate's worst case), so the setting holds for every step.
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import NamedTuple
 
-from ..memory_model import GIB, TILED_MLP_CHUNK, estimate
+from .memory_model import GIB, TILED_MLP_CHUNK, estimate
 from ..schedulers import spec
 from .job import job_facts
 

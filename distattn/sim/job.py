@@ -11,12 +11,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..api import dry_plan
-from ..memory_model import CAD_BACKWARDS, DP_MODES, JobFacts
-from ..model_shape import GPU, ModelShape
-from ..packing import DEFAULT_CAP_FACTOR
-from ..pingpong import nano_batches as nano_batches_of
-from ..schedule import AttnShape, Phase
+from ..runtime.api import dry_plan
+from .memory_model import CAD_BACKWARDS, DP_MODES, JobFacts
+from ..costmodel.model_shape import GPU, ModelShape
+from ..planning.packing import DEFAULT_CAP_FACTOR
+from ..runtime.pingpong import nano_batches as nano_batches_of
+from ..planning.schedule import AttnShape, Phase
 from ..schedulers import PlanContext, spec
 from .dp import shard_of
 from .kernel import AttentionKernel
@@ -40,7 +40,7 @@ class SimConfig:
     ulysses_degree: int | None = None
     elem_bytes: int = 2            # bf16 activations
     seed: int = 0                  # the draw of the global batch
-    nano_batches: int | None = None   # per micro-batch (distattn.pingpong); None: the scheduler's default
+    nano_batches: int | None = None   # per micro-batch (distattn.runtime.pingpong); None: the scheduler's default
     comm_dtype: str | None = None     # "fp8": Q, K, V, out, dout travel as FP8 (distattn.plan's comm_dtype)
     activation_checkpointing: str | None = None   # None: the cheapest that fits (.fit)
     mlp_chunk: int | None = None      # train.mlp_chunk with a given checkpointing (None: 0)
@@ -121,7 +121,7 @@ def default_cp(model: ModelShape, gpus: int, seq_len: int, tokens_per_rank: int 
 
 
 def nccl_size(op: str, n: int, sent):
-    """nccl-tests' size of a collective (:mod:`distattn.network`) from the bytes a rank sends."""
+    """nccl-tests' size of a collective (:mod:`distattn.costmodel.network`) from the bytes a rank sends."""
     sent = np.asarray(sent, dtype=np.float64)
     if op == "send_recv":
         return sent
@@ -131,7 +131,7 @@ def nccl_size(op: str, n: int, sent):
 def comm_time(net, ph: Phase) -> np.ndarray:
     """Seconds of each entry of a transfer phase; one with ``intra``/``inter`` bytes waits for the
     slower of its two kinds of link (both move at once), one with ``peers`` pays the latency of those
-    (:meth:`~distattn.network.NetworkProfile.sparse_time`). An entry moving nothing takes none."""
+    (:meth:`~distattn.costmodel.network.NetworkProfile.sparse_time`). An entry moving nothing takes none."""
     def time(n, sent):
         size = nccl_size(ph.op, n, sent)
         return net.time(ph.op, n, size) if ph.peers is None else net.sparse_time(ph.op, n, size, ph.peers)
@@ -198,14 +198,15 @@ def _shard(cfg: SimConfig) -> int | None:
 
 def plan_context(cfg: SimConfig, network=None) -> PlanContext:
     """The simulated job as the planners see it (:meth:`JobFacts.plan_context
-    <distattn.memory_model.JobFacts.plan_context>`, the trainer's translation too): a CP rank is a TP group,
+    <distattn.sim.memory_model.JobFacts.plan_context>`, the trainer's translation too): a CP rank is a TP group,
     holding ``1/tp`` of the heads, ``gpus_per_node / tp`` of them to a node; CAD balances the simulated
     kernel's seconds (:func:`attention_kernel`)."""
     return job_facts(cfg).plan_context(network, attention_kernel(cfg).tiles)
 
 
 def nano_docs(docs, nano_batches: int, model: ModelShape) -> list[list[int]]:
-    """A replica's documents as the trainer cuts them into nano-batches (:func:`distattn.pingpong.nano_batches`)."""
+    """A replica's documents as the trainer cuts them into nano-batches
+    (:func:`distattn.runtime.pingpong.nano_batches`)."""
     return [part for part, _, _ in nano_batches_of(docs, nano_batches, model.pair_weight())]
 
 
@@ -228,7 +229,7 @@ class Links:
     """A network as the simulation asks it: as a node's GPUs see it (``node``: TP's collectives) and as
     a CP rank does (``cp``: ``gpus_per_node / tp`` CP ranks to a node). Made once and passed down
     (:func:`links_of`), so each view's record of the fits it answered
-    (:meth:`~distattn.network.NetworkProfile.asked`) covers every step simulated with it."""
+    (:meth:`~distattn.costmodel.network.NetworkProfile.asked`) covers every step simulated with it."""
 
     node: object
     cp: object
@@ -243,7 +244,7 @@ class Links:
 
 
 def links_of(network, cfg: SimConfig) -> Links:
-    """``network`` (a :class:`~distattn.network.NetworkProfile`, or :class:`Links` made for ``cfg``'s
+    """``network`` (a :class:`~distattn.costmodel.network.NetworkProfile`, or :class:`Links` made for ``cfg``'s
     node size and TP already) as ``cfg`` asks it."""
     if isinstance(network, Links):
         if (network.gpus_per_node, network.tp) == (cfg.gpus_per_node, cfg.tp):

@@ -1,10 +1,10 @@
-"""The attention kernel's speed in the simulator: one tile model (:mod:`distattn.tiles`) prices every
+"""The attention kernel's speed in the simulator: one tile model (:mod:`distattn.costmodel.tiles`) prices every
 scheduler's calls, forward and backward apart.
 
-A rank's kernel calls run its segments (:meth:`distattn.schedule.Schedule.kernel_segments`: a
+A rank's kernel calls run its segments (:meth:`distattn.planning.schedule.Schedule.kernel_segments`: a
 document's rows on a ring rank, a CAD task, a whole document after Ulysses' head exchange), each
 ``q_len`` query rows against ``k_len`` keys with ``area`` visible pairs, on the query heads one call
-runs (:meth:`~distattn.schedule.Schedule.kernel_heads`: all of a TP rank's for the ring family, the
+runs (:meth:`~distattn.planning.schedule.Schedule.kernel_heads`: all of a TP rank's for the ring family, the
 all-gather and CAD; ``1 / degree`` of them for Ulysses and USP). The forward's CTAs run over query
 blocks and loop over keys, the backward's run over key blocks and loop over query rows, each paying a
 fixed cost; a call's CTAs run in waves over the SMs. So a segment of few query rows against a long
@@ -12,7 +12,7 @@ key prefix -- a CAD task, the last chunk of a long document on a ring rank -- ru
 the long document's speed and its backward slower: its key blocks' loops are short. Fewer heads per
 call leave fewer CTAs to fill the SMs, which shows only where a call's longest CTA outlasts the rest.
 
-:meth:`AttentionKernel.measured` is :func:`distattn.kernel_speed.kernel_model` on the job's GPU: the
+:meth:`AttentionKernel.measured` is :func:`distattn.kernels.speed.kernel_model` on the job's GPU: the
 shipped H100 fit's shape (or a fit to ``--kernel-table``'s rows) at the level of our kernels in the
 GPU report. CAD's planner balances the same model's seconds (``distattn.plan(..., gpu=...)``): the
 simulator hands it this kernel through the plan context.
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..kernel_speed import REFERENCE_LEN, kernel_model
-from ..model_shape import BWD_FLOPS_FACTOR, GPU
-from ..tiles import TileModel
+from ..kernels.speed import REFERENCE_LEN, kernel_model
+from ..costmodel.model_shape import BWD_FLOPS_FACTOR, GPU
+from ..costmodel.tiles import TileModel
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class AttentionKernel:
     @staticmethod
     def measured(gpu: GPU, head_dim: int, latency_csv: str | Path | None = None,
                  efficiency: float = 0.5) -> "AttentionKernel":
-        """Our kernels on ``gpu`` at ``head_dim`` (:func:`~distattn.kernel_speed.kernel_model`): the
+        """Our kernels on ``gpu`` at ``head_dim`` (:func:`~distattn.kernels.speed.kernel_model`): the
         shipped tile fit, or one to ``latency_csv``, at the GPU report's level; ``efficiency`` of the
         GPU's peak where the report has no row."""
         tiles = kernel_model(gpu, head_dim, latency_csv, efficiency)

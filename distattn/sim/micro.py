@@ -23,10 +23,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..cost import attention_flops
-from ..layout import Layout
-from ..masks import mask_area
-from ..schedule import attention_program, layout_segments
+from ..costmodel.cost import attention_flops
+from ..planning.layout import Layout
+from ..planning.masks import mask_area
+from ..planning.schedule import attention_program, layout_segments
 from ..schedulers import spec
 from .job import (Links, SimConfig, attn_shape, backward_option, comm_time, dry_schedule, laid_out, nano_docs,
                   plan_context)
@@ -93,8 +93,8 @@ def _planned(job: tuple, docs: list[int], cfg: SimConfig, context, options: dict
 
 def _rates(row: Row, schedule, docs, kernel: AttentionKernel, world: int, heads: float) -> dict:
     """Per direction, each rank's attention FLOP/s at the kernel's speed on its segments
-    (:meth:`~distattn.schedule.Schedule.kernel_segments`), ``heads`` query heads a call
-    (:meth:`~distattn.schedule.Schedule.kernel_heads`); a bound's: :func:`_bound_rates`."""
+    (:meth:`~distattn.planning.schedule.Schedule.kernel_segments`), ``heads`` query heads a call
+    (:meth:`~distattn.planning.schedule.Schedule.kernel_heads`); a bound's: :func:`_bound_rates`."""
     if row.bound is None:
         return {d: kernel.rank_rates(schedule.kernel_segments(), world, d, heads) for d in DIRECTIONS}
     return _bound_rates(docs, kernel, world, heads, schedule.causal, schedule.window)
@@ -119,7 +119,7 @@ def _bound_groups(cfg: SimConfig, name: str, docs_per_group: list, world: int,
                   kernel: AttentionKernel) -> list[_Group] | None:
     """:func:`_bound` of :func:`_groups` without planning (module docstring): a schedule of the bound's
     row computes each rank's query rows against their documents' keys, so its forward FLOPs per rank,
-    its tokens and its segments follow from its layout (:func:`distattn.schedule.layout_segments`).
+    its tokens and its segments follow from its layout (:func:`distattn.planning.schedule.layout_segments`).
     None for a row whose scheduler lays tokens out itself (no layout to compute from)."""
     row = row_of(name)
     entry = spec(row.entry)

@@ -47,7 +47,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..packing import pack_balanced, workload
+from ..planning.packing import pack_balanced, workload
 from ..schedulers import NAMES, spec
 from . import fit
 from .job import Links, SimConfig, attention_kernel, links_of, plan_context, with_planning

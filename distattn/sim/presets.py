@@ -1,9 +1,9 @@
-"""The simulator's presets: schedulers, and the models and GPUs of :mod:`distattn.model_shape` (no torch
+"""The simulator's presets: schedulers, and the models and GPUs of :mod:`distattn.costmodel.model_shape` (no torch
 or numpy, so ``--help`` reads them)."""
 
 from __future__ import annotations
 
-from ..model_shape import GPUS, MODELS
+from ..costmodel.model_shape import GPUS, MODELS
 from ..schedulers import NAMES
 
 # bounds no schedule reaches: per-document CP with each replica's attention evened out over its ranks

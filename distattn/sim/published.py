@@ -53,10 +53,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cost import attention_flops
-from ..doclens import load_doc_lens, pack
-from ..network import network_argument, network_help, profile_of
-from ..schedule import AttnShape
+from ..costmodel.cost import attention_flops
+from ..planning.doclens import load_doc_lens, pack
+from ..costmodel.network import network_argument, network_help, profile_of
+from ..planning.schedule import AttnShape
 from . import sweep
 from .kernel import AttentionKernel
 from .presets import GPUS, MODELS

@@ -1,7 +1,7 @@
-"""Time the very program the executors run (:mod:`distattn.program`) on a cost model, every rank at once.
+"""Time the very program the executors run (:mod:`distattn.planning.program`) on a cost model, every rank at once.
 
 A step is a sequence of operations, the same on every rank (the trainer's layer order,
-:func:`distattn.program.layer_order`, with each attention stage's instructions in it); each has
+:func:`distattn.planning.program.layer_order`, with each attention stage's instructions in it); each has
 per-rank seconds. Each rank has a compute clock and one communication queue:
 
 * ``run``: the compute clock advances by the rank's seconds -- ``slowdown`` more slowly while any
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..program import BACKWARD_OF, CHAIN, RUN, STAGES, START, WAIT
-from ..trace import ATTENTION, BACKWARD, FORWARD, transfer
+from ..planning.program import BACKWARD_OF, CHAIN, RUN, STAGES, START, WAIT
+from ..distributed.trace import ATTENTION, BACKWARD, FORWARD, transfer
 
 # How much slower a GPU computes while its own NCCL transfers are in flight: the concurrent NCCL
 # kernels hold SMs and HBM bandwidth. Lee et al., "Characterizing Compute-Communication Overlap in
@@ -57,7 +57,7 @@ class Op:
     links: tuple[np.ndarray, np.ndarray] | None = None
     link: str = "net"          # the queue a transfer takes its turn in (module docstring)
     dp: bool = False           # a data-parallel transfer (gradients, parameters: :mod:`.dp`)
-    name: str = ""             # its phase in a trace (:mod:`distattn.trace`'s names; a wait's is implied)
+    name: str = ""             # its phase in a trace (:mod:`distattn.distributed.trace`'s names; a wait's is implied)
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,7 +215,7 @@ def _by_step(steps: np.ndarray) -> list[tuple[int, np.ndarray]]:
 
 @dataclass(frozen=True, eq=False)
 class TimedProgram:
-    """An attention program (:class:`distattn.program.Program`) with each instruction's per-rank
+    """An attention program (:class:`distattn.planning.program.Program`) with each instruction's per-rank
     seconds: ``seconds[(phase, step)] [ranks]``."""
 
     program: object
@@ -262,7 +262,7 @@ def call_ops(program: TimedProgram, ranks: int, stages=STAGES) -> list[Op]:
 
 
 def step_ops(order, programs, pre_s, post_s, head_s, ranks: int) -> list[Op]:
-    """The operations of a training step: ``order`` (:func:`distattn.program.layer_order`) forward,
+    """The operations of a training step: ``order`` (:func:`distattn.planning.program.layer_order`) forward,
     ``head_s`` (the output layer and loss, forward and backward), then ``order`` reversed with each
     piece's backward (linear pieces: twice their forward seconds). Per nano-batch ``n``:
     ``programs[n]`` (:class:`TimedProgram`), ``pre_s[n]`` and ``post_s[n]`` (seconds per rank of its

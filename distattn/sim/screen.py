@@ -32,8 +32,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..layout import Layout
-from ..schedule import layout_segments
+from ..planning.layout import Layout
+from ..planning.schedule import layout_segments
 from ..schedulers import spec
 from .job import SimConfig, attention_kernel, attn_shape, plan_context
 

@@ -5,12 +5,12 @@ tensor-parallel ranks x ``cp`` context-parallel ranks x ``dp`` replicas. One ste
 batch of ``batch`` sequences of ``seq_len`` tokens (:mod:`.workload`: drawn from a document-length
 sample, packed over the replicas' micro-batches by the row's packing); each micro-batch is cut into
 the scheduler's nano-batches as the trainer cuts it (``cad``: two, ping-ponged;
-:mod:`distattn.pingpong`). For every row the planner code that runs in training builds the dry
+:mod:`distattn.runtime.pingpong`). For every row the planner code that runs in training builds the dry
 schedules (``cad`` pools all replicas, as DistCA does), and the simulator replays the step the
 trainer runs (:mod:`.micro`, :mod:`.step`, :mod:`.replay`): its layers' pieces in the trainer's
 order, the recomputation its activation checkpointing runs (:mod:`.fit`: the cheapest setting that
 fits the GPU), each attention stage as the executor's instructions
-(:meth:`distattn.schedule.Schedule.program`, checked against what the executors do on gloo by
+(:meth:`distattn.planning.schedule.Schedule.program`, checked against what the executors do on gloo by
 ``tests/test_program.py``), the data-parallel transfers ``dp_mode`` issues (:mod:`.dp`: ``ddp``,
 ``fsdp``, ``hsdp``, ``zero1``, each on the links it crosses), forward then backward, every rank at
 once:
@@ -19,7 +19,7 @@ once:
   attention instruction's FLOPs at the kernel's measured speed for the rank's segments
   (:mod:`.kernel`); the output layer; all of it ``1 + comm_slowdown`` times slower while a transfer
   of the rank is in flight (:data:`~distattn.sim.replay.COMM_SLOWDOWN`);
-* communication: each transfer's bytes timed on a :class:`~distattn.network.NetworkProfile` (the
+* communication: each transfer's bytes timed on a :class:`~distattn.costmodel.network.NetworkProfile` (the
   group's span decides intra- or inter-node; cad's all-to-alls wait for the slower of their intra-
   and inter-node bytes), started and waited for where the code starts and waits for it, queued on the
   rank's NVLink or network card: hidden only behind what the rank computes in between;
@@ -39,7 +39,7 @@ Each row names its ``dp_mode`` and ``dp_shard`` (hsdp's shard group, resolved; e
 convention), and ``overlapped_comm``, its transfer time hidden behind compute; with ``trace``, each
 replayed operation too, as a Chrome trace with the profiler's phase names (:mod:`.trace`). ``memory_gib`` is the
 trainer's estimate of one GPU (:mod:`.fit`), ``fits`` whether the GPU holds it; ``mfu`` is the
-trainer's: :meth:`ModelShape.model_flops <distattn.model_shape.ModelShape.model_flops>` over the step
+trainer's: :meth:`ModelShape.model_flops <distattn.costmodel.model_shape.ModelShape.model_flops>` over the step
 time and every GPU's dense bf16 peak. One call simulates one draw of the global batch;
 :mod:`.sweep` runs many and sweeps each row's setting (CP size, nano-batches, usp's Ulysses
 degree). Not modelled: pipeline parallelism, the optimizer step, kernel launch overheads.
@@ -52,10 +52,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model_shape import GPU, ModelShape
-from ..packing import DEFAULT_CAP_FACTOR, default_token_cap
-from ..program import BACKWARD, FORWARD
-from ..schedule import AttnShape
+from ..costmodel.model_shape import GPU, ModelShape
+from ..planning.packing import DEFAULT_CAP_FACTOR, default_token_cap
+from ..planning.program import BACKWARD, FORWARD
+from ..planning.schedule import AttnShape
 from ..schedulers import REGISTRY, spec
 from . import fit
 from .job import (SimConfig, attention_kernel, comm_time, default_cp, dry_schedule, nccl_size,

@@ -4,7 +4,7 @@ all-gathers and reduce-scatters, and tensor parallelism's collectives.
 
 Per micro-batch (one after another, gradients accumulated):
 
-* **forward**: :func:`distattn.program.layer_order` -- nano-batches ping-ponged across layers, or,
+* **forward**: :func:`distattn.planning.program.layer_order` -- nano-batches ping-ponged across layers, or,
   under ``full``/``offload`` checkpointing (which rerun a block whole), inside each layer; then the
   output layer and loss (``head``);
 * **backward**: the pieces in reverse, each as its backward (a linear piece: twice its forward).
@@ -41,9 +41,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..program import BACKWARD_OF, CHAIN, RUN, START, WAIT, layer_order
+from ..planning.program import BACKWARD_OF, CHAIN, RUN, START, WAIT, layer_order
 from .dp import ZERO1_IN_FLIGHT, Collective, DataParallel
-from ..trace import BACKWARD, FORWARD, TP, dp as dp_name
+from ..distributed.trace import BACKWARD, FORWARD, TP, dp as dp_name
 from .replay import Op
 
 RECOMPUTE = {"none": 0, "selective": 1, "full": 1, "offload": 1}   # extra forwards of a linear piece

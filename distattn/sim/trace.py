@@ -2,7 +2,7 @@
 
 The same format a profiled training step writes (``train.profile_steps``, :mod:`distattn.train.profile`):
 ``{"traceEvents": [...]}`` of complete events (``"ph": "X"``, ``ts``/``dur`` in microseconds from
-the step's start), with :mod:`distattn.trace`'s phase names, so the predicted and the measured step
+the step's start), with :mod:`distattn.distributed.trace`'s phase names, so the predicted and the measured step
 open side by side in Perfetto (ui.perfetto.dev) or ``chrome://tracing``. Each replayed operation
 (:mod:`.replay`) of a rank becomes one event:
 
@@ -26,8 +26,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..program import RUN, WAIT as WAIT_OP
-from ..trace import PLAN, WAIT
+from ..planning.program import RUN, WAIT as WAIT_OP
+from ..distributed.trace import PLAN, WAIT
 
 TRACED_RANKS = 64
 LANES = ("compute", "plan", "net", "nvlink", "nic")

@@ -47,8 +47,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..doclens import pack
-from ..packing import default_token_cap, imbalance, pack_balanced, workload
+from ..planning.doclens import pack
+from ..planning.packing import default_token_cap, imbalance, pack_balanced, workload
 from .presets import PACKINGS
 
 TOKENS_PER_GPU = 16384        # the default global batch: 16K tokens per GPU (DistCA's settings, Table 3)

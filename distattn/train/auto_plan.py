@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from ..packing import imbalance, workload
-from ..plan_cache import PlanCache
+from ..planning.packing import imbalance, workload
+from ..runtime.plan_cache import PlanCache
 from ..schedulers import spec
 from .chooser import ChooserProcess
 from .config import RunConfig
@@ -77,7 +77,7 @@ def auto_meshes(cfg: RunConfig, device_type: str) -> dict[tuple[str, int], Any]:
     """This rank's CP group's mesh for every ``(scheduler, cp)`` a step may choose: each CP size's
     groups are aligned blocks of ranks (``[k * cp, (k + 1) * cp)``, inside a node first), made here
     once (a collective over every rank) and found again by every plan."""
-    from ..mesh import ParallelDims
+    from ..distributed.mesh import ParallelDims
 
     names, sizes = candidates(cfg)
     p = cfg.parallel
@@ -97,7 +97,7 @@ def job_of(cfg: RunConfig):
     """The job as the chooser prices it (:class:`~distattn.sim.job.SimConfig`): the run's model on
     ``world_size`` H100s, eight to a node, its ``parallel.dp_mode``; ``cad``'s servers keep nothing (its
     planner's default)."""
-    from ..model_shape import GPUS
+    from ..costmodel.model_shape import GPUS
     from ..sim.job import SimConfig
     from ..sim.kernel import AttentionKernel
 
@@ -110,7 +110,7 @@ def job_of(cfg: RunConfig):
 
 def network_of(cfg: RunConfig):
     """The links choices are priced on: ``parallel.network``, or an H100 cluster's typical ones."""
-    from ..network import profile_of
+    from ..costmodel.network import profile_of
 
     return profile_of(cfg.parallel.network)
 

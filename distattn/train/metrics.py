@@ -1,6 +1,6 @@
 """What a pretraining team reads per step: MFU, throughput, memory, balance, communication.
 
-:meth:`ModelShape.model_flops <distattn.model_shape.ModelShape.model_flops>` counts the FLOPs the
+:meth:`ModelShape.model_flops <distattn.costmodel.model_shape.ModelShape.model_flops>` counts the FLOPs the
 model needs per step, not what the hardware executes: ``6 * N`` per token for the matmul parameters (the output
 projection included, the embedding lookup not) plus three times the forward
 attention FLOPs over the documents' real mask area (causal, per document:
@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from ..model_shape import gpu_named
+from ..costmodel.model_shape import gpu_named
 from .safe_io import WriteFailed, open_append, read_regular, replace_text
 
 _log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ TIMINGS = frozenset({"tokens_per_s", "tokens_per_s_per_device", "step_time_s", "
 
 def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
     """Dense bf16 FLOP/s of ``device``: ``override_tflops`` (``train.peak_tflops``) if given, else
-    looked up by the GPU's name (:data:`distattn.model_shape.GPU_TABLE`); None on CPU or for a GPU
+    looked up by the GPU's name (:data:`distattn.costmodel.model_shape.GPU_TABLE`); None on CPU or for a GPU
     the table does not know."""
     if override_tflops is not None:
         return override_tflops * 1e12

@@ -2,7 +2,7 @@
 this job, not a number fixed by the scheduler's name.
 
 Two nano-batches pay where one nano-batch's attention transfers hide behind the other's linear layers
-(every executor has the stages, :mod:`distattn.pingpong`), and cost where the job is too small for
+(every executor has the stages, :mod:`distattn.runtime.pingpong`), and cost where the job is too small for
 that to outweigh twice the kernel calls and collectives, or where a micro-batch holds one document
 (nothing to cut). Which one wins depends on the model, the CP size, the links and the documents, so
 the trainer asks the simulator, and takes two where they save more than :data:`MARGIN` of the

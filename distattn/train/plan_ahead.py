@@ -39,11 +39,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..kernel_speed import device_gpu
-from ..pingpong import all_ranks, nano_batches
-from ..plan_cache import PlanCache
-from ..plans import Plan
-from ..tiles import PAIRS
+from ..kernels.speed import device_gpu
+from ..runtime.pingpong import all_ranks, nano_batches
+from ..runtime.plan_cache import PlanCache
+from ..runtime.plans import Plan
+from ..costmodel.tiles import PAIRS
 from .config import RunConfig
 from .data.global_batch import GlobalBatches, MicroBatch
 
@@ -55,8 +55,8 @@ def plan_options(cfg: RunConfig, peak_flops: float | None, cad_backward: str | N
     """The options of every step's plans beyond the scheduler and backend (``peak_flops``: the
     device's, MFU's denominator, None on CPU; ``cad_backward``: ``parallel.cad_backward`` resolved,
     :func:`distattn.train.preflight.memory.cad_backward`; ``device``: where the run computes -- cad
-    balances its kernel's seconds there: a GPU's by name (:func:`distattn.kernel_speed.device_gpu`),
-    a CPU's pairs (:data:`distattn.tiles.PAIRS`); None: an H100's)."""
+    balances its kernel's seconds there: a GPU's by name (:func:`distattn.kernels.speed.device_gpu`),
+    a CPU's pairs (:data:`distattn.costmodel.tiles.PAIRS`); None: an H100's)."""
     p, t = cfg.parallel, cfg.train
     # the job as `distattn simulate` describes it: each scheduler derives its options from it (usp
     # its degree, the mesh's "ulysses" axis; cad the kernel's seconds on the device)
@@ -101,7 +101,7 @@ def agreed_cad_backward(cfg: RunConfig, device: torch.device) -> str | None:
 
 
 def replica_nano_batches(replicas, count: int, weight: float) -> list[Parts]:
-    """Every replica's nano-batches (:func:`distattn.pingpong.nano_batches`), by DP rank: ``count`` each
+    """Every replica's nano-batches (:func:`distattn.runtime.pingpong.nano_batches`), by DP rank: ``count`` each
     if every replica's micro-batch has two documents or more, else one each -- the replicas must
     cut alike (a pooled plan spans them), which
     :func:`agreed_nano_batches` agrees on with an all-reduce and this knows locally."""
@@ -110,10 +110,10 @@ def replica_nano_batches(replicas, count: int, weight: float) -> list[Parts]:
 
 
 def agreed_nano_batches(doc_lens, count: int, weight: float, agree: bool, device) -> list[tuple[list[int], int, int]]:
-    """The micro-batch's nano-batches, ``(doc_lens, start, end)`` each (:func:`distattn.pingpong.nano_batches`,
+    """The micro-batch's nano-batches, ``(doc_lens, start, end)`` each (:func:`distattn.runtime.pingpong.nano_batches`,
     balancing tokens and ``weight`` per attention pair). A micro-batch of one document is one
     nano-batch; with ``agree`` (several replicas, whose documents differ) every rank takes one
-    unless all can be cut (:func:`distattn.pingpong.all_ranks`). The trainer itself cuts with
+    unless all can be cut (:func:`distattn.runtime.pingpong.all_ranks`). The trainer itself cuts with
     :func:`replica_nano_batches`, which knows every replica's documents: the same cut, no
     collective."""
     lens = list(doc_lens)

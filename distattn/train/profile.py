@@ -5,8 +5,8 @@ give: steps ``start`` to ``end`` (1-based optimizer steps, as ``metrics.jsonl`` 
 run's global step) are recorded with ``torch.profiler`` -- CPU, and CUDA on a GPU -- and written to
 ``OUT/profile/rank{r}.json`` when the last one ends (or the run does), one file per rank: open it in
 Perfetto (ui.perfetto.dev), ``chrome://tracing`` or TensorBoard. Inside it the phases carry
-:mod:`distattn.trace`'s names (``distattn.plan``, ``distattn.forward``, ``distattn.attention``,
-``distattn.transfer.*``, ``distattn.wait``, ``distattn.merge``, ``distattn.dp.*``,
+:mod:`distattn.distributed.trace`'s names (``distattn.plan``, ``distattn.forward``, ``distattn.attention``,
+``distattn.transfer.*``, ``distattn.wait``, ``distattn.kernels.merge``, ``distattn.dp.*``,
 ``distattn.optimizer``), the names ``distattn simulate --timeline t.json`` gives its predicted step,
 and each step is a ``ProfilerStep#N`` range (``N``: the step).
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .config import RunConfig
-from ..mesh import ParallelDims
+from ..distributed.mesh import ParallelDims
 from .model.transformer import Block
 
 
@@ -22,7 +22,7 @@ class StopSignal:
     step ends. Once one came, leaving ignores further ones: the run is already stopping (a launcher
     repeats the signal until its ranks are done), and its results must reach the caller. SIGUSR1 is
     Slurm's warning before the time limit (``#SBATCH --signal=USR1@SECONDS``): a stop that was asked
-    for, so the run exits 0 (:attr:`distattn.spawn.Terminated.exit_code`) and torchrun restarts nothing."""
+    for, so the run exits 0 (:attr:`distattn.distributed.spawn.Terminated.exit_code`) and torchrun restarts nothing."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 

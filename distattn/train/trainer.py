@@ -3,7 +3,7 @@
 ``distattn train CONFIG`` runs a :class:`Trainer` on every rank (:func:`run`). Without a launcher
 it starts ``dp * cp`` local gloo processes itself; under torchrun (``RANK`` in
 the environment) it joins the launcher's process group (nccl on GPUs). Each step's plans come
-from the Trainer's :class:`~distattn.plan_cache.PlanCache`: a batch of documents seen recently is
+from the Trainer's :class:`~distattn.runtime.plan_cache.PlanCache`: a batch of documents seen recently is
 not planned again (a pooled ``cad`` plan is given every replica's documents: no collective).
 
 The loss is next-token cross-entropy that never crosses a document boundary,
@@ -24,7 +24,7 @@ group); ``flops_imbalance_all`` is over all dp x cp ranks either way.
 Each micro-batch runs as ``parallel.nano_batches`` nano-batches of whole documents
 (:func:`.plan_ahead.agreed_nano_batches`; unset: one or two, whichever the simulator prices faster for
 the run, :mod:`.nano_default`), one plan each, ping-ponged through the model's blocks
-(:mod:`distattn.pingpong`): the loss and gradients are those of one. A step's batch, nano-batches and
+(:mod:`distattn.runtime.pingpong`): the loss and gradients are those of one. A step's batch, nano-batches and
 plans are made while the step before runs (``parallel.plan_ahead``, default on; :mod:`.plan_ahead`:
 a background thread, no collective on it, the same plans): ``planning_s`` in the metrics is what a
 step still waited for them, ``plan_made_s`` what making them took.
@@ -57,7 +57,7 @@ stop; the ranks agree on the step through the loss all-reduce every step makes a
 that fails (a full disk, a read-only folder) stops the run with ``WriteFailed``: one line, the
 cause and the path, and the checkpoints before it intact (:mod:`.checkpoint`). A rank that hangs or
 dies during start-up, a save, the checkpoint agreement or the load stops the others with
-:class:`~distattn.comm.PeerFailed`: one line naming the phase, the path and the rank when known.
+:class:`~distattn.distributed.comm.PeerFailed`: one line naming the phase, the path and the rank when known.
 """
 
 from __future__ import annotations
@@ -73,11 +73,11 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from ..comm import peer_phase
-from ..plan_cache import PlanCache
-from ..schedule import imbalance
-from ..spawn import Terminated
-from ..trace import BACKWARD, FORWARD, OPTIMIZER, PLAN, span
+from ..distributed.comm import peer_phase
+from ..runtime.plan_cache import PlanCache
+from ..planning.schedule import imbalance
+from ..distributed.spawn import Terminated
+from ..distributed.trace import BACKWARD, FORWARD, OPTIMIZER, PLAN, span
 from .checkpoint import dcp as checkpoint, manifest
 from .checkpoint.retention import keep_newest
 from .auto_plan import auto_meshes, describe_choice, late_choice, make_planner
@@ -197,12 +197,12 @@ class Trainer:
 
     def setup(self) -> "Trainer":
         """Join (or make) the process group, build the mesh, model, optimizer and data, and resume. A
-        rank that does not join, or dies meanwhile, is :class:`~distattn.comm.PeerFailed` (one line)."""
+        rank that does not join, or dies meanwhile, is :class:`~distattn.distributed.comm.PeerFailed` (one line)."""
         with peer_phase("start-up", self.config.train.out, self.config.parallel.timeout_s):
             return self._setup()
 
     def _setup(self) -> "Trainer":
-        from ..mesh import ParallelDims
+        from ..distributed.mesh import ParallelDims
         from ..schedulers import spec
 
         self._own_group = join_group(self.config)
@@ -502,7 +502,7 @@ def run(cfg: RunConfig, resume: bool | Path = False, progress: str = "auto", all
         if stop.stopped_at is not None:
             raise Terminated(f"stopped by {stop.name}", [history], stop.signum)
         return history
-    from ..spawn import run_distributed
+    from ..distributed.spawn import run_distributed
 
     threads = max(1, (os.cpu_count() or 1) // cfg.world_size)
     return run_distributed(_rank_entry, cfg.world_size, cfg, resume, progress, allow_reshape, timeout=7 * 24 * 3600.0,

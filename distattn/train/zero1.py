@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..comm import all_gather_single, reduce_scatter_single
-from ..trace import WAIT, dp, span
+from ..distributed.comm import all_gather_single, reduce_scatter_single
+from ..distributed.trace import WAIT, dp, span
 
 BUCKET_ELEMENTS = 40_000_000   # parameters per bucket (Megatron's default bucket size)
 IN_FLIGHT = 2                  # buckets sent and not yet waited for, at most (gradients; parameters)

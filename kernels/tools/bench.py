@@ -25,7 +25,7 @@ their TFLOP/s compare the speed per FLOP. Their rows say ``heads_sweep``.
 **CAD-shaped calls** (``--cad-shapes Q:K ...``): one causal segment of ``Q`` query rows against ``K``
 keys (bottom-right aligned: a task of CAD's, or a CP rank's chunk at a document's end), Llama-3 8B's
 32 query and 8 KV heads at ``--heads-head-dim``, forward and backward timed apart. Short-query tasks
-run their backward as many key-block CTAs with short loops; the tile model (:mod:`distattn.tiles`)
+run their backward as many key-block CTAs with short loops; the tile model (:mod:`distattn.costmodel.tiles`)
 prices that, and ``--table`` writes every causal row in its table format (``q_len, k_len, heads,
 segments, direction, backend, ms``) for ``distattn cluster kernel-fit TABLE --fit-on backend=NAME``.
 Their rows say ``cad_shape``.
@@ -60,8 +60,8 @@ import time
 import numpy as np
 import torch
 
-from distattn.cost import BWD_FLOPS_FACTOR
-from distattn.masks import mask_area
+from distattn.costmodel.cost import BWD_FLOPS_FACTOR
+from distattn.planning.masks import mask_area
 
 from .. import prepare, varlen_bwd, varlen_fwd
 from ..varlen import Varlen
@@ -84,7 +84,7 @@ def tflops(flops: float, ms: float | None) -> float | None:
 def bwd_flops_factor(head_dim: int, head_dim_v: int) -> float:
     """The backward's FLOPs over the forward's: per visible pair the forward's two dots are ``Dqk + Dv``
     wide, the backward's five (S and dP recomputed, dV, dK, dQ) ``3 Dqk + 2 Dv``; 2.5
-    (``distattn.cost.BWD_FLOPS_FACTOR``) for one head dim, 2.6 for MLA's 192/128."""
+    (``distattn.costmodel.cost.BWD_FLOPS_FACTOR``) for one head dim, 2.6 for MLA's 192/128."""
     return (3 * head_dim + 2 * head_dim_v) / (head_dim + head_dim_v)
 
 
@@ -254,7 +254,7 @@ TABLE_COLUMNS = ("q_len", "k_len", "heads", "segments", "direction", "backend", 
 
 
 def table_rows(rows: list[dict]) -> list[dict]:
-    """The causal rows with times as kernel-table rows (:func:`distattn.tiles.read_table`): one per
+    """The causal rows with times as kernel-table rows (:func:`distattn.costmodel.tiles.read_table`): one per
     direction, each a call of ``segments`` equal segments of ``q_len`` rows against ``k_len`` keys."""
     out = []
     for r in rows:

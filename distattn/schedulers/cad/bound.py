@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...layout import Shards
-from ...schedule import AttnShape
+from ...planning.layout import Shards
+from ...planning.schedule import AttnShape
 from .ledger import RowBytes
 
 

@@ -5,7 +5,7 @@ A slot computing tasks needs their query rows and the union of their key rows
 (:mod:`distattn.schedulers.cad`). Sent straight from their owners, a long document whose queries
 run on many nodes has its key prefix sent by the same owners once per destination *slot*, and
 their query rows leave through one network card. Here an owner's rows are cut into *shares*, one
-per slot of a node (:meth:`~distattn.layout.Shards.quantiles`); share ``j`` crosses between nodes
+per slot of a node (:meth:`~distattn.planning.layout.Shards.quantiles`); share ``j`` crosses between nodes
 only from a slot of local index ``j`` to a slot of local index ``j`` (its *rail*), so what one
 owner sends, or one slot needs, spreads over all network cards of both nodes:
 
@@ -43,7 +43,7 @@ from functools import cached_property
 
 import numpy as np
 
-from ...layout import Shards, index_runs
+from ...planning.layout import Shards, index_runs
 
 DEPTH = 3   # levels of a K/V tree below the owner's node (tree_fanout)
 

@@ -2,7 +2,7 @@
 bytes it sends and receives.
 
 * :class:`LinkCost`: seconds per byte inside a node and across nodes (from
-  :class:`~distattn.network.NetworkProfile`); :class:`RowBytes`: the bytes of one moved query or
+  :class:`~distattn.costmodel.network.NetworkProfile`); :class:`RowBytes`: the bytes of one moved query or
   key row over forward and backward.
 * :class:`Ledger`: the loads, the weighted bytes and network seconds in and out per rank, and the
   keys each rank and each node already receive per document. It prices a move's new key rows and
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...layout import Shards
-from ...network import NetworkProfile, default_profile
-from ...wire import Wire
+from ...planning.layout import Shards
+from ...costmodel.network import NetworkProfile, default_profile
+from ...planning.wire import Wire
 from .cast import Nodes, tree_fanout
 from .planner import TaskTable, _ranges
 
@@ -57,7 +57,7 @@ class RowBytes:
     def of(num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128, dtype_bytes: int = 2,
            comm_fp8: bool = False, resend: bool = True) -> "RowBytes":
         """``comm_fp8``: Q, K, V, out and dout travel as FP8 with a scale per token and head
-        (``comm_dtype="fp8"``: :mod:`distattn.wire`). ``resend``: the backward sends the worker its
+        (``comm_dtype="fp8"``: :mod:`distattn.planning.wire`). ``resend``: the backward sends the worker its
         rows again (``TaskSchedule.backward``), else only dout."""
         acc = max(4, dtype_bytes)
         wire = Wire(comm_fp8).row_bytes((head_dim,), dtype_bytes)

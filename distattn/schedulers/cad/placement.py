@@ -2,7 +2,7 @@
 
 The task table (:class:`~distattn.schedulers.cad.planner.TaskTable`) starts with every task on the
 rank owning its queries, a task's time the cost model's forward plus backward seconds (the kernel's
-tile model on the plan's GPU by default: :class:`~distattn.cost.TileCost`). With several nodes, a
+tile model on the plan's GPU by default: :class:`~distattn.costmodel.cost.TileCost`). With several nodes, a
 pass comes first, **export between nodes** (:mod:`.export`): the nodes holding less than their share
 even their ranks out by moves inside the node (step 2 below, over NVLink), then each over-loaded
 node sheds its excess as the tails of a few documents, the fewest bytes by :mod:`.bound`'s bound,
@@ -28,7 +28,7 @@ task adds its pieces' fixed costs):
      node at the node's bandwidth; keys that ``u``'s node already receives for another slot at
      NVLink's only (they are forwarded there); keys new to the node as one inter-node copy, sent by
      the owner's node or by the parent node of the document's tree and spread share by share over
-     the slots of both nodes (:class:`~.ledger.LinkCost`, from :class:`~distattn.network.NetworkProfile`).
+     the slots of both nodes (:class:`~.ledger.LinkCost`, from :class:`~distattn.costmodel.network.NetworkProfile`).
 
    Moves that would push ``src``'s egress, ``u``'s ingress or the egress of the senders of the
    task's keys above ``cap`` times the bytes of a rank's own rows are left out (if none is left,
@@ -37,7 +37,7 @@ task adds its pieces' fixed costs):
    distinct ranks, each booked before the next is made.
 
    With ``overlap_s`` (seconds per layer a rank computes besides attention, behind which
-   :func:`distattn.pingpong.ping_pong` hides transfers) a move must also pay off: each rank's
+   :func:`distattn.runtime.pingpong.ping_pong` hides transfers) a move must also pay off: each rank's
    time is its attention plus the transfer time that its ``overlap_s`` and attention do not
    hide, and after the move neither ``src``, ``u`` nor the keys' sender may be as slow as
    ``src`` was before. Among the moves that pay off the one leaving the slowest of them fastest
@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...layout import Shards
+from ...planning.layout import Shards
 from .cast import Nodes
 from .export import FILL, export_between_nodes, take
 from .ledger import Ledger, LinkCost, RowBytes

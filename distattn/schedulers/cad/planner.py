@@ -2,8 +2,8 @@
 
 Token space: the packed sequences of every CP group of the pool, concatenated
 (group after group); slot ``i`` holds the runs of tokens the pool's
-:class:`~distattn.layout.Shards` give it (one run for the contiguous layout). The mask's slices
-(:class:`~distattn.masks.SliceMask`) form *groups* that share no query row
+:class:`~distattn.planning.layout.Shards` give it (one run for the contiguous layout). The mask's slices
+(:class:`~distattn.planning.masks.SliceMask`) form *groups* that share no query row
 (:class:`RowGroups`: a document is one; a shared question's answers and the question's
 keys they see are another), so every query row's attention is computed on one rank.
 A *task* is a query range of one group with the keys its slices let it see, computed on one
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...layout import Shards
-from ...masks import SliceMask
+from ...planning.layout import Shards
+from ...planning.masks import SliceMask
 from ..blocks import rect_area
 
 

@@ -7,7 +7,7 @@ squared, so ranks holding long documents straggle. Core attention has no
 weights and needs only its document's Q, K, V, so it can run anywhere.
 
 Layout: by default ``shard`` gives every rank an equal, contiguous run of tokens (the
-rest of the model sees a plain sequence split); any layout works (:mod:`distattn.layout`):
+rest of the model sees a plain sequence split); any layout works (:mod:`distattn.planning.layout`):
 tasks move, tokens stay where the layout put them. ``attention`` runs a task
 table planned once per batch:
 
@@ -17,7 +17,7 @@ table planned once per batch:
    of at most a quarter of a rank's tokens (a chunk from its end, carrying the most work per
    query row, is the cheapest to move).
 2. *Cost.* Each task's time comes from the cost model
-   (:mod:`distattn.cost`: a roofline by default, or a measured profile).
+   (:mod:`distattn.costmodel.cost`: a roofline by default, or a measured profile).
 3. *Placement* (:mod:`distattn.schedulers.cad.placement`, the algorithm in its
    docstring). While the most loaded rank is more than ``epsilon`` (default
    0.04) above the mean: price every move of one of its tasks to an
@@ -59,15 +59,15 @@ from functools import cached_property
 
 import numpy as np
 
-from ...network import NetworkProfile, default_profile
-from ...cost import TileCost
-from ...kernel_speed import gpu_of, kernel_model
+from ...costmodel.network import NetworkProfile, default_profile
+from ...costmodel.cost import TileCost
+from ...kernels.speed import gpu_of, kernel_model
 from ...kernels import Varlen
-from ...layout import Shards, covered_before
-from ...masks import MaskSlice, SliceMask, bound_or_none, shift_band
-from ...program import Builder, Program
-from ...tiles import TileModel
-from ...schedule import AttnShape, Phase, Schedule, imbalance
+from ...planning.layout import Shards, covered_before
+from ...planning.masks import MaskSlice, SliceMask, bound_or_none, shift_band
+from ...planning.program import Builder, Program
+from ...costmodel.tiles import TileModel
+from ...planning.schedule import AttnShape, Phase, Schedule, imbalance
 from ..blocks import layers
 from .cast import Legs, Nodes, index_runs, key_legs, merge_intervals, query_legs
 from .ledger import LinkCost, RowBytes
@@ -256,7 +256,7 @@ class TaskSchedule(Schedule):
 
     def extra_stats(self) -> dict:
         """``seconds``: each slot's forward + backward attention seconds by the cost model its tasks were
-        balanced on (the kernel's tiles on the plan's GPU, :mod:`distattn.tiles`, for the model's heads
+        balanced on (the kernel's tiles on the plan's GPU, :mod:`distattn.costmodel.tiles`, for the model's heads
         the plan was made for), and ``seconds_imbalance`` (max / mean): what placement evens out."""
         if self.cost is None:
             return {}
@@ -435,7 +435,7 @@ def planner_options(*, num_heads: int = 32, num_kv_heads: int = 8, head_dim: int
     """The options cad plans a job with -- the one place they are made, so training, the adapters'
     callers, ``distattn simulate``, ``python -m distattn.sim.cad_table`` and ``python -m
     distattn.bench.cad_balance`` plan the same job alike: the tile model of the kernel on the GPU
-    (``kernel``, else :func:`~distattn.kernel_speed.kernel_model` of ``gpu``, default an H100) on the
+    (``kernel``, else :func:`~distattn.kernels.speed.kernel_model` of ``gpu``, default an H100) on the
     model's attention, and the network profile (default: NVLink in a node of 8, InfiniBand between
     nodes)."""
     tiles = kernel if kernel is not None else kernel_model(gpu or DEFAULT_GPU, head_dim)
@@ -460,13 +460,13 @@ def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, po
           comm_dtype: str | None = None, backward: str = "resend") -> TaskSchedule:
     """``shards``: the tokens each rank of the CP group holds. ``pool``: the pool's token space (:func:`distattn.executors.task_a2a.gather_pool` makes it from
     a process group when ``distattn.plan`` is given ``pool=group``). ``cost``: the attention cost
-    model (:mod:`distattn.cost`; its head shape also sizes the rows moves send), default the tile
-    model of the kernel on ``gpu`` (:class:`~distattn.cost.TileCost`: ``"h100"``, ``"h200"``, ...;
-    ``distattn.model_shape.GPUS``) on Llama-3 8B's heads, which a ``PlanContext`` with the model's
+    model (:mod:`distattn.costmodel.cost`; its head shape also sizes the rows moves send), default the tile
+    model of the kernel on ``gpu`` (:class:`~distattn.costmodel.cost.TileCost`: ``"h100"``, ``"h200"``, ...;
+    ``distattn.costmodel.model_shape.GPUS``) on Llama-3 8B's heads, which a ``PlanContext`` with the model's
     heads replaces (:func:`derive`); ``network``: the
-    :class:`~distattn.network.NetworkProfile` moves are priced on (default: NVLink in a node
+    :class:`~distattn.costmodel.network.NetworkProfile` moves are priced on (default: NVLink in a node
     of 8, InfiniBand between nodes). ``overlap_s``: seconds per layer (forward + backward) each rank
-    computes besides attention -- what :func:`distattn.pingpong.ping_pong` hides transfers behind;
+    computes besides attention -- what :func:`distattn.runtime.pingpong.ping_pong` hides transfers behind;
     given, a move is made only if it saves more attention time than the communication it adds
     beyond what that and the rank's attention hide. None (default): moves balance FLOPs within
     the byte caps, whatever their communication costs. ``comm_dtype``: how rows travel
@@ -480,7 +480,7 @@ def build(doc_lens, mesh, *, causal, window, mask: SliceMask, shards: Shards, po
     if not isinstance(epsilon, (int, float)) or not 0 <= epsilon < 1:
         raise ValueError(f"epsilon must be in [0, 1) (allowed load above/below the mean), got {epsilon!r}")
     if network is not None and not isinstance(network, NetworkProfile):
-        raise ValueError(f"network must be a distattn.network.NetworkProfile, got {type(network).__name__}")
+        raise ValueError(f"network must be a distattn.costmodel.network.NetworkProfile, got {type(network).__name__}")
     if overlap_s is not None and (isinstance(overlap_s, bool) or not isinstance(overlap_s, (int, float))
                                   or not overlap_s >= 0):
         raise ValueError(f"overlap_s must be None or seconds >= 0 (computation per layer that hides transfers), "

@@ -12,7 +12,7 @@ packer's cursor and the RNG state, in ``ckpt/step_N/``::
   a read-only folder, a failed rank -- is agreed on by all ranks, the partial folder is removed and
   every rank raises :class:`~distattn.train.safe_io.WriteFailed` with one line: the cause (errno
   text) and the path. A rank that dies or hangs cannot agree: the others raise
-  :class:`~distattn.comm.PeerFailed` (one line: the phase, the path, the rank when known) and rank 0
+  :class:`~distattn.distributed.comm.PeerFailed` (one line: the phase, the path, the rank when known) and rank 0
   removes the partial folder (the launching process does, when rank 0 is the one gone:
   :func:`drop_new_partials`). Older checkpoints are never touched. A full disk -- before the write
   or under it -- is one line naming the disk, the bytes the save needs and ``train.keep_last``
@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import manifest
-from ...comm import PeerFailed, peer_phase
+from ...distributed.comm import PeerFailed, peer_phase
 from .dcp_safe import SafeLoadPlanner, SafeReader, check_storage, read_metadata
 from .disk import no_room
 from ..safe_io import WriteFailed, fsync_dir, move_aside, one_line, remove

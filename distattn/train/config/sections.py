@@ -8,12 +8,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ...memory_model import CAD_BACKWARDS, CHECKPOINTING, DP_MODES, JobFacts
-from ...model_shape import ModelShape
+from ...sim.memory_model import CAD_BACKWARDS, CHECKPOINTING, DP_MODES, JobFacts
+from ...costmodel.model_shape import ModelShape
 from ...schedulers import LOCAL, NAMES, PlanContext
 
 if TYPE_CHECKING:   # (tiles imports numpy, which `distattn --help` must not)
-    from ...tiles import TileModel
+    from ...costmodel.tiles import TileModel
 
 DTYPES = ("fp32", "bf16")
 ON_NONFINITE = ("stop", "skip_step")
@@ -84,7 +84,7 @@ class DataConfig:
     # where parallel.dp > 1, else stream
     packing: str | None = None
     # balanced: most tokens one rank's sequence may hold (the memory estimate checks this length);
-    # at least seq_len; unset: ceil(1.25 * seq_len) (distattn.packing.DEFAULT_CAP_FACTOR)
+    # at least seq_len; unset: ceil(1.25 * seq_len) (distattn.planning.packing.DEFAULT_CAP_FACTOR)
     token_cap: int | None = None
     # preflight reads the data through once (distattn data verify: shard hashes, offsets, every token
     # id) instead of trusting index.json's counts; off by default: it costs a full read of the corpus
@@ -97,7 +97,7 @@ class DataConfig:
     @property
     def cap(self) -> int:
         """``token_cap``, or the default for ``seq_len``."""
-        from ...packing import default_token_cap
+        from ...planning.packing import default_token_cap
 
         return self.token_cap if self.token_cap is not None else default_token_cap(self.seq_len)
 
@@ -115,7 +115,7 @@ class ParallelConfig:
     # fixed choice a late step falls back to is dp groups of world_size / dp ranks
     world_size: int | None = None
     # with auto: the links its choices are priced on, a `distattn cluster probe` profile (file or
-    # folder); unset: an H100 cluster's typical links (distattn.network.default_profile)
+    # folder); unset: an H100 cluster's typical links (distattn.costmodel.network.default_profile)
     network: str | None = None
     ulysses_degree: int | None = None   # for scheduler: usp
     # For scheduler: ulysses, usp: move and compute each rank's query heads head_groups parts at a
@@ -130,7 +130,7 @@ class ParallelConfig:
     cad_pool: bool = True
     # 1 | 2: each micro-batch cut into this many nano-batches of whole documents, interleaved through
     # the blocks so that one's attention transfers hide behind the other's compute (DistCA's
-    # ping-pong: distattn/pingpong.py); unset: whichever the simulator prices faster for this run at start-up
+    # ping-pong: distattn/runtime/pingpong.py); unset: whichever the simulator prices faster for this run at start-up
     # (distattn/train/nano_default.py; the scheduler's default, 2 for cad and 1 otherwise, where it cannot price)
     nano_batches: int | None = None
     # For scheduler: cad, what its attention servers keep for the backward: resend (DistCA's: nothing
@@ -158,7 +158,7 @@ class ParallelConfig:
     cpu_offload: bool = False
     backend: str = "auto"               # attention kernel backend
     # fp8: attention's Q, K, V, out and dout cross ranks as float8_e4m3 with a scale per token and
-    # head (~0.52x bf16's bytes; gradients keep their dtype: distattn/wire.py); unset: as they are
+    # head (~0.52x bf16's bytes; gradients keep their dtype: distattn/planning/wire.py); unset: as they are
     comm_dtype: str | None = None
     timeout_s: float = 120.0            # collectives fail after this instead of hanging
 
@@ -210,7 +210,7 @@ class TrainSection:
     # tokens per chunk of each block's MLP, forward and backward (its [tokens, ffn_dim]
     # intermediates never exist whole; train/tiled.py); 0: the whole shard at once
     mlp_chunk: int = 0
-    # torch.compile each block, whole (attention is a custom op: distattn/ops.py; a graph break is
+    # torch.compile each block, whole (attention is a custom op: distattn/runtime/ops.py; a graph break is
     # an error); checkpointing and offload stay eager around the compiled block
     compile: bool = False
     # the device's dense bf16 peak for MFU; unset: looked up from the GPU's name (CPU: n/a)
@@ -265,7 +265,7 @@ class RunConfig:
 
     def job_facts(self, peak_tflops: float | None = None, cad_backward: str | None = None,
                   gpu: str | None = None) -> JobFacts:
-        """The job in the facts the simulator states too (:class:`~distattn.memory_model.JobFacts`), from
+        """The job in the facts the simulator states too (:class:`~distattn.sim.memory_model.JobFacts`), from
         which its plan context and its memory estimate's job follow; ``peak_tflops``: the GPU's (None: an
         H100's); ``cad_backward``: ``parallel.cad_backward`` resolved (None: as set, ``auto`` counted as
         ``resend``, the smaller). No ``gpus_per_node``: the config does not say, and usp's default degree
@@ -286,7 +286,7 @@ class RunConfig:
         """The job as the planners see it: each scheduler derives its options from it
         (:class:`~distattn.schedulers.PlanContext`); ``peak_tflops`` and ``gpu``: the GPU's peak and
         name (None: an H100's; cad balances the kernel's seconds on it), or ``kernel``: the kernel
-        itself (a :class:`~distattn.tiles.TileModel`)."""
+        itself (a :class:`~distattn.costmodel.tiles.TileModel`)."""
         return self.job_facts(peak_tflops, gpu=gpu).plan_context(kernel=kernel)
 
     def replace(self, **sections) -> "RunConfig":

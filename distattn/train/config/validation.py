@@ -357,7 +357,7 @@ def _check_auto(cfg: RunConfig) -> None:
             raise ValueError("parallel.network prices parallel.scheduler/cp: auto's choices; remove it, or set one "
                              "of them to auto")
         return
-    from ...network import profile_of
+    from ...costmodel.network import profile_of
     from ...sim.per_batch import PER_MICRO_BATCH
 
     if p.network is not None:   # read here, before any rank starts (and for --print-config)
@@ -394,7 +394,7 @@ def _check_train(t: TrainSection) -> None:
         if val not in choices:
             raise ValueError(f"{key} must be one of {', '.join(choices)}, got {_r(val)}")
     if t.compile:
-        from ...ops import AVAILABLE
+        from ...runtime.ops import AVAILABLE
 
         if not AVAILABLE:
             import torch

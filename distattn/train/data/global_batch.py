@@ -10,7 +10,7 @@ attention, positions and labels, as in stream packing).
 * ``stream``: rank ``r`` takes the ``r``-th sequence of ``seq_len`` tokens.
 * ``balanced``: :func:`distattn.pack_balanced` deals the pieces out so every rank holds the same
   workload (tokens + ``pair_weight`` x visible causal pairs; ``pair_weight``: the model's,
-  :meth:`~distattn.model_shape.ModelShape.pair_weight`) under ``data.token_cap`` tokens -- or the
+  :meth:`~distattn.costmodel.model_shape.ModelShape.pair_weight`) under ``data.token_cap`` tokens -- or the
   same tokens, where the scheduler spreads attention over every rank itself (``cad`` pooled over the
   replicas: ``balance_weight`` 0). A piece
   that fits no rank is *held*: the next step's global batch is the held pieces, placed first, and
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...packing import imbalance, pack_balanced, workload
+from ...planning.packing import imbalance, pack_balanced, workload
 from .packer import Packer
 
 _log = logging.getLogger(__name__)

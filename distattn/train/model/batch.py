@@ -1,7 +1,7 @@
 """What the model runs on: this rank's share of a micro-batch, as one object whatever the nano-batches.
 
 A micro-batch is cut into ``parallel.nano_batches`` nano-batches of whole documents, one plan each
-(:func:`distattn.pingpong.nano_batches`); one nano-batch is the plain case. :class:`LocalBatch` keeps
+(:func:`distattn.runtime.pingpong.nano_batches`); one nano-batch is the plain case. :class:`LocalBatch` keeps
 each nano-batch's local tokens beside its plan from the shard to the loss, so nothing is joined only
 to be split again by token counts.
 """
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...labels import next_token_labels
-from ...plans import Plan
+from ...planning.labels import next_token_labels
+from ...runtime.plans import Plan
 
 
 @dataclass(frozen=True)

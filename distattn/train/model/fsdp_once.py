@@ -34,7 +34,7 @@ class GatherOnce:
     own, each of which would gather, reshard and reduce-scatter for itself), by FSDP2's own settings.
 
     Forward: ``reshard_after_forward`` off from the block's first piece to its last, then ``reshard()``.
-    Backward runs the pieces in exactly the reverse order (:mod:`distattn.pingpong`), so the block's
+    Backward runs the pieces in exactly the reverse order (:mod:`distattn.runtime.pingpong`), so the block's
     first piece is its last there: until it is done ``requires_gradient_sync`` and
     ``reshard_after_backward`` are off (each piece's post-backward only accumulates the gradients, the
     parameters stay gathered); then (:class:`_AfterBackward` on that piece's input) they are back and

@@ -29,7 +29,7 @@ Activation checkpointing (``checkpointing=``, per block, non-reentrant
 Nano-batches (``parallel.nano_batches``; :meth:`Transformer.forward` given a :class:`.batch.LocalBatch`
 of several): the local tokens of each nano-batch run through the blocks' pieces -- ``Block.pre``
 (norm, QKV projection, RoPE), the attention stages, ``Block.post`` (output projection, MLP) -- in
-:func:`distattn.program.layer_order` (:func:`distattn.pingpong.run_layers`), so that one nano-batch's
+:func:`distattn.planning.program.layer_order` (:func:`distattn.runtime.pingpong.run_layers`), so that one nano-batch's
 attention transfers hide behind the other's compute. ``selective`` checkpoints each piece; ``full`` and
 ``offload`` rerun a block whole in backward, so there each block runs both nano-batches, interleaved
 inside it, under one checkpoint (keeping the block's inputs only, as without nano-batches). Under FSDP2
@@ -50,10 +50,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ...api import attention
-from ...memory_model import NORM_CHUNK
-from ...pingpong import run_layers
-from ...program import layer_order
+from ...runtime.api import attention
+from ...sim.memory_model import NORM_CHUNK
+from ...runtime.pingpong import run_layers
+from ...planning.program import layer_order
 from ..config import ModelConfig
 from .batch import LocalBatch
 from .fsdp_once import GatherOnce
@@ -118,7 +118,7 @@ def rotary(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 class Compiled:
     """``torch.compile(fn, fullgraph=True)``, traced -- first call, checkpointing's recompute, any
     recompile -- with dynamo capturing ops whose output sizes it cannot know: ``cad``'s worker
-    buffers change size with the documents (:mod:`distattn.ops`)."""
+    buffers change size with the documents (:mod:`distattn.runtime.ops`)."""
 
     def __init__(self, fn):
         self.fn = torch.compile(fn, fullgraph=True)
@@ -152,7 +152,7 @@ class Block(nn.Module):
     def compile_parts(self) -> None:
         """``torch.compile`` what the block runs -- ``plain``, and for selective checkpointing ``qkv``
         and ``out_and_mlp`` -- each a whole graph (``fullgraph``: a graph break is an error; attention
-        is a custom op: :mod:`distattn.ops`). Checkpointing and offload stay eager around them, so
+        is a custom op: :mod:`distattn.runtime.ops`). Checkpointing and offload stay eager around them, so
         every ``checkpointing`` mode runs compiled."""
         self.compiled = {name: Compiled(getattr(self, name)) for name in ("plain", "qkv", "out_and_mlp")}
 
@@ -220,7 +220,7 @@ class Block(nn.Module):
             return checkpoint(self._run("out_and_mlp"), x, a, mlp_chunk, use_reentrant=False)
         return self._run("out_and_mlp")(x, a, mlp_chunk)
 
-    # the pieces around attention when nano-batches interleave across blocks (distattn.pingpong): under
+    # the pieces around attention when nano-batches interleave across blocks (distattn.runtime.pingpong): under
     # FSDP2 each is a forward method of its own (the trainer registers them), all of a block's sharing one
     # gather (GatherOnce)
     def pre(self, x, pos, checkpointing: str = "none"):
@@ -234,7 +234,7 @@ class Block(nn.Module):
 
 
 class Pieces:
-    """A :class:`Block` as :func:`distattn.pingpong.run_layers` runs it: nano-batch ``n`` at positions
+    """A :class:`Block` as :func:`distattn.runtime.pingpong.run_layers` runs it: nano-batch ``n`` at positions
     ``pos[n]``. ``direct``: inside the block's own forward (its parameters already gathered), the
     pieces themselves; else its ``pre``/``post`` forward methods (``once``: under FSDP2, told of each:
     :class:`GatherOnce`)."""
@@ -290,7 +290,7 @@ class Transformer(nn.Module):
 
     def _nano_batches(self, xs, batch, checkpointing: str, mlp_chunk: int, offload) -> list:
         """The blocks on nano-batches (``xs``: their residual streams, ``batch``'s plans and positions):
-        interleaved across the blocks (:func:`distattn.pingpong.run_layers`), or, where a block is
+        interleaved across the blocks (:func:`distattn.runtime.pingpong.run_layers`), or, where a block is
         rerun whole in backward (``full``, ``offload``), a block at a time, the nano-batches
         interleaved inside it."""
         if checkpointing in ("full", "offload"):

@@ -15,9 +15,9 @@ whole and tiled (``train.mlp_chunk``: the config's, else :data:`TILED_MLP_CHUNK`
 
 from __future__ import annotations
 
-from ...memory_model import TILED_MLP_CHUNK
+from ...sim.memory_model import TILED_MLP_CHUNK
 from ..config import CHECKPOINTING, RunConfig
-from ...packing import DEFAULT_CAP_FACTOR
+from ...planning.packing import DEFAULT_CAP_FACTOR
 from .memory import GIB, estimate, fits_in
 
 LONGEST = 1 << 34          # the search's ceiling: 16G tokens

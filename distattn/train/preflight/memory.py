@@ -1,7 +1,7 @@
 """The trainer's side of the memory estimate: :func:`job` makes the shared estimator's
-:class:`~distattn.memory_model.Job` from a run config, through the translation the simulator's goes
-through too (``RunConfig.job_facts``, then :meth:`~distattn.memory_model.JobFacts.job`);
-:mod:`distattn.memory_model` is the one memory model, which ``distattn simulate``'s memory column calls
+:class:`~distattn.sim.memory_model.Job` from a run config, through the translation the simulator's goes
+through too (``RunConfig.job_facts``, then :meth:`~distattn.sim.memory_model.JobFacts.job`);
+:mod:`distattn.sim.memory_model` is the one memory model, which ``distattn simulate``'s memory column calls
 too, with its components and what they count. :func:`report` is what ``distattn train CONFIG --dry-run``
 prints of it.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from ... import memory_model
-from ...memory_model import CPU_ALLOCATOR_OVERHEAD, CPU_RUNTIME_BYTES, GIB, AttentionMemory, Estimate, Job
+from ...sim import memory_model
+from ...sim.memory_model import CPU_ALLOCATOR_OVERHEAD, CPU_RUNTIME_BYTES, GIB, AttentionMemory, Estimate, Job
 from ..config import CHECKPOINTING, RunConfig
 
 __all__ = ["job", "cad_backward", "estimate", "attention_bytes", "alternatives", "report", "format_table", "fits_in",
@@ -32,7 +32,7 @@ def job(cfg: RunConfig, device: str = "cuda", doc_lens=None, cad_backward: str |
 def cad_backward(cfg: RunConfig, device: str, limit_bytes: int | None) -> str | None:
     """``parallel.cad_backward`` as a run of ``cfg`` on ``device`` uses it: as set, or ``auto``:
     ``keep`` where its estimate fits ``limit_bytes`` per rank at ``train.activation_checkpointing``, else
-    ``resend`` (:func:`distattn.memory_model.cad_backward_for`; ``limit_bytes`` None: not known, resend).
+    ``resend`` (:func:`distattn.sim.memory_model.cad_backward_for`; ``limit_bytes`` None: not known, resend).
     None where the scheduler has no such choice (not cad, or one rank: local attention)."""
     from ...schedulers import spec
 
@@ -141,8 +141,8 @@ def fits_in(cfg: RunConfig, est: Estimate, limit: int) -> bool:
 def cheaper_fit(cfg: RunConfig, est: Estimate, rank_limit: int | None,
                 cad_backward: str | None = None) -> Estimate | None:
     """When ``est`` (of ``cfg``) does not fit ``rank_limit`` bytes per rank: the data-parallel mode that
-    would, cheapest on the network first (:func:`distattn.memory_model.cheapest_mode`): its estimate
-    (:attr:`~distattn.memory_model.Estimate.dp_mode`, ``dp_shard``); None where it fits, nothing would or
+    would, cheapest on the network first (:func:`distattn.sim.memory_model.cheapest_mode`): its estimate
+    (:attr:`~distattn.sim.memory_model.Estimate.dp_mode`, ``dp_shard``); None where it fits, nothing would or
     the limit is not known."""
     if rank_limit is None or est.total <= rank_limit:
         return None
