@@ -135,6 +135,19 @@ def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, di
     return acc, l_i, m_i
 
 
+@triton.jit
+def _query_tile(TILES, CU_Q, CU_K, LO, HI, GROUP: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """This program's query tile in the kernels launched over the query-tile table (forward and dQ), which
+    must read it alike: ``(first row, head, KV head, q0, k0, m, n, lo, hi)`` (:func:`segment`), then the
+    tile's rows and head dims (Triton inlines the call: no cost in the kernels)."""
+    seg, start_m = tile(TILES, BLOCK_M)
+    head = tl.program_id(1)
+    q0, k0, m, n, lo, hi = segment(CU_Q, CU_K, LO, HI, seg, HAS_LO, HAS_HI)
+    return (start_m, head, head // GROUP, q0, k0, m, n, lo, hi, start_m + tl.arange(0, BLOCK_M),
+            tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV))
+
+
 @triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, LO, HI, TILES,
@@ -143,13 +156,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, LO, HI, TILES,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                 GROUP: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr,
                 PRECISION: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    seg, start_m = tile(TILES, BLOCK_M)
-    head = tl.program_id(1)
-    q0, k0, m, n, lo, hi = segment(CU_Q, CU_K, LO, HI, seg, HAS_LO, HAS_HI)
-    kv_head = head // GROUP
-    rows = start_m + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    dims_v = tl.arange(0, BLOCK_DV)
+    start_m, head, kv_head, q0, k0, m, n, lo, hi, rows, dims, dims_v = _query_tile(
+        TILES, CU_Q, CU_K, LO, HI, GROUP, HAS_LO, HAS_HI, BLOCK_M, BLOCK_D, BLOCK_DV)
     q = tl.load(tile_ptrs(Q, q0 + start_m, stride_qt, head, stride_qh, dims, BLOCK_M),
                 mask=(rows[:, None] < m) & (dims[None, :] < HEAD_DIM), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -325,13 +333,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, LO, HI, TILES,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                    GROUP: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr,
                    PRECISION: tl.constexpr, ROW64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    seg, start_m = tile(TILES, BLOCK_M)
-    head = tl.program_id(1)
-    q0, k0, m, n, lo, hi = segment(CU_Q, CU_K, LO, HI, seg, HAS_LO, HAS_HI)
-    kv_head = head // GROUP
-    rows = start_m + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    dims_v = tl.arange(0, BLOCK_DV)
+    start_m, head, kv_head, q0, k0, m, n, lo, hi, rows, dims, dims_v = _query_tile(
+        TILES, CU_Q, CU_K, LO, HI, GROUP, HAS_LO, HAS_HI, BLOCK_M, BLOCK_D, BLOCK_DV)
     row_mask = rows < m
     q_mask = row_mask[:, None] & (dims[None, :] < HEAD_DIM)
     q = tl.load(tile_ptrs(Q, q0 + start_m, stride_qt, head, stride_qh, dims, BLOCK_M), mask=q_mask, other=0.0)

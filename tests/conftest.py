@@ -89,6 +89,28 @@ def shard_errors(plan, out, mine, ref, ref_in, my_sinks=None, ref_sinks=None) ->
     return max(errs)
 
 
+def oracle_case_error(scheduler: str, docs: list[int], hq: int, hkv: int, seed: int, mask_args: dict,
+                      backend: str = "reference", options: dict | None = None, with_sinks: bool = False,
+                      softcap: float | None = None) -> float:
+    """Inside a gloo rank: :func:`shard_errors` of one case with optional sinks and soft-capping; the mask,
+    ``mask_args`` (``causal``/``window``, or ``mask``), goes to the oracle and to the plan alike."""
+    total = sum(docs)
+    q, k, v = rand_qkv(total, total, hq, hkv, 8, seed=seed)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    sinks = torch.randn(hq, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64) \
+        if with_sinks else None
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_sinks = sinks.clone().requires_grad_() if with_sinks else None
+    ref = distattn.reference_attention(*ref_in, docs, **mask_args, sinks=ref_sinks, softcap=softcap)
+    ref.backward(dout)
+    plan = distattn.plan(docs, dist.group.WORLD, scheduler=scheduler, **mask_args, backend=backend, **(options or {}))
+    mine = [plan.shard(t).clone().requires_grad_() for t in (q, k, v)]
+    my_sinks = sinks.clone().requires_grad_() if with_sinks else None
+    out = distattn.attention(*mine, plan, sinks=my_sinks, softcap=softcap)
+    out.backward(plan.shard(dout))
+    return shard_errors(plan, out, mine, ref, ref_in, my_sinks, ref_sinks)
+
+
 def small_run(base: dict, out, **changes):
     """A validated RunConfig: ``base``'s sections (dicts) updated by ``changes``, written to ``out``."""
     from distattn.train.config import RunConfig, validate

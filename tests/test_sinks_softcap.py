@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import distattn
-from conftest import max_err, rand_qkv, shard_errors, slow_cases
+from conftest import max_err, oracle_case_error, rand_qkv, slow_cases
 from distattn.runtime.pingpong import ping_pong
 from distattn.distributed.spawn import RankError, run_distributed
 
@@ -23,22 +23,8 @@ COMBOS = [(True, None), (True, 2.5), (False, 2.5), (True, 0.7)]  # (sinks, softc
 def _sinks_case(scheduler, docs, causal, window, hq, hkv, with_sinks, softcap, options=None, seed=0):
     """Inside a gloo rank: max error of out/dq/dk/dv of this rank's shard and of the rank-summed
     dsinks vs the fp64 oracle."""
-    total = sum(docs)
-    q, k, v = rand_qkv(total, total, hq, hkv, 8, seed=seed)
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    sinks = torch.randn(hq, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64) \
-        if with_sinks else None
-    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref_sinks = sinks.clone().requires_grad_() if with_sinks else None
-    ref = distattn.reference_attention(*ref_in, docs, causal, window, sinks=ref_sinks, softcap=softcap)
-    ref.backward(dout)
-    plan = distattn.plan(docs, dist.group.WORLD, scheduler=scheduler, causal=causal, window=window,
-                         backend="reference", **(options or {}))
-    mine = [plan.shard(t).clone().requires_grad_() for t in (q, k, v)]
-    my_sinks = sinks.clone().requires_grad_() if with_sinks else None
-    out = distattn.attention(*mine, plan, sinks=my_sinks, softcap=softcap)
-    out.backward(plan.shard(dout))
-    return shard_errors(plan, out, mine, ref, ref_in, my_sinks, ref_sinks)
+    return oracle_case_error(scheduler, docs, hq, hkv, seed, {"causal": causal, "window": window}, "reference",
+                             options, with_sinks, softcap)
 
 
 def _worker(cases):

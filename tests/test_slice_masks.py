@@ -5,11 +5,9 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
 
 import distattn
-from conftest import covers_the_mask, rand_qkv, shard_errors, slow_cases
+from conftest import covers_the_mask, oracle_case_error, slow_cases
 from distattn.planning.masks import SliceMask, causal_blockwise, prefix_lm, shared_question
 from distattn.distributed.spawn import run_distributed
 
@@ -136,20 +134,7 @@ def test_cad_balances_slice_masks(mask):
 
 def _slice_case(scheduler, name, hq, hkv, backend="reference", options=None, with_sinks=False, softcap=None):
     docs, mask = MASKS[name]
-    total = sum(docs)
-    q, k, v = rand_qkv(total, total, hq, hkv, 8, seed=3)
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    sinks = torch.randn(hq, generator=torch.Generator().manual_seed(5), dtype=torch.float64) if with_sinks else None
-    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref_sinks = sinks.clone().requires_grad_() if with_sinks else None
-    ref = distattn.reference_attention(*ref_in, docs, mask=mask, sinks=ref_sinks, softcap=softcap)
-    ref.backward(dout)
-    plan = distattn.plan(docs, dist.group.WORLD, scheduler=scheduler, mask=mask, backend=backend, **(options or {}))
-    mine = [plan.shard(t).clone().requires_grad_() for t in (q, k, v)]
-    my_sinks = sinks.clone().requires_grad_() if with_sinks else None
-    out = distattn.attention(*mine, plan, sinks=my_sinks, softcap=softcap)
-    out.backward(plan.shard(dout))
-    return shard_errors(plan, out, mine, ref, ref_in, my_sinks, ref_sinks)
+    return oracle_case_error(scheduler, docs, hq, hkv, 3, {"mask": mask}, backend, options, with_sinks, softcap)
 
 
 def _worker(cases):

@@ -55,6 +55,14 @@ def examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
+def command_group(sub: argparse._SubParsersAction, name: str, **parser_kwargs) -> argparse._SubParsersAction:
+    """``distattn NAME SUBCOMMAND``: a subcommand that only holds subcommands (``parser_kwargs``: its help,
+    description and epilog). The one given lands in ``args.NAME_command``, which the CLI's error lines
+    name (``distattn cluster probe: error: ...``)."""
+    group = sub.add_parser(name, **parser_kwargs)
+    return group.add_subparsers(dest=f"{name}_command", required=True, metavar="SUBCOMMAND")
+
+
 # the most any int flag takes (ranks, tokens, heads, repeats): a trillion, past every real count, so that
 # a typo (10**100) is refused here, not as an OverflowError once numpy or torch forms an int64 product of it
 MOST = 2**40

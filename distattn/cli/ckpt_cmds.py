@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ._args import examples
+from ._args import command_group, examples
 
 
 def _cmd_verify(args) -> int:
@@ -53,12 +53,11 @@ def _cmd_verify(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    ckpt = sub.add_parser(
-        "ckpt", help="check training checkpoints offline",
+    ckpt_sub = command_group(
+        sub, "ckpt", help="check training checkpoints offline",
         description="Work with the checkpoints `distattn train` writes (OUT/ckpt/step_N).",
         epilog=examples(".venv/bin/distattn ckpt verify runs/tiny/ckpt",
                         ".venv/bin/distattn ckpt verify runs/tiny/ckpt/step_50"))
-    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="SUBCOMMAND")
     verify = ckpt_sub.add_parser(
         "verify", help="check every file of a checkpoint against its manifest (sizes, SHA-256, metadata)",
         description="Check a checkpoint, or each checkpoint in a folder, as a resume does: exactly the files its "

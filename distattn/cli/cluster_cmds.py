@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from ..cluster import PROBED
 from ..costmodel.network_csv import network_argument, network_help
-from ._args import (examples, existing_file, non_negative_int, output_dir, output_file,
+from ._args import (command_group, examples, existing_file, non_negative_int, output_dir, output_file,
                     positive_float, positive_int)
+
+if TYPE_CHECKING:   # --help imports no numpy
+    from ..costmodel.network import NetworkProfile
 
 
 def _cmd_nccl_parse(args) -> int:
@@ -34,6 +38,14 @@ def probe_rank(sizes, ops, iters, warmup):
     from ..cluster.probe import probe_profile
 
     return probe_profile(sizes, ops, iters, warmup, progress=_print_measurement).to_json()
+
+
+def _save_profile(profile: NetworkProfile, out: str) -> int:
+    """Write a measured profile to ``out`` and print its fits: the end of ``probe`` and ``nccl-tests`` alike."""
+    profile.save(out)
+    print_fits(profile)
+    print(f"profile written to {out}")
+    return 0
 
 
 def _cmd_probe(args) -> int:
@@ -69,10 +81,7 @@ def _cmd_probe(args) -> int:
         data = run_distributed(probe_rank, args.world_size, sizes, args.ops, args.iters, args.warmup,
                                timeout=args.timeout)[0]
     profile = NetworkProfile.from_json(data)
-    profile.save(args.out)
-    print_fits(profile)
-    print(f"profile written to {args.out}")
-    return 0
+    return _save_profile(profile, args.out)
 
 
 def _cmd_nccl_tests(args) -> int:
@@ -83,10 +92,7 @@ def _cmd_nccl_tests(args) -> int:
     profile = run_nccl_tests(args.bin_dir, args.gpus, min(sizes), max(sizes), ops=args.ops,
                              launcher=args.launcher, nodes=args.nodes, log_dir=args.log_dir,
                              progress=lambda line: print(line, flush=True))
-    profile.save(args.out)
-    print_fits(profile)
-    print(f"profile written to {args.out}")
-    return 0
+    return _save_profile(profile, args.out)
 
 
 def _cmd_profile_fit(args) -> int:
@@ -174,8 +180,8 @@ def print_check(rows) -> None:
 
 
 def add_parsers(sub) -> None:
-    cluster = sub.add_parser(
-        "cluster", help="measure and describe the cluster's network",
+    cluster_sub = command_group(
+        sub, "cluster", help="measure and describe the cluster's network",
         description="Measure the network (nccl-tests binaries, or collectives through torch.distributed) into a "
                     "profile JSON that `distattn simulate --network` reads, and inspect profiles and logs.",
         epilog=examples(".venv/bin/distattn cluster probe --world-size 4 --out net.json",
@@ -183,7 +189,6 @@ def add_parsers(sub) -> None:
                         ".venv/bin/distattn cluster nccl-parse all_gather_perf.log",
                         ".venv/bin/distattn cluster fit h100.json",
                         ".venv/bin/distattn cluster kernel-fit attn_latency_h100.csv --check"))
-    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="SUBCOMMAND")
 
     nccl = cluster_sub.add_parser(
         "nccl-parse", help="nccl-tests output -> JSON rows and average bus bandwidth",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ._args import examples, positive_int, tokens
+from ._args import command_group, examples, positive_int, tokens
 
 
 def _cmd_prepare(args) -> int:
@@ -46,14 +46,13 @@ def _cmd_verify(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    data = sub.add_parser(
-        "data", help="prepare corpora for training (text, JSONL, Parquet -> token shards)",
+    data_sub = command_group(
+        sub, "data", help="prepare corpora for training (text, JSONL, Parquet -> token shards)",
         description="Tokenize text corpora into the sharded token files `distattn train` reads "
                     "(data: {source: tokens, path: DIR}).",
         epilog=examples(".venv/bin/distattn data prepare corpus.jsonl --out data/corpus",
                         ".venv/bin/distattn data prepare shards/ --tokenizer tokenizer.json --workers 8 "
                         "--out data/corpus"))
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
 
     prep = data_sub.add_parser(
         "prepare", help="tokenize .txt/.jsonl/.parquet files into sharded token files",

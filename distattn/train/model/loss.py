@@ -28,6 +28,8 @@ the module's (sharded) weight would not work with either strategy.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 __all__ = ["chunked_cross_entropy"]
@@ -51,6 +53,16 @@ def _chunk_logits(h: torch.Tensor, w_cd: torch.Tensor, compute: torch.dtype, acc
     return (h.to(compute) @ w_cd.T).to(accum)
 
 
+def _chunks(labels: torch.Tensor, n_tokens: int, chunk: int,
+            ignore_index: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """``(start, end, labels, valid)`` of each ``chunk`` tokens in turn: forward and backward must cut the
+    tokens the same way, since backward reads the log-sum-exps forward saved per token."""
+    for s in range(0, n_tokens, chunk):
+        e = min(s + chunk, n_tokens)
+        lab = labels[s:e]
+        yield s, e, lab, lab != ignore_index
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
@@ -61,10 +73,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=accum, device=hidden.device)
         with _no_autocast(hidden.device):
             w_cd = weight.to(compute) if n_tokens else weight
-            for s in range(0, n_tokens, chunk):
-                e = min(s + chunk, n_tokens)
-                lab = labels[s:e]
-                valid = lab != ignore_index
+            for s, e, lab, valid in _chunks(labels, n_tokens, chunk, ignore_index):
                 logits = _chunk_logits(hidden[s:e], w_cd, compute, accum)            # [c, V]
                 target = logits.gather(1, torch.where(valid, lab, 0)[:, None]).squeeze(1)
                 # the log-sum-exp in place: the chunk's logits are not needed after it
@@ -92,10 +101,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         scale = grad_out.to(accum)
         with _no_autocast(hidden.device):
             w_cd = weight.to(compute) if n_tokens else weight
-            for s in range(0, n_tokens, chunk):
-                e = min(s + chunk, n_tokens)
-                lab = labels[s:e]
-                valid = lab != ignore_index
+            for s, e, lab, valid in _chunks(labels, n_tokens, chunk, ignore_index):
                 h_cd = hidden[s:e].to(compute)
                 g = _chunk_logits(h_cd, w_cd, compute, accum)                         # [c, V]
                 g.sub_(lse[s:e, None]).exp_()                                         # softmax
