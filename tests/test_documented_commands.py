@@ -73,9 +73,9 @@ STARTED_ABOVE = "the same program as a command started above, and minutes as wri
 COMMANDS: dict[str, Way] = {
     # README / quick start: setup (done by the test environment), the main job, the tests
     SETUP + ".venv/bin/distattn train configs/tiny.yaml": Way("start", until=TRAIN_HEADER, given=SETUP),
-    SETUP_SLURM + ".venv/bin/python -m pytest -q":
+    SETUP_SLURM + ".venv/bin/python -m pytest -q -n 2 --dist loadfile":
         Way("check", "this is CI's own command (.ci/run), which is running these tests", given=SETUP_SLURM,
-            checks=(".venv/bin/python -m pytest --version",)),
+            checks=(".venv/bin/python -m pytest --version", ".venv/bin/python -c 'import xdist'")),
     ".venv/bin/distattn train configs/tiny.yaml --scheduler cad --steps 100 --out runs/cad":
         Way("slow", STARTED_ABOVE + " (its flags parse in the --resume line's --dry-run below)"),
     ".venv/bin/distattn train configs/tiny.yaml --scheduler cad --steps 200 --out runs/cad --resume":
