@@ -230,8 +230,11 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-def soak(folder: Path, steps: int, gap: int = 12, ckpt_every: int = 5, seed: int = 0, say=print) -> dict:
-    """Run ``steps`` steps under interruptions (module docstring); returns the summary row."""
+def soak(folder: Path, steps: int, gap: int = 12, ckpt_every: int = 5, seed: int = 0, say=print,
+         each_once: bool = False) -> dict:
+    """Run ``steps`` steps under interruptions (module docstring); returns the summary row. With ``each_once``,
+    once every kind has landed the run goes on uninterrupted to its end (a short slice with steps to spare:
+    on a loaded machine an interruption may land a step or two after the one aimed at)."""
     ref = reference(folder / "reference", steps, ckpt_every)
     disk = folder / "soak"
     mounted = _mount_tmpfs(disk, "256m")
@@ -239,13 +242,13 @@ def soak(folder: Path, steps: int, gap: int = 12, ckpt_every: int = 5, seed: int
     if not mounted:
         say("no tmpfs could be mounted here (not root?): the soak runs without the full-disk fault")
     try:
-        return _soak(folder, disk, kinds, ref, steps, gap, ckpt_every, seed, say)
+        return _soak(folder, disk, kinds, ref, steps, gap, ckpt_every, seed, say, each_once)
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def _soak(folder, disk, kinds, ref, steps, gap, ckpt_every, seed, say) -> dict:
+def _soak(folder, disk, kinds, ref, steps, gap, ckpt_every, seed, say, each_once=False) -> dict:
     from distattn.train.checkpoint import dcp as checkpoint
 
     cfg = write_config(disk, steps, ckpt_every)
@@ -259,7 +262,8 @@ def _soak(folder, disk, kinds, ref, steps, gap, ckpt_every, seed, say) -> dict:
                                 start_new_session=True)
         done_before = max((r["step"] for r in rows(run)), default=0)
         stop_at = done_before + rng.randint(2, gap)
-        kind = kinds[sum(counts.values()) % len(kinds)] if stop_at < steps else None
+        every_kind_landed = each_once and all(counts.values())
+        kind = kinds[sum(counts.values()) % len(kinds)] if stop_at < steps and not every_kind_landed else None
         while proc.poll() is None and kind is not None:
             if max((r["step"] for r in rows(run)), default=0) >= stop_at:
                 family = [proc, *_descendants(proc)]

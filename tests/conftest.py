@@ -186,6 +186,16 @@ def pytest_addoption(parser):
                      help="also run the tests marked slow: full soaks, crash matrices, larger shapes")
 
 
+def pytest_configure(config):
+    # `pytest -n 2` (pytest-xdist): the workers share the cores, so each computes on one thread (torch's
+    # and numpy's BLAS: OMP_NUM_THREADS, which the workers inherit from here and read when they import
+    # them). With a thread per core, each op's threads wait for one another while the other worker holds
+    # a core: the in-process kernel tests ran many times slower than alone. Ranks and trainers set their own
+    # threads (distattn.spawn, the trainer), as they do without xdist.
+    if config.getoption("numprocesses", default=None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 # `pytest -m quick`: the files a contributor runs first (the public API, every scheduler exact at small
 # worlds, masks, merge, kernels, config and CLI refusals, the layer rules): under 5 minutes on 2 cores.
 QUICK_FILES = frozenset({

@@ -1,6 +1,6 @@
 """Crash consistency and a chaos soak of the trainer (harness and tables: tests/chaos.py). By default a
-covering slice (2 crash trials: all ranks killed, then one rank; a 14-step soak interrupted every 2 steps,
-checkpointing every 2, that meets every kind of interruption at least once); in full (20 trials, 300 steps, a
+covering slice (2 crash trials: all ranks killed, then one rank; an 18-step soak interrupted every 2 steps,
+checkpointing every 2, that meets every kind of interruption once); in full (20 trials, 300 steps, a
 checkpoint every 5) with ``pytest --slow``."""
 
 import pytest
@@ -31,9 +31,10 @@ def test_a_run_interrupted_every_few_steps_ends_as_an_uninterrupted_one(tmp_path
     # the slice of test_chaos_soak_300_steps: every kind of interruption (kill-rank, term-group, kill-parent,
     # bit-flip, full-disk) lands at least once, _check_soak asserts it; a checkpoint every 2 steps keeps the
     # bit-flip's older checkpoint close. The kinds come in that order, each 2 steps past the most yet logged
-    # (SIGTERM's kinds log one more, finishing their step): full-disk comes at step 2+3+2+3+2 = 12 of 14,
-    # with room for one more late step (18 before: about a third more restarts)
-    _check_soak(chaos.soak(tmp_path, 14, gap=2, ckpt_every=2, say=print), 14)
+    # (SIGTERM's kinds log one more, finishing their step): full-disk comes at step 2+3+2+3+2 = 12 of 18,
+    # with room for five late steps (on a loaded machine, e.g. `pytest -n 2`, an interruption can land a step
+    # after the one aimed at: 14 steps with room for one was not enough); each_once: no sixth interruption
+    _check_soak(chaos.soak(tmp_path, 18, gap=2, ckpt_every=2, say=print, each_once=True), 18)
 
 
 @pytest.mark.slow
