@@ -6,8 +6,7 @@ Public contract (docs/guides/core-api.md shows it at length)::
     q_local = plan.shard(q)                 # [S, H, D] -> [S_local, H, D]
     out = distattn.attention(q_local, k_local, v_local, plan)
     out_full = plan.unshard(out)
-    mask = distattn.SliceMask([(q_start, q_end, k_start, k_end, kind), ...])   # or
-    distattn.planning.masks.prefix_lm(...)
+    mask = distattn.SliceMask([(q_start, q_end, k_start, k_end, kind), ...])   # or distattn.masks.prefix_lm(...)
     plan = distattn.plan(doc_lens, mesh, scheduler="zigzag", mask=mask)
     out = distattn.attention(q_local, k_local, v_local, plan, sinks=s, softcap=c)
     ref = distattn.reference_attention(q, k, v, doc_lens, causal=True, window=None)

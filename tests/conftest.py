@@ -191,7 +191,7 @@ def pytest_configure(config):
     # and numpy's BLAS: OMP_NUM_THREADS, which the workers inherit from here and read when they import
     # them). With a thread per core, each op's threads wait for one another while the other worker holds
     # a core: the in-process kernel tests ran many times slower than alone. Ranks and trainers set their own
-    # threads (distattn.spawn, the trainer), as they do without xdist.
+    # threads (distattn.distributed.spawn, the trainer), as they do without xdist.
     if config.getoption("numprocesses", default=None) and not os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -131,8 +131,8 @@ class Plan(PlanBase):
     comm_dtype: str | None = None    # how Q, K, V, out and dout travel: None (their dtype) or "fp8" (planning.wire)
     deterministic: bool = False      # bitwise-equal results run to run (distattn.plan(deterministic=True))
     # the caller's layout where the schedule runs its tokens in another order (a strided layout planned in
-    # its ranks' order, distattn.planning.strided); its order[r] leads to the schedule's compute order. None: the
-    # schedule's
+    # its ranks' order, distattn.planning.strided); its order[r] leads to the schedule's compute order.
+    # None: the schedule's
     _given: Shards | None = field(default=None, repr=False)
     _runtime: PlanRuntime | None = field(default=None, repr=False)   # None: dry
 
